@@ -1,0 +1,123 @@
+package agent
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// Mount is one file system the agent mounts at start.
+type Mount struct {
+	Source string
+	Target string
+	FSType string
+	Flags  uintptr
+	Data   string
+}
+
+// BaseMounts are the file systems every guest gets, in mount order: /proc
+// first because the agent reads /proc/self/mountinfo to skip what is already
+// mounted, /dev before the file systems below it.
+func BaseMounts() []Mount {
+	const common = unix.MS_NOSUID | unix.MS_NODEV
+	return []Mount{
+		{Source: "proc", Target: "/proc", FSType: "proc", Flags: common | unix.MS_NOEXEC},
+		{Source: "sysfs", Target: "/sys", FSType: "sysfs", Flags: common | unix.MS_NOEXEC},
+		// devtmpfs gets no MS_NODEV: it is there for device nodes.
+		{Source: "devtmpfs", Target: "/dev", FSType: "devtmpfs", Flags: unix.MS_NOSUID, Data: "mode=0755"},
+		// gid 5 is "tty" by convention; a fresh instance keeps the guest's ptys
+		// apart from any other devpts mount.
+		{Source: "devpts", Target: "/dev/pts", FSType: "devpts", Flags: unix.MS_NOSUID | unix.MS_NOEXEC,
+			Data: "newinstance,ptmxmode=0666,mode=0620,gid=5"},
+		{Source: "shm", Target: "/dev/shm", FSType: "tmpfs", Flags: common, Data: "mode=1777"},
+		{Source: "tmpfs", Target: "/run", FSType: "tmpfs", Flags: common, Data: "mode=0755"},
+		{Source: "tmpfs", Target: "/tmp", FSType: "tmpfs", Flags: common, Data: "mode=1777"},
+		{Source: "cgroup2", Target: "/sys/fs/cgroup", FSType: "cgroup2", Flags: common | unix.MS_NOEXEC,
+			Data: "nsdelegate"},
+	}
+}
+
+// MountAll mounts each file system whose target is not a mount point yet,
+// creating the target directory when missing. Skipping existing mount points
+// lets the agent start on a guest where the kernel or an earlier stage already
+// mounted some of them (e.g. devtmpfs automount).
+func MountAll(log *logrus.Entry, mounts []Mount) error {
+	for _, m := range mounts {
+		mounted, err := isMountPoint(m.Target)
+		if err != nil {
+			return fmt.Errorf("check mount point %s: %w", m.Target, err)
+		}
+		if mounted {
+			log.WithField("target", m.Target).Debug("already mounted")
+			continue
+		}
+		if err := os.MkdirAll(m.Target, 0o755); err != nil {
+			return fmt.Errorf("create mount point %s: %w", m.Target, err)
+		}
+		if err := unix.Mount(m.Source, m.Target, m.FSType, m.Flags, m.Data); err != nil {
+			return fmt.Errorf("mount %s on %s: %w", m.FSType, m.Target, err)
+		}
+		log.WithFields(logrus.Fields{"target": m.Target, "type": m.FSType}).Debug("mounted")
+	}
+	return nil
+}
+
+// isMountPoint reads /proc/self/mountinfo; before /proc is mounted nothing is
+// (an initramfs has no mounts but its root).
+func isMountPoint(target string) (bool, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	points, err := parseMountPoints(f)
+	if err != nil {
+		return false, fmt.Errorf("read /proc/self/mountinfo: %w", err)
+	}
+	return points[target], nil
+}
+
+// parseMountPoints returns the set of mount points in a mountinfo file
+// (proc(5)): the fifth field, with the kernel's octal escapes of space, tab,
+// newline and backslash undone.
+func parseMountPoints(r io.Reader) (map[string]bool, error) {
+	points := map[string]bool{}
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		points[unescapeOctal(fields[4])] = true
+	}
+	return points, sc.Err()
+}
+
+// unescapeOctal turns "\040" into " " and so on; malformed escapes stay.
+func unescapeOctal(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}

@@ -1,0 +1,74 @@
+package agent
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestParseMountPoints(t *testing.T) {
+	const mountinfo = `22 1 0:21 / / rw - rootfs rootfs rw
+23 22 0:22 / /proc rw,nosuid,nodev,noexec - proc proc rw
+24 22 0:5 / /dev rw,nosuid - devtmpfs devtmpfs rw,mode=755
+25 22 0:23 / /mnt/with\040space rw - tmpfs tmpfs rw
+26 22 0:24 / /mnt/back\134slash rw - tmpfs tmpfs rw
+short line
+`
+	points, err := parseMountPoints(strings.NewReader(mountinfo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"/", "/proc", "/dev", "/mnt/with space", `/mnt/back\slash`} {
+		if !points[p] {
+			t.Errorf("mount point %q missing from %v", p, points)
+		}
+	}
+	if points["/sys"] {
+		t.Error("/sys reported mounted")
+	}
+}
+
+func TestUnescapeOctal(t *testing.T) {
+	for in, want := range map[string]string{
+		"/plain":     "/plain",
+		`/a\040b`:    "/a b",
+		`/tab\011x`:  "/tab\tx",
+		`/short\04`:  `/short\04`,
+		`/bad\9xx`:   `/bad\9xx`,
+		`/end\`:      `/end\`,
+		`\040\040`:   "  ",
+		`/nl\012end`: "/nl\nend",
+	} {
+		if got := unescapeOctal(in); got != want {
+			t.Errorf("unescapeOctal(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// A mount must come after the mount its target lives on, or it would be
+// hidden by it: /dev/pts after /dev, cgroup after /sys. /proc comes first
+// because MountAll reads mountinfo.
+func TestBaseMountsOrder(t *testing.T) {
+	mounts := BaseMounts()
+	if mounts[0].Target != "/proc" {
+		t.Fatalf("first mount is %s, want /proc", mounts[0].Target)
+	}
+	seen := map[string]int{}
+	for i, m := range mounts {
+		if _, dup := seen[m.Target]; dup {
+			t.Errorf("%s mounted twice", m.Target)
+		}
+		seen[m.Target] = i
+	}
+	for i, m := range mounts {
+		for parent, j := range seen {
+			if parent != "/" && strings.HasPrefix(m.Target, parent+"/") && j > i {
+				t.Errorf("%s is mounted before its parent %s", m.Target, parent)
+			}
+		}
+	}
+	for _, want := range []string{"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/run", "/tmp", "/sys/fs/cgroup"} {
+		if _, ok := seen[want]; !ok {
+			t.Errorf("no mount on %s", want)
+		}
+	}
+}

@@ -1,0 +1,133 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// Config is what differs between guest programs built on the agent.
+type Config struct {
+	// Version is the agent's build version, reported over the API.
+	Version string
+	// Services, when set, starts the program's extra services after Init and
+	// before the agent API listens; it must not block. Its error is fatal.
+	Services func(ctx context.Context, log *logrus.Entry) error
+}
+
+// Timings of the power-off after a Shutdown request.
+const (
+	// ttrpc's Server.Shutdown may close a connection whose request has been
+	// handled but whose reply is not written yet (it sees the connection as
+	// idle until the reply goes out), so the reply to Shutdown gets a moment
+	// to leave first.
+	shutdownReplyGrace = 100 * time.Millisecond
+	// The host usually hangs up by itself; a stuck client must not keep the
+	// guest up.
+	shutdownDrainTimeout = 2 * time.Second
+)
+
+// Run is the whole life of the agent as PID 1: prepare the guest, serve the
+// agent API on vsock, and power off when asked to (by the Shutdown request or
+// by a signal). It never returns; any fatal error is logged on the console
+// and powers the guest off.
+func Run(ctx context.Context, cfg Config) {
+	startedAt := time.Now()
+	logger := NewLogger(os.Stderr)
+	log := logrus.NewEntry(logger)
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "kiln agent: must run as PID 1 inside a Kiln guest")
+		os.Exit(1)
+	}
+	defer func() {
+		// A panic in this goroutine would end PID 1; power off cleanly instead.
+		if r := recover(); r != nil {
+			Fatal(log, fmt.Errorf("panic: %v", r))
+		}
+	}()
+
+	// Go installs handlers for every signal and exits on SIGTERM or SIGINT
+	// by default; for PID 1 that would be a kernel panic.
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT,
+		unix.SIGUSR1, unix.SIGUSR2, unix.SIGPWR)
+
+	log.WithField("version", cfg.Version).Info("kiln agent starting")
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if err := Init(ctx, logger); err != nil {
+		Fatal(log, fmt.Errorf("init guest: %w", err))
+	}
+
+	// Extra services come first so that a host that reaches the agent API
+	// finds them listening too.
+	if cfg.Services != nil {
+		if err := cfg.Services(ctx, log); err != nil {
+			Fatal(log, fmt.Errorf("start services: %w", err))
+		}
+	}
+	l, err := ListenVsock(APIPort)
+	if err != nil {
+		Fatal(log, err)
+	}
+	shutdown := make(chan string, 1)
+	srv, err := NewServer(log, ServerConfig{
+		Version:   cfg.Version,
+		Root:      "/",
+		StartedAt: startedAt,
+		OnShutdown: func(reason string) {
+			select {
+			case shutdown <- "shutdown request: " + reason:
+			default:
+			}
+		},
+	})
+	if err != nil {
+		Fatal(log, err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, l) }()
+
+	log.WithFields(logrus.Fields{"port": APIPort, "init": time.Since(startedAt)}).Info("agent API ready")
+
+	if err := waitForShutdown(log, shutdown, signals, served); err != nil {
+		Fatal(log, err)
+	}
+	drainCtx, drainCancel := context.WithTimeout(ctx, shutdownDrainTimeout)
+	if err := srv.Shutdown(drainCtx); err != nil {
+		log.WithError(err).Warn("closing agent API connections")
+	}
+	drainCancel()
+	cancel()
+	PowerOff(log)
+}
+
+// waitForShutdown returns nil when the guest should power off in order and an
+// error when the agent API stopped serving by itself.
+func waitForShutdown(log *logrus.Entry, shutdown <-chan string, signals <-chan os.Signal, served <-chan error) error {
+	for {
+		select {
+		case reason := <-shutdown:
+			log.WithField("reason", reason).Info("shutting down")
+			time.Sleep(shutdownReplyGrace)
+			return nil
+		case sig := <-signals:
+			if sig == unix.SIGHUP {
+				log.Info("ignoring SIGHUP")
+				continue
+			}
+			log.WithField("signal", sig).Info("shutting down on signal")
+			return nil
+		case err := <-served:
+			if err == nil {
+				err = fmt.Errorf("agent API server stopped")
+			}
+			return err
+		}
+	}
+}

@@ -1,0 +1,130 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/ttrpc"
+	"github.com/sirupsen/logrus"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+// ServerConfig is what the agent API needs from the program serving it.
+type ServerConfig struct {
+	// Version is reported by Health.Check and Agent.GuestInfo.
+	Version string
+	// Root is where the kernel's files are read from: "/" in the guest.
+	Root string
+	// StartedAt is when the agent process started; GuestInfo reports the time
+	// from it to NewServer as the agent's init time. Zero reports none.
+	StartedAt time.Time
+	// OnShutdown is called once, from the first Shutdown request, before that
+	// request is answered; it must not block. It is how the owner of the
+	// server learns it must power the guest off. Nil refuses Shutdown.
+	OnShutdown func(reason string)
+}
+
+// Server serves the agent API (Health and Agent services) with ttrpc.
+type Server struct {
+	cfg          ServerConfig
+	log          *logrus.Entry
+	ttrpc        *ttrpc.Server
+	agentInit    time.Duration
+	shuttingDown atomic.Bool
+	shutdownOnce sync.Once
+}
+
+// NewServer builds a server; it serves nothing until Serve.
+func NewServer(log *logrus.Entry, cfg ServerConfig) (*Server, error) {
+	if cfg.Root == "" {
+		cfg.Root = "/"
+	}
+	s := &Server{cfg: cfg, log: log}
+	if !cfg.StartedAt.IsZero() {
+		s.agentInit = time.Since(cfg.StartedAt)
+	}
+	t, err := ttrpc.NewServer(ttrpc.WithUnaryServerInterceptor(s.logCall))
+	if err != nil {
+		return nil, fmt.Errorf("create ttrpc server: %w", err)
+	}
+	s.ttrpc = t
+	agentv1.RegisterHealthService(t, healthService{s})
+	agentv1.RegisterAgentService(t, agentService{s})
+	return s, nil
+}
+
+// Serve accepts connections on l until Shutdown; it returns nil after a
+// Shutdown and the listener's error otherwise. It may be called for several
+// listeners at once.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	err := s.ttrpc.Serve(ctx, l)
+	if errors.Is(err, ttrpc.ErrServerClosed) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("serve agent API on %s: %w", l.Addr(), err)
+	}
+	return nil
+}
+
+// Shutdown closes the listeners, then each connection once it has no
+// request in flight, and returns when all are closed or ctx is done.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.shuttingDown.Store(true)
+	if err := s.ttrpc.Shutdown(ctx); err != nil {
+		return fmt.Errorf("shut down agent API server: %w", err)
+	}
+	return nil
+}
+
+func (s *Server) logCall(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
+	start := time.Now()
+	resp, err := method(ctx, unmarshal)
+	entry := s.log.WithFields(logrus.Fields{"method": info.FullMethod, "took": time.Since(start)})
+	if err != nil {
+		entry.WithError(err).Warn("request failed")
+	} else {
+		entry.Debug("request")
+	}
+	return resp, err
+}
+
+type healthService struct{ s *Server }
+
+func (h healthService) Check(context.Context, *agentv1.CheckRequest) (*agentv1.CheckResponse, error) {
+	status := agentv1.CheckResponse_SERVING
+	if h.s.shuttingDown.Load() {
+		status = agentv1.CheckResponse_NOT_SERVING
+	}
+	return &agentv1.CheckResponse{Status: status, AgentVersion: h.s.cfg.Version}, nil
+}
+
+type agentService struct{ s *Server }
+
+func (a agentService) GuestInfo(context.Context, *agentv1.GuestInfoRequest) (*agentv1.GuestInfo, error) {
+	info, err := ReadGuestInfo(a.s.cfg.Root)
+	if err != nil {
+		return nil, err
+	}
+	info.AgentVersion = a.s.cfg.Version
+	if a.s.agentInit > 0 {
+		info.AgentInit = durationpb.New(a.s.agentInit)
+	}
+	return info, nil
+}
+
+func (a agentService) Shutdown(_ context.Context, req *agentv1.ShutdownRequest) (*agentv1.ShutdownResponse, error) {
+	if a.s.cfg.OnShutdown == nil {
+		return nil, errors.New("shutdown is not available in this agent")
+	}
+	a.s.shuttingDown.Store(true)
+	a.s.shutdownOnce.Do(func() { a.s.cfg.OnShutdown(req.GetReason()) })
+	return &agentv1.ShutdownResponse{}, nil
+}

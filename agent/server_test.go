@@ -1,0 +1,137 @@
+package agent
+
+import (
+	"context"
+	"io"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/containerd/ttrpc"
+	"github.com/sirupsen/logrus"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+type testAgent struct {
+	health     agentv1.HealthService
+	agent      agentv1.AgentService
+	served     chan error
+	server     *Server
+	shutdowns  chan string
+	clientConn *ttrpc.Client
+}
+
+// startAgent serves the API on a unix socket, as the agent does on vsock.
+func startAgent(t *testing.T, allowShutdown bool) *testAgent {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	ta := &testAgent{served: make(chan error, 1), shutdowns: make(chan string, 4)}
+	cfg := ServerConfig{Version: "v-test", Root: "testdata/guest", StartedAt: time.Now().Add(-time.Second)}
+	if allowShutdown {
+		cfg.OnShutdown = func(reason string) { ta.shutdowns <- reason }
+	}
+	srv, err := NewServer(logrus.NewEntry(log), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ta.server = srv
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { ta.served <- srv.Serve(ctx, l) }()
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ta.clientConn = ttrpc.NewClient(conn)
+	t.Cleanup(func() { ta.clientConn.Close() })
+	ta.health = agentv1.NewHealthClient(ta.clientConn)
+	ta.agent = agentv1.NewAgentClient(ta.clientConn)
+	return ta
+}
+
+func TestHealthCheck(t *testing.T) {
+	ta := startAgent(t, true)
+	resp, err := ta.health.Check(context.Background(), &agentv1.CheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Status != agentv1.CheckResponse_SERVING || resp.AgentVersion != "v-test" {
+		t.Errorf("Check = %v, want SERVING v-test", resp)
+	}
+}
+
+func TestGuestInfoOverTTRPC(t *testing.T) {
+	ta := startAgent(t, true)
+	info, err := ta.agent.GuestInfo(context.Background(), &agentv1.GuestInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.KernelRelease != "6.1.0-31-cloud-amd64" || info.AgentVersion != "v-test" || info.Vcpus != 2 {
+		t.Errorf("GuestInfo = %v", info)
+	}
+	if info.AgentInit.AsDuration() < time.Second {
+		t.Errorf("agent init = %v, want at least 1s", info.AgentInit.AsDuration())
+	}
+}
+
+// Shutdown must be answered, tell the owner once, and make Health report
+// NOT_SERVING so that a host polling health does not send more work.
+func TestShutdownAnswersThenNotifiesOnce(t *testing.T) {
+	ta := startAgent(t, true)
+	ctx := context.Background()
+	for range 2 {
+		if _, err := ta.agent.Shutdown(ctx, &agentv1.ShutdownRequest{Reason: "test"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := <-ta.shutdowns; got != "test" {
+		t.Errorf("shutdown reason = %q, want test", got)
+	}
+	select {
+	case r := <-ta.shutdowns:
+		t.Errorf("second OnShutdown call (%q)", r)
+	default:
+	}
+	resp, err := ta.health.Check(ctx, &agentv1.CheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Status != agentv1.CheckResponse_NOT_SERVING {
+		t.Errorf("status after shutdown = %v, want NOT_SERVING", resp.Status)
+	}
+}
+
+func TestShutdownRefusedWithoutOwner(t *testing.T) {
+	ta := startAgent(t, false)
+	if _, err := ta.agent.Shutdown(context.Background(), &agentv1.ShutdownRequest{}); err == nil {
+		t.Fatal("Shutdown succeeded with no OnShutdown")
+	}
+}
+
+func TestServerShutdownEndsServe(t *testing.T) {
+	ta := startAgent(t, true)
+	if _, err := ta.health.Check(context.Background(), &agentv1.CheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := ta.server.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-ta.served:
+		if err != nil {
+			t.Errorf("Serve after Shutdown = %v, want nil", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after Shutdown")
+	}
+}

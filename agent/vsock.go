@@ -1,0 +1,36 @@
+package agent
+
+import (
+	"fmt"
+	"net"
+
+	"github.com/mdlayher/vsock"
+	"golang.org/x/sys/unix"
+)
+
+// Well-known vsock addresses as the guest sees them.
+const (
+	// APIPort is the vsock port the agent API is served on.
+	APIPort = 1024
+	// HostCID is the host's context id, the one a guest dials.
+	HostCID = vsock.Host
+)
+
+// ListenVsock listens for vsock connections on port, on whatever context id
+// the guest was given.
+func ListenVsock(port uint32) (net.Listener, error) {
+	l, err := vsock.ListenContextID(unix.VMADDR_CID_ANY, port, nil)
+	if err != nil {
+		return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
+	}
+	return l, nil
+}
+
+// DialHost opens a vsock connection to port on the host.
+func DialHost(port uint32) (net.Conn, error) {
+	c, err := vsock.Dial(HostCID, port, nil)
+	if err != nil {
+		return nil, fmt.Errorf("dial host vsock port %d: %w", port, err)
+	}
+	return c, nil
+}

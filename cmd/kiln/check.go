@@ -1,0 +1,166 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/vm/accel"
+)
+
+// checkResult is one line of `kiln check`.
+type checkResult struct {
+	name   string
+	status string // ok, warn, FAIL
+	detail string
+}
+
+func newCheck(g *globalFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "check",
+		Short: "Check that this host can run Kiln microVMs; exit non-zero when it cannot",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			results := runChecks(g.configPath)
+			failed := printChecks(cmd.OutOrStdout(), results)
+			if failed > 0 {
+				return fmt.Errorf("%d check(s) failed: Kiln cannot run here", failed)
+			}
+			return nil
+		},
+	}
+}
+
+func printChecks(w io.Writer, results []checkResult) int {
+	failed := 0
+	for _, r := range results {
+		if r.status == "FAIL" {
+			failed++
+		}
+		fmt.Fprintf(w, "%-5s %-12s %s\n", r.status, r.name, r.detail)
+	}
+	return failed
+}
+
+func runChecks(configPath string) []checkResult {
+	var out []checkResult
+	add := func(name string, err error, ok string) {
+		if err != nil {
+			out = append(out, checkResult{name, "FAIL", err.Error()})
+			return
+		}
+		out = append(out, checkResult{name, "ok", ok})
+	}
+	cfg, err := config.Load(configPath)
+	if err != nil {
+		add("config", err, "")
+		cfg = config.Default()
+	} else {
+		src := cfg.Source
+		if src == "" {
+			src = "built-in defaults (no " + config.DefaultPath + ")"
+		}
+		add("config", nil, src)
+	}
+
+	choice, err := accel.DefaultHost().Detect(cfg.Hypervisor.Accelerator)
+	switch {
+	case err != nil:
+		add("accelerator", err, "")
+	case choice.Fallback:
+		out = append(out, checkResult{"accelerator", "warn", fmt.Sprintf("%s: %s", choice.Kind, choice.Reason)})
+	default:
+		add("accelerator", nil, fmt.Sprintf("%s: %s", choice.Kind, choice.Reason))
+	}
+
+	qemuPath, err := exec.LookPath(cfg.Hypervisor.Path)
+	if err != nil {
+		add("qemu", fmt.Errorf("%q not found: apt-get install qemu-system-x86, or set hypervisor.path", cfg.Hypervisor.Path), "")
+	} else {
+		v, err := firstLine(qemuPath, "--version")
+		if err != nil {
+			add("qemu", fmt.Errorf("%s --version: %w", qemuPath, err), "")
+		} else {
+			add("qemu", nil, qemuPath+": "+v)
+		}
+	}
+
+	const virtiofsd = "/usr/lib/qemu/virtiofsd"
+	if v, err := firstLine(virtiofsd, "--version"); err != nil {
+		add("virtiofsd", fmt.Errorf("%s: %w (apt-get install qemu-system-common)", virtiofsd, err), "")
+	} else {
+		add("virtiofsd", nil, virtiofsd+": "+v)
+	}
+
+	out = append(out, checkVsock(cfg.Vsock.Mode))
+
+	assets, err := cfg.ResolveAssets()
+	if err != nil {
+		add("guest", err, "")
+	} else {
+		release := "unknown kernel release"
+		if b, err := os.ReadFile(filepath.Join(filepath.Dir(assets.Kernel), "kernel-release")); err == nil {
+			release = "kernel " + strings.TrimSpace(string(b))
+		}
+		st, _ := os.Stat(assets.Initrd)
+		add("guest", nil, fmt.Sprintf("%s (%s), %s (%d bytes)", assets.Kernel, release, assets.Initrd, st.Size()))
+	}
+
+	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
+		add("state dir", err, "")
+	} else {
+		add("state dir", nil, cfg.Runtime.StateDir+" is writable")
+	}
+	return out
+}
+
+func checkVsock(mode string) checkResult {
+	_, vhostErr := os.Stat("/dev/vhost-vsock")
+	switch mode {
+	case config.VsockVhost:
+		return checkResult{"vsock", "FAIL", "vsock.mode = \"vhost\" (kernel vhost-vsock) is not implemented yet; use \"auto\" or \"vhost-user\""}
+	case config.VsockVhostUser:
+		return checkResult{"vsock", "ok", "vhost-user: Kiln's own vsock device backend (hybrid vsock over Unix sockets)"}
+	default:
+		detail := "auto -> vhost-user: Kiln's own vsock device backend"
+		if vhostErr == nil {
+			detail += " (/dev/vhost-vsock exists but kernel vhost mode is not implemented yet)"
+		} else {
+			detail += " (no /dev/vhost-vsock)"
+		}
+		return checkResult{"vsock", "ok", detail}
+	}
+}
+
+func checkStateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return fmt.Errorf("create %s: %w (run as root or set runtime.state_dir)", dir, err)
+	}
+	f, err := os.CreateTemp(dir, ".check-")
+	if err != nil {
+		return fmt.Errorf("%s is not writable: %w (run as root or set runtime.state_dir)", dir, err)
+	}
+	name := f.Name()
+	f.Close()
+	return os.Remove(name)
+}
+
+func firstLine(bin string, args ...string) (string, error) {
+	b, err := exec.Command(bin, args...).Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) && len(ee.Stderr) > 0 {
+			return "", fmt.Errorf("%w: %s", err, strings.TrimSpace(string(ee.Stderr)))
+		}
+		return "", err
+	}
+	line, _, _ := strings.Cut(strings.TrimSpace(string(b)), "\n")
+	return line, nil
+}

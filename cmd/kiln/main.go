@@ -1,0 +1,63 @@
+// Command kiln is the operator's tool: it checks that a host can run Kiln, boots a guest to prove it, and
+// reports versions.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+	"github.com/spf13/cobra"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := newRoot().ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "kiln:", err)
+		os.Exit(1)
+	}
+}
+
+type globalFlags struct {
+	configPath string
+	debug      bool
+}
+
+func newRoot() *cobra.Command {
+	g := &globalFlags{}
+	root := &cobra.Command{
+		Use:           "kiln",
+		Short:         "Kiln microVM container runtime: operator tool",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRun: func(cmd *cobra.Command, _ []string) {
+			logrus.SetOutput(os.Stderr)
+			if g.debug {
+				logrus.SetLevel(logrus.DebugLevel)
+			}
+		},
+	}
+	root.PersistentFlags().StringVar(&g.configPath, "config", "", "configuration file (default "+"/etc/kiln/config.toml if it exists, else built-in defaults)")
+	root.PersistentFlags().BoolVar(&g.debug, "debug", false, "debug logging, including the guest console")
+	root.AddCommand(newCheck(g), newVM(g), newVersion())
+	return root
+}
+
+func newVersion() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print Kiln's version",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fmt.Fprintf(cmd.OutOrStdout(), "kiln %s\n", version)
+			return nil
+		},
+	}
+}

@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"github.com/spf13/cobra"
+
+	"github.com/kiln-runtime/kiln/config"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
+	"github.com/kiln-runtime/kiln/vm/qemu"
+)
+
+func newVM(g *globalFlags) *cobra.Command {
+	vmCmd := &cobra.Command{Use: "vm", Short: "Work with Kiln microVMs directly"}
+	var asJSON bool
+	boot := &cobra.Command{
+		Use:   "boot",
+		Short: "Boot a guest with the configured assets, print GuestInfo and the boot time, then stop it",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			res, err := bootOnce(cmd.Context(), g.configPath)
+			if err != nil {
+				return err
+			}
+			return printBoot(cmd.OutOrStdout(), res, asJSON)
+		},
+	}
+	boot.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	vmCmd.AddCommand(boot)
+	return vmCmd
+}
+
+// bootResult is what `kiln vm boot` reports.
+type bootResult struct {
+	KernelRelease    string  `json:"kernel_release"`
+	KernelVersion    string  `json:"kernel_version"`
+	BootID           string  `json:"boot_id"`
+	MemoryTotalBytes uint64  `json:"memory_total_bytes"`
+	VCPUs            uint32  `json:"vcpus"`
+	AgentVersion     string  `json:"agent_version"`
+	UptimeSeconds    float64 `json:"uptime_seconds"`
+	Accelerator      string  `json:"accelerator"`
+	// BootToAgentReadyMS is from QEMU's start to the agent's first successful health check.
+	BootToAgentReadyMS float64 `json:"boot_to_agent_ready_ms"`
+	StopMS             float64 `json:"stop_ms"`
+}
+
+func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
+	cfg, err := config.Load(configPath)
+	if err != nil {
+		return bootResult{}, err
+	}
+	log := logrus.WithField("cmd", "vm boot")
+	if _, err := qemu.Sweep(cfg.Runtime.StateDir); err != nil {
+		log.WithError(err).Warn("sweep stale VM state")
+	}
+	id := "boot-" + randomID()
+	qcfg, err := qemu.ConfigFrom(cfg, id, log)
+	if err != nil {
+		return bootResult{}, err
+	}
+	m, err := qemu.New(qcfg)
+	if err != nil {
+		return bootResult{}, err
+	}
+	start := time.Now()
+	sb, err := sandbox.Start(ctx, m, sandbox.Options{
+		DialTimeout:     cfg.Agent.DialTimeout.Std(),
+		RequestTimeout:  cfg.Agent.RequestTimeout.Std(),
+		ShutdownTimeout: cfg.Hypervisor.StopTimeout.Std(),
+		Log:             log,
+	})
+	if err != nil {
+		return bootResult{}, err
+	}
+	ready := time.Since(start)
+	info, infoErr := sb.GuestInfo(ctx)
+	stopStart := time.Now()
+	stopErr := sb.Stop(context.WithoutCancel(ctx))
+	if infoErr != nil {
+		return bootResult{}, infoErr
+	}
+	if stopErr != nil {
+		return bootResult{}, stopErr
+	}
+	return resultFrom(info, string(qcfg.Accel), ready, time.Since(stopStart)), nil
+}
+
+func resultFrom(info *agentv1.GuestInfo, accelerator string, ready, stop time.Duration) bootResult {
+	return bootResult{
+		KernelRelease:      info.GetKernelRelease(),
+		KernelVersion:      info.GetKernelVersion(),
+		BootID:             info.GetBootId(),
+		MemoryTotalBytes:   info.GetMemoryTotalBytes(),
+		VCPUs:              info.GetVcpus(),
+		AgentVersion:       info.GetAgentVersion(),
+		UptimeSeconds:      info.GetUptime().AsDuration().Seconds(),
+		Accelerator:        accelerator,
+		BootToAgentReadyMS: float64(ready.Microseconds()) / 1000,
+		StopMS:             float64(stop.Microseconds()) / 1000,
+	}
+}
+
+func printBoot(w io.Writer, r bootResult, asJSON bool) error {
+	if asJSON {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(r)
+	}
+	fmt.Fprintf(w, "kernel release:      %s\n", r.KernelRelease)
+	fmt.Fprintf(w, "kernel version:      %s\n", r.KernelVersion)
+	fmt.Fprintf(w, "boot id:             %s\n", r.BootID)
+	fmt.Fprintf(w, "memory:              %d MiB\n", r.MemoryTotalBytes>>20)
+	fmt.Fprintf(w, "vcpus:               %d\n", r.VCPUs)
+	fmt.Fprintf(w, "agent version:       %s\n", r.AgentVersion)
+	fmt.Fprintf(w, "guest uptime:        %.3f s\n", r.UptimeSeconds)
+	fmt.Fprintf(w, "accelerator:         %s\n", r.Accelerator)
+	fmt.Fprintf(w, "boot to agent ready: %.1f ms\n", r.BootToAgentReadyMS)
+	fmt.Fprintf(w, "stop:                %.1f ms\n", r.StopMS)
+	return nil
+}
+
+func randomID() string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

@@ -1,0 +1,223 @@
+// Package config owns Kiln's configuration: the TOML file format, built-in defaults, where the file is found,
+// and validation. It knows nothing about QEMU command lines or containerd; other packages read the typed values.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// DefaultPath is the system-wide configuration file used when containerd's runtime options name none.
+const DefaultPath = "/etc/kiln/config.toml"
+
+// Accelerator values accepted by hypervisor.accelerator.
+const (
+	AccelAuto = "auto"
+	AccelKVM  = "kvm"
+	AccelTCG  = "tcg"
+)
+
+// Vsock modes accepted by vsock.mode.
+const (
+	VsockAuto      = "auto"
+	VsockVhostUser = "vhost-user"
+	VsockVhost     = "vhost"
+)
+
+// Config is the whole effective configuration.
+type Config struct {
+	Hypervisor Hypervisor `toml:"hypervisor"`
+	Vsock      Vsock      `toml:"vsock"`
+	Agent      Agent      `toml:"agent"`
+	Runtime    Runtime    `toml:"runtime"`
+
+	// Source is the file the configuration was read from, empty for built-in defaults.
+	Source string `toml:"-"`
+}
+
+// Hypervisor configures the QEMU microVM.
+type Hypervisor struct {
+	// Path is the QEMU system emulator binary.
+	Path string `toml:"path"`
+	// Accelerator is auto, kvm or tcg.
+	Accelerator string `toml:"accelerator"`
+	VCPUs       int    `toml:"vcpus"`
+	MemoryMiB   int    `toml:"memory_mib"`
+	// Kernel and Initrd are guest asset paths; empty means the installed share/kiln directory.
+	Kernel       string   `toml:"kernel"`
+	Initrd       string   `toml:"initrd"`
+	KernelParams []string `toml:"kernel_params"`
+	// StopTimeout bounds each graceful stop step before escalating.
+	StopTimeout Duration `toml:"stop_timeout"`
+}
+
+// Vsock configures how the host reaches the guest.
+type Vsock struct {
+	Mode string `toml:"mode"`
+}
+
+// Agent configures the host's use of the guest agent.
+type Agent struct {
+	Debug          bool     `toml:"debug"`
+	DialTimeout    Duration `toml:"dial_timeout"`
+	RequestTimeout Duration `toml:"request_timeout"`
+}
+
+// Runtime configures host-side bookkeeping.
+type Runtime struct {
+	// StateDir holds one directory per running VM (sockets, console log).
+	StateDir string `toml:"state_dir"`
+	LogLevel string `toml:"log_level"`
+}
+
+// Duration is a time.Duration written in TOML as a Go duration string ("5s", "250ms").
+type Duration time.Duration
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("want a duration such as \"5s\" or \"250ms\": %w", err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText formats the duration as a Go duration string.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// Std returns the value as a time.Duration.
+func (d Duration) Std() time.Duration { return time.Duration(d) }
+
+// Default returns the built-in configuration.
+func Default() Config {
+	return Config{
+		Hypervisor: Hypervisor{
+			Path:         "qemu-system-x86_64",
+			Accelerator:  AccelAuto,
+			VCPUs:        1,
+			MemoryMiB:    256,
+			KernelParams: nil,
+			StopTimeout:  Duration(3 * time.Second),
+		},
+		Vsock: Vsock{Mode: VsockAuto},
+		Agent: Agent{
+			DialTimeout:    Duration(60 * time.Second),
+			RequestTimeout: Duration(30 * time.Second),
+		},
+		Runtime: Runtime{
+			StateDir: "/run/kiln",
+			LogLevel: "info",
+		},
+	}
+}
+
+// Load reads the configuration. A non-empty path must exist. An empty path means DefaultPath if it exists,
+// else the built-in defaults.
+func Load(path string) (Config, error) {
+	if path == "" {
+		if _, err := os.Stat(DefaultPath); err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				cfg := Default()
+				return cfg, cfg.Validate()
+			}
+			return Config{}, fmt.Errorf("config %s: %w", DefaultPath, err)
+		}
+		path = DefaultPath
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config %s: %w", path, err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	cfg.Source = path
+	if err := cfg.Validate(); err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes TOML over the defaults. Unknown keys and wrong types are errors naming the key.
+func Parse(data []byte) (Config, error) {
+	cfg := Default()
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		var strict *toml.StrictMissingError
+		if errors.As(err, &strict) {
+			keys := make([]string, 0, len(strict.Errors))
+			for _, e := range strict.Errors {
+				keys = append(keys, joinKey(e.Key()))
+			}
+			return Config{}, fmt.Errorf("unknown key(s) %v: remove them or check their spelling", keys)
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			return Config{}, fmt.Errorf("line %d column %d, key %s: %s", row, col, joinKey(de.Key()), de.Error())
+		}
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+func joinKey(k toml.Key) string {
+	s := ""
+	for i, p := range k {
+		if i > 0 {
+			s += "."
+		}
+		s += p
+	}
+	return s
+}
+
+// Validate checks ranges and enumerations; each error names the key and what is accepted.
+func (c Config) Validate() error {
+	var errs []error
+	switch c.Hypervisor.Accelerator {
+	case AccelAuto, AccelKVM, AccelTCG:
+	default:
+		errs = append(errs, fmt.Errorf("hypervisor.accelerator = %q: want \"auto\", \"kvm\" or \"tcg\"", c.Hypervisor.Accelerator))
+	}
+	if c.Hypervisor.VCPUs < 1 || c.Hypervisor.VCPUs > 255 {
+		errs = append(errs, fmt.Errorf("hypervisor.vcpus = %d: want 1 to 255", c.Hypervisor.VCPUs))
+	}
+	if c.Hypervisor.MemoryMiB < 64 || c.Hypervisor.MemoryMiB > 1<<20 {
+		errs = append(errs, fmt.Errorf("hypervisor.memory_mib = %d: want 64 to 1048576", c.Hypervisor.MemoryMiB))
+	}
+	if c.Hypervisor.StopTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("hypervisor.stop_timeout must be positive"))
+	}
+	switch c.Vsock.Mode {
+	case VsockAuto, VsockVhostUser, VsockVhost:
+	default:
+		errs = append(errs, fmt.Errorf("vsock.mode = %q: want \"auto\", \"vhost-user\" or \"vhost\"", c.Vsock.Mode))
+	}
+	if c.Agent.DialTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("agent.dial_timeout must be positive"))
+	}
+	if c.Agent.RequestTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("agent.request_timeout must be positive"))
+	}
+	for _, p := range []struct{ key, path string }{{"hypervisor.kernel", c.Hypervisor.Kernel}, {"hypervisor.initrd", c.Hypervisor.Initrd}} {
+		if p.path == "" {
+			continue
+		}
+		if _, err := os.Stat(p.path); err != nil {
+			errs = append(errs, fmt.Errorf("%s = %q: %w (run `make image` or fix the path)", p.key, p.path, err))
+		}
+	}
+	if !filepath.IsAbs(c.Runtime.StateDir) {
+		errs = append(errs, fmt.Errorf("runtime.state_dir = %q: want an absolute path", c.Runtime.StateDir))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,145 @@
+// Command bench measures Kiln against baselines run in the same invocation and prints ratios (`make bench`).
+// Boot: QEMU start to agent ready, beside the floor: the same QEMU machine and kernel with an initramfs whose
+// init powers off at once (QEMU start to QEMU exit).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
+	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/qemu"
+)
+
+func main() {
+	share := flag.String("share", "_output/share/kiln", "guest image directory")
+	tools := flag.String("tools", "_output/tools/bin", "directory holding kiln-image")
+	runs := flag.Int("runs", 10, "runs per measurement")
+	flag.Parse()
+	if err := run(context.Background(), *share, *tools, *runs); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, share, tools string, runs int) error {
+	logrus.SetLevel(logrus.WarnLevel)
+	work, err := os.MkdirTemp("", "kiln-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	floorInitrd, err := buildFloor(ctx, work, share, tools)
+	if err != nil {
+		return err
+	}
+	choice, err := accel.DefaultHost().Detect("auto")
+	if err != nil {
+		return err
+	}
+	kernel := filepath.Join(share, "vmlinuz")
+	initrd := filepath.Join(share, "initrd.img")
+	base := qemu.Config{
+		StateRoot: filepath.Join(work, "state"), QEMU: "qemu-system-x86_64", Accel: choice.Kind,
+		VCPUs: 1, MemoryMiB: 256, Kernel: kernel, StopTimeout: 3 * time.Second,
+		Log: logrus.NewEntry(logrus.StandardLogger()),
+	}
+
+	var floor, ready []time.Duration
+	// Interleave the two so that drift in machine load affects both alike.
+	for i := range runs {
+		d, err := floorRun(ctx, base, fmt.Sprintf("floor-%d", i), floorInitrd)
+		if err != nil {
+			return err
+		}
+		floor = append(floor, d)
+		d, err = agentRun(ctx, base, fmt.Sprintf("kiln-%d", i), initrd)
+		if err != nil {
+			return err
+		}
+		ready = append(ready, d)
+	}
+	fm, km := median(floor), median(ready)
+	fmt.Printf("accelerator: %s\n", choice.Kind)
+	fmt.Printf("%-40s %10s %10s\n", "measurement (median of "+fmt.Sprint(runs)+")", "ms", "ratio")
+	fmt.Printf("%-40s %10.1f %10s\n", "floor: QEMU start to power-off", ms(fm), "1.00")
+	fmt.Printf("%-40s %10.1f %10.2f   (target <= 1.15)\n", "kiln: QEMU start to agent ready", ms(km), float64(km)/float64(fm))
+	for _, f := range []struct{ name, path string }{{"initramfs (kiln)", initrd}, {"initramfs (floor)", floorInitrd}} {
+		st, err := os.Stat(f.path)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%-40s %10d bytes\n", f.name, st.Size())
+	}
+	return nil
+}
+
+func buildFloor(ctx context.Context, work, share, tools string) (string, error) {
+	bin := filepath.Join(work, "floorinit")
+	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", bin, "./vm/image/floorinit")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build floorinit: %v\n%s", err, out)
+	}
+	initrd := filepath.Join(work, "floor-initrd.img")
+	img := exec.CommandContext(ctx, filepath.Join(tools, "kiln-image"), "-q", "--init", bin, "--modules", "",
+		"--out", filepath.Join(work, "floor-share"), "--initrd", initrd, "--cache", filepath.Join(filepath.Dir(share), "..", "cache"))
+	if out, err := img.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build floor initramfs: %v\n%s", err, out)
+	}
+	return initrd, nil
+}
+
+func floorRun(ctx context.Context, base qemu.Config, id, initrd string) (time.Duration, error) {
+	cfg := base
+	cfg.ID, cfg.Initrd = id, initrd
+	m, err := qemu.New(cfg)
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	if err := m.Start(ctx); err != nil {
+		return 0, err
+	}
+	select {
+	case <-m.Exited():
+	case <-time.After(60 * time.Second):
+		_ = m.Stop(ctx)
+		return 0, fmt.Errorf("floor guest did not power off within 60s%s", m.Diagnostics())
+	}
+	d := time.Since(start)
+	return d, m.Wait(ctx)
+}
+
+func agentRun(ctx context.Context, base qemu.Config, id, initrd string) (time.Duration, error) {
+	cfg := base
+	cfg.ID, cfg.Initrd = id, initrd
+	m, err := qemu.New(cfg)
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	sb, err := sandbox.Start(ctx, m, sandbox.Options{})
+	if err != nil {
+		return 0, err
+	}
+	d := time.Since(start)
+	return d, sb.Stop(ctx)
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -1,0 +1,135 @@
+package integration
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
+	"github.com/kiln-runtime/kiln/vm/qemu"
+)
+
+func TestBootGuestInfo(t *testing.T) {
+	share := requireVM(t)
+	m := testMachine(t, filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img"), nil)
+	sb := startSandbox(t, m, 60*time.Second)
+	info, err := sb.GuestInfo(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(filepath.Join(share, "kernel-release"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := info.GetKernelRelease(); got != strings.TrimSpace(string(want)) {
+		t.Errorf("guest kernel release %q, want %q", got, strings.TrimSpace(string(want)))
+	}
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		t.Fatal(err)
+	}
+	if info.GetKernelRelease() == unix.ByteSliceToString(uts.Release[:]) {
+		t.Errorf("guest kernel release equals the host's (%s): not talking to the guest?", info.GetKernelRelease())
+	}
+	if info.GetVcpus() != 1 {
+		t.Errorf("vcpus = %d, want 1", info.GetVcpus())
+	}
+	if mem := info.GetMemoryTotalBytes(); mem < 128<<20 || mem > 256<<20 {
+		t.Errorf("guest memory %d bytes, want between 128 MiB and 256 MiB", mem)
+	}
+	if len(info.GetBootId()) != 36 {
+		t.Errorf("boot id %q is not a UUID", info.GetBootId())
+	}
+	if info.GetUptime().AsDuration() <= 0 {
+		t.Errorf("uptime %v, want > 0", info.GetUptime().AsDuration())
+	}
+	if err := m.Pause(context.Background()); err != nil {
+		t.Fatalf("pause: %v", err)
+	}
+	if err := m.Resume(context.Background()); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	if _, err := sb.GuestInfo(context.Background()); err != nil {
+		t.Fatalf("guest info after resume: %v", err)
+	}
+	if err := sb.Stop(context.Background()); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	select {
+	case <-m.Exited():
+	default:
+		t.Fatal("VM still running after Stop")
+	}
+}
+
+// Each boot failure must be a clear error and leave no QEMU, socket or state directory behind (testMachine's
+// cleanup checks that).
+func TestBootFailures(t *testing.T) {
+	share := requireVM(t)
+	kernel, initrd := filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img")
+	garbage := filepath.Join(t.TempDir(), "garbage.img")
+	if err := os.WriteFile(garbage, []byte(strings.Repeat("not an initramfs\n", 4096)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, hangInitrd := buildInitrd(t, buildStatic(t, "./integration/hanginit"))
+
+	tests := []struct {
+		name        string
+		mutate      func(*qemu.Config)
+		dialTimeout time.Duration
+		want        []string
+	}{
+		{
+			name:   "missing kernel",
+			mutate: func(c *qemu.Config) { c.Kernel = "/nonexistent/vmlinuz" },
+			want:   []string{"/nonexistent/vmlinuz", "make image"},
+		},
+		{
+			name:   "missing QEMU",
+			mutate: func(c *qemu.Config) { c.QEMU = "/nonexistent/qemu-system-x86_64" },
+			want:   []string{"/nonexistent/qemu-system-x86_64", "not found", "hypervisor.path"},
+		},
+		{
+			name:   "QEMU rejects its arguments",
+			mutate: func(c *qemu.Config) { c.MemoryMiB = 1 << 30 },
+			want:   []string{"QEMU", "stderr"},
+		},
+		{
+			name:   "guest dies during boot",
+			mutate: func(c *qemu.Config) { c.Initrd = garbage },
+			want:   []string{"VM exited before its agent answered", "Kernel panic"},
+		},
+		{
+			name:        "agent never answers",
+			mutate:      func(c *qemu.Config) { c.Initrd = hangInitrd },
+			dialTimeout: 8 * time.Second,
+			want:        []string{"agent did not answer on vsock port 1024 within 8s"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := testMachine(t, kernel, initrd, tt.mutate)
+			timeout := tt.dialTimeout
+			if timeout == 0 {
+				timeout = 60 * time.Second
+			}
+			_, err := sandbox.Start(context.Background(), m, sandbox.Options{DialTimeout: timeout})
+			if err == nil {
+				t.Fatal("start succeeded")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error does not mention %q:\n%v", w, err)
+				}
+			}
+			if _, statErr := os.Stat(m.StateDir()); !os.IsNotExist(statErr) {
+				t.Errorf("state dir %s still exists after a failed start", m.StateDir())
+			}
+		})
+	}
+}

@@ -1,0 +1,155 @@
+package integration
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// kilnCLI returns the built kiln binary and a config file whose state directory is private to the test.
+func kilnCLI(t *testing.T) (bin, cfgPath, stateRoot string) {
+	t.Helper()
+	share := requireVM(t)
+	bin = filepath.Join(repoRoot(t), "_output", "bin", "kiln")
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("%v: run `make build`", err)
+	}
+	stateRoot = t.TempDir()
+	cfgPath = filepath.Join(t.TempDir(), "config.toml")
+	cfg := fmt.Sprintf("[hypervisor]\nkernel = %q\ninitrd = %q\n[runtime]\nstate_dir = %q\n",
+		filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img"), stateRoot)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return bin, cfgPath, stateRoot
+}
+
+func TestCLIVMBootJSON(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	out, err := exec.Command(bin, "--config", cfg, "vm", "boot", "--json").Output()
+	if err != nil {
+		t.Fatalf("kiln vm boot: %v\n%s", err, stderrOf(err))
+	}
+	var res struct {
+		KernelRelease string  `json:"kernel_release"`
+		ReadyMS       float64 `json:"boot_to_agent_ready_ms"`
+		AgentVersion  string  `json:"agent_version"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("decode %s: %v", out, err)
+	}
+	want, _ := os.ReadFile(filepath.Join(repoRoot(t), "_output", "share", "kiln", "kernel-release"))
+	if res.KernelRelease != strings.TrimSpace(string(want)) || res.KernelRelease == "" {
+		t.Errorf("kernel_release %q, want %q", res.KernelRelease, want)
+	}
+	if res.ReadyMS <= 0 || res.AgentVersion == "" {
+		t.Errorf("implausible result %+v", res)
+	}
+	checkNoLeftovers(t, stateRoot, "boot-")
+}
+
+func TestCLICheck(t *testing.T) {
+	bin, cfg, _ := kilnCLI(t)
+	out, err := exec.Command(bin, "--config", cfg, "check").CombinedOutput()
+	if err != nil {
+		t.Fatalf("kiln check failed: %v\n%s", err, out)
+	}
+	for _, want := range []string{"accelerator", "qemu", "virtiofsd", "vsock", "guest", "config"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("kiln check output lacks %q:\n%s", want, out)
+		}
+	}
+	bad := filepath.Join(t.TempDir(), "bad.toml")
+	if err := os.WriteFile(bad, []byte("[hypervisor]\npath = \"/nonexistent/qemu\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err = exec.Command(bin, "--config", bad, "check").CombinedOutput()
+	if err == nil {
+		t.Fatalf("kiln check passed with a missing QEMU:\n%s", out)
+	}
+	if !strings.Contains(string(out), "/nonexistent/qemu") {
+		t.Errorf("kiln check does not name the missing QEMU:\n%s", out)
+	}
+}
+
+// When the host process is killed, QEMU dies with it (parent-death signal) and the next Kiln run removes the
+// state directory it left.
+func TestCLIKilledHostLeavesNoQEMU(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	cmd := exec.Command(bin, "--config", cfg, "vm", "boot")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var qemuPid int
+	deadline := time.Now().Add(20 * time.Second)
+	for qemuPid == 0 && time.Now().Before(deadline) {
+		qemuPid = childOf(cmd.Process.Pid, "qemu-system")
+		time.Sleep(20 * time.Millisecond)
+	}
+	if qemuPid == 0 {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		t.Fatal("no QEMU child of kiln appeared")
+	}
+	_ = cmd.Process.Signal(syscall.SIGKILL)
+	_ = cmd.Wait()
+	deadline = time.Now().Add(10 * time.Second)
+	for processAlive(qemuPid) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if processAlive(qemuPid) {
+		_ = syscall.Kill(qemuPid, syscall.SIGKILL)
+		t.Fatalf("QEMU %d outlived its killed parent", qemuPid)
+	}
+	if out, err := exec.Command(bin, "--config", cfg, "vm", "boot").CombinedOutput(); err != nil {
+		t.Fatalf("second kiln vm boot: %v\n%s", err, out)
+	}
+	checkNoLeftovers(t, stateRoot, "boot-")
+}
+
+func childOf(parent int, comm string) int {
+	matches, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, f := range matches {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...
+		s := string(b)
+		open, close := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if open < 0 || close < 0 || !strings.HasPrefix(s[open+1:close], comm) {
+			continue
+		}
+		fields := strings.Fields(s[close+1:])
+		if len(fields) > 1 && fields[1] == strconv.Itoa(parent) {
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(f)))
+			return pid
+		}
+	}
+	return 0
+}
+
+func processAlive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// A zombie has exited; only its parent has not reaped it yet.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || !strings.HasPrefix(s[i+1:], " Z")
+}
+
+func stderrOf(err error) string {
+	if ee, ok := err.(*exec.ExitError); ok {
+		return string(ee.Stderr)
+	}
+	return ""
+}

@@ -1,0 +1,164 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
+	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/qemu"
+)
+
+// repoRoot is the directory holding go.mod.
+func repoRoot(t testing.TB) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("go.mod not found above the test directory")
+		}
+		dir = parent
+	}
+}
+
+// requireVM fails (never skips) when the host cannot run the integration tests, except in -short mode.
+func requireVM(t testing.TB) (share string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("integration test: boots a real QEMU guest")
+	}
+	if os.Geteuid() != 0 {
+		t.Fatal("integration tests need root")
+	}
+	share = filepath.Join(repoRoot(t), "_output", "share", "kiln")
+	for _, f := range []string{"vmlinuz", "initrd.img", "kernel-release"} {
+		if _, err := os.Stat(filepath.Join(share, f)); err != nil {
+			t.Fatalf("guest image missing (%v): run `make image`", err)
+		}
+	}
+	return share
+}
+
+// buildStatic builds a static guest binary from a package of this module.
+func buildStatic(t testing.TB, pkg string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-trimpath", "-o", out, pkg)
+	cmd.Dir = repoRoot(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build %s: %v\n%s", pkg, err, b)
+	}
+	return out
+}
+
+// buildInitrd makes an initramfs with init as /init and the standard module set, next to a copy of the kernel.
+func buildInitrd(t testing.TB, init string) (kernel, initrd string) {
+	t.Helper()
+	root := repoRoot(t)
+	dir := t.TempDir()
+	tool := filepath.Join(root, "_output", "tools", "bin", "kiln-image")
+	cmd := exec.Command(tool, "-q", "--init", init, "--out", dir, "--cache", filepath.Join(root, "_output", "cache"))
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("kiln-image: %v\n%s", err, b)
+	}
+	return filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
+}
+
+// testMachine is a QEMU machine with a private state root that is checked for leftovers when the test ends.
+func testMachine(t testing.TB, kernel, initrd string, mutate func(*qemu.Config)) *qemu.Machine {
+	t.Helper()
+	choice, err := accel.DefaultHost().Detect("auto")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stateRoot, err := os.MkdirTemp("", "kiln-it-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	id := strings.ToLower(strings.NewReplacer("/", "-", "_", "-").Replace(t.Name()))
+	cfg := qemu.Config{
+		ID:          id,
+		StateRoot:   stateRoot,
+		QEMU:        "qemu-system-x86_64",
+		Accel:       choice.Kind,
+		VCPUs:       1,
+		MemoryMiB:   256,
+		Kernel:      kernel,
+		Initrd:      initrd,
+		StopTimeout: 3 * time.Second,
+		Log:         logrus.NewEntry(log).WithField("test", t.Name()),
+	}
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	m, err := qemu.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = m.Stop(context.Background())
+		checkNoLeftovers(t, stateRoot, id)
+		_ = os.Remove(stateRoot)
+	})
+	return m
+}
+
+// checkNoLeftovers fails when a QEMU of this VM still runs or anything remains in its state root.
+func checkNoLeftovers(t testing.TB, stateRoot, id string) {
+	t.Helper()
+	if pids := qemuProcesses(id); len(pids) > 0 {
+		t.Errorf("leftover QEMU process(es) for vm %s: %v", id, pids)
+	}
+	entries, err := os.ReadDir(stateRoot)
+	if err != nil && !os.IsNotExist(err) {
+		t.Errorf("read state root: %v", err)
+	}
+	for _, e := range entries {
+		t.Errorf("leftover in state root %s: %s", stateRoot, e.Name())
+	}
+}
+
+// qemuProcesses lists the pids whose command line names a VM whose id starts with id (QEMU runs with
+// -name kiln-<id>).
+func qemuProcesses(id string) []string {
+	var pids []string
+	matches, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, f := range matches {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		if bytes.Contains(b, []byte("kiln-"+id)) {
+			pids = append(pids, filepath.Base(filepath.Dir(f)))
+		}
+	}
+	return pids
+}
+
+func startSandbox(t testing.TB, m *qemu.Machine, dialTimeout time.Duration) *sandbox.Sandbox {
+	t.Helper()
+	sb, err := sandbox.Start(context.Background(), m, sandbox.Options{DialTimeout: dialTimeout})
+	if err != nil {
+		t.Fatalf("start sandbox: %v", err)
+	}
+	t.Cleanup(func() { _ = sb.Stop(context.Background()) })
+	return sb
+}

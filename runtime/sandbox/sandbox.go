@@ -1,0 +1,156 @@
+// Package sandbox owns one microVM together with its agent connection: it boots the machine, waits until the
+// agent answers on vsock, and stops the guest gracefully (agent shutdown, then the VMM's own stop). It depends on
+// the vm.Machine interface, never on a particular VMM, and knows nothing of containerd.
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/containerd/ttrpc"
+	"github.com/sirupsen/logrus"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/vm"
+)
+
+// AgentPort is the vsock port the guest agent serves ttrpc on.
+const AgentPort = 1024
+
+// dialRetryInterval is how often the host retries while the guest is still booting. Under TCG a boot takes
+// over a second, so 5 ms costs nothing and keeps the measured boot-to-ready close to the real moment.
+const dialRetryInterval = 5 * time.Millisecond
+
+// Options tune how the sandbox talks to its agent.
+type Options struct {
+	// DialTimeout bounds the wait from VM start until the agent answers.
+	DialTimeout time.Duration
+	// RequestTimeout bounds each agent request.
+	RequestTimeout time.Duration
+	// ShutdownTimeout bounds the wait for the guest to power off after the agent's Shutdown.
+	ShutdownTimeout time.Duration
+	Log             *logrus.Entry
+}
+
+// Sandbox is a booted microVM with a connected agent.
+type Sandbox struct {
+	m      vm.Machine
+	opts   Options
+	conn   net.Conn
+	client *ttrpc.Client
+	health agentv1.HealthService
+	agent  agentv1.AgentService
+	// Version is the agent's version as reported at the health check.
+	AgentVersion string
+}
+
+// Start boots m and waits for its agent. On error the machine has been stopped and its resources released.
+func Start(ctx context.Context, m vm.Machine, opts Options) (*Sandbox, error) {
+	if opts.Log == nil {
+		opts.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	if opts.DialTimeout <= 0 {
+		opts.DialTimeout = 60 * time.Second
+	}
+	if opts.RequestTimeout <= 0 {
+		opts.RequestTimeout = 30 * time.Second
+	}
+	if opts.ShutdownTimeout <= 0 {
+		opts.ShutdownTimeout = 3 * time.Second
+	}
+	if err := m.Start(ctx); err != nil {
+		return nil, err
+	}
+	s := &Sandbox{m: m, opts: opts}
+	if err := s.connect(ctx); err != nil {
+		_ = m.Stop(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("start sandbox %s: %w", m.ID(), err)
+	}
+	return s, nil
+}
+
+// connect dials the agent until it answers a health check, the VM exits, or DialTimeout passes.
+func (s *Sandbox) connect(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
+	defer cancel()
+	var lastErr error
+	for {
+		conn, err := s.m.DialVsock(ctx, AgentPort)
+		if err == nil {
+			client := ttrpc.NewClient(conn)
+			health := agentv1.NewHealthClient(client)
+			rctx, rcancel := context.WithTimeout(ctx, s.opts.RequestTimeout)
+			resp, herr := health.Check(rctx, &agentv1.CheckRequest{})
+			rcancel()
+			if herr == nil && resp.GetStatus() == agentv1.CheckResponse_SERVING {
+				s.conn, s.client, s.health = conn, client, health
+				s.agent = agentv1.NewAgentClient(client)
+				s.AgentVersion = resp.GetAgentVersion()
+				return nil
+			}
+			_ = client.Close()
+			if herr == nil {
+				herr = fmt.Errorf("agent status %s", resp.GetStatus())
+			}
+			err = fmt.Errorf("agent health check: %w", herr)
+		}
+		lastErr = err
+		select {
+		case <-s.m.Exited():
+			return fmt.Errorf("VM exited before its agent answered: %w", s.m.ExitError())
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("agent did not answer on vsock port %d within %s (last error: %v); check the guest console%s",
+					AgentPort, s.opts.DialTimeout, lastErr, s.m.Diagnostics())
+			}
+			return fmt.Errorf("wait for agent: %w", ctx.Err())
+		case <-time.After(dialRetryInterval):
+		}
+	}
+}
+
+// Machine is the sandbox's VM.
+func (s *Sandbox) Machine() vm.Machine { return s.m }
+
+// GuestInfo asks the agent to describe the guest.
+func (s *Sandbox) GuestInfo(ctx context.Context) (*agentv1.GuestInfo, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.opts.RequestTimeout)
+	defer cancel()
+	info, err := s.agent.GuestInfo(ctx, &agentv1.GuestInfoRequest{})
+	if err != nil {
+		return nil, fmt.Errorf("guest info from agent of vm %s: %w", s.m.ID(), err)
+	}
+	return info, nil
+}
+
+// Stop shuts the guest down gracefully: the agent powers it off; if the VM has not exited within
+// ShutdownTimeout the VMM is stopped (QMP quit, then kill). All host resources are released on return.
+func (s *Sandbox) Stop(ctx context.Context) error {
+	select {
+	case <-s.m.Exited():
+	default:
+		rctx, cancel := context.WithTimeout(ctx, s.opts.RequestTimeout)
+		_, err := s.agent.Shutdown(rctx, &agentv1.ShutdownRequest{Reason: "sandbox stop"})
+		cancel()
+		if err != nil {
+			// The guest may power off before the answer arrives; only log.
+			s.opts.Log.WithError(err).Debug("agent shutdown request")
+		}
+		t := time.NewTimer(s.opts.ShutdownTimeout)
+		select {
+		case <-s.m.Exited():
+		case <-t.C:
+			s.opts.Log.Warn("guest did not power off in time; stopping the VM")
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
+	_ = s.client.Close()
+	if err := s.m.Stop(ctx); err != nil {
+		return fmt.Errorf("stop sandbox %s: %w", s.m.ID(), err)
+	}
+	return s.m.Wait(ctx)
+}

@@ -1,0 +1,165 @@
+// Package guestmem owns guest RAM as seen by a vhost-user backend: it maps the regions a frontend shares
+// (VHOST_USER_SET_MEM_TABLE) and hands out bounds-checked views of guest physical addresses.
+//
+// It must not know about virtqueues, vhost-user messages or any device: it only translates addresses.
+package guestmem
+
+import (
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
+
+// Region describes one guest RAM region as sent by VHOST_USER_SET_MEM_TABLE.
+type Region struct {
+	GuestPhysAddr uint64
+	Size          uint64
+	UserAddr      uint64 // the frontend's (QEMU's) virtual address of the region
+	MmapOffset    uint64
+	FD            int // Map takes ownership and closes it after mmap
+}
+
+// mapping is one region mapped into this process.
+type mapping struct {
+	gpa      uint64
+	size     uint64
+	userAddr uint64
+	// whole is the full mmap'ed range (it may start before the region when MmapOffset is not page aligned);
+	// data is the region itself.
+	whole []byte
+	data  []byte
+}
+
+// Memory is guest RAM mapped into this process. Safe for concurrent reads/writes of distinct bytes.
+// Slices handed out alias the mapping and must not be used after Close.
+type Memory struct {
+	maps []mapping
+}
+
+// ErrOutOfRange is wrapped by errors for addresses that are not inside one mapped region.
+var ErrOutOfRange = errors.New("address range outside guest memory")
+
+// Map maps every region (read-write, shared) and closes every region's FD, also on failure.
+func Map(regions []Region) (*Memory, error) {
+	defer func() {
+		for _, r := range regions {
+			if r.FD >= 0 {
+				unix.Close(r.FD)
+			}
+		}
+	}()
+	m := &Memory{maps: make([]mapping, 0, len(regions))}
+	for i, r := range regions {
+		if err := checkRegion(r, regions[:i]); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("map guest memory region %d: %w", i, err)
+		}
+		mp, err := mapRegion(r)
+		if err != nil {
+			m.Close()
+			return nil, fmt.Errorf("map guest memory region %d (gpa %#x size %#x fd %d): %w",
+				i, r.GuestPhysAddr, r.Size, r.FD, err)
+		}
+		m.maps = append(m.maps, mp)
+	}
+	return m, nil
+}
+
+// checkRegion rejects regions that would make address translation ambiguous or overflow.
+func checkRegion(r Region, earlier []Region) error {
+	if r.Size == 0 {
+		return errors.New("empty region")
+	}
+	if r.FD < 0 {
+		return fmt.Errorf("invalid file descriptor %d", r.FD)
+	}
+	if r.GuestPhysAddr+r.Size < r.GuestPhysAddr || r.UserAddr+r.Size < r.UserAddr ||
+		r.MmapOffset+r.Size < r.MmapOffset {
+		return fmt.Errorf("region gpa %#x uva %#x offset %#x size %#x overflows",
+			r.GuestPhysAddr, r.UserAddr, r.MmapOffset, r.Size)
+	}
+	if r.Size > uint64(maxInt) {
+		return fmt.Errorf("region size %#x too large", r.Size)
+	}
+	for j, e := range earlier {
+		if r.GuestPhysAddr < e.GuestPhysAddr+e.Size && e.GuestPhysAddr < r.GuestPhysAddr+r.Size {
+			return fmt.Errorf("guest addresses overlap region %d", j)
+		}
+		if r.UserAddr < e.UserAddr+e.Size && e.UserAddr < r.UserAddr+r.Size {
+			return fmt.Errorf("frontend addresses overlap region %d", j)
+		}
+	}
+	return nil
+}
+
+const maxInt = int(^uint(0) >> 1)
+
+func mapRegion(r Region) (mapping, error) {
+	page := uint64(unix.Getpagesize())
+	// mmap needs a page-aligned file offset; the frontend's offset need not be one.
+	aligned := r.MmapOffset &^ (page - 1)
+	lead := r.MmapOffset - aligned
+	length := r.Size + lead
+	if length < r.Size || length > uint64(maxInt) || aligned > uint64(maxInt) {
+		return mapping{}, fmt.Errorf("mmap offset %#x size %#x too large", r.MmapOffset, r.Size)
+	}
+	// Touching a page past the end of the file would kill this process with SIGBUS, so refuse such regions.
+	var st unix.Stat_t
+	if err := unix.Fstat(r.FD, &st); err != nil {
+		return mapping{}, fmt.Errorf("stat: %w", err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && (st.Size < 0 || r.MmapOffset+r.Size > uint64(st.Size)) {
+		return mapping{}, fmt.Errorf("offset %#x size %#x reaches past the file's %#x bytes", r.MmapOffset, r.Size, st.Size)
+	}
+	whole, err := unix.Mmap(r.FD, int64(aligned), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return mapping{}, fmt.Errorf("mmap: %w", err)
+	}
+	return mapping{
+		gpa:      r.GuestPhysAddr,
+		size:     r.Size,
+		userAddr: r.UserAddr,
+		whole:    whole,
+		data:     whole[lead : lead+r.Size : lead+r.Size],
+	}, nil
+}
+
+// Slice returns guest memory [gpa, gpa+n) as a slice aliasing the mapping; error if not inside one region.
+// The slice's capacity is n, so appending to it never writes past the requested range.
+func (m *Memory) Slice(gpa uint64, n uint64) ([]byte, error) {
+	for i := range m.maps {
+		mp := &m.maps[i]
+		if gpa < mp.gpa || gpa-mp.gpa >= mp.size {
+			continue
+		}
+		off := gpa - mp.gpa
+		if n > mp.size-off {
+			break
+		}
+		return mp.data[off : off+n : off+n], nil
+	}
+	return nil, fmt.Errorf("guest range [%#x, +%#x): %w", gpa, n, ErrOutOfRange)
+}
+
+// GuestAddrFromUser translates a frontend virtual address (as used by SET_VRING_ADDR) to a guest physical address.
+func (m *Memory) GuestAddrFromUser(uva uint64) (uint64, error) {
+	for _, mp := range m.maps {
+		if uva >= mp.userAddr && uva-mp.userAddr < mp.size {
+			return mp.gpa + (uva - mp.userAddr), nil
+		}
+	}
+	return 0, fmt.Errorf("frontend address %#x: %w", uva, ErrOutOfRange)
+}
+
+// Close munmaps all regions. Slices obtained before must no longer be used.
+func (m *Memory) Close() error {
+	var errs []error
+	for i, mp := range m.maps {
+		if err := unix.Munmap(mp.whole); err != nil {
+			errs = append(errs, fmt.Errorf("unmap guest memory region %d: %w", i, err))
+		}
+	}
+	m.maps = nil
+	return errors.Join(errs...)
+}

@@ -1,0 +1,134 @@
+package image
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+)
+
+// Output file names inside Options.OutDir.
+const (
+	VmlinuzName       = "vmlinuz"
+	InitrdName        = "initrd.img"
+	KernelReleaseName = "kernel-release"
+)
+
+// Options drive one image build.
+type Options struct {
+	// CacheDir keeps the downloaded kernel .deb and its extracted tree.
+	CacheDir string
+	// KernelPackage is the metapackage to follow; default DefaultKernelPackage.
+	KernelPackage string
+	// OutDir receives vmlinuz and kernel-release (the release string the
+	// modules were built for, one line).
+	OutDir string
+	// InitrdPath is the initramfs to write; default OutDir/initrd.img. A
+	// different path lets a benchmark build a second initramfs (another
+	// /init, no modules) for the same kernel.
+	InitrdPath string
+	// InitPath is the executable to install as /init.
+	InitPath string
+	// Modules are the module names to include with their dependencies.
+	Modules []string
+	// Compression of the initramfs; default DefaultCompression.
+	Compression Compression
+	// MTime is every archive entry's mtime (0 or SOURCE_DATE_EPOCH).
+	MTime int64
+	// Log receives progress lines; nil for none.
+	Log io.Writer
+}
+
+// Result says what a build produced and which files it actually rewrote.
+type Result struct {
+	Kernel      *Kernel
+	Modules     []Module // load order as written to /etc/kiln/modules
+	Vmlinuz     string
+	Initrd      string
+	InitrdSize  int
+	ReleaseFile string
+	Written     []string // outputs whose content changed
+}
+
+// Build fetches the kernel, assembles the initramfs and writes the outputs,
+// leaving every output whose content is unchanged untouched.
+func Build(ctx context.Context, o Options) (*Result, error) {
+	if o.InitPath == "" {
+		return nil, fmt.Errorf("build image: no init executable given")
+	}
+	if o.OutDir == "" {
+		return nil, fmt.Errorf("build image: no output directory given")
+	}
+	if o.Compression == "" {
+		o.Compression = DefaultCompression
+	}
+	if _, err := ParseCompression(string(o.Compression)); err != nil {
+		return nil, fmt.Errorf("build image: %w", err)
+	}
+	if o.InitrdPath == "" {
+		o.InitrdPath = filepath.Join(o.OutDir, InitrdName)
+	}
+	initBin, err := os.ReadFile(o.InitPath)
+	if err != nil {
+		return nil, fmt.Errorf("build image: read init executable: %w", err)
+	}
+	k, err := FetchKernel(ctx, FetchOptions{CacheDir: o.CacheDir, MetaPackage: o.KernelPackage, Log: o.Log})
+	if err != nil {
+		return nil, fmt.Errorf("build image: %w", err)
+	}
+	res := &Result{
+		Kernel:      k,
+		Vmlinuz:     filepath.Join(o.OutDir, VmlinuzName),
+		Initrd:      o.InitrdPath,
+		ReleaseFile: filepath.Join(o.OutDir, KernelReleaseName),
+	}
+	if hasModules(o.Modules) {
+		ix, err := OpenModules(k.ModulesDir())
+		if err != nil {
+			return nil, fmt.Errorf("build image for kernel %s: %w", k.Release, err)
+		}
+		if res.Modules, err = ix.Resolve(ctx, o.Modules); err != nil {
+			return nil, fmt.Errorf("build image for kernel %s: %w", k.Release, err)
+		}
+	}
+	archive, err := BuildInitramfs(ctx, InitramfsSpec{Init: initBin, Modules: res.Modules, MTime: o.MTime})
+	if err != nil {
+		return nil, err
+	}
+	initrd, err := Compress(archive, o.Compression)
+	if err != nil {
+		return nil, err
+	}
+	res.InitrdSize = len(initrd)
+	vmlinuz, err := os.ReadFile(k.VmlinuzPath())
+	if err != nil {
+		return nil, fmt.Errorf("build image: read kernel image of %s: %w", k.Package, err)
+	}
+	for _, out := range []struct {
+		path string
+		data []byte
+	}{
+		{res.Vmlinuz, vmlinuz},
+		{res.ReleaseFile, []byte(k.Release + "\n")},
+		{res.Initrd, initrd},
+	} {
+		changed, err := WriteFileIfChanged(out.path, out.data, 0o644)
+		if err != nil {
+			return nil, fmt.Errorf("build image: %w", err)
+		}
+		if changed {
+			res.Written = append(res.Written, out.path)
+		}
+	}
+	return res, nil
+}
+
+func hasModules(names []string) bool {
+	for _, n := range names {
+		if n != "" {
+			return true
+		}
+	}
+	return false
+}

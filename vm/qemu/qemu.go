@@ -1,0 +1,387 @@
+// Package qemu is the QEMU microvm backend of vm.Machine: it builds QEMU's command line, runs QEMU as a child
+// that dies with its parent, drives it over QMP, serves its vsock device over vhost-user, and removes every host
+// resource (sockets, state directory) however the VM ends. It knows nothing of the agent's API or containers.
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/vm"
+	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/vhostuser"
+	"github.com/kiln-runtime/kiln/vm/vsock"
+)
+
+// guestCID is the guest's vsock context id. Each VM has its own vhost-user vsock device, so ids never collide.
+const guestCID = 3
+
+// Config describes one microVM.
+type Config struct {
+	ID string
+	// StateRoot holds one directory per VM; the VM's is StateRoot/ID.
+	StateRoot string
+	// QEMU is the emulator binary (a name looked up in PATH, or a path).
+	QEMU      string
+	Accel     accel.Kind
+	VCPUs     int
+	MemoryMiB int
+	// MemoryFile, when set, backs guest RAM with this file instead of an anonymous memfd.
+	MemoryFile   string
+	Kernel       string
+	Initrd       string
+	KernelParams []string
+	// StopTimeout bounds QMP quit before QEMU is killed.
+	StopTimeout time.Duration
+	// TSCkHz, under TCG, tells the guest kernel the TSC frequency so it skips a calibration that hangs on a busy
+	// host. New fills it from the host when zero.
+	TSCkHz int
+	// ConsoleToLog copies guest console lines into Log at debug level.
+	ConsoleToLog bool
+	Log          *logrus.Entry
+}
+
+type paths struct {
+	dir            string
+	qmp            string
+	vhostUserVsock string
+	vsock          string
+	console        string
+	owner          string
+}
+
+func pathsFor(root, id string) paths {
+	dir := filepath.Join(root, id)
+	return paths{
+		dir:            dir,
+		qmp:            filepath.Join(dir, "qmp.sock"),
+		vhostUserVsock: filepath.Join(dir, "vhost-user-vsock.sock"),
+		vsock:          filepath.Join(dir, "vsock.sock"),
+		console:        filepath.Join(dir, "console.log"),
+		owner:          filepath.Join(dir, "owner"),
+	}
+}
+
+// Machine is a QEMU microVM. Create it with New.
+type Machine struct {
+	cfg   Config
+	paths paths
+	log   *logrus.Entry
+
+	mu      sync.Mutex
+	cmd     *exec.Cmd
+	qmp     *qmpConn
+	console *console
+	stderr  *tailBuffer
+	vsock   *vsock.Device
+	cancel  context.CancelFunc
+	started bool
+
+	exited  chan struct{} // closed when QEMU has exited
+	cleaned chan struct{} // closed when host resources are released
+	exitErr error
+}
+
+var _ vm.Machine = (*Machine)(nil)
+
+// New validates the configuration; nothing is started until Start.
+func New(cfg Config) (*Machine, error) {
+	if cfg.ID == "" {
+		return nil, errors.New("vm id is empty")
+	}
+	if cfg.Log == nil {
+		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	if cfg.VCPUs == 0 {
+		cfg.VCPUs = 1
+	}
+	if cfg.MemoryMiB == 0 {
+		cfg.MemoryMiB = 256
+	}
+	if cfg.StopTimeout == 0 {
+		cfg.StopTimeout = 3 * time.Second
+	}
+	if cfg.Accel == accel.TCG && cfg.TSCkHz == 0 {
+		khz, err := hostTSCkHz()
+		if err != nil {
+			cfg.Log.WithError(err).Warn("host TSC frequency unknown; the guest calibrates its clock itself and may hang on a busy host")
+		}
+		cfg.TSCkHz = khz
+	}
+	return &Machine{
+		cfg:     cfg,
+		paths:   pathsFor(cfg.StateRoot, cfg.ID),
+		log:     cfg.Log.WithField("vm", cfg.ID),
+		exited:  make(chan struct{}),
+		cleaned: make(chan struct{}),
+	}, nil
+}
+
+// ID implements vm.Machine.
+func (m *Machine) ID() string { return m.cfg.ID }
+
+// StateDir is the VM's state directory.
+func (m *Machine) StateDir() string { return m.paths.dir }
+
+// ConsolePath is the guest console log file.
+func (m *Machine) ConsolePath() string { return m.paths.console }
+
+// Exited implements vm.Machine.
+func (m *Machine) Exited() <-chan struct{} { return m.exited }
+
+// PID is QEMU's process id, 0 before Start.
+func (m *Machine) PID() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.cmd == nil || m.cmd.Process == nil {
+		return 0
+	}
+	return m.cmd.Process.Pid
+}
+
+// Start implements vm.Machine.
+func (m *Machine) Start(ctx context.Context) (retErr error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.started {
+		return fmt.Errorf("start vm %s: already started", m.cfg.ID)
+	}
+	m.started = true
+
+	qemuPath, err := exec.LookPath(m.cfg.QEMU)
+	if err != nil {
+		close(m.exited)
+		close(m.cleaned)
+		return fmt.Errorf("start vm %s: QEMU binary %q not found: install it (apt-get install qemu-system-x86) or set hypervisor.path: %w", m.cfg.ID, m.cfg.QEMU, err)
+	}
+	for _, f := range []struct{ what, path string }{{"guest kernel", m.cfg.Kernel}, {"guest initrd", m.cfg.Initrd}} {
+		if _, err := os.Stat(f.path); err != nil {
+			close(m.exited)
+			close(m.cleaned)
+			return fmt.Errorf("start vm %s: %s %s: %w (run `make image`, or set hypervisor.kernel/initrd)", m.cfg.ID, f.what, f.path, err)
+		}
+	}
+	if err := os.MkdirAll(m.cfg.StateRoot, 0o711); err != nil {
+		close(m.exited)
+		close(m.cleaned)
+		return fmt.Errorf("start vm %s: create state root %s: %w", m.cfg.ID, m.cfg.StateRoot, err)
+	}
+	if err := os.Mkdir(m.paths.dir, 0o700); err != nil {
+		close(m.exited)
+		close(m.cleaned)
+		return fmt.Errorf("start vm %s: create state dir: %w", m.cfg.ID, err)
+	}
+	// From here on every failure must release what was set up; cleanup() is idempotent.
+	runCtx, cancel := context.WithCancel(context.Background())
+	m.cancel = cancel
+	defer func() {
+		if retErr != nil {
+			if m.cmd != nil && m.cmd.Process != nil {
+				_ = m.cmd.Process.Kill()
+				<-m.exited
+			} else {
+				close(m.exited)
+				m.cleanup()
+			}
+			<-m.cleaned
+		}
+	}()
+
+	if err := os.WriteFile(m.paths.owner, []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+		return fmt.Errorf("start vm %s: write owner file: %w", m.cfg.ID, err)
+	}
+	dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: m.paths.vsock}, m.log)
+	if err != nil {
+		return fmt.Errorf("start vm %s: vsock device: %w", m.cfg.ID, err)
+	}
+	m.vsock = dev
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: m.paths.vhostUserVsock, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("start vm %s: listen for QEMU's vhost-user vsock connection: %w", m.cfg.ID, err)
+	}
+	go func() {
+		defer l.Close()
+		if err := vhostuser.Serve(runCtx, l, dev, m.log.WithField("device", "vsock")); err != nil && runCtx.Err() == nil {
+			m.log.WithError(err).Warn("vhost-user vsock backend stopped")
+		}
+	}()
+
+	cons, err := newConsole(m.paths.console, m.cfg.ConsoleToLog, m.log)
+	if err != nil {
+		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
+	}
+	m.console = cons
+	m.stderr = newTailBuffer(8 << 10)
+
+	cmd := exec.Command(qemuPath, args(m.cfg, m.paths)...)
+	cmd.Stdin = nil
+	cmd.Stdout = cons.writer()
+	cmd.Stderr = m.stderr
+	cmd.Dir = m.paths.dir
+	// QEMU must not outlive Kiln, even when Kiln is killed with SIGKILL.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	m.log.WithField("args", cmd.Args).Debug("starting QEMU")
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start vm %s: run %s: %w", m.cfg.ID, qemuPath, err)
+	}
+	m.cmd = cmd
+	go m.reap()
+
+	q, err := dialQMP(ctx, m.paths.qmp, m.exited)
+	if err != nil {
+		return fmt.Errorf("start vm %s: %w%s", m.cfg.ID, err, m.Diagnostics())
+	}
+	m.qmp = q
+	return nil
+}
+
+// reap waits for QEMU to exit, then releases everything.
+func (m *Machine) reap() {
+	err := m.cmd.Wait()
+	m.exitErr = err
+	close(m.exited)
+	m.cleanup()
+}
+
+func (m *Machine) cleanup() {
+	if m.cancel != nil {
+		m.cancel()
+	}
+	if m.qmp != nil {
+		m.qmp.close()
+	}
+	if m.vsock != nil {
+		if err := m.vsock.Close(); err != nil {
+			m.log.WithError(err).Warn("close vsock device")
+		}
+	}
+	if m.console != nil {
+		m.console.close()
+	}
+	if err := os.RemoveAll(m.paths.dir); err != nil {
+		m.log.WithError(err).Warn("remove vm state dir")
+	}
+	close(m.cleaned)
+}
+
+// ExitError describes how QEMU ended, with its stderr and the console's last lines.
+func (m *Machine) ExitError() error {
+	select {
+	case <-m.exited:
+	default:
+		return nil
+	}
+	if m.exitErr == nil {
+		return fmt.Errorf("QEMU exited%s", m.Diagnostics())
+	}
+	return fmt.Errorf("QEMU exited: %v%s", m.exitErr, m.Diagnostics())
+}
+
+// Diagnostics implements vm.Machine.
+func (m *Machine) Diagnostics() string {
+	var b bytes.Buffer
+	if m.stderr != nil {
+		if s := bytes.TrimSpace(m.stderr.Bytes()); len(s) > 0 {
+			fmt.Fprintf(&b, "\nQEMU stderr:\n%s", s)
+		}
+	}
+	if m.console != nil {
+		if s := m.console.tail(); len(s) > 0 {
+			fmt.Fprintf(&b, "\nlast guest console lines:\n%s", s)
+		}
+	}
+	return b.String()
+}
+
+// Wait implements vm.Machine.
+func (m *Machine) Wait(ctx context.Context) error {
+	select {
+	case <-m.cleaned:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Stop implements vm.Machine: QMP quit, then SIGKILL after StopTimeout.
+func (m *Machine) Stop(ctx context.Context) error {
+	m.mu.Lock()
+	started, q := m.started, m.qmp
+	m.mu.Unlock()
+	if !started {
+		return nil
+	}
+	select {
+	case <-m.exited:
+	default:
+		if q != nil {
+			if err := q.execute(ctx, "quit", nil, nil); err != nil {
+				m.log.WithError(err).Debug("QMP quit failed; killing QEMU")
+			}
+		}
+		t := time.NewTimer(m.cfg.StopTimeout)
+		defer t.Stop()
+		select {
+		case <-m.exited:
+		case <-t.C:
+			m.log.Warn("QEMU did not quit in time; killing it")
+			_ = m.cmd.Process.Kill()
+		case <-ctx.Done():
+			_ = m.cmd.Process.Kill()
+		}
+	}
+	<-m.cleaned
+	return nil
+}
+
+// Pause implements vm.Machine.
+func (m *Machine) Pause(ctx context.Context) error {
+	return m.qmpCommand(ctx, "stop")
+}
+
+// Resume implements vm.Machine.
+func (m *Machine) Resume(ctx context.Context) error {
+	return m.qmpCommand(ctx, "cont")
+}
+
+func (m *Machine) qmpCommand(ctx context.Context, cmd string) error {
+	m.mu.Lock()
+	q := m.qmp
+	m.mu.Unlock()
+	if q == nil {
+		return fmt.Errorf("%s vm %s: not running", cmd, m.cfg.ID)
+	}
+	if err := q.execute(ctx, cmd, nil, nil); err != nil {
+		return fmt.Errorf("%s vm %s: %w", cmd, m.cfg.ID, err)
+	}
+	return nil
+}
+
+// DialVsock implements vm.Machine.
+func (m *Machine) DialVsock(ctx context.Context, port uint32) (net.Conn, error) {
+	select {
+	case <-m.exited:
+		return nil, fmt.Errorf("dial vsock port %d of vm %s: %w", port, m.cfg.ID, m.ExitError())
+	default:
+	}
+	c, err := vsock.Dial(ctx, m.paths.vsock, port)
+	if err != nil {
+		return nil, fmt.Errorf("dial vsock port %d of vm %s: %w", port, m.cfg.ID, err)
+	}
+	return c, nil
+}
+
+// VsockPath is the hybrid vsock Unix socket: guest connections to host port P go to VsockPath()+"_P".
+func (m *Machine) VsockPath() string { return m.paths.vsock }

@@ -1,0 +1,257 @@
+package vsock
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/vm/virtqueue"
+)
+
+// Queue indexes as the frontend numbers them; the event queue (2) stays in QEMU.
+const (
+	rxQueue = 0
+	txQueue = 1
+)
+
+// notifyBatch bounds how many chains are consumed before the driver is notified, so a busy queue does not
+// starve the guest of interrupts.
+const notifyBatch = 64
+
+// Config configures a Device.
+type Config struct {
+	GuestCID uint64 // >= 3
+	// UDSPath is the hybrid-vsock Unix socket the device listens on: a host client connects, writes
+	// "CONNECT <port>\n", gets "OK <hostport>\n", then the stream is the guest port. A guest connection to
+	// host port P is forwarded to the Unix socket "<UDSPath>_<P>" (RST if nothing listens there).
+	UDSPath string
+}
+
+// Device is a vhost-user vsock device backend; implements vhostuser.Device.
+// Connections live in the device, not in the queues: they survive Stop and Start (the frontend stops the
+// rings when the VM pauses) and end only on RST, shutdown, timeout or Close.
+type Device struct {
+	cid uint64
+	log *logrus.Entry
+	mux *muxer
+
+	mu  sync.Mutex // serialises Start, Stop and Close
+	run *run       // non-nil while started
+}
+
+// run is one Start..Stop period.
+type run struct {
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// vq is the part of *virtqueue.Queue the device uses; tests drive the loops with fakes.
+type vq interface {
+	Pop() (*virtqueue.Chain, error)
+	Push(head uint16, written uint32) error
+	Notify() error
+	Kicks() <-chan struct{}
+}
+
+// New creates the device and listens on cfg.UDSPath for host clients.
+func New(cfg Config, log *logrus.Entry) (*Device, error) {
+	return newDevice(defaultMuxerConfig(cfg.GuestCID, cfg.UDSPath), log)
+}
+
+func newDevice(mc muxerConfig, log *logrus.Entry) (*Device, error) {
+	if mc.guestCID < 3 || mc.guestCID > 0xffffffff-1 {
+		return nil, fmt.Errorf("create vsock device: guest CID %d is reserved or out of range", mc.guestCID)
+	}
+	if mc.udsPath == "" {
+		return nil, errors.New("create vsock device: no hybrid socket path")
+	}
+	log = log.WithField("guest_cid", mc.guestCID)
+	m, err := newMuxer(mc, log)
+	if err != nil {
+		return nil, fmt.Errorf("create vsock device for guest CID %d: %w", mc.guestCID, err)
+	}
+	return &Device{cid: mc.guestCID, log: log, mux: m}, nil
+}
+
+// NumQueues is 2: rx and tx. The event queue is served by QEMU itself.
+func (d *Device) NumQueues() int { return 2 }
+
+// Features offers no device-specific bit. Stream sockets are implied when VIRTIO_VSOCK_F_NO_IMPLIED_STREAM is
+// not negotiated, and Linux 6.1 knows only VIRTIO_VSOCK_F_SEQPACKET (bit 1), which this device does not serve.
+func (d *Device) Features() uint64 { return 0 }
+
+// Config is struct virtio_vsock_config: the guest CID as le64.
+func (d *Device) Config() []byte {
+	b := make([]byte, 8)
+	binary.LittleEndian.PutUint64(b, d.cid)
+	return b
+}
+
+// Start serves the rx and tx queues until Stop.
+func (d *Device) Start(queues []*virtqueue.Queue) error {
+	if len(queues) != 2 || queues[rxQueue] == nil || queues[txQueue] == nil {
+		return fmt.Errorf("start vsock device: want rx and tx queues, got %d", len(queues))
+	}
+	return d.start(queues[rxQueue], queues[txQueue])
+}
+
+func (d *Device) start(rx, tx vq) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.run != nil {
+		return errors.New("start vsock device: already started")
+	}
+	r := &run{stop: make(chan struct{})}
+	r.wg.Go(func() { d.txLoop(r.stop, tx) })
+	r.wg.Go(func() { d.rxLoop(r.stop, rx) })
+	d.run = r
+	return nil
+}
+
+// Stop stops both queue goroutines and returns once they no longer touch the queues or guest memory.
+// A packet is either wholly handled or left on its ring, so connection state stays consistent.
+func (d *Device) Stop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.run == nil {
+		return
+	}
+	close(d.run.stop)
+	d.run.wg.Wait()
+	d.run = nil
+}
+
+// Close stops the device, closes the hybrid socket, resets every connection and removes UDSPath.
+func (d *Device) Close() error {
+	d.Stop()
+	return d.mux.close()
+}
+
+// txLoop hands the guest's packets to the muxer.
+func (d *Device) txLoop(stop <-chan struct{}, q vq) {
+	kicks := q.Kicks()
+	for {
+		select {
+		case <-stop:
+			return
+		case _, ok := <-kicks:
+			if !ok {
+				return
+			}
+		}
+		for n := 0; ; n++ {
+			select {
+			case <-stop:
+				d.notify(q, "tx")
+				return
+			default:
+			}
+			if n == notifyBatch {
+				d.notify(q, "tx")
+				n = 0
+			}
+			ch, err := q.Pop()
+			if err != nil {
+				if !d.giveBack(q, err, "tx") {
+					return
+				}
+				continue
+			}
+			if ch == nil {
+				break
+			}
+			d.mux.handleTx(ch.Readable)
+			if err := q.Push(ch.Head, 0); err != nil {
+				d.log.WithError(err).Error("push used tx chain")
+				return
+			}
+		}
+		d.notify(q, "tx")
+	}
+}
+
+// rxLoop moves guest-bound packets into the guest's rx buffers. A chain is popped only when a packet may be
+// waiting; if none was after all, the chain is held for the next packet rather than returned empty.
+func (d *Device) rxLoop(stop <-chan struct{}, q vq) {
+	var held *virtqueue.Chain
+	defer func() {
+		// The driver gave us this buffer; an empty used element returns it (Linux drops and refills it).
+		if held != nil {
+			if err := q.Push(held.Head, 0); err != nil {
+				d.log.WithError(err).Error("return held rx chain")
+			}
+			d.notify(q, "rx")
+		}
+	}()
+	kicks := q.Kicks()
+	for {
+		pushed := 0
+		for d.mux.hasRx() {
+			if pushed == notifyBatch {
+				d.notify(q, "rx")
+				pushed = 0
+			}
+			if held == nil {
+				ch, err := q.Pop()
+				if err != nil {
+					if !d.giveBack(q, err, "rx") {
+						return
+					}
+					continue
+				}
+				if ch == nil {
+					break // wait for the driver to add buffers
+				}
+				held = ch
+			}
+			n, err := d.mux.fillRx(held.Writable)
+			if err != nil {
+				d.log.WithError(err).Warn("rx chain")
+			} else if n == 0 {
+				break // nothing was deliverable after all: keep the chain
+			}
+			if err := q.Push(held.Head, n); err != nil {
+				d.log.WithError(err).Error("push used rx chain")
+				held = nil
+				return
+			}
+			held = nil
+			pushed++
+		}
+		if pushed > 0 {
+			d.notify(q, "rx")
+		}
+		select {
+		case <-stop:
+			return
+		case _, ok := <-kicks:
+			if !ok {
+				return
+			}
+		case <-d.mux.readyChan():
+		}
+	}
+}
+
+// giveBack returns a malformed chain to the driver; false means the queue is unusable.
+func (d *Device) giveBack(q vq, err error, name string) bool {
+	var ce *virtqueue.ChainError
+	if !errors.As(err, &ce) {
+		d.log.WithError(err).Errorf("pop %s chain", name)
+		return false
+	}
+	d.log.WithError(err).Warnf("malformed %s chain", name)
+	if perr := q.Push(ce.Head, 0); perr != nil {
+		d.log.WithError(perr).Errorf("return malformed %s chain", name)
+	}
+	return true
+}
+
+func (d *Device) notify(q vq, name string) {
+	if err := q.Notify(); err != nil {
+		d.log.WithError(err).Warnf("notify %s queue", name)
+	}
+}
