@@ -81,6 +81,7 @@ func TestBootFailures(t *testing.T) {
 	tests := []struct {
 		name        string
 		mutate      func(*qemu.Config)
+		during      func(*qemu.Machine)
 		dialTimeout time.Duration
 		want        []string
 	}{
@@ -100,6 +101,17 @@ func TestBootFailures(t *testing.T) {
 			want:   []string{"QEMU", "stderr"},
 		},
 		{
+			name: "QEMU killed during boot",
+			during: func(m *qemu.Machine) {
+				for m.PID() == 0 {
+					time.Sleep(5 * time.Millisecond)
+				}
+				time.Sleep(300 * time.Millisecond)
+				_ = unix.Kill(m.PID(), unix.SIGKILL)
+			},
+			want: []string{"VM exited before its agent answered", "signal: killed"},
+		},
+		{
 			name:   "guest dies during boot",
 			mutate: func(c *qemu.Config) { c.Initrd = garbage },
 			want:   []string{"VM exited before its agent answered", "Kernel panic"},
@@ -117,6 +129,9 @@ func TestBootFailures(t *testing.T) {
 			timeout := tt.dialTimeout
 			if timeout == 0 {
 				timeout = 60 * time.Second
+			}
+			if tt.during != nil {
+				go tt.during(m)
 			}
 			_, err := sandbox.Start(context.Background(), m, sandbox.Options{DialTimeout: timeout})
 			if err == nil {

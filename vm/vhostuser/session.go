@@ -159,6 +159,7 @@ func (s *session) setFeatures(p []byte) error {
 		s.stopDevice()
 	}
 	s.acked = v
+	s.log.WithField("features", fmt.Sprintf("%#x", v)).Debug("features negotiated")
 	return nil
 }
 

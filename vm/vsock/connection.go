@@ -31,16 +31,34 @@ const (
 	stateClosed                       // forgotten by the muxer; nothing more is sent
 )
 
-var stateNames = [...]string{"connecting", "dialing", "established", "closing", "closed"}
+func (s connState) String() string {
+	switch s {
+	case stateConnecting:
+		return "connecting"
+	case stateDialing:
+		return "dialing"
+	case stateEstablished:
+		return "established"
+	case stateClosing:
+		return "closing"
+	case stateClosed:
+		return "closed"
+	}
+	return fmt.Sprintf("state(%d)", int(s))
+}
 
-func (s connState) String() string { return stateNames[s] }
-
-// transitions lists the moves a connection may make; anything else is a bug the code reports.
-var transitions = map[connState][]connState{
-	stateConnecting:  {stateEstablished, stateClosed},
-	stateDialing:     {stateEstablished, stateClosed},
-	stateEstablished: {stateClosing, stateClosed},
-	stateClosing:     {stateClosed},
+// allowed is the transition table: anything it does not list is a bug the code reports.
+// Closing a connection (close) is allowed from every state and does not go through it.
+func allowed(from, to connState) bool {
+	switch from {
+	case stateConnecting, stateDialing:
+		return to == stateEstablished || to == stateClosed
+	case stateEstablished:
+		return to == stateClosing || to == stateClosed
+	case stateClosing:
+		return to == stateClosed
+	}
+	return false
 }
 
 // connParams are the per-connection limits, fixed at creation.
@@ -114,11 +132,9 @@ func newConn(key connKey, state connState, guestCID uint64, p connParams, owner 
 }
 
 func (c *conn) transitionLocked(to connState) error {
-	for _, ok := range transitions[c.state] {
-		if ok == to {
-			c.state = to
-			return nil
-		}
+	if allowed(c.state, to) {
+		c.state = to
+		return nil
 	}
 	return fmt.Errorf("vsock connection %s: cannot go from %s to %s", c.key, c.state, to)
 }

@@ -212,8 +212,8 @@ func (m *muxer) rejectTx(h *Header, err error) {
 	switch {
 	case errors.Is(err, ErrShortHeader), errors.Is(err, ErrBadSourceCID), h.Op == OpRst:
 		return
-	case errors.Is(err, ErrTruncated), errors.Is(err, ErrTooLarge):
-		// Stream bytes were lost: the connection cannot go on.
+	case !errors.Is(err, ErrBadDestCID):
+		// The packet names one of our connections, which cannot go on (stream bytes may be lost).
 		m.mu.Lock()
 		c := m.conns[connKey{local: h.DstPort, peer: h.SrcPort}]
 		m.mu.Unlock()

@@ -141,21 +141,43 @@ func TestBadConnectLineClosesClient(t *testing.T) {
 	}
 }
 
-// hostListen serves "<UDSPath>_<port>" with handle for each connection.
+// hostListen serves "<UDSPath>_<port>" with handle for each connection. Cleanup closes what is still open,
+// so a stalled connection fails the test instead of hanging it.
 func hostListen(t *testing.T, m *muxer, port uint32, handle func(net.Conn)) {
 	l, err := net.Listen("unix", fmt.Sprintf("%s_%d", m.cfg.udsPath, port))
 	if err != nil {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
-	t.Cleanup(func() { l.Close(); wg.Wait() })
+	var mu sync.Mutex
+	open := map[net.Conn]bool{}
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for c := range open {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
 	wg.Go(func() {
 		for {
 			c, err := l.Accept()
 			if err != nil {
 				return
 			}
-			wg.Go(func() { defer c.Close(); handle(c) })
+			mu.Lock()
+			open[c] = true
+			mu.Unlock()
+			wg.Go(func() {
+				defer func() {
+					mu.Lock()
+					delete(open, c)
+					mu.Unlock()
+					c.Close()
+				}()
+				handle(c)
+			})
 		}
 	})
 }

@@ -1,0 +1,168 @@
+package vsock
+
+import (
+	"bytes"
+	"encoding/binary"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kiln-runtime/kiln/vm/vhostuser"
+	"github.com/kiln-runtime/kiln/vm/virtqueue"
+)
+
+var _ vhostuser.Device = (*Device)(nil)
+
+// fakeQueue is a virtqueue reduced to what the device sees: chains to pop and used elements pushed.
+type fakeQueue struct {
+	mu       sync.Mutex
+	avail    []*virtqueue.Chain
+	used     map[uint16]uint32
+	notifies int
+	kicks    chan struct{}
+}
+
+func newFakeQueue() *fakeQueue {
+	return &fakeQueue{used: map[uint16]uint32{}, kicks: make(chan struct{}, 1)}
+}
+
+func (q *fakeQueue) Pop() (*virtqueue.Chain, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.avail) == 0 {
+		return nil, nil
+	}
+	c := q.avail[0]
+	q.avail = q.avail[1:]
+	return c, nil
+}
+
+func (q *fakeQueue) Push(head uint16, written uint32) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.used[head] = written
+	return nil
+}
+
+func (q *fakeQueue) Notify() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.notifies++
+	return nil
+}
+
+func (q *fakeQueue) Kicks() <-chan struct{} { return q.kicks }
+
+// add makes a chain available and kicks.
+func (q *fakeQueue) add(c *virtqueue.Chain) {
+	q.mu.Lock()
+	q.avail = append(q.avail, c)
+	q.mu.Unlock()
+	select {
+	case q.kicks <- struct{}{}:
+	default:
+	}
+}
+
+func (q *fakeQueue) usedLen(head uint16) (uint32, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n, ok := q.used[head]
+	return n, ok
+}
+
+func guestPacket(h Header, payload []byte) [][]byte {
+	h.SrcCID, h.DstCID, h.Type, h.Len = testCID, HostCID, TypeStream, uint32(len(payload))
+	b := make([]byte, HeaderSize)
+	h.Encode(b)
+	return [][]byte{b, payload}
+}
+
+func TestDeviceIdentity(t *testing.T) {
+	d, err := newDevice(testMuxerConfig(t), testLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if d.NumQueues() != 2 || d.Features() != 0 {
+		t.Fatalf("NumQueues %d Features %#x", d.NumQueues(), d.Features())
+	}
+	if cfg := d.Config(); len(cfg) != 8 || binary.LittleEndian.Uint64(cfg) != testCID {
+		t.Fatalf("Config = %x", cfg)
+	}
+	if err := d.Start(nil); err == nil {
+		t.Fatal("Start without queues succeeded")
+	}
+}
+
+func TestNewRejectsReservedCID(t *testing.T) {
+	for _, cid := range []uint64{0, 1, 2, 1 << 32} {
+		if d, err := New(Config{GuestCID: cid, UDSPath: t.TempDir() + "/v"}, testLog()); err == nil {
+			d.Close()
+			t.Errorf("New accepted CID %d", cid)
+		}
+	}
+}
+
+// TestDeviceQueuesAcrossStopStart drives the device through fake queues: a guest connection made before Stop
+// keeps working after Start, and Stop returns with both goroutines gone.
+func TestDeviceQueuesAcrossStopStart(t *testing.T) {
+	d, err := newDevice(testMuxerConfig(t), testLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	got := make(chan []byte, 1)
+	hostListen(t, d.mux, 1234, func(c net.Conn) {
+		b, _ := io.ReadAll(c)
+		got <- b
+	})
+	rx, tx := newFakeQueue(), newFakeQueue()
+	if err := d.start(rx, tx); err != nil {
+		t.Fatal(err)
+	}
+	rxBuf := make([]byte, HeaderSize+4096)
+	rx.add(&virtqueue.Chain{Head: 7, Writable: [][]byte{rxBuf}})
+	tx.add(&virtqueue.Chain{Head: 3, Readable: guestPacket(Header{Op: OpRequest, SrcPort: 5000, DstPort: 1234, BufAlloc: 1 << 16}, nil)})
+
+	waitFor(t, "RESPONSE in the rx queue", func() bool { _, ok := rx.usedLen(7); return ok })
+	if n, _ := tx.usedLen(3); n != 0 {
+		t.Fatalf("tx chain used with %d bytes written", n)
+	}
+	h, _ := DecodeHeader(rxBuf)
+	if h.Op != OpResponse || h.DstPort != 5000 || h.SrcPort != 1234 {
+		t.Fatalf("rx packet %+v, want RESPONSE", h)
+	}
+
+	d.Stop()
+	d.Stop() // idempotent
+	// Stopped: a kick is not served.
+	tx.add(&virtqueue.Chain{Head: 4, Readable: guestPacket(Header{Op: OpRW, SrcPort: 5000, DstPort: 1234}, []byte("hello "))})
+	time.Sleep(50 * time.Millisecond)
+	if _, ok := tx.usedLen(4); ok {
+		t.Fatal("stopped device consumed a tx chain")
+	}
+
+	if err := d.start(rx, tx); err != nil {
+		t.Fatal(err)
+	}
+	tx.add(&virtqueue.Chain{Head: 5, Readable: guestPacket(Header{Op: OpRW, SrcPort: 5000, DstPort: 1234}, []byte("world"))})
+	tx.add(&virtqueue.Chain{Head: 6, Readable: guestPacket(Header{Op: OpShutdown, Flags: shutdownBoth, SrcPort: 5000, DstPort: 1234}, nil)})
+	select {
+	case b := <-got:
+		if !bytes.Equal(b, []byte("hello world")) {
+			t.Fatalf("host got %q", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("host got nothing")
+	}
+	// The full shutdown is answered with a RST once the data is delivered.
+	rx.add(&virtqueue.Chain{Head: 8, Writable: [][]byte{rxBuf[:HeaderSize], rxBuf[HeaderSize:]}})
+	waitFor(t, "RST in the rx queue", func() bool { _, ok := rx.usedLen(8); return ok })
+	if h, _ := DecodeHeader(rxBuf); h.Op != OpRst {
+		t.Fatalf("rx packet %v, want RST", h.Op)
+	}
+	d.Stop()
+}
