@@ -2,10 +2,12 @@ package vhostuser
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -69,6 +71,27 @@ func bootAssets(t *testing.T) (kernel, initrd string) {
 	return kernel, initrd
 }
 
+// tscKHzArg tells the guest the host's TSC rate: under TCG on a loaded host the kernel sometimes cannot
+// calibrate the TSC against the PIT and stalls.
+func tscKHzArg() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || strings.TrimSpace(k) != "cpu MHz" {
+			continue
+		}
+		mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil || mhz <= 0 {
+			return ""
+		}
+		return fmt.Sprintf(" tsc_early_khz=%d", int(mhz*1000))
+	}
+	return ""
+}
+
 // TestQEMUGuestDriverStartsRings boots a guest whose vsock driver binds the vhost-user device, and checks the
 // whole start sequence reaches the device and that the driver's first receive buffer is read from guest memory
 // through the translated ring addresses.
@@ -101,7 +124,7 @@ func TestQEMUGuestDriverStartsRings(t *testing.T) {
 		"-chardev", "socket,id=c0,path="+sock,
 		"-device", "vhost-user-vsock-device,chardev=c0",
 		"-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 tsc=reliable panic=-1 quiet",
+		"-append", "console=ttyS0 tsc=reliable panic=-1 quiet i8042.noaux i8042.nokbd i8042.nopnp"+tscKHzArg(),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
 	)
 	var out strings.Builder

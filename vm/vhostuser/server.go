@@ -37,6 +37,7 @@ type Device interface {
 // ConfigWriter is implemented by devices whose configuration space the driver may write
 // (VHOST_USER_SET_CONFIG). Without it, SET_CONFIG is refused.
 type ConfigWriter interface {
+	// SetConfig writes data at offset of the configuration space; an error is reported to the frontend.
 	SetConfig(offset uint32, data []byte) error
 }
 

@@ -23,10 +23,12 @@ type ChainError struct {
 	Err  error
 }
 
+// Error names the head so the refused chain can be found in the ring.
 func (e *ChainError) Error() string {
 	return fmt.Sprintf("descriptor chain at head %d: %v", e.Head, e.Err)
 }
 
+// Unwrap lets errors.Is match both ErrMalformedChain and the specific cause.
 func (e *ChainError) Unwrap() []error { return []error{ErrMalformedChain, e.Err} }
 
 // maxIndirect bounds an indirect table: descriptor indexes are 16-bit, so no longer table can be walked.

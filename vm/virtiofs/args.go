@@ -1,0 +1,40 @@
+package virtiofs
+
+import (
+	"fmt"
+	"strconv"
+)
+
+// listenFD is the descriptor number the vhost-user listening socket has in virtiofsd: the first of
+// exec.Cmd.ExtraFiles.
+const listenFD = 3
+
+// args builds virtiofsd's command line. It is a pure function of the configuration so it can be tested
+// without virtiofsd.
+func args(c Config) []string {
+	a := []string{
+		// Kiln owns the listening socket and passes it in: the socket exists before virtiofsd runs, so QEMU can
+		// never race its creation, and virtiofsd skips the pid file it would otherwise leave in
+		// /var/run/virtiofsd when it is killed.
+		"--fd=" + strconv.Itoa(listenFD),
+		"-o", "source=" + c.SourceDir,
+		"-o", "cache=" + string(c.Cache),
+		// The namespace sandbox pivots into the source inside a new mount namespace whose mounts are slaves of
+		// the host's, so mounts made under the source after start still reach the guest.
+		"-o", "sandbox=namespace",
+		// Without it the guest would see files of different host file systems under one device number, and
+		// inode numbers could collide; with it each host mount becomes a submount in the guest.
+		"-o", "announce_submounts",
+		"-o", "log_level=" + c.LogLevel,
+	}
+	if c.Xattr {
+		// File capabilities (security.capability) and overlay in the guest need extended attributes.
+		a = append(a, "-o", "xattr")
+	} else {
+		a = append(a, "-o", "no_xattr")
+	}
+	if c.ThreadPoolSize > 0 {
+		a = append(a, fmt.Sprintf("--thread-pool-size=%d", c.ThreadPoolSize))
+	}
+	return append(a, c.ExtraArgs...)
+}
