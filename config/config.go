@@ -120,16 +120,18 @@ func Default() Config {
 
 // Load reads the configuration. A non-empty path must exist. An empty path means DefaultPath if it exists,
 // else the built-in defaults.
-func Load(path string) (Config, error) {
+func Load(path string) (Config, error) { return load(path, DefaultPath) }
+
+func load(path, systemPath string) (Config, error) {
 	if path == "" {
-		if _, err := os.Stat(DefaultPath); err != nil {
+		if _, err := os.Stat(systemPath); err != nil {
 			if errors.Is(err, os.ErrNotExist) {
 				cfg := Default()
 				return cfg, cfg.Validate()
 			}
-			return Config{}, fmt.Errorf("config %s: %w", DefaultPath, err)
+			return Config{}, fmt.Errorf("config %s: %w", systemPath, err)
 		}
-		path = DefaultPath
+		path = systemPath
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {

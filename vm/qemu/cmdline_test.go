@@ -1,0 +1,56 @@
+package qemu
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/kiln-runtime/kiln/vm/accel"
+)
+
+func TestArgs(t *testing.T) {
+	base := Config{ID: "x", Accel: accel.TCG, VCPUs: 2, MemoryMiB: 512, Kernel: "/k", Initrd: "/i", TSCkHz: 2445000}
+	p := pathsFor("/run/kiln", "x")
+	tests := []struct {
+		name   string
+		mutate func(*Config)
+		want   []string
+		absent []string
+	}{
+		{name: "tcg", want: []string{"-accel tcg", "-smp 2", "-m 512M", "tsc_early_khz=2445000", "memory-backend-memfd,id=mem,size=512M,share=on",
+			"vhost-user-vsock-device,chardev=vsock", "path=/run/kiln/x/vhost-user-vsock.sock", "-no-reboot", "pit=on,pic=on,rtc=on"},
+			absent: []string{"-cpu host"}},
+		{name: "kvm", mutate: func(c *Config) { c.Accel = accel.KVM }, want: []string{"-accel kvm", "-cpu host"}, absent: []string{"tsc_early_khz"}},
+		{name: "file-backed memory for templates", mutate: func(c *Config) { c.MemoryFile = "/tpl/mem" },
+			want: []string{"memory-backend-file,id=mem,size=512M,mem-path=/tpl/mem,share=on"}},
+		{name: "extra kernel params", mutate: func(c *Config) { c.KernelParams = []string{"kiln.debug=1"} }, want: []string{"kiln.debug=1"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := base
+			if tt.mutate != nil {
+				tt.mutate(&c)
+			}
+			got := strings.Join(args(c, p), " ")
+			for _, w := range tt.want {
+				if !strings.Contains(got, w) {
+					t.Errorf("args lack %q:\n%s", w, got)
+				}
+			}
+			for _, a := range tt.absent {
+				if strings.Contains(got, a) {
+					t.Errorf("args contain %q:\n%s", a, got)
+				}
+			}
+		})
+	}
+}
+
+func TestParseCPUMHz(t *testing.T) {
+	got, err := parseCPUMHz(strings.NewReader("processor\t: 0\ncpu MHz\t\t: 2445.432\n"))
+	if err != nil || got != 2445432 {
+		t.Fatalf("got %d, %v", got, err)
+	}
+	if _, err := parseCPUMHz(strings.NewReader("processor\t: 0\n")); err == nil {
+		t.Fatal("no error without a cpu MHz line")
+	}
+}
