@@ -13,6 +13,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // checkResult is one line of `kiln check`.
@@ -122,21 +123,14 @@ func runChecks(configPath string) []checkResult {
 }
 
 func checkVsock(mode string) checkResult {
-	_, vhostErr := os.Stat("/dev/vhost-vsock")
-	switch mode {
-	case config.VsockVhost:
-		return checkResult{"vsock", "FAIL", "vsock.mode = \"vhost\" (kernel vhost-vsock) is not implemented yet; use \"auto\" or \"vhost-user\""}
-	case config.VsockVhostUser:
-		return checkResult{"vsock", "ok", "vhost-user: Kiln's own vsock device backend (hybrid vsock over Unix sockets)"}
-	default:
-		detail := "auto -> vhost-user: Kiln's own vsock device backend"
-		if vhostErr == nil {
-			detail += " (/dev/vhost-vsock exists but kernel vhost mode is not implemented yet)"
-		} else {
-			detail += " (no /dev/vhost-vsock)"
-		}
-		return checkResult{"vsock", "ok", detail}
+	m, err := qemu.ResolveVsockMode(mode)
+	if err != nil {
+		return checkResult{"vsock", "FAIL", err.Error()}
 	}
+	if m == qemu.VsockKernel {
+		return checkResult{"vsock", "ok", mode + " -> vhost: the host kernel's vhost-vsock (" + qemu.KernelVsockDevice + ")"}
+	}
+	return checkResult{"vsock", "ok", mode + " -> vhost-user: Kiln's own vsock device backend (hybrid vsock over Unix sockets)"}
 }
 
 func checkStateDir(dir string) error {

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
 
 // baseKernelParams are needed for a microvm guest to boot quickly and to end QEMU on a panic:
@@ -14,7 +15,8 @@ import (
 var baseKernelParams = []string{"console=ttyS0", "tsc=reliable", "panic=-1", "quiet", "8250.nr_uarts=1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp"}
 
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
-func args(c Config, p paths) []string {
+// vsockArgs are the vsock device's arguments (the backend's).
+func args(c Config, p paths, vsockArgs []string) []string {
 	mem := strconv.Itoa(c.MemoryMiB) + "M"
 	var backend string
 	if c.MemoryFile != "" {
@@ -41,9 +43,15 @@ func args(c Config, p paths) []string {
 		"-append", strings.Join(params, " "),
 		// vhost-user backends need modern virtio-mmio; the legacy layout is rejected.
 		"-global", "virtio-mmio.force-legacy=false",
-		"-chardev", "socket,id=vsock,path=" + p.vhostUserVsock,
-		"-device", "vhost-user-vsock-device,chardev=vsock",
 		"-qmp", "unix:" + p.qmp + ",server=on,wait=off",
+	}
+	a = append(a, vsockArgs...)
+	if c.SharedDir != "" {
+		// Guest RAM is already a shared memfd, which vhost-user-fs needs as much as vsock does.
+		a = append(a,
+			"-chardev", "socket,id=fs,path="+p.virtiofs,
+			"-device", "vhost-user-fs-device,chardev=fs,tag="+virtiofs.Tag,
+		)
 	}
 	if c.Accel == accel.KVM {
 		a = append(a, "-cpu", "host")

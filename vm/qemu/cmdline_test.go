@@ -22,6 +22,9 @@ func TestArgs(t *testing.T) {
 		{name: "kvm", mutate: func(c *Config) { c.Accel = accel.KVM }, want: []string{"-accel kvm", "-cpu host"}, absent: []string{"tsc_early_khz"}},
 		{name: "file-backed memory for templates", mutate: func(c *Config) { c.MemoryFile = "/tpl/mem" },
 			want: []string{"memory-backend-file,id=mem,size=512M,mem-path=/tpl/mem,share=on"}},
+		{name: "no shared fs by default", absent: []string{"vhost-user-fs-device"}},
+		{name: "shared fs", mutate: func(c *Config) { c.SharedDir = "/run/kiln/x.share/shared" },
+			want: []string{"-chardev socket,id=fs,path=/run/kiln/x/virtiofs.sock", "-device vhost-user-fs-device,chardev=fs,tag=kiln-shared"}},
 		{name: "extra kernel params", mutate: func(c *Config) { c.KernelParams = []string{"kiln.debug=1"} }, want: []string{"kiln.debug=1"}},
 	}
 	for _, tt := range tests {
@@ -30,7 +33,8 @@ func TestArgs(t *testing.T) {
 			if tt.mutate != nil {
 				tt.mutate(&c)
 			}
-			got := strings.Join(args(c, p), " ")
+			vs := &vhostUserVsock{socketPath: p.vhostUserVsock}
+			got := strings.Join(args(c, p, vs.qemuArgs(3)), " ")
 			for _, w := range tt.want {
 				if !strings.Contains(got, w) {
 					t.Errorf("args lack %q:\n%s", w, got)

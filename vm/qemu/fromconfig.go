@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/sirupsen/logrus"
 
@@ -23,8 +24,9 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 	if choice.Fallback {
 		log.Warnf("accelerator: %s", choice.Reason)
 	}
-	if cfg.Vsock.Mode == config.VsockVhost {
-		return Config{}, fmt.Errorf("vsock.mode = \"vhost\" (kernel vhost-vsock) is not implemented yet: use \"auto\" or \"vhost-user\"")
+	mode, err := ResolveVsockMode(cfg.Vsock.Mode)
+	if err != nil {
+		return Config{}, err
 	}
 	params := append([]string{}, cfg.Hypervisor.KernelParams...)
 	if cfg.Agent.Debug {
@@ -41,7 +43,37 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		Initrd:       assets.Initrd,
 		KernelParams: params,
 		StopTimeout:  cfg.Hypervisor.StopTimeout.Std(),
+		Vsock:        mode,
 		ConsoleToLog: log.Logger.IsLevelEnabled(logrus.DebugLevel),
 		Log:          log,
 	}, nil
+}
+
+// ResolveVsockMode turns vsock.mode into a device: "auto" takes the kernel's vhost-vsock where
+// /dev/vhost-vsock opens (it is faster), else Kiln's own vhost-user device, which needs nothing from the host.
+func ResolveVsockMode(mode string) (VsockMode, error) {
+	switch mode {
+	case config.VsockVhostUser:
+		return VsockVhostUser, nil
+	case config.VsockVhost:
+		if err := kernelVsockUsable(); err != nil {
+			return "", fmt.Errorf("vsock.mode = \"vhost\": %w; use \"auto\" or \"vhost-user\"", err)
+		}
+		return VsockKernel, nil
+	case config.VsockAuto, "":
+		if kernelVsockUsable() == nil {
+			return VsockKernel, nil
+		}
+		return VsockVhostUser, nil
+	default:
+		return "", fmt.Errorf("vsock.mode = %q: want \"auto\", \"vhost-user\" or \"vhost\"", mode)
+	}
+}
+
+func kernelVsockUsable() error {
+	f, err := os.OpenFile(KernelVsockDevice, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("cannot open %s: %w", KernelVsockDevice, err)
+	}
+	return f.Close()
 }

@@ -1,6 +1,7 @@
 // Package qemu is the QEMU microvm backend of vm.Machine: it builds QEMU's command line, runs QEMU as a child
-// that dies with its parent, drives it over QMP, serves its vsock device over vhost-user, and removes every host
-// resource (sockets, state directory) however the VM ends. It knows nothing of the agent's API or containers.
+// that dies with its parent, drives it over QMP, serves its vsock device over vhost-user, runs virtiofsd for its
+// shared directory (vm/virtiofs), and removes every host resource (sockets, state directory) however the VM
+// ends. It knows nothing of the agent's API or containers.
 package qemu
 
 import (
@@ -21,12 +22,8 @@ import (
 
 	"github.com/kiln-runtime/kiln/vm"
 	"github.com/kiln-runtime/kiln/vm/accel"
-	"github.com/kiln-runtime/kiln/vm/vhostuser"
-	"github.com/kiln-runtime/kiln/vm/vsock"
+	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
-
-// guestCID is the guest's vsock context id. Each VM has its own vhost-user vsock device, so ids never collide.
-const guestCID = 3
 
 // Config describes one microVM.
 type Config struct {
@@ -48,9 +45,16 @@ type Config struct {
 	// TSCkHz, under TCG, tells the guest kernel the TSC frequency so it skips a calibration that hangs on a busy
 	// host. New fills it from the host when zero.
 	TSCkHz int
+	// Vsock selects the vsock device; empty means VsockVhostUser.
+	Vsock VsockMode
 	// ConsoleToLog copies guest console lines into Log at debug level.
 	ConsoleToLog bool
-	Log          *logrus.Entry
+	// SharedDir, when set, is exported to the guest as a virtio-fs device with tag virtiofs.Tag, served by a
+	// virtiofsd that starts before QEMU and stops with it.
+	SharedDir string
+	// Virtiofsd tunes that daemon (binary, cache mode...); Start sets its SourceDir, SocketPath and Log.
+	Virtiofsd virtiofs.Config
+	Log       *logrus.Entry
 }
 
 type paths struct {
@@ -58,6 +62,7 @@ type paths struct {
 	qmp            string
 	vhostUserVsock string
 	vsock          string
+	virtiofs       string
 	console        string
 	owner          string
 }
@@ -69,6 +74,7 @@ func pathsFor(root, id string) paths {
 		qmp:            filepath.Join(dir, "qmp.sock"),
 		vhostUserVsock: filepath.Join(dir, "vhost-user-vsock.sock"),
 		vsock:          filepath.Join(dir, "vsock.sock"),
+		virtiofs:       filepath.Join(dir, "virtiofs.sock"),
 		console:        filepath.Join(dir, "console.log"),
 		owner:          filepath.Join(dir, "owner"),
 	}
@@ -85,7 +91,8 @@ type Machine struct {
 	qmp     *qmpConn
 	console *console
 	stderr  *tailBuffer
-	vsock   *vsock.Device
+	vsock   vsockBackend
+	fs      *virtiofs.Daemon
 	cancel  context.CancelFunc
 	started bool
 
@@ -202,21 +209,25 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	if err := os.WriteFile(m.paths.owner, []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return fmt.Errorf("start vm %s: write owner file: %w", m.cfg.ID, err)
 	}
-	dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: m.paths.vsock}, m.log)
-	if err != nil {
-		return fmt.Errorf("start vm %s: vsock device: %w", m.cfg.ID, err)
+	var vs vsockBackend
+	switch m.cfg.Vsock {
+	case VsockKernel:
+		vs, err = openKernelVsock(KernelVsockDevice)
+	case VsockVhostUser, "":
+		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.log)
+	default:
+		err = fmt.Errorf("unknown vsock mode %q", m.cfg.Vsock)
 	}
-	m.vsock = dev
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: m.paths.vhostUserVsock, Net: "unix"})
 	if err != nil {
-		return fmt.Errorf("start vm %s: listen for QEMU's vhost-user vsock connection: %w", m.cfg.ID, err)
+		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 	}
-	go func() {
-		defer l.Close()
-		if err := vhostuser.Serve(runCtx, l, dev, m.log.WithField("device", "vsock")); err != nil && runCtx.Err() == nil {
-			m.log.WithError(err).Warn("vhost-user vsock backend stopped")
+	m.vsock = vs
+
+	if m.cfg.SharedDir != "" {
+		if err := m.startVirtiofsd(ctx); err != nil {
+			return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 		}
-	}()
+	}
 
 	cons, err := newConsole(m.paths.console, m.cfg.ConsoleToLog, m.log)
 	if err != nil {
@@ -225,7 +236,9 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	m.console = cons
 	m.stderr = newTailBuffer(8 << 10)
 
-	cmd := exec.Command(qemuPath, args(m.cfg, m.paths)...)
+	// Inherited descriptors start at 3 in the child.
+	cmd := exec.Command(qemuPath, args(m.cfg, m.paths, vs.qemuArgs(3))...)
+	cmd.ExtraFiles = vs.files()
 	cmd.Stdin = nil
 	cmd.Stdout = cons.writer()
 	cmd.Stderr = m.stderr
@@ -263,8 +276,14 @@ func (m *Machine) cleanup() {
 		m.qmp.close()
 	}
 	if m.vsock != nil {
-		if err := m.vsock.Close(); err != nil {
+		if err := m.vsock.close(); err != nil {
 			m.log.WithError(err).Warn("close vsock device")
+		}
+	}
+	if m.fs != nil {
+		// QEMU is gone, so virtiofsd has no client left and nothing to flush.
+		if err := m.fs.Stop(context.Background()); err != nil {
+			m.log.WithError(err).Warn("stop virtiofsd")
 		}
 	}
 	if m.console != nil {
@@ -292,6 +311,9 @@ func (m *Machine) ExitError() error {
 // Diagnostics implements vm.Machine.
 func (m *Machine) Diagnostics() string {
 	var b bytes.Buffer
+	if m.fs != nil {
+		b.WriteString(m.fs.Diagnostics())
+	}
 	if m.stderr != nil {
 		if s := bytes.TrimSpace(m.stderr.Bytes()); len(s) > 0 {
 			fmt.Fprintf(&b, "\nQEMU stderr:\n%s", s)
@@ -376,12 +398,18 @@ func (m *Machine) DialVsock(ctx context.Context, port uint32) (net.Conn, error) 
 		return nil, fmt.Errorf("dial vsock port %d of vm %s: %w", port, m.cfg.ID, m.ExitError())
 	default:
 	}
-	c, err := vsock.Dial(ctx, m.paths.vsock, port)
+	c, err := m.vsock.dial(ctx, port)
 	if err != nil {
 		return nil, fmt.Errorf("dial vsock port %d of vm %s: %w", port, m.cfg.ID, err)
 	}
 	return c, nil
 }
 
-// VsockPath is the hybrid vsock Unix socket: guest connections to host port P go to VsockPath()+"_P".
-func (m *Machine) VsockPath() string { return m.paths.vsock }
+// VsockPath is the hybrid vsock Unix socket: guest connections to host port P go to VsockPath()+"_P". It is
+// empty in kernel vhost-vsock mode, where they go to host AF_VSOCK listeners instead.
+func (m *Machine) VsockPath() string {
+	if m.cfg.Vsock == VsockKernel {
+		return ""
+	}
+	return m.paths.vsock
+}

@@ -73,10 +73,12 @@ func allocateCID(set func(uint64) error, pick func() uint64, attempts int) (uint
 	return 0, fmt.Errorf("no free guest CID after %d attempts", attempts)
 }
 
-// deviceArgs passes the claimed device to QEMU as file descriptor fd of the child.
-func (k *kernelVsock) deviceArgs(fd int) []string {
+// qemuArgs passes the claimed device to QEMU as the child's descriptor fd.
+func (k *kernelVsock) qemuArgs(fd int) []string {
 	return []string{"-device", fmt.Sprintf("vhost-vsock-device,guest-cid=%d,vhostfd=%d", k.cid, fd)}
 }
+
+func (k *kernelVsock) files() []*os.File { return []*os.File{k.dev} }
 
 func (k *kernelVsock) dial(ctx context.Context, port uint32) (net.Conn, error) {
 	type result struct {

@@ -62,7 +62,7 @@ func TestRandomCIDRange(t *testing.T) {
 
 func TestKernelVsockArgs(t *testing.T) {
 	k := &kernelVsock{cid: 1234}
-	got := strings.Join(k.deviceArgs(3), " ")
+	got := strings.Join(k.qemuArgs(3), " ")
 	if got != "-device vhost-vsock-device,guest-cid=1234,vhostfd=3" {
 		t.Fatalf("args %q", got)
 	}

@@ -3,6 +3,7 @@ package virtiofs
 import (
 	"bufio"
 	"io"
+	"strings"
 	"sync"
 )
 
@@ -18,7 +19,7 @@ func (d *Daemon) logStderr(r io.ReadCloser) {
 	for s.Scan() {
 		line := s.Text()
 		_, _ = d.stderr.Write([]byte(line + "\n"))
-		if quiet {
+		if quiet && !disconnectNoise(line) {
 			d.cfg.Log.Warn(line)
 		} else {
 			d.cfg.Log.Debug(line)
@@ -52,4 +53,16 @@ func (t *tailBuffer) Bytes() []byte {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return append([]byte(nil), t.buf...)
+}
+
+// disconnectNoise reports the warnings QEMU 7.2's virtiofsd prints each time its client disconnects, which is
+// how every VM ends, or when it is stopped before a client came; they would otherwise turn each VM stop into
+// warnings.
+func disconnectNoise(line string) bool {
+	for _, p := range []string{"fv_remove_watch: TODO!", "virtio_loop: Unexpected poll revents", "vhost socket accept: Interrupted system call"} {
+		if strings.HasPrefix(line, p) {
+			return true
+		}
+	}
+	return false
 }

@@ -1,0 +1,174 @@
+package share
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// AddRootfs binds hostRootfs, a directory, at the container's root in the share (recursively, read-only if
+// asked) and returns its path relative to the share, "<id>/rootfs". hostRootfs comes from the caller (a bundle
+// or a snapshot) and is resolved without bound.
+func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, readonly bool) (guestRel string, err error) {
+	if !filepath.IsAbs(hostRootfs) {
+		return "", fmt.Errorf("add rootfs of container %s to share: path %q is not absolute", containerID, hostRootfs)
+	}
+	src, resolved, err := Source{Path: hostRootfs}.open()
+	if err != nil {
+		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
+	}
+	defer src.Close()
+	fi, err := src.Stat()
+	if err != nil {
+		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
+	}
+	if !fi.IsDir() {
+		return "", fmt.Errorf("add rootfs of container %s to share: %s is not a directory", containerID, hostRootfs)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, target, err := s.prepareRootfsLocked(containerID, resolved)
+	if err != nil {
+		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
+	}
+	if err := bindFrom(src, target, readonly); err != nil {
+		_ = os.Remove(target)
+		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
+	}
+	c.rootfs = true
+	if !readonly {
+		c.writable = append(c.writable, resolved)
+	}
+	return containerID + "/rootfs", nil
+}
+
+// prepareRootfsLocked checks that the container has no root yet and creates its mount point.
+func (s *Share) prepareRootfsLocked(containerID, resolvedSource string) (*container, string, error) {
+	c, err := s.containerLocked(containerID)
+	if err != nil {
+		return nil, "", err
+	}
+	if c.rootfs {
+		return nil, "", errors.New("container already has a root file system in the share")
+	}
+	if resolvedSource != "" && under(resolvedSource, s.dir) {
+		return nil, "", fmt.Errorf("source %s lies inside the share", resolvedSource)
+	}
+	target := filepath.Join(s.mounts, containerID, "rootfs")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		return nil, "", fmt.Errorf("create rootfs mount point: %w", err)
+	}
+	return c, target, nil
+}
+
+// AddBind shares source, an absolute host path to a file or directory (a bind mount of the container's spec),
+// and returns where the guest finds it. See AddBindSource for how the source is resolved.
+func (s *Share) AddBind(ctx context.Context, containerID, source string, readonly bool) (guestPath string, err error) {
+	if !filepath.IsAbs(source) {
+		return "", fmt.Errorf("add bind %s of container %s to share: not an absolute path", source, containerID)
+	}
+	return s.AddBindSource(ctx, containerID, Source{Path: source}, readonly)
+}
+
+// AddBindSource shares src for a container and returns where the guest finds it, under GuestDir. src is
+// resolved as Source describes, with one more bound: a source lexically below a directory this share exported
+// read-write (a container's rootfs or writable bind) is resolved beneath that directory, whatever src.Root
+// says, because the guest may have planted symlinks there. A source resolving into the share itself is
+// rejected.
+func (s *Share) AddBindSource(ctx context.Context, containerID string, src Source, readonly bool) (guestPath string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return "", fmt.Errorf("add bind %s of container %s to share: share is closed", src.Path, containerID)
+	}
+	src = s.boundLocked(src)
+	f, resolved, err := src.open()
+	if err != nil {
+		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
+	}
+	defer f.Close()
+	if under(resolved, s.dir) {
+		return "", fmt.Errorf("add bind %s of container %s to share: source %s lies inside the share", src.Path, containerID, resolved)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
+	}
+	c, err := s.containerLocked(containerID)
+	if err != nil {
+		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
+	}
+	binds := filepath.Join(s.mounts, containerID, "binds")
+	if err := os.Mkdir(binds, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
+	}
+	s.nextBind++
+	name := strconv.Itoa(s.nextBind) + "-" + safeName(filepath.Base(resolved))
+	target := filepath.Join(binds, name)
+	// A bind needs a mount point of the same kind as its source.
+	if fi.IsDir() {
+		err = os.Mkdir(target, 0o755)
+	} else {
+		var t *os.File
+		if t, err = os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
+			err = t.Close()
+		}
+	}
+	if err != nil {
+		return "", fmt.Errorf("add bind %s of container %s to share: create mount point: %w", src.Path, containerID, err)
+	}
+	if err := bindFrom(f, target, readonly); err != nil {
+		_ = os.Remove(target)
+		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
+	}
+	if !readonly && fi.IsDir() {
+		c.writable = append(c.writable, resolved)
+	}
+	return GuestPath(containerID + "/binds/" + name), nil
+}
+
+// boundLocked narrows src's root to a directory already exported read-write that contains it.
+func (s *Share) boundLocked(src Source) Source {
+	p := src.Path
+	if !filepath.IsAbs(p) {
+		root := src.Root
+		if root == "" {
+			root = "/"
+		}
+		p = filepath.Join(root, p)
+	}
+	p = filepath.Clean(p)
+	best := src.Root
+	for _, c := range s.containers {
+		for _, w := range c.writable {
+			if under(p, w) && len(w) > len(best) {
+				best = w
+			}
+		}
+	}
+	if best == src.Root {
+		return src
+	}
+	return Source{Root: best, Path: p}
+}
+
+// safeName keeps a bind's base name readable in the guest without letting it carry odd characters.
+func safeName(base string) string {
+	b := []byte(base)
+	for i, ch := range b {
+		if !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || strings.IndexByte("._-", ch) >= 0) {
+			b[i] = '_'
+		}
+	}
+	if len(b) > 64 {
+		b = b[:64]
+	}
+	if len(b) == 0 || string(b) == "." || string(b) == ".." {
+		return "root"
+	}
+	return string(b)
+}

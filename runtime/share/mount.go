@@ -1,0 +1,165 @@
+package share
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// bindFrom attaches a recursive bind of the already opened src at target. The clone is detached until it is
+// complete, so a read-only bind never appears writable, not even for an instant, and the source is the file
+// Kiln checked, whatever happens to its path meanwhile.
+func bindFrom(src *os.File, target string, readonly bool) error {
+	tree, err := unix.OpenTree(int(src.Fd()), "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH|unix.AT_RECURSIVE)
+	if err != nil {
+		return fmt.Errorf("clone mount tree of %s: %w", src.Name(), err)
+	}
+	defer unix.Close(tree)
+	if readonly {
+		attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}
+		if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &attr); err != nil {
+			return fmt.Errorf("make bind of %s read-only: %w", src.Name(), err)
+		}
+	}
+	if err := unix.MoveMount(tree, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("attach bind of %s at %s: %w", src.Name(), target, err)
+	}
+	return nil
+}
+
+// mountPoints lists the mount points of this mount namespace at or below dir.
+func mountPoints(dir string) ([]string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return parseMountPoints(f, dir)
+}
+
+// parseMountPoints reads mountinfo lines ("id parent major:minor root mountpoint options ...") and returns the
+// mount points at or below dir, octal escapes decoded.
+func parseMountPoints(r io.Reader, dir string) ([]string, error) {
+	var out []string
+	s := bufio.NewScanner(r)
+	s.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for s.Scan() {
+		f := strings.Fields(s.Text())
+		if len(f) < 5 {
+			continue
+		}
+		mp := unescapeMountinfo(f[4])
+		if under(mp, dir) {
+			out = append(out, mp)
+		}
+	}
+	if err := s.Err(); err != nil {
+		return nil, fmt.Errorf("read mountinfo: %w", err)
+	}
+	return out, nil
+}
+
+// unescapeMountinfo decodes the \ooo escapes the kernel writes for space, tab, newline and backslash.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// unmountUnder lazily unmounts every mount at or below dir, deepest first. Lazy (MNT_DETACH) because the guest,
+// through virtiofsd, may still hold files open; the file systems go away when the last user does.
+func unmountUnder(dir string) error {
+	// Detaching a mount also removes the copies propagated from it, so the list is re-read until it is empty.
+	for round := 0; round < 8; round++ {
+		mps, err := mountPoints(dir)
+		if err != nil {
+			return fmt.Errorf("list mounts under %s: %w", dir, err)
+		}
+		if len(mps) == 0 {
+			return nil
+		}
+		sort.Slice(mps, func(i, j int) bool { return strings.Count(mps[i], "/") > strings.Count(mps[j], "/") })
+		for _, mp := range mps {
+			err := unix.Unmount(mp, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
+			if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("unmount %s: %w", mp, err)
+			}
+		}
+	}
+	return fmt.Errorf("mounts under %s keep reappearing", dir)
+}
+
+// removeTree removes dir and what is below it, like os.RemoveAll, but stops with an error at a mount point
+// instead of deleting the mounted files: a share's directories hold host data only through mounts.
+func removeTree(dir string) error {
+	root, err := mountID(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return removeBelow(dir, root)
+}
+
+func removeBelow(path string, mnt uint64) error {
+	id, err := mountID(path)
+	if err != nil {
+		return err
+	}
+	if id != mnt {
+		return fmt.Errorf("refusing to remove %s: a file system is still mounted there", path)
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return err
+	}
+	if fi.IsDir() {
+		entries, err := os.ReadDir(path)
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if err := removeBelow(filepath.Join(path, e.Name()), mnt); err != nil {
+				return err
+			}
+		}
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// mountID is the id of the mount path is on (without following a final symlink). Unlike st_dev it tells a
+// bind mount from the directory it is mounted on.
+func mountID(path string) (uint64, error) {
+	var st unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, path, unix.AT_SYMLINK_NOFOLLOW, unix.STATX_MNT_ID, &st); err != nil {
+		return 0, &os.PathError{Op: "statx", Path: path, Err: err}
+	}
+	if st.Mask&unix.STATX_MNT_ID == 0 {
+		return 0, fmt.Errorf("statx %s: kernel reports no mount id", path)
+	}
+	return st.Mnt_id, nil
+}

@@ -1,0 +1,213 @@
+// Package share owns the host side of a VM's shared directory: the per-VM tree that virtiofsd exports to the
+// guest, the container root file systems and bind-mount sources mounted into it, and their removal. It knows
+// nothing of the VMM, of virtiofsd or of the agent; it only knows the path the guest mounts the share at.
+//
+// Layout of a share at dir:
+//
+//	dir/mounts/                    private to Kiln: everything is mounted here
+//	dir/mounts/<id>/rootfs         a container's root file system
+//	dir/mounts/<id>/binds/<n>-<b>  a container's bind-mount sources
+//	dir/shared/                    what virtiofsd exports: a read-only slave bind of mounts/
+//
+// mounts/ is a bind mount of itself in its own shared peer group, and shared/ a slave of that group, so
+// every mount Kiln makes under mounts/ after the VM started propagates to shared/ (and from there into
+// virtiofsd's mount namespace, whose mounts are slaves of the host's) while nothing mounted under shared/, nor
+// anything else on the host, flows back. shared/ itself is read-only: the guest cannot add entries next to the
+// containers; the mounts inside keep their own read-only or read-write flag.
+package share
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// GuestDir is where the guest mounts the share (the virtio-fs device's tag is the VMM's business).
+const GuestDir = "/run/kiln/shared"
+
+// idPattern is what containerd and runc accept as a container id, at most one path component long (255 bytes).
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$`)
+
+// Share is one VM's shared directory. Its methods are safe for concurrent use.
+type Share struct {
+	dir    string // resolved, so it matches mount points in /proc/self/mountinfo
+	mounts string
+	shared string
+
+	mu         sync.Mutex
+	containers map[string]*container
+	nextBind   int
+	closed     bool
+}
+
+// container is what a container added to the share.
+type container struct {
+	rootfs bool
+	// writable are the host directories exported read-write for this container: the guest can create
+	// symlinks in them, so later bind sources under them are resolved beneath them.
+	writable []string
+}
+
+// New creates the share at dir, which must not exist (its parent must). On error nothing is left behind.
+func New(dir string) (_ *Share, retErr error) {
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create share %s: %w", dir, err)
+	}
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		_ = os.Remove(dir)
+		return nil, fmt.Errorf("create share %s: resolve: %w", dir, err)
+	}
+	s := &Share{
+		dir:        real,
+		mounts:     filepath.Join(real, "mounts"),
+		shared:     filepath.Join(real, "shared"),
+		containers: map[string]*container{},
+	}
+	defer func() {
+		if retErr != nil {
+			if err := Remove(s.dir); err != nil {
+				retErr = fmt.Errorf("%w (and cleaning up: %v)", retErr, err)
+			}
+		}
+	}()
+	for _, d := range []string{s.mounts, s.shared} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			return nil, fmt.Errorf("create share %s: %w", dir, err)
+		}
+	}
+	steps := []struct {
+		what                string
+		source, target, typ string
+		flags               uintptr
+	}{
+		{"bind mounts/ onto itself", s.mounts, s.mounts, "", unix.MS_BIND},
+		// Private first, so mounts/ leaves whatever peer group its parent file system is in (on systemd hosts
+		// "/" is shared: Kiln's mounts must not spread to the whole host), then shared in a group of its own.
+		{"make mounts/ private", "", s.mounts, "", unix.MS_PRIVATE},
+		{"make mounts/ shared", "", s.mounts, "", unix.MS_SHARED},
+		{"bind mounts/ onto shared/", s.mounts, s.shared, "", unix.MS_BIND},
+		{"make shared/ a slave", "", s.shared, "", unix.MS_SLAVE},
+		{"make shared/ read-only", "", s.shared, "", unix.MS_REMOUNT | unix.MS_BIND | unix.MS_RDONLY},
+	}
+	for _, st := range steps {
+		if err := unix.Mount(st.source, st.target, st.typ, st.flags, ""); err != nil {
+			return nil, fmt.Errorf("create share %s: %s: %w", dir, st.what, err)
+		}
+	}
+	return s, nil
+}
+
+// Dir is the share's directory.
+func (s *Share) Dir() string { return s.dir }
+
+// ExportDir is the directory to export to the guest (virtiofsd's source).
+func (s *Share) ExportDir() string { return s.shared }
+
+// GuestPath is where a path relative to the share (as AddRootfs returns) appears in the guest.
+func GuestPath(rel string) string { return GuestDir + "/" + rel }
+
+// Close unmounts everything in the share and removes its directory. The share is unusable afterwards; a second
+// Close does nothing.
+func (s *Share) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	s.containers = nil
+	if err := Remove(s.dir); err != nil {
+		return fmt.Errorf("close share %s: %w", s.dir, err)
+	}
+	return nil
+}
+
+// Remove unmounts everything at or below dir and removes dir, refusing to delete through anything still mounted.
+// It is how a share left behind by a Kiln process that died is cleaned up; a missing dir is not an error.
+func Remove(dir string) error {
+	real, err := filepath.EvalSymlinks(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove share %s: %w", dir, err)
+	}
+	if err := unmountUnder(real); err != nil {
+		return fmt.Errorf("remove share %s: %w", dir, err)
+	}
+	if err := removeTree(real); err != nil {
+		return fmt.Errorf("remove share %s: %w", dir, err)
+	}
+	return nil
+}
+
+// RemoveContainer unmounts a container's root file system and bind sources and removes its directory.
+// Removing an unknown container is not an error.
+func (s *Share) RemoveContainer(ctx context.Context, containerID string) error {
+	if err := checkID(containerID); err != nil {
+		return fmt.Errorf("remove container from share: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return fmt.Errorf("remove container %s from share: share is closed", containerID)
+	}
+	delete(s.containers, containerID)
+	dir := filepath.Join(s.mounts, containerID)
+	if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	// Unmounting under mounts/ propagates to shared/; unmounting under shared/ too catches a copy the
+	// propagation missed (none is expected), so nothing pins the container's files.
+	for _, d := range []string{dir, filepath.Join(s.shared, containerID)} {
+		if err := unmountUnder(d); err != nil {
+			return fmt.Errorf("remove container %s from share: %w", containerID, err)
+		}
+	}
+	if err := removeTree(dir); err != nil {
+		return fmt.Errorf("remove container %s from share: %w", containerID, err)
+	}
+	return nil
+}
+
+func checkID(id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("container id %q: want letters, digits, '_', '.' and '-', starting with a letter or digit", id)
+	}
+	return nil
+}
+
+// containerLocked returns the container's record, creating it and its directory.
+func (s *Share) containerLocked(id string) (*container, error) {
+	if s.closed {
+		return nil, errors.New("share is closed")
+	}
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
+	if c, ok := s.containers[id]; ok {
+		return c, nil
+	}
+	if err := os.Mkdir(filepath.Join(s.mounts, id), 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return nil, fmt.Errorf("create container directory: %w", err)
+	}
+	c := &container{}
+	s.containers[id] = c
+	return c, nil
+}
+
+// under reports whether path is dir or lies below it, lexically.
+func under(path, dir string) bool {
+	if dir == "/" {
+		return strings.HasPrefix(path, "/")
+	}
+	return path == dir || strings.HasPrefix(path, dir+"/")
+}

@@ -1,0 +1,87 @@
+package share
+
+import (
+	"slices"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestParseMountPoints(t *testing.T) {
+	info := `22 27 0:21 / /proc rw,relatime - proc proc rw
+100 27 0:50 / /run/kiln/s1 rw - tmpfs tmpfs rw
+101 100 0:50 /mounts /run/kiln/s1/mounts rw shared:5 - tmpfs tmpfs rw
+102 100 0:50 /mounts /run/kiln/s1/shared ro master:5 - tmpfs tmpfs rw
+103 101 8:1 /home/u/my\040rootfs /run/kiln/s1/mounts/c\0401/rootfs rw shared:6 - ext4 /dev/sda1 rw
+104 27 0:50 / /run/kiln/s10 rw - tmpfs tmpfs rw
+`
+	got, err := parseMountPoints(strings.NewReader(info), "/run/kiln/s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"/run/kiln/s1", "/run/kiln/s1/mounts", "/run/kiln/s1/shared", "/run/kiln/s1/mounts/c 1/rootfs"}
+	if !slices.Equal(got, want) {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}
+
+func TestParseOptions(t *testing.T) {
+	tests := []struct {
+		opts      []string
+		wantFlags uintptr
+		wantData  string
+	}{
+		{nil, 0, ""},
+		{[]string{"ro", "nosuid", "lowerdir=/a:/b", "upperdir=/u", "workdir=/w"}, unix.MS_RDONLY | unix.MS_NOSUID, "lowerdir=/a:/b,upperdir=/u,workdir=/w"},
+		{[]string{"ro", "rw"}, 0, ""},
+		{[]string{"rbind", "nodev", "index=off"}, unix.MS_BIND | unix.MS_REC | unix.MS_NODEV, "index=off"},
+	}
+	for _, tt := range tests {
+		flags, data := parseOptions(tt.opts)
+		if flags != tt.wantFlags || data != tt.wantData {
+			t.Errorf("parseOptions(%q) = %#x %q, want %#x %q", tt.opts, flags, data, tt.wantFlags, tt.wantData)
+		}
+	}
+}
+
+func TestBindAndReadonlyOptions(t *testing.T) {
+	tests := []struct {
+		typ      string
+		opts     []string
+		bind, ro bool
+	}{
+		{"bind", nil, true, false},
+		{"none", []string{"rbind", "ro"}, true, true},
+		{"", []string{"bind", "ro", "rw"}, true, false},
+		{"tmpfs", []string{"ro"}, false, true},
+		{"proc", nil, false, false},
+	}
+	for _, tt := range tests {
+		if got := isBind(tt.typ, tt.opts); got != tt.bind {
+			t.Errorf("isBind(%q, %q) = %v", tt.typ, tt.opts, got)
+		}
+		if got := isReadonly(tt.opts); got != tt.ro {
+			t.Errorf("isReadonly(%q) = %v", tt.opts, got)
+		}
+	}
+}
+
+func TestCheckIDAndSafeName(t *testing.T) {
+	for _, id := range []string{"c1", "my_container.2-x", "0abc"} {
+		if err := checkID(id); err != nil {
+			t.Errorf("checkID(%q): %v", id, err)
+		}
+	}
+	for _, id := range []string{"", ".", "..", "a/b", "-x", "../etc", "a b", ".hidden"} {
+		if err := checkID(id); err == nil {
+			t.Errorf("checkID(%q) accepted", id)
+		}
+	}
+	names := map[string]string{"hosts": "hosts", "my file": "my_file", "..": "root", "": "root", "a\nb": "a_b"}
+	for in, want := range names {
+		if got := safeName(in); got != want {
+			t.Errorf("safeName(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -1,0 +1,82 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/vm/vhostuser"
+	"github.com/kiln-runtime/kiln/vm/vsock"
+)
+
+// VsockMode selects how the host reaches the guest's vsock.
+type VsockMode string
+
+// Vsock modes.
+const (
+	// VsockVhostUser is Kiln's own device backend, served in-process over vhost-user; guest connections to host
+	// port P go to the Unix socket VsockPath()+"_P". It needs nothing from the host kernel.
+	VsockVhostUser VsockMode = "vhost-user"
+	// VsockKernel is the host kernel's vhost-vsock (/dev/vhost-vsock) with a CID Kiln claims for the VM; guest
+	// connections to host port P go to host AF_VSOCK listeners.
+	VsockKernel VsockMode = "vhost"
+)
+
+// vsockBackend is one way of giving the guest a vsock device.
+type vsockBackend interface {
+	// qemuArgs are the device's QEMU arguments; firstFD is the child's number for the first of files().
+	qemuArgs(firstFD int) []string
+	// files are handed to QEMU as inherited descriptors.
+	files() []*os.File
+	dial(ctx context.Context, port uint32) (net.Conn, error)
+	close() error
+}
+
+// guestCID is the guest's vsock context id with the vhost-user device: each VM has its own device, so ids never
+// collide.
+const guestCID = 3
+
+// vhostUserVsock is Kiln's in-process vsock device, served to QEMU over a vhost-user socket.
+type vhostUserVsock struct {
+	dev        *vsock.Device
+	socketPath string
+	udsPath    string
+}
+
+// startVhostUserVsock creates the device and serves QEMU's connection until ctx ends.
+func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, log *logrus.Entry) (*vhostUserVsock, error) {
+	dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: udsPath}, log)
+	if err != nil {
+		return nil, fmt.Errorf("vsock device: %w", err)
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: socketPath, Net: "unix"})
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("listen for QEMU's vhost-user vsock connection: %w", err)
+	}
+	go func() {
+		defer l.Close()
+		if err := vhostuser.Serve(ctx, l, dev, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
+			log.WithError(err).Warn("vhost-user vsock backend stopped")
+		}
+	}()
+	return &vhostUserVsock{dev: dev, socketPath: socketPath, udsPath: udsPath}, nil
+}
+
+func (v *vhostUserVsock) qemuArgs(int) []string {
+	return []string{
+		"-chardev", "socket,id=vsock,path=" + v.socketPath,
+		"-device", "vhost-user-vsock-device,chardev=vsock",
+	}
+}
+
+func (v *vhostUserVsock) files() []*os.File { return nil }
+
+func (v *vhostUserVsock) dial(ctx context.Context, port uint32) (net.Conn, error) {
+	return vsock.Dial(ctx, v.udsPath, port)
+}
+
+func (v *vhostUserVsock) close() error { return v.dev.Close() }
