@@ -10,24 +10,25 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
 # Debian packages the build and the tests use.
-DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler busybox-static cpio
+DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler busybox-static cpio libseccomp-dev pkg-config gcc libc6-dev
 GO_TEST_TIMEOUT ?= 40m
 
 .PHONY: all build image proto proto-check deps vet test unit integration bench demo clean FORCE
 
 all: build
 
-build: $(BIN)/kiln $(BIN)/containerd-shim-kiln-v2 $(BIN)/kiln-agent $(TOOLS)/kiln-image
+build: deps $(BIN)/kiln $(BIN)/containerd-shim-kiln-v2 $(BIN)/kiln-agent $(TOOLS)/kiln-image
 
 # Go decides what is stale; FORCE makes make always ask it.
 $(BIN)/kiln $(BIN)/containerd-shim-kiln-v2: FORCE
 	@mkdir -p $(BIN)
 	$(GO) build $(GOFLAGS_BUILD) -o $@ ./cmd/$(notdir $@)
 
-# The agent is PID 1 in the guest: static, no cgo.
+# The agent is PID 1 in the guest: one static binary; cgo only for libcontainer's nsenter and libseccomp.
 $(BIN)/kiln-agent: FORCE
 	@mkdir -p $(BIN)
-	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $@ ./cmd/kiln-agent
+	CGO_ENABLED=1 $(GO) build -trimpath -tags 'seccomp netgo osusergo' \
+		-ldflags '$(LDFLAGS) -extldflags -static' -o $@ ./cmd/kiln-agent
 
 $(TOOLS)/kiln-image: FORCE
 	@mkdir -p $(TOOLS)

@@ -11,11 +11,13 @@ import (
 // Init prepares a freshly booted guest for the agent: mounts the base file
 // systems, moves log to the console at the level the kernel command line
 // asks for, loads the kernel modules of the image's module list and starts
-// reaping orphans (until ctx is done). An error leaves the guest unusable.
-func Init(ctx context.Context, log *logrus.Logger) error {
+// reaping orphans (until ctx is done), and mounts the host's shared
+// directory when there is one. An error leaves the guest unusable. The
+// reaper is returned for whoever starts children and waits for them.
+func Init(ctx context.Context, log *logrus.Logger) (*Reaper, error) {
 	entry := logrus.NewEntry(log)
 	if err := MountAll(entry, BaseMounts()); err != nil {
-		return fmt.Errorf("mount base file systems: %w", err)
+		return nil, fmt.Errorf("mount base file systems: %w", err)
 	}
 
 	// The console stays open for the agent's whole life.
@@ -27,7 +29,7 @@ func Init(ctx context.Context, log *logrus.Logger) error {
 
 	cmdline, err := os.ReadFile("/proc/cmdline")
 	if err != nil {
-		return fmt.Errorf("read kernel command line: %w", err)
+		return nil, fmt.Errorf("read kernel command line: %w", err)
 	}
 	level, err := ParseKernelCmdline(string(cmdline)).LogLevel()
 	if err != nil {
@@ -37,8 +39,11 @@ func Init(ctx context.Context, log *logrus.Logger) error {
 	entry.WithField("count", len(BaseMounts())).Debug("base file systems mounted")
 
 	if err := LoadModules(entry, ModuleListPath, ModuleDir); err != nil {
-		return err
+		return nil, err
 	}
-	StartReaper(ctx, entry)
-	return nil
+	reaper := StartReaper(ctx, entry)
+	if _, err := MountShared(entry, SharedTag, SharedDir); err != nil {
+		return nil, err
+	}
+	return reaper, nil
 }

@@ -9,6 +9,8 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // Config is what differs between guest programs built on the agent.
@@ -18,6 +20,12 @@ type Config struct {
 	// Services, when set, starts the program's extra services after Init and
 	// before the agent API listens; it must not block. Its error is fatal.
 	Services func(ctx context.Context, log *logrus.Entry) error
+	// Containers, when set, builds the Containers service after Init. It
+	// gets the guest's reaper, with which anything that waits for its own
+	// children must coordinate. Its error is fatal. It is a hook rather than
+	// part of this package because the container runtime needs cgo (runc's
+	// nsenter) and guest programs without containers stay pure Go.
+	Containers func(ctx context.Context, log *logrus.Entry, reaper *Reaper) (agentv1.ContainersService, error)
 }
 
 // Timings of the power-off after a Shutdown request.
@@ -60,8 +68,15 @@ func Run(ctx context.Context, cfg Config) {
 	log.WithField("version", cfg.Version).Info("kiln agent starting")
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if err := Init(ctx, logger); err != nil {
+	reaper, err := Init(ctx, logger)
+	if err != nil {
 		Fatal(log, fmt.Errorf("init guest: %w", err))
+	}
+	var containers agentv1.ContainersService
+	if cfg.Containers != nil {
+		if containers, err = cfg.Containers(ctx, log, reaper); err != nil {
+			Fatal(log, fmt.Errorf("start container service: %w", err))
+		}
 	}
 
 	// Extra services come first so that a host that reaches the agent API
@@ -77,9 +92,10 @@ func Run(ctx context.Context, cfg Config) {
 	}
 	shutdown := make(chan string, 1)
 	srv, err := NewServer(log, ServerConfig{
-		Version:   cfg.Version,
-		Root:      "/",
-		StartedAt: startedAt,
+		Version:    cfg.Version,
+		Root:       "/",
+		StartedAt:  startedAt,
+		Containers: containers,
 		OnShutdown: func(reason string) {
 			select {
 			case shutdown <- "shutdown request: " + reason:

@@ -29,6 +29,8 @@ type ServerConfig struct {
 	// request is answered; it must not block. It is how the owner of the
 	// server learns it must power the guest off. Nil refuses Shutdown.
 	OnShutdown func(reason string)
+	// Containers, when set, is served as the Containers service.
+	Containers agentv1.ContainersService
 }
 
 // Server serves the agent API (Health and Agent services) with ttrpc.
@@ -57,6 +59,9 @@ func NewServer(log *logrus.Entry, cfg ServerConfig) (*Server, error) {
 	s.ttrpc = t
 	agentv1.RegisterHealthService(t, healthService{s})
 	agentv1.RegisterAgentService(t, agentService{s})
+	if cfg.Containers != nil {
+		agentv1.RegisterContainersService(t, cfg.Containers)
+	}
 	return s, nil
 }
 

@@ -7,11 +7,18 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+	"github.com/sirupsen/logrus"
 )
+
+// AnnotationPrefix is the prefix of the pod annotations Kiln reads; each must be allowed by
+// runtime.enable_annotations.
+const AnnotationPrefix = "io.kiln."
 
 // DefaultPath is the system-wide configuration file used when containerd's runtime options name none.
 const DefaultPath = "/etc/kiln/config.toml"
@@ -34,11 +41,14 @@ const (
 type Config struct {
 	Hypervisor Hypervisor `toml:"hypervisor"`
 	Vsock      Vsock      `toml:"vsock"`
+	SharedFS   SharedFS   `toml:"shared_fs"`
 	Agent      Agent      `toml:"agent"`
 	Runtime    Runtime    `toml:"runtime"`
 
 	// Source is the file the configuration was read from, empty for built-in defaults.
 	Source string `toml:"-"`
+	// fromFile holds the "table.key" names the file set.
+	fromFile map[string]bool
 }
 
 // Hypervisor configures the QEMU microVM.
@@ -62,6 +72,14 @@ type Vsock struct {
 	Mode string `toml:"mode"`
 }
 
+// SharedFS configures the virtio-fs share that carries container root filesystems into the guest.
+type SharedFS struct {
+	// Virtiofsd is the virtio-fs daemon binary.
+	Virtiofsd string `toml:"virtiofsd"`
+	// Cache is virtiofsd's cache mode: auto, always or none.
+	Cache string `toml:"cache"`
+}
+
 // Agent configures the host's use of the guest agent.
 type Agent struct {
 	Debug          bool     `toml:"debug"`
@@ -74,6 +92,8 @@ type Runtime struct {
 	// StateDir holds one directory per running VM (sockets, console log).
 	StateDir string `toml:"state_dir"`
 	LogLevel string `toml:"log_level"`
+	// EnableAnnotations lists the io.kiln.* pod annotations honoured (exact names or prefixes ending in "*").
+	EnableAnnotations []string `toml:"enable_annotations"`
 }
 
 // Duration is a time.Duration written in TOML as a Go duration string ("5s", "250ms").
@@ -107,6 +127,10 @@ func Default() Config {
 			StopTimeout:  Duration(3 * time.Second),
 		},
 		Vsock: Vsock{Mode: VsockAuto},
+		SharedFS: SharedFS{
+			Virtiofsd: "/usr/lib/qemu/virtiofsd",
+			Cache:     "auto",
+		},
 		Agent: Agent{
 			DialTimeout:    Duration(60 * time.Second),
 			RequestTimeout: Duration(30 * time.Second),
@@ -142,6 +166,9 @@ func load(path, systemPath string) (Config, error) {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
 	cfg.Source = path
+	if cfg.fromFile, err = fileKeys(data); err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
@@ -217,6 +244,25 @@ func (c Config) Validate() error {
 		if _, err := os.Stat(p.path); err != nil {
 			errs = append(errs, fmt.Errorf("%s = %q: %w (run `make image` or fix the path)", p.key, p.path, err))
 		}
+	}
+	switch c.SharedFS.Cache {
+	case "auto", "always", "none":
+	default:
+		errs = append(errs, fmt.Errorf("shared_fs.cache = %q: want \"auto\", \"always\" or \"none\"", c.SharedFS.Cache))
+	}
+	if _, err := logrus.ParseLevel(c.Runtime.LogLevel); err != nil {
+		errs = append(errs, fmt.Errorf("runtime.log_level = %q: want trace, debug, info, warn, error, fatal or panic", c.Runtime.LogLevel))
+	}
+	for _, a := range c.Runtime.EnableAnnotations {
+		if !strings.HasPrefix(a, AnnotationPrefix) {
+			errs = append(errs, fmt.Errorf("runtime.enable_annotations: %q does not start with %q", a, AnnotationPrefix))
+		}
+	}
+	if _, err := exec.LookPath(c.Hypervisor.Path); err != nil {
+		errs = append(errs, fmt.Errorf("hypervisor.path = %q: not found (apt-get install qemu-system-x86, or fix the path)", c.Hypervisor.Path))
+	}
+	if _, err := os.Stat(c.SharedFS.Virtiofsd); err != nil {
+		errs = append(errs, fmt.Errorf("shared_fs.virtiofsd = %q: %w (apt-get install qemu-system-common, or fix the path)", c.SharedFS.Virtiofsd, err))
 	}
 	if !filepath.IsAbs(c.Runtime.StateDir) {
 		errs = append(errs, fmt.Errorf("runtime.state_dir = %q: want an absolute path", c.Runtime.StateDir))

@@ -152,3 +152,78 @@ func TestResolveAssets(t *testing.T) {
 		t.Fatalf("got %+v, %v", a, err)
 	}
 }
+
+func TestSettingsSayWhereValuesCameFrom(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(path, []byte("[hypervisor]\nvcpus = 2\n[agent]\ndial_timeout = \"5s\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	settings, err := c.Settings()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]Setting{}
+	for _, s := range settings {
+		got[s.Key] = s
+	}
+	for key, want := range map[string]Setting{
+		"hypervisor.vcpus":       {Value: "2", Source: path},
+		"agent.dial_timeout":     {Value: "'5s'", Source: path},
+		"hypervisor.memory_mib":  {Value: "256", Source: "default"},
+		"shared_fs.cache":        {Value: "'auto'", Source: "default"},
+		"runtime.state_dir":      {Value: "'/run/kiln'", Source: "default"},
+		"hypervisor.accelerator": {Value: "'auto'", Source: "default"},
+	} {
+		s, ok := got[key]
+		if !ok {
+			t.Errorf("no setting %s", key)
+			continue
+		}
+		if s.Value != want.Value || s.Source != want.Source {
+			t.Errorf("%s = %s from %s, want %s from %s", key, s.Value, s.Source, want.Value, want.Source)
+		}
+	}
+}
+
+// The shipped file documents every key with its default: uncommenting every key line gives the defaults, and
+// no key is missing from it.
+func TestShippedFileDocumentsEveryKey(t *testing.T) {
+	var b strings.Builder
+	for _, line := range strings.Split(string(Shipped), "\n") {
+		if rest, ok := strings.CutPrefix(line, "# "); ok && strings.Contains(rest, " = ") {
+			line = rest
+		}
+		b.WriteString(line + "\n")
+	}
+	got, err := Parse([]byte(b.String()))
+	if err != nil {
+		t.Fatalf("shipped file with every key uncommented: %v", err)
+	}
+	gotSettings, err := got.Settings()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantSettings, err := Default().Settings()
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := fileKeys([]byte(b.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(gotSettings) != len(wantSettings) {
+		t.Fatalf("%d settings, want %d", len(gotSettings), len(wantSettings))
+	}
+	for i, w := range wantSettings {
+		if gotSettings[i].Key != w.Key || gotSettings[i].Value != w.Value {
+			t.Errorf("shipped %s = %s, default %s = %s", gotSettings[i].Key, gotSettings[i].Value, w.Key, w.Value)
+		}
+		if !keys[w.Key] {
+			t.Errorf("key %s is not documented in config.toml", w.Key)
+		}
+	}
+}

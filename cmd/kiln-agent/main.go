@@ -1,17 +1,63 @@
 // Command kiln-agent is the Kiln guest agent, run by the guest kernel as
-// PID 1 (/init in the guest's initramfs). Everything it does lives in package
-// agent; this file only carries the build version.
+// PID 1 (/init in the guest's initramfs). Everything it does lives in the
+// agent packages; this file carries the build version, plugs the container
+// service into the agent, and handles the binary's other life:
+// libcontainer re-executes it as each container's init.
+//
+// Build it static with cgo (libcontainer's nsenter is C that must run before
+// the Go runtime starts threads) and seccomp (libseccomp-dev):
+//
+//	CGO_ENABLED=1 go build -tags 'seccomp netgo osusergo' \
+//	    -ldflags '-s -w -extldflags -static' ./cmd/kiln-agent
 package main
 
 import (
 	"context"
+	"fmt"
+
+	// nsenter's constructor joins or creates the container's namespaces
+	// when the binary runs as a container init, before Go starts; in the
+	// agent itself it returns at once.
+	_ "github.com/opencontainers/runc/libcontainer/nsenter"
+	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/agent"
+	"github.com/kiln-runtime/kiln/agent/container"
+	"github.com/kiln-runtime/kiln/agent/stdio"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // version is set at build time: -ldflags '-X main.version=...'.
 var version = "dev"
 
 func main() {
-	agent.Run(context.Background(), agent.Config{Version: version})
+	if container.IsInitReexec() {
+		container.RunInit()
+	}
+	agent.Run(context.Background(), agent.Config{Version: version, Containers: startContainers})
+}
+
+// startContainers starts the container service and the stdio listener it
+// takes process streams from.
+func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reaper) (agentv1.ContainersService, error) {
+	hub := stdio.NewHub(stdio.Config{})
+	svc, err := container.New(log.WithField("service", "containers"), container.Config{
+		StateDir:  container.DefaultStateDir,
+		SharedDir: agent.SharedDir,
+		Stdio:     hub,
+		Reaper:    reaper,
+	})
+	if err != nil {
+		return nil, err
+	}
+	l, err := agent.ListenVsock(stdio.Port)
+	if err != nil {
+		return nil, fmt.Errorf("stdio listener: %w", err)
+	}
+	go func() {
+		if err := stdio.Serve(ctx, log.WithField("port", stdio.Port), l, hub); err != nil {
+			log.WithError(err).Error("stdio listener stopped")
+		}
+	}()
+	return svc, nil
 }

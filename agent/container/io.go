@@ -1,0 +1,378 @@
+package container
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/utils"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/agent/stdio"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+// Timings of a process's stdio.
+const (
+	// drainIdle is how long output may stay silent after the process exited
+	// before its copy stops: output is complete at EOF, but a background
+	// child that kept the pipe open would otherwise hold the exit report
+	// forever.
+	drainIdle = time.Second
+	// stdinIdle is how long the stdin connection may stay silent after
+	// CloseStdin before the process's stdin is closed: bytes the host sent
+	// just before the request may still be on their way.
+	stdinIdle = 250 * time.Millisecond
+	// lingerTimeout bounds how long a half-closed output connection waits
+	// for the host to hang up.
+	lingerTimeout = 30 * time.Second
+)
+
+// wantedStreams lists the connections a request's Stdio asks for.
+func wantedStreams(s *agentv1.Stdio) []stdio.Stream {
+	if s == nil {
+		return nil
+	}
+	if s.GetTerminal() {
+		return []stdio.Stream{stdio.TTY}
+	}
+	var out []stdio.Stream
+	if s.GetStdin() {
+		out = append(out, stdio.Stdin)
+	}
+	if s.GetStdout() {
+		out = append(out, stdio.Stdout)
+	}
+	if s.GetStderr() {
+		out = append(out, stdio.Stderr)
+	}
+	return out
+}
+
+// processIO connects a process's stdio to its connections: pipes, or a
+// pty whose master comes back through libcontainer's console socket.
+type processIO struct {
+	log      *logrus.Entry
+	terminal bool
+	ttyInput bool
+	conns    map[stdio.Stream]net.Conn
+
+	// childFiles are the process's ends, closed here once it started.
+	childFiles []*os.File
+	stdinW     *os.File
+	outputs    map[stdio.Stream]*os.File
+	consoleR   *os.File // our end of the console socket
+	master     *os.File
+
+	copies      sync.WaitGroup
+	stdinClose  chan struct{} // closed by CloseStdin
+	stdinOnce   sync.Once
+	exited      chan struct{} // closed when the process has exited
+	exitedOnce  sync.Once
+	inputClosed chan struct{}
+}
+
+// newProcessIO prepares the process's ends and sets them on lp.
+func newProcessIO(log *logrus.Entry, s *agentv1.Stdio, conns map[stdio.Stream]net.Conn, lp *libcontainer.Process) (_ *processIO, err error) {
+	pio := &processIO{
+		log:         log,
+		terminal:    s.GetTerminal(),
+		ttyInput:    s.GetTerminal() && s.GetStdin(),
+		conns:       conns,
+		outputs:     map[stdio.Stream]*os.File{},
+		stdinClose:  make(chan struct{}),
+		exited:      make(chan struct{}),
+		inputClosed: make(chan struct{}),
+	}
+	defer func() {
+		if err != nil {
+			pio.abort()
+		}
+	}()
+	if pio.terminal {
+		parent, child, err := utils.NewSockPair("console")
+		if err != nil {
+			return nil, fmt.Errorf("create console socket: %w", err)
+		}
+		pio.consoleR = parent
+		pio.childFiles = append(pio.childFiles, child)
+		lp.ConsoleSocket = child
+		return pio, nil
+	}
+	if _, ok := conns[stdio.Stdin]; ok {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, fmt.Errorf("create stdin pipe: %w", err)
+		}
+		pio.childFiles = append(pio.childFiles, r)
+		pio.stdinW = w
+		lp.Stdin = r
+	}
+	for _, st := range []stdio.Stream{stdio.Stdout, stdio.Stderr} {
+		if _, ok := conns[st]; !ok {
+			continue
+		}
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, fmt.Errorf("create %s pipe: %w", st, err)
+		}
+		pio.childFiles = append(pio.childFiles, w)
+		pio.outputs[st] = r
+		if st == stdio.Stdout {
+			lp.Stdout = w
+		} else {
+			lp.Stderr = w
+		}
+	}
+	return pio, nil
+}
+
+// started runs once the process exists: it drops the process's ends (so
+// that EOF comes when the process closes them), takes the pty master and
+// starts copying.
+func (p *processIO) started() error {
+	for _, f := range p.childFiles {
+		f.Close()
+	}
+	p.childFiles = nil
+	if p.terminal {
+		master, err := receiveMaster(p.consoleR)
+		p.consoleR.Close()
+		p.consoleR = nil
+		if err != nil {
+			return err
+		}
+		p.master = master
+		conn := p.conns[stdio.TTY]
+		p.copies.Add(1)
+		go p.copyOutput(stdio.TTY, master, conn)
+		if p.ttyInput {
+			go p.copyInput(conn, master, false)
+		} else {
+			close(p.inputClosed)
+		}
+		return nil
+	}
+	for st, r := range p.outputs {
+		p.copies.Add(1)
+		go p.copyOutput(st, r, p.conns[st])
+	}
+	if c, ok := p.conns[stdio.Stdin]; ok {
+		go p.copyInput(c, p.stdinW, true)
+	} else {
+		close(p.inputClosed)
+	}
+	return nil
+}
+
+// receiveMaster takes the pty master the container's init sent and makes
+// it non-blocking, so that reads can have deadlines.
+func receiveMaster(sock *os.File) (*os.File, error) {
+	f, err := utils.RecvFile(sock)
+	if err != nil {
+		return nil, fmt.Errorf("receive pty master: %w", err)
+	}
+	defer f.Close()
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("pty master: %w", err)
+	}
+	var dup int
+	var dupErr error
+	if err := raw.Control(func(fd uintptr) {
+		dup, dupErr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, fmt.Errorf("pty master: %w", err)
+	}
+	if dupErr != nil {
+		return nil, fmt.Errorf("duplicate pty master: %w", dupErr)
+	}
+	if err := unix.SetNonblock(dup, true); err != nil {
+		unix.Close(dup)
+		return nil, fmt.Errorf("make pty master non-blocking: %w", err)
+	}
+	return os.NewFile(uintptr(dup), "pty-master"), nil
+}
+
+// copyOutput copies until EOF (EIO for a pty whose slave side is closed),
+// or until the source stays silent for drainIdle after the process exited
+// (finish sets the first deadline); then it half-closes the connection.
+func (p *processIO) copyOutput(st stdio.Stream, src *os.File, dst net.Conn) {
+	defer p.copies.Done()
+	buf := make([]byte, 128<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				p.log.WithError(werr).WithField("stream", st).Debug("stdio connection closed by the host")
+				// Keep reading so that the process never blocks on a full pipe.
+				_, _ = io.Copy(io.Discard, src)
+				break
+			}
+			if isClosed(p.exited) {
+				_ = src.SetReadDeadline(time.Now().Add(drainIdle))
+			}
+		}
+		if err != nil {
+			switch {
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				p.log.WithField("stream", st).Debug("output still open after exit; stopped copying")
+			case errors.Is(err, io.EOF), errors.Is(err, unix.EIO), errors.Is(err, os.ErrClosed):
+			default:
+				p.log.WithError(err).WithField("stream", st).Warn("read process output")
+			}
+			break
+		}
+	}
+	halfClose(dst)
+}
+
+// copyInput copies the host's input to the process until the connection
+// ends, or goes quiet for stdinIdle after CloseStdin (which sets the first
+// deadline). closeDst says whether the end closes dst (a stdin pipe: the
+// process reads EOF) or merely stops (a pty master, which stays open for
+// output).
+func (p *processIO) copyInput(src net.Conn, dst *os.File, closeDst bool) {
+	defer close(p.inputClosed)
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+			if isClosed(p.stdinClose) {
+				_ = src.SetReadDeadline(time.Now().Add(stdinIdle))
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	if closeDst {
+		dst.Close()
+	}
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// closeStdin asks for the process's stdin to be closed once the host's
+// input has gone quiet.
+func (p *processIO) closeStdin() {
+	p.stdinOnce.Do(func() {
+		close(p.stdinClose)
+		in := p.conns[stdio.Stdin]
+		if p.terminal {
+			in = p.conns[stdio.TTY]
+		}
+		if in != nil {
+			_ = in.SetReadDeadline(time.Now().Add(stdinIdle))
+		}
+	})
+}
+
+// resize sets the pty's window size; the kernel sends SIGWINCH.
+func (p *processIO) resize(width, height uint32) error {
+	if p.master == nil {
+		return errors.New("process has no terminal")
+	}
+	raw, err := p.master.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("resize terminal: %w", err)
+	}
+	var ioctlErr error
+	err = raw.Control(func(fd uintptr) {
+		ioctlErr = unix.IoctlSetWinsize(int(fd), unix.TIOCSWINSZ, &unix.Winsize{Row: uint16(height), Col: uint16(width)})
+	})
+	if err == nil {
+		err = ioctlErr
+	}
+	if err != nil {
+		return fmt.Errorf("resize terminal to %dx%d: %w", width, height, err)
+	}
+	return nil
+}
+
+// finish runs after the process exited: it returns once every output
+// connection has all the output and is half-closed. The connections are
+// closed in the background once the host hangs up.
+func (p *processIO) finish() {
+	p.exitedOnce.Do(func() { close(p.exited) })
+	deadline := time.Now().Add(drainIdle)
+	for _, r := range p.outputs {
+		_ = r.SetReadDeadline(deadline)
+	}
+	if p.master != nil {
+		_ = p.master.SetReadDeadline(deadline)
+	}
+	p.copies.Wait()
+	if c := p.conns[stdio.Stdin]; c != nil {
+		// Input is pointless now; this also ends copyInput.
+		c.Close()
+	}
+	if p.terminal && p.ttyInput {
+		// The tty connection carries input too: stop reading it, keep it
+		// for the half-close below.
+		_ = p.conns[stdio.TTY].SetReadDeadline(time.Now())
+		<-p.inputClosed
+	}
+	if p.master != nil {
+		p.master.Close()
+	}
+	for _, r := range p.outputs {
+		r.Close()
+	}
+	for st, c := range p.conns {
+		if st == stdio.Stdin {
+			continue
+		}
+		go linger(c)
+	}
+}
+
+// abort releases everything of a process that never started.
+func (p *processIO) abort() {
+	for _, f := range p.childFiles {
+		f.Close()
+	}
+	for _, f := range []*os.File{p.stdinW, p.consoleR, p.master} {
+		if f != nil {
+			f.Close()
+		}
+	}
+	for _, r := range p.outputs {
+		r.Close()
+	}
+	for _, c := range p.conns {
+		c.Close()
+	}
+}
+
+func halfClose(c net.Conn) {
+	if hc, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = hc.CloseWrite()
+		return
+	}
+	c.Close()
+}
+
+// linger keeps a half-closed connection until the host hangs up, so that
+// closing it cannot cut output still in flight.
+func linger(c net.Conn) {
+	_ = c.SetReadDeadline(time.Now().Add(lingerTimeout))
+	_, _ = io.Copy(io.Discard, c)
+	c.Close()
+}

@@ -1,0 +1,71 @@
+package container
+
+import (
+	"github.com/opencontainers/cgroups"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// mergeResources applies the fields an OCI update sets onto libcontainer's
+// resources and leaves the others (devices above all) as they are, the way
+// `runc update` does.
+func mergeResources(dst *cgroups.Resources, r *specs.LinuxResources) {
+	if m := r.Memory; m != nil {
+		setIf(&dst.Memory, m.Limit)
+		setIf(&dst.MemoryReservation, m.Reservation)
+		setIf(&dst.MemorySwap, m.Swap)
+		if m.Swappiness != nil {
+			dst.MemorySwappiness = m.Swappiness
+		}
+	}
+	if c := r.CPU; c != nil {
+		setIf(&dst.CpuShares, c.Shares)
+		setIf(&dst.CpuQuota, c.Quota)
+		setIf(&dst.CpuPeriod, c.Period)
+		setIf(&dst.CpuRtRuntime, c.RealtimeRuntime)
+		setIf(&dst.CpuRtPeriod, c.RealtimePeriod)
+		if c.Burst != nil {
+			dst.CpuBurst = c.Burst
+		}
+		if c.Idle != nil {
+			dst.CPUIdle = c.Idle
+		}
+		if c.Cpus != "" {
+			dst.CpusetCpus = c.Cpus
+		}
+		if c.Mems != "" {
+			dst.CpusetMems = c.Mems
+		}
+	}
+	if p := r.Pids; p != nil {
+		dst.PidsLimit = p.Limit
+	}
+	if b := r.BlockIO; b != nil && b.Weight != nil {
+		dst.BlkioWeight = *b.Weight
+	}
+	for _, h := range r.HugepageLimits {
+		found := false
+		for _, have := range dst.HugetlbLimit {
+			if have.Pagesize == h.Pagesize {
+				have.Limit = h.Limit
+				found = true
+			}
+		}
+		if !found {
+			dst.HugetlbLimit = append(dst.HugetlbLimit, &cgroups.HugepageLimit{Pagesize: h.Pagesize, Limit: h.Limit})
+		}
+	}
+	if len(r.Unified) > 0 {
+		if dst.Unified == nil {
+			dst.Unified = map[string]string{}
+		}
+		for k, v := range r.Unified {
+			dst.Unified[k] = v
+		}
+	}
+}
+
+func setIf[T any, P interface{ ~*T }](dst *T, v P) {
+	if v != nil {
+		*dst = *v
+	}
+}

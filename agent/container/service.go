@@ -1,0 +1,291 @@
+package container
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/opencontainers/runc/libcontainer"
+	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/kiln-runtime/kiln/agent/stdio"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+// Default places and bounds of the service.
+const (
+	DefaultStateDir     = "/run/kiln/containers"
+	DefaultSharedDir    = "/run/kiln/shared"
+	DefaultStdioTimeout = 10 * time.Second
+	// removeKillTimeout bounds the wait for a force-removed container's
+	// processes to die.
+	removeKillTimeout = 10 * time.Second
+	// maxStoppedExecs bounds the stopped exec processes a container keeps
+	// for WaitProcess: probes exec every few seconds for the container's
+	// whole life, and the API has no call to forget one.
+	maxStoppedExecs = 128
+)
+
+// ChildReaper is the guest's orphan reaper as the service needs it.
+// libcontainer starts children and waits for some of them itself, and the
+// service waits for the container processes; a reaper that collected any
+// child would steal those exit statuses.
+type ChildReaper interface {
+	// Hold stops reaping until release is called; it is held around each
+	// libcontainer call that starts processes.
+	Hold() (release func())
+	// Claim leaves pid to the service until release, which is called once
+	// the service has collected its exit status.
+	Claim(pid int) (release func())
+}
+
+// Config is what the service needs from the agent.
+type Config struct {
+	// StateDir holds libcontainer's state (a tmpfs in the guest).
+	StateDir string
+	// SharedDir is where the host's shared directory is mounted; requests'
+	// rootfs paths are relative to it.
+	SharedDir string
+	// Stdio holds the host's stdio connections until requests claim them.
+	Stdio *stdio.Hub
+	// Reaper coordinates exit statuses with the guest's orphan reaper.
+	Reaper ChildReaper
+	// StdioTimeout bounds a request's wait for its stdio connections.
+	StdioTimeout time.Duration
+	// EventBacklog bounds the events kept while no subscriber listens.
+	EventBacklog int
+	// NoPivotRoot makes containers use chroot instead of pivot_root(2),
+	// which fails while the guest's root is the initramfs. New detects it
+	// when nil.
+	NoPivotRoot *bool
+}
+
+// Service implements the Containers API.
+type Service struct {
+	cfg     Config
+	log     *logrus.Entry
+	events  *eventQueue
+	noPivot bool
+
+	mu         sync.Mutex
+	containers map[string]*container
+	creating   map[string]bool
+}
+
+var _ agentv1.ContainersService = (*Service)(nil)
+
+// New returns a service with no containers.
+func New(log *logrus.Entry, cfg Config) (*Service, error) {
+	if cfg.StateDir == "" {
+		cfg.StateDir = DefaultStateDir
+	}
+	if cfg.SharedDir == "" {
+		cfg.SharedDir = DefaultSharedDir
+	}
+	if cfg.StdioTimeout <= 0 {
+		cfg.StdioTimeout = DefaultStdioTimeout
+	}
+	if cfg.Stdio == nil || cfg.Reaper == nil {
+		return nil, errors.New("container service needs a stdio hub and a reaper")
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create container state directory %s: %w", cfg.StateDir, err)
+	}
+	s := &Service{
+		cfg:        cfg,
+		log:        log,
+		events:     newEventQueue(cfg.EventBacklog),
+		containers: map[string]*container{},
+		creating:   map[string]bool{},
+	}
+	if cfg.NoPivotRoot != nil {
+		s.noPivot = *cfg.NoPivotRoot
+	} else {
+		ramfs, err := rootIsRamfs()
+		if err != nil {
+			return nil, err
+		}
+		s.noPivot = ramfs
+	}
+	return s, nil
+}
+
+// container is one libcontainer container and its processes.
+type container struct {
+	id        string
+	lc        *libcontainer.Container
+	rootfs    string
+	cgroupDir string
+	oom       *oomWatcher
+
+	mu           sync.Mutex
+	init         *process
+	execs        map[string]*process
+	stoppedExecs []string // oldest first
+}
+
+// process is a container's init or exec process.
+type process struct {
+	execID string
+	lp     *libcontainer.Process
+	pid    int
+	io     *processIO
+	sm     *machine // guarded by the container's mu
+	done   chan struct{}
+	// Set before done is closed.
+	exitStatus uint32
+	exitedAt   time.Time
+}
+
+func (s *Service) get(id string) (*container, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.containers[id]
+	if c == nil {
+		return nil, status.Errorf(codes.NotFound, "container %q not found", id)
+	}
+	return c, nil
+}
+
+// process finds a process by exec id ("" is the init process).
+func (c *container) process(execID string) (*process, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if execID == "" {
+		return c.init, nil
+	}
+	p := c.execs[execID]
+	if p == nil {
+		return nil, status.Errorf(codes.NotFound, "exec %q of container %q not found", execID, c.id)
+	}
+	return p, nil
+}
+
+func transitionErr(what, id string, err error) error {
+	return status.Errorf(codes.FailedPrecondition, "%s %s: %v", what, id, err)
+}
+
+// claimStdio waits (bounded) for the connections a request names.
+func (s *Service) claimStdio(ctx context.Context, st *agentv1.Stdio) (map[stdio.Stream]net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.StdioTimeout)
+	defer cancel()
+	conns, err := s.cfg.Stdio.Claim(ctx, st.GetStdioKey(), wantedStreams(st))
+	if err != nil {
+		return nil, status.Errorf(codes.DeadlineExceeded, "%v", err)
+	}
+	return conns, nil
+}
+
+// start runs lp in lc with the reaper held, so that the children
+// libcontainer waits for itself are not reaped from under it, and claims
+// the process before the reaper may look again.
+func (s *Service) start(lc *libcontainer.Container, lp *libcontainer.Process) (pid int, unclaim func(), err error) {
+	release := s.cfg.Reaper.Hold()
+	defer release()
+	if err := lc.Start(lp); err != nil {
+		return 0, nil, err
+	}
+	pid, err = lp.Pid()
+	if err != nil {
+		return 0, nil, fmt.Errorf("pid of started process: %w", err)
+	}
+	return pid, s.cfg.Reaper.Claim(pid), nil
+}
+
+// watch waits for p's exit, delivers its output, then reports the exit.
+func (s *Service) watch(c *container, p *process, unclaim func()) {
+	ps, err := p.lp.Wait()
+	unclaim()
+	exitedAt := time.Now()
+	code := exitCode(ps, err)
+	log := s.log.WithFields(logrus.Fields{"container": c.id, "exec": p.execID, "pid": p.pid, "status": code})
+	if ps == nil {
+		log.WithError(err).Warn("wait for container process")
+	}
+	p.io.finish()
+	if p.execID == "" && c.oom != nil {
+		c.oom.check()
+	}
+	c.mu.Lock()
+	p.exitStatus, p.exitedAt = code, exitedAt
+	if err := p.sm.Transition(Stopped); err != nil {
+		log.WithError(err).Warn("process exit in an unexpected state")
+	}
+	if p.execID != "" {
+		c.noteStoppedExec(p.execID)
+	}
+	c.mu.Unlock()
+	s.events.publish(&agentv1.Event{Event: &agentv1.Event_Exit{Exit: &agentv1.ExitEvent{
+		ContainerId: c.id,
+		ExecId:      p.execID,
+		Pid:         uint32(p.pid),
+		ExitStatus:  code,
+		ExitedAt:    timestamppb.New(exitedAt),
+	}}})
+	close(p.done)
+	log.Debug("process exited")
+}
+
+// noteStoppedExec forgets the oldest stopped execs beyond the bound.
+// c.mu is held.
+func (c *container) noteStoppedExec(execID string) {
+	c.stoppedExecs = append(c.stoppedExecs, execID)
+	for len(c.stoppedExecs) > maxStoppedExecs {
+		old := c.stoppedExecs[0]
+		c.stoppedExecs = c.stoppedExecs[1:]
+		if p := c.execs[old]; p != nil && p.sm.State() == Stopped {
+			delete(c.execs, old)
+		}
+	}
+}
+
+// exitCode is the shell's convention: the exit code, or 128+signal.
+func exitCode(ps *os.ProcessState, err error) uint32 {
+	if ps == nil {
+		return 255
+	}
+	ws, ok := ps.Sys().(syscall.WaitStatus)
+	if !ok {
+		return uint32(ps.ExitCode())
+	}
+	if ws.Signaled() {
+		return 128 + uint32(ws.Signal())
+	}
+	return uint32(ws.ExitStatus())
+}
+
+// rootIsRamfs says whether / is the initial ramfs, the one mount that
+// pivot_root(2) cannot move away from.
+func rootIsRamfs() (bool, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false, fmt.Errorf("read mount table: %w", err)
+	}
+	return mountinfoRootIsRamfs(string(b)), nil
+}
+
+func mountinfoRootIsRamfs(mountinfo string) bool {
+	// The last mount on "/" is the visible one.
+	last := ""
+	for _, line := range strings.Split(mountinfo, "\n") {
+		fields := strings.Fields(line)
+		if len(fields) < 5 || fields[4] != "/" {
+			continue
+		}
+		if _, post, ok := strings.Cut(line, " - "); ok {
+			if f := strings.Fields(post); len(f) > 0 {
+				last = f[0]
+			}
+		}
+	}
+	return last == "rootfs" || last == "ramfs"
+}

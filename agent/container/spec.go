@@ -1,0 +1,206 @@
+package container
+
+import (
+	"encoding/json"
+	"fmt"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	securejoin "github.com/cyphar/filepath-securejoin"
+	"github.com/moby/sys/user"
+	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/configs"
+	"github.com/opencontainers/runc/libcontainer/specconv"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+// cgroupParent is where containers whose spec names no usable cgroup path
+// get their cgroup in the guest's hierarchy.
+const cgroupParent = "/kiln"
+
+// rootfsPath resolves the request's rootfs, relative to the shared
+// directory, refusing anything that would leave it.
+func rootfsPath(sharedDir, rootfs string) (string, error) {
+	if rootfs == "" {
+		return "", fmt.Errorf("empty rootfs")
+	}
+	clean := path.Clean(rootfs)
+	if path.IsAbs(rootfs) || clean == "." || clean == ".." || strings.HasPrefix(clean, "../") {
+		return "", fmt.Errorf("rootfs %q is not a path inside the shared directory", rootfs)
+	}
+	return filepath.Join(sharedDir, filepath.FromSlash(clean)), nil
+}
+
+// adaptSpec parses the host's OCI spec and makes it fit the guest: the root
+// is the shared rootfs, the network is the VM's (a network namespace would
+// leave the container without one), hooks name host binaries that do not
+// exist here, and the cgroup lives in the guest's own hierarchy.
+func adaptSpec(raw []byte, id, root string) (*specs.Spec, error) {
+	var spec specs.Spec
+	if err := json.Unmarshal(raw, &spec); err != nil {
+		return nil, fmt.Errorf("parse OCI spec: %w", err)
+	}
+	if spec.Process == nil {
+		return nil, fmt.Errorf("OCI spec has no process")
+	}
+	if spec.Root == nil {
+		spec.Root = &specs.Root{}
+	}
+	spec.Root.Path = root
+	spec.Hooks = nil
+	if spec.Linux == nil {
+		spec.Linux = &specs.Linux{}
+	}
+	spec.Linux.Namespaces = slices.DeleteFunc(spec.Linux.Namespaces, func(ns specs.LinuxNamespace) bool {
+		return ns.Type == specs.NetworkNamespace
+	})
+	spec.Linux.CgroupsPath = guestCgroupPath(spec.Linux.CgroupsPath, id)
+	return &spec, nil
+}
+
+// guestCgroupPath keeps a plain absolute cgroup path from the spec and
+// replaces anything else (empty, relative, systemd's "slice:prefix:name")
+// with one under cgroupParent: the guest has no systemd and the host's
+// layout means nothing in it.
+func guestCgroupPath(p, id string) string {
+	if strings.HasPrefix(p, "/") && !strings.Contains(p, ":") && path.Clean(p) != "/" {
+		return path.Clean(p)
+	}
+	return path.Join(cgroupParent, id)
+}
+
+// libcontainerConfig turns an adapted spec into libcontainer's config.
+// noPivotRoot is needed while the guest's root is the initramfs, where
+// pivot_root(2) fails.
+func libcontainerConfig(spec *specs.Spec, id string, noPivotRoot bool) (*configs.Config, error) {
+	cfg, err := specconv.CreateLibcontainerConfig(&specconv.CreateOpts{
+		CgroupName:  id,
+		NoPivotRoot: noPivotRoot,
+		Spec:        spec,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("convert OCI spec of %s: %w", id, err)
+	}
+	return cfg, nil
+}
+
+// newProcess turns an OCI process into a libcontainer process, the way runc
+// does, plus user names: a username is looked up in the container's
+// /etc/passwd and /etc/group (uid, gid, supplementary groups).
+func newProcess(p *specs.Process, rootfs string) (*libcontainer.Process, error) {
+	uid, gid := int(p.User.UID), int(p.User.GID)
+	var groups []int
+	if p.User.Username != "" {
+		u, err := lookupUser(rootfs, p.User.Username)
+		if err != nil {
+			return nil, err
+		}
+		uid, gid, groups = u.Uid, u.Gid, u.Sgids
+	}
+	for _, g := range p.User.AdditionalGids {
+		if !slices.Contains(groups, int(g)) {
+			groups = append(groups, int(g))
+		}
+	}
+	noNewPrivs := p.NoNewPrivileges
+	lp := &libcontainer.Process{
+		Args:             p.Args,
+		Env:              p.Env,
+		UID:              uid,
+		GID:              gid,
+		AdditionalGroups: groups,
+		Cwd:              p.Cwd,
+		Label:            p.SelinuxLabel,
+		NoNewPrivileges:  &noNewPrivs,
+		AppArmorProfile:  p.ApparmorProfile,
+		Scheduler:        p.Scheduler,
+		IOPriority:       p.IOPriority,
+	}
+	if p.ConsoleSize != nil {
+		lp.ConsoleWidth = uint16(p.ConsoleSize.Width)
+		lp.ConsoleHeight = uint16(p.ConsoleSize.Height)
+	}
+	if c := p.Capabilities; c != nil {
+		lp.Capabilities = &configs.Capabilities{
+			Bounding:    c.Bounding,
+			Effective:   c.Effective,
+			Inheritable: c.Inheritable,
+			Permitted:   c.Permitted,
+			Ambient:     c.Ambient,
+		}
+	}
+	for _, r := range p.Rlimits {
+		kind, ok := rlimitNumber(r.Type)
+		if !ok {
+			return nil, fmt.Errorf("unknown rlimit %q", r.Type)
+		}
+		lp.Rlimits = append(lp.Rlimits, configs.Rlimit{Type: kind, Hard: r.Hard, Soft: r.Soft})
+	}
+	aff, err := configs.ConvertCPUAffinity(p.ExecCPUAffinity)
+	if err != nil {
+		return nil, fmt.Errorf("convert exec CPU affinity: %w", err)
+	}
+	lp.CPUAffinity = aff
+	return lp, nil
+}
+
+// lookupUser resolves "name", "name:group", "uid:gid"... in the container's
+// own user database; the paths are resolved inside rootfs so that a symlink
+// in the image cannot point the agent at the guest's files.
+func lookupUser(rootfs, spec string) (*user.ExecUser, error) {
+	passwd, err := securejoin.SecureJoin(rootfs, "/etc/passwd")
+	if err != nil {
+		return nil, fmt.Errorf("resolve /etc/passwd in %s: %w", rootfs, err)
+	}
+	group, err := securejoin.SecureJoin(rootfs, "/etc/group")
+	if err != nil {
+		return nil, fmt.Errorf("resolve /etc/group in %s: %w", rootfs, err)
+	}
+	u, err := user.GetExecUserPath(spec, &user.ExecUser{}, passwd, group)
+	if err != nil {
+		return nil, fmt.Errorf("look up user %q in the container's /etc/passwd: %w", spec, err)
+	}
+	return u, nil
+}
+
+// rlimitNumber maps an OCI rlimit name to the kernel's resource number.
+func rlimitNumber(name string) (int, bool) {
+	switch name {
+	case "RLIMIT_AS":
+		return unix.RLIMIT_AS, true
+	case "RLIMIT_CORE":
+		return unix.RLIMIT_CORE, true
+	case "RLIMIT_CPU":
+		return unix.RLIMIT_CPU, true
+	case "RLIMIT_DATA":
+		return unix.RLIMIT_DATA, true
+	case "RLIMIT_FSIZE":
+		return unix.RLIMIT_FSIZE, true
+	case "RLIMIT_LOCKS":
+		return unix.RLIMIT_LOCKS, true
+	case "RLIMIT_MEMLOCK":
+		return unix.RLIMIT_MEMLOCK, true
+	case "RLIMIT_MSGQUEUE":
+		return unix.RLIMIT_MSGQUEUE, true
+	case "RLIMIT_NICE":
+		return unix.RLIMIT_NICE, true
+	case "RLIMIT_NOFILE":
+		return unix.RLIMIT_NOFILE, true
+	case "RLIMIT_NPROC":
+		return unix.RLIMIT_NPROC, true
+	case "RLIMIT_RSS":
+		return unix.RLIMIT_RSS, true
+	case "RLIMIT_RTPRIO":
+		return unix.RLIMIT_RTPRIO, true
+	case "RLIMIT_RTTIME":
+		return unix.RLIMIT_RTTIME, true
+	case "RLIMIT_SIGPENDING":
+		return unix.RLIMIT_SIGPENDING, true
+	case "RLIMIT_STACK":
+		return unix.RLIMIT_STACK, true
+	}
+	return 0, false
+}

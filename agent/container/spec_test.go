@@ -1,0 +1,234 @@
+package container
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/cgroups/devices/config"
+	"github.com/opencontainers/runc/libcontainer/configs"
+	"github.com/opencontainers/runc/libcontainer/specconv"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+func TestRootfsPath(t *testing.T) {
+	tests := []struct {
+		rootfs, want string
+		ok           bool
+	}{
+		{"c1/rootfs", "/share/c1/rootfs", true},
+		{"c1/./rootfs/", "/share/c1/rootfs", true},
+		{"c1/../c2/rootfs", "/share/c2/rootfs", true},
+		{"", "", false},
+		{"/c1/rootfs", "", false},
+		{"..", "", false},
+		{"../etc", "", false},
+		{"c1/../../etc", "", false},
+		{".", "", false},
+	}
+	for _, tt := range tests {
+		got, err := rootfsPath("/share", tt.rootfs)
+		if (err == nil) != tt.ok || got != tt.want {
+			t.Errorf("rootfsPath(%q) = %q, %v; want %q ok=%v", tt.rootfs, got, err, tt.want, tt.ok)
+		}
+	}
+}
+
+func TestGuestCgroupPath(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"", "/kiln/c1"},
+		{"/default/c1", "/default/c1"},
+		{"/a/../b", "/b"},
+		{"relative/path", "/kiln/c1"},
+		{"system.slice:cri-containerd:c1", "/kiln/c1"},
+		{"/", "/kiln/c1"},
+	}
+	for _, tt := range tests {
+		if got := guestCgroupPath(tt.in, "c1"); got != tt.want {
+			t.Errorf("guestCgroupPath(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+func exampleSpec(t *testing.T, mutate func(*specs.Spec)) []byte {
+	t.Helper()
+	s := specconv.Example()
+	s.Root.Path = "/host/bundle/rootfs"
+	s.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/usr/bin/host-only"}}}
+	s.Linux.CgroupsPath = "kubepods.slice:cri:c1"
+	s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: "/var/run/netns/x"})
+	if mutate != nil {
+		mutate(s)
+	}
+	b, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestAdaptSpec(t *testing.T) {
+	spec, err := adaptSpec(exampleSpec(t, nil), "c1", "/run/kiln/shared/c1/rootfs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec.Root.Path != "/run/kiln/shared/c1/rootfs" {
+		t.Errorf("root %q", spec.Root.Path)
+	}
+	if spec.Hooks != nil {
+		t.Errorf("hooks kept: %v", spec.Hooks)
+	}
+	if slices.ContainsFunc(spec.Linux.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.NetworkNamespace }) {
+		t.Errorf("network namespace kept: %v", spec.Linux.Namespaces)
+	}
+	if !slices.ContainsFunc(spec.Linux.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.PIDNamespace }) {
+		t.Errorf("pid namespace dropped: %v", spec.Linux.Namespaces)
+	}
+	if spec.Linux.CgroupsPath != "/kiln/c1" {
+		t.Errorf("cgroups path %q", spec.Linux.CgroupsPath)
+	}
+
+	cfg, err := libcontainerConfig(spec, "c1", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Rootfs != "/run/kiln/shared/c1/rootfs" || !cfg.NoPivotRoot {
+		t.Errorf("rootfs %q no-pivot %v", cfg.Rootfs, cfg.NoPivotRoot)
+	}
+	if cfg.Namespaces.Contains(configs.NEWNET) {
+		t.Error("libcontainer config has a network namespace")
+	}
+	if !cfg.Namespaces.Contains(configs.NEWPID) || !cfg.Namespaces.Contains(configs.NEWNS) {
+		t.Error("libcontainer config lost pid or mount namespace")
+	}
+	if cfg.Cgroups.Path != "/kiln/c1" {
+		t.Errorf("cgroup path %q", cfg.Cgroups.Path)
+	}
+}
+
+func TestAdaptSpecRejects(t *testing.T) {
+	for name, raw := range map[string][]byte{
+		"not json":   []byte("{"),
+		"no process": []byte(`{"ociVersion":"1.2.0","root":{"path":"rootfs"}}`),
+	} {
+		if _, err := adaptSpec(raw, "c1", "/r"); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+func TestNewProcess(t *testing.T) {
+	rootfs := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(rootfs, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	write := func(name, text string) {
+		if err := os.WriteFile(filepath.Join(rootfs, "etc", name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("passwd", "root:x:0:0::/root:/bin/sh\nalice:x:1000:1001::/home/alice:/bin/sh\n")
+	write("group", "root:x:0:\nalice:x:1001:\nstaff:x:50:alice,bob\nwheel:x:10:bob\n")
+
+	p := &specs.Process{
+		Args: []string{"id"}, Cwd: "/",
+		User:            specs.User{UID: 7, GID: 8, AdditionalGids: []uint32{9}},
+		NoNewPrivileges: true,
+		Rlimits:         []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: 100, Soft: 50}},
+		ConsoleSize:     &specs.Box{Height: 24, Width: 80},
+		Capabilities:    &specs.LinuxCapabilities{Bounding: []string{"CAP_KILL"}},
+	}
+	lp, err := newProcess(p, rootfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lp.UID != 7 || lp.GID != 8 || !slices.Equal(lp.AdditionalGroups, []int{9}) {
+		t.Errorf("numeric user: uid %d gid %d groups %v", lp.UID, lp.GID, lp.AdditionalGroups)
+	}
+	if lp.NoNewPrivileges == nil || !*lp.NoNewPrivileges || lp.ConsoleWidth != 80 || lp.ConsoleHeight != 24 {
+		t.Errorf("no-new-privs %v console %dx%d", lp.NoNewPrivileges, lp.ConsoleWidth, lp.ConsoleHeight)
+	}
+	if len(lp.Rlimits) != 1 || lp.Rlimits[0] != (configs.Rlimit{Type: unix.RLIMIT_NOFILE, Hard: 100, Soft: 50}) {
+		t.Errorf("rlimits %v", lp.Rlimits)
+	}
+	if lp.Capabilities == nil || !slices.Equal(lp.Capabilities.Bounding, []string{"CAP_KILL"}) {
+		t.Errorf("capabilities %v", lp.Capabilities)
+	}
+
+	p.User = specs.User{Username: "alice", AdditionalGids: []uint32{50, 99}}
+	lp, err = newProcess(p, rootfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lp.UID != 1000 || lp.GID != 1001 || !slices.Equal(lp.AdditionalGroups, []int{50, 99}) {
+		t.Errorf("named user: uid %d gid %d groups %v, want 1000 1001 [50 99]", lp.UID, lp.GID, lp.AdditionalGroups)
+	}
+
+	p.User = specs.User{Username: "nobody-here"}
+	if _, err := newProcess(p, rootfs); err == nil {
+		t.Error("unknown user name accepted")
+	}
+	p.User = specs.User{}
+	p.Rlimits = []specs.POSIXRlimit{{Type: "RLIMIT_BOGUS"}}
+	if _, err := newProcess(p, rootfs); err == nil {
+		t.Error("unknown rlimit accepted")
+	}
+}
+
+// /etc/passwd is looked up inside the rootfs even through an absolute
+// symlink, never in the guest's own files.
+func TestLookupUserStaysInRootfs(t *testing.T) {
+	rootfs := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(rootfs, "etc", "real"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(rootfs, "etc", "real", "passwd"), []byte("carol:x:42:42::/:/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("/etc/real/passwd", filepath.Join(rootfs, "etc", "passwd")); err != nil {
+		t.Fatal(err)
+	}
+	u, err := lookupUser(rootfs, "carol")
+	if err != nil || u.Uid != 42 {
+		t.Fatalf("lookup through an absolute symlink: %v %v", u, err)
+	}
+}
+
+func TestMountinfoRootIsRamfs(t *testing.T) {
+	initramfs := "1 1 0:2 / / rw - rootfs rootfs rw,size=100k\n22 1 0:20 / /proc rw,nosuid - proc proc rw\n"
+	if !mountinfoRootIsRamfs(initramfs) {
+		t.Error("initramfs root not detected")
+	}
+	switched := initramfs + "30 1 0:30 / / rw - tmpfs tmpfs rw\n"
+	if mountinfoRootIsRamfs(switched) {
+		t.Error("a tmpfs mounted over the initramfs root taken for the initramfs")
+	}
+	if mountinfoRootIsRamfs("25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n") {
+		t.Error("ext4 root taken for an initramfs")
+	}
+}
+
+// An update changes what it names and keeps everything else (device rules
+// above all).
+func TestMergeResources(t *testing.T) {
+	limit, quota, pids := int64(64<<20), int64(50000), int64(10)
+	period := uint64(100000)
+	dst := &cgroups.Resources{Memory: 1, CpuQuota: 2, PidsLimit: 3, CpusetCpus: "0", Unified: map[string]string{"a": "1"}}
+	dst.Devices = make([]*config.Rule, 2)
+	mergeResources(dst, &specs.LinuxResources{
+		Memory:  &specs.LinuxMemory{Limit: &limit},
+		CPU:     &specs.LinuxCPU{Quota: &quota, Period: &period},
+		Pids:    &specs.LinuxPids{Limit: pids},
+		Unified: map[string]string{"b": "2"},
+	})
+	if dst.Memory != limit || dst.CpuQuota != quota || dst.CpuPeriod != period || dst.PidsLimit != pids {
+		t.Errorf("merged: memory %d quota %d period %d pids %d", dst.Memory, dst.CpuQuota, dst.CpuPeriod, dst.PidsLimit)
+	}
+	if dst.CpusetCpus != "0" || len(dst.Devices) != 2 || dst.Unified["a"] != "1" || dst.Unified["b"] != "2" {
+		t.Errorf("fields the update did not name changed: %+v", dst)
+	}
+}

@@ -1,0 +1,59 @@
+package container
+
+import (
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+func TestReadStatsFromCgroupFiles(t *testing.T) {
+	got, err := readStats("testdata/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &agentv1.StatsContainerResponse{
+		Cpu: &agentv1.CPUStats{UsageUsec: 1000, UserUsec: 600, SystemUsec: 400, NrPeriods: 5, NrThrottled: 2, ThrottledUsec: 77},
+		Memory: &agentv1.MemoryStats{
+			Usage: 1234567, UsageLimit: 33554432, SwapUsage: 0, SwapLimit: 0,
+			Anon: 4096, File: 8192, KernelStack: 16384, Slab: 100, Shmem: 12, FileMapped: 13, FileDirty: 14,
+			FileWriteback: 15, Pgfault: 900, Pgmajfault: 3, InactiveAnon: 1, ActiveAnon: 2, InactiveFile: 3,
+			ActiveFile: 4, Unevictable: 5, Oom: 2, OomKill: 1, Max: 7, High: 6,
+		},
+		Pids: &agentv1.PidsStats{Current: 3, Limit: 0},
+		Io:   &agentv1.IOStats{Usage: []*agentv1.IOEntry{{Major: 254, Minor: 0, Rbytes: 4096, Wbytes: 8192, Rios: 1, Wios: 2}}},
+	}
+	if !proto.Equal(got, want) {
+		t.Errorf("stats:\n got %v\nwant %v", got, want)
+	}
+}
+
+// A cgroup without some controllers has no files for them: zeros, no error.
+func TestReadStatsMissingFiles(t *testing.T) {
+	got, err := readStats(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.GetMemory().GetUsage() != 0 || got.GetPids().GetCurrent() != 0 || len(got.GetIo().GetUsage()) != 0 {
+		t.Errorf("stats of an empty directory: %v", got)
+	}
+}
+
+func TestParseMalformed(t *testing.T) {
+	if _, err := parseKeyed("usage_usec x\n"); err == nil {
+		t.Error("parseKeyed accepted a non-number")
+	}
+	if _, err := parseKeyed("a 1 2\n"); err == nil {
+		t.Error("parseKeyed accepted three fields")
+	}
+	if _, err := parseSingle("12abc"); err == nil {
+		t.Error("parseSingle accepted garbage")
+	}
+	if _, err := parseIOStat("254 rbytes=1\n"); err == nil {
+		t.Error("parseIOStat accepted a line without MAJ:MIN")
+	}
+	if _, err := parseIOStat("254:0 rbytes\n"); err == nil {
+		t.Error("parseIOStat accepted a field without =")
+	}
+}

@@ -1,0 +1,48 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// The host's per-VM shared directory (virtio-fs).
+const (
+	// SharedTag is the virtio-fs tag the host exports the directory under.
+	SharedTag = "kiln-shared"
+	// SharedDir is where the guest mounts it; containers' roots are below.
+	SharedDir = "/run/kiln/shared"
+)
+
+// MountShared mounts the host's shared directory at dir when the host
+// exported one under tag. A guest without it (no virtio-fs device, or none
+// with that tag) still boots: that is reported as (false, nil).
+func MountShared(log *logrus.Entry, tag, dir string) (bool, error) {
+	if mounted, err := isMountPoint(dir); err == nil && mounted {
+		return true, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return false, fmt.Errorf("create shared directory mount point %s: %w", dir, err)
+	}
+	err := unix.Mount(tag, dir, "virtiofs", unix.MS_NOSUID|unix.MS_NODEV, "")
+	// The kernel answers EINVAL for an unknown tag, ENODEV when virtiofs
+	// is not there at all, ENOENT on some kernels for a missing device.
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT) {
+		log.WithField("tag", tag).Debug("no shared directory")
+		_ = os.Remove(dir)
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("mount virtiofs %s on %s: %w", tag, dir, err)
+	}
+	// Host mounts made under the share after boot must show up in the
+	// containers' bind mounts, which libcontainer makes rslave by default.
+	if err := unix.Mount("", dir, "", unix.MS_SHARED|unix.MS_REC, ""); err != nil {
+		log.WithError(err).Warn("make shared directory a shared mount")
+	}
+	log.WithFields(logrus.Fields{"tag": tag, "dir": dir}).Info("shared directory mounted")
+	return true, nil
+}
