@@ -13,7 +13,12 @@ GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
 DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler busybox-static cpio libseccomp-dev pkg-config gcc libc6-dev
 GO_TEST_TIMEOUT ?= 40m
 
-.PHONY: all build image proto proto-check deps vet test unit integration bench demo clean FORCE
+PREFIX ?= /usr/local
+# What `make install` copies, in the same layout as _output/; `make uninstall` removes exactly these.
+INSTALL_BINS := kiln containerd-shim-kiln-v2
+INSTALL_SHARE := vmlinuz initrd.img kernel-release agent-version config.toml
+
+.PHONY: all build image proto proto-check deps vet test unit integration bench demo install uninstall clean FORCE
 
 all: build
 
@@ -37,7 +42,8 @@ $(TOOLS)/kiln-image: FORCE
 # The guest kernel (Debian's cloud kernel, resolved today) and the initramfs (agent as /init plus the modules it
 # needs). kiln-image rewrites nothing whose content is unchanged.
 image: $(BIN)/kiln-agent $(TOOLS)/kiln-image
-	$(TOOLS)/kiln-image --init $(BIN)/kiln-agent --out $(SHARE) --cache $(OUT)/cache
+	$(TOOLS)/kiln-image --init $(BIN)/kiln-agent --agent-version $(VERSION) --out $(SHARE) --cache $(OUT)/cache
+	@cmp -s config/config.toml $(SHARE)/config.toml || install -m 0644 config/config.toml $(SHARE)/config.toml
 
 proto:
 	bash proto/generate.sh
@@ -70,6 +76,16 @@ bench: deps build image
 demo: deps build image
 	$(BIN)/kiln check
 	$(BIN)/kiln vm boot
+
+install: build image
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/kiln
+	for f in $(INSTALL_BINS); do install -m 0755 $(BIN)/$$f $(DESTDIR)$(PREFIX)/bin/$$f; done
+	for f in $(INSTALL_SHARE); do install -m 0644 $(SHARE)/$$f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
+
+uninstall:
+	for f in $(INSTALL_BINS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$f; done
+	for f in $(INSTALL_SHARE); do rm -f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
+	-rmdir $(DESTDIR)$(PREFIX)/share/kiln 2>/dev/null
 
 clean:
 	rm -rf $(OUT)

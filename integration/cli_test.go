@@ -153,3 +153,29 @@ func stderrOf(err error) string {
 	}
 	return ""
 }
+
+func TestCLIConfigShow(t *testing.T) {
+	bin, cfg, _ := kilnCLI(t)
+	out, err := exec.Command(bin, "config", "show", "--config", cfg).CombinedOutput()
+	if err != nil {
+		t.Fatalf("config show: %v\n%s", err, out)
+	}
+	for _, want := range []string{"runtime.state_dir = ", "# " + cfg, "hypervisor.memory_mib = 256", "# default"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("config show lacks %q:\n%s", want, out)
+		}
+	}
+	for _, tc := range []struct{ body, want string }{
+		{"[hypervisor]\nmemory_mib = \"lots\"\n", "memory_mib"},
+		{"[hypervisor]\nmemroy_mib = 512\n", "hypervisor.memroy_mib"},
+	} {
+		bad := filepath.Join(t.TempDir(), "bad.toml")
+		if err := os.WriteFile(bad, []byte(tc.body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(bin, "config", "show", "--config", bad).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), tc.want) || !strings.Contains(string(out), bad) {
+			t.Errorf("config show of %q: err %v, output does not name %q and the file:\n%s", tc.body, err, tc.want, out)
+		}
+	}
+}

@@ -1,16 +1,25 @@
-// Command containerd-shim-kiln-v2 will be Kiln's containerd runtime v2 shim (io.containerd.kiln.v2). The task
-// service is not built yet: until it is, the binary refuses to run rather than pretend to be a shim.
+// Command containerd-shim-kiln-v2 is Kiln's containerd runtime v2 shim (io.containerd.kiln.v2): containerd's
+// pkg/shim runs it with Kiln's manager (runtime/manager) and task service (runtime/task).
 package main
 
 import (
-	"fmt"
-	"os"
+	"context"
+
+	"github.com/containerd/containerd/v2/pkg/shim"
+
+	"github.com/kiln-runtime/kiln/runtime/manager"
+	"github.com/kiln-runtime/kiln/runtime/task"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
 func main() {
-	fmt.Fprintf(os.Stderr, "containerd-shim-kiln-v2 %s: the containerd task service is not implemented yet; use `kiln vm boot` to boot a guest\n", version)
-	os.Exit(1)
+	task.Register()
+	// The shim waits for its own children (QEMU, virtiofsd, loggers) with os/exec: containerd's reaper would
+	// take their exit statuses first, and no container process is a child of the shim to adopt.
+	shim.Run(context.Background(), manager.New(version), func(c *shim.Config) {
+		c.NoReaper = true
+		c.NoSubreaper = true
+	})
 }

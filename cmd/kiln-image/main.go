@@ -45,6 +45,7 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.CacheDir, "cache", "_output/cache", "directory caching the kernel package")
 	fs.StringVar(&o.KernelPackage, "kernel-package", image.DefaultKernelPackage, "Debian metapackage naming the kernel")
 	fs.StringVar(&compression, "compress", string(image.DefaultCompression), "initramfs compression: none or gzip")
+	fs.StringVar(&o.AgentVersion, "agent-version", "", "version of the agent given as --init, recorded in <out>/agent-version")
 	fs.BoolVar(&quiet, "q", false, "print nothing on success")
 	if err := fs.Parse(args); err != nil {
 		return err

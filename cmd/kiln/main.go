@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -20,6 +21,12 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := newRoot().ExecuteContext(ctx); err != nil {
+		stop()
+		// `kiln run` exits with its container's status, as runc does, and has nothing to add.
+		var status exitStatus
+		if errors.As(err, &status) {
+			os.Exit(int(status))
+		}
 		fmt.Fprintln(os.Stderr, "kiln:", err)
 		os.Exit(1)
 	}
@@ -46,18 +53,6 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&g.configPath, "config", "", "configuration file (default "+"/etc/kiln/config.toml if it exists, else built-in defaults)")
 	root.PersistentFlags().BoolVar(&g.debug, "debug", false, "debug logging, including the guest console")
-	root.AddCommand(newCheck(g), newVM(g), newVersion())
+	root.AddCommand(newCheck(g), newVM(g), newRun(g), newConfig(g), newVersion(g))
 	return root
-}
-
-func newVersion() *cobra.Command {
-	return &cobra.Command{
-		Use:   "version",
-		Short: "Print Kiln's version",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			fmt.Fprintf(cmd.OutOrStdout(), "kiln %s\n", version)
-			return nil
-		},
-	}
 }

@@ -1,6 +1,8 @@
 // Command bench measures Kiln against baselines run in the same invocation and prints ratios (`make bench`).
 // Boot: QEMU start to agent ready, beside the floor: the same QEMU machine and kernel with an initramfs whose
 // init powers off at once (QEMU start to QEMU exit).
+// Containers: exec round-trip latency and stdout throughput in a Kiln guest, beside runc (built from source under
+// the tools directory) running the same busybox bundle on the host.
 package main
 
 import (
@@ -22,7 +24,7 @@ import (
 
 func main() {
 	share := flag.String("share", "_output/share/kiln", "guest image directory")
-	tools := flag.String("tools", "_output/tools/bin", "directory holding kiln-image")
+	tools := flag.String("tools", "_output/tools/bin", "directory holding kiln-image (and runc, built there when missing)")
 	runs := flag.Int("runs", 10, "runs per measurement")
 	flag.Parse()
 	if err := run(context.Background(), *share, *tools, *runs); err != nil {
@@ -80,7 +82,7 @@ func run(ctx context.Context, share, tools string, runs int) error {
 		}
 		fmt.Printf("%-40s %10d bytes\n", f.name, st.Size())
 	}
-	return nil
+	return containerBench(ctx, base, initrd, tools, work, runs)
 }
 
 func buildFloor(ctx context.Context, work, share, tools string) (string, error) {

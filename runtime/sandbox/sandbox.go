@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/containerd/ttrpc"
@@ -43,6 +44,10 @@ type Sandbox struct {
 	client *ttrpc.Client
 	health agentv1.HealthService
 	agent  agentv1.AgentService
+	ctrs   agentv1.ContainersClient
+
+	streamsMu sync.Mutex
+	streams   []*ttrpc.Client // extra connections for long-lived streams; closed first on Stop
 	// Version is the agent's version as reported at the health check.
 	AgentVersion string
 }
@@ -88,6 +93,7 @@ func (s *Sandbox) connect(ctx context.Context) error {
 			if herr == nil && resp.GetStatus() == agentv1.CheckResponse_SERVING {
 				s.conn, s.client, s.health = conn, client, health
 				s.agent = agentv1.NewAgentClient(client)
+				s.ctrs = agentv1.NewContainersClient(client)
 				s.AgentVersion = resp.GetAgentVersion()
 				return nil
 			}
@@ -115,6 +121,27 @@ func (s *Sandbox) connect(ctx context.Context) error {
 // Machine is the sandbox's VM.
 func (s *Sandbox) Machine() vm.Machine { return s.m }
 
+// Containers is the agent's container API over the sandbox's agent connection. It stays usable until Stop.
+func (s *Sandbox) Containers() agentv1.ContainersClient { return s.ctrs }
+
+// StreamClient opens an extra agent connection for a long-lived stream such as the container Events. The agent's
+// shutdown waits until its connections are idle, and a stream that never ends keeps its connection busy; on a
+// connection of its own it can be cut before the shutdown request, which Stop does.
+func (s *Sandbox) StreamClient(ctx context.Context) (agentv1.ContainersClient, error) {
+	conn, err := s.m.DialVsock(ctx, AgentPort)
+	if err != nil {
+		return nil, fmt.Errorf("open stream connection to agent of vm %s: %w", s.m.ID(), err)
+	}
+	client := ttrpc.NewClient(conn)
+	s.streamsMu.Lock()
+	s.streams = append(s.streams, client)
+	s.streamsMu.Unlock()
+	return agentv1.NewContainersClient(client), nil
+}
+
+// RequestTimeout is the bound the sandbox was configured with for each agent request.
+func (s *Sandbox) RequestTimeout() time.Duration { return s.opts.RequestTimeout }
+
 // GuestInfo asks the agent to describe the guest.
 func (s *Sandbox) GuestInfo(ctx context.Context) (*agentv1.GuestInfo, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.opts.RequestTimeout)
@@ -129,6 +156,12 @@ func (s *Sandbox) GuestInfo(ctx context.Context) (*agentv1.GuestInfo, error) {
 // Stop shuts the guest down gracefully: the agent powers it off; if the VM has not exited within
 // ShutdownTimeout the VMM is stopped (QMP quit, then kill). All host resources are released on return.
 func (s *Sandbox) Stop(ctx context.Context) error {
+	s.streamsMu.Lock()
+	for _, c := range s.streams {
+		_ = c.Close()
+	}
+	s.streams = nil
+	s.streamsMu.Unlock()
 	select {
 	case <-s.m.Exited():
 	default:

@@ -13,6 +13,9 @@ const (
 	VmlinuzName       = "vmlinuz"
 	InitrdName        = "initrd.img"
 	KernelReleaseName = "kernel-release"
+	// AgentVersionName records the version of the agent baked into the initramfs, so host tools can tell a
+	// guest image from another Kiln version without booting it.
+	AgentVersionName = "agent-version"
 )
 
 // Options drive one image build.
@@ -34,6 +37,8 @@ type Options struct {
 	Modules []string
 	// Compression of the initramfs; default DefaultCompression.
 	Compression Compression
+	// AgentVersion, when set, is written to OutDir/agent-version.
+	AgentVersion string
 	// MTime is every archive entry's mtime (0 or SOURCE_DATE_EPOCH).
 	MTime int64
 	// Log receives progress lines; nil for none.
@@ -105,14 +110,21 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("build image: read kernel image of %s: %w", k.Package, err)
 	}
-	for _, out := range []struct {
+	outputs := []struct {
 		path string
 		data []byte
 	}{
 		{res.Vmlinuz, vmlinuz},
 		{res.ReleaseFile, []byte(k.Release + "\n")},
 		{res.Initrd, initrd},
-	} {
+	}
+	if o.AgentVersion != "" {
+		outputs = append(outputs, struct {
+			path string
+			data []byte
+		}{filepath.Join(o.OutDir, AgentVersionName), []byte(o.AgentVersion + "\n")})
+	}
+	for _, out := range outputs {
 		changed, err := WriteFileIfChanged(out.path, out.data, 0o644)
 		if err != nil {
 			return nil, fmt.Errorf("build image: %w", err)

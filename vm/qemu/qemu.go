@@ -120,6 +120,17 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 3 * time.Second
 	}
+	// QEMU runs in the VM's state directory, so relative paths would point there.
+	for _, p := range []*string{&cfg.Kernel, &cfg.Initrd, &cfg.MemoryFile, &cfg.StateRoot} {
+		if *p == "" {
+			continue
+		}
+		abs, err := filepath.Abs(*p)
+		if err != nil {
+			return nil, fmt.Errorf("vm %s: %w", cfg.ID, err)
+		}
+		*p = abs
+	}
 	if cfg.Accel == accel.TCG && cfg.TSCkHz == 0 {
 		khz, err := hostTSCkHz()
 		if err != nil {

@@ -1,0 +1,187 @@
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/console"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/integration/testbundle"
+)
+
+// runBundleDir writes a bundle whose config.json is what `runc spec` makes (terminal on, read-only root),
+// running args.
+func runBundleDir(t *testing.T, args ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	spec := testbundle.Spec(args...)
+	spec.Process.Terminal = true
+	if err := testbundle.Write(dir, spec); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// checkRunLeftovers fails when `kiln run` left a VM, a virtiofsd, a mount or a file in its state directory.
+func checkRunLeftovers(t *testing.T, stateRoot string) {
+	t.Helper()
+	checkNoLeftovers(t, stateRoot, "run-")
+	if pids := virtiofsdProcesses(stateRoot); len(pids) > 0 {
+		t.Errorf("leftover virtiofsd process(es): %v", pids)
+	}
+	if mps := mountsUnder(stateRoot); len(mps) > 0 {
+		t.Errorf("leftover mounts: %v", mps)
+	}
+}
+
+// withoutLogs drops kiln's own log lines (logrus text format) from stderr, leaving the container's.
+func withoutLogs(stderr string) string {
+	var keep []string
+	for _, l := range strings.SplitAfter(stderr, "\n") {
+		if !strings.HasPrefix(l, "time=") && !strings.HasPrefix(l, "level=") && l != "" {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "")
+}
+
+// The issue's first "Done when": a `runc spec` bundle running sh prints on both streams and exits 7.
+func TestCLIRun(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	bundle := runBundleDir(t, "sh", "-c", "echo out; echo err >&2; exit 7")
+	cmd := exec.Command(bin, "--config", cfg, "run", "--bundle", bundle, "ctr1")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	start := time.Now()
+	err := cmd.Run()
+	t.Logf("kiln run took %s", time.Since(start).Round(time.Millisecond))
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 7 {
+		t.Fatalf("kiln run: %v, want exit status 7; stderr:\n%s", err, stderr.String())
+	}
+	if stdout.String() != "out\n" {
+		t.Errorf("stdout %q, want \"out\\n\"", stdout.String())
+	}
+	if got := withoutLogs(stderr.String()); got != "err\n" {
+		t.Errorf("stderr %q, want \"err\\n\" (full stderr %q)", got, stderr.String())
+	}
+	checkRunLeftovers(t, stateRoot)
+}
+
+// SIGTERM to kiln reaches the container's init, whose trap decides the exit status.
+func TestCLIRunForwardsSIGTERM(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	bundle := runBundleDir(t, "sh", "-c", `trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.1; done`)
+	cmd := exec.Command(bin, "--config", cfg, "run", "--bundle", bundle, "ctr-term")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 8)
+	go func() {
+		s := bufio.NewScanner(out)
+		for s.Scan() {
+			lines <- s.Text()
+		}
+		close(lines)
+	}()
+	timeout := time.After(60 * time.Second)
+	waitLine := func(want string) {
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("stdout ended before %q; stderr:\n%s", want, stderr.String())
+				}
+				if l == want {
+					return
+				}
+			case <-timeout:
+				_ = cmd.Process.Kill()
+				t.Fatalf("no %q on stdout; stderr:\n%s", want, stderr.String())
+			}
+		}
+	}
+	waitLine("ready")
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitLine("got-term")
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 42 {
+		t.Errorf("kiln run: %v, want exit status 42; stderr:\n%s", err, stderr.String())
+	}
+	checkRunLeftovers(t, stateRoot)
+}
+
+// With --tty the process runs on a terminal of the size of kiln's; a size change (SIGWINCH) reaches it, and
+// kiln's terminal is out of raw mode again afterwards.
+func TestCLIRunTTY(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	bundle := runBundleDir(t, "sh", "-c",
+		`test -t 0 && echo on-a-tty; stty size; while [ "$(stty size)" != "43 132" ]; do sleep 0.1; done; echo resized`)
+	master, slavePath, err := console.NewPty()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer master.Close()
+	if err := master.Resize(console.WinSize{Height: 24, Width: 80}); err != nil {
+		t.Fatal(err)
+	}
+	slave, err := os.OpenFile(slavePath, os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slave.Close()
+	before, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "--config", cfg, "run", "--tty", "--bundle", bundle, "ctr-tty")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	out := newLineWatcher()
+	go func() { _, _ = io.Copy(out, master) }()
+	out.waitFor(t, "24 80", 60*time.Second)
+	if err := master.Resize(console.WinSize{Height: 43, Width: 132}); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel signals only a terminal's foreground process group; kiln's test terminal is not its
+	// controlling one, so the signal is sent by hand.
+	if err := cmd.Process.Signal(syscall.SIGWINCH); err != nil {
+		t.Fatal(err)
+	}
+	out.waitFor(t, "resized", 30*time.Second)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("kiln run --tty: %v; output %q", err, out.String())
+	}
+	if !strings.Contains(out.String(), "on-a-tty") {
+		t.Errorf("output %q: the process had no terminal", out.String())
+	}
+	after, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Lflag != before.Lflag || after.Iflag != before.Iflag || after.Oflag != before.Oflag {
+		t.Errorf("terminal modes not restored: lflag %#x -> %#x, iflag %#x -> %#x, oflag %#x -> %#x",
+			before.Lflag, after.Lflag, before.Iflag, after.Iflag, before.Oflag, after.Oflag)
+	}
+	checkRunLeftovers(t, stateRoot)
+}

@@ -1,0 +1,106 @@
+package containerd
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+// repoRoot is the module root, two levels above this package.
+func repoRoot(t testing.TB) string {
+	t.Helper()
+	_, file, _, ok := runtime.Caller(0)
+	if !ok {
+		t.Fatal("cannot locate the test source")
+	}
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// requireRoot skips tests that need root, and all of them under -short.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("containerd integration test: not with -short")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("containerd integration tests need root")
+	}
+}
+
+// startDaemon builds the tools (cached in _output/tools/bin), starts a private containerd with the Kiln shim
+// directory first on its PATH, imports busybox, and stops it all when the test ends, failing the test on
+// leftovers.
+func startDaemon(t *testing.T, opts Options) *Daemon {
+	t.Helper()
+	requireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	root := repoRoot(t)
+	tools, err := EnsureTools(ctx, root, filepath.Join(root, "_output", "tools", "bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.Tools = tools
+	opts.Debug = true
+	d, err := Start(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("containerd log (tail):\n%s", d.LogTail(80))
+		}
+		if err := d.Stop(context.Background()); err != nil {
+			t.Errorf("stop containerd: %v", err)
+		}
+	})
+	if err := d.ImportBusybox(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// ctr runs ctr and fails the test on error.
+func ctr(t *testing.T, d *Daemon, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out, err := d.Ctr(ctx, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// exitCode is a finished command's exit status (-1 when it did not run).
+func exitCode(err error) int {
+	if err == nil {
+		return 0
+	}
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	return -1
+}
+
+func TestRuncBaseline(t *testing.T) {
+	d := startDaemon(t, Options{})
+	out := ctr(t, d, "run", "--rm", BusyboxRef, "runc-baseline", "uname", "-r")
+	host, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := strings.TrimSpace(out), strings.TrimSpace(string(host)); got != want {
+		t.Errorf("runc container kernel release %q, want the host's %q", got, want)
+	}
+	ctx := context.Background()
+	cmd := d.CtrCommand(ctx, "run", "--rm", BusyboxRef, "runc-exit", "sh", "-c", "exit 7")
+	if code := exitCode(cmd.Run()); code != 7 {
+		t.Errorf("exit status through ctr run: got %d, want 7", code)
+	}
+}

@@ -1,0 +1,70 @@
+package containerd
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// RuntimeName is Kiln's runtime type, which containerd maps to the binary containerd-shim-kiln-v2 on its PATH.
+const RuntimeName = "io.containerd.kiln.v2"
+
+// ShimBinary is the shim's file name.
+const ShimBinary = "containerd-shim-kiln-v2"
+
+// BuildShim builds the shim from repoRoot into dir and returns dir (to put first on containerd's PATH).
+func BuildShim(ctx context.Context, repoRoot, dir string) (string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create shim dir: %w", err)
+	}
+	cmd := exec.CommandContext(ctx, goTool(), "build", "-trimpath", "-o", filepath.Join(dir, ShimBinary), "./cmd/"+ShimBinary)
+	cmd.Dir = repoRoot
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build %s: %w\n%s", ShimBinary, err, out)
+	}
+	return dir, nil
+}
+
+// KilnConfig writes a Kiln configuration for the shim into d's directory: VM state under it too, and the guest
+// kernel and initramfs from assetDir (the build's share/kiln). It returns the file's path, for ctr's
+// --runtime-config-path.
+func (d *Daemon) KilnConfig(assetDir string, extra string) (string, error) {
+	for _, f := range []string{"vmlinuz", "initrd.img"} {
+		if _, err := os.Stat(filepath.Join(assetDir, f)); err != nil {
+			return "", fmt.Errorf("guest image missing (%w): run `make image`", err)
+		}
+	}
+	path := filepath.Join(d.Dir, "kiln.toml")
+	cfg := fmt.Sprintf(`[hypervisor]
+kernel = %q
+initrd = %q
+
+[runtime]
+state_dir = %q
+log_level = "debug"
+%s`, filepath.Join(assetDir, "vmlinuz"), filepath.Join(assetDir, "initrd.img"), d.StateDir(), extra)
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		return "", fmt.Errorf("write kiln config: %w", err)
+	}
+	return path, nil
+}
+
+// StateDir is the Kiln state directory the harness's configuration names (one per containerd).
+func (d *Daemon) StateDir() string { return filepath.Join(d.Dir, "kiln") }
+
+// KilnRunArgs are the `ctr run` arguments that select Kiln with the configuration at cfg.
+func KilnRunArgs(cfg string) []string {
+	return []string{"--runtime", RuntimeName, "--runtime-config-path", cfg}
+}
+
+// GuestKernelRelease reads the kernel release the guest image was built with.
+func GuestKernelRelease(assetDir string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(assetDir, "kernel-release"))
+	if err != nil {
+		return "", fmt.Errorf("read guest kernel release: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}

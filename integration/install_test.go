@@ -1,0 +1,65 @@
+package integration
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// An install into a fresh prefix boots a guest with only the installed files and no configuration, and
+// uninstall removes exactly what install added.
+func TestInstallPrefix(t *testing.T) {
+	requireVM(t)
+	root := repoRoot(t)
+	prefix := t.TempDir()
+	mk := func(target string) {
+		t.Helper()
+		cmd := exec.Command("make", target, "PREFIX="+prefix)
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("make %s: %v\n%s", target, err, out)
+		}
+	}
+	mk("install")
+	kiln := filepath.Join(prefix, "bin", "kiln")
+	out, err := exec.Command(kiln, "version").Output()
+	if err != nil {
+		t.Fatalf("kiln version: %v", err)
+	}
+	if !strings.Contains(string(out), filepath.Join(prefix, "share", "kiln")) {
+		t.Fatalf("installed kiln does not use the installed guest image:\n%s", out)
+	}
+	want, err := os.ReadFile(filepath.Join(prefix, "share", "kiln", "kernel-release"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	// Only the state directory is private to the test; the guest assets come from the installed tree.
+	if err := os.WriteFile(cfg, []byte("[runtime]\nstate_dir = \""+t.TempDir()+"\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err = exec.Command(kiln, "--config", cfg, "vm", "boot", "--json").Output()
+	if err != nil {
+		t.Fatalf("installed kiln vm boot: %v\n%s", err, stderrOf(err))
+	}
+	var res struct {
+		KernelRelease string `json:"kernel_release"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil || res.KernelRelease != strings.TrimSpace(string(want)) {
+		t.Fatalf("kernel release %q (%v), want %q", res.KernelRelease, err, want)
+	}
+	mk("uninstall")
+	var left []string
+	_ = filepath.Walk(prefix, func(path string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			left = append(left, path)
+		}
+		return nil
+	})
+	if len(left) > 0 {
+		t.Fatalf("uninstall left %v", left)
+	}
+}

@@ -1,0 +1,310 @@
+package container
+
+import (
+	"context"
+	"errors"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/ttrpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+// fakeProc is a scripted guest process: its stream connections by name.
+type fakeProc struct {
+	conns map[string]*net.UnixConn
+}
+
+// script plays a process and returns its exit status. The fake agent then half-closes the output streams and
+// reports the exit, in that order, as the real agent must.
+type script func(p *fakeProc) uint32
+
+// fakeAgent serves the Containers API on a Unix socket and accepts stdio streams on another, standing in for
+// the guest.
+type fakeAgent struct {
+	t        *testing.T
+	scripts  map[string]script // by "container/exec"
+	events   chan *agentv1.Event
+	noEvents bool
+	// breakEventsOnce ends the first events stream at once, before any event.
+	breakEventsOnce bool
+
+	stdioPath string
+	mu        sync.Mutex
+	cond      *sync.Cond
+	streams   map[string]map[string]*net.UnixConn // key -> stream -> conn
+	procs     map[string]*fakeProc
+	exits     map[string]chan uint32
+	calls     []string
+	subs      int
+}
+
+func newFakeAgent(t *testing.T, scripts map[string]script) *fakeAgent {
+	a := &fakeAgent{t: t, scripts: scripts, events: make(chan *agentv1.Event, 64),
+		streams: map[string]map[string]*net.UnixConn{}, procs: map[string]*fakeProc{}, exits: map[string]chan uint32{}}
+	a.cond = sync.NewCond(&a.mu)
+	return a
+}
+
+// start serves the fake and returns a manager talking to it.
+func (a *fakeAgent) start(opts Options) *Manager {
+	t := a.t
+	dir := t.TempDir()
+	a.stdioPath = filepath.Join(dir, "stdio.sock")
+	sl, err := net.Listen("unix", a.stdioPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.acceptStreams(sl)
+	apiPath := filepath.Join(dir, "api.sock")
+	al, err := net.Listen("unix", apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ttrpc.NewServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	agentv1.RegisterContainersService(srv, a)
+	go func() { _ = srv.Serve(context.Background(), al) }()
+	conn, err := net.Dial("unix", apiPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := ttrpc.NewClient(conn)
+	m := NewManager(agentv1.NewContainersClient(client), a, opts)
+	t.Cleanup(func() {
+		_ = m.Close()
+		_ = client.Close()
+		_ = srv.Close()
+		_ = sl.Close()
+	})
+	return m
+}
+
+func (a *fakeAgent) DialVsock(ctx context.Context, port uint32) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", a.stdioPath)
+}
+
+func (a *fakeAgent) acceptStreams(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			var line []byte
+			b := make([]byte, 1)
+			for {
+				if _, err := c.Read(b); err != nil {
+					_ = c.Close()
+					return
+				}
+				if b[0] == '\n' {
+					break
+				}
+				line = append(line, b[0])
+			}
+			key, stream, _ := strings.Cut(string(line), " ")
+			a.mu.Lock()
+			if a.streams[key] == nil {
+				a.streams[key] = map[string]*net.UnixConn{}
+			}
+			a.streams[key][stream] = c.(*net.UnixConn)
+			a.cond.Broadcast()
+			a.mu.Unlock()
+		}()
+	}
+}
+
+// takeStreams waits for the streams the request announces, as the agent does.
+func (a *fakeAgent) takeStreams(sp *agentv1.Stdio) *fakeProc {
+	var want []string
+	if sp.GetTerminal() {
+		want = []string{"tty"}
+	} else {
+		for _, s := range []struct {
+			ok   bool
+			name string
+		}{{sp.GetStdin(), "stdin"}, {sp.GetStdout(), "stdout"}, {sp.GetStderr(), "stderr"}} {
+			if s.ok {
+				want = append(want, s.name)
+			}
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for len(a.streams[sp.GetStdioKey()]) < len(want) {
+		a.cond.Wait()
+	}
+	p := &fakeProc{conns: a.streams[sp.GetStdioKey()]}
+	delete(a.streams, sp.GetStdioKey())
+	return p
+}
+
+func (a *fakeAgent) record(call string) {
+	a.mu.Lock()
+	a.calls = append(a.calls, call)
+	a.mu.Unlock()
+}
+
+// run plays the process's script, then half-closes its output and reports its exit.
+func (a *fakeAgent) run(cid, exec string, p *fakeProc) {
+	key := cid + "/" + exec
+	s := a.scripts[key]
+	var status uint32
+	if s != nil {
+		status = s(p)
+	}
+	for name, c := range p.conns {
+		if name != "stdin" {
+			_ = c.CloseWrite()
+		}
+	}
+	a.mu.Lock()
+	ch := a.exits[key]
+	a.mu.Unlock()
+	ch <- status
+	a.events <- &agentv1.Event{Event: &agentv1.Event_Exit{Exit: &agentv1.ExitEvent{
+		ContainerId: cid, ExecId: exec, Pid: 42, ExitStatus: status, ExitedAt: timestamppb.Now()}}}
+}
+
+func (a *fakeAgent) CreateContainer(_ context.Context, r *agentv1.CreateContainerRequest) (*agentv1.CreateContainerResponse, error) {
+	a.record("create " + r.GetContainerId())
+	p := a.takeStreams(r.GetStdio())
+	a.mu.Lock()
+	a.procs[r.GetContainerId()+"/"] = p
+	a.exits[r.GetContainerId()+"/"] = make(chan uint32, 1)
+	a.mu.Unlock()
+	return &agentv1.CreateContainerResponse{Pid: 42}, nil
+}
+
+func (a *fakeAgent) StartContainer(_ context.Context, r *agentv1.StartContainerRequest) (*agentv1.StartContainerResponse, error) {
+	a.record("start " + r.GetContainerId())
+	a.mu.Lock()
+	p := a.procs[r.GetContainerId()+"/"]
+	a.mu.Unlock()
+	if p == nil {
+		return nil, status.Error(codes.NotFound, "no such container")
+	}
+	go a.run(r.GetContainerId(), "", p)
+	return &agentv1.StartContainerResponse{}, nil
+}
+
+func (a *fakeAgent) ExecProcess(_ context.Context, r *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
+	a.record("exec " + r.GetContainerId() + "/" + r.GetExecId())
+	p := a.takeStreams(r.GetStdio())
+	key := r.GetContainerId() + "/" + r.GetExecId()
+	a.mu.Lock()
+	a.exits[key] = make(chan uint32, 1)
+	a.mu.Unlock()
+	if r.GetExecId() == "instant" {
+		// The exit is reported before the answer: the host must already be listening for it.
+		a.run(r.GetContainerId(), r.GetExecId(), p)
+	} else {
+		go a.run(r.GetContainerId(), r.GetExecId(), p)
+	}
+	return &agentv1.ExecProcessResponse{Pid: 43}, nil
+}
+
+func (a *fakeAgent) SignalProcess(_ context.Context, r *agentv1.SignalProcessRequest) (*agentv1.SignalProcessResponse, error) {
+	a.record("signal " + r.GetContainerId())
+	return &agentv1.SignalProcessResponse{}, nil
+}
+
+func (a *fakeAgent) WaitProcess(ctx context.Context, r *agentv1.WaitProcessRequest) (*agentv1.WaitProcessResponse, error) {
+	a.record("wait " + r.GetContainerId() + "/" + r.GetExecId())
+	a.mu.Lock()
+	ch := a.exits[r.GetContainerId()+"/"+r.GetExecId()]
+	a.mu.Unlock()
+	if ch == nil {
+		return nil, status.Error(codes.NotFound, "no such process")
+	}
+	select {
+	case s := <-ch:
+		ch <- s
+		return &agentv1.WaitProcessResponse{ExitStatus: s, ExitedAt: timestamppb.Now()}, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (a *fakeAgent) RemoveContainer(_ context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
+	a.record("remove " + r.GetContainerId())
+	return &agentv1.RemoveContainerResponse{}, nil
+}
+
+func (a *fakeAgent) CloseStdin(context.Context, *agentv1.CloseStdinRequest) (*agentv1.CloseStdinResponse, error) {
+	a.record("closestdin")
+	return &agentv1.CloseStdinResponse{}, nil
+}
+
+func (a *fakeAgent) ResizeTTY(_ context.Context, r *agentv1.ResizeTTYRequest) (*agentv1.ResizeTTYResponse, error) {
+	a.record("resize")
+	return &agentv1.ResizeTTYResponse{}, nil
+}
+
+func (a *fakeAgent) PauseContainer(context.Context, *agentv1.PauseContainerRequest) (*agentv1.PauseContainerResponse, error) {
+	a.record("pause")
+	return &agentv1.PauseContainerResponse{}, nil
+}
+
+func (a *fakeAgent) ResumeContainer(context.Context, *agentv1.ResumeContainerRequest) (*agentv1.ResumeContainerResponse, error) {
+	a.record("resume")
+	return &agentv1.ResumeContainerResponse{}, nil
+}
+
+func (a *fakeAgent) UpdateContainer(context.Context, *agentv1.UpdateContainerRequest) (*agentv1.UpdateContainerResponse, error) {
+	a.record("update")
+	return &agentv1.UpdateContainerResponse{}, nil
+}
+
+func (a *fakeAgent) StatsContainer(context.Context, *agentv1.StatsContainerRequest) (*agentv1.StatsContainerResponse, error) {
+	return &agentv1.StatsContainerResponse{Memory: &agentv1.MemoryStats{Usage: 1234}}, nil
+}
+
+func (a *fakeAgent) ListProcesses(context.Context, *agentv1.ListProcessesRequest) (*agentv1.ListProcessesResponse, error) {
+	return &agentv1.ListProcessesResponse{Processes: []*agentv1.ProcessInfo{{Pid: 42}}}, nil
+}
+
+func (a *fakeAgent) Events(ctx context.Context, _ *agentv1.EventsRequest, s agentv1.Containers_EventsServer) error {
+	a.mu.Lock()
+	a.subs++
+	first := a.subs == 1
+	a.mu.Unlock()
+	if a.noEvents {
+		return status.Error(codes.Unimplemented, "no events here")
+	}
+	if first && a.breakEventsOnce {
+		return errors.New("events stream broken on purpose")
+	}
+	for {
+		select {
+		case ev := <-a.events:
+			if err := s.Send(ev); err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+func (a *fakeAgent) sendOOM(cid string) {
+	a.events <- &agentv1.Event{Event: &agentv1.Event_Oom{Oom: &agentv1.OOMEvent{ContainerId: cid}}}
+}
+
+func waitCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}

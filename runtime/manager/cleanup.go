@@ -1,0 +1,121 @@
+package manager
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/runtime/share"
+	"github.com/kiln-runtime/kiln/runtime/task"
+)
+
+// vmExitTimeout bounds the wait for a dead shim's VM processes to go after SIGKILL.
+const vmExitTimeout = 5 * time.Second
+
+// Cleanup removes what a shim that is gone left of its VM: processes that still name the VM's state directory
+// (QEMU, virtiofsd; normally they died with the shim), the state directory, and the share with every mount in
+// it. It refuses with ErrFailedPrecondition while the shim is alive.
+func Cleanup(ctx context.Context, rec task.Record) error {
+	if rec.VMID == "" || rec.StateDir == "" {
+		return fmt.Errorf("%w: task record names no VM", errdefs.ErrInvalidArgument)
+	}
+	if rec.ShimPid > 0 && rec.ShimPid != os.Getpid() && isShim(rec.ShimPid) {
+		return fmt.Errorf("%w: shim %d of sandbox %s is running", errdefs.ErrFailedPrecondition, rec.ShimPid, rec.VMID)
+	}
+	stateDir := filepath.Join(rec.StateDir, rec.VMID)
+	var errs []error
+	if err := killReferencing(ctx, stateDir+"/"); err != nil {
+		errs = append(errs, err)
+	}
+	if err := os.RemoveAll(stateDir); err != nil {
+		errs = append(errs, fmt.Errorf("remove VM state %s: %w", stateDir, err))
+	}
+	if rec.ShareDir != "" {
+		if err := share.Remove(rec.ShareDir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("clean up sandbox %s: %w", rec.VMID, err)
+	}
+	return nil
+}
+
+// alive reports whether pid runs: it exists and is not a zombie (where no init reaps orphans, a dead shim stays
+// one).
+func alive(pid int) bool {
+	return !errors.Is(unix.Kill(pid, 0), unix.ESRCH) && !zombie(pid)
+}
+
+// isShim reports whether pid is a running Kiln shim (and not a process that reused a dead shim's pid).
+func isShim(pid int) bool {
+	if !alive(pid) {
+		return false
+	}
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+	return err == nil && bytes.Contains(b, []byte("containerd-shim-kiln-v2"))
+}
+
+// killReferencing SIGKILLs every process with an argument that contains needle, and waits for them to go.
+func killReferencing(ctx context.Context, needle string) error {
+	pids := referencing(needle)
+	for _, pid := range pids {
+		_ = unix.Kill(pid, unix.SIGKILL)
+	}
+	deadline := time.Now().Add(vmExitTimeout)
+	for len(pids) > 0 {
+		var left []int
+		for _, pid := range pids {
+			if alive(pid) {
+				left = append(left, pid)
+			}
+		}
+		pids = left
+		if len(pids) == 0 {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("processes of the VM still running after SIGKILL: %v", pids)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil
+}
+
+// referencing lists pids whose command line contains needle.
+func referencing(needle string) []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && bytes.Contains(b, []byte(needle)) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// zombie reports whether pid has exited and waits for its parent to reap it.
+func zombie(pid int) bool {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && i+2 < len(b) && b[i+2] == 'Z'
+}

@@ -1,0 +1,200 @@
+// Package manager owns the shim's `start` and `delete` commands (containerd's shim.Manager): `start` groups
+// tasks, one shim and one VM per group (the CRI sandbox id when the spec carries one, otherwise one per
+// container), and starts the shim server or points containerd at the group's running one; `delete` cleans up
+// after a shim that is gone (its VM, its shared directory and its state) and reports the task's exit. It knows
+// the on-disk task record that runtime/task writes, and nothing of the task API itself.
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	goruntime "runtime"
+	"syscall"
+	"time"
+
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/kiln-runtime/kiln/runtime/task"
+)
+
+// RuntimeName is the runtime type containerd knows Kiln by.
+const RuntimeName = "io.containerd.kiln.v2"
+
+// SandboxAnnotation is the annotation CRI puts on every container of a pod, naming the pod's sandbox.
+const SandboxAnnotation = "io.kubernetes.cri.sandbox-id"
+
+// Manager implements containerd's shim.Manager for Kiln.
+type Manager struct {
+	version string
+}
+
+var _ shim.Manager = (*Manager)(nil)
+
+// New returns the manager; version is reported by Info.
+func New(version string) *Manager { return &Manager{version: version} }
+
+// Name is the runtime type.
+func (m *Manager) Name() string { return RuntimeName }
+
+// Group is the shim group of a container: its pod's sandbox id when CRI set one, otherwise its own id.
+func Group(id string, annotations map[string]string) string {
+	if g := annotations[SandboxAnnotation]; g != "" {
+		return g
+	}
+	return id
+}
+
+// bundleAnnotations reads the annotations of the spec in the current directory (containerd runs `start` in the
+// task's bundle).
+func bundleAnnotations(bundle string) (map[string]string, error) {
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("read spec of bundle %s: %w", bundle, err)
+	}
+	var spec struct {
+		Annotations map[string]string `json:"annotations"`
+	}
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, fmt.Errorf("parse spec of bundle %s: %w", bundle, err)
+	}
+	return spec.Annotations, nil
+}
+
+// Start starts the group's shim server, or returns the address of the one already serving the group.
+func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ shim.BootstrapParams, retErr error) {
+	params := shim.BootstrapParams{Version: 3, Protocol: "ttrpc"}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return params, fmt.Errorf("start shim for %s: %w", id, err)
+	}
+	annotations, err := bundleAnnotations(cwd)
+	if err != nil {
+		return params, err
+	}
+	group := Group(id, annotations)
+	address, err := shim.SocketAddress(ctx, opts.Address, group, false)
+	if err != nil {
+		return params, fmt.Errorf("shim socket address for group %s: %w", group, err)
+	}
+	socket, err := shim.NewSocket(address)
+	if err != nil {
+		if !shim.SocketEaddrinuse(err) {
+			return params, fmt.Errorf("create shim socket %s: %w", address, err)
+		}
+		if shim.CanConnect(address) {
+			// The group's shim is running: the task joins its VM.
+			params.Address = address
+			return params, nil
+		}
+		// Left by a shim that died: take it over.
+		if err := shim.RemoveSocket(address); err != nil {
+			return params, fmt.Errorf("remove stale shim socket %s: %w", address, err)
+		}
+		if socket, err = shim.NewSocket(address); err != nil {
+			return params, fmt.Errorf("create shim socket %s: %w", address, err)
+		}
+	}
+	defer func() {
+		if retErr != nil {
+			_ = socket.Close()
+			_ = shim.RemoveSocket(address)
+		}
+	}()
+	f, err := socket.File()
+	if err != nil {
+		return params, fmt.Errorf("shim socket %s: %w", address, err)
+	}
+	defer f.Close()
+	cmd, err := serverCommand(ctx, id, group, opts)
+	if err != nil {
+		return params, err
+	}
+	cmd.ExtraFiles = []*os.File{f}
+	// Pdeathsig-style options are not used: the server must outlive this short-lived `start` process.
+	goruntime.LockOSThread()
+	err = cmd.Start()
+	goruntime.UnlockOSThread()
+	if err != nil {
+		return params, fmt.Errorf("start shim server for group %s: %w", group, err)
+	}
+	go func() { _ = cmd.Wait() }()
+	if err := shim.AdjustOOMScore(cmd.Process.Pid); err != nil {
+		log.G(ctx).WithError(err).Debug("adjust shim OOM score")
+	}
+	params.Address = address
+	return params, nil
+}
+
+// serverCommand is this binary run as the shim server for a group, from the current (bundle) directory.
+func serverCommand(ctx context.Context, id, group string, opts shim.StartOpts) (*exec.Cmd, error) {
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return nil, err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("locate shim binary: %w", err)
+	}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"-namespace", ns, "-id", id, "-address", opts.Address}
+	if opts.Debug {
+		args = append(args, "-debug")
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Dir = cwd
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=4", task.GroupEnv+"="+group)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	return cmd, nil
+}
+
+// Info describes the runtime to containerd.
+func (m *Manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	return &types.RuntimeInfo{
+		Name:    RuntimeName,
+		Version: &types.RuntimeVersion{Version: m.version},
+	}, nil
+}
+
+// Stop is the `delete` command: containerd runs it in the task's bundle when the shim serving the task is gone
+// (crashed, or killed) or never came up. It stops what is left of the VM, removes the share and the VM's state,
+// and reports the task as killed.
+func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+	status := shim.StopStatus{ExitedAt: time.Now(), ExitStatus: 128 + int(syscall.SIGKILL)}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return status, err
+	}
+	rec, err := task.ReadRecord(cwd)
+	if errors.Is(err, os.ErrNotExist) {
+		return status, nil
+	}
+	if err != nil {
+		return status, err
+	}
+	status.Pid = int(rec.Pid)
+	l := log.G(ctx).WithFields(log.Fields{"container": id, "sandbox": rec.VMID})
+	if err := Cleanup(ctx, rec); err != nil {
+		if errdefs.IsFailedPrecondition(err) {
+			l.WithError(err).Info("shim still running; leaving its VM to it")
+			return status, nil
+		}
+		return status, err
+	}
+	if err := task.RemoveRecord(cwd); err != nil {
+		l.WithError(err).Warn("remove task record")
+	}
+	return status, nil
+}

@@ -1,0 +1,319 @@
+package task
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/fifo"
+
+	"github.com/kiln-runtime/kiln/runtime/stdio"
+)
+
+// loggerReadyTimeout bounds the wait for a binary:// logger to say it is ready; loggerExitTimeout the wait for
+// it to finish once its input is closed.
+const (
+	loggerReadyTimeout = 10 * time.Second
+	loggerExitTimeout  = 10 * time.Second
+)
+
+// ioSpec is a process's IO as containerd describes it: fifo paths, or a log URI for stdout and stderr.
+type ioSpec struct {
+	Stdin, Stdout, Stderr string
+	Terminal              bool
+}
+
+// procIO is the host end of a process's IO: readers and writers on containerd's fifos or log destinations.
+type procIO struct {
+	spec    ioSpec
+	streams stdio.IO
+	// stdinEOF is closed once containerd's stdin has ended (or at once when there is none).
+	stdinEOF chan struct{}
+	closers  []io.Closer
+	logger   *exec.Cmd
+	cancel   context.CancelFunc
+	once     sync.Once
+}
+
+// openIO connects to containerd's side of a process's IO. id and namespace are handed to a binary:// logger.
+func openIO(ctx context.Context, id, namespace string, spec ioSpec) (_ *procIO, retErr error) {
+	// The fifo opens wait for their peers in the background for as long as the process lives, not for as
+	// long as the request that created it.
+	octx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	p := &procIO{spec: spec, stdinEOF: make(chan struct{}), cancel: cancel}
+	p.streams.Terminal = spec.Terminal
+	defer func() {
+		if retErr != nil {
+			_ = p.Close()
+		}
+	}()
+	if spec.Stdin == "" {
+		close(p.stdinEOF)
+	} else {
+		r, err := newStdinReader(octx, spec.Stdin, spec.Terminal, p.stdinEOF)
+		if err != nil {
+			return nil, err
+		}
+		p.streams.Stdin = r
+		p.closers = append(p.closers, r)
+	}
+	if spec.Stdout == "" && spec.Stderr == "" {
+		return p, nil
+	}
+	u, err := url.Parse(spec.Stdout)
+	if err != nil {
+		return nil, fmt.Errorf("parse stdout %q: %w", spec.Stdout, err)
+	}
+	switch u.Scheme {
+	case "binary":
+		if err := p.startLogger(ctx, u, id, namespace); err != nil {
+			return nil, err
+		}
+	case "file":
+		if err := os.MkdirAll(filepath.Dir(u.Path), 0o755); err != nil {
+			return nil, fmt.Errorf("create log directory for %s: %w", u.Path, err)
+		}
+		f, err := os.OpenFile(u.Path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+		if err != nil {
+			return nil, fmt.Errorf("open log file %s: %w", u.Path, err)
+		}
+		p.closers = append(p.closers, f)
+		p.streams.Stdout = f
+		if spec.Stderr != "" && !spec.Terminal {
+			p.streams.Stderr = f
+		}
+	case "", "fifo":
+		for _, s := range []struct {
+			path string
+			w    *io.Writer
+		}{{spec.Stdout, &p.streams.Stdout}, {spec.Stderr, &p.streams.Stderr}} {
+			if s.path == "" || (spec.Terminal && s.w == &p.streams.Stderr) {
+				continue
+			}
+			path := s.path
+			if u, err := url.Parse(path); err == nil && u.Scheme == "fifo" {
+				path = u.Path
+			}
+			f, err := openOutputFifo(path)
+			if err != nil {
+				return nil, err
+			}
+			p.closers = append(p.closers, f)
+			*s.w = f
+		}
+	default:
+		return nil, fmt.Errorf("stdout %q: unsupported scheme %q (want a fifo path, binary:// or file://)", spec.Stdout, u.Scheme)
+	}
+	return p, nil
+}
+
+// openOutputFifo opens an output fifo for reading and writing: the open does not wait for a reader, and while
+// no client reads (after a detach, before an attach) output waits in the pipe instead of failing with EPIPE.
+func openOutputFifo(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open output fifo %s: %w", path, err)
+	}
+	return f, nil
+}
+
+// startLogger runs a binary:// logger: the process's stdout and stderr are its fds 3 and 4, and it closes fd 5
+// when it is ready. The URI's query parameters become its arguments, as containerd's runc shim passes them.
+func (p *procIO) startLogger(ctx context.Context, u *url.URL, id, namespace string) error {
+	var args []string
+	q := u.Query()
+	keys := make([]string, 0, len(q))
+	for k := range q {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		args = append(args, k)
+		if v := q.Get(k); v != "" {
+			args = append(args, v)
+		}
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("logger stdout pipe: %w", err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return fmt.Errorf("logger stderr pipe: %w", err)
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		errR.Close()
+		errW.Close()
+		return fmt.Errorf("logger ready pipe: %w", err)
+	}
+	cmd := exec.Command(u.Path, args...)
+	cmd.Env = append(os.Environ(), "CONTAINER_ID="+id, "CONTAINER_NAMESPACE="+namespace)
+	cmd.ExtraFiles = []*os.File{outR, errR, readyW}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	err = cmd.Start()
+	outR.Close()
+	errR.Close()
+	readyW.Close()
+	if err != nil {
+		outW.Close()
+		errW.Close()
+		readyR.Close()
+		return fmt.Errorf("start logger %s: %w", u.Path, err)
+	}
+	p.logger = cmd
+	p.closers = append(p.closers, outW, errW)
+	p.streams.Stdout = outW
+	if !p.spec.Terminal {
+		p.streams.Stderr = errW
+	}
+	ready := make(chan error, 1)
+	go func() {
+		_, err := readyR.Read(make([]byte, 1))
+		readyR.Close()
+		if errors.Is(err, io.EOF) {
+			err = nil
+		}
+		ready <- err
+	}()
+	t := time.NewTimer(loggerReadyTimeout)
+	defer t.Stop()
+	select {
+	case err := <-ready:
+		if err != nil {
+			return fmt.Errorf("wait for logger %s: %w", u.Path, err)
+		}
+	case <-t.C:
+		return fmt.Errorf("logger %s did not become ready within %s", u.Path, loggerReadyTimeout)
+	case <-ctx.Done():
+		return fmt.Errorf("wait for logger %s: %w", u.Path, ctx.Err())
+	}
+	return nil
+}
+
+// Close releases the host end of the streams; a logger gets EOF and is waited for.
+func (p *procIO) Close() error {
+	var errs []error
+	p.once.Do(func() {
+		p.cancel()
+		for _, c := range p.closers {
+			if err := c.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+				errs = append(errs, err)
+			}
+		}
+		if p.logger != nil {
+			done := make(chan error, 1)
+			go func() { done <- p.logger.Wait() }()
+			select {
+			case <-done:
+			case <-time.After(loggerExitTimeout):
+				_ = p.logger.Process.Kill()
+				<-done
+				errs = append(errs, fmt.Errorf("logger %s did not exit within %s; killed", p.logger.Path, loggerExitTimeout))
+			}
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// stdinReader reads containerd's stdin fifo. For a terminal it opens the fifo again after each EOF, so that a
+// client attaching later (`ctr task attach`) can type into the same terminal; otherwise EOF ends the input, which
+// the process then reads as EOF.
+type stdinReader struct {
+	ctx     context.Context
+	cancel  context.CancelFunc
+	path    string
+	reopen  bool
+	eof     chan struct{}
+	eofOnce sync.Once
+	mu      sync.Mutex
+	cur     io.ReadCloser
+	closed  bool
+}
+
+func newStdinReader(ctx context.Context, path string, reopen bool, eof chan struct{}) (*stdinReader, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	r := &stdinReader{ctx: ctx, cancel: cancel, path: path, reopen: reopen, eof: eof}
+	f, err := r.open()
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	r.cur = f
+	return r, nil
+}
+
+func (r *stdinReader) open() (io.ReadCloser, error) {
+	// O_NONBLOCK makes the open return at once; reads wait until a writer has opened the fifo.
+	f, err := fifo.OpenFifo(r.ctx, r.path, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open stdin fifo %s: %w", r.path, err)
+	}
+	return f, nil
+}
+
+// Read reads from the current fifo, opening it again after EOF when reopen is set.
+func (r *stdinReader) Read(b []byte) (int, error) {
+	for {
+		r.mu.Lock()
+		f, closed := r.cur, r.closed
+		r.mu.Unlock()
+		if closed {
+			r.markEOF()
+			return 0, io.EOF
+		}
+		n, err := f.Read(b)
+		if n > 0 || err == nil {
+			return n, nil
+		}
+		if !r.reopen || r.ctx.Err() != nil {
+			r.markEOF()
+			if errors.Is(err, fifo.ErrReadClosed) {
+				err = io.EOF
+			}
+			return 0, err
+		}
+		_ = f.Close()
+		nf, oerr := r.open()
+		if oerr != nil {
+			r.markEOF()
+			return 0, io.EOF
+		}
+		r.mu.Lock()
+		if r.closed {
+			r.mu.Unlock()
+			_ = nf.Close()
+			continue
+		}
+		r.cur = nf
+		r.mu.Unlock()
+	}
+}
+
+func (r *stdinReader) markEOF() { r.eofOnce.Do(func() { close(r.eof) }) }
+
+// Close stops reading; a Read waiting for a writer returns.
+func (r *stdinReader) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	f := r.cur
+	r.mu.Unlock()
+	r.cancel()
+	if f != nil {
+		return f.Close()
+	}
+	return nil
+}

@@ -1,0 +1,42 @@
+package task
+
+import (
+	v2 "github.com/containerd/cgroups/v3/cgroup2/stats"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+// metrics maps the agent's cgroup v2 figures onto containerd's cgroups v2 metrics, field for field (both are
+// named after the cgroup files).
+func metrics(st *agentv1.StatsContainerResponse) *v2.Metrics {
+	m := &v2.Metrics{}
+	if p := st.GetPids(); p != nil {
+		m.Pids = &v2.PidsStat{Current: p.GetCurrent(), Limit: p.GetLimit()}
+	}
+	if c := st.GetCpu(); c != nil {
+		m.CPU = &v2.CPUStat{
+			UsageUsec: c.GetUsageUsec(), UserUsec: c.GetUserUsec(), SystemUsec: c.GetSystemUsec(),
+			NrPeriods: c.GetNrPeriods(), NrThrottled: c.GetNrThrottled(), ThrottledUsec: c.GetThrottledUsec(),
+		}
+	}
+	if mem := st.GetMemory(); mem != nil {
+		m.Memory = &v2.MemoryStat{
+			Usage: mem.GetUsage(), UsageLimit: mem.GetUsageLimit(), SwapUsage: mem.GetSwapUsage(), SwapLimit: mem.GetSwapLimit(),
+			Anon: mem.GetAnon(), File: mem.GetFile(), KernelStack: mem.GetKernelStack(), Slab: mem.GetSlab(),
+			Sock: mem.GetSock(), Shmem: mem.GetShmem(), FileMapped: mem.GetFileMapped(), FileDirty: mem.GetFileDirty(),
+			FileWriteback: mem.GetFileWriteback(), Pgfault: mem.GetPgfault(), Pgmajfault: mem.GetPgmajfault(),
+			InactiveAnon: mem.GetInactiveAnon(), ActiveAnon: mem.GetActiveAnon(), InactiveFile: mem.GetInactiveFile(),
+			ActiveFile: mem.GetActiveFile(), Unevictable: mem.GetUnevictable(),
+		}
+		m.MemoryEvents = &v2.MemoryEvents{Oom: mem.GetOom(), OomKill: mem.GetOomKill(), Max: mem.GetMax(), High: mem.GetHigh()}
+	}
+	if io := st.GetIo(); io != nil {
+		m.Io = &v2.IOStat{}
+		for _, e := range io.GetUsage() {
+			m.Io.Usage = append(m.Io.Usage, &v2.IOEntry{
+				Major: e.GetMajor(), Minor: e.GetMinor(), Rbytes: e.GetRbytes(), Wbytes: e.GetWbytes(), Rios: e.GetRios(), Wios: e.GetWios(),
+			})
+		}
+	}
+	return m
+}
