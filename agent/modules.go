@@ -42,25 +42,70 @@ func ParseModuleList(r io.Reader) ([]string, error) {
 	return names, nil
 }
 
+// VsockTransportModule is the module that makes vsock reach the host; once
+// it is loaded the agent API can be served.
+const VsockTransportModule = "vmw_vsock_virtio_transport"
+
 // LoadModules loads the modules named in the list file, in order, from dir.
 // A missing list file means there is nothing to load (a kernel with
 // everything built in). A module that is already loaded (or built in) is
 // fine; any other failure stops the loading and is returned, because a guest
 // without its modules cannot reach the host.
 func LoadModules(log *logrus.Entry, listPath, dir string) error {
+	names, err := ReadModuleList(listPath)
+	if err != nil {
+		return err
+	}
+	if names == nil {
+		log.WithField("list", listPath).Debug("no module list, loading no modules")
+	}
+	return LoadModuleFiles(log, dir, names)
+}
+
+// ReadModuleList reads the module list file; a missing file is an empty list.
+func ReadModuleList(listPath string) ([]string, error) {
 	f, err := os.Open(listPath)
 	if errors.Is(err, os.ErrNotExist) {
-		log.WithField("list", listPath).Debug("no module list, loading no modules")
-		return nil
+		return nil, nil
 	}
 	if err != nil {
-		return fmt.Errorf("open module list: %w", err)
+		return nil, fmt.Errorf("open module list: %w", err)
 	}
+	defer f.Close()
 	names, err := ParseModuleList(f)
-	f.Close()
 	if err != nil {
-		return fmt.Errorf("read module list %s: %w", listPath, err)
+		return nil, fmt.Errorf("read module list %s: %w", listPath, err)
 	}
+	return names, nil
+}
+
+// SplitModules splits a load-ordered module list after the module called
+// name (a file name without .ko and compression suffixes). The list has
+// dependencies first, so the first part holds everything name needs. When
+// name is not in the list everything goes in the first part: what the list
+// holds may then be needed for anything.
+func SplitModules(names []string, name string) (first, rest []string) {
+	for i, n := range names {
+		if moduleName(n) == name {
+			return names[:i+1], names[i+1:]
+		}
+	}
+	return names, nil
+}
+
+// moduleName is a module file's module name: "kernel/net/vsock.ko.xz" is
+// "vsock"; '-' and '_' are the same to the kernel and come out as '_'.
+func moduleName(file string) string {
+	base := filepath.Base(file)
+	if i := strings.Index(base, ".ko"); i >= 0 {
+		base = base[:i]
+	}
+	return strings.ReplaceAll(base, "-", "_")
+}
+
+// LoadModuleFiles loads the named modules, in order, from dir; see
+// LoadModules.
+func LoadModuleFiles(log *logrus.Entry, dir string, names []string) error {
 	for _, name := range names {
 		path := filepath.Join(dir, name)
 		loaded, err := loadModule(path)

@@ -47,14 +47,20 @@ func BaseMounts() []Mount {
 // MountAll mounts each file system whose target is not a mount point yet,
 // creating the target directory when missing. Skipping existing mount points
 // lets the agent start on a guest where the kernel or an earlier stage already
-// mounted some of them (e.g. devtmpfs automount).
+// mounted some of them (e.g. devtmpfs automount). The mount table is read
+// once, and once more after a proc mount makes it readable: under emulation
+// each read costs milliseconds of boot time.
 func MountAll(log *logrus.Entry, mounts []Mount) error {
+	var points map[string]bool // nil until read
 	for _, m := range mounts {
-		mounted, err := isMountPoint(m.Target)
-		if err != nil {
-			return fmt.Errorf("check mount point %s: %w", m.Target, err)
+		if points == nil {
+			p, err := readMountPoints()
+			if err != nil {
+				return fmt.Errorf("check mount point %s: %w", m.Target, err)
+			}
+			points = p
 		}
-		if mounted {
+		if points[m.Target] {
 			log.WithField("target", m.Target).Debug("already mounted")
 			continue
 		}
@@ -64,27 +70,37 @@ func MountAll(log *logrus.Entry, mounts []Mount) error {
 		if err := unix.Mount(m.Source, m.Target, m.FSType, m.Flags, m.Data); err != nil {
 			return fmt.Errorf("mount %s on %s: %w", m.FSType, m.Target, err)
 		}
+		points[m.Target] = true
+		if m.FSType == "proc" {
+			points = nil
+		}
 		log.WithFields(logrus.Fields{"target": m.Target, "type": m.FSType}).Debug("mounted")
 	}
 	return nil
 }
 
-// isMountPoint reads /proc/self/mountinfo; before /proc is mounted nothing is
-// (an initramfs has no mounts but its root).
+// isMountPoint reports whether target is in the mount table.
 func isMountPoint(target string) (bool, error) {
+	points, err := readMountPoints()
+	return points[target], err
+}
+
+// readMountPoints reads /proc/self/mountinfo; before /proc is mounted nothing
+// is (an initramfs has no mounts but its root), which is an empty set.
+func readMountPoints() (map[string]bool, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
+		return map[string]bool{}, nil
 	}
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	defer f.Close()
 	points, err := parseMountPoints(f)
 	if err != nil {
-		return false, fmt.Errorf("read /proc/self/mountinfo: %w", err)
+		return nil, fmt.Errorf("read /proc/self/mountinfo: %w", err)
 	}
-	return points[target], nil
+	return points, nil
 }
 
 // parseMountPoints returns the set of mount points in a mountinfo file

@@ -65,18 +65,22 @@ func Run(ctx context.Context, cfg Config) {
 	signal.Notify(signals, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT,
 		unix.SIGUSR1, unix.SIGUSR2, unix.SIGPWR)
 
-	log.WithField("version", cfg.Version).Info("kiln agent starting")
+	// The guest's uptime here, beside the kernel's "Run /init" console line,
+	// shows what the exec of /init and the Go runtime's start cost.
+	log.WithFields(logrus.Fields{"version": cfg.Version, "uptime": sinceBoot()}).Info("kiln agent starting")
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	reaper, err := Init(ctx, logger)
+	guest, err := Init(ctx, logger)
 	if err != nil {
 		Fatal(log, fmt.Errorf("init guest: %w", err))
 	}
 	var containers agentv1.ContainersService
 	if cfg.Containers != nil {
-		if containers, err = cfg.Containers(ctx, log, reaper); err != nil {
+		start := time.Now()
+		if containers, err = cfg.Containers(ctx, log, guest.Reaper); err != nil {
 			Fatal(log, fmt.Errorf("start container service: %w", err))
 		}
+		log.WithField("took", time.Since(start)).Debug("container service created")
 	}
 
 	// Extra services come first so that a host that reaches the agent API
@@ -96,6 +100,7 @@ func Run(ctx context.Context, cfg Config) {
 		Root:       "/",
 		StartedAt:  startedAt,
 		Containers: containers,
+		Ready:      guest.Ready,
 		OnShutdown: func(reason string) {
 			select {
 			case shutdown <- "shutdown request: " + reason:
@@ -109,7 +114,7 @@ func Run(ctx context.Context, cfg Config) {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ctx, l) }()
 
-	log.WithFields(logrus.Fields{"port": APIPort, "init": time.Since(startedAt)}).Info("agent API ready")
+	log.WithFields(logrus.Fields{"port": APIPort, "init": time.Since(startedAt), "uptime": sinceBoot()}).Info("agent API ready")
 
 	if err := waitForShutdown(log, shutdown, signals, served); err != nil {
 		Fatal(log, err)
@@ -146,4 +151,13 @@ func waitForShutdown(log *logrus.Entry, shutdown <-chan string, signals <-chan o
 			return err
 		}
 	}
+}
+
+// sinceBoot is the guest's uptime (CLOCK_BOOTTIME), zero if unreadable.
+func sinceBoot() time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0
+	}
+	return time.Duration(ts.Nano())
 }

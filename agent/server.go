@@ -5,12 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/containerd/ttrpc"
 	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
@@ -31,7 +34,16 @@ type ServerConfig struct {
 	OnShutdown func(reason string)
 	// Containers, when set, is served as the Containers service.
 	Containers agentv1.ContainersService
+	// Ready, when set, reports whether the guest's setup that the API is
+	// served before (the shared directory and the modules containers need)
+	// is done; Containers requests wait for it, up to ReadyTimeout. The
+	// Events stream does not: it needs nothing of that setup.
+	Ready func(ctx context.Context) error
 }
+
+// ReadyTimeout bounds a Containers request's wait for the guest's setup;
+// under emulation that setup takes a fraction of a second.
+const ReadyTimeout = 30 * time.Second
 
 // Server serves the agent API (Health and Agent services) with ttrpc.
 type Server struct {
@@ -91,7 +103,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 func (s *Server) logCall(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
 	start := time.Now()
-	resp, err := method(ctx, unmarshal)
+	resp, err := s.call(ctx, unmarshal, info, method)
 	entry := s.log.WithFields(logrus.Fields{"method": info.FullMethod, "took": time.Since(start)})
 	if err != nil {
 		entry.WithError(err).Warn("request failed")
@@ -99,6 +111,22 @@ func (s *Server) logCall(ctx context.Context, unmarshal ttrpc.Unmarshaler, info 
 		entry.Debug("request")
 	}
 	return resp, err
+}
+
+// containersPrefix starts the full method name of every Containers request.
+const containersPrefix = "/kiln.agent.v1.Containers/"
+
+// call runs a request, holding Containers requests until the guest is ready.
+func (s *Server) call(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
+	if s.cfg.Ready != nil && strings.HasPrefix(info.FullMethod, containersPrefix) {
+		rctx, cancel := context.WithTimeout(ctx, ReadyTimeout)
+		err := s.cfg.Ready(rctx)
+		cancel()
+		if err != nil {
+			return nil, status.Errorf(codes.Unavailable, "%s: guest not ready: %v", info.FullMethod, err)
+		}
+	}
+	return method(ctx, unmarshal)
 }
 
 type healthService struct{ s *Server }

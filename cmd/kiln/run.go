@@ -106,6 +106,7 @@ func runBundle(ctx context.Context, configPath, id string, f *runFlags) (status 
 		return 0, err
 	}
 	sb, err := sandbox.Start(ctx, m, sandbox.Options{
+		HostVersion:     version,
 		DialTimeout:     cfg.Agent.DialTimeout.Std(),
 		RequestTimeout:  cfg.Agent.RequestTimeout.Std(),
 		ShutdownTimeout: cfg.Hypervisor.StopTimeout.Std(),

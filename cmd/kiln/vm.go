@@ -73,6 +73,7 @@ func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
 	}
 	start := time.Now()
 	sb, err := sandbox.Start(ctx, m, sandbox.Options{
+		HostVersion:     version,
 		DialTimeout:     cfg.Agent.DialTimeout.Std(),
 		RequestTimeout:  cfg.Agent.RequestTimeout.Std(),
 		ShutdownTimeout: cfg.Hypervisor.StopTimeout.Std(),

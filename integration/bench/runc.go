@@ -68,14 +68,19 @@ type runcContainer struct {
 
 func startRunc(ctx context.Context, bin, work, bundle, id string) (*runcContainer, error) {
 	r := &runcContainer{bin: bin, root: filepath.Join(work, "runc-root"), id: id}
+	// A detached container without a terminal inherits runc's stdio. A pipe there would stay open as long as the
+	// container runs (and `runc run` would never seem to end), so its errors go to a file.
+	errFile, err := os.CreateTemp(work, "runc-run-stderr-")
+	if err != nil {
+		return nil, err
+	}
+	defer errFile.Close()
 	cmd := exec.CommandContext(ctx, bin, "--root", r.root, "run", "--detach", "--bundle", bundle, id)
-	// A detached container without a terminal inherits these as its stdio.
-	cmd.Stdin, cmd.Stdout = nil, nil
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	cmd.Stderr = errFile
 	if err := cmd.Run(); err != nil {
 		_ = r.delete()
-		return nil, fmt.Errorf("runc run %s: %v: %s", id, err, stderr.String())
+		msg, _ := os.ReadFile(errFile.Name())
+		return nil, fmt.Errorf("runc run %s: %v: %s", id, err, msg)
 	}
 	return r, nil
 }

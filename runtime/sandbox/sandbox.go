@@ -31,6 +31,9 @@ type Options struct {
 	DialTimeout time.Duration
 	// RequestTimeout bounds each agent request.
 	RequestTimeout time.Duration
+	// HostVersion is the version of the Kiln binary starting the sandbox; a guest agent of another version is
+	// reported (logged as a warning), since the host and guest speak an API that may differ between versions.
+	HostVersion string
 	// ShutdownTimeout bounds the wait for the guest to power off after the agent's Shutdown.
 	ShutdownTimeout time.Duration
 	Log             *logrus.Entry
@@ -95,6 +98,9 @@ func (s *Sandbox) connect(ctx context.Context) error {
 				s.agent = agentv1.NewAgentClient(client)
 				s.ctrs = agentv1.NewContainersClient(client)
 				s.AgentVersion = resp.GetAgentVersion()
+				if w := VersionMismatch(s.opts.HostVersion, s.AgentVersion); w != "" {
+					s.opts.Log.Warn(w)
+				}
 				return nil
 			}
 			_ = client.Close()
@@ -186,4 +192,13 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 		return fmt.Errorf("stop sandbox %s: %w", s.m.ID(), err)
 	}
 	return s.m.Wait(ctx)
+}
+
+// VersionMismatch describes a host and guest agent of different versions, or returns "" when they match or the
+// host version is unknown.
+func VersionMismatch(host, agent string) string {
+	if host == "" || host == agent {
+		return ""
+	}
+	return fmt.Sprintf("guest agent version %s differs from host Kiln version %s: rebuild the guest image (make image) or reinstall Kiln (make install)", agent, host)
 }
