@@ -179,3 +179,21 @@ func TestCLIConfigShow(t *testing.T) {
 		}
 	}
 }
+
+// A kiln binary and a guest image from different versions are detected at VM start and reported.
+func TestCLIVersionMismatchReported(t *testing.T) {
+	_, cfg, _ := kilnCLI(t)
+	bin := filepath.Join(t.TempDir(), "kiln")
+	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-X main.version=v0.0.0-mismatch", "-o", bin, "./cmd/kiln")
+	build.Dir = repoRoot(t)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build kiln: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "--config", cfg, "vm", "boot").CombinedOutput()
+	if err != nil {
+		t.Fatalf("kiln vm boot: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "differs from host Kiln version v0.0.0-mismatch") {
+		t.Fatalf("no version mismatch reported:\n%s", out)
+	}
+}
