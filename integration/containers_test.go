@@ -141,6 +141,54 @@ func TestContainers(t *testing.T) {
 		}
 	})
 
+	t.Run("cgroup_cpu_memory_pids_limits", func(t *testing.T) {
+		spec := v.spec("sh", "-c", "cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max")
+		quota, period, mem, pids := int64(25000), uint64(100000), int64(64<<20), int64(42)
+		spec.Linux.Resources = &specs.LinuxResources{
+			CPU:    &specs.LinuxCPU{Quota: &quota, Period: &period},
+			Memory: &specs.LinuxMemory{Limit: &mem},
+			Pids:   &specs.LinuxPids{Limit: pids},
+		}
+		out, errOut, status := v.output(t, "cgroups", spec)
+		if status != 0 {
+			t.Fatalf("status %d, stderr %q", status, errOut)
+		}
+		if want := "25000 100000\n67108864\n42\n"; out != want {
+			t.Errorf("cpu.max, memory.max, pids.max = %q, want %q", out, want)
+		}
+	})
+
+	t.Run("namespaces_and_mounts", func(t *testing.T) {
+		out, errOut, status := v.output(t, "ns", v.spec("sh", "-c", "echo pid=$$; cat /proc/self/mountinfo"))
+		if status != 0 {
+			t.Fatalf("status %d, stderr %q", status, errOut)
+		}
+		if !strings.HasPrefix(out, "pid=1\n") {
+			t.Errorf("shell is not pid 1 of its pid namespace: %q", firstLine(out))
+		}
+		for _, want := range []string{" /proc rw", " /dev/pts ", " /dev/mqueue ", " /sys ro", " /dev/shm "} {
+			if !strings.Contains(out, want) {
+				t.Errorf("mountinfo lacks %q", want)
+			}
+		}
+	})
+
+	t.Run("masked_and_readonly_paths", func(t *testing.T) {
+		spec := v.spec("sh", "-c", "wc -c < /proc/kcore; echo x > /proc/sys/kernel/domainname && echo wrote")
+		spec.Linux.MaskedPaths = []string{"/proc/kcore"}
+		spec.Linux.ReadonlyPaths = []string{"/proc/sys"}
+		spec.Process.Capabilities = &specs.LinuxCapabilities{
+			Bounding: []string{"CAP_SYS_ADMIN"}, Effective: []string{"CAP_SYS_ADMIN"}, Permitted: []string{"CAP_SYS_ADMIN"},
+		}
+		out, errOut, _ := v.output(t, "masked", spec)
+		if firstLine(out) != "0" {
+			t.Errorf("masked /proc/kcore has %q bytes, want 0 (stderr %q)", firstLine(out), errOut)
+		}
+		if strings.Contains(out, "wrote") || !strings.Contains(errOut, "Read-only file system") {
+			t.Errorf("write to read-only /proc/sys: stdout %q stderr %q", out, errOut)
+		}
+	})
+
 	t.Run("seccomp_denies_syscall", func(t *testing.T) {
 		enosys := uint(syscall.ENOSYS)
 		for _, deny := range []bool{true, false} {
@@ -260,4 +308,9 @@ func randomBytes(t *testing.T, n int) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return strings.TrimSpace(line)
 }
