@@ -73,9 +73,10 @@ unit:
 bench: deps build image
 	$(GO) run ./integration/bench --share $(SHARE) --tools $(TOOLS)
 
+# A private containerd (its own root, state and socket in a temporary directory), a busybox image built from
+# Debian's busybox-static, and `ctr run --runtime io.containerd.kiln.v2 --rm ... uname -r`.
 demo: deps build image
-	$(BIN)/kiln check
-	$(BIN)/kiln vm boot
+	$(GO) run ./integration/containerd/demo --repo $(CURDIR) --tools $(TOOLS) --bin $(BIN) --share $(SHARE)
 
 install: build image
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/kiln

@@ -4,11 +4,10 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"runtime"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 )
 
 // Guest is a guest that Init has prepared far enough for the agent API, with
@@ -18,21 +17,31 @@ type Guest struct {
 	// coordinate with it.
 	Reaper *Reaper
 
-	done chan struct{}
-	err  error // set before done is closed
+	proceed     chan struct{}
+	proceedOnce sync.Once
+	done        chan struct{}
+	err         error // set before done is closed
 }
 
+// lateSetupDelay is how long the background setup waits for Proceed. Under
+// emulation the host's first request comes some tens of milliseconds after
+// the API listens; the guest has a single CPU then, and setup work running
+// beside that request would only delay its answer.
+const lateSetupDelay = 500 * time.Millisecond
+
 // Init prepares a freshly booted guest for the agent API, which must answer
-// as soon as possible after boot: it mounts the base file systems, moves log
-// to the console at the level the kernel command line asks for, loads the
-// kernel modules vsock needs and starts reaping orphans (until ctx is done).
-// The remaining modules of the image's list and the host's shared directory
-// follow in the background; Guest.Ready waits for them. An error leaves the
-// guest unusable.
+// as soon as possible after boot: it mounts the base file systems the API
+// needs, moves log to the console at the level the kernel command line asks
+// for, loads the kernel modules vsock needs and starts reaping orphans (until
+// ctx is done). The other base file systems, the remaining modules of the
+// image's list and the host's shared directory follow in the background once the
+// API has answered (Guest.Proceed); Guest.Ready waits for them. An error leaves the guest
+// unusable.
 func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	entry := logrus.NewEntry(log)
 	start := time.Now()
-	if err := MountAll(entry, BaseMounts()); err != nil {
+	earlyMounts, lateMounts := SplitMounts(BaseMounts())
+	if err := MountAll(entry, earlyMounts); err != nil {
 		return nil, fmt.Errorf("mount base file systems: %w", err)
 	}
 
@@ -52,7 +61,7 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 		entry.WithError(err).Warnf("ignoring %s", CmdlineLogLevel)
 	}
 	log.SetLevel(level)
-	entry.WithFields(logrus.Fields{"count": len(BaseMounts()), "took": time.Since(start)}).Debug("base file systems mounted")
+	entry.WithFields(logrus.Fields{"count": len(earlyMounts), "took": time.Since(start)}).Debug("early file systems mounted")
 
 	modules, err := ReadModuleList(ModuleListPath)
 	if err != nil {
@@ -65,11 +74,19 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	}
 	entry.WithFields(logrus.Fields{"count": len(early), "took": time.Since(start)}).Debug("vsock modules ready")
 
-	g := &Guest{Reaper: StartReaper(ctx, entry), done: make(chan struct{})}
+	g := &Guest{Reaper: StartReaper(ctx, entry), proceed: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(g.done)
-		idlePriority(entry)
-		g.err = finishInit(entry, late)
+		t := time.NewTimer(lateSetupDelay)
+		select {
+		case <-g.proceed:
+		case <-t.C:
+		case <-ctx.Done():
+			g.err = fmt.Errorf("guest setup: %w", ctx.Err())
+			return
+		}
+		t.Stop()
+		g.err = finishInit(entry, lateMounts, late)
 		if g.err != nil {
 			entry.WithError(g.err).Error("guest setup failed; containers are unavailable")
 		}
@@ -78,9 +95,13 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 }
 
 // finishInit is the part of the guest's setup that the agent API does not
-// need: the other kernel modules and the shared directory.
-func finishInit(log *logrus.Entry, modules []string) error {
+// need: the other base file systems and kernel modules, and the shared
+// directory.
+func finishInit(log *logrus.Entry, mounts []Mount, modules []string) error {
 	start := time.Now()
+	if err := MountAll(log, mounts); err != nil {
+		return fmt.Errorf("mount base file systems: %w", err)
+	}
 	if err := LoadModuleFiles(log, ModuleDir, modules); err != nil {
 		return err
 	}
@@ -91,9 +112,22 @@ func finishInit(log *logrus.Entry, modules []string) error {
 	return nil
 }
 
+// Proceed lets the background part of Init start now rather than after
+// lateSetupDelay: the agent calls it once the API has answered its first
+// request. It may be called any number of times.
+func (g *Guest) Proceed() {
+	g.proceedOnce.Do(func() {
+		if g.proceed != nil {
+			close(g.proceed)
+		}
+	})
+}
+
 // Ready waits until the background part of Init is done and returns its
-// error, or ctx's error when ctx ends first.
+// error, or ctx's error when ctx ends first. It starts that part at once if
+// it has not started yet.
 func (g *Guest) Ready(ctx context.Context) error {
+	g.Proceed()
 	select {
 	case <-g.done:
 		return g.err
@@ -108,16 +142,4 @@ func ReadyGuest(reaper *Reaper, err error) *Guest {
 	g := &Guest{Reaper: reaper, done: make(chan struct{}), err: err}
 	close(g.done)
 	return g
-}
-
-// idlePriority moves the calling goroutine to an OS thread of its own that
-// the kernel runs only when nothing else wants the CPU (SCHED_IDLE): the
-// background setup must not slow the agent API down while the host makes its
-// first requests. The goroutine must end without unlocking, which ends the
-// thread too, so that the policy cannot pass to other goroutines.
-func idlePriority(log *logrus.Entry) {
-	runtime.LockOSThread()
-	if err := unix.SchedSetAttr(0, &unix.SchedAttr{Policy: unix.SCHED_IDLE}, 0); err != nil {
-		log.WithError(err).Debug("background setup at normal priority")
-	}
 }

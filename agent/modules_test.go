@@ -72,3 +72,29 @@ func TestLoadModulesMissingModuleIsFatal(t *testing.T) {
 		t.Fatalf("error = %v, want one naming %s", err, filepath.Join(dir, "absent.ko"))
 	}
 }
+
+func TestSplitModules(t *testing.T) {
+	list := []string{"virtio_ring.ko", "vsock.ko", "vmw_vsock_virtio_transport.ko", "fuse.ko", "overlay.ko"}
+	for _, tc := range []struct {
+		name        string
+		list        []string
+		split       string
+		first, rest []string
+	}{
+		{"after the named module", list, "vmw_vsock_virtio_transport", list[:3], list[3:]},
+		{"last module", list, "overlay", list, nil},
+		{"absent: all first", list, "virtiofs", list, nil},
+		{"empty list", nil, "vsock", nil, nil},
+		{"compressed file and dash spelling", []string{"kernel/a.ko", "kernel/vmw-vsock-virtio-transport.ko.xz", "b.ko"},
+			"vmw_vsock_virtio_transport", []string{"kernel/a.ko", "kernel/vmw-vsock-virtio-transport.ko.xz"}, []string{"b.ko"}},
+		{"prefix is not a match", []string{"vsock_diag.ko", "vsock.ko", "x.ko"}, "vsock",
+			[]string{"vsock_diag.ko", "vsock.ko"}, []string{"x.ko"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			first, rest := SplitModules(tc.list, tc.split)
+			if !slices.Equal(first, tc.first) || !slices.Equal(rest, tc.rest) {
+				t.Errorf("got %q + %q, want %q + %q", first, rest, tc.first, tc.rest)
+			}
+		})
+	}
+}

@@ -20,28 +20,47 @@ type Mount struct {
 	FSType string
 	Flags  uintptr
 	Data   string
+	// Late marks a file system that the agent API does not need: it is
+	// mounted in the background, after the API is served.
+	Late bool
 }
 
 // BaseMounts are the file systems every guest gets, in mount order: /proc
 // first because the agent reads /proc/self/mountinfo to skip what is already
-// mounted, /dev before the file systems below it.
+// mounted, /dev before the file systems below it. Before the agent API the
+// guest needs /proc (command line, mount table, guest info), /sys (guest
+// info) and /run (the container service's state); the rest is Late. Until
+// /dev is mounted the agent logs to the initramfs's own /dev/console.
 func BaseMounts() []Mount {
 	const common = unix.MS_NOSUID | unix.MS_NODEV
 	return []Mount{
 		{Source: "proc", Target: "/proc", FSType: "proc", Flags: common | unix.MS_NOEXEC},
 		{Source: "sysfs", Target: "/sys", FSType: "sysfs", Flags: common | unix.MS_NOEXEC},
+		{Source: "tmpfs", Target: "/run", FSType: "tmpfs", Flags: common, Data: "mode=0755"},
 		// devtmpfs gets no MS_NODEV: it is there for device nodes.
-		{Source: "devtmpfs", Target: "/dev", FSType: "devtmpfs", Flags: unix.MS_NOSUID, Data: "mode=0755"},
+		{Source: "devtmpfs", Target: "/dev", FSType: "devtmpfs", Flags: unix.MS_NOSUID, Data: "mode=0755", Late: true},
 		// gid 5 is "tty" by convention; a fresh instance keeps the guest's ptys
 		// apart from any other devpts mount.
 		{Source: "devpts", Target: "/dev/pts", FSType: "devpts", Flags: unix.MS_NOSUID | unix.MS_NOEXEC,
-			Data: "newinstance,ptmxmode=0666,mode=0620,gid=5"},
-		{Source: "shm", Target: "/dev/shm", FSType: "tmpfs", Flags: common, Data: "mode=1777"},
-		{Source: "tmpfs", Target: "/run", FSType: "tmpfs", Flags: common, Data: "mode=0755"},
-		{Source: "tmpfs", Target: "/tmp", FSType: "tmpfs", Flags: common, Data: "mode=1777"},
+			Data: "newinstance,ptmxmode=0666,mode=0620,gid=5", Late: true},
+		{Source: "shm", Target: "/dev/shm", FSType: "tmpfs", Flags: common, Data: "mode=1777", Late: true},
+		{Source: "tmpfs", Target: "/tmp", FSType: "tmpfs", Flags: common, Data: "mode=1777", Late: true},
 		{Source: "cgroup2", Target: "/sys/fs/cgroup", FSType: "cgroup2", Flags: common | unix.MS_NOEXEC,
-			Data: "nsdelegate"},
+			Data: "nsdelegate", Late: true},
 	}
+}
+
+// SplitMounts splits mounts into those the agent API needs and the Late
+// ones, keeping the order within each.
+func SplitMounts(mounts []Mount) (early, late []Mount) {
+	for _, m := range mounts {
+		if m.Late {
+			late = append(late, m)
+		} else {
+			early = append(early, m)
+		}
+	}
+	return early, late
 }
 
 // MountAll mounts each file system whose target is not a mount point yet,

@@ -45,10 +45,14 @@ func TestUnescapeOctal(t *testing.T) {
 }
 
 // A mount must come after the mount its target lives on, or it would be
-// hidden by it: /dev/pts after /dev, cgroup after /sys. /proc comes first
-// because MountAll reads mountinfo.
+// hidden by it: /dev/pts after /dev, cgroup after /sys, and no early mount
+// below a late one. /proc comes first because MountAll reads mountinfo.
 func TestBaseMountsOrder(t *testing.T) {
-	mounts := BaseMounts()
+	early, late := SplitMounts(BaseMounts())
+	mounts := append(early, late...)
+	if len(mounts) != len(BaseMounts()) {
+		t.Fatalf("split into %d early and %d late mounts, want %d in all", len(early), len(late), len(BaseMounts()))
+	}
 	if mounts[0].Target != "/proc" {
 		t.Fatalf("first mount is %s, want /proc", mounts[0].Target)
 	}
@@ -69,6 +73,21 @@ func TestBaseMountsOrder(t *testing.T) {
 	for _, want := range []string{"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/run", "/tmp", "/sys/fs/cgroup"} {
 		if _, ok := seen[want]; !ok {
 			t.Errorf("no mount on %s", want)
+		}
+	}
+}
+
+// What the agent API and the container service use before the guest is
+// ready must be mounted early.
+func TestBaseMountsEarly(t *testing.T) {
+	early, _ := SplitMounts(BaseMounts())
+	got := map[string]bool{}
+	for _, m := range early {
+		got[m.Target] = true
+	}
+	for _, want := range []string{"/proc", "/sys", "/run"} {
+		if !got[want] {
+			t.Errorf("%s is not mounted early", want)
 		}
 	}
 }

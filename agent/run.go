@@ -101,6 +101,9 @@ func Run(ctx context.Context, cfg Config) {
 		StartedAt:  startedAt,
 		Containers: containers,
 		Ready:      guest.Ready,
+		// The guest's setup waits for the host's first request so as not
+		// to slow its answer down.
+		Answered: guest.Proceed,
 		OnShutdown: func(reason string) {
 			select {
 			case shutdown <- "shutdown request: " + reason:

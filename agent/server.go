@@ -39,6 +39,9 @@ type ServerConfig struct {
 	// is done; Containers requests wait for it, up to ReadyTimeout. The
 	// Events stream does not: it needs nothing of that setup.
 	Ready func(ctx context.Context) error
+	// Answered, when set, is called after each request has been handled
+	// (before its reply is written); it must not block.
+	Answered func()
 }
 
 // ReadyTimeout bounds a Containers request's wait for the guest's setup;
@@ -126,7 +129,11 @@ func (s *Server) call(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *tt
 			return nil, status.Errorf(codes.Unavailable, "%s: guest not ready: %v", info.FullMethod, err)
 		}
 	}
-	return method(ctx, unmarshal)
+	resp, err := method(ctx, unmarshal)
+	if s.cfg.Answered != nil {
+		s.cfg.Answered()
+	}
+	return resp, err
 }
 
 type healthService struct{ s *Server }

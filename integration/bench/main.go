@@ -82,7 +82,10 @@ func run(ctx context.Context, share, tools string, runs int) error {
 		}
 		fmt.Printf("%-40s %10d bytes\n", f.name, st.Size())
 	}
-	return containerBench(ctx, base, initrd, tools, work, runs)
+	if err := containerBench(ctx, base, initrd, tools, work, runs); err != nil {
+		return err
+	}
+	return containerdLatency(ctx, share, tools, runs)
 }
 
 func buildFloor(ctx context.Context, work, share, tools string) (string, error) {

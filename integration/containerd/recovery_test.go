@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -13,6 +14,7 @@ import (
 func TestKilnShimKilled(t *testing.T) {
 	k := startKiln(t)
 	const id = "kiln-shimkill"
+	before := shimSockets(t)
 	k.runDetached(t, id, nil, sleeper...)
 	k.waitStatus(t, id, "RUNNING")
 	shims := k.d.Shims()
@@ -43,6 +45,11 @@ func TestKilnShimKilled(t *testing.T) {
 	}
 	_, _, _ = k.ctrCode(t, nil, "tasks", "delete", id)
 	k.ctr(t, "containers", "delete", id)
+	for s := range shimSockets(t) {
+		if !before[s] {
+			t.Errorf("socket of the killed shim left behind: %s", s)
+		}
+	}
 	// checkNoLeftovers (at cleanup) asserts that the VM, virtiofsd, the share's mounts and the state are gone.
 }
 
@@ -166,4 +173,18 @@ func matches(payload, fields map[string]any) bool {
 		}
 	}
 	return true
+}
+
+// shimSockets lists the shim sockets in containerd's fixed socket directory (shared by every containerd).
+func shimSockets(t *testing.T) map[string]bool {
+	t.Helper()
+	entries, err := os.ReadDir("/run/containerd/s")
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	m := map[string]bool{}
+	for _, e := range entries {
+		m[e.Name()] = true
+	}
+	return m
 }

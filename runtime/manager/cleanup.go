@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 
@@ -41,6 +42,13 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 	if rec.ShareDir != "" {
 		if err := share.Remove(rec.ShareDir); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	// A shim killed outright leaves its socket; a new shim for the group would take it over, but nothing else
+	// would remove it.
+	if rec.ShimSocket != "" {
+		if err := shim.RemoveSocket(rec.ShimSocket); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove shim socket %s: %w", rec.ShimSocket, err))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -1,6 +1,8 @@
 package task
 
 import (
+	"os"
+
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
 	"github.com/containerd/containerd/v2/plugins"
@@ -24,7 +26,18 @@ func Register() {
 			if err != nil {
 				return nil, err
 			}
-			return NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service))
+			s, err := NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service))
+			if err != nil {
+				return nil, err
+			}
+			// The same address runtime/manager's `start` created the socket at; recorded for crash cleanup.
+			addr, group := ic.Properties[plugins.PropertyGRPCAddress], os.Getenv(GroupEnv)
+			if addr != "" && group != "" {
+				if sock, err := shim.SocketAddress(ic.Context, addr, group, false); err == nil {
+					s.socket = sock
+				}
+			}
+			return s, nil
 		},
 	})
 }

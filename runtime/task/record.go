@@ -20,6 +20,8 @@ type Record struct {
 	// ShareDir is the VM's shared directory on the host.
 	ShareDir string `json:"share_dir"`
 	ShimPid  int    `json:"shim_pid"`
+	// ShimSocket is the shim's ttrpc socket address, removed by `delete` when the shim died without doing so.
+	ShimSocket string `json:"shim_socket,omitempty"`
 	// Pid is the task's init pid in the guest, reported back in the exit that `delete` makes up.
 	Pid uint32 `json:"pid"`
 }

@@ -40,6 +40,9 @@ type Service struct {
 	// loadConfig reads Kiln's configuration from a path given in the runtime options ("" for the default).
 	loadConfig func(path string) (config.Config, error)
 
+	// socket is the shim's own ttrpc socket address, when known.
+	socket string
+
 	// createMu serialises Create, so that the first one boots the VM alone.
 	createMu sync.Mutex
 
@@ -223,7 +226,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	t.ctr = c
 	t.init.setHandle(c.Init())
-	rec := Record{VMID: vm.id, StateDir: vm.cfg.Runtime.StateDir, ShareDir: vm.shareDir, ShimPid: os.Getpid(), Pid: c.Init().Pid()}
+	rec := Record{VMID: vm.id, StateDir: vm.cfg.Runtime.StateDir, ShareDir: vm.shareDir, ShimPid: os.Getpid(), ShimSocket: s.socket, Pid: c.Init().Pid()}
 	if err := WriteRecord(r.Bundle, rec); err != nil {
 		l.WithError(err).Warn("record task for cleanup after a shim crash")
 	}
