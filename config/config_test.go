@@ -45,10 +45,18 @@ mode = "vhost-user"
 debug = true
 dial_timeout = "10s"
 request_timeout = "250ms"
+[shared_fs]
+virtiofsd = "/bin/sh"
+cache = "always"
 [runtime]
 state_dir = "/tmp/kiln"
 log_level = "debug"
+enable_annotations = ["io.kiln.vcpus", "io.kiln.kernel_params*"]
 `, check: func(t *testing.T, c Config) {
+			if c.SharedFS.Virtiofsd != "/bin/sh" || c.SharedFS.Cache != "always" || c.Runtime.LogLevel != "debug" ||
+				len(c.Runtime.EnableAnnotations) != 2 {
+				t.Errorf("shared_fs %+v runtime %+v", c.SharedFS, c.Runtime)
+			}
 			h := c.Hypervisor
 			if h.Path != "/usr/bin/qemu-system-x86_64" || h.Accelerator != "tcg" || h.VCPUs != 2 || h.MemoryMiB != 512 ||
 				len(h.KernelParams) != 1 || h.StopTimeout.Std() != 5*time.Second {
@@ -69,6 +77,15 @@ log_level = "debug"
 		{name: "memory range", toml: "[hypervisor]\nmemory_mib = 16\n", errPart: []string{"hypervisor.memory_mib", "64"}},
 		{name: "vsock enum", toml: "[vsock]\nmode = \"tcp\"\n", errPart: []string{"vsock.mode"}},
 		{name: "missing kernel reported at load", toml: "[hypervisor]\nkernel = \"/nonexistent/vmlinuz\"\n", errPart: []string{"hypervisor.kernel", "/nonexistent/vmlinuz", "make image"}},
+		{name: "missing QEMU binary", toml: "[hypervisor]\npath = \"/nonexistent/qemu\"\n", errPart: []string{"hypervisor.path", "/nonexistent/qemu", "qemu-system-x86"}},
+		{name: "missing initrd reported at load", toml: "[hypervisor]\ninitrd = \"/nonexistent/initrd.img\"\n", errPart: []string{"hypervisor.initrd", "make image"}},
+		{name: "kernel_params wrong type", toml: "[hypervisor]\nkernel_params = \"quiet\"\n", errPart: []string{"kernel_params"}},
+		{name: "stop_timeout zero", toml: "[hypervisor]\nstop_timeout = \"0s\"\n", errPart: []string{"hypervisor.stop_timeout"}},
+		{name: "missing virtiofsd", toml: "[shared_fs]\nvirtiofsd = \"/nonexistent/virtiofsd\"\n", errPart: []string{"shared_fs.virtiofsd", "qemu-system-common"}},
+		{name: "cache enum", toml: "[shared_fs]\ncache = \"sometimes\"\n", errPart: []string{"shared_fs.cache", "\"always\""}},
+		{name: "debug wrong type", toml: "[agent]\ndebug = \"yes\"\n", errPart: []string{"agent.debug"}},
+		{name: "log level", toml: "[runtime]\nlog_level = \"loud\"\n", errPart: []string{"runtime.log_level", "debug"}},
+		{name: "annotation outside io.kiln", toml: "[runtime]\nenable_annotations = [\"io.katacontainers.x\"]\n", errPart: []string{"runtime.enable_annotations", "io.kiln."}},
 		{name: "relative state dir", toml: "[runtime]\nstate_dir = \"run\"\n", errPart: []string{"runtime.state_dir", "absolute"}},
 		{name: "negative timeout", toml: "[agent]\nrequest_timeout = \"-1s\"\n", errPart: []string{"agent.request_timeout"}},
 	}
