@@ -15,7 +15,7 @@ import (
 var version = "dev"
 
 func main() {
-	task.Register()
+	task.Register(version)
 	// The shim waits for its own children (QEMU, virtiofsd, loggers) with os/exec: containerd's reaper would
 	// take their exit statuses first, and no container process is a child of the shim to adopt.
 	shim.Run(context.Background(), manager.New(version), func(c *shim.Config) {

@@ -105,13 +105,7 @@ func runBundle(ctx context.Context, configPath, id string, f *runFlags) (status 
 	if err != nil {
 		return 0, err
 	}
-	sb, err := sandbox.Start(ctx, m, sandbox.Options{
-		HostVersion:     version,
-		DialTimeout:     cfg.Agent.DialTimeout.Std(),
-		RequestTimeout:  cfg.Agent.RequestTimeout.Std(),
-		ShutdownTimeout: cfg.Hypervisor.StopTimeout.Std(),
-		Log:             log,
-	})
+	sb, err := sandbox.Start(ctx, m, sandbox.OptionsFrom(cfg, version, log))
 	if err != nil {
 		return 0, err
 	}

@@ -72,13 +72,7 @@ func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
 		return bootResult{}, err
 	}
 	start := time.Now()
-	sb, err := sandbox.Start(ctx, m, sandbox.Options{
-		HostVersion:     version,
-		DialTimeout:     cfg.Agent.DialTimeout.Std(),
-		RequestTimeout:  cfg.Agent.RequestTimeout.Std(),
-		ShutdownTimeout: cfg.Hypervisor.StopTimeout.Std(),
-		Log:             log,
-	})
+	sb, err := sandbox.Start(ctx, m, sandbox.OptionsFrom(cfg, version, log))
 	if err != nil {
 		return bootResult{}, err
 	}

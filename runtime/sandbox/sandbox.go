@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/ttrpc"
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/vm"
 )
@@ -201,4 +202,15 @@ func VersionMismatch(host, agent string) string {
 		return ""
 	}
 	return fmt.Sprintf("guest agent version %s differs from host Kiln version %s: rebuild the guest image (make image) or reinstall Kiln (make install)", agent, host)
+}
+
+// OptionsFrom takes the agent and stop timeouts from Kiln's configuration.
+func OptionsFrom(cfg config.Config, hostVersion string, log *logrus.Entry) Options {
+	return Options{
+		HostVersion:     hostVersion,
+		DialTimeout:     cfg.Agent.DialTimeout.Std(),
+		RequestTimeout:  cfg.Agent.RequestTimeout.Std(),
+		ShutdownTimeout: cfg.Hypervisor.StopTimeout.Std(),
+		Log:             log,
+	}
 }

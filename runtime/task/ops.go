@@ -21,9 +21,6 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/container"
 )
 
-// Version is reported to containerd by Connect; the shim's main sets it at build time.
-const Version = "kiln"
-
 // stdinDrainTimeout bounds how long CloseIO waits for containerd's stdin to be relayed before closing the
 // process's input.
 const stdinDrainTimeout = 5 * time.Second
@@ -230,7 +227,7 @@ func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 
 // Connect tells containerd the shim's pid and the task's.
 func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
-	resp := &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), Version: Version}
+	resp := &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), Version: s.version}
 	if t, err := s.getTask(r.ID); err == nil {
 		resp.TaskPid = t.init.getPid()
 	}

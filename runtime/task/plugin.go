@@ -11,8 +11,8 @@ import (
 )
 
 // Register adds the task service to containerd's shim plugin registry, where shim.Run finds it. The shim's main
-// calls it once before shim.Run.
-func Register() {
+// calls it once before shim.Run, with its build version.
+func Register(version string) {
 	registry.Register(&plugin.Registration{
 		Type:     plugins.TTRPCPlugin,
 		ID:       "task",
@@ -26,7 +26,7 @@ func Register() {
 			if err != nil {
 				return nil, err
 			}
-			s, err := NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service))
+			s, err := NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), version)
 			if err != nil {
 				return nil, err
 			}

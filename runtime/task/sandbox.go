@@ -44,7 +44,7 @@ func ShareDir(stateDir, vmID string) string { return filepath.Join(stateDir, vmI
 
 // bootSandbox creates the share, boots the VM exporting it, and starts following its containers. On error
 // nothing is left behind.
-func bootSandbox(ctx context.Context, cfg config.Config, vmID string, log *logrus.Entry, onEvent func(container.Event)) (_ *vmSandbox, retErr error) {
+func bootSandbox(ctx context.Context, cfg config.Config, vmID, version string, log *logrus.Entry, onEvent func(container.Event)) (_ *vmSandbox, retErr error) {
 	log = log.WithField("sandbox", vmID)
 	v := &vmSandbox{id: vmID, cfg: cfg, shareDir: ShareDir(cfg.Runtime.StateDir, vmID), log: log}
 	if err := os.MkdirAll(cfg.Runtime.StateDir, 0o711); err != nil {
@@ -78,12 +78,7 @@ func bootSandbox(ctx context.Context, cfg config.Config, vmID string, log *logru
 	if err != nil {
 		return nil, fmt.Errorf("boot sandbox %s: %w", vmID, err)
 	}
-	sb, err := sandbox.Start(ctx, m, sandbox.Options{
-		DialTimeout:     cfg.Agent.DialTimeout.Std(),
-		RequestTimeout:  cfg.Agent.RequestTimeout.Std(),
-		ShutdownTimeout: cfg.Hypervisor.StopTimeout.Std(),
-		Log:             log,
-	})
+	sb, err := sandbox.Start(ctx, m, sandbox.OptionsFrom(cfg, version, log))
 	if err != nil {
 		return nil, fmt.Errorf("boot sandbox %s: %w", vmID, err)
 	}

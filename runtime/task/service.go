@@ -36,6 +36,7 @@ type Service struct {
 	namespace string
 	publisher shim.Publisher
 	sd        shutdown.Service
+	version   string
 	events    chan any
 	// loadConfig reads Kiln's configuration from a path given in the runtime options ("" for the default).
 	loadConfig func(path string) (config.Config, error)
@@ -55,13 +56,14 @@ var _ taskAPI.TTRPCTaskService = (*Service)(nil)
 
 // NewService makes the task service. ctx carries the shim's namespace and logger; the VM is stopped when sd
 // shuts the shim down.
-func NewService(ctx context.Context, publisher shim.Publisher, sd shutdown.Service) (*Service, error) {
+// version is the shim's build version, reported by Connect and compared with the guest agent's.
+func NewService(ctx context.Context, publisher shim.Publisher, sd shutdown.Service, version string) (*Service, error) {
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("kiln task service: %w", err)
 	}
 	s := &Service{
-		ctx: ctx, namespace: ns, publisher: publisher, sd: sd,
+		ctx: ctx, namespace: ns, publisher: publisher, sd: sd, version: version,
 		events:     make(chan any, eventQueue),
 		loadConfig: config.Load,
 		tasks:      map[string]*task{},
@@ -133,7 +135,7 @@ func (s *Service) sandboxFor(ctx context.Context, id string, opts *anypb.Any) (*
 	if cfg.Runtime.LogLevel == "debug" || cfg.Agent.Debug {
 		l.Logger.SetLevel(logrus.DebugLevel)
 	}
-	vm, err = bootSandbox(ctx, cfg, VMID(s.namespace, groupOf(id)), l, s.onContainerEvent)
+	vm, err = bootSandbox(ctx, cfg, VMID(s.namespace, groupOf(id)), s.version, l, s.onContainerEvent)
 	if err != nil {
 		return nil, err
 	}
