@@ -22,6 +22,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/vm"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/tail"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
 
@@ -90,7 +91,7 @@ type Machine struct {
 	cmd     *exec.Cmd
 	qmp     *qmpConn
 	console *console
-	stderr  *tailBuffer
+	stderr  *tail.Buffer
 	vsock   vsockBackend
 	fs      *virtiofs.Daemon
 	cancel  context.CancelFunc
@@ -245,7 +246,7 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 	}
 	m.console = cons
-	m.stderr = newTailBuffer(8 << 10)
+	m.stderr = tail.New(8 << 10)
 
 	// Inherited descriptors start at 3 in the child.
 	cmd := exec.Command(qemuPath, args(m.cfg, m.paths, vs.qemuArgs(3))...)

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"io"
 	"strings"
-	"sync"
 )
 
 // logStderr copies virtiofsd's stderr into the log, one entry per line, and keeps its tail for errors. With
@@ -27,32 +26,6 @@ func (d *Daemon) logStderr(r io.ReadCloser) {
 	}
 	// A line longer than the scanner's buffer stops the scan; drain so virtiofsd never blocks on a full pipe.
 	_, _ = io.Copy(io.Discard, r)
-}
-
-// tailBuffer keeps the last max bytes written to it.
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	buf []byte
-}
-
-func newTailBuffer(max int) *tailBuffer { return &tailBuffer{max: max} }
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.buf = append(t.buf, p...)
-	if len(t.buf) > t.max {
-		t.buf = append([]byte(nil), t.buf[len(t.buf)-t.max:]...)
-	}
-	return len(p), nil
-}
-
-// Bytes returns a copy of what is kept.
-func (t *tailBuffer) Bytes() []byte {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return append([]byte(nil), t.buf...)
 }
 
 // disconnectNoise reports the warnings QEMU 7.2's virtiofsd prints each time its client disconnects, which is

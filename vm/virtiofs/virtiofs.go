@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/vm/tail"
 	"golang.org/x/sys/unix"
 )
 
@@ -75,7 +77,7 @@ const BinaryHelp = "install it (apt-get install qemu-system-common) or set virti
 type Daemon struct {
 	cfg    Config
 	cmd    *exec.Cmd
-	stderr *tailBuffer
+	stderr *tail.Buffer
 	logged chan struct{} // closed when stderr has been read to its end
 
 	exited  chan struct{} // closed when the process has been reaped
@@ -149,7 +151,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	}
 	d := &Daemon{
 		cfg:    cfg,
-		stderr: newTailBuffer(8 << 10),
+		stderr: tail.New(8 << 10),
 		logged: make(chan struct{}),
 		exited: make(chan struct{}),
 	}
