@@ -30,9 +30,10 @@ $(BIN)/kiln $(BIN)/containerd-shim-kiln-v2: FORCE
 	$(GO) build $(GOFLAGS_BUILD) -o $@ ./cmd/$(notdir $@)
 
 # The agent is PID 1 in the guest: one static binary; cgo only for libcontainer's nsenter and libseccomp.
+# runc_nocriu: the agent API has no checkpoint, and criu's init() costs boot time.
 $(BIN)/kiln-agent: FORCE
 	@mkdir -p $(BIN)
-	CGO_ENABLED=1 $(GO) build -trimpath -tags 'seccomp netgo osusergo' \
+	CGO_ENABLED=1 $(GO) build -trimpath -tags 'seccomp netgo osusergo runc_nocriu' \
 		-ldflags '$(LDFLAGS) -extldflags -static' -o $@ ./cmd/kiln-agent
 
 $(TOOLS)/kiln-image: FORCE

@@ -34,9 +34,9 @@ const lateSetupDelay = 500 * time.Millisecond
 // needs, moves log to the console at the level the kernel command line asks
 // for, loads the kernel modules vsock needs and starts reaping orphans (until
 // ctx is done). The other base file systems, the remaining modules of the
-// image's list and the host's shared directory follow in the background once the
-// API has answered (Guest.Proceed); Guest.Ready waits for them. An error leaves the guest
-// unusable.
+// image's list and the host's shared directory follow in the background once
+// the API has answered (Guest.Proceed); Guest.Ready waits for them. An error
+// leaves the guest unusable.
 func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	entry := logrus.NewEntry(log)
 	start := time.Now()
@@ -117,9 +117,7 @@ func finishInit(log *logrus.Entry, mounts []Mount, modules []string) error {
 // request. It may be called any number of times.
 func (g *Guest) Proceed() {
 	g.proceedOnce.Do(func() {
-		if g.proceed != nil {
-			close(g.proceed)
-		}
+		close(g.proceed)
 	})
 }
 
@@ -134,12 +132,4 @@ func (g *Guest) Ready(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("wait for guest setup: %w", ctx.Err())
 	}
-}
-
-// ReadyGuest is a Guest whose setup is complete: for programs that prepare
-// the guest themselves, and for tests.
-func ReadyGuest(reaper *Reaper, err error) *Guest {
-	g := &Guest{Reaper: reaper, done: make(chan struct{}), err: err}
-	close(g.done)
-	return g
 }

@@ -22,9 +22,12 @@ type Config struct {
 	Services func(ctx context.Context, log *logrus.Entry) error
 	// Containers, when set, builds the Containers service after Init. It
 	// gets the guest's reaper, with which anything that waits for its own
-	// children must coordinate. Its error is fatal. It is a hook rather than
-	// part of this package because the container runtime needs cgo (runc's
-	// nsenter) and guest programs without containers stay pure Go.
+	// children must coordinate. Its error is fatal. When it runs only
+	// /proc, /sys and /run are mounted; the service's requests (but not
+	// its Events stream) are held until the rest of the guest's setup, the
+	// shared directory among it, is done. It is a hook rather than part of
+	// this package because the container runtime needs cgo (runc's nsenter)
+	// and guest programs without containers stay pure Go.
 	Containers func(ctx context.Context, log *logrus.Entry, reaper *Reaper) (agentv1.ContainersService, error)
 }
 

@@ -7,7 +7,7 @@
 // Build it static with cgo (libcontainer's nsenter is C that must run before
 // the Go runtime starts threads) and seccomp (libseccomp-dev):
 //
-//	CGO_ENABLED=1 go build -tags 'seccomp netgo osusergo' \
+//	CGO_ENABLED=1 go build -tags 'seccomp netgo osusergo runc_nocriu' \
 //	    -ldflags '-s -w -extldflags -static' ./cmd/kiln-agent
 package main
 

@@ -69,7 +69,7 @@ func bootGuest(t *testing.T) *guest {
 	root := repoRoot(t)
 	tmp := t.TempDir()
 	agentBin := filepath.Join(tmp, "kiln-agent")
-	cmd := exec.Command("go", "build", "-trimpath", "-tags", "seccomp netgo osusergo",
+	cmd := exec.Command("go", "build", "-trimpath", "-tags", "seccomp netgo osusergo runc_nocriu",
 		"-ldflags", "-s -w -extldflags -static", "-o", agentBin, "./cmd/kiln-agent")
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
