@@ -57,7 +57,7 @@ func TestInstalledKilnRunsContainers(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[runtime]\nstate_dir = %q\n", d.StateDir())), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	kernel := filepath.Join(prefix, "share", "kiln", "vmlinuz")
+	share := filepath.Join(prefix, "share", "kiln")
 	var sawInstalledKernel atomic.Bool
 	stop := make(chan struct{})
 	go func() {
@@ -67,7 +67,7 @@ func TestInstalledKilnRunsContainers(t *testing.T) {
 				return
 			case <-time.After(50 * time.Millisecond):
 			}
-			if qemuWithKernel(kernel) {
+			if qemuWithAssets(filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img")) {
 				sawInstalledKernel.Store(true)
 			}
 		}
@@ -81,7 +81,7 @@ func TestInstalledKilnRunsContainers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, err := GuestKernelRelease(filepath.Join(prefix, "share", "kiln"))
+	want, err := GuestKernelRelease(share)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,15 +89,17 @@ func TestInstalledKilnRunsContainers(t *testing.T) {
 		t.Fatalf("guest kernel %q, want %q", out, want)
 	}
 	if !sawInstalledKernel.Load() {
-		t.Fatalf("no QEMU ran with the installed kernel %s", kernel)
+		t.Fatalf("no QEMU ran with the installed kernel and initramfs from %s", share)
 	}
 }
 
-func qemuWithKernel(kernel string) bool {
+// qemuWithAssets reports whether a running QEMU boots exactly this kernel and initramfs.
+func qemuWithAssets(kernel, initrd string) bool {
 	matches, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, f := range matches {
 		b, err := os.ReadFile(f)
-		if err == nil && bytes.Contains(b, []byte("-kernel\x00"+kernel+"\x00")) {
+		if err == nil && bytes.Contains(b, []byte("-kernel\x00"+kernel+"\x00")) &&
+			bytes.Contains(b, []byte("-initrd\x00"+initrd+"\x00")) {
 			return true
 		}
 	}
