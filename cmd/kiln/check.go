@@ -93,9 +93,9 @@ func runChecks(configPath string) []checkResult {
 		}
 	}
 
-	const virtiofsd = "/usr/lib/qemu/virtiofsd"
+	virtiofsd := cfg.SharedFS.Virtiofsd
 	if v, err := firstLine(virtiofsd, "--version"); err != nil {
-		add("virtiofsd", fmt.Errorf("%s: %w (apt-get install qemu-system-common)", virtiofsd, err), "")
+		add("virtiofsd", fmt.Errorf("%s: %w (apt-get install qemu-system-common, or set shared_fs.virtiofsd)", virtiofsd, err), "")
 	} else {
 		add("virtiofsd", nil, virtiofsd+": "+v)
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
 
 // ConfigFrom turns Kiln's configuration into a machine configuration: it resolves the guest assets and decides
@@ -44,6 +45,7 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		KernelParams: params,
 		StopTimeout:  cfg.Hypervisor.StopTimeout.Std(),
 		Vsock:        mode,
+		Virtiofsd:    virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache)},
 		ConsoleToLog: log.Logger.IsLevelEnabled(logrus.DebugLevel),
 		Log:          log,
 	}, nil

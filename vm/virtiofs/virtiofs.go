@@ -71,7 +71,7 @@ type Config struct {
 }
 
 // BinaryHelp says how to get a missing virtiofsd; errors about the binary end with it.
-const BinaryHelp = "install it (apt-get install qemu-system-common) or set virtiofs.path in Kiln's config"
+const BinaryHelp = "install it (apt-get install qemu-system-common) or set shared_fs.virtiofsd in Kiln's config"
 
 // Daemon is a running virtiofsd. Start creates it; Stop ends it.
 type Daemon struct {
