@@ -85,6 +85,9 @@ func (s *Service) watch(p *proc) {
 		return
 	}
 	l.WithField("status", e.Status).Debug("process exited")
+	// Wait for a Start in progress to queue its start event first.
+	s.startMu.Lock()
+	s.startMu.Unlock()
 	s.send(&eventstypes.TaskExit{
 		ContainerID: p.task.id,
 		ID:          p.id(),

@@ -37,7 +37,10 @@ type Service struct {
 	publisher shim.Publisher
 	sd        shutdown.Service
 	version   string
-	events    chan any
+	// startMu is held from starting a process until its start event is queued; exit watchers take it before
+	// queueing TaskExit, so a process that exits at once is never reported exited before it is reported started.
+	startMu sync.Mutex
+	events  chan any
 	// loadConfig reads Kiln's configuration from a path given in the runtime options ("" for the default).
 	loadConfig func(path string) (config.Config, error)
 
@@ -287,6 +290,8 @@ func addRootfs(ctx context.Context, sh *share.Share, r *taskAPI.CreateTaskReques
 
 // Start runs a created task's init process, or an exec process added with Exec.
 func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
+	s.startMu.Lock()
+	defer s.startMu.Unlock()
 	t, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, toGRPC(err)
