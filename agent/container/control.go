@@ -25,9 +25,9 @@ func (c *container) startedProcess(execID string) (*process, State, error) {
 		return nil, 0, err
 	}
 	c.mu.Lock()
-	st := p.sm.State()
+	st, started := p.sm.State(), p.io != nil && p.pid != 0
 	c.mu.Unlock()
-	if p.io == nil || p.pid == 0 {
+	if !started {
 		return nil, st, status.Errorf(codes.FailedPrecondition, "exec %q of container %s is not started", execID, c.id)
 	}
 	return p, st, nil

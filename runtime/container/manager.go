@@ -149,7 +149,12 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 		m.mu.Unlock()
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
 	}
+	// Get, List and Close read init under these locks.
+	m.mu.Lock()
+	c.mu.Lock()
 	c.init = p
+	c.mu.Unlock()
+	m.mu.Unlock()
 	return c, nil
 }
 
