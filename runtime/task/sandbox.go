@@ -83,8 +83,16 @@ func bootSandbox(ctx context.Context, cfg config.Config, vmID, version string, l
 		return nil, fmt.Errorf("boot sandbox %s: %w", vmID, err)
 	}
 	v.sb = sb
+	// The Events stream never goes idle; on a connection of its own, Stop can cut it before asking the agent to
+	// shut down instead of waiting out the agent's drain timeout.
+	events, err := sb.StreamClient(ctx)
+	if err != nil {
+		_ = sb.Stop(context.WithoutCancel(ctx))
+		return nil, fmt.Errorf("boot sandbox %s: %w", vmID, err)
+	}
 	v.mgr = container.NewManager(sb.Containers(), m, container.Options{
 		RequestTimeout: cfg.Agent.RequestTimeout.Std(),
+		Events:         events,
 		OnEvent:        onEvent,
 		Log:            log,
 	})
