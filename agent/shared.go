@@ -7,14 +7,16 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // The host's per-VM shared directory (virtio-fs).
 const (
 	// SharedTag is the virtio-fs tag the host exports the directory under.
-	SharedTag = "kiln-shared"
+	SharedTag = agentv1.SharedFSTag
 	// SharedDir is where the guest mounts it; containers' roots are below.
-	SharedDir = "/run/kiln/shared"
+	SharedDir = agentv1.GuestSharedDir
 )
 
 // MountShared mounts the host's shared directory at dir when the host

@@ -6,12 +6,14 @@ import (
 
 	"github.com/mdlayher/vsock"
 	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // Well-known vsock addresses as the guest sees them.
 const (
 	// APIPort is the vsock port the agent API is served on.
-	APIPort = 1024
+	APIPort = agentv1.APIPort
 	// HostCID is the host's context id, the one a guest dials.
 	HostCID = vsock.Host
 )

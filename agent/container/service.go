@@ -24,7 +24,7 @@ import (
 // Default places and bounds of the service.
 const (
 	DefaultStateDir     = "/run/kiln/containers"
-	DefaultSharedDir    = "/run/kiln/shared"
+	DefaultSharedDir    = agentv1.GuestSharedDir
 	DefaultStdioTimeout = 10 * time.Second
 	// removeKillTimeout bounds the wait for a force-removed container's
 	// processes to die.

@@ -19,10 +19,12 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // Port is the vsock port the host opens stdio connections to.
-const Port = 1025
+const Port = agentv1.StdioPort
 
 // Stream names one stdio stream of a process.
 type Stream string

@@ -20,7 +20,7 @@ import (
 )
 
 // AgentPort is the vsock port the guest agent serves ttrpc on.
-const AgentPort = 1024
+const AgentPort = agentv1.APIPort
 
 // dialRetryInterval is how often the host retries while the guest is still booting. Under TCG a boot takes
 // over a second, so 5 ms costs nothing and keeps the measured boot-to-ready close to the real moment.

@@ -27,10 +27,12 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // GuestDir is where the guest mounts the share (the virtio-fs device's tag is the VMM's business).
-const GuestDir = "/run/kiln/shared"
+const GuestDir = agentv1.GuestSharedDir
 
 // idPattern is what containerd and runc accept as a container id, at most one path component long (255 bytes).
 var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$`)

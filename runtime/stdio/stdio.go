@@ -21,7 +21,7 @@ import (
 )
 
 // Port is the guest agent's vsock port for stdio streams.
-const Port = 1025
+const Port = agentv1.StdioPort
 
 // Stream names as the preamble spells them.
 const (

@@ -1,0 +1,15 @@
+package agentv1
+
+// What host and guest must agree on beyond the messages: where the agent listens and where the host's shared
+// directory appears in the guest. Both sides take these values from here, so they cannot drift apart.
+const (
+	// APIPort is the vsock port the agent serves this API on (ttrpc).
+	APIPort = 1024
+	// StdioPort is the vsock port for process stdio streams (see container.proto's header).
+	StdioPort = 1025
+	// SharedFSTag is the virtio-fs tag of the host's per-VM shared directory.
+	SharedFSTag = "kiln-shared"
+	// GuestSharedDir is where the agent mounts the shared directory in the guest; container root filesystems and
+	// bind-mount sources are below it.
+	GuestSharedDir = "/run/kiln/shared"
+)
