@@ -265,12 +265,8 @@ func (h *shareHandle) Close() error {
 func sweepShares(stateDir string, log *logrus.Entry) {
 	owners, _ := filepath.Glob(filepath.Join(stateDir, "*.share-owner"))
 	for _, owner := range owners {
-		b, err := os.ReadFile(owner)
-		if err != nil {
-			continue
-		}
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || pid <= 0 || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+		pid, err := qemu.ReadOwner(owner)
+		if err != nil || qemu.OwnerAlive(pid) {
 			continue
 		}
 		dir := strings.TrimSuffix(owner, "-owner")

@@ -16,6 +16,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/runtime/share"
 	"github.com/kiln-runtime/kiln/runtime/task"
+	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // vmExitTimeout bounds the wait for a dead shim's VM processes to go after SIGKILL.
@@ -57,15 +58,9 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 	return nil
 }
 
-// alive reports whether pid runs: it exists and is not a zombie (where no init reaps orphans, a dead shim stays
-// one).
-func alive(pid int) bool {
-	return !errors.Is(unix.Kill(pid, 0), unix.ESRCH) && !zombie(pid)
-}
-
 // isShim reports whether pid is a running Kiln shim (and not a process that reused a dead shim's pid).
 func isShim(pid int) bool {
-	if !alive(pid) {
+	if !qemu.OwnerAlive(pid) {
 		return false
 	}
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
@@ -82,7 +77,7 @@ func killReferencing(ctx context.Context, needle string) error {
 	for len(pids) > 0 {
 		var left []int
 		for _, pid := range pids {
-			if alive(pid) {
+			if qemu.OwnerAlive(pid) {
 				left = append(left, pid)
 			}
 		}
@@ -116,14 +111,4 @@ func referencing(needle string) []int {
 		}
 	}
 	return pids
-}
-
-// zombie reports whether pid has exited and waits for its parent to reap it.
-func zombie(pid int) bool {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return true
-	}
-	i := bytes.LastIndexByte(b, ')')
-	return i > 0 && i+2 < len(b) && b[i+2] == 'Z'
 }

@@ -1,7 +1,9 @@
 package qemu
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -28,16 +30,9 @@ func Sweep(root string) ([]string, error) {
 			continue
 		}
 		dir := filepath.Join(root, e.Name())
-		b, err := os.ReadFile(filepath.Join(dir, "owner"))
-		if err != nil {
+		pid, err := ReadOwner(filepath.Join(dir, "owner"))
+		if err != nil || OwnerAlive(pid) {
 			// A directory without an owner file is not one of ours, or is being created right now.
-			continue
-		}
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || pid <= 0 {
-			continue
-		}
-		if err := unix.Kill(pid, 0); !errors.Is(err, unix.ESRCH) {
 			continue
 		}
 		if err := os.RemoveAll(dir); err != nil {
@@ -47,4 +42,31 @@ func Sweep(root string) ([]string, error) {
 		removed = append(removed, dir)
 	}
 	return removed, errors.Join(errs...)
+}
+
+// ReadOwner reads a file holding the pid of the process that owns some host state.
+func ReadOwner(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("owner file %s: %q is not a pid", path, b)
+	}
+	return pid, nil
+}
+
+// OwnerAlive reports whether pid is a process that has not exited. A zombie has exited: only its parent has not
+// reaped it yet, which never happens where PID 1 does not reap orphans.
+func OwnerAlive(pid int) bool {
+	if errors.Is(unix.Kill(pid, 0), unix.ESRCH) {
+		return false
+	}
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return !(i > 0 && i+2 < len(b) && b[i+2] == 'Z')
 }
