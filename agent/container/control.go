@@ -15,11 +15,12 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/proto/lifecycle"
 )
 
 // startedProcess finds a process that has been started (it has a pid and
 // stdio); an exec still being set up is not.
-func (c *container) startedProcess(execID string) (*process, State, error) {
+func (c *container) startedProcess(execID string) (*process, lifecycle.State, error) {
 	p, err := c.process(execID)
 	if err != nil {
 		return nil, 0, err
@@ -50,7 +51,7 @@ func (s *Service) SignalProcess(ctx context.Context, req *agentv1.SignalProcessR
 	if err != nil {
 		return nil, err
 	}
-	if st == Stopped || st == Deleted {
+	if st == lifecycle.Stopped || st == lifecycle.Deleted {
 		return nil, status.Errorf(codes.NotFound, "signal %s of container %s: process already finished", processName(p), c.id)
 	}
 	if p.execID == "" {
@@ -122,9 +123,9 @@ func (s *Service) RemoveContainer(ctx context.Context, req *agentv1.RemoveContai
 	c.mu.Lock()
 	st := c.init.sm.State()
 	c.mu.Unlock()
-	if st != Stopped {
-		if !req.GetForce() && st != Created {
-			return nil, transitionErr("remove container", c.id, &TransitionError{From: st, To: Deleted})
+	if st != lifecycle.Stopped {
+		if !req.GetForce() && st != lifecycle.Created {
+			return nil, transitionErr("remove container", c.id, &lifecycle.TransitionError{From: st, To: lifecycle.Deleted})
 		}
 		if err := c.lc.Signal(unix.SIGKILL); err != nil {
 			s.log.WithError(err).WithField("container", c.id).Debug("kill container init")
@@ -137,7 +138,7 @@ func (s *Service) RemoveContainer(ctx context.Context, req *agentv1.RemoveContai
 		return nil, err
 	}
 	c.mu.Lock()
-	if err := c.init.sm.Transition(Deleted); err != nil {
+	if err := c.init.sm.Transition(lifecycle.Deleted); err != nil {
 		c.mu.Unlock()
 		return nil, transitionErr("remove container", c.id, err)
 	}
@@ -215,7 +216,7 @@ func (s *Service) PauseContainer(ctx context.Context, req *agentv1.PauseContaine
 	if err != nil {
 		return nil, err
 	}
-	if err := c.move(Paused, c.lc.Pause); err != nil {
+	if err := c.move(lifecycle.Paused, c.lc.Pause); err != nil {
 		return nil, err
 	}
 	return &agentv1.PauseContainerResponse{}, nil
@@ -227,18 +228,18 @@ func (s *Service) ResumeContainer(ctx context.Context, req *agentv1.ResumeContai
 	if err != nil {
 		return nil, err
 	}
-	if err := c.move(Running, c.lc.Resume); err != nil {
+	if err := c.move(lifecycle.Running, c.lc.Resume); err != nil {
 		return nil, err
 	}
 	return &agentv1.ResumeContainerResponse{}, nil
 }
 
 // move does act and moves the container to next, when the table allows it.
-func (c *container) move(next State, act func() error) error {
+func (c *container) move(next lifecycle.State, act func() error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.init.sm.Can(next) {
-		return transitionErr("container", c.id, &TransitionError{From: c.init.sm.State(), To: next})
+		return transitionErr("container", c.id, &lifecycle.TransitionError{From: c.init.sm.State(), To: next})
 	}
 	if err := act(); err != nil {
 		return fmt.Errorf("container %s to %s: %w", c.id, next, err)
@@ -296,7 +297,7 @@ func (s *Service) ListProcesses(ctx context.Context, req *agentv1.ListProcessesR
 	c.mu.Lock()
 	byPid := map[int]string{}
 	for id, p := range c.execs {
-		if p.pid != 0 && p.sm.State() == Running {
+		if p.pid != 0 && p.sm.State() == lifecycle.Running {
 			byPid[p.pid] = id
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/proto/lifecycle"
 )
 
 // CreateContainer builds the container and its init process, which waits
@@ -74,7 +75,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 		return nil, fmt.Errorf("create container %s: start init: %w", id, err)
 	}
 	c := &container{id: id, lc: lc, rootfs: root, execs: map[string]*process{}}
-	p := &process{lp: lp, pid: pid, io: pio, sm: newMachine(initTransitions()), done: make(chan struct{})}
+	p := &process{lp: lp, pid: pid, io: pio, sm: lifecycle.New(lifecycle.Init()), done: make(chan struct{})}
 	c.init = p
 	if err := pio.started(); err != nil {
 		killUnwanted(log, lp, unclaim)
@@ -139,13 +140,13 @@ func (s *Service) StartContainer(ctx context.Context, req *agentv1.StartContaine
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.init.sm.Can(Running) {
-		return nil, transitionErr("start container", c.id, &TransitionError{From: c.init.sm.State(), To: Running})
+	if !c.init.sm.Can(lifecycle.Running) {
+		return nil, transitionErr("start container", c.id, &lifecycle.TransitionError{From: c.init.sm.State(), To: lifecycle.Running})
 	}
 	if err := c.lc.Exec(); err != nil {
 		return nil, fmt.Errorf("start container %s: %w", c.id, err)
 	}
-	if err := c.init.sm.Transition(Running); err != nil {
+	if err := c.init.sm.Transition(lifecycle.Running); err != nil {
 		return nil, transitionErr("start container", c.id, err)
 	}
 	return &agentv1.StartContainerResponse{}, nil
@@ -171,7 +172,7 @@ func (s *Service) ExecProcess(ctx context.Context, req *agentv1.ExecProcessReque
 	}
 	log := s.log.WithFields(logrus.Fields{"container": c.id, "exec": execID})
 
-	p := &process{execID: execID, lp: lp, sm: newMachine(execTransitions()), done: make(chan struct{})}
+	p := &process{execID: execID, lp: lp, sm: lifecycle.New(lifecycle.Exec()), done: make(chan struct{})}
 	if err := c.reserveExec(p); err != nil {
 		return nil, err
 	}
@@ -202,7 +203,7 @@ func (s *Service) ExecProcess(ctx context.Context, req *agentv1.ExecProcessReque
 	}
 	c.mu.Lock()
 	p.pid, p.io = pid, pio
-	err = p.sm.Transition(Running)
+	err = p.sm.Transition(lifecycle.Running)
 	c.mu.Unlock()
 	if err != nil {
 		log.WithError(err).Warn("exec started in an unexpected state")
@@ -216,10 +217,10 @@ func (s *Service) ExecProcess(ctx context.Context, req *agentv1.ExecProcessReque
 func (c *container) reserveExec(p *process) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if st := c.init.sm.State(); st != Running {
+	if st := c.init.sm.State(); st != lifecycle.Running {
 		return status.Errorf(codes.FailedPrecondition, "exec %s in container %s: container is %s", p.execID, c.id, st)
 	}
-	if old := c.execs[p.execID]; old != nil && old.sm.State() != Stopped {
+	if old := c.execs[p.execID]; old != nil && old.sm.State() != lifecycle.Stopped {
 		return status.Errorf(codes.AlreadyExists, "exec %q already exists in container %s", p.execID, c.id)
 	}
 	c.execs[p.execID] = p

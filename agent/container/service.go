@@ -19,6 +19,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/agent/stdio"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/proto/lifecycle"
 )
 
 // Default places and bounds of the service.
@@ -139,7 +140,7 @@ type process struct {
 	lp     *libcontainer.Process
 	pid    int
 	io     *processIO
-	sm     *machine // guarded by the container's mu
+	sm     *lifecycle.Machine // guarded by the container's mu
 	done   chan struct{}
 	// Set before done is closed.
 	exitStatus uint32
@@ -217,7 +218,7 @@ func (s *Service) watch(c *container, p *process, unclaim func()) {
 	}
 	c.mu.Lock()
 	p.exitStatus, p.exitedAt = code, exitedAt
-	if err := p.sm.Transition(Stopped); err != nil {
+	if err := p.sm.Transition(lifecycle.Stopped); err != nil {
 		log.WithError(err).Warn("process exit in an unexpected state")
 	}
 	if p.execID != "" {
@@ -242,7 +243,7 @@ func (c *container) noteStoppedExec(execID string) {
 	for len(c.stoppedExecs) > maxStoppedExecs {
 		old := c.stoppedExecs[0]
 		c.stoppedExecs = c.stoppedExecs[1:]
-		if p := c.execs[old]; p != nil && p.sm.State() == Stopped {
+		if p := c.execs[old]; p != nil && p.sm.State() == lifecycle.Stopped {
 			delete(c.execs, old)
 		}
 	}

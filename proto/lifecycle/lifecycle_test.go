@@ -1,4 +1,4 @@
-package container
+package lifecycle
 
 import (
 	"errors"
@@ -24,7 +24,7 @@ func TestInitTransitions(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			m := newMachine(initTransitions())
+			m := New(Init())
 			for _, s := range tt.path {
 				if err := m.Transition(s); err != nil {
 					t.Fatalf("move to %s: %v", s, err)
@@ -47,7 +47,7 @@ func TestInitTransitions(t *testing.T) {
 }
 
 func TestExecNeverPauses(t *testing.T) {
-	m := newMachine(execTransitions())
+	m := New(Exec())
 	if err := m.Transition(Running); err != nil {
 		t.Fatal(err)
 	}
