@@ -30,7 +30,8 @@ const dialRetryInterval = 5 * time.Millisecond
 type Options struct {
 	// DialTimeout bounds the wait from VM start until the agent answers.
 	DialTimeout time.Duration
-	// RequestTimeout bounds each agent request.
+	// RequestTimeout bounds each agent request (not the waits for a process's exit): one interceptor on every
+	// client of the sandbox sets it.
 	RequestTimeout time.Duration
 	// HostVersion is the version of the Kiln binary starting the sandbox; a guest agent of another version is
 	// reported (logged as a warning), since the host and guest speak an API that may differ between versions.
@@ -89,11 +90,9 @@ func (s *Sandbox) connect(ctx context.Context) error {
 	for {
 		conn, err := s.m.DialVsock(ctx, AgentPort)
 		if err == nil {
-			client := ttrpc.NewClient(conn)
+			client := newClient(conn, s.opts.RequestTimeout)
 			health := agentv1.NewHealthClient(client)
-			rctx, rcancel := context.WithTimeout(ctx, s.opts.RequestTimeout)
-			resp, herr := health.Check(rctx, &agentv1.CheckRequest{})
-			rcancel()
+			resp, herr := health.Check(ctx, &agentv1.CheckRequest{})
 			if herr == nil && resp.GetStatus() == agentv1.CheckResponse_SERVING {
 				s.conn, s.client, s.health = conn, client, health
 				s.agent = agentv1.NewAgentClient(client)
@@ -139,20 +138,15 @@ func (s *Sandbox) StreamClient(ctx context.Context) (agentv1.ContainersClient, e
 	if err != nil {
 		return nil, fmt.Errorf("open stream connection to agent of vm %s: %w", s.m.ID(), err)
 	}
-	client := ttrpc.NewClient(conn)
+	client := newClient(conn, s.opts.RequestTimeout)
 	s.streamsMu.Lock()
 	s.streams = append(s.streams, client)
 	s.streamsMu.Unlock()
 	return agentv1.NewContainersClient(client), nil
 }
 
-// RequestTimeout is the bound the sandbox was configured with for each agent request.
-func (s *Sandbox) RequestTimeout() time.Duration { return s.opts.RequestTimeout }
-
 // GuestInfo asks the agent to describe the guest.
 func (s *Sandbox) GuestInfo(ctx context.Context) (*agentv1.GuestInfo, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.opts.RequestTimeout)
-	defer cancel()
 	info, err := s.agent.GuestInfo(ctx, &agentv1.GuestInfoRequest{})
 	if err != nil {
 		return nil, fmt.Errorf("guest info from agent of vm %s: %w", s.m.ID(), err)
@@ -172,9 +166,7 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	select {
 	case <-s.m.Exited():
 	default:
-		rctx, cancel := context.WithTimeout(ctx, s.opts.RequestTimeout)
-		_, err := s.agent.Shutdown(rctx, &agentv1.ShutdownRequest{Reason: "sandbox stop"})
-		cancel()
+		_, err := s.agent.Shutdown(ctx, &agentv1.ShutdownRequest{Reason: "sandbox stop"})
 		if err != nil {
 			// The guest may power off before the answer arrives; only log.
 			s.opts.Log.WithError(err).Debug("agent shutdown request")

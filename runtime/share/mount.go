@@ -1,16 +1,14 @@
 package share
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -37,53 +35,17 @@ func bindFrom(src *os.File, target string, readonly bool) error {
 
 // mountPoints lists the mount points of this mount namespace at or below dir.
 func mountPoints(dir string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		return !under(m.Mountpoint, dir), false
+	})
 	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	return parseMountPoints(f, dir)
-}
-
-// parseMountPoints reads mountinfo lines ("id parent major:minor root mountpoint options ...") and returns the
-// mount points at or below dir, octal escapes decoded.
-func parseMountPoints(r io.Reader, dir string) ([]string, error) {
-	var out []string
-	s := bufio.NewScanner(r)
-	s.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for s.Scan() {
-		f := strings.Fields(s.Text())
-		if len(f) < 5 {
-			continue
-		}
-		mp := unescapeMountinfo(f[4])
-		if under(mp, dir) {
-			out = append(out, mp)
-		}
-	}
-	if err := s.Err(); err != nil {
 		return nil, fmt.Errorf("read mountinfo: %w", err)
 	}
+	out := make([]string, 0, len(infos))
+	for _, m := range infos {
+		out = append(out, m.Mountpoint)
+	}
 	return out, nil
-}
-
-// unescapeMountinfo decodes the \ooo escapes the kernel writes for space, tab, newline and backslash.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // unmountUnder lazily unmounts every mount at or below dir, deepest first. Lazy (MNT_DETACH) because the guest,

@@ -1,30 +1,10 @@
 package share
 
 import (
-	"slices"
-	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 )
-
-func TestParseMountPoints(t *testing.T) {
-	info := `22 27 0:21 / /proc rw,relatime - proc proc rw
-100 27 0:50 / /run/kiln/s1 rw - tmpfs tmpfs rw
-101 100 0:50 /mounts /run/kiln/s1/mounts rw shared:5 - tmpfs tmpfs rw
-102 100 0:50 /mounts /run/kiln/s1/shared ro master:5 - tmpfs tmpfs rw
-103 101 8:1 /home/u/my\040rootfs /run/kiln/s1/mounts/c\0401/rootfs rw shared:6 - ext4 /dev/sda1 rw
-104 27 0:50 / /run/kiln/s10 rw - tmpfs tmpfs rw
-`
-	got, err := parseMountPoints(strings.NewReader(info), "/run/kiln/s1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := []string{"/run/kiln/s1", "/run/kiln/s1/mounts", "/run/kiln/s1/shared", "/run/kiln/s1/mounts/c 1/rootfs"}
-	if !slices.Equal(got, want) {
-		t.Errorf("got %q, want %q", got, want)
-	}
-}
 
 func TestParseOptions(t *testing.T) {
 	tests := []struct {

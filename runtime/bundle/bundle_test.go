@@ -1,13 +1,15 @@
-package container
+package bundle
 
 import (
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/containerd/errdefs"
 )
 
-func TestLoadBundle(t *testing.T) {
+func TestLoad(t *testing.T) {
 	cases := []struct {
 		name    string
 		config  string
@@ -19,6 +21,8 @@ func TestLoadBundle(t *testing.T) {
 		{"no args", `{"process":{"args":[]},"root":{"path":"rootfs"}}`, true, "process.args"},
 		{"no root", `{"process":{"args":["sh"]}}`, true, "root.path"},
 		{"bad json", `{`, true, "parse config.json"},
+		{"no process", `{"root":{"path":"rootfs"}}`, true, "has no process"},
+		{"root is a file", `{"process":{"args":["sh"]},"root":{"path":"config.json"}}`, true, "not a directory"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -31,10 +35,13 @@ func TestLoadBundle(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			b, err := LoadBundle(dir)
+			b, err := Load(dir)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("LoadBundle = %v, want an error about %q", err, tc.wantErr)
+					t.Fatalf("Load = %v, want an error about %q", err, tc.wantErr)
+				}
+				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), dir) {
+					t.Errorf("Load = %v, want InvalidArgument naming the bundle", err)
 				}
 				return
 			}
@@ -45,5 +52,12 @@ func TestLoadBundle(t *testing.T) {
 				t.Errorf("bundle %+v", b)
 			}
 		})
+	}
+}
+
+func TestLoadMissingConfig(t *testing.T) {
+	_, err := Load(t.TempDir())
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "config.json") {
+		t.Fatalf("Load of an empty dir = %v, want InvalidArgument about config.json", err)
 	}
 }

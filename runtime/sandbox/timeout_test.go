@@ -1,0 +1,55 @@
+package sandbox
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/containerd/ttrpc"
+)
+
+func TestTimeoutInterceptor(t *testing.T) {
+	const bound = time.Minute
+	tests := []struct {
+		name     string
+		method   string
+		deadline time.Duration // 0: none
+		want     time.Duration // 0: no deadline expected
+	}{
+		{"request without deadline gets the bound", "/kiln.agent.v1.Containers/StartContainer", 0, bound},
+		{"an earlier deadline stays", "/kiln.agent.v1.Containers/StartContainer", time.Second, time.Second},
+		{"a later deadline is cut to the bound", "/kiln.agent.v1.Agent/GuestInfo", time.Hour, bound},
+		{"waiting for an exit is never bounded", "/kiln.agent.v1.Containers/WaitProcess", 0, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			if tt.deadline > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, tt.deadline)
+				defer cancel()
+			}
+			var got time.Duration
+			var has bool
+			invoke := func(ctx context.Context, _ *ttrpc.Request, _ *ttrpc.Response) error {
+				var dl time.Time
+				dl, has = ctx.Deadline()
+				got = time.Until(dl)
+				return nil
+			}
+			err := timeoutInterceptor(bound)(ctx, &ttrpc.Request{}, &ttrpc.Response{}, &ttrpc.UnaryClientInfo{FullMethod: tt.method}, invoke)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.want == 0 {
+				if has {
+					t.Fatalf("deadline set (%s away), want none", got)
+				}
+				return
+			}
+			if !has || got > tt.want || got < tt.want-5*time.Second {
+				t.Fatalf("deadline %s away (set %t), want about %s", got, has, tt.want)
+			}
+		})
+	}
+}
