@@ -1,10 +1,8 @@
 package container
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/containerd/ttrpc"
@@ -33,7 +31,7 @@ func (k EventKind) String() string {
 	return fmt.Sprintf("event(%d)", int(k))
 }
 
-// Event is an exit or OOM event from the guest.
+// Event is an exit or OOM event from the guest about a process this manager holds.
 type Event struct {
 	Kind        EventKind
 	ContainerID string
@@ -42,31 +40,6 @@ type Event struct {
 	Pid        uint32
 	ExitStatus uint32
 	ExitedAt   time.Time
-}
-
-// Exit is how a process ended.
-type Exit struct {
-	Pid uint32
-	// Status is the exit code, or 128+signal when a signal killed the process.
-	Status   uint32
-	ExitedAt time.Time
-}
-
-type exitKey struct{ container, exec string }
-
-// waiter is one process's pending exit, completed once by an event, a WaitProcess answer, or a failure.
-type waiter struct {
-	once sync.Once
-	done chan struct{}
-	exit Exit
-	err  error
-}
-
-func (w *waiter) complete(e Exit, err error) {
-	w.once.Do(func() {
-		w.exit, w.err = e, err
-		close(w.done)
-	})
 }
 
 // resubscribeDelay spaces attempts to re-open the events stream after it broke.
@@ -110,7 +83,7 @@ func (m *Manager) followEvents() {
 		}
 		if errors.Is(err, ttrpc.ErrClosed) {
 			m.log.WithError(err).Debug("agent connection closed; no more container events")
-			m.failWaiters(fmt.Errorf("%w: agent connection: %v", ErrClosed, err))
+			m.endAll(fmt.Errorf("%w: agent connection: %v", ErrClosed, err))
 			return
 		}
 		m.log.WithError(err).Warn("container events stream broke; subscribing again")
@@ -127,6 +100,8 @@ func (m *Manager) receive(stream agentv1.Containers_EventsClient) error {
 	}
 }
 
+// dispatch settles an event. Events about processes this host does not hold are dropped: the guest is
+// untrusted and must not report on containers of other pods.
 func (m *Manager) dispatch(ev *agentv1.Event) {
 	var e Event
 	switch {
@@ -134,14 +109,14 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 		x := ev.GetExit()
 		e = Event{Kind: EventExit, ContainerID: x.GetContainerId(), ExecID: x.GetExecId(), Pid: x.GetPid(),
 			ExitStatus: x.GetExitStatus(), ExitedAt: x.GetExitedAt().AsTime()}
-		m.exited(exitKey{e.ContainerID, e.ExecID}, Exit{Pid: e.Pid, Status: e.ExitStatus, ExitedAt: e.ExitedAt})
+		if !m.exited(exitKey{e.ContainerID, e.ExecID}, Exit{Pid: e.Pid, Status: e.ExitStatus, ExitedAt: e.ExitedAt}) {
+			return
+		}
 	case ev.GetOom() != nil:
 		e = Event{Kind: EventOOM, ContainerID: ev.GetOom().GetContainerId()}
-		m.mu.Lock()
-		c := m.containers[e.ContainerID]
-		m.mu.Unlock()
-		if c != nil {
-			c.ooms.Add(1)
+		if _, err := m.Get(e.ContainerID); err != nil {
+			m.log.WithField("container", e.ContainerID).Debug("OOM event for a container this host does not hold")
+			return
 		}
 	default:
 		m.log.Debug("ignoring a container event of an unknown kind")
@@ -153,36 +128,30 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 	}
 }
 
-// exited completes the process's waiter and, for an init process, stops its container.
-func (m *Manager) exited(k exitKey, e Exit) {
-	m.mu.Lock()
-	w := m.waiters[k]
-	c := m.containers[k.container]
-	m.mu.Unlock()
-	if w == nil {
+// exited stops the process the exit is about; it reports whether the host holds that process.
+func (m *Manager) exited(k exitKey, e Exit) bool {
+	p := m.process(k)
+	if p == nil {
 		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("exit of a process this host does not hold")
-		return
+		return false
 	}
-	if k.exec == "" && c != nil {
-		c.processExited()
-	}
-	w.complete(e, nil)
+	p.finish(e, nil)
+	return true
 }
 
 // resync asks the agent directly for the exit of every process still pending.
 func (m *Manager) resync() {
 	m.mu.Lock()
-	pending := make(map[exitKey]*waiter, len(m.waiters))
-	for k, w := range m.waiters {
-		pending[k] = w
+	var pending []exitKey
+	for k, p := range m.procs {
+		select {
+		case <-p.exited:
+		default:
+			pending = append(pending, k)
+		}
 	}
 	m.mu.Unlock()
-	for k, w := range pending {
-		select {
-		case <-w.done:
-			continue
-		default:
-		}
+	for _, k := range pending {
 		go m.waitProcess(k)
 	}
 }
@@ -195,46 +164,4 @@ func (m *Manager) waitProcess(k exitKey) {
 		return
 	}
 	m.exited(k, Exit{Status: resp.GetExitStatus(), ExitedAt: resp.GetExitedAt().AsTime()})
-}
-
-func (m *Manager) register(k exitKey) (*waiter, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil, ErrClosed
-	}
-	if _, ok := m.waiters[k]; ok {
-		return nil, fmt.Errorf("process %q of container %s: %w", k.exec, k.container, ErrAlreadyExists)
-	}
-	w := &waiter{done: make(chan struct{})}
-	m.waiters[k] = w
-	return w, nil
-}
-
-func (m *Manager) unregister(k exitKey) {
-	m.mu.Lock()
-	delete(m.waiters, k)
-	m.mu.Unlock()
-}
-
-func (m *Manager) failWaiters(err error) {
-	m.mu.Lock()
-	ws := make([]*waiter, 0, len(m.waiters))
-	for _, w := range m.waiters {
-		ws = append(ws, w)
-	}
-	m.mu.Unlock()
-	for _, w := range ws {
-		w.complete(Exit{}, err)
-	}
-}
-
-// waitExit blocks until w completes or ctx ends.
-func waitExit(ctx context.Context, w *waiter) (Exit, error) {
-	select {
-	case <-w.done:
-		return w.exit, w.err
-	case <-ctx.Done():
-		return Exit{}, ctx.Err()
-	}
 }

@@ -1,21 +1,24 @@
-// Package container owns the host's handles on the containers of one sandbox: it drives the guest agent's
-// Containers API (create, start, exec, signal, pause, update, stats, delete), attaches each process's stdio
-// through runtime/stdio, follows the agent's single Events stream to learn of exits and OOM kills, and keeps each
-// container's lifecycle as an explicit state machine. It is shaped for containerd's task service but knows
-// nothing of containerd, of the VMM, or of how a rootfs reached the guest: callers pass a guest rootfs path and
-// a spec whose host paths are already rewritten.
+// Package container is the host's one registry of the containers and processes of one pod: it drives the
+// guest agent's Containers API (create, start, exec, signal, pause, update, stats, delete), attaches each
+// process's stdio through runtime/stdio, follows the agent's Events stream to learn of exits and OOM kills, and
+// keeps every process's state with the lifecycle table the agent uses too (proto/lifecycle). A process stops
+// through one path (finish), whatever told the host it ended: an exit event, a direct wait, its deletion or the
+// end of the agent connection. It knows nothing of containerd, of the VMM, or of how a rootfs reached the guest:
+// callers pass a guest rootfs path and a spec whose host paths are already rewritten.
 package container
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/proto/lifecycle"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 )
 
@@ -23,30 +26,33 @@ import (
 var (
 	ErrNotFound      = errors.New("not found")
 	ErrAlreadyExists = errors.New("already exists")
-	ErrInvalidState  = errors.New("invalid state")
-	// ErrClosed is returned to waiters when the manager closed or the agent connection ended before an exit
-	// was seen.
+	// ErrInvalidState is a request the process's state does not allow (see proto/lifecycle).
+	ErrInvalidState = lifecycle.ErrInvalidState
+	// ErrClosed ends the waits of processes whose exit was not seen before the manager closed or the agent
+	// connection ended.
 	ErrClosed = errors.New("container manager closed")
-	// ErrDeleted fails the waits of processes whose container was deleted before their exit was seen.
+	// ErrDeleted ends the waits of processes whose container was deleted before their exit was seen.
 	ErrDeleted = errors.New("deleted before its exit was seen")
 )
 
 // Options tune a Manager.
 type Options struct {
-	// RequestTimeout bounds each agent request (never the wait for an exit). Default 30 s.
-	RequestTimeout time.Duration
-	// DrainTimeout bounds how long Wait waits, after an exit, for the output the guest already sent. Default 30 s.
+	// DrainTimeout bounds how long, after an exit, the output the guest already sent is waited for. Default 30 s.
 	DrainTimeout time.Duration
 	// Events, when set, is the client the Events stream is opened on (sandbox.StreamClient), so that the stream
 	// has a connection of its own; otherwise the stream shares the request client.
 	Events agentv1.ContainersClient
-	// OnEvent, when set, sees every exit and OOM event, in order, from the event loop's goroutine: it must not
-	// block.
+	// OnEvent, when set, sees every exit and OOM event of a process this manager holds, in order, from the event
+	// loop's goroutine: it must not block.
 	OnEvent func(Event)
-	Log     *logrus.Entry
+	// OnExit, when set, is called once for each process that exited, after its output was delivered and after
+	// the callback of a Start in progress returned: an exit is never reported before its start. It is not
+	// called for processes deleted or cut off before their exit was seen.
+	OnExit func(*Process, Exit)
+	Log    *logrus.Entry
 }
 
-// Manager holds the containers of one sandbox.
+// Manager holds the containers of one pod and the exit reservation of each of their processes.
 type Manager struct {
 	api    agentv1.ContainersClient
 	dialer stdio.Dialer
@@ -59,18 +65,19 @@ type Manager struct {
 
 	mu         sync.Mutex
 	containers map[string]*Container
-	waiters    map[exitKey]*waiter
-	closed     bool
+	// procs are the processes whose exit the host waits for, by container and exec id: registered before the
+	// request that starts them, so no exit can arrive unclaimed.
+	procs  map[exitKey]*Process
+	closed bool
 	// noEvents is set when the agent has no events stream; each process's exit is then waited for directly.
 	noEvents bool
 }
 
+type exitKey struct{ container, exec string }
+
 // NewManager starts following the agent's events. api is the agent's container API (sandbox.Containers), dialer
 // reaches the guest's stdio port (the sandbox's machine). Close releases it.
 func NewManager(api agentv1.ContainersClient, dialer stdio.Dialer, opts Options) *Manager {
-	if opts.RequestTimeout <= 0 {
-		opts.RequestTimeout = 30 * time.Second
-	}
 	if opts.DrainTimeout <= 0 {
 		opts.DrainTimeout = 30 * time.Second
 	}
@@ -81,34 +88,29 @@ func NewManager(api agentv1.ContainersClient, dialer stdio.Dialer, opts Options)
 	m := &Manager{
 		api: api, dialer: dialer, opts: opts, log: opts.Log,
 		ctx: ctx, cancel: cancel, loopDone: make(chan struct{}),
-		containers: map[string]*Container{}, waiters: map[exitKey]*waiter{},
+		containers: map[string]*Container{}, procs: map[exitKey]*Process{},
 	}
 	go m.followEvents()
 	return m
 }
 
-// Close stops following events and fails every pending Wait with ErrClosed. It does not touch the guest's
-// containers: stopping the sandbox ends them.
+// Close stops following events and ends every process whose exit was not seen with ErrClosed. It does not
+// touch the guest's containers: stopping the sandbox ends them.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	m.closed = true
-	cs := make([]*Container, 0, len(m.containers))
-	for _, c := range m.containers {
-		cs = append(cs, c)
-	}
 	m.mu.Unlock()
 	m.cancel()
 	<-m.loopDone
-	m.failWaiters(ErrClosed)
-	for _, c := range cs {
-		c.closeStreams()
-	}
+	m.endAll(ErrClosed)
 	return nil
 }
 
 // CreateOptions describe a container to create.
 type CreateOptions struct {
 	ID string
+	// Bundle is the container's bundle directory on the host, kept for the caller's bookkeeping.
+	Bundle string
 	// Spec is the OCI runtime spec (config.json) as JSON, with host paths already rewritten to guest paths.
 	// Its root.path is ignored.
 	Spec []byte
@@ -116,6 +118,9 @@ type CreateOptions struct {
 	Rootfs string
 	// IO is attached to the container's init process.
 	IO stdio.IO
+	// Release, when set, is closed once the init process's output has been delivered or the container is
+	// deleted (containerd's fifos, a log file). On error the caller keeps it.
+	Release io.Closer
 }
 
 // Create builds the container in the guest (its init waits to be started) with its stdio attached.
@@ -123,6 +128,8 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 	if o.ID == "" {
 		return nil, errors.New("create container: empty id")
 	}
+	c := &Container{id: o.ID, bundle: o.Bundle, m: m, execs: map[string]*Process{}}
+	p := newProcess(c, "", lifecycle.Init(), o.IO, o.Release)
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
@@ -132,65 +139,27 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 		m.mu.Unlock()
 		return nil, fmt.Errorf("create container %s: %w", o.ID, ErrAlreadyExists)
 	}
-	c := &Container{id: o.ID, m: m, execs: map[string]*Process{}}
 	// Reserve the id while the guest works, so a second Create with the same id fails here.
 	m.containers[o.ID] = c
 	m.mu.Unlock()
 
-	p, err := m.startProcess(ctx, c, "", o.IO, func(rctx context.Context, sp *agentv1.Stdio) (uint32, error) {
+	err := p.launch(ctx, func(rctx context.Context, sp *agentv1.Stdio) (uint32, error) {
 		resp, err := m.api.CreateContainer(rctx, &agentv1.CreateContainerRequest{
 			ContainerId: o.ID, OciSpec: o.Spec, Rootfs: o.Rootfs, Stdio: sp,
 		})
 		return resp.GetPid(), err
 	})
 	if err != nil {
-		m.mu.Lock()
-		delete(m.containers, o.ID)
-		m.mu.Unlock()
+		m.forget(o.ID)
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
 	}
-	// Get, List and Close read init under these locks.
 	m.mu.Lock()
-	c.mu.Lock()
 	c.init = p
-	c.mu.Unlock()
 	m.mu.Unlock()
 	return c, nil
 }
 
-// startProcess opens a process's streams, registers for its exit before the guest can report one, makes the
-// agent request, and starts relaying.
-func (m *Manager) startProcess(ctx context.Context, c *Container, execID string, io stdio.IO,
-	request func(context.Context, *agentv1.Stdio) (uint32, error)) (*Process, error) {
-	streams, err := stdio.Open(ctx, m.dialer, io)
-	if err != nil {
-		return nil, err
-	}
-	key := exitKey{c.id, execID}
-	w, err := m.register(key)
-	if err != nil {
-		_ = streams.Close()
-		return nil, err
-	}
-	rctx, cancel := context.WithTimeout(ctx, m.opts.RequestTimeout)
-	pid, err := request(rctx, streams.Proto())
-	cancel()
-	if err != nil {
-		m.unregister(key)
-		_ = streams.Close()
-		return nil, err
-	}
-	streams.Start()
-	m.mu.Lock()
-	direct := m.noEvents
-	m.mu.Unlock()
-	if direct {
-		go m.waitProcess(key)
-	}
-	return &Process{c: c, execID: execID, pid: pid, streams: streams, exit: w}, nil
-}
-
-// Get returns a container this manager created.
+// Get returns a container this manager holds.
 func (m *Manager) Get(id string) (*Container, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -201,17 +170,11 @@ func (m *Manager) Get(id string) (*Container, error) {
 	return c, nil
 }
 
-// List returns the containers this manager holds.
-func (m *Manager) List() []*Container {
+// Len is how many containers the manager holds (created and not yet deleted).
+func (m *Manager) Len() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var cs []*Container
-	for _, c := range m.containers {
-		if c.init != nil {
-			cs = append(cs, c)
-		}
-	}
-	return cs
+	return len(m.containers)
 }
 
 func (m *Manager) forget(id string) {
@@ -220,9 +183,45 @@ func (m *Manager) forget(id string) {
 	m.mu.Unlock()
 }
 
-// request runs one bounded agent request.
-func (m *Manager) request(ctx context.Context, f func(context.Context) error) error {
-	ctx, cancel := context.WithTimeout(ctx, m.opts.RequestTimeout)
-	defer cancel()
-	return f(ctx)
+// register reserves a process's exit before the request that starts it.
+func (m *Manager) register(p *Process) error {
+	k := p.key()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
+	if _, ok := m.procs[k]; ok {
+		return fmt.Errorf("process %q of container %s: %w", k.exec, k.container, ErrAlreadyExists)
+	}
+	m.procs[k] = p
+	return nil
+}
+
+func (m *Manager) unregister(p *Process) {
+	m.mu.Lock()
+	if m.procs[p.key()] == p {
+		delete(m.procs, p.key())
+	}
+	m.mu.Unlock()
+}
+
+func (m *Manager) process(k exitKey) *Process {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.procs[k]
+}
+
+// endAll ends every registered process whose exit was not seen with err.
+func (m *Manager) endAll(err error) {
+	m.mu.Lock()
+	ps := make([]*Process, 0, len(m.procs))
+	for _, p := range m.procs {
+		ps = append(ps, p)
+	}
+	m.mu.Unlock()
+	for _, p := range ps {
+		p.finish(Exit{Status: 128 + 9}, err)
+		p.closeStreams()
+	}
 }
