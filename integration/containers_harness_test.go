@@ -1,10 +1,8 @@
 package integration
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"io"
 	"os"
@@ -14,141 +12,114 @@ import (
 	"testing"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/integration/testbundle"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
-	"github.com/kiln-runtime/kiln/runtime/sandbox"
-	"github.com/kiln-runtime/kiln/runtime/share"
+	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
-	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
-// containerVM is a booted guest with the real agent, a shared directory and a container manager. Containers
-// started through it are deleted and checked for leftovers when their subtest ends; the VM, its virtiofsd and
-// the share are checked when the test ends.
+// containerVM is a pod booted through runtime/pod, the way the shim boots one, with the real agent. Containers
+// started through it are deleted and checked for leftovers when their subtest ends; the VM, its virtiofsd, the
+// share and the state directory are checked when the test ends.
 type containerVM struct {
-	m      *qemu.Machine
-	sb     *sandbox.Sandbox
-	sh     *share.Share
-	mgr    *container.Manager
+	p      *pod.Pod
 	bundle string // a bundle directory whose rootfs/ is a busybox root
 
 	mu     sync.Mutex
 	events []container.Event
 }
 
-// newContainerVM boots the standard guest image with memMiB of RAM and a share.
+// newContainerVM boots the standard guest image with memMiB of RAM in a private state directory.
 func newContainerVM(t *testing.T, memMiB int) *containerVM {
 	t.Helper()
 	imgShare := requireVM(t)
-	bundle := t.TempDir()
-	if err := testbundle.Rootfs(filepath.Join(bundle, "rootfs")); err != nil {
+	bundleDir := t.TempDir()
+	if err := testbundle.Rootfs(filepath.Join(bundleDir, "rootfs")); err != nil {
 		t.Fatal(err)
 	}
-	shareRoot, err := os.MkdirTemp("", "kiln-it-share-")
+	stateRoot, err := os.MkdirTemp("", "kiln-it-")
 	if err != nil {
 		t.Fatal(err)
 	}
+	id := strings.ToLower(strings.NewReplacer("/", "-", "_", "-").Replace(t.Name()))
 	t.Cleanup(func() {
-		if mps := mountsUnder(shareRoot); len(mps) > 0 {
-			t.Errorf("leftover mounts under the share root: %v", mps)
+		if pids := qemuProcesses(id); len(pids) > 0 {
+			t.Errorf("leftover QEMU process(es) for vm %s: %v", id, pids)
 		}
-		if entries, _ := os.ReadDir(shareRoot); len(entries) > 0 {
-			t.Errorf("leftover in share root %s: %d entries", shareRoot, len(entries))
-		}
-		_ = os.Remove(shareRoot)
-	})
-	sh, err := share.New(filepath.Join(shareRoot, "share"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stateRoot string
-	m := testMachine(t, filepath.Join(imgShare, "vmlinuz"), filepath.Join(imgShare, "initrd.img"), func(c *qemu.Config) {
-		c.MemoryMiB = memMiB
-		stateRoot = c.StateRoot
-		withShare(c, sh)
-	})
-	t.Cleanup(func() {
-		if pids := virtiofsdProcesses(stateRoot, shareRoot); len(pids) > 0 {
+		if pids := virtiofsdProcesses(stateRoot); len(pids) > 0 {
 			t.Errorf("leftover virtiofsd process(es): %v", pids)
 		}
 		if mps := mountsUnder(stateRoot); len(mps) > 0 {
 			t.Errorf("leftover mounts under the state root: %v", mps)
 		}
-	})
-	// Cleanups run last-in first-out: the share goes after the VM that used it.
-	t.Cleanup(func() {
-		if err := sh.Close(); err != nil {
-			t.Errorf("close share: %v", err)
+		entries, _ := os.ReadDir(stateRoot)
+		for _, e := range entries {
+			t.Errorf("leftover in state root %s: %s", stateRoot, e.Name())
 		}
+		_ = os.Remove(stateRoot)
 	})
-	start := time.Now()
-	sb := startSandbox(t, m, 60*time.Second)
-	t.Logf("guest ready in %s", time.Since(start).Round(time.Millisecond))
-	v := &containerVM{m: m, sb: sb, sh: sh, bundle: bundle}
+	cfg := config.Default()
+	cfg.Runtime.StateDir = stateRoot
+	cfg.Hypervisor.Kernel = filepath.Join(imgShare, "vmlinuz")
+	cfg.Hypervisor.Initrd = filepath.Join(imgShare, "initrd.img")
+	cfg.Hypervisor.MemoryMiB = memMiB
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
-	events, err := sb.StreamClient(testCtx(t, time.Minute))
-	if err != nil {
-		t.Fatal(err)
-	}
-	v.mgr = container.NewManager(sb.Containers(), m, container.Options{
-		Events: events,
-		Log:    logrus.NewEntry(log).WithField("test", t.Name()),
+	v := &containerVM{bundle: bundleDir}
+	start := time.Now()
+	p, err := pod.New(testCtx(t, 2*time.Minute), pod.Options{
+		ID: id, Config: cfg, Log: logrus.NewEntry(log).WithField("test", t.Name()),
 		OnEvent: func(e container.Event) {
 			v.mu.Lock()
 			v.events = append(v.events, e)
 			v.mu.Unlock()
 		},
 	})
-	t.Cleanup(func() { _ = v.mgr.Close() })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("pod ready in %s", time.Since(start).Round(time.Millisecond))
+	v.p = p
+	t.Cleanup(func() {
+		if err := p.Close(context.Background()); err != nil {
+			t.Errorf("close pod: %v", err)
+		}
+	})
 	return v
 }
 
 // spec returns the `runc spec` configuration running args.
 func (v *containerVM) spec(args ...string) *specs.Spec { return testbundle.Spec(args...) }
 
-// create shares the busybox root (or rootfs when not empty) and the spec's bind sources for a container id and
-// creates it. Its deletion and the leftover checks are registered with t.
+// create adds a container with the busybox root (or rootfs when not empty) and the spec's bind sources to the
+// pod. Its deletion and the leftover checks are registered with t.
 func (v *containerVM) create(t *testing.T, id string, spec *specs.Spec, rootfs string, io stdio.IO) *container.Container {
 	t.Helper()
 	ctx := testCtx(t, 60*time.Second)
 	if rootfs == "" {
 		rootfs = filepath.Join(v.bundle, "rootfs")
 	}
-	guestRoot, err := v.sh.AddRootfs(ctx, id, rootfs, spec.Root.Readonly)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := v.sh.RemoveContainer(context.Background(), id); err != nil {
-			t.Errorf("remove container %s from share: %v", id, err)
-		}
-		if _, err := os.Lstat(filepath.Join(v.sh.Dir(), "mounts", id)); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("container %s left its directory in the share (%v)", id, err)
-		}
-	})
-	if err := v.sh.ShareSpecMounts(ctx, id, v.bundle, spec); err != nil {
-		t.Fatal(err)
-	}
-	raw, err := json.Marshal(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := v.mgr.Create(ctx, container.CreateOptions{ID: id, Spec: raw, Rootfs: guestRoot, IO: io})
+	c, err := v.p.CreateContainer(ctx, pod.ContainerOptions{ID: id, Bundle: &bundle.Bundle{Dir: v.bundle, Spec: spec, Rootfs: rootfs}, IO: io})
 	if err != nil {
 		t.Fatalf("create container %s: %v", id, err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := c.Delete(ctx, true); err != nil {
+		if _, err := v.p.DeleteContainer(ctx, c, true); err != nil {
 			t.Errorf("delete container %s: %v", id, err)
 		}
 		if _, err := c.Pids(ctx); err == nil {
 			t.Errorf("the guest still lists processes of deleted container %s", id)
+		}
+		if _, err := os.Lstat(filepath.Join(v.p.ShareDir(), "mounts", id)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("container %s left its directory in the share (%v)", id, err)
 		}
 	})
 	return c
@@ -201,18 +172,13 @@ func mountsUnder(dir string) []string {
 	if dir == "" {
 		return nil
 	}
-	f, err := os.Open("/proc/self/mountinfo")
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
 	if err != nil {
 		return nil
 	}
-	defer f.Close()
-	var out []string
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) > 4 && (fields[4] == dir || strings.HasPrefix(fields[4], dir+"/")) {
-			out = append(out, fields[4])
-		}
+	out := make([]string, 0, len(infos))
+	for _, m := range infos {
+		out = append(out, m.Mountpoint)
 	}
 	return out
 }

@@ -15,6 +15,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
+	"github.com/kiln-runtime/kiln/proto/lifecycle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 )
@@ -99,7 +100,7 @@ func testExec(t *testing.T, v *containerVM) {
 		if e.Status != 128+uint32(syscall.SIGKILL) {
 			t.Errorf("status %d after SIGKILL, want 137", e.Status)
 		}
-		if c.State() != container.Stopped {
+		if c.State() != lifecycle.Stopped {
 			t.Errorf("state %s after the init died, want stopped", c.State())
 		}
 	})
@@ -145,10 +146,18 @@ func testOOM(t *testing.T, v *containerVM) {
 	}
 	// The OOM event comes from the cgroup's events file and may trail the exit a little.
 	deadline := time.Now().Add(10 * time.Second)
-	for c.OOMKills() == 0 && time.Now().Before(deadline) {
+	sawOOM := func() bool {
+		for _, ev := range v.eventsFor("oom") {
+			if ev.Kind == container.EventOOM {
+				return true
+			}
+		}
+		return false
+	}
+	for !sawOOM() && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	if c.OOMKills() == 0 {
+	if !sawOOM() {
 		t.Errorf("no OOM event for the container; events seen: %+v", v.eventsFor("oom"))
 	}
 	var sawExit bool

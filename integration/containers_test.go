@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -15,8 +16,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kiln-runtime/kiln/runtime/stdio"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/pod"
+	"github.com/kiln-runtime/kiln/runtime/stdio"
 )
 
 // TestContainers runs one container per behaviour of issue 3 in a single guest (a boot costs seconds under
@@ -231,13 +235,16 @@ func TestContainers(t *testing.T) {
 		defer os.Remove(link)
 		spec := v.spec("true")
 		spec.Mounts = append(spec.Mounts, specs.Mount{Destination: "/mnt", Type: "bind", Source: "escape/", Options: []string{"rbind", "ro"}})
-		err := v.sh.ShareSpecMounts(testCtx(t, time.Minute), "escape", v.bundle, spec)
+		b := &bundle.Bundle{Dir: v.bundle, Spec: spec, Rootfs: filepath.Join(v.bundle, "rootfs")}
+		_, err := v.p.CreateContainer(testCtx(t, time.Minute), pod.ContainerOptions{ID: "escape", Bundle: b})
 		if err == nil {
 			t.Fatal("a bind source escaping the bundle through a symlink was shared")
 		}
-		_ = v.sh.RemoveContainer(testCtx(t, time.Minute), "escape")
 		if !strings.Contains(err.Error(), "escape") {
 			t.Errorf("error %v does not say the source escapes", err)
+		}
+		if _, err := os.Lstat(filepath.Join(v.p.ShareDir(), "mounts", "escape")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the failed create left its directory in the share (%v)", err)
 		}
 	})
 }

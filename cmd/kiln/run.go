@@ -2,14 +2,10 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/signal"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 
 	"github.com/containerd/console"
@@ -18,11 +14,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
-	"github.com/kiln-runtime/kiln/runtime/sandbox"
-	"github.com/kiln-runtime/kiln/runtime/share"
+	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
-	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // exitStatus carries the container's exit status out of a command, so main exits with it and prints nothing.
@@ -75,72 +70,26 @@ func runBundle(ctx context.Context, configPath, id string, f *runFlags) (status 
 		return 0, err
 	}
 	log := logrus.WithFields(logrus.Fields{"cmd": "run", "container": id})
-	b, err := container.LoadBundle(f.bundle)
+	b, err := bundle.Load(f.bundle)
 	if err != nil {
 		return 0, err
 	}
 	b.Spec.Process.Terminal = f.tty
-	if _, err := qemu.Sweep(cfg.Runtime.StateDir); err != nil {
-		log.WithError(err).Warn("sweep stale VM state")
-	}
-	sweepShares(cfg.Runtime.StateDir, log)
-
-	vmID := "run-" + randomID()
-	log = log.WithField("vm", vmID)
-	sh, err := newShare(cfg.Runtime.StateDir, vmID)
-	if err != nil {
-		return 0, err
-	}
-	defer func() {
-		if err := sh.Close(); err != nil {
-			retErr = errors.Join(retErr, err)
-		}
-	}()
-	qcfg, err := qemu.ConfigFrom(cfg, vmID, log)
-	if err != nil {
-		return 0, err
-	}
-	enableShare(&qcfg, sh)
-	m, err := qemu.New(qcfg)
-	if err != nil {
-		return 0, err
-	}
-	sb, err := sandbox.Start(ctx, m, sandbox.OptionsFrom(cfg, version, log))
+	p, err := pod.New(ctx, pod.Options{ID: "run-" + randomID(), Config: cfg, HostVersion: version, Log: log})
 	if err != nil {
 		return 0, err
 	}
 	// From here on the run ends only through the container: signals are forwarded, not obeyed.
 	ctx = context.WithoutCancel(ctx)
 	defer func() {
-		if err := sb.Stop(ctx); err != nil {
+		if err := p.Close(ctx); err != nil {
 			retErr = errors.Join(retErr, err)
 		}
 	}()
-	events, err := sb.StreamClient(ctx)
-	if err != nil {
-		return 0, err
-	}
-	mgr := container.NewManager(sb.Containers(), m, container.Options{
-		RequestTimeout: cfg.Agent.RequestTimeout.Std(), Events: events, Log: log,
-	})
-	defer mgr.Close()
-	return runContainer(ctx, mgr, sh, b, id, log)
+	return runContainer(ctx, p, b, id, log)
 }
 
-func runContainer(ctx context.Context, mgr *container.Manager, sh *shareHandle, b *container.Bundle, id string, log *logrus.Entry) (uint32, error) {
-	rootfs, err := sh.AddRootfs(ctx, id, b.Rootfs, b.Spec.Root.Readonly)
-	if err != nil {
-		return 0, err
-	}
-	defer func() {
-		if err := sh.RemoveContainer(ctx, id); err != nil {
-			log.WithError(err).Warn("remove container from share")
-		}
-	}()
-	if err := sh.ShareSpecMounts(ctx, id, b.Dir, b.Spec); err != nil {
-		return 0, err
-	}
-
+func runContainer(ctx context.Context, p *pod.Pod, b *bundle.Bundle, id string, log *logrus.Entry) (uint32, error) {
 	io := stdio.IO{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Terminal: b.Spec.Process.Terminal}
 	var term console.Console
 	if io.Terminal {
@@ -155,21 +104,17 @@ func runContainer(ctx context.Context, mgr *container.Manager, sh *shareHandle, 
 			defer func() { _ = term.Reset() }()
 		}
 	}
-	raw, err := json.Marshal(b.Spec)
-	if err != nil {
-		return 0, fmt.Errorf("encode spec of container %s: %w", id, err)
-	}
 
 	signals := make(chan os.Signal, 16)
 	signal.Notify(signals, append(forwardedSignals(), syscall.SIGWINCH)...)
 	defer signal.Stop(signals)
 
-	c, err := mgr.Create(ctx, container.CreateOptions{ID: id, Spec: raw, Rootfs: rootfs, IO: io})
+	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: id, Bundle: b, IO: io})
 	if err != nil {
 		return 0, err
 	}
 	defer func() {
-		if err := c.Delete(ctx, true); err != nil {
+		if _, err := p.DeleteContainer(ctx, c, true); err != nil {
 			log.WithError(err).Warn("delete container")
 		}
 	}()
@@ -222,61 +167,3 @@ func resize(ctx context.Context, p *container.Process, term console.Console, log
 		log.WithError(err).Debug("resize terminal")
 	}
 }
-
-// A VM's shared directory is <state>/<vm>.share, beside the VM's own state directory rather than inside it:
-// that one is removed recursively when the VM ends, and a share holds bind mounts of the user's files. The
-// owner file, written first, names the kiln process, so that a later run can tell a share whose kiln was killed
-// from one whose VM is still booting.
-func sharePaths(stateDir, vmID string) (dir, owner string) {
-	return filepath.Join(stateDir, vmID+".share"), filepath.Join(stateDir, vmID+".share-owner")
-}
-
-// shareHandle is a share with its owner file.
-type shareHandle struct {
-	*share.Share
-	owner string
-}
-
-func newShare(stateDir, vmID string) (*shareHandle, error) {
-	dir, owner := sharePaths(stateDir, vmID)
-	if err := os.MkdirAll(stateDir, 0o711); err != nil {
-		return nil, fmt.Errorf("create state dir %s: %w", stateDir, err)
-	}
-	if err := os.WriteFile(owner, []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
-		return nil, fmt.Errorf("write share owner file: %w", err)
-	}
-	sh, err := share.New(dir)
-	if err != nil {
-		_ = os.Remove(owner)
-		return nil, err
-	}
-	return &shareHandle{Share: sh, owner: owner}, nil
-}
-
-// Close removes the share, then its owner file.
-func (h *shareHandle) Close() error {
-	if err := h.Share.Close(); err != nil {
-		return err
-	}
-	return os.Remove(h.owner)
-}
-
-// sweepShares removes the shares whose kiln process is gone.
-func sweepShares(stateDir string, log *logrus.Entry) {
-	owners, _ := filepath.Glob(filepath.Join(stateDir, "*.share-owner"))
-	for _, owner := range owners {
-		pid, err := qemu.ReadOwner(owner)
-		if err != nil || qemu.OwnerAlive(pid) {
-			continue
-		}
-		dir := strings.TrimSuffix(owner, "-owner")
-		if err := share.Remove(dir); err != nil {
-			log.WithError(err).Warn("remove stale share")
-			continue
-		}
-		_ = os.Remove(owner)
-	}
-}
-
-// enableShare exports the share to the VM through virtio-fs.
-func enableShare(qcfg *qemu.Config, sh *shareHandle) { qcfg.SharedDir = sh.ExportDir() }

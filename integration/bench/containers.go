@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,9 +12,9 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/kiln-runtime/kiln/integration/testbundle"
-	"github.com/kiln-runtime/kiln/runtime/container"
-	"github.com/kiln-runtime/kiln/runtime/sandbox"
-	"github.com/kiln-runtime/kiln/runtime/share"
+	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
@@ -60,7 +59,7 @@ func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work s
 	if err != nil {
 		return err
 	}
-	kr, err := kilnBench(ctx, base, initrd, work, bundle, spec, runs, thrRuns)
+	kr, err := kilnBench(ctx, base, initrd, bundle, spec, runs, thrRuns)
 	if err != nil {
 		return err
 	}
@@ -102,45 +101,29 @@ func runcBench(ctx context.Context, bin, work, bundle string, runs, thrRuns int)
 	return containerResult{execLatency: median(lat), mbPerSec: medianFloat(rates)}, nil
 }
 
-func kilnBench(ctx context.Context, base qemu.Config, initrd, work, bundle string, spec *specs.Spec, runs, thrRuns int) (res containerResult, retErr error) {
-	sh, err := share.New(filepath.Join(work, "kiln-share"))
+func kilnBench(ctx context.Context, base qemu.Config, initrd, bundleDir string, spec *specs.Spec, runs, thrRuns int) (res containerResult, retErr error) {
+	cfg := config.Default()
+	cfg.Runtime.StateDir = base.StateRoot
+	cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = base.Kernel, initrd
+	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = base.VCPUs, base.MemoryMiB
+	p, err := pod.New(ctx, pod.Options{ID: "kiln-containers", Config: cfg, Log: base.Log})
 	if err != nil {
 		return res, err
 	}
-	defer func() { retErr = errors.Join(retErr, sh.Close()) }()
-	cfg := base
-	cfg.ID, cfg.Initrd, cfg.SharedDir = "kiln-containers", initrd, sh.ExportDir()
-	m, err := qemu.New(cfg)
+	defer func() { retErr = errors.Join(retErr, p.Close(context.WithoutCancel(ctx))) }()
+	b, err := bundle.Load(bundleDir)
 	if err != nil {
 		return res, err
 	}
-	sb, err := sandbox.Start(ctx, m, sandbox.Options{})
+	b.Spec = spec
+	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: "bench", Bundle: b})
 	if err != nil {
 		return res, err
 	}
-	defer func() { retErr = errors.Join(retErr, sb.Stop(context.WithoutCancel(ctx))) }()
-	events, err := sb.StreamClient(ctx)
-	if err != nil {
-		return res, err
-	}
-	mgr := container.NewManager(sb.Containers(), m, container.Options{Events: events})
-	defer mgr.Close()
-
-	const id = "bench"
-	rootfs, err := sh.AddRootfs(ctx, id, filepath.Join(bundle, "rootfs"), true)
-	if err != nil {
-		return res, err
-	}
-	defer func() { retErr = errors.Join(retErr, sh.RemoveContainer(context.WithoutCancel(ctx), id)) }()
-	raw, err := json.Marshal(spec)
-	if err != nil {
-		return res, err
-	}
-	c, err := mgr.Create(ctx, container.CreateOptions{ID: id, Spec: raw, Rootfs: rootfs})
-	if err != nil {
-		return res, err
-	}
-	defer func() { retErr = errors.Join(retErr, c.Delete(context.WithoutCancel(ctx), true)) }()
+	defer func() {
+		_, err := p.DeleteContainer(context.WithoutCancel(ctx), c, true)
+		retErr = errors.Join(retErr, err)
+	}()
 	if err := c.Start(ctx); err != nil {
 		return res, err
 	}

@@ -47,10 +47,10 @@ func (c *Container) Wait(ctx context.Context) (Exit, error) { return c.init.Wait
 // the container still holds (delete a finished one first).
 func (c *Container) AddExec(execID string, proc *specs.Process, io stdio.IO, release io.Closer) (*Process, error) {
 	if execID == "" {
-		return nil, fmt.Errorf("exec in container %s: empty exec id", c.id)
+		return nil, fmt.Errorf("exec in container %s: %w: empty exec id", c.id, ErrInvalidArgument)
 	}
 	if proc == nil {
-		return nil, fmt.Errorf("exec %s in container %s: no process", execID, c.id)
+		return nil, fmt.Errorf("exec %s in container %s: %w: no process", execID, c.id, ErrInvalidArgument)
 	}
 	if err := c.init.require("exec in", lifecycle.Running); err != nil {
 		return nil, fmt.Errorf("exec %s: %w", execID, err)

@@ -26,6 +26,8 @@ import (
 var (
 	ErrNotFound      = errors.New("not found")
 	ErrAlreadyExists = errors.New("already exists")
+	// ErrInvalidArgument is a request that can never succeed as made (an empty id, no process).
+	ErrInvalidArgument = errors.New("invalid argument")
 	// ErrInvalidState is a request the process's state does not allow (see proto/lifecycle).
 	ErrInvalidState = lifecycle.ErrInvalidState
 	// ErrClosed ends the waits of processes whose exit was not seen before the manager closed or the agent
@@ -126,7 +128,7 @@ type CreateOptions struct {
 // Create builds the container in the guest (its init waits to be started) with its stdio attached.
 func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, error) {
 	if o.ID == "" {
-		return nil, errors.New("create container: empty id")
+		return nil, fmt.Errorf("create container: %w: empty id", ErrInvalidArgument)
 	}
 	c := &Container{id: o.ID, bundle: o.Bundle, m: m, execs: map[string]*Process{}}
 	p := newProcess(c, "", lifecycle.Init(), o.IO, o.Release)

@@ -72,6 +72,9 @@ func (p *Process) State() lifecycle.State {
 	return p.sm.State()
 }
 
+// Release is what the caller gave to be closed with the process's IO (CreateOptions.Release, AddExec).
+func (p *Process) Release() io.Closer { return p.release }
+
 // Terminal says whether the process has a terminal.
 func (p *Process) Terminal() bool { return p.io.Terminal }
 

@@ -7,13 +7,11 @@ package manager
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	goruntime "runtime"
 	"syscall"
 	"time"
@@ -24,6 +22,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
+	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
 
@@ -54,22 +53,6 @@ func Group(id string, annotations map[string]string) string {
 	return id
 }
 
-// bundleAnnotations reads the annotations of the spec in the current directory (containerd runs `start` in the
-// task's bundle).
-func bundleAnnotations(bundle string) (map[string]string, error) {
-	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
-	if err != nil {
-		return nil, fmt.Errorf("read spec of bundle %s: %w", bundle, err)
-	}
-	var spec struct {
-		Annotations map[string]string `json:"annotations"`
-	}
-	if err := json.Unmarshal(b, &spec); err != nil {
-		return nil, fmt.Errorf("parse spec of bundle %s: %w", bundle, err)
-	}
-	return spec.Annotations, nil
-}
-
 // Start starts the group's shim server, or returns the address of the one already serving the group.
 func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ shim.BootstrapParams, retErr error) {
 	params := shim.BootstrapParams{Version: 3, Protocol: "ttrpc"}
@@ -77,7 +60,7 @@ func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ 
 	if err != nil {
 		return params, fmt.Errorf("start shim for %s: %w", id, err)
 	}
-	annotations, err := bundleAnnotations(cwd)
+	annotations, err := bundle.Annotations(cwd)
 	if err != nil {
 		return params, err
 	}

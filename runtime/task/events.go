@@ -58,39 +58,20 @@ func (s *Service) forward(ctx context.Context) {
 	_ = s.publisher.Close()
 }
 
-// onContainerEvent sees the guest's exit and OOM events. Exits are published by each process's watcher, after
-// its output has been delivered; OOM kills are published here.
-func (s *Service) onContainerEvent(e container.Event) {
+// onEvent publishes the guest's OOM kills. Exits are published by onExit, once their output is delivered.
+func (s *Service) onEvent(e container.Event) {
 	if e.Kind == container.EventOOM {
 		s.send(&eventstypes.TaskOOM{ContainerID: e.ContainerID})
 	}
 }
 
-// watch waits for a process's end and its output, records the exit and publishes it.
-func (s *Service) watch(p *proc) {
-	h := p.handle()
-	e, err := h.Wait(s.ctx)
-	l := s.log(p.task.id, p.execID)
-	if err != nil {
-		// Deleted, or the sandbox went away: whoever did that settles the process.
-		l.WithError(err).Debug("process wait ended without an exit")
-		return
-	}
-	if p.io != nil {
-		if err := p.io.Close(); err != nil {
-			l.WithError(err).Warn("close process IO")
-		}
-	}
-	if !p.finish(e) {
-		return
-	}
-	l.WithField("status", e.Status).Debug("process exited")
-	// Wait for a Start in progress to queue its start event first.
-	s.startMu.Lock()
-	s.startMu.Unlock()
+// onExit publishes a process's exit; runtime/container calls it after the process's start was published.
+func (s *Service) onExit(p *container.Process, e container.Exit) {
+	c := p.Container()
+	s.log(c.ID(), p.ID()).WithField("status", e.Status).Debug("process exited")
 	s.send(&eventstypes.TaskExit{
-		ContainerID: p.task.id,
-		ID:          p.id(),
+		ContainerID: c.ID(),
+		ID:          processID(c, p),
 		Pid:         e.Pid,
 		ExitStatus:  e.Status,
 		ExitedAt:    protobuf.ToTimestamp(e.ExitedAt),

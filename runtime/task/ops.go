@@ -14,10 +14,12 @@ import (
 	"github.com/containerd/containerd/v2/pkg/protobuf"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/kiln-runtime/kiln/proto/lifecycle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 )
 
@@ -29,7 +31,8 @@ type emptyResp = emptypb.Empty
 
 func empty() *emptyResp { return &emptypb.Empty{} }
 
-// toGRPC gives an error the errdefs kind containerd understands, then its ttrpc status.
+// toGRPC is the one place that gives internal errors the errdefs kind containerd understands, then their ttrpc
+// status.
 func toGRPC(err error) error {
 	if err == nil {
 		return nil
@@ -39,6 +42,8 @@ func toGRPC(err error) error {
 		err = fmt.Errorf("%w: %w", errdefs.ErrNotFound, err)
 	case errors.Is(err, container.ErrAlreadyExists):
 		err = fmt.Errorf("%w: %w", errdefs.ErrAlreadyExists, err)
+	case errors.Is(err, container.ErrInvalidArgument):
+		err = fmt.Errorf("%w: %w", errdefs.ErrInvalidArgument, err)
 	case errors.Is(err, container.ErrInvalidState):
 		err = fmt.Errorf("%w: %w", errdefs.ErrFailedPrecondition, err)
 	case errors.Is(err, container.ErrClosed), errors.Is(err, container.ErrDeleted):
@@ -47,37 +52,147 @@ func toGRPC(err error) error {
 	return errgrpc.ToGRPC(err)
 }
 
+// status is a lifecycle state as containerd's API spells it.
+func status(s lifecycle.State) tasktypes.Status {
+	switch s {
+	case lifecycle.Created:
+		return tasktypes.Status_CREATED
+	case lifecycle.Running:
+		return tasktypes.Status_RUNNING
+	case lifecycle.Paused:
+		return tasktypes.Status_PAUSED
+	case lifecycle.Stopped, lifecycle.Deleted:
+		return tasktypes.Status_STOPPED
+	}
+	return tasktypes.Status_UNKNOWN
+}
+
+// processID is the id containerd uses for a process in events: the container id for init, else the exec id.
+func processID(c *container.Container, p *container.Process) string {
+	if p.ID() == "" {
+		return c.ID()
+	}
+	return p.ID()
+}
+
+// ioOf is the containerd IO a process was given (Create and Exec pass a *procIO as its release).
+func ioOf(p *container.Process) *procIO {
+	pio, _ := p.Release().(*procIO)
+	return pio
+}
+
 // State describes a process.
 func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
-	t, p, err := s.getProcess(r.ID, r.ExecID)
+	c, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
 	resp := &taskAPI.StateResponse{
-		ID:       p.id(),
+		ID:       processID(c, p),
 		ExecID:   r.ExecID,
-		Bundle:   t.bundle,
-		Pid:      p.getPid(),
-		Status:   p.lc.get().status(),
-		Stdin:    p.ioSpec.Stdin,
-		Stdout:   p.ioSpec.Stdout,
-		Stderr:   p.ioSpec.Stderr,
-		Terminal: p.ioSpec.Terminal,
+		Bundle:   c.Bundle(),
+		Pid:      p.Pid(),
+		Status:   status(p.State()),
+		Terminal: p.Terminal(),
 	}
-	if e, ok := p.exitStatus(); ok {
+	if pio := ioOf(p); pio != nil {
+		resp.Stdin, resp.Stdout, resp.Stderr = pio.spec.Stdin, pio.spec.Stdout, pio.spec.Stderr
+	}
+	if e, ok := p.ExitStatus(); ok {
 		resp.ExitStatus = e.Status
 		resp.ExitedAt = protobuf.ToTimestamp(e.ExitedAt)
 	}
 	return resp, nil
 }
 
-// Pids lists the task's processes in the guest, with the exec id of those started through Exec.
-func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
-	t, err := s.getTask(r.ID)
+// Delete removes a stopped (or never started) process. For the init process the container leaves the guest
+// and the share; the pod stays until Shutdown.
+func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
+	c, err := s.getContainer(r.ID)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	ps, err := t.ctr.Pids(ctx)
+	if r.ExecID != "" {
+		e, err := c.DeleteProcess(ctx, r.ExecID)
+		if err != nil {
+			return nil, toGRPC(err)
+		}
+		return &taskAPI.DeleteResponse{Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
+	}
+	p := s.currentPod()
+	e, err := p.DeleteContainer(ctx, c, false)
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	if err := RemoveRecord(c.Bundle()); err != nil {
+		s.log(r.ID, "").WithError(err).Warn("remove task record")
+	}
+	s.send(&eventstypes.TaskDelete{
+		ContainerID: r.ID, ID: r.ID, Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt),
+	})
+	return &taskAPI.DeleteResponse{Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
+}
+
+// stopIfIdle stops the pod when no task is left (after a failed first Create).
+func (s *Service) stopIfIdle(ctx context.Context) {
+	p := s.currentPod()
+	if p != nil && p.Containers().Len() == 0 {
+		if err := s.stopPod(context.WithoutCancel(ctx)); err != nil {
+			log.G(s.ctx).WithError(err).Warn("stop idle pod")
+		}
+	}
+}
+
+// stopPod stops the pod, if there is one. It is the shim's shutdown callback too.
+func (s *Service) stopPod(ctx context.Context) error {
+	s.mu.Lock()
+	p := s.pod
+	s.pod = nil
+	s.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	return p.Close(ctx)
+}
+
+// Wait blocks until the process has exited and its output has been delivered.
+func (s *Service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
+	_, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	e, err := p.Wait(ctx)
+	// A process deleted or cut off before its exit was seen ends as killed.
+	if err != nil && !errors.Is(err, container.ErrDeleted) && !errors.Is(err, container.ErrClosed) {
+		return nil, toGRPC(err)
+	}
+	return &taskAPI.WaitResponse{ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
+}
+
+// Kill signals the init process (with all, every process of the task) or an exec process.
+func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptyResp, error) {
+	c, p, err := s.getProcess(r.ID, r.ExecID)
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	if st := p.State(); (st == lifecycle.Stopped || st == lifecycle.Deleted) && !r.All {
+		return nil, toGRPC(fmt.Errorf("kill %s: %w: process already finished", describe(r.ID, r.ExecID), errdefs.ErrNotFound))
+	}
+	if r.ExecID == "" {
+		err = c.Kill(ctx, r.Signal, r.All)
+	} else {
+		err = p.Signal(ctx, r.Signal)
+	}
+	return empty(), toGRPC(err)
+}
+
+// Pids lists the task's processes in the guest, with the exec id of those started through Exec.
+func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	ps, err := c.Pids(ctx)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
@@ -98,18 +213,12 @@ func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 
 // Pause freezes the task's processes.
 func (s *Service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptyResp, error) {
-	t, err := s.getTask(r.ID)
+	c, err := s.getContainer(r.ID)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	if err := t.init.lc.require("pause", stateRunning); err != nil {
-		return nil, toGRPC(fmt.Errorf("pause task %s: %w", r.ID, err))
-	}
-	if err := t.ctr.Pause(ctx); err != nil {
+	if err := c.Pause(ctx); err != nil {
 		return nil, toGRPC(err)
-	}
-	if err := t.init.lc.transition(statePaused); err != nil {
-		return nil, toGRPC(fmt.Errorf("pause task %s: %w", r.ID, err))
 	}
 	s.send(&eventstypes.TaskPaused{ContainerID: r.ID})
 	return empty(), nil
@@ -117,18 +226,12 @@ func (s *Service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptyRes
 
 // Resume thaws a paused task.
 func (s *Service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptyResp, error) {
-	t, err := s.getTask(r.ID)
+	c, err := s.getContainer(r.ID)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	if err := t.init.lc.require("resume", statePaused); err != nil {
-		return nil, toGRPC(fmt.Errorf("resume task %s: %w", r.ID, err))
-	}
-	if err := t.ctr.Resume(ctx); err != nil {
+	if err := c.Resume(ctx); err != nil {
 		return nil, toGRPC(err)
-	}
-	if err := t.init.lc.transition(stateRunning); err != nil {
-		return nil, toGRPC(fmt.Errorf("resume task %s: %w", r.ID, err))
 	}
 	s.send(&eventstypes.TaskResumed{ContainerID: r.ID})
 	return empty(), nil
@@ -145,17 +248,7 @@ func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	h := p.handle()
-	if h == nil {
-		return nil, toGRPC(fmt.Errorf("resize %s: %w: not started", describe(r.ID, r.ExecID), errdefs.ErrFailedPrecondition))
-	}
-	if !p.ioSpec.Terminal {
-		return nil, toGRPC(fmt.Errorf("resize %s: %w: no terminal", describe(r.ID, r.ExecID), errdefs.ErrFailedPrecondition))
-	}
-	if err := h.Resize(ctx, r.Width, r.Height); err != nil {
-		return nil, toGRPC(err)
-	}
-	return empty(), nil
+	return empty(), toGRPC(p.Resize(ctx, r.Width, r.Height))
 }
 
 // CloseIO ends a process's input. Bytes containerd already wrote to the stdin fifo are relayed first.
@@ -167,30 +260,22 @@ func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*empt
 	if !r.Stdin {
 		return empty(), nil
 	}
-	h := p.handle()
-	if h == nil || p.io == nil {
-		return empty(), nil
-	}
-	if !p.ioSpec.Terminal {
+	if pio := ioOf(p); pio != nil && !p.Terminal() {
 		t := time.NewTimer(stdinDrainTimeout)
 		select {
-		case <-p.io.stdinEOF:
-		case <-p.exited:
+		case <-pio.stdinEOF:
 		case <-t.C:
 			s.log(r.ID, r.ExecID).Warn("stdin still open after CloseIO; closing it")
 		case <-ctx.Done():
 		}
 		t.Stop()
 	}
-	if err := h.CloseStdin(ctx); err != nil {
-		return nil, toGRPC(err)
-	}
-	return empty(), nil
+	return empty(), toGRPC(p.CloseStdin(ctx))
 }
 
 // Update applies new cgroup resources to the task.
 func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptyResp, error) {
-	t, err := s.getTask(r.ID)
+	c, err := s.getContainer(r.ID)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
@@ -202,19 +287,16 @@ func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*em
 	if !ok {
 		return nil, toGRPC(fmt.Errorf("%w: update task %s: resources of type %T, want LinuxResources", errdefs.ErrInvalidArgument, r.ID, v))
 	}
-	if err := t.ctr.Update(ctx, res); err != nil {
-		return nil, toGRPC(err)
-	}
-	return empty(), nil
+	return empty(), toGRPC(c.Update(ctx, res))
 }
 
 // Stats returns the task's cgroup v2 figures from the guest, as containerd's cgroups v2 metrics.
 func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
-	t, err := s.getTask(r.ID)
+	c, err := s.getContainer(r.ID)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	st, err := t.ctr.Stats(ctx)
+	st, err := c.Stats(ctx)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
@@ -228,20 +310,25 @@ func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 // Connect tells containerd the shim's pid and the task's.
 func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
 	resp := &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), Version: s.version}
-	if t, err := s.getTask(r.ID); err == nil {
-		resp.TaskPid = t.init.getPid()
+	if c, err := s.getContainer(r.ID); err == nil {
+		resp.TaskPid = c.Init().Pid()
 	}
 	return resp, nil
 }
 
-// Shutdown ends the shim once it serves no task: the VM is stopped by the shutdown callback.
+// Shutdown ends the shim once it serves no task: the pod is stopped by the shutdown callback.
 func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptyResp, error) {
-	s.mu.Lock()
-	n := len(s.tasks)
-	s.mu.Unlock()
-	if n > 0 && !r.Now {
+	if p := s.currentPod(); p != nil && p.Containers().Len() > 0 && !r.Now {
 		return empty(), nil
 	}
 	s.sd.Shutdown()
 	return empty(), nil
+}
+
+// describe names a process in errors.
+func describe(id, execID string) string {
+	if execID == "" {
+		return "task " + id
+	}
+	return fmt.Sprintf("exec %s of task %s", execID, id)
 }

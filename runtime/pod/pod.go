@@ -1,0 +1,255 @@
+// Package pod owns one Kiln pod on the host: the microVM with its agent connection, the shared directory it
+// exports to the guest, and the registry of the pod's containers. New is the only code that boots a VM for
+// containers, and Close the only code that tears one down; the shim, `kiln run`, the bench and the integration
+// tests all go through it. It knows nothing of containerd's task API: callers hand it loaded bundles.
+package pod
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/config"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/container"
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
+	"github.com/kiln-runtime/kiln/runtime/share"
+	"github.com/kiln-runtime/kiln/runtime/stdio"
+	"github.com/kiln-runtime/kiln/vm"
+	"github.com/kiln-runtime/kiln/vm/qemu"
+)
+
+// Options describe a pod to boot.
+type Options struct {
+	// ID names the pod's VM. Its state lives in <runtime.state_dir>/<ID> and its share in
+	// <runtime.state_dir>/<ID>.share; keep it short, QEMU's sockets live there and Unix socket paths are limited.
+	ID     string
+	Config config.Config
+	// HostVersion is the version of the Kiln binary booting the pod, compared with the guest agent's.
+	HostVersion string
+	Log         *logrus.Entry
+	// OnEvent and OnExit see the containers' events; see container.Options.
+	OnEvent func(container.Event)
+	OnExit  func(*container.Process, container.Exit)
+}
+
+// Pod is a booted microVM with its share and its containers.
+type Pod struct {
+	id    string
+	cfg   config.Config
+	log   *logrus.Entry
+	share *share.Share
+	sb    *sandbox.Sandbox
+	ctrs  *container.Manager
+}
+
+// ShareDir is where a pod's shared directory lives: beside its VM's state directory, not inside it, because
+// the VM's is removed recursively when the VM ends and a share holds bind mounts of the user's files.
+func ShareDir(stateDir, id string) string { return filepath.Join(stateDir, id+".share") }
+
+// ownerFile, inside a share, names the process that owns the pod, so that a later pod can tell a share whose
+// owner was killed from one whose pod is still booting.
+const ownerFile = "owner"
+
+// New boots a pod: it removes what dead pods left in the state directory, creates the share, boots the VM
+// exporting it, connects to the agent and starts following the containers' events. On error nothing is left.
+func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
+	if o.Log == nil {
+		o.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	log := o.Log.WithField("sandbox", o.ID)
+	stateDir := o.Config.Runtime.StateDir
+	if err := os.MkdirAll(stateDir, 0o711); err != nil {
+		return nil, fmt.Errorf("create state dir %s: %w", stateDir, err)
+	}
+	sweep(stateDir, log)
+	dir := ShareDir(stateDir, o.ID)
+	// A share of the same id whose owner is alive is in the way; sweep removed those whose owner is gone.
+	if pid, err := qemu.ReadOwner(filepath.Join(dir, ownerFile)); err == nil && pid != os.Getpid() && qemu.OwnerAlive(pid) {
+		return nil, fmt.Errorf("boot pod %s: its share %s belongs to running process %d", o.ID, dir, pid)
+	}
+	if err := share.Remove(dir); err != nil {
+		return nil, fmt.Errorf("boot pod %s: remove stale share: %w", o.ID, err)
+	}
+	sh, err := share.New(dir)
+	if err != nil {
+		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+	}
+	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh}
+	defer func() {
+		if retErr != nil {
+			if err := p.Close(context.WithoutCancel(ctx)); err != nil {
+				log.WithError(err).Warn("tear down after a failed boot")
+			}
+		}
+	}()
+	if err := os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+		return nil, fmt.Errorf("boot pod %s: write share owner: %w", o.ID, err)
+	}
+	qcfg, err := qemu.ConfigFrom(o.Config, o.ID, log)
+	if err != nil {
+		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+	}
+	qcfg.SharedDir = sh.ExportDir()
+	m, err := qemu.New(qcfg)
+	if err != nil {
+		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+	}
+	sb, err := sandbox.Start(ctx, m, sandbox.OptionsFrom(o.Config, o.HostVersion, log))
+	if err != nil {
+		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+	}
+	p.sb = sb
+	// The Events stream never goes idle; on a connection of its own, Stop can cut it before asking the agent to
+	// shut down instead of waiting out the agent's drain timeout.
+	events, err := sb.StreamClient(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+	}
+	p.ctrs = container.NewManager(sb.Containers(), m, container.Options{
+		Events:  events,
+		OnEvent: o.OnEvent,
+		OnExit:  o.OnExit,
+		Log:     log,
+	})
+	return p, nil
+}
+
+// sweep removes the VM state and shares of pods whose owner is gone (killed before it could clean up; its
+// QEMU died with it through the parent-death signal).
+func sweep(stateDir string, log *logrus.Entry) {
+	if _, err := qemu.Sweep(stateDir); err != nil {
+		log.WithError(err).Warn("sweep state of VMs whose owner is gone")
+	}
+	shares, _ := filepath.Glob(ShareDir(stateDir, "*"))
+	for _, dir := range shares {
+		pid, err := qemu.ReadOwner(filepath.Join(dir, ownerFile))
+		if err != nil || qemu.OwnerAlive(pid) {
+			continue
+		}
+		if err := share.Remove(dir); err != nil {
+			log.WithError(err).WithField("share", dir).Warn("remove share whose owner is gone")
+		}
+	}
+}
+
+// ID is the pod's VM id.
+func (p *Pod) ID() string { return p.id }
+
+// StateDir is the directory holding the pod's VM state and share (runtime.state_dir).
+func (p *Pod) StateDir() string { return p.cfg.Runtime.StateDir }
+
+// ShareDir is the pod's shared directory on the host.
+func (p *Pod) ShareDir() string { return ShareDir(p.cfg.Runtime.StateDir, p.id) }
+
+// Config is the configuration the pod was booted with.
+func (p *Pod) Config() config.Config { return p.cfg }
+
+// Machine is the pod's VM.
+func (p *Pod) Machine() vm.Machine { return p.sb.Machine() }
+
+// GuestInfo asks the agent to describe the guest.
+func (p *Pod) GuestInfo(ctx context.Context) (*agentv1.GuestInfo, error) { return p.sb.GuestInfo(ctx) }
+
+// Containers is the registry of the pod's containers.
+func (p *Pod) Containers() *container.Manager { return p.ctrs }
+
+// Mount is one mount of a root file system as a snapshotter gives it (containerd's mount.Mount).
+type Mount struct {
+	Type    string
+	Source  string
+	Options []string
+}
+
+// ContainerOptions describe a container to add to the pod.
+type ContainerOptions struct {
+	ID     string
+	Bundle *bundle.Bundle
+	// Rootfs, when set, are the mounts that make the root file system; otherwise the bundle's root directory is
+	// shared.
+	Rootfs []Mount
+	IO     stdio.IO
+	// Release is closed once the init process's output is delivered or the container deleted; see
+	// container.CreateOptions.
+	Release io.Closer
+}
+
+// CreateContainer puts the container's root file system and bind sources in the share and creates it in the
+// guest, its init process waiting to be started. On error the share holds nothing of it.
+func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *container.Container, retErr error) {
+	b := o.Bundle
+	var rootfs string
+	var err error
+	if len(o.Rootfs) > 0 {
+		mounts := make([]share.Mount, 0, len(o.Rootfs))
+		for _, m := range o.Rootfs {
+			mounts = append(mounts, share.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
+		}
+		rootfs, err = p.share.AddRootfsMounts(ctx, o.ID, mounts, b.ReadOnly())
+	} else {
+		rootfs, err = p.share.AddRootfs(ctx, o.ID, b.Rootfs, b.ReadOnly())
+	}
+	if err != nil {
+		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := p.share.RemoveContainer(context.WithoutCancel(ctx), o.ID); err != nil {
+				p.log.WithError(err).WithField("container", o.ID).Warn("remove container from share after a failed create")
+			}
+		}
+	}()
+	spec := *b.Spec
+	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec); err != nil {
+		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
+	}
+	raw, err := json.Marshal(&spec)
+	if err != nil {
+		return nil, fmt.Errorf("create container %s: encode spec: %w", o.ID, err)
+	}
+	return p.ctrs.Create(ctx, container.CreateOptions{
+		ID: o.ID, Bundle: b.Dir, Spec: raw, Rootfs: rootfs, IO: o.IO, Release: o.Release,
+	})
+}
+
+// DeleteContainer removes the container from the guest (killing it first with force) and from the share, and
+// returns how its init process ended.
+func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force bool) (container.Exit, error) {
+	e, err := c.Delete(ctx, force)
+	if err != nil {
+		return e, err
+	}
+	if err := p.share.RemoveContainer(ctx, c.ID()); err != nil {
+		return e, fmt.Errorf("delete container %s: %w", c.ID(), err)
+	}
+	return e, nil
+}
+
+// Close ends the pod: the containers' waits end, the guest is shut down (its containers die with it), the VM
+// stops and the share is unmounted and removed. It is safe to call more than once.
+func (p *Pod) Close(ctx context.Context) error {
+	var errs []error
+	if p.ctrs != nil {
+		_ = p.ctrs.Close()
+	}
+	if p.sb != nil {
+		if err := p.sb.Stop(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := p.share.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("stop pod %s: %w", p.id, errors.Join(errs...))
+	}
+	return nil
+}
