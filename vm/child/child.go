@@ -44,8 +44,9 @@ type Config struct {
 	// Stdout receives the program's stdout; nil discards it.
 	Stdout io.Writer
 	// StderrLine, when set, is called with each line the program writes to stderr, without its newline, in
-	// order, from one goroutine; every call has returned before Exited is closed.
-	StderrLine func(line string)
+	// order, from one goroutine; every call has returned before Exited is closed. log is Log with the program's
+	// pid, for passing the line on.
+	StderrLine func(log *logrus.Entry, line string)
 	// TailBytes is how much of stderr Diagnostics quotes; 0 means DefaultTailBytes.
 	TailBytes int
 	// Quit asks the program to end (QEMU: QMP quit); nil means SIGTERM to its process group.
@@ -95,8 +96,13 @@ func Start(cfg Config) (*Process, error) {
 	cmd.Stdout = cfg.Stdout
 	// Not an *os.File: exec copies stderr from a pipe, and Wait returns only once the copy reached its end.
 	var stderr io.Writer = p.stderr
+	// The pid is known once the copying has begun; emit reads it through the channel closed after.
+	started := make(chan struct{})
 	if cfg.StderrLine != nil {
-		p.lines = &lineWriter{emit: cfg.StderrLine}
+		p.lines = &lineWriter{emit: func(line string) {
+			<-started
+			cfg.StderrLine(p.log, line)
+		}}
 		stderr = io.MultiWriter(p.stderr, p.lines)
 	}
 	cmd.Stderr = stderr
@@ -108,6 +114,7 @@ func Start(cfg Config) (*Process, error) {
 	}
 	p.cmd = cmd
 	p.log = cfg.Log.WithField("pid", cmd.Process.Pid)
+	close(started)
 	go p.reap()
 	return p, nil
 }

@@ -55,7 +55,7 @@ func startReady(t *testing.T, cfg Config) *Process {
 	t.Helper()
 	ready := make(chan struct{})
 	var once sync.Once
-	cfg.StderrLine = func(l string) {
+	cfg.StderrLine = func(_ *logrus.Entry, l string) {
 		if l == "ready" {
 			once.Do(func() { close(ready) })
 		}
@@ -157,7 +157,7 @@ func TestStderrLinesArriveBeforeExited(t *testing.T) {
 	var mu sync.Mutex
 	var lines []string
 	cfg := shell(`echo one >&2; echo >&2; sleep 0.1; printf 'two\nthree' >&2`)
-	cfg.StderrLine = func(l string) {
+	cfg.StderrLine = func(_ *logrus.Entry, l string) {
 		mu.Lock()
 		lines = append(lines, l)
 		mu.Unlock()
@@ -420,7 +420,7 @@ func TestNoGoroutineLeak(t *testing.T) {
 			p = startReady(t, cfg)
 			p.Stop(context.Background())
 		} else {
-			cfg.StderrLine = func(string) {}
+			cfg.StderrLine = func(*logrus.Entry, string) {}
 			p = start(t, cfg)
 			waitExited(t, p)
 		}
