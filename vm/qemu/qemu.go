@@ -19,6 +19,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/child"
@@ -55,6 +56,10 @@ type Config struct {
 	// Virtiofsd tunes that daemon (binary, cache mode...); Start sets its SourceDir, SocketPath and Log.
 	Virtiofsd virtiofs.Config
 	Log       *logrus.Entry
+
+	// resolvedAssets are Kernel and Initrd as ConfigFrom resolved them (config.ResolveAssets found both files);
+	// Start checks that the files exist only when the paths differ.
+	resolvedAssets config.Assets
 }
 
 type paths struct {
@@ -85,6 +90,8 @@ type Machine struct {
 	cfg   Config
 	paths paths
 	log   *logrus.Entry
+	// assetsFound: Kernel and Initrd are Config.resolvedAssets, so Start need not look for them again.
+	assetsFound bool
 
 	mu      sync.Mutex
 	proc    *child.Process // QEMU; nil until it started
@@ -118,6 +125,7 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 3 * time.Second
 	}
+	assetsFound := cfg.Kernel != "" && cfg.resolvedAssets == config.Assets{Kernel: cfg.Kernel, Initrd: cfg.Initrd}
 	// QEMU runs in the VM's state directory, so relative paths would point there.
 	for _, p := range []*string{&cfg.Kernel, &cfg.Initrd, &cfg.MemoryFile, &cfg.StateRoot} {
 		if *p == "" {
@@ -137,11 +145,12 @@ func New(cfg Config) (*Machine, error) {
 		cfg.TSCkHz = khz
 	}
 	return &Machine{
-		cfg:     cfg,
-		paths:   pathsFor(cfg.StateRoot, cfg.ID),
-		log:     cfg.Log.WithField("vm", cfg.ID),
-		exited:  make(chan struct{}),
-		cleaned: make(chan struct{}),
+		cfg:         cfg,
+		paths:       pathsFor(cfg.StateRoot, cfg.ID),
+		log:         cfg.Log.WithField("vm", cfg.ID),
+		assetsFound: assetsFound,
+		exited:      make(chan struct{}),
+		cleaned:     make(chan struct{}),
 	}, nil
 }
 
@@ -182,11 +191,14 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 		close(m.cleaned)
 		return fmt.Errorf("start vm %s: QEMU binary %q not found: install it (apt-get install qemu-system-x86) or set hypervisor.path: %w", m.cfg.ID, m.cfg.QEMU, err)
 	}
-	for _, f := range []struct{ what, path string }{{"guest kernel", m.cfg.Kernel}, {"guest initrd", m.cfg.Initrd}} {
-		if _, err := os.Stat(f.path); err != nil {
-			close(m.exited)
-			close(m.cleaned)
-			return fmt.Errorf("start vm %s: %s %s: %w (run `make image`, or set hypervisor.kernel/initrd)", m.cfg.ID, f.what, f.path, err)
+	// A configuration from ConfigFrom names files config.ResolveAssets found a moment ago; others are looked at.
+	if !m.assetsFound {
+		for _, f := range []struct{ what, path string }{{"guest kernel", m.cfg.Kernel}, {"guest initrd", m.cfg.Initrd}} {
+			if _, err := os.Stat(f.path); err != nil {
+				close(m.exited)
+				close(m.cleaned)
+				return fmt.Errorf("start vm %s: %s %s: %w (run `make image`, or set hypervisor.kernel/initrd)", m.cfg.ID, f.what, f.path, err)
+			}
 		}
 	}
 	if err := os.MkdirAll(m.cfg.StateRoot, 0o711); err != nil {
