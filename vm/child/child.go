@@ -73,7 +73,7 @@ type Process struct {
 
 // Start runs the program. Its parent-death signal is SIGKILL, so it does not outlive Kiln even when Kiln is
 // killed with SIGKILL. (The kernel sends that signal when the thread that started the child ends; Go ends a
-// thread only when a goroutine locked to it returns locked, which Kiln never does on the host.)
+// thread only when a goroutine locked to it returns still locked, so such a goroutine must not call Start.)
 func Start(cfg Config) (*Process, error) {
 	if cfg.TailBytes <= 0 {
 		cfg.TailBytes = DefaultTailBytes
@@ -96,7 +96,7 @@ func Start(cfg Config) (*Process, error) {
 	cmd.Stdout = cfg.Stdout
 	// Not an *os.File: exec copies stderr from a pipe, and Wait returns only once the copy reached its end.
 	var stderr io.Writer = p.stderr
-	// The pid is known once the copying has begun; emit reads it through the channel closed after.
+	// Lines can arrive before cmd.Start returns; emit waits until p.log, which carries the pid, is set.
 	started := make(chan struct{})
 	if cfg.StderrLine != nil {
 		p.lines = &lineWriter{emit: func(line string) {
