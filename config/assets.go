@@ -32,13 +32,17 @@ type Assets struct {
 	Initrd string
 }
 
-// ResolveAssets returns the configured assets, or the first share directory that holds both files.
+// ResolveAssets returns the configured assets, or the first share directory that holds both files; either way
+// both files existed when it returned (paths Load's Validate has already found are not looked at again).
 // The error lists every place looked at and how to produce the files.
 func (c Config) ResolveAssets() (Assets, error) {
 	if c.Hypervisor.Kernel != "" || c.Hypervisor.Initrd != "" {
 		a := Assets{Kernel: c.Hypervisor.Kernel, Initrd: c.Hypervisor.Initrd}
 		if a.Kernel == "" || a.Initrd == "" {
 			return Assets{}, fmt.Errorf("hypervisor.kernel and hypervisor.initrd must be set together (kernel %q, initrd %q)", a.Kernel, a.Initrd)
+		}
+		if a == c.validatedAssets {
+			return a, nil
 		}
 		for _, p := range []string{a.Kernel, a.Initrd} {
 			if _, err := os.Stat(p); err != nil {

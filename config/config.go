@@ -49,6 +49,9 @@ type Config struct {
 	Source string `toml:"-"`
 	// fromFile holds the "table.key" names the file set.
 	fromFile map[string]bool
+	// validatedAssets are hypervisor.kernel and hypervisor.initrd as Validate found them on disk during Load;
+	// ResolveAssets does not look at those paths again.
+	validatedAssets Assets
 }
 
 // Hypervisor configures the QEMU microVM.
@@ -172,6 +175,7 @@ func load(path, systemPath string) (Config, error) {
 	if err := cfg.Validate(); err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
+	cfg.validatedAssets = Assets{Kernel: cfg.Hypervisor.Kernel, Initrd: cfg.Hypervisor.Initrd}
 	return cfg, nil
 }
 

@@ -170,6 +170,38 @@ func TestResolveAssets(t *testing.T) {
 	}
 }
 
+// A boot looks at explicitly configured assets once: Load's Validate did, so ResolveAssets trusts those paths, and
+// only those.
+func TestResolveAssetsTrustsWhatLoadValidated(t *testing.T) {
+	dir := t.TempDir()
+	kernel, initrd := filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
+	for _, f := range []string{kernel, initrd} {
+		if err := os.WriteFile(f, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	path := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(path, []byte("[hypervisor]\nkernel = \""+kernel+"\"\ninitrd = \""+initrd+"\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{kernel, initrd} {
+		if err := os.Remove(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if a, err := c.ResolveAssets(); err != nil || a.Kernel != kernel || a.Initrd != initrd {
+		t.Errorf("validated paths: got %+v, %v", a, err)
+	}
+	c.Hypervisor.Kernel += ".other"
+	if _, err := c.ResolveAssets(); err == nil || !strings.Contains(err.Error(), "make image") {
+		t.Errorf("a path changed after Load was not looked at: %v", err)
+	}
+}
+
 func TestSettingsSayWhereValuesCameFrom(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "config.toml")
 	if err := os.WriteFile(path, []byte("[hypervisor]\nvcpus = 2\n[agent]\ndial_timeout = \"5s\"\n"), 0o644); err != nil {

@@ -1,8 +1,12 @@
 package qemu
 
 import (
+	"context"
+	"errors"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/sirupsen/logrus"
@@ -41,5 +45,73 @@ func TestConfigFromCarriesEveryMachineKey(t *testing.T) {
 	}
 	if len(got.KernelParams) != 2 || got.KernelParams[0] != "foo=1" || got.KernelParams[1] != "kiln.debug=1" {
 		t.Errorf("kernel params %v", got.KernelParams)
+	}
+}
+
+// A boot looks at the guest kernel and initrd once: Start trusts the files ConfigFrom's config.ResolveAssets just
+// found, and checks any others itself.
+func TestStartLooksOnlyForAssetsNotResolved(t *testing.T) {
+	tests := []struct {
+		name    string
+		mutate  func(*Config)
+		wantErr string
+	}{
+		{"resolved by ConfigFrom", nil, "QEMU exited before its QMP socket answered"},
+		{"kernel changed after ConfigFrom", func(c *Config) { c.Kernel += ".other" }, "(run `make image`"},
+		{"initrd changed after ConfigFrom", func(c *Config) { c.Initrd += ".other" }, "(run `make image`"},
+		{"not from ConfigFrom", func(c *Config) { c.resolvedAssets = config.Assets{} }, "(run `make image`"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			cfg := config.Default()
+			cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
+			for _, f := range []string{cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd} {
+				if err := os.WriteFile(f, nil, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cfg.Hypervisor.Accelerator = config.AccelTCG
+			cfg.Vsock.Mode = config.VsockVhostUser
+			// Short: the VM's Unix socket paths must fit in sun_path.
+			state, err := os.MkdirTemp("", "kq")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = os.RemoveAll(state) })
+			cfg.Runtime.StateDir = state
+			log := logrus.New()
+			log.SetOutput(io.Discard)
+			mc, err := ConfigFrom(cfg, "vm1", logrus.NewEntry(log))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// QEMU stand-in: exits at once, so a Start that got past the asset check fails waiting for QMP.
+			mc.QEMU = "/bin/false"
+			mc.TSCkHz = 1
+			for _, f := range []string{cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd} {
+				if err := os.Remove(f); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tt.mutate != nil {
+				tt.mutate(&mc)
+			}
+			m, err := New(mc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = m.Start(context.Background())
+			if err == nil {
+				_ = m.Stop(context.Background())
+				t.Fatal("Start succeeded")
+			}
+			if !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("Start: %v, want an error about %q", err, tt.wantErr)
+			}
+			if _, err := os.Stat(m.StateDir()); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("state dir left behind: %v", err)
+			}
+		})
 	}
 }

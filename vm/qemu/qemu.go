@@ -15,14 +15,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm"
 	"github.com/kiln-runtime/kiln/vm/accel"
-	"github.com/kiln-runtime/kiln/vm/tail"
+	"github.com/kiln-runtime/kiln/vm/child"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
 
@@ -56,6 +56,10 @@ type Config struct {
 	// Virtiofsd tunes that daemon (binary, cache mode...); Start sets its SourceDir, SocketPath and Log.
 	Virtiofsd virtiofs.Config
 	Log       *logrus.Entry
+
+	// resolvedAssets are Kernel and Initrd as ConfigFrom resolved them (config.ResolveAssets found both files);
+	// Start checks that the files exist only when the paths differ.
+	resolvedAssets config.Assets
 }
 
 type paths struct {
@@ -86,20 +90,20 @@ type Machine struct {
 	cfg   Config
 	paths paths
 	log   *logrus.Entry
+	// assetsFound: Kernel and Initrd are Config.resolvedAssets, so Start need not look for them again.
+	assetsFound bool
 
 	mu      sync.Mutex
-	cmd     *exec.Cmd
+	proc    *child.Process // QEMU; nil until it started
 	qmp     *qmpConn
 	console *console
-	stderr  *tail.Buffer
 	vsock   vsockBackend
 	fs      *virtiofs.Daemon
 	cancel  context.CancelFunc
 	started bool
 
-	exited  chan struct{} // closed when QEMU has exited
+	exited  chan struct{} // closed when QEMU has exited (or Start failed before running it)
 	cleaned chan struct{} // closed when host resources are released
-	exitErr error
 }
 
 var _ vm.Machine = (*Machine)(nil)
@@ -121,6 +125,7 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 3 * time.Second
 	}
+	assetsFound := cfg.Kernel != "" && cfg.resolvedAssets == config.Assets{Kernel: cfg.Kernel, Initrd: cfg.Initrd}
 	// QEMU runs in the VM's state directory, so relative paths would point there.
 	for _, p := range []*string{&cfg.Kernel, &cfg.Initrd, &cfg.MemoryFile, &cfg.StateRoot} {
 		if *p == "" {
@@ -140,11 +145,12 @@ func New(cfg Config) (*Machine, error) {
 		cfg.TSCkHz = khz
 	}
 	return &Machine{
-		cfg:     cfg,
-		paths:   pathsFor(cfg.StateRoot, cfg.ID),
-		log:     cfg.Log.WithField("vm", cfg.ID),
-		exited:  make(chan struct{}),
-		cleaned: make(chan struct{}),
+		cfg:         cfg,
+		paths:       pathsFor(cfg.StateRoot, cfg.ID),
+		log:         cfg.Log.WithField("vm", cfg.ID),
+		assetsFound: assetsFound,
+		exited:      make(chan struct{}),
+		cleaned:     make(chan struct{}),
 	}, nil
 }
 
@@ -164,10 +170,10 @@ func (m *Machine) Exited() <-chan struct{} { return m.exited }
 func (m *Machine) PID() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.cmd == nil || m.cmd.Process == nil {
+	if m.proc == nil {
 		return 0
 	}
-	return m.cmd.Process.Pid
+	return m.proc.PID()
 }
 
 // Start implements vm.Machine.
@@ -185,11 +191,14 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 		close(m.cleaned)
 		return fmt.Errorf("start vm %s: QEMU binary %q not found: install it (apt-get install qemu-system-x86) or set hypervisor.path: %w", m.cfg.ID, m.cfg.QEMU, err)
 	}
-	for _, f := range []struct{ what, path string }{{"guest kernel", m.cfg.Kernel}, {"guest initrd", m.cfg.Initrd}} {
-		if _, err := os.Stat(f.path); err != nil {
-			close(m.exited)
-			close(m.cleaned)
-			return fmt.Errorf("start vm %s: %s %s: %w (run `make image`, or set hypervisor.kernel/initrd)", m.cfg.ID, f.what, f.path, err)
+	// A configuration from ConfigFrom names files config.ResolveAssets found a moment ago; others are looked at.
+	if !m.assetsFound {
+		for _, f := range []struct{ what, path string }{{"guest kernel", m.cfg.Kernel}, {"guest initrd", m.cfg.Initrd}} {
+			if _, err := os.Stat(f.path); err != nil {
+				close(m.exited)
+				close(m.cleaned)
+				return fmt.Errorf("start vm %s: %s %s: %w (run `make image`, or set hypervisor.kernel/initrd)", m.cfg.ID, f.what, f.path, err)
+			}
 		}
 	}
 	if err := os.MkdirAll(m.cfg.StateRoot, 0o711); err != nil {
@@ -207,8 +216,8 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	m.cancel = cancel
 	defer func() {
 		if retErr != nil {
-			if m.cmd != nil && m.cmd.Process != nil {
-				_ = m.cmd.Process.Kill()
+			if m.proc != nil {
+				m.proc.Kill()
 				<-m.exited
 			} else {
 				close(m.exited)
@@ -246,22 +255,24 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 	}
 	m.console = cons
-	m.stderr = tail.New(8 << 10)
 
-	// Inherited descriptors start at 3 in the child.
-	cmd := exec.Command(qemuPath, args(m.cfg, m.paths, vs.qemuArgs(3))...)
-	cmd.ExtraFiles = vs.files()
-	cmd.Stdin = nil
-	cmd.Stdout = cons.writer()
-	cmd.Stderr = m.stderr
-	cmd.Dir = m.paths.dir
-	// QEMU must not outlive Kiln, even when Kiln is killed with SIGKILL.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	m.log.WithField("args", cmd.Args).Debug("starting QEMU")
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start vm %s: run %s: %w", m.cfg.ID, qemuPath, err)
+	// vm/child gives QEMU a parent-death signal: it must not outlive Kiln, even when Kiln is killed with SIGKILL.
+	proc, err := child.Start(child.Config{
+		Name: "QEMU",
+		Path: qemuPath,
+		// Inherited descriptors start at 3 in the child.
+		Args:        args(m.cfg, m.paths, vs.qemuArgs(3)),
+		Dir:         m.paths.dir,
+		ExtraFiles:  vs.files(),
+		Stdout:      cons.writer(),
+		Quit:        m.quit,
+		StopTimeout: m.cfg.StopTimeout,
+		Log:         m.log,
+	})
+	if err != nil {
+		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 	}
-	m.cmd = cmd
+	m.proc = proc
 	go m.reap()
 
 	q, err := dialQMP(ctx, m.paths.qmp, m.exited)
@@ -274,8 +285,7 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 
 // reap waits for QEMU to exit, then releases everything.
 func (m *Machine) reap() {
-	err := m.cmd.Wait()
-	m.exitErr = err
+	<-m.proc.Exited()
 	close(m.exited)
 	m.cleanup()
 }
@@ -314,10 +324,10 @@ func (m *Machine) ExitError() error {
 	default:
 		return nil
 	}
-	if m.exitErr == nil {
+	if m.proc == nil {
 		return fmt.Errorf("QEMU exited%s", m.Diagnostics())
 	}
-	return fmt.Errorf("QEMU exited: %v%s", m.exitErr, m.Diagnostics())
+	return fmt.Errorf("%w%s", m.proc.ExitError(), m.Diagnostics())
 }
 
 // Diagnostics implements vm.Machine.
@@ -326,10 +336,8 @@ func (m *Machine) Diagnostics() string {
 	if m.fs != nil {
 		b.WriteString(m.fs.Diagnostics())
 	}
-	if m.stderr != nil {
-		if s := bytes.TrimSpace(m.stderr.Bytes()); len(s) > 0 {
-			fmt.Fprintf(&b, "\nQEMU stderr:\n%s", s)
-		}
+	if m.proc != nil {
+		b.WriteString(m.proc.Diagnostics())
 	}
 	if m.console != nil {
 		if s := m.console.tail(); len(s) > 0 {
@@ -349,35 +357,30 @@ func (m *Machine) Wait(ctx context.Context) error {
 	}
 }
 
-// Stop implements vm.Machine: QMP quit, then SIGKILL after StopTimeout.
+// Stop implements vm.Machine: QMP quit, then SIGKILL after StopTimeout or when ctx ends.
 func (m *Machine) Stop(ctx context.Context) error {
 	m.mu.Lock()
-	started, q := m.started, m.qmp
+	started, proc := m.started, m.proc
 	m.mu.Unlock()
 	if !started {
 		return nil
 	}
-	select {
-	case <-m.exited:
-	default:
-		if q != nil {
-			if err := q.execute(ctx, "quit", nil, nil); err != nil {
-				m.log.WithError(err).Debug("QMP quit failed; killing QEMU")
-			}
-		}
-		t := time.NewTimer(m.cfg.StopTimeout)
-		defer t.Stop()
-		select {
-		case <-m.exited:
-		case <-t.C:
-			m.log.Warn("QEMU did not quit in time; killing it")
-			_ = m.cmd.Process.Kill()
-		case <-ctx.Done():
-			_ = m.cmd.Process.Kill()
-		}
+	if proc != nil {
+		proc.Stop(ctx)
 	}
 	<-m.cleaned
 	return nil
+}
+
+// quit asks QEMU to end over QMP: the polite first step of Stop (vm/child calls it as Config.Quit).
+func (m *Machine) quit(ctx context.Context) error {
+	m.mu.Lock()
+	q := m.qmp
+	m.mu.Unlock()
+	if q == nil {
+		return errors.New("no QMP connection")
+	}
+	return q.execute(ctx, "quit", nil, nil)
 }
 
 // Pause implements vm.Machine.

@@ -22,7 +22,7 @@ const readyPollInterval = 2 * time.Millisecond
 func (d *Daemon) waitReady(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, d.cfg.ReadyTimeout)
 	defer cancel()
-	path := fmt.Sprintf("/proc/%d/syscall", d.cmd.Process.Pid)
+	path := fmt.Sprintf("/proc/%d/syscall", d.proc.PID())
 	t := time.NewTicker(readyPollInterval)
 	defer t.Stop()
 	for {
@@ -37,7 +37,7 @@ func (d *Daemon) waitReady(ctx context.Context) error {
 			return nil
 		}
 		select {
-		case <-d.exited:
+		case <-d.proc.Exited():
 			return d.ExitError()
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {

@@ -7,21 +7,17 @@
 package virtiofs
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
-	"sync"
-	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/kiln-runtime/kiln/vm/tail"
-	"golang.org/x/sys/unix"
+	"github.com/kiln-runtime/kiln/vm/child"
 )
 
 // DefaultBinary is where Debian installs virtiofsd.
@@ -75,16 +71,8 @@ const BinaryHelp = "install it (apt-get install qemu-system-common) or set share
 
 // Daemon is a running virtiofsd. Start creates it; Stop ends it.
 type Daemon struct {
-	cfg    Config
-	cmd    *exec.Cmd
-	stderr *tail.Buffer
-	logged chan struct{} // closed when stderr has been read to its end
-
-	exited  chan struct{} // closed when the process has been reaped
-	exitErr error
-
-	stopOnce sync.Once
-	stopErr  error
+	cfg  Config
+	proc *child.Process
 }
 
 // Start runs virtiofsd and returns once it accepts connections on cfg.SocketPath. On error nothing is left
@@ -145,35 +133,23 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	// Kiln keeps no copy once virtiofsd has it: if virtiofsd dies, QEMU's connection fails instead of hanging.
 	defer lf.Close()
 
-	stderrR, stderrW, err := os.Pipe()
+	d := &Daemon{cfg: cfg}
+	// virtiofsd forks a sandboxed child into a new PID namespace; vm/child runs virtiofsd in a process group of
+	// its own, so Stop reaches that child too, and with a parent-death signal, so it does not outlive Kiln.
+	proc, err := child.Start(child.Config{
+		Name:        "virtiofsd",
+		Path:        bin,
+		Args:        args(cfg),
+		ExtraFiles:  []*os.File{lf},
+		StderrLine:  d.logLine,
+		StopTimeout: cfg.StopTimeout,
+		Log:         cfg.Log,
+	})
 	if err != nil {
-		return nil, fmt.Errorf("start virtiofsd: stderr pipe: %w", err)
+		return nil, fmt.Errorf("start virtiofsd: %w", err)
 	}
-	d := &Daemon{
-		cfg:    cfg,
-		stderr: tail.New(8 << 10),
-		logged: make(chan struct{}),
-		exited: make(chan struct{}),
-	}
-	cmd := exec.Command(bin, args(cfg)...)
-	cmd.Stdin = nil
-	cmd.Stdout = nil
-	cmd.Stderr = stderrW
-	cmd.ExtraFiles = []*os.File{lf}
-	// virtiofsd must not outlive Kiln, even when Kiln is killed with SIGKILL. Its own process group lets Stop
-	// reach the child it forks into a new PID namespace.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	cfg.Log.WithField("args", cmd.Args).Debug("starting virtiofsd")
-	err = cmd.Start()
-	stderrW.Close()
-	if err != nil {
-		stderrR.Close()
-		return nil, fmt.Errorf("start virtiofsd: run %s: %w", bin, err)
-	}
-	d.cmd = cmd
-	d.cfg.Log = cfg.Log.WithField("pid", cmd.Process.Pid)
-	go d.logStderr(stderrR)
-	go d.reap()
+	d.proc = proc
+	d.cfg.Log = cfg.Log.WithField("pid", proc.PID())
 	defer func() {
 		if retErr != nil {
 			_ = d.Stop(context.WithoutCancel(ctx))
@@ -187,81 +163,35 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	return d, nil
 }
 
-func (d *Daemon) reap() {
-	err := d.cmd.Wait()
-	<-d.logged
-	d.exitErr = err
-	close(d.exited)
-}
-
 // PID is virtiofsd's process id.
-func (d *Daemon) PID() int { return d.cmd.Process.Pid }
+func (d *Daemon) PID() int { return d.proc.PID() }
 
 // SocketPath is the vhost-user socket QEMU connects to.
 func (d *Daemon) SocketPath() string { return d.cfg.SocketPath }
 
 // Exited is closed once virtiofsd has exited.
-func (d *Daemon) Exited() <-chan struct{} { return d.exited }
+func (d *Daemon) Exited() <-chan struct{} { return d.proc.Exited() }
 
 // ExitError says how virtiofsd ended, with the last lines it wrote; nil while it runs.
 func (d *Daemon) ExitError() error {
-	select {
-	case <-d.exited:
-	default:
+	err := d.proc.ExitError()
+	if err == nil {
 		return nil
 	}
-	if d.exitErr == nil {
-		return fmt.Errorf("virtiofsd exited%s", d.Diagnostics())
-	}
-	return fmt.Errorf("virtiofsd exited: %v%s", d.exitErr, d.Diagnostics())
+	return fmt.Errorf("%w%s", err, d.Diagnostics())
 }
 
 // Diagnostics is the tail of virtiofsd's stderr, formatted to be appended to an error; empty when it wrote
 // nothing.
-func (d *Daemon) Diagnostics() string {
-	if s := bytes.TrimSpace(d.stderr.Bytes()); len(s) > 0 {
-		return fmt.Sprintf("\nvirtiofsd stderr:\n%s", s)
-	}
-	return ""
-}
+func (d *Daemon) Diagnostics() string { return d.proc.Diagnostics() }
 
 // Stop ends virtiofsd: SIGTERM to its process group, SIGKILL after StopTimeout or when ctx ends, then it waits
 // for the process and removes the socket. Safe to call more than once and after virtiofsd exited on its own
 // (it does when QEMU disconnects).
 func (d *Daemon) Stop(ctx context.Context) error {
-	d.stopOnce.Do(func() { d.stopErr = d.stop(ctx) })
-	return d.stopErr
-}
-
-func (d *Daemon) stop(ctx context.Context) error {
-	d.signalGroup(unix.SIGTERM)
-	t := time.NewTimer(d.cfg.StopTimeout)
-	defer t.Stop()
-	select {
-	case <-d.exited:
-	case <-t.C:
-		d.cfg.Log.Warn("virtiofsd did not stop in time; killing it")
-	case <-ctx.Done():
-	}
-	// The group may still hold the sandboxed child even when the parent has gone.
-	d.signalGroup(unix.SIGKILL)
-	<-d.exited
+	d.proc.Stop(ctx)
 	if err := os.Remove(d.cfg.SocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("stop virtiofsd: remove socket: %w", err)
 	}
 	return nil
-}
-
-// signalGroup signals virtiofsd's process group. The group id is the leader's pid, which cannot be reused
-// while the leader is unreaped; once it has been reaped only stragglers could remain, and they die with
-// their parent (virtiofsd gives its sandboxed child a parent-death signal).
-func (d *Daemon) signalGroup(sig unix.Signal) {
-	select {
-	case <-d.exited:
-		return
-	default:
-	}
-	if err := unix.Kill(-d.cmd.Process.Pid, sig); err != nil && !errors.Is(err, unix.ESRCH) {
-		d.cfg.Log.WithError(err).Debugf("signal virtiofsd with %v", sig)
-	}
 }

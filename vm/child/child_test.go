@@ -1,0 +1,436 @@
+package child
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+func quietLog() *logrus.Entry {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	return logrus.NewEntry(l)
+}
+
+// shell is a Config running script with sh.
+func shell(script string) Config {
+	return Config{Name: "prog", Path: "/bin/sh", Args: []string{"-c", script}, Log: quietLog()}
+}
+
+func start(t *testing.T, cfg Config) *Process {
+	t.Helper()
+	p, err := Start(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Kill)
+	return p
+}
+
+func waitExited(t *testing.T, p *Process) {
+	t.Helper()
+	select {
+	case <-p.Exited():
+	case <-time.After(10 * time.Second):
+		t.Fatal("program still runs after 10 s")
+	}
+}
+
+// startReady starts script, which must print "ready" on a line of its own to stderr once it is set up.
+func startReady(t *testing.T, cfg Config) *Process {
+	t.Helper()
+	ready := make(chan struct{})
+	var once sync.Once
+	cfg.StderrLine = func(_ *logrus.Entry, l string) {
+		if l == "ready" {
+			once.Do(func() { close(ready) })
+		}
+	}
+	p := start(t, cfg)
+	select {
+	case <-ready:
+	case <-p.Exited():
+		t.Fatalf("exited before it was ready: %v", p.ExitError())
+	case <-time.After(10 * time.Second):
+		t.Fatal("not ready after 10 s")
+	}
+	return p
+}
+
+func TestExitIsRecorded(t *testing.T) {
+	tests := []struct {
+		name     string
+		script   string
+		wantErr  string
+		wantDiag string
+		exitCode int // -1: killed by a signal; 0: no *exec.ExitError
+	}{
+		{"success", "true", "prog exited", "", 0},
+		{"exit status and stderr", "echo oops >&2; exit 3", "prog exited: exit status 3", "\nprog stderr:\noops", 3},
+		{"killed by a signal", "echo dying >&2; kill -KILL $$", "prog exited: signal: killed", "\nprog stderr:\ndying", -1},
+		{"stdout is not quoted", "echo to-stdout; exit 1", "prog exited: exit status 1", "", 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := start(t, shell(tt.script))
+			if p.PID() <= 0 {
+				t.Errorf("PID %d", p.PID())
+			}
+			waitExited(t, p)
+			err := p.ExitError()
+			if err == nil || err.Error() != tt.wantErr {
+				t.Errorf("ExitError %v, want %q", err, tt.wantErr)
+			}
+			var ee *exec.ExitError
+			switch {
+			case tt.exitCode == 0 && errors.As(err, &ee):
+				t.Errorf("ExitError wraps %v, want no *exec.ExitError", ee)
+			case tt.exitCode != 0 && (!errors.As(err, &ee) || ee.ExitCode() != tt.exitCode):
+				t.Errorf("ExitError %v does not wrap an *exec.ExitError with code %d", err, tt.exitCode)
+			}
+			if got := p.Diagnostics(); got != tt.wantDiag {
+				t.Errorf("Diagnostics %q, want %q", got, tt.wantDiag)
+			}
+		})
+	}
+}
+
+func TestExitErrorIsNilWhileRunning(t *testing.T) {
+	p := start(t, shell("exec sleep 60"))
+	if err := p.ExitError(); err != nil {
+		t.Errorf("ExitError while running: %v", err)
+	}
+}
+
+func TestStartFailure(t *testing.T) {
+	cfg := shell("true")
+	cfg.Path = "/nonexistent/prog"
+	p, err := Start(cfg)
+	if err == nil {
+		p.Kill()
+		t.Fatal("Start succeeded")
+	}
+	if !strings.Contains(err.Error(), "run /nonexistent/prog") {
+		t.Errorf("error %q does not say what was run", err)
+	}
+}
+
+func TestStderrTailIsBounded(t *testing.T) {
+	tests := []struct {
+		name      string
+		tailBytes int
+		script    string
+		want      string
+	}{
+		{"only the end is kept", 16, `i=0; while [ $i -lt 200 ]; do printf 'line %d\n' $i >&2; i=$((i+1)); done; echo THE-END >&2`, "\nprog stderr:\nine 199\nTHE-END"},
+		{"default keeps 8 KiB", 0, `head -c 20000 /dev/zero | tr '\0' x >&2`, "\nprog stderr:\n" + strings.Repeat("x", DefaultTailBytes)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := shell(tt.script)
+			cfg.TailBytes = tt.tailBytes
+			p := start(t, cfg)
+			waitExited(t, p)
+			if got := p.Diagnostics(); got != tt.want {
+				t.Errorf("Diagnostics %q (%d bytes), want %q", got, len(got), tt.want)
+			}
+		})
+	}
+}
+
+// Every stderr line reaches StderrLine, the last one even without a newline, before Exited is closed.
+func TestStderrLinesArriveBeforeExited(t *testing.T) {
+	var mu sync.Mutex
+	var lines []string
+	cfg := shell(`echo one >&2; echo >&2; sleep 0.1; printf 'two\nthree' >&2`)
+	cfg.StderrLine = func(_ *logrus.Entry, l string) {
+		mu.Lock()
+		lines = append(lines, l)
+		mu.Unlock()
+	}
+	p := start(t, cfg)
+	waitExited(t, p)
+	mu.Lock()
+	got := strings.Join(lines, "|")
+	mu.Unlock()
+	if want := "one||two|three"; got != want {
+		t.Errorf("lines %q, want %q", got, want)
+	}
+}
+
+func TestExtraFilesAndStdout(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	var stdout bytes.Buffer
+	cfg := shell(`echo to-fd3 >&3; echo to-fd4 >&4; echo to-stdout; pwd >&4`)
+	cfg.ExtraFiles = []*os.File{w, w}
+	cfg.Stdout = &stdout
+	cfg.Dir = t.TempDir()
+	p := start(t, cfg)
+	w.Close()
+	waitExited(t, p)
+	got, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "to-fd3\nto-fd4\n" + cfg.Dir + "\n"; string(got) != want {
+		t.Errorf("descriptors 3 and 4 got %q, want %q", got, want)
+	}
+	if stdout.String() != "to-stdout\n" {
+		t.Errorf("stdout %q", stdout.String())
+	}
+}
+
+func TestStop(t *testing.T) {
+	tests := []struct {
+		name        string
+		script      string
+		quit        bool // Config.Quit sends SIGUSR1 instead of SIGTERM to the group
+		stopTimeout time.Duration
+		ctxTimeout  time.Duration
+		wantErr     string
+		minTime     time.Duration
+		maxTime     time.Duration
+	}{
+		{
+			name: "SIGTERM ends a program that honours it", script: `echo ready >&2; exec sleep 60`,
+			stopTimeout: time.Minute, wantErr: "prog exited: signal: terminated", maxTime: 10 * time.Second,
+		},
+		{
+			name: "SIGKILL after the timeout for a program ignoring SIGTERM", script: `trap '' TERM; echo ready >&2; exec sleep 60`,
+			stopTimeout: 300 * time.Millisecond, wantErr: "prog exited: signal: killed", minTime: 300 * time.Millisecond, maxTime: 10 * time.Second,
+		},
+		{
+			name: "SIGKILL when ctx ends", script: `trap '' TERM; echo ready >&2; exec sleep 60`,
+			stopTimeout: time.Minute, ctxTimeout: 200 * time.Millisecond, wantErr: "prog exited: signal: killed", minTime: 200 * time.Millisecond, maxTime: 10 * time.Second,
+		},
+		{
+			name: "Quit replaces SIGTERM", script: `trap 'exit 7' USR1; trap 'exit 9' TERM; echo ready >&2; while :; do sleep 0.05; done`,
+			quit: true, stopTimeout: time.Minute, wantErr: "prog exited: exit status 7", maxTime: 10 * time.Second,
+		},
+		{
+			name: "SIGKILL after the timeout when Quit is not heard", script: `trap '' USR1 TERM; echo ready >&2; exec sleep 60`,
+			quit: true, stopTimeout: 300 * time.Millisecond, wantErr: "prog exited: signal: killed", minTime: 300 * time.Millisecond, maxTime: 10 * time.Second,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := shell(tt.script)
+			cfg.StopTimeout = tt.stopTimeout
+			var p *Process
+			if tt.quit {
+				cfg.Quit = func(context.Context) error { return unix.Kill(p.PID(), unix.SIGUSR1) }
+			}
+			p = startReady(t, cfg)
+			ctx := context.Background()
+			if tt.ctxTimeout > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, tt.ctxTimeout)
+				defer cancel()
+			}
+			begin := time.Now()
+			p.Stop(ctx)
+			took := time.Since(begin)
+			select {
+			case <-p.Exited():
+			default:
+				t.Fatal("Stop returned before the program exited")
+			}
+			if err := p.ExitError(); err == nil || err.Error() != tt.wantErr {
+				t.Errorf("ExitError %v, want %q", err, tt.wantErr)
+			}
+			if took < tt.minTime || took > tt.maxTime {
+				t.Errorf("Stop took %s, want %s to %s", took, tt.minTime, tt.maxTime)
+			}
+		})
+	}
+}
+
+// Stop reaches what the program forked into its group, even after the program itself has gone: virtiofsd's
+// sandboxed child.
+func TestStopKillsTheGroup(t *testing.T) {
+	pidFile := t.TempDir() + "/pid"
+	cfg := shell(fmt.Sprintf(`(trap '' TERM; exec sleep 60) & echo $! > %s; echo ready >&2`, pidFile))
+	cfg.StopTimeout = 200 * time.Millisecond
+	p := startReady(t, cfg)
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	straggler, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The leader exits at once; the straggler holds its stderr, so the program does not count as exited.
+	select {
+	case <-p.Exited():
+		t.Fatal("Exited closed while a member of the group holds stderr")
+	case <-time.After(300 * time.Millisecond):
+	}
+	p.Stop(context.Background())
+	// Its stderr closes a moment before it turns into a zombie.
+	if !gone(straggler, 2*time.Second) {
+		t.Errorf("forked process %d survived Stop", straggler)
+	}
+}
+
+func TestStopIsIdempotent(t *testing.T) {
+	p := startReady(t, shell(`echo ready >&2; exec sleep 60`))
+	var wg sync.WaitGroup
+	for range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.Stop(context.Background())
+		}()
+	}
+	wg.Wait()
+	p.Stop(context.Background())
+	p.Kill()
+	if err := p.ExitError(); err == nil || !strings.Contains(err.Error(), "terminated") {
+		t.Errorf("ExitError %v", err)
+	}
+
+	// A program that ended on its own.
+	q := start(t, shell("exit 4"))
+	waitExited(t, q)
+	q.Stop(context.Background())
+	if err := q.ExitError(); err == nil || err.Error() != "prog exited: exit status 4" {
+		t.Errorf("ExitError after Stop of an exited program: %v", err)
+	}
+}
+
+// alive reports whether pid is a live process: a zombie counts as gone (PID 1 of these machines may not reap
+// orphans).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || (s[i+2] != 'Z' && s[i+2] != 'X')
+}
+
+// gone waits up to timeout for pid to be gone.
+func gone(pid int, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for alive(pid) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
+}
+
+const helperEnv = "KILN_CHILD_TEST_HELPER"
+
+// TestMain lets the test binary act as a parent process that is killed: it starts `sleep` through Start,
+// prints the sleep's pid and waits to be killed.
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) == "1" {
+		p, err := Start(Config{Name: "sleep", Path: "sleep", Args: []string{"60"}, Log: quietLog()})
+		if err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		fmt.Println(p.PID())
+		<-p.Exited()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// The program dies with Kiln even when Kiln is killed with SIGKILL and cannot stop it.
+func TestParentDeathKillsTheProgram(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent := exec.Command(self)
+	parent.Env = append(os.Environ(), helperEnv+"=1")
+	parent.Stderr = os.Stderr
+	out, err := parent.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := parent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = parent.Process.Kill(); _ = parent.Wait() }()
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("read the program's pid from the parent: %v", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		t.Fatalf("parent said %q", line)
+	}
+	if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); !bytes.HasPrefix(cmdline, []byte("sleep\x00")) {
+		t.Fatalf("pid %d is %q, not the sleep the parent started", pid, cmdline)
+	}
+	if err := parent.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = parent.Wait()
+	if !gone(pid, 5*time.Second) {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		t.Fatalf("program %d outlived its killed parent", pid)
+	}
+}
+
+// Once a program has exited and been stopped, nothing of it is left running in Kiln: no goroutine copying its
+// output, none waiting for it.
+func TestNoGoroutineLeak(t *testing.T) {
+	before := runtime.NumGoroutine()
+	scripts := []struct {
+		script string
+		stop   bool
+	}{
+		{"exit 0", false},
+		{"echo err >&2; echo out; exit 1", false},
+		{"echo ready >&2; exec sleep 60", true},
+		{"trap '' TERM; echo ready >&2; exec sleep 60", true},
+	}
+	for _, s := range scripts {
+		cfg := shell(s.script)
+		cfg.Stdout = io.Discard
+		cfg.StopTimeout = 100 * time.Millisecond
+		var p *Process
+		if s.stop {
+			p = startReady(t, cfg)
+			p.Stop(context.Background())
+		} else {
+			cfg.StderrLine = func(*logrus.Entry, string) {}
+			p = start(t, cfg)
+			waitExited(t, p)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > before {
+		buf := make([]byte, 1<<20)
+		t.Errorf("%d goroutines before, %d after:\n%s", before, n, buf[:runtime.Stack(buf, true)])
+	}
+}
