@@ -35,7 +35,7 @@ func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, r
 	if err != nil {
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
-	if err := bindFrom(src, target, readonly); err != nil {
+	if err := bindFrom(src, target, readonly, true); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
@@ -121,7 +121,7 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: create mount point: %w", src.Path, containerID, err)
 	}
-	if err := bindFrom(f, target, readonly); err != nil {
+	if err := bindFrom(f, target, readonly, true); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}

@@ -52,7 +52,7 @@ func mountOne(m Mount, target string, readonly bool) error {
 			return err
 		}
 		defer src.Close()
-		return bindFrom(src, target, flags&unix.MS_RDONLY != 0)
+		return bindFrom(src, target, flags&unix.MS_RDONLY != 0, true)
 	}
 	if err := unix.Mount(m.Source, target, m.Type, flags, data); err != nil {
 		return fmt.Errorf("mount %s: %w", m.Type, err)
