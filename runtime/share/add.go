@@ -65,13 +65,23 @@ func (s *Share) prepareRootfsLocked(containerID, resolvedSource string) (*contai
 	return c, target, nil
 }
 
-// AddBind shares source, an absolute host path to a file or directory (a bind mount of the container's spec),
-// and returns where the guest finds it. See AddBindSource for how the source is resolved.
+// BindOptions say how a bind source is shared.
+type BindOptions struct {
+	// Readonly exports the source read-only, with every mount below it.
+	Readonly bool
+	// Recursive exports the mounts below the source as well (an OCI "rbind"). Without it only the source's own
+	// mount is exported (an OCI "bind"): where another file system is mounted below the source, the guest sees
+	// the directory it is mounted on.
+	Recursive bool
+}
+
+// AddBind shares source, an absolute host path to a file or directory, with the mounts below it (an rbind), and
+// returns where the guest finds it. See AddBindSource for how the source is resolved.
 func (s *Share) AddBind(ctx context.Context, containerID, source string, readonly bool) (guestPath string, err error) {
 	if !filepath.IsAbs(source) {
 		return "", fmt.Errorf("add bind %s of container %s to share: not an absolute path", source, containerID)
 	}
-	return s.AddBindSource(ctx, containerID, Source{Path: source}, readonly)
+	return s.AddBindSource(ctx, containerID, Source{Path: source}, BindOptions{Readonly: readonly, Recursive: true})
 }
 
 // AddBindSource shares src for a container and returns where the guest finds it, under GuestDir. src is
@@ -79,7 +89,7 @@ func (s *Share) AddBind(ctx context.Context, containerID, source string, readonl
 // read-write (a container's rootfs or writable bind) is resolved beneath that directory, whatever src.Root
 // says, because the guest may have planted symlinks there. A source resolving into the share itself is
 // rejected.
-func (s *Share) AddBindSource(ctx context.Context, containerID string, src Source, readonly bool) (guestPath string, err error) {
+func (s *Share) AddBindSource(ctx context.Context, containerID string, src Source, opts BindOptions) (guestPath string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -121,11 +131,11 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: create mount point: %w", src.Path, containerID, err)
 	}
-	if err := bindFrom(f, target, readonly, true); err != nil {
+	if err := bindFrom(f, target, opts.Readonly, opts.Recursive); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
-	if !readonly && fi.IsDir() {
+	if !opts.Readonly && fi.IsDir() {
 		c.writable = append(c.writable, resolved)
 	}
 	return GuestPath(containerID + "/binds/" + name), nil

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 )
 
@@ -141,5 +142,51 @@ func TestBindSourceIsASlaveOfTheHost(t *testing.T) {
 	write(t, filepath.Join(back, "from-share"), "x")
 	if _, err := os.Stat(filepath.Join(src, "sub", "from-share")); err == nil {
 		t.Error("a mount on the share's copy of a bind appeared on the host")
+	}
+}
+
+// An OCI "bind" exports the source's own mount, an "rbind" the mounts below it as well, for spec mounts and for
+// a root file system given as mounts (issue 11, finding 8: every bind was exported recursively).
+func TestPlainBindLeavesOutTheMountsBelowItsSource(t *testing.T) {
+	requireRoot(t)
+	src, _ := sharedHostTree(t)
+	s := newTestShare(t)
+	ctx := context.Background()
+	spec := &specs.Spec{Mounts: []specs.Mount{
+		{Destination: "/bind", Type: "bind", Source: src, Options: []string{"bind", "ro"}},
+		{Destination: "/typed", Type: "bind", Source: src},
+		{Destination: "/rbind", Type: "bind", Source: src, Options: []string{"rbind", "ro"}},
+	}}
+	if err := s.ShareSpecMounts(ctx, "c1", t.TempDir(), spec); err != nil {
+		t.Fatal(err)
+	}
+	for i, recursive := range []bool{false, false, true} {
+		m := spec.Mounts[i]
+		dir := exported(s, m.Source)
+		if got := read(t, filepath.Join(dir, "top")); got != "top" {
+			t.Errorf("%s: source's own files: %q", m.Destination, got)
+		}
+		_, err := os.Stat(filepath.Join(dir, "sub", "marker"))
+		if recursive && err != nil {
+			t.Errorf("%s (%q): submount missing from the export: %v", m.Destination, m.Options, err)
+		}
+		if !recursive && err == nil {
+			t.Errorf("%s (%q): submount exported by a non-recursive bind", m.Destination, m.Options)
+		}
+	}
+
+	for _, tc := range []struct {
+		id        string
+		opts      []string
+		recursive bool
+	}{{"r1", []string{"bind", "ro"}, false}, {"r2", []string{"rbind", "ro"}, true}} {
+		rel, err := s.AddRootfsMounts(ctx, tc.id, []Mount{{Type: "bind", Source: src, Options: tc.opts}}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = os.Stat(filepath.Join(s.ExportDir(), rel, "sub", "marker"))
+		if tc.recursive != (err == nil) {
+			t.Errorf("rootfs mount %q: submount exported = %v, want %v", tc.opts, err == nil, tc.recursive)
+		}
 	}
 }
