@@ -45,16 +45,17 @@ type Share struct {
 
 	mu         sync.Mutex
 	containers map[string]*container
-	nextBind   int
-	closed     bool
+	// writable are the real paths of the host directories this share ever exported read-write. The guest can
+	// create symlinks in them, and those outlive the container the directory was exported for (the guest does
+	// too), so they are kept until the share closes: later sources reaching them are resolved beneath them.
+	writable []string
+	nextBind int
+	closed   bool
 }
 
 // container is what a container added to the share.
 type container struct {
 	rootfs bool
-	// writable are the host directories exported read-write for this container: the guest can create
-	// symlinks in them, so later bind sources under them are resolved beneath them.
-	writable []string
 }
 
 // New creates the share at dir, which must not exist (its parent must). On error nothing is left behind.
