@@ -13,7 +13,9 @@
 // every mount Kiln makes under mounts/ after the VM started propagates to shared/ (and from there into
 // virtiofsd's mount namespace, whose mounts are slaves of the host's) while nothing mounted under shared/, nor
 // anything else on the host, flows back. shared/ itself is read-only: the guest cannot add entries next to the
-// containers; the mounts inside keep their own read-only or read-write flag.
+// containers; the mounts inside keep their own read-only or read-write flag. The copy of a host directory a
+// rootfs or bind source is mounted from is a slave of the host's mount: what the host mounts there later reaches
+// the guest, and what the share mounts or unmounts on the copy never reaches the host.
 package share
 
 import (
