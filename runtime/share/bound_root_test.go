@@ -99,4 +99,13 @@ func TestWritableExportStaysBoundAfterItsContainerIsRemoved(t *testing.T) {
 	if got := read(t, exported(s, g)); got != "volume data" {
 		t.Errorf("export holds %q", got)
 	}
+	for _, name := range []string{vol, filepath.Join(base, "link", "vol")} {
+		g, err := s.AddBind(ctx, "c3", name, false)
+		if err != nil {
+			t.Fatalf("the writable volume again, as %s: %v", name, err)
+		}
+		if got := read(t, filepath.Join(exported(s, g), "data")); got != "volume data" {
+			t.Errorf("export of %s holds %q", name, got)
+		}
+	}
 }
