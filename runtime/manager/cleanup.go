@@ -24,10 +24,11 @@ const vmExitTimeout = 5 * time.Second
 
 // Cleanup removes what a shim that is gone left of its VM: processes that still name the VM's state directory
 // (QEMU, virtiofsd; normally they died with the shim), the state directory, and the share with every mount in
-// it. It refuses with ErrFailedPrecondition while the shim is alive.
+// it. It refuses with ErrFailedPrecondition while the shim is alive, and with ErrInvalidArgument, touching
+// nothing, a record that names anything but what a shim writes there (see task.Record.Validate).
 func Cleanup(ctx context.Context, rec task.Record) error {
-	if rec.VMID == "" || rec.StateDir == "" {
-		return fmt.Errorf("%w: task record names no VM", errdefs.ErrInvalidArgument)
+	if err := rec.Validate(); err != nil {
+		return fmt.Errorf("%w: task record: %v", errdefs.ErrInvalidArgument, err)
 	}
 	if rec.ShimPid > 0 && rec.ShimPid != os.Getpid() && isShim(rec.ShimPid) {
 		return fmt.Errorf("%w: shim %d of sandbox %s is running", errdefs.ErrFailedPrecondition, rec.ShimPid, rec.VMID)

@@ -2,15 +2,20 @@ package manager
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 
 	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
 
@@ -44,7 +49,13 @@ func TestBundleAnnotations(t *testing.T) {
 
 func TestCleanupRemovesWhatADeadShimLeft(t *testing.T) {
 	state := t.TempDir()
-	rec := task.Record{VMID: "kiln-test", StateDir: state, ShareDir: filepath.Join(state, "kiln-test.share"), ShimPid: 0}
+	id := task.VMID("default", "dead")
+	ctx := namespaces.WithNamespace(context.Background(), "default")
+	sock, err := shim.SocketAddress(ctx, "/run/containerd/containerd.sock", "dead", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := task.Record{VMID: id, StateDir: state, ShareDir: pod.ShareDir(state, id), ShimPid: 0, ShimSocket: sock}
 	vmDir := filepath.Join(state, rec.VMID)
 	for _, d := range []string{vmDir, rec.ShareDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -82,7 +93,8 @@ func TestCleanupLeavesALiveShimAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = shim.Process.Kill(); _ = shim.Wait() }()
-	rec := task.Record{VMID: "kiln-live", StateDir: state, ShimPid: shim.Process.Pid}
+	id := task.VMID("default", "live")
+	rec := task.Record{VMID: id, StateDir: state, ShareDir: pod.ShareDir(state, id), ShimPid: shim.Process.Pid}
 	if err := os.MkdirAll(filepath.Join(state, rec.VMID), 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -91,5 +103,100 @@ func TestCleanupLeavesALiveShimAlone(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(state, rec.VMID)); err != nil {
 		t.Errorf("live shim's VM state removed: %v", err)
+	}
+}
+
+// A task record is the bundle's to hold and anyone who can write the bundle can edit it: `delete` acts only on a
+// record naming what a shim writes there, and otherwise refuses with InvalidArgument, naming the field, before
+// killing or removing anything (issue 11, finding 12).
+func TestCleanupRefusesARecordNamingOtherPaths(t *testing.T) {
+	id := task.VMID("default", "c1")
+	for _, tc := range []struct {
+		name  string
+		field string
+		// edit turns a valid record for a VM in base/state into a hostile one and returns the directory the
+		// old cleanup would have killed processes for and removed things in ("" for none).
+		edit func(r *task.Record, base string) (victim string)
+	}{
+		{"vm_id climbing out of the state dir", "vm_id", func(r *task.Record, base string) string {
+			r.VMID = "../victim"
+			r.ShareDir = pod.ShareDir(r.StateDir, r.VMID)
+			return filepath.Join(base, "victim")
+		}},
+		{"vm_id of another form", "vm_id", func(r *task.Record, base string) string {
+			r.StateDir, r.VMID = base, "victim"
+			r.ShareDir = pod.ShareDir(r.StateDir, r.VMID)
+			return filepath.Join(base, "victim")
+		}},
+		{"state_dir not clean", "state_dir", func(r *task.Record, base string) string {
+			r.StateDir = base + "/state/.."
+			r.ShareDir = pod.ShareDir(r.StateDir, r.VMID)
+			return filepath.Join(base, id)
+		}},
+		{"state_dir relative", "state_dir", func(r *task.Record, base string) string {
+			r.StateDir = "kiln-no-such-relative-dir"
+			r.ShareDir = pod.ShareDir(r.StateDir, r.VMID)
+			return ""
+		}},
+		{"share_dir elsewhere", "share_dir", func(r *task.Record, base string) string {
+			r.ShareDir = filepath.Join(base, "victim")
+			return r.ShareDir
+		}},
+		{"share_dir missing", "share_dir", func(r *task.Record, base string) string {
+			r.ShareDir = ""
+			return ""
+		}},
+		{"shim_socket outside containerd's socket dir", "shim_socket", func(r *task.Record, base string) string {
+			r.ShimSocket = "unix://" + filepath.Join(base, "victim", "file")
+			return filepath.Join(base, "victim")
+		}},
+		{"shim_socket climbing out of containerd's socket dir", "shim_socket", func(r *task.Record, base string) string {
+			r.ShimSocket = "unix:///run/containerd/s/../../.." + filepath.Join(base, "victim", "file")
+			return filepath.Join(base, "victim")
+		}},
+		{"shim_socket without unix://", "shim_socket", func(r *task.Record, base string) string {
+			r.ShimSocket = "/run/containerd/s/" + strings.Repeat("0", 64)
+			return ""
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base := t.TempDir()
+			state := filepath.Join(base, "state")
+			rec := task.Record{VMID: id, StateDir: state, ShareDir: pod.ShareDir(state, id)}
+			victim := tc.edit(&rec, base)
+			var exited chan struct{}
+			if victim != "" {
+				if err := os.MkdirAll(victim, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(victim, "file"), []byte("keep"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				// A process naming the victim stands for one the old cleanup would take for the VM's.
+				bystander := exec.Command("sh", "-c", "while :; do sleep 0.1; done", "sh", victim+"/x")
+				if err := bystander.Start(); err != nil {
+					t.Fatal(err)
+				}
+				exited = make(chan struct{})
+				go func() { _ = bystander.Wait(); close(exited) }()
+				defer func() { _ = bystander.Process.Kill(); <-exited }()
+			}
+
+			err := Cleanup(context.Background(), rec)
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(fmt.Sprint(err), tc.field) {
+				t.Errorf("cleanup of %+v: %v, want InvalidArgument naming %s", rec, err, tc.field)
+			}
+			if victim == "" {
+				return
+			}
+			if b, err := os.ReadFile(filepath.Join(victim, "file")); err != nil || string(b) != "keep" {
+				t.Errorf("cleanup removed %s: %q %v", victim, b, err)
+			}
+			select {
+			case <-exited:
+				t.Errorf("cleanup killed a process naming %s", victim)
+			case <-time.After(200 * time.Millisecond):
+			}
+		})
 	}
 }

@@ -12,12 +12,22 @@ import (
 
 // AddRootfs binds hostRootfs, a directory, at the container's root in the share (recursively, read-only if
 // asked) and returns its path relative to the share, "<id>/rootfs". hostRootfs comes from the caller (a bundle
-// or a snapshot) and is resolved without bound.
+// or a snapshot) and is resolved without bound, except beneath a directory the share exported read-write (see
+// AddBindSource).
 func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, readonly bool) (guestRel string, err error) {
 	if !filepath.IsAbs(hostRootfs) {
 		return "", fmt.Errorf("add rootfs of container %s to share: path %q is not absolute", containerID, hostRootfs)
 	}
-	src, resolved, err := Source{Path: hostRootfs}.open()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return "", fmt.Errorf("add rootfs of container %s to share: share is closed", containerID)
+	}
+	bounded, err := s.boundLocked(Source{Path: hostRootfs})
+	if err != nil {
+		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
+	}
+	src, resolved, err := bounded.open()
 	if err != nil {
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
@@ -29,19 +39,17 @@ func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, r
 	if !fi.IsDir() {
 		return "", fmt.Errorf("add rootfs of container %s to share: %s is not a directory", containerID, hostRootfs)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	c, target, err := s.prepareRootfsLocked(containerID, resolved)
 	if err != nil {
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
-	if err := bindFrom(src, target, readonly); err != nil {
+	if err := bindFrom(src, target, readonly, true); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
 	c.rootfs = true
 	if !readonly {
-		c.writable = append(c.writable, resolved)
+		s.addWritableLocked(resolved)
 	}
 	return containerID + "/rootfs", nil
 }
@@ -65,28 +73,41 @@ func (s *Share) prepareRootfsLocked(containerID, resolvedSource string) (*contai
 	return c, target, nil
 }
 
-// AddBind shares source, an absolute host path to a file or directory (a bind mount of the container's spec),
-// and returns where the guest finds it. See AddBindSource for how the source is resolved.
+// BindOptions say how a bind source is shared.
+type BindOptions struct {
+	// Readonly exports the source read-only, with every mount below it.
+	Readonly bool
+	// Recursive exports the mounts below the source as well (an OCI "rbind"). Without it only the source's own
+	// mount is exported (an OCI "bind"): where another file system is mounted below the source, the guest sees
+	// the directory it is mounted on.
+	Recursive bool
+}
+
+// AddBind shares source, an absolute host path to a file or directory, with the mounts below it (an rbind), and
+// returns where the guest finds it. See AddBindSource for how the source is resolved.
 func (s *Share) AddBind(ctx context.Context, containerID, source string, readonly bool) (guestPath string, err error) {
 	if !filepath.IsAbs(source) {
 		return "", fmt.Errorf("add bind %s of container %s to share: not an absolute path", source, containerID)
 	}
-	return s.AddBindSource(ctx, containerID, Source{Path: source}, readonly)
+	return s.AddBindSource(ctx, containerID, Source{Path: source}, BindOptions{Readonly: readonly, Recursive: true})
 }
 
 // AddBindSource shares src for a container and returns where the guest finds it, under GuestDir. src is
-// resolved as Source describes, with one more bound: a source lexically below a directory this share exported
-// read-write (a container's rootfs or writable bind) is resolved beneath that directory, whatever src.Root
-// says, because the guest may have planted symlinks there. A source resolving into the share itself is
-// rejected.
-func (s *Share) AddBindSource(ctx context.Context, containerID string, src Source, readonly bool) (guestPath string, err error) {
+// resolved as Source describes, with one more bound: once its resolution reaches a directory this share exported
+// read-write (a container's rootfs or writable bind, for as long as the share lives), the rest is resolved
+// beneath that directory, whatever src.Root says, because the guest may have planted symlinks there; see
+// boundLocked. A source resolving into the share itself is rejected.
+func (s *Share) AddBindSource(ctx context.Context, containerID string, src Source, opts BindOptions) (guestPath string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return "", fmt.Errorf("add bind %s of container %s to share: share is closed", src.Path, containerID)
 	}
-	src = s.boundLocked(src)
-	f, resolved, err := src.open()
+	bounded, err := s.boundLocked(src)
+	if err != nil {
+		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
+	}
+	f, resolved, err := bounded.open()
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
@@ -98,8 +119,7 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
-	c, err := s.containerLocked(containerID)
-	if err != nil {
+	if _, err := s.containerLocked(containerID); err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
 	binds := filepath.Join(s.mounts, containerID, "binds")
@@ -121,39 +141,14 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: create mount point: %w", src.Path, containerID, err)
 	}
-	if err := bindFrom(f, target, readonly); err != nil {
+	if err := bindFrom(f, target, opts.Readonly, opts.Recursive); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
-	if !readonly && fi.IsDir() {
-		c.writable = append(c.writable, resolved)
+	if !opts.Readonly && fi.IsDir() {
+		s.addWritableLocked(resolved)
 	}
 	return GuestPath(containerID + "/binds/" + name), nil
-}
-
-// boundLocked narrows src's root to a directory already exported read-write that contains it.
-func (s *Share) boundLocked(src Source) Source {
-	p := src.Path
-	if !filepath.IsAbs(p) {
-		root := src.Root
-		if root == "" {
-			root = "/"
-		}
-		p = filepath.Join(root, p)
-	}
-	p = filepath.Clean(p)
-	best := src.Root
-	for _, c := range s.containers {
-		for _, w := range c.writable {
-			if under(p, w) && len(w) > len(best) {
-				best = w
-			}
-		}
-	}
-	if best == src.Root {
-		return src
-	}
-	return Source{Root: best, Path: p}
 }
 
 // safeName keeps a bind's base name readable in the guest without letting it carry odd characters.

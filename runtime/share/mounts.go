@@ -52,7 +52,7 @@ func mountOne(m Mount, target string, readonly bool) error {
 			return err
 		}
 		defer src.Close()
-		return bindFrom(src, target, flags&unix.MS_RDONLY != 0)
+		return bindFrom(src, target, flags&unix.MS_RDONLY != 0, flags&unix.MS_REC != 0)
 	}
 	if err := unix.Mount(m.Source, target, m.Type, flags, data); err != nil {
 		return fmt.Errorf("mount %s: %w", m.Type, err)
@@ -98,6 +98,12 @@ func parseOptions(opts []string) (flags uintptr, data string) {
 // isBind reports whether an OCI or containerd mount is a bind mount.
 func isBind(typ string, opts []string) bool {
 	return typ == "bind" || slices.Contains(opts, "bind") || slices.Contains(opts, "rbind")
+}
+
+// isRecursive reports whether bind options ask for the mounts below the source too ("rbind"; a plain "bind",
+// or a "bind" type with neither option, binds the source's own mount alone, as runc does).
+func isRecursive(opts []string) bool {
+	return slices.Contains(opts, "rbind")
 }
 
 // isReadonly reports whether options ask for a read-only mount; the last of "ro" and "rw" wins.

@@ -100,25 +100,69 @@ func TestSourceResolution(t *testing.T) {
 	}
 }
 
+// boundLocked narrows a source's root to the first writable export its resolution reaches, comparing real
+// paths. The tree, in a fresh directory:
+//
+//	bundles/a/rootfs/etc, bundles/a/rootfs2   rootfs is exported read-write
+//	vols/data/deeper                          data and deeper are exported read-write
+//	etc/hosts
+//	link -> vols                              relative host symlink
+//	abslink -> <base>/vols                    absolute host symlink
+//	into -> <base>/vols/data/deeper           absolute host symlink into an export
 func TestBoundByWritableExport(t *testing.T) {
-	s := &Share{containers: map[string]*container{
-		"a": {writable: []string{"/bundles/a/rootfs"}},
-		"b": {writable: []string{"/vols/data", "/vols/data/deeper"}},
-	}}
+	base := t.TempDir()
+	for _, d := range []string{"bundles/a/rootfs/etc", "bundles/a/rootfs2", "vols/data/deeper", "etc"} {
+		if err := os.MkdirAll(filepath.Join(base, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(base, "etc/hosts"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for name, target := range map[string]string{
+		"link":    "vols",
+		"abslink": filepath.Join(base, "vols"),
+		"into":    filepath.Join(base, "vols/data/deeper"),
+	} {
+		if err := os.Symlink(target, filepath.Join(base, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := func(p string) string { return filepath.Join(base, p) }
+	s := &Share{writable: []string{b("bundles/a/rootfs"), b("vols/data"), b("vols/data/deeper")}}
 	tests := []struct {
-		src  Source
-		want Source
+		name       string
+		src        Source
+		want       Source
+		wantEscape bool
 	}{
-		{Source{Path: "/etc/hosts"}, Source{Path: "/etc/hosts"}},
-		{Source{Path: "/bundles/a/rootfs/etc"}, Source{Root: "/bundles/a/rootfs", Path: "/bundles/a/rootfs/etc"}},
-		{Source{Path: "/bundles/a/rootfs2"}, Source{Path: "/bundles/a/rootfs2"}},
-		{Source{Path: "/vols/data/deeper/x"}, Source{Root: "/vols/data/deeper", Path: "/vols/data/deeper/x"}},
-		{Source{Root: "/vols", Path: "data/y"}, Source{Root: "/vols/data", Path: "/vols/data/y"}},
-		{Source{Root: "/vols/data/deeper/x", Path: "z"}, Source{Root: "/vols/data/deeper/x", Path: "z"}},
+		{"outside every export", Source{Path: b("etc/hosts")}, Source{Path: b("etc/hosts")}, false},
+		{"inside an export", Source{Path: b("bundles/a/rootfs/etc")}, Source{Root: b("bundles/a/rootfs"), Path: "etc"}, false},
+		{"the export itself", Source{Path: b("bundles/a/rootfs")}, Source{Root: b("bundles/a/rootfs"), Path: "."}, false},
+		{"a sibling with a longer name", Source{Path: b("bundles/a/rootfs2")}, Source{Path: b("bundles/a/rootfs2")}, false},
+		{"first export on the way", Source{Path: b("vols/data/deeper/x")}, Source{Root: b("vols/data"), Path: "deeper/x"}, false},
+		{"relative to a root", Source{Root: b("vols"), Path: "data/y"}, Source{Root: b("vols/data"), Path: "y"}, false},
+		{"root inside an export", Source{Root: b("vols/data/deeper/x"), Path: "z"}, Source{Root: b("vols/data"), Path: "deeper/x/z"}, false},
+		{"through a relative host symlink", Source{Path: b("link/data/y")}, Source{Root: b("vols/data"), Path: "y"}, false},
+		{"through an absolute host symlink", Source{Path: b("abslink/data/y")}, Source{Root: b("vols/data"), Path: "y"}, false},
+		{"host symlink into an export", Source{Path: b("into/x")}, Source{Root: b("vols/data"), Path: "deeper/x"}, false},
+		{"dotdot back into an export (absolute paths are cleaned, as open does)", Source{Path: b("etc") + "/../vols/data/../data/y"}, Source{Root: b("vols/data"), Path: "y"}, false},
+		{"relative symlink beneath a root", Source{Root: base, Path: "link/data"}, Source{Root: b("vols/data"), Path: "."}, false},
+		{"absolute symlink beneath a root", Source{Root: base, Path: "abslink/data"}, Source{}, true},
+		{"dotdot above a root", Source{Root: b("bundles"), Path: "../vols/data"}, Source{}, true},
 	}
 	for _, tt := range tests {
-		if got := s.boundLocked(tt.src); got != tt.want {
-			t.Errorf("boundLocked(%+v) = %+v, want %+v", tt.src, got, tt.want)
-		}
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := s.boundLocked(tt.src)
+			if tt.wantEscape {
+				if !errors.Is(err, ErrEscape) {
+					t.Fatalf("boundLocked(%+v) = %+v, %v; want ErrEscape", tt.src, got, err)
+				}
+				return
+			}
+			if err != nil || got != tt.want {
+				t.Errorf("boundLocked(%+v) = %+v, %v; want %+v", tt.src, got, err, tt.want)
+			}
+		})
 	}
 }

@@ -13,7 +13,9 @@
 // every mount Kiln makes under mounts/ after the VM started propagates to shared/ (and from there into
 // virtiofsd's mount namespace, whose mounts are slaves of the host's) while nothing mounted under shared/, nor
 // anything else on the host, flows back. shared/ itself is read-only: the guest cannot add entries next to the
-// containers; the mounts inside keep their own read-only or read-write flag.
+// containers; the mounts inside keep their own read-only or read-write flag. The copy of a host directory a
+// rootfs or bind source is mounted from is a slave of the host's mount: what the host mounts there later reaches
+// the guest, and what the share mounts or unmounts on the copy never reaches the host.
 package share
 
 import (
@@ -45,16 +47,17 @@ type Share struct {
 
 	mu         sync.Mutex
 	containers map[string]*container
-	nextBind   int
-	closed     bool
+	// writable are the real paths of the host directories this share ever exported read-write. The guest can
+	// create symlinks in them, and those outlive the container the directory was exported for (the guest does
+	// too), so they are kept until the share closes: later sources reaching them are resolved beneath them.
+	writable []string
+	nextBind int
+	closed   bool
 }
 
 // container is what a container added to the share.
 type container struct {
 	rootfs bool
-	// writable are the host directories exported read-write for this container: the guest can create
-	// symlinks in them, so later bind sources under them are resolved beneath them.
-	writable []string
 }
 
 // New creates the share at dir, which must not exist (its parent must). On error nothing is left behind.

@@ -9,7 +9,8 @@ import (
 )
 
 // ShareSpecMounts shares every bind mount of spec for the container and points its source at the guest path;
-// other mounts (proc, tmpfs...) are the guest's and stay as they are. bundle is the bundle directory: a relative
+// other mounts (proc, tmpfs...) are the guest's and stay as they are. A "bind" exports the source's own mount,
+// an "rbind" the mounts below it as well. bundle is the bundle directory: a relative
 // source is relative to it (as OCI allows), and a source inside it, relative or absolute, is resolved beneath it
 // (see Source), since the bundle's rootfs is writable by the guest. Other absolute sources are resolved as
 // AddBindSource does. On error spec is unchanged; what was already shared stays until RemoveContainer.
@@ -27,7 +28,7 @@ func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string,
 		if !filepath.IsAbs(m.Source) || under(filepath.Clean(m.Source), bundle) {
 			src.Root = bundle
 		}
-		guest, err := s.AddBindSource(ctx, containerID, src, isReadonly(m.Options))
+		guest, err := s.AddBindSource(ctx, containerID, src, BindOptions{Readonly: isReadonly(m.Options), Recursive: isRecursive(m.Options)})
 		if err != nil {
 			return fmt.Errorf("share bind mount %d (%s on %s) of container %s: %w", i, m.Source, m.Destination, containerID, err)
 		}

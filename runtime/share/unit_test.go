@@ -65,3 +65,20 @@ func TestCheckIDAndSafeName(t *testing.T) {
 		}
 	}
 }
+
+func TestRecursiveBindOption(t *testing.T) {
+	for _, tt := range []struct {
+		opts []string
+		want bool
+	}{
+		{nil, false},
+		{[]string{"bind"}, false},
+		{[]string{"bind", "ro"}, false},
+		{[]string{"rbind"}, true},
+		{[]string{"ro", "rbind", "nosuid"}, true},
+	} {
+		if got := isRecursive(tt.opts); got != tt.want {
+			t.Errorf("isRecursive(%q) = %v, want %v", tt.opts, got, tt.want)
+		}
+	}
+}

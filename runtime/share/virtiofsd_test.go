@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
@@ -31,35 +32,7 @@ func TestVirtiofsdSeesLateMounts(t *testing.T) {
 	if _, err := s.AddRootfs(ctx, "early", rootfs, true); err != nil {
 		t.Fatal(err)
 	}
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	d, err := virtiofs.Start(ctx, virtiofs.Config{
-		SourceDir:  s.ExportDir(),
-		SocketPath: filepath.Join(t.TempDir(), "fs.sock"),
-		Log:        logrus.NewEntry(log),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Stop(ctx)
-
-	// A client connection makes virtiofsd set up its sandbox (a child in new mount and PID namespaces).
-	c, err := net.Dial("unix", d.SocketPath())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	var req [12]byte
-	binary.LittleEndian.PutUint32(req[0:], 1) // VHOST_USER_GET_FEATURES
-	binary.LittleEndian.PutUint32(req[4:], 1)
-	if _, err := c.Write(req[:]); err != nil {
-		t.Fatal(err)
-	}
-	var reply [20]byte
-	if _, err := io.ReadFull(c, reply[:]); err != nil {
-		t.Fatal(err)
-	}
-	root := sandboxRoot(t, d.PID())
+	root := virtiofsdRoot(t, s, "early")
 
 	if got := read(t, filepath.Join(root, "early/rootfs/etc/hostname")); got != "c1" {
 		t.Errorf("virtiofsd sees %q in the early rootfs", got)
@@ -82,15 +55,87 @@ func TestVirtiofsdSeesLateMounts(t *testing.T) {
 	}
 }
 
+// A mount the host makes under a bind source after the source was shared reaches virtiofsd too (the share's
+// copy of a bind is a slave of the host's mount, not a private copy), and the share's removal of the bind
+// leaves the host's mounts alone.
+func TestVirtiofsdSeesHostMountsUnderABindSource(t *testing.T) {
+	requireRoot(t)
+	if _, err := os.Stat(virtiofs.DefaultBinary); err != nil {
+		t.Skipf("virtiofsd not installed: %v", err)
+	}
+	src, sub := sharedHostTree(t)
+	s := newTestShare(t)
+	ctx := context.Background()
+	guest, err := s.AddBind(ctx, "c1", src, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := virtiofsdRoot(t, s, "c1")
+	late := filepath.Join(src, "late")
+	if err := os.Mkdir(late, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", late, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	write(t, filepath.Join(late, "f"), "mounted late")
+	if got := read(t, filepath.Join(root, strings.TrimPrefix(guest, GuestDir+"/"), "late", "f")); got != "mounted late" {
+		t.Errorf("virtiofsd sees %q under the bind", got)
+	}
+	if err := s.RemoveContainer(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	for _, mp := range []string{sub, late} {
+		if !isMountPoint(t, mp) {
+			t.Errorf("host mount %s gone after RemoveContainer", mp)
+		}
+	}
+}
+
+// virtiofsdRoot starts virtiofsd on the share's export, connects to it so that it sets up its sandbox, and
+// returns the sandbox's view of the exported directory once entry, a name in it, is visible there.
+func virtiofsdRoot(t *testing.T, s *Share, entry string) string {
+	t.Helper()
+	ctx := context.Background()
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	d, err := virtiofs.Start(ctx, virtiofs.Config{
+		SourceDir:  s.ExportDir(),
+		SocketPath: filepath.Join(t.TempDir(), "fs.sock"),
+		Log:        logrus.NewEntry(log),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Stop(ctx) })
+	// A client connection makes virtiofsd set up its sandbox (a child in new mount and PID namespaces).
+	c, err := net.Dial("unix", d.SocketPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	var req [12]byte
+	binary.LittleEndian.PutUint32(req[0:], 1) // VHOST_USER_GET_FEATURES
+	binary.LittleEndian.PutUint32(req[4:], 1)
+	if _, err := c.Write(req[:]); err != nil {
+		t.Fatal(err)
+	}
+	var reply [20]byte
+	if _, err := io.ReadFull(c, reply[:]); err != nil {
+		t.Fatal(err)
+	}
+	return sandboxRoot(t, d.PID(), entry)
+}
+
 // sandboxRoot is /proc/<pid>/root of virtiofsd's sandboxed child: its view of the exported directory.
-func sandboxRoot(t *testing.T, pid int) string {
+func sandboxRoot(t *testing.T, pid int, entry string) string {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
 		if f := strings.Fields(string(b)); len(f) > 0 {
 			root := "/proc/" + f[0] + "/root"
-			if _, err := os.Stat(filepath.Join(root, "early")); err == nil {
+			if _, err := os.Stat(filepath.Join(root, entry)); err == nil {
 				return root
 			}
 		}

@@ -6,6 +6,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
+
+	"github.com/containerd/containerd/v2/defaults"
+
+	"github.com/kiln-runtime/kiln/runtime/pod"
 )
 
 // RecordFile is the file in each task's bundle that tells the shim's `delete` command what to clean up when
@@ -24,6 +29,36 @@ type Record struct {
 	ShimSocket string `json:"shim_socket,omitempty"`
 	// Pid is the task's init pid in the guest, reported back in the exit that `delete` makes up.
 	Pid uint32 `json:"pid"`
+}
+
+// vmIDPattern is the form VMID gives a VM id.
+var vmIDPattern = regexp.MustCompile(`^kiln-[0-9a-f]{16}$`)
+
+// shimSocketPattern is the form containerd's shim.SocketAddress gives a shim's socket address: a Unix socket
+// named by a sha256 under <containerd's default state dir>/s, whatever the daemon's own state dir.
+var shimSocketPattern = regexp.MustCompile(`^unix://` + regexp.QuoteMeta(filepath.Join(defaults.DefaultStateDir, "s")) + `/[0-9a-f]{64}$`)
+
+// Validate checks that r names only what a shim writes in a record: the `delete` command kills the processes
+// whose command line names StateDir/VMID and removes that directory, the share and the socket, so a record
+// edited to name other paths must not be acted on. The error names the first field that is not as a shim
+// writes it.
+func (r Record) Validate() error {
+	if !vmIDPattern.MatchString(r.VMID) {
+		return fmt.Errorf("vm_id %q: want \"kiln-\" and 16 lowercase hex digits", r.VMID)
+	}
+	if !filepath.IsAbs(r.StateDir) || filepath.Clean(r.StateDir) != r.StateDir {
+		return fmt.Errorf("state_dir %q: want an absolute, clean path", r.StateDir)
+	}
+	if want := pod.ShareDir(r.StateDir, r.VMID); r.ShareDir != want {
+		return fmt.Errorf("share_dir %q: want %q, beside the VM's state directory", r.ShareDir, want)
+	}
+	if r.ShimSocket != "" && !shimSocketPattern.MatchString(r.ShimSocket) {
+		return fmt.Errorf("shim_socket %q: want a containerd shim socket, %s", r.ShimSocket, "unix://"+filepath.Join(defaults.DefaultStateDir, "s")+"/<sha256>")
+	}
+	if r.ShimPid < 0 {
+		return fmt.Errorf("shim_pid %d: want a pid, or 0", r.ShimPid)
+	}
+	return nil
 }
 
 // WriteRecord stores r in bundle.

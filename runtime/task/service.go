@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 
 	eventstypes "github.com/containerd/containerd/api/events"
@@ -219,7 +220,8 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		return nil, toGRPC(err)
 	}
 	pid := c.Init().Pid()
-	rec := Record{VMID: p.ID(), StateDir: p.StateDir(), ShareDir: p.ShareDir(), ShimPid: os.Getpid(), ShimSocket: s.socket, Pid: pid}
+	// The state dir clean, as Record.Validate wants it (the configuration only asks for an absolute path).
+	rec := Record{VMID: p.ID(), StateDir: filepath.Clean(p.StateDir()), ShareDir: p.ShareDir(), ShimPid: os.Getpid(), ShimSocket: s.socket, Pid: pid}
 	if err := WriteRecord(r.Bundle, rec); err != nil {
 		s.log(r.ID, "").WithError(err).Warn("record task for cleanup after a shim crash")
 	}

@@ -1,0 +1,192 @@
+package share
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+// sharedHostTree is a host directory the way systemd hosts have them: a mount in a shared peer group, holding a
+// submount with a file in it (src/sub/marker). Everything is unmounted when the test ends.
+func sharedHostTree(t *testing.T) (src, sub string) {
+	t.Helper()
+	src = filepath.Join(t.TempDir(), "src")
+	sub = filepath.Join(src, "sub")
+	if err := os.Mkdir(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", src, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unmountUnder(src); err != nil {
+			t.Errorf("unmount host tree: %v", err)
+		}
+	})
+	// Private first so the test's tmpfs does not join whatever group its parent is in, then shared in a group
+	// of its own.
+	for _, flag := range []uintptr{unix.MS_PRIVATE, unix.MS_SHARED} {
+		if err := unix.Mount("", src, "", flag, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(t, filepath.Join(src, "top"), "top")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", sub, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	write(t, filepath.Join(sub, "marker"), "host submount")
+	return src, sub
+}
+
+func isMountPoint(t *testing.T, path string) bool {
+	t.Helper()
+	mps, err := mountPoints(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mp := range mps {
+		if mp == path {
+			return true
+		}
+	}
+	return false
+}
+
+// exported is where a guest path returned by the share is on the host, in the export.
+func exported(s *Share, guest string) string {
+	return filepath.Join(s.ExportDir(), strings.TrimPrefix(guest, GuestDir+"/"))
+}
+
+// Removing a container, or closing the share, unmounts the share's copies of the container's binds; the host's
+// mounts they were copied from stay (issue 11, finding 1: the copies were peers of the host's mounts, so the
+// lazy unmounts propagated back and took the host's submounts away).
+func TestRemovingBindsLeavesTheHostsSubmounts(t *testing.T) {
+	requireRoot(t)
+	for _, how := range []string{"RemoveContainer", "Close"} {
+		t.Run(how, func(t *testing.T) {
+			src, sub := sharedHostTree(t)
+			s := newTestShare(t)
+			ctx := context.Background()
+			rw, err := s.AddBind(ctx, "c1", src, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.AddBind(ctx, "c1", src, true); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.AddRootfs(ctx, "c1", src, true); err != nil {
+				t.Fatal(err)
+			}
+			if got := read(t, filepath.Join(exported(s, rw), "sub", "marker")); got != "host submount" {
+				t.Fatalf("export shows %q in the submount", got)
+			}
+			switch how {
+			case "RemoveContainer":
+				if err := s.RemoveContainer(ctx, "c1"); err != nil {
+					t.Fatal(err)
+				}
+			case "Close":
+				if err := s.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if !isMountPoint(t, sub) {
+				t.Fatalf("host submount %s unmounted by %s", sub, how)
+			}
+			if got := read(t, filepath.Join(sub, "marker")); got != "host submount" {
+				t.Errorf("host submount holds %q", got)
+			}
+			if !isMountPoint(t, src) {
+				t.Errorf("host mount %s unmounted by %s", src, how)
+			}
+		})
+	}
+}
+
+// A bind source is a slave of the host's mount: what the host mounts under it after it was shared still
+// reaches the export (so the guest sees it), and what is mounted on the share's copy never reaches the host.
+func TestBindSourceIsASlaveOfTheHost(t *testing.T) {
+	requireRoot(t)
+	src, _ := sharedHostTree(t)
+	s := newTestShare(t)
+	ctx := context.Background()
+	guest, err := s.AddBind(ctx, "c1", src, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	late := filepath.Join(src, "late")
+	if err := os.Mkdir(late, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", late, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	write(t, filepath.Join(late, "f"), "mounted late")
+	if got := read(t, filepath.Join(exported(s, guest), "late", "f")); got != "mounted late" {
+		t.Errorf("host mount made after the bind not in the export: %q", got)
+	}
+
+	// Kiln's own mounts happen under mounts/; one on the copy of the bind must not appear on the host.
+	back := filepath.Join(s.mounts, strings.TrimPrefix(guest, GuestDir+"/"), "sub")
+	if err := unix.Mount("tmpfs", back, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	write(t, filepath.Join(back, "from-share"), "x")
+	if _, err := os.Stat(filepath.Join(src, "sub", "from-share")); err == nil {
+		t.Error("a mount on the share's copy of a bind appeared on the host")
+	}
+}
+
+// An OCI "bind" exports the source's own mount, an "rbind" the mounts below it as well, for spec mounts and for
+// a root file system given as mounts (issue 11, finding 8: every bind was exported recursively).
+func TestPlainBindLeavesOutTheMountsBelowItsSource(t *testing.T) {
+	requireRoot(t)
+	src, _ := sharedHostTree(t)
+	s := newTestShare(t)
+	ctx := context.Background()
+	spec := &specs.Spec{Mounts: []specs.Mount{
+		{Destination: "/bind", Type: "bind", Source: src, Options: []string{"bind", "ro"}},
+		{Destination: "/typed", Type: "bind", Source: src},
+		{Destination: "/rbind", Type: "bind", Source: src, Options: []string{"rbind", "ro"}},
+	}}
+	if err := s.ShareSpecMounts(ctx, "c1", t.TempDir(), spec); err != nil {
+		t.Fatal(err)
+	}
+	for i, recursive := range []bool{false, false, true} {
+		m := spec.Mounts[i]
+		dir := exported(s, m.Source)
+		if got := read(t, filepath.Join(dir, "top")); got != "top" {
+			t.Errorf("%s: source's own files: %q", m.Destination, got)
+		}
+		_, err := os.Stat(filepath.Join(dir, "sub", "marker"))
+		if recursive && err != nil {
+			t.Errorf("%s (%q): submount missing from the export: %v", m.Destination, m.Options, err)
+		}
+		if !recursive && err == nil {
+			t.Errorf("%s (%q): submount exported by a non-recursive bind", m.Destination, m.Options)
+		}
+	}
+
+	for _, tc := range []struct {
+		id        string
+		opts      []string
+		recursive bool
+	}{{"r1", []string{"bind", "ro"}, false}, {"r2", []string{"rbind", "ro"}, true}} {
+		rel, err := s.AddRootfsMounts(ctx, tc.id, []Mount{{Type: "bind", Source: src, Options: tc.opts}}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = os.Stat(filepath.Join(s.ExportDir(), rel, "sub", "marker"))
+		if tc.recursive != (err == nil) {
+			t.Errorf("rootfs mount %q: submount exported = %v, want %v", tc.opts, err == nil, tc.recursive)
+		}
+	}
+}
