@@ -47,7 +47,7 @@ func newContainerVM(t *testing.T, memMiB int) *containerVM {
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := strings.ToLower(strings.NewReplacer("/", "-", "_", "-").Replace(t.Name()))
+	id := podID(t)
 	t.Cleanup(func() {
 		if pids := qemuProcesses(id); len(pids) > 0 {
 			t.Errorf("leftover QEMU process(es) for vm %s: %v", id, pids)
@@ -92,6 +92,11 @@ func newContainerVM(t *testing.T, memMiB int) *containerVM {
 		}
 	})
 	return v
+}
+
+// podID is the id of a test's pod, derived from the test's name.
+func podID(t *testing.T) string {
+	return strings.ToLower(strings.NewReplacer("/", "-", "_", "-").Replace(t.Name()))
 }
 
 // spec returns the `runc spec` configuration running args.

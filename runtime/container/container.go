@@ -200,8 +200,11 @@ func (c *Container) Delete(ctx context.Context, force bool) (Exit, error) {
 			return Exit{}, err
 		}
 	}
-	if _, err := c.m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: c.id, Force: force}); err != nil {
-		return Exit{}, fmt.Errorf("delete container %s: %w", c.id, err)
+	// With the guest gone there is nothing to remove there; the host's handles still go.
+	if c.m.guestLost() == nil {
+		if _, err := c.m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: c.id, Force: force}); err != nil {
+			return Exit{}, fmt.Errorf("delete container %s: %w", c.id, err)
+		}
 	}
 	c.mu.Lock()
 	execs := make([]*Process, 0, len(c.execs))

@@ -82,8 +82,8 @@ func (m *Manager) followEvents() {
 			return
 		}
 		if errors.Is(err, ttrpc.ErrClosed) {
-			m.log.WithError(err).Debug("agent connection closed; no more container events")
-			m.endAll(fmt.Errorf("%w: agent connection: %v", ErrClosed, err))
+			// Not closed by Close (checked above): the guest went away under its processes.
+			m.Lost(fmt.Errorf("agent connection closed: %w", err))
 			return
 		}
 		m.log.WithError(err).Warn("container events stream broke; subscribing again")

@@ -71,6 +71,8 @@ type Manager struct {
 	// request that starts them, so no exit can arrive unclaimed.
 	procs  map[exitKey]*Process
 	closed bool
+	// lost is why the guest is gone (the VM died): nothing more will come from the agent.
+	lost error
 	// noEvents is set when the agent has no events stream; each process's exit is then waited for directly.
 	noEvents bool
 }
@@ -108,6 +110,35 @@ func (m *Manager) Close() error {
 	return nil
 }
 
+// Lost tells the manager that the guest is gone (its VM died): every process still running is reported exited
+// with SIGKILL's status through OnExit, so waiters return and the caller publishes the exits, and deleting a
+// container no longer asks the agent. reason goes to the log.
+func (m *Manager) Lost(reason error) {
+	m.mu.Lock()
+	if m.closed || m.lost != nil {
+		m.mu.Unlock()
+		return
+	}
+	m.lost = reason
+	ps := make([]*Process, 0, len(m.procs))
+	for _, p := range m.procs {
+		ps = append(ps, p)
+	}
+	m.mu.Unlock()
+	m.log.WithError(reason).Error("guest lost; every process of the pod is reported killed (exit status 137)")
+	for _, p := range ps {
+		p.finish(Exit{Status: 128 + 9}, nil)
+		p.closeStreams()
+	}
+}
+
+// guestLost reports why the guest is gone, nil while it lives.
+func (m *Manager) guestLost() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.lost
+}
+
 // CreateOptions describe a container to create.
 type CreateOptions struct {
 	ID string
@@ -133,7 +164,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 	c := &Container{id: o.ID, bundle: o.Bundle, m: m, execs: map[string]*Process{}}
 	p := newProcess(c, "", lifecycle.Init(), o.IO, o.Release)
 	m.mu.Lock()
-	if m.closed {
+	if m.closed || m.lost != nil {
 		m.mu.Unlock()
 		return nil, fmt.Errorf("create container %s: %w", o.ID, ErrClosed)
 	}

@@ -423,3 +423,54 @@ func TestDeleteAnExecThatNeverRan(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A guest that dies (QEMU killed, a panic) must not leave waiters hanging: every running process is reported
+// killed, and its container can still be deleted without the agent.
+func TestLostGuestReportsEveryProcessKilled(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }, "c1/e1": func(p *fakeProc) uint32 { select {} }})
+	var mu sync.Mutex
+	exits := map[string]uint32{}
+	m := a.start(Options{OnExit: func(p *Process, e Exit) {
+		mu.Lock()
+		exits[p.ID()] = e.Status
+		mu.Unlock()
+	}})
+	ctx := waitCtx(t)
+	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p, err := c.Exec(ctx, "e1", &specs.Process{Args: []string{"x"}}, stdio.IO{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Lost(errors.New("VM killed"))
+	for _, proc := range []*Process{c.Init(), p} {
+		if e, err := proc.Wait(ctx); err != nil || e.Status != 137 {
+			t.Errorf("wait for %q after the guest was lost: %+v, %v, want status 137", proc.ID(), e, err)
+		}
+	}
+	mu.Lock()
+	if exits[""] != 137 || exits["e1"] != 137 {
+		t.Errorf("exits reported %v, want 137 for init and e1", exits)
+	}
+	mu.Unlock()
+	a.mu.Lock()
+	before := len(a.calls)
+	a.mu.Unlock()
+	if _, err := c.Delete(ctx, false); err != nil {
+		t.Fatalf("delete after the guest was lost: %v", err)
+	}
+	a.mu.Lock()
+	after := len(a.calls)
+	a.mu.Unlock()
+	if after != before {
+		t.Errorf("delete asked the agent of a lost guest")
+	}
+	if _, err := m.Create(ctx, CreateOptions{ID: "c2"}); !errors.Is(err, ErrClosed) {
+		t.Errorf("create after the guest was lost: %v, want ErrClosed", err)
+	}
+}

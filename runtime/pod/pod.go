@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 
 	"github.com/sirupsen/logrus"
 
@@ -49,6 +50,9 @@ type Pod struct {
 	share *share.Share
 	sb    *sandbox.Sandbox
 	ctrs  *container.Manager
+	// closing is closed when Close begins: the VM's end is then expected.
+	closing   chan struct{}
+	closeOnce sync.Once
 }
 
 // ShareDir is where a pod's shared directory lives: beside its VM's state directory, not inside it, because
@@ -83,7 +87,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
-	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh}
+	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, closing: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
 			if err := p.Close(context.WithoutCancel(ctx)); err != nil {
@@ -120,7 +124,28 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		OnExit:  o.OnExit,
 		Log:     log,
 	})
+	go p.watchVM(m)
 	return p, nil
+}
+
+// watchVM reports a VM that ends while the pod is open (QEMU killed, a guest panic) as the loss of every
+// process in it, so that no task waits for an exit that cannot come.
+func (p *Pod) watchVM(m vm.Machine) {
+	select {
+	case <-m.Exited():
+	case <-p.closing:
+		return
+	}
+	select {
+	case <-p.closing:
+		return
+	default:
+	}
+	err := m.ExitError()
+	if err == nil {
+		err = errors.New("the guest powered off")
+	}
+	p.ctrs.Lost(fmt.Errorf("VM %s ended: %w", p.id, err))
 }
 
 // sweep removes the VM state and shares of pods whose owner is gone (killed before it could clean up; its
@@ -236,6 +261,7 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 // Close ends the pod: the containers' waits end, the guest is shut down (its containers die with it), the VM
 // stops and the share is unmounted and removed. It is safe to call more than once.
 func (p *Pod) Close(ctx context.Context) error {
+	p.closeOnce.Do(func() { close(p.closing) })
 	var errs []error
 	if p.ctrs != nil {
 		_ = p.ctrs.Close()
