@@ -11,8 +11,8 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
-	"github.com/kiln-runtime/kiln/integration/testbundle"
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/integration/testbundle"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
