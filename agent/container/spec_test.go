@@ -217,16 +217,22 @@ func TestMountinfoRootIsRamfs(t *testing.T) {
 func TestMergeResources(t *testing.T) {
 	limit, quota, pids := int64(64<<20), int64(50000), int64(10)
 	period := uint64(100000)
-	dst := &cgroups.Resources{Memory: 1, CpuQuota: 2, PidsLimit: 3, CpusetCpus: "0", Unified: map[string]string{"a": "1"}}
+	oldPids := int64(3)
+	dst := &cgroups.Resources{Memory: 1, CpuQuota: 2, PidsLimit: &oldPids, CpusetCpus: "0", Unified: map[string]string{"a": "1"}}
 	dst.Devices = make([]*config.Rule, 2)
 	mergeResources(dst, &specs.LinuxResources{
 		Memory:  &specs.LinuxMemory{Limit: &limit},
 		CPU:     &specs.LinuxCPU{Quota: &quota, Period: &period},
-		Pids:    &specs.LinuxPids{Limit: pids},
+		Pids:    &specs.LinuxPids{Limit: &pids},
 		Unified: map[string]string{"b": "2"},
 	})
-	if dst.Memory != limit || dst.CpuQuota != quota || dst.CpuPeriod != period || dst.PidsLimit != pids {
-		t.Errorf("merged: memory %d quota %d period %d pids %d", dst.Memory, dst.CpuQuota, dst.CpuPeriod, dst.PidsLimit)
+	if dst.Memory != limit || dst.CpuQuota != quota || dst.CpuPeriod != period || dst.PidsLimit == nil || *dst.PidsLimit != pids {
+		t.Errorf("merged: memory %d quota %d period %d pids %v", dst.Memory, dst.CpuQuota, dst.CpuPeriod, dst.PidsLimit)
+	}
+	// A pids section without a limit keeps the limit there is.
+	mergeResources(dst, &specs.LinuxResources{Pids: &specs.LinuxPids{}})
+	if dst.PidsLimit == nil || *dst.PidsLimit != pids {
+		t.Errorf("pids limit after an update without one: %v, want %d", dst.PidsLimit, pids)
 	}
 	if dst.CpusetCpus != "0" || len(dst.Devices) != 2 || dst.Unified["a"] != "1" || dst.Unified["b"] != "2" {
 		t.Errorf("fields the update did not name changed: %+v", dst)
