@@ -76,15 +76,4 @@ func (q *qmpConn) execute(ctx context.Context, name string, arguments, result an
 	}
 }
 
-// status returns the VM run state ("running", "paused", ...).
-func (q *qmpConn) status(ctx context.Context) (string, error) {
-	var st struct {
-		Status string `json:"status"`
-	}
-	if err := q.execute(ctx, "query-status", nil, &st); err != nil {
-		return "", err
-	}
-	return st.Status, nil
-}
-
 func (q *qmpConn) close() { _ = q.mon.Disconnect() }
