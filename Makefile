@@ -18,7 +18,7 @@ PREFIX ?= /usr/local
 INSTALL_BINS := kiln containerd-shim-kiln-v2
 INSTALL_SHARE := vmlinuz initrd.img kernel-release agent-version config.toml
 
-.PHONY: all build image proto proto-check deps vet test unit integration bench demo install uninstall clean FORCE
+.PHONY: all build image proto proto-check deps vet vet-tools test unit integration bench demo install uninstall clean FORCE
 
 all: build
 
@@ -31,9 +31,10 @@ $(BIN)/kiln $(BIN)/containerd-shim-kiln-v2: FORCE
 
 # The agent is PID 1 in the guest: one static binary; cgo only for libcontainer's nsenter and libseccomp.
 # runc_nocriu: the agent API has no checkpoint, and criu's init() costs boot time.
+AGENT_TAGS := seccomp netgo osusergo runc_nocriu
 $(BIN)/kiln-agent: FORCE
 	@mkdir -p $(BIN)
-	CGO_ENABLED=1 $(GO) build -trimpath -tags 'seccomp netgo osusergo runc_nocriu' \
+	CGO_ENABLED=1 $(GO) build -trimpath -tags '$(AGENT_TAGS)' \
 		-ldflags '$(LDFLAGS) -extldflags -static' -o $@ ./cmd/kiln-agent
 
 $(TOOLS)/kiln-image: FORCE
@@ -60,9 +61,41 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-vet:
+# Pinned Go tools `make vet` installs into $(TOOLS).
+STATICCHECK_VERSION := v0.8.2
+XTOOLS_VERSION := v0.52.0
+MODULE := github.com/kiln-runtime/kiln
+# Folders whose functions must have a caller outside tests: staticcheck's unused check with tests excluded finds
+# unexported code, deadcode (from the commands and the bench's floor init) exported code too.
+UNUSED_DIRS := cmd runtime vm agent config
+UNUSED_ROOTS := ./cmd/... ./vm/image/floorinit
+# runtime/ is being rewritten (issue 8): what is found there is shown but does not fail `make vet` yet.
+UNUSED_PENDING := runtime
+empty :=
+space := $(empty) $(empty)
+
+vet: vet-tools
 	@bad=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$bad" ]; then echo "gofmt needed: $$bad" >&2; exit 1; fi
 	$(GO) vet ./...
+	@for m in . integration/containerd/tools; do \
+		d=$$(cd $$m && GOWORK=off $(GO) mod tidy -diff 2>&1) || { \
+			echo "$$m/go.mod or go.sum is not tidy: run 'go mod tidy' there and commit" >&2; echo "$$d" >&2; exit 1; }; \
+	done
+	@echo "checking for functions only tests call in $(UNUSED_DIRS)"
+	@found=$$( { $(TOOLS)/staticcheck -checks U1000 -tests=false -tags '$(AGENT_TAGS)' $(UNUSED_DIRS:%=./%/...); \
+		$(TOOLS)/deadcode -tags '$(AGENT_TAGS)' -filter '^$(MODULE)/($(subst $(space),|,$(UNUSED_DIRS)))(/|$$)' \
+			$(UNUSED_ROOTS) || echo "deadcode failed"; } 2>&1 ); \
+	pending=$$(echo "$$found" | grep -E '^($(subst $(space),|,$(UNUSED_PENDING)))/' || true); \
+	bad=$$(echo "$$found" | grep -vE '^($(subst $(space),|,$(UNUSED_PENDING)))/' | grep . || true); \
+	if [ -n "$$pending" ]; then echo "unused outside tests, pending the rewrite of $(UNUSED_PENDING)/ (not failing):"; echo "$$pending"; fi; \
+	if [ -n "$$bad" ]; then echo "functions with no caller outside tests (delete them, or give them one):" >&2; echo "$$bad" >&2; exit 1; fi
+
+vet-tools:
+	@mkdir -p $(TOOLS)
+	@$(GO) version -m $(TOOLS)/staticcheck 2>/dev/null | grep -qP '^\tmod\thonnef.co/go/tools\t$(STATICCHECK_VERSION)\t' || \
+		GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	@$(GO) version -m $(TOOLS)/deadcode 2>/dev/null | grep -qP '^\tmod\tgolang.org/x/tools\t$(XTOOLS_VERSION)\t' || \
+		GOBIN=$(TOOLS) $(GO) install golang.org/x/tools/cmd/deadcode@$(XTOOLS_VERSION)
 
 # Every test: unit tests and the integration tests that boot real QEMU guests (needs root).
 test: deps build image proto-check vet

@@ -46,23 +46,8 @@ func ParseModuleList(r io.Reader) ([]string, error) {
 // it is loaded the agent API can be served.
 const VsockTransportModule = "vmw_vsock_virtio_transport"
 
-// LoadModules loads the modules named in the list file, in order, from dir.
-// A missing list file means there is nothing to load (a kernel with
-// everything built in). A module that is already loaded (or built in) is
-// fine; any other failure stops the loading and is returned, because a guest
-// without its modules cannot reach the host.
-func LoadModules(log *logrus.Entry, listPath, dir string) error {
-	names, err := ReadModuleList(listPath)
-	if err != nil {
-		return err
-	}
-	if names == nil {
-		log.WithField("list", listPath).Debug("no module list, loading no modules")
-	}
-	return LoadModuleFiles(log, dir, names)
-}
-
-// ReadModuleList reads the module list file; a missing file is an empty list.
+// ReadModuleList reads the module list file. A missing file is an empty
+// list: a kernel with everything built in has nothing to load.
 func ReadModuleList(listPath string) ([]string, error) {
 	f, err := os.Open(listPath)
 	if errors.Is(err, os.ErrNotExist) {
@@ -103,8 +88,10 @@ func moduleName(file string) string {
 	return strings.ReplaceAll(base, "-", "_")
 }
 
-// LoadModuleFiles loads the named modules, in order, from dir; see
-// LoadModules.
+// LoadModuleFiles loads the named modules, in order, from dir. A module
+// that is already loaded (or built in) is fine; any other failure stops the
+// loading and is returned, because a guest without its modules cannot reach
+// the host.
 func LoadModuleFiles(log *logrus.Entry, dir string, names []string) error {
 	for _, name := range names {
 		path := filepath.Join(dir, name)

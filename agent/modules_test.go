@@ -51,23 +51,27 @@ func TestModuleFlags(t *testing.T) {
 	}
 }
 
-func TestLoadModulesWithoutListLoadsNothing(t *testing.T) {
-	log := logrus.NewEntry(logrus.New())
-	if err := LoadModules(log, filepath.Join(t.TempDir(), "absent"), t.TempDir()); err != nil {
-		t.Fatalf("missing module list: %v", err)
+func TestReadModuleListMissingIsEmpty(t *testing.T) {
+	names, err := ReadModuleList(filepath.Join(t.TempDir(), "absent"))
+	if err != nil || names != nil {
+		t.Fatalf("missing module list: %q, %v; want nothing to load", names, err)
 	}
 }
 
 // A module named in the list but absent from the image must stop the agent
 // with the module's path in the error, since the console is all there is to
 // debug a guest with.
-func TestLoadModulesMissingModuleIsFatal(t *testing.T) {
+func TestLoadModuleFilesMissingModuleIsFatal(t *testing.T) {
 	dir := t.TempDir()
 	list := filepath.Join(dir, "modules")
 	if err := os.WriteFile(list, []byte("absent.ko\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	err := LoadModules(logrus.NewEntry(logrus.New()), list, dir)
+	names, err := ReadModuleList(list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = LoadModuleFiles(logrus.NewEntry(logrus.New()), dir, names)
 	if err == nil || !strings.Contains(err.Error(), filepath.Join(dir, "absent.ko")) {
 		t.Fatalf("error = %v, want one naming %s", err, filepath.Join(dir, "absent.ko"))
 	}

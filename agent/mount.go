@@ -1,14 +1,11 @@
 package agent
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"os"
-	"strconv"
-	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
@@ -100,59 +97,41 @@ func MountAll(log *logrus.Entry, mounts []Mount) error {
 
 // isMountPoint reports whether target is in the mount table.
 func isMountPoint(target string) (bool, error) {
-	points, err := readMountPoints()
-	return points[target], err
+	mounts, err := readMountTable(mountinfo.SingleEntryFilter(target))
+	return len(mounts) > 0, err
 }
 
-// readMountPoints reads /proc/self/mountinfo; before /proc is mounted nothing
-// is (an initramfs has no mounts but its root), which is an empty set.
+// readMountPoints returns the set of mount points in the mount table.
 func readMountPoints() (map[string]bool, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if errors.Is(err, os.ErrNotExist) {
-		return map[string]bool{}, nil
-	}
+	mounts, err := readMountTable(nil)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	points, err := parseMountPoints(f)
-	if err != nil {
-		return nil, fmt.Errorf("read /proc/self/mountinfo: %w", err)
+	points := make(map[string]bool, len(mounts))
+	for _, m := range mounts {
+		points[m.Mountpoint] = true
 	}
 	return points, nil
 }
 
-// parseMountPoints returns the set of mount points in a mountinfo file
-// (proc(5)): the fifth field, with the kernel's octal escapes of space, tab,
-// newline and backslash undone.
-func parseMountPoints(r io.Reader) (map[string]bool, error) {
-	points := map[string]bool{}
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		points[unescapeOctal(fields[4])] = true
+// readMountTable parses /proc/self/mountinfo, keeping what filter keeps.
+// Before /proc is mounted nothing is (an initramfs has no mounts but its
+// root), which is an empty table. It opens the file itself instead of
+// calling mountinfo.GetMounts, which decides once per process whether
+// /proc/thread-self exists: the agent's first read comes before /proc is
+// mounted.
+func readMountTable(filter mountinfo.FilterFunc) ([]*mountinfo.Info, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
 	}
-	return points, sc.Err()
-}
-
-// unescapeOctal turns "\040" into " " and so on; malformed escapes stay.
-func unescapeOctal(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
+	if err != nil {
+		return nil, fmt.Errorf("read mount table: %w", err)
 	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
+	defer f.Close()
+	mounts, err := mountinfo.GetMountsFromReader(f, filter)
+	if err != nil {
+		return nil, fmt.Errorf("read /proc/self/mountinfo: %w", err)
 	}
-	return b.String()
+	return mounts, nil
 }

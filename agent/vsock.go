@@ -27,12 +27,3 @@ func ListenVsock(port uint32) (net.Listener, error) {
 	}
 	return l, nil
 }
-
-// DialHost opens a vsock connection to port on the host.
-func DialHost(port uint32) (net.Conn, error) {
-	c, err := vsock.Dial(HostCID, port, nil)
-	if err != nil {
-		return nil, fmt.Errorf("dial host vsock port %d: %w", port, err)
-	}
-	return c, nil
-}

@@ -151,7 +151,7 @@ func TestContainers(t *testing.T) {
 		spec.Linux.Resources = &specs.LinuxResources{
 			CPU:    &specs.LinuxCPU{Quota: &quota, Period: &period},
 			Memory: &specs.LinuxMemory{Limit: &mem},
-			Pids:   &specs.LinuxPids{Limit: pids},
+			Pids:   &specs.LinuxPids{Limit: &pids},
 		}
 		out, errOut, status := v.output(t, "cgroups", spec)
 		if status != 0 {

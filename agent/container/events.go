@@ -65,13 +65,6 @@ func (q *eventQueue) subscribe() *subscription {
 	return s
 }
 
-// backlogLen and droppedCount are for tests and logs.
-func (q *eventQueue) backlogLen() (int, int) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return len(q.backlog), q.dropped
-}
-
 // subscription is one subscriber's own bounded queue.
 type subscription struct {
 	q    *eventQueue

@@ -78,3 +78,10 @@ func TestEventNextHonoursContext(t *testing.T) {
 		t.Fatal("next returned without an event")
 	}
 }
+
+// backlogLen is the backlog length and the count of events dropped from it.
+func (q *eventQueue) backlogLen() (int, int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.backlog), q.dropped
+}

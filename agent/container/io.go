@@ -171,33 +171,77 @@ func (p *processIO) started() error {
 	return nil
 }
 
-// receiveMaster takes the pty master the container's init sent and makes
-// it non-blocking, so that reads can have deadlines.
+// receiveMaster takes the pty master the container's init sends over the
+// console socket (one SCM_RIGHTS message whose data is the file's name) and
+// makes it non-blocking, so that reads can have deadlines.
 func receiveMaster(sock *os.File) (*os.File, error) {
-	f, err := utils.RecvFile(sock)
+	raw, err := sock.SyscallConn()
 	if err != nil {
 		return nil, fmt.Errorf("receive pty master: %w", err)
 	}
-	defer f.Close()
-	raw, err := f.SyscallConn()
-	if err != nil {
-		return nil, fmt.Errorf("pty master: %w", err)
+	var fd int
+	var recvErr error
+	if err := raw.Control(func(s uintptr) { fd, recvErr = recvOneFd(int(s)) }); err != nil {
+		return nil, fmt.Errorf("receive pty master: %w", err)
 	}
-	var dup int
-	var dupErr error
-	if err := raw.Control(func(fd uintptr) {
-		dup, dupErr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return nil, fmt.Errorf("pty master: %w", err)
+	if recvErr != nil {
+		return nil, fmt.Errorf("receive pty master: %w", recvErr)
 	}
-	if dupErr != nil {
-		return nil, fmt.Errorf("duplicate pty master: %w", dupErr)
-	}
-	if err := unix.SetNonblock(dup, true); err != nil {
-		unix.Close(dup)
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
 		return nil, fmt.Errorf("make pty master non-blocking: %w", err)
 	}
-	return os.NewFile(uintptr(dup), "pty-master"), nil
+	return os.NewFile(uintptr(fd), "pty-master"), nil
+}
+
+// recvOneFd reads one message from the Unix socket sock and returns the
+// single descriptor it carries (close-on-exec). Every descriptor that came
+// along with an error is closed.
+func recvOneFd(sock int) (int, error) {
+	data := make([]byte, 4096)
+	oob := make([]byte, unix.CmsgSpace(4*4))
+	var n, oobn, flags int
+	var err error
+	for {
+		n, oobn, flags, _, err = unix.Recvmsg(sock, data, oob, unix.MSG_CMSG_CLOEXEC)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if err != nil {
+		return -1, fmt.Errorf("recvmsg: %w", err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil {
+		return -1, fmt.Errorf("parse control message: %w", err)
+	}
+	var fds []int
+	for i := range msgs {
+		if msgs[i].Header.Level != unix.SOL_SOCKET || msgs[i].Header.Type != unix.SCM_RIGHTS {
+			continue
+		}
+		got, err := unix.ParseUnixRights(&msgs[i])
+		if err != nil {
+			closeAll(fds)
+			return -1, fmt.Errorf("parse SCM_RIGHTS: %w", err)
+		}
+		fds = append(fds, got...)
+	}
+	switch {
+	case flags&unix.MSG_CTRUNC != 0:
+		closeAll(fds)
+		return -1, errors.New("control message truncated")
+	case len(fds) != 1:
+		closeAll(fds)
+		return -1, fmt.Errorf("got %d descriptors in a %d-byte message, want 1", len(fds), n)
+	}
+	return fds[0], nil
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
 }
 
 // copyOutput copies until EOF (EIO for a pty whose slave side is closed),

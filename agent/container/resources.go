@@ -36,7 +36,7 @@ func mergeResources(dst *cgroups.Resources, r *specs.LinuxResources) {
 			dst.CpusetMems = c.Mems
 		}
 	}
-	if p := r.Pids; p != nil {
+	if p := r.Pids; p != nil && p.Limit != nil {
 		dst.PidsLimit = p.Limit
 	}
 	if b := r.BlockIO; b != nil && b.Weight != nil {

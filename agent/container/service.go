@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
@@ -267,26 +267,21 @@ func exitCode(ps *os.ProcessState, err error) uint32 {
 // rootIsRamfs says whether / is the initial ramfs, the one mount that
 // pivot_root(2) cannot move away from.
 func rootIsRamfs() (bool, error) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	roots, err := mountinfo.GetMounts(rootMounts)
 	if err != nil {
 		return false, fmt.Errorf("read mount table: %w", err)
 	}
-	return mountinfoRootIsRamfs(string(b)), nil
+	return visibleRootIsRamfs(roots), nil
 }
 
-func mountinfoRootIsRamfs(mountinfo string) bool {
-	// The last mount on "/" is the visible one.
-	last := ""
-	for _, line := range strings.Split(mountinfo, "\n") {
-		fields := strings.Fields(line)
-		if len(fields) < 5 || fields[4] != "/" {
-			continue
-		}
-		if _, post, ok := strings.Cut(line, " - "); ok {
-			if f := strings.Fields(post); len(f) > 0 {
-				last = f[0]
-			}
-		}
+// rootMounts keeps the mounts on "/".
+func rootMounts(m *mountinfo.Info) (skip, stop bool) { return m.Mountpoint != "/", false }
+
+// visibleRootIsRamfs looks at the last of the mounts on "/", the visible one.
+func visibleRootIsRamfs(roots []*mountinfo.Info) bool {
+	if len(roots) == 0 {
+		return false
 	}
-	return last == "rootfs" || last == "ramfs"
+	t := roots[len(roots)-1].FSType
+	return t == "rootfs" || t == "ramfs"
 }

@@ -5,8 +5,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
+	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/cgroups/devices/config"
 	"github.com/opencontainers/runc/libcontainer/configs"
@@ -198,17 +200,28 @@ func TestLookupUserStaysInRootfs(t *testing.T) {
 	}
 }
 
-func TestMountinfoRootIsRamfs(t *testing.T) {
+func TestVisibleRootIsRamfs(t *testing.T) {
+	isRamfs := func(table string) bool {
+		t.Helper()
+		roots, err := mountinfo.GetMountsFromReader(strings.NewReader(table), rootMounts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return visibleRootIsRamfs(roots)
+	}
 	initramfs := "1 1 0:2 / / rw - rootfs rootfs rw,size=100k\n22 1 0:20 / /proc rw,nosuid - proc proc rw\n"
-	if !mountinfoRootIsRamfs(initramfs) {
+	if !isRamfs(initramfs) {
 		t.Error("initramfs root not detected")
 	}
 	switched := initramfs + "30 1 0:30 / / rw - tmpfs tmpfs rw\n"
-	if mountinfoRootIsRamfs(switched) {
+	if isRamfs(switched) {
 		t.Error("a tmpfs mounted over the initramfs root taken for the initramfs")
 	}
-	if mountinfoRootIsRamfs("25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n") {
+	if isRamfs("25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n") {
 		t.Error("ext4 root taken for an initramfs")
+	}
+	if _, err := rootIsRamfs(); err != nil {
+		t.Errorf("the test host's root: %v", err)
 	}
 }
 
@@ -217,16 +230,22 @@ func TestMountinfoRootIsRamfs(t *testing.T) {
 func TestMergeResources(t *testing.T) {
 	limit, quota, pids := int64(64<<20), int64(50000), int64(10)
 	period := uint64(100000)
-	dst := &cgroups.Resources{Memory: 1, CpuQuota: 2, PidsLimit: 3, CpusetCpus: "0", Unified: map[string]string{"a": "1"}}
+	oldPids := int64(3)
+	dst := &cgroups.Resources{Memory: 1, CpuQuota: 2, PidsLimit: &oldPids, CpusetCpus: "0", Unified: map[string]string{"a": "1"}}
 	dst.Devices = make([]*config.Rule, 2)
 	mergeResources(dst, &specs.LinuxResources{
 		Memory:  &specs.LinuxMemory{Limit: &limit},
 		CPU:     &specs.LinuxCPU{Quota: &quota, Period: &period},
-		Pids:    &specs.LinuxPids{Limit: pids},
+		Pids:    &specs.LinuxPids{Limit: &pids},
 		Unified: map[string]string{"b": "2"},
 	})
-	if dst.Memory != limit || dst.CpuQuota != quota || dst.CpuPeriod != period || dst.PidsLimit != pids {
-		t.Errorf("merged: memory %d quota %d period %d pids %d", dst.Memory, dst.CpuQuota, dst.CpuPeriod, dst.PidsLimit)
+	if dst.Memory != limit || dst.CpuQuota != quota || dst.CpuPeriod != period || dst.PidsLimit == nil || *dst.PidsLimit != pids {
+		t.Errorf("merged: memory %d quota %d period %d pids %v", dst.Memory, dst.CpuQuota, dst.CpuPeriod, dst.PidsLimit)
+	}
+	// A pids section without a limit keeps the limit there is.
+	mergeResources(dst, &specs.LinuxResources{Pids: &specs.LinuxPids{}})
+	if dst.PidsLimit == nil || *dst.PidsLimit != pids {
+		t.Errorf("pids limit after an update without one: %v, want %d", dst.PidsLimit, pids)
 	}
 	if dst.CpusetCpus != "0" || len(dst.Devices) != 2 || dst.Unified["a"] != "1" || dst.Unified["b"] != "2" {
 		t.Errorf("fields the update did not name changed: %+v", dst)

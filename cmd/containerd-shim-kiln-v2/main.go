@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"os"
 
 	"github.com/containerd/containerd/v2/pkg/shim"
 
@@ -16,9 +18,18 @@ var version = "dev"
 
 func main() {
 	task.Register(version)
+	m := manager.New(version)
+	// containerd before 2.3 runs `start` in a way pkg/shim no longer serves (legacy.go).
+	if handled, err := startLegacy(context.Background(), m, os.Args[1:], os.Stdout); handled || err != nil {
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "%s: %s", m.Name(), err)
+			os.Exit(1)
+		}
+		return
+	}
 	// The shim waits for its own children (QEMU, virtiofsd, loggers) with os/exec: containerd's reaper would
 	// take their exit statuses first, and no container process is a child of the shim to adopt.
-	shim.Run(context.Background(), manager.New(version), func(c *shim.Config) {
+	shim.Run(context.Background(), m, func(c *shim.Config) {
 		c.NoReaper = true
 		c.NoSubreaper = true
 	})

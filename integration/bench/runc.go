@@ -8,56 +8,31 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
+
+	"github.com/kiln-runtime/kiln/integration/containerd"
 )
 
-// runcVersion is the runc the baseline runs: the one whose libcontainer the agent links.
-const runcVersion = "v1.3.3"
-
-// ensureRunc returns a runc binary of runcVersion under tools, building it from a small module of its own when
-// it is missing. runc's own module has a replace directive, so `go install` refuses it; as a requirement of
-// another module it builds. seccomp support needs libseccomp's headers; without them runc is built without it
-// (the benchmark's bundle has no seccomp profile).
+// ensureRunc returns the runc binary under tools that the containerd harness builds from its tools module
+// (integration/containerd/tools): containerd.RuncVersion, the runc whose libcontainer the agent links. The bench
+// runs from the repository root (`make bench`).
 func ensureRunc(ctx context.Context, tools string) (string, error) {
-	bin, err := filepath.Abs(filepath.Join(tools, "runc"))
+	repo, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("locate the repository: %w", err)
+	}
+	tools, err = filepath.Abs(tools)
+	if err != nil {
+		return "", fmt.Errorf("locate tools dir: %w", err)
+	}
+	start := time.Now()
+	bin, err := containerd.EnsureRunc(ctx, repo, tools)
 	if err != nil {
 		return "", err
 	}
-	if out, err := exec.CommandContext(ctx, bin, "--version").Output(); err == nil && strings.Contains(string(out), strings.TrimPrefix(runcVersion, "v")) {
-		return bin, nil
+	if d := time.Since(start); d > 5*time.Second {
+		fmt.Fprintf(os.Stderr, "bench: built runc %s in %s\n", containerd.RuncVersion, d.Round(time.Second))
 	}
-	src := filepath.Join(filepath.Dir(bin), "..", "runc-build")
-	if err := os.MkdirAll(src, 0o755); err != nil {
-		return "", err
-	}
-	gomod := "module kiln.invalid/runc-build\n\ngo 1.24\n\nrequire github.com/opencontainers/runc " + runcVersion + "\n"
-	toolsGo := "//go:build tools\n\n// Package tools pins runc so that `go build github.com/opencontainers/runc` builds it.\npackage tools\n\nimport _ \"github.com/opencontainers/runc\"\n"
-	for name, content := range map[string]string{"go.mod": gomod, "tools.go": toolsGo} {
-		if err := os.WriteFile(filepath.Join(src, name), []byte(content), 0o644); err != nil {
-			return "", err
-		}
-	}
-	tags := ""
-	if exec.CommandContext(ctx, "pkg-config", "--exists", "libseccomp").Run() == nil {
-		tags = "seccomp"
-	} else {
-		fmt.Fprintln(os.Stderr, "bench: libseccomp headers not found; building runc without seccomp")
-	}
-	steps := [][]string{
-		{"go", "mod", "tidy"},
-		{"go", "build", "-trimpath", "-tags", tags, "-o", bin, "github.com/opencontainers/runc"},
-	}
-	start := time.Now()
-	for _, s := range steps {
-		cmd := exec.CommandContext(ctx, s[0], s[1:]...)
-		cmd.Dir = src
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=1", "GOFLAGS=-mod=mod", "GOWORK=off")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return "", fmt.Errorf("build runc %s (%s): %v\n%s", runcVersion, strings.Join(s, " "), err, out)
-		}
-	}
-	fmt.Fprintf(os.Stderr, "bench: built runc %s in %s\n", runcVersion, time.Since(start).Round(time.Second))
 	return bin, nil
 }
 

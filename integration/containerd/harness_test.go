@@ -21,6 +21,9 @@ func repoRoot(t testing.TB) string {
 	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
 }
 
+// toolsBuildTimeout bounds building the tools of one containerd version when they are not cached yet.
+const toolsBuildTimeout = 25 * time.Minute
+
 // requireRoot skips tests that need root, and all of them under -short.
 func requireRoot(t *testing.T) {
 	t.Helper()
@@ -32,19 +35,28 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-// startDaemon builds the tools (cached in _output/tools/bin), starts a private containerd with the Kiln shim
-// directory first on its PATH, imports busybox, and stops it all when the test ends, failing the test on
-// leftovers.
+// startDaemon builds the tools (cached in _output/tools/bin), starts a private containerd ContainerdVersion with
+// the Kiln shim directory first on its PATH, imports busybox, and stops it all when the test ends, failing the
+// test on leftovers.
 func startDaemon(t *testing.T, opts Options) *Daemon {
 	t.Helper()
+	return startDaemonVersion(t, ContainerdVersion, opts)
+}
+
+// startDaemonVersion is startDaemon with containerd and ctr of another version.
+func startDaemonVersion(t *testing.T, version string, opts Options) *Daemon {
+	t.Helper()
 	requireRoot(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
 	root := repoRoot(t)
-	tools, err := EnsureTools(ctx, root, filepath.Join(root, "_output", "tools", "bin"))
+	// Building containerd, ctr and runc the first time takes minutes, many on a loaded 2-core machine.
+	buildCtx, cancelBuild := context.WithTimeout(context.Background(), toolsBuildTimeout)
+	defer cancelBuild()
+	tools, err := EnsureToolsFor(buildCtx, root, filepath.Join(root, "_output", "tools", "bin"), version)
 	if err != nil {
 		t.Fatal(err)
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
 	opts.Tools = tools
 	opts.Debug = true
 	d, err := Start(ctx, opts)

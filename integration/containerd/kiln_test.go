@@ -20,6 +20,12 @@ type kilnEnv struct {
 // At the end it checks that nothing Kiln made is left: shims, QEMU, virtiofsd, mounts, state.
 func startKiln(t *testing.T) *kilnEnv {
 	t.Helper()
+	return startKilnVersion(t, ContainerdVersion)
+}
+
+// startKilnVersion is startKiln with containerd and ctr of another version.
+func startKilnVersion(t *testing.T, version string) *kilnEnv {
+	t.Helper()
 	requireRoot(t)
 	root := repoRoot(t)
 	assets := filepath.Join(root, "_output", "share", "kiln")
@@ -29,7 +35,7 @@ func startKiln(t *testing.T) *kilnEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := startDaemon(t, Options{Path: []string{shimDir}})
+	d := startDaemonVersion(t, version, Options{Path: []string{shimDir}})
 	cfg, err := d.KilnConfig(assets, "")
 	if err != nil {
 		t.Fatal(err)

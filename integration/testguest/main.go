@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net"
 
+	"github.com/mdlayher/vsock"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/agent"
@@ -43,7 +44,7 @@ func startServices(ctx context.Context, log *logrus.Entry) error {
 		EchoPort:     echo,
 		SinkPort:     sink,
 		SourcePort:   source,
-		DialBackPort: dialBack(agent.DialHost),
+		DialBackPort: dialBack(dialHost),
 		SlowSinkPort: slowSink,
 	}
 	for port, h := range handlers {
@@ -80,4 +81,13 @@ func serve(ctx context.Context, log *logrus.Entry, l net.Listener, h handler) {
 			}
 		}()
 	}
+}
+
+// dialHost opens a vsock connection to port on the host.
+func dialHost(port uint32) (net.Conn, error) {
+	c, err := vsock.Dial(agent.HostCID, port, nil)
+	if err != nil {
+		return nil, fmt.Errorf("dial host vsock port %d: %w", port, err)
+	}
+	return c, nil
 }

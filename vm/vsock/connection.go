@@ -456,10 +456,3 @@ func (c *conn) close(flush bool) {
 	}
 	c.cond.Broadcast()
 }
-
-// buffered is how many guest bytes wait for the host.
-func (c *conn) buffered() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.tx.n
-}

@@ -294,3 +294,10 @@ func TestHalfCloseBothWays(t *testing.T) {
 		t.Fatal("connection did not finish after both directions shut down")
 	}
 }
+
+// buffered is how many guest bytes wait for the host.
+func (c *conn) buffered() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.tx.n
+}

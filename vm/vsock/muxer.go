@@ -357,21 +357,6 @@ func (m *muxer) fillRx(bufs [][]byte) (uint32, error) {
 	return 0, nil
 }
 
-// buffered is the guest bytes held for host sockets, over all connections.
-func (m *muxer) buffered() int {
-	m.mu.Lock()
-	conns := make([]*conn, 0, len(m.conns))
-	for _, c := range m.conns {
-		conns = append(conns, c)
-	}
-	m.mu.Unlock()
-	n := 0
-	for _, c := range conns {
-		n += c.buffered()
-	}
-	return n
-}
-
 // close stops accepting, resets every connection and waits for every goroutine the muxer started.
 func (m *muxer) close() error {
 	m.mu.Lock()

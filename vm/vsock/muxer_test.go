@@ -447,3 +447,18 @@ func randomBytes(seed uint64, n int) []byte {
 	rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8)}).Read(b)
 	return b
 }
+
+// buffered is the guest bytes held for host sockets, over all connections.
+func (m *muxer) buffered() int {
+	m.mu.Lock()
+	conns := make([]*conn, 0, len(m.conns))
+	for _, c := range m.conns {
+		conns = append(conns, c)
+	}
+	m.mu.Unlock()
+	n := 0
+	for _, c := range conns {
+		n += c.buffered()
+	}
+	return n
+}

@@ -1,0 +1,163 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"testing"
+
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
+	runcoptions "github.com/containerd/containerd/api/types/runc/options"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/protobuf/proto"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/typeurl/v2"
+)
+
+// The arguments containerd 2.2 and 2.4 both pass to `start`.
+var startArgs = []string{"-namespace", "k8s.io", "-address", "/run/containerd/containerd.sock",
+	"-publish-binary", "/usr/bin/containerd", "-id", "task1", "-debug", "start"}
+
+type fakeStarter struct {
+	ctx   context.Context
+	id    string
+	opts  shim.StartOpts
+	err   error
+	calls int
+}
+
+func (f *fakeStarter) Start(ctx context.Context, id string, opts shim.StartOpts) (shim.BootstrapParams, error) {
+	f.ctx, f.id, f.opts = ctx, id, opts
+	f.calls++
+	return shim.BootstrapParams{Version: 3, Address: "unix:///run/containerd/s/abc", Protocol: "ttrpc"}, f.err
+}
+
+func TestParseShimArgs(t *testing.T) {
+	a, ok := parseShimArgs(startArgs)
+	if !ok || a.action != "start" || a.id != "task1" || a.namespace != "k8s.io" || !a.debug ||
+		a.address != "/run/containerd/containerd.sock" {
+		t.Errorf("parseShimArgs(start) = %+v, %v", a, ok)
+	}
+	if a, ok := parseShimArgs([]string{"-namespace", "n", "-id", "x", "-bundle", "/b", "delete"}); !ok || a.action != "delete" || a.bundle != "/b" {
+		t.Errorf("parseShimArgs(delete) = %+v, %v", a, ok)
+	}
+	if _, ok := parseShimArgs([]string{"-no-such-flag", "start"}); ok {
+		t.Error("an unknown flag parsed")
+	}
+}
+
+func TestIsBootstrap(t *testing.T) {
+	params := &bootapi.BootstrapParams{InstanceID: "task1", Namespace: "k8s.io", ContainerdVersion: "2.4.2"}
+	if err := params.AddExtension(&runcoptions.Options{BinaryName: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	msg, err := proto.Marshal(params)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !isBootstrap(msg, "task1", "k8s.io") {
+		t.Error("containerd 2.4's bootstrap message not recognised")
+	}
+	if isBootstrap(msg, "task2", "k8s.io") || isBootstrap(msg, "task1", "default") {
+		t.Error("a bootstrap message for another task accepted")
+	}
+	// containerd 2.2 writes the runtime options, or nothing.
+	opts, err := typeurl.MarshalAny(&runcoptions.Options{BinaryName: "task1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacy, err := proto.Marshal(typeurl.MarshalProto(opts))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if isBootstrap(legacy, "task1", "k8s.io") || isBootstrap(nil, "task1", "k8s.io") {
+		t.Error("containerd 2.2's start input taken for a bootstrap message")
+	}
+}
+
+func TestLegacyStart(t *testing.T) {
+	a, _ := parseShimArgs(startArgs)
+	f := &fakeStarter{}
+	var out bytes.Buffer
+	if err := legacyStart(context.Background(), f, a, "/run/containerd/containerd.sock.ttrpc", &out); err != nil {
+		t.Fatal(err)
+	}
+	if ns, _ := namespaces.Namespace(f.ctx); ns != "k8s.io" || f.id != "task1" {
+		t.Errorf("Start got namespace %q id %q", ns, f.id)
+	}
+	want := shim.StartOpts{Address: "/run/containerd/containerd.sock", TTRPCAddress: "/run/containerd/containerd.sock.ttrpc", Debug: true}
+	if f.opts != want {
+		t.Errorf("Start opts %+v, want %+v", f.opts, want)
+	}
+	// containerd 2.2 decodes this JSON; a version below 2 would make it take the output for a bare address.
+	var got struct {
+		Version  int    `json:"version"`
+		Address  string `json:"address"`
+		Protocol string `json:"protocol"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &got); err != nil || got.Version != 3 || got.Protocol != "ttrpc" ||
+		got.Address != "unix:///run/containerd/s/abc" {
+		t.Errorf("start output %q: %+v, %v", out.String(), got, err)
+	}
+
+	f.err = errors.New("boom")
+	if err := legacyStart(context.Background(), f, a, "", io.Discard); err == nil {
+		t.Error("a failed start reported success")
+	}
+}
+
+// startLegacy serves a start without a bootstrap message, and hands a start with one to pkg/shim with stdin
+// intact.
+func TestStartLegacyChoosesProtocol(t *testing.T) {
+	params, err := proto.Marshal(&bootapi.BootstrapParams{InstanceID: "task1", Namespace: "k8s.io"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		stdin   []byte
+		handled bool
+	}{
+		{"old containerd", startArgs, nil, true},
+		{"new containerd", startArgs, params, false},
+		{"delete", []string{"-namespace", "k8s.io", "-id", "task1", "delete"}, nil, false},
+		{"info", []string{"-info"}, []byte("options"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			setStdin(t, tc.stdin)
+			f := &fakeStarter{}
+			handled, err := startLegacy(context.Background(), f, tc.args, io.Discard)
+			if err != nil || handled != tc.handled || (f.calls == 1) != tc.handled {
+				t.Fatalf("handled %v (want %v), %d starts, %v", handled, tc.handled, f.calls, err)
+			}
+			if !handled {
+				rest, err := io.ReadAll(os.Stdin)
+				if err != nil || !bytes.Equal(rest, tc.stdin) {
+					t.Errorf("stdin left for pkg/shim: %q, %v; want %q", rest, err, tc.stdin)
+				}
+			}
+		})
+	}
+}
+
+func setStdin(t *testing.T, data []byte) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		_, _ = w.Write(data)
+		w.Close()
+	}()
+	old := os.Stdin
+	os.Stdin = r
+	t.Cleanup(func() {
+		os.Stdin = old
+		r.Close()
+	})
+}
