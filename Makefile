@@ -69,8 +69,6 @@ MODULE := github.com/kiln-runtime/kiln
 # unexported code, deadcode (from the commands and the bench's floor init) exported code too.
 UNUSED_DIRS := cmd runtime vm agent config
 UNUSED_ROOTS := ./cmd/... ./vm/image/floorinit
-# runtime/ is being rewritten (issue 8): what is found there is shown but does not fail `make vet` yet.
-UNUSED_PENDING := runtime
 empty :=
 space := $(empty) $(empty)
 
@@ -85,9 +83,7 @@ vet: vet-tools
 	@found=$$( { $(TOOLS)/staticcheck -checks U1000 -tests=false -tags '$(AGENT_TAGS)' $(UNUSED_DIRS:%=./%/...); \
 		$(TOOLS)/deadcode -tags '$(AGENT_TAGS)' -filter '^$(MODULE)/($(subst $(space),|,$(UNUSED_DIRS)))(/|$$)' \
 			$(UNUSED_ROOTS) || echo "deadcode failed"; } 2>&1 ); \
-	pending=$$(echo "$$found" | grep -E '^($(subst $(space),|,$(UNUSED_PENDING)))/' || true); \
-	bad=$$(echo "$$found" | grep -vE '^($(subst $(space),|,$(UNUSED_PENDING)))/' | grep . || true); \
-	if [ -n "$$pending" ]; then echo "unused outside tests, pending the rewrite of $(UNUSED_PENDING)/ (not failing):"; echo "$$pending"; fi; \
+	bad=$$(echo "$$found" | grep . || true); \
 	if [ -n "$$bad" ]; then echo "functions with no caller outside tests (delete them, or give them one):" >&2; echo "$$bad" >&2; exit 1; fi
 
 vet-tools:
