@@ -188,3 +188,31 @@ func shimSockets(t *testing.T) map[string]bool {
 	}
 	return m
 }
+
+// A VM that dies under its task (QEMU killed) is reported: the task exits 137, waiters return, and delete
+// cleans up everything (checkNoLeftovers at cleanup).
+func TestKilnVMKilled(t *testing.T) {
+	k := startKiln(t)
+	const id = "kiln-vmkill"
+	k.runDetached(t, id, nil, sleeper...)
+	k.waitStatus(t, id, "RUNNING")
+	qemus := ProcessesMatching("qemu-system")
+	var ours []int
+	for _, pid := range qemus {
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(b), k.d.StateDir()) {
+			ours = append(ours, pid)
+		}
+	}
+	if len(ours) != 1 {
+		t.Fatalf("want one QEMU under %s, found %v", k.d.StateDir(), ours)
+	}
+	if err := syscall.Kill(ours[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	k.waitStatus(t, id, "STOPPED")
+	// ctr exits with the task's exit status.
+	if _, errOut, code := k.ctrCode(t, nil, "tasks", "delete", id); code != 137 {
+		t.Errorf("delete after the VM was killed: exit %d, want 137 (stderr %q)", code, errOut)
+	}
+	k.ctr(t, "containers", "delete", id)
+}
