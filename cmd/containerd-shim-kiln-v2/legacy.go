@@ -63,15 +63,15 @@ func isBootstrap(input []byte, id, namespace string) bool {
 	return p.GetInstanceID() == id && p.GetNamespace() == namespace
 }
 
-// legacyStarter is the part of the shim manager an old-style `start` calls.
-type legacyStarter interface {
-	Start(ctx context.Context, id string, opts shim.StartOpts) (shim.BootstrapParams, error)
+// starter is the part of the shim an old-style `start` calls.
+type starter interface {
+	Start(ctx context.Context, params *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error)
 }
 
 // startLegacy runs `start` for containerd before 2.3 when that is what args and stdin hold, and reports whether
 // it did. Otherwise it leaves the command to pkg/shim, with whatever it read from stdin put back in
 // os.Stdin.
-func startLegacy(ctx context.Context, m legacyStarter, args []string, stdout io.Writer) (bool, error) {
+func startLegacy(ctx context.Context, m starter, args []string, stdout io.Writer) (bool, error) {
 	a, ok := parseShimArgs(args)
 	if !ok || a.action != "start" || a.version || a.info || a.namespace == "" {
 		return false, nil
@@ -89,16 +89,26 @@ func startLegacy(ctx context.Context, m legacyStarter, args []string, stdout io.
 	return true, legacyStart(ctx, m, a, os.Getenv("TTRPC_ADDRESS"), stdout)
 }
 
-// legacyStart starts (or joins) the task's shim server the way pkg/shim did before containerd 2.3 and writes
-// its address as the JSON containerd reads.
-func legacyStart(ctx context.Context, m legacyStarter, a shimArgs, ttrpcAddress string, stdout io.Writer) error {
+// legacyStart starts (or joins) the task's shim server with what containerd before 2.3 passes on the command
+// line and in the environment, and writes the result as the JSON it reads.
+func legacyStart(ctx context.Context, m starter, a shimArgs, ttrpcAddress string, stdout io.Writer) error {
 	ctx = namespaces.WithNamespace(ctx, a.namespace)
 	ctx = context.WithValue(ctx, shim.OptsKey{}, shim.Opts{BundlePath: a.bundle, Debug: a.debug})
-	params, err := m.Start(ctx, a.id, shim.StartOpts{Address: a.address, TTRPCAddress: ttrpcAddress, Debug: a.debug})
+	params := &bootapi.BootstrapParams{
+		InstanceID:             a.id,
+		Namespace:              a.namespace,
+		LogLevel:               bootapi.LogLevel_LOG_LEVEL_INFO,
+		ContainerdGrpcAddress:  a.address,
+		ContainerdTtrpcAddress: ttrpcAddress,
+	}
+	if a.debug {
+		params.LogLevel = bootapi.LogLevel_LOG_LEVEL_DEBUG
+	}
+	res, err := m.Start(ctx, params)
 	if err != nil {
 		return err
 	}
-	b, err := json.Marshal(params)
+	b, err := json.Marshal(legacyResult{Version: res.GetVersion(), Address: res.GetAddress(), Protocol: res.GetProtocol()})
 	if err != nil {
 		return fmt.Errorf("encode start result: %w", err)
 	}
@@ -106,6 +116,14 @@ func legacyStart(ctx context.Context, m legacyStarter, a shimArgs, ttrpcAddress 
 		return fmt.Errorf("write start result: %w", err)
 	}
 	return nil
+}
+
+// legacyResult is the `start` result containerd before 2.3 reads; a version below 2 (or output that is not
+// JSON) would make it take the output for a bare ttrpc address.
+type legacyResult struct {
+	Version  int32  `json:"version"`
+	Address  string `json:"address"`
+	Protocol string `json:"protocol"`
 }
 
 // replayStdin makes os.Stdin yield input again, for pkg/shim to read.

@@ -13,7 +13,6 @@ import (
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/protobuf/proto"
-	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/typeurl/v2"
 )
 
@@ -22,17 +21,19 @@ var startArgs = []string{"-namespace", "k8s.io", "-address", "/run/containerd/co
 	"-publish-binary", "/usr/bin/containerd", "-id", "task1", "-debug", "start"}
 
 type fakeStarter struct {
-	ctx   context.Context
-	id    string
-	opts  shim.StartOpts
-	err   error
-	calls int
+	ctx    context.Context
+	params *bootapi.BootstrapParams
+	err    error
+	calls  int
 }
 
-func (f *fakeStarter) Start(ctx context.Context, id string, opts shim.StartOpts) (shim.BootstrapParams, error) {
-	f.ctx, f.id, f.opts = ctx, id, opts
+func (f *fakeStarter) Start(ctx context.Context, p *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error) {
+	f.ctx, f.params = ctx, p
 	f.calls++
-	return shim.BootstrapParams{Version: 3, Address: "unix:///run/containerd/s/abc", Protocol: "ttrpc"}, f.err
+	if f.err != nil {
+		return nil, f.err
+	}
+	return &bootapi.BootstrapResult{Version: 3, Address: "unix:///run/containerd/s/abc", Protocol: "ttrpc"}, nil
 }
 
 func TestParseShimArgs(t *testing.T) {
@@ -85,12 +86,14 @@ func TestLegacyStart(t *testing.T) {
 	if err := legacyStart(context.Background(), f, a, "/run/containerd/containerd.sock.ttrpc", &out); err != nil {
 		t.Fatal(err)
 	}
-	if ns, _ := namespaces.Namespace(f.ctx); ns != "k8s.io" || f.id != "task1" {
-		t.Errorf("Start got namespace %q id %q", ns, f.id)
+	if ns, _ := namespaces.Namespace(f.ctx); ns != "k8s.io" {
+		t.Errorf("Start got namespace %q in its context", ns)
 	}
-	want := shim.StartOpts{Address: "/run/containerd/containerd.sock", TTRPCAddress: "/run/containerd/containerd.sock.ttrpc", Debug: true}
-	if f.opts != want {
-		t.Errorf("Start opts %+v, want %+v", f.opts, want)
+	p := f.params
+	if p.GetInstanceID() != "task1" || p.GetNamespace() != "k8s.io" || p.GetLogLevel() != bootapi.LogLevel_LOG_LEVEL_DEBUG ||
+		p.GetContainerdGrpcAddress() != "/run/containerd/containerd.sock" ||
+		p.GetContainerdTtrpcAddress() != "/run/containerd/containerd.sock.ttrpc" {
+		t.Errorf("Start params %v", p)
 	}
 	// containerd 2.2 decodes this JSON; a version below 2 would make it take the output for a bare address.
 	var got struct {
