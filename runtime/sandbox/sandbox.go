@@ -22,6 +22,9 @@ import (
 // AgentPort is the vsock port the guest agent serves ttrpc on.
 const AgentPort = agentv1.APIPort
 
+// firstHealthTimeout bounds the first health check of a booting guest's agent; later attempts double it.
+const firstHealthTimeout = time.Second
+
 // dialRetryInterval is how often the host retries while the guest is still booting. Under TCG a boot takes
 // over a second, so 5 ms costs nothing and keeps the measured boot-to-ready close to the real moment.
 const dialRetryInterval = 5 * time.Millisecond
@@ -87,12 +90,19 @@ func (s *Sandbox) connect(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
 	defer cancel()
 	var lastErr error
+	// A connection made while the guest boots can be lost on the way without an error; each attempt's health
+	// check is bounded, starting short and growing to the request timeout, so one lost connection costs a
+	// second, not the whole dial timeout, while a slow agent still gets its time.
+	attempt := firstHealthTimeout
 	for {
 		conn, err := s.m.DialVsock(ctx, AgentPort)
 		if err == nil {
 			client := newClient(conn, s.opts.RequestTimeout)
 			health := agentv1.NewHealthClient(client)
-			resp, herr := health.Check(ctx, &agentv1.CheckRequest{})
+			hctx, hcancel := context.WithTimeout(ctx, attempt)
+			resp, herr := health.Check(hctx, &agentv1.CheckRequest{})
+			hcancel()
+			attempt = min(2*attempt, s.opts.RequestTimeout)
 			if herr == nil && resp.GetStatus() == agentv1.CheckResponse_SERVING {
 				s.conn, s.client, s.health = conn, client, health
 				s.agent = agentv1.NewAgentClient(client)
