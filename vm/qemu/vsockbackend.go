@@ -46,8 +46,10 @@ type vhostUserVsock struct {
 	udsPath    string
 }
 
-// startVhostUserVsock creates the device and serves QEMU's connection until ctx ends.
-func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, log *logrus.Entry) (*vhostUserVsock, error) {
+// startVhostUserVsock creates the device and serves QEMU's connection until ctx ends. fileBackedRAM says guest
+// RAM is a file (Config.MemoryFile), which cannot be sealed against shrinking; otherwise the backend insists on
+// QEMU's sealed memfd.
+func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, fileBackedRAM bool, log *logrus.Entry) (*vhostUserVsock, error) {
 	dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: udsPath}, log)
 	if err != nil {
 		return nil, fmt.Errorf("vsock device: %w", err)
@@ -59,7 +61,11 @@ func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, log *l
 	}
 	go func() {
 		defer l.Close()
-		if err := vhostuser.Serve(ctx, l, dev, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
+		var opts []vhostuser.Option
+		if fileBackedRAM {
+			opts = append(opts, vhostuser.AllowUnsealedMemory())
+		}
+		if err := vhostuser.Serve(ctx, l, dev, log.WithField("device", "vsock"), opts...); err != nil && ctx.Err() == nil {
 			log.WithError(err).Warn("vhost-user vsock backend stopped")
 		}
 	}()
