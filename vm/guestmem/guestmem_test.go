@@ -7,10 +7,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// memfd returns a memfd of size bytes whose byte i is byte(i*7+seed).
+// memfd returns a memfd of size bytes whose byte i is byte(i*7+seed), sealed as QEMU seals guest RAM.
 func memfd(t *testing.T, size int, seed byte) int {
 	t.Helper()
-	fd, err := unix.MemfdCreate("guestmem-test", unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate("guestmem-test", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		t.Fatalf("memfd_create: %v", err)
 	}
@@ -20,6 +20,9 @@ func memfd(t *testing.T, size int, seed byte) int {
 	}
 	if _, err := unix.Pwrite(fd, buf, 0); err != nil {
 		t.Fatalf("fill memfd: %v", err)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, qemuSeals); err != nil {
+		t.Fatalf("seal memfd: %v", err)
 	}
 	return fd
 }

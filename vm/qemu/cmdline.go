@@ -23,7 +23,9 @@ func args(c Config, p paths, vsockArgs []string) []string {
 		// A file-backed, shared RAM is what a VM template is restored from.
 		backend = fmt.Sprintf("memory-backend-file,id=mem,size=%s,mem-path=%s,share=on", mem, c.MemoryFile)
 	} else {
-		backend = fmt.Sprintf("memory-backend-memfd,id=mem,size=%s,share=on", mem)
+		// seal=on is QEMU's default, spelled out because the vhost-user backends depend on it: Kiln's vsock
+		// backend refuses guest RAM that could shrink under its mapping (vm/guestmem).
+		backend = fmt.Sprintf("memory-backend-memfd,id=mem,size=%s,share=on,seal=on", mem)
 	}
 	params := append(append([]string{}, baseKernelParams...), c.KernelParams...)
 	if c.Accel == accel.TCG && c.TSCkHz > 0 {

@@ -16,7 +16,7 @@ func TestArgs(t *testing.T) {
 		want   []string
 		absent []string
 	}{
-		{name: "tcg", want: []string{"-accel tcg", "-smp 2", "-m 512M", "tsc_early_khz=2445000", "memory-backend-memfd,id=mem,size=512M,share=on",
+		{name: "tcg", want: []string{"-accel tcg", "-smp 2", "-m 512M", "tsc_early_khz=2445000", "memory-backend-memfd,id=mem,size=512M,share=on,seal=on",
 			"vhost-user-vsock-device,chardev=vsock", "path=/run/kiln/x/vhost-user-vsock.sock", "-no-reboot", "pit=on,pic=on,rtc=on"},
 			absent: []string{"-cpu host"}},
 		{name: "kvm", mutate: func(c *Config) { c.Accel = accel.KVM }, want: []string{"-accel kvm", "-cpu host"}, absent: []string{"tsc_early_khz"}},

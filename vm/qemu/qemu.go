@@ -235,7 +235,7 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	case VsockKernel:
 		vs, err = openKernelVsock(KernelVsockDevice)
 	case VsockVhostUser, "":
-		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.log)
+		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.cfg.MemoryFile != "", m.log)
 	default:
 		err = fmt.Errorf("unknown vsock mode %q", m.cfg.Vsock)
 	}

@@ -44,10 +44,13 @@ type vhostUserVsock struct {
 	dev        *vsock.Device
 	socketPath string
 	udsPath    string
+	log        *logrus.Entry
 }
 
-// startVhostUserVsock creates the device and serves QEMU's connection until ctx ends.
-func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, log *logrus.Entry) (*vhostUserVsock, error) {
+// startVhostUserVsock creates the device and serves QEMU's connection until ctx ends. fileBackedRAM says guest
+// RAM is a file (Config.MemoryFile), which cannot be sealed against shrinking; otherwise the backend insists on
+// QEMU's sealed memfd.
+func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, fileBackedRAM bool, log *logrus.Entry) (*vhostUserVsock, error) {
 	dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: udsPath}, log)
 	if err != nil {
 		return nil, fmt.Errorf("vsock device: %w", err)
@@ -59,11 +62,15 @@ func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, log *l
 	}
 	go func() {
 		defer l.Close()
-		if err := vhostuser.Serve(ctx, l, dev, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
+		var opts []vhostuser.Option
+		if fileBackedRAM {
+			opts = append(opts, vhostuser.AllowUnsealedMemory())
+		}
+		if err := vhostuser.Serve(ctx, l, dev, log.WithField("device", "vsock"), opts...); err != nil && ctx.Err() == nil {
 			log.WithError(err).Warn("vhost-user vsock backend stopped")
 		}
 	}()
-	return &vhostUserVsock{dev: dev, socketPath: socketPath, udsPath: udsPath}, nil
+	return &vhostUserVsock{dev: dev, socketPath: socketPath, udsPath: udsPath, log: log}, nil
 }
 
 func (v *vhostUserVsock) qemuArgs(int) []string {
@@ -79,4 +86,16 @@ func (v *vhostUserVsock) dial(ctx context.Context, port uint32) (net.Conn, error
 	return vsock.Dial(ctx, v.udsPath, port)
 }
 
-func (v *vhostUserVsock) close() error { return v.dev.Close() }
+// close ends the device and reports what it dropped or cut short over the VM's life, if anything, so a limit
+// the guest ran into shows in the shim's log once.
+func (v *vhostUserVsock) close() error {
+	err := v.dev.Close()
+	if mt := v.dev.Metrics(); mt != (vsock.Metrics{}) {
+		v.log.WithFields(logrus.Fields{
+			"rst_dropped": mt.RstDropped, "malformed_tx_chains": mt.MalformedTxChains,
+			"malformed_rx_chains": mt.MalformedRxChains, "small_rx_chains": mt.SmallRxChains,
+			"conns_killed": mt.ConnsKilled, "warnings_suppressed": mt.WarningsSuppressed,
+		}).Info("vsock device counters")
+	}
+	return err
+}

@@ -35,7 +35,7 @@ func feUsed(i int) uint64  { return feDesc(i) + 0x1000 }
 func feData(i int) uint64  { return 0x40000 + uint64(0x1000*i) }
 
 // startServe runs Serve on a fresh socket and connects a fake frontend to it.
-func startServe(t *testing.T, ctx context.Context, dev Device) (*fakeFrontend, <-chan error) {
+func startServe(t *testing.T, ctx context.Context, dev Device, opts ...Option) (*fakeFrontend, <-chan error) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "vu.sock")
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
@@ -44,17 +44,21 @@ func startServe(t *testing.T, ctx context.Context, dev Device) (*fakeFrontend, <
 	}
 	t.Cleanup(func() { l.Close() })
 	errc := make(chan error, 1)
-	go func() { errc <- Serve(ctx, l, dev, nil) }()
+	go func() { errc <- Serve(ctx, l, dev, nil, opts...) }()
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	fd, err := unix.MemfdCreate("fake-guest-ram", unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate("fake-guest-ram", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := unix.Ftruncate(fd, feMemSize); err != nil {
+		t.Fatal(err)
+	}
+	// Sealed as QEMU's memory-backend-memfd seals guest RAM by default.
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_GROW|unix.F_SEAL_SHRINK|unix.F_SEAL_SEAL); err != nil {
 		t.Fatal(err)
 	}
 	mem, err := unix.Mmap(fd, 0, feMemSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)

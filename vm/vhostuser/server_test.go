@@ -266,3 +266,39 @@ func TestServeStopsOnContext(t *testing.T) {
 		dev.expect(t, "kick 0", "kick 1", "stop")
 	})
 }
+
+// TestMemoryTableMustNotShrink pins the vhost-user side of finding 11 of issue 11: guest RAM whose file could
+// be truncated under our mapping is refused, unless the VM's RAM is a file by configuration.
+func TestMemoryTableMustNotShrink(t *testing.T) {
+	unsealed := func(t *testing.T) int {
+		fd, err := unix.MemfdCreate("unsealed-guest-ram", unix.MFD_CLOEXEC)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(fd) })
+		if err := unix.Ftruncate(fd, feMemSize); err != nil {
+			t.Fatal(err)
+		}
+		return fd
+	}
+	tests := []struct {
+		name   string
+		fd     func(t *testing.T, f *fakeFrontend) int
+		opts   []Option
+		wantOK bool
+	}{
+		{"sealed memfd", func(_ *testing.T, f *fakeFrontend) int { return f.fd }, nil, true},
+		{"unsealed memfd", func(t *testing.T, _ *fakeFrontend) int { return unsealed(t) }, nil, false},
+		{"unsealed memory allowed", func(t *testing.T, _ *fakeFrontend) int { return unsealed(t) },
+			[]Option{AllowUnsealedMemory()}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f, _ := startServe(t, context.Background(), newFakeDevice(), tt.opts...)
+			handshake(t, f)
+			if st := f.acked(reqSetMemTable, f.memTable(), tt.fd(t, f)); (st == 0) != tt.wantOK {
+				t.Fatalf("SET_MEM_TABLE status %d, want success %v", st, tt.wantOK)
+			}
+		})
+	}
+}

@@ -13,9 +13,10 @@ import (
 
 // session is the backend state of one frontend connection. It is used from one goroutine.
 type session struct {
-	dev Device
-	w   io.Writer
-	log *logrus.Entry
+	dev  Device
+	w    io.Writer
+	log  *logrus.Entry
+	opts options
 
 	offered    uint64 // GET_FEATURES answer
 	acked      uint64 // SET_FEATURES
@@ -25,8 +26,8 @@ type session struct {
 	queues     []*virtqueue.Queue // non-nil while the device runs
 }
 
-func newSession(dev Device, w io.Writer, log *logrus.Entry) *session {
-	s := &session{dev: dev, w: w, log: log,
+func newSession(dev Device, w io.Writer, log *logrus.Entry, opts options) *session {
+	s := &session{dev: dev, w: w, log: log, opts: opts,
 		offered: dev.Features() | FeatureVersion1 | FeatureProtocolFeatures | RingFeatures}
 	for range dev.NumQueues() {
 		s.rings = append(s.rings, newVring())
@@ -180,7 +181,7 @@ func (s *session) setMemTable(m *message) error {
 	// The device must stop touching the old mapping before it goes away.
 	s.stopDevice()
 	s.unmap()
-	mem, err := guestmem.Map(grs)
+	mem, err := guestmem.MapWith(grs, s.opts.mem)
 	if err != nil {
 		return fmt.Errorf("set memory table: %w", err)
 	}

@@ -31,9 +31,6 @@ func (e *ChainError) Error() string {
 // Unwrap lets errors.Is match both ErrMalformedChain and the specific cause.
 func (e *ChainError) Unwrap() []error { return []error{ErrMalformedChain, e.Err} }
 
-// maxIndirect bounds an indirect table: descriptor indexes are 16-bit, so no longer table can be walked.
-const maxIndirect = 1 << 16
-
 // descriptor is one decoded descriptor table entry.
 type descriptor struct {
 	addr  uint64
@@ -85,14 +82,18 @@ func (q *Queue) Pop() (*Chain, error) {
 }
 
 // walk follows the chain starting at c.Head, descending into at most one indirect table.
+//
+// VIRTIO 1.2 §2.7.5.3.1 forbids a chain longer than the queue size, counting every buffer descriptor whether it
+// sits in the descriptor table or in an indirect table. Holding the driver to that bounds the work and memory
+// one chain can cost, and finds loops: a walk that needs more steps than its table has entries revisits one.
 func (q *Queue) walk(c *Chain) error {
 	if c.Head >= q.size {
 		return fmt.Errorf("head index out of range (queue size %d)", q.size)
 	}
 	table, n := q.desc, uint32(q.size)
 	indirect := false
+	buffers := uint32(0) // buffer descriptors taken so far, over both tables
 	i := c.Head
-	// A well-formed chain visits each descriptor of its table at most once, so more steps means a loop.
 	for steps := uint32(1); ; steps++ {
 		if steps > n {
 			return fmt.Errorf("chain longer than its %d-entry table (loop?)", n)
@@ -105,9 +106,14 @@ func (q *Queue) walk(c *Chain) error {
 			if d.flags&descFNext != 0 {
 				return errors.New("descriptor has both INDIRECT and NEXT")
 			}
-			if d.len == 0 || d.len%descSize != 0 || d.len/descSize > maxIndirect {
-				return fmt.Errorf("indirect table length %d is not a positive multiple of %d up to %d entries",
-					d.len, descSize, maxIndirect)
+			if d.len == 0 || d.len%descSize != 0 {
+				return fmt.Errorf("indirect table length %d is not a positive multiple of %d", d.len, descSize)
+			}
+			// Checked before the table is looked at, so a driver cannot make us map or walk more than a queue's
+			// worth of descriptors, whatever length it claims.
+			if entries := d.len / descSize; entries > uint32(q.size) {
+				return fmt.Errorf("indirect table of %d descriptors is longer than the queue (size %d)",
+					entries, q.size)
 			}
 			t, err := q.mem.Slice(d.addr, uint64(d.len))
 			if err != nil {
@@ -115,6 +121,9 @@ func (q *Queue) walk(c *Chain) error {
 			}
 			table, n, indirect, i, steps = t, d.len/descSize, true, 0, 0
 			continue
+		}
+		if buffers++; buffers > uint32(q.size) {
+			return fmt.Errorf("chain of more than %d descriptors is longer than the queue", q.size)
 		}
 		buf, err := q.mem.Slice(d.addr, uint64(d.len))
 		if err != nil {

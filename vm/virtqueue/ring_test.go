@@ -29,12 +29,16 @@ type testRing struct {
 
 func newTestMemory(t *testing.T) *guestmem.Memory {
 	t.Helper()
-	fd, err := unix.MemfdCreate("virtqueue-test", unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate("virtqueue-test", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		t.Fatalf("memfd_create: %v", err)
 	}
 	if err := unix.Ftruncate(fd, memSize); err != nil {
 		t.Fatalf("ftruncate: %v", err)
+	}
+	// Sealed as QEMU seals guest RAM; guestmem refuses memory that could shrink under its mapping.
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_GROW|unix.F_SEAL_SHRINK|unix.F_SEAL_SEAL); err != nil {
+		t.Fatalf("seal memfd: %v", err)
 	}
 	mem, err := guestmem.Map([]guestmem.Region{{GuestPhysAddr: memBase, Size: memSize, UserAddr: 0x7f0000000000, FD: fd}})
 	if err != nil {

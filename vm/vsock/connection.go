@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 )
 
 // connKey names a connection by its two ports; every connection runs between the guest CID and the host.
@@ -63,16 +64,19 @@ func allowed(from, to connState) bool {
 
 // connParams are the per-connection limits, fixed at creation.
 type connParams struct {
-	bufAlloc        uint32        // our receive buffer: guest->host bytes buffered at most
-	creditThreshold uint32        // consumed bytes not yet advertised that trigger a CREDIT_UPDATE
-	readChunk       int           // host->guest bytes read from the socket at once
-	killTimeout     time.Duration // how long a closing connection may take to drain to the host
+	bufAlloc        uint32 // our receive buffer: guest->host bytes buffered at most
+	creditThreshold uint32 // consumed bytes not yet advertised that trigger a CREDIT_UPDATE
+	readChunk       int    // host->guest bytes read from the socket at once
+	// killTimeout bounds how long a closing connection may take to drain to the host, and how long a guest may
+	// stay silent on a connection whose host socket is gone before it is reset.
+	killTimeout time.Duration
 }
 
-// connOwner is what a connection needs from the muxer. Both are called without the connection's lock held.
+// connOwner is what a connection needs from the muxer. All are called without the connection's lock held.
 type connOwner interface {
 	wake(c *conn)             // c has guest-bound packets to send
 	finish(c *conn, rst bool) // c is over: forget it and, if rst, reset the guest side
+	expire(c *conn)           // a timeout ran out on c: forget it and reset the guest side
 }
 
 // ending says how a guest packet ends a connection.
@@ -102,7 +106,12 @@ type conn struct {
 	greeting []byte        // written to host before any guest byte ("OK <port>\n" for host-initiated)
 	running  bool          // reader and writer started
 	flushing bool          // closed, but the writer still drains tx to the host
-	timer    *time.Timer   // connect timeout or kill timeout, depending on state
+	// timer is the connect timeout (connecting), the host watch (established) or the kill timeout (closing).
+	timer *time.Timer
+	// guestPackets counts the guest's packets; watchedPackets is its value at the last host watch, so the
+	// watch can tell a silent guest from a slow one. hostGoneSeen: a watch found the host socket gone.
+	guestPackets, watchedPackets uint64
+	hostGoneSeen                 bool
 
 	wantRequest, wantResponse, wantCredit bool
 
@@ -160,9 +169,56 @@ func (c *conn) startLocked(host *net.UnixConn, greeting []byte) error {
 	c.stopTimerLocked()
 	c.host, c.greeting, c.running = host, greeting, true
 	c.rbuf = make([]byte, c.p.readChunk)
+	c.watchedPackets = c.guestPackets
+	c.timer = time.AfterFunc(c.p.killTimeout, c.watchHost)
 	c.wg.Go(c.readLoop)
 	c.wg.Go(c.writeLoop)
 	return nil
+}
+
+// watchHost runs every killTimeout while the connection is established. It resets a connection whose host
+// socket is gone (the host client closed it: both directions shut) once the guest sent nothing for a whole
+// killTimeout after a watch saw it gone. The guest was told with SHUTDOWN, or would be once it takes the bytes
+// still pending; one that never answers would otherwise hold the connection, and a slot of maxConns, until the
+// VM ends. Linux resets a peer that does not answer its close() within a timeout in the same way, and
+// Firecracker's kill queue does too. A host that only half-closed (stdin's EOF) still reads, so its connection
+// lives however quiet the guest is.
+func (c *conn) watchHost() {
+	c.mu.Lock()
+	if c.state != stateEstablished {
+		// Closed, or closing under its own kill timer.
+		c.mu.Unlock()
+		return
+	}
+	silent := c.hostGoneSeen && c.guestPackets == c.watchedPackets
+	c.watchedPackets = c.guestPackets
+	if !silent {
+		c.hostGoneSeen = c.hostGoneSeen || hostGone(c.host)
+		c.timer = time.AfterFunc(c.p.killTimeout, c.watchHost)
+		c.mu.Unlock()
+		return
+	}
+	c.timer = nil
+	c.mu.Unlock()
+	c.log.Debug("host socket closed and the guest stayed silent: resetting the connection")
+	c.owner.expire(c)
+}
+
+// hostGone says whether a Unix stream socket can neither receive nor send any more: poll reports POLLHUP once
+// both directions are shut, which the peer's close does (a peer's half-close shuts only one).
+func hostGone(s *net.UnixConn) bool {
+	rc, err := s.SyscallConn()
+	if err != nil {
+		return true // already closed on our side
+	}
+	gone := false
+	cerr := rc.Control(func(fd uintptr) {
+		p := []unix.PollFd{{Fd: int32(fd)}}
+		if n, err := unix.Poll(p, 0); err == nil && n > 0 && p[0].Revents&unix.POLLHUP != 0 {
+			gone = true
+		}
+	})
+	return gone || cerr != nil
 }
 
 // establish completes a guest-initiated connection once its host socket is dialed. It returns false when the
@@ -205,6 +261,7 @@ func (c *conn) handle(h *Header, payload iovec) (wake bool, end ending) {
 	if c.state == stateClosed {
 		return false, endNone
 	}
+	c.guestPackets++
 	if h.Op == OpRst {
 		return false, endPeerReset
 	}
@@ -251,9 +308,10 @@ func (c *conn) handle(h *Header, payload iovec) (wake bool, end ending) {
 		}
 		if c.guestShut == shutdownBoth && c.state == stateEstablished {
 			_ = c.transitionLocked(stateClosing)
+			c.stopTimerLocked() // the host watch: the kill timeout bounds what is left
 			c.timer = time.AfterFunc(c.p.killTimeout, func() {
 				c.log.Debug("closing connection did not drain in time")
-				c.owner.finish(c, true)
+				c.owner.expire(c)
 			})
 		}
 		c.cond.Broadcast()

@@ -30,6 +30,7 @@ func (o *fakeOwner) wake(*conn) {
 	}
 }
 func (o *fakeOwner) finish(c *conn, rst bool) { c.close(false); o.finished <- rst }
+func (o *fakeOwner) expire(c *conn)           { o.finish(c, true) }
 
 func testLog() *logrus.Entry {
 	l := logrus.New()

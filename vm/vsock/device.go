@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -21,6 +22,14 @@ const (
 // starve the guest of interrupts.
 const notifyBatch = 64
 
+// Warnings about the guest's rings (malformed or too small chains) are logged at most ringWarnBurst per
+// ringWarnInterval; the rest are counted (Metrics) and summed up in one line. A guest can produce them as fast
+// as it can write its rings, so one line each would let it flood the host's logs.
+const (
+	ringWarnBurst    = 10
+	ringWarnInterval = time.Minute
+)
+
 // Config configures a Device.
 type Config struct {
 	GuestCID uint64 // >= 3
@@ -34,9 +43,10 @@ type Config struct {
 // Connections live in the device, not in the queues: they survive Stop and Start (the frontend stops the
 // rings when the VM pauses) and end only on RST, shutdown, timeout or Close.
 type Device struct {
-	cid uint64
-	log *logrus.Entry
-	mux *muxer
+	cid      uint64
+	log      *logrus.Entry
+	mux      *muxer
+	ringWarn *logLimiter
 
 	mu  sync.Mutex // serialises Start, Stop and Close
 	run *run       // non-nil while started
@@ -73,7 +83,7 @@ func newDevice(mc muxerConfig, log *logrus.Entry) (*Device, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create vsock device for guest CID %d: %w", mc.guestCID, err)
 	}
-	return &Device{cid: mc.guestCID, log: log, mux: m}, nil
+	return &Device{cid: mc.guestCID, log: log, mux: m, ringWarn: newLogLimiter(ringWarnBurst, ringWarnInterval)}, nil
 }
 
 // NumQueues is 2: rx and tx. The event queue is served by QEMU itself.
@@ -122,6 +132,25 @@ func (d *Device) Stop() {
 	close(d.run.stop)
 	d.run.wg.Wait()
 	d.run = nil
+	if n := d.ringWarn.flush(); n > 0 {
+		d.log.WithField("suppressed", n).Warn("more warnings about the guest's vsock rings were not logged")
+	}
+}
+
+// Metrics returns the device's counters: what it dropped, refused or cut short because of the guest.
+func (d *Device) Metrics() Metrics { return d.mux.stats.snapshot() }
+
+// warnRing logs a warning about the guest's rings, within the rate limit.
+func (d *Device) warnRing(err error, format string, args ...any) {
+	ok, summary := d.ringWarn.allow()
+	if summary > 0 {
+		d.log.WithField("suppressed", summary).Warn("more warnings about the guest's vsock rings were not logged")
+	}
+	if !ok {
+		d.mux.stats.warningsSuppressed.Add(1)
+		return
+	}
+	d.log.WithError(err).Warnf(format, args...)
 }
 
 // Close stops the device, closes the hybrid socket, resets every connection and removes UDSPath.
@@ -209,7 +238,9 @@ func (d *Device) rxLoop(stop <-chan struct{}, q vq) {
 			}
 			n, err := d.mux.fillRx(held.Writable)
 			if err != nil {
-				d.log.WithError(err).Warn("rx chain")
+				// Given back empty: Linux drops it and posts a new buffer.
+				d.mux.stats.smallRxChains.Add(1)
+				d.warnRing(err, "rx chain %d", held.Head)
 			} else if n == 0 {
 				break // nothing was deliverable after all: keep the chain
 			}
@@ -243,7 +274,12 @@ func (d *Device) giveBack(q vq, err error, name string) bool {
 		d.log.WithError(err).Errorf("pop %s chain", name)
 		return false
 	}
-	d.log.WithError(err).Warnf("malformed %s chain", name)
+	if name == "tx" {
+		d.mux.stats.malformedTxChains.Add(1)
+	} else {
+		d.mux.stats.malformedRxChains.Add(1)
+	}
+	d.warnRing(err, "malformed %s chain", name)
 	if perr := q.Push(ce.Head, 0); perr != nil {
 		d.log.WithError(perr).Errorf("return malformed %s chain", name)
 	}

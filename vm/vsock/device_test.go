@@ -3,6 +3,7 @@ package vsock
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"sync"
@@ -18,14 +19,15 @@ var _ vhostuser.Device = (*Device)(nil)
 // fakeQueue is a virtqueue reduced to what the device sees: chains to pop and used elements pushed.
 type fakeQueue struct {
 	mu       sync.Mutex
-	avail    []*virtqueue.Chain
+	avail    []*virtqueue.Chain // a chain with Head but no buffers stands for a malformed one (see addBad)
+	bad      map[*virtqueue.Chain]bool
 	used     map[uint16]uint32
 	notifies int
 	kicks    chan struct{}
 }
 
 func newFakeQueue() *fakeQueue {
-	return &fakeQueue{used: map[uint16]uint32{}, kicks: make(chan struct{}, 1)}
+	return &fakeQueue{used: map[uint16]uint32{}, bad: map[*virtqueue.Chain]bool{}, kicks: make(chan struct{}, 1)}
 }
 
 func (q *fakeQueue) Pop() (*virtqueue.Chain, error) {
@@ -36,7 +38,26 @@ func (q *fakeQueue) Pop() (*virtqueue.Chain, error) {
 	}
 	c := q.avail[0]
 	q.avail = q.avail[1:]
+	if q.bad[c] {
+		delete(q.bad, c)
+		return nil, &virtqueue.ChainError{Head: c.Head, Err: errors.New("made malformed by the test")}
+	}
 	return c, nil
+}
+
+// addBad makes a malformed chain available: Pop consumes it and reports a ChainError.
+func (q *fakeQueue) addBad(head uint16) {
+	c := &virtqueue.Chain{Head: head}
+	q.mu.Lock()
+	q.bad[c] = true
+	q.mu.Unlock()
+	q.add(c)
+}
+
+func (q *fakeQueue) usedCount() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.used)
 }
 
 func (q *fakeQueue) Push(head uint16, written uint32) error {

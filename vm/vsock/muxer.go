@@ -31,7 +31,7 @@ type muxerConfig struct {
 	connectTimeout   time.Duration // the guest must answer a host-initiated REQUEST within this
 	dialTimeout      time.Duration // dialing "<udsPath>_<port>" for a guest-initiated connection
 	maxConns         int           // connections beyond this are refused (RST / client closed)
-	maxCtl           int           // RST replies to unknown connections waiting for an rx buffer
+	maxCtl           int           // RSTs not tied to a live connection waiting for an rx buffer; more are dropped
 }
 
 func defaultMuxerConfig(guestCID uint64, udsPath string) muxerConfig {
@@ -63,13 +63,14 @@ type muxer struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // accept loop, handshakes, dials, connection goroutines
 	ready  chan struct{}  // capacity 1: a guest-bound packet was queued
+	stats  counters
 
 	mu          sync.Mutex
 	closed      bool
 	conns       map[connKey]*conn
-	rxq         []*conn        // connections with guest-bound packets, served in turn
+	rxq         []*conn        // live connections with guest-bound packets, served in turn; at most maxConns
 	queued      map[*conn]bool // members of rxq
-	ctl         []Header       // RSTs not tied to a live connection
+	ctl         []Header       // RSTs not tied to a live connection, at most cfg.maxCtl
 	nextPort    uint32
 	handshaking map[net.Conn]struct{}
 }
@@ -144,7 +145,7 @@ func (m *muxer) hostConnect(nc *net.UnixConn) {
 	c.armTimer(m.cfg.connectTimeout, func() {
 		if c.stateIs(stateConnecting) {
 			c.log.Debug("guest did not answer the connection request in time")
-			m.finish(c, true)
+			m.expire(c)
 		}
 	})
 	m.wake(c)
@@ -180,6 +181,7 @@ func (m *muxer) handleTx(bufs [][]byte) {
 		if c != nil {
 			// The guest reuses the pair, so it has forgotten the old connection.
 			delete(m.conns, key)
+			m.unqueueLocked(c)
 			defer c.close(false)
 		}
 		m.guestConnectLocked(&h, key)
@@ -257,8 +259,7 @@ func (m *muxer) guestConnectLocked(h *Header, key connKey) {
 	})
 }
 
-// reply queues a RST not tied to a live connection; past maxCtl it is dropped, since a guest that floods
-// unknown ports without reading its rx queue must not grow our memory.
+// reply queues a RST not tied to a live connection (replyLocked).
 func (m *muxer) reply(h Header) {
 	m.mu.Lock()
 	m.replyLocked(h)
@@ -266,18 +267,30 @@ func (m *muxer) reply(h Header) {
 	m.signal()
 }
 
+// replyLocked queues a RST for the guest unless maxCtl already wait for rx buffers. Every RST the guest can
+// provoke goes through here, those retiring a connection included: once retired, the connection no longer
+// counts against maxConns, so a guest that dials unserved ports without posting rx buffers could otherwise
+// queue RSTs without end. Dropping never blocks the tx path; it is counted. The guest loses little: its next
+// packet on that port is answered with a fresh RST, and a connect it waits on times out on its side.
 func (m *muxer) replyLocked(h Header) {
 	if len(m.ctl) >= m.cfg.maxCtl {
-		m.log.Debug("too many pending vsock resets, dropping one")
+		m.stats.rstDropped.Add(1)
 		return
 	}
 	m.ctl = append(m.ctl, h)
 }
 
-// wake queues c for the rx path (connOwner).
+// rstTo is the RST that resets the guest side of the connection named by key.
+func (m *muxer) rstTo(key connKey) Header {
+	return Header{SrcCID: HostCID, DstCID: m.cfg.guestCID, SrcPort: key.local, DstPort: key.peer,
+		Type: TypeStream, Op: OpRst}
+}
+
+// wake queues c for the rx path (connOwner). A connection already retired is not queued: it has nothing more
+// to send, and only live connections may wait in rxq, which keeps it within maxConns.
 func (m *muxer) wake(c *conn) {
 	m.mu.Lock()
-	if !m.queued[c] {
+	if m.conns[c.key] == c && !m.queued[c] {
 		m.queued[c] = true
 		m.rxq = append(m.rxq, c)
 	}
@@ -295,21 +308,45 @@ func (m *muxer) signal() {
 // finish ends c without flushing (connOwner).
 func (m *muxer) finish(c *conn, rst bool) { m.retire(c, rst, false) }
 
-// retire forgets c, queues a RST for the guest if asked, and closes the host side.
-func (m *muxer) retire(c *conn, rst, flush bool) {
+// expire resets c because a timeout ran out, and counts it (connOwner).
+func (m *muxer) expire(c *conn) {
+	if m.retire(c, true, false) {
+		m.stats.connsKilled.Add(1)
+	}
+}
+
+// retire forgets c, queues a RST for the guest if asked, and closes the host side. It reports whether c was
+// still one of the muxer's connections.
+func (m *muxer) retire(c *conn, rst, flush bool) bool {
 	m.mu.Lock()
-	if m.conns[c.key] == c {
+	live := m.conns[c.key] == c
+	if live {
 		delete(m.conns, c.key)
+		m.unqueueLocked(c)
 		if rst {
-			// Not subject to maxCtl: bounded by the number of connections.
-			m.ctl = append(m.ctl, Header{SrcCID: HostCID, DstCID: m.cfg.guestCID, SrcPort: c.key.local,
-				DstPort: c.key.peer, Type: TypeStream, Op: OpRst})
+			m.replyLocked(m.rstTo(c.key))
 		}
 	}
 	m.mu.Unlock()
 	c.close(flush)
 	if rst {
 		m.signal()
+	}
+	return live
+}
+
+// unqueueLocked takes c out of rxq. Without it a guest that makes connections and ends them before taking their
+// packets, posting no rx buffers, would pile dead connections (and their buffers) up in rxq.
+func (m *muxer) unqueueLocked(c *conn) {
+	if !m.queued[c] {
+		return
+	}
+	delete(m.queued, c)
+	for i, q := range m.rxq {
+		if q == c {
+			m.rxq = append(m.rxq[:i], m.rxq[i+1:]...)
+			break
+		}
 	}
 }
 
@@ -367,9 +404,8 @@ func (m *muxer) close() error {
 	m.closed = true
 	conns := m.conns
 	m.conns = map[connKey]*conn{}
-	for c := range conns {
-		m.ctl = append(m.ctl, Header{SrcCID: HostCID, DstCID: m.cfg.guestCID, SrcPort: c.local,
-			DstPort: c.peer, Type: TypeStream, Op: OpRst})
+	for key := range conns {
+		m.replyLocked(m.rstTo(key))
 	}
 	for nc := range m.handshaking {
 		_ = nc.Close()

@@ -1,0 +1,127 @@
+package vsock
+
+import (
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
+
+	"github.com/kiln-runtime/kiln/vm/virtqueue"
+)
+
+// warnings counts the entries at warning level or above whose message contains s.
+func warnings(h *logtest.Hook, s string) int {
+	n := 0
+	for _, e := range h.AllEntries() {
+		if e.Level <= logrus.WarnLevel && strings.Contains(e.Message, s) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestMalformedChainWarningsAreThrottled pins finding 7 of issue 11: a guest that fills its rings with malformed
+// descriptor chains gets every chain back but costs a bounded number of log lines, not one per chain.
+func TestMalformedChainWarningsAreThrottled(t *testing.T) {
+	const bad = 1000
+	tests := []struct {
+		name string
+		rx   bool // the chains go to the rx queue
+		add  func(q *fakeQueue, head uint16)
+	}{
+		{"malformed tx chains", false, (*fakeQueue).addBad},
+		{"malformed rx chains", true, (*fakeQueue).addBad},
+		{"rx chains too small for a packet header", true, func(q *fakeQueue, head uint16) {
+			q.add(&virtqueue.Chain{Head: head, Writable: [][]byte{make([]byte, 10)}})
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l, hook := logtest.NewNullLogger()
+			l.SetOutput(io.Discard)
+			d, err := newDevice(testMuxerConfig(t), logrus.NewEntry(l))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			rx, tx := newFakeQueue(), newFakeQueue()
+			q := tx
+			if tt.rx {
+				q = rx
+				// The rx loop pops only when a packet waits: an RW to an unknown port queues a RST.
+				tx.add(&virtqueue.Chain{Head: 0, Readable: guestPacket(Header{Op: OpRW, SrcPort: 1, DstPort: 2}, []byte("x"))})
+			}
+			for i := range bad {
+				tt.add(q, uint16(i))
+			}
+			if err := d.start(rx, tx); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "every malformed chain to be given back", func() bool { return q.usedCount() == bad })
+			d.Stop()
+			if n := warnings(hook, ""); n > ringWarnBurst+1 {
+				t.Fatalf("%d warnings for %d malformed chains, want at most %d and a summary", n, bad, ringWarnBurst)
+			}
+			mt := d.Metrics()
+			if got := mt.MalformedTxChains + mt.MalformedRxChains + mt.SmallRxChains; got != bad {
+				t.Fatalf("metrics %+v count %d bad chains, want %d", mt, got, bad)
+			}
+			if mt.WarningsSuppressed != bad-ringWarnBurst {
+				t.Fatalf("WarningsSuppressed = %d, want %d", mt.WarningsSuppressed, bad-ringWarnBurst)
+			}
+			// Stopping sums up what was left out.
+			if n := warnings(hook, "not logged"); n != 1 {
+				t.Fatalf("%d summary lines after Stop, want 1", n)
+			}
+		})
+	}
+}
+
+// TestLogLimiterLetsABurstThroughPerInterval pins the throttle behind the ring warnings: the first burst events
+// of an interval are logged, the rest counted, and the count is handed back once, when the next interval opens.
+func TestLogLimiterLetsABurstThroughPerInterval(t *testing.T) {
+	type event struct {
+		at      time.Duration // since the first event
+		ok      bool
+		summary int
+	}
+	tests := []struct {
+		name   string
+		events []event
+		flush  int // what flush returns afterwards
+	}{
+		{"under the burst", []event{{0, true, 0}, {time.Second, true, 0}}, 0},
+		{"over the burst", []event{{0, true, 0}, {1, true, 0}, {2, true, 0}, {3, false, 0}, {4, false, 0}}, 2},
+		{"next interval reports what was left out", []event{
+			{0, true, 0}, {1, true, 0}, {2, true, 0}, {3, false, 0},
+			{time.Minute, true, 1}, {time.Minute + 1, true, 0},
+		}, 0},
+		{"quiet interval in between", []event{
+			{0, true, 0}, {1, true, 0}, {2, true, 0}, {3, false, 0}, {4, false, 0},
+			{10 * time.Minute, true, 2},
+		}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			base := time.Unix(1000, 0)
+			now := base
+			l := newLogLimiter(3, time.Minute)
+			l.now = func() time.Time { return now }
+			for i, e := range tt.events {
+				now = base.Add(e.at)
+				if ok, summary := l.allow(); ok != e.ok || summary != e.summary {
+					t.Fatalf("event %d at %v: allow = %v, %d; want %v, %d", i, e.at, ok, summary, e.ok, e.summary)
+				}
+			}
+			if n := l.flush(); n != tt.flush {
+				t.Fatalf("flush = %d, want %d", n, tt.flush)
+			}
+			if n := l.flush(); n != 0 {
+				t.Fatalf("second flush = %d, want 0", n)
+			}
+		})
+	}
+}
