@@ -51,11 +51,8 @@ type MapOptions struct {
 
 // Map maps every region (read-write, shared) and closes every region's FD, also on failure. Each region's file
 // must be sealed against shrinking (F_SEAL_SHRINK, set by QEMU's memory-backend-memfd unless seal=off) and hold
-// the whole region; MapWith can relax the seal requirement.
-func Map(regions []Region) (*Memory, error) { return MapWith(regions, MapOptions{}) }
-
-// MapWith is Map with options.
-func MapWith(regions []Region, opts MapOptions) (*Memory, error) {
+// the whole region; opts can relax the seal requirement.
+func Map(regions []Region, opts MapOptions) (*Memory, error) {
 	defer func() {
 		for _, r := range regions {
 			if r.FD >= 0 {

@@ -181,7 +181,7 @@ func (s *session) setMemTable(m *message) error {
 	// The device must stop touching the old mapping before it goes away.
 	s.stopDevice()
 	s.unmap()
-	mem, err := guestmem.MapWith(grs, s.opts.mem)
+	mem, err := guestmem.Map(grs, s.opts.mem)
 	if err != nil {
 		return fmt.Errorf("set memory table: %w", err)
 	}
