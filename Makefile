@@ -18,7 +18,7 @@ PREFIX ?= /usr/local
 INSTALL_BINS := kiln containerd-shim-kiln-v2
 INSTALL_SHARE := vmlinuz initrd.img kernel-release agent-version config.toml
 
-.PHONY: all build image proto proto-check deps vet vet-tools test unit integration bench demo install uninstall clean FORCE
+.PHONY: all build image proto proto-check deps vet vet-tools test unit integration bench demo fuzz install uninstall clean FORCE
 
 all: build
 
@@ -96,6 +96,16 @@ vet-tools:
 # Every test: unit tests and the integration tests that boot real QEMU guests (needs root).
 test: deps build image proto-check vet
 	$(GO) test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...
+
+# Each fuzz target for FUZZTIME (their seed corpora also run, briefly, in every `go test`).
+FUZZTIME ?= 60s
+fuzz:
+	@set -e; for t in $$(grep -rl --include='*_test.go' '^func Fuzz' . | xargs -n1 dirname | sort -u); do \
+		for f in $$(grep -h '^func Fuzz' $$t/*_test.go | sed 's/func \(Fuzz[A-Za-z0-9_]*\).*/\1/'); do \
+			echo "fuzz $$t $$f for $(FUZZTIME)"; \
+			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$t; \
+		done; \
+	done
 
 unit:
 	$(GO) test -count=1 -short ./...
