@@ -133,10 +133,12 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	return &taskAPI.DeleteResponse{Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
 }
 
-// stopIfIdle stops the pod when no task is left (after a failed first Create).
+// stopIfIdle stops the pod when no task is left and no other Create is under way (after a failed first Create).
 func (s *Service) stopIfIdle(ctx context.Context) {
-	p := s.currentPod()
-	if p != nil && p.Containers().Len() == 0 {
+	s.mu.Lock()
+	p, others := s.pod, s.creating > 1
+	s.mu.Unlock()
+	if p != nil && !others && p.Containers().Len() == 0 {
 		if err := s.stopPod(context.WithoutCancel(ctx)); err != nil {
 			log.G(s.ctx).WithError(err).Warn("stop idle pod")
 		}

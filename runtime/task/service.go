@@ -46,11 +46,14 @@ type Service struct {
 	// socket is the shim's own ttrpc socket address, when known.
 	socket string
 
-	// createMu serialises Create, so that the first one boots the pod alone.
-	createMu sync.Mutex
+	// bootMu serialises finding or booting the pod, so that the first Create boots it alone; containers are
+	// then created concurrently (the pod's registry reserves each id).
+	bootMu sync.Mutex
 
 	mu  sync.Mutex
 	pod *pod.Pod
+	// creating counts Creates in progress: a failed first Create stops the pod only when no other is.
+	creating int
 }
 
 var _ taskAPI.TTRPCTaskService = (*Service)(nil)
@@ -127,6 +130,8 @@ func VMID(namespace, group string) string {
 
 // podFor returns the shim's pod, booting it with the configuration the request names when there is none.
 func (s *Service) podFor(ctx context.Context, id string, opts *anypb.Any) (*pod.Pod, error) {
+	s.bootMu.Lock()
+	defer s.bootMu.Unlock()
 	if p := s.currentPod(); p != nil {
 		return p, nil
 	}
@@ -184,8 +189,6 @@ func configPath(opts *anypb.Any) (string, error) {
 // Create boots the pod if this is the group's first task and adds the container to it, its init process
 // waiting to be started.
 func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
-	s.createMu.Lock()
-	defer s.createMu.Unlock()
 	if r.Checkpoint != "" || r.ParentCheckpoint != "" {
 		return nil, toGRPC(fmt.Errorf("create task %s from a checkpoint: %w", r.ID, errdefs.ErrNotImplemented))
 	}
@@ -196,6 +199,14 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, toGRPC(fmt.Errorf("create task %s: %w", r.ID, err))
 	}
+	s.mu.Lock()
+	s.creating++
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.creating--
+		s.mu.Unlock()
+	}()
 	p, err := s.podFor(ctx, r.ID, r.Options)
 	if err != nil {
 		return nil, toGRPC(fmt.Errorf("create task %s: %w", r.ID, err))
