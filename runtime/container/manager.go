@@ -120,16 +120,9 @@ func (m *Manager) Lost(reason error) {
 		return
 	}
 	m.lost = reason
-	ps := make([]*Process, 0, len(m.procs))
-	for _, p := range m.procs {
-		ps = append(ps, p)
-	}
 	m.mu.Unlock()
 	m.log.WithError(reason).Error("guest lost; every process of the pod is reported killed (exit status 137)")
-	for _, p := range ps {
-		p.finish(Exit{Status: 128 + 9}, nil)
-		p.closeStreams()
-	}
+	m.endAll(nil)
 }
 
 // guestLost reports why the guest is gone, nil while it lives.
@@ -245,7 +238,8 @@ func (m *Manager) process(k exitKey) *Process {
 	return m.procs[k]
 }
 
-// endAll ends every registered process whose exit was not seen with err.
+// endAll ends every registered process whose exit was not seen as killed (137): with err, a wait that ends
+// without an exit (ErrClosed); with nil, an exit reported like any other (the guest was lost).
 func (m *Manager) endAll(err error) {
 	m.mu.Lock()
 	ps := make([]*Process, 0, len(m.procs))
