@@ -108,7 +108,12 @@ func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.
 // Delete removes a stopped (or never started) process. For the init process the container leaves the guest
 // and the share; the pod stays until Shutdown.
 func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
-	c, err := s.getContainer(r.ID)
+	// The pod the container was found in is the one it leaves: a second look could find none (shut down).
+	p := s.currentPod()
+	if p == nil {
+		return nil, toGRPC(fmt.Errorf("task %s: %w", r.ID, errdefs.ErrNotFound))
+	}
+	c, err := p.Containers().Get(r.ID)
 	if err != nil {
 		return nil, toGRPC(err)
 	}
@@ -119,7 +124,6 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		}
 		return &taskAPI.DeleteResponse{Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
 	}
-	p := s.currentPod()
 	e, err := p.DeleteContainer(ctx, c, false)
 	if err != nil {
 		return nil, toGRPC(err)
