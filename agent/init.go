@@ -8,6 +8,10 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/agent/network"
 )
 
 // Guest is a guest that Init has prepared far enough for the agent API, with
@@ -108,6 +112,9 @@ func finishInit(log *logrus.Entry, mounts []Mount, modules []string) error {
 	if _, err := MountShared(log, SharedTag, SharedDir); err != nil {
 		return err
 	}
+	if err := loopbackUp(); err != nil {
+		return err
+	}
 	log.WithFields(logrus.Fields{"modules": len(modules), "took": time.Since(start)}).Debug("guest setup complete")
 	return nil
 }
@@ -132,4 +139,14 @@ func (g *Guest) Ready(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("wait for guest setup: %w", ctx.Err())
 	}
+}
+
+// loopbackUp brings up lo in the guest's own network namespace; each pod namespace brings up its own.
+func loopbackUp() error {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	defer h.Close()
+	return network.LoopbackUp(h)
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
+	"github.com/kiln-runtime/kiln/agent/network"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
@@ -28,8 +29,12 @@ type Config struct {
 	// shared directory among it, is done. It is a hook rather than part of
 	// this package because the container runtime needs cgo (runc's nsenter)
 	// and guest programs without containers stay pure Go.
-	Containers func(ctx context.Context, log *logrus.Entry, reaper *Reaper) (agentv1.ContainersService, error)
+	// It also gets the pod's network namespace, which its containers join.
+	Containers func(ctx context.Context, log *logrus.Entry, reaper *Reaper, pod *network.Pod) (agentv1.ContainersService, error)
 }
+
+// PodNetNS is where the agent keeps the pod's network namespace (see agent/network).
+const PodNetNS = "/run/kiln/netns/pod"
 
 // Timings of the power-off after a Shutdown request.
 const (
@@ -77,10 +82,11 @@ func Run(ctx context.Context, cfg Config) {
 	if err != nil {
 		Fatal(log, fmt.Errorf("init guest: %w", err))
 	}
+	pod := network.New(PodNetNS, log.WithField("service", "network"))
 	var containers agentv1.ContainersService
 	if cfg.Containers != nil {
 		start := time.Now()
-		if containers, err = cfg.Containers(ctx, log, guest.Reaper); err != nil {
+		if containers, err = cfg.Containers(ctx, log, guest.Reaper, pod); err != nil {
 			Fatal(log, fmt.Errorf("start container service: %w", err))
 		}
 		log.WithField("took", time.Since(start)).Debug("container service created")
@@ -103,6 +109,7 @@ func Run(ctx context.Context, cfg Config) {
 		Root:       "/",
 		StartedAt:  startedAt,
 		Containers: containers,
+		Network:    pod,
 		Ready:      guest.Ready,
 		// The guest's setup waits for the host's first request so as not
 		// to slow its answer down.

@@ -34,6 +34,8 @@ type ServerConfig struct {
 	OnShutdown func(reason string)
 	// Containers, when set, is served as the Containers service.
 	Containers agentv1.ContainersService
+	// Network, when set, is served as the Network service; its requests wait for Ready too.
+	Network agentv1.NetworkService
 	// Ready, when set, reports whether the guest's setup that the API is
 	// served before (the shared directory and the modules containers need)
 	// is done; Containers requests wait for it, up to ReadyTimeout. The
@@ -77,6 +79,9 @@ func NewServer(log *logrus.Entry, cfg ServerConfig) (*Server, error) {
 	if cfg.Containers != nil {
 		agentv1.RegisterContainersService(t, cfg.Containers)
 	}
+	if cfg.Network != nil {
+		agentv1.RegisterNetworkService(t, cfg.Network)
+	}
 	return s, nil
 }
 
@@ -116,12 +121,16 @@ func (s *Server) logCall(ctx context.Context, unmarshal ttrpc.Unmarshaler, info 
 	return resp, err
 }
 
-// containersPrefix starts the full method name of every Containers request.
-const containersPrefix = "/kiln.agent.v1.Containers/"
+// Full method names of the requests held until the guest is ready: they need its modules (virtio_net) and the
+// shared directory.
+const (
+	containersPrefix = "/kiln.agent.v1.Containers/"
+	networkPrefix    = "/kiln.agent.v1.Network/"
+)
 
 // call runs a request, holding Containers requests until the guest is ready.
 func (s *Server) call(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
-	if s.cfg.Ready != nil && strings.HasPrefix(info.FullMethod, containersPrefix) {
+	if s.cfg.Ready != nil && (strings.HasPrefix(info.FullMethod, containersPrefix) || strings.HasPrefix(info.FullMethod, networkPrefix)) {
 		rctx, cancel := context.WithTimeout(ctx, ReadyTimeout)
 		err := s.cfg.Ready(rctx)
 		cancel()

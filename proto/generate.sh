@@ -24,4 +24,4 @@ protoc \
 	-I . \
 	--go_out=paths=source_relative:. \
 	--go-ttrpc_out=paths=source_relative:. \
-	agent/v1/agent.proto agent/v1/container.proto
+	agent/v1/agent.proto agent/v1/container.proto agent/v1/network.proto

@@ -27,7 +27,11 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
 	}
-	spec, err := adaptSpec(req.GetOciSpec(), id, root)
+	podNet, err := s.cfg.PodNetNS.Path()
+	if err != nil {
+		return nil, fmt.Errorf("create container %s: %w", id, err)
+	}
+	spec, err := adaptSpec(req.GetOciSpec(), id, root, podNamespaces{net: podNet, isInit: s.isInitPid})
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
 	}

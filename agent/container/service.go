@@ -68,6 +68,14 @@ type Config struct {
 	// which fails while the guest's root is the initramfs. New detects it
 	// when nil.
 	NoPivotRoot *bool
+	// PodNetNS is the pod's network namespace, which every container joins.
+	PodNetNS PodNetNS
+}
+
+// PodNetNS is the pod's network namespace in the guest (agent/network).
+type PodNetNS interface {
+	// Path is the namespace's file, created on first use.
+	Path() (string, error)
 }
 
 // Service implements the Containers API.
@@ -95,8 +103,8 @@ func New(log *logrus.Entry, cfg Config) (*Service, error) {
 	if cfg.StdioTimeout <= 0 {
 		cfg.StdioTimeout = DefaultStdioTimeout
 	}
-	if cfg.Stdio == nil || cfg.Reaper == nil {
-		return nil, errors.New("container service needs a stdio hub and a reaper")
+	if cfg.Stdio == nil || cfg.Reaper == nil || cfg.PodNetNS == nil {
+		return nil, errors.New("container service needs a stdio hub, a reaper and the pod's network namespace")
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create container state directory %s: %w", cfg.StateDir, err)
@@ -155,6 +163,25 @@ func (s *Service) get(id string) (*container, error) {
 		return nil, status.Errorf(codes.NotFound, "container %q not found", id)
 	}
 	return c, nil
+}
+
+// isInitPid says whether pid is the init process of a container of the pod that has not exited.
+func (s *Service) isInitPid(pid int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.containers {
+		c.mu.Lock()
+		p := c.init
+		c.mu.Unlock()
+		if p != nil && p.pid == pid {
+			select {
+			case <-p.done:
+			default:
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // process finds a process by exec id ("" is the init process).

@@ -6,6 +6,7 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 
 	securejoin "github.com/cyphar/filepath-securejoin"
@@ -34,11 +35,22 @@ func rootfsPath(sharedDir, rootfs string) (string, error) {
 	return filepath.Join(sharedDir, filepath.FromSlash(clean)), nil
 }
 
+// podNamespaces says where a container's namespaces come from in the guest.
+type podNamespaces struct {
+	// net is the file of the pod's network namespace, which every container joins.
+	net string
+	// isInit reports whether pid is the init process of one of the pod's containers.
+	isInit func(pid int) bool
+}
+
 // adaptSpec parses the host's OCI spec and makes it fit the guest: the root
-// is the shared rootfs, the network is the VM's (a network namespace would
-// leave the container without one), hooks name host binaries that do not
-// exist here, and the cgroup lives in the guest's own hierarchy.
-func adaptSpec(raw []byte, id, root string) (*specs.Spec, error) {
+// is the shared rootfs, the network is the pod's (whatever the host's spec
+// named: the host mirrored that namespace into the VM), hooks name host
+// binaries that run on the host, and the cgroup lives in the guest's own
+// hierarchy. Other namespaces given by path must be those of another
+// container of the pod: CRI names them /proc/<init pid>/ns/<type>, with the
+// guest pid the host reported.
+func adaptSpec(raw []byte, id, root string, ns podNamespaces) (*specs.Spec, error) {
 	var spec specs.Spec
 	if err := json.Unmarshal(raw, &spec); err != nil {
 		return nil, fmt.Errorf("parse OCI spec: %w", err)
@@ -54,11 +66,37 @@ func adaptSpec(raw []byte, id, root string) (*specs.Spec, error) {
 	if spec.Linux == nil {
 		spec.Linux = &specs.Linux{}
 	}
-	spec.Linux.Namespaces = slices.DeleteFunc(spec.Linux.Namespaces, func(ns specs.LinuxNamespace) bool {
-		return ns.Type == specs.NetworkNamespace
+	spec.Linux.Namespaces = slices.DeleteFunc(spec.Linux.Namespaces, func(n specs.LinuxNamespace) bool {
+		return n.Type == specs.NetworkNamespace
 	})
+	for _, n := range spec.Linux.Namespaces {
+		if n.Path != "" && !joinsPodContainer(n, ns.isInit) {
+			return nil, fmt.Errorf("%s namespace %s: a container can only join a namespace of another container of its pod (/proc/<init pid>/ns/<type>)", n.Type, n.Path)
+		}
+	}
+	spec.Linux.Namespaces = append(spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: ns.net})
 	spec.Linux.CgroupsPath = guestCgroupPath(spec.Linux.CgroupsPath, id)
 	return &spec, nil
+}
+
+// nsFiles maps the spec's namespace types to their names under /proc/<pid>/ns.
+var nsFiles = map[specs.LinuxNamespaceType]string{
+	specs.PIDNamespace: "pid", specs.IPCNamespace: "ipc", specs.UTSNamespace: "uts", specs.MountNamespace: "mnt",
+	specs.CgroupNamespace: "cgroup", specs.UserNamespace: "user", specs.TimeNamespace: "time",
+}
+
+// joinsPodContainer says whether n's path is /proc/<pid>/ns/<its type> for the init of a container of the pod.
+func joinsPodContainer(n specs.LinuxNamespace, isInit func(int) bool) bool {
+	rest, ok := strings.CutPrefix(n.Path, "/proc/")
+	if !ok {
+		return false
+	}
+	pidStr, file, ok := strings.Cut(rest, "/ns/")
+	if !ok || file != nsFiles[n.Type] {
+		return false
+	}
+	pid, err := strconv.Atoi(pidStr)
+	return err == nil && pid > 0 && isInit != nil && isInit(pid)
 }
 
 // guestCgroupPath keeps a plain absolute cgroup path from the spec and

@@ -74,7 +74,7 @@ func exampleSpec(t *testing.T, mutate func(*specs.Spec)) []byte {
 }
 
 func TestAdaptSpec(t *testing.T) {
-	spec, err := adaptSpec(exampleSpec(t, nil), "c1", "/run/kiln/shared/c1/rootfs")
+	spec, err := adaptSpec(exampleSpec(t, nil), "c1", "/run/kiln/shared/c1/rootfs", testPod)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,8 +84,9 @@ func TestAdaptSpec(t *testing.T) {
 	if spec.Hooks != nil {
 		t.Errorf("hooks kept: %v", spec.Hooks)
 	}
-	if slices.ContainsFunc(spec.Linux.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.NetworkNamespace }) {
-		t.Errorf("network namespace kept: %v", spec.Linux.Namespaces)
+	if !slices.Contains(spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: testPod.net}) ||
+		slices.Contains(spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: "/var/run/netns/x"}) {
+		t.Errorf("network namespace is not the pod's: %v", spec.Linux.Namespaces)
 	}
 	if !slices.ContainsFunc(spec.Linux.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.PIDNamespace }) {
 		t.Errorf("pid namespace dropped: %v", spec.Linux.Namespaces)
@@ -101,8 +102,8 @@ func TestAdaptSpec(t *testing.T) {
 	if cfg.Rootfs != "/run/kiln/shared/c1/rootfs" || !cfg.NoPivotRoot {
 		t.Errorf("rootfs %q no-pivot %v", cfg.Rootfs, cfg.NoPivotRoot)
 	}
-	if cfg.Namespaces.Contains(configs.NEWNET) {
-		t.Error("libcontainer config has a network namespace")
+	if cfg.Namespaces.PathOf(configs.NEWNET) != testPod.net {
+		t.Errorf("libcontainer config's network namespace is %q", cfg.Namespaces.PathOf(configs.NEWNET))
 	}
 	if !cfg.Namespaces.Contains(configs.NEWPID) || !cfg.Namespaces.Contains(configs.NEWNS) {
 		t.Error("libcontainer config lost pid or mount namespace")
@@ -117,9 +118,51 @@ func TestAdaptSpecRejects(t *testing.T) {
 		"not json":   []byte("{"),
 		"no process": []byte(`{"ociVersion":"1.2.0","root":{"path":"rootfs"}}`),
 	} {
-		if _, err := adaptSpec(raw, "c1", "/r"); err == nil {
+		if _, err := adaptSpec(raw, "c1", "/r", testPod); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+// testPod has its network namespace at /run/kiln/netns/pod and one container, whose init is pid 7.
+var testPod = podNamespaces{net: "/run/kiln/netns/pod", isInit: func(pid int) bool { return pid == 7 }}
+
+func TestAdaptSpecNamespaces(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ns   []specs.LinuxNamespace
+		ok   bool
+	}{
+		{"new namespaces", []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace}}, true},
+		{"no network namespace", []specs.LinuxNamespace{{Type: specs.MountNamespace}}, true},
+		{"CRI app container", []specs.LinuxNamespace{
+			{Type: specs.NetworkNamespace, Path: "/proc/7/ns/net"}, {Type: specs.IPCNamespace, Path: "/proc/7/ns/ipc"},
+			{Type: specs.UTSNamespace, Path: "/proc/7/ns/uts"}, {Type: specs.PIDNamespace, Path: "/proc/7/ns/pid"},
+		}, true},
+		{"pid of no container", []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: "/proc/8/ns/ipc"}}, false},
+		{"type mismatch", []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: "/proc/7/ns/uts"}}, false},
+		{"host path", []specs.LinuxNamespace{{Type: specs.UTSNamespace, Path: "/var/run/utsns/x"}}, false},
+		{"traversal", []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: "/proc/7/../1/ns/ipc"}}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw := exampleSpec(t, func(s *specs.Spec) { s.Linux.Namespaces = tc.ns })
+			spec, err := adaptSpec(raw, "c1", "/r", testPod)
+			if (err == nil) != tc.ok {
+				t.Fatalf("err = %v, want ok %v", err, tc.ok)
+			}
+			if err != nil {
+				return
+			}
+			var nets []specs.LinuxNamespace
+			for _, n := range spec.Linux.Namespaces {
+				if n.Type == specs.NetworkNamespace {
+					nets = append(nets, n)
+				}
+			}
+			if len(nets) != 1 || nets[0].Path != testPod.net {
+				t.Errorf("network namespaces %v, want only the pod's", nets)
+			}
+		})
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shim"
 
 	"github.com/kiln-runtime/kiln/runtime/manager"
+	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
 
@@ -20,6 +21,8 @@ import (
 var version = "dev"
 
 func main() {
+	// The shim re-executes itself to hold a pod's network namespace for OCI hooks.
+	network.RunHolderIfAsked()
 	task.Register(version)
 	s := managerShim{manager.New(version)}
 	// containerd before 2.3 runs `start` in a way pkg/shim no longer serves (legacy.go).

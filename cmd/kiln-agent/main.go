@@ -23,6 +23,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/agent"
 	"github.com/kiln-runtime/kiln/agent/container"
+	"github.com/kiln-runtime/kiln/agent/network"
 	"github.com/kiln-runtime/kiln/agent/stdio"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -39,13 +40,14 @@ func main() {
 
 // startContainers starts the container service and the stdio listener it
 // takes process streams from.
-func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reaper) (agentv1.ContainersService, error) {
+func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reaper, pod *network.Pod) (agentv1.ContainersService, error) {
 	hub := stdio.NewHub(stdio.Config{})
 	svc, err := container.New(log.WithField("service", "containers"), container.Config{
 		StateDir:  container.DefaultStateDir,
 		SharedDir: agent.SharedDir,
 		Stdio:     hub,
 		Reaper:    reaper,
+		PodNetNS:  pod,
 	})
 	if err != nil {
 		return nil, err

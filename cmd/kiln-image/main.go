@@ -21,8 +21,8 @@ import (
 
 // defaultModules are what the agent needs to reach the host: the virtio-mmio
 // transport of microvm, vsock to talk ttrpc, and virtiofs plus overlay for
-// container root filesystems.
-const defaultModules = "virtio_mmio,vmw_vsock_virtio_transport,virtiofs,overlay"
+// container root filesystems, and virtio_net for the pod's interfaces.
+const defaultModules = "virtio_mmio,vmw_vsock_virtio_transport,virtiofs,overlay,virtio_net"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)

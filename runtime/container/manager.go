@@ -196,6 +196,25 @@ func (m *Manager) Get(id string) (*Container, error) {
 	return c, nil
 }
 
+// IsInitPid says whether pid is the guest pid of the init process of a container this manager holds that has
+// not stopped.
+func (m *Manager) IsInitPid(pid uint32) bool {
+	m.mu.Lock()
+	ctrs := make([]*Container, 0, len(m.containers))
+	for _, c := range m.containers {
+		if c.init != nil {
+			ctrs = append(ctrs, c)
+		}
+	}
+	m.mu.Unlock()
+	for _, c := range ctrs {
+		if c.init.Pid() == pid && c.init.State() != lifecycle.Stopped {
+			return true
+		}
+	}
+	return false
+}
+
 // Len is how many containers the manager holds (created and not yet deleted).
 func (m *Manager) Len() int {
 	m.mu.Lock()

@@ -21,6 +21,8 @@ import (
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
+	"github.com/kiln-runtime/kiln/runtime/hooks"
+	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/share"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
@@ -40,6 +42,10 @@ type Options struct {
 	// OnEvent and OnExit see the containers' events; see container.Options.
 	OnEvent func(container.Event)
 	OnExit  func(*container.Process, container.Exit)
+	// First, when set, is the container the pod is booted for: its network namespace decides the VM's network
+	// (see runtime/network) and its prestart and createRuntime hooks run once that namespace exists, before the
+	// VM reads it. Without it the guest has no network but its loopback.
+	First *First
 }
 
 // Pod is a booted microVM with its share and its containers.
@@ -50,6 +56,18 @@ type Pod struct {
 	share *share.Share
 	sb    *sandbox.Sandbox
 	ctrs  *container.Manager
+
+	// netPath is the host network namespace the pod mirrors ("" for none); mirror holds its taps and holder a
+	// process in it for hooks. hooksRun names the container whose create hooks ran before the VM booted.
+	netPath  string
+	mirror   *network.Mirror
+	hooksRun string
+	holderMu sync.Mutex
+	holder   *network.Holder
+	// bundles are the pod's containers' bundles, for their later hooks.
+	bundlesMu sync.Mutex
+	bundles   map[string]*bundle.Bundle
+
 	// closing is closed when Close begins: the VM's end is then expected.
 	closing   chan struct{}
 	closeOnce sync.Once
@@ -87,7 +105,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
-	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, closing: make(chan struct{})}
+	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}}
 	defer func() {
 		if retErr != nil {
 			if err := p.Close(context.WithoutCancel(ctx)); err != nil {
@@ -103,6 +121,11 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
 	qcfg.SharedDir = sh.ExportDir()
+	if o.First != nil {
+		if qcfg.Nets, err = p.prepareNetwork(ctx, o.First); err != nil {
+			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		}
+	}
 	m, err := qemu.New(qcfg)
 	if err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
@@ -112,6 +135,9 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
 	p.sb = sb
+	if err := p.configureGuestNetwork(ctx); err != nil {
+		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+	}
 	// The Events stream never goes idle; on a connection of its own, Stop can cut it before asking the agent to
 	// shut down instead of waiting out the agent's drain timeout.
 	events, err := sb.StreamClient(ctx)
@@ -211,6 +237,9 @@ type ContainerOptions struct {
 // guest, its init process waiting to be started. On error the share holds nothing of it.
 func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *container.Container, retErr error) {
 	b := o.Bundle
+	if err := p.prepareContainer(ctx, o.ID, b); err != nil {
+		return nil, err
+	}
 	var rootfs string
 	var err error
 	if len(o.Rootfs) > 0 {
@@ -240,9 +269,55 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: encode spec: %w", o.ID, err)
 	}
-	return p.ctrs.Create(ctx, container.CreateOptions{
+	c, err := p.ctrs.Create(ctx, container.CreateOptions{
 		ID: o.ID, Bundle: b.Dir, Spec: raw, Rootfs: rootfs, IO: o.IO, Release: o.Release,
 	})
+	if err != nil {
+		return nil, err
+	}
+	p.bundlesMu.Lock()
+	p.bundles[o.ID] = b
+	p.bundlesMu.Unlock()
+	return c, nil
+}
+
+// prepareContainer checks that a container can join the pod and runs its create hooks, unless they ran when the
+// pod booted for it.
+func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle) error {
+	if id == p.hooksRun {
+		return nil
+	}
+	if err := p.checkJoin(id, b.Spec); err != nil {
+		return err
+	}
+	if !hooks.Any(b.Spec) {
+		return nil
+	}
+	if err := p.ensureHolder(); err != nil {
+		return fmt.Errorf("create container %s: %w", id, err)
+	}
+	if err := hooks.CreateRuntime(ctx, b.Spec, p.hookState(id, b)); err != nil {
+		return fmt.Errorf("create container %s: %w", id, err)
+	}
+	return nil
+}
+
+// Started runs a container's poststart hooks once its init process runs. A failing hook is logged, as the
+// runtime spec asks, and does not stop the container.
+func (p *Pod) Started(ctx context.Context, c *container.Container) {
+	b := p.bundleOf(c.ID())
+	if b == nil || !hooks.Any(b.Spec) {
+		return
+	}
+	if err := hooks.Poststart(ctx, b.Spec, p.hookState(c.ID(), b)); err != nil {
+		p.log.WithError(err).WithField("container", c.ID()).Warn("poststart hook failed")
+	}
+}
+
+func (p *Pod) bundleOf(id string) *bundle.Bundle {
+	p.bundlesMu.Lock()
+	defer p.bundlesMu.Unlock()
+	return p.bundles[id]
 }
 
 // DeleteContainer removes the container from the guest (killing it first with force) and from the share, and
@@ -254,6 +329,15 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 	}
 	if err := p.share.RemoveContainer(ctx, c.ID()); err != nil {
 		return e, fmt.Errorf("delete container %s: %w", c.ID(), err)
+	}
+	p.bundlesMu.Lock()
+	b := p.bundles[c.ID()]
+	delete(p.bundles, c.ID())
+	p.bundlesMu.Unlock()
+	if b != nil && hooks.Any(b.Spec) {
+		if err := hooks.Poststop(ctx, b.Spec, p.hookState(c.ID(), b)); err != nil {
+			p.log.WithError(err).WithField("container", c.ID()).Warn("poststop hook failed")
+		}
 	}
 	return e, nil
 }
@@ -270,6 +354,9 @@ func (p *Pod) Close(ctx context.Context) error {
 		if err := p.sb.Stop(ctx); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := p.closeNetwork(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := p.share.Close(); err != nil {
 		errs = append(errs, err)

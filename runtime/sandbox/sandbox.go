@@ -53,6 +53,7 @@ type Sandbox struct {
 	health agentv1.HealthService
 	agent  agentv1.AgentService
 	ctrs   agentv1.ContainersClient
+	net    agentv1.NetworkService
 
 	streamsMu sync.Mutex
 	streams   []*ttrpc.Client // extra connections for long-lived streams; closed first on Stop
@@ -107,6 +108,7 @@ func (s *Sandbox) connect(ctx context.Context) error {
 				s.conn, s.client, s.health = conn, client, health
 				s.agent = agentv1.NewAgentClient(client)
 				s.ctrs = agentv1.NewContainersClient(client)
+				s.net = agentv1.NewNetworkClient(client)
 				s.AgentVersion = resp.GetAgentVersion()
 				if w := VersionMismatch(s.opts.HostVersion, s.AgentVersion); w != "" {
 					s.opts.Log.Warn(w)
@@ -154,6 +156,9 @@ func (s *Sandbox) StreamClient(ctx context.Context) (agentv1.ContainersClient, e
 	s.streamsMu.Unlock()
 	return agentv1.NewContainersClient(client), nil
 }
+
+// Network is the agent's network service.
+func (s *Sandbox) Network() agentv1.NetworkService { return s.net }
 
 // GuestInfo asks the agent to describe the guest.
 func (s *Sandbox) GuestInfo(ctx context.Context) (*agentv1.GuestInfo, error) {

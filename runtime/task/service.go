@@ -129,7 +129,7 @@ func VMID(namespace, group string) string {
 }
 
 // podFor returns the shim's pod, booting it with the configuration the request names when there is none.
-func (s *Service) podFor(ctx context.Context, id string, opts *anypb.Any) (*pod.Pod, error) {
+func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts *anypb.Any) (*pod.Pod, error) {
 	s.bootMu.Lock()
 	defer s.bootMu.Unlock()
 	if p := s.currentPod(); p != nil {
@@ -150,6 +150,7 @@ func (s *Service) podFor(ctx context.Context, id string, opts *anypb.Any) (*pod.
 	p, err := pod.New(ctx, pod.Options{
 		ID: VMID(s.namespace, groupOf(id)), Config: cfg, HostVersion: s.version, Log: l,
 		OnEvent: s.onEvent, OnExit: s.onExit,
+		First: &pod.First{ID: id, Bundle: b},
 	})
 	if err != nil {
 		return nil, err
@@ -207,7 +208,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		s.creating--
 		s.mu.Unlock()
 	}()
-	p, err := s.podFor(ctx, r.ID, r.Options)
+	p, err := s.podFor(ctx, r.ID, b, r.Options)
 	if err != nil {
 		return nil, toGRPC(fmt.Errorf("create task %s: %w", r.ID, err))
 	}
@@ -263,6 +264,11 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	})
 	if err != nil {
 		return nil, toGRPC(err)
+	}
+	if r.ExecID == "" {
+		if pd := s.currentPod(); pd != nil {
+			pd.Started(ctx, c)
+		}
 	}
 	return &taskAPI.StartResponse{Pid: p.Pid()}, nil
 }

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 
@@ -15,8 +16,9 @@ import (
 var baseKernelParams = []string{"console=ttyS0", "tsc=reliable", "panic=-1", "quiet", "8250.nr_uarts=1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp"}
 
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
-// vsockArgs are the vsock device's arguments (the backend's).
-func args(c Config, p paths, vsockArgs []string) []string {
+// vsockArgs are the vsock device's arguments (the backend's); the taps of c.Nets are inherited as descriptors
+// from firstNetFD on.
+func args(c Config, p paths, vsockArgs []string, firstNetFD int) []string {
 	mem := strconv.Itoa(c.MemoryMiB) + "M"
 	var backend string
 	if c.MemoryFile != "" {
@@ -55,8 +57,26 @@ func args(c Config, p paths, vsockArgs []string) []string {
 			"-device", "vhost-user-fs-device,chardev=fs,tag="+virtiofs.Tag,
 		)
 	}
+	for i, n := range c.Nets {
+		// vhost=off: /dev/vhost-net is not everywhere, and QEMU's own tap back end needs nothing from the host.
+		a = append(a, "-netdev", fmt.Sprintf("tap,id=net%d,fd=%d,vhost=off", i, firstNetFD+i))
+		dev := fmt.Sprintf("virtio-net-device,netdev=net%d,mac=%s", i, n.MAC)
+		if n.MTU > 0 {
+			dev += ",host_mtu=" + strconv.Itoa(n.MTU)
+		}
+		a = append(a, "-device", dev)
+	}
 	if c.Accel == accel.KVM {
 		a = append(a, "-cpu", "host")
 	}
 	return a
+}
+
+// netFiles are the taps of nets in order, as QEMU inherits them.
+func netFiles(nets []Net) []*os.File {
+	files := make([]*os.File, 0, len(nets))
+	for _, n := range nets {
+		files = append(files, n.Tap)
+	}
+	return files
 }

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"net"
 	"strings"
 	"testing"
 
@@ -25,6 +26,11 @@ func TestArgs(t *testing.T) {
 		{name: "no shared fs by default", absent: []string{"vhost-user-fs-device"}},
 		{name: "shared fs", mutate: func(c *Config) { c.SharedDir = "/run/kiln/x.share/shared" },
 			want: []string{"-chardev socket,id=fs,path=/run/kiln/x/virtiofs.sock", "-device vhost-user-fs-device,chardev=fs,tag=kiln-shared"}},
+		{name: "no network devices by default", absent: []string{"-netdev", "virtio-net-device"}},
+		{name: "two taps after the vsock's descriptors", mutate: func(c *Config) {
+			c.Nets = []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, MTU: 1400}, {MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}}}
+		}, want: []string{"-netdev tap,id=net0,fd=3,vhost=off -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400",
+			"-netdev tap,id=net1,fd=4,vhost=off -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02"}, absent: []string{"mac=02:00:00:00:00:02,host_mtu"}},
 		{name: "extra kernel params", mutate: func(c *Config) { c.KernelParams = []string{"kiln.debug=1"} }, want: []string{"kiln.debug=1"}},
 	}
 	for _, tt := range tests {
@@ -34,7 +40,7 @@ func TestArgs(t *testing.T) {
 				tt.mutate(&c)
 			}
 			vs := &vhostUserVsock{socketPath: p.vhostUserVsock}
-			got := strings.Join(args(c, p, vs.qemuArgs(3)), " ")
+			got := strings.Join(args(c, p, vs.qemuArgs(3), 3), " ")
 			for _, w := range tt.want {
 				if !strings.Contains(got, w) {
 					t.Errorf("args lack %q:\n%s", w, got)

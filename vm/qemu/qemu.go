@@ -53,6 +53,8 @@ type Config struct {
 	// SharedDir, when set, is exported to the guest as a virtio-fs device with tag virtiofs.Tag, served by a
 	// virtiofsd that starts before QEMU and stops with it.
 	SharedDir string
+	// Nets are the guest's network devices, in order (virtio-net-device, one per tap).
+	Nets []Net
 	// Virtiofsd tunes that daemon (binary, cache mode...); Start sets its SourceDir, SocketPath and Log.
 	Virtiofsd virtiofs.Config
 	Log       *logrus.Entry
@@ -60,6 +62,15 @@ type Config struct {
 	// resolvedAssets are Kernel and Initrd as ConfigFrom resolved them (config.ResolveAssets found both files);
 	// Start checks that the files exist only when the paths differ.
 	resolvedAssets config.Assets
+}
+
+// Net is one guest network device backed by a tap the caller opened. QEMU inherits the tap's descriptor; the
+// caller keeps and closes its own.
+type Net struct {
+	Tap *os.File
+	MAC net.HardwareAddr
+	// MTU, when set, is offered to the guest driver (VIRTIO_NET_F_MTU).
+	MTU int
 }
 
 type paths struct {
@@ -261,9 +272,9 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 		Name: "QEMU",
 		Path: qemuPath,
 		// Inherited descriptors start at 3 in the child.
-		Args:        args(m.cfg, m.paths, vs.qemuArgs(3)),
+		Args:        args(m.cfg, m.paths, vs.qemuArgs(3), 3+len(vs.files())),
 		Dir:         m.paths.dir,
-		ExtraFiles:  vs.files(),
+		ExtraFiles:  append(vs.files(), netFiles(m.cfg.Nets)...),
 		Stdout:      cons.writer(),
 		Quit:        m.quit,
 		StopTimeout: m.cfg.StopTimeout,

@@ -1,0 +1,348 @@
+// Package network is the guest side of a pod's network: the one network namespace every container of the pod
+// joins, and the interfaces, routes and neighbours the host read from the pod's network namespace on the host.
+// The interfaces arrive as virtio-net devices carrying the host interfaces' MACs; the agent finds them by MAC,
+// moves them into the pod namespace and gives them the host's names, MTUs and addresses, through netlink.
+//
+// The pod namespace is not the guest's root namespace: runc's libcontainer refuses net.* sysctls for a container
+// that shares the namespace of the runtime itself, and the agent's own sockets stay out of the pod's reach.
+package network
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/sirupsen/logrus"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+// Pod is the guest's pod network namespace. Its zero value is not usable: use New.
+type Pod struct {
+	path string
+	log  *logrus.Entry
+
+	mu         sync.Mutex
+	created    bool
+	configured bool
+}
+
+// New describes the pod namespace the agent keeps at path (a file it bind-mounts the namespace on); nothing is
+// created until Path or ConfigureNetwork needs it.
+func New(path string, log *logrus.Entry) *Pod {
+	return &Pod{path: path, log: log}
+}
+
+// Path is the pod namespace's file, which containers name as their network namespace; the namespace is created,
+// with its loopback up, on first use.
+func (p *Pod) Path() (string, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.ensure(); err != nil {
+		return "", err
+	}
+	return p.path, nil
+}
+
+func (p *Pod) ensure() error {
+	if p.created {
+		return nil
+	}
+	if err := create(p.path); err != nil {
+		return fmt.Errorf("create pod network namespace %s: %w", p.path, err)
+	}
+	h, err := p.handle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	if err := LoopbackUp(h); err != nil {
+		return err
+	}
+	p.created = true
+	return nil
+}
+
+func (p *Pod) handle() (*netlink.Handle, error) {
+	ns, err := netns.GetFromPath(p.path)
+	if err != nil {
+		return nil, fmt.Errorf("open pod network namespace %s: %w", p.path, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("netlink in pod network namespace: %w", err)
+	}
+	return h, nil
+}
+
+// create makes a new network namespace and bind-mounts it on path. The namespace is made on a thread of its own
+// that is thrown away afterwards, so no goroutine ever runs in it by accident.
+func create(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o400)
+	if err != nil {
+		return err
+	}
+	_ = f.Close()
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: the thread ends with the goroutine instead of going back to the scheduler in the new
+		// namespace.
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("unshare: %w", err)
+			return
+		}
+		src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
+		if err := unix.Mount(src, path, "", unix.MS_BIND, ""); err != nil {
+			errc <- fmt.Errorf("bind %s: %w", src, err)
+			return
+		}
+		errc <- nil
+	}()
+	if err := <-errc; err != nil {
+		_ = os.Remove(path)
+		return err
+	}
+	return nil
+}
+
+// LoopbackUp brings up lo in the namespace h works in.
+func LoopbackUp(h *netlink.Handle) error {
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo: %w", err)
+	}
+	if err := h.LinkSetUp(lo); err != nil {
+		return fmt.Errorf("bring lo up: %w", err)
+	}
+	return nil
+}
+
+// Limits on one request: far beyond any pod, small enough that a request cannot make the agent loop for long.
+const (
+	maxInterfaces = 32
+	maxAddresses  = 64
+	maxRoutes     = 1024
+	maxNeighbours = 1024
+)
+
+// ConfigureNetwork implements agentv1.NetworkService: it gives the pod namespace the request's interfaces,
+// routes and neighbours. It is called once per pod.
+func (p *Pod) ConfigureNetwork(ctx context.Context, req *agentv1.ConfigureNetworkRequest) (*agentv1.ConfigureNetworkResponse, error) {
+	if err := checkLimits(req); err != nil {
+		return nil, fmt.Errorf("configure network: %w", err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.configured {
+		return nil, errors.New("configure network: the pod's network is already configured")
+	}
+	if err := p.ensure(); err != nil {
+		return nil, fmt.Errorf("configure network: %w", err)
+	}
+	if err := p.configure(ctx, req); err != nil {
+		return nil, fmt.Errorf("configure network: %w", err)
+	}
+	p.configured = true
+	return &agentv1.ConfigureNetworkResponse{}, nil
+}
+
+func checkLimits(req *agentv1.ConfigureNetworkRequest) error {
+	if n := len(req.GetInterfaces()); n > maxInterfaces {
+		return fmt.Errorf("%d interfaces, at most %d", n, maxInterfaces)
+	}
+	for _, i := range req.GetInterfaces() {
+		if n := len(i.GetAddresses()); n > maxAddresses {
+			return fmt.Errorf("interface %s: %d addresses, at most %d", i.GetName(), n, maxAddresses)
+		}
+	}
+	if n := len(req.GetRoutes()); n > maxRoutes {
+		return fmt.Errorf("%d routes, at most %d", n, maxRoutes)
+	}
+	if n := len(req.GetNeighbours()); n > maxNeighbours {
+		return fmt.Errorf("%d neighbours, at most %d", n, maxNeighbours)
+	}
+	return nil
+}
+
+func (p *Pod) configure(ctx context.Context, req *agentv1.ConfigureNetworkRequest) error {
+	root, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("netlink in the guest's namespace: %w", err)
+	}
+	defer root.Close()
+	h, err := p.handle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	ns, err := netns.GetFromPath(p.path)
+	if err != nil {
+		return fmt.Errorf("open pod network namespace: %w", err)
+	}
+	defer ns.Close()
+
+	// Every device first moves under a temporary name, so that one taking another's final name (the guest calls
+	// its first device eth0, the host's eth0 may be the second) never collides.
+	type moved struct {
+		want *agentv1.Interface
+		tmp  string
+	}
+	var links []moved
+	for i, want := range req.GetInterfaces() {
+		mac, err := net.ParseMAC(want.GetMac())
+		if err != nil {
+			return fmt.Errorf("interface %s: MAC %q: %w", want.GetName(), want.GetMac(), err)
+		}
+		link, err := waitForMAC(ctx, root, mac)
+		if err != nil {
+			return fmt.Errorf("interface %s: %w", want.GetName(), err)
+		}
+		tmp := fmt.Sprintf("kiln%d", i)
+		if err := root.LinkSetDown(link); err != nil {
+			return fmt.Errorf("interface %s: set down: %w", want.GetName(), err)
+		}
+		if err := root.LinkSetName(link, tmp); err != nil {
+			return fmt.Errorf("interface %s: rename: %w", want.GetName(), err)
+		}
+		if err := root.LinkSetNsFd(link, int(ns)); err != nil {
+			return fmt.Errorf("interface %s: move to pod namespace: %w", want.GetName(), err)
+		}
+		links = append(links, moved{want: want, tmp: tmp})
+	}
+	for _, m := range links {
+		if err := setUp(h, m.tmp, m.want); err != nil {
+			return fmt.Errorf("interface %s: %w", m.want.GetName(), err)
+		}
+	}
+	// Routes on a link first: a gateway must be reachable before a route through it is accepted.
+	routes := append([]*agentv1.Route(nil), req.GetRoutes()...)
+	for pass := 0; pass < 2; pass++ {
+		for _, r := range routes {
+			if (r.GetGateway() == "") != (pass == 0) {
+				continue
+			}
+			if err := addRoute(h, r); err != nil {
+				return err
+			}
+		}
+	}
+	for _, n := range req.GetNeighbours() {
+		if err := addNeighbour(h, n); err != nil {
+			return err
+		}
+	}
+	p.log.WithField("interfaces", len(links)).Debug("pod network configured")
+	return nil
+}
+
+func setUp(h *netlink.Handle, tmp string, want *agentv1.Interface) error {
+	link, err := h.LinkByName(tmp)
+	if err != nil {
+		return fmt.Errorf("find moved device %s: %w", tmp, err)
+	}
+	if err := h.LinkSetName(link, want.GetName()); err != nil {
+		return fmt.Errorf("rename %s: %w", tmp, err)
+	}
+	if mtu := int(want.GetMtu()); mtu > 0 {
+		if err := h.LinkSetMTU(link, mtu); err != nil {
+			return fmt.Errorf("set MTU %d: %w", mtu, err)
+		}
+	}
+	for _, a := range want.GetAddresses() {
+		addr, err := netlink.ParseAddr(a)
+		if err != nil {
+			return fmt.Errorf("address %q: %w", a, err)
+		}
+		// No duplicate address detection: the host already owns the address, and a tentative IPv6 address
+		// would make the pod's first seconds fail to bind or route.
+		addr.Flags |= unix.IFA_F_NODAD
+		if err := h.AddrAdd(link, addr); err != nil {
+			return fmt.Errorf("add address %s: %w", a, err)
+		}
+	}
+	if err := h.LinkSetUp(link); err != nil {
+		return fmt.Errorf("bring up: %w", err)
+	}
+	return nil
+}
+
+func addRoute(h *netlink.Handle, r *agentv1.Route) error {
+	route := &netlink.Route{
+		Scope:    netlink.Scope(r.GetScope()),
+		Priority: int(r.GetMetric()),
+		MTU:      int(r.GetMtu()),
+		Family:   family(r.GetFamily()),
+	}
+	if d := r.GetDestination(); d != "" {
+		_, dst, err := net.ParseCIDR(d)
+		if err != nil {
+			return fmt.Errorf("route to %q: %w", d, err)
+		}
+		route.Dst = dst
+	}
+	if g := r.GetGateway(); g != "" {
+		if route.Gw = net.ParseIP(g); route.Gw == nil {
+			return fmt.Errorf("route to %q: gateway %q is not an IP address", r.GetDestination(), g)
+		}
+	}
+	if s := r.GetSource(); s != "" {
+		if route.Src = net.ParseIP(s); route.Src == nil {
+			return fmt.Errorf("route to %q: source %q is not an IP address", r.GetDestination(), s)
+		}
+	}
+	if d := r.GetDevice(); d != "" {
+		link, err := h.LinkByName(d)
+		if err != nil {
+			return fmt.Errorf("route to %q: device %s: %w", r.GetDestination(), d, err)
+		}
+		route.LinkIndex = link.Attrs().Index
+	}
+	if err := h.RouteReplace(route); err != nil {
+		return fmt.Errorf("add route %s: %w", route, err)
+	}
+	return nil
+}
+
+func family(f uint32) int {
+	if f == 6 {
+		return netlink.FAMILY_V6
+	}
+	return netlink.FAMILY_V4
+}
+
+func addNeighbour(h *netlink.Handle, n *agentv1.Neighbour) error {
+	link, err := h.LinkByName(n.GetDevice())
+	if err != nil {
+		return fmt.Errorf("neighbour %s: device %s: %w", n.GetIp(), n.GetDevice(), err)
+	}
+	ip := net.ParseIP(n.GetIp())
+	if ip == nil {
+		return fmt.Errorf("neighbour %q is not an IP address", n.GetIp())
+	}
+	mac, err := net.ParseMAC(n.GetMac())
+	if err != nil {
+		return fmt.Errorf("neighbour %s: MAC %q: %w", n.GetIp(), n.GetMac(), err)
+	}
+	fam := netlink.FAMILY_V4
+	if ip.To4() == nil {
+		fam = netlink.FAMILY_V6
+	}
+	neigh := &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: fam, State: netlink.NUD_PERMANENT, IP: ip, HardwareAddr: mac}
+	if err := h.NeighSet(neigh); err != nil {
+		return fmt.Errorf("add neighbour %s: %w", n.GetIp(), err)
+	}
+	return nil
+}

@@ -1,0 +1,166 @@
+package containerd
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// cniPluginDir is where Debian's containernetworking-plugins puts the plugins.
+const cniPluginDir = "/usr/lib/cni"
+
+// cniNet is a network namespace that Debian's bridge plugin configured (bridge + host-local), as CNI does for
+// a pod.
+type cniNet struct {
+	Name   string // namespace name, under /var/run/netns
+	Path   string
+	IP     string // the interface's IPv4 address
+	conf   []byte
+	dir    string
+	bridge string
+}
+
+// cniConf is a bridge network configuration for bridge br and subnet (an IPv4 /24).
+func cniConf(name, br, subnet, dataDir string, mtu int) []byte {
+	conf := map[string]any{
+		"cniVersion": "1.0.0", "name": name, "type": "bridge", "bridge": br, "isGateway": true,
+		"ipam": map[string]any{"type": "host-local", "ranges": [][]map[string]string{{{"subnet": subnet}}}, "dataDir": dataDir},
+	}
+	if mtu > 0 {
+		conf["mtu"] = mtu
+	}
+	b, _ := json.Marshal(conf)
+	return b
+}
+
+// cniPlugin runs a CNI plugin with conf on stdin and returns its result.
+func cniPlugin(ctx context.Context, plugin, command, containerID, netnsPath, ifname string, conf []byte) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, filepath.Join(cniPluginDir, plugin))
+	cmd.Env = append(os.Environ(), "CNI_COMMAND="+command, "CNI_CONTAINERID="+containerID, "CNI_NETNS="+netnsPath,
+		"CNI_IFNAME="+ifname, "CNI_PATH="+cniPluginDir)
+	cmd.Stdin = bytes.NewReader(conf)
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("CNI %s %s: %w: %s", plugin, command, err, out)
+	}
+	return out, nil
+}
+
+// firstIPv4 reads the first IPv4 address of a CNI result.
+func firstIPv4(result []byte) (string, error) {
+	var r struct {
+		IPs []struct{ Address string } `json:"ips"`
+	}
+	if err := json.Unmarshal(result, &r); err != nil {
+		return "", fmt.Errorf("parse CNI result %s: %w", result, err)
+	}
+	for _, ip := range r.IPs {
+		if a, _, ok := strings.Cut(ip.Address, "/"); ok && strings.Contains(a, ".") {
+			return a, nil
+		}
+	}
+	return "", fmt.Errorf("CNI result %s has no IPv4 address", result)
+}
+
+// newCNINet makes a namespace and runs the bridge plugin's ADD on it; the test's end runs DEL and removes
+// namespace and bridge.
+func newCNINet(t *testing.T, name, subnet string) *cniNet {
+	t.Helper()
+	n := &cniNet{Name: name, Path: "/var/run/netns/" + name, dir: t.TempDir(), bridge: "kbr-" + name[len(name)-4:]}
+	n.conf = cniConf(name, n.bridge, subnet, filepath.Join(n.dir, "ipam"), 0)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
+	}
+	t.Cleanup(func() { n.remove(t) })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res, err := cniPlugin(ctx, "bridge", "ADD", name, n.Path, "eth0", n.conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.IP, err = firstIPv4(res); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func (n *cniNet) remove(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := cniPlugin(ctx, "bridge", "DEL", n.Name, n.Path, "eth0", n.conf); err != nil {
+		t.Errorf("CNI DEL: %v", err)
+	}
+	_ = exec.Command("ip", "netns", "del", n.Name).Run()
+	_ = exec.Command("ip", "link", "del", n.bridge).Run()
+}
+
+// httpGet fetches url from the host, retrying while the server starts.
+func httpGet(t *testing.T, url string) string {
+	t.Helper()
+	client := &http.Client{Timeout: 5 * time.Second}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		resp, err := client.Get(url)
+		if err == nil {
+			body, rerr := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if rerr == nil && resp.StatusCode == http.StatusOK {
+				return string(body)
+			}
+			err = fmt.Errorf("status %s, %v", resp.Status, rerr)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// httpServer is a busybox shell command serving text at :8080/.
+func httpServer(text string) []string {
+	return []string{"sh", "-c", "mkdir -p /tmp/www && echo " + text + " > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"}
+}
+
+// TestKilnCNINamespace: a namespace that CNI's bridge plugin configured becomes the VM's network; the container
+// answers on its IP from the host, and teardown leaves the namespace as CNI left it.
+func TestKilnCNINamespace(t *testing.T) {
+	k := startKiln(t)
+	n := newCNINet(t, "kilnnet-a1b2", "10.231.1.0/24")
+	before := netnsListing(t, n.Name)
+	k.runDetached(t, "web", []string{"--with-ns", "network:" + n.Path}, httpServer("kiln-web")...)
+	if got := strings.TrimSpace(httpGet(t, "http://"+n.IP+":8080/")); got != "kiln-web" {
+		t.Errorf("pod answered %q", got)
+	}
+	// The guest interface has the namespace's name, address and MAC.
+	out, _, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "ip", "web", "ip", "addr", "show", "eth0")
+	if code != 0 || !strings.Contains(out, n.IP+"/24") {
+		t.Errorf("guest eth0 (exit %d):\n%s", code, out)
+	}
+	k.remove(t, "web")
+	if pids := k.d.WaitShimsGone(context.Background(), shimExitTimeout); len(pids) > 0 {
+		t.Fatalf("shims still running: %v", pids)
+	}
+	if after := netnsListing(t, n.Name); after != before {
+		t.Errorf("namespace changed by the pod:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+// netnsListing is what a namespace holds: links, addresses, routes, qdiscs.
+func netnsListing(t *testing.T, name string) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", name, "sh", "-c",
+		"ip -o link | sed 's/ state [A-Z]*//'; ip -o addr; ip route; ip -6 route; tc qdisc show").CombinedOutput()
+	if err != nil {
+		t.Fatalf("list namespace %s: %v: %s", name, err, out)
+	}
+	return string(out)
+}

@@ -1,0 +1,177 @@
+package network
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/sirupsen/logrus"
+)
+
+// netnsWithVeth makes a named namespace holding eth0 (one end of a veth pair whose peer stays on the host) with
+// the given ip commands run in it, and removes both at the end of the test.
+func netnsWithVeth(t *testing.T, setup ...string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	name := "kilntest" + strings.ReplaceAll(t.Name(), "/", "")[len("Test"):]
+	if len(name) > 20 {
+		name = name[:20]
+	}
+	host := "kv" + name[len(name)-8:]
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("netns", "add", name)
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "link", "del", host).Run()
+		_ = exec.Command("ip", "netns", "del", name).Run()
+	})
+	run("link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", name)
+	run("link", "set", host, "up")
+	run("-n", name, "link", "set", "eth0", "txqueuelen", "0", "up")
+	for _, s := range setup {
+		run(append([]string{"-n", name}, strings.Fields(s)...)...)
+	}
+	return filepath.Join("/var/run/netns", name)
+}
+
+func ipIn(t *testing.T, path string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("ip", append([]string{"-n", filepath.Base(path)}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip %v: %v: %s", args, err, out)
+	}
+	return string(out)
+}
+
+func TestMirrorNamespace(t *testing.T) {
+	ns := netnsWithVeth(t,
+		"link set eth0 mtu 1400",
+		"addr add 10.99.0.5/24 dev eth0",
+		"addr add fd99::5/64 dev eth0 nodad",
+		"route add default via 10.99.0.1",
+		"route add 10.98.0.0/16 via 10.99.0.2 metric 7",
+		"neigh add 10.99.0.9 lladdr 02:00:00:00:00:09 dev eth0 nud permanent",
+	)
+	before := []string{ipIn(t, ns, "link"), ipIn(t, ns, "route"), ipIn(t, ns, "-6", "route"), ipIn(t, ns, "addr")}
+	qdiscBefore := tc(t, ns)
+
+	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Interfaces) != 1 {
+		t.Fatalf("interfaces %+v", m.Interfaces)
+	}
+	ifc := m.Interfaces[0]
+	if ifc.Name != "eth0" || ifc.MTU != 1400 || ifc.Tap == nil {
+		t.Errorf("interface %+v", ifc)
+	}
+	if !slices.Equal(ifc.Addresses, []string{"10.99.0.5/24", "fd99::5/64"}) {
+		t.Errorf("addresses %v (link-local must be left out)", ifc.Addresses)
+	}
+	var routes []string
+	for _, r := range m.Routes {
+		routes = append(routes, r.Destination+" via "+r.Gateway+" dev "+r.Device)
+	}
+	for _, want := range []string{" via 10.99.0.1 dev eth0", "10.98.0.0/16 via 10.99.0.2 dev eth0"} {
+		if !slices.Contains(routes, want) {
+			t.Errorf("routes %q lack %q", routes, want)
+		}
+	}
+	if len(m.Routes) != 2 {
+		t.Errorf("routes %q: kernel routes must be left out", routes)
+	}
+	if len(m.Neighbours) != 1 || m.Neighbours[0].IP != "10.99.0.9" || m.Neighbours[0].MAC != "02:00:00:00:00:09" {
+		t.Errorf("neighbours %+v", m.Neighbours)
+	}
+	links := ipIn(t, ns, "link")
+	if !strings.Contains(links, "kilntap0") || !strings.Contains(links, "mtu 1400") {
+		t.Errorf("no tap beside eth0:\n%s", links)
+	}
+	filters := ipIn(t, ns, "link") + tc(t, ns)
+	if !strings.Contains(filters, "mirred") {
+		t.Errorf("no mirred redirect:\n%s", filters)
+	}
+
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	after := []string{ipIn(t, ns, "link"), ipIn(t, ns, "route"), ipIn(t, ns, "-6", "route"), ipIn(t, ns, "addr")}
+	if !slices.Equal(before, after) {
+		t.Errorf("namespace changed:\nbefore %q\nafter  %q", before, after)
+	}
+	if q := tc(t, ns); q != qdiscBefore {
+		t.Errorf("qdiscs changed:\nbefore %s\nafter %s", qdiscBefore, q)
+	}
+}
+
+// tc lists the namespace's qdiscs and ingress filters of eth0.
+func tc(t *testing.T, ns string) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", filepath.Base(ns), "sh", "-c", "tc qdisc show; tc filter show dev eth0 ingress").CombinedOutput()
+	if err != nil {
+		t.Fatalf("tc: %v: %s", err, out)
+	}
+	return string(out)
+}
+
+func TestMirrorAfterCNIDelete(t *testing.T) {
+	ns := netnsWithVeth(t, "addr add 10.99.1.5/24 dev eth0")
+	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// CNI DEL removes the interface, and the runtime may delete the namespace, before the VM is torn down.
+	ipIn(t, ns, "link", "del", "eth0")
+	if err := m.Close(); err != nil {
+		t.Errorf("close after the interface went: %v", err)
+	}
+	if out := ipIn(t, ns, "link"); strings.Contains(out, "kilntap") {
+		t.Errorf("tap left behind:\n%s", out)
+	}
+}
+
+func TestHolder(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	ns := netnsWithVeth(t)
+	for _, path := range []string{"", ns} {
+		h, err := StartHolder(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := os.Readlink(h.NSPath())
+		if err != nil {
+			t.Fatal(err)
+		}
+		self, _ := os.Readlink("/proc/self/ns/net")
+		if path == "" && got == self {
+			t.Errorf("holder of a new namespace is in the host's (%s)", got)
+		}
+		if path != "" {
+			var st1, st2 os.FileInfo
+			st1, _ = os.Stat(path)
+			st2, _ = os.Stat(h.NSPath())
+			if !os.SameFile(st1, st2) {
+				t.Errorf("holder is in %s, not %s", got, path)
+			}
+		}
+		h.Close()
+	}
+}
+
+func TestMain(m *testing.M) {
+	// The test binary is its own holder (StartHolder runs os.Executable).
+	RunHolderIfAsked()
+	os.Exit(m.Run())
+}

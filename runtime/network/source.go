@@ -1,0 +1,38 @@
+// Package network is the host side of a pod's network: it finds the network namespace a spec names, holds a
+// process in it for OCI hooks, and mirrors its interfaces into the VM. For each interface it creates a tap beside
+// it in the same namespace and redirects traffic both ways with tc (an ingress qdisc with a match-all u32 filter
+// and a mirred redirect), so that the guest's virtio-net device, backed by the tap, sends and receives what the
+// interface would. QEMU gets the taps as file descriptors and never runs a script; the agent gives the guest
+// interfaces the host interfaces' MACs, MTUs, addresses, routes and neighbours (agent/network).
+package network
+
+import (
+	"fmt"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// Source is where a pod's network comes from.
+type Source struct {
+	// Path is the network namespace to mirror (CRI's pod namespace, `ctr run --with-ns network:<path>`).
+	Path string
+	// New asks for a namespace of the pod's own: empty unless hooks configure it.
+	New bool
+}
+
+// SourceOf reads the network namespace of a pod's first container's spec. A spec without one (host networking)
+// is an error: a VM cannot share the host's network stack.
+func SourceOf(spec *specs.Spec) (Source, error) {
+	if spec.Linux != nil {
+		for _, ns := range spec.Linux.Namespaces {
+			if ns.Type == specs.NetworkNamespace {
+				if ns.Path != "" {
+					return Source{Path: ns.Path}, nil
+				}
+				return Source{New: true}, nil
+			}
+		}
+	}
+	return Source{}, fmt.Errorf("%w: the spec has no network namespace (host networking): a Kiln container runs in its own VM and cannot share the host's network; remove hostNetwork / --net-host, or use runc for it", errdefs.ErrInvalidArgument)
+}
