@@ -13,6 +13,13 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/containers"
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/oci"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
 // cniPluginDir is where Debian's containernetworking-plugins puts the plugins.
@@ -163,4 +170,87 @@ func netnsListing(t *testing.T, name string) string {
 		t.Fatalf("list namespace %s: %v: %s", name, err, out)
 	}
 	return string(out)
+}
+
+// TestKilnCreateRuntimeHookConfiguresNetwork: as nerdctl and Docker do, a createRuntime hook wires the network
+// itself (here by running CNI's bridge plugin on /proc/<state pid>/ns/net) and a poststop hook unwires it; the
+// VM gets what the hook configured.
+func TestKilnCreateRuntimeHookConfiguresNetwork(t *testing.T) {
+	k := startKiln(t)
+	dir := t.TempDir()
+	const name, br = "kilnhook-c3d4", "kbr-c3d4"
+	conf := cniConf(name, br, "10.231.2.0/24", filepath.Join(dir, "ipam"), 0)
+	confPath, result := filepath.Join(dir, "conf.json"), filepath.Join(dir, "result.json")
+	if err := os.WriteFile(confPath, conf, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "link", "del", br).Run() })
+	hook := filepath.Join(dir, "cni-hook")
+	script := `#!/bin/sh
+pid=$(/bin/sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
+CNI_COMMAND=$1 CNI_CONTAINERID=hooked CNI_NETNS=/proc/$pid/ns/net CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni \
+	/usr/lib/cni/bridge < ` + confPath + ` > ` + result + `.$1
+`
+	if err := os.WriteFile(hook, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	withHooks := func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
+		s.Hooks = &specs.Hooks{
+			CreateRuntime: []specs.Hook{{Path: hook, Args: []string{hook, "ADD"}}},
+			Poststop:      []specs.Hook{{Path: hook, Args: []string{hook, "DEL"}}},
+		}
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	c, err := client.New(k.d.Address, client.WithDefaultNamespace(Namespace))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	img, err := c.GetImage(ctx, BusyboxRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctr, err := c.NewContainer(ctx, "hooked",
+		client.WithImage(img), client.WithNewSnapshot("hooked-snap", img),
+		client.WithRuntime(RuntimeName, &runtimeoptions.Options{ConfigPath: k.cfg}),
+		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs(httpServer("kiln-hooked")...), withHooks))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.remove(t, "hooked") })
+	task, err := ctr.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := task.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	res, err := os.ReadFile(result + ".ADD")
+	if err != nil {
+		t.Fatalf("createRuntime hook did not run: %v", err)
+	}
+	ip, err := firstIPv4(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(httpGet(t, "http://"+ip+":8080/")); got != "kiln-hooked" {
+		t.Errorf("pod answered %q", got)
+	}
+	k.remove(t, "hooked")
+	if _, err := os.Stat(result + ".DEL"); err != nil {
+		t.Errorf("poststop hook did not run: %v", err)
+	}
+}
+
+// TestKilnRefusesHostNetwork: a VM cannot share the host's network stack; the error names the setting.
+func TestKilnRefusesHostNetwork(t *testing.T) {
+	k := startKiln(t)
+	args := append([]string{"run", "--rm", "--net-host"}, KilnRunArgs(k.cfg)...)
+	_, errOut, code := k.ctrCode(t, nil, append(args, BusyboxRef, "hostnet", "true")...)
+	if code == 0 || !strings.Contains(errOut, "host network") {
+		t.Errorf("ctr run --net-host: exit %d, stderr %s", code, errOut)
+	}
+	k.remove(t, "hostnet")
 }
