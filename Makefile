@@ -10,7 +10,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
 # Debian packages the build and the tests use.
-DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler libprotobuf-dev busybox-static cpio xz-utils libseccomp-dev pkg-config gcc libc6-dev iproute2
+DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler libprotobuf-dev busybox-static cpio xz-utils libseccomp-dev pkg-config gcc libc6-dev iproute2 containernetworking-plugins docker-registry
 GO_TEST_TIMEOUT ?= 40m
 
 PREFIX ?= /usr/local

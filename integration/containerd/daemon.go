@@ -26,6 +26,8 @@ type Options struct {
 	Env []string
 	// Debug logs containerd and shims at debug level.
 	Debug bool
+	// CRI enables containerd's CRI plugin with this configuration; nil leaves CRI disabled.
+	CRI *CRIConfig
 }
 
 // Daemon is a running private containerd.
@@ -54,19 +56,24 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 	return d, nil
 }
 
-// configTOML is containerd's configuration: nothing global (no CRI, no NRI socket, no /opt), every path in dir.
+// configTOML is containerd's configuration: nothing global (no NRI socket, no /opt, CRI only when Options.CRI
+// asks for it), every path in dir.
 func (d *Daemon) configTOML() string {
 	level := "info"
 	if d.opts.Debug {
 		level = "debug"
 	}
+	criPlugins := `
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.cri.v1.runtime",
+  "io.containerd.cri.v1.images",`
+	if d.opts.CRI != nil {
+		criPlugins = ""
+	}
 	return fmt.Sprintf(`version = 3
 root = %[1]q
 state = %[2]q
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.cri.v1.runtime",
-  "io.containerd.cri.v1.images",
+disabled_plugins = [%[7]s
   "io.containerd.nri.v1.nri",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
@@ -88,12 +95,17 @@ disabled_plugins = [
 
 [plugins."io.containerd.internal.v1.opt"]
   path = %[6]q
-`, filepath.Join(d.Dir, "root"), filepath.Join(d.Dir, "state"), d.Address, d.Address+".ttrpc", level,
-		filepath.Join(d.Dir, "opt"))
+%[8]s`, filepath.Join(d.Dir, "root"), filepath.Join(d.Dir, "state"), d.Address, d.Address+".ttrpc", level,
+		filepath.Join(d.Dir, "opt"), criPlugins, d.criTOML())
 }
 
 func (d *Daemon) start(ctx context.Context) error {
 	cfg := filepath.Join(d.Dir, "config.toml")
+	if d.opts.CRI != nil {
+		if err := os.MkdirAll(d.CRIRegistryDir(), 0o755); err != nil {
+			return fmt.Errorf("create CRI registry config dir: %w", err)
+		}
+	}
 	if err := os.WriteFile(cfg, []byte(d.configTOML()), 0o644); err != nil {
 		return fmt.Errorf("write containerd config: %w", err)
 	}
@@ -166,7 +178,11 @@ func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
 
 // CtrCommand builds a ctr command against this containerd, in the harness's namespace.
 func (d *Daemon) CtrCommand(ctx context.Context, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, d.opts.Tools.Ctr, append([]string{"--address", d.Address, "--namespace", Namespace}, args...)...)
+	return d.ctrCommandIn(ctx, Namespace, args...)
+}
+
+func (d *Daemon) ctrCommandIn(ctx context.Context, namespace string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, d.opts.Tools.Ctr, append([]string{"--address", d.Address, "--namespace", namespace}, args...)...)
 	cmd.Env = d.env()
 	cmd.WaitDelay = 5 * time.Second
 	return cmd
@@ -174,7 +190,12 @@ func (d *Daemon) CtrCommand(ctx context.Context, args ...string) *exec.Cmd {
 
 // Ctr runs ctr and returns its standard output; the error carries its standard error.
 func (d *Daemon) Ctr(ctx context.Context, args ...string) (string, error) {
-	cmd := d.CtrCommand(ctx, args...)
+	return d.CtrIn(ctx, Namespace, args...)
+}
+
+// CtrIn is Ctr in another containerd namespace (CRINamespace for what CRI sees).
+func (d *Daemon) CtrIn(ctx context.Context, namespace string, args ...string) (string, error) {
+	cmd := d.ctrCommandIn(ctx, namespace, args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -250,24 +271,33 @@ func (d *Daemon) Stop(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// cleanupTasks force-deletes every task and container, returning an error naming those it found.
+// cleanupTasks force-deletes every task and container (CRI's too, when CRI is on), returning an error naming
+// those it found.
 func (d *Daemon) cleanupTasks(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	out, err := d.Ctr(ctx, "containers", "list", "--quiet")
-	if err != nil {
-		return err
+	namespaces := []string{Namespace}
+	if d.opts.CRI != nil {
+		namespaces = append(namespaces, CRINamespace)
 	}
-	ids := strings.Fields(out)
-	for _, id := range ids {
-		_, _ = d.Ctr(ctx, "tasks", "kill", "--signal", "SIGKILL", id)
-		_, _ = d.Ctr(ctx, "tasks", "delete", "--force", id)
-		_, _ = d.Ctr(ctx, "containers", "delete", id)
+	var errs []error
+	for _, ns := range namespaces {
+		out, err := d.CtrIn(ctx, ns, "containers", "list", "--quiet")
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		ids := strings.Fields(out)
+		for _, id := range ids {
+			_, _ = d.CtrIn(ctx, ns, "tasks", "kill", "--signal", "SIGKILL", id)
+			_, _ = d.CtrIn(ctx, ns, "tasks", "delete", "--force", id)
+			_, _ = d.CtrIn(ctx, ns, "containers", "delete", id)
+		}
+		if len(ids) > 0 {
+			errs = append(errs, fmt.Errorf("containers left behind in namespace %s: %v", ns, ids))
+		}
 	}
-	if len(ids) > 0 {
-		return fmt.Errorf("containers left behind: %v", ids)
-	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // shimExitTimeout bounds the wait for shims to exit once their tasks are deleted.

@@ -32,12 +32,18 @@ func BuildShim(ctx context.Context, repoRoot, dir string) (string, error) {
 // kernel and initramfs from assetDir (the build's share/kiln). It returns the file's path, for ctr's
 // --runtime-config-path.
 func (d *Daemon) KilnConfig(assetDir string, extra string) (string, error) {
+	path := filepath.Join(d.Dir, "kiln.toml")
+	return path, WriteKilnConfig(path, assetDir, d.StateDir(), extra)
+}
+
+// WriteKilnConfig writes a Kiln configuration into path: the guest kernel and initramfs from assetDir, VM
+// state in stateDir, debug logs, and extra TOML appended.
+func WriteKilnConfig(path, assetDir, stateDir, extra string) error {
 	for _, f := range []string{"vmlinuz", "initrd.img"} {
 		if _, err := os.Stat(filepath.Join(assetDir, f)); err != nil {
-			return "", fmt.Errorf("guest image missing (%w): run `make image`", err)
+			return fmt.Errorf("guest image missing (%w): run `make image`", err)
 		}
 	}
-	path := filepath.Join(d.Dir, "kiln.toml")
 	cfg := fmt.Sprintf(`[hypervisor]
 kernel = %q
 initrd = %q
@@ -45,11 +51,11 @@ initrd = %q
 [runtime]
 state_dir = %q
 log_level = "debug"
-%s`, filepath.Join(assetDir, "vmlinuz"), filepath.Join(assetDir, "initrd.img"), d.StateDir(), extra)
+%s`, filepath.Join(assetDir, "vmlinuz"), filepath.Join(assetDir, "initrd.img"), stateDir, extra)
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		return "", fmt.Errorf("write kiln config: %w", err)
+		return fmt.Errorf("write kiln config: %w", err)
 	}
-	return path, nil
+	return nil
 }
 
 // StateDir is the Kiln state directory the harness's configuration names (one per containerd).

@@ -1,0 +1,71 @@
+package cri
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+)
+
+// repoRoot is the module root, two levels above this package.
+func repoRoot(t testing.TB) string {
+	t.Helper()
+	_, file, _, ok := runtime.Caller(0)
+	if !ok {
+		t.Fatal("cannot locate the test source")
+	}
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// requireRoot skips tests that need root, and all of them under -short.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("CRI integration test: not with -short")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("CRI integration tests need root")
+	}
+}
+
+// startEnv starts a harness containerd with CRI and the given handlers, and stops it when the test ends,
+// failing the test on leftovers (pods, containers, shims).
+func startEnv(t *testing.T, opts Options) *Env {
+	t.Helper()
+	requireRoot(t)
+	root := repoRoot(t)
+	opts.RepoRoot = root
+	opts.ToolsDir = filepath.Join(root, "_output", "tools", "bin")
+	opts.KilnAssets = filepath.Join(root, "_output", "share", "kiln")
+	opts.Debug = true
+	// Building containerd, runc, crictl and critest the first time takes minutes on a loaded 2-core machine.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	e, err := Start(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("containerd log (tail):\n%s", e.Daemon.LogTail(80))
+		}
+		if err := e.Stop(context.Background()); err != nil {
+			t.Errorf("stop CRI harness: %v", err)
+		}
+	})
+	return e
+}
+
+// crictl runs crictl and fails the test on error.
+func (e *Env) crictl(t *testing.T, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out, err := e.Crictl(ctx, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}

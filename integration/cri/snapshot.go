@@ -1,0 +1,176 @@
+package cri
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/moby/sys/mountinfo"
+)
+
+// HostState is what a pod may leave on the host, as sorted lists of names: network namespaces (ip netns and
+// CRI's private netns directory), links, qdiscs, mount points (those under the harness's directories and the
+// host's netns and Kiln directories), Kiln state directories (the harness's and /run/kiln) and CNI's cached
+// results. The harness's own bridge, which CNI's DEL leaves by design, is not
+// listed.
+type HostState struct {
+	Netns      []string
+	Links      []string
+	Qdiscs     []string
+	Mounts     []string
+	KilnState  []string
+	CNIResults []string
+}
+
+// Snapshot reads the host state now.
+func (e *Env) Snapshot() (HostState, error) {
+	var s HostState
+	var err error
+	ignore := ""
+	if e.Net != nil {
+		ignore = e.Net.Bridge
+	}
+	if s.Netns, err = lines("ip", "netns", "list"); err != nil {
+		return s, err
+	}
+	for _, n := range dirNames(e.NetnsDir()) {
+		s.Netns = append(s.Netns, filepath.Join(e.NetnsDir(), n))
+	}
+	links, err := lines("ip", "-o", "link", "show")
+	if err != nil {
+		return s, err
+	}
+	for _, l := range links {
+		// "3: name@peer: <...> ...": keep the name.
+		f := strings.Fields(l)
+		if len(f) < 2 {
+			continue
+		}
+		name := strings.TrimSuffix(f[1], ":")
+		if i := strings.Index(name, "@"); i >= 0 {
+			name = name[:i]
+		}
+		if name != ignore {
+			s.Links = append(s.Links, name)
+		}
+	}
+	qdiscs, err := lines("tc", "qdisc", "show")
+	if err != nil {
+		return s, err
+	}
+	for _, q := range qdiscs {
+		if ignore == "" || !strings.Contains(q, " dev "+ignore+" ") {
+			s.Qdiscs = append(s.Qdiscs, q)
+		}
+	}
+	mounts, err := mountinfo.GetMounts(nil)
+	if err != nil {
+		return s, fmt.Errorf("read mount table: %w", err)
+	}
+	for _, m := range mounts {
+		if e.ownsPath(m.Mountpoint) {
+			s.Mounts = append(s.Mounts, m.Mountpoint)
+		}
+	}
+	for _, d := range []string{e.KilnStateDir(), "/run/kiln"} {
+		for _, n := range dirNames(d) {
+			s.KilnState = append(s.KilnState, filepath.Join(d, n))
+		}
+	}
+	for _, n := range dirNames("/var/lib/cni/results") {
+		s.CNIResults = append(s.CNIResults, n)
+	}
+	for _, l := range [][]string{s.Netns, s.Links, s.Qdiscs, s.Mounts, s.KilnState, s.CNIResults} {
+		sort.Strings(l)
+	}
+	return s, nil
+}
+
+// ownsPath tells whether a mount point is one a pod of this harness could leave: under the harness's or its
+// containerd's directory, or in the host's netns and Kiln directories. Mounts elsewhere belong to other users
+// of the host (tests of other packages running at the same time) and are not compared.
+func (e *Env) ownsPath(p string) bool {
+	roots := []string{e.Dir, "/run/netns", "/var/run/netns", "/run/kiln"}
+	if e.Daemon != nil {
+		roots = append(roots, e.Daemon.Dir)
+	}
+	for _, r := range roots {
+		if p == r || strings.HasPrefix(p, r+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// Diff lists what differs from before to s: "+ links: veth1234" for what appeared, "- ..." for what went.
+func (s HostState) Diff(before HostState) []string {
+	var d []string
+	for _, k := range []struct {
+		name        string
+		before, now []string
+	}{
+		{"netns", before.Netns, s.Netns},
+		{"links", before.Links, s.Links},
+		{"qdiscs", before.Qdiscs, s.Qdiscs},
+		{"mounts", before.Mounts, s.Mounts},
+		{"kiln state", before.KilnState, s.KilnState},
+		{"cni results", before.CNIResults, s.CNIResults},
+	} {
+		was := count(k.before)
+		is := count(k.now)
+		for _, v := range k.now {
+			if was[v] > 0 {
+				was[v]--
+				continue
+			}
+			d = append(d, fmt.Sprintf("+ %s: %s", k.name, v))
+		}
+		for _, v := range k.before {
+			if is[v] > 0 {
+				is[v]--
+				continue
+			}
+			d = append(d, fmt.Sprintf("- %s: %s", k.name, v))
+		}
+	}
+	return d
+}
+
+func count(l []string) map[string]int {
+	m := map[string]int{}
+	for _, v := range l {
+		m[v]++
+	}
+	return m
+}
+
+// lines runs a command and returns its non-empty output lines.
+func lines(name string, args ...string) ([]string, error) {
+	out, err := exec.Command(name, args...).Output()
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", name, strings.Join(args, " "), err)
+	}
+	var l []string
+	for _, s := range strings.Split(string(out), "\n") {
+		if s = strings.TrimSpace(s); s != "" {
+			l = append(l, s)
+		}
+	}
+	return l, nil
+}
+
+// dirNames lists a directory's entries; a missing directory has none.
+func dirNames(dir string) []string {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	names := make([]string, 0, len(entries))
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
