@@ -8,6 +8,8 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // Mount is one file system the agent mounts at start.
@@ -42,6 +44,8 @@ func BaseMounts() []Mount {
 			Data: "newinstance,ptmxmode=0666,mode=0620,gid=5", Late: true},
 		{Source: "shm", Target: "/dev/shm", FSType: "tmpfs", Flags: common, Data: "mode=1777", Late: true},
 		{Source: "tmpfs", Target: "/tmp", FSType: "tmpfs", Flags: common, Data: "mode=1777", Late: true},
+		// The pod's /dev/shm, 64 MiB as CRI's default (a tmpfs takes memory only as it fills).
+		{Source: "shm", Target: agentv1.GuestPodShm, FSType: "tmpfs", Flags: common, Data: "mode=1777,size=65536k", Late: true},
 		{Source: "cgroup2", Target: "/sys/fs/cgroup", FSType: "cgroup2", Flags: common | unix.MS_NOEXEC,
 			Data: "nsdelegate", Late: true},
 	}

@@ -19,6 +19,7 @@ import (
 // writes its configuration.
 var podHandlers = []string{
 	HandlerRunc,
+	HandlerKiln,
 }
 
 // httpServer is a shell command serving body on port 8080 with busybox httpd in the foreground.

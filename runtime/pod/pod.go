@@ -11,10 +11,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/config"
@@ -88,6 +91,13 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		o.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	log := o.Log.WithField("sandbox", o.ID)
+	if o.First != nil {
+		sized, err := sizeFor(o.Config, o.First)
+		if err != nil {
+			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		}
+		o.Config = sized
+	}
 	stateDir := o.Config.Runtime.StateDir
 	if err := os.MkdirAll(stateDir, 0o711); err != nil {
 		return nil, fmt.Errorf("create state dir %s: %w", stateDir, err)
@@ -240,6 +250,9 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	if err := p.prepareContainer(ctx, o.ID, b); err != nil {
 		return nil, err
 	}
+	// The root is shared writable even when the spec asks for a read-only one: libcontainer in the guest first
+	// creates the mount points the spec needs (a pause image has no /proc), then remounts the root read-only,
+	// as runc does on a host.
 	var rootfs string
 	var err error
 	if len(o.Rootfs) > 0 {
@@ -247,9 +260,9 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 		for _, m := range o.Rootfs {
 			mounts = append(mounts, share.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
 		}
-		rootfs, err = p.share.AddRootfsMounts(ctx, o.ID, mounts, b.ReadOnly())
+		rootfs, err = p.share.AddRootfsMounts(ctx, o.ID, mounts, false)
 	} else {
-		rootfs, err = p.share.AddRootfs(ctx, o.ID, b.Rootfs, b.ReadOnly())
+		rootfs, err = p.share.AddRootfs(ctx, o.ID, b.Rootfs, false)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
@@ -262,8 +275,13 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 		}
 	}()
 	spec := *b.Spec
+	spec.Mounts = append([]specs.Mount(nil), spec.Mounts...)
+	shm := podShm(spec.Mounts)
 	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec); err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
+	}
+	for i, m := range shm {
+		spec.Mounts[i] = m
 	}
 	raw, err := json.Marshal(&spec)
 	if err != nil {
@@ -281,6 +299,22 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	return c, nil
 }
 
+// podShm points the bind mounts of /dev/shm among mounts (CRI's pod shm, a tmpfs on the host) at the guest's
+// pod shm instead: one tmpfs in guest memory that the pod's containers share, rather than a host tmpfs reached
+// through virtio-fs. It returns them by index and leaves placeholders that are not bind mounts in their place,
+// so that sharing the other bind mounts passes them by and the order of mounts stays.
+func podShm(mounts []specs.Mount) map[int]specs.Mount {
+	shm := map[int]specs.Mount{}
+	for i, m := range mounts {
+		if path.Clean(m.Destination) == "/dev/shm" && (m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")) {
+			m.Source = agentv1.GuestPodShm
+			shm[i] = m
+			mounts[i] = specs.Mount{Destination: m.Destination, Type: "tmpfs", Source: "tmpfs"}
+		}
+	}
+	return shm
+}
+
 // prepareContainer checks that a container can join the pod and runs its create hooks, unless they ran when the
 // pod booted for it.
 func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle) error {
@@ -289,6 +323,11 @@ func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle)
 	}
 	if err := p.checkJoin(id, b.Spec); err != nil {
 		return err
+	}
+	if b.Spec.Linux != nil {
+		if err := p.Fits(id, b.Spec.Linux.Resources); err != nil {
+			return err
+		}
 	}
 	if !hooks.Any(b.Spec) {
 		return nil

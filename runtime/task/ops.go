@@ -293,6 +293,11 @@ func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*em
 	if !ok {
 		return nil, toGRPC(fmt.Errorf("%w: update task %s: resources of type %T, want LinuxResources", errdefs.ErrInvalidArgument, r.ID, v))
 	}
+	if p := s.currentPod(); p != nil {
+		if err := p.Fits(r.ID, res); err != nil {
+			return nil, toGRPC(fmt.Errorf("update task %s: %w", r.ID, err))
+		}
+	}
 	return empty(), toGRPC(c.Update(ctx, res))
 }
 

@@ -12,4 +12,7 @@ const (
 	// GuestSharedDir is where the agent mounts the shared directory in the guest; container root filesystems and
 	// bind-mount sources are below it.
 	GuestSharedDir = "/run/kiln/shared"
+	// GuestPodShm is a tmpfs the agent mounts for the pod's shared memory: the host points a container's /dev/shm
+	// bind mount (CRI's pod shm) at it, so the pod's containers share one /dev/shm in guest memory.
+	GuestPodShm = "/run/kiln/shm"
 )

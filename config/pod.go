@@ -1,0 +1,110 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// The annotations containerd's CRI plugin puts on a pod's sandbox container, from the pod's resources (the sum
+// of its containers' limits).
+const (
+	CRISandboxCPUPeriod = "io.kubernetes.cri.sandbox-cpu-period"
+	CRISandboxCPUQuota  = "io.kubernetes.cri.sandbox-cpu-quota"
+	CRISandboxCPUShares = "io.kubernetes.cri.sandbox-cpu-shares"
+	CRISandboxMemory    = "io.kubernetes.cri.sandbox-memory"
+)
+
+// The io.kiln.* pod annotations, each honoured only when runtime.enable_annotations allows it.
+const (
+	// AnnotationVCPUs sets hypervisor.vcpus for the pod (before its resources are added).
+	AnnotationVCPUs = AnnotationPrefix + "vcpus"
+	// AnnotationMemoryMiB sets hypervisor.memory_mib for the pod (before its resources are added).
+	AnnotationMemoryMiB = AnnotationPrefix + "memory_mib"
+	// AnnotationKernelParams adds guest kernel parameters, separated by spaces.
+	AnnotationKernelParams = AnnotationPrefix + "kernel_params"
+)
+
+// ForPod is the configuration of one pod: the io.kiln.* annotations the configuration allows applied, then the
+// VM grown by the pod's resources as CRI gives them: vCPUs + ceil(quota/period), memory + the memory limit. An
+// io.kiln.* annotation the configuration does not allow, or does not know, is an error naming it.
+func (c Config) ForPod(annotations map[string]string) (Config, error) {
+	var errs []error
+	for k, v := range annotations {
+		if !strings.HasPrefix(k, AnnotationPrefix) {
+			continue
+		}
+		if !c.annotationAllowed(k) {
+			errs = append(errs, fmt.Errorf("pod annotation %s is not allowed: add it to runtime.enable_annotations in %s", k, c.sourceName()))
+			continue
+		}
+		switch k {
+		case AnnotationVCPUs:
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("pod annotation %s = %q: want a number of vCPUs", k, v))
+			}
+			c.Hypervisor.VCPUs = n
+		case AnnotationMemoryMiB:
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("pod annotation %s = %q: want MiB", k, v))
+			}
+			c.Hypervisor.MemoryMiB = n
+		case AnnotationKernelParams:
+			c.Hypervisor.KernelParams = append(append([]string(nil), c.Hypervisor.KernelParams...), strings.Fields(v)...)
+		default:
+			errs = append(errs, fmt.Errorf("pod annotation %s: Kiln knows %s, %s and %s", k, AnnotationVCPUs, AnnotationMemoryMiB, AnnotationKernelParams))
+		}
+	}
+	quota, qerr := annotationInt(annotations, CRISandboxCPUQuota)
+	period, perr := annotationInt(annotations, CRISandboxCPUPeriod)
+	mem, merr := annotationInt(annotations, CRISandboxMemory)
+	errs = append(errs, qerr, perr, merr)
+	if quota > 0 && period > 0 {
+		c.Hypervisor.VCPUs += int((quota + period - 1) / period)
+	}
+	if mem > 0 {
+		c.Hypervisor.MemoryMiB += int((mem + 1<<20 - 1) >> 20)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return Config{}, err
+	}
+	if c.Hypervisor.VCPUs < 1 || c.Hypervisor.VCPUs > 255 {
+		return Config{}, fmt.Errorf("pod needs %d vCPUs: a VM has 1 to 255", c.Hypervisor.VCPUs)
+	}
+	if c.Hypervisor.MemoryMiB < 64 || c.Hypervisor.MemoryMiB > 1<<20 {
+		return Config{}, fmt.Errorf("pod needs %d MiB of memory: a VM has 64 to 1048576", c.Hypervisor.MemoryMiB)
+	}
+	return c, nil
+}
+
+func (c Config) annotationAllowed(key string) bool {
+	for _, a := range c.Runtime.EnableAnnotations {
+		if prefix, ok := strings.CutSuffix(a, "*"); ok && strings.HasPrefix(key, prefix) || a == key {
+			return true
+		}
+	}
+	return false
+}
+
+func (c Config) sourceName() string {
+	if c.Source == "" {
+		return "Kiln's configuration (built-in defaults now; see `kiln config show`)"
+	}
+	return c.Source
+}
+
+// annotationInt reads a non-negative integer annotation; absent is 0.
+func annotationInt(annotations map[string]string, key string) (int64, error) {
+	v, ok := annotations[key]
+	if !ok || v == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("pod annotation %s = %q: want a non-negative integer", key, v)
+	}
+	return n, nil
+}

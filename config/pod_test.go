@@ -1,0 +1,55 @@
+package config
+
+import (
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestForPod(t *testing.T) {
+	base := Default()
+	base.Hypervisor.VCPUs, base.Hypervisor.MemoryMiB = 1, 256
+	allowAll := base
+	allowAll.Runtime.EnableAnnotations = []string{"io.kiln.*"}
+	allowVCPUs := base
+	allowVCPUs.Runtime.EnableAnnotations = []string{AnnotationVCPUs}
+	for _, tc := range []struct {
+		name        string
+		cfg         Config
+		annotations map[string]string
+		vcpus, mib  int
+		params      []string
+		err         string
+	}{
+		{name: "no annotations", cfg: base, vcpus: 1, mib: 256},
+		{name: "CRI resources", cfg: base, annotations: map[string]string{
+			CRISandboxCPUQuota: "150000", CRISandboxCPUPeriod: "100000", CRISandboxMemory: "268435456", CRISandboxCPUShares: "1024",
+		}, vcpus: 3, mib: 512},
+		{name: "memory rounds up to a MiB", cfg: base, annotations: map[string]string{CRISandboxMemory: "1048577"}, vcpus: 1, mib: 258},
+		{name: "quota without period", cfg: base, annotations: map[string]string{CRISandboxCPUQuota: "100000"}, vcpus: 1, mib: 256},
+		{name: "bad CRI value", cfg: base, annotations: map[string]string{CRISandboxMemory: "lots"}, err: CRISandboxMemory},
+		{name: "kiln annotations refused by default", cfg: base, annotations: map[string]string{AnnotationVCPUs: "2"}, err: "runtime.enable_annotations"},
+		{name: "kiln annotations allowed", cfg: allowAll, annotations: map[string]string{
+			AnnotationVCPUs: "2", AnnotationMemoryMiB: "1024", AnnotationKernelParams: "a=1 b", CRISandboxMemory: "1048576",
+		}, vcpus: 2, mib: 1025, params: []string{"a=1", "b"}},
+		{name: "only the allowed one", cfg: allowVCPUs, annotations: map[string]string{AnnotationVCPUs: "2", AnnotationMemoryMiB: "512"}, err: AnnotationMemoryMiB},
+		{name: "unknown kiln annotation", cfg: allowAll, annotations: map[string]string{"io.kiln.colour": "blue"}, err: "io.kiln.colour"},
+		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "255", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "256 vCPUs"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := tc.cfg.ForPod(tc.annotations)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err %v, want one naming %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Hypervisor.VCPUs != tc.vcpus || got.Hypervisor.MemoryMiB != tc.mib || !slices.Equal(got.Hypervisor.KernelParams, tc.params) {
+				t.Errorf("vcpus %d memory %d params %q, want %d %d %q", got.Hypervisor.VCPUs, got.Hypervisor.MemoryMiB, got.Hypervisor.KernelParams, tc.vcpus, tc.mib, tc.params)
+			}
+		})
+	}
+}
