@@ -26,15 +26,32 @@ func main() {
 	share := flag.String("share", "_output/share/kiln", "guest image directory")
 	tools := flag.String("tools", "_output/tools/bin", "directory holding kiln-image (and runc, built there when missing)")
 	runs := flag.Int("runs", 10, "runs per measurement")
+	pods := flag.Bool("pods", true, "measure pods through containerd's CRI plugin too")
+	parallel := flag.Int("parallel", 10, "pods started at once")
+	podsOnly := flag.Bool("pods-only", false, "measure only pods")
 	flag.Parse()
-	if err := run(context.Background(), *share, *tools, *runs); err != nil {
+	if err := run(context.Background(), *share, *tools, *runs, *pods, *podsOnly, *parallel); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, share, tools string, runs int) error {
+func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool, parallel int) error {
 	logrus.SetLevel(logrus.WarnLevel)
+	var err error
+	if share, err = filepath.Abs(share); err != nil {
+		return err
+	}
+	if tools, err = filepath.Abs(tools); err != nil {
+		return err
+	}
+	if podsOnly {
+		repo, err := repoRoot()
+		if err != nil {
+			return err
+		}
+		return podBench(ctx, repo, share, tools, runs, parallel)
+	}
 	work, err := os.MkdirTemp("", "kiln-bench-")
 	if err != nil {
 		return err
@@ -85,7 +102,17 @@ func run(ctx context.Context, share, tools string, runs int) error {
 	if err := containerBench(ctx, base, initrd, tools, work, runs); err != nil {
 		return err
 	}
-	return containerdLatency(ctx, share, tools, runs)
+	if err := containerdLatency(ctx, share, tools, runs); err != nil {
+		return err
+	}
+	if !pods {
+		return nil
+	}
+	repo, err := repoRoot()
+	if err != nil {
+		return err
+	}
+	return podBench(ctx, repo, share, tools, runs, parallel)
 }
 
 func buildFloor(ctx context.Context, work, share, tools string) (string, error) {

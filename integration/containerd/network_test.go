@@ -26,14 +26,19 @@ import (
 const cniPluginDir = "/usr/lib/cni"
 
 // cniNet is a network namespace that Debian's bridge plugin configured (bridge + host-local), as CNI does for
-// a pod.
+// a pod: one interface per subnet (eth0, net1, ...), each on a bridge of its own.
 type cniNet struct {
-	Name   string // namespace name, under /var/run/netns
-	Path   string
-	IP     string // the interface's IPv4 address
-	conf   []byte
-	dir    string
-	bridge string
+	Name string // namespace name, under /var/run/netns
+	Path string
+	IPs  []string // each interface's IPv4 address, in order
+	atts []cniAttachment
+	// deleted is set once DEL ran, so that cleanup does not run it again.
+	deleted bool
+}
+
+type cniAttachment struct {
+	ifname, bridge string
+	conf           []byte
 }
 
 // cniConf is a bridge network configuration for bridge br and subnet (an IPv4 /24).
@@ -78,36 +83,62 @@ func firstIPv4(result []byte) (string, error) {
 	return "", fmt.Errorf("CNI result %s has no IPv4 address", result)
 }
 
-// newCNINet makes a namespace and runs the bridge plugin's ADD on it; the test's end runs DEL and removes
-// namespace and bridge.
-func newCNINet(t *testing.T, name, subnet string) *cniNet {
+// newCNINet makes a namespace and runs the bridge plugin's ADD on it once per subnet; the test's end runs DEL
+// and removes namespace and bridges.
+func newCNINet(t *testing.T, name string, subnets ...string) *cniNet {
 	t.Helper()
-	n := &cniNet{Name: name, Path: "/var/run/netns/" + name, dir: t.TempDir(), bridge: "kbr-" + name[len(name)-4:]}
-	n.conf = cniConf(name, n.bridge, subnet, filepath.Join(n.dir, "ipam"), 0)
+	n := &cniNet{Name: name, Path: "/var/run/netns/" + name}
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
 	}
 	t.Cleanup(func() { n.remove(t) })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	res, err := cniPlugin(ctx, "bridge", "ADD", name, n.Path, "eth0", n.conf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n.IP, err = firstIPv4(res); err != nil {
-		t.Fatal(err)
+	dir := t.TempDir()
+	for i, subnet := range subnets {
+		a := cniAttachment{ifname: "eth0", bridge: fmt.Sprintf("kbr-%s-%d", name[len(name)-4:], i)}
+		if i > 0 {
+			a.ifname = fmt.Sprintf("net%d", i)
+		}
+		a.conf = cniConf(fmt.Sprintf("%s-%d", name, i), a.bridge, subnet, filepath.Join(dir, "ipam"), 0)
+		n.atts = append(n.atts, a)
+		res, err := cniPlugin(ctx, "bridge", "ADD", name, n.Path, a.ifname, a.conf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ip, err := firstIPv4(res)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.IPs = append(n.IPs, ip)
 	}
 	return n
 }
 
-func (n *cniNet) remove(t *testing.T) {
+// del runs CNI DEL for every interface and removes the namespace, as a CRI runtime does at StopPodSandbox.
+func (n *cniNet) del(t *testing.T) {
+	t.Helper()
+	if n.deleted {
+		return
+	}
+	n.deleted = true
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if _, err := cniPlugin(ctx, "bridge", "DEL", n.Name, n.Path, "eth0", n.conf); err != nil {
-		t.Errorf("CNI DEL: %v", err)
+	for _, a := range n.atts {
+		if _, err := cniPlugin(ctx, "bridge", "DEL", n.Name, n.Path, a.ifname, a.conf); err != nil {
+			t.Errorf("CNI DEL: %v", err)
+		}
 	}
-	_ = exec.Command("ip", "netns", "del", n.Name).Run()
-	_ = exec.Command("ip", "link", "del", n.bridge).Run()
+	if out, err := exec.Command("ip", "netns", "del", n.Name).CombinedOutput(); err != nil {
+		t.Errorf("ip netns del %s: %v: %s", n.Name, err, out)
+	}
+}
+
+func (n *cniNet) remove(t *testing.T) {
+	n.del(t)
+	for _, a := range n.atts {
+		_ = exec.Command("ip", "link", "del", a.bridge).Run()
+	}
 }
 
 // httpGet fetches url from the host, retrying while the server starts.
@@ -144,12 +175,12 @@ func TestKilnCNINamespace(t *testing.T) {
 	n := newCNINet(t, "kilnnet-a1b2", "10.231.1.0/24")
 	before := netnsListing(t, n.Name)
 	k.runDetached(t, "web", []string{"--with-ns", "network:" + n.Path}, httpServer("kiln-web")...)
-	if got := strings.TrimSpace(httpGet(t, "http://"+n.IP+":8080/")); got != "kiln-web" {
+	if got := strings.TrimSpace(httpGet(t, "http://"+n.IPs[0]+":8080/")); got != "kiln-web" {
 		t.Errorf("pod answered %q", got)
 	}
 	// The guest interface has the namespace's name, address and MAC.
 	out, _, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "ip", "web", "ip", "addr", "show", "eth0")
-	if code != 0 || !strings.Contains(out, n.IP+"/24") {
+	if code != 0 || !strings.Contains(out, n.IPs[0]+"/24") {
 		t.Errorf("guest eth0 (exit %d):\n%s", code, out)
 	}
 	k.remove(t, "web")
@@ -159,6 +190,67 @@ func TestKilnCNINamespace(t *testing.T) {
 	if after := netnsListing(t, n.Name); after != before {
 		t.Errorf("namespace changed by the pod:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
+}
+
+// TestKilnTwoInterfaces: a namespace holding two interfaces (two CNI ADDs) gives the guest both, each reachable.
+func TestKilnTwoInterfaces(t *testing.T) {
+	k := startKiln(t)
+	n := newCNINet(t, "kilnnet-e5f6", "10.231.3.0/24", "10.231.4.0/24")
+	k.runDetached(t, "two", []string{"--with-ns", "network:" + n.Path}, httpServer("kiln-two")...)
+	for _, ip := range n.IPs {
+		if got := strings.TrimSpace(httpGet(t, "http://"+ip+":8080/")); got != "kiln-two" {
+			t.Errorf("pod answered %q on %s", got, ip)
+		}
+	}
+	out, _, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "ip", "two", "ip", "-o", "addr")
+	if code != 0 || !strings.Contains(out, "eth0    inet "+n.IPs[0]) || !strings.Contains(out, "net1    inet "+n.IPs[1]) {
+		t.Errorf("guest addresses (exit %d):\n%s", code, out)
+	}
+}
+
+// TestKilnCNIDeleteFirst: a CRI runtime may run CNI DEL and remove the namespace before the pod's VM is torn
+// down; the teardown still succeeds and leaves nothing on the host.
+func TestKilnCNIDeleteFirst(t *testing.T) {
+	k := startKiln(t)
+	n := newCNINet(t, "kilnnet-0a0b", "10.231.5.0/24")
+	peer := hostPeer(t, n.Name)
+	k.runDetached(t, "early", []string{"--with-ns", "network:" + n.Path}, "sleep", "3600")
+	n.del(t)
+	k.ctr(t, "tasks", "kill", "--signal", "SIGKILL", "early")
+	k.waitStatus(t, "early", "STOPPED")
+	k.ctr(t, "tasks", "delete", "early")
+	k.ctr(t, "containers", "delete", "early")
+	if pids := k.d.WaitShimsGone(context.Background(), shimExitTimeout); len(pids) > 0 {
+		t.Fatalf("shims still running: %v", pids)
+	}
+	if out, err := exec.Command("ip", "link", "show", peer).CombinedOutput(); err == nil {
+		t.Errorf("the pod's host veth %s outlived CNI DEL and teardown:\n%s", peer, out)
+	}
+}
+
+// hostPeer is the host-side name of the veth whose other end is eth0 in namespace ns.
+func hostPeer(t *testing.T, ns string) string {
+	t.Helper()
+	out, err := exec.Command("ip", "-n", ns, "-o", "link", "show", "eth0").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip link in %s: %v: %s", ns, err, out)
+	}
+	_, idx, ok := strings.Cut(strings.Fields(string(out))[1], "@if")
+	if !ok {
+		t.Fatalf("eth0 in %s is not a veth: %s", ns, out)
+	}
+	out, err = exec.Command("ip", "-o", "link").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip link: %v: %s", err, out)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && strings.TrimSuffix(f[0], ":") == idx {
+			name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
+			return name
+		}
+	}
+	t.Fatalf("no host link with index %s", idx)
+	return ""
 }
 
 // netnsListing is what a namespace holds: links, addresses, routes, qdiscs.

@@ -1,0 +1,176 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kiln-runtime/kiln/integration/containerd"
+	"github.com/kiln-runtime/kiln/integration/cri"
+)
+
+// podBench measures pods through containerd's CRI plugin with crictl, Kiln's handler beside runc's on the same
+// containerd: pod start (runp + create + start), 10 pods started at once, and TCP throughput from the host to
+// a pod.
+func podBench(ctx context.Context, repo, share, tools string, runs, parallel int) error {
+	e, err := cri.Start(ctx, cri.Options{
+		RepoRoot: repo, ToolsDir: tools, KilnAssets: share,
+		Handlers: []string{cri.HandlerRunc, cri.HandlerKiln},
+	})
+	if err != nil {
+		return fmt.Errorf("start containerd with CRI: %w", err)
+	}
+	defer e.Stop(context.WithoutCancel(ctx))
+	handlers := []string{cri.HandlerRunc, cri.HandlerKiln}
+
+	start := map[string][]time.Duration{}
+	for i := range runs {
+		for _, h := range handlers {
+			d, id, err := startPod(ctx, e, h, fmt.Sprintf("start-%s-%d", h, i), "sleep", "3600")
+			if err != nil {
+				return err
+			}
+			start[h] = append(start[h], d)
+			if err := e.RemovePod(ctx, id); err != nil {
+				return err
+			}
+		}
+	}
+	fmt.Printf("%-40s %10s %10s\n", "pods (CRI, median of "+fmt.Sprint(runs)+")", "ms", "ratio")
+	rm, km := median(start[cri.HandlerRunc]), median(start[cri.HandlerKiln])
+	fmt.Printf("%-40s %10.1f %10s\n", "runc: pod start (runp+create+start)", ms(rm), "1.00")
+	fmt.Printf("%-40s %10.1f %10.2f   (target <= 4)\n", "kiln: pod start (runp+create+start)", ms(km), float64(km)/float64(rm))
+
+	together := map[string]time.Duration{}
+	for _, h := range handlers {
+		d, err := startPods(ctx, e, h, parallel)
+		if err != nil {
+			return err
+		}
+		together[h] = d
+	}
+	label := fmt.Sprintf("%d pods started at once", parallel)
+	fmt.Printf("%-40s %10.1f %10s\n", "runc: "+label, ms(together[cri.HandlerRunc]), "1.00")
+	fmt.Printf("%-40s %10.1f %10.2f\n", "kiln: "+label, ms(together[cri.HandlerKiln]), float64(together[cri.HandlerKiln])/float64(together[cri.HandlerRunc]))
+
+	thr := map[string]float64{}
+	for _, h := range handlers {
+		mbps, err := podThroughput(ctx, e, h, runs)
+		if err != nil {
+			return err
+		}
+		thr[h] = mbps
+	}
+	fmt.Printf("%-40s %10s %10s\n", "TCP host to pod (median)", "MB/s", "ratio")
+	fmt.Printf("%-40s %10.1f %10s\n", "runc: TCP host to pod", thr[cri.HandlerRunc], "1.00")
+	fmt.Printf("%-40s %10.1f %10.2f\n", "kiln: TCP host to pod", thr[cri.HandlerKiln], thr[cri.HandlerKiln]/thr[cri.HandlerRunc])
+	return nil
+}
+
+// startPod runs a pod with one busybox container running cmd and returns how long runp, create and start took.
+func startPod(ctx context.Context, e *cri.Env, handler, name string, cmd ...string) (time.Duration, string, error) {
+	pod := cri.NewPodConfig(name, e.PodLogDir(name))
+	c := cri.NewContainerConfig("main", containerd.BusyboxRef, cmd...)
+	t0 := time.Now()
+	id, err := e.RunPod(ctx, handler, pod)
+	if err != nil {
+		return 0, "", err
+	}
+	cid, err := e.CreateContainer(ctx, id, c, pod)
+	if err == nil {
+		_, err = e.Crictl(ctx, "start", cid)
+	}
+	d := time.Since(t0)
+	if err != nil {
+		_ = e.RemovePod(ctx, id)
+		return 0, "", err
+	}
+	return d, id, nil
+}
+
+// startPods starts n pods at once and returns the time until the last one's container runs.
+func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Duration, error) {
+	var wg sync.WaitGroup
+	ids := make([]string, n)
+	errs := make([]error, n)
+	t0 := time.Now()
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, ids[i], errs[i] = startPod(ctx, e, handler, fmt.Sprintf("par-%s-%d", handler, i), "sleep", "3600")
+		}()
+	}
+	wg.Wait()
+	d := time.Since(t0)
+	for i, id := range ids {
+		if id != "" {
+			if err := e.RemovePod(ctx, id); err != nil && errs[i] == nil {
+				errs[i] = err
+			}
+		}
+	}
+	for _, err := range errs {
+		if err != nil {
+			return 0, err
+		}
+	}
+	return d, nil
+}
+
+// podThroughputBytes is what each throughput run sends.
+const podThroughputBytes = 128 << 20
+
+// podThroughput sends podThroughputBytes from the host to a pod's busybox nc, runs times, and returns the median
+// rate: from connect until the pod has read everything and answered.
+func podThroughput(ctx context.Context, e *cri.Env, handler string, runs int) (float64, error) {
+	_, id, err := startPod(ctx, e, handler, "tcp-"+handler, "nc", "-ll", "-p", "5001", "-e", "sh", "-c", "cat > /dev/null; echo done")
+	if err != nil {
+		return 0, err
+	}
+	defer e.RemovePod(context.WithoutCancel(ctx), id)
+	ips, err := e.PodIPs(ctx, id)
+	if err != nil {
+		return 0, err
+	}
+	addr := net.JoinHostPort(ips[0], "5001")
+	var rates []float64
+	buf := make([]byte, 1<<20)
+	for range runs {
+		var conn net.Conn
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			if conn, err = net.DialTimeout("tcp", addr, 5*time.Second); err == nil || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		if err != nil {
+			return 0, fmt.Errorf("connect to %s pod at %s: %w", handler, addr, err)
+		}
+		t0 := time.Now()
+		for sent := 0; sent < podThroughputBytes; sent += len(buf) {
+			if _, err := conn.Write(buf); err != nil {
+				conn.Close()
+				return 0, fmt.Errorf("send to %s pod: %w", handler, err)
+			}
+		}
+		_ = conn.(*net.TCPConn).CloseWrite()
+		reply, err := io.ReadAll(conn)
+		d := time.Since(t0)
+		conn.Close()
+		if err != nil || strings.TrimSpace(string(reply)) != "done" {
+			return 0, fmt.Errorf("%s pod's reply %q: %v", handler, reply, err)
+		}
+		rates = append(rates, float64(podThroughputBytes)/d.Seconds()/1e6)
+	}
+	return medianFloat(rates), nil
+}
+
+// repoRoot is the source tree the bench runs from (make bench runs it at the top).
+func repoRoot() (string, error) { return filepath.Abs(".") }

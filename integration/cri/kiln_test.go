@@ -1,0 +1,68 @@
+package cri
+
+import (
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/kiln-runtime/kiln/integration/containerd"
+)
+
+// TestKilnPodIsOneVM: the containers of a Kiln pod share one guest (its boot id, not the host's), reach each
+// other on localhost, see the VM their pod's resources sized, and get the pod's hostname, DNS and sysctls.
+func TestKilnPodIsOneVM(t *testing.T) {
+	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
+	const name = "vm-kiln"
+	pod := NewPodConfig(name, e.PodLogDir(name)).
+		WithResources(LinuxContainerResources{CPUPeriod: 100000, CPUQuota: 100000, MemoryLimitInBytes: 256 << 20}).
+		WithSysctl("net.ipv4.ip_unprivileged_port_start", "81").
+		WithSysctl("net.ipv4.ping_group_range", "0 100")
+	pod.Hostname = "kiln-pod-host"
+	pod.DNSConfig = &DNSConfig{Servers: []string{"10.9.9.9"}, Searches: []string{"kiln.test"}}
+	web := NewContainerConfig("web", containerd.BusyboxRef, httpServer("hello-localhost")...)
+	client := NewContainerConfig("client", containerd.BusyboxRef, "sleep", "3600")
+	_, ids := podWithContainers(t, e, HandlerKiln, pod, web, client)
+
+	hostBoot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	boot0 := strings.TrimSpace(execRetry(t, e, ids[0], "cat", "/proc/sys/kernel/random/boot_id"))
+	boot1 := strings.TrimSpace(execRetry(t, e, ids[1], "cat", "/proc/sys/kernel/random/boot_id"))
+	if boot0 != boot1 || boot0 == strings.TrimSpace(string(hostBoot)) {
+		t.Errorf("boot ids: %q and %q, host %q: want one guest's, not the host's", boot0, boot1, hostBoot)
+	}
+	if out := execRetry(t, e, ids[1], "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"); strings.TrimSpace(out) != "hello-localhost" {
+		t.Errorf("localhost from the pod's other container: %q", out)
+	}
+
+	// 1 default vCPU + ceil(quota/period); 256 MiB default + the 256 MiB limit.
+	if n := strings.TrimSpace(execRetry(t, e, ids[0], "nproc")); n != "2" {
+		t.Errorf("nproc in the pod: %s, want 2", n)
+	}
+	meminfo := execRetry(t, e, ids[0], "head", "-1", "/proc/meminfo")
+	fields := strings.Fields(meminfo)
+	if len(fields) < 2 {
+		t.Fatalf("meminfo %q", meminfo)
+	}
+	if kb, _ := strconv.Atoi(fields[1]); kb < 400<<10 || kb > 512<<10 {
+		t.Errorf("MemTotal %d kB, want a 512 MiB guest", kb)
+	}
+
+	if h := strings.TrimSpace(execRetry(t, e, ids[1], "hostname")); h != pod.Hostname {
+		t.Errorf("hostname %q, want %q", h, pod.Hostname)
+	}
+	resolv := execRetry(t, e, ids[1], "cat", "/etc/resolv.conf")
+	if !strings.Contains(resolv, "nameserver 10.9.9.9") || !strings.Contains(resolv, "search kiln.test") {
+		t.Errorf("resolv.conf:\n%s", resolv)
+	}
+	if hosts := execRetry(t, e, ids[1], "cat", "/etc/hosts"); !strings.Contains(hosts, "localhost") {
+		t.Errorf("/etc/hosts:\n%s", hosts)
+	}
+	for sysctl, want := range map[string]string{"ip_unprivileged_port_start": "81", "ping_group_range": "0\t100"} {
+		if got := strings.TrimSpace(execRetry(t, e, ids[1], "cat", "/proc/sys/net/ipv4/"+sysctl)); got != want {
+			t.Errorf("%s in the pod: %q, want %q", sysctl, got, want)
+		}
+	}
+}
