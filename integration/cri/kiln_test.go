@@ -1,10 +1,13 @@
 package cri
 
 import (
+	"context"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kiln-runtime/kiln/integration/containerd"
 )
@@ -64,5 +67,93 @@ func TestKilnPodIsOneVM(t *testing.T) {
 		if got := strings.TrimSpace(execRetry(t, e, ids[1], "cat", "/proc/sys/net/ipv4/"+sysctl)); got != want {
 			t.Errorf("%s in the pod: %q, want %q", sysctl, got, want)
 		}
+	}
+}
+
+// TestKilnPodVolumes: hostPath and emptyDir-style directories, configmap-style directories (kubelet's ..data
+// symlink swap) and single files reach the pod's guest, read-only where asked, and an update of a
+// configmap-style directory shows in the guest.
+func TestKilnPodVolumes(t *testing.T) {
+	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
+	dir := t.TempDir()
+	rw, ro, cm := filepath.Join(dir, "rw"), filepath.Join(dir, "ro"), filepath.Join(dir, "cm")
+	file := filepath.Join(dir, "single.conf")
+	for _, d := range []string{rw, ro, cm} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write := func(p, s string) {
+		t.Helper()
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(filepath.Join(ro, "data"), "read-only\n")
+	write(file, "single-file\n")
+	// kubelet's atomic writer: the files live in a timestamped directory, ..data points at it, and each key is a
+	// symlink through ..data; an update writes a new directory and swaps ..data.
+	configMap := func(version string) {
+		t.Helper()
+		ts := filepath.Join(cm, "..v"+version)
+		if err := os.MkdirAll(ts, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		write(filepath.Join(ts, "key"), "value-"+version+"\n")
+		tmp := filepath.Join(cm, "..data_tmp")
+		_ = os.Remove(tmp)
+		if err := os.Symlink("..v"+version, tmp); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(cm, "..data")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Lstat(filepath.Join(cm, "key")); err != nil {
+			if err := os.Symlink("..data/key", filepath.Join(cm, "key")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	configMap("1")
+
+	const name = "vol-kiln"
+	pod := NewPodConfig(name, e.PodLogDir(name))
+	c := NewContainerConfig("main", containerd.BusyboxRef, "sleep", "3600")
+	c.Mounts = []Mount{
+		{ContainerPath: "/rw", HostPath: rw},
+		{ContainerPath: "/ro", HostPath: ro, Readonly: true},
+		{ContainerPath: "/etc/config", HostPath: cm, Readonly: true},
+		{ContainerPath: "/etc/single.conf", HostPath: file, Readonly: true},
+	}
+	_, ids := podWithContainers(t, e, HandlerKiln, pod, c)
+	id := ids[0]
+
+	execRetry(t, e, id, "sh", "-c", "echo from-guest > /rw/out")
+	if got, err := os.ReadFile(filepath.Join(rw, "out")); err != nil || string(got) != "from-guest\n" {
+		t.Errorf("host sees %q, %v in the read-write volume", got, err)
+	}
+	if got := execRetry(t, e, id, "cat", "/ro/data"); got != "read-only\n" {
+		t.Errorf("read-only volume: %q", got)
+	}
+	if _, _, code, _ := e.Exec(context.Background(), id, "sh", "-c", "echo x > /ro/new"); code == 0 {
+		t.Error("writing into a read-only volume succeeded")
+	}
+	if got := execRetry(t, e, id, "cat", "/etc/single.conf"); got != "single-file\n" {
+		t.Errorf("single-file volume: %q", got)
+	}
+	if got := execRetry(t, e, id, "cat", "/etc/config/key"); got != "value-1\n" {
+		t.Errorf("configmap volume: %q", got)
+	}
+	configMap("2")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got := execRetry(t, e, id, "cat", "/etc/config/key")
+		if got == "value-2\n" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("configmap update not seen in the guest: %q", got)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }
