@@ -10,7 +10,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
 # Debian packages the build and the tests use.
-DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler libprotobuf-dev busybox-static cpio xz-utils libseccomp-dev pkg-config gcc libc6-dev iproute2 containernetworking-plugins docker-registry
+DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler libprotobuf-dev busybox-static cpio xz-utils libseccomp-dev pkg-config gcc libc6-dev iproute2 iptables containernetworking-plugins docker-registry
 GO_TEST_TIMEOUT ?= 40m
 
 PREFIX ?= /usr/local
@@ -18,7 +18,7 @@ PREFIX ?= /usr/local
 INSTALL_BINS := kiln containerd-shim-kiln-v2
 INSTALL_SHARE := vmlinuz initrd.img kernel-release agent-version config.toml
 
-.PHONY: all build image proto proto-check deps vet vet-tools test unit integration bench demo fuzz install uninstall clean FORCE
+.PHONY: all build image proto proto-check deps vet vet-tools test unit integration bench demo critest fuzz install uninstall clean FORCE
 
 all: build
 
@@ -117,6 +117,15 @@ bench: deps build image
 # Debian's busybox-static, and `ctr run --runtime io.containerd.kiln.v2 --rm ... uname -r`.
 demo: deps build image
 	$(GO) run ./integration/containerd/demo --repo $(CURDIR) --tools $(TOOLS) --bin $(BIN) --share $(SHARE)
+
+# cri-tools' CRI validation suite (critest) against a private containerd with CRI, once per handler, images from
+# a local docker-registry on 127.0.0.1:5000; prints pass/fail/skip counts per handler. Not part of `make test`.
+# CRITEST_HANDLERS=runc runs the baseline only; CRITEST_FOCUS=<regexp> runs matching specs only.
+CRITEST_HANDLERS ?= runc,kiln
+CRITEST_FOCUS ?=
+critest: deps build image
+	$(GO) run ./integration/cri/critest --repo $(CURDIR) --tools $(TOOLS) --share $(SHARE) \
+		--handlers $(CRITEST_HANDLERS) --focus '$(CRITEST_FOCUS)' --report-dir $(OUT)/critest
 
 install: build image
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/kiln

@@ -55,6 +55,8 @@ type Env struct {
 	KilnConfig string
 	// LogDir is the parent of the pods' log directories.
 	LogDir string
+	// Pause is the pause image CRI's sandboxes run (imported as PauseRef).
+	Pause *containerd.Image
 }
 
 // Start builds what is missing (tools, crictl and critest, the pause image, the Kiln shim when HandlerKiln is
@@ -80,8 +82,7 @@ func Start(ctx context.Context, opts Options) (_ *Env, retErr error) {
 	if e.CRI, err = containerd.EnsureCRITools(ctx, opts.ToolsDir); err != nil {
 		return nil, err
 	}
-	pause, err := BuildPauseImage(ctx, opts.RepoRoot)
-	if err != nil {
+	if e.Pause, err = BuildPauseImage(ctx, opts.RepoRoot); err != nil {
 		return nil, err
 	}
 	if e.Net, err = NewNetwork(filepath.Join(dir, "ipam"), opts.Network); err != nil {
@@ -124,7 +125,7 @@ func Start(ctx context.Context, opts Options) (_ *Env, retErr error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := e.Daemon.ImportImage(ctx, containerd.CRINamespace, pause, PauseRef); err != nil {
+	if err := e.Daemon.ImportImage(ctx, containerd.CRINamespace, e.Pause, PauseRef); err != nil {
 		return nil, fmt.Errorf("import pause image: %w", err)
 	}
 	busybox, err := containerd.BusyboxLayer()

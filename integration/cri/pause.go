@@ -18,27 +18,33 @@ const PauseRef = "registry.k8s.io/pause:3.10.2"
 // BuildPauseImage builds the pause program (./integration/cri/pause under repoRoot, static, no cgo) and an
 // image whose one layer holds it as /pause, its entrypoint.
 func BuildPauseImage(ctx context.Context, repoRoot string) (*containerd.Image, error) {
-	dir, err := os.MkdirTemp("", "kiln-pause-")
+	layer, err := staticProgramLayer(ctx, repoRoot, "./integration/cri/pause", "pause", 0o755)
 	if err != nil {
 		return nil, fmt.Errorf("build pause image: %w", err)
 	}
+	return containerd.BuildImage(containerd.ImageConfig{Entrypoint: []string{"/pause"}, User: "65535:65535"}, layer)
+}
+
+// staticProgramLayer builds a Go package of this module as a static binary (no cgo) and returns a layer
+// holding it as /name with mode.
+func staticProgramLayer(ctx context.Context, repoRoot, pkg, name string, mode int64) ([]byte, error) {
+	dir, err := os.MkdirTemp("", "kiln-cri-build-")
+	if err != nil {
+		return nil, err
+	}
 	defer os.RemoveAll(dir)
-	bin := filepath.Join(dir, "pause")
-	cmd := exec.CommandContext(ctx, goTool(), "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "./integration/cri/pause")
+	bin := filepath.Join(dir, name)
+	cmd := exec.CommandContext(ctx, goTool(), "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, pkg)
 	cmd.Dir = repoRoot
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build pause program: %w\n%s", err, out)
+		return nil, fmt.Errorf("build %s: %w\n%s", pkg, err, out)
 	}
 	b, err := os.ReadFile(bin)
 	if err != nil {
-		return nil, fmt.Errorf("build pause image: %w", err)
+		return nil, err
 	}
-	layer, err := containerd.FilesLayer(containerd.LayerFile{Path: "pause", Mode: 0o755, Data: b})
-	if err != nil {
-		return nil, fmt.Errorf("build pause image layer: %w", err)
-	}
-	return containerd.BuildImage(containerd.ImageConfig{Entrypoint: []string{"/pause"}, User: "65535:65535"}, layer)
+	return containerd.FilesLayer(containerd.LayerFile{Path: name, Mode: mode, Data: b})
 }
 
 // goTool is the go command that is running the tests, else the one on PATH.

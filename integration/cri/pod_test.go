@@ -195,6 +195,13 @@ func testPod(t *testing.T, e *Env, handler string) {
 		t.Errorf("GET %s from the host: %q, %v", url, body, err)
 	}
 
+	// The snapshot sees a running pod (so that an empty difference at the end means something).
+	if during, err := e.Snapshot(); err != nil {
+		t.Error(err)
+	} else if d := strings.Join(during.Diff(before), "\n"); !strings.Contains(d, "+ links: veth") || !strings.Contains(d, "+ netns: ") {
+		t.Errorf("host state with a pod running shows no new veth or netns:\n%s", d)
+	}
+
 	// CRI keeps the pods' network namespaces in its own state directory, not in /run/netns.
 	if n := len(dirNames(e.NetnsDir())); n != 1 {
 		t.Errorf("%d network namespace files in %s, want the pod's one", n, e.NetnsDir())

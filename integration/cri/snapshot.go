@@ -2,6 +2,7 @@ package cri
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,10 +13,10 @@ import (
 )
 
 // HostState is what a pod may leave on the host, as sorted lists of names: network namespaces (ip netns and
-// CRI's private netns directory), links, qdiscs, mount points (those under the harness's directories and the
-// host's netns and Kiln directories), Kiln state directories (the harness's and /run/kiln) and CNI's cached
-// results. The harness's own bridge, which CNI's DEL leaves by design, is not
-// listed.
+// CRI's private netns directory), the ports of the harness's bridge and their qdiscs, mount points (those
+// under the harness's directories and the host's netns and Kiln directories), Kiln state directories (the
+// harness's and /run/kiln) and CNI's cached results. The harness's own bridge, which CNI's DEL leaves by
+// design, is not listed.
 type HostState struct {
 	Netns      []string
 	Links      []string
@@ -39,31 +40,30 @@ func (e *Env) Snapshot() (HostState, error) {
 	for _, n := range dirNames(e.NetnsDir()) {
 		s.Netns = append(s.Netns, filepath.Join(e.NetnsDir(), n))
 	}
-	links, err := lines("ip", "-o", "link", "show")
-	if err != nil {
-		return s, err
-	}
-	for _, l := range links {
-		// "3: name@peer: <...> ...": keep the name.
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
+	// Links and qdiscs: the ports of the harness's bridge (a pod's host-side veth stays there if CNI's DEL
+	// did not run) and their qdiscs. The rest of the host's links belong to other users of the host (tests of
+	// other packages running at the same time come and go) and are not compared.
+	if _, err := net.InterfaceByName(ignore); ignore != "" && err == nil {
+		links, err := lines("ip", "-o", "link", "show", "master", ignore)
+		if err != nil {
+			return s, err
 		}
-		name := strings.TrimSuffix(f[1], ":")
-		if i := strings.Index(name, "@"); i >= 0 {
-			name = name[:i]
-		}
-		if name != ignore {
+		for _, l := range links {
+			// "3: name@peer: <...> ...": keep the name.
+			f := strings.Fields(l)
+			if len(f) < 2 {
+				continue
+			}
+			name := strings.TrimSuffix(f[1], ":")
+			if i := strings.Index(name, "@"); i >= 0 {
+				name = name[:i]
+			}
 			s.Links = append(s.Links, name)
-		}
-	}
-	qdiscs, err := lines("tc", "qdisc", "show")
-	if err != nil {
-		return s, err
-	}
-	for _, q := range qdiscs {
-		if ignore == "" || !strings.Contains(q, " dev "+ignore+" ") {
-			s.Qdiscs = append(s.Qdiscs, q)
+			qdiscs, err := lines("tc", "qdisc", "show", "dev", name)
+			if err != nil {
+				continue // gone in between
+			}
+			s.Qdiscs = append(s.Qdiscs, qdiscs...)
 		}
 	}
 	mounts, err := mountinfo.GetMounts(nil)
