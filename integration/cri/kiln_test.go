@@ -2,12 +2,17 @@ package cri
 
 import (
 	"context"
+	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/containerd/console"
 
 	"github.com/kiln-runtime/kiln/integration/containerd"
 )
@@ -155,5 +160,120 @@ func TestKilnPodVolumes(t *testing.T) {
 			t.Fatalf("configmap update not seen in the guest: %q", got)
 		}
 		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// TestKilnPodStreamsAndStatus: crictl exec with a terminal, attach and inspectp on a Kiln pod.
+func TestKilnPodStreamsAndStatus(t *testing.T) {
+	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
+	const name = "streams-kiln"
+	pod := NewPodConfig(name, e.PodLogDir(name))
+	echo := NewContainerConfig("echo", containerd.BusyboxRef, "cat")
+	echo.Stdin = true
+	podID, ids := podWithContainers(t, e, HandlerKiln, pod, echo)
+
+	// exec -it, from a terminal as a user types it: the process has a terminal.
+	if out := execTTY(t, e, ids[0], "tty"); !strings.Contains(out, "/dev/pts/") {
+		t.Errorf("exec -it: tty says %q", out)
+	}
+
+	// attach -i: what goes to the container's stdin comes back from cat.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := e.CrictlCommand(ctx, "attach", "-i", ids[0])
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	got := make(chan string, 1)
+	go func() {
+		var b strings.Builder
+		buf := make([]byte, 256)
+		for !strings.Contains(b.String(), "attached-hello") {
+			n, err := stdout.Read(buf)
+			b.Write(buf[:n])
+			if err != nil {
+				break
+			}
+		}
+		got <- b.String()
+	}()
+	// The attach stream may open after the first write: keep writing until the echo comes back.
+	for done := false; !done; {
+		if _, err := stdin.Write([]byte("attached-hello\n")); err != nil {
+			t.Fatalf("write to attach: %v", err)
+		}
+		select {
+		case out := <-got:
+			if !strings.Contains(out, "attached-hello") {
+				t.Errorf("attach output %q", out)
+			}
+			done = true
+		case <-time.After(time.Second):
+		case <-ctx.Done():
+			t.Fatal("no echo through attach")
+		}
+	}
+
+	var insp struct {
+		Status struct {
+			State   string `json:"state"`
+			Network struct {
+				IP string `json:"ip"`
+			} `json:"network"`
+		} `json:"status"`
+	}
+	out := e.crictl(t, "inspectp", "-o", "json", podID)
+	if err := json.Unmarshal([]byte(out), &insp); err != nil {
+		t.Fatalf("inspectp output: %v", err)
+	}
+	if insp.Status.State != "SANDBOX_READY" || insp.Status.Network.IP == "" {
+		t.Errorf("inspectp: state %q ip %q", insp.Status.State, insp.Status.Network.IP)
+	}
+}
+
+// execTTY runs `crictl exec -it id cmd...` on a pseudo-terminal and returns what it printed.
+func execTTY(t *testing.T, e *Env, id string, cmd ...string) string {
+	t.Helper()
+	pty, slavePath, err := console.NewPty()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pty.Close()
+	slave, err := os.OpenFile(slavePath, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := e.CrictlCommand(ctx, append([]string{"exec", "-it", id}, cmd...)...)
+	c.Stdin, c.Stdout, c.Stderr = slave, slave, slave
+	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	slave.Close()
+	out := make(chan string, 1)
+	go func() {
+		b, _ := io.ReadAll(pty) // ends with EIO once crictl, the last holder of the terminal, exits
+		out <- string(b)
+	}()
+	if err := c.Wait(); err != nil {
+		t.Errorf("crictl exec -it %v: %v", cmd, err)
+	}
+	select {
+	case s := <-out:
+		return s
+	case <-time.After(10 * time.Second):
+		t.Fatal("terminal output did not end")
+		return ""
 	}
 }
