@@ -163,11 +163,14 @@ func TestKilnPodVolumes(t *testing.T) {
 	}
 }
 
-// TestKilnPodStreamsAndStatus: crictl exec with a terminal, attach and inspectp on a Kiln pod.
+// TestKilnPodStreamsAndStatus: crictl exec with a terminal, attach, statsp and inspectp on a Kiln pod.
 func TestKilnPodStreamsAndStatus(t *testing.T) {
 	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
 	const name = "streams-kiln"
 	pod := NewPodConfig(name, e.PodLogDir(name))
+	// As kubelet does with the cgroupfs driver; it also removes the pod's cgroup at the end.
+	pod.Linux.CgroupParent = "/kiln-cri-test-" + name
+	t.Cleanup(func() { removeCgroup(pod.Linux.CgroupParent) })
 	echo := NewContainerConfig("echo", containerd.BusyboxRef, "cat")
 	echo.Stdin = true
 	podID, ids := podWithContainers(t, e, HandlerKiln, pod, echo)
@@ -223,6 +226,28 @@ func TestKilnPodStreamsAndStatus(t *testing.T) {
 		}
 	}
 
+	// statsp reads the pod's host cgroup, where the shim put the VM's processes.
+	var stats struct {
+		Stats []struct {
+			Attributes struct{ ID string } `json:"attributes"`
+			Linux      struct {
+				Memory struct {
+					WorkingSetBytes struct{ Value string } `json:"workingSetBytes"`
+				} `json:"memory"`
+			} `json:"linux"`
+		} `json:"stats"`
+	}
+	sout := e.crictl(t, "statsp", "-o", "json", "--id", podID)
+	if err := json.Unmarshal([]byte(sout), &stats); err != nil {
+		t.Fatalf("statsp output %s: %v", sout, err)
+	}
+	if len(stats.Stats) != 1 || stats.Stats[0].Attributes.ID != podID {
+		t.Fatalf("statsp: %s", sout)
+	}
+	// The guest alone is 256 MiB of RAM: a working set of at least 16 MiB is the VM's, not an empty cgroup's.
+	if ws, _ := strconv.ParseInt(stats.Stats[0].Linux.Memory.WorkingSetBytes.Value, 10, 64); ws < 16<<20 {
+		t.Errorf("statsp working set %d bytes: the VM is not accounted to the pod's cgroup", ws)
+	}
 	var insp struct {
 		Status struct {
 			State   string `json:"state"`
@@ -275,5 +300,24 @@ func execTTY(t *testing.T, e *Env, id string, cmd ...string) string {
 	case <-time.After(10 * time.Second):
 		t.Fatal("terminal output did not end")
 		return ""
+	}
+}
+
+// removeCgroup removes a cgroup directory from every hierarchy (cgroup v1) or the unified one, deepest first.
+func removeCgroup(p string) {
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*")
+	roots = append(roots, "/sys/fs/cgroup")
+	for _, r := range roots {
+		dir := filepath.Join(r, p)
+		var dirs []string
+		_ = filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, path)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			_ = os.Remove(dirs[i])
+		}
 	}
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
+	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
 	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/share"
@@ -67,6 +68,8 @@ type Pod struct {
 	hooksRun string
 	holderMu sync.Mutex
 	holder   *network.Holder
+	// cgroup is the host cgroup the pod's host processes are accounted to, when its first spec names one.
+	cgroup *hostcgroup.Group
 	// bundles are the pod's containers' bundles, for their later hooks.
 	bundlesMu sync.Mutex
 	bundles   map[string]*bundle.Bundle
@@ -132,6 +135,9 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	}
 	qcfg.SharedDir = sh.ExportDir()
 	if o.First != nil {
+		if err := p.enterCgroup(o.First); err != nil {
+			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		}
 		if qcfg.Nets, err = p.prepareNetwork(ctx, o.First); err != nil {
 			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 		}
@@ -162,6 +168,25 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	})
 	go p.watchVM(m)
 	return p, nil
+}
+
+// enterCgroup moves the shim, before it starts QEMU and virtiofsd, into the host cgroup the first container's
+// spec names (CRI: the sandbox's, below the pod's cgroup), so that the host accounts the VM to the pod.
+func (p *Pod) enterCgroup(first *First) error {
+	spec := first.Bundle.Spec
+	if spec.Linux == nil || spec.Linux.CgroupsPath == "" {
+		return nil
+	}
+	g, err := hostcgroup.Enter(spec.Linux.CgroupsPath, os.Getpid())
+	if errors.Is(err, hostcgroup.ErrSystemdPath) {
+		p.log.WithError(err).Warn("host cgroup accounting of the pod")
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("container %s: %w", first.ID, err)
+	}
+	p.cgroup = g
+	return nil
 }
 
 // watchVM reports a VM that ends while the pod is open (QEMU killed, a guest panic) as the loss of every
@@ -399,6 +424,11 @@ func (p *Pod) Close(ctx context.Context) error {
 	}
 	if err := p.share.Close(); err != nil {
 		errs = append(errs, err)
+	}
+	if p.cgroup != nil {
+		if err := p.cgroup.Leave(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("stop pod %s: %w", p.id, errors.Join(errs...))

@@ -1,0 +1,96 @@
+// Package hostcgroup puts a pod's host processes in the host cgroup its spec names, so that the host accounts
+// them to the pod as it would a runc container: the shim moves itself there before it starts QEMU and virtiofsd,
+// which inherit it. containerd's pod stats (crictl statsp) and kubelet read the pod's cgroup, the parent of that
+// one. It works with cgroup v1 and v2 and cgroupfs paths; systemd's "slice:prefix:name" form needs systemd to
+// create the unit and is refused.
+package hostcgroup
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"strings"
+
+	"github.com/containerd/cgroups/v3"
+	"github.com/containerd/cgroups/v3/cgroup1"
+	"github.com/containerd/cgroups/v3/cgroup2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// ErrSystemdPath is returned for a cgroup path in systemd's form.
+var ErrSystemdPath = errors.New("a systemd cgroup path (slice:prefix:name) needs the systemd cgroup driver, which Kiln does not drive; host processes stay in the shim's cgroup")
+
+// Group is the host cgroup a process entered, and the way back.
+type Group struct {
+	path  string
+	pid   int
+	v1    cgroup1.Cgroup
+	v1Was cgroup1.Cgroup
+	v2    *cgroup2.Manager
+	v2Was *cgroup2.Manager
+}
+
+// Enter creates the cgroup at p (absolute, cgroupfs form) and moves process pid into it, remembering where
+// it was.
+func Enter(p string, pid int) (*Group, error) {
+	if strings.Contains(p, ":") {
+		return nil, fmt.Errorf("cgroup %s: %w", p, ErrSystemdPath)
+	}
+	if !path.IsAbs(p) || path.Clean(p) == "/" {
+		return nil, fmt.Errorf("cgroup %q: want an absolute path below the root", p)
+	}
+	p = path.Clean(p)
+	g := &Group{path: p, pid: pid}
+	if cgroups.Mode() == cgroups.Unified {
+		was, err := cgroup2.PidGroupPath(pid)
+		if err != nil {
+			return nil, fmt.Errorf("find cgroup of process %d: %w", pid, err)
+		}
+		if g.v2Was, err = cgroup2.Load(was); err != nil {
+			return nil, fmt.Errorf("load cgroup %s: %w", was, err)
+		}
+		if g.v2, err = cgroup2.NewManager("/sys/fs/cgroup", p, &cgroup2.Resources{}); err != nil {
+			return nil, fmt.Errorf("create cgroup %s: %w", p, err)
+		}
+		if err := g.v2.AddProc(uint64(pid)); err != nil {
+			_ = g.v2.Delete()
+			return nil, fmt.Errorf("move process %d to cgroup %s: %w", pid, p, err)
+		}
+		return g, nil
+	}
+	var err error
+	if g.v1Was, err = cgroup1.Load(cgroup1.PidPath(pid)); err != nil {
+		return nil, fmt.Errorf("load cgroup of process %d: %w", pid, err)
+	}
+	if g.v1, err = cgroup1.New(cgroup1.StaticPath(p), &specs.LinuxResources{}); err != nil {
+		return nil, fmt.Errorf("create cgroup %s: %w", p, err)
+	}
+	if err := g.v1.AddProc(uint64(pid)); err != nil {
+		_ = g.v1.Delete()
+		return nil, fmt.Errorf("move process %d to cgroup %s: %w", pid, p, err)
+	}
+	return g, nil
+}
+
+// Path is the cgroup's path.
+func (g *Group) Path() string { return g.path }
+
+// Leave moves the process back to where it was and removes the cgroup, which must hold nothing else by then
+// (QEMU and virtiofsd have exited).
+func (g *Group) Leave() error {
+	var err error
+	if g.v2 != nil {
+		if err = g.v2Was.AddProc(uint64(g.pid)); err == nil {
+			err = g.v2.Delete()
+		}
+	} else {
+		if err = g.v1Was.AddProc(uint64(g.pid)); err == nil {
+			err = g.v1.Delete()
+		}
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("leave cgroup %s: %w", g.path, err)
+	}
+	return nil
+}
