@@ -235,7 +235,7 @@ func hostPeer(t *testing.T, ns string) string {
 	if err != nil {
 		t.Fatalf("ip link in %s: %v: %s", ns, err, out)
 	}
-	_, idx, ok := strings.Cut(strings.Fields(string(out))[1], "@if")
+	_, idx, ok := strings.Cut(strings.TrimSuffix(strings.Fields(string(out))[1], ":"), "@if")
 	if !ok {
 		t.Fatalf("eth0 in %s is not a veth: %s", ns, out)
 	}
