@@ -43,7 +43,7 @@ func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, r
 	if err != nil {
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
-	if err := bindFrom(src, target, readonly, true); err != nil {
+	if err := bindFrom(src, target, BindOptions{RecursiveReadonly: readonly, Recursive: true}); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
@@ -75,8 +75,10 @@ func (s *Share) prepareRootfsLocked(containerID, resolvedSource string) (*contai
 
 // BindOptions say how a bind source is shared.
 type BindOptions struct {
-	// Readonly exports the source read-only, with every mount below it.
+	// Readonly exports the source's own mount read-only; mounts below it keep their flags (OCI "ro").
 	Readonly bool
+	// RecursiveReadonly exports the source read-only with every mount below it (OCI "rro").
+	RecursiveReadonly bool
 	// Recursive exports the mounts below the source as well (an OCI "rbind"). Without it only the source's own
 	// mount is exported (an OCI "bind"): where another file system is mounted below the source, the guest sees
 	// the directory it is mounted on.
@@ -141,7 +143,7 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: create mount point: %w", src.Path, containerID, err)
 	}
-	if err := bindFrom(f, target, opts.Readonly, opts.Recursive); err != nil {
+	if err := bindFrom(f, target, opts); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}

@@ -12,18 +12,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// bindFrom attaches a bind of the already opened src at target: src's mount with every mount below it when
-// recursive (rbind), src's mount alone otherwise (bind). The clone is detached until it is complete, so a
-// read-only bind never appears writable, not even for an instant, and the source is the file Kiln checked,
-// whatever happens to its path meanwhile.
-//
-// open_tree leaves each cloned mount a peer of the mount it copies, so that anything mounted or unmounted on
-// the clone would happen to the host's mount as well: the lazy unmounts of RemoveContainer and Close would take
-// the host's own submounts away. The clone is made a slave before it is attached: mounts the host makes under
-// the source later still reach the share and the guest, and nothing done to the clone reaches the host.
-func bindFrom(src *os.File, target string, readonly, recursive bool) error {
+// bindFrom clones the mount of src (with the mounts below it when o.Recursive) and attaches the clone at target
+// as a slave of the original. o.Readonly makes the clone's top mount read-only and leaves mounts below it as
+// they are (an OCI "ro" bind, as runc does it); o.RecursiveReadonly makes every mount of the clone read-only
+// (OCI "rro").
+func bindFrom(src *os.File, target string, o BindOptions) error {
 	flags := unix.OPEN_TREE_CLONE | unix.OPEN_TREE_CLOEXEC | unix.AT_EMPTY_PATH
-	if recursive {
+	if o.Recursive {
 		flags |= unix.AT_RECURSIVE
 	}
 	tree, err := unix.OpenTree(int(src.Fd()), "", uint(flags))
@@ -33,12 +28,18 @@ func bindFrom(src *os.File, target string, readonly, recursive bool) error {
 	defer unix.Close(tree)
 	attr := unix.MountAttr{Propagation: unix.MS_SLAVE}
 	what := "a slave"
-	if readonly {
+	if o.RecursiveReadonly {
 		attr.Attr_set = unix.MOUNT_ATTR_RDONLY
 		what = "a read-only slave"
 	}
 	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &attr); err != nil {
 		return fmt.Errorf("make bind of %s %s: %w", src.Name(), what, err)
+	}
+	if o.Readonly && !o.RecursiveReadonly {
+		top := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}
+		if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH, &top); err != nil {
+			return fmt.Errorf("make bind of %s read-only: %w", src.Name(), err)
+		}
 	}
 	if err := unix.MoveMount(tree, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
 		return fmt.Errorf("attach bind of %s at %s: %w", src.Name(), target, err)

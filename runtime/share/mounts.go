@@ -52,7 +52,7 @@ func mountOne(m Mount, target string, readonly bool) error {
 			return err
 		}
 		defer src.Close()
-		return bindFrom(src, target, flags&unix.MS_RDONLY != 0, flags&unix.MS_REC != 0)
+		return bindFrom(src, target, BindOptions{RecursiveReadonly: flags&unix.MS_RDONLY != 0, Recursive: flags&unix.MS_REC != 0})
 	}
 	if err := unix.Mount(m.Source, target, m.Type, flags, data); err != nil {
 		return fmt.Errorf("mount %s: %w", m.Type, err)
@@ -104,6 +104,11 @@ func isBind(typ string, opts []string) bool {
 // or a "bind" type with neither option, binds the source's own mount alone, as runc does).
 func isRecursive(opts []string) bool {
 	return slices.Contains(opts, "rbind")
+}
+
+// isRecursiveReadonly reports whether options ask for every mount of a bind to be read-only ("rro").
+func isRecursiveReadonly(opts []string) bool {
+	return slices.Contains(opts, "rro")
 }
 
 // isReadonly reports whether options ask for a read-only mount; the last of "ro" and "rw" wins.

@@ -319,3 +319,43 @@ func TestRemoveLeftoverShare(t *testing.T) {
 		t.Errorf("host rootfs damaged by removeTree: %q", got)
 	}
 }
+
+// TestReadonlyBindSubmounts: an OCI "ro" bind makes the source's own mount read-only and leaves a mount below
+// it writable, as runc does; "rro" makes both read-only.
+func TestReadonlyBindSubmounts(t *testing.T) {
+	requireRoot(t)
+	s := newTestShare(t)
+	ctx := context.Background()
+	src := t.TempDir()
+	sub := filepath.Join(src, "tmpfs")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", sub, "tmpfs", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(sub, unix.MNT_DETACH) })
+	for _, tc := range []struct {
+		id     string
+		opts   BindOptions
+		subErr error
+	}{
+		{"ro", BindOptions{Readonly: true, Recursive: true}, nil},
+		{"rro", BindOptions{Readonly: true, RecursiveReadonly: true, Recursive: true}, unix.EROFS},
+	} {
+		t.Run(tc.id, func(t *testing.T) {
+			guest, err := s.AddBindSource(ctx, tc.id, Source{Path: src}, tc.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			host := filepath.Join(s.ExportDir(), strings.TrimPrefix(guest, GuestDir+"/"))
+			if err := os.WriteFile(filepath.Join(host, "top"), nil, 0o644); !errors.Is(err, unix.EROFS) {
+				t.Errorf("write to the read-only top mount: %v, want EROFS", err)
+			}
+			err = os.WriteFile(filepath.Join(host, "tmpfs", "f-"+tc.id), nil, 0o644)
+			if tc.subErr == nil && err != nil || tc.subErr != nil && !errors.Is(err, tc.subErr) {
+				t.Errorf("write below it: %v, want %v", err, tc.subErr)
+			}
+		})
+	}
+}

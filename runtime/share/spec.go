@@ -28,7 +28,9 @@ func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string,
 		if !filepath.IsAbs(m.Source) || under(filepath.Clean(m.Source), bundle) {
 			src.Root = bundle
 		}
-		guest, err := s.AddBindSource(ctx, containerID, src, BindOptions{Readonly: isReadonly(m.Options), Recursive: isRecursive(m.Options)})
+		guest, err := s.AddBindSource(ctx, containerID, src, BindOptions{
+			Readonly: isReadonly(m.Options), RecursiveReadonly: isRecursiveReadonly(m.Options), Recursive: isRecursive(m.Options),
+		})
 		if err != nil {
 			return fmt.Errorf("share bind mount %d (%s on %s) of container %s: %w", i, m.Source, m.Destination, containerID, err)
 		}
