@@ -58,6 +58,18 @@ func podBench(ctx context.Context, repo, share, tools string, runs, parallel int
 	fmt.Printf("%-40s %10.1f %10s\n", "runc: "+label, ms(together[cri.HandlerRunc]), "1.00")
 	fmt.Printf("%-40s %10.1f %10.2f\n", "kiln: "+label, ms(together[cri.HandlerKiln]), float64(together[cri.HandlerKiln])/float64(together[cri.HandlerRunc]))
 
+	mem := map[string]int64{}
+	for _, h := range handlers {
+		m, err := podMemory(ctx, e, h, parallel)
+		if err != nil {
+			return err
+		}
+		mem[h] = m
+	}
+	fmt.Printf("%-40s %10s\n", fmt.Sprintf("host memory per idle pod (%d pods)", parallel), "MB (PSS)")
+	fmt.Printf("%-40s %10.1f\n", "runc", float64(mem[cri.HandlerRunc])/1e6)
+	fmt.Printf("%-40s %10.1f   (target <= 60)\n", "kiln", float64(mem[cri.HandlerKiln])/1e6)
+
 	thr := map[string]float64{}
 	for _, h := range handlers {
 		mbps, err := podThroughput(ctx, e, h, runs)
