@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -11,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -345,4 +347,45 @@ func TestKilnRefusesHostNetwork(t *testing.T) {
 		t.Errorf("ctr run --net-host: exit %d, stderr %s", code, errOut)
 	}
 	k.remove(t, "hostnet")
+}
+
+// TestKilnShimKilledLeavesNetworkAndCgroup: a shim killed outright cannot tear its pod down; containerd's
+// `delete` for the task removes what it left in the namespace (qdiscs redirecting to its taps) and its host
+// cgroup, so the namespace is as CNI made it.
+func TestKilnShimKilledLeavesNetworkAndCgroup(t *testing.T) {
+	k := startKiln(t)
+	n := newCNINet(t, "kilnnet-dead", "10.231.6.0/24")
+	before := netnsListing(t, n.Name)
+	const id = "kiln-netkill"
+	k.runDetached(t, id, []string{"--with-ns", "network:" + n.Path}, "sleep", "3600")
+	k.waitStatus(t, id, "RUNNING")
+	cgroupDir := filepath.Join("/sys/fs/cgroup/memory", Namespace, id)
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		cgroupDir = filepath.Join("/sys/fs/cgroup", Namespace, id)
+	}
+	if _, err := os.Stat(cgroupDir); err != nil {
+		t.Errorf("the pod's host cgroup %s: %v", cgroupDir, err)
+	}
+	shims := k.d.Shims()
+	if len(shims) != 1 {
+		t.Fatalf("want one shim, found %v", shims)
+	}
+	if err := syscall.Kill(shims[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// containerd runs the shim's `delete` once it sees the shim gone; the task is then stopped or gone.
+	deadline := time.Now().Add(time.Minute)
+	for st := k.taskStatus(t, id); st != "" && st != "STOPPED"; st = k.taskStatus(t, id) {
+		if time.Now().After(deadline) {
+			t.Fatalf("task %s still %s after its shim was killed", id, st)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	k.remove(t, id)
+	if after := netnsListing(t, n.Name); after != before {
+		t.Errorf("namespace after the killed shim's cleanup:\n%s\nbefore:\n%s", after, before)
+	}
+	if _, err := os.Stat(cgroupDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("host cgroup %s left: %v", cgroupDir, err)
+	}
 }

@@ -94,3 +94,27 @@ func (g *Group) Leave() error {
 	}
 	return nil
 }
+
+// Remove removes the cgroup at p, left by a process that was killed before Leave; its processes must be gone.
+// A cgroup that does not exist is not an error.
+func Remove(p string) error {
+	if strings.Contains(p, ":") || !path.IsAbs(p) || path.Clean(p) == "/" {
+		return nil
+	}
+	var err error
+	if cgroups.Mode() == cgroups.Unified {
+		var m *cgroup2.Manager
+		if m, err = cgroup2.Load(path.Clean(p)); err == nil {
+			err = m.Delete()
+		}
+	} else {
+		var cg cgroup1.Cgroup
+		if cg, err = cgroup1.Load(cgroup1.StaticPath(path.Clean(p))); err == nil {
+			err = cg.Delete()
+		}
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, cgroup1.ErrCgroupDeleted) {
+		return fmt.Errorf("remove cgroup %s: %w", p, err)
+	}
+	return nil
+}

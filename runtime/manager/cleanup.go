@@ -14,6 +14,9 @@ import (
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 
+	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
+	"github.com/kiln-runtime/kiln/runtime/network"
+	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/share"
 	"github.com/kiln-runtime/kiln/runtime/task"
 	"github.com/kiln-runtime/kiln/vm/qemu"
@@ -41,7 +44,16 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 	if err := os.RemoveAll(stateDir); err != nil {
 		errs = append(errs, fmt.Errorf("remove VM state %s: %w", stateDir, err))
 	}
+	if rec.Cgroup != "" {
+		if err := hostcgroup.Remove(rec.Cgroup); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if rec.ShareDir != "" {
+		// QEMU is gone and its taps with it; the qdiscs redirecting to them are not.
+		if err := network.Unmirror(filepath.Join(rec.ShareDir, pod.MirrorFile)); err != nil {
+			errs = append(errs, err)
+		}
 		if err := share.Remove(rec.ShareDir); err != nil {
 			errs = append(errs, err)
 		}

@@ -175,3 +175,37 @@ func TestMain(m *testing.M) {
 	RunHolderIfAsked()
 	os.Exit(m.Run())
 }
+
+func TestUnmirrorAfterAKilledOwner(t *testing.T) {
+	ns := netnsWithVeth(t, "addr add 10.99.2.5/24 dev eth0")
+	before := ipIn(t, ns, "link") + tc(t, ns)
+	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(t.TempDir(), "network.json")
+	if err := m.Save(state); err != nil {
+		t.Fatal(err)
+	}
+	// The owner dies: its tap descriptors close (the tap goes) and Close never runs.
+	m.closeTaps()
+	if err := Unmirror(state); err != nil {
+		t.Fatal(err)
+	}
+	if after := ipIn(t, ns, "link") + tc(t, ns); after != before {
+		t.Errorf("namespace after Unmirror:\n%s\nbefore:\n%s", after, before)
+	}
+}
+
+func TestUnmirrorWithoutState(t *testing.T) {
+	if err := Unmirror(filepath.Join(t.TempDir(), "none.json")); err != nil {
+		t.Errorf("no state: %v", err)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.json")
+	if err := os.WriteFile(bad, []byte(`{"namespace":"relative"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Unmirror(bad); err == nil {
+		t.Error("relative namespace accepted")
+	}
+}

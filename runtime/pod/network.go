@@ -3,6 +3,7 @@ package pod
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -15,6 +16,9 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
+
+// MirrorFile, in a pod's share directory, records its network mirror for network.Unmirror.
+const MirrorFile = "network.json"
 
 // First is the container a pod is booted for.
 type First struct {
@@ -60,6 +64,10 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 		return nil, fmt.Errorf("container %s: %w", first.ID, err)
 	}
 	p.mirror = m
+	// Kept beside the share's owner file: if the shim is killed, its `delete` command undoes the mirror from it.
+	if err := m.Save(filepath.Join(p.ShareDir(), MirrorFile)); err != nil {
+		return nil, err
+	}
 	nets := make([]qemu.Net, 0, len(m.Interfaces))
 	for _, ifc := range m.Interfaces {
 		nets = append(nets, qemu.Net{Tap: ifc.Tap, MAC: ifc.MAC, MTU: ifc.MTU})

@@ -236,6 +236,14 @@ func (p *Pod) StateDir() string { return p.cfg.Runtime.StateDir }
 // ShareDir is the pod's shared directory on the host.
 func (p *Pod) ShareDir() string { return ShareDir(p.cfg.Runtime.StateDir, p.id) }
 
+// CgroupPath is the host cgroup the pod's host processes are in, "" when they stayed in the shim's.
+func (p *Pod) CgroupPath() string {
+	if p.cgroup == nil {
+		return ""
+	}
+	return p.cgroup.Path()
+}
+
 // Config is the configuration the pod was booted with.
 func (p *Pod) Config() config.Config { return p.cfg }
 

@@ -29,6 +29,8 @@ type Record struct {
 	ShimSocket string `json:"shim_socket,omitempty"`
 	// Pid is the task's init pid in the guest, reported back in the exit that `delete` makes up.
 	Pid uint32 `json:"pid"`
+	// Cgroup is the host cgroup the shim moved the VM's processes to, removed by `delete` (see hostcgroup).
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 // vmIDPattern is the form VMID gives a VM id.
@@ -54,6 +56,9 @@ func (r Record) Validate() error {
 	}
 	if r.ShimSocket != "" && !shimSocketPattern.MatchString(r.ShimSocket) {
 		return fmt.Errorf("shim_socket %q: want a containerd shim socket, %s", r.ShimSocket, "unix://"+filepath.Join(defaults.DefaultStateDir, "s")+"/<sha256>")
+	}
+	if r.Cgroup != "" && (!filepath.IsAbs(r.Cgroup) || filepath.Clean(r.Cgroup) != r.Cgroup || r.Cgroup == "/") {
+		return fmt.Errorf("cgroup %q: want an absolute, clean cgroup path below the root", r.Cgroup)
 	}
 	if r.ShimPid < 0 {
 		return fmt.Errorf("shim_pid %d: want a pid, or 0", r.ShimPid)

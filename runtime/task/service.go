@@ -233,7 +233,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	pid := c.Init().Pid()
 	// The state dir clean, as Record.Validate wants it (the configuration only asks for an absolute path).
-	rec := Record{VMID: p.ID(), StateDir: filepath.Clean(p.StateDir()), ShareDir: p.ShareDir(), ShimPid: os.Getpid(), ShimSocket: s.socket, Pid: pid}
+	rec := Record{VMID: p.ID(), StateDir: filepath.Clean(p.StateDir()), ShareDir: p.ShareDir(), ShimPid: os.Getpid(), ShimSocket: s.socket, Pid: pid, Cgroup: p.CgroupPath()}
 	if err := WriteRecord(r.Bundle, rec); err != nil {
 		s.log(r.ID, "").WithError(err).Warn("record task for cleanup after a shim crash")
 	}

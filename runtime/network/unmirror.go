@@ -1,0 +1,132 @@
+package network
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// saved is what Save writes: enough for Unmirror to undo a Mirror whose owner was killed.
+type saved struct {
+	Namespace  string `json:"namespace"`
+	Interfaces []struct {
+		Name   string `json:"name"`
+		Index  int    `json:"index"`
+		TxQLen int    `json:"tx_queue_len"`
+	} `json:"interfaces"`
+}
+
+// Save writes what Unmirror needs to undo m into file.
+func (m *Mirror) Save(file string) error {
+	st := saved{Namespace: m.nsPath}
+	for _, ifc := range m.Interfaces {
+		st.Interfaces = append(st.Interfaces, struct {
+			Name   string `json:"name"`
+			Index  int    `json:"index"`
+			TxQLen int    `json:"tx_queue_len"`
+		}{ifc.Name, ifc.index, ifc.txQLen})
+	}
+	raw, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(file, raw, 0o600); err != nil {
+		return fmt.Errorf("save network mirror state: %w", err)
+	}
+	return nil
+}
+
+// savedLimit bounds the state file Unmirror reads.
+const savedLimit = 1 << 20
+
+// Unmirror undoes, from the file Save wrote, a Mirror whose owner was killed before Close: it deletes taps named
+// as Kiln names them, removes ingress qdiscs whose filter redirects to such a tap or to a link that is gone (the
+// tap went with QEMU's descriptors), and restores the interfaces' transmit queue lengths. A missing file or
+// namespace is not an error: there is nothing to undo.
+func Unmirror(file string) error {
+	f, err := os.Open(file)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read network mirror state: %w", err)
+	}
+	raw, err := io.ReadAll(io.LimitReader(f, savedLimit))
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("read network mirror state %s: %w", file, err)
+	}
+	var st saved
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return fmt.Errorf("parse network mirror state %s: %w", file, err)
+	}
+	if !filepath.IsAbs(st.Namespace) {
+		return fmt.Errorf("network mirror state %s: namespace %q is not an absolute path", file, st.Namespace)
+	}
+	ns, err := netns.GetFromPath(st.Namespace)
+	if err != nil {
+		return nil
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("netlink in network namespace %s: %w", st.Namespace, err)
+	}
+	defer h.Close()
+	links, err := h.LinkList()
+	if err != nil {
+		return fmt.Errorf("list links in %s: %w", st.Namespace, err)
+	}
+	names := map[int]string{}
+	for _, l := range links {
+		names[l.Attrs().Index] = l.Attrs().Name
+	}
+	isOurs := func(index int) bool {
+		name, ok := names[index]
+		return !ok || strings.HasPrefix(name, tapPrefix)
+	}
+	var errs []error
+	for _, l := range links {
+		a := l.Attrs()
+		if strings.HasPrefix(a.Name, tapPrefix) {
+			if err := h.LinkDel(l); err != nil && !notFound(err) {
+				errs = append(errs, fmt.Errorf("delete tap %s: %w", a.Name, err))
+			}
+			continue
+		}
+		filters, err := h.FilterList(l, ingressHandle)
+		if err != nil {
+			continue // no ingress qdisc
+		}
+		for _, f := range filters {
+			u, ok := f.(*netlink.U32)
+			if !ok {
+				continue
+			}
+			for _, act := range u.Actions {
+				if m, ok := act.(*netlink.MirredAction); ok && isOurs(m.Ifindex) {
+					q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: a.Index, Parent: netlink.HANDLE_INGRESS, Handle: ingressHandle}}
+					if err := h.QdiscDel(q); err != nil && !notFound(err) {
+						errs = append(errs, fmt.Errorf("remove ingress qdisc of %s: %w", a.Name, err))
+					}
+				}
+			}
+		}
+		for _, ifc := range st.Interfaces {
+			if ifc.Index == a.Index && ifc.Name == a.Name && a.TxQLen != ifc.TxQLen {
+				if err := h.LinkSetTxQLen(l, ifc.TxQLen); err != nil {
+					errs = append(errs, fmt.Errorf("restore transmit queue length of %s: %w", a.Name, err))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
