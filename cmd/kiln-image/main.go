@@ -21,8 +21,9 @@ import (
 
 // defaultModules are what the agent needs to reach the host: the virtio-mmio
 // transport of microvm, vsock to talk ttrpc, and virtiofs plus overlay for
-// container root filesystems, and virtio_net for the pod's interfaces.
-const defaultModules = "virtio_mmio,vmw_vsock_virtio_transport,virtiofs,overlay,virtio_net"
+// container root filesystems, virtio_net for the pod's interfaces, and bridge, which containers with
+// CAP_NET_ADMIN use (the guest has no modprobe to load it on demand).
+const defaultModules = "virtio_mmio,vmw_vsock_virtio_transport,virtiofs,overlay,virtio_net,bridge"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
