@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -182,6 +183,32 @@ func TestCLIRunTTY(t *testing.T) {
 	if after.Lflag != before.Lflag || after.Iflag != before.Iflag || after.Oflag != before.Oflag {
 		t.Errorf("terminal modes not restored: lflag %#x -> %#x, iflag %#x -> %#x, oflag %#x -> %#x",
 			before.Lflag, after.Lflag, before.Iflag, after.Iflag, before.Oflag, after.Oflag)
+	}
+	checkRunLeftovers(t, stateRoot)
+}
+
+// A `runc spec` bundle (read-only root) whose rootfs lacks /proc, /sys and /dev runs as it does with runc: the
+// mount points are made before the root becomes read-only, and the root is read-only for the container.
+func TestCLIRunReadonlyRootWithoutMountPoints(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	dir := t.TempDir()
+	spec := testbundle.Spec("sh", "-c", "test -d /proc/self && ! touch /x 2>/dev/null && echo ok")
+	if err := testbundle.Write(dir, spec); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"proc", "sys", "dev"} {
+		if err := os.RemoveAll(filepath.Join(dir, "rootfs", d)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !spec.Root.Readonly {
+		t.Fatal("runc's spec has a read-only root")
+	}
+	cmd := exec.Command(bin, "--config", cfg, "run", "--bundle", dir, "noproc")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil || stdout.String() != "ok\n" {
+		t.Errorf("kiln run: %v, stdout %q; stderr:\n%s", err, stdout.String(), stderr.String())
 	}
 	checkRunLeftovers(t, stateRoot)
 }
