@@ -29,7 +29,10 @@ func MountShared(log *logrus.Entry, tag, dir string) (bool, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return false, fmt.Errorf("create shared directory mount point %s: %w", dir, err)
 	}
-	err := unix.Mount(tag, dir, "virtiofs", unix.MS_NOSUID|unix.MS_NODEV, "")
+	// Set-uid files work, as in a runc container's root (an image's ping or sudo; CRI's no_new_privs=false
+	// relies on it): the guest kernel, not the mount, is the boundary. Device nodes on the share would name
+	// guest devices, and containers get their own /dev: nodev stays.
+	err := unix.Mount(tag, dir, "virtiofs", unix.MS_NODEV, "")
 	// The kernel answers EINVAL for an unknown tag, ENODEV when virtiofs
 	// is not there at all, ENOENT on some kernels for a missing device.
 	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT) {
