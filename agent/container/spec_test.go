@@ -15,6 +15,8 @@ import (
 	"github.com/opencontainers/runc/libcontainer/specconv"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/proto/features"
 )
 
 func TestRootfsPath(t *testing.T) {
@@ -292,5 +294,24 @@ func TestMergeResources(t *testing.T) {
 	}
 	if dst.CpusetCpus != "0" || len(dst.Devices) != 2 || dst.Unified["a"] != "1" || dst.Unified["b"] != "2" {
 		t.Errorf("fields the update did not name changed: %+v", dst)
+	}
+}
+
+// Kiln reports libcontainer's mount options and namespaces as its own (proto/features): they must be the ones
+// of the libcontainer the agent links.
+func TestFeaturesMatchLibcontainer(t *testing.T) {
+	want := specconv.KnownMountOptions()
+	slices.Sort(want)
+	got := features.MountOptions()
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		t.Errorf("proto/features mount options\n%q\nlibcontainer's\n%q", got, want)
+	}
+	wantNS := specconv.KnownNamespaces()
+	slices.Sort(wantNS)
+	gotNS := features.Namespaces()
+	slices.Sort(gotNS)
+	if !slices.Equal(gotNS, wantNS) {
+		t.Errorf("proto/features namespaces %q, libcontainer's %q", gotNS, wantNS)
 	}
 }

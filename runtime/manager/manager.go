@@ -21,7 +21,12 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
 
+	// Registers the runtime-spec types (features.Features among them) with typeurl.
+	_ "github.com/containerd/containerd/v2/core/runtime"
+
+	"github.com/kiln-runtime/kiln/proto/features"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
@@ -145,9 +150,14 @@ func serverCommand(ctx context.Context, id, group string, opts shim.StartOpts) (
 
 // Info describes the runtime to containerd.
 func (m *Manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	feat, err := typeurl.MarshalAnyToProto(features.OCI())
+	if err != nil {
+		return nil, fmt.Errorf("encode runtime features: %w", err)
+	}
 	return &types.RuntimeInfo{
-		Name:    RuntimeName,
-		Version: &types.RuntimeVersion{Version: m.version},
+		Name:     RuntimeName,
+		Version:  &types.RuntimeVersion{Version: m.version},
+		Features: feat,
 	}, nil
 }
 

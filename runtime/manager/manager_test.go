@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/typeurl/v2"
+	specfeatures "github.com/opencontainers/runtime-spec/specs-go/features"
 
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/pod"
@@ -198,5 +201,28 @@ func TestCleanupRefusesARecordNamingOtherPaths(t *testing.T) {
 			case <-time.After(200 * time.Millisecond):
 			}
 		})
+	}
+}
+
+// containerd's CRI reads the handler's features from Info: recursive read-only mounts are offered; user
+// namespaces are not (no idmapped mounts on the guest's virtio-fs).
+func TestInfoReportsFeatures(t *testing.T) {
+	info, err := New("v-test").Info(context.Background(), strings.NewReader(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := typeurl.UnmarshalAny(info.Features)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, ok := v.(*specfeatures.Features)
+	if !ok {
+		t.Fatalf("features of type %T", v)
+	}
+	if !slices.Contains(f.MountOptions, "rro") || slices.Contains(f.Hooks, "createContainer") || !slices.Contains(f.Hooks, "createRuntime") {
+		t.Errorf("features %+v", f)
+	}
+	if f.Linux == nil || f.Linux.MountExtensions == nil || *f.Linux.MountExtensions.IDMap.Enabled {
+		t.Errorf("idmapped mounts offered: %+v", f.Linux)
 	}
 }
