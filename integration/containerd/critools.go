@@ -25,11 +25,11 @@ func CRIToolsIn(dir string) CRITools {
 	return CRITools{Crictl: filepath.Join(dir, "crictl"), Critest: filepath.Join(dir, "critest")}
 }
 
-// EnsureCRITools builds whichever of crictl and critest in dir is missing or not at CRIToolsVersion: crictl
+// EnsureCRITools builds crictl in dir, and critest when asked, if missing or not at CRIToolsVersion: crictl
 // with `go install`, critest (a Ginkgo suite that cri-tools builds with `go test -c ./cmd/critest`) the same
 // way inside the module's source as the module proxy serves it. Both carry the version through cri-tools'
-// version variable. Together they take a few minutes the first time.
-func EnsureCRITools(ctx context.Context, dir string) (CRITools, error) {
+// version variable. critest takes a few minutes the first time, so only `make critest` asks for it.
+func EnsureCRITools(ctx context.Context, dir string, critest bool) (CRITools, error) {
 	t := CRIToolsIn(dir)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return t, fmt.Errorf("create tools dir %s: %w", dir, err)
@@ -56,7 +56,7 @@ func EnsureCRITools(ctx context.Context, dir string) (CRITools, error) {
 			return t, fmt.Errorf("install crictl: %w", err)
 		}
 	}
-	if !reportsVersion(ctx, CRIToolsVersion, t.Critest, "-version") {
+	if critest && !reportsVersion(ctx, CRIToolsVersion, t.Critest, "-version") {
 		src, err := moduleSource(ctx, criToolsModule, CRIToolsVersion)
 		if err != nil {
 			return t, err

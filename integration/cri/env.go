@@ -41,6 +41,8 @@ type Options struct {
 	RegistryConfigDir string
 	// Debug logs containerd and shims at debug level.
 	Debug bool
+	// Critest builds critest too (minutes, the first time).
+	Critest bool
 }
 
 // Env is a running private containerd with CRI, its CNI network and crictl pointed at it.
@@ -79,7 +81,7 @@ func Start(ctx context.Context, opts Options) (_ *Env, retErr error) {
 	if e.Tools, err = containerd.EnsureTools(ctx, opts.RepoRoot, opts.ToolsDir); err != nil {
 		return nil, err
 	}
-	if e.CRI, err = containerd.EnsureCRITools(ctx, opts.ToolsDir); err != nil {
+	if e.CRI, err = containerd.EnsureCRITools(ctx, opts.ToolsDir, opts.Critest); err != nil {
 		return nil, err
 	}
 	if e.Pause, err = BuildPauseImage(ctx, opts.RepoRoot); err != nil {

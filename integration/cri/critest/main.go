@@ -82,7 +82,7 @@ func run(ctx context.Context, repo, tools, share string, handlers []string, skip
 	}
 	env, err := cri.Start(ctx, cri.Options{
 		RepoRoot: repo, ToolsDir: abs(tools), KilnAssets: abs(share), Handlers: handlers,
-		RegistryConfigDir: mirror, Debug: true,
+		RegistryConfigDir: mirror, Debug: true, Critest: true,
 	})
 	if err != nil {
 		return err
