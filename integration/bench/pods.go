@@ -21,6 +21,8 @@ func podBench(ctx context.Context, repo, share, tools string, runs, parallel int
 	e, err := cri.Start(ctx, cri.Options{
 		RepoRoot: repo, ToolsDir: tools, KilnAssets: share,
 		Handlers: []string{cri.HandlerRunc, cri.HandlerKiln},
+		// Ten guests booting at once under TCG on two cores take minutes, not the default minute.
+		KilnConfigExtra: "[agent]\ndial_timeout = \"10m\"\n",
 	})
 	if err != nil {
 		return fmt.Errorf("start containerd with CRI: %w", err)
