@@ -249,6 +249,16 @@ func TestOOMEventsAreForwarded(t *testing.T) {
 	if err != nil || e.Status != 137 {
 		t.Fatalf("wait %+v %v", e, err)
 	}
+	// The event loop hands the exit to OnEvent after it ended the process, so Wait may return first.
+	for {
+		mu.Lock()
+		n := len(seen)
+		mu.Unlock()
+		if n >= 2 || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
 	mu.Lock()
 	defer mu.Unlock()
 	if len(seen) != 2 || seen[0].Kind != EventOOM || seen[1].Kind != EventExit || seen[1].ExitStatus != 137 {
