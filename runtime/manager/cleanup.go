@@ -12,6 +12,7 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
@@ -21,6 +22,9 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/task"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
+
+// cgroupEmptyTimeout bounds the wait for the killed VM processes to be reaped and leave their host cgroup.
+const cgroupEmptyTimeout = 3 * time.Second
 
 // vmExitTimeout bounds the wait for a dead shim's VM processes to go after SIGKILL.
 const vmExitTimeout = 5 * time.Second
@@ -45,8 +49,15 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 		errs = append(errs, fmt.Errorf("remove VM state %s: %w", stateDir, err))
 	}
 	if rec.Cgroup != "" {
-		if err := hostcgroup.Remove(rec.Cgroup); err != nil {
-			errs = append(errs, err)
+		// Best effort: the killed QEMU and virtiofsd stay in the cgroup until their new parent reaps them, and a
+		// leftover empty cgroup does not keep the task from being reported killed.
+		err := hostcgroup.Remove(rec.Cgroup)
+		for deadline := time.Now().Add(cgroupEmptyTimeout); err != nil && time.Now().Before(deadline); {
+			time.Sleep(50 * time.Millisecond)
+			err = hostcgroup.Remove(rec.Cgroup)
+		}
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("sandbox", rec.VMID).Warn("host cgroup of a dead shim's VM left in place")
 		}
 	}
 	if rec.ShareDir != "" {
