@@ -33,10 +33,14 @@ func args(c Config, p paths, vsockArgs []string, firstNetFD int) []string {
 	if c.Accel == accel.TCG && c.TSCkHz > 0 {
 		params = append(params, "tsc_early_khz="+strconv.Itoa(c.TSCkHz))
 	}
+	accelArg := string(c.Accel)
+	if c.Accel == accel.TCG && c.TBSizeMiB > 0 {
+		accelArg += ",tb-size=" + strconv.Itoa(c.TBSizeMiB)
+	}
 	a := []string{
 		"-name", "kiln-" + c.ID + ",debug-threads=on",
 		"-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem",
-		"-accel", string(c.Accel),
+		"-accel", accelArg,
 		"-m", mem,
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-object", backend,
@@ -56,6 +60,9 @@ func args(c Config, p paths, vsockArgs []string, firstNetFD int) []string {
 			"-chardev", "socket,id=fs,path="+p.virtiofs,
 			"-device", "vhost-user-fs-device,chardev=fs,tag="+virtiofs.Tag,
 		)
+	}
+	if c.FreePageReporting {
+		a = append(a, "-device", "virtio-balloon-device,free-page-reporting=on")
 	}
 	for i, n := range c.Nets {
 		// vhost=off: /dev/vhost-net is not everywhere, and QEMU's own tap back end needs nothing from the host.

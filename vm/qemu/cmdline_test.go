@@ -26,6 +26,10 @@ func TestArgs(t *testing.T) {
 		{name: "no shared fs by default", absent: []string{"vhost-user-fs-device"}},
 		{name: "shared fs", mutate: func(c *Config) { c.SharedDir = "/run/kiln/x.share/shared" },
 			want: []string{"-chardev socket,id=fs,path=/run/kiln/x/virtiofs.sock", "-device vhost-user-fs-device,chardev=fs,tag=kiln-shared"}},
+		{name: "translation cache", mutate: func(c *Config) { c.TBSizeMiB = 32 }, want: []string{"-accel tcg,tb-size=32 "}},
+		{name: "no translation cache under KVM", mutate: func(c *Config) { c.Accel, c.TBSizeMiB = accel.KVM, 32 }, absent: []string{"tb-size"}},
+		{name: "free page reporting", mutate: func(c *Config) { c.FreePageReporting = true }, want: []string{"-device virtio-balloon-device,free-page-reporting=on"}},
+		{name: "no balloon unless asked", absent: []string{"virtio-balloon"}},
 		{name: "no network devices by default", absent: []string{"-netdev", "virtio-net-device"}},
 		{name: "two taps after the vsock's descriptors", mutate: func(c *Config) {
 			c.Nets = []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, MTU: 1400}, {MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}}}

@@ -34,21 +34,23 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		params = append(params, "kiln.debug=1")
 	}
 	return Config{
-		ID:             id,
-		StateRoot:      cfg.Runtime.StateDir,
-		QEMU:           cfg.Hypervisor.Path,
-		Accel:          choice.Kind,
-		VCPUs:          cfg.Hypervisor.VCPUs,
-		MemoryMiB:      cfg.Hypervisor.MemoryMiB,
-		Kernel:         assets.Kernel,
-		Initrd:         assets.Initrd,
-		KernelParams:   params,
-		StopTimeout:    cfg.Hypervisor.StopTimeout.Std(),
-		Vsock:          mode,
-		Virtiofsd:      virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache)},
-		ConsoleToLog:   log.Logger.IsLevelEnabled(logrus.DebugLevel),
-		Log:            log,
-		resolvedAssets: assets,
+		ID:                id,
+		StateRoot:         cfg.Runtime.StateDir,
+		QEMU:              cfg.Hypervisor.Path,
+		Accel:             choice.Kind,
+		VCPUs:             cfg.Hypervisor.VCPUs,
+		MemoryMiB:         cfg.Hypervisor.MemoryMiB,
+		Kernel:            assets.Kernel,
+		Initrd:            assets.Initrd,
+		KernelParams:      params,
+		StopTimeout:       cfg.Hypervisor.StopTimeout.Std(),
+		TBSizeMiB:         cfg.Hypervisor.TCGTranslationCacheMiB,
+		FreePageReporting: cfg.Hypervisor.FreePageReporting,
+		Vsock:             mode,
+		Virtiofsd:         virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache)},
+		ConsoleToLog:      log.Logger.IsLevelEnabled(logrus.DebugLevel),
+		Log:               log,
+		resolvedAssets:    assets,
 	}, nil
 }
 

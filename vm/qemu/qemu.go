@@ -53,6 +53,10 @@ type Config struct {
 	// SharedDir, when set, is exported to the guest as a virtio-fs device with tag virtiofs.Tag, served by a
 	// virtiofsd that starts before QEMU and stops with it.
 	SharedDir string
+	// TBSizeMiB, under TCG, bounds the translated-code cache (0: QEMU's default).
+	TBSizeMiB int
+	// FreePageReporting adds a virtio-balloon device whose guest driver reports freed pages to QEMU.
+	FreePageReporting bool
 	// Nets are the guest's network devices, in order (virtio-net-device, one per tap).
 	Nets []Net
 	// Virtiofsd tunes that daemon (binary, cache mode...); Start sets its SourceDir, SocketPath and Log.
