@@ -102,17 +102,7 @@ func runChecks(configPath string) []checkResult {
 
 	out = append(out, checkVsock(cfg.Vsock.Mode))
 
-	assets, err := cfg.ResolveAssets()
-	if err != nil {
-		add("guest", err, "")
-	} else {
-		release := "unknown kernel release"
-		if b, err := os.ReadFile(filepath.Join(filepath.Dir(assets.Kernel), "kernel-release")); err == nil {
-			release = "kernel " + strings.TrimSpace(string(b))
-		}
-		st, _ := os.Stat(assets.Initrd)
-		add("guest", nil, fmt.Sprintf("%s (%s), %s (%d bytes)", assets.Kernel, release, assets.Initrd, st.Size()))
-	}
+	out = append(out, checkGuest(cfg))
 
 	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
 		add("state dir", err, "")
@@ -120,6 +110,31 @@ func runChecks(configPath string) []checkResult {
 		add("state dir", nil, cfg.Runtime.StateDir+" is writable")
 	}
 	return out
+}
+
+// checkGuest reports the guest kernel and initrd. The files are looked at again here: a configuration that Load
+// validated may name files that have gone since.
+func checkGuest(cfg config.Config) checkResult {
+	assets, err := cfg.ResolveAssets()
+	if err != nil {
+		return checkResult{"guest", "FAIL", err.Error()}
+	}
+	var sizes [2]int64
+	for i, f := range []struct{ what, path string }{{"kernel", assets.Kernel}, {"initrd", assets.Initrd}} {
+		st, err := os.Stat(f.path)
+		if err != nil {
+			return checkResult{"guest", "FAIL", fmt.Sprintf("guest %s: %v (run `make image`, or fix hypervisor.kernel/initrd)", f.what, err)}
+		}
+		if !st.Mode().IsRegular() {
+			return checkResult{"guest", "FAIL", fmt.Sprintf("guest %s %s is not a regular file", f.what, f.path)}
+		}
+		sizes[i] = st.Size()
+	}
+	release := "unknown kernel release"
+	if b, err := os.ReadFile(filepath.Join(filepath.Dir(assets.Kernel), "kernel-release")); err == nil {
+		release = "kernel " + strings.TrimSpace(string(b))
+	}
+	return checkResult{"guest", "ok", fmt.Sprintf("%s (%s), %s (%d bytes)", assets.Kernel, release, assets.Initrd, sizes[1])}
 }
 
 func checkVsock(mode string) checkResult {
