@@ -39,3 +39,25 @@ func TestCheckGuestReportsAnInitrdThatIsGone(t *testing.T) {
 		t.Errorf("initrd gone: %+v, want a FAIL naming %s", r, initrd)
 	}
 }
+
+func TestCheckQEMUUserAndCgroup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("reports differ for a non-root Kiln")
+	}
+	cfg := config.Default()
+	if r := checkQEMUUser(cfg); r.status == "FAIL" || (r.status == "ok" && !strings.Contains(r.detail, "uid 65534 gid 65534")) {
+		t.Errorf("default user: %+v", r)
+	}
+	cfg.Hypervisor.User = ""
+	if r := checkQEMUUser(cfg); r.status != "warn" || !strings.Contains(r.detail, "root") {
+		t.Errorf("empty user: %+v", r)
+	}
+	cfg.Hypervisor.Cgroup = false
+	if r := checkCgroup(cfg); r.status != "warn" {
+		t.Errorf("cgroup off: %+v", r)
+	}
+	cfg.Hypervisor.Cgroup = true
+	if r := checkCgroup(cfg); r.status != "ok" || !strings.Contains(r.detail, "cgroup v") {
+		t.Errorf("cgroup: %+v", r)
+	}
+}

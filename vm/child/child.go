@@ -55,6 +55,12 @@ type Config struct {
 	StopTimeout time.Duration
 	// Log receives Kiln's own entries about the program (start, a stop that timed out).
 	Log *logrus.Entry
+	// Credential, when set, is the user, group and supplementary groups the program runs as; Kiln switches to
+	// them between fork and exec, so the program never runs as Kiln's user (QEMU's own -runas would switch
+	// after start, which its sandbox's elevateprivileges=deny forbids).
+	Credential *syscall.Credential
+	// Cgroup, when set, is the cgroup the program starts in, from its fork on.
+	Cgroup *Cgroup
 }
 
 // Process is a running (or exited) child program. Start creates it.
@@ -107,9 +113,16 @@ func Start(cfg Config) (*Process, error) {
 	}
 	cmd.Stderr = stderr
 	// A group of its own lets Stop reach what the program forks (virtiofsd's sandboxed child).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	// Go sets the parent-death signal after the credentials, so a change of user does not clear it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: cfg.Credential}
 	cfg.Log.WithField("args", cmd.Args).Debugf("starting %s", cfg.Name)
-	if err := cmd.Start(); err != nil {
+	var err error
+	if cfg.Cgroup != nil {
+		err = cfg.Cgroup.start(cmd.SysProcAttr, cmd.Start)
+	} else {
+		err = cmd.Start()
+	}
+	if err != nil {
 		return nil, fmt.Errorf("run %s: %w", cfg.Path, err)
 	}
 	p.cmd = cmd
