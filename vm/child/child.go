@@ -1,7 +1,8 @@
 // Package child runs one helper program of a VM (QEMU, virtiofsd) as a child of Kiln: it starts the program in a
 // process group of its own with a parent-death signal, hands it inherited descriptors, keeps the tail of what it
 // writes to stderr for error messages, records how it exited, and stops it (a polite request, then SIGKILL to
-// its group after a timeout). It knows nothing of what the program is: no command lines, sockets, QMP or
+// its group after a timeout); it can start the program as another user and inside a cgroup of Kiln's making
+// (cgroup.go). It knows nothing of what the program is: no command lines, sockets, QMP or
 // consoles; its callers own those.
 package child
 
