@@ -73,6 +73,12 @@ type Hypervisor struct {
 	// FreePageReporting gives the guest a virtio-balloon device that reports the pages it frees, so that QEMU
 	// returns them to the host.
 	FreePageReporting bool `toml:"free_page_reporting"`
+	// User is who QEMU runs as (ResolveUser); empty means Kiln's own user.
+	User string `toml:"user"`
+	// Cgroup puts QEMU and virtiofsd of each VM in a cgroup of their own with a memory limit of memory_mib plus
+	// MemoryOverheadMiB.
+	Cgroup            bool `toml:"cgroup"`
+	MemoryOverheadMiB int  `toml:"memory_overhead_mib"`
 }
 
 // Vsock configures how the host reaches the guest.
@@ -127,12 +133,15 @@ func (d Duration) Std() time.Duration { return time.Duration(d) }
 func Default() Config {
 	return Config{
 		Hypervisor: Hypervisor{
-			Path:         "qemu-system-x86_64",
-			Accelerator:  AccelAuto,
-			VCPUs:        1,
-			MemoryMiB:    256,
-			KernelParams: nil,
-			StopTimeout:  Duration(3 * time.Second),
+			Path:              "qemu-system-x86_64",
+			Accelerator:       AccelAuto,
+			VCPUs:             1,
+			MemoryMiB:         256,
+			KernelParams:      nil,
+			StopTimeout:       Duration(3 * time.Second),
+			User:              DefaultQEMUUser,
+			Cgroup:            true,
+			MemoryOverheadMiB: DefaultMemoryOverheadMiB,
 			// 32 MiB of translated code holds a guest's working set; QEMU's default reserves 1 GiB and an
 			// idle guest keeps 64 MiB of it resident.
 			TCGTranslationCacheMiB: 32,
@@ -241,6 +250,12 @@ func (c Config) Validate() error {
 	}
 	if c.Hypervisor.StopTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("hypervisor.stop_timeout must be positive"))
+	}
+	if _, _, err := c.Hypervisor.ResolveUser(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Hypervisor.MemoryOverheadMiB < 64 || c.Hypervisor.MemoryOverheadMiB > 1<<20 {
+		errs = append(errs, fmt.Errorf("hypervisor.memory_overhead_mib = %d: want 64 to 1048576", c.Hypervisor.MemoryOverheadMiB))
 	}
 	switch c.Vsock.Mode {
 	case VsockAuto, VsockVhostUser, VsockVhost:

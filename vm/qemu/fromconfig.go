@@ -3,6 +3,7 @@ package qemu
 import (
 	"fmt"
 	"os"
+	"syscall"
 
 	"github.com/sirupsen/logrus"
 
@@ -29,6 +30,17 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 	if err != nil {
 		return Config{}, err
 	}
+	var user *syscall.Credential
+	if u, ok, err := cfg.Hypervisor.ResolveUser(); err != nil {
+		return Config{}, err
+	} else if ok {
+		user = &syscall.Credential{Uid: u.UID, Gid: u.GID}
+		if os.Geteuid() != 0 {
+			// Only root can switch; an unprivileged Kiln runs QEMU as itself.
+			log.Debugf("hypervisor.user %q ignored: Kiln is not root", cfg.Hypervisor.User)
+			user = nil
+		}
+	}
 	params := append([]string{}, cfg.Hypervisor.KernelParams...)
 	if cfg.Agent.Debug {
 		params = append(params, "kiln.debug=1")
@@ -49,6 +61,9 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		Vsock:             mode,
 		Virtiofsd:         virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache)},
 		ConsoleToLog:      log.Logger.IsLevelEnabled(logrus.DebugLevel),
+		User:              user,
+		Cgroup:            cfg.Hypervisor.Cgroup,
+		MemoryOverheadMiB: cfg.Hypervisor.MemoryOverheadMiB,
 		Log:               log,
 		resolvedAssets:    assets,
 	}, nil
