@@ -68,6 +68,17 @@ type Hypervisor struct {
 	KernelParams []string `toml:"kernel_params"`
 	// StopTimeout bounds each graceful stop step before escalating.
 	StopTimeout Duration `toml:"stop_timeout"`
+	// TCGTranslationCacheMiB bounds QEMU's translated-code cache under TCG (0: QEMU's own default, up to 1 GiB).
+	TCGTranslationCacheMiB int `toml:"tcg_translation_cache_mib"`
+	// FreePageReporting gives the guest a virtio-balloon device that reports the pages it frees, so that QEMU
+	// returns them to the host.
+	FreePageReporting bool `toml:"free_page_reporting"`
+	// User is who QEMU runs as (ResolveUser); empty means Kiln's own user.
+	User string `toml:"user"`
+	// Cgroup puts QEMU and virtiofsd of each VM in a cgroup of their own with a memory limit of memory_mib plus
+	// MemoryOverheadMiB.
+	Cgroup            bool `toml:"cgroup"`
+	MemoryOverheadMiB int  `toml:"memory_overhead_mib"`
 }
 
 // Vsock configures how the host reaches the guest.
@@ -122,12 +133,19 @@ func (d Duration) Std() time.Duration { return time.Duration(d) }
 func Default() Config {
 	return Config{
 		Hypervisor: Hypervisor{
-			Path:         "qemu-system-x86_64",
-			Accelerator:  AccelAuto,
-			VCPUs:        1,
-			MemoryMiB:    256,
-			KernelParams: nil,
-			StopTimeout:  Duration(3 * time.Second),
+			Path:              "qemu-system-x86_64",
+			Accelerator:       AccelAuto,
+			VCPUs:             1,
+			MemoryMiB:         256,
+			KernelParams:      nil,
+			StopTimeout:       Duration(3 * time.Second),
+			User:              DefaultQEMUUser,
+			Cgroup:            true,
+			MemoryOverheadMiB: DefaultMemoryOverheadMiB,
+			// 32 MiB of translated code holds a guest's working set; QEMU's default reserves 1 GiB and an
+			// idle guest keeps 64 MiB of it resident.
+			TCGTranslationCacheMiB: 32,
+			FreePageReporting:      true,
 		},
 		Vsock: Vsock{Mode: VsockAuto},
 		SharedFS: SharedFS{
@@ -227,8 +245,17 @@ func (c Config) Validate() error {
 	if c.Hypervisor.MemoryMiB < 64 || c.Hypervisor.MemoryMiB > 1<<20 {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_mib = %d: want 64 to 1048576", c.Hypervisor.MemoryMiB))
 	}
+	if c.Hypervisor.TCGTranslationCacheMiB < 0 || c.Hypervisor.TCGTranslationCacheMiB > 4096 {
+		errs = append(errs, fmt.Errorf("hypervisor.tcg_translation_cache_mib = %d: want 0 (QEMU's default) to 4096", c.Hypervisor.TCGTranslationCacheMiB))
+	}
 	if c.Hypervisor.StopTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("hypervisor.stop_timeout must be positive"))
+	}
+	if _, _, err := c.Hypervisor.ResolveUser(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Hypervisor.MemoryOverheadMiB < 64 || c.Hypervisor.MemoryOverheadMiB > 1<<20 {
+		errs = append(errs, fmt.Errorf("hypervisor.memory_overhead_mib = %d: want 64 to 1048576", c.Hypervisor.MemoryOverheadMiB))
 	}
 	switch c.Vsock.Mode {
 	case VsockAuto, VsockVhostUser, VsockVhost:

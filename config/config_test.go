@@ -276,3 +276,31 @@ func TestShippedFileDocumentsEveryKey(t *testing.T) {
 		}
 	}
 }
+
+func TestResolveUser(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		want    QEMUUser
+		ok      bool
+		errPart string
+	}{
+		{in: "", ok: false},
+		{in: "65534:65534", want: QEMUUser{65534, 65534}, ok: true},
+		{in: "4242:4343", want: QEMUUser{4242, 4343}, ok: true},
+		{in: "4242", want: QEMUUser{4242, 4242}, ok: true},
+		{in: "root", errPart: "must not run as root"},
+		{in: "0:0", errPart: "must not run as root"},
+		{in: "no-such-user-kiln", errPart: "no-such-user-kiln"},
+	} {
+		u, ok, err := Hypervisor{User: tc.in}.ResolveUser()
+		if tc.errPart != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.errPart) || !strings.Contains(err.Error(), "hypervisor.user") {
+				t.Errorf("%q: err %v, want one naming hypervisor.user and %q", tc.in, err, tc.errPart)
+			}
+			continue
+		}
+		if err != nil || ok != tc.ok || u != tc.want {
+			t.Errorf("%q: %+v %v %v, want %+v %v", tc.in, u, ok, err, tc.want, tc.ok)
+		}
+	}
+}

@@ -22,8 +22,9 @@ import (
 // defaultModules are what the agent needs to reach the host: the virtio-mmio
 // transport of microvm, vsock to talk ttrpc, and virtiofs plus overlay for
 // container root filesystems, virtio_net for the pod's interfaces, and bridge, which containers with
-// CAP_NET_ADMIN use (the guest has no modprobe to load it on demand).
-const defaultModules = "virtio_mmio,vmw_vsock_virtio_transport,virtiofs,overlay,virtio_net,bridge"
+// CAP_NET_ADMIN use (the guest has no modprobe to load it on demand), and virtio_balloon, whose free page
+// reporting returns the memory the guest frees to the host.
+const defaultModules = "virtio_mmio,vmw_vsock_virtio_transport,virtiofs,overlay,virtio_net,bridge,virtio_balloon"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)

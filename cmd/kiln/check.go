@@ -13,6 +13,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/child"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
@@ -102,17 +103,10 @@ func runChecks(configPath string) []checkResult {
 
 	out = append(out, checkVsock(cfg.Vsock.Mode))
 
-	assets, err := cfg.ResolveAssets()
-	if err != nil {
-		add("guest", err, "")
-	} else {
-		release := "unknown kernel release"
-		if b, err := os.ReadFile(filepath.Join(filepath.Dir(assets.Kernel), "kernel-release")); err == nil {
-			release = "kernel " + strings.TrimSpace(string(b))
-		}
-		st, _ := os.Stat(assets.Initrd)
-		add("guest", nil, fmt.Sprintf("%s (%s), %s (%d bytes)", assets.Kernel, release, assets.Initrd, st.Size()))
-	}
+	out = append(out, checkGuest(cfg))
+	out = append(out, checkSandbox(cfg, qemuPath))
+	out = append(out, checkQEMUUser(cfg))
+	out = append(out, checkCgroup(cfg))
 
 	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
 		add("state dir", err, "")
@@ -120,6 +114,79 @@ func runChecks(configPath string) []checkResult {
 		add("state dir", nil, cfg.Runtime.StateDir+" is writable")
 	}
 	return out
+}
+
+// checkGuest reports the guest kernel and initrd. The files are looked at again here: a configuration that Load
+// validated may name files that have gone since.
+func checkGuest(cfg config.Config) checkResult {
+	assets, err := cfg.ResolveAssets()
+	if err != nil {
+		return checkResult{"guest", "FAIL", err.Error()}
+	}
+	var sizes [2]int64
+	for i, f := range []struct{ what, path string }{{"kernel", assets.Kernel}, {"initrd", assets.Initrd}} {
+		st, err := os.Stat(f.path)
+		if err != nil {
+			return checkResult{"guest", "FAIL", fmt.Sprintf("guest %s: %v (run `make image`, or fix hypervisor.kernel/initrd)", f.what, err)}
+		}
+		if !st.Mode().IsRegular() {
+			return checkResult{"guest", "FAIL", fmt.Sprintf("guest %s %s is not a regular file", f.what, f.path)}
+		}
+		sizes[i] = st.Size()
+	}
+	release := "unknown kernel release"
+	if b, err := os.ReadFile(filepath.Join(filepath.Dir(assets.Kernel), "kernel-release")); err == nil {
+		release = "kernel " + strings.TrimSpace(string(b))
+	}
+	return checkResult{"guest", "ok", fmt.Sprintf("%s (%s), %s (%d bytes)", assets.Kernel, release, assets.Initrd, sizes[1])}
+}
+
+// checkSandbox reports whether this QEMU has -sandbox (seccomp), which every VM is started with.
+func checkSandbox(cfg config.Config, qemuPath string) checkResult {
+	if qemuPath == "" {
+		return checkResult{"sandbox", "FAIL", "no QEMU to ask"}
+	}
+	b, _ := exec.Command(qemuPath, "-sandbox", "help").CombinedOutput()
+	out := strings.TrimSpace(string(b))
+	// A QEMU without seccomp support names the option as unknown or unsupported; one with it parses "help"
+	// as a bad value.
+	if strings.Contains(out, "invalid option") || strings.Contains(out, "no support") || strings.Contains(out, "not supported") {
+		return checkResult{"sandbox", "FAIL", fmt.Sprintf("%s has no -sandbox (seccomp) support: %s", qemuPath, out)}
+	}
+	return checkResult{"sandbox", "ok", "QEMU runs with -sandbox " + qemu.SandboxArg}
+}
+
+// checkQEMUUser reports who QEMU runs as and whether that user can read the guest kernel and initrd.
+func checkQEMUUser(cfg config.Config) checkResult {
+	u, ok, err := cfg.Hypervisor.ResolveUser()
+	switch {
+	case err != nil:
+		return checkResult{"qemu user", "FAIL", err.Error()}
+	case !ok && os.Geteuid() == 0:
+		return checkResult{"qemu user", "warn", "hypervisor.user is empty: QEMU runs as root"}
+	case !ok || os.Geteuid() != 0:
+		return checkResult{"qemu user", "warn", fmt.Sprintf("Kiln is not root: QEMU runs as uid %d", os.Geteuid())}
+	}
+	detail := fmt.Sprintf("QEMU runs as uid %d gid %d (hypervisor.user = %q)", u.UID, u.GID, cfg.Hypervisor.User)
+	if assets, err := cfg.ResolveAssets(); err == nil {
+		if err := qemu.CheckReadable(assets, u.UID, u.GID); err != nil {
+			return checkResult{"qemu user", "FAIL", err.Error()}
+		}
+		detail += "; it can read the guest kernel and initrd"
+	}
+	return checkResult{"qemu user", "ok", detail}
+}
+
+// checkCgroup reports the cgroup version and where VM cgroups go.
+func checkCgroup(cfg config.Config) checkResult {
+	if !cfg.Hypervisor.Cgroup {
+		return checkResult{"cgroup", "warn", "hypervisor.cgroup = false: QEMU and virtiofsd stay in the shim's cgroup, with no memory limit of their own"}
+	}
+	info, err := child.CgroupInfo()
+	if err != nil {
+		return checkResult{"cgroup", "FAIL", err.Error() + " (set hypervisor.cgroup = false to run without VM cgroups)"}
+	}
+	return checkResult{"cgroup", "ok", fmt.Sprintf("%s; memory limit guest RAM + %d MiB", info, cfg.Hypervisor.MemoryOverheadMiB)}
 }
 
 func checkVsock(mode string) checkResult {

@@ -41,9 +41,15 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// execFunc runs args in a runtime's benchmark container with stdout going to w and returns how long the exec
+// took, from the request to the process's exit with all its output delivered.
+type execFunc func(w io.Writer, args ...string) (time.Duration, error)
+
 // containerBench runs the same busybox bundle with runc and in a Kiln guest and prints exec latency and stdout
-// throughput side by side.
-func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work string, runs int) error {
+// throughput side by side. Both containers run for the whole measurement and their samples are interleaved, as
+// the boot and ctr measurements are, so that drift in machine load affects both runtimes alike instead of
+// landing on whichever ran second.
+func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work string, runs int) (retErr error) {
 	bundle := filepath.Join(work, "bundle")
 	spec := testbundle.Spec("sleep", "1000000")
 	if err := testbundle.Write(bundle, spec); err != nil {
@@ -55,11 +61,19 @@ func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work s
 	if err != nil {
 		return err
 	}
-	rr, err := runcBench(ctx, runcBin, work, bundle, runs, thrRuns)
+	r, err := startRunc(ctx, runcBin, work, bundle, "kiln-bench")
 	if err != nil {
 		return err
 	}
-	kr, err := kilnBench(ctx, base, initrd, bundle, spec, runs, thrRuns)
+	defer func() { retErr = errors.Join(retErr, r.delete()) }()
+	kilnExec, stopKiln, err := startKiln(ctx, base, initrd, bundle, spec)
+	if err != nil {
+		return err
+	}
+	defer func() { retErr = errors.Join(retErr, stopKiln()) }()
+	runcExec := func(w io.Writer, args ...string) (time.Duration, error) { return r.exec(ctx, w, args...) }
+
+	rr, kr, err := sampleBoth(runcExec, kilnExec, runs, thrRuns)
 	if err != nil {
 		return err
 	}
@@ -72,60 +86,79 @@ func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work s
 	return nil
 }
 
-func runcBench(ctx context.Context, bin, work, bundle string, runs, thrRuns int) (res containerResult, retErr error) {
-	r, err := startRunc(ctx, bin, work, bundle, "kiln-bench")
-	if err != nil {
-		return res, err
+// sampleBoth takes runs exec latency samples (`true`) and thrRuns stdout throughput samples from each runtime,
+// alternating between the two and which goes first.
+func sampleBoth(runc, kiln execFunc, runs, thrRuns int) (rr, kr containerResult, err error) {
+	type side struct {
+		name  string
+		exec  execFunc
+		lat   []time.Duration
+		rates []float64
 	}
-	defer func() { retErr = errors.Join(retErr, r.delete()) }()
-	var lat []time.Duration
-	for range runs {
-		d, err := r.exec(ctx, io.Discard, "true")
-		if err != nil {
-			return res, err
+	sides := [2]*side{{name: "runc", exec: runc}, {name: "kiln", exec: kiln}}
+	for i := range runs {
+		for j := range sides {
+			s := sides[(i+j)%2]
+			d, err := s.exec(io.Discard, "true")
+			if err != nil {
+				return rr, kr, err
+			}
+			s.lat = append(s.lat, d)
 		}
-		lat = append(lat, d)
 	}
-	var rates []float64
-	for range thrRuns {
-		var w countingWriter
-		d, err := r.exec(ctx, &w, throughputArgs()...)
-		if err != nil {
-			return res, err
+	for i := range thrRuns {
+		for j := range sides {
+			s := sides[(i+j)%2]
+			var w countingWriter
+			d, err := s.exec(&w, throughputArgs()...)
+			if err != nil {
+				return rr, kr, err
+			}
+			if w.n != throughputBytes {
+				return rr, kr, fmt.Errorf("%s exec dd wrote %d bytes, want %d", s.name, w.n, throughputBytes)
+			}
+			s.rates = append(s.rates, float64(w.n)/d.Seconds()/1e6)
 		}
-		if w.n != throughputBytes {
-			return res, fmt.Errorf("runc exec dd wrote %d bytes, want %d", w.n, throughputBytes)
-		}
-		rates = append(rates, float64(w.n)/d.Seconds()/1e6)
 	}
-	return containerResult{execLatency: median(lat), mbPerSec: medianFloat(rates)}, nil
+	result := func(s *side) containerResult {
+		return containerResult{execLatency: median(s.lat), mbPerSec: medianFloat(s.rates)}
+	}
+	return result(sides[0]), result(sides[1]), nil
 }
 
-func kilnBench(ctx context.Context, base qemu.Config, initrd, bundleDir string, spec *specs.Spec, runs, thrRuns int) (res containerResult, retErr error) {
+// startKiln boots a pod, creates and starts the benchmark container in it and returns how to exec in it and
+// how to tear it all down.
+func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, spec *specs.Spec) (_ execFunc, _ func() error, retErr error) {
 	cfg := config.Default()
 	cfg.Runtime.StateDir = base.StateRoot
 	cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = base.Kernel, initrd
 	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = base.VCPUs, base.MemoryMiB
 	p, err := pod.New(ctx, pod.Options{ID: "kiln-containers", Config: cfg, Log: base.Log})
 	if err != nil {
-		return res, err
+		return nil, nil, err
 	}
-	defer func() { retErr = errors.Join(retErr, p.Close(context.WithoutCancel(ctx))) }()
+	closePod := func() error { return p.Close(context.WithoutCancel(ctx)) }
+	defer func() {
+		if retErr != nil {
+			retErr = errors.Join(retErr, closePod())
+		}
+	}()
 	b, err := bundle.Load(bundleDir)
 	if err != nil {
-		return res, err
+		return nil, nil, err
 	}
 	b.Spec = spec
 	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: "bench", Bundle: b})
 	if err != nil {
-		return res, err
+		return nil, nil, err
 	}
-	defer func() {
+	stop := func() error {
 		_, err := p.DeleteContainer(context.WithoutCancel(ctx), c, true)
-		retErr = errors.Join(retErr, err)
-	}()
+		return errors.Join(err, closePod())
+	}
 	if err := c.Start(ctx); err != nil {
-		return res, err
+		_, derr := p.DeleteContainer(context.WithoutCancel(ctx), c, true)
+		return nil, nil, errors.Join(err, derr)
 	}
 	n := 0
 	execOnce := func(w io.Writer, args ...string) (time.Duration, error) {
@@ -151,27 +184,7 @@ func kilnBench(ctx context.Context, base qemu.Config, initrd, bundleDir string, 
 		}
 		return d, nil
 	}
-	var lat []time.Duration
-	for range runs {
-		d, err := execOnce(io.Discard, "true")
-		if err != nil {
-			return res, err
-		}
-		lat = append(lat, d)
-	}
-	var rates []float64
-	for range thrRuns {
-		var w countingWriter
-		d, err := execOnce(&w, throughputArgs()...)
-		if err != nil {
-			return res, err
-		}
-		if w.n != throughputBytes {
-			return res, fmt.Errorf("kiln exec dd wrote %d bytes, want %d", w.n, throughputBytes)
-		}
-		rates = append(rates, float64(w.n)/d.Seconds()/1e6)
-	}
-	return containerResult{execLatency: median(lat), mbPerSec: medianFloat(rates)}, nil
+	return execOnce, stop, nil
 }
 
 func medianFloat(xs []float64) float64 {

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -38,6 +39,9 @@ func main() {
 
 func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool, parallel int) error {
 	logrus.SetLevel(logrus.WarnLevel)
+	// Every figure here is wall time on a shared machine: say how busy it was, so sittings can be compared.
+	loadBefore := hostLoad()
+	defer func() { fmt.Printf("host load average (1, 5, 15 min): %s before, %s after\n", loadBefore, hostLoad()) }()
 	var err error
 	if share, err = filepath.Abs(share); err != nil {
 		return err
@@ -166,6 +170,19 @@ func agentRun(ctx context.Context, base qemu.Config, id, initrd string) (time.Du
 	}
 	d := time.Since(start)
 	return d, sb.Stop(ctx)
+}
+
+// hostLoad is the host's load average line (1, 5 and 15 minutes), or "unknown".
+func hostLoad() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 func median(ds []time.Duration) time.Duration {

@@ -1,7 +1,8 @@
 // Package child runs one helper program of a VM (QEMU, virtiofsd) as a child of Kiln: it starts the program in a
 // process group of its own with a parent-death signal, hands it inherited descriptors, keeps the tail of what it
 // writes to stderr for error messages, records how it exited, and stops it (a polite request, then SIGKILL to
-// its group after a timeout). It knows nothing of what the program is: no command lines, sockets, QMP or
+// its group after a timeout); it can start the program as another user and inside a cgroup of Kiln's making
+// (cgroup.go). It knows nothing of what the program is: no command lines, sockets, QMP or
 // consoles; its callers own those.
 package child
 
@@ -55,6 +56,12 @@ type Config struct {
 	StopTimeout time.Duration
 	// Log receives Kiln's own entries about the program (start, a stop that timed out).
 	Log *logrus.Entry
+	// Credential, when set, is the user, group and supplementary groups the program runs as; Kiln switches to
+	// them between fork and exec, so the program never runs as Kiln's user (QEMU's own -runas would switch
+	// after start, which its sandbox's elevateprivileges=deny forbids).
+	Credential *syscall.Credential
+	// Cgroup, when set, is the cgroup the program starts in, from its fork on.
+	Cgroup *Cgroup
 }
 
 // Process is a running (or exited) child program. Start creates it.
@@ -107,9 +114,16 @@ func Start(cfg Config) (*Process, error) {
 	}
 	cmd.Stderr = stderr
 	// A group of its own lets Stop reach what the program forks (virtiofsd's sandboxed child).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	// Go sets the parent-death signal after the credentials, so a change of user does not clear it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: cfg.Credential}
 	cfg.Log.WithField("args", cmd.Args).Debugf("starting %s", cfg.Name)
-	if err := cmd.Start(); err != nil {
+	var err error
+	if cfg.Cgroup != nil {
+		err = cfg.Cgroup.start(cmd.SysProcAttr, cmd.Start)
+	} else {
+		err = cmd.Start()
+	}
+	if err != nil {
 		return nil, fmt.Errorf("run %s: %w", cfg.Path, err)
 	}
 	p.cmd = cmd

@@ -15,10 +15,26 @@ import (
 // (QEMU runs with -no-reboot, so a panicking guest ends the VMM instead of hanging).
 var baseKernelParams = []string{"console=ttyS0", "tsc=reliable", "panic=-1", "quiet", "8250.nr_uarts=1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp"}
 
+// SandboxArg is QEMU's seccomp filter: beyond its default set of refused system calls, no obsolete ones, no
+// set*uid/set*gid (so QEMU cannot regain privileges; it is started as its user instead of using -runas), no
+// fork or exec, and no changes to CPU affinity or scheduling.
+const SandboxArg = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+// fdLayout numbers the descriptors QEMU inherits (from 3 on, in exec.Cmd.ExtraFiles order). QEMU opens nothing
+// by path but the kernel and initrd (and Config.MemoryFile): the QMP listener and the vhost-user connections are
+// Kiln's, passed in.
+type fdLayout struct {
+	qmp int
+	// vsockArgs are the vsock device's arguments, numbered by its backend.
+	vsockArgs []string
+	// virtiofs is a connection to virtiofsd, when Config.SharedDir is set.
+	virtiofs int
+	// firstNet is the first tap of Config.Nets; the others follow.
+	firstNet int
+}
+
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
-// vsockArgs are the vsock device's arguments (the backend's); the taps of c.Nets are inherited as descriptors
-// from firstNetFD on.
-func args(c Config, p paths, vsockArgs []string, firstNetFD int) []string {
+func args(c Config, fds fdLayout) []string {
 	mem := strconv.Itoa(c.MemoryMiB) + "M"
 	var backend string
 	if c.MemoryFile != "" {
@@ -33,10 +49,15 @@ func args(c Config, p paths, vsockArgs []string, firstNetFD int) []string {
 	if c.Accel == accel.TCG && c.TSCkHz > 0 {
 		params = append(params, "tsc_early_khz="+strconv.Itoa(c.TSCkHz))
 	}
+	accelArg := string(c.Accel)
+	if c.Accel == accel.TCG && c.TBSizeMiB > 0 {
+		accelArg += ",tb-size=" + strconv.Itoa(c.TBSizeMiB)
+	}
 	a := []string{
 		"-name", "kiln-" + c.ID + ",debug-threads=on",
+		"-sandbox", SandboxArg,
 		"-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem",
-		"-accel", string(c.Accel),
+		"-accel", accelArg,
 		"-m", mem,
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-object", backend,
@@ -47,19 +68,24 @@ func args(c Config, p paths, vsockArgs []string, firstNetFD int) []string {
 		"-append", strings.Join(params, " "),
 		// vhost-user backends need modern virtio-mmio; the legacy layout is rejected.
 		"-global", "virtio-mmio.force-legacy=false",
-		"-qmp", "unix:" + p.qmp + ",server=on,wait=off",
+		// Kiln's listening socket: QEMU serves QMP on it.
+		"-chardev", fmt.Sprintf("socket,id=qmp,fd=%d,server=on,wait=off", fds.qmp),
+		"-mon", "chardev=qmp,mode=control",
 	}
-	a = append(a, vsockArgs...)
+	a = append(a, fds.vsockArgs...)
 	if c.SharedDir != "" {
 		// Guest RAM is already a shared memfd, which vhost-user-fs needs as much as vsock does.
 		a = append(a,
-			"-chardev", "socket,id=fs,path="+p.virtiofs,
+			"-chardev", fmt.Sprintf("socket,id=fs,fd=%d", fds.virtiofs),
 			"-device", "vhost-user-fs-device,chardev=fs,tag="+virtiofs.Tag,
 		)
 	}
+	if c.FreePageReporting {
+		a = append(a, "-device", "virtio-balloon-device,free-page-reporting=on")
+	}
 	for i, n := range c.Nets {
 		// vhost=off: /dev/vhost-net is not everywhere, and QEMU's own tap back end needs nothing from the host.
-		a = append(a, "-netdev", fmt.Sprintf("tap,id=net%d,fd=%d,vhost=off", i, firstNetFD+i))
+		a = append(a, "-netdev", fmt.Sprintf("tap,id=net%d,fd=%d,vhost=off", i, fds.firstNet+i))
 		dev := fmt.Sprintf("virtio-net-device,netdev=net%d,mac=%s", i, n.MAC)
 		if n.MTU > 0 {
 			dev += ",host_mtu=" + strconv.Itoa(n.MTU)

@@ -10,7 +10,6 @@ import (
 
 func TestArgs(t *testing.T) {
 	base := Config{ID: "x", Accel: accel.TCG, VCPUs: 2, MemoryMiB: 512, Kernel: "/k", Initrd: "/i", TSCkHz: 2445000}
-	p := pathsFor("/run/kiln", "x")
 	tests := []struct {
 		name   string
 		mutate func(*Config)
@@ -18,19 +17,26 @@ func TestArgs(t *testing.T) {
 		absent []string
 	}{
 		{name: "tcg", want: []string{"-accel tcg", "-smp 2", "-m 512M", "tsc_early_khz=2445000", "memory-backend-memfd,id=mem,size=512M,share=on,seal=on",
-			"vhost-user-vsock-device,chardev=vsock", "path=/run/kiln/x/vhost-user-vsock.sock", "-no-reboot", "pit=on,pic=on,rtc=on"},
-			absent: []string{"-cpu host"}},
-		{name: "kvm", mutate: func(c *Config) { c.Accel = accel.KVM }, want: []string{"-accel kvm", "-cpu host"}, absent: []string{"tsc_early_khz"}},
+			"-chardev socket,id=vsock,fd=4 -device vhost-user-vsock-device,chardev=vsock", "-no-reboot", "pit=on,pic=on,rtc=on",
+			"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny", "-accel tcg ",
+			"-chardev socket,id=qmp,fd=3,server=on,wait=off -mon chardev=qmp,mode=control"},
+			// QEMU opens no socket by path.
+			absent: []string{"-cpu host", "path=", "unix:", "-runas"}},
+		{name: "kvm", mutate: func(c *Config) { c.Accel = accel.KVM }, want: []string{"-accel kvm", "-cpu host", "-sandbox on,"}, absent: []string{"tsc_early_khz", "tb-size"}},
 		{name: "file-backed memory for templates", mutate: func(c *Config) { c.MemoryFile = "/tpl/mem" },
 			want: []string{"memory-backend-file,id=mem,size=512M,mem-path=/tpl/mem,share=on"}},
 		{name: "no shared fs by default", absent: []string{"vhost-user-fs-device"}},
 		{name: "shared fs", mutate: func(c *Config) { c.SharedDir = "/run/kiln/x.share/shared" },
-			want: []string{"-chardev socket,id=fs,path=/run/kiln/x/virtiofs.sock", "-device vhost-user-fs-device,chardev=fs,tag=kiln-shared"}},
+			want: []string{"-chardev socket,id=fs,fd=5", "-device vhost-user-fs-device,chardev=fs,tag=kiln-shared"}},
+		{name: "translation cache", mutate: func(c *Config) { c.TBSizeMiB = 32 }, want: []string{"-accel tcg,tb-size=32 "}},
+		{name: "no translation cache under KVM", mutate: func(c *Config) { c.Accel, c.TBSizeMiB = accel.KVM, 32 }, absent: []string{"tb-size"}},
+		{name: "free page reporting", mutate: func(c *Config) { c.FreePageReporting = true }, want: []string{"-device virtio-balloon-device,free-page-reporting=on"}},
+		{name: "no balloon unless asked", absent: []string{"virtio-balloon"}},
 		{name: "no network devices by default", absent: []string{"-netdev", "virtio-net-device"}},
-		{name: "two taps after the vsock's descriptors", mutate: func(c *Config) {
+		{name: "two taps after the other descriptors", mutate: func(c *Config) {
 			c.Nets = []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, MTU: 1400}, {MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}}}
-		}, want: []string{"-netdev tap,id=net0,fd=3,vhost=off -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400",
-			"-netdev tap,id=net1,fd=4,vhost=off -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02"}, absent: []string{"mac=02:00:00:00:00:02,host_mtu"}},
+		}, want: []string{"-netdev tap,id=net0,fd=6,vhost=off -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400",
+			"-netdev tap,id=net1,fd=7,vhost=off -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02"}, absent: []string{"mac=02:00:00:00:00:02,host_mtu"}},
 		{name: "extra kernel params", mutate: func(c *Config) { c.KernelParams = []string{"kiln.debug=1"} }, want: []string{"kiln.debug=1"}},
 	}
 	for _, tt := range tests {
@@ -39,8 +45,8 @@ func TestArgs(t *testing.T) {
 			if tt.mutate != nil {
 				tt.mutate(&c)
 			}
-			vs := &vhostUserVsock{socketPath: p.vhostUserVsock}
-			got := strings.Join(args(c, p, vs.qemuArgs(3), 3), " ")
+			vs := &vhostUserVsock{}
+			got := strings.Join(args(c, fdLayout{qmp: 3, vsockArgs: vs.qemuArgs(4), virtiofs: 5, firstNet: 6}), " ")
 			for _, w := range tt.want {
 				if !strings.Contains(got, w) {
 					t.Errorf("args lack %q:\n%s", w, got)

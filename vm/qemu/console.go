@@ -2,10 +2,11 @@ package qemu
 
 import (
 	"bufio"
+	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"sync"
 
 	"github.com/sirupsen/logrus"
@@ -14,45 +15,126 @@ import (
 // consoleTailLines is how many guest console lines are kept for error messages.
 const consoleTailLines = 30
 
+// Bounds on what a guest can make Kiln keep of its console. The guest is untrusted and the log sits in the
+// state directory on /run (tmpfs, host RAM), so both the file and each line are capped:
+//   - consoleLogMax: the log is rotated when it would grow past this: console.log is renamed to console.log.1
+//     (replacing the previous one) and a new console.log is started, so the last consoleLogMax to
+//     2*consoleLogMax bytes of output are kept on disk, never more.
+//   - consoleMaxLine: a line longer than this (no newline in sight) is cut into pieces of this size, each
+//     written as a line of its own; the copy never stops on a long line.
+const (
+	consoleLogMax  = 512 << 10
+	consoleMaxLine = 4 << 10
+)
+
 // console copies the guest's serial output into the per-VM log file, optionally into the host log at debug
 // level, and remembers the last lines so a failed boot can say what the guest printed.
 type console struct {
-	file *os.File
-	pr   *io.PipeReader
-	pw   *io.PipeWriter
-	done chan struct{}
+	path    string
+	maxSize int64
+	file    *os.File
+	size    int64
+	pr      *io.PipeReader
+	pw      *io.PipeWriter
+	done    chan struct{}
+	toLog   bool
+	log     *logrus.Entry
+	// writeErr is the first error writing the log file; the copy goes on (QEMU must never block on its
+	// serial port) and the error is logged once.
+	writeErr error
 
 	mu    sync.Mutex
 	lines []string
 }
 
 func newConsole(path string, toLog bool, log *logrus.Entry) (*console, error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	return newConsoleSize(path, consoleLogMax, toLog, log)
+}
+
+func newConsoleSize(path string, maxSize int64, toLog bool, log *logrus.Entry) (*console, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open console log: %w", err)
 	}
 	pr, pw := io.Pipe()
-	c := &console{file: f, pr: pr, pw: pw, done: make(chan struct{})}
+	c := &console{path: path, maxSize: maxSize, file: f, pr: pr, pw: pw, done: make(chan struct{}), toLog: toLog, log: log}
 	go func() {
 		defer close(c.done)
-		sc := bufio.NewScanner(pr)
-		sc.Buffer(make([]byte, 4096), 64<<10)
-		for sc.Scan() {
-			line := strings.TrimRight(sc.Text(), "\r")
-			_, _ = f.WriteString(line + "\n")
-			if toLog {
-				log.WithField("console", true).Debug(line)
-			}
-			c.mu.Lock()
-			c.lines = append(c.lines, line)
-			if len(c.lines) > consoleTailLines {
-				c.lines = c.lines[len(c.lines)-consoleTailLines:]
-			}
-			c.mu.Unlock()
-		}
-		_, _ = io.Copy(io.Discard, pr)
+		c.copy(pr)
 	}()
 	return c, nil
+}
+
+// copy reads r to its end, one line (or one consoleMaxLine piece of a longer line) at a time.
+func (c *console) copy(r io.Reader) {
+	br := bufio.NewReaderSize(r, consoleMaxLine)
+	cut := false // the last piece was cut from a longer line
+	for {
+		piece, err := br.ReadSlice('\n')
+		// The newline right after a cut piece ends that line: it is no empty line of its own.
+		if len(piece) > 0 && !(cut && len(bytes.TrimRight(piece, "\r\n")) == 0) {
+			c.line(bytes.TrimRight(piece, "\r\n"))
+		}
+		cut = errors.Is(err, bufio.ErrBufferFull)
+		if err != nil && !cut {
+			// io.EOF once QEMU is gone (close); a pipe has no other errors.
+			return
+		}
+	}
+}
+
+func (c *console) line(b []byte) {
+	line := string(b)
+	c.write(line)
+	if c.toLog {
+		c.log.WithField("console", true).Debug(line)
+	}
+	c.mu.Lock()
+	c.lines = append(c.lines, line)
+	if len(c.lines) > consoleTailLines {
+		c.lines = c.lines[len(c.lines)-consoleTailLines:]
+	}
+	c.mu.Unlock()
+}
+
+// write appends a line to the log file, rotating it first when the line would take it past maxSize.
+func (c *console) write(line string) {
+	if c.file == nil {
+		return
+	}
+	n := int64(len(line) + 1)
+	if c.size > 0 && c.size+n > c.maxSize {
+		c.rotate()
+		if c.file == nil {
+			return
+		}
+	}
+	_, err := c.file.WriteString(line + "\n")
+	c.size += n
+	c.noteErr(err)
+}
+
+func (c *console) rotate() {
+	c.noteErr(c.file.Close())
+	c.file = nil
+	c.size = 0
+	if err := os.Rename(c.path, c.path+".1"); err != nil {
+		c.noteErr(err)
+		return
+	}
+	f, err := os.OpenFile(c.path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		c.noteErr(err)
+		return
+	}
+	c.file = f
+}
+
+func (c *console) noteErr(err error) {
+	if err != nil && c.writeErr == nil {
+		c.writeErr = err
+		c.log.WithError(err).Warn("guest console log: writing stopped; console lines are still read and dropped")
+	}
 }
 
 // writer is what QEMU's stdout (the serial port) is connected to.
@@ -61,12 +143,21 @@ func (c *console) writer() io.Writer { return c.pw }
 func (c *console) tail() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return strings.Join(c.lines, "\n")
+	var b bytes.Buffer
+	for i, l := range c.lines {
+		if i > 0 {
+			b.WriteByte('\n')
+		}
+		b.WriteString(l)
+	}
+	return b.String()
 }
 
 // close is called after QEMU exited, so no more output comes.
 func (c *console) close() {
 	_ = c.pw.Close()
 	<-c.done
-	_ = c.file.Close()
+	if c.file != nil {
+		_ = c.file.Close()
+	}
 }

@@ -3,6 +3,7 @@ package qemu
 import (
 	"fmt"
 	"os"
+	"syscall"
 
 	"github.com/sirupsen/logrus"
 
@@ -29,26 +30,42 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 	if err != nil {
 		return Config{}, err
 	}
+	var user *syscall.Credential
+	if u, ok, err := cfg.Hypervisor.ResolveUser(); err != nil {
+		return Config{}, err
+	} else if ok {
+		user = &syscall.Credential{Uid: u.UID, Gid: u.GID}
+		if os.Geteuid() != 0 {
+			// Only root can switch; an unprivileged Kiln runs QEMU as itself.
+			log.Debugf("hypervisor.user %q ignored: Kiln is not root", cfg.Hypervisor.User)
+			user = nil
+		}
+	}
 	params := append([]string{}, cfg.Hypervisor.KernelParams...)
 	if cfg.Agent.Debug {
 		params = append(params, "kiln.debug=1")
 	}
 	return Config{
-		ID:             id,
-		StateRoot:      cfg.Runtime.StateDir,
-		QEMU:           cfg.Hypervisor.Path,
-		Accel:          choice.Kind,
-		VCPUs:          cfg.Hypervisor.VCPUs,
-		MemoryMiB:      cfg.Hypervisor.MemoryMiB,
-		Kernel:         assets.Kernel,
-		Initrd:         assets.Initrd,
-		KernelParams:   params,
-		StopTimeout:    cfg.Hypervisor.StopTimeout.Std(),
-		Vsock:          mode,
-		Virtiofsd:      virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache)},
-		ConsoleToLog:   log.Logger.IsLevelEnabled(logrus.DebugLevel),
-		Log:            log,
-		resolvedAssets: assets,
+		ID:                id,
+		StateRoot:         cfg.Runtime.StateDir,
+		QEMU:              cfg.Hypervisor.Path,
+		Accel:             choice.Kind,
+		VCPUs:             cfg.Hypervisor.VCPUs,
+		MemoryMiB:         cfg.Hypervisor.MemoryMiB,
+		Kernel:            assets.Kernel,
+		Initrd:            assets.Initrd,
+		KernelParams:      params,
+		StopTimeout:       cfg.Hypervisor.StopTimeout.Std(),
+		TBSizeMiB:         cfg.Hypervisor.TCGTranslationCacheMiB,
+		FreePageReporting: cfg.Hypervisor.FreePageReporting,
+		Vsock:             mode,
+		Virtiofsd:         virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache)},
+		ConsoleToLog:      log.Logger.IsLevelEnabled(logrus.DebugLevel),
+		User:              user,
+		Cgroup:            cfg.Hypervisor.Cgroup,
+		MemoryOverheadMiB: cfg.Hypervisor.MemoryOverheadMiB,
+		Log:               log,
+		resolvedAssets:    assets,
 	}, nil
 }
 

@@ -80,6 +80,8 @@ func TestStartLooksOnlyForAssetsNotResolved(t *testing.T) {
 			}
 			t.Cleanup(func() { _ = os.RemoveAll(state) })
 			cfg.Runtime.StateDir = state
+			// This test is about the asset lookup: QEMU as root, no cgroup (TestReachable covers the user).
+			cfg.Hypervisor.User, cfg.Hypervisor.Cgroup = "", false
 			log := logrus.New()
 			log.SetOutput(io.Discard)
 			mc, err := ConfigFrom(cfg, "vm1", logrus.NewEntry(log))

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -53,11 +54,25 @@ type Config struct {
 	// SharedDir, when set, is exported to the guest as a virtio-fs device with tag virtiofs.Tag, served by a
 	// virtiofsd that starts before QEMU and stops with it.
 	SharedDir string
+	// TBSizeMiB, under TCG, bounds the translated-code cache (0: QEMU's default).
+	TBSizeMiB int
+	// FreePageReporting adds a virtio-balloon device whose guest driver reports freed pages to QEMU.
+	FreePageReporting bool
 	// Nets are the guest's network devices, in order (virtio-net-device, one per tap).
 	Nets []Net
 	// Virtiofsd tunes that daemon (binary, cache mode...); Start sets its SourceDir, SocketPath and Log.
 	Virtiofsd virtiofs.Config
 	Log       *logrus.Entry
+	// User, when set, is who QEMU runs as (Uid, Gid, Groups); Kiln switches before QEMU's exec and passes in
+	// every descriptor QEMU needs. nil runs QEMU as Kiln's own user. virtiofsd stays Kiln's user: it serves the
+	// share with the host's ownership, in its own namespace sandbox.
+	User *syscall.Credential
+	// Cgroup, when true, starts QEMU and virtiofsd in a cgroup of their own (vm/child.Cgroup), named
+	// kiln-vm-<ID>, with a memory limit of MemoryMiB plus MemoryOverheadMiB; it is removed when the VM ends.
+	Cgroup bool
+	// MemoryOverheadMiB is what QEMU and virtiofsd may use beyond guest RAM; 0 means
+	// config.DefaultMemoryOverheadMiB.
+	MemoryOverheadMiB int
 
 	// resolvedAssets are Kernel and Initrd as ConfigFrom resolved them (config.ResolveAssets found both files);
 	// Start checks that the files exist only when the paths differ.
@@ -110,6 +125,7 @@ type Machine struct {
 	console *console
 	vsock   vsockBackend
 	fs      *virtiofs.Daemon
+	cgroup  *child.Cgroup
 	cancel  context.CancelFunc
 	started bool
 
@@ -135,6 +151,9 @@ func New(cfg Config) (*Machine, error) {
 	}
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 3 * time.Second
+	}
+	if cfg.MemoryOverheadMiB == 0 {
+		cfg.MemoryOverheadMiB = config.DefaultMemoryOverheadMiB
 	}
 	assetsFound := cfg.Kernel != "" && cfg.resolvedAssets == config.Assets{Kernel: cfg.Kernel, Initrd: cfg.Initrd}
 	// QEMU runs in the VM's state directory, so relative paths would point there.
@@ -212,6 +231,12 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 			}
 		}
 	}
+	cred := qemuCredential(m.cfg)
+	if err := checkReachable(m.cfg, cred); err != nil {
+		close(m.exited)
+		close(m.cleaned)
+		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
+	}
 	if err := os.MkdirAll(m.cfg.StateRoot, 0o711); err != nil {
 		close(m.exited)
 		close(m.cleaned)
@@ -254,12 +279,44 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 	}
 	m.vsock = vs
+	defer vs.started()
 
+	if m.cfg.Cgroup {
+		cg, err := child.NewCgroup("kiln-vm-"+m.cfg.ID, int64(m.cfg.MemoryMiB+m.cfg.MemoryOverheadMiB)<<20)
+		if err != nil {
+			return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
+		}
+		m.cgroup = cg
+	}
+
+	// QEMU opens no socket by path: QMP's listener and the vhost-user connections are passed in, in this order
+	// (then the vsock backend's descriptors, then the taps).
+	qmpListener, err := listenFile(m.paths.qmp)
+	if err != nil {
+		return fmt.Errorf("start vm %s: QMP socket: %w", m.cfg.ID, err)
+	}
+	defer qmpListener.Close()
+	files := []*os.File{qmpListener}
+	fds := fdLayout{qmp: 3}
+	fds.vsockArgs = vs.qemuArgs(3 + len(files))
+	files = append(files, vs.files()...)
+
+	var fsConn *os.File
 	if m.cfg.SharedDir != "" {
 		if err := m.startVirtiofsd(ctx); err != nil {
 			return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 		}
+		fsConn, err = dialFile(m.paths.virtiofs)
+		if err != nil {
+			return fmt.Errorf("start vm %s: connect to virtiofsd for QEMU: %w", m.cfg.ID, err)
+		}
+		// Once QEMU holds it, Kiln's copy goes, so virtiofsd sees QEMU's exit.
+		defer fsConn.Close()
+		fds.virtiofs = 3 + len(files)
+		files = append(files, fsConn)
 	}
+	fds.firstNet = 3 + len(files)
+	files = append(files, netFiles(m.cfg.Nets)...)
 
 	cons, err := newConsole(m.paths.console, m.cfg.ConsoleToLog, m.log)
 	if err != nil {
@@ -268,18 +325,31 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	m.console = cons
 
 	// vm/child gives QEMU a parent-death signal: it must not outlive Kiln, even when Kiln is killed with SIGKILL.
+	dir := m.paths.dir
+	if cred != nil {
+		// The state directory is Kiln's alone (0700); QEMU needs no directory.
+		dir = "/"
+	}
 	proc, err := child.Start(child.Config{
-		Name: "QEMU",
-		Path: qemuPath,
-		// Inherited descriptors start at 3 in the child.
-		Args:        args(m.cfg, m.paths, vs.qemuArgs(3), 3+len(vs.files())),
-		Dir:         m.paths.dir,
-		ExtraFiles:  append(vs.files(), netFiles(m.cfg.Nets)...),
+		Name:        "QEMU",
+		Path:        qemuPath,
+		Args:        args(m.cfg, fds),
+		Dir:         dir,
+		ExtraFiles:  files,
+		Credential:  cred,
+		Cgroup:      m.cgroup,
 		Stdout:      cons.writer(),
 		Quit:        m.quit,
 		StopTimeout: m.cfg.StopTimeout,
 		Log:         m.log,
 	})
+	// QEMU holds its copies now (or failed to start): Kiln's go, so QEMU's exit closes the QMP listener and
+	// ends the vhost-user sessions.
+	qmpListener.Close()
+	if fsConn != nil {
+		fsConn.Close()
+	}
+	vs.started()
 	if err != nil {
 		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 	}
@@ -321,6 +391,12 @@ func (m *Machine) cleanup() {
 	}
 	if m.console != nil {
 		m.console.close()
+	}
+	if m.cgroup != nil {
+		// QEMU and virtiofsd have been reaped.
+		if err := m.cgroup.Remove(); err != nil {
+			m.log.WithError(err).Warn("remove vm cgroup")
+		}
 	}
 	if err := os.RemoveAll(m.paths.dir); err != nil {
 		m.log.WithError(err).Warn("remove vm state dir")
@@ -438,4 +514,34 @@ func (m *Machine) VsockPath() string {
 		return ""
 	}
 	return m.paths.vsock
+}
+
+// CgroupPath is the VM's cgroup directory (the v1 memory hierarchy's), empty without Config.Cgroup.
+func (m *Machine) CgroupPath() string {
+	if m.cgroup == nil {
+		return ""
+	}
+	return m.cgroup.Path()
+}
+
+// listenFile creates a listening Unix socket at path and returns its descriptor; the file stays when the
+// descriptor is closed (the state directory goes as a whole).
+func listenFile(path string) (*os.File, error) {
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	defer l.Close()
+	return l.File()
+}
+
+// dialFile connects to the Unix socket at path and returns the connection's descriptor.
+func dialFile(path string) (*os.File, error) {
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return c.File()
 }

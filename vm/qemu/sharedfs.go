@@ -18,6 +18,7 @@ func (m *Machine) startVirtiofsd(ctx context.Context) error {
 	cfg.SourceDir = m.cfg.SharedDir
 	cfg.SocketPath = m.paths.virtiofs
 	cfg.Log = m.log
+	cfg.Cgroup = m.cgroup
 	d, err := virtiofs.Start(ctx, cfg)
 	if err != nil {
 		return err

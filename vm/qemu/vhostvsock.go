@@ -80,6 +80,9 @@ func (k *kernelVsock) qemuArgs(fd int) []string {
 
 func (k *kernelVsock) files() []*os.File { return []*os.File{k.dev} }
 
+// started keeps the device: Kiln's descriptor holds the guest CID for the VM's life.
+func (k *kernelVsock) started() {}
+
 func (k *kernelVsock) dial(ctx context.Context, port uint32) (net.Conn, error) {
 	type result struct {
 		c   net.Conn

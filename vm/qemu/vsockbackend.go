@@ -31,6 +31,8 @@ type vsockBackend interface {
 	qemuArgs(firstFD int) []string
 	// files are handed to QEMU as inherited descriptors.
 	files() []*os.File
+	// started is called once QEMU runs (or failed to), so the backend can drop what only QEMU needs.
+	started()
 	dial(ctx context.Context, port uint32) (net.Conn, error)
 	close() error
 }
@@ -45,6 +47,9 @@ type vhostUserVsock struct {
 	socketPath string
 	udsPath    string
 	log        *logrus.Entry
+	// qemuEnd is Kiln's own connection to its backend socket, handed to QEMU, which then needs no access to
+	// the socket's path; nil until connectQEMU.
+	qemuEnd *os.File
 }
 
 // startVhostUserVsock creates the device and serves QEMU's connection until ctx ends. fileBackedRAM says guest
@@ -70,17 +75,51 @@ func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, fileBa
 			log.WithError(err).Warn("vhost-user vsock backend stopped")
 		}
 	}()
-	return &vhostUserVsock{dev: dev, socketPath: socketPath, udsPath: udsPath, log: log}, nil
+	v := &vhostUserVsock{dev: dev, socketPath: socketPath, udsPath: udsPath, log: log}
+	if err := v.connectQEMU(); err != nil {
+		dev.Close()
+		return nil, err
+	}
+	return v, nil
 }
 
-func (v *vhostUserVsock) qemuArgs(int) []string {
+func (v *vhostUserVsock) qemuArgs(fd int) []string {
 	return []string{
-		"-chardev", "socket,id=vsock,path=" + v.socketPath,
+		"-chardev", fmt.Sprintf("socket,id=vsock,fd=%d", fd),
 		"-device", "vhost-user-vsock-device,chardev=vsock",
 	}
 }
 
-func (v *vhostUserVsock) files() []*os.File { return nil }
+// connectQEMU connects to the backend's socket; QEMU inherits the connection (files) as its vhost-user
+// chardev.
+func (v *vhostUserVsock) connectQEMU() error {
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: v.socketPath, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("connect to the vhost-user vsock socket for QEMU: %w", err)
+	}
+	f, err := c.File()
+	c.Close()
+	if err != nil {
+		return fmt.Errorf("vhost-user vsock connection for QEMU: %w", err)
+	}
+	v.qemuEnd = f
+	return nil
+}
+
+func (v *vhostUserVsock) files() []*os.File {
+	if v.qemuEnd == nil {
+		return nil
+	}
+	return []*os.File{v.qemuEnd}
+}
+
+// started drops Kiln's copy of QEMU's connection once QEMU holds it, so QEMU's exit ends the session.
+func (v *vhostUserVsock) started() {
+	if v.qemuEnd != nil {
+		v.qemuEnd.Close()
+		v.qemuEnd = nil
+	}
+}
 
 func (v *vhostUserVsock) dial(ctx context.Context, port uint32) (net.Conn, error) {
 	return vsock.Dial(ctx, v.udsPath, port)
@@ -89,6 +128,7 @@ func (v *vhostUserVsock) dial(ctx context.Context, port uint32) (net.Conn, error
 // close ends the device and reports what it dropped or cut short over the VM's life, if anything, so a limit
 // the guest ran into shows in the shim's log once.
 func (v *vhostUserVsock) close() error {
+	v.started()
 	err := v.dev.Close()
 	if mt := v.dev.Metrics(); mt != (vsock.Metrics{}) {
 		v.log.WithFields(logrus.Fields{

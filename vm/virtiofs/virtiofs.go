@@ -64,6 +64,8 @@ type Config struct {
 	StopTimeout time.Duration
 	// Log receives virtiofsd's stderr, one entry per line.
 	Log *logrus.Entry
+	// Cgroup, when set, is the cgroup virtiofsd (and the sandboxed child it forks) runs in.
+	Cgroup *child.Cgroup
 }
 
 // BinaryHelp says how to get a missing virtiofsd; errors about the binary end with it.
@@ -144,6 +146,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		StderrLine:  d.logLine,
 		StopTimeout: cfg.StopTimeout,
 		Log:         cfg.Log,
+		Cgroup:      cfg.Cgroup,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start virtiofsd: %w", err)

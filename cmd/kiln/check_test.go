@@ -1,0 +1,63 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/kiln-runtime/kiln/config"
+)
+
+// A configuration Load validated names an initrd that is gone by the time `kiln check` looks at it: the check
+// failed to stat it, ignored the error and dereferenced a nil FileInfo.
+func TestCheckGuestReportsAnInitrdThatIsGone(t *testing.T) {
+	dir := t.TempDir()
+	kernel, initrd := filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
+	for _, p := range []string{kernel, initrd} {
+		if err := os.WriteFile(p, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfgPath := filepath.Join(dir, "config.toml")
+	toml := "[hypervisor]\npath = \"/bin/true\"\nkernel = \"" + kernel + "\"\ninitrd = \"" + initrd + "\"\n"
+	if err := os.WriteFile(cfgPath, []byte(toml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := checkGuest(cfg); r.status != "ok" {
+		t.Fatalf("with both files: %+v", r)
+	}
+	if err := os.Remove(initrd); err != nil {
+		t.Fatal(err)
+	}
+	r := checkGuest(cfg)
+	if r.status != "FAIL" || !strings.Contains(r.detail, "initrd") || !strings.Contains(r.detail, initrd) {
+		t.Errorf("initrd gone: %+v, want a FAIL naming %s", r, initrd)
+	}
+}
+
+func TestCheckQEMUUserAndCgroup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("reports differ for a non-root Kiln")
+	}
+	cfg := config.Default()
+	if r := checkQEMUUser(cfg); r.status == "FAIL" || (r.status == "ok" && !strings.Contains(r.detail, "uid 65534 gid 65534")) {
+		t.Errorf("default user: %+v", r)
+	}
+	cfg.Hypervisor.User = ""
+	if r := checkQEMUUser(cfg); r.status != "warn" || !strings.Contains(r.detail, "root") {
+		t.Errorf("empty user: %+v", r)
+	}
+	cfg.Hypervisor.Cgroup = false
+	if r := checkCgroup(cfg); r.status != "warn" {
+		t.Errorf("cgroup off: %+v", r)
+	}
+	cfg.Hypervisor.Cgroup = true
+	if r := checkCgroup(cfg); r.status != "ok" || !strings.Contains(r.detail, "cgroup v") {
+		t.Errorf("cgroup: %+v", r)
+	}
+}

@@ -1,0 +1,178 @@
+package child
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestParseHost(t *testing.T) {
+	const v1Mounts = `30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+32 30 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+33 30 0:29 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+34 30 0:30 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+`
+	const v2Mounts = `40 25 0:40 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate
+`
+	for _, tc := range []struct {
+		name, mountinfo, cgroup string
+		v2                      bool
+		memDir, v2Parent        string
+		errPart                 string
+	}{
+		{
+			name: "v1 (hybrid: the empty cgroup2 is ignored)", mountinfo: v1Mounts,
+			cgroup: "4:memory:/pod/shim\n3:cpu,cpuacct:/pod/shim\n2:pids:/\n0::/\n",
+			memDir: "/sys/fs/cgroup/memory/pod/shim",
+		},
+		{
+			name: "v1 in a cgroup namespace", mountinfo: strings.Replace(v1Mounts, "0:28 / /sys/fs/cgroup/memory", "0:28 /pod /sys/fs/cgroup/memory", 1),
+			cgroup: "4:memory:/pod/shim\n", memDir: "/sys/fs/cgroup/memory/shim",
+		},
+		{name: "v2 beside the caller", mountinfo: v2Mounts, cgroup: "0::/kubepods/pod1/sandbox\n", v2: true, v2Parent: "/sys/fs/cgroup/kubepods/pod1"},
+		{name: "v2 caller in the root", mountinfo: v2Mounts, cgroup: "0::/\n", v2: true, v2Parent: "/sys/fs/cgroup"},
+		{name: "no cgroups", mountinfo: "1 0 0:1 / / rw - ext4 /dev/sda rw\n", cgroup: "0::/\n", errPart: "no cgroup"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, err := parseHost(tc.mountinfo, tc.cgroup)
+			if tc.errPart != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.errPart) {
+					t.Fatalf("err %v, want one containing %q", err, tc.errPart)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if h.v2 != tc.v2 {
+				t.Fatalf("v2 = %v", h.v2)
+			}
+			if tc.v2 {
+				if p, _ := h.v2Parent(); p != tc.v2Parent {
+					t.Errorf("v2 parent %s, want %s", p, tc.v2Parent)
+				}
+				return
+			}
+			if h.v1Dirs["memory"] != tc.memDir {
+				t.Errorf("memory dir %s, want %s", h.v1Dirs["memory"], tc.memDir)
+			}
+		})
+	}
+}
+
+func TestNewCgroupRefusesBadNames(t *testing.T) {
+	for _, n := range []string{"", "a/b", "..", "."} {
+		if _, err := NewCgroup(n, 1<<20); err == nil {
+			t.Errorf("name %q accepted", n)
+		}
+	}
+	if _, err := NewCgroup("x", 0); err == nil {
+		t.Error("zero limit accepted")
+	}
+}
+
+// A program started with Config.Cgroup and Config.Credential is in the cgroup from its start, as that user,
+// with the limit; the starting thread is back where it was; Remove leaves nothing.
+func TestStartInCgroupAsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create cgroups and switch users")
+	}
+	name := fmt.Sprintf("kiln-child-test-%d", os.Getpid())
+	const limit = 64 << 20
+	cg, err := NewCgroup(name, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cg.Remove() })
+	before, _ := os.ReadFile("/proc/self/cgroup")
+
+	// The program reports its own cgroup file and ids, then its child's cgroup file (what it forks stays in).
+	cfg := shell(`cat /proc/self/cgroup; id -u; id -g; echo ===; sh -c 'cat /proc/self/cgroup'; echo end; sleep 60`)
+	var out syncBuffer
+	cfg.Stdout = &out
+	cfg.Cgroup = cg
+	cfg.Credential = &syscall.Credential{Uid: 65534, Gid: 65534}
+	p := start(t, cfg)
+
+	var text string
+	waitFor(t, func() bool { text = out.String(); return strings.HasSuffix(text, "end\n") })
+	if own, forked, _ := strings.Cut(text, "==="); !strings.Contains(own, "memory:") || !strings.Contains(own, name) || !strings.Contains(forked, name) {
+		t.Errorf("program output %q: want the program and what it forks in cgroup %s", text, name)
+	}
+	if !strings.Contains(text, "\n65534\n65534\n") {
+		t.Errorf("program output %q: want uid and gid 65534", text)
+	}
+	procs, err := os.ReadFile(filepath.Join(cg.Path(), "cgroup.procs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(procs), strconv.Itoa(p.PID())) {
+		t.Errorf("cgroup.procs of %s = %q, want pid %d", cg.Path(), procs, p.PID())
+	}
+	limFile := "memory.limit_in_bytes"
+	if cg.V2() {
+		limFile = "memory.max"
+	}
+	if b, err := os.ReadFile(filepath.Join(cg.Path(), limFile)); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(limit) {
+		t.Errorf("%s = %q (%v), want %d", limFile, b, err, limit)
+	}
+	if after, _ := os.ReadFile("/proc/self/cgroup"); string(after) != string(before) {
+		t.Errorf("Kiln's cgroups changed:\n%s\nwas\n%s", after, before)
+	}
+	if b, _ := os.ReadFile("/proc/thread-self/cgroup"); strings.Contains(string(b), name) {
+		t.Errorf("a Kiln thread stayed in the cgroup: %s", b)
+	}
+	// The thread that forked must have left the cgroup too: it holds no task there but the program's.
+	if tasks, err := os.ReadFile(filepath.Join(cg.Path(), "tasks")); err == nil {
+		for _, tid := range strings.Fields(string(tasks)) {
+			if _, err := os.Stat("/proc/self/task/" + tid); err == nil {
+				t.Errorf("Kiln thread %s is in the cgroup", tid)
+			}
+		}
+	}
+
+	p.Kill()
+	if err := cg.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(cg.Path()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("cgroup %s left: %v", cg.Path(), err)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -1,0 +1,124 @@
+package qemu
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"syscall"
+
+	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/vm/accel"
+)
+
+// kvmDevice is the node QEMU opens by path with hardware KVM (QEMU 7.2 takes no descriptor for it).
+const kvmDevice = "/dev/kvm"
+
+// Access bits for reachable.
+const (
+	mayRead  = 4
+	mayWrite = 2
+	mayExec  = 1
+)
+
+// qemuCredential is who QEMU runs as: Config.User, plus the group of /dev/kvm when the VM uses hardware KVM and
+// that group may open it. nil means Kiln's own user.
+func qemuCredential(c Config) *syscall.Credential {
+	if c.User == nil {
+		return nil
+	}
+	cred := *c.User
+	cred.Groups = slices.Clone(c.User.Groups)
+	if c.Accel == accel.KVM {
+		if fi, err := os.Stat(kvmDevice); err == nil {
+			st := fi.Sys().(*syscall.Stat_t)
+			if fi.Mode().Perm()&0o060 == 0o060 && !slices.Contains(cred.Groups, st.Gid) && st.Gid != cred.Gid {
+				cred.Groups = append(cred.Groups, st.Gid)
+			}
+		}
+	}
+	return &cred
+}
+
+// checkReachable fails unless cred may open each file QEMU opens by path: the kernel and initrd (read), and
+// the memory file (read and write). It reads mode bits only (no ACLs), along the whole path.
+func checkReachable(c Config, cred *syscall.Credential) error {
+	if cred == nil {
+		return nil
+	}
+	files := []struct {
+		what, path string
+		mode       uint32
+	}{{"guest kernel", c.Kernel, mayRead}, {"guest initrd", c.Initrd, mayRead}}
+	if c.MemoryFile != "" {
+		files = append(files, struct {
+			what, path string
+			mode       uint32
+		}{"guest memory file", c.MemoryFile, mayRead | mayWrite})
+	}
+	if c.Accel == accel.KVM {
+		files = append(files, struct {
+			what, path string
+			mode       uint32
+		}{"KVM device", kvmDevice, mayRead | mayWrite})
+	}
+	for _, f := range files {
+		if err := reachable(f.path, cred, f.mode); err != nil {
+			return fmt.Errorf("%s %s: QEMU runs as uid %d gid %d and %w (make it readable, or change hypervisor.user)", f.what, f.path, cred.Uid, cred.Gid, err)
+		}
+	}
+	return nil
+}
+
+// reachable says whether cred may search every directory above p and access p itself with mode.
+func reachable(p string, cred *syscall.Credential, mode uint32) error {
+	p = filepath.Clean(p)
+	for dir := filepath.Dir(p); ; dir = filepath.Dir(dir) {
+		if err := permits(dir, cred, mayExec); err != nil {
+			return err
+		}
+		if dir == "/" || dir == "." {
+			break
+		}
+	}
+	return permits(p, cred, mode)
+}
+
+func permits(p string, cred *syscall.Credential, mode uint32) error {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return err
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	perm := uint32(fi.Mode().Perm())
+	var bits uint32
+	switch {
+	case st.Uid == cred.Uid:
+		bits = perm >> 6
+	case st.Gid == cred.Gid || slices.Contains(cred.Groups, st.Gid):
+		bits = perm >> 3
+	default:
+		bits = perm
+	}
+	if bits&mode != mode {
+		return errors.New("cannot " + modeWord(mode) + " " + p)
+	}
+	return nil
+}
+
+func modeWord(mode uint32) string {
+	switch mode {
+	case mayExec:
+		return "search"
+	case mayRead:
+		return "read"
+	default:
+		return "open for reading and writing"
+	}
+}
+
+// CheckReadable fails unless uid and gid may read the guest kernel and initrd (for `kiln check`).
+func CheckReadable(a config.Assets, uid, gid uint32) error {
+	return checkReachable(Config{Kernel: a.Kernel, Initrd: a.Initrd}, &syscall.Credential{Uid: uid, Gid: gid})
+}
