@@ -14,7 +14,7 @@ import (
 func TestInstallPrefix(t *testing.T) {
 	requireVM(t)
 	root := repoRoot(t)
-	prefix := t.TempDir()
+	prefix := installPrefix(t)
 	mk := func(target string) {
 		t.Helper()
 		cmd := exec.Command("make", target, "PREFIX="+prefix)
@@ -62,4 +62,17 @@ func TestInstallPrefix(t *testing.T) {
 	if len(left) > 0 {
 		t.Fatalf("uninstall left %v", left)
 	}
+}
+
+// installPrefix is a temporary install prefix readable by everyone, as /usr/local is: QEMU runs as an
+// unprivileged user (hypervisor.user) and must reach the installed guest kernel and initrd.
+func installPrefix(t *testing.T) string {
+	t.Helper()
+	prefix := t.TempDir()
+	for _, dir := range []string{filepath.Dir(prefix), prefix} {
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return prefix
 }

@@ -199,7 +199,8 @@ func TestKilnVMKilled(t *testing.T) {
 	qemus := ProcessesMatching("qemu-system")
 	var ours []int
 	for _, pid := range qemus {
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(b), k.d.StateDir()) {
+		// QEMU names its state directory in its environment, not on its command line.
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid)); err == nil && strings.Contains(string(b), k.d.StateDir()) {
 			ours = append(ours, pid)
 		}
 	}

@@ -129,9 +129,13 @@ func referencing(needle string) []int {
 		if err != nil || pid == os.Getpid() {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err == nil && bytes.Contains(b, []byte(needle)) {
-			pids = append(pids, pid)
+		// QEMU names its VM's state directory in its environment (qemu.StateDirEnv), virtiofsd on its command line.
+		for _, f := range []string{"cmdline", "environ"} {
+			b, err := os.ReadFile(filepath.Join("/proc", e.Name(), f))
+			if err == nil && bytes.Contains(b, []byte(needle)) {
+				pids = append(pids, pid)
+				break
+			}
 		}
 	}
 	return pids

@@ -40,6 +40,8 @@ type Config struct {
 	Args []string
 	// Dir is the working directory; empty means Kiln's.
 	Dir string
+	// Env is added to Kiln's environment for the program.
+	Env []string
 	// ExtraFiles are inherited as descriptors 3, 4, ... in order. The caller keeps and closes its copies.
 	ExtraFiles []*os.File
 	// Stdout receives the program's stdout; nil discards it.
@@ -98,6 +100,9 @@ func Start(cfg Config) (*Process, error) {
 	}
 	cmd := exec.Command(cfg.Path, cfg.Args...)
 	cmd.Dir = cfg.Dir
+	if len(cfg.Env) > 0 {
+		cmd.Env = append(os.Environ(), cfg.Env...)
+	}
 	cmd.ExtraFiles = cfg.ExtraFiles
 	cmd.Stdin = nil
 	cmd.Stdout = cfg.Stdout

@@ -88,6 +88,9 @@ type Net struct {
 	MTU int
 }
 
+// StateDirEnv names the VM's state directory in QEMU's environment.
+const StateDirEnv = "KILN_VM_STATE_DIR"
+
 type paths struct {
 	dir            string
 	qmp            string
@@ -331,10 +334,13 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 		dir = "/"
 	}
 	proc, err := child.Start(child.Config{
-		Name:        "QEMU",
-		Path:        qemuPath,
-		Args:        args(m.cfg, fds),
-		Dir:         dir,
+		Name: "QEMU",
+		Path: qemuPath,
+		Args: args(m.cfg, fds),
+		Dir:  dir,
+		// QEMU's command line names no path of the VM's any more: its environment does, so that a dead shim's
+		// cleanup (and an operator) can tell which VM a QEMU is.
+		Env:         []string{StateDirEnv + "=" + m.paths.dir},
 		ExtraFiles:  files,
 		Credential:  cred,
 		Cgroup:      m.cgroup,
