@@ -259,8 +259,7 @@ func redirect(h *netlink.Handle, ifc *Interface) error {
 }
 
 func redirectLink(h *netlink.Handle, from, to int, added *bool) error {
-	q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: from, Parent: netlink.HANDLE_INGRESS, Handle: ingressHandle}}
-	if err := h.QdiscAdd(q); err != nil {
+	if err := h.QdiscAdd(ingressQdisc(from)); err != nil {
 		return fmt.Errorf("add ingress qdisc to link %d: %w", from, err)
 	}
 	*added = true
@@ -317,19 +316,44 @@ func (m *Mirror) undo(h *netlink.Handle) error {
 		if !ifc.qdisc {
 			continue
 		}
-		q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifc.index, Parent: netlink.HANDLE_INGRESS, Handle: ingressHandle}}
-		if err := h.QdiscDel(q); err != nil && !notFound(err) && !errors.Is(err, unix.EINVAL) {
-			errs = append(errs, fmt.Errorf("remove ingress qdisc of %s: %w", ifc.Name, err))
+		if err := removeIngress(h, ifc.index, ifc.Name); err != nil {
+			errs = append(errs, err)
 		}
-		if link, err := h.LinkByIndex(ifc.index); err == nil && link.Attrs().TxQLen != ifc.txQLen {
-			if err := h.LinkSetTxQLen(link, ifc.txQLen); err != nil {
-				errs = append(errs, fmt.Errorf("restore transmit queue length of %s: %w", ifc.Name, err))
+		if link, err := h.LinkByIndex(ifc.index); err == nil {
+			if err := restoreTxQLen(h, link, ifc.txQLen); err != nil {
+				errs = append(errs, err)
 			}
 		}
 	}
 	if len(errs) > 0 {
 		m.log.WithError(errors.Join(errs...)).Warn("tear down pod network")
 		return fmt.Errorf("tear down network of %s: %w", m.nsPath, errors.Join(errs...))
+	}
+	return nil
+}
+
+// ingressQdisc is the ingress qdisc of the link with index.
+func ingressQdisc(index int) *netlink.Ingress {
+	return &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: index, Parent: netlink.HANDLE_INGRESS, Handle: ingressHandle}}
+}
+
+// removeIngress removes a link's ingress qdisc, and with it the redirect filters on it. A qdisc or link already
+// gone is not an error (the kernel answers EINVAL for a link without the qdisc).
+func removeIngress(h *netlink.Handle, index int, name string) error {
+	if err := h.QdiscDel(ingressQdisc(index)); err != nil && !notFound(err) && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("remove ingress qdisc of %s: %w", name, err)
+	}
+	return nil
+}
+
+// restoreTxQLen sets a link's transmit queue length back to want: the kernel raises a length of 0 to 1000 when
+// the link gets a qdisc, and does not lower it again.
+func restoreTxQLen(h *netlink.Handle, link netlink.Link, want int) error {
+	if link.Attrs().TxQLen == want {
+		return nil
+	}
+	if err := h.LinkSetTxQLen(link, want); err != nil {
+		return fmt.Errorf("restore transmit queue length of %s: %w", link.Attrs().Name, err)
 	}
 	return nil
 }

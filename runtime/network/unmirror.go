@@ -16,23 +16,22 @@ import (
 
 // saved is what Save writes: enough for Unmirror to undo a Mirror whose owner was killed.
 type saved struct {
-	Namespace  string `json:"namespace"`
-	Interfaces []struct {
-		Name   string `json:"name"`
-		Index  int    `json:"index"`
-		TxQLen int    `json:"tx_queue_len"`
-	} `json:"interfaces"`
+	Namespace  string           `json:"namespace"`
+	Interfaces []savedInterface `json:"interfaces"`
+}
+
+// savedInterface is a mirrored interface as Unmirror finds it again.
+type savedInterface struct {
+	Name   string `json:"name"`
+	Index  int    `json:"index"`
+	TxQLen int    `json:"tx_queue_len"`
 }
 
 // Save writes what Unmirror needs to undo m into file.
 func (m *Mirror) Save(file string) error {
 	st := saved{Namespace: m.nsPath}
 	for _, ifc := range m.Interfaces {
-		st.Interfaces = append(st.Interfaces, struct {
-			Name   string `json:"name"`
-			Index  int    `json:"index"`
-			TxQLen int    `json:"tx_queue_len"`
-		}{ifc.Name, ifc.index, ifc.txQLen})
+		st.Interfaces = append(st.Interfaces, savedInterface{Name: ifc.Name, Index: ifc.index, TxQLen: ifc.txQLen})
 	}
 	raw, err := json.Marshal(st)
 	if err != nil {
@@ -106,27 +105,34 @@ func Unmirror(file string) error {
 		if err != nil {
 			continue // no ingress qdisc
 		}
-		for _, f := range filters {
-			u, ok := f.(*netlink.U32)
-			if !ok {
-				continue
-			}
-			for _, act := range u.Actions {
-				if m, ok := act.(*netlink.MirredAction); ok && isOurs(m.Ifindex) {
-					q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: a.Index, Parent: netlink.HANDLE_INGRESS, Handle: ingressHandle}}
-					if err := h.QdiscDel(q); err != nil && !notFound(err) {
-						errs = append(errs, fmt.Errorf("remove ingress qdisc of %s: %w", a.Name, err))
-					}
-				}
+		if redirectsToOurs(filters, isOurs) {
+			if err := removeIngress(h, a.Index, a.Name); err != nil {
+				errs = append(errs, err)
 			}
 		}
 		for _, ifc := range st.Interfaces {
-			if ifc.Index == a.Index && ifc.Name == a.Name && a.TxQLen != ifc.TxQLen {
-				if err := h.LinkSetTxQLen(l, ifc.TxQLen); err != nil {
-					errs = append(errs, fmt.Errorf("restore transmit queue length of %s: %w", a.Name, err))
+			if ifc.Index == a.Index && ifc.Name == a.Name {
+				if err := restoreTxQLen(h, l, ifc.TxQLen); err != nil {
+					errs = append(errs, err)
 				}
 			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// redirectsToOurs says whether any of a link's ingress filters redirects to a link isOurs names.
+func redirectsToOurs(filters []netlink.Filter, isOurs func(index int) bool) bool {
+	for _, f := range filters {
+		u, ok := f.(*netlink.U32)
+		if !ok {
+			continue
+		}
+		for _, act := range u.Actions {
+			if m, ok := act.(*netlink.MirredAction); ok && isOurs(m.Ifindex) {
+				return true
+			}
+		}
+	}
+	return false
 }
