@@ -11,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/kiln-runtime/kiln/integration/containerd"
 	"github.com/kiln-runtime/kiln/integration/cri"
 )
 
@@ -31,20 +30,11 @@ func podMemory(ctx context.Context, e *cri.Env, handler string, n int) (int64, e
 		}
 	}()
 	for i := range n {
-		name := fmt.Sprintf("idle-%s-%d", handler, i)
-		pod := cri.NewPodConfig(name, e.PodLogDir(name))
-		id, err := e.RunPod(ctx, handler, pod)
+		_, id, err := startPod(ctx, e, handler, fmt.Sprintf("idle-%s-%d", handler, i), "sleep", "3600")
 		if err != nil {
 			return 0, err
 		}
 		ids = append(ids, id)
-		cid, err := e.CreateContainer(ctx, id, cri.NewContainerConfig("main", containerd.BusyboxRef, "sleep", "3600"), pod)
-		if err == nil {
-			_, err = e.Crictl(ctx, "start", cid)
-		}
-		if err != nil {
-			return 0, err
-		}
 	}
 	time.Sleep(idleSettle)
 	shim := "containerd-shim-" + map[string]string{cri.HandlerRunc: "runc", cri.HandlerKiln: "kiln"}[handler] + "-v2"
