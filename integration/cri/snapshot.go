@@ -12,11 +12,12 @@ import (
 	"github.com/moby/sys/mountinfo"
 )
 
-// HostState is what a pod may leave on the host, as sorted lists of names: network namespaces (ip netns and
-// CRI's private netns directory), the ports of the harness's bridge and their qdiscs, mount points (those
-// under the harness's directories and the host's netns and Kiln directories), Kiln state directories (the
-// harness's and /run/kiln) and CNI's cached results. The harness's own bridge, which CNI's DEL leaves by
-// design, is not listed.
+// HostState is what a pod may leave on the host, as sorted lists of names: network namespaces (CRI's private
+// netns directory, where the harness's containerd keeps every pod's), the ports of the harness's bridge and their
+// qdiscs, mount points (those under the harness's directories and the host's Kiln directory), Kiln state
+// directories (the harness's and /run/kiln) and CNI's cached results. The harness's own bridge, which CNI's DEL
+// leaves by design, is not listed. The host's /run/netns is not: CRI never uses it, and tests of other packages
+// running at the same time add and remove their namespaces there.
 type HostState struct {
 	Netns      []string
 	Links      []string
@@ -33,9 +34,6 @@ func (e *Env) Snapshot() (HostState, error) {
 	ignore := ""
 	if e.Net != nil {
 		ignore = e.Net.Bridge
-	}
-	if s.Netns, err = lines("ip", "netns", "list"); err != nil {
-		return s, err
 	}
 	for _, n := range dirNames(e.NetnsDir()) {
 		s.Netns = append(s.Netns, filepath.Join(e.NetnsDir(), n))
@@ -90,10 +88,10 @@ func (e *Env) Snapshot() (HostState, error) {
 }
 
 // ownsPath tells whether a mount point is one a pod of this harness could leave: under the harness's or its
-// containerd's directory, or in the host's netns and Kiln directories. Mounts elsewhere belong to other users
+// containerd's directory, or in the host's Kiln directory. Mounts elsewhere belong to other users
 // of the host (tests of other packages running at the same time) and are not compared.
 func (e *Env) ownsPath(p string) bool {
-	roots := []string{e.Dir, "/run/netns", "/var/run/netns", "/run/kiln"}
+	roots := []string{e.Dir, "/run/kiln"}
 	if e.Daemon != nil {
 		roots = append(roots, e.Daemon.Dir)
 	}
