@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -188,5 +189,66 @@ func TestPlainBindLeavesOutTheMountsBelowItsSource(t *testing.T) {
 		if tc.recursive != (err == nil) {
 			t.Errorf("rootfs mount %q: submount exported = %v, want %v", tc.opts, err == nil, tc.recursive)
 		}
+	}
+}
+
+// A mount below an "rbind" source becomes a bind mount of its own right after its parent, so that the guest mounts
+// it with its own flags rather than those of the container's bind it is reached through (a read-write tmpfs below
+// a non-recursive "ro" hostPath stayed read-only in the guest, where runc leaves it writable).
+func TestRecursiveBindGivesEachSubmountItsOwnMount(t *testing.T) {
+	requireRoot(t)
+	src, _ := sharedHostTree(t)
+	deeper := filepath.Join(src, "sub", "deeper")
+	if err := os.Mkdir(deeper, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", deeper, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	s := newTestShare(t)
+	for _, tc := range []struct {
+		name string
+		opts []string
+		want []string // options of each submount's bind
+	}{
+		{"ro", []string{"rbind", "ro"}, []string{"bind"}},
+		{"rro", []string{"rbind", "ro", "rro"}, []string{"bind", "ro"}},
+		{"propagation", []string{"rbind", "rprivate", "nosuid"}, []string{"bind", "rprivate"}},
+		{"plain bind", []string{"bind", "ro"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			spec := &specs.Spec{Mounts: []specs.Mount{
+				{Destination: "/proc", Type: "proc", Source: "proc"},
+				{Destination: "/data", Type: "bind", Source: src, Options: tc.opts},
+				{Destination: "/dev/shm", Type: "tmpfs", Source: "shm"},
+			}}
+			if err := s.ShareSpecMounts(context.Background(), "c-"+strings.ReplaceAll(tc.name, " ", "-"), t.TempDir(), spec); err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, m := range spec.Mounts {
+				got = append(got, m.Destination)
+			}
+			want := []string{"/proc", "/data", "/data/sub", "/data/sub/deeper", "/dev/shm"}
+			if tc.want == nil {
+				want = []string{"/proc", "/data", "/dev/shm"}
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("mount destinations %q, want %q", got, want)
+			}
+			if tc.want == nil {
+				return
+			}
+			parent := spec.Mounts[1].Source
+			for i, rel := range []string{"sub", "sub/deeper"} {
+				m := spec.Mounts[2+i]
+				if m.Type != "bind" || m.Source != parent+"/"+rel || !slices.Equal(m.Options, tc.want) {
+					t.Errorf("submount %s: %+v, want a bind of %s with %q", rel, m, parent+"/"+rel, tc.want)
+				}
+			}
+			if got := read(t, filepath.Join(exported(s, spec.Mounts[2].Source), "marker")); got != "host submount" {
+				t.Errorf("submount's source in the export: %q", got)
+			}
+		})
 	}
 }
