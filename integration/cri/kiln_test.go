@@ -96,6 +96,15 @@ func TestKilnPodVolumes(t *testing.T) {
 	}
 	write(filepath.Join(ro, "data"), "read-only\n")
 	write(file, "single-file\n")
+	// A file system mounted below a read-only volume keeps its own flags, as runc leaves it.
+	scratch := filepath.Join(ro, "scratch")
+	if err := os.Mkdir(scratch, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", scratch, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(scratch, syscall.MNT_DETACH) })
 	// kubelet's atomic writer: the files live in a timestamped directory, ..data points at it, and each key is a
 	// symlink through ..data; an update writes a new directory and swaps ..data.
 	configMap := func(version string) {
@@ -142,6 +151,11 @@ func TestKilnPodVolumes(t *testing.T) {
 	}
 	if _, _, code, _ := e.Exec(context.Background(), id, "sh", "-c", "echo x > /ro/new"); code == 0 {
 		t.Error("writing into a read-only volume succeeded")
+	}
+	if out, errOut, code, err := e.Exec(context.Background(), id, "sh", "-c", "echo below > /ro/scratch/f"); err != nil || code != 0 {
+		t.Errorf("writing into a writable mount below a read-only volume: exit %d, %q, %v", code, out+errOut, err)
+	} else if got, err := os.ReadFile(filepath.Join(scratch, "f")); err != nil || string(got) != "below\n" {
+		t.Errorf("host sees %q, %v in the mount below the read-only volume", got, err)
 	}
 	if got := execRetry(t, e, id, "cat", "/etc/single.conf"); got != "single-file\n" {
 		t.Errorf("single-file volume: %q", got)
