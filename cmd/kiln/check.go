@@ -195,7 +195,7 @@ func checkVsock(mode string) checkResult {
 		return checkResult{"vsock", "FAIL", err.Error()}
 	}
 	if m == qemu.VsockKernel {
-		return checkResult{"vsock", "ok", mode + " -> vhost: the host kernel's vhost-vsock (" + qemu.KernelVsockDevice + ")"}
+		return checkResult{"vsock", "ok", mode + " -> vhost: the host kernel's vhost-vsock (" + qemu.KernelVsockDevice + "); the guest can connect to every AF_VSOCK listener of the host"}
 	}
 	return checkResult{"vsock", "ok", mode + " -> vhost-user: Kiln's own vsock device backend (hybrid vsock over Unix sockets)"}
 }

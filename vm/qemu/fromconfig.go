@@ -69,22 +69,23 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 	}, nil
 }
 
-// ResolveVsockMode turns vsock.mode into a device: "auto" takes the kernel's vhost-vsock where
-// /dev/vhost-vsock opens (it is faster), else Kiln's own vhost-user device, which needs nothing from the host.
+// ResolveVsockMode turns vsock.mode into a device. "auto" is Kiln's own vhost-user device: through it the guest
+// reaches only the ports Kiln serves for it. The kernel's vhost-vsock ("vhost", chosen explicitly and only where
+// /dev/vhost-vsock opens) is faster, but gives the guest every AF_VSOCK listener of the host: Linux's host side
+// lets a guest connect to any port listening on the host's CID, not only the shim's.
 func ResolveVsockMode(mode string) (VsockMode, error) {
+	return resolveVsockMode(mode, kernelVsockUsable)
+}
+
+func resolveVsockMode(mode string, kernelUsable func() error) (VsockMode, error) {
 	switch mode {
-	case config.VsockVhostUser:
+	case config.VsockVhostUser, config.VsockAuto, "":
 		return VsockVhostUser, nil
 	case config.VsockVhost:
-		if err := kernelVsockUsable(); err != nil {
+		if err := kernelUsable(); err != nil {
 			return "", fmt.Errorf("vsock.mode = \"vhost\": %w; use \"auto\" or \"vhost-user\"", err)
 		}
 		return VsockKernel, nil
-	case config.VsockAuto, "":
-		if kernelVsockUsable() == nil {
-			return VsockKernel, nil
-		}
-		return VsockVhostUser, nil
 	default:
 		return "", fmt.Errorf("vsock.mode = %q: want \"auto\", \"vhost-user\" or \"vhost\"", mode)
 	}

@@ -117,3 +117,35 @@ func TestStartLooksOnlyForAssetsNotResolved(t *testing.T) {
 		})
 	}
 }
+
+// "auto" never takes the kernel's vhost-vsock, even where it opens: through it the guest could connect to every
+// AF_VSOCK listener of the host (issue 11, finding 14). Only an explicit "vhost" does.
+func TestResolveVsockModeAutoKeepsTheGuestToKilnsPorts(t *testing.T) {
+	usable := func() error { return nil }
+	missing := func() error { return errors.New("cannot open /dev/vhost-vsock: no such file") }
+	for _, tc := range []struct {
+		mode    string
+		kernel  func() error
+		want    VsockMode
+		wantErr string
+	}{
+		{"auto", usable, VsockVhostUser, ""},
+		{"", usable, VsockVhostUser, ""},
+		{"auto", missing, VsockVhostUser, ""},
+		{"vhost-user", usable, VsockVhostUser, ""},
+		{"vhost", usable, VsockKernel, ""},
+		{"vhost", missing, "", `vsock.mode = "vhost": cannot open /dev/vhost-vsock`},
+		{"virtio", usable, "", `vsock.mode = "virtio": want`},
+	} {
+		got, err := resolveVsockMode(tc.mode, tc.kernel)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("mode %q: error %v, want one containing %q", tc.mode, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("mode %q: %q, %v; want %q", tc.mode, got, err, tc.want)
+		}
+	}
+}
