@@ -70,6 +70,13 @@ func ReadGuestInfo(root string) (*agentv1.GuestInfo, error) {
 		return nil, fmt.Errorf("parse online cpus %q: %w", online, err)
 	}
 
+	if err := withFile(root, "proc/self/mountinfo", func(r io.Reader) error {
+		info.PivotRoot, err = rootCanPivot(r)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+
 	// A kernel built without module support has no /proc/modules.
 	err = withFile(root, "proc/modules", func(r io.Reader) error {
 		info.LoadedModules, err = parseModules(r)

@@ -25,6 +25,9 @@ func TestReadGuestInfo(t *testing.T) {
 			t.Errorf("%s = %q, want %q", c.field, c.got, c.want)
 		}
 	}
+	if !info.PivotRoot {
+		t.Error("pivot_root: the mount table's root is a bind over the initial ramfs, want true")
+	}
 	if info.MemoryTotalBytes != 484064*1024 || info.MemoryAvailableBytes != 441260*1024 {
 		t.Errorf("memory total/available = %d/%d", info.MemoryTotalBytes, info.MemoryAvailableBytes)
 	}

@@ -34,7 +34,7 @@ type Guest struct {
 const lateSetupDelay = 500 * time.Millisecond
 
 // Init prepares a freshly booted guest for the agent API, which must answer
-// as soon as possible after boot: it mounts the base file systems the API
+// as soon as possible after boot: it leaves the initramfs (LeaveInitramfs), mounts the base file systems the API
 // needs, moves log to the console at the level the kernel command line asks
 // for, loads the kernel modules vsock needs and starts reaping orphans (until
 // ctx is done). The other base file systems, the remaining modules of the
@@ -44,6 +44,9 @@ const lateSetupDelay = 500 * time.Millisecond
 func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	entry := logrus.NewEntry(log)
 	start := time.Now()
+	if err := LeaveInitramfs(); err != nil {
+		return nil, err
+	}
 	earlyMounts, lateMounts := SplitMounts(BaseMounts())
 	if err := MountAll(entry, earlyMounts); err != nil {
 		return nil, fmt.Errorf("mount base file systems: %w", err)

@@ -48,6 +48,10 @@ func TestBootGuestInfo(t *testing.T) {
 	if info.GetUptime().AsDuration() <= 0 {
 		t.Errorf("uptime %v, want > 0", info.GetUptime().AsDuration())
 	}
+	// The agent left the initramfs, so containers are entered with pivot_root (issue 11, finding 13).
+	if !info.GetPivotRoot() {
+		t.Error("the guest's root is the initial ramfs: containers would be entered with MS_MOVE and chroot")
+	}
 	if err := m.Pause(context.Background()); err != nil {
 		t.Fatalf("pause: %v", err)
 	}

@@ -10,13 +10,13 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/kiln-runtime/kiln/agent"
 	"github.com/kiln-runtime/kiln/agent/stdio"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -65,8 +65,8 @@ type Config struct {
 	// EventBacklog bounds the events kept while no subscriber listens.
 	EventBacklog int
 	// NoPivotRoot makes containers use chroot instead of pivot_root(2),
-	// which fails while the guest's root is the initramfs. New detects it
-	// when nil.
+	// which fails while the guest's root is the initial ramfs (the agent
+	// leaves it at boot: agent.LeaveInitramfs). New detects it when nil.
 	NoPivotRoot *bool
 	// PodNetNS is the pod's network namespace, which every container joins.
 	PodNetNS PodNetNS
@@ -119,11 +119,11 @@ func New(log *logrus.Entry, cfg Config) (*Service, error) {
 	if cfg.NoPivotRoot != nil {
 		s.noPivot = *cfg.NoPivotRoot
 	} else {
-		ramfs, err := rootIsRamfs()
+		pivotable, err := agent.RootCanPivot()
 		if err != nil {
 			return nil, err
 		}
-		s.noPivot = ramfs
+		s.noPivot = !pivotable
 	}
 	return s, nil
 }
@@ -289,26 +289,4 @@ func exitCode(ps *os.ProcessState, err error) uint32 {
 		return 128 + uint32(ws.Signal())
 	}
 	return uint32(ws.ExitStatus())
-}
-
-// rootIsRamfs says whether / is the initial ramfs, the one mount that
-// pivot_root(2) cannot move away from.
-func rootIsRamfs() (bool, error) {
-	roots, err := mountinfo.GetMounts(rootMounts)
-	if err != nil {
-		return false, fmt.Errorf("read mount table: %w", err)
-	}
-	return visibleRootIsRamfs(roots), nil
-}
-
-// rootMounts keeps the mounts on "/".
-func rootMounts(m *mountinfo.Info) (skip, stop bool) { return m.Mountpoint != "/", false }
-
-// visibleRootIsRamfs looks at the last of the mounts on "/", the visible one.
-func visibleRootIsRamfs(roots []*mountinfo.Info) bool {
-	if len(roots) == 0 {
-		return false
-	}
-	t := roots[len(roots)-1].FSType
-	return t == "rootfs" || t == "ramfs"
 }

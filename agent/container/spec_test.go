@@ -5,10 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 
-	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/cgroups/devices/config"
 	"github.com/opencontainers/runc/libcontainer/configs"
@@ -242,31 +240,6 @@ func TestLookupUserStaysInRootfs(t *testing.T) {
 	u, err := lookupUser(rootfs, "carol")
 	if err != nil || u.Uid != 42 {
 		t.Fatalf("lookup through an absolute symlink: %v %v", u, err)
-	}
-}
-
-func TestVisibleRootIsRamfs(t *testing.T) {
-	isRamfs := func(table string) bool {
-		t.Helper()
-		roots, err := mountinfo.GetMountsFromReader(strings.NewReader(table), rootMounts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return visibleRootIsRamfs(roots)
-	}
-	initramfs := "1 1 0:2 / / rw - rootfs rootfs rw,size=100k\n22 1 0:20 / /proc rw,nosuid - proc proc rw\n"
-	if !isRamfs(initramfs) {
-		t.Error("initramfs root not detected")
-	}
-	switched := initramfs + "30 1 0:30 / / rw - tmpfs tmpfs rw\n"
-	if isRamfs(switched) {
-		t.Error("a tmpfs mounted over the initramfs root taken for the initramfs")
-	}
-	if isRamfs("25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n") {
-		t.Error("ext4 root taken for an initramfs")
-	}
-	if _, err := rootIsRamfs(); err != nil {
-		t.Errorf("the test host's root: %v", err)
 	}
 }
 

@@ -47,7 +47,9 @@ type bootResult struct {
 	VCPUs            uint32  `json:"vcpus"`
 	AgentVersion     string  `json:"agent_version"`
 	UptimeSeconds    float64 `json:"uptime_seconds"`
-	Accelerator      string  `json:"accelerator"`
+	// PivotRoot: containers are entered with pivot_root (the agent left the initramfs), not MS_MOVE and chroot.
+	PivotRoot   bool   `json:"pivot_root"`
+	Accelerator string `json:"accelerator"`
 	// BootToAgentReadyMS is from QEMU's start to the agent's first successful health check.
 	BootToAgentReadyMS float64 `json:"boot_to_agent_ready_ms"`
 	StopMS             float64 `json:"stop_ms"`
@@ -98,6 +100,7 @@ func resultFrom(info *agentv1.GuestInfo, accelerator string, ready, stop time.Du
 		VCPUs:              info.GetVcpus(),
 		AgentVersion:       info.GetAgentVersion(),
 		UptimeSeconds:      info.GetUptime().AsDuration().Seconds(),
+		PivotRoot:          info.GetPivotRoot(),
 		Accelerator:        accelerator,
 		BootToAgentReadyMS: float64(ready.Microseconds()) / 1000,
 		StopMS:             float64(stop.Microseconds()) / 1000,
@@ -117,6 +120,11 @@ func printBoot(w io.Writer, r bootResult, asJSON bool) error {
 	fmt.Fprintf(w, "vcpus:               %d\n", r.VCPUs)
 	fmt.Fprintf(w, "agent version:       %s\n", r.AgentVersion)
 	fmt.Fprintf(w, "guest uptime:        %.3f s\n", r.UptimeSeconds)
+	enter := "pivot_root"
+	if !r.PivotRoot {
+		enter = "MS_MOVE and chroot (the guest's root is the initial ramfs)"
+	}
+	fmt.Fprintf(w, "containers entered:  %s\n", enter)
 	fmt.Fprintf(w, "accelerator:         %s\n", r.Accelerator)
 	fmt.Fprintf(w, "boot to agent ready: %.1f ms\n", r.BootToAgentReadyMS)
 	fmt.Fprintf(w, "stop:                %.1f ms\n", r.StopMS)

@@ -221,7 +221,11 @@ type GuestInfo struct {
 	// Names of the loaded kernel modules, in /proc/modules order.
 	LoadedModules []string `protobuf:"bytes,11,rep,name=loaded_modules,json=loadedModules,proto3" json:"loaded_modules,omitempty"`
 	// Time the agent took from its start to serving the API.
-	AgentInit     *durationpb.Duration `protobuf:"bytes,12,opt,name=agent_init,json=agentInit,proto3" json:"agent_init,omitempty"`
+	AgentInit *durationpb.Duration `protobuf:"bytes,12,opt,name=agent_init,json=agentInit,proto3" json:"agent_init,omitempty"`
+	// Containers are entered with pivot_root(2): the guest's root is a mount of its own, not the kernel's initial
+	// root file system, which only MS_MOVE and chroot can leave (and which keeps the guest's mounts in every
+	// container's mount namespace).
+	PivotRoot     bool `protobuf:"varint,13,opt,name=pivot_root,json=pivotRoot,proto3" json:"pivot_root,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -340,6 +344,13 @@ func (x *GuestInfo) GetAgentInit() *durationpb.Duration {
 	return nil
 }
 
+func (x *GuestInfo) GetPivotRoot() bool {
+	if x != nil {
+		return x.PivotRoot
+	}
+	return false
+}
+
 type ShutdownRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Free text for the guest's console log.
@@ -434,7 +445,7 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\aUNKNOWN\x10\x00\x12\v\n" +
 	"\aSERVING\x10\x01\x12\x0f\n" +
 	"\vNOT_SERVING\x10\x02\"\x12\n" +
-	"\x10GuestInfoRequest\"\xe8\x03\n" +
+	"\x10GuestInfoRequest\"\x87\x04\n" +
 	"\tGuestInfo\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12%\n" +
 	"\x0ekernel_version\x18\x02 \x01(\tR\rkernelVersion\x12\x17\n" +
@@ -449,7 +460,9 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	" \x01(\tR\rkernelCmdline\x12%\n" +
 	"\x0eloaded_modules\x18\v \x03(\tR\rloadedModules\x128\n" +
 	"\n" +
-	"agent_init\x18\f \x01(\v2\x19.google.protobuf.DurationR\tagentInit\")\n" +
+	"agent_init\x18\f \x01(\v2\x19.google.protobuf.DurationR\tagentInit\x12\x1d\n" +
+	"\n" +
+	"pivot_root\x18\r \x01(\bR\tpivotRoot\")\n" +
 	"\x0fShutdownRequest\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x12\n" +
 	"\x10ShutdownResponse2L\n" +
