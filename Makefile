@@ -101,7 +101,7 @@ test: deps build image proto-check vet
 # interesting input gets FUZZMINIMIZETIME: the targets that set up sockets, memfds and services per input would
 # otherwise spend most of FUZZTIME shrinking inputs (Go's default is 60 s each).
 FUZZTIME ?= 60s
-FUZZMINIMIZETIME ?= 10s
+FUZZMINIMIZETIME ?= 3s
 fuzz:
 	@set -e; for t in $$(grep -rl --include='*_test.go' '^func Fuzz' . | xargs -n1 dirname | sort -u); do \
 		for f in $$(grep -h '^func Fuzz' $$t/*_test.go | sed 's/func \(Fuzz[A-Za-z0-9_]*\).*/\1/'); do \
