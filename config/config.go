@@ -231,6 +231,14 @@ func joinKey(k toml.Key) string {
 	return s
 }
 
+// The sizes a VM may have: hypervisor.vcpus and hypervisor.memory_mib, and a pod's after its annotations.
+const (
+	minVCPUs     = 1
+	maxVCPUs     = 255
+	minMemoryMiB = 64
+	maxMemoryMiB = 1 << 20
+)
+
 // Validate checks ranges and enumerations; each error names the key and what is accepted.
 func (c Config) Validate() error {
 	var errs []error
@@ -239,11 +247,11 @@ func (c Config) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("hypervisor.accelerator = %q: want \"auto\", \"kvm\" or \"tcg\"", c.Hypervisor.Accelerator))
 	}
-	if c.Hypervisor.VCPUs < 1 || c.Hypervisor.VCPUs > 255 {
-		errs = append(errs, fmt.Errorf("hypervisor.vcpus = %d: want 1 to 255", c.Hypervisor.VCPUs))
+	if c.Hypervisor.VCPUs < minVCPUs || c.Hypervisor.VCPUs > maxVCPUs {
+		errs = append(errs, fmt.Errorf("hypervisor.vcpus = %d: want %d to %d", c.Hypervisor.VCPUs, minVCPUs, maxVCPUs))
 	}
-	if c.Hypervisor.MemoryMiB < 64 || c.Hypervisor.MemoryMiB > 1<<20 {
-		errs = append(errs, fmt.Errorf("hypervisor.memory_mib = %d: want 64 to 1048576", c.Hypervisor.MemoryMiB))
+	if c.Hypervisor.MemoryMiB < minMemoryMiB || c.Hypervisor.MemoryMiB > maxMemoryMiB {
+		errs = append(errs, fmt.Errorf("hypervisor.memory_mib = %d: want %d to %d", c.Hypervisor.MemoryMiB, minMemoryMiB, maxMemoryMiB))
 	}
 	if c.Hypervisor.TCGTranslationCacheMiB < 0 || c.Hypervisor.TCGTranslationCacheMiB > 4096 {
 		errs = append(errs, fmt.Errorf("hypervisor.tcg_translation_cache_mib = %d: want 0 (QEMU's default) to 4096", c.Hypervisor.TCGTranslationCacheMiB))

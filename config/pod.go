@@ -42,14 +42,14 @@ func (c Config) ForPod(annotations map[string]string) (Config, error) {
 		switch k {
 		case AnnotationVCPUs:
 			n, err := strconv.Atoi(v)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("pod annotation %s = %q: want a number of vCPUs", k, v))
+			if err != nil || n < minVCPUs || n > maxVCPUs {
+				errs = append(errs, fmt.Errorf("pod annotation %s = %q: want a number of vCPUs from %d to %d", k, v, minVCPUs, maxVCPUs))
 			}
 			c.Hypervisor.VCPUs = n
 		case AnnotationMemoryMiB:
 			n, err := strconv.Atoi(v)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("pod annotation %s = %q: want MiB", k, v))
+			if err != nil || n < minMemoryMiB || n > maxMemoryMiB {
+				errs = append(errs, fmt.Errorf("pod annotation %s = %q: want MiB from %d to %d", k, v, minMemoryMiB, maxMemoryMiB))
 			}
 			c.Hypervisor.MemoryMiB = n
 		case AnnotationKernelParams:
@@ -62,22 +62,35 @@ func (c Config) ForPod(annotations map[string]string) (Config, error) {
 	period, perr := annotationInt(annotations, CRISandboxCPUPeriod)
 	mem, merr := annotationInt(annotations, CRISandboxMemory)
 	errs = append(errs, qerr, perr, merr)
-	if quota > 0 && period > 0 {
-		c.Hypervisor.VCPUs += int((quota + period - 1) / period)
-	}
-	if mem > 0 {
-		c.Hypervisor.MemoryMiB += int((mem + 1<<20 - 1) >> 20)
-	}
 	if err := errors.Join(errs...); err != nil {
 		return Config{}, err
 	}
-	if c.Hypervisor.VCPUs < 1 || c.Hypervisor.VCPUs > 255 {
-		return Config{}, fmt.Errorf("pod needs %d vCPUs: a VM has 1 to 255", c.Hypervisor.VCPUs)
+	// Rounded up without overflowing: CRI's values come from the pod spec and may be anything up to 2^63-1.
+	var extraVCPUs, extraMiB int64
+	if quota > 0 && period > 0 {
+		extraVCPUs = ceilDiv(quota, period)
 	}
-	if c.Hypervisor.MemoryMiB < 64 || c.Hypervisor.MemoryMiB > 1<<20 {
-		return Config{}, fmt.Errorf("pod needs %d MiB of memory: a VM has 64 to 1048576", c.Hypervisor.MemoryMiB)
+	if mem > 0 {
+		extraMiB = ceilDiv(mem, 1<<20)
 	}
+	if vcpus := int64(c.Hypervisor.VCPUs); extraVCPUs > maxVCPUs || vcpus+extraVCPUs < minVCPUs || vcpus+extraVCPUs > maxVCPUs {
+		return Config{}, fmt.Errorf("pod needs %d plus %d vCPUs: a VM has %d to %d", vcpus, extraVCPUs, minVCPUs, maxVCPUs)
+	}
+	if mib := int64(c.Hypervisor.MemoryMiB); extraMiB > maxMemoryMiB || mib+extraMiB < minMemoryMiB || mib+extraMiB > maxMemoryMiB {
+		return Config{}, fmt.Errorf("pod needs %d plus %d MiB of memory: a VM has %d to %d", mib, extraMiB, minMemoryMiB, maxMemoryMiB)
+	}
+	c.Hypervisor.VCPUs += int(extraVCPUs)
+	c.Hypervisor.MemoryMiB += int(extraMiB)
 	return c, nil
+}
+
+// ceilDiv is a/b rounded up, for a >= 0 and b > 0.
+func ceilDiv(a, b int64) int64 {
+	q := a / b
+	if a%b != 0 {
+		q++
+	}
+	return q
 }
 
 func (c Config) annotationAllowed(key string) bool {

@@ -34,7 +34,17 @@ func TestForPod(t *testing.T) {
 		}, vcpus: 2, mib: 1025, params: []string{"a=1", "b"}},
 		{name: "only the allowed one", cfg: allowVCPUs, annotations: map[string]string{AnnotationVCPUs: "2", AnnotationMemoryMiB: "512"}, err: AnnotationMemoryMiB},
 		{name: "unknown kiln annotation", cfg: allowAll, annotations: map[string]string{"io.kiln.colour": "blue"}, err: "io.kiln.colour"},
-		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "255", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "256 vCPUs"},
+		// Found by FuzzForPod: an annotation out of range was accepted when the pod's resources brought the sum
+		// back into range, and ceil(quota/period) overflowed to 0 for quotas near 2^63.
+		{name: "negative vCPUs annotation", cfg: allowAll, annotations: map[string]string{
+			AnnotationVCPUs: "-5", CRISandboxCPUQuota: "1000000", CRISandboxCPUPeriod: "100000"}, err: AnnotationVCPUs},
+		{name: "memory annotation below a VM's minimum", cfg: allowAll, annotations: map[string]string{
+			AnnotationMemoryMiB: "-100", CRISandboxMemory: "536870912"}, err: AnnotationMemoryMiB},
+		{name: "huge quota rounds up without overflowing", cfg: base, annotations: map[string]string{
+			CRISandboxCPUQuota: "9223372036854775807", CRISandboxCPUPeriod: "9223372036854775807"}, vcpus: 2, mib: 256},
+		{name: "huge memory is refused", cfg: base, annotations: map[string]string{CRISandboxMemory: "9223372036854775807"},
+			err: "MiB of memory"},
+		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "255", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "255 plus 1 vCPUs"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := tc.cfg.ForPod(tc.annotations)

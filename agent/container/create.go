@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/configs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -16,9 +17,17 @@ import (
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
 )
 
-// CreateContainer builds the container and its init process, which waits
-// for StartContainer before it runs the user's program.
-func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContainerRequest) (_ *agentv1.CreateContainerResponse, retErr error) {
+// creation is a CreateContainerRequest checked and converted, before anything is created.
+type creation struct {
+	id     string
+	root   string
+	config *configs.Config
+	lp     *libcontainer.Process
+}
+
+// prepareCreate checks a request and converts its spec and process for libcontainer; it creates nothing but the
+// pod's network namespace, which every container joins.
+func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation, error) {
 	id := req.GetContainerId()
 	if id == "" {
 		return nil, status.Error(codes.InvalidArgument, "create container: empty container id")
@@ -44,10 +53,22 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
 	}
 	lp.Init = true
-	log := s.log.WithField("container", id)
 	if spec.Process.Terminal != req.GetStdio().GetTerminal() {
-		log.WithField("spec_terminal", spec.Process.Terminal).Warn("request's stdio decides the terminal, not the spec")
+		s.log.WithFields(logrus.Fields{"container": id, "spec_terminal": spec.Process.Terminal}).
+			Warn("request's stdio decides the terminal, not the spec")
 	}
+	return &creation{id: id, root: root, config: config, lp: lp}, nil
+}
+
+// CreateContainer builds the container and its init process, which waits
+// for StartContainer before it runs the user's program.
+func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContainerRequest) (_ *agentv1.CreateContainerResponse, retErr error) {
+	cr, err := s.prepareCreate(req)
+	if err != nil {
+		return nil, err
+	}
+	id, root, config, lp := cr.id, cr.root, cr.config, cr.lp
+	log := s.log.WithField("container", id)
 
 	if err := s.reserve(id); err != nil {
 		return nil, err

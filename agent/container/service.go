@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/configs"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -128,10 +129,24 @@ func New(log *logrus.Entry, cfg Config) (*Service, error) {
 	return s, nil
 }
 
+// runtimeContainer is what the service asks of a libcontainer container (*libcontainer.Container). Fuzz tests
+// of the handlers give containers one that runs nothing on the test's host.
+type runtimeContainer interface {
+	Start(*libcontainer.Process) error
+	Exec() error
+	Signal(os.Signal) error
+	Processes() ([]int, error)
+	Pause() error
+	Resume() error
+	Config() configs.Config
+	Set(configs.Config) error
+	Destroy() error
+}
+
 // container is one libcontainer container and its processes.
 type container struct {
 	id        string
-	lc        *libcontainer.Container
+	lc        runtimeContainer
 	rootfs    string
 	cgroupDir string
 	oom       *oomWatcher
@@ -216,7 +231,7 @@ func (s *Service) claimStdio(ctx context.Context, st *agentv1.Stdio) (map[stdio.
 // start runs lp in lc with the reaper held, so that the children
 // libcontainer waits for itself are not reaped from under it, and claims
 // the process before the reaper may look again.
-func (s *Service) start(lc *libcontainer.Container, lp *libcontainer.Process) (pid int, unclaim func(), err error) {
+func (s *Service) start(lc runtimeContainer, lp *libcontainer.Process) (pid int, unclaim func(), err error) {
 	release := s.cfg.Reaper.Hold()
 	defer release()
 	if err := lc.Start(lp); err != nil {

@@ -11,7 +11,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -130,18 +129,11 @@ func LoopbackUp(h *netlink.Handle) error {
 	return nil
 }
 
-// Limits on one request: far beyond any pod, small enough that a request cannot make the agent loop for long.
-const (
-	maxInterfaces = 32
-	maxAddresses  = 64
-	maxRoutes     = 1024
-	maxNeighbours = 1024
-)
-
 // ConfigureNetwork implements agentv1.NetworkService: it gives the pod namespace the request's interfaces,
 // routes and neighbours. It is called once per pod.
 func (p *Pod) ConfigureNetwork(ctx context.Context, req *agentv1.ConfigureNetworkRequest) (*agentv1.ConfigureNetworkResponse, error) {
-	if err := checkLimits(req); err != nil {
+	set, err := parseRequest(req)
+	if err != nil {
 		return nil, fmt.Errorf("configure network: %w", err)
 	}
 	p.mu.Lock()
@@ -152,32 +144,14 @@ func (p *Pod) ConfigureNetwork(ctx context.Context, req *agentv1.ConfigureNetwor
 	if err := p.ensure(); err != nil {
 		return nil, fmt.Errorf("configure network: %w", err)
 	}
-	if err := p.configure(ctx, req); err != nil {
+	if err := p.configure(ctx, set); err != nil {
 		return nil, fmt.Errorf("configure network: %w", err)
 	}
 	p.configured = true
 	return &agentv1.ConfigureNetworkResponse{}, nil
 }
 
-func checkLimits(req *agentv1.ConfigureNetworkRequest) error {
-	if n := len(req.GetInterfaces()); n > maxInterfaces {
-		return fmt.Errorf("%d interfaces, at most %d", n, maxInterfaces)
-	}
-	for _, i := range req.GetInterfaces() {
-		if n := len(i.GetAddresses()); n > maxAddresses {
-			return fmt.Errorf("interface %s: %d addresses, at most %d", i.GetName(), n, maxAddresses)
-		}
-	}
-	if n := len(req.GetRoutes()); n > maxRoutes {
-		return fmt.Errorf("%d routes, at most %d", n, maxRoutes)
-	}
-	if n := len(req.GetNeighbours()); n > maxNeighbours {
-		return fmt.Errorf("%d neighbours, at most %d", n, maxNeighbours)
-	}
-	return nil
-}
-
-func (p *Pod) configure(ctx context.Context, req *agentv1.ConfigureNetworkRequest) error {
+func (p *Pod) configure(ctx context.Context, set *setup) error {
 	root, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink in the guest's namespace: %w", err)
@@ -197,49 +171,39 @@ func (p *Pod) configure(ctx context.Context, req *agentv1.ConfigureNetworkReques
 	// Every device first moves under a temporary name, so that one taking another's final name (the guest calls
 	// its first device eth0, the host's eth0 may be the second) never collides.
 	type moved struct {
-		want *agentv1.Interface
+		want *ifaceSetup
 		tmp  string
 	}
 	var links []moved
-	for i, want := range req.GetInterfaces() {
-		mac, err := net.ParseMAC(want.GetMac())
+	for i := range set.interfaces {
+		want := &set.interfaces[i]
+		link, err := waitForMAC(ctx, root, want.mac)
 		if err != nil {
-			return fmt.Errorf("interface %s: MAC %q: %w", want.GetName(), want.GetMac(), err)
-		}
-		link, err := waitForMAC(ctx, root, mac)
-		if err != nil {
-			return fmt.Errorf("interface %s: %w", want.GetName(), err)
+			return fmt.Errorf("interface %s: %w", want.name, err)
 		}
 		tmp := fmt.Sprintf("kiln%d", i)
 		if err := root.LinkSetDown(link); err != nil {
-			return fmt.Errorf("interface %s: set down: %w", want.GetName(), err)
+			return fmt.Errorf("interface %s: set down: %w", want.name, err)
 		}
 		if err := root.LinkSetName(link, tmp); err != nil {
-			return fmt.Errorf("interface %s: rename: %w", want.GetName(), err)
+			return fmt.Errorf("interface %s: rename: %w", want.name, err)
 		}
 		if err := root.LinkSetNsFd(link, int(ns)); err != nil {
-			return fmt.Errorf("interface %s: move to pod namespace: %w", want.GetName(), err)
+			return fmt.Errorf("interface %s: move to pod namespace: %w", want.name, err)
 		}
 		links = append(links, moved{want: want, tmp: tmp})
 	}
 	for _, m := range links {
 		if err := setUp(h, m.tmp, m.want); err != nil {
-			return fmt.Errorf("interface %s: %w", m.want.GetName(), err)
+			return fmt.Errorf("interface %s: %w", m.want.name, err)
 		}
 	}
-	// Routes on a link first: a gateway must be reachable before a route through it is accepted.
-	routes := append([]*agentv1.Route(nil), req.GetRoutes()...)
-	for pass := 0; pass < 2; pass++ {
-		for _, r := range routes {
-			if (r.GetGateway() == "") != (pass == 0) {
-				continue
-			}
-			if err := addRoute(h, r); err != nil {
-				return err
-			}
+	for _, r := range set.routes {
+		if err := addRoute(h, r); err != nil {
+			return err
 		}
 	}
-	for _, n := range req.GetNeighbours() {
+	for _, n := range set.neighbours {
 		if err := addNeighbour(h, n); err != nil {
 			return err
 		}
@@ -248,29 +212,25 @@ func (p *Pod) configure(ctx context.Context, req *agentv1.ConfigureNetworkReques
 	return nil
 }
 
-func setUp(h *netlink.Handle, tmp string, want *agentv1.Interface) error {
+func setUp(h *netlink.Handle, tmp string, want *ifaceSetup) error {
 	link, err := h.LinkByName(tmp)
 	if err != nil {
 		return fmt.Errorf("find moved device %s: %w", tmp, err)
 	}
-	if err := h.LinkSetName(link, want.GetName()); err != nil {
+	if err := h.LinkSetName(link, want.name); err != nil {
 		return fmt.Errorf("rename %s: %w", tmp, err)
 	}
-	if mtu := int(want.GetMtu()); mtu > 0 {
-		if err := h.LinkSetMTU(link, mtu); err != nil {
-			return fmt.Errorf("set MTU %d: %w", mtu, err)
+	if want.mtu > 0 {
+		if err := h.LinkSetMTU(link, want.mtu); err != nil {
+			return fmt.Errorf("set MTU %d: %w", want.mtu, err)
 		}
 	}
-	for _, a := range want.GetAddresses() {
-		addr, err := netlink.ParseAddr(a)
-		if err != nil {
-			return fmt.Errorf("address %q: %w", a, err)
-		}
+	for _, addr := range want.addrs {
 		// No duplicate address detection: the host already owns the address, and a tentative IPv6 address
 		// would make the pod's first seconds fail to bind or route.
 		addr.Flags |= unix.IFA_F_NODAD
 		if err := h.AddrAdd(link, addr); err != nil {
-			return fmt.Errorf("add address %s: %w", a, err)
+			return fmt.Errorf("add address %s: %w", addr.IPNet, err)
 		}
 	}
 	if err := h.LinkSetUp(link); err != nil {
@@ -279,70 +239,30 @@ func setUp(h *netlink.Handle, tmp string, want *agentv1.Interface) error {
 	return nil
 }
 
-func addRoute(h *netlink.Handle, r *agentv1.Route) error {
-	route := &netlink.Route{
-		Scope:    netlink.Scope(r.GetScope()),
-		Priority: int(r.GetMetric()),
-		MTU:      int(r.GetMtu()),
-		Family:   family(r.GetFamily()),
-	}
-	if d := r.GetDestination(); d != "" {
-		_, dst, err := net.ParseCIDR(d)
+func addRoute(h *netlink.Handle, r routeSetup) error {
+	route := r.route
+	if r.device != "" {
+		link, err := h.LinkByName(r.device)
 		if err != nil {
-			return fmt.Errorf("route to %q: %w", d, err)
-		}
-		route.Dst = dst
-	}
-	if g := r.GetGateway(); g != "" {
-		if route.Gw = net.ParseIP(g); route.Gw == nil {
-			return fmt.Errorf("route to %q: gateway %q is not an IP address", r.GetDestination(), g)
-		}
-	}
-	if s := r.GetSource(); s != "" {
-		if route.Src = net.ParseIP(s); route.Src == nil {
-			return fmt.Errorf("route to %q: source %q is not an IP address", r.GetDestination(), s)
-		}
-	}
-	if d := r.GetDevice(); d != "" {
-		link, err := h.LinkByName(d)
-		if err != nil {
-			return fmt.Errorf("route to %q: device %s: %w", r.GetDestination(), d, err)
+			return fmt.Errorf("route to %q: device %s: %w", r.dest, r.device, err)
 		}
 		route.LinkIndex = link.Attrs().Index
 	}
-	if err := h.RouteReplace(route); err != nil {
-		return fmt.Errorf("add route %s: %w", route, err)
+	if err := h.RouteReplace(&route); err != nil {
+		return fmt.Errorf("add route %s: %w", &route, err)
 	}
 	return nil
 }
 
-func family(f uint32) int {
-	if f == 6 {
-		return netlink.FAMILY_V6
-	}
-	return netlink.FAMILY_V4
-}
-
-func addNeighbour(h *netlink.Handle, n *agentv1.Neighbour) error {
-	link, err := h.LinkByName(n.GetDevice())
+func addNeighbour(h *netlink.Handle, n neighbourSetup) error {
+	link, err := h.LinkByName(n.device)
 	if err != nil {
-		return fmt.Errorf("neighbour %s: device %s: %w", n.GetIp(), n.GetDevice(), err)
+		return fmt.Errorf("neighbour %s: device %s: %w", n.neigh.IP, n.device, err)
 	}
-	ip := net.ParseIP(n.GetIp())
-	if ip == nil {
-		return fmt.Errorf("neighbour %q is not an IP address", n.GetIp())
-	}
-	mac, err := net.ParseMAC(n.GetMac())
-	if err != nil {
-		return fmt.Errorf("neighbour %s: MAC %q: %w", n.GetIp(), n.GetMac(), err)
-	}
-	fam := netlink.FAMILY_V4
-	if ip.To4() == nil {
-		fam = netlink.FAMILY_V6
-	}
-	neigh := &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: fam, State: netlink.NUD_PERMANENT, IP: ip, HardwareAddr: mac}
-	if err := h.NeighSet(neigh); err != nil {
-		return fmt.Errorf("add neighbour %s: %w", n.GetIp(), err)
+	neigh := n.neigh
+	neigh.LinkIndex = link.Attrs().Index
+	if err := h.NeighSet(&neigh); err != nil {
+		return fmt.Errorf("add neighbour %s: %w", n.neigh.IP, err)
 	}
 	return nil
 }

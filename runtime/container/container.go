@@ -178,13 +178,22 @@ func (c *Container) Stats(ctx context.Context) (*agentv1.StatsContainerResponse,
 	return resp, nil
 }
 
-// Pids lists the container's processes (guest pids; exec id where the process was started through Exec).
+// Pids lists the container's processes (guest pids; exec id where the process was started through Exec). An
+// exec id the guest names that this container does not hold is left out: it is the guest's word only.
 func (c *Container) Pids(ctx context.Context) ([]*agentv1.ProcessInfo, error) {
 	resp, err := c.m.api.ListProcesses(ctx, &agentv1.ListProcessesRequest{ContainerId: c.id})
 	if err != nil {
 		return nil, fmt.Errorf("list processes of container %s: %w", c.id, err)
 	}
-	return resp.GetProcesses(), nil
+	procs := resp.GetProcesses()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range procs {
+		if p.GetExecId() != "" && c.execs[p.GetExecId()] == nil {
+			p.ExecId = ""
+		}
+	}
+	return procs, nil
 }
 
 // Delete removes the container from the guest and returns how its init process ended (a container deleted

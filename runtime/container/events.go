@@ -100,8 +100,9 @@ func (m *Manager) receive(stream agentv1.Containers_EventsClient) error {
 	}
 }
 
-// dispatch settles an event. Events about processes this host does not hold are dropped: the guest is
-// untrusted and must not report on containers of other pods.
+// dispatch settles an event. Events about processes this host does not hold, and exits of processes that
+// already ended, are dropped: the guest is untrusted and must not report on containers of other pods, nor make
+// the host report one exit twice.
 func (m *Manager) dispatch(ev *agentv1.Event) {
 	var e Event
 	switch {
@@ -128,14 +129,19 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 	}
 }
 
-// exited stops the process the exit is about; it reports whether the host holds that process.
+// exited stops the process the exit is about; it reports whether this was the process's exit: false when the
+// host does not hold the process, or already knew how it ended (a guest may report an exit twice, or after a
+// direct wait or a deletion settled it), so that each process's exit is passed on once.
 func (m *Manager) exited(k exitKey, e Exit) bool {
 	p := m.process(k)
 	if p == nil {
 		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("exit of a process this host does not hold")
 		return false
 	}
-	p.finish(e, nil)
+	if !p.finish(e, nil) {
+		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("exit of a process that already ended")
+		return false
+	}
 	return true
 }
 

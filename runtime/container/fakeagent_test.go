@@ -273,7 +273,8 @@ func (a *fakeAgent) StatsContainer(context.Context, *agentv1.StatsContainerReque
 }
 
 func (a *fakeAgent) ListProcesses(context.Context, *agentv1.ListProcessesRequest) (*agentv1.ListProcessesResponse, error) {
-	return &agentv1.ListProcessesResponse{Processes: []*agentv1.ProcessInfo{{Pid: 42}}}, nil
+	// 43 claims an exec id the host never started: a guest's word the host must not pass on.
+	return &agentv1.ListProcessesResponse{Processes: []*agentv1.ProcessInfo{{Pid: 42}, {Pid: 43, ExecId: "not-an-exec"}}}, nil
 }
 
 func (a *fakeAgent) Events(ctx context.Context, _ *agentv1.EventsRequest, s agentv1.Containers_EventsServer) error {

@@ -44,8 +44,8 @@ type Options struct {
 	// Events, when set, is the client the Events stream is opened on (sandbox.StreamClient), so that the stream
 	// has a connection of its own; otherwise the stream shares the request client.
 	Events agentv1.ContainersClient
-	// OnEvent, when set, sees every exit and OOM event of a process this manager holds, in order, from the event
-	// loop's goroutine: it must not block.
+	// OnEvent, when set, sees every OOM event of a container this manager holds and the first exit event of each
+	// process it holds, in order, from the event loop's goroutine: it must not block.
 	OnEvent func(Event)
 	// OnExit, when set, is called once for each process that exited, after its output was delivered and after
 	// the callback of a Start in progress returned: an exit is never reported before its start. It is not

@@ -196,8 +196,8 @@ func TestPauseResumeUpdateStatsPids(t *testing.T) {
 		t.Errorf("stats %v, %v", st, err)
 	}
 	ps, err := c.Pids(ctx)
-	if err != nil || len(ps) != 1 || ps[0].GetPid() != 42 {
-		t.Errorf("pids %v, %v", ps, err)
+	if err != nil || len(ps) != 2 || ps[0].GetPid() != 42 || ps[1].GetPid() != 43 || ps[1].GetExecId() != "" {
+		t.Errorf("pids %v, %v; want 42 and 43, without the exec id the host does not hold", ps, err)
 	}
 	if _, err := c.Delete(ctx, false); !errors.Is(err, ErrInvalidState) {
 		t.Errorf("delete of a running container without force: %v", err)

@@ -41,7 +41,8 @@ const (
 
 // FuzzMuxerTx feeds the muxer arbitrary guest packets interleaved with rx draining and host activity, and
 // checks after every step that what a guest can make the host hold stays bounded: queued RSTs by maxCtl,
-// connections (and the rx queue) by maxConns, guest bytes by buf_alloc per connection.
+// connections (and the rx queue) by maxConns, guest bytes by buf_alloc per connection; and that a packet for no
+// connection is answered with a RST or, when maxCtl RSTs already wait, counted as dropped.
 func FuzzMuxerTx(f *testing.F) {
 	for _, seed := range fuzzSeeds() {
 		f.Add(seed)
@@ -73,26 +74,14 @@ func FuzzMuxerTx(f *testing.F) {
 			b := data[:fuzzStepLen]
 			switch b[0] % stepKinds {
 			case stepPacket:
-				h := Header{SrcCID: testCID, DstCID: HostCID, Type: TypeStream, Op: Op(b[1] % 9),
-					SrcPort: 1000 + uint32(b[2]%4), DstPort: ports[int(b[3])%len(ports)], Flags: uint32(b[4] % 4),
-					BufAlloc: uint32(b[5]) << 4, FwdCnt: uint32(b[6]) << 4}
-				var payload []byte
-				if h.Op == OpRW {
-					payload = make([]byte, int(b[7])*4)
+				bufs := fuzzPacket(b[1:], ports)
+				checkRst := unknownGuestPort(m, bufs[0])
+				before, dropped := ctlAndDropped(m)
+				m.handleTx(bufs)
+				if after, nowDropped := ctlAndDropped(m); checkRst && after <= before && nowDropped <= dropped {
+					t.Fatalf("packet %x for no connection was neither answered with a RST nor counted as dropped "+
+						"(RSTs queued %d -> %d, dropped %d -> %d)", bufs[0], before, after, dropped, nowDropped)
 				}
-				h.Len = uint32(len(payload))
-				if b[8]&1 != 0 {
-					h.Type = 2
-				}
-				if b[8]&2 != 0 {
-					h.DstCID = 42
-				}
-				if b[8]&4 != 0 {
-					h.Len += 7 // longer than the buffers
-				}
-				hb := make([]byte, HeaderSize)
-				h.Encode(hb)
-				m.handleTx([][]byte{hb, payload})
 			case stepDrain:
 				for range b[1] % 8 {
 					bufs := [][]byte{make([]byte, HeaderSize+1+int(b[2])*8)}
@@ -121,6 +110,55 @@ func FuzzMuxerTx(f *testing.F) {
 			checkMuxerBounds(t, m)
 		}
 	})
+}
+
+// fuzzPacket builds a guest packet from b: b0 op, b1 source port, b2 destination port index into ports, b3 flags,
+// b4 buf_alloc, b5 fwd_cnt, b6 payload length, b7 oddities (seqpacket type, another destination CID, a length
+// past the buffers). The header and the payload come in two buffers, as Linux sends them.
+func fuzzPacket(b []byte, ports []uint32) [][]byte {
+	h := Header{SrcCID: testCID, DstCID: HostCID, Type: TypeStream, Op: Op(b[0] % 9),
+		SrcPort: 1000 + uint32(b[1]%4), DstPort: ports[int(b[2])%len(ports)], Flags: uint32(b[3] % 4),
+		BufAlloc: uint32(b[4]) << 4, FwdCnt: uint32(b[5]) << 4}
+	var payload []byte
+	if h.Op == OpRW {
+		payload = make([]byte, int(b[6])*4)
+		for i := range payload {
+			payload[i] = byte(i) ^ b[6]
+		}
+	}
+	h.Len = uint32(len(payload))
+	if b[7]&1 != 0 {
+		h.Type = 2
+	}
+	if b[7]&2 != 0 {
+		h.DstCID = 42
+	}
+	if b[7]&4 != 0 {
+		h.Len += 7 // longer than the buffers
+	}
+	hb := make([]byte, HeaderSize)
+	h.Encode(hb)
+	return [][]byte{hb, payload}
+}
+
+// unknownGuestPort says whether hdr is a packet, neither REQUEST nor RST, for a service port (below the ports
+// the host hands out, so only the guest's own packets create connections there) with no connection: the muxer
+// must answer it with a RST, or count the RST as dropped.
+func unknownGuestPort(m *muxer, hdr []byte) bool {
+	h, _ := DecodeHeader(hdr)
+	if h.Op == OpRequest || h.Op == OpRst || h.DstPort >= hostPortFirst {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.conns[connKey{local: h.DstPort, peer: h.SrcPort}] == nil
+}
+
+// ctlAndDropped returns the RSTs queued and the count of those dropped.
+func ctlAndDropped(m *muxer) (queued int, dropped uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.ctl), m.stats.rstDropped.Load()
 }
 
 // checkMuxerBounds fails t when the muxer holds more than its limits allow.

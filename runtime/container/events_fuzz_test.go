@@ -1,0 +1,151 @@
+package container
+
+import (
+	"context"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/proto/lifecycle"
+	"github.com/kiln-runtime/kiln/runtime/stdio"
+)
+
+// The pod the event fuzzer's guest reports on: c1 runs with exec e1, c2 ran and its exit is known, c3 is being
+// created (its init is registered, the container is not yet held).
+var fuzzHeld = []exitKey{{"c1", ""}, {"c1", "e1"}, {"c2", ""}, {"c3", ""}}
+
+// eventManager is a manager holding the fuzzer's pod, with no agent: events are dispatched by the test.
+func eventManager(t *testing.T, onEvent func(Event)) (*Manager, map[exitKey]*Process) {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	m := &Manager{opts: Options{OnEvent: onEvent}, log: logrus.NewEntry(l), ctx: ctx, cancel: cancel,
+		loopDone: make(chan struct{}), containers: map[string]*Container{}, procs: map[exitKey]*Process{}}
+	procs := map[exitKey]*Process{}
+	for _, k := range fuzzHeld {
+		c := m.containers[k.container]
+		if c == nil {
+			c = &Container{id: k.container, m: m, execs: map[string]*Process{}}
+			m.containers[k.container] = c
+		}
+		table := lifecycle.Init()
+		if k.exec != "" {
+			table = lifecycle.Exec()
+		}
+		p := newProcess(c, k.exec, table, stdio.IO{}, nil)
+		p.pid = uint32(100 + len(procs))
+		if err := p.sm.Transition(lifecycle.Running); err != nil {
+			t.Fatal(err)
+		}
+		if k.exec == "" && k.container != "c3" {
+			c.init = p
+		} else if k.exec != "" {
+			c.execs[k.exec] = p
+		}
+		if err := m.register(p); err != nil {
+			t.Fatal(err)
+		}
+		procs[k] = p
+	}
+	procs[exitKey{"c2", ""}].finish(Exit{Status: 3}, nil)
+	return m, procs
+}
+
+// FuzzEvents feeds the host arbitrary event messages from the guest, as the Events stream decodes them, and
+// checks that only events about processes the host holds get through: an OOM only for a container it holds, an
+// exit only for a process it holds and only the first one, which is the exit the process keeps. Events never
+// make the host hold more containers or processes.
+func FuzzEvents(f *testing.F) {
+	enc := func(events ...*agentv1.Event) []byte {
+		var b []byte
+		for _, e := range events {
+			m, err := proto.Marshal(e)
+			if err != nil {
+				f.Fatal(err)
+			}
+			b = append(b, byte(len(m)))
+			b = append(b, m...)
+		}
+		return b
+	}
+	exit := func(c, e string, pid, status uint32) *agentv1.Event {
+		return &agentv1.Event{Event: &agentv1.Event_Exit{Exit: &agentv1.ExitEvent{ContainerId: c, ExecId: e, Pid: pid,
+			ExitStatus: status, ExitedAt: timestamppb.New(time.Unix(1700000000, 5))}}}
+	}
+	oom := func(c string) *agentv1.Event {
+		return &agentv1.Event{Event: &agentv1.Event_Oom{Oom: &agentv1.OOMEvent{ContainerId: c}}}
+	}
+	f.Add(enc(exit("c1", "", 100, 0), exit("c1", "", 100, 1), oom("c1")))
+	f.Add(enc(exit("c1", "e1", 7, 137), exit("c1", "e2", 8, 1), exit("c9", "", 9, 1), oom("c9"), oom("")))
+	f.Add(enc(exit("c2", "", 102, 9), oom("c2"), oom("c3"), exit("c3", "", 103, 4), exit("c3", "", 103, 5)))
+	f.Add(enc(&agentv1.Event{}, &agentv1.Event{Event: &agentv1.Event_Exit{}},
+		&agentv1.Event{Event: &agentv1.Event_Exit{Exit: &agentv1.ExitEvent{ContainerId: "c1",
+			ExitedAt: &timestamppb.Timestamp{Seconds: -1 << 62, Nanos: -5}}}}))
+	f.Add([]byte{3, 0xff, 0xff, 0xff, 2, 0x0a, 0x00})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var seen []Event
+		m, procs := eventManager(t, func(e Event) { seen = append(seen, e) })
+		first := map[exitKey]*Exit{}
+		for len(data) > 0 {
+			n := min(int(data[0]), len(data)-1)
+			msg := data[1 : 1+n]
+			data = data[1+n:]
+			var ev agentv1.Event
+			if proto.Unmarshal(msg, &ev) != nil {
+				continue // the stream's Recv fails on it; the host subscribes again
+			}
+			if x := ev.GetExit(); x != nil {
+				k := exitKey{x.GetContainerId(), x.GetExecId()}
+				if p := procs[k]; p != nil && first[k] == nil {
+					if _, done := p.ExitStatus(); !done {
+						first[k] = &Exit{Pid: x.GetPid(), Status: x.GetExitStatus()}
+					}
+				}
+			}
+			m.dispatch(&ev)
+		}
+		exits := map[exitKey]int{}
+		for _, e := range seen {
+			k := exitKey{e.ContainerID, e.ExecID}
+			switch e.Kind {
+			case EventOOM:
+				if c := m.containers[e.ContainerID]; c == nil || c.init == nil {
+					t.Fatalf("OOM event passed on for container %q, which the host does not hold", e.ContainerID)
+				}
+			case EventExit:
+				if procs[k] == nil {
+					t.Fatalf("exit passed on for %v, which the host does not hold", k)
+				}
+				if exits[k]++; exits[k] > 1 {
+					t.Fatalf("exit of %v passed on %d times", k, exits[k])
+				}
+				if first[k] == nil {
+					t.Fatalf("exit of %v passed on though it had already ended", k)
+				}
+			default:
+				t.Fatalf("event of unknown kind %v passed on", e.Kind)
+			}
+		}
+		for k, want := range first {
+			got, done := procs[k].ExitStatus()
+			if !done || got.Status != want.Status || want.Pid != 0 && got.Pid != want.Pid {
+				t.Fatalf("%v ended with %+v (done %v), want the first exit reported, %+v", k, got, done, want)
+			}
+			if exits[k] != 1 {
+				t.Fatalf("first exit of %v passed on %d times", k, exits[k])
+			}
+		}
+		if got, _ := procs[exitKey{"c2", ""}].ExitStatus(); got.Status != 3 {
+			t.Fatalf("c2's known exit changed to %+v", got)
+		}
+		if len(m.containers) != 3 || len(m.procs) != len(fuzzHeld) {
+			t.Fatalf("events made the host hold %d containers and %d processes", len(m.containers), len(m.procs))
+		}
+	})
+}
