@@ -62,22 +62,38 @@ func (c Config) ForPod(annotations map[string]string) (Config, error) {
 	period, perr := annotationInt(annotations, CRISandboxCPUPeriod)
 	mem, merr := annotationInt(annotations, CRISandboxMemory)
 	errs = append(errs, qerr, perr, merr)
-	if quota > 0 && period > 0 {
-		c.Hypervisor.VCPUs += int((quota + period - 1) / period)
-	}
-	if mem > 0 {
-		c.Hypervisor.MemoryMiB += int((mem + 1<<20 - 1) >> 20)
-	}
 	if err := errors.Join(errs...); err != nil {
 		return Config{}, err
 	}
-	if c.Hypervisor.VCPUs < 1 || c.Hypervisor.VCPUs > 255 {
-		return Config{}, fmt.Errorf("pod needs %d vCPUs: a VM has 1 to 255", c.Hypervisor.VCPUs)
+	// The parts are summed in int64 only once each is known to be small, so that no limit, however big, wraps
+	// around; the error gives the parts, as a sum of huge numbers means nothing to the reader.
+	var podVCPUs, podMiB int64
+	if quota > 0 && period > 0 {
+		podVCPUs = ceilDiv(quota, period)
 	}
-	if c.Hypervisor.MemoryMiB < 64 || c.Hypervisor.MemoryMiB > 1<<20 {
-		return Config{}, fmt.Errorf("pod needs %d MiB of memory: a VM has 64 to 1048576", c.Hypervisor.MemoryMiB)
+	if mem > 0 {
+		podMiB = ceilDiv(mem, 1<<20)
 	}
+	if vcpus := int64(c.Hypervisor.VCPUs) + min(podVCPUs, 1<<20); vcpus < 1 || vcpus > 255 {
+		return Config{}, fmt.Errorf("pod needs %d + %d vCPUs (hypervisor.vcpus or %s, plus its CPU limit: quota %d / period %d, rounded up): a VM has 1 to 255",
+			c.Hypervisor.VCPUs, podVCPUs, AnnotationVCPUs, quota, period)
+	}
+	if mib := int64(c.Hypervisor.MemoryMiB) + min(podMiB, 1<<40); mib < 64 || mib > 1<<20 {
+		return Config{}, fmt.Errorf("pod needs %d + %d MiB of memory (hypervisor.memory_mib or %s, plus its memory limit of %d bytes): a VM has 64 to 1048576 MiB",
+			c.Hypervisor.MemoryMiB, podMiB, AnnotationMemoryMiB, mem)
+	}
+	c.Hypervisor.VCPUs += int(podVCPUs)
+	c.Hypervisor.MemoryMiB += int(podMiB)
 	return c, nil
+}
+
+// ceilDiv is a/b rounded up, for positive a and b, without the overflow of (a+b-1)/b.
+func ceilDiv(a, b int64) int64 {
+	q := a / b
+	if a%b != 0 {
+		q++
+	}
+	return q
 }
 
 func (c Config) annotationAllowed(key string) bool {

@@ -34,7 +34,13 @@ func TestForPod(t *testing.T) {
 		}, vcpus: 2, mib: 1025, params: []string{"a=1", "b"}},
 		{name: "only the allowed one", cfg: allowVCPUs, annotations: map[string]string{AnnotationVCPUs: "2", AnnotationMemoryMiB: "512"}, err: AnnotationMemoryMiB},
 		{name: "unknown kiln annotation", cfg: allowAll, annotations: map[string]string{"io.kiln.colour": "blue"}, err: "io.kiln.colour"},
-		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "255", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "256 vCPUs"},
+		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "255", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "255 + 1 vCPUs"},
+		// Limits near the top of int64 must not wrap around into a small (or negative) VM.
+		{name: "huge memory limit", cfg: base, annotations: map[string]string{CRISandboxMemory: "9223372036854775807"},
+			err: "256 + 8796093022208 MiB of memory"},
+		{name: "huge CPU quota", cfg: base, annotations: map[string]string{CRISandboxCPUQuota: "9223372036854775807", CRISandboxCPUPeriod: "1"},
+			err: "1 + 9223372036854775807 vCPUs"},
+		{name: "negative CRI value", cfg: base, annotations: map[string]string{CRISandboxMemory: "-5"}, err: CRISandboxMemory},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := tc.cfg.ForPod(tc.annotations)
