@@ -65,7 +65,8 @@ func (c Config) ForPod(annotations map[string]string) (Config, error) {
 	if err := errors.Join(errs...); err != nil {
 		return Config{}, err
 	}
-	// Rounded up without overflowing: CRI's values come from the pod spec and may be anything up to 2^63-1.
+	// Rounded up without overflowing, and summed only within bounds: CRI's values come from the pod spec and may
+	// be anything up to 2^63-1; the error gives the parts, as a sum of huge numbers means nothing to the reader.
 	var extraVCPUs, extraMiB int64
 	if quota > 0 && period > 0 {
 		extraVCPUs = ceilDiv(quota, period)
@@ -74,17 +75,19 @@ func (c Config) ForPod(annotations map[string]string) (Config, error) {
 		extraMiB = ceilDiv(mem, 1<<20)
 	}
 	if vcpus := int64(c.Hypervisor.VCPUs); extraVCPUs > maxVCPUs || vcpus+extraVCPUs < minVCPUs || vcpus+extraVCPUs > maxVCPUs {
-		return Config{}, fmt.Errorf("pod needs %d plus %d vCPUs: a VM has %d to %d", vcpus, extraVCPUs, minVCPUs, maxVCPUs)
+		return Config{}, fmt.Errorf("pod needs %d + %d vCPUs (hypervisor.vcpus or %s, plus its CPU limit: quota %d / period %d, rounded up): a VM has %d to %d",
+			vcpus, extraVCPUs, AnnotationVCPUs, quota, period, minVCPUs, maxVCPUs)
 	}
 	if mib := int64(c.Hypervisor.MemoryMiB); extraMiB > maxMemoryMiB || mib+extraMiB < minMemoryMiB || mib+extraMiB > maxMemoryMiB {
-		return Config{}, fmt.Errorf("pod needs %d plus %d MiB of memory: a VM has %d to %d", mib, extraMiB, minMemoryMiB, maxMemoryMiB)
+		return Config{}, fmt.Errorf("pod needs %d + %d MiB of memory (hypervisor.memory_mib or %s, plus its memory limit of %d bytes): a VM has %d to %d MiB",
+			mib, extraMiB, AnnotationMemoryMiB, mem, minMemoryMiB, maxMemoryMiB)
 	}
 	c.Hypervisor.VCPUs += int(extraVCPUs)
 	c.Hypervisor.MemoryMiB += int(extraMiB)
 	return c, nil
 }
 
-// ceilDiv is a/b rounded up, for a >= 0 and b > 0.
+// ceilDiv is a/b rounded up, for a >= 0 and b > 0, without the overflow of (a+b-1)/b.
 func ceilDiv(a, b int64) int64 {
 	q := a / b
 	if a%b != 0 {

@@ -44,7 +44,13 @@ func TestForPod(t *testing.T) {
 			CRISandboxCPUQuota: "9223372036854775807", CRISandboxCPUPeriod: "9223372036854775807"}, vcpus: 2, mib: 256},
 		{name: "huge memory is refused", cfg: base, annotations: map[string]string{CRISandboxMemory: "9223372036854775807"},
 			err: "MiB of memory"},
-		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "255", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "255 plus 1 vCPUs"},
+		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "255", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "255 + 1 vCPUs"},
+		// Limits near the top of int64 must not wrap around into a small (or negative) VM.
+		{name: "huge memory limit", cfg: base, annotations: map[string]string{CRISandboxMemory: "9223372036854775807"},
+			err: "256 + 8796093022208 MiB of memory"},
+		{name: "huge CPU quota", cfg: base, annotations: map[string]string{CRISandboxCPUQuota: "9223372036854775807", CRISandboxCPUPeriod: "1"},
+			err: "1 + 9223372036854775807 vCPUs"},
+		{name: "negative CRI value", cfg: base, annotations: map[string]string{CRISandboxMemory: "-5"}, err: CRISandboxMemory},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := tc.cfg.ForPod(tc.annotations)

@@ -17,6 +17,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/pod"
+	"github.com/kiln-runtime/kiln/runtime/share"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 )
 
@@ -65,6 +66,10 @@ func forwardedSignals() []os.Signal {
 // runBundle runs the bundle to completion and returns the container's exit status. Everything it set up is
 // gone when it returns, also on error.
 func runBundle(ctx context.Context, configPath, id string, f *runFlags) (status uint32, retErr error) {
+	// The pod checks it too, but only once its VM is up.
+	if err := share.CheckID(id); err != nil {
+		return 0, err
+	}
 	cfg, err := config.Load(configPath)
 	if err != nil {
 		return 0, err

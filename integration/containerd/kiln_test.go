@@ -2,6 +2,7 @@ package containerd
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,8 @@ type kilnEnv struct {
 	d      *Daemon
 	cfg    string
 	assets string
+	// shimDir holds the shim binary containerd runs (and that network namespace holders re-execute).
+	shimDir string
 }
 
 // startKiln builds the shim, starts a private containerd that finds it, and writes the Kiln configuration.
@@ -41,7 +44,7 @@ func startKilnVersion(t *testing.T, version string) *kilnEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { checkNoLeftovers(t, d) })
-	return &kilnEnv{d: d, cfg: cfg, assets: assets}
+	return &kilnEnv{d: d, cfg: cfg, assets: assets, shimDir: shimDir}
 }
 
 // checkNoLeftovers runs before the daemon's own cleanup (cleanups run last-registered first).
@@ -50,22 +53,32 @@ func checkNoLeftovers(t *testing.T, d *Daemon) {
 	if t.Failed() {
 		return
 	}
+	for _, l := range leftovers(d) {
+		t.Error(l)
+	}
+}
+
+// leftovers lists what Kiln left on the host once this containerd's tasks are deleted: shims still running after
+// they had time to exit, processes naming Kiln's state, mounts under it, entries in it.
+func leftovers(d *Daemon) []string {
+	var found []string
 	if pids := d.WaitShimsGone(context.Background(), shimExitTimeout); len(pids) > 0 {
-		t.Errorf("shims still running after their tasks were deleted: %v", pids)
+		found = append(found, fmt.Sprintf("shims still running after their tasks were deleted: %v", pids))
 	}
 	if pids := ProcessesMatching(d.StateDir()); len(pids) > 0 {
-		t.Errorf("processes still using Kiln state %s: %v", d.StateDir(), pids)
+		found = append(found, fmt.Sprintf("processes still using Kiln state %s: %v", d.StateDir(), pids))
 	}
 	if points, _ := MountsUnder(d.StateDir()); len(points) > 0 {
-		t.Errorf("mounts left under %s: %v", d.StateDir(), points)
+		found = append(found, fmt.Sprintf("mounts left under %s: %v", d.StateDir(), points))
 	}
 	if entries, err := os.ReadDir(d.StateDir()); err == nil && len(entries) > 0 {
 		var names []string
 		for _, e := range entries {
 			names = append(names, e.Name())
 		}
-		t.Errorf("Kiln state left in %s: %v", d.StateDir(), names)
+		found = append(found, fmt.Sprintf("Kiln state left in %s: %v", d.StateDir(), names))
 	}
+	return found
 }
 
 // run runs `ctr run` with Kiln and returns stdout, stderr and the exit code.

@@ -359,10 +359,7 @@ func TestKilnShimKilledLeavesNetworkAndCgroup(t *testing.T) {
 	const id = "kiln-netkill"
 	k.runDetached(t, id, []string{"--with-ns", "network:" + n.Path}, "sleep", "3600")
 	k.waitStatus(t, id, "RUNNING")
-	cgroupDir := filepath.Join("/sys/fs/cgroup/memory", Namespace, id)
-	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
-		cgroupDir = filepath.Join("/sys/fs/cgroup", Namespace, id)
-	}
+	cgroupDir := filepath.Join(namespaceCgroup(), id)
 	if _, err := os.Stat(cgroupDir); err != nil {
 		t.Errorf("the pod's host cgroup %s: %v", cgroupDir, err)
 	}

@@ -192,14 +192,7 @@ func TestKilnVMKilled(t *testing.T) {
 	const id = "kiln-vmkill"
 	k.runDetached(t, id, nil, sleeper...)
 	k.waitStatus(t, id, "RUNNING")
-	qemus := ProcessesMatching("qemu-system")
-	var ours []int
-	for _, pid := range qemus {
-		// QEMU names its state directory in its environment, not on its command line.
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid)); err == nil && strings.Contains(string(b), k.d.StateDir()) {
-			ours = append(ours, pid)
-		}
-	}
+	ours := qemuOf(k.d.StateDir())
 	if len(ours) != 1 {
 		t.Fatalf("want one QEMU under %s, found %v", k.d.StateDir(), ours)
 	}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -16,6 +17,11 @@ import (
 
 // ConfigFile is the bundle's runtime spec.
 const ConfigFile = "config.json"
+
+// MaxConfigSize bounds config.json. The spec reaches the guest agent in one request of the agent API, whose
+// messages (ttrpc) are at most 4 MiB; 64 KiB of that is left for the request's other fields and for the guest
+// paths the host writes into the spec in place of host paths. A bigger spec is refused before a VM boots.
+const MaxConfigSize = 4<<20 - 64<<10
 
 // Bundle is a loaded OCI bundle.
 type Bundle struct {
@@ -34,9 +40,9 @@ func Load(dir string) (*Bundle, error) {
 	if err != nil {
 		return nil, invalid(dir, "%v", err)
 	}
-	raw, err := os.ReadFile(filepath.Join(abs, ConfigFile))
+	raw, err := readConfig(abs)
 	if err != nil {
-		return nil, invalid(dir, "read %s: %v", ConfigFile, err)
+		return nil, invalid(dir, "%v", err)
 	}
 	var spec specs.Spec
 	if err := json.Unmarshal(raw, &spec); err != nil {
@@ -50,6 +56,9 @@ func Load(dir string) (*Bundle, error) {
 	}
 	if spec.Root == nil || spec.Root.Path == "" {
 		return nil, invalid(dir, "%s has no root.path", ConfigFile)
+	}
+	if err := checkLinux(spec.Linux); err != nil {
+		return nil, invalid(dir, "%s: %v", ConfigFile, err)
 	}
 	root := spec.Root.Path
 	if !filepath.IsAbs(root) {
@@ -68,9 +77,9 @@ func Load(dir string) (*Bundle, error) {
 // Annotations reads only the annotations of dir's config.json: the shim's `start` command groups tasks by them
 // before it knows whether the rest of the bundle is sound; Create checks the whole of it.
 func Annotations(dir string) (map[string]string, error) {
-	raw, err := os.ReadFile(filepath.Join(dir, ConfigFile))
+	raw, err := readConfig(dir)
 	if err != nil {
-		return nil, invalid(dir, "read %s: %v", ConfigFile, err)
+		return nil, invalid(dir, "%v", err)
 	}
 	var spec struct {
 		Annotations map[string]string `json:"annotations"`
@@ -79,6 +88,64 @@ func Annotations(dir string) (map[string]string, error) {
 		return nil, invalid(dir, "parse %s: %v", ConfigFile, err)
 	}
 	return spec.Annotations, nil
+}
+
+// readConfig reads dir's config.json, refusing one larger than MaxConfigSize without reading more of it.
+func readConfig(dir string) ([]byte, error) {
+	f, err := os.Open(filepath.Join(dir, ConfigFile))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", ConfigFile, err)
+	}
+	defer f.Close()
+	raw, err := io.ReadAll(io.LimitReader(f, MaxConfigSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", ConfigFile, err)
+	}
+	if len(raw) > MaxConfigSize {
+		return nil, fmt.Errorf("%s is larger than %d bytes, the most the agent API carries to the guest in one "+
+			"message (4 MiB less room for the rest of the request): make its environment, annotations or mounts smaller",
+			ConfigFile, MaxConfigSize)
+	}
+	return raw, nil
+}
+
+// checkLinux refuses what no Linux runtime can do, naming the field: a namespace type Linux does not have, and
+// a negative resource limit other than -1 (no limit), which the guest's cgroups would reject only after the VM
+// booted. Limits too big for a VM are config.ForPod's to refuse, as it sizes the VM.
+func checkLinux(l *specs.Linux) error {
+	if l == nil {
+		return nil
+	}
+	var errs []error
+	for i, ns := range l.Namespaces {
+		switch ns.Type {
+		case specs.PIDNamespace, specs.NetworkNamespace, specs.MountNamespace, specs.IPCNamespace, specs.UTSNamespace,
+			specs.UserNamespace, specs.CgroupNamespace, specs.TimeNamespace:
+		default:
+			errs = append(errs, fmt.Errorf("linux.namespaces[%d]: unknown namespace type %q: want pid, network, mount, ipc, uts, user, cgroup or time", i, ns.Type))
+		}
+	}
+	r := l.Resources
+	if r == nil {
+		return errors.Join(errs...)
+	}
+	limit := func(field string, v *int64) {
+		if v != nil && *v < -1 {
+			errs = append(errs, fmt.Errorf("linux.resources.%s = %d: want -1 (no limit) or a positive number", field, *v))
+		}
+	}
+	if m := r.Memory; m != nil {
+		limit("memory.limit", m.Limit)
+		limit("memory.reservation", m.Reservation)
+		limit("memory.swap", m.Swap)
+	}
+	if c := r.CPU; c != nil {
+		limit("cpu.quota", c.Quota)
+	}
+	if p := r.Pids; p != nil {
+		limit("pids.limit", p.Limit)
+	}
+	return errors.Join(errs...)
 }
 
 // ReadOnly says whether the spec asks for a read-only root.

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"sync"
 
+	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
 
@@ -95,6 +96,10 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	}
 	log := o.Log.WithField("sandbox", o.ID)
 	if o.First != nil {
+		// Checked before anything boots; CreateContainer would refuse it only once the VM is up.
+		if err := share.CheckID(o.First.ID); err != nil {
+			return nil, fmt.Errorf("boot pod %s: %w: %v", o.ID, errdefs.ErrInvalidArgument, err)
+		}
 		sized, err := sizeFor(o.Config, o.First)
 		if err != nil {
 			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
@@ -279,6 +284,9 @@ type ContainerOptions struct {
 // CreateContainer puts the container's root file system and bind sources in the share and creates it in the
 // guest, its init process waiting to be started. On error the share holds nothing of it.
 func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *container.Container, retErr error) {
+	if err := share.CheckID(o.ID); err != nil {
+		return nil, fmt.Errorf("create container: %w: %v", errdefs.ErrInvalidArgument, err)
+	}
 	b := o.Bundle
 	if err := p.prepareContainer(ctx, o.ID, b); err != nil {
 		return nil, err

@@ -1,13 +1,21 @@
 package pod
 
 import (
+	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
 )
 
 // A share whose owner is gone is removed before a pod boots; one whose owner lives, or that has no owner file
@@ -44,5 +52,24 @@ func TestSweepRemovesSharesOfDeadOwners(t *testing.T) {
 		if stays := err == nil; stays != c.stays {
 			t.Errorf("share %s: stays = %t, want %t (%v)", c.id, stays, c.stays, err)
 		}
+	}
+}
+
+// A first container whose id is not one path component is refused before anything is made: no state
+// directory, no share, no VM.
+func TestNewRefusesBadFirstIDBeforeBooting(t *testing.T) {
+	for _, id := range []string{"a/b", "..", "../escape", ""} {
+		t.Run(id, func(t *testing.T) {
+			cfg := config.Default()
+			cfg.Runtime.StateDir = filepath.Join(t.TempDir(), "state")
+			b := &bundle.Bundle{Spec: &specs.Spec{}}
+			_, err := New(context.Background(), Options{ID: "p", Config: cfg, First: &First{ID: id, Bundle: b}})
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), fmt.Sprintf("container id %q", id)) {
+				t.Fatalf("New = %v, want InvalidArgument naming container id %q", err, id)
+			}
+			if _, err := os.Stat(cfg.Runtime.StateDir); !os.IsNotExist(err) {
+				t.Errorf("state dir %s made for a refused pod (%v)", cfg.Runtime.StateDir, err)
+			}
+		})
 	}
 }

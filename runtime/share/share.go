@@ -157,7 +157,7 @@ func Remove(dir string) error {
 // RemoveContainer unmounts a container's root file system and bind sources and removes its directory.
 // Removing an unknown container is not an error.
 func (s *Share) RemoveContainer(ctx context.Context, containerID string) error {
-	if err := checkID(containerID); err != nil {
+	if err := CheckID(containerID); err != nil {
 		return fmt.Errorf("remove container from share: %w", err)
 	}
 	s.mu.Lock()
@@ -183,7 +183,9 @@ func (s *Share) RemoveContainer(ctx context.Context, containerID string) error {
 	return nil
 }
 
-func checkID(id string) error {
+// CheckID refuses a container id that is not one path component of the characters containerd and runc allow:
+// the id names the container's directories in the share.
+func CheckID(id string) error {
 	if !idPattern.MatchString(id) {
 		return fmt.Errorf("container id %q: want letters, digits, '_', '.' and '-', starting with a letter or digit", id)
 	}
@@ -195,7 +197,7 @@ func (s *Share) containerLocked(id string) (*container, error) {
 	if s.closed {
 		return nil, errors.New("share is closed")
 	}
-	if err := checkID(id); err != nil {
+	if err := CheckID(id); err != nil {
 		return nil, err
 	}
 	if c, ok := s.containers[id]; ok {

@@ -49,13 +49,13 @@ func TestBindAndReadonlyOptions(t *testing.T) {
 
 func TestCheckIDAndSafeName(t *testing.T) {
 	for _, id := range []string{"c1", "my_container.2-x", "0abc"} {
-		if err := checkID(id); err != nil {
-			t.Errorf("checkID(%q): %v", id, err)
+		if err := CheckID(id); err != nil {
+			t.Errorf("CheckID(%q): %v", id, err)
 		}
 	}
 	for _, id := range []string{"", ".", "..", "a/b", "-x", "../etc", "a b", ".hidden"} {
-		if err := checkID(id); err == nil {
-			t.Errorf("checkID(%q) accepted", id)
+		if err := CheckID(id); err == nil {
+			t.Errorf("CheckID(%q) accepted", id)
 		}
 	}
 	names := map[string]string{"hosts": "hosts", "my file": "my_file", "..": "root", "": "root", "a\nb": "a_b"}
