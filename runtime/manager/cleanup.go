@@ -45,7 +45,7 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 	if err := killReferencing(ctx, stateDir+"/"); err != nil {
 		errs = append(errs, err)
 	}
-	if err := os.RemoveAll(stateDir); err != nil {
+	if err := qemu.RemoveState(stateDir); err != nil {
 		errs = append(errs, fmt.Errorf("remove VM state %s: %w", stateDir, err))
 	}
 	if rec.Cgroup != "" {

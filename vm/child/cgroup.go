@@ -140,12 +140,18 @@ func (c *Cgroup) V2() bool { return c.v2 }
 // Limit is the memory limit in bytes.
 func (c *Cgroup) Limit() int64 { return c.limit }
 
-// Remove removes the cgroup; the programs started in it must have exited. A process that has just been
-// reaped may still be leaving it, so an EBUSY is retried for a moment. Removing a cgroup that is gone is not an
-// error.
-func (c *Cgroup) Remove() error {
+// Dirs are the cgroup's directories: the v2 one, or one per v1 hierarchy.
+func (c *Cgroup) Dirs() []string { return append([]string(nil), c.dirs...) }
+
+// Remove removes the cgroup; the programs started in it must have exited. See RemoveDirs.
+func (c *Cgroup) Remove() error { return RemoveDirs(c.dirs) }
+
+// RemoveDirs removes cgroup directories, which must hold no process and no cgroup below them (it only ever
+// removes empty directories). A process that has just been reaped may still be leaving one, so an EBUSY is
+// retried for a moment. Removing a cgroup that is gone is not an error.
+func RemoveDirs(dirs []string) error {
 	var errs []error
-	for _, d := range c.dirs {
+	for _, d := range dirs {
 		var err error
 		for i := 0; i < 50; i++ {
 			err = unix.Rmdir(d)

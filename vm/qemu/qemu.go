@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -99,6 +100,7 @@ type paths struct {
 	virtiofs       string
 	console        string
 	owner          string
+	cgroups        string
 }
 
 func pathsFor(root, id string) paths {
@@ -111,6 +113,7 @@ func pathsFor(root, id string) paths {
 		virtiofs:       filepath.Join(dir, "virtiofs.sock"),
 		console:        filepath.Join(dir, "console.log"),
 		owner:          filepath.Join(dir, "owner"),
+		cgroups:        filepath.Join(dir, cgroupsFile),
 	}
 }
 
@@ -290,6 +293,10 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 			return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 		}
 		m.cgroup = cg
+		// Whoever cleans up after a dead owner (Sweep, a shim's delete) finds the cgroup here.
+		if err := os.WriteFile(m.paths.cgroups, []byte(strings.Join(cg.Dirs(), "\n")+"\n"), 0o600); err != nil {
+			return fmt.Errorf("start vm %s: record its cgroup: %w", m.cfg.ID, err)
+		}
 	}
 
 	// QEMU opens no socket by path: QMP's listener and the vhost-user connections are passed in, in this order

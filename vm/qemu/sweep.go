@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/vm/child"
 )
 
 // Sweep removes the state directories under root whose owning process no longer exists: what is left when a
@@ -35,7 +37,7 @@ func Sweep(root string) ([]string, error) {
 			// A directory without an owner file is not one of ours, or is being created right now.
 			continue
 		}
-		if err := os.RemoveAll(dir); err != nil {
+		if err := RemoveState(dir); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -69,4 +71,34 @@ func OwnerAlive(pid int) bool {
 	}
 	i := bytes.LastIndexByte(b, ')')
 	return !(i > 0 && i+2 < len(b) && b[i+2] == 'Z')
+}
+
+// cgroupsFile, in a VM's state directory, lists the VM's cgroup directories, one a line.
+const cgroupsFile = "cgroups"
+
+// RemoveState removes what a VM whose owner is gone left: its cgroup (listed in its state directory; QEMU and
+// virtiofsd must be dead) and the state directory itself. Only empty cgroup directories named after the VM
+// (kiln-vm-<id>, <id> the state directory's name) under /sys/fs/cgroup are removed, whatever the file says.
+func RemoveState(dir string) error {
+	var errs []error
+	if b, err := os.ReadFile(filepath.Join(dir, cgroupsFile)); err == nil {
+		want := "kiln-vm-" + filepath.Base(dir)
+		var dirs []string
+		for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			if l == filepath.Clean(l) && strings.HasPrefix(l, "/sys/fs/cgroup/") && filepath.Base(l) == want {
+				dirs = append(dirs, l)
+			} else if l != "" {
+				errs = append(errs, fmt.Errorf("VM state %s names cgroup %q, not one of its own: left alone", dir, l))
+			}
+		}
+		if err := child.RemoveDirs(dirs); err != nil {
+			errs = append(errs, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("read VM cgroups: %w", err))
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
