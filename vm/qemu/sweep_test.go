@@ -2,15 +2,15 @@ package qemu
 
 import (
 	"errors"
-	"strings"
-
-	"github.com/kiln-runtime/kiln/vm/child"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiln-runtime/kiln/vm/child"
 )
 
 func TestOwnerAlive(t *testing.T) {
