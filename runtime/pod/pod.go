@@ -164,6 +164,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		Events:  events,
 		OnEvent: o.OnEvent,
 		OnExit:  o.OnExit,
+		Abandon: p.stopUnresponsive,
 		Log:     log,
 	})
 	go p.watchVM(m)
@@ -207,6 +208,14 @@ func (p *Pod) watchVM(m vm.Machine) {
 		err = errors.New("the guest powered off")
 	}
 	p.ctrs.Lost(fmt.Errorf("VM %s ended: %w", p.id, err))
+}
+
+// stopUnresponsive stops the VM of a guest whose agent no longer answers (container.Options.Abandon): QMP quit,
+// then SIGKILL after hypervisor.stop_timeout. Close releases the rest as usual.
+func (p *Pod) stopUnresponsive(error) {
+	if err := p.sb.Machine().Stop(context.Background()); err != nil {
+		p.log.WithError(err).Warn("stop the VM of an unresponsive guest")
+	}
 }
 
 // sweep removes the VM state and shares of pods whose owner is gone (killed before it could clean up; its
