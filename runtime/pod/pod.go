@@ -207,7 +207,10 @@ func (p *Pod) watchVM(m vm.Machine) {
 	if err == nil {
 		err = errors.New("the guest powered off")
 	}
-	p.ctrs.Lost(fmt.Errorf("VM %s ended: %w", p.id, err))
+	err = fmt.Errorf("VM %s ended: %w", p.id, err)
+	// Logged here whether or not the end of the agent connection told the containers first: this is why.
+	p.log.WithError(err).Error("the pod's VM ended while the pod was open")
+	p.ctrs.Lost(err)
 }
 
 // stopUnresponsive stops the VM of a guest whose agent no longer answers (container.Options.Abandon): QMP quit,
