@@ -189,6 +189,17 @@ func (k *kilnEnv) waitStatusWithin(t *testing.T, id, status string, timeout time
 	}
 }
 
+// shimProcesses are this containerd's shims, without the ctr processes that name its address too.
+func (k *kilnEnv) shimProcesses() []int {
+	var out []int
+	for _, pid := range k.d.Shims() {
+		if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err == nil && filepath.Base(exe) == ShimBinary {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
 // waitGoneOrStopped waits until the task is stopped or containerd no longer lists it.
 func (k *kilnEnv) waitGoneOrStopped(t *testing.T, id string) {
 	t.Helper()

@@ -48,7 +48,7 @@ var deadVMFaults = []deadVMFault{
 		}
 	}},
 	{name: "shim-sigkill", reason: "cleaning up after shim disconnected", byContainerd: true, inflict: func(t *testing.T, k *kilnEnv, _, _ string) {
-		shims := k.d.Shims()
+		shims := k.shimProcesses()
 		if len(shims) != 1 {
 			t.Fatalf("want one shim, found %v", shims)
 		}

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/ttrpc"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -145,6 +146,18 @@ func (m *Manager) abandon(ctx context.Context, what string, err error) bool {
 	return true
 }
 
+// why adds to an agent request's error what became of the guest, when the request failed because it is gone:
+// "ttrpc: closed" alone does not tell a user that the pod's VM died.
+func (m *Manager) why(err error) error {
+	if lost := m.guestLost(); lost != nil {
+		return fmt.Errorf("%w (the pod's guest is gone: %v)", err, lost)
+	}
+	if errors.Is(err, ttrpc.ErrClosed) {
+		return fmt.Errorf("%w (the agent connection closed: the pod's VM ended or its agent hung up)", err)
+	}
+	return err
+}
+
 // timedOut says whether an agent request failed on a deadline; abandon has ruled out the caller's own.
 func timedOut(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded
@@ -206,7 +219,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 	})
 	if err != nil {
 		m.forget(o.ID)
-		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
+		return nil, fmt.Errorf("create container %s: %w", o.ID, m.why(err))
 	}
 	m.mu.Lock()
 	c.init = p

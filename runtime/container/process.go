@@ -174,7 +174,7 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 		})
 	}
 	if err != nil {
-		return fmt.Errorf("start %s: %w", p.describe(), err)
+		return fmt.Errorf("start %s: %w", p.describe(), p.c.m.why(err))
 	}
 	p.mu.Lock()
 	// A process that exits at once may be stopped already: its start still happened.
