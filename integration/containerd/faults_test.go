@@ -30,8 +30,9 @@ var deadVMFaults = []deadVMFault{
 		signalAll(t, syscall.SIGKILL, k.podVirtiofsd(t, pod)...)
 	}},
 	{name: "guest-panic", reason: "sysrq triggered crash", inflict: func(t *testing.T, k *kilnEnv, _, a string) {
-		// The exec dies with the guest: its status is the VM's end, not the write's.
-		_, _, _ = k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "sysrq", a, "sh", "-c", "echo c > /proc/sysrq-trigger")
+		// The exec dies with the guest; its status is the VM's end. It runs in the background so that a guest
+		// that hangs in its panic instead of resetting fails the wait for the exits, not this call.
+		k.background(t, "tasks", "exec", "--exec-id", "sysrq", a, "sh", "-c", "echo c > /proc/sysrq-trigger")
 	}},
 	{name: "agent-hung", reason: "did not answer", inflict: func(t *testing.T, k *kilnEnv, pod, a string) {
 		// QEMU stopped: the VM lives on, and nothing in it answers.
