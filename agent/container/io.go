@@ -32,6 +32,11 @@ const (
 	// lingerTimeout bounds how long a half-closed output connection waits
 	// for the host to hang up.
 	lingerTimeout = 30 * time.Second
+	// hostStalledTimeout bounds how long, once the process exited, output
+	// may wait for a host that takes none (its reader stalled, the
+	// connection's credit spent): without it the exit would never be
+	// reported and the container could not even be killed.
+	hostStalledTimeout = 10 * time.Second
 )
 
 // wantedStreams lists the connections a request's Stdio asks for.
@@ -76,6 +81,8 @@ type processIO struct {
 	exited      chan struct{} // closed when the process has exited
 	exitedOnce  sync.Once
 	inputClosed chan struct{}
+	// hostTimeout is hostStalledTimeout; tests shorten it.
+	hostTimeout time.Duration
 }
 
 // newProcessIO prepares the process's ends and sets them on lp.
@@ -88,6 +95,7 @@ func newProcessIO(log *logrus.Entry, s *agentv1.Stdio, conns map[stdio.Stream]ne
 		outputs:     map[stdio.Stream]*os.File{},
 		stdinClose:  make(chan struct{}),
 		exited:      make(chan struct{}),
+		hostTimeout: hostStalledTimeout,
 		inputClosed: make(chan struct{}),
 	}
 	defer func() {
@@ -361,6 +369,12 @@ func (p *processIO) finish() {
 	}
 	if p.master != nil {
 		_ = p.master.SetReadDeadline(deadline)
+	}
+	// A copy blocked writing to a host that takes nothing more gives up then.
+	for st, c := range p.conns {
+		if st != stdio.Stdin {
+			_ = c.SetWriteDeadline(time.Now().Add(p.hostTimeout))
+		}
 	}
 	p.copies.Wait()
 	if c := p.conns[stdio.Stdin]; c != nil {

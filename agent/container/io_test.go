@@ -1,8 +1,15 @@
 package container
 
 import (
+	"net"
 	"os"
+	"sync"
 	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/agent/stdio"
 
 	"golang.org/x/sys/unix"
 )
@@ -51,4 +58,45 @@ func TestReceiveMaster(t *testing.T) {
 		f.Close()
 		t.Fatal("a message without a descriptor was accepted")
 	}
+}
+
+// A process that exited while the host took no more of its output (a stalled reader on the host, the
+// connection's credit spent) is still reported: finish gives up on the blocked copy after the host timeout
+// instead of waiting forever, which would leave the container unkillable.
+func TestFinishDoesNotWaitForAStalledHost(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	guest, host := net.Pipe() // nothing reads host: every write to guest blocks
+	defer host.Close()
+	p := &processIO{
+		log:         logrus.NewEntry(logrus.StandardLogger()),
+		conns:       map[stdio.Stream]net.Conn{stdio.Stdout: guest},
+		outputs:     map[stdio.Stream]*os.File{stdio.Stdout: r},
+		stdinClose:  make(chan struct{}),
+		exited:      make(chan struct{}),
+		inputClosed: make(chan struct{}),
+		hostTimeout: 200 * time.Millisecond,
+	}
+	var writer sync.WaitGroup
+	writer.Go(func() {
+		_, _ = w.Write(make([]byte, 256<<10))
+		w.Close() // the process exits
+	})
+	p.copies.Add(1)
+	go p.copyOutput(stdio.Stdout, r, guest)
+	// The process has written what fit in its pipe and is gone.
+	time.Sleep(100 * time.Millisecond)
+	done := make(chan struct{})
+	go func() {
+		p.finish()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("finish still waits for a host that reads nothing")
+	}
+	writer.Wait()
 }

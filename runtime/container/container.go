@@ -126,6 +126,9 @@ func (c *Container) DeleteProcess(ctx context.Context, execID string) (Exit, err
 // Kill signals the init process, or with all every process of the container.
 func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
 	_, err := c.m.api.SignalProcess(ctx, &agentv1.SignalProcessRequest{ContainerId: c.id, Signal: signal, All: all})
+	if err != nil && signal == sigKill && c.m.abandon(ctx, fmt.Sprintf("SIGKILL to container %s", c.id), err) {
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("signal %d to container %s (all=%t): %w", signal, c.id, all, err)
 	}
@@ -211,7 +214,8 @@ func (c *Container) Delete(ctx context.Context, force bool) (Exit, error) {
 	}
 	// With the guest gone there is nothing to remove there; the host's handles still go.
 	if c.m.guestLost() == nil {
-		if _, err := c.m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: c.id, Force: force}); err != nil {
+		_, err := c.m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: c.id, Force: force})
+		if err != nil && !c.m.abandon(ctx, "the removal of container "+c.id, err) {
 			return Exit{}, fmt.Errorf("delete container %s: %w", c.id, err)
 		}
 	}

@@ -82,8 +82,14 @@ func (m *Manager) followEvents() {
 			return
 		}
 		if errors.Is(err, ttrpc.ErrClosed) {
-			// Not closed by Close (checked above): the guest went away under its processes.
-			m.Lost(fmt.Errorf("agent connection closed: %w", err))
+			// Not closed by Close (checked above): the guest went away under its processes, or its agent hung
+			// up while the VM lives on. Either way the guest is given up, and its VM stopped, so that the
+			// processes reported killed are.
+			reason := fmt.Errorf("agent connection closed: %w", err)
+			m.Lost(reason)
+			if m.opts.Abandon != nil {
+				m.opts.Abandon(reason)
+			}
 			return
 		}
 		m.log.WithError(err).Warn("container events stream broke; subscribing again")

@@ -36,6 +36,8 @@ type fakeAgent struct {
 	noEvents bool
 	// breakEventsOnce ends the first events stream at once, before any event.
 	breakEventsOnce bool
+	// hung makes signals and removals fail as a request that ran into its timeout does.
+	hung bool
 
 	stdioPath string
 	mu        sync.Mutex
@@ -218,6 +220,9 @@ func (a *fakeAgent) ExecProcess(_ context.Context, r *agentv1.ExecProcessRequest
 
 func (a *fakeAgent) SignalProcess(_ context.Context, r *agentv1.SignalProcessRequest) (*agentv1.SignalProcessResponse, error) {
 	a.record("signal " + r.GetContainerId())
+	if a.hung {
+		return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+	}
 	return &agentv1.SignalProcessResponse{}, nil
 }
 
@@ -240,6 +245,9 @@ func (a *fakeAgent) WaitProcess(ctx context.Context, r *agentv1.WaitProcessReque
 
 func (a *fakeAgent) RemoveContainer(_ context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
 	a.record("remove " + r.GetContainerId())
+	if a.hung {
+		return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+	}
 	return &agentv1.RemoveContainerResponse{}, nil
 }
 

@@ -15,7 +15,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/ttrpc"
 	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -51,7 +54,11 @@ type Options struct {
 	// the callback of a Start in progress returned: an exit is never reported before its start. It is not
 	// called for processes deleted or cut off before their exit was seen.
 	OnExit func(*Process, Exit)
-	Log    *logrus.Entry
+	// Abandon, when set, ends a guest whose agent did not answer a SIGKILL or a container's removal within
+	// the request timeout while the caller still waited: the caller stops the VM. The manager first reports
+	// every process killed (Lost), so the kill or removal that timed out succeeds without the agent.
+	Abandon func(reason error)
+	Log     *logrus.Entry
 }
 
 // Manager holds the containers of one pod and the exit reservation of each of their processes.
@@ -125,6 +132,37 @@ func (m *Manager) Lost(reason error) {
 	m.endAll(nil)
 }
 
+// abandon gives up on a guest whose agent let a request that must not fail for want of an answer (a SIGKILL, a
+// removal) run into the request timeout, while the caller still waited: a hung agent must not leave
+// containers that can be neither killed nor deleted. It reports whether the guest is now given up (Lost, its
+// VM stopped through Options.Abandon), in which case the caller goes on without the agent.
+func (m *Manager) abandon(ctx context.Context, what string, err error) bool {
+	if m.opts.Abandon == nil || ctx.Err() != nil || !timedOut(err) {
+		return false
+	}
+	reason := fmt.Errorf("agent did not answer %s within its request timeout (%w); the VM is stopped", what, err)
+	m.Lost(reason)
+	m.opts.Abandon(reason)
+	return true
+}
+
+// why adds to an agent request's error what became of the guest, when the request failed because it is gone:
+// "ttrpc: closed" alone does not tell a user that the pod's VM died.
+func (m *Manager) why(err error) error {
+	if lost := m.guestLost(); lost != nil {
+		return fmt.Errorf("%w (the pod's guest is gone: %v)", err, lost)
+	}
+	if errors.Is(err, ttrpc.ErrClosed) {
+		return fmt.Errorf("%w (the agent connection closed: the pod's VM ended or its agent hung up)", err)
+	}
+	return err
+}
+
+// timedOut says whether an agent request failed on a deadline; abandon has ruled out the caller's own.
+func timedOut(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded
+}
+
 // guestLost reports why the guest is gone, nil while it lives.
 func (m *Manager) guestLost() error {
 	m.mu.Lock()
@@ -158,7 +196,11 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 	p := newProcess(c, "", lifecycle.Init(), o.IO, o.Release)
 	m.mu.Lock()
 	if m.closed || m.lost != nil {
+		lost := m.lost
 		m.mu.Unlock()
+		if lost != nil {
+			return nil, fmt.Errorf("create container %s: %w: the pod's guest is gone (%v)", o.ID, ErrClosed, lost)
+		}
 		return nil, fmt.Errorf("create container %s: %w", o.ID, ErrClosed)
 	}
 	if _, ok := m.containers[o.ID]; ok {
@@ -177,7 +219,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 	})
 	if err != nil {
 		m.forget(o.ID)
-		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
+		return nil, fmt.Errorf("create container %s: %w", o.ID, m.why(err))
 	}
 	m.mu.Lock()
 	c.init = p

@@ -2,6 +2,7 @@ package container
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -482,5 +483,79 @@ func TestLostGuestReportsEveryProcessKilled(t *testing.T) {
 	}
 	if _, err := m.Create(ctx, CreateOptions{ID: "c2"}); !errors.Is(err, ErrClosed) {
 		t.Errorf("create after the guest was lost: %v, want ErrClosed", err)
+	}
+}
+
+// A hung agent (its requests run into the request timeout while the VM lives) must not leave containers that
+// can be neither killed nor deleted: a SIGKILL or a removal that times out gives the guest up (Abandon stops
+// the VM), every process is reported killed, and the kill and the deletion succeed without the agent. Other
+// signals and other failures stay errors.
+func TestHungAgentIsAbandonedOnKillAndDelete(t *testing.T) {
+	tests := []struct {
+		name string
+		// act is what the caller does to a running container whose agent hangs.
+		act func(ctx context.Context, c *Container, exec *Process) error
+	}{
+		{"SIGKILL to the container", func(ctx context.Context, c *Container, _ *Process) error { return c.Kill(ctx, 9, false) }},
+		{"SIGKILL to every process", func(ctx context.Context, c *Container, _ *Process) error { return c.Kill(ctx, 9, true) }},
+		{"SIGKILL to an exec", func(ctx context.Context, _ *Container, p *Process) error { return p.Signal(ctx, 9) }},
+		{"forced delete", func(ctx context.Context, c *Container, _ *Process) error { _, err := c.Delete(ctx, true); return err }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }, "c1/e1": func(p *fakeProc) uint32 { select {} }})
+			var mu sync.Mutex
+			var abandoned []error
+			exits := map[string]uint32{}
+			m := a.start(Options{
+				OnExit: func(p *Process, e Exit) {
+					mu.Lock()
+					exits[p.ID()] = e.Status
+					mu.Unlock()
+				},
+				Abandon: func(reason error) {
+					mu.Lock()
+					abandoned = append(abandoned, reason)
+					mu.Unlock()
+				},
+			})
+			ctx := waitCtx(t)
+			c, err := m.Create(ctx, CreateOptions{ID: "c1"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Start(ctx); err != nil {
+				t.Fatal(err)
+			}
+			p, err := c.Exec(ctx, "e1", &specs.Process{Args: []string{"x"}}, stdio.IO{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.mu.Lock()
+			a.hung = true
+			a.mu.Unlock()
+			if err := c.Kill(ctx, 15, false); err == nil {
+				t.Error("SIGTERM through a hung agent succeeded, want its error")
+			}
+			if err := tt.act(ctx, c, p); err != nil {
+				t.Fatalf("through a hung agent: %v, want success once the guest is given up", err)
+			}
+			for _, proc := range []*Process{c.Init(), p} {
+				if e, err := proc.Wait(ctx); e.Status != 137 || (err != nil && !errors.Is(err, ErrDeleted)) {
+					t.Errorf("wait for %q: %+v, %v, want status 137", proc.ID(), e, err)
+				}
+			}
+			if _, err := c.Delete(ctx, false); err != nil {
+				t.Errorf("delete after the guest was given up: %v", err)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if len(abandoned) != 1 || !strings.Contains(abandoned[0].Error(), "did not answer") {
+				t.Errorf("Abandon called with %v, want once, saying the agent did not answer", abandoned)
+			}
+			if exits[""] != 137 || exits["e1"] != 137 {
+				t.Errorf("exits reported %v, want 137 for init and e1", exits)
+			}
+		})
 	}
 }

@@ -20,6 +20,9 @@ type Exit struct {
 	ExitedAt time.Time
 }
 
+// sigKill is SIGKILL's number: a kill the agent cannot deliver is delivered by stopping the VM (abandon).
+const sigKill = 9
+
 // Process is a container's init process or one of its exec processes.
 type Process struct {
 	c       *Container
@@ -171,7 +174,7 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 		})
 	}
 	if err != nil {
-		return fmt.Errorf("start %s: %w", p.describe(), err)
+		return fmt.Errorf("start %s: %w", p.describe(), p.c.m.why(err))
 	}
 	p.mu.Lock()
 	// A process that exits at once may be stopped already: its start still happened.
@@ -321,6 +324,9 @@ func (p *Process) Signal(ctx context.Context, signal uint32) error {
 		return fmt.Errorf("signal %d: %w", signal, err)
 	}
 	_, err := p.c.m.api.SignalProcess(ctx, &agentv1.SignalProcessRequest{ContainerId: p.c.id, ExecId: p.execID, Signal: signal})
+	if err != nil && signal == sigKill && p.c.m.abandon(ctx, "SIGKILL to "+p.describe(), err) {
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("signal %d to %s: %w", signal, p.describe(), err)
 	}

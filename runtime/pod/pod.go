@@ -169,6 +169,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		Events:  events,
 		OnEvent: o.OnEvent,
 		OnExit:  o.OnExit,
+		Abandon: p.stopUnresponsive,
 		Log:     log,
 	})
 	go p.watchVM(m)
@@ -211,7 +212,18 @@ func (p *Pod) watchVM(m vm.Machine) {
 	if err == nil {
 		err = errors.New("the guest powered off")
 	}
-	p.ctrs.Lost(fmt.Errorf("VM %s ended: %w", p.id, err))
+	err = fmt.Errorf("VM %s ended: %w", p.id, err)
+	// Logged here whether or not the end of the agent connection told the containers first: this is why.
+	p.log.WithError(err).Error("the pod's VM ended while the pod was open")
+	p.ctrs.Lost(err)
+}
+
+// stopUnresponsive stops the VM of a guest whose agent no longer answers (container.Options.Abandon): QMP quit,
+// then SIGKILL after hypervisor.stop_timeout. Close releases the rest as usual.
+func (p *Pod) stopUnresponsive(error) {
+	if err := p.sb.Machine().Stop(context.Background()); err != nil {
+		p.log.WithError(err).Warn("stop the VM of an unresponsive guest")
+	}
 }
 
 // sweep removes the VM state and shares of pods whose owner is gone (killed before it could clean up; its

@@ -190,21 +190,24 @@ func (p *Process) stop(ctx context.Context) {
 		return
 	default:
 	}
+	// StopTimeout bounds the request to quit too: a program too stuck to answer it (QEMU stopped, or its
+	// monitor wedged) is killed, not waited for.
+	qctx, cancel := context.WithTimeout(ctx, p.cfg.StopTimeout)
+	defer cancel()
 	if p.cfg.Quit != nil {
-		if err := p.cfg.Quit(ctx); err != nil {
+		if err := p.cfg.Quit(qctx); err != nil {
 			p.log.WithError(err).Debugf("asking %s to quit failed; it is killed after %s", p.cfg.Name, p.cfg.StopTimeout)
 		}
 	} else {
 		p.signalGroup(unix.SIGTERM)
 	}
-	t := time.NewTimer(p.cfg.StopTimeout)
-	defer t.Stop()
 	select {
 	case <-p.exited:
 		return
-	case <-t.C:
-		p.log.Warnf("%s did not stop in time; killing it", p.cfg.Name)
-	case <-ctx.Done():
+	case <-qctx.Done():
+		if ctx.Err() == nil {
+			p.log.Warnf("%s did not stop in time; killing it", p.cfg.Name)
+		}
 	}
 	p.Kill()
 }

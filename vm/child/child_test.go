@@ -203,6 +203,7 @@ func TestStop(t *testing.T) {
 		name        string
 		script      string
 		quit        bool // Config.Quit sends SIGUSR1 instead of SIGTERM to the group
+		quitHangs   bool // Config.Quit never answers (a VMM whose QMP is stuck): it returns only when its ctx ends
 		stopTimeout time.Duration
 		ctxTimeout  time.Duration
 		wantErr     string
@@ -229,6 +230,10 @@ func TestStop(t *testing.T) {
 			name: "SIGKILL after the timeout when Quit is not heard", script: `trap '' USR1 TERM; echo ready >&2; exec sleep 60`,
 			quit: true, stopTimeout: 300 * time.Millisecond, wantErr: "prog exited: signal: killed", minTime: 300 * time.Millisecond, maxTime: 10 * time.Second,
 		},
+		{
+			name: "SIGKILL after the timeout when Quit itself hangs", script: `trap '' TERM; echo ready >&2; exec sleep 60`,
+			quitHangs: true, stopTimeout: 300 * time.Millisecond, wantErr: "prog exited: signal: killed", minTime: 300 * time.Millisecond, maxTime: 10 * time.Second,
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -237,6 +242,9 @@ func TestStop(t *testing.T) {
 			var p *Process
 			if tt.quit {
 				cfg.Quit = func(context.Context) error { return unix.Kill(p.PID(), unix.SIGUSR1) }
+			}
+			if tt.quitHangs {
+				cfg.Quit = func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }
 			}
 			p = startReady(t, cfg)
 			ctx := context.Background()

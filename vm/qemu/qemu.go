@@ -134,6 +134,8 @@ type Machine struct {
 	cgroup  *child.Cgroup
 	cancel  context.CancelFunc
 	started bool
+	// fsErr is why the VM was ended for its virtiofsd's death, nil otherwise.
+	fsErr error
 
 	exited  chan struct{} // closed when QEMU has exited (or Start failed before running it)
 	cleaned chan struct{} // closed when host resources are released
@@ -426,6 +428,12 @@ func (m *Machine) ExitError() error {
 	}
 	if m.proc == nil {
 		return fmt.Errorf("QEMU exited%s", m.Diagnostics())
+	}
+	m.mu.Lock()
+	fsErr := m.fsErr
+	m.mu.Unlock()
+	if fsErr != nil {
+		return fmt.Errorf("%w; then %w%s", fsErr, m.proc.ExitError(), m.Diagnostics())
 	}
 	return fmt.Errorf("%w%s", m.proc.ExitError(), m.Diagnostics())
 }

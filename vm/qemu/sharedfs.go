@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
@@ -24,18 +25,33 @@ func (m *Machine) startVirtiofsd(ctx context.Context) error {
 		return err
 	}
 	m.fs = d
-	go func() {
-		select {
-		case <-d.Exited():
-			// virtiofsd leaves as soon as QEMU disconnects, often before QEMU has been reaped.
-			select {
-			case <-m.exited:
-			case <-time.After(virtiofsdExitGrace):
-				// The guest's shared file system hangs from now on; the VM is left to its owner to stop.
-				m.log.WithError(d.ExitError()).Error("virtiofsd exited while the VM runs")
-			}
-		case <-m.exited:
-		}
-	}()
+	go m.watchVirtiofsd(d)
 	return nil
+}
+
+// watchVirtiofsd ends the VM when virtiofsd dies under it: the guest's root file systems are served by it, so
+// a guest without it has containers that hang on every file access, and QEMU 7.2 neither notices nor
+// reconnects. The death counts as the VM's: QEMU is killed, and ExitError names virtiofsd as the cause.
+func (m *Machine) watchVirtiofsd(d *virtiofs.Daemon) {
+	select {
+	case <-d.Exited():
+	case <-m.exited:
+		return
+	}
+	// virtiofsd leaves as soon as QEMU disconnects, often before QEMU has been reaped.
+	select {
+	case <-m.exited:
+		return
+	case <-time.After(virtiofsdExitGrace):
+	}
+	err := fmt.Errorf("virtiofsd exited while the VM ran, taking the guest's shared file system with it: %w", d.ExitError())
+	m.log.WithError(err).Error("stopping the VM")
+	// Start holds mu until QEMU runs or has failed, so proc is settled here.
+	m.mu.Lock()
+	m.fsErr = err
+	proc := m.proc
+	m.mu.Unlock()
+	if proc != nil {
+		proc.Kill()
+	}
 }

@@ -1,0 +1,350 @@
+package containerd
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kiln-runtime/kiln/runtime/task"
+	"github.com/kiln-runtime/kiln/vm/qemu"
+)
+
+// eventLog follows `ctr events` from its start until stop, keeping every line.
+type eventLog struct {
+	cmd     *exec.Cmd
+	cancel  context.CancelFunc
+	mu      sync.Mutex
+	lines   []string
+	changed chan struct{}
+	done    chan struct{}
+	once    sync.Once
+}
+
+// followEvents starts following containerd's events; they are kept until stop (or the test's end).
+func (k *kilnEnv) followEvents(t *testing.T) *eventLog {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := k.d.CtrCommand(ctx, "events")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	e := &eventLog{cmd: cmd, cancel: cancel, changed: make(chan struct{}, 1), done: make(chan struct{})}
+	go func() {
+		defer close(e.done)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			e.mu.Lock()
+			e.lines = append(e.lines, sc.Text())
+			e.mu.Unlock()
+			select {
+			case e.changed <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	t.Cleanup(e.stop)
+	return e
+}
+
+// stop ends the follower: `ctr events` names containerd's address as shims do, so a leftover check needs it gone.
+func (e *eventLog) stop() {
+	e.once.Do(func() {
+		e.cancel()
+		_ = e.cmd.Wait()
+		<-e.done
+	})
+}
+
+func (e *eventLog) String() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return strings.Join(e.lines, "\n")
+}
+
+// find returns the events seen so far on topic whose payload has fields.
+func (e *eventLog) find(topic string, fields map[string]any) []event {
+	var out []event
+	for _, ev := range parseEvents(e.String()) {
+		if ev.Topic == topic && matches(ev.Payload, fields) {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+// waitFor waits until an event on topic with fields was seen, failing the test after timeout.
+func (e *eventLog) waitFor(t *testing.T, timeout time.Duration, topic string, fields map[string]any) event {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		if evs := e.find(topic, fields); len(evs) > 0 {
+			return evs[0]
+		}
+		select {
+		case <-e.changed:
+		case <-deadline:
+			t.Fatalf("no %s event with %v within %s; events:\n%s", topic, fields, timeout, e.String())
+		}
+	}
+}
+
+// podArgs are the `ctr run` arguments that put a container into the Kiln pod (one shim, one VM) named pod, as
+// CRI's sandbox id does.
+func podArgs(pod string) []string {
+	return []string{"--annotation", "io.kubernetes.cri.sandbox-id=" + pod}
+}
+
+// vmStateDir is the state directory of the VM serving pod.
+func (k *kilnEnv) vmStateDir(pod string) string {
+	return filepath.Join(k.d.StateDir(), task.VMID(Namespace, pod))
+}
+
+// podQEMU is the pid of the QEMU serving pod, found by the state directory its environment names.
+func (k *kilnEnv) podQEMU(t *testing.T, pod string) int {
+	t.Helper()
+	pids := qemusIn(k.vmStateDir(pod))
+	if len(pids) != 1 {
+		t.Fatalf("want one QEMU for pod %s, found %v", pod, pids)
+	}
+	return pids[0]
+}
+
+// qemusIn lists the QEMU processes whose environment names a state directory at or below dir.
+func qemusIn(dir string) []int {
+	var out []int
+	for _, pid := range ProcessesMatching("qemu-system") {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if err != nil {
+			continue
+		}
+		for _, kv := range strings.Split(string(b), "\x00") {
+			if v, ok := strings.CutPrefix(kv, qemu.StateDirEnv+"="); ok && (v == dir || strings.HasPrefix(v, dir+"/")) {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
+}
+
+// podVirtiofsd lists the virtiofsd processes exporting pod's share (the daemon and its sandboxed child).
+func (k *kilnEnv) podVirtiofsd(t *testing.T, pod string) []int {
+	t.Helper()
+	var out []int
+	for _, pid := range ProcessesMatching(task.VMID(Namespace, pod) + ".share") {
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(b), "virtiofsd") {
+			out = append(out, pid)
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("no virtiofsd serves pod %s", pod)
+	}
+	return out
+}
+
+// waitShareHolds waits until the pod's share holds a directory for container id: the shim is creating it.
+func (k *kilnEnv) waitShareHolds(t *testing.T, pod, id string, timeout time.Duration) {
+	t.Helper()
+	dir := filepath.Join(k.d.StateDir(), task.VMID(Namespace, pod)+".share", "mounts", id)
+	deadline := time.Now().Add(timeout)
+	for {
+		if _, err := os.Stat(dir); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the share never held %s", dir)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// waitStatusWithin is waitStatus with a bound of the caller's.
+func (k *kilnEnv) waitStatusWithin(t *testing.T, id, status string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		got := k.taskStatus(t, id)
+		if got == status {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("task %s: status %q after %s, want %q", id, got, timeout, status)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// shimProcesses are this containerd's shims, without the ctr processes that name its address too.
+func (k *kilnEnv) shimProcesses() []int {
+	var out []int
+	for _, pid := range k.d.Shims() {
+		if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err == nil && filepath.Base(exe) == ShimBinary {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// waitGoneOrStopped waits until the task is stopped or containerd no longer lists it.
+func (k *kilnEnv) waitGoneOrStopped(t *testing.T, id string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for st := k.taskStatus(t, id); st != "" && st != "STOPPED"; st = k.taskStatus(t, id) {
+		if time.Now().After(deadline) {
+			t.Fatalf("task %s still %s", id, st)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// background runs ctr in the background; the returned function waits for it and gives its exit code and
+// stderr.
+func (k *kilnEnv) background(t *testing.T, args ...string) func() (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	cmd := k.d.CtrCommand(ctx, args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	var once sync.Once
+	var code int
+	wait := func() (int, string) {
+		once.Do(func() {
+			code = exitCode(cmd.Wait())
+			cancel()
+		})
+		return code, stderr.String()
+	}
+	t.Cleanup(func() { wait() })
+	return wait
+}
+
+// exitCodeRE finds the exit status in ctr's warning about a task that exited non-zero.
+var exitCodeRE = regexp.MustCompile(`exit code (\d+)`)
+
+// deleteTask deletes a stopped task and its container and returns the exit status ctr reported (-1 when it
+// reported none).
+func (k *kilnEnv) deleteTask(t *testing.T, id string) int {
+	t.Helper()
+	_, errOut, code := k.ctrCode(t, nil, "tasks", "delete", id)
+	k.ctr(t, "containers", "delete", id)
+	// ctr reports the task's exit status as its own exit code (containerd 2.2) or a warning (2.4).
+	if m := exitCodeRE.FindStringSubmatch(errOut); m != nil {
+		n, _ := strconv.Atoi(m[1])
+		return n
+	}
+	if code > 1 {
+		return code
+	}
+	if code == 0 {
+		return 0
+	}
+	t.Errorf("ctr tasks delete %s: exit %d: %s", id, code, errOut)
+	return -1
+}
+
+// checkNothingLeft fails the test for anything Kiln left on the host: shims, QEMU, virtiofsd or other
+// processes naming the state directory, mounts, state, and the VMs' host cgroups.
+func (k *kilnEnv) checkNothingLeft(t *testing.T, ids ...string) {
+	t.Helper()
+	state := k.d.StateDir()
+	if pids := k.d.WaitShimsGone(context.Background(), shimExitTimeout); len(pids) > 0 {
+		t.Errorf("shims left: %v", pids)
+	}
+	if pids := qemusIn(state); len(pids) > 0 {
+		t.Errorf("QEMU left: %v", pids)
+	}
+	if pids := ProcessesMatching(state); len(pids) > 0 {
+		t.Errorf("processes naming %s left: %v", state, pids)
+	}
+	if points, _ := MountsUnder(state); len(points) > 0 && !(len(points) == 1 && points[0] == state) {
+		t.Errorf("mounts left under %s: %v", state, points)
+	}
+	if entries, err := os.ReadDir(state); err == nil {
+		for _, e := range entries {
+			t.Errorf("state left in %s: %s", state, e.Name())
+		}
+	}
+	root := "/sys/fs/cgroup/memory"
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		root = "/sys/fs/cgroup"
+	}
+	vms, _ := filepath.Glob(filepath.Join(root, Namespace, "*", "kiln-vm-*"))
+	if len(vms) > 0 {
+		t.Errorf("VM cgroups left: %v", vms)
+	}
+	for _, id := range ids {
+		if _, err := os.Stat(filepath.Join(root, Namespace, id)); err == nil {
+			t.Errorf("host cgroup of %s left", id)
+		}
+	}
+}
+
+// logSize is the length of containerd's log (which holds the shims' logs): where a case's part begins.
+func (k *kilnEnv) logSize() int64 {
+	fi, err := os.Stat(k.d.LogPath)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+// logSince is containerd's log from offset on.
+func (k *kilnEnv) logSince(t *testing.T, offset int64) string {
+	t.Helper()
+	b, err := os.ReadFile(k.d.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if offset > int64(len(b)) {
+		offset = 0
+	}
+	return string(b[offset:])
+}
+
+// signalAll sends sig to each pid, failing the test when one is gone.
+func signalAll(t *testing.T, sig syscall.Signal, pids ...int) {
+	t.Helper()
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, sig); err != nil {
+			t.Fatalf("signal %v to %d: %v", sig, pid, err)
+		}
+	}
+}
+
+// shimRSS is a process's resident memory in KiB, from /proc/<pid>/status.
+func shimRSS(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			f := strings.Fields(v)
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				return n
+			}
+		}
+	}
+	t.Fatalf("no VmRSS for %d", pid)
+	return 0
+}
