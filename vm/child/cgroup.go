@@ -111,7 +111,13 @@ func (c *Cgroup) create(h host) error {
 		}
 	}
 	for _, d := range c.dirs {
-		if err := os.Mkdir(d, 0o755); err != nil {
+		err := os.Mkdir(d, 0o755)
+		if errors.Is(err, os.ErrExist) && unix.Rmdir(d) == nil {
+			// Left by a program of the same name that died before anyone removed its cgroup: rmdir takes an
+			// empty cgroup only, never one holding a process or a cgroup.
+			err = os.Mkdir(d, 0o755)
+		}
+		if err != nil {
 			return err
 		}
 	}

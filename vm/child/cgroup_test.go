@@ -176,3 +176,27 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A cgroup left empty by a program that died before removing it does not keep the next one of that name from
+// starting; one that still holds a process does.
+func TestNewCgroupReplacesAnEmptyStaleOne(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create cgroups")
+	}
+	name := "kiln-stale-test-" + strconv.Itoa(os.Getpid())
+	stale, err := NewCgroup(name, 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stale.Remove() })
+	again, err := NewCgroup(name, 64<<20)
+	if err != nil {
+		t.Fatalf("new cgroup over an empty stale one: %v", err)
+	}
+	cfg := shell("sleep 60")
+	cfg.Cgroup = again
+	start(t, cfg)
+	if _, err := NewCgroup(name, 64<<20); err == nil {
+		t.Error("a cgroup holding a process was replaced")
+	}
+}
