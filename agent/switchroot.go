@@ -19,11 +19,15 @@ const rootStage = "/.kiln-root"
 // chroot, which a process holding CAP_SYS_CHROOT leaves with a second chroot and a walk up "..": it would find
 // the guest's own files under its root (issue 11, finding 13). With a root that is mounted on something, runc
 // pivots into the container's root and detaches the guest's tree from the container's mount namespace. It must
-// run before anything else is mounted; a root already mounted on another mount is left alone.
+// run first, before anything is mounted (so before /proc is: the file system type tells the initramfs, a ramfs or
+// tmpfs); a root of another type is left alone.
 func LeaveInitramfs() error {
-	pivotable, err := RootCanPivot()
-	if err != nil || pivotable {
-		return err
+	var st unix.Statfs_t
+	if err := unix.Statfs("/", &st); err != nil {
+		return fmt.Errorf("leave the initramfs: statfs /: %w", err)
+	}
+	if st.Type != unix.RAMFS_MAGIC && st.Type != unix.TMPFS_MAGIC {
+		return nil
 	}
 	if err := os.Mkdir(rootStage, 0o700); err != nil {
 		return fmt.Errorf("leave the initramfs: %w", err)
