@@ -134,6 +134,41 @@ func checkNoLeftovers(t testing.TB, stateRoot, id string) {
 	for _, e := range entries {
 		t.Errorf("leftover in state root %s: %s", stateRoot, e.Name())
 	}
+	for _, d := range vmCgroups(id) {
+		t.Errorf("leftover VM cgroup %s", d)
+	}
+}
+
+// vmCgroups lists the cgroups named after a VM whose id starts with id (kiln-vm-<id>) below this process's own
+// cgroups, where Kiln processes started by the test make them.
+func vmCgroups(id string) []string {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return nil
+	}
+	var found []string
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		// "4:memory:/a/b" (v1) or "0::/a/b" (v2)
+		f := strings.SplitN(l, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		var base string
+		switch {
+		case f[1] == "":
+			base = "/sys/fs/cgroup/unified"
+			if _, err := os.Stat(base); err != nil {
+				base = "/sys/fs/cgroup"
+			}
+		case strings.Contains(f[1], "="):
+			continue // named hierarchies (name=systemd) get no VM cgroups
+		default:
+			base = filepath.Join("/sys/fs/cgroup", f[1])
+		}
+		m, _ := filepath.Glob(filepath.Join(base, f[2], "kiln-vm-"+id+"*"))
+		found = append(found, m...)
+	}
+	return found
 }
 
 // qemuProcesses lists the pids whose command line names a VM whose id starts with id (QEMU runs with
