@@ -189,10 +189,12 @@ func reset(c *net.TCPConn) {
 }
 
 // Close stops forwarding: the program is detached, the listeners closed, and the streams being forwarded cut. It
-// returns once every stream has ended.
+// returns once every stream has ended. It is safe to call more than once.
 func (f *Forwarder) Close() error {
-	f.cancel()
-	f.steer.Close()
+	f.once.Do(func() {
+		f.cancel()
+		f.steer.Close()
+	})
 	f.wg.Wait()
 	return nil
 }
