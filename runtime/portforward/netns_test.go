@@ -4,40 +4,25 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
-	"runtime"
 	"testing"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 )
 
-// newNetns makes a network namespace bound on a file of the test's temporary directory, with its loopback up
-// when up is set, and removes it when the test ends.
+// newNetns makes a network namespace, with its loopback up when up is set, and returns a path to it valid until
+// the test ends. No thread ends in it (see TestSteeringEndsNoThread).
 func newNetns(t *testing.T, up bool) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: network namespaces and BPF")
 	}
-	path := filepath.Join(t.TempDir(), "netns")
-	if err := os.WriteFile(path, nil, 0o400); err != nil {
+	f, err := newNamespace()
+	if err != nil {
 		t.Fatal(err)
 	}
-	errc := make(chan error, 1)
-	go func() {
-		// Never unlocked: the thread ends with the goroutine, in the new namespace.
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- err
-			return
-		}
-		errc <- unix.Mount(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), path, "", unix.MS_BIND, "")
-	}()
-	if err := <-errc; err != nil {
-		t.Fatalf("make network namespace: %v", err)
-	}
-	t.Cleanup(func() { _ = unix.Unmount(path, unix.MNT_DETACH) })
+	t.Cleanup(func() { f.Close() })
+	path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
 	if up {
 		h := handleIn(t, path)
 		lo, err := h.LinkByName("lo")
@@ -68,51 +53,25 @@ func handleIn(t *testing.T, path string) *netlink.Handle {
 }
 
 // dialIn dials addr from inside the namespace at path.
-func dialIn(path, network, addr string) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
+func dialIn(path, network, addr string) (c net.Conn, err error) {
+	nerr := inNamespace(path, func() error {
+		c, err = net.Dial(network, addr)
+		return nil
+	})
+	if nerr != nil {
+		return nil, nerr
 	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		ns, err := netns.GetFromPath(path)
-		if err == nil {
-			err = netns.Set(ns)
-			ns.Close()
-		}
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		c, err := net.Dial(network, addr)
-		done <- result{c, err}
-	}()
-	r := <-done
-	return r.c, r.err
+	return c, err
 }
 
 // listenInNS listens on addr from inside the namespace at path.
-func listenInNS(path, network, addr string) (net.Listener, error) {
-	type result struct {
-		l   net.Listener
-		err error
+func listenInNS(path, network, addr string) (l net.Listener, err error) {
+	nerr := inNamespace(path, func() error {
+		l, err = net.Listen(network, addr)
+		return nil
+	})
+	if nerr != nil {
+		return nil, nerr
 	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		ns, err := netns.GetFromPath(path)
-		if err == nil {
-			err = netns.Set(ns)
-			ns.Close()
-		}
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		l, err := net.Listen(network, addr)
-		done <- result{l, err}
-	}()
-	r := <-done
-	return r.l, r.err
+	return l, err
 }

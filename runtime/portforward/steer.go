@@ -182,42 +182,59 @@ func putSocket(m *ebpf.Map, slot uint32, l *net.TCPListener) error {
 // can reach them (and the pod's interfaces are mirrored to the guest anyway). A host without IPv6 gets no IPv6
 // listener.
 func listenIn(nsPath string) (v4, v6 *net.TCPListener, err error) {
-	ns, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		return nil, nil, fmt.Errorf("open network namespace %s: %w", nsPath, err)
-	}
-	defer ns.Close()
-	type result struct {
-		v4, v6 *net.TCPListener
-		err    error
-	}
-	done := make(chan result, 1)
-	go func() {
-		// Never unlocked: the thread ends with the goroutine instead of going back to the scheduler in the pod's
-		// namespace.
-		runtime.LockOSThread()
-		if err := netns.Set(ns); err != nil {
-			done <- result{err: fmt.Errorf("enter network namespace %s: %w", nsPath, err)}
-			return
+	err = inNamespace(nsPath, func() error {
+		var err error
+		if v4, err = listenTCP("tcp4", "127.0.0.1:0"); err != nil {
+			return fmt.Errorf("listen on 127.0.0.1 in network namespace %s: %w", nsPath, err)
 		}
-		v4, err := listenTCP("tcp4", "127.0.0.1:0")
+		v6, err = listenTCP("tcp6", "[::1]:0")
 		if err != nil {
-			done <- result{err: fmt.Errorf("listen on 127.0.0.1 in network namespace %s: %w", nsPath, err)}
-			return
-		}
-		v6, err := listenTCP("tcp6", "[::1]:0")
-		if err != nil {
+			v6 = nil
 			if !errors.Is(err, syscall.EADDRNOTAVAIL) && !errors.Is(err, syscall.EAFNOSUPPORT) {
 				v4.Close()
-				done <- result{err: fmt.Errorf("listen on ::1 in network namespace %s: %w", nsPath, err)}
-				return
+				return fmt.Errorf("listen on ::1 in network namespace %s: %w", nsPath, err)
 			}
-			v6 = nil
 		}
-		done <- result{v4: v4, v6: v6}
+		return nil
+	})
+	return v4, v6, err
+}
+
+// inNamespace runs fn on a thread that has entered the network namespace at nsPath, then moves the thread back.
+// The thread must not end in the pod's namespace the way a locked thread usually does (by leaving it locked when
+// the goroutine returns): the shim starts QEMU with a parent-death signal, which the kernel sends when the thread
+// that forked it ends, and any thread may be that one. Only when the way back fails does the thread stay locked and
+// end, as nothing else may run in the wrong namespace.
+func inNamespace(nsPath string, fn func() error) error {
+	target, err := netns.GetFromPath(nsPath)
+	if err != nil {
+		return fmt.Errorf("open network namespace %s: %w", nsPath, err)
+	}
+	defer target.Close()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		home, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- fmt.Errorf("open the shim's network namespace: %w", err)
+			return
+		}
+		defer home.Close()
+		if err := netns.Set(target); err != nil {
+			runtime.UnlockOSThread()
+			done <- fmt.Errorf("enter network namespace %s: %w", nsPath, err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(home); err != nil {
+			done <- errors.Join(ferr, fmt.Errorf("return from network namespace %s: %w", nsPath, err))
+			return
+		}
+		runtime.UnlockOSThread()
+		done <- ferr
 	}()
-	r := <-done
-	return r.v4, r.v6, r.err
+	return <-done
 }
 
 // listenTCP listens on a loopback address with IP_FREEBIND: a namespace whose loopback is down has no 127.0.0.1
