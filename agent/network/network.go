@@ -83,8 +83,7 @@ func (p *Pod) handle() (*netlink.Handle, error) {
 	return h, nil
 }
 
-// create makes a new network namespace and bind-mounts it on path. The namespace is made on a thread of its own
-// that is thrown away afterwards, so no goroutine ever runs in it by accident.
+// create makes a new network namespace and bind-mounts it on path.
 func create(path string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
@@ -96,19 +95,34 @@ func create(path string) error {
 	_ = f.Close()
 	errc := make(chan error, 1)
 	go func() {
-		// Never unlocked: the thread ends with the goroutine instead of going back to the scheduler in the new
-		// namespace.
+		// The thread goes back to the agent's namespace afterwards rather than ending (as a thread left locked
+		// does): libcontainer starts a container's init with a parent-death signal, which the kernel sends when
+		// the thread that forked it ends, and any thread may be that one. Only when the way back fails does the
+		// thread stay locked and end, so that no goroutine ever runs in the new namespace by accident.
 		runtime.LockOSThread()
+		home, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open the agent's network namespace: %w", err)
+			return
+		}
+		defer home.Close()
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("unshare: %w", err)
 			return
 		}
 		src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
-		if err := unix.Mount(src, path, "", unix.MS_BIND, ""); err != nil {
-			errc <- fmt.Errorf("bind %s: %w", src, err)
+		merr := unix.Mount(src, path, "", unix.MS_BIND, "")
+		if merr != nil {
+			merr = fmt.Errorf("bind %s: %w", src, merr)
+		}
+		if err := netns.Set(home); err != nil {
+			errc <- errors.Join(merr, fmt.Errorf("return to the agent's network namespace: %w", err))
 			return
 		}
-		errc <- nil
+		runtime.UnlockOSThread()
+		errc <- merr
 	}()
 	if err := <-errc; err != nil {
 		_ = os.Remove(path)

@@ -24,6 +24,7 @@ import (
 	"github.com/kiln-runtime/kiln/agent"
 	"github.com/kiln-runtime/kiln/agent/container"
 	"github.com/kiln-runtime/kiln/agent/network"
+	"github.com/kiln-runtime/kiln/agent/portforward"
 	"github.com/kiln-runtime/kiln/agent/stdio"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -38,8 +39,9 @@ func main() {
 	agent.Run(context.Background(), agent.Config{Version: version, Containers: startContainers})
 }
 
-// startContainers starts the container service and the stdio listener it
-// takes process streams from.
+// startContainers starts the container service, the stdio listener it
+// takes process streams from, and the port-forward listener that reaches
+// the ports of the pod its containers share.
 func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reaper, pod *network.Pod) (agentv1.ContainersService, error) {
 	hub := stdio.NewHub(stdio.Config{})
 	svc, err := container.New(log.WithField("service", "containers"), container.Config{
@@ -59,6 +61,16 @@ func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reape
 	go func() {
 		if err := stdio.Serve(ctx, log.WithField("port", stdio.Port), l, hub); err != nil {
 			log.WithError(err).Error("stdio listener stopped")
+		}
+	}()
+	fl, err := agent.ListenVsock(portforward.Port)
+	if err != nil {
+		return nil, fmt.Errorf("port-forward listener: %w", err)
+	}
+	fwd := portforward.NewServer(log.WithField("port", portforward.Port), pod, portforward.Config{})
+	go func() {
+		if err := fwd.Serve(ctx, fl); err != nil {
+			log.WithError(err).WithField("refused", fwd.Refused()).Error("port-forward listener stopped")
 		}
 	}()
 	return svc, nil

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/child"
 	"github.com/kiln-runtime/kiln/vm/qemu"
@@ -107,6 +108,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkSandbox(cfg, qemuPath))
 	out = append(out, checkQEMUUser(cfg))
 	out = append(out, checkCgroup(cfg))
+	out = append(out, checkPortForward(portforward.Probe))
 
 	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
 		add("state dir", err, "")
@@ -187,6 +189,15 @@ func checkCgroup(cfg config.Config) checkResult {
 		return checkResult{"cgroup", "FAIL", err.Error() + " (set hypervisor.cgroup = false to run without VM cgroups)"}
 	}
 	return checkResult{"cgroup", "ok", fmt.Sprintf("%s; memory limit guest RAM + %d MiB", info, cfg.Hypervisor.MemoryOverheadMiB)}
+}
+
+// checkPortForward reports whether CRI port forwarding can reach pods: the shim attaches an eBPF sk_lookup program
+// to each pod's network namespace. Pods run without it when it cannot.
+func checkPortForward(probe func() error) checkResult {
+	if err := probe(); err != nil {
+		return checkResult{"port forward", "warn", fmt.Sprintf("CRI port forwarding (kubectl port-forward) will not reach pods: %v (needs Linux 5.9 or later with BPF, and root)", err)}
+	}
+	return checkResult{"port forward", "ok", "an eBPF sk_lookup program attaches to a network namespace: CRI port forwarding reaches pods"}
 }
 
 func checkVsock(mode string) checkResult {

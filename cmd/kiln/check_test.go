@@ -1,12 +1,14 @@
 package main
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/portforward"
 )
 
 // A configuration Load validated names an initrd that is gone by the time `kiln check` looks at it: the check
@@ -59,5 +61,18 @@ func TestCheckQEMUUserAndCgroup(t *testing.T) {
 	cfg.Hypervisor.Cgroup = true
 	if r := checkCgroup(cfg); r.status != "ok" || !strings.Contains(r.detail, "cgroup v") {
 		t.Errorf("cgroup: %+v", r)
+	}
+}
+
+func TestCheckPortForward(t *testing.T) {
+	if r := checkPortForward(func() error { return errors.New("attach: operation not permitted") }); r.status != "warn" || !strings.Contains(r.detail, "operation not permitted") {
+		t.Errorf("probe failing: %+v, want a warning with its error", r)
+	}
+	if os.Geteuid() != 0 {
+		return
+	}
+	// This host (Linux 5.9 or later, root) can attach the program: the real probe says so.
+	if r := checkPortForward(portforward.Probe); r.status != "ok" {
+		t.Errorf("real probe: %+v", r)
 	}
 }

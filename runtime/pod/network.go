@@ -14,6 +14,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/network"
+	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
@@ -39,6 +40,8 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 		return nil, fmt.Errorf("container %s: %w", first.ID, err)
 	}
 	p.netPath = src.Path
+	// Only a namespace the spec names is one containerd's port forwarding enters.
+	p.forwardPath = src.Path
 	if hooks.Any(spec) {
 		h, err := network.StartHolder(src.Path)
 		if err != nil {
@@ -102,6 +105,21 @@ func (p *Pod) configureGuestNetwork(ctx context.Context) error {
 	return nil
 }
 
+// startPortForward lets containerd's port forwarding, which dials localhost in the pod's namespace on the host,
+// reach the guest. A host that cannot attach the steering program (a kernel before 5.9, no BPF) runs the pod
+// without port forwarding: it is logged, and `kiln check` reports it.
+func (p *Pod) startPortForward() {
+	if p.forwardPath == "" {
+		return
+	}
+	f, err := portforward.Start(p.forwardPath, p.sb.Machine(), p.log)
+	if err != nil {
+		p.log.WithError(err).Warn("the pod runs without port forwarding")
+		return
+	}
+	p.forward = f
+}
+
 // checkJoin refuses a container whose spec cannot join the pod: host networking, or a network namespace other
 // than the pod's. CRI names the pod's as /proc/<sandbox pid>/ns/net with the guest pid Kiln reported; that path
 // means nothing on the host and is never opened there.
@@ -163,9 +181,13 @@ func (p *Pod) ensureHolder() error {
 	return nil
 }
 
-// closeNetwork undoes prepareNetwork once QEMU is gone.
+// closeNetwork undoes prepareNetwork and startPortForward once QEMU is gone.
 func (p *Pod) closeNetwork() error {
 	var err error
+	if p.forward != nil {
+		// Closed already by Close, before the guest stopped; this covers a failed boot.
+		_ = p.forward.Close()
+	}
 	if p.mirror != nil {
 		err = p.mirror.Close()
 	}

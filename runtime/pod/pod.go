@@ -28,6 +28,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
 	"github.com/kiln-runtime/kiln/runtime/network"
+	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/share"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
@@ -69,6 +70,10 @@ type Pod struct {
 	hooksRun string
 	holderMu sync.Mutex
 	holder   *network.Holder
+	// forwardPath is the host network namespace the first spec named, where containerd's port forwarding dials;
+	// forward steers those connections to the guest.
+	forwardPath string
+	forward     *portforward.Forwarder
 	// cgroup is the host cgroup the pod's host processes are accounted to, when its first spec names one.
 	cgroup *hostcgroup.Group
 	// bundles are the pod's containers' bundles, for their later hooks.
@@ -159,6 +164,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err := p.configureGuestNetwork(ctx); err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
+	p.startPortForward()
 	// The Events stream never goes idle; on a connection of its own, Stop can cut it before asking the agent to
 	// shut down instead of waiting out the agent's drain timeout.
 	events, err := sb.StreamClient(ctx)
@@ -441,6 +447,13 @@ func (p *Pod) Close(ctx context.Context) error {
 	var errs []error
 	if p.ctrs != nil {
 		_ = p.ctrs.Close()
+	}
+	if p.forward != nil {
+		// Before the guest goes: no stream is then cut half-way by the VM's end, and none starts.
+		_ = p.forward.Close()
+		if refused, failed := p.forward.Refused(), p.forward.Failed(); refused > 0 || failed > 0 {
+			p.log.WithFields(logrus.Fields{"refused": refused, "failed": failed}).Info("port-forward connections not carried")
+		}
 	}
 	if p.sb != nil {
 		if err := p.sb.Stop(ctx); err != nil {

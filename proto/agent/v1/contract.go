@@ -7,6 +7,9 @@ const (
 	APIPort = 1024
 	// StdioPort is the vsock port for process stdio streams (see container.proto's header).
 	StdioPort = 1025
+	// PortForwardPort is the vsock port for port-forward connections: one connection per forwarded stream, opened
+	// by the host, introduced by a request line (see portforward.go).
+	PortForwardPort = 1026
 	// SharedFSTag is the virtio-fs tag of the host's per-VM shared directory.
 	SharedFSTag = "kiln-shared"
 	// GuestSharedDir is where the agent mounts the shared directory in the guest; container root filesystems and
