@@ -133,18 +133,16 @@ func (d Duration) Std() time.Duration { return time.Duration(d) }
 func Default() Config {
 	return Config{
 		Hypervisor: Hypervisor{
-			Path:              "qemu-system-x86_64",
-			Accelerator:       AccelAuto,
-			VCPUs:             1,
-			MemoryMiB:         256,
-			KernelParams:      nil,
-			StopTimeout:       Duration(3 * time.Second),
-			User:              DefaultQEMUUser,
-			Cgroup:            true,
-			MemoryOverheadMiB: DefaultMemoryOverheadMiB,
-			// 32 MiB of translated code holds a guest's working set; QEMU's default reserves 1 GiB and an
-			// idle guest keeps 64 MiB of it resident.
-			TCGTranslationCacheMiB: 32,
+			Path:                   "qemu-system-x86_64",
+			Accelerator:            AccelAuto,
+			VCPUs:                  1,
+			MemoryMiB:              256,
+			KernelParams:           nil,
+			StopTimeout:            Duration(3 * time.Second),
+			User:                   DefaultQEMUUser,
+			Cgroup:                 true,
+			MemoryOverheadMiB:      DefaultMemoryOverheadMiB,
+			TCGTranslationCacheMiB: DefaultTCGTranslationCacheMiB,
 			FreePageReporting:      true,
 		},
 		Vsock: Vsock{Mode: VsockAuto},

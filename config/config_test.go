@@ -14,6 +14,16 @@ func TestDefaultsAreValid(t *testing.T) {
 	}
 }
 
+// The VM cgroup's default limit must hold a full translation cache beside QEMU's own memory (about 40 MiB) and
+// virtiofsd, or a busy TCG guest would push its QEMU into reclaim.
+func TestDefaultOverheadHoldsTheTranslationCache(t *testing.T) {
+	d := Default().Hypervisor
+	if room := d.MemoryOverheadMiB - d.TCGTranslationCacheMiB; room < 64 {
+		t.Fatalf("memory_overhead_mib %d leaves %d MiB beside tcg_translation_cache_mib %d: want at least 64",
+			d.MemoryOverheadMiB, room, d.TCGTranslationCacheMiB)
+	}
+}
+
 func TestParse(t *testing.T) {
 	dir := t.TempDir()
 	kernel := filepath.Join(dir, "vmlinuz")
