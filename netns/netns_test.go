@@ -13,8 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestEntryPointsRunInTheNamespaceAndEndNoThread runs fn through each entry point many times: fn runs in the
-// namespace asked for, and afterwards every thread of the process is back in the test's namespace and none
+// TestEntryPointsRunInTheNamespaceAndEndNoThread runs fn through each entry point many times, and once failing:
+// fn runs in the namespace asked for, its error comes back as it is, and afterwards every thread of the process is back in the test's namespace and none
 // ended: the kernel sends a parent-death signal when the thread that forked a child ends, whichever it was (a CRI
 // pod's VM died at boot when the shim's port-forward set-up ended a thread, and a container's init could die the
 // same way when the agent dials into the pod's namespace).
@@ -64,36 +64,11 @@ func TestEntryPointsRunInTheNamespaceAndEndNoThread(t *testing.T) {
 					t.Fatalf("fn ran in namespace %d, want %d", in, want)
 				}
 			}
-			after := threads(t)
-			for tid := range before {
-				if !after[tid] {
-					t.Errorf("thread %s of the process ended", tid)
-				}
-			}
-			allHome(t, home)
-		})
-	}
-}
-
-// fn's error comes back as it is, and the thread still goes home.
-func TestFnsErrorIsReturnedAndTheThreadComesBack(t *testing.T) {
-	needRoot(t)
-	home := inode(t, "/proc/thread-self/ns/net")
-	target := newNamespace(t)
-	failed := errors.New("fn failed")
-	for _, tc := range []struct {
-		name string
-		do   func(fn func() error) error
-	}{
-		{"Do", func(fn func() error) error { return Do(target, fn) }},
-		{"DoPath", func(fn func() error) error { return DoPath(fmt.Sprintf("/proc/self/fd/%d", target), fn) }},
-		{"DoNew", func(fn func() error) error { return DoNew(func(string) error { return fn() }) }},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			if err := tc.do(func() error { return failed }); err != failed {
+			failed := errors.New("fn failed")
+			if _, err := tc.do(func() error { return failed }); err != failed {
 				t.Errorf("error %v, want fn's own", err)
 			}
-			allHome(t, home)
+			checkThreads(t, before, home)
 		})
 	}
 }
@@ -125,13 +100,7 @@ func TestEnterFailureRunsNothing(t *testing.T) {
 			if ran {
 				t.Error("fn ran")
 			}
-			after := threads(t)
-			for tid := range before {
-				if !after[tid] {
-					t.Errorf("thread %s of the process ended", tid)
-				}
-			}
-			allHome(t, home)
+			checkThreads(t, before, home)
 		})
 	}
 }
@@ -150,7 +119,7 @@ func TestFailedReturnDiscardsTheThread(t *testing.T) {
 		t.Errorf("error %v, want fn's and the failed return's", err)
 	}
 	waitEnded(tid)
-	allHome(t, home)
+	checkThreads(t, nil, home)
 }
 
 // The main goroutine keeps the main thread: the runtime wedges the main thread rather than end it when a goroutine
@@ -212,10 +181,17 @@ func inode(t *testing.T, path string) uint64 {
 	return st.Ino
 }
 
-// allHome checks that every thread of the process is in the network namespace home.
-func allHome(t *testing.T, home uint64) {
+// checkThreads checks that every thread in before still runs and every thread of the process is in the network
+// namespace home.
+func checkThreads(t *testing.T, before map[string]bool, home uint64) {
 	t.Helper()
-	for tid := range threads(t) {
+	now := threads(t)
+	for tid := range before {
+		if !now[tid] {
+			t.Errorf("thread %s of the process ended", tid)
+		}
+	}
+	for tid := range now {
 		var st unix.Stat_t
 		if err := unix.Stat("/proc/self/task/"+tid+"/ns/net", &st); err != nil {
 			continue // the thread ended meanwhile
