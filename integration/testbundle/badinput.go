@@ -53,26 +53,30 @@ func BadInput(kernel, initrd, qemu string) []BadCase {
 	}
 }
 
-// testingT is what FailingQEMU needs of a test.
+// testingT is what PublicDir and FailingQEMU need of a test.
 type testingT interface {
 	Helper()
 	Fatal(args ...any)
-	Cleanup(func())
+	TempDir() string
 }
 
-// FailingQEMU writes a "QEMU" that fails at once saying FailingQEMUMessage, in a new directory that the
-// unprivileged user QEMU runs as (hypervisor.user) can reach, and removed when the test ends.
+// PublicDir is a temporary directory of the test that every user can reach and read, as /usr/local is: QEMU runs
+// as an unprivileged user (hypervisor.user) and must reach what it is given there.
+func PublicDir(t testingT) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// FailingQEMU writes a "QEMU" that fails at once saying FailingQEMUMessage, in a PublicDir.
 func FailingQEMU(t testingT) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "kiln-fakeqemu-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = os.RemoveAll(dir) })
-	path := filepath.Join(dir, "qemu-system-x86_64")
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	path := filepath.Join(PublicDir(t), "qemu-system-x86_64")
 	if err := os.WriteFile(path, []byte("#!/bin/sh\necho '"+FailingQEMUMessage+"' >&2\nexit 1\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
