@@ -44,8 +44,8 @@ func TestConfigPathFromRuntimeOptions(t *testing.T) {
 // An install into a temporary prefix runs a container through containerd with only the installed files: the
 // installed shim on containerd's PATH, and the guest image it finds next to itself.
 func TestInstalledKilnRunsContainers(t *testing.T) {
-	requireRoot(t)
-	root := repoRoot(t)
+	RequireRoot(t, "containerd")
+	root := RepoRoot(t)
 	// Readable by everyone, as /usr/local is: QEMU must reach the installed guest kernel and initrd.
 	prefix := testbundle.PublicDir(t)
 	install := exec.Command("make", "install", "PREFIX="+prefix)
