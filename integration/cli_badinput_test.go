@@ -23,7 +23,7 @@ func TestCLIRunBadInput(t *testing.T) {
 	bin, cfg, stateRoot := kilnCLI(t)
 	share := requireVM(t)
 	kernel, initrd := filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img")
-	hypervisorConfig := func(hypervisor string) string {
+	config := func(hypervisor string) string {
 		path := filepath.Join(t.TempDir(), "config.toml")
 		body := fmt.Sprintf("[hypervisor]\n%s\n[runtime]\nstate_dir = %q\n", hypervisor, stateRoot)
 		if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
@@ -36,6 +36,8 @@ func TestCLIRunBadInput(t *testing.T) {
 		id string
 		// bundle changes the written bundle.
 		bundle func(t *testing.T, dir string)
+		// config replaces the test's configuration.
+		config string
 	}
 	cases := []badCase{
 		{BadCase: testbundle.BadCase{Name: "config.json missing", Want: []string{"{bundle}", "read config.json", "no such file"}},
@@ -57,7 +59,11 @@ func TestCLIRunBadInput(t *testing.T) {
 		{BadCase: testbundle.BadCase{Name: "id climbing out", Want: []string{`container id "../escape"`}}, id: "../escape"},
 	}
 	for _, bc := range testbundle.BadInput(kernel, initrd, testbundle.FailingQEMU(t)) {
-		cases = append(cases, badCase{BadCase: bc})
+		tc := badCase{BadCase: bc}
+		if bc.Hypervisor != "" {
+			tc.config = config(bc.Hypervisor)
+		}
+		cases = append(cases, tc)
 	}
 	for _, tc := range cases {
 		t.Run(tc.Name, func(t *testing.T) {
@@ -72,12 +78,12 @@ func TestCLIRunBadInput(t *testing.T) {
 			if tc.bundle != nil {
 				tc.bundle(t, dir)
 			}
-			id, config := tc.id, cfg
+			id, config := tc.id, tc.config
 			if id == "" {
 				id = "bad"
 			}
-			if tc.Hypervisor != "" {
-				config = hypervisorConfig(tc.Hypervisor)
+			if config == "" {
+				config = cfg
 			}
 			cmd := exec.Command(bin, "--config", config, "run", "--bundle", dir, id)
 			var stderr bytes.Buffer

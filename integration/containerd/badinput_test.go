@@ -58,9 +58,9 @@ func TestKilnBadInput(t *testing.T) {
 		name string
 		id   string
 		opts []oci.SpecOpts
-		// hypervisor replaces the [hypervisor] table of the test's Kiln configuration.
-		hypervisor string
-		want       []string
+		// config replaces the test's Kiln configuration.
+		config string
+		want   []string
 	}
 	cases := []badCase{
 		// containerd sizes the VM by the container's limits.
@@ -82,7 +82,11 @@ func TestKilnBadInput(t *testing.T) {
 				return nil
 			})
 		}
-		cases = append(cases, badCase{name: bc.Name, opts: opts, hypervisor: bc.Hypervisor, want: bc.Want})
+		tc := badCase{name: bc.Name, opts: opts, want: bc.Want}
+		if bc.Hypervisor != "" {
+			tc.config = kilnConfig(bc.Hypervisor)
+		}
+		cases = append(cases, tc)
 	}
 	c, err := client.New(k.d.Address, client.WithDefaultNamespace(Namespace))
 	if err != nil {
@@ -97,9 +101,9 @@ func TestKilnBadInput(t *testing.T) {
 			if id == "" {
 				id = fmt.Sprintf("kiln-bad-%d", i)
 			}
-			cfg := k.cfg
-			if tc.hypervisor != "" {
-				cfg = kilnConfig(tc.hypervisor)
+			cfg := tc.config
+			if cfg == "" {
+				cfg = k.cfg
 			}
 			img, err := c.GetImage(ctx, BusyboxRef)
 			if err != nil {
