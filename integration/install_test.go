@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/kiln-runtime/kiln/integration/testbundle"
 )
 
 // An install into a fresh prefix boots a guest with only the installed files and no configuration, and
@@ -14,7 +16,8 @@ import (
 func TestInstallPrefix(t *testing.T) {
 	requireVM(t)
 	root := repoRoot(t)
-	prefix := installPrefix(t)
+	// Readable by everyone, as /usr/local is: QEMU must reach the installed guest kernel and initrd.
+	prefix := testbundle.PublicDir(t)
 	mk := func(target string) {
 		t.Helper()
 		cmd := exec.Command("make", target, "PREFIX="+prefix)
@@ -62,17 +65,4 @@ func TestInstallPrefix(t *testing.T) {
 	if len(left) > 0 {
 		t.Fatalf("uninstall left %v", left)
 	}
-}
-
-// installPrefix is a temporary install prefix readable by everyone, as /usr/local is: QEMU runs as an
-// unprivileged user (hypervisor.user) and must reach the installed guest kernel and initrd.
-func installPrefix(t *testing.T) string {
-	t.Helper()
-	prefix := t.TempDir()
-	for _, dir := range []string{filepath.Dir(prefix), prefix} {
-		if err := os.Chmod(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return prefix
 }

@@ -5,9 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"runtime"
 
-	"github.com/vishvananda/netns"
+	"github.com/kiln-runtime/kiln/netns"
 )
 
 // DialLoopback connects to port on the pod namespace's loopback, 127.0.0.1 first and then ::1, as containerd's
@@ -20,47 +19,20 @@ func (p *Pod) DialLoopback(ctx context.Context, port uint16) (net.Conn, error) {
 	if !created {
 		return nil, errors.New("the pod has no network namespace yet")
 	}
-	target, err := netns.GetFromPath(p.path)
+	// A socket belongs to the namespace of the thread that creates it.
+	var c net.Conn
+	err := netns.DoPath(p.path, func() error {
+		var err error
+		c, err = dialLoopback(ctx, port)
+		return err
+	})
 	if err != nil {
-		return nil, fmt.Errorf("open pod network namespace %s: %w", p.path, err)
+		if c != nil {
+			c.Close()
+		}
+		return nil, err
 	}
-	defer target.Close()
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		// A socket belongs to the namespace of the thread that creates it. The thread goes back to the agent's
-		// namespace afterwards rather than ending (as a thread left locked does): libcontainer starts a container's
-		// init with a parent-death signal, which the kernel sends when the thread that forked it ends, and any
-		// thread may be that one. Only when the way back fails does the thread stay locked and end.
-		runtime.LockOSThread()
-		home, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- result{err: fmt.Errorf("open the agent's network namespace: %w", err)}
-			return
-		}
-		defer home.Close()
-		if err := netns.Set(target); err != nil {
-			runtime.UnlockOSThread()
-			done <- result{err: fmt.Errorf("enter pod network namespace: %w", err)}
-			return
-		}
-		c, err := dialLoopback(ctx, port)
-		if serr := netns.Set(home); serr != nil {
-			if c != nil {
-				c.Close()
-			}
-			done <- result{err: fmt.Errorf("return from pod network namespace: %w", serr)}
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- result{c, err}
-	}()
-	r := <-done
-	return r.c, r.err
+	return c, nil
 }
 
 // dialLoopback dials port on 127.0.0.1, then ::1, in the calling thread's namespace.

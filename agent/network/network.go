@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
 
 	"github.com/sirupsen/logrus"
@@ -21,6 +20,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	knetns "github.com/kiln-runtime/kiln/netns"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
@@ -93,38 +93,15 @@ func create(path string) error {
 		return err
 	}
 	_ = f.Close()
-	errc := make(chan error, 1)
-	go func() {
-		// The thread goes back to the agent's namespace afterwards rather than ending (as a thread left locked
-		// does): libcontainer starts a container's init with a parent-death signal, which the kernel sends when
-		// the thread that forked it ends, and any thread may be that one. Only when the way back fails does the
-		// thread stay locked and end, so that no goroutine ever runs in the new namespace by accident.
-		runtime.LockOSThread()
-		home, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open the agent's network namespace: %w", err)
-			return
+	err = knetns.DoNew(func(ns string) error {
+		if err := unix.Mount(ns, path, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind %s: %w", ns, err)
 		}
-		defer home.Close()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("unshare: %w", err)
-			return
-		}
-		src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
-		merr := unix.Mount(src, path, "", unix.MS_BIND, "")
-		if merr != nil {
-			merr = fmt.Errorf("bind %s: %w", src, merr)
-		}
-		if err := netns.Set(home); err != nil {
-			errc <- errors.Join(merr, fmt.Errorf("return to the agent's network namespace: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- merr
-	}()
-	if err := <-errc; err != nil {
+		return nil
+	})
+	if err != nil {
+		// The bind may have been made before the thread failed to come back.
+		_ = unix.Unmount(path, unix.MNT_DETACH)
 		_ = os.Remove(path)
 		return err
 	}

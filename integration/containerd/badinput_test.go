@@ -16,6 +16,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiln-runtime/kiln/integration/testbundle"
 )
 
 // withResources changes the spec's resources, creating what is missing; the oci package's options take only
@@ -35,25 +37,6 @@ func withResources(change func(*specs.LinuxResources)) oci.SpecOpts {
 
 func ptr[T any](v T) *T { return &v }
 
-// fakeQEMU writes a "QEMU" that fails at once with a message, in a directory the unprivileged user QEMU runs as
-// (hypervisor.user) can reach.
-func fakeQEMU(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "kiln-fakeqemu-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(dir, "qemu-system-x86_64")
-	if err := os.WriteFile(path, []byte("#!/bin/sh\necho 'fake-qemu: refusing to start' >&2\nexit 1\n"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return path
-}
-
 // TestKilnBadInput: input Kiln cannot run, given through containerd, is refused with an error that names the
 // thing at fault, and leaves nothing: no shim, VM, virtiofsd, mount, state, and no tap or qdisc in the pod's
 // network namespace (every case runs in a namespace CNI configured, so the taps would be made if the boot got
@@ -71,42 +54,39 @@ func TestKilnBadInput(t *testing.T) {
 		return path
 	}
 	kernel, initrd := filepath.Join(k.assets, "vmlinuz"), filepath.Join(k.assets, "initrd.img")
-	cases := []struct {
+	type badCase struct {
 		name string
 		id   string
 		opts []oci.SpecOpts
 		// config replaces the test's Kiln configuration.
 		config string
 		want   []string
-	}{
-		{name: "unknown namespace type", opts: []oci.SpecOpts{oci.WithLinuxNamespace(specs.LinuxNamespace{Type: "bogus"})},
-			want: []string{`unknown namespace type "bogus"`, "linux.namespaces"}},
-		{name: "negative memory limit", opts: []oci.SpecOpts{withResources(func(r *specs.LinuxResources) {
-			r.Memory = &specs.LinuxMemory{Limit: ptr(int64(-5))}
-		})}, want: []string{"linux.resources.memory.limit = -5", "-1 (no limit)"}},
-		{name: "negative CPU quota", opts: []oci.SpecOpts{oci.WithCPUCFS(-2, 100000)},
-			want: []string{"linux.resources.cpu.quota = -2"}},
+	}
+	cases := []badCase{
+		// containerd sizes the VM by the container's limits.
 		{name: "huge memory limit", opts: []oci.SpecOpts{withResources(func(r *specs.LinuxResources) {
 			r.Memory = &specs.LinuxMemory{Limit: ptr(int64(math.MaxInt64))}
 		})}, want: []string{"8796093022208 MiB of memory", "a VM has 64 to 1048576 MiB"}},
 		{name: "huge CPU quota", opts: []oci.SpecOpts{oci.WithCPUCFS(math.MaxInt64, 1)},
 			want: []string{"9223372036854775807 vCPUs", "a VM has 1 to 255"}},
-		// More than the 4 MiB one message of the agent API (ttrpc) holds.
-		{name: "spec larger than the agent API carries",
-			opts: []oci.SpecOpts{oci.WithEnv([]string{"BIG=" + strings.Repeat("x", 4<<20)})},
-			want: []string{"config.json is larger than 4128768 bytes"}},
-		{name: "bind source missing", opts: []oci.SpecOpts{oci.WithMounts([]specs.Mount{{
-			Type: "bind", Source: "/nonexistent/kiln-bind-source", Destination: "/mnt/x", Options: []string{"rbind"},
-		}})}, want: []string{"/nonexistent/kiln-bind-source"}},
-		{name: "missing kernel", config: kilnConfig(fmt.Sprintf("kernel = %q\ninitrd = %q", "/nonexistent/vmlinuz", initrd)),
-			want: []string{"hypervisor.kernel", "/nonexistent/vmlinuz"}},
-		{name: "missing initrd", config: kilnConfig(fmt.Sprintf("kernel = %q\ninitrd = %q", kernel, "/nonexistent/initrd.img")),
-			want: []string{"hypervisor.initrd", "/nonexistent/initrd.img"}},
-		{name: "QEMU exits at once", config: kilnConfig(fmt.Sprintf("kernel = %q\ninitrd = %q\npath = %q", kernel, initrd, fakeQEMU(t))),
-			want: []string{"QEMU", "fake-qemu: refusing to start"}},
 		// containerd refuses these itself, before any shim runs.
 		{name: "id with a slash", id: "bad/id", want: []string{"bad/id"}},
 		{name: "id of dots", id: "..", want: []string{`".."`}},
+	}
+	for _, bc := range testbundle.BadInput(kernel, initrd, testbundle.FailingQEMU(t)) {
+		var opts []oci.SpecOpts
+		if bc.Spec != nil {
+			change := bc.Spec
+			opts = append(opts, func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
+				change(s)
+				return nil
+			})
+		}
+		tc := badCase{name: bc.Name, opts: opts, want: bc.Want}
+		if bc.Hypervisor != "" {
+			tc.config = kilnConfig(bc.Hypervisor)
+		}
+		cases = append(cases, tc)
 	}
 	c, err := client.New(k.d.Address, client.WithDefaultNamespace(Namespace))
 	if err != nil {

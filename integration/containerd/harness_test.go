@@ -5,35 +5,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 )
 
-// repoRoot is the module root, two levels above this package.
-func repoRoot(t testing.TB) string {
-	t.Helper()
-	_, file, _, ok := runtime.Caller(0)
-	if !ok {
-		t.Fatal("cannot locate the test source")
-	}
-	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
-}
-
 // toolsBuildTimeout bounds building the tools of one containerd version when they are not cached yet.
 const toolsBuildTimeout = 25 * time.Minute
-
-// requireRoot skips tests that need root, and all of them under -short.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("containerd integration test: not with -short")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("containerd integration tests need root")
-	}
-}
 
 // startDaemon builds the tools (cached in _output/tools/bin), starts a private containerd ContainerdVersion with
 // the Kiln shim directory first on its PATH, imports busybox, and stops it all when the test ends, failing the
@@ -46,8 +24,8 @@ func startDaemon(t *testing.T, opts Options) *Daemon {
 // startDaemonVersion is startDaemon with containerd and ctr of another version.
 func startDaemonVersion(t *testing.T, version string, opts Options) *Daemon {
 	t.Helper()
-	requireRoot(t)
-	root := repoRoot(t)
+	RequireRoot(t, "containerd")
+	root := RepoRoot(t)
 	// Building containerd, ctr and runc the first time takes minutes, many on a loaded 2-core machine.
 	buildCtx, cancelBuild := context.WithTimeout(context.Background(), toolsBuildTimeout)
 	defer cancelBuild()

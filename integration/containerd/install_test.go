@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/kiln-runtime/kiln/integration/testbundle"
 )
 
 // The configuration named by containerd's runtime option ConfigPath (ctr --runtime-config-path) is the one the
@@ -42,9 +44,10 @@ func TestConfigPathFromRuntimeOptions(t *testing.T) {
 // An install into a temporary prefix runs a container through containerd with only the installed files: the
 // installed shim on containerd's PATH, and the guest image it finds next to itself.
 func TestInstalledKilnRunsContainers(t *testing.T) {
-	requireRoot(t)
-	root := repoRoot(t)
-	prefix := installPrefix(t)
+	RequireRoot(t, "containerd")
+	root := RepoRoot(t)
+	// Readable by everyone, as /usr/local is: QEMU must reach the installed guest kernel and initrd.
+	prefix := testbundle.PublicDir(t)
 	install := exec.Command("make", "install", "PREFIX="+prefix)
 	install.Dir = root
 	if out, err := install.CombinedOutput(); err != nil {
@@ -104,17 +107,4 @@ func qemuWithAssets(kernel, initrd string) bool {
 		}
 	}
 	return false
-}
-
-// installPrefix is a temporary install prefix readable by everyone, as /usr/local is: QEMU runs as an
-// unprivileged user (hypervisor.user) and must reach the installed guest kernel and initrd.
-func installPrefix(t *testing.T) string {
-	t.Helper()
-	prefix := t.TempDir()
-	for _, dir := range []string{filepath.Dir(prefix), prefix} {
-		if err := os.Chmod(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return prefix
 }

@@ -29,8 +29,8 @@ func startKiln(t *testing.T) *kilnEnv {
 // startKilnVersion is startKiln with containerd and ctr of another version.
 func startKilnVersion(t *testing.T, version string) *kilnEnv {
 	t.Helper()
-	requireRoot(t)
-	root := repoRoot(t)
+	RequireRoot(t, "containerd")
+	root := RepoRoot(t)
 	assets := filepath.Join(root, "_output", "share", "kiln")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()

@@ -9,7 +9,7 @@ import (
 
 // The runc the harness checks for is the one the tools module builds.
 func TestRuncVersionMatchesToolsModule(t *testing.T) {
-	b, err := os.ReadFile(filepath.Join(repoRoot(t), "integration", "containerd", "tools", "go.mod"))
+	b, err := os.ReadFile(filepath.Join(RepoRoot(t), "integration", "containerd", "tools", "go.mod"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,40 +2,19 @@ package cri
 
 import (
 	"context"
-	"os"
 	"path/filepath"
-	"runtime"
 	"testing"
 	"time"
+
+	"github.com/kiln-runtime/kiln/integration/containerd"
 )
-
-// repoRoot is the module root, two levels above this package.
-func repoRoot(t testing.TB) string {
-	t.Helper()
-	_, file, _, ok := runtime.Caller(0)
-	if !ok {
-		t.Fatal("cannot locate the test source")
-	}
-	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
-}
-
-// requireRoot skips tests that need root, and all of them under -short.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("CRI integration test: not with -short")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("CRI integration tests need root")
-	}
-}
 
 // startEnv starts a harness containerd with CRI and the given handlers, and stops it when the test ends,
 // failing the test on leftovers (pods, containers, shims).
 func startEnv(t *testing.T, opts Options) *Env {
 	t.Helper()
-	requireRoot(t)
-	root := repoRoot(t)
+	containerd.RequireRoot(t, "CRI")
+	root := containerd.RepoRoot(t)
 	opts.RepoRoot = root
 	opts.ToolsDir = filepath.Join(root, "_output", "tools", "bin")
 	opts.KilnAssets = filepath.Join(root, "_output", "share", "kiln")

@@ -1,6 +1,8 @@
 // Package testbundle makes OCI bundles for Kiln's end-to-end tests and benchmarks: a busybox root file system
 // from Debian's busybox-static, with a named user and groups, and a config.json shaped like the one `runc spec`
-// writes, so neither runc nor a registry is needed. It knows nothing of Kiln.
+// writes, so neither runc nor a registry is needed. BadInput lists the bundles and configurations that every way
+// into Kiln (`kiln run`, containerd) must refuse, so that each of their tests asks the same of Kiln; PublicDir is
+// a test directory that the unprivileged user QEMU runs as can reach (an install prefix, a failing QEMU).
 package testbundle
 
 import (

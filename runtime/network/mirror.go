@@ -5,12 +5,13 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"runtime"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	knetns "github.com/kiln-runtime/kiln/netns"
 )
 
 // Interface is one interface of the pod's namespace as the guest gets it.
@@ -187,25 +188,18 @@ func (m *Mirror) readRoutes(h *netlink.Handle, names map[int]string) error {
 // openTap creates a tap named name in ns and returns its file. The tap is not persistent: it disappears when
 // the last descriptor of it (Kiln's and QEMU's) is closed, so a killed shim and QEMU leave none behind.
 func openTap(ns netns.NsHandle, h *netlink.Handle, name string, mtu int) (*os.File, error) {
-	type result struct {
-		f   *os.File
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		// The thread enters the pod's namespace and is never unlocked: it ends with the goroutine rather than
-		// going back to the scheduler in the wrong namespace.
-		runtime.LockOSThread()
-		if err := netns.Set(ns); err != nil {
-			done <- result{err: fmt.Errorf("enter network namespace: %w", err)}
-			return
+	// A tap is made in the namespace of the thread that opens /dev/net/tun.
+	var tap *os.File
+	err := knetns.Do(ns, func() error {
+		var err error
+		tap, err = createTap(name)
+		return err
+	})
+	if err != nil {
+		if tap != nil {
+			_ = tap.Close()
 		}
-		f, err := createTap(name)
-		done <- result{f, err}
-	}()
-	r := <-done
-	if r.err != nil {
-		return nil, r.err
+		return nil, err
 	}
 	link, err := h.LinkByName(name)
 	if err == nil {
@@ -215,10 +209,10 @@ func openTap(ns netns.NsHandle, h *netlink.Handle, name string, mtu int) (*os.Fi
 		err = h.LinkSetUp(link)
 	}
 	if err != nil {
-		_ = r.f.Close()
+		_ = tap.Close()
 		return nil, fmt.Errorf("set up tap %s: %w", name, err)
 	}
-	return r.f, nil
+	return tap, nil
 }
 
 // createTap opens /dev/net/tun as a tap named name in the calling thread's namespace: no packet information

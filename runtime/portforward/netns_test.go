@@ -8,10 +8,12 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	knetns "github.com/kiln-runtime/kiln/netns"
 )
 
 // newNetns makes a network namespace, with its loopback up when up is set, and returns a path to it valid until
-// the test ends. No thread ends in it (see TestSteeringEndsNoThread).
+// the test ends.
 func newNetns(t *testing.T, up bool) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -54,7 +56,7 @@ func handleIn(t *testing.T, path string) *netlink.Handle {
 
 // dialIn dials addr from inside the namespace at path.
 func dialIn(path, network, addr string) (c net.Conn, err error) {
-	nerr := inNamespace(path, func() error {
+	nerr := knetns.DoPath(path, func() error {
 		c, err = net.Dial(network, addr)
 		return nil
 	})
@@ -66,7 +68,7 @@ func dialIn(path, network, addr string) (c net.Conn, err error) {
 
 // listenInNS listens on addr from inside the namespace at path.
 func listenInNS(path, network, addr string) (l net.Listener, err error) {
-	nerr := inNamespace(path, func() error {
+	nerr := knetns.DoPath(path, func() error {
 		l, err = net.Listen(network, addr)
 		return nil
 	})

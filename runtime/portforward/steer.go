@@ -7,14 +7,14 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"runtime"
 	"syscall"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/netns"
 )
 
 // Offsets in the context of a BPF_PROG_TYPE_SK_LOOKUP program (struct bpf_sk_lookup in linux/bpf.h, a stable
@@ -182,7 +182,7 @@ func putSocket(m *ebpf.Map, slot uint32, l *net.TCPListener) error {
 // can reach them (and the pod's interfaces are mirrored to the guest anyway). A host without IPv6 gets no IPv6
 // listener.
 func listenIn(nsPath string) (v4, v6 *net.TCPListener, err error) {
-	err = inNamespace(nsPath, func() error {
+	err = netns.DoPath(nsPath, func() error {
 		var err error
 		if v4, err = listenTCP("tcp4", "127.0.0.1:0"); err != nil {
 			return fmt.Errorf("listen on 127.0.0.1 in network namespace %s: %w", nsPath, err)
@@ -198,43 +198,6 @@ func listenIn(nsPath string) (v4, v6 *net.TCPListener, err error) {
 		return nil
 	})
 	return v4, v6, err
-}
-
-// inNamespace runs fn on a thread that has entered the network namespace at nsPath, then moves the thread back.
-// The thread must not end in the pod's namespace the way a locked thread usually does (by leaving it locked when
-// the goroutine returns): the shim starts QEMU with a parent-death signal, which the kernel sends when the thread
-// that forked it ends, and any thread may be that one. Only when the way back fails does the thread stay locked and
-// end, as nothing else may run in the wrong namespace.
-func inNamespace(nsPath string, fn func() error) error {
-	target, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		return fmt.Errorf("open network namespace %s: %w", nsPath, err)
-	}
-	defer target.Close()
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		home, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- fmt.Errorf("open the shim's network namespace: %w", err)
-			return
-		}
-		defer home.Close()
-		if err := netns.Set(target); err != nil {
-			runtime.UnlockOSThread()
-			done <- fmt.Errorf("enter network namespace %s: %w", nsPath, err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(home); err != nil {
-			done <- errors.Join(ferr, fmt.Errorf("return from network namespace %s: %w", nsPath, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- ferr
-	}()
-	return <-done
 }
 
 // listenTCP listens on a loopback address with IP_FREEBIND: a namespace whose loopback is down has no 127.0.0.1

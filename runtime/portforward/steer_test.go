@@ -4,7 +4,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"os"
 	"syscall"
 	"testing"
 
@@ -95,38 +94,4 @@ func TestSteeringInANamespaceWithLoopbackDown(t *testing.T) {
 	if err := Probe(); err != nil {
 		t.Errorf("Probe: %v", err)
 	}
-}
-
-// Entering the pod's namespace must not end a thread of the shim: the kernel sends QEMU its parent-death signal
-// when the thread that forked it ends, whichever thread that was (a CRI pod's VM died at boot this way).
-func TestSteeringEndsNoThread(t *testing.T) {
-	path := newNetns(t, true)
-	before := threads(t)
-	for i := 0; i < 20; i++ {
-		s, err := steer(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s.Close()
-	}
-	after := threads(t)
-	for tid := range before {
-		if !after[tid] {
-			t.Errorf("thread %s of the process ended", tid)
-		}
-	}
-}
-
-// threads lists the process's threads.
-func threads(t *testing.T) map[string]bool {
-	t.Helper()
-	entries, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]bool{}
-	for _, e := range entries {
-		m[e.Name()] = true
-	}
-	return m
 }
