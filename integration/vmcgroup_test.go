@@ -38,6 +38,7 @@ func TestVMCgroupOnCgroupV2(t *testing.T) {
 		// beside it, under the container's cgroup (the root of the container's cgroup namespace).
 		status, out, errOut := runChildTests(t, v, rootfs, "cgroup-v2", `mkdir /sys/fs/cgroup/test-leaf
 echo $$ > /sys/fs/cgroup/test-leaf/cgroup.procs`)
+		t.Logf("vm/child's tests in the guest:\n%s", out)
 		if status != 0 || !strings.Contains(out, "--- PASS: TestStartInCgroupAsUser") ||
 			!strings.Contains(out, "--- PASS: TestNewCgroupReplacesAnEmptyStaleOne") || !strings.Contains(out, "(v2: true)") {
 			t.Errorf("vm/child's cgroup tests in the guest: status %d\nstdout:\n%s\nstderr:\n%s", status, out, errOut)
@@ -47,6 +48,7 @@ echo $$ > /sys/fs/cgroup/test-leaf/cgroup.procs`)
 		// The caller is alone at the root of its cgroup namespace, which is not the host's root cgroup: no
 		// cgroup can be made there with a memory limit, and the error says why.
 		status, out, errOut := runChildTests(t, v, rootfs, "cgroup-v2-root", "")
+		t.Logf("vm/child's tests in the guest:\n%s", out)
 		if status == 0 || !strings.Contains(out, "it holds processes, and cgroup v2 lets such a cgroup give no controller to its children") {
 			t.Errorf("vm/child's cgroup tests at the namespace root: status %d, want a failure that says why\nstdout:\n%s\nstderr:\n%s", status, out, errOut)
 		}
