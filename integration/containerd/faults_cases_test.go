@@ -21,10 +21,11 @@ func guestOOM(t *testing.T, k *kilnEnv) {
 	const pod = "f-oom"
 	a, b := pod+"-a", pod+"-b"
 	events := k.followEvents(t)
-	k.runDetached(t, a, podArgs(pod), sleeper...)
+	net := k.podNet(t)
+	k.runDetached(t, a, append(podArgs(pod), net...), sleeper...)
 	k.waitStatus(t, a, "RUNNING")
 	// 32 MiB limit; the shell's string doubles until the guest's OOM killer ends it.
-	k.runDetached(t, b, append(podArgs(pod), "--memory-limit", "33554432"), "sh", "-c", "x=xxxxxxxxxxxxxxxx; while true; do x=$x$x; done")
+	k.runDetached(t, b, append(append(podArgs(pod), net...), "--memory-limit", "33554432"), "sh", "-c", "x=xxxxxxxxxxxxxxxx; while true; do x=$x$x; done")
 	events.waitFor(t, 2*time.Minute, "/tasks/exit", map[string]any{"container_id": b, "id": b, "exit_status": float64(137)})
 	events.waitFor(t, time.Minute, "/tasks/oom", map[string]any{"container_id": b})
 	if evs := events.find("/tasks/oom", map[string]any{"container_id": a}); len(evs) > 0 {

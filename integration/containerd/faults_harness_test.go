@@ -261,8 +261,35 @@ func (k *kilnEnv) deleteTask(t *testing.T, id string) int {
 	return -1
 }
 
+// watchedNet is a pod's network namespace with what it held before the pod used it.
+type watchedNet struct {
+	name, before string
+}
+
+// podNet gives a test's pod a network: a namespace CNI's bridge plugin configured (an interface, an address,
+// routes), as for a CRI pod. Kiln adds a tap and qdiscs beside its interface for the VM; checkNothingLeft then
+// compares the namespace's links, addresses, routes and qdiscs with what they were before the pod, so a tap or
+// a qdisc the pod left fails the test. It returns the `ctr run` arguments that put a container there.
+func (k *kilnEnv) podNet(t *testing.T) []string {
+	t.Helper()
+	k.netSeq++
+	n := newCNINet(t, fmt.Sprintf("kiln-fault-%04d", k.netSeq), fmt.Sprintf("10.232.%d.0/24", k.netSeq%250))
+	k.nets = append(k.nets, watchedNet{name: n.Name, before: netnsListing(t, n.Name)})
+	// Registered after newCNINet's cleanup, so it runs before the namespace goes.
+	t.Cleanup(func() {
+		for i, w := range k.nets {
+			if w.name == n.Name {
+				k.nets = append(k.nets[:i], k.nets[i+1:]...)
+				break
+			}
+		}
+	})
+	return []string{"--with-ns", "network:" + n.Path}
+}
+
 // checkNothingLeft fails the test for anything Kiln left on the host: shims, QEMU, virtiofsd or other
-// processes naming the state directory, mounts, state, and the VMs' host cgroups.
+// processes naming the state directory, mounts, state, the VMs' host cgroups, and taps or qdiscs in the
+// network namespaces of podNet.
 func (k *kilnEnv) checkNothingLeft(t *testing.T, ids ...string) {
 	t.Helper()
 	state := k.d.StateDir()
@@ -294,6 +321,11 @@ func (k *kilnEnv) checkNothingLeft(t *testing.T, ids ...string) {
 	for _, id := range ids {
 		if _, err := os.Stat(filepath.Join(root, Namespace, id)); err == nil {
 			t.Errorf("host cgroup of %s left", id)
+		}
+	}
+	for _, n := range k.nets {
+		if after := netnsListing(t, n.name); after != n.before {
+			t.Errorf("network namespace %s after the pod (a tap or qdisc left?):\n%s\nbefore the pod:\n%s", n.name, after, n.before)
 		}
 	}
 }

@@ -60,7 +60,9 @@ var deadVMFaults = []deadVMFault{
 // TestKilnFaults is issue 11's fault suite: a pod's VM dies or hangs under running containers, and while a
 // container of the pod starts; the guest runs out of memory; a container floods a reader that reads nothing;
 // containerd restarts mid-exec; the state directory is full. Each gives a clear event or error and leaves
-// nothing behind. One containerd serves every case; each case checks for leftovers when it ends.
+// nothing behind. One containerd serves every case; each case checks for leftovers when it ends. The pods whose
+// VM dies, and the OOM's, have a CNI-configured network namespace, so that the check covers their taps and
+// qdiscs too.
 func TestKilnFaults(t *testing.T) {
 	k := startKiln(t)
 	cfg, err := k.d.KilnConfig(k.assets, "\n[agent]\nrequest_timeout = \""+faultRequestTimeout.String()+"\"\n")
@@ -85,7 +87,8 @@ func deadVMWhileRunning(t *testing.T, k *kilnEnv, f deadVMFault) {
 	a := pod + "-a"
 	events := k.followEvents(t)
 	logStart := k.logSize()
-	k.runDetached(t, a, append(podArgs(pod), "--privileged"), sleeper...)
+	net := k.podNet(t)
+	k.runDetached(t, a, append(append(podArgs(pod), net...), "--privileged"), sleeper...)
 	k.waitStatus(t, a, "RUNNING")
 	waiter := k.background(t, "tasks", "exec", "--exec-id", "waiter", a, "sleep", "1000")
 	events.waitFor(t, time.Minute, "/tasks/exec-started", map[string]any{"container_id": a, "exec_id": "waiter"})
@@ -128,10 +131,11 @@ func deadVMWhileRunning(t *testing.T, k *kilnEnv, f deadVMFault) {
 func deadVMWhileStarting(t *testing.T, k *kilnEnv, f deadVMFault) {
 	pod := "s-" + f.name
 	a, b := pod+"-a", pod+"-b"
-	k.runDetached(t, a, append(podArgs(pod), "--privileged"), sleeper...)
+	net := k.podNet(t)
+	k.runDetached(t, a, append(append(podArgs(pod), net...), "--privileged"), sleeper...)
 	k.waitStatus(t, a, "RUNNING")
 	args := append([]string{"run", "-d"}, KilnRunArgs(k.cfg)...)
-	args = append(append(args, podArgs(pod)...), BusyboxRef, b)
+	args = append(append(append(args, podArgs(pod)...), net...), BusyboxRef, b)
 	run := k.background(t, append(args, sleeper...)...)
 	t.Cleanup(func() { k.remove(t, b) })
 	k.waitShareHolds(t, pod, b, time.Minute)

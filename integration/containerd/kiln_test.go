@@ -17,6 +17,10 @@ type kilnEnv struct {
 	assets string
 	// shimDir holds the shim binary containerd runs (and that network namespace holders re-execute).
 	shimDir string
+	// nets are the network namespaces of the running test's pods (podNet), checked by checkNothingLeft.
+	nets []watchedNet
+	// netSeq numbers the namespaces podNet made, so each has its own name, bridge and subnet.
+	netSeq int
 }
 
 // startKiln builds the shim, starts a private containerd that finds it, and writes the Kiln configuration.

@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"sync"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	"github.com/containerd/containerd/v2/core/runtime"
@@ -54,13 +55,55 @@ func (s *Service) forward(ctx context.Context) {
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("topic", topic(e)).WithField("namespace", ns).Error("publish event")
 		}
+		if oom, ok := e.(*eventstypes.TaskOOM); ok {
+			if merged := s.ooms.done(oom.ContainerID); merged > 0 {
+				log.G(ctx).WithField("container", oom.ContainerID).WithField("merged", merged).
+					Warn("guest reported more OOM kills while one waited for containerd; published as one")
+			}
+		}
 	}
 	_ = s.publisher.Close()
 }
 
-// onEvent publishes the guest's OOM kills. Exits are published by onExit, once their output is delivered.
+// oomQueue coalesces a container's OOM events: at most one TaskOOM per container waits for containerd or is
+// being published, and the OOMs the guest reports meanwhile are merged into it. The guest decides how many OOM
+// events it sends, and the event loop that passes them on also passes on exits, so a flood must cost neither a
+// queue slot per event nor a blocked loop (containerd learns only that the container was OOM-killed, not how
+// often). Its size is bounded by the pod's containers: only OOMs of containers the host holds get here.
+type oomQueue struct {
+	mu sync.Mutex
+	// pending maps a container with a TaskOOM in flight to the OOMs merged into it since.
+	pending map[string]uint64
+}
+
+// add reports whether an OOM of container id is to be queued: false when one already is (it is merged).
+func (q *oomQueue) add(id string) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if n, ok := q.pending[id]; ok {
+		q.pending[id] = n + 1
+		return false
+	}
+	if q.pending == nil {
+		q.pending = map[string]uint64{}
+	}
+	q.pending[id] = 0
+	return true
+}
+
+// done ends container id's TaskOOM in flight, once published, and returns how many OOMs were merged into it.
+func (q *oomQueue) done(id string) uint64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := q.pending[id]
+	delete(q.pending, id)
+	return n
+}
+
+// onEvent publishes the guest's OOM kills, one at a time per container (oomQueue). Exits are published by
+// onExit, once their output is delivered.
 func (s *Service) onEvent(e container.Event) {
-	if e.Kind == container.EventOOM {
+	if e.Kind == container.EventOOM && s.ooms.add(e.ContainerID) {
 		s.send(&eventstypes.TaskOOM{ContainerID: e.ContainerID})
 	}
 }
@@ -69,9 +112,14 @@ func (s *Service) onEvent(e container.Event) {
 func (s *Service) onExit(p *container.Process, e container.Exit) {
 	c := p.Container()
 	s.log(c.ID(), p.ID()).WithField("status", e.Status).Debug("process exited")
+	s.sendExit(c.ID(), processID(c, p), e)
+}
+
+// sendExit queues the exit of process id of container containerID.
+func (s *Service) sendExit(containerID, id string, e container.Exit) {
 	s.send(&eventstypes.TaskExit{
-		ContainerID: c.ID(),
-		ID:          processID(c, p),
+		ContainerID: containerID,
+		ID:          id,
 		Pid:         e.Pid,
 		ExitStatus:  e.Status,
 		ExitedAt:    protobuf.ToTimestamp(e.ExitedAt),

@@ -40,6 +40,7 @@ type Service struct {
 	sd        shutdown.Service
 	version   string
 	events    chan any
+	ooms      oomQueue
 	// loadConfig reads Kiln's configuration from a path given in the runtime options ("" for the default).
 	loadConfig func(path string) (config.Config, error)
 

@@ -106,6 +106,10 @@ func (c *Cgroup) create(h host) error {
 		}
 		if !hasWord(string(ctl), "memory") {
 			if err := os.WriteFile(filepath.Join(parent, "cgroup.subtree_control"), []byte("+memory"), 0); err != nil {
+				if errors.Is(err, unix.EBUSY) {
+					// The caller is at the root of a cgroup namespace that is not the host's root cgroup.
+					return fmt.Errorf("enable the memory controller in %s: %w: it holds processes, and cgroup v2 lets such a cgroup give no controller to its children; run Kiln's shim in a cgroup of its own below it", parent, err)
+				}
 				return fmt.Errorf("enable the memory controller in %s: %w", parent, err)
 			}
 		}

@@ -93,6 +93,7 @@ func TestStartInCgroupAsUser(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cg.Remove() })
+	checkVersion(t, cg)
 	before, _ := os.ReadFile("/proc/self/cgroup")
 
 	// The program reports its own cgroup file and ids, then its child's cgroup file (what it forks stays in).
@@ -105,7 +106,20 @@ func TestStartInCgroupAsUser(t *testing.T) {
 
 	var text string
 	waitFor(t, func() bool { text = out.String(); return strings.HasSuffix(text, "end\n") })
-	if own, forked, _ := strings.Cut(text, "==="); !strings.Contains(own, "memory:") || !strings.Contains(own, name) || !strings.Contains(forked, name) {
+	// /proc/<pid>/cgroup names the cgroup on the memory hierarchy's line (v1) or the one "0::" line (v2).
+	inCgroup := func(cgroupFile string) bool {
+		for _, line := range strings.Split(cgroupFile, "\n") {
+			parts := strings.SplitN(line, ":", 3)
+			if len(parts) != 3 || !strings.HasSuffix(parts[2], "/"+name) {
+				continue
+			}
+			if (cg.V2() && parts[0] == "0" && parts[1] == "") || (!cg.V2() && hasWord(strings.ReplaceAll(parts[1], ",", " "), "memory")) {
+				return true
+			}
+		}
+		return false
+	}
+	if own, forked, _ := strings.Cut(text, "==="); !inCgroup(own) || !inCgroup(forked) {
 		t.Errorf("program output %q: want the program and what it forks in cgroup %s", text, name)
 	}
 	if !strings.Contains(text, "\n65534\n65534\n") {
@@ -149,6 +163,26 @@ func TestStartInCgroupAsUser(t *testing.T) {
 	}
 }
 
+// versionEnv, when set to 1 or 2, is the cgroup version the tests must find: a test run that is there to
+// exercise one version's code (integration's TestVMCgroupOnCgroupV2 runs these tests in a cgroup v2 guest)
+// must not pass on the other's.
+const versionEnv = "KILN_TEST_CGROUP_VERSION"
+
+func checkVersion(t *testing.T, cg *Cgroup) {
+	t.Helper()
+	t.Logf("cgroup %s (v2: %t)", cg.Path(), cg.V2())
+	switch os.Getenv(versionEnv) {
+	case "1":
+		if cg.V2() {
+			t.Fatalf("%s=1 but the cgroup is a v2 one", versionEnv)
+		}
+	case "2":
+		if !cg.V2() {
+			t.Fatalf("%s=2 but the cgroup is a v1 one", versionEnv)
+		}
+	}
+}
+
 type syncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
@@ -189,6 +223,7 @@ func TestNewCgroupReplacesAnEmptyStaleOne(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = stale.Remove() })
+	checkVersion(t, stale)
 	again, err := NewCgroup(name, 64<<20)
 	if err != nil {
 		t.Fatalf("new cgroup over an empty stale one: %v", err)
