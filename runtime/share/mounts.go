@@ -56,16 +56,16 @@ func mountOne(m Mount, target string, readonly bool) error {
 	if readonly {
 		flags |= unix.MS_RDONLY
 	}
-	var userns *os.File
-	if uidmap != "" {
-		f, err := mount.GetUsernsFD(uidmap, gidmap)
-		if err != nil {
-			return fmt.Errorf("user namespace for uidmap=%s gidmap=%s: %w", uidmap, gidmap, err)
-		}
-		defer f.Close()
-		userns = f
-	}
 	if m.Type == "bind" || flags&unix.MS_BIND != 0 {
+		var userns *os.File
+		if uidmap != "" {
+			f, err := mount.GetUsernsFD(uidmap, gidmap)
+			if err != nil {
+				return fmt.Errorf("user namespace for uidmap=%s gidmap=%s: %w", uidmap, gidmap, err)
+			}
+			defer f.Close()
+			userns = f
+		}
 		src, _, err := Source{Path: m.Source}.open()
 		if err != nil {
 			return err
@@ -73,9 +73,9 @@ func mountOne(m Mount, target string, readonly bool) error {
 		defer src.Close()
 		return bindFromMapped(src, target, BindOptions{RecursiveReadonly: flags&unix.MS_RDONLY != 0, Recursive: flags&unix.MS_REC != 0}, userns)
 	}
-	if userns != nil {
-		// An overlay is idmapped through its lower directories (each gets an idmapped mount; the upper one
-		// already belongs to the mapped root), which containerd's mount package does as it does for runc.
+	if uidmap != "" {
+		// An overlay is idmapped through its lower directories (each gets an idmapped mount; the snapshotter gave
+		// the upper one to the mapped root), which containerd's mount package does, as for runc.
 		cm := mount.Mount{Type: m.Type, Source: m.Source, Options: slices.Clone(m.Options)}
 		if readonly {
 			cm.Options = append(cm.Options, "ro")
