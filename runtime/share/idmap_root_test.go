@@ -46,6 +46,12 @@ func TestAddRootfsMountsIDMapped(t *testing.T) {
 				t.Fatal(err)
 			}
 			exported := filepath.Join(s.ExportDir(), rel)
+			// The container's mapped root, which is no one in particular on the guest, must be able to reach its root.
+			for _, d := range []string{s.ExportDir(), filepath.Dir(exported)} {
+				if fi, err := os.Stat(d); err != nil || fi.Mode().Perm()&0o001 == 0 {
+					t.Errorf("%s cannot be passed through by others: %v %v", d, fi.Mode(), err)
+				}
+			}
 			if uid, gid := owner(t, filepath.Join(exported, "layer")); uid != 1000 || gid != 2000 {
 				t.Errorf("a root-owned file shows as %d:%d in the export, want 1000:2000", uid, gid)
 			}
