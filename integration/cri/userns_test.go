@@ -18,8 +18,8 @@ import (
 //
 // The pod's other containers are not started here: containerd 2.4's CRI starts a container with a user
 // namespace with runc's options type, which it cannot make from the runtime options the harness gives Kiln
-// (ConfigPath), so StartContainer fails in containerd before Kiln sees it. TestKilnUserNamespace in
-// integration/containerd runs such a container through ctr.
+// (ConfigPath), so StartContainer fails in containerd before Kiln sees it (ctr run --uidmap with
+// --runtime-config-path fails the same way in containerd's client).
 func TestCRIUserNamespace(t *testing.T) {
 	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
 	name := "userns"
