@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -28,6 +29,12 @@ func MountShared(log *logrus.Entry, tag, dir string) (bool, error) {
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return false, fmt.Errorf("create shared directory mount point %s: %w", dir, err)
+	}
+	// runc resolves a container's root (and its pod shm, beside the share) as the container's root, which in a
+	// user namespace is not the guest's root: the agent's directory (which other code may have created 0700 for
+	// its own state) must let anyone pass through.
+	if err := os.Chmod(filepath.Dir(dir), 0o711); err != nil {
+		return false, fmt.Errorf("open %s to containers with a user namespace: %w", filepath.Dir(dir), err)
 	}
 	// Set-uid files work, as in a runc container's root (an image's ping or sudo; CRI's no_new_privs=false
 	// relies on it): the guest kernel, not the mount, is the boundary. Device nodes on the share would name

@@ -23,6 +23,8 @@ type creation struct {
 	root   string
 	config *configs.Config
 	lp     *libcontainer.Process
+	// netSysctls are net.* sysctls the agent writes in the pod namespace for the container (fitUserNamespace).
+	netSysctls map[string]string
 }
 
 // prepareCreate checks a request and converts its spec and process for libcontainer; it creates nothing but the
@@ -44,6 +46,7 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
 	}
+	netSysctls := fitUserNamespace(spec)
 	config, err := libcontainerConfig(spec, id, s.noPivot)
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
@@ -57,7 +60,7 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 		s.log.WithFields(logrus.Fields{"container": id, "spec_terminal": spec.Process.Terminal}).
 			Warn("request's stdio decides the terminal, not the spec")
 	}
-	return &creation{id: id, root: root, config: config, lp: lp}, nil
+	return &creation{id: id, root: root, config: config, lp: lp, netSysctls: netSysctls}, nil
 }
 
 // CreateContainer builds the container and its init process, which waits
@@ -84,6 +87,10 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 	}
 	pio, err := newProcessIO(log, req.GetStdio(), conns, lp)
 	if err != nil {
+		return nil, fmt.Errorf("create container %s: %w", id, err)
+	}
+	if err := s.cfg.PodNetNS.SetSysctls(cr.netSysctls); err != nil {
+		pio.abort()
 		return nil, fmt.Errorf("create container %s: %w", id, err)
 	}
 	lc, err := libcontainer.Create(s.cfg.StateDir, id, config)

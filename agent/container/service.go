@@ -77,6 +77,8 @@ type Config struct {
 type PodNetNS interface {
 	// Path is the namespace's file, created on first use.
 	Path() (string, error)
+	// SetSysctls writes net.* sysctls in the namespace.
+	SetSysctls(values map[string]string) error
 }
 
 // Service implements the Containers API.

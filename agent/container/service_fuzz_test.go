@@ -71,6 +71,8 @@ func (inertReaper) Hold() func()           { return func() {} }
 func (inertReaper) Claim(int) func()       { return func() {} }
 func (n podNetPath) Path() (string, error) { return string(n), nil }
 
+func (podNetPath) SetSysctls(map[string]string) error { return nil }
+
 type podNetPath string
 
 // fuzzService is a service on temporary directories holding four containers that run nothing: "created" (never

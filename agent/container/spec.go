@@ -79,6 +79,41 @@ func adaptSpec(raw []byte, id, root string, ns podNamespaces) (*specs.Spec, erro
 	return &spec, nil
 }
 
+// fitUserNamespace fits a container with a user namespace to the pod's network namespace, which belongs to the
+// guest's initial user namespace (the agent makes it before any container), where the container's root is
+// nobody: it could neither mount a sysfs (which needs CAP_SYS_ADMIN over the network namespace's owner) nor
+// write net.* sysctls. On a runc host CRI makes the pod's network namespace inside the pod's user namespace. Here
+// the sysfs becomes a bind of the guest's /sys (as CRI does for a pod with a user namespace on the host's
+// network), and the net.* sysctls are taken out of the spec and returned for the agent to write.
+func fitUserNamespace(spec *specs.Spec) (netSysctls map[string]string) {
+	if !slices.ContainsFunc(spec.Linux.Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == specs.UserNamespace }) {
+		return nil
+	}
+	for k, v := range spec.Linux.Sysctl {
+		if strings.HasPrefix(k, "net.") {
+			if netSysctls == nil {
+				netSysctls = map[string]string{}
+			}
+			netSysctls[k] = v
+			delete(spec.Linux.Sysctl, k)
+		}
+	}
+	for i, m := range spec.Mounts {
+		if m.Type != "sysfs" {
+			continue
+		}
+		opts := []string{"rbind"}
+		for _, o := range m.Options {
+			switch o {
+			case "ro", "nosuid", "noexec", "nodev":
+				opts = append(opts, o)
+			}
+		}
+		spec.Mounts[i] = specs.Mount{Destination: m.Destination, Type: "bind", Source: "/sys", Options: opts}
+	}
+	return netSysctls
+}
+
 // nsFiles maps the spec's namespace types to their names under /proc/<pid>/ns.
 var nsFiles = map[specs.LinuxNamespaceType]string{
 	specs.PIDNamespace: "pid", specs.IPCNamespace: "ipc", specs.UTSNamespace: "uts", specs.MountNamespace: "mnt",

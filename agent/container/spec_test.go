@@ -288,3 +288,38 @@ func TestFeaturesMatchLibcontainer(t *testing.T) {
 		t.Errorf("proto/features namespaces %q, libcontainer's %q", gotNS, wantNS)
 	}
 }
+
+// A container with a user namespace gets the guest's /sys bound instead of a sysfs it could not mount, and its
+// net.* sysctls go to the agent; one without keeps both.
+func TestFitUserNamespace(t *testing.T) {
+	for _, userns := range []bool{false, true} {
+		spec := &specs.Spec{
+			Linux: &specs.Linux{Sysctl: map[string]string{"net.ipv4.ip_unprivileged_port_start": "0", "kernel.msgmax": "8192"}},
+			Mounts: []specs.Mount{
+				{Destination: "/proc", Type: "proc", Source: "proc"},
+				{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
+			},
+		}
+		if userns {
+			spec.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.UserNamespace}}
+		}
+		net := fitUserNamespace(spec)
+		sys := spec.Mounts[1]
+		if !userns {
+			if net != nil || sys.Type != "sysfs" || len(spec.Linux.Sysctl) != 2 {
+				t.Errorf("without a user namespace: sysctls %v taken, %v left, sys mount %+v", net, spec.Linux.Sysctl, sys)
+			}
+			continue
+		}
+		if len(net) != 1 || net["net.ipv4.ip_unprivileged_port_start"] != "0" || len(spec.Linux.Sysctl) != 1 || spec.Linux.Sysctl["kernel.msgmax"] != "8192" {
+			t.Errorf("with a user namespace: sysctls %v taken, %v left", net, spec.Linux.Sysctl)
+		}
+		want := specs.Mount{Destination: "/sys", Type: "bind", Source: "/sys", Options: []string{"rbind", "nosuid", "noexec", "nodev", "ro"}}
+		if !slices.Equal(sys.Options, want.Options) || sys.Type != want.Type || sys.Source != want.Source || sys.Destination != want.Destination {
+			t.Errorf("sys mount %+v, want %+v", sys, want)
+		}
+		if spec.Mounts[0].Type != "proc" {
+			t.Errorf("proc mount changed: %+v", spec.Mounts[0])
+		}
+	}
+}

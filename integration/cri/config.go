@@ -42,9 +42,25 @@ const (
 
 // NamespaceOption chooses which of a pod's namespaces are the pod's, the container's or the node's.
 type NamespaceOption struct {
-	Network int `json:"network,omitempty"`
-	Pid     int `json:"pid,omitempty"`
-	Ipc     int `json:"ipc,omitempty"`
+	Network       int            `json:"network,omitempty"`
+	Pid           int            `json:"pid,omitempty"`
+	Ipc           int            `json:"ipc,omitempty"`
+	UsernsOptions *UserNamespace `json:"userns_options,omitempty"`
+}
+
+// UserNamespace is the pod's user namespace: NamespacePod with one uid and one gid mapping (what containerd
+// takes), or NamespaceNode.
+type UserNamespace struct {
+	Mode int         `json:"mode"`
+	Uids []IDMapping `json:"uids,omitempty"`
+	Gids []IDMapping `json:"gids,omitempty"`
+}
+
+// IDMapping maps Length ids from ContainerID in the container to HostID.
+type IDMapping struct {
+	HostID      uint32 `json:"host_id"`
+	ContainerID uint32 `json:"container_id"`
+	Length      uint32 `json:"length"`
 }
 
 // PodSecurityContext is the part of LinuxSandboxSecurityContext the harness sets.

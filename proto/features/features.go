@@ -31,8 +31,10 @@ func MountOptions() []string { return append([]string(nil), mountOptions...) }
 func Namespaces() []string { return append([]string(nil), namespaces...) }
 
 // OCI is Kiln's runtime features. Hooks are those Kiln runs on the host (createContainer and startContainer
-// would have to run in the guest); idmapped mounts are off because the guest's virtio-fs (Linux 6.1) cannot
-// idmap, so CRI's user namespaces, which need them, are not offered.
+// would have to run in the guest). Idmapped mounts are on: the guest's virtio-fs (Linux 6.1) cannot idmap, but
+// the shim honours the "uidmap="/"gidmap=" options of a container's root mounts by idmapping them on the host
+// (runtime/share), so CRI offers user namespaces (it needs both). Spec mounts with their own mappings are
+// refused (runtime/pod), not dropped.
 func OCI() *features.Features {
 	yes, no := true, false
 	return &features.Features{
@@ -48,7 +50,7 @@ func OCI() *features.Features {
 			Selinux:    &features.Selinux{Enabled: &no},
 			IntelRdt:   &features.IntelRdt{Enabled: &no},
 			MountExtensions: &features.MountExtensions{
-				IDMap: &features.IDMap{Enabled: &no},
+				IDMap: &features.IDMap{Enabled: &yes},
 			},
 		},
 	}

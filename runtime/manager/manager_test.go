@@ -204,8 +204,8 @@ func TestCleanupRefusesARecordNamingOtherPaths(t *testing.T) {
 	}
 }
 
-// containerd's CRI reads the handler's features from Info: recursive read-only mounts are offered; user
-// namespaces are not (no idmapped mounts on the guest's virtio-fs).
+// containerd's CRI reads the handler's features from Info: recursive read-only mounts are offered, and user
+// namespaces, which CRI offers only with idmapped mounts (Kiln idmaps roots on the host).
 func TestInfoReportsFeatures(t *testing.T) {
 	info, err := New("v-test").Info(context.Background(), strings.NewReader(""))
 	if err != nil {
@@ -222,7 +222,7 @@ func TestInfoReportsFeatures(t *testing.T) {
 	if !slices.Contains(f.MountOptions, "rro") || slices.Contains(f.Hooks, "createContainer") || !slices.Contains(f.Hooks, "createRuntime") {
 		t.Errorf("features %+v", f)
 	}
-	if f.Linux == nil || f.Linux.MountExtensions == nil || *f.Linux.MountExtensions.IDMap.Enabled {
-		t.Errorf("idmapped mounts offered: %+v", f.Linux)
+	if f.Linux == nil || f.Linux.MountExtensions == nil || !*f.Linux.MountExtensions.IDMap.Enabled || !slices.Contains(f.Linux.Namespaces, "user") {
+		t.Errorf("user namespaces with idmapped mounts not offered: %+v", f.Linux)
 	}
 }

@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"strconv"
-	"strings"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -134,24 +132,10 @@ func (p *Pod) checkJoin(id string, spec *specs.Spec) error {
 	if src.New || src.Path == p.netPath {
 		return nil
 	}
-	if pid, ok := procNetPid(src.Path); ok && p.ctrs.IsInitPid(uint32(pid)) {
+	if pid, ok := procNSPid(src.Path, "net"); ok && p.ctrs.IsInitPid(uint32(pid)) {
 		return nil
 	}
 	return fmt.Errorf("%w: container %s: network namespace %s is not its pod's: containers of a Kiln pod share the network of the pod's VM (name the pod's namespace, or /proc/<pid of a container of the pod>/ns/net)", errdefs.ErrInvalidArgument, id, src.Path)
-}
-
-// procNetPid reads the pid of a /proc/<pid>/ns/net path.
-func procNetPid(path string) (int, bool) {
-	rest, ok := strings.CutPrefix(path, "/proc/")
-	if !ok {
-		return 0, false
-	}
-	s, ok := strings.CutSuffix(rest, "/ns/net")
-	if !ok {
-		return 0, false
-	}
-	pid, err := strconv.Atoi(s)
-	return pid, err == nil && pid > 0
 }
 
 // hookState is the state a container's hooks get: the pid is the namespace holder's, a host process in the

@@ -333,7 +333,10 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 			}
 		}
 	}()
-	spec := *b.Spec
+	spec, err := guestUserNamespace(o.ID, *b.Spec, p.ctrs.IsInitPid)
+	if err != nil {
+		return nil, err
+	}
 	spec.Mounts = append([]specs.Mount(nil), spec.Mounts...)
 	shm := podShm(spec.Mounts)
 	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec); err != nil {

@@ -24,11 +24,11 @@ func TestPodShm(t *testing.T) {
 	}
 }
 
-func TestProcNetPid(t *testing.T) {
+func TestProcNSPid(t *testing.T) {
 	for path, want := range map[string]int{
 		"/proc/42/ns/net": 42, "/proc/0/ns/net": 0, "/proc/x/ns/net": 0, "/var/run/netns/a": 0, "/proc/42/ns/ipc": 0,
 	} {
-		got, ok := procNetPid(path)
+		got, ok := procNSPid(path, "net")
 		if got != want && ok || ok != (want > 0) {
 			t.Errorf("%s: %d %v, want %d", path, got, ok, want)
 		}

@@ -17,6 +17,13 @@ import (
 // they are (an OCI "ro" bind, as runc does it); o.RecursiveReadonly makes every mount of the clone read-only
 // (OCI "rro").
 func bindFrom(src *os.File, target string, o BindOptions) error {
+	return bindFromMapped(src, target, o, nil)
+}
+
+// bindFromMapped is bindFrom that, when userns is not nil, also idmaps the clone's top mount with userns's
+// mappings (containerd's "uidmap="/"gidmap=" options): a file owned by id N on disk shows as the id N maps to.
+// A clone can be idmapped only before it is attached, so it is done here, not on the mount point afterwards.
+func bindFromMapped(src *os.File, target string, o BindOptions, userns *os.File) error {
 	flags := unix.OPEN_TREE_CLONE | unix.OPEN_TREE_CLOEXEC | unix.AT_EMPTY_PATH
 	if o.Recursive {
 		flags |= unix.AT_RECURSIVE
@@ -39,6 +46,12 @@ func bindFrom(src *os.File, target string, o BindOptions) error {
 		top := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}
 		if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH, &top); err != nil {
 			return fmt.Errorf("make bind of %s read-only: %w", src.Name(), err)
+		}
+	}
+	if userns != nil {
+		idmap := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_IDMAP, Userns_fd: uint64(userns.Fd())}
+		if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH, &idmap); err != nil {
+			return fmt.Errorf("idmap bind of %s: %w", src.Name(), err)
 		}
 	}
 	if err := unix.MoveMount(tree, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {

@@ -83,8 +83,12 @@ func New(dir string) (_ *Share, retErr error) {
 			}
 		}
 	}()
+	// The guest sees mounts/ as the root of its virtio-fs. Anyone may pass through it (not list it): runc in
+	// the guest resolves a container's root, <share>/<id>/rootfs, as the container's root, which in a user
+	// namespace is not the guest's root (containerd opens a runc bundle's directory to the mapped root for the
+	// same reason). On the host the share's own directory stays 0700.
 	for _, d := range []string{s.mounts, s.shared} {
-		if err := os.Mkdir(d, 0o700); err != nil {
+		if err := os.Mkdir(d, 0o711); err != nil {
 			return nil, fmt.Errorf("create share %s: %w", dir, err)
 		}
 	}

@@ -29,6 +29,14 @@ func TestConfigPathFromRuntimeOptions(t *testing.T) {
 	if _, err := configPath(wrong); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("runc options: %v, want InvalidArgument", err)
 	}
+	// What containerd's CRI sends when it starts a container with a user namespace for a runtime without options.
+	owner, err := typeurl.MarshalAnyToProto(&options.Options{IoUid: 200000, IoGid: 300000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, err := configPath(owner); err != nil || p != "" {
+		t.Errorf("runc options with only the stdio owner: configPath = %q, %v", p, err)
+	}
 }
 
 func TestVMIDIsShortAndStable(t *testing.T) {

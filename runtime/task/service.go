@@ -12,6 +12,7 @@ import (
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
@@ -22,6 +23,7 @@ import (
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/kiln-runtime/kiln/config"
@@ -184,6 +186,13 @@ func configPath(opts *anypb.Any) (string, error) {
 	}
 	if o, ok := v.(*runtimeoptions.Options); ok {
 		return o.ConfigPath, nil
+	}
+	// containerd's CRI (2.4) starts a container with a user namespace with runc's options holding only the
+	// owner of its stdio (IoUid, IoGid), whatever the runtime: for a runtime with no options of its own that is
+	// all Kiln gets. Its stdio reaches the guest over vsock, not as host pipes the container opens, so the owner
+	// has nothing to apply to; anything else set in runc's options is refused.
+	if o, ok := v.(*runcoptions.Options); ok && proto.Equal(&runcoptions.Options{IoUid: o.IoUid, IoGid: o.IoGid}, o) {
+		return "", nil
 	}
 	return "", fmt.Errorf("%w: runtime options of type %T: Kiln takes runtimeoptions.v1.Options (ConfigPath)", errdefs.ErrInvalidArgument, v)
 }

@@ -1,0 +1,94 @@
+package network
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"sort"
+	"strings"
+
+	"github.com/vishvananda/netns"
+)
+
+// sysctlName is a net.* sysctl as OCI names it: dots between components (a slash stands for a dot inside one,
+// as in net.ipv4.conf.eth0/100.rp_filter), nothing that could leave /proc/sys/net.
+var sysctlName = regexp.MustCompile(`^net(\.[A-Za-z0-9_/-]+)+$`)
+
+// SetSysctls writes net.* sysctls in the pod namespace, as the agent. A container with a user namespace of its
+// own cannot write them itself: the pod namespace belongs to the guest's initial user namespace, where the
+// container's root is nobody (on a runc host CRI makes the pod's network namespace inside the pod's user
+// namespace instead). They are the pod's settings, so writing them once for the pod is what runc's per-container
+// writes amount to.
+func (p *Pod) SetSysctls(values map[string]string) error {
+	if len(values) == 0 {
+		return nil
+	}
+	keys := make([]string, 0, len(values))
+	for k := range values {
+		if _, ok := sysctlFile(k); !ok {
+			return fmt.Errorf("sysctl %q: not a net.* sysctl name", k)
+		}
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	path, err := p.Path()
+	if err != nil {
+		return err
+	}
+	target, err := netns.GetFromPath(path)
+	if err != nil {
+		return fmt.Errorf("open pod network namespace %s: %w", path, err)
+	}
+	defer target.Close()
+	errc := make(chan error, 1)
+	go func() {
+		// /proc/sys/net shows the sysctls of the opening thread's namespace. As in DialLoopback, the thread goes
+		// back to the agent's namespace afterwards, and ends locked only when it cannot.
+		runtime.LockOSThread()
+		home, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open the agent's network namespace: %w", err)
+			return
+		}
+		defer home.Close()
+		if err := netns.Set(target); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter pod network namespace: %w", err)
+			return
+		}
+		var werr error
+		for _, k := range keys {
+			file, _ := sysctlFile(k)
+			if err := os.WriteFile(file, []byte(values[k]), 0); err != nil {
+				werr = errors.Join(werr, fmt.Errorf("write sysctl %s in the pod network namespace: %w", k, err))
+			}
+		}
+		if err := netns.Set(home); err != nil {
+			errc <- errors.Join(werr, fmt.Errorf("return from pod network namespace: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- werr
+	}()
+	return <-errc
+}
+
+// sysctlFile is the file under /proc/sys of a net.* sysctl name, or false if name is none.
+func sysctlFile(name string) (string, bool) {
+	if !sysctlName.MatchString(name) {
+		return "", false
+	}
+	parts := strings.Split(name, ".")
+	for i, c := range parts {
+		c = strings.ReplaceAll(c, "/", ".")
+		if c == "." || c == ".." {
+			return "", false
+		}
+		parts[i] = c
+	}
+	return filepath.Join(append([]string{"/proc/sys"}, parts...)...), true
+}

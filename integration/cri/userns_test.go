@@ -1,0 +1,53 @@
+package cri
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestCRIUserNamespace runs a pod with a user namespace of its own (hostUsers: false) with handler kiln: CRI
+// pins a host user namespace with the pod's mappings, makes the pod's network namespace in it, and asks the
+// overlay snapshotter for an idmapped root. The pod's sandbox starts (the guest makes its own user namespace
+// with the mappings), and on the host its root, shared with the guest, shows the image's root-owned files as
+// the mapped root's, as the sandbox sees them.
+//
+// The pod's other containers are not started here: containerd 2.4's CRI starts a container with a user
+// namespace with runc's options type, which it cannot make from the runtime options the harness gives Kiln
+// (ConfigPath), so StartContainer fails in containerd before Kiln sees it (ctr run --uidmap with
+// --runtime-config-path fails the same way in containerd's client).
+func TestCRIUserNamespace(t *testing.T) {
+	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
+	name := "userns"
+	pod := NewPodConfig(name, e.PodLogDir(name))
+	pod.Linux.SecurityContext = &PodSecurityContext{NamespaceOptions: &NamespaceOption{UsernsOptions: &UserNamespace{
+		Mode: NamespacePod,
+		Uids: []IDMapping{{ContainerID: 0, HostID: 200000, Length: 65536}},
+		Gids: []IDMapping{{ContainerID: 0, HostID: 300000, Length: 65536}},
+	}}}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	podID, err := e.RunPod(ctx, HandlerKiln, pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.RemovePod(context.Background(), podID) })
+	if out := e.crictl(t, "inspectp", "-o", "go-template", "--template", "{{.status.state}}", podID); strings.TrimSpace(out) != "SANDBOX_READY" {
+		t.Errorf("pod state %q, want SANDBOX_READY", out)
+	}
+	matches, _ := filepath.Glob(filepath.Join(e.KilnStateDir(), "*.share", "shared", podID, "rootfs", "pause"))
+	if len(matches) != 1 {
+		t.Fatalf("the sandbox's /pause is not in the pod's share on the host (%v)", matches)
+	}
+	fi, err := os.Stat(matches[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := fi.Sys().(*syscall.Stat_t); st.Uid != 200000 || st.Gid != 300000 {
+		t.Errorf("the image's root-owned /pause is %d:%d in the share, want the mapped root 200000:300000", st.Uid, st.Gid)
+	}
+}

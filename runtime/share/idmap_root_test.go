@@ -1,0 +1,96 @@
+package share
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+)
+
+// The uidmap= and gidmap= options containerd's snapshotters put on the root of a container with a user
+// namespace give an idmapped root in the share: what root owns on disk, the mapped root owns in the export.
+func TestAddRootfsMountsIDMapped(t *testing.T) {
+	requireRoot(t)
+	idmap := []string{"uidmap=0:1000:100000", "gidmap=0:2000:100000"}
+	cases := []struct {
+		name   string
+		mounts func(t *testing.T, base string) []Mount
+	}{
+		{"bind", func(t *testing.T, base string) []Mount {
+			dir := filepath.Join(base, "fs")
+			mkdirs(t, dir)
+			write(t, filepath.Join(dir, "layer"), "x")
+			return []Mount{{Type: "bind", Source: dir, Options: append([]string{"rbind", "rw"}, idmap...)}}
+		}},
+		{"overlay", func(t *testing.T, base string) []Mount {
+			l1, l2, upper, work := filepath.Join(base, "l1"), filepath.Join(base, "l2"), filepath.Join(base, "upper"), filepath.Join(base, "work")
+			mkdirs(t, l1, l2, upper, work)
+			write(t, filepath.Join(l1, "layer"), "x")
+			write(t, filepath.Join(l2, "other"), "y")
+			// The snapshotter gives the upper directory to the mapped root.
+			if err := os.Chown(upper, 1000, 2000); err != nil {
+				t.Fatal(err)
+			}
+			return []Mount{{Type: "overlay", Source: "overlay", Options: append([]string{
+				"index=off", "lowerdir=" + l1 + ":" + l2, "upperdir=" + upper, "workdir=" + work,
+			}, idmap...)}}
+		}},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newTestShare(t)
+			id := "m" + string(rune('0'+i))
+			rel, err := s.AddRootfsMounts(context.Background(), id, tc.mounts(t, t.TempDir()), false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			exported := filepath.Join(s.ExportDir(), rel)
+			// The container's mapped root, which is no one in particular on the guest, must be able to reach its root.
+			for _, d := range []string{s.ExportDir(), filepath.Dir(exported)} {
+				if fi, err := os.Stat(d); err != nil || fi.Mode().Perm()&0o001 == 0 {
+					t.Errorf("%s cannot be passed through by others: %v %v", d, fi.Mode(), err)
+				}
+			}
+			if uid, gid := owner(t, filepath.Join(exported, "layer")); uid != 1000 || gid != 2000 {
+				t.Errorf("a root-owned file shows as %d:%d in the export, want 1000:2000", uid, gid)
+			}
+			if err := s.RemoveContainer(context.Background(), id); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// An idmapped mount needs both mappings; one alone is refused and leaves nothing.
+func TestAddRootfsMountsRefusesHalfAnIDMap(t *testing.T) {
+	requireRoot(t)
+	s := newTestShare(t)
+	dir := t.TempDir()
+	_, err := s.AddRootfsMounts(context.Background(), "h", []Mount{{Type: "bind", Source: dir, Options: []string{"rbind", "uidmap=0:1000:10"}}}, false)
+	if err == nil {
+		t.Fatal("uidmap without gidmap accepted")
+	}
+	if mps, _ := mountPoints(filepath.Join(s.mounts, "h")); len(mps) > 0 {
+		t.Errorf("refused rootfs left mounts %v", mps)
+	}
+}
+
+func mkdirs(t *testing.T, dirs ...string) {
+	t.Helper()
+	for _, d := range dirs {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func owner(t *testing.T, path string) (uid, gid uint32) {
+	t.Helper()
+	fi, err := os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	return st.Uid, st.Gid
+}
