@@ -3,6 +3,7 @@ package cri
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -21,6 +22,13 @@ import (
 // (ConfigPath), so StartContainer fails in containerd before Kiln sees it (ctr run --uidmap with
 // --runtime-config-path fails the same way in containerd's client).
 func TestCRIUserNamespace(t *testing.T) {
+	// containerd pins the pod's user namespace itself; a chrooted containerd (as in a fresh-check root) or a host
+	// with user.max_user_namespaces = 0 cannot, whatever the runtime.
+	probe := exec.Command("/bin/true")
+	probe.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWUSER}
+	if err := probe.Run(); err != nil {
+		t.Skipf("this host refuses new user namespaces (%v), which pods with hostUsers: false need", err)
+	}
 	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
 	name := "userns"
 	pod := NewPodConfig(name, e.PodLogDir(name))

@@ -3,6 +3,7 @@ package share
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -12,6 +13,7 @@ import (
 // namespace give an idmapped root in the share: what root owns on disk, the mapped root owns in the export.
 func TestAddRootfsMountsIDMapped(t *testing.T) {
 	requireRoot(t)
+	requireUserNamespaces(t)
 	idmap := []string{"uidmap=0:1000:100000", "gidmap=0:2000:100000"}
 	cases := []struct {
 		name   string
@@ -93,4 +95,14 @@ func owner(t *testing.T, path string) (uid, gid uint32) {
 	}
 	st := fi.Sys().(*syscall.Stat_t)
 	return st.Uid, st.Gid
+}
+
+// requireUserNamespaces skips where the host refuses new user namespaces, which idmapped mounts are made with:
+// the kernel refuses them to a chrooted process (as in a fresh-check root), or when user.max_user_namespaces is 0.
+func requireUserNamespaces(t *testing.T) {
+	cmd := exec.Command("/bin/true")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWUSER}
+	if err := cmd.Run(); err != nil {
+		t.Skipf("this host refuses new user namespaces (%v), which idmapped roots need", err)
+	}
 }
