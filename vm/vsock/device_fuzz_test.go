@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"net"
 	"testing"
 	"time"
 	"unsafe"
@@ -75,22 +74,7 @@ func FuzzDeviceRings(f *testing.F) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { d.Close() })
-		stalled := make(chan struct{})
-		hostListen(t, d.mux, fuzzPortStalled, func(net.Conn) { <-stalled })
-		t.Cleanup(func() { close(stalled) })
-		hostListen(t, d.mux, fuzzPortAnswer, func(c net.Conn) {
-			c.SetDeadline(time.Now().Add(time.Second))
-			b := make([]byte, 512)
-			for {
-				n, err := c.Read(b)
-				if n > 0 {
-					c.Write(b[:n])
-				}
-				if err != nil {
-					return
-				}
-			}
-		})
+		fuzzHostPorts(t, d.mux)
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		eventIdx := len(data)%2 == 1

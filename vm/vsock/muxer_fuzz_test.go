@@ -50,22 +50,7 @@ func FuzzMuxerTx(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg := fuzzMuxerConfig(t)
 		m := newTestMuxer(t, cfg)
-		stalled := make(chan struct{})
-		hostListen(t, m, fuzzPortStalled, func(net.Conn) { <-stalled })
-		t.Cleanup(func() { close(stalled) }) // runs before hostListen's cleanup waits for the handlers
-		hostListen(t, m, fuzzPortAnswer, func(c net.Conn) {
-			c.SetDeadline(time.Now().Add(time.Second))
-			b := make([]byte, 512)
-			for {
-				n, err := c.Read(b)
-				if n > 0 {
-					c.Write(b[:n])
-				}
-				if err != nil {
-					return
-				}
-			}
-		})
+		fuzzHostPorts(t, m)
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		// Host ports the guest may address: the fixed ones, then those the device used towards the guest.
@@ -238,4 +223,25 @@ func fuzzSeeds() [][]byte {
 		flood,
 		retired,
 	}
+}
+
+// fuzzHostPorts listens on m's host ports that the fuzz targets address: fuzzPortStalled, whose handler never
+// reads, and fuzzPortAnswer, which echoes for a second.
+func fuzzHostPorts(t *testing.T, m *muxer) {
+	stalled := make(chan struct{})
+	hostListen(t, m, fuzzPortStalled, func(net.Conn) { <-stalled })
+	t.Cleanup(func() { close(stalled) }) // runs before hostListen's cleanup waits for the handlers
+	hostListen(t, m, fuzzPortAnswer, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(time.Second))
+		b := make([]byte, 512)
+		for {
+			n, err := c.Read(b)
+			if n > 0 {
+				c.Write(b[:n])
+			}
+			if err != nil {
+				return
+			}
+		}
+	})
 }
