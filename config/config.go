@@ -20,8 +20,15 @@ import (
 // runtime.enable_annotations.
 const AnnotationPrefix = "io.kiln."
 
-// DefaultPath is the system-wide configuration file used when containerd's runtime options name none.
+// DefaultPath is the system-wide configuration file used when neither containerd's runtime options nor PathEnv
+// name one.
 const DefaultPath = "/etc/kiln/config.toml"
+
+// PathEnv names the environment variable that names the configuration file when containerd's runtime options
+// name none. containerd passes its environment to shims, so a node sets it for containerd (a systemd drop-in),
+// where a runtime entry cannot have options: containerd 2.4's CRI gives the containers of a pod with a user
+// namespace runc's options type, which it cannot build from a runtime entry whose options hold ConfigPath.
+const PathEnv = "KILN_CONFIG"
 
 // Accelerator values accepted by hypervisor.accelerator.
 const (
@@ -161,11 +168,17 @@ func Default() Config {
 	}
 }
 
-// Load reads the configuration. A non-empty path must exist. An empty path means DefaultPath if it exists,
-// else the built-in defaults.
-func Load(path string) (Config, error) { return load(path, DefaultPath) }
+// Load reads the configuration. A non-empty path must exist. An empty path means the file PathEnv names if it
+// is set (it must exist), else DefaultPath if it exists, else the built-in defaults.
+func Load(path string) (Config, error) { return load(path, os.Getenv(PathEnv), DefaultPath) }
 
-func load(path, systemPath string) (Config, error) {
+func load(path, envPath, systemPath string) (Config, error) {
+	if path == "" && envPath != "" {
+		if !filepath.IsAbs(envPath) {
+			return Config{}, fmt.Errorf("%s=%q: want an absolute path to Kiln's configuration file", PathEnv, envPath)
+		}
+		path = envPath
+	}
 	if path == "" {
 		if _, err := os.Stat(systemPath); err != nil {
 			if errors.Is(err, os.ErrNotExist) {

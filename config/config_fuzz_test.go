@@ -45,7 +45,7 @@ func FuzzLoad(f *testing.F) {
 		if err := os.WriteFile(path, data, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		cfg, err := load(path, filepath.Join(t.TempDir(), "none.toml"))
+		cfg, err := load(path, "", filepath.Join(t.TempDir(), "none.toml"))
 		if err != nil {
 			if !strings.HasPrefix(err.Error(), "config "+path+": ") && !strings.HasPrefix(err.Error(), "read config "+path) {
 				t.Fatalf("error does not name the file: %v", err)

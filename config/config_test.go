@@ -139,22 +139,38 @@ func TestResolutionOrder(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	c, err := load("", system)
+	c, err := load("", "", system)
 	if err != nil || c.Source != "" || c.Hypervisor.VCPUs != Default().Hypervisor.VCPUs {
 		t.Fatalf("no files: want defaults, got %+v, %v", c, err)
 	}
 	write(system, "[hypervisor]\nvcpus = 2\n")
-	c, err = load("", system)
+	c, err = load("", "", system)
 	if err != nil || c.Source != system || c.Hypervisor.VCPUs != 2 {
 		t.Fatalf("system file: got source %q vcpus %d, %v", c.Source, c.Hypervisor.VCPUs, err)
 	}
 	write(explicit, "[hypervisor]\nvcpus = 3\n")
-	c, err = load(explicit, system)
+	c, err = load(explicit, "", system)
 	if err != nil || c.Source != explicit || c.Hypervisor.VCPUs != 3 {
 		t.Fatalf("explicit file: got source %q vcpus %d, %v", c.Source, c.Hypervisor.VCPUs, err)
 	}
-	if _, err := load(filepath.Join(dir, "missing.toml"), system); err == nil || !strings.Contains(err.Error(), "missing.toml") {
+	if _, err := load(filepath.Join(dir, "missing.toml"), "", system); err == nil || !strings.Contains(err.Error(), "missing.toml") {
 		t.Fatalf("missing explicit file: %v", err)
+	}
+	env := filepath.Join(dir, "env.toml")
+	write(env, "[hypervisor]\nvcpus = 4\n")
+	c, err = load("", env, system)
+	if err != nil || c.Source != env || c.Hypervisor.VCPUs != 4 {
+		t.Fatalf("%s file over the system file: got source %q vcpus %d, %v", PathEnv, c.Source, c.Hypervisor.VCPUs, err)
+	}
+	c, err = load(explicit, env, system)
+	if err != nil || c.Source != explicit {
+		t.Fatalf("runtime options over %s: got source %q, %v", PathEnv, c.Source, err)
+	}
+	if _, err := load("", filepath.Join(dir, "gone.toml"), system); err == nil || !strings.Contains(err.Error(), "gone.toml") {
+		t.Fatalf("missing %s file: want an error naming it, got %v", PathEnv, err)
+	}
+	if _, err := load("", "relative.toml", system); err == nil || !strings.Contains(err.Error(), PathEnv) {
+		t.Fatalf("relative %s: want an error naming the variable, got %v", PathEnv, err)
 	}
 }
 

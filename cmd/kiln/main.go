@@ -12,6 +12,8 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
+
+	"github.com/kiln-runtime/kiln/config"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -51,7 +53,7 @@ func newRoot() *cobra.Command {
 			}
 		},
 	}
-	root.PersistentFlags().StringVar(&g.configPath, "config", "", "configuration file (default "+"/etc/kiln/config.toml if it exists, else built-in defaults)")
+	root.PersistentFlags().StringVar(&g.configPath, "config", "", "configuration file (default: the file $"+config.PathEnv+" names, else "+config.DefaultPath+" if it exists, else built-in defaults)")
 	root.PersistentFlags().BoolVar(&g.debug, "debug", false, "debug logging, including the guest console")
 	root.AddCommand(newCheck(g), newVM(g), newRun(g), newConfig(g), newVersion(g))
 	return root

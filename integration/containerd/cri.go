@@ -45,14 +45,14 @@ func RuncCRIRuntime(handler, runc string) CRIRuntime {
 }
 
 // KilnCRIRuntime is the Kiln handler: runtime type RuntimeName, Kiln's configuration at configPath, and the
-// io.kiln.* pod annotations passed through.
+// io.kiln.* pod annotations passed through. An empty configPath gives the entry no options: Kiln then reads the
+// file containerd's environment names (config.PathEnv), which pods with user namespaces need.
 func KilnCRIRuntime(handler, configPath string) CRIRuntime {
-	return CRIRuntime{
-		Handler:        handler,
-		Type:           RuntimeName,
-		Options:        map[string]string{"ConfigPath": configPath},
-		PodAnnotations: []string{"io.kiln.*"},
+	r := CRIRuntime{Handler: handler, Type: RuntimeName, PodAnnotations: []string{"io.kiln.*"}}
+	if configPath != "" {
+		r.Options = map[string]string{"ConfigPath": configPath}
 	}
+	return r
 }
 
 // CRIRegistryDir is the registry configuration directory CRI reads when CRIConfig.RegistryConfigDir is empty.

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/integration/containerd"
 )
 
@@ -43,6 +44,10 @@ type Options struct {
 	Debug bool
 	// Critest builds critest too (minutes, the first time).
 	Critest bool
+	// KilnConfigInEnv names the Kiln configuration in containerd's environment (config.PathEnv) instead of the
+	// kiln handler's options: containerd's CRI cannot start the containers of a pod with a user namespace from a
+	// runtime entry with options.
+	KilnConfigInEnv bool
 }
 
 // Env is a running private containerd with CRI, its CNI network and crictl pointed at it.
@@ -53,7 +58,7 @@ type Env struct {
 	Net    *Network
 	Tools  containerd.Tools
 	CRI    containerd.CRITools
-	// KilnConfig is the Kiln configuration the kiln handler's ConfigPath names (empty without HandlerKiln).
+	// KilnConfig is the Kiln configuration the kiln handler reads (empty without HandlerKiln).
 	KilnConfig string
 	// LogDir is the parent of the pods' log directories.
 	LogDir string
@@ -103,7 +108,7 @@ func Start(ctx context.Context, opts Options) (_ *Env, retErr error) {
 		CNIBinDirs:        []string{CNIBinDir},
 		RegistryConfigDir: opts.RegistryConfigDir,
 	}
-	var path []string
+	var path, env []string
 	for _, h := range opts.Handlers {
 		switch h {
 		case HandlerRunc:
@@ -118,12 +123,17 @@ func Start(ctx context.Context, opts Options) (_ *Env, retErr error) {
 			if err := containerd.WriteKilnConfig(e.KilnConfig, opts.KilnAssets, e.KilnStateDir(), opts.KilnConfigExtra); err != nil {
 				return nil, err
 			}
-			cri.Runtimes = append(cri.Runtimes, containerd.KilnCRIRuntime(h, e.KilnConfig))
+			if opts.KilnConfigInEnv {
+				env = append(env, config.PathEnv+"="+e.KilnConfig)
+				cri.Runtimes = append(cri.Runtimes, containerd.KilnCRIRuntime(h, ""))
+			} else {
+				cri.Runtimes = append(cri.Runtimes, containerd.KilnCRIRuntime(h, e.KilnConfig))
+			}
 		default:
 			return nil, fmt.Errorf("unknown CRI runtime handler %q", h)
 		}
 	}
-	e.Daemon, err = containerd.Start(ctx, containerd.Options{Tools: e.Tools, Path: path, Debug: opts.Debug, CRI: cri})
+	e.Daemon, err = containerd.Start(ctx, containerd.Options{Tools: e.Tools, Path: path, Env: env, Debug: opts.Debug, CRI: cri})
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiln-runtime/kiln/integration/containerd"
 )
 
 // TestCRIUserNamespace runs a pod with a user namespace of its own (hostUsers: false) with handler kiln: CRI
@@ -29,14 +31,15 @@ func TestCRIUserNamespace(t *testing.T) {
 	if err := probe.Run(); err != nil {
 		t.Skipf("this host refuses new user namespaces (%v), which pods with hostUsers: false need", err)
 	}
-	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
+	e := startEnv(t, Options{Handlers: []string{HandlerKiln}, KilnConfigInEnv: true})
 	name := "userns"
 	pod := NewPodConfig(name, e.PodLogDir(name))
-	pod.Linux.SecurityContext = &PodSecurityContext{NamespaceOptions: &NamespaceOption{UsernsOptions: &UserNamespace{
+	userns := &NamespaceOption{UsernsOptions: &UserNamespace{
 		Mode: NamespacePod,
 		Uids: []IDMapping{{ContainerID: 0, HostID: 200000, Length: 65536}},
 		Gids: []IDMapping{{ContainerID: 0, HostID: 300000, Length: 65536}},
-	}}}
+	}}
+	pod.Linux.SecurityContext = &PodSecurityContext{NamespaceOptions: userns}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	podID, err := e.RunPod(ctx, HandlerKiln, pod)
@@ -57,5 +60,21 @@ func TestCRIUserNamespace(t *testing.T) {
 	}
 	if st := fi.Sys().(*syscall.Stat_t); st.Uid != 200000 || st.Gid != 300000 {
 		t.Errorf("the image's root-owned /pause is %d:%d in the share, want the mapped root 200000:300000", st.Uid, st.Gid)
+	}
+
+	// kubelet gives each container of the pod the pod's user namespace options too.
+	c := NewContainerConfig("app", containerd.BusyboxRef, "sleep", "3600")
+	c.Linux.SecurityContext = &ContainerSecurityContext{NamespaceOptions: userns}
+	id, err := e.CreateContainer(ctx, podID, c, pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.crictl(t, "start", id)
+	out, stderr, code, err := e.Exec(ctx, id, "cat", "/proc/self/uid_map", "/proc/self/gid_map")
+	if err != nil || code != 0 {
+		t.Fatalf("read the container's id maps: exit %d, %v: %s", code, err, stderr)
+	}
+	if got, want := strings.Fields(out), []string{"0", "200000", "65536", "0", "300000", "65536"}; strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("the container's uid_map and gid_map are %q, want the pod's mappings %q", got, want)
 	}
 }

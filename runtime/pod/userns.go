@@ -18,16 +18,10 @@ import (
 // cannot reach the guest, so the sandbox's container gets a new one there with the same mappings, which the
 // spec carries. The pod's other containers name it /proc/<sandbox pid>/ns/user, the guest's, and join it.
 // Any other path, or a host namespace without the mappings, is refused: the guest could not reproduce it.
-// Volumes with mappings of their own (idmapped bind mounts) are not supported yet.
+// Volumes with mappings of their own (idmapped bind mounts) are the share's to idmap (see share.BindOptions).
 func guestUserNamespace(id string, spec specs.Spec, isInit func(uint32) bool) (specs.Spec, error) {
 	if spec.Linux == nil {
 		return spec, nil
-	}
-	for _, m := range spec.Mounts {
-		if len(m.UIDMappings) > 0 || len(m.GIDMappings) > 0 {
-			return spec, fmt.Errorf("%w: container %s: mount on %s has uidMappings/gidMappings: Kiln does not idmap volumes yet (only the root file system of a container with a user namespace); drop the mappings",
-				errdefs.ErrNotImplemented, id, m.Destination)
-		}
 	}
 	i := slices.IndexFunc(spec.Linux.Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == specs.UserNamespace })
 	if i < 0 {

@@ -83,6 +83,13 @@ type BindOptions struct {
 	// mount is exported (an OCI "bind"): where another file system is mounted below the source, the guest sees
 	// the directory it is mounted on.
 	Recursive bool
+	// UIDMap and GIDMap idmap the export, both or neither, in containerd's "<container id>:<host id>:<size>"
+	// form, comma-separated (an OCI mount's uidMappings and gidMappings): a file owned by id N on the host shows
+	// as the id N maps to, as runc's idmapped bind mounts do. The guest's virtio-fs cannot idmap (Linux 6.1), so
+	// the guest sees the mapped owners through virtiofsd. Only the source's own mount is idmapped unless
+	// RecursiveIDMap (OCI "ridmap") asks for the mounts below it too.
+	UIDMap, GIDMap string
+	RecursiveIDMap bool
 }
 
 // AddBind shares source, an absolute host path to a file or directory, with the mounts below it (an rbind), and

@@ -5,8 +5,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
 // The uidmap= and gidmap= options containerd's snapshotters put on the root of a container with a user
@@ -104,5 +108,65 @@ func requireUserNamespaces(t *testing.T) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWUSER}
 	if err := cmd.Run(); err != nil {
 		t.Skipf("this host refuses new user namespaces (%v), which idmapped roots need", err)
+	}
+}
+
+// A bind mount with uidMappings and gidMappings (CRI gives a pod with a user namespace its /etc/hosts,
+// /etc/hostname and /etc/resolv.conf so) is idmapped in the export, which the guest binds as it is; mappings
+// on a mount that is not a bind, or on one side only, are refused.
+func TestShareSpecMountsIDMapped(t *testing.T) {
+	requireRoot(t)
+	requireUserNamespaces(t)
+	uids := []specs.LinuxIDMapping{{ContainerID: 0, HostID: 1000, Size: 100000}}
+	gids := []specs.LinuxIDMapping{{ContainerID: 0, HostID: 2000, Size: 100000}}
+	dir := t.TempDir()
+	file := filepath.Join(dir, "hosts")
+	write(t, file, "127.0.0.1 localhost")
+	cases := []struct {
+		name    string
+		mount   specs.Mount
+		wantErr string
+	}{
+		{"file", specs.Mount{Destination: "/etc/hosts", Type: "bind", Source: file, Options: []string{"rbind", "rprivate", "rw"}, UIDMappings: uids, GIDMappings: gids}, ""},
+		{"directory, ridmap", specs.Mount{Destination: "/d", Type: "bind", Source: dir, Options: []string{"rbind", "ridmap"}, UIDMappings: uids, GIDMappings: gids}, ""},
+		{"uid mappings alone", specs.Mount{Destination: "/d", Type: "bind", Source: dir, Options: []string{"rbind"}, UIDMappings: uids}, "both uid and gid mappings"},
+		{"a tmpfs", specs.Mount{Destination: "/t", Type: "tmpfs", Source: "tmpfs", UIDMappings: uids, GIDMappings: gids}, "only bind mounts can be idmapped"},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newTestShare(t)
+			id := "v" + string(rune('0'+i))
+			if _, err := s.AddRootfs(context.Background(), id, t.TempDir(), false); err != nil {
+				t.Fatal(err)
+			}
+			spec := &specs.Spec{Mounts: []specs.Mount{tc.mount}}
+			err := s.ShareSpecMounts(context.Background(), id, t.TempDir(), spec)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want one saying %q", err, tc.wantErr)
+				}
+				if mps, _ := mountPoints(filepath.Join(s.mounts, id, "binds")); len(mps) > 0 {
+					t.Errorf("refused mount left mounts %v", mps)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := spec.Mounts[0]
+			if len(m.UIDMappings) > 0 || len(m.GIDMappings) > 0 || slices.Contains(m.Options, "ridmap") {
+				t.Errorf("the guest's mount still asks for an idmap: %+v", m)
+			}
+			exported := filepath.Join(s.ExportDir(), strings.TrimPrefix(m.Source, GuestDir+"/"))
+			if fi, err := os.Stat(exported); err == nil && fi.IsDir() {
+				exported = filepath.Join(exported, "hosts")
+			}
+			if uid, gid := owner(t, exported); uid != 1000 || gid != 2000 {
+				t.Errorf("a root-owned file shows as %d:%d in the export, want 1000:2000", uid, gid)
+			}
+			if uid, gid := owner(t, file); uid != 0 || gid != 0 {
+				t.Errorf("the host's file changed owner to %d:%d", uid, gid)
+			}
+		})
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
@@ -15,15 +16,21 @@ import (
 // bindFrom clones the mount of src (with the mounts below it when o.Recursive) and attaches the clone at target
 // as a slave of the original. o.Readonly makes the clone's top mount read-only and leaves mounts below it as
 // they are (an OCI "ro" bind, as runc does it); o.RecursiveReadonly makes every mount of the clone read-only
-// (OCI "rro").
+// (OCI "rro"); o.UIDMap and o.GIDMap idmap it. A clone can be idmapped only before it is attached, so it is done
+// here, not on the mount point afterwards.
 func bindFrom(src *os.File, target string, o BindOptions) error {
-	return bindFromMapped(src, target, o, nil)
-}
-
-// bindFromMapped is bindFrom that, when userns is not nil, also idmaps the clone's top mount with userns's
-// mappings (containerd's "uidmap="/"gidmap=" options): a file owned by id N on disk shows as the id N maps to.
-// A clone can be idmapped only before it is attached, so it is done here, not on the mount point afterwards.
-func bindFromMapped(src *os.File, target string, o BindOptions, userns *os.File) error {
+	var userns *os.File
+	if o.UIDMap != "" || o.GIDMap != "" {
+		if o.UIDMap == "" || o.GIDMap == "" {
+			return fmt.Errorf("an idmapped bind of %s needs both uid and gid mappings, got uid %q and gid %q", src.Name(), o.UIDMap, o.GIDMap)
+		}
+		f, err := mount.GetUsernsFD(o.UIDMap, o.GIDMap)
+		if err != nil {
+			return fmt.Errorf("user namespace for uid mappings %s and gid mappings %s: %w", o.UIDMap, o.GIDMap, err)
+		}
+		defer f.Close()
+		userns = f
+	}
 	flags := unix.OPEN_TREE_CLONE | unix.OPEN_TREE_CLOEXEC | unix.AT_EMPTY_PATH
 	if o.Recursive {
 		flags |= unix.AT_RECURSIVE
@@ -50,7 +57,11 @@ func bindFromMapped(src *os.File, target string, o BindOptions, userns *os.File)
 	}
 	if userns != nil {
 		idmap := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_IDMAP, Userns_fd: uint64(userns.Fd())}
-		if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH, &idmap); err != nil {
+		at := uint(unix.AT_EMPTY_PATH)
+		if o.RecursiveIDMap {
+			at |= unix.AT_RECURSIVE
+		}
+		if err := unix.MountSetattr(tree, "", at, &idmap); err != nil {
 			return fmt.Errorf("idmap bind of %s: %w", src.Name(), err)
 		}
 	}

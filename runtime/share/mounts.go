@@ -57,21 +57,14 @@ func mountOne(m Mount, target string, readonly bool) error {
 		flags |= unix.MS_RDONLY
 	}
 	if m.Type == "bind" || flags&unix.MS_BIND != 0 {
-		var userns *os.File
-		if uidmap != "" {
-			f, err := mount.GetUsernsFD(uidmap, gidmap)
-			if err != nil {
-				return fmt.Errorf("user namespace for uidmap=%s gidmap=%s: %w", uidmap, gidmap, err)
-			}
-			defer f.Close()
-			userns = f
-		}
 		src, _, err := Source{Path: m.Source}.open()
 		if err != nil {
 			return err
 		}
 		defer src.Close()
-		return bindFromMapped(src, target, BindOptions{RecursiveReadonly: flags&unix.MS_RDONLY != 0, Recursive: flags&unix.MS_REC != 0}, userns)
+		return bindFrom(src, target, BindOptions{
+			RecursiveReadonly: flags&unix.MS_RDONLY != 0, Recursive: flags&unix.MS_REC != 0, UIDMap: uidmap, GIDMap: gidmap,
+		})
 	}
 	if uidmap != "" {
 		// An overlay is idmapped through its lower directories (each gets an idmapped mount; the snapshotter gave

@@ -27,6 +27,10 @@ func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string,
 	mounts := make([]specs.Mount, 0, len(spec.Mounts))
 	for i, m := range spec.Mounts {
 		if !isBind(m.Type, m.Options) {
+			if len(m.UIDMappings) > 0 || len(m.GIDMappings) > 0 {
+				return fmt.Errorf("share mount %d (%s on %s) of container %s: uidMappings/gidMappings on a %s mount: only bind mounts can be idmapped",
+					i, m.Source, m.Destination, containerID, m.Type)
+			}
 			mounts = append(mounts, m)
 			continue
 		}
@@ -36,13 +40,15 @@ func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string,
 		}
 		opts := BindOptions{
 			Readonly: isReadonly(m.Options), RecursiveReadonly: isRecursiveReadonly(m.Options), Recursive: isRecursive(m.Options),
+			UIDMap: idMapList(m.UIDMappings), GIDMap: idMapList(m.GIDMappings), RecursiveIDMap: slices.Contains(m.Options, "ridmap"),
 		}
 		guest, err := s.AddBindSource(ctx, containerID, src, opts)
 		if err != nil {
 			return fmt.Errorf("share bind mount %d (%s on %s) of container %s: %w", i, m.Source, m.Destination, containerID, err)
 		}
-		m.Source = guest
-		m.Options = append([]string(nil), m.Options...)
+		// The export is idmapped already; the guest binds it as it is.
+		m.Source, m.UIDMappings, m.GIDMappings = guest, nil, nil
+		m.Options = slices.DeleteFunc(slices.Clone(m.Options), func(o string) bool { return o == "idmap" || o == "ridmap" })
 		mounts = append(mounts, m)
 		if !opts.Recursive {
 			continue
@@ -100,6 +106,15 @@ func (s *Share) submountBinds(guest string, parent specs.Mount, opts BindOptions
 		})
 	}
 	return subs, nil
+}
+
+// idMapList writes OCI id mappings in containerd's "<container id>:<host id>:<size>" form, comma-separated.
+func idMapList(maps []specs.LinuxIDMapping) string {
+	parts := make([]string, len(maps))
+	for i, m := range maps {
+		parts[i] = fmt.Sprintf("%d:%d:%d", m.ContainerID, m.HostID, m.Size)
+	}
+	return strings.Join(parts, ",")
 }
 
 // isPropagation reports whether an OCI mount option sets mount propagation.

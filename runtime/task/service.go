@@ -79,9 +79,10 @@ func NewService(ctx context.Context, publisher shim.Publisher, sd shutdown.Servi
 	return s, nil
 }
 
-// RegisterTTRPC serves the task API on the shim's ttrpc server.
+// RegisterTTRPC serves the task API on the shim's ttrpc server, as version 3 and as version 2 (see taskV2Name).
 func (s *Service) RegisterTTRPC(server *ttrpc.Server) error {
 	taskAPI.RegisterTTRPCTaskService(server, s)
+	registerTaskV2(server, s)
 	return nil
 }
 

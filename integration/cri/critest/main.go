@@ -80,9 +80,12 @@ func run(ctx context.Context, repo, tools, share string, handlers []string, skip
 	if err := cri.WriteMirrorConfig(mirror, reg.Addr, cri.CritestMirroredHosts...); err != nil {
 		return err
 	}
+	// Kiln's configuration through containerd's environment, not the runtime entry's options: critest's
+	// user-namespace specs start containers in pods with user namespaces, which containerd's CRI cannot do for an
+	// entry with options.
 	env, err := cri.Start(ctx, cri.Options{
 		RepoRoot: repo, ToolsDir: abs(tools), KilnAssets: abs(share), Handlers: handlers,
-		RegistryConfigDir: mirror, Debug: true, Critest: true,
+		RegistryConfigDir: mirror, Debug: true, Critest: true, KilnConfigInEnv: true,
 	})
 	if err != nil {
 		return err
