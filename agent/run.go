@@ -114,6 +114,7 @@ func Run(ctx context.Context, cfg Config) {
 		// The guest's setup waits for the host's first request so as not
 		// to slow its answer down.
 		Answered: guest.Proceed,
+		Seeder:   KernelSeeder{},
 		OnShutdown: func(reason string) {
 			select {
 			case shutdown <- "shutdown request: " + reason:

@@ -44,6 +44,8 @@ type ServerConfig struct {
 	// Answered, when set, is called after each request has been handled
 	// (before its reply is written); it must not block.
 	Answered func()
+	// Seeder, when set, takes SeedGuest's entropy and time; nil refuses SeedGuest.
+	Seeder Seeder
 }
 
 // ReadyTimeout bounds a Containers request's wait for the guest's setup;
@@ -166,7 +168,31 @@ func (a agentService) GuestInfo(context.Context, *agentv1.GuestInfoRequest) (*ag
 	if a.s.agentInit > 0 {
 		info.AgentInit = durationpb.New(a.s.agentInit)
 	}
+	info.RandomReady = randomReady()
+	info.WallClockUnixNano = time.Now().UnixNano()
 	return info, nil
+}
+
+func (a agentService) SeedGuest(_ context.Context, req *agentv1.SeedGuestRequest) (*agentv1.SeedGuestResponse, error) {
+	if a.s.cfg.Seeder == nil {
+		return nil, status.Error(codes.Unimplemented, "seeding is not available in this agent")
+	}
+	if n := len(req.GetEntropy()); n < MinSeedEntropy || n > MaxSeedEntropy {
+		return nil, status.Errorf(codes.InvalidArgument, "seed: %d bytes of entropy, want %d to %d", n, MinSeedEntropy, MaxSeedEntropy)
+	}
+	ns := req.GetWallClockUnixNano()
+	if ns < 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "seed: wall clock %d is before 1970", ns)
+	}
+	if err := a.s.cfg.Seeder.AddEntropy(req.GetEntropy()); err != nil {
+		return nil, err
+	}
+	if ns != 0 {
+		if err := a.s.cfg.Seeder.SetClock(time.Unix(0, ns)); err != nil {
+			return nil, err
+		}
+	}
+	return &agentv1.SeedGuestResponse{}, nil
 }
 
 func (a agentService) Shutdown(_ context.Context, req *agentv1.ShutdownRequest) (*agentv1.ShutdownResponse, error) {

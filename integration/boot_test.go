@@ -18,9 +18,19 @@ func TestBootGuestInfo(t *testing.T) {
 	share := requireVM(t)
 	m := testMachine(t, filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img"), nil)
 	sb := startSandbox(t, m, 60*time.Second)
+	asked := time.Now()
 	info, err := sb.GuestInfo(context.Background())
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The host seeded the guest at start: under TCG, with no hardware generator the guest kernel trusts, its
+	// generator would otherwise stay uninitialised for seconds after the agent answers (getrandom blocks).
+	if !info.GetRandomReady() {
+		t.Error("the guest's random number generator is not initialised after the host seeded it")
+	}
+	// The RTC the guest boots from has whole seconds; the host's clock, sent at start, is finer.
+	if skew := time.Unix(0, info.GetWallClockUnixNano()).Sub(asked); skew < -500*time.Millisecond || skew > time.Since(asked)+500*time.Millisecond {
+		t.Errorf("the guest's wall clock is %v off the host's", skew)
 	}
 	want, err := os.ReadFile(filepath.Join(share, "kernel-release"))
 	if err != nil {

@@ -5,6 +5,7 @@ package sandbox
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
@@ -113,6 +114,10 @@ func (s *Sandbox) connect(ctx context.Context) error {
 				if w := VersionMismatch(s.opts.HostVersion, s.AgentVersion); w != "" {
 					s.opts.Log.Warn(w)
 				}
+				if err := s.seed(ctx); err != nil {
+					_ = client.Close()
+					return err
+				}
 				return nil
 			}
 			_ = client.Close()
@@ -135,6 +140,22 @@ func (s *Sandbox) connect(ctx context.Context) error {
 		}
 	}
 }
+
+// seed gives the guest fresh entropy and the host's wall clock before anything else runs there (see
+// agentv1.SeedGuestRequest).
+func (s *Sandbox) seed(ctx context.Context) error {
+	entropy := make([]byte, seedEntropy)
+	if _, err := rand.Read(entropy); err != nil {
+		return fmt.Errorf("seed guest: read host randomness: %w", err)
+	}
+	if _, err := s.agent.SeedGuest(ctx, &agentv1.SeedGuestRequest{Entropy: entropy, WallClockUnixNano: time.Now().UnixNano()}); err != nil {
+		return fmt.Errorf("seed guest: %w", err)
+	}
+	return nil
+}
+
+// seedEntropy is how many random bytes the guest gets at start: 512 bits, twice what its generator needs.
+const seedEntropy = 64
 
 // Machine is the sandbox's VM.
 func (s *Sandbox) Machine() vm.Machine { return s.m }

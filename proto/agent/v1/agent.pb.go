@@ -200,6 +200,100 @@ func (*GuestInfoRequest) Descriptor() ([]byte, []int) {
 	return file_agent_v1_agent_proto_rawDescGZIP(), []int{2}
 }
 
+type SeedGuestRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Random bytes from the host, 32 to 512. The agent credits them to the guest kernel's entropy pool and
+	// reseeds its random number generator at once: a guest whose kernel trusts no hardware generator (under TCG,
+	// or a CPU without RDRAND) would otherwise block getrandom(2) for a second or more after boot, and a guest
+	// restored from a saved template would go on from the template's state.
+	Entropy []byte `protobuf:"bytes,1,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	// The host's wall clock, in nanoseconds since the Unix epoch, when the request was made. 0 leaves the guest's
+	// clock as it is.
+	WallClockUnixNano int64 `protobuf:"varint,2,opt,name=wall_clock_unix_nano,json=wallClockUnixNano,proto3" json:"wall_clock_unix_nano,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *SeedGuestRequest) Reset() {
+	*x = SeedGuestRequest{}
+	mi := &file_agent_v1_agent_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SeedGuestRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SeedGuestRequest) ProtoMessage() {}
+
+func (x *SeedGuestRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SeedGuestRequest.ProtoReflect.Descriptor instead.
+func (*SeedGuestRequest) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SeedGuestRequest) GetEntropy() []byte {
+	if x != nil {
+		return x.Entropy
+	}
+	return nil
+}
+
+func (x *SeedGuestRequest) GetWallClockUnixNano() int64 {
+	if x != nil {
+		return x.WallClockUnixNano
+	}
+	return 0
+}
+
+type SeedGuestResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SeedGuestResponse) Reset() {
+	*x = SeedGuestResponse{}
+	mi := &file_agent_v1_agent_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SeedGuestResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SeedGuestResponse) ProtoMessage() {}
+
+func (x *SeedGuestResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SeedGuestResponse.ProtoReflect.Descriptor instead.
+func (*SeedGuestResponse) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{4}
+}
+
 type GuestInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// uname -r, e.g. "6.1.0-31-cloud-amd64".
@@ -225,14 +319,18 @@ type GuestInfo struct {
 	// Containers are entered with pivot_root(2): the guest's root is a mount of its own, not the kernel's initial
 	// root file system, which only MS_MOVE and chroot can leave (and which keeps the guest's mounts in every
 	// container's mount namespace).
-	PivotRoot     bool `protobuf:"varint,13,opt,name=pivot_root,json=pivotRoot,proto3" json:"pivot_root,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PivotRoot bool `protobuf:"varint,13,opt,name=pivot_root,json=pivotRoot,proto3" json:"pivot_root,omitempty"`
+	// The kernel's random number generator is initialised: getrandom(2) does not block.
+	RandomReady bool `protobuf:"varint,14,opt,name=random_ready,json=randomReady,proto3" json:"random_ready,omitempty"`
+	// The guest's wall clock when it answered, in nanoseconds since the Unix epoch.
+	WallClockUnixNano int64 `protobuf:"varint,15,opt,name=wall_clock_unix_nano,json=wallClockUnixNano,proto3" json:"wall_clock_unix_nano,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *GuestInfo) Reset() {
 	*x = GuestInfo{}
-	mi := &file_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_agent_v1_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -244,7 +342,7 @@ func (x *GuestInfo) String() string {
 func (*GuestInfo) ProtoMessage() {}
 
 func (x *GuestInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_agent_v1_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -257,7 +355,7 @@ func (x *GuestInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestInfo.ProtoReflect.Descriptor instead.
 func (*GuestInfo) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{3}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GuestInfo) GetKernelRelease() string {
@@ -351,6 +449,20 @@ func (x *GuestInfo) GetPivotRoot() bool {
 	return false
 }
 
+func (x *GuestInfo) GetRandomReady() bool {
+	if x != nil {
+		return x.RandomReady
+	}
+	return false
+}
+
+func (x *GuestInfo) GetWallClockUnixNano() int64 {
+	if x != nil {
+		return x.WallClockUnixNano
+	}
+	return 0
+}
+
 type ShutdownRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Free text for the guest's console log.
@@ -361,7 +473,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_agent_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -373,7 +485,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_agent_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -386,7 +498,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{4}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ShutdownRequest) GetReason() string {
@@ -404,7 +516,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -416,7 +528,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -429,7 +541,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 var File_agent_v1_agent_proto protoreflect.FileDescriptor
@@ -445,7 +557,11 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\aUNKNOWN\x10\x00\x12\v\n" +
 	"\aSERVING\x10\x01\x12\x0f\n" +
 	"\vNOT_SERVING\x10\x02\"\x12\n" +
-	"\x10GuestInfoRequest\"\x87\x04\n" +
+	"\x10GuestInfoRequest\"]\n" +
+	"\x10SeedGuestRequest\x12\x18\n" +
+	"\aentropy\x18\x01 \x01(\fR\aentropy\x12/\n" +
+	"\x14wall_clock_unix_nano\x18\x02 \x01(\x03R\x11wallClockUnixNano\"\x13\n" +
+	"\x11SeedGuestResponse\"\xdb\x04\n" +
 	"\tGuestInfo\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12%\n" +
 	"\x0ekernel_version\x18\x02 \x01(\tR\rkernelVersion\x12\x17\n" +
@@ -462,14 +578,17 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"agent_init\x18\f \x01(\v2\x19.google.protobuf.DurationR\tagentInit\x12\x1d\n" +
 	"\n" +
-	"pivot_root\x18\r \x01(\bR\tpivotRoot\")\n" +
+	"pivot_root\x18\r \x01(\bR\tpivotRoot\x12!\n" +
+	"\frandom_ready\x18\x0e \x01(\bR\vrandomReady\x12/\n" +
+	"\x14wall_clock_unix_nano\x18\x0f \x01(\x03R\x11wallClockUnixNano\")\n" +
 	"\x0fShutdownRequest\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x12\n" +
 	"\x10ShutdownResponse2L\n" +
 	"\x06Health\x12B\n" +
-	"\x05Check\x12\x1b.kiln.agent.v1.CheckRequest\x1a\x1c.kiln.agent.v1.CheckResponse2\x9c\x01\n" +
+	"\x05Check\x12\x1b.kiln.agent.v1.CheckRequest\x1a\x1c.kiln.agent.v1.CheckResponse2\xec\x01\n" +
 	"\x05Agent\x12F\n" +
-	"\tGuestInfo\x12\x1f.kiln.agent.v1.GuestInfoRequest\x1a\x18.kiln.agent.v1.GuestInfo\x12K\n" +
+	"\tGuestInfo\x12\x1f.kiln.agent.v1.GuestInfoRequest\x1a\x18.kiln.agent.v1.GuestInfo\x12N\n" +
+	"\tSeedGuest\x12\x1f.kiln.agent.v1.SeedGuestRequest\x1a .kiln.agent.v1.SeedGuestResponse\x12K\n" +
 	"\bShutdown\x12\x1e.kiln.agent.v1.ShutdownRequest\x1a\x1f.kiln.agent.v1.ShutdownResponseB5Z3github.com/kiln-runtime/kiln/proto/agent/v1;agentv1b\x06proto3"
 
 var (
@@ -485,29 +604,33 @@ func file_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_agent_v1_agent_proto_goTypes = []any{
 	(CheckResponse_ServingStatus)(0), // 0: kiln.agent.v1.CheckResponse.ServingStatus
 	(*CheckRequest)(nil),             // 1: kiln.agent.v1.CheckRequest
 	(*CheckResponse)(nil),            // 2: kiln.agent.v1.CheckResponse
 	(*GuestInfoRequest)(nil),         // 3: kiln.agent.v1.GuestInfoRequest
-	(*GuestInfo)(nil),                // 4: kiln.agent.v1.GuestInfo
-	(*ShutdownRequest)(nil),          // 5: kiln.agent.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),         // 6: kiln.agent.v1.ShutdownResponse
-	(*durationpb.Duration)(nil),      // 7: google.protobuf.Duration
+	(*SeedGuestRequest)(nil),         // 4: kiln.agent.v1.SeedGuestRequest
+	(*SeedGuestResponse)(nil),        // 5: kiln.agent.v1.SeedGuestResponse
+	(*GuestInfo)(nil),                // 6: kiln.agent.v1.GuestInfo
+	(*ShutdownRequest)(nil),          // 7: kiln.agent.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),         // 8: kiln.agent.v1.ShutdownResponse
+	(*durationpb.Duration)(nil),      // 9: google.protobuf.Duration
 }
 var file_agent_v1_agent_proto_depIdxs = []int32{
 	0, // 0: kiln.agent.v1.CheckResponse.status:type_name -> kiln.agent.v1.CheckResponse.ServingStatus
-	7, // 1: kiln.agent.v1.GuestInfo.uptime:type_name -> google.protobuf.Duration
-	7, // 2: kiln.agent.v1.GuestInfo.agent_init:type_name -> google.protobuf.Duration
+	9, // 1: kiln.agent.v1.GuestInfo.uptime:type_name -> google.protobuf.Duration
+	9, // 2: kiln.agent.v1.GuestInfo.agent_init:type_name -> google.protobuf.Duration
 	1, // 3: kiln.agent.v1.Health.Check:input_type -> kiln.agent.v1.CheckRequest
 	3, // 4: kiln.agent.v1.Agent.GuestInfo:input_type -> kiln.agent.v1.GuestInfoRequest
-	5, // 5: kiln.agent.v1.Agent.Shutdown:input_type -> kiln.agent.v1.ShutdownRequest
-	2, // 6: kiln.agent.v1.Health.Check:output_type -> kiln.agent.v1.CheckResponse
-	4, // 7: kiln.agent.v1.Agent.GuestInfo:output_type -> kiln.agent.v1.GuestInfo
-	6, // 8: kiln.agent.v1.Agent.Shutdown:output_type -> kiln.agent.v1.ShutdownResponse
-	6, // [6:9] is the sub-list for method output_type
-	3, // [3:6] is the sub-list for method input_type
+	4, // 5: kiln.agent.v1.Agent.SeedGuest:input_type -> kiln.agent.v1.SeedGuestRequest
+	7, // 6: kiln.agent.v1.Agent.Shutdown:input_type -> kiln.agent.v1.ShutdownRequest
+	2, // 7: kiln.agent.v1.Health.Check:output_type -> kiln.agent.v1.CheckResponse
+	6, // 8: kiln.agent.v1.Agent.GuestInfo:output_type -> kiln.agent.v1.GuestInfo
+	5, // 9: kiln.agent.v1.Agent.SeedGuest:output_type -> kiln.agent.v1.SeedGuestResponse
+	8, // 10: kiln.agent.v1.Agent.Shutdown:output_type -> kiln.agent.v1.ShutdownResponse
+	7, // [7:11] is the sub-list for method output_type
+	3, // [3:7] is the sub-list for method input_type
 	3, // [3:3] is the sub-list for extension type_name
 	3, // [3:3] is the sub-list for extension extendee
 	0, // [0:3] is the sub-list for field type_name
@@ -524,7 +647,7 @@ func file_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_agent_proto_rawDesc), len(file_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   6,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -45,6 +45,7 @@ func (c *healthClient) Check(ctx context.Context, req *CheckRequest) (*CheckResp
 
 type AgentService interface {
 	GuestInfo(context.Context, *GuestInfoRequest) (*GuestInfo, error)
+	SeedGuest(context.Context, *SeedGuestRequest) (*SeedGuestResponse, error)
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
 }
 
@@ -57,6 +58,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.GuestInfo(ctx, &req)
+			},
+			"SeedGuest": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req SeedGuestRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.SeedGuest(ctx, &req)
 			},
 			"Shutdown": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ShutdownRequest
@@ -82,6 +90,14 @@ func NewAgentClient(client *ttrpc.Client) AgentService {
 func (c *agentClient) GuestInfo(ctx context.Context, req *GuestInfoRequest) (*GuestInfo, error) {
 	var resp GuestInfo
 	if err := c.client.Call(ctx, "kiln.agent.v1.Agent", "GuestInfo", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) SeedGuest(ctx context.Context, req *SeedGuestRequest) (*SeedGuestResponse, error) {
+	var resp SeedGuestResponse
+	if err := c.client.Call(ctx, "kiln.agent.v1.Agent", "SeedGuest", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

@@ -1,0 +1,87 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+type fakeSeeder struct {
+	entropy [][]byte
+	clocks  []time.Time
+	err     error
+}
+
+func (f *fakeSeeder) AddEntropy(b []byte) error {
+	f.entropy = append(f.entropy, bytes.Clone(b))
+	return f.err
+}
+
+func (f *fakeSeeder) SetClock(t time.Time) error {
+	f.clocks = append(f.clocks, t)
+	return f.err
+}
+
+func TestSeedGuest(t *testing.T) {
+	clock := time.Date(2026, 12, 2, 8, 0, 0, 123, time.UTC)
+	cases := []struct {
+		name        string
+		req         *agentv1.SeedGuestRequest
+		seederErr   error
+		noSeeder    bool
+		wantCode    codes.Code
+		wantEntropy bool
+		wantClock   bool
+	}{
+		{"entropy and clock", &agentv1.SeedGuestRequest{Entropy: make([]byte, 64), WallClockUnixNano: clock.UnixNano()}, nil, false, codes.OK, true, true},
+		{"entropy alone leaves the clock", &agentv1.SeedGuestRequest{Entropy: make([]byte, MinSeedEntropy)}, nil, false, codes.OK, true, false},
+		{"too little entropy", &agentv1.SeedGuestRequest{Entropy: make([]byte, MinSeedEntropy-1)}, nil, false, codes.InvalidArgument, false, false},
+		{"too much entropy", &agentv1.SeedGuestRequest{Entropy: make([]byte, MaxSeedEntropy+1)}, nil, false, codes.InvalidArgument, false, false},
+		{"a clock before 1970", &agentv1.SeedGuestRequest{Entropy: make([]byte, 64), WallClockUnixNano: -1}, nil, false, codes.InvalidArgument, false, false},
+		{"the kernel refuses", &agentv1.SeedGuestRequest{Entropy: make([]byte, 64)}, errors.New("EPERM"), false, codes.Unknown, true, false},
+		{"no seeder", &agentv1.SeedGuestRequest{Entropy: make([]byte, 64)}, nil, true, codes.Unimplemented, false, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &fakeSeeder{err: tc.seederErr}
+			srv := &Server{}
+			if !tc.noSeeder {
+				srv.cfg.Seeder = f
+			}
+			_, err := agentService{srv}.SeedGuest(context.Background(), tc.req)
+			if got := status.Code(err); got != tc.wantCode {
+				t.Fatalf("SeedGuest: %v (code %s), want code %s", err, got, tc.wantCode)
+			}
+			if got := len(f.entropy) == 1 && bytes.Equal(f.entropy[0], tc.req.Entropy); got != tc.wantEntropy {
+				t.Errorf("entropy given to the kernel: %v, want %v", got, tc.wantEntropy)
+			}
+			if got := len(f.clocks) == 1 && f.clocks[0].Equal(clock); got != tc.wantClock {
+				t.Errorf("clock set to %v, want set to %v: %v", f.clocks, clock, tc.wantClock)
+			}
+		})
+	}
+}
+
+// GuestInfo tells whether the kernel's generator is ready and what the guest's clock says.
+func TestGuestInfoReportsRandomAndClock(t *testing.T) {
+	ta := startAgent(t, true)
+	before := time.Now()
+	info, err := ta.agent.GuestInfo(context.Background(), &agentv1.GuestInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The host running this test has long initialised its generator.
+	if !info.RandomReady {
+		t.Error("random_ready false on a host whose generator is ready")
+	}
+	if c := time.Unix(0, info.WallClockUnixNano); c.Before(before) || c.After(time.Now()) {
+		t.Errorf("wall clock %v, want between %v and now", c, before)
+	}
+}
