@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"path/filepath"
 	"slices"
 	"time"
@@ -55,6 +56,9 @@ func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work s
 	if err := testbundle.Write(bundle, spec); err != nil {
 		return err
 	}
+	if err := buildStatic(ctx, "./integration/bench/vsockwrite", filepath.Join(bundle, "rootfs", "vsockwrite")); err != nil {
+		return err
+	}
 	thrRuns := max(3, runs/3)
 
 	runcBin, err := ensureRunc(ctx, tools)
@@ -66,7 +70,7 @@ func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work s
 		return err
 	}
 	defer func() { retErr = errors.Join(retErr, r.delete()) }()
-	kilnExec, stopKiln, err := startKiln(ctx, base, initrd, bundle, spec)
+	kilnExec, vsockPath, stopKiln, err := startKiln(ctx, base, initrd, bundle, spec)
 	if err != nil {
 		return err
 	}
@@ -77,13 +81,62 @@ func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work s
 	if err != nil {
 		return err
 	}
+	raw, err := vsockRate(kilnExec, vsockPath, thrRuns)
+	if err != nil {
+		return err
+	}
 	fmt.Println()
 	fmt.Printf("%-40s %10s %10s %10s\n", "containers (busybox bundle)", "kiln", "runc", "kiln/runc")
 	fmt.Printf("%-40s %10.1f %10.1f %10.2f   (target <= 3)\n", fmt.Sprintf("exec round trip, ms (median of %d)", runs),
 		ms(kr.execLatency), ms(rr.execLatency), float64(kr.execLatency)/float64(rr.execLatency))
 	fmt.Printf("%-40s %10.1f %10.1f %10.2f   (target >= 0.3)\n", fmt.Sprintf("stdout throughput, MB/s (median of %d)", thrRuns),
 		kr.mbPerSec, rr.mbPerSec, kr.mbPerSec/rr.mbPerSec)
+	fmt.Printf("%-40s %10.1f %10s %10s\n", "raw vsock from the guest, MB/s", raw, "", "")
+	fmt.Printf("%-40s %10.2f %10s %10s   (target >= 0.8)\n", "stdout / raw vsock", kr.mbPerSec/raw, "", "")
 	return nil
+}
+
+// vsockPort is the host port the raw vsock baseline connects to.
+const vsockPort = 7070
+
+// vsockRate is the baseline stdout's throughput is held to: a process in the Kiln container (vsockwrite)
+// writing throughputBytes to a vsock connection that the host reads through the same vsock back end as the
+// container's stdio, timed, like stdout, from the exec request until the host has read everything. Median
+// MB/s of thrRuns.
+func vsockRate(exec execFunc, vsockPath string, thrRuns int) (float64, error) {
+	if vsockPath == "" {
+		return 0, errors.New("raw vsock baseline: the VM has no hybrid vsock socket")
+	}
+	l, err := net.Listen("unix", fmt.Sprintf("%s_%d", vsockPath, vsockPort))
+	if err != nil {
+		return 0, fmt.Errorf("raw vsock baseline: %w", err)
+	}
+	defer l.Close()
+	var rates []float64
+	for range thrRuns {
+		got := make(chan int64, 1)
+		go func() {
+			c, err := l.Accept()
+			if err != nil {
+				got <- -1
+				return
+			}
+			defer c.Close()
+			n, _ := io.Copy(io.Discard, c)
+			got <- n
+		}()
+		start := time.Now()
+		if _, err := exec(io.Discard, "/vsockwrite", fmt.Sprint(vsockPort), fmt.Sprint(throughputBytes)); err != nil {
+			return 0, fmt.Errorf("raw vsock baseline: %w", err)
+		}
+		n := <-got
+		d := time.Since(start)
+		if n != throughputBytes {
+			return 0, fmt.Errorf("raw vsock baseline: the host read %d bytes, want %d", n, throughputBytes)
+		}
+		rates = append(rates, float64(n)/d.Seconds()/1e6)
+	}
+	return medianFloat(rates), nil
 }
 
 // sampleBoth takes runs exec latency samples (`true`) and thrRuns stdout throughput samples from each runtime,
@@ -128,14 +181,14 @@ func sampleBoth(runc, kiln execFunc, runs, thrRuns int) (rr, kr containerResult,
 
 // startKiln boots a pod, creates and starts the benchmark container in it and returns how to exec in it and
 // how to tear it all down.
-func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, spec *specs.Spec) (_ execFunc, _ func() error, retErr error) {
+func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, spec *specs.Spec) (_ execFunc, vsockPath string, _ func() error, retErr error) {
 	cfg := config.Default()
 	cfg.Runtime.StateDir = base.StateRoot
 	cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = base.Kernel, initrd
 	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = base.VCPUs, base.MemoryMiB
 	p, err := pod.New(ctx, pod.Options{ID: "kiln-containers", Config: cfg, Log: base.Log})
 	if err != nil {
-		return nil, nil, err
+		return nil, "", nil, err
 	}
 	closePod := func() error { return p.Close(context.WithoutCancel(ctx)) }
 	defer func() {
@@ -145,12 +198,12 @@ func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, 
 	}()
 	b, err := bundle.Load(bundleDir)
 	if err != nil {
-		return nil, nil, err
+		return nil, "", nil, err
 	}
 	b.Spec = spec
 	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: "bench", Bundle: b})
 	if err != nil {
-		return nil, nil, err
+		return nil, "", nil, err
 	}
 	stop := func() error {
 		_, err := p.DeleteContainer(context.WithoutCancel(ctx), c, true)
@@ -158,7 +211,7 @@ func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, 
 	}
 	if err := c.Start(ctx); err != nil {
 		_, derr := p.DeleteContainer(context.WithoutCancel(ctx), c, true)
-		return nil, nil, errors.Join(err, derr)
+		return nil, "", nil, errors.Join(err, derr)
 	}
 	n := 0
 	execOnce := func(w io.Writer, args ...string) (time.Duration, error) {
@@ -184,7 +237,11 @@ func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, 
 		}
 		return d, nil
 	}
-	return execOnce, stop, nil
+	var vsock string
+	if m, ok := p.Machine().(interface{ VsockPath() string }); ok {
+		vsock = m.VsockPath()
+	}
+	return execOnce, vsock, stop, nil
 }
 
 func medianFloat(xs []float64) float64 {

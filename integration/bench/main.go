@@ -119,12 +119,20 @@ func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool
 	return podBench(ctx, repo, share, tools, runs, parallel)
 }
 
+// buildStatic builds the Go package pkg (a path relative to the repository) as a static binary at out.
+func buildStatic(ctx context.Context, pkg, out string) error {
+	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, pkg)
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("build %s: %v\n%s", pkg, err, b)
+	}
+	return nil
+}
+
 func buildFloor(ctx context.Context, work, share, tools string) (string, error) {
 	bin := filepath.Join(work, "floorinit")
-	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", bin, "./vm/image/floorinit")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build floorinit: %v\n%s", err, out)
+	if err := buildStatic(ctx, "./vm/image/floorinit", bin); err != nil {
+		return "", err
 	}
 	initrd := filepath.Join(work, "floor-initrd.img")
 	img := exec.CommandContext(ctx, filepath.Join(tools, "kiln-image"), "-q", "--init", bin, "--modules", "",
