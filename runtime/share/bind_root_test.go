@@ -10,6 +10,8 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/mounttree"
 )
 
 // sharedHostTree is a host directory the way systemd hosts have them: a mount in a shared peer group, holding a
@@ -25,7 +27,7 @@ func sharedHostTree(t *testing.T) (src, sub string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := unmountUnder(src); err != nil {
+		if err := mounttree.UnmountUnder(src); err != nil {
 			t.Errorf("unmount host tree: %v", err)
 		}
 	})
@@ -49,7 +51,7 @@ func sharedHostTree(t *testing.T) (src, sub string) {
 
 func isMountPoint(t *testing.T, path string) bool {
 	t.Helper()
-	mps, err := mountPoints(path)
+	mps, err := mounttree.Points(path)
 	if err != nil {
 		t.Fatal(err)
 	}

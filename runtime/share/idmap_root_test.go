@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiln-runtime/kiln/mounttree"
 )
 
 // The uidmap= and gidmap= options containerd's snapshotters put on the root of a container with a user
@@ -77,7 +79,7 @@ func TestAddRootfsMountsRefusesHalfAnIDMap(t *testing.T) {
 	if err == nil {
 		t.Fatal("uidmap without gidmap accepted")
 	}
-	if mps, _ := mountPoints(filepath.Join(s.mounts, "h")); len(mps) > 0 {
+	if mps, _ := mounttree.Points(filepath.Join(s.mounts, "h")); len(mps) > 0 {
 		t.Errorf("refused rootfs left mounts %v", mps)
 	}
 }
@@ -145,7 +147,7 @@ func TestShareSpecMountsIDMapped(t *testing.T) {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("error %v, want one saying %q", err, tc.wantErr)
 				}
-				if mps, _ := mountPoints(filepath.Join(s.mounts, id, "binds")); len(mps) > 0 {
+				if mps, _ := mounttree.Points(filepath.Join(s.mounts, id, "binds")); len(mps) > 0 {
 					t.Errorf("refused mount left mounts %v", mps)
 				}
 				return

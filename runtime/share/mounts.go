@@ -9,6 +9,8 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/mounttree"
 )
 
 // Mount is one file system mount the way containerd's snapshotters describe a root file system (its
@@ -33,7 +35,7 @@ func (s *Share) AddRootfsMounts(ctx context.Context, containerID string, mounts 
 	}
 	for i, m := range mounts {
 		if err := mountOne(m, target, readonly); err != nil {
-			_ = unmountUnder(target)
+			_ = mounttree.UnmountUnder(target)
 			_ = os.Remove(target)
 			return "", fmt.Errorf("add rootfs of container %s to share: mount %d (%s %s): %w", containerID, i, m.Type, m.Source, err)
 		}

@@ -30,6 +30,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kiln-runtime/kiln/mounttree"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
@@ -149,10 +150,10 @@ func Remove(dir string) error {
 	if err != nil {
 		return fmt.Errorf("remove share %s: %w", dir, err)
 	}
-	if err := unmountUnder(real); err != nil {
+	if err := mounttree.UnmountUnder(real); err != nil {
 		return fmt.Errorf("remove share %s: %w", dir, err)
 	}
-	if err := removeTree(real); err != nil {
+	if err := mounttree.RemoveTree(real); err != nil {
 		return fmt.Errorf("remove share %s: %w", dir, err)
 	}
 	return nil
@@ -177,11 +178,11 @@ func (s *Share) RemoveContainer(ctx context.Context, containerID string) error {
 	// Unmounting under mounts/ propagates to shared/; unmounting under shared/ too catches a copy the
 	// propagation missed (none is expected), so nothing pins the container's files.
 	for _, d := range []string{dir, filepath.Join(s.shared, containerID)} {
-		if err := unmountUnder(d); err != nil {
+		if err := mounttree.UnmountUnder(d); err != nil {
 			return fmt.Errorf("remove container %s from share: %w", containerID, err)
 		}
 	}
-	if err := removeTree(dir); err != nil {
+	if err := mounttree.RemoveTree(dir); err != nil {
 		return fmt.Errorf("remove container %s from share: %w", containerID, err)
 	}
 	return nil

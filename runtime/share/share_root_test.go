@@ -10,6 +10,8 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/mounttree"
 )
 
 func requireRoot(t *testing.T) {
@@ -39,7 +41,7 @@ func newTestShare(t *testing.T) *Share {
 
 func checkGone(t *testing.T, dir string) {
 	t.Helper()
-	if mps, err := mountPoints(dir); err != nil || len(mps) > 0 {
+	if mps, err := mounttree.Points(dir); err != nil || len(mps) > 0 {
 		t.Errorf("leftover mounts under %s: %v %v", dir, mps, err)
 	}
 	if _, err := os.Lstat(dir); !errors.Is(err, os.ErrNotExist) {
@@ -141,7 +143,7 @@ func TestShareLayoutAndPropagation(t *testing.T) {
 	if err := s.RemoveContainer(ctx, "c1"); err != nil {
 		t.Fatal(err)
 	}
-	if mps, _ := mountPoints(filepath.Join(s.Dir(), "shared", "c1")); len(mps) > 0 {
+	if mps, _ := mounttree.Points(filepath.Join(s.Dir(), "shared", "c1")); len(mps) > 0 {
 		t.Errorf("mounts left in the export after RemoveContainer: %v", mps)
 	}
 	if _, err := os.Stat(filepath.Join(s.mounts, "c1")); !errors.Is(err, os.ErrNotExist) {
@@ -277,7 +279,7 @@ func TestAddRootfsMountsOverlay(t *testing.T) {
 	if _, err := s.AddRootfsMounts(context.Background(), "c7", []Mount{{Type: "overlay", Source: "overlay", Options: []string{"lowerdir=/nonexistent"}}}, false); err == nil {
 		t.Error("bad overlay accepted")
 	}
-	if mps, _ := mountPoints(filepath.Join(s.mounts, "c7")); len(mps) > 0 {
+	if mps, _ := mounttree.Points(filepath.Join(s.mounts, "c7")); len(mps) > 0 {
 		t.Errorf("failed rootfs left mounts %v", mps)
 	}
 }
@@ -312,7 +314,7 @@ func TestRemoveLeftoverShare(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Unmount(m, unix.MNT_DETACH)
-	if err := removeTree(d); err == nil {
+	if err := mounttree.RemoveTree(d); err == nil {
 		t.Error("removeTree went through a mount point")
 	}
 	if got := read(t, filepath.Join(rootfs, "etc/hostname")); got != "c1" {

@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiln-runtime/kiln/mounttree"
 )
 
 // ShareSpecMounts shares every bind mount of spec for the container and points its source at the guest path;
@@ -71,7 +73,7 @@ func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string,
 // flags; with "rro" they are read-only too.
 func (s *Share) submountBinds(guest string, parent specs.Mount, opts BindOptions) ([]specs.Mount, error) {
 	host := filepath.Join(s.mounts, strings.TrimPrefix(guest, GuestDir+"/"))
-	mps, err := mountPoints(host)
+	mps, err := mounttree.Points(host)
 	if err != nil {
 		return nil, err
 	}

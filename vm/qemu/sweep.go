@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kiln-runtime/kiln/mounttree"
 	"github.com/kiln-runtime/kiln/vm/child"
 )
 
@@ -77,7 +78,7 @@ func OwnerAlive(pid int) bool {
 const cgroupsFile = "cgroups"
 
 // RemoveState removes what a VM whose owner is gone left: its cgroup (listed in its state directory; QEMU and
-// virtiofsd must be dead) and the state directory itself. Only empty cgroup directories named after the VM
+// virtiofsd must be dead) and the state directory itself, whose mounts are taken away first. Only empty cgroup directories named after the VM
 // (kiln-vm-<id>, <id> the state directory's name) under /sys/fs/cgroup are removed, whatever the file says.
 func RemoveState(dir string) error {
 	var errs []error
@@ -97,7 +98,11 @@ func RemoveState(dir string) error {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("read VM cgroups: %w", err))
 	}
-	if err := os.RemoveAll(dir); err != nil {
+	// A share left by a killed Kiln process may still have its bind mounts of host directories (volumes, root
+	// file systems): take them away first, and never delete through one that stays.
+	if err := mounttree.UnmountUnder(dir); err != nil {
+		errs = append(errs, err)
+	} else if err := mounttree.RemoveTree(dir); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)

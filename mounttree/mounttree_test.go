@@ -1,0 +1,55 @@
+package mounttree
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// RemoveTree stops at a mount point instead of deleting what is mounted there; after UnmountUnder it removes
+// the whole tree and the mounted files are untouched.
+func TestRemoveTreeNeverCrossesAMount(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount")
+	}
+	tree := filepath.Join(t.TempDir(), "tree")
+	mp := filepath.Join(tree, "a", "b")
+	if err := os.MkdirAll(mp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	host := t.TempDir()
+	file := filepath.Join(host, "f")
+	if err := os.WriteFile(file, []byte("keep"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(host, mp, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(mp, unix.MNT_DETACH) })
+	if pts, err := Points(tree); err != nil || len(pts) != 1 || pts[0] != mp {
+		t.Fatalf("Points = %v, %v; want [%s]", pts, err, mp)
+	}
+	if err := RemoveTree(tree); err == nil {
+		t.Fatal("RemoveTree went through a mount point")
+	}
+	if _, err := os.Stat(file); err != nil {
+		t.Fatalf("RemoveTree deleted a mounted file: %v", err)
+	}
+	if err := UnmountUnder(tree); err != nil {
+		t.Fatal(err)
+	}
+	if err := RemoveTree(tree); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(tree); !os.IsNotExist(err) {
+		t.Errorf("tree still there: %v", err)
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "keep" {
+		t.Errorf("the mounted file is %q, %v; want it untouched", b, err)
+	}
+	if err := RemoveTree(tree); err != nil {
+		t.Errorf("RemoveTree of a missing tree: %v", err)
+	}
+}
