@@ -26,7 +26,7 @@ func TestSweepLeavesMountedHostFilesAlone(t *testing.T) {
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(state, "owner"), []byte(itoa(dead.Process.Pid)), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(state, "owner"), []byte(strconv.Itoa(dead.Process.Pid)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	host := t.TempDir()
@@ -66,4 +66,3 @@ func TestSweepLeavesMountedHostFilesAlone(t *testing.T) {
 	}
 }
 
-func itoa(n int) string { return strconv.Itoa(n) }
