@@ -65,4 +65,3 @@ func TestSweepLeavesMountedHostFilesAlone(t *testing.T) {
 		t.Errorf("the dead owner's share is still there: %v", err)
 	}
 }
-
