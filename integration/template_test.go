@@ -80,7 +80,8 @@ func TestTemplateClones(t *testing.T) {
 
 // TestTemplateRestoreFailureBootsCold damages a template's saved state after a first pod built it: the next pod's
 // restore fails once its QEMU runs, and the pod boots the usual way instead, with a warning, leaving nothing of
-// the failed clone behind (the harness checks the state root, QEMU processes and virtiofsd).
+// the failed clone behind (the harness checks the state root, QEMU processes and virtiofsd) and removing the
+// template QEMU refused.
 func TestTemplateRestoreFailureBootsCold(t *testing.T) {
 	requireVM(t)
 	top, err := os.MkdirTemp("/dev/shm", "kiln-it-tpl-")
@@ -133,6 +134,10 @@ func TestTemplateRestoreFailureBootsCold(t *testing.T) {
 	}
 	for _, e := range clones {
 		t.Errorf("failed clone left %s behind", e.Name())
+	}
+	// The refused template is gone, so that the next pod builds a good one.
+	if left, _ := filepath.Glob(filepath.Join(templates, "*", "*")); len(left) != 0 {
+		t.Errorf("refused template still there: %v", left)
 	}
 }
 

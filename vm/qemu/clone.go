@@ -9,10 +9,17 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
+
+// errTemplateState is a clone's QEMU refusing its template's saved state: the template is of no use.
+var errTemplateState = errors.New("QEMU could not load the template's state")
+
+// exitGrace is how long a QMP error waits for QEMU's exit, which tells a refused state from other failures.
+const exitGrace = time.Second
 
 // restoreTimeout bounds loading a template's device state into a clone (some tens of milliseconds).
 const restoreTimeout = 30 * time.Second
@@ -71,6 +78,9 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 	m.cloneRAM = ram
 	m.incoming = state
 	if err := m.start(ctx); err != nil {
+		if errors.Is(err, errTemplateState) {
+			discardTemplate(tpl, m.log)
+		}
 		// A start that failed once QEMU's resources were set up removed the copy already.
 		if rerr := os.Remove(ram); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
 			m.log.WithError(rerr).Warn("remove the VM's copy of its template's RAM")
@@ -93,14 +103,14 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 		return err
 	}
 	if err := q.execute(ctx, "migrate-incoming", map[string]any{"uri": fmt.Sprintf("fd:%d", stateFD)}, nil); err != nil {
-		return err
+		return m.loadError(err)
 	}
 	for {
 		var st struct {
 			Status string `json:"status"`
 		}
 		if err := q.execute(ctx, "query-status", nil, &st); err != nil {
-			return err
+			return m.loadError(err)
 		}
 		if st.Status == "paused" {
 			break
@@ -110,7 +120,7 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 		}
 		select {
 		case <-m.exited:
-			return errors.New("QEMU exited while loading the template's state")
+			return errTemplateState
 		case <-ctx.Done():
 			return fmt.Errorf("load the template's state: %w", ctx.Err())
 		case <-time.After(time.Millisecond):
@@ -122,6 +132,32 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 		}
 	}
 	return q.execute(ctx, "cont", nil, nil)
+}
+
+// loadError is err, a QMP failure while the state loads; QEMU exits when it refuses the state (its monitor
+// goes with it), and that is errTemplateState.
+func (m *Machine) loadError(err error) error {
+	select {
+	case <-m.exited:
+	case <-time.After(exitGrace):
+		return err
+	}
+	return fmt.Errorf("%w (%v)", errTemplateState, err)
+}
+
+// discardTemplate removes a template its clones cannot load, so that the next VM builds it again. Clones started
+// from it hold their own copies and descriptors.
+func discardTemplate(t template, log *logrus.Entry) {
+	trash := fmt.Sprintf("%s.discarded-%d", t.dir, os.Getpid())
+	err := os.Rename(t.dir, trash)
+	if err == nil {
+		err = os.RemoveAll(trash)
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.WithError(err).Warn("remove a template whose state QEMU refused")
+		return
+	}
+	log.WithField("template", t.dir).Warn("removed a template whose state QEMU refused; the next VM builds it again")
 }
 
 // hotplugDevices are the devices a clone gets once restored, each on its root port (q35Devices).

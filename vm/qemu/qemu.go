@@ -311,6 +311,12 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	if err := os.WriteFile(m.paths.owner, []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return fmt.Errorf("start vm %s: write owner file: %w", m.cfg.ID, err)
 	}
+	if m.cloneRAM != "" {
+		// Whoever cleans up after a dead owner (Sweep) removes the RAM copy too.
+		if err := os.WriteFile(filepath.Join(m.paths.dir, cloneRAMFile), []byte(m.cloneRAM), 0o600); err != nil {
+			return fmt.Errorf("start vm %s: record its RAM copy: %w", m.cfg.ID, err)
+		}
+	}
 	var vs vsockBackend
 	switch {
 	case m.cfg.role == roleTemplate:
