@@ -27,6 +27,9 @@ const restoreTimeout = 30 * time.Second
 // cloneUnsupported says why c cannot start from a template, "" when it can.
 func cloneUnsupported(c Config) string {
 	switch {
+	case c.SharedDir == "":
+		// A restored agent waits for its shared directory's device before it serves containers.
+		return "a VM without a shared directory is not restored from a template"
 	case c.Vsock == VsockKernel:
 		return "the kernel's vhost-vsock is not hot-plugged yet (vsock.mode)"
 	case len(c.Nets) > maxCloneNets:

@@ -85,9 +85,10 @@ func TestCloneUnsupported(t *testing.T) {
 		c    Config
 		want string
 	}{
-		{"vhost-user vsock, two NICs", Config{Nets: []Net{nic, nic}}, ""},
-		{"kernel vsock", Config{Vsock: VsockKernel}, "vhost-vsock"},
-		{"three NICs", Config{Nets: []Net{nic, nic, nic}}, "at most 2"},
+		{"vhost-user vsock, two NICs", Config{SharedDir: "/s", Nets: []Net{nic, nic}}, ""},
+		{"no shared directory", Config{}, "shared directory"},
+		{"kernel vsock", Config{SharedDir: "/s", Vsock: VsockKernel}, "vhost-vsock"},
+		{"three NICs", Config{SharedDir: "/s", Nets: []Net{nic, nic, nic}}, "at most 2"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
