@@ -102,6 +102,7 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
 	q := m.qmp
+	loadStart := time.Now()
 	if err := q.execute(ctx, "migrate-set-capabilities", ignoreShared, nil); err != nil {
 		return err
 	}
@@ -129,12 +130,18 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 		case <-time.After(time.Millisecond):
 		}
 	}
+	plugStart := time.Now()
 	for _, dev := range hotplugDevices(m.cfg) {
 		if err := q.execute(ctx, "device_add", dev, nil); err != nil {
 			return fmt.Errorf("hot-plug %s: %w", dev["id"], err)
 		}
 	}
-	return q.execute(ctx, "cont", nil, nil)
+	if err := q.execute(ctx, "cont", nil, nil); err != nil {
+		return err
+	}
+	m.log.WithFields(logrus.Fields{"load": plugStart.Sub(loadStart).Round(time.Microsecond),
+		"hotplug": time.Since(plugStart).Round(time.Microsecond)}).Debug("VM restored")
+	return nil
 }
 
 // loadError is err, a QMP failure while the state loads; QEMU exits when it refuses the state (its monitor
