@@ -12,15 +12,18 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/integration/testbundle"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
+	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 func main() {
@@ -28,6 +31,7 @@ func main() {
 	share := flag.String("share", "_output/share/kiln", "guest assets")
 	templates := flag.String("templates", "/dev/shm/kiln-fastpath-bench/templates", "template directory (tmpfs)")
 	debug := flag.Bool("debug", false, "debug log (the clones' time breakdown)")
+	flag.DurationVar(&idle, "idle", 0, "after the container, wait this long and measure QEMU's memory (0: skip)")
 	flag.Parse()
 	logrus.SetLevel(logrus.WarnLevel)
 	if *debug {
@@ -39,7 +43,30 @@ func main() {
 	}
 }
 
-type result struct{ ready, container, stop time.Duration }
+var idle time.Duration
+
+type result struct {
+	ready, container, stop time.Duration
+	mem                    string
+}
+
+// memory is QEMU's proportional set (anonymous: heap and TCG cache; shmem: the guest RAM pages it maps) and the
+// data a clone's RAM file holds on tmpfs.
+func memory(pid int, ramFile string) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	f := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			f[k] = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB"))
+		}
+	}
+	out := fmt.Sprintf("QEMU Pss %s kB (Pss_Anon %s, Pss_Shmem %s)", f["Pss"], f["Pss_Anon"], f["Pss_Shmem"])
+	var st unix.Stat_t
+	if ramFile != "" && unix.Stat(ramFile, &st) == nil {
+		out += fmt.Sprintf(", RAM file holds %d kB", st.Blocks*512/1024)
+	}
+	return out
+}
 
 func run(n int, share, templates string) error {
 	ctx := context.Background()
@@ -85,6 +112,14 @@ func run(n int, share, templates string) error {
 			}
 		}
 		r.container = time.Since(start)
+		if err == nil && idle > 0 {
+			time.Sleep(idle)
+			ram := ""
+			if mode == config.FastStartTemplate {
+				ram = filepath.Join(templates, "clones", id+".ram")
+			}
+			r.mem = memory(p.Machine().(*qemu.Machine).PID(), ram)
+		}
 		if err == nil {
 			_, err = p.DeleteContainer(ctx, c, true)
 		}
@@ -108,7 +143,7 @@ func run(n int, share, templates string) error {
 				return fmt.Errorf("%s round %d: %w", mode, i, err)
 			}
 			res[mode] = append(res[mode], r)
-			fmt.Printf("round %d %-8s ready %6d ms  container done %6d ms  stop %5d ms\n", i, mode, r.ready.Milliseconds(), r.container.Milliseconds(), r.stop.Milliseconds())
+			fmt.Printf("round %d %-8s ready %6d ms  container done %6d ms  stop %5d ms  %s\n", i, mode, r.ready.Milliseconds(), r.container.Milliseconds(), r.stop.Milliseconds(), r.mem)
 		}
 	}
 	med := func(rs []result, f func(result) time.Duration) int64 {
