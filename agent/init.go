@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/agent/network"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // Guest is a guest that Init has prepared far enough for the agent API, with
@@ -25,6 +26,15 @@ type Guest struct {
 	proceedOnce sync.Once
 	done        chan struct{}
 	err         error // set before done is closed
+
+	// template: the guest boots to be saved as a template (agentv1.CmdlineTemplate); its shared directory is
+	// mounted by Restored, not by the setup above.
+	template    bool
+	log         *logrus.Entry
+	mountShared func() (bool, error)
+	restoreOnce sync.Once
+	restored    chan struct{}
+	restoreErr  error // set before restored is closed
 }
 
 // lateSetupDelay is how long the background setup waits for Proceed. Under
@@ -63,7 +73,8 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read kernel command line: %w", err)
 	}
-	level, err := ParseKernelCmdline(string(cmdline)).LogLevel()
+	params := ParseKernelCmdline(string(cmdline))
+	level, err := params.LogLevel()
 	if err != nil {
 		entry.WithError(err).Warnf("ignoring %s", CmdlineLogLevel)
 	}
@@ -81,7 +92,12 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	}
 	entry.WithFields(logrus.Fields{"count": len(early), "took": time.Since(start)}).Debug("vsock modules ready")
 
-	g := &Guest{Reaper: StartReaper(ctx, entry), proceed: make(chan struct{}), done: make(chan struct{})}
+	g := newGuest(entry, params.Flag(agentv1.CmdlineTemplate))
+	g.Reaper = StartReaper(ctx, entry)
+	if g.template {
+		// No host request comes before the save: nothing to wait for.
+		g.Proceed()
+	}
 	go func() {
 		defer close(g.done)
 		t := time.NewTimer(lateSetupDelay)
@@ -93,7 +109,7 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 			return
 		}
 		t.Stop()
-		g.err = finishInit(entry, lateMounts, late)
+		g.err = finishInit(entry, lateMounts, late, !g.template)
 		if g.err != nil {
 			entry.WithError(g.err).Error("guest setup failed; containers are unavailable")
 		}
@@ -103,8 +119,8 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 
 // finishInit is the part of the guest's setup that the agent API does not
 // need: the other base file systems and kernel modules, and the shared
-// directory.
-func finishInit(log *logrus.Entry, mounts []Mount, modules []string) error {
+// directory (when share is true).
+func finishInit(log *logrus.Entry, mounts []Mount, modules []string, share bool) error {
 	start := time.Now()
 	if err := MountAll(log, mounts); err != nil {
 		return fmt.Errorf("mount base file systems: %w", err)
@@ -112,8 +128,10 @@ func finishInit(log *logrus.Entry, mounts []Mount, modules []string) error {
 	if err := LoadModuleFiles(log, ModuleDir, modules); err != nil {
 		return err
 	}
-	if _, err := MountShared(log, SharedTag, SharedDir); err != nil {
-		return err
+	if share {
+		if _, err := MountShared(log, SharedTag, SharedDir); err != nil {
+			return err
+		}
 	}
 	if err := loopbackUp(); err != nil {
 		return err
@@ -133,8 +151,25 @@ func (g *Guest) Proceed() {
 
 // Ready waits until the background part of Init is done and returns its
 // error, or ctx's error when ctx ends first. It starts that part at once if
-// it has not started yet.
+// it has not started yet. A template guest is ready only once restored
+// (Restored).
 func (g *Guest) Ready(ctx context.Context) error {
+	if err := g.setupDone(ctx); err != nil {
+		return err
+	}
+	if !g.template {
+		return nil
+	}
+	select {
+	case <-g.restored:
+		return g.restoreErr
+	case <-ctx.Done():
+		return fmt.Errorf("wait for the restored guest's shared directory: %w", ctx.Err())
+	}
+}
+
+// setupDone waits for the background part of Init, starting it at once.
+func (g *Guest) setupDone(ctx context.Context) error {
 	g.Proceed()
 	select {
 	case <-g.done:

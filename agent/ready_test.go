@@ -32,7 +32,7 @@ func (f fakeContainers) ListProcesses(context.Context, *agentv1.ListProcessesReq
 
 // pendingGuest is a Guest whose background setup the test finishes.
 func pendingGuest() *Guest {
-	return &Guest{proceed: make(chan struct{}), done: make(chan struct{})}
+	return newGuest(logrus.NewEntry(logrus.New()), false)
 }
 
 func (g *Guest) finish(err error) {

@@ -115,6 +115,7 @@ func Run(ctx context.Context, cfg Config) {
 		// to slow its answer down.
 		Answered: guest.Proceed,
 		Seeder:   KernelSeeder{},
+		Restored: guest.Restored,
 		OnShutdown: func(reason string) {
 			select {
 			case shutdown <- "shutdown request: " + reason:
@@ -129,6 +130,9 @@ func Run(ctx context.Context, cfg Config) {
 	go func() { served <- srv.Serve(ctx, l) }()
 
 	log.WithFields(logrus.Fields{"port": APIPort, "init": time.Since(startedAt), "uptime": sinceBoot()}).Info("agent API ready")
+	if guest.Template() {
+		go guest.AnnounceTemplate(ctx, logger.Out)
+	}
 
 	if err := waitForShutdown(log, shutdown, signals, served); err != nil {
 		Fatal(log, err)

@@ -46,6 +46,9 @@ type ServerConfig struct {
 	Answered func()
 	// Seeder, when set, takes SeedGuest's entropy and time; nil refuses SeedGuest.
 	Seeder Seeder
+	// Restored, when set, runs after SeedGuest has seeded the guest, before it answers: a guest restored from a
+	// template finishes its setup there (Guest.Restored). Its error fails SeedGuest.
+	Restored func(ctx context.Context) error
 }
 
 // ReadyTimeout bounds a Containers request's wait for the guest's setup;
@@ -173,7 +176,7 @@ func (a agentService) GuestInfo(context.Context, *agentv1.GuestInfoRequest) (*ag
 	return info, nil
 }
 
-func (a agentService) SeedGuest(_ context.Context, req *agentv1.SeedGuestRequest) (*agentv1.SeedGuestResponse, error) {
+func (a agentService) SeedGuest(ctx context.Context, req *agentv1.SeedGuestRequest) (*agentv1.SeedGuestResponse, error) {
 	if a.s.cfg.Seeder == nil {
 		return nil, status.Error(codes.Unimplemented, "seeding is not available in this agent")
 	}
@@ -190,6 +193,11 @@ func (a agentService) SeedGuest(_ context.Context, req *agentv1.SeedGuestRequest
 	if ns != 0 {
 		if err := a.s.cfg.Seeder.SetClock(time.Unix(0, ns)); err != nil {
 			return nil, err
+		}
+	}
+	if a.s.cfg.Restored != nil {
+		if err := a.s.cfg.Restored(ctx); err != nil {
+			return nil, status.Errorf(codes.Unavailable, "seed: %v", err)
 		}
 	}
 	return &agentv1.SeedGuestResponse{}, nil

@@ -86,7 +86,19 @@ type Hypervisor struct {
 	// MemoryOverheadMiB.
 	Cgroup            bool `toml:"cgroup"`
 	MemoryOverheadMiB int  `toml:"memory_overhead_mib"`
+	// FastStart is how a VM starts: FastStartOff boots it, FastStartTemplate restores it from a saved template
+	// of its shape (kept in TemplateDir), falling back to a boot when that fails.
+	FastStart string `toml:"fast_start"`
+	// TemplateDir holds the saved templates (guest RAM and device state) and the clones' copies of their RAM; it
+	// should be on tmpfs.
+	TemplateDir string `toml:"template_dir"`
 }
+
+// Values of hypervisor.fast_start.
+const (
+	FastStartOff      = "off"
+	FastStartTemplate = "template"
+)
 
 // Vsock configures how the host reaches the guest.
 type Vsock struct {
@@ -151,6 +163,8 @@ func Default() Config {
 			MemoryOverheadMiB:      DefaultMemoryOverheadMiB,
 			TCGTranslationCacheMiB: DefaultTCGTranslationCacheMiB,
 			FreePageReporting:      true,
+			FastStart:              FastStartOff,
+			TemplateDir:            "/dev/shm/kiln/templates",
 		},
 		Vsock: Vsock{Mode: VsockAuto},
 		SharedFS: SharedFS{
@@ -275,6 +289,14 @@ func (c Config) Validate() error {
 	}
 	if c.Hypervisor.MemoryOverheadMiB < 64 || c.Hypervisor.MemoryOverheadMiB > 1<<20 {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_overhead_mib = %d: want 64 to 1048576", c.Hypervisor.MemoryOverheadMiB))
+	}
+	switch c.Hypervisor.FastStart {
+	case FastStartOff, FastStartTemplate:
+	default:
+		errs = append(errs, fmt.Errorf("hypervisor.fast_start = %q: want \"off\" or \"template\"", c.Hypervisor.FastStart))
+	}
+	if c.Hypervisor.FastStart == FastStartTemplate && !filepath.IsAbs(c.Hypervisor.TemplateDir) {
+		errs = append(errs, fmt.Errorf("hypervisor.template_dir = %q: want an absolute path (on tmpfs) for fast_start = \"template\"", c.Hypervisor.TemplateDir))
 	}
 	switch c.Vsock.Mode {
 	case VsockAuto, VsockVhostUser, VsockVhost:

@@ -38,6 +38,13 @@ type containerVM struct {
 // newContainerVM boots the standard guest image with memMiB of RAM in a private state directory.
 func newContainerVM(t *testing.T, memMiB int) *containerVM {
 	t.Helper()
+	return newContainerVMWith(t, memMiB, nil, nil)
+}
+
+// newContainerVMWith is newContainerVM with the configuration changed by mutate and the pod's log entries also
+// going to hook, when they are not nil.
+func newContainerVMWith(t *testing.T, memMiB int, mutate func(*config.Config), hook logrus.Hook) *containerVM {
+	t.Helper()
 	imgShare := requireVM(t)
 	bundleDir := t.TempDir()
 	if err := testbundle.Rootfs(filepath.Join(bundleDir, "rootfs")); err != nil {
@@ -69,8 +76,14 @@ func newContainerVM(t *testing.T, memMiB int) *containerVM {
 	cfg.Hypervisor.Kernel = filepath.Join(imgShare, "vmlinuz")
 	cfg.Hypervisor.Initrd = filepath.Join(imgShare, "initrd.img")
 	cfg.Hypervisor.MemoryMiB = memMiB
+	if mutate != nil {
+		mutate(&cfg)
+	}
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
+	if hook != nil {
+		log.AddHook(hook)
+	}
 	v := &containerVM{bundle: bundleDir}
 	start := time.Now()
 	p, err := pod.New(testCtx(t, 2*time.Minute), pod.Options{

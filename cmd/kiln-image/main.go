@@ -23,8 +23,10 @@ import (
 // transport of microvm, vsock to talk ttrpc, and virtiofs plus overlay for
 // container root filesystems, virtio_net for the pod's interfaces, and bridge, which containers with
 // CAP_NET_ADMIN use (the guest has no modprobe to load it on demand), and virtio_balloon, whose free page
-// reporting returns the memory the guest frees to the host.
-const defaultModules = "virtio_mmio,vmw_vsock_virtio_transport,virtiofs,overlay,virtio_net,bridge,virtio_balloon"
+// reporting returns the memory the guest frees to the host. virtio_pci is for guests restored from a template,
+// which run on a PCI machine (q35) and get their devices by hot-plug; it comes after the vsock transport, so a
+// microvm guest loads it only in the setup that follows the agent's first answer.
+const defaultModules = "virtio_mmio,vmw_vsock_virtio_transport,virtiofs,overlay,virtio_net,bridge,virtio_balloon,virtio_pci"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)

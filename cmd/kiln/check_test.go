@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
 )
@@ -74,5 +76,35 @@ func TestCheckPortForward(t *testing.T) {
 	// This host (Linux 5.9 or later, root) can attach the program: the real probe says so.
 	if r := checkPortForward(portforward.Probe); r.status != "ok" {
 		t.Errorf("real probe: %+v", r)
+	}
+}
+
+func TestCheckFastStart(t *testing.T) {
+	fs := map[string]int64{"/dev/shm": unix.TMPFS_MAGIC, "/var": 0xef53}
+	fsType := func(p string) (int64, error) {
+		if t, ok := fs[p]; ok {
+			return t, nil
+		}
+		return 0, &os.PathError{Op: "statfs", Path: p, Err: os.ErrNotExist}
+	}
+	tests := []struct {
+		name, mode, vsock, dir string
+		status, detail         string
+	}{
+		{"off", config.FastStartOff, config.VsockAuto, "/dev/shm/kiln/templates", "ok", "off"},
+		{"on tmpfs, created later", config.FastStartTemplate, config.VsockAuto, "/dev/shm/kiln/templates", "ok", "tmpfs"},
+		{"on disk", config.FastStartTemplate, config.VsockAuto, "/var/kiln/templates", "warn", "not on tmpfs"},
+		{"kernel vsock", config.FastStartTemplate, config.VsockVhost, "/dev/shm/kiln/templates", "warn", "vhost"},
+		{"no file system at all", config.FastStartTemplate, config.VsockAuto, "/x/templates", "FAIL", "/x/templates"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := config.Default()
+			cfg.Hypervisor.FastStart, cfg.Vsock.Mode, cfg.Hypervisor.TemplateDir = tt.mode, tt.vsock, tt.dir
+			r := checkFastStart(cfg, fsType)
+			if r.status != tt.status || !strings.Contains(r.detail, tt.detail) {
+				t.Errorf("%+v, want %s mentioning %q", r, tt.status, tt.detail)
+			}
+		})
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
@@ -33,6 +34,12 @@ type fdLayout struct {
 	virtiofs int
 	// firstNet is the first tap of Config.Nets; the others follow.
 	firstNet int
+	// saveMon is a template's second QMP monitor (a connected socket), the one that can pass descriptors.
+	saveMon int
+	// vsockChardev is a clone's vhost-user vsock connection (its device is hot-plugged).
+	vsockChardev int
+	// incomingState is a clone's migration state file.
+	incomingState int
 }
 
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
@@ -48,6 +55,9 @@ func args(c Config, fds fdLayout) []string {
 		backend = fmt.Sprintf("memory-backend-memfd,id=mem,size=%s,share=on,seal=on", mem)
 	}
 	params := append(append([]string{}, baseKernelParams...), c.KernelParams...)
+	if c.role != roleCold {
+		params = append(params, agentv1.CmdlineTemplate+"=1")
+	}
 	if c.Accel == accel.TCG && c.TSCkHz > 0 {
 		params = append(params, "tsc_early_khz="+strconv.Itoa(c.TSCkHz))
 	}
@@ -58,7 +68,13 @@ func args(c Config, fds fdLayout) []string {
 	a := []string{
 		"-name", "kiln-" + c.ID + ",debug-threads=on",
 		"-sandbox", SandboxArg,
-		"-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem",
+	}
+	if c.role == roleCold {
+		a = append(a, "-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem")
+	} else {
+		a = append(a, "-M", "q35,memory-backend=mem,smbus=off,sata=off")
+	}
+	a = append(a,
 		"-accel", accelArg,
 		"-m", mem,
 		"-smp", strconv.Itoa(c.VCPUs),
@@ -68,12 +84,39 @@ func args(c Config, fds fdLayout) []string {
 		"-kernel", c.Kernel,
 		"-initrd", c.Initrd,
 		"-append", strings.Join(params, " "),
-		// vhost-user backends need modern virtio-mmio; the legacy layout is rejected.
-		"-global", "virtio-mmio.force-legacy=false",
 		// Kiln's listening socket: QEMU serves QMP on it.
 		"-chardev", fmt.Sprintf("socket,id=qmp,fd=%d,server=on,wait=off", fds.qmp),
 		"-mon", "chardev=qmp,mode=control",
+	)
+	switch c.role {
+	case roleCold:
+		a = append(a, microvmDevices(c, fds)...)
+	case roleTemplate:
+		a = append(a, q35Devices(c)...)
+		a = append(a, "-chardev", fmt.Sprintf("socket,id=save,fd=%d", fds.saveMon), "-mon", "chardev=save,mode=control")
+	case roleClone:
+		a = append(a, q35Devices(c)...)
+		a = append(a, cloneBackends(c, fds)...)
 	}
+	if c.Accel == accel.KVM {
+		a = append(a, "-cpu", "host")
+	}
+	return a
+}
+
+// netFiles are the taps of nets in order, as QEMU inherits them.
+func netFiles(nets []Net) []*os.File {
+	files := make([]*os.File, 0, len(nets))
+	for _, n := range nets {
+		files = append(files, n.Tap)
+	}
+	return files
+}
+
+// microvmDevices are a cold boot's devices: everything on virtio-mmio, from the start.
+func microvmDevices(c Config, fds fdLayout) []string {
+	// vhost-user backends need modern virtio-mmio; the legacy layout is rejected.
+	a := []string{"-global", "virtio-mmio.force-legacy=false"}
 	a = append(a, fds.vsockArgs...)
 	if c.SharedDir != "" {
 		// Guest RAM is already a shared memfd, which vhost-user-fs needs as much as vsock does.
@@ -94,17 +137,5 @@ func args(c Config, fds fdLayout) []string {
 		}
 		a = append(a, "-device", dev)
 	}
-	if c.Accel == accel.KVM {
-		a = append(a, "-cpu", "host")
-	}
 	return a
-}
-
-// netFiles are the taps of nets in order, as QEMU inherits them.
-func netFiles(nets []Net) []*os.File {
-	files := make([]*os.File, 0, len(nets))
-	for _, n := range nets {
-		files = append(files, n.Tap)
-	}
-	return files
 }

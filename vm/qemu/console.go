@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 
 	"github.com/sirupsen/logrus"
@@ -45,6 +46,9 @@ type console struct {
 
 	mu    sync.Mutex
 	lines []string
+	// awaited is a line await waits for; seen is closed once a line containing it came.
+	awaited string
+	seen    chan struct{}
 }
 
 func newConsole(path string, toLog bool, log *logrus.Entry) (*console, error) {
@@ -90,6 +94,10 @@ func (c *console) line(b []byte) {
 		c.log.WithField("console", true).Debug(line)
 	}
 	c.mu.Lock()
+	if c.seen != nil && c.awaited != "" && strings.Contains(line, c.awaited) {
+		close(c.seen)
+		c.awaited = ""
+	}
 	c.lines = append(c.lines, line)
 	if len(c.lines) > consoleTailLines {
 		c.lines = c.lines[len(c.lines)-consoleTailLines:]
@@ -135,6 +143,23 @@ func (c *console) noteErr(err error) {
 		c.writeErr = err
 		c.log.WithError(err).Warn("guest console log: writing stopped; console lines are still read and dropped")
 	}
+}
+
+// await returns a channel closed once a console line contains s (among the last lines kept, or a later one).
+// One wait at a time.
+func (c *console) await(s string) <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.seen = make(chan struct{})
+	c.awaited = s
+	for _, l := range c.lines {
+		if strings.Contains(l, s) {
+			close(c.seen)
+			c.awaited = ""
+			break
+		}
+	}
+	return c.seen
 }
 
 // writer is what QEMU's stdout (the serial port) is connected to.

@@ -45,6 +45,10 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 	if cfg.Agent.Debug {
 		params = append(params, "kiln.debug=1")
 	}
+	var templateDir string
+	if cfg.Hypervisor.FastStart == config.FastStartTemplate {
+		templateDir = cfg.Hypervisor.TemplateDir
+	}
 	return Config{
 		ID:                id,
 		StateRoot:         cfg.Runtime.StateDir,
@@ -64,6 +68,7 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		User:              user,
 		Cgroup:            cfg.Hypervisor.Cgroup,
 		MemoryOverheadMiB: cfg.Hypervisor.MemoryOverheadMiB,
+		TemplateDir:       templateDir,
 		Log:               log,
 		resolvedAssets:    assets,
 	}, nil

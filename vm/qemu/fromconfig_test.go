@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
@@ -146,6 +148,66 @@ func TestResolveVsockModeAutoKeepsTheGuestToKilnsPorts(t *testing.T) {
 		}
 		if err != nil || got != tc.want {
 			t.Errorf("mode %q: %q, %v; want %q", tc.mode, got, err, tc.want)
+		}
+	}
+}
+
+// A template that cannot be built (QEMU exits at once) is warned about and the VM boots the usual way; neither
+// attempt leaves anything: no template, no RAM copy, no state directory.
+func TestStartFromTemplateFallsBackAndLeavesNothing(t *testing.T) {
+	dir := t.TempDir()
+	cfg := config.Default()
+	cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
+	for _, f := range []string{cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd} {
+		if err := os.WriteFile(f, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg.Hypervisor.Accelerator = config.AccelTCG
+	cfg.Vsock.Mode = config.VsockVhostUser
+	state, err := os.MkdirTemp("", "kq")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(state) })
+	cfg.Runtime.StateDir = state
+	cfg.Hypervisor.User, cfg.Hypervisor.Cgroup = "", false
+	cfg.Hypervisor.FastStart, cfg.Hypervisor.TemplateDir = config.FastStartTemplate, filepath.Join(dir, "templates")
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	hook := new(logtest.Hook)
+	log.AddHook(hook)
+	mc, err := ConfigFrom(cfg, "vm1", logrus.NewEntry(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mc.QEMU = "/bin/false"
+	mc.TSCkHz = 1
+	mc.Virtiofsd.Binary = "/bin/true"
+	mc.SharedDir = t.TempDir()
+	m, err := New(mc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Start(context.Background()); err == nil {
+		_ = m.Stop(context.Background())
+		t.Fatal("Start succeeded")
+	}
+	var warned bool
+	for _, e := range hook.AllEntries() {
+		warned = warned || e.Level == logrus.WarnLevel && strings.Contains(e.Message, "from its template failed") &&
+			strings.Contains(fmt.Sprint(e.Data[logrus.ErrorKey]), "build template")
+	}
+	if !warned {
+		t.Errorf("no warning about the template build; log: %v", hook.AllEntries())
+	}
+	if entries, _ := os.ReadDir(state); len(entries) != 0 {
+		t.Errorf("state root holds %v", entries)
+	}
+	left, _ := filepath.Glob(filepath.Join(cfg.Hypervisor.TemplateDir, "*"))
+	for _, p := range left {
+		if !strings.HasSuffix(p, ".lock") {
+			t.Errorf("left behind: %s", p)
 		}
 	}
 }

@@ -74,6 +74,12 @@ type Config struct {
 	// MemoryOverheadMiB is what QEMU and virtiofsd may use beyond guest RAM; 0 means
 	// config.DefaultMemoryOverheadMiB.
 	MemoryOverheadMiB int
+	// TemplateDir, when set, starts the VM from a template of its shape kept there (built by the first VM that
+	// needs it) instead of booting it: see startFromTemplate. When that fails the VM boots, with a warning.
+	TemplateDir string
+
+	// role is what QEMU is started for: a cold boot unless a template is being built or restored.
+	role role
 
 	// resolvedAssets are Kernel and Initrd as ConfigFrom resolved them (config.ResolveAssets found both files);
 	// Start checks that the files exist only when the paths differ.
@@ -136,6 +142,12 @@ type Machine struct {
 	started bool
 	// fsErr is why the VM was ended for its virtiofsd's death, nil otherwise.
 	fsErr error
+	// saveQMP is a template's second monitor, which can pass descriptors.
+	saveQMP *rawQMP
+	// cloneRAM is a clone's copy of its template's RAM, removed with the VM.
+	cloneRAM string
+	// incoming is a clone's template state while it starts.
+	incoming *os.File
 
 	exited  chan struct{} // closed when QEMU has exited (or Start failed before running it)
 	cleaned chan struct{} // closed when host resources are released
@@ -215,14 +227,39 @@ func (m *Machine) PID() int {
 }
 
 // Start implements vm.Machine.
-func (m *Machine) Start(ctx context.Context) (retErr error) {
+func (m *Machine) Start(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.started {
 		return fmt.Errorf("start vm %s: already started", m.cfg.ID)
 	}
 	m.started = true
+	if m.cfg.TemplateDir != "" && m.cfg.role == roleCold {
+		start := time.Now()
+		err := m.startFromTemplate(ctx)
+		if err == nil {
+			m.log.WithField("took", time.Since(start).Round(time.Millisecond)).Debug("VM restored from its template")
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("start vm %s from its template: %w", m.cfg.ID, err)
+		}
+		m.log.WithError(err).Warn("starting the VM from its template failed; booting it")
+		m.reset()
+	}
+	return m.start(ctx)
+}
 
+// reset makes a Machine whose start failed (and released everything) startable again.
+func (m *Machine) reset() {
+	m.proc, m.qmp, m.console, m.vsock, m.fs, m.cgroup, m.cancel = nil, nil, nil, nil, nil, nil, nil
+	m.fsErr, m.saveQMP = nil, nil
+	m.exited = make(chan struct{})
+	m.cleaned = make(chan struct{})
+}
+
+// start starts QEMU for the machine's role; on error everything is released and exited and cleaned are closed.
+func (m *Machine) start(ctx context.Context) (retErr error) {
 	qemuPath, err := exec.LookPath(m.cfg.QEMU)
 	if err != nil {
 		close(m.exited)
@@ -274,11 +311,20 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	if err := os.WriteFile(m.paths.owner, []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return fmt.Errorf("start vm %s: write owner file: %w", m.cfg.ID, err)
 	}
+	if m.cloneRAM != "" {
+		// Whoever cleans up after a dead owner (Sweep) removes the RAM copy too.
+		if err := os.WriteFile(filepath.Join(m.paths.dir, cloneRAMFile), []byte(m.cloneRAM), 0o600); err != nil {
+			return fmt.Errorf("start vm %s: record its RAM copy: %w", m.cfg.ID, err)
+		}
+	}
 	var vs vsockBackend
-	switch m.cfg.Vsock {
-	case VsockKernel:
+	switch {
+	case m.cfg.role == roleTemplate:
+		// A template has no vsock device: it could not be saved with one.
+		vs = noVsock{}
+	case m.cfg.Vsock == VsockKernel:
 		vs, err = openKernelVsock(KernelVsockDevice)
-	case VsockVhostUser, "":
+	case m.cfg.Vsock == VsockVhostUser || m.cfg.Vsock == "":
 		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.cfg.MemoryFile != "", m.log)
 	default:
 		err = fmt.Errorf("unknown vsock mode %q", m.cfg.Vsock)
@@ -310,7 +356,11 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	defer qmpListener.Close()
 	files := []*os.File{qmpListener}
 	fds := fdLayout{qmp: 3}
-	fds.vsockArgs = vs.qemuArgs(3 + len(files))
+	if m.cfg.role == roleClone {
+		fds.vsockChardev = 3 + len(files)
+	} else {
+		fds.vsockArgs = vs.qemuArgs(3 + len(files))
+	}
 	files = append(files, vs.files()...)
 
 	var fsConn *os.File
@@ -329,6 +379,22 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	}
 	fds.firstNet = 3 + len(files)
 	files = append(files, netFiles(m.cfg.Nets)...)
+	var saveEnd *os.File
+	switch m.cfg.role {
+	case roleTemplate:
+		conn, theirs, err := socketPair()
+		if err != nil {
+			return fmt.Errorf("start vm %s: save monitor: %w", m.cfg.ID, err)
+		}
+		m.saveQMP = &rawQMP{c: conn}
+		saveEnd = theirs
+		defer saveEnd.Close()
+		fds.saveMon = 3 + len(files)
+		files = append(files, saveEnd)
+	case roleClone:
+		fds.incomingState = 3 + len(files)
+		files = append(files, m.incoming)
+	}
 
 	cons, err := newConsole(m.paths.console, m.cfg.ConsoleToLog, m.log)
 	if err != nil {
@@ -364,6 +430,9 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 	if fsConn != nil {
 		fsConn.Close()
 	}
+	if saveEnd != nil {
+		saveEnd.Close()
+	}
 	vs.started()
 	if err != nil {
 		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
@@ -376,6 +445,18 @@ func (m *Machine) Start(ctx context.Context) (retErr error) {
 		return fmt.Errorf("start vm %s: %w%s", m.cfg.ID, err, m.Diagnostics())
 	}
 	m.qmp = q
+	switch m.cfg.role {
+	case roleTemplate:
+		sq, err := newRawQMP(ctx, m.saveQMP.c)
+		if err != nil {
+			return fmt.Errorf("start vm %s: save monitor: %w%s", m.cfg.ID, err, m.Diagnostics())
+		}
+		m.saveQMP = sq
+	case roleClone:
+		if err := m.restore(ctx, fds.incomingState); err != nil {
+			return fmt.Errorf("start vm %s: restore from template: %w%s", m.cfg.ID, err, m.Diagnostics())
+		}
+	}
 	return nil
 }
 
@@ -392,6 +473,9 @@ func (m *Machine) cleanup() {
 	}
 	if m.qmp != nil {
 		m.qmp.close()
+	}
+	if m.saveQMP != nil {
+		m.saveQMP.close()
 	}
 	if m.vsock != nil {
 		if err := m.vsock.close(); err != nil {
@@ -415,6 +499,11 @@ func (m *Machine) cleanup() {
 	}
 	if err := os.RemoveAll(m.paths.dir); err != nil {
 		m.log.WithError(err).Warn("remove vm state dir")
+	}
+	if m.cloneRAM != "" {
+		if err := os.Remove(m.cloneRAM); err != nil {
+			m.log.WithError(err).Warn("remove the VM's copy of its template's RAM")
+		}
 	}
 	close(m.cleaned)
 }

@@ -25,22 +25,23 @@ func (m *Machine) startVirtiofsd(ctx context.Context) error {
 		return err
 	}
 	m.fs = d
-	go m.watchVirtiofsd(d)
+	// The channel is this start's: a start from a template that failed is followed by a boot with new ones.
+	go m.watchVirtiofsd(d, m.exited)
 	return nil
 }
 
 // watchVirtiofsd ends the VM when virtiofsd dies under it: the guest's root file systems are served by it, so
 // a guest without it has containers that hang on every file access, and QEMU 7.2 neither notices nor
 // reconnects. The death counts as the VM's: QEMU is killed, and ExitError names virtiofsd as the cause.
-func (m *Machine) watchVirtiofsd(d *virtiofs.Daemon) {
+func (m *Machine) watchVirtiofsd(d *virtiofs.Daemon, exited <-chan struct{}) {
 	select {
 	case <-d.Exited():
-	case <-m.exited:
+	case <-exited:
 		return
 	}
 	// virtiofsd leaves as soon as QEMU disconnects, often before QEMU has been reaped.
 	select {
-	case <-m.exited:
+	case <-exited:
 		return
 	case <-time.After(virtiofsdExitGrace):
 	}

@@ -130,3 +130,46 @@ func TestSweepRemovesTheDeadVMsCgroup(t *testing.T) {
 		}
 	}
 }
+
+// A dead clone's RAM copy goes with its state directory; a name that is not a clone's copy of its own is left.
+func TestRemoveStateRemovesTheClonesRAM(t *testing.T) {
+	root := t.TempDir()
+	clones := filepath.Join(root, "templates", "clones")
+	if err := os.MkdirAll(clones, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		vm      string
+		ram     string
+		removed bool
+	}{
+		{"its own copy", "pod-a", filepath.Join(clones, "pod-a.ram"), true},
+		{"another VM's copy", "pod-b", filepath.Join(clones, "pod-c.ram"), false},
+		{"a file outside the clones", "pod-d", filepath.Join(root, "templates", "pod-d.ram"), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := filepath.Join(root, "state", tt.vm)
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(tt.ram, []byte("ram"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, cloneRAMFile), []byte(tt.ram), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			err := RemoveState(dir)
+			if tt.removed != (err == nil) {
+				t.Errorf("RemoveState = %v", err)
+			}
+			if _, serr := os.Stat(tt.ram); errors.Is(serr, os.ErrNotExist) != tt.removed {
+				t.Errorf("RAM copy removed: %v, want %v", serr != nil, tt.removed)
+			}
+			if _, serr := os.Stat(dir); !errors.Is(serr, os.ErrNotExist) {
+				t.Errorf("state directory left: %v", serr)
+			}
+		})
+	}
+}

@@ -139,3 +139,14 @@ func (v *vhostUserVsock) close() error {
 	}
 	return err
 }
+
+// noVsock is a template's vsock: none, since a vhost-user device would keep QEMU from saving the guest.
+type noVsock struct{}
+
+func (noVsock) qemuArgs(int) []string { return nil }
+func (noVsock) files() []*os.File     { return nil }
+func (noVsock) started()              {}
+func (noVsock) close() error          { return nil }
+func (noVsock) dial(context.Context, uint32) (net.Conn, error) {
+	return nil, fmt.Errorf("a template guest has no vsock device")
+}

@@ -18,4 +18,11 @@ const (
 	// GuestPodShm is a tmpfs the agent mounts for the pod's shared memory: the host points a container's /dev/shm
 	// bind mount (CRI's pod shm) at it, so the pod's containers share one /dev/shm in guest memory.
 	GuestPodShm = "/run/kiln/shm"
+	// CmdlineTemplate, on the guest kernel's command line, says the guest boots to be saved as a template and
+	// restored many times: it has no vsock or virtio-fs device yet (both are hot-plugged into each restored copy),
+	// so the agent does not mount the shared directory at boot but once SeedGuest tells it it was restored.
+	CmdlineTemplate = "kiln.template"
+	// TemplateReadyLine is the console line a template guest's agent writes once its setup is done and it is
+	// idle: from then on the host may save it.
+	TemplateReadyLine = "kiln-agent: template ready"
 )

@@ -1,0 +1,260 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/vm/virtiofs"
+)
+
+// errTemplateState is a clone's QEMU refusing its template's saved state: the template is of no use.
+var errTemplateState = errors.New("QEMU could not load the template's state")
+
+// exitGrace is how long a QMP error waits for QEMU's exit, which tells a refused state from other failures.
+const exitGrace = time.Second
+
+// restoreTimeout bounds loading a template's device state into a clone (some tens of milliseconds).
+const restoreTimeout = 30 * time.Second
+
+// cloneUnsupported says why c cannot start from a template, "" when it can.
+func cloneUnsupported(c Config) string {
+	switch {
+	case c.SharedDir == "":
+		// A restored agent waits for its shared directory's device before it serves containers.
+		return "a VM without a shared directory is not restored from a template"
+	case c.Vsock == VsockKernel:
+		return "the kernel's vhost-vsock is not hot-plugged yet (vsock.mode)"
+	case len(c.Nets) > maxCloneNets:
+		return fmt.Sprintf("%d network interfaces, a template's clone takes at most %d", len(c.Nets), maxCloneNets)
+	}
+	return ""
+}
+
+// startFromTemplate starts the VM as a clone of its template (built first if there is none): a copy of the
+// template's RAM, its device state loaded into a new QEMU, then its vsock and virtio-fs devices and NICs
+// hot-plugged. On error nothing of the clone is left and the Machine may be started again.
+func (m *Machine) startFromTemplate(ctx context.Context) error {
+	if why := cloneUnsupported(m.cfg); why != "" {
+		return errors.New(why)
+	}
+	qemuPath, err := lookPath(m.cfg.QEMU)
+	if err != nil {
+		return err
+	}
+	tpl, err := ensureTemplate(ctx, m.cfg, qemuPath)
+	if err != nil {
+		return err
+	}
+	state, err := os.Open(tpl.state())
+	if err != nil {
+		return fmt.Errorf("open template state: %w", err)
+	}
+	defer state.Close()
+	clones := filepath.Join(m.cfg.TemplateDir, "clones")
+	if err := os.MkdirAll(clones, 0o711); err != nil {
+		return fmt.Errorf("create clone directory: %w", err)
+	}
+	ram := filepath.Join(clones, m.cfg.ID+".ram")
+	// Each clone maps RAM of its own: the vhost-user back ends write into the file they are given, and the
+	// template must never change.
+	if err := createRAMFile(ram, qemuCredential(m.cfg)); err != nil {
+		return err
+	}
+	copyStart := time.Now()
+	n, err := sparseCopy(tpl.ram(), ram)
+	if err != nil {
+		_ = os.Remove(ram)
+		return fmt.Errorf("copy template RAM: %w", err)
+	}
+	m.log.WithFields(map[string]any{"bytes": n, "took": time.Since(copyStart).Round(time.Microsecond)}).Debug("template RAM copied")
+	cold := m.cfg
+	m.cfg.role = roleClone
+	m.cfg.MemoryFile = ram
+	m.cloneRAM = ram
+	m.incoming = state
+	if err := m.start(ctx); err != nil {
+		if errors.Is(err, errTemplateState) {
+			discardTemplate(tpl, m.log)
+		}
+		// A start that failed once QEMU's resources were set up removed the copy already.
+		if rerr := os.Remove(ram); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			m.log.WithError(rerr).Warn("remove the VM's copy of its template's RAM")
+		}
+		m.cfg = cold
+		m.cloneRAM = ""
+		m.incoming = nil
+		return err
+	}
+	m.incoming = nil
+	return nil
+}
+
+// restore loads the template's state into the clone's QEMU, hot-plugs the devices and lets the guest run.
+func (m *Machine) restore(ctx context.Context, stateFD int) error {
+	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
+	defer cancel()
+	q := m.qmp
+	loadStart := time.Now()
+	if err := q.execute(ctx, "migrate-set-capabilities", ignoreShared, nil); err != nil {
+		return err
+	}
+	if err := q.execute(ctx, "migrate-incoming", map[string]any{"uri": fmt.Sprintf("fd:%d", stateFD)}, nil); err != nil {
+		return m.loadError(err)
+	}
+	for {
+		var st struct {
+			Status string `json:"status"`
+		}
+		if err := q.execute(ctx, "query-status", nil, &st); err != nil {
+			return m.loadError(err)
+		}
+		if st.Status == "paused" {
+			break
+		}
+		if st.Status != "inmigrate" {
+			return fmt.Errorf("restored guest is %q, want paused", st.Status)
+		}
+		select {
+		case <-m.exited:
+			return errTemplateState
+		case <-ctx.Done():
+			return fmt.Errorf("load the template's state: %w", ctx.Err())
+		case <-time.After(time.Millisecond):
+		}
+	}
+	plugStart := time.Now()
+	for _, dev := range hotplugDevices(m.cfg) {
+		if err := q.execute(ctx, "device_add", dev, nil); err != nil {
+			return fmt.Errorf("hot-plug %s: %w", dev["id"], err)
+		}
+	}
+	if err := q.execute(ctx, "cont", nil, nil); err != nil {
+		return err
+	}
+	m.log.WithFields(logrus.Fields{"load": plugStart.Sub(loadStart).Round(time.Microsecond),
+		"hotplug": time.Since(plugStart).Round(time.Microsecond)}).Debug("VM restored")
+	return nil
+}
+
+// loadError is err, a QMP failure while the state loads; QEMU exits when it refuses the state (its monitor
+// goes with it), and that is errTemplateState.
+func (m *Machine) loadError(err error) error {
+	select {
+	case <-m.exited:
+	case <-time.After(exitGrace):
+		return err
+	}
+	return fmt.Errorf("%w (%v)", errTemplateState, err)
+}
+
+// discardTemplate removes a template its clones cannot load, so that the next VM builds it again. Clones started
+// from it hold their own copies and descriptors.
+func discardTemplate(t template, log *logrus.Entry) {
+	trash := fmt.Sprintf("%s.discarded-%d", t.dir, os.Getpid())
+	err := os.Rename(t.dir, trash)
+	if err == nil {
+		err = os.RemoveAll(trash)
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.WithError(err).Warn("remove a template whose state QEMU refused")
+		return
+	}
+	log.WithField("template", t.dir).Warn("removed a template whose state QEMU refused; the next VM builds it again")
+}
+
+// hotplugDevices are the devices a clone gets once restored, each on its root port (q35Devices).
+func hotplugDevices(c Config) []map[string]any {
+	devs := []map[string]any{{"driver": "vhost-user-vsock-pci", "chardev": "vsock", "bus": "rp0", "id": "vsock0"}}
+	if c.SharedDir != "" {
+		devs = append(devs, map[string]any{"driver": "vhost-user-fs-pci", "chardev": "fs", "tag": virtiofs.Tag, "bus": "rp1", "id": "fs0"})
+	}
+	for i, n := range c.Nets {
+		d := map[string]any{"driver": "virtio-net-pci", "netdev": fmt.Sprintf("net%d", i), "mac": n.MAC.String(),
+			"bus": fmt.Sprintf("rp%d", 2+i), "id": fmt.Sprintf("nic%d", i)}
+		if n.MTU > 0 {
+			d["host_mtu"] = n.MTU
+		}
+		devs = append(devs, d)
+	}
+	return devs
+}
+
+// cloneBackends are a clone's device back ends, on its command line (they are no migrated state); the devices
+// themselves come by hot-plug once the state is loaded, which then waits for it (-incoming defer).
+func cloneBackends(c Config, fds fdLayout) []string {
+	a := []string{"-chardev", fmt.Sprintf("socket,id=vsock,fd=%d", fds.vsockChardev)}
+	if c.SharedDir != "" {
+		a = append(a, "-chardev", fmt.Sprintf("socket,id=fs,fd=%d", fds.virtiofs))
+	}
+	for i := range c.Nets {
+		a = append(a, "-netdev", fmt.Sprintf("tap,id=net%d,fd=%d,vhost=off", i, fds.firstNet+i))
+	}
+	return append(a, "-incoming", "defer")
+}
+
+// sparseCopy copies src into dst (which exists, empty) as a sparse file of the same size: only src's data
+// extents (SEEK_DATA/SEEK_HOLE) are copied, in the kernel (copy_file_range). It returns the bytes copied.
+func sparseCopy(src, dst string) (int64, error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return 0, err
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return 0, err
+	}
+	out, err := os.OpenFile(dst, os.O_WRONLY, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer out.Close()
+	if err := out.Truncate(st.Size()); err != nil {
+		return 0, err
+	}
+	var copied int64
+	for off := int64(0); off < st.Size(); {
+		data, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // only a hole is left
+		}
+		if err != nil {
+			return copied, fmt.Errorf("find data in %s: %w", src, err)
+		}
+		hole, err := unix.Seek(int(in.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			return copied, fmt.Errorf("find a hole in %s: %w", src, err)
+		}
+		n, err := copyRange(in, out, data, hole-data)
+		copied += n
+		if err != nil {
+			return copied, err
+		}
+		off = hole
+	}
+	return copied, out.Close()
+}
+
+// copyRange copies n bytes at off from in to out at the same offset, with copy_file_range where the file
+// systems allow it and read/write otherwise.
+func copyRange(in, out *os.File, off, n int64) (int64, error) {
+	var done int64
+	for done < n {
+		roff, woff := off+done, off+done
+		c, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(n-done), 0)
+		if err != nil || c == 0 {
+			m, err := io.Copy(io.NewOffsetWriter(out, off+done), io.NewSectionReader(in, off+done, n-done))
+			return done + m, err
+		}
+		done += int64(c)
+	}
+	return done, nil
+}

@@ -1,0 +1,295 @@
+package qemu
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+// role is what a Machine's QEMU is started for.
+type role int
+
+const (
+	// roleCold boots a microvm with all its devices.
+	roleCold role = iota
+	// roleTemplate boots a q35 guest without vhost-user devices, to be saved as a template.
+	roleTemplate
+	// roleClone restores a q35 guest from a template and hot-plugs its devices.
+	roleClone
+)
+
+// The PCIe root ports of a template's machine, the same in every clone: the vsock device, the virtio-fs device,
+// then one NIC each. QEMU 7.2's q35 hot-plugs on them through ACPI by default.
+var rootPortAddrs = []string{"0x2", "0x3", "0x5", "0x6"}
+
+// maxCloneNets is how many NICs a clone can hot-plug: one per root port left after vsock and virtio-fs.
+var maxCloneNets = len(rootPortAddrs) - 2
+
+// q35Devices are a template's devices, which its clones' command lines repeat exactly: the migration state
+// describes them.
+func q35Devices(c Config) []string {
+	var a []string
+	for i, addr := range rootPortAddrs {
+		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,chassis=%d,bus=pcie.0,addr=%s", i, i+1, addr))
+	}
+	if c.FreePageReporting {
+		a = append(a, "-device", "virtio-balloon-pci,free-page-reporting=on,bus=pcie.0,addr=0x4")
+	}
+	return a
+}
+
+// Template files, in a template's directory.
+const (
+	templateRAM   = "ram"
+	templateState = "state"
+)
+
+// Bounds of a template's build: its boot (as long as any cold boot, several seconds under TCG) and its save
+// (tens of milliseconds).
+const (
+	templateBootTimeout = 2 * time.Minute
+	templateSaveTimeout = 30 * time.Second
+	templateLockPoll    = 50 * time.Millisecond
+)
+
+// templateKey names the template of c's guest: a hash of everything that shapes the saved guest. The template's
+// command line covers the machine, its devices, vCPUs, memory, accelerator and kernel parameters; the kernel,
+// initrd (and with it the agent) and QEMU binary are identified by their file's identity (device, inode, size,
+// modification time), which a rebuilt or upgraded file changes.
+func templateKey(c Config, qemuPath string) (string, error) {
+	t := templateConfig(c, "template", templateRAM)
+	h := sha256.New()
+	fmt.Fprintf(h, "kiln template v1\x00%s\x00", strings.Join(args(t, fdLayout{qmp: 3, saveMon: 4}), "\x00"))
+	for _, p := range []string{qemuPath, c.Kernel, c.Initrd} {
+		var st unix.Stat_t
+		if err := unix.Stat(p, &st); err != nil {
+			return "", fmt.Errorf("identify %s for the template: %w", p, err)
+		}
+		fmt.Fprintf(h, "%s\x00%d:%d:%d:%d.%d\x00", p, st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:32], nil
+}
+
+// templateConfig is the configuration of the guest saved as c's template.
+func templateConfig(c Config, id, ram string) Config {
+	t := c
+	t.ID = id
+	t.role = roleTemplate
+	t.MemoryFile = ram
+	t.SharedDir = ""
+	t.Nets = nil
+	t.TemplateDir = ""
+	return t
+}
+
+// template is a saved template's directory.
+type template struct {
+	dir string
+}
+
+func (t template) ram() string   { return filepath.Join(t.dir, templateRAM) }
+func (t template) state() string { return filepath.Join(t.dir, templateState) }
+
+func (t template) complete() bool {
+	for _, p := range []string{t.ram(), t.state()} {
+		if _, err := os.Stat(p); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// ensureTemplate returns c's template, building it first when there is none. One process builds a template at
+// a time (a lock file beside it); others wait for it.
+func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, error) {
+	key, err := templateKey(c, qemuPath)
+	if err != nil {
+		return template{}, err
+	}
+	t := template{dir: filepath.Join(c.TemplateDir, key)}
+	if t.complete() {
+		return t, nil
+	}
+	if err := os.MkdirAll(c.TemplateDir, 0o711); err != nil {
+		return template{}, fmt.Errorf("create template directory %s: %w", c.TemplateDir, err)
+	}
+	unlock, err := lockFile(ctx, t.dir+".lock")
+	if err != nil {
+		return template{}, err
+	}
+	defer unlock()
+	if t.complete() {
+		return t, nil
+	}
+	start := time.Now()
+	if err := buildTemplate(ctx, c, key, t.dir); err != nil {
+		return template{}, fmt.Errorf("build template %s: %w", key, err)
+	}
+	c.Log.WithFields(map[string]any{"template": t.dir, "took": time.Since(start).Round(time.Millisecond)}).Info("VM template built")
+	return t, nil
+}
+
+// lockFile takes an exclusive lock on path (created if needed), waiting until ctx ends.
+func lockFile(ctx context.Context, path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open template lock: %w", err)
+	}
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("wait for another process building the template (%s): %w", path, ctx.Err())
+		case <-time.After(templateLockPoll):
+		}
+	}
+}
+
+// buildTemplate boots c's template guest, waits until its agent says it is ready, and saves it into dir: its
+// RAM file and its device state (migrated with x-ignore-shared, so the RAM stays in the file). The directory
+// appears complete or not at all.
+func buildTemplate(ctx context.Context, c Config, key, dir string) (retErr error) {
+	tmp := dir + ".tmp"
+	if err := os.RemoveAll(tmp); err != nil {
+		return err
+	}
+	if err := os.Mkdir(tmp, 0o711); err != nil {
+		return err
+	}
+	defer func() {
+		if retErr != nil {
+			_ = os.RemoveAll(tmp)
+		}
+	}()
+	ram := filepath.Join(tmp, templateRAM)
+	tc := templateConfig(c, "tpl-"+key[:12], ram)
+	if err := createRAMFile(ram, qemuCredential(tc)); err != nil {
+		return err
+	}
+	tm, err := New(tc)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, templateBootTimeout)
+	defer cancel()
+	if err := tm.Start(ctx); err != nil {
+		return err
+	}
+	defer func() { _ = tm.Stop(context.WithoutCancel(ctx)) }()
+	select {
+	case <-tm.console.await(agentv1.TemplateReadyLine):
+	case <-tm.Exited():
+		return fmt.Errorf("template guest exited before it was ready: %w", tm.ExitError())
+	case <-ctx.Done():
+		return fmt.Errorf("template guest not ready: %w%s", ctx.Err(), tm.Diagnostics())
+	}
+	state, err := os.OpenFile(filepath.Join(tmp, templateState), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	defer state.Close()
+	sctx, scancel := context.WithTimeout(ctx, templateSaveTimeout)
+	defer scancel()
+	if err := tm.save(sctx, state); err != nil {
+		return fmt.Errorf("save template guest: %w%s", err, tm.Diagnostics())
+	}
+	if err := tm.Stop(ctx); err != nil {
+		return err
+	}
+	// The template's RAM is Kiln's from now on: QEMU's user, whoever it is, only ever gets copies.
+	if err := os.Chown(ram, 0, 0); err != nil && os.Geteuid() == 0 {
+		return err
+	}
+	if err := os.Chmod(ram, 0o400); err != nil {
+		return err
+	}
+	return os.Rename(tmp, dir)
+}
+
+// createRAMFile creates an empty guest RAM file that QEMU, running with cred, may map.
+func createRAMFile(path string, cred *syscall.Credential) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("create guest RAM file: %w", err)
+	}
+	defer f.Close()
+	if cred != nil {
+		if err := f.Chown(int(cred.Uid), int(cred.Gid)); err != nil {
+			return fmt.Errorf("give the guest RAM file to QEMU's user: %w", err)
+		}
+	}
+	return nil
+}
+
+// save stops the template guest and migrates its device state into state over the descriptor-passing monitor.
+func (m *Machine) save(ctx context.Context, state *os.File) error {
+	q := m.saveQMP
+	if q == nil {
+		return errors.New("no save monitor")
+	}
+	if err := q.execute(ctx, "stop", nil, nil, nil); err != nil {
+		return err
+	}
+	// QEMU 7.2 has no migration property for this: the capability is set per migration, here and in each clone.
+	if err := q.execute(ctx, "migrate-set-capabilities", ignoreShared, nil, nil); err != nil {
+		return err
+	}
+	if err := q.execute(ctx, "getfd", map[string]any{"fdname": "state"}, state, nil); err != nil {
+		return err
+	}
+	if err := q.execute(ctx, "migrate", map[string]any{"uri": "fd:state"}, nil, nil); err != nil {
+		return err
+	}
+	for {
+		var mig struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := q.execute(ctx, "query-migrate", nil, nil, &mig); err != nil {
+			return err
+		}
+		switch mig.Status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return fmt.Errorf("migration %s: %s", mig.Status, mig.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("migration %s: %w", mig.Status, ctx.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
+
+// ignoreShared is the migration capability that leaves shared RAM (the template's file) out of the state.
+var ignoreShared = map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
+
+// lookPath resolves the QEMU binary as Start does.
+func lookPath(name string) (string, error) {
+	p, err := exec.LookPath(name)
+	if err != nil {
+		return "", fmt.Errorf("QEMU binary %q not found: install it (apt-get install qemu-system-x86) or set hypervisor.path: %w", name, err)
+	}
+	return filepath.Abs(p)
+}

@@ -1,0 +1,321 @@
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/vm/accel"
+)
+
+func TestTemplateAndCloneArgs(t *testing.T) {
+	base := Config{ID: "x", Accel: accel.TCG, VCPUs: 1, MemoryMiB: 256, Kernel: "/k", Initrd: "/i", FreePageReporting: true,
+		SharedDir: "/share", Nets: []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}}}}
+	machine := "-M q35,memory-backend=mem,smbus=off,sata=off"
+	ports := "-device pcie-root-port,id=rp0,chassis=1,bus=pcie.0,addr=0x2"
+	balloon := "-device virtio-balloon-pci,free-page-reporting=on,bus=pcie.0,addr=0x4"
+	tests := []struct {
+		name   string
+		role   role
+		fds    fdLayout
+		want   []string
+		absent []string
+	}{
+		{"template", roleTemplate, fdLayout{qmp: 3, saveMon: 4},
+			[]string{machine, ports, balloon, "kiln.template=1", "-chardev socket,id=save,fd=4 -mon chardev=save,mode=control"},
+			// No vhost-user device, no NIC, nothing to restore: the template is booted, then saved.
+			[]string{"vhost-user", "-netdev", "virtio-net", "-incoming", "microvm", "virtio-mmio"}},
+		{"clone", roleClone, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7},
+			[]string{machine, ports, balloon, "kiln.template=1", "-chardev socket,id=vsock,fd=4", "-chardev socket,id=fs,fd=5",
+				"-netdev tap,id=net0,fd=6,vhost=off", "-incoming defer"},
+			// The devices come by hot-plug once the state is loaded.
+			[]string{"-device vhost-user", "virtio-net", "microvm", "id=save"}},
+		{"cold boot", roleCold, fdLayout{qmp: 3, vsockArgs: (&vhostUserVsock{}).qemuArgs(4), virtiofs: 5, firstNet: 6},
+			[]string{"microvm", "-device vhost-user-fs-device", "virtio-net-device"},
+			[]string{"q35", "kiln.template", "-incoming", "pcie-root-port"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := base
+			c.role = tt.role
+			got := strings.Join(args(c, tt.fds), " ")
+			for _, w := range tt.want {
+				if !strings.Contains(got, w) {
+					t.Errorf("args lack %q:\n%s", w, got)
+				}
+			}
+			for _, a := range tt.absent {
+				if strings.Contains(got, a) {
+					t.Errorf("args contain %q:\n%s", a, got)
+				}
+			}
+		})
+	}
+}
+
+func TestHotplugDevices(t *testing.T) {
+	c := Config{SharedDir: "/share", Nets: []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, MTU: 1400}, {MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}}}}
+	b, err := json.Marshal(hotplugDevices(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `[{"bus":"rp0","chardev":"vsock","driver":"vhost-user-vsock-pci","id":"vsock0"},` +
+		`{"bus":"rp1","chardev":"fs","driver":"vhost-user-fs-pci","id":"fs0","tag":"kiln-shared"},` +
+		`{"bus":"rp2","driver":"virtio-net-pci","host_mtu":1400,"id":"nic0","mac":"02:00:00:00:00:01","netdev":"net0"},` +
+		`{"bus":"rp3","driver":"virtio-net-pci","id":"nic1","mac":"02:00:00:00:00:02","netdev":"net1"}]`
+	if string(b) != want {
+		t.Errorf("devices\n%s\nwant\n%s", b, want)
+	}
+}
+
+func TestCloneUnsupported(t *testing.T) {
+	nic := Net{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}}
+	tests := []struct {
+		name string
+		c    Config
+		want string
+	}{
+		{"vhost-user vsock, two NICs", Config{SharedDir: "/s", Nets: []Net{nic, nic}}, ""},
+		{"no shared directory", Config{}, "shared directory"},
+		{"kernel vsock", Config{SharedDir: "/s", Vsock: VsockKernel}, "vhost-vsock"},
+		{"three NICs", Config{SharedDir: "/s", Nets: []Net{nic, nic, nic}}, "at most 2"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := cloneUnsupported(tt.c)
+			if tt.want == "" && got != "" || tt.want != "" && !strings.Contains(got, tt.want) {
+				t.Errorf("cloneUnsupported = %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// The key changes with anything that shapes the guest, and only with that.
+func TestTemplateKey(t *testing.T) {
+	dir := t.TempDir()
+	files := map[string]string{}
+	for _, n := range []string{"qemu", "kernel", "initrd"} {
+		files[n] = filepath.Join(dir, n)
+		if err := os.WriteFile(files[n], []byte(n), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	base := Config{ID: "pod-a", Accel: accel.TCG, VCPUs: 1, MemoryMiB: 256, Kernel: files["kernel"], Initrd: files["initrd"],
+		TemplateDir: "/tpl", SharedDir: "/share/a", Nets: []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}}}}
+	key := func(c Config) string {
+		k, err := templateKey(c, files["qemu"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	want := key(base)
+	same := []struct {
+		name   string
+		mutate func(*Config)
+	}{
+		{"another pod", func(c *Config) { c.ID, c.SharedDir, c.Nets = "pod-b", "/share/b", nil }},
+		{"another clone RAM file", func(c *Config) { c.MemoryFile = "/tpl/clones/pod-a.ram" }},
+	}
+	for _, s := range same {
+		c := base
+		s.mutate(&c)
+		if got := key(c); got != want {
+			t.Errorf("%s: key %s, want %s", s.name, got, want)
+		}
+	}
+	differ := []struct {
+		name   string
+		mutate func(*Config)
+	}{
+		{"memory", func(c *Config) { c.MemoryMiB = 512 }},
+		{"vCPUs", func(c *Config) { c.VCPUs = 2 }},
+		{"accelerator", func(c *Config) { c.Accel = accel.KVM }},
+		{"kernel parameters", func(c *Config) { c.KernelParams = []string{"kiln.debug=1"} }},
+		{"balloon", func(c *Config) { c.FreePageReporting = true }},
+		{"kernel file", func(c *Config) { c.Kernel = files["initrd"] }},
+	}
+	for _, d := range differ {
+		c := base
+		d.mutate(&c)
+		if got := key(c); got == want {
+			t.Errorf("%s changed, key did not", d.name)
+		}
+	}
+	// A rebuilt initrd (new agent) is a new template.
+	if err := os.WriteFile(files["initrd"], []byte("initrd, rebuilt"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := key(base); got == want {
+		t.Error("initrd rewritten, key unchanged")
+	}
+	if _, err := templateKey(base, filepath.Join(dir, "missing")); err == nil {
+		t.Error("no error for a missing QEMU binary")
+	}
+}
+
+func TestSparseCopy(t *testing.T) {
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
+	const size = 8 << 20
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("kiln"), 4096)
+	for _, off := range []int64{0, 3 << 20, size - int64(len(data))} {
+		if _, err := f.WriteAt(data, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	if err := os.WriteFile(dst, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n, err := sparseCopy(src, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(src)
+	b, _ := os.ReadFile(dst)
+	if !bytes.Equal(a, b) {
+		t.Fatal("copy differs from the source")
+	}
+	if n >= size/2 {
+		t.Errorf("copied %d bytes of a mostly sparse %d-byte file", n, size)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(dst, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Blocks*512 >= size/2 {
+		t.Errorf("copy holds %d bytes, want it sparse", st.Blocks*512)
+	}
+}
+
+// fakeQMP serves QMP on one end of a socket pair: a greeting, then the answers given, one per command, with an
+// event before each; it reports each command and whether a descriptor came with it.
+func fakeQMP(t *testing.T, answers ...string) (*net.UnixConn, <-chan string) {
+	t.Helper()
+	kiln, theirs, err := socketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemu, err := net.FileConn(theirs)
+	theirs.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kiln.Close(); qemu.Close() })
+	got := make(chan string, len(answers)+1)
+	go func() {
+		uc := qemu.(*net.UnixConn)
+		_, _ = io.WriteString(uc, `{"QMP": {"version": {}}}`+"\n")
+		buf, oob := make([]byte, 4096), make([]byte, 64)
+		for _, a := range answers {
+			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			var req struct {
+				Execute string `json:"execute"`
+			}
+			_ = json.Unmarshal(buf[:n], &req)
+			if oobn > 0 {
+				req.Execute += "+fd"
+				if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil && len(msgs) == 1 {
+					if fds, err := unix.ParseUnixRights(&msgs[0]); err == nil {
+						for _, fd := range fds {
+							unix.Close(fd)
+						}
+					}
+				}
+			}
+			got <- req.Execute
+			_, _ = io.WriteString(uc, `{"event": "STOP", "data": {}}`+"\n"+a+"\n")
+		}
+	}()
+	return kiln, got
+}
+
+func TestRawQMP(t *testing.T) {
+	conn, got := fakeQMP(t, `{"return": {}}`, `{"return": {}}`, `{"return": {"status": "completed"}}`,
+		`{"error": {"class": "GenericError", "desc": "no such fd"}}`)
+	ctx := context.Background()
+	q, err := newRawQMP(ctx, conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := <-got; c != "qmp_capabilities" {
+		t.Fatalf("first command %q, want qmp_capabilities", c)
+	}
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := q.execute(ctx, "getfd", map[string]any{"fdname": "state"}, f, nil); err != nil {
+		t.Fatal(err)
+	}
+	if c := <-got; c != "getfd+fd" {
+		t.Fatalf("QEMU saw %q, want getfd with a descriptor", c)
+	}
+	var mig struct{ Status string }
+	if err := q.execute(ctx, "query-migrate", nil, nil, &mig); err != nil || mig.Status != "completed" {
+		t.Fatalf("query-migrate = %+v, %v", mig, err)
+	}
+	<-got
+	if err := q.execute(ctx, "migrate", nil, nil, nil); err == nil || !strings.Contains(err.Error(), "no such fd") {
+		t.Fatalf("migrate = %v, want QEMU's error", err)
+	}
+	<-got
+	// QEMU answers nothing more: the context bounds the wait.
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if err := q.execute(cctx, "query-status", nil, nil, nil); err == nil {
+		t.Fatal("no error when QEMU never answers")
+	}
+}
+
+func TestRawQMPRefusesLongLines(t *testing.T) {
+	conn, _ := fakeQMP(t, `{"return": {}}`, `{"return": "`+strings.Repeat("x", qmpMaxLine)+`"}`)
+	q, err := newRawQMP(context.Background(), conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.execute(context.Background(), "query-status", nil, nil, nil); err == nil || !strings.Contains(err.Error(), "longer than") {
+		t.Fatalf("execute = %v, want the line refused", err)
+	}
+}
+
+func TestConsoleAwait(t *testing.T) {
+	c, _ := testConsole(t, consoleLogMax)
+	w := bufio.NewWriter(c.writer())
+	_, _ = w.WriteString("early line\n")
+	_ = w.Flush()
+	seen := c.await("template ready")
+	_, _ = io.WriteString(c.writer(), "booting\n")
+	select {
+	case <-seen:
+		t.Fatal("await returned before the line came")
+	case <-time.After(20 * time.Millisecond):
+	}
+	_, _ = io.WriteString(c.writer(), "kiln-agent: template ready\n")
+	<-seen
+	// A line seen before the wait counts too.
+	<-c.await("early line")
+	c.close()
+}
