@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"time"
 	"unsafe"
 
@@ -33,7 +34,7 @@ type KernelSeeder struct{}
 
 // AddEntropy implements Seeder.
 func (KernelSeeder) AddEntropy(b []byte) error {
-	f, err := os.OpenFile("/dev/random", os.O_WRONLY, 0)
+	f, err := openRandom("/dev/random", os.TempDir())
 	if err != nil {
 		return fmt.Errorf("add entropy: %w", err)
 	}
@@ -52,6 +53,26 @@ func (KernelSeeder) AddEntropy(b []byte) error {
 		return fmt.Errorf("add entropy: RNDRESEEDCRNG: %w", errno)
 	}
 	return nil
+}
+
+// openRandom opens the kernel's random device for writing. The host seeds the guest as soon as the agent answers,
+// which may be before the guest's late setup has mounted devtmpfs on /dev: then the agent makes a node of its own
+// (character device 1:8) in a directory under scratch, opens it and removes it again.
+func openRandom(dev, scratch string) (*os.File, error) {
+	f, err := os.OpenFile(dev, os.O_WRONLY, 0)
+	if !errors.Is(err, os.ErrNotExist) {
+		return f, err
+	}
+	dir, err := os.MkdirTemp(scratch, "kiln-random-")
+	if err != nil {
+		return nil, fmt.Errorf("%s is not there yet, and no directory for a node of its own: %w", dev, err)
+	}
+	defer os.RemoveAll(dir)
+	node := filepath.Join(dir, "random")
+	if err := unix.Mknod(node, unix.S_IFCHR|0o600, int(unix.Mkdev(1, 8))); err != nil {
+		return nil, fmt.Errorf("%s is not there yet, and making a node of its own failed: %w", dev, err)
+	}
+	return os.OpenFile(node, os.O_WRONLY, 0)
 }
 
 // SetClock implements Seeder.

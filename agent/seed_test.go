@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -83,5 +86,31 @@ func TestGuestInfoReportsRandomAndClock(t *testing.T) {
 	}
 	if c := time.Unix(0, info.WallClockUnixNano); c.Before(before) || c.After(time.Now()) {
 		t.Errorf("wall clock %v, want between %v and now", c, before)
+	}
+}
+
+// Before devtmpfs is on /dev, the agent seeds through a node of its own, which it removes again.
+func TestOpenRandomWithoutDev(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make a device node")
+	}
+	scratch := t.TempDir()
+	f, err := openRandom(filepath.Join(t.TempDir(), "missing", "random"), scratch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFCHR || unix.Major(st.Rdev) != 1 || unix.Minor(st.Rdev) != 8 {
+		t.Errorf("opened mode %o device %d:%d, want the character device 1:8", st.Mode, unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	}
+	if left, _ := os.ReadDir(scratch); len(left) != 0 {
+		t.Errorf("left %d entries in the scratch directory", len(left))
+	}
+	if _, err := openRandom("/dev/random", scratch); err != nil {
+		t.Errorf("open the real device: %v", err)
 	}
 }
