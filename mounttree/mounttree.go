@@ -19,7 +19,7 @@ import (
 // Points lists the mount points of this mount namespace at or below dir.
 func Points(dir string) ([]string, error) {
 	infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
-		return !under(m.Mountpoint, dir), false
+		return !Under(m.Mountpoint, dir), false
 	})
 	if err != nil {
 		return nil, fmt.Errorf("read mountinfo: %w", err)
@@ -109,8 +109,8 @@ func mountID(path string) (uint64, error) {
 	return st.Mnt_id, nil
 }
 
-// under reports whether path is dir or lies below it, lexically.
-func under(path, dir string) bool {
+// Under reports whether path is dir or lies below it, lexically.
+func Under(path, dir string) bool {
 	if dir == "/" {
 		return strings.HasPrefix(path, "/")
 	}

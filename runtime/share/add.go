@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/kiln-runtime/kiln/mounttree"
 )
 
 // AddRootfs binds hostRootfs, a directory, at the container's root in the share (recursively, read-only if
@@ -63,7 +65,7 @@ func (s *Share) prepareRootfsLocked(containerID, resolvedSource string) (*contai
 	if c.rootfs {
 		return nil, "", errors.New("container already has a root file system in the share")
 	}
-	if resolvedSource != "" && under(resolvedSource, s.dir) {
+	if resolvedSource != "" && mounttree.Under(resolvedSource, s.dir) {
 		return nil, "", fmt.Errorf("source %s lies inside the share", resolvedSource)
 	}
 	target := filepath.Join(s.mounts, containerID, "rootfs")
@@ -121,7 +123,7 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
 	defer f.Close()
-	if under(resolved, s.dir) {
+	if mounttree.Under(resolved, s.dir) {
 		return "", fmt.Errorf("add bind %s of container %s to share: source %s lies inside the share", src.Path, containerID, resolved)
 	}
 	fi, err := f.Stat()

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/mounttree"
 )
 
 // maxSymlinks bounds the symlinks one walk follows, as the kernel's own limit does.
@@ -46,7 +48,7 @@ func (s *Share) boundLocked(src Source) (Source, error) {
 	path := src.Path
 	if filepath.IsAbs(path) {
 		p := filepath.Clean(path)
-		if !under(p, root) {
+		if !mounttree.Under(p, root) {
 			return src, nil // open refuses it with ErrEscape
 		}
 		path = strings.TrimPrefix(p, root)
@@ -145,7 +147,7 @@ func (w *walker) walk(path string) (Source, bool, error) {
 func (w *walker) writableAt(p string) string {
 	best := ""
 	for _, d := range w.writable {
-		if under(p, d) && len(d) > len(best) {
+		if mounttree.Under(p, d) && len(d) > len(best) {
 			best = d
 		}
 	}

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/mounttree"
 )
 
 // ErrEscape is returned for a source whose resolution leaves the root it must stay beneath.
@@ -47,7 +49,7 @@ func (src Source) open() (f *os.File, resolved string, err error) {
 	}
 	if filepath.IsAbs(p) {
 		p = filepath.Clean(p)
-		if !under(p, root) {
+		if !mounttree.Under(p, root) {
 			return nil, "", fmt.Errorf("source %s is not under its root %s: %w", p, root, ErrEscape)
 		}
 		p = strings.TrimPrefix(strings.TrimPrefix(p, root), "/")

@@ -25,7 +25,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -214,12 +213,4 @@ func (s *Share) containerLocked(id string) (*container, error) {
 	c := &container{}
 	s.containers[id] = c
 	return c, nil
-}
-
-// under reports whether path is dir or lies below it, lexically.
-func under(path, dir string) bool {
-	if dir == "/" {
-		return strings.HasPrefix(path, "/")
-	}
-	return path == dir || strings.HasPrefix(path, dir+"/")
 }

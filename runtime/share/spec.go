@@ -37,7 +37,7 @@ func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string,
 			continue
 		}
 		src := Source{Path: m.Source}
-		if !filepath.IsAbs(m.Source) || under(filepath.Clean(m.Source), bundle) {
+		if !filepath.IsAbs(m.Source) || mounttree.Under(filepath.Clean(m.Source), bundle) {
 			src.Root = bundle
 		}
 		opts := BindOptions{
