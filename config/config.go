@@ -163,7 +163,7 @@ func Default() Config {
 			MemoryOverheadMiB:      DefaultMemoryOverheadMiB,
 			TCGTranslationCacheMiB: DefaultTCGTranslationCacheMiB,
 			FreePageReporting:      true,
-			FastStart:              FastStartOff,
+			FastStart:              FastStartTemplate,
 			TemplateDir:            "/dev/shm/kiln/templates",
 		},
 		Vsock: Vsock{Mode: VsockAuto},

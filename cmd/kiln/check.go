@@ -10,7 +10,6 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
@@ -109,7 +108,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkSandbox(cfg, qemuPath))
 	out = append(out, checkQEMUUser(cfg))
 	out = append(out, checkCgroup(cfg))
-	out = append(out, checkFastStart(cfg, fsType))
+	out = append(out, checkFastStart(cfg, qemu.Statfs))
 	out = append(out, checkPortForward(portforward.Probe))
 
 	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
@@ -239,36 +238,17 @@ func firstLine(bin string, args ...string) (string, error) {
 	return line, nil
 }
 
-// checkFastStart reports how VMs start (hypervisor.fast_start) and, for templates, whether their directory is on
-// tmpfs: each VM's copy of a template's guest RAM lives there, and on a disk file system it would be written out.
+// checkFastStart reports how VMs start (hypervisor.fast_start) and whether templates apply on this host: the
+// same conditions the VM's start applies (qemu.TemplateDirUnusable, the vsock device), judged by the same code.
 func checkFastStart(cfg config.Config, fsType func(path string) (int64, error)) checkResult {
 	if cfg.Hypervisor.FastStart != config.FastStartTemplate {
-		return checkResult{"fast start", "ok", "off: VMs boot (hypervisor.fast_start)"}
+		return checkResult{"fast start", "ok", "off: VMs boot (hypervisor.fast_start = \"off\")"}
 	}
 	if cfg.Vsock.Mode == config.VsockVhost {
-		return checkResult{"fast start", "warn", "vsock.mode = \"vhost\" is not hot-plugged into a restored VM yet: VMs boot"}
+		return checkResult{"fast start", "warn", "does not apply: vsock.mode = \"vhost\" is not hot-plugged into a restored VM yet, VMs boot"}
 	}
-	// The directory is created on first use: its file system is that of its nearest existing parent.
-	dir := cfg.Hypervisor.TemplateDir
-	t, err := fsType(dir)
-	for errors.Is(err, os.ErrNotExist) && dir != filepath.Dir(dir) {
-		dir = filepath.Dir(dir)
-		t, err = fsType(dir)
+	if why := qemu.TemplateDirUnusable(cfg.Hypervisor.TemplateDir, fsType); why != "" {
+		return checkResult{"fast start", "warn", "does not apply: " + why + "; VMs boot"}
 	}
-	if err != nil {
-		return checkResult{"fast start", "FAIL", fmt.Sprintf("hypervisor.template_dir %s: %v", cfg.Hypervisor.TemplateDir, err)}
-	}
-	if t != unix.TMPFS_MAGIC {
-		return checkResult{"fast start", "warn", fmt.Sprintf("hypervisor.template_dir %s is not on tmpfs: every VM's copy of its template's RAM would be written to disk", cfg.Hypervisor.TemplateDir)}
-	}
-	return checkResult{"fast start", "ok", fmt.Sprintf("template: VMs are restored from templates in %s (tmpfs)", cfg.Hypervisor.TemplateDir)}
-}
-
-// fsType is the file system type (statfs f_type) of path.
-func fsType(path string) (int64, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(path, &st); err != nil {
-		return 0, &os.PathError{Op: "statfs", Path: path, Err: err}
-	}
-	return st.Type, nil
+	return checkResult{"fast start", "ok", fmt.Sprintf("applies: pod VMs are restored from templates in %s (tmpfs)", cfg.Hypervisor.TemplateDir)}
 }

@@ -92,10 +92,10 @@ func TestCheckFastStart(t *testing.T) {
 		status, detail         string
 	}{
 		{"off", config.FastStartOff, config.VsockAuto, "/dev/shm/kiln/templates", "ok", "off"},
-		{"on tmpfs, created later", config.FastStartTemplate, config.VsockAuto, "/dev/shm/kiln/templates", "ok", "tmpfs"},
-		{"on disk", config.FastStartTemplate, config.VsockAuto, "/var/kiln/templates", "warn", "not on tmpfs"},
-		{"kernel vsock", config.FastStartTemplate, config.VsockVhost, "/dev/shm/kiln/templates", "warn", "vhost"},
-		{"no file system at all", config.FastStartTemplate, config.VsockAuto, "/x/templates", "FAIL", "/x/templates"},
+		{"on tmpfs, created later", config.FastStartTemplate, config.VsockAuto, "/dev/shm/kiln/templates", "ok", "applies"},
+		{"on disk", config.FastStartTemplate, config.VsockAuto, "/var/kiln/templates", "warn", "does not apply: hypervisor.template_dir /var/kiln/templates is not on tmpfs"},
+		{"kernel vsock", config.FastStartTemplate, config.VsockVhost, "/dev/shm/kiln/templates", "warn", "does not apply: vsock.mode = \"vhost\""},
+		{"no file system at all", config.FastStartTemplate, config.VsockAuto, "/x/templates", "warn", "does not apply: hypervisor.template_dir /x/templates"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -2,6 +2,8 @@ package qemu
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -24,6 +26,18 @@ const exitGrace = time.Second
 // restoreTimeout bounds loading a template's device state into a clone (some tens of milliseconds).
 const restoreTimeout = 30 * time.Second
 
+// CloneDir is where the VMs of stateRoot keep their copies of their templates' RAM: a directory per state root,
+// so that VMs of one id under two roots (two Kiln configurations, two containerd instances) never meet. A VM's
+// copy is <CloneDir>/<VM id>.ram, removed with the VM; its state directory names it for Sweep.
+func CloneDir(templateDir, stateRoot string) string {
+	return filepath.Join(templateDir, "clones", cloneDirName(stateRoot))
+}
+
+func cloneDirName(stateRoot string) string {
+	h := sha256.Sum256([]byte(filepath.Clean(stateRoot)))
+	return hex.EncodeToString(h[:8])
+}
+
 // cloneUnsupported says why c cannot start from a template, "" when it can.
 func cloneUnsupported(c Config) string {
 	switch {
@@ -42,9 +56,6 @@ func cloneUnsupported(c Config) string {
 // template's RAM, its device state loaded into a new QEMU, then its vsock and virtio-fs devices and NICs
 // hot-plugged. On error nothing of the clone is left and the Machine may be started again.
 func (m *Machine) startFromTemplate(ctx context.Context) error {
-	if why := cloneUnsupported(m.cfg); why != "" {
-		return errors.New(why)
-	}
 	qemuPath, err := lookPath(m.cfg.QEMU)
 	if err != nil {
 		return err
@@ -58,7 +69,7 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 		return fmt.Errorf("open template state: %w", err)
 	}
 	defer state.Close()
-	clones := filepath.Join(m.cfg.TemplateDir, "clones")
+	clones := CloneDir(m.cfg.TemplateDir, m.cfg.StateRoot)
 	if err := os.MkdirAll(clones, 0o711); err != nil {
 		return fmt.Errorf("create clone directory: %w", err)
 	}
@@ -257,4 +268,32 @@ func copyRange(in, out *os.File, off, n int64) (int64, error) {
 		done += int64(c)
 	}
 	return done, nil
+}
+
+// TemplateDirUnusable says why templates cannot be kept in dir, "" when they can: every restored VM's copy of its
+// template's RAM lives there, and anywhere but tmpfs the kernel would write it out to disk. A directory not made
+// yet is judged by its nearest existing parent. statfs returns a path's file system type (Statfs).
+func TemplateDirUnusable(dir string, statfs func(path string) (int64, error)) string {
+	p := dir
+	t, err := statfs(p)
+	for errors.Is(err, os.ErrNotExist) && p != filepath.Dir(p) {
+		p = filepath.Dir(p)
+		t, err = statfs(p)
+	}
+	if err != nil {
+		return fmt.Sprintf("hypervisor.template_dir %s: %v", dir, err)
+	}
+	if t != unix.TMPFS_MAGIC {
+		return fmt.Sprintf("hypervisor.template_dir %s is not on tmpfs (every restored VM's copy of its template's RAM lives there)", dir)
+	}
+	return ""
+}
+
+// Statfs is the file system type (statfs f_type) of path.
+func Statfs(path string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return 0, &os.PathError{Op: "statfs", Path: path, Err: err}
+	}
+	return st.Type, nil
 }

@@ -172,7 +172,16 @@ func TestStartFromTemplateFallsBackAndLeavesNothing(t *testing.T) {
 	t.Cleanup(func() { _ = os.RemoveAll(state) })
 	cfg.Runtime.StateDir = state
 	cfg.Hypervisor.User, cfg.Hypervisor.Cgroup = "", false
-	cfg.Hypervisor.FastStart, cfg.Hypervisor.TemplateDir = config.FastStartTemplate, filepath.Join(dir, "templates")
+	// Templates apply only on tmpfs.
+	shm, err := os.MkdirTemp("/dev/shm", "kiln-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(shm) })
+	if why := TemplateDirUnusable(shm, Statfs); why != "" {
+		t.Fatal(why)
+	}
+	cfg.Hypervisor.FastStart, cfg.Hypervisor.TemplateDir = config.FastStartTemplate, filepath.Join(shm, "templates")
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	hook := new(logtest.Hook)

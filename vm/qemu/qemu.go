@@ -234,19 +234,29 @@ func (m *Machine) Start(ctx context.Context) error {
 		return fmt.Errorf("start vm %s: already started", m.cfg.ID)
 	}
 	m.started = true
-	if m.cfg.TemplateDir != "" && m.cfg.role == roleCold {
-		start := time.Now()
-		err := m.startFromTemplate(ctx)
-		if err == nil {
-			m.log.WithField("took", time.Since(start).Round(time.Millisecond)).Debug("VM restored from its template")
-			return nil
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("start vm %s from its template: %w", m.cfg.ID, err)
-		}
-		m.log.WithError(err).Warn("starting the VM from its template failed; booting it")
-		m.reset()
+	if m.cfg.TemplateDir == "" || m.cfg.role != roleCold {
+		return m.start(ctx)
 	}
+	why := cloneUnsupported(m.cfg)
+	if why == "" {
+		why = TemplateDirUnusable(m.cfg.TemplateDir, Statfs)
+	}
+	if why != "" {
+		// Not a fault: a VM of this shape, or this host, has no fast path.
+		m.log.WithField("reason", why).Debug("VM boots without a template")
+		return m.start(ctx)
+	}
+	start := time.Now()
+	err := m.startFromTemplate(ctx)
+	if err == nil {
+		m.log.WithField("took", time.Since(start).Round(time.Millisecond)).Debug("VM restored from its template")
+		return nil
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("start vm %s from its template: %w", m.cfg.ID, err)
+	}
+	m.log.WithError(err).Warn("starting the VM from its template failed; booting it")
+	m.reset()
 	return m.start(ctx)
 }
 

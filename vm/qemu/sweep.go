@@ -115,7 +115,7 @@ func RemoveState(dir string) error {
 const cloneRAMFile = "clone-ram"
 
 // removeCloneRAM removes the RAM copy a dead VM's state directory names, when the name is one a clone's copy
-// has (<template dir>/clones/<VM id>.ram); any other is left alone.
+// has (<template dir>/clones/<its state root's CloneDir name>/<VM id>.ram); any other is left alone.
 func removeCloneRAM(dir string) error {
 	b, err := os.ReadFile(filepath.Join(dir, cloneRAMFile))
 	if errors.Is(err, os.ErrNotExist) {
@@ -125,7 +125,8 @@ func removeCloneRAM(dir string) error {
 		return fmt.Errorf("read VM RAM copy: %w", err)
 	}
 	p := string(b)
-	if !filepath.IsAbs(p) || p != filepath.Clean(p) || filepath.Base(p) != filepath.Base(dir)+".ram" || filepath.Base(filepath.Dir(p)) != "clones" {
+	if !filepath.IsAbs(p) || p != filepath.Clean(p) || filepath.Base(p) != filepath.Base(dir)+".ram" ||
+		filepath.Base(filepath.Dir(p)) != cloneDirName(filepath.Dir(dir)) || filepath.Base(filepath.Dir(filepath.Dir(p))) != "clones" {
 		return fmt.Errorf("VM state %s names RAM copy %q, not one of its own: left alone", dir, p)
 	}
 	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {

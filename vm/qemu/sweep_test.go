@@ -134,9 +134,12 @@ func TestSweepRemovesTheDeadVMsCgroup(t *testing.T) {
 // A dead clone's RAM copy goes with its state directory; a name that is not a clone's copy of its own is left.
 func TestRemoveStateRemovesTheClonesRAM(t *testing.T) {
 	root := t.TempDir()
-	clones := filepath.Join(root, "templates", "clones")
-	if err := os.MkdirAll(clones, 0o700); err != nil {
-		t.Fatal(err)
+	clones := CloneDir(filepath.Join(root, "templates"), filepath.Join(root, "state"))
+	otherRoot := CloneDir(filepath.Join(root, "templates"), filepath.Join(root, "other-state"))
+	for _, d := range []string{clones, otherRoot} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
 	}
 	tests := []struct {
 		name    string
@@ -147,6 +150,7 @@ func TestRemoveStateRemovesTheClonesRAM(t *testing.T) {
 		{"its own copy", "pod-a", filepath.Join(clones, "pod-a.ram"), true},
 		{"another VM's copy", "pod-b", filepath.Join(clones, "pod-c.ram"), false},
 		{"a file outside the clones", "pod-d", filepath.Join(root, "templates", "pod-d.ram"), false},
+		{"another state root's VM of the same id", "pod-e", filepath.Join(otherRoot, "pod-e.ram"), false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

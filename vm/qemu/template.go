@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
@@ -52,8 +53,9 @@ func q35Devices(c Config) []string {
 
 // Template files, in a template's directory.
 const (
-	templateRAM   = "ram"
-	templateState = "state"
+	templateRAM        = "ram"
+	templateState      = "state"
+	templateInputsFile = "inputs"
 )
 
 // Bounds of a template's build: its boot (as long as any cold boot, several seconds under TCG) and its save
@@ -66,20 +68,51 @@ const (
 
 // templateKey names the template of c's guest: a hash of everything that shapes the saved guest. The template's
 // command line covers the machine, its devices, vCPUs, memory, accelerator and kernel parameters; the kernel,
-// initrd (and with it the agent) and QEMU binary are identified by their file's identity (device, inode, size,
-// modification time), which a rebuilt or upgraded file changes.
-func templateKey(c Config, qemuPath string) (string, error) {
+// initrd (and with it the agent) and QEMU binary are identified by their file's identity (templateInputs), which
+// a rebuilt or upgraded file changes. It also returns the inputs, which the template keeps (pruneTemplates).
+func templateKey(c Config, qemuPath string) (key, inputs string, err error) {
 	t := templateConfig(c, "template", templateRAM)
+	inputs, err = templateInputs(qemuPath, c.Kernel, c.Initrd)
+	if err != nil {
+		return "", "", err
+	}
 	h := sha256.New()
 	fmt.Fprintf(h, "kiln template v1\x00%s\x00", strings.Join(args(t, fdLayout{qmp: 3, saveMon: 4}), "\x00"))
-	for _, p := range []string{qemuPath, c.Kernel, c.Initrd} {
+	h.Write([]byte(inputs))
+	return hex.EncodeToString(h.Sum(nil))[:32], inputs, nil
+}
+
+// templateInputs describes files a template is built from, a line each: the path and the file's identity
+// (device, inode, size, modification time).
+func templateInputs(paths ...string) (string, error) {
+	var b strings.Builder
+	for _, p := range paths {
 		var st unix.Stat_t
 		if err := unix.Stat(p, &st); err != nil {
 			return "", fmt.Errorf("identify %s for the template: %w", p, err)
 		}
-		fmt.Fprintf(h, "%s\x00%d:%d:%d:%d.%d\x00", p, st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec)
+		fmt.Fprintf(&b, "%s\x00%d:%d:%d:%d.%d\n", p, st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec)
 	}
-	return hex.EncodeToString(h.Sum(nil))[:32], nil
+	return b.String(), nil
+}
+
+// stale reports whether a template's recorded inputs no longer describe the files at their paths: one of them
+// was rebuilt, upgraded or removed, and no VM will ask for this template again.
+func stale(inputs string) bool {
+	if inputs == "" || !strings.HasSuffix(inputs, "\n") {
+		return true
+	}
+	for _, line := range strings.Split(strings.TrimSuffix(inputs, "\n"), "\n") {
+		path, _, ok := strings.Cut(line, "\x00")
+		if !ok {
+			return true
+		}
+		now, err := templateInputs(path)
+		if err != nil || now != line+"\n" {
+			return true
+		}
+	}
+	return false
 }
 
 // templateConfig is the configuration of the guest saved as c's template.
@@ -114,7 +147,7 @@ func (t template) complete() bool {
 // ensureTemplate returns c's template, building it first when there is none. One process builds a template at
 // a time (a lock file beside it); others wait for it.
 func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, error) {
-	key, err := templateKey(c, qemuPath)
+	key, inputs, err := templateKey(c, qemuPath)
 	if err != nil {
 		return template{}, err
 	}
@@ -134,11 +167,89 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 		return t, nil
 	}
 	start := time.Now()
-	if err := buildTemplate(ctx, c, key, t.dir); err != nil {
+	if err := buildTemplate(ctx, c, key, inputs, t.dir); err != nil {
 		return template{}, fmt.Errorf("build template %s: %w", key, err)
 	}
 	c.Log.WithFields(map[string]any{"template": t.dir, "took": time.Since(start).Round(time.Millisecond)}).Info("VM template built")
+	pruneTemplates(c.TemplateDir, c.Log)
 	return t, nil
+}
+
+// pruneTemplates removes from dir the templates that are stale (one of the files they were built from changed:
+// a new kernel, initrd or QEMU makes new templates, and nothing will ask for the old ones again), the partial
+// builds of processes that died building, and the remains of discarded templates. Entries whose lock another
+// process holds are left alone.
+func pruneTemplates(dir string, log logrus.FieldLogger) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		log.WithError(err).Warn("list templates")
+		return
+	}
+	for _, e := range entries {
+		name := e.Name()
+		var remove bool
+		key := name
+		switch {
+		case !e.IsDir():
+			continue
+		case strings.HasSuffix(name, ".tmp"):
+			key, remove = strings.TrimSuffix(name, ".tmp"), true
+		case strings.Contains(name, ".discarded-"):
+			key, _, _ = strings.Cut(name, ".discarded-")
+			remove = true
+		case isTemplateKey(name):
+			b, err := os.ReadFile(filepath.Join(dir, name, templateInputsFile))
+			remove = (err == nil || errors.Is(err, os.ErrNotExist)) && stale(string(b))
+		}
+		if !remove || !isTemplateKey(key) {
+			continue
+		}
+		removed, err := removeTemplateEntry(dir, key, name)
+		if err != nil {
+			log.WithError(err).WithField("template", filepath.Join(dir, name)).Warn("remove a stale template")
+		} else if removed {
+			log.WithField("template", filepath.Join(dir, name)).Info("removed a stale template")
+		}
+	}
+}
+
+// removeTemplateEntry removes dir/name, which belongs to template key, unless another process holds key's lock.
+func removeTemplateEntry(dir, key, name string) (bool, error) {
+	lockPath := filepath.Join(dir, key+".lock")
+	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return false, nil // being built or pruned by another process
+	}
+	p := filepath.Join(dir, name)
+	if name == key {
+		// Out of the way in one step, so that no VM copies half a template.
+		trash := fmt.Sprintf("%s.discarded-%d", p, os.Getpid())
+		if err := os.Rename(p, trash); err != nil {
+			return false, err
+		}
+		p = trash
+	}
+	if err := os.RemoveAll(p); err != nil {
+		return false, err
+	}
+	if name != key {
+		// The key may be one a VM wants (a build that died): its lock stays the one lock file all builders open.
+		return true, nil
+	}
+	return true, os.Remove(lockPath)
+}
+
+// isTemplateKey reports whether name has the form of a templateKey.
+func isTemplateKey(name string) bool {
+	if len(name) != 32 {
+		return false
+	}
+	_, err := hex.DecodeString(name)
+	return err == nil
 }
 
 // lockFile takes an exclusive lock on path (created if needed), waiting until ctx ends.
@@ -168,7 +279,7 @@ func lockFile(ctx context.Context, path string) (func(), error) {
 // buildTemplate boots c's template guest, waits until its agent says it is ready, and saves it into dir: its
 // RAM file and its device state (migrated with x-ignore-shared, so the RAM stays in the file). The directory
 // appears complete or not at all.
-func buildTemplate(ctx context.Context, c Config, key, dir string) (retErr error) {
+func buildTemplate(ctx context.Context, c Config, key, inputs, dir string) (retErr error) {
 	tmp := dir + ".tmp"
 	if err := os.RemoveAll(tmp); err != nil {
 		return err
@@ -181,6 +292,9 @@ func buildTemplate(ctx context.Context, c Config, key, dir string) (retErr error
 			_ = os.RemoveAll(tmp)
 		}
 	}()
+	if err := os.WriteFile(filepath.Join(tmp, templateInputsFile), []byte(inputs), 0o400); err != nil {
+		return err
+	}
 	ram := filepath.Join(tmp, templateRAM)
 	tc := templateConfig(c, "tpl-"+key[:12], ram)
 	if err := createRAMFile(ram, qemuCredential(tc)); err != nil {

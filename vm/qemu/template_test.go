@@ -5,14 +5,17 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/vm/accel"
@@ -113,7 +116,7 @@ func TestTemplateKey(t *testing.T) {
 	base := Config{ID: "pod-a", Accel: accel.TCG, VCPUs: 1, MemoryMiB: 256, Kernel: files["kernel"], Initrd: files["initrd"],
 		TemplateDir: "/tpl", SharedDir: "/share/a", Nets: []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}}}}
 	key := func(c Config) string {
-		k, err := templateKey(c, files["qemu"])
+		k, _, err := templateKey(c, files["qemu"])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -125,7 +128,7 @@ func TestTemplateKey(t *testing.T) {
 		mutate func(*Config)
 	}{
 		{"another pod", func(c *Config) { c.ID, c.SharedDir, c.Nets = "pod-b", "/share/b", nil }},
-		{"another clone RAM file", func(c *Config) { c.MemoryFile = "/tpl/clones/pod-a.ram" }},
+		{"another clone RAM file", func(c *Config) { c.MemoryFile = "/tpl/clones/0123456789abcdef/pod-a.ram" }},
 	}
 	for _, s := range same {
 		c := base
@@ -159,7 +162,7 @@ func TestTemplateKey(t *testing.T) {
 	if got := key(base); got == want {
 		t.Error("initrd rewritten, key unchanged")
 	}
-	if _, err := templateKey(base, filepath.Join(dir, "missing")); err == nil {
+	if _, _, err := templateKey(base, filepath.Join(dir, "missing")); err == nil {
 		t.Error("no error for a missing QEMU binary")
 	}
 }
@@ -318,4 +321,73 @@ func TestConsoleAwait(t *testing.T) {
 	// A line seen before the wait counts too.
 	<-c.await("early line")
 	c.close()
+}
+
+// pruneTemplates removes exactly the templates whose inputs changed, partial builds nobody is making and the
+// remains of discarded templates; anything whose lock is held stays.
+func TestPruneTemplates(t *testing.T) {
+	dir := t.TempDir()
+	input := filepath.Join(dir, "kernel")
+	if err := os.WriteFile(input, []byte("v1"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	current, err := templateInputs(input)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone, err := templateInputs(input)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone = strings.Replace(gone, input, filepath.Join(dir, "removed-kernel"), 1)
+	key := func(c byte) string { return strings.Repeat(string(c), 32) }
+	mk := func(name, inputs string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Join(dir, name), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if inputs != "" {
+			if err := os.WriteFile(filepath.Join(dir, name, templateInputsFile), []byte(inputs), 0o400); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	mk(key('a'), current)            // current: stays
+	mk(key('b'), gone)               // an input removed: stale
+	mk(key('c'), "")                 // no inputs recorded: stale
+	mk(key('d'), gone)               // stale, but its lock is held: stays
+	mk(key('e')+".tmp", "")          // a build that died: removed
+	mk(key('f')+".tmp", "")          // a build in progress (lock held): stays
+	mk(key('1')+".discarded-42", "") // remains of a discard: removed
+	mk("not-a-template", "")         // not Kiln's: stays
+	for _, k := range []byte{'d', 'f'} {
+		unlock, err := lockFile(context.Background(), filepath.Join(dir, key(k)+".lock"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(unlock)
+	}
+	pruneTemplates(dir, logrus.NewEntry(logrus.New()))
+	var left []string
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			left = append(left, e.Name())
+		}
+	}
+	want := []string{key('a'), key('d'), key('f') + ".tmp", "not-a-template"}
+	if !slices.Equal(left, want) {
+		t.Errorf("left %v, want %v", left, want)
+	}
+	if _, err := os.Stat(filepath.Join(dir, key('b')+".lock")); err == nil {
+		t.Errorf("the lock of removed template %s stayed", key('b'))
+	}
+	// A kernel rebuilt since makes the current template stale too.
+	if err := os.WriteFile(input, []byte("v2, rebuilt"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pruneTemplates(dir, logrus.NewEntry(logrus.New()))
+	if _, err := os.Stat(filepath.Join(dir, key('a'))); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("template built from a kernel since rebuilt stayed (%v)", err)
+	}
 }
