@@ -6,8 +6,10 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	logtest "github.com/sirupsen/logrus/hooks/test"
 
@@ -15,9 +17,11 @@ import (
 )
 
 // TestTemplateClones starts two pods with fast_start = "template": the first builds the template and both are
-// restored from it, with their vsock and virtio-fs devices hot-plugged. Each runs a container from the share
-// (which the agent mounted after the restore); the two guests must not share a boot id, the template's files must
-// not change while clones run, and the clones must leave nothing behind.
+// restored from it, with their vsock and virtio-fs devices hot-plugged, and both run at once. Each runs containers
+// from the share (which the agent mounted after the restore). The two guests must be machines of their own: their
+// own boot id, their own random numbers (the host seeds each clone), their clocks set from the host, and nothing
+// one wrote into its memory (a tmpfs in the guest) visible to the other. The template's files must not change
+// while clones run, and the clones must leave nothing behind.
 func TestTemplateClones(t *testing.T) {
 	requireVM(t)
 	// The template and the clones' RAM live on tmpfs, as in production; QEMU's user must reach them.
@@ -35,47 +39,79 @@ func TestTemplateClones(t *testing.T) {
 		c.Hypervisor.TemplateDir = templates
 	}
 
+	t.Cleanup(func() {
+		// Registered before the pods, so it runs once they are closed.
+		if left := cloneFiles(t, templates); len(left) > 0 {
+			t.Errorf("clones left %v behind", left)
+		}
+	})
 	var sums map[string]string
-	bootIDs := map[string]string{}
+	pods := map[string]*containerVM{}
 	for _, name := range []string{"first", "second"} {
-		t.Run(name, func(t *testing.T) {
-			hook := new(logtest.Hook)
-			v := newContainerVMWith(t, 256, fast, hook)
-			for _, e := range hook.AllEntries() {
-				if strings.Contains(e.Message, "template") {
-					t.Fatalf("pod did not start from the template: %s: %v", e.Message, e.Data)
-				}
+		hook := new(logtest.Hook)
+		pods[name] = newContainerVMWith(t, 256, fast, hook)
+		for _, e := range hook.AllEntries() {
+			if strings.Contains(e.Message, "template") {
+				t.Fatalf("pod %s did not start from the template: %s: %v", name, e.Message, e.Data)
 			}
-			if sums == nil {
-				sums = templateSums(t, templates)
-			}
-			out, errOut, status := v.output(t, "probe", v.spec("sh", "-c", "cat /proc/cmdline /proc/sys/kernel/random/boot_id"))
-			if status != 0 {
-				t.Fatalf("container status %d, stderr %q", status, errOut)
-			}
-			lines := strings.Split(strings.TrimSpace(out), "\n")
-			if len(lines) != 2 || !strings.Contains(lines[0], "kiln.template=1") {
-				t.Fatalf("container saw %q, want the template guest's command line and a boot id", out)
-			}
-			bootIDs[name] = lines[1]
-		})
+		}
+		if sums == nil {
+			sums = templateSums(t, templates)
+		}
 	}
-	if t.Failed() {
-		return
+	// What each guest says about itself, read first thing in each: the command line it booted with (the
+	// template's), its boot id, 16 bytes of its kernel's random numbers, its wall clock.
+	type guest struct{ cmdline, bootID, random, clock string }
+	seen := map[string]guest{}
+	for _, name := range []string{"first", "second"} {
+		v := pods[name]
+		out, errOut, status := v.output(t, "probe", v.spec("sh", "-c",
+			"cat /proc/cmdline /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"))
+		if status != 0 {
+			t.Fatalf("%s: container status %d, stderr %q", name, status, errOut)
+		}
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if len(lines) != 4 || !strings.Contains(lines[0], "kiln.template=1") || len(lines[2]) != 32 {
+			t.Fatalf("%s: container saw %q, want the template guest's command line, a boot id, 16 random bytes, the time", name, out)
+		}
+		seen[name] = guest{lines[0], lines[1], lines[2], lines[3]}
+		clock, err := strconv.ParseInt(lines[3], 10, 64)
+		if err != nil {
+			t.Fatalf("%s: guest clock %q: %v", name, lines[3], err)
+		}
+		if d := time.Since(time.Unix(clock, 0)); d < -time.Minute || d > time.Minute {
+			t.Errorf("%s: guest clock %s is %s off the host's (a clone's clock must be set from the host)", name, time.Unix(clock, 0), d)
+		}
 	}
-	if bootIDs["first"] == bootIDs["second"] {
-		t.Errorf("both clones report boot id %s", bootIDs["first"])
+	if seen["first"].bootID == seen["second"].bootID {
+		t.Errorf("both clones report boot id %s", seen["first"].bootID)
+	}
+	if seen["first"].random == seen["second"].random {
+		t.Errorf("both clones' kernels gave the same random bytes %s", seen["first"].random)
+	}
+	// A file the first guest writes into its own memory (the container's /dev/shm is a tmpfs of the guest) while
+	// both run: the second must not see it.
+	marker := "written by the first clone " + seen["first"].random
+	if _, errOut, status := pods["first"].output(t, "write", pods["first"].spec("sh", "-c", "echo '"+marker+"' > /dev/shm/marker && cat /dev/shm/marker")); status != 0 {
+		t.Fatalf("first: writing into the guest's memory: status %d, stderr %q", status, errOut)
+	}
+	out, _, _ := pods["second"].output(t, "read", pods["second"].spec("sh", "-c", "cat /dev/shm/marker 2>&1; grep -rl 'written by the first clone' /dev/shm /tmp 2>/dev/null; true"))
+	if strings.Contains(out, "written by the first clone") || !strings.Contains(out, "No such file") {
+		t.Errorf("second clone sees the first's file: %q", out)
 	}
 	if got := templateSums(t, templates); !equalSums(got, sums) {
 		t.Errorf("template files changed while clones ran: before %v, after %v", sums, got)
 	}
-	clones, err := os.ReadDir(filepath.Join(templates, "clones"))
+}
+
+// cloneFiles lists the clones' RAM copies under a template directory, whatever their state root.
+func cloneFiles(t *testing.T, templates string) []string {
+	t.Helper()
+	left, err := filepath.Glob(filepath.Join(templates, "clones", "*", "*"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, e := range clones {
-		t.Errorf("clone left %s behind", e.Name())
-	}
+	return left
 }
 
 // TestTemplateRestoreFailureBootsCold damages a template's saved state after a first pod built it: the next pod's
@@ -106,7 +142,7 @@ func TestTemplateRestoreFailureBootsCold(t *testing.T) {
 			}
 		}
 	})
-	states, err := filepath.Glob(filepath.Join(templates, "*", "state"))
+	states, err := filepath.Glob(filepath.Join(templates, "*", templateStateFile))
 	if err != nil || len(states) != 1 {
 		t.Fatalf("template state files %v (%v), want one", states, err)
 	}
@@ -128,18 +164,17 @@ func TestTemplateRestoreFailureBootsCold(t *testing.T) {
 			t.Fatalf("container saw %q (status %d, stderr %q), want a cold-booted guest", out, status, errOut)
 		}
 	})
-	clones, err := os.ReadDir(filepath.Join(templates, "clones"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range clones {
-		t.Errorf("failed clone left %s behind", e.Name())
+	if left := cloneFiles(t, templates); len(left) > 0 {
+		t.Errorf("failed clone left %v behind", left)
 	}
 	// The refused template is gone, so that the next pod builds a good one.
-	if left, _ := filepath.Glob(filepath.Join(templates, "*", "*")); len(left) != 0 {
+	if left, _ := filepath.Glob(filepath.Join(templates, "*", templateStateFile)); len(left) != 0 {
 		t.Errorf("refused template still there: %v", left)
 	}
 }
+
+// templateStateFile is a template's saved device state, in its directory.
+const templateStateFile = "state"
 
 // templateSums are the SHA-256 sums of every template file under dir (path relative to dir), clones excluded.
 func templateSums(t *testing.T, dir string) map[string]string {
@@ -166,8 +201,8 @@ func templateSums(t *testing.T, dir string) map[string]string {
 		}
 		sums[rel] = hex.EncodeToString(h.Sum(nil))
 	}
-	if len(sums) != 2 {
-		t.Fatalf("template files %v, want one template's ram and state", sums)
+	if len(sums) != 3 {
+		t.Fatalf("template files %v, want one template's ram, state and inputs", sums)
 	}
 	return sums
 }

@@ -30,14 +30,15 @@ func main() {
 	pods := flag.Bool("pods", true, "measure pods through containerd's CRI plugin too")
 	parallel := flag.Int("parallel", 10, "pods started at once")
 	podsOnly := flag.Bool("pods-only", false, "measure only pods")
+	fastStart := flag.String("pods-fast-start", "template", "hypervisor.fast_start of the pods' Kiln (\"off\" for a baseline of cold boots)")
 	flag.Parse()
-	if err := run(context.Background(), *share, *tools, *runs, *pods, *podsOnly, *parallel); err != nil {
+	if err := run(context.Background(), *share, *tools, *runs, *pods, *podsOnly, *parallel, *fastStart); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool, parallel int) error {
+func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool, parallel int, fastStart string) error {
 	logrus.SetLevel(logrus.WarnLevel)
 	// Every figure here is wall time on a shared machine: say how busy it was, so sittings can be compared.
 	loadBefore := hostLoad()
@@ -54,7 +55,12 @@ func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool
 		if err != nil {
 			return err
 		}
-		return podBench(ctx, repo, share, tools, runs, parallel)
+		templates, cleanup, err := templateDir()
+		if err != nil {
+			return err
+		}
+		defer cleanup()
+		return podBench(ctx, repo, share, tools, templates, fastStart, runs, parallel)
 	}
 	work, err := os.MkdirTemp("", "kiln-bench-")
 	if err != nil {
@@ -106,7 +112,12 @@ func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool
 	if err := containerBench(ctx, base, initrd, tools, work, runs); err != nil {
 		return err
 	}
-	if err := containerdLatency(ctx, share, tools, runs); err != nil {
+	templates, cleanup, err := templateDir()
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	if err := containerdLatency(ctx, share, tools, templates, runs); err != nil {
 		return err
 	}
 	if !pods {
@@ -116,7 +127,22 @@ func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool
 	if err != nil {
 		return err
 	}
-	return podBench(ctx, repo, share, tools, runs, parallel)
+	return podBench(ctx, repo, share, tools, templates, fastStart, runs, parallel)
+}
+
+// templateDir makes the bench's own VM template directory on tmpfs, so that its files are the bench's alone
+// (podMemory counts them) and go with it.
+func templateDir() (string, func(), error) {
+	top, err := os.MkdirTemp("/dev/shm", "kiln-bench-")
+	if err != nil {
+		return "", nil, err
+	}
+	// QEMU may run as another user: it must reach its RAM copy.
+	if err := os.Chmod(top, 0o711); err != nil {
+		_ = os.RemoveAll(top)
+		return "", nil, err
+	}
+	return filepath.Join(top, "templates"), func() { _ = os.RemoveAll(top) }, nil
 }
 
 // buildStatic builds the Go package pkg (a path relative to the repository) as a static binary at out.

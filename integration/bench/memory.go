@@ -4,12 +4,16 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/integration/cri"
 )
@@ -19,10 +23,12 @@ import (
 const idleSettle = 10 * time.Second
 
 // podMemory starts n idle pods with the handler and returns the PSS, in bytes, of every process they add (the
-// shims and all below them: runc's containers, or Kiln's QEMU and virtiofsd), divided by n. PSS shares pages
-// mapped by several processes among them (guest RAM is mapped by QEMU, virtiofsd and the shim's vsock device),
-// so the sum counts each page once.
-func podMemory(ctx context.Context, e *cri.Env, handler string, n int) (int64, error) {
+// shims and all below them: runc's containers, or Kiln's QEMU and virtiofsd), plus the files under templates (VM
+// templates and each VM's copy of its template's RAM, on tmpfs: memory whether mapped or not), counted once,
+// divided by n. PSS shares pages mapped by several processes among them (guest RAM is mapped by QEMU, virtiofsd
+// and the shim's vsock device), so the sum counts each page once; mappings of the files under templates are left
+// out of it, since the files are counted whole.
+func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates string) (int64, error) {
 	var ids []string
 	defer func() {
 		for _, id := range ids {
@@ -46,13 +52,40 @@ func podMemory(ctx context.Context, e *cri.Env, handler string, n int) (int64, e
 	}
 	var total int64
 	for _, pid := range pids {
-		pss, err := pssOf(pid)
+		pss, err := pssOf(pid, templates)
 		if err != nil {
 			continue // gone meanwhile
 		}
 		total += pss
 	}
+	if handler == cri.HandlerKiln {
+		files, err := allocated(templates)
+		if err != nil {
+			return 0, err
+		}
+		total += files
+	}
 	return total / int64(n), nil
+}
+
+// allocated is the space the files under dir take (st_blocks), 0 when there is no dir.
+func allocated(dir string) (int64, error) {
+	var total int64
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			return nil // gone meanwhile
+		}
+		total += st.Blocks * 512
+		return nil
+	})
+	return total, err
 }
 
 // subtreesOf lists the processes that match and all their descendants.
@@ -100,19 +133,31 @@ func subtreesOf(match func(pid int, cmdline string) bool) ([]int, error) {
 	return out, nil
 }
 
-// pssOf reads a process's proportional set size in bytes.
-func pssOf(pid int) (int64, error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+// pssOf reads a process's proportional set size in bytes, leaving out mappings of files under exclude.
+func pssOf(pid int, exclude string) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
 	if err != nil {
 		return 0, err
 	}
 	defer f.Close()
+	var total int64
+	skip := false
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "Pss:"); ok {
+		line := sc.Text()
+		fields := strings.Fields(line)
+		// A mapping's header: "start-end perms offset dev inode [path]"; its fields follow as "Name: value".
+		if len(fields) >= 5 && strings.Contains(fields[0], "-") && !strings.HasSuffix(fields[0], ":") {
+			skip = len(fields) >= 6 && exclude != "" && strings.HasPrefix(fields[5], exclude+"/")
+			continue
+		}
+		if v, ok := strings.CutPrefix(line, "Pss:"); ok && !skip {
 			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			return kb << 10, err
+			if err != nil {
+				return 0, fmt.Errorf("smaps of %d: %q: %w", pid, line, err)
+			}
+			total += kb << 10
 		}
 	}
-	return 0, fmt.Errorf("no Pss in smaps_rollup of %d", pid)
+	return total, sc.Err()
 }

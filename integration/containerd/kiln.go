@@ -7,6 +7,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/pelletier/go-toml/v2"
 )
 
 // RuntimeName is Kiln's runtime type, which containerd maps to the binary containerd-shim-kiln-v2 on its PATH.
@@ -37,22 +39,37 @@ func (d *Daemon) KilnConfig(assetDir string, extra string) (string, error) {
 }
 
 // WriteKilnConfig writes a Kiln configuration into path: the guest kernel and initramfs from assetDir, VM
-// state in stateDir, debug logs, and extra TOML appended.
+// state in stateDir, debug logs, and the settings of extra (TOML; any table, its keys win).
 func WriteKilnConfig(path, assetDir, stateDir, extra string) error {
 	for _, f := range []string{"vmlinuz", "initrd.img"} {
 		if _, err := os.Stat(filepath.Join(assetDir, f)); err != nil {
 			return fmt.Errorf("guest image missing (%w): run `make image`", err)
 		}
 	}
-	cfg := fmt.Sprintf(`[hypervisor]
-kernel = %q
-initrd = %q
-
-[runtime]
-state_dir = %q
-log_level = "debug"
-%s`, filepath.Join(assetDir, "vmlinuz"), filepath.Join(assetDir, "initrd.img"), stateDir, extra)
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+	cfg := map[string]any{}
+	if err := toml.Unmarshal([]byte(extra), &cfg); err != nil {
+		return fmt.Errorf("extra kiln config %q: %w", extra, err)
+	}
+	for table, keys := range map[string]map[string]any{
+		"hypervisor": {"kernel": filepath.Join(assetDir, "vmlinuz"), "initrd": filepath.Join(assetDir, "initrd.img")},
+		"runtime":    {"state_dir": stateDir, "log_level": "debug"},
+	} {
+		t, ok := cfg[table].(map[string]any)
+		if !ok {
+			t = map[string]any{}
+			cfg[table] = t
+		}
+		for k, v := range keys {
+			if _, set := t[k]; !set {
+				t[k] = v
+			}
+		}
+	}
+	b, err := toml.Marshal(cfg)
+	if err != nil {
+		return fmt.Errorf("write kiln config: %w", err)
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
 		return fmt.Errorf("write kiln config: %w", err)
 	}
 	return nil
