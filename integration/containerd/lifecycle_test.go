@@ -83,18 +83,24 @@ func TestKilnDetachedLifecycle(t *testing.T) {
 		}
 	})
 	t.Run("ps", func(t *testing.T) {
-		out := k.ctr(t, "tasks", "ps", id)
-		var pids []int
-		for _, line := range strings.Split(out, "\n")[1:] {
-			if f := strings.Fields(line); len(f) > 0 {
-				if pid, err := strconv.Atoi(f[0]); err == nil {
-					pids = append(pids, pid)
+		// The shell is between two sleeps for a moment each second: ask again when it is.
+		var out string
+		for try := 0; try < 5; try++ {
+			out = k.ctr(t, "tasks", "ps", id)
+			var pids []int
+			for _, line := range strings.Split(out, "\n")[1:] {
+				if f := strings.Fields(line); len(f) > 0 {
+					if pid, err := strconv.Atoi(f[0]); err == nil {
+						pids = append(pids, pid)
+					}
 				}
 			}
+			if len(pids) >= 2 {
+				return
+			}
+			time.Sleep(300 * time.Millisecond)
 		}
-		if len(pids) < 2 {
-			t.Errorf("ctr task ps: want the shell and its sleep, got:\n%s", out)
-		}
+		t.Errorf("ctr task ps: want the shell and its sleep, got:\n%s", out)
 	})
 	t.Run("metrics", func(t *testing.T) {
 		out := k.ctr(t, "tasks", "metrics", id)
