@@ -22,7 +22,6 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
-	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // containerVM is a pod booted through runtime/pod, the way the shim boots one, with the real agent. Containers
@@ -80,12 +79,6 @@ func newContainerVMWith(t *testing.T, memMiB int, mutate func(*config.Config), h
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	t.Cleanup(func() {
-		// Registered before the pod is closed (cleanups run last-registered first), so it runs after.
-		if entries, _ := os.ReadDir(qemu.CloneDir(cfg.Hypervisor.TemplateDir, stateRoot)); len(entries) > 0 {
-			t.Errorf("leftover copies of template RAM: %v", entries)
-		}
-	})
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
 	if hook != nil {

@@ -8,9 +8,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/kiln-runtime/kiln/config"
-	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // kilnEnv is a private containerd with the Kiln shim built from this tree on its PATH.
@@ -77,15 +74,6 @@ func leftovers(d *Daemon) []string {
 	}
 	if points, _ := MountsUnder(d.StateDir()); len(points) > 0 {
 		found = append(found, fmt.Sprintf("mounts left under %s: %v", d.StateDir(), points))
-	}
-	// Templates stay for later VMs (pruned when stale); each VM's copy of its template's RAM goes with the VM.
-	clones := qemu.CloneDir(config.Default().Hypervisor.TemplateDir, d.StateDir())
-	if entries, err := os.ReadDir(clones); err == nil && len(entries) > 0 {
-		var names []string
-		for _, e := range entries {
-			names = append(names, e.Name())
-		}
-		found = append(found, fmt.Sprintf("VM RAM copies left in %s: %v", clones, names))
 	}
 	if entries, err := os.ReadDir(d.StateDir()); err == nil && len(entries) > 0 {
 		var names []string

@@ -12,7 +12,6 @@ import (
 	"github.com/moby/sys/mountinfo"
 
 	"github.com/kiln-runtime/kiln/config"
-	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // HostState is what a pod may leave on the host, as sorted lists of names: network namespaces (CRI's private
@@ -76,13 +75,9 @@ func (e *Env) Snapshot() (HostState, error) {
 			s.Mounts = append(s.Mounts, m.Mountpoint)
 		}
 	}
-	templates := config.Default().Hypervisor.TemplateDir
-	for _, root := range []string{e.KilnStateDir(), config.Default().Runtime.StateDir} {
-		// The VMs' state, and their copies of their templates' RAM (the templates themselves stay, for later pods).
-		for _, d := range []string{root, qemu.CloneDir(templates, root)} {
-			for _, n := range dirNames(d) {
-				s.KilnState = append(s.KilnState, filepath.Join(d, n))
-			}
+	for _, d := range []string{e.KilnStateDir(), config.Default().Runtime.StateDir} {
+		for _, n := range dirNames(d) {
+			s.KilnState = append(s.KilnState, filepath.Join(d, n))
 		}
 	}
 	for _, n := range dirNames("/var/lib/cni/results") {

@@ -40,19 +40,10 @@ type Memory struct {
 // ErrOutOfRange is wrapped by errors for addresses that are not inside one mapped region.
 var ErrOutOfRange = errors.New("address range outside guest memory")
 
-// MapOptions relax Map's checks for guest RAM that Kiln itself configured to be a file.
-type MapOptions struct {
-	// AllowUnsealed accepts region files that are not sealed against shrinking (F_SEAL_SHRINK), which is the
-	// only way to map file-backed guest RAM (QEMU's memory-backend-file): only memfds can carry seals. Whoever
-	// holds such a file can truncate it under the mapping and kill this process with SIGBUS on its next access,
-	// so set it only when guest RAM is a file by configuration.
-	AllowUnsealed bool
-}
-
 // Map maps every region (read-write, shared) and closes every region's FD, also on failure. Each region's file
 // must be sealed against shrinking (F_SEAL_SHRINK, set by QEMU's memory-backend-memfd unless seal=off) and hold
-// the whole region; opts can relax the seal requirement.
-func Map(regions []Region, opts MapOptions) (*Memory, error) {
+// the whole region.
+func Map(regions []Region) (*Memory, error) {
 	defer func() {
 		for _, r := range regions {
 			if r.FD >= 0 {
@@ -66,7 +57,7 @@ func Map(regions []Region, opts MapOptions) (*Memory, error) {
 			m.Close()
 			return nil, fmt.Errorf("map guest memory region %d: %w", i, err)
 		}
-		mp, err := mapRegion(r, opts)
+		mp, err := mapRegion(r)
 		if err != nil {
 			m.Close()
 			return nil, fmt.Errorf("map guest memory region %d (gpa %#x size %#x fd %d): %w",
@@ -79,15 +70,14 @@ func Map(regions []Region, opts MapOptions) (*Memory, error) {
 
 // checkBacking makes sure every page of the region stays backed by its file for as long as it is mapped:
 // touching a page past the end of the file kills this process with SIGBUS. The file must hold the whole region
-// now and, unless opts allow otherwise, be sealed so that nobody (QEMU, or a guest that took QEMU over) can
+// now and be sealed so that nobody (QEMU, or a guest that took QEMU over) can
 // shrink it later.
-func checkBacking(r Region, opts MapOptions) error {
+func checkBacking(r Region) error {
 	// Seals first: once F_SEAL_SHRINK is seen the size can only grow, so the size read after it stays a lower
 	// bound. The other way round, the file could shrink between the two checks and be sealed after.
 	seals, err := unix.FcntlInt(uintptr(r.FD), unix.F_GET_SEALS, 0)
 	switch {
 	case err == nil && seals&unix.F_SEAL_SHRINK != 0:
-	case opts.AllowUnsealed:
 	case err == nil || errors.Is(err, unix.EINVAL): // EINVAL: a file that cannot carry seals at all
 		return fmt.Errorf("file is not sealed against shrinking (F_SEAL_SHRINK; seals %#x): "+
 			"guest RAM must be a sealed memfd (QEMU memory-backend-memfd with seal=on)", max(seals, 0))
@@ -133,7 +123,7 @@ func checkRegion(r Region, earlier []Region) error {
 
 const maxInt = int(^uint(0) >> 1)
 
-func mapRegion(r Region, opts MapOptions) (mapping, error) {
+func mapRegion(r Region) (mapping, error) {
 	page := uint64(unix.Getpagesize())
 	// mmap needs a page-aligned file offset; the frontend's offset need not be one.
 	aligned := r.MmapOffset &^ (page - 1)
@@ -142,7 +132,7 @@ func mapRegion(r Region, opts MapOptions) (mapping, error) {
 	if length < r.Size || length > uint64(maxInt) || aligned > uint64(maxInt) {
 		return mapping{}, fmt.Errorf("mmap offset %#x size %#x too large", r.MmapOffset, r.Size)
 	}
-	if err := checkBacking(r, opts); err != nil {
+	if err := checkBacking(r); err != nil {
 		return mapping{}, err
 	}
 	whole, err := unix.Mmap(r.FD, int64(aligned), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)

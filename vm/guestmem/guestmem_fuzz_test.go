@@ -121,14 +121,14 @@ func fuzzMemfd(t *testing.T, i int, size uint64, sealed bool) (fd, keep int, ino
 
 func fileByte(region int, k uint64) byte { return byte(k*7) + byte(region*31) + 1 }
 
-// mappable says whether Map must accept the regions: each is non-empty, has a file that holds it (sealed unless
-// allowed otherwise), does not overflow and overlaps no earlier region in either address space.
-func mappable(rs []fuzzRegion, opts MapOptions) bool {
+// mappable says whether Map must accept the regions: each is non-empty, has a sealed file that holds it, does not
+// overflow and overlaps no earlier region in either address space.
+func mappable(rs []fuzzRegion) bool {
 	for i, r := range rs {
 		if r.Size == 0 || r.FD < 0 || r.Size > uint64(maxInt) ||
 			r.GuestPhysAddr+r.Size < r.GuestPhysAddr || r.UserAddr+r.Size < r.UserAddr ||
 			r.MmapOffset+r.Size < r.MmapOffset || r.MmapOffset+r.Size > r.fileSize ||
-			!r.sealed && !opts.AllowUnsealed {
+			!r.sealed {
 			return false
 		}
 		for _, e := range rs[:i] {
@@ -170,40 +170,36 @@ func FuzzMap(f *testing.F) {
 	everyQuery := cat(query(queryGPA, 0, 0, 16), query(queryGPA, 0, -1, 1), query(queryGPA, 1, 100, 4096),
 		query(queryUVA, 0, 5, 0), query(queryUVA, 1, -3, 0), query(queryWrite, 1, 9, 3),
 		query(queryGPA|fuzzHugeQuery, 0, 8, 0), query(queryWrite, 0, 0x7ff, 2))
-	seeds := []struct {
-		allowUnsealed bool
-		layout        []byte
-	}{
+	seeds := [][]byte{
 		// Two sealed regions with a gap, the second at an unaligned file offset (as twoRegions).
-		{false, cat(region(fuzzSealed, 0, 0x4000, 0, 0, 0), region(fuzzSealed, 0x200, 0x2000, 0x200, 0x1010, 3))},
+		cat(region(fuzzSealed, 0, 0x4000, 0, 0, 0), region(fuzzSealed, 0x200, 0x2000, 0x200, 0x1010, 3)),
 		// Regions that abut in both address spaces.
-		{false, cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x20, 0x1000, 0x20, 0, 0))},
+		cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x20, 0x1000, 0x20, 0, 0)),
 		// Overlapping guest addresses; overlapping frontend addresses.
-		{false, cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x10, 0x1000, 0x100, 0, 0))},
-		{false, cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x100, 0x1000, 0x10, 0, 0))},
-		// A file one byte short; an unsealed file, refused and then allowed.
-		{false, region(fuzzSealed|fuzzShort, 0, 0x1000, 0, 0x10, 0)},
-		{false, region(0, 0, 0x1000, 0, 0, 0)},
-		{true, cat(region(0, 0, 0x1001, 0, 0, 0), region(fuzzSealed, 0x40, 1, 0x40, 0xfff, 0))},
+		cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x10, 0x1000, 0x100, 0, 0)),
+		cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x100, 0x1000, 0x10, 0, 0)),
+		// A file one byte short; an unsealed file.
+		region(fuzzSealed|fuzzShort, 0, 0x1000, 0, 0x10, 0),
+		region(0, 0, 0x1000, 0, 0, 0),
+		cat(region(0, 0, 0x1001, 0, 0, 0), region(fuzzSealed, 0x40, 1, 0x40, 0xfff, 0)),
 		// Sizes and addresses that overflow, an empty region, no file.
-		{false, region(fuzzSealed|fuzzHugeGPA, 0x10, 0x1000, 0, 0, 0)},
-		{false, region(fuzzSealed|fuzzHugeUVA, 0, 0x1000, 0x10, 0, 0)},
-		{false, region(fuzzSealed|fuzzHugeOff, 0, 0x1000, 0, 0x10, 0)},
-		{false, region(fuzzSealed|fuzzHugeSize, 0, 0, 0, 0, 0)},
-		{false, cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x100, 0, 0x100, 0, 0))},
-		{false, cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzBadFD, 0x100, 0x1000, 0x100, 0, 0))},
+		region(fuzzSealed|fuzzHugeGPA, 0x10, 0x1000, 0, 0, 0),
+		region(fuzzSealed|fuzzHugeUVA, 0, 0x1000, 0x10, 0, 0),
+		region(fuzzSealed|fuzzHugeOff, 0, 0x1000, 0, 0x10, 0),
+		region(fuzzSealed|fuzzHugeSize, 0, 0, 0, 0, 0),
+		cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x100, 0, 0x100, 0, 0)),
+		cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzBadFD, 0x100, 0x1000, 0x100, 0, 0)),
 	}
 	for _, s := range seeds {
-		f.Add(s.allowUnsealed, s.layout, everyQuery)
+		f.Add(s, everyQuery)
 	}
-	f.Fuzz(func(t *testing.T, allowUnsealed bool, layout, queries []byte) {
+	f.Fuzz(func(t *testing.T, layout, queries []byte) {
 		rs := decodeFuzzRegions(t, layout)
-		opts := MapOptions{AllowUnsealed: allowUnsealed}
 		regions := make([]Region, len(rs))
 		for i, r := range rs {
 			regions[i] = r.Region
 		}
-		m, err := Map(regions, opts)
+		m, err := Map(regions)
 		for i, r := range rs {
 			if r.FD < 0 {
 				continue
@@ -213,7 +209,7 @@ func FuzzMap(f *testing.F) {
 				t.Fatalf("Map left region %d's file descriptor %d open", i, r.FD)
 			}
 		}
-		want := mappable(rs, opts) // no regions at all: an empty memory where every lookup fails
+		want := mappable(rs) // no regions at all: an empty memory where every lookup fails
 		if err != nil {
 			if want {
 				t.Fatalf("Map refused a valid layout %+v: %v", rs, err)
@@ -226,7 +222,7 @@ func FuzzMap(f *testing.F) {
 			}
 		}()
 		if !want {
-			t.Fatalf("Map accepted an invalid layout %+v (options %+v)", rs, opts)
+			t.Fatalf("Map accepted an invalid layout %+v", rs)
 		}
 		for q := 0; len(queries) >= fuzzQueryLen && q < fuzzMaxQuery; q, queries = q+1, queries[fuzzQueryLen:] {
 			checkFuzzQuery(t, m, rs, queries[:fuzzQueryLen])

@@ -44,7 +44,7 @@ func twoRegions(t *testing.T) *Memory {
 		{GuestPhysAddr: 0, Size: 4 * page, UserAddr: 0x7f0000000000, FD: memfd(t, 4*page, 0)},
 		{GuestPhysAddr: 0x100000, Size: 2 * page, UserAddr: 0x7f1000000000, MmapOffset: 0x1010,
 			FD: memfd(t, 4*page, 100)},
-	}, MapOptions{})
+	})
 	if err != nil {
 		t.Fatalf("Map: %v", err)
 	}
@@ -108,7 +108,7 @@ func TestSliceAliasesSharedMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(other)
-	m, err := Map([]Region{{GuestPhysAddr: 0x1000, Size: page, FD: fd}}, MapOptions{})
+	m, err := Map([]Region{{GuestPhysAddr: 0x1000, Size: page, FD: fd}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +151,7 @@ func TestGuestAddrFromUser(t *testing.T) {
 
 func TestMapClosesFDs(t *testing.T) {
 	fd := memfd(t, page, 0)
-	m, err := Map([]Region{{Size: page, FD: fd}}, MapOptions{})
+	m, err := Map([]Region{{Size: page, FD: fd}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +199,7 @@ func TestMapRejectsBadTablesAndClosesFDs(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			a, b := memfd(t, page, 0), memfd(t, page, 0)
-			m, err := Map(tt.regions(a, b), MapOptions{})
+			m, err := Map(tt.regions(a, b))
 			if err == nil {
 				m.Close()
 				t.Fatal("Map succeeded")

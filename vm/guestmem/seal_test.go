@@ -51,44 +51,37 @@ func TestMapRequiresMemoryThatCannotShrink(t *testing.T) {
 	tests := []struct {
 		name string
 		fd   func(t *testing.T) int
-		opts MapOptions
 		size uint64
 		off  uint64
 		want string // error text; empty when Map must succeed
 	}{
 		{"memfd sealed as QEMU seals it", func(t *testing.T) int {
 			return sealedMemfd(t, 4*page, unix.MFD_ALLOW_SEALING, qemuSeals)
-		}, MapOptions{}, 4 * page, 0, ""},
+		}, 4 * page, 0, ""},
 		{"memfd sealed against shrinking only", func(t *testing.T) int {
 			return sealedMemfd(t, 4*page, unix.MFD_ALLOW_SEALING, unix.F_SEAL_SHRINK)
-		}, MapOptions{}, 2 * page, 2 * page, ""},
+		}, 2 * page, 2 * page, ""},
 		{"memfd that allows sealing but has no seal", func(t *testing.T) int {
 			return sealedMemfd(t, 4*page, unix.MFD_ALLOW_SEALING, 0)
-		}, MapOptions{}, 4 * page, 0, "not sealed against shrinking"},
+		}, 4 * page, 0, "not sealed against shrinking"},
 		{"memfd that cannot be sealed (QEMU seal=off)", func(t *testing.T) int {
 			return sealedMemfd(t, 4*page, 0, 0)
-		}, MapOptions{}, 4 * page, 0, "not sealed against shrinking"},
+		}, 4 * page, 0, "not sealed against shrinking"},
 		{"memfd sealed against growing only", func(t *testing.T) int {
 			return sealedMemfd(t, 4*page, unix.MFD_ALLOW_SEALING, unix.F_SEAL_GROW|unix.F_SEAL_SEAL)
-		}, MapOptions{}, 4 * page, 0, "not sealed against shrinking"},
+		}, 4 * page, 0, "not sealed against shrinking"},
 		{"sealed memfd shorter than the region", func(t *testing.T) int {
 			return sealedMemfd(t, 2*page, unix.MFD_ALLOW_SEALING, qemuSeals)
-		}, MapOptions{}, 4 * page, 0, "past the file's"},
+		}, 4 * page, 0, "past the file's"},
 		{"sealed memfd shorter than offset plus size", func(t *testing.T) int {
 			return sealedMemfd(t, 4*page, unix.MFD_ALLOW_SEALING, qemuSeals)
-		}, MapOptions{}, 4 * page, 0x10, "past the file's"},
-		{"file that cannot be sealed", ramFile, MapOptions{}, 4 * page, 0, "not sealed against shrinking"},
-		{"file-backed RAM allowed by configuration", ramFile, MapOptions{AllowUnsealed: true}, 4 * page, 0, ""},
-		{"file-backed RAM shorter than the region", ramFile, MapOptions{AllowUnsealed: true}, 4 * page, page,
-			"past the file's"},
-		{"unsealed memfd allowed by configuration", func(t *testing.T) int {
-			return sealedMemfd(t, 4*page, 0, 0)
-		}, MapOptions{AllowUnsealed: true}, 4 * page, 0, ""},
+		}, 4 * page, 0x10, "past the file's"},
+		{"file that cannot be sealed", ramFile, 4 * page, 0, "not sealed against shrinking"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			fd := tt.fd(t)
-			m, err := Map([]Region{{Size: tt.size, MmapOffset: tt.off, FD: fd}}, tt.opts)
+			m, err := Map([]Region{{Size: tt.size, MmapOffset: tt.off, FD: fd}})
 			if fdOpen(fd) {
 				t.Errorf("fd %d still open after Map", fd)
 			}
@@ -124,7 +117,7 @@ func TestSealedMemoryCannotBeShrunkUnderTheMapping(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(other)
-	m, err := Map([]Region{{Size: 4 * page, FD: fd}}, MapOptions{})
+	m, err := Map([]Region{{Size: 4 * page, FD: fd}})
 	if err != nil {
 		t.Fatal(err)
 	}

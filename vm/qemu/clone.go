@@ -2,8 +2,6 @@ package qemu
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -25,18 +23,6 @@ const exitGrace = time.Second
 
 // restoreTimeout bounds loading a template's device state into a clone (some tens of milliseconds).
 const restoreTimeout = 30 * time.Second
-
-// CloneDir is where the VMs of stateRoot keep their copies of their templates' RAM: a directory per state root,
-// so that VMs of one id under two roots (two Kiln configurations, two containerd instances) never meet. A VM's
-// copy is <CloneDir>/<VM id>.ram, removed with the VM; its state directory names it for Sweep.
-func CloneDir(templateDir, stateRoot string) string {
-	return filepath.Join(templateDir, "clones", cloneDirName(stateRoot))
-}
-
-func cloneDirName(stateRoot string) string {
-	h := sha256.Sum256([]byte(filepath.Clean(stateRoot)))
-	return hex.EncodeToString(h[:8])
-}
 
 // cloneUnsupported says why c cannot start from a template, "" when it can.
 func cloneUnsupported(c Config) string {
@@ -69,42 +55,29 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 		return fmt.Errorf("open template state: %w", err)
 	}
 	defer state.Close()
-	clones := CloneDir(m.cfg.TemplateDir, m.cfg.StateRoot)
-	if err := os.MkdirAll(clones, 0o711); err != nil {
-		return fmt.Errorf("create clone directory: %w", err)
-	}
-	ram := filepath.Join(clones, m.cfg.ID+".ram")
-	// Each clone maps RAM of its own: the vhost-user back ends write into the file they are given, and the
-	// template must never change.
-	if err := createRAMFile(ram, qemuCredential(m.cfg)); err != nil {
-		return err
-	}
+	// Each clone has RAM of its own, a memfd nobody can shrink: the vhost-user back ends write into the memory
+	// they are given, the template must never change, and Kiln's vsock back end maps the RAM too (a file QEMU
+	// could truncate under it would kill the shim with SIGBUS).
 	copyStart := time.Now()
-	n, err := sparseCopy(tpl.ram(), ram)
+	ram, n, err := sealedCopy(tpl.ram(), "kiln-clone-"+m.cfg.ID)
 	if err != nil {
-		_ = os.Remove(ram)
 		return fmt.Errorf("copy template RAM: %w", err)
 	}
+	// QEMU holds its own reference once started; the RAM goes with the last of QEMU and the back ends.
+	defer ram.Close()
 	m.log.WithFields(map[string]any{"bytes": n, "took": time.Since(copyStart).Round(time.Microsecond)}).Debug("template RAM copied")
 	cold := m.cfg
 	m.cfg.role = roleClone
-	m.cfg.MemoryFile = ram
 	m.cloneRAM = ram
 	m.incoming = state
+	defer func() { m.cloneRAM, m.incoming = nil, nil }()
 	if err := m.start(ctx); err != nil {
 		if errors.Is(err, errTemplateState) {
 			discardTemplate(tpl, m.log)
 		}
-		// A start that failed once QEMU's resources were set up removed the copy already.
-		if rerr := os.Remove(ram); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-			m.log.WithError(rerr).Warn("remove the VM's copy of its template's RAM")
-		}
 		m.cfg = cold
-		m.cloneRAM = ""
-		m.incoming = nil
 		return err
 	}
-	m.incoming = nil
 	return nil
 }
 
@@ -211,47 +184,56 @@ func cloneBackends(c Config, fds fdLayout) []string {
 	return append(a, "-incoming", "defer")
 }
 
-// sparseCopy copies src into dst (which exists, empty) as a sparse file of the same size: only src's data
-// extents (SEEK_DATA/SEEK_HOLE) are copied, in the kernel (copy_file_range). It returns the bytes copied.
-func sparseCopy(src, dst string) (int64, error) {
+// sealedCopy copies the file src into a new memfd (named name) of the same size, sealed against any change of
+// size: only src's data extents (SEEK_DATA/SEEK_HOLE) are copied, the rest stays unallocated zeros. It returns the
+// memfd and the bytes copied.
+func sealedCopy(src, name string) (_ *os.File, copied int64, retErr error) {
 	in, err := os.Open(src)
 	if err != nil {
-		return 0, err
+		return nil, 0, err
 	}
 	defer in.Close()
 	st, err := in.Stat()
 	if err != nil {
-		return 0, err
+		return nil, 0, err
 	}
-	out, err := os.OpenFile(dst, os.O_WRONLY, 0)
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
-		return 0, err
+		return nil, 0, fmt.Errorf("create guest RAM memfd: %w", err)
 	}
-	defer out.Close()
+	out := os.NewFile(uintptr(fd), name)
+	defer func() {
+		if retErr != nil {
+			out.Close()
+		}
+	}()
 	if err := out.Truncate(st.Size()); err != nil {
-		return 0, err
+		return nil, 0, err
 	}
-	var copied int64
 	for off := int64(0); off < st.Size(); {
 		data, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
 		if errors.Is(err, unix.ENXIO) {
 			break // only a hole is left
 		}
 		if err != nil {
-			return copied, fmt.Errorf("find data in %s: %w", src, err)
+			return nil, copied, fmt.Errorf("find data in %s: %w", src, err)
 		}
 		hole, err := unix.Seek(int(in.Fd()), data, unix.SEEK_HOLE)
 		if err != nil {
-			return copied, fmt.Errorf("find a hole in %s: %w", src, err)
+			return nil, copied, fmt.Errorf("find a hole in %s: %w", src, err)
 		}
 		n, err := copyRange(in, out, data, hole-data)
 		copied += n
 		if err != nil {
-			return copied, err
+			return nil, copied, err
 		}
 		off = hole
 	}
-	return copied, out.Close()
+	// The seals QEMU's own memory-backend-memfd sets (seal=on), which Kiln's vsock back end requires.
+	if _, err := unix.FcntlInt(out.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
+		return nil, copied, fmt.Errorf("seal guest RAM memfd: %w", err)
+	}
+	return out, copied, nil
 }
 
 // copyRange copies n bytes at off from in to out at the same offset, with copy_file_range where the file

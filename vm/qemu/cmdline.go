@@ -40,16 +40,23 @@ type fdLayout struct {
 	vsockChardev int
 	// incomingState is a clone's migration state file.
 	incomingState int
+	// memory is a clone's guest RAM, a sealed memfd.
+	memory int
 }
 
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
 func args(c Config, fds fdLayout) []string {
 	mem := strconv.Itoa(c.MemoryMiB) + "M"
 	var backend string
-	if c.MemoryFile != "" {
-		// A file-backed, shared RAM is what a VM template is restored from.
+	switch {
+	case c.role == roleClone:
+		// The clone's copy of its template's RAM, a memfd sealed as QEMU seals its own, reopened through /proc:
+		// shared RAM the migration leaves out (x-ignore-shared), as the template's file was.
+		backend = fmt.Sprintf("memory-backend-file,id=mem,size=%s,mem-path=/proc/self/fd/%d,share=on", mem, fds.memory)
+	case c.MemoryFile != "":
+		// A file-backed, shared RAM is what a VM template is saved from.
 		backend = fmt.Sprintf("memory-backend-file,id=mem,size=%s,mem-path=%s,share=on", mem, c.MemoryFile)
-	} else {
+	default:
 		// seal=on is QEMU's default, spelled out because the vhost-user backends depend on it: Kiln's vsock
 		// backend refuses guest RAM that could shrink under its mapping (vm/guestmem).
 		backend = fmt.Sprintf("memory-backend-memfd,id=mem,size=%s,share=on,seal=on", mem)

@@ -144,8 +144,8 @@ type Machine struct {
 	fsErr error
 	// saveQMP is a template's second monitor, which can pass descriptors.
 	saveQMP *rawQMP
-	// cloneRAM is a clone's copy of its template's RAM, removed with the VM.
-	cloneRAM string
+	// cloneRAM is a clone's copy of its template's RAM (a sealed memfd) while it starts.
+	cloneRAM *os.File
 	// incoming is a clone's template state while it starts.
 	incoming *os.File
 
@@ -321,12 +321,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	if err := os.WriteFile(m.paths.owner, []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return fmt.Errorf("start vm %s: write owner file: %w", m.cfg.ID, err)
 	}
-	if m.cloneRAM != "" {
-		// Whoever cleans up after a dead owner (Sweep) removes the RAM copy too.
-		if err := os.WriteFile(filepath.Join(m.paths.dir, cloneRAMFile), []byte(m.cloneRAM), 0o600); err != nil {
-			return fmt.Errorf("start vm %s: record its RAM copy: %w", m.cfg.ID, err)
-		}
-	}
+
 	var vs vsockBackend
 	switch {
 	case m.cfg.role == roleTemplate:
@@ -335,7 +330,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	case m.cfg.Vsock == VsockKernel:
 		vs, err = openKernelVsock(KernelVsockDevice)
 	case m.cfg.Vsock == VsockVhostUser || m.cfg.Vsock == "":
-		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.cfg.MemoryFile != "", m.log)
+		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.log)
 	default:
 		err = fmt.Errorf("unknown vsock mode %q", m.cfg.Vsock)
 	}
@@ -404,6 +399,8 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	case roleClone:
 		fds.incomingState = 3 + len(files)
 		files = append(files, m.incoming)
+		fds.memory = 3 + len(files)
+		files = append(files, m.cloneRAM)
 	}
 
 	cons, err := newConsole(m.paths.console, m.cfg.ConsoleToLog, m.log)
@@ -510,11 +507,7 @@ func (m *Machine) cleanup() {
 	if err := os.RemoveAll(m.paths.dir); err != nil {
 		m.log.WithError(err).Warn("remove vm state dir")
 	}
-	if m.cloneRAM != "" {
-		if err := os.Remove(m.cloneRAM); err != nil {
-			m.log.WithError(err).Warn("remove the VM's copy of its template's RAM")
-		}
-	}
+
 	close(m.cleaned)
 }
 

@@ -98,9 +98,6 @@ func RemoveState(dir string) error {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("read VM cgroups: %w", err))
 	}
-	if err := removeCloneRAM(dir); err != nil {
-		errs = append(errs, err)
-	}
 	// A share left by a killed Kiln process may still have its bind mounts of host directories (volumes, root
 	// file systems): take them away first, and never delete through one that stays.
 	if err := mounttree.UnmountUnder(dir); err != nil {
@@ -109,28 +106,4 @@ func RemoveState(dir string) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-// cloneRAMFile, in a VM's state directory, names the VM's copy of its template's RAM.
-const cloneRAMFile = "clone-ram"
-
-// removeCloneRAM removes the RAM copy a dead VM's state directory names, when the name is one a clone's copy
-// has (<template dir>/clones/<its state root's CloneDir name>/<VM id>.ram); any other is left alone.
-func removeCloneRAM(dir string) error {
-	b, err := os.ReadFile(filepath.Join(dir, cloneRAMFile))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("read VM RAM copy: %w", err)
-	}
-	p := string(b)
-	if !filepath.IsAbs(p) || p != filepath.Clean(p) || filepath.Base(p) != filepath.Base(dir)+".ram" ||
-		filepath.Base(filepath.Dir(p)) != cloneDirName(filepath.Dir(dir)) || filepath.Base(filepath.Dir(filepath.Dir(p))) != "clones" {
-		return fmt.Errorf("VM state %s names RAM copy %q, not one of its own: left alone", dir, p)
-	}
-	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove VM RAM copy: %w", err)
-	}
-	return nil
 }

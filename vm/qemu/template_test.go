@@ -167,9 +167,9 @@ func TestTemplateKey(t *testing.T) {
 	}
 }
 
-func TestSparseCopy(t *testing.T) {
-	dir := t.TempDir()
-	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
+// A clone's RAM is a memfd holding the template's data extents only, sealed as QEMU seals its own memfds.
+func TestSealedCopy(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "src")
 	const size = 8 << 20
 	f, err := os.Create(src)
 	if err != nil {
@@ -185,15 +185,16 @@ func TestSparseCopy(t *testing.T) {
 		}
 	}
 	f.Close()
-	if err := os.WriteFile(dst, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	n, err := sparseCopy(src, dst)
+	mem, n, err := sealedCopy(src, "kiln-test")
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer mem.Close()
 	a, _ := os.ReadFile(src)
-	b, _ := os.ReadFile(dst)
+	b, err := io.ReadAll(io.NewSectionReader(mem, 0, size+1))
+	if err != nil {
+		t.Fatal(err)
+	}
 	if !bytes.Equal(a, b) {
 		t.Fatal("copy differs from the source")
 	}
@@ -201,11 +202,21 @@ func TestSparseCopy(t *testing.T) {
 		t.Errorf("copied %d bytes of a mostly sparse %d-byte file", n, size)
 	}
 	var st unix.Stat_t
-	if err := unix.Stat(dst, &st); err != nil {
+	if err := unix.Fstat(int(mem.Fd()), &st); err != nil {
 		t.Fatal(err)
 	}
 	if st.Blocks*512 >= size/2 {
 		t.Errorf("copy holds %d bytes, want it sparse", st.Blocks*512)
+	}
+	seals, err := unix.FcntlInt(mem.Fd(), unix.F_GET_SEALS, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_SEAL; seals != want {
+		t.Errorf("seals %#x, want %#x", seals, want)
+	}
+	if err := mem.Truncate(size / 2); err == nil {
+		t.Error("the copy could be shrunk")
 	}
 }
 

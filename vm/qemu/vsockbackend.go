@@ -52,10 +52,9 @@ type vhostUserVsock struct {
 	qemuEnd *os.File
 }
 
-// startVhostUserVsock creates the device and serves QEMU's connection until ctx ends. fileBackedRAM says guest
-// RAM is a file (Config.MemoryFile), which cannot be sealed against shrinking; otherwise the backend insists on
-// QEMU's sealed memfd.
-func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, fileBackedRAM bool, log *logrus.Entry) (*vhostUserVsock, error) {
+// startVhostUserVsock creates the device and serves QEMU's connection until ctx ends. The backend insists on guest
+// RAM that cannot shrink under its mapping: QEMU's sealed memfd, or a clone's sealed copy of its template's RAM.
+func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, log *logrus.Entry) (*vhostUserVsock, error) {
 	dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: udsPath}, log)
 	if err != nil {
 		return nil, fmt.Errorf("vsock device: %w", err)
@@ -67,11 +66,7 @@ func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, fileBa
 	}
 	go func() {
 		defer l.Close()
-		var opts []vhostuser.Option
-		if fileBackedRAM {
-			opts = append(opts, vhostuser.AllowUnsealedMemory())
-		}
-		if err := vhostuser.Serve(ctx, l, dev, log.WithField("device", "vsock"), opts...); err != nil && ctx.Err() == nil {
+		if err := vhostuser.Serve(ctx, l, dev, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
 			log.WithError(err).Warn("vhost-user vsock backend stopped")
 		}
 	}()

@@ -35,7 +35,7 @@ func feUsed(i int) uint64  { return feDesc(i) + 0x1000 }
 func feData(i int) uint64  { return 0x40000 + uint64(0x1000*i) }
 
 // startServe runs Serve on a fresh socket and connects a fake frontend to it.
-func startServe(t *testing.T, ctx context.Context, dev Device, opts ...Option) (*fakeFrontend, <-chan error) {
+func startServe(t *testing.T, ctx context.Context, dev Device) (*fakeFrontend, <-chan error) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "vu.sock")
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
@@ -44,7 +44,7 @@ func startServe(t *testing.T, ctx context.Context, dev Device, opts ...Option) (
 	}
 	t.Cleanup(func() { l.Close() })
 	errc := make(chan error, 1)
-	go func() { errc <- Serve(ctx, l, dev, nil, opts...) }()
+	go func() { errc <- Serve(ctx, l, dev, nil) }()
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)

@@ -15,7 +15,6 @@ import (
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/kiln-runtime/kiln/vm/guestmem"
 	"github.com/kiln-runtime/kiln/vm/virtqueue"
 )
 
@@ -46,29 +45,10 @@ type ConfigWriter interface {
 // implements them.
 const RingFeatures = FeatureRingIndirectDesc | FeatureRingEventIdx
 
-// Option tunes Serve.
-type Option func(*options)
-
-type options struct {
-	mem guestmem.MapOptions
-}
-
-// AllowUnsealedMemory lets the frontend share guest RAM that is not sealed against shrinking, which file-backed
-// RAM (QEMU's memory-backend-file) never is. Without it a memory table whose files could shrink is refused:
-// a frontend that truncated one under the mapping would kill this process with SIGBUS. Use it only when guest
-// RAM is a file by configuration.
-func AllowUnsealedMemory() Option {
-	return func(o *options) { o.mem.AllowUnsealed = true }
-}
-
 // Serve accepts exactly one frontend connection on l and serves dev until the frontend disconnects or ctx is
 // done. It returns nil on an orderly disconnect and ctx's error when ctx ends the session. The device is
 // stopped and guest memory unmapped before Serve returns. l stays open; it belongs to the caller.
-func Serve(ctx context.Context, l *net.UnixListener, dev Device, log *logrus.Entry, opts ...Option) error {
-	var o options
-	for _, opt := range opts {
-		opt(&o)
-	}
+func Serve(ctx context.Context, l *net.UnixListener, dev Device, log *logrus.Entry) error {
 	if log == nil {
 		discard := logrus.New()
 		discard.SetOutput(io.Discard)
@@ -92,7 +72,7 @@ func Serve(ctx context.Context, l *net.UnixListener, dev Device, log *logrus.Ent
 	stopRead := context.AfterFunc(ctx, func() { conn.SetDeadline(past) })
 	defer stopRead()
 
-	s := newSession(dev, conn, log, o)
+	s := newSession(dev, conn, log)
 	defer s.close()
 	log.Debug("vhost-user frontend connected")
 	for {

@@ -284,17 +284,14 @@ func TestMemoryTableMustNotShrink(t *testing.T) {
 	tests := []struct {
 		name   string
 		fd     func(t *testing.T, f *fakeFrontend) int
-		opts   []Option
 		wantOK bool
 	}{
-		{"sealed memfd", func(_ *testing.T, f *fakeFrontend) int { return f.fd }, nil, true},
-		{"unsealed memfd", func(t *testing.T, _ *fakeFrontend) int { return unsealed(t) }, nil, false},
-		{"unsealed memory allowed", func(t *testing.T, _ *fakeFrontend) int { return unsealed(t) },
-			[]Option{AllowUnsealedMemory()}, true},
+		{"sealed memfd", func(_ *testing.T, f *fakeFrontend) int { return f.fd }, true},
+		{"unsealed memfd", func(t *testing.T, _ *fakeFrontend) int { return unsealed(t) }, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			f, _ := startServe(t, context.Background(), newFakeDevice(), tt.opts...)
+			f, _ := startServe(t, context.Background(), newFakeDevice())
 			handshake(t, f)
 			if st := f.acked(reqSetMemTable, f.memTable(), tt.fd(t, f)); (st == 0) != tt.wantOK {
 				t.Fatalf("SET_MEM_TABLE status %d, want success %v", st, tt.wantOK)

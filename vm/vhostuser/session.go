@@ -13,10 +13,9 @@ import (
 
 // session is the backend state of one frontend connection. It is used from one goroutine.
 type session struct {
-	dev  Device
-	w    io.Writer
-	log  *logrus.Entry
-	opts options
+	dev Device
+	w   io.Writer
+	log *logrus.Entry
 
 	offered    uint64 // GET_FEATURES answer
 	acked      uint64 // SET_FEATURES
@@ -26,8 +25,8 @@ type session struct {
 	queues     []*virtqueue.Queue // non-nil while the device runs
 }
 
-func newSession(dev Device, w io.Writer, log *logrus.Entry, opts options) *session {
-	s := &session{dev: dev, w: w, log: log, opts: opts,
+func newSession(dev Device, w io.Writer, log *logrus.Entry) *session {
+	s := &session{dev: dev, w: w, log: log,
 		offered: dev.Features() | FeatureVersion1 | FeatureProtocolFeatures | RingFeatures}
 	for range dev.NumQueues() {
 		s.rings = append(s.rings, newVring())
@@ -181,7 +180,7 @@ func (s *session) setMemTable(m *message) error {
 	// The device must stop touching the old mapping before it goes away.
 	s.stopDevice()
 	s.unmap()
-	mem, err := guestmem.Map(grs, s.opts.mem)
+	mem, err := guestmem.Map(grs)
 	if err != nil {
 		return fmt.Errorf("set memory table: %w", err)
 	}
