@@ -45,6 +45,12 @@ func newContainerVM(t *testing.T, memMiB int) *containerVM {
 // going to hook, when they are not nil.
 func newContainerVMWith(t *testing.T, memMiB int, mutate func(*config.Config), hook logrus.Hook) *containerVM {
 	t.Helper()
+	return newNamedContainerVM(t, podID(t), memMiB, mutate, hook)
+}
+
+// newNamedContainerVM is newContainerVMWith for a pod with the given id, for tests that run several pods at once.
+func newNamedContainerVM(t *testing.T, id string, memMiB int, mutate func(*config.Config), hook logrus.Hook) *containerVM {
+	t.Helper()
 	imgShare := requireVM(t)
 	bundleDir := t.TempDir()
 	if err := testbundle.Rootfs(filepath.Join(bundleDir, "rootfs")); err != nil {
@@ -54,7 +60,6 @@ func newContainerVMWith(t *testing.T, memMiB int, mutate func(*config.Config), h
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := podID(t)
 	t.Cleanup(func() {
 		if pids := qemuProcesses(id); len(pids) > 0 {
 			t.Errorf("leftover QEMU process(es) for vm %s: %v", id, pids)

@@ -49,7 +49,7 @@ func TestTemplateClones(t *testing.T) {
 	pods := map[string]*containerVM{}
 	for _, name := range []string{"first", "second"} {
 		hook := new(logtest.Hook)
-		pods[name] = newContainerVMWith(t, 256, fast, hook)
+		pods[name] = newNamedContainerVM(t, podID(t)+"-"+name, 256, fast, hook)
 		for _, e := range hook.AllEntries() {
 			if strings.Contains(e.Message, "template") {
 				t.Fatalf("pod %s did not start from the template: %s: %v", name, e.Message, e.Data)
