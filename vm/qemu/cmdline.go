@@ -63,7 +63,9 @@ func args(c Config, fds fdLayout) []string {
 	}
 	params := append(append([]string{}, baseKernelParams...), c.KernelParams...)
 	if c.role != roleCold {
-		params = append(params, agentv1.CmdlineTemplate+"=1")
+		// init_on_free: pages the template guest freed are zeros, which the saved RAM leaves out (punchZeros),
+		// so that each clone copies, and holds, only what the guest uses.
+		params = append(params, agentv1.CmdlineTemplate+"=1", "init_on_free=1")
 	}
 	if c.Accel == accel.TCG && c.TSCkHz > 0 {
 		params = append(params, "tsc_early_khz="+strconv.Itoa(c.TSCkHz))

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -330,6 +331,9 @@ func buildTemplate(ctx context.Context, c Config, key, inputs, dir string) (retE
 	if err := tm.Stop(ctx); err != nil {
 		return err
 	}
+	if _, err := punchZeros(ram); err != nil {
+		return fmt.Errorf("leave the zero pages out of the template's RAM: %w", err)
+	}
 	// The template's RAM is Kiln's from now on: QEMU's user, whoever it is, only ever gets copies.
 	if err := os.Chown(ram, 0, 0); err != nil && os.Geteuid() == 0 {
 		return err
@@ -339,6 +343,74 @@ func buildTemplate(ctx context.Context, c Config, key, inputs, dir string) (retE
 	}
 	return os.Rename(tmp, dir)
 }
+
+// punchZeros deallocates the pages of path that hold only zeros (the file keeps its size and reads the same), so
+// that sparse copies of it skip them. It returns the bytes deallocated.
+func punchZeros(path string) (int64, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	const page = ramPage
+	buf := make([]byte, 256*page)
+	var punched int64
+	// zeros is the start of the run of zero pages being scanned, -1 outside one.
+	zeros := int64(-1)
+	flush := func(end int64) error {
+		if zeros < 0 || end <= zeros {
+			zeros = -1
+			return nil
+		}
+		err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, zeros, end-zeros)
+		if err == nil {
+			punched += end - zeros
+		}
+		zeros = -1
+		return err
+	}
+	for off := int64(0); ; {
+		data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			return punched, nil
+		}
+		if err != nil {
+			return punched, err
+		}
+		hole, err := unix.Seek(int(f.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			return punched, err
+		}
+		// Whole pages of the extent only: a partial page at either end stays as it is.
+		start, end := (data+page-1)&^(page-1), hole&^(page-1)
+		for pos := start; pos < end; {
+			n := min(int64(len(buf)), end-pos)
+			if _, err := f.ReadAt(buf[:n], pos); err != nil {
+				return punched, err
+			}
+			for p := int64(0); p < n; p += page {
+				switch zero := bytes.Equal(buf[p:p+page], zeroPage[:]); {
+				case zero && zeros < 0:
+					zeros = pos + p
+				case !zero:
+					if err := flush(pos + p); err != nil {
+						return punched, err
+					}
+				}
+			}
+			pos += n
+		}
+		if err := flush(end); err != nil {
+			return punched, err
+		}
+		off = hole
+	}
+}
+
+// ramPage is the page size punchZeros works in (x86's base page).
+const ramPage = 4096
+
+var zeroPage [ramPage]byte
 
 // createRAMFile creates an empty guest RAM file that QEMU, running with cred, may map.
 func createRAMFile(path string, cred *syscall.Credential) error {
