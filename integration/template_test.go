@@ -24,20 +24,7 @@ import (
 // while clones run, and the clones must leave nothing behind.
 func TestTemplateClones(t *testing.T) {
 	requireVM(t)
-	// The template and the clones' RAM live on tmpfs, as in production; QEMU's user must reach them.
-	top, err := os.MkdirTemp("/dev/shm", "kiln-it-tpl-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = os.RemoveAll(top) })
-	if err := os.Chmod(top, 0o711); err != nil {
-		t.Fatal(err)
-	}
-	templates := filepath.Join(top, "templates")
-	fast := func(c *config.Config) {
-		c.Hypervisor.FastStart = config.FastStartTemplate
-		c.Hypervisor.TemplateDir = templates
-	}
+	templates, fast := templatesOfTheirOwn(t)
 
 	t.Cleanup(func() {
 		// Registered before the pods, so it runs once they are closed.
@@ -128,19 +115,7 @@ func cloneFiles(t *testing.T, templates string) []string {
 // template QEMU refused.
 func TestTemplateRestoreFailureBootsCold(t *testing.T) {
 	requireVM(t)
-	top, err := os.MkdirTemp("/dev/shm", "kiln-it-tpl-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = os.RemoveAll(top) })
-	if err := os.Chmod(top, 0o711); err != nil {
-		t.Fatal(err)
-	}
-	templates := filepath.Join(top, "templates")
-	fast := func(c *config.Config) {
-		c.Hypervisor.FastStart = config.FastStartTemplate
-		c.Hypervisor.TemplateDir = templates
-	}
+	templates, fast := templatesOfTheirOwn(t)
 	t.Run("build", func(t *testing.T) {
 		hook := new(logtest.Hook)
 		newContainerVMWith(t, 256, fast, hook)
@@ -178,6 +153,25 @@ func TestTemplateRestoreFailureBootsCold(t *testing.T) {
 	// The refused template is gone, so that the next pod builds a good one.
 	if left, _ := filepath.Glob(filepath.Join(templates, "*", templateStateFile)); len(left) != 0 {
 		t.Errorf("refused template still there: %v", left)
+	}
+}
+
+// templatesOfTheirOwn gives a test a template directory of its own on tmpfs, as in production (QEMU's user must
+// reach it), removed when the test ends, and the configuration change that uses it.
+func templatesOfTheirOwn(t *testing.T) (string, func(*config.Config)) {
+	t.Helper()
+	top, err := os.MkdirTemp("/dev/shm", "kiln-it-tpl-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(top) })
+	if err := os.Chmod(top, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	templates := filepath.Join(top, "templates")
+	return templates, func(c *config.Config) {
+		c.Hypervisor.FastStart = config.FastStartTemplate
+		c.Hypervisor.TemplateDir = templates
 	}
 }
 

@@ -65,25 +65,8 @@ func TestStartLooksOnlyForAssetsNotResolved(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
-			cfg := config.Default()
-			cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
-			for _, f := range []string{cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd} {
-				if err := os.WriteFile(f, nil, 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			cfg.Hypervisor.Accelerator = config.AccelTCG
-			cfg.Vsock.Mode = config.VsockVhostUser
-			// Short: the VM's Unix socket paths must fit in sun_path.
-			state, err := os.MkdirTemp("", "kq")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = os.RemoveAll(state) })
-			cfg.Runtime.StateDir = state
 			// This test is about the asset lookup: QEMU as root, no cgroup (TestReachable covers the user).
-			cfg.Hypervisor.User, cfg.Hypervisor.Cgroup = "", false
+			cfg, _ := startableConfig(t)
 			log := logrus.New()
 			log.SetOutput(io.Discard)
 			mc, err := ConfigFrom(cfg, "vm1", logrus.NewEntry(log))
@@ -155,23 +138,7 @@ func TestResolveVsockModeAutoKeepsTheGuestToKilnsPorts(t *testing.T) {
 // A template that cannot be built (QEMU exits at once) is warned about and the VM boots the usual way; neither
 // attempt leaves anything: no template, no RAM copy, no state directory.
 func TestStartFromTemplateFallsBackAndLeavesNothing(t *testing.T) {
-	dir := t.TempDir()
-	cfg := config.Default()
-	cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
-	for _, f := range []string{cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd} {
-		if err := os.WriteFile(f, nil, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	cfg.Hypervisor.Accelerator = config.AccelTCG
-	cfg.Vsock.Mode = config.VsockVhostUser
-	state, err := os.MkdirTemp("", "kq")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = os.RemoveAll(state) })
-	cfg.Runtime.StateDir = state
-	cfg.Hypervisor.User, cfg.Hypervisor.Cgroup = "", false
+	cfg, state := startableConfig(t)
 	// Templates apply only on tmpfs.
 	shm, err := os.MkdirTemp("/dev/shm", "kiln-test-")
 	if err != nil {
@@ -219,4 +186,29 @@ func TestStartFromTemplateFallsBackAndLeavesNothing(t *testing.T) {
 			t.Errorf("left behind: %s", p)
 		}
 	}
+}
+
+// startableConfig is a configuration whose VM's Start gets as far as starting QEMU: empty kernel and initrd files,
+// TCG, Kiln's vsock device, QEMU as root and no cgroup, and a state root of its own (returned too) with a short
+// path, since the VM's Unix socket paths must fit in sun_path.
+func startableConfig(t *testing.T) (config.Config, string) {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := config.Default()
+	cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
+	for _, f := range []string{cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd} {
+		if err := os.WriteFile(f, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg.Hypervisor.Accelerator = config.AccelTCG
+	cfg.Vsock.Mode = config.VsockVhostUser
+	state, err := os.MkdirTemp("", "kq")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(state) })
+	cfg.Runtime.StateDir = state
+	cfg.Hypervisor.User, cfg.Hypervisor.Cgroup = "", false
+	return cfg, state
 }

@@ -35,15 +35,24 @@ func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmpConn
 	}
 }
 
-// execute runs one QMP command; result, when not nil, receives the "return" value.
-func (q *qmpConn) execute(ctx context.Context, name string, arguments, result any) error {
+// qmpRequest encodes one QMP command.
+func qmpRequest(name string, arguments any) ([]byte, error) {
 	req := map[string]any{"execute": name}
 	if arguments != nil {
 		req["arguments"] = arguments
 	}
 	b, err := json.Marshal(req)
 	if err != nil {
-		return fmt.Errorf("encode QMP %s: %w", name, err)
+		return nil, fmt.Errorf("encode QMP %s: %w", name, err)
+	}
+	return b, nil
+}
+
+// execute runs one QMP command; result, when not nil, receives the "return" value.
+func (q *qmpConn) execute(ctx context.Context, name string, arguments, result any) error {
+	b, err := qmpRequest(name, arguments)
+	if err != nil {
+		return err
 	}
 	type answer struct {
 		raw []byte

@@ -51,13 +51,9 @@ func (q *rawQMP) bound(ctx context.Context) func() {
 // execute runs one command; fd, when not nil, rides along with it; result, when not nil, receives the
 // "return" value. Events are skipped.
 func (q *rawQMP) execute(ctx context.Context, name string, arguments any, fd *os.File, result any) error {
-	req := map[string]any{"execute": name}
-	if arguments != nil {
-		req["arguments"] = arguments
-	}
-	b, err := json.Marshal(req)
+	b, err := qmpRequest(name, arguments)
 	if err != nil {
-		return fmt.Errorf("encode QMP %s: %w", name, err)
+		return err
 	}
 	stop := q.bound(ctx)
 	defer stop()
