@@ -46,17 +46,7 @@ func TestArgs(t *testing.T) {
 				tt.mutate(&c)
 			}
 			vs := &vhostUserVsock{}
-			got := strings.Join(args(c, fdLayout{qmp: 3, vsockArgs: vs.qemuArgs(4), virtiofs: 5, firstNet: 6}), " ")
-			for _, w := range tt.want {
-				if !strings.Contains(got, w) {
-					t.Errorf("args lack %q:\n%s", w, got)
-				}
-			}
-			for _, a := range tt.absent {
-				if strings.Contains(got, a) {
-					t.Errorf("args contain %q:\n%s", a, got)
-				}
-			}
+			checkArgs(t, args(c, fdLayout{qmp: 3, vsockArgs: vs.qemuArgs(4), virtiofs: 5, firstNet: 6}), tt.want, tt.absent)
 		})
 	}
 }
@@ -68,5 +58,21 @@ func TestParseCPUMHz(t *testing.T) {
 	}
 	if _, err := parseCPUMHz(strings.NewReader("processor\t: 0\n")); err == nil {
 		t.Fatal("no error without a cpu MHz line")
+	}
+}
+
+// checkArgs fails unless the command line a holds each of want and none of absent (as substrings of it joined).
+func checkArgs(t *testing.T, a, want, absent []string) {
+	t.Helper()
+	got := strings.Join(a, " ")
+	for _, w := range want {
+		if !strings.Contains(got, w) {
+			t.Errorf("args lack %q:\n%s", w, got)
+		}
+	}
+	for _, x := range absent {
+		if strings.Contains(got, x) {
+			t.Errorf("args contain %q:\n%s", x, got)
+		}
 	}
 }

@@ -51,17 +51,7 @@ func TestTemplateAndCloneArgs(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			c := base
 			c.role = tt.role
-			got := strings.Join(args(c, tt.fds), " ")
-			for _, w := range tt.want {
-				if !strings.Contains(got, w) {
-					t.Errorf("args lack %q:\n%s", w, got)
-				}
-			}
-			for _, a := range tt.absent {
-				if strings.Contains(got, a) {
-					t.Errorf("args contain %q:\n%s", a, got)
-				}
-			}
+			checkArgs(t, args(c, tt.fds), tt.want, tt.absent)
 		})
 	}
 }
