@@ -65,9 +65,15 @@ var testParams = connParams{bufAlloc: 4096, creditThreshold: 1024, readChunk: 15
 // its owner. The guest advertised peerBufAlloc.
 func establishedConn(t *testing.T, peerBufAlloc uint32) (*conn, *net.UnixConn, *fakeOwner) {
 	t.Helper()
+	return establishedConnWith(t, testParams, peerBufAlloc)
+}
+
+// establishedConnWith is establishedConn with connection parameters p.
+func establishedConnWith(t *testing.T, p connParams, peerBufAlloc uint32) (*conn, *net.UnixConn, *fakeOwner) {
+	t.Helper()
 	o := newFakeOwner()
 	var wg sync.WaitGroup
-	c := newConn(connKey{local: 1024, peer: 5000}, stateDialing, testCID, testParams, o, &wg, testLog())
+	c := newConn(connKey{local: 1024, peer: 5000}, stateDialing, testCID, p, o, &wg, testLog())
 	h := testHeader(OpRequest, 0)
 	h.BufAlloc, h.FwdCnt = peerBufAlloc, 0
 	c.setPeerCreditLocked(&h)
@@ -197,6 +203,54 @@ func TestCreditUpdateThreshold(t *testing.T) {
 	if p.FwdCnt != testParams.creditThreshold || p.BufAlloc != testParams.bufAlloc {
 		t.Fatalf("CREDIT_UPDATE fwd_cnt %d buf_alloc %d, want %d %d", p.FwdCnt, p.BufAlloc,
 			testParams.creditThreshold, testParams.bufAlloc)
+	}
+}
+
+// TestDefaultCreditUpdatesAreLazy pins the default credit policy: a guest streaming full packets is told of the
+// host's consumption once per buf_alloc less one packet, not once per packet, and always before it has sent all
+// its credit, so it never waits for an update while the host has consumed its bytes.
+func TestDefaultCreditUpdatesAreLazy(t *testing.T) {
+	p := defaultMuxerConfig(testCID, "unused").conn
+	if p.creditThreshold > p.bufAlloc-maxPayload {
+		t.Fatalf("credit threshold %d leaves the guest less than one %d-byte packet of its %d-byte credit",
+			p.creditThreshold, maxPayload, p.bufAlloc)
+	}
+	c, host, _ := establishedConnWith(t, p, 1<<16)
+	var updates []uint32 // fwd_cnt of each CREDIT_UPDATE
+	sent := uint32(0)
+	for sent+maxPayload <= p.bufAlloc {
+		h := testHeader(OpRW, maxPayload)
+		h.BufAlloc = 1 << 16
+		if _, end := c.handle(&h, iovec{make([]byte, maxPayload)}); end != endNone {
+			t.Fatalf("RW of %d bytes after %d ended the connection", maxPayload, sent)
+		}
+		sent += maxPayload
+		if _, err := io.ReadFull(host, make([]byte, maxPayload)); err != nil {
+			t.Fatal(err)
+		}
+		// The writer counts bytes as forwarded once its write returned, just after the host read them.
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			c.mu.Lock()
+			fwd := c.fwdCnt
+			c.mu.Unlock()
+			if fwd == sent {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("forwarded %d bytes, want %d", fwd, sent)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		for _, pkt := range emitAll(c) {
+			if pkt.Op == OpCreditUpdate {
+				updates = append(updates, pkt.FwdCnt)
+			}
+		}
+	}
+	if len(updates) != 1 || updates[0] < p.creditThreshold || updates[0] > p.bufAlloc-maxPayload {
+		t.Fatalf("after %d bytes in %d-byte packets, CREDIT_UPDATEs at fwd_cnt %v; want one, by fwd_cnt %d",
+			sent, maxPayload, updates, p.bufAlloc-maxPayload)
 	}
 }
 

@@ -76,6 +76,23 @@ func (q *fakeQueue) Notify() error {
 
 func (q *fakeQueue) Kicks() <-chan struct{} { return q.kicks }
 
+func (q *fakeQueue) notified() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.notifies
+}
+
+// addMany makes chains available and kicks once.
+func (q *fakeQueue) addMany(cs []*virtqueue.Chain) {
+	q.mu.Lock()
+	q.avail = append(q.avail, cs...)
+	q.mu.Unlock()
+	select {
+	case q.kicks <- struct{}{}:
+	default:
+	}
+}
+
 // add makes a chain available and kicks.
 func (q *fakeQueue) add(c *virtqueue.Chain) {
 	q.mu.Lock()
@@ -186,4 +203,38 @@ func TestDeviceQueuesAcrossStopStart(t *testing.T) {
 		t.Fatalf("rx packet %v, want RST", h.Op)
 	}
 	d.Stop()
+}
+
+// TestTxCompletionsAreNotifiedInBatches pins that used tx chains are told to the driver once per txNotifyBatch,
+// and that a remainder is still told within txNotifyDelay rather than waiting for more packets.
+func TestTxCompletionsAreNotifiedInBatches(t *testing.T) {
+	d, err := newDevice(testMuxerConfig(t), testLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	rx, tx := newFakeQueue(), newFakeQueue()
+	// A RST for no connection is dropped without an answer, so the rx queue stays out of it.
+	chains := func(first, n int) []*virtqueue.Chain {
+		var cs []*virtqueue.Chain
+		for i := range n {
+			cs = append(cs, &virtqueue.Chain{Head: uint16(first + i),
+				Readable: guestPacket(Header{Op: OpRst, SrcPort: 5000, DstPort: 1234}, nil)})
+		}
+		return cs
+	}
+	tx.addMany(chains(0, 2*txNotifyBatch+1))
+	if err := d.start(rx, tx); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Stop()
+	waitFor(t, "every tx chain used", func() bool { return tx.usedCount() == 2*txNotifyBatch+1 })
+	waitFor(t, "the remainder notified", func() bool { return tx.notified() >= 3 })
+	time.Sleep(10 * txNotifyDelay)
+	if n := tx.notified(); n != 3 {
+		t.Fatalf("%d tx chains notified %d times, want 3: two batches and the remainder", 2*txNotifyBatch+1, n)
+	}
+	// A lone packet is told too, on its own.
+	tx.addMany(chains(100, 1))
+	waitFor(t, "a lone chain notified", func() bool { return tx.notified() == 4 })
 }
