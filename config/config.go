@@ -89,8 +89,8 @@ type Hypervisor struct {
 	// FastStart is how a VM starts: FastStartOff boots it, FastStartTemplate restores it from a saved template
 	// of its shape (kept in TemplateDir), falling back to a boot when that fails.
 	FastStart string `toml:"fast_start"`
-	// TemplateDir holds the saved templates (guest RAM and device state) and the clones' copies of their RAM; it
-	// should be on tmpfs.
+	// TemplateDir holds the saved templates (guest RAM and device state; each clone copies the RAM into a memfd of
+	// its own); it should be on tmpfs.
 	TemplateDir string `toml:"template_dir"`
 }
 

@@ -252,8 +252,9 @@ func copyRange(in, out *os.File, off, n int64) (int64, error) {
 	return done, nil
 }
 
-// TemplateDirUnusable says why templates cannot be kept in dir, "" when they can: every restored VM's copy of its
-// template's RAM lives there, and anywhere but tmpfs the kernel would write it out to disk. A directory not made
+// TemplateDirUnusable says why templates cannot be kept in dir, "" when they can: a template's guest RAM is a file
+// there, which its QEMU runs on while the template is built, and anywhere but tmpfs the kernel would write it out
+// to disk. A directory not made
 // yet is judged by its nearest existing parent. statfs returns a path's file system type (Statfs).
 func TemplateDirUnusable(dir string, statfs func(path string) (int64, error)) string {
 	p := dir
@@ -266,7 +267,7 @@ func TemplateDirUnusable(dir string, statfs func(path string) (int64, error)) st
 		return fmt.Sprintf("hypervisor.template_dir %s: %v", dir, err)
 	}
 	if t != unix.TMPFS_MAGIC {
-		return fmt.Sprintf("hypervisor.template_dir %s is not on tmpfs (every restored VM's copy of its template's RAM lives there)", dir)
+		return fmt.Sprintf("hypervisor.template_dir %s is not on tmpfs (a template's guest RAM is a file there)", dir)
 	}
 	return ""
 }

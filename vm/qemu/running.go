@@ -1,0 +1,161 @@
+package qemu
+
+// What a started VM offers: how it ended, its diagnostics, stopping, pausing and resuming it over QMP, and the
+// connections into it.
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+)
+
+// ExitError describes how QEMU ended, with its stderr and the console's last lines.
+func (m *Machine) ExitError() error {
+	select {
+	case <-m.exited:
+	default:
+		return nil
+	}
+	if m.proc == nil {
+		return fmt.Errorf("QEMU exited%s", m.Diagnostics())
+	}
+	m.mu.Lock()
+	fsErr := m.fsErr
+	m.mu.Unlock()
+	if fsErr != nil {
+		return fmt.Errorf("%w; then %w%s", fsErr, m.proc.ExitError(), m.Diagnostics())
+	}
+	return fmt.Errorf("%w%s", m.proc.ExitError(), m.Diagnostics())
+}
+
+// Diagnostics implements vm.Machine.
+func (m *Machine) Diagnostics() string {
+	var b bytes.Buffer
+	if m.fs != nil {
+		b.WriteString(m.fs.Diagnostics())
+	}
+	if m.proc != nil {
+		b.WriteString(m.proc.Diagnostics())
+	}
+	if m.console != nil {
+		if s := m.console.tail(); len(s) > 0 {
+			fmt.Fprintf(&b, "\nlast guest console lines:\n%s", s)
+		}
+	}
+	return b.String()
+}
+
+// Wait implements vm.Machine.
+func (m *Machine) Wait(ctx context.Context) error {
+	select {
+	case <-m.cleaned:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Stop implements vm.Machine: QMP quit, then SIGKILL after StopTimeout or when ctx ends.
+func (m *Machine) Stop(ctx context.Context) error {
+	m.mu.Lock()
+	started, proc := m.started, m.proc
+	m.mu.Unlock()
+	if !started {
+		return nil
+	}
+	if proc != nil {
+		proc.Stop(ctx)
+	}
+	<-m.cleaned
+	return nil
+}
+
+// quit asks QEMU to end over QMP: the polite first step of Stop (vm/child calls it as Config.Quit).
+func (m *Machine) quit(ctx context.Context) error {
+	m.mu.Lock()
+	q := m.qmp
+	m.mu.Unlock()
+	if q == nil {
+		return errors.New("no QMP connection")
+	}
+	return q.execute(ctx, "quit", nil, nil)
+}
+
+// Pause implements vm.Machine.
+func (m *Machine) Pause(ctx context.Context) error {
+	return m.qmpCommand(ctx, "stop")
+}
+
+// Resume implements vm.Machine.
+func (m *Machine) Resume(ctx context.Context) error {
+	return m.qmpCommand(ctx, "cont")
+}
+
+func (m *Machine) qmpCommand(ctx context.Context, cmd string) error {
+	m.mu.Lock()
+	q := m.qmp
+	m.mu.Unlock()
+	if q == nil {
+		return fmt.Errorf("%s vm %s: not running", cmd, m.cfg.ID)
+	}
+	if err := q.execute(ctx, cmd, nil, nil); err != nil {
+		return fmt.Errorf("%s vm %s: %w", cmd, m.cfg.ID, err)
+	}
+	return nil
+}
+
+// DialVsock implements vm.Machine.
+func (m *Machine) DialVsock(ctx context.Context, port uint32) (net.Conn, error) {
+	select {
+	case <-m.exited:
+		return nil, fmt.Errorf("dial vsock port %d of vm %s: %w", port, m.cfg.ID, m.ExitError())
+	default:
+	}
+	c, err := m.vsock.dial(ctx, port)
+	if err != nil {
+		return nil, fmt.Errorf("dial vsock port %d of vm %s: %w", port, m.cfg.ID, err)
+	}
+	return c, nil
+}
+
+// VsockPath is the hybrid vsock Unix socket: guest connections to host port P go to VsockPath()+"_P". It is
+// empty in kernel vhost-vsock mode, where they go to host AF_VSOCK listeners instead.
+func (m *Machine) VsockPath() string {
+	if m.cfg.Vsock == VsockKernel {
+		return ""
+	}
+	return m.paths.vsock
+}
+
+// CgroupPath is the VM's cgroup directory (the v1 memory hierarchy's), empty without Config.Cgroup.
+func (m *Machine) CgroupPath() string {
+	if m.cgroup == nil {
+		return ""
+	}
+	return m.cgroup.Path()
+}
+
+// listenFile creates a listening Unix socket at path and returns its descriptor; the file stays when the
+// descriptor is closed (the state directory goes as a whole).
+func listenFile(path string) (*os.File, error) {
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	defer l.Close()
+	return l.File()
+}
+
+// dialFile connects to the Unix socket at path and returns the connection's descriptor.
+func dialFile(path string) (*os.File, error) {
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return c.File()
+}
