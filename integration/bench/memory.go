@@ -26,8 +26,8 @@ const idleSettle = 10 * time.Second
 // shims and all below them: runc's containers, or Kiln's QEMU and virtiofsd), plus the files under templates (VM
 // templates and each VM's copy of its template's RAM, on tmpfs: memory whether mapped or not), counted once,
 // divided by n. PSS shares pages mapped by several processes among them (guest RAM is mapped by QEMU, virtiofsd
-// and the shim's vsock device), so the sum counts each page once; mappings of the files under templates are left
-// out of it, since the files are counted whole.
+// and the shim's vsock device), so the sum counts each page once; mappings of the files under templates and of
+// memfds (guest RAM) are left out of it, since those are counted whole.
 func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates string) (int64, error) {
 	var ids []string
 	defer func() {
@@ -58,6 +58,13 @@ func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates
 		}
 		total += pss
 	}
+	// Guest RAM in memfds (a cold VM's QEMU-made one, a clone's copy of its template) holds pages no process has
+	// mapped yet, which PSS leaves out: each memfd counts whole, once.
+	mem, err := memfdBytes(pids)
+	if err != nil {
+		return 0, err
+	}
+	total += mem
 	if handler == cri.HandlerKiln {
 		files, err := allocated(templates)
 		if err != nil {
@@ -66,6 +73,34 @@ func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates
 		total += files
 	}
 	return total / int64(n), nil
+}
+
+// memfdBytes is the space the memfds the processes hold open take (st_blocks), each counted once.
+func memfdBytes(pids []int) (int64, error) {
+	seen := map[[2]uint64]bool{}
+	var total int64
+	for _, pid := range pids {
+		dir := fmt.Sprintf("/proc/%d/fd", pid)
+		fds, err := os.ReadDir(dir)
+		if err != nil {
+			continue // gone meanwhile
+		}
+		for _, fd := range fds {
+			p := filepath.Join(dir, fd.Name())
+			if target, err := os.Readlink(p); err != nil || !strings.HasPrefix(target, "/memfd:") {
+				continue
+			}
+			var st unix.Stat_t
+			if err := unix.Stat(p, &st); err != nil {
+				continue
+			}
+			if k := [2]uint64{st.Dev, st.Ino}; !seen[k] {
+				seen[k] = true
+				total += st.Blocks * 512
+			}
+		}
+	}
+	return total, nil
 }
 
 // allocated is the space the files under dir take (st_blocks), 0 when there is no dir.
@@ -133,7 +168,8 @@ func subtreesOf(match func(pid int, cmdline string) bool) ([]int, error) {
 	return out, nil
 }
 
-// pssOf reads a process's proportional set size in bytes, leaving out mappings of files under exclude.
+// pssOf reads a process's proportional set size in bytes, leaving out mappings of files under exclude and of
+// memfds (podMemory counts both whole).
 func pssOf(pid int, exclude string) (int64, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
 	if err != nil {
@@ -148,7 +184,8 @@ func pssOf(pid int, exclude string) (int64, error) {
 		fields := strings.Fields(line)
 		// A mapping's header: "start-end perms offset dev inode [path]"; its fields follow as "Name: value".
 		if len(fields) >= 5 && strings.Contains(fields[0], "-") && !strings.HasSuffix(fields[0], ":") {
-			skip = len(fields) >= 6 && exclude != "" && strings.HasPrefix(fields[5], exclude+"/")
+			skip = len(fields) >= 6 && (strings.HasPrefix(fields[5], "/memfd:") ||
+				exclude != "" && strings.HasPrefix(fields[5], exclude+"/"))
 			continue
 		}
 		if v, ok := strings.CutPrefix(line, "Pss:"); ok && !skip {
