@@ -79,6 +79,11 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 		entry.WithError(err).Warnf("ignoring %s", CmdlineLogLevel)
 	}
 	log.SetLevel(level)
+	// libcontainer logs through logrus's standard logger: its messages go where the agent's do, at the same level.
+	std := logrus.StandardLogger()
+	std.SetOutput(log.Out)
+	std.SetFormatter(log.Formatter)
+	std.SetLevel(level)
 	entry.WithFields(logrus.Fields{"count": len(earlyMounts), "took": time.Since(start)}).Debug("early file systems mounted")
 
 	modules, err := ReadModuleList(ModuleListPath)
