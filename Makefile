@@ -14,6 +14,9 @@ DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler libprotobuf
 GO_TEST_TIMEOUT ?= 40m
 
 PREFIX ?= /usr/local
+# hypervisor.template_dir's default. Templates are built on demand from the installed files; make uninstall removes
+# them too (they would only hold tmpfs).
+TEMPLATE_DIR ?= /dev/shm/kiln/templates
 # What `make install` copies, in the same layout as _output/; `make uninstall` removes exactly these.
 INSTALL_BINS := kiln containerd-shim-kiln-v2
 INSTALL_SHARE := vmlinuz initrd.img kernel-release agent-version config.toml
@@ -149,6 +152,7 @@ uninstall:
 	for f in $(INSTALL_BINS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$f; done
 	for f in $(INSTALL_SHARE); do rm -f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
 	-rmdir $(DESTDIR)$(PREFIX)/share/kiln 2>/dev/null
+	rm -rf $(DESTDIR)$(TEMPLATE_DIR)
 
 clean:
 	rm -rf $(OUT)

@@ -12,15 +12,17 @@ import (
 )
 
 // An install into a fresh prefix boots a guest with only the installed files and no configuration, and
-// uninstall removes exactly what install added.
+// uninstall removes exactly what install added, and the templates built from it.
 func TestInstallPrefix(t *testing.T) {
 	requireVM(t)
 	root := repoRoot(t)
 	// Readable by everyone, as /usr/local is: QEMU must reach the installed guest kernel and initrd.
 	prefix := testbundle.PublicDir(t)
+	// Not the machine's template directory: other packages' tests use it while this one runs.
+	templates := filepath.Join(t.TempDir(), "templates")
 	mk := func(target string) {
 		t.Helper()
-		cmd := exec.Command("make", target, "PREFIX="+prefix)
+		cmd := exec.Command("make", target, "PREFIX="+prefix, "TEMPLATE_DIR="+templates)
 		cmd.Dir = root
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("make %s: %v\n%s", target, err, out)
@@ -54,7 +56,13 @@ func TestInstallPrefix(t *testing.T) {
 	if err := json.Unmarshal(out, &res); err != nil || res.KernelRelease != strings.TrimSpace(string(want)) {
 		t.Fatalf("kernel release %q (%v), want %q", res.KernelRelease, err, want)
 	}
+	if err := os.MkdirAll(filepath.Join(templates, "a-template"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	mk("uninstall")
+	if _, err := os.Stat(templates); !os.IsNotExist(err) {
+		t.Fatalf("uninstall left the template directory %s (%v)", templates, err)
+	}
 	var left []string
 	_ = filepath.Walk(prefix, func(path string, info os.FileInfo, err error) error {
 		if err == nil && !info.IsDir() {

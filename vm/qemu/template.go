@@ -178,13 +178,19 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 
 // pruneTemplates removes from dir the templates that are stale (one of the files they were built from changed:
 // a new kernel, initrd or QEMU makes new templates, and nothing will ask for the old ones again), the partial
-// builds of processes that died building, and the remains of discarded templates. Entries whose lock another
-// process holds are left alone.
+// builds of processes that died building, the remains of discarded templates, and locks left without a template
+// or build. Entries whose lock another process holds are left alone.
 func pruneTemplates(dir string, log logrus.FieldLogger) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		log.WithError(err).Warn("list templates")
 		return
+	}
+	dirs := map[string]bool{}
+	for _, e := range entries {
+		if e.IsDir() {
+			dirs[e.Name()] = true
+		}
 	}
 	for _, e := range entries {
 		name := e.Name()
@@ -192,7 +198,9 @@ func pruneTemplates(dir string, log logrus.FieldLogger) {
 		key := name
 		switch {
 		case !e.IsDir():
-			continue
+			// A lock whose template and build are gone (removed by hand, or discarded and never asked for again).
+			key = strings.TrimSuffix(name, ".lock")
+			remove = key != name && !dirs[key] && !dirs[key+".tmp"]
 		case strings.HasSuffix(name, ".tmp"):
 			key, remove = strings.TrimSuffix(name, ".tmp"), true
 		case strings.Contains(name, ".discarded-"):
@@ -226,6 +234,9 @@ func removeTemplateEntry(dir, key, name string) (bool, error) {
 		return false, nil // being built or pruned by another process
 	}
 	p := filepath.Join(dir, name)
+	if name == key+".lock" {
+		return true, os.Remove(p) // lockFile's holders check that the file they locked is still there
+	}
 	if name == key {
 		// Out of the way in one step, so that no VM copies half a template.
 		trash := fmt.Sprintf("%s.discarded-%d", p, os.Getpid())
@@ -253,7 +264,8 @@ func isTemplateKey(name string) bool {
 	return err == nil
 }
 
-// lockFile takes an exclusive lock on path (created if needed), waiting until ctx ends.
+// lockFile takes an exclusive lock on path (created if needed), waiting until ctx ends. Pruning removes lock files
+// while holding them, so a lock taken on a file no longer at path is let go and taken again on the path's file.
 func lockFile(ctx context.Context, path string) (func(), error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
 	if err != nil {
@@ -262,7 +274,14 @@ func lockFile(ctx context.Context, path string) (func(), error) {
 	for {
 		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 		if err == nil {
-			return func() { f.Close() }, nil
+			if sameFile(f, path) {
+				return func() { f.Close() }, nil
+			}
+			f.Close()
+			if f, err = os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600); err != nil {
+				return nil, fmt.Errorf("open template lock: %w", err)
+			}
+			continue
 		}
 		if !errors.Is(err, unix.EWOULDBLOCK) {
 			f.Close()
@@ -275,6 +294,16 @@ func lockFile(ctx context.Context, path string) (func(), error) {
 		case <-time.After(templateLockPoll):
 		}
 	}
+}
+
+// sameFile reports whether f is the file at path.
+func sameFile(f *os.File, path string) bool {
+	held, err := f.Stat()
+	if err != nil {
+		return false
+	}
+	now, err := os.Stat(path)
+	return err == nil && os.SameFile(held, now)
 }
 
 // buildTemplate boots c's template guest, waits until its agent says it is ready, and saves it into dir: its

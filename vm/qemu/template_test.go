@@ -353,14 +353,19 @@ func TestPruneTemplates(t *testing.T) {
 			}
 		}
 	}
-	mk(key('a'), current)            // current: stays
-	mk(key('b'), gone)               // an input removed: stale
-	mk(key('c'), "")                 // no inputs recorded: stale
-	mk(key('d'), gone)               // stale, but its lock is held: stays
-	mk(key('e')+".tmp", "")          // a build that died: removed
-	mk(key('f')+".tmp", "")          // a build in progress (lock held): stays
-	mk(key('1')+".discarded-42", "") // remains of a discard: removed
-	mk("not-a-template", "")         // not Kiln's: stays
+	mk(key('a'), current)                // current: stays
+	mk(key('b'), gone)                   // an input removed: stale
+	mk(key('c'), "")                     // no inputs recorded: stale
+	mk(key('d'), gone)                   // stale, but its lock is held: stays
+	mk(key('e')+".tmp", "")              // a build that died: removed
+	mk(key('f')+".tmp", "")              // a build in progress (lock held): stays
+	mk(key('1')+".discarded-42", "")     // remains of a discard: removed
+	mk("not-a-template", "")             // not Kiln's: stays
+	for _, k := range []byte{'2', 'a'} { // the lock of no template, removed; a current template's, stays
+		if err := os.WriteFile(filepath.Join(dir, key(k)+".lock"), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, k := range []byte{'d', 'f'} {
 		unlock, err := lockFile(context.Background(), filepath.Join(dir, key(k)+".lock"))
 		if err != nil {
@@ -380,8 +385,15 @@ func TestPruneTemplates(t *testing.T) {
 	if !slices.Equal(left, want) {
 		t.Errorf("left %v, want %v", left, want)
 	}
-	if _, err := os.Stat(filepath.Join(dir, key('b')+".lock")); err == nil {
-		t.Errorf("the lock of removed template %s stayed", key('b'))
+	for _, k := range []byte{'b', '2'} {
+		if _, err := os.Stat(filepath.Join(dir, key(k)+".lock")); err == nil {
+			t.Errorf("the lock of removed or missing template %s stayed", key(k))
+		}
+	}
+	for _, k := range []byte{'a', 'd', 'f'} {
+		if _, err := os.Stat(filepath.Join(dir, key(k)+".lock")); err != nil {
+			t.Errorf("the lock of template %s: %v", key(k), err)
+		}
 	}
 	// A kernel rebuilt since makes the current template stale too.
 	if err := os.WriteFile(input, []byte("v2, rebuilt"), 0o644); err != nil {
@@ -390,6 +402,47 @@ func TestPruneTemplates(t *testing.T) {
 	pruneTemplates(dir, logrus.NewEntry(logrus.New()))
 	if _, err := os.Stat(filepath.Join(dir, key('a'))); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("template built from a kernel since rebuilt stayed (%v)", err)
+	}
+}
+
+// A lock taken on a lock file that pruning removed meanwhile is taken again on the file now at the path, so two
+// builders of one template never both hold "its" lock.
+func TestLockFileFollowsARemovedLock(t *testing.T) {
+	path := filepath.Join(t.TempDir(), strings.Repeat("a", 32)+".lock")
+	unlock, err := lockFile(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan func(), 1)
+	go func() {
+		u, err := lockFile(context.Background(), path)
+		if err != nil {
+			t.Error(err)
+			u = func() {}
+		}
+		got <- u
+	}()
+	time.Sleep(3 * templateLockPoll) // the waiter has opened the first file
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	holder, err := lockFile(context.Background(), path) // a builder arriving after the removal
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock() // the first file's lock is free: the waiter must not count it as the lock
+	select {
+	case u := <-got:
+		u()
+		t.Fatal("the waiter took the removed file's lock while another process holds the path's")
+	case <-time.After(5 * templateLockPoll):
+	}
+	holder()
+	select {
+	case u := <-got:
+		u()
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiter did not take the lock once it was free")
 	}
 }
 
