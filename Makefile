@@ -20,7 +20,7 @@ PREFIX ?= /usr/local
 INSTALL_BINS := kiln containerd-shim-kiln-v2
 INSTALL_SHARE := vmlinuz initrd.img kernel-release agent-version config.toml
 
-.PHONY: all build image proto proto-check deps vet vet-tools test unit integration soak bench demo critest fuzz install uninstall clean FORCE
+.PHONY: all build image proto proto-check deps vet vet-tools test unit integration soak bench demo critest fuzz install uninstall clean clean-cache FORCE
 
 all: build
 
@@ -45,13 +45,16 @@ $(TOOLS)/kiln-image: FORCE
 
 # The guest kernel, Kiln's own: built from Debian's linux-source-6.1 with vm/image/kernel/guest.config, everything
 # built in (vm/image/kernel/build.sh). The build (about 12 minutes on an idle 2-core machine, 25 on a busy one) is
-# cached in _output/cache/kernel-<key>: only another source version, fragment, build script or compiler rebuilds it.
-# KERNEL_NICE lowers its priority. Then the initramfs (the agent as /init, no modules); kiln-image rewrites nothing
-# whose content is unchanged, and both are reproducible byte for byte.
+# cached in KERNEL_CACHE/kernel-<key>: only another source version, fragment, build script or compiler rebuilds it.
+# KERNEL_CACHE lies outside the clone, as Go's build cache does ($XDG_CACHE_HOME/kiln, else ~/.cache/kiln), so a
+# fresh clone or `make clean` does not build the kernel again; `make clean-cache` removes it. KERNEL_NICE lowers the
+# build's priority. Then the initramfs (the agent as /init, no modules); kiln-image rewrites nothing whose content
+# is unchanged, and both are reproducible byte for byte.
+KERNEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache),$(CURDIR)/$(OUT)/cache)/kiln
 KERNEL_NICE ?= 10
 image: $(BIN)/kiln-agent $(TOOLS)/kiln-image
-	@kernel=$$(nice -n $(KERNEL_NICE) vm/image/kernel/build.sh $(OUT)/cache) && \
-	echo "guest kernel $$(cat $$kernel/release): $$kernel" && \
+	@kernel=$$(nice -n $(KERNEL_NICE) vm/image/kernel/build.sh $(KERNEL_CACHE)) && \
+	echo "guest kernel $$(cat $$kernel/release): $$kernel, sha256 $$(sha256sum <$$kernel/bzImage | cut -c1-16)" && \
 	$(TOOLS)/kiln-image --init $(BIN)/kiln-agent --agent-version $(VERSION) --out $(SHARE) --cache $(OUT)/cache \
 		--kernel $$kernel/bzImage --kernel-release "$$(cat $$kernel/release)"
 	@cmp -s config/config.toml $(SHARE)/config.toml || install -m 0644 config/config.toml $(SHARE)/config.toml
@@ -161,3 +164,6 @@ uninstall:
 
 clean:
 	rm -rf $(OUT)
+
+clean-cache:
+	rm -rf $(KERNEL_CACHE)
