@@ -7,10 +7,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// PowerOff syncs file systems and powers the guest off. It never returns:
+// PowerOff syncs file systems and ends the guest's VM. It never returns:
 // the agent is PID 1 and a PID 1 that exits panics the kernel. When the
-// power-off itself fails the agent logs it and blocks forever, leaving the
+// reboot call itself fails the agent logs it and blocks forever, leaving the
 // host to kill the VM.
+//
+// It restarts rather than powers off: QEMU runs with -no-reboot, so a reset ends it at once (reboot=t, a triple
+// fault, on the kernel command line). A microvm runs with acpi=off (its virtio-mmio devices are then on the
+// kernel command line), and without ACPI the kernel turns a power-off into a halt that leaves QEMU running.
 //
 // Outside PID 1 (a developer running the binary by mistake) it exits the
 // process instead of powering off the machine it runs on.
@@ -21,8 +25,8 @@ func PowerOff(log *logrus.Entry) {
 	}
 	log.Info("powering off")
 	unix.Sync()
-	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
-		log.WithError(err).Error("power off failed; waiting for the host to stop the guest")
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART); err != nil {
+		log.WithError(err).Error("power off (reboot RESTART) failed; waiting for the host to stop the guest")
 	}
 	select {}
 }

@@ -67,17 +67,28 @@ func buildStatic(t testing.TB, pkg string) string {
 	return out
 }
 
-// buildInitrd makes an initramfs with init as /init and the standard module set, next to a copy of the kernel.
+// buildInitrd makes an initramfs with init as /init, next to a copy of the kernel `make image` built.
 func buildInitrd(t testing.TB, init string) (kernel, initrd string) {
 	t.Helper()
 	root := repoRoot(t)
 	dir := t.TempDir()
 	tool := filepath.Join(root, "_output", "tools", "bin", "kiln-image")
-	cmd := exec.Command(tool, "-q", "--init", init, "--out", dir, "--cache", filepath.Join(root, "_output", "cache"))
+	cmd := exec.Command(tool, append([]string{"-q", "--init", init, "--out", dir}, imageKernelArgs(t)...)...)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("kiln-image: %v\n%s", err, b)
 	}
 	return filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img")
+}
+
+// imageKernelArgs are kiln-image's arguments that pair an initramfs with the kernel of `make image`.
+func imageKernelArgs(t testing.TB) []string {
+	t.Helper()
+	share := requireVM(t)
+	release, err := os.ReadFile(filepath.Join(share, "kernel-release"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []string{"--kernel", filepath.Join(share, "vmlinuz"), "--kernel-release", strings.TrimSpace(string(release))}
 }
 
 // testMachine is a QEMU machine with a private state root that is checked for leftovers when the test ends.

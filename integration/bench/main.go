@@ -161,8 +161,13 @@ func buildFloor(ctx context.Context, work, share, tools string) (string, error) 
 		return "", err
 	}
 	initrd := filepath.Join(work, "floor-initrd.img")
+	release, err := os.ReadFile(filepath.Join(share, "kernel-release"))
+	if err != nil {
+		return "", err
+	}
 	img := exec.CommandContext(ctx, filepath.Join(tools, "kiln-image"), "-q", "--init", bin, "--modules", "",
-		"--out", filepath.Join(work, "floor-share"), "--initrd", initrd, "--cache", filepath.Join(filepath.Dir(share), "..", "cache"))
+		"--out", filepath.Join(work, "floor-share"), "--initrd", initrd,
+		"--kernel", filepath.Join(share, "vmlinuz"), "--kernel-release", strings.TrimSpace(string(release)))
 	if out, err := img.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("build floor initramfs: %v\n%s", err, out)
 	}

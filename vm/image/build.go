@@ -22,8 +22,13 @@ const (
 type Options struct {
 	// CacheDir keeps the downloaded kernel .deb and its extracted tree.
 	CacheDir string
-	// KernelPackage is the metapackage to follow; default DefaultKernelPackage.
+	// KernelPackage is the metapackage to follow; default DefaultKernelPackage. Unused with KernelImage.
 	KernelPackage string
+	// KernelImage, when set, is a kernel built outside (Kiln's own, vm/image/kernel/build.sh) to install
+	// instead of Debian's package, with KernelRelease its release. Such a kernel has everything built in:
+	// Modules must be empty.
+	KernelImage   string
+	KernelRelease string
 	// OutDir receives vmlinuz and kernel-release (the release string the
 	// modules were built for, one line).
 	OutDir string
@@ -78,7 +83,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("build image: read init executable: %w", err)
 	}
-	k, err := FetchKernel(ctx, FetchOptions{CacheDir: o.CacheDir, MetaPackage: o.KernelPackage, Log: o.Log})
+	k, err := o.kernel(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("build image: %w", err)
 	}
@@ -108,7 +113,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	res.InitrdSize = len(initrd)
 	vmlinuz, err := os.ReadFile(k.VmlinuzPath())
 	if err != nil {
-		return nil, fmt.Errorf("build image: read kernel image of %s: %w", k.Package, err)
+		return nil, fmt.Errorf("build image: read kernel image of %s: %w", k.Release, err)
 	}
 	outputs := []struct {
 		path string
@@ -134,6 +139,20 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// kernel is the kernel to install: the built one of KernelImage, else Debian's package.
+func (o Options) kernel(ctx context.Context) (*Kernel, error) {
+	if o.KernelImage == "" {
+		return FetchKernel(ctx, FetchOptions{CacheDir: o.CacheDir, MetaPackage: o.KernelPackage, Log: o.Log})
+	}
+	if o.KernelRelease == "" {
+		return nil, fmt.Errorf("kernel %s: no release given", o.KernelImage)
+	}
+	if hasModules(o.Modules) {
+		return nil, fmt.Errorf("kernel %s has no modules, modules %q asked for", o.KernelImage, o.Modules)
+	}
+	return &Kernel{Release: o.KernelRelease, Image: o.KernelImage}, nil
 }
 
 func hasModules(names []string) bool {

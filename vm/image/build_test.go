@@ -116,3 +116,55 @@ func TestBuildMissingModuleNamesIt(t *testing.T) {
 		t.Error("failed build still wrote an initrd")
 	}
 }
+
+// A built kernel (Kiln's own, everything built in) is installed as given, with its release, and no module
+// can be asked of it.
+func TestBuildWithBuiltKernel(t *testing.T) {
+	dir := t.TempDir()
+	initPath := filepath.Join(dir, "init")
+	kernel := filepath.Join(dir, "bzImage")
+	for p, data := range map[string]string{initPath: "\x7fELF not really", kernel: "not a real bzImage"} {
+		if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name    string
+		release string
+		modules []string
+		errPart string
+	}{
+		{name: "installed", release: "6.1.192-kiln"},
+		{name: "no release", errPart: "no release given"},
+		{name: "modules asked for", release: "6.1.192-kiln", modules: []string{"overlay"}, errPart: "has no modules"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out := filepath.Join(t.TempDir(), "out")
+			res, err := Build(context.Background(), Options{
+				OutDir: out, InitPath: initPath, KernelImage: kernel, KernelRelease: tc.release, Modules: tc.modules,
+				CacheDir: filepath.Join(dir, "no-cache-used"),
+			})
+			if tc.errPart != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.errPart) || !strings.Contains(err.Error(), kernel) {
+					t.Fatalf("err = %v, want one naming %s and %q", err, kernel, tc.errPart)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if b, _ := os.ReadFile(filepath.Join(out, VmlinuzName)); string(b) != "not a real bzImage" {
+				t.Errorf("vmlinuz = %q, want the built kernel's bytes", b)
+			}
+			if b, _ := os.ReadFile(filepath.Join(out, KernelReleaseName)); string(b) != tc.release+"\n" {
+				t.Errorf("kernel-release = %q", b)
+			}
+			if len(res.Modules) != 0 {
+				t.Errorf("modules %v in the initramfs of a built kernel", res.Modules)
+			}
+			if _, err := os.Stat(filepath.Join(dir, "no-cache-used")); err == nil {
+				t.Error("the Debian kernel cache was used for a built kernel")
+			}
+		})
+	}
+}

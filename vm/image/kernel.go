@@ -20,16 +20,20 @@ import (
 // 6.1.0-56) keeps builds working after the mirror drops an old kernel.
 const DefaultKernelPackage = "linux-image-cloud-amd64"
 
-// Kernel is a Debian kernel image package unpacked in the cache.
+// Kernel is a Debian kernel image package unpacked in the cache, or a kernel built outside (Image).
 type Kernel struct {
-	Package string // e.g. linux-image-6.1.0-56-cloud-amd64
-	Version string // Debian version, e.g. 6.1.192-2
-	Release string // kernel release (uname -r), e.g. 6.1.0-56-cloud-amd64
+	Package string // e.g. linux-image-6.1.0-56-cloud-amd64; empty for a built kernel
+	Version string // Debian version, e.g. 6.1.192-2; empty for a built kernel
+	Release string // kernel release (uname -r), e.g. 6.1.0-56-cloud-amd64 or 6.1.192-kiln
 	Root    string // where the package was extracted
+	Image   string // a built kernel's image file (bzImage)
 }
 
-// VmlinuzPath is the kernel image inside the extracted package.
+// VmlinuzPath is the kernel image: the built one, or the one inside the extracted package.
 func (k *Kernel) VmlinuzPath() string {
+	if k.Image != "" {
+		return k.Image
+	}
 	return filepath.Join(k.Root, "boot", "vmlinuz-"+k.Release)
 }
 

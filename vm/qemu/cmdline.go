@@ -79,7 +79,10 @@ func args(c Config, fds fdLayout) []string {
 		"-sandbox", SandboxArg,
 	}
 	if c.role == roleCold {
-		a = append(a, "-M", "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem")
+		// acpi=off: QEMU 7.2's microvm then names its virtio-mmio devices on the kernel command line
+		// (virtio_mmio.device=), which Kiln's guest kernel reads; with ACPI it describes them only in a DSDT the
+		// guest would have to interpret under TCG. Without ACPI the guest cannot power off: the agent resets it.
+		a = append(a, "-M", "microvm,acpi=off,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem")
 	} else {
 		a = append(a, "-M", "q35,memory-backend=mem,smbus=off,sata=off")
 	}

@@ -118,7 +118,7 @@ func TestQEMUGuestDriverStartsRings(t *testing.T) {
 	go func() { served <- Serve(ctx, l, dev, logrus.NewEntry(logger)) }()
 
 	cmd := exec.CommandContext(ctx, qemu,
-		"-M", "microvm,pit=on,pic=on,rtc=on,memory-backend=mem", "-accel", "tcg",
+		"-M", "microvm,acpi=off,pit=on,pic=on,rtc=on,memory-backend=mem", "-accel", "tcg",
 		"-m", "256M", "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
 		"-global", "virtio-mmio.force-legacy=false",
 		"-chardev", "socket,id=c0,path="+sock,

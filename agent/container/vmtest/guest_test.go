@@ -77,8 +77,14 @@ func bootGuest(t *testing.T) *guest {
 		t.Fatalf("build agent: %v\n%s", err, b)
 	}
 	imgDir := filepath.Join(tmp, "img")
+	// The kernel `make image` built, with this agent.
+	share := filepath.Join(root, "_output", "share", "kiln")
+	release, err := os.ReadFile(filepath.Join(share, "kernel-release"))
+	if err != nil {
+		t.Fatalf("guest image missing (%v): run `make image`", err)
+	}
 	run(t, root, filepath.Join(root, "_output", "tools", "bin", "kiln-image"), "-q", "--init", agentBin,
-		"--out", imgDir, "--cache", filepath.Join(root, "_output", "cache"))
+		"--out", imgDir, "--kernel", filepath.Join(share, "vmlinuz"), "--kernel-release", strings.TrimSpace(string(release)))
 
 	shared := filepath.Join(tmp, "shared")
 	if err := os.MkdirAll(shared, 0o755); err != nil {
