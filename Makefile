@@ -50,7 +50,7 @@ $(TOOLS)/kiln-image: FORCE
 # fresh clone or `make clean` does not build the kernel again; `make clean-cache` removes it. KERNEL_NICE lowers the
 # build's priority. Then the initramfs (the agent as /init; the kernel has no modules to pack); kiln-image rewrites
 # nothing whose content is unchanged, and both are reproducible byte for byte.
-KERNEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache),$(CURDIR)/$(OUT)/cache)/kiln
+KERNEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache),$(OUT)/cache)/kiln
 KERNEL_NICE ?= 10
 image: $(BIN)/kiln-agent $(TOOLS)/kiln-image
 	@kernel=$$(nice -n $(KERNEL_NICE) vm/image/kernel/build.sh $(KERNEL_CACHE)) && \
