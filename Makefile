@@ -51,14 +51,14 @@ $(TOOLS)/kiln-image: FORCE
 # cached in KERNEL_CACHE/kernel-<key>: only another source version, fragment, build script or compiler rebuilds it.
 # KERNEL_CACHE lies outside the clone, as Go's build cache does ($XDG_CACHE_HOME/kiln, else ~/.cache/kiln), so a
 # fresh clone or `make clean` does not build the kernel again; `make clean-cache` removes it. KERNEL_NICE lowers the
-# build's priority. Then the initramfs (the agent as /init, no modules); kiln-image rewrites nothing whose content
-# is unchanged, and both are reproducible byte for byte.
-KERNEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache),$(CURDIR)/$(OUT)/cache)/kiln
+# build's priority. Then the initramfs (the agent as /init; the kernel has no modules to pack); kiln-image rewrites
+# nothing whose content is unchanged, and both are reproducible byte for byte.
+KERNEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache),$(OUT)/cache)/kiln
 KERNEL_NICE ?= 10
 image: $(BIN)/kiln-agent $(TOOLS)/kiln-image
 	@kernel=$$(nice -n $(KERNEL_NICE) vm/image/kernel/build.sh $(KERNEL_CACHE)) && \
 	echo "guest kernel $$(cat $$kernel/release): $$kernel, sha256 $$(sha256sum <$$kernel/bzImage | cut -c1-16)" && \
-	$(TOOLS)/kiln-image --init $(BIN)/kiln-agent --agent-version $(VERSION) --out $(SHARE) --cache $(OUT)/cache \
+	$(TOOLS)/kiln-image --init $(BIN)/kiln-agent --agent-version $(VERSION) --out $(SHARE) \
 		--kernel $$kernel/bzImage --kernel-release "$$(cat $$kernel/release)"
 	@cmp -s config/config.toml $(SHARE)/config.toml || install -m 0644 config/config.toml $(SHARE)/config.toml
 

@@ -1,5 +1,5 @@
 // Package agent is the Kiln guest agent: it runs inside the guest as PID 1,
-// prepares the guest (mounts, kernel modules, reaping orphans) and serves the
+// prepares the guest (mounts, the shared directory, reaping orphans) and serves the
 // agent API (proto/agent/v1) with ttrpc over vsock.
 //
 // It owns everything the guest does on the host's behalf. It must not know

@@ -76,15 +76,6 @@ func ReadGuestInfo(root string) (*agentv1.GuestInfo, error) {
 	}); err != nil {
 		return nil, err
 	}
-
-	// A kernel built without module support has no /proc/modules.
-	err = withFile(root, "proc/modules", func(r io.Reader) error {
-		info.LoadedModules, err = parseModules(r)
-		return err
-	})
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, err
-	}
 	return info, nil
 }
 
@@ -174,16 +165,4 @@ func countCPUList(s string) (uint32, error) {
 		n += uint32(last - first + 1)
 	}
 	return n, nil
-}
-
-// parseModules returns the first field of each /proc/modules line.
-func parseModules(r io.Reader) ([]string, error) {
-	var names []string
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		if fields := strings.Fields(sc.Text()); len(fields) > 0 {
-			names = append(names, fields[0])
-		}
-	}
-	return names, sc.Err()
 }

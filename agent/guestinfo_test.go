@@ -3,7 +3,6 @@ package agent
 import (
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -37,10 +36,6 @@ func TestReadGuestInfo(t *testing.T) {
 	if got := info.Uptime.AsDuration(); got != 1730*time.Millisecond {
 		t.Errorf("uptime = %v, want 1.73s", got)
 	}
-	want := []string{"vmw_vsock_virtio_transport", "vmw_vsock_virtio_transport_common", "vsock"}
-	if !slices.Equal(info.LoadedModules, want) {
-		t.Errorf("modules = %q, want %q", info.LoadedModules, want)
-	}
 }
 
 // Copies the test guest root, then removes or replaces one file.
@@ -59,16 +54,6 @@ func guestRootWith(t *testing.T, rel string, content *string) string {
 		t.Fatal(err)
 	}
 	return root
-}
-
-func TestReadGuestInfoWithoutModuleSupport(t *testing.T) {
-	info, err := ReadGuestInfo(guestRootWith(t, "proc/modules", nil))
-	if err != nil {
-		t.Fatalf("kernel without /proc/modules: %v", err)
-	}
-	if len(info.LoadedModules) != 0 {
-		t.Errorf("modules = %q, want none", info.LoadedModules)
-	}
 }
 
 func TestReadGuestInfoErrorsNameTheFile(t *testing.T) {

@@ -46,9 +46,9 @@ const lateSetupDelay = 500 * time.Millisecond
 // Init prepares a freshly booted guest for the agent API, which must answer
 // as soon as possible after boot: it leaves the initramfs (LeaveInitramfs), mounts the base file systems the API
 // needs, moves log to the console at the level the kernel command line asks
-// for, loads the kernel modules vsock needs and starts reaping orphans (until
-// ctx is done). The other base file systems, the remaining modules of the
-// image's list and the host's shared directory follow in the background once
+// for and starts reaping orphans (until ctx is done). The guest kernel has
+// every driver built in, so there are no modules to load. The other base file
+// systems and the host's shared directory follow in the background once
 // the API has answered (Guest.Proceed); Guest.Ready waits for them. An error
 // leaves the guest unusable.
 func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
@@ -86,17 +86,6 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	std.SetLevel(level)
 	entry.WithFields(logrus.Fields{"count": len(earlyMounts), "took": time.Since(start)}).Debug("early file systems mounted")
 
-	modules, err := ReadModuleList(ModuleListPath)
-	if err != nil {
-		return nil, err
-	}
-	early, late := SplitModules(modules, VsockTransportModule)
-	start = time.Now()
-	if err := LoadModuleFiles(entry, ModuleDir, early); err != nil {
-		return nil, err
-	}
-	entry.WithFields(logrus.Fields{"count": len(early), "took": time.Since(start)}).Debug("vsock modules ready")
-
 	g := newGuest(entry, params.Flag(agentv1.CmdlineTemplate))
 	g.Reaper = StartReaper(ctx, entry)
 	if g.template {
@@ -114,7 +103,7 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 			return
 		}
 		t.Stop()
-		g.err = finishInit(entry, lateMounts, late, !g.template)
+		g.err = finishInit(entry, lateMounts, !g.template)
 		if g.err != nil {
 			entry.WithError(g.err).Error("guest setup failed; containers are unavailable")
 		}
@@ -123,15 +112,12 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 }
 
 // finishInit is the part of the guest's setup that the agent API does not
-// need: the other base file systems and kernel modules, and the shared
-// directory (when share is true).
-func finishInit(log *logrus.Entry, mounts []Mount, modules []string, share bool) error {
+// need: the other base file systems and the shared directory (when share is
+// true).
+func finishInit(log *logrus.Entry, mounts []Mount, share bool) error {
 	start := time.Now()
 	if err := MountAll(log, mounts); err != nil {
 		return fmt.Errorf("mount base file systems: %w", err)
-	}
-	if err := LoadModuleFiles(log, ModuleDir, modules); err != nil {
-		return err
 	}
 	if share {
 		if _, err := MountShared(log, SharedTag, SharedDir); err != nil {
@@ -141,7 +127,7 @@ func finishInit(log *logrus.Entry, mounts []Mount, modules []string, share bool)
 	if err := loopbackUp(); err != nil {
 		return err
 	}
-	log.WithFields(logrus.Fields{"modules": len(modules), "took": time.Since(start)}).Debug("guest setup complete")
+	log.WithFields(logrus.Fields{"mounts": len(mounts), "took": time.Since(start)}).Debug("guest setup complete")
 	return nil
 }
 

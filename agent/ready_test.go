@@ -117,10 +117,10 @@ func TestContainersRequestWaitsForSetup(t *testing.T) {
 
 func TestContainersRequestAfterFailedSetup(t *testing.T) {
 	g := pendingGuest()
-	g.finish(errors.New("load kernel module virtiofs.ko: no such file"))
+	g.finish(errors.New("mount virtiofs kiln-shared on /run/kiln/shared: no such device"))
 	c := serveGated(t, g, fakeContainers{calls: make(chan struct{}, 1)})
 	_, err := agentv1.NewContainersClient(c).ListProcesses(context.Background(), &agentv1.ListProcessesRequest{})
-	if status.Code(err) != codes.Unavailable || !strings.Contains(fmt.Sprint(err), "virtiofs.ko") {
+	if status.Code(err) != codes.Unavailable || !strings.Contains(fmt.Sprint(err), "mount virtiofs kiln-shared") {
 		t.Fatalf("error = %v, want Unavailable naming the setup failure", err)
 	}
 }

@@ -37,8 +37,8 @@ type ServerConfig struct {
 	// Network, when set, is served as the Network service; its requests wait for Ready too.
 	Network agentv1.NetworkService
 	// Ready, when set, reports whether the guest's setup that the API is
-	// served before (the shared directory and the modules containers need)
-	// is done; Containers requests wait for it, up to ReadyTimeout. The
+	// served before (the shared directory and the file systems containers
+	// need) is done; Containers requests wait for it, up to ReadyTimeout. The
 	// Events stream does not: it needs nothing of that setup.
 	Ready func(ctx context.Context) error
 	// Answered, when set, is called after each request has been handled
@@ -126,8 +126,8 @@ func (s *Server) logCall(ctx context.Context, unmarshal ttrpc.Unmarshaler, info 
 	return resp, err
 }
 
-// Full method names of the requests held until the guest is ready: they need its modules (virtio_net) and the
-// shared directory.
+// Full method names of the requests held until the guest is ready: they need what the guest sets up after the
+// API's first answer (the late base file systems such as /dev and cgroup2, the shared directory, loopback).
 const (
 	containersPrefix = "/kiln.agent.v1.Containers/"
 	networkPrefix    = "/kiln.agent.v1.Network/"

@@ -165,7 +165,7 @@ func buildFloor(ctx context.Context, work, share, tools string) (string, error) 
 	if err != nil {
 		return "", err
 	}
-	img := exec.CommandContext(ctx, filepath.Join(tools, "kiln-image"), "-q", "--init", bin, "--modules", "",
+	img := exec.CommandContext(ctx, filepath.Join(tools, "kiln-image"), "-q", "--init", bin,
 		"--out", filepath.Join(work, "floor-share"), "--initrd", initrd,
 		"--kernel", filepath.Join(share, "vmlinuz"), "--kernel-release", strings.TrimSpace(string(release)))
 	if out, err := img.CombinedOutput(); err != nil {

@@ -17,18 +17,15 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
 
-// Kept in step with the host side (runtime/share, vm/virtiofs) and the image builder.
+// Kept in step with the host side (runtime/share, vm/virtiofs).
 const (
-	tag        = "kiln-shared"
-	sharedDir  = "/run/kiln/shared"
-	moduleList = "/etc/kiln/modules"
-	moduleDir  = "/lib/modules"
+	tag       = "kiln-shared"
+	sharedDir = "/run/kiln/shared"
 )
 
 func main() {
@@ -60,40 +57,11 @@ func setup() error {
 			return fmt.Errorf("mount %s: %w", m.dir, err)
 		}
 	}
-	if err := loadModules(); err != nil {
-		return err
-	}
 	if err := os.MkdirAll(sharedDir, 0o755); err != nil {
 		return err
 	}
 	if err := unix.Mount(tag, sharedDir, "virtiofs", 0, ""); err != nil {
 		return fmt.Errorf("mount virtiofs %s: %w", tag, err)
-	}
-	return nil
-}
-
-func loadModules() error {
-	b, err := os.ReadFile(moduleList)
-	if err != nil {
-		return fmt.Errorf("read module list: %w", err)
-	}
-	for _, name := range strings.Fields(string(b)) {
-		if strings.HasPrefix(name, "#") {
-			continue
-		}
-		f, err := os.Open(filepath.Join(moduleDir, name))
-		if err != nil {
-			return err
-		}
-		flags := 0
-		if !strings.HasSuffix(name, ".ko") {
-			flags = unix.MODULE_INIT_COMPRESSED_FILE
-		}
-		err = unix.FinitModule(int(f.Fd()), "", flags)
-		f.Close()
-		if err != nil && err != unix.EEXIST {
-			return fmt.Errorf("load module %s: %w", name, err)
-		}
 	}
 	return nil
 }

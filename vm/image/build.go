@@ -1,9 +1,7 @@
 package image
 
 import (
-	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 )
@@ -20,40 +18,28 @@ const (
 
 // Options drive one image build.
 type Options struct {
-	// CacheDir keeps the downloaded kernel .deb and its extracted tree.
-	CacheDir string
-	// KernelPackage is the metapackage to follow; default DefaultKernelPackage. Unused with KernelImage.
-	KernelPackage string
-	// KernelImage, when set, is a kernel built outside (Kiln's own, vm/image/kernel/build.sh) to install
-	// instead of Debian's package, with KernelRelease its release. Such a kernel has everything built in:
-	// Modules must be empty.
+	// KernelImage is the guest kernel to install: Kiln's own (vm/image/kernel/build.sh, run by `make image`),
+	// everything built in. KernelRelease is its release (its `make kernelrelease`), written to kernel-release.
 	KernelImage   string
 	KernelRelease string
-	// OutDir receives vmlinuz and kernel-release (the release string the
-	// modules were built for, one line).
+	// OutDir receives vmlinuz and kernel-release (the kernel's release, one line).
 	OutDir string
 	// InitrdPath is the initramfs to write; default OutDir/initrd.img. A
 	// different path lets a benchmark build a second initramfs (another
-	// /init, no modules) for the same kernel.
+	// /init) for the same kernel.
 	InitrdPath string
 	// InitPath is the executable to install as /init.
 	InitPath string
-	// Modules are the module names to include with their dependencies.
-	Modules []string
 	// Compression of the initramfs; default DefaultCompression.
 	Compression Compression
 	// AgentVersion, when set, is written to OutDir/agent-version.
 	AgentVersion string
 	// MTime is every archive entry's mtime (0 or SOURCE_DATE_EPOCH).
 	MTime int64
-	// Log receives progress lines; nil for none.
-	Log io.Writer
 }
 
 // Result says what a build produced and which files it actually rewrote.
 type Result struct {
-	Kernel      *Kernel
-	Modules     []Module // load order as written to /etc/kiln/modules
 	Vmlinuz     string
 	Initrd      string
 	InitrdSize  int
@@ -61,9 +47,15 @@ type Result struct {
 	Written     []string // outputs whose content changed
 }
 
-// Build fetches the kernel, assembles the initramfs and writes the outputs,
+// Build installs the kernel, assembles the initramfs and writes the outputs,
 // leaving every output whose content is unchanged untouched.
-func Build(ctx context.Context, o Options) (*Result, error) {
+func Build(o Options) (*Result, error) {
+	if o.KernelImage == "" {
+		return nil, fmt.Errorf("build image: no kernel image given")
+	}
+	if o.KernelRelease == "" {
+		return nil, fmt.Errorf("build image: kernel %s: no release given", o.KernelImage)
+	}
 	if o.InitPath == "" {
 		return nil, fmt.Errorf("build image: no init executable given")
 	}
@@ -83,26 +75,12 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("build image: read init executable: %w", err)
 	}
-	k, err := o.kernel(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("build image: %w", err)
-	}
 	res := &Result{
-		Kernel:      k,
 		Vmlinuz:     filepath.Join(o.OutDir, VmlinuzName),
 		Initrd:      o.InitrdPath,
 		ReleaseFile: filepath.Join(o.OutDir, KernelReleaseName),
 	}
-	if hasModules(o.Modules) {
-		ix, err := OpenModules(k.ModulesDir())
-		if err != nil {
-			return nil, fmt.Errorf("build image for kernel %s: %w", k.Release, err)
-		}
-		if res.Modules, err = ix.Resolve(ctx, o.Modules); err != nil {
-			return nil, fmt.Errorf("build image for kernel %s: %w", k.Release, err)
-		}
-	}
-	archive, err := BuildInitramfs(ctx, InitramfsSpec{Init: initBin, Modules: res.Modules, MTime: o.MTime})
+	archive, err := BuildInitramfs(InitramfsSpec{Init: initBin, MTime: o.MTime})
 	if err != nil {
 		return nil, err
 	}
@@ -111,16 +89,16 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	res.InitrdSize = len(initrd)
-	vmlinuz, err := os.ReadFile(k.VmlinuzPath())
+	vmlinuz, err := os.ReadFile(o.KernelImage)
 	if err != nil {
-		return nil, fmt.Errorf("build image: read kernel image of %s: %w", k.Release, err)
+		return nil, fmt.Errorf("build image: read kernel image of %s: %w", o.KernelRelease, err)
 	}
 	outputs := []struct {
 		path string
 		data []byte
 	}{
 		{res.Vmlinuz, vmlinuz},
-		{res.ReleaseFile, []byte(k.Release + "\n")},
+		{res.ReleaseFile, []byte(o.KernelRelease + "\n")},
 		{res.Initrd, initrd},
 	}
 	if o.AgentVersion != "" {
@@ -139,27 +117,4 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	return res, nil
-}
-
-// kernel is the kernel to install: the built one of KernelImage, else Debian's package.
-func (o Options) kernel(ctx context.Context) (*Kernel, error) {
-	if o.KernelImage == "" {
-		return FetchKernel(ctx, FetchOptions{CacheDir: o.CacheDir, MetaPackage: o.KernelPackage, Log: o.Log})
-	}
-	if o.KernelRelease == "" {
-		return nil, fmt.Errorf("kernel %s: no release given", o.KernelImage)
-	}
-	if hasModules(o.Modules) {
-		return nil, fmt.Errorf("kernel %s has no modules, modules %q asked for", o.KernelImage, o.Modules)
-	}
-	return &Kernel{Release: o.KernelRelease, Image: o.KernelImage}, nil
-}
-
-func hasModules(names []string) bool {
-	for _, n := range names {
-		if n != "" {
-			return true
-		}
-	}
-	return false
 }

@@ -3,17 +3,7 @@ package image
 import (
 	"bytes"
 	"compress/gzip"
-	"context"
 	"fmt"
-	"strings"
-)
-
-// ModuleListPath is where the initramfs lists its modules in load order (one
-// file name per line, relative to ModuleDir, dependencies first). The agent
-// reads it; it is the contract between this package and the agent.
-const (
-	ModuleListPath = "etc/kiln/modules"
-	ModuleDir      = "lib/modules"
 )
 
 // Compression is how the initramfs is compressed; the kernel detects the
@@ -41,43 +31,24 @@ func ParseCompression(s string) (Compression, error) {
 
 // InitramfsSpec is what goes into an initramfs.
 type InitramfsSpec struct {
-	Init    []byte   // the /init executable
-	Modules []Module // in load order, as Resolve returns them
-	MTime   int64    // every entry's mtime (0 or SOURCE_DATE_EPOCH)
+	Init  []byte // the /init executable
+	MTime int64  // every entry's mtime (0 or SOURCE_DATE_EPOCH)
 }
 
 // BuildInitramfs returns the uncompressed newc archive for spec: /init, the
-// modules as /lib/modules/<name>.ko (decompressed), the load-order file, the
 // mount points the guest needs before anything is mounted, and /dev/console
-// so that PID 1 has a console before devtmpfs is mounted on /dev.
-func BuildInitramfs(ctx context.Context, spec InitramfsSpec) ([]byte, error) {
+// so that PID 1 has a console before devtmpfs is mounted on /dev. The guest
+// kernel has everything built in, so the archive carries no kernel modules.
+func BuildInitramfs(spec InitramfsSpec) ([]byte, error) {
 	if len(spec.Init) == 0 {
 		return nil, fmt.Errorf("build initramfs: empty /init")
 	}
 	dir := func(name string, perm uint32) Entry { return Entry{Name: name, Mode: ModeDir | perm} }
 	entries := []Entry{
-		dir("dev", 0o755), dir("proc", 0o555), dir("sys", 0o555), dir("run", 0o755),
-		dir("tmp", 0o1777), dir("etc", 0o755), dir("etc/kiln", 0o755),
-		dir("lib", 0o755), dir(ModuleDir, 0o755),
+		dir("dev", 0o755), dir("proc", 0o555), dir("sys", 0o555), dir("run", 0o755), dir("tmp", 0o1777),
 		{Name: "dev/console", Mode: ModeCharDev | 0o600, RdevMajor: 5, RdevMinor: 1},
 		{Name: "init", Mode: ModeRegular | 0o755, Data: spec.Init},
 	}
-	var list strings.Builder
-	seen := map[string]bool{}
-	for _, m := range spec.Modules {
-		if seen[m.Name] {
-			return nil, fmt.Errorf("build initramfs: module %s listed twice", m.Name)
-		}
-		seen[m.Name] = true
-		raw, err := ReadModule(ctx, m.Path)
-		if err != nil {
-			return nil, fmt.Errorf("build initramfs: %w", err)
-		}
-		file := m.Name + ".ko"
-		entries = append(entries, Entry{Name: ModuleDir + "/" + file, Mode: ModeRegular | 0o644, Data: raw})
-		list.WriteString(file + "\n")
-	}
-	entries = append(entries, Entry{Name: ModuleListPath, Mode: ModeRegular | 0o644, Data: []byte(list.String())})
 	var buf bytes.Buffer
 	if err := WriteArchive(&buf, entries, spec.MTime); err != nil {
 		return nil, fmt.Errorf("build initramfs: %w", err)

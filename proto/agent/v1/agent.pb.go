@@ -296,7 +296,7 @@ func (*SeedGuestResponse) Descriptor() ([]byte, []int) {
 
 type GuestInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// uname -r, e.g. "6.1.0-31-cloud-amd64".
+	// uname -r, e.g. "6.1.192-kiln".
 	KernelRelease string `protobuf:"bytes,1,opt,name=kernel_release,json=kernelRelease,proto3" json:"kernel_release,omitempty"`
 	// uname -v: build number and date of the kernel.
 	KernelVersion string `protobuf:"bytes,2,opt,name=kernel_version,json=kernelVersion,proto3" json:"kernel_version,omitempty"`
@@ -312,8 +312,6 @@ type GuestInfo struct {
 	Hostname string               `protobuf:"bytes,9,opt,name=hostname,proto3" json:"hostname,omitempty"`
 	// The kernel command line the guest was booted with.
 	KernelCmdline string `protobuf:"bytes,10,opt,name=kernel_cmdline,json=kernelCmdline,proto3" json:"kernel_cmdline,omitempty"`
-	// Names of the loaded kernel modules, in /proc/modules order.
-	LoadedModules []string `protobuf:"bytes,11,rep,name=loaded_modules,json=loadedModules,proto3" json:"loaded_modules,omitempty"`
 	// Time the agent took from its start to serving the API.
 	AgentInit *durationpb.Duration `protobuf:"bytes,12,opt,name=agent_init,json=agentInit,proto3" json:"agent_init,omitempty"`
 	// Containers are entered with pivot_root(2): the guest's root is a mount of its own, not the kernel's initial
@@ -426,13 +424,6 @@ func (x *GuestInfo) GetKernelCmdline() string {
 		return x.KernelCmdline
 	}
 	return ""
-}
-
-func (x *GuestInfo) GetLoadedModules() []string {
-	if x != nil {
-		return x.LoadedModules
-	}
-	return nil
 }
 
 func (x *GuestInfo) GetAgentInit() *durationpb.Duration {
@@ -561,7 +552,7 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x10SeedGuestRequest\x12\x18\n" +
 	"\aentropy\x18\x01 \x01(\fR\aentropy\x12/\n" +
 	"\x14wall_clock_unix_nano\x18\x02 \x01(\x03R\x11wallClockUnixNano\"\x13\n" +
-	"\x11SeedGuestResponse\"\xdb\x04\n" +
+	"\x11SeedGuestResponse\"\xca\x04\n" +
 	"\tGuestInfo\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12%\n" +
 	"\x0ekernel_version\x18\x02 \x01(\tR\rkernelVersion\x12\x17\n" +
@@ -573,14 +564,13 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x06uptime\x18\b \x01(\v2\x19.google.protobuf.DurationR\x06uptime\x12\x1a\n" +
 	"\bhostname\x18\t \x01(\tR\bhostname\x12%\n" +
 	"\x0ekernel_cmdline\x18\n" +
-	" \x01(\tR\rkernelCmdline\x12%\n" +
-	"\x0eloaded_modules\x18\v \x03(\tR\rloadedModules\x128\n" +
+	" \x01(\tR\rkernelCmdline\x128\n" +
 	"\n" +
 	"agent_init\x18\f \x01(\v2\x19.google.protobuf.DurationR\tagentInit\x12\x1d\n" +
 	"\n" +
 	"pivot_root\x18\r \x01(\bR\tpivotRoot\x12!\n" +
 	"\frandom_ready\x18\x0e \x01(\bR\vrandomReady\x12/\n" +
-	"\x14wall_clock_unix_nano\x18\x0f \x01(\x03R\x11wallClockUnixNano\")\n" +
+	"\x14wall_clock_unix_nano\x18\x0f \x01(\x03R\x11wallClockUnixNanoJ\x04\b\v\x10\fR\x0eloaded_modules\")\n" +
 	"\x0fShutdownRequest\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x12\n" +
 	"\x10ShutdownResponse2L\n" +

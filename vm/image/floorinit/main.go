@@ -1,6 +1,6 @@
 // Command floorinit is the smallest useful /init: it powers the machine off
 // the moment the kernel starts it. Built static (CGO_ENABLED=0) and packed
-// into an initramfs by kiln-image with no modules, it gives the benchmark's
+// into an initramfs of its own by kiln-image, it gives the benchmark's
 // floor: the cost of QEMU start, kernel boot and initramfs unpack with
 // nothing of Kiln's own on top.
 //
