@@ -96,6 +96,16 @@ func TestCleanupLeavesALiveShimAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = shim.Process.Kill(); _ = shim.Wait() }()
+	// Start returns once the child is forked; until it has exec'd, its command line is this test binary's.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", shim.Process.Pid))
+		if strings.Contains(string(b), "containerd-shim-kiln-v2") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the stand-in shim's command line is %q", b)
+		}
+	}
 	id := task.VMID("default", "live")
 	rec := task.Record{VMID: id, StateDir: state, ShareDir: pod.ShareDir(state, id), ShimPid: shim.Process.Pid}
 	if err := os.MkdirAll(filepath.Join(state, rec.VMID), 0o700); err != nil {
