@@ -62,7 +62,11 @@ func args(c Config, fds fdLayout) []string {
 		backend = fmt.Sprintf("memory-backend-memfd,id=mem,size=%s,share=on,seal=on", mem)
 	}
 	params := append(append([]string{}, baseKernelParams...), c.KernelParams...)
-	if c.role != roleCold {
+	if c.role == roleCold {
+		// A microvm started with acpi=off has no ACPI tables: the guest kernel need not look for them, and does
+		// not log an "ACPI BIOS Error" on every boot.
+		params = append(params, "acpi=off")
+	} else {
 		// init_on_free: pages the template guest freed are zeros, which the saved RAM leaves out (punchZeros),
 		// so that each clone copies, and holds, only what the guest uses.
 		params = append(params, agentv1.CmdlineTemplate+"=1", "init_on_free=1")

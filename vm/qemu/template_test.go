@@ -37,12 +37,12 @@ func TestTemplateAndCloneArgs(t *testing.T) {
 		{"template", roleTemplate, fdLayout{qmp: 3, saveMon: 4},
 			[]string{machine, ports, balloon, "kiln.template=1", "-chardev socket,id=save,fd=4 -mon chardev=save,mode=control"},
 			// No vhost-user device, no NIC, nothing to restore: the template is booted, then saved.
-			[]string{"vhost-user", "-netdev", "virtio-net", "-incoming", "microvm", "virtio-mmio"}},
+			[]string{"vhost-user", "-netdev", "virtio-net", "-incoming", "microvm", "virtio-mmio", " acpi=off"}},
 		{"clone", roleClone, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7},
 			[]string{machine, ports, balloon, "kiln.template=1", "-chardev socket,id=vsock,fd=4", "-chardev socket,id=fs,fd=5",
 				"-netdev tap,id=net0,fd=6,vhost=off", "-incoming defer"},
 			// The devices come by hot-plug once the state is loaded.
-			[]string{"-device vhost-user", "virtio-net", "microvm", "id=save"}},
+			[]string{"-device vhost-user", "virtio-net", "microvm", "id=save", " acpi=off"}},
 		{"cold boot", roleCold, fdLayout{qmp: 3, vsockArgs: (&vhostUserVsock{}).qemuArgs(4), virtiofs: 5, firstNet: 6},
 			[]string{"microvm", "-device vhost-user-fs-device", "virtio-net-device"},
 			[]string{"q35", "kiln.template", "-incoming", "pcie-root-port"}},
