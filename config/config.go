@@ -92,7 +92,14 @@ type Hypervisor struct {
 	// TemplateDir holds the saved templates (guest RAM and device state; each clone copies the RAM into a memfd of
 	// its own); it should be on tmpfs.
 	TemplateDir string `toml:"template_dir"`
+	// TemplateMax bounds the templates kept in TemplateDir: when a new one is built, the least recently used
+	// beyond it are removed. Each VM shape (vCPUs, memory, kernel parameters: pod annotations can vary them) has a
+	// template of its own, tens of MiB of tmpfs each.
+	TemplateMax int `toml:"template_max"`
 }
+
+// DefaultTemplateMax is hypervisor.template_max's default: room for the shapes a host commonly runs.
+const DefaultTemplateMax = 8
 
 // Values of hypervisor.fast_start.
 const (
@@ -165,6 +172,7 @@ func Default() Config {
 			FreePageReporting:      true,
 			FastStart:              FastStartTemplate,
 			TemplateDir:            "/dev/shm/kiln/templates",
+			TemplateMax:            DefaultTemplateMax,
 		},
 		Vsock: Vsock{Mode: VsockAuto},
 		SharedFS: SharedFS{
@@ -294,6 +302,9 @@ func (c Config) Validate() error {
 	case FastStartOff, FastStartTemplate:
 	default:
 		errs = append(errs, fmt.Errorf("hypervisor.fast_start = %q: want \"off\" or \"template\"", c.Hypervisor.FastStart))
+	}
+	if c.Hypervisor.TemplateMax < 1 || c.Hypervisor.TemplateMax > 1024 {
+		errs = append(errs, fmt.Errorf("hypervisor.template_max = %d: want 1 to 1024", c.Hypervisor.TemplateMax))
 	}
 	if c.Hypervisor.FastStart == FastStartTemplate && !filepath.IsAbs(c.Hypervisor.TemplateDir) {
 		errs = append(errs, fmt.Errorf("hypervisor.template_dir = %q: want an absolute path (on tmpfs) for fast_start = \"template\"", c.Hypervisor.TemplateDir))

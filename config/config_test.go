@@ -98,11 +98,12 @@ enable_annotations = ["io.kiln.vcpus", "io.kiln.kernel_params*"]
 		{name: "annotation outside io.kiln", toml: "[runtime]\nenable_annotations = [\"io.katacontainers.x\"]\n", errPart: []string{"runtime.enable_annotations", "io.kiln."}},
 		{name: "relative state dir", toml: "[runtime]\nstate_dir = \"run\"\n", errPart: []string{"runtime.state_dir", "absolute"}},
 		{name: "fast start from a template", toml: "[hypervisor]\nfast_start = \"template\"\ntemplate_dir = \"/dev/shm/t\"\n", check: func(t *testing.T, c Config) {
-			if c.Hypervisor.FastStart != FastStartTemplate || c.Hypervisor.TemplateDir != "/dev/shm/t" {
+			if c.Hypervisor.FastStart != FastStartTemplate || c.Hypervisor.TemplateDir != "/dev/shm/t" || c.Hypervisor.TemplateMax != DefaultTemplateMax {
 				t.Errorf("hypervisor %+v", c.Hypervisor)
 			}
 		}},
 		{name: "fast start enum", toml: "[hypervisor]\nfast_start = \"snapshot\"\n", errPart: []string{"hypervisor.fast_start", "\"template\""}},
+		{name: "template bound", toml: "[hypervisor]\ntemplate_max = 0\n", errPart: []string{"hypervisor.template_max", "1 to 1024"}},
 		{name: "relative template dir", toml: "[hypervisor]\nfast_start = \"template\"\ntemplate_dir = \"tpl\"\n", errPart: []string{"hypervisor.template_dir", "absolute"}},
 		{name: "negative timeout", toml: "[agent]\nrequest_timeout = \"-1s\"\n", errPart: []string{"agent.request_timeout"}},
 	}

@@ -69,6 +69,7 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		Cgroup:            cfg.Hypervisor.Cgroup,
 		MemoryOverheadMiB: cfg.Hypervisor.MemoryOverheadMiB,
 		TemplateDir:       templateDir,
+		TemplateMax:       cfg.Hypervisor.TemplateMax,
 		Log:               log,
 		resolvedAssets:    assets,
 	}, nil

@@ -76,6 +76,9 @@ type Config struct {
 	// TemplateDir, when set, starts the VM from a template of its shape kept there (built by the first VM that
 	// needs it) instead of booting it: see startFromTemplate. When that fails the VM boots, with a warning.
 	TemplateDir string
+	// TemplateMax bounds the templates kept in TemplateDir (least recently used ones go when a new one is built);
+	// 0 keeps every template whose files still exist.
+	TemplateMax int
 
 	// role is what QEMU is started for: a cold boot unless a template is being built or restored.
 	role role

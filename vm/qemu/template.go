@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -65,6 +66,9 @@ const (
 	templateBootTimeout = 2 * time.Minute
 	templateSaveTimeout = 30 * time.Second
 	templateLockPoll    = 50 * time.Millisecond
+	// templateInUse: a template used this recently is not removed for the bound, so that no VM's restore loses
+	// its files (a restore reads them within seconds).
+	templateInUse = time.Minute
 )
 
 // templateKey names the template of c's guest: a hash of everything that shapes the saved guest. The template's
@@ -125,6 +129,7 @@ func templateConfig(c Config, id, ram string) Config {
 	t.SharedDir = ""
 	t.Nets = nil
 	t.TemplateDir = ""
+	t.TemplateMax = 0
 	return t
 }
 
@@ -135,6 +140,15 @@ type template struct {
 
 func (t template) ram() string   { return filepath.Join(t.dir, templateRAM) }
 func (t template) state() string { return filepath.Join(t.dir, templateState) }
+
+// used records that a VM starts from t now: the directory's modification time, which nothing else changes once
+// the template is built, orders templates for pruneTemplates' bound.
+func (t template) used(log logrus.FieldLogger) {
+	now := time.Now()
+	if err := os.Chtimes(t.dir, now, now); err != nil {
+		log.WithError(err).WithField("template", t.dir).Debug("record the template's use")
+	}
+}
 
 func (t template) complete() bool {
 	for _, p := range []string{t.ram(), t.state()} {
@@ -154,6 +168,7 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 	}
 	t := template{dir: filepath.Join(c.TemplateDir, key)}
 	if t.complete() {
+		t.used(c.Log)
 		return t, nil
 	}
 	if err := os.MkdirAll(c.TemplateDir, 0o711); err != nil {
@@ -172,15 +187,16 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 		return template{}, fmt.Errorf("build template %s: %w", key, err)
 	}
 	c.Log.WithFields(map[string]any{"template": t.dir, "took": time.Since(start).Round(time.Millisecond)}).Info("VM template built")
-	pruneTemplates(c.TemplateDir, c.Log)
+	pruneTemplates(c.TemplateDir, c.TemplateMax, c.Log)
 	return t, nil
 }
 
 // pruneTemplates removes from dir the templates that are stale (one of the files they were built from changed:
 // a new kernel, initrd or QEMU makes new templates, and nothing will ask for the old ones again), the partial
 // builds of processes that died building, the remains of discarded templates, and locks left without a template
-// or build. Entries whose lock another process holds are left alone.
-func pruneTemplates(dir string, log logrus.FieldLogger) {
+// or build; then, beyond limit templates (0: no bound), the least recently used ones, except those used within
+// templateInUse (a VM may be copying one). Entries whose lock another process holds are left alone.
+func pruneTemplates(dir string, limit int, log logrus.FieldLogger) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		log.WithError(err).Warn("list templates")
@@ -192,6 +208,11 @@ func pruneTemplates(dir string, log logrus.FieldLogger) {
 			dirs[e.Name()] = true
 		}
 	}
+	type kept struct {
+		key  string
+		used time.Time
+	}
+	var templates []kept
 	for _, e := range entries {
 		name := e.Name()
 		var remove bool
@@ -209,15 +230,34 @@ func pruneTemplates(dir string, log logrus.FieldLogger) {
 		case isTemplateKey(name):
 			b, err := os.ReadFile(filepath.Join(dir, name, templateInputsFile))
 			remove = (err == nil || errors.Is(err, os.ErrNotExist)) && stale(string(b))
+			if info, err := e.Info(); !remove && err == nil {
+				templates = append(templates, kept{key: name, used: info.ModTime()})
+			}
 		}
 		if !remove || !isTemplateKey(key) {
 			continue
 		}
 		removed, err := removeTemplateEntry(dir, key, name)
 		if err != nil {
-			log.WithError(err).WithField("template", filepath.Join(dir, name)).Warn("remove a stale template")
+			log.WithError(err).WithField("template", filepath.Join(dir, name)).Warn("remove a stale template entry")
 		} else if removed {
-			log.WithField("template", filepath.Join(dir, name)).Info("removed a stale template")
+			log.WithField("entry", filepath.Join(dir, name)).Info("removed a stale template entry")
+		}
+	}
+	if limit <= 0 || len(templates) <= limit {
+		return
+	}
+	slices.SortFunc(templates, func(a, b kept) int { return b.used.Compare(a.used) })
+	for _, t := range templates[limit:] {
+		if time.Since(t.used) < templateInUse {
+			continue
+		}
+		removed, err := removeTemplateEntry(dir, t.key, t.key)
+		if err != nil {
+			log.WithError(err).WithField("template", filepath.Join(dir, t.key)).Warn("remove a least recently used template")
+		} else if removed {
+			log.WithFields(logrus.Fields{"template": filepath.Join(dir, t.key), "template_max": limit, "last_used": t.used}).
+				Info("removed a least recently used template")
 		}
 	}
 }

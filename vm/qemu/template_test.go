@@ -373,7 +373,7 @@ func TestPruneTemplates(t *testing.T) {
 		}
 		t.Cleanup(unlock)
 	}
-	pruneTemplates(dir, logrus.NewEntry(logrus.New()))
+	pruneTemplates(dir, 0, logrus.NewEntry(logrus.New()))
 	var left []string
 	entries, _ := os.ReadDir(dir)
 	for _, e := range entries {
@@ -399,9 +399,64 @@ func TestPruneTemplates(t *testing.T) {
 	if err := os.WriteFile(input, []byte("v2, rebuilt"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	pruneTemplates(dir, logrus.NewEntry(logrus.New()))
+	pruneTemplates(dir, 0, logrus.NewEntry(logrus.New()))
 	if _, err := os.Stat(filepath.Join(dir, key('a'))); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("template built from a kernel since rebuilt stayed (%v)", err)
+	}
+}
+
+// Beyond template_max, the least recently used templates go, except one used within templateInUse (a VM may be
+// copying it) and one whose lock is held (being rebuilt).
+func TestPruneTemplatesKeepsTheMostRecentlyUsed(t *testing.T) {
+	dir := t.TempDir()
+	input := filepath.Join(dir, "kernel")
+	if err := os.WriteFile(input, []byte("v1"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	inputs, err := templateInputs(input)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := func(c byte) string { return strings.Repeat(string(c), 32) }
+	now := time.Now()
+	// Last used: a an hour ago, b two hours, c three (its lock held), d four, e five; f ten seconds ago.
+	ages := map[byte]time.Duration{'a': time.Hour, 'b': 2 * time.Hour, 'c': 3 * time.Hour, 'd': 4 * time.Hour, 'e': 5 * time.Hour, 'f': 10 * time.Second}
+	for k, age := range ages {
+		p := filepath.Join(dir, key(k))
+		if err := os.Mkdir(p, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(p, templateInputsFile), []byte(inputs), 0o400); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(p, now.Add(-age), now.Add(-age)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unlock, err := lockFile(context.Background(), filepath.Join(dir, key('c')+".lock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	// Using a template makes it the most recent.
+	template{dir: filepath.Join(dir, key('e'))}.used(logrus.New())
+	pruneTemplates(dir, 2, logrus.NewEntry(logrus.New()))
+	var left []string
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			left = append(left, e.Name())
+		}
+	}
+	// e and f are the two most recent; a, b and d go; c stays while its lock is held.
+	want := []string{key('c'), key('e'), key('f')}
+	if !slices.Equal(left, want) {
+		t.Errorf("left %v, want %v", left, want)
+	}
+	// Unbounded, nothing current goes.
+	pruneTemplates(dir, 0, logrus.NewEntry(logrus.New()))
+	if entries, _ := os.ReadDir(dir); len(entries) < len(want) {
+		t.Errorf("an unbounded prune removed current templates: %d entries left", len(entries))
 	}
 }
 
