@@ -324,24 +324,41 @@ func TestConsoleAwait(t *testing.T) {
 	c.close()
 }
 
+// kernelInput writes a stand-in kernel into dir and returns its path and its templateInputs line.
+func kernelInput(t *testing.T, dir string) (path, inputs string) {
+	t.Helper()
+	path = filepath.Join(dir, "kernel")
+	if err := os.WriteFile(path, []byte("v1"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	inputs, err := templateInputs(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, inputs
+}
+
+// subdirs lists dir's directories.
+func subdirs(dir string) []string {
+	var names []string
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			names = append(names, e.Name())
+		}
+	}
+	return names
+}
+
+// repeatedKey is a template key made of one repeated character.
+func repeatedKey(c byte) string { return strings.Repeat(string(c), 32) }
+
 // pruneTemplates removes exactly the templates whose inputs changed, partial builds nobody is making and the
 // remains of discarded templates; anything whose lock is held stays.
 func TestPruneTemplates(t *testing.T) {
 	dir := t.TempDir()
-	input := filepath.Join(dir, "kernel")
-	if err := os.WriteFile(input, []byte("v1"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	current, err := templateInputs(input)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gone, err := templateInputs(input)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gone = strings.Replace(gone, input, filepath.Join(dir, "removed-kernel"), 1)
-	key := func(c byte) string { return strings.Repeat(string(c), 32) }
+	input, current := kernelInput(t, dir)
+	gone := strings.Replace(current, input, filepath.Join(dir, "removed-kernel"), 1)
 	mk := func(name, inputs string) {
 		t.Helper()
 		if err := os.MkdirAll(filepath.Join(dir, name), 0o700); err != nil {
@@ -353,46 +370,40 @@ func TestPruneTemplates(t *testing.T) {
 			}
 		}
 	}
-	mk(key('a'), current)                // current: stays
-	mk(key('b'), gone)                   // an input removed: stale
-	mk(key('c'), "")                     // no inputs recorded: stale
-	mk(key('d'), gone)                   // stale, but its lock is held: stays
-	mk(key('e')+".tmp", "")              // a build that died: removed
-	mk(key('f')+".tmp", "")              // a build in progress (lock held): stays
-	mk(key('1')+".discarded-42", "")     // remains of a discard: removed
-	mk("not-a-template", "")             // not Kiln's: stays
-	for _, k := range []byte{'2', 'a'} { // the lock of no template, removed; a current template's, stays
-		if err := os.WriteFile(filepath.Join(dir, key(k)+".lock"), nil, 0o600); err != nil {
+	mk(repeatedKey('a'), current)            // current: stays
+	mk(repeatedKey('b'), gone)               // an input removed: stale
+	mk(repeatedKey('c'), "")                 // no inputs recorded: stale
+	mk(repeatedKey('d'), gone)               // stale, but its lock is held: stays
+	mk(repeatedKey('e')+".tmp", "")          // a build that died: removed
+	mk(repeatedKey('f')+".tmp", "")          // a build in progress (lock held): stays
+	mk(repeatedKey('1')+".discarded-42", "") // remains of a discard: removed
+	mk("not-a-template", "")                 // not Kiln's: stays
+	for _, k := range []byte{'2', 'a'} {     // the lock of no template, removed; a current template's, stays
+		if err := os.WriteFile(filepath.Join(dir, repeatedKey(k)+".lock"), nil, 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for _, k := range []byte{'d', 'f'} {
-		unlock, err := lockFile(context.Background(), filepath.Join(dir, key(k)+".lock"))
+		unlock, err := lockFile(context.Background(), filepath.Join(dir, repeatedKey(k)+".lock"))
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(unlock)
 	}
 	pruneTemplates(dir, 0, logrus.NewEntry(logrus.New()))
-	var left []string
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		if e.IsDir() {
-			left = append(left, e.Name())
-		}
-	}
-	want := []string{key('a'), key('d'), key('f') + ".tmp", "not-a-template"}
+	left := subdirs(dir)
+	want := []string{repeatedKey('a'), repeatedKey('d'), repeatedKey('f') + ".tmp", "not-a-template"}
 	if !slices.Equal(left, want) {
 		t.Errorf("left %v, want %v", left, want)
 	}
 	for _, k := range []byte{'b', '2'} {
-		if _, err := os.Stat(filepath.Join(dir, key(k)+".lock")); err == nil {
-			t.Errorf("the lock of removed or missing template %s stayed", key(k))
+		if _, err := os.Stat(filepath.Join(dir, repeatedKey(k)+".lock")); err == nil {
+			t.Errorf("the lock of removed or missing template %s stayed", repeatedKey(k))
 		}
 	}
 	for _, k := range []byte{'a', 'd', 'f'} {
-		if _, err := os.Stat(filepath.Join(dir, key(k)+".lock")); err != nil {
-			t.Errorf("the lock of template %s: %v", key(k), err)
+		if _, err := os.Stat(filepath.Join(dir, repeatedKey(k)+".lock")); err != nil {
+			t.Errorf("the lock of template %s: %v", repeatedKey(k), err)
 		}
 	}
 	// A kernel rebuilt since makes the current template stale too.
@@ -400,7 +411,7 @@ func TestPruneTemplates(t *testing.T) {
 		t.Fatal(err)
 	}
 	pruneTemplates(dir, 0, logrus.NewEntry(logrus.New()))
-	if _, err := os.Stat(filepath.Join(dir, key('a'))); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(filepath.Join(dir, repeatedKey('a'))); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("template built from a kernel since rebuilt stayed (%v)", err)
 	}
 }
@@ -409,20 +420,12 @@ func TestPruneTemplates(t *testing.T) {
 // copying it) and one whose lock is held (being rebuilt).
 func TestPruneTemplatesKeepsTheMostRecentlyUsed(t *testing.T) {
 	dir := t.TempDir()
-	input := filepath.Join(dir, "kernel")
-	if err := os.WriteFile(input, []byte("v1"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	inputs, err := templateInputs(input)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key := func(c byte) string { return strings.Repeat(string(c), 32) }
+	_, inputs := kernelInput(t, dir)
 	now := time.Now()
 	// Last used: a an hour ago, b two hours, c three (its lock held), d four, e five; f ten seconds ago.
 	ages := map[byte]time.Duration{'a': time.Hour, 'b': 2 * time.Hour, 'c': 3 * time.Hour, 'd': 4 * time.Hour, 'e': 5 * time.Hour, 'f': 10 * time.Second}
 	for k, age := range ages {
-		p := filepath.Join(dir, key(k))
+		p := filepath.Join(dir, repeatedKey(k))
 		if err := os.Mkdir(p, 0o700); err != nil {
 			t.Fatal(err)
 		}
@@ -433,23 +436,17 @@ func TestPruneTemplatesKeepsTheMostRecentlyUsed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	unlock, err := lockFile(context.Background(), filepath.Join(dir, key('c')+".lock"))
+	unlock, err := lockFile(context.Background(), filepath.Join(dir, repeatedKey('c')+".lock"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer unlock()
 	// Using a template makes it the most recent.
-	template{dir: filepath.Join(dir, key('e'))}.used(logrus.New())
+	template{dir: filepath.Join(dir, repeatedKey('e'))}.used(logrus.New())
 	pruneTemplates(dir, 2, logrus.NewEntry(logrus.New()))
-	var left []string
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		if e.IsDir() {
-			left = append(left, e.Name())
-		}
-	}
+	left := subdirs(dir)
 	// e and f are the two most recent; a, b and d go; c stays while its lock is held.
-	want := []string{key('c'), key('e'), key('f')}
+	want := []string{repeatedKey('c'), repeatedKey('e'), repeatedKey('f')}
 	if !slices.Equal(left, want) {
 		t.Errorf("left %v, want %v", left, want)
 	}
