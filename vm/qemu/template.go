@@ -265,14 +265,14 @@ func pruneTemplates(dir string, limit int, log logrus.FieldLogger) {
 // removeTemplateEntry removes dir/name, which belongs to template key, unless another process holds key's lock.
 func removeTemplateEntry(dir, key, name string) (bool, error) {
 	lockPath := filepath.Join(dir, key+".lock")
-	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	unlock, err := tryLockFile(lockPath)
 	if err != nil {
 		return false, err
 	}
-	defer f.Close()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+	if unlock == nil {
 		return false, nil // being built or pruned by another process
 	}
+	defer unlock()
 	p := filepath.Join(dir, name)
 	if name == key+".lock" {
 		return true, os.Remove(p) // lockFile's holders check that the file they locked is still there
@@ -304,34 +304,42 @@ func isTemplateKey(name string) bool {
 	return err == nil
 }
 
-// lockFile takes an exclusive lock on path (created if needed), waiting until ctx ends. Pruning removes lock files
-// while holding them, so a lock taken on a file no longer at path is let go and taken again on the path's file.
+// lockFile takes an exclusive lock on path (created if needed), waiting until ctx ends.
 func lockFile(ctx context.Context, path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open template lock: %w", err)
-	}
 	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			if sameFile(f, path) {
-				return func() { f.Close() }, nil
-			}
-			f.Close()
-			if f, err = os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600); err != nil {
-				return nil, fmt.Errorf("open template lock: %w", err)
-			}
-			continue
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
+		unlock, err := tryLockFile(path)
+		if err != nil || unlock != nil {
+			return unlock, err
 		}
 		select {
 		case <-ctx.Done():
-			f.Close()
 			return nil, fmt.Errorf("wait for another process building the template (%s): %w", path, ctx.Err())
 		case <-time.After(templateLockPoll):
+		}
+	}
+}
+
+// tryLockFile takes an exclusive lock on path (created if needed) if no other process holds it: it returns the
+// unlock function, or nil when the lock is held elsewhere. Pruning removes lock files while holding them, so a lock
+// taken on a file no longer at path is let go and taken again on the path's file.
+func tryLockFile(path string) (func(), error) {
+	for {
+		f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("open template lock: %w", err)
+		}
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		switch {
+		case err == nil && sameFile(f, path):
+			return func() { f.Close() }, nil
+		case err == nil:
+			f.Close() // removed meanwhile: lock the file now at path
+		case errors.Is(err, unix.EWOULDBLOCK):
+			f.Close()
+			return nil, nil
+		default:
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 	}
 }

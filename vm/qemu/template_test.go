@@ -474,7 +474,7 @@ func TestLockFileFollowsARemovedLock(t *testing.T) {
 		}
 		got <- u
 	}()
-	time.Sleep(3 * templateLockPoll) // the waiter has opened the first file
+	time.Sleep(3 * templateLockPoll) // the waiter is waiting on the first file
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)
 	}
