@@ -24,8 +24,8 @@ const idleSettle = 10 * time.Second
 
 // podMemory starts n idle pods with the handler and returns the PSS, in bytes, of every process they add (the
 // shims and all below them: runc's containers, or Kiln's QEMU and virtiofsd), plus the files under templates (VM
-// templates and each VM's copy of its template's RAM, on tmpfs: memory whether mapped or not), counted once,
-// divided by n. PSS shares pages mapped by several processes among them (guest RAM is mapped by QEMU, virtiofsd
+// templates, on tmpfs: memory whether mapped or not) and the guest RAM memfds (a clone's copy of its template),
+// each counted once, divided by n. PSS shares pages mapped by several processes among them (guest RAM is mapped by QEMU, virtiofsd
 // and the shim's vsock device), so the sum counts each page once; mappings of the files under templates and of
 // memfds (guest RAM) are left out of it, since those are counted whole.
 func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates string) (int64, error) {
