@@ -90,13 +90,15 @@ func firstIPv4(result []byte) (string, error) {
 func newCNINet(t *testing.T, name string, subnets ...string) *cniNet {
 	t.Helper()
 	n := &cniNet{Name: name, Path: "/var/run/netns/" + name}
+	// Made before the namespace's cleanup is registered, so that it is removed after that cleanup: host-local's
+	// DEL takes a lock file in the IPAM directory, which would otherwise come back after t.TempDir removed it.
+	dir := t.TempDir()
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
 	}
 	t.Cleanup(func() { n.remove(t) })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	dir := t.TempDir()
 	for i, subnet := range subnets {
 		a := cniAttachment{ifname: "eth0", bridge: fmt.Sprintf("kbr-%s-%d", name[len(name)-4:], i)}
 		if i > 0 {
