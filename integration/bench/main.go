@@ -18,6 +18,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/qemu"
@@ -31,14 +32,16 @@ func main() {
 	parallel := flag.Int("parallel", 10, "pods started at once")
 	podsOnly := flag.Bool("pods-only", false, "measure only pods")
 	fastStart := flag.String("pods-fast-start", "template", "hypervisor.fast_start of the pods' Kiln (\"off\" for a baseline of cold boots)")
+	podsHypervisor := flag.String("pods-hypervisor", "", "more keys of the pods' Kiln [hypervisor] table, as TOML lines (to measure a setting, e.g. 'vcpus = 1')")
 	flag.Parse()
-	if err := run(context.Background(), *share, *tools, *runs, *pods, *podsOnly, *parallel, *fastStart); err != nil {
+	podsCfg := podsConfig{fastStart: *fastStart, hypervisor: *podsHypervisor}
+	if err := run(context.Background(), *share, *tools, *runs, *pods, *podsOnly, *parallel, podsCfg); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool, parallel int, fastStart string) error {
+func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool, parallel int, podsCfg podsConfig) error {
 	logrus.SetLevel(logrus.WarnLevel)
 	// Every figure here is wall time on a shared machine: say how busy it was, so sittings can be compared.
 	loadBefore := hostLoad()
@@ -60,7 +63,7 @@ func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool
 			return err
 		}
 		defer cleanup()
-		return podBench(ctx, repo, share, tools, templates, fastStart, runs, parallel)
+		return podBench(ctx, repo, share, tools, templates, podsCfg, runs, parallel)
 	}
 	work, err := os.MkdirTemp("", "kiln-bench-")
 	if err != nil {
@@ -77,9 +80,11 @@ func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool
 	}
 	kernel := filepath.Join(share, "vmlinuz")
 	initrd := filepath.Join(share, "initrd.img")
+	// The size Kiln boots by default, for both: the floor is the same machine with nothing of Kiln's inside.
+	size := config.Default().Hypervisor
 	base := qemu.Config{
 		StateRoot: filepath.Join(work, "state"), QEMU: "qemu-system-x86_64", Accel: choice.Kind,
-		VCPUs: 1, MemoryMiB: 256, Kernel: kernel, StopTimeout: 3 * time.Second,
+		VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, Kernel: kernel, StopTimeout: 3 * time.Second,
 		Log: logrus.NewEntry(logrus.StandardLogger()),
 	}
 
@@ -127,7 +132,7 @@ func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool
 	if err != nil {
 		return err
 	}
-	return podBench(ctx, repo, share, tools, templates, fastStart, runs, parallel)
+	return podBench(ctx, repo, share, tools, templates, podsCfg, runs, parallel)
 }
 
 // templateDir makes the bench's own VM template directory on tmpfs, so that its files are the bench's alone

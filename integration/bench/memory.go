@@ -3,12 +3,15 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -22,13 +25,54 @@ import (
 // settled by then.
 const idleSettle = 10 * time.Second
 
-// podMemory starts n idle pods with the handler and returns the PSS, in bytes, of every process they add (the
-// shims and all below them: runc's containers, or Kiln's QEMU and virtiofsd), plus the files under templates (VM
-// templates, on tmpfs: memory whether mapped or not) and the guest RAM memfds (a clone's copy of its template),
-// each counted once, divided by n. PSS shares pages mapped by several processes among them (guest RAM is mapped by QEMU, virtiofsd
-// and the shim's vsock device), so the sum counts each page once; mappings of the files under templates and of
-// memfds (guest RAM) are left out of it, since those are counted whole.
-func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates string) (int64, error) {
+// memoryParts is memory per pod, in bytes, by where it is: a kind of process (processKind), guest RAM memfds or
+// template files.
+type memoryParts map[string]int64
+
+// total is the sum of the parts.
+func (m memoryParts) total() int64 {
+	var t int64
+	for _, v := range m {
+		t += v
+	}
+	return t
+}
+
+// String lists the parts in MB, largest first.
+func (m memoryParts) String() string {
+	keys := slices.Collect(maps.Keys(m))
+	slices.SortFunc(keys, func(a, b string) int { return cmp.Compare(m[b], m[a]) })
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%s %.1f", k, float64(m[k])/1e6))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// processKind names what a process of a pod is, by its command name: a shim, QEMU, virtiofsd, or other (a
+// runc container's processes).
+func processKind(pid int) string {
+	comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	switch c := strings.TrimSpace(string(comm)); {
+	case strings.HasPrefix(c, "containerd-shim"):
+		return "shims"
+	case strings.HasPrefix(c, "qemu"):
+		return "QEMU"
+	case strings.HasPrefix(c, "virtiofsd"):
+		return "virtiofsd"
+	default:
+		return "other processes"
+	}
+}
+
+// podMemory starts n idle pods with the handler and returns, by part, what they add per pod: the PSS of every
+// process they add (the shims and all below them: runc's containers, or Kiln's QEMU and virtiofsd), the files
+// under templates (VM templates, on tmpfs: memory whether mapped or not) and the guest RAM memfds (a clone's copy
+// of its template), each counted once, divided by n. PSS shares pages mapped by several processes among them
+// (guest RAM is mapped by QEMU, virtiofsd and the shim's vsock device), so the sum counts each page once;
+// mappings of the files under templates and of memfds (guest RAM) are left out of it, since those are counted
+// whole.
+func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates string) (memoryParts, error) {
 	var ids []string
 	defer func() {
 		for _, id := range ids {
@@ -38,7 +82,7 @@ func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates
 	for i := range n {
 		_, id, err := startPod(ctx, e, handler, fmt.Sprintf("idle-%s-%d", handler, i), "sleep", "3600")
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
 		ids = append(ids, id)
 	}
@@ -48,31 +92,34 @@ func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates
 		return strings.Contains(cmdline, shim) && strings.Contains(cmdline, e.Daemon.Address)
 	})
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	var total int64
+	parts := memoryParts{}
 	for _, pid := range pids {
 		pss, err := pssOf(pid, templates)
 		if err != nil {
 			continue // gone meanwhile
 		}
-		total += pss
+		parts[processKind(pid)] += pss
 	}
 	// Guest RAM in memfds (a cold VM's QEMU-made one, a clone's copy of its template) holds pages no process has
 	// mapped yet, which PSS leaves out: each memfd counts whole, once.
 	mem, err := memfdBytes(pids)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	total += mem
+	parts["guest RAM (memfds)"] += mem
 	if handler == cri.HandlerKiln {
 		files, err := allocated(templates)
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
-		total += files
+		parts["templates"] += files
 	}
-	return total / int64(n), nil
+	for k := range parts {
+		parts[k] /= int64(n)
+	}
+	return parts, nil
 }
 
 // memfdBytes is the space the memfds the processes hold open take (st_blocks), each counted once.

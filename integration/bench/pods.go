@@ -14,22 +14,31 @@ import (
 	"github.com/kiln-runtime/kiln/integration/cri"
 )
 
+// podsConfig is what the pods' Kiln configuration sets beyond the harness's.
+type podsConfig struct {
+	// fastStart is hypervisor.fast_start.
+	fastStart string
+	// hypervisor is more TOML lines of the [hypervisor] table.
+	hypervisor string
+}
+
 // podBench measures pods through containerd's CRI plugin with crictl, Kiln's handler beside runc's on the same
-// containerd: pod start (runp + create + start), 10 pods started at once, and TCP throughput from the host to
-// a pod.
-func podBench(ctx context.Context, repo, share, tools, templates, fastStart string, runs, parallel int) error {
+// containerd: pod start (runp + create + start, and each step), 10 pods started at once, memory per idle pod
+// (and where it is), and TCP throughput from the host to a pod.
+func podBench(ctx context.Context, repo, share, tools, templates string, cfg podsConfig, runs, parallel int) error {
 	e, err := cri.Start(ctx, cri.Options{
 		RepoRoot: repo, ToolsDir: tools, KilnAssets: share,
 		Handlers: []string{cri.HandlerRunc, cri.HandlerKiln},
 		// Ten guests booting at once under TCG on two cores take minutes, not the default minute.
-		KilnConfigExtra: fmt.Sprintf("[agent]\ndial_timeout = \"10m\"\n[hypervisor]\nfast_start = %q\ntemplate_dir = %q\n", fastStart, templates),
+		KilnConfigExtra: fmt.Sprintf("[agent]\ndial_timeout = \"10m\"\n[hypervisor]\nfast_start = %q\ntemplate_dir = %q\n%s\n",
+			cfg.fastStart, templates, cfg.hypervisor),
 	})
 	if err != nil {
 		return fmt.Errorf("start containerd with CRI: %w", err)
 	}
 	defer e.Stop(context.WithoutCancel(ctx))
 	handlers := []string{cri.HandlerRunc, cri.HandlerKiln}
-	fmt.Printf("pods: Kiln with hypervisor.fast_start = %q\n", fastStart)
+	fmt.Printf("pods: Kiln with hypervisor.fast_start = %q %s\n", cfg.fastStart, strings.ReplaceAll(cfg.hypervisor, "\n", "; "))
 	// Not counted: the first pod of each handler pulls its images into place, and Kiln's builds the template.
 	for _, h := range handlers {
 		_, id, err := startPod(ctx, e, h, "warm-"+h, "true")
@@ -42,13 +51,19 @@ func podBench(ctx context.Context, repo, share, tools, templates, fastStart stri
 	}
 
 	start := map[string][]time.Duration{}
+	steps := map[string][3][]time.Duration{}
 	for i := range runs {
 		for _, h := range handlers {
 			d, id, err := startPod(ctx, e, h, fmt.Sprintf("start-%s-%d", h, i), "sleep", "3600")
 			if err != nil {
 				return err
 			}
-			start[h] = append(start[h], d)
+			start[h] = append(start[h], d.total())
+			st := steps[h]
+			for j := range d {
+				st[j] = append(st[j], d[j])
+			}
+			steps[h] = st
 			if err := e.RemovePod(ctx, id); err != nil {
 				return err
 			}
@@ -58,6 +73,10 @@ func podBench(ctx context.Context, repo, share, tools, templates, fastStart stri
 	rm, km := median(start[cri.HandlerRunc]), median(start[cri.HandlerKiln])
 	fmt.Printf("%-40s %10.1f %10s\n", "runc: pod start (runp+create+start)", ms(rm), "1.00")
 	fmt.Printf("%-40s %10.1f %10.2f   (target <= 4)\n", "kiln: pod start (runp+create+start)", ms(km), float64(km)/float64(rm))
+	for j, step := range []string{"runp", "create", "start"} {
+		r, k := median(steps[cri.HandlerRunc][j]), median(steps[cri.HandlerKiln][j])
+		fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms)\n", "  kiln: "+step, ms(k), float64(k)/float64(r), ms(r))
+	}
 
 	together := map[string]time.Duration{}
 	for _, h := range handlers {
@@ -72,7 +91,7 @@ func podBench(ctx context.Context, repo, share, tools, templates, fastStart stri
 	fmt.Printf("%-40s %10.1f %10.2f\n", "kiln: "+label, ms(together[cri.HandlerKiln]), float64(together[cri.HandlerKiln])/float64(together[cri.HandlerRunc]))
 	fmt.Printf("%-40s %10s %10.2f   (target <= 3)\n", fmt.Sprintf("kiln: %d at once / one pod start", parallel), "", float64(together[cri.HandlerKiln])/float64(km))
 
-	mem := map[string]int64{}
+	mem := map[string]memoryParts{}
 	for _, h := range handlers {
 		m, err := podMemory(ctx, e, h, parallel, templates)
 		if err != nil {
@@ -81,8 +100,9 @@ func podBench(ctx context.Context, repo, share, tools, templates, fastStart stri
 		mem[h] = m
 	}
 	fmt.Printf("%-40s %10s\n", fmt.Sprintf("host memory per idle pod (%d pods)", parallel), "MB (PSS)")
-	fmt.Printf("%-40s %10.1f\n", "runc", float64(mem[cri.HandlerRunc])/1e6)
-	fmt.Printf("%-40s %10.1f   (target <= 60)\n", "kiln", float64(mem[cri.HandlerKiln])/1e6)
+	fmt.Printf("%-40s %10.1f\n", "runc", float64(mem[cri.HandlerRunc].total())/1e6)
+	fmt.Printf("%-40s %10.1f   (target <= 60)\n", "kiln", float64(mem[cri.HandlerKiln].total())/1e6)
+	fmt.Printf("  kiln, MB per pod: %s\n", mem[cri.HandlerKiln])
 
 	thr := map[string]float64{}
 	for _, h := range handlers {
@@ -98,25 +118,33 @@ func podBench(ctx context.Context, repo, share, tools, templates, fastStart stri
 	return nil
 }
 
+// podSteps is how long each step of a pod start took: runp, create and start.
+type podSteps [3]time.Duration
+
+func (s podSteps) total() time.Duration { return s[0] + s[1] + s[2] }
+
 // startPod runs a pod with one busybox container running cmd and returns how long runp, create and start took.
-func startPod(ctx context.Context, e *cri.Env, handler, name string, cmd ...string) (time.Duration, string, error) {
+func startPod(ctx context.Context, e *cri.Env, handler, name string, cmd ...string) (podSteps, string, error) {
+	var steps podSteps
 	pod := cri.NewPodConfig(name, e.PodLogDir(name))
 	c := cri.NewContainerConfig("main", containerd.BusyboxRef, cmd...)
 	t0 := time.Now()
 	id, err := e.RunPod(ctx, handler, pod)
 	if err != nil {
-		return 0, "", err
+		return steps, "", err
 	}
+	t1 := time.Now()
 	cid, err := e.CreateContainer(ctx, id, c, pod)
+	t2 := time.Now()
 	if err == nil {
 		_, err = e.Crictl(ctx, "start", cid)
 	}
-	d := time.Since(t0)
+	steps = podSteps{t1.Sub(t0), t2.Sub(t1), time.Since(t2)}
 	if err != nil {
 		_ = e.RemovePod(ctx, id)
-		return 0, "", err
+		return steps, "", err
 	}
-	return d, id, nil
+	return steps, id, nil
 }
 
 // startPods starts n pods at once and returns the time until the last one's container runs.
