@@ -161,7 +161,7 @@ func Default() Config {
 		Hypervisor: Hypervisor{
 			Path:                   "qemu-system-x86_64",
 			Accelerator:            AccelAuto,
-			VCPUs:                  1,
+			VCPUs:                  2,
 			MemoryMiB:              256,
 			KernelParams:           nil,
 			StopTimeout:            Duration(3 * time.Second),

@@ -17,11 +17,11 @@ import (
 )
 
 // The configuration named by containerd's runtime option ConfigPath (ctr --runtime-config-path) is the one the
-// shim uses: its VM size shows inside the container.
+// shim uses: its VM size, which differs from the defaults, shows inside the container.
 func TestConfigPathFromRuntimeOptions(t *testing.T) {
 	k := startKiln(t)
 	cfg := filepath.Join(t.TempDir(), "sized.toml")
-	body := fmt.Sprintf("[hypervisor]\nkernel = %q\ninitrd = %q\nvcpus = 2\nmemory_mib = 384\n[runtime]\nstate_dir = %q\n",
+	body := fmt.Sprintf("[hypervisor]\nkernel = %q\ninitrd = %q\nvcpus = 1\nmemory_mib = 384\n[runtime]\nstate_dir = %q\n",
 		filepath.Join(k.assets, "vmlinuz"), filepath.Join(k.assets, "initrd.img"), k.d.StateDir())
 	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
@@ -32,8 +32,8 @@ func TestConfigPathFromRuntimeOptions(t *testing.T) {
 		t.Fatalf("exit %d, stderr %q", code, errOut)
 	}
 	fields := strings.Fields(out)
-	if len(fields) < 3 || fields[0] != "2" {
-		t.Fatalf("output %q: want 2 vCPUs from %s", out, cfg)
+	if len(fields) < 3 || fields[0] != "1" {
+		t.Fatalf("output %q: want 1 vCPU from %s", out, cfg)
 	}
 	kb, err := strconv.Atoi(fields[2])
 	if err != nil || kb < 300<<10 || kb > 384<<10 {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/containerd/console"
 
+	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/integration/containerd"
 )
 
@@ -45,9 +46,9 @@ func TestKilnPodIsOneVM(t *testing.T) {
 		t.Errorf("localhost from the pod's other container: %q", out)
 	}
 
-	// 1 default vCPU + ceil(quota/period); 256 MiB default + the 256 MiB limit.
-	if n := strings.TrimSpace(execRetry(t, e, ids[0], "nproc")); n != "2" {
-		t.Errorf("nproc in the pod: %s, want 2", n)
+	// The default vCPUs + ceil(quota/period) = 1; 256 MiB default + the 256 MiB limit.
+	if n, want := strings.TrimSpace(execRetry(t, e, ids[0], "nproc")), strconv.Itoa(config.Default().Hypervisor.VCPUs+1); n != want {
+		t.Errorf("nproc in the pod: %s, want %s", n, want)
 	}
 	meminfo := execRetry(t, e, ids[0], "head", "-1", "/proc/meminfo")
 	fields := strings.Fields(meminfo)
