@@ -30,7 +30,8 @@ type eventLog struct {
 	once    sync.Once
 }
 
-// followEvents starts following containerd's events; they are kept until stop (or the test's end).
+// followEvents starts following containerd's events, and returns once they come through; they are kept until
+// stop (or the test's end).
 func (k *kilnEnv) followEvents(t *testing.T) *eventLog {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -59,6 +60,19 @@ func (k *kilnEnv) followEvents(t *testing.T) *eventLog {
 		}
 	}()
 	t.Cleanup(e.stop)
+	// `ctr events` subscribes some time after it starts, and an event published before that is not shown: label
+	// the namespace until the update comes through, so that the caller's next event cannot be missed.
+	deadline := time.Now().Add(time.Minute)
+	for n := 0; !strings.Contains(e.String(), " /namespaces/update "); n++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("ctr events showed no /namespaces/update within a minute; events:\n%s", e.String())
+		}
+		k.ctr(t, "namespaces", "label", Namespace, fmt.Sprintf("kiln.test/events=%d", n))
+		select {
+		case <-e.changed:
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 	return e
 }
 

@@ -33,25 +33,13 @@ func TestKilnShimKilled(t *testing.T) {
 	if len(shims) != 1 {
 		t.Fatalf("want one shim, found %v", shims)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	evCmd := k.d.CtrCommand(ctx, "events")
-	evOut, err := evCmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := evCmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = evCmd.Process.Kill(); _ = evCmd.Wait() }()
+	events := k.followEvents(t)
 	if err := syscall.Kill(shims[0], syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	// containerd notices the shim is gone, runs the shim's `delete` for the task, and reports its exit: killed.
-	seen, ok := readUntil(evOut, `"exit_status":137`, time.Minute)
-	if !ok || !strings.Contains(seen, "/tasks/exit") || !strings.Contains(seen, id) {
-		t.Fatalf("no exit 137 reported for %s after its shim was killed; events:\n%s", id, seen)
-	}
+	events.waitFor(t, time.Minute, "/tasks/exit", map[string]any{"container_id": id, "exit_status": float64(137)})
+	events.stop()
 	if st := k.taskStatus(t, id); st != "" && st != "STOPPED" {
 		t.Errorf("task status %q after its shim was killed, want STOPPED or gone", st)
 	}
