@@ -50,31 +50,26 @@ func podBench(ctx context.Context, repo, share, tools, templates string, cfg pod
 		}
 	}
 
-	start := map[string][]time.Duration{}
-	steps := map[string][3][]time.Duration{}
+	started := map[string][]podSteps{}
 	for i := range runs {
 		for _, h := range handlers {
 			d, id, err := startPod(ctx, e, h, fmt.Sprintf("start-%s-%d", h, i), "sleep", "3600")
 			if err != nil {
 				return err
 			}
-			start[h] = append(start[h], d.total())
-			st := steps[h]
-			for j := range d {
-				st[j] = append(st[j], d[j])
-			}
-			steps[h] = st
+			started[h] = append(started[h], d)
 			if err := e.RemovePod(ctx, id); err != nil {
 				return err
 			}
 		}
 	}
 	fmt.Printf("%-40s %10s %10s\n", "pods (CRI, median of "+fmt.Sprint(runs)+")", "ms", "ratio")
-	rm, km := median(start[cri.HandlerRunc]), median(start[cri.HandlerKiln])
+	rm, km := medianOf(started[cri.HandlerRunc], podSteps.total), medianOf(started[cri.HandlerKiln], podSteps.total)
 	fmt.Printf("%-40s %10.1f %10s\n", "runc: pod start (runp+create+start)", ms(rm), "1.00")
 	fmt.Printf("%-40s %10.1f %10.2f   (target <= 4)\n", "kiln: pod start (runp+create+start)", ms(km), float64(km)/float64(rm))
 	for j, step := range []string{"runp", "create", "start"} {
-		r, k := median(steps[cri.HandlerRunc][j]), median(steps[cri.HandlerKiln][j])
+		stepOf := func(s podSteps) time.Duration { return s[j] }
+		r, k := medianOf(started[cri.HandlerRunc], stepOf), medianOf(started[cri.HandlerKiln], stepOf)
 		fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms)\n", "  kiln: "+step, ms(k), float64(k)/float64(r), ms(r))
 	}
 
@@ -122,6 +117,15 @@ func podBench(ctx context.Context, repo, share, tools, templates string, cfg pod
 type podSteps [3]time.Duration
 
 func (s podSteps) total() time.Duration { return s[0] + s[1] + s[2] }
+
+// medianOf is the median of f over runs.
+func medianOf(runs []podSteps, f func(podSteps) time.Duration) time.Duration {
+	ds := make([]time.Duration, len(runs))
+	for i, r := range runs {
+		ds[i] = f(r)
+	}
+	return median(ds)
+}
 
 // startPod runs a pod with one busybox container running cmd and returns how long runp, create and start took.
 func startPod(ctx context.Context, e *cri.Env, handler, name string, cmd ...string) (podSteps, string, error) {
