@@ -47,16 +47,26 @@ func (k *kilnEnv) runDetached(t *testing.T, id string, extra []string, cmd ...st
 	t.Cleanup(func() { k.remove(t, id) })
 }
 
-// remove kills and deletes a container and its task, ignoring what is already gone.
+// remove kills and deletes a container and its task, ignoring what is already gone. It runs as a cleanup, also
+// after a test stopped half-way, so it does not stop at the first step that fails: a task that does not stop is
+// deleted by force, and one that is still listed at the end is an error, since its shim and VM would outlive
+// the test.
 func (k *kilnEnv) remove(t *testing.T, id string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if _, err := k.d.Ctr(ctx, "tasks", "kill", "--signal", "SIGKILL", id); err == nil {
-		k.waitStatus(t, id, "STOPPED")
+		for deadline := time.Now().Add(30 * time.Second); k.taskStatus(t, id) == "RUNNING" && time.Now().Before(deadline); {
+			time.Sleep(100 * time.Millisecond)
+		}
 	}
-	_, _ = k.d.Ctr(ctx, "tasks", "delete", id)
+	if k.taskStatus(t, id) != "" {
+		_, _ = k.d.Ctr(ctx, "tasks", "delete", "--force", id)
+	}
 	_, _ = k.d.Ctr(ctx, "containers", "delete", id)
+	if st := k.taskStatus(t, id); st != "" {
+		t.Errorf("cleanup: task %s is still %s after kill and delete --force", id, st)
+	}
 }
 
 // taskStatus is the STATUS column of `ctr task ls` for id, empty when the task is not listed.
