@@ -55,12 +55,13 @@ func (k *kilnEnv) remove(t *testing.T, id string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	var st string
 	if _, err := k.d.Ctr(ctx, "tasks", "kill", "--signal", "SIGKILL", id); err == nil {
-		for deadline := time.Now().Add(30 * time.Second); k.taskStatus(t, id) == "RUNNING" && time.Now().Before(deadline); {
-			time.Sleep(100 * time.Millisecond)
-		}
+		st, _ = k.pollStatus(t, id, 30*time.Second, func(st string) bool { return st != "RUNNING" })
+	} else {
+		st = k.taskStatus(t, id)
 	}
-	if k.taskStatus(t, id) != "" {
+	if st != "" {
 		_, _ = k.d.Ctr(ctx, "tasks", "delete", "--force", id)
 	}
 	_, _ = k.d.Ctr(ctx, "containers", "delete", id)
@@ -85,14 +86,21 @@ func (k *kilnEnv) taskStatus(t *testing.T, id string) string {
 // waitStatus waits until the task has the status, failing the test after 30 s.
 func (k *kilnEnv) waitStatus(t *testing.T, id, status string) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	k.waitStatusWithin(t, id, status, 30*time.Second)
+}
+
+// pollStatus polls the status of id's task (empty when containerd does not list it) until done accepts it or
+// timeout has passed, and returns the last status seen and whether done accepted it.
+func (k *kilnEnv) pollStatus(t *testing.T, id string, timeout time.Duration, done func(status string) bool) (string, bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for {
-		got := k.taskStatus(t, id)
-		if got == status {
-			return
+		st := k.taskStatus(t, id)
+		if done(st) {
+			return st, true
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("task %s: status %q, want %q", id, got, status)
+			return st, false
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

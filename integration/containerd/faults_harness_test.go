@@ -190,16 +190,8 @@ func (k *kilnEnv) waitShareHolds(t *testing.T, pod, id string, timeout time.Dura
 // waitStatusWithin is waitStatus with a bound of the caller's.
 func (k *kilnEnv) waitStatusWithin(t *testing.T, id, status string, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		got := k.taskStatus(t, id)
-		if got == status {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("task %s: status %q after %s, want %q", id, got, timeout, status)
-		}
-		time.Sleep(200 * time.Millisecond)
+	if got, ok := k.pollStatus(t, id, timeout, func(st string) bool { return st == status }); !ok {
+		t.Fatalf("task %s: status %q after %s, want %q", id, got, timeout, status)
 	}
 }
 
@@ -217,12 +209,8 @@ func (k *kilnEnv) shimProcesses() []int {
 // waitGoneOrStopped waits until the task is stopped or containerd no longer lists it.
 func (k *kilnEnv) waitGoneOrStopped(t *testing.T, id string) {
 	t.Helper()
-	deadline := time.Now().Add(2 * time.Minute)
-	for st := k.taskStatus(t, id); st != "" && st != "STOPPED"; st = k.taskStatus(t, id) {
-		if time.Now().After(deadline) {
-			t.Fatalf("task %s still %s", id, st)
-		}
-		time.Sleep(200 * time.Millisecond)
+	if st, ok := k.pollStatus(t, id, 2*time.Minute, func(st string) bool { return st == "" || st == "STOPPED" }); !ok {
+		t.Fatalf("task %s still %s", id, st)
 	}
 }
 
