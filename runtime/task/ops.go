@@ -327,10 +327,16 @@ func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*task
 	return resp, nil
 }
 
-// Shutdown ends the shim once it serves no task: the pod is stopped by the shutdown callback.
+// Shutdown ends the shim once it serves no task. The pod is stopped before the reply: the shim's shutdown
+// callbacks run after it, while containerd goes on, so a pod stopped there could leave its VM's state and share
+// on the host after containerd reported the task (or CRI the sandbox) removed. The callback stays for a shim
+// ended by a signal.
 func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptyResp, error) {
 	if p := s.currentPod(); p != nil && p.Containers().Len() > 0 && !r.Now {
 		return empty(), nil
+	}
+	if err := s.stopPod(context.WithoutCancel(ctx)); err != nil {
+		log.G(s.ctx).WithError(err).Warn("stop pod at shutdown")
 	}
 	s.sd.Shutdown()
 	return empty(), nil
