@@ -1,0 +1,129 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// userHZ is the unit of /proc/stat's figures (USER_HZ, 100 on every Linux architecture Kiln runs on).
+const userHZ = 100
+
+// hostBusy is the CPU time the whole host has spent busy so far (user, nice, system, irq, softirq and steal,
+// summed over its CPUs), from /proc/stat. Taken around a step, it tells whether a slow step waited or worked:
+// what ten pods started at once can take at best is their CPU time spread over the host's cores.
+func hostBusy() (time.Duration, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var ticks int64
+	// user nice system idle iowait irq softirq steal: every field but idle (4) and iowait (5).
+	for i, v := range f[1:9] {
+		if i == 3 || i == 4 {
+			continue
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/stat: field %d of %q: %w", i+1, line, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / userHZ, nil
+}
+
+// cpuMeter measures the host's busy CPU time across a step.
+type cpuMeter struct{ start time.Duration }
+
+func startCPU() (cpuMeter, error) {
+	b, err := hostBusy()
+	return cpuMeter{b}, err
+}
+
+// used is the busy CPU time since the meter started.
+func (m cpuMeter) used() (time.Duration, error) {
+	b, err := hostBusy()
+	return b - m.start, err
+}
+
+// cpuBound is the shortest time work of the given CPU time can take on this host: spread over every core.
+func cpuBound(work time.Duration) time.Duration { return work / time.Duration(runtime.NumCPU()) }
+
+// procTimes is each process's CPU time so far (its own threads', not its children's), by pid.
+type procTimes map[int]procTime
+
+type procTime struct {
+	comm string
+	cpu  time.Duration
+}
+
+// readProcTimes reads every process's CPU time from /proc/<pid>/stat. A process that exits while it is read is
+// left out.
+func readProcTimes() (procTimes, error) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	out := procTimes{}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// "pid (comm) state ppid …": comm may hold spaces and parentheses, so it ends at the last ')'.
+		s := string(b)
+		open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if open < 0 || end < open {
+			continue
+		}
+		f := strings.Fields(s[end+1:])
+		// After comm: state(0) … utime(11) stime(12). Children's times (cutime, cstime) are left out: a reaper
+		// that is no part of the start (the pods removed before it) would count them.
+		if len(f) < 13 {
+			continue
+		}
+		var ticks int64
+		for _, v := range f[11:13] {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("/proc/%d/stat: %q: %w", pid, s, err)
+			}
+			ticks += n
+		}
+		comm := s[open+1 : end]
+		// A kernel worker's name changes with its work item ("kworker/u8:1-events_unbound"): one name for all.
+		if strings.HasPrefix(comm, "kworker/") {
+			comm = "kworker"
+		}
+		out[pid] = procTime{comm: comm, cpu: time.Duration(ticks) * time.Second / userHZ}
+	}
+	return out, nil
+}
+
+// byName is the CPU time each process name used between before and after: a process alive at both counts its
+// difference, one started since counts whole. A process that started and exited in between is not seen.
+func byName(before, after procTimes) map[string]time.Duration {
+	out := map[string]time.Duration{}
+	for pid, a := range after {
+		d := a.cpu
+		if b, ok := before[pid]; ok && b.comm == a.comm {
+			d -= b.cpu
+		}
+		if d > 0 {
+			out[a.comm] += d
+		}
+	}
+	return out
+}
