@@ -12,6 +12,12 @@ func TestSysctlFile(t *testing.T) {
 		"net":                                 "",
 		"net.ipv4..x":                         "",
 		"net.ipv4.x\n":                        "",
+		"net.ipv4.x y":                        "",
+		"net.ipv4.é":                          "",
+		"netx.ipv4":                           "",
+		"net.":                                "",
+		".net.ipv4":                           "",
+		"net.core.somaxconn-x_1":              "/proc/sys/net/core/somaxconn-x_1",
 	} {
 		got, ok := sysctlFile(name)
 		if got != want || ok != (want != "") {
