@@ -64,6 +64,9 @@ type Config struct {
 	Credential *syscall.Credential
 	// Cgroup, when set, is the cgroup the program starts in, from its fork on.
 	Cgroup *Cgroup
+	// Batch starts the program with the SCHED_BATCH policy, which its threads inherit (a CPU-bound program that
+	// need not preempt others when it wakes: QEMU under TCG; see startBatch).
+	Batch bool
 }
 
 // Process is a running (or exited) child program. Start creates it.
@@ -122,11 +125,15 @@ func Start(cfg Config) (*Process, error) {
 	// Go sets the parent-death signal after the credentials, so a change of user does not clear it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: cfg.Credential}
 	cfg.Log.WithField("args", cmd.Args).Debugf("starting %s", cfg.Name)
-	var err error
+	fork := cmd.Start
 	if cfg.Cgroup != nil {
-		err = cfg.Cgroup.start(cmd.SysProcAttr, cmd.Start)
+		fork = func() error { return cfg.Cgroup.start(cmd.SysProcAttr, cmd.Start) }
+	}
+	var err error
+	if cfg.Batch {
+		err = startBatch(fork)
 	} else {
-		err = cmd.Start()
+		err = fork()
 	}
 	if err != nil {
 		return nil, fmt.Errorf("run %s: %w", cfg.Path, err)

@@ -424,10 +424,14 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		Dir:  dir,
 		// QEMU's command line names no path of the VM's any more: its environment does, so that a dead shim's
 		// cleanup (and an operator) can tell which VM a QEMU is.
-		Env:         []string{StateDirEnv + "=" + m.paths.dir},
-		ExtraFiles:  files,
-		Credential:  cred,
-		Cgroup:      m.cgroup,
+		Env:        []string{StateDirEnv + "=" + m.paths.dir},
+		ExtraFiles: files,
+		Credential: cred,
+		Cgroup:     m.cgroup,
+		// Under TCG QEMU's vCPUs are CPU-bound emulators, which need not preempt others when they wake: with more
+		// of them than host cores, batch scheduling saves the cost of the switches (vm/child's startBatch).
+		// Under KVM a vCPU mostly waits in the guest's idle loop, and its wakeups carry the guest's latency.
+		Batch:       m.cfg.Accel == accel.TCG,
 		Stdout:      cons.writer(),
 		Quit:        m.quit,
 		StopTimeout: m.cfg.StopTimeout,
