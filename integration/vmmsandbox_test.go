@@ -13,13 +13,14 @@ import (
 	"time"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // Finding 6: QEMU ran as root without -sandbox, and QEMU and virtiofsd were charged to no cgroup of their own.
 // A booted VM's QEMU now runs with the seccomp sandbox as an unprivileged user, opens no socket by path, and
 // shares a cgroup with virtiofsd whose memory limit is guest RAM plus the overhead; after Stop the cgroup and
-// every process are gone.
+// every process are gone. Under TCG its threads run with SCHED_BATCH.
 func TestQEMUIsSandboxedUnprivilegedAndInItsCgroup(t *testing.T) {
 	share := requireVM(t)
 	if os.Geteuid() != 0 {
@@ -30,7 +31,9 @@ func TestQEMUIsSandboxedUnprivilegedAndInItsCgroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(exported) })
+	var kind accel.Kind
 	m := testMachine(t, filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img"), func(c *qemu.Config) {
+		kind = c.Accel
 		c.User = &syscall.Credential{Uid: 65534, Gid: 65534}
 		c.Cgroup = true
 		c.SharedDir = exported
@@ -53,6 +56,26 @@ func TestQEMUIsSandboxedUnprivilegedAndInItsCgroup(t *testing.T) {
 	}
 	if cw, err := os.Readlink("/proc/" + pid + "/cwd"); err != nil || cw != "/" {
 		t.Errorf("QEMU's working directory %q (%v), want /", cw, err)
+	}
+	// Under TCG every thread of QEMU's, the vCPUs above all, runs with SCHED_BATCH (3); under KVM with the
+	// normal policy (0). The policy is field 41 of a thread's stat line, the 39th after its name.
+	wantPolicy := "0"
+	if kind == accel.TCG {
+		wantPolicy = "3"
+	}
+	tasks, _ := filepath.Glob("/proc/" + pid + "/task/*/stat")
+	if len(tasks) < 2 {
+		t.Errorf("QEMU has %d threads", len(tasks))
+	}
+	for _, task := range tasks {
+		b, err := os.ReadFile(task)
+		if err != nil {
+			continue // the thread ended
+		}
+		_, rest, _ := strings.Cut(string(b), ") ")
+		if f := strings.Fields(rest); len(f) < 39 || f[38] != wantPolicy {
+			t.Errorf("%s: scheduling policy of %q, want %s under %s", task, b, wantPolicy, kind)
+		}
 	}
 
 	cg := m.CgroupPath()
