@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -72,7 +73,7 @@ func TestQEMUIsSandboxedUnprivilegedAndInItsCgroup(t *testing.T) {
 		if err != nil {
 			continue // the thread ended
 		}
-		_, rest, _ := strings.Cut(string(b), ") ")
+		rest := string(b[bytes.LastIndexByte(b, ')')+1:])
 		if f := strings.Fields(rest); len(f) < 39 || f[38] != wantPolicy {
 			t.Errorf("%s: scheduling policy of %q, want %s under %s", task, b, wantPolicy, kind)
 		}

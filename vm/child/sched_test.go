@@ -11,9 +11,10 @@ import (
 // schedPolicy is field 41 of a /proc/<pid>/stat line: the scheduling policy (0 normal, 3 batch).
 func schedPolicy(t *testing.T, stat string) string {
 	t.Helper()
-	_, rest, ok := strings.Cut(stat, ") ")
-	f := strings.Fields(rest)
-	if !ok || len(f) < 39 {
+	// The name, in parentheses, may hold any character: the fields start after the last ')'.
+	end := strings.LastIndexByte(stat, ')')
+	f := strings.Fields(stat[end+1:])
+	if end < 0 || len(f) < 39 {
 		t.Fatalf("unexpected stat line %q", stat)
 	}
 	return f[38]
