@@ -131,7 +131,10 @@ func Start(cfg Config) (*Process, error) {
 	}
 	var err error
 	if cfg.Batch {
-		err = startBatch(fork)
+		var schedErr error
+		if schedErr, err = startBatch(fork, threadSched{}); schedErr != nil {
+			cfg.Log.WithError(schedErr).Warnf("%s runs with the normal scheduling policy", cfg.Name)
+		}
 	} else {
 		err = fork()
 	}

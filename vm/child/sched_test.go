@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // schedPolicy is field 41 of a /proc/<pid>/stat line: the scheduling policy (0 normal, 3 batch).
@@ -54,5 +56,44 @@ func TestBatch(t *testing.T) {
 		if got := schedPolicy(t, string(b)); got != "0" {
 			t.Errorf("%s: policy %s after Start, want 0", task, got)
 		}
+	}
+}
+
+// failingSched is a thread whose scheduling attributes cannot be read or set, as under a seccomp filter that
+// refuses sched_getattr or sched_setattr; what it does not refuse reaches the kernel.
+type failingSched struct{ getErr, setErr error }
+
+func (f failingSched) get() (*unix.SchedAttr, error) {
+	if f.getErr != nil {
+		return nil, f.getErr
+	}
+	return threadSched{}.get()
+}
+
+func (f failingSched) set(a *unix.SchedAttr) error {
+	if f.setErr != nil {
+		return f.setErr
+	}
+	return threadSched{}.set(a)
+}
+
+func TestBatchRefusedStartsAllTheSame(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		attrs schedAttrs
+	}{
+		{"get refused", failingSched{getErr: unix.EPERM}},
+		{"set refused", failingSched{setErr: unix.ENOSYS}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			started := false
+			schedErr, err := startBatch(func() error { started = true; return nil }, tc.attrs)
+			if err != nil || !started {
+				t.Fatalf("start ran %v, error %v", started, err)
+			}
+			if schedErr == nil {
+				t.Error("no error for the policy that could not be set")
+			}
+		})
 	}
 }
