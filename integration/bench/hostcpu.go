@@ -12,8 +12,8 @@ import (
 // userHZ is the unit of /proc/stat's figures (USER_HZ, 100 on every Linux architecture Kiln runs on).
 const userHZ = 100
 
-// hostBusy is the CPU time the whole host has spent busy so far (user, nice, system, irq, softirq and steal,
-// summed over its CPUs), from /proc/stat. Taken around a step, it tells whether a slow step waited or worked:
+// hostBusy is the CPU time the whole host has spent busy so far (user, nice, system, irq and softirq, summed over
+// its CPUs), from /proc/stat. Steal is left out: it is time a hypervisor under this host gave to others. Taken around a step, it tells whether a slow step waited or worked:
 // what ten pods started at once can take at best is their CPU time spread over the host's cores.
 func hostBusy() (time.Duration, error) {
 	b, err := os.ReadFile("/proc/stat")
@@ -26,9 +26,9 @@ func hostBusy() (time.Duration, error) {
 		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
 	}
 	var ticks int64
-	// user nice system idle iowait irq softirq steal: every field but idle (4) and iowait (5).
+	// user nice system idle iowait irq softirq steal: every field but idle, iowait and steal.
 	for i, v := range f[1:9] {
-		if i == 3 || i == 4 {
+		if i == 3 || i == 4 || i == 7 {
 			continue
 		}
 		n, err := strconv.ParseInt(v, 10, 64)
