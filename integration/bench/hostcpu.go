@@ -13,8 +13,9 @@ import (
 const userHZ = 100
 
 // hostBusy is the CPU time the whole host has spent busy so far (user, nice, system, irq and softirq, summed over
-// its CPUs), from /proc/stat. Steal is left out: it is time a hypervisor under this host gave to others. Taken around a step, it tells whether a slow step waited or worked:
-// what ten pods started at once can take at best is their CPU time spread over the host's cores.
+// its CPUs), from /proc/stat. Steal is left out: it is time a hypervisor under this host gave to others. Taken
+// around a step, it tells whether a slow step waited or worked: what ten pods started at once can take at best is
+// their CPU time spread over the host's cores.
 func hostBusy() (time.Duration, error) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
@@ -68,41 +69,26 @@ type procTime struct {
 // readProcTimes reads every process's CPU time from /proc/<pid>/stat. A process that exits while it is read is
 // left out.
 func readProcTimes() (procTimes, error) {
-	ents, err := os.ReadDir("/proc")
+	stats, err := readProcStats()
 	if err != nil {
 		return nil, err
 	}
 	out := procTimes{}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		// "pid (comm) state ppid …": comm may hold spaces and parentheses, so it ends at the last ')'.
-		s := string(b)
-		open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
-		if open < 0 || end < open {
-			continue
-		}
-		f := strings.Fields(s[end+1:])
+	for pid, st := range stats {
 		// After comm: state(0) … utime(11) stime(12). Children's times (cutime, cstime) are left out: a reaper
 		// that is no part of the start (the pods removed before it) would count them.
-		if len(f) < 13 {
+		if len(st.fields) < 13 {
 			continue
 		}
 		var ticks int64
-		for _, v := range f[11:13] {
+		for _, v := range st.fields[11:13] {
 			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil {
-				return nil, fmt.Errorf("/proc/%d/stat: %q: %w", pid, s, err)
+				return nil, fmt.Errorf("/proc/%d/stat: fields %q: %w", pid, st.fields, err)
 			}
 			ticks += n
 		}
-		comm := s[open+1 : end]
+		comm := st.comm
 		// A kernel worker's name changes with its work item ("kworker/u8:1-events_unbound"): one name for all.
 		if strings.HasPrefix(comm, "kworker/") {
 			comm = "kworker"

@@ -172,30 +172,19 @@ func allocated(dir string) (int64, error) {
 
 // subtreesOf lists the processes that match and all their descendants.
 func subtreesOf(match func(pid int, cmdline string) bool) ([]int, error) {
-	entries, err := os.ReadDir("/proc")
+	stats, err := readProcStats()
 	if err != nil {
 		return nil, err
 	}
 	children := map[int][]int{}
 	var roots []int
-	for _, ent := range entries {
-		pid, err := strconv.Atoi(ent.Name())
-		if err != nil {
+	for pid, st := range stats {
+		if len(st.fields) < 2 {
 			continue
 		}
-		stat, err := os.ReadFile(filepath.Join("/proc", ent.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		// The command name may hold spaces and parentheses: the fields after it start after the last ')'.
-		rest := stat[bytes.LastIndexByte(stat, ')')+1:]
-		f := strings.Fields(string(rest))
-		if len(f) < 2 {
-			continue
-		}
-		ppid, _ := strconv.Atoi(f[1])
+		ppid, _ := strconv.Atoi(st.fields[1])
 		children[ppid] = append(children[ppid], pid)
-		cmd, _ := os.ReadFile(filepath.Join("/proc", ent.Name(), "cmdline"))
+		cmd, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
 		if match(pid, string(bytes.ReplaceAll(cmd, []byte{0}, []byte{' '}))) {
 			roots = append(roots, pid)
 		}
