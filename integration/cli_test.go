@@ -142,9 +142,14 @@ func processAlive(pid int) bool {
 		return false
 	}
 	// A zombie has exited; only its parent has not reaped it yet.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || !strings.HasPrefix(s[i+1:], " Z")
+	f := statFields(string(b))
+	return len(f) == 0 || f[0] != "Z"
+}
+
+// statFields are the fields of a /proc stat line after the command name, state first. The name, in parentheses,
+// may hold any character: the fields start after the last ')'.
+func statFields(stat string) []string {
+	return strings.Fields(stat[strings.LastIndexByte(stat, ')')+1:])
 }
 
 func stderrOf(err error) string {

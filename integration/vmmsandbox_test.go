@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -73,8 +72,7 @@ func TestQEMUIsSandboxedUnprivilegedAndInItsCgroup(t *testing.T) {
 		if err != nil {
 			continue // the thread ended
 		}
-		rest := string(b[bytes.LastIndexByte(b, ')')+1:])
-		if f := strings.Fields(rest); len(f) < 39 || f[38] != wantPolicy {
+		if f := statFields(string(b)); len(f) < 39 || f[38] != wantPolicy {
 			t.Errorf("%s: scheduling policy of %q, want %s under %s", task, b, wantPolicy, kind)
 		}
 	}
