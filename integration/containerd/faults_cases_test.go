@@ -99,10 +99,10 @@ func stdoutFlood(t *testing.T, k *kilnEnv) {
 	// has written nothing more for five readings in a row. Without a bound it would pass floodLimitMiB first.
 	written, same := -1, 0
 	for i := 0; same < 5; i++ {
-		out, _, _ := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "count"+strconv.Itoa(i), a, "sh", "-c", "cat /count 2>/dev/null || echo 0")
+		out, errOut, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "count"+strconv.Itoa(i), a, "sh", "-c", "cat /count 2>/dev/null || echo 0")
 		n, err := strconv.Atoi(strings.TrimSpace(out))
 		if err != nil {
-			t.Fatalf("reading the writer's count: %q", out)
+			t.Fatalf("reading the writer's count: %q (ctr exit %d: %s)", out, code, errOut)
 		}
 		if n*64 > floodLimitMiB<<10 {
 			t.Fatalf("the guest wrote %d KiB to a stdout nobody reads: something buffers it without bound (shim RSS %d KiB, was %d)",
