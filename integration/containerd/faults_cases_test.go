@@ -86,8 +86,10 @@ const (
 func stdoutFlood(t *testing.T, k *kilnEnv) {
 	const pod = "f-flood"
 	a := pod + "-a"
+	// The count is written aside and renamed into place: `echo $i > /count` truncates before it writes, and a
+	// reader between the two would find an empty file (this test failed once that way).
 	k.runDetached(t, a, podArgs(pod), "sh", "-c",
-		"while [ ! -e /go ]; do sleep 0.2; done; i=0; while true; do head -c 65536 /dev/zero; i=$((i+1)); echo $i > /count; done")
+		"while [ ! -e /go ]; do sleep 0.2; done; i=0; while true; do head -c 65536 /dev/zero; i=$((i+1)); echo $i > /count.new; mv /count.new /count; done")
 	k.waitStatus(t, a, "RUNNING")
 	shims := k.shimProcesses()
 	if len(shims) != 1 {
