@@ -111,9 +111,14 @@ func Run(ctx context.Context, cfg Config) {
 		Containers: containers,
 		Network:    pod,
 		Ready:      guest.Ready,
-		// The guest's setup waits for the host's first request so as not
-		// to slow its answer down.
-		Answered: guest.Proceed,
+		// The guest's setup, and the pod namespace's creation, wait for the
+		// host's first request so as not to slow its answer down. A
+		// template guest is saved before any request: each clone makes its
+		// own namespace (and with it its own random hash mix).
+		Answered: func() {
+			guest.Proceed()
+			pod.Prepare()
+		},
 		Seeder:   KernelSeeder{},
 		Restored: guest.Restored,
 		OnShutdown: func(reason string) {

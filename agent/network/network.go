@@ -29,6 +29,8 @@ type Pod struct {
 	path string
 	log  *logrus.Entry
 
+	prepare sync.Once
+
 	mu         sync.Mutex
 	created    bool
 	configured bool
@@ -49,6 +51,20 @@ func (p *Pod) Path() (string, error) {
 		return "", err
 	}
 	return p.path, nil
+}
+
+// Prepare creates the pod namespace in the background, so that ConfigureNetwork or the first container finds it
+// made: under emulation its creation is some tens of milliseconds of the guest kernel's work, which can run on
+// another vCPU while the host is still setting the guest up. Calls after the first do nothing. A failure is only
+// logged: Path and ConfigureNetwork try again and return the error.
+func (p *Pod) Prepare() {
+	p.prepare.Do(func() {
+		go func() {
+			if _, err := p.Path(); err != nil {
+				p.log.WithError(err).Warn("prepare the pod network namespace")
+			}
+		}()
+	})
 }
 
 func (p *Pod) ensure() error {

@@ -1,0 +1,105 @@
+package network
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Prepare makes the pod namespace, loopback up, without anyone asking for its path; calling it again makes no
+// second one.
+func TestPrepare(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	path := filepath.Join(t.TempDir(), "pod")
+	p := New(path, logrus.NewEntry(logrus.StandardLogger()))
+	p.Prepare()
+	p.Prepare()
+	t.Cleanup(func() { _ = unix.Unmount(path, unix.MNT_DETACH) })
+	deadline := time.Now().Add(10 * time.Second)
+	for !isNamespace(path) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no network namespace bound on %s 10s after Prepare", path)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	got, err := p.Path()
+	if err != nil || got != path {
+		t.Fatalf("Path after Prepare: %q, %v; want %q", got, err, path)
+	}
+	h, err := p.handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lo.Attrs().Flags&unix.IFF_UP == 0 {
+		t.Errorf("lo in the prepared namespace is down: %v", lo.Attrs().Flags)
+	}
+	links, err := h.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(links) != 1 {
+		t.Errorf("the prepared namespace has links %v, want lo alone", linkNames(links))
+	}
+}
+
+// A namespace Prepare cannot make is logged, and Path meets the same error again rather than a half-made
+// namespace.
+func TestPrepareFailureLeftToPath(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	// A directory that cannot be made: its parent is a file.
+	parent := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(parent, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logger, logged := logtest.NewNullLogger()
+	p := New(filepath.Join(parent, "netns", "pod"), logrus.NewEntry(logger))
+	p.Prepare()
+	deadline := time.Now().Add(10 * time.Second)
+	for !warned(logged, "prepare the pod network namespace") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no warning 10s after a Prepare that cannot succeed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := p.Path(); err == nil || !strings.Contains(err.Error(), "create pod network namespace") {
+		t.Errorf("Path after a failed Prepare: %v, want the creation's error", err)
+	}
+}
+
+func warned(h *logtest.Hook, msg string) bool {
+	for _, e := range h.AllEntries() {
+		if e.Level == logrus.WarnLevel && e.Message == msg {
+			return true
+		}
+	}
+	return false
+}
+
+func isNamespace(path string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(path, &st) == nil && st.Type == unix.NSFS_MAGIC
+}
+
+func linkNames(links []netlink.Link) []string {
+	names := make([]string, 0, len(links))
+	for _, l := range links {
+		names = append(names, l.Attrs().Name)
+	}
+	return names
+}
