@@ -57,15 +57,13 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 	defer state.Close()
 	// Each clone has RAM of its own, a memfd nobody can shrink: the vhost-user back ends write into the memory
 	// they are given, the template must never change, and Kiln's vsock back end maps the RAM too (a file QEMU
-	// could truncate under it would kill the shim with SIGBUS).
-	copyStart := time.Now()
-	ram, n, err := sealedCopy(tpl.ram(), "kiln-clone-"+m.cfg.ID)
+	// could truncate under it would kill the shim with SIGBUS). It is filled while virtiofsd and QEMU start.
+	ram, err := startCloneRAM(tpl.ram(), "kiln-clone-"+m.cfg.ID)
 	if err != nil {
 		return fmt.Errorf("copy template RAM: %w", err)
 	}
 	// QEMU holds its own reference once started; the RAM goes with the last of QEMU and the back ends.
-	defer ram.Close()
-	m.log.WithFields(map[string]any{"bytes": n, "took": time.Since(copyStart).Round(time.Microsecond)}).Debug("template RAM copied")
+	defer ram.close()
 	cold := m.cfg
 	m.cfg.role = roleClone
 	m.cloneRAM = ram
@@ -86,7 +84,15 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
 	defer cancel()
 	q := m.qmp
+	// QEMU reads guest RAM from here on (a device's state refers to its rings there).
+	waitStart := time.Now()
+	n, err := m.cloneRAM.wait(ctx)
+	if err != nil {
+		return fmt.Errorf("copy template RAM: %w", err)
+	}
 	loadStart := time.Now()
+	m.log.WithFields(logrus.Fields{"bytes": n, "took": m.cloneRAM.took.Round(time.Microsecond),
+		"waited": loadStart.Sub(waitStart).Round(time.Microsecond)}).Debug("template RAM copied")
 	if err := q.execute(ctx, "migrate-set-capabilities", ignoreShared, nil); err != nil {
 		return err
 	}
@@ -184,56 +190,96 @@ func cloneBackends(c Config, fds fdLayout) []string {
 	return append(a, "-incoming", "defer")
 }
 
-// sealedCopy copies the file src into a new memfd (named name) of the same size, sealed against any change of
-// size: only src's data extents (SEEK_DATA/SEEK_HOLE) are copied, the rest stays unallocated zeros. It returns the
-// memfd and the bytes copied.
-func sealedCopy(src, name string) (_ *os.File, copied int64, retErr error) {
+// cloneRAM is a clone's guest RAM: a memfd of its template's RAM size that a goroutine fills with the template's
+// data while QEMU starts. QEMU may map it at once: it reads guest RAM only when the state loads, after wait.
+type cloneRAM struct {
+	file *os.File
+	done chan struct{}
+	// Set before done closes:
+	copied int64
+	took   time.Duration
+	err    error
+}
+
+// startCloneRAM creates a memfd (named name) of the file src's size and starts copying src's data extents
+// (SEEK_DATA/SEEK_HOLE) into it, then sealing it against any change of size; the rest stays unallocated zeros.
+func startCloneRAM(src, name string) (_ *cloneRAM, retErr error) {
 	in, err := os.Open(src)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
-	defer in.Close()
+	defer func() {
+		if retErr != nil {
+			in.Close()
+		}
+	}()
 	st, err := in.Stat()
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
-		return nil, 0, fmt.Errorf("create guest RAM memfd: %w", err)
+		return nil, fmt.Errorf("create guest RAM memfd: %w", err)
 	}
 	out := os.NewFile(uintptr(fd), name)
-	defer func() {
-		if retErr != nil {
-			out.Close()
-		}
-	}()
+	// QEMU checks the size when it maps the file, so that is set before QEMU starts.
 	if err := out.Truncate(st.Size()); err != nil {
-		return nil, 0, err
+		out.Close()
+		return nil, err
 	}
-	for off := int64(0); off < st.Size(); {
+	r := &cloneRAM{file: out, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		defer in.Close()
+		start := time.Now()
+		r.copied, r.err = fillSealed(in, out, st.Size())
+		r.took = time.Since(start)
+	}()
+	return r, nil
+}
+
+// wait blocks until the RAM is filled and sealed: the bytes copied, or why the RAM is unusable.
+func (r *cloneRAM) wait(ctx context.Context) (int64, error) {
+	select {
+	case <-r.done:
+		return r.copied, r.err
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}
+
+// close lets the copy finish and closes Kiln's descriptor of the RAM.
+func (r *cloneRAM) close() {
+	<-r.done
+	r.file.Close()
+}
+
+// fillSealed copies in's data extents into out, which has in's size, then seals out as QEMU seals its own
+// memfds (seal=on), which Kiln's vsock back end requires. It returns the bytes copied.
+func fillSealed(in, out *os.File, size int64) (copied int64, _ error) {
+	for off := int64(0); off < size; {
 		data, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
 		if errors.Is(err, unix.ENXIO) {
 			break // only a hole is left
 		}
 		if err != nil {
-			return nil, copied, fmt.Errorf("find data in %s: %w", src, err)
+			return copied, fmt.Errorf("find data in %s: %w", in.Name(), err)
 		}
 		hole, err := unix.Seek(int(in.Fd()), data, unix.SEEK_HOLE)
 		if err != nil {
-			return nil, copied, fmt.Errorf("find a hole in %s: %w", src, err)
+			return copied, fmt.Errorf("find a hole in %s: %w", in.Name(), err)
 		}
 		n, err := copyRange(in, out, data, hole-data)
 		copied += n
 		if err != nil {
-			return nil, copied, err
+			return copied, err
 		}
 		off = hole
 	}
-	// The seals QEMU's own memory-backend-memfd sets (seal=on), which Kiln's vsock back end requires.
 	if _, err := unix.FcntlInt(out.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
-		return nil, copied, fmt.Errorf("seal guest RAM memfd: %w", err)
+		return copied, fmt.Errorf("seal guest RAM memfd: %w", err)
 	}
-	return out, copied, nil
+	return copied, nil
 }
 
 // copyRange copies n bytes at off from in to out at the same offset, with copy_file_range where the file

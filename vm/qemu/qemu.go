@@ -146,8 +146,8 @@ type Machine struct {
 	fsErr error
 	// saveQMP is a template's second monitor, which can pass descriptors.
 	saveQMP *rawQMP
-	// cloneRAM is a clone's copy of its template's RAM (a sealed memfd) while it starts.
-	cloneRAM *os.File
+	// cloneRAM is a clone's copy of its template's RAM while it starts.
+	cloneRAM *cloneRAM
 	// incoming is a clone's template state while it starts.
 	incoming *os.File
 
@@ -402,7 +402,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		fds.incomingState = 3 + len(files)
 		files = append(files, m.incoming)
 		fds.memory = 3 + len(files)
-		files = append(files, m.cloneRAM)
+		files = append(files, m.cloneRAM.file)
 	}
 
 	cons, err := newConsole(m.paths.console, m.cfg.ConsoleToLog, m.log)

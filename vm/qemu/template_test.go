@@ -157,8 +157,9 @@ func TestTemplateKey(t *testing.T) {
 	}
 }
 
-// A clone's RAM is a memfd holding the template's data extents only, sealed as QEMU seals its own memfds.
-func TestSealedCopy(t *testing.T) {
+// A clone's RAM is a memfd of the template's size at once, then, once filled, holding the template's data extents
+// only, sealed as QEMU seals its own memfds.
+func TestCloneRAM(t *testing.T) {
 	src := filepath.Join(t.TempDir(), "src")
 	const size = 8 << 20
 	f, err := os.Create(src)
@@ -175,11 +176,19 @@ func TestSealedCopy(t *testing.T) {
 		}
 	}
 	f.Close()
-	mem, n, err := sealedCopy(src, "kiln-test")
+	ram, err := startCloneRAM(src, "kiln-test")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer mem.Close()
+	defer ram.close()
+	mem := ram.file
+	if st, err := mem.Stat(); err != nil || st.Size() != size {
+		t.Fatalf("memfd before the copy: %v, %v; want %d bytes", st, err, size)
+	}
+	n, err := ram.wait(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
 	a, _ := os.ReadFile(src)
 	b, err := io.ReadAll(io.NewSectionReader(mem, 0, size+1))
 	if err != nil {
@@ -207,6 +216,22 @@ func TestSealedCopy(t *testing.T) {
 	}
 	if err := mem.Truncate(size / 2); err == nil {
 		t.Error("the copy could be shrunk")
+	}
+}
+
+// A copy that fails in the background is reported by wait, which the restore calls before QEMU reads guest RAM.
+func TestCloneRAMCopyFailure(t *testing.T) {
+	// A directory opens and has a size, but cannot be read.
+	ram, err := startCloneRAM(t.TempDir(), "kiln-test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ram.close()
+	if _, err := ram.wait(context.Background()); err == nil || !strings.Contains(err.Error(), "is a directory") {
+		t.Errorf("wait: %v, want the copy's failure", err)
+	}
+	if _, err := startCloneRAM(filepath.Join(t.TempDir(), "missing"), "kiln-test"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing template RAM: %v", err)
 	}
 }
 
