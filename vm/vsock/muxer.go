@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -316,18 +317,21 @@ func (m *muxer) signal() {
 func (m *muxer) finish(c *conn, rst bool) { m.retire(c, rst, false) }
 
 // expire resets c because a timeout ran out, and counts it (connOwner).
-func (m *muxer) expire(c *conn) {
-	if m.retire(c, true, false) {
-		m.stats.connsKilled.Add(1)
-	}
-}
+func (m *muxer) expire(c *conn) { m.retireCounted(c, true, false, &m.stats.connsKilled) }
 
 // retire forgets c, queues a RST for the guest if asked, and closes the host side. It reports whether c was
 // still one of the muxer's connections.
-func (m *muxer) retire(c *conn, rst, flush bool) bool {
+func (m *muxer) retire(c *conn, rst, flush bool) bool { return m.retireCounted(c, rst, flush, nil) }
+
+// retireCounted is retire, counting c in counter (when not nil) if c was still live, before the guest can see
+// its RST.
+func (m *muxer) retireCounted(c *conn, rst, flush bool, counter *atomic.Uint64) bool {
 	m.mu.Lock()
 	live := m.conns[c.key] == c
 	if live {
+		if counter != nil {
+			counter.Add(1)
+		}
 		delete(m.conns, c.key)
 		m.unqueueLocked(c)
 		if rst {
