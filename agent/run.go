@@ -31,6 +31,10 @@ type Config struct {
 	// and guest programs without containers stay pure Go.
 	// It also gets the pod's network namespace, which its containers join.
 	Containers func(ctx context.Context, log *logrus.Entry, reaper *Reaper, pod *network.Pod) (agentv1.ContainersService, error)
+	// Warm, when set, runs in a template guest before its save: it builds what the program's own libraries
+	// build at first use and keep, so that the template's clones inherit it (see warmForClones). Its error is
+	// logged, not fatal.
+	Warm func() error
 }
 
 // PodNetNS is where the agent keeps the pod's network namespace (see agent/network).
@@ -136,7 +140,10 @@ func Run(ctx context.Context, cfg Config) {
 
 	log.WithFields(logrus.Fields{"port": APIPort, "init": time.Since(startedAt), "uptime": sinceBoot()}).Info("agent API ready")
 	if guest.Template() {
-		go guest.AnnounceTemplate(ctx, logger.Out)
+		go func() {
+			warmForClones(log, cfg.Warm)
+			guest.AnnounceTemplate(ctx, logger.Out)
+		}()
 	}
 
 	if err := waitForShutdown(log, shutdown, signals, served); err != nil {

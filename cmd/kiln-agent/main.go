@@ -36,7 +36,7 @@ func main() {
 	if container.IsInitReexec() {
 		container.RunInit()
 	}
-	agent.Run(context.Background(), agent.Config{Version: version, Containers: startContainers})
+	agent.Run(context.Background(), agent.Config{Version: version, Containers: startContainers, Warm: container.Warm})
 }
 
 // startContainers starts the container service, the stdio listener it
