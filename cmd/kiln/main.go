@@ -50,6 +50,8 @@ func newRoot() *cobra.Command {
 			logrus.SetOutput(os.Stderr)
 			if g.debug {
 				logrus.SetLevel(logrus.DebugLevel)
+				// A start's steps are milliseconds apart: the default's whole seconds would hide where it goes.
+				logrus.SetFormatter(&logrus.TextFormatter{FullTimestamp: true, TimestampFormat: "15:04:05.000000"})
 			}
 		},
 	}
