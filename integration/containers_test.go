@@ -321,3 +321,34 @@ func firstLine(s string) string {
 	line, _, _ := strings.Cut(s, "\n")
 	return strings.TrimSpace(line)
 }
+
+// A container's files stay in the guest's page cache across opens (shared_fs.cache "auto"), so a process that
+// runs or reads a file again is not served from the host again, yet a change the host makes in place, keeping
+// the file's size, reaches a process that keeps reading it within a second or so: the guest revalidates after
+// a second and drops what it cached once the modification time changed. The reader opens the file by its path
+// and lists no directory, so only the file's own revalidation can show the change.
+func TestHostChangeReachesCachedFile(t *testing.T) {
+	requireVM(t)
+	v := newContainerVM(t, 256)
+	probe := filepath.Join(v.bundle, "rootfs", "etc", "kiln-cache-probe")
+	if err := os.WriteFile(probe, []byte("first"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := newLineWatcher()
+	c := v.create(t, "reader", v.spec("sh", "-c", "while :; do cat /etc/kiln-cache-probe; echo; sleep 0.2; done"), "",
+		stdio.IO{Stdout: out})
+	if err := c.Start(testCtx(t, 60*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	out.waitFor(t, "first", 30*time.Second)
+	f, err := os.OpenFile(probe, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.WriteAt([]byte("again"), 0)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.waitFor(t, "again", 10*time.Second)
+}

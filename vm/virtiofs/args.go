@@ -18,15 +18,28 @@ func args(c Config) []string {
 		// /var/run/virtiofsd when it is killed.
 		"--fd=" + strconv.Itoa(listenFD),
 		"-o", "source=" + c.SourceDir,
-		"-o", "cache=" + string(c.Cache),
+	}
+	if c.Cache == CacheAuto {
+		// virtiofsd's "auto" differs from its "always" in two ways: files and directories are opened without
+		// FOPEN_KEEP_CACHE and FOPEN_CACHE_DIR, so the guest drops a file's cached data at every open, and
+		// metadata is trusted for 1 s instead of a day. The first made every exec in a container read the
+		// binary through virtio-fs again and, under TCG, translate all of its code again (about 3,500 blocks
+		// for each `busybox true` in a shell loop). "always" with auto's timeout keeps the cache across opens;
+		// the guest kernel (FUSE_AUTO_INVAL_DATA, on by default) drops it when a revalidation finds the size or
+		// the modification time changed.
+		a = append(a, "-o", "cache="+string(CacheAlways), "-o", "timeout=1")
+	} else {
+		a = append(a, "-o", "cache="+string(c.Cache))
+	}
+	a = append(a,
 		// The namespace sandbox pivots into the source inside a new mount namespace whose mounts are slaves of
 		// the host's, so mounts made under the source after start still reach the guest.
 		"-o", "sandbox=namespace",
 		// Without it the guest would see files of different host file systems under one device number, and
 		// inode numbers could collide; with it each host mount becomes a submount in the guest.
 		"-o", "announce_submounts",
-		"-o", "log_level=" + c.LogLevel,
-	}
+		"-o", "log_level="+c.LogLevel,
+	)
 	if c.Xattr {
 		// File capabilities (security.capability) and overlay in the guest need extended attributes.
 		a = append(a, "-o", "xattr")

@@ -16,15 +16,27 @@ func TestArgs(t *testing.T) {
 	}{
 		{
 			name: "defaults",
-			want: []string{"--fd=3", "source=/run/kiln/vm1/share/shared", "cache=auto", "sandbox=namespace",
+			want: []string{"--fd=3", "source=/run/kiln/vm1/share/shared", "sandbox=namespace",
 				"announce_submounts", "no_xattr", "log_level=warn"},
 			notWant: []string{"xattr", "--socket-path"},
+		},
+		{
+			// Kiln's auto keeps the guest's cache across opens, with auto's one-second revalidation.
+			name:    "cache auto",
+			want:    []string{"cache=always", "timeout=1"},
+			notWant: []string{"cache=auto"},
+		},
+		{
+			name:    "cache always",
+			mutate:  func(c *Config) { c.Cache = CacheAlways },
+			want:    []string{"cache=always"},
+			notWant: []string{"timeout=1"},
 		},
 		{
 			name:    "xattr and cache none",
 			mutate:  func(c *Config) { c.Xattr = true; c.Cache = CacheNone },
 			want:    []string{"xattr", "cache=none"},
-			notWant: []string{"no_xattr", "cache=auto"},
+			notWant: []string{"no_xattr", "cache=always", "timeout=1"},
 		},
 		{
 			name:   "thread pool and extra args last",

@@ -31,7 +31,10 @@ type Cache string
 
 // Cache modes of virtiofsd.
 const (
-	// CacheAuto revalidates cached data after a timeout and on open: host changes show up within a second.
+	// CacheAuto keeps what the guest cached of a file across opens and revalidates a file's metadata after a
+	// second; the guest drops its cached data when the file's size or modification time changed, so host
+	// changes show up within a second. (virtiofsd's own "auto" drops the cached data on every open, so the
+	// guest reads an executable anew each time it runs it; see args.)
 	CacheAuto Cache = "auto"
 	// CacheAlways never revalidates: fastest, for trees only the guest changes.
 	CacheAlways Cache = "always"
