@@ -167,6 +167,11 @@ func TestSharedFSStartFailures(t *testing.T) {
 			"apt-get install qemu-system-common"},
 		{"shared directory missing", func(c *qemu.Config, d string) { c.SharedDir = d + "-missing" }, "shared directory"},
 		{"QEMU fails after virtiofsd started", func(c *qemu.Config, d string) { c.SharedDir = d; c.QEMU = "/bin/false" }, "QEMU"},
+		// virtiofsd refuses an option: its own failure is the one reported, with what it wrote.
+		{"virtiofsd exits early", func(c *qemu.Config, d string) {
+			c.SharedDir = d
+			c.Virtiofsd.ExtraArgs = []string{"-o", "no_such_option"}
+		}, "virtiofsd stderr"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
