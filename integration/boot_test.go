@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -61,6 +62,14 @@ func TestBootGuestInfo(t *testing.T) {
 	// The agent left the initramfs, so containers are entered with pivot_root (issue 11, finding 13).
 	if !info.GetPivotRoot() {
 		t.Error("the guest's root is the initial ramfs: containers would be entered with MS_MOVE and chroot")
+	}
+	// Under TCG QEMU tells what it translated: a booted guest has run tens of thousands of blocks of code.
+	switch tr, err := m.Translation(context.Background()); {
+	case errors.Is(err, qemu.ErrNoTranslation):
+	case err != nil:
+		t.Errorf("translation statistics: %v", err)
+	case tr.Blocks < 10000 || tr.CodeBytes < int64(tr.Blocks)*50:
+		t.Errorf("translation statistics %+v, want tens of thousands of blocks and their code", tr)
 	}
 	if err := m.Pause(context.Background()); err != nil {
 		t.Fatalf("pause: %v", err)

@@ -70,11 +70,15 @@ func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work s
 		return err
 	}
 	defer func() { retErr = errors.Join(retErr, r.delete()) }()
-	kilnExec, vsockPath, stopKiln, err := startKiln(ctx, base, initrd, bundle, spec)
+	kilnExec, vsockPath, translation, stopKiln, err := startKiln(ctx, base, initrd, bundle, spec)
 	if err != nil {
 		return err
 	}
 	defer func() { retErr = errors.Join(retErr, stopKiln()) }()
+	started, tcg, err := translated(ctx, translation)
+	if err != nil {
+		return err
+	}
 	runcExec := func(w io.Writer, args ...string) (time.Duration, error) { return r.exec(ctx, w, args...) }
 
 	rr, kr, err := sampleBoth(runcExec, kilnExec, runs, thrRuns)
@@ -93,6 +97,45 @@ func containerBench(ctx context.Context, base qemu.Config, initrd, tools, work s
 		kr.mbPerSec, rr.mbPerSec, kr.mbPerSec/rr.mbPerSec)
 	fmt.Printf("%-40s %10.1f %10s %10s\n", "raw vsock from the guest, MB/s", raw, "", "")
 	fmt.Printf("%-40s %10.2f %10s %10s   (target >= 0.8)\n", "stdout / raw vsock", kr.mbPerSec/raw, "", "")
+	if tcg {
+		return printTranslation(ctx, started, translation, kilnExec)
+	}
+	return nil
+}
+
+// execsTranslated is how many execs of `true` the per-exec translation figure averages.
+const execsTranslated = 10
+
+// translated is the VM's translation statistics, and false under KVM, where there are none.
+func translated(ctx context.Context, translation func(context.Context) (qemu.Translation, error)) (qemu.Translation, bool, error) {
+	t, err := translation(ctx)
+	if errors.Is(err, qemu.ErrNoTranslation) {
+		return t, false, nil
+	}
+	return t, err == nil, err
+}
+
+// printTranslation prints how much guest code QEMU translated (TCG's blocks): from the VM's start to the
+// benchmark container running (the VM starts from its template, as by default), and for each exec of `true`
+// once the exec path has run. Unlike times, these counts do not move with the host's load.
+func printTranslation(ctx context.Context, started qemu.Translation, translation func(context.Context) (qemu.Translation, error), exec execFunc) error {
+	before, err := translation(ctx)
+	if err != nil {
+		return err
+	}
+	for range execsTranslated {
+		if _, err := exec(io.Discard, "true"); err != nil {
+			return err
+		}
+	}
+	after, err := translation(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("%-40s %10s\n", "guest code translated (TCG)", "blocks")
+	fmt.Printf("%-40s %10d   (%.1f MB of translated code)\n", "  VM start to the container running", started.Blocks, float64(started.CodeBytes)/1e6)
+	fmt.Printf("%-40s %10d   (mean of %d; blocks invalidated: %d)\n", "  each exec of `true` after the first", (after.Blocks-before.Blocks)/execsTranslated,
+		execsTranslated, after.Invalidated-before.Invalidated)
 	return nil
 }
 
@@ -179,16 +222,16 @@ func sampleBoth(runc, kiln execFunc, runs, thrRuns int) (rr, kr containerResult,
 	return result(sides[0]), result(sides[1]), nil
 }
 
-// startKiln boots a pod, creates and starts the benchmark container in it and returns how to exec in it and
-// how to tear it all down.
-func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, spec *specs.Spec) (_ execFunc, vsockPath string, _ func() error, retErr error) {
+// startKiln boots a pod, creates and starts the benchmark container in it and returns how to exec in it, how to
+// read its QEMU's translation statistics, and how to tear it all down.
+func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, spec *specs.Spec) (_ execFunc, vsockPath string, translation func(context.Context) (qemu.Translation, error), _ func() error, retErr error) {
 	cfg := config.Default()
 	cfg.Runtime.StateDir = base.StateRoot
 	cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = base.Kernel, initrd
 	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = base.VCPUs, base.MemoryMiB
 	p, err := pod.New(ctx, pod.Options{ID: "kiln-containers", Config: cfg, Log: base.Log})
 	if err != nil {
-		return nil, "", nil, err
+		return nil, "", nil, nil, err
 	}
 	closePod := func() error { return p.Close(context.WithoutCancel(ctx)) }
 	defer func() {
@@ -198,12 +241,12 @@ func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, 
 	}()
 	b, err := bundle.Load(bundleDir)
 	if err != nil {
-		return nil, "", nil, err
+		return nil, "", nil, nil, err
 	}
 	b.Spec = spec
 	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: "bench", Bundle: b})
 	if err != nil {
-		return nil, "", nil, err
+		return nil, "", nil, nil, err
 	}
 	stop := func() error {
 		_, err := p.DeleteContainer(context.WithoutCancel(ctx), c, true)
@@ -211,7 +254,7 @@ func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, 
 	}
 	if err := c.Start(ctx); err != nil {
 		_, derr := p.DeleteContainer(context.WithoutCancel(ctx), c, true)
-		return nil, "", nil, errors.Join(err, derr)
+		return nil, "", nil, nil, errors.Join(err, derr)
 	}
 	n := 0
 	execOnce := func(w io.Writer, args ...string) (time.Duration, error) {
@@ -241,7 +284,14 @@ func startKiln(ctx context.Context, base qemu.Config, initrd, bundleDir string, 
 	if m, ok := p.Machine().(interface{ VsockPath() string }); ok {
 		vsock = m.VsockPath()
 	}
-	return execOnce, vsock, stop, nil
+	m, ok := p.Machine().(interface {
+		Translation(context.Context) (qemu.Translation, error)
+	})
+	if !ok {
+		_, derr := p.DeleteContainer(context.WithoutCancel(ctx), c, true)
+		return nil, "", nil, nil, errors.Join(fmt.Errorf("the pod's machine %T reports no translation statistics", p.Machine()), derr)
+	}
+	return execOnce, vsock, m.Translation, stop, nil
 }
 
 func medianFloat(xs []float64) float64 {
