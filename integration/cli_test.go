@@ -41,6 +41,8 @@ func TestCLIVMBootJSON(t *testing.T) {
 		KernelRelease string  `json:"kernel_release"`
 		ReadyMS       float64 `json:"boot_to_agent_ready_ms"`
 		AgentVersion  string  `json:"agent_version"`
+		Accelerator   string  `json:"accelerator"`
+		Translated    int     `json:"translated_blocks"`
 	}
 	if err := json.Unmarshal(out, &res); err != nil {
 		t.Fatalf("decode %s: %v", out, err)
@@ -51,6 +53,10 @@ func TestCLIVMBootJSON(t *testing.T) {
 	}
 	if res.ReadyMS <= 0 || res.AgentVersion == "" {
 		t.Errorf("implausible result %+v", res)
+	}
+	// Under TCG the boot's translated code is reported, under KVM nothing.
+	if (res.Accelerator == "tcg") != (res.Translated > 10000) {
+		t.Errorf("accelerator %q with %d translated blocks", res.Accelerator, res.Translated)
 	}
 	checkNoLeftovers(t, stateRoot, "boot-")
 }

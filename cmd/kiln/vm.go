@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -53,6 +54,10 @@ type bootResult struct {
 	// BootToAgentReadyMS is from QEMU's start to the agent's first successful health check.
 	BootToAgentReadyMS float64 `json:"boot_to_agent_ready_ms"`
 	StopMS             float64 `json:"stop_ms"`
+	// TranslatedBlocks and TranslatedCodeBytes are what QEMU translated of the guest's code to boot it, under
+	// TCG only (qemu.Translation).
+	TranslatedBlocks    int   `json:"translated_blocks,omitempty"`
+	TranslatedCodeBytes int64 `json:"translated_code_bytes,omitempty"`
 }
 
 func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
@@ -80,6 +85,7 @@ func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
 	}
 	ready := time.Since(start)
 	info, infoErr := sb.GuestInfo(ctx)
+	tr, trErr := m.Translation(ctx)
 	stopStart := time.Now()
 	stopErr := sb.Stop(context.WithoutCancel(ctx))
 	if infoErr != nil {
@@ -88,7 +94,14 @@ func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
 	if stopErr != nil {
 		return bootResult{}, stopErr
 	}
-	return resultFrom(info, string(qcfg.Accel), ready, time.Since(stopStart)), nil
+	res := resultFrom(info, string(qcfg.Accel), ready, time.Since(stopStart))
+	switch {
+	case trErr == nil:
+		res.TranslatedBlocks, res.TranslatedCodeBytes = tr.Blocks, tr.CodeBytes
+	case !errors.Is(trErr, qemu.ErrNoTranslation):
+		log.WithError(trErr).Warn("no translation statistics")
+	}
+	return res, nil
 }
 
 func resultFrom(info *agentv1.GuestInfo, accelerator string, ready, stop time.Duration) bootResult {
@@ -128,6 +141,9 @@ func printBoot(w io.Writer, r bootResult, asJSON bool) error {
 	fmt.Fprintf(w, "accelerator:         %s\n", r.Accelerator)
 	fmt.Fprintf(w, "boot to agent ready: %.1f ms\n", r.BootToAgentReadyMS)
 	fmt.Fprintf(w, "stop:                %.1f ms\n", r.StopMS)
+	if r.TranslatedBlocks > 0 {
+		fmt.Fprintf(w, "guest code translated: %d blocks, %.1f MB\n", r.TranslatedBlocks, float64(r.TranslatedCodeBytes)/1e6)
+	}
 	return nil
 }
 
