@@ -319,13 +319,12 @@ func (m *muxer) finish(c *conn, rst bool) { m.retire(c, rst, false) }
 // expire resets c because a timeout ran out, and counts it (connOwner).
 func (m *muxer) expire(c *conn) { m.retireCounted(c, true, false, &m.stats.connsKilled) }
 
-// retire forgets c, queues a RST for the guest if asked, and closes the host side. It reports whether c was
-// still one of the muxer's connections.
-func (m *muxer) retire(c *conn, rst, flush bool) bool { return m.retireCounted(c, rst, flush, nil) }
+// retire forgets c, queues a RST for the guest if asked, and closes the host side.
+func (m *muxer) retire(c *conn, rst, flush bool) { m.retireCounted(c, rst, flush, nil) }
 
-// retireCounted is retire, counting c in counter (when not nil) if c was still live, before the guest can see
-// its RST.
-func (m *muxer) retireCounted(c *conn, rst, flush bool, counter *atomic.Uint64) bool {
+// retireCounted is retire, counting c in counter (when not nil) if c was still one of the muxer's connections,
+// before the guest can see its RST.
+func (m *muxer) retireCounted(c *conn, rst, flush bool, counter *atomic.Uint64) {
 	m.mu.Lock()
 	live := m.conns[c.key] == c
 	if live {
@@ -343,7 +342,6 @@ func (m *muxer) retireCounted(c *conn, rst, flush bool, counter *atomic.Uint64) 
 	if rst {
 		m.signal()
 	}
-	return live
 }
 
 // unqueueLocked takes c out of rxq. Without it a guest that makes connections and ends them before taking their
