@@ -86,22 +86,23 @@ func (m *Machine) quit(ctx context.Context) error {
 
 // Pause implements vm.Machine.
 func (m *Machine) Pause(ctx context.Context) error {
-	return m.qmpCommand(ctx, "stop")
+	return m.qmpCommand(ctx, "stop", nil, nil)
 }
 
 // Resume implements vm.Machine.
 func (m *Machine) Resume(ctx context.Context) error {
-	return m.qmpCommand(ctx, "cont")
+	return m.qmpCommand(ctx, "cont", nil, nil)
 }
 
-func (m *Machine) qmpCommand(ctx context.Context, cmd string) error {
+// qmpCommand runs one QMP command on the running VM; result, when not nil, receives its "return" value.
+func (m *Machine) qmpCommand(ctx context.Context, cmd string, arguments, result any) error {
 	m.mu.Lock()
 	q := m.qmp
 	m.mu.Unlock()
 	if q == nil {
 		return fmt.Errorf("%s vm %s: not running", cmd, m.cfg.ID)
 	}
-	if err := q.execute(ctx, cmd, nil, nil); err != nil {
+	if err := q.execute(ctx, cmd, arguments, result); err != nil {
 		return fmt.Errorf("%s vm %s: %w", cmd, m.cfg.ID, err)
 	}
 	return nil

@@ -33,15 +33,9 @@ func (m *Machine) Translation(ctx context.Context) (Translation, error) {
 	if m.cfg.Accel != accel.TCG {
 		return Translation{}, fmt.Errorf("vm %s: %w", m.cfg.ID, ErrNoTranslation)
 	}
-	m.mu.Lock()
-	q := m.qmp
-	m.mu.Unlock()
-	if q == nil {
-		return Translation{}, fmt.Errorf("translation statistics of vm %s: not running", m.cfg.ID)
-	}
 	var text string
-	if err := q.execute(ctx, "human-monitor-command", map[string]any{"command-line": "info jit"}, &text); err != nil {
-		return Translation{}, fmt.Errorf("translation statistics of vm %s: %w", m.cfg.ID, err)
+	if err := m.qmpCommand(ctx, "human-monitor-command", map[string]any{"command-line": "info jit"}, &text); err != nil {
+		return Translation{}, fmt.Errorf("translation statistics: %w", err)
 	}
 	t, err := parseJIT(text)
 	if err != nil {
