@@ -350,6 +350,20 @@ func gone(pid int, timeout time.Duration) bool {
 	return true
 }
 
+// execedCmdline reads pid's command line, waiting up to timeout for it to be there. exec's caller learns that the
+// exec succeeded once the new program's memory is in place, which is before the kernel has copied the arguments
+// into it: a read in between finds an empty command line.
+func execedCmdline(pid int, timeout time.Duration) []byte {
+	deadline := time.Now().Add(timeout)
+	for {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if len(b) > 0 || time.Now().After(deadline) {
+			return b
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 const helperEnv = "KILN_CHILD_TEST_HELPER"
 
 // TestMain lets the test binary act as a parent process that is killed: it starts `sleep` through Start,
@@ -393,7 +407,7 @@ func TestParentDeathKillsTheProgram(t *testing.T) {
 	if err != nil {
 		t.Fatalf("parent said %q", line)
 	}
-	if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); !bytes.HasPrefix(cmdline, []byte("sleep\x00")) {
+	if cmdline := execedCmdline(pid, 5*time.Second); !bytes.HasPrefix(cmdline, []byte("sleep\x00")) {
 		t.Fatalf("pid %d is %q, not the sleep the parent started", pid, cmdline)
 	}
 	if err := parent.Process.Kill(); err != nil {
