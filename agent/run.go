@@ -44,8 +44,9 @@ const PodNetNS = "/run/kiln/netns/pod"
 const (
 	// ttrpc's Server.Shutdown may close a connection whose request has been
 	// handled but whose reply is not written yet (it sees the connection as
-	// idle until the reply goes out), so the reply to Shutdown gets a moment
-	// to leave first.
+	// idle until the reply goes out). So after a Shutdown request the agent
+	// waits for the host, which hangs up once it has the reply, for at most
+	// this long.
 	shutdownReplyGrace = 100 * time.Millisecond
 	// The host usually hangs up by itself; a stuck client must not keep the
 	// guest up.
@@ -146,8 +147,16 @@ func Run(ctx context.Context, cfg Config) {
 		}()
 	}
 
-	if err := waitForShutdown(log, shutdown, signals, served); err != nil {
+	requested, err := waitForShutdown(log, shutdown, signals, served)
+	if err != nil {
 		Fatal(log, err)
+	}
+	if requested {
+		graceCtx, graceCancel := context.WithTimeout(ctx, shutdownReplyGrace)
+		if err := srv.WaitHungUp(graceCtx); err != nil {
+			log.Debug("the host did not hang up after its Shutdown request")
+		}
+		graceCancel()
 	}
 	drainCtx, drainCancel := context.WithTimeout(ctx, shutdownDrainTimeout)
 	if err := srv.Shutdown(drainCtx); err != nil {
@@ -158,27 +167,27 @@ func Run(ctx context.Context, cfg Config) {
 	PowerOff(log)
 }
 
-// waitForShutdown returns nil when the guest should power off in order and an
+// waitForShutdown returns when the guest should power off in order, requested
+// saying whether a Shutdown request (not a signal) asked for it, and with an
 // error when the agent API stopped serving by itself.
-func waitForShutdown(log *logrus.Entry, shutdown <-chan string, signals <-chan os.Signal, served <-chan error) error {
+func waitForShutdown(log *logrus.Entry, shutdown <-chan string, signals <-chan os.Signal, served <-chan error) (requested bool, err error) {
 	for {
 		select {
 		case reason := <-shutdown:
 			log.WithField("reason", reason).Info("shutting down")
-			time.Sleep(shutdownReplyGrace)
-			return nil
+			return true, nil
 		case sig := <-signals:
 			if sig == unix.SIGHUP {
 				log.Info("ignoring SIGHUP")
 				continue
 			}
 			log.WithField("signal", sig).Info("shutting down on signal")
-			return nil
+			return false, nil
 		case err := <-served:
 			if err == nil {
 				err = fmt.Errorf("agent API server stopped")
 			}
-			return err
+			return false, err
 		}
 	}
 }

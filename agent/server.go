@@ -63,6 +63,7 @@ type Server struct {
 	agentInit    time.Duration
 	shuttingDown atomic.Bool
 	shutdownOnce sync.Once
+	conns        *openConns
 }
 
 // NewServer builds a server; it serves nothing until Serve.
@@ -70,7 +71,7 @@ func NewServer(log *logrus.Entry, cfg ServerConfig) (*Server, error) {
 	if cfg.Root == "" {
 		cfg.Root = "/"
 	}
-	s := &Server{cfg: cfg, log: log}
+	s := &Server{cfg: cfg, log: log, conns: newOpenConns()}
 	if !cfg.StartedAt.IsZero() {
 		s.agentInit = time.Since(cfg.StartedAt)
 	}
@@ -94,7 +95,7 @@ func NewServer(log *logrus.Entry, cfg ServerConfig) (*Server, error) {
 // Shutdown and the listener's error otherwise. It may be called for several
 // listeners at once.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
-	err := s.ttrpc.Serve(ctx, l)
+	err := s.ttrpc.Serve(ctx, countingListener{Listener: l, conns: s.conns})
 	if errors.Is(err, ttrpc.ErrServerClosed) {
 		return nil
 	}
@@ -103,6 +104,9 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	}
 	return nil
 }
+
+// WaitHungUp returns once no connection to the API is open (the host has hung up), or with ctx's error.
+func (s *Server) WaitHungUp(ctx context.Context) error { return s.conns.waitNone(ctx) }
 
 // Shutdown closes the listeners, then each connection once it has no
 // request in flight, and returns when all are closed or ctx is done.

@@ -21,6 +21,7 @@ type testAgent struct {
 	server     *Server
 	shutdowns  chan string
 	clientConn *ttrpc.Client
+	sock       string
 }
 
 // startAgent serves the API on a unix socket, as the agent does on vsock.
@@ -41,6 +42,7 @@ func startAgent(t *testing.T, allowShutdown bool) *testAgent {
 	}
 	ta.server = srv
 	sock := filepath.Join(t.TempDir(), "agent.sock")
+	ta.sock = sock
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
@@ -133,5 +135,35 @@ func TestServerShutdownEndsServe(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Serve did not return after Shutdown")
+	}
+}
+
+// After a Shutdown request the agent waits for the host to hang up, not for a fixed time: WaitHungUp returns
+// once the client's connection is closed, and not while it stays open.
+func TestWaitHungUpFollowsTheHostsConnection(t *testing.T) {
+	ta := startAgent(t, true)
+	ctx := context.Background()
+	if _, err := ta.agent.Shutdown(ctx, &agentv1.ShutdownRequest{Reason: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if err := ta.server.WaitHungUp(short); err == nil {
+		t.Fatal("WaitHungUp returned while the host's connection was open")
+	}
+	// A second connection, already closed by the host, must not hold the wait up.
+	other, err := net.Dial("unix", ta.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := agentv1.NewHealthClient(ttrpc.NewClient(other)).Check(ctx, &agentv1.CheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	_ = other.Close()
+	_ = ta.clientConn.Close()
+	long, cancel2 := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel2()
+	if err := ta.server.WaitHungUp(long); err != nil {
+		t.Fatalf("WaitHungUp after the host hung up: %v", err)
 	}
 }
