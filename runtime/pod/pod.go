@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -458,22 +459,28 @@ func (p *Pod) Close(ctx context.Context) error {
 			p.log.WithFields(logrus.Fields{"refused": refused, "failed": failed}).Info("port-forward connections not carried")
 		}
 	}
+	start := time.Now()
 	if p.sb != nil {
 		if err := p.sb.Stop(ctx); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	vmStopped := time.Now()
 	if err := p.closeNetwork(); err != nil {
 		errs = append(errs, err)
 	}
+	netClosed := time.Now()
 	if err := p.share.Close(); err != nil {
 		errs = append(errs, err)
 	}
+	shareClosed := time.Now()
 	if p.cgroup != nil {
 		if err := p.cgroup.Leave(); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	p.log.WithFields(logrus.Fields{"vm": vmStopped.Sub(start), "network": netClosed.Sub(vmStopped),
+		"share": shareClosed.Sub(netClosed), "cgroup": time.Since(shareClosed)}).Debug("pod stopped")
 	if len(errs) > 0 {
 		return fmt.Errorf("stop pod %s: %w", p.id, errors.Join(errs...))
 	}
