@@ -161,10 +161,11 @@ install: build image
 	for f in $(INSTALL_SHARE); do install -m 0644 $(SHARE)/$$f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
 
 uninstall:
+	-pkill -TERM -f '^[^ ]*containerd-shim-kiln-v2 spare ' 2>/dev/null
 	for f in $(INSTALL_BINS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$f; done
 	for f in $(INSTALL_SHARE); do rm -f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
 	-rmdir $(DESTDIR)$(PREFIX)/share/kiln 2>/dev/null
-	rm -rf $(DESTDIR)$(TEMPLATE_DIR)
+	rm -rf $(DESTDIR)$(TEMPLATE_DIR) /run/kiln/spare
 
 clean:
 	rm -rf $(OUT)

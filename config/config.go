@@ -96,7 +96,13 @@ type Hypervisor struct {
 	// beyond it are removed. Each VM shape (vCPUs, memory, kernel parameters: pod annotations can vary them) has a
 	// template of its own, tens of MiB of tmpfs each.
 	TemplateMax int `toml:"template_max"`
+	// Spare keeps, for each containerd, one shim started ahead of demand with its VM booted and warmed by a
+	// throwaway container: the next task's shim is that one (runtime/spare).
+	Spare bool `toml:"spare"`
 }
+
+// SpareIdle is how long a spare shim waits for a task before it stops its VM and exits.
+const SpareIdle = 10 * time.Minute
 
 // DefaultTemplateMax is hypervisor.template_max's default: room for the shapes a host commonly runs.
 const DefaultTemplateMax = 8

@@ -14,6 +14,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/runtime/manager"
 	"github.com/kiln-runtime/kiln/runtime/network"
+	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
 
@@ -23,7 +24,15 @@ var version = "dev"
 func main() {
 	// The shim re-executes itself to hold a pod's network namespace for OCI hooks.
 	network.RunHolderIfAsked()
-	task.Register(version)
+	var sp *task.Spare
+	if len(os.Args) > 1 && os.Args[1] == spare.SpareArg {
+		var err error
+		if sp, err = runSpare(os.Args[2:]); err != nil {
+			fmt.Fprintf(os.Stderr, "%s: spare shim: %s\n", manager.RuntimeName, err)
+			os.Exit(1)
+		}
+	}
+	task.Register(version, sp)
 	s := managerShim{manager.New(version)}
 	// containerd before 2.3 runs `start` in a way pkg/shim no longer serves (legacy.go).
 	if handled, err := startLegacy(context.Background(), s, os.Args[1:], os.Stdout); handled || err != nil {

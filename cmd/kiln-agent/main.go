@@ -14,6 +14,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 
 	// nsenter's constructor joins or creates the container's namespaces
 	// when the binary runs as a container init, before Go starts; in the
@@ -35,6 +36,10 @@ var version = "dev"
 func main() {
 	if container.IsInitReexec() {
 		container.RunInit()
+	}
+	if os.Getenv(agentv1.WarmExitEnv) == "1" {
+		// A spare's warm-up container (see agentv1.WarmExitEnv): its work is done.
+		return
 	}
 	agent.Run(context.Background(), agent.Config{Version: version, Containers: startContainers, Warm: container.Warm})
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
+	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/child"
 	"github.com/kiln-runtime/kiln/vm/qemu"
@@ -108,7 +109,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkSandbox(cfg, qemuPath))
 	out = append(out, checkQEMUUser(cfg))
 	out = append(out, checkCgroup(cfg))
-	out = append(out, checkFastStart(cfg, qemu.Statfs))
+	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg))
 	out = append(out, checkPortForward(portforward.Probe))
 
 	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
@@ -251,4 +252,23 @@ func checkFastStart(cfg config.Config, fsType func(path string) (int64, error)) 
 		return checkResult{"fast start", "warn", "does not apply: " + why + "; VMs boot"}
 	}
 	return checkResult{"fast start", "ok", fmt.Sprintf("applies: pod VMs are restored from templates in %s (tmpfs)", cfg.Hypervisor.TemplateDir)}
+}
+
+// checkSpare reports whether spare shims are on (hypervisor.spare) and which wait now, one per containerd.
+func checkSpare(cfg config.Config) checkResult {
+	if !cfg.Hypervisor.Spare {
+		return checkResult{"spare shims", "ok", "off: each task's shim starts its VM (hypervisor.spare = false)"}
+	}
+	var now []string
+	for _, sp := range spare.All() {
+		state := "booting"
+		if sp.Ready {
+			state = "ready"
+		}
+		now = append(now, fmt.Sprintf("pid %d for %s, %s", sp.Pid, sp.Address, state))
+	}
+	if len(now) == 0 {
+		now = []string{"none now"}
+	}
+	return checkResult{"spare shims", "ok", "on: one per containerd, started by a task's shim; " + strings.Join(now, "; ")}
 }

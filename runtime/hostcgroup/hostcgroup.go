@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"strconv"
 	"strings"
 
 	"github.com/containerd/cgroups/v3"
@@ -32,8 +33,9 @@ type Group struct {
 }
 
 // Enter creates the cgroup at p (absolute, cgroupfs form) and moves process pid into it, remembering where
-// it was.
-func Enter(p string, pid int) (*Group, error) {
+// it was. The processes in trees go too, each with every process below it: a spare shim's QEMU and virtiofsd,
+// started before it knew its pod. Leave takes back only pid.
+func Enter(p string, pid int, trees ...int) (*Group, error) {
 	if strings.Contains(p, ":") {
 		return nil, fmt.Errorf("cgroup %s: %w", p, ErrSystemdPath)
 	}
@@ -57,6 +59,10 @@ func Enter(p string, pid int) (*Group, error) {
 			_ = g.v2.Delete()
 			return nil, fmt.Errorf("move process %d to cgroup %s: %w", pid, p, err)
 		}
+		if err := g.moveTrees(trees); err != nil {
+			_ = g.Leave()
+			return nil, err
+		}
 		return g, nil
 	}
 	var err error
@@ -70,7 +76,60 @@ func Enter(p string, pid int) (*Group, error) {
 		_ = g.v1.Delete()
 		return nil, fmt.Errorf("move process %d to cgroup %s: %w", pid, p, err)
 	}
+	if err := g.moveTrees(trees); err != nil {
+		_ = g.Leave()
+		return nil, err
+	}
 	return g, nil
+}
+
+// moveTrees moves each process of roots, and every process below it (found through /proc/PID/task/*/children),
+// into the group.
+func (g *Group) moveTrees(roots []int) error {
+	for _, root := range roots {
+		for _, pid := range append([]int{root}, descendants(root)...) {
+			var err error
+			if g.v2 != nil {
+				err = g.v2.AddProc(uint64(pid))
+			} else {
+				err = g.v1.AddProc(uint64(pid))
+			}
+			// A process that has just exited is not in the way.
+			if err != nil && processExists(pid) {
+				return fmt.Errorf("move process %d to cgroup %s: %w", pid, g.path, err)
+			}
+		}
+	}
+	return nil
+}
+
+// descendants lists the processes below pid, parents before their children.
+func descendants(pid int) []int {
+	var out []int
+	queue := []int{pid}
+	for len(queue) > 0 {
+		p := queue[0]
+		queue = queue[1:]
+		tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", p))
+		for _, t := range tasks {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", p, t.Name()))
+			if err != nil {
+				continue
+			}
+			for _, f := range strings.Fields(string(b)) {
+				if c, err := strconv.Atoi(f); err == nil {
+					out = append(out, c)
+					queue = append(queue, c)
+				}
+			}
+		}
+	}
+	return out
+}
+
+func processExists(pid int) bool {
+	_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+	return err == nil
 }
 
 // Path is the cgroup's path.

@@ -28,6 +28,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/proto/features"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
 
@@ -36,6 +37,10 @@ const RuntimeName = "io.containerd.kiln.v2"
 
 // SandboxAnnotation is the annotation CRI puts on every container of a pod, naming the pod's sandbox.
 const SandboxAnnotation = "io.kubernetes.cri.sandbox-id"
+
+// spareHandOverTimeout bounds handing a task to a spare shim; a spare that does not answer in time is passed
+// over, and `start` starts the server itself.
+const spareHandOverTimeout = 5 * time.Second
 
 // Manager implements containerd's shim.Manager for Kiln.
 type Manager struct {
@@ -108,6 +113,16 @@ func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ 
 		return params, err
 	}
 	cmd.ExtraFiles = []*os.File{f}
+	// A spare shim of this containerd, when one waits, becomes the server (runtime/spare). Nothing may be logged
+	// on this path: `start`'s output is containerd's bootstrap channel.
+	actx, cancel := context.WithTimeout(ctx, spareHandOverTimeout)
+	pid, err := spare.Adopt(actx, opts.Address, spare.Request{Version: m.version, Args: cmd.Args, Env: cmd.Env, Dir: cmd.Dir}, f)
+	cancel()
+	if err == nil {
+		_ = shim.AdjustOOMScore(pid)
+		params.Address = address
+		return params, nil
+	}
 	// Pdeathsig-style options are not used: the server must outlive this short-lived `start` process.
 	goruntime.LockOSThread()
 	err = cmd.Start()

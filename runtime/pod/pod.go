@@ -184,13 +184,14 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 }
 
 // enterCgroup moves the shim, before it starts QEMU and virtiofsd, into the host cgroup the first container's
-// spec names (CRI: the sandbox's, below the pod's cgroup), so that the host accounts the VM to the pod.
-func (p *Pod) enterCgroup(first *First) error {
+// spec names (CRI: the sandbox's, below the pod's cgroup), so that the host accounts the VM to the pod. The
+// processes in vm go too, with what they started: a spare's QEMU and virtiofsd, started before it knew its pod.
+func (p *Pod) enterCgroup(first *First, vm ...int) error {
 	spec := first.Bundle.Spec
 	if spec.Linux == nil || spec.Linux.CgroupsPath == "" {
 		return nil
 	}
-	g, err := hostcgroup.Enter(spec.Linux.CgroupsPath, os.Getpid())
+	g, err := hostcgroup.Enter(spec.Linux.CgroupsPath, os.Getpid(), vm...)
 	if errors.Is(err, hostcgroup.ErrSystemdPath) {
 		p.log.WithError(err).Warn("host cgroup accounting of the pod")
 		return nil

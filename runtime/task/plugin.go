@@ -11,8 +11,9 @@ import (
 )
 
 // Register adds the task service to containerd's shim plugin registry, where shim.Run finds it. The shim's main
-// calls it once before shim.Run, with its build version.
-func Register(version string) {
+// calls it once before shim.Run, with its build version and, in a spare shim that a task was handed to, the
+// spare's pod (nil otherwise).
+func Register(version string, spare *Spare) {
 	registry.Register(&plugin.Registration{
 		Type:     plugins.TTRPCPlugin,
 		ID:       "task",
@@ -30,8 +31,13 @@ func Register(version string) {
 			if err != nil {
 				return nil, err
 			}
+			if spare != nil {
+				spare.bind(s)
+				s.spare = spare
+			}
 			// The same address runtime/manager's `start` created the socket at; recorded for crash cleanup.
 			addr, group := ic.Properties[plugins.PropertyGRPCAddress], os.Getenv(GroupEnv)
+			s.containerd = addr
 			if addr != "" && group != "" {
 				if sock, err := shim.SocketAddress(ic.Context, addr, group, false); err == nil {
 					s.socket = sock

@@ -48,6 +48,8 @@ type Service struct {
 
 	// socket is the shim's own ttrpc socket address, when known.
 	socket string
+	// containerd is containerd's address, which keys its spare shims.
+	containerd string
 
 	// bootMu serialises finding or booting the pod, so that the first Create boots it alone; containers are
 	// then created concurrently (the pod's registry reserves each id).
@@ -55,6 +57,10 @@ type Service struct {
 
 	mu  sync.Mutex
 	pod *pod.Pod
+	// spare is the pod this shim held as a spare, until the first Create takes or stops it (under bootMu).
+	spare *Spare
+	// spareGate holds back the spare this shim started until its first container has started (spare.Spawn).
+	spareGate *os.File
 	// creating counts Creates in progress: a failed first Create stops the pod only when no other is.
 	creating int
 }
@@ -151,10 +157,21 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	if cfg.Runtime.LogLevel == "debug" || cfg.Agent.Debug {
 		l.Logger.SetLevel(logrus.DebugLevel)
 	}
+	first := &pod.First{ID: id, Bundle: b}
+	// Started now, before this shim enters the task's host cgroup, which the spare must not share; and only for
+	// a task like those a spare can serve, taken for a sign of the tasks to come.
+	if cfg.Hypervisor.Spare && pod.SpareUnfit(first) == nil {
+		s.startSpare(path, l)
+	}
+	if p := s.takeSpare(ctx, cfg, first, l); p != nil {
+		s.mu.Lock()
+		s.pod = p
+		s.mu.Unlock()
+		return p, nil
+	}
 	p, err := pod.New(ctx, pod.Options{
 		ID: VMID(s.namespace, groupOf(id)), Config: cfg, HostVersion: s.version, Log: l,
-		OnEvent: s.onEvent, OnExit: s.onExit,
-		First: &pod.First{ID: id, Bundle: b},
+		OnEvent: s.onEvent, OnExit: s.onExit, First: first,
 	})
 	if err != nil {
 		return nil, err
@@ -280,6 +297,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		if pd := s.currentPod(); pd != nil {
 			pd.Started(ctx, c)
 		}
+		s.releaseSpare()
 	}
 	return &taskAPI.StartResponse{Pid: p.Pid()}, nil
 }

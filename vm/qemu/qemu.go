@@ -228,6 +228,21 @@ func (m *Machine) PID() int {
 	return m.proc.PID()
 }
 
+// Processes are the VM's host processes: QEMU and, with a shared directory, virtiofsd (each may have started
+// more below it). Empty before Start.
+func (m *Machine) Processes() []int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var pids []int
+	if m.proc != nil {
+		pids = append(pids, m.proc.PID())
+	}
+	if m.fs != nil {
+		pids = append(pids, m.fs.PID())
+	}
+	return pids
+}
+
 // Start implements vm.Machine.
 func (m *Machine) Start(ctx context.Context) error {
 	m.mu.Lock()

@@ -25,4 +25,9 @@ const (
 	// TemplateReadyLine is the console line a template guest's agent writes once its setup is done and it is
 	// idle: from then on the host may save it.
 	TemplateReadyLine = "kiln-agent: template ready"
+	// WarmExitEnv, set to "1" in a process's environment, makes the agent's binary exit at once, after the Go
+	// runtime's start and its package initialisers. A spare's warm-up container runs it (as /proc/self/exe, which
+	// in a container's init is the agent's binary), so that its QEMU translates the container path before a
+	// task's container needs it.
+	WarmExitEnv = "KILN_AGENT_WARM_EXIT"
 )

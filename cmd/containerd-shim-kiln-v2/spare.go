@@ -1,0 +1,92 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/spare"
+	"github.com/kiln-runtime/kiln/runtime/task"
+)
+
+// runSpare is the shim binary's life as a spare (runtime/spare): it claims its containerd's slot, waits for the
+// shim that started it to be done starting, boots and warms a pod, and waits for a task. It returns the pod once
+// `start` has handed it a task, with the process set up as that task's shim server (its command line,
+// environment, directory and socket); the caller then runs the shim as any server. A spare that has no task
+// after config.SpareIdle, is told to stop (SIGTERM), or fails, stops its VM and exits.
+func runSpare(args []string) (*task.Spare, error) {
+	fs := flag.NewFlagSet(spare.SpareArg, flag.ContinueOnError)
+	address := fs.String("address", "", "containerd's address")
+	configPath := fs.String("config", "", "Kiln configuration")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if *address == "" {
+		return nil, errors.New("-address is required")
+	}
+	log := logrus.WithFields(logrus.Fields{"spare": *address})
+	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
+	defer stop()
+	slot, err := spare.Claim(*address)
+	if errors.Is(err, spare.ErrTaken) {
+		log.Debug("another spare shim waits for this containerd")
+		os.Exit(0)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := spare.WaitGate(ctx); err != nil {
+		return nil, err
+	}
+	// The spare is the leader of a process group of its own (spare.Spawn's session): every thread of it, and
+	// whatever it starts, gets the priority.
+	if err := unix.Setpriority(unix.PRIO_PGRP, 0, task.SpareNice); err != nil {
+		log.WithError(err).Warn("spare shim runs at the usual priority")
+	}
+	start := time.Now()
+	sp, err := task.BootSpare(ctx, *configPath, version, log)
+	if err != nil {
+		return nil, err
+	}
+	log.WithField("took", time.Since(start)).Info("spare shim ready")
+	req, socket, err := slot.Wait(ctx, config.SpareIdle, os.Getpid(), version)
+	if err != nil {
+		log.WithError(err).Info("spare shim leaving")
+		if cerr := sp.Close(context.WithoutCancel(ctx)); cerr != nil {
+			log.WithError(cerr).Warn("stop the spare's VM")
+		}
+		os.Exit(0)
+	}
+	if err := become(req, socket); err != nil {
+		_ = sp.Close(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return sp, nil
+}
+
+// become makes this process the shim server `start` would have started for req.
+func become(req spare.Request, socket *os.File) error {
+	if err := spare.Take(socket); err != nil {
+		return err
+	}
+	if err := os.Chdir(req.Dir); err != nil {
+		return fmt.Errorf("spare shim: %w", err)
+	}
+	os.Clearenv()
+	for _, kv := range req.Env {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			_ = os.Setenv(k, v)
+		}
+	}
+	os.Args = req.Args
+	return nil
+}

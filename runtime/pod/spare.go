@@ -1,0 +1,126 @@
+package pod
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+
+	"github.com/containerd/containerd/v2/contrib/seccomp"
+	"github.com/containerd/containerd/v2/core/containers"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/oci"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/container"
+	"github.com/kiln-runtime/kiln/runtime/hooks"
+	"github.com/kiln-runtime/kiln/runtime/network"
+	"github.com/kiln-runtime/kiln/runtime/stdio"
+)
+
+// ErrUnfit is returned by Adopt for a first container whose pod a spare's cannot be.
+var ErrUnfit = errors.New("the spare's pod does not fit")
+
+// warmID is the warm-up container's id.
+const warmID = "kiln-warm"
+
+// Warm runs one throwaway container in the guest and removes it, so that the guest (and, under TCG, its QEMU,
+// which translates guest code the first time it runs) has been through a container's whole path before a task's
+// first container comes: a spare's pod. The container is containerd's default one with the runtime's default
+// seccomp profile; its program is the agent's own binary, which exits at once (agentv1.WarmExitEnv).
+func (p *Pod) Warm(ctx context.Context) error {
+	dir, err := os.MkdirTemp(p.cfg.Runtime.StateDir, p.id+".warm-")
+	if err != nil {
+		return fmt.Errorf("warm pod %s: %w", p.id, err)
+	}
+	defer os.RemoveAll(dir)
+	if err := os.Mkdir(filepath.Join(dir, "rootfs"), 0o755); err != nil {
+		return fmt.Errorf("warm pod %s: %w", p.id, err)
+	}
+	spec, err := oci.GenerateSpec(namespaces.WithNamespace(ctx, "kiln"), nil, &containers.Container{ID: warmID},
+		oci.WithRootFSPath("rootfs"), oci.WithProcessArgs("/proc/self/exe"), oci.WithEnv([]string{agentv1.WarmExitEnv + "=1"}),
+		seccomp.WithDefaultProfile())
+	if err != nil {
+		return fmt.Errorf("warm pod %s: spec: %w", p.id, err)
+	}
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		return fmt.Errorf("warm pod %s: spec: %w", p.id, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), raw, 0o600); err != nil {
+		return fmt.Errorf("warm pod %s: %w", p.id, err)
+	}
+	b, err := bundle.Load(dir)
+	if err != nil {
+		return fmt.Errorf("warm pod %s: %w", p.id, err)
+	}
+	c, err := p.CreateContainer(ctx, ContainerOptions{ID: warmID, Bundle: b, IO: stdio.IO{}})
+	if err != nil {
+		return fmt.Errorf("warm pod %s: %w", p.id, err)
+	}
+	err = c.Start(ctx)
+	if err == nil {
+		var exit container.Exit
+		if exit, err = c.Wait(ctx); err == nil && exit.Status != 0 {
+			err = fmt.Errorf("warm-up container exited with status %d", exit.Status)
+		}
+	}
+	if _, derr := p.DeleteContainer(ctx, c, true); derr != nil && err == nil {
+		err = derr
+	}
+	if err != nil {
+		return fmt.Errorf("warm pod %s: %w", p.id, err)
+	}
+	return nil
+}
+
+// Adopt makes a pod booted without a first container (a spare's) the pod of first. It refuses with ErrUnfit when
+// first's pod would be another (another size) or needs what only a boot for it does (a host network namespace
+// mirrored into the guest, OCI hooks run before the VM starts). Otherwise it moves the pod's host processes (the
+// shim, QEMU, virtiofsd) into the host cgroup first's spec names.
+func (p *Pod) Adopt(first *First) error {
+	sized, err := sizeFor(p.cfg, first)
+	if err != nil {
+		return err
+	}
+	if !reflect.DeepEqual(sized, p.cfg) {
+		return fmt.Errorf("%w: container %s asks for another VM size", ErrUnfit, first.ID)
+	}
+	if err := SpareUnfit(first); err != nil {
+		return err
+	}
+	return p.enterCgroup(first, p.VMProcesses()...)
+}
+
+// SpareUnfit says why no spare's pod can be first's, whatever its size: first needs what only a boot for it does
+// (a host network namespace mirrored into the guest, OCI hooks run before the VM starts). nil when one can.
+func SpareUnfit(first *First) error {
+	spec := first.Bundle.Spec
+	if hooks.Any(spec) {
+		return fmt.Errorf("%w: container %s has OCI hooks", ErrUnfit, first.ID)
+	}
+	src, err := network.SourceOf(spec)
+	if err != nil {
+		return fmt.Errorf("container %s: %w", first.ID, err)
+	}
+	if src.Path != "" {
+		return fmt.Errorf("%w: container %s joins network namespace %s, which the guest would mirror", ErrUnfit, first.ID, src.Path)
+	}
+	return nil
+}
+
+// VMProcesses are the host processes of the pod's VM (QEMU, virtiofsd), each the leader of its process group:
+// whatever they start is in it. Empty for a VM that does not tell them.
+func (p *Pod) VMProcesses() []int {
+	if m, ok := p.sb.Machine().(processOwner); ok {
+		return m.Processes()
+	}
+	return nil
+}
+
+// processOwner is a VM that tells its host processes (qemu.Machine).
+type processOwner interface{ Processes() []int }

@@ -1,0 +1,331 @@
+// Package spare keeps, for each containerd, one shim server started ahead of demand: it holds a pod booted from its
+// template and warmed by a throwaway container, and the next task's `start` hands it that task instead of starting
+// a server (docs/fast-start.md, session 14). This package is the slot such a spare waits in and the hand-over
+// between `start` and the spare; what the spare holds is runtime/task's and runtime/pod's.
+package spare
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Dir holds the slots: one socket and its lock per containerd. Not under Kiln's state directory, because `start`
+// does not know Kiln's configuration (containerd passes its runtime options with Create only).
+const Dir = "/run/kiln/spare"
+
+// ErrNone is returned by Adopt when no spare waits in the slot.
+var ErrNone = errors.New("no spare shim is waiting")
+
+// ErrTaken is returned by Claim when another spare holds the slot.
+var ErrTaken = errors.New("another spare shim holds the slot")
+
+// maxRequest bounds a hand-over's size; a request carries a command line and an environment.
+const maxRequest = 1 << 20
+
+// Request is what `start` hands a spare: the command line, environment and directory it would have started the
+// shim server with. The server's listening socket goes with it, as a descriptor.
+type Request struct {
+	// Version is the shim binary's build version at `start`: a spare of another (an upgrade came since it
+	// started) refuses the task and leaves.
+	Version string   `json:"version"`
+	Args    []string `json:"args"`
+	Env     []string `json:"env"`
+	Dir     string   `json:"dir"`
+}
+
+// ErrStale is returned by Wait when a task came from a shim binary of another version than the spare's.
+var ErrStale = errors.New("a task came from another version of the shim; the spare is stale")
+
+// socketPath is the slot of the containerd whose address is address.
+func socketPath(dir, address string) string {
+	sum := sha256.Sum256([]byte(address))
+	return filepath.Join(dir, hex.EncodeToString(sum[:8])+".sock")
+}
+
+// Adopt hands the server start req, with its listening socket, to the spare waiting for the containerd at address,
+// and returns the spare's pid. ErrNone means there is none; the caller then starts the server itself.
+func Adopt(ctx context.Context, address string, req Request, socket *os.File) (int, error) {
+	return adopt(ctx, Dir, address, req, socket)
+}
+
+func adopt(ctx context.Context, dir, address string, req Request, socket *os.File) (int, error) {
+	path := socketPath(dir, address)
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return 0, fmt.Errorf("%w (%v)", ErrNone, err)
+	}
+	defer c.Close()
+	uc := c.(*net.UnixConn)
+	if deadline, ok := ctx.Deadline(); ok {
+		_ = uc.SetDeadline(deadline)
+	}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return 0, fmt.Errorf("hand over to spare shim: %w", err)
+	}
+	if _, _, err := uc.WriteMsgUnix(b, unix.UnixRights(int(socket.Fd())), nil); err != nil {
+		return 0, fmt.Errorf("%w (hand-over: %v)", ErrNone, err)
+	}
+	_ = uc.CloseWrite()
+	reply := make([]byte, 32)
+	n, err := uc.Read(reply)
+	if err != nil {
+		// The spare took nothing: it answers only once it has the task.
+		return 0, fmt.Errorf("%w (no answer: %v)", ErrNone, err)
+	}
+	pid, err := strconv.Atoi(string(reply[:n]))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("spare shim answered %q, not a pid", reply[:n])
+	}
+	return pid, nil
+}
+
+// Slot is the place a spare waits in: the lock that keeps it the only spare of its containerd, and the socket
+// `start` finds it by.
+type Slot struct {
+	path string
+	lock *os.File
+	l    *net.UnixListener
+}
+
+// Claim takes the slot of the containerd at address for the calling process, or returns ErrTaken. It listens
+// only once Listen is called: until then `start` finds no spare.
+func Claim(address string) (*Slot, error) { return claim(Dir, address) }
+
+func claim(dir, address string) (*Slot, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("spare shim directory: %w", err)
+	}
+	path := socketPath(dir, address)
+	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("spare shim lock: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		_ = lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, ErrTaken
+		}
+		return nil, fmt.Errorf("spare shim lock %s: %w", path+".lock", err)
+	}
+	// The lock file names its holder, for whoever must stop it (`make uninstall`, tests).
+	if err := lock.Truncate(0); err == nil {
+		_, _ = lock.WriteAt([]byte(fmt.Sprintf("%d %s\n", os.Getpid(), address)), 0)
+	}
+	return &Slot{path: path, lock: lock}, nil
+}
+
+// Info describes a spare shim that holds a slot.
+type Info struct {
+	// Pid is the spare's process id, Address its containerd's.
+	Pid     int
+	Address string
+	// Ready says it waits for a task; otherwise it is still booting or warming its VM.
+	Ready bool
+}
+
+// All lists the spare shims that hold a slot (`kiln check`, `make uninstall`'s tests).
+func All() []Info { return all(Dir) }
+
+func all(dir string) []Info {
+	locks, _ := filepath.Glob(filepath.Join(dir, "*.sock.lock"))
+	var out []Info
+	for _, path := range locks {
+		f, err := os.Open(path)
+		if err != nil {
+			continue
+		}
+		// A lock that can be taken has no holder: the file outlives its last spare.
+		if unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil {
+			_ = f.Close()
+			continue
+		}
+		_ = f.Close()
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		pidText, address, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
+		pid, err := strconv.Atoi(pidText)
+		if err != nil || pid <= 0 {
+			continue
+		}
+		_, err = os.Stat(strings.TrimSuffix(path, ".lock"))
+		out = append(out, Info{Pid: pid, Address: address, Ready: err == nil})
+	}
+	return out
+}
+
+// Wait listens in the slot until `start` hands over a task of the spare's version, and returns it with the
+// server's socket. It gives up with ctx's error, after idle, or with ErrStale, leaving the slot empty. Either way
+// the slot is released: another spare can claim it.
+func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string) (Request, *os.File, error) {
+	defer s.release()
+	// A socket left by a spare that was killed: the lock says no live spare owns it.
+	_ = os.Remove(s.path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
+	if err != nil {
+		return Request{}, nil, fmt.Errorf("spare shim socket: %w", err)
+	}
+	l.SetUnlinkOnClose(true)
+	s.l = l
+	ctx, cancel := context.WithTimeout(ctx, idle)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { _ = l.Close() })
+	defer stop()
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return Request{}, nil, fmt.Errorf("spare shim: no task came: %w", ctx.Err())
+			}
+			return Request{}, nil, fmt.Errorf("spare shim: accept: %w", err)
+		}
+		req, socket, err := receive(c, pid, version)
+		_ = c.Close()
+		if err == nil || errors.Is(err, ErrStale) {
+			return req, socket, err
+		}
+		// A malformed hand-over is the sender's failure: it starts the server itself. Wait for the next.
+	}
+}
+
+// receive reads one hand-over and answers it with pid when it is of version.
+func receive(c *net.UnixConn, pid int, version string) (Request, *os.File, error) {
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, maxRequest)
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return Request{}, nil, err
+	}
+	var fds []int
+	if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+		for i := range msgs {
+			if got, err := unix.ParseUnixRights(&msgs[i]); err == nil {
+				fds = append(fds, got...)
+			}
+		}
+	}
+	closeAll := func() {
+		for _, fd := range fds {
+			_ = unix.Close(fd)
+		}
+	}
+	if len(fds) != 1 {
+		closeAll()
+		return Request{}, nil, fmt.Errorf("hand-over with %d descriptors, want the server socket", len(fds))
+	}
+	var req Request
+	if err := json.Unmarshal(buf[:n], &req); err != nil || len(req.Args) == 0 || req.Dir == "" {
+		closeAll()
+		return Request{}, nil, fmt.Errorf("malformed hand-over: %v", err)
+	}
+	if req.Version != version {
+		closeAll()
+		return Request{}, nil, fmt.Errorf("%w (spare %q, task %q)", ErrStale, version, req.Version)
+	}
+	unix.CloseOnExec(fds[0])
+	socket := os.NewFile(uintptr(fds[0]), "shim socket")
+	if _, err := c.Write([]byte(strconv.Itoa(pid))); err != nil {
+		_ = socket.Close()
+		return Request{}, nil, err
+	}
+	return req, socket, nil
+}
+
+func (s *Slot) release() {
+	if s.l != nil {
+		_ = s.l.Close()
+	}
+	_ = s.lock.Close()
+}
+
+// SpareArg is the first argument of the shim binary run as a spare: `containerd-shim-kiln-v2 spare -address A
+// -config C`.
+const SpareArg = "spare"
+
+// Spawn starts the shim binary self as a spare for the containerd at address, with the Kiln configuration at
+// configPath, in a session of its own so that it outlives the caller. It claims its slot at once (leaving when
+// another spare holds it) but boots nothing until the returned gate is closed: the caller closes it once its own
+// start is over, so that the spare does not compete with it for CPU, or exits, which closes it too.
+func Spawn(self, address, configPath string) (gate *os.File, err error) {
+	if err := os.MkdirAll(Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("spare shim directory: %w", err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("start spare shim: %w", err)
+	}
+	defer r.Close()
+	logf, err := os.OpenFile(socketPath(Dir, address)+".log", os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		_ = w.Close()
+		return nil, fmt.Errorf("spare shim log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(self, SpareArg, "-address", address, "-config", configPath)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = []*os.File{r}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		_ = w.Close()
+		return nil, fmt.Errorf("start spare shim: %w", err)
+	}
+	go func() { _ = cmd.Wait() }()
+	return w, nil
+}
+
+// GateFD is the descriptor a spare finds its gate on (Spawn's ExtraFiles). It is also where the shim socket of
+// the task handed over goes (pkg/shim serves on descriptor 3): WaitGate leaves /dev/null there meanwhile, so that
+// nothing else the spare opens takes it.
+const GateFD = 3
+
+// WaitGate waits until the spare's spawner closes the gate (or ctx ends), then puts /dev/null at GateFD.
+func WaitGate(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		var b [1]byte
+		_, _ = unix.Read(GateFD, b[:])
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	null, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("spare shim: %w", err)
+	}
+	defer unix.Close(null)
+	if err := unix.Dup3(null, GateFD, unix.O_CLOEXEC); err != nil {
+		return fmt.Errorf("spare shim: keep descriptor %d: %w", GateFD, err)
+	}
+	return nil
+}
+
+// Take puts the handed-over shim socket at GateFD, where pkg/shim's server takes its listener from, and closes
+// socket.
+func Take(socket *os.File) error {
+	defer socket.Close()
+	if err := unix.Dup3(int(socket.Fd()), GateFD, 0); err != nil {
+		return fmt.Errorf("spare shim: take the shim socket: %w", err)
+	}
+	return nil
+}

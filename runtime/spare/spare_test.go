@@ -1,0 +1,173 @@
+package spare
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"testing"
+	"time"
+)
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// The hand-over carries the request and the server socket's descriptor (the same open file), and the spare's pid
+// back; the slot is free for the next spare afterwards.
+func TestHandOver(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	if _, err := adopt(ctx, dir, "/c.sock", Request{Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
+		t.Fatalf("Adopt with no spare = %v, want ErrNone", err)
+	}
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := claim(dir, "/c.sock"); !errors.Is(err, ErrTaken) {
+		t.Fatalf("second Claim = %v, want ErrTaken", err)
+	}
+	if other, err := claim(dir, "/other.sock"); err != nil {
+		t.Fatalf("Claim for another containerd: %v", err)
+	} else {
+		other.release()
+	}
+	type got struct {
+		req    Request
+		socket *os.File
+		err    error
+	}
+	done := make(chan got, 1)
+	go func() {
+		req, socket, err := slot.Wait(ctx, 5*time.Second, 4242, "v1")
+		done <- got{req, socket, err}
+	}()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	want := Request{Version: "v1", Args: []string{"shim", "-id", "c1"}, Env: []string{"A=b"}, Dir: "/bundle"}
+	var pid int
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if pid, err = adopt(ctx, dir, "/c.sock", want, w); err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = w.Close()
+	if err != nil || pid != 4242 {
+		t.Fatalf("Adopt = %d, %v; want 4242", pid, err)
+	}
+	g := <-done
+	if g.err != nil {
+		t.Fatal(g.err)
+	}
+	if g.req.Dir != want.Dir || len(g.req.Args) != 3 || g.req.Args[2] != "c1" || g.req.Env[0] != "A=b" {
+		t.Errorf("spare got %+v, want %+v", g.req, want)
+	}
+	if _, err := g.socket.Write([]byte("through")); err != nil {
+		t.Fatal(err)
+	}
+	_ = g.socket.Close()
+	if b, _ := io.ReadAll(r); string(b) != "through" {
+		t.Errorf("the handed descriptor is not the sender's file: read %q", b)
+	}
+	next, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatalf("Claim after a hand-over: %v", err)
+	}
+	next.release()
+}
+
+// A spare that no task came for gives up after its idle time and leaves no socket behind.
+func TestIdleSpareLeaves(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, _, err := slot.Wait(ctx, 100*time.Millisecond, 1, "v1"); err == nil {
+		t.Fatal("Wait returned a task that nobody sent")
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Errorf("idle spare waited %s", time.Since(start))
+	}
+	if _, err := os.Stat(socketPath(dir, "/c.sock")); !os.IsNotExist(err) {
+		t.Errorf("socket left after the spare gave up: %v", err)
+	}
+	if _, err := adopt(ctx, dir, "/c.sock", Request{Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
+		t.Errorf("Adopt after the spare left = %v, want ErrNone", err)
+	}
+}
+
+// A task from another version of the shim (an upgrade since the spare started) is refused: `start` starts the
+// server itself, and the stale spare leaves.
+func TestStaleSpareRefusesTheTask(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := slot.Wait(ctx, 5*time.Second, 1, "old")
+		done <- err
+	}()
+	var adoptErr error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if _, adoptErr = adopt(ctx, dir, "/c.sock", Request{Version: "new", Args: []string{"x"}, Dir: "/"}, os.Stdin); adoptErr == nil {
+			break
+		}
+		select {
+		case err := <-done:
+			if !errors.Is(err, ErrStale) {
+				t.Fatalf("stale spare's Wait = %v, want ErrStale", err)
+			}
+			if !errors.Is(adoptErr, ErrNone) {
+				t.Errorf("Adopt of a stale spare = %v, want ErrNone", adoptErr)
+			}
+			return
+		default:
+		}
+	}
+	t.Fatalf("a stale spare took the task (Adopt = %v)", adoptErr)
+}
+
+// A spare that holds its slot is listed with its pid and containerd, booting until it listens, and no longer once
+// it has gone.
+func TestAllListsHolders(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	if got := all(dir); len(got) != 0 {
+		t.Fatalf("all() with no spare = %v", got)
+	}
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := all(dir); len(got) != 1 || got[0].Pid != os.Getpid() || got[0].Address != "/c.sock" || got[0].Ready {
+		t.Fatalf("all() while booting = %+v, want this process for /c.sock, not ready", got)
+	}
+	waitCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		_, _, _ = slot.Wait(waitCtx, 5*time.Second, 1, "v1")
+		close(done)
+	}()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if got := all(dir); len(got) == 1 && got[0].Ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("all() never showed the waiting spare ready: %+v", all(dir))
+		}
+	}
+	cancel()
+	<-done
+	if got := all(dir); len(got) != 0 {
+		t.Errorf("all() after the spare left = %+v", got)
+	}
+}

@@ -1,0 +1,159 @@
+package task
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"reflect"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/container"
+	"github.com/kiln-runtime/kiln/runtime/pod"
+	"github.com/kiln-runtime/kiln/runtime/spare"
+)
+
+// SpareNice is the nice value a spare shim boots and warms its VM at (QEMU and virtiofsd inherit it), so that it
+// takes only CPU nothing else wants: it is started while its spawner's task runs, and the host's next task may
+// come before it is ready. The task that takes it puts every process back to 0.
+const SpareNice = 19
+
+// Spare is the pod of a spare shim (runtime/spare): booted and warmed before the shim knew its task. The task
+// service's first Create takes it when it fits the task, and stops it otherwise.
+type Spare struct {
+	pod *pod.Pod
+	cfg config.Config
+
+	mu  sync.Mutex
+	svc *Service
+}
+
+// BootSpare boots and warms a spare shim's pod with the configuration at configPath (config.Load's rules).
+func BootSpare(ctx context.Context, configPath, version string, log *logrus.Entry) (*Spare, error) {
+	cfg, err := config.Load(configPath)
+	if err != nil {
+		return nil, fmt.Errorf("spare shim: load kiln configuration: %w", err)
+	}
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		return nil, fmt.Errorf("spare shim: %w", err)
+	}
+	sp := &Spare{cfg: cfg}
+	// The id is the VM's, short for QEMU's socket paths like VMID's; the task's group is not known yet.
+	p, err := pod.New(ctx, pod.Options{
+		ID: "spare-" + hex.EncodeToString(b), Config: cfg, HostVersion: version, Log: log,
+		OnEvent: sp.onEvent, OnExit: sp.onExit,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := p.Warm(ctx); err != nil {
+		_ = p.Close(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	sp.pod = p
+	return sp, nil
+}
+
+// Close stops the spare's pod, for which no task came.
+func (sp *Spare) Close(ctx context.Context) error { return sp.pod.Close(ctx) }
+
+// adopt makes the spare's pod the pod of first, booted with cfg, or says why it does not fit.
+func (sp *Spare) adopt(cfg config.Config, first *pod.First) (*pod.Pod, error) {
+	if !reflect.DeepEqual(cfg, sp.cfg) {
+		return nil, fmt.Errorf("%w: the task's Kiln configuration differs from the one the spare booted with", pod.ErrUnfit)
+	}
+	if err := sp.pod.Adopt(first); err != nil {
+		return nil, err
+	}
+	return sp.pod, nil
+}
+
+// The pod's events go to the task service that took it; there is none before (the warm-up's are dropped).
+func (sp *Spare) onEvent(e container.Event) {
+	if s := sp.service(); s != nil {
+		s.onEvent(e)
+	}
+}
+
+func (sp *Spare) onExit(p *container.Process, e container.Exit) {
+	if s := sp.service(); s != nil {
+		s.onExit(p, e)
+	}
+}
+
+func (sp *Spare) service() *Service {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.svc
+}
+
+func (sp *Spare) bind(s *Service) {
+	sp.mu.Lock()
+	sp.svc = s
+	sp.mu.Unlock()
+}
+
+// takeSpare returns the pod this shim held as a spare when it fits the task's first container, having moved it
+// into the task's cgroup; nil when there is none or it does not fit, in which case it is stopped.
+func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.First, log *logrus.Entry) *pod.Pod {
+	sp := s.spare
+	s.spare = nil
+	if sp == nil {
+		return nil
+	}
+	start := time.Now()
+	p, err := sp.adopt(cfg, first)
+	if err == nil {
+		// The spare booted at the lowest priority (SpareNice); its task's VM runs at the usual one.
+		for _, group := range append([]int{0}, p.VMProcesses()...) {
+			if err := unix.Setpriority(unix.PRIO_PGRP, group, 0); err != nil {
+				log.WithError(err).Warn("restore the priority of the spare's processes")
+			}
+		}
+		log.WithFields(logrus.Fields{"sandbox": p.ID(), "took": time.Since(start)}).Info("the spare shim's warm VM runs the task")
+		return p
+	}
+	log.WithError(err).Info("the spare shim's VM does not fit the task; booting one")
+	if err := sp.Close(context.WithoutCancel(ctx)); err != nil {
+		log.WithError(err).Warn("stop the spare shim's VM")
+	}
+	return nil
+}
+
+// startSpare starts a spare shim for the next task of this containerd, held back until this shim's first
+// container has started (releaseSpare). A spare that cannot start is logged: the tasks boot their VMs as before.
+func (s *Service) startSpare(configPath string, log *logrus.Entry) {
+	if s.containerd == "" || s.spareGate != nil {
+		return
+	}
+	self, err := os.Executable()
+	if err == nil {
+		s.spareGate, err = spare.Spawn(self, s.containerd, configPath)
+	}
+	if err != nil {
+		log.WithError(err).Warn("start a spare shim")
+	}
+}
+
+// spareDelay is how long after this shim's first container started the spare it started may boot (this shim's
+// exit lets it boot at once): a short task such as `ctr run --rm` is over by then, and a spare booting beside
+// a task's start or stop slows it down under TCG even at the lowest priority.
+const spareDelay = 2 * time.Second
+
+// releaseSpare lets the spare shim this shim started boot, spareDelay from now.
+func (s *Service) releaseSpare() {
+	s.bootMu.Lock()
+	gate := s.spareGate
+	s.spareGate = nil
+	s.bootMu.Unlock()
+	if gate != nil {
+		time.AfterFunc(spareDelay, func() { _ = gate.Close() })
+	}
+}
