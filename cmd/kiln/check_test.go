@@ -108,3 +108,14 @@ func TestCheckFastStart(t *testing.T) {
 		})
 	}
 }
+
+func TestCheckSpare(t *testing.T) {
+	cfg := config.Default()
+	if r := checkSpare(cfg); r.status != "ok" || !strings.HasPrefix(r.detail, "off") {
+		t.Errorf("spares off: %+v", r)
+	}
+	cfg.Hypervisor.Spare = true
+	if r := checkSpare(cfg); r.status != "ok" || !strings.HasPrefix(r.detail, "on: ") {
+		t.Errorf("spares on: %+v", r)
+	}
+}
