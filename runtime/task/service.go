@@ -59,7 +59,8 @@ type Service struct {
 	pod *pod.Pod
 	// spare is the pod this shim held as a spare, until the first Create takes or stops it (under bootMu).
 	spare *Spare
-	// spareGate holds back the spare this shim started until its first container has started (spare.Spawn).
+	// spareGate holds back the spare this shim started until this shim exits or releaseSpare lets it boot
+	// (spare.Spawn).
 	spareGate *os.File
 	// creating counts Creates in progress: a failed first Create stops the pod only when no other is.
 	creating int
