@@ -1,7 +1,7 @@
-// Package spare keeps, for each containerd, one shim server started ahead of demand: it holds a pod booted from its
-// template and warmed by a throwaway container, and the next task's `start` hands it that task instead of starting
-// a server (docs/fast-start.md, session 14). This package is the slot such a spare waits in and the hand-over
-// between `start` and the spare; what the spare holds is runtime/task's and runtime/pod's.
+// Package spare keeps, for each containerd, one shim server started ahead of demand: it holds a pod booted (from
+// its template when there is one) and warmed by a throwaway container, and the next task's `start` hands it that
+// task instead of starting a server (docs/fast-start.md, session 14). This package is the slot such a spare waits
+// in and the hand-over between `start` and the spare; what the spare holds is runtime/task's and runtime/pod's.
 package spare
 
 import (
