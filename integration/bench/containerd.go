@@ -6,11 +6,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/kiln-runtime/kiln/integration/containerd"
-	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // containerdLatency measures `ctr run --rm busybox true` through one private containerd: runc, Kiln with its
@@ -99,7 +97,7 @@ func spareLatency(ctx context.Context, d *containerd.Daemon, share, templates st
 	if err := containerd.WriteKilnConfig(cfg, share, d.StateDir(), fmt.Sprintf("[hypervisor]\ntemplate_dir = %q\nspare = true\n", templates)); err != nil {
 		return err
 	}
-	defer stopSpare(d.Address)
+	defer func() { _ = containerd.StopSpare(d.Address, time.Minute) }()
 	args := containerd.KilnRunArgs(cfg)
 	// Not counted: it starts the first spare.
 	if _, err := once("bench-warm-spare", args); err != nil {
@@ -109,7 +107,7 @@ func spareLatency(ctx context.Context, d *containerd.Daemon, share, templates st
 	var found int
 	for i := range runs {
 		// runc too runs with the spare waiting, not booting beside it.
-		ready := waitSpare(d.Address, time.Minute)
+		ready := containerd.WaitSpare(d.Address, time.Minute)
 		dr, err := once(fmt.Sprintf("bench-spare-runc-%d", i), nil)
 		if err != nil {
 			return err
@@ -127,29 +125,4 @@ func spareLatency(ctx context.Context, d *containerd.Daemon, share, templates st
 	fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms in the same loop; a ready spare before %d of %d runs)\n",
 		"kiln with a ready spare shim", ms(km), float64(km)/float64(rm), ms(rm), found, runs)
 	return nil
-}
-
-// waitSpare waits up to timeout for the spare shim of the containerd at address to be ready.
-func waitSpare(address string, timeout time.Duration) bool {
-	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		for _, sp := range spare.All() {
-			if sp.Address == address && sp.Ready {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// stopSpare stops the spare shim of the containerd at address (SIGTERM: it stops its VM) and waits for it.
-func stopSpare(address string) {
-	for _, sp := range spare.All() {
-		if sp.Address != address {
-			continue
-		}
-		_ = syscall.Kill(sp.Pid, syscall.SIGTERM)
-		for deadline := time.Now().Add(time.Minute); syscall.Kill(sp.Pid, 0) == nil && time.Now().Before(deadline); {
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
 }

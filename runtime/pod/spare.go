@@ -18,8 +18,8 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
-	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
+	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // ErrUnfit is returned by Adopt for a first container whose pod a spare's cannot be.
@@ -79,10 +79,11 @@ func (p *Pod) Warm(ctx context.Context) error {
 }
 
 // Adopt makes a pod booted without a first container (a spare's) the pod of first. It refuses with ErrUnfit when
-// first's pod would be another (another size) or needs what only a boot for it does (a host network namespace
-// mirrored into the guest, OCI hooks run before the VM starts). Otherwise it moves the pod's host processes (the
-// shim, QEMU, virtiofsd) into the host cgroup first's spec names.
-func (p *Pod) Adopt(first *First) error {
+// first's pod would be another (another size) or needs what only a boot for it does (SpareUnfit). Otherwise it
+// does what New does for a first container: the pod's host processes (the shim, QEMU, virtiofsd) move into the
+// host cgroup first's spec names, and the network namespace first names is mirrored into the guest, its taps
+// hot-plugged into the running VM. On error the caller closes the pod, which undoes both.
+func (p *Pod) Adopt(ctx context.Context, first *First) error {
 	sized, err := sizeFor(p.cfg, first)
 	if err != nil {
 		return err
@@ -93,22 +94,39 @@ func (p *Pod) Adopt(first *First) error {
 	if err := SpareUnfit(first); err != nil {
 		return err
 	}
-	return p.enterCgroup(first, p.VMProcesses()...)
+	if err := p.enterCgroup(first, p.VMProcesses()...); err != nil {
+		return err
+	}
+	nets, err := p.prepareNetwork(ctx, first)
+	if err != nil {
+		return err
+	}
+	if len(nets) > 0 {
+		m, ok := p.sb.Machine().(netPlugger)
+		if !ok {
+			return fmt.Errorf("%w: its VM cannot take NICs once running", ErrUnfit)
+		}
+		if err := m.PlugNets(ctx, nets); err != nil {
+			return fmt.Errorf("%w: %v", ErrUnfit, err)
+		}
+	}
+	if err := p.configureGuestNetwork(ctx); err != nil {
+		return fmt.Errorf("adopt pod %s: %w", p.id, err)
+	}
+	p.startPortForward()
+	return nil
 }
 
-// SpareUnfit says why no spare's pod can be first's, whatever its size: first needs what only a boot for it does
-// (a host network namespace mirrored into the guest, OCI hooks run before the VM starts). nil when one can.
+// netPlugger is a running VM that takes NICs (qemu.Machine restored from a template).
+type netPlugger interface {
+	PlugNets(ctx context.Context, nets []qemu.Net) error
+}
+
+// SpareUnfit says why no spare's pod can be first's, whatever its size: first has OCI hooks, which would run
+// again if the spare's pod were then refused. nil when one can.
 func SpareUnfit(first *First) error {
-	spec := first.Bundle.Spec
-	if hooks.Any(spec) {
+	if hooks.Any(first.Bundle.Spec) {
 		return fmt.Errorf("%w: container %s has OCI hooks", ErrUnfit, first.ID)
-	}
-	src, err := network.SourceOf(spec)
-	if err != nil {
-		return fmt.Errorf("container %s: %w", first.ID, err)
-	}
-	if src.Path != "" {
-		return fmt.Errorf("%w: container %s joins network namespace %s, which the guest would mirror", ErrUnfit, first.ID, src.Path)
 	}
 	return nil
 }

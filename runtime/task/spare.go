@@ -65,11 +65,11 @@ func BootSpare(ctx context.Context, configPath, version string, log *logrus.Entr
 func (sp *Spare) Close(ctx context.Context) error { return sp.pod.Close(ctx) }
 
 // adopt makes the spare's pod the pod of first, booted with cfg, or says why it does not fit.
-func (sp *Spare) adopt(cfg config.Config, first *pod.First) (*pod.Pod, error) {
+func (sp *Spare) adopt(ctx context.Context, cfg config.Config, first *pod.First) (*pod.Pod, error) {
 	if !reflect.DeepEqual(cfg, sp.cfg) {
 		return nil, fmt.Errorf("%w: the task's Kiln configuration differs from the one the spare booted with", pod.ErrUnfit)
 	}
-	if err := sp.pod.Adopt(first); err != nil {
+	if err := sp.pod.Adopt(ctx, first); err != nil {
 		return nil, err
 	}
 	return sp.pod, nil
@@ -109,7 +109,7 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 		return nil
 	}
 	start := time.Now()
-	p, err := sp.adopt(cfg, first)
+	p, err := sp.adopt(ctx, cfg, first)
 	if err == nil {
 		// The spare booted at the lowest priority (SpareNice); its task's VM runs at the usual one.
 		for _, group := range append([]int{0}, p.VMProcesses()...) {

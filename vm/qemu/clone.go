@@ -167,14 +167,49 @@ func hotplugDevices(c Config) []map[string]any {
 		devs = append(devs, map[string]any{"driver": "vhost-user-fs-pci", "chardev": "fs", "tag": virtiofs.Tag, "bus": "rp1", "id": "fs0"})
 	}
 	for i, n := range c.Nets {
-		d := map[string]any{"driver": "virtio-net-pci", "netdev": fmt.Sprintf("net%d", i), "mac": n.MAC.String(),
-			"bus": fmt.Sprintf("rp%d", 2+i), "id": fmt.Sprintf("nic%d", i)}
-		if n.MTU > 0 {
-			d["host_mtu"] = n.MTU
-		}
-		devs = append(devs, d)
+		devs = append(devs, nicDevice(i, n))
 	}
 	return devs
+}
+
+// nicDevice is a clone's i-th NIC, on its root port, backed by netdev net<i>.
+func nicDevice(i int, n Net) map[string]any {
+	d := map[string]any{"driver": "virtio-net-pci", "netdev": fmt.Sprintf("net%d", i), "mac": n.MAC.String(),
+		"bus": fmt.Sprintf("rp%d", 2+i), "id": fmt.Sprintf("nic%d", i)}
+	if n.MTU > 0 {
+		d["host_mtu"] = n.MTU
+	}
+	return d
+}
+
+// PlugNets hot-plugs network devices into a running VM restored from a template (a spare's, taken by a pod with
+// a network), after the NICs it has: each tap's descriptor goes to QEMU over QMP (getfd), then its back end and
+// its device on the next root port. Only a template's clones have hot-plug.
+func (m *Machine) PlugNets(ctx context.Context, nets []Net) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.restored || m.qmp == nil {
+		return fmt.Errorf("hot-plug NICs into vm %s: only a VM restored from a template has hot-plug", m.cfg.ID)
+	}
+	have := len(m.cfg.Nets) + m.plugged
+	if have+len(nets) > maxCloneNets {
+		return fmt.Errorf("hot-plug %d NICs into vm %s: it has %d, a template's clone takes at most %d", len(nets), m.cfg.ID, have, maxCloneNets)
+	}
+	for i, n := range nets {
+		idx := have + i
+		name := fmt.Sprintf("net%d", idx)
+		if err := m.qmp.executeWithFile(ctx, "getfd", map[string]any{"fdname": name}, n.Tap); err != nil {
+			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
+		}
+		if err := m.qmp.execute(ctx, "netdev_add", map[string]any{"type": "tap", "id": name, "fd": name, "vhost": false}, nil); err != nil {
+			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
+		}
+		if err := m.qmp.execute(ctx, "device_add", nicDevice(idx, n), nil); err != nil {
+			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
+		}
+		m.plugged++
+	}
+	return nil
 }
 
 // cloneBackends are a clone's device back ends, on its command line (they are no migrated state); the devices

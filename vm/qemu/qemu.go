@@ -142,6 +142,9 @@ type Machine struct {
 	cgroup  *child.Cgroup
 	cancel  context.CancelFunc
 	started bool
+	// restored says the VM came from a template (it has hot-plug); plugged counts the NICs PlugNets added.
+	restored bool
+	plugged  int
 	// fsErr is why the VM was ended for its virtiofsd's death, nil otherwise.
 	fsErr error
 	// saveQMP is a template's second monitor, which can pass descriptors.
@@ -266,6 +269,7 @@ func (m *Machine) Start(ctx context.Context) error {
 	start := time.Now()
 	err := m.startFromTemplate(ctx)
 	if err == nil {
+		m.restored = true
 		m.log.WithField("took", time.Since(start).Round(time.Millisecond)).Debug("VM restored from its template")
 		return nil
 	}

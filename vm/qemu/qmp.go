@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/digitalocean/go-qemu/qmp"
@@ -50,6 +51,15 @@ func qmpRequest(name string, arguments any) ([]byte, error) {
 
 // execute runs one QMP command; result, when not nil, receives the "return" value.
 func (q *qmpConn) execute(ctx context.Context, name string, arguments, result any) error {
+	return q.run(ctx, name, arguments, nil, result)
+}
+
+// executeWithFile runs one QMP command that takes a descriptor (getfd), passing f's with it.
+func (q *qmpConn) executeWithFile(ctx context.Context, name string, arguments any, f *os.File) error {
+	return q.run(ctx, name, arguments, f, nil)
+}
+
+func (q *qmpConn) run(ctx context.Context, name string, arguments any, f *os.File, result any) error {
 	b, err := qmpRequest(name, arguments)
 	if err != nil {
 		return err
@@ -60,7 +70,13 @@ func (q *qmpConn) execute(ctx context.Context, name string, arguments, result an
 	}
 	done := make(chan answer, 1)
 	go func() {
-		raw, err := q.mon.Run(b)
+		var raw []byte
+		var err error
+		if f != nil {
+			raw, err = q.mon.RunWithFile(b, f)
+		} else {
+			raw, err = q.mon.Run(b)
+		}
 		done <- answer{raw, err}
 	}()
 	select {

@@ -1,0 +1,51 @@
+package containerd
+
+import (
+	"fmt"
+	"syscall"
+	"time"
+
+	"github.com/kiln-runtime/kiln/runtime/spare"
+)
+
+// spareOf is the spare shim of the containerd at address, if one holds its slot.
+func spareOf(address string) (spare.Info, bool) {
+	for _, sp := range spare.All() {
+		if sp.Address == address {
+			return sp, true
+		}
+	}
+	return spare.Info{}, false
+}
+
+// WaitSpare waits up to timeout for a spare shim of the containerd at address to be ready (hypervisor.spare).
+func WaitSpare(address string, timeout time.Duration) bool {
+	for deadline := time.Now().Add(timeout); ; time.Sleep(50 * time.Millisecond) {
+		if sp, ok := spareOf(address); ok && sp.Ready {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+}
+
+// StopSpare stops the spare shim of the containerd at address, if one runs (SIGTERM: it stops its VM), and
+// checks that it went with its slot.
+func StopSpare(address string, timeout time.Duration) error {
+	sp, ok := spareOf(address)
+	if !ok {
+		return nil
+	}
+	_ = syscall.Kill(sp.Pid, syscall.SIGTERM)
+	for deadline := time.Now().Add(timeout); syscall.Kill(sp.Pid, 0) == nil; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			_ = syscall.Kill(sp.Pid, syscall.SIGKILL)
+			return fmt.Errorf("spare shim %d did not stop on SIGTERM within %s", sp.Pid, timeout)
+		}
+	}
+	if _, ok := spareOf(address); ok {
+		return fmt.Errorf("spare shim %d left its slot behind", sp.Pid)
+	}
+	return nil
+}

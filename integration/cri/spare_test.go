@@ -1,0 +1,56 @@
+package cri
+
+import (
+	"context"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kiln-runtime/kiln/integration/containerd"
+)
+
+// With hypervisor.spare, a pod's sandbox runs in a spare shim's warm VM: the pod's network namespace, set up by
+// CNI, is mirrored into the running VM (its NIC hot-plugged), and the pod serves the host at its CRI address as
+// any pod does.
+func TestKilnSparePod(t *testing.T) {
+	e := startEnv(t, Options{Handlers: []string{HandlerKiln}, KilnConfigExtra: "[hypervisor]\nspare = true\n"})
+	addr := e.Daemon.Address
+	// Registered after startEnv's, so it runs before the harness's leftover checks.
+	t.Cleanup(func() {
+		if err := containerd.StopSpare(addr, time.Minute); err != nil {
+			t.Error(err)
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	for i, name := range []string{"spare-1", "spare-2"} {
+		if i > 0 && !containerd.WaitSpare(addr, 3*time.Minute) {
+			t.Fatalf("no spare shim became ready for %s", addr)
+		}
+		pod := NewPodConfig(name, e.PodLogDir(name))
+		podID, ids := podWithContainers(t, e, HandlerKiln, pod, NewContainerConfig("web", containerd.BusyboxRef, httpServer(name)...))
+		ips, err := e.PodIPs(ctx, podID)
+		if err != nil || len(ips) == 0 {
+			t.Fatalf("pod %s IPs: %v, %v", name, ips, err)
+		}
+		url := "http://" + net.JoinHostPort(ips[0], "8080") + "/"
+		if body, err := httpGet(url); err != nil || strings.TrimSpace(body) != name {
+			t.Errorf("GET %s from the host: %q, %v", url, body, err)
+		}
+		if out := execRetry(t, e, ids[0], "sh", "-c", "ip -o addr show eth0"); !strings.Contains(out, ips[0]+"/") {
+			t.Errorf("eth0 in pod %s does not hold %s: %q", name, ips[0], out)
+		}
+		if err := e.RemovePod(ctx, podID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	log, err := os.ReadFile(e.Daemon.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(log), "the spare shim's warm VM runs the task"); n != 1 {
+		t.Errorf("%d pods ran in a spare's VM, want the second one", n)
+	}
+}
