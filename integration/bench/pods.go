@@ -30,29 +30,13 @@ type podsConfig struct {
 // containerd: pod start (runp + create + start, and each step), 10 pods started at once, memory per idle pod
 // (and where it is), and TCP throughput from the host to a pod.
 func podBench(ctx context.Context, repo, share, tools, templates string, cfg podsConfig, runs, parallel int) error {
-	e, err := cri.Start(ctx, cri.Options{
-		RepoRoot: repo, ToolsDir: tools, KilnAssets: share,
-		Handlers: []string{cri.HandlerRunc, cri.HandlerKiln},
-		// Ten guests booting at once under TCG on two cores take minutes, not the default minute.
-		KilnConfigExtra: fmt.Sprintf("[agent]\ndial_timeout = \"10m\"\n[hypervisor]\nfast_start = %q\ntemplate_dir = %q\n%s\n",
-			cfg.fastStart, templates, cfg.hypervisor),
-	})
+	e, err := startPodEnv(ctx, repo, share, tools, templates, cfg, false)
 	if err != nil {
-		return fmt.Errorf("start containerd with CRI: %w", err)
+		return err
 	}
 	defer e.Stop(context.WithoutCancel(ctx))
 	handlers := []string{cri.HandlerRunc, cri.HandlerKiln}
 	fmt.Printf("pods: Kiln with hypervisor.fast_start = %q %s\n", cfg.fastStart, strings.ReplaceAll(cfg.hypervisor, "\n", "; "))
-	// Not counted: the first pod of each handler pulls its images into place, and Kiln's builds the template.
-	for _, h := range handlers {
-		_, id, err := startPod(ctx, e, h, "warm-"+h, "true")
-		if err != nil {
-			return err
-		}
-		if err := e.RemovePod(ctx, id); err != nil {
-			return err
-		}
-	}
 
 	started := map[string][]podSteps{}
 	// The host's busy CPU time across each start: what a start costs the host, beside how long it takes.
@@ -161,27 +145,12 @@ func podBench(ctx context.Context, repo, share, tools, templates string, cfg pod
 // with spares on, the pods of the other measurements would take them. Each timed pair of starts first waits (up
 // to a minute) for the spare to be ready, as on a host whose pods do not start back to back.
 func sparePodBench(ctx context.Context, repo, share, tools, templates string, cfg podsConfig, runs int) error {
-	e, err := cri.Start(ctx, cri.Options{
-		RepoRoot: repo, ToolsDir: tools, KilnAssets: share,
-		Handlers: []string{cri.HandlerRunc, cri.HandlerKiln},
-		KilnConfigExtra: fmt.Sprintf("[agent]\ndial_timeout = \"10m\"\n[hypervisor]\nfast_start = %q\ntemplate_dir = %q\nspare = true\n%s\n",
-			cfg.fastStart, templates, cfg.hypervisor),
-	})
+	e, err := startPodEnv(ctx, repo, share, tools, templates, cfg, true)
 	if err != nil {
-		return fmt.Errorf("start containerd with CRI: %w", err)
+		return err
 	}
 	defer e.Stop(context.WithoutCancel(ctx))
 	defer func() { _ = containerd.StopSpare(e.Daemon.Address, time.Minute) }()
-	// Not counted: the first pods pull their images into place, and Kiln's starts the first spare.
-	for _, h := range []string{cri.HandlerRunc, cri.HandlerKiln} {
-		_, id, err := startPod(ctx, e, h, "spare-warm-"+h, "true")
-		if err != nil {
-			return err
-		}
-		if err := e.RemovePod(ctx, id); err != nil {
-			return err
-		}
-	}
 	started := map[string][]podSteps{}
 	found := 0
 	for i := range runs {
@@ -203,6 +172,34 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms in the same loop; a ready spare before %d of %d runs)\n",
 		"kiln: pod start with a ready spare shim", ms(km), float64(km)/float64(rm), ms(rm), found, runs)
 	return nil
+}
+
+// startPodEnv starts containerd with CRI, runc's handler and Kiln's (with spare shims when spare is set), and
+// starts and removes one pod of each, not counted: they pull their images into place, and Kiln's builds the
+// template (and starts the first spare).
+func startPodEnv(ctx context.Context, repo, share, tools, templates string, cfg podsConfig, spare bool) (*cri.Env, error) {
+	e, err := cri.Start(ctx, cri.Options{
+		RepoRoot: repo, ToolsDir: tools, KilnAssets: share,
+		Handlers: []string{cri.HandlerRunc, cri.HandlerKiln},
+		// Ten guests booting at once under TCG on two cores take minutes, not the default minute.
+		KilnConfigExtra: fmt.Sprintf("[agent]\ndial_timeout = \"10m\"\n[hypervisor]\nfast_start = %q\ntemplate_dir = %q\nspare = %t\n%s\n",
+			cfg.fastStart, templates, spare, cfg.hypervisor),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start containerd with CRI: %w", err)
+	}
+	for _, h := range []string{cri.HandlerRunc, cri.HandlerKiln} {
+		_, id, err := startPod(ctx, e, h, "warm-"+h, "true")
+		if err == nil {
+			err = e.RemovePod(ctx, id)
+		}
+		if err != nil {
+			_ = containerd.StopSpare(e.Daemon.Address, time.Minute)
+			_ = e.Stop(context.WithoutCancel(ctx))
+			return nil, err
+		}
+	}
+	return e, nil
 }
 
 // podSteps is how long each step of a pod start took: runp, create and start.
