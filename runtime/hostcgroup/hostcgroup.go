@@ -55,25 +55,17 @@ func Enter(p string, pid int, trees ...int) (*Group, error) {
 		if g.v2, err = cgroup2.NewManager("/sys/fs/cgroup", p, &cgroup2.Resources{}); err != nil {
 			return nil, fmt.Errorf("create cgroup %s: %w", p, err)
 		}
-		if err := g.v2.AddProc(uint64(pid)); err != nil {
-			_ = g.v2.Delete()
-			return nil, fmt.Errorf("move process %d to cgroup %s: %w", pid, p, err)
+	} else {
+		var err error
+		if g.v1Was, err = cgroup1.Load(cgroup1.PidPath(pid)); err != nil {
+			return nil, fmt.Errorf("load cgroup of process %d: %w", pid, err)
 		}
-		if err := g.moveTrees(trees); err != nil {
-			_ = g.Leave()
-			return nil, err
+		if g.v1, err = cgroup1.New(cgroup1.StaticPath(p), &specs.LinuxResources{}); err != nil {
+			return nil, fmt.Errorf("create cgroup %s: %w", p, err)
 		}
-		return g, nil
 	}
-	var err error
-	if g.v1Was, err = cgroup1.Load(cgroup1.PidPath(pid)); err != nil {
-		return nil, fmt.Errorf("load cgroup of process %d: %w", pid, err)
-	}
-	if g.v1, err = cgroup1.New(cgroup1.StaticPath(p), &specs.LinuxResources{}); err != nil {
-		return nil, fmt.Errorf("create cgroup %s: %w", p, err)
-	}
-	if err := g.v1.AddProc(uint64(pid)); err != nil {
-		_ = g.v1.Delete()
+	if err := g.add(pid); err != nil {
+		_ = g.delete()
 		return nil, fmt.Errorf("move process %d to cgroup %s: %w", pid, p, err)
 	}
 	if err := g.moveTrees(trees); err != nil {
@@ -83,19 +75,29 @@ func Enter(p string, pid int, trees ...int) (*Group, error) {
 	return g, nil
 }
 
+// add moves process pid into the group.
+func (g *Group) add(pid int) error {
+	if g.v2 != nil {
+		return g.v2.AddProc(uint64(pid))
+	}
+	return g.v1.AddProc(uint64(pid))
+}
+
+// delete removes the group's cgroup, which must hold no process.
+func (g *Group) delete() error {
+	if g.v2 != nil {
+		return g.v2.Delete()
+	}
+	return g.v1.Delete()
+}
+
 // moveTrees moves each process of roots, and every process below it (found through /proc/PID/task/*/children),
 // into the group.
 func (g *Group) moveTrees(roots []int) error {
 	for _, root := range roots {
 		for _, pid := range append([]int{root}, descendants(root)...) {
-			var err error
-			if g.v2 != nil {
-				err = g.v2.AddProc(uint64(pid))
-			} else {
-				err = g.v1.AddProc(uint64(pid))
-			}
 			// A process that has just exited is not in the way.
-			if err != nil && processExists(pid) {
+			if err := g.add(pid); err != nil && processExists(pid) {
 				return fmt.Errorf("move process %d to cgroup %s: %w", pid, g.path, err)
 			}
 		}
@@ -140,13 +142,12 @@ func (g *Group) Path() string { return g.path }
 func (g *Group) Leave() error {
 	var err error
 	if g.v2 != nil {
-		if err = g.v2Was.AddProc(uint64(g.pid)); err == nil {
-			err = g.v2.Delete()
-		}
+		err = g.v2Was.AddProc(uint64(g.pid))
 	} else {
-		if err = g.v1Was.AddProc(uint64(g.pid)); err == nil {
-			err = g.v1.Delete()
-		}
+		err = g.v1Was.AddProc(uint64(g.pid))
+	}
+	if err == nil {
+		err = g.delete()
 	}
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("leave cgroup %s: %w", g.path, err)
