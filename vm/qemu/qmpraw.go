@@ -16,8 +16,10 @@ import (
 // qmpMaxLine bounds one line of QMP output Kiln reads on its raw monitor.
 const qmpMaxLine = 64 << 10
 
-// rawQMP is a QMP monitor on a connected socket that can pass a descriptor with a command (getfd), which
-// go-qemu's monitor cannot. A template's save needs it: QEMU 7.2 migrates only to a named descriptor.
+// rawQMP is a QMP monitor on a connected socket (a template's second monitor) that can pass a descriptor with a
+// command (getfd). A template's save needs that: QEMU 7.2 migrates only to a named descriptor. go-qemu's
+// monitor on the VM's QMP socket can pass descriptors too (RunWithFile, which Machine.PlugNets uses), so the
+// save could go through it and this second monitor go.
 type rawQMP struct {
 	c *net.UnixConn
 	r *bufio.Reader
