@@ -46,6 +46,13 @@ func TestRecordValidate(t *testing.T) {
 	if err := valid.Validate(); err != nil {
 		t.Fatalf("record as a shim writes it: %v", err)
 	}
+	// A spare shim's pod has a random id of VMID's form: `delete` must act on the record of the task it was handed.
+	spareID := vmID([]byte{0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3})
+	spare := valid
+	spare.VMID, spare.ShareDir = spareID, pod.ShareDir("/run/kiln", spareID)
+	if err := spare.Validate(); err != nil {
+		t.Errorf("record of a task handed to a spare shim: %v", err)
+	}
 	noSocket := valid
 	noSocket.ShimSocket = ""
 	if err := noSocket.Validate(); err != nil {

@@ -133,11 +133,15 @@ func (s *Service) getProcess(id, execID string) (*container.Container, *containe
 
 // VMID is the id of the pod that serves a shim group: short, because QEMU's sockets live under
 // <state>/<vm id>/ and Unix socket paths are limited to 108 bytes; derived from namespace and group, so it is
-// the same for every container of the group.
+// the same for every container of the group. A spare shim's pod (BootSpare) has a random id of the same form, so
+// that `delete` cleans up after the task it is handed as after any other (Record.Validate).
 func VMID(namespace, group string) string {
 	sum := sha256.Sum256([]byte(namespace + "/" + group))
-	return "kiln-" + hex.EncodeToString(sum[:8])
+	return vmID(sum[:8])
 }
+
+// vmID is the VM id of 8 bytes: "kiln-" and their 16 hex digits (vmIDPattern).
+func vmID(b []byte) string { return "kiln-" + hex.EncodeToString(b) }
 
 // podFor returns the shim's pod, booting it with the configuration the request names when there is none.
 func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts *anypb.Any) (*pod.Pod, error) {

@@ -3,7 +3,6 @@ package task
 import (
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"reflect"
@@ -45,9 +44,9 @@ func BootSpare(ctx context.Context, configPath, version string, log *logrus.Entr
 		return nil, fmt.Errorf("spare shim: %w", err)
 	}
 	sp := &Spare{cfg: cfg}
-	// The id is the VM's, short for QEMU's socket paths like VMID's; the task's group is not known yet.
+	// The task's group is not known yet: the id is random, of VMID's form.
 	p, err := pod.New(ctx, pod.Options{
-		ID: "spare-" + hex.EncodeToString(b), Config: cfg, HostVersion: version, Log: log,
+		ID: vmID(b), Config: cfg, HostVersion: version, Log: log,
 		OnEvent: sp.onEvent, OnExit: sp.onExit,
 	})
 	if err != nil {
