@@ -97,9 +97,14 @@ type Hypervisor struct {
 	// template of its own, tens of MiB of tmpfs each.
 	TemplateMax int `toml:"template_max"`
 	// Spare keeps, for each containerd, one shim started ahead of demand with its VM booted and warmed by a
-	// throwaway container: the next task's shim is that one (runtime/spare).
+	// throwaway container: the next task's shim is that one (runtime/spare). On by default; SpareOn says whether
+	// it applies.
 	Spare bool `toml:"spare"`
 }
+
+// SpareOn says whether spare shims are on: spare is set and fast_start is not "off", which turns every fast path
+// off with one key.
+func (h Hypervisor) SpareOn() bool { return h.Spare && h.FastStart != FastStartOff }
 
 // SpareIdle is how long a spare shim waits for a task before it stops its VM and exits.
 const SpareIdle = 10 * time.Minute
@@ -179,6 +184,7 @@ func Default() Config {
 			FastStart:              FastStartTemplate,
 			TemplateDir:            "/dev/shm/kiln/templates",
 			TemplateMax:            DefaultTemplateMax,
+			Spare:                  true,
 		},
 		Vsock: Vsock{Mode: VsockAuto},
 		SharedFS: SharedFS{

@@ -256,8 +256,12 @@ func checkFastStart(cfg config.Config, fsType func(path string) (int64, error)) 
 
 // checkSpare reports whether spare shims are on (hypervisor.spare) and which wait now, one per containerd.
 func checkSpare(cfg config.Config) checkResult {
-	if !cfg.Hypervisor.Spare {
-		return checkResult{"spare shims", "ok", "off: each task's shim starts its VM (hypervisor.spare = false)"}
+	if !cfg.Hypervisor.SpareOn() {
+		why := "hypervisor.spare = false"
+		if cfg.Hypervisor.Spare {
+			why = "hypervisor.fast_start = \"off\""
+		}
+		return checkResult{"spare shims", "ok", "off: each task's shim starts its VM (" + why + ")"}
 	}
 	var now []string
 	for _, sp := range spare.All() {

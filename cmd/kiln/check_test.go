@@ -110,12 +110,23 @@ func TestCheckFastStart(t *testing.T) {
 }
 
 func TestCheckSpare(t *testing.T) {
-	cfg := config.Default()
-	if r := checkSpare(cfg); r.status != "ok" || !strings.HasPrefix(r.detail, "off") {
-		t.Errorf("spares off: %+v", r)
+	tests := []struct {
+		name      string
+		spare     bool
+		fastStart string
+		detail    string
+	}{
+		{"default", true, config.FastStartTemplate, "on: "},
+		{"spare = false", false, config.FastStartTemplate, "off: each task's shim starts its VM (hypervisor.spare = false)"},
+		{"fast_start off", true, config.FastStartOff, "off: each task's shim starts its VM (hypervisor.fast_start = \"off\")"},
 	}
-	cfg.Hypervisor.Spare = true
-	if r := checkSpare(cfg); r.status != "ok" || !strings.HasPrefix(r.detail, "on: ") {
-		t.Errorf("spares on: %+v", r)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := config.Default()
+			cfg.Hypervisor.Spare, cfg.Hypervisor.FastStart = tt.spare, tt.fastStart
+			if r := checkSpare(cfg); r.status != "ok" || !strings.HasPrefix(r.detail, tt.detail) {
+				t.Errorf("%+v, want ok starting %q", r, tt.detail)
+			}
+		})
 	}
 }

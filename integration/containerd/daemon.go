@@ -255,6 +255,9 @@ func (d *Daemon) Stop(ctx context.Context) error {
 		}
 	}
 	_ = d.stopDaemon(ctx)
+	if err := StopSpare(d.Address, time.Minute); err != nil {
+		errs = append(errs, err)
+	}
 	// A shim tears its VM down after it answered Shutdown: give it the time that takes.
 	if pids := d.WaitShimsGone(ctx, shimExitTimeout); len(pids) > 0 {
 		errs = append(errs, fmt.Errorf("shims still running after containerd stopped: %v", pids))
@@ -315,7 +318,8 @@ func (d *Daemon) WaitShimsGone(ctx context.Context, timeout time.Duration) []int
 	}
 }
 
-// Shims lists the pids of shim processes serving this containerd (found by the address on their command line).
+// Shims lists the pids of shim processes serving this containerd's tasks (found by the address on their command
+// line), leaving out the spare shim that waits for its next task.
 func (d *Daemon) Shims() []int {
-	return processesWithArg(d.Address)
+	return taskShims(d.Address, processesWithArg(d.Address))
 }

@@ -124,17 +124,24 @@ func podArgs(pod string) []string {
 	return []string{"--annotation", "io.kubernetes.cri.sandbox-id=" + pod}
 }
 
-// vmStateDir is the state directory of the VM serving pod.
-func (k *kilnEnv) vmStateDir(pod string) string {
-	return filepath.Join(k.d.StateDir(), task.VMID(Namespace, pod))
+// vmOf is the id of the VM that runs container id, from the record its shim wrote in the task's bundle: a pod
+// whose shim was a spare runs in the spare's VM, whose id is not task.VMID's of the pod.
+func (k *kilnEnv) vmOf(t *testing.T, id string) string {
+	t.Helper()
+	rec, err := task.ReadRecord(filepath.Join(k.d.Dir, "state", "io.containerd.runtime.v2.task", Namespace, id))
+	if err != nil {
+		t.Fatalf("the VM of %s: %v", id, err)
+	}
+	return rec.VMID
 }
 
-// podQEMU is the pid of the QEMU serving pod, found by the state directory its environment names.
-func (k *kilnEnv) podQEMU(t *testing.T, pod string) int {
+// podQEMU is the pid of the QEMU serving the pod of container id, found by the state directory its environment
+// names.
+func (k *kilnEnv) podQEMU(t *testing.T, id string) int {
 	t.Helper()
-	pids := qemusIn(k.vmStateDir(pod))
+	pids := qemusIn(filepath.Join(k.d.StateDir(), k.vmOf(t, id)))
 	if len(pids) != 1 {
-		t.Fatalf("want one QEMU for pod %s, found %v", pod, pids)
+		t.Fatalf("want one QEMU for the pod of %s, found %v", id, pids)
 	}
 	return pids[0]
 }
@@ -156,25 +163,27 @@ func qemusIn(dir string) []int {
 	return out
 }
 
-// podVirtiofsd lists the virtiofsd processes exporting pod's share (the daemon and its sandboxed child).
-func (k *kilnEnv) podVirtiofsd(t *testing.T, pod string) []int {
+// podVirtiofsd lists the virtiofsd processes exporting the share of container id's pod (the daemon and its
+// sandboxed child).
+func (k *kilnEnv) podVirtiofsd(t *testing.T, id string) []int {
 	t.Helper()
 	var out []int
-	for _, pid := range ProcessesMatching(task.VMID(Namespace, pod) + ".share") {
+	for _, pid := range ProcessesMatching(k.vmOf(t, id) + ".share") {
 		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(b), "virtiofsd") {
 			out = append(out, pid)
 		}
 	}
 	if len(out) == 0 {
-		t.Fatalf("no virtiofsd serves pod %s", pod)
+		t.Fatalf("no virtiofsd serves the pod of %s", id)
 	}
 	return out
 }
 
-// waitShareHolds waits until the pod's share holds a directory for container id: the shim is creating it.
-func (k *kilnEnv) waitShareHolds(t *testing.T, pod, id string, timeout time.Duration) {
+// waitShareHolds waits until the share of the pod running container a holds a directory for container id: the
+// shim is creating it.
+func (k *kilnEnv) waitShareHolds(t *testing.T, a, id string, timeout time.Duration) {
 	t.Helper()
-	dir := filepath.Join(k.d.StateDir(), task.VMID(Namespace, pod)+".share", "mounts", id)
+	dir := filepath.Join(k.d.StateDir(), k.vmOf(t, a)+".share", "mounts", id)
 	deadline := time.Now().Add(timeout)
 	for {
 		if _, err := os.Stat(dir); err == nil {
@@ -295,6 +304,9 @@ func (k *kilnEnv) podNet(t *testing.T) []string {
 func (k *kilnEnv) checkNothingLeft(t *testing.T, ids ...string) {
 	t.Helper()
 	state := k.d.StateDir()
+	if err := StopSpare(k.d.Address, time.Minute); err != nil {
+		t.Error(err)
+	}
 	if pids := k.d.WaitShimsGone(context.Background(), shimExitTimeout); len(pids) > 0 {
 		t.Errorf("shims left: %v", pids)
 	}

@@ -23,20 +23,20 @@ type deadVMFault struct {
 }
 
 var deadVMFaults = []deadVMFault{
-	{name: "qemu-sigkill", reason: "QEMU exited: signal: killed", inflict: func(t *testing.T, k *kilnEnv, pod, _ string) {
-		signalAll(t, syscall.SIGKILL, k.podQEMU(t, pod))
+	{name: "qemu-sigkill", reason: "QEMU exited: signal: killed", inflict: func(t *testing.T, k *kilnEnv, _, a string) {
+		signalAll(t, syscall.SIGKILL, k.podQEMU(t, a))
 	}},
-	{name: "virtiofsd-sigkill", reason: "virtiofsd exited while the VM ran", inflict: func(t *testing.T, k *kilnEnv, pod, _ string) {
-		signalAll(t, syscall.SIGKILL, k.podVirtiofsd(t, pod)...)
+	{name: "virtiofsd-sigkill", reason: "virtiofsd exited while the VM ran", inflict: func(t *testing.T, k *kilnEnv, _, a string) {
+		signalAll(t, syscall.SIGKILL, k.podVirtiofsd(t, a)...)
 	}},
 	{name: "guest-panic", reason: "sysrq triggered crash", inflict: func(t *testing.T, k *kilnEnv, _, a string) {
 		// The exec dies with the guest; its status is the VM's end. It runs in the background so that a guest
 		// that hangs in its panic instead of resetting fails the wait for the exits, not this call.
 		k.background(t, "tasks", "exec", "--exec-id", "sysrq", a, "sh", "-c", "echo c > /proc/sysrq-trigger")
 	}},
-	{name: "agent-hung", reason: "did not answer", inflict: func(t *testing.T, k *kilnEnv, pod, a string) {
+	{name: "agent-hung", reason: "did not answer", inflict: func(t *testing.T, k *kilnEnv, _, a string) {
 		// QEMU stopped: the VM lives on, and nothing in it answers.
-		qemuPid := k.podQEMU(t, pod)
+		qemuPid := k.podQEMU(t, a)
 		signalAll(t, syscall.SIGSTOP, qemuPid)
 		t.Cleanup(func() { _ = syscall.Kill(qemuPid, syscall.SIGCONT) })
 		// Every call returns within its timeout, with an error.
@@ -138,7 +138,7 @@ func deadVMWhileStarting(t *testing.T, k *kilnEnv, f deadVMFault) {
 	args = append(append(append(args, podArgs(pod)...), net...), BusyboxRef, b)
 	run := k.background(t, append(args, sleeper...)...)
 	t.Cleanup(func() { k.remove(t, b) })
-	k.waitShareHolds(t, pod, b, time.Minute)
+	k.waitShareHolds(t, a, b, time.Minute)
 
 	f.inflict(t, k, pod, a)
 

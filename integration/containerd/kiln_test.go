@@ -62,10 +62,14 @@ func checkNoLeftovers(t *testing.T, d *Daemon) {
 	}
 }
 
-// leftovers lists what Kiln left on the host once this containerd's tasks are deleted: shims still running after
-// they had time to exit, processes naming Kiln's state, mounts under it, entries in it.
+// leftovers lists what Kiln left on the host once this containerd's tasks are deleted, after stopping its spare
+// shim: shims still running after they had time to exit, processes naming Kiln's state, mounts under it, entries
+// in it.
 func leftovers(d *Daemon) []string {
 	var found []string
+	if err := StopSpare(d.Address, time.Minute); err != nil {
+		found = append(found, err.Error())
+	}
 	if pids := d.WaitShimsGone(context.Background(), shimExitTimeout); len(pids) > 0 {
 		found = append(found, fmt.Sprintf("shims still running after their tasks were deleted: %v", pids))
 	}

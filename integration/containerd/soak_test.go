@@ -53,6 +53,11 @@ type hostState struct {
 
 func (k *kilnEnv) hostState(t *testing.T) hostState {
 	t.Helper()
+	// The spare shim a cycle's task started is not state that cycle leaves behind (the next takes it): stopped
+	// first, so that cycles run on spares and templates alike and every process and entry of theirs is counted.
+	if err := StopSpare(k.d.Address, time.Minute); err != nil {
+		t.Fatal(err)
+	}
 	var s hostState
 	// With the separator, so that another containerd's /tmp/kctrd-12345 does not match this one's /tmp/kctrd-1234.
 	s.Processes = liveProcessesNaming(k.d.Dir+"/", k.shimDir+"/")
@@ -185,6 +190,10 @@ func TestKilnSoak(t *testing.T) {
 		const id = "kiln-soak-exec"
 		k.runDetached(t, id, nil, sleeper...)
 		k.waitStatus(t, id, "RUNNING")
+		// The spare shim this task's shim started has a QEMU under the same state directory.
+		if err := StopSpare(k.d.Address, time.Minute); err != nil {
+			t.Fatal(err)
+		}
 		shims := k.d.Shims()
 		if len(shims) != 1 {
 			t.Fatalf("want one shim, found %v", shims)

@@ -30,22 +30,39 @@ func WaitSpare(address string, timeout time.Duration) bool {
 	}
 }
 
-// StopSpare stops the spare shim of the containerd at address, if one runs (SIGTERM: it stops its VM), and
-// checks that it went with its slot.
+// StopSpare stops the spare shim of the containerd at address, if one runs (SIGTERM: it stops its VM), checks
+// that it went with its slot, and removes the slot's files. Spares are on by default: every harness stops its
+// containerd's spare before it checks for leftovers, which then exclude nothing.
 func StopSpare(address string, timeout time.Duration) error {
-	sp, ok := spareOf(address)
-	if !ok {
-		return nil
-	}
-	_ = syscall.Kill(sp.Pid, syscall.SIGTERM)
-	for deadline := time.Now().Add(timeout); syscall.Kill(sp.Pid, 0) == nil; time.Sleep(50 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			_ = syscall.Kill(sp.Pid, syscall.SIGKILL)
-			return fmt.Errorf("spare shim %d did not stop on SIGTERM within %s", sp.Pid, timeout)
+	if sp, ok := spareOf(address); ok {
+		_ = syscall.Kill(sp.Pid, syscall.SIGTERM)
+		for deadline := time.Now().Add(timeout); syscall.Kill(sp.Pid, 0) == nil; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				_ = syscall.Kill(sp.Pid, syscall.SIGKILL)
+				return fmt.Errorf("spare shim %d did not stop on SIGTERM within %s", sp.Pid, timeout)
+			}
+		}
+		if _, ok := spareOf(address); ok {
+			return fmt.Errorf("spare shim %d left its slot behind", sp.Pid)
 		}
 	}
-	if _, ok := spareOf(address); ok {
-		return fmt.Errorf("spare shim %d left its slot behind", sp.Pid)
+	if err := spare.Remove(address); err != nil {
+		return fmt.Errorf("spare shim slot of %s: %w", address, err)
 	}
 	return nil
+}
+
+// taskShims drops from pids the spare shim waiting in the slot of the containerd at address: it has no task yet.
+func taskShims(address string, pids []int) []int {
+	sp, ok := spareOf(address)
+	if !ok {
+		return pids
+	}
+	out := pids[:0:0]
+	for _, pid := range pids {
+		if pid != sp.Pid {
+			out = append(out, pid)
+		}
+	}
+	return out
 }

@@ -8,10 +8,13 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/moby/sys/mountinfo"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/integration/containerd"
+	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // HostState is what a pod may leave on the host, as sorted lists of names: network namespaces (CRI's private
@@ -29,10 +32,16 @@ type HostState struct {
 	CNIResults []string
 }
 
-// Snapshot reads the host state now.
+// Snapshot reads the host state now, having stopped the harness containerd's spare shim: the spare a pod's shim
+// started is not that pod's leftover, and with it stopped a pod's state is all that is listed.
 func (e *Env) Snapshot() (HostState, error) {
 	var s HostState
 	var err error
+	if e.Daemon != nil {
+		if err := containerd.StopSpare(e.Daemon.Address, time.Minute); err != nil {
+			return s, err
+		}
+	}
 	ignore := ""
 	if e.Net != nil {
 		ignore = e.Net.Bridge
@@ -77,7 +86,10 @@ func (e *Env) Snapshot() (HostState, error) {
 	}
 	for _, d := range []string{e.KilnStateDir(), config.Default().Runtime.StateDir} {
 		for _, n := range dirNames(d) {
-			s.KilnState = append(s.KilnState, filepath.Join(d, n))
+			// The spare shims' slots, one directory for every containerd on the host.
+			if p := filepath.Join(d, n); p != spare.Dir {
+				s.KilnState = append(s.KilnState, p)
+			}
 		}
 	}
 	for _, n := range dirNames("/var/lib/cni/results") {

@@ -130,6 +130,36 @@ func claim(dir, address string) (*Slot, error) {
 	return &Slot{path: path, lock: lock}, nil
 }
 
+// Remove removes the files of the slot of the containerd at address (its lock, socket and log) once no spare
+// holds it, for a containerd that is gone (tests, each with a containerd of its own). ErrTaken means a spare
+// still holds the slot.
+func Remove(address string) error { return remove(Dir, address) }
+
+func remove(dir, address string) error {
+	path := socketPath(dir, address)
+	lock, err := os.OpenFile(path+".lock", os.O_RDWR|unix.O_CLOEXEC, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("spare shim lock: %w", err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return ErrTaken
+		}
+		return fmt.Errorf("spare shim lock %s: %w", path+".lock", err)
+	}
+	var errs []error
+	for _, f := range []string{path, path + ".log", path + ".lock"} {
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Info describes a spare shim that holds a slot.
 type Info struct {
 	// Pid is the spare's process id, Address its containerd's.

@@ -171,3 +171,29 @@ func TestAllListsHolders(t *testing.T) {
 		t.Errorf("all() after the spare left = %+v", got)
 	}
 }
+
+// Remove refuses a slot a spare holds, and removes every file of a slot none holds.
+func TestRemoveSlotFiles(t *testing.T) {
+	dir := t.TempDir()
+	if err := remove(dir, "/c.sock"); err != nil {
+		t.Fatalf("remove with no slot: %v", err)
+	}
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := socketPath(dir, "/c.sock") + ".log"
+	if err := os.WriteFile(log, []byte("spare log\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := remove(dir, "/c.sock"); !errors.Is(err, ErrTaken) {
+		t.Fatalf("remove while a spare holds the slot = %v, want ErrTaken", err)
+	}
+	slot.release()
+	if err := remove(dir, "/c.sock"); err != nil {
+		t.Fatalf("remove after the spare left: %v", err)
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("files left in the slot directory: %v", left)
+	}
+}

@@ -165,7 +165,7 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	first := &pod.First{ID: id, Bundle: b}
 	// Started now, before this shim enters the task's host cgroup, which the spare must not share; and only for
 	// a task like those a spare can serve, taken for a sign of the tasks to come.
-	if cfg.Hypervisor.Spare && pod.SpareUnfit(first) == nil {
+	if cfg.Hypervisor.SpareOn() && pod.SpareUnfit(first) == nil {
 		s.startSpare(path, l)
 	}
 	if p := s.takeSpare(ctx, cfg, first, l); p != nil {
