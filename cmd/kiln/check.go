@@ -269,7 +269,7 @@ func checkSpare(cfg config.Config) checkResult {
 		if sp.Ready {
 			state = "ready"
 		}
-		now = append(now, fmt.Sprintf("pid %d for %s, %s", sp.Pid, sp.Address, state))
+		now = append(now, fmt.Sprintf("pid %d for %s, %s (log %s.log)", sp.Pid, sp.Address, state, sp.Slot))
 	}
 	if len(now) == 0 {
 		now = []string{"none now"}

@@ -2,6 +2,7 @@ package containerd
 
 import (
 	"fmt"
+	"os"
 	"syscall"
 	"time"
 
@@ -30,8 +31,8 @@ func WaitSpare(address string, timeout time.Duration) bool {
 	}
 }
 
-// StopSpare stops the spare shim of the containerd at address, if one runs (SIGTERM: it stops its VM), checks
-// that it went with its slot, and removes the slot's files. Spares are on by default: every harness stops its
+// StopSpare stops the spare shim of the containerd at address, if one runs (SIGTERM: it stops its VM), and checks
+// that it went with its slot and the slot's files. Spares are on by default: every harness stops its
 // containerd's spare before it checks for leftovers, which then exclude nothing.
 func StopSpare(address string, timeout time.Duration) error {
 	if sp, ok := spareOf(address); ok {
@@ -45,9 +46,11 @@ func StopSpare(address string, timeout time.Duration) error {
 		if _, ok := spareOf(address); ok {
 			return fmt.Errorf("spare shim %d left its slot behind", sp.Pid)
 		}
-	}
-	if err := spare.Remove(address); err != nil {
-		return fmt.Errorf("spare shim slot of %s: %w", address, err)
+		for _, f := range []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock"} {
+			if _, err := os.Stat(f); err == nil {
+				return fmt.Errorf("spare shim %d left %s behind", sp.Pid, f)
+			}
+		}
 	}
 	return nil
 }

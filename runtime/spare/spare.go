@@ -130,36 +130,6 @@ func claim(dir, address string) (*Slot, error) {
 	return &Slot{path: path, lock: lock}, nil
 }
 
-// Remove removes the files of the slot of the containerd at address (its lock, socket and log) once no spare
-// holds it, for a containerd that is gone (tests, each with a containerd of its own). ErrTaken means a spare
-// still holds the slot.
-func Remove(address string) error { return remove(Dir, address) }
-
-func remove(dir, address string) error {
-	path := socketPath(dir, address)
-	lock, err := os.OpenFile(path+".lock", os.O_RDWR|unix.O_CLOEXEC, 0)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("spare shim lock: %w", err)
-	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return ErrTaken
-		}
-		return fmt.Errorf("spare shim lock %s: %w", path+".lock", err)
-	}
-	var errs []error
-	for _, f := range []string{path, path + ".log", path + ".lock"} {
-		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
 // Info describes a spare shim that holds a slot.
 type Info struct {
 	// Pid is the spare's process id, Address its containerd's.
@@ -167,6 +137,9 @@ type Info struct {
 	Address string
 	// Ready says it waits for a task; otherwise it is still booting or warming its VM.
 	Ready bool
+	// Slot is the slot's socket path; Slot+".log" is the spare's log until it takes a task, and Slot+".lock" its
+	// lock.
+	Slot string
 }
 
 // All lists the spare shims that hold a slot (`kiln check`, `make uninstall`'s tests).
@@ -195,8 +168,9 @@ func all(dir string) []Info {
 		if err != nil || pid <= 0 {
 			continue
 		}
-		_, err = os.Stat(strings.TrimSuffix(path, ".lock"))
-		out = append(out, Info{Pid: pid, Address: address, Ready: err == nil})
+		slot := strings.TrimSuffix(path, ".lock")
+		_, err = os.Stat(slot)
+		out = append(out, Info{Pid: pid, Address: address, Ready: err == nil, Slot: slot})
 	}
 	return out
 }
@@ -279,9 +253,18 @@ func receive(c *net.UnixConn, pid int, version string) (Request, *os.File, error
 	return req, socket, nil
 }
 
+// release gives the slot up, removing its files (the socket, the log and the lock) while it still holds the lock,
+// so that a containerd that is gone leaves nothing in Dir. The log of a spare that failed, which exits without
+// release, stays. A lock file that is not the held one any more (a claimer recreated it) is left to its holder.
 func (s *Slot) release() {
 	if s.l != nil {
 		_ = s.l.Close()
+	}
+	var held, named unix.Stat_t
+	if unix.Fstat(int(s.lock.Fd()), &held) == nil && unix.Stat(s.path+".lock", &named) == nil &&
+		held.Dev == named.Dev && held.Ino == named.Ino {
+		_ = os.Remove(s.path + ".log")
+		_ = os.Remove(s.path + ".lock")
 	}
 	_ = s.lock.Close()
 }

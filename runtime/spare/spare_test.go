@@ -82,11 +82,14 @@ func TestHandOver(t *testing.T) {
 	next.release()
 }
 
-// A spare that no task came for gives up after its idle time and leaves no socket behind.
+// A spare that no task came for gives up after its idle time and leaves none of its slot's files behind.
 func TestIdleSpareLeaves(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
 	slot, err := claim(dir, "/c.sock")
 	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(socketPath(dir, "/c.sock")+".log", []byte("spare log\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
@@ -96,8 +99,8 @@ func TestIdleSpareLeaves(t *testing.T) {
 	if time.Since(start) > 5*time.Second {
 		t.Errorf("idle spare waited %s", time.Since(start))
 	}
-	if _, err := os.Stat(socketPath(dir, "/c.sock")); !os.IsNotExist(err) {
-		t.Errorf("socket left after the spare gave up: %v", err)
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("files left after the spare gave up: %v", left)
 	}
 	if _, err := adopt(ctx, dir, "/c.sock", Request{Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
 		t.Errorf("Adopt after the spare left = %v, want ErrNone", err)
@@ -148,7 +151,7 @@ func TestAllListsHolders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := all(dir); len(got) != 1 || got[0].Pid != os.Getpid() || got[0].Address != "/c.sock" || got[0].Ready {
+	if got := all(dir); len(got) != 1 || got[0].Pid != os.Getpid() || got[0].Address != "/c.sock" || got[0].Ready || got[0].Slot != socketPath(dir, "/c.sock") {
 		t.Fatalf("all() while booting = %+v, want this process for /c.sock, not ready", got)
 	}
 	waitCtx, cancel := context.WithCancel(ctx)
@@ -169,31 +172,5 @@ func TestAllListsHolders(t *testing.T) {
 	<-done
 	if got := all(dir); len(got) != 0 {
 		t.Errorf("all() after the spare left = %+v", got)
-	}
-}
-
-// Remove refuses a slot a spare holds, and removes every file of a slot none holds.
-func TestRemoveSlotFiles(t *testing.T) {
-	dir := t.TempDir()
-	if err := remove(dir, "/c.sock"); err != nil {
-		t.Fatalf("remove with no slot: %v", err)
-	}
-	slot, err := claim(dir, "/c.sock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := socketPath(dir, "/c.sock") + ".log"
-	if err := os.WriteFile(log, []byte("spare log\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := remove(dir, "/c.sock"); !errors.Is(err, ErrTaken) {
-		t.Fatalf("remove while a spare holds the slot = %v, want ErrTaken", err)
-	}
-	slot.release()
-	if err := remove(dir, "/c.sock"); err != nil {
-		t.Fatalf("remove after the spare left: %v", err)
-	}
-	if left, _ := os.ReadDir(dir); len(left) != 0 {
-		t.Errorf("files left in the slot directory: %v", left)
 	}
 }
