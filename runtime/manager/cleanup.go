@@ -16,9 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
-	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/runtime/pod"
-	"github.com/kiln-runtime/kiln/runtime/share"
 	"github.com/kiln-runtime/kiln/runtime/task"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
@@ -61,11 +59,8 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 		}
 	}
 	if rec.ShareDir != "" {
-		// QEMU is gone and its taps with it; the qdiscs redirecting to them are not.
-		if err := network.Unmirror(filepath.Join(rec.ShareDir, pod.MirrorFile)); err != nil {
-			errs = append(errs, err)
-		}
-		if err := share.Remove(rec.ShareDir); err != nil {
+		// QEMU is gone and its taps with it; the qdiscs redirecting to them are not: RemoveShare undoes them.
+		if err := pod.RemoveShare(rec.ShareDir, true); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -91,8 +91,9 @@ type Pod struct {
 func ShareDir(stateDir, id string) string { return filepath.Join(stateDir, id+".share") }
 
 // ownerFile, inside a share, names the process that owns the pod, so that a later pod can tell a share whose
-// owner was killed from one whose pod is still booting.
-const ownerFile = "owner"
+// owner was killed from one whose pod is still booting. Not "owner", the name of a VM state directory's: qemu.Sweep
+// would take the share for a VM's state and remove it, without the share's lock or undoing its network mirror.
+const ownerFile = "pod-owner"
 
 // New boots a pod: it removes what dead pods left in the state directory, creates the share, boots the VM
 // exporting it, connects to the agent and starts following the containers' events. On error nothing is left.
@@ -231,24 +232,6 @@ func (p *Pod) watchVM(m vm.Machine) {
 func (p *Pod) stopUnresponsive(error) {
 	if err := p.sb.Machine().Stop(context.Background()); err != nil {
 		p.log.WithError(err).Warn("stop the VM of an unresponsive guest")
-	}
-}
-
-// sweep removes the VM state and shares of pods whose owner is gone (killed before it could clean up; its
-// QEMU died with it through the parent-death signal).
-func sweep(stateDir string, log *logrus.Entry) {
-	if _, err := qemu.Sweep(stateDir); err != nil {
-		log.WithError(err).Warn("sweep state of VMs whose owner is gone")
-	}
-	shares, _ := filepath.Glob(ShareDir(stateDir, "*"))
-	for _, dir := range shares {
-		pid, err := qemu.ReadOwner(filepath.Join(dir, ownerFile))
-		if err != nil || qemu.OwnerAlive(pid) {
-			continue
-		}
-		if err := share.Remove(dir); err != nil {
-			log.WithError(err).WithField("share", dir).Warn("remove share whose owner is gone")
-		}
 	}
 }
 
