@@ -44,8 +44,19 @@ func runSpare(args []string) (*task.Spare, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Told to stop before a task came is no failure: such a spare leaves as an idle one does, removing its slot's
+	// files. A spare that failed keeps its log.
+	leave := func(err error) error {
+		if ctx.Err() == nil {
+			return err
+		}
+		log.WithError(err).Info("spare shim stopped before it was ready")
+		slot.Close()
+		os.Exit(0)
+		return nil
+	}
 	if err := spare.WaitGate(ctx); err != nil {
-		return nil, err
+		return nil, leave(err)
 	}
 	// The spare is the leader of a process group of its own (spare.Spawn's session): every thread of it, and
 	// whatever it starts, gets the priority.
@@ -55,7 +66,7 @@ func runSpare(args []string) (*task.Spare, error) {
 	start := time.Now()
 	sp, err := task.BootSpare(ctx, *configPath, version, log)
 	if err != nil {
-		return nil, err
+		return nil, leave(err)
 	}
 	log.WithField("took", time.Since(start)).Info("spare shim ready")
 	req, socket, err := slot.Wait(ctx, config.SpareIdle, os.Getpid(), version)

@@ -253,6 +253,10 @@ func receive(c *net.UnixConn, pid int, version string) (Request, *os.File, error
 	return req, socket, nil
 }
 
+// Close gives the slot up, as Wait does when it returns, for a spare that leaves before it waits (told to stop
+// while it booted).
+func (s *Slot) Close() { s.release() }
+
 // release gives the slot up, removing its files (the socket, the log and the lock) while it still holds the lock,
 // so that a containerd that is gone leaves nothing in Dir. The log of a spare that failed, which exits without
 // release, stays. A lock file that is not the held one any more (a claimer recreated it) is left to its holder.
