@@ -3,6 +3,7 @@ package containerd
 import (
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -47,4 +48,46 @@ func TestKilnSpareShim(t *testing.T) {
 	if !WaitSpare(addr, 3*time.Minute) {
 		t.Fatalf("the second task's shim started no spare for %s", addr)
 	}
+}
+
+// A shim that took a spare's VM and is then killed is cleaned up after as any other: containerd's `delete` finds
+// the spare's VM through the task record, stops it and removes its state, share and cgroup.
+func TestKilnSpareShimKilled(t *testing.T) {
+	k := startKiln(t)
+	addr := k.d.Address
+	// Registered after startKiln's leftover check, so it runs before it.
+	t.Cleanup(func() {
+		if err := StopSpare(addr, time.Minute); err != nil {
+			t.Error(err)
+		}
+	})
+	out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-sparekill-1", "true")
+	if code != 0 {
+		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s", addr)
+	}
+	const id = "kiln-sparekill-2"
+	k.runDetached(t, id, nil, sleeper...)
+	k.waitStatus(t, id, "RUNNING")
+	log, err := os.ReadFile(k.d.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(log), "the spare shim's warm VM runs the task\" container="+id) {
+		t.Fatalf("%s did not run in the spare's VM; containerd's log:\n%s", id, k.d.LogTail(40))
+	}
+	shims := k.d.Shims()
+	if len(shims) != 1 {
+		t.Fatalf("want one task shim, found %v", shims)
+	}
+	events := k.followEvents(t)
+	if err := syscall.Kill(shims[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	events.waitFor(t, time.Minute, "/tasks/exit", map[string]any{"container_id": id, "exit_status": float64(137)})
+	events.stop()
+	_, _, _ = k.ctrCode(t, nil, "tasks", "delete", id)
+	// checkNoLeftovers (at cleanup) asserts that the spare's VM, its virtiofsd, share and state are gone.
 }
