@@ -34,8 +34,6 @@ type fdLayout struct {
 	virtiofs int
 	// firstNet is the first tap of Config.Nets; the others follow.
 	firstNet int
-	// saveMon is a template's second QMP monitor (a connected socket), the one that can pass descriptors.
-	saveMon int
 	// vsockChardev is a clone's vhost-user vsock connection (its device is hot-plugged).
 	vsockChardev int
 	// incomingState is a clone's migration state file.
@@ -109,7 +107,6 @@ func args(c Config, fds fdLayout) []string {
 		a = append(a, microvmDevices(c, fds)...)
 	case roleTemplate:
 		a = append(a, q35Devices(c)...)
-		a = append(a, "-chardev", fmt.Sprintf("socket,id=save,fd=%d", fds.saveMon), "-mon", "chardev=save,mode=control")
 	case roleClone:
 		a = append(a, q35Devices(c)...)
 		a = append(a, cloneBackends(c, fds)...)

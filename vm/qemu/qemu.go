@@ -147,8 +147,6 @@ type Machine struct {
 	plugged  int
 	// fsErr is why the VM was ended for its virtiofsd's death, nil otherwise.
 	fsErr error
-	// saveQMP is a template's second monitor, which can pass descriptors.
-	saveQMP *rawQMP
 	// cloneRAM is a clone's copy of its template's RAM while it starts.
 	cloneRAM *cloneRAM
 	// incoming is a clone's template state while it starts.
@@ -284,7 +282,7 @@ func (m *Machine) Start(ctx context.Context) error {
 // reset makes a Machine whose start failed (and released everything) startable again.
 func (m *Machine) reset() {
 	m.proc, m.qmp, m.console, m.vsock, m.fs, m.cgroup, m.cancel = nil, nil, nil, nil, nil, nil, nil
-	m.fsErr, m.saveQMP = nil, nil
+	m.fsErr = nil
 	m.exited = make(chan struct{})
 	m.cleaned = make(chan struct{})
 }
@@ -405,19 +403,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	}
 	fds.firstNet = 3 + len(files)
 	files = append(files, netFiles(m.cfg.Nets)...)
-	var saveEnd *os.File
-	switch m.cfg.role {
-	case roleTemplate:
-		conn, theirs, err := socketPair()
-		if err != nil {
-			return fmt.Errorf("start vm %s: save monitor: %w", m.cfg.ID, err)
-		}
-		m.saveQMP = &rawQMP{c: conn}
-		saveEnd = theirs
-		defer saveEnd.Close()
-		fds.saveMon = 3 + len(files)
-		files = append(files, saveEnd)
-	case roleClone:
+	if m.cfg.role == roleClone {
 		fds.incomingState = 3 + len(files)
 		files = append(files, m.incoming)
 		fds.memory = 3 + len(files)
@@ -462,9 +448,6 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	if fsConn != nil {
 		fsConn.Close()
 	}
-	if saveEnd != nil {
-		saveEnd.Close()
-	}
 	vs.started()
 	if err != nil {
 		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
@@ -477,14 +460,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		return fmt.Errorf("start vm %s: %w%s", m.cfg.ID, err, m.Diagnostics())
 	}
 	m.qmp = q
-	switch m.cfg.role {
-	case roleTemplate:
-		sq, err := newRawQMP(ctx, m.saveQMP.c)
-		if err != nil {
-			return fmt.Errorf("start vm %s: save monitor: %w%s", m.cfg.ID, err, m.Diagnostics())
-		}
-		m.saveQMP = sq
-	case roleClone:
+	if m.cfg.role == roleClone {
 		if err := m.restore(ctx, fds.incomingState); err != nil {
 			return fmt.Errorf("start vm %s: restore from template: %w%s", m.cfg.ID, err, m.Diagnostics())
 		}
@@ -505,9 +481,6 @@ func (m *Machine) cleanup() {
 	}
 	if m.qmp != nil {
 		m.qmp.close()
-	}
-	if m.saveQMP != nil {
-		m.saveQMP.close()
 	}
 	if m.vsock != nil {
 		if err := m.vsock.close(); err != nil {

@@ -82,7 +82,7 @@ func templateKey(c Config, qemuPath string) (key, inputs string, err error) {
 		return "", "", err
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "kiln template v1\x00%s\x00", strings.Join(args(t, fdLayout{qmp: 3, saveMon: 4}), "\x00"))
+	fmt.Fprintf(h, "kiln template v1\x00%s\x00", strings.Join(args(t, fdLayout{qmp: 3}), "\x00"))
 	h.Write([]byte(inputs))
 	return hex.EncodeToString(h.Sum(nil))[:32], inputs, nil
 }
@@ -504,23 +504,20 @@ func createRAMFile(path string, cred *syscall.Credential) error {
 	return nil
 }
 
-// save stops the template guest and migrates its device state into state over the descriptor-passing monitor.
+// save stops the template guest and migrates its device state into state, passed to QEMU over QMP.
 func (m *Machine) save(ctx context.Context, state *os.File) error {
-	q := m.saveQMP
-	if q == nil {
-		return errors.New("no save monitor")
-	}
-	if err := q.execute(ctx, "stop", nil, nil, nil); err != nil {
+	q := m.qmp
+	if err := q.execute(ctx, "stop", nil, nil); err != nil {
 		return err
 	}
 	// QEMU 7.2 has no migration property for this: the capability is set per migration, here and in each clone.
-	if err := q.execute(ctx, "migrate-set-capabilities", ignoreShared, nil, nil); err != nil {
+	if err := q.execute(ctx, "migrate-set-capabilities", ignoreShared, nil); err != nil {
 		return err
 	}
-	if err := q.execute(ctx, "getfd", map[string]any{"fdname": "state"}, state, nil); err != nil {
+	if err := q.executeWithFile(ctx, "getfd", map[string]any{"fdname": "state"}, state); err != nil {
 		return err
 	}
-	if err := q.execute(ctx, "migrate", map[string]any{"uri": "fd:state"}, nil, nil); err != nil {
+	if err := q.execute(ctx, "migrate", map[string]any{"uri": "fd:state"}, nil); err != nil {
 		return err
 	}
 	for {
@@ -528,7 +525,7 @@ func (m *Machine) save(ctx context.Context, state *os.File) error {
 			Status    string `json:"status"`
 			ErrorDesc string `json:"error-desc"`
 		}
-		if err := q.execute(ctx, "query-migrate", nil, nil, &mig); err != nil {
+		if err := q.execute(ctx, "query-migrate", nil, &mig); err != nil {
 			return err
 		}
 		switch mig.Status {

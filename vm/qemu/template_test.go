@@ -34,10 +34,11 @@ func TestTemplateAndCloneArgs(t *testing.T) {
 		want   []string
 		absent []string
 	}{
-		{"template", roleTemplate, fdLayout{qmp: 3, saveMon: 4},
-			[]string{machine, ports, balloon, "kiln.template=1", "-chardev socket,id=save,fd=4 -mon chardev=save,mode=control"},
-			// No vhost-user device, no NIC, nothing to restore: the template is booted, then saved.
-			[]string{"vhost-user", "-netdev", "virtio-net", "-incoming", "microvm", "virtio-mmio", " acpi=off"}},
+		{"template", roleTemplate, fdLayout{qmp: 3},
+			[]string{machine, ports, balloon, "kiln.template=1"},
+			// No vhost-user device, no NIC, nothing to restore: the template is booted, then saved through its one
+			// monitor.
+			[]string{"vhost-user", "-netdev", "virtio-net", "-incoming", "microvm", "virtio-mmio", " acpi=off", "id=save"}},
 		{"clone", roleClone, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7},
 			[]string{machine, ports, balloon, "kiln.template=1", "-chardev socket,id=vsock,fd=4", "-chardev socket,id=fs,fd=5",
 				"-netdev tap,id=net0,fd=6,vhost=off", "-incoming defer"},
@@ -235,24 +236,24 @@ func TestCloneRAMCopyFailure(t *testing.T) {
 	}
 }
 
-// fakeQMP serves QMP on one end of a socket pair: a greeting, then the answers given, one per command, with an
-// event before each; it reports each command and whether a descriptor came with it.
-func fakeQMP(t *testing.T, answers ...string) (*net.UnixConn, <-chan string) {
+// fakeQMP serves QMP on a socket in a temporary directory: a greeting, then the answers given, one per command,
+// with an event before each; it reports each command and whether a descriptor came with it.
+func fakeQMP(t *testing.T, answers ...string) (path string, got <-chan string) {
 	t.Helper()
-	kiln, theirs, err := socketPair()
+	path = filepath.Join(t.TempDir(), "qmp.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	qemu, err := net.FileConn(theirs)
-	theirs.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kiln.Close(); qemu.Close() })
-	got := make(chan string, len(answers)+1)
+	t.Cleanup(func() { l.Close() })
+	commands := make(chan string, len(answers)+1)
 	go func() {
-		uc := qemu.(*net.UnixConn)
-		_, _ = io.WriteString(uc, `{"QMP": {"version": {}}}`+"\n")
+		uc, err := l.AcceptUnix()
+		if err != nil {
+			return
+		}
+		t.Cleanup(func() { uc.Close() })
+		_, _ = io.WriteString(uc, `{"QMP": {"version": {}, "capabilities": ["oob"]}}`+"\n")
 		buf, oob := make([]byte, 4096), make([]byte, 64)
 		for _, a := range answers {
 			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
@@ -273,21 +274,24 @@ func fakeQMP(t *testing.T, answers ...string) (*net.UnixConn, <-chan string) {
 					}
 				}
 			}
-			got <- req.Execute
+			commands <- req.Execute
 			_, _ = io.WriteString(uc, `{"event": "STOP", "data": {}}`+"\n"+a+"\n")
 		}
 	}()
-	return kiln, got
+	return path, commands
 }
 
-func TestRawQMP(t *testing.T) {
-	conn, got := fakeQMP(t, `{"return": {}}`, `{"return": {}}`, `{"return": {"status": "completed"}}`,
+// The VM's one monitor runs a template's save: commands with their results and errors, and getfd with the
+// descriptor QEMU takes the state through; the context bounds a command QEMU does not answer.
+func TestQMPPassesDescriptors(t *testing.T) {
+	path, got := fakeQMP(t, `{"return": {}}`, `{"return": {}}`, `{"return": {"status": "completed"}}`,
 		`{"error": {"class": "GenericError", "desc": "no such fd"}}`)
 	ctx := context.Background()
-	q, err := newRawQMP(ctx, conn)
+	q, err := dialQMP(ctx, path, make(chan struct{}))
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer q.close()
 	if c := <-got; c != "qmp_capabilities" {
 		t.Fatalf("first command %q, want qmp_capabilities", c)
 	}
@@ -296,37 +300,28 @@ func TestRawQMP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := q.execute(ctx, "getfd", map[string]any{"fdname": "state"}, f, nil); err != nil {
+	if err := q.executeWithFile(ctx, "getfd", map[string]any{"fdname": "state"}, f); err != nil {
 		t.Fatal(err)
 	}
 	if c := <-got; c != "getfd+fd" {
 		t.Fatalf("QEMU saw %q, want getfd with a descriptor", c)
 	}
 	var mig struct{ Status string }
-	if err := q.execute(ctx, "query-migrate", nil, nil, &mig); err != nil || mig.Status != "completed" {
+	if err := q.execute(ctx, "query-migrate", nil, &mig); err != nil || mig.Status != "completed" {
 		t.Fatalf("query-migrate = %+v, %v", mig, err)
 	}
-	<-got
-	if err := q.execute(ctx, "migrate", nil, nil, nil); err == nil || !strings.Contains(err.Error(), "no such fd") {
+	if c := <-got; c != "query-migrate" {
+		t.Fatalf("QEMU saw %q, want query-migrate without a descriptor", c)
+	}
+	if err := q.execute(ctx, "migrate", nil, nil); err == nil || !strings.Contains(err.Error(), "no such fd") {
 		t.Fatalf("migrate = %v, want QEMU's error", err)
 	}
 	<-got
 	// QEMU answers nothing more: the context bounds the wait.
 	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
 	defer cancel()
-	if err := q.execute(cctx, "query-status", nil, nil, nil); err == nil {
+	if err := q.execute(cctx, "query-status", nil, nil); err == nil {
 		t.Fatal("no error when QEMU never answers")
-	}
-}
-
-func TestRawQMPRefusesLongLines(t *testing.T) {
-	conn, _ := fakeQMP(t, `{"return": {}}`, `{"return": "`+strings.Repeat("x", qmpMaxLine)+`"}`)
-	q, err := newRawQMP(context.Background(), conn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := q.execute(context.Background(), "query-status", nil, nil, nil); err == nil || !strings.Contains(err.Error(), "longer than") {
-		t.Fatalf("execute = %v, want the line refused", err)
 	}
 }
 
