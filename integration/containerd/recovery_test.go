@@ -29,17 +29,7 @@ func TestKilnShimKilled(t *testing.T) {
 	if _, err := os.Stat(socket); err != nil {
 		t.Fatalf("the running shim's socket %s: %v", socket, err)
 	}
-	shims := k.d.Shims()
-	if len(shims) != 1 {
-		t.Fatalf("want one shim, found %v", shims)
-	}
-	events := k.followEvents(t)
-	if err := syscall.Kill(shims[0], syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	// containerd notices the shim is gone, runs the shim's `delete` for the task, and reports its exit: killed.
-	events.waitFor(t, time.Minute, "/tasks/exit", map[string]any{"container_id": id, "exit_status": float64(137)})
-	events.stop()
+	k.killShim(t, id)
 	if st := k.taskStatus(t, id); st != "" && st != "STOPPED" {
 		t.Errorf("task status %q after its shim was killed, want STOPPED or gone", st)
 	}
@@ -171,4 +161,20 @@ func matches(payload, fields map[string]any) bool {
 		}
 	}
 	return true
+}
+
+// killShim SIGKILLs the one task shim of k's containerd, serving task id, and waits for containerd to notice,
+// run the dead shim's `delete` for the task, and report its exit: killed (137).
+func (k *kilnEnv) killShim(t *testing.T, id string) {
+	t.Helper()
+	shims := k.d.Shims()
+	if len(shims) != 1 {
+		t.Fatalf("want one task shim, found %v", shims)
+	}
+	events := k.followEvents(t)
+	if err := syscall.Kill(shims[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	events.waitFor(t, time.Minute, "/tasks/exit", map[string]any{"container_id": id, "exit_status": float64(137)})
+	events.stop()
 }

@@ -3,28 +3,29 @@ package containerd
 import (
 	"os"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
+
+// spareConfig gives k's tasks a Kiln configuration with spares on, whatever the defaults (a suite run with
+// fast_start = "off" keeps its spare tests). startKiln's leftover check stops the spare (StopSpare) and fails the
+// test if it leaves anything.
+func (k *kilnEnv) spareConfig(t *testing.T) {
+	t.Helper()
+	cfg, err := k.d.KilnConfig(k.assets, "[hypervisor]\nfast_start = \"template\"\nspare = true\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.cfg = cfg
+}
 
 // With hypervisor.spare, a task's shim starts a spare shim for the next task of its containerd, and the next
 // task's shim is that spare: its VM was booted and warmed before the task came. The container runs there as in
 // any VM; a spare told to stop (SIGTERM) stops its VM and leaves nothing behind.
 func TestKilnSpareShim(t *testing.T) {
 	k := startKiln(t)
-	cfg, err := k.d.KilnConfig(k.assets, "[hypervisor]\nspare = true\n")
-	if err != nil {
-		t.Fatal(err)
-	}
-	k.cfg = cfg
+	k.spareConfig(t)
 	addr := k.d.Address
-	// Registered after startKiln's leftover check, so it runs before it.
-	t.Cleanup(func() {
-		if err := StopSpare(addr, time.Minute); err != nil {
-			t.Error(err)
-		}
-	})
 
 	out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-spare-1", "echo", "first")
 	if code != 0 || strings.TrimSpace(out) != "first" {
@@ -54,13 +55,8 @@ func TestKilnSpareShim(t *testing.T) {
 // the spare's VM through the task record, stops it and removes its state, share and cgroup.
 func TestKilnSpareShimKilled(t *testing.T) {
 	k := startKiln(t)
+	k.spareConfig(t)
 	addr := k.d.Address
-	// Registered after startKiln's leftover check, so it runs before it.
-	t.Cleanup(func() {
-		if err := StopSpare(addr, time.Minute); err != nil {
-			t.Error(err)
-		}
-	})
 	out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-sparekill-1", "true")
 	if code != 0 {
 		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
@@ -78,16 +74,7 @@ func TestKilnSpareShimKilled(t *testing.T) {
 	if !strings.Contains(string(log), "the spare shim's warm VM runs the task\" container="+id) {
 		t.Fatalf("%s did not run in the spare's VM; containerd's log:\n%s", id, k.d.LogTail(40))
 	}
-	shims := k.d.Shims()
-	if len(shims) != 1 {
-		t.Fatalf("want one task shim, found %v", shims)
-	}
-	events := k.followEvents(t)
-	if err := syscall.Kill(shims[0], syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	events.waitFor(t, time.Minute, "/tasks/exit", map[string]any{"container_id": id, "exit_status": float64(137)})
-	events.stop()
+	k.killShim(t, id)
 	_, _, _ = k.ctrCode(t, nil, "tasks", "delete", id)
 	// checkNoLeftovers (at cleanup) asserts that the spare's VM, its virtiofsd, share and state are gone.
 }
