@@ -27,6 +27,7 @@ func runSpare(args []string) (*task.Spare, error) {
 	fs := flag.NewFlagSet(spare.SpareArg, flag.ContinueOnError)
 	address := fs.String("address", "", "containerd's address")
 	configPath := fs.String("config", "", "Kiln configuration")
+	shape := fs.String(task.SpareShapeFlag, "", "the VM's shape (JSON), that of its spawner's task")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -64,7 +65,7 @@ func runSpare(args []string) (*task.Spare, error) {
 		log.WithError(err).Warn("spare shim runs at the usual priority")
 	}
 	start := time.Now()
-	sp, err := task.BootSpare(ctx, *configPath, version, log)
+	sp, err := task.BootSpare(ctx, *configPath, *shape, version, log)
 	if err != nil {
 		return nil, leave(err)
 	}

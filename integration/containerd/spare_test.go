@@ -1,7 +1,6 @@
 package containerd
 
 import (
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -19,35 +18,42 @@ func (k *kilnEnv) spareConfig(t *testing.T) {
 	k.cfg = cfg
 }
 
-// With hypervisor.spare, a task's shim starts a spare shim for the next task of its containerd, and the next
-// task's shim is that spare: its VM was booted and warmed before the task came. The container runs there as in
-// any VM; a spare told to stop (SIGTERM) stops its VM and leaves nothing behind.
+// With hypervisor.spare, a task's shim starts a spare shim for the next task of its containerd, of the shape of its
+// own task's VM, and the next task's shim is that spare: its VM was booted and warmed before the task came. The
+// container runs there as in any VM. A task of another shape finds the spare, stops its VM and boots its own. A
+// spare told to stop (SIGTERM) stops its VM and leaves nothing behind.
 func TestKilnSpareShim(t *testing.T) {
 	k := startKiln(t)
 	k.spareConfig(t)
 	addr := k.d.Address
+	// A memory limit grows each task's VM by 64 MiB: the spares are of that shape.
+	limit := []string{"--memory-limit", "67108864"}
 
-	out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-spare-1", "echo", "first")
+	out, errOut, code := k.run(t, append(limit, "--rm", BusyboxRef, "kiln-spare-1", "echo", "first")...)
 	if code != 0 || strings.TrimSpace(out) != "first" {
 		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
 	}
 	if !WaitSpare(addr, 3*time.Minute) {
 		t.Fatalf("no spare shim became ready for %s", addr)
 	}
-	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-spare-2", "sh", "-c", "echo second; exit 3")
+	out, errOut, code = k.run(t, append(limit, "--rm", BusyboxRef, "kiln-spare-2", "sh", "-c", "echo second; exit 3")...)
 	if code != 3 || strings.TrimSpace(out) != "second" {
 		t.Fatalf("run in the spare's VM: exit %d (want 3), stdout %q, stderr %s", code, out, errOut)
 	}
-	log, err := os.ReadFile(k.d.LogPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(log), "the spare shim's warm VM runs the task\" container=kiln-spare-2") {
+	if log := k.logSince(t, 0); !strings.Contains(log, "the spare shim's warm VM runs the task\" container=kiln-spare-2") {
 		t.Errorf("kiln-spare-2 did not run in the spare's VM; containerd's log:\n%s", k.d.LogTail(40))
 	}
-	// The second task's shim started the next spare.
+	// The second task's shim started the next spare, of the same shape; a task without the limit does not fit it.
 	if !WaitSpare(addr, 3*time.Minute) {
 		t.Fatalf("the second task's shim started no spare for %s", addr)
+	}
+	logStart := k.logSize()
+	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-spare-3", "echo", "third")
+	if code != 0 || strings.TrimSpace(out) != "third" {
+		t.Fatalf("run of another shape: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if log := k.logSince(t, logStart); !strings.Contains(log, "asks for another VM size") {
+		t.Errorf("kiln-spare-3 (no memory limit) was not refused by the spare of the limited tasks' shape; containerd's log:\n%s", k.d.LogTail(40))
 	}
 }
 
@@ -67,11 +73,7 @@ func TestKilnSpareShimKilled(t *testing.T) {
 	const id = "kiln-sparekill-2"
 	k.runDetached(t, id, nil, sleeper...)
 	k.waitStatus(t, id, "RUNNING")
-	log, err := os.ReadFile(k.d.LogPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(log), "the spare shim's warm VM runs the task\" container="+id) {
+	if !strings.Contains(k.logSince(t, 0), "the spare shim's warm VM runs the task\" container="+id) {
 		t.Fatalf("%s did not run in the spare's VM; containerd's log:\n%s", id, k.d.LogTail(40))
 	}
 	k.killShim(t, id)

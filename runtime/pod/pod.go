@@ -107,7 +107,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		if err := share.CheckID(o.First.ID); err != nil {
 			return nil, fmt.Errorf("boot pod %s: %w: %v", o.ID, errdefs.ErrInvalidArgument, err)
 		}
-		sized, err := sizeFor(o.Config, o.First)
+		sized, err := Size(o.Config, o.First)
 		if err != nil {
 			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 		}

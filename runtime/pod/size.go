@@ -11,10 +11,10 @@ import (
 	"github.com/kiln-runtime/kiln/config"
 )
 
-// sizeFor is the configuration of a pod booted for first: the configuration's VM grown by the pod's resources.
+// Size is the configuration of a pod booted for first: the configuration's VM grown by the pod's resources.
 // A CRI sandbox carries them as annotations; a container started on its own (ctr run --memory-limit) carries
 // its own limits, and its VM grows by those the same way.
-func sizeFor(cfg config.Config, first *First) (config.Config, error) {
+func Size(cfg config.Config, first *First) (config.Config, error) {
 	spec := first.Bundle.Spec
 	annotations := maps.Clone(spec.Annotations)
 	if annotations == nil {

@@ -37,7 +37,7 @@ func TestSizeFor(t *testing.T) {
 		{name: "refused annotation", spec: specs.Spec{Annotations: map[string]string{config.AnnotationVCPUs: "4"}}, invalid: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := sizeFor(cfg, &First{ID: "c", Bundle: &bundle.Bundle{Spec: &tc.spec}})
+			got, err := Size(cfg, &First{ID: "c", Bundle: &bundle.Bundle{Spec: &tc.spec}})
 			if tc.invalid {
 				if !errors.Is(err, errdefs.ErrInvalidArgument) {
 					t.Fatalf("err %v, want InvalidArgument", err)

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
 
+	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
@@ -78,13 +79,14 @@ func (p *Pod) Warm(ctx context.Context) error {
 	return nil
 }
 
-// Adopt makes a pod booted without a first container (a spare's) the pod of first. It refuses with ErrUnfit when
-// first's pod would be another (another size) or needs what only a boot for it does (SpareUnfit). Otherwise it
+// Adopt makes a pod booted without a first container (a spare's) the pod of first, as a pod of base (the Kiln
+// configuration, before sizing) would be. It refuses with ErrUnfit when first's pod would be another (another
+// size) or needs what only a boot for it does (SpareUnfit). Otherwise it
 // does what New does for a first container: the pod's host processes (the shim, QEMU, virtiofsd) move into the
 // host cgroup first's spec names, and the network namespace first names is mirrored into the guest, its taps
 // hot-plugged into the running VM. On error the caller closes the pod, which undoes both.
-func (p *Pod) Adopt(ctx context.Context, first *First) error {
-	sized, err := sizeFor(p.cfg, first)
+func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error {
+	sized, err := Size(base, first)
 	if err != nil {
 		return err
 	}

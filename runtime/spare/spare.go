@@ -278,10 +278,10 @@ func (s *Slot) release() {
 const SpareArg = "spare"
 
 // Spawn starts the shim binary self as a spare for the containerd at address, with the Kiln configuration at
-// configPath, in a session of its own so that it outlives the caller. It claims its slot at once (leaving when
+// configPath and the further arguments args, in a session of its own so that it outlives the caller. It claims its slot at once (leaving when
 // another spare holds it) but boots nothing until the returned gate is closed: the caller closes it once its own
 // start is over, so that the spare does not compete with it for CPU, or exits, which closes it too.
-func Spawn(self, address, configPath string) (gate *os.File, err error) {
+func Spawn(self, address, configPath string, args ...string) (gate *os.File, err error) {
 	if err := os.MkdirAll(Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spare shim directory: %w", err)
 	}
@@ -296,7 +296,7 @@ func Spawn(self, address, configPath string) (gate *os.File, err error) {
 		return nil, fmt.Errorf("spare shim log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(self, SpareArg, "-address", address, "-config", configPath)
+	cmd := exec.Command(self, append([]string{SpareArg, "-address", address, "-config", configPath}, args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{r}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

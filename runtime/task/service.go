@@ -164,9 +164,11 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	}
 	first := &pod.First{ID: id, Bundle: b}
 	// Started now, before this shim enters the task's host cgroup, which the spare must not share; and only for
-	// a task like those a spare can serve, taken for a sign of the tasks to come.
+	// a task like those a spare can serve, taken for a sign of the tasks to come: the spare's VM is of its shape.
 	if cfg.Hypervisor.SpareOn() && pod.SpareUnfit(first) == nil {
-		s.startSpare(path, l)
+		if sized, err := pod.Size(cfg, first); err == nil {
+			s.startSpare(path, sized, l)
+		}
 	}
 	if p := s.takeSpare(ctx, cfg, first, l); p != nil {
 		s.mu.Lock()

@@ -3,6 +3,7 @@ package task
 import (
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"os"
 	"reflect"
@@ -33,11 +34,49 @@ type Spare struct {
 	svc *Service
 }
 
-// BootSpare boots and warms a spare shim's pod with the configuration at configPath (config.Load's rules).
-func BootSpare(ctx context.Context, configPath, version string, log *logrus.Entry) (*Spare, error) {
+// SpareShape is the VM shape a spare shim boots: that of the task whose shim started it (pod.Size: the
+// configuration's VM grown by the task's resources), so that the next task like it fits the spare. It travels on
+// the spare's command line (SpareShapeFlag) as JSON.
+type SpareShape struct {
+	VCPUs        int      `json:"vcpus"`
+	MemoryMiB    int      `json:"memory_mib"`
+	KernelParams []string `json:"kernel_params,omitempty"`
+}
+
+// SpareShapeFlag is the spare's command-line flag that carries its SpareShape.
+const SpareShapeFlag = "shape"
+
+func shapeOf(sized config.Config) SpareShape {
+	h := sized.Hypervisor
+	return SpareShape{VCPUs: h.VCPUs, MemoryMiB: h.MemoryMiB, KernelParams: h.KernelParams}
+}
+
+// sized is cfg with the shape's VM, checked as a configuration is.
+func (sh SpareShape) sized(cfg config.Config) (config.Config, error) {
+	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = sh.VCPUs, sh.MemoryMiB
+	cfg.Hypervisor.KernelParams = append([]string(nil), sh.KernelParams...)
+	if err := cfg.Validate(); err != nil {
+		return config.Config{}, fmt.Errorf("spare shim shape %+v: %w", sh, err)
+	}
+	return cfg, nil
+}
+
+// BootSpare boots and warms a spare shim's pod of the given shape (SpareShapeFlag's JSON) with the configuration
+// at configPath (config.Load's rules).
+func BootSpare(ctx context.Context, configPath, shape, version string, log *logrus.Entry) (*Spare, error) {
 	cfg, err := config.Load(configPath)
 	if err != nil {
 		return nil, fmt.Errorf("spare shim: load kiln configuration: %w", err)
+	}
+	sh := shapeOf(cfg)
+	if shape != "" {
+		if err := json.Unmarshal([]byte(shape), &sh); err != nil {
+			return nil, fmt.Errorf("spare shim: -%s %q: %w", SpareShapeFlag, shape, err)
+		}
+	}
+	sized, err := sh.sized(cfg)
+	if err != nil {
+		return nil, err
 	}
 	b := make([]byte, 8)
 	if _, err := rand.Read(b); err != nil {
@@ -46,7 +85,7 @@ func BootSpare(ctx context.Context, configPath, version string, log *logrus.Entr
 	sp := &Spare{cfg: cfg}
 	// The task's group is not known yet: the id is random, of VMID's form.
 	p, err := pod.New(ctx, pod.Options{
-		ID: vmID(b), Config: cfg, HostVersion: version, Log: log,
+		ID: vmID(b), Config: sized, HostVersion: version, Log: log,
 		OnEvent: sp.onEvent, OnExit: sp.onExit,
 	})
 	if err != nil {
@@ -68,7 +107,7 @@ func (sp *Spare) adopt(ctx context.Context, cfg config.Config, first *pod.First)
 	if !reflect.DeepEqual(cfg, sp.cfg) {
 		return nil, fmt.Errorf("%w: the task's Kiln configuration differs from the one the spare booted with", pod.ErrUnfit)
 	}
-	if err := sp.pod.Adopt(ctx, first); err != nil {
+	if err := sp.pod.Adopt(ctx, cfg, first); err != nil {
 		return nil, err
 	}
 	return sp.pod, nil
@@ -126,15 +165,21 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 	return nil
 }
 
-// startSpare starts a spare shim for the next task of this containerd, held back until this shim's first
-// container has started (releaseSpare). A spare that cannot start is logged: the tasks boot their VMs as before.
-func (s *Service) startSpare(configPath string, log *logrus.Entry) {
+// startSpare starts a spare shim for the next task of this containerd, of the shape of this one's pod (sized),
+// held back until this shim's first container has started (releaseSpare). A spare that cannot start is logged:
+// the tasks boot their VMs as before.
+func (s *Service) startSpare(configPath string, sized config.Config, log *logrus.Entry) {
 	if s.containerd == "" || s.spareGate != nil {
+		return
+	}
+	shape, err := json.Marshal(shapeOf(sized))
+	if err != nil {
+		log.WithError(err).Warn("start a spare shim")
 		return
 	}
 	self, err := os.Executable()
 	if err == nil {
-		s.spareGate, err = spare.Spawn(self, s.containerd, configPath)
+		s.spareGate, err = spare.Spawn(self, s.containerd, configPath, "-"+SpareShapeFlag, string(shape))
 	}
 	if err != nil {
 		log.WithError(err).Warn("start a spare shim")

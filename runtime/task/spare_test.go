@@ -1,0 +1,38 @@
+package task
+
+import (
+	"encoding/json"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/kiln-runtime/kiln/config"
+)
+
+// A spare's shape goes through its command line as JSON and gives back the sized configuration; a shape that no
+// configuration could have is refused, naming the key.
+func TestSpareShape(t *testing.T) {
+	cfg := config.Default()
+	cfg.Hypervisor.Kernel, cfg.Hypervisor.Initrd = "", ""
+	sized := cfg
+	sized.Hypervisor.VCPUs, sized.Hypervisor.MemoryMiB = 3, 320
+	sized.Hypervisor.KernelParams = []string{"quiet", "kiln.x=1"}
+	b, err := json.Marshal(shapeOf(sized))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sh SpareShape
+	if err := json.Unmarshal(b, &sh); err != nil {
+		t.Fatal(err)
+	}
+	got, err := sh.sized(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, sized) {
+		t.Errorf("shape %s gave %+v, want %+v", b, got.Hypervisor, sized.Hypervisor)
+	}
+	if _, err := (SpareShape{VCPUs: 0, MemoryMiB: 256}).sized(cfg); err == nil || !strings.Contains(err.Error(), "hypervisor.vcpus") {
+		t.Errorf("a shape of 0 vCPUs: %v, want hypervisor.vcpus refused", err)
+	}
+}
