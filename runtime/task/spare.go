@@ -51,10 +51,13 @@ func shapeOf(sized config.Config) SpareShape {
 	return SpareShape{VCPUs: h.VCPUs, MemoryMiB: h.MemoryMiB, KernelParams: h.KernelParams}
 }
 
-// sized is cfg with the shape's VM, checked as a configuration is.
+// sized is cfg with the shape's VM, checked as a configuration is. A shape's kernel parameters are cfg's and the
+// task's: none leaves cfg's as they are (nil or empty), so that an unsized task compares equal to the spare.
 func (sh SpareShape) sized(cfg config.Config) (config.Config, error) {
 	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = sh.VCPUs, sh.MemoryMiB
-	cfg.Hypervisor.KernelParams = append([]string(nil), sh.KernelParams...)
+	if len(sh.KernelParams) > 0 {
+		cfg.Hypervisor.KernelParams = append([]string(nil), sh.KernelParams...)
+	}
 	if err := cfg.Validate(); err != nil {
 		return config.Config{}, fmt.Errorf("spare shim shape %+v: %w", sh, err)
 	}

@@ -32,6 +32,11 @@ func TestSpareShape(t *testing.T) {
 	if !reflect.DeepEqual(got, sized) {
 		t.Errorf("shape %s gave %+v, want %+v", b, got.Hypervisor, sized.Hypervisor)
 	}
+	// A configuration that lists no kernel parameters ([]) gets a spare that compares equal to it.
+	cfg.Hypervisor.KernelParams = []string{}
+	if got, err := shapeOf(cfg).sized(cfg); err != nil || !reflect.DeepEqual(got, cfg) {
+		t.Errorf("shape of a configuration with kernel_params = []: %+v, %v", got.Hypervisor, err)
+	}
 	if _, err := (SpareShape{VCPUs: 0, MemoryMiB: 256}).sized(cfg); err == nil || !strings.Contains(err.Error(), "hypervisor.vcpus") {
 		t.Errorf("a shape of 0 vCPUs: %v, want hypervisor.vcpus refused", err)
 	}
