@@ -79,13 +79,9 @@ func (p *Pod) Warm(ctx context.Context) error {
 	return nil
 }
 
-// Adopt makes a pod booted without a first container (a spare's) the pod of first, as a pod of base (the Kiln
-// configuration, before sizing) would be. It refuses with ErrUnfit when first's pod would be another (another
-// size) or needs what only a boot for it does (SpareUnfit). Otherwise it
-// does what New does for a first container: the pod's host processes (the shim, QEMU, virtiofsd) move into the
-// host cgroup first's spec names, and the network namespace first names is mirrored into the guest, its taps
-// hot-plugged into the running VM. On error the caller closes the pod, which undoes both.
-func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error {
+// Refuses says why first's pod, of base (the Kiln configuration, before sizing), cannot be this spare's pod:
+// another size, or what only a boot for it does (SpareUnfit). It touches nothing; nil means Adopt may take it.
+func (p *Pod) Refuses(base config.Config, first *First) error {
 	sized, err := Size(base, first)
 	if err != nil {
 		return err
@@ -93,7 +89,16 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 	if !reflect.DeepEqual(sized, p.cfg) {
 		return fmt.Errorf("%w: container %s asks for another VM size", ErrUnfit, first.ID)
 	}
-	if err := SpareUnfit(first); err != nil {
+	return SpareUnfit(first)
+}
+
+// Adopt makes a pod booted without a first container (a spare's) the pod of first, as a pod of base (the Kiln
+// configuration, before sizing) would be. It refuses with ErrUnfit what Refuses refuses. Otherwise it
+// does what New does for a first container: the pod's host processes (the shim, QEMU, virtiofsd) move into the
+// host cgroup first's spec names, and the network namespace first names is mirrored into the guest, its taps
+// hot-plugged into the running VM. On error the caller closes the pod, which undoes both.
+func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error {
+	if err := p.Refuses(base, first); err != nil {
 		return err
 	}
 	if err := p.enterCgroup(first, p.VMProcesses()...); err != nil {

@@ -149,8 +149,10 @@ func (s *Service) stopIfIdle(ctx context.Context) {
 	}
 }
 
-// stopPod stops the pod, if there is one. It is the shim's shutdown callback too.
+// stopPod stops the pod, if there is one, and waits for a spare's VM stopping in the background (takeSpare). It
+// is the shim's shutdown callback too.
 func (s *Service) stopPod(ctx context.Context) error {
+	defer s.spareStops.Wait()
 	s.mu.Lock()
 	p := s.pod
 	s.pod = nil

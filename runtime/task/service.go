@@ -62,6 +62,8 @@ type Service struct {
 	// spareGate holds back the spare this shim started until this shim exits or releaseSpare lets it boot
 	// (spare.Spawn).
 	spareGate *os.File
+	// spareStops counts a spare's VM being stopped beside the task's start (takeSpare); stopPod waits for it.
+	spareStops sync.WaitGroup
 	// creating counts Creates in progress: a failed first Create stops the pod only when no other is.
 	creating int
 }
