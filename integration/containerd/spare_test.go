@@ -1,6 +1,11 @@
 package containerd
 
 import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -48,13 +53,38 @@ func TestKilnSpareShim(t *testing.T) {
 		t.Fatalf("the second task's shim started no spare for %s", addr)
 	}
 	logStart := k.logSize()
-	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-spare-3", "echo", "third")
-	if code != 0 || strings.TrimSpace(out) != "third" {
-		t.Fatalf("run of another shape: exit %d, stdout %q, stderr %s", code, out, errOut)
-	}
+	const third = "kiln-spare-3"
+	k.runDetached(t, third, nil, sleeper...)
+	k.waitStatus(t, third, "RUNNING")
 	if log := k.logSince(t, logStart); !strings.Contains(log, "asks for another VM size") {
-		t.Errorf("kiln-spare-3 (no memory limit) was not refused by the spare of the limited tasks' shape; containerd's log:\n%s", k.d.LogTail(40))
+		t.Errorf("%s (no memory limit) was not refused by the spare of the limited tasks' shape; containerd's log:\n%s", third, k.d.LogTail(40))
 	}
+	// Its shim was the spare, started at the lowest priority; the VM it booted for the task runs at the usual one.
+	qemus := qemusIn(filepath.Join(k.d.StateDir(), k.vmOf(t, third)))
+	if len(qemus) == 0 {
+		t.Fatalf("no QEMU runs %s", third)
+	}
+	for _, pid := range qemus {
+		if n := niceOf(t, pid); n != 0 {
+			t.Errorf("QEMU %d of %s runs at nice %d, want 0", pid, third, n)
+		}
+	}
+}
+
+// niceOf is the nice value of process pid (/proc/PID/stat's 19th field).
+func niceOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The fields after the command name, which is in parentheses and may hold spaces: state is the third.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	n, err := strconv.Atoi(f[16])
+	if err != nil {
+		t.Fatalf("nice of %d: %v", pid, err)
+	}
+	return n
 }
 
 // A shim that took a spare's VM and is then killed is cleaned up after as any other: containerd's `delete` finds

@@ -154,6 +154,11 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 	if sp == nil {
 		return nil
 	}
+	// This shim was a spare, at SpareNice: its task runs at the usual priority, in the spare's VM or in one it
+	// boots now (whose processes inherit the shim's).
+	if err := unix.Setpriority(unix.PRIO_PGRP, 0, 0); err != nil {
+		log.WithError(err).Warn("restore the priority of the spare shim")
+	}
 	if err := sp.refuses(cfg, first); err != nil {
 		// Refused before anything of the spare's moved: its VM stops beside the task's start instead of before
 		// it (a VM stop, about 60 ms under TCG); stopPod waits for it.
@@ -170,8 +175,8 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 	start := time.Now()
 	p, err := sp.adopt(ctx, cfg, first)
 	if err == nil {
-		// The spare booted at the lowest priority (SpareNice); its task's VM runs at the usual one.
-		for _, group := range append([]int{0}, p.VMProcesses()...) {
+		// The spare's VM booted at the lowest priority too.
+		for _, group := range p.VMProcesses() {
 			if err := unix.Setpriority(unix.PRIO_PGRP, group, 0); err != nil {
 				log.WithError(err).Warn("restore the priority of the spare's processes")
 			}
