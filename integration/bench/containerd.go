@@ -91,14 +91,13 @@ func containerdLatency(ctx context.Context, share, tools, templates string, runs
 
 // spareLatency measures `ctr run` with spare shims (hypervisor.spare) beside runc, in a loop of its own: a task of
 // another Kiln configuration would find the spare and stop it. Each timed run first waits (up to a minute) for the
-// spare to be ready, as on a host whose starts are not back to back; the spare is stopped at the end.
+// spare to be ready, as on a host whose starts are not back to back; the spare goes with d (Daemon.Stop).
 func spareLatency(ctx context.Context, d *containerd.Daemon, share, templates string, runs int,
 	once func(name string, runtime []string) (time.Duration, error)) error {
 	cfg := filepath.Join(d.Dir, "kiln-spare.toml")
 	if err := containerd.WriteKilnConfig(cfg, share, d.StateDir(), fmt.Sprintf("[hypervisor]\ntemplate_dir = %q\nspare = true\n", templates)); err != nil {
 		return err
 	}
-	defer func() { _ = containerd.StopSpare(d.Address, time.Minute) }()
 	args := containerd.KilnRunArgs(cfg)
 	// Not counted: it starts the first spare.
 	if _, err := once("bench-warm-spare", args); err != nil {

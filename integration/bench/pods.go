@@ -150,8 +150,8 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	if err != nil {
 		return err
 	}
+	// e.Stop stops the spare too (containerd.Daemon.Stop).
 	defer e.Stop(context.WithoutCancel(ctx))
-	defer func() { _ = containerd.StopSpare(e.Daemon.Address, time.Minute) }()
 	started := map[string][]podSteps{}
 	found := 0
 	for i := range runs {
@@ -201,7 +201,6 @@ func startPodEnv(ctx context.Context, repo, share, tools, templates string, cfg 
 			err = e.RemovePod(ctx, id)
 		}
 		if err != nil {
-			_ = containerd.StopSpare(e.Daemon.Address, time.Minute)
 			_ = e.Stop(context.WithoutCancel(ctx))
 			return nil, err
 		}

@@ -104,7 +104,7 @@ type Slot struct {
 }
 
 // Claim takes the slot of the containerd at address for the calling process, or returns ErrTaken. It listens
-// only once Listen is called: until then `start` finds no spare.
+// only once Wait is called: until then `start` finds no spare.
 func Claim(address string) (*Slot, error) { return claim(Dir, address) }
 
 func claim(dir, address string) (*Slot, error) {
@@ -274,13 +274,14 @@ func (s *Slot) release() {
 }
 
 // SpareArg is the first argument of the shim binary run as a spare: `containerd-shim-kiln-v2 spare -address A
-// -config C`.
+// -config C` and Spawn's further arguments.
 const SpareArg = "spare"
 
 // Spawn starts the shim binary self as a spare for the containerd at address, with the Kiln configuration at
-// configPath and the further arguments args, in a session of its own so that it outlives the caller. It claims its slot at once (leaving when
-// another spare holds it) but boots nothing until the returned gate is closed: the caller closes it once its own
-// start is over, so that the spare does not compete with it for CPU, or exits, which closes it too.
+// configPath and the further arguments args, in a session of its own so that it outlives the caller. It claims
+// its slot at once (leaving when another spare holds it) but boots nothing until the returned gate is closed: the
+// caller closes it once its own start is over, so that the spare does not compete with it for CPU, or exits,
+// which closes it too.
 func Spawn(self, address, configPath string, args ...string) (gate *os.File, err error) {
 	if err := os.MkdirAll(Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spare shim directory: %w", err)

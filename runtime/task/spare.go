@@ -105,20 +105,19 @@ func BootSpare(ctx context.Context, configPath, shape, version string, log *logr
 // Close stops the spare's pod, for which no task came.
 func (sp *Spare) Close(ctx context.Context) error { return sp.pod.Close(ctx) }
 
+// stop stops the spare's pod, which its task did not take, logging a failure.
+func (sp *Spare) stop(ctx context.Context, log *logrus.Entry) {
+	if err := sp.Close(context.WithoutCancel(ctx)); err != nil {
+		log.WithError(err).Warn("stop the spare shim's VM")
+	}
+}
+
 // refuses says why the spare's pod cannot be the pod of first, booted with cfg, touching nothing (pod.Refuses).
 func (sp *Spare) refuses(cfg config.Config, first *pod.First) error {
 	if !reflect.DeepEqual(cfg, sp.cfg) {
 		return fmt.Errorf("%w: the task's Kiln configuration differs from the one the spare booted with", pod.ErrUnfit)
 	}
 	return sp.pod.Refuses(cfg, first)
-}
-
-// adopt makes the spare's pod the pod of first, booted with cfg, or says why it does not fit.
-func (sp *Spare) adopt(ctx context.Context, cfg config.Config, first *pod.First) (*pod.Pod, error) {
-	if err := sp.pod.Adopt(ctx, cfg, first); err != nil {
-		return nil, err
-	}
-	return sp.pod, nil
 }
 
 // The pod's events go to the task service that took it; there is none before (the warm-up's are dropped).
@@ -166,15 +165,14 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 		s.spareStops.Add(1)
 		go func() {
 			defer s.spareStops.Done()
-			if err := sp.Close(context.WithoutCancel(ctx)); err != nil {
-				log.WithError(err).Warn("stop the spare shim's VM")
-			}
+			sp.stop(ctx, log)
 		}()
 		return nil
 	}
 	start := time.Now()
-	p, err := sp.adopt(ctx, cfg, first)
+	err := sp.pod.Adopt(ctx, cfg, first)
 	if err == nil {
+		p := sp.pod
 		// The spare's VM booted at the lowest priority too.
 		for _, group := range p.VMProcesses() {
 			if err := unix.Setpriority(unix.PRIO_PGRP, group, 0); err != nil {
@@ -184,10 +182,8 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 		log.WithFields(logrus.Fields{"sandbox": p.ID(), "took": time.Since(start)}).Info("the spare shim's warm VM runs the task")
 		return p
 	}
-	log.WithError(err).Info("the spare shim's VM does not fit the task; booting one")
-	if err := sp.Close(context.WithoutCancel(ctx)); err != nil {
-		log.WithError(err).Warn("stop the spare shim's VM")
-	}
+	log.WithError(err).Info("the spare shim's VM could not take the task; booting one")
+	sp.stop(ctx, log)
 	return nil
 }
 
