@@ -273,20 +273,53 @@ func netnsListing(t *testing.T, name string) string {
 // VM gets what the hook configured.
 func TestKilnCreateRuntimeHookConfiguresNetwork(t *testing.T) {
 	k := startKiln(t)
+	h := k.startHooked(t, "hooked", "kbr-c3d4", "10.231.2.0/24", "")
+	if got := strings.TrimSpace(httpGet(t, "http://"+h.ip+":8080/")); got != "hooked" {
+		t.Errorf("pod answered %q", got)
+	}
+	k.remove(t, "hooked")
+	if n := h.runs(t, "DEL"); n != 1 {
+		t.Errorf("poststop hook ran %d times, want 1", n)
+	}
+}
+
+// hooked is a container whose createRuntime hook wires its network and whose poststop hook unwires it.
+type hooked struct {
+	ip  string
+	dir string
+}
+
+// runs is how many times the hooks ran CNI's command (ADD or DEL).
+func (h hooked) runs(t *testing.T, command string) int {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(h.dir, "runs"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	return strings.Count(string(b), command+"\n")
+}
+
+// startHooked creates and starts container id serving its id over HTTP on port 8080, with the hooks nerdctl and
+// Docker use: a createRuntime hook that runs CNI's bridge plugin (bridge br, subnet) on /proc/<state pid>/ns/net,
+// then the shell in extra, and a poststop hook that runs its DEL. The container is removed at the end of the test.
+func (k *kilnEnv) startHooked(t *testing.T, id, br, subnet, extra string) hooked {
+	t.Helper()
 	dir := t.TempDir()
-	const name, br = "kilnhook-c3d4", "kbr-c3d4"
-	conf := cniConf(name, br, "10.231.2.0/24", filepath.Join(dir, "ipam"), 0)
-	confPath, result := filepath.Join(dir, "conf.json"), filepath.Join(dir, "result.json")
+	conf := cniConf("kiln-"+br, br, subnet, filepath.Join(dir, "ipam"), 0)
+	confPath, result := filepath.Join(dir, "conf.json"), filepath.Join(dir, "result")
 	if err := os.WriteFile(confPath, conf, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = exec.Command("ip", "link", "del", br).Run() })
 	hook := filepath.Join(dir, "cni-hook")
 	script := `#!/bin/sh
+cmd=$1
+echo $cmd >> ` + filepath.Join(dir, "runs") + `
 pid=$(/bin/sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
-CNI_COMMAND=$1 CNI_CONTAINERID=hooked CNI_NETNS=/proc/$pid/ns/net CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni \
-	/usr/lib/cni/bridge < ` + confPath + ` > ` + result + `.$1
-`
+CNI_COMMAND=$cmd CNI_CONTAINERID=` + id + ` CNI_NETNS=/proc/$pid/ns/net CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni \
+	/usr/lib/cni/bridge < ` + confPath + ` > ` + result + `.$cmd || exit 1
+[ $cmd = ADD ] || exit 0
+` + extra + "\n"
 	if err := os.WriteFile(hook, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -308,14 +341,14 @@ CNI_COMMAND=$1 CNI_CONTAINERID=hooked CNI_NETNS=/proc/$pid/ns/net CNI_IFNAME=eth
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctr, err := c.NewContainer(ctx, "hooked",
-		client.WithImage(img), client.WithNewSnapshot("hooked-snap", img),
+	ctr, err := c.NewContainer(ctx, id,
+		client.WithImage(img), client.WithNewSnapshot(id+"-snap", img),
 		client.WithRuntime(RuntimeName, &runtimeoptions.Options{ConfigPath: k.cfg}),
-		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs(httpServer("kiln-hooked")...), withHooks))
+		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs(httpServer(id)...), withHooks))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { k.remove(t, "hooked") })
+	t.Cleanup(func() { k.remove(t, id) })
 	task, err := ctr.NewTask(ctx, cio.NullIO)
 	if err != nil {
 		t.Fatal(err)
@@ -331,13 +364,7 @@ CNI_COMMAND=$1 CNI_CONTAINERID=hooked CNI_NETNS=/proc/$pid/ns/net CNI_IFNAME=eth
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.TrimSpace(httpGet(t, "http://"+ip+":8080/")); got != "kiln-hooked" {
-		t.Errorf("pod answered %q", got)
-	}
-	k.remove(t, "hooked")
-	if _, err := os.Stat(result + ".DEL"); err != nil {
-		t.Errorf("poststop hook did not run: %v", err)
-	}
+	return hooked{ip: ip, dir: dir}
 }
 
 // TestKilnRefusesHostNetwork: a VM cannot share the host's network stack; the error names the setting.

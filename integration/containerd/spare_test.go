@@ -110,3 +110,56 @@ func TestKilnSpareShimKilled(t *testing.T) {
 	_, _, _ = k.ctrCode(t, nil, "tasks", "delete", id)
 	// checkNoLeftovers (at cleanup) asserts that the spare's VM, its virtiofsd, share and state are gone.
 }
+
+// A task with OCI hooks (nerdctl's and Docker's network hooks) takes a spare too: its createRuntime hook wires the
+// namespace the spare's VM then gets. When the spare's VM dies once the hooks ran (here the hook kills it), the
+// task boots a VM of its own with what the hooks prepared: they run once, and the container is served.
+func TestKilnSpareShimHooks(t *testing.T) {
+	k := startKiln(t)
+	k.spareConfig(t)
+	addr := k.d.Address
+	if out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-sparehook-0", "true"); code != 0 {
+		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s", addr)
+	}
+	const a, b = "kiln-sparehook-a", "kiln-sparehook-b"
+	ha := k.startHooked(t, a, "kbr-sph-a", "10.231.5.0/24", "")
+	if !strings.Contains(k.logSince(t, 0), "the spare shim's warm VM runs the task\" container="+a) {
+		t.Errorf("%s did not run in the spare's VM; containerd's log:\n%s", a, k.d.LogTail(40))
+	}
+	if got := strings.TrimSpace(httpGet(t, "http://"+ha.ip+":8080/")); got != a {
+		t.Errorf("%s answered %q", a, got)
+	}
+	if n := ha.runs(t, "ADD"); n != 1 {
+		t.Errorf("%s's createRuntime hook ran %d times, want 1", a, n)
+	}
+
+	// The hooked task's shim started the next spare. This hook kills its VM (QEMU, a child of the shim that runs
+	// the hook) once the namespace is wired.
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("the hooked task's shim started no spare for %s", addr)
+	}
+	logStart := k.logSize()
+	killVM := `for s in /proc/[0-9]*/stat; do
+	set -- $(cat $s 2>/dev/null)
+	[ "$4" = "$PPID" ] && [ "$2" = "(qemu-system-x86)" ] && kill -9 $1
+done
+exit 0`
+	hb := k.startHooked(t, b, "kbr-sph-b", "10.231.6.0/24", killVM)
+	log := k.logSince(t, logStart)
+	if !strings.Contains(log, "the spare shim's VM could not take the task; booting one") || !strings.Contains(log, "hooks_ran=true") {
+		t.Errorf("%s's spare did not fail after its hooks ran; containerd's log:\n%s", b, k.d.LogTail(40))
+	}
+	if got := strings.TrimSpace(httpGet(t, "http://"+hb.ip+":8080/")); got != b {
+		t.Errorf("%s answered %q", b, got)
+	}
+	if n := hb.runs(t, "ADD"); n != 1 {
+		t.Errorf("%s's createRuntime hook ran %d times, want 1", b, n)
+	}
+	k.remove(t, b)
+	if n := hb.runs(t, "DEL"); n != 1 {
+		t.Errorf("%s's poststop hook ran %d times, want 1", b, n)
+	}
+}

@@ -2,8 +2,10 @@ package pod
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
+	"sync"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -25,60 +27,127 @@ type First struct {
 	Bundle *bundle.Bundle
 }
 
-// prepareNetwork decides the pod's network from its first container's spec, before the VM exists: it starts a
+// hostNetwork is the host side of a pod's network, prepared for its first container before the guest reads it.
+type hostNetwork struct {
+	// path is the host network namespace the pod mirrors ("" for none); mirror holds its taps and holder a
+	// process in it for hooks. hooksRun names the container whose create hooks ran before the VM booted.
+	path     string
+	mirror   *network.Mirror
+	hooksRun string
+	holderMu sync.Mutex
+	holder   *network.Holder
+	// forwardPath is the host network namespace the first spec named, where containerd's port forwarding dials.
+	forwardPath string
+}
+
+// Network is the host network a pod prepared for its first container, taken from a spare's pod that failed after
+// that container's create hooks ran (Pod.TakeNetwork) to the pod booted for the container instead
+// (Options.Network): the hooks ran once and must not run again. Close undoes one that no pod took.
+type Network struct {
+	first string
+	net   *hostNetwork
+}
+
+// Close undoes the network unless a pod took it; a nil Network is nothing to undo.
+func (n *Network) Close() error {
+	if n == nil || n.net == nil {
+		return nil
+	}
+	err := n.net.close()
+	n.net = nil
+	return err
+}
+
+// take hands the network to the pod booted for container id.
+func (n *Network) take(id string) (*hostNetwork, error) {
+	if n.net == nil {
+		return nil, fmt.Errorf("the network prepared for container %s was taken already", n.first)
+	}
+	if n.first != id {
+		return nil, fmt.Errorf("the network prepared for container %s cannot serve container %s", n.first, id)
+	}
+	net := n.net
+	n.net = nil
+	return net, nil
+}
+
+// ErrHook is returned by Adopt when one of the first container's create hooks failed: a pod booted for it
+// would run them again, so the container fails, as it does when its own pod's boot runs them.
+var ErrHook = errors.New("create hook failed")
+
+// prepareNetwork decides the pod's network from its first container's spec, before the VM reads it: it starts a
 // namespace holder when hooks need a pid, runs the prestart and createRuntime hooks, then mirrors the namespace's
-// interfaces to taps for QEMU.
+// interfaces to taps for QEMU. What a spare's pod prepared before it failed (p.net, from Options.Network) is not
+// done again.
 func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, error) {
 	spec := first.Bundle.Spec
-	if err := hooks.Check(spec); err != nil {
-		return nil, fmt.Errorf("container %s: %w", first.ID, err)
-	}
-	src, err := network.SourceOf(spec)
-	if err != nil {
-		return nil, fmt.Errorf("container %s: %w", first.ID, err)
-	}
-	p.netPath = src.Path
-	// Only a namespace the spec names is one containerd's port forwarding enters.
-	p.forwardPath = src.Path
-	if hooks.Any(spec) {
-		h, err := network.StartHolder(src.Path)
-		if err != nil {
-			return nil, err
-		}
-		p.holderMu.Lock()
-		p.holder = h
-		p.holderMu.Unlock()
-		if src.New {
-			p.netPath = h.NSPath()
-		}
-		if err := hooks.CreateRuntime(ctx, spec, p.hookState(first.ID, first.Bundle)); err != nil {
+	n := p.net
+	if n.hooksRun != first.ID {
+		if err := hooks.Check(spec); err != nil {
 			return nil, fmt.Errorf("container %s: %w", first.ID, err)
 		}
-		p.hooksRun = first.ID
+		src, err := network.SourceOf(spec)
+		if err != nil {
+			return nil, fmt.Errorf("container %s: %w", first.ID, err)
+		}
+		n.path = src.Path
+		// Only a namespace the spec names is one containerd's port forwarding enters.
+		n.forwardPath = src.Path
+		if hooks.Any(spec) {
+			h, err := network.StartHolder(src.Path)
+			if err != nil {
+				return nil, err
+			}
+			n.holderMu.Lock()
+			n.holder = h
+			n.holderMu.Unlock()
+			if src.New {
+				n.path = h.NSPath()
+			}
+			// Run, failed or not, they are not run again for this container.
+			n.hooksRun = first.ID
+			if err := hooks.CreateRuntime(ctx, spec, p.hookState(first.ID, first.Bundle)); err != nil {
+				return nil, fmt.Errorf("container %s: %w: %w", first.ID, ErrHook, err)
+			}
+		}
 	}
-	if p.netPath == "" {
+	if n.path == "" {
 		// A namespace of the pod's own that no hook configures has nothing to mirror.
 		return nil, nil
 	}
-	m, err := network.MirrorNamespace(p.netPath, p.log)
-	if err != nil {
-		return nil, fmt.Errorf("container %s: %w", first.ID, err)
+	if n.mirror == nil {
+		m, err := network.MirrorNamespace(n.path, p.log)
+		if err != nil {
+			return nil, fmt.Errorf("container %s: %w", first.ID, err)
+		}
+		n.mirror = m
 	}
-	p.mirror = m
 	// Kept beside the share's owner file: if the shim is killed, its `delete` command undoes the mirror from it.
-	if err := m.Save(filepath.Join(p.ShareDir(), MirrorFile)); err != nil {
+	if err := n.mirror.Save(filepath.Join(p.ShareDir(), MirrorFile)); err != nil {
 		return nil, err
 	}
-	nets := make([]qemu.Net, 0, len(m.Interfaces))
-	for _, ifc := range m.Interfaces {
+	nets := make([]qemu.Net, 0, len(n.mirror.Interfaces))
+	for _, ifc := range n.mirror.Interfaces {
 		nets = append(nets, qemu.Net{Tap: ifc.Tap, MAC: ifc.MAC, MTU: ifc.MTU})
 	}
 	return nets, nil
 }
 
+// TakeNetwork takes from a pod whose Adopt failed what it prepared for that first container once its create
+// hooks ran, so that the pod booted for the container instead does not run them again (Options.Network); nil
+// when no hook ran, and nothing prepared need be kept. Close then leaves it alone.
+func (p *Pod) TakeNetwork() *Network {
+	n := p.net
+	if n.hooksRun == "" {
+		return nil
+	}
+	p.net = &hostNetwork{}
+	return &Network{first: n.hooksRun, net: n}
+}
+
 // configureGuestNetwork gives the guest what prepareNetwork found.
 func (p *Pod) configureGuestNetwork(ctx context.Context) error {
-	m := p.mirror
+	m := p.net.mirror
 	if m == nil || len(m.Interfaces) == 0 && len(m.Routes) == 0 {
 		return nil
 	}
@@ -107,10 +176,10 @@ func (p *Pod) configureGuestNetwork(ctx context.Context) error {
 // reach the guest. A host that cannot attach the steering program (a kernel before 5.9, no BPF) runs the pod
 // without port forwarding: it is logged, and `kiln check` reports it.
 func (p *Pod) startPortForward() {
-	if p.forwardPath == "" {
+	if p.net.forwardPath == "" {
 		return
 	}
-	f, err := portforward.Start(p.forwardPath, p.sb.Machine(), p.log)
+	f, err := portforward.Start(p.net.forwardPath, p.sb.Machine(), p.log)
 	if err != nil {
 		p.log.WithError(err).Warn("the pod runs without port forwarding")
 		return
@@ -129,7 +198,7 @@ func (p *Pod) checkJoin(id string, spec *specs.Spec) error {
 	if err != nil {
 		return fmt.Errorf("container %s: %w", id, err)
 	}
-	if src.New || src.Path == p.netPath {
+	if src.New || src.Path == p.net.path {
 		return nil
 	}
 	if pid, ok := procNSPid(src.Path, "net"); ok && p.ctrs.IsInitPid(uint32(pid)) {
@@ -142,43 +211,50 @@ func (p *Pod) checkJoin(id string, spec *specs.Spec) error {
 // pod's network namespace.
 func (p *Pod) hookState(id string, b *bundle.Bundle) hooks.State {
 	st := hooks.State{ID: id, Bundle: b.Dir, Annotations: b.Spec.Annotations}
-	p.holderMu.Lock()
-	if p.holder != nil {
-		st.Pid = p.holder.Pid()
+	n := p.net
+	n.holderMu.Lock()
+	if n.holder != nil {
+		st.Pid = n.holder.Pid()
 	}
-	p.holderMu.Unlock()
+	n.holderMu.Unlock()
 	return st
 }
 
 // ensureHolder starts the pod's namespace holder for a container's hooks when the first container had none.
 func (p *Pod) ensureHolder() error {
-	p.holderMu.Lock()
-	defer p.holderMu.Unlock()
-	if p.holder != nil {
+	n := p.net
+	n.holderMu.Lock()
+	defer n.holderMu.Unlock()
+	if n.holder != nil {
 		return nil
 	}
-	h, err := network.StartHolder(p.netPath)
+	h, err := network.StartHolder(n.path)
 	if err != nil {
 		return err
 	}
-	p.holder = h
+	n.holder = h
 	return nil
 }
 
 // closeNetwork undoes prepareNetwork and startPortForward once QEMU is gone.
 func (p *Pod) closeNetwork() error {
-	var err error
 	if p.forward != nil {
 		// Closed already by Close, before the guest stopped; this covers a failed boot.
 		_ = p.forward.Close()
 	}
-	if p.mirror != nil {
-		err = p.mirror.Close()
+	return p.net.close()
+}
+
+// close undoes the mirror and stops the holder.
+func (n *hostNetwork) close() error {
+	var err error
+	if n.mirror != nil {
+		err = n.mirror.Close()
 	}
-	p.holderMu.Lock()
-	if p.holder != nil {
-		p.holder.Close()
+	n.holderMu.Lock()
+	if n.holder != nil {
+		n.holder.Close()
 	}
-	p.holderMu.Unlock()
+	n.holderMu.Unlock()
 	return err
 }

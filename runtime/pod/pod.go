@@ -28,7 +28,6 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
-	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/share"
@@ -53,6 +52,9 @@ type Options struct {
 	// (see runtime/network) and its prestart and createRuntime hooks run once that namespace exists, before the
 	// VM reads it. Without it the guest has no network but its loopback.
 	First *First
+	// Network, when set, is what a spare's pod prepared for First before it failed (Pod.TakeNetwork): New
+	// takes it over instead of running First's hooks again, and undoes it on error.
+	Network *Network
 }
 
 // Pod is a booted microVM with its share and its containers.
@@ -64,17 +66,9 @@ type Pod struct {
 	sb    *sandbox.Sandbox
 	ctrs  *container.Manager
 
-	// netPath is the host network namespace the pod mirrors ("" for none); mirror holds its taps and holder a
-	// process in it for hooks. hooksRun names the container whose create hooks ran before the VM booted.
-	netPath  string
-	mirror   *network.Mirror
-	hooksRun string
-	holderMu sync.Mutex
-	holder   *network.Holder
-	// forwardPath is the host network namespace the first spec named, where containerd's port forwarding dials;
-	// forward steers those connections to the guest.
-	forwardPath string
-	forward     *portforward.Forwarder
+	// net is the pod's host network: its namespace's mirror, the holder for hooks, where port forwarding dials.
+	net     *hostNetwork
+	forward *portforward.Forwarder
 	// cgroup is the host cgroup the pod's host processes are accounted to, when its first spec names one.
 	cgroup *hostcgroup.Group
 	// bundles are the pod's containers' bundles, for their later hooks.
@@ -98,6 +92,12 @@ const ownerFile = "pod-owner"
 // New boots a pod: it removes what dead pods left in the state directory, creates the share, boots the VM
 // exporting it, connects to the agent and starts following the containers' events. On error nothing is left.
 func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
+	defer func() {
+		if retErr != nil {
+			// Nil, or taken by the pod, whose Close undid it: otherwise nothing else will.
+			_ = o.Network.Close()
+		}
+	}()
 	if o.Log == nil {
 		o.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
@@ -130,7 +130,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
-	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}}
+	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, net: &hostNetwork{}, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}}
 	defer func() {
 		if retErr != nil {
 			if err := p.Close(context.WithoutCancel(ctx)); err != nil {
@@ -138,6 +138,16 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 			}
 		}
 	}()
+	if o.Network != nil {
+		if o.First == nil {
+			return nil, fmt.Errorf("boot pod %s: a prepared network without its first container", o.ID)
+		}
+		net, err := o.Network.take(o.First.ID)
+		if err != nil {
+			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		}
+		p.net = net
+	}
 	if err := os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return nil, fmt.Errorf("boot pod %s: write share owner: %w", o.ID, err)
 	}
@@ -365,7 +375,7 @@ func podShm(mounts []specs.Mount) map[int]specs.Mount {
 // prepareContainer checks that a container can join the pod and runs its create hooks, unless they ran when the
 // pod booted for it.
 func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle) error {
-	if id == p.hooksRun {
+	if id == p.net.hooksRun {
 		return nil
 	}
 	if err := p.checkJoin(id, b.Spec); err != nil {

@@ -76,25 +76,3 @@ func TestFits(t *testing.T) {
 		})
 	}
 }
-
-// A spare's pod can serve a first container unless it has hooks, which a refused spare would run twice.
-func TestSpareUnfit(t *testing.T) {
-	hook := &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/true"}}}
-	tests := []struct {
-		name  string
-		spec  specs.Spec
-		unfit bool
-	}{
-		{"a namespace of its own", specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace}}}}, false},
-		{"a namespace to mirror", specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace, Path: "/var/run/netns/cni-1"}}}}, false},
-		{"OCI hooks", specs.Spec{Hooks: hook, Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace}}}}, true},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			err := SpareUnfit(&First{ID: "c", Bundle: &bundle.Bundle{Spec: &tc.spec}})
-			if tc.unfit != errors.Is(err, ErrUnfit) {
-				t.Errorf("SpareUnfit = %v, want unfit %v", err, tc.unfit)
-			}
-		})
-	}
-}

@@ -18,7 +18,6 @@ import (
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
-	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
@@ -79,8 +78,8 @@ func (p *Pod) Warm(ctx context.Context) error {
 	return nil
 }
 
-// Refuses says why first's pod, of base (the Kiln configuration, before sizing), cannot be this spare's pod:
-// another size, or what only a boot for it does (SpareUnfit). It touches nothing; nil means Adopt may take it.
+// Refuses says why first's pod, of base (the Kiln configuration, before sizing), cannot be this spare's pod: it
+// asks for another size. It touches nothing; nil means Adopt may take it.
 func (p *Pod) Refuses(base config.Config, first *First) error {
 	sized, err := Size(base, first)
 	if err != nil {
@@ -89,14 +88,16 @@ func (p *Pod) Refuses(base config.Config, first *First) error {
 	if !reflect.DeepEqual(sized, p.cfg) {
 		return fmt.Errorf("%w: container %s asks for another VM size", ErrUnfit, first.ID)
 	}
-	return SpareUnfit(first)
+	return nil
 }
 
 // Adopt makes a pod booted without a first container (a spare's) the pod of first, as a pod of base (the Kiln
 // configuration, before sizing) would be. It refuses with ErrUnfit what Refuses refuses. Otherwise it
 // does what New does for a first container: the pod's host processes (the shim, QEMU, virtiofsd) move into the
 // host cgroup first's spec names, and the network namespace first names is mirrored into the guest, its taps
-// hot-plugged into the running VM. On error the caller closes the pod, which undoes both.
+// hot-plugged into the running VM. On error the caller closes the pod, which undoes both, and boots one for
+// first instead, taking over with TakeNetwork what first's create hooks prepared: they run once. A failed hook is
+// ErrHook, first's own failure, which a pod booted for it would repeat.
 func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error {
 	if err := p.Refuses(base, first); err != nil {
 		return err
@@ -127,15 +128,6 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 // netPlugger is a running VM that takes NICs (qemu.Machine restored from a template).
 type netPlugger interface {
 	PlugNets(ctx context.Context, nets []qemu.Net) error
-}
-
-// SpareUnfit says why no spare's pod can be first's, whatever its size: first has OCI hooks, which would run
-// again if the spare's pod were then refused. nil when one can.
-func SpareUnfit(first *First) error {
-	if hooks.Any(first.Bundle.Spec) {
-		return fmt.Errorf("%w: container %s has OCI hooks", ErrUnfit, first.ID)
-	}
-	return nil
 }
 
 // VMProcesses are the host processes of the pod's VM (QEMU, virtiofsd), each the leader of its process group:

@@ -165,22 +165,26 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 		l.Logger.SetLevel(logrus.DebugLevel)
 	}
 	first := &pod.First{ID: id, Bundle: b}
-	// Started now, before this shim enters the task's host cgroup, which the spare must not share; and only for
-	// a task like those a spare can serve, taken for a sign of the tasks to come: the spare's VM is of its shape.
-	if cfg.Hypervisor.SpareOn() && pod.SpareUnfit(first) == nil {
+	// Started now, before this shim enters the task's host cgroup, which the spare must not share. This task is
+	// taken for a sign of the tasks to come: the spare's VM is of its shape.
+	if cfg.Hypervisor.SpareOn() {
 		if sized, err := pod.Size(cfg, first); err == nil {
 			s.startSpare(path, sized, l)
 		}
 	}
-	if p := s.takeSpare(ctx, cfg, first, l); p != nil {
+	p, net, err := s.takeSpare(ctx, cfg, first, l)
+	if err != nil {
+		return nil, err
+	}
+	if p != nil {
 		s.mu.Lock()
 		s.pod = p
 		s.mu.Unlock()
 		return p, nil
 	}
-	p, err := pod.New(ctx, pod.Options{
+	p, err = pod.New(ctx, pod.Options{
 		ID: VMID(s.namespace, groupOf(id)), Config: cfg, HostVersion: s.version, Log: l,
-		OnEvent: s.onEvent, OnExit: s.onExit, First: first,
+		OnEvent: s.onEvent, OnExit: s.onExit, First: first, Network: net,
 	})
 	if err != nil {
 		return nil, err

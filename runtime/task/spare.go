@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"reflect"
@@ -146,12 +147,14 @@ func (sp *Spare) bind(s *Service) {
 }
 
 // takeSpare returns the pod this shim held as a spare when it fits the task's first container, having moved it
-// into the task's cgroup; nil when there is none or it does not fit, in which case it is stopped.
-func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.First, log *logrus.Entry) *pod.Pod {
+// into the task's cgroup; nil when there is none or it does not fit, in which case it is stopped. A spare that
+// failed once first's create hooks had run leaves what they prepared in net, for the pod booted instead; a failed
+// hook is err, the task's own failure.
+func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.First, log *logrus.Entry) (_ *pod.Pod, net *pod.Network, err error) {
 	sp := s.spare
 	s.spare = nil
 	if sp == nil {
-		return nil
+		return nil, nil, nil
 	}
 	// This shim was a spare, at SpareNice: its task runs at the usual priority, in the spare's VM or in one it
 	// boots now (whose processes inherit the shim's).
@@ -167,10 +170,10 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 			defer s.spareStops.Done()
 			sp.stop(ctx, log)
 		}()
-		return nil
+		return nil, nil, nil
 	}
 	start := time.Now()
-	err := sp.pod.Adopt(ctx, cfg, first)
+	err = sp.pod.Adopt(ctx, cfg, first)
 	if err == nil {
 		p := sp.pod
 		// The spare's VM booted at the lowest priority too.
@@ -180,11 +183,16 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 			}
 		}
 		log.WithFields(logrus.Fields{"sandbox": p.ID(), "took": time.Since(start)}).Info("the spare shim's warm VM runs the task")
-		return p
+		return p, nil, nil
 	}
-	log.WithError(err).Info("the spare shim's VM could not take the task; booting one")
+	if errors.Is(err, pod.ErrHook) {
+		sp.stop(ctx, log)
+		return nil, nil, err
+	}
+	net = sp.pod.TakeNetwork()
+	log.WithError(err).WithField("hooks_ran", net != nil).Info("the spare shim's VM could not take the task; booting one")
 	sp.stop(ctx, log)
-	return nil
+	return nil, net, nil
 }
 
 // startSpare starts a spare shim for the next task of this containerd, of the shape of this one's pod (sized),
