@@ -127,6 +127,12 @@ func claim(dir, address string) (*Slot, error) {
 	if err := lock.Truncate(0); err == nil {
 		_, _ = lock.WriteAt([]byte(fmt.Sprintf("%d %s\n", os.Getpid(), address)), 0)
 	}
+	// The log is the holder's from here on: what a spare that failed before left in it goes (Spawn appends, so
+	// that a spawn that finds the slot taken does not empty the holder's).
+	if err := os.Truncate(path+".log", 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		_ = lock.Close()
+		return nil, fmt.Errorf("spare shim log: %w", err)
+	}
 	return &Slot{path: path, lock: lock}, nil
 }
 
@@ -283,7 +289,11 @@ const SpareArg = "spare"
 // caller closes it once its own start is over, so that the spare does not compete with it for CPU, or exits,
 // which closes it too.
 func Spawn(self, address, configPath string, args ...string) (gate *os.File, err error) {
-	if err := os.MkdirAll(Dir, 0o700); err != nil {
+	return spawn(Dir, self, address, configPath, args...)
+}
+
+func spawn(dir, self, address, configPath string, args ...string) (gate *os.File, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spare shim directory: %w", err)
 	}
 	r, w, err := os.Pipe()
@@ -291,7 +301,8 @@ func Spawn(self, address, configPath string, args ...string) (gate *os.File, err
 		return nil, fmt.Errorf("start spare shim: %w", err)
 	}
 	defer r.Close()
-	logf, err := os.OpenFile(socketPath(Dir, address)+".log", os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	// Appended to: the slot may be another spare's, whose log this is (Claim empties it for the spare that wins).
+	logf, err := os.OpenFile(socketPath(dir, address)+".log", os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		_ = w.Close()
 		return nil, fmt.Errorf("spare shim log: %w", err)

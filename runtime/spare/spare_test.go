@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"strings"
 	"testing"
 	"time"
 )
@@ -172,5 +173,51 @@ func TestAllListsHolders(t *testing.T) {
 	<-done
 	if got := all(dir); len(got) != 0 {
 		t.Errorf("all() after the spare left = %+v", got)
+	}
+}
+
+// A spawn while another spare holds the slot (its spare leaves at once) adds to the holder's log instead of
+// emptying it; the next spare to claim the slot starts the log afresh, dropping what a failed one left.
+func TestSpawnKeepsTheHoldersLog(t *testing.T) {
+	dir := t.TempDir()
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logPath := socketPath(dir, "/c.sock") + ".log"
+	if err := os.WriteFile(logPath, []byte("holder's line\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A "spare" that fails at once, writing to its log: sh cannot run a script named "spare".
+	gate, err := spawn(dir, "/bin/sh", "/c.sock", "/no-config")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = gate.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	var b []byte
+	for ; time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if b, err = os.ReadFile(logPath); err != nil {
+			t.Fatal(err)
+		}
+		if len(b) > len("holder's line\n") {
+			break
+		}
+	}
+	if !strings.HasPrefix(string(b), "holder's line\n") || len(b) == len("holder's line\n") {
+		t.Errorf("log after a losing spawn = %q, want the holder's line, then the spawn's output", b)
+	}
+	slot.Close()
+
+	if err := os.WriteFile(logPath, []byte("a failed spare's log\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	next, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Close()
+	if b, err := os.ReadFile(logPath); err != nil || len(b) != 0 {
+		t.Errorf("log after a new claim = %q (%v), want it empty", b, err)
 	}
 }
