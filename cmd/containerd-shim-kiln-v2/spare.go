@@ -70,11 +70,19 @@ func runSpare(args []string) (*task.Spare, error) {
 		return nil, leave(err)
 	}
 	log.WithField("took", time.Since(start)).Info("spare shim ready")
-	req, socket, err := slot.Wait(ctx, config.SpareIdle, os.Getpid(), version)
+	req, socket, err := slot.Wait(ctx, config.SpareIdle, os.Getpid(), version, sp.Lost())
 	if err != nil {
-		log.WithError(err).Info("spare shim leaving")
+		lost := errors.Is(err, spare.ErrLost)
+		if lost {
+			log.WithError(err).Error("the spare shim's VM ended; leaving")
+		} else {
+			log.WithError(err).Info("spare shim leaving")
+		}
 		if cerr := sp.Close(context.WithoutCancel(ctx)); cerr != nil {
 			log.WithError(cerr).Warn("stop the spare's VM")
+		}
+		if lost {
+			os.Exit(1)
 		}
 		os.Exit(0)
 	}

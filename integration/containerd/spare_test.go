@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -162,4 +163,81 @@ exit 0`
 	if n := hb.runs(t, "DEL"); n != 1 {
 		t.Errorf("%s's poststop hook ran %d times, want 1", b, n)
 	}
+}
+
+// A spare's VM that dies or hangs while it waits costs no task its container. A hung guest (its QEMU stopped)
+// fails the spare's health check at adoption: the task boots a VM of its own. A killed QEMU makes the spare
+// leave its slot at once, keeping its log: the next task finds no spare and boots from its template.
+func TestKilnSpareVMLost(t *testing.T) {
+	k := startKiln(t)
+	k.spareConfig(t)
+	addr := k.d.Address
+	if out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-sparelost-0", "true"); code != 0 {
+		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s", addr)
+	}
+	hung := spareQEMU(t, addr)
+	if err := syscall.Kill(hung, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	logStart := k.logSize()
+	start := time.Now()
+	out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-sparelost-1", "echo", "served")
+	if code != 0 || strings.TrimSpace(out) != "served" {
+		t.Fatalf("run after the spare's guest hung: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	t.Logf("ctr run with a hung spare took %s", time.Since(start))
+	if log := k.logSince(t, logStart); !strings.Contains(log, "could not take the task") || !strings.Contains(log, "health check") {
+		t.Errorf("the hung spare's health check did not refuse the task; containerd's log:\n%s", k.d.LogTail(40))
+	}
+	if err := syscall.Kill(hung, 0); err == nil {
+		t.Errorf("the hung spare's QEMU %d still runs", hung)
+	}
+
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s after the hung one", addr)
+	}
+	sp, _ := spareOf(addr)
+	if err := syscall.Kill(spareQEMU(t, addr), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		if _, ok := spareOf(addr); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the spare whose QEMU was killed still holds its slot")
+		}
+	}
+	if b, err := os.ReadFile(sp.Slot + ".log"); err != nil || !strings.Contains(string(b), "the spare shim's VM ended") {
+		t.Errorf("the lost spare's log = %q (%v), want it kept, saying why it left", b, err)
+	}
+	_ = os.Remove(sp.Slot + ".log")
+	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-sparelost-2", "echo", "served")
+	if code != 0 || strings.TrimSpace(out) != "served" {
+		t.Fatalf("run after the spare's QEMU was killed: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+}
+
+// spareQEMU is the QEMU of the ready spare shim of the containerd at address: the spare's child.
+func spareQEMU(t *testing.T, address string) int {
+	t.Helper()
+	sp, ok := spareOf(address)
+	if !ok {
+		t.Fatalf("no spare shim for %s", address)
+	}
+	for _, pid := range ProcessesMatching("qemu-system") {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		if len(f) > 1 && f[1] == strconv.Itoa(sp.Pid) {
+			return pid
+		}
+	}
+	t.Fatalf("spare shim %d has no QEMU", sp.Pid)
+	return 0
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"time"
 
 	"github.com/containerd/containerd/v2/contrib/seccomp"
 	"github.com/containerd/containerd/v2/core/containers"
@@ -102,6 +103,13 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 	if err := p.Refuses(base, first); err != nil {
 		return err
 	}
+	// The VM may have ended while it waited (its QEMU killed, by the host's OOM killer among others), or its
+	// guest hung: a task in it would fail. A hung guest would not answer Close's shutdown request either: its VM
+	// is stopped now, as an unresponsive pod's is.
+	if err := p.sb.Check(ctx, spareCheckTimeout); err != nil {
+		p.stopUnresponsive(err)
+		return fmt.Errorf("%w: %v", ErrUnfit, err)
+	}
 	if err := p.enterCgroup(first, p.VMProcesses()...); err != nil {
 		return err
 	}
@@ -124,6 +132,10 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 	p.startPortForward()
 	return nil
 }
+
+// spareCheckTimeout bounds Adopt's health check of the spare's agent, which answers in milliseconds when it is
+// alive: a hung guest costs its task that long before a VM boots for it.
+const spareCheckTimeout = 2 * time.Second
 
 // netPlugger is a running VM that takes NICs (qemu.Machine restored from a template).
 type netPlugger interface {

@@ -190,6 +190,26 @@ func (s *Sandbox) GuestInfo(ctx context.Context) (*agentv1.GuestInfo, error) {
 	return info, nil
 }
 
+// Check asks the agent whether it serves, within timeout: a VM that ended, or a guest that does not answer, is
+// the error.
+func (s *Sandbox) Check(ctx context.Context, timeout time.Duration) error {
+	select {
+	case <-s.m.Exited():
+		return fmt.Errorf("vm %s ended: %v", s.m.ID(), s.m.ExitError())
+	default:
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	resp, err := s.health.Check(ctx, &agentv1.CheckRequest{})
+	if err != nil {
+		return fmt.Errorf("health check of the agent of vm %s: %w", s.m.ID(), err)
+	}
+	if resp.GetStatus() != agentv1.CheckResponse_SERVING {
+		return fmt.Errorf("the agent of vm %s is %s", s.m.ID(), resp.GetStatus())
+	}
+	return nil
+}
+
 // Stop shuts the guest down gracefully: the agent powers it off; if the VM has not exited within
 // ShutdownTimeout the VMM is stopped (QMP quit, then kill). All host resources are released on return.
 func (s *Sandbox) Stop(ctx context.Context) error {

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -181,11 +182,15 @@ func all(dir string) []Info {
 	return out
 }
 
+// ErrLost is returned by Wait when what the spare holds ended while it waited (its VM).
+var ErrLost = errors.New("what the spare shim held ended while it waited")
+
 // Wait listens in the slot until `start` hands over a task of the spare's version, and returns it with the
-// server's socket. It gives up with ctx's error, after idle, or with ErrStale, leaving the slot empty. Either way
-// the slot is released: another spare can claim it.
-func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string) (Request, *os.File, error) {
-	defer s.release()
+// server's socket. It gives up with ctx's error, after idle, with ErrStale, or with ErrLost once lost is closed,
+// leaving the slot empty. Either way the slot is released: another spare can claim it. A lost spare's log stays,
+// as a failed one's does.
+func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string, lost <-chan struct{}) (_ Request, _ *os.File, err error) {
+	defer func() { s.release(errors.Is(err, ErrLost)) }()
 	// A socket left by a spare that was killed: the lock says no live spare owns it.
 	_ = os.Remove(s.path)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
@@ -198,9 +203,21 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 	defer cancel()
 	stop := context.AfterFunc(ctx, func() { _ = l.Close() })
 	defer stop()
+	var gone atomic.Bool
+	go func() {
+		select {
+		case <-lost:
+			gone.Store(true)
+			_ = l.Close()
+		case <-ctx.Done():
+		}
+	}()
 	for {
 		c, err := l.AcceptUnix()
 		if err != nil {
+			if gone.Load() {
+				return Request{}, nil, ErrLost
+			}
 			if ctx.Err() != nil {
 				return Request{}, nil, fmt.Errorf("spare shim: no task came: %w", ctx.Err())
 			}
@@ -261,19 +278,22 @@ func receive(c *net.UnixConn, pid int, version string) (Request, *os.File, error
 
 // Close gives the slot up, as Wait does when it returns, for a spare that leaves before it waits (told to stop
 // while it booted).
-func (s *Slot) Close() { s.release() }
+func (s *Slot) Close() { s.release(false) }
 
-// release gives the slot up, removing its files (the socket, the log and the lock) while it still holds the lock,
-// so that a containerd that is gone leaves nothing in Dir. The log of a spare that failed, which exits without
-// release, stays. A lock file that is not the held one any more (a claimer recreated it) is left to its holder.
-func (s *Slot) release() {
+// release gives the slot up, removing its files (the socket, the log unless keepLog, and the lock) while it still
+// holds the lock, so that a containerd that is gone leaves nothing in Dir. The log of a spare that failed, which
+// exits without release, stays. A lock file that is not the held one any more (a claimer recreated it) is left to
+// its holder.
+func (s *Slot) release(keepLog bool) {
 	if s.l != nil {
 		_ = s.l.Close()
 	}
 	var held, named unix.Stat_t
 	if unix.Fstat(int(s.lock.Fd()), &held) == nil && unix.Stat(s.path+".lock", &named) == nil &&
 		held.Dev == named.Dev && held.Ino == named.Ino {
-		_ = os.Remove(s.path + ".log")
+		if !keepLog {
+			_ = os.Remove(s.path + ".log")
+		}
 		_ = os.Remove(s.path + ".lock")
 	}
 	_ = s.lock.Close()

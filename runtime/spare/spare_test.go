@@ -33,7 +33,7 @@ func TestHandOver(t *testing.T) {
 	if other, err := claim(dir, "/other.sock"); err != nil {
 		t.Fatalf("Claim for another containerd: %v", err)
 	} else {
-		other.release()
+		other.release(false)
 	}
 	type got struct {
 		req    Request
@@ -42,7 +42,7 @@ func TestHandOver(t *testing.T) {
 	}
 	done := make(chan got, 1)
 	go func() {
-		req, socket, err := slot.Wait(ctx, 5*time.Second, 4242, "v1")
+		req, socket, err := slot.Wait(ctx, 5*time.Second, 4242, "v1", nil)
 		done <- got{req, socket, err}
 	}()
 	r, w, err := os.Pipe()
@@ -80,7 +80,7 @@ func TestHandOver(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Claim after a hand-over: %v", err)
 	}
-	next.release()
+	next.release(false)
 }
 
 // A spare that no task came for gives up after its idle time and leaves none of its slot's files behind.
@@ -94,7 +94,7 @@ func TestIdleSpareLeaves(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if _, _, err := slot.Wait(ctx, 100*time.Millisecond, 1, "v1"); err == nil {
+	if _, _, err := slot.Wait(ctx, 100*time.Millisecond, 1, "v1", nil); err == nil {
 		t.Fatal("Wait returned a task that nobody sent")
 	}
 	if time.Since(start) > 5*time.Second {
@@ -118,7 +118,7 @@ func TestStaleSpareRefusesTheTask(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() {
-		_, _, err := slot.Wait(ctx, 5*time.Second, 1, "old")
+		_, _, err := slot.Wait(ctx, 5*time.Second, 1, "old", nil)
 		done <- err
 	}()
 	var adoptErr error
@@ -158,7 +158,7 @@ func TestAllListsHolders(t *testing.T) {
 	waitCtx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
-		_, _, _ = slot.Wait(waitCtx, 5*time.Second, 1, "v1")
+		_, _, _ = slot.Wait(waitCtx, 5*time.Second, 1, "v1", nil)
 		close(done)
 	}()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
@@ -219,5 +219,51 @@ func TestSpawnKeepsTheHoldersLog(t *testing.T) {
 	defer next.Close()
 	if b, err := os.ReadFile(logPath); err != nil || len(b) != 0 {
 		t.Errorf("log after a new claim = %q (%v), want it empty", b, err)
+	}
+}
+
+// A spare whose VM ends while it waits gives the slot up at once with ErrLost: `start` then finds no spare, and
+// the spare's log stays for whoever looks into why.
+func TestLostSpareLeavesItsLog(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logPath := socketPath(dir, "/c.sock") + ".log"
+	if err := os.WriteFile(logPath, []byte("spare log\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	lost := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := slot.Wait(ctx, time.Minute, 1, "v1", lost)
+		done <- err
+	}()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if len(all(dir)) == 1 && all(dir)[0].Ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the spare never became ready")
+		}
+	}
+	close(lost)
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrLost) {
+			t.Fatalf("Wait = %v, want ErrLost", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Wait went on after its spare was lost")
+	}
+	if _, err := adopt(ctx, dir, "/c.sock", Request{Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
+		t.Errorf("Adopt after the spare was lost = %v, want ErrNone", err)
+	}
+	if b, err := os.ReadFile(logPath); err != nil || string(b) != "spare log\n" {
+		t.Errorf("the lost spare's log = %q (%v), want it kept", b, err)
+	}
+	if got := all(dir); len(got) != 0 {
+		t.Errorf("all() after the spare was lost = %v", got)
 	}
 }

@@ -103,6 +103,9 @@ func BootSpare(ctx context.Context, configPath, shape, version string, log *logr
 	return sp, nil
 }
 
+// Lost is closed when the spare's VM ends (its QEMU killed while it waited).
+func (sp *Spare) Lost() <-chan struct{} { return sp.pod.Machine().Exited() }
+
 // Close stops the spare's pod, for which no task came.
 func (sp *Spare) Close(ctx context.Context) error { return sp.pod.Close(ctx) }
 
