@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 	"os"
 	"path/filepath"
 	"sync"
@@ -182,11 +183,15 @@ func (p *Pod) configure(ctx context.Context, set *setup) error {
 		tmp  string
 	}
 	var links []moved
+	start := time.Now()
 	for i := range set.interfaces {
 		want := &set.interfaces[i]
 		link, err := waitForMAC(ctx, root, want.mac)
 		if err != nil {
 			return fmt.Errorf("interface %s: %w", want.name, err)
+		}
+		if i == 0 {
+			p.log.WithField("waited", time.Since(start)).Debug("first network device found")
 		}
 		tmp := fmt.Sprintf("kiln%d", i)
 		if err := root.LinkSetDown(link); err != nil {
@@ -215,7 +220,7 @@ func (p *Pod) configure(ctx context.Context, set *setup) error {
 			return err
 		}
 	}
-	p.log.WithField("interfaces", len(links)).Debug("pod network configured")
+	p.log.WithFields(logrus.Fields{"interfaces": len(links), "took": time.Since(start)}).Debug("pod network configured")
 	return nil
 }
 

@@ -3,35 +3,74 @@ package network
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // deviceTimeout bounds the wait for a virtio-net device to show up: the driver binds while the agent starts, so
 // a device missing after this long is not coming.
 const deviceTimeout = 10 * time.Second
 
-// waitForMAC returns the link with the given MAC in h's namespace, waiting for the driver to bind it.
+// waitForMAC returns the link with the given MAC in h's namespace (the calling thread's), waiting for the driver
+// to bind it. It follows the kernel's link notifications rather than polling: a NIC hot-plugged into a running
+// guest (a spare's) binds tens of milliseconds after the host's request, and the pod's start waits for it.
 func waitForMAC(ctx context.Context, h *netlink.Handle, mac net.HardwareAddr) (netlink.Link, error) {
 	ctx, cancel := context.WithTimeout(ctx, deviceTimeout)
 	defer cancel()
-	for delay := time.Millisecond; ; delay = min(2*delay, 100*time.Millisecond) {
-		links, err := h.LinkList()
-		if err != nil {
-			return nil, fmt.Errorf("list links: %w", err)
+	// Subscribed before the listing, so that a device bound in between is not missed.
+	updates := make(chan netlink.LinkUpdate, 16)
+	done := make(chan struct{})
+	var watchErr error
+	errs := make(chan error, 1)
+	if err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{
+		ErrorCallback: func(err error) {
+			select {
+			case errs <- err:
+			default:
+			}
+		},
+	}); err != nil {
+		return nil, fmt.Errorf("follow network devices: %w", err)
+	}
+	defer func() {
+		close(done)
+		// The subscription's reader closes updates once its socket is closed; until then it may be sending.
+		go func() {
+			for range updates {
+			}
+		}()
+	}()
+	links, err := h.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	for _, l := range links {
+		if bytes.Equal(l.Attrs().HardwareAddr, mac) {
+			return l, nil
 		}
-		for _, l := range links {
-			if bytes.Equal(l.Attrs().HardwareAddr, mac) {
+	}
+	for {
+		select {
+		case u, ok := <-updates:
+			if !ok {
+				return nil, fmt.Errorf("network device notifications ended: %w", errors.Join(watchErr, errors.New("subscription closed")))
+			}
+			if u.Header.Type == unix.RTM_NEWLINK && u.Link != nil && bytes.Equal(u.Link.Attrs().HardwareAddr, mac) {
+				l, err := h.LinkByIndex(u.Link.Attrs().Index)
+				if err != nil {
+					return nil, fmt.Errorf("network device with MAC %s: %w", mac, err)
+				}
 				return l, nil
 			}
-		}
-		select {
+		case err := <-errs:
+			watchErr = err
 		case <-ctx.Done():
-			return nil, fmt.Errorf("no network device with MAC %s in the guest (is virtio_net in the initramfs?): %w", mac, ctx.Err())
-		case <-time.After(delay):
+			return nil, fmt.Errorf("no network device with MAC %s in the guest: %w", mac, errors.Join(ctx.Err(), watchErr))
 		}
 	}
 }

@@ -1,0 +1,57 @@
+package network
+
+import (
+	"context"
+	"net"
+	"os"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// A device bound while the agent waits is found when the kernel announces it, one already there at once, and one
+// that never comes is an error once the context ends.
+func TestWaitForMAC(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a network namespace")
+	}
+	// This goroutine's thread moves to a namespace of its own and ends with it (never unlocked).
+	runtime.LockOSThread()
+	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+		t.Fatal(err)
+	}
+	h, err := netlink.NewHandle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	mac := net.HardwareAddr{0x02, 0x4b, 0x69, 0x6c, 0x6e, 0x01}
+	added := make(chan error, 1)
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		added <- h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "late0", HardwareAddr: mac}, PeerName: "late1"})
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	l, err := waitForMAC(ctx, h, mac)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-added; err != nil {
+		t.Fatal(err)
+	}
+	if l.Attrs().Name != "late0" {
+		t.Errorf("waitForMAC = %s, want late0", l.Attrs().Name)
+	}
+	if l, err := waitForMAC(ctx, h, mac); err != nil || l.Attrs().Name != "late0" {
+		t.Errorf("waitForMAC of a present device = %v, %v", l, err)
+	}
+	short, cancelShort := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancelShort()
+	if _, err := waitForMAC(short, h, net.HardwareAddr{0x02, 0, 0, 0, 0, 9}); err == nil {
+		t.Error("waitForMAC found a device that never came")
+	}
+}
