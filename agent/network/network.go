@@ -11,10 +11,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"time"
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vishvananda/netlink"
