@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/protobuf/proto"
 	"github.com/containerd/containerd/v2/pkg/shim"
+	"google.golang.org/protobuf/types/known/anypb"
 )
 
 // containerd 2.3 changed how it runs a shim's `start` command: it writes a bootstrap message (the task's id,
@@ -86,12 +87,13 @@ func startLegacy(ctx context.Context, m starter, args []string, stdout io.Writer
 		}
 		return false, nil
 	}
-	return true, legacyStart(ctx, m, a, os.Getenv("TTRPC_ADDRESS"), stdout)
+	return true, legacyStart(ctx, m, a, os.Getenv("TTRPC_ADDRESS"), input, stdout)
 }
 
 // legacyStart starts (or joins) the task's shim server with what containerd before 2.3 passes on the command
-// line and in the environment, and writes the result as the JSON it reads.
-func legacyStart(ctx context.Context, m starter, a shimArgs, ttrpcAddress string, stdout io.Writer) error {
+// line, in the environment and on stdin (options: the runtime options, as an Any), and writes the result as the
+// JSON it reads.
+func legacyStart(ctx context.Context, m starter, a shimArgs, ttrpcAddress string, options []byte, stdout io.Writer) error {
 	ctx = namespaces.WithNamespace(ctx, a.namespace)
 	ctx = context.WithValue(ctx, shim.OptsKey{}, shim.Opts{BundlePath: a.bundle, Debug: a.debug})
 	params := &bootapi.BootstrapParams{
@@ -103,6 +105,16 @@ func legacyStart(ctx context.Context, m starter, a shimArgs, ttrpcAddress string
 	}
 	if a.debug {
 		params.LogLevel = bootapi.LogLevel_LOG_LEVEL_DEBUG
+	}
+	if len(options) > 0 {
+		// As the bootstrap protocol carries them: an extension.
+		var opts anypb.Any
+		if err := proto.Unmarshal(options, &opts); err != nil {
+			return fmt.Errorf("read runtime options from stdin: %w", err)
+		}
+		if err := params.AddExtension(&opts); err != nil {
+			return fmt.Errorf("read runtime options from stdin: %w", err)
+		}
 	}
 	res, err := m.Start(ctx, params)
 	if err != nil {

@@ -11,9 +11,12 @@ import (
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/protobuf/proto"
 	"github.com/containerd/typeurl/v2"
+
+	"github.com/kiln-runtime/kiln/runtime/task"
 )
 
 // The arguments containerd 2.2 and 2.4 both pass to `start`.
@@ -83,8 +86,22 @@ func TestLegacyStart(t *testing.T) {
 	a, _ := parseShimArgs(startArgs)
 	f := &fakeStarter{}
 	var out bytes.Buffer
-	if err := legacyStart(context.Background(), f, a, "/run/containerd/containerd.sock.ttrpc", &out); err != nil {
+	// containerd 2.2 writes the runtime options on stdin; they reach Start as the bootstrap protocol's extension.
+	opts, err := typeurl.MarshalAny(&runtimeoptions.Options{ConfigPath: "/etc/kiln/other.toml"})
+	if err != nil {
 		t.Fatal(err)
+	}
+	input, err := proto.Marshal(typeurl.MarshalProto(opts))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := legacyStart(context.Background(), f, a, "/run/containerd/containerd.sock.ttrpc", input, &out); err != nil {
+		t.Fatal(err)
+	}
+	if exts := f.params.GetExtensions(); len(exts) != 1 {
+		t.Errorf("Start got %d extensions, want the runtime options", len(exts))
+	} else if path, err := task.ConfigPath(exts[0].GetValue()); err != nil || path != "/etc/kiln/other.toml" {
+		t.Errorf("the runtime options reached Start as %v: config path %q, %v", exts[0], path, err)
 	}
 	if ns, _ := namespaces.Namespace(f.ctx); ns != "k8s.io" {
 		t.Errorf("Start got namespace %q in its context", ns)
@@ -107,7 +124,7 @@ func TestLegacyStart(t *testing.T) {
 	}
 
 	f.err = errors.New("boom")
-	if err := legacyStart(context.Background(), f, a, "", io.Discard); err == nil {
+	if err := legacyStart(context.Background(), f, a, "", nil, io.Discard); err == nil {
 		t.Error("a failed start reported success")
 	}
 }

@@ -5,11 +5,8 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 
-	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
-	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/pkg/shim"
 
 	"github.com/kiln-runtime/kiln/runtime/manager"
@@ -33,7 +30,7 @@ func main() {
 		}
 	}
 	task.Register(version, sp)
-	s := managerShim{manager.New(version)}
+	s := manager.New(version)
 	// containerd before 2.3 runs `start` in a way pkg/shim no longer serves (legacy.go).
 	if handled, err := startLegacy(context.Background(), s, os.Args[1:], os.Stdout); handled || err != nil {
 		if err != nil {
@@ -48,30 +45,4 @@ func main() {
 		c.NoReaper = true
 		c.NoSubreaper = true
 	})
-}
-
-// managerShim serves pkg/shim's bootstrap API with runtime/manager's Manager, which implements the older
-// shim.Manager interface. Once the manager takes bootstrap parameters itself, this goes.
-type managerShim struct{ m *manager.Manager }
-
-func (s managerShim) Name() string { return s.m.Name() }
-
-func (s managerShim) Start(ctx context.Context, p *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error) {
-	r, err := s.m.Start(ctx, p.GetInstanceID(), shim.StartOpts{
-		Address:      p.GetContainerdGrpcAddress(),
-		TTRPCAddress: p.GetContainerdTtrpcAddress(),
-		Debug:        p.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG,
-	})
-	if err != nil {
-		return nil, err
-	}
-	return &bootapi.BootstrapResult{Version: int32(r.Version), Address: r.Address, Protocol: r.Protocol}, nil
-}
-
-func (s managerShim) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
-	return s.m.Stop(ctx, id)
-}
-
-func (s managerShim) Info(ctx context.Context, options io.Reader) (*types.RuntimeInfo, error) {
-	return s.m.Info(ctx, options)
 }

@@ -70,7 +70,14 @@ func runSpare(args []string) (*task.Spare, error) {
 		return nil, leave(err)
 	}
 	log.WithField("took", time.Since(start)).Info("spare shim ready")
-	req, socket, err := slot.Wait(ctx, config.SpareIdle, os.Getpid(), version, sp.Lost())
+	fits := func(req spare.Request) error {
+		err := sp.Fits(req)
+		if err != nil {
+			log.WithError(err).WithField("task", req.Task.ID).Info("declined a task the spare's VM does not fit")
+		}
+		return err
+	}
+	req, socket, err := slot.Wait(ctx, config.SpareIdle, os.Getpid(), version, sp.Lost(), fits)
 	if err != nil {
 		lost := errors.Is(err, spare.ErrLost)
 		if lost {

@@ -26,8 +26,9 @@ func (k *kilnEnv) spareConfig(t *testing.T) {
 
 // With hypervisor.spare, a task's shim starts a spare shim for the next task of its containerd, of the shape of its
 // own task's VM, and the next task's shim is that spare: its VM was booted and warmed before the task came. The
-// container runs there as in any VM. A task of another shape finds the spare, stops its VM and boots its own. A
-// spare told to stop (SIGTERM) stops its VM and leaves nothing behind.
+// container runs there as in any VM. A task of another shape is declined by the spare at `start` and boots its
+// own VM; the spare waits on for a task it fits. A spare told to stop (SIGTERM) stops its VM and leaves nothing
+// behind.
 func TestKilnSpareShim(t *testing.T) {
 	k := startKiln(t)
 	k.spareConfig(t)
@@ -49,18 +50,21 @@ func TestKilnSpareShim(t *testing.T) {
 	if log := k.logSince(t, 0); !strings.Contains(log, "the spare shim's warm VM runs the task\" container=kiln-spare-2") {
 		t.Errorf("kiln-spare-2 did not run in the spare's VM; containerd's log:\n%s", k.d.LogTail(40))
 	}
-	// The second task's shim started the next spare, of the same shape; a task without the limit does not fit it.
+	// The second task's shim started the next spare, of the same shape. A task without the limit does not fit
+	// it: the spare declines it at `start`, and the task's own shim boots its VM, at the usual priority.
 	if !WaitSpare(addr, 3*time.Minute) {
 		t.Fatalf("the second task's shim started no spare for %s", addr)
 	}
-	logStart := k.logSize()
+	waiting, _ := spareOf(addr)
 	const third = "kiln-spare-3"
 	k.runDetached(t, third, nil, sleeper...)
 	k.waitStatus(t, third, "RUNNING")
-	if log := k.logSince(t, logStart); !strings.Contains(log, "asks for another VM size") {
-		t.Errorf("%s (no memory limit) was not refused by the spare of the limited tasks' shape; containerd's log:\n%s", third, k.d.LogTail(40))
+	if b, err := os.ReadFile(waiting.Slot + ".log"); err != nil || !strings.Contains(string(b), "asks for another VM size") {
+		t.Errorf("%s (no memory limit) was not declined by the spare of the limited tasks' shape; the spare's log (%v):\n%s", third, err, b)
 	}
-	// Its shim was the spare, started at the lowest priority; the VM it booted for the task runs at the usual one.
+	if sp, ok := spareOf(addr); !ok || sp.Pid != waiting.Pid || !sp.Ready {
+		t.Fatalf("the spare that declined %s is gone (%+v, %v)", third, sp, ok)
+	}
 	qemus := qemusIn(filepath.Join(k.d.StateDir(), k.vmOf(t, third)))
 	if len(qemus) == 0 {
 		t.Fatalf("no QEMU runs %s", third)
@@ -69,6 +73,14 @@ func TestKilnSpareShim(t *testing.T) {
 		if n := niceOf(t, pid); n != 0 {
 			t.Errorf("QEMU %d of %s runs at nice %d, want 0", pid, third, n)
 		}
+	}
+	// The next task of the spare's shape finds it waiting.
+	out, errOut, code = k.run(t, append(limit, "--rm", BusyboxRef, "kiln-spare-4", "echo", "fourth")...)
+	if code != 0 || strings.TrimSpace(out) != "fourth" {
+		t.Fatalf("fourth run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if log := k.logSince(t, 0); !strings.Contains(log, "the spare shim's warm VM runs the task\" container=kiln-spare-4") {
+		t.Errorf("kiln-spare-4 did not run in the spare that declined %s; containerd's log:\n%s", third, k.d.LogTail(40))
 	}
 }
 

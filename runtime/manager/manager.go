@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
@@ -42,12 +43,12 @@ const SandboxAnnotation = "io.kubernetes.cri.sandbox-id"
 // over, and `start` starts the server itself.
 const spareHandOverTimeout = 5 * time.Second
 
-// Manager implements containerd's shim.Manager for Kiln.
+// Manager implements containerd's shim.Shim for Kiln.
 type Manager struct {
 	version string
 }
 
-var _ shim.Manager = (*Manager)(nil)
+var _ shim.Shim = (*Manager)(nil)
 
 // New returns the manager; version is reported by Info.
 func New(version string) *Manager { return &Manager{version: version} }
@@ -64,25 +65,26 @@ func Group(id string, annotations map[string]string) string {
 }
 
 // Start starts the group's shim server, or returns the address of the one already serving the group.
-func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ shim.BootstrapParams, retErr error) {
-	params := shim.BootstrapParams{Version: 3, Protocol: "ttrpc"}
+func (m *Manager) Start(ctx context.Context, p *bootapi.BootstrapParams) (_ *bootapi.BootstrapResult, retErr error) {
+	id := p.GetInstanceID()
+	params := &bootapi.BootstrapResult{Version: 3, Protocol: "ttrpc"}
 	cwd, err := os.Getwd()
 	if err != nil {
-		return params, fmt.Errorf("start shim for %s: %w", id, err)
+		return nil, fmt.Errorf("start shim for %s: %w", id, err)
 	}
 	annotations, err := bundle.Annotations(cwd)
 	if err != nil {
-		return params, err
+		return nil, err
 	}
 	group := Group(id, annotations)
-	address, err := shim.SocketAddress(ctx, opts.Address, group, false)
+	address, err := shim.SocketAddress(ctx, p.GetContainerdGrpcAddress(), group, false)
 	if err != nil {
-		return params, fmt.Errorf("shim socket address for group %s: %w", group, err)
+		return nil, fmt.Errorf("shim socket address for group %s: %w", group, err)
 	}
 	socket, err := shim.NewSocket(address)
 	if err != nil {
 		if !shim.SocketEaddrinuse(err) {
-			return params, fmt.Errorf("create shim socket %s: %w", address, err)
+			return nil, fmt.Errorf("create shim socket %s: %w", address, err)
 		}
 		if shim.CanConnect(address) {
 			// The group's shim is running: the task joins its VM.
@@ -91,10 +93,10 @@ func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ 
 		}
 		// Left by a shim that died: take it over.
 		if err := shim.RemoveSocket(address); err != nil {
-			return params, fmt.Errorf("remove stale shim socket %s: %w", address, err)
+			return nil, fmt.Errorf("remove stale shim socket %s: %w", address, err)
 		}
 		if socket, err = shim.NewSocket(address); err != nil {
-			return params, fmt.Errorf("create shim socket %s: %w", address, err)
+			return nil, fmt.Errorf("create shim socket %s: %w", address, err)
 		}
 	}
 	defer func() {
@@ -105,18 +107,20 @@ func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ 
 	}()
 	f, err := socket.File()
 	if err != nil {
-		return params, fmt.Errorf("shim socket %s: %w", address, err)
+		return nil, fmt.Errorf("shim socket %s: %w", address, err)
 	}
 	defer f.Close()
-	cmd, err := serverCommand(ctx, id, group, opts)
+	debug := p.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG
+	cmd, err := serverCommand(ctx, id, group, p.GetContainerdGrpcAddress(), debug)
 	if err != nil {
-		return params, err
+		return nil, err
 	}
 	cmd.ExtraFiles = []*os.File{f}
 	// A spare shim of this containerd, when one waits, becomes the server (runtime/spare). Nothing may be logged
 	// on this path: `start`'s output is containerd's bootstrap channel.
 	actx, cancel := context.WithTimeout(ctx, spareHandOverTimeout)
-	pid, err := spare.Adopt(actx, opts.Address, spare.Request{Version: m.version, Args: cmd.Args, Env: cmd.Env, Dir: cmd.Dir}, f)
+	req := spare.Request{Version: m.version, Args: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, Task: spareTask(id, p)}
+	pid, err := spare.Adopt(actx, p.GetContainerdGrpcAddress(), req, f)
 	cancel()
 	if err == nil {
 		_ = shim.AdjustOOMScore(pid)
@@ -128,7 +132,7 @@ func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ 
 	err = cmd.Start()
 	goruntime.UnlockOSThread()
 	if err != nil {
-		return params, fmt.Errorf("start shim server for group %s: %w", group, err)
+		return nil, fmt.Errorf("start shim server for group %s: %w", group, err)
 	}
 	go func() { _ = cmd.Wait() }()
 	if err := shim.AdjustOOMScore(cmd.Process.Pid); err != nil {
@@ -138,8 +142,22 @@ func (m *Manager) Start(ctx context.Context, id string, opts shim.StartOpts) (_ 
 	return params, nil
 }
 
+// spareTask is the task `start` runs for, as a spare decides by (runtime/spare): its id and the Kiln configuration
+// its runtime options name, which containerd passes to `start` as an extension when there are any ("" without:
+// the default, as for Create).
+func spareTask(id string, p *bootapi.BootstrapParams) *spare.Task {
+	t := &spare.Task{ID: id}
+	for _, ext := range p.GetExtensions() {
+		if path, err := task.ConfigPath(ext.GetValue()); err == nil {
+			t.ConfigPath = path
+			break
+		}
+	}
+	return t
+}
+
 // serverCommand is this binary run as the shim server for a group, from the current (bundle) directory.
-func serverCommand(ctx context.Context, id, group string, opts shim.StartOpts) (*exec.Cmd, error) {
+func serverCommand(ctx context.Context, id, group, address string, debug bool) (*exec.Cmd, error) {
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {
 		return nil, err
@@ -152,8 +170,8 @@ func serverCommand(ctx context.Context, id, group string, opts shim.StartOpts) (
 	if err != nil {
 		return nil, err
 	}
-	args := []string{"-namespace", ns, "-id", id, "-address", opts.Address}
-	if opts.Debug {
+	args := []string{"-namespace", ns, "-id", id, "-address", address}
+	if debug {
 		args = append(args, "-debug")
 	}
 	cmd := exec.Command(self, args...)

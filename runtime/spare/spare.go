@@ -46,7 +46,21 @@ type Request struct {
 	Args    []string `json:"args"`
 	Env     []string `json:"env"`
 	Dir     string   `json:"dir"`
+	// Task, when `start` knows it, is the task the server is started for, so that a spare whose VM does not fit
+	// it declines before it takes anything: the task's shim then boots its own VM, and the spare waits for the
+	// next. Nil leaves the decision to the task's Create.
+	Task *Task `json:"task,omitempty"`
 }
+
+// Task is the task a server is started for: its id (its bundle is the request's Dir) and the Kiln configuration
+// its runtime options name ("" for the default).
+type Task struct {
+	ID         string `json:"id"`
+	ConfigPath string `json:"config_path"`
+}
+
+// Fits decides whether a spare can serve a hand-over's task: an error declines it.
+type Fits func(Request) error
 
 // ErrStale is returned by Wait when a task came from a shim binary of another version than the spare's.
 var ErrStale = errors.New("a task came from another version of the shim; the spare is stale")
@@ -185,11 +199,15 @@ func all(dir string) []Info {
 // ErrLost is returned by Wait when what the spare holds ended while it waited (its VM).
 var ErrLost = errors.New("what the spare shim held ended while it waited")
 
-// Wait listens in the slot until `start` hands over a task of the spare's version, and returns it with the
-// server's socket. It gives up with ctx's error, after idle, with ErrStale, or with ErrLost once lost is closed,
-// leaving the slot empty. Either way the slot is released: another spare can claim it. A lost spare's log stays,
-// as a failed one's does.
-func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string, lost <-chan struct{}) (_ Request, _ *os.File, err error) {
+// errDeclined is a hand-over whose task the spare does not fit: `start` starts the server itself.
+var errDeclined = errors.New("the spare does not fit the task")
+
+// Wait listens in the slot until `start` hands over a task of the spare's version that fits (fits, when set),
+// and returns it with the server's socket. A task that does not fit is declined: its `start` starts the server
+// itself, and the spare waits on. It gives up with ctx's error, after idle, with ErrStale, or with ErrLost once
+// lost is closed, leaving the slot empty. Either way the slot is released: another spare can claim it. A lost
+// spare's log stays, as a failed one's does.
+func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string, lost <-chan struct{}, fits Fits) (_ Request, _ *os.File, err error) {
 	defer func() { s.release(errors.Is(err, ErrLost)) }()
 	// A socket left by a spare that was killed: the lock says no live spare owns it.
 	_ = os.Remove(s.path)
@@ -223,17 +241,17 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 			}
 			return Request{}, nil, fmt.Errorf("spare shim: accept: %w", err)
 		}
-		req, socket, err := receive(c, pid, version)
+		req, socket, err := receive(c, pid, version, fits)
 		_ = c.Close()
 		if err == nil || errors.Is(err, ErrStale) {
 			return req, socket, err
 		}
-		// A malformed hand-over is the sender's failure: it starts the server itself. Wait for the next.
+		// A declined or malformed hand-over: its sender starts the server itself. Wait for the next.
 	}
 }
 
-// receive reads one hand-over and answers it with pid when it is of version.
-func receive(c *net.UnixConn, pid int, version string) (Request, *os.File, error) {
+// receive reads one hand-over and answers it with pid when it is of version and fits.
+func receive(c *net.UnixConn, pid int, version string, fits Fits) (Request, *os.File, error) {
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, maxRequest)
 	oob := make([]byte, unix.CmsgSpace(4))
@@ -266,6 +284,12 @@ func receive(c *net.UnixConn, pid int, version string) (Request, *os.File, error
 	if req.Version != version {
 		closeAll()
 		return Request{}, nil, fmt.Errorf("%w (spare %q, task %q)", ErrStale, version, req.Version)
+	}
+	if fits != nil {
+		if err := fits(req); err != nil {
+			closeAll()
+			return Request{}, nil, fmt.Errorf("%w: %v", errDeclined, err)
+		}
 	}
 	unix.CloseOnExec(fds[0])
 	socket := os.NewFile(uintptr(fds[0]), "shim socket")

@@ -42,7 +42,7 @@ func TestHandOver(t *testing.T) {
 	}
 	done := make(chan got, 1)
 	go func() {
-		req, socket, err := slot.Wait(ctx, 5*time.Second, 4242, "v1", nil)
+		req, socket, err := slot.Wait(ctx, 5*time.Second, 4242, "v1", nil, nil)
 		done <- got{req, socket, err}
 	}()
 	r, w, err := os.Pipe()
@@ -94,7 +94,7 @@ func TestIdleSpareLeaves(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if _, _, err := slot.Wait(ctx, 100*time.Millisecond, 1, "v1", nil); err == nil {
+	if _, _, err := slot.Wait(ctx, 100*time.Millisecond, 1, "v1", nil, nil); err == nil {
 		t.Fatal("Wait returned a task that nobody sent")
 	}
 	if time.Since(start) > 5*time.Second {
@@ -118,7 +118,7 @@ func TestStaleSpareRefusesTheTask(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() {
-		_, _, err := slot.Wait(ctx, 5*time.Second, 1, "old", nil)
+		_, _, err := slot.Wait(ctx, 5*time.Second, 1, "old", nil, nil)
 		done <- err
 	}()
 	var adoptErr error
@@ -158,7 +158,7 @@ func TestAllListsHolders(t *testing.T) {
 	waitCtx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
-		_, _, _ = slot.Wait(waitCtx, 5*time.Second, 1, "v1", nil)
+		_, _, _ = slot.Wait(waitCtx, 5*time.Second, 1, "v1", nil, nil)
 		close(done)
 	}()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
@@ -237,7 +237,7 @@ func TestLostSpareLeavesItsLog(t *testing.T) {
 	lost := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		_, _, err := slot.Wait(ctx, time.Minute, 1, "v1", lost)
+		_, _, err := slot.Wait(ctx, time.Minute, 1, "v1", lost, nil)
 		done <- err
 	}()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
@@ -265,5 +265,48 @@ func TestLostSpareLeavesItsLog(t *testing.T) {
 	}
 	if got := all(dir); len(got) != 0 {
 		t.Errorf("all() after the spare was lost = %v", got)
+	}
+}
+
+// A task the spare does not fit is declined before anything is taken: its `start` finds no spare (ErrNone) and
+// keeps its socket, and the spare waits on for a task it fits.
+func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fits := func(r Request) error {
+		if r.Task != nil && r.Task.ConfigPath != "/fits.toml" {
+			return errors.New("another configuration")
+		}
+		return nil
+	}
+	done := make(chan Request, 1)
+	go func() {
+		req, socket, err := slot.Wait(ctx, 10*time.Second, 4242, "v1", nil, fits)
+		if err == nil {
+			_ = socket.Close()
+		}
+		done <- req
+	}()
+	handOver := func(task *Task) (int, error) {
+		var pid int
+		var err error
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			pid, err = adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"shim"}, Dir: "/bundle", Task: task}, os.Stdin)
+			if err == nil || len(all(dir)) == 1 && all(dir)[0].Ready || time.Now().After(deadline) {
+				return pid, err
+			}
+		}
+	}
+	if _, err := handOver(&Task{ID: "c1", ConfigPath: "/other.toml"}); !errors.Is(err, ErrNone) {
+		t.Fatalf("hand-over of a task the spare does not fit = %v, want ErrNone", err)
+	}
+	if pid, err := handOver(&Task{ID: "c2", ConfigPath: "/fits.toml"}); err != nil || pid != 4242 {
+		t.Fatalf("hand-over of a task the spare fits = %d, %v; want 4242", pid, err)
+	}
+	if req := <-done; req.Task == nil || req.Task.ID != "c2" {
+		t.Errorf("the spare took %+v, want task c2", req.Task)
 	}
 }

@@ -16,17 +16,17 @@ func TestConfigPathFromRuntimeOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p, err := configPath(a); err != nil || p != "/etc/kiln/test.toml" {
+	if p, err := ConfigPath(a); err != nil || p != "/etc/kiln/test.toml" {
 		t.Errorf("configPath = %q, %v", p, err)
 	}
-	if p, err := configPath(nil); err != nil || p != "" {
+	if p, err := ConfigPath(nil); err != nil || p != "" {
 		t.Errorf("no options: configPath = %q, %v", p, err)
 	}
 	wrong, err := typeurl.MarshalAnyToProto(&options.Options{BinaryName: "runc"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := configPath(wrong); !errdefs.IsInvalidArgument(err) {
+	if _, err := ConfigPath(wrong); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("runc options: %v, want InvalidArgument", err)
 	}
 	// What containerd's CRI sends when it starts a container with a user namespace for a runtime without options.
@@ -34,7 +34,7 @@ func TestConfigPathFromRuntimeOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p, err := configPath(owner); err != nil || p != "" {
+	if p, err := ConfigPath(owner); err != nil || p != "" {
 		t.Errorf("runc options with only the stdio owner: configPath = %q, %v", p, err)
 	}
 }

@@ -152,7 +152,7 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	if p := s.currentPod(); p != nil {
 		return p, nil
 	}
-	path, err := configPath(opts)
+	path, err := ConfigPath(opts)
 	if err != nil {
 		return nil, err
 	}
@@ -206,8 +206,8 @@ func groupOf(id string) string {
 // GroupEnv names the environment variable through which runtime/manager tells the shim its group.
 const GroupEnv = "KILN_SHIM_GROUP"
 
-// configPath is ConfigPath from containerd's runtime options, or "" when there are none.
-func configPath(opts *anypb.Any) (string, error) {
+// ConfigPath is the Kiln configuration containerd's runtime options name, or "" when there are none.
+func ConfigPath(opts *anypb.Any) (string, error) {
 	if opts == nil || len(opts.GetValue()) == 0 && opts.GetTypeUrl() == "" {
 		return "", nil
 	}

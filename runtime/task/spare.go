@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/spare"
@@ -114,6 +115,23 @@ func (sp *Spare) stop(ctx context.Context, log *logrus.Entry) {
 	if err := sp.Close(context.WithoutCancel(ctx)); err != nil {
 		log.WithError(err).Warn("stop the spare shim's VM")
 	}
+}
+
+// Fits says whether the spare's pod can serve the task `start` hands over (spare.Fits), as its Create would
+// decide: a spare declines a task it does not fit, which then boots its own VM, and waits for the next.
+func (sp *Spare) Fits(req spare.Request) error {
+	if req.Task == nil {
+		return nil
+	}
+	cfg, err := config.Load(req.Task.ConfigPath)
+	if err != nil {
+		return fmt.Errorf("load the task's Kiln configuration: %w", err)
+	}
+	b, err := bundle.Load(req.Dir)
+	if err != nil {
+		return err
+	}
+	return sp.refuses(cfg, &pod.First{ID: req.Task.ID, Bundle: b})
 }
 
 // refuses says why the spare's pod cannot be the pod of first, booted with cfg, touching nothing (pod.Refuses).
