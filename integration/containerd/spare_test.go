@@ -84,6 +84,20 @@ func TestKilnSpareShim(t *testing.T) {
 	}
 }
 
+// readySpare gives k's tasks spares (spareConfig), runs a first task, id, whose shim starts one, and waits for it
+// to be ready. It returns the containerd's address, which keys its spare.
+func (k *kilnEnv) readySpare(t *testing.T, id string) string {
+	t.Helper()
+	k.spareConfig(t)
+	if out, errOut, code := k.run(t, "--rm", BusyboxRef, id, "true"); code != 0 {
+		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if !WaitSpare(k.d.Address, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s", k.d.Address)
+	}
+	return k.d.Address
+}
+
 // niceOf is the nice value of process pid (/proc/PID/stat's 19th field).
 func niceOf(t *testing.T, pid int) int {
 	t.Helper()
@@ -104,15 +118,7 @@ func niceOf(t *testing.T, pid int) int {
 // the spare's VM through the task record, stops it and removes its state, share and cgroup.
 func TestKilnSpareShimKilled(t *testing.T) {
 	k := startKiln(t)
-	k.spareConfig(t)
-	addr := k.d.Address
-	out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-sparekill-1", "true")
-	if code != 0 {
-		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
-	}
-	if !WaitSpare(addr, 3*time.Minute) {
-		t.Fatalf("no spare shim became ready for %s", addr)
-	}
+	k.readySpare(t, "kiln-sparekill-1")
 	const id = "kiln-sparekill-2"
 	k.runDetached(t, id, nil, sleeper...)
 	k.waitStatus(t, id, "RUNNING")
@@ -129,14 +135,7 @@ func TestKilnSpareShimKilled(t *testing.T) {
 // task boots a VM of its own with what the hooks prepared: they run once, and the container is served.
 func TestKilnSpareShimHooks(t *testing.T) {
 	k := startKiln(t)
-	k.spareConfig(t)
-	addr := k.d.Address
-	if out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-sparehook-0", "true"); code != 0 {
-		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
-	}
-	if !WaitSpare(addr, 3*time.Minute) {
-		t.Fatalf("no spare shim became ready for %s", addr)
-	}
+	addr := k.readySpare(t, "kiln-sparehook-0")
 	const a, b = "kiln-sparehook-a", "kiln-sparehook-b"
 	ha := k.startHooked(t, a, "kbr-sph-a", "10.231.5.0/24", "")
 	if !strings.Contains(k.logSince(t, 0), "the spare shim's warm VM runs the task\" container="+a) {
@@ -182,14 +181,7 @@ exit 0`
 // leave its slot at once, keeping its log: the next task finds no spare and boots from its template.
 func TestKilnSpareVMLost(t *testing.T) {
 	k := startKiln(t)
-	k.spareConfig(t)
-	addr := k.d.Address
-	if out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-sparelost-0", "true"); code != 0 {
-		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
-	}
-	if !WaitSpare(addr, 3*time.Minute) {
-		t.Fatalf("no spare shim became ready for %s", addr)
-	}
+	addr := k.readySpare(t, "kiln-sparelost-0")
 	hung := spareQEMU(t, addr)
 	if err := syscall.Kill(hung, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
