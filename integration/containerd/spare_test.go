@@ -176,9 +176,10 @@ exit 0`
 	}
 }
 
-// A spare's VM that dies or hangs while it waits costs no task its container. A hung guest (its QEMU stopped)
-// fails the spare's health check at adoption: the task boots a VM of its own. A killed QEMU makes the spare
-// leave its slot at once, keeping its log: the next task finds no spare and boots from its template.
+// A spare's VM that dies or hangs while it waits, or the spare shim killed, costs no task its container. A hung
+// guest (its QEMU stopped) fails the spare's health check at adoption: the task boots a VM of its own. A killed
+// QEMU makes the spare leave its slot at once, keeping its log: the next task finds no spare and boots from its
+// template. A killed spare shim takes its VM with it, and what it leaves on disk is swept by the next boot.
 func TestKilnSpareVMLost(t *testing.T) {
 	k := startKiln(t)
 	addr := k.readySpare(t, "kiln-sparelost-0")
@@ -223,6 +224,28 @@ func TestKilnSpareVMLost(t *testing.T) {
 	if code != 0 || strings.TrimSpace(out) != "served" {
 		t.Fatalf("run after the spare's QEMU was killed: exit %d, stdout %q, stderr %s", code, out, errOut)
 	}
+
+	// The spare shim itself killed: its QEMU and virtiofsd die with it (their parent-death signal), `start` finds
+	// the slot's socket dead and starts the server itself, and that task's boot sweeps the state and share the
+	// spare left (startKiln's leftover check looks for them at the end).
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s after the lost one", addr)
+	}
+	sp, _ = spareOf(addr)
+	qemu := spareQEMU(t, addr)
+	if err := syscall.Kill(sp.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); syscall.Kill(qemu, 0) == nil; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the killed spare's QEMU %d outlived it", qemu)
+		}
+	}
+	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-sparelost-3", "echo", "served")
+	if code != 0 || strings.TrimSpace(out) != "served" {
+		t.Fatalf("run after the spare shim was killed: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	_ = os.Remove(sp.Slot + ".log")
 }
 
 // spareQEMU is the QEMU of the ready spare shim of the containerd at address: the spare's child.

@@ -142,6 +142,12 @@ func claim(dir, address string) (*Slot, error) {
 	if err := lock.Truncate(0); err == nil {
 		_, _ = lock.WriteAt([]byte(fmt.Sprintf("%d %s\n", os.Getpid(), address)), 0)
 	}
+	// A socket here is a killed spare's (the lock says no live spare owns it): gone now, whether or not this
+	// spare lives to listen, so that `start` does not dial it and nothing of the dead spare stays.
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		_ = lock.Close()
+		return nil, fmt.Errorf("spare shim socket: %w", err)
+	}
 	// The log is the holder's from here on: what a spare that failed before left in it goes (Spawn appends, so
 	// that a spawn that finds the slot taken does not empty the holder's).
 	if err := os.Truncate(path+".log", 0); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -209,8 +215,6 @@ var errDeclined = errors.New("the spare does not fit the task")
 // spare's log stays, as a failed one's does.
 func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string, lost <-chan struct{}, fits Fits) (_ Request, _ *os.File, err error) {
 	defer func() { s.release(errors.Is(err, ErrLost)) }()
-	// A socket left by a spare that was killed: the lock says no live spare owns it.
-	_ = os.Remove(s.path)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
 	if err != nil {
 		return Request{}, nil, fmt.Errorf("spare shim socket: %w", err)

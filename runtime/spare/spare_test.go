@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"os"
 	"strings"
 	"testing"
@@ -308,5 +309,28 @@ func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
 	}
 	if req := <-done; req.Task == nil || req.Task.ID != "c2" {
 		t.Errorf("the spare took %+v, want task c2", req.Task)
+	}
+}
+
+// The socket of a spare that was killed goes when the next spare claims the slot, before it boots anything.
+func TestClaimRemovesAKilledSparesSocket(t *testing.T) {
+	dir := t.TempDir()
+	path := socketPath(dir, "/c.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(false)
+	_ = l.Close()
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a killed spare's socket is still there after a claim (%v)", err)
+	}
+	slot.Close()
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("files left after the spare gave its slot up: %v", left)
 	}
 }
