@@ -67,8 +67,13 @@ func RemoveTree(dir string) error {
 	return removeBelow(dir, root)
 }
 
+// removeBelow removes path and what is below it, all on mount mnt. Whatever another remover takes away meanwhile
+// is gone, as wanted: a dead shim's `delete` and a new pod's sweep can both remove the same VM's state.
 func removeBelow(path string, mnt uint64) error {
 	id, err := mountID(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -76,11 +81,17 @@ func removeBelow(path string, mnt uint64) error {
 		return fmt.Errorf("refusing to remove %s: a file system is still mounted there", path)
 	}
 	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
 	if fi.IsDir() {
 		entries, err := os.ReadDir(path)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}

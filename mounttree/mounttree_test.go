@@ -1,6 +1,8 @@
 package mounttree
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -51,5 +53,34 @@ func TestRemoveTreeNeverCrossesAMount(t *testing.T) {
 	}
 	if err := RemoveTree(tree); err != nil {
 		t.Errorf("RemoveTree of a missing tree: %v", err)
+	}
+}
+
+// Two removers of the same tree (a dead shim's `delete` and a new pod's sweep of the same VM state) both succeed:
+// what one removed, the other finds gone.
+func TestRemoveTreeBesideAnotherRemover(t *testing.T) {
+	for round := range 20 {
+		dir := filepath.Join(t.TempDir(), "state")
+		for i := range 50 {
+			sub := filepath.Join(dir, fmt.Sprint("d", i%5))
+			if err := os.MkdirAll(sub, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(sub, fmt.Sprint("f", i)), nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		errs := make(chan error, 2)
+		for range 2 {
+			go func() { errs <- RemoveTree(dir) }()
+		}
+		for range 2 {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d: RemoveTree beside another: %v", round, err)
+			}
+		}
+		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("round %d: %s still there (%v)", round, dir, err)
+		}
 	}
 }
