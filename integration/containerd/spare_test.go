@@ -27,8 +27,8 @@ func (k *kilnEnv) spareConfig(t *testing.T) {
 // With hypervisor.spare, a task's shim starts a spare shim for the next task of its containerd, of the shape of its
 // own task's VM, and the next task's shim is that spare: its VM was booted and warmed before the task came. The
 // container runs there as in any VM. A task of another shape is declined by the spare at `start` and boots its
-// own VM; the spare waits on for a task it fits. A spare told to stop (SIGTERM) stops its VM and leaves nothing
-// behind.
+// own VM; the spare waits on for a task it fits, until it has declined three in a row, when it leaves for a spare
+// of theirs. A spare told to stop (SIGTERM) stops its VM and leaves nothing behind.
 func TestKilnSpareShim(t *testing.T) {
 	k := startKiln(t)
 	k.spareConfig(t)
@@ -81,6 +81,32 @@ func TestKilnSpareShim(t *testing.T) {
 	}
 	if log := k.logSince(t, 0); !strings.Contains(log, "the spare shim's warm VM runs the task\" container=kiln-spare-4") {
 		t.Errorf("kiln-spare-4 did not run in the spare that declined %s; containerd's log:\n%s", third, k.d.LogTail(40))
+	}
+
+	// Tasks without the limit, three in a row: the limited tasks' spare declines them and then leaves, and the
+	// third's shim starts a spare of their shape, which the next one takes.
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("kiln-spare-4's shim started no spare for %s", addr)
+	}
+	limited, _ := spareOf(addr)
+	for i := 5; i < 8; i++ {
+		id := fmt.Sprint("kiln-spare-", i)
+		if out, errOut, code := k.run(t, "--rm", BusyboxRef, id, "true"); code != 0 {
+			t.Fatalf("%s: exit %d, stdout %q, stderr %s", id, code, out, errOut)
+		}
+	}
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare of the unlimited tasks' shape for %s", addr)
+	}
+	if sp, _ := spareOf(addr); sp.Pid == limited.Pid {
+		t.Fatalf("the limited tasks' spare %d still waits after declining three tasks in a row", sp.Pid)
+	}
+	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-spare-8", "echo", "eighth")
+	if code != 0 || strings.TrimSpace(out) != "eighth" {
+		t.Fatalf("eighth run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if log := k.logSince(t, 0); !strings.Contains(log, "the spare shim's warm VM runs the task\" container=kiln-spare-8") {
+		t.Errorf("kiln-spare-8 did not run in the spare of its shape; containerd's log:\n%s", k.d.LogTail(40))
 	}
 }
 

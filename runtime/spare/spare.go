@@ -208,10 +208,18 @@ var ErrLost = errors.New("what the spare shim held ended while it waited")
 // errDeclined is a hand-over whose task the spare does not fit: `start` starts the server itself.
 var errDeclined = errors.New("the spare does not fit the task")
 
+// ErrUnwanted is returned by Wait once maxDeclines tasks in a row were declined: the host's tasks are no longer
+// of the spare's shape, and the spare leaves so that the next task's shim can start one of theirs.
+var ErrUnwanted = errors.New("the spare fits none of the tasks that come")
+
+// maxDeclines is how many tasks in a row a spare declines before it leaves its slot. One task of another shape
+// now and then leaves the spare for the usual ones; a run of them means the usual ones have changed.
+const maxDeclines = 3
+
 // Wait listens in the slot until `start` hands over a task of the spare's version that fits (fits, when set),
 // and returns it with the server's socket. A task that does not fit is declined: its `start` starts the server
-// itself, and the spare waits on. It gives up with ctx's error, after idle, with ErrStale, or with ErrLost once
-// lost is closed, leaving the slot empty. Either way the slot is released: another spare can claim it. A lost
+// itself, and the spare waits on, up to maxDeclines in a row (ErrUnwanted). It gives up with ctx's error, after
+// idle, with ErrStale, or with ErrLost once lost is closed, leaving the slot empty. Either way the slot is released: another spare can claim it. A lost
 // spare's log stays, as a failed one's does.
 func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string, lost <-chan struct{}, fits Fits) (_ Request, _ *os.File, err error) {
 	defer func() { s.release(errors.Is(err, ErrLost)) }()
@@ -234,6 +242,7 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 		case <-ctx.Done():
 		}
 	}()
+	declined := 0
 	for {
 		c, err := l.AcceptUnix()
 		if err != nil {
@@ -249,6 +258,11 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 		_ = c.Close()
 		if err == nil || errors.Is(err, ErrStale) {
 			return req, socket, err
+		}
+		if errors.Is(err, errDeclined) {
+			if declined++; declined == maxDeclines {
+				return Request{}, nil, fmt.Errorf("%w (the last: %v)", ErrUnwanted, err)
+			}
 		}
 		// A declined or malformed hand-over: its sender starts the server itself. Wait for the next.
 	}

@@ -334,3 +334,42 @@ func TestClaimRemovesAKilledSparesSocket(t *testing.T) {
 		t.Errorf("files left after the spare gave its slot up: %v", left)
 	}
 }
+
+// A spare that declines maxDeclines tasks in a row leaves its slot (ErrUnwanted), so that the next task's shim can
+// start a spare of the shape that comes now.
+func TestSpareLeavesAfterDecliningARun(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := slot.Wait(ctx, time.Minute, 4242, "v1", nil, func(Request) error { return errors.New("another shape") })
+		done <- err
+	}()
+	declined := 0
+	for deadline := time.Now().Add(10 * time.Second); declined < maxDeclines; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d hand-overs declined", declined)
+		}
+		if len(all(dir)) == 0 || !all(dir)[0].Ready {
+			continue
+		}
+		if _, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"shim"}, Dir: "/", Task: &Task{ID: "c"}}, os.Stdin); !errors.Is(err, ErrNone) {
+			t.Fatalf("a task the spare does not fit was taken: %v", err)
+		}
+		declined++
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrUnwanted) {
+			t.Fatalf("Wait = %v, want ErrUnwanted", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the spare stayed after declining %d tasks in a row", declined)
+	}
+	if got := all(dir); len(got) != 0 {
+		t.Errorf("all() after the spare left = %v", got)
+	}
+}
