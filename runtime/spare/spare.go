@@ -219,8 +219,8 @@ const maxDeclines = 3
 // Wait listens in the slot until `start` hands over a task of the spare's version that fits (fits, when set),
 // and returns it with the server's socket. A task that does not fit is declined: its `start` starts the server
 // itself, and the spare waits on, up to maxDeclines in a row (ErrUnwanted). It gives up with ctx's error, after
-// idle, with ErrStale, or with ErrLost once lost is closed, leaving the slot empty. Either way the slot is released: another spare can claim it. A lost
-// spare's log stays, as a failed one's does.
+// idle, with ErrStale, or with ErrLost once lost is closed, leaving the slot empty. Either way the slot is
+// released: another spare can claim it. A lost spare's log stays, as a failed one's does.
 func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string, lost <-chan struct{}, fits Fits) (_ Request, _ *os.File, err error) {
 	defer func() { s.release(errors.Is(err, ErrLost)) }()
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
