@@ -45,20 +45,15 @@ func waitForMAC(ctx context.Context, h *netlink.Handle, mac net.HardwareAddr) (n
 			}
 		}()
 	}()
-	links, err := h.LinkList()
-	if err != nil {
-		return nil, fmt.Errorf("list links: %w", err)
-	}
-	for _, l := range links {
-		if bytes.Equal(l.Attrs().HardwareAddr, mac) {
-			return l, nil
-		}
+	if l, err := linkWithMAC(h, mac); l != nil || err != nil {
+		return l, err
 	}
 	for {
 		select {
 		case u, ok := <-updates:
 			if !ok {
-				return nil, fmt.Errorf("network device notifications ended: %w", errors.Join(watchErr, errors.New("subscription closed")))
+				// The subscription failed (a receive error such as ENOBUFS ends it): list until the deadline.
+				return pollForMAC(ctx, h, mac, watchErr)
 			}
 			if u.Header.Type == unix.RTM_NEWLINK && u.Link != nil && bytes.Equal(u.Link.Attrs().HardwareAddr, mac) {
 				l, err := h.LinkByIndex(u.Link.Attrs().Index)
@@ -74,3 +69,36 @@ func waitForMAC(ctx context.Context, h *netlink.Handle, mac net.HardwareAddr) (n
 		}
 	}
 }
+
+// linkWithMAC is the link with the given MAC in h's namespace, nil when there is none.
+func linkWithMAC(h *netlink.Handle, mac net.HardwareAddr) (netlink.Link, error) {
+	links, err := h.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	for _, l := range links {
+		if bytes.Equal(l.Attrs().HardwareAddr, mac) {
+			return l, nil
+		}
+	}
+	return nil, nil
+}
+
+// pollForMAC lists h's links every pollInterval until the link with the given MAC shows up or ctx ends.
+func pollForMAC(ctx context.Context, h *netlink.Handle, mac net.HardwareAddr, watchErr error) (netlink.Link, error) {
+	t := time.NewTicker(pollInterval)
+	defer t.Stop()
+	for {
+		if l, err := linkWithMAC(h, mac); l != nil || err != nil {
+			return l, err
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("no network device with MAC %s in the guest: %w", mac, errors.Join(ctx.Err(), watchErr))
+		}
+	}
+}
+
+// pollInterval is how often pollForMAC lists the links.
+const pollInterval = 5 * time.Millisecond

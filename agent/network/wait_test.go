@@ -49,6 +49,18 @@ func TestWaitForMAC(t *testing.T) {
 	if l, err := waitForMAC(ctx, h, mac); err != nil || l.Attrs().Name != "late0" {
 		t.Errorf("waitForMAC of a present device = %v, %v", l, err)
 	}
+	// Without the subscription (ended by a receive error), listing finds a device bound later too.
+	mac2 := net.HardwareAddr{0x02, 0x4b, 0x69, 0x6c, 0x6e, 0x02}
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		added <- h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "late2", HardwareAddr: mac2}, PeerName: "late3"})
+	}()
+	if l, err := pollForMAC(ctx, h, mac2, nil); err != nil || l.Attrs().Name != "late2" {
+		t.Errorf("pollForMAC = %v, %v; want late2", l, err)
+	}
+	if err := <-added; err != nil {
+		t.Fatal(err)
+	}
 	short, cancelShort := context.WithTimeout(ctx, 200*time.Millisecond)
 	defer cancelShort()
 	if _, err := waitForMAC(short, h, net.HardwareAddr{0x02, 0, 0, 0, 0, 9}); err == nil {

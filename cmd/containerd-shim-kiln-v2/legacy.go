@@ -106,15 +106,11 @@ func legacyStart(ctx context.Context, m starter, a shimArgs, ttrpcAddress string
 	if a.debug {
 		params.LogLevel = bootapi.LogLevel_LOG_LEVEL_DEBUG
 	}
-	if len(options) > 0 {
-		// As the bootstrap protocol carries them: an extension.
-		var opts anypb.Any
-		if err := proto.Unmarshal(options, &opts); err != nil {
-			return fmt.Errorf("read runtime options from stdin: %w", err)
-		}
-		if err := params.AddExtension(&opts); err != nil {
-			return fmt.Errorf("read runtime options from stdin: %w", err)
-		}
+	// As the bootstrap protocol carries them: an extension. Only a spare's fit check reads them at `start`;
+	// options that do not decode leave it to Create, which reports them.
+	var opts anypb.Any
+	if len(options) > 0 && proto.Unmarshal(options, &opts) == nil {
+		_ = params.AddExtension(&opts)
 	}
 	res, err := m.Start(ctx, params)
 	if err != nil {

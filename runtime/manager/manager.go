@@ -148,6 +148,9 @@ func (m *Manager) Start(ctx context.Context, p *bootapi.BootstrapParams) (_ *boo
 func spareTask(id string, p *bootapi.BootstrapParams) *spare.Task {
 	t := &spare.Task{ID: id}
 	for _, ext := range p.GetExtensions() {
+		if ext.GetValue().GetTypeUrl() == "" {
+			continue
+		}
 		if path, err := task.ConfigPath(ext.GetValue()); err == nil {
 			t.ConfigPath = path
 			break

@@ -135,13 +135,16 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 
 // TakeNetwork takes from a pod whose Adopt failed what it prepared for that first container once its create
 // hooks ran, so that the pod booted for the container instead does not run them again (Options.Network); nil
-// when no hook ran, and nothing prepared need be kept. Close then leaves it alone.
+// when no hook ran, and nothing prepared need be kept. Close then leaves it alone, and leaves the host cgroup
+// it entered for the container to that pod too: the namespace holder runs there. Nothing else uses a pod whose
+// Adopt failed, so nothing races the hand-over.
 func (p *Pod) TakeNetwork() *Network {
 	n := p.net
 	if n.hooksRun == "" {
 		return nil
 	}
 	p.net = &hostNetwork{}
+	p.cgroup = nil
 	return &Network{first: n.hooksRun, net: n}
 }
 

@@ -151,6 +151,12 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err := os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return nil, fmt.Errorf("boot pod %s: write share owner: %w", o.ID, err)
 	}
+	if m := p.net.mirror; m != nil {
+		// A taken network's record went with the spare's share: kept here at once, for a killed shim's `delete`.
+		if err := m.Save(filepath.Join(dir, MirrorFile)); err != nil {
+			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		}
+	}
 	qcfg, err := qemu.ConfigFrom(o.Config, o.ID, log)
 	if err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)

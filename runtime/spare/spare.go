@@ -220,7 +220,8 @@ const maxDeclines = 3
 // and returns it with the server's socket. A task that does not fit is declined: its `start` starts the server
 // itself, and the spare waits on, up to maxDeclines in a row (ErrUnwanted). It gives up with ctx's error, after
 // idle, with ErrStale, or with ErrLost once lost is closed, leaving the slot empty. Either way the slot is
-// released: another spare can claim it. A lost spare's log stays, as a failed one's does.
+// released: another spare can claim it. A lost spare's log stays, as a failed one's does, until the next spare
+// claims the slot.
 func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string, lost <-chan struct{}, fits Fits) (_ Request, _ *os.File, err error) {
 	defer func() { s.release(errors.Is(err, ErrLost)) }()
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
@@ -253,6 +254,11 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 				return Request{}, nil, fmt.Errorf("spare shim: no task came: %w", ctx.Err())
 			}
 			return Request{}, nil, fmt.Errorf("spare shim: accept: %w", err)
+		}
+		if gone.Load() {
+			// Lost while this hand-over came in: its `start` starts the server itself.
+			_ = c.Close()
+			return Request{}, nil, ErrLost
 		}
 		req, socket, err := receive(c, pid, version, fits)
 		_ = c.Close()

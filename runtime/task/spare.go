@@ -193,16 +193,17 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 		}()
 		return nil, nil, nil
 	}
+	// The spare's VM booted at the lowest priority too; back to the usual before Adopt, whose health check of the
+	// guest would otherwise compete at nice 19 with whatever loads the host.
+	for _, group := range sp.pod.VMProcesses() {
+		if err := unix.Setpriority(unix.PRIO_PGRP, group, 0); err != nil {
+			log.WithError(err).Warn("restore the priority of the spare's processes")
+		}
+	}
 	start := time.Now()
 	err = sp.pod.Adopt(ctx, cfg, first)
 	if err == nil {
 		p := sp.pod
-		// The spare's VM booted at the lowest priority too.
-		for _, group := range p.VMProcesses() {
-			if err := unix.Setpriority(unix.PRIO_PGRP, group, 0); err != nil {
-				log.WithError(err).Warn("restore the priority of the spare's processes")
-			}
-		}
 		log.WithFields(logrus.Fields{"sandbox": p.ID(), "took": time.Since(start)}).Info("the spare shim's warm VM runs the task")
 		return p, nil, nil
 	}
