@@ -113,15 +113,7 @@ func TestIdleSpareLeaves(t *testing.T) {
 // server itself, and the stale spare leaves.
 func TestStaleSpareRefusesTheTask(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	slot, err := claim(dir, "/c.sock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() {
-		_, _, err := slot.Wait(ctx, 5*time.Second, 1, "old", nil, nil)
-		done <- err
-	}()
+	done := waitInSlot(ctx, t, dir, 5*time.Second, "old", nil, nil)
 	var adoptErr error
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		if _, adoptErr = adopt(ctx, dir, "/c.sock", Request{Version: "new", Args: []string{"x"}, Dir: "/"}, os.Stdin); adoptErr == nil {
@@ -236,11 +228,7 @@ func TestLostSpareLeavesItsLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	lost := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		_, _, err := slot.Wait(ctx, time.Minute, 1, "v1", lost, nil)
-		done <- err
-	}()
+	done := waitIn(ctx, slot, time.Minute, "v1", lost, nil)
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		if len(all(dir)) == 1 && all(dir)[0].Ready {
 			break
@@ -339,15 +327,7 @@ func TestClaimRemovesAKilledSparesSocket(t *testing.T) {
 // start a spare of the shape that comes now.
 func TestSpareLeavesAfterDecliningARun(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	slot, err := claim(dir, "/c.sock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() {
-		_, _, err := slot.Wait(ctx, time.Minute, 4242, "v1", nil, func(Request) error { return errors.New("another shape") })
-		done <- err
-	}()
+	done := waitInSlot(ctx, t, dir, time.Minute, "v1", nil, func(Request) error { return errors.New("another shape") })
 	declined := 0
 	for deadline := time.Now().Add(10 * time.Second); declined < maxDeclines; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -372,4 +352,28 @@ func TestSpareLeavesAfterDecliningARun(t *testing.T) {
 	if got := all(dir); len(got) != 0 {
 		t.Errorf("all() after the spare left = %v", got)
 	}
+}
+
+// waitInSlot claims dir's slot for /c.sock and waits in it in the background (waitIn).
+func waitInSlot(ctx context.Context, t *testing.T, dir string, idle time.Duration, version string, lost <-chan struct{}, fits Fits) <-chan error {
+	t.Helper()
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return waitIn(ctx, slot, idle, version, lost, fits)
+}
+
+// waitIn runs slot.Wait in the background as spare 4242 of version, closing a socket it is handed; the channel
+// gets Wait's error.
+func waitIn(ctx context.Context, slot *Slot, idle time.Duration, version string, lost <-chan struct{}, fits Fits) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		_, socket, err := slot.Wait(ctx, idle, 4242, version, lost, fits)
+		if err == nil {
+			_ = socket.Close()
+		}
+		done <- err
+	}()
+	return done
 }
