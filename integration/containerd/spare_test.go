@@ -2,6 +2,7 @@ package containerd
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -199,6 +200,10 @@ exit 0`
 	k.remove(t, b)
 	if n := hb.runs(t, "DEL"); n != 1 {
 		t.Errorf("%s's poststop hook ran %d times, want 1", b, n)
+	}
+	// The host cgroup the spare's pod entered for b went to the VM booted instead, which removed it at its end.
+	if _, err := os.Stat(filepath.Join(namespaceCgroup(), b)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("%s's host cgroup is left (%v)", b, err)
 	}
 }
 

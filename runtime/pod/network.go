@@ -13,6 +13,7 @@ import (
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
+	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
 	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/vm/qemu"
@@ -46,29 +47,35 @@ type hostNetwork struct {
 type Network struct {
 	first string
 	net   *hostNetwork
+	// cgroup is the host cgroup the spare's pod entered for the container, where the namespace holder runs: the
+	// shim stays in it for the pod booted instead, which leaves it at its end.
+	cgroup *hostcgroup.Group
 }
 
-// Close undoes the network unless a pod took it; a nil Network is nothing to undo.
+// Close undoes the network unless a pod took it, and leaves its cgroup; a nil Network is nothing to undo.
 func (n *Network) Close() error {
 	if n == nil || n.net == nil {
 		return nil
 	}
 	err := n.net.close()
-	n.net = nil
+	if n.cgroup != nil {
+		err = errors.Join(err, n.cgroup.Leave())
+	}
+	n.net, n.cgroup = nil, nil
 	return err
 }
 
-// take hands the network to the pod booted for container id.
-func (n *Network) take(id string) (*hostNetwork, error) {
+// take hands the network, and the cgroup the shim is in, to the pod booted for container id.
+func (n *Network) take(id string) (*hostNetwork, *hostcgroup.Group, error) {
 	if n.net == nil {
-		return nil, fmt.Errorf("the network prepared for container %s was taken already", n.first)
+		return nil, nil, fmt.Errorf("the network prepared for container %s was taken already", n.first)
 	}
 	if n.first != id {
-		return nil, fmt.Errorf("the network prepared for container %s cannot serve container %s", n.first, id)
+		return nil, nil, fmt.Errorf("the network prepared for container %s cannot serve container %s", n.first, id)
 	}
-	net := n.net
-	n.net = nil
-	return net, nil
+	net, g := n.net, n.cgroup
+	n.net, n.cgroup = nil, nil
+	return net, g, nil
 }
 
 // ErrHook is returned by Adopt when one of the first container's create hooks failed: a pod booted for it
@@ -135,17 +142,17 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 
 // TakeNetwork takes from a pod whose Adopt failed what it prepared for that first container once its create
 // hooks ran, so that the pod booted for the container instead does not run them again (Options.Network); nil
-// when no hook ran, and nothing prepared need be kept. Close then leaves it alone, and leaves the host cgroup
-// it entered for the container to that pod too: the namespace holder runs there. Nothing else uses a pod whose
-// Adopt failed, so nothing races the hand-over.
+// when no hook ran, and nothing prepared need be kept. The host cgroup the pod entered for the container goes
+// with it (the namespace holder runs there). Close then leaves both alone. Nothing else uses a pod whose Adopt
+// failed, so nothing races the hand-over.
 func (p *Pod) TakeNetwork() *Network {
 	n := p.net
 	if n.hooksRun == "" {
 		return nil
 	}
-	p.net = &hostNetwork{}
-	p.cgroup = nil
-	return &Network{first: n.hooksRun, net: n}
+	taken := &Network{first: n.hooksRun, net: n, cgroup: p.cgroup}
+	p.net, p.cgroup = &hostNetwork{}, nil
+	return taken
 }
 
 // configureGuestNetwork gives the guest what prepareNetwork found.

@@ -79,17 +79,17 @@ func TestTakenNetworkRunsHooksOnce(t *testing.T) {
 	if spare.net.holder != nil || spare.net.mirror != nil {
 		t.Error("the spare's pod still holds the network it handed over: its Close would undo it")
 	}
-	if _, err := taken.take("other"); err == nil {
+	if _, _, err := taken.take("other"); err == nil {
 		t.Error("a network prepared for c was taken for container other")
 	}
 
 	booted, _, _ := hookedPod(t, "booted", false)
-	net, err := taken.take(first.ID)
+	net, _, err := taken.take(first.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
 	booted.net = net
-	if _, err := taken.take(first.ID); err == nil {
+	if _, _, err := taken.take(first.ID); err == nil {
 		t.Error("the network was taken twice")
 	}
 	if err := taken.Close(); err != nil {

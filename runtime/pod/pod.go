@@ -142,11 +142,11 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		if o.First == nil {
 			return nil, fmt.Errorf("boot pod %s: a prepared network without its first container", o.ID)
 		}
-		net, err := o.Network.take(o.First.ID)
+		net, g, err := o.Network.take(o.First.ID)
 		if err != nil {
 			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 		}
-		p.net = net
+		p.net, p.cgroup = net, g
 	}
 	if err := os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return nil, fmt.Errorf("boot pod %s: write share owner: %w", o.ID, err)
@@ -163,8 +163,11 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	}
 	qcfg.SharedDir = sh.ExportDir()
 	if o.First != nil {
-		if err := p.enterCgroup(o.First); err != nil {
-			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		// A taken network came with the cgroup the shim is in already.
+		if p.cgroup == nil {
+			if err := p.enterCgroup(o.First); err != nil {
+				return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+			}
 		}
 		if qcfg.Nets, err = p.prepareNetwork(ctx, o.First); err != nil {
 			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
