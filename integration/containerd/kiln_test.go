@@ -64,7 +64,7 @@ func checkNoLeftovers(t *testing.T, d *Daemon) {
 
 // leftovers lists what Kiln left on the host once this containerd's tasks are deleted, after stopping its spare
 // shim: shims still running after they had time to exit, processes naming Kiln's state, mounts under it, entries
-// in it.
+// in it, host cgroups below the harness's namespace (where the shims account their VMs).
 func leftovers(d *Daemon) []string {
 	var found []string
 	if err := StopSpare(d.Address, time.Minute); err != nil {
@@ -85,6 +85,9 @@ func leftovers(d *Daemon) []string {
 			names = append(names, e.Name())
 		}
 		found = append(found, fmt.Sprintf("Kiln state left in %s: %v", d.StateDir(), names))
+	}
+	if cgroups := pathsBelow(namespaceCgroup(), true); len(cgroups) > 0 {
+		found = append(found, fmt.Sprintf("host cgroups left below %s: %v", namespaceCgroup(), cgroups))
 	}
 	return found
 }

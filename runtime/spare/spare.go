@@ -82,7 +82,7 @@ func adopt(ctx context.Context, dir, address string, req Request, socket *os.Fil
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
 	if err != nil {
-		return 0, fmt.Errorf("%w (%v)", ErrNone, err)
+		return 0, fmt.Errorf("%w (%w)", ErrNone, err)
 	}
 	defer c.Close()
 	uc := c.(*net.UnixConn)

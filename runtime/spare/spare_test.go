@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -279,12 +280,13 @@ func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
 		}
 		done <- req
 	}()
+	// Hands task over once the spare listens: a dial before that (no socket yet, or one bound but not yet
+	// listening) is tried again.
 	handOver := func(task *Task) (int, error) {
-		var pid int
-		var err error
 		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-			pid, err = adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"shim"}, Dir: "/bundle", Task: task}, os.Stdin)
-			if err == nil || len(all(dir)) == 1 && all(dir)[0].Ready || time.Now().After(deadline) {
+			pid, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"shim"}, Dir: "/bundle", Task: task}, os.Stdin)
+			listening := !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, os.ErrNotExist)
+			if listening || time.Now().After(deadline) {
 				return pid, err
 			}
 		}
@@ -336,7 +338,12 @@ func TestSpareLeavesAfterDecliningARun(t *testing.T) {
 		if len(all(dir)) == 0 || !all(dir)[0].Ready {
 			continue
 		}
-		if _, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"shim"}, Dir: "/", Task: &Task{ID: "c"}}, os.Stdin); !errors.Is(err, ErrNone) {
+		_, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"shim"}, Dir: "/", Task: &Task{ID: "c"}}, os.Stdin)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			// Bound, not yet listening.
+			continue
+		}
+		if !errors.Is(err, ErrNone) {
 			t.Fatalf("a task the spare does not fit was taken: %v", err)
 		}
 		declined++
