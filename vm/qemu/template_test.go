@@ -495,13 +495,19 @@ func TestLockFileFollowsARemovedLock(t *testing.T) {
 		got <- u
 	}()
 	time.Sleep(3 * templateLockPoll) // the waiter is waiting on the first file
-	if err := os.Remove(path); err != nil {
-		t.Fatal(err)
-	}
-	holder, err := lockFile(context.Background(), path) // a builder arriving after the removal
+	// Pruning removes the first file, and a builder arriving after it holds the path's new one. Its file takes the
+	// path already locked: a lockFile after a plain removal could lose the path to the waiter, which polls.
+	next, err := os.OpenFile(path+".next", os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := unix.Flock(int(next.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".next", path); err != nil {
+		t.Fatal(err)
+	}
+	holder := func() { next.Close() }
 	unlock() // the first file's lock is free: the waiter must not count it as the lock
 	select {
 	case u := <-got:
