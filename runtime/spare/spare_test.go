@@ -285,8 +285,7 @@ func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
 	handOver := func(task *Task) (int, error) {
 		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 			pid, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"shim"}, Dir: "/bundle", Task: task}, os.Stdin)
-			listening := !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, os.ErrNotExist)
-			if listening || time.Now().After(deadline) {
+			if !beforeListen(err) || time.Now().After(deadline) {
 				return pid, err
 			}
 		}
@@ -339,8 +338,7 @@ func TestSpareLeavesAfterDecliningARun(t *testing.T) {
 			continue
 		}
 		_, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"shim"}, Dir: "/", Task: &Task{ID: "c"}}, os.Stdin)
-		if errors.Is(err, syscall.ECONNREFUSED) {
-			// Bound, not yet listening.
+		if beforeListen(err) {
 			continue
 		}
 		if !errors.Is(err, ErrNone) {
@@ -359,6 +357,12 @@ func TestSpareLeavesAfterDecliningARun(t *testing.T) {
 	if got := all(dir); len(got) != 0 {
 		t.Errorf("all() after the spare left = %v", got)
 	}
+}
+
+// beforeListen reports whether an adopt failed because it dialled before the spare listened: no socket yet, or
+// one bound but not yet listening.
+func beforeListen(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, os.ErrNotExist)
 }
 
 // waitInSlot claims dir's slot for /c.sock and waits in it in the background (waitIn).
