@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -58,8 +59,16 @@ func testPortForward(t *testing.T, e *Env, handler string) {
 	if len(netnsFiles) != 1 {
 		t.Fatalf("network namespace files in %s: %v, want the pod's one", e.NetnsDir(), netnsFiles)
 	}
+	// Held open to the end: the namespace then outlives rmp, and its inode number, by which the links are matched,
+	// cannot pass to a namespace made meanwhile (the kernel hands out the lowest free number, and pods of other
+	// tests on the host have Kiln's program attached to theirs).
+	nsFile, err := os.Open(filepath.Join(e.NetnsDir(), netnsFiles[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsFile.Close()
 	var st syscall.Stat_t
-	if err := syscall.Stat(filepath.Join(e.NetnsDir(), netnsFiles[0]), &st); err != nil {
+	if err := syscall.Fstat(int(nsFile.Fd()), &st); err != nil {
 		t.Fatal(err)
 	}
 	wantLinks := 0
