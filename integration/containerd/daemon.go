@@ -218,6 +218,57 @@ func (d *Daemon) LogTail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
+// KeepLogs copies containerd's whole log, and the guest console logs (console.log and its rotated console.log.1)
+// found under d's Kiln state directory and under dirs, to a new directory below the system's temporary one, and
+// returns its path. It is for a failed test, before the harness removes its directories: the shims' logs are in
+// containerd's, and a VM's console is removed with the VM.
+func (d *Daemon) KeepLogs(name string, dirs ...string) (string, error) {
+	name = strings.Map(func(r rune) rune {
+		if r == '/' || r == ' ' {
+			return '_'
+		}
+		return r
+	}, name)
+	keep, err := os.MkdirTemp("", "kiln-failed-"+name+"-")
+	if err != nil {
+		return "", fmt.Errorf("keep logs: %w", err)
+	}
+	var errs []error
+	if err := copyFile(d.LogPath, filepath.Join(keep, "containerd.log")); err != nil {
+		errs = append(errs, err)
+	}
+	for _, dir := range append([]string{d.StateDir()}, dirs...) {
+		// The walk goes on past what a stopping VM removes under it meanwhile.
+		_ = filepath.WalkDir(dir, func(p string, e os.DirEntry, err error) error {
+			if err != nil || e.IsDir() || !strings.HasPrefix(e.Name(), "console.log") {
+				return nil
+			}
+			rel, _ := filepath.Rel(dir, p)
+			dst := filepath.Join(keep, filepath.Base(dir), rel)
+			if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+				errs = append(errs, err)
+				return nil
+			}
+			if err := copyFile(p, dst); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+			return nil
+		})
+	}
+	return keep, errors.Join(errs...)
+}
+
+func copyFile(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return fmt.Errorf("keep logs: %w", err)
+	}
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		return fmt.Errorf("keep logs: %w", err)
+	}
+	return nil
+}
+
 func (d *Daemon) stopDaemon(ctx context.Context) error {
 	if d.cmd == nil {
 		return nil

@@ -43,7 +43,8 @@ func startDaemonVersion(t *testing.T, version string, opts Options) *Daemon {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("containerd log (tail):\n%s", d.LogTail(80))
+			kept, err := d.KeepLogs(t.Name())
+			t.Logf("containerd log (tail):\n%s\ncontainerd's whole log and the VM consoles are kept in %s (%v)", d.LogTail(80), kept, err)
 		}
 		if err := d.Stop(context.Background()); err != nil {
 			t.Errorf("stop containerd: %v", err)

@@ -28,7 +28,8 @@ func startEnv(t *testing.T, opts Options) *Env {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("containerd log (tail):\n%s", e.Daemon.LogTail(80))
+			kept, err := e.Daemon.KeepLogs(t.Name(), e.KilnStateDir())
+			t.Logf("containerd log (tail):\n%s\ncontainerd's whole log and the VM consoles are kept in %s (%v)", e.Daemon.LogTail(80), kept, err)
 		}
 		if err := e.Stop(context.Background()); err != nil {
 			t.Errorf("stop CRI harness: %v", err)
