@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sirupsen/logrus"
 )
@@ -111,4 +113,23 @@ func TestConsoleLogIsCapped(t *testing.T) {
 	if len(c.lines) > consoleTailLines {
 		t.Errorf("%d tail lines kept, want at most %d", len(c.lines), consoleTailLines)
 	}
+}
+
+func TestConsoleAwait(t *testing.T) {
+	c, _ := testConsole(t, consoleLogMax)
+	w := bufio.NewWriter(c.writer())
+	_, _ = w.WriteString("early line\n")
+	_ = w.Flush()
+	seen := c.await("template ready")
+	_, _ = io.WriteString(c.writer(), "booting\n")
+	select {
+	case <-seen:
+		t.Fatal("await returned before the line came")
+	case <-time.After(20 * time.Millisecond):
+	}
+	_, _ = io.WriteString(c.writer(), "kiln-agent: template ready\n")
+	<-seen
+	// A line seen before the wait counts too.
+	<-c.await("early line")
+	c.close()
 }

@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -236,114 +235,6 @@ func TestCloneRAMCopyFailure(t *testing.T) {
 	}
 }
 
-// fakeQMP serves QMP on a socket in a temporary directory: a greeting, then the answers given, one per command,
-// with an event before each; it reports each command and whether a descriptor came with it.
-func fakeQMP(t *testing.T, answers ...string) (path string, got <-chan string) {
-	t.Helper()
-	path = filepath.Join(t.TempDir(), "qmp.sock")
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	commands := make(chan string, len(answers)+1)
-	go func() {
-		uc, err := l.AcceptUnix()
-		if err != nil {
-			return
-		}
-		t.Cleanup(func() { uc.Close() })
-		_, _ = io.WriteString(uc, `{"QMP": {"version": {}, "capabilities": ["oob"]}}`+"\n")
-		buf, oob := make([]byte, 4096), make([]byte, 64)
-		for _, a := range answers {
-			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
-			if err != nil {
-				return
-			}
-			var req struct {
-				Execute string `json:"execute"`
-			}
-			_ = json.Unmarshal(buf[:n], &req)
-			if oobn > 0 {
-				req.Execute += "+fd"
-				if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil && len(msgs) == 1 {
-					if fds, err := unix.ParseUnixRights(&msgs[0]); err == nil {
-						for _, fd := range fds {
-							unix.Close(fd)
-						}
-					}
-				}
-			}
-			commands <- req.Execute
-			_, _ = io.WriteString(uc, `{"event": "STOP", "data": {}}`+"\n"+a+"\n")
-		}
-	}()
-	return path, commands
-}
-
-// The VM's one monitor runs a template's save: commands with their results and errors, and getfd with the
-// descriptor QEMU takes the state through; the context bounds a command QEMU does not answer.
-func TestQMPPassesDescriptors(t *testing.T) {
-	path, got := fakeQMP(t, `{"return": {}}`, `{"return": {}}`, `{"return": {"status": "completed"}}`,
-		`{"error": {"class": "GenericError", "desc": "no such fd"}}`)
-	ctx := context.Background()
-	q, err := dialQMP(ctx, path, make(chan struct{}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer q.close()
-	if c := <-got; c != "qmp_capabilities" {
-		t.Fatalf("first command %q, want qmp_capabilities", c)
-	}
-	f, err := os.Open(os.DevNull)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := q.executeWithFile(ctx, "getfd", map[string]any{"fdname": "state"}, f); err != nil {
-		t.Fatal(err)
-	}
-	if c := <-got; c != "getfd+fd" {
-		t.Fatalf("QEMU saw %q, want getfd with a descriptor", c)
-	}
-	var mig struct{ Status string }
-	if err := q.execute(ctx, "query-migrate", nil, &mig); err != nil || mig.Status != "completed" {
-		t.Fatalf("query-migrate = %+v, %v", mig, err)
-	}
-	if c := <-got; c != "query-migrate" {
-		t.Fatalf("QEMU saw %q, want query-migrate without a descriptor", c)
-	}
-	if err := q.execute(ctx, "migrate", nil, nil); err == nil || !strings.Contains(err.Error(), "no such fd") {
-		t.Fatalf("migrate = %v, want QEMU's error", err)
-	}
-	<-got
-	// QEMU answers nothing more: the context bounds the wait.
-	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
-	defer cancel()
-	if err := q.execute(cctx, "query-status", nil, nil); err == nil {
-		t.Fatal("no error when QEMU never answers")
-	}
-}
-
-func TestConsoleAwait(t *testing.T) {
-	c, _ := testConsole(t, consoleLogMax)
-	w := bufio.NewWriter(c.writer())
-	_, _ = w.WriteString("early line\n")
-	_ = w.Flush()
-	seen := c.await("template ready")
-	_, _ = io.WriteString(c.writer(), "booting\n")
-	select {
-	case <-seen:
-		t.Fatal("await returned before the line came")
-	case <-time.After(20 * time.Millisecond):
-	}
-	_, _ = io.WriteString(c.writer(), "kiln-agent: template ready\n")
-	<-seen
-	// A line seen before the wait counts too.
-	<-c.await("early line")
-	c.close()
-}
-
 // kernelInput writes a stand-in kernel into dir and returns its path and its templateInputs line.
 func kernelInput(t *testing.T, dir string) (path, inputs string) {
 	t.Helper()
@@ -521,52 +412,5 @@ func TestLockFileFollowsARemovedLock(t *testing.T) {
 		u()
 	case <-time.After(10 * time.Second):
 		t.Fatal("the waiter did not take the lock once it was free")
-	}
-}
-
-// punchZeros deallocates exactly the pages that hold only zeros; the file reads the same after.
-func TestPunchZeros(t *testing.T) {
-	const page = 4096
-	path := filepath.Join(t.TempDir(), "ram")
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// 600 pages: written zeros at 0–99, data at 100, zeros at 101–399 (across the scan's 256-page reads), data
-	// at 400 and 401, a hole at 402–549, zeros at 550–599 and a partial page of data after them.
-	const size = 600*page + 100
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	write := func(off int64, b []byte) {
-		if _, err := f.WriteAt(b, off); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(0, make([]byte, 100*page))
-	write(100*page, bytes.Repeat([]byte{1}, page))
-	write(101*page, make([]byte, 299*page))
-	write(400*page, bytes.Repeat([]byte{2}, 2*page-1))
-	write(550*page, make([]byte, 50*page))
-	write(600*page, bytes.Repeat([]byte{3}, 100))
-	f.Close()
-	before, _ := os.ReadFile(path)
-	n, err := punchZeros(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if want := int64((100 + 299 + 50) * page); n != want {
-		t.Errorf("punched %d bytes, want %d", n, want)
-	}
-	after, _ := os.ReadFile(path)
-	if !bytes.Equal(before, after) {
-		t.Error("the file reads differently after punching")
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	if got, want := st.Blocks*512, int64(4*page); got > want+page {
-		t.Errorf("file holds %d bytes after punching, want about %d", got, want)
 	}
 }

@@ -1,0 +1,104 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// fakeQMP serves QMP on a socket in a temporary directory: a greeting, then the answers given, one per command,
+// with an event before each; it reports each command and whether a descriptor came with it.
+func fakeQMP(t *testing.T, answers ...string) (path string, got <-chan string) {
+	t.Helper()
+	path = filepath.Join(t.TempDir(), "qmp.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	commands := make(chan string, len(answers)+1)
+	go func() {
+		uc, err := l.AcceptUnix()
+		if err != nil {
+			return
+		}
+		t.Cleanup(func() { uc.Close() })
+		_, _ = io.WriteString(uc, `{"QMP": {"version": {}, "capabilities": ["oob"]}}`+"\n")
+		buf, oob := make([]byte, 4096), make([]byte, 64)
+		for _, a := range answers {
+			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			var req struct {
+				Execute string `json:"execute"`
+			}
+			_ = json.Unmarshal(buf[:n], &req)
+			if oobn > 0 {
+				req.Execute += "+fd"
+				if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil && len(msgs) == 1 {
+					if fds, err := unix.ParseUnixRights(&msgs[0]); err == nil {
+						for _, fd := range fds {
+							unix.Close(fd)
+						}
+					}
+				}
+			}
+			commands <- req.Execute
+			_, _ = io.WriteString(uc, `{"event": "STOP", "data": {}}`+"\n"+a+"\n")
+		}
+	}()
+	return path, commands
+}
+
+// The VM's one monitor runs a template's save: commands with their results and errors, and getfd with the
+// descriptor QEMU takes the state through; the context bounds a command QEMU does not answer.
+func TestQMPPassesDescriptors(t *testing.T) {
+	path, got := fakeQMP(t, `{"return": {}}`, `{"return": {}}`, `{"return": {"status": "completed"}}`,
+		`{"error": {"class": "GenericError", "desc": "no such fd"}}`)
+	ctx := context.Background()
+	q, err := dialQMP(ctx, path, make(chan struct{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.close()
+	if c := <-got; c != "qmp_capabilities" {
+		t.Fatalf("first command %q, want qmp_capabilities", c)
+	}
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := q.executeWithFile(ctx, "getfd", map[string]any{"fdname": "state"}, f); err != nil {
+		t.Fatal(err)
+	}
+	if c := <-got; c != "getfd+fd" {
+		t.Fatalf("QEMU saw %q, want getfd with a descriptor", c)
+	}
+	var mig struct{ Status string }
+	if err := q.execute(ctx, "query-migrate", nil, &mig); err != nil || mig.Status != "completed" {
+		t.Fatalf("query-migrate = %+v, %v", mig, err)
+	}
+	if c := <-got; c != "query-migrate" {
+		t.Fatalf("QEMU saw %q, want query-migrate without a descriptor", c)
+	}
+	if err := q.execute(ctx, "migrate", nil, nil); err == nil || !strings.Contains(err.Error(), "no such fd") {
+		t.Fatalf("migrate = %v, want QEMU's error", err)
+	}
+	<-got
+	// QEMU answers nothing more: the context bounds the wait.
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if err := q.execute(cctx, "query-status", nil, nil); err == nil {
+		t.Fatal("no error when QEMU never answers")
+	}
+}
