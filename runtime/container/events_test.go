@@ -1,0 +1,186 @@
+package container
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiln-runtime/kiln/runtime/stdio"
+)
+
+func TestOOMEventsAreForwarded(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { return 137 }})
+	var mu sync.Mutex
+	var seen []Event
+	m := a.start(Options{OnEvent: func(e Event) {
+		mu.Lock()
+		seen = append(seen, e)
+		mu.Unlock()
+	}})
+	ctx := waitCtx(t)
+	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.sendOOM("c1")
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e, err := c.Wait(ctx)
+	if err != nil || e.Status != 137 {
+		t.Fatalf("wait %+v %v", e, err)
+	}
+	// The event loop hands the exit to OnEvent after it ended the process, so Wait may return first.
+	for {
+		mu.Lock()
+		n := len(seen)
+		mu.Unlock()
+		if n >= 2 || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 2 || seen[0].Kind != EventOOM || seen[1].Kind != EventExit || seen[1].ExitStatus != 137 {
+		t.Errorf("events %+v", seen)
+	}
+}
+
+// Exits still arrive when the events stream broke once, or when the agent has none at all.
+func TestExitWithoutAHealthyEventsStream(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		set  func(*fakeAgent)
+	}{
+		{"broken once", func(a *fakeAgent) { a.breakEventsOnce = true }},
+		{"unimplemented", func(a *fakeAgent) { a.noEvents = true }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newFakeAgent(t, map[string]script{"c1/": outErr7})
+			tc.set(a)
+			m := a.start(Options{})
+			ctx := waitCtx(t)
+			var out bytes.Buffer
+			c, err := m.Create(ctx, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: &out, Stderr: io.Discard}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Start(ctx); err != nil {
+				t.Fatal(err)
+			}
+			e, err := c.Wait(ctx)
+			if err != nil || e.Status != 7 || out.String() != "out\n" {
+				t.Errorf("wait %+v %v, stdout %q", e, err, out.String())
+			}
+		})
+	}
+}
+
+// closer counts its Close calls.
+type closer struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (c *closer) Close() error {
+	c.mu.Lock()
+	c.n++
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *closer) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+// The regression this pins: a process that exits at once must not be reported exited before its start is
+// reported, and no lock may be held across the agent request to get that order.
+func TestExitIsNeverReportedBeforeStart(t *testing.T) {
+	stop := make(chan struct{})
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { <-stop; return 0 }, "c1/e1": func(p *fakeProc) uint32 { return 3 }})
+	var mu sync.Mutex
+	var order []string
+	note := func(s string) {
+		mu.Lock()
+		order = append(order, s)
+		mu.Unlock()
+	}
+	m := a.start(Options{OnExit: func(p *Process, e Exit) { note(fmt.Sprintf("exit %s %d", p.ID(), e.Status)) }})
+	ctx := waitCtx(t)
+	io := &closer{}
+	c, err := m.Create(ctx, CreateOptions{ID: "c1", Release: io})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hold := make(chan struct{})
+	if err := c.Init().Start(ctx, func() { note("start init") }); err != nil {
+		t.Fatal(err)
+	}
+	p, err := c.AddExec("e1", &specs.Process{Args: []string{"x"}}, stdio.IO{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		close(hold)
+	}()
+	if err := p.Start(ctx, func() { <-hold; note("start e1") }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	if _, err := c.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	got := strings.Join(order, ",")
+	mu.Unlock()
+	if got != "start init,start e1,exit e1 3,exit  0" {
+		t.Errorf("order %q: an exit was reported before its start", got)
+	}
+	if io.count() != 1 {
+		t.Errorf("init IO released %d times, want once", io.count())
+	}
+}
+
+// Finding 2 of the hardening review: a guest must not be able to publish an OOM for a container of another pod.
+func TestEventsForUnknownContainersAreDropped(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { return 0 }})
+	var mu sync.Mutex
+	var seen []Event
+	m := a.start(Options{OnEvent: func(e Event) {
+		mu.Lock()
+		seen = append(seen, e)
+		mu.Unlock()
+	}})
+	ctx := waitCtx(t)
+	a.sendOOM("someone-else")
+	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, e := range seen {
+		if e.ContainerID != "c1" {
+			t.Errorf("event about a container the host does not hold was forwarded: %+v", e)
+		}
+	}
+}
