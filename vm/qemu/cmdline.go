@@ -40,6 +40,8 @@ type fdLayout struct {
 	incomingState int
 	// memory is a clone's guest RAM, a sealed memfd.
 	memory int
+	// kernel is a clone's kernel stub (kernelStub), 0 for none: the clone is then given Config.Kernel.
+	kernel int
 }
 
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
@@ -76,6 +78,10 @@ func args(c Config, fds fdLayout) []string {
 	if c.Accel == accel.TCG && c.TBSizeMiB > 0 {
 		accelArg += ",tb-size=" + strconv.Itoa(c.TBSizeMiB)
 	}
+	kernel := c.Kernel
+	if c.role == roleClone && fds.kernel > 0 {
+		kernel = fmt.Sprintf("/proc/self/fd/%d", fds.kernel)
+	}
 	a := []string{
 		"-name", "kiln-" + c.ID + ",debug-threads=on",
 		"-sandbox", SandboxArg,
@@ -95,7 +101,7 @@ func args(c Config, fds fdLayout) []string {
 		"-object", backend,
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-serial", "stdio",
-		"-kernel", c.Kernel,
+		"-kernel", kernel,
 		"-initrd", c.Initrd,
 		"-append", strings.Join(params, " "),
 		// Kiln's listening socket: QEMU serves QMP on it.

@@ -408,6 +408,16 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		files = append(files, m.incoming)
 		fds.memory = 3 + len(files)
 		files = append(files, m.cloneRAM.file)
+		stub, err := kernelStub(m.cfg.Kernel)
+		if err != nil {
+			// Only memory is at stake: the clone gets the whole kernel.
+			m.log.WithError(err).Warn("the clone's QEMU is given the whole kernel")
+		}
+		if stub != nil {
+			defer stub.Close()
+			fds.kernel = 3 + len(files)
+			files = append(files, stub)
+		}
 	}
 
 	cons, err := newConsole(m.paths.console, m.cfg.ConsoleToLog, m.log)
