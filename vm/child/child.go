@@ -67,6 +67,10 @@ type Config struct {
 	// Batch starts the program with the SCHED_BATCH policy, which its threads inherit (a CPU-bound program that
 	// need not preempt others when it wakes: QEMU under TCG; see startBatch).
 	Batch bool
+	// NoHugePages starts the program without transparent huge pages (PR_SET_THP_DISABLE), which its own children
+	// inherit too. The kernel keeps the setting per process and copies it at the fork: Start sets it on Kiln's own
+	// process, where it stays, so every program Kiln starts afterwards goes without them as well.
+	NoHugePages bool
 }
 
 // Process is a running (or exited) child program. Start creates it.
@@ -125,6 +129,11 @@ func Start(cfg Config) (*Process, error) {
 	// Go sets the parent-death signal after the credentials, so a change of user does not clear it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: cfg.Credential}
 	cfg.Log.WithField("args", cmd.Args).Debugf("starting %s", cfg.Name)
+	if cfg.NoHugePages {
+		if err := unix.Prctl(unix.PR_SET_THP_DISABLE, 1, 0, 0, 0); err != nil {
+			cfg.Log.WithError(err).Warnf("%s may use transparent huge pages", cfg.Name)
+		}
+	}
 	fork := cmd.Start
 	if cfg.Cgroup != nil {
 		fork = func() error { return cfg.Cgroup.start(cmd.SysProcAttr, cmd.Start) }

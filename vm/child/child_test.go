@@ -456,3 +456,15 @@ func TestNoGoroutineLeak(t *testing.T) {
 		t.Errorf("%d goroutines before, %d after:\n%s", before, n, buf[:runtime.Stack(buf, true)])
 	}
 }
+
+// A program started with NoHugePages runs without transparent huge pages, as the kernel reports in its status.
+func TestNoHugePages(t *testing.T) {
+	var stdout bytes.Buffer
+	cfg := shell(`grep THP_enabled /proc/self/status`)
+	cfg.NoHugePages = true
+	cfg.Stdout = &stdout
+	waitExited(t, start(t, cfg))
+	if got := strings.Join(strings.Fields(stdout.String()), " "); got != "THP_enabled: 0" {
+		t.Errorf("the program's status says %q, want THP_enabled: 0", got)
+	}
+}

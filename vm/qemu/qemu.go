@@ -446,7 +446,11 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		// Under TCG QEMU's vCPUs are CPU-bound emulators, which need not preempt others when they wake: with more
 		// of them than host cores, batch scheduling saves the cost of the switches (vm/child's startBatch).
 		// Under KVM a vCPU mostly waits in the guest's idle loop, and its wakeups carry the guest's latency.
-		Batch:       m.cfg.Accel == accel.TCG,
+		Batch: m.cfg.Accel == accel.TCG,
+		// Under TCG QEMU asks for huge pages for its translated code and its ROMs and ACPI tables: a 2 MiB page
+		// for a few KiB of ROM, and its last translation regions rounded up, about 4 MB a VM in all. Under KVM there
+		// is no translated code, and a host that gives guest RAM huge pages (shmem_enabled) must keep them.
+		NoHugePages: m.cfg.Accel == accel.TCG,
 		Stdout:      cons.writer(),
 		Quit:        m.quit,
 		StopTimeout: m.cfg.StopTimeout,
