@@ -60,8 +60,8 @@ func testPortForward(t *testing.T, e *Env, handler string) {
 		t.Fatalf("network namespace files in %s: %v, want the pod's one", e.NetnsDir(), netnsFiles)
 	}
 	// Held open to the end: the namespace then outlives rmp, and its inode number, by which the links are matched,
-	// cannot pass to a namespace made meanwhile (the kernel hands out the lowest free number, and pods of other
-	// tests on the host have Kiln's program attached to theirs).
+	// cannot pass to a namespace made meanwhile (the kernel reuses the numbers of namespaces that are gone, and
+	// pods of other tests on the host have Kiln's program attached to theirs).
 	nsFile, err := os.Open(filepath.Join(e.NetnsDir(), netnsFiles[0]))
 	if err != nil {
 		t.Fatal(err)
