@@ -10,9 +10,9 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 GOFLAGS_BUILD := -trimpath -ldflags '$(LDFLAGS)'
 # Debian packages the build and the tests use; make, flex, bison, bc and libelf-dev (objtool) build the
-# guest kernel.
+# guest kernel; e2fsprogs builds the agent image.
 DEB_PACKAGES := qemu-system-x86 qemu-system-common protobuf-compiler libprotobuf-dev busybox-static cpio xz-utils libseccomp-dev pkg-config gcc libc6-dev iproute2 iptables containernetworking-plugins docker-registry \
-	make flex bison bc libelf-dev
+	make flex bison bc libelf-dev e2fsprogs
 GO_TEST_TIMEOUT ?= 40m
 
 PREFIX ?= /usr/local
@@ -21,7 +21,7 @@ PREFIX ?= /usr/local
 TEMPLATE_DIR ?= /dev/shm/kiln/templates
 # What `make install` copies, in the same layout as _output/; `make uninstall` removes exactly these.
 INSTALL_BINS := kiln containerd-shim-kiln-v2
-INSTALL_SHARE := vmlinuz initrd.img kernel-release agent-version config.toml
+INSTALL_SHARE := vmlinuz initrd.img agent.img kernel-release agent-version config.toml
 
 .PHONY: all build image proto proto-check deps vet vet-tools test unit integration soak bench demo critest fuzz install uninstall clean clean-cache FORCE
 
@@ -51,15 +51,17 @@ $(TOOLS)/kiln-image: FORCE
 # cached in KERNEL_CACHE/kernel-<key>: only another source version, fragment, build script or compiler rebuilds it.
 # KERNEL_CACHE lies outside the clone, as Go's build cache does ($XDG_CACHE_HOME/kiln, else ~/.cache/kiln), so a
 # fresh clone or `make clean` does not build the kernel again; `make clean-cache` removes it. KERNEL_NICE lowers the
-# build's priority. Then the initramfs (the agent as /init; the kernel has no modules to pack); kiln-image rewrites
-# nothing whose content is unchanged, and both are reproducible byte for byte.
+# build's priority. Then the initramfs (the agent as /init; the kernel has no modules to pack) and the agent image
+# (the same binary on an ext2 file system, which template guests map with DAX from virtio-pmem: see
+# docs/fast-start.md); kiln-image rewrites nothing whose content is unchanged, and all are reproducible byte for
+# byte.
 KERNEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache),$(OUT)/cache)/kiln
 KERNEL_NICE ?= 10
 image: $(BIN)/kiln-agent $(TOOLS)/kiln-image
 	@kernel=$$(nice -n $(KERNEL_NICE) vm/image/kernel/build.sh $(KERNEL_CACHE)) && \
 	echo "guest kernel $$(cat $$kernel/release): $$kernel, sha256 $$(sha256sum <$$kernel/bzImage | cut -c1-16)" && \
 	$(TOOLS)/kiln-image --init $(BIN)/kiln-agent --agent-version $(VERSION) --out $(SHARE) \
-		--kernel $$kernel/bzImage --kernel-release "$$(cat $$kernel/release)"
+		--agent-image $(SHARE)/agent.img --kernel $$kernel/bzImage --kernel-release "$$(cat $$kernel/release)"
 	@cmp -s config/config.toml $(SHARE)/config.toml || install -m 0644 config/config.toml $(SHARE)/config.toml
 
 proto:

@@ -43,6 +43,9 @@ type Guest struct {
 // beside that request would only delay its answer.
 const lateSetupDelay = 500 * time.Millisecond
 
+// initramfsInit is the agent's binary in the initramfs, which the kernel runs as PID 1.
+const initramfsInit = "/init"
+
 // Init prepares a freshly booted guest for the agent API, which must answer
 // as soon as possible after boot: it leaves the initramfs (LeaveInitramfs), mounts the base file systems the API
 // needs, moves log to the console at the level the kernel command line asks
@@ -54,8 +57,11 @@ const lateSetupDelay = 500 * time.Millisecond
 func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	entry := logrus.NewEntry(log)
 	start := time.Now()
-	if err := LeaveInitramfs(); err != nil {
-		return nil, err
+	reexecuted := fromImage()
+	if !reexecuted {
+		if err := LeaveInitramfs(); err != nil {
+			return nil, err
+		}
 	}
 	earlyMounts, lateMounts := SplitMounts(BaseMounts())
 	if err := MountAll(entry, earlyMounts); err != nil {
@@ -86,7 +92,20 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	std.SetLevel(level)
 	entry.WithFields(logrus.Fields{"count": len(earlyMounts), "took": time.Since(start)}).Debug("early file systems mounted")
 
-	g := newGuest(entry, params.Flag(agentv1.CmdlineTemplate))
+	template := params.Flag(agentv1.CmdlineTemplate)
+	switch {
+	case reexecuted:
+		// Nothing maps the initramfs's copy of the binary any more: removed, its pages are not saved with the
+		// template (init_on_free zeroes them).
+		if err := os.Remove(initramfsInit); err != nil {
+			entry.WithError(err).Warn("remove the initramfs's copy of the agent")
+		}
+	case template && params.Flag(agentv1.CmdlineAgentImage):
+		if err := runFromImage(entry); err != nil {
+			entry.WithError(err).Warn("the agent runs from the initramfs")
+		}
+	}
+	g := newGuest(entry, template)
 	g.Reaper = StartReaper(ctx, entry)
 	if g.template {
 		// No host request comes before the save: nothing to wait for.

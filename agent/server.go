@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -172,6 +173,9 @@ func (a agentService) GuestInfo(context.Context, *agentv1.GuestInfoRequest) (*ag
 		return nil, err
 	}
 	info.AgentVersion = a.s.cfg.Version
+	if exe, err := os.Executable(); err == nil {
+		info.AgentExecutable = exe
+	}
 	if a.s.agentInit > 0 {
 		info.AgentInit = durationpb.New(a.s.agentInit)
 	}

@@ -199,8 +199,16 @@ func TestResolveAssets(t *testing.T) {
 		}
 	}
 	a, err := c.ResolveAssets()
-	if err != nil || a.Kernel != c.Hypervisor.Kernel || a.Initrd != c.Hypervisor.Initrd {
+	if err != nil || a.Kernel != c.Hypervisor.Kernel || a.Initrd != c.Hypervisor.Initrd || a.AgentImage != "" {
 		t.Fatalf("got %+v, %v", a, err)
+	}
+	// The agent image is used when it is beside the initramfs.
+	img := filepath.Join(dir, AgentImageFile)
+	if err := os.WriteFile(img, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if a, err = c.ResolveAssets(); err != nil || a.AgentImage != img {
+		t.Fatalf("with %s: got %+v, %v", img, a, err)
 	}
 }
 

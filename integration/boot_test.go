@@ -26,6 +26,10 @@ func TestBootGuestInfo(t *testing.T) {
 	}
 	// The host seeded the guest at start: under TCG, with no hardware generator the guest kernel trusts, its
 	// generator would otherwise stay uninitialised for seconds after the agent answers (getrandom blocks).
+	// A cold boot has no agent image (microvm has no memory devices): the agent runs from the initramfs.
+	if got := info.GetAgentExecutable(); got != "/init" {
+		t.Errorf("a cold boot's agent runs from %q, want /init", got)
+	}
 	if !info.GetRandomReady() {
 		t.Error("the guest's random number generator is not initialised after the host seeded it")
 	}

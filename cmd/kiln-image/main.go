@@ -3,12 +3,14 @@
 //	kiln-image --init _output/bin/kiln-agent --kernel ~/.cache/kiln/kernel-<key>/bzImage \
 //		--kernel-release 6.1.192-kiln --out _output/share/kiln
 //
-// writes vmlinuz, kernel-release and initrd.img under --out, rewriting only files whose content changed.
+// writes vmlinuz, kernel-release and initrd.img under --out, rewriting only files whose content changed; with
+// --agent-image _output/share/kiln/agent.img, also the agent image (the agent on ext2, for virtio-pmem).
 // --kernel is Kiln's own kernel, everything built in, which vm/image/kernel/build.sh builds (`make image` runs
 // both).
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"os"
@@ -36,6 +38,7 @@ func run(args []string) error {
 	fs.StringVar(&o.KernelRelease, "kernel-release", "", "release of --kernel, its `make kernelrelease` (required)")
 	fs.StringVar(&compression, "compress", string(image.DefaultCompression), "initramfs compression: none or gzip")
 	fs.StringVar(&o.AgentVersion, "agent-version", "", "version of the agent given as --init, recorded in <out>/agent-version")
+	fs.StringVar(&o.AgentImagePath, "agent-image", "", "also write the agent image of --init, which must be the agent, here (by convention <out>/"+image.AgentImageName+")")
 	fs.BoolVar(&quiet, "q", false, "print nothing on success")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -60,13 +63,17 @@ func run(args []string) error {
 			return fmt.Errorf("parse SOURCE_DATE_EPOCH %q: %w", s, err)
 		}
 	}
-	res, err := image.Build(o)
+	res, err := image.Build(context.Background(), o)
 	if err != nil {
 		return err
 	}
 	if !quiet {
-		fmt.Fprintf(os.Stderr, "kiln-image: kernel %s (%s); initrd %s %d bytes (%s); rewrote %d file(s)\n",
-			o.KernelRelease, o.KernelImage, res.Initrd, res.InitrdSize, o.Compression, len(res.Written))
+		img := ""
+		if res.AgentImage != "" {
+			img = "; agent image " + res.AgentImage
+		}
+		fmt.Fprintf(os.Stderr, "kiln-image: kernel %s (%s); initrd %s %d bytes (%s)%s; rewrote %d file(s)\n",
+			o.KernelRelease, o.KernelImage, res.Initrd, res.InitrdSize, o.Compression, img, len(res.Written))
 	}
 	return nil
 }

@@ -120,7 +120,7 @@ func runChecks(configPath string) []checkResult {
 	return out
 }
 
-// checkGuest reports the guest kernel and initrd. The files are looked at again here: a configuration that Load
+// checkGuest reports the guest kernel, initrd and agent image. The files are looked at again here: a configuration that Load
 // validated may name files that have gone since.
 func checkGuest(cfg config.Config) checkResult {
 	assets, err := cfg.ResolveAssets()
@@ -142,7 +142,11 @@ func checkGuest(cfg config.Config) checkResult {
 	if b, err := os.ReadFile(filepath.Join(filepath.Dir(assets.Kernel), "kernel-release")); err == nil {
 		release = "kernel " + strings.TrimSpace(string(b))
 	}
-	return checkResult{"guest", "ok", fmt.Sprintf("%s (%s), %s (%d bytes)", assets.Kernel, release, assets.Initrd, sizes[1])}
+	agentImage := "no agent image (templates' clones hold the agent in their RAM; `make image` builds it)"
+	if assets.AgentImage != "" {
+		agentImage = "agent image " + assets.AgentImage
+	}
+	return checkResult{"guest", "ok", fmt.Sprintf("%s (%s), %s (%d bytes), %s", assets.Kernel, release, assets.Initrd, sizes[1], agentImage)}
 }
 
 // checkSandbox reports whether this QEMU has -sandbox (seccomp), which every VM is started with.

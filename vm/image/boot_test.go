@@ -35,7 +35,7 @@ func TestBootFloor(t *testing.T) {
 	for _, c := range []Compression{CompressNone, CompressGzip} {
 		t.Run(string(c), func(t *testing.T) {
 			out := filepath.Join(dir, string(c))
-			res, err := Build(Options{
+			res, err := Build(context.Background(), Options{
 				KernelImage: kernel, KernelRelease: release, OutDir: out, InitPath: floor, Compression: c,
 			})
 			if err != nil {

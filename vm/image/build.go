@@ -1,6 +1,7 @@
 package image
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -14,6 +15,8 @@ const (
 	// AgentVersionName records the version of the agent baked into the initramfs, so host tools can tell a
 	// guest image from another Kiln version without booting it.
 	AgentVersionName = "agent-version"
+	// AgentImageName is the agent image (BuildAgentImage), which Kiln uses when it is beside the initramfs.
+	AgentImageName = "agent.img"
 )
 
 // Options drive one image build.
@@ -34,6 +37,9 @@ type Options struct {
 	Compression Compression
 	// AgentVersion, when set, is written to OutDir/agent-version.
 	AgentVersion string
+	// AgentImagePath, when set, receives the agent image (BuildAgentImage) of InitPath, which must then be the
+	// agent; by convention OutDir/AgentImageName, beside the initramfs, where Kiln looks for it.
+	AgentImagePath string
 	// MTime is every archive entry's mtime (0 or SOURCE_DATE_EPOCH).
 	MTime int64
 }
@@ -44,12 +50,13 @@ type Result struct {
 	Initrd      string
 	InitrdSize  int
 	ReleaseFile string
+	AgentImage  string   // "" when none was asked for
 	Written     []string // outputs whose content changed
 }
 
-// Build installs the kernel, assembles the initramfs and writes the outputs,
+// Build installs the kernel, assembles the initramfs (and the agent image) and writes the outputs,
 // leaving every output whose content is unchanged untouched.
-func Build(o Options) (*Result, error) {
+func Build(ctx context.Context, o Options) (*Result, error) {
 	if o.KernelImage == "" {
 		return nil, fmt.Errorf("build image: no kernel image given")
 	}
@@ -106,6 +113,17 @@ func Build(o Options) (*Result, error) {
 			path string
 			data []byte
 		}{filepath.Join(o.OutDir, AgentVersionName), []byte(o.AgentVersion + "\n")})
+	}
+	if o.AgentImagePath != "" {
+		img, err := BuildAgentImage(ctx, initBin, o.MTime)
+		if err != nil {
+			return nil, err
+		}
+		res.AgentImage = o.AgentImagePath
+		outputs = append(outputs, struct {
+			path string
+			data []byte
+		}{o.AgentImagePath, img})
 	}
 	for _, out := range outputs {
 		changed, err := WriteFileIfChanged(out.path, out.data, 0o644)

@@ -2,8 +2,10 @@ package image
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -30,7 +32,7 @@ func TestBuildTwiceSameBytesNoRewrite(t *testing.T) {
 		KernelImage: kernel, KernelRelease: "6.1.192-kiln", OutDir: filepath.Join(dir, "out"), InitPath: initPath,
 		Compression: CompressGzip,
 	}
-	first, err := Build(opts)
+	first, err := Build(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +54,7 @@ func TestBuildTwiceSameBytesNoRewrite(t *testing.T) {
 	// Rebuilding into a second directory must give the same bytes.
 	opts2 := opts
 	opts2.OutDir = filepath.Join(dir, "out2")
-	second, err := Build(opts2)
+	second, err := Build(context.Background(), opts2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +63,7 @@ func TestBuildTwiceSameBytesNoRewrite(t *testing.T) {
 		t.Error("same inputs gave a different initrd")
 	}
 	// Rebuilding in place must touch nothing.
-	third, err := Build(opts)
+	third, err := Build(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +77,7 @@ func TestBuildTwiceSameBytesNoRewrite(t *testing.T) {
 	}
 	// A changed input rewrites only the initrd.
 	opts.Compression = CompressNone
-	fourth, err := Build(opts)
+	fourth, err := Build(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,7 +98,7 @@ func TestBuildNeedsKernelAndRelease(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out := filepath.Join(t.TempDir(), "out")
-			_, err := Build(Options{OutDir: out, InitPath: initPath, KernelImage: tc.kernel, KernelRelease: tc.release})
+			_, err := Build(context.Background(), Options{OutDir: out, InitPath: initPath, KernelImage: tc.kernel, KernelRelease: tc.release})
 			if err == nil || !strings.Contains(err.Error(), tc.errPart) {
 				t.Fatalf("err = %v, want one containing %q", err, tc.errPart)
 			}
@@ -104,5 +106,35 @@ func TestBuildNeedsKernelAndRelease(t *testing.T) {
 				t.Error("failed build still wrote an initrd")
 			}
 		})
+	}
+}
+
+// With AgentImagePath, a build writes the agent image of its init as well, and an unchanged rebuild leaves it alone
+// (a rewritten image makes new VM templates).
+func TestBuildWritesTheAgentImage(t *testing.T) {
+	initPath, kernel := fakeInputs(t)
+	out := filepath.Join(t.TempDir(), "out")
+	opts := Options{KernelImage: kernel, KernelRelease: "6.1.192-kiln", OutDir: out, InitPath: initPath,
+		AgentImagePath: filepath.Join(out, AgentImageName)}
+	first, err := Build(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.AgentImage != opts.AgentImagePath || !slices.Contains(first.Written, opts.AgentImagePath) {
+		t.Fatalf("agent image %q, wrote %v", first.AgentImage, first.Written)
+	}
+	want, err := BuildAgentImage(context.Background(), []byte("\x7fELF not really"), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(opts.AgentImagePath); !bytes.Equal(got, want) {
+		t.Error("the agent image written is not BuildAgentImage's of the init")
+	}
+	again, err := Build(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(again.Written) != 0 {
+		t.Errorf("unchanged rebuild rewrote %v", again.Written)
 	}
 }

@@ -66,6 +66,7 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 	defer ram.close()
 	cold := m.cfg
 	m.cfg.role = roleClone
+	m.cfg.templateInputs = tpl.inputs
 	m.cloneRAM = ram
 	m.incoming = state
 	defer func() { m.cloneRAM, m.incoming = nil, nil }()

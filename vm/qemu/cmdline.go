@@ -42,6 +42,8 @@ type fdLayout struct {
 	memory int
 	// kernel is a clone's kernel stub (kernelStub), 0 for none: the clone is then given Config.Kernel.
 	kernel int
+	// agentImage is Config.AgentImage as Kiln opened it (openAgentImage), 0 for the path itself.
+	agentImage int
 }
 
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
@@ -70,6 +72,9 @@ func args(c Config, fds fdLayout) []string {
 		// init_on_free: pages the template guest freed are zeros, which the saved RAM leaves out (punchZeros),
 		// so that each clone copies, and holds, only what the guest uses.
 		params = append(params, agentv1.CmdlineTemplate+"=1", "init_on_free=1")
+		if c.AgentImage != "" {
+			params = append(params, agentv1.CmdlineAgentImage+"=1")
+		}
 	}
 	if c.Accel == accel.TCG && c.TSCkHz > 0 {
 		params = append(params, "tsc_early_khz="+strconv.Itoa(c.TSCkHz))
@@ -96,7 +101,7 @@ func args(c Config, fds fdLayout) []string {
 	}
 	a = append(a,
 		"-accel", accelArg,
-		"-m", mem,
+		"-m", memArg(c, mem),
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-object", backend,
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -112,9 +117,9 @@ func args(c Config, fds fdLayout) []string {
 	case roleCold:
 		a = append(a, microvmDevices(c, fds)...)
 	case roleTemplate:
-		a = append(a, q35Devices(c)...)
+		a = append(a, q35Devices(c, fds)...)
 	case roleClone:
-		a = append(a, q35Devices(c)...)
+		a = append(a, q35Devices(c, fds)...)
 		a = append(a, cloneBackends(c, fds)...)
 	}
 	switch c.Accel {
@@ -169,4 +174,13 @@ func microvmDevices(c Config, fds fdLayout) []string {
 		a = append(a, "-device", dev)
 	}
 	return a
+}
+
+// memArg is -m's value: a q35 guest with an agent image gets a slot for its virtio-pmem device, and room for it
+// beyond its RAM (1 GiB, more than any agent image needs).
+func memArg(c Config, mem string) string {
+	if c.role == roleCold || c.AgentImage == "" {
+		return mem
+	}
+	return mem + ",slots=1,maxmem=" + strconv.Itoa(c.MemoryMiB+1024) + "M"
 }

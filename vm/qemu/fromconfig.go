@@ -58,6 +58,7 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		MemoryMiB:         cfg.Hypervisor.MemoryMiB,
 		Kernel:            assets.Kernel,
 		Initrd:            assets.Initrd,
+		AgentImage:        assets.AgentImage,
 		KernelParams:      params,
 		StopTimeout:       cfg.Hypervisor.StopTimeout.Std(),
 		TBSizeMiB:         cfg.Hypervisor.TCGTranslationCacheMiB,

@@ -38,9 +38,13 @@ type Config struct {
 	VCPUs     int
 	MemoryMiB int
 	// MemoryFile, when set, backs guest RAM with this file instead of an anonymous memfd.
-	MemoryFile   string
-	Kernel       string
-	Initrd       string
+	MemoryFile string
+	Kernel     string
+	Initrd     string
+	// AgentImage, when set, is the agent image (config.Assets.AgentImage): template guests and their clones get it
+	// as a read-only virtio-pmem device, and their agent runs from it (agentv1.CmdlineAgentImage). Cold boots
+	// have no use for it: microvm has no memory devices.
+	AgentImage   string
 	KernelParams []string
 	// StopTimeout bounds QMP quit before QEMU is killed.
 	StopTimeout time.Duration
@@ -82,6 +86,11 @@ type Config struct {
 
 	// role is what QEMU is started for: a cold boot unless a template is being built or restored.
 	role role
+	// agentImageSize is AgentImage's size, which its device is given (New reads it).
+	agentImageSize int64
+	// templateInputs, for a template or a clone, are the inputs its template is keyed by (templateInputs): the
+	// agent image QEMU gets must be the file they describe.
+	templateInputs string
 
 	// resolvedAssets are Kernel and Initrd as ConfigFrom resolved them (config.ResolveAssets found both files);
 	// Start checks that the files exist only when the paths differ.
@@ -178,9 +187,9 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.MemoryOverheadMiB == 0 {
 		cfg.MemoryOverheadMiB = config.DefaultMemoryOverheadMiB
 	}
-	assetsFound := cfg.Kernel != "" && cfg.resolvedAssets == config.Assets{Kernel: cfg.Kernel, Initrd: cfg.Initrd}
+	assetsFound := cfg.Kernel != "" && cfg.resolvedAssets.Kernel == cfg.Kernel && cfg.resolvedAssets.Initrd == cfg.Initrd
 	// QEMU runs in the VM's state directory, so relative paths would point there.
-	for _, p := range []*string{&cfg.Kernel, &cfg.Initrd, &cfg.MemoryFile, &cfg.StateRoot} {
+	for _, p := range []*string{&cfg.Kernel, &cfg.Initrd, &cfg.AgentImage, &cfg.MemoryFile, &cfg.StateRoot} {
 		if *p == "" {
 			continue
 		}
@@ -189,6 +198,16 @@ func New(cfg Config) (*Machine, error) {
 			return nil, fmt.Errorf("vm %s: %w", cfg.ID, err)
 		}
 		*p = abs
+	}
+	if cfg.AgentImage != "" {
+		st, err := os.Stat(cfg.AgentImage)
+		if err != nil {
+			return nil, fmt.Errorf("vm %s: agent image: %w (run `make image`)", cfg.ID, err)
+		}
+		if !st.Mode().IsRegular() || st.Size() == 0 {
+			return nil, fmt.Errorf("vm %s: agent image %s is not a file system image (run `make image`)", cfg.ID, cfg.AgentImage)
+		}
+		cfg.agentImageSize = st.Size()
 	}
 	if cfg.Accel == accel.TCG && cfg.TSCkHz == 0 {
 		khz, err := hostTSCkHz()
@@ -403,6 +422,15 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	}
 	fds.firstNet = 3 + len(files)
 	files = append(files, netFiles(m.cfg.Nets)...)
+	if m.cfg.role != roleCold && m.cfg.AgentImage != "" {
+		img, err := openAgentImage(m.cfg)
+		if err != nil {
+			return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
+		}
+		defer img.Close()
+		fds.agentImage = 3 + len(files)
+		files = append(files, img)
+	}
 	if m.cfg.role == roleClone {
 		fds.incomingState = 3 + len(files)
 		files = append(files, m.incoming)

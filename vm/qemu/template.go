@@ -38,13 +38,24 @@ var maxCloneNets = len(rootPortAddrs) - 2
 
 // q35Devices are a template's devices, which its clones' command lines repeat exactly: the migration state
 // describes them.
-func q35Devices(c Config) []string {
+func q35Devices(c Config, fds fdLayout) []string {
 	var a []string
 	for i, addr := range rootPortAddrs {
 		a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,chassis=%d,bus=pcie.0,addr=%s", i, i+1, addr))
 	}
 	if c.FreePageReporting {
 		a = append(a, "-device", "virtio-balloon-pci,free-page-reporting=on,bus=pcie.0,addr=0x4")
+	}
+	if c.AgentImage != "" {
+		// Shared and read-only: every clone maps the one file, from the host's page cache, and none can write
+		// to it. Being shared, x-ignore-shared leaves it out of the saved state, as it does guest RAM.
+		img := c.AgentImage
+		if fds.agentImage > 0 {
+			img = fmt.Sprintf("/proc/self/fd/%d", fds.agentImage)
+		}
+		a = append(a,
+			"-object", fmt.Sprintf("memory-backend-file,id=agentimg,mem-path=%s,size=%d,share=on,readonly=on", img, c.agentImageSize),
+			"-device", "virtio-pmem-pci,memdev=agentimg,id=agentimg0,bus=pcie.0,addr=0x7")
 	}
 	return a
 }
@@ -73,7 +84,11 @@ const (
 // a rebuilt or upgraded file changes. It also returns the inputs, which the template keeps (pruneTemplates).
 func templateKey(c Config, qemuPath string) (key, inputs string, err error) {
 	t := templateConfig(c, "template", templateRAM)
-	inputs, err = templateInputs(qemuPath, c.Kernel, c.Initrd)
+	files := []string{qemuPath, c.Kernel, c.Initrd}
+	if c.AgentImage != "" {
+		files = append(files, c.AgentImage)
+	}
+	inputs, err = templateInputs(files...)
 	if err != nil {
 		return "", "", err
 	}
@@ -92,9 +107,37 @@ func templateInputs(paths ...string) (string, error) {
 		if err := unix.Stat(p, &st); err != nil {
 			return "", fmt.Errorf("identify %s for the template: %w", p, err)
 		}
-		fmt.Fprintf(&b, "%s\x00%d:%d:%d:%d.%d\n", p, st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec)
+		b.WriteString(inputLine(p, &st))
 	}
 	return b.String(), nil
+}
+
+// inputLine is templateInputs' line for the file at path whose status is st.
+func inputLine(path string, st *unix.Stat_t) string {
+	return fmt.Sprintf("%s\x00%d:%d:%d:%d.%d\n", path, st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec)
+}
+
+// openAgentImage opens c's agent image for QEMU, which then maps the very file its template was keyed by: one
+// replaced since (by `make install`) would show a restored guest other bytes than those it cached.
+func openAgentImage(c Config) (*os.File, error) {
+	f, err := os.Open(c.AgentImage)
+	if err != nil {
+		return nil, fmt.Errorf("open agent image: %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open agent image: %w", err)
+	}
+	if !strings.Contains("\n"+c.templateInputs, "\n"+inputLine(c.AgentImage, &st)) {
+		f.Close()
+		return nil, fmt.Errorf("agent image %s changed after its template was chosen", c.AgentImage)
+	}
+	if st.Size != c.agentImageSize {
+		f.Close()
+		return nil, fmt.Errorf("agent image %s changed size after the VM was configured", c.AgentImage)
+	}
+	return f, nil
 }
 
 // stale reports whether a template's recorded inputs no longer describe the files at their paths: one of them
@@ -132,6 +175,8 @@ func templateConfig(c Config, id, ram string) Config {
 // template is a saved template's directory.
 type template struct {
 	dir string
+	// inputs are what its key was computed from (templateKey).
+	inputs string
 }
 
 func (t template) ram() string   { return filepath.Join(t.dir, templateRAM) }
@@ -162,7 +207,7 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 	if err != nil {
 		return template{}, err
 	}
-	t := template{dir: filepath.Join(c.TemplateDir, key)}
+	t := template{dir: filepath.Join(c.TemplateDir, key), inputs: inputs}
 	if t.complete() {
 		t.used(c.Log)
 		return t, nil

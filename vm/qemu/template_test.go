@@ -52,6 +52,9 @@ func TestTemplateAndCloneArgs(t *testing.T) {
 		{"cold boot", roleCold, fdLayout{qmp: 3, vsockArgs: (&vhostUserVsock{}).qemuArgs(4), virtiofs: 5, firstNet: 6},
 			[]string{"microvm", "-device vhost-user-fs-device", "virtio-net-device"},
 			[]string{"q35", "kiln.template", "-incoming", "pcie-root-port"}},
+		{"template without an agent image", roleTemplate, fdLayout{qmp: 3},
+			[]string{"-m 256M "},
+			[]string{"virtio-pmem", "slots=", "kiln.agent_image"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -59,6 +62,87 @@ func TestTemplateAndCloneArgs(t *testing.T) {
 			c.role = tt.role
 			checkArgs(t, args(c, tt.fds), tt.want, tt.absent)
 		})
+	}
+}
+
+// Template guests and clones get the agent image as a read-only, shared virtio-pmem device at the same address, and
+// room for it in their memory map; cold boots (microvm, no memory devices) do not.
+func TestAgentImageArgs(t *testing.T) {
+	base := Config{ID: "x", Accel: accel.TCG, VCPUs: 1, MemoryMiB: 256, Kernel: "/k", Initrd: "/i", SharedDir: "/share",
+		AgentImage: "/share/kiln/agent.img", agentImageSize: 10 << 20}
+	device := "-device virtio-pmem-pci,memdev=agentimg,id=agentimg0,bus=pcie.0,addr=0x7"
+	tests := []struct {
+		name   string
+		role   role
+		fds    fdLayout
+		want   []string
+		absent []string
+	}{
+		{"template", roleTemplate, fdLayout{qmp: 3, agentImage: 4},
+			[]string{"-m 256M,slots=1,maxmem=1280M ", "kiln.agent_image=1",
+				"-object memory-backend-file,id=agentimg,mem-path=/proc/self/fd/4,size=10485760,share=on,readonly=on", device},
+			[]string{"/share/kiln/agent.img"}},
+		{"template's key", roleTemplate, fdLayout{qmp: 3},
+			[]string{"mem-path=/share/kiln/agent.img,size=10485760,", device}, nil},
+		{"clone", roleClone, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7, memory: 8, agentImage: 9},
+			[]string{"-m 256M,slots=1,maxmem=1280M ", "kiln.agent_image=1", "mem-path=/proc/self/fd/9,size=10485760,share=on,readonly=on", device},
+			nil},
+		{"cold boot", roleCold, fdLayout{qmp: 3, vsockArgs: (&vhostUserVsock{}).qemuArgs(4), virtiofs: 5},
+			[]string{"-m 256M "},
+			[]string{"virtio-pmem", "agentimg", "slots=", "kiln.agent_image"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := base
+			c.role = tt.role
+			checkArgs(t, args(c, tt.fds), tt.want, tt.absent)
+		})
+	}
+}
+
+// QEMU gets the agent image its template was keyed by, or nothing: a file replaced since would show a restored
+// guest bytes other than those its kernel has cached.
+func TestOpenAgentImage(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "agent.img")
+	if err := os.WriteFile(img, []byte("image one"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	inputs, err := templateInputs(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := Config{AgentImage: img, agentImageSize: int64(len("image one")), templateInputs: inputs}
+	f, err := openAgentImage(c)
+	if err != nil {
+		t.Fatalf("the image the template was keyed by: %v", err)
+	}
+	f.Close()
+
+	other := c
+	other.templateInputs = strings.Replace(inputs, img, filepath.Join(dir, "other.img"), 1)
+	if f, err := openAgentImage(other); err == nil || !strings.Contains(err.Error(), "changed after its template was chosen") {
+		if f != nil {
+			f.Close()
+		}
+		t.Errorf("inputs naming another file: %v", err)
+	}
+	// make install replaces the file (a new inode), as a rebuilt image would.
+	tmp := img + ".new"
+	if err := os.WriteFile(tmp, []byte("image two, longer"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, img); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := openAgentImage(c); err == nil || !strings.Contains(err.Error(), "changed after its template was chosen") {
+		if f != nil {
+			f.Close()
+		}
+		t.Errorf("a replaced image: %v", err)
+	}
+	if _, err := openAgentImage(Config{AgentImage: filepath.Join(dir, "missing.img")}); err == nil {
+		t.Error("no error for a missing image")
 	}
 }
 
@@ -103,7 +187,7 @@ func TestCloneUnsupported(t *testing.T) {
 func TestTemplateKey(t *testing.T) {
 	dir := t.TempDir()
 	files := map[string]string{}
-	for _, n := range []string{"qemu", "kernel", "initrd"} {
+	for _, n := range []string{"qemu", "kernel", "initrd", "agent.img"} {
 		files[n] = filepath.Join(dir, n)
 		if err := os.WriteFile(files[n], []byte(n), 0o644); err != nil {
 			t.Fatal(err)
@@ -143,6 +227,7 @@ func TestTemplateKey(t *testing.T) {
 		{"kernel parameters", func(c *Config) { c.KernelParams = []string{"kiln.debug=1"} }},
 		{"balloon", func(c *Config) { c.FreePageReporting = true }},
 		{"kernel file", func(c *Config) { c.Kernel = files["initrd"] }},
+		{"agent image", func(c *Config) { c.AgentImage, c.agentImageSize = files["agent.img"], 9 }},
 	}
 	for _, d := range differ {
 		c := base
@@ -157,6 +242,19 @@ func TestTemplateKey(t *testing.T) {
 	}
 	if got := key(base); got == want {
 		t.Error("initrd rewritten, key unchanged")
+	}
+	// So is a rebuilt agent image.
+	withImage := base
+	withImage.AgentImage, withImage.agentImageSize = files["agent.img"], 9
+	before := key(withImage)
+	if err := os.WriteFile(files["agent.img"], []byte("agent.img"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(files["agent.img"], time.Now(), time.Now().Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if got := key(withImage); got == before {
+		t.Error("agent image rewritten, key unchanged")
 	}
 	if _, _, err := templateKey(base, filepath.Join(dir, "missing")); err == nil {
 		t.Error("no error for a missing QEMU binary")

@@ -36,6 +36,7 @@ func buildTemplate(ctx context.Context, c Config, key, inputs, dir string) (retE
 	}
 	ram := filepath.Join(tmp, templateRAM)
 	tc := templateConfig(c, "tpl-"+key[:12], ram)
+	tc.templateInputs = inputs
 	if err := createRAMFile(ram, qemuCredential(tc)); err != nil {
 		return err
 	}

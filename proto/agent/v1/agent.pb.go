@@ -322,8 +322,11 @@ type GuestInfo struct {
 	RandomReady bool `protobuf:"varint,14,opt,name=random_ready,json=randomReady,proto3" json:"random_ready,omitempty"`
 	// The guest's wall clock when it answered, in nanoseconds since the Unix epoch.
 	WallClockUnixNano int64 `protobuf:"varint,15,opt,name=wall_clock_unix_nano,json=wallClockUnixNano,proto3" json:"wall_clock_unix_nano,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The file the agent runs from (its /proc/self/exe): the initramfs's /init, or the agent image's binary on its
+	// DAX mount (CmdlineAgentImage).
+	AgentExecutable string `protobuf:"bytes,16,opt,name=agent_executable,json=agentExecutable,proto3" json:"agent_executable,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GuestInfo) Reset() {
@@ -454,6 +457,13 @@ func (x *GuestInfo) GetWallClockUnixNano() int64 {
 	return 0
 }
 
+func (x *GuestInfo) GetAgentExecutable() string {
+	if x != nil {
+		return x.AgentExecutable
+	}
+	return ""
+}
+
 type ShutdownRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Free text for the guest's console log.
@@ -552,7 +562,7 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x10SeedGuestRequest\x12\x18\n" +
 	"\aentropy\x18\x01 \x01(\fR\aentropy\x12/\n" +
 	"\x14wall_clock_unix_nano\x18\x02 \x01(\x03R\x11wallClockUnixNano\"\x13\n" +
-	"\x11SeedGuestResponse\"\xca\x04\n" +
+	"\x11SeedGuestResponse\"\xf5\x04\n" +
 	"\tGuestInfo\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12%\n" +
 	"\x0ekernel_version\x18\x02 \x01(\tR\rkernelVersion\x12\x17\n" +
@@ -570,7 +580,8 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"pivot_root\x18\r \x01(\bR\tpivotRoot\x12!\n" +
 	"\frandom_ready\x18\x0e \x01(\bR\vrandomReady\x12/\n" +
-	"\x14wall_clock_unix_nano\x18\x0f \x01(\x03R\x11wallClockUnixNanoJ\x04\b\v\x10\fR\x0eloaded_modules\")\n" +
+	"\x14wall_clock_unix_nano\x18\x0f \x01(\x03R\x11wallClockUnixNano\x12)\n" +
+	"\x10agent_executable\x18\x10 \x01(\tR\x0fagentExecutableJ\x04\b\v\x10\fR\x0eloaded_modules\")\n" +
 	"\x0fShutdownRequest\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x12\n" +
 	"\x10ShutdownResponse2L\n" +

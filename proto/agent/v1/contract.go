@@ -25,6 +25,15 @@ const (
 	// TemplateReadyLine is the console line a template guest's agent writes once its setup is done and it is
 	// idle: from then on the host may save it.
 	TemplateReadyLine = "kiln-agent: template ready"
+	// CmdlineAgentImage, on a template guest's command line, says a virtio-pmem device holds a read-only ext2
+	// image with the agent's binary at AgentImageBinary: the agent mounts it with DAX at GuestAgentImageDir and
+	// runs from it, so that the template's clones map the binary from the host's page cache, one copy for all of
+	// them, instead of each holding the initramfs's copy in its RAM.
+	CmdlineAgentImage = "kiln.agent_image"
+	// AgentImageBinary is the agent's binary in the agent image, from its root.
+	AgentImageBinary = "kiln-agent"
+	// GuestAgentImageDir is where the agent mounts the agent image in the guest.
+	GuestAgentImageDir = "/run/kiln/agent"
 	// WarmExitEnv, set to "1" in a process's environment, makes the agent's binary exit at once, after the Go
 	// runtime's start and its package initialisers. A spare's warm-up container runs it (as /proc/self/exe, which
 	// in a container's init is the agent's binary), so that its QEMU translates the container path before a
