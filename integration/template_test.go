@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	logtest "github.com/sirupsen/logrus/hooks/test"
 
 	"github.com/kiln-runtime/kiln/config"
@@ -110,9 +111,43 @@ func TestTemplateClones(t *testing.T) {
 	if strings.Contains(out, "written by the first clone") || !strings.Contains(out, "No such file") {
 		t.Errorf("second clone sees the first's file: %q", out)
 	}
+	// The agent image is read-only to the guests: the guest's root (here a container allowed to make and write
+	// block devices) writes a block of it past every cache and reads back what was there, and the host's file
+	// stays as it was.
+	image := filepath.Join(filepath.Dir(pods["first"].p.Config().Hypervisor.Initrd), config.AgentImageFile)
+	imageSum := fileSum(t, image)
+	spec := pods["first"].spec("sh", "-c", `d=$(cat /sys/block/pmem0/dev) && mknod /dev/agentimg b ${d%:*} ${d#*:} || exit 1
+read() { dd if=/dev/agentimg bs=4096 skip=100 count=1 iflag=direct 2>/dev/null | md5sum; }
+read; dd if=/dev/urandom of=/dev/agentimg bs=4096 seek=100 count=1 conv=notrunc oflag=direct 2>/dev/null; read`)
+	spec.Process.Capabilities.Bounding = append(spec.Process.Capabilities.Bounding, "CAP_MKNOD")
+	spec.Process.Capabilities.Effective = append(spec.Process.Capabilities.Effective, "CAP_MKNOD")
+	spec.Process.Capabilities.Permitted = append(spec.Process.Capabilities.Permitted, "CAP_MKNOD")
+	spec.Linux.Resources.Devices = append(spec.Linux.Resources.Devices, specs.LinuxDeviceCgroup{Allow: true, Access: "rwm"})
+	out, errOut, status := pods["first"].output(t, "pmem", spec)
+	if sums := strings.Fields(out); status != 0 || len(sums) != 4 || sums[0] != sums[2] {
+		t.Errorf("the guest's write to its agent image: status %d, stdout %q (want the block's sum twice, unchanged), stderr %q", status, out, errOut)
+	}
+	if got := fileSum(t, image); got != imageSum {
+		t.Errorf("the guest changed the agent image %s", image)
+	}
 	if got := templateSums(t, templates); !equalSums(got, sums) {
 		t.Errorf("template files changed while clones ran: before %v, after %v", sums, got)
 	}
+}
+
+// fileSum is the SHA-256 of the file at path.
+func fileSum(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // cloneFiles lists what a template directory holds besides templates (directories named by their key) and
@@ -212,17 +247,7 @@ func templateSums(t *testing.T, dir string) map[string]string {
 	}
 	for _, p := range tpls {
 		rel, _ := filepath.Rel(dir, p)
-		f, err := os.Open(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		h := sha256.New()
-		_, err = io.Copy(h, f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		sums[rel] = hex.EncodeToString(h.Sum(nil))
+		sums[rel] = fileSum(t, p)
 	}
 	if len(sums) != 3 {
 		t.Fatalf("template files %v, want one template's ram, state and inputs", sums)
