@@ -2,8 +2,10 @@ package qemu
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"syscall"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -11,6 +13,85 @@ import (
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
+
+// Config describes one microVM.
+type Config struct {
+	ID string
+	// StateRoot holds one directory per VM; the VM's is StateRoot/ID.
+	StateRoot string
+	// QEMU is the emulator binary (a name looked up in PATH, or a path).
+	QEMU      string
+	Accel     accel.Kind
+	VCPUs     int
+	MemoryMiB int
+	// MemoryFile, when set, backs guest RAM with this file instead of an anonymous memfd.
+	MemoryFile string
+	Kernel     string
+	Initrd     string
+	// AgentImage, when set, is the agent image (config.Assets.AgentImage): template guests and their clones get it
+	// as a read-only virtio-pmem device, and their agent runs from it (agentv1.CmdlineAgentImage). Cold boots
+	// have no use for it: microvm has no memory devices.
+	AgentImage   string
+	KernelParams []string
+	// StopTimeout bounds QMP quit before QEMU is killed.
+	StopTimeout time.Duration
+	// TSCkHz, under TCG, tells the guest kernel the TSC frequency so it skips a calibration that hangs on a busy
+	// host. New fills it from the host when zero.
+	TSCkHz int
+	// Vsock selects the vsock device; empty means VsockVhostUser.
+	Vsock VsockMode
+	// ConsoleToLog copies guest console lines into Log at debug level.
+	ConsoleToLog bool
+	// SharedDir, when set, is exported to the guest as a virtio-fs device with tag virtiofs.Tag, served by a
+	// virtiofsd that starts before QEMU and stops with it.
+	SharedDir string
+	// TBSizeMiB, under TCG, bounds the translated-code cache (0: QEMU's default).
+	TBSizeMiB int
+	// FreePageReporting adds a virtio-balloon device whose guest driver reports freed pages to QEMU.
+	FreePageReporting bool
+	// Nets are the guest's network devices, in order (virtio-net-device, one per tap).
+	Nets []Net
+	// Virtiofsd tunes that daemon (binary, cache mode...); Start sets its SourceDir, SocketPath and Log.
+	Virtiofsd virtiofs.Config
+	Log       *logrus.Entry
+	// User, when set, is who QEMU runs as (Uid, Gid, Groups); Kiln switches before QEMU's exec and passes in
+	// every descriptor QEMU needs. nil runs QEMU as Kiln's own user. virtiofsd stays Kiln's user: it serves the
+	// share with the host's ownership, in its own namespace sandbox.
+	User *syscall.Credential
+	// Cgroup, when true, starts QEMU and virtiofsd in a cgroup of their own (vm/child.Cgroup), named
+	// kiln-vm-<ID>, with a memory limit of MemoryMiB plus MemoryOverheadMiB; it is removed when the VM ends.
+	Cgroup bool
+	// MemoryOverheadMiB is what QEMU and virtiofsd may use beyond guest RAM; 0 means
+	// config.DefaultMemoryOverheadMiB.
+	MemoryOverheadMiB int
+	// TemplateDir, when set, starts the VM from a template of its shape kept there (built by the first VM that
+	// needs it) instead of booting it: see startFromTemplate. When that fails the VM boots, with a warning.
+	TemplateDir string
+	// TemplateMax bounds the templates kept in TemplateDir (least recently used ones go when a new one is built);
+	// 0 keeps every template whose files still exist.
+	TemplateMax int
+
+	// role is what QEMU is started for: a cold boot unless a template is being built or restored.
+	role role
+	// agentImageSize is AgentImage's size, which its device is given (New reads it).
+	agentImageSize int64
+	// templateInputs, for a template or a clone, are the inputs its template is keyed by (templateInputs): the
+	// agent image QEMU gets must be the file they describe.
+	templateInputs string
+
+	// resolvedAssets are Kernel and Initrd as ConfigFrom resolved them (config.ResolveAssets found both files);
+	// Start checks that the files exist only when the paths differ.
+	resolvedAssets config.Assets
+}
+
+// Net is one guest network device backed by a tap the caller opened. QEMU inherits the tap's descriptor; the
+// caller keeps and closes its own.
+type Net struct {
+	Tap *os.File
+	MAC net.HardwareAddr
+	// MTU, when set, is offered to the guest driver (VIRTIO_NET_F_MTU).
+	MTU int
+}
 
 // ConfigFrom turns Kiln's configuration into a machine configuration: it resolves the guest assets and decides
 // the accelerator (logging a warning when it falls back to TCG).
