@@ -48,8 +48,8 @@ func (a Assets) withAgentImage() Assets {
 }
 
 // ResolveAssets returns the configured assets, or the first share directory that holds both files, with the agent
-// image when one is beside the initramfs; either way both files existed when it returned (paths Load's Validate has already found are not looked at again).
-// The error lists every place looked at and how to produce the files.
+// image when one is beside the initramfs; either way both files existed when it returned (paths Load's Validate
+// has already found are not looked at again). The error lists every place looked at and how to produce the files.
 func (c Config) ResolveAssets() (Assets, error) {
 	if c.Hypervisor.Kernel != "" || c.Hypervisor.Initrd != "" {
 		a := Assets{Kernel: c.Hypervisor.Kernel, Initrd: c.Hypervisor.Initrd}

@@ -20,81 +20,61 @@ import (
 	"github.com/kiln-runtime/kiln/vm/accel"
 )
 
+// Template guests and clones are q35 machines whose devices a clone's command line repeats; with an agent image
+// both get it as a read-only, shared virtio-pmem device at the same address, and room for it in their memory map.
+// Cold boots are microvms (no memory devices, so no agent image).
 func TestTemplateAndCloneArgs(t *testing.T) {
 	base := Config{ID: "x", Accel: accel.TCG, VCPUs: 1, MemoryMiB: 256, Kernel: "/k", Initrd: "/i", FreePageReporting: true,
 		SharedDir: "/share", Nets: []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}}}}
 	machine := "-M q35,memory-backend=mem,smbus=off,sata=off"
 	ports := "-device pcie-root-port,id=rp0,chassis=1,bus=pcie.0,addr=0x2"
 	balloon := "-device virtio-balloon-pci,free-page-reporting=on,bus=pcie.0,addr=0x4"
+	pmem := "-device virtio-pmem-pci,memdev=agentimg,id=agentimg0,bus=pcie.0,addr=0x7"
 	tests := []struct {
-		name   string
-		role   role
-		fds    fdLayout
-		want   []string
-		absent []string
+		name       string
+		role       role
+		agentImage bool
+		fds        fdLayout
+		want       []string
+		absent     []string
 	}{
-		{"template", roleTemplate, fdLayout{qmp: 3},
-			[]string{machine, ports, balloon, "kiln.template=1"},
+		{"template", roleTemplate, false, fdLayout{qmp: 3},
+			[]string{machine, ports, balloon, "kiln.template=1", "-m 256M "},
 			// No vhost-user device, no NIC, nothing to restore: the template is booted, then saved through its one
 			// monitor.
-			[]string{"vhost-user", "-netdev", "virtio-net", "-incoming", "microvm", "virtio-mmio", " acpi=off", "id=save"}},
-		{"clone", roleClone, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7},
+			[]string{"vhost-user", "-netdev", "virtio-net", "-incoming", "microvm", "virtio-mmio", " acpi=off", "id=save",
+				"virtio-pmem", "slots=", "kiln.agent_image"}},
+		{"clone", roleClone, false, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7},
 			[]string{machine, ports, balloon, "kiln.template=1", "-chardev socket,id=vsock,fd=4", "-chardev socket,id=fs,fd=5",
 				"-netdev tap,id=net0,fd=6,vhost=off", "-incoming defer", "-kernel /k "},
 			// The devices come by hot-plug once the state is loaded.
 			[]string{"-device vhost-user", "virtio-net", "microvm", "id=save", " acpi=off"}},
-		{"clone with a kernel stub", roleClone, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7, memory: 8, kernel: 9},
+		{"clone with a kernel stub", roleClone, false, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7, memory: 8, kernel: 9},
 			[]string{"-kernel /proc/self/fd/9 ", "-initrd /i ", "mem-path=/proc/self/fd/8,"},
 			[]string{"-kernel /k "}},
-		{"template given a stub", roleTemplate, fdLayout{qmp: 3, kernel: 9},
+		{"template given a stub", roleTemplate, false, fdLayout{qmp: 3, kernel: 9},
 			[]string{"-kernel /k "},
 			[]string{"/proc/self/fd/9"}},
-		{"cold boot", roleCold, fdLayout{qmp: 3, vsockArgs: (&vhostUserVsock{}).qemuArgs(4), virtiofs: 5, firstNet: 6},
-			[]string{"microvm", "-device vhost-user-fs-device", "virtio-net-device"},
-			[]string{"q35", "kiln.template", "-incoming", "pcie-root-port"}},
-		{"template without an agent image", roleTemplate, fdLayout{qmp: 3},
-			[]string{"-m 256M "},
-			[]string{"virtio-pmem", "slots=", "kiln.agent_image"}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			c := base
-			c.role = tt.role
-			checkArgs(t, args(c, tt.fds), tt.want, tt.absent)
-		})
-	}
-}
-
-// Template guests and clones get the agent image as a read-only, shared virtio-pmem device at the same address, and
-// room for it in their memory map; cold boots (microvm, no memory devices) do not.
-func TestAgentImageArgs(t *testing.T) {
-	base := Config{ID: "x", Accel: accel.TCG, VCPUs: 1, MemoryMiB: 256, Kernel: "/k", Initrd: "/i", SharedDir: "/share",
-		AgentImage: "/share/kiln/agent.img", agentImageSize: 10 << 20}
-	device := "-device virtio-pmem-pci,memdev=agentimg,id=agentimg0,bus=pcie.0,addr=0x7"
-	tests := []struct {
-		name   string
-		role   role
-		fds    fdLayout
-		want   []string
-		absent []string
-	}{
-		{"template", roleTemplate, fdLayout{qmp: 3, agentImage: 4},
+		{"cold boot", roleCold, true, fdLayout{qmp: 3, vsockArgs: (&vhostUserVsock{}).qemuArgs(4), virtiofs: 5, firstNet: 6},
+			[]string{"microvm", "-device vhost-user-fs-device", "virtio-net-device", "-m 256M "},
+			[]string{"q35", "kiln.template", "-incoming", "pcie-root-port", "virtio-pmem", "agentimg", "slots=", "kiln.agent_image"}},
+		{"template with the agent image", roleTemplate, true, fdLayout{qmp: 3, agentImage: 4},
 			[]string{"-m 256M,slots=1,maxmem=1280M ", "kiln.agent_image=1",
-				"-object memory-backend-file,id=agentimg,mem-path=/proc/self/fd/4,size=10485760,share=on,readonly=on", device},
+				"-object memory-backend-file,id=agentimg,mem-path=/proc/self/fd/4,size=10485760,share=on,readonly=on", pmem},
 			[]string{"/share/kiln/agent.img"}},
-		{"template's key", roleTemplate, fdLayout{qmp: 3},
-			[]string{"mem-path=/share/kiln/agent.img,size=10485760,", device}, nil},
-		{"clone", roleClone, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7, memory: 8, agentImage: 9},
-			[]string{"-m 256M,slots=1,maxmem=1280M ", "kiln.agent_image=1", "mem-path=/proc/self/fd/9,size=10485760,share=on,readonly=on", device},
+		{"the template's key", roleTemplate, true, fdLayout{qmp: 3},
+			[]string{"mem-path=/share/kiln/agent.img,size=10485760,", pmem}, nil},
+		{"clone with the agent image", roleClone, true, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7, memory: 8, agentImage: 9},
+			[]string{"-m 256M,slots=1,maxmem=1280M ", "kiln.agent_image=1", "mem-path=/proc/self/fd/9,size=10485760,share=on,readonly=on", pmem},
 			nil},
-		{"cold boot", roleCold, fdLayout{qmp: 3, vsockArgs: (&vhostUserVsock{}).qemuArgs(4), virtiofs: 5},
-			[]string{"-m 256M "},
-			[]string{"virtio-pmem", "agentimg", "slots=", "kiln.agent_image"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := base
 			c.role = tt.role
+			if tt.agentImage {
+				c.AgentImage, c.agentImageSize = "/share/kiln/agent.img", 10<<20
+			}
 			checkArgs(t, args(c, tt.fds), tt.want, tt.absent)
 		})
 	}
