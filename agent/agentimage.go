@@ -24,6 +24,9 @@ const fromImageEnv = "KILN_AGENT_FROM_IMAGE"
 // agentImageDevice is the agent image's block device, the guest's only virtio-pmem device.
 const agentImageDevice = "pmem0"
 
+// virtioPmemDriver is the virtio-pmem driver in sysfs, which a kernel built with it registers before /init.
+const virtioPmemDriver = "/sys/bus/virtio/drivers/virtio_pmem"
+
 // Bounds of the wait for agentImageDevice. libnvdimm registers its devices asynchronously, and the kernel does
 // not wait for them before it starts /init.
 const (
@@ -46,6 +49,10 @@ func fromImage() bool {
 // runs before the agent starts anything, with /proc, /sys and /run mounted but not /dev.
 func runFromImage(log *logrus.Entry) error {
 	start := time.Now()
+	// A kernel without the driver would have the agent wait for a device that never comes.
+	if _, err := os.Stat(virtioPmemDriver); err != nil {
+		return fmt.Errorf("agent image: the guest kernel has no virtio-pmem driver (VIRTIO_PMEM): %w", err)
+	}
 	devNum, err := waitBlockDevice(agentImageDevice, agentImageWaitTimeout, agentImageWaitInterval)
 	if err != nil {
 		return err
@@ -174,8 +181,9 @@ func sameContent(a, b string) (bool, error) {
 	}
 }
 
-// runsFromImage reports whether the agent runs from the agent image (runFromImage).
-func runsFromImage() bool {
-	exe, err := os.Executable()
-	return err == nil && exe == filepath.Join(agentv1.GuestAgentImageDir, agentv1.AgentImageBinary)
+// hasAgentImageDevice reports whether the agent image's block device exists, whether or not the agent runs from
+// it.
+func hasAgentImageDevice() bool {
+	_, err := os.Stat(filepath.Join("/sys/block", agentImageDevice))
+	return err == nil
 }

@@ -25,11 +25,12 @@ func PowerOff(log *logrus.Entry) {
 	}
 	log.Info("powering off")
 	unix.Sync()
-	if runsFromImage() {
+	if hasAgentImageDevice() {
 		// QEMU 7.2's virtio-pmem device has no migration state: in a template's clone it is left reset, and
 		// ignores the guest's requests. The kernel's orderly restart would wait forever for the flush that
-		// nd_pmem's shutdown asks of it. The emergency restart skips the devices' shutdown, which has nothing
-		// to do here once the file systems are synced.
+		// nd_pmem's shutdown asks of the agent image's device (whether or not the agent runs from it). The
+		// emergency restart skips the devices' shutdown, which has nothing to do here once the file systems
+		// are synced.
 		if err := os.WriteFile("/proc/sysrq-trigger", []byte("b"), 0); err != nil {
 			log.WithError(err).Error("emergency restart failed; restarting in order")
 		}
