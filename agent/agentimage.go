@@ -71,6 +71,10 @@ func runFromImage(log *logrus.Entry) error {
 	if err := unix.Mount(node, dir, "ext2", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, "dax"); err != nil {
 		return fmt.Errorf("mount the agent image (%s) on %s: %w", agentImageDevice, dir, err)
 	}
+	// The mount holds the device; the node goes now, since a successful exec runs no deferred call.
+	if err := os.Remove(node); err != nil {
+		log.WithError(err).Warn("remove the agent image's device node")
+	}
 	bin := filepath.Join(dir, agentv1.AgentImageBinary)
 	if err := checkImageBinary(bin); err != nil {
 		if uerr := unix.Unmount(dir, 0); uerr != nil {
