@@ -144,27 +144,24 @@ func testOOM(t *testing.T, v *containerVM) {
 	if e.Status != 137 {
 		t.Errorf("status %d, want 137 (killed by the OOM killer); stderr %q", e.Status, errOut.String())
 	}
-	// The OOM event comes from the cgroup's events file and may trail the exit a little.
-	deadline := time.Now().Add(10 * time.Second)
-	sawOOM := func() bool {
+	// The OOM event comes from the cgroup's events file, and the exit event on the event stream: either may
+	// trail Wait's answer, and they come in either order.
+	saw := func(kind container.EventKind, status uint32) bool {
 		for _, ev := range v.eventsFor("oom") {
-			if ev.Kind == container.EventOOM {
+			if ev.Kind == kind && ev.ExitStatus == status {
 				return true
 			}
 		}
 		return false
 	}
-	for !sawOOM() && time.Now().Before(deadline) {
+	deadline := time.Now().Add(10 * time.Second)
+	for !(saw(container.EventOOM, 0) && saw(container.EventExit, 137)) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	if !sawOOM() {
+	if !saw(container.EventOOM, 0) {
 		t.Errorf("no OOM event for the container; events seen: %+v", v.eventsFor("oom"))
 	}
-	var sawExit bool
-	for _, ev := range v.eventsFor("oom") {
-		sawExit = sawExit || (ev.Kind == container.EventExit && ev.ExitStatus == 137)
-	}
-	if !sawExit {
+	if !saw(container.EventExit, 137) {
 		t.Errorf("no exit event with status 137: %+v", v.eventsFor("oom"))
 	}
 }
