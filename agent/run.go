@@ -145,6 +145,8 @@ func Run(ctx context.Context, cfg Config) {
 			warmForClones(log, cfg.Warm)
 			guest.AnnounceTemplate(ctx, logger.Out)
 		}()
+	} else {
+		go AnnounceReady(log)
 	}
 
 	requested, err := waitForShutdown(log, shutdown, signals, served)

@@ -122,6 +122,22 @@ func (m *Machine) DialVsock(ctx context.Context, port uint32) (net.Conn, error) 
 	return c, nil
 }
 
+// ListenVsock accepts the guest's connections to host port port, while the VM runs, with Kiln's own vsock device;
+// with the kernel's vhost-vsock it fails with errdefs.ErrNotImplemented (the host's vsock ports are shared by all
+// its VMs).
+func (m *Machine) ListenVsock(port uint32) (net.Listener, error) {
+	select {
+	case <-m.exited:
+		return nil, fmt.Errorf("listen on vsock port %d of vm %s: %w", port, m.cfg.ID, m.ExitError())
+	default:
+	}
+	l, err := m.vsock.listen(port)
+	if err != nil {
+		return nil, fmt.Errorf("listen on vsock port %d of vm %s: %w", port, m.cfg.ID, err)
+	}
+	return l, nil
+}
+
 // VsockPath is the hybrid vsock Unix socket: guest connections to host port P go to VsockPath()+"_P". It is
 // empty in kernel vhost-vsock mode, where they go to host AF_VSOCK listeners instead.
 func (m *Machine) VsockPath() string {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"unsafe"
 
+	"github.com/containerd/errdefs"
 	mdvsock "github.com/mdlayher/vsock"
 	"golang.org/x/sys/unix"
 )
@@ -104,6 +105,12 @@ func (k *kernelVsock) dial(ctx context.Context, port uint32) (net.Conn, error) {
 		}()
 		return nil, ctx.Err()
 	}
+}
+
+// listen is not offered: a host AF_VSOCK port is one for every guest on the host, not the VM's own.
+func (k *kernelVsock) listen(port uint32) (net.Listener, error) {
+	return nil, fmt.Errorf("listen on host vsock port %d: the kernel's vhost-vsock shares host ports between all VMs: %w",
+		port, errdefs.ErrNotImplemented)
 }
 
 func (k *kernelVsock) close() error { return k.dev.Close() }

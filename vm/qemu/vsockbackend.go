@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 
+	"github.com/containerd/errdefs"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/vm/vhostuser"
@@ -34,6 +35,8 @@ type vsockBackend interface {
 	// started is called once QEMU runs (or failed to), so the backend can drop what only QEMU needs.
 	started()
 	dial(ctx context.Context, port uint32) (net.Conn, error)
+	// listen accepts the guest's connections to host port port.
+	listen(port uint32) (net.Listener, error)
 	close() error
 }
 
@@ -120,6 +123,12 @@ func (v *vhostUserVsock) dial(ctx context.Context, port uint32) (net.Conn, error
 	return vsock.Dial(ctx, v.udsPath, port)
 }
 
+// listen listens where the device connects the guest's connections to port (the hybrid vsock convention); the
+// listener removes its socket when closed.
+func (v *vhostUserVsock) listen(port uint32) (net.Listener, error) {
+	return net.Listen("unix", fmt.Sprintf("%s_%d", v.udsPath, port))
+}
+
 // close ends the device and reports what it dropped or cut short over the VM's life, if anything, so a limit
 // the guest ran into shows in the shim's log once.
 func (v *vhostUserVsock) close() error {
@@ -144,4 +153,7 @@ func (noVsock) started()              {}
 func (noVsock) close() error          { return nil }
 func (noVsock) dial(context.Context, uint32) (net.Conn, error) {
 	return nil, fmt.Errorf("a template guest has no vsock device")
+}
+func (noVsock) listen(uint32) (net.Listener, error) {
+	return nil, fmt.Errorf("a template guest has no vsock device: %w", errdefs.ErrNotImplemented)
 }

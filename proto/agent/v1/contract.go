@@ -10,6 +10,10 @@ const (
 	// PortForwardPort is the vsock port for port-forward connections: one connection per forwarded stream, opened
 	// by the host, introduced by a request line (see portforward.go).
 	PortForwardPort = 1026
+	// ReadyPort is the host port a booting guest's agent connects to once its API listens, and closes at once:
+	// the host, listening there while the guest boots, dials the API then instead of polling a guest whose every
+	// refused attempt interrupts its boot. Template guests do not connect (their clones' agents already listen).
+	ReadyPort = 1027
 	// SharedFSTag is the virtio-fs tag of the host's per-VM shared directory.
 	SharedFSTag = "kiln-shared"
 	// GuestSharedDir is where the agent mounts the shared directory in the guest; container root filesystems and
