@@ -19,6 +19,11 @@ func TestBootGuestInfo(t *testing.T) {
 	share := requireVM(t)
 	m := testMachine(t, filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img"), nil)
 	sb := startSandbox(t, m, 60*time.Second)
+	// A booting agent tells the host when it listens, so the host need not poll (each refused dial interrupts
+	// the guest's boot).
+	if !sb.Announced() {
+		t.Error("the booting guest's agent did not announce itself on the host's ready port")
+	}
 	asked := time.Now()
 	info, err := sb.GuestInfo(context.Background())
 	if err != nil {

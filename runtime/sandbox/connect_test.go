@@ -106,6 +106,9 @@ func TestConnectWaitsForTheAgentsAnnouncement(t *testing.T) {
 			if bm.dials != 2 {
 				t.Errorf("dialled the agent %d times, want 2 (refused, then answered)", bm.dials)
 			}
+			if s.Announced() != tt.announces {
+				t.Errorf("Announced() = %v, want %v", s.Announced(), tt.announces)
+			}
 			if tt.plain {
 				if bm.readyPath != "" {
 					t.Errorf("listened at %s on a machine without ListenVsock", bm.readyPath)

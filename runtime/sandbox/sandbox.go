@@ -69,6 +69,8 @@ type Sandbox struct {
 
 	// announcedRetry is announcedRetryInterval but in tests.
 	announcedRetry time.Duration
+	// announced: the agent announced that it listens before it answered (see Announced).
+	announced bool
 
 	streamsMu sync.Mutex
 	streams   []*ttrpc.Client // extra connections for long-lived streams; closed first on Stop
@@ -136,6 +138,7 @@ func (s *Sandbox) connect(ctx context.Context) error {
 					_ = client.Close()
 					return err
 				}
+				s.announced = announcements > 0
 				s.opts.Log.WithFields(logrus.Fields{"dials": dials, "announced": announcements}).Debug("agent answered")
 				return nil
 			}
@@ -191,6 +194,10 @@ func (s *Sandbox) listenReady() (<-chan struct{}, time.Duration, func()) {
 	}()
 	return announced, s.announcedRetry, func() { _ = l.Close() }
 }
+
+// Announced says whether the agent announced that it listens (agentv1.ReadyPort) before it answered: a booting
+// guest's agent does, with Kiln's own vsock device; a restored clone's already listens and is answered at once.
+func (s *Sandbox) Announced() bool { return s.announced }
 
 // seed gives the guest fresh entropy and the host's wall clock before anything else runs there (see
 // agentv1.SeedGuestRequest).
