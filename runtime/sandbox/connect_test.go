@@ -96,8 +96,9 @@ func TestConnectWaitsForTheAgentsAnnouncement(t *testing.T) {
 			if tt.plain {
 				m = plainMachine{b: bm}
 			}
-			s := &Sandbox{m: m, announcedRetry: tt.retry, opts: Options{
-				DialTimeout: time.Minute, RequestTimeout: time.Minute, Log: logrus.NewEntry(logrus.New()),
+			s := &Sandbox{m: m, opts: Options{
+				DialTimeout: time.Minute, RequestTimeout: time.Minute, RedialInterval: tt.retry,
+				Log: logrus.NewEntry(logrus.New()),
 			}}
 			if err := s.connect(context.Background()); err != nil {
 				t.Fatalf("connect = %v", err)

@@ -31,8 +31,8 @@ const firstHealthTimeout = time.Second
 // every 5 ms took about 40 ms off a cold boot's progress by the time its agent listened.
 const dialRetryInterval = 5 * time.Millisecond
 
-// announcedRetryInterval is the retry interval when the agent announces itself on agentv1.ReadyPort: the
-// announcement ends the wait, and the retries only cover an agent that does not announce (another version).
+// announcedRetryInterval is Options.RedialInterval's default: the announcement ends the wait, and the retries
+// only cover an agent that does not announce (another version).
 const announcedRetryInterval = 100 * time.Millisecond
 
 // readyListener is a machine whose guest can connect to the host: a booting agent connects to
@@ -53,7 +53,11 @@ type Options struct {
 	HostVersion string
 	// ShutdownTimeout bounds the wait for the guest to power off after the agent's Shutdown.
 	ShutdownTimeout time.Duration
-	Log             *logrus.Entry
+	// RedialInterval is how long the host waits, after a refused dial, for a booting agent's announcement
+	// (agentv1.ReadyPort) before it dials again; zero means 100 ms. A machine whose guest cannot connect to the
+	// host is dialled every 5 ms instead.
+	RedialInterval time.Duration
+	Log            *logrus.Entry
 }
 
 // Sandbox is a booted microVM with a connected agent.
@@ -67,8 +71,6 @@ type Sandbox struct {
 	ctrs   agentv1.ContainersClient
 	net    agentv1.NetworkService
 
-	// announcedRetry is announcedRetryInterval but in tests.
-	announcedRetry time.Duration
 	// announced: the agent announced that it listens before it answered (see Announced).
 	announced bool
 
@@ -92,10 +94,13 @@ func Start(ctx context.Context, m vm.Machine, opts Options) (*Sandbox, error) {
 	if opts.ShutdownTimeout <= 0 {
 		opts.ShutdownTimeout = 3 * time.Second
 	}
+	if opts.RedialInterval <= 0 {
+		opts.RedialInterval = announcedRetryInterval
+	}
 	if err := m.Start(ctx); err != nil {
 		return nil, err
 	}
-	s := &Sandbox{m: m, opts: opts, announcedRetry: announcedRetryInterval}
+	s := &Sandbox{m: m, opts: opts}
 	if err := s.connect(ctx); err != nil {
 		_ = m.Stop(context.WithoutCancel(ctx))
 		return nil, fmt.Errorf("start sandbox %s: %w", m.ID(), err)
@@ -192,7 +197,7 @@ func (s *Sandbox) listenReady() (<-chan struct{}, time.Duration, func()) {
 			}
 		}
 	}()
-	return announced, s.announcedRetry, func() { _ = l.Close() }
+	return announced, s.opts.RedialInterval, func() { _ = l.Close() }
 }
 
 // Announced says whether the agent announced that it listens (agentv1.ReadyPort) before it answered: a booting
