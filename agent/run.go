@@ -78,9 +78,10 @@ func Run(ctx context.Context, cfg Config) {
 	signal.Notify(signals, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT,
 		unix.SIGUSR1, unix.SIGUSR2, unix.SIGPWR)
 
-	// The guest's uptime here, beside the kernel's "Run /init" console line,
-	// shows what the exec of /init and the Go runtime's start cost.
-	log.WithFields(logrus.Fields{"version": cfg.Version, "uptime": sinceBoot()}).Info("kiln agent starting")
+	// The guest's uptime here, beside the kernel's "Run /init" console line, shows what the exec of /init and
+	// the Go runtime's start cost. It is logged once the API listens: under emulation the first log line costs
+	// tens of milliseconds (logrus's formatter runs for the first time, and the serial console is emulated too).
+	started := sinceBoot()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	guest, err := Init(ctx, logger)
@@ -139,7 +140,9 @@ func Run(ctx context.Context, cfg Config) {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ctx, l) }()
 
-	log.WithFields(logrus.Fields{"port": APIPort, "init": time.Since(startedAt), "uptime": sinceBoot()}).Info("agent API ready")
+	log.WithFields(logrus.Fields{
+		"version": cfg.Version, "port": APIPort, "started": started, "init": time.Since(startedAt), "uptime": sinceBoot(),
+	}).Info("agent API ready")
 	if guest.Template() {
 		go func() {
 			warmForClones(log, cfg.Warm)
