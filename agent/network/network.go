@@ -159,6 +159,45 @@ func (p *Pod) ConfigureNetwork(ctx context.Context, req *agentv1.ConfigureNetwor
 	return &agentv1.ConfigureNetworkResponse{}, nil
 }
 
+// RehearseNetwork implements agentv1.NetworkService: it configures the request as ConfigureNetwork would, in a
+// namespace of its own beside the pod's, then deletes that namespace, whose interfaces go back to the guest's
+// root namespace for the host to unplug. The pod's namespace is not touched. A spare's warm-up sends it for a
+// throwaway NIC: under TCG the pod's own NICs then find the guest's hot-plug, virtio-net and netlink paths
+// translated. Once the pod's network is configured there is nothing left to rehearse, and it is refused.
+func (p *Pod) RehearseNetwork(ctx context.Context, req *agentv1.ConfigureNetworkRequest) (*agentv1.ConfigureNetworkResponse, error) {
+	set, err := parseRequest(req)
+	if err != nil {
+		return nil, fmt.Errorf("rehearse network: %w", err)
+	}
+	// Held throughout: the rehearsal renames devices in the root namespace as the pod's configuration does.
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.configured {
+		return nil, errors.New("rehearse network: the pod's network is configured already")
+	}
+	stage := &Pod{path: p.path + ".rehearsal", log: p.log}
+	if err := stage.ensure(); err != nil {
+		return nil, fmt.Errorf("rehearse network: %w", err)
+	}
+	err = stage.configure(ctx, set)
+	if rerr := remove(stage.path); rerr != nil {
+		err = errors.Join(err, fmt.Errorf("delete network namespace %s: %w", stage.path, rerr))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("rehearse network: %w", err)
+	}
+	return &agentv1.ConfigureNetworkResponse{}, nil
+}
+
+// remove unbinds the namespace create bound on path, and removes the file. The kernel deletes the namespace once
+// nothing holds it, moving its devices back to the root namespace.
+func remove(path string) error {
+	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
+		return err
+	}
+	return os.Remove(path)
+}
+
 func (p *Pod) configure(ctx context.Context, set *setup) error {
 	root, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {

@@ -16,7 +16,8 @@ const spareConfig = "[hypervisor]\nfast_start = \"template\"\nspare = true\n"
 
 // With hypervisor.spare, a pod's sandbox runs in a spare shim's warm VM: the pod's network namespace, set up by
 // CNI, is mirrored into the running VM (its NIC hot-plugged), and the pod serves the host at its CRI address as
-// any pod does.
+// any pod does. The spare rehearsed a network on a throwaway NIC while it warmed, which left nothing in the guest
+// that the pod's own network minds.
 func TestKilnSparePod(t *testing.T) {
 	e := startEnv(t, Options{Handlers: []string{HandlerKiln}, KilnConfigExtra: spareConfig})
 	// The harness's stop stops the spare (containerd.StopSpare) and fails the test if it leaves anything.
@@ -50,5 +51,8 @@ func TestKilnSparePod(t *testing.T) {
 	}
 	if n := strings.Count(string(log), "the spare shim's warm VM runs the task"); n != 1 {
 		t.Errorf("%d pods ran in a spare's VM, want the second one", n)
+	}
+	if !strings.Contains(string(log), "network_rehearsed=true") {
+		t.Error("no spare rehearsed the network on a throwaway NIC while it warmed")
 	}
 }

@@ -2,9 +2,11 @@ package pod
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -32,36 +34,37 @@ const warmID = "kiln-warm"
 // Warm runs one throwaway container in the guest and removes it, so that the guest (and, under TCG, its QEMU,
 // which translates guest code the first time it runs) has been through a container's whole path before a task's
 // first container comes: a spare's pod. The container is containerd's default one with the runtime's default
-// seccomp profile; its program is the agent's own binary, which exits at once (agentv1.WarmExitEnv).
-func (p *Pod) Warm(ctx context.Context) error {
+// seccomp profile; its program is the agent's own binary, which exits at once (agentv1.WarmExitEnv). A VM with
+// hot-plug then rehearses a pod's network on a throwaway NIC.
+func (p *Pod) Warm(ctx context.Context) (WarmUp, error) {
 	dir, err := os.MkdirTemp(p.cfg.Runtime.StateDir, p.id+".warm-")
 	if err != nil {
-		return fmt.Errorf("warm pod %s: %w", p.id, err)
+		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
 	defer os.RemoveAll(dir)
 	if err := os.Mkdir(filepath.Join(dir, "rootfs"), 0o755); err != nil {
-		return fmt.Errorf("warm pod %s: %w", p.id, err)
+		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
 	spec, err := oci.GenerateSpec(namespaces.WithNamespace(ctx, "kiln"), nil, &containers.Container{ID: warmID},
 		oci.WithRootFSPath("rootfs"), oci.WithProcessArgs("/proc/self/exe"), oci.WithEnv([]string{agentv1.WarmExitEnv + "=1"}),
 		seccomp.WithDefaultProfile())
 	if err != nil {
-		return fmt.Errorf("warm pod %s: spec: %w", p.id, err)
+		return WarmUp{}, fmt.Errorf("warm pod %s: spec: %w", p.id, err)
 	}
 	raw, err := json.Marshal(spec)
 	if err != nil {
-		return fmt.Errorf("warm pod %s: spec: %w", p.id, err)
+		return WarmUp{}, fmt.Errorf("warm pod %s: spec: %w", p.id, err)
 	}
 	if err := os.WriteFile(filepath.Join(dir, "config.json"), raw, 0o600); err != nil {
-		return fmt.Errorf("warm pod %s: %w", p.id, err)
+		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
 	b, err := bundle.Load(dir)
 	if err != nil {
-		return fmt.Errorf("warm pod %s: %w", p.id, err)
+		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
 	c, err := p.CreateContainer(ctx, ContainerOptions{ID: warmID, Bundle: b, IO: stdio.IO{}})
 	if err != nil {
-		return fmt.Errorf("warm pod %s: %w", p.id, err)
+		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
 	err = c.Start(ctx)
 	if err == nil {
@@ -74,9 +77,68 @@ func (p *Pod) Warm(ctx context.Context) error {
 		err = derr
 	}
 	if err != nil {
-		return fmt.Errorf("warm pod %s: %w", p.id, err)
+		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
-	return nil
+	rehearsed, err := p.rehearseNetwork(ctx)
+	if err != nil {
+		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
+	}
+	return WarmUp{NetworkRehearsed: rehearsed}, nil
+}
+
+// WarmUp is what Warm did beyond its container.
+type WarmUp struct {
+	// NetworkRehearsed says the guest configured a throwaway NIC, hot-plugged and unplugged again.
+	NetworkRehearsed bool
+}
+
+// rehearsal is the network a spare's warm-up configures on its throwaway NIC: what a CNI plugin gives a pod, in
+// the documentation ranges, in a guest namespace that is deleted afterwards.
+func rehearsal(mac net.HardwareAddr) *agentv1.ConfigureNetworkRequest {
+	return &agentv1.ConfigureNetworkRequest{
+		Interfaces: []*agentv1.Interface{{Name: "eth0", Mac: mac.String(), Mtu: rehearsalMTU, Addresses: []string{"192.0.2.2/24", "2001:db8::2/64"}}},
+		Routes: []*agentv1.Route{
+			{Gateway: "192.0.2.1", Device: "eth0", Family: 4},
+			{Gateway: "2001:db8::1", Device: "eth0", Family: 6},
+		},
+		Neighbours: []*agentv1.Neighbour{{Device: "eth0", Ip: "192.0.2.1", Mac: "02:00:5e:00:02:01"}},
+	}
+}
+
+// rehearsalMTU is the throwaway NIC's MTU, offered to the guest's driver as a pod's NIC's is.
+const rehearsalMTU = 1500
+
+// rehearseNetwork has the guest configure a throwaway NIC as it would a pod's network, and unplugs it
+// (qemu.Machine.RehearseNIC): the steps between a spare's adoption by a pod with a network and its first
+// container, hot-plug and configuration, then find the guest's paths translated. A VM without hot-plug (booted
+// cold when its template failed) takes no pod with a network, and has nothing to rehearse: false.
+func (p *Pod) rehearseNetwork(ctx context.Context) (bool, error) {
+	m, ok := p.sb.Machine().(nicRehearser)
+	if !ok || !m.Hotplug() {
+		return false, nil
+	}
+	mac := make(net.HardwareAddr, 6)
+	if _, err := rand.Read(mac); err != nil {
+		return false, fmt.Errorf("rehearse the network: %w", err)
+	}
+	// Unicast and locally administered.
+	mac[0] = mac[0]&^0x01 | 0x02
+	start := time.Now()
+	err := m.RehearseNIC(ctx, mac, rehearsalMTU, func(ctx context.Context) error {
+		_, err := p.sb.Network().RehearseNetwork(ctx, rehearsal(mac))
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("rehearse the network: %w", err)
+	}
+	p.log.WithField("took", time.Since(start).Round(time.Millisecond)).Debug("network rehearsed on a throwaway NIC")
+	return true, nil
+}
+
+// nicRehearser is a running VM that may take a throwaway NIC (qemu.Machine).
+type nicRehearser interface {
+	Hotplug() bool
+	RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int, guest func(context.Context) error) error
 }
 
 // Refuses says why first's pod, of base (the Kiln configuration, before sizing), cannot be this spare's pod: it

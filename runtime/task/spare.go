@@ -29,8 +29,9 @@ const SpareNice = 19
 // Spare is the pod of a spare shim (runtime/spare): booted and warmed before the shim knew its task. The task
 // service's first Create takes it when it fits the task, and stops it otherwise.
 type Spare struct {
-	pod *pod.Pod
-	cfg config.Config
+	pod  *pod.Pod
+	cfg  config.Config
+	warm pod.WarmUp
 
 	mu  sync.Mutex
 	svc *Service
@@ -96,11 +97,12 @@ func BootSpare(ctx context.Context, configPath, shape, version string, log *logr
 	if err != nil {
 		return nil, err
 	}
-	if err := p.Warm(ctx); err != nil {
+	warm, err := p.Warm(ctx)
+	if err != nil {
 		_ = p.Close(context.WithoutCancel(ctx))
 		return nil, err
 	}
-	sp.pod = p
+	sp.pod, sp.warm = p, warm
 	return sp, nil
 }
 
@@ -204,7 +206,7 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 	err = sp.pod.Adopt(ctx, cfg, first)
 	if err == nil {
 		p := sp.pod
-		log.WithFields(logrus.Fields{"sandbox": p.ID(), "took": time.Since(start)}).Info("the spare shim's warm VM runs the task")
+		log.WithFields(logrus.Fields{"sandbox": p.ID(), "took": time.Since(start), "network_rehearsed": sp.warm.NetworkRehearsed}).Info("the spare shim's warm VM runs the task")
 		return p, nil, nil
 	}
 	if errors.Is(err, pod.ErrHook) {

@@ -393,9 +393,10 @@ const file_agent_v1_network_proto_rawDesc = "" +
 	"\tNeighbour\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x0e\n" +
 	"\x02ip\x18\x02 \x01(\tR\x02ip\x12\x10\n" +
-	"\x03mac\x18\x03 \x01(\tR\x03mac2n\n" +
+	"\x03mac\x18\x03 \x01(\tR\x03mac2\xd2\x01\n" +
 	"\aNetwork\x12c\n" +
-	"\x10ConfigureNetwork\x12&.kiln.agent.v1.ConfigureNetworkRequest\x1a'.kiln.agent.v1.ConfigureNetworkResponseB5Z3github.com/kiln-runtime/kiln/proto/agent/v1;agentv1b\x06proto3"
+	"\x10ConfigureNetwork\x12&.kiln.agent.v1.ConfigureNetworkRequest\x1a'.kiln.agent.v1.ConfigureNetworkResponse\x12b\n" +
+	"\x0fRehearseNetwork\x12&.kiln.agent.v1.ConfigureNetworkRequest\x1a'.kiln.agent.v1.ConfigureNetworkResponseB5Z3github.com/kiln-runtime/kiln/proto/agent/v1;agentv1b\x06proto3"
 
 var (
 	file_agent_v1_network_proto_rawDescOnce sync.Once
@@ -422,9 +423,11 @@ var file_agent_v1_network_proto_depIdxs = []int32{
 	3, // 1: kiln.agent.v1.ConfigureNetworkRequest.routes:type_name -> kiln.agent.v1.Route
 	4, // 2: kiln.agent.v1.ConfigureNetworkRequest.neighbours:type_name -> kiln.agent.v1.Neighbour
 	0, // 3: kiln.agent.v1.Network.ConfigureNetwork:input_type -> kiln.agent.v1.ConfigureNetworkRequest
-	1, // 4: kiln.agent.v1.Network.ConfigureNetwork:output_type -> kiln.agent.v1.ConfigureNetworkResponse
-	4, // [4:5] is the sub-list for method output_type
-	3, // [3:4] is the sub-list for method input_type
+	0, // 4: kiln.agent.v1.Network.RehearseNetwork:input_type -> kiln.agent.v1.ConfigureNetworkRequest
+	1, // 5: kiln.agent.v1.Network.ConfigureNetwork:output_type -> kiln.agent.v1.ConfigureNetworkResponse
+	1, // 6: kiln.agent.v1.Network.RehearseNetwork:output_type -> kiln.agent.v1.ConfigureNetworkResponse
+	5, // [5:7] is the sub-list for method output_type
+	3, // [3:5] is the sub-list for method input_type
 	3, // [3:3] is the sub-list for extension type_name
 	3, // [3:3] is the sub-list for extension extendee
 	0, // [0:3] is the sub-list for field type_name

@@ -9,6 +9,7 @@ import (
 
 type NetworkService interface {
 	ConfigureNetwork(context.Context, *ConfigureNetworkRequest) (*ConfigureNetworkResponse, error)
+	RehearseNetwork(context.Context, *ConfigureNetworkRequest) (*ConfigureNetworkResponse, error)
 }
 
 func RegisterNetworkService(srv *ttrpc.Server, svc NetworkService) {
@@ -20,6 +21,13 @@ func RegisterNetworkService(srv *ttrpc.Server, svc NetworkService) {
 					return nil, err
 				}
 				return svc.ConfigureNetwork(ctx, &req)
+			},
+			"RehearseNetwork": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ConfigureNetworkRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.RehearseNetwork(ctx, &req)
 			},
 		},
 	})
@@ -38,6 +46,14 @@ func NewNetworkClient(client *ttrpc.Client) NetworkService {
 func (c *networkClient) ConfigureNetwork(ctx context.Context, req *ConfigureNetworkRequest) (*ConfigureNetworkResponse, error) {
 	var resp ConfigureNetworkResponse
 	if err := c.client.Call(ctx, "kiln.agent.v1.Network", "ConfigureNetwork", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *networkClient) RehearseNetwork(ctx context.Context, req *ConfigureNetworkRequest) (*ConfigureNetworkResponse, error) {
+	var resp ConfigureNetworkResponse
+	if err := c.client.Call(ctx, "kiln.agent.v1.Network", "RehearseNetwork", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

@@ -1,0 +1,88 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"time"
+)
+
+// Bounds of RehearseNIC's unplug: the guest ejects the device through ACPI, in milliseconds when it is alive.
+const (
+	rehearsalUnplugTimeout = 10 * time.Second
+	rehearsalUnplugPoll    = 10 * time.Millisecond
+)
+
+// Hotplug says whether the running VM takes devices (PlugNets, RehearseNIC): it was restored from a template.
+func (m *Machine) Hotplug() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.restored && m.qmp != nil
+}
+
+// RehearseNIC hot-plugs a throwaway NIC with the given MAC and MTU into a running VM restored from a template, on
+// the root port of its last NIC, runs guest (which has the guest configure it), then unplugs it and waits until the
+// guest has let it go, so that the port is free for PlugNets again. Its back end is a QEMU hub port with nothing
+// else on it: no host device, and what the guest sends goes nowhere. It is a spare's warm-up: under TCG the pod's
+// own NICs then find the guest's hot-plug, virtio-net and network configuration paths translated. The caller
+// plugs nothing else meanwhile.
+func (m *Machine) RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int, guest func(context.Context) error) error {
+	m.mu.Lock()
+	q, restored, have := m.qmp, m.restored, len(m.cfg.Nets)+m.plugged
+	m.mu.Unlock()
+	if !restored || q == nil {
+		return fmt.Errorf("rehearse a NIC in vm %s: only a VM restored from a template has hot-plug", m.cfg.ID)
+	}
+	idx := maxCloneNets - 1
+	if have > idx {
+		return fmt.Errorf("rehearse a NIC in vm %s: the root port it would take holds a NIC", m.cfg.ID)
+	}
+	dev := nicDevice(idx, Net{MAC: mac, MTU: mtu})
+	id, netdev := dev["id"].(string), dev["netdev"].(string)
+	if err := q.execute(ctx, "netdev_add", map[string]any{"type": "hubport", "id": netdev, "hubid": 0}, nil); err != nil {
+		return fmt.Errorf("rehearse a NIC in vm %s: %w", m.cfg.ID, err)
+	}
+	err := q.execute(ctx, "device_add", dev, nil)
+	if err == nil {
+		err = guest(ctx)
+		// The device goes whatever the guest made of it; an unplug the guest does not finish is an error.
+		err = errors.Join(err, unplug(ctx, q, id))
+	}
+	if derr := q.execute(ctx, "netdev_del", map[string]any{"id": netdev}, nil); derr != nil {
+		err = errors.Join(err, derr)
+	}
+	if err != nil {
+		return fmt.Errorf("rehearse a NIC in vm %s: %w", m.cfg.ID, err)
+	}
+	return nil
+}
+
+// unplug asks for the device id's removal and waits until QEMU has removed it: after the guest has ejected it.
+func unplug(ctx context.Context, q *qmpConn, id string) error {
+	if err := q.execute(ctx, "device_del", map[string]any{"id": id}, nil); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, rehearsalUnplugTimeout)
+	defer cancel()
+	for {
+		var props []qomProperty
+		if err := q.execute(ctx, "qom-list", map[string]any{"path": "/machine/peripheral"}, &props); err != nil {
+			return fmt.Errorf("wait for device %s's removal: %w", id, err)
+		}
+		if !slices.ContainsFunc(props, func(p qomProperty) bool { return p.Name == id }) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("device %s: the guest did not release it within %v: %w", id, rehearsalUnplugTimeout, ctx.Err())
+		case <-time.After(rehearsalUnplugPoll):
+		}
+	}
+}
+
+// qomProperty is one entry of QMP qom-list's answer: a child device is a property named by its id.
+type qomProperty struct {
+	Name string `json:"name"`
+}

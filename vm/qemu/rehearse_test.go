@@ -1,0 +1,83 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// RehearseNIC plugs its NIC on a hub port, runs the guest's part, unplugs the NIC and waits until QEMU has removed
+// it, and removes the back end whatever failed on the way; a VM without hot-plug takes none.
+func TestRehearseNIC(t *testing.T) {
+	const (
+		ok      = `{"return": {}}`
+		present = `{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}, {"name": "nic1", "type": "child<virtio-net-pci>"}]}`
+		gone    = `{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}]}`
+		refused = `{"error": {"class": "GenericError", "desc": "Bus 'rp3' does not support hotplugging"}}`
+	)
+	guestErr := errors.New("the agent said no")
+	cases := []struct {
+		name     string
+		answers  []string
+		guest    error
+		want     []string
+		wantErr  string
+		guestRan bool
+	}{
+		{name: "rehearsed", answers: []string{ok, ok, ok, present, present, gone, ok}, guestRan: true,
+			want: []string{"netdev_add", "device_add", "device_del", "qom-list", "qom-list", "qom-list", "netdev_del"}},
+		{name: "device refused", answers: []string{ok, refused, ok}, wantErr: "does not support hotplugging",
+			want: []string{"netdev_add", "device_add", "netdev_del"}},
+		{name: "guest failed", answers: []string{ok, ok, ok, gone, ok}, guest: guestErr, guestRan: true, wantErr: "the agent said no",
+			want: []string{"netdev_add", "device_add", "device_del", "qom-list", "netdev_del"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			path, got := fakeQMP(t, append([]string{ok}, tc.answers...)...)
+			ctx := context.Background()
+			q, err := dialQMP(ctx, path, make(chan struct{}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer q.close()
+			<-got // qmp_capabilities
+			m := &Machine{cfg: Config{ID: "t"}, qmp: q, restored: true}
+			if !m.Hotplug() {
+				t.Fatal("a restored VM says it has no hot-plug")
+			}
+			ran := false
+			err = m.RehearseNIC(ctx, net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error {
+				ran = true
+				return tc.guest
+			})
+			if tc.wantErr == "" && err != nil || tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
+				t.Errorf("RehearseNIC = %v, want error %q", err, tc.wantErr)
+			}
+			if ran != tc.guestRan {
+				t.Errorf("guest ran: %v, want %v", ran, tc.guestRan)
+			}
+			var cmds []string
+			for range tc.want {
+				cmds = append(cmds, <-got)
+			}
+			if !slices.Equal(cmds, tc.want) {
+				t.Errorf("QMP commands %v, want %v", cmds, tc.want)
+			}
+		})
+	}
+
+	cold := &Machine{cfg: Config{ID: "cold"}}
+	if cold.Hotplug() {
+		t.Error("a VM booted cold says it has hot-plug")
+	}
+	if err := cold.RehearseNIC(context.Background(), net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error { return nil }); err == nil {
+		t.Error("RehearseNIC in a VM without hot-plug succeeded")
+	}
+	full := &Machine{cfg: Config{ID: "full", Nets: make([]Net, maxCloneNets)}, qmp: &qmpConn{}, restored: true}
+	if err := full.RehearseNIC(context.Background(), net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error { return nil }); err == nil || !strings.Contains(err.Error(), "holds a NIC") {
+		t.Errorf("RehearseNIC with every root port taken = %v, want a refusal", err)
+	}
+}
