@@ -16,10 +16,11 @@ import (
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
-// FuzzConfigureNetwork feeds the Network service's one method arbitrary request bytes, decoded as ttrpc decodes
+// FuzzConfigureNetwork feeds the Network service's methods arbitrary request bytes, decoded as ttrpc decodes
 // them. A request parseRequest accepts keeps every interface, route and neighbour (routes on a link first) and
-// only valid names and MACs; a request it refuses is refused by ConfigureNetwork too, before the pod's network
-// namespace is created. Accepted requests are not applied: that would move this host's interfaces.
+// only valid names and MACs; a request it refuses is refused by ConfigureNetwork and RehearseNetwork too, before
+// the pod's or the rehearsal's network namespace is created. Accepted requests are not applied: that would move
+// this host's interfaces.
 func FuzzConfigureNetwork(f *testing.F) {
 	tooMany := &agentv1.ConfigureNetworkRequest{}
 	for range maxInterfaces + 1 {
@@ -66,6 +67,13 @@ func FuzzConfigureNetwork(f *testing.F) {
 			}
 			if _, serr := os.Stat(path); !errors.Is(serr, os.ErrNotExist) {
 				t.Fatalf("ConfigureNetwork of a refused request touched the pod namespace: %v", serr)
+			}
+			resp, cerr = p.RehearseNetwork(context.Background(), &req)
+			if cerr == nil || resp != nil || !strings.HasPrefix(cerr.Error(), "rehearse network: ") {
+				t.Fatalf("RehearseNetwork of a refused request = %v, %v", resp, cerr)
+			}
+			if _, serr := os.Stat(path + ".rehearsal"); !errors.Is(serr, os.ErrNotExist) {
+				t.Fatalf("RehearseNetwork of a refused request made a namespace: %v", serr)
 			}
 			return
 		}
