@@ -37,6 +37,7 @@ const warmID = "kiln-warm"
 // seccomp profile; its program is the agent's own binary, which exits at once (agentv1.WarmExitEnv). A VM with
 // hot-plug then rehearses a pod's network on a throwaway NIC.
 func (p *Pod) Warm(ctx context.Context) (WarmUp, error) {
+	start := time.Now()
 	dir, err := os.MkdirTemp(p.cfg.Runtime.StateDir, p.id+".warm-")
 	if err != nil {
 		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
@@ -79,17 +80,23 @@ func (p *Pod) Warm(ctx context.Context) (WarmUp, error) {
 	if err != nil {
 		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
-	rehearsed, err := p.rehearseNetwork(ctx)
-	if err != nil {
+	w := WarmUp{Container: time.Since(start)}
+	start = time.Now()
+	if w.NetworkRehearsed, err = p.rehearseNetwork(ctx); err != nil {
 		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
-	return WarmUp{NetworkRehearsed: rehearsed}, nil
+	if w.NetworkRehearsed {
+		w.Network = time.Since(start)
+	}
+	return w, nil
 }
 
-// WarmUp is what Warm did beyond its container.
+// WarmUp is what Warm did, and how long each part took.
 type WarmUp struct {
-	// NetworkRehearsed says the guest configured a throwaway NIC, hot-plugged and unplugged again.
+	Container time.Duration
+	// NetworkRehearsed says the guest configured a throwaway NIC, hot-plugged and unplugged again, in Network.
 	NetworkRehearsed bool
+	Network          time.Duration
 }
 
 // rehearsal is the network a spare's warm-up configures on its throwaway NIC: what a CNI plugin gives a pod, in
@@ -123,7 +130,6 @@ func (p *Pod) rehearseNetwork(ctx context.Context) (bool, error) {
 	}
 	// Unicast and locally administered.
 	mac[0] = mac[0]&^0x01 | 0x02
-	start := time.Now()
 	err := m.RehearseNIC(ctx, mac, rehearsalMTU, func(ctx context.Context) error {
 		_, err := p.sb.Network().RehearseNetwork(ctx, rehearsal(mac))
 		return err
@@ -131,7 +137,6 @@ func (p *Pod) rehearseNetwork(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("rehearse the network: %w", err)
 	}
-	p.log.WithField("took", time.Since(start).Round(time.Millisecond)).Debug("network rehearsed on a throwaway NIC")
 	return true, nil
 }
 

@@ -103,6 +103,8 @@ func BootSpare(ctx context.Context, configPath, shape, version string, log *logr
 		return nil, err
 	}
 	sp.pod, sp.warm = p, warm
+	log.WithFields(logrus.Fields{"container": warm.Container.Round(time.Millisecond), "network_rehearsed": warm.NetworkRehearsed,
+		"network": warm.Network.Round(time.Millisecond)}).Info("spare's VM warmed")
 	return sp, nil
 }
 
