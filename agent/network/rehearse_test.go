@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -21,20 +20,8 @@ import (
 // A rehearsal configures its interfaces in a namespace of its own and deletes it, leaving the pod's namespace
 // alone; one that fails deletes it too; once the pod's network is configured, a rehearsal is refused.
 func TestRehearseNetwork(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-	// This goroutine's thread moves to a namespace of its own, the "guest's root namespace", and ends with it
-	// (never unlocked).
-	runtime.LockOSThread()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		t.Fatal(err)
-	}
-	h, err := netlink.NewHandle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	// The test's namespace plays the guest's root namespace.
+	h := inNewNamespace(t)
 	path := filepath.Join(t.TempDir(), "pod")
 	t.Cleanup(func() {
 		_ = unix.Unmount(path, unix.MNT_DETACH)

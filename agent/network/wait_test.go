@@ -15,19 +15,7 @@ import (
 // A device bound while the agent waits is found when the kernel announces it, one already there at once, and one
 // that never comes is an error once the context ends.
 func TestWaitForMAC(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create a network namespace")
-	}
-	// This goroutine's thread moves to a namespace of its own and ends with it (never unlocked).
-	runtime.LockOSThread()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		t.Fatal(err)
-	}
-	h, err := netlink.NewHandle()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := inNewNamespace(t)
 	mac := net.HardwareAddr{0x02, 0x4b, 0x69, 0x6c, 0x6e, 0x01}
 	added := make(chan error, 1)
 	go func() {
@@ -66,4 +54,24 @@ func TestWaitForMAC(t *testing.T) {
 	if _, err := waitForMAC(short, h, net.HardwareAddr{0x02, 0, 0, 0, 0, 9}); err == nil {
 		t.Error("waitForMAC found a device that never came")
 	}
+}
+
+// inNewNamespace moves the test's goroutine, and its thread, into a network namespace of its own, which ends with
+// the thread (never unlocked), and returns a netlink handle there, closed when the test ends; a test not run as
+// root is skipped.
+func inNewNamespace(t *testing.T) *netlink.Handle {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a network namespace")
+	}
+	runtime.LockOSThread()
+	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+		t.Fatal(err)
+	}
+	h, err := netlink.NewHandle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	return h
 }
