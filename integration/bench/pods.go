@@ -174,6 +174,17 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	rm, km := medianOf(started[cri.HandlerRunc], podSteps.total), medianOf(started[cri.HandlerKiln], podSteps.total)
 	fmt.Printf("%-40s %10.1f %10.2f   (target <= 4; runc %.1f ms in the same loop; a ready spare before %d of %d runs)\n",
 		"kiln: pod start, default (ready spare)", ms(km), float64(km)/float64(rm), ms(rm), found, runs)
+	// A spare's adoption (its pod taking the task's network) is in runp, the pod's first container's create.
+	adopted, err := adoptions(e.Daemon.LogPath)
+	if err != nil {
+		return err
+	}
+	adoption := "no adoption logged"
+	if len(adopted) > 0 {
+		adoption = fmt.Sprintf("the spare's adoption in it %.1f ms, median of %d", ms(median(adopted)), len(adopted))
+	}
+	rp, kp := medianOf(started[cri.HandlerRunc], func(s podSteps) time.Duration { return s[0] }), medianOf(started[cri.HandlerKiln], func(s podSteps) time.Duration { return s[0] })
+	fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms; %s)\n", "  kiln: runp (ready spare)", ms(kp), float64(kp)/float64(rp), ms(rp), adoption)
 	m, err := podMemory(ctx, e, cri.HandlerKiln, parallel, templates)
 	if err != nil {
 		return err
