@@ -215,11 +215,14 @@ func (p *Pod) configure(ctx context.Context, set *setup) error {
 	}
 	defer ns.Close()
 
-	// Every device first moves under a temporary name, so that one taking another's final name (the guest calls
-	// its first device eth0, the host's eth0 may be the second) never collides.
+	// A device the guest already calls by the name it wants (its one NIC, eth0, for most pods) moves under that
+	// name: the pod namespace held only lo, and every other device moves under a temporary name first, so that one
+	// taking another's final name (the guest calls its first device eth0, the host's eth0 may be the second) never
+	// collides. A rename is not free: under TCG each costs the guest some 10-20 ms (it waits for an RCU grace
+	// period).
 	type moved struct {
 		want *ifaceSetup
-		tmp  string
+		name string
 	}
 	var links []moved
 	start := time.Now()
@@ -232,20 +235,23 @@ func (p *Pod) configure(ctx context.Context, set *setup) error {
 		if i == 0 {
 			p.log.WithField("waited", time.Since(start)).Debug("first network device found")
 		}
-		tmp := fmt.Sprintf("kiln%d", i)
 		if err := root.LinkSetDown(link); err != nil {
 			return fmt.Errorf("interface %s: set down: %w", want.name, err)
 		}
-		if err := root.LinkSetName(link, tmp); err != nil {
-			return fmt.Errorf("interface %s: rename: %w", want.name, err)
+		name := link.Attrs().Name
+		if name != want.name {
+			name = fmt.Sprintf("kiln%d", i)
+			if err := root.LinkSetName(link, name); err != nil {
+				return fmt.Errorf("interface %s: rename: %w", want.name, err)
+			}
 		}
 		if err := root.LinkSetNsFd(link, int(ns)); err != nil {
 			return fmt.Errorf("interface %s: move to pod namespace: %w", want.name, err)
 		}
-		links = append(links, moved{want: want, tmp: tmp})
+		links = append(links, moved{want: want, name: name})
 	}
 	for _, m := range links {
-		if err := setUp(h, m.tmp, m.want); err != nil {
+		if err := setUp(h, m.name, m.want); err != nil {
 			return fmt.Errorf("interface %s: %w", m.want.name, err)
 		}
 	}
@@ -263,13 +269,15 @@ func (p *Pod) configure(ctx context.Context, set *setup) error {
 	return nil
 }
 
-func setUp(h *netlink.Handle, tmp string, want *ifaceSetup) error {
-	link, err := h.LinkByName(tmp)
+func setUp(h *netlink.Handle, name string, want *ifaceSetup) error {
+	link, err := h.LinkByName(name)
 	if err != nil {
-		return fmt.Errorf("find moved device %s: %w", tmp, err)
+		return fmt.Errorf("find moved device %s: %w", name, err)
 	}
-	if err := h.LinkSetName(link, want.name); err != nil {
-		return fmt.Errorf("rename %s: %w", tmp, err)
+	if name != want.name {
+		if err := h.LinkSetName(link, want.name); err != nil {
+			return fmt.Errorf("rename %s: %w", name, err)
+		}
 	}
 	if want.mtu > 0 {
 		if err := h.LinkSetMTU(link, want.mtu); err != nil {

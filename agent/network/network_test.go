@@ -1,6 +1,10 @@
 package network
 
 import (
+	"context"
+	"fmt"
+	"maps"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +15,8 @@ import (
 	logtest "github.com/sirupsen/logrus/hooks/test"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // Prepare makes the pod namespace, loopback up, without anyone asking for its path; calling it again makes no
@@ -102,4 +108,47 @@ func linkNames(links []netlink.Link) []string {
 		names = append(names, l.Attrs().Name)
 	}
 	return names
+}
+
+// Each device ends with the name it wants, whether the guest already called it so (it moves as it is) or another
+// device held that name (two that swap names move under temporary ones first).
+func TestConfigureNetworkNames(t *testing.T) {
+	h := inNewNamespace(t)
+	path := filepath.Join(t.TempDir(), "pod")
+	t.Cleanup(func() { _ = unix.Unmount(path, unix.MNT_DETACH) })
+	p := New(path, logrus.NewEntry(logrus.StandardLogger()))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	devices := []struct{ guest, want string }{{"eth0", "eth0"}, {"other", "net1"}, {"swp0", "swp1"}, {"swp1", "swp0"}}
+	req := &agentv1.ConfigureNetworkRequest{}
+	macs := map[string]string{}
+	for i, d := range devices {
+		mac := net.HardwareAddr{0x02, 0x4b, 0x69, 0x6c, 0x6e, byte(0x20 + i)}
+		if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: d.guest, HardwareAddr: mac}, PeerName: fmt.Sprintf("peer%d", i)}); err != nil {
+			t.Fatal(err)
+		}
+		req.Interfaces = append(req.Interfaces, &agentv1.Interface{Name: d.want, Mac: mac.String(), Addresses: []string{fmt.Sprintf("192.0.2.%d/32", 10+i)}})
+		macs[d.want] = mac.String()
+	}
+	if _, err := p.ConfigureNetwork(ctx, req); err != nil {
+		t.Fatalf("ConfigureNetwork: %v", err)
+	}
+	ph, err := p.handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ph.Close()
+	links, err := ph.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, l := range links {
+		if l.Attrs().Name != "lo" {
+			got[l.Attrs().Name] = l.Attrs().HardwareAddr.String()
+		}
+	}
+	if !maps.Equal(got, macs) {
+		t.Errorf("pod namespace devices (name: MAC) %v, want %v", got, macs)
+	}
 }
