@@ -218,8 +218,7 @@ func (p *Pod) configure(ctx context.Context, set *setup) error {
 	// A device the guest already calls by the name it wants (its one NIC, eth0, for most pods) moves under that
 	// name: the pod namespace held only lo, and every other device moves under a temporary name first, so that one
 	// taking another's final name (the guest calls its first device eth0, the host's eth0 may be the second) never
-	// collides. A rename is not free: under TCG each cost the guest some 10-20 ms (the kernel renames the device in
-	// sysfs and waits for an RCU grace period).
+	// collides. A rename is not free: under TCG each cost the guest 10-20 ms of its kernel's work.
 	type moved struct {
 		want *ifaceSetup
 		name string
