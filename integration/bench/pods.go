@@ -183,7 +183,7 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	if len(adopted) > 0 {
 		adoption = fmt.Sprintf("the spare's adoption in it %.1f ms, median of %d", ms(median(adopted)), len(adopted))
 	}
-	rp, kp := medianOf(started[cri.HandlerRunc], func(s podSteps) time.Duration { return s[0] }), medianOf(started[cri.HandlerKiln], func(s podSteps) time.Duration { return s[0] })
+	rp, kp := medianOf(started[cri.HandlerRunc], podSteps.runp), medianOf(started[cri.HandlerKiln], podSteps.runp)
 	fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms; %s)\n", "  kiln: runp (ready spare)", ms(kp), float64(kp)/float64(rp), ms(rp), adoption)
 	m, err := podMemory(ctx, e, cri.HandlerKiln, parallel, templates)
 	if err != nil {
@@ -225,6 +225,8 @@ func startPodEnv(ctx context.Context, repo, share, tools, templates string, cfg 
 type podSteps [3]time.Duration
 
 func (s podSteps) total() time.Duration { return s[0] + s[1] + s[2] }
+
+func (s podSteps) runp() time.Duration { return s[0] }
 
 // medianOf is the median of f over runs.
 func medianOf(runs []podSteps, f func(podSteps) time.Duration) time.Duration {
