@@ -75,16 +75,24 @@ func (p *Pod) ensure() error {
 	if err := create(p.path); err != nil {
 		return fmt.Errorf("create pod network namespace %s: %w", p.path, err)
 	}
+	if err := p.loopbackUp(); err != nil {
+		// Undone, so that the next try does not find the path taken (create refuses an existing file).
+		if rerr := remove(p.path); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("delete network namespace %s: %w", p.path, rerr))
+		}
+		return err
+	}
+	p.created = true
+	return nil
+}
+
+func (p *Pod) loopbackUp() error {
 	h, err := p.handle()
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	if err := LoopbackUp(h); err != nil {
-		return err
-	}
-	p.created = true
-	return nil
+	return LoopbackUp(h)
 }
 
 func (p *Pod) handle() (*netlink.Handle, error) {
@@ -175,7 +183,7 @@ func (p *Pod) RehearseNetwork(ctx context.Context, req *agentv1.ConfigureNetwork
 	if p.configured {
 		return nil, errors.New("rehearse network: the pod's network is configured already")
 	}
-	stage := &Pod{path: p.path + ".rehearsal", log: p.log}
+	stage := &Pod{path: p.path + ".rehearsal", log: p.log.WithField("rehearsal", true)}
 	if err := stage.ensure(); err != nil {
 		return nil, fmt.Errorf("rehearse network: %w", err)
 	}

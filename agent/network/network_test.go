@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -130,8 +131,56 @@ func TestConfigureNetworkNames(t *testing.T) {
 		req.Interfaces = append(req.Interfaces, &agentv1.Interface{Name: d.want, Mac: mac.String(), Addresses: []string{fmt.Sprintf("192.0.2.%d/32", 10+i)}})
 		macs[d.want] = mac.String()
 	}
+	// Every name each device had in this (the guest's root) namespace, renames included, until a fence device
+	// that comes after ConfigureNetwork's changes.
+	const fence = "fence"
+	updates, done := make(chan netlink.LinkUpdate, 64), make(chan struct{})
+	if err := netlink.LinkSubscribe(updates, done); err != nil {
+		t.Fatal(err)
+	}
+	names := map[int][]string{}
+	fenced := make(chan struct{})
+	go func() {
+		defer close(fenced)
+		for u := range updates {
+			if u.Header.Type != unix.RTM_NEWLINK {
+				continue
+			}
+			if u.Attrs().Name == fence {
+				return
+			}
+			names[int(u.Index)] = append(names[int(u.Index)], u.Attrs().Name)
+		}
+	}()
+	indexes := map[string]int{}
+	for _, d := range devices {
+		l, err := h.LinkByName(d.guest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		indexes[d.want] = l.Attrs().Index
+	}
 	if _, err := p.ConfigureNetwork(ctx, req); err != nil {
 		t.Fatalf("ConfigureNetwork: %v", err)
+	}
+	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: fence}, PeerName: fence + "-peer"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-fenced:
+	case <-ctx.Done():
+		t.Fatal("the fence device's link update did not come")
+	}
+	close(done)
+	go func() {
+		for range updates {
+		}
+	}()
+	for name, renamed := range map[string]bool{"eth0": false, "net1": true} {
+		tmp := slices.ContainsFunc(names[indexes[name]], func(n string) bool { return strings.HasPrefix(n, "kiln") })
+		if tmp != renamed {
+			t.Errorf("device that became %s had names %v in the root namespace: renamed to a temporary name %v, want %v", name, names[indexes[name]], tmp, renamed)
+		}
 	}
 	ph, err := p.handle()
 	if err != nil {

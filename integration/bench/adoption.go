@@ -12,7 +12,7 @@ import (
 // adoptionLine is the message a task's shim logs once the spare's VM it took runs the task (runtime/task).
 const adoptionLine = `msg="the spare shim's warm VM runs the task"`
 
-var tookField = regexp.MustCompile(` took=([0-9.]+[a-zµ]+)`)
+var tookField = regexp.MustCompile(` took=(\S+)`)
 
 // adoptions reads, from containerd's log at path, how long each spare adoption took (pod.Adopt: the health
 // check, the host cgroup, the network's mirror, hot-plug and configuration in the guest), in the log's order.

@@ -20,7 +20,8 @@ func TestAdoptions(t *testing.T) {
 		{name: "two", log: `time="x" level=info msg="the spare shim's warm VM runs the task" container=c network_rehearsed=true runtime=io.containerd.kiln.v2 sandbox=kiln-1 took=152.086503ms
 time="x" level=info msg="RunPodSandbox returns"
 time="x" level=info msg="the spare shim's warm VM runs the task" container=d took=1.5s
-`, want: []time.Duration{152086503 * time.Nanosecond, 1500 * time.Millisecond}},
+time="x" level=info msg="the spare shim's warm VM runs the task" container=e took=1m1.5s network_rehearsed=false
+`, want: []time.Duration{152086503 * time.Nanosecond, 1500 * time.Millisecond, 61500 * time.Millisecond}},
 		{name: "no duration", log: `time="x" level=info msg="the spare shim's warm VM runs the task" container=c` + "\n", wantErr: "without its duration"},
 	}
 	for _, tc := range cases {

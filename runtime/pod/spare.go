@@ -93,10 +93,12 @@ func (p *Pod) Warm(ctx context.Context) (WarmUp, error) {
 
 // WarmUp is what Warm did, and how long each part took.
 type WarmUp struct {
+	// Container is how long the throwaway container took, from its create to its removal.
 	Container time.Duration
-	// NetworkRehearsed says the guest configured a throwaway NIC, hot-plugged and unplugged again, in Network.
+	// NetworkRehearsed says the guest configured a throwaway NIC, hot-plugged and unplugged again.
 	NetworkRehearsed bool
-	Network          time.Duration
+	// Network is how long that took; zero when NetworkRehearsed is false.
+	Network time.Duration
 }
 
 // rehearsal is the network a spare's warm-up configures on its throwaway NIC: what a CNI plugin gives a pod, in
@@ -120,7 +122,7 @@ const rehearsalMTU = 1500
 // container, hot-plug and configuration, then find the guest's paths translated. A VM without hot-plug (booted
 // cold when its template failed) takes no pod with a network, and has nothing to rehearse: false.
 func (p *Pod) rehearseNetwork(ctx context.Context) (bool, error) {
-	m, ok := p.sb.Machine().(nicRehearser)
+	m, ok := p.sb.Machine().(hotplugger)
 	if !ok || !m.Hotplug() {
 		return false, nil
 	}
@@ -140,9 +142,10 @@ func (p *Pod) rehearseNetwork(ctx context.Context) (bool, error) {
 	return true, nil
 }
 
-// nicRehearser is a running VM that may take a throwaway NIC (qemu.Machine).
-type nicRehearser interface {
+// hotplugger is a running VM that may take NICs, when Hotplug says so (qemu.Machine restored from a template).
+type hotplugger interface {
 	Hotplug() bool
+	PlugNets(ctx context.Context, nets []qemu.Net) error
 	RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int, guest func(context.Context) error) error
 }
 
@@ -185,8 +188,8 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 		return err
 	}
 	if len(nets) > 0 {
-		m, ok := p.sb.Machine().(netPlugger)
-		if !ok {
+		m, ok := p.sb.Machine().(hotplugger)
+		if !ok || !m.Hotplug() {
 			return fmt.Errorf("%w: its VM cannot take NICs once running", ErrUnfit)
 		}
 		if err := m.PlugNets(ctx, nets); err != nil {
@@ -203,11 +206,6 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 // spareCheckTimeout bounds Adopt's health check of the spare's agent, which answers in milliseconds when it is
 // alive: a hung guest costs its task that long before a VM boots for it.
 const spareCheckTimeout = 2 * time.Second
-
-// netPlugger is a running VM that takes NICs (qemu.Machine restored from a template).
-type netPlugger interface {
-	PlugNets(ctx context.Context, nets []qemu.Net) error
-}
 
 // VMProcesses are the host processes of the pod's VM (QEMU, virtiofsd), each the leader of its process group:
 // whatever they start is in it. Empty for a VM that does not tell them.

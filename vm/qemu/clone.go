@@ -189,12 +189,18 @@ func nicDevice(i int, n Net) map[string]any {
 func (m *Machine) PlugNets(ctx context.Context, nets []Net) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if !m.restored || m.qmp == nil {
-		return fmt.Errorf("hot-plug NICs into vm %s: only a VM restored from a template has hot-plug", m.cfg.ID)
+	if err := m.hotplugLocked(); err != nil {
+		return fmt.Errorf("hot-plug NICs into vm %s: %w", m.cfg.ID, err)
 	}
-	have := len(m.cfg.Nets) + m.plugged
-	if have+len(nets) > maxCloneNets {
-		return fmt.Errorf("hot-plug %d NICs into vm %s: it has %d, a template's clone takes at most %d", len(nets), m.cfg.ID, have, maxCloneNets)
+	if m.rehearsal == rehearsing {
+		return fmt.Errorf("hot-plug NICs into vm %s: a NIC rehearsal holds its last root port", m.cfg.ID)
+	}
+	have, ports := len(m.cfg.Nets)+m.plugged, maxCloneNets
+	if m.rehearsal == rehearsalStuck {
+		ports--
+	}
+	if have+len(nets) > ports {
+		return fmt.Errorf("hot-plug %d NICs into vm %s: it has %d, and %d root ports for NICs", len(nets), m.cfg.ID, have, ports)
 	}
 	for i, n := range nets {
 		idx := have + i

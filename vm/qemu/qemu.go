@@ -73,6 +73,8 @@ type Machine struct {
 	// restored says the VM came from a template (it has hot-plug); plugged counts the NICs PlugNets added.
 	restored bool
 	plugged  int
+	// rehearsal is the state of the root port RehearseNIC borrows.
+	rehearsal rehearsalPort
 	// fsErr is why the VM was ended for its virtiofsd's death, nil otherwise.
 	fsErr error
 	// cloneRAM is a clone's copy of its template's RAM while it starts.

@@ -13,50 +13,101 @@ import (
 const (
 	rehearsalUnplugTimeout = 10 * time.Second
 	rehearsalUnplugPoll    = 10 * time.Millisecond
+	// rehearsalCleanupTimeout bounds the unplug and the back end's removal together, whatever the caller's
+	// context: a cancelled warm-up must not leave the NIC plugged.
+	rehearsalCleanupTimeout = rehearsalUnplugTimeout + 5*time.Second
+)
+
+// rehearsalPort is the state of the root port RehearseNIC borrows (the last NIC's).
+type rehearsalPort int
+
+const (
+	rehearsalFree rehearsalPort = iota
+	// rehearsing: RehearseNIC holds the port; PlugNets waits for nothing and refuses.
+	rehearsing
+	// rehearsalStuck: the throwaway NIC was not unplugged, so the port is lost to PlugNets.
+	rehearsalStuck
 )
 
 // Hotplug says whether the running VM takes devices (PlugNets, RehearseNIC): it was restored from a template.
 func (m *Machine) Hotplug() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.restored && m.qmp != nil
+	return m.hotplugLocked() == nil
+}
+
+// hotplugLocked says why the VM takes no devices, nil when it does. m.mu is held.
+func (m *Machine) hotplugLocked() error {
+	if !m.restored || m.qmp == nil {
+		return errors.New("only a running VM restored from a template has hot-plug")
+	}
+	return nil
 }
 
 // RehearseNIC hot-plugs a throwaway NIC with the given MAC and MTU into a running VM restored from a template, on
 // the root port of its last NIC, runs guest (which has the guest configure it), then unplugs it and waits until the
 // guest has let it go, so that the port is free for PlugNets again. Its back end is a QEMU hub port with nothing
 // else on it: no host device, and what the guest sends goes nowhere. It is a spare's warm-up: under TCG the pod's
-// own NICs then find the guest's hot-plug, virtio-net and network configuration paths translated. The caller
-// plugs nothing else meanwhile.
+// own NICs then find the guest's hot-plug, virtio-net and network configuration paths translated. PlugNets is
+// refused meanwhile, and, should the guest not let the NIC go, the port stays lost to it.
 func (m *Machine) RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int, guest func(context.Context) error) error {
-	m.mu.Lock()
-	q, restored, have := m.qmp, m.restored, len(m.cfg.Nets)+m.plugged
-	m.mu.Unlock()
-	if !restored || q == nil {
-		return fmt.Errorf("rehearse a NIC in vm %s: only a VM restored from a template has hot-plug", m.cfg.ID)
-	}
-	idx := maxCloneNets - 1
-	if have > idx {
-		return fmt.Errorf("rehearse a NIC in vm %s: the root port it would take holds a NIC", m.cfg.ID)
+	q, idx, err := m.borrowRehearsalPort()
+	if err != nil {
+		return fmt.Errorf("rehearse a NIC in vm %s: %w", m.cfg.ID, err)
 	}
 	dev := nicDevice(idx, Net{MAC: mac, MTU: mtu})
 	id, netdev := dev["id"].(string), dev["netdev"].(string)
 	if err := q.execute(ctx, "netdev_add", map[string]any{"type": "hubport", "id": netdev, "hubid": 0}, nil); err != nil {
+		m.returnRehearsalPort(true)
 		return fmt.Errorf("rehearse a NIC in vm %s: %w", m.cfg.ID, err)
 	}
-	err := q.execute(ctx, "device_add", dev, nil)
+	cleanup, cancel := context.WithTimeout(context.WithoutCancel(ctx), rehearsalCleanupTimeout)
+	defer cancel()
+	var unplugErr error
+	err = q.execute(ctx, "device_add", dev, nil)
 	if err == nil {
 		err = guest(ctx)
 		// The device goes whatever the guest made of it; an unplug the guest does not finish is an error.
-		err = errors.Join(err, unplug(ctx, q, id))
+		unplugErr = unplug(cleanup, q, id)
 	}
-	if derr := q.execute(ctx, "netdev_del", map[string]any{"id": netdev}, nil); derr != nil {
+	m.returnRehearsalPort(unplugErr == nil)
+	err = errors.Join(err, unplugErr)
+	if derr := q.execute(cleanup, "netdev_del", map[string]any{"id": netdev}, nil); derr != nil {
 		err = errors.Join(err, derr)
 	}
 	if err != nil {
 		return fmt.Errorf("rehearse a NIC in vm %s: %w", m.cfg.ID, err)
 	}
 	return nil
+}
+
+// borrowRehearsalPort takes the last NIC root port for a rehearsal and returns the QMP connection and the NIC
+// index whose port it is.
+func (m *Machine) borrowRehearsalPort() (*qmpConn, int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.hotplugLocked(); err != nil {
+		return nil, 0, err
+	}
+	idx := maxCloneNets - 1
+	switch {
+	case m.rehearsal != rehearsalFree:
+		return nil, 0, errors.New("the root port a rehearsal takes is in use or lost")
+	case len(m.cfg.Nets)+m.plugged > idx:
+		return nil, 0, errors.New("the root port a rehearsal would take holds a NIC")
+	}
+	m.rehearsal = rehearsing
+	return m.qmp, idx, nil
+}
+
+func (m *Machine) returnRehearsalPort(unplugged bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if unplugged {
+		m.rehearsal = rehearsalFree
+	} else {
+		m.rehearsal = rehearsalStuck
+	}
 }
 
 // unplug asks for the device id's removal and waits until QEMU has removed it: after the guest has ejected it.

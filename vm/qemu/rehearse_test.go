@@ -7,51 +7,80 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // RehearseNIC plugs its NIC on a hub port, runs the guest's part, unplugs the NIC and waits until QEMU has removed
-// it, and removes the back end whatever failed on the way; a VM without hot-plug takes none.
+// it, and removes the back end whatever failed on the way, a cancelled context included; PlugNets is refused
+// meanwhile, and after an unplug that failed the port stays lost to it; a VM without hot-plug takes none.
 func TestRehearseNIC(t *testing.T) {
 	const (
-		ok      = `{"return": {}}`
-		present = `{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}, {"name": "nic1", "type": "child<virtio-net-pci>"}]}`
-		gone    = `{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}]}`
-		refused = `{"error": {"class": "GenericError", "desc": "Bus 'rp3' does not support hotplugging"}}`
+		ok         = `{"return": {}}`
+		present    = `{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}, {"name": "nic1", "type": "child<virtio-net-pci>"}]}`
+		gone       = `{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}]}`
+		refused    = `{"error": {"class": "GenericError", "desc": "Bus 'rp3' does not support hotplugging"}}`
+		delRefused = `{"error": {"class": "GenericError", "desc": "Device nic3 is being removed already"}}`
 	)
 	guestErr := errors.New("the agent said no")
 	cases := []struct {
 		name     string
 		answers  []string
-		guest    error
+		guest    func(cancel context.CancelFunc) error
 		want     []string
 		wantErr  string
 		guestRan bool
+		stuck    bool
 	}{
 		{name: "rehearsed", answers: []string{ok, ok, ok, present, present, gone, ok}, guestRan: true,
 			want: []string{"netdev_add", "device_add", "device_del", "qom-list", "qom-list", "qom-list", "netdev_del"}},
 		{name: "device refused", answers: []string{ok, refused, ok}, wantErr: "does not support hotplugging",
 			want: []string{"netdev_add", "device_add", "netdev_del"}},
-		{name: "guest failed", answers: []string{ok, ok, ok, gone, ok}, guest: guestErr, guestRan: true, wantErr: "the agent said no",
+		{name: "guest failed", answers: []string{ok, ok, ok, gone, ok}, guest: func(context.CancelFunc) error { return guestErr },
+			guestRan: true, wantErr: "the agent said no",
 			want: []string{"netdev_add", "device_add", "device_del", "qom-list", "netdev_del"}},
+		{name: "cancelled", answers: []string{ok, ok, ok, gone, ok},
+			guest:    func(cancel context.CancelFunc) error { cancel(); return context.Canceled },
+			guestRan: true, wantErr: "context canceled",
+			want: []string{"netdev_add", "device_add", "device_del", "qom-list", "netdev_del"}},
+		{name: "unplug refused", answers: []string{ok, ok, delRefused, ok}, guestRan: true, wantErr: "being removed", stuck: true,
+			want: []string{"netdev_add", "device_add", "device_del", "netdev_del"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			path, got := fakeQMP(t, append([]string{ok}, tc.answers...)...)
-			ctx := context.Background()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			next := func() string {
+				select {
+				case c := <-got:
+					return c
+				case <-time.After(10 * time.Second):
+					t.Fatal("QMP command did not come")
+					return ""
+				}
+			}
 			q, err := dialQMP(ctx, path, make(chan struct{}))
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer q.close()
-			<-got // qmp_capabilities
+			next() // qmp_capabilities
 			m := &Machine{cfg: Config{ID: "t"}, qmp: q, restored: true}
 			if !m.Hotplug() {
 				t.Fatal("a restored VM says it has no hot-plug")
 			}
+			rctx, rcancel := context.WithCancel(ctx)
+			defer rcancel()
 			ran := false
-			err = m.RehearseNIC(ctx, net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error {
+			err = m.RehearseNIC(rctx, net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error {
 				ran = true
-				return tc.guest
+				if err := m.PlugNets(ctx, []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}}}); err == nil || !strings.Contains(err.Error(), "rehearsal holds") {
+					t.Errorf("PlugNets during a rehearsal = %v, want a refusal", err)
+				}
+				if tc.guest == nil {
+					return nil
+				}
+				return tc.guest(rcancel)
 			})
 			if tc.wantErr == "" && err != nil || tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
 				t.Errorf("RehearseNIC = %v, want error %q", err, tc.wantErr)
@@ -61,10 +90,20 @@ func TestRehearseNIC(t *testing.T) {
 			}
 			var cmds []string
 			for range tc.want {
-				cmds = append(cmds, <-got)
+				cmds = append(cmds, next())
 			}
 			if !slices.Equal(cmds, tc.want) {
 				t.Errorf("QMP commands %v, want %v", cmds, tc.want)
+			}
+			if tc.stuck {
+				if err := m.PlugNets(ctx, make([]Net, maxCloneNets)); err == nil || !strings.Contains(err.Error(), "root ports") {
+					t.Errorf("PlugNets of %d NICs after a failed unplug = %v, want a refusal", maxCloneNets, err)
+				}
+				if err := m.RehearseNIC(ctx, net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error { return nil }); err == nil {
+					t.Error("a second rehearsal on a lost port succeeded")
+				}
+			} else if m.rehearsal != rehearsalFree {
+				t.Errorf("the rehearsal's port is %v after the rehearsal, want free", m.rehearsal)
 			}
 		})
 	}
