@@ -173,10 +173,12 @@ func hotplugDevices(c Config) []map[string]any {
 	return devs
 }
 
-// nicDevice is a clone's i-th NIC, on its root port, backed by netdev net<i>.
+// nicDevice is a clone's i-th NIC, on its root port, backed by netdev net<i>. It has no option ROM: QEMU would
+// read iPXE's (efi-virtio.rom, 249 KB) into memory of its own for every NIC, for a firmware that never runs
+// again in a restored guest, and the guest would map it at the device's hot-plug.
 func nicDevice(i int, n Net) map[string]any {
 	d := map[string]any{"driver": "virtio-net-pci", "netdev": fmt.Sprintf("net%d", i), "mac": n.MAC.String(),
-		"bus": fmt.Sprintf("rp%d", 2+i), "id": fmt.Sprintf("nic%d", i)}
+		"bus": fmt.Sprintf("rp%d", 2+i), "id": fmt.Sprintf("nic%d", i), "romfile": ""}
 	if n.MTU > 0 {
 		d["host_mtu"] = n.MTU
 	}

@@ -134,8 +134,8 @@ func TestHotplugDevices(t *testing.T) {
 	}
 	want := `[{"bus":"rp0","chardev":"vsock","driver":"vhost-user-vsock-pci","id":"vsock0"},` +
 		`{"bus":"rp1","chardev":"fs","driver":"vhost-user-fs-pci","id":"fs0","tag":"kiln-shared"},` +
-		`{"bus":"rp2","driver":"virtio-net-pci","host_mtu":1400,"id":"nic0","mac":"02:00:00:00:00:01","netdev":"net0"},` +
-		`{"bus":"rp3","driver":"virtio-net-pci","id":"nic1","mac":"02:00:00:00:00:02","netdev":"net1"}]`
+		`{"bus":"rp2","driver":"virtio-net-pci","host_mtu":1400,"id":"nic0","mac":"02:00:00:00:00:01","netdev":"net0","romfile":""},` +
+		`{"bus":"rp3","driver":"virtio-net-pci","id":"nic1","mac":"02:00:00:00:00:02","netdev":"net1","romfile":""}]`
 	if string(b) != want {
 		t.Errorf("devices\n%s\nwant\n%s", b, want)
 	}
