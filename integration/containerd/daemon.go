@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // Namespace is the containerd namespace the harness works in.
@@ -308,6 +310,11 @@ func (d *Daemon) Stop(ctx context.Context) error {
 	_ = d.stopDaemon(ctx)
 	if err := StopSpare(d.Address, time.Minute); err != nil {
 		errs = append(errs, err)
+	}
+	// A spare that failed (a test's QEMU that refuses to start, say) kept its log for the operator; this
+	// containerd's address is not used again.
+	if err := spare.Forget(d.Address); err != nil {
+		errs = append(errs, fmt.Errorf("the spare slot of %s: %w", d.Address, err))
 	}
 	// A shim tears its VM down after it answered Shutdown: give it the time that takes.
 	if pids := d.WaitShimsGone(ctx, shimExitTimeout); len(pids) > 0 {

@@ -324,6 +324,20 @@ func receive(c *net.UnixConn, pid int, version string, fits Fits) (Request, *os.
 	return req, socket, nil
 }
 
+// Forget removes what spares of the containerd at address that failed left in its slot (their log and the lock
+// file), for a containerd that is gone for good, such as a test's. A slot a live spare holds is left to it:
+// ErrTaken.
+func Forget(address string) error { return forget(Dir, address) }
+
+func forget(dir, address string) error {
+	s, err := claim(dir, address)
+	if err != nil {
+		return err
+	}
+	s.release(false)
+	return nil
+}
+
 // Close gives the slot up, as Wait does when it returns, for a spare that leaves before it waits (told to stop
 // while it booted).
 func (s *Slot) Close() { s.release(false) }

@@ -256,6 +256,28 @@ func TestLostSpareLeavesItsLog(t *testing.T) {
 	if got := all(dir); len(got) != 0 {
 		t.Errorf("all() after the spare was lost = %v", got)
 	}
+	if err := forget(dir, "/c.sock"); err != nil {
+		t.Fatalf("forget: %v", err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("forget left %v", entries)
+	}
+}
+
+// Forget leaves a slot that a live spare holds alone.
+func TestForgetLeavesAHeldSlot(t *testing.T) {
+	dir := t.TempDir()
+	slot, err := claim(dir, "/c.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slot.Close()
+	if err := forget(dir, "/c.sock"); !errors.Is(err, ErrTaken) {
+		t.Errorf("forget of a held slot = %v, want ErrTaken", err)
+	}
+	if _, err := os.Stat(socketPath(dir, "/c.sock") + ".lock"); err != nil {
+		t.Errorf("the held slot's lock: %v", err)
+	}
 }
 
 // A task the spare does not fit is declined before anything is taken: its `start` finds no spare (ErrNone) and
