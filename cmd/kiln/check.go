@@ -278,5 +278,11 @@ func checkSpare(cfg config.Config) checkResult {
 	if len(now) == 0 {
 		now = []string{"none now"}
 	}
-	return checkResult{"spare shims", "ok", "on: one per containerd, started by a task's shim; " + strings.Join(now, "; ")}
+	status, failed := "ok", ""
+	for _, sp := range spare.Failed() {
+		// A slot's next spare takes it over: a failure worth a look, not one that stops anything.
+		status = "warn"
+		failed += fmt.Sprintf("; the last spare for %s failed (pid %d): see %s.log", sp.Address, sp.Pid, sp.Slot)
+	}
+	return checkResult{"spare shims", status, "on: one per containerd, started by a task's shim; " + strings.Join(now, "; ") + failed}
 }

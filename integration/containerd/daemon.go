@@ -311,10 +311,16 @@ func (d *Daemon) Stop(ctx context.Context) error {
 	if err := StopSpare(d.Address, time.Minute); err != nil {
 		errs = append(errs, err)
 	}
-	// A spare that failed (a test's QEMU that refuses to start, say) kept its log for the operator; this
-	// containerd's address is not used again.
-	if err := spare.Forget(d.Address); err != nil {
-		errs = append(errs, fmt.Errorf("the spare slot of %s: %w", d.Address, err))
+	// A spare that failed (a test's QEMU that refuses to start, say) kept its log and lock for the operator, until
+	// the slot's next spare; this containerd's address is not used again.
+	for _, sp := range spare.Failed() {
+		if sp.Address == d.Address {
+			for _, f := range []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock"} {
+				if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+					errs = append(errs, err)
+				}
+			}
+		}
 	}
 	// A shim tears its VM down after it answered Shutdown: give it the time that takes.
 	if pids := d.WaitShimsGone(ctx, shimExitTimeout); len(pids) > 0 {

@@ -157,7 +157,7 @@ func claim(dir, address string) (*Slot, error) {
 	return &Slot{path: path, lock: lock}, nil
 }
 
-// Info describes a spare shim that holds a slot.
+// Info describes a spare shim that holds a slot, or that left one without giving it up (Failed).
 type Info struct {
 	// Pid is the spare's process id, Address its containerd's.
 	Pid     int
@@ -170,21 +170,28 @@ type Info struct {
 }
 
 // All lists the spare shims that hold a slot (`kiln check`, `make uninstall`'s tests).
-func All() []Info { return all(Dir) }
+func All() []Info {
+	held, _ := scan(Dir)
+	return held
+}
 
-func all(dir string) []Info {
+// Failed lists the slots whose last spare left without giving them up: it failed (its VM did not boot, say) or
+// was killed. Its lock still names it, and its log stays there until the slot's next spare (`kiln check`).
+func Failed() []Info {
+	_, failed := scan(Dir)
+	return failed
+}
+
+// scan reads the slots in dir: those a live spare holds, and those a spare left without giving them up.
+func scan(dir string) (held, failed []Info) {
 	locks, _ := filepath.Glob(filepath.Join(dir, "*.sock.lock"))
-	var out []Info
 	for _, path := range locks {
 		f, err := os.Open(path)
 		if err != nil {
 			continue
 		}
 		// A lock that can be taken has no holder: the file outlives its last spare.
-		if unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil {
-			_ = f.Close()
-			continue
-		}
+		free := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil
 		_ = f.Close()
 		b, err := os.ReadFile(path)
 		if err != nil {
@@ -196,10 +203,14 @@ func all(dir string) []Info {
 			continue
 		}
 		slot := strings.TrimSuffix(path, ".lock")
+		if free {
+			failed = append(failed, Info{Pid: pid, Address: address, Slot: slot})
+			continue
+		}
 		_, err = os.Stat(slot)
-		out = append(out, Info{Pid: pid, Address: address, Ready: err == nil, Slot: slot})
+		held = append(held, Info{Pid: pid, Address: address, Ready: err == nil, Slot: slot})
 	}
-	return out
+	return held, failed
 }
 
 // ErrLost is returned by Wait when what the spare holds ended while it waited (its VM).
@@ -322,20 +333,6 @@ func receive(c *net.UnixConn, pid int, version string, fits Fits) (Request, *os.
 		return Request{}, nil, err
 	}
 	return req, socket, nil
-}
-
-// Forget removes what spares of the containerd at address that failed left in its slot (their log and the lock
-// file), for a containerd that is gone for good, such as a test's. A slot a live spare holds is left to it:
-// ErrTaken.
-func Forget(address string) error { return forget(Dir, address) }
-
-func forget(dir, address string) error {
-	s, err := claim(dir, address)
-	if err != nil {
-		return err
-	}
-	s.release(false)
-	return nil
 }
 
 // Close gives the slot up, as Wait does when it returns, for a spare that leaves before it waits (told to stop

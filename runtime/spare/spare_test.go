@@ -256,28 +256,32 @@ func TestLostSpareLeavesItsLog(t *testing.T) {
 	if got := all(dir); len(got) != 0 {
 		t.Errorf("all() after the spare was lost = %v", got)
 	}
-	if err := forget(dir, "/c.sock"); err != nil {
-		t.Fatalf("forget: %v", err)
-	}
-	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
-		t.Errorf("forget left %v", entries)
-	}
 }
 
-// Forget leaves a slot that a live spare holds alone.
-func TestForgetLeavesAHeldSlot(t *testing.T) {
+// A spare that leaves without giving its slot up (it failed, or was killed) is listed as failed, with the slot
+// whose log it kept; while it lives it is listed as holding the slot.
+func TestFailedSlots(t *testing.T) {
 	dir := t.TempDir()
 	slot, err := claim(dir, "/c.sock")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer slot.Close()
-	if err := forget(dir, "/c.sock"); !errors.Is(err, ErrTaken) {
-		t.Errorf("forget of a held slot = %v, want ErrTaken", err)
+	if held, failed := scan(dir); len(held) != 1 || len(failed) != 0 {
+		t.Fatalf("scan of a held slot = %+v, %+v; want it held", held, failed)
 	}
-	if _, err := os.Stat(socketPath(dir, "/c.sock") + ".lock"); err != nil {
-		t.Errorf("the held slot's lock: %v", err)
+	// What a spare's exit without release leaves: the lock file, no longer locked.
+	_ = slot.lock.Close()
+	held, failed := scan(dir)
+	want := Info{Pid: os.Getpid(), Address: "/c.sock", Slot: socketPath(dir, "/c.sock")}
+	if len(held) != 0 || len(failed) != 1 || failed[0] != want {
+		t.Errorf("scan after the spare left = %+v, %+v; want %+v failed", held, failed, want)
 	}
+}
+
+// all lists the slots live spares hold in dir, as All does in Dir.
+func all(dir string) []Info {
+	held, _ := scan(dir)
+	return held
 }
 
 // A task the spare does not fit is declined before anything is taken: its `start` finds no spare (ErrNone) and
