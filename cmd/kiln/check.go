@@ -109,7 +109,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkSandbox(cfg, qemuPath))
 	out = append(out, checkQEMUUser(cfg))
 	out = append(out, checkCgroup(cfg))
-	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg))
+	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots))
 	out = append(out, checkPortForward(portforward.Probe))
 
 	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
@@ -258,8 +258,12 @@ func checkFastStart(cfg config.Config, fsType func(path string) (int64, error)) 
 	return checkResult{"fast start", "ok", fmt.Sprintf("applies: pod VMs are restored from templates in %s (tmpfs)", cfg.Hypervisor.TemplateDir)}
 }
 
-// checkSpare reports whether spare shims are on (hypervisor.spare) and which wait now, one per containerd.
-func checkSpare(cfg config.Config) checkResult {
+// spareSlots reads the host's spare slots: those live spares hold, and those a spare left behind when it failed.
+func spareSlots() (held, failed []spare.Info) { return spare.All(), spare.Failed() }
+
+// checkSpare reports whether spare shims are on (hypervisor.spare), which wait now, one per containerd, and which
+// failed (slots reads them).
+func checkSpare(cfg config.Config, slots func() (held, failed []spare.Info)) checkResult {
 	if !cfg.Hypervisor.SpareOn() {
 		why := "hypervisor.spare = false"
 		if cfg.Hypervisor.Spare {
@@ -267,8 +271,9 @@ func checkSpare(cfg config.Config) checkResult {
 		}
 		return checkResult{"spare shims", "ok", "off: each task's shim starts its VM (" + why + ")"}
 	}
+	held, failed := slots()
 	var now []string
-	for _, sp := range spare.All() {
+	for _, sp := range held {
 		state := "booting"
 		if sp.Ready {
 			state = "ready"
@@ -278,11 +283,11 @@ func checkSpare(cfg config.Config) checkResult {
 	if len(now) == 0 {
 		now = []string{"none now"}
 	}
-	status, failed := "ok", ""
-	for _, sp := range spare.Failed() {
+	status, failures := "ok", ""
+	for _, sp := range failed {
 		// A slot's next spare takes it over: a failure worth a look, not one that stops anything.
 		status = "warn"
-		failed += fmt.Sprintf("; the last spare for %s failed (pid %d): see %s.log", sp.Address, sp.Pid, sp.Slot)
+		failures += fmt.Sprintf("; the last spare for %s failed (pid %d): see %s.log", sp.Address, sp.Pid, sp.Slot)
 	}
-	return checkResult{"spare shims", status, "on: one per containerd, started by a task's shim; " + strings.Join(now, "; ") + failed}
+	return checkResult{"spare shims", status, "on: one per containerd, started by a task's shim; " + strings.Join(now, "; ") + failures}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
+	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // A configuration Load validated names an initrd that is gone by the time `kiln check` looks at it: the check
@@ -110,22 +111,30 @@ func TestCheckFastStart(t *testing.T) {
 }
 
 func TestCheckSpare(t *testing.T) {
+	waiting := spare.Info{Pid: 41, Address: "/run/containerd/containerd.sock", Ready: true, Slot: "/run/kiln/spare/a.sock"}
+	failed := spare.Info{Pid: 42, Address: "/run/k3s/containerd.sock", Slot: "/run/kiln/spare/b.sock"}
 	tests := []struct {
-		name      string
-		spare     bool
-		fastStart string
-		detail    string
+		name           string
+		spare          bool
+		fastStart      string
+		held, failed   []spare.Info
+		status, detail string
 	}{
-		{"default", true, config.FastStartTemplate, "on: "},
-		{"spare = false", false, config.FastStartTemplate, "off: each task's shim starts its VM (hypervisor.spare = false)"},
-		{"fast_start off", true, config.FastStartOff, "off: each task's shim starts its VM (hypervisor.fast_start = \"off\")"},
+		{"default", true, config.FastStartTemplate, nil, nil, "ok", "on: one per containerd, started by a task's shim; none now"},
+		{"one waiting", true, config.FastStartTemplate, []spare.Info{waiting}, nil, "ok",
+			"; pid 41 for /run/containerd/containerd.sock, ready (log /run/kiln/spare/a.sock.log)"},
+		{"one failed", true, config.FastStartTemplate, []spare.Info{waiting}, []spare.Info{failed}, "warn",
+			"; the last spare for /run/k3s/containerd.sock failed (pid 42): see /run/kiln/spare/b.sock.log"},
+		{"spare = false", false, config.FastStartTemplate, nil, []spare.Info{failed}, "ok", "off: each task's shim starts its VM (hypervisor.spare = false)"},
+		{"fast_start off", true, config.FastStartOff, nil, nil, "ok", "off: each task's shim starts its VM (hypervisor.fast_start = \"off\")"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := config.Default()
 			cfg.Hypervisor.Spare, cfg.Hypervisor.FastStart = tt.spare, tt.fastStart
-			if r := checkSpare(cfg); r.status != "ok" || !strings.HasPrefix(r.detail, tt.detail) {
-				t.Errorf("%+v, want ok starting %q", r, tt.detail)
+			r := checkSpare(cfg, func() ([]spare.Info, []spare.Info) { return tt.held, tt.failed })
+			if r.status != tt.status || !strings.Contains(r.detail, tt.detail) {
+				t.Errorf("%+v, want %s mentioning %q", r, tt.status, tt.detail)
 			}
 		})
 	}
