@@ -11,8 +11,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // Namespace is the containerd namespace the harness works in.
@@ -311,16 +309,8 @@ func (d *Daemon) Stop(ctx context.Context) error {
 	if err := StopSpare(d.Address, time.Minute); err != nil {
 		errs = append(errs, err)
 	}
-	// A spare that failed (a test's QEMU that refuses to start, say) kept its log and lock for the operator, until
-	// the slot's next spare; this containerd's address is not used again.
-	for _, sp := range spare.Failed() {
-		if sp.Address == d.Address {
-			for _, f := range []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock"} {
-				if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
-					errs = append(errs, err)
-				}
-			}
-		}
+	if err := removeFailedSpare(d.Address); err != nil {
+		errs = append(errs, err)
 	}
 	// A shim tears its VM down after it answered Shutdown: give it the time that takes.
 	if pids := d.WaitShimsGone(ctx, shimExitTimeout); len(pids) > 0 {

@@ -1,6 +1,7 @@
 package containerd
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"syscall"
@@ -46,7 +47,7 @@ func StopSpare(address string, timeout time.Duration) error {
 		if _, ok := spareOf(address); ok {
 			return fmt.Errorf("spare shim %d left its slot behind", sp.Pid)
 		}
-		for _, f := range []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock"} {
+		for _, f := range slotFiles(sp) {
 			if _, err := os.Stat(f); err == nil {
 				return fmt.Errorf("spare shim %d left %s behind", sp.Pid, f)
 			}
@@ -54,6 +55,27 @@ func StopSpare(address string, timeout time.Duration) error {
 	}
 	return nil
 }
+
+// removeFailedSpare removes what a spare of the containerd at address that failed (a test's QEMU that refuses to
+// start, say) kept in its slot for the operator, until the slot's next spare: a test's containerd address is not
+// used again.
+func removeFailedSpare(address string) error {
+	var errs []error
+	for _, sp := range spare.Failed() {
+		if sp.Address != address {
+			continue
+		}
+		for _, f := range slotFiles(sp) {
+			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// slotFiles are the files of a spare's slot: its socket, its log and its lock.
+func slotFiles(sp spare.Info) []string { return []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock"} }
 
 // taskShims drops from pids the spare shim waiting in the slot of the containerd at address: it has no task yet.
 func taskShims(address string, pids []int) []int {
