@@ -96,11 +96,17 @@ type Hypervisor struct {
 	// beyond it are removed. Each VM shape (vCPUs, memory, kernel parameters: pod annotations can vary them) has a
 	// template of its own, tens of MiB of tmpfs each.
 	TemplateMax int `toml:"template_max"`
-	// Spare keeps, for each containerd, one shim started ahead of demand with its VM booted and warmed by a
-	// throwaway container: the next task's shim is that one (runtime/spare). On by default; SpareOn says whether
-	// it applies.
+	// Spare keeps, for each containerd, shims started ahead of demand with their VMs booted and warmed by a
+	// throwaway container: the next task's shim is one of them (runtime/spare). On by default; SpareOn says
+	// whether it applies.
 	Spare bool `toml:"spare"`
+	// SparePool is how many spares wait for each containerd (1 to MaxSparePool): more serve a burst of tasks
+	// without a boot, each holding an idle pod's memory while it waits.
+	SparePool int `toml:"spare_pool"`
 }
+
+// MaxSparePool bounds hypervisor.spare_pool.
+const MaxSparePool = 16
 
 // SpareOn says whether spare shims are on: spare is set and fast_start is not "off", which turns every fast path
 // off with one key.
@@ -185,6 +191,7 @@ func Default() Config {
 			TemplateDir:            "/dev/shm/kiln/templates",
 			TemplateMax:            DefaultTemplateMax,
 			Spare:                  true,
+			SparePool:              1,
 		},
 		Vsock: Vsock{Mode: VsockAuto},
 		SharedFS: SharedFS{
@@ -300,6 +307,9 @@ func (c Config) Validate() error {
 	}
 	if c.Hypervisor.TCGTranslationCacheMiB < 0 || c.Hypervisor.TCGTranslationCacheMiB > 4096 {
 		errs = append(errs, fmt.Errorf("hypervisor.tcg_translation_cache_mib = %d: want 0 (QEMU's default) to 4096", c.Hypervisor.TCGTranslationCacheMiB))
+	}
+	if c.Hypervisor.SparePool < 1 || c.Hypervisor.SparePool > MaxSparePool {
+		errs = append(errs, fmt.Errorf("hypervisor.spare_pool = %d: want 1 to %d spares per containerd (hypervisor.spare = false turns them off)", c.Hypervisor.SparePool, MaxSparePool))
 	}
 	if c.Hypervisor.StopTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("hypervisor.stop_timeout must be positive"))

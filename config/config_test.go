@@ -104,6 +104,13 @@ enable_annotations = ["io.kiln.vcpus", "io.kiln.kernel_params*"]
 		}},
 		{name: "fast start enum", toml: "[hypervisor]\nfast_start = \"snapshot\"\n", errPart: []string{"hypervisor.fast_start", "\"template\""}},
 		{name: "template bound", toml: "[hypervisor]\ntemplate_max = 0\n", errPart: []string{"hypervisor.template_max", "1 to 1024"}},
+		{name: "spare pool", toml: "[hypervisor]\nspare_pool = 4\n", check: func(t *testing.T, c Config) {
+			if c.Hypervisor.SparePool != 4 || !c.Hypervisor.SpareOn() {
+				t.Errorf("hypervisor %+v", c.Hypervisor)
+			}
+		}},
+		{name: "empty spare pool", toml: "[hypervisor]\nspare_pool = 0\n", errPart: []string{"hypervisor.spare_pool = 0", "1 to 16", "spare = false"}},
+		{name: "spare pool bound", toml: "[hypervisor]\nspare_pool = 17\n", errPart: []string{"hypervisor.spare_pool = 17", "1 to 16"}},
 		{name: "relative template dir", toml: "[hypervisor]\nfast_start = \"template\"\ntemplate_dir = \"tpl\"\n", errPart: []string{"hypervisor.template_dir", "absolute"}},
 		{name: "negative timeout", toml: "[agent]\nrequest_timeout = \"-1s\"\n", errPart: []string{"agent.request_timeout"}},
 	}

@@ -18,14 +18,15 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
 
-// runSpare is the shim binary's life as a spare (runtime/spare): it claims its containerd's slot, waits for the
-// shim that started it to be done starting, boots and warms a pod, and waits for a task. It returns the pod once
+// runSpare is the shim binary's life as a spare (runtime/spare): it takes the slot its spawner claimed for it,
+// waits for the shim that started it to be done starting, boots and warms a pod, and waits for a task. It returns the pod once
 // `start` has handed it a task, with the process set up as that task's shim server (its command line,
 // environment, directory and socket); the caller then runs the shim as any server. A spare that has no task
 // after config.SpareIdle, is told to stop (SIGTERM), or fails, stops its VM and exits.
 func runSpare(args []string) (*task.Spare, error) {
 	fs := flag.NewFlagSet(spare.SpareArg, flag.ContinueOnError)
 	address := fs.String("address", "", "containerd's address")
+	slotIndex := fs.Int(spare.SlotFlag, 0, "the spare's slot in its containerd's pool")
 	configPath := fs.String("config", "", "Kiln configuration")
 	shape := fs.String(task.SpareShapeFlag, "", "the VM's shape (JSON), that of its spawner's task")
 	if err := fs.Parse(args); err != nil {
@@ -34,14 +35,10 @@ func runSpare(args []string) (*task.Spare, error) {
 	if *address == "" {
 		return nil, errors.New("-address is required")
 	}
-	log := logrus.WithFields(logrus.Fields{"spare": *address})
+	log := logrus.WithFields(logrus.Fields{"spare": *address, "slot": *slotIndex})
 	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
 	defer stop()
-	slot, err := spare.Claim(*address)
-	if errors.Is(err, spare.ErrTaken) {
-		log.Debug("another spare shim waits for this containerd")
-		os.Exit(0)
-	}
+	slot, err := spare.Claimed(*address, *slotIndex)
 	if err != nil {
 		return nil, err
 	}

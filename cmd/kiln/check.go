@@ -261,8 +261,8 @@ func checkFastStart(cfg config.Config, fsType func(path string) (int64, error)) 
 // spareSlots reads the host's spare slots: those live spares hold, and those a spare left behind when it failed.
 func spareSlots() (held, failed []spare.Info) { return spare.All(), spare.Failed() }
 
-// checkSpare reports whether spare shims are on (hypervisor.spare), which wait now, one per containerd, and which
-// failed (slots reads them).
+// checkSpare reports whether spare shims are on (hypervisor.spare), how many may wait for each containerd
+// (hypervisor.spare_pool), which wait now, and which failed (slots reads them).
 func checkSpare(cfg config.Config, slots func() (held, failed []spare.Info)) checkResult {
 	if !cfg.Hypervisor.SpareOn() {
 		why := "hypervisor.spare = false"
@@ -289,5 +289,6 @@ func checkSpare(cfg config.Config, slots func() (held, failed []spare.Info)) che
 		status = "warn"
 		failures += fmt.Sprintf("; the last spare for %s failed (pid %d): see %s.log", sp.Address, sp.Pid, sp.Slot)
 	}
-	return checkResult{"spare shims", status, "on: one per containerd, started by a task's shim; " + strings.Join(now, "; ") + failures}
+	return checkResult{"spare shims", status, fmt.Sprintf("on: up to %d per containerd (hypervisor.spare_pool), started by tasks' shims; ",
+		cfg.Hypervisor.SparePool) + strings.Join(now, "; ") + failures}
 }

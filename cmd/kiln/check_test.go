@@ -113,25 +113,29 @@ func TestCheckFastStart(t *testing.T) {
 func TestCheckSpare(t *testing.T) {
 	waiting := spare.Info{Pid: 41, Address: "/run/containerd/containerd.sock", Ready: true, Slot: "/run/kiln/spare/a.sock"}
 	failed := spare.Info{Pid: 42, Address: "/run/k3s/containerd.sock", Slot: "/run/kiln/spare/b.sock"}
+	booting := spare.Info{Pid: 43, Address: "/run/containerd/containerd.sock", Slot: "/run/kiln/spare/a-1.sock"}
 	tests := []struct {
 		name           string
 		spare          bool
+		pool           int
 		fastStart      string
 		held, failed   []spare.Info
 		status, detail string
 	}{
-		{"default", true, config.FastStartTemplate, nil, nil, "ok", "on: one per containerd, started by a task's shim; none now"},
-		{"one waiting", true, config.FastStartTemplate, []spare.Info{waiting}, nil, "ok",
+		{"default", true, 1, config.FastStartTemplate, nil, nil, "ok", "on: up to 1 per containerd (hypervisor.spare_pool), started by tasks' shims; none now"},
+		{"one waiting", true, 1, config.FastStartTemplate, []spare.Info{waiting}, nil, "ok",
 			"; pid 41 for /run/containerd/containerd.sock, ready (log /run/kiln/spare/a.sock.log)"},
-		{"one failed", true, config.FastStartTemplate, []spare.Info{waiting}, []spare.Info{failed}, "warn",
+		{"a pool", true, 4, config.FastStartTemplate, []spare.Info{waiting, booting}, nil, "ok",
+			"on: up to 4 per containerd (hypervisor.spare_pool), started by tasks' shims; pid 41 for /run/containerd/containerd.sock, ready (log /run/kiln/spare/a.sock.log); pid 43 for /run/containerd/containerd.sock, booting (log /run/kiln/spare/a-1.sock.log)"},
+		{"one failed", true, 1, config.FastStartTemplate, []spare.Info{waiting}, []spare.Info{failed}, "warn",
 			"; the last spare for /run/k3s/containerd.sock failed (pid 42): see /run/kiln/spare/b.sock.log"},
-		{"spare = false", false, config.FastStartTemplate, nil, []spare.Info{failed}, "ok", "off: each task's shim starts its VM (hypervisor.spare = false)"},
-		{"fast_start off", true, config.FastStartOff, nil, nil, "ok", "off: each task's shim starts its VM (hypervisor.fast_start = \"off\")"},
+		{"spare = false", false, 1, config.FastStartTemplate, nil, []spare.Info{failed}, "ok", "off: each task's shim starts its VM (hypervisor.spare = false)"},
+		{"fast_start off", true, 1, config.FastStartOff, nil, nil, "ok", "off: each task's shim starts its VM (hypervisor.fast_start = \"off\")"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := config.Default()
-			cfg.Hypervisor.Spare, cfg.Hypervisor.FastStart = tt.spare, tt.fastStart
+			cfg.Hypervisor.Spare, cfg.Hypervisor.SparePool, cfg.Hypervisor.FastStart = tt.spare, tt.pool, tt.fastStart
 			r := checkSpare(cfg, func() ([]spare.Info, []spare.Info) { return tt.held, tt.failed })
 			if r.status != tt.status || !strings.Contains(r.detail, tt.detail) {
 				t.Errorf("%+v, want %s mentioning %q", r, tt.status, tt.detail)

@@ -71,8 +71,8 @@ func processKind(pid int) string {
 // of its template), each counted once, divided by n. PSS shares pages mapped by several processes among them
 // (guest RAM is mapped by QEMU, virtiofsd and the shim's vsock device), so the sum counts each page once;
 // mappings of the files under templates and of memfds (guest RAM) are left out of it, since those are counted
-// whole.
-func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates string) (memoryParts, error) {
+// whole. settled, when set, is waited for after the pods have settled (a spare pool filled again).
+func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates string, settled func() error) (memoryParts, error) {
 	var ids []string
 	defer func() {
 		for _, id := range ids {
@@ -87,6 +87,11 @@ func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates
 		ids = append(ids, id)
 	}
 	time.Sleep(idleSettle)
+	if settled != nil {
+		if err := settled(); err != nil {
+			return nil, err
+		}
+	}
 	shim := "containerd-shim-" + map[string]string{cri.HandlerRunc: "runc", cri.HandlerKiln: "kiln"}[handler] + "-v2"
 	pids, err := subtreesOf(func(pid int, cmdline string) bool {
 		return strings.Contains(cmdline, shim) && strings.Contains(cmdline, e.Daemon.Address)

@@ -118,7 +118,7 @@ func podBench(ctx context.Context, repo, share, tools, templates string, cfg pod
 
 	mem := map[string]memoryParts{}
 	for _, h := range handlers {
-		m, err := podMemory(ctx, e, h, parallel, templates)
+		m, err := podMemory(ctx, e, h, parallel, templates, nil)
 		if err != nil {
 			return err
 		}
@@ -185,12 +185,72 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	}
 	rp, kp := medianOf(started[cri.HandlerRunc], podSteps.runp), medianOf(started[cri.HandlerKiln], podSteps.runp)
 	fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms; %s)\n", "  kiln: runp (ready spare)", ms(kp), float64(kp)/float64(rp), ms(rp), adoption)
-	m, err := podMemory(ctx, e, cri.HandlerKiln, parallel, templates)
+	m, err := podMemory(ctx, e, cri.HandlerKiln, parallel, templates, nil)
 	if err != nil {
 		return err
 	}
 	fmt.Printf("%-40s %10.1f   (target <= 60; %d pods and the spare shim)\n", "kiln: memory per idle pod, default", float64(m.total())/1e6, parallel)
 	fmt.Printf("  kiln, default, MB per pod: %s\n", m)
+	return poolPodBench(ctx, repo, share, tools, templates, cfg, runs, parallel)
+}
+
+// poolFill bounds the wait for a spare pool to fill: its spares boot at the lowest priority, one after another's
+// CPU under TCG.
+const poolFill = 5 * time.Minute
+
+// poolPodBench measures a burst with a pool of parallel spares (hypervisor.spare_pool), on a containerd of its
+// own: parallel pods started at once, each taking a spare, beside one pod start from the pool (the pool full
+// before each), and the memory per idle pod with the pool filled again, which the pool's spares are part of.
+func poolPodBench(ctx context.Context, repo, share, tools, templates string, cfg podsConfig, runs, parallel int) error {
+	cfg.hypervisor += fmt.Sprintf("\nspare_pool = %d\n", parallel)
+	e, err := startPodEnv(ctx, repo, share, tools, templates, cfg, true)
+	if err != nil {
+		return err
+	}
+	defer e.Stop(context.WithoutCancel(ctx))
+	full := func() error {
+		if !containerd.WaitSpares(e.Daemon.Address, parallel, poolFill) {
+			return fmt.Errorf("the pool of %d spares was not full within %s", parallel, poolFill)
+		}
+		return nil
+	}
+	start := time.Now()
+	if err := full(); err != nil {
+		return err
+	}
+	filled := time.Since(start)
+	var one []podSteps
+	for i := range runs {
+		if err := full(); err != nil {
+			return err
+		}
+		d, id, err := startPod(ctx, e, cri.HandlerKiln, fmt.Sprintf("pool-%d", i), "sleep", "3600")
+		if err != nil {
+			return err
+		}
+		one = append(one, d)
+		if err := e.RemovePod(ctx, id); err != nil {
+			return err
+		}
+	}
+	if err := full(); err != nil {
+		return err
+	}
+	together, _, err := startPods(ctx, e, cri.HandlerKiln, parallel)
+	if err != nil {
+		return err
+	}
+	km := medianOf(one, podSteps.total)
+	fmt.Printf("%-40s %10.1f   (its first fill took %.1f s)\n", fmt.Sprintf("kiln, spare_pool = %d: one pod start", parallel), ms(km), filled.Seconds())
+	fmt.Printf("%-40s %10.1f %10.2f   (target <= 3)\n", fmt.Sprintf("kiln, spare_pool = %d: %d at once / one", parallel, parallel),
+		ms(together), float64(together)/float64(km))
+	m, err := podMemory(ctx, e, cri.HandlerKiln, parallel, templates, full)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("%-40s %10.1f   (%d pods and the pool's %d spares)\n", fmt.Sprintf("kiln, spare_pool = %d: memory per idle pod", parallel),
+		float64(m.total())/1e6, parallel, parallel)
+	fmt.Printf("  kiln, spare_pool = %d, MB per pod: %s\n", parallel, m)
 	return nil
 }
 

@@ -10,20 +10,39 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
-// spareOf is the spare shim of the containerd at address, if one holds its slot.
-func spareOf(address string) (spare.Info, bool) {
+// sparesOf lists the spare shims of the containerd at address that hold a slot of its pool.
+func sparesOf(address string) []spare.Info {
+	var out []spare.Info
 	for _, sp := range spare.All() {
 		if sp.Address == address {
-			return sp, true
+			out = append(out, sp)
 		}
+	}
+	return out
+}
+
+// spareOf is a spare shim of the containerd at address, if one holds a slot.
+func spareOf(address string) (spare.Info, bool) {
+	if spares := sparesOf(address); len(spares) > 0 {
+		return spares[0], true
 	}
 	return spare.Info{}, false
 }
 
 // WaitSpare waits up to timeout for a spare shim of the containerd at address to be ready (hypervisor.spare).
-func WaitSpare(address string, timeout time.Duration) bool {
+func WaitSpare(address string, timeout time.Duration) bool { return WaitSpares(address, 1, timeout) }
+
+// WaitSpares waits up to timeout for n spare shims of the containerd at address to be ready
+// (hypervisor.spare_pool).
+func WaitSpares(address string, n int, timeout time.Duration) bool {
 	for deadline := time.Now().Add(timeout); ; time.Sleep(50 * time.Millisecond) {
-		if sp, ok := spareOf(address); ok && sp.Ready {
+		ready := 0
+		for _, sp := range sparesOf(address) {
+			if sp.Ready {
+				ready++
+			}
+		}
+		if ready >= n {
 			return true
 		}
 		if time.Now().After(deadline) {
@@ -32,28 +51,40 @@ func WaitSpare(address string, timeout time.Duration) bool {
 	}
 }
 
-// StopSpare stops the spare shim of the containerd at address, if one runs (SIGTERM: it stops its VM), and checks
-// that it went with its slot and the slot's files. Spares are on by default: every harness stops its
-// containerd's spare before it checks for leftovers, which then exclude nothing.
+// StopSpare stops the spare shims of the containerd at address, if any run (SIGTERM: each stops its VM), and
+// checks that they went with their slots and the slots' files. Spares are on by default: every harness stops its
+// containerd's spares before it checks for leftovers, which then exclude nothing.
 func StopSpare(address string, timeout time.Duration) error {
-	if sp, ok := spareOf(address); ok {
+	spares := sparesOf(address)
+	for _, sp := range spares {
 		_ = syscall.Kill(sp.Pid, syscall.SIGTERM)
-		for deadline := time.Now().Add(timeout); syscall.Kill(sp.Pid, 0) == nil; time.Sleep(50 * time.Millisecond) {
+	}
+	var errs []error
+	deadline := time.Now().Add(timeout)
+	for _, sp := range spares {
+		for syscall.Kill(sp.Pid, 0) == nil {
 			if time.Now().After(deadline) {
 				_ = syscall.Kill(sp.Pid, syscall.SIGKILL)
-				return fmt.Errorf("spare shim %d did not stop on SIGTERM within %s", sp.Pid, timeout)
+				errs = append(errs, fmt.Errorf("spare shim %d did not stop on SIGTERM within %s", sp.Pid, timeout))
+				break
 			}
+			time.Sleep(50 * time.Millisecond)
 		}
-		if _, ok := spareOf(address); ok {
-			return fmt.Errorf("spare shim %d left its slot behind", sp.Pid)
-		}
+	}
+	if errs != nil {
+		return errors.Join(errs...)
+	}
+	for _, sp := range sparesOf(address) {
+		errs = append(errs, fmt.Errorf("spare shim %d holds its slot %s after the others were stopped", sp.Pid, sp.Slot))
+	}
+	for _, sp := range spares {
 		for _, f := range slotFiles(sp) {
 			if _, err := os.Stat(f); err == nil {
-				return fmt.Errorf("spare shim %d left %s behind", sp.Pid, f)
+				errs = append(errs, fmt.Errorf("spare shim %d left %s behind", sp.Pid, f))
 			}
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // removeFailedSpare removes what a spare of the containerd at address that failed (a test's QEMU that refuses to
@@ -77,15 +108,16 @@ func removeFailedSpare(address string) error {
 // slotFiles are the files of a spare's slot: its socket, its log and its lock.
 func slotFiles(sp spare.Info) []string { return []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock"} }
 
-// taskShims drops from pids the spare shim waiting in the slot of the containerd at address: it has no task yet.
+// taskShims drops from pids the spare shims waiting in the slots of the containerd at address: they have no task
+// yet.
 func taskShims(address string, pids []int) []int {
-	sp, ok := spareOf(address)
-	if !ok {
-		return pids
+	spares := map[int]bool{}
+	for _, sp := range sparesOf(address) {
+		spares[sp.Pid] = true
 	}
 	out := pids[:0:0]
 	for _, pid := range pids {
-		if pid != sp.Pid {
+		if !spares[pid] {
 			out = append(out, pid)
 		}
 	}

@@ -2,12 +2,14 @@ package containerd
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -108,6 +110,75 @@ func TestKilnSpareShim(t *testing.T) {
 	}
 	if log := k.logSince(t, 0); !strings.Contains(log, "the spare shim's warm VM runs the task\" container=kiln-spare-8") {
 		t.Errorf("kiln-spare-8 did not run in the spare of its shape; containerd's log:\n%s", k.d.LogTail(40))
+	}
+}
+
+// With hypervisor.spare_pool, the first task's shim fills the pool: that many spares wait, each in a slot and a VM
+// of its own. Tasks started together each take one, none boots a VM, and their shims fill the pool again.
+// startKiln's leftover check stops every spare (StopSpare) and fails the test if any leaves anything.
+func TestKilnSparePool(t *testing.T) {
+	k := startKiln(t)
+	cfg, err := k.d.KilnConfig(k.assets, "[hypervisor]\nfast_start = \"template\"\nspare = true\nspare_pool = 2\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.cfg = cfg
+	addr := k.d.Address
+	if out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-pool-0", "true"); code != 0 {
+		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if !WaitSpares(addr, 2, 4*time.Minute) {
+		t.Fatalf("the pool of %s holds %+v, want two ready spares", addr, sparesOf(addr))
+	}
+	first := sparesOf(addr)
+	if len(first) != 2 || first[0].Slot == first[1].Slot || first[0].Pid == first[1].Pid {
+		t.Fatalf("pool = %+v, want two spares in two slots", first)
+	}
+	if a, b := childQEMU(t, first[0].Pid), childQEMU(t, first[1].Pid); a == b {
+		t.Fatalf("the two spares share QEMU %d", a)
+	}
+
+	logStart := k.logSize()
+	ids := []string{"kiln-pool-1", "kiln-pool-2"}
+	type result struct {
+		out, errOut string
+		err         error
+	}
+	results := make([]result, len(ids))
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			cmd := k.d.CtrCommand(ctx, append(append([]string{"run"}, KilnRunArgs(k.cfg)...), "--rm", BusyboxRef, id, "echo", id)...)
+			var stdout, stderr strings.Builder
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			err := cmd.Run()
+			results[i] = result{stdout.String(), stderr.String(), err}
+		}()
+	}
+	wg.Wait()
+	log := k.logSince(t, logStart)
+	for i, id := range ids {
+		if r := results[i]; r.err != nil || strings.TrimSpace(r.out) != id {
+			t.Errorf("%s: %v, stdout %q, stderr %s", id, r.err, r.out, r.errOut)
+		}
+		if !strings.Contains(log, "the spare shim's warm VM runs the task\" container="+id) {
+			t.Errorf("%s did not run in a spare's VM; containerd's log:\n%s", id, k.d.LogTail(40))
+		}
+	}
+	if strings.Contains(log, "booting one") {
+		t.Errorf("a task started beside the other booted a VM; containerd's log:\n%s", k.d.LogTail(40))
+	}
+	if !WaitSpares(addr, 2, 4*time.Minute) {
+		t.Fatalf("the pool of %s was not filled again: %+v", addr, sparesOf(addr))
+	}
+	for _, sp := range sparesOf(addr) {
+		if sp.Pid == first[0].Pid || sp.Pid == first[1].Pid {
+			t.Errorf("spare %d still waits after two tasks took the pool's two spares", sp.Pid)
+		}
 	}
 }
 
@@ -286,16 +357,22 @@ func spareQEMU(t *testing.T, address string) int {
 	if !ok {
 		t.Fatalf("no spare shim for %s", address)
 	}
+	return childQEMU(t, sp.Pid)
+}
+
+// childQEMU is the QEMU that process shim started.
+func childQEMU(t *testing.T, shim int) int {
+	t.Helper()
 	for _, pid := range ProcessesMatching("qemu-system") {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 		if err != nil {
 			continue
 		}
 		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-		if len(f) > 1 && f[1] == strconv.Itoa(sp.Pid) {
+		if len(f) > 1 && f[1] == strconv.Itoa(shim) {
 			return pid
 		}
 	}
-	t.Fatalf("spare shim %d has no QEMU", sp.Pid)
+	t.Fatalf("shim %d has no QEMU", shim)
 	return 0
 }

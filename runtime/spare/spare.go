@@ -1,7 +1,8 @@
-// Package spare keeps, for each containerd, one shim server started ahead of demand: it holds a pod booted (from
-// its template when there is one) and warmed by a throwaway container, and the next task's `start` hands it that
-// task instead of starting a server (docs/fast-start.md, session 14). This package is the slot such a spare waits
-// in and the hand-over between `start` and the spare; what the spare holds is runtime/task's and runtime/pod's.
+// Package spare keeps, for each containerd, shim servers started ahead of demand (one by default, a pool of up to
+// config.MaxSparePool): each holds a pod booted (from its template when there is one) and warmed by a throwaway
+// container, and the next task's `start` hands one of them that task instead of starting a server
+// (docs/fast-start.md, sessions 14 and 23). This package is the slots such spares wait in and the hand-over
+// between `start` and a spare; what a spare holds is runtime/task's and runtime/pod's.
 package spare
 
 import (
@@ -24,7 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Dir holds the slots: one socket and its lock per containerd. Not under Kiln's state directory, because `start`
+// Dir holds the slots: a socket, its lock and a log per spare, up to a pool's size per containerd. Not under Kiln's state directory, because `start`
 // does not know Kiln's configuration (containerd passes its runtime options with Create only).
 const Dir = "/run/kiln/spare"
 
@@ -65,20 +66,59 @@ type Fits func(Request) error
 // ErrStale is returned by Wait when a task came from a shim binary of another version than the spare's.
 var ErrStale = errors.New("a task came from another version of the shim; the spare is stale")
 
-// socketPath is the slot of the containerd whose address is address.
-func socketPath(dir, address string) string {
+// slotPrefix names the slots of the containerd whose address is address.
+func slotPrefix(dir, address string) string {
 	sum := sha256.Sum256([]byte(address))
-	return filepath.Join(dir, hex.EncodeToString(sum[:8])+".sock")
+	return filepath.Join(dir, hex.EncodeToString(sum[:8]))
 }
 
-// Adopt hands the server start req, with its listening socket, to the spare waiting for the containerd at address,
-// and returns the spare's pid. ErrNone means there is none; the caller then starts the server itself.
+// socketPath is slot i of the containerd whose address is address. Slot 0 has the name a pool of one has always
+// had.
+func socketPath(dir, address string, i int) string {
+	if i == 0 {
+		return slotPrefix(dir, address) + ".sock"
+	}
+	return slotPrefix(dir, address) + "-" + strconv.Itoa(i) + ".sock"
+}
+
+// listening lists the sockets of the containerd's slots whose spares wait for a task.
+func listening(dir, address string) []string {
+	prefix := slotPrefix(dir, address)
+	first, _ := filepath.Glob(prefix + ".sock")
+	rest, _ := filepath.Glob(prefix + "-*.sock")
+	return append(first, rest...)
+}
+
+// Adopt hands the server start req, with its listening socket, to a spare waiting for the containerd at address,
+// and returns the spare's pid. ErrNone means none took it; the caller then starts the server itself.
 func Adopt(ctx context.Context, address string, req Request, socket *os.File) (int, error) {
 	return adopt(ctx, Dir, address, req, socket)
 }
 
+// adopt offers the task to each waiting spare in turn until one takes it. Tasks started together (a burst the
+// pool is for) begin at different spares, by pid, so that they do not queue at the first one's socket.
 func adopt(ctx context.Context, dir, address string, req Request, socket *os.File) (int, error) {
-	path := socketPath(dir, address)
+	paths := listening(dir, address)
+	if len(paths) == 0 {
+		return 0, fmt.Errorf("%w (no slot of %s listens: %w)", ErrNone, address, os.ErrNotExist)
+	}
+	from := os.Getpid() % len(paths)
+	var errs []error
+	for k := range paths {
+		pid, err := handOver(ctx, paths[(from+k)%len(paths)], req, socket)
+		if err == nil || !errors.Is(err, ErrNone) {
+			return pid, err
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return 0, errors.Join(errs...)
+}
+
+// handOver offers the task to the spare listening at path.
+func handOver(ctx context.Context, path string, req Request, socket *os.File) (int, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
 	if err != nil {
@@ -110,23 +150,44 @@ func adopt(ctx context.Context, dir, address string, req Request, socket *os.Fil
 	return pid, nil
 }
 
-// Slot is the place a spare waits in: the lock that keeps it the only spare of its containerd, and the socket
-// `start` finds it by.
+// Slot is the place a spare waits in: the lock that keeps it the only spare in it, and the socket `start` finds it
+// by.
 type Slot struct {
 	path string
 	lock *os.File
 	l    *net.UnixListener
 }
 
-// Claim takes the slot of the containerd at address for the calling process, or returns ErrTaken. It listens
-// only once Wait is called: until then `start` finds no spare.
-func Claim(address string) (*Slot, error) { return claim(Dir, address) }
+// LockFD is the descriptor a spare finds its slot's lock on: Spawn takes the slot for the spare it starts, so that
+// spawners that find the same slots free (tasks started together) start one spare per slot, not one each.
+const LockFD = GateFD + 1
 
-func claim(dir, address string) (*Slot, error) {
+// SlotFlag is the spare's command-line flag that names its slot (Spawn's).
+const SlotFlag = "slot"
+
+// Claimed is slot i of the containerd at address, whose lock this process's spawner took for it (Spawn) and left at
+// LockFD. It listens only once Wait is called: until then `start` finds no spare.
+func Claimed(address string, i int) (*Slot, error) {
+	path := socketPath(Dir, address, i)
+	var held, named unix.Stat_t
+	if err := unix.Fstat(LockFD, &held); err != nil {
+		return nil, fmt.Errorf("spare shim: no lock of slot %s at descriptor %d (spares are started by spare.Spawn): %w", path, LockFD, err)
+	}
+	if err := unix.Stat(path+".lock", &named); err != nil || held.Dev != named.Dev || held.Ino != named.Ino {
+		return nil, fmt.Errorf("spare shim: descriptor %d is not the lock of slot %s (spares are started by spare.Spawn)", LockFD, path)
+	}
+	// Nothing the spare starts (QEMU, virtiofsd) may hold the slot after it.
+	unix.CloseOnExec(LockFD)
+	return &Slot{path: path, lock: os.NewFile(LockFD, path+".lock")}, nil
+}
+
+// claim takes slot i of the containerd at address, or returns ErrTaken, naming holder in its lock (0: none yet,
+// for a spawner that names the spare once it has started it).
+func claim(dir, address string, i, holder int) (*Slot, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spare shim directory: %w", err)
 	}
-	path := socketPath(dir, address)
+	path := socketPath(dir, address, i)
 	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("spare shim lock: %w", err)
@@ -138,9 +199,9 @@ func claim(dir, address string) (*Slot, error) {
 		}
 		return nil, fmt.Errorf("spare shim lock %s: %w", path+".lock", err)
 	}
-	// The lock file names its holder, for whoever must stop it (`make uninstall`, tests).
-	if err := lock.Truncate(0); err == nil {
-		_, _ = lock.WriteAt([]byte(fmt.Sprintf("%d %s\n", os.Getpid(), address)), 0)
+	slot := &Slot{path: path, lock: lock}
+	if err := lock.Truncate(0); err == nil && holder > 0 {
+		slot.name(holder, address)
 	}
 	// A socket here is a killed spare's (the lock says no live spare owns it): gone now, whether or not this
 	// spare lives to listen, so that `start` does not dial it and nothing of the dead spare stays.
@@ -148,13 +209,17 @@ func claim(dir, address string) (*Slot, error) {
 		_ = lock.Close()
 		return nil, fmt.Errorf("spare shim socket: %w", err)
 	}
-	// The log is the holder's from here on: what a spare that failed before left in it goes (Spawn appends, so
-	// that a spawn that finds the slot taken does not empty the holder's).
+	// The log is the holder's from here on: what a spare that failed before left in it goes.
 	if err := os.Truncate(path+".log", 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 		_ = lock.Close()
 		return nil, fmt.Errorf("spare shim log: %w", err)
 	}
-	return &Slot{path: path, lock: lock}, nil
+	return slot, nil
+}
+
+// name writes the slot's holder into its lock, for whoever must stop it (`make uninstall`, tests, `kiln check`).
+func (s *Slot) name(holder int, address string) {
+	_, _ = s.lock.WriteAt([]byte(fmt.Sprintf("%d %s\n", holder, address)), 0)
 }
 
 // Info describes a spare shim that holds a slot, or that left one without giving it up (Failed).
@@ -359,44 +424,70 @@ func (s *Slot) release(keepLog bool) {
 }
 
 // SpareArg is the first argument of the shim binary run as a spare: `containerd-shim-kiln-v2 spare -address A
-// -config C` and Spawn's further arguments.
+// -slot I -config C` and Spawn's further arguments.
 const SpareArg = "spare"
 
-// Spawn starts the shim binary self as a spare for the containerd at address, with the Kiln configuration at
-// configPath and the further arguments args, in a session of its own so that it outlives the caller. It claims
-// its slot at once (leaving when another spare holds it) but boots nothing until the returned gate is closed: the
-// caller closes it once its own start is over, so that the spare does not compete with it for CPU, or exits,
-// which closes it too.
-func Spawn(self, address, configPath string, args ...string) (gate *os.File, err error) {
-	return spawn(Dir, self, address, configPath, args...)
+// Spawn fills the free slots among the first pool of the containerd at address: for each, it starts the shim
+// binary self as a spare, with the Kiln configuration at configPath and the further arguments args, in a session of
+// its own so that it outlives the caller, having taken the slot for it (LockFD). The spares boot nothing until the
+// returned gate is closed: the caller closes it once its own start is over, so that they do not compete with it
+// for CPU, or exits, which closes it too. A nil gate means every slot was taken. A slot whose spare could not
+// start is given up again, and the error says why.
+func Spawn(self, address string, pool int, configPath string, args ...string) (gate *os.File, err error) {
+	return spawn(Dir, self, address, pool, configPath, args...)
 }
 
-func spawn(dir, self, address, configPath string, args ...string) (gate *os.File, err error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("spare shim directory: %w", err)
-	}
+func spawn(dir, self, address string, pool int, configPath string, args ...string) (gate *os.File, err error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("start spare shim: %w", err)
 	}
 	defer r.Close()
-	// Appended to: the slot may be another spare's, whose log this is (Claim empties it for the spare that wins).
-	logf, err := os.OpenFile(socketPath(dir, address)+".log", os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
+	var errs []error
+	started := 0
+	for i := 0; i < pool; i++ {
+		slot, err := claim(dir, address, i, 0)
+		if errors.Is(err, ErrTaken) {
+			continue
+		}
+		if err == nil {
+			err = slot.start(self, address, r, append([]string{SpareArg, "-address", address, "-" + SlotFlag, strconv.Itoa(i),
+				"-config", configPath}, args...))
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("start spare shim in slot %d: %w", i, err))
+			continue
+		}
+		started++
+	}
+	if started == 0 {
 		_ = w.Close()
-		return nil, fmt.Errorf("spare shim log: %w", err)
+		w = nil
+	}
+	return w, errors.Join(errs...)
+}
+
+// start runs self with args as the spare of the slot (of the containerd at address), which it hands the slot's
+// lock and the gate r, and names it in the lock; the slot is given up when it cannot.
+func (s *Slot) start(self, address string, r *os.File, args []string) error {
+	logf, err := os.OpenFile(s.path+".log", os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		s.release(false)
+		return fmt.Errorf("spare shim log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(self, append([]string{SpareArg, "-address", address, "-config", configPath}, args...)...)
+	cmd := exec.Command(self, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = []*os.File{r}
+	cmd.ExtraFiles = []*os.File{r, s.lock}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
-		_ = w.Close()
-		return nil, fmt.Errorf("start spare shim: %w", err)
+		s.release(false)
+		return err
 	}
 	go func() { _ = cmd.Wait() }()
-	return w, nil
+	s.name(cmd.Process.Pid, address)
+	// The spare holds the lock now (the same open file); the spawner's descriptor goes, not the slot's files.
+	return s.lock.Close()
 }
 
 // GateFD is the descriptor a spare finds its gate on (Spawn's ExtraFiles). It is also where the shim socket of

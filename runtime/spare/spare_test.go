@@ -6,7 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
-	"strings"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -25,14 +25,14 @@ func TestHandOver(t *testing.T) {
 	if _, err := adopt(ctx, dir, "/c.sock", Request{Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
 		t.Fatalf("Adopt with no spare = %v, want ErrNone", err)
 	}
-	slot, err := claim(dir, "/c.sock")
+	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := claim(dir, "/c.sock"); !errors.Is(err, ErrTaken) {
+	if _, err := claim(dir, "/c.sock", 0, os.Getpid()); !errors.Is(err, ErrTaken) {
 		t.Fatalf("second Claim = %v, want ErrTaken", err)
 	}
-	if other, err := claim(dir, "/other.sock"); err != nil {
+	if other, err := claim(dir, "/other.sock", 0, os.Getpid()); err != nil {
 		t.Fatalf("Claim for another containerd: %v", err)
 	} else {
 		other.release(false)
@@ -78,7 +78,7 @@ func TestHandOver(t *testing.T) {
 	if b, _ := io.ReadAll(r); string(b) != "through" {
 		t.Errorf("the handed descriptor is not the sender's file: read %q", b)
 	}
-	next, err := claim(dir, "/c.sock")
+	next, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatalf("Claim after a hand-over: %v", err)
 	}
@@ -88,11 +88,11 @@ func TestHandOver(t *testing.T) {
 // A spare that no task came for gives up after its idle time and leaves none of its slot's files behind.
 func TestIdleSpareLeaves(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	slot, err := claim(dir, "/c.sock")
+	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(socketPath(dir, "/c.sock")+".log", []byte("spare log\n"), 0o600); err != nil {
+	if err := os.WriteFile(socketPath(dir, "/c.sock", 0)+".log", []byte("spare log\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
@@ -142,11 +142,11 @@ func TestAllListsHolders(t *testing.T) {
 	if got := all(dir); len(got) != 0 {
 		t.Fatalf("all() with no spare = %v", got)
 	}
-	slot, err := claim(dir, "/c.sock")
+	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := all(dir); len(got) != 1 || got[0].Pid != os.Getpid() || got[0].Address != "/c.sock" || got[0].Ready || got[0].Slot != socketPath(dir, "/c.sock") {
+	if got := all(dir); len(got) != 1 || got[0].Pid != os.Getpid() || got[0].Address != "/c.sock" || got[0].Ready || got[0].Slot != socketPath(dir, "/c.sock", 0) {
 		t.Fatalf("all() while booting = %+v, want this process for /c.sock, not ready", got)
 	}
 	waitCtx, cancel := context.WithCancel(ctx)
@@ -170,49 +170,144 @@ func TestAllListsHolders(t *testing.T) {
 	}
 }
 
-// A spawn while another spare holds the slot (its spare leaves at once) adds to the holder's log instead of
-// emptying it; the next spare to claim the slot starts the log afresh, dropping what a failed one left.
-func TestSpawnKeepsTheHoldersLog(t *testing.T) {
+// Spawn fills the pool's free slots, one spare each, and leaves a held slot and its log to its holder; each spare
+// holds its slot's lock itself (the spawner's is gone), so that a spawn meanwhile finds the pool full and starts
+// nothing; a slot whose spare is gone is filled again, its failed spare's log started afresh.
+func TestSpawnFillsThePool(t *testing.T) {
 	dir := t.TempDir()
-	slot, err := claim(dir, "/c.sock")
+	held, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	logPath := socketPath(dir, "/c.sock") + ".log"
-	if err := os.WriteFile(logPath, []byte("holder's line\n"), 0o600); err != nil {
+	defer held.Close()
+	heldLog := socketPath(dir, "/c.sock", 0) + ".log"
+	if err := os.WriteFile(heldLog, []byte("holder's line\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	// A "spare" that fails at once, writing to its log: sh cannot run a script named "spare".
-	gate, err := spawn(dir, "/bin/sh", "/c.sock", "/no-config")
-	if err != nil {
+	// A spare that waits and prints its arguments, holding what it was handed.
+	self := dir + "/spare.sh"
+	if err := os.WriteFile(self, []byte("#!/bin/sh\necho \"$@\"\nexec sleep 30\n"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	_ = gate.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	var b []byte
-	for ; time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if b, err = os.ReadFile(logPath); err != nil {
-			t.Fatal(err)
+	gate, err := spawn(dir, self, "/c.sock", 3, "/cfg", "-shape", "{}")
+	if err != nil || gate == nil {
+		t.Fatalf("spawn = %v, %v; want a gate", gate, err)
+	}
+	defer gate.Close()
+	spares := map[string]int{}
+	for _, sp := range all(dir) {
+		spares[sp.Slot] = sp.Pid
+	}
+	t.Cleanup(func() {
+		for _, pid := range spares {
+			if pid != os.Getpid() {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
 		}
-		if len(b) > len("holder's line\n") {
-			break
+	})
+	if len(spares) != 3 || spares[socketPath(dir, "/c.sock", 0)] != os.Getpid() {
+		t.Fatalf("slots after spawn = %v, want this process in slot 0 and two spares", spares)
+	}
+	for i := 1; i < 3; i++ {
+		path := socketPath(dir, "/c.sock", i)
+		pid := spares[path]
+		if pid == 0 || pid == os.Getpid() {
+			t.Fatalf("slot %d is held by %d, want a spare of its own", i, pid)
+		}
+		want := "spare -address /c.sock -slot " + strconv.Itoa(i) + " -config /cfg -shape {}\n"
+		var b []byte
+		for deadline := time.Now().Add(5 * time.Second); string(b) != want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			b, _ = os.ReadFile(path + ".log")
+		}
+		if string(b) != want {
+			t.Errorf("slot %d's log = %q, want %q", i, b, want)
 		}
 	}
-	if !strings.HasPrefix(string(b), "holder's line\n") || len(b) == len("holder's line\n") {
-		t.Errorf("log after a losing spawn = %q, want the holder's line, then the spawn's output", b)
+	if b, _ := os.ReadFile(heldLog); string(b) != "holder's line\n" {
+		t.Errorf("the held slot's log = %q, want its holder's line alone", b)
 	}
-	slot.Close()
+	if again, err := spawn(dir, self, "/c.sock", 3, "/cfg"); again != nil || err != nil {
+		t.Errorf("spawn into a full pool = %v, %v; want no gate and no error", again, err)
+	}
 
-	if err := os.WriteFile(logPath, []byte("a failed spare's log\n"), 0o600); err != nil {
-		t.Fatal(err)
+	// Slot 2's spare dies (its log kept, as a failed spare's is): the next spawn fills that slot alone.
+	failed := socketPath(dir, "/c.sock", 2)
+	_ = syscall.Kill(spares[failed], syscall.SIGKILL)
+	for deadline := time.Now().Add(5 * time.Second); len(all(dir)) != 2; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the killed spare still holds its slot: %+v", all(dir))
+		}
 	}
-	next, err := claim(dir, "/c.sock")
-	if err != nil {
-		t.Fatal(err)
+	next, err := spawn(dir, self, "/c.sock", 3, "/cfg")
+	if err != nil || next == nil {
+		t.Fatalf("spawn after a spare died = %v, %v", next, err)
 	}
 	defer next.Close()
-	if b, err := os.ReadFile(logPath); err != nil || len(b) != 0 {
-		t.Errorf("log after a new claim = %q (%v), want it empty", b, err)
+	now := map[string]int{}
+	for _, sp := range all(dir) {
+		now[sp.Slot] = sp.Pid
+	}
+	spares[failed] = now[failed]
+	if len(now) != 3 || now[failed] == 0 || now[socketPath(dir, "/c.sock", 1)] != spares[socketPath(dir, "/c.sock", 1)] {
+		t.Errorf("slots after the refill = %v, want slot 2 filled and the others as they were", now)
+	}
+	want := "spare -address /c.sock -slot 2 -config /cfg\n"
+	var b []byte
+	for deadline := time.Now().Add(5 * time.Second); string(b) != want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		b, _ = os.ReadFile(failed + ".log")
+	}
+	if string(b) != want {
+		t.Errorf("the refilled slot's log = %q, want its new spare's alone", b)
+	}
+}
+
+// A task is offered to each waiting spare until one takes it: spares that decline it, or whose socket is left
+// without a listener, are passed over.
+func TestAdoptTriesEverySpare(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	// adopt starts at the slot its pid picks: the one that takes the task comes last, after two that decline it
+	// and a killed spare's socket.
+	from := os.Getpid() % 4
+	var declining []<-chan error
+	for j := 0; j < 2; j++ {
+		slot, err := claim(dir, "/c.sock", (from+j)%4, os.Getpid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		declining = append(declining, waitIn(ctx, slot, time.Minute, "v1", nil, func(Request) error { return errors.New("another shape") }))
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: socketPath(dir, "/c.sock", (from+2)%4), Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(false)
+	_ = l.Close()
+	taking, err := claim(dir, "/c.sock", (from+3)%4, os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	took := waitIn(ctx, taking, time.Minute, "v1", nil, nil)
+	for deadline := time.Now().Add(5 * time.Second); len(listening(dir, "/c.sock")) < 4; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the spares do not listen: %v", listening(dir, "/c.sock"))
+		}
+	}
+	pid, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"x"}, Dir: "/"}, os.Stdin)
+	if err != nil || pid != 4242 {
+		t.Fatalf("Adopt = %d, %v; want the spare that fits (4242)", pid, err)
+	}
+	if err := <-took; err != nil {
+		t.Errorf("the fitting spare's Wait = %v", err)
+	}
+	if _, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
+		t.Errorf("Adopt with only declining spares = %v, want ErrNone", err)
+	}
+	for i, done := range declining {
+		select {
+		case err := <-done:
+			t.Errorf("declining spare %d left: %v", i, err)
+		default:
+		}
 	}
 }
 
@@ -220,11 +315,11 @@ func TestSpawnKeepsTheHoldersLog(t *testing.T) {
 // the spare's log stays for whoever looks into why.
 func TestLostSpareLeavesItsLog(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	slot, err := claim(dir, "/c.sock")
+	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	logPath := socketPath(dir, "/c.sock") + ".log"
+	logPath := socketPath(dir, "/c.sock", 0) + ".log"
 	if err := os.WriteFile(logPath, []byte("spare log\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +357,7 @@ func TestLostSpareLeavesItsLog(t *testing.T) {
 // whose log it kept; while it lives it is listed as holding the slot.
 func TestFailedSlots(t *testing.T) {
 	dir := t.TempDir()
-	slot, err := claim(dir, "/c.sock")
+	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,7 +367,7 @@ func TestFailedSlots(t *testing.T) {
 	// What a spare's exit without release leaves: the lock file, no longer locked.
 	_ = slot.lock.Close()
 	held, failed := scan(dir)
-	want := Info{Pid: os.Getpid(), Address: "/c.sock", Slot: socketPath(dir, "/c.sock")}
+	want := Info{Pid: os.Getpid(), Address: "/c.sock", Slot: socketPath(dir, "/c.sock", 0)}
 	if len(held) != 0 || len(failed) != 1 || failed[0] != want {
 		t.Errorf("scan after the spare left = %+v, %+v; want %+v failed", held, failed, want)
 	}
@@ -288,7 +383,7 @@ func all(dir string) []Info {
 // keeps its socket, and the spare waits on for a task it fits.
 func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	slot, err := claim(dir, "/c.sock")
+	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -330,14 +425,14 @@ func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
 // The socket of a spare that was killed goes when the next spare claims the slot, before it boots anything.
 func TestClaimRemovesAKilledSparesSocket(t *testing.T) {
 	dir := t.TempDir()
-	path := socketPath(dir, "/c.sock")
+	path := socketPath(dir, "/c.sock", 0)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	l.SetUnlinkOnClose(false)
 	_ = l.Close()
-	slot, err := claim(dir, "/c.sock")
+	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -394,7 +489,7 @@ func beforeListen(err error) bool {
 // waitInSlot claims dir's slot for /c.sock and waits in it in the background (waitIn).
 func waitInSlot(ctx context.Context, t *testing.T, dir string, idle time.Duration, version string, lost <-chan struct{}, fits Fits) <-chan error {
 	t.Helper()
-	slot, err := claim(dir, "/c.sock")
+	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -221,9 +221,9 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 	return nil, net, nil
 }
 
-// startSpare starts a spare shim for the next task of this containerd, of the shape of this one's pod (sized),
-// held back until this shim's first container has started (releaseSpare). A spare that cannot start is logged:
-// the tasks boot their VMs as before.
+// startSpare fills this containerd's spare pool (hypervisor.spare_pool) for the next tasks, with spare shims of the
+// shape of this one's pod (sized), held back until this shim's first container has started (releaseSpare). A
+// spare that cannot start is logged: the tasks boot their VMs as before.
 func (s *Service) startSpare(configPath string, sized config.Config, log *logrus.Entry) {
 	if s.containerd == "" || s.spareGate != nil {
 		return
@@ -235,7 +235,7 @@ func (s *Service) startSpare(configPath string, sized config.Config, log *logrus
 	}
 	self, err := os.Executable()
 	if err == nil {
-		s.spareGate, err = spare.Spawn(self, s.containerd, configPath, "-"+SpareShapeFlag, string(shape))
+		s.spareGate, err = spare.Spawn(self, s.containerd, sized.Hypervisor.SparePool, configPath, "-"+SpareShapeFlag, string(shape))
 	}
 	if err != nil {
 		log.WithError(err).Warn("start a spare shim")
