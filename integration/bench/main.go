@@ -31,11 +31,12 @@ func main() {
 	pods := flag.Bool("pods", true, "measure pods through containerd's CRI plugin too")
 	parallel := flag.Int("parallel", 10, "pods started at once")
 	podsOnly := flag.Bool("pods-only", false, "measure only pods")
+	poolOnly := flag.Bool("pool-only", false, "measure only a burst of -parallel pods from a pool of as many spares (hypervisor.spare_pool)")
 	fastStart := flag.String("pods-fast-start", "template", "hypervisor.fast_start of the pods' Kiln (\"off\" for a baseline of cold boots)")
 	podsHypervisor := flag.String("pods-hypervisor", "", "more keys of the pods' Kiln [hypervisor] table, as TOML lines (to measure a setting, e.g. 'vcpus = 1')")
 	flag.Parse()
-	podsCfg := podsConfig{fastStart: *fastStart, hypervisor: *podsHypervisor}
-	if err := run(context.Background(), *share, *tools, *runs, *pods, *podsOnly, *parallel, podsCfg); err != nil {
+	podsCfg := podsConfig{fastStart: *fastStart, hypervisor: *podsHypervisor, poolOnly: *poolOnly}
+	if err := run(context.Background(), *share, *tools, *runs, *pods, *podsOnly || *poolOnly, *parallel, podsCfg); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}

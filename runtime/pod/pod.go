@@ -55,6 +55,9 @@ type Options struct {
 	// Network, when set, is what a spare's pod prepared for First before it failed (Pod.TakeNetwork): New
 	// takes it over instead of running First's hooks again, and undoes it on error.
 	Network *Network
+	// Background starts the VM's cgroup behind every other for CPU (qemu.Config.Background): a spare's pod, which
+	// boots and waits on CPU nothing else wants. Foreground puts it back.
+	Background bool
 }
 
 // Pod is a booted microVM with its share and its containers.
@@ -162,6 +165,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
 	qcfg.SharedDir = sh.ExportDir()
+	qcfg.Background = o.Background
 	if o.First != nil {
 		// A taken network came with the cgroup the shim is in already.
 		if p.cgroup == nil {

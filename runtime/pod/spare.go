@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/core/containers"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
@@ -218,3 +219,21 @@ func (p *Pod) VMProcesses() []int {
 
 // processOwner is a VM that tells its host processes (qemu.Machine).
 type processOwner interface{ Processes() []int }
+
+// Foreground puts the pod's VM at the host's usual CPU priority, for a spare's pod (Options.Background) that a task
+// takes: its processes at nice 0 (the spare's priority, which they inherited) and its cgroup beside the others.
+func (p *Pod) Foreground() error {
+	var errs []error
+	for _, group := range p.VMProcesses() {
+		if err := unix.Setpriority(unix.PRIO_PGRP, group, 0); err != nil {
+			errs = append(errs, fmt.Errorf("restore the priority of process group %d: %w", group, err))
+		}
+	}
+	if m, ok := p.sb.Machine().(foregrounder); ok {
+		errs = append(errs, m.Foreground())
+	}
+	return errors.Join(errs...)
+}
+
+// foregrounder is a VM that can leave the background it started in (qemu.Machine).
+type foregrounder interface{ Foreground() error }

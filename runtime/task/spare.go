@@ -92,7 +92,7 @@ func BootSpare(ctx context.Context, configPath, shape, version string, log *logr
 	// The task's group is not known yet: the id is random, of VMID's form.
 	p, err := pod.New(ctx, pod.Options{
 		ID: vmID(b), Config: sized, HostVersion: version, Log: log,
-		OnEvent: sp.onEvent, OnExit: sp.onExit,
+		OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true,
 	})
 	if err != nil {
 		return nil, err
@@ -199,10 +199,8 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 	}
 	// The spare's VM booted at the lowest priority too; back to the usual before Adopt, whose health check of the
 	// guest would otherwise compete at nice 19 with whatever loads the host.
-	for _, group := range sp.pod.VMProcesses() {
-		if err := unix.Setpriority(unix.PRIO_PGRP, group, 0); err != nil {
-			log.WithError(err).Warn("restore the priority of the spare's processes")
-		}
+	if err := sp.pod.Foreground(); err != nil {
+		log.WithError(err).Warn("restore the priority of the spare's VM")
 	}
 	start := time.Now()
 	err = sp.pod.Adopt(ctx, cfg, first)

@@ -131,6 +131,39 @@ func (c *Cgroup) create(h host) error {
 	return writeFile(filepath.Join(h.v1Dirs["memory"], c.name, "memory.limit_in_bytes"), strconv.FormatInt(c.limit, 10))
 }
 
+// Background puts the cgroup behind its siblings for CPU (on: the lowest weight), or back beside them (off: the
+// default weight). A nice value orders a process only against the others of its CPU cgroup; the cgroup competes
+// with its siblings (other VMs' cgroups, pods' cgroups, the processes beside it on v1) by its weight, so a VM
+// meant to take only CPU nothing else wants needs both. Without the cpu controller (a v2 parent that does not
+// delegate it) the cgroup's processes are scheduled as part of the parent, where their nice value applies, and
+// there is nothing to do.
+func (c *Cgroup) Background(on bool) error {
+	if c.v2 {
+		ctl, err := os.ReadFile(filepath.Join(c.dirs[0], "cgroup.controllers"))
+		if err != nil {
+			return fmt.Errorf("cgroup %s: %w", c.name, err)
+		}
+		if !hasWord(string(ctl), "cpu") {
+			return nil
+		}
+		weight := "100"
+		if on {
+			weight = "1"
+		}
+		return writeFile(filepath.Join(c.dirs[0], "cpu.weight"), weight)
+	}
+	for i, ctl := range c.ctls {
+		if ctl == "cpu" {
+			shares := "1024"
+			if on {
+				shares = "2"
+			}
+			return writeFile(filepath.Join(c.dirs[i], "cpu.shares"), shares)
+		}
+	}
+	return nil
+}
+
 // Path is the cgroup's directory: the v2 one, or the v1 memory hierarchy's.
 func (c *Cgroup) Path() string {
 	if c.v2 {

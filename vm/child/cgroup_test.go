@@ -235,3 +235,70 @@ func TestNewCgroupReplacesAnEmptyStaleOne(t *testing.T) {
 		t.Error("a cgroup holding a process was replaced")
 	}
 }
+
+// Background sets the cgroup's CPU weight to the lowest and back to the default, where the cgroup has a CPU weight
+// of its own.
+func TestCgroupBackground(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create cgroups")
+	}
+	cg, err := NewCgroup("kiln-background-test-"+strconv.Itoa(os.Getpid()), 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cg.Remove() })
+	checkVersion(t, cg)
+	weight := func() string {
+		t.Helper()
+		var path string
+		if cg.V2() {
+			ctl, err := os.ReadFile(filepath.Join(cg.Path(), "cgroup.controllers"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !hasWord(string(ctl), "cpu") {
+				return "no cpu controller"
+			}
+			path = filepath.Join(cg.Path(), "cpu.weight")
+		} else {
+			for i, ctl := range cg.ctls {
+				if ctl == "cpu" {
+					path = filepath.Join(cg.dirs[i], "cpu.shares")
+				}
+			}
+			if path == "" {
+				return "no cpu controller"
+			}
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(string(b))
+	}
+	low, usual := "2", "1024"
+	if cg.V2() {
+		low, usual = "1", "100"
+	}
+	if weight() == "no cpu controller" {
+		if err := cg.Background(true); err != nil {
+			t.Fatalf("Background without a cpu controller: %v", err)
+		}
+		t.Skip("the cgroup has no cpu controller here: nice values alone order its processes")
+	}
+	if got := weight(); got != usual {
+		t.Fatalf("a new cgroup's CPU weight = %s, want the default %s", got, usual)
+	}
+	if err := cg.Background(true); err != nil {
+		t.Fatal(err)
+	}
+	if got := weight(); got != low {
+		t.Errorf("CPU weight in the background = %s, want %s", got, low)
+	}
+	if err := cg.Background(false); err != nil {
+		t.Fatal(err)
+	}
+	if got := weight(); got != usual {
+		t.Errorf("CPU weight back in the foreground = %s, want %s", got, usual)
+	}
+}

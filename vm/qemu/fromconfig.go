@@ -61,6 +61,9 @@ type Config struct {
 	// Cgroup, when true, starts QEMU and virtiofsd in a cgroup of their own (vm/child.Cgroup), named
 	// kiln-vm-<ID>, with a memory limit of MemoryMiB plus MemoryOverheadMiB; it is removed when the VM ends.
 	Cgroup bool
+	// Background, with Cgroup, starts that cgroup behind every other for CPU (child.Cgroup.Background): a spare's
+	// VM, which boots on CPU nothing else wants. Machine.Foreground puts it back.
+	Background bool
 	// MemoryOverheadMiB is what QEMU and virtiofsd may use beyond guest RAM; 0 means
 	// config.DefaultMemoryOverheadMiB.
 	MemoryOverheadMiB int

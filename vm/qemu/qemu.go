@@ -184,6 +184,20 @@ func (m *Machine) Processes() []int {
 	return pids
 }
 
+// Foreground puts the VM's cgroup back beside the others for CPU, for a VM started in the background
+// (Config.Background).
+func (m *Machine) Foreground() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.cgroup == nil || !m.cfg.Background {
+		return nil
+	}
+	if err := m.cgroup.Background(false); err != nil {
+		return fmt.Errorf("vm %s: %w", m.cfg.ID, err)
+	}
+	return nil
+}
+
 // Start implements vm.Machine.
 func (m *Machine) Start(ctx context.Context) error {
 	m.mu.Lock()
@@ -305,6 +319,11 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 			return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 		}
 		m.cgroup = cg
+		if m.cfg.Background {
+			if err := cg.Background(true); err != nil {
+				m.log.WithError(err).Warn("the VM's cgroup stays at the usual CPU weight")
+			}
+		}
 		// Whoever cleans up after a dead owner (Sweep, a shim's delete) finds the cgroup here.
 		if err := os.WriteFile(m.paths.cgroups, []byte(strings.Join(cg.Dirs(), "\n")+"\n"), 0o600); err != nil {
 			return fmt.Errorf("start vm %s: record its cgroup: %w", m.cfg.ID, err)
