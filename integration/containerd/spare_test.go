@@ -137,6 +137,18 @@ func TestKilnSparePool(t *testing.T) {
 	if a, b := childQEMU(t, first[0].Pid), childQEMU(t, first[1].Pid); a == b {
 		t.Fatalf("the two spares share QEMU %d", a)
 	}
+	// A waiting spare's VM takes only CPU nothing else wants: its cgroup at the lowest weight, beside nice 19.
+	for _, sp := range first {
+		qemu := childQEMU(t, sp.Pid)
+		if got, low, ok := cpuWeight(t, cgroupOf(t, qemu)); !ok {
+			t.Logf("spare %d's QEMU %d: its cgroup has no CPU weight here (no cpu controller): nice alone orders it", sp.Pid, qemu)
+		} else if got != low {
+			t.Errorf("spare %d's QEMU %d: CPU weight %s, want the lowest, %s", sp.Pid, qemu, got, low)
+		}
+		if n := niceOf(t, qemu); n != 19 {
+			t.Errorf("spare %d's QEMU %d runs at nice %d, want 19", sp.Pid, qemu, n)
+		}
+	}
 
 	logStart := k.logSize()
 	ids := []string{"kiln-pool-1", "kiln-pool-2"}
@@ -180,6 +192,68 @@ func TestKilnSparePool(t *testing.T) {
 			t.Errorf("spare %d still waits after two tasks took the pool's two spares", sp.Pid)
 		}
 	}
+
+	// The task that takes a spare puts its VM back in the foreground: the VM's own cgroup at the usual weight,
+	// its processes at nice 0.
+	const taker = "kiln-pool-3"
+	k.runDetached(t, taker, nil, sleeper...)
+	k.waitStatus(t, taker, "RUNNING")
+	if !strings.Contains(k.logSince(t, logStart), "the spare shim's warm VM runs the task\" container="+taker) {
+		t.Fatalf("%s did not run in a spare's VM; containerd's log:\n%s", taker, k.d.LogTail(40))
+	}
+	vm := filepath.Join(k.d.StateDir(), k.vmOf(t, taker))
+	dirs, err := os.ReadFile(filepath.Join(vm, "cgroups"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range strings.Fields(string(dirs)) {
+		if got, low, ok := cpuWeight(t, dir); ok && got == low {
+			t.Errorf("%s's VM cgroup %s: CPU weight %s, still the lowest", taker, dir, got)
+		}
+	}
+	for _, pid := range qemusIn(vm) {
+		if n := niceOf(t, pid); n != 0 {
+			t.Errorf("%s's QEMU %d runs at nice %d, want 0", taker, pid, n)
+		}
+	}
+	k.remove(t, taker)
+}
+
+// cgroupOf is the CPU cgroup directory of process pid: the cpu hierarchy's on cgroup v1, the one on v2.
+func cgroupOf(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		if parts[0] == "0" && parts[1] == "" {
+			return filepath.Join("/sys/fs/cgroup", parts[2])
+		}
+		for _, ctl := range strings.Split(parts[1], ",") {
+			if ctl == "cpu" {
+				return filepath.Join("/sys/fs/cgroup", parts[1], parts[2])
+			}
+		}
+	}
+	t.Fatalf("process %d has no CPU cgroup: %s", pid, b)
+	return ""
+}
+
+// cpuWeight reads the CPU weight of cgroup directory dir (v1 cpu.shares, v2 cpu.weight) and the lowest a
+// background cgroup has; not ok for a v2 cgroup without the cpu controller or a v1 directory of another hierarchy.
+func cpuWeight(t *testing.T, dir string) (got, lowest string, ok bool) {
+	t.Helper()
+	for _, f := range []struct{ file, lowest string }{{"cpu.shares", "2"}, {"cpu.weight", "1"}} {
+		if b, err := os.ReadFile(filepath.Join(dir, f.file)); err == nil {
+			return strings.TrimSpace(string(b)), f.lowest, true
+		}
+	}
+	return "", "", false
 }
 
 // readySpare gives k's tasks spares (spareConfig), runs a first task, id, whose shim starts one, and waits for it
