@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -29,8 +28,8 @@ func TestHandOver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := claim(dir, "/c.sock", 0, os.Getpid()); !errors.Is(err, ErrTaken) {
-		t.Fatalf("second Claim = %v, want ErrTaken", err)
+	if _, err := claim(dir, "/c.sock", 0, os.Getpid()); !errors.Is(err, errTaken) {
+		t.Fatalf("second Claim = %v, want errTaken", err)
 	}
 	if other, err := claim(dir, "/other.sock", 0, os.Getpid()); err != nil {
 		t.Fatalf("Claim for another containerd: %v", err)
@@ -135,132 +134,6 @@ func TestStaleSpareRefusesTheTask(t *testing.T) {
 	t.Fatalf("a stale spare took the task (Adopt = %v)", adoptErr)
 }
 
-// A spare that holds its slot is listed with its pid and containerd, booting until it listens, and no longer once
-// it has gone.
-func TestAllListsHolders(t *testing.T) {
-	dir, ctx := t.TempDir(), testCtx(t)
-	if got := all(dir); len(got) != 0 {
-		t.Fatalf("all() with no spare = %v", got)
-	}
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := all(dir); len(got) != 1 || got[0].Pid != os.Getpid() || got[0].Address != "/c.sock" || got[0].Ready || got[0].Slot != socketPath(dir, "/c.sock", 0) {
-		t.Fatalf("all() while booting = %+v, want this process for /c.sock, not ready", got)
-	}
-	waitCtx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		_, _, _ = slot.Wait(waitCtx, 5*time.Second, 1, "v1", nil, nil)
-		close(done)
-	}()
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if got := all(dir); len(got) == 1 && got[0].Ready {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("all() never showed the waiting spare ready: %+v", all(dir))
-		}
-	}
-	cancel()
-	<-done
-	if got := all(dir); len(got) != 0 {
-		t.Errorf("all() after the spare left = %+v", got)
-	}
-}
-
-// Spawn fills the pool's free slots, one spare each, and leaves a held slot and its log to its holder; each spare
-// holds its slot's lock itself (the spawner's is gone), so that a spawn meanwhile finds the pool full and starts
-// nothing; a slot whose spare is gone is filled again, its failed spare's log started afresh.
-func TestSpawnFillsThePool(t *testing.T) {
-	dir := t.TempDir()
-	held, err := claim(dir, "/c.sock", 0, os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Close()
-	heldLog := socketPath(dir, "/c.sock", 0) + ".log"
-	if err := os.WriteFile(heldLog, []byte("holder's line\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	// A spare that waits and prints its arguments, holding what it was handed.
-	self := dir + "/spare.sh"
-	if err := os.WriteFile(self, []byte("#!/bin/sh\necho \"$@\"\nexec sleep 30\n"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	gate, err := spawn(dir, self, "/c.sock", 3, "/cfg", "-shape", "{}")
-	if err != nil || gate == nil {
-		t.Fatalf("spawn = %v, %v; want a gate", gate, err)
-	}
-	defer gate.Close()
-	spares := map[string]int{}
-	for _, sp := range all(dir) {
-		spares[sp.Slot] = sp.Pid
-	}
-	t.Cleanup(func() {
-		for _, pid := range spares {
-			if pid != os.Getpid() {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-	})
-	if len(spares) != 3 || spares[socketPath(dir, "/c.sock", 0)] != os.Getpid() {
-		t.Fatalf("slots after spawn = %v, want this process in slot 0 and two spares", spares)
-	}
-	for i := 1; i < 3; i++ {
-		path := socketPath(dir, "/c.sock", i)
-		pid := spares[path]
-		if pid == 0 || pid == os.Getpid() {
-			t.Fatalf("slot %d is held by %d, want a spare of its own", i, pid)
-		}
-		want := "spare -address /c.sock -slot " + strconv.Itoa(i) + " -config /cfg -shape {}\n"
-		var b []byte
-		for deadline := time.Now().Add(5 * time.Second); string(b) != want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-			b, _ = os.ReadFile(path + ".log")
-		}
-		if string(b) != want {
-			t.Errorf("slot %d's log = %q, want %q", i, b, want)
-		}
-	}
-	if b, _ := os.ReadFile(heldLog); string(b) != "holder's line\n" {
-		t.Errorf("the held slot's log = %q, want its holder's line alone", b)
-	}
-	if again, err := spawn(dir, self, "/c.sock", 3, "/cfg"); again != nil || err != nil {
-		t.Errorf("spawn into a full pool = %v, %v; want no gate and no error", again, err)
-	}
-
-	// Slot 2's spare dies (its log kept, as a failed spare's is): the next spawn fills that slot alone.
-	failed := socketPath(dir, "/c.sock", 2)
-	_ = syscall.Kill(spares[failed], syscall.SIGKILL)
-	for deadline := time.Now().Add(5 * time.Second); len(all(dir)) != 2; time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the killed spare still holds its slot: %+v", all(dir))
-		}
-	}
-	next, err := spawn(dir, self, "/c.sock", 3, "/cfg")
-	if err != nil || next == nil {
-		t.Fatalf("spawn after a spare died = %v, %v", next, err)
-	}
-	defer next.Close()
-	now := map[string]int{}
-	for _, sp := range all(dir) {
-		now[sp.Slot] = sp.Pid
-	}
-	spares[failed] = now[failed]
-	if len(now) != 3 || now[failed] == 0 || now[socketPath(dir, "/c.sock", 1)] != spares[socketPath(dir, "/c.sock", 1)] {
-		t.Errorf("slots after the refill = %v, want slot 2 filled and the others as they were", now)
-	}
-	want := "spare -address /c.sock -slot 2 -config /cfg\n"
-	var b []byte
-	for deadline := time.Now().Add(5 * time.Second); string(b) != want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		b, _ = os.ReadFile(failed + ".log")
-	}
-	if string(b) != want {
-		t.Errorf("the refilled slot's log = %q, want its new spare's alone", b)
-	}
-}
-
 // A task is offered to each waiting spare until one takes it: spares that decline it, or whose socket is left
 // without a listener, are passed over.
 func TestAdoptTriesEverySpare(t *testing.T) {
@@ -353,26 +226,6 @@ func TestLostSpareLeavesItsLog(t *testing.T) {
 	}
 }
 
-// A spare that leaves without giving its slot up (it failed, or was killed) is listed as failed, with the slot
-// whose log it kept; while it lives it is listed as holding the slot.
-func TestFailedSlots(t *testing.T) {
-	dir := t.TempDir()
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if held, failed := scan(dir); len(held) != 1 || len(failed) != 0 {
-		t.Fatalf("scan of a held slot = %+v, %+v; want it held", held, failed)
-	}
-	// What a spare's exit without release leaves: the lock file, no longer locked.
-	_ = slot.lock.Close()
-	held, failed := scan(dir)
-	want := Info{Pid: os.Getpid(), Address: "/c.sock", Slot: socketPath(dir, "/c.sock", 0)}
-	if len(held) != 0 || len(failed) != 1 || failed[0] != want {
-		t.Errorf("scan after the spare left = %+v, %+v; want %+v failed", held, failed, want)
-	}
-}
-
 // all lists the slots live spares hold in dir, as All does in Dir.
 func all(dir string) []Info {
 	held, _ := scan(dir)
@@ -419,29 +272,6 @@ func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
 	}
 	if req := <-done; req.Task == nil || req.Task.ID != "c2" {
 		t.Errorf("the spare took %+v, want task c2", req.Task)
-	}
-}
-
-// The socket of a spare that was killed goes when the next spare claims the slot, before it boots anything.
-func TestClaimRemovesAKilledSparesSocket(t *testing.T) {
-	dir := t.TempDir()
-	path := socketPath(dir, "/c.sock", 0)
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.SetUnlinkOnClose(false)
-	_ = l.Close()
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("a killed spare's socket is still there after a claim (%v)", err)
-	}
-	slot.Close()
-	if left, _ := os.ReadDir(dir); len(left) != 0 {
-		t.Errorf("files left after the spare gave its slot up: %v", left)
 	}
 }
 

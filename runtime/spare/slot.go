@@ -1,0 +1,190 @@
+package spare
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Dir holds the slots: a socket, its lock and a log per spare, up to a pool's size per containerd. Not under
+// Kiln's state directory, because `start` does not know Kiln's configuration (containerd passes its runtime options
+// with Create only).
+const Dir = "/run/kiln/spare"
+
+// errTaken is returned by claim when another spare holds the slot: Spawn passes it over.
+var errTaken = errors.New("another spare shim holds the slot")
+
+// slotPrefix names the slots of the containerd whose address is address.
+func slotPrefix(dir, address string) string {
+	sum := sha256.Sum256([]byte(address))
+	return filepath.Join(dir, hex.EncodeToString(sum[:8]))
+}
+
+// socketPath is slot i of the containerd whose address is address. Slot 0 has the name a pool of one has always
+// had.
+func socketPath(dir, address string, i int) string {
+	if i == 0 {
+		return slotPrefix(dir, address) + ".sock"
+	}
+	return slotPrefix(dir, address) + "-" + strconv.Itoa(i) + ".sock"
+}
+
+// listening lists the sockets of the containerd's slots whose spares wait for a task.
+func listening(dir, address string) []string {
+	prefix := slotPrefix(dir, address)
+	first, _ := filepath.Glob(prefix + ".sock")
+	rest, _ := filepath.Glob(prefix + "-*.sock")
+	return append(first, rest...)
+}
+
+// Slot is the place a spare waits in: the lock that keeps it the only spare in it, and the socket `start` finds it
+// by.
+type Slot struct {
+	path string
+	lock *os.File
+	l    *net.UnixListener
+}
+
+// Claimed is slot i of the containerd at address, whose lock this process's spawner took for it (Spawn) and left at
+// LockFD. It listens only once Wait is called: until then `start` finds no spare.
+func Claimed(address string, i int) (*Slot, error) {
+	path := socketPath(Dir, address, i)
+	var held, named unix.Stat_t
+	if err := unix.Fstat(LockFD, &held); err != nil {
+		return nil, fmt.Errorf("spare shim: no lock of slot %s at descriptor %d (spares are started by spare.Spawn): %w", path, LockFD, err)
+	}
+	if err := unix.Stat(path+".lock", &named); err != nil || held.Dev != named.Dev || held.Ino != named.Ino {
+		return nil, fmt.Errorf("spare shim: descriptor %d is not the lock of slot %s (spares are started by spare.Spawn)", LockFD, path)
+	}
+	// Nothing the spare starts (QEMU, virtiofsd) may hold the slot after it.
+	unix.CloseOnExec(LockFD)
+	return &Slot{path: path, lock: os.NewFile(LockFD, path+".lock")}, nil
+}
+
+// claim takes slot i of the containerd at address, or returns errTaken, naming holder in its lock (0: none yet,
+// for a spawner that names the spare once it has started it).
+func claim(dir, address string, i, holder int) (*Slot, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("spare shim directory: %w", err)
+	}
+	path := socketPath(dir, address, i)
+	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("spare shim lock: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		_ = lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, errTaken
+		}
+		return nil, fmt.Errorf("spare shim lock %s: %w", path+".lock", err)
+	}
+	slot := &Slot{path: path, lock: lock}
+	if err := lock.Truncate(0); err == nil && holder > 0 {
+		slot.name(holder, address)
+	}
+	// A socket here is a killed spare's (the lock says no live spare owns it): gone now, whether or not this
+	// spare lives to listen, so that `start` does not dial it and nothing of the dead spare stays.
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		_ = lock.Close()
+		return nil, fmt.Errorf("spare shim socket: %w", err)
+	}
+	// The log is the holder's from here on: what a spare that failed before left in it goes.
+	if err := os.Truncate(path+".log", 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		_ = lock.Close()
+		return nil, fmt.Errorf("spare shim log: %w", err)
+	}
+	return slot, nil
+}
+
+// name writes the slot's holder into its lock, for whoever must stop it (`make uninstall`, tests, `kiln check`).
+func (s *Slot) name(holder int, address string) {
+	_, _ = s.lock.WriteAt([]byte(fmt.Sprintf("%d %s\n", holder, address)), 0)
+}
+
+// Info describes a spare shim that holds a slot, or that left one without giving it up (Failed).
+type Info struct {
+	// Pid is the spare's process id, Address its containerd's.
+	Pid     int
+	Address string
+	// Ready says it waits for a task; otherwise it is still booting or warming its VM.
+	Ready bool
+	// Slot is the slot's socket path; Slot+".log" is the spare's log until it takes a task, and Slot+".lock" its
+	// lock.
+	Slot string
+}
+
+// All lists the spare shims that hold a slot (`kiln check`, `make uninstall`'s tests).
+func All() []Info {
+	held, _ := scan(Dir)
+	return held
+}
+
+// Failed lists the slots whose last spare left without giving them up: it failed (its VM did not boot, say) or
+// was killed. Its lock still names it, and its log stays there until the slot's next spare (`kiln check`).
+func Failed() []Info {
+	_, failed := scan(Dir)
+	return failed
+}
+
+// scan reads the slots in dir: those a live spare holds, and those a spare left without giving them up.
+func scan(dir string) (held, failed []Info) {
+	locks, _ := filepath.Glob(filepath.Join(dir, "*.sock.lock"))
+	for _, path := range locks {
+		f, err := os.Open(path)
+		if err != nil {
+			continue
+		}
+		// A lock that can be taken has no holder: the file outlives its last spare.
+		free := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil
+		_ = f.Close()
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		pidText, address, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
+		pid, err := strconv.Atoi(pidText)
+		if err != nil || pid <= 0 {
+			continue
+		}
+		slot := strings.TrimSuffix(path, ".lock")
+		if free {
+			failed = append(failed, Info{Pid: pid, Address: address, Slot: slot})
+			continue
+		}
+		_, err = os.Stat(slot)
+		held = append(held, Info{Pid: pid, Address: address, Ready: err == nil, Slot: slot})
+	}
+	return held, failed
+}
+
+// Close gives the slot up, as Wait does when it returns, for a spare that leaves before it waits (told to stop
+// while it booted).
+func (s *Slot) Close() { s.release(false) }
+
+// release gives the slot up, removing its files (the socket, the log unless keepLog, and the lock) while it still
+// holds the lock, so that a containerd that is gone leaves nothing in Dir. The log of a spare that failed, which
+// exits without release, stays. A lock file that is not the held one any more (a claimer recreated it) is left to
+// its holder.
+func (s *Slot) release(keepLog bool) {
+	if s.l != nil {
+		_ = s.l.Close()
+	}
+	var held, named unix.Stat_t
+	if unix.Fstat(int(s.lock.Fd()), &held) == nil && unix.Stat(s.path+".lock", &named) == nil &&
+		held.Dev == named.Dev && held.Ino == named.Ino {
+		if !keepLog {
+			_ = os.Remove(s.path + ".log")
+		}
+		_ = os.Remove(s.path + ".lock")
+	}
+	_ = s.lock.Close()
+}
