@@ -459,6 +459,13 @@ func (m *Machine) reap() {
 }
 
 func (m *Machine) cleanup() {
+	if m.cgroup != nil && m.cfg.Background {
+		// A guest that ended on its own (a spare's pod closed) leaves virtiofsd to stop in its cgroup: at the usual
+		// weight, so that it is gone before the cgroup's removal gives up.
+		if err := m.cgroup.Background(false); err != nil {
+			m.log.WithError(err).Warn("the VM's cgroup stays in the background")
+		}
+	}
 	if m.cancel != nil {
 		m.cancel()
 	}

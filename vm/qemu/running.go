@@ -66,6 +66,11 @@ func (m *Machine) Stop(ctx context.Context) error {
 	if !started {
 		return nil
 	}
+	// A VM in the background would shut down, and its processes exit, only on CPU nothing else wants: under load
+	// that outlasts the stop's timeouts and the removal of its cgroup.
+	if err := m.Foreground(); err != nil {
+		m.log.WithError(err).Warn("stop the VM at the usual CPU weight")
+	}
 	if proc != nil {
 		proc.Stop(ctx)
 	}
