@@ -32,10 +32,7 @@ func TestSpawnFillsThePool(t *testing.T) {
 		t.Fatalf("spawn = %v, %v; want a gate", gate, err)
 	}
 	defer gate.Close()
-	spares := map[string]int{}
-	for _, sp := range all(dir) {
-		spares[sp.Slot] = sp.Pid
-	}
+	spares := holders(dir)
 	t.Cleanup(func() {
 		for _, pid := range spares {
 			if pid != os.Getpid() {
@@ -53,11 +50,7 @@ func TestSpawnFillsThePool(t *testing.T) {
 			t.Fatalf("slot %d is held by %d, want a spare of its own", i, pid)
 		}
 		want := "spare -address /c.sock -slot " + strconv.Itoa(i) + " -config /cfg -shape {}\n"
-		var b []byte
-		for deadline := time.Now().Add(5 * time.Second); string(b) != want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-			b, _ = os.ReadFile(path + ".log")
-		}
-		if string(b) != want {
+		if b := waitLog(path+".log", want); b != want {
 			t.Errorf("slot %d's log = %q, want %q", i, b, want)
 		}
 	}
@@ -81,20 +74,31 @@ func TestSpawnFillsThePool(t *testing.T) {
 		t.Fatalf("spawn after a spare died = %v, %v", next, err)
 	}
 	defer next.Close()
-	now := map[string]int{}
-	for _, sp := range all(dir) {
-		now[sp.Slot] = sp.Pid
-	}
+	now := holders(dir)
 	spares[failed] = now[failed]
 	if len(now) != 3 || now[failed] == 0 || now[socketPath(dir, "/c.sock", 1)] != spares[socketPath(dir, "/c.sock", 1)] {
 		t.Errorf("slots after the refill = %v, want slot 2 filled and the others as they were", now)
 	}
 	want := "spare -address /c.sock -slot 2 -config /cfg\n"
-	var b []byte
-	for deadline := time.Now().Add(5 * time.Second); string(b) != want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		b, _ = os.ReadFile(failed + ".log")
-	}
-	if string(b) != want {
+	if b := waitLog(failed+".log", want); b != want {
 		t.Errorf("the refilled slot's log = %q, want its new spare's alone", b)
 	}
+}
+
+// holders maps each held slot in dir to its spare's pid.
+func holders(dir string) map[string]int {
+	m := map[string]int{}
+	for _, sp := range all(dir) {
+		m[sp.Slot] = sp.Pid
+	}
+	return m
+}
+
+// waitLog reads the log at path until it is want, for up to 5 s, and returns what it read last.
+func waitLog(path, want string) string {
+	var b []byte
+	for deadline := time.Now().Add(5 * time.Second); string(b) != want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		b, _ = os.ReadFile(path)
+	}
+	return string(b)
 }
