@@ -14,6 +14,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	logtest "github.com/sirupsen/logrus/hooks/test"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
@@ -265,4 +266,59 @@ func equalSums(a, b map[string]string) bool {
 		}
 	}
 	return true
+}
+
+// A template whose saved guest restores but does not come up (the upper part of its RAM zeroed here: QEMU loads
+// the state, and the guest dies once it runs; one whose agent never answers takes the same path after the dial
+// timeout) costs the pod a cold boot with a warning, not its start; the template goes, so that the next pod builds
+// a good one.
+func TestTemplateDeadGuestBootsCold(t *testing.T) {
+	requireVM(t)
+	templates, fast := templatesOfTheirOwn(t)
+	quick := func(c *config.Config) {
+		fast(c)
+		c.Agent.DialTimeout = config.Duration(20 * time.Second)
+	}
+	t.Run("build", func(t *testing.T) { newContainerVMWith(t, 256, quick, new(logtest.Hook)) })
+	rams, err := filepath.Glob(filepath.Join(templates, "*", "ram"))
+	if err != nil || len(rams) != 1 {
+		t.Fatalf("template RAM files %v (%v), want one", rams, err)
+	}
+	fi, err := os.Stat(rams[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(rams[0], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(rams[0], os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Above the guest kernel's own pages: QEMU loads the state, and the guest dies once it runs.
+	const off = 64 << 20
+	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, fi.Size()-off); err != nil {
+		t.Fatal(err)
+	}
+	_ = f.Close()
+	t.Run("dead guest", func(t *testing.T) {
+		hook := new(logtest.Hook)
+		start := time.Now()
+		v := newContainerVMWith(t, 256, quick, hook)
+		t.Logf("pod started in %s", time.Since(start))
+		warned := false
+		for _, e := range hook.AllEntries() {
+			warned = warned || strings.Contains(e.Message, "restored from its template did not come up")
+		}
+		if !warned {
+			t.Errorf("no warning about the restored guest; log: %v", hook.AllEntries())
+		}
+		out, errOut, status := v.output(t, "probe", v.spec("cat", "/proc/cmdline"))
+		if status != 0 || strings.Contains(out, "kiln.template") {
+			t.Fatalf("container saw %q (status %d, stderr %q), want a cold-booted guest", out, status, errOut)
+		}
+	})
+	if left, _ := filepath.Glob(filepath.Join(templates, "*", templateStateFile)); len(left) != 0 {
+		t.Errorf("the dead guest's template is still there: %v", left)
+	}
 }

@@ -122,3 +122,95 @@ func TestConnectWaitsForTheAgentsAnnouncement(t *testing.T) {
 		})
 	}
 }
+
+// restoredMachine is a VM restored from its template whose guest is dead until BootInstead boots it (when restored
+// is set); a VM that was booted stays dead. Only what Start uses works.
+type restoredMachine struct {
+	vm.Machine
+	restored bool
+	dead     chan struct{}
+
+	mu              sync.Mutex
+	booted, stopped int
+}
+
+func (m *restoredMachine) ID() string                  { return "vm" }
+func (m *restoredMachine) Start(context.Context) error { return nil }
+func (m *restoredMachine) ExitError() error            { return errors.New("the guest died") }
+
+func (m *restoredMachine) Stop(context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.stopped++
+	return nil
+}
+
+func (m *restoredMachine) Restored() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.restored && m.booted == 0
+}
+
+func (m *restoredMachine) BootInstead(context.Context, error) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.booted++
+	return nil
+}
+
+func (m *restoredMachine) Exited() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.booted == 0 {
+		return m.dead
+	}
+	return nil
+}
+
+func (m *restoredMachine) DialVsock(context.Context, uint32) (net.Conn, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.booted == 0 {
+		return nil, errors.New("connection reset")
+	}
+	host, guest := net.Pipe()
+	go rawAgent{guest}.serve(nil)
+	return host, nil
+}
+
+// A VM restored from its template whose guest does not come up is booted instead, once, and the sandbox starts;
+// a booted VM whose guest does not come up, or a start the caller gave up on, fails and is stopped.
+func TestStartBootsInsteadOfADeadRestore(t *testing.T) {
+	tests := []struct {
+		name            string
+		restored        bool
+		cancelled       bool
+		wantErr         bool
+		booted, stopped int
+	}{
+		{name: "restored guest died", restored: true, booted: 1},
+		{name: "booted guest died", wantErr: true, stopped: 1},
+		{name: "caller gave up", restored: true, cancelled: true, wantErr: true, stopped: 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := &restoredMachine{restored: tt.restored, dead: make(chan struct{})}
+			close(m.dead)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			if tt.cancelled {
+				cancel()
+			}
+			s, err := Start(ctx, m, Options{DialTimeout: time.Minute, RequestTimeout: time.Minute, Log: logrus.NewEntry(logrus.New())})
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("Start = %v, want an error: %v", err, tt.wantErr)
+			}
+			if s != nil {
+				defer s.client.Close()
+			}
+			if m.booted != tt.booted || m.stopped != tt.stopped {
+				t.Errorf("booted instead %d times and stopped %d, want %d and %d", m.booted, m.stopped, tt.booted, tt.stopped)
+			}
+		})
+	}
+}

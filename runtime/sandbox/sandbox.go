@@ -101,11 +101,25 @@ func Start(ctx context.Context, m vm.Machine, opts Options) (*Sandbox, error) {
 		return nil, err
 	}
 	s := &Sandbox{m: m, opts: opts}
-	if err := s.connect(ctx); err != nil {
+	err := s.connect(ctx)
+	if r, ok := m.(bootInsteader); ok && err != nil && ctx.Err() == nil && r.Restored() {
+		// A fault of the fast path (a template whose guest dies or hangs once restored) costs a cold boot.
+		opts.Log.WithError(err).Warn("the VM restored from its template did not come up; booting it")
+		if err = r.BootInstead(ctx, err); err == nil {
+			err = s.connect(ctx)
+		}
+	}
+	if err != nil {
 		_ = m.Stop(context.WithoutCancel(ctx))
 		return nil, fmt.Errorf("start sandbox %s: %w", m.ID(), err)
 	}
 	return s, nil
+}
+
+// bootInsteader is a VM that can boot in place of a restore whose guest did not come up (qemu.Machine).
+type bootInsteader interface {
+	Restored() bool
+	BootInstead(ctx context.Context, why error) error
 }
 
 // connect dials the agent until it answers a health check, the VM exits, or DialTimeout passes.

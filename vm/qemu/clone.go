@@ -41,18 +41,18 @@ func cloneUnsupported(c Config) string {
 // startFromTemplate starts the VM as a clone of its template (built first if there is none): a copy of the
 // template's RAM, its device state loaded into a new QEMU, then its vsock and virtio-fs devices and NICs
 // hot-plugged. On error nothing of the clone is left and the Machine may be started again.
-func (m *Machine) startFromTemplate(ctx context.Context) error {
+func (m *Machine) startFromTemplate(ctx context.Context) (template, error) {
 	qemuPath, err := lookPath(m.cfg.QEMU)
 	if err != nil {
-		return err
+		return template{}, err
 	}
 	tpl, err := ensureTemplate(ctx, m.cfg, qemuPath)
 	if err != nil {
-		return err
+		return template{}, err
 	}
 	state, err := os.Open(tpl.state())
 	if err != nil {
-		return fmt.Errorf("open template state: %w", err)
+		return template{}, fmt.Errorf("open template state: %w", err)
 	}
 	defer state.Close()
 	// Each clone has RAM of its own, a memfd nobody can shrink: the vhost-user back ends write into the memory
@@ -60,7 +60,7 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 	// could truncate under it would kill the shim with SIGBUS). It is filled while virtiofsd and QEMU start.
 	ram, err := startCloneRAM(tpl.ram(), "kiln-clone-"+m.cfg.ID)
 	if err != nil {
-		return fmt.Errorf("copy template RAM: %w", err)
+		return template{}, fmt.Errorf("copy template RAM: %w", err)
 	}
 	// QEMU holds its own reference once started; the RAM goes with the last of QEMU and the back ends.
 	defer ram.close()
@@ -72,12 +72,12 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 	defer func() { m.cloneRAM, m.incoming = nil, nil }()
 	if err := m.start(ctx); err != nil {
 		if errors.Is(err, errTemplateState) {
-			discardTemplate(tpl, m.log)
+			discardTemplate(tpl, m.log, "QEMU refused its state")
 		}
 		m.cfg = cold
-		return err
+		return template{}, err
 	}
-	return nil
+	return tpl, nil
 }
 
 // restore loads the template's state into the clone's QEMU, hot-plugs the devices and lets the guest run.
@@ -146,19 +146,19 @@ func (m *Machine) loadError(err error) error {
 	return fmt.Errorf("%w (%v)", errTemplateState, err)
 }
 
-// discardTemplate removes a template its clones cannot load, so that the next VM builds it again. Clones started
-// from it hold their own copies and descriptors.
-func discardTemplate(t template, log *logrus.Entry) {
+// discardTemplate removes a template its clones cannot use, for the reason why, so that the next VM builds it
+// again. Clones started from it hold their own copies and descriptors.
+func discardTemplate(t template, log *logrus.Entry, why string) {
 	trash := fmt.Sprintf("%s.discarded-%d", t.dir, os.Getpid())
 	err := os.Rename(t.dir, trash)
 	if err == nil {
 		err = os.RemoveAll(trash)
 	}
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		log.WithError(err).Warn("remove a template whose state QEMU refused")
+		log.WithError(err).WithField("reason", why).Warn("remove a template of no use")
 		return
 	}
-	log.WithField("template", t.dir).Warn("removed a template whose state QEMU refused; the next VM builds it again")
+	log.WithFields(logrus.Fields{"template": t.dir, "reason": why}).Warn("removed a template of no use; the next VM builds it again")
 }
 
 // hotplugDevices are the devices a clone gets once restored, each on its root port (q35Devices).

@@ -72,6 +72,9 @@ type Machine struct {
 	started bool
 	// restored says the VM came from a template (it has hot-plug); plugged counts the NICs PlugNets added.
 	restored bool
+	// template is the one a restored VM came from, and cold the configuration that boots it instead (BootInstead).
+	template template
+	cold     Config
 	plugged  int
 	// rehearsal is the state of the root port RehearseNIC borrows.
 	rehearsal rehearsalPort
@@ -219,9 +222,10 @@ func (m *Machine) Start(ctx context.Context) error {
 		return m.start(ctx)
 	}
 	start := time.Now()
-	err := m.startFromTemplate(ctx)
+	cold := m.cfg
+	tpl, err := m.startFromTemplate(ctx)
 	if err == nil {
-		m.restored = true
+		m.restored, m.template, m.cold = true, tpl, cold
 		m.log.WithField("took", time.Since(start).Round(time.Millisecond)).Debug("VM restored from its template")
 		return nil
 	}
@@ -229,6 +233,34 @@ func (m *Machine) Start(ctx context.Context) error {
 		return fmt.Errorf("start vm %s from its template: %w", m.cfg.ID, err)
 	}
 	m.log.WithError(err).Warn("starting the VM from its template failed; booting it")
+	m.reset()
+	return m.start(ctx)
+}
+
+// Restored says whether the VM was restored from its template rather than booted.
+func (m *Machine) Restored() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.restored
+}
+
+// BootInstead stops a VM restored from its template whose guest did not come up (it died, or its agent never
+// answered), removes the template so that the next VM builds it again, and boots the VM instead: a template that
+// restores into a broken guest costs a cold boot, never the VM.
+func (m *Machine) BootInstead(ctx context.Context, why error) error {
+	m.mu.Lock()
+	restored, tpl := m.restored, m.template
+	m.mu.Unlock()
+	if !restored {
+		return fmt.Errorf("boot vm %s instead: it was not restored from a template", m.cfg.ID)
+	}
+	if err := m.Stop(ctx); err != nil {
+		return fmt.Errorf("boot vm %s instead: %w", m.cfg.ID, err)
+	}
+	discardTemplate(tpl, m.log, fmt.Sprintf("a guest restored from it did not come up (%v)", why))
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.cfg, m.restored, m.template, m.plugged, m.rehearsal = m.cold, false, template{}, 0, rehearsalFree
 	m.reset()
 	return m.start(ctx)
 }
