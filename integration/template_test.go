@@ -192,21 +192,7 @@ func TestTemplateRestoreFailureBootsCold(t *testing.T) {
 	if err := os.Truncate(states[0], 64); err != nil {
 		t.Fatal(err)
 	}
-	t.Run("damaged", func(t *testing.T) {
-		hook := new(logtest.Hook)
-		v := newContainerVMWith(t, 256, fast, hook)
-		warned := false
-		for _, e := range hook.AllEntries() {
-			warned = warned || strings.Contains(e.Message, "from its template failed")
-		}
-		if !warned {
-			t.Errorf("no warning about the failed restore; log: %v", hook.AllEntries())
-		}
-		out, errOut, status := v.output(t, "probe", v.spec("cat", "/proc/cmdline"))
-		if status != 0 || strings.Contains(out, "kiln.template") {
-			t.Fatalf("container saw %q (status %d, stderr %q), want a cold-booted guest", out, status, errOut)
-		}
-	})
+	t.Run("damaged", func(t *testing.T) { bootsColdWithWarning(t, fast, "from its template failed") })
 	if left := cloneFiles(t, templates); len(left) > 0 {
 		t.Errorf("failed clone left %v behind", left)
 	}
@@ -302,23 +288,28 @@ func TestTemplateDeadGuestBootsCold(t *testing.T) {
 	}
 	_ = f.Close()
 	t.Run("dead guest", func(t *testing.T) {
-		hook := new(logtest.Hook)
-		start := time.Now()
-		v := newContainerVMWith(t, 256, quick, hook)
-		t.Logf("pod started in %s", time.Since(start))
-		warned := false
-		for _, e := range hook.AllEntries() {
-			warned = warned || strings.Contains(e.Message, "restored from its template did not come up")
-		}
-		if !warned {
-			t.Errorf("no warning about the restored guest; log: %v", hook.AllEntries())
-		}
-		out, errOut, status := v.output(t, "probe", v.spec("cat", "/proc/cmdline"))
-		if status != 0 || strings.Contains(out, "kiln.template") {
-			t.Fatalf("container saw %q (status %d, stderr %q), want a cold-booted guest", out, status, errOut)
-		}
+		bootsColdWithWarning(t, quick, "restored from its template did not come up")
 	})
 	if left, _ := filepath.Glob(filepath.Join(templates, "*", templateStateFile)); len(left) != 0 {
 		t.Errorf("the dead guest's template is still there: %v", left)
+	}
+}
+
+// bootsColdWithWarning starts a pod with mutate and checks that its VM was booted, not restored (no kiln.template on
+// its guest's command line), after a warning that says warning.
+func bootsColdWithWarning(t *testing.T, mutate func(*config.Config), warning string) {
+	t.Helper()
+	hook := new(logtest.Hook)
+	v := newContainerVMWith(t, 256, mutate, hook)
+	warned := false
+	for _, e := range hook.AllEntries() {
+		warned = warned || strings.Contains(e.Message, warning)
+	}
+	if !warned {
+		t.Errorf("no warning %q; log: %v", warning, hook.AllEntries())
+	}
+	out, errOut, status := v.output(t, "probe", v.spec("cat", "/proc/cmdline"))
+	if status != 0 || strings.Contains(out, "kiln.template") {
+		t.Fatalf("container saw %q (status %d, stderr %q), want a cold-booted guest", out, status, errOut)
 	}
 }
