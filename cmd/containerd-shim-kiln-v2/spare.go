@@ -19,9 +19,9 @@ import (
 )
 
 // runSpare is the shim binary's life as a spare (runtime/spare): it takes the slot its spawner claimed for it,
-// waits for the shim that started it to be done starting, boots and warms a pod, and waits for a task. It returns the pod once
-// `start` has handed it a task, with the process set up as that task's shim server (its command line,
-// environment, directory and socket); the caller then runs the shim as any server. A spare that has no task
+// waits for the shim that started it to be done starting, boots and warms a pod, and waits for a task. It returns
+// the pod once `start` has handed it a task, with the process set up as that task's shim server (its command
+// line, environment, directory and socket); the caller then runs the shim as any server. A spare that has no task
 // after config.SpareIdle, is told to stop (SIGTERM), or fails, stops its VM and exits.
 func runSpare(args []string) (*task.Spare, error) {
 	fs := flag.NewFlagSet(spare.SpareArg, flag.ContinueOnError)

@@ -80,6 +80,34 @@ func (m *Machine) startFromTemplate(ctx context.Context) (template, error) {
 	return tpl, nil
 }
 
+// Restored says whether the VM was restored from its template rather than booted.
+func (m *Machine) Restored() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.restored
+}
+
+// BootInstead stops a VM restored from its template whose guest did not come up (it died, or its agent never
+// answered), removes the template so that the next VM builds it again, and boots the VM instead: a template that
+// restores into a broken guest costs a cold boot, never the VM.
+func (m *Machine) BootInstead(ctx context.Context, why error) error {
+	m.mu.Lock()
+	restored, tpl := m.restored, m.template
+	m.mu.Unlock()
+	if !restored {
+		return fmt.Errorf("boot vm %s instead: it was not restored from a template", m.cfg.ID)
+	}
+	if err := m.Stop(ctx); err != nil {
+		return fmt.Errorf("boot vm %s instead: %w", m.cfg.ID, err)
+	}
+	discardTemplate(tpl, m.log, fmt.Sprintf("a guest restored from it did not come up (%v)", why))
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.cfg, m.restored, m.template, m.plugged, m.rehearsal = m.cold, false, template{}, 0, rehearsalFree
+	m.reset()
+	return m.start(ctx)
+}
+
 // restore loads the template's state into the clone's QEMU, hot-plugs the devices and lets the guest run.
 func (m *Machine) restore(ctx context.Context, stateFD int) error {
 	ctx, cancel := context.WithTimeout(ctx, restoreTimeout)
