@@ -48,30 +48,46 @@ func listening(dir, address string) []string {
 // Slot is the place a spare waits in: the lock that keeps it the only spare in it, and the socket `start` finds it
 // by.
 type Slot struct {
-	path string
-	lock *os.File
-	l    *net.UnixListener
+	path    string
+	address string // the containerd's
+	lock    *os.File
+	l       *net.UnixListener
 }
 
 // Claimed is slot i of the containerd at address, whose lock this process's spawner took for it (Spawn) and left at
 // LockFD. It listens only once Wait is called: until then `start` finds no spare.
 func Claimed(address string, i int) (*Slot, error) {
 	path := socketPath(Dir, address, i)
-	var held, named unix.Stat_t
-	if err := unix.Fstat(LockFD, &held); err != nil {
-		return nil, fmt.Errorf("spare shim: no lock of slot %s at descriptor %d (spares are started by spare.Spawn): %w", path, LockFD, err)
-	}
-	if err := unix.Stat(path+".lock", &named); err != nil || held.Dev != named.Dev || held.Ino != named.Ino {
-		return nil, fmt.Errorf("spare shim: descriptor %d is not the lock of slot %s (spares are started by spare.Spawn)", LockFD, path)
+	if err := isFile(LockFD, path+".lock"); err != nil {
+		return nil, fmt.Errorf("spare shim: descriptor %d is not the lock of slot %s (spares are started by spare.Spawn): %w", LockFD, path, err)
 	}
 	// Nothing the spare starts (QEMU, virtiofsd) may hold the slot after it.
 	unix.CloseOnExec(LockFD)
-	return &Slot{path: path, lock: os.NewFile(LockFD, path+".lock")}, nil
+	return &Slot{path: path, address: address, lock: os.NewFile(LockFD, path+".lock")}, nil
 }
 
-// claim takes slot i of the containerd at address, or returns errTaken, naming holder in its lock (0: none yet,
-// for a spawner that names the spare once it has started it).
-func claim(dir, address string, i, holder int) (*Slot, error) {
+// errOtherFile is isFile's answer for a descriptor that is not the named file.
+var errOtherFile = errors.New("another file")
+
+// isFile says (nil) whether descriptor fd is the file named path: a lock file a claimer recreated since is
+// another.
+func isFile(fd int, path string) error {
+	var held, named unix.Stat_t
+	if err := unix.Fstat(fd, &held); err != nil {
+		return err
+	}
+	if err := unix.Stat(path, &named); err != nil {
+		return err
+	}
+	if held.Dev != named.Dev || held.Ino != named.Ino {
+		return errOtherFile
+	}
+	return nil
+}
+
+// claim takes slot i of the containerd at address, or returns errTaken. Its lock names nobody until name: a spawner
+// names the spare once it has started it.
+func claim(dir, address string, i int) (*Slot, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spare shim directory: %w", err)
 	}
@@ -87,10 +103,7 @@ func claim(dir, address string, i, holder int) (*Slot, error) {
 		}
 		return nil, fmt.Errorf("spare shim lock %s: %w", path+".lock", err)
 	}
-	slot := &Slot{path: path, lock: lock}
-	if err := lock.Truncate(0); err == nil && holder > 0 {
-		slot.name(holder, address)
-	}
+	_ = lock.Truncate(0)
 	// A socket here is a killed spare's (the lock says no live spare owns it): gone now, whether or not this
 	// spare lives to listen, so that `start` does not dial it and nothing of the dead spare stays.
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -102,12 +115,12 @@ func claim(dir, address string, i, holder int) (*Slot, error) {
 		_ = lock.Close()
 		return nil, fmt.Errorf("spare shim log: %w", err)
 	}
-	return slot, nil
+	return &Slot{path: path, address: address, lock: lock}, nil
 }
 
 // name writes the slot's holder into its lock, for whoever must stop it (`make uninstall`, tests, `kiln check`).
-func (s *Slot) name(holder int, address string) {
-	_, _ = s.lock.WriteAt([]byte(fmt.Sprintf("%d %s\n", holder, address)), 0)
+func (s *Slot) name(holder int) {
+	_, _ = s.lock.WriteAt([]byte(fmt.Sprintf("%d %s\n", holder, s.address)), 0)
 }
 
 // Info describes a spare shim that holds a slot, or that left one without giving it up (Failed).
@@ -178,9 +191,7 @@ func (s *Slot) release(keepLog bool) {
 	if s.l != nil {
 		_ = s.l.Close()
 	}
-	var held, named unix.Stat_t
-	if unix.Fstat(int(s.lock.Fd()), &held) == nil && unix.Stat(s.path+".lock", &named) == nil &&
-		held.Dev == named.Dev && held.Ino == named.Ino {
+	if isFile(int(s.lock.Fd()), s.path+".lock") == nil {
 		if !keepLog {
 			_ = os.Remove(s.path + ".log")
 		}

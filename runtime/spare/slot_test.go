@@ -16,7 +16,7 @@ func TestAllListsHolders(t *testing.T) {
 	if got := all(dir); len(got) != 0 {
 		t.Fatalf("all() with no spare = %v", got)
 	}
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
+	slot, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +48,7 @@ func TestAllListsHolders(t *testing.T) {
 // whose log it kept; while it lives it is listed as holding the slot.
 func TestFailedSlots(t *testing.T) {
 	dir := t.TempDir()
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
+	slot, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,7 +74,7 @@ func TestClaimRemovesAKilledSparesSocket(t *testing.T) {
 	}
 	l.SetUnlinkOnClose(false)
 	_ = l.Close()
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
+	slot, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,4 +85,14 @@ func TestClaimRemovesAKilledSparesSocket(t *testing.T) {
 	if left, _ := os.ReadDir(dir); len(left) != 0 {
 		t.Errorf("files left after the spare gave its slot up: %v", left)
 	}
+}
+
+// claimHere claims slot i of the containerd at address in dir for this process, named in its lock as a spawner
+// names the spare it starts.
+func claimHere(dir, address string, i int) (*Slot, error) {
+	s, err := claim(dir, address, i)
+	if err == nil {
+		s.name(os.Getpid())
+	}
+	return s, err
 }

@@ -24,14 +24,14 @@ func TestHandOver(t *testing.T) {
 	if _, err := adopt(ctx, dir, "/c.sock", Request{Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
 		t.Fatalf("Adopt with no spare = %v, want ErrNone", err)
 	}
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
+	slot, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := claim(dir, "/c.sock", 0, os.Getpid()); !errors.Is(err, errTaken) {
+	if _, err := claimHere(dir, "/c.sock", 0); !errors.Is(err, errTaken) {
 		t.Fatalf("second Claim = %v, want errTaken", err)
 	}
-	if other, err := claim(dir, "/other.sock", 0, os.Getpid()); err != nil {
+	if other, err := claimHere(dir, "/other.sock", 0); err != nil {
 		t.Fatalf("Claim for another containerd: %v", err)
 	} else {
 		other.release(false)
@@ -77,7 +77,7 @@ func TestHandOver(t *testing.T) {
 	if b, _ := io.ReadAll(r); string(b) != "through" {
 		t.Errorf("the handed descriptor is not the sender's file: read %q", b)
 	}
-	next, err := claim(dir, "/c.sock", 0, os.Getpid())
+	next, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatalf("Claim after a hand-over: %v", err)
 	}
@@ -87,7 +87,7 @@ func TestHandOver(t *testing.T) {
 // A spare that no task came for gives up after its idle time and leaves none of its slot's files behind.
 func TestIdleSpareLeaves(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
+	slot, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +143,7 @@ func TestAdoptTriesEverySpare(t *testing.T) {
 	from := os.Getpid() % 4
 	var declining []<-chan error
 	for j := 0; j < 2; j++ {
-		slot, err := claim(dir, "/c.sock", (from+j)%4, os.Getpid())
+		slot, err := claimHere(dir, "/c.sock", (from+j)%4)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -155,7 +155,7 @@ func TestAdoptTriesEverySpare(t *testing.T) {
 	}
 	l.SetUnlinkOnClose(false)
 	_ = l.Close()
-	taking, err := claim(dir, "/c.sock", (from+3)%4, os.Getpid())
+	taking, err := claimHere(dir, "/c.sock", (from+3)%4)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +188,7 @@ func TestAdoptTriesEverySpare(t *testing.T) {
 // the spare's log stays for whoever looks into why.
 func TestLostSpareLeavesItsLog(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
+	slot, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,7 +236,7 @@ func all(dir string) []Info {
 // keeps its socket, and the spare waits on for a task it fits.
 func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
+	slot, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,7 +319,7 @@ func beforeListen(err error) bool {
 // waitInSlot claims dir's slot for /c.sock and waits in it in the background (waitIn).
 func waitInSlot(ctx context.Context, t *testing.T, dir string, idle time.Duration, version string, lost <-chan struct{}, fits Fits) <-chan error {
 	t.Helper()
-	slot, err := claim(dir, "/c.sock", 0, os.Getpid())
+	slot, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}

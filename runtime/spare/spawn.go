@@ -42,12 +42,12 @@ func spawn(dir, self, address string, pool int, configPath string, args ...strin
 	var errs []error
 	started := 0
 	for i := 0; i < pool; i++ {
-		slot, err := claim(dir, address, i, 0)
+		slot, err := claim(dir, address, i)
 		if errors.Is(err, errTaken) {
 			continue
 		}
 		if err == nil {
-			err = slot.start(self, address, r, append([]string{SpareArg, "-address", address, "-" + SlotFlag, strconv.Itoa(i),
+			err = slot.start(self, r, append([]string{SpareArg, "-address", address, "-" + SlotFlag, strconv.Itoa(i),
 				"-config", configPath}, args...))
 		}
 		if err != nil {
@@ -63,9 +63,9 @@ func spawn(dir, self, address string, pool int, configPath string, args ...strin
 	return w, errors.Join(errs...)
 }
 
-// start runs self with args as the spare of the slot (of the containerd at address), which it hands the slot's
-// lock and the gate r, and names it in the lock; the slot is given up when it cannot.
-func (s *Slot) start(self, address string, r *os.File, args []string) error {
+// start runs self with args as the spare of the slot, which it hands the slot's lock and the gate r, and names it
+// in the lock; the slot is given up when it cannot.
+func (s *Slot) start(self string, r *os.File, args []string) error {
 	logf, err := os.OpenFile(s.path+".log", os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		s.release(false)
@@ -81,7 +81,7 @@ func (s *Slot) start(self, address string, r *os.File, args []string) error {
 		return err
 	}
 	go func() { _ = cmd.Wait() }()
-	s.name(cmd.Process.Pid, address)
+	s.name(cmd.Process.Pid)
 	// The spare holds the lock now (the same open file); the spawner's descriptor goes, not the slot's files.
 	return s.lock.Close()
 }

@@ -13,7 +13,7 @@ import (
 // nothing; a slot whose spare is gone is filled again, its failed spare's log started afresh.
 func TestSpawnFillsThePool(t *testing.T) {
 	dir := t.TempDir()
-	held, err := claim(dir, "/c.sock", 0, os.Getpid())
+	held, err := claimHere(dir, "/c.sock", 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -192,6 +192,11 @@ func (m *Machine) Processes() []int {
 func (m *Machine) Foreground() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return m.foreground()
+}
+
+// foreground is Foreground for a caller that holds mu or has the machine to itself (cleanup).
+func (m *Machine) foreground() error {
 	if m.cgroup == nil || !m.cfg.Background {
 		return nil
 	}
@@ -463,12 +468,10 @@ func (m *Machine) reap() {
 }
 
 func (m *Machine) cleanup() {
-	if m.cgroup != nil && m.cfg.Background {
-		// A guest that ended on its own (a spare's pod closed) leaves virtiofsd to stop in its cgroup: at the usual
-		// weight, so that it is gone before the cgroup's removal gives up.
-		if err := m.cgroup.Background(false); err != nil {
-			m.log.WithError(err).Warn("the VM's cgroup stays in the background")
-		}
+	// A guest that ended on its own (a spare's pod closed) leaves virtiofsd to stop in its cgroup: at the usual
+	// weight, so that it is gone before the cgroup's removal gives up.
+	if err := m.foreground(); err != nil {
+		m.log.WithError(err).Warn("the VM's cgroup stays in the background")
 	}
 	if m.cancel != nil {
 		m.cancel()
