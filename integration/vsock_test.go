@@ -25,6 +25,8 @@ const (
 	sourcePort   = 5003
 	dialBackPort = 5004
 	slowSinkPort = 5005
+	// smallBufferSourcePort is a source whose socket has a 64 KiB buffer.
+	smallBufferSourcePort = 5006
 )
 
 type halfCloser interface{ CloseWrite() error }
@@ -214,6 +216,16 @@ func TestVsockDataPath(t *testing.T) {
 		}
 		if got != want {
 			t.Fatalf("slow guest sink got %q, host sent %q", got, want)
+		}
+	})
+
+	t.Run("guest socket with a small buffer", func(t *testing.T) {
+		// Linux caps its unacknowledged bytes at its own 64 KiB buffer here; before the back end sized its credit
+		// updates to that window, the stream stopped after 64 KiB for good.
+		c := dial(t, m, smallBufferSourcePort)
+		_ = c.SetReadDeadline(time.Now().Add(60 * time.Second))
+		if err := readFromSource(c, 5, 32<<20, false); err != nil {
+			t.Fatal(err)
 		}
 	})
 

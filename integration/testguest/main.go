@@ -7,6 +7,7 @@
 //	5003 source     reads "<n> <seed>\n", sends n bytes of stream.New(seed)
 //	5004 dial-back  reads "<port>\n", dials host port, relays one line
 //	5005 slow sink  like sink, pausing 5 ms after each 64 KiB
+//	5006 small-buffer source  like source, from a socket with a 64 KiB buffer
 package main
 
 import (
@@ -30,6 +31,9 @@ const (
 	SourcePort   = 5003
 	DialBackPort = 5004
 	SlowSinkPort = 5005
+	// SmallBufferSourcePort's socket has a buffer smaller than the host's: Linux caps what it sends unacknowledged
+	// at its own buffer, so the host must advertise its consumption within that smaller window.
+	SmallBufferSourcePort = 5006
 )
 
 func main() {
@@ -41,11 +45,12 @@ func main() {
 
 func startServices(ctx context.Context, log *logrus.Entry) error {
 	handlers := map[uint32]handler{
-		EchoPort:     echo,
-		SinkPort:     sink,
-		SourcePort:   source,
-		DialBackPort: dialBack(dialHost),
-		SlowSinkPort: slowSink,
+		EchoPort:              echo,
+		SinkPort:              sink,
+		SourcePort:            source,
+		DialBackPort:          dialBack(dialHost),
+		SlowSinkPort:          slowSink,
+		SmallBufferSourcePort: smallBufferSource,
 	}
 	for port, h := range handlers {
 		l, err := agent.ListenVsock(port)
@@ -54,7 +59,7 @@ func startServices(ctx context.Context, log *logrus.Entry) error {
 		}
 		go serve(ctx, log.WithField("port", port), l, h)
 	}
-	log.Info("test services listening on vsock ports 5001-5005")
+	log.Info("test services listening on vsock ports 5001-5006")
 	return nil
 }
 

@@ -11,7 +11,10 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/integration/testguest/stream"
 )
@@ -93,6 +96,39 @@ func source(c net.Conn) error {
 	}
 	if _, err := io.CopyN(c, stream.New(seed), n); err != nil {
 		return fmt.Errorf("send %d bytes of stream %d: %w", n, seed, err)
+	}
+	return nil
+}
+
+// smallBufferSource is source from a socket whose buffer is smallBuffer.
+func smallBufferSource(c net.Conn) error {
+	if err := setBufferSize(c, smallBuffer); err != nil {
+		return err
+	}
+	return source(c)
+}
+
+// smallBuffer is the small-buffer source's socket buffer.
+const smallBuffer = 64 << 10
+
+// setBufferSize sets a vsock connection's buffer (its buf_alloc), as a guest program may.
+func setBufferSize(c net.Conn, size uint64) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("%T has no socket to size", c)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptUint64(int(fd), unix.AF_VSOCK, unix.SO_VM_SOCKETS_BUFFER_SIZE, size)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set vsock buffer size %d: %w", size, serr)
 	}
 	return nil
 }

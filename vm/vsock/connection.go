@@ -111,6 +111,18 @@ func (c *conn) setPeerCreditLocked(h *Header) {
 	c.peerBufAlloc, c.peerFwdCnt = h.BufAlloc, h.FwdCnt
 }
 
+// creditDueLocked says whether the host has consumed enough of the guest's bytes, unadvertised, to send a
+// CREDIT_UPDATE on its own: one packet short of the window the guest may fill (p.creditThreshold at most). The
+// window is our buf_alloc, or the guest's own buf_alloc when that is smaller: Linux caps its send credit at its
+// own receive buffer (the guest kernel Kiln builds does, 6.1.192), so a guest socket with a small buffer fills
+// its window and waits, and a threshold taken from our buf_alloc alone would never be reached.
+func (c *conn) creditDueLocked() bool {
+	window := min(c.p.bufAlloc, c.peerBufAlloc)
+	threshold := min(c.p.creditThreshold, window-min(window/2, maxPayload))
+	consumed := c.fwdCnt - c.advFwdCnt
+	return consumed > 0 && consumed >= threshold
+}
+
 // startLocked moves the connection to established with host as its Unix side and starts the goroutines.
 func (c *conn) startLocked(host *net.UnixConn, greeting []byte) error {
 	if err := c.transitionLocked(stateEstablished); err != nil {
@@ -215,9 +227,13 @@ func (c *conn) handle(h *Header, payload iovec) (wake bool, end ending) {
 	if h.Op == OpRst {
 		return false, endPeerReset
 	}
-	// Every packet carries the sender's credit; a fresher view may unblock data we hold back.
+	// Every packet carries the sender's credit; a fresher view may unblock data we hold back. A guest that
+	// shrank its buffer may now wait for consumption we have not advertised.
 	c.setPeerCreditLocked(h)
 	c.cond.Broadcast() // the reader may be waiting for credit
+	if c.state != stateClosed && c.creditDueLocked() {
+		c.wantCredit = true
+	}
 	switch h.Op {
 	case OpResponse:
 		if c.state != stateConnecting {
@@ -421,7 +437,7 @@ func (c *conn) writeLoop() {
 		c.tx.consume(n)
 		c.fwdCnt += uint32(n)
 		wake := false
-		if c.state != stateClosed && !c.wantCredit && c.fwdCnt-c.advFwdCnt >= c.p.creditThreshold {
+		if c.state != stateClosed && !c.wantCredit && c.creditDueLocked() {
 			c.wantCredit, wake = true, true
 		}
 		closed := c.state == stateClosed

@@ -208,19 +208,21 @@ func TestCreditUpdateThreshold(t *testing.T) {
 
 // TestDefaultCreditUpdatesAreLazy pins the default credit policy: a guest streaming full packets is told of the
 // host's consumption once per buf_alloc less one packet, not once per packet, and always before it has sent all
-// its credit, so it never waits for an update while the host has consumed its bytes.
+// its credit, so it never waits for an update while the host has consumed its bytes. The guest's own buffer is
+// Linux's default, as large as ours.
 func TestDefaultCreditUpdatesAreLazy(t *testing.T) {
 	p := defaultMuxerConfig(testCID, "unused").conn
 	if p.creditThreshold > p.bufAlloc-maxPayload {
 		t.Fatalf("credit threshold %d leaves the guest less than one %d-byte packet of its %d-byte credit",
 			p.creditThreshold, maxPayload, p.bufAlloc)
 	}
-	c, host, _ := establishedConnWith(t, p, 1<<16)
+	const linuxDefaultBuffer = 256 << 10
+	c, host, _ := establishedConnWith(t, p, linuxDefaultBuffer)
 	var updates []uint32 // fwd_cnt of each CREDIT_UPDATE
 	sent := uint32(0)
 	for sent+maxPayload <= p.bufAlloc {
 		h := testHeader(OpRW, maxPayload)
-		h.BufAlloc = 1 << 16
+		h.BufAlloc = linuxDefaultBuffer
 		if _, end := c.handle(&h, iovec{make([]byte, maxPayload)}); end != endNone {
 			t.Fatalf("RW of %d bytes after %d ended the connection", maxPayload, sent)
 		}
@@ -251,6 +253,64 @@ func TestDefaultCreditUpdatesAreLazy(t *testing.T) {
 	if len(updates) != 1 || updates[0] < p.creditThreshold || updates[0] > p.bufAlloc-maxPayload {
 		t.Fatalf("after %d bytes in %d-byte packets, CREDIT_UPDATEs at fwd_cnt %v; want one, by fwd_cnt %d",
 			sent, maxPayload, updates, p.bufAlloc-maxPayload)
+	}
+}
+
+// TestCreditKeepsAGuestsWindowOpen streams from a guest that, as Linux does since 6.1.192, never has more
+// unacknowledged bytes in flight than the smaller of our buf_alloc and its own, and waits for the host's fwd_cnt
+// once that window is full. Whatever its buffer, the host must tell it of its consumption before it waits for
+// good. With a threshold taken from our buf_alloc alone, a guest socket with a buffer smaller than that less one
+// packet stalled for ever.
+func TestCreditKeepsAGuestsWindowOpen(t *testing.T) {
+	p := defaultMuxerConfig(testCID, "unused").conn
+	tests := []struct {
+		name        string
+		guestBuffer uint32
+		maxUpdates  int // CREDIT_UPDATEs allowed for 1 MiB
+	}{
+		{"Linux's default buffer", 256 << 10, 6},
+		{"a 64 KiB buffer", 64 << 10, 16},
+		{"a buffer smaller than a packet", 16 << 10, 64},
+		{"one page", 4096, 256},
+	}
+	const total = 1 << 20
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, host, _ := establishedConnWith(t, p, tt.guestBuffer)
+			go io.Copy(io.Discard, host)
+			window := min(p.bufAlloc, tt.guestBuffer)
+			sent, peerFwd, updates := uint32(0), uint32(0), 0
+			for sent < total {
+				if credit := window - (sent - peerFwd); credit > 0 {
+					n := min(credit, maxPayload, total-sent)
+					h := testHeader(OpRW, int(n))
+					h.BufAlloc = tt.guestBuffer
+					if _, end := c.handle(&h, iovec{make([]byte, n)}); end != endNone {
+						t.Fatalf("RW of %d bytes after %d ended the connection", n, sent)
+					}
+					sent += n
+					continue
+				}
+				// The window is full: wait, as the guest does, for a packet carrying the host's fwd_cnt.
+				deadline := time.Now().Add(5 * time.Second)
+				for peerFwd == sent-window {
+					for _, pkt := range emitAll(c) {
+						peerFwd = pkt.FwdCnt
+						if pkt.Op == OpCreditUpdate {
+							updates++
+						}
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("the guest's %d-byte window is full after %d bytes and the host advertised fwd_cnt %d: no CREDIT_UPDATE came",
+							window, sent, peerFwd)
+					}
+					time.Sleep(time.Millisecond)
+				}
+			}
+			if updates > tt.maxUpdates {
+				t.Fatalf("%d CREDIT_UPDATEs for %d bytes through a %d-byte window, want at most %d", updates, total, window, tt.maxUpdates)
+			}
+		})
 	}
 }
 
