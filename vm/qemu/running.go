@@ -45,6 +45,7 @@ func (m *Machine) Diagnostics() string {
 			fmt.Fprintf(&b, "\nlast guest console lines:\n%s", s)
 		}
 	}
+	b.WriteString(m.guestDevices())
 	return b.String()
 }
 

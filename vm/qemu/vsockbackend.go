@@ -123,6 +123,8 @@ func (v *vhostUserVsock) dial(ctx context.Context, port uint32) (net.Conn, error
 	return vsock.Dial(ctx, v.udsPath, port)
 }
 
+func (v *vhostUserVsock) traffic() vsock.Traffic { return v.dev.Traffic() }
+
 // listen listens where the device connects the guest's connections to port (the hybrid vsock convention); the
 // listener removes its socket when closed.
 func (v *vhostUserVsock) listen(port uint32) (net.Listener, error) {

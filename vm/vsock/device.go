@@ -150,6 +150,9 @@ func (d *Device) Stop() {
 // Metrics returns the device's counters: what it dropped, refused or cut short because of the guest.
 func (d *Device) Metrics() Metrics { return d.mux.stats.snapshot() }
 
+// Traffic returns how many packets went each way since the device was created.
+func (d *Device) Traffic() Traffic { return d.mux.stats.traffic() }
+
 // warnRing logs a warning about the guest's rings, within the rate limit.
 func (d *Device) warnRing(err error, format string, args ...any) {
 	ok, summary := d.ringWarn.allow()
@@ -218,6 +221,7 @@ func (d *Device) txLoop(stop <-chan struct{}, q vq) {
 				break
 			}
 			d.mux.handleTx(ch.Readable)
+			d.mux.stats.fromGuest.Add(1)
 			if err := q.Push(ch.Head, 0); err != nil {
 				d.log.WithError(err).Error("push used tx chain")
 				return
@@ -282,6 +286,9 @@ func (d *Device) rxLoop(stop <-chan struct{}, q vq) {
 			}
 			held = nil
 			pushed++
+			if n > 0 {
+				d.mux.stats.toGuest.Add(1)
+			}
 		}
 		if pushed > 0 {
 			d.notify(q, "rx")

@@ -203,6 +203,11 @@ func TestDeviceQueuesAcrossStopStart(t *testing.T) {
 		t.Fatalf("rx packet %v, want RST", h.Op)
 	}
 	d.Stop()
+	// The REQUEST, the two RWs and the SHUTDOWN came from the guest (the RW of a stopped device was served after
+	// its restart); the RESPONSE and the RST went to it.
+	if got, want := d.Traffic(), (Traffic{FromGuest: 4, ToGuest: 2}); got != want {
+		t.Fatalf("traffic %+v, want %+v", got, want)
+	}
 }
 
 // TestTxCompletionsAreNotifiedInBatches pins that used tx chains are told to the driver once per txNotifyBatch,

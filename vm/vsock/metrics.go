@@ -28,6 +28,8 @@ type counters struct {
 	smallRxChains      atomic.Uint64
 	connsKilled        atomic.Uint64
 	warningsSuppressed atomic.Uint64
+
+	fromGuest, toGuest atomic.Uint64 // packets, for Traffic
 }
 
 func (c *counters) snapshot() Metrics {
@@ -39,4 +41,14 @@ func (c *counters) snapshot() Metrics {
 		ConnsKilled:        c.connsKilled.Load(),
 		WarningsSuppressed: c.warningsSuppressed.Load(),
 	}
+}
+
+// Traffic is how many packets the guest sent the device and how many the device gave it. Unlike Metrics it is
+// no count of trouble; it tells a guest that never spoke from one that stopped answering.
+type Traffic struct {
+	FromGuest, ToGuest uint64
+}
+
+func (c *counters) traffic() Traffic {
+	return Traffic{FromGuest: c.fromGuest.Load(), ToGuest: c.toGuest.Load()}
 }
