@@ -92,6 +92,9 @@ func podBench(ctx context.Context, repo, share, tools, templates string, cfg pod
 		r, k := medianOf(started[cri.HandlerRunc], stepOf), medianOf(started[cri.HandlerKiln], stepOf)
 		fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms)\n", "  kiln: "+step, ms(k), float64(k)/float64(r), ms(r))
 	}
+	if err := backToBack(ctx, e, runs, ms(rm), false); err != nil {
+		return err
+	}
 
 	together, togetherCPU := map[string]time.Duration{}, map[string]time.Duration{}
 	for _, h := range handlers {
@@ -190,7 +193,7 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	}
 	rp, kp := medianOf(started[cri.HandlerRunc], podSteps.runp), medianOf(started[cri.HandlerKiln], podSteps.runp)
 	fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms; %s)\n", "  kiln: runp (ready spare)", ms(kp), float64(kp)/float64(rp), ms(rp), adoption)
-	if err := backToBack(ctx, e, runs, ms(rm)); err != nil {
+	if err := backToBack(ctx, e, runs, ms(rm), true); err != nil {
 		return err
 	}
 	m, err := podMemory(ctx, e, cri.HandlerKiln, parallel, templates, nil)
@@ -202,14 +205,15 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	return poolPodBench(ctx, repo, share, tools, templates, cfg, runs, parallel)
 }
 
-// backToBack measures Kiln's pod starts back to back, with the defaults: each pod starts as soon as the last is
-// removed, whose shim's exit let the spare it started boot. A start finds that spare ready, or still booting: it
-// then starts from its template beside it, which should cost it little (the spare boots on CPU nothing else
-// wants). runcMs is the baseline to print beside.
-func backToBack(ctx context.Context, e *cri.Env, runs int, runcMs float64) error {
+// backToBack measures Kiln's pod starts back to back: each pod starts as soon as the last is removed. With spares
+// (the defaults), the last pod's shim's exit let the spare it started boot: a start finds that spare ready, or
+// still booting, and then starts from its template beside it, which should cost it little (the spare boots on CPU
+// nothing else wants). Without spares the same loop is the baseline: a start beside the last pod's teardown and
+// nothing else. runcMs is the baseline to print beside.
+func backToBack(ctx context.Context, e *cri.Env, runs int, runcMs float64, spares bool) error {
 	besideBoot, fromSpare := []podSteps{}, []podSteps{}
 	for i := range 2 * runs {
-		ready := containerd.WaitSpare(e.Daemon.Address, 0)
+		ready := spares && containerd.WaitSpare(e.Daemon.Address, 0)
 		d, id, err := startPod(ctx, e, cri.HandlerKiln, fmt.Sprintf("b2b-%d", i), "sleep", "3600")
 		if err != nil {
 			return err
@@ -223,10 +227,15 @@ func backToBack(ctx context.Context, e *cri.Env, runs int, runcMs float64) error
 			return err
 		}
 	}
-	for _, c := range []struct {
+	type bucket struct {
 		name  string
 		steps []podSteps
-	}{{"beside a booting spare", besideBoot}, {"from a ready spare", fromSpare}} {
+	}
+	buckets := []bucket{{"spare = false", besideBoot}}
+	if spares {
+		buckets = []bucket{{"beside a booting spare", besideBoot}, {"from a ready spare", fromSpare}}
+	}
+	for _, c := range buckets {
 		if len(c.steps) == 0 {
 			fmt.Printf("%-40s %10s   (none of %d)\n", "kiln: back to back, "+c.name, "-", 2*runs)
 			continue
