@@ -11,7 +11,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/kiln-runtime/kiln/integration/containerd"
@@ -50,34 +49,16 @@ func podBench(ctx context.Context, repo, share, tools, templates string, cfg pod
 	cpuByName := map[string]map[string]time.Duration{}
 	for i := range runs {
 		for _, h := range handlers {
-			m, err := startCPU()
-			if err != nil {
-				return err
-			}
-			procs, err := readProcTimes()
-			if err != nil {
-				return err
-			}
-			d, id, err := startPod(ctx, e, h, fmt.Sprintf("start-%s-%d", h, i), "sleep", "3600")
-			if err != nil {
-				return err
-			}
-			c, err := m.used()
-			if err != nil {
-				return err
-			}
-			procsAfter, err := readProcTimes()
+			d, id, c, err := startPodCosted(ctx, e, h, fmt.Sprintf("start-%s-%d", h, i))
 			if err != nil {
 				return err
 			}
 			if cpuByName[h] == nil {
 				cpuByName[h] = map[string]time.Duration{}
 			}
-			for name, d := range byName(procs, procsAfter) {
-				cpuByName[h][name] += d
-			}
+			c.addTo(cpuByName[h])
 			started[h] = append(started[h], d)
-			cpu[h] = append(cpu[h], c)
+			cpu[h] = append(cpu[h], c.total)
 			if err := e.RemovePod(ctx, id); err != nil {
 				return err
 			}
@@ -211,38 +192,48 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 // nothing else wants). Without spares the same loop is the baseline: a start beside the last pod's teardown and
 // nothing else. runcMs is the baseline to print beside.
 func backToBack(ctx context.Context, e *cri.Env, runs int, runcMs float64, spares bool) error {
-	besideBoot, fromSpare := []podSteps{}, []podSteps{}
+	// What the starts of each kind took, and the host CPU they cost by process: beside a booting spare, the
+	// spare's QEMU and shim show as more of those processes' CPU than the same loop spends without spares.
+	type bucket struct {
+		name  string
+		steps []podSteps
+		cpu   map[string]time.Duration
+	}
+	besideBoot, fromSpare := &bucket{name: "beside a booting spare"}, &bucket{name: "from a ready spare"}
+	if !spares {
+		besideBoot.name = "spare = false"
+	}
 	for i := range 2 * runs {
-		ready := spares && containerd.WaitSpare(e.Daemon.Address, 0)
-		d, id, err := startPod(ctx, e, cri.HandlerKiln, fmt.Sprintf("b2b-%d", i), "sleep", "3600")
+		b := besideBoot
+		if spares && containerd.WaitSpare(e.Daemon.Address, 0) {
+			b = fromSpare
+		}
+		d, id, c, err := startPodCosted(ctx, e, cri.HandlerKiln, fmt.Sprintf("b2b-%d", i))
 		if err != nil {
 			return err
 		}
-		if ready {
-			fromSpare = append(fromSpare, d)
-		} else {
-			besideBoot = append(besideBoot, d)
+		if b.cpu == nil {
+			b.cpu = map[string]time.Duration{}
 		}
+		c.addTo(b.cpu)
+		b.steps = append(b.steps, d)
 		if err := e.RemovePod(ctx, id); err != nil {
 			return err
 		}
 	}
-	type bucket struct {
-		name  string
-		steps []podSteps
-	}
-	buckets := []bucket{{"spare = false", besideBoot}}
+	buckets := []*bucket{besideBoot}
 	if spares {
-		buckets = []bucket{{"beside a booting spare", besideBoot}, {"from a ready spare", fromSpare}}
+		buckets = append(buckets, fromSpare)
 	}
-	for _, c := range buckets {
-		if len(c.steps) == 0 {
-			fmt.Printf("%-40s %10s   (none of %d)\n", "kiln: back to back, "+c.name, "-", 2*runs)
+	for _, b := range buckets {
+		if len(b.steps) == 0 {
+			fmt.Printf("%-40s %10s   (none of %d)\n", "kiln: back to back, "+b.name, "-", 2*runs)
 			continue
 		}
-		km := medianOf(c.steps, podSteps.total)
-		fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms above; %d of %d starts)\n", "kiln: back to back, "+c.name, ms(km), ms(km)/runcMs,
-			runcMs, len(c.steps), 2*runs)
+		km := medianOf(b.steps, podSteps.total)
+		fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms above; %d of %d starts)\n", "kiln: back to back, "+b.name, ms(km), ms(km)/runcMs,
+			runcMs, len(b.steps), 2*runs)
+		fmt.Printf("  %-38s %s\n", "CPU per start, living processes", topNames(b.cpu, len(b.steps), 6))
 	}
 	return nil
 }
@@ -342,83 +333,6 @@ func startPodEnv(ctx context.Context, repo, share, tools, templates string, cfg 
 		}
 	}
 	return e, nil
-}
-
-// podSteps is how long each step of a pod start took: runp, create and start.
-type podSteps [3]time.Duration
-
-func (s podSteps) total() time.Duration { return s[0] + s[1] + s[2] }
-
-func (s podSteps) runp() time.Duration { return s[0] }
-
-// medianOf is the median of f over runs.
-func medianOf(runs []podSteps, f func(podSteps) time.Duration) time.Duration {
-	ds := make([]time.Duration, len(runs))
-	for i, r := range runs {
-		ds[i] = f(r)
-	}
-	return median(ds)
-}
-
-// startPod runs a pod with one busybox container running cmd and returns how long runp, create and start took.
-func startPod(ctx context.Context, e *cri.Env, handler, name string, cmd ...string) (podSteps, string, error) {
-	var steps podSteps
-	pod := cri.NewPodConfig(name, e.PodLogDir(name))
-	c := cri.NewContainerConfig("main", containerd.BusyboxRef, cmd...)
-	t0 := time.Now()
-	id, err := e.RunPod(ctx, handler, pod)
-	if err != nil {
-		return steps, "", err
-	}
-	t1 := time.Now()
-	cid, err := e.CreateContainer(ctx, id, c, pod)
-	t2 := time.Now()
-	if err == nil {
-		_, err = e.Crictl(ctx, "start", cid)
-	}
-	steps = podSteps{t1.Sub(t0), t2.Sub(t1), time.Since(t2)}
-	if err != nil {
-		_ = e.RemovePod(ctx, id)
-		return steps, "", err
-	}
-	return steps, id, nil
-}
-
-// startPods starts n pods at once and returns the time until the last one's container runs, and the host's busy
-// CPU time until then.
-func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Duration, time.Duration, error) {
-	var wg sync.WaitGroup
-	ids := make([]string, n)
-	errs := make([]error, n)
-	m, err := startCPU()
-	if err != nil {
-		return 0, 0, err
-	}
-	t0 := time.Now()
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_, ids[i], errs[i] = startPod(ctx, e, handler, fmt.Sprintf("par-%s-%d", handler, i), "sleep", "3600")
-		}()
-	}
-	wg.Wait()
-	d := time.Since(t0)
-	// Before the pods are removed: their removal is not part of the start.
-	c, cpuErr := m.used()
-	for i, id := range ids {
-		if id != "" {
-			if err := e.RemovePod(ctx, id); err != nil && errs[i] == nil {
-				errs[i] = err
-			}
-		}
-	}
-	for _, err := range append(errs, cpuErr) {
-		if err != nil {
-			return 0, 0, err
-		}
-	}
-	return d, c, nil
 }
 
 // podThroughputBytes is what each throughput run sends.

@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/kiln-runtime/kiln/integration/containerd"
+	"github.com/kiln-runtime/kiln/integration/cri"
+)
+
+// podSteps is how long each step of a pod start took: runp, create and start.
+type podSteps [3]time.Duration
+
+func (s podSteps) total() time.Duration { return s[0] + s[1] + s[2] }
+
+func (s podSteps) runp() time.Duration { return s[0] }
+
+// medianOf is the median of f over runs.
+func medianOf(runs []podSteps, f func(podSteps) time.Duration) time.Duration {
+	ds := make([]time.Duration, len(runs))
+	for i, r := range runs {
+		ds[i] = f(r)
+	}
+	return median(ds)
+}
+
+// startCost is the host CPU a pod start took: in all, and by the name of the processes that lived through it.
+type startCost struct {
+	total  time.Duration
+	byName map[string]time.Duration
+}
+
+// addTo adds the start's CPU by process name to sum.
+func (c startCost) addTo(sum map[string]time.Duration) {
+	for name, d := range c.byName {
+		sum[name] += d
+	}
+}
+
+// startPodCosted starts a pod running `sleep 3600` as startPod does, and measures what the start cost the host.
+func startPodCosted(ctx context.Context, e *cri.Env, handler, name string) (podSteps, string, startCost, error) {
+	m, err := startCPU()
+	if err != nil {
+		return podSteps{}, "", startCost{}, err
+	}
+	procs, err := readProcTimes()
+	if err != nil {
+		return podSteps{}, "", startCost{}, err
+	}
+	d, id, err := startPod(ctx, e, handler, name, "sleep", "3600")
+	if err != nil {
+		return podSteps{}, "", startCost{}, err
+	}
+	total, err := m.used()
+	if err != nil {
+		return podSteps{}, "", startCost{}, errors.Join(err, e.RemovePod(ctx, id))
+	}
+	procsAfter, err := readProcTimes()
+	if err != nil {
+		return podSteps{}, "", startCost{}, errors.Join(err, e.RemovePod(ctx, id))
+	}
+	return d, id, startCost{total: total, byName: byName(procs, procsAfter)}, nil
+}
+
+// startPod runs a pod with one busybox container running cmd and returns how long runp, create and start took.
+func startPod(ctx context.Context, e *cri.Env, handler, name string, cmd ...string) (podSteps, string, error) {
+	var steps podSteps
+	pod := cri.NewPodConfig(name, e.PodLogDir(name))
+	c := cri.NewContainerConfig("main", containerd.BusyboxRef, cmd...)
+	t0 := time.Now()
+	id, err := e.RunPod(ctx, handler, pod)
+	if err != nil {
+		return steps, "", err
+	}
+	t1 := time.Now()
+	cid, err := e.CreateContainer(ctx, id, c, pod)
+	t2 := time.Now()
+	if err == nil {
+		_, err = e.Crictl(ctx, "start", cid)
+	}
+	steps = podSteps{t1.Sub(t0), t2.Sub(t1), time.Since(t2)}
+	if err != nil {
+		_ = e.RemovePod(ctx, id)
+		return steps, "", err
+	}
+	return steps, id, nil
+}
+
+// startPods starts n pods at once and returns the time until the last one's container runs, and the host's busy
+// CPU time until then.
+func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Duration, time.Duration, error) {
+	var wg sync.WaitGroup
+	ids := make([]string, n)
+	errs := make([]error, n)
+	m, err := startCPU()
+	if err != nil {
+		return 0, 0, err
+	}
+	t0 := time.Now()
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, ids[i], errs[i] = startPod(ctx, e, handler, fmt.Sprintf("par-%s-%d", handler, i), "sleep", "3600")
+		}()
+	}
+	wg.Wait()
+	d := time.Since(t0)
+	// Before the pods are removed: their removal is not part of the start.
+	c, cpuErr := m.used()
+	for i, id := range ids {
+		if id != "" {
+			if err := e.RemovePod(ctx, id); err != nil && errs[i] == nil {
+				errs[i] = err
+			}
+		}
+	}
+	for _, err := range append(errs, cpuErr) {
+		if err != nil {
+			return 0, 0, err
+		}
+	}
+	return d, c, nil
+}
