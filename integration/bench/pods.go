@@ -188,9 +188,9 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 
 // backToBack measures Kiln's pod starts back to back: each pod starts as soon as the last is removed. With spares
 // (the defaults), the last pod's shim's exit let the spare it started boot: a start finds that spare ready, or
-// still booting, and then starts from its template beside it, which should cost it little (the spare boots on CPU
-// nothing else wants). Without spares the same loop is the baseline: a start beside the last pod's teardown and
-// nothing else. runcMs is the baseline to print beside.
+// still booting, and then starts from its template beside it (the spare boots at the lowest weight, but under TCG
+// it still takes the CPU the start leaves idle, and delays the start). Without spares the same loop is the
+// baseline: a start beside the last pod's teardown and nothing else. runcMs is the baseline to print beside.
 func backToBack(ctx context.Context, e *cri.Env, runs int, runcMs float64, spares bool) error {
 	// What the starts of each kind took, and the host CPU they cost by process: beside a booting spare, the
 	// spare's QEMU and shim show as more of those processes' CPU than the same loop spends without spares.
