@@ -40,19 +40,20 @@ func cloneUnsupported(c Config) string {
 
 // startFromTemplate starts the VM as a clone of its template (built first if there is none): a copy of the
 // template's RAM, its device state loaded into a new QEMU, then its vsock and virtio-fs devices and NICs
-// hot-plugged. On error nothing of the clone is left and the Machine may be started again.
-func (m *Machine) startFromTemplate(ctx context.Context) (template, error) {
+// hot-plugged. It records the template and the configuration before the restore, for BootInstead. On error
+// nothing of the clone is left and the Machine may be started again.
+func (m *Machine) startFromTemplate(ctx context.Context) error {
 	qemuPath, err := lookPath(m.cfg.QEMU)
 	if err != nil {
-		return template{}, err
+		return err
 	}
 	tpl, err := ensureTemplate(ctx, m.cfg, qemuPath)
 	if err != nil {
-		return template{}, err
+		return err
 	}
 	state, err := os.Open(tpl.state())
 	if err != nil {
-		return template{}, fmt.Errorf("open template state: %w", err)
+		return fmt.Errorf("open template state: %w", err)
 	}
 	defer state.Close()
 	// Each clone has RAM of its own, a memfd nobody can shrink: the vhost-user back ends write into the memory
@@ -60,7 +61,7 @@ func (m *Machine) startFromTemplate(ctx context.Context) (template, error) {
 	// could truncate under it would kill the shim with SIGBUS). It is filled while virtiofsd and QEMU start.
 	ram, err := startCloneRAM(tpl.ram(), "kiln-clone-"+m.cfg.ID)
 	if err != nil {
-		return template{}, fmt.Errorf("copy template RAM: %w", err)
+		return fmt.Errorf("copy template RAM: %w", err)
 	}
 	// QEMU holds its own reference once started; the RAM goes with the last of QEMU and the back ends.
 	defer ram.close()
@@ -75,9 +76,10 @@ func (m *Machine) startFromTemplate(ctx context.Context) (template, error) {
 			discardTemplate(tpl, m.log, "QEMU refused its state")
 		}
 		m.cfg = cold
-		return template{}, err
+		return err
 	}
-	return tpl, nil
+	m.restored, m.template, m.cold = true, tpl, cold
+	return nil
 }
 
 // Restored says whether the VM was restored from its template rather than booted.

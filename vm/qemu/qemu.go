@@ -227,10 +227,8 @@ func (m *Machine) Start(ctx context.Context) error {
 		return m.start(ctx)
 	}
 	start := time.Now()
-	cold := m.cfg
-	tpl, err := m.startFromTemplate(ctx)
+	err := m.startFromTemplate(ctx)
 	if err == nil {
-		m.restored, m.template, m.cold = true, tpl, cold
 		m.log.WithField("took", time.Since(start).Round(time.Millisecond)).Debug("VM restored from its template")
 		return nil
 	}
