@@ -66,10 +66,7 @@ func TestCleanupRemovesWhatADeadShimLeft(t *testing.T) {
 		}
 	}
 	// A process still naming the VM's state directory stands for a QEMU that outlived its shim.
-	orphan := exec.Command("sh", "-c", "while :; do sleep 0.1; done", "sh", vmDir+"/qmp.sock")
-	if err := orphan.Start(); err != nil {
-		t.Fatal(err)
-	}
+	orphan := startStandIn(t, "sh", vmDir+"/qmp.sock")
 	done := make(chan struct{})
 	go func() { _ = orphan.Wait(); close(done) }()
 	if err := Cleanup(context.Background(), rec); err != nil {
@@ -91,21 +88,8 @@ func TestCleanupRemovesWhatADeadShimLeft(t *testing.T) {
 func TestCleanupLeavesALiveShimAlone(t *testing.T) {
 	state := t.TempDir()
 	// A process whose command line names the shim binary stands for the group's running shim.
-	shim := exec.Command("sh", "-c", "while :; do sleep 0.1; done", "containerd-shim-kiln-v2")
-	if err := shim.Start(); err != nil {
-		t.Fatal(err)
-	}
+	shim := startStandIn(t, "containerd-shim-kiln-v2")
 	defer func() { _ = shim.Process.Kill(); _ = shim.Wait() }()
-	// Start returns once the child is forked; until it has exec'd, its command line is this test binary's.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", shim.Process.Pid))
-		if strings.Contains(string(b), "containerd-shim-kiln-v2") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the stand-in shim's command line is %q", b)
-		}
-	}
 	id := task.VMID("default", "live")
 	rec := task.Record{VMID: id, StateDir: state, ShareDir: pod.ShareDir(state, id), ShimPid: shim.Process.Pid}
 	if err := os.MkdirAll(filepath.Join(state, rec.VMID), 0o700); err != nil {
@@ -186,10 +170,7 @@ func TestCleanupRefusesARecordNamingOtherPaths(t *testing.T) {
 					t.Fatal(err)
 				}
 				// A process naming the victim stands for one the old cleanup would take for the VM's.
-				bystander := exec.Command("sh", "-c", "while :; do sleep 0.1; done", "sh", victim+"/x")
-				if err := bystander.Start(); err != nil {
-					t.Fatal(err)
-				}
+				bystander := startStandIn(t, "sh", victim+"/x")
 				exited = make(chan struct{})
 				go func() { _ = bystander.Wait(); close(exited) }()
 				defer func() { _ = bystander.Process.Kill(); <-exited }()
@@ -234,5 +215,28 @@ func TestInfoReportsFeatures(t *testing.T) {
 	}
 	if f.Linux == nil || f.Linux.MountExtensions == nil || !*f.Linux.MountExtensions.IDMap.Enabled || !slices.Contains(f.Linux.Namespaces, "user") {
 		t.Errorf("user namespaces with idmapped mounts not offered: %+v", f.Linux)
+	}
+}
+
+// startStandIn starts a shell loop whose command line carries args, standing for a process Cleanup looks for, and
+// returns once the command line shows them: Start returns once the child is forked, and until it has exec'd its
+// command line is this test binary's, which Cleanup would pass over.
+func startStandIn(t *testing.T, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command("sh", append([]string{"-c", "while :; do sleep 0.1; done"}, args...)...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	want := args[len(args)-1]
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cmd.Process.Pid))
+		if strings.Contains(string(b), want) {
+			return cmd
+		}
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+			t.Fatalf("the stand-in's command line is %q, want it to name %q", b, want)
+		}
 	}
 }
