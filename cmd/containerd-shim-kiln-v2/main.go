@@ -21,6 +21,8 @@ var version = "dev"
 func main() {
 	// The shim re-executes itself to hold a pod's network namespace for OCI hooks.
 	network.RunHolderIfAsked()
+	// The holds a shim server's `start` passed it (runtime/spare), taken before the server starts anything.
+	held := spare.Inherited()
 	var sp *task.Spare
 	if len(os.Args) > 1 && os.Args[1] == spare.SpareArg {
 		var err error
@@ -29,7 +31,7 @@ func main() {
 			os.Exit(1)
 		}
 	}
-	task.Register(version, sp)
+	task.Register(version, sp, held)
 	s := manager.New(version)
 	// containerd before 2.3 runs `start` in a way pkg/shim no longer serves (legacy.go).
 	if handled, err := startLegacy(context.Background(), s, os.Args[1:], os.Stdout); handled || err != nil {

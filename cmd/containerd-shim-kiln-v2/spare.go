@@ -16,6 +16,7 @@ import (
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/runtime/task"
+	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // runSpare is the shim binary's life as a spare (runtime/spare): it takes the slot its spawner claimed for it,
@@ -61,12 +62,26 @@ func runSpare(args []string) (*task.Spare, error) {
 	if err := unix.Setpriority(unix.PRIO_PGRP, 0, task.SpareNice); err != nil {
 		log.WithError(err).Warn("spare shim runs at the usual priority")
 	}
+	// A task's `start` that finds no spare ready holds this one while it boots (spare.Hold): its VM's programs
+	// stand still until that task has started. Without the holder the spare just boots.
+	var hold func(qemu.Holdable)
+	holder, err := slot.Holder(log)
+	if err != nil {
+		log.WithError(err).Warn("tasks starting beside the spare cannot hold it")
+	} else {
+		hold = holder.Add
+	}
 	start := time.Now()
-	sp, err := task.BootSpare(ctx, *configPath, *shape, version, log)
+	sp, err := task.BootSpare(ctx, *configPath, *shape, version, log, hold)
+	var stoodStill time.Duration
+	if holder != nil {
+		holder.Close()
+		stoodStill = holder.StoodStill()
+	}
 	if err != nil {
 		return nil, leave(err)
 	}
-	log.WithField("took", time.Since(start)).Info("spare shim ready")
+	log.WithFields(logrus.Fields{"took": time.Since(start), "held": stoodStill.Round(time.Millisecond)}).Info("spare shim ready")
 	fits := func(req spare.Request) error {
 		err := sp.Fits(req)
 		if err != nil {

@@ -62,11 +62,13 @@ func checkNoLeftovers(t *testing.T, d *Daemon) {
 	}
 }
 
-// leftovers lists what Kiln left on the host once this containerd's tasks are deleted, after stopping its spare
-// shim: shims still running after they had time to exit, processes naming Kiln's state, mounts under it, entries
-// in it, host cgroups below the harness's namespace (where the shims account their VMs).
+// leftovers lists what Kiln left on the host once this containerd's tasks are deleted: spares whose programs stand
+// still (a hold never let go), and after stopping the spares, shims still running after they had time to exit,
+// processes naming Kiln's state, mounts under it, entries in it, host cgroups below the harness's namespace (where
+// the shims account their VMs).
 func leftovers(d *Daemon) []string {
-	var found []string
+	// A spare stands still only while a task starts beside it: none may be left so once the tasks are gone.
+	found := heldSpares(d.Address)
 	if err := StopSpare(d.Address, time.Minute); err != nil {
 		found = append(found, err.Error())
 	}

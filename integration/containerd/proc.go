@@ -63,6 +63,57 @@ func ProcessesMatching(substr string) []int {
 	return pids
 }
 
+// statFields are the fields of /proc/<pid>/stat after the command name (which is in parentheses and may hold
+// spaces): the state first, then the parent's pid; nil when the process is gone.
+func statFields(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return nil
+	}
+	return strings.Fields(string(b[i+1:]))
+}
+
+// descendants lists the processes below pid: its children, theirs, and so on.
+func descendants(pid int) []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	children := map[int][]int{}
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if f := statFields(p); len(f) > 1 {
+			if parent, err := strconv.Atoi(f[1]); err == nil {
+				children[parent] = append(children[parent], p)
+			}
+		}
+	}
+	var out []int
+	for queue := children[pid]; len(queue) > 0; queue = queue[1:] {
+		out = append(out, queue[0])
+		queue = append(queue, children[queue[0]]...)
+	}
+	return out
+}
+
+// stopped lists those of pids that are stopped (state T: SIGSTOP, a spare's hold).
+func stopped(pids []int) []int {
+	var out []int
+	for _, pid := range pids {
+		if f := statFields(pid); len(f) > 0 && f[0] == "T" {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
 // MountsUnder lists the mount points at or below dir, deepest first.
 func MountsUnder(dir string) ([]string, error) {
 	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(dir)))

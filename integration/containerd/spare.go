@@ -106,7 +106,21 @@ func removeFailedSpare(address string) error {
 }
 
 // slotFiles are the files of a spare's slot: its socket, its log and its lock.
-func slotFiles(sp spare.Info) []string { return []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock"} }
+func slotFiles(sp spare.Info) []string {
+	return []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock", sp.Slot + ".hold"}
+}
+
+// heldSpares lists, for each spare shim of the containerd at address whose programs are stopped (a hold that was
+// not let go), the stopped ones.
+func heldSpares(address string) []string {
+	var out []string
+	for _, sp := range sparesOf(address) {
+		if pids := stopped(descendants(sp.Pid)); len(pids) > 0 {
+			out = append(out, fmt.Sprintf("spare shim %d's programs stopped: %v", sp.Pid, pids))
+		}
+	}
+	return out
+}
 
 // taskShims drops from pids the spare shims waiting in the slots of the containerd at address: they have no task
 // yet.

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // spareConfig gives k's tasks a Kiln configuration with spares on, whatever the defaults (a suite run with
@@ -273,12 +275,10 @@ func (k *kilnEnv) readySpare(t *testing.T, id string) string {
 // niceOf is the nice value of process pid (/proc/PID/stat's 19th field).
 func niceOf(t *testing.T, pid int) int {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		t.Fatal(err)
+	f := statFields(pid)
+	if len(f) < 17 {
+		t.Fatalf("process %d: stat fields %q", pid, f)
 	}
-	// The fields after the command name, which is in parentheses and may hold spaces: state is the third.
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
 	n, err := strconv.Atoi(f[16])
 	if err != nil {
 		t.Fatalf("nice of %d: %v", pid, err)
@@ -438,15 +438,106 @@ func spareQEMU(t *testing.T, address string) int {
 func childQEMU(t *testing.T, shim int) int {
 	t.Helper()
 	for _, pid := range ProcessesMatching("qemu-system") {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			continue
-		}
-		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-		if len(f) > 1 && f[1] == strconv.Itoa(shim) {
+		if f := statFields(pid); len(f) > 1 && f[1] == strconv.Itoa(shim) {
 			return pid
 		}
 	}
 	t.Fatalf("shim %d has no QEMU", shim)
 	return 0
+}
+
+// A task's `start` that finds no spare ready holds the spares still booting: their programs (QEMU, virtiofsd)
+// stand still until the task has started, until whoever holds them is gone (runtime/spare's
+// TestHoldEndsWithItsHolder), or until the spare has stood still for spare.MaxHold in all; the spare then boots on
+// and serves the next task. The test holds the booting spare itself first, as `start` does, so that a task here
+// surely starts beside a booting spare. startKiln's leftover check fails the test if a spare stays stopped.
+func TestKilnSpareHeld(t *testing.T) {
+	k := startKiln(t)
+	k.spareConfig(t)
+	addr := k.d.Address
+	k.runDetached(t, "kiln-held-1", nil, sleeper...)
+	k.waitStatus(t, "kiln-held-1", "RUNNING")
+	holds := holdBootingSpare(t, addr)
+	sp, _ := spareOf(addr)
+	waitSpareStopped(t, sp.Pid)
+
+	log := k.logSince(t, 0)
+	out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-held-2", "echo", "beside")
+	if code != 0 || strings.TrimSpace(out) != "beside" {
+		t.Fatalf("run beside the held spare: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if got := k.logSince(t, int64(len(log))); !strings.Contains(got, `the booting spares it held go on" container=kiln-held-2`) {
+		t.Errorf("kiln-held-2's shim let go of no spare it held; containerd's log:\n%s", k.d.LogTail(40))
+	}
+	if now, ok := spareOf(addr); !ok || now.Pid != sp.Pid || now.Ready || len(stopped(descendants(sp.Pid))) == 0 {
+		t.Fatalf("the spare held by the test: %+v (held by %d), stopped programs %v", now, sp.Pid, stopped(descendants(sp.Pid)))
+	}
+	closeAll(holds)
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("the spare did not become ready once let go")
+	}
+	if held := heldSpares(addr); len(held) > 0 {
+		t.Fatalf("the ready spare: %v", held)
+	}
+	if b, err := os.ReadFile(sp.Slot + ".log"); err != nil || !strings.Contains(string(b), "the tasks' starts let the spare go on") {
+		t.Errorf("the spare's log (%v) does not say it was let go:\n%s", err, b)
+	}
+	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-held-3", "echo", "served")
+	if code != 0 || strings.TrimSpace(out) != "served" {
+		t.Fatalf("run in the spare: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if !strings.Contains(k.logSince(t, 0), `the spare shim's warm VM runs the task" container=kiln-held-3`) {
+		t.Errorf("kiln-held-3 did not run in the spare's VM; containerd's log:\n%s", k.d.LogTail(40))
+	}
+
+	// kiln-held-3's shim started the next spare. Held and never let go, it goes on after its limit.
+	holds = holdBootingSpare(t, addr)
+	defer closeAll(holds)
+	next, _ := spareOf(addr)
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("the spare held past its limit did not become ready")
+	}
+	if b, err := os.ReadFile(next.Slot + ".log"); err != nil || !strings.Contains(string(b), "the spare stood still as long as it may") {
+		t.Errorf("the spare's log (%v) does not say its hold ran out:\n%s", err, b)
+	}
+}
+
+// holdBootingSpare holds the spare of the containerd at address as soon as it boots, as a task's `start` does.
+func holdBootingSpare(t *testing.T, address string) []*os.File {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for ctx.Err() == nil {
+		if holds := spare.Hold(ctx, address); len(holds) > 0 {
+			return holds
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no spare of %s booted to be held", address)
+	return nil
+}
+
+// waitSpareStopped waits for the QEMU and the virtiofsd of the spare shim spare to be stopped.
+func waitSpareStopped(t *testing.T, spare int) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		var qemu, virtiofsd bool
+		for _, pid := range stopped(descendants(spare)) {
+			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			qemu = qemu || bytes.Contains(b, []byte("qemu-system"))
+			virtiofsd = virtiofsd || bytes.Contains(b, []byte("virtiofsd"))
+		}
+		if qemu && virtiofsd {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the held spare %d's QEMU stopped %v, virtiofsd stopped %v", spare, qemu, virtiofsd)
+		}
+	}
+}
+
+func closeAll(fs []*os.File) {
+	for _, f := range fs {
+		_ = f.Close()
+	}
 }

@@ -43,6 +43,9 @@ const SandboxAnnotation = "io.kubernetes.cri.sandbox-id"
 // over, and `start` starts the server itself.
 const spareHandOverTimeout = 5 * time.Second
 
+// spareHoldTimeout bounds holding the spares that still boot; one that does not answer at once is not held.
+const spareHoldTimeout = time.Second
+
 // Manager implements containerd's shim.Shim for Kiln.
 type Manager struct {
 	version string
@@ -127,6 +130,17 @@ func (m *Manager) Start(ctx context.Context, p *bootapi.BootstrapParams) (_ *boo
 		params.Address = address
 		return params, nil
 	}
+	// The spares still booting stand still while the server starts the task beside them; the holds go with the
+	// server, which lets go once its task has started (runtime/spare).
+	hctx, cancel := context.WithTimeout(ctx, spareHoldTimeout)
+	holds := spare.Hold(hctx, p.GetContainerdGrpcAddress())
+	cancel()
+	defer func() {
+		for _, h := range holds {
+			_ = h.Close()
+		}
+	}()
+	spare.PassHolds(cmd, holds)
 	// Pdeathsig-style options are not used: the server must outlive this short-lived `start` process.
 	goruntime.LockOSThread()
 	err = cmd.Start()

@@ -58,6 +58,9 @@ type Options struct {
 	// Background starts the VM's cgroup behind every other for CPU (qemu.Config.Background): a spare's pod, which
 	// boots and waits on CPU nothing else wants. Foreground puts it back.
 	Background bool
+	// Hold, when set, is handed the VM's programs as they start (qemu.Config.Hold): a spare's pod, which a task's
+	// start holds while it runs beside it.
+	Hold func(qemu.Holdable)
 }
 
 // Pod is a booted microVM with its share and its containers.
@@ -165,7 +168,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
 	qcfg.SharedDir = sh.ExportDir()
-	qcfg.Background = o.Background
+	qcfg.Background, qcfg.Hold = o.Background, o.Hold
 	if o.First != nil {
 		// A taken network came with the cgroup the shim is in already.
 		if p.cgroup == nil {
@@ -421,6 +424,20 @@ func (p *Pod) Started(ctx context.Context, c *container.Container) {
 	if err := hooks.Poststart(ctx, b.Spec, p.hookState(c.ID(), b)); err != nil {
 		p.log.WithError(err).WithField("container", c.ID()).Warn("poststart hook failed")
 	}
+}
+
+// containerTypeAnnotation is the annotation CRI puts on each container of a pod: sandboxType on the pod's own
+// (pause) container.
+const (
+	containerTypeAnnotation = "io.kubernetes.cri.container-type"
+	sandboxType             = "sandbox"
+)
+
+// IsSandbox says whether container id is its pod's CRI sandbox (pause) container, whose start is not yet the
+// pod's: its own containers come after it.
+func (p *Pod) IsSandbox(id string) bool {
+	b := p.bundleOf(id)
+	return b != nil && b.Spec.Annotations[containerTypeAnnotation] == sandboxType
 }
 
 func (p *Pod) bundleOf(id string) *bundle.Bundle {

@@ -38,10 +38,14 @@ func socketPath(dir, address string, i int) string {
 }
 
 // listening lists the sockets of the containerd's slots whose spares wait for a task.
-func listening(dir, address string) []string {
+func listening(dir, address string) []string { return slotPaths(dir, address, "") }
+
+// slotPaths lists the files of the containerd's slots that exist, by the suffix of their socket's path that names
+// them ("" for the socket itself).
+func slotPaths(dir, address, suffix string) []string {
 	prefix := slotPrefix(dir, address)
-	first, _ := filepath.Glob(prefix + ".sock")
-	rest, _ := filepath.Glob(prefix + "-*.sock")
+	first, _ := filepath.Glob(prefix + ".sock" + suffix)
+	rest, _ := filepath.Glob(prefix + "-*.sock" + suffix)
 	return append(first, rest...)
 }
 
@@ -104,11 +108,13 @@ func claim(dir, address string, i int) (*Slot, error) {
 		return nil, fmt.Errorf("spare shim lock %s: %w", path+".lock", err)
 	}
 	_ = lock.Truncate(0)
-	// A socket here is a killed spare's (the lock says no live spare owns it): gone now, whether or not this
-	// spare lives to listen, so that `start` does not dial it and nothing of the dead spare stays.
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		_ = lock.Close()
-		return nil, fmt.Errorf("spare shim socket: %w", err)
+	// Sockets here are a killed spare's (the lock says no live spare owns them): gone now, whether or not this
+	// spare lives to listen, so that `start` does not dial them and nothing of the dead spare stays.
+	for _, p := range []string{path, path + holdSuffix} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			_ = lock.Close()
+			return nil, fmt.Errorf("spare shim socket: %w", err)
+		}
 	}
 	// The log is the holder's from here on: what a spare that failed before left in it goes.
 	if err := os.Truncate(path+".log", 0); err != nil && !errors.Is(err, os.ErrNotExist) {

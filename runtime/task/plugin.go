@@ -8,12 +8,15 @@ import (
 	"github.com/containerd/containerd/v2/plugins"
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
+
+	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // Register adds the task service to containerd's shim plugin registry, where shim.Run finds it. The shim's main
-// calls it once before shim.Run, with its build version and, in a spare shim that a task was handed to, the
-// spare's pod (nil otherwise).
-func Register(version string, spare *Spare) {
+// calls it once before shim.Run, with its build version; in a spare shim that a task was handed to, the spare's pod
+// (nil otherwise); and the holds its `start` passed it (spare.Inherited; nil without), which it lets go once its
+// task has started.
+func Register(version string, sp *Spare, held *spare.Held) {
 	registry.Register(&plugin.Registration{
 		Type:     plugins.TTRPCPlugin,
 		ID:       "task",
@@ -31,10 +34,11 @@ func Register(version string, spare *Spare) {
 			if err != nil {
 				return nil, err
 			}
-			if spare != nil {
-				spare.bind(s)
-				s.spare = spare
+			if sp != nil {
+				sp.bind(s)
+				s.spare = sp
 			}
+			s.held = held
 			// The same address runtime/manager's `start` created the socket at; recorded for crash cleanup.
 			addr, group := ic.Properties[plugins.PropertyGRPCAddress], os.Getenv(GroupEnv)
 			s.containerd = addr

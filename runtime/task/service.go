@@ -30,6 +30,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/pod"
+	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // Service is the task service of one shim: every task of its group runs in the same pod, booted at the first
@@ -62,6 +63,9 @@ type Service struct {
 	// spareGate holds back the spare this shim started until this shim exits or releaseSpare lets it boot
 	// (spare.Spawn).
 	spareGate *os.File
+	// held are the spares still booting that this shim's `start` held (spare.Hold): let go once the task's start
+	// is over (Start).
+	held *spare.Held
 	// spareStops counts a spare's VM being stopped beside the task's start (takeSpare); stopPod waits for it.
 	spareStops sync.WaitGroup
 	// creating counts Creates in progress: a failed first Create stops the pod only when no other is.
@@ -309,6 +313,12 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if r.ExecID == "" {
 		if pd := s.currentPod(); pd != nil {
 			pd.Started(ctx, c)
+			// A pod's start is over with its first container of its own, not with its sandbox (CRI's pause).
+			if !pd.IsSandbox(c.ID()) {
+				if n := s.held.Release(); n > 0 {
+					s.log(c.ID(), "").WithField("spares", n).Info("the task started; the booting spares it held go on")
+				}
+			}
 		}
 		s.releaseSpare()
 	}

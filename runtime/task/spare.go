@@ -19,6 +19,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/spare"
+	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
 // SpareNice is the nice value a spare shim boots and warms its VM at (QEMU and virtiofsd inherit it), so that it
@@ -68,8 +69,9 @@ func (sh SpareShape) sized(cfg config.Config) (config.Config, error) {
 }
 
 // BootSpare boots and warms a spare shim's pod of the given shape (SpareShapeFlag's JSON) with the configuration
-// at configPath (config.Load's rules).
-func BootSpare(ctx context.Context, configPath, shape, version string, log *logrus.Entry) (*Spare, error) {
+// at configPath (config.Load's rules). hold, when set, is handed the VM's programs as they start (pod.Options.Hold),
+// for the spare's holder (spare.Holder).
+func BootSpare(ctx context.Context, configPath, shape, version string, log *logrus.Entry, hold func(qemu.Holdable)) (*Spare, error) {
 	cfg, err := config.Load(configPath)
 	if err != nil {
 		return nil, fmt.Errorf("spare shim: load kiln configuration: %w", err)
@@ -92,7 +94,7 @@ func BootSpare(ctx context.Context, configPath, shape, version string, log *logr
 	// The task's group is not known yet: the id is random, of VMID's form.
 	p, err := pod.New(ctx, pod.Options{
 		ID: vmID(b), Config: sized, HostVersion: version, Log: log,
-		OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true,
+		OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true, Hold: hold,
 	})
 	if err != nil {
 		return nil, err

@@ -209,6 +209,8 @@ func (p *Process) stop(ctx context.Context) {
 		return
 	default:
 	}
+	// A held program (Hold) could answer no request to quit until the holder let it go on.
+	p.signalGroup(unix.SIGCONT)
 	// StopTimeout bounds the request to quit too: a program too stuck to answer it (QEMU stopped, or its
 	// monitor wedged) is killed, not waited for.
 	qctx, cancel := context.WithTimeout(ctx, p.cfg.StopTimeout)
@@ -229,6 +231,17 @@ func (p *Process) stop(ctx context.Context) {
 		}
 	}
 	p.Kill()
+}
+
+// Hold stops the program and what it forked (on: SIGSTOP to its group), or lets them go on (SIGCONT), for an
+// owner that keeps a program of a background VM from competing with the host's foreground work for a moment (a
+// spare's VM, runtime/spare). Stop continues a held program before it asks it to quit.
+func (p *Process) Hold(on bool) {
+	sig := unix.SIGCONT
+	if on {
+		sig = unix.SIGSTOP
+	}
+	p.signalGroup(sig)
 }
 
 // Kill sends SIGKILL to the program's group and returns once the program has been reaped.

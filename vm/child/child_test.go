@@ -468,3 +468,63 @@ func TestNoHugePages(t *testing.T) {
 		t.Errorf("the program's status says %q, want THP_enabled: 0", got)
 	}
 }
+
+// processState is the state letter of process pid (/proc/<pid>/stat: "T" stopped, "S" sleeping, ...).
+func processState(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The command name is in parentheses and may hold spaces: the state follows the last ")".
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+3 > len(b) {
+		t.Fatalf("/proc/%d/stat: %q", pid, b)
+	}
+	return string(b[i+2 : i+3])
+}
+
+// waitState waits up to 5 s for each of pids to be stopped (stopped) or not.
+func waitState(t *testing.T, stopped bool, pids ...int) {
+	t.Helper()
+	for _, pid := range pids {
+		for deadline := time.Now().Add(5 * time.Second); (processState(t, pid) == "T") != stopped; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("process %d in state %s, want stopped %v", pid, processState(t, pid), stopped)
+			}
+		}
+	}
+}
+
+// Hold stops the program and what it forked into its group, and lets them go on; Stop ends a held program at its
+// request to quit, not after the timeout's SIGKILL: a stopped program hears no SIGTERM until it is continued.
+func TestHold(t *testing.T) {
+	pidFile := t.TempDir() + "/pid"
+	cfg := shell(fmt.Sprintf(`sleep 60 & echo $! > %s; echo ready >&2; wait`, pidFile))
+	cfg.StopTimeout = time.Minute
+	p := startReady(t, cfg)
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forked, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Hold(true)
+	waitState(t, true, p.PID(), forked)
+	p.Hold(false)
+	waitState(t, false, p.PID(), forked)
+	p.Hold(true)
+	waitState(t, true, p.PID(), forked)
+	begin := time.Now()
+	p.Stop(context.Background())
+	if took := time.Since(begin); took > 10*time.Second {
+		t.Errorf("Stop of a held program took %s", took)
+	}
+	if err := p.ExitError(); err == nil || err.Error() != "prog exited: signal: terminated" {
+		t.Errorf("ExitError %v, want the SIGTERM's", err)
+	}
+	// Holding a program that is gone is nothing.
+	p.Hold(true)
+}

@@ -14,6 +14,10 @@ import (
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
 
+// Holdable is a program of a VM's (QEMU, virtiofsd) that its owner can stop for a moment (on) and let go on
+// (child.Process.Hold). An alias, so that an owner's func taking any value with that method is a Config.Hold.
+type Holdable = interface{ Hold(on bool) }
+
 // Config describes one microVM.
 type Config struct {
 	ID string
@@ -64,6 +68,11 @@ type Config struct {
 	// Background, with Cgroup, starts that cgroup behind every other for CPU (child.Cgroup.Background): a spare's
 	// VM, which boots on CPU nothing else wants. Machine.Foreground puts it back.
 	Background bool
+	// Hold, when set, is handed each program the VM starts (virtiofsd, QEMU) as soon as it runs, for an owner
+	// that stops them for a moment and lets them go on (Holdable): a spare's VM, which a task's start holds while
+	// it runs beside it (runtime/spare). A program started while its owner holds the others is for it to stop
+	// at once.
+	Hold func(Holdable)
 	// MemoryOverheadMiB is what QEMU and virtiofsd may use beyond guest RAM; 0 means
 	// config.DefaultMemoryOverheadMiB.
 	MemoryOverheadMiB int

@@ -443,6 +443,9 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 	}
 	m.proc = proc
+	if m.cfg.Hold != nil {
+		m.cfg.Hold(proc)
+	}
 	go m.reap()
 
 	q, err := dialQMP(ctx, m.paths.qmp, m.exited)

@@ -25,6 +25,9 @@ func (m *Machine) startVirtiofsd(ctx context.Context) error {
 		return err
 	}
 	m.fs = d
+	if m.cfg.Hold != nil {
+		m.cfg.Hold(d)
+	}
 	// The channel is this start's: a start from a template that failed is followed by a boot with new ones.
 	go m.watchVirtiofsd(d, m.exited)
 	return nil

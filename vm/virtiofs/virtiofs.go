@@ -172,6 +172,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 // PID is virtiofsd's process id.
 func (d *Daemon) PID() int { return d.proc.PID() }
 
+// Hold stops virtiofsd (on) or lets it go on (child.Process.Hold); Stop continues it first.
+func (d *Daemon) Hold(on bool) { d.proc.Hold(on) }
+
 // SocketPath is the vhost-user socket QEMU connects to.
 func (d *Daemon) SocketPath() string { return d.cfg.SocketPath }
 
