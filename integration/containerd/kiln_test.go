@@ -68,7 +68,7 @@ func checkNoLeftovers(t *testing.T, d *Daemon) {
 // the shims account their VMs).
 func leftovers(d *Daemon) []string {
 	// A spare stands still only while a task starts beside it: none may be left so once the tasks are gone.
-	found := heldSpares(d.Address)
+	found := HeldSpares(d.Address)
 	if err := StopSpare(d.Address, time.Minute); err != nil {
 		found = append(found, err.Error())
 	}

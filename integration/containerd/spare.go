@@ -1,6 +1,7 @@
 package containerd
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -110,9 +111,31 @@ func slotFiles(sp spare.Info) []string {
 	return []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock", sp.Slot + ".hold"}
 }
 
-// heldSpares lists, for each spare shim of the containerd at address whose programs are stopped (a hold that was
+// HoldBootingSpare holds the spares of the containerd at address as soon as one boots, as a task's `start` that
+// finds no spare ready does (spare.Hold), so that a test's task surely starts beside a held spare. CloseHolds lets
+// go.
+func HoldBootingSpare(address string, timeout time.Duration) ([]*os.File, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	for ctx.Err() == nil {
+		if holds := spare.Hold(ctx, address); len(holds) > 0 {
+			return holds, nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil, fmt.Errorf("no spare of %s booted to be held within %s", address, timeout)
+}
+
+// CloseHolds lets go of holds (HoldBootingSpare).
+func CloseHolds(holds []*os.File) {
+	for _, h := range holds {
+		_ = h.Close()
+	}
+}
+
+// HeldSpares lists, for each spare shim of the containerd at address whose programs are stopped (a hold that was
 // not let go), the stopped ones.
-func heldSpares(address string) []string {
+func HeldSpares(address string) []string {
 	var out []string
 	for _, sp := range sparesOf(address) {
 		if pids := stopped(descendants(sp.Pid)); len(pids) > 0 {

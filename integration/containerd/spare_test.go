@@ -13,8 +13,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // spareConfig gives k's tasks a Kiln configuration with spares on, whatever the defaults (a suite run with
@@ -472,11 +470,11 @@ func TestKilnSpareHeld(t *testing.T) {
 	if now, ok := spareOf(addr); !ok || now.Pid != sp.Pid || now.Ready || len(stopped(descendants(sp.Pid))) == 0 {
 		t.Fatalf("the spare held by the test: %+v (held by %d), stopped programs %v", now, sp.Pid, stopped(descendants(sp.Pid)))
 	}
-	closeAll(holds)
+	CloseHolds(holds)
 	if !WaitSpare(addr, 3*time.Minute) {
 		t.Fatalf("the spare did not become ready once let go")
 	}
-	if held := heldSpares(addr); len(held) > 0 {
+	if held := HeldSpares(addr); len(held) > 0 {
 		t.Fatalf("the ready spare: %v", held)
 	}
 	if b, err := os.ReadFile(sp.Slot + ".log"); err != nil || !strings.Contains(string(b), "the tasks' starts let the spare go on") {
@@ -492,7 +490,7 @@ func TestKilnSpareHeld(t *testing.T) {
 
 	// kiln-held-3's shim started the next spare. Held and never let go, it goes on after its limit.
 	holds = holdBootingSpare(t, addr)
-	defer closeAll(holds)
+	defer CloseHolds(holds)
 	next, _ := spareOf(addr)
 	if !WaitSpare(addr, 3*time.Minute) {
 		t.Fatalf("the spare held past its limit did not become ready")
@@ -502,19 +500,14 @@ func TestKilnSpareHeld(t *testing.T) {
 	}
 }
 
-// holdBootingSpare holds the spare of the containerd at address as soon as it boots, as a task's `start` does.
+// holdBootingSpare holds the spare of the containerd at address as soon as it boots (HoldBootingSpare).
 func holdBootingSpare(t *testing.T, address string) []*os.File {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	for ctx.Err() == nil {
-		if holds := spare.Hold(ctx, address); len(holds) > 0 {
-			return holds
-		}
-		time.Sleep(20 * time.Millisecond)
+	holds, err := HoldBootingSpare(address, time.Minute)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatalf("no spare of %s booted to be held", address)
-	return nil
+	return holds
 }
 
 // waitSpareStopped waits for the QEMU and the virtiofsd of the spare shim spare to be stopped.
@@ -533,11 +526,5 @@ func waitSpareStopped(t *testing.T, spare int) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the held spare %d's QEMU stopped %v, virtiofsd stopped %v", spare, qemu, virtiofsd)
 		}
-	}
-}
-
-func closeAll(fs []*os.File) {
-	for _, f := range fs {
-		_ = f.Close()
 	}
 }

@@ -52,7 +52,59 @@ func TestKilnSparePod(t *testing.T) {
 	if n := strings.Count(string(log), "the spare shim's warm VM runs the task"); n != 1 {
 		t.Errorf("%d pods ran in a spare's VM, want the second one", n)
 	}
+	heldThroughSandbox(t, e)
 	if !strings.Contains(string(log), "network_rehearsed=true") {
 		t.Error("no spare rehearsed the network on a throwaway NIC while it warmed")
 	}
+}
+
+// heldThroughSandbox: a pod started beside a booting spare holds it until the pod's first container of its own has
+// started. The sandbox's start is not the end of the pod's start, so its shim does not let go there. A first pod
+// takes the ready spare, so that its shim starts the next; the test holds that one as soon as it boots, as a
+// `start` does, so that the second pod surely finds it booting.
+func heldThroughSandbox(t *testing.T, e *Env) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	addr := e.Daemon.Address
+	if !containerd.WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s", addr)
+	}
+	for _, name := range []string{"held-0", "held"} {
+		pod := NewPodConfig(name, e.PodLogDir(name))
+		podID, err := e.RunPod(ctx, HandlerKiln, pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = e.RemovePod(context.WithoutCancel(ctx), podID) }()
+		if name == "held-0" {
+			holds, err := containerd.HoldBootingSpare(addr, time.Minute)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer containerd.CloseHolds(holds)
+			continue
+		}
+		const letGo = "the booting spares it held go on"
+		if log := logOf(t, e); strings.Contains(log, letGo) {
+			t.Errorf("pod %s's shim let go of the spare at its sandbox's start; containerd's log:\n%s", podID, e.Daemon.LogTail(20))
+		}
+		id, err := e.CreateContainer(ctx, podID, NewContainerConfig("web", containerd.BusyboxRef, "sleep", "3600"), pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.crictl(t, "start", id)
+		if log := logOf(t, e); !strings.Contains(log, letGo+`" container=`+id) {
+			t.Errorf("pod %s's shim did not let go of the spare at its container %s's start; containerd's log:\n%s", podID, id, e.Daemon.LogTail(20))
+		}
+	}
+}
+
+func logOf(t *testing.T, e *Env) string {
+	t.Helper()
+	b, err := os.ReadFile(e.Daemon.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }

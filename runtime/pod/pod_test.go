@@ -73,3 +73,21 @@ func TestNewRefusesBadFirstIDBeforeBooting(t *testing.T) {
 		})
 	}
 }
+
+// A pod's start is over with its first container of its own: only CRI's sandbox (pause) container is the pod's
+// sandbox; a standalone container (`ctr run`) or a container without a bundle here is not.
+func TestIsSandbox(t *testing.T) {
+	spec := func(annotations map[string]string) *bundle.Bundle {
+		return &bundle.Bundle{Spec: &specs.Spec{Annotations: annotations}}
+	}
+	p := &Pod{bundles: map[string]*bundle.Bundle{
+		"pause":      spec(map[string]string{containerTypeAnnotation: "sandbox", "io.kubernetes.cri.sandbox-id": "pause"}),
+		"web":        spec(map[string]string{containerTypeAnnotation: "container", "io.kubernetes.cri.sandbox-id": "pause"}),
+		"standalone": spec(nil),
+	}}
+	for id, want := range map[string]bool{"pause": true, "web": false, "standalone": false, "unknown": false} {
+		if got := p.IsSandbox(id); got != want {
+			t.Errorf("IsSandbox(%q) = %v, want %v", id, got, want)
+		}
+	}
+}
