@@ -54,15 +54,18 @@ func quietLog() *logrus.Entry {
 	return logrus.NewEntry(l)
 }
 
-// holderOf listens for holds in slot 0 of the containerd at address in dir, as a booting spare's Holder does.
-func holderOf(t *testing.T, dir, address string, max time.Duration) *Holder {
+// holderOf listens for holds in slot 0 of the containerd at address in dir, as a booting spare's Holder does, and
+// has been handed a first program.
+func holderOf(t *testing.T, dir, address string, max time.Duration) (*Holder, *program) {
 	t.Helper()
 	h, err := listenHolds(socketPath(dir, address, 0)+holdSuffix, max, quietLog())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(h.Close)
-	return h
+	p := &program{}
+	h.Add(p)
+	return h, p
 }
 
 func closeAll(fs []*os.File) {
@@ -75,9 +78,8 @@ func closeAll(fs []*os.File) {
 // starts meanwhile stops at once, and they go on once the last hold ends.
 func TestHolderStopsItsProgramsWhileHeld(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	h := holderOf(t, dir, "/c.sock", time.Minute)
-	qemu, virtiofsd := &program{}, &program{}
-	h.Add(virtiofsd)
+	h, virtiofsd := holderOf(t, dir, "/c.sock", time.Minute)
+	qemu := &program{}
 	if other := hold(ctx, dir, "/other.sock"); len(other) != 0 {
 		t.Fatalf("holds of another containerd's spares: %d", len(other))
 	}
@@ -110,9 +112,7 @@ func TestHolderStopsItsProgramsWhileHeld(t *testing.T) {
 func TestHolderRunsOut(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
 	const limit = 300 * time.Millisecond
-	h := holderOf(t, dir, "/c.sock", limit)
-	p := &program{}
-	h.Add(p)
+	h, p := holderOf(t, dir, "/c.sock", limit)
 	first := hold(ctx, dir, "/c.sock")
 	defer closeAll(first)
 	waitHeld(t, true, p)
@@ -129,9 +129,7 @@ func TestHolderRunsOut(t *testing.T) {
 // killed while it starts), the kernel closes its end and the spare goes on.
 func TestHoldEndsWithItsHolder(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	h := holderOf(t, dir, "/c.sock", time.Minute)
-	p := &program{}
-	h.Add(p)
+	_, p := holderOf(t, dir, "/c.sock", time.Minute)
 	holds := hold(ctx, dir, "/c.sock")
 	cmd := exec.Command("sleep", "60")
 	PassHolds(cmd, holds)
@@ -150,9 +148,7 @@ func TestHoldEndsWithItsHolder(t *testing.T) {
 // start holds nothing.
 func TestHolderClose(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	h := holderOf(t, dir, "/c.sock", time.Minute)
-	p := &program{}
-	h.Add(p)
+	h, p := holderOf(t, dir, "/c.sock", time.Minute)
 	holds := hold(ctx, dir, "/c.sock")
 	defer closeAll(holds)
 	waitHeld(t, true, p)
