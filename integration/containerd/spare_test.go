@@ -490,7 +490,6 @@ func TestKilnSpareHeld(t *testing.T) {
 
 	// kiln-held-3's shim started the next spare. Held and never let go, it goes on after its limit.
 	holds = holdBootingSpare(t, addr)
-	defer CloseHolds(holds)
 	next, _ := spareOf(addr)
 	if !WaitSpare(addr, 3*time.Minute) {
 		t.Fatalf("the spare held past its limit did not become ready")
@@ -498,6 +497,35 @@ func TestKilnSpareHeld(t *testing.T) {
 	if b, err := os.ReadFile(next.Slot + ".log"); err != nil || !strings.Contains(string(b), "the spare stood still as long as it may") {
 		t.Errorf("the spare's log (%v) does not say its hold ran out:\n%s", err, b)
 	}
+	CloseHolds(holds)
+
+	// A held spare shim killed: its stopped QEMU and virtiofsd die with it (their parent-death signal is SIGKILL,
+	// which a stopped process does not wait for), and the next task's boot sweeps what it left on disk (startKiln's
+	// leftover check looks at the end).
+	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-held-4", "true")
+	if code != 0 {
+		t.Fatalf("kiln-held-4: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	holds = holdBootingSpare(t, addr)
+	defer CloseHolds(holds)
+	killed, _ := spareOf(addr)
+	waitSpareStopped(t, killed.Pid)
+	programs := descendants(killed.Pid)
+	if err := syscall.Kill(killed.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for _, pid := range programs {
+		for deadline := time.Now().Add(time.Minute); syscall.Kill(pid, 0) == nil; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("process %d of the killed held spare outlived it (stopped: %v)", pid, stopped([]int{pid}))
+			}
+		}
+	}
+	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-held-5", "echo", "served")
+	if code != 0 || strings.TrimSpace(out) != "served" {
+		t.Fatalf("run after the held spare was killed: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	_ = os.Remove(killed.Slot + ".log")
 }
 
 // holdBootingSpare holds the spare of the containerd at address as soon as it boots (HoldBootingSpare).
