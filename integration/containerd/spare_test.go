@@ -526,6 +526,22 @@ func TestKilnSpareHeld(t *testing.T) {
 		t.Fatalf("run after the held spare was killed: exit %d, stdout %q, stderr %s", code, out, errOut)
 	}
 	_ = os.Remove(killed.Slot + ".log")
+
+	// A held spare told to stop (SIGTERM, as `make uninstall` does) stops its VM, whose held programs are continued
+	// to be asked to quit, and leaves with its slot's files, the hold socket among them.
+	holds = holdBootingSpare(t, addr)
+	defer CloseHolds(holds)
+	told, _ := spareOf(addr)
+	waitSpareStopped(t, told.Pid)
+	programs = descendants(told.Pid)
+	if err := StopSpare(addr, time.Minute); err != nil {
+		t.Fatalf("stop a held spare: %v", err)
+	}
+	for _, pid := range programs {
+		if syscall.Kill(pid, 0) == nil {
+			t.Errorf("process %d of the held spare told to stop outlived it (stopped: %v)", pid, stopped([]int{pid}))
+		}
+	}
 }
 
 // holdBootingSpare holds the spare of the containerd at address as soon as it boots (HoldBootingSpare).
