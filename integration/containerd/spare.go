@@ -106,7 +106,7 @@ func removeFailedSpare(address string) error {
 	return errors.Join(errs...)
 }
 
-// slotFiles are the files of a spare's slot: its socket, its log and its lock.
+// slotFiles are the files of a spare's slot: its socket, its log, its lock and its hold socket.
 func slotFiles(sp spare.Info) []string {
 	return []string{sp.Slot, sp.Slot + ".log", sp.Slot + ".lock", sp.Slot + ".hold"}
 }
