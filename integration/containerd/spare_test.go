@@ -467,8 +467,11 @@ func TestKilnSpareHeld(t *testing.T) {
 	if got := k.logSince(t, int64(len(log))); !strings.Contains(got, `the booting spares it held go on" container=kiln-held-2`) {
 		t.Errorf("kiln-held-2's shim let go of no spare it held; containerd's log:\n%s", k.d.LogTail(40))
 	}
-	if now, ok := spareOf(addr); !ok || now.Pid != sp.Pid || now.Ready || len(stopped(descendants(sp.Pid))) == 0 {
-		t.Fatalf("the spare held by the test: %+v (held by %d), stopped programs %v", now, sp.Pid, stopped(descendants(sp.Pid)))
+	// Still held by the test, unless that run took the spare's whole limit (a loaded host): then its log says so.
+	now, ok := spareOf(addr)
+	stillHeld := ok && now.Pid == sp.Pid && !now.Ready && len(stopped(descendants(sp.Pid))) > 0
+	if b, _ := os.ReadFile(sp.Slot + ".log"); !stillHeld && !strings.Contains(string(b), "the spare stood still as long as it may") {
+		t.Fatalf("the spare held by the test: %+v (held by %d), stopped programs %v; its log:\n%s", now, sp.Pid, stopped(descendants(sp.Pid)), b)
 	}
 	CloseHolds(holds)
 	if !WaitSpare(addr, 3*time.Minute) {
@@ -477,8 +480,9 @@ func TestKilnSpareHeld(t *testing.T) {
 	if held := HeldSpares(addr); len(held) > 0 {
 		t.Fatalf("the ready spare: %v", held)
 	}
-	if b, err := os.ReadFile(sp.Slot + ".log"); err != nil || !strings.Contains(string(b), "the tasks' starts let the spare go on") {
-		t.Errorf("the spare's log (%v) does not say it was let go:\n%s", err, b)
+	if b, err := os.ReadFile(sp.Slot + ".log"); err != nil || !strings.Contains(string(b), "the tasks' starts let the spare go on") &&
+		!strings.Contains(string(b), "the spare stood still as long as it may") {
+		t.Errorf("the spare's log (%v) says neither that it was let go nor that its time ran out:\n%s", err, b)
 	}
 	out, errOut, code = k.run(t, "--rm", BusyboxRef, "kiln-held-3", "echo", "served")
 	if code != 0 || strings.TrimSpace(out) != "served" {

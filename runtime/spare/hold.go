@@ -80,8 +80,12 @@ func (h *Holder) Add(p interface{ Hold(on bool) }) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.programs = append(h.programs, p)
-	if !h.since.IsZero() {
+	switch {
+	case !h.since.IsZero():
 		p.Hold(true)
+	case len(h.holds) > 0:
+		// Held before its VM had a program: the spare stands still from now on.
+		h.stop()
 	}
 }
 
@@ -116,8 +120,17 @@ func (h *Holder) begin(c *net.UnixConn) bool {
 		return false
 	}
 	h.holds[c] = struct{}{}
-	if len(h.holds) > 1 || h.used >= h.max {
-		return true
+	if len(h.holds) == 1 {
+		h.stop()
+	}
+	return true
+}
+
+// stop stops the programs while time is left, and counts the time from now; h.mu is held. Until the VM has a
+// program nothing stands still, so nothing is counted: the limit is on how long the VM stands still.
+func (h *Holder) stop() {
+	if h.used >= h.max || len(h.programs) == 0 {
+		return
 	}
 	h.since = time.Now()
 	h.round++
@@ -127,7 +140,6 @@ func (h *Holder) begin(c *net.UnixConn) bool {
 		p.Hold(true)
 	}
 	h.log.WithField("stood_still", h.used.Round(time.Millisecond)).Info("a task's start holds the booting spare")
-	return true
 }
 
 // end lets hold c go, and the programs with it when it was the last.

@@ -125,6 +125,31 @@ func TestHolderRunsOut(t *testing.T) {
 	}
 }
 
+// A spare held before its VM has a program (still setting up its share) stands still from its first program on:
+// the time before is not counted against its limit, since nothing stood still.
+func TestHolderCountsFromItsFirstProgram(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	const limit = 300 * time.Millisecond
+	h, err := listenHolds(socketPath(dir, "/c.sock", 0)+holdSuffix, limit, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	holds := hold(ctx, dir, "/c.sock")
+	defer closeAll(holds)
+	time.Sleep(2 * limit)
+	if s := h.StoodStill(); s != 0 {
+		t.Errorf("stood still for %s with no program", s)
+	}
+	p := &program{}
+	h.Add(p)
+	waitHeld(t, true, p)
+	waitHeld(t, false, p)
+	if s := h.StoodStill(); s < limit || s > limit+time.Second {
+		t.Errorf("stood still for %s, want its limit %s", s, limit)
+	}
+}
+
 // A hold passed on to another process lasts as long as that process holds it: when it dies (a task's shim
 // killed while it starts), the kernel closes its end and the spare goes on.
 func TestHoldEndsWithItsHolder(t *testing.T) {
