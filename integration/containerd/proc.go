@@ -77,32 +77,6 @@ func statFields(pid int) []string {
 	return strings.Fields(string(b[i+1:]))
 }
 
-// descendants lists the processes below pid: its children, theirs, and so on.
-func descendants(pid int) []int {
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	children := map[int][]int{}
-	for _, e := range entries {
-		p, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if f := statFields(p); len(f) > 1 {
-			if parent, err := strconv.Atoi(f[1]); err == nil {
-				children[parent] = append(children[parent], p)
-			}
-		}
-	}
-	var out []int
-	for queue := children[pid]; len(queue) > 0; queue = queue[1:] {
-		out = append(out, queue[0])
-		queue = append(queue, children[queue[0]]...)
-	}
-	return out
-}
-
 // stopped lists those of pids that are stopped (state T: SIGSTOP, a spare's hold).
 func stopped(pids []int) []int {
 	var out []int

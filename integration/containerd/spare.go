@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
 	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
@@ -138,7 +139,7 @@ func CloseHolds(holds []*os.File) {
 func HeldSpares(address string) []string {
 	var out []string
 	for _, sp := range sparesOf(address) {
-		if pids := stopped(descendants(sp.Pid)); len(pids) > 0 {
+		if pids := stopped(hostcgroup.Descendants(sp.Pid)); len(pids) > 0 {
 			out = append(out, fmt.Sprintf("spare shim %d's programs stopped: %v", sp.Pid, pids))
 		}
 	}

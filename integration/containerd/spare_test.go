@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
 )
 
 // spareConfig gives k's tasks a Kiln configuration with spares on, whatever the defaults (a suite run with
@@ -469,9 +471,9 @@ func TestKilnSpareHeld(t *testing.T) {
 	}
 	// Still held by the test, unless that run took the spare's whole limit (a loaded host): then its log says so.
 	now, ok := spareOf(addr)
-	stillHeld := ok && now.Pid == sp.Pid && !now.Ready && len(stopped(descendants(sp.Pid))) > 0
+	stillHeld := ok && now.Pid == sp.Pid && !now.Ready && len(stopped(hostcgroup.Descendants(sp.Pid))) > 0
 	if b, _ := os.ReadFile(sp.Slot + ".log"); !stillHeld && !strings.Contains(string(b), "the spare stood still as long as it may") {
-		t.Fatalf("the spare held by the test: %+v (held by %d), stopped programs %v; its log:\n%s", now, sp.Pid, stopped(descendants(sp.Pid)), b)
+		t.Fatalf("the spare held by the test: %+v (held by %d), stopped programs %v; its log:\n%s", now, sp.Pid, stopped(hostcgroup.Descendants(sp.Pid)), b)
 	}
 	CloseHolds(holds)
 	if !WaitSpare(addr, 3*time.Minute) {
@@ -514,7 +516,7 @@ func TestKilnSpareHeld(t *testing.T) {
 	defer CloseHolds(holds)
 	killed, _ := spareOf(addr)
 	waitSpareStopped(t, killed.Pid)
-	programs := descendants(killed.Pid)
+	programs := hostcgroup.Descendants(killed.Pid)
 	if err := syscall.Kill(killed.Pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -537,7 +539,7 @@ func TestKilnSpareHeld(t *testing.T) {
 	defer CloseHolds(holds)
 	told, _ := spareOf(addr)
 	waitSpareStopped(t, told.Pid)
-	programs = descendants(told.Pid)
+	programs = hostcgroup.Descendants(told.Pid)
 	if err := StopSpare(addr, time.Minute); err != nil {
 		t.Fatalf("stop a held spare: %v", err)
 	}
@@ -563,7 +565,7 @@ func waitSpareStopped(t *testing.T, spare int) {
 	t.Helper()
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
 		var qemu, virtiofsd bool
-		for _, pid := range stopped(descendants(spare)) {
+		for _, pid := range stopped(hostcgroup.Descendants(spare)) {
 			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 			qemu = qemu || bytes.Contains(b, []byte("qemu-system"))
 			virtiofsd = virtiofsd || bytes.Contains(b, []byte("virtiofsd"))

@@ -95,7 +95,7 @@ func (g *Group) delete() error {
 // into the group.
 func (g *Group) moveTrees(roots []int) error {
 	for _, root := range roots {
-		for _, pid := range append([]int{root}, descendants(root)...) {
+		for _, pid := range append([]int{root}, Descendants(root)...) {
 			// A process that has just exited is not in the way.
 			if err := g.add(pid); err != nil && processExists(pid) {
 				return fmt.Errorf("move process %d to cgroup %s: %w", pid, g.path, err)
@@ -105,8 +105,8 @@ func (g *Group) moveTrees(roots []int) error {
 	return nil
 }
 
-// descendants lists the processes below pid, parents before their children.
-func descendants(pid int) []int {
+// Descendants lists the processes below pid, parents before their children (through /proc/PID/task/*/children).
+func Descendants(pid int) []int {
 	var out []int
 	queue := []int{pid}
 	for len(queue) > 0 {
