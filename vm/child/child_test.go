@@ -325,17 +325,26 @@ func TestStopIsIdempotent(t *testing.T) {
 	}
 }
 
+// stateOf is the state letter of process pid (/proc/<pid>/stat: "T" stopped, "Z" zombie, ...); false when the
+// process is gone.
+func stateOf(pid int) (string, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return "", false
+	}
+	// The state follows the parenthesised command name, which may hold spaces.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+3 > len(b) {
+		return "", true
+	}
+	return string(b[i+2 : i+3]), true
+}
+
 // alive reports whether pid is a live process: a zombie counts as gone (PID 1 of these machines may not reap
 // orphans).
 func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	// The state follows the parenthesised command name.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || (s[i+2] != 'Z' && s[i+2] != 'X')
+	st, ok := stateOf(pid)
+	return ok && st != "Z" && st != "X"
 }
 
 // gone waits up to timeout for pid to be gone.
@@ -469,19 +478,14 @@ func TestNoHugePages(t *testing.T) {
 	}
 }
 
-// processState is the state letter of process pid (/proc/<pid>/stat: "T" stopped, "S" sleeping, ...).
+// processState is the state letter of process pid, which must exist.
 func processState(t *testing.T, pid int) string {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		t.Fatal(err)
+	st, ok := stateOf(pid)
+	if !ok || st == "" {
+		t.Fatalf("process %d: no state in /proc/%d/stat", pid, pid)
 	}
-	// The command name is in parentheses and may hold spaces: the state follows the last ")".
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 || i+3 > len(b) {
-		t.Fatalf("/proc/%d/stat: %q", pid, b)
-	}
-	return string(b[i+2 : i+3])
+	return st
 }
 
 // waitState waits up to 5 s for each of pids to be stopped (stopped) or not.
