@@ -278,14 +278,7 @@ func TestStopKillsTheGroup(t *testing.T) {
 	cfg := shell(fmt.Sprintf(`(trap '' TERM; exec sleep 60) & echo $! > %s; echo ready >&2`, pidFile))
 	cfg.StopTimeout = 200 * time.Millisecond
 	p := startReady(t, cfg)
-	b, err := os.ReadFile(pidFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	straggler, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	straggler := readPid(t, pidFile)
 	// The leader exits at once; the straggler holds its stderr, so the program does not count as exited.
 	select {
 	case <-p.Exited():
@@ -507,14 +500,7 @@ func TestHold(t *testing.T) {
 	cfg := shell(fmt.Sprintf(`sleep 60 & echo $! > %s; echo ready >&2; wait`, pidFile))
 	cfg.StopTimeout = time.Minute
 	p := startReady(t, cfg)
-	b, err := os.ReadFile(pidFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	forked, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	forked := readPid(t, pidFile)
 	p.Hold(true)
 	waitState(t, true, p.PID(), forked)
 	p.Hold(false)
@@ -531,4 +517,18 @@ func TestHold(t *testing.T) {
 	}
 	// Holding a program that is gone is nothing.
 	p.Hold(true)
+}
+
+// readPid reads the pid a test's program wrote to path (`echo $! > path`) before it said it was ready.
+func readPid(t *testing.T, path string) int {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pid
 }
