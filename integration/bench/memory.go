@@ -80,7 +80,7 @@ func podMemory(ctx context.Context, e *cri.Env, handler string, n int, templates
 		}
 	}()
 	for i := range n {
-		_, id, err := startPod(ctx, e, handler, fmt.Sprintf("idle-%s-%d", handler, i), "sleep", "3600")
+		_, id, err := startPod(ctx, e, handler, fmt.Sprintf("idle-%s-%d", handler, i), 0, "sleep", "3600")
 		if err != nil {
 			return nil, err
 		}
