@@ -53,6 +53,7 @@ func TestKilnSparePod(t *testing.T) {
 		t.Errorf("%d pods ran in a spare's VM, want the second one", n)
 	}
 	heldThroughSandbox(t, e)
+	heldByContainerCreate(t, e)
 	if !strings.Contains(string(log), "network_rehearsed=true") {
 		t.Error("no spare rehearsed the network on a throwaway NIC while it warmed")
 	}
@@ -97,6 +98,39 @@ func heldThroughSandbox(t *testing.T, e *Env) {
 		if log := logOf(t, e); !strings.Contains(log, letGo+`" container=`+id) {
 			t.Errorf("pod %s's shim did not let go of the spare at its container %s's start; containerd's log:\n%s", podID, id, e.Daemon.LogTail(20))
 		}
+	}
+}
+
+// heldByContainerCreate: a pod's container that comes once its spare boots (as when kubelet pulls its image) holds
+// the booting spare from its create to its start.
+func heldByContainerCreate(t *testing.T, e *Env) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	addr := e.Daemon.Address
+	if !containerd.WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s", addr)
+	}
+	pod := NewPodConfig("pulled", e.PodLogDir("pulled"))
+	podID, err := e.RunPod(ctx, HandlerKiln, pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = e.RemovePod(context.WithoutCancel(ctx), podID) }()
+	// The spare the pod's shim started boots 2 s after the sandbox's start; the test holds it too, so that it is
+	// still booting when the container comes.
+	holds, err := containerd.HoldBootingSpare(addr, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer containerd.CloseHolds(holds)
+	id, err := e.CreateContainer(ctx, podID, NewContainerConfig("web", containerd.BusyboxRef, "sleep", "3600"), pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.crictl(t, "start", id)
+	if log := logOf(t, e); !strings.Contains(log, `the booting spares the container's create held go on" container=`+id) {
+		t.Errorf("container %s's create did not hold the booting spare until its start; containerd's log:\n%s", id, e.Daemon.LogTail(20))
 	}
 }
 

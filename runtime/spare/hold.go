@@ -243,11 +243,15 @@ func PassHolds(cmd *exec.Cmd, holds []*os.File) {
 	cmd.Env = append(cmd.Env, HoldsEnv+"="+strings.Join(fds, ","))
 }
 
-// Held is the holds a shim server was started with (Inherited), which it lets go once its task's start is over.
+// Held is holds kept until a start is over: those a shim server was started with (Inherited), or those it took
+// itself (NewHeld).
 type Held struct {
 	mu    sync.Mutex
 	files []*os.File
 }
+
+// NewHeld keeps holds (Hold) until Release.
+func NewHeld(holds []*os.File) *Held { return &Held{files: holds} }
 
 // Inherited takes the holds this process was started with (PassHolds), before it starts anything: they are made
 // close-on-exec, so that none of its programs keeps a spare stopped, and HoldsEnv leaves its environment. A

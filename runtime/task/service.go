@@ -66,6 +66,9 @@ type Service struct {
 	// held are the spares still booting that this shim's `start` held (spare.Hold): let go once the task's start
 	// is over (Start).
 	held *spare.Held
+	// creates are the spares still booting that each container's Create held, by container id: let go once that
+	// container has started, or is deleted (under mu).
+	creates map[string]*spare.Held
 	// spareStops counts a spare's VM being stopped beside the task's start (takeSpare); stopPod waits for it.
 	spareStops sync.WaitGroup
 	// creating counts Creates in progress: a failed first Create stops the pod only when no other is.
@@ -245,13 +248,22 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, toGRPC(fmt.Errorf("create task %s: %w", r.ID, err))
 	}
+	held := s.holdSpares(ctx)
 	s.mu.Lock()
 	s.creating++
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
 		s.creating--
+		if retErr == nil && held != nil {
+			if s.creates == nil {
+				s.creates = map[string]*spare.Held{}
+			}
+			s.creates[r.ID] = held
+			held = nil
+		}
 		s.mu.Unlock()
+		held.Release()
 	}()
 	p, err := s.podFor(ctx, r.ID, b, r.Options)
 	if err != nil {
@@ -320,6 +332,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 				}
 			}
 		}
+		s.letSparesGo(c.ID())
 		s.releaseSpare()
 	}
 	return &taskAPI.StartResponse{Pid: p.Pid()}, nil

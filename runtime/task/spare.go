@@ -242,6 +242,37 @@ func (s *Service) startSpare(configPath string, sized config.Config, log *logrus
 	}
 }
 
+// holdTimeout bounds taking the holds of a container's Create: a hold is a connection to a local socket.
+const holdTimeout = time.Second
+
+// holdSpares holds the spares of this shim's containerd still booting, while a container is created and started:
+// under TCG a spare booting beside a container's start delays it even at the lowest CPU weight (runtime/spare).
+// For a pod's first container that adds to what `start` held (held); for its later ones (a CRI pod's containers
+// after its sandbox, which come once kubelet has pulled their images) these are the only holds.
+func (s *Service) holdSpares(ctx context.Context) *spare.Held {
+	if s.containerd == "" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, holdTimeout)
+	defer cancel()
+	holds := spare.Hold(ctx, s.containerd)
+	if len(holds) == 0 {
+		return nil
+	}
+	return spare.NewHeld(holds)
+}
+
+// letSparesGo lets go of the spares container id's Create held, once it has started or is deleted.
+func (s *Service) letSparesGo(id string) {
+	s.mu.Lock()
+	held := s.creates[id]
+	delete(s.creates, id)
+	s.mu.Unlock()
+	if n := held.Release(); n > 0 {
+		s.log(id, "").WithField("spares", n).Info("the booting spares the container's create held go on")
+	}
+}
+
 // spareDelay is how long after this shim's first container started the spare it started may boot (this shim's
 // exit lets it boot at once): a short task such as `ctr run --rm` is over by then, and a spare booting beside
 // a task's start or stop slows it down under TCG even at the lowest priority.
