@@ -196,19 +196,50 @@ func TestKilnCNINamespace(t *testing.T) {
 	}
 }
 
-// TestKilnTwoInterfaces: a namespace holding two interfaces (two CNI ADDs) gives the guest both, each reachable.
-func TestKilnTwoInterfaces(t *testing.T) {
+// TestKilnFourInterfaces: a namespace holding four interfaces (four CNI ADDs, as Multus makes for a pod of several
+// networks) gives the guest all of them, each reachable, on the fast path: first in a VM restored from its
+// template, then in a spare's running VM, each NIC hot-plugged on a PCIe root port.
+func TestKilnFourInterfaces(t *testing.T) {
 	k := startKiln(t)
-	n := newCNINet(t, "kilnnet-e5f6", "10.231.3.0/24", "10.231.4.0/24")
-	k.runDetached(t, "two", []string{"--with-ns", "network:" + n.Path}, httpServer("kiln-two")...)
-	for _, ip := range n.IPs {
-		if got := strings.TrimSpace(httpGet(t, "http://"+ip+":8080/")); got != "kiln-two" {
-			t.Errorf("pod answered %q on %s", got, ip)
-		}
+	k.spareConfig(t)
+	nets := []*cniNet{
+		newCNINet(t, "kilnnet-e5f6", "10.231.3.0/24", "10.231.4.0/24", "10.231.8.0/24", "10.231.9.0/24"),
+		newCNINet(t, "kilnnet-e5f7", "10.231.10.0/24", "10.231.11.0/24", "10.231.12.0/24", "10.231.13.0/24"),
 	}
-	out, _, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "ip", "two", "ip", "-o", "addr")
-	if code != 0 || !strings.Contains(out, "eth0    inet "+n.IPs[0]) || !strings.Contains(out, "net1    inet "+n.IPs[1]) {
-		t.Errorf("guest addresses (exit %d):\n%s", code, out)
+	for i, n := range nets {
+		id := fmt.Sprintf("four-%d", i)
+		if i > 0 && !WaitSpare(k.d.Address, 3*time.Minute) {
+			t.Fatalf("no spare shim became ready for %s", k.d.Address)
+		}
+		k.runDetached(t, id, []string{"--with-ns", "network:" + n.Path}, httpServer(id)...)
+		for _, ip := range n.IPs {
+			if got := strings.TrimSpace(httpGet(t, "http://"+ip+":8080/")); got != id {
+				t.Errorf("%s answered %q on %s", id, got, ip)
+			}
+		}
+		out, _, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "ip", id, "ip", "-o", "addr")
+		for j, ip := range n.IPs {
+			name := "eth0"
+			if j > 0 {
+				name = fmt.Sprintf("net%d", j)
+			}
+			if code != 0 || !strings.Contains(out, name+"    inet "+ip) {
+				t.Errorf("%s: no %s on %s in the guest's addresses (exit %d):\n%s", id, ip, name, code, out)
+			}
+		}
+		// A NIC of a restored VM is a PCI device; a VM booted instead has virtio-mmio ones.
+		out, errOut, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "sys", id, "sh", "-c", "readlink /sys/class/net/eth0 && readlink /sys/class/net/net3")
+		if code != 0 || strings.Count(out, "/pci0000:00/") != 2 {
+			t.Errorf("%s: the guest's NICs are not on PCI, so its VM was not restored (exit %d):\n%s%s", id, code, out, errOut)
+		}
+		k.remove(t, id)
+	}
+	log, err := os.ReadFile(k.d.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(log), "the spare shim's warm VM runs the task"); n != 1 {
+		t.Errorf("%d tasks ran in a spare's VM, want the second one", n)
 	}
 }
 

@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strings"
@@ -16,11 +17,12 @@ import (
 func TestRehearseNIC(t *testing.T) {
 	const (
 		ok         = `{"return": {}}`
-		present    = `{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}, {"name": "nic1", "type": "child<virtio-net-pci>"}]}`
 		gone       = `{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}]}`
-		refused    = `{"error": {"class": "GenericError", "desc": "Bus 'rp3' does not support hotplugging"}}`
+		refused    = `{"error": {"class": "GenericError", "desc": "Bus 'rp5' does not support hotplugging"}}`
 		delRefused = `{"error": {"class": "GenericError", "desc": "Device nic3 is being removed already"}}`
 	)
+	// The rehearsal's NIC is on the last root port.
+	present := fmt.Sprintf(`{"return": [{"name": "vsock0", "type": "child<vhost-user-vsock-pci>"}, {"name": "nic%d", "type": "child<virtio-net-pci>"}]}`, maxCloneNets-1)
 	guestErr := errors.New("the agent said no")
 	cases := []struct {
 		name     string

@@ -149,9 +149,10 @@ func TestCloneUnsupported(t *testing.T) {
 		want string
 	}{
 		{"vhost-user vsock, two NICs", Config{SharedDir: "/s", Nets: []Net{nic, nic}}, ""},
+		{"four NICs", Config{SharedDir: "/s", Nets: []Net{nic, nic, nic, nic}}, ""},
 		{"no shared directory", Config{}, "shared directory"},
 		{"kernel vsock", Config{SharedDir: "/s", Vsock: VsockKernel}, "vhost-vsock"},
-		{"three NICs", Config{SharedDir: "/s", Nets: []Net{nic, nic, nic}}, "at most 2"},
+		{"five NICs", Config{SharedDir: "/s", Nets: []Net{nic, nic, nic, nic, nic}}, "at most 4"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
