@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"strconv"
 	"syscall"
 	"testing"
@@ -20,7 +21,11 @@ func TestDeadVMIsReported(t *testing.T) {
 	}
 	exec, err := c.Exec(ctx, "e1", v.spec("sleep", "1000").Process, stdio.IO{})
 	if err != nil {
-		t.Fatal(err)
+		// Seen once (make test on ba1b540): the exec found the init gone. Say how it ended, should it recur.
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		e, werr := c.Wait(wctx)
+		t.Fatalf("%v; the init: %+v, %v", err, e, werr)
 	}
 	pids := qemuProcesses(podID(t))
 	if len(pids) != 1 {
