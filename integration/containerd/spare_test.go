@@ -469,6 +469,14 @@ func TestKilnSpareHeld(t *testing.T) {
 	if got := k.logSince(t, int64(len(log))); !strings.Contains(got, `the booting spares it held go on" container=kiln-held-2`) {
 		t.Errorf("kiln-held-2's shim let go of no spare it held; containerd's log:\n%s", k.d.LogTail(40))
 	}
+	// An exec's start holds the booting spare too (as an exec probe's does), and lets go once it has started.
+	log = k.logSince(t, 0)
+	if out, errOut, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "probe", "kiln-held-1", "true"); code != 0 {
+		t.Fatalf("exec beside the held spare: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if got := k.logSince(t, int64(len(log))); !strings.Contains(got, `the booting spares the exec's start held go on" container=kiln-held-1 exec=probe`) {
+		t.Errorf("the exec's start let go of no spare it held; containerd's log:\n%s", k.d.LogTail(40))
+	}
 	// Still held by the test, unless that run took the spare's whole limit (a loaded host): then its log says so.
 	now, ok := spareOf(addr)
 	stillHeld := ok && now.Pid == sp.Pid && !now.Ready && len(stopped(hostcgroup.Descendants(sp.Pid))) > 0

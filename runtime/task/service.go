@@ -312,6 +312,11 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if err != nil {
 		return nil, toGRPC(err)
 	}
+	if r.ExecID != "" {
+		// An exec's start is where its cost is (the guest's runc exec), and a probe's round trip with it: the
+		// spares booting meanwhile wait, as for a container's create and start.
+		defer s.letGo(r.ID, r.ExecID, s.holdSpares(ctx))
+	}
 	err = p.Start(ctx, func() {
 		if r.ExecID == "" {
 			s.send(&eventstypes.TaskStart{ContainerID: c.ID(), Pid: p.Pid()})

@@ -273,6 +273,13 @@ func (s *Service) letSparesGo(id string) {
 	}
 }
 
+// letGo lets go of the spares an exec's start held. Exec probes come every few seconds: debug level.
+func (s *Service) letGo(id, execID string, held *spare.Held) {
+	if n := held.Release(); n > 0 {
+		s.log(id, execID).WithField("spares", n).Debug("the booting spares the exec's start held go on")
+	}
+}
+
 // spareDelay is how long after this shim's first container started the spare it started may boot (this shim's
 // exit lets it boot at once): a short task such as `ctr run --rm` is over by then, and a spare booting beside
 // a task's start or stop slows it down under TCG even at the lowest priority.
