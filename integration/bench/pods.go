@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -177,6 +178,9 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	if err := pulledImage(ctx, e, runs); err != nil {
 		return err
 	}
+	if err := execBesideBoot(ctx, e, runs); err != nil {
+		return err
+	}
 	if err := backToBack(ctx, e, runs, ms(rm), true); err != nil {
 		return err
 	}
@@ -217,6 +221,70 @@ func pulledImage(ctx context.Context, e *cri.Env, runs int) error {
 	r, k := medianOf(started[cri.HandlerRunc], after), medianOf(started[cri.HandlerKiln], after)
 	fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms; the container %s after its sandbox; a ready spare before %d of %d runs)\n",
 		"kiln: create+start after an image pull", ms(k), float64(k)/float64(r), ms(r), imagePull, found, runs)
+	return nil
+}
+
+// idleExecs is how many exec round trips execBesideBoot times once the spare is ready, in each run.
+const idleExecs = 5
+
+// execBesideBoot measures exec round trips (`crictl exec`, as a probe runs) into a pod's container while the spare
+// its shim started boots, beside the same pod's round trips once that spare is ready: each run starts a pod from a
+// ready spare, runs execs one after another until the new spare is ready, then idleExecs more.
+func execBesideBoot(ctx context.Context, e *cri.Env, runs int) error {
+	var beside, idle []time.Duration
+	addr := e.Daemon.Address
+	for i := range runs {
+		if !containerd.WaitSpare(addr, time.Minute) {
+			return fmt.Errorf("exec beside a booting spare: no spare ready within a minute")
+		}
+		_, id, err := startPod(ctx, e, cri.HandlerKiln, fmt.Sprintf("exec-%d", i), 0, "sleep", "3600")
+		if err != nil {
+			return err
+		}
+		cid, err := e.Crictl(ctx, "ps", "-q", "--pod", id)
+		if err != nil {
+			return errors.Join(err, e.RemovePod(ctx, id))
+		}
+		cid = strings.TrimSpace(cid)
+		// The pod's spare boots spareDelay (2 s) after its first container's start.
+		for deadline := time.Now().Add(10 * time.Second); !containerd.SpareBooting(addr) && time.Now().Before(deadline); {
+			time.Sleep(5 * time.Millisecond)
+		}
+		timeExec := func() (time.Duration, error) {
+			t := time.Now()
+			_, _, _, err := e.Exec(ctx, cid, "true")
+			return time.Since(t), err
+		}
+		for containerd.SpareBooting(addr) {
+			d, err := timeExec()
+			if err != nil {
+				return errors.Join(err, e.RemovePod(ctx, id))
+			}
+			if containerd.SpareBooting(addr) {
+				beside = append(beside, d)
+			}
+		}
+		if !containerd.WaitSpare(addr, time.Minute) {
+			return errors.Join(fmt.Errorf("exec beside a booting spare: the spare was not ready a minute after its boot"), e.RemovePod(ctx, id))
+		}
+		for range idleExecs {
+			d, err := timeExec()
+			if err != nil {
+				return errors.Join(err, e.RemovePod(ctx, id))
+			}
+			idle = append(idle, d)
+		}
+		if err := e.RemovePod(ctx, id); err != nil {
+			return err
+		}
+	}
+	if len(beside) == 0 {
+		fmt.Printf("%-40s %10s   (no exec while a spare booted, of %d runs)\n", "kiln: exec beside a booting spare", "-", runs)
+		return nil
+	}
+	b, d := median(beside), median(idle)
+	fmt.Printf("%-40s %10.1f %10.2f   (crictl exec; %.1f ms once the spare is ready; %d round trips beside it in %d runs)\n",
+		"kiln: exec beside a booting spare", ms(b), float64(b)/float64(d), ms(d), len(beside), runs)
 	return nil
 }
 

@@ -31,6 +31,17 @@ func spareOf(address string) (spare.Info, bool) {
 	return spare.Info{}, false
 }
 
+// SpareBooting says whether a spare shim of the containerd at address boots: it listens for holds (its slot's
+// hold socket) from its spawner's gate's opening until it is ready.
+func SpareBooting(address string) bool {
+	for _, sp := range sparesOf(address) {
+		if _, err := os.Stat(sp.Slot + ".hold"); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
 // WaitSpare waits up to timeout for a spare shim of the containerd at address to be ready (hypervisor.spare).
 func WaitSpare(address string, timeout time.Duration) bool { return WaitSpares(address, 1, timeout) }
 
