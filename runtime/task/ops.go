@@ -124,7 +124,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		}
 		return &taskAPI.DeleteResponse{Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
 	}
-	s.letSparesGo(r.ID)
+	s.letGo(r.ID, "", s.createHolds(r.ID))
 	e, err := p.DeleteContainer(ctx, c, false)
 	if err != nil {
 		return nil, toGRPC(err)

@@ -337,7 +337,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 				}
 			}
 		}
-		s.letSparesGo(c.ID())
+		s.letGo(c.ID(), "", s.createHolds(c.ID()))
 		s.releaseSpare()
 	}
 	return &taskAPI.StartResponse{Pid: p.Pid()}, nil

@@ -242,13 +242,15 @@ func (s *Service) startSpare(configPath string, sized config.Config, log *logrus
 	}
 }
 
-// holdTimeout bounds taking the holds of a container's Create: a hold is a connection to a local socket.
+// holdTimeout bounds taking the holds of a container's create or an exec's start: a hold is a connection to a
+// local socket.
 const holdTimeout = time.Second
 
-// holdSpares holds the spares of this shim's containerd still booting, while a container is created and started:
-// under TCG a spare booting beside a container's start delays it even at the lowest CPU weight (runtime/spare).
-// For a pod's first container that adds to what `start` held (held); for its later ones (a CRI pod's containers
-// after its sandbox, which come once kubelet has pulled their images) these are the only holds.
+// holdSpares holds the spares of this shim's containerd still booting, while a container is created and started
+// or an exec starts: under TCG a spare booting beside them delays them even at the lowest CPU weight
+// (runtime/spare). For a pod's first container that adds to what `start` held (held); for its later ones (a CRI
+// pod's containers after its sandbox, which come once kubelet has pulled their images) and for execs (probes
+// among them) these are the only holds.
 func (s *Service) holdSpares(ctx context.Context) *spare.Held {
 	if s.containerd == "" {
 		return nil
@@ -262,22 +264,28 @@ func (s *Service) holdSpares(ctx context.Context) *spare.Held {
 	return spare.NewHeld(holds)
 }
 
-// letSparesGo lets go of the spares container id's Create held, once it has started or is deleted.
-func (s *Service) letSparesGo(id string) {
+// createHolds takes the holds container id's create kept (Create), to let go once it has started or is deleted.
+func (s *Service) createHolds(id string) *spare.Held {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	held := s.creates[id]
 	delete(s.creates, id)
-	s.mu.Unlock()
-	if n := held.Release(); n > 0 {
-		s.log(id, "").WithField("spares", n).Info("the booting spares the container's create held go on")
-	}
+	return held
 }
 
-// letGo lets go of the spares an exec's start held. Exec probes come every few seconds: debug level.
+// letGo lets go of the spares held for container id's create and start, or for exec execID's start.
 func (s *Service) letGo(id, execID string, held *spare.Held) {
-	if n := held.Release(); n > 0 {
-		s.log(id, execID).WithField("spares", n).Debug("the booting spares the exec's start held go on")
+	n := held.Release()
+	if n == 0 {
+		return
 	}
+	l := s.log(id, execID).WithField("spares", n)
+	if execID != "" {
+		// Exec probes come every few seconds.
+		l.Debug("the booting spares the exec's start held go on")
+		return
+	}
+	l.Info("the booting spares the container's create held go on")
 }
 
 // spareDelay is how long after this shim's first container started the spare it started may boot (this shim's
