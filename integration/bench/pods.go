@@ -144,22 +144,9 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	}
 	// e.Stop stops the spare too (containerd.Daemon.Stop).
 	defer e.Stop(context.WithoutCancel(ctx))
-	started := map[string][]podSteps{}
-	found := 0
-	for i := range runs {
-		if containerd.WaitSpare(e.Daemon.Address, time.Minute) {
-			found++
-		}
-		for _, h := range []string{cri.HandlerRunc, cri.HandlerKiln} {
-			d, id, err := startPod(ctx, e, h, fmt.Sprintf("spare-%s-%d", h, i), 0, "sleep", "3600")
-			if err != nil {
-				return err
-			}
-			started[h] = append(started[h], d)
-			if err := e.RemovePod(ctx, id); err != nil {
-				return err
-			}
-		}
+	started, found, err := fromReadySpares(ctx, e, runs, "spare", 0)
+	if err != nil {
+		return err
 	}
 	rm, km := medianOf(started[cri.HandlerRunc], podSteps.total), medianOf(started[cri.HandlerKiln], podSteps.total)
 	fmt.Printf("%-40s %10.1f %10.2f   (target <= 4; runc %.1f ms in the same loop; a ready spare before %d of %d runs)\n",
@@ -193,13 +180,10 @@ func sparePodBench(ctx context.Context, repo, share, tools, templates string, cf
 	return poolPodBench(ctx, repo, share, tools, templates, cfg, runs, parallel)
 }
 
-// imagePull is how long after its sandbox a pod's container comes in pulledImage: the time kubelet takes to pull
-// the container's image, longer than the spare a pod's shim starts waits before it boots.
-const imagePull = 3 * time.Second
-
-// pulledImage measures a pod whose container comes imagePull after its sandbox, each start finding a ready spare:
-// create and start beside runc's. The spare the pod's shim started may boot meanwhile.
-func pulledImage(ctx context.Context, e *cri.Env, runs int) error {
+// fromReadySpares starts runs pairs of pods, runc's then Kiln's, each pair once a spare is ready (up to a minute),
+// their containers pull after their sandboxes (startPod), and returns their steps by handler and how many pairs
+// found a ready spare.
+func fromReadySpares(ctx context.Context, e *cri.Env, runs int, name string, pull time.Duration) (map[string][]podSteps, int, error) {
 	started := map[string][]podSteps{}
 	found := 0
 	for i := range runs {
@@ -207,15 +191,29 @@ func pulledImage(ctx context.Context, e *cri.Env, runs int) error {
 			found++
 		}
 		for _, h := range []string{cri.HandlerRunc, cri.HandlerKiln} {
-			d, id, err := startPod(ctx, e, h, fmt.Sprintf("pull-%s-%d", h, i), imagePull, "sleep", "3600")
+			d, id, err := startPod(ctx, e, h, fmt.Sprintf("%s-%s-%d", name, h, i), pull, "sleep", "3600")
 			if err != nil {
-				return err
+				return nil, 0, err
 			}
 			started[h] = append(started[h], d)
 			if err := e.RemovePod(ctx, id); err != nil {
-				return err
+				return nil, 0, err
 			}
 		}
+	}
+	return started, found, nil
+}
+
+// imagePull is how long after its sandbox a pod's container comes in pulledImage: the time kubelet takes to pull
+// the container's image.
+const imagePull = 3 * time.Second
+
+// pulledImage measures a pod whose container comes imagePull after its sandbox, each start finding a ready spare:
+// create and start beside runc's. The spare the pod's shim started boots meanwhile.
+func pulledImage(ctx context.Context, e *cri.Env, runs int) error {
+	started, found, err := fromReadySpares(ctx, e, runs, "pull", imagePull)
+	if err != nil {
+		return err
 	}
 	after := func(s podSteps) time.Duration { return s[1] + s[2] }
 	r, k := medianOf(started[cri.HandlerRunc], after), medianOf(started[cri.HandlerKiln], after)

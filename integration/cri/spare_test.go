@@ -67,10 +67,7 @@ func heldThroughSandbox(t *testing.T, e *Env) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	addr := e.Daemon.Address
-	if !containerd.WaitSpare(addr, 3*time.Minute) {
-		t.Fatalf("no spare shim became ready for %s", addr)
-	}
+	addr := waitSpare(t, e)
 	for _, name := range []string{"held-0", "held"} {
 		pod := NewPodConfig(name, e.PodLogDir(name))
 		podID, err := e.RunPod(ctx, HandlerKiln, pod)
@@ -107,10 +104,7 @@ func heldByContainerCreate(t *testing.T, e *Env) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	addr := e.Daemon.Address
-	if !containerd.WaitSpare(addr, 3*time.Minute) {
-		t.Fatalf("no spare shim became ready for %s", addr)
-	}
+	addr := waitSpare(t, e)
 	pod := NewPodConfig("pulled", e.PodLogDir("pulled"))
 	podID, err := e.RunPod(ctx, HandlerKiln, pod)
 	if err != nil {
@@ -132,6 +126,16 @@ func heldByContainerCreate(t *testing.T, e *Env) {
 	if log := logOf(t, e); !strings.Contains(log, `the booting spares the container's create held go on" container=`+id) {
 		t.Errorf("container %s's create did not hold the booting spare until its start; containerd's log:\n%s", id, e.Daemon.LogTail(20))
 	}
+}
+
+// waitSpare waits for a spare shim of e's containerd to be ready, and returns the containerd's address.
+func waitSpare(t *testing.T, e *Env) string {
+	t.Helper()
+	addr := e.Daemon.Address
+	if !containerd.WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s", addr)
+	}
+	return addr
 }
 
 func logOf(t *testing.T, e *Env) string {
