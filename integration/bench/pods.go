@@ -244,7 +244,7 @@ func execBesideBoot(ctx context.Context, e *cri.Env, runs int) error {
 			return errors.Join(err, e.RemovePod(ctx, id))
 		}
 		cid = strings.TrimSpace(cid)
-		// The pod's spare boots once its sandbox has started (runtime/task's sandboxSpareDelay).
+		// The pod's spare boots spareDelay (2 s) after its first container's start.
 		for deadline := time.Now().Add(10 * time.Second); !containerd.SpareBooting(addr) && time.Now().Before(deadline); {
 			time.Sleep(5 * time.Millisecond)
 		}

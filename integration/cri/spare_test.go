@@ -111,7 +111,7 @@ func heldByContainerCreate(t *testing.T, e *Env) {
 		t.Fatal(err)
 	}
 	defer func() { _ = e.RemovePod(context.WithoutCancel(ctx), podID) }()
-	// The spare the pod's shim started boots once the sandbox has started; the test holds it too, so that it is
+	// The spare the pod's shim started boots 2 s after the sandbox's start; the test holds it too, so that it is
 	// still booting when the container comes.
 	holds, err := containerd.HoldBootingSpare(addr, time.Minute)
 	if err != nil {

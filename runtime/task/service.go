@@ -328,18 +328,17 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		return nil, toGRPC(err)
 	}
 	if r.ExecID == "" {
-		delay := spareDelay
 		if pd := s.currentPod(); pd != nil {
 			pd.Started(ctx, c)
 			// A pod's start is over with its first container of its own, not with its sandbox (CRI's pause).
-			if pd.IsSandbox(c.ID()) {
-				delay = sandboxSpareDelay
-			} else if n := s.held.Release(); n > 0 {
-				s.log(c.ID(), "").WithField("spares", n).Info("the task started; the booting spares it held go on")
+			if !pd.IsSandbox(c.ID()) {
+				if n := s.held.Release(); n > 0 {
+					s.log(c.ID(), "").WithField("spares", n).Info("the task started; the booting spares it held go on")
+				}
 			}
 		}
 		s.letGo(c.ID(), "", s.createHolds(c.ID()))
-		s.releaseSpare(delay)
+		s.releaseSpare()
 	}
 	return &taskAPI.StartResponse{Pid: p.Pid()}, nil
 }

@@ -293,19 +293,13 @@ func (s *Service) letGo(id, execID string, held *spare.Held) {
 // a task's start or stop slows it down under TCG even at the lowest priority.
 const spareDelay = 2 * time.Second
 
-// sandboxSpareDelay is spareDelay for a CRI pod's sandbox: none. What comes next in the pod, its containers'
-// creates and starts and its execs, holds the spare while it boots (holdSpares), and a pod is not over in
-// seconds as a `ctr run --rm` is. A spare that boots at once is ready sooner for the next pod, and has often
-// booted before the pod's containers come, when kubelet pulls their images (docs/fast-start.md, session 26).
-const sandboxSpareDelay = 0
-
-// releaseSpare lets the spare shim this shim started boot, after from now.
-func (s *Service) releaseSpare(after time.Duration) {
+// releaseSpare lets the spare shim this shim started boot, spareDelay from now.
+func (s *Service) releaseSpare() {
 	s.bootMu.Lock()
 	gate := s.spareGate
 	s.spareGate = nil
 	s.bootMu.Unlock()
 	if gate != nil {
-		time.AfterFunc(after, func() { _ = gate.Close() })
+		time.AfterFunc(spareDelay, func() { _ = gate.Close() })
 	}
 }
