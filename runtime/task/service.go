@@ -312,7 +312,10 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	if r.ExecID != "" {
+	if r.ExecID == "" {
+		// What the container's create held waits until it has started, or failed to.
+		defer s.letGo(c.ID(), "", s.createHolds(c.ID()))
+	} else {
 		// An exec's start is where its cost is (the guest's runc exec), and a probe's round trip with it: the
 		// spares booting meanwhile wait, as for a container's create and start.
 		defer s.letGo(r.ID, r.ExecID, s.holdSpares(ctx))
@@ -337,7 +340,6 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 				}
 			}
 		}
-		s.letGo(c.ID(), "", s.createHolds(c.ID()))
 		s.releaseSpare()
 	}
 	return &taskAPI.StartResponse{Pid: p.Pid()}, nil
