@@ -234,11 +234,7 @@ func TestKilnFourInterfaces(t *testing.T) {
 		}
 		k.remove(t, id)
 	}
-	log, err := os.ReadFile(k.d.LogPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := strings.Count(string(log), "the spare shim's warm VM runs the task"); n != 1 {
+	if n := strings.Count(k.logSince(t, 0), "the spare shim's warm VM runs the task"); n != 1 {
 		t.Errorf("%d tasks ran in a spare's VM, want the second one", n)
 	}
 }
