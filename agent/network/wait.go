@@ -10,6 +10,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/netdump"
 )
 
 // deviceTimeout bounds the wait for a virtio-net device to show up: the driver binds while the agent starts, so
@@ -72,7 +74,7 @@ func waitForMAC(ctx context.Context, h *netlink.Handle, mac net.HardwareAddr) (n
 
 // linkWithMAC is the link with the given MAC in h's namespace, nil when there is none.
 func linkWithMAC(h *netlink.Handle, mac net.HardwareAddr) (netlink.Link, error) {
-	links, err := h.LinkList()
+	links, err := netdump.Consistent(h.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}

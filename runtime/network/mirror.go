@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/kiln-runtime/kiln/netdump"
 	knetns "github.com/kiln-runtime/kiln/netns"
 )
 
@@ -90,7 +91,7 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 			m.undo(h)
 		}
 	}()
-	links, err := h.LinkList()
+	links, err := netdump.Consistent(h.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list links in %s: %w", path, err)
 	}
@@ -107,7 +108,7 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 			return nil, fmt.Errorf("network namespace %s has more than %d interfaces", path, maxInterfaces)
 		}
 		ifc := Interface{Name: a.Name, MAC: a.HardwareAddr, MTU: a.MTU, index: a.Index, txQLen: a.TxQLen}
-		addrs, err := h.AddrList(l, netlink.FAMILY_ALL)
+		addrs, err := netdump.Consistent(func() ([]netlink.Addr, error) { return h.AddrList(l, netlink.FAMILY_ALL) })
 		if err != nil {
 			return nil, fmt.Errorf("list addresses of %s: %w", a.Name, err)
 		}
@@ -133,7 +134,7 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 		return nil, err
 	}
 	for idx, name := range names {
-		neighs, err := h.NeighList(idx, netlink.FAMILY_ALL)
+		neighs, err := netdump.Consistent(func() ([]netlink.Neigh, error) { return h.NeighList(idx, netlink.FAMILY_ALL) })
 		if err != nil {
 			return nil, fmt.Errorf("list neighbours of %s: %w", name, err)
 		}
@@ -148,7 +149,9 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 }
 
 func (m *Mirror) readRoutes(h *netlink.Handle, names map[int]string) error {
-	routes, err := h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	routes, err := netdump.Consistent(func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	})
 	if err != nil {
 		return fmt.Errorf("list routes in %s: %w", m.nsPath, err)
 	}

@@ -12,6 +12,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/netdump"
 )
 
 // saved is what Save writes: enough for Unmirror to undo a Mirror whose owner was killed.
@@ -80,7 +82,7 @@ func Unmirror(file string) error {
 		return fmt.Errorf("netlink in network namespace %s: %w", st.Namespace, err)
 	}
 	defer h.Close()
-	links, err := h.LinkList()
+	links, err := netdump.Consistent(h.LinkList)
 	if err != nil {
 		return fmt.Errorf("list links in %s: %w", st.Namespace, err)
 	}
@@ -101,7 +103,7 @@ func Unmirror(file string) error {
 			}
 			continue
 		}
-		filters, err := h.FilterList(l, ingressHandle)
+		filters, err := netdump.Consistent(func() ([]netlink.Filter, error) { return h.FilterList(l, ingressHandle) })
 		if err != nil {
 			continue // no ingress qdisc
 		}
