@@ -5,11 +5,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"strings"
 
-	"github.com/vishvananda/netns"
+	"github.com/kiln-runtime/kiln/netns"
 )
 
 // SetSysctls writes net.* sysctls in the pod namespace, as the agent. A container with a user namespace of its
@@ -33,28 +32,8 @@ func (p *Pod) SetSysctls(values map[string]string) error {
 	if err != nil {
 		return err
 	}
-	target, err := netns.GetFromPath(path)
-	if err != nil {
-		return fmt.Errorf("open pod network namespace %s: %w", path, err)
-	}
-	defer target.Close()
-	errc := make(chan error, 1)
-	go func() {
-		// /proc/sys/net shows the sysctls of the opening thread's namespace. As in DialLoopback, the thread goes
-		// back to the agent's namespace afterwards, and ends locked only when it cannot.
-		runtime.LockOSThread()
-		home, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open the agent's network namespace: %w", err)
-			return
-		}
-		defer home.Close()
-		if err := netns.Set(target); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter pod network namespace: %w", err)
-			return
-		}
+	// /proc/sys/net shows the sysctls of the opening thread's namespace.
+	return netns.DoPath(path, func() error {
 		var werr error
 		for _, k := range keys {
 			file, _ := sysctlFile(k)
@@ -62,14 +41,8 @@ func (p *Pod) SetSysctls(values map[string]string) error {
 				werr = errors.Join(werr, fmt.Errorf("write sysctl %s in the pod network namespace: %w", k, err))
 			}
 		}
-		if err := netns.Set(home); err != nil {
-			errc <- errors.Join(werr, fmt.Errorf("return from pod network namespace: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- werr
-	}()
-	return <-errc
+		return werr
+	})
 }
 
 // sysctlFile is the file under /proc/sys of a net.* sysctl name, or false if name is none. OCI names a sysctl
