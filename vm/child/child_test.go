@@ -247,13 +247,14 @@ func TestStop(t *testing.T) {
 				cfg.Quit = func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }
 			}
 			p = startReady(t, cfg)
+			// Taken before ctx's deadline is set, which Stop's time is measured against.
+			begin := time.Now()
 			ctx := context.Background()
 			if tt.ctxTimeout > 0 {
 				var cancel context.CancelFunc
 				ctx, cancel = context.WithTimeout(ctx, tt.ctxTimeout)
 				defer cancel()
 			}
-			begin := time.Now()
 			p.Stop(ctx)
 			took := time.Since(begin)
 			select {
