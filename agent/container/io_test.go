@@ -7,9 +7,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/runc/libcontainer"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/agent/stdio"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 
 	"golang.org/x/sys/unix"
 )
@@ -99,4 +101,47 @@ func TestFinishDoesNotWaitForAStalledHost(t *testing.T) {
 		t.Fatal("finish still waits for a host that reads nothing")
 	}
 	writer.Wait()
+}
+
+// A process's output pipes hold outputPipeSize, its end and the agent's alike (they are one pipe); stdin's keeps
+// the kernel's size.
+func TestOutputPipesAreGrown(t *testing.T) {
+	conns := map[stdio.Stream]net.Conn{}
+	for _, st := range []stdio.Stream{stdio.Stdin, stdio.Stdout, stdio.Stderr} {
+		agentEnd, hostEnd := net.Pipe()
+		defer hostEnd.Close()
+		conns[st] = agentEnd
+	}
+	lp := &libcontainer.Process{}
+	p, err := newProcessIO(logrus.NewEntry(logrus.StandardLogger()), &agentv1.Stdio{}, conns, lp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.abort()
+	size := func(f any) int {
+		t.Helper()
+		file, ok := f.(*os.File)
+		if !ok {
+			t.Fatalf("%T, want a pipe", f)
+		}
+		n, err := unix.FcntlInt(file.Fd(), unix.F_GETPIPE_SZ, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for name, tc := range map[string]struct {
+		end  any
+		want int
+	}{
+		"stdout, the agent's end": {p.outputs[stdio.Stdout], outputPipeSize},
+		"stderr, the agent's end": {p.outputs[stdio.Stderr], outputPipeSize},
+		"stdout, the process's":   {lp.Stdout, outputPipeSize},
+		"stderr, the process's":   {lp.Stderr, outputPipeSize},
+		"stdin, the process's":    {lp.Stdin, 64 << 10},
+	} {
+		if got := size(tc.end); got != tc.want {
+			t.Errorf("%s: pipe of %d bytes, want %d", name, got, tc.want)
+		}
+	}
 }
