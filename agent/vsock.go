@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"net"
+	"os"
 
 	"github.com/mdlayher/vsock"
 	"github.com/sirupsen/logrus"
@@ -30,12 +31,55 @@ func AnnounceReady(log *logrus.Entry) {
 	_ = c.Close()
 }
 
-// ListenVsock listens for vsock connections on port, on whatever context id
-// the guest was given.
-func ListenVsock(port uint32) (net.Listener, error) {
-	l, err := vsock.ListenContextID(unix.VMADDR_CID_ANY, port, nil)
+// ListenVsock listens for vsock connections on port, on whatever context id the guest was given. A buffer
+// other than 0 is the listener's socket buffer (SO_VM_SOCKETS_BUFFER_SIZE), which every connection it accepts
+// inherits. Linux's virtio transport advertises that buffer to the host as the connection's receive window
+// and also caps its own send window at it, so it bounds the bytes in flight both ways; 0 keeps the kernel's
+// 256 KiB.
+func ListenVsock(port uint32, buffer uint64) (net.Listener, error) {
+	if buffer == 0 {
+		l, err := vsock.ListenContextID(unix.VMADDR_CID_ANY, port, nil)
+		if err != nil {
+			return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
+		}
+		return l, nil
+	}
+	f, err := vsockSocket(port, buffer)
+	if err != nil {
+		return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
+	}
+	defer f.Close()
+	l, err := vsock.FileListener(f)
 	if err != nil {
 		return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
 	}
 	return l, nil
+}
+
+// vsockSocket makes a listening vsock socket on port with a socket buffer of buffer bytes.
+func vsockSocket(port uint32, buffer uint64) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	f := os.NewFile(uintptr(fd), fmt.Sprintf("vsock:%d", port))
+	// The maximum first: the kernel clamps the size to it (256 KiB by default) without an error.
+	for _, o := range []struct {
+		name string
+		opt  int
+	}{{"SO_VM_SOCKETS_BUFFER_MAX_SIZE", unix.SO_VM_SOCKETS_BUFFER_MAX_SIZE}, {"SO_VM_SOCKETS_BUFFER_SIZE", unix.SO_VM_SOCKETS_BUFFER_SIZE}} {
+		if err := unix.SetsockoptUint64(fd, unix.AF_VSOCK, o.opt, buffer); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("set %s to %d: %w", o.name, buffer, err)
+		}
+	}
+	if err := unix.Bind(fd, &unix.SockaddrVM{CID: unix.VMADDR_CID_ANY, Port: port}); err != nil {
+		f.Close()
+		return nil, os.NewSyscallError("bind", err)
+	}
+	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
+		f.Close()
+		return nil, os.NewSyscallError("listen", err)
+	}
+	return f, nil
 }

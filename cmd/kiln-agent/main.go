@@ -59,7 +59,7 @@ func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reape
 	if err != nil {
 		return nil, err
 	}
-	l, err := agent.ListenVsock(stdio.Port)
+	l, err := agent.ListenVsock(stdio.Port, stdio.SocketBuffer)
 	if err != nil {
 		return nil, fmt.Errorf("stdio listener: %w", err)
 	}
@@ -68,7 +68,7 @@ func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reape
 			log.WithError(err).Error("stdio listener stopped")
 		}
 	}()
-	fl, err := agent.ListenVsock(portforward.Port)
+	fl, err := agent.ListenVsock(portforward.Port, 0)
 	if err != nil {
 		return nil, fmt.Errorf("port-forward listener: %w", err)
 	}

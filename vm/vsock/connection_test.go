@@ -209,20 +209,20 @@ func TestCreditUpdateThreshold(t *testing.T) {
 // TestDefaultCreditUpdatesAreLazy pins the default credit policy: a guest streaming full packets is told of the
 // host's consumption once per buf_alloc less one packet, not once per packet, and always before it has sent all
 // its credit, so it never waits for an update while the host has consumed its bytes. The guest's own buffer is
-// Linux's default, as large as ours.
+// as large as ours, as the agent's stdio sockets are.
 func TestDefaultCreditUpdatesAreLazy(t *testing.T) {
 	p := defaultMuxerConfig(testCID, "unused").conn
 	if p.creditThreshold > p.bufAlloc-maxPayload {
 		t.Fatalf("credit threshold %d leaves the guest less than one %d-byte packet of its %d-byte credit",
 			p.creditThreshold, maxPayload, p.bufAlloc)
 	}
-	const linuxDefaultBuffer = 256 << 10
-	c, host, _ := establishedConnWith(t, p, linuxDefaultBuffer)
+	guestBuffer := p.bufAlloc
+	c, host, _ := establishedConnWith(t, p, guestBuffer)
 	var updates []uint32 // fwd_cnt of each CREDIT_UPDATE
 	sent := uint32(0)
 	for sent+maxPayload <= p.bufAlloc {
 		h := testHeader(OpRW, maxPayload)
-		h.BufAlloc = linuxDefaultBuffer
+		h.BufAlloc = guestBuffer
 		if _, end := c.handle(&h, iovec{make([]byte, maxPayload)}); end != endNone {
 			t.Fatalf("RW of %d bytes after %d ended the connection", maxPayload, sent)
 		}
@@ -268,6 +268,7 @@ func TestCreditKeepsAGuestsWindowOpen(t *testing.T) {
 		guestBuffer uint32
 		maxUpdates  int // CREDIT_UPDATEs allowed for 1 MiB
 	}{
+		{"the agent's stdio buffer, as large as ours", 1 << 20, 1},
 		{"Linux's default buffer", 256 << 10, 6},
 		{"a 64 KiB buffer", 64 << 10, 16},
 		{"a buffer smaller than a packet", 16 << 10, 64},
