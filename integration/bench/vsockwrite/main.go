@@ -1,8 +1,10 @@
 // Command vsockwrite is the bench's raw vsock baseline: run in a guest, it connects to the host (CID 2) on a
 // vsock port and writes a number of zero bytes in 64 KiB blocks, then closes. Its throughput, read by the host
-// through the same vsock back end as container stdio, is what stdout's throughput is compared with.
+// through the same vsock back end as container stdio, is what stdout's throughput is compared with. A socket
+// buffer, if given, is set on the connection first (SO_VM_SOCKETS_BUFFER_SIZE): Linux caps a socket's send
+// window at it, so a baseline with the agent's stdio buffer has the same window as stdout.
 //
-//	vsockwrite <port> <bytes>
+//	vsockwrite <port> <bytes> [<socket buffer bytes>]
 package main
 
 import (
@@ -11,6 +13,7 @@ import (
 	"strconv"
 
 	"github.com/mdlayher/vsock"
+	"golang.org/x/sys/unix"
 )
 
 func main() {
@@ -21,8 +24,8 @@ func main() {
 }
 
 func run(args []string) error {
-	if len(args) != 2 {
-		return fmt.Errorf("usage: vsockwrite <port> <bytes>")
+	if len(args) != 2 && len(args) != 3 {
+		return fmt.Errorf("usage: vsockwrite <port> <bytes> [<socket buffer bytes>]")
 	}
 	port, err := strconv.ParseUint(args[0], 10, 32)
 	if err != nil {
@@ -32,9 +35,21 @@ func run(args []string) error {
 	if err != nil || n < 0 {
 		return fmt.Errorf("bytes %q: want a count", args[1])
 	}
+	var buffer uint64
+	if len(args) == 3 {
+		if buffer, err = strconv.ParseUint(args[2], 10, 64); err != nil {
+			return fmt.Errorf("socket buffer %q: %w", args[2], err)
+		}
+	}
 	c, err := vsock.Dial(vsock.Host, uint32(port), nil)
 	if err != nil {
 		return fmt.Errorf("dial host port %d: %w", port, err)
+	}
+	if buffer > 0 {
+		if err := setBuffer(c, buffer); err != nil {
+			c.Close()
+			return err
+		}
 	}
 	buf := make([]byte, 64<<10)
 	for n > 0 {
@@ -46,4 +61,25 @@ func run(args []string) error {
 		n -= int64(len(chunk))
 	}
 	return c.Close()
+}
+
+// setBuffer sets c's socket buffer, its maximum first: the kernel clamps the buffer to the maximum silently.
+func setBuffer(c *vsock.Conn, buffer uint64) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptUint64(int(fd), unix.AF_VSOCK, unix.SO_VM_SOCKETS_BUFFER_MAX_SIZE, buffer); serr != nil {
+			return
+		}
+		serr = unix.SetsockoptUint64(int(fd), unix.AF_VSOCK, unix.SO_VM_SOCKETS_BUFFER_SIZE, buffer)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set the socket buffer to %d: %w", buffer, serr)
+	}
+	return nil
 }
