@@ -86,28 +86,55 @@ func BootSpare(ctx context.Context, configPath, shape, version string, log *logr
 	if err != nil {
 		return nil, err
 	}
-	b := make([]byte, 8)
-	if _, err := rand.Read(b); err != nil {
-		return nil, fmt.Errorf("spare shim: %w", err)
-	}
 	sp := &Spare{cfg: cfg}
-	// The task's group is not known yet: the id is random, of VMID's form.
-	p, err := pod.New(ctx, pod.Options{
-		ID: vmID(b), Config: sized, HostVersion: version, Log: log,
-		OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true, Hold: hold,
+	err = retryBoot(ctx, log, spareBootAttempts, func() error {
+		b := make([]byte, 8)
+		if _, err := rand.Read(b); err != nil {
+			return fmt.Errorf("spare shim: %w", err)
+		}
+		// The task's group is not known yet: the id is random, of VMID's form.
+		p, err := pod.New(ctx, pod.Options{
+			ID: vmID(b), Config: sized, HostVersion: version, Log: log,
+			OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true, Hold: hold,
+		})
+		if err != nil {
+			return err
+		}
+		warm, err := p.Warm(ctx)
+		if err != nil {
+			_ = p.Close(context.WithoutCancel(ctx))
+			return err
+		}
+		sp.pod, sp.warm = p, warm
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	warm, err := p.Warm(ctx)
-	if err != nil {
-		_ = p.Close(context.WithoutCancel(ctx))
-		return nil, err
-	}
-	sp.pod, sp.warm = p, warm
+	warm := sp.warm
 	log.WithFields(logrus.Fields{"container": warm.Container.Round(time.Millisecond), "network_rehearsed": warm.NetworkRehearsed,
 		"network": warm.Network.Round(time.Millisecond)}).Info("spare's VM warmed")
 	return sp, nil
+}
+
+// spareBootAttempts is how many VMs a spare shim boots and warms before it gives up. It boots at the lowest
+// priority while tasks start beside it, and under TCG a burst of tasks with a pool refilling beside it can hold
+// a warm-up's request past agent.request_timeout: make bench's pool of 10, its nine spares warming at once
+// behind ten pods, lost one that way (docs/fast-start.md, session 28), and its slot stayed empty until the next
+// task's start. Another VM boots once the burst is over; a fault that persists fails each attempt, and the
+// spare leaves as before.
+const spareBootAttempts = 3
+
+// retryBoot calls boot until it succeeds, at most attempts times, logging each failure it retries. It stops
+// retrying once ctx is done (the spare was told to stop) and returns the last error.
+func retryBoot(ctx context.Context, log *logrus.Entry, attempts int, boot func() error) error {
+	for attempt := 1; ; attempt++ {
+		err := boot()
+		if err == nil || ctx.Err() != nil || attempt >= attempts {
+			return err
+		}
+		log.WithError(err).WithField("attempt", attempt).Warn("the spare's VM did not boot and warm; booting another")
+	}
 }
 
 // Lost is closed when the spare's VM ends (its QEMU killed while it waited).

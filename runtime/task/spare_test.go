@@ -1,10 +1,14 @@
 package task
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/config"
 )
@@ -39,5 +43,47 @@ func TestSpareShape(t *testing.T) {
 	}
 	if _, err := (SpareShape{VCPUs: 0, MemoryMiB: 256}).sized(cfg); err == nil || !strings.Contains(err.Error(), "hypervisor.vcpus") {
 		t.Errorf("a shape of 0 vCPUs: %v, want hypervisor.vcpus refused", err)
+	}
+}
+
+// TestRetryBoot pins the spare's boot attempts: a boot that fails is tried again up to the limit, a boot that
+// succeeds is not repeated, and a spare told to stop (its context done) gives up at once.
+func TestRetryBoot(t *testing.T) {
+	errBoot := errors.New("warm-up request timed out")
+	tests := []struct {
+		name      string
+		failures  int // boots that fail before one succeeds
+		cancelled bool
+		wantCalls int
+		wantErr   bool
+	}{
+		{"first boot", 0, false, 1, false},
+		{"second boot", 1, false, 2, false},
+		{"last boot", spareBootAttempts - 1, false, spareBootAttempts, false},
+		{"every boot fails", spareBootAttempts + 5, false, spareBootAttempts, true},
+		{"told to stop", spareBootAttempts + 5, true, 1, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			if tt.cancelled {
+				cancel()
+			}
+			calls := 0
+			err := retryBoot(ctx, logrus.NewEntry(logrus.New()), spareBootAttempts, func() error {
+				calls++
+				if calls <= tt.failures {
+					return errBoot
+				}
+				return nil
+			})
+			if calls != tt.wantCalls || (err != nil) != tt.wantErr {
+				t.Fatalf("%d boots, error %v; want %d boots, an error: %v", calls, err, tt.wantCalls, tt.wantErr)
+			}
+			if err != nil && !errors.Is(err, errBoot) {
+				t.Fatalf("error %v, want the last boot's", err)
+			}
+		})
 	}
 }

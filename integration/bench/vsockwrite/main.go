@@ -63,7 +63,9 @@ func run(args []string) error {
 	return c.Close()
 }
 
-// setBuffer sets c's socket buffer, its maximum first: the kernel clamps the buffer to the maximum silently.
+// setBuffer sets c's socket buffer, its maximum first: the kernel clamps the buffer to the maximum silently. The
+// agent's listeners do the same (agent.ListenVsock); the baseline does not import the agent's package, whose
+// initialisers would add to every run's start under TCG.
 func setBuffer(c *vsock.Conn, buffer uint64) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
