@@ -37,13 +37,6 @@ func AnnounceReady(log *logrus.Entry) {
 // and also caps its own send window at it, so it bounds the bytes in flight both ways; 0 keeps the kernel's
 // 256 KiB.
 func ListenVsock(port uint32, buffer uint64) (net.Listener, error) {
-	if buffer == 0 {
-		l, err := vsock.ListenContextID(unix.VMADDR_CID_ANY, port, nil)
-		if err != nil {
-			return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
-		}
-		return l, nil
-	}
 	f, err := vsockSocket(port, buffer)
 	if err != nil {
 		return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
@@ -56,7 +49,7 @@ func ListenVsock(port uint32, buffer uint64) (net.Listener, error) {
 	return l, nil
 }
 
-// vsockSocket makes a listening vsock socket on port with a socket buffer of buffer bytes.
+// vsockSocket makes a listening vsock socket on port, with a socket buffer of buffer bytes unless buffer is 0.
 func vsockSocket(port uint32, buffer uint64) (*os.File, error) {
 	fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -64,10 +57,14 @@ func vsockSocket(port uint32, buffer uint64) (*os.File, error) {
 	}
 	f := os.NewFile(uintptr(fd), fmt.Sprintf("vsock:%d", port))
 	// The maximum first: the kernel clamps the size to it (256 KiB by default) without an error.
-	for _, o := range []struct {
+	options := []struct {
 		name string
 		opt  int
-	}{{"SO_VM_SOCKETS_BUFFER_MAX_SIZE", unix.SO_VM_SOCKETS_BUFFER_MAX_SIZE}, {"SO_VM_SOCKETS_BUFFER_SIZE", unix.SO_VM_SOCKETS_BUFFER_SIZE}} {
+	}{{"SO_VM_SOCKETS_BUFFER_MAX_SIZE", unix.SO_VM_SOCKETS_BUFFER_MAX_SIZE}, {"SO_VM_SOCKETS_BUFFER_SIZE", unix.SO_VM_SOCKETS_BUFFER_SIZE}}
+	if buffer == 0 {
+		options = nil
+	}
+	for _, o := range options {
 		if err := unix.SetsockoptUint64(fd, unix.AF_VSOCK, o.opt, buffer); err != nil {
 			f.Close()
 			return nil, fmt.Errorf("set %s to %d: %w", o.name, buffer, err)
