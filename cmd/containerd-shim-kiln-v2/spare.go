@@ -72,7 +72,15 @@ func runSpare(args []string) (*task.Spare, error) {
 		hold = holder.Add
 	}
 	start := time.Now()
-	sp, err := task.BootSpare(ctx, *configPath, *shape, version, log, hold)
+	// A host boots its spares in turns (spare.WaitTurn): the first of a burst's refills is ready after one boot.
+	turn := func(ctx context.Context, vcpus int) (func(), error) {
+		t, err := spare.WaitTurn(ctx, vcpus)
+		if err != nil {
+			return nil, err
+		}
+		return t.Release, nil
+	}
+	sp, err := task.BootSpare(ctx, task.SpareBoot{ConfigPath: *configPath, Shape: *shape, Version: version, Log: log, Hold: hold, Turn: turn})
 	var stoodStill time.Duration
 	if holder != nil {
 		holder.Close()

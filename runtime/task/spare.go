@@ -68,34 +68,58 @@ func (sh SpareShape) sized(cfg config.Config) (config.Config, error) {
 	return cfg, nil
 }
 
-// BootSpare boots and warms a spare shim's pod of the given shape (SpareShapeFlag's JSON) with the configuration
-// at configPath (config.Load's rules). hold, when set, is handed the VM's programs as they start (pod.Options.Hold),
-// for the spare's holder (spare.Holder).
-func BootSpare(ctx context.Context, configPath, shape, version string, log *logrus.Entry, hold func(qemu.Holdable)) (*Spare, error) {
-	cfg, err := config.Load(configPath)
+// SpareBoot is what BootSpare boots a spare shim's pod from.
+type SpareBoot struct {
+	// ConfigPath is the Kiln configuration (config.Load's rules), Shape the VM's shape (SpareShapeFlag's JSON;
+	// empty: the configuration's own).
+	ConfigPath, Shape string
+	// Version is the shim's, for the agent's.
+	Version string
+	Log     *logrus.Entry
+	// Hold, when set, is handed the VM's programs as they start (pod.Options.Hold), for the spare's holder
+	// (spare.Holder).
+	Hold func(qemu.Holdable)
+	// Turn, when set, is waited for before the boot, with the VM's vCPUs (spare.WaitTurn); its release is called
+	// once the VM is warmed or every attempt failed.
+	Turn func(ctx context.Context, vcpus int) (release func(), err error)
+}
+
+// BootSpare boots and warms a spare shim's pod as b says.
+func BootSpare(ctx context.Context, b SpareBoot) (*Spare, error) {
+	log := b.Log
+	cfg, err := config.Load(b.ConfigPath)
 	if err != nil {
 		return nil, fmt.Errorf("spare shim: load kiln configuration: %w", err)
 	}
 	sh := shapeOf(cfg)
-	if shape != "" {
-		if err := json.Unmarshal([]byte(shape), &sh); err != nil {
-			return nil, fmt.Errorf("spare shim: -%s %q: %w", SpareShapeFlag, shape, err)
+	if b.Shape != "" {
+		if err := json.Unmarshal([]byte(b.Shape), &sh); err != nil {
+			return nil, fmt.Errorf("spare shim: -%s %q: %w", SpareShapeFlag, b.Shape, err)
 		}
 	}
 	sized, err := sh.sized(cfg)
 	if err != nil {
 		return nil, err
 	}
+	if b.Turn != nil {
+		start := time.Now()
+		release, err := b.Turn(ctx, sized.Hypervisor.VCPUs)
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+		log.WithField("waited", time.Since(start).Round(time.Millisecond)).Info("the spare's turn to boot")
+	}
 	sp := &Spare{cfg: cfg}
 	err = retryBoot(ctx, log, spareBootAttempts, func() error {
-		b := make([]byte, 8)
-		if _, err := rand.Read(b); err != nil {
+		id := make([]byte, 8)
+		if _, err := rand.Read(id); err != nil {
 			return fmt.Errorf("spare shim: %w", err)
 		}
 		// The task's group is not known yet: the id is random, of VMID's form.
 		p, err := pod.New(ctx, pod.Options{
-			ID: vmID(b), Config: sized, HostVersion: version, Log: log,
-			OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true, Hold: hold,
+			ID: vmID(id), Config: sized, HostVersion: b.Version, Log: log,
+			OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true, Hold: b.Hold,
 		})
 		if err != nil {
 			return err
@@ -121,8 +145,9 @@ func BootSpare(ctx context.Context, configPath, shape, version string, log *logr
 // priority while tasks start beside it, and under TCG a burst of tasks with a pool refilling beside it can hold
 // a warm-up's request past agent.request_timeout: make bench's pool of 10, its nine spares warming at once
 // behind ten pods, lost one that way (docs/fast-start.md, session 28), and its slot stayed empty until the next
-// task's start. Another VM boots once the burst is over; a fault that persists fails each attempt, and the
-// spare leaves as before.
+// task's start. Spares now boot in turns (spare.WaitTurn), but a host loaded otherwise can still hold one that
+// long. Another VM boots once the load is over; a fault that persists fails each attempt, and the spare leaves
+// as before.
 const spareBootAttempts = 3
 
 // retryBoot calls boot until it succeeds, at most attempts times, logging each failure it retries. It stops

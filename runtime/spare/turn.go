@@ -1,0 +1,101 @@
+package spare
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Spares boot in turns: a host boots at most Turns of them at once, whichever containerd's pool they fill. A burst
+// of tasks that takes a pool's spares spawns a spare for every slot it emptied, and all of them used to boot
+// together once their spawners' starts were over: under TCG, ten VMs warming on two cores took 22-31 s each, near
+// the agent's 30 s request timeout, and no spare was ready until nearly all were (7 s after make bench's burst of
+// ten; docs/fast-start.md, sessions 28 and 29). In turns the first is ready after one boot, and the others follow
+// on CPU their VMs do not fight over.
+
+// turnPoll is how often a spare waiting for its turn looks for a free one.
+const turnPoll = 50 * time.Millisecond
+
+// Turns is how many spares of vcpus vCPUs a host with cpus CPUs boots at once: as many as the CPUs hold their
+// vCPUs, and one at least.
+func Turns(cpus, vcpus int) int { return max(1, cpus/max(1, vcpus)) }
+
+// Turn is a spare's turn to boot. Release it once the spare's VM is ready (or failed).
+type Turn struct {
+	f    *os.File
+	path string
+}
+
+// WaitTurn waits until the host boots fewer than Turns(runtime.NumCPU(), vcpus) spares, or ctx ends, and takes a
+// turn. The turns are locks in Dir held by the spares booting; the kernel gives up those of a spare that dies.
+func WaitTurn(ctx context.Context, vcpus int) (*Turn, error) {
+	return waitTurn(ctx, Dir, Turns(runtime.NumCPU(), vcpus))
+}
+
+func waitTurn(ctx context.Context, dir string, turns int) (*Turn, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("spare shim directory: %w", err)
+	}
+	tick := time.NewTicker(turnPoll)
+	defer tick.Stop()
+	for {
+		for i := range turns {
+			t, err := tryTurn(filepath.Join(dir, "boot-"+strconv.Itoa(i)+".lock"))
+			if err != nil || t != nil {
+				return t, err
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("wait for a turn to boot: %w", context.Cause(ctx))
+		case <-tick.C:
+		}
+	}
+}
+
+// tryTurn takes the turn whose lock is path, or returns nil when a booting spare holds it.
+func tryTurn(path string) (*Turn, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("spare boot turn: %w", err)
+	}
+	return takeTurn(f, path)
+}
+
+// takeTurn locks f, opened at path, as the turn whose lock is path; it closes f when that is no turn.
+func takeTurn(f *os.File, path string) (*Turn, error) {
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		_ = f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("spare boot turn %s: %w", path, err)
+	}
+	// Release removes the file before it unlocks it: a lock taken on a file removed meanwhile is no turn.
+	if err := isFile(int(f.Fd()), path); err != nil {
+		_ = f.Close()
+		if errors.Is(err, errOtherFile) || errors.Is(err, os.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("spare boot turn %s: %w", path, err)
+	}
+	return &Turn{f: f, path: path}, nil
+}
+
+// Release gives the turn to the next spare, removing its lock file so that a host that boots no spare keeps none.
+// It is idempotent.
+func (t *Turn) Release() {
+	if t == nil || t.f == nil {
+		return
+	}
+	_ = os.Remove(t.path)
+	_ = t.f.Close()
+	t.f = nil
+}

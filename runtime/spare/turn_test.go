@@ -1,0 +1,132 @@
+package spare
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestTurns(t *testing.T) {
+	for _, tc := range []struct{ cpus, vcpus, want int }{
+		{cpus: 2, vcpus: 2, want: 1},
+		{cpus: 1, vcpus: 2, want: 1},
+		{cpus: 3, vcpus: 2, want: 1},
+		{cpus: 64, vcpus: 2, want: 32},
+		{cpus: 8, vcpus: 1, want: 8},
+		{cpus: 8, vcpus: 0, want: 8},
+	} {
+		if got := Turns(tc.cpus, tc.vcpus); got != tc.want {
+			t.Errorf("Turns(%d, %d) = %d, want %d", tc.cpus, tc.vcpus, got, tc.want)
+		}
+	}
+}
+
+// waitBriefly waits for a turn for at most d.
+func waitBriefly(t *testing.T, dir string, turns int, d time.Duration) (*Turn, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(testCtx(t), d)
+	defer cancel()
+	return waitTurn(ctx, dir, turns)
+}
+
+func TestTurnsBoundTheSparesBootingAtOnce(t *testing.T) {
+	for _, turns := range []int{1, 2} {
+		dir := t.TempDir()
+		var held []*Turn
+		for i := range turns {
+			tr, err := waitBriefly(t, dir, turns, time.Second)
+			if err != nil {
+				t.Fatalf("%d turns: turn %d: %v", turns, i, err)
+			}
+			held = append(held, tr)
+		}
+		if _, err := waitBriefly(t, dir, turns, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("%d turns, all held: got %v, want the wait to end with its context", turns, err)
+		}
+		// A waiting spare takes the turn the first one gives back.
+		got := make(chan error, 1)
+		go func() {
+			tr, err := waitBriefly(t, dir, turns, 10*time.Second)
+			if err == nil {
+				tr.Release()
+			}
+			got <- err
+		}()
+		time.Sleep(2 * turnPoll)
+		held[0].Release()
+		held[0].Release() // idempotent
+		if err := <-got; err != nil {
+			t.Fatalf("%d turns: a waiting spare did not get the turn given back: %v", turns, err)
+		}
+		for _, tr := range held[1:] {
+			tr.Release()
+		}
+		if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 0 {
+			t.Fatalf("%d turns: released turns left %v", turns, left)
+		}
+	}
+}
+
+// A spare killed while it boots leaves its turn's file, unlocked: the next spare takes that turn and removes it.
+func TestTurnOfAKilledSpare(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "boot-0.lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := waitBriefly(t, dir, 1, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("turn held by a live spare: got %v, want the wait to end with its context", err)
+	}
+	f.Close() // the kernel unlocks a dead process's files
+	tr, err := waitBriefly(t, dir, 1, time.Second)
+	if err != nil {
+		t.Fatalf("turn of a killed spare: %v", err)
+	}
+	tr.Release()
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the killed spare's turn file after the next release: %v", err)
+	}
+}
+
+// A lock taken on a turn's file that its holder removed meanwhile is no turn: the file now at the path is another.
+func TestTurnOnARemovedFile(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "boot-0.lock")
+	first, err := tryTurn(path)
+	if err != nil || first == nil {
+		t.Fatalf("first turn: %v, %v", first, err)
+	}
+	// A second spare opened the file before the first released it, and locks it after.
+	stale, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Release()
+	if tr, err := takeTurn(stale, path); tr != nil || err != nil {
+		t.Fatalf("lock of a removed turn file: got %v, %v, want no turn", tr, err)
+	}
+	// The next try makes a new file at the path.
+	next, err := tryTurn(path)
+	if err != nil || next == nil {
+		t.Fatalf("turn after the release: %v, %v", next, err)
+	}
+	next.Release()
+}
+
+func TestWaitTurnWithoutItsDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "missing", "spare")
+	tr, err := waitBriefly(t, dir, 1, time.Second)
+	if err != nil {
+		t.Fatalf("wait for a turn in a directory not made yet: %v", err)
+	}
+	tr.Release()
+}
