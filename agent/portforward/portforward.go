@@ -23,6 +23,11 @@ import (
 // Port is the vsock port the host opens port-forward connections to.
 const Port = agentv1.PortForwardPort
 
+// SocketBuffer is the vsock socket buffer of port-forward connections, and so the window of data in flight each
+// way (Linux caps a vsock socket's send window at its buffer, 256 KiB by default; the host's vsock device offers
+// as much to the guest). It bounds what a connection holds in the guest's kernel when its reader is slow.
+const SocketBuffer = 1 << 20
+
 // Dialer reaches a port on the pod's loopback; agent/network's Pod is one.
 type Dialer interface {
 	DialLoopback(ctx context.Context, port uint16) (net.Conn, error)

@@ -68,7 +68,7 @@ func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reape
 			log.WithError(err).Error("stdio listener stopped")
 		}
 	}()
-	fl, err := agent.ListenVsock(portforward.Port, 0)
+	fl, err := agent.ListenVsock(portforward.Port, portforward.SocketBuffer)
 	if err != nil {
 		return nil, fmt.Errorf("port-forward listener: %w", err)
 	}
