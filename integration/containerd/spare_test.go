@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -14,7 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
+	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // spareConfig gives k's tasks a Kiln configuration with spares on, whatever the defaults (a suite run with
@@ -139,6 +142,7 @@ func TestKilnSparePool(t *testing.T) {
 	if a, b := childQEMU(t, first[0].Pid), childQEMU(t, first[1].Pid); a == b {
 		t.Fatalf("the two spares share QEMU %d", a)
 	}
+	checkTurns(t, first)
 	// A waiting spare's VM takes only CPU nothing else wants: its cgroup at the lowest weight, beside nice 19.
 	for _, sp := range first {
 		qemu := childQEMU(t, sp.Pid)
@@ -584,5 +588,38 @@ func waitSpareStopped(t *testing.T, spare int) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the held spare %d's QEMU stopped %v, virtiofsd stopped %v", spare, qemu, virtiofsd)
 		}
+	}
+}
+
+// checkTurns checks that the spares, spawned together, booted in turns (spare.WaitTurn): each logged its turn, and
+// where the host boots one spare at a time, one of them waited for the other's boot.
+func checkTurns(t *testing.T, spares []spare.Info) {
+	t.Helper()
+	var longest time.Duration
+	for _, sp := range spares {
+		b, err := os.ReadFile(sp.Slot + ".log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var line string
+		for l := range strings.Lines(string(b)) {
+			if strings.Contains(l, "the spare's turn to boot") {
+				line = strings.TrimSpace(l)
+			}
+		}
+		_, waited, ok := strings.Cut(line, "waited=")
+		if !ok {
+			t.Fatalf("spare %d did not log its turn to boot; its log:\n%s", sp.Pid, b)
+		}
+		waited, _, _ = strings.Cut(waited, " ")
+		d, err := time.ParseDuration(waited)
+		if err != nil {
+			t.Fatalf("spare %d's turn: %q: %v", sp.Pid, line, err)
+		}
+		longest = max(longest, d)
+	}
+	// Both spares' gates opened together (one spawner): with one turn, the second waited at least one poll.
+	if turns := spare.Turns(runtime.NumCPU(), config.Default().Hypervisor.VCPUs); turns == 1 && longest < 50*time.Millisecond {
+		t.Errorf("one spare boots at a time here, but neither of the pool's two waited for its turn (longest %s)", longest)
 	}
 }
