@@ -73,7 +73,7 @@ type SpareBoot struct {
 	// ConfigPath is the Kiln configuration (config.Load's rules), Shape the VM's shape (SpareShapeFlag's JSON;
 	// empty: the configuration's own).
 	ConfigPath, Shape string
-	// Version is the shim's, for the agent's.
+	// Version is the shim's own (pod.Options.HostVersion).
 	Version string
 	Log     *logrus.Entry
 	// Hold, when set, is handed the VM's programs as they start (pod.Options.Hold), for the spare's holder
