@@ -89,13 +89,16 @@ func takeTurn(f *os.File, path string) (*Turn, error) {
 	return &Turn{f: f, path: path}, nil
 }
 
-// Release gives the turn to the next spare, removing its lock file so that a host that boots no spare keeps none.
-// It is idempotent.
+// Release gives the turn to the next spare, removing its lock file while it still holds it (the file of a spare
+// that was killed stays until a spare takes that turn). A file at the path that is not the turn's any more (Dir
+// removed and the turn taken again meanwhile) is left to its holder. It is idempotent.
 func (t *Turn) Release() {
 	if t == nil || t.f == nil {
 		return
 	}
-	_ = os.Remove(t.path)
+	if isFile(int(t.f.Fd()), t.path) == nil {
+		_ = os.Remove(t.path)
+	}
 	_ = t.f.Close()
 	t.f = nil
 }

@@ -114,12 +114,50 @@ func TestTurnOnARemovedFile(t *testing.T) {
 	if tr, err := takeTurn(stale, path); tr != nil || err != nil {
 		t.Fatalf("lock of a removed turn file: got %v, %v, want no turn", tr, err)
 	}
-	// The next try makes a new file at the path.
+	// The next try makes a new file at the path. A spare that opened the old one before it was removed, and locks
+	// it only now, finds another file there: no turn either, and its release would not remove the new holder's.
 	next, err := tryTurn(path)
 	if err != nil || next == nil {
 		t.Fatalf("turn after the release: %v, %v", next, err)
 	}
+	stale, err = os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
 	next.Release()
+	again, err := tryTurn(path)
+	if err != nil || again == nil {
+		t.Fatalf("turn after the second release: %v, %v", again, err)
+	}
+	if tr, err := takeTurn(stale, path); tr != nil || err != nil {
+		t.Fatalf("lock of a turn file recreated since: got %v, %v, want no turn", tr, err)
+	}
+	again.Release()
+}
+
+// A turn whose file was removed and made again by another spare (Dir removed meanwhile) leaves that file to it.
+func TestReleaseLeavesAnotherHoldersFile(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "boot-0.lock")
+	first, err := tryTurn(path)
+	if err != nil || first == nil {
+		t.Fatalf("first turn: %v, %v", first, err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	second, err := tryTurn(path)
+	if err != nil || second == nil {
+		t.Fatalf("turn on the file made again: %v, %v", second, err)
+	}
+	first.Release()
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("the first turn's release removed the second's file: %v", err)
+	}
+	second.Release()
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the second turn's file after its release: %v", err)
+	}
 }
 
 func TestWaitTurnWithoutItsDirectory(t *testing.T) {

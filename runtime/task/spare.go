@@ -80,7 +80,7 @@ type SpareBoot struct {
 	// (spare.Holder).
 	Hold func(qemu.Holdable)
 	// Turn, when set, is waited for before the boot, with the VM's vCPUs (spare.WaitTurn); its release is called
-	// once the VM is warmed or every attempt failed.
+	// once the VM is warmed or every attempt failed. A spare that cannot take one boots without it.
 	Turn func(ctx context.Context, vcpus int) (release func(), err error)
 }
 
@@ -101,15 +101,11 @@ func BootSpare(ctx context.Context, b SpareBoot) (*Spare, error) {
 	if err != nil {
 		return nil, err
 	}
-	if b.Turn != nil {
-		start := time.Now()
-		release, err := b.Turn(ctx, sized.Hypervisor.VCPUs)
-		if err != nil {
-			return nil, err
-		}
-		defer release()
-		log.WithField("waited", time.Since(start).Round(time.Millisecond)).Info("the spare's turn to boot")
+	release, err := spareTurn(ctx, log, b.Turn, sized.Hypervisor.VCPUs)
+	if err != nil {
+		return nil, err
 	}
+	defer release()
 	sp := &Spare{cfg: cfg}
 	err = retryBoot(ctx, log, spareBootAttempts, func() error {
 		id := make([]byte, 8)
@@ -139,6 +135,30 @@ func BootSpare(ctx context.Context, b SpareBoot) (*Spare, error) {
 	log.WithFields(logrus.Fields{"container": warm.Container.Round(time.Millisecond), "network_rehearsed": warm.NetworkRehearsed,
 		"network": warm.Network.Round(time.Millisecond)}).Info("spare's VM warmed")
 	return sp, nil
+}
+
+// spareTurn waits for the spare's turn to boot (SpareBoot.Turn) and returns its release. It fails only when ctx
+// ends: the turns only pace spares, and one that cannot take a turn (its lock file cannot be made) boots without.
+func spareTurn(ctx context.Context, log *logrus.Entry, turn func(context.Context, int) (func(), error), vcpus int) (func(), error) {
+	none := func() {}
+	if turn == nil {
+		return none, nil
+	}
+	start := time.Now()
+	release, err := turn(ctx, vcpus)
+	switch {
+	case ctx.Err() != nil:
+		if err == nil {
+			release()
+			err = context.Cause(ctx)
+		}
+		return nil, err
+	case err != nil:
+		log.WithError(err).Warn("the spare boots without a turn")
+		return none, nil
+	}
+	log.WithField("waited", time.Since(start).Round(time.Millisecond)).Info("the spare's turn to boot")
+	return release, nil
 }
 
 // spareBootAttempts is how many VMs a spare shim boots and warms before it gives up. It boots at the lowest

@@ -87,3 +87,56 @@ func TestRetryBoot(t *testing.T) {
 		})
 	}
 }
+
+// A spare waits for its turn and gives it back once booted; one that cannot take a turn boots without it, and one
+// told to stop while it waits does not boot.
+func TestSpareTurn(t *testing.T) {
+	errLock := errors.New("spare boot turn: read-only file system")
+	tests := []struct {
+		name      string
+		turnErr   error
+		cancelled bool
+		noTurn    bool
+		wantErr   bool
+		wantTaken bool // a turn was taken, and so must be released
+	}{
+		{name: "no turns", noTurn: true},
+		{name: "a turn", wantTaken: true},
+		{name: "no lock file", turnErr: errLock},
+		{name: "told to stop while waiting", turnErr: context.Canceled, cancelled: true, wantErr: true},
+		{name: "told to stop as the turn came", cancelled: true, wantErr: true, wantTaken: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			if tt.cancelled {
+				cancel()
+			}
+			taken, released := 0, 0
+			turn := func(ctx context.Context, vcpus int) (func(), error) {
+				if vcpus != 2 {
+					t.Errorf("turn asked for %d vCPUs, want the VM's 2", vcpus)
+				}
+				if tt.turnErr != nil {
+					return nil, tt.turnErr
+				}
+				taken++
+				return func() { released++ }, nil
+			}
+			if tt.noTurn {
+				turn = nil
+			}
+			release, err := spareTurn(ctx, logrus.NewEntry(logrus.New()), turn, 2)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("error %v, want one: %v", err, tt.wantErr)
+			}
+			if err == nil {
+				release()
+			}
+			if (taken == 1) != tt.wantTaken || released != taken {
+				t.Fatalf("taken %d turns, released %d; want one taken: %v, and every one released", taken, released, tt.wantTaken)
+			}
+		})
+	}
+}
