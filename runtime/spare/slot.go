@@ -89,6 +89,37 @@ func isFile(fd int, path string) error {
 	return nil
 }
 
+// lockFile opens path, making it if need be, and takes its lock (lockOpen).
+func lockFile(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	return lockOpen(f, path)
+}
+
+// lockOpen takes the exclusive lock of f, opened at path, without waiting. It returns errTaken when another
+// process holds it, or when the file at path is not f any more: a holder removes its lock file before it unlocks
+// it (Slot.release, Turn.Release), so a lock taken on a file removed or replaced meanwhile guards nothing. f is
+// closed unless it is returned locked.
+func lockOpen(f *os.File, path string) (*os.File, error) {
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		_ = f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, errTaken
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	if err := isFile(int(f.Fd()), path); err != nil {
+		_ = f.Close()
+		if errors.Is(err, errOtherFile) || errors.Is(err, os.ErrNotExist) {
+			return nil, errTaken
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return f, nil
+}
+
 // claim takes slot i of the containerd at address, or returns errTaken. Its lock names nobody until name: a spawner
 // names the spare once it has started it.
 func claim(dir, address string, i int) (*Slot, error) {
@@ -96,16 +127,12 @@ func claim(dir, address string, i int) (*Slot, error) {
 		return nil, fmt.Errorf("spare shim directory: %w", err)
 	}
 	path := socketPath(dir, address, i)
-	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	lock, err := lockFile(path + ".lock")
 	if err != nil {
-		return nil, fmt.Errorf("spare shim lock: %w", err)
-	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		_ = lock.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
+		if errors.Is(err, errTaken) {
 			return nil, errTaken
 		}
-		return nil, fmt.Errorf("spare shim lock %s: %w", path+".lock", err)
+		return nil, fmt.Errorf("spare shim lock: %w", err)
 	}
 	_ = lock.Truncate(0)
 	// Sockets here are a killed spare's (the lock says no live spare owns them): gone now, whether or not this

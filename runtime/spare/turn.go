@@ -9,8 +9,6 @@ import (
 	"runtime"
 	"strconv"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Spares boot in turns: a host boots at most Turns of them at once, whichever containerd's pool they fill. A burst
@@ -62,29 +60,12 @@ func waitTurn(ctx context.Context, dir string, turns int) (*Turn, error) {
 
 // tryTurn takes the turn whose lock is path, or returns nil when a booting spare holds it.
 func tryTurn(path string) (*Turn, error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|unix.O_CLOEXEC, 0o600)
+	f, err := lockFile(path)
+	if errors.Is(err, errTaken) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("spare boot turn: %w", err)
-	}
-	return takeTurn(f, path)
-}
-
-// takeTurn locks f, opened at path, as the turn whose lock is path; it closes f when that is no turn.
-func takeTurn(f *os.File, path string) (*Turn, error) {
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		_ = f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("spare boot turn %s: %w", path, err)
-	}
-	// Release removes the file before it unlocks it: a lock taken on a file removed meanwhile is no turn.
-	if err := isFile(int(f.Fd()), path); err != nil {
-		_ = f.Close()
-		if errors.Is(err, errOtherFile) || errors.Is(err, os.ErrNotExist) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("spare boot turn %s: %w", path, err)
 	}
 	return &Turn{f: f, path: path}, nil
 }

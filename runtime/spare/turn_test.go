@@ -111,8 +111,8 @@ func TestTurnOnARemovedFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	first.Release()
-	if tr, err := takeTurn(stale, path); tr != nil || err != nil {
-		t.Fatalf("lock of a removed turn file: got %v, %v, want no turn", tr, err)
+	if f, err := lockOpen(stale, path); f != nil || !errors.Is(err, errTaken) {
+		t.Fatalf("lock of a removed turn file: got %v, %v, want no turn", f, err)
 	}
 	// The next try makes a new file at the path. A spare that opened the old one before it was removed, and locks
 	// it only now, finds another file there: no turn either, and its release would not remove the new holder's.
@@ -129,8 +129,8 @@ func TestTurnOnARemovedFile(t *testing.T) {
 	if err != nil || again == nil {
 		t.Fatalf("turn after the second release: %v, %v", again, err)
 	}
-	if tr, err := takeTurn(stale, path); tr != nil || err != nil {
-		t.Fatalf("lock of a turn file recreated since: got %v, %v, want no turn", tr, err)
+	if f, err := lockOpen(stale, path); f != nil || !errors.Is(err, errTaken) {
+		t.Fatalf("lock of a turn file recreated since: got %v, %v, want no turn", f, err)
 	}
 	again.Release()
 }
