@@ -196,6 +196,32 @@ func TestContainers(t *testing.T) {
 		}
 	})
 
+	// The device cgroup (an eBPF program on cgroup v2) holds in the guest: a node the container may make is not
+	// one it may open unless a rule allows it. Both ways, so that a filter allowing all or none fails.
+	t.Run("device cgroup", func(t *testing.T) {
+		script := `mknod /dev/serial c 4 64 || exit 9; if echo >/dev/serial; then echo opened; else echo denied; fi`
+		for _, tc := range []struct {
+			name  string
+			allow bool
+			want  string
+		}{{"dev-denied", false, "denied"}, {"dev-allowed", true, "opened"}} {
+			out, errs, st := g.runOut(t, tc.name, spec(t, []string{"sh", "-c", script}, func(s *specs.Spec) {
+				caps := s.Process.Capabilities
+				caps.Bounding = append(caps.Bounding, "CAP_MKNOD")
+				caps.Effective = append(caps.Effective, "CAP_MKNOD")
+				caps.Permitted = append(caps.Permitted, "CAP_MKNOD")
+				if tc.allow {
+					major, minor := int64(4), int64(64)
+					s.Linux.Resources.Devices = append(s.Linux.Resources.Devices,
+						specs.LinuxDeviceCgroup{Allow: true, Type: "c", Major: &major, Minor: &minor, Access: "rw"})
+				}
+			}))
+			if st != 0 || trim(out) != tc.want {
+				t.Errorf("%s: stdout %q stderr %q status %d, want %q", tc.name, out, errs, st, tc.want)
+			}
+		}
+	})
+
 	t.Run("killed by signal", func(t *testing.T) {
 		// Without a pid namespace: a namespace's init ignores its own SIGKILL.
 		_, _, st := g.runOut(t, "kill", spec(t, []string{"sh", "-c", "kill -9 $$"}, func(s *specs.Spec) {
