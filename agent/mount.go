@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 
 	"github.com/moby/sys/mountinfo"
@@ -25,8 +26,8 @@ type Mount struct {
 }
 
 // BaseMounts are the file systems every guest gets, in mount order: /proc
-// first because the agent reads /proc/self/mountinfo to skip what is already
-// mounted, /dev before the file systems below it. Before the agent API the
+// first because a kernel without openat2 leaves isMountPoint to read
+// /proc/self/mountinfo, /dev before the file systems below it. Before the agent API the
 // guest needs /proc (command line, mount table, guest info), /sys (guest
 // info) and /run (the container service's state); the rest is Late. Until
 // /dev is mounted the agent logs to the initramfs's own /dev/console.
@@ -67,20 +68,14 @@ func SplitMounts(mounts []Mount) (early, late []Mount) {
 // MountAll mounts each file system whose target is not a mount point yet,
 // creating the target directory when missing. Skipping existing mount points
 // lets the agent start on a guest where the kernel or an earlier stage already
-// mounted some of them (e.g. devtmpfs automount). The mount table is read
-// once, and once more after a proc mount makes it readable: under emulation
-// each read costs milliseconds of boot time.
+// mounted some of them (e.g. devtmpfs automount).
 func MountAll(log *logrus.Entry, mounts []Mount) error {
-	var points map[string]bool // nil until read
 	for _, m := range mounts {
-		if points == nil {
-			p, err := readMountPoints()
-			if err != nil {
-				return fmt.Errorf("check mount point %s: %w", m.Target, err)
-			}
-			points = p
+		mounted, err := isMountPoint(m.Target)
+		if err != nil {
+			return fmt.Errorf("check mount point %s: %w", m.Target, err)
 		}
-		if points[m.Target] {
+		if mounted {
 			log.WithField("target", m.Target).Debug("already mounted")
 			continue
 		}
@@ -90,32 +85,25 @@ func MountAll(log *logrus.Entry, mounts []Mount) error {
 		if err := unix.Mount(m.Source, m.Target, m.FSType, m.Flags, m.Data); err != nil {
 			return fmt.Errorf("mount %s on %s: %w", m.FSType, m.Target, err)
 		}
-		points[m.Target] = true
-		if m.FSType == "proc" {
-			points = nil
-		}
 		log.WithFields(logrus.Fields{"target": m.Target, "type": m.FSType}).Debug("mounted")
 	}
 	return nil
 }
 
-// isMountPoint reports whether target is in the mount table.
+// isMountPoint reports whether target is a mount point; a target that does not exist is not. openat2(2)'s
+// RESOLVE_NO_XDEV answers in two system calls, where reading the mount table parses every mount in it; the
+// table is read only where openat2 cannot answer (a kernel without it, where comparing devices misses bind
+// mounts).
 func isMountPoint(target string) (bool, error) {
+	mounted, sure, err := mountinfo.MountedFast(target)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err == nil && sure {
+		return mounted, nil
+	}
 	mounts, err := readMountTable(mountinfo.SingleEntryFilter(target))
 	return len(mounts) > 0, err
-}
-
-// readMountPoints returns the set of mount points in the mount table.
-func readMountPoints() (map[string]bool, error) {
-	mounts, err := readMountTable(nil)
-	if err != nil {
-		return nil, err
-	}
-	points := make(map[string]bool, len(mounts))
-	for _, m := range mounts {
-		points[m.Mountpoint] = true
-	}
-	return points, nil
 }
 
 // readMountTable parses /proc/self/mountinfo, keeping what filter keeps.

@@ -1,32 +1,51 @@
 package agent
 
 import (
+	"os"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
-// The host's own mount table has / and /proc.
-func TestReadMountPoints(t *testing.T) {
-	points, err := readMountPoints()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range []string{"/", "/proc"} {
-		if !points[p] {
-			t.Errorf("mount point %q missing from %v", p, points)
+// On the host: / and /proc are mount points; a directory, a symbolic link into
+// a mount and a path that does not exist are not.
+func TestIsMountPoint(t *testing.T) {
+	for _, tc := range []struct {
+		path string
+		want bool
+	}{
+		{"/", true},
+		{"/proc", true},
+		{"/proc/self", false},
+		{t.TempDir(), false},
+		{"/proc/kiln-does-not-exist", false},
+	} {
+		if mounted, err := isMountPoint(tc.path); err != nil || mounted != tc.want {
+			t.Errorf("isMountPoint(%s) = %v, %v; want %v", tc.path, mounted, err, tc.want)
 		}
 	}
-	if mounted, err := isMountPoint("/proc"); err != nil || !mounted {
-		t.Errorf("isMountPoint(/proc) = %v, %v", mounted, err)
+}
+
+// A directory bound onto itself is on the same device as its parent: only the
+// mount table or openat2 tells it is a mount point.
+func TestIsMountPointBindMount(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to bind-mount")
 	}
-	if mounted, err := isMountPoint("/proc/self"); err != nil || mounted {
-		t.Errorf("isMountPoint(/proc/self) = %v, %v", mounted, err)
+	dir := t.TempDir()
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	if mounted, err := isMountPoint(dir); err != nil || !mounted {
+		t.Errorf("isMountPoint(%s) = %v, %v; want true", dir, mounted, err)
 	}
 }
 
 // A mount must come after the mount its target lives on, or it would be
 // hidden by it: /dev/pts after /dev, cgroup after /sys, and no early mount
-// below a late one. /proc comes first because MountAll reads mountinfo.
+// below a late one. /proc comes first, for isMountPoint's fallback to mountinfo.
 func TestBaseMountsOrder(t *testing.T) {
 	early, late := SplitMounts(BaseMounts())
 	mounts := append(early, late...)
