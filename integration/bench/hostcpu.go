@@ -58,12 +58,14 @@ func (m cpuMeter) used() (time.Duration, error) {
 // cpuBound is the shortest time work of the given CPU time can take on this host: spread over every core.
 func cpuBound(work time.Duration) time.Duration { return work / time.Duration(runtime.NumCPU()) }
 
-// procTimes is each process's CPU time so far (its own threads', not its children's), by pid.
+// procTimes is each process's CPU time so far, by pid.
 type procTimes map[int]procTime
 
+// procTime is a process's own CPU time (its threads') and that of the children it has waited for.
 type procTime struct {
-	comm string
-	cpu  time.Duration
+	comm     string
+	cpu      time.Duration
+	children time.Duration
 }
 
 // readProcTimes reads every process's CPU time from /proc/<pid>/stat. A process that exits while it is read is
@@ -75,40 +77,54 @@ func readProcTimes() (procTimes, error) {
 	}
 	out := procTimes{}
 	for pid, st := range stats {
-		// After comm: state(0) … utime(11) stime(12). Children's times (cutime, cstime) are left out: a reaper
-		// that is no part of the start (the pods removed before it) would count them.
-		if len(st.fields) < 13 {
+		// After comm: state(0) … utime(11) stime(12) cutime(13) cstime(14).
+		if len(st.fields) < 15 {
 			continue
 		}
-		var ticks int64
-		for _, v := range st.fields[11:13] {
+		var ticks [4]int64
+		for i, v := range st.fields[11:15] {
 			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil {
 				return nil, fmt.Errorf("/proc/%d/stat: fields %q: %w", pid, st.fields, err)
 			}
-			ticks += n
+			ticks[i] = n
 		}
 		comm := st.comm
 		// A kernel worker's name changes with its work item ("kworker/u8:1-events_unbound"): one name for all.
 		if strings.HasPrefix(comm, "kworker/") {
 			comm = "kworker"
 		}
-		out[pid] = procTime{comm: comm, cpu: time.Duration(ticks) * time.Second / userHZ}
+		out[pid] = procTime{
+			comm:     comm,
+			cpu:      time.Duration(ticks[0]+ticks[1]) * time.Second / userHZ,
+			children: time.Duration(ticks[2]+ticks[3]) * time.Second / userHZ,
+		}
 	}
 	return out, nil
 }
 
 // byName is the CPU time each process name used between before and after: a process alive at both counts its
-// difference, one started since counts whole. A process that started and exited in between is not seen.
+// difference, one started since counts whole. A process that started and exited in between counts under its
+// parent's name, as "<parent>'s children", once its parent has waited for it (containerd for CNI plugins and a
+// shim's start and delete, the bench for crictl). Init's children are left out: it reaps the orphans, shims whose
+// start has exited among them, and a shim of earlier work that ends within the readings would bring its whole
+// life's CPU, its VM's included.
 func byName(before, after procTimes) map[string]time.Duration {
 	out := map[string]time.Duration{}
 	for pid, a := range after {
-		d := a.cpu
+		d, c := a.cpu, a.children
 		if b, ok := before[pid]; ok && b.comm == a.comm {
 			d -= b.cpu
+			c -= b.children
+		}
+		if pid == 1 {
+			c = 0
 		}
 		if d > 0 {
 			out[a.comm] += d
+		}
+		if c > 0 {
+			out[a.comm+"'s children"] += c
 		}
 	}
 	return out

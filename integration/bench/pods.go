@@ -78,13 +78,13 @@ func podBench(ctx context.Context, repo, share, tools, templates string, cfg pod
 		return err
 	}
 
-	together, togetherCPU := map[string]time.Duration{}, map[string]time.Duration{}
+	together, togetherCPU, togetherByName := map[string]time.Duration{}, map[string]time.Duration{}, map[string]map[string]time.Duration{}
 	for _, h := range handlers {
 		d, c, err := startPods(ctx, e, h, parallel)
 		if err != nil {
 			return err
 		}
-		together[h], togetherCPU[h] = d, c
+		together[h], togetherCPU[h], togetherByName[h] = d, c.total, c.byName
 	}
 	label := fmt.Sprintf("%d pods started at once", parallel)
 	fmt.Printf("%-40s %10.1f %10s\n", "runc: "+label, ms(together[cri.HandlerRunc]), "1.00")
@@ -103,7 +103,8 @@ func podBench(ctx context.Context, repo, share, tools, templates string, cfg pod
 	fmt.Printf("%-40s %10s %10.2f\n", fmt.Sprintf("kiln: CPU-bound floor of %d at once / one", parallel), "",
 		float64(cpuBound(togetherCPU[cri.HandlerKiln]))/float64(km))
 	for _, h := range handlers {
-		fmt.Printf("%-40s %s\n", h+": CPU per pod start, living processes", topNames(cpuByName[h], runs, 6))
+		fmt.Printf("%-40s %s\n", h+": CPU per pod start, by process", topNames(cpuByName[h], runs, 8))
+		fmt.Printf("%-40s %s\n", fmt.Sprintf("%s: CPU per pod, %d at once", h, parallel), topNames(togetherByName[h], parallel, 8))
 	}
 
 	mem := map[string]memoryParts{}
@@ -339,7 +340,7 @@ func backToBack(ctx context.Context, e *cri.Env, runs int, runcMs float64, spare
 		km := medianOf(b.steps, podSteps.total)
 		fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms above; %d of %d starts)\n", "kiln: back to back, "+b.name, ms(km), ms(km)/runcMs,
 			runcMs, len(b.steps), 2*runs)
-		fmt.Printf("  %-38s %s\n", "CPU per start, living processes", topNames(b.cpu, len(b.steps), 6))
+		fmt.Printf("  %-38s %s\n", "CPU per start, by process", topNames(b.cpu, len(b.steps), 8))
 	}
 	return nil
 }
@@ -386,18 +387,11 @@ func poolPodBench(ctx context.Context, repo, share, tools, templates string, cfg
 	if err := full(); err != nil {
 		return err
 	}
-	procs, err := readProcTimes()
+	together, cost, err := startPods(ctx, e, cri.HandlerKiln, parallel)
 	if err != nil {
 		return err
 	}
-	together, cpu, err := startPods(ctx, e, cri.HandlerKiln, parallel)
-	if err != nil {
-		return err
-	}
-	procsAfter, err := readProcTimes()
-	if err != nil {
-		return err
-	}
+	cpu := cost.total
 	// The burst's pods are gone; their shims' spares refill the pool.
 	refill := time.Now()
 	if !containerd.WaitSpares(e.Daemon.Address, 1, poolFill) {
@@ -413,7 +407,7 @@ func poolPodBench(ctx context.Context, repo, share, tools, templates string, cfg
 	fmt.Printf("%-40s %10.1f %10.2f   (target <= 3; host CPU %.1f ms per pod, CPU-bound floor %.2f)\n",
 		fmt.Sprintf("kiln, spare_pool = %d: %d at once / one", parallel, parallel), ms(together), float64(together)/float64(km),
 		ms(cpu)/float64(parallel), float64(cpuBound(cpu))/float64(km))
-	fmt.Printf("%-40s %s\n", fmt.Sprintf("kiln, spare_pool = %d: CPU per pod at once", parallel), topNames(byName(procs, procsAfter), parallel, 6))
+	fmt.Printf("%-40s %s\n", fmt.Sprintf("kiln, spare_pool = %d: CPU per pod at once", parallel), topNames(cost.byName, parallel, 8))
 	fmt.Printf("%-40s %10.1f   (s after the burst's pods were removed; the pool full again after %.1f s)\n",
 		fmt.Sprintf("kiln, spare_pool = %d: a spare ready", parallel), first.Seconds(), refilled.Seconds())
 	m, err := podMemory(ctx, e, cri.HandlerKiln, parallel, templates, full)

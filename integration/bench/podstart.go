@@ -99,15 +99,20 @@ func startPod(ctx context.Context, e *cri.Env, handler, name string, pull time.D
 	return steps, id, nil
 }
 
-// startPods starts n pods at once and returns the time until the last one's container runs, and the host's busy
-// CPU time until then.
-func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Duration, time.Duration, error) {
+// startPods starts n pods at once and returns the time until the last one's container runs, and what the burst
+// cost the host until then: its busy CPU time, and by process name, read before the pods are removed (their VMs
+// would be gone from the second reading).
+func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Duration, startCost, error) {
 	var wg sync.WaitGroup
 	ids := make([]string, n)
 	errs := make([]error, n)
 	m, err := startCPU()
 	if err != nil {
-		return 0, 0, err
+		return 0, startCost{}, err
+	}
+	procs, err := readProcTimes()
+	if err != nil {
+		return 0, startCost{}, err
 	}
 	t0 := time.Now()
 	for i := range n {
@@ -121,6 +126,7 @@ func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Dur
 	d := time.Since(t0)
 	// Before the pods are removed: their removal is not part of the start.
 	c, cpuErr := m.used()
+	procsAfter, procsErr := readProcTimes()
 	for i, id := range ids {
 		if id != "" {
 			if err := e.RemovePod(ctx, id); err != nil && errs[i] == nil {
@@ -128,10 +134,8 @@ func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Dur
 			}
 		}
 	}
-	for _, err := range append(errs, cpuErr) {
-		if err != nil {
-			return 0, 0, err
-		}
+	if err := errors.Join(append(errs, cpuErr, procsErr)...); err != nil {
+		return 0, startCost{}, err
 	}
-	return d, c, nil
+	return d, startCost{total: c, byName: byName(procs, procsAfter)}, nil
 }
