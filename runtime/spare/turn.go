@@ -11,44 +11,52 @@ import (
 	"time"
 )
 
-// Spares boot in turns: a host boots at most Turns of them at once, whichever containerd's pool they fill. A burst
-// of tasks that takes a pool's spares spawns a spare for every slot it emptied, and all of them used to boot
-// together once their spawners' starts were over: under TCG, ten VMs warming on two cores took 22-31 s each, near
-// the agent's 30 s request timeout, and no spare was ready until nearly all were (7 s after make bench's burst of
-// ten; docs/fast-start.md, sessions 28 and 29). In turns the first is ready after one boot, and the others follow
-// on CPU their VMs do not fight over.
+// Spares boot in turns: a host boots as many at once as its CPUs hold their VMs' vCPUs (TurnCPUs), whichever
+// containerd's pool they fill. A burst of tasks that takes a pool's spares spawns a spare for every slot
+// it emptied, and all of them used to boot together once their spawners' starts were over: under TCG, ten VMs
+// warming on two cores took 22-31 s each, near the agent's 30 s request timeout, and no spare was ready until
+// nearly all were (7 s after make bench's burst of ten; docs/fast-start.md, sessions 28 and 29). In turns the
+// first is ready after one boot, and the others follow on CPU their VMs do not fight over.
 
 // turnPoll is how often a spare waiting for its turn looks for a free one.
 const turnPoll = 50 * time.Millisecond
 
-// Turns is how many spares of vcpus vCPUs a host with cpus CPUs boots at once: as many as the CPUs hold their
-// vCPUs, and one at least.
-func Turns(cpus, vcpus int) int { return max(1, cpus/max(1, vcpus)) }
+// TurnCPUs is how many of a host's cpus CPUs a spare of vcpus vCPUs boots on: one per vCPU, all of them for a VM
+// larger than the host. A host boots cpus / TurnCPUs spares of one size at once.
+func TurnCPUs(cpus, vcpus int) int { return min(max(1, vcpus), max(1, cpus)) }
 
-// Turn is a spare's turn to boot. Release it once the spare's VM is ready (or failed).
+// Turn is a spare's turn to boot: a share of the host's CPUs as large as its VM's vCPUs. Release it once the
+// spare's VM is ready (or failed).
 type Turn struct {
+	cpus []cpuLock
+}
+
+// cpuLock is one CPU's share of the turns: a lock file held while a spare boots on it.
+type cpuLock struct {
 	f    *os.File
 	path string
 }
 
-// WaitTurn waits until the host boots fewer than Turns(runtime.NumCPU(), vcpus) spares, or ctx ends, and takes a
-// turn. The turns are locks in Dir held by the spares booting; the kernel gives up those of a spare that dies.
+// WaitTurn waits until the spares booting on the host leave as many of its CPUs free as the VM has vCPUs (all of
+// them for a VM larger than the host), or ctx ends, and takes them. Each CPU is a lock in Dir, boot-<n>.lock,
+// held by the spare booting on it; the kernel gives up those of a spare that dies. Spares of different sizes
+// share the CPUs by their vCPUs.
 func WaitTurn(ctx context.Context, vcpus int) (*Turn, error) {
-	return waitTurn(ctx, Dir, Turns(runtime.NumCPU(), vcpus))
+	cpus := max(1, runtime.NumCPU())
+	return waitTurn(ctx, Dir, cpus, TurnCPUs(cpus, vcpus))
 }
 
-func waitTurn(ctx context.Context, dir string, turns int) (*Turn, error) {
+// waitTurn waits for need of the cpus locks in dir.
+func waitTurn(ctx context.Context, dir string, cpus, need int) (*Turn, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spare shim directory: %w", err)
 	}
 	tick := time.NewTicker(turnPoll)
 	defer tick.Stop()
 	for {
-		for i := range turns {
-			t, err := tryTurn(filepath.Join(dir, "boot-"+strconv.Itoa(i)+".lock"))
-			if err != nil || t != nil {
-				return t, err
-			}
+		t, err := tryTurn(dir, cpus, need)
+		if err != nil || t != nil {
+			return t, err
 		}
 		select {
 		case <-ctx.Done():
@@ -58,28 +66,41 @@ func waitTurn(ctx context.Context, dir string, turns int) (*Turn, error) {
 	}
 }
 
-// tryTurn takes the turn whose lock is path, or returns nil when a booting spare holds it.
-func tryTurn(path string) (*Turn, error) {
-	f, err := lockFile(path)
-	if errors.Is(err, errTaken) {
+// tryTurn takes need of the cpus locks in dir, or none (nil) when fewer are free: a spare holding some while it
+// waits for more would keep them from the spares they suffice for.
+func tryTurn(dir string, cpus, need int) (*Turn, error) {
+	t := &Turn{}
+	for i := 0; i < cpus && len(t.cpus) < need; i++ {
+		path := filepath.Join(dir, "boot-"+strconv.Itoa(i)+".lock")
+		f, err := lockFile(path)
+		if errors.Is(err, errTaken) {
+			continue
+		}
+		if err != nil {
+			t.Release()
+			return nil, fmt.Errorf("spare boot turn: %w", err)
+		}
+		t.cpus = append(t.cpus, cpuLock{f: f, path: path})
+	}
+	if len(t.cpus) < need {
+		t.Release()
 		return nil, nil
 	}
-	if err != nil {
-		return nil, fmt.Errorf("spare boot turn: %w", err)
-	}
-	return &Turn{f: f, path: path}, nil
+	return t, nil
 }
 
-// Release gives the turn to the next spare, removing its lock file while it still holds it (the file of a spare
-// that was killed stays until a spare takes that turn). A file at the path that is not the turn's any more (Dir
-// removed and the turn taken again meanwhile) is left to its holder. It is idempotent.
+// Release gives the turn's CPUs to the next spares, removing each lock file while the turn still holds it (the
+// file of a spare that was killed stays until a spare takes that CPU). A file at the path that is not the turn's
+// any more (Dir removed and the CPU taken again meanwhile) is left to its holder. It is idempotent.
 func (t *Turn) Release() {
-	if t == nil || t.f == nil {
+	if t == nil {
 		return
 	}
-	if isFile(int(t.f.Fd()), t.path) == nil {
-		_ = os.Remove(t.path)
+	for _, c := range t.cpus {
+		if isFile(int(c.f.Fd()), c.path) == nil {
+			_ = os.Remove(c.path)
+		}
+		_ = c.f.Close()
 	}
-	_ = t.f.Close()
-	t.f = nil
+	t.cpus = nil
 }

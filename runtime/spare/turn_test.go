@@ -12,46 +12,48 @@ import (
 )
 
 func TestTurns(t *testing.T) {
-	for _, tc := range []struct{ cpus, vcpus, want int }{
-		{cpus: 2, vcpus: 2, want: 1},
-		{cpus: 1, vcpus: 2, want: 1},
-		{cpus: 3, vcpus: 2, want: 1},
-		{cpus: 64, vcpus: 2, want: 32},
-		{cpus: 8, vcpus: 1, want: 8},
-		{cpus: 8, vcpus: 0, want: 8},
+	for _, tc := range []struct{ cpus, vcpus, turns, turnCPUs int }{
+		{cpus: 2, vcpus: 2, turns: 1, turnCPUs: 2},
+		{cpus: 1, vcpus: 2, turns: 1, turnCPUs: 1},
+		{cpus: 3, vcpus: 2, turns: 1, turnCPUs: 2},
+		{cpus: 64, vcpus: 2, turns: 32, turnCPUs: 2},
+		{cpus: 8, vcpus: 1, turns: 8, turnCPUs: 1},
+		{cpus: 8, vcpus: 0, turns: 8, turnCPUs: 1},
+		{cpus: 4, vcpus: 16, turns: 1, turnCPUs: 4},
 	} {
-		if got := Turns(tc.cpus, tc.vcpus); got != tc.want {
-			t.Errorf("Turns(%d, %d) = %d, want %d", tc.cpus, tc.vcpus, got, tc.want)
+		if got := TurnCPUs(tc.cpus, tc.vcpus); got != tc.turnCPUs || tc.cpus/got != tc.turns {
+			t.Errorf("TurnCPUs(%d, %d) = %d, want %d (%d spares at once)", tc.cpus, tc.vcpus, got, tc.turnCPUs, tc.turns)
 		}
 	}
 }
 
-// waitBriefly waits for a turn for at most d.
-func waitBriefly(t *testing.T, dir string, turns int, d time.Duration) (*Turn, error) {
+// waitBriefly waits for a turn of need of the host's cpus for at most d.
+func waitBriefly(t *testing.T, dir string, cpus, need int, d time.Duration) (*Turn, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(testCtx(t), d)
 	defer cancel()
-	return waitTurn(ctx, dir, turns)
+	return waitTurn(ctx, dir, cpus, need)
 }
 
 func TestTurnsBoundTheSparesBootingAtOnce(t *testing.T) {
-	for _, turns := range []int{1, 2} {
+	for _, tc := range []struct{ cpus, vcpus int }{{2, 2}, {2, 1}, {3, 2}} {
+		turns := tc.cpus / TurnCPUs(tc.cpus, tc.vcpus)
 		dir := t.TempDir()
 		var held []*Turn
 		for i := range turns {
-			tr, err := waitBriefly(t, dir, turns, time.Second)
+			tr, err := waitBriefly(t, dir, tc.cpus, tc.vcpus, time.Second)
 			if err != nil {
 				t.Fatalf("%d turns: turn %d: %v", turns, i, err)
 			}
 			held = append(held, tr)
 		}
-		if _, err := waitBriefly(t, dir, turns, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
+		if _, err := waitBriefly(t, dir, tc.cpus, tc.vcpus, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("%d turns, all held: got %v, want the wait to end with its context", turns, err)
 		}
 		// A waiting spare takes the turn the first one gives back.
 		got := make(chan error, 1)
 		go func() {
-			tr, err := waitBriefly(t, dir, turns, 10*time.Second)
+			tr, err := waitBriefly(t, dir, tc.cpus, tc.vcpus, 10*time.Second)
 			if err == nil {
 				tr.Release()
 			}
@@ -72,6 +74,50 @@ func TestTurnsBoundTheSparesBootingAtOnce(t *testing.T) {
 	}
 }
 
+// Spares of different sizes share the CPUs by their vCPUs, and one that needs more CPUs than are free takes none
+// while it waits.
+func TestTurnsShareCPUsBySize(t *testing.T) {
+	dir := t.TempDir()
+	take := func(need int) *Turn {
+		t.Helper()
+		tr, err := waitBriefly(t, dir, 4, need, time.Second)
+		if err != nil {
+			t.Fatalf("a turn of %d CPUs: %v", need, err)
+		}
+		return tr
+	}
+	waits := func(need int) {
+		t.Helper()
+		if _, err := waitBriefly(t, dir, 4, need, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("a turn of %d CPUs: got %v, want it to wait", need, err)
+		}
+	}
+	two, one := take(2), take(1)
+	waits(2)
+	last := take(1) // the 2-CPU spare waiting took none
+	waits(1)
+	one.Release()
+	waits(2)
+	got := make(chan *Turn, 1)
+	go func() {
+		tr, _ := waitBriefly(t, dir, 4, 4, 10*time.Second)
+		got <- tr
+	}()
+	time.Sleep(2 * turnPoll)
+	two.Release()
+	time.Sleep(2 * turnPoll)
+	last.Release()
+	all := <-got
+	if all == nil || len(all.cpus) != 4 {
+		t.Fatalf("a turn of all 4 CPUs once they were free: %+v", all)
+	}
+	waits(1)
+	all.Release()
+	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 0 {
+		t.Fatalf("released turns left %v", left)
+	}
+}
+
 // A spare killed while it boots leaves its turn's file, unlocked: the next spare takes that turn and removes it.
 func TestTurnOfAKilledSpare(t *testing.T) {
 	dir := t.TempDir()
@@ -83,11 +129,11 @@ func TestTurnOfAKilledSpare(t *testing.T) {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := waitBriefly(t, dir, 1, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := waitBriefly(t, dir, 1, 1, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("turn held by a live spare: got %v, want the wait to end with its context", err)
 	}
 	f.Close() // the kernel unlocks a dead process's files
-	tr, err := waitBriefly(t, dir, 1, time.Second)
+	tr, err := waitBriefly(t, dir, 1, 1, time.Second)
 	if err != nil {
 		t.Fatalf("turn of a killed spare: %v", err)
 	}
@@ -101,7 +147,7 @@ func TestTurnOfAKilledSpare(t *testing.T) {
 func TestTurnOnARemovedFile(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "boot-0.lock")
-	first, err := tryTurn(path)
+	first, err := tryTurn(dir, 1, 1)
 	if err != nil || first == nil {
 		t.Fatalf("first turn: %v, %v", first, err)
 	}
@@ -116,7 +162,7 @@ func TestTurnOnARemovedFile(t *testing.T) {
 	}
 	// The next try makes a new file at the path. A spare that opened the old one before it was removed, and locks
 	// it only now, finds another file there: no turn either, and its release would not remove the new holder's.
-	next, err := tryTurn(path)
+	next, err := tryTurn(dir, 1, 1)
 	if err != nil || next == nil {
 		t.Fatalf("turn after the release: %v, %v", next, err)
 	}
@@ -125,7 +171,7 @@ func TestTurnOnARemovedFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	next.Release()
-	again, err := tryTurn(path)
+	again, err := tryTurn(dir, 1, 1)
 	if err != nil || again == nil {
 		t.Fatalf("turn after the second release: %v, %v", again, err)
 	}
@@ -139,14 +185,14 @@ func TestTurnOnARemovedFile(t *testing.T) {
 func TestReleaseLeavesAnotherHoldersFile(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "boot-0.lock")
-	first, err := tryTurn(path)
+	first, err := tryTurn(dir, 1, 1)
 	if err != nil || first == nil {
 		t.Fatalf("first turn: %v, %v", first, err)
 	}
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)
 	}
-	second, err := tryTurn(path)
+	second, err := tryTurn(dir, 1, 1)
 	if err != nil || second == nil {
 		t.Fatalf("turn on the file made again: %v, %v", second, err)
 	}
@@ -162,7 +208,7 @@ func TestReleaseLeavesAnotherHoldersFile(t *testing.T) {
 
 func TestWaitTurnWithoutItsDirectory(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "missing", "spare")
-	tr, err := waitBriefly(t, dir, 1, time.Second)
+	tr, err := waitBriefly(t, dir, 1, 1, time.Second)
 	if err != nil {
 		t.Fatalf("wait for a turn in a directory not made yet: %v", err)
 	}
