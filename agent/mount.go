@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 
 	"github.com/moby/sys/mountinfo"
 	"github.com/sirupsen/logrus"
@@ -101,6 +102,10 @@ func isMountPoint(target string) (bool, error) {
 	}
 	if err == nil && sure {
 		return mounted, nil
+	}
+	// The table names mount points by their resolved paths, as MountedFast resolves target.
+	if resolved, err := filepath.EvalSymlinks(target); err == nil {
+		target = resolved
 	}
 	mounts, err := readMountTable(mountinfo.SingleEntryFilter(target))
 	return len(mounts) > 0, err

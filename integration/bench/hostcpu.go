@@ -61,9 +61,11 @@ func cpuBound(work time.Duration) time.Duration { return work / time.Duration(ru
 // procTimes is each process's CPU time so far, by pid.
 type procTimes map[int]procTime
 
-// procTime is a process's own CPU time (its threads') and that of the children it has waited for.
+// procTime is a process's own CPU time (its threads') and that of the children it has waited for. start (when it
+// started, in clock ticks after boot) tells a process from a later one given the same pid.
 type procTime struct {
 	comm     string
+	start    string
 	cpu      time.Duration
 	children time.Duration
 }
@@ -77,8 +79,8 @@ func readProcTimes() (procTimes, error) {
 	}
 	out := procTimes{}
 	for pid, st := range stats {
-		// After comm: state(0) … utime(11) stime(12) cutime(13) cstime(14).
-		if len(st.fields) < 15 {
+		// After comm: state(0) … utime(11) stime(12) cutime(13) cstime(14) … starttime(19).
+		if len(st.fields) < 20 {
 			continue
 		}
 		var ticks [4]int64
@@ -96,6 +98,7 @@ func readProcTimes() (procTimes, error) {
 		}
 		out[pid] = procTime{
 			comm:     comm,
+			start:    st.fields[19],
 			cpu:      time.Duration(ticks[0]+ticks[1]) * time.Second / userHZ,
 			children: time.Duration(ticks[2]+ticks[3]) * time.Second / userHZ,
 		}
@@ -106,14 +109,14 @@ func readProcTimes() (procTimes, error) {
 // byName is the CPU time each process name used between before and after: a process alive at both counts its
 // difference, one started since counts whole. A process that started and exited in between counts under its
 // parent's name, as "<parent>'s children", once its parent has waited for it (containerd for CNI plugins and a
-// shim's start and delete, the bench for crictl). Init's children are left out: it reaps the orphans, shims whose
-// start has exited among them, and a shim of earlier work that ends within the readings would bring its whole
-// life's CPU, its VM's included.
+// shim's start and delete, the bench for crictl), with the whole life's CPU of each. Init's children are left
+// out: it reaps the orphans, shims whose start has exited among them, and a shim of earlier work that ends within
+// the readings would bring its whole life's CPU, its VM's included (a subreaper other than init would too).
 func byName(before, after procTimes) map[string]time.Duration {
 	out := map[string]time.Duration{}
 	for pid, a := range after {
 		d, c := a.cpu, a.children
-		if b, ok := before[pid]; ok && b.comm == a.comm {
+		if b, ok := before[pid]; ok && b.comm == a.comm && b.start == a.start {
 			d -= b.cpu
 			c -= b.children
 		}

@@ -38,9 +38,15 @@ func TestByName(t *testing.T) {
 		},
 		{
 			name:   "a pid reused by another process counts whole",
-			before: procTimes{5: {comm: "crictl", cpu: 90 * ms, children: 10 * ms}},
-			after:  procTimes{5: {comm: "sleep", cpu: 5 * ms}},
+			before: procTimes{5: {comm: "crictl", start: "100", cpu: 90 * ms, children: 10 * ms}},
+			after:  procTimes{5: {comm: "sleep", start: "180", cpu: 5 * ms}},
 			want:   map[string]time.Duration{"sleep": 5 * ms},
+		},
+		{
+			name:   "a pid reused by a process of the same name counts whole",
+			before: procTimes{7: {comm: "crictl", start: "100", cpu: 90 * ms}},
+			after:  procTimes{7: {comm: "crictl", start: "240", cpu: 60 * ms}},
+			want:   map[string]time.Duration{"crictl": 60 * ms},
 		},
 		{
 			name:   "a process that used nothing is left out",

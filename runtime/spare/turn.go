@@ -40,7 +40,9 @@ type cpuLock struct {
 // WaitTurn waits until the spares booting on the host leave as many of its CPUs free as the VM has vCPUs (all of
 // them for a VM larger than the host), or ctx ends, and takes them. Each CPU is a lock in Dir, boot-<n>.lock,
 // held by the spare booting on it; the kernel gives up those of a spare that dies. Spares of different sizes
-// share the CPUs by their vCPUs.
+// share the CPUs by their vCPUs, first come first served: a spare that needs many CPUs can wait behind a stream of
+// spares that need one each. The CPUs are those the shim may run on (runtime.NumCPU, its affinity); shims
+// confined to different CPU sets count different files.
 func WaitTurn(ctx context.Context, vcpus int) (*Turn, error) {
 	cpus := max(1, runtime.NumCPU())
 	return waitTurn(ctx, Dir, cpus, TurnCPUs(cpus, vcpus))

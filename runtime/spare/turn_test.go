@@ -93,8 +93,25 @@ func TestTurnsShareCPUsBySize(t *testing.T) {
 		}
 	}
 	two, one := take(2), take(1)
-	waits(2)
-	last := take(1) // the 2-CPU spare waiting took none
+	// A 2-CPU spare waits for the one free CPU's partner; meanwhile a 1-CPU spare gets that CPU.
+	waiting := make(chan error, 1)
+	go func() {
+		_, err := waitBriefly(t, dir, 4, 2, 8*turnPoll)
+		waiting <- err
+	}()
+	time.Sleep(3 * turnPoll)
+	last, err := waitBriefly(t, dir, 4, 1, 4*turnPoll)
+	if err != nil {
+		t.Fatalf("a turn of 1 CPU beside a waiting 2-CPU spare: %v", err)
+	}
+	select {
+	case err := <-waiting:
+		t.Fatalf("the 2-CPU spare's wait ended before its context: %v", err)
+	case <-time.After(turnPoll):
+	}
+	if err := <-waiting; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a turn of 2 CPUs with 1 free: got %v, want it to wait", err)
+	}
 	waits(1)
 	one.Release()
 	waits(2)
