@@ -18,6 +18,11 @@ import (
 // errTemplateState is a clone's QEMU refusing its template's saved state: the template is of no use.
 var errTemplateState = errors.New("QEMU could not load the template's state")
 
+// errTemplateGuestDied is a clone whose guest died the moment it resumed, ending QEMU (which does not reboot) before
+// the shim had its answer to cont: the template is of no use either, as when its guest dies a moment later
+// (BootInstead).
+var errTemplateGuestDied = errors.New("the guest restored from the template died as it resumed")
+
 // exitGrace is how long a QMP error waits for QEMU's exit, which tells a refused state from other failures.
 const exitGrace = time.Second
 
@@ -72,8 +77,11 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 	m.incoming = state
 	defer func() { m.cloneRAM, m.incoming = nil, nil }()
 	if err := m.start(ctx); err != nil {
-		if errors.Is(err, errTemplateState) {
+		switch {
+		case errors.Is(err, errTemplateState):
 			discardTemplate(tpl, m.log, "QEMU refused its state")
+		case errors.Is(err, errTemplateGuestDied):
+			discardTemplate(tpl, m.log, "a guest restored from it died as it resumed")
 		}
 		m.cfg = cold
 		return err
@@ -158,7 +166,7 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 		}
 	}
 	if err := q.execute(ctx, "cont", nil, nil); err != nil {
-		return err
+		return m.contError(err)
 	}
 	m.log.WithFields(logrus.Fields{"load": plugStart.Sub(loadStart).Round(time.Microsecond),
 		"hotplug": time.Since(plugStart).Round(time.Microsecond)}).Debug("VM restored")
@@ -174,6 +182,17 @@ func (m *Machine) loadError(err error) error {
 		return err
 	}
 	return fmt.Errorf("%w (%v)", errTemplateState, err)
+}
+
+// contError is err, a QMP failure of cont: when QEMU exits meanwhile, its guest died as it resumed
+// (errTemplateGuestDied).
+func (m *Machine) contError(err error) error {
+	select {
+	case <-m.exited:
+	case <-time.After(exitGrace):
+		return err
+	}
+	return fmt.Errorf("%w (%v)", errTemplateGuestDied, err)
 }
 
 // discardTemplate removes a template its clones cannot use, for the reason why, so that the next VM builds it

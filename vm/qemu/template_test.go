@@ -502,3 +502,34 @@ func TestLockFileFollowsARemovedLock(t *testing.T) {
 		t.Fatal("the waiter did not take the lock once it was free")
 	}
 }
+
+// A failed cont tells a guest that died as it resumed (QEMU gone) from another failure (QEMU still there); so does
+// a failed state load, for a refused state.
+func TestRestoreErrorsWhenQEMUExits(t *testing.T) {
+	qmpErr := errors.New("read unix @->qmp.sock: use of closed network connection")
+	for _, tc := range []struct {
+		name   string
+		exited bool
+		check  func(*Machine, error) error
+		want   error
+	}{
+		{"cont, QEMU gone", true, (*Machine).contError, errTemplateGuestDied},
+		{"cont, QEMU there", false, (*Machine).contError, nil},
+		{"load, QEMU gone", true, (*Machine).loadError, errTemplateState},
+		{"load, QEMU there", false, (*Machine).loadError, nil},
+	} {
+		m := &Machine{exited: make(chan struct{})}
+		if tc.exited {
+			close(m.exited)
+		}
+		err := tc.check(m, qmpErr)
+		if err == nil || !strings.Contains(err.Error(), qmpErr.Error()) {
+			t.Errorf("%s: %v, want it to keep the QMP error", tc.name, err)
+		}
+		for _, sentinel := range []error{errTemplateGuestDied, errTemplateState} {
+			if got := errors.Is(err, sentinel); got != (sentinel == tc.want) {
+				t.Errorf("%s: errors.Is(%v, %v) = %v", tc.name, err, sentinel, got)
+			}
+		}
+	}
+}
