@@ -136,14 +136,14 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 		return err
 	}
 	if err := q.execute(ctx, "migrate-incoming", map[string]any{"uri": fmt.Sprintf("fd:%d", stateFD)}, nil); err != nil {
-		return m.loadError(err)
+		return m.exitedAs(err, errTemplateState)
 	}
 	for {
 		var st struct {
 			Status string `json:"status"`
 		}
 		if err := q.execute(ctx, "query-status", nil, &st); err != nil {
-			return m.loadError(err)
+			return m.exitedAs(err, errTemplateState)
 		}
 		if st.Status == "paused" {
 			break
@@ -166,33 +166,23 @@ func (m *Machine) restore(ctx context.Context, stateFD int) error {
 		}
 	}
 	if err := q.execute(ctx, "cont", nil, nil); err != nil {
-		return m.contError(err)
+		return m.exitedAs(err, errTemplateGuestDied)
 	}
 	m.log.WithFields(logrus.Fields{"load": plugStart.Sub(loadStart).Round(time.Microsecond),
 		"hotplug": time.Since(plugStart).Round(time.Microsecond)}).Debug("VM restored")
 	return nil
 }
 
-// loadError is err, a QMP failure while the state loads; QEMU exits when it refuses the state (its monitor
-// goes with it), and that is errTemplateState.
-func (m *Machine) loadError(err error) error {
-	select {
-	case <-m.exited:
-	case <-time.After(exitGrace):
-		return err
-	}
-	return fmt.Errorf("%w (%v)", errTemplateState, err)
-}
-
-// contError is err, a QMP failure of cont: when QEMU exits meanwhile, its guest died as it resumed
+// exitedAs is err, a QMP failure during a restore, as cause when QEMU exits meanwhile: it exits when it refuses the
+// state (its monitor goes with it: errTemplateState), and when the guest dies as cont resumes it
 // (errTemplateGuestDied).
-func (m *Machine) contError(err error) error {
+func (m *Machine) exitedAs(err, cause error) error {
 	select {
 	case <-m.exited:
 	case <-time.After(exitGrace):
 		return err
 	}
-	return fmt.Errorf("%w (%v)", errTemplateGuestDied, err)
+	return fmt.Errorf("%w (%v)", cause, err)
 }
 
 // discardTemplate removes a template its clones cannot use, for the reason why, so that the next VM builds it

@@ -503,26 +503,26 @@ func TestLockFileFollowsARemovedLock(t *testing.T) {
 	}
 }
 
-// A failed cont tells a guest that died as it resumed (QEMU gone) from another failure (QEMU still there); so does
-// a failed state load, for a refused state.
+// A failed QMP command during a restore is its cause when QEMU exits meanwhile (a refused state, a guest that died
+// as it resumed), and stays itself when QEMU is still there.
 func TestRestoreErrorsWhenQEMUExits(t *testing.T) {
 	qmpErr := errors.New("read unix @->qmp.sock: use of closed network connection")
 	for _, tc := range []struct {
 		name   string
 		exited bool
-		check  func(*Machine, error) error
+		cause  error
 		want   error
 	}{
-		{"cont, QEMU gone", true, (*Machine).contError, errTemplateGuestDied},
-		{"cont, QEMU there", false, (*Machine).contError, nil},
-		{"load, QEMU gone", true, (*Machine).loadError, errTemplateState},
-		{"load, QEMU there", false, (*Machine).loadError, nil},
+		{"cont, QEMU gone", true, errTemplateGuestDied, errTemplateGuestDied},
+		{"cont, QEMU there", false, errTemplateGuestDied, nil},
+		{"load, QEMU gone", true, errTemplateState, errTemplateState},
+		{"load, QEMU there", false, errTemplateState, nil},
 	} {
 		m := &Machine{exited: make(chan struct{})}
 		if tc.exited {
 			close(m.exited)
 		}
-		err := tc.check(m, qmpErr)
+		err := m.exitedAs(qmpErr, tc.cause)
 		if err == nil || !strings.Contains(err.Error(), qmpErr.Error()) {
 			t.Errorf("%s: %v, want it to keep the QMP error", tc.name, err)
 		}
