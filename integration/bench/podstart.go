@@ -40,13 +40,37 @@ func (c startCost) addTo(sum map[string]time.Duration) {
 	}
 }
 
-// startPodCosted starts a pod running `sleep 3600` as startPod does, and measures what the start cost the host.
-func startPodCosted(ctx context.Context, e *cri.Env, handler, name string) (podSteps, string, startCost, error) {
-	m, err := startCPU()
+// costMeter measures what a step costs the host (startCost), from meterCost until cost.
+type costMeter struct {
+	cpu   cpuMeter
+	procs procTimes
+}
+
+func meterCost() (costMeter, error) {
+	cpu, err := startCPU()
 	if err != nil {
-		return podSteps{}, "", startCost{}, err
+		return costMeter{}, err
 	}
 	procs, err := readProcTimes()
+	return costMeter{cpu: cpu, procs: procs}, err
+}
+
+// cost is what the step cost since the meter started.
+func (m costMeter) cost() (startCost, error) {
+	total, err := m.cpu.used()
+	if err != nil {
+		return startCost{}, err
+	}
+	after, err := readProcTimes()
+	if err != nil {
+		return startCost{}, err
+	}
+	return startCost{total: total, byName: byName(m.procs, after)}, nil
+}
+
+// startPodCosted starts a pod running `sleep 3600` as startPod does, and measures what the start cost the host.
+func startPodCosted(ctx context.Context, e *cri.Env, handler, name string) (podSteps, string, startCost, error) {
+	m, err := meterCost()
 	if err != nil {
 		return podSteps{}, "", startCost{}, err
 	}
@@ -54,15 +78,11 @@ func startPodCosted(ctx context.Context, e *cri.Env, handler, name string) (podS
 	if err != nil {
 		return podSteps{}, "", startCost{}, err
 	}
-	total, err := m.used()
+	c, err := m.cost()
 	if err != nil {
 		return podSteps{}, "", startCost{}, errors.Join(err, e.RemovePod(ctx, id))
 	}
-	procsAfter, err := readProcTimes()
-	if err != nil {
-		return podSteps{}, "", startCost{}, errors.Join(err, e.RemovePod(ctx, id))
-	}
-	return d, id, startCost{total: total, byName: byName(procs, procsAfter)}, nil
+	return d, id, c, nil
 }
 
 // startPod runs a pod with one busybox container running cmd and returns how long runp, create and start took.
@@ -106,11 +126,7 @@ func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Dur
 	var wg sync.WaitGroup
 	ids := make([]string, n)
 	errs := make([]error, n)
-	m, err := startCPU()
-	if err != nil {
-		return 0, startCost{}, err
-	}
-	procs, err := readProcTimes()
+	m, err := meterCost()
 	if err != nil {
 		return 0, startCost{}, err
 	}
@@ -125,8 +141,7 @@ func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Dur
 	wg.Wait()
 	d := time.Since(t0)
 	// Before the pods are removed: their removal is not part of the start.
-	c, cpuErr := m.used()
-	procsAfter, procsErr := readProcTimes()
+	c, costErr := m.cost()
 	for i, id := range ids {
 		if id != "" {
 			if err := e.RemovePod(ctx, id); err != nil && errs[i] == nil {
@@ -134,8 +149,8 @@ func startPods(ctx context.Context, e *cri.Env, handler string, n int) (time.Dur
 			}
 		}
 	}
-	if err := errors.Join(append(errs, cpuErr, procsErr)...); err != nil {
+	if err := errors.Join(append(errs, costErr)...); err != nil {
 		return 0, startCost{}, err
 	}
-	return d, startCost{total: c, byName: byName(procs, procsAfter)}, nil
+	return d, c, nil
 }
