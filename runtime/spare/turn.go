@@ -40,25 +40,30 @@ type cpuLock struct {
 // WaitTurn waits until the spares booting on the host leave as many of its CPUs free as the VM has vCPUs (all of
 // them for a VM larger than the host), or ctx ends, and takes them. Each CPU is a lock in Dir, boot-<n>.lock,
 // held by the spare booting on it; the kernel gives up those of a spare that dies. Spares of different sizes
-// share the CPUs by their vCPUs, first come first served: a spare that needs many CPUs can wait behind a stream of
-// spares that need one each. The CPUs are those the shim may run on (runtime.NumCPU, its affinity); shims
-// confined to different CPU sets count different files.
+// share the CPUs by their vCPUs, in the order they began to wait (a queue of wait-<time>-<tag>.lock files, each
+// locked by its waiter): a spare that needs many CPUs is not passed by a stream of spares that need one each, at
+// the price of CPUs left idle while it waits for enough of them. The CPUs are those the shim may run on
+// (runtime.NumCPU, its affinity); shims confined to different CPU sets count different files.
 func WaitTurn(ctx context.Context, vcpus int) (*Turn, error) {
 	cpus := max(1, runtime.NumCPU())
 	return waitTurn(ctx, Dir, cpus, TurnCPUs(cpus, vcpus))
 }
 
-// waitTurn waits for need of the cpus locks in dir.
+// waitTurn waits in dir's queue for need of the cpus locks in dir.
 func waitTurn(ctx context.Context, dir string, cpus, need int) (*Turn, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("spare shim directory: %w", err)
+	place, err := join(dir)
+	if err != nil {
+		return nil, err
 	}
+	defer place.leave()
 	tick := time.NewTicker(turnPoll)
 	defer tick.Stop()
 	for {
-		t, err := tryTurn(dir, cpus, need)
-		if err != nil || t != nil {
-			return t, err
+		if place.first() {
+			t, err := tryTurn(dir, cpus, need)
+			if err != nil || t != nil {
+				return t, err
+			}
 		}
 		select {
 		case <-ctx.Done():

@@ -74,8 +74,8 @@ func TestTurnsBoundTheSparesBootingAtOnce(t *testing.T) {
 	}
 }
 
-// Spares of different sizes share the CPUs by their vCPUs, and one that needs more CPUs than are free takes none
-// while it waits.
+// Spares of different sizes share the CPUs by their vCPUs, in the order they began to wait: one that needs more
+// CPUs than are free takes none while it waits, and a smaller spare that came after it waits behind it.
 func TestTurnsShareCPUsBySize(t *testing.T) {
 	dir := t.TempDir()
 	take := func(need int) *Turn {
@@ -86,52 +86,92 @@ func TestTurnsShareCPUsBySize(t *testing.T) {
 		}
 		return tr
 	}
-	waits := func(need int) {
+	waitFor := func(need int) <-chan *Turn {
+		got := make(chan *Turn, 1)
+		go func() {
+			tr, _ := waitBriefly(t, dir, 4, need, 10*time.Second)
+			got <- tr
+		}()
+		time.Sleep(3 * turnPoll)
+		return got
+	}
+	stillWaits := func(got <-chan *Turn, what string) {
 		t.Helper()
-		if _, err := waitBriefly(t, dir, 4, need, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("a turn of %d CPUs: got %v, want it to wait", need, err)
+		select {
+		case tr := <-got:
+			t.Fatalf("%s got a turn of %d CPUs, want it to wait", what, len(tr.cpus))
+		case <-time.After(3 * turnPoll):
 		}
 	}
 	two, one := take(2), take(1)
-	// A 2-CPU spare waits for the one free CPU's partner; meanwhile a 1-CPU spare gets that CPU.
-	waiting := make(chan error, 1)
-	go func() {
-		_, err := waitBriefly(t, dir, 4, 2, 8*turnPoll)
-		waiting <- err
-	}()
-	time.Sleep(3 * turnPoll)
-	last, err := waitBriefly(t, dir, 4, 1, 4*turnPoll)
-	if err != nil {
-		t.Fatalf("a turn of 1 CPU beside a waiting 2-CPU spare: %v", err)
+	big := waitFor(2)
+	// The 2-CPU spare holds none of the CPUs while it waits: the free one is still free (tryTurn skips the queue;
+	// it is tried again because the waiting spare's own tries hold the CPU for a moment).
+	var probe *Turn
+	var err error
+	for range 20 {
+		if probe, err = tryTurn(dir, 4, 1); probe != nil || err != nil {
+			break
+		}
+		time.Sleep(turnPoll / 5)
 	}
-	select {
-	case err := <-waiting:
-		t.Fatalf("the 2-CPU spare's wait ended before its context: %v", err)
-	case <-time.After(turnPoll):
+	if err != nil || probe == nil {
+		t.Fatalf("the free CPU beside a waiting 2-CPU spare: %v, %v", probe, err)
 	}
-	if err := <-waiting; !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("a turn of 2 CPUs with 1 free: got %v, want it to wait", err)
-	}
-	waits(1)
+	probe.Release()
+	small := waitFor(1)
+	stillWaits(small, "a 1-CPU spare queued behind a waiting 2-CPU spare")
 	one.Release()
-	waits(2)
-	got := make(chan *Turn, 1)
-	go func() {
-		tr, _ := waitBriefly(t, dir, 4, 4, 10*time.Second)
-		got <- tr
-	}()
-	time.Sleep(2 * turnPoll)
-	two.Release()
-	time.Sleep(2 * turnPoll)
-	last.Release()
-	all := <-got
-	if all == nil || len(all.cpus) != 4 {
-		t.Fatalf("a turn of all 4 CPUs once they were free: %+v", all)
+	var b *Turn
+	select {
+	case b = <-big:
+	case <-time.After(5 * time.Second):
 	}
-	waits(1)
-	all.Release()
+	if b == nil || len(b.cpus) != 2 {
+		t.Fatalf("a turn of 2 CPUs once two were free: %+v", b)
+	}
+	stillWaits(small, "a 1-CPU spare with no CPU free")
+	two.Release()
+	s := <-small
+	if s == nil || len(s.cpus) != 1 {
+		t.Fatalf("a turn of 1 CPU once two were free: %+v", s)
+	}
+	all := waitFor(4)
+	b.Release()
+	stillWaits(all, "a 4-CPU spare with 3 CPUs free")
+	s.Release()
+	if a := <-all; a == nil || len(a.cpus) != 4 {
+		t.Fatalf("a turn of all 4 CPUs once they were free: %+v", a)
+	} else {
+		a.Release()
+	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 0 {
 		t.Fatalf("released turns left %v", left)
+	}
+}
+
+// A spare waits behind one that began to wait before it, and passes it once that one is killed: the next spare
+// that looks removes the dead one's place.
+func TestQueueOfAKilledSpare(t *testing.T) {
+	dir := t.TempDir()
+	ahead, err := join(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := waitBriefly(t, dir, 1, 1, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a turn with a live spare waiting before: got %v, want the wait to end with its context", err)
+	}
+	_ = ahead.f.Close() // the kernel unlocks a dead process's files; its place stays
+	tr, err := waitBriefly(t, dir, 1, 1, time.Second)
+	if err != nil {
+		t.Fatalf("a turn behind a killed spare: %v", err)
+	}
+	tr.Release()
+	if _, err := os.Stat(ahead.path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the killed spare's place after the next spare's turn: %v", err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 0 {
+		t.Fatalf("the queue left %v", left)
 	}
 }
 

@@ -1,0 +1,107 @@
+package spare
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"golang.org/x/sys/unix"
+)
+
+// The queue for turns: a waiting spare's place is a file wait-<time>-<tag>.lock in the turns' directory, locked
+// by the spare while it waits and removed when it leaves. Names sort by the time their spares began to wait (the
+// host's monotonic clock, which every process on it shares; the random tag orders two of one nanosecond), so a
+// spare looks for a turn only when no live spare waits before it. The kernel gives up a dead spare's lock; the next
+// spare that finds its file unlocked removes it.
+
+const (
+	waitPrefix = "wait-"
+	waitSuffix = ".lock"
+	// joinAttempts bounds how often join makes a new place when its file was taken for a dead spare's before it
+	// could lock it (see join).
+	joinAttempts = 8
+)
+
+// waiter is one spare's place in the queue.
+type waiter struct {
+	f    *os.File
+	path string
+}
+
+// join puts the caller at the end of dir's queue.
+func join(dir string) (*waiter, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("spare shim directory: %w", err)
+	}
+	for range joinAttempts {
+		var now unix.Timespec
+		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &now); err != nil {
+			return nil, fmt.Errorf("queue for a boot turn: read the clock: %w", err)
+		}
+		tag := make([]byte, 4)
+		_, _ = rand.Read(tag)
+		path := filepath.Join(dir, fmt.Sprintf("%s%020d-%s%s", waitPrefix, now.Nano(), hex.EncodeToString(tag), waitSuffix))
+		// Between the file's creation and its lock, a spare looking at the queue finds it unlocked and removes it
+		// as a dead spare's: lockFile then answers errTaken, and the caller takes a new place.
+		f, err := lockFile(path)
+		if errors.Is(err, errTaken) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("queue for a boot turn: %w", err)
+		}
+		return &waiter{f: f, path: path}, nil
+	}
+	return nil, fmt.Errorf("queue for a boot turn in %s: every place made was taken before it could be locked", dir)
+}
+
+// first says whether no live spare waits before w. It removes the places of dead spares it passes.
+func (w *waiter) first() bool {
+	names, _ := filepath.Glob(filepath.Join(filepath.Dir(w.path), waitPrefix+"*"+waitSuffix))
+	slices.Sort(names)
+	for _, p := range names {
+		if p >= w.path {
+			break
+		}
+		if waiting(p) {
+			return false
+		}
+	}
+	return true
+}
+
+// waiting says whether a live spare holds the place at path. A place whose lock can be taken is a dead spare's, or
+// one whose spare is leaving: it is removed (while it is still the file locked), and does not count.
+func waiting(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false // gone: its spare left
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		// EWOULDBLOCK: its spare waits. A lock that fails otherwise is passed over: a queue that stopped at it
+		// would stop every spare behind it for good.
+		return errors.Is(err, unix.EWOULDBLOCK)
+	}
+	if isFile(int(f.Fd()), path) == nil {
+		_ = os.Remove(path)
+	}
+	return false
+}
+
+// leave gives up w's place. It is nil-safe.
+func (w *waiter) leave() {
+	if w == nil || w.f == nil {
+		return
+	}
+	// make uninstall may have removed the directory meanwhile; only w's own file goes.
+	if isFile(int(w.f.Fd()), w.path) == nil {
+		_ = os.Remove(w.path)
+	}
+	_ = w.f.Close()
+	w.f = nil
+}
