@@ -8,15 +8,19 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
 
 // The queue for turns: a waiting spare's place is a file wait-<time>-<tag>.lock in the turns' directory, locked
 // by the spare while it waits and removed when it leaves. Names sort by the time their spares began to wait (the
-// host's monotonic clock, which every process on it shares; the random tag orders two of one nanosecond), so a
-// spare looks for a turn only when no live spare waits before it. The kernel gives up a dead spare's lock; the next
-// spare that finds its file unlocked removes it.
+// monotonic clock, which the host's processes share as long as they run in one time namespace, as containerd's
+// shims do; the random tag orders two of one nanosecond), so a spare looks for a turn only when no live spare
+// waits before it. The kernel gives up a dead spare's lock; the next spare that finds its file unlocked removes
+// it. A waiting spare stamps its place's modification time at every look, and a place not stamped for
+// queueStale is passed over though locked: its spare is stopped (SIGSTOP, a frozen cgroup) or starved, and
+// would otherwise hold up every spare behind it.
 
 const (
 	waitPrefix = "wait-"
@@ -24,6 +28,9 @@ const (
 	// joinAttempts bounds how often join makes a new place when its file was taken for a dead spare's before it
 	// could lock it (see join).
 	joinAttempts = 8
+	// queueStale is how long a place may go without its spare's stamp before the spares behind it pass it: a
+	// waiting spare stamps it every turnPoll.
+	queueStale = 10 * time.Second
 )
 
 // waiter is one spare's place in the queue.
@@ -32,7 +39,8 @@ type waiter struct {
 	path string
 }
 
-// join puts the caller at the end of dir's queue.
+// join gives the caller a place in dir's queue, behind every spare whose place was made before it read the clock
+// (one that read it earlier and makes its file a moment later sorts before it).
 func join(dir string) (*waiter, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spare shim directory: %w", err)
@@ -59,33 +67,41 @@ func join(dir string) (*waiter, error) {
 	return nil, fmt.Errorf("queue for a boot turn in %s: every place made was taken before it could be locked", dir)
 }
 
-// first says whether no live spare waits before w. It removes the places of dead spares it passes.
+// first says whether no live spare waits before w. It stamps w's place and removes the places of dead spares it
+// passes.
 func (w *waiter) first() bool {
+	now := time.Now()
+	_ = os.Chtimes(w.path, now, now)
 	names, _ := filepath.Glob(filepath.Join(filepath.Dir(w.path), waitPrefix+"*"+waitSuffix))
 	slices.Sort(names)
 	for _, p := range names {
 		if p >= w.path {
 			break
 		}
-		if waiting(p) {
+		if waiting(p, now) {
 			return false
 		}
 	}
 	return true
 }
 
-// waiting says whether a live spare holds the place at path. A place whose lock can be taken is a dead spare's, or
-// one whose spare is leaving: it is removed (while it is still the file locked), and does not count.
-func waiting(path string) bool {
+// waiting says whether a live spare waits in the place at path, stamped within queueStale of now. A place whose
+// lock can be taken is a dead spare's, or one whose spare is leaving or has yet to lock it (see join): it is
+// removed (while it is still the file locked), and does not count.
+func waiting(path string, now time.Time) bool {
 	f, err := os.Open(path)
 	if err != nil {
 		return false // gone: its spare left
 	}
 	defer f.Close()
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		// EWOULDBLOCK: its spare waits. A lock that fails otherwise is passed over: a queue that stopped at it
+		// EWOULDBLOCK: its spare holds it. A lock that fails otherwise is passed over: a queue that stopped at it
 		// would stop every spare behind it for good.
-		return errors.Is(err, unix.EWOULDBLOCK)
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			return false
+		}
+		st, err := f.Stat()
+		return err == nil && now.Sub(st.ModTime()) < queueStale
 	}
 	if isFile(int(f.Fd()), path) == nil {
 		_ = os.Remove(path)

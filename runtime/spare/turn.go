@@ -41,8 +41,8 @@ type cpuLock struct {
 // them for a VM larger than the host), or ctx ends, and takes them. Each CPU is a lock in Dir, boot-<n>.lock,
 // held by the spare booting on it; the kernel gives up those of a spare that dies. Spares of different sizes
 // share the CPUs by their vCPUs, in the order they began to wait (a queue of wait-<time>-<tag>.lock files, each
-// locked by its waiter): a spare that needs many CPUs is not passed by a stream of spares that need one each, at
-// the price of CPUs left idle while it waits for enough of them. The CPUs are those the shim may run on
+// locked by its waiter, passed over once its waiter stops stamping it): a spare that needs many CPUs is not passed
+// by a stream of spares that need one each, at the price of CPUs left idle while it waits for enough of them. The CPUs are those the shim may run on
 // (runtime.NumCPU, its affinity); shims confined to different CPU sets count different files.
 func WaitTurn(ctx context.Context, vcpus int) (*Turn, error) {
 	cpus := max(1, runtime.NumCPU())

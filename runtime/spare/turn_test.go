@@ -86,15 +86,7 @@ func TestTurnsShareCPUsBySize(t *testing.T) {
 		}
 		return tr
 	}
-	waitFor := func(need int) <-chan *Turn {
-		got := make(chan *Turn, 1)
-		go func() {
-			tr, _ := waitBriefly(t, dir, 4, need, 10*time.Second)
-			got <- tr
-		}()
-		time.Sleep(3 * turnPoll)
-		return got
-	}
+	waitFor := func(need int) <-chan *Turn { return queue(t, dir, 4, need) }
 	stillWaits := func(got <-chan *Turn, what string) {
 		t.Helper()
 		select {
@@ -147,6 +139,147 @@ func TestTurnsShareCPUsBySize(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 0 {
 		t.Fatalf("released turns left %v", left)
+	}
+}
+
+// queue starts a spare that waits for a turn of need of cpus CPUs, and returns once it holds its place in dir's
+// queue (or has its turn). The turn, or nil if the wait failed, comes on the channel.
+func queue(t *testing.T, dir string, cpus, need int) <-chan *Turn {
+	t.Helper()
+	places := func() int {
+		names, _ := filepath.Glob(filepath.Join(dir, waitPrefix+"*"+waitSuffix))
+		return len(names)
+	}
+	before := places()
+	got := make(chan *Turn, 1)
+	go func() {
+		tr, _ := waitBriefly(t, dir, cpus, need, 10*time.Second)
+		got <- tr
+	}()
+	for deadline := time.Now().Add(5 * time.Second); places() == before; {
+		if time.Now().After(deadline) {
+			t.Fatalf("a spare waiting for %d CPUs did not join the queue", need)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return got
+}
+
+// Spares of one size get their turns in the order they began to wait.
+func TestQueueOrder(t *testing.T) {
+	dir := t.TempDir()
+	booting, err := waitBriefly(t, dir, 1, 1, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var waiting []<-chan *Turn
+	for range 3 {
+		waiting = append(waiting, queue(t, dir, 1, 1))
+	}
+	for i, got := range waiting {
+		booting.Release()
+		select {
+		case booting = <-got:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("spare %d of the queue did not get the turn given back", i)
+		}
+		if booting == nil {
+			t.Fatalf("spare %d of the queue: its wait failed", i)
+		}
+		for j, later := range waiting[i+1:] {
+			select {
+			case tr := <-later:
+				tr.Release()
+				t.Fatalf("spare %d of the queue got the turn with spare %d", i+1+j, i)
+			default:
+			}
+		}
+	}
+	booting.Release()
+	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 0 {
+		t.Fatalf("the queue left %v", left)
+	}
+}
+
+// A waiting spare stamps its place at every look; a place its spare has not stamped for queueStale (the spare is
+// stopped) is passed over, though its lock is held.
+func TestQueuePassesAStoppedSpare(t *testing.T) {
+	dir := t.TempDir()
+	booting, err := waitBriefly(t, dir, 2, 1, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A live 2-CPU spare waits with one CPU free; its place made to look old is stamped again at its next look, and
+	// a 1-CPU spare behind it still waits.
+	big := queue(t, dir, 2, 2)
+	places, _ := filepath.Glob(filepath.Join(dir, waitPrefix+"*"+waitSuffix))
+	if len(places) != 1 {
+		t.Fatalf("places in the queue: %v", places)
+	}
+	old := time.Now().Add(-queueStale - time.Second)
+	if err := os.Chtimes(places[0], old, old); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * turnPoll)
+	if _, err := waitBriefly(t, dir, 2, 1, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a turn behind a live waiting spare: got %v, want the wait to end with its context", err)
+	}
+	booting.Release()
+	if tr := <-big; tr == nil {
+		t.Fatal("the 2-CPU spare's wait failed")
+	} else {
+		tr.Release()
+	}
+	// A place whose spare stopped keeps its lock and its old stamp.
+	stopped, err := join(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stopped.leave()
+	if _, err := waitBriefly(t, dir, 1, 1, 3*turnPoll); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a turn with a live spare waiting before: got %v, want the wait to end with its context", err)
+	}
+	if err := os.Chtimes(stopped.path, old, old); err != nil {
+		t.Fatal(err)
+	}
+	tr, err := waitBriefly(t, dir, 1, 1, time.Second)
+	if err != nil {
+		t.Fatalf("a turn behind a stopped spare: %v", err)
+	}
+	tr.Release()
+	if _, err := os.Stat(stopped.path); err != nil {
+		t.Fatalf("the stopped spare's place, still locked: %v", err)
+	}
+}
+
+// A place found unlocked is removed as a dead spare's, even when its spare has made it and not locked it yet: that
+// spare's lock then fails, and join makes it another place.
+func TestPlaceTakenBeforeItsLock(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, waitPrefix+"00000000000000000001-00000000"+waitSuffix)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if waiting(path, time.Now()) {
+		t.Fatal("an unlocked place counts as a waiting spare")
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the unlocked place after a look: %v", err)
+	}
+	if l, err := lockOpen(f, path); l != nil || !errors.Is(err, errTaken) {
+		t.Fatalf("lock of a place removed before it: got %v, %v, want errTaken", l, err)
+	}
+	w, err := join(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !waiting(w.path, time.Now()) {
+		t.Fatal("a joined spare's place does not count as waiting")
+	}
+	w.leave()
+	if left, _ := filepath.Glob(filepath.Join(dir, "*")); len(left) != 0 {
+		t.Fatalf("the queue left %v", left)
 	}
 }
 
