@@ -275,8 +275,11 @@ func checkSpare(cfg config.Config, slots func() (held, failed []spare.Info)) che
 	var now []string
 	for _, sp := range held {
 		state := "booting"
-		if sp.Ready {
+		switch {
+		case sp.Ready:
 			state = "ready"
+		case sp.Queued > 0:
+			state = fmt.Sprintf("waiting for a turn to boot (place %d in the host's queue)", sp.Queued)
 		}
 		now = append(now, fmt.Sprintf("pid %d for %s, %s (log %s.log)", sp.Pid, sp.Address, state, sp.Slot))
 	}

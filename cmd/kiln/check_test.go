@@ -114,6 +114,7 @@ func TestCheckSpare(t *testing.T) {
 	waiting := spare.Info{Pid: 41, Address: "/run/containerd/containerd.sock", Ready: true, Slot: "/run/kiln/spare/a.sock"}
 	failed := spare.Info{Pid: 42, Address: "/run/k3s/containerd.sock", Slot: "/run/kiln/spare/b.sock"}
 	booting := spare.Info{Pid: 43, Address: "/run/containerd/containerd.sock", Slot: "/run/kiln/spare/a-1.sock"}
+	queued := spare.Info{Pid: 44, Address: "/run/containerd/containerd.sock", Slot: "/run/kiln/spare/a-2.sock", Queued: 2}
 	tests := []struct {
 		name           string
 		spare          bool
@@ -127,6 +128,8 @@ func TestCheckSpare(t *testing.T) {
 			"; pid 41 for /run/containerd/containerd.sock, ready (log /run/kiln/spare/a.sock.log)"},
 		{"a pool", true, 4, config.FastStartTemplate, []spare.Info{waiting, booting}, nil, "ok",
 			"on: up to 4 per containerd (hypervisor.spare_pool), started by tasks' shims; pid 41 for /run/containerd/containerd.sock, ready (log /run/kiln/spare/a.sock.log); pid 43 for /run/containerd/containerd.sock, booting (log /run/kiln/spare/a-1.sock.log)"},
+		{"a queued spare", true, 4, config.FastStartTemplate, []spare.Info{booting, queued}, nil, "ok",
+			"pid 43 for /run/containerd/containerd.sock, booting (log /run/kiln/spare/a-1.sock.log); pid 44 for /run/containerd/containerd.sock, waiting for a turn to boot (place 2 in the host's queue) (log /run/kiln/spare/a-2.sock.log)"},
 		{"one failed", true, 1, config.FastStartTemplate, []spare.Info{waiting}, []spare.Info{failed}, "warn",
 			"; the last spare for /run/k3s/containerd.sock failed (pid 42): see /run/kiln/spare/b.sock.log"},
 		{"spare = false", false, 1, config.FastStartTemplate, nil, []spare.Info{failed}, "ok", "off: each task's shim starts its VM (hypervisor.spare = false)"},

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -62,6 +64,8 @@ func join(dir string) (*waiter, error) {
 		if err != nil {
 			return nil, fmt.Errorf("queue for a boot turn: %w", err)
 		}
+		// The place names its spare, for `kiln check` (queued).
+		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 		return &waiter{f: f, path: path}, nil
 	}
 	return nil, fmt.Errorf("queue for a boot turn in %s: every place made was taken before it could be locked", dir)
@@ -120,4 +124,29 @@ func (w *waiter) leave() {
 	}
 	_ = w.f.Close()
 	w.f = nil
+}
+
+// queued maps the pid of each spare waiting in dir's queue to its place in it, 1 for the first. It only reads: the
+// places of dead spares are left to the queue.
+func queued(dir string) map[int]int {
+	names, _ := filepath.Glob(filepath.Join(dir, waitPrefix+"*"+waitSuffix))
+	slices.Sort(names)
+	places := map[int]int{}
+	for _, p := range names {
+		f, err := os.Open(p)
+		if err != nil {
+			continue
+		}
+		// A lock that can be taken has no live holder.
+		free := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil
+		b := make([]byte, 16)
+		n, _ := f.ReadAt(b, 0)
+		_ = f.Close()
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b[:n])))
+		if free || err != nil || pid <= 0 {
+			continue
+		}
+		places[pid] = len(places) + 1
+	}
+	return places
 }

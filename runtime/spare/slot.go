@@ -163,6 +163,9 @@ type Info struct {
 	Address string
 	// Ready says it waits for a task; otherwise it is still booting or warming its VM.
 	Ready bool
+	// Queued, when not zero, is its place in the host's queue for boot turns (1 for the next to boot): it waits
+	// for CPUs other spares boot on (WaitTurn).
+	Queued int
 	// Slot is the slot's socket path; Slot+".log" is the spare's log until it takes a task, and Slot+".lock" its
 	// lock.
 	Slot string
@@ -208,6 +211,10 @@ func scan(dir string) (held, failed []Info) {
 		}
 		_, err = os.Stat(slot)
 		held = append(held, Info{Pid: pid, Address: address, Ready: err == nil, Slot: slot})
+	}
+	queue := queued(dir)
+	for i := range held {
+		held[i].Queued = queue[held[i].Pid]
 	}
 	return held, failed
 }

@@ -404,3 +404,35 @@ func TestWaitTurnWithoutItsDirectory(t *testing.T) {
 	}
 	tr.Release()
 }
+
+// scan tells which held slots' spares wait in the queue for a turn, and where: dead spares' places do not count.
+func TestScanShowsQueuedSpares(t *testing.T) {
+	dir := t.TempDir()
+	slot, err := claimHere(dir, "/c.sock", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slot.Close()
+	if held, _ := scan(dir); len(held) != 1 || held[0].Queued != 0 {
+		t.Fatalf("scan of a slot whose spare is not queued = %+v", held)
+	}
+	// A dead spare's place (unlocked), then this spare's.
+	dead := filepath.Join(dir, waitPrefix+"00000000000000000001-00000000"+waitSuffix)
+	if err := os.WriteFile(dead, []byte("1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w, err := join(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if held, _ := scan(dir); len(held) != 1 || held[0].Queued != 1 {
+		t.Fatalf("scan of a slot whose spare is first in the queue = %+v", held)
+	}
+	if got := queued(dir); len(got) != 1 || got[os.Getpid()] != 1 {
+		t.Fatalf("queued = %v, want this process first", got)
+	}
+	w.leave()
+	if held, _ := scan(dir); len(held) != 1 || held[0].Queued != 0 {
+		t.Fatalf("scan after the spare left the queue = %+v", held)
+	}
+}
