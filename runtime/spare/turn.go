@@ -42,8 +42,9 @@ type cpuLock struct {
 // held by the spare booting on it; the kernel gives up those of a spare that dies. Spares of different sizes
 // share the CPUs by their vCPUs, in the order they began to wait (a queue of wait-<time>-<tag>.lock files, each
 // locked by its waiter, passed over once its waiter stops stamping it): a spare that needs many CPUs is not passed
-// by a stream of spares that need one each, at the price of CPUs left idle while it waits for enough of them. The CPUs are those the shim may run on
-// (runtime.NumCPU, its affinity); shims confined to different CPU sets count different files.
+// by a stream of spares that need one each, at the price of CPUs left idle while it waits for enough of them. The
+// CPUs are those the shim may run on (runtime.NumCPU, its affinity); shims confined to different CPU sets count
+// different files.
 func WaitTurn(ctx context.Context, vcpus int) (*Turn, error) {
 	cpus := max(1, runtime.NumCPU())
 	return waitTurn(ctx, Dir, cpus, TurnCPUs(cpus, vcpus))
