@@ -71,14 +71,19 @@ func join(dir string) (*waiter, error) {
 	return nil, fmt.Errorf("queue for a boot turn in %s: every place made was taken before it could be locked", dir)
 }
 
+// places lists the places in dir's queue, first first (names sort by the time their spares joined).
+func places(dir string) []string {
+	names, _ := filepath.Glob(filepath.Join(dir, waitPrefix+"*"+waitSuffix))
+	slices.Sort(names)
+	return names
+}
+
 // first says whether no live spare waits before w. It stamps w's place and removes the places of dead spares it
 // passes.
 func (w *waiter) first() bool {
 	now := time.Now()
 	_ = os.Chtimes(w.path, now, now)
-	names, _ := filepath.Glob(filepath.Join(filepath.Dir(w.path), waitPrefix+"*"+waitSuffix))
-	slices.Sort(names)
-	for _, p := range names {
+	for _, p := range places(filepath.Dir(w.path)) {
 		if p >= w.path {
 			break
 		}
@@ -129,16 +134,13 @@ func (w *waiter) leave() {
 // queued maps the pid of each spare waiting in dir's queue to its place in it, 1 for the first. It only reads: the
 // places of dead spares are left to the queue.
 func queued(dir string) map[int]int {
-	names, _ := filepath.Glob(filepath.Join(dir, waitPrefix+"*"+waitSuffix))
-	slices.Sort(names)
-	places := map[int]int{}
-	for _, p := range names {
+	queue := map[int]int{}
+	for _, p := range places(dir) {
 		f, err := os.Open(p)
 		if err != nil {
 			continue
 		}
-		// A lock that can be taken has no live holder.
-		free := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil
+		free := unheld(f)
 		b := make([]byte, 16)
 		n, _ := f.ReadAt(b, 0)
 		_ = f.Close()
@@ -146,7 +148,7 @@ func queued(dir string) map[int]int {
 		if free || err != nil || pid <= 0 {
 			continue
 		}
-		places[pid] = len(places) + 1
+		queue[pid] = len(queue) + 1
 	}
-	return places
+	return queue
 }

@@ -184,6 +184,10 @@ func Failed() []Info {
 	return failed
 }
 
+// unheld says whether f's lock can be taken: a lock file (a slot's, a place in the turns' queue) that no live spare
+// holds. The shared lock it takes on success goes with f's close, which the caller does at once.
+func unheld(f *os.File) bool { return unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil }
+
 // scan reads the slots in dir: those a live spare holds, and those a spare left without giving them up.
 func scan(dir string) (held, failed []Info) {
 	locks, _ := filepath.Glob(filepath.Join(dir, "*.sock.lock"))
@@ -192,8 +196,7 @@ func scan(dir string) (held, failed []Info) {
 		if err != nil {
 			continue
 		}
-		// A lock that can be taken has no holder: the file outlives its last spare.
-		free := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil
+		free := unheld(f) // the file outlives its last spare
 		_ = f.Close()
 		b, err := os.ReadFile(path)
 		if err != nil {

@@ -146,17 +146,13 @@ func TestTurnsShareCPUsBySize(t *testing.T) {
 // queue (or has its turn). The turn, or nil if the wait failed, comes on the channel.
 func queue(t *testing.T, dir string, cpus, need int) <-chan *Turn {
 	t.Helper()
-	places := func() int {
-		names, _ := filepath.Glob(filepath.Join(dir, waitPrefix+"*"+waitSuffix))
-		return len(names)
-	}
-	before := places()
+	before := len(places(dir))
 	got := make(chan *Turn, 1)
 	go func() {
 		tr, _ := waitBriefly(t, dir, cpus, need, 10*time.Second)
 		got <- tr
 	}()
-	for deadline := time.Now().Add(5 * time.Second); places() == before; {
+	for deadline := time.Now().Add(5 * time.Second); len(places(dir)) == before; {
 		if time.Now().After(deadline) {
 			t.Fatalf("a spare waiting for %d CPUs did not join the queue", need)
 		}
@@ -212,12 +208,12 @@ func TestQueuePassesAStoppedSpare(t *testing.T) {
 	// A live 2-CPU spare waits with one CPU free; its place made to look old is stamped again at its next look, and
 	// a 1-CPU spare behind it still waits.
 	big := queue(t, dir, 2, 2)
-	places, _ := filepath.Glob(filepath.Join(dir, waitPrefix+"*"+waitSuffix))
-	if len(places) != 1 {
-		t.Fatalf("places in the queue: %v", places)
+	inQueue := places(dir)
+	if len(inQueue) != 1 {
+		t.Fatalf("places in the queue: %v", inQueue)
 	}
 	old := time.Now().Add(-queueStale - time.Second)
-	if err := os.Chtimes(places[0], old, old); err != nil {
+	if err := os.Chtimes(inQueue[0], old, old); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(2 * turnPoll)
