@@ -236,8 +236,9 @@ func (c *conn) handle(h *Header, payload iovec) (wake bool, end ending) {
 	}
 	switch h.Op {
 	case OpResponse:
-		if c.state != stateConnecting {
-			c.log.Debugf("RESPONSE while %s", c.state)
+		if c.state != stateConnecting || c.wantRequest {
+			// A RESPONSE before our REQUEST went out answers nothing we asked.
+			c.log.Debugf("RESPONSE while %s (request sent: %v)", c.state, !c.wantRequest)
 			return false, endReset
 		}
 		if err := c.startLocked(c.host, c.greeting); err != nil {

@@ -254,6 +254,15 @@ func (d *Device) rxLoop(stop <-chan struct{}, q vq) {
 	for {
 		pushed := 0
 		for d.mux.hasRx() {
+			// A guest that keeps posting chains (malformed ones consume no packet) must not keep Stop waiting.
+			select {
+			case <-stop:
+				if pushed > 0 {
+					d.notify(q, "rx")
+				}
+				return
+			default:
+			}
 			if pushed == notifyBatch {
 				d.notify(q, "rx")
 				pushed = 0
@@ -318,8 +327,10 @@ func (d *Device) giveBack(q vq, err error, name string) bool {
 		d.mux.stats.malformedRxChains.Add(1)
 	}
 	d.warnRing(err, "malformed %s chain", name)
+	// A head out of the ring's range cannot be given back; the guest chose it, so its refusal is rate-limited
+	// like the chain's.
 	if perr := q.Push(ce.Head, 0); perr != nil {
-		d.log.WithError(perr).Errorf("return malformed %s chain", name)
+		d.warnRing(perr, "return malformed %s chain", name)
 	}
 	return true
 }

@@ -28,15 +28,18 @@ func warnings(h *logtest.Hook, s string) int {
 func TestMalformedChainWarningsAreThrottled(t *testing.T) {
 	const bad = 1000
 	tests := []struct {
-		name string
-		rx   bool // the chains go to the rx queue
-		add  func(q *fakeQueue, head uint16)
+		name       string
+		rx         bool // the chains go to the rx queue
+		add        func(q *fakeQueue, head uint16)
+		outOfRange bool // the heads lie past the ring, so none can be given back
 	}{
-		{"malformed tx chains", false, (*fakeQueue).addBad},
-		{"malformed rx chains", true, (*fakeQueue).addBad},
+		{"malformed tx chains", false, (*fakeQueue).addBad, false},
+		{"malformed rx chains", true, (*fakeQueue).addBad, false},
 		{"rx chains too small for a packet header", true, func(q *fakeQueue, head uint16) {
 			q.add(&virtqueue.Chain{Head: head, Writable: [][]byte{make([]byte, 10)}})
-		}},
+		}, false},
+		{"tx heads out of the ring's range", false, (*fakeQueue).addBad, true},
+		{"rx heads out of the ring's range", true, (*fakeQueue).addBad, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -54,23 +57,39 @@ func TestMalformedChainWarningsAreThrottled(t *testing.T) {
 				// The rx loop pops only when a packet waits: an RW to an unknown port queues a RST.
 				tx.add(&virtqueue.Chain{Head: 0, Readable: guestPacket(Header{Op: OpRW, SrcPort: 1, DstPort: 2}, []byte("x"))})
 			}
+			first, warned := uint16(0), bad
+			if tt.outOfRange {
+				// Each chain costs two refusals: the chain's and its return's.
+				q.size, first, warned = 16, 16, 2*bad
+			}
 			for i := range bad {
-				tt.add(q, uint16(i))
+				tt.add(q, first+uint16(i))
 			}
 			if err := d.start(rx, tx); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, "every malformed chain to be given back", func() bool { return q.usedCount() == bad })
+			counted := func() uint64 {
+				mt := d.Metrics()
+				return mt.MalformedTxChains + mt.MalformedRxChains + mt.SmallRxChains
+			}
+			waitFor(t, "every malformed chain to be handled", func() bool { return counted() == bad })
 			d.Stop()
+			givenBack := bad
+			if tt.outOfRange {
+				givenBack = 0
+			}
+			if n := q.usedCount(); n != givenBack {
+				t.Fatalf("%d malformed chains given back, want %d", n, givenBack)
+			}
 			if n := warnings(hook, ""); n > ringWarnBurst+1 {
 				t.Fatalf("%d warnings for %d malformed chains, want at most %d and a summary", n, bad, ringWarnBurst)
 			}
 			mt := d.Metrics()
-			if got := mt.MalformedTxChains + mt.MalformedRxChains + mt.SmallRxChains; got != bad {
+			if got := counted(); got != bad {
 				t.Fatalf("metrics %+v count %d bad chains, want %d", mt, got, bad)
 			}
-			if mt.WarningsSuppressed != bad-ringWarnBurst {
-				t.Fatalf("WarningsSuppressed = %d, want %d", mt.WarningsSuppressed, bad-ringWarnBurst)
+			if mt.WarningsSuppressed != uint64(warned-ringWarnBurst) {
+				t.Fatalf("WarningsSuppressed = %d, want %d", mt.WarningsSuppressed, warned-ringWarnBurst)
 			}
 			// Stopping sums up what was left out.
 			if n := warnings(hook, "not logged"); n != 1 {
@@ -123,5 +142,38 @@ func TestLogLimiterLetsABurstThroughPerInterval(t *testing.T) {
 				t.Fatalf("second flush = %d, want 0", n)
 			}
 		})
+	}
+}
+
+// TestStopWhileTheGuestFloodsRx: a guest that keeps posting malformed rx chains while a packet waits for it (they
+// consume none) must not keep the device's Stop, and so QEMU's GET_VRING_BASE, waiting.
+func TestStopWhileTheGuestFloodsRx(t *testing.T) {
+	l, _ := logtest.NewNullLogger()
+	l.SetOutput(io.Discard)
+	d, err := newDevice(testMuxerConfig(t), logrus.NewEntry(l))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	rx, tx := newFakeQueue(), newFakeQueue()
+	rx.flood = true
+	// An RW to an unknown port queues a RST: from then on a packet waits for the guest.
+	tx.add(&virtqueue.Chain{Head: 0, Readable: guestPacket(Header{Op: OpRW, SrcPort: 1, DstPort: 2}, []byte("x"))})
+	if err := d.start(rx, tx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the rx loop to meet the flood", func() bool { return d.Metrics().MalformedRxChains > 100 })
+	stopped := make(chan struct{})
+	go func() {
+		d.Stop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		rx.mu.Lock()
+		rx.flood = false // so that the deferred Close can end
+		rx.mu.Unlock()
+		t.Fatal("Stop did not return within 10 s while the guest flooded its rx ring")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -24,6 +25,9 @@ type fakeQueue struct {
 	used     map[uint16]uint32
 	notifies int
 	kicks    chan struct{}
+	size     uint16 // when set, Push refuses a head at or past it, as a real queue does
+	flood    bool   // Pop returns malformed chains without end, as a guest that keeps posting them
+	floods   int    // how many of those it returned
 }
 
 func newFakeQueue() *fakeQueue {
@@ -33,6 +37,10 @@ func newFakeQueue() *fakeQueue {
 func (q *fakeQueue) Pop() (*virtqueue.Chain, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if q.flood {
+		q.floods++
+		return nil, &virtqueue.ChainError{Head: uint16(q.floods), Err: errors.New("flooded by the test")}
+	}
 	if len(q.avail) == 0 {
 		return nil, nil
 	}
@@ -63,6 +71,9 @@ func (q *fakeQueue) usedCount() int {
 func (q *fakeQueue) Push(head uint16, written uint32) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if q.size > 0 && head >= q.size {
+		return fmt.Errorf("head %d out of range (queue size %d)", head, q.size)
+	}
 	q.used[head] = written
 	return nil
 }

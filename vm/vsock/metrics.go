@@ -8,7 +8,8 @@ import "sync/atomic"
 type Metrics struct {
 	// RstDropped counts RSTs not queued because maxCtl RSTs already waited for rx buffers the guest did not post.
 	RstDropped uint64
-	// MalformedTxChains and MalformedRxChains count descriptor chains the virtqueue refused (given back unused).
+	// MalformedTxChains and MalformedRxChains count descriptor chains the virtqueue refused (given back unused, unless
+	// the head lies past the ring).
 	MalformedTxChains uint64
 	MalformedRxChains uint64
 	// SmallRxChains counts rx chains too small for a packet header and payload (given back empty).

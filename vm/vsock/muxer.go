@@ -154,14 +154,16 @@ func (m *muxer) hostConnect(nc *net.UnixConn) {
 	c := newConn(key, stateConnecting, m.cfg.guestCID, m.cfg.conn, m, &m.wg, m.log)
 	c.host, c.greeting = nc, []byte("OK "+strconv.FormatUint(uint64(key.local), 10)+"\n")
 	c.wantRequest = true
-	m.conns[key] = c
-	m.mu.Unlock()
+	// Armed before the guest can see the connection: a RESPONSE the guest sends at once (it can guess the port)
+	// starts the established connection's own timer, which this one must not replace.
 	c.armTimer(m.cfg.connectTimeout, func() {
 		if c.stateIs(stateConnecting) {
 			c.log.Debug("guest did not answer the connection request in time")
 			m.expire(c)
 		}
 	})
+	m.conns[key] = c
+	m.mu.Unlock()
 	m.wake(c)
 }
 

@@ -462,3 +462,27 @@ func (m *muxer) buffered() int {
 	}
 	return n
 }
+
+// TestResponseBeforeRequestIsReset: a guest that answers a host connection before the device has sent it the
+// REQUEST (the host's ports are handed out in order, so it can guess one) gets a reset, not an established
+// connection.
+func TestResponseBeforeRequestIsReset(t *testing.T) {
+	m := newTestMuxer(t, testMuxerConfig(t)) // no guest drains rx: the REQUEST stays unsent
+	c, err := net.Dial("unix", m.cfg.udsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "CONNECT 1024\n")
+	waitFor(t, "the connection to be made", func() bool { return m.numConns() == 1 })
+	h := Header{SrcCID: testCID, DstCID: HostCID, SrcPort: 1024, DstPort: hostPortFirst, Type: TypeStream,
+		Op: OpResponse, BufAlloc: 32 * 1024}
+	b := make([]byte, HeaderSize)
+	h.Encode(b)
+	m.handleTx([][]byte{b})
+	waitFor(t, "the connection to be reset", func() bool { return m.numConns() == 0 })
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 64)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("host client read %d, %v; want the connection closed without an answer", n, err)
+	}
+}
