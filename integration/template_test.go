@@ -202,6 +202,57 @@ func TestTemplateRestoreFailureBootsCold(t *testing.T) {
 	}
 }
 
+// TestTemplateDamagedIsBuiltAgain damages a built template's files by hand: its RAM cut short (QEMU would refuse
+// it at its start, before any restore) and its state removed (the directory would keep a new build's rename from
+// landing). Each time the next pod finds the damage, removes the template with a warning, builds it again and is
+// restored from the new one; the one template left is whole.
+func TestTemplateDamagedIsBuiltAgain(t *testing.T) {
+	requireVM(t)
+	templates, fast := templatesOfTheirOwn(t)
+	newContainerVMWith(t, 256, fast, new(logtest.Hook))
+	for _, tc := range []struct {
+		name   string
+		damage func(dir string) error
+	}{
+		{"RAM cut short", func(dir string) error { return os.Truncate(filepath.Join(dir, "ram"), 1<<20) }},
+		{"state removed", func(dir string) error { return os.Remove(filepath.Join(dir, templateStateFile)) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dirs, err := filepath.Glob(filepath.Join(templates, "*", "ram"))
+			if err != nil || len(dirs) != 1 {
+				t.Fatalf("template RAM files %v (%v), want one", dirs, err)
+			}
+			if err := tc.damage(filepath.Dir(dirs[0])); err != nil {
+				t.Fatal(err)
+			}
+			hook := new(logtest.Hook)
+			v := newContainerVMWith(t, 256, fast, hook)
+			warned := false
+			for _, e := range hook.AllEntries() {
+				warned = warned || strings.Contains(e.Message, "removed a template of no use")
+			}
+			if !warned {
+				t.Error("no warning that the damaged template was removed")
+			}
+			out, errOut, status := v.output(t, "probe", v.spec("cat", "/proc/cmdline"))
+			if status != 0 || !strings.Contains(out, "kiln.template") {
+				t.Fatalf("container saw %q (status %d, stderr %q), want a guest restored from the rebuilt template", out, status, errOut)
+			}
+			rams, _ := filepath.Glob(filepath.Join(templates, "*", "ram"))
+			states, _ := filepath.Glob(filepath.Join(templates, "*", templateStateFile))
+			if len(rams) != 1 || len(states) != 1 {
+				t.Fatalf("after the rebuild: RAM files %v, state files %v; want one of each", rams, states)
+			}
+			if st, err := os.Stat(rams[0]); err != nil || st.Size() != 256<<20 {
+				t.Fatalf("rebuilt template RAM: %v, %v; want 256 MiB", st, err)
+			}
+			if left := cloneFiles(t, templates); len(left) > 0 {
+				t.Errorf("left %v in the template directory", left)
+			}
+		})
+	}
+}
+
 // templatesOfTheirOwn gives a test a template directory of its own on tmpfs, as in production (QEMU's user must
 // reach it), removed when the test ends, and the configuration change that uses it.
 func templatesOfTheirOwn(t *testing.T) (string, func(*config.Config)) {

@@ -233,6 +233,10 @@ func (m *Machine) Start(ctx context.Context) error {
 		return nil
 	}
 	if ctx.Err() != nil {
+		// Whether or not QEMU had started, nothing runs now: a Stop or Wait after this returns at once.
+		m.reset()
+		close(m.exited)
+		close(m.cleaned)
 		return fmt.Errorf("start vm %s from its template: %w", m.cfg.ID, err)
 	}
 	m.log.WithError(err).Warn("starting the VM from its template failed; booting it")

@@ -51,6 +51,12 @@ func (m *Machine) Diagnostics() string {
 
 // Wait implements vm.Machine.
 func (m *Machine) Wait(ctx context.Context) error {
+	// A VM already released is not an error, however late the caller asks.
+	select {
+	case <-m.cleaned:
+		return nil
+	default:
+	}
 	select {
 	case <-m.cleaned:
 		return nil

@@ -170,6 +170,8 @@ func templateConfig(c Config, id, ram string) Config {
 	t.Nets = nil
 	t.TemplateDir = ""
 	t.TemplateMax = 0
+	// Not held by a task's start (a spare's Hold): the task may be waiting for this very template.
+	t.Hold = nil
 	return t
 }
 
@@ -192,13 +194,27 @@ func (t template) used(log logrus.FieldLogger) {
 	}
 }
 
-func (t template) complete() bool {
-	for _, p := range []string{t.ram(), t.state()} {
-		if _, err := os.Stat(p); err != nil {
-			return false
-		}
+// errNoTemplate is fault's answer for a template not built yet.
+var errNoTemplate = errors.New("no template")
+
+// fault says what keeps t from serving a guest of memoryMiB: nil when it is whole, errNoTemplate when there is
+// none. A damaged one (a file removed, its RAM cut short) would fail every clone, and QEMU refuses a RAM file of
+// another size at its start, before a restore could name the template as the cause: it is caught here instead.
+func (t template) fault(memoryMiB int) error {
+	if _, err := os.Stat(t.dir); errors.Is(err, os.ErrNotExist) {
+		return errNoTemplate
 	}
-	return true
+	if _, err := os.Stat(t.state()); err != nil {
+		return fmt.Errorf("template state: %w", err)
+	}
+	st, err := os.Stat(t.ram())
+	if err != nil {
+		return fmt.Errorf("template RAM: %w", err)
+	}
+	if want := int64(memoryMiB) << 20; st.Size() != want {
+		return fmt.Errorf("template RAM of %d bytes, want the guest's %d", st.Size(), want)
+	}
+	return nil
 }
 
 // ensureTemplate returns c's template, building it first when there is none. One process builds a template at
@@ -209,7 +225,7 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 		return template{}, err
 	}
 	t := template{dir: filepath.Join(c.TemplateDir, key), inputs: inputs}
-	if t.complete() {
+	if t.fault(c.MemoryMiB) == nil {
 		t.used(c.Log)
 		return t, nil
 	}
@@ -221,8 +237,12 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 		return template{}, err
 	}
 	defer unlock()
-	if t.complete() {
+	switch err := t.fault(c.MemoryMiB); {
+	case err == nil:
 		return t, nil
+	case !errors.Is(err, errNoTemplate):
+		// Its directory would keep the new one's rename from landing.
+		discardTemplate(t, c.Log, err.Error())
 	}
 	start := time.Now()
 	if err := buildTemplate(ctx, c, key, inputs, t.dir); err != nil {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -531,5 +532,124 @@ func TestRestoreErrorsWhenQEMUExits(t *testing.T) {
 				t.Errorf("%s: errors.Is(%v, %v) = %v", tc.name, err, sentinel, got)
 			}
 		}
+	}
+}
+
+// A template serves only when it is whole: both files there and its RAM of the guest's size.
+func TestTemplateFault(t *testing.T) {
+	const mib = 4
+	for _, tc := range []struct {
+		name    string
+		make    func(dir string) error
+		none    bool   // errNoTemplate
+		errPart string // "" for a whole template
+	}{
+		{"none", func(string) error { return nil }, true, ""},
+		{"whole", func(string) error { return nil }, false, ""},
+		{"RAM cut short", func(dir string) error { return os.Truncate(filepath.Join(dir, templateRAM), 1<<20) }, false, "want the guest's"},
+		{"RAM removed", func(dir string) error { return os.Remove(filepath.Join(dir, templateRAM)) }, false, "template RAM"},
+		{"state removed", func(dir string) error { return os.Remove(filepath.Join(dir, templateState)) }, false, "template state"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tpl := template{dir: filepath.Join(t.TempDir(), "key")}
+			if tc.name != "none" {
+				if err := os.Mkdir(tpl.dir, 0o700); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(tpl.state(), []byte("state"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(tpl.ram(), nil, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Truncate(tpl.ram(), mib<<20); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := tc.make(tpl.dir); err != nil {
+				t.Fatal(err)
+			}
+			err := tpl.fault(mib)
+			switch {
+			case tc.none:
+				if !errors.Is(err, errNoTemplate) {
+					t.Fatalf("fault = %v, want errNoTemplate", err)
+				}
+			case tc.errPart == "":
+				if err != nil {
+					t.Fatalf("fault = %v, want nil", err)
+				}
+			case err == nil || errors.Is(err, errNoTemplate) || !strings.Contains(err.Error(), tc.errPart):
+				t.Fatalf("fault = %v, want an error with %q", err, tc.errPart)
+			}
+		})
+	}
+}
+
+// A spare's template build is never held: a task whose start holds the spares may be waiting for that template
+// (ensureTemplate's lock), and would wait out the hold.
+func TestTemplateBuildIsNotHeld(t *testing.T) {
+	c := Config{ID: "spare", Hold: func(Holdable) {}, Background: true}
+	if tc := templateConfig(c, "tpl", "/ram"); tc.Hold != nil {
+		t.Fatal("the template's configuration keeps the spare's Hold")
+	}
+}
+
+// A start given up while it waits for another process's template build leaves a Machine whose Stop and Wait
+// return at once: nothing of it runs.
+func TestStartGivenUpWaitingForTheTemplate(t *testing.T) {
+	top, err := os.MkdirTemp("/dev/shm", "kiln-test-tpl-")
+	if err != nil {
+		t.Skip("no /dev/shm:", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(top) })
+	assets := t.TempDir()
+	kernel, initrd := filepath.Join(assets, "vmlinuz"), filepath.Join(assets, "initrd.img")
+	for _, p := range []string{kernel, initrd} {
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	qemuPath, err := exec.LookPath("true")
+	if err != nil {
+		t.Skip(err)
+	}
+	cfg := Config{ID: "given-up", QEMU: qemuPath, Accel: accel.TCG, VCPUs: 1, MemoryMiB: 256, Kernel: kernel, Initrd: initrd,
+		StateRoot: t.TempDir(), SharedDir: t.TempDir(), TemplateDir: filepath.Join(top, "templates")}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _, err := templateKey(m.cfg, qemuPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(cfg.TemplateDir, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := lockFile(context.Background(), filepath.Join(cfg.TemplateDir, key+".lock")) // another builder
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*templateLockPoll)
+	defer cancel()
+	err = m.Start(ctx)
+	t.Logf("Start: %v", err)
+	if err == nil {
+		t.Fatal("Start succeeded while another process held the template's lock past its context")
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = m.Stop(context.Background())
+		if err := m.Wait(ctx); err != nil { // ctx has ended: a released VM is still no error
+			t.Errorf("Wait after the given-up start = %v", err)
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Stop after a start given up waiting for the template did not return")
 	}
 }
