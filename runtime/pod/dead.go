@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -29,6 +30,17 @@ func sweep(stateDir string, log *logrus.Entry) {
 		}
 		if err := RemoveShare(dir, false); err != nil {
 			log.WithError(err).WithField("share", dir).Warn("remove share whose owner is gone")
+		}
+	}
+	// A spare killed while it warmed its pod left the warm-up's bundle (Warm); its pod's share is gone by now.
+	warm, _ := filepath.Glob(filepath.Join(stateDir, "*"+warmSuffix+"*"))
+	for _, dir := range warm {
+		id, _, _ := strings.Cut(filepath.Base(dir), warmSuffix)
+		if _, err := os.Lstat(ShareDir(stateDir, id)); !errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			log.WithError(err).WithField("dir", dir).Warn("remove the warm-up bundle of a pod that is gone")
 		}
 	}
 }

@@ -86,3 +86,33 @@ func TestSweepLeavesAShareBeingRemoved(t *testing.T) {
 		t.Errorf("sweep left the share of a dead owner nobody holds: %v", err)
 	}
 }
+
+// A warm-up bundle whose pod's share is gone (its spare was killed while it warmed) is swept; a live pod's is not.
+func TestSweepRemovesAGonePodsWarmUp(t *testing.T) {
+	state := t.TempDir()
+	live, gone := "kiln-0123456789abcdef", "kiln-fedcba9876543210"
+	if err := os.MkdirAll(filepath.Join(ShareDir(state, live), "mounts"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(ShareDir(state, live), ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var dirs []string
+	for _, id := range []string{live, gone} {
+		dir, err := os.MkdirTemp(state, id+warmSuffix)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(filepath.Join(dir, "rootfs"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		dirs = append(dirs, dir)
+	}
+	sweep(state, logrus.NewEntry(logrus.New()))
+	if _, err := os.Stat(dirs[0]); err != nil {
+		t.Errorf("sweep removed a live pod's warm-up: %v", err)
+	}
+	if _, err := os.Stat(dirs[1]); !os.IsNotExist(err) {
+		t.Errorf("a gone pod's warm-up is still there: %v", err)
+	}
+}

@@ -32,6 +32,10 @@ var ErrUnfit = errors.New("the spare's pod does not fit")
 // warmID is the warm-up container's id.
 const warmID = "kiln-warm"
 
+// warmSuffix follows the pod's id in the name of its warm-up's bundle directory, in the state directory; sweep
+// removes one whose pod is gone.
+const warmSuffix = ".warm-"
+
 // Warm runs one throwaway container in the guest and removes it, so that the guest (and, under TCG, its QEMU,
 // which translates guest code the first time it runs) has been through a container's whole path before a task's
 // first container comes: a spare's pod. The container is containerd's default one with the runtime's default
@@ -39,7 +43,7 @@ const warmID = "kiln-warm"
 // hot-plug then rehearses a pod's network on a throwaway NIC.
 func (p *Pod) Warm(ctx context.Context) (WarmUp, error) {
 	start := time.Now()
-	dir, err := os.MkdirTemp(p.cfg.Runtime.StateDir, p.id+".warm-")
+	dir, err := os.MkdirTemp(p.cfg.Runtime.StateDir, p.id+warmSuffix)
 	if err != nil {
 		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
@@ -70,8 +74,13 @@ func (p *Pod) Warm(ctx context.Context) (WarmUp, error) {
 	}
 	err = c.Start(ctx)
 	if err == nil {
+		// The program exits at once; a guest that hangs instead would keep the spare, and the boot turn it
+		// holds, for good. Its wait is bounded like a request to the agent.
+		wctx, cancel := context.WithTimeout(ctx, time.Duration(p.cfg.Agent.RequestTimeout))
 		var exit container.Exit
-		if exit, err = c.Wait(ctx); err == nil && exit.Status != 0 {
+		exit, err = c.Wait(wctx)
+		cancel()
+		if err == nil && exit.Status != 0 {
 			err = fmt.Errorf("warm-up container exited with status %d", exit.Status)
 		}
 	}

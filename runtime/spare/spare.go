@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -101,7 +102,6 @@ func handOver(ctx context.Context, path string, req Request, socket *os.File) (i
 	if _, _, err := uc.WriteMsgUnix(b, unix.UnixRights(int(socket.Fd())), nil); err != nil {
 		return 0, fmt.Errorf("%w (hand-over: %v)", ErrNone, err)
 	}
-	_ = uc.CloseWrite()
 	reply := make([]byte, 32)
 	n, err := uc.Read(reply)
 	if err != nil {
@@ -112,8 +112,19 @@ func handOver(ctx context.Context, path string, req Request, socket *os.File) (i
 	if err != nil || pid <= 0 {
 		return 0, fmt.Errorf("spare shim answered %q, not a pid", reply[:n])
 	}
+	// The spare serves only once it reads this: a `start` that gave up as the pid came (its deadline) closes the
+	// connection unconfirmed and serves the task itself, so that one server, never two, takes the socket.
+	if _, err := uc.Write([]byte(handOverConfirm)); err != nil {
+		return 0, fmt.Errorf("%w (confirm to pid %d: %v)", ErrNone, pid, err)
+	}
 	return pid, nil
 }
+
+// handOverConfirm is what `start` sends a spare once it has read the spare's pid: the task is the spare's.
+const handOverConfirm = "ok"
+
+// confirmTimeout bounds a spare's wait for handOverConfirm, which `start` sends as soon as it reads the pid.
+const confirmTimeout = 5 * time.Second
 
 // ErrLost is returned by Wait when what the spare holds ended while it waited (its VM).
 var ErrLost = errors.New("what the spare shim held ended while it waited")
@@ -233,6 +244,12 @@ func receive(c *net.UnixConn, pid int, version string, fits Fits) (Request, *os.
 	if _, err := c.Write([]byte(strconv.Itoa(pid))); err != nil {
 		_ = socket.Close()
 		return Request{}, nil, err
+	}
+	_ = c.SetDeadline(time.Now().Add(confirmTimeout))
+	confirm := make([]byte, len(handOverConfirm))
+	if _, err := io.ReadFull(c, confirm); err != nil || string(confirm) != handOverConfirm {
+		_ = socket.Close()
+		return Request{}, nil, fmt.Errorf("hand-over not confirmed (its start gave up): %q, %v", confirm, err)
 	}
 	return req, socket, nil
 }

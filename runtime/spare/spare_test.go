@@ -2,6 +2,7 @@ package spare
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -9,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func testCtx(t *testing.T) context.Context {
@@ -338,4 +341,48 @@ func waitIn(ctx context.Context, slot *Slot, idle time.Duration, version string,
 		done <- err
 	}()
 	return done
+}
+
+// TestUnconfirmedHandOverIsNotTaken: a `start` that reads the spare's pid but gives up before confirming (its
+// deadline passed as the pid came) serves the task itself, so the spare must not: it waits on, and the next
+// task's hand-over is its.
+func TestUnconfirmedHandOverIsNotTaken(t *testing.T) {
+	dir, ctx := t.TempDir(), testCtx(t)
+	done := waitInSlot(ctx, t, dir, 5*time.Second, "v1", nil, nil)
+	var c *net.UnixConn
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		nc, err := net.Dial("unix", socketPath(dir, "/c.sock", 0))
+		if err == nil {
+			c = nc.(*net.UnixConn)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+	}
+	b, err := json.Marshal(Request{Version: "v1", Args: []string{"x"}, Dir: "/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.WriteMsgUnix(b, unix.UnixRights(int(os.Stdin.Fd())), nil); err != nil {
+		t.Fatal(err)
+	}
+	reply := make([]byte, 32)
+	n, err := c.Read(reply)
+	if err != nil || string(reply[:n]) != "4242" {
+		t.Fatalf("spare answered %q, %v; want its pid", reply[:n], err)
+	}
+	_ = c.Close() // given up: no confirmation
+	var pid int
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if pid, err = adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"x"}, Dir: "/"}, os.Stdin); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil || pid != 4242 {
+		t.Fatalf("the next hand-over = %d, %v; want the spare, which the unconfirmed one must not have taken", pid, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
 }

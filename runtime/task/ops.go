@@ -154,6 +154,15 @@ func (s *Service) stopIfIdle(ctx context.Context) {
 // is the shim's shutdown callback too.
 func (s *Service) stopPod(ctx context.Context) error {
 	defer s.spareStops.Wait()
+	// A spare whose first Create failed before taking it (a checkpoint asked for, a bundle that no longer loads)
+	// still holds its VM: nothing else would stop it.
+	s.bootMu.Lock()
+	sp := s.spare
+	s.spare = nil
+	s.bootMu.Unlock()
+	if sp != nil {
+		sp.stop(ctx, log.G(s.ctx))
+	}
 	s.mu.Lock()
 	p := s.pod
 	s.pod = nil
