@@ -140,7 +140,7 @@ func (v *vhostUserVsock) close() error {
 		v.log.WithFields(logrus.Fields{
 			"rst_dropped": mt.RstDropped, "malformed_tx_chains": mt.MalformedTxChains,
 			"malformed_rx_chains": mt.MalformedRxChains, "small_rx_chains": mt.SmallRxChains,
-			"conns_killed": mt.ConnsKilled, "warnings_suppressed": mt.WarningsSuppressed,
+			"conns_killed": mt.ConnsKilled, "conns_violated": mt.ConnsViolated, "warnings_suppressed": mt.WarningsSuppressed,
 		}).Info("vsock device counters")
 	}
 	return err

@@ -253,7 +253,7 @@ func (c *conn) handle(h *Header, payload iovec) (wake bool, end ending) {
 		n := payload.size()
 		if n > c.tx.free() {
 			// The guest ignored the credit we advertised; buffering it would make memory unbounded.
-			c.log.Warnf("guest sent %d bytes with %d bytes of credit", n, c.tx.free())
+			c.log.Debugf("guest sent %d bytes with %d bytes of credit", n, c.tx.free())
 			return false, endReset
 		}
 		c.tx.write(payload)

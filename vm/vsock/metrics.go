@@ -17,6 +17,9 @@ type Metrics struct {
 	// ConnsKilled counts connections reset on a timeout: the guest did not answer a host's connection request,
 	// did not finish a close it started, or stayed silent after the host side was gone.
 	ConnsKilled uint64
+	// ConnsViolated counts connections reset because the guest broke the protocol on them: data beyond the
+	// credit it was given, a packet its connection's state does not allow (logged at debug level only).
+	ConnsViolated uint64
 	// WarningsSuppressed counts warnings about the guest's rings left out of the log by rate limiting.
 	WarningsSuppressed uint64
 }
@@ -28,6 +31,7 @@ type counters struct {
 	malformedRxChains  atomic.Uint64
 	smallRxChains      atomic.Uint64
 	connsKilled        atomic.Uint64
+	connsViolated      atomic.Uint64
 	warningsSuppressed atomic.Uint64
 
 	fromGuest, toGuest atomic.Uint64 // packets, for Traffic
@@ -40,6 +44,7 @@ func (c *counters) snapshot() Metrics {
 		MalformedRxChains:  c.malformedRxChains.Load(),
 		SmallRxChains:      c.smallRxChains.Load(),
 		ConnsKilled:        c.connsKilled.Load(),
+		ConnsViolated:      c.connsViolated.Load(),
 		WarningsSuppressed: c.warningsSuppressed.Load(),
 	}
 }

@@ -214,6 +214,7 @@ func (m *muxer) handleTx(bufs [][]byte) {
 	wake, end := c.handle(&h, payload)
 	switch end {
 	case endReset:
+		m.stats.connsViolated.Add(1)
 		m.retire(c, true, false)
 	case endPeerReset:
 		m.retire(c, false, true)

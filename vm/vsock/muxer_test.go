@@ -481,6 +481,9 @@ func TestResponseBeforeRequestIsReset(t *testing.T) {
 	h.Encode(b)
 	m.handleTx([][]byte{b})
 	waitFor(t, "the connection to be reset", func() bool { return m.numConns() == 0 })
+	if n := m.stats.snapshot().ConnsViolated; n != 1 {
+		t.Errorf("ConnsViolated = %d, want 1", n)
+	}
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if n, err := c.Read(make([]byte, 64)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("host client read %d, %v; want the connection closed without an answer", n, err)
