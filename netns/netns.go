@@ -67,9 +67,15 @@ func run(name string, enter func() (release func(), err error), fn func() error,
 		defer home.Close()
 		release, err := enter()
 		if err != nil {
-			// setns and unshare leave the thread where it was when they fail.
+			// setns and unshare leave the thread where it was when they fail, but an enter of several steps may
+			// fail after it moved (netns.New unshares, then opens the new namespace): the thread goes back first.
+			err = fmt.Errorf("enter %s: %w", name, err)
+			if rerr := restore(home); rerr != nil {
+				done <- errors.Join(err, fmt.Errorf("return from %s: %w", name, rerr))
+				return
+			}
 			runtime.UnlockOSThread()
-			done <- fmt.Errorf("enter %s: %w", name, err)
+			done <- err
 			return
 		}
 		defer release()

@@ -105,6 +105,25 @@ func TestEnterFailureRunsNothing(t *testing.T) {
 	}
 }
 
+// An enter that moved the thread before it failed (netns.New: unshare, then an open that fails) is undone: the
+// thread goes back before another goroutine gets it, and fn does not run.
+func TestFailedEnterGoesBack(t *testing.T) {
+	needRoot(t)
+	home := inode(t, "/proc/thread-self/ns/net")
+	target := newNamespace(t)
+	before := threads(t)
+	err := run("network namespace x", func() (func(), error) {
+		if err := netns.Set(target); err != nil {
+			return nil, err
+		}
+		return nil, unix.EMFILE
+	}, func() error { t.Error("fn ran"); return nil }, netns.Set)
+	if !errors.Is(err, unix.EMFILE) || !strings.HasPrefix(err.Error(), "enter network namespace x: ") {
+		t.Errorf("error %v, want the failed enter's", err)
+	}
+	checkThreads(t, before, home)
+}
+
 // A thread that cannot go back is never given to another goroutine: it ends, and the error says why, with fn's.
 func TestFailedReturnDiscardsTheThread(t *testing.T) {
 	needRoot(t)

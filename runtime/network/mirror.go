@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strings"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vishvananda/netlink"
@@ -25,10 +26,11 @@ type Interface struct {
 	Addresses []string
 	// Tap is the tap beside the interface: QEMU's side of the guest's device.
 	Tap *os.File
-	// tapName and index name the tap and the host interface for teardown; qdisc says Kiln added the
-	// interface's ingress qdisc.
+	// tapName and index name the tap and the host interface for teardown; tapMade says Kiln made the tap (a
+	// name taken by another's is not Kiln's to delete), qdisc that it added the interface's ingress qdisc.
 	tapName string
 	index   int
+	tapMade bool
 	qdisc   bool
 	// txQLen is the interface's transmit queue length, which the kernel raises from 0 when it gets a qdisc.
 	txQLen int
@@ -68,12 +70,12 @@ const (
 	maxRoutes     = 512
 )
 
-// tapPrefix names the taps Kiln makes; links with it are never mirrored.
+// tapPrefix names the taps Kiln makes; a namespace holding one is mirrored already.
 const tapPrefix = "kilntap"
 
 // MirrorNamespace reads the interfaces, routes and permanent neighbours of the namespace at path and redirects
-// each interface (every link that is up, except lo and Kiln's own taps) to a new tap beside it. On error it
-// leaves the namespace as it found it.
+// each interface (every link that is up, except lo) to a new tap beside it. A namespace another pod mirrors (it
+// holds a Kiln tap) is refused. On error it leaves the namespace as it found it.
 func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 	ns, err := netns.GetFromPath(path)
 	if err != nil {
@@ -95,10 +97,16 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("list links in %s: %w", path, err)
 	}
+	for _, l := range links {
+		if name := l.Attrs().Name; strings.HasPrefix(name, tapPrefix) {
+			// Mirrored already: its taps and redirects are another pod's, which this one's would break.
+			return nil, fmt.Errorf("network namespace %s already holds Kiln's tap %s: another Kiln pod (or a VM not yet stopped) mirrors it; give each pod a network namespace of its own", path, name)
+		}
+	}
 	names := map[int]string{}
 	for _, l := range links {
 		a := l.Attrs()
-		if a.Flags&net.FlagLoopback != 0 || a.Flags&net.FlagUp == 0 || len(a.Name) >= len(tapPrefix) && a.Name[:len(tapPrefix)] == tapPrefix {
+		if a.Flags&net.FlagLoopback != 0 || a.Flags&net.FlagUp == 0 {
 			continue
 		}
 		if len(a.HardwareAddr) != 6 {
@@ -125,6 +133,7 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 		if last.Tap, err = openTap(ns, h, last.tapName, a.MTU); err != nil {
 			return nil, fmt.Errorf("interface %s: %w", a.Name, err)
 		}
+		last.tapMade = true
 		if err := redirect(h, last); err != nil {
 			return nil, fmt.Errorf("interface %s: %w", a.Name, err)
 		}
@@ -305,6 +314,9 @@ func (m *Mirror) undo(h *netlink.Handle) error {
 	for _, ifc := range m.Interfaces {
 		// The tap, non-persistent, went with its last descriptor (and its qdisc with it); delete it in case
 		// QEMU still holds one.
+		if !ifc.tapMade {
+			continue // nor a qdisc: it comes after the tap
+		}
 		if tap, err := h.LinkByName(ifc.tapName); err == nil {
 			if err := h.LinkDel(tap); err != nil && !notFound(err) {
 				errs = append(errs, fmt.Errorf("delete tap %s: %w", ifc.tapName, err))

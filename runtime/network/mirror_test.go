@@ -124,6 +124,32 @@ func tc(t *testing.T, ns string) string {
 	return string(out)
 }
 
+// A namespace another pod mirrors is refused, and the refusal leaves that pod's tap and redirect alone; an undo
+// never deletes a tap of the name that Kiln did not make.
+func TestMirrorRefusesAMirroredNamespace(t *testing.T) {
+	ns := netnsWithVeth(t, "addr add 10.99.2.5/24 dev eth0")
+	first, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	before := ipIn(t, ns, "link") + tc(t, ns)
+	if _, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New())); err == nil || !strings.Contains(err.Error(), "already holds Kiln's tap kilntap0") {
+		t.Fatalf("second mirror of %s = %v, want a refusal naming the tap", ns, err)
+	}
+	if after := ipIn(t, ns, "link") + tc(t, ns); after != before {
+		t.Errorf("the refused mirror changed the namespace:\nbefore %s\nafter %s", before, after)
+	}
+	// A mirror whose tap's name was taken (its open failed) undoes nothing of that tap.
+	m := &Mirror{nsPath: ns, log: logrus.NewEntry(logrus.New()), Interfaces: []Interface{{Name: "eth0", tapName: "kilntap0"}}}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if after := ipIn(t, ns, "link") + tc(t, ns); after != before {
+		t.Errorf("undoing a mirror that made no tap changed the namespace:\nbefore %s\nafter %s", before, after)
+	}
+}
+
 func TestMirrorAfterCNIDelete(t *testing.T) {
 	ns := netnsWithVeth(t, "addr add 10.99.1.5/24 dev eth0")
 	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))

@@ -35,6 +35,14 @@ func (m *Mirror) Save(file string) error {
 	for _, ifc := range m.Interfaces {
 		st.Interfaces = append(st.Interfaces, savedInterface{Name: ifc.Name, Index: ifc.index, TxQLen: ifc.txQLen})
 	}
+	return st.write(file)
+}
+
+// SaveNamespace writes, before MirrorNamespace changes the namespace at path, the record Unmirror needs to find
+// what a mirror killed half-way made there (its taps and redirects; the interfaces' queue lengths come with Save).
+func SaveNamespace(file, path string) error { return saved{Namespace: path}.write(file) }
+
+func (st saved) write(file string) error {
 	raw, err := json.Marshal(st)
 	if err != nil {
 		return err

@@ -41,6 +41,13 @@ type hostNetwork struct {
 	forwardPath string
 }
 
+// holderMade says whether the namespace mirrored is one the holder made (the spec asked for a new one).
+func (n *hostNetwork) holderMade() bool {
+	n.holderMu.Lock()
+	defer n.holderMu.Unlock()
+	return n.holder != nil && n.path == n.holder.NSPath()
+}
+
 // Network is the host network a pod prepared for its first container, taken from a spare's pod that failed after
 // that container's create hooks ran (Pod.TakeNetwork) to the pod booted for the container instead
 // (Options.Network): the hooks ran once and must not run again. Close undoes one that no pod took.
@@ -122,16 +129,28 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 		// A namespace of the pod's own that no hook configures has nothing to mirror.
 		return nil, nil
 	}
+	// The record is kept beside the share's owner file: if the shim is killed, its `delete` command undoes the
+	// mirror from it. Not for a namespace the holder made, which dies with it (and with QEMU's taps) when the shim
+	// is killed: its path names the holder's pid, which a later process may have by the time `delete` reads it.
+	record := filepath.Join(p.ShareDir(), MirrorFile)
+	keep := !n.holderMade()
 	if n.mirror == nil {
+		// Named before the first tap, so that a shim killed while it mirrors leaves what to undo.
+		if keep {
+			if err := network.SaveNamespace(record, n.path); err != nil {
+				return nil, err
+			}
+		}
 		m, err := network.MirrorNamespace(n.path, p.log)
 		if err != nil {
 			return nil, fmt.Errorf("container %s: %w", first.ID, err)
 		}
 		n.mirror = m
 	}
-	// Kept beside the share's owner file: if the shim is killed, its `delete` command undoes the mirror from it.
-	if err := n.mirror.Save(filepath.Join(p.ShareDir(), MirrorFile)); err != nil {
-		return nil, err
+	if keep {
+		if err := n.mirror.Save(record); err != nil {
+			return nil, err
+		}
 	}
 	nets := make([]qemu.Net, 0, len(n.mirror.Interfaces))
 	for _, ifc := range n.mirror.Interfaces {

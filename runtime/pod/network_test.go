@@ -104,8 +104,10 @@ func TestTakenNetworkRunsHooksOnce(t *testing.T) {
 	if booted.net.path != path || booted.net.mirror == nil {
 		t.Errorf("the booted pod mirrors %q (mirror %v), want the spare's %q", booted.net.path, booted.net.mirror != nil, path)
 	}
-	if _, err := os.Stat(filepath.Join(booted.ShareDir(), MirrorFile)); err != nil {
-		t.Errorf("the booted pod's share has no mirror record for a killed shim's cleanup: %v", err)
+	// The namespace is the holder's own, which dies with it: a record naming /proc/<its pid>/ns/net would send a
+	// killed shim's cleanup into whatever process has that pid by then.
+	if _, err := os.Stat(filepath.Join(booted.ShareDir(), MirrorFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the booted pod's share has a mirror record for a namespace its holder made: %v", err)
 	}
 }
 
