@@ -178,8 +178,18 @@ func (c *Container) Stats(ctx context.Context) (*agentv1.StatsContainerResponse,
 	if err != nil {
 		return nil, fmt.Errorf("stats of container %s: %w", c.id, err)
 	}
+	if n := len(resp.GetIo().GetUsage()); n > maxIODevices {
+		return nil, fmt.Errorf("stats of container %s: the guest reports %d block devices, more than %d", c.id, n, maxIODevices)
+	}
 	return resp, nil
 }
+
+// Bounds on the lists a guest answers with, which the host copies into containerd's replies (a 4 MiB ttrpc
+// message of empty entries decodes into millions of them): far beyond what a guest of Kiln's has.
+const (
+	maxIODevices = 1024
+	maxProcesses = 1 << 16
+)
 
 // Pids lists the container's processes (guest pids; exec id where the process was started through Exec). An
 // exec id the guest names that this container does not hold is left out: it is the guest's word only.
@@ -189,6 +199,9 @@ func (c *Container) Pids(ctx context.Context) ([]*agentv1.ProcessInfo, error) {
 		return nil, fmt.Errorf("list processes of container %s: %w", c.id, err)
 	}
 	procs := resp.GetProcesses()
+	if len(procs) > maxProcesses {
+		return nil, fmt.Errorf("list processes of container %s: the guest lists %d processes, more than %d", c.id, len(procs), maxProcesses)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, p := range procs {

@@ -8,6 +8,7 @@ import (
 	"github.com/containerd/ttrpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -115,10 +116,12 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 	case ev.GetExit() != nil:
 		x := ev.GetExit()
 		e = Event{Kind: EventExit, ContainerID: x.GetContainerId(), ExecID: x.GetExecId(), Pid: x.GetPid(),
-			ExitStatus: x.GetExitStatus(), ExitedAt: x.GetExitedAt().AsTime()}
-		if !m.exited(exitKey{e.ContainerID, e.ExecID}, Exit{Pid: e.Pid, Status: e.ExitStatus, ExitedAt: e.ExitedAt}) {
+			ExitStatus: x.GetExitStatus(), ExitedAt: exitTime(x.GetExitedAt())}
+		settled, ok := m.exited(exitKey{e.ContainerID, e.ExecID}, Exit{Pid: e.Pid, Status: e.ExitStatus, ExitedAt: e.ExitedAt})
+		if !ok {
 			return
 		}
+		e.Pid, e.ExitedAt = settled.Pid, settled.ExitedAt
 	case ev.GetOom() != nil:
 		e = Event{Kind: EventOOM, ContainerID: ev.GetOom().GetContainerId()}
 		if _, err := m.Get(e.ContainerID); err != nil {
@@ -135,20 +138,22 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 	}
 }
 
-// exited stops the process the exit is about; it reports whether this was the process's exit: false when the
+// exited stops the process the exit is about and returns the exit as settled (the pid the host recorded at the
+// start, not the one the guest names now); it reports whether this was the process's exit: false when the
 // host does not hold the process, or already knew how it ended (a guest may report an exit twice, or after a
 // direct wait or a deletion settled it), so that each process's exit is passed on once.
-func (m *Manager) exited(k exitKey, e Exit) bool {
+func (m *Manager) exited(k exitKey, e Exit) (Exit, bool) {
 	p := m.process(k)
 	if p == nil {
 		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("exit of a process this host does not hold")
-		return false
+		return Exit{}, false
 	}
-	if !p.finish(e, nil) {
+	settled, ok := p.finish(e, nil)
+	if !ok {
 		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("exit of a process that already ended")
-		return false
+		return Exit{}, false
 	}
-	return true
+	return settled, true
 }
 
 // resync asks the agent directly for the exit of every process still pending.
@@ -168,12 +173,33 @@ func (m *Manager) resync() {
 	}
 }
 
-// waitProcess asks the agent for one process's exit.
+// waitProcess asks the agent for one process's exit, unless a call asks for it already.
 func (m *Manager) waitProcess(k exitKey) {
+	m.mu.Lock()
+	if m.waiting[k] {
+		m.mu.Unlock()
+		return
+	}
+	m.waiting[k] = true
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		delete(m.waiting, k)
+		m.mu.Unlock()
+	}()
 	resp, err := m.api.WaitProcess(m.ctx, &agentv1.WaitProcessRequest{ContainerId: k.container, ExecId: k.exec})
 	if err != nil {
 		m.log.WithError(err).WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("wait for process")
 		return
 	}
-	m.exited(k, Exit{Status: resp.GetExitStatus(), ExitedAt: resp.GetExitedAt().AsTime()})
+	m.exited(k, Exit{Status: resp.GetExitStatus(), ExitedAt: exitTime(resp.GetExitedAt())})
+}
+
+// exitTime is when the guest says a process exited; zero, for finish to take the host's time, when it does not
+// say (AsTime of nothing is 1970).
+func exitTime(ts *timestamppb.Timestamp) time.Time {
+	if ts == nil {
+		return time.Time{}
+	}
+	return ts.AsTime()
 }

@@ -26,7 +26,7 @@ func eventManager(t *testing.T, onEvent func(Event)) (*Manager, map[exitKey]*Pro
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	m := &Manager{opts: Options{OnEvent: onEvent}, log: logrus.NewEntry(l), ctx: ctx, cancel: cancel,
-		loopDone: make(chan struct{}), containers: map[string]*Container{}, procs: map[exitKey]*Process{}}
+		loopDone: make(chan struct{}), containers: map[string]*Container{}, procs: map[exitKey]*Process{}, waiting: map[exitKey]bool{}}
 	procs := map[exitKey]*Process{}
 	for _, k := range fuzzHeld {
 		c := m.containers[k.container]
@@ -104,7 +104,8 @@ func FuzzEvents(f *testing.F) {
 				k := exitKey{x.GetContainerId(), x.GetExecId()}
 				if p := procs[k]; p != nil && first[k] == nil {
 					if _, done := p.ExitStatus(); !done {
-						first[k] = &Exit{Pid: x.GetPid(), Status: x.GetExitStatus()}
+						// The pid is the one recorded at the start, whatever the event names.
+						first[k] = &Exit{Pid: p.pid, Status: x.GetExitStatus()}
 					}
 				}
 			}
@@ -128,13 +129,16 @@ func FuzzEvents(f *testing.F) {
 				if first[k] == nil {
 					t.Fatalf("exit of %v passed on though it had already ended", k)
 				}
+				if e.Pid != procs[k].pid {
+					t.Fatalf("exit of %v passed on with pid %d, not the one recorded at its start, %d", k, e.Pid, procs[k].pid)
+				}
 			default:
 				t.Fatalf("event of unknown kind %v passed on", e.Kind)
 			}
 		}
 		for k, want := range first {
 			got, done := procs[k].ExitStatus()
-			if !done || got.Status != want.Status || want.Pid != 0 && got.Pid != want.Pid {
+			if !done || got.Status != want.Status || got.Pid != want.Pid {
 				t.Fatalf("%v ended with %+v (done %v), want the first exit reported, %+v", k, got, done, want)
 			}
 			if exits[k] != 1 {

@@ -83,6 +83,50 @@ func TestExitWithoutAHealthyEventsStream(t *testing.T) {
 	}
 }
 
+// A guest that breaks its events stream again and again (each break makes the host ask every pending process's
+// exit directly) gets one WaitProcess call per process at a time, not one more per break.
+func TestBrokenEventsStreamsDoNotPileUpWaits(t *testing.T) {
+	stop := make(chan struct{})
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { <-stop; return 0 }})
+	a.breakEvents = true
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c, err := m.Create(ctx, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: io.Discard, Stderr: io.Discard}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		a.mu.Lock()
+		subs := a.subs
+		a.mu.Unlock()
+		if subs >= 8 {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("only %d subscriptions", subs)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	a.mu.Lock()
+	waits := 0
+	for _, call := range a.calls {
+		if call == "wait c1/" {
+			waits++
+		}
+	}
+	a.mu.Unlock()
+	if waits != 1 {
+		t.Errorf("%d WaitProcess calls for one pending process after 8 broken streams, want 1", waits)
+	}
+	close(stop)
+	if e, err := c.Wait(ctx); err != nil || e.Status != 0 {
+		t.Errorf("wait %+v %v", e, err)
+	}
+}
+
 // closer counts its Close calls.
 type closer struct {
 	mu sync.Mutex

@@ -34,10 +34,12 @@ type fakeAgent struct {
 	scripts  map[string]script // by "container/exec"
 	events   chan *agentv1.Event
 	noEvents bool
-	// breakEventsOnce ends the first events stream at once, before any event.
-	breakEventsOnce bool
+	// breakEventsOnce ends the first events stream at once, before any event; breakEvents ends every one.
+	breakEventsOnce, breakEvents bool
 	// hung makes signals and removals fail as a request that ran into its timeout does.
 	hung bool
+	// longLists makes stats and process lists answer with more entries than the host takes.
+	longLists bool
 
 	stdioPath string
 	mu        sync.Mutex
@@ -277,10 +279,20 @@ func (a *fakeAgent) UpdateContainer(context.Context, *agentv1.UpdateContainerReq
 }
 
 func (a *fakeAgent) StatsContainer(context.Context, *agentv1.StatsContainerRequest) (*agentv1.StatsContainerResponse, error) {
+	if a.longLists {
+		return &agentv1.StatsContainerResponse{Io: &agentv1.IOStats{Usage: make([]*agentv1.IOEntry, maxIODevices+1)}}, nil
+	}
 	return &agentv1.StatsContainerResponse{Memory: &agentv1.MemoryStats{Usage: 1234}}, nil
 }
 
 func (a *fakeAgent) ListProcesses(context.Context, *agentv1.ListProcessesRequest) (*agentv1.ListProcessesResponse, error) {
+	if a.longLists {
+		ps := make([]*agentv1.ProcessInfo, maxProcesses+1)
+		for i := range ps {
+			ps[i] = &agentv1.ProcessInfo{Pid: uint32(i + 1)}
+		}
+		return &agentv1.ListProcessesResponse{Processes: ps}, nil
+	}
 	// 43 claims an exec id the host never started: a guest's word the host must not pass on.
 	return &agentv1.ListProcessesResponse{Processes: []*agentv1.ProcessInfo{{Pid: 42}, {Pid: 43, ExecId: "not-an-exec"}}}, nil
 }
@@ -293,7 +305,7 @@ func (a *fakeAgent) Events(ctx context.Context, _ *agentv1.EventsRequest, s agen
 	if a.noEvents {
 		return status.Error(codes.Unimplemented, "no events here")
 	}
-	if first && a.breakEventsOnce {
+	if first && a.breakEventsOnce || a.breakEvents {
 		return errors.New("events stream broken on purpose")
 	}
 	for {

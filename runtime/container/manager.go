@@ -82,6 +82,9 @@ type Manager struct {
 	lost error
 	// noEvents is set when the agent has no events stream; each process's exit is then waited for directly.
 	noEvents bool
+	// waiting are the processes whose exit a WaitProcess call asks for now: one at a time each, however often
+	// the events stream breaks (a guest can break it at will).
+	waiting map[exitKey]bool
 }
 
 type exitKey struct{ container, exec string }
@@ -99,7 +102,7 @@ func NewManager(api agentv1.ContainersClient, dialer stdio.Dialer, opts Options)
 	m := &Manager{
 		api: api, dialer: dialer, opts: opts, log: opts.Log,
 		ctx: ctx, cancel: cancel, loopDone: make(chan struct{}),
-		containers: map[string]*Container{}, procs: map[exitKey]*Process{},
+		containers: map[string]*Container{}, procs: map[exitKey]*Process{}, waiting: map[exitKey]bool{},
 	}
 	go m.followEvents()
 	return m

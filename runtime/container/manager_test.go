@@ -207,6 +207,32 @@ func TestPauseResumeUpdateStatsPids(t *testing.T) {
 	}
 }
 
+// Lists longer than any guest of Kiln's has are refused, not copied into containerd's replies.
+func TestLongListsFromTheGuestAreRefused(t *testing.T) {
+	release := make(chan struct{})
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { <-release; return 0 }})
+	a.longLists = true
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Stats(ctx); err == nil || !strings.Contains(err.Error(), "block devices, more than") {
+		t.Errorf("stats with %d block devices: %v, want a refusal", maxIODevices+1, err)
+	}
+	if _, err := c.Pids(ctx); err == nil || !strings.Contains(err.Error(), "processes, more than") {
+		t.Errorf("pids with %d processes: %v, want a refusal", maxProcesses+1, err)
+	}
+	close(release)
+	if _, err := c.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestForceDeleteFailsPendingWaits(t *testing.T) {
 	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }})
 	m := a.start(Options{})

@@ -194,15 +194,16 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 // finish records how the process ended and stops it: the one path by which a process stops, whatever told the
 // host. err is nil for an exit the guest reported, else why none will come (ErrDeleted, ErrClosed). Only the
 // first call counts; it reports whether it was this one.
-func (p *Process) finish(e Exit, err error) bool {
+func (p *Process) finish(e Exit, err error) (Exit, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	select {
 	case <-p.exited:
-		return false
+		return Exit{}, false
 	default:
 	}
-	if e.Pid == 0 {
+	// The pid containerd was told at the start; an exit cannot name another.
+	if p.pid != 0 {
 		e.Pid = p.pid
 	}
 	if e.ExitedAt.IsZero() {
@@ -215,7 +216,7 @@ func (p *Process) finish(e Exit, err error) bool {
 		p.c.m.log.WithField("state", st).Warnf("%s ended in a state that cannot stop", p.describe())
 	}
 	close(p.exited)
-	return true
+	return e, true
 }
 
 // deliver waits for the exit, then for the output the guest sent before it, releases the caller's IO, waits

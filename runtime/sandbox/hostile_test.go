@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"runtime"
 	"testing"
 	"time"
@@ -141,4 +142,34 @@ type zeros struct{}
 func (zeros) Read(p []byte) (int, error) {
 	clear(p)
 	return len(p), nil
+}
+
+// A guest that stops reading its agent connection fails the call whose write it holds up, after the request
+// timeout, and every later call at once: ttrpc's sender holds its lock across the write, so without the bound one
+// stuck write would hold the pod's stop for good.
+func TestAgentThatStopsReadingFailsCalls(t *testing.T) {
+	host, guest := net.Pipe() // synchronous: a write waits for the guest to read it, which it never does
+	defer guest.Close()
+	client := newClient(host, 200*time.Millisecond)
+	defer client.Close()
+	health := agentv1.NewHealthClient(client)
+	for i, what := range []string{"the call whose write is stuck", "the next call"} {
+		done := make(chan error, 1)
+		go func() {
+			_, err := health.Check(context.Background(), &agentv1.CheckRequest{})
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err == nil {
+				t.Fatalf("%s succeeded with a guest that reads nothing", what)
+			}
+			if i == 0 && !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, ttrpc.ErrClosed) {
+				t.Errorf("%s: %v, want the write's timeout", what, err)
+			}
+		case <-time.After(10 * time.Second):
+			_ = host.Close() // let the stuck goroutine go
+			t.Fatalf("%s still waits after 10 s with a 200 ms request timeout", what)
+		}
+	}
 }

@@ -2,7 +2,10 @@ package sandbox
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
+	"os"
 	"time"
 
 	"github.com/containerd/ttrpc"
@@ -29,7 +32,32 @@ func timeoutInterceptor(d time.Duration) ttrpc.UnaryClientInterceptor {
 	}
 }
 
-// newClient is a ttrpc client on conn whose requests are bounded by the request timeout.
+// newClient is a ttrpc client on conn whose requests are bounded by the request timeout, and so are its writes
+// (boundedWrites).
 func newClient(conn net.Conn, requestTimeout time.Duration) *ttrpc.Client {
+	if requestTimeout > 0 {
+		conn = boundedWrites{Conn: conn, d: requestTimeout}
+	}
 	return ttrpc.NewClient(conn, ttrpc.WithUnaryClientInterceptor(timeoutInterceptor(requestTimeout)))
+}
+
+// boundedWrites is an agent connection each of whose writes must end within d. ttrpc's client holds its send lock
+// across a write that no context bounds: a guest that stops reading (it gives the vsock device no credit, the
+// host socket's buffer fills) would hold every later call, the pod's stop and SIGKILL included. A write past d
+// closes the connection, since it may have written part of a frame: every call then fails as with a lost agent.
+type boundedWrites struct {
+	net.Conn
+	d time.Duration
+}
+
+func (c boundedWrites) Write(p []byte) (int, error) {
+	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.d)); err != nil {
+		return 0, fmt.Errorf("bound the write to the agent: %w", err)
+	}
+	n, err := c.Conn.Write(p)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		_ = c.Conn.Close()
+		return n, fmt.Errorf("the guest took no request for %s; its agent connection is closed: %w", c.d, err)
+	}
+	return n, err
 }

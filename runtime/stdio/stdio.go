@@ -16,6 +16,7 @@ import (
 	"net"
 	"sync"
 	"syscall"
+	"time"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -119,12 +120,23 @@ func dial(ctx context.Context, d Dialer, key, stream string) (net.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s stream %s: %w", stream, key, err)
 	}
+	// A guest that accepts the stream and grants it no credit would hold a kernel vsock socket's write (Kiln's
+	// own device buffers the line in its Unix socket) beyond anything ctx bounds.
+	deadline := time.Now().Add(preambleTimeout)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline = dl
+	}
+	_ = c.SetWriteDeadline(deadline)
 	if _, err := io.WriteString(c, Preamble(key, stream)); err != nil {
 		_ = c.Close()
 		return nil, fmt.Errorf("write preamble of %s stream %s: %w", stream, key, err)
 	}
+	_ = c.SetWriteDeadline(time.Time{})
 	return c, nil
 }
+
+// preambleTimeout bounds writing a stream's preamble: one short line to a guest that has just accepted it.
+const preambleTimeout = 30 * time.Second
 
 // Preamble is the line that introduces a stream connection to the agent.
 func Preamble(key, stream string) string { return key + " " + stream + "\n" }

@@ -260,3 +260,39 @@ func TestPreamble(t *testing.T) {
 		t.Errorf("Preamble = %q", got)
 	}
 }
+
+// stuckGuest accepts each stream and never reads it, as a guest granting no vsock credit does.
+type stuckGuest struct{ peers chan net.Conn }
+
+func (g stuckGuest) DialVsock(context.Context, uint32) (net.Conn, error) {
+	host, guest := net.Pipe()
+	g.peers <- guest
+	return host, nil
+}
+
+// A guest that takes a stream and never reads its preamble fails Open when the caller's context ends, instead of
+// holding it.
+func TestOpenWithAGuestThatReadsNothing(t *testing.T) {
+	g := stuckGuest{peers: make(chan net.Conn, 8)}
+	defer func() {
+		close(g.peers)
+		for c := range g.peers {
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := Open(ctx, g, IO{Stdout: io.Discard})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Open succeeded though the guest read no preamble")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Open still waits 10 s after its 200 ms context ended")
+	}
+}
