@@ -8,9 +8,11 @@ import (
 	"os"
 
 	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/runtime/manager"
 	"github.com/kiln-runtime/kiln/runtime/network"
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
@@ -25,6 +27,8 @@ func main() {
 	held := spare.Inherited()
 	var sp *task.Spare
 	if len(os.Args) > 1 && os.Args[1] == spare.SpareArg {
+		// A spare's VM has an agent before shim.Run sets the log up (task.Register's plugin bounds it again then).
+		sandbox.QuietGuestNoise(logrus.StandardLogger())
 		var err error
 		if sp, err = runSpare(os.Args[2:]); err != nil {
 			fmt.Fprintf(os.Stderr, "%s: spare shim: %s\n", manager.RuntimeName, err)

@@ -8,7 +8,9 @@ import (
 	"github.com/containerd/containerd/v2/plugins"
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
+	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
@@ -22,6 +24,8 @@ func Register(version string, sp *Spare, held *spare.Held) {
 		ID:       "task",
 		Requires: []plugin.Type{plugins.EventPlugin, plugins.InternalPlugin},
 		InitFn: func(ic *plugin.InitContext) (interface{}, error) {
+			// shim.Run has set the shim's log format by now.
+			sandbox.QuietGuestNoise(logrus.StandardLogger())
 			pp, err := ic.GetByID(plugins.EventPlugin, "publisher")
 			if err != nil {
 				return nil, err
