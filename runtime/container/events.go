@@ -43,6 +43,10 @@ type Event struct {
 	ExitedAt   time.Time
 }
 
+// EventsStreamBroke is what the manager logs each time the events stream breaks: as often as every
+// resubscribeDelay, should the agent break it at will (a log that bounds such lines knows it by this).
+const EventsStreamBroke = "container events stream broke; subscribing again"
+
 // resubscribeDelay spaces attempts to re-open the events stream after it broke.
 const resubscribeDelay = 100 * time.Millisecond
 
@@ -93,7 +97,7 @@ func (m *Manager) followEvents() {
 			}
 			return
 		}
-		m.log.WithError(err).Warn("container events stream broke; subscribing again")
+		m.log.WithError(err).Warn(EventsStreamBroke)
 	}
 }
 

@@ -6,15 +6,18 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/runtime/container"
 )
 
-// guestNoise are the messages ttrpc's client logs, at error level and with no limit, once for each frame a guest
-// sends it on a stream no call waits for, or that a stream cannot take: a guest could write the shim's (and so
-// containerd's) log at ten times the rate it sends. The client logs through the process's logger, which is all
-// the shim can set.
+// guestNoise are messages a guest can make the shim log as often as it likes, and so write the shim's (and
+// containerd's) log at its own rate: the two that ttrpc's client logs at error level for each frame on a stream
+// no call waits for or that a stream cannot take (the client logs through the process's logger, which is all the
+// shim can set), and the events stream's break (runtime/container), which the agent can cause every 100 ms.
 var guestNoise = map[string]bool{
 	"ttrpc: received message on inactive stream": true,
 	"ttrpc: failed to handle message":            true,
+	container.EventsStreamBroke:                  true,
 }
 
 // Bounds on guestNoise: each message is logged at most guestNoiseBurst times per guestNoiseInterval; a line
@@ -24,7 +27,7 @@ const (
 	guestNoiseInterval = time.Minute
 )
 
-// QuietGuestNoise bounds how often l logs each of ttrpc's guest-driven messages (guestNoise) by wrapping its
+// QuietGuestNoise bounds how often l logs each of the guest-driven messages (guestNoise) by wrapping its
 // formatter; every other entry is formatted as before. Call it once l's formatter is set (containerd's shim sets
 // its own when it starts).
 func QuietGuestNoise(l *logrus.Logger) {
@@ -66,7 +69,7 @@ func (f *noiseFilter) Format(e *logrus.Entry) ([]byte, error) {
 	var out []byte
 	if summary > 0 {
 		s := e.Dup()
-		s.Level, s.Message, s.Data = logrus.WarnLevel, fmt.Sprintf("%d more ttrpc errors the guest caused were not logged", summary), logrus.Fields{}
+		s.Level, s.Message, s.Data = logrus.WarnLevel, fmt.Sprintf("%d more lines the guest caused were not logged", summary), logrus.Fields{}
 		b, err := f.inner.Format(s)
 		if err != nil {
 			return nil, err

@@ -34,7 +34,7 @@ func TestQuietGuestNoise(t *testing.T) {
 	now = now.Add(guestNoiseInterval)
 	out.Reset()
 	l.Error("ttrpc: received message on inactive stream")
-	if !strings.Contains(out.String(), "90 more ttrpc errors the guest caused were not logged") || lines("inactive stream") != 1 {
+	if !strings.Contains(out.String(), "90 more lines the guest caused were not logged") || lines("inactive stream") != 1 {
 		t.Errorf("the next interval's first line:\n%s\nwant the count of what was left out, then the line", out.String())
 	}
 }
