@@ -52,6 +52,22 @@ func TestContainers(t *testing.T) {
 		}
 	})
 
+	t.Run("no_device_nodes_on_the_share", func(t *testing.T) {
+		// A guest root allowed to make a device node makes it on the guest's tmpfs, but not in the share: there
+		// virtiofsd would make it on the host (it runs without CAP_MKNOD). FIFOs need no capability.
+		spec := v.spec("sh", "-c", "mknod /dev/kiln-null c 1 3 && echo tmpfs=ok; "+
+			"mknod /kiln-null-node c 1 3 2>/dev/null && echo share=made; mkfifo /kiln-fifo-node && echo fifo=ok; rm -f /kiln-fifo-node /kiln-null-node")
+		spec.Root.Readonly = false
+		caps := append(spec.Process.Capabilities.Bounding, "CAP_MKNOD")
+		spec.Process.Capabilities = &specs.LinuxCapabilities{Bounding: caps, Effective: caps, Permitted: caps}
+		spec.Linux.Resources.Devices = append(spec.Linux.Resources.Devices,
+			specs.LinuxDeviceCgroup{Allow: true, Type: "c", Major: ptr(int64(1)), Minor: ptr(int64(3)), Access: "m"})
+		out, errOut, status := v.output(t, "mknod", spec)
+		if status != 0 || out != "tmpfs=ok\nfifo=ok\n" {
+			t.Errorf("stdout %q (stderr %q, status %d), want a node on tmpfs, none in the share, and a FIFO there", out, errOut, status)
+		}
+	})
+
 	t.Run("capabilities_and_no_new_privileges", func(t *testing.T) {
 		// CAP_CHOWN (0), CAP_KILL (5), CAP_SYS_ADMIN (21).
 		const mask = "0000000000200021"

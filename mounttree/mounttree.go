@@ -33,25 +33,80 @@ func Points(dir string) ([]string, error) {
 
 // UnmountUnder lazily unmounts every mount at or below dir, deepest first. Lazy (MNT_DETACH) because the guest,
 // through virtiofsd, may still hold files open; the file systems go away when the last user does.
+//
+// The mounts below a writable export lie under directories a running guest can rename and replace with symlinks
+// between the listing and the unmount, and UMOUNT_NOFOLLOW guards only a path's last component: each mount point
+// is opened beneath dir without following any symlink, checked to be the very mount listed, and unmounted
+// through that descriptor, so an unmount never lands outside dir.
 func UnmountUnder(dir string) error {
 	// Detaching a mount also removes the copies propagated from it, so the list is re-read until it is empty.
 	for round := 0; round < 8; round++ {
-		mps, err := Points(dir)
+		infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+			return !Under(m.Mountpoint, dir), false
+		})
 		if err != nil {
 			return fmt.Errorf("list mounts under %s: %w", dir, err)
 		}
-		if len(mps) == 0 {
+		if len(infos) == 0 {
 			return nil
 		}
-		sort.Slice(mps, func(i, j int) bool { return strings.Count(mps[i], "/") > strings.Count(mps[j], "/") })
-		for _, mp := range mps {
-			err := unix.Unmount(mp, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
-			if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("unmount %s: %w", mp, err)
-			}
+		sort.Slice(infos, func(i, j int) bool {
+			return strings.Count(infos[i].Mountpoint, "/") > strings.Count(infos[j].Mountpoint, "/")
+		})
+		if err := unmountRound(dir, infos); err != nil {
+			return err
 		}
 	}
-	return fmt.Errorf("mounts under %s keep reappearing", dir)
+	return fmt.Errorf("mounts under %s keep reappearing (or lie where no path without symlinks reaches them)", dir)
+}
+
+// unmountRound unmounts each of infos that is still where it was listed, from dir opened afresh (a mount on dir
+// itself that a round took away uncovers the one below it).
+func unmountRound(dir string, infos []*mountinfo.Info) error {
+	root, err := os.Open(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("unmount under %s: %w", dir, err)
+	}
+	defer root.Close()
+	for _, m := range infos {
+		if err := unmountBeneath(root, dir, m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// unmountBeneath lazily unmounts m, reached from root (dir) without symlinks; a mount that path no longer reaches
+// (moved, or gone meanwhile) is left for the next round's listing.
+func unmountBeneath(root *os.File, dir string, m *mountinfo.Info) error {
+	rel, err := filepath.Rel(dir, m.Mountpoint)
+	if err != nil {
+		return nil
+	}
+	fd, err := unix.Openat2(int(root.Fd()), rel, &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS,
+	})
+	if err != nil {
+		return nil
+	}
+	defer unix.Close(fd)
+	var st unix.Statx_t
+	if err := unix.Statx(fd, "", unix.AT_EMPTY_PATH, unix.STATX_MNT_ID, &st); err != nil || st.Mask&unix.STATX_MNT_ID == 0 {
+		return nil
+	}
+	if st.Mnt_id != uint64(m.ID) {
+		return nil // the path reaches another mount now
+	}
+	// The descriptor's magic link names the mount's root itself, whatever has become of the path since.
+	err = unix.Unmount(fmt.Sprintf("/proc/self/fd/%d", fd), unix.MNT_DETACH)
+	if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("unmount %s: %w", m.Mountpoint, err)
+	}
+	return nil
 }
 
 // RemoveTree removes dir and what is below it, like os.RemoveAll, but stops with an error at a mount point

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -82,5 +83,52 @@ func TestRemoveTreeBesideAnotherRemover(t *testing.T) {
 		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
 			t.Fatalf("round %d: %s still there (%v)", round, dir, err)
 		}
+	}
+}
+
+// A mount listed under a directory that is replaced by a symlink before its unmount (a running guest renames
+// directories of a writable export at will) is not unmounted through the symlink: the mount it now reaches lies
+// outside the tree. The moved mount is found again under its new path and unmounted there.
+func TestUnmountNeverFollowsASwappedDirectory(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount")
+	}
+	tree, victim := filepath.Join(t.TempDir(), "tree"), t.TempDir()
+	sub, victimSub := filepath.Join(tree, "a", "sub"), filepath.Join(victim, "sub")
+	for _, d := range []string{sub, victimSub} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", d, "tmpfs", 0, "size=1m"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = unix.Unmount(d, unix.MNT_DETACH) })
+	}
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(tree, "b", "sub"), unix.MNT_DETACH) }) // where the swap moves it
+	infos, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(sub))
+	if err != nil || len(infos) != 1 {
+		t.Fatalf("mountinfo of %s: %v, %v", sub, infos, err)
+	}
+	// The swap, between the listing and the unmount.
+	if err := os.Rename(filepath.Join(tree, "a"), filepath.Join(tree, "b")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(victim, filepath.Join(tree, "a")); err != nil {
+		t.Fatal(err)
+	}
+	if err := unmountRound(tree, infos); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, err := mountinfo.Mounted(victimSub); err != nil || !mounted {
+		t.Fatalf("the mount outside the tree was unmounted through the swapped directory (mounted %v, %v)", mounted, err)
+	}
+	if err := UnmountUnder(tree); err != nil {
+		t.Fatal(err)
+	}
+	if pts, err := Points(tree); err != nil || len(pts) != 0 {
+		t.Errorf("mounts left under the tree: %v, %v", pts, err)
+	}
+	if mounted, _ := mountinfo.Mounted(victimSub); !mounted {
+		t.Error("UnmountUnder took the mount outside the tree")
 	}
 }

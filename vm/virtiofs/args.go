@@ -38,6 +38,10 @@ func args(c Config) []string {
 		// Without it the guest would see files of different host file systems under one device number, and
 		// inode numbers could collide; with it each host mount becomes a submount in the guest.
 		"-o", "announce_submounts",
+		// virtiofsd runs as root: with CAP_MKNOD a guest's root could make device nodes in a writable export
+		// (a host volume) that any host user who reaches it could open, the host's disks included. FIFOs and
+		// sockets need no capability.
+		"-o", "modcaps=-mknod",
 		"-o", "log_level="+c.LogLevel,
 	)
 	if c.Xattr {

@@ -17,7 +17,7 @@ func TestArgs(t *testing.T) {
 		{
 			name: "defaults",
 			want: []string{"--fd=3", "source=/run/kiln/vm1/share/shared", "sandbox=namespace",
-				"announce_submounts", "no_xattr", "log_level=warn"},
+				"announce_submounts", "modcaps=-mknod", "no_xattr", "log_level=warn"},
 			notWant: []string{"xattr", "--socket-path"},
 		},
 		{
