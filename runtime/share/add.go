@@ -156,8 +156,8 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 		_ = os.Remove(target)
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
-	if !opts.Readonly && fi.IsDir() {
-		s.addWritableLocked(resolved)
+	if fi.IsDir() {
+		s.addWritableTreeLocked(resolved, !opts.Readonly, opts.Recursive && !opts.RecursiveReadonly)
 	}
 	return GuestPath(containerID + "/binds/" + name), nil
 }

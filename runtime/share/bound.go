@@ -22,6 +22,29 @@ func (s *Share) addWritableLocked(dir string) {
 	}
 }
 
+// addWritableTreeLocked remembers what exporting dir (a real path) lets the guest write: dir itself when top,
+// and, when below (a recursive export that is not read-only all the way down), each host mount under dir, which
+// a plain "ro" leaves writable (submountBinds even hands them to the guest read-write).
+func (s *Share) addWritableTreeLocked(dir string, top, below bool) {
+	if top {
+		s.addWritableLocked(dir)
+	}
+	if !below {
+		return
+	}
+	mps, err := mounttree.Points(dir)
+	if err != nil {
+		// Bounding the whole source instead is the safe side.
+		s.addWritableLocked(dir)
+		return
+	}
+	for _, mp := range mps {
+		if mp != dir {
+			s.addWritableLocked(mp)
+		}
+	}
+}
+
 // boundLocked returns src with its root narrowed to the first directory exported read-write (s.writable) that
 // resolving src reaches, and its path made relative to that directory: from there on the guest may have planted
 // symlinks, so open resolves the rest beneath it and never follows them out. A source that reaches no such

@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // plantedVolume is a host volume reached through a host symlink (base/link -> base/real), in which the guest
@@ -108,4 +110,48 @@ func TestWritableExportStaysBoundAfterItsContainerIsRemoved(t *testing.T) {
 			t.Errorf("export of %s holds %q", name, got)
 		}
 	}
+}
+
+// What the guest can write through an export that is not itself read-write is bounded too: the host mounts
+// below a plain "ro" rbind (which stay writable), and a container's root bound read-write from a snapshot
+// directory (the native snapshotter's). A symlink the guest planted there sends no later source out.
+func TestWritableBeneathOtherExportsIsBounded(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	t.Run("a host mount below a read-only rbind", func(t *testing.T) {
+		base := plantedVolume(t)
+		vol := filepath.Join(base, "real", "vol")
+		sub := filepath.Join(vol, "sub")
+		if err := os.Mkdir(sub, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", sub, "tmpfs", 0, "size=1m"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = unix.Unmount(sub, unix.MNT_DETACH) })
+		s := newTestShare(t)
+		if _, err := s.AddBindSource(ctx, "c1", Source{Path: vol}, BindOptions{Readonly: true, Recursive: true}); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("/etc", filepath.Join(sub, "planted")); err != nil {
+			t.Fatal(err)
+		}
+		if g, err := s.AddBind(ctx, "c2", filepath.Join(sub, "planted"), true); !errors.Is(err, ErrEscape) {
+			t.Errorf("bind through a symlink in the writable mount below a ro rbind: %v %v, want ErrEscape", g, err)
+		}
+	})
+	t.Run("a read-write bind root", func(t *testing.T) {
+		base := plantedVolume(t)
+		snapshot := filepath.Join(base, "real", "vol")
+		s := newTestShare(t)
+		if _, err := s.AddRootfsMounts(ctx, "c1", []Mount{{Type: "bind", Source: snapshot, Options: []string{"rbind", "rw"}}}, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("/etc", filepath.Join(snapshot, "planted")); err != nil {
+			t.Fatal(err)
+		}
+		if g, err := s.AddBind(ctx, "c2", filepath.Join(snapshot, "planted"), true); !errors.Is(err, ErrEscape) {
+			t.Errorf("bind through a symlink in a read-write bind root: %v %v, want ErrEscape", g, err)
+		}
+	})
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -34,7 +35,7 @@ func (s *Share) AddRootfsMounts(ctx context.Context, containerID string, mounts 
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
 	for i, m := range mounts {
-		if err := mountOne(m, target, readonly); err != nil {
+		if err := s.mountOneLocked(m, target, readonly); err != nil {
 			_ = mounttree.UnmountUnder(target)
 			_ = os.Remove(target)
 			return "", fmt.Errorf("add rootfs of container %s to share: mount %d (%s %s): %w", containerID, i, m.Type, m.Source, err)
@@ -49,7 +50,10 @@ func (s *Share) AddRootfsMounts(ctx context.Context, containerID string, mounts 
 // for an idmapped mount: files owned by host id N show as owned by N's mapped id, so that the container's
 // mapped root owns the image's root-owned files. The guest's virtio-fs cannot idmap (Linux 6.1), so it is done
 // here, on the host, and the guest sees the mapped owners through virtiofsd.
-func mountOne(m Mount, target string, readonly bool) error {
+//
+// What the guest can write through the mount (a read-write bind's source, an overlay's upper directory) is
+// remembered as exported read-write, and a bind's source is resolved as AddBindSource's are (boundLocked).
+func (s *Share) mountOneLocked(m Mount, target string, readonly bool) error {
 	uidmap, gidmap, opts := idmapOptions(m.Options)
 	if (uidmap == "") != (gidmap == "") {
 		return fmt.Errorf("an idmapped mount needs both uidmap= and gidmap= options, got uidmap=%q gidmap=%q", uidmap, gidmap)
@@ -59,14 +63,34 @@ func mountOne(m Mount, target string, readonly bool) error {
 		flags |= unix.MS_RDONLY
 	}
 	if m.Type == "bind" || flags&unix.MS_BIND != 0 {
-		src, _, err := Source{Path: m.Source}.open()
+		bounded, err := s.boundLocked(Source{Path: m.Source})
+		if err != nil {
+			return err
+		}
+		src, resolved, err := bounded.open()
 		if err != nil {
 			return err
 		}
 		defer src.Close()
-		return bindFrom(src, target, BindOptions{
+		bo := BindOptions{
 			RecursiveReadonly: flags&unix.MS_RDONLY != 0, Recursive: flags&unix.MS_REC != 0, UIDMap: uidmap, GIDMap: gidmap,
-		})
+		}
+		if err := bindFrom(src, target, bo); err != nil {
+			return err
+		}
+		if fi, err := src.Stat(); err == nil && fi.IsDir() {
+			s.addWritableTreeLocked(resolved, !bo.RecursiveReadonly, false)
+		}
+		return nil
+	}
+	if !readonly && flags&unix.MS_RDONLY == 0 {
+		for _, o := range opts {
+			if upper, ok := strings.CutPrefix(o, "upperdir="); ok && m.Type == "overlay" {
+				if real, err := filepath.EvalSymlinks(upper); err == nil {
+					s.addWritableLocked(real)
+				}
+			}
+		}
 	}
 	if uidmap != "" {
 		// An overlay is idmapped through its lower directories (each gets an idmapped mount; the snapshotter gave
