@@ -25,6 +25,10 @@ import (
 // DefaultTailBytes is how much of a program's stderr is kept when Config.TailBytes is zero.
 const DefaultTailBytes = 8 << 10
 
+// ioWaitDelay is how long the program's exit waits for the end of its stdout and stderr before their pipes are
+// closed (exec.Cmd.WaitDelay).
+const ioWaitDelay = 2 * time.Second
+
 // DefaultStopTimeout is how long Stop waits after its request to quit when Config.StopTimeout is zero.
 const DefaultStopTimeout = 3 * time.Second
 
@@ -125,6 +129,10 @@ func Start(cfg Config) (*Process, error) {
 		stderr = io.MultiWriter(p.stderr, p.lines)
 	}
 	cmd.Stderr = stderr
+	// Wait returns only once every copy of the stdout and stderr pipes is closed: one kept open elsewhere (a
+	// descendant that left the group, a QEMU taken over that handed its own stderr to the shim as a vring
+	// descriptor) would keep the program from ever counting as exited, and its VM from being cleaned up.
+	cmd.WaitDelay = ioWaitDelay
 	// A group of its own lets Stop reach what the program forks (virtiofsd's sandboxed child).
 	// Go sets the parent-death signal after the credentials, so a change of user does not clear it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: cfg.Credential}

@@ -172,6 +172,21 @@ func TestStderrLinesArriveBeforeExited(t *testing.T) {
 	}
 }
 
+// A program whose stdout someone else keeps open (here a descendant in a session of its own, which Stop's group
+// signal does not reach) still counts as exited soon after it ends, and its stdout up to then is kept.
+func TestExitWhileStdoutIsHeldElsewhere(t *testing.T) {
+	var stdout bytes.Buffer
+	marker := fmt.Sprintf("sleep 59.%d", os.Getpid()) // a duration no other sleep has, for pkill
+	cfg := shell(`echo before; setsid ` + marker + ` & exit 0`)
+	cfg.Stdout = &stdout
+	p := start(t, cfg)
+	defer func() { _ = exec.Command("pkill", "-f", marker).Run() }()
+	waitExited(t, p)
+	if !strings.HasPrefix(stdout.String(), "before\n") {
+		t.Errorf("stdout %q, want what came before the exit", stdout.String())
+	}
+}
+
 func TestExtraFilesAndStdout(t *testing.T) {
 	r, w, err := os.Pipe()
 	if err != nil {

@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -21,7 +22,7 @@ func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmpConn
 	for {
 		mon, err := qmp.NewSocketMonitor("unix", path, 2*time.Second)
 		if err == nil {
-			if err = mon.Connect(); err == nil {
+			if err = connectQMP(ctx, mon, exited); err == nil {
 				return &qmpConn{mon: mon}, nil
 			}
 		}
@@ -34,6 +35,37 @@ func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmpConn
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+}
+
+// qmpHandshakeTimeout bounds QMP's handshake: QEMU's greeting and its answer to qmp_capabilities.
+const qmpHandshakeTimeout = 30 * time.Second
+
+// connectQMP runs QMP's handshake on mon, bounded: the library reads QEMU's greeting and answer with no limit of
+// their own, so a QEMU that accepts the connection and says nothing (one a guest took over) would hold the VM's
+// start, and with it the Machine's lock that its Stop needs. A failed handshake closes the connection.
+func connectQMP(ctx context.Context, mon *qmp.SocketMonitor, exited <-chan struct{}) error {
+	done := make(chan error, 1)
+	go func() { done <- mon.Connect() }()
+	t := time.NewTimer(qmpHandshakeTimeout)
+	defer t.Stop()
+	var err error
+	select {
+	case err = <-done:
+		if err == nil {
+			return nil
+		}
+		_ = mon.Disconnect()
+		return err
+	case <-exited:
+		err = errors.New("QEMU exited during the QMP handshake")
+	case <-ctx.Done():
+		err = ctx.Err()
+	case <-t.C:
+		err = fmt.Errorf("no QMP handshake within %s", qmpHandshakeTimeout)
+	}
+	_ = mon.Disconnect()
+	<-done // the closed connection ends the handshake's read
+	return err
 }
 
 // qmpRequest encodes one QMP command.
@@ -59,7 +91,16 @@ func (q *qmpConn) executeWithFile(ctx context.Context, name string, arguments an
 	return q.run(ctx, name, arguments, f, nil)
 }
 
+// qmpCommandTimeout bounds a QMP command whose caller set no deadline (a hot-plug under a task's request): a
+// QEMU that stops answering must not hold its caller, which may hold the Machine's lock that Stop needs.
+const qmpCommandTimeout = time.Minute
+
 func (q *qmpConn) run(ctx context.Context, name string, arguments any, f *os.File, result any) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, qmpCommandTimeout)
+		defer cancel()
+	}
 	b, err := qmpRequest(name, arguments)
 	if err != nil {
 		return err

@@ -102,3 +102,74 @@ func TestQMPPassesDescriptors(t *testing.T) {
 		t.Fatal("no error when QEMU never answers")
 	}
 }
+
+// A QEMU that accepts the monitor's connection and then says nothing (one a guest took over) fails the dial when
+// its context ends, instead of holding it; a QEMU that closes each connection unanswered leaves no descriptor
+// behind however often the dial retries.
+func TestDialQMPBoundsTheHandshake(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "qmp.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var held []net.Conn
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c) // accepted, never answered
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := dialQMP(ctx, path, make(chan struct{}))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("dial succeeded without a handshake")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("dial still waits for a greeting 10 s after its 300 ms context ended")
+	}
+	before := openFDs(t)
+	// Now a QEMU that hangs up at once, many times over.
+	l.Close()
+	l2, err := net.ListenUnix("unix", &net.UnixAddr{Name: path + "2", Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l2.Close()
+	go func() {
+		for {
+			c, err := l2.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel2()
+	if _, err := dialQMP(ctx2, path+"2", make(chan struct{})); err == nil {
+		t.Fatal("dial succeeded with a monitor that hangs up")
+	}
+	if after := openFDs(t); after > before+2 {
+		t.Errorf("%d descriptors open after the retries, %d before: the failed handshakes leaked them", after, before)
+	}
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}
