@@ -151,18 +151,22 @@ func TestRequestsRefusedCleanly(t *testing.T) {
 		name    string
 		req     request
 		payload []byte
-		fds     int // eventfds to attach
+		fds     int  // eventfds to attach
+		pipe    bool // attach a pipe instead: a ring descriptor that is no eventfd
 	}{
-		{"unknown request", 99, nil, 0},
-		{"unoffered feature", reqSetFeatures, u64(1 << 5), 0},
-		{"unoffered protocol feature", reqSetProtocolFeatures, u64(1 << 0), 0},
-		{"read-only config", reqSetConfig, encodeConfig(configSpace{size: 1, data: []byte{7}}), 0},
-		{"vring index out of range", reqSetVringNum, stateMsg(2, 8), 0},
-		{"vring size not a power of two", reqSetVringNum, stateMsg(0, 7), 0},
-		{"kick without fd", reqSetVringKick, u64(0), 0},
-		{"short payload", reqSetVringAddr, make([]byte, 10), 0},
-		{"memory table without fds", reqSetMemTable, (&fakeFrontend{}).memTable(), 0},
-		{"log base (not offered)", reqSetLogBase, make([]byte, 16), 1},
+		{"unknown request", 99, nil, 0, false},
+		{"unoffered feature", reqSetFeatures, u64(1 << 5), 0, false},
+		{"unoffered protocol feature", reqSetProtocolFeatures, u64(1 << 0), 0, false},
+		{"read-only config", reqSetConfig, encodeConfig(configSpace{size: 1, data: []byte{7}}), 0, false},
+		{"vring index out of range", reqSetVringNum, stateMsg(2, 8), 0, false},
+		{"vring size not a power of two", reqSetVringNum, stateMsg(0, 7), 0, false},
+		{"kick without fd", reqSetVringKick, u64(0), 0, false},
+		{"short payload", reqSetVringAddr, make([]byte, 10), 0, false},
+		{"memory table without fds", reqSetMemTable, (&fakeFrontend{}).memTable(), 0, false},
+		{"log base (not offered)", reqSetLogBase, make([]byte, 16), 1, false},
+		{"kick that is no eventfd", reqSetVringKick, u64(0), 0, true},
+		{"call that is no eventfd", reqSetVringCall, u64(1), 0, true},
+		{"err that is no eventfd", reqSetVringErr, u64(0), 0, true},
 	}
 	dev := newFakeDevice()
 	f, errc := startServe(t, context.Background(), dev)
@@ -172,6 +176,14 @@ func TestRequestsRefusedCleanly(t *testing.T) {
 			var fds []int
 			for range tt.fds {
 				fds = append(fds, newEventfd(t))
+			}
+			if tt.pipe {
+				var p [2]int
+				if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { unix.Close(p[0]); unix.Close(p[1]) })
+				fds = append(fds, p[1])
 			}
 			f.t = t
 			if st := f.acked(tt.req, tt.payload, fds...); st == 0 {

@@ -2,6 +2,10 @@ package vhostuser
 
 import (
 	"fmt"
+	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/vm/virtqueue"
 )
@@ -88,6 +92,10 @@ func (s *session) setVringFD(m *message) error {
 			return fmt.Errorf("%v for vring %d: got %d file descriptors, want 1", m.req, v&vringIndexMask, len(m.fds))
 		}
 		fd = m.takeFD()
+		if err := checkEventFD(fd); err != nil {
+			_ = unix.Close(fd)
+			return fmt.Errorf("%v for vring %d: %w", m.req, v&vringIndexMask, err)
+		}
 	}
 	switch m.req {
 	case reqSetVringKick:
@@ -106,6 +114,20 @@ func (s *session) setVringFD(m *message) error {
 		}
 	case reqSetVringErr:
 		setFD(&r.errFD, fd)
+	}
+	return nil
+}
+
+// checkEventFD refuses a ring descriptor that is not an eventfd. The front end is QEMU, which a guest may have
+// taken over: any other descriptor (a pipe of its own stdout, the vhost-user socket itself) kept open by the back
+// end could keep QEMU's exit from being seen, or a write to it from ever returning.
+func checkEventFD(fd int) error {
+	target, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+	if err != nil {
+		return fmt.Errorf("identify the ring descriptor: %w", err)
+	}
+	if target != "anon_inode:[eventfd]" {
+		return fmt.Errorf("the ring descriptor is %s, not an eventfd", target)
 	}
 	return nil
 }
