@@ -68,6 +68,7 @@ type Mirror struct {
 const (
 	maxInterfaces = 16
 	maxRoutes     = 512
+	maxNeighbours = 512
 )
 
 // tapPrefix names the taps Kiln makes; a namespace holding one is mirrored already.
@@ -150,6 +151,9 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 		for _, n := range neighs {
 			if n.State&netlink.NUD_PERMANENT == 0 || n.IP == nil || len(n.HardwareAddr) == 0 {
 				continue
+			}
+			if len(m.Neighbours) == maxNeighbours {
+				return nil, fmt.Errorf("network namespace %s has more than %d permanent neighbours", path, maxNeighbours)
 			}
 			m.Neighbours = append(m.Neighbours, Neighbour{Device: name, IP: n.IP.String(), MAC: n.HardwareAddr.String()})
 		}
@@ -266,6 +270,9 @@ func redirect(h *netlink.Handle, ifc *Interface) error {
 
 func redirectLink(h *netlink.Handle, from, to int, added *bool) error {
 	if err := h.QdiscAdd(ingressQdisc(from)); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("link %d has an ingress qdisc already (a tc-based CNI plugin's?): Kiln redirects the interface's traffic through one of its own and needs it free: %w", from, err)
+		}
 		return fmt.Errorf("add ingress qdisc to link %d: %w", from, err)
 	}
 	*added = true

@@ -150,6 +150,23 @@ func TestMirrorRefusesAMirroredNamespace(t *testing.T) {
 	}
 }
 
+// An interface whose ingress qdisc is taken (a tc-based CNI plugin's) is refused naming it and why, and the
+// namespace is left as it was.
+func TestMirrorRefusesATakenIngressQdisc(t *testing.T) {
+	ns := netnsWithVeth(t, "addr add 10.99.3.5/24 dev eth0")
+	if out, err := exec.Command("ip", "netns", "exec", filepath.Base(ns), "tc", "qdisc", "add", "dev", "eth0", "ingress").CombinedOutput(); err != nil {
+		t.Fatalf("tc: %v: %s", err, out)
+	}
+	before := ipIn(t, ns, "link") + tc(t, ns)
+	_, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	if err == nil || !strings.Contains(err.Error(), "interface eth0: ") || !strings.Contains(err.Error(), "ingress qdisc already") {
+		t.Fatalf("mirror of an interface with an ingress qdisc = %v, want a refusal naming eth0 and the qdisc", err)
+	}
+	if after := ipIn(t, ns, "link") + tc(t, ns); after != before {
+		t.Errorf("the refused mirror changed the namespace:\nbefore %s\nafter %s", before, after)
+	}
+}
+
 func TestMirrorAfterCNIDelete(t *testing.T) {
 	ns := netnsWithVeth(t, "addr add 10.99.1.5/24 dev eth0")
 	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
