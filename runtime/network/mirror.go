@@ -294,7 +294,10 @@ func (m *Mirror) Close() error {
 	ns, err := netns.GetFromPath(m.nsPath)
 	if err != nil {
 		m.closeTaps()
-		return nil
+		if errors.Is(err, os.ErrNotExist) {
+			return nil // the namespace is gone, and what Kiln made in it with it
+		}
+		return fmt.Errorf("open network namespace %s to undo its mirror: %w", m.nsPath, err)
 	}
 	defer ns.Close()
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)

@@ -81,8 +81,11 @@ func Unmirror(file string) error {
 		return fmt.Errorf("network mirror state %s: namespace %q is not an absolute path", file, st.Namespace)
 	}
 	ns, err := netns.GetFromPath(st.Namespace)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // the namespace is gone, and what Kiln made in it with it
+	}
 	if err != nil {
-		return nil
+		return fmt.Errorf("open network namespace %s to undo its mirror: %w", st.Namespace, err)
 	}
 	defer ns.Close()
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
