@@ -68,13 +68,7 @@ func TestExitWithoutAHealthyEventsStream(t *testing.T) {
 			m := a.start(Options{})
 			ctx := waitCtx(t)
 			var out bytes.Buffer
-			c, err := m.Create(ctx, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: &out, Stderr: io.Discard}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := c.Start(ctx); err != nil {
-				t.Fatal(err)
-			}
+			c := started(t, ctx, m, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: &out, Stderr: io.Discard}})
 			e, err := c.Wait(ctx)
 			if err != nil || e.Status != 7 || out.String() != "out\n" {
 				t.Errorf("wait %+v %v, stdout %q", e, err, out.String())
@@ -91,13 +85,7 @@ func TestBrokenEventsStreamsDoNotPileUpWaits(t *testing.T) {
 	a.breakEvents = true
 	m := a.start(Options{})
 	ctx := waitCtx(t)
-	c, err := m.Create(ctx, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: io.Discard, Stderr: io.Discard}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: io.Discard, Stderr: io.Discard}})
 	for {
 		a.mu.Lock()
 		subs := a.subs
@@ -210,13 +198,7 @@ func TestEventsForUnknownContainersAreDropped(t *testing.T) {
 	}})
 	ctx := waitCtx(t)
 	a.sendOOM("someone-else")
-	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	if _, err := c.Wait(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -324,6 +324,19 @@ func (a *fakeAgent) sendOOM(cid string) {
 	a.events <- &agentv1.Event{Event: &agentv1.Event_Oom{Oom: &agentv1.OOMEvent{ContainerId: cid}}}
 }
 
+// started creates a container with opts in m and starts it.
+func started(t *testing.T, ctx context.Context, m *Manager, opts CreateOptions) *Container {
+	t.Helper()
+	c, err := m.Create(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 func waitCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)

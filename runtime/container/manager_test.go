@@ -68,13 +68,7 @@ func TestWaitDrainsOutputSentBeforeExit(t *testing.T) {
 	m := a.start(Options{})
 	ctx := waitCtx(t)
 	var out bytes.Buffer
-	c, err := m.Create(ctx, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: &out}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: &out}})
 	if _, err := c.Wait(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -94,13 +88,7 @@ func TestExecStdinRoundTripAndInstantExit(t *testing.T) {
 	})
 	m := a.start(Options{})
 	ctx := waitCtx(t)
-	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	in := make([]byte, 2<<20)
 	_, _ = rand.Read(in)
 	var out bytes.Buffer
@@ -173,13 +161,7 @@ func TestPauseResumeUpdateStatsPids(t *testing.T) {
 	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { <-release; return 0 }})
 	m := a.start(Options{})
 	ctx := waitCtx(t)
-	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	if err := c.Pause(ctx); err != nil || c.State() != lifecycle.Paused {
 		t.Fatalf("pause: %v, state %s", err, c.State())
 	}
@@ -214,13 +196,7 @@ func TestLongListsFromTheGuestAreRefused(t *testing.T) {
 	a.longLists = true
 	m := a.start(Options{})
 	ctx := waitCtx(t)
-	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	if _, err := c.Stats(ctx); err == nil || !strings.Contains(err.Error(), "block devices, more than") {
 		t.Errorf("stats with %d block devices: %v, want a refusal", maxIODevices+1, err)
 	}
@@ -237,13 +213,7 @@ func TestForceDeleteFailsPendingWaits(t *testing.T) {
 	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }})
 	m := a.start(Options{})
 	ctx := waitCtx(t)
-	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	if _, err := c.Delete(ctx, true); err != nil {
 		t.Fatal(err)
 	}
@@ -257,13 +227,7 @@ func TestDeleteAnExecThatNeverRan(t *testing.T) {
 	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { <-release; return 0 }})
 	m := a.start(Options{})
 	ctx := waitCtx(t)
-	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	io := &closer{}
 	p, err := c.AddExec("e1", &specs.Process{Args: []string{"x"}}, stdio.IO{}, io)
 	if err != nil {
@@ -300,13 +264,7 @@ func TestLostGuestReportsEveryProcessKilled(t *testing.T) {
 		mu.Unlock()
 	}})
 	ctx := waitCtx(t)
-	c, err := m.Create(ctx, CreateOptions{ID: "c1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	p, err := c.Exec(ctx, "e1", &specs.Process{Args: []string{"x"}}, stdio.IO{})
 	if err != nil {
 		t.Fatal(err)
@@ -373,13 +331,7 @@ func TestHungAgentIsAbandonedOnKillAndDelete(t *testing.T) {
 				},
 			})
 			ctx := waitCtx(t)
-			c, err := m.Create(ctx, CreateOptions{ID: "c1"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := c.Start(ctx); err != nil {
-				t.Fatal(err)
-			}
+			c := started(t, ctx, m, CreateOptions{ID: "c1"})
 			p, err := c.Exec(ctx, "e1", &specs.Process{Args: []string{"x"}}, stdio.IO{})
 			if err != nil {
 				t.Fatal(err)

@@ -12,6 +12,19 @@ import (
 	"github.com/kiln-runtime/kiln/vm/virtqueue"
 )
 
+// quietDevice is a device whose log goes to the hook it returns only; it is closed when the test ends.
+func quietDevice(t *testing.T) (*Device, *logtest.Hook) {
+	t.Helper()
+	l, hook := logtest.NewNullLogger()
+	l.SetOutput(io.Discard)
+	d, err := newDevice(testMuxerConfig(t), logrus.NewEntry(l))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Close() })
+	return d, hook
+}
+
 // warnings counts the entries at warning level or above whose message contains s.
 func warnings(h *logtest.Hook, s string) int {
 	n := 0
@@ -43,13 +56,7 @@ func TestMalformedChainWarningsAreThrottled(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			l, hook := logtest.NewNullLogger()
-			l.SetOutput(io.Discard)
-			d, err := newDevice(testMuxerConfig(t), logrus.NewEntry(l))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer d.Close()
+			d, hook := quietDevice(t)
 			rx, tx := newFakeQueue(), newFakeQueue()
 			q := tx
 			if tt.rx {
@@ -148,13 +155,7 @@ func TestLogLimiterLetsABurstThroughPerInterval(t *testing.T) {
 // TestStopWhileTheGuestFloodsRx: a guest that keeps posting malformed rx chains while a packet waits for it (they
 // consume none) must not keep the device's Stop, and so QEMU's GET_VRING_BASE, waiting.
 func TestStopWhileTheGuestFloodsRx(t *testing.T) {
-	l, _ := logtest.NewNullLogger()
-	l.SetOutput(io.Discard)
-	d, err := newDevice(testMuxerConfig(t), logrus.NewEntry(l))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, _ := quietDevice(t)
 	rx, tx := newFakeQueue(), newFakeQueue()
 	rx.flood = true
 	// An RW to an unknown port queues a RST: from then on a packet waits for the guest.
