@@ -18,17 +18,26 @@ import (
 
 // Points lists the mount points of this mount namespace at or below dir.
 func Points(dir string) ([]string, error) {
-	infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
-		return !Under(m.Mountpoint, dir), false
-	})
+	infos, err := mountsUnder(dir)
 	if err != nil {
-		return nil, fmt.Errorf("read mountinfo: %w", err)
+		return nil, err
 	}
 	out := make([]string, 0, len(infos))
 	for _, m := range infos {
 		out = append(out, m.Mountpoint)
 	}
 	return out, nil
+}
+
+// mountsUnder reads the mounts of this mount namespace at or below dir.
+func mountsUnder(dir string) ([]*mountinfo.Info, error) {
+	infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		return !Under(m.Mountpoint, dir), false
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read mountinfo: %w", err)
+	}
+	return infos, nil
 }
 
 // UnmountUnder lazily unmounts every mount at or below dir, deepest first. Lazy (MNT_DETACH) because the guest,
@@ -41,9 +50,7 @@ func Points(dir string) ([]string, error) {
 func UnmountUnder(dir string) error {
 	// Detaching a mount also removes the copies propagated from it, so the list is re-read until it is empty.
 	for round := 0; round < 8; round++ {
-		infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
-			return !Under(m.Mountpoint, dir), false
-		})
+		infos, err := mountsUnder(dir)
 		if err != nil {
 			return fmt.Errorf("list mounts under %s: %w", dir, err)
 		}
@@ -94,11 +101,7 @@ func unmountBeneath(root *os.File, dir string, m *mountinfo.Info) error {
 		return nil
 	}
 	defer unix.Close(fd)
-	var st unix.Statx_t
-	if err := unix.Statx(fd, "", unix.AT_EMPTY_PATH, unix.STATX_MNT_ID, &st); err != nil || st.Mask&unix.STATX_MNT_ID == 0 {
-		return nil
-	}
-	if st.Mnt_id != uint64(m.ID) {
+	if id, err := mountIDAt(fd, "", unix.AT_EMPTY_PATH); err != nil || id != uint64(m.ID) {
 		return nil // the path reaches another mount now
 	}
 	// The descriptor's magic link names the mount's root itself, whatever has become of the path since.
@@ -165,8 +168,13 @@ func removeBelow(path string, mnt uint64) error {
 // mountID is the id of the mount path is on (without following a final symlink). Unlike st_dev it tells a
 // bind mount from the directory it is mounted on.
 func mountID(path string) (uint64, error) {
+	return mountIDAt(unix.AT_FDCWD, path, unix.AT_SYMLINK_NOFOLLOW)
+}
+
+// mountIDAt is statx's mount id of path relative to dirfd, with statx's flags.
+func mountIDAt(dirfd int, path string, flags int) (uint64, error) {
 	var st unix.Statx_t
-	if err := unix.Statx(unix.AT_FDCWD, path, unix.AT_SYMLINK_NOFOLLOW, unix.STATX_MNT_ID, &st); err != nil {
+	if err := unix.Statx(dirfd, path, flags, unix.STATX_MNT_ID, &st); err != nil {
 		return 0, &os.PathError{Op: "statx", Path: path, Err: err}
 	}
 	if st.Mask&unix.STATX_MNT_ID == 0 {
