@@ -291,19 +291,10 @@ func redirectLink(h *netlink.Handle, from, to int, added *bool) error {
 // interface already gone (CNI DEL ran first) is not an error. QEMU must have exited, or the taps outlive this
 // until it does.
 func (m *Mirror) Close() error {
-	ns, err := netns.GetFromPath(m.nsPath)
-	if err != nil {
+	h, err := undoHandle(m.nsPath)
+	if h == nil {
 		m.closeTaps()
-		if errors.Is(err, os.ErrNotExist) {
-			return nil // the namespace is gone, and what Kiln made in it with it
-		}
-		return fmt.Errorf("open network namespace %s to undo its mirror: %w", m.nsPath, err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	if err != nil {
-		m.closeTaps()
-		return fmt.Errorf("netlink in network namespace %s: %w", m.nsPath, err)
+		return err
 	}
 	defer h.Close()
 	return m.undo(h)

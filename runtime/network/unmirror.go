@@ -80,17 +80,9 @@ func Unmirror(file string) error {
 	if !filepath.IsAbs(st.Namespace) {
 		return fmt.Errorf("network mirror state %s: namespace %q is not an absolute path", file, st.Namespace)
 	}
-	ns, err := netns.GetFromPath(st.Namespace)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil // the namespace is gone, and what Kiln made in it with it
-	}
-	if err != nil {
-		return fmt.Errorf("open network namespace %s to undo its mirror: %w", st.Namespace, err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("netlink in network namespace %s: %w", st.Namespace, err)
+	h, err := undoHandle(st.Namespace)
+	if h == nil {
+		return err
 	}
 	defer h.Close()
 	links, err := netdump.Consistent(h.LinkList)
@@ -132,6 +124,24 @@ func Unmirror(file string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// undoHandle is netlink in the namespace at path, for undoing a mirror there (Mirror.Close, Unmirror): nil and
+// no error when the namespace is gone, and what Kiln made in it with it.
+func undoHandle(path string) (*netlink.Handle, error) {
+	ns, err := netns.GetFromPath(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open network namespace %s to undo its mirror: %w", path, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("netlink in network namespace %s: %w", path, err)
+	}
+	return h, nil
 }
 
 // redirectsToOurs says whether any of a link's ingress filters redirects to a link isOurs names.
