@@ -83,9 +83,9 @@ func (s *Share) mountOneLocked(m Mount, target string, readonly bool) error {
 		}
 		return nil
 	}
-	if !readonly && flags&unix.MS_RDONLY == 0 {
+	if m.Type == "overlay" && flags&unix.MS_RDONLY == 0 {
 		for _, o := range opts {
-			if upper, ok := strings.CutPrefix(o, "upperdir="); ok && m.Type == "overlay" {
+			if upper, ok := strings.CutPrefix(o, "upperdir="); ok {
 				if real, err := filepath.EvalSymlinks(upper); err == nil {
 					s.addWritableLocked(real)
 				}
