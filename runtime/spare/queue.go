@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -136,19 +135,9 @@ func (w *waiter) leave() {
 func queued(dir string) map[int]int {
 	queue := map[int]int{}
 	for _, p := range places(dir) {
-		f, err := os.Open(p)
-		if err != nil {
-			continue
+		if pid, _, free, ok := readLock(p); ok && !free {
+			queue[pid] = len(queue) + 1
 		}
-		free := unheld(f)
-		b := make([]byte, 16)
-		n, _ := f.ReadAt(b, 0)
-		_ = f.Close()
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b[:n])))
-		if free || err != nil || pid <= 0 {
-			continue
-		}
-		queue[pid] = len(queue) + 1
 	}
 	return queue
 }

@@ -184,27 +184,33 @@ func Failed() []Info {
 	return failed
 }
 
-// unheld says whether f's lock can be taken: a lock file (a slot's, a place in the turns' queue) that no live spare
-// holds. The shared lock it takes on success goes with f's close, which the caller does at once.
-func unheld(f *os.File) bool { return unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil }
+// readLock reads a lock file that names its holder (a slot's, a place in the turns' queue): the pid written first
+// in it, what follows the pid on its line, and whether no live spare holds the lock (the file outlives its last
+// spare). ok is false for a file that cannot be read or names no pid.
+func readLock(path string) (pid int, rest string, free, ok bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, "", false, false
+	}
+	defer f.Close()
+	// The shared lock taken when it can be goes with the close.
+	free = unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil
+	b := make([]byte, 4096)
+	n, _ := f.ReadAt(b, 0)
+	pidText, rest, _ := strings.Cut(strings.TrimSpace(string(b[:n])), " ")
+	pid, err = strconv.Atoi(pidText)
+	if err != nil || pid <= 0 {
+		return 0, "", false, false
+	}
+	return pid, rest, free, true
+}
 
 // scan reads the slots in dir: those a live spare holds, and those a spare left without giving them up.
 func scan(dir string) (held, failed []Info) {
 	locks, _ := filepath.Glob(filepath.Join(dir, "*.sock.lock"))
 	for _, path := range locks {
-		f, err := os.Open(path)
-		if err != nil {
-			continue
-		}
-		free := unheld(f) // the file outlives its last spare
-		_ = f.Close()
-		b, err := os.ReadFile(path)
-		if err != nil {
-			continue
-		}
-		pidText, address, _ := strings.Cut(strings.TrimSpace(string(b)), " ")
-		pid, err := strconv.Atoi(pidText)
-		if err != nil || pid <= 0 {
+		pid, address, free, ok := readLock(path)
+		if !ok {
 			continue
 		}
 		slot := strings.TrimSuffix(path, ".lock")
@@ -212,7 +218,7 @@ func scan(dir string) (held, failed []Info) {
 			failed = append(failed, Info{Pid: pid, Address: address, Slot: slot})
 			continue
 		}
-		_, err = os.Stat(slot)
+		_, err := os.Stat(slot)
 		held = append(held, Info{Pid: pid, Address: address, Ready: err == nil, Slot: slot})
 	}
 	queue := queued(dir)
