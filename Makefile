@@ -162,12 +162,14 @@ install: build image
 	for f in $(INSTALL_BINS); do install -m 0755 $(BIN)/$$f $(DESTDIR)$(PREFIX)/bin/$$f; done
 	for f in $(INSTALL_SHARE); do install -m 0644 $(SHARE)/$$f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
 
+# The installed shim's spares stop first (each stops its VM), and only they: a spare that took a task is that
+# task's shim, and spares of another installation (or a test's) keep /run/kiln/spare, which goes otherwise.
 uninstall:
-	-pkill -TERM -f '^[^ ]*containerd-shim-kiln-v2 spare ' 2>/dev/null
+	-test ! -x $(DESTDIR)$(PREFIX)/bin/kiln || $(DESTDIR)$(PREFIX)/bin/kiln spare stop --purge --exe $(DESTDIR)$(PREFIX)/bin/containerd-shim-kiln-v2
 	for f in $(INSTALL_BINS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$f; done
 	for f in $(INSTALL_SHARE); do rm -f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
 	-rmdir $(DESTDIR)$(PREFIX)/share/kiln 2>/dev/null
-	rm -rf $(DESTDIR)$(TEMPLATE_DIR) /run/kiln/spare
+	rm -rf $(DESTDIR)$(TEMPLATE_DIR)
 
 clean:
 	rm -rf $(OUT)

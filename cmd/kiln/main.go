@@ -57,6 +57,6 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&g.configPath, "config", "", "configuration file (default: the file $"+config.PathEnv+" names, else "+config.DefaultPath+" if it exists, else built-in defaults)")
 	root.PersistentFlags().BoolVar(&g.debug, "debug", false, "debug logging, including the guest console")
-	root.AddCommand(newCheck(g), newVM(g), newRun(g), newConfig(g), newVersion(g))
+	root.AddCommand(newCheck(g), newVM(g), newRun(g), newConfig(g), newSpare(), newVersion(g))
 	return root
 }

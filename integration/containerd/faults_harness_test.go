@@ -308,13 +308,13 @@ func (k *kilnEnv) checkNothingLeft(t *testing.T, ids ...string) {
 		t.Error(err)
 	}
 	if pids := k.d.WaitShimsGone(context.Background(), shimExitTimeout); len(pids) > 0 {
-		t.Errorf("shims left: %v", pids)
+		t.Errorf("shims left:%s\nspare slots:%s", describe(pids), sparesSeen())
 	}
 	if pids := qemusIn(state); len(pids) > 0 {
-		t.Errorf("QEMU left: %v", pids)
+		t.Errorf("QEMU left:%s\nspare slots:%s", describe(pids), sparesSeen())
 	}
 	if pids := ProcessesMatching(state); len(pids) > 0 {
-		t.Errorf("processes naming %s left: %v", state, pids)
+		t.Errorf("processes naming %s left:%s\nspare slots:%s", state, describe(pids), sparesSeen())
 	}
 	if points, _ := MountsUnder(state); len(points) > 0 && !(len(points) == 1 && points[0] == state) {
 		t.Errorf("mounts left under %s: %v", state, points)

@@ -73,10 +73,10 @@ func leftovers(d *Daemon) []string {
 		found = append(found, err.Error())
 	}
 	if pids := d.WaitShimsGone(context.Background(), shimExitTimeout); len(pids) > 0 {
-		found = append(found, fmt.Sprintf("shims still running after their tasks were deleted: %v", pids))
+		found = append(found, fmt.Sprintf("shims still running after their tasks were deleted:%s\nspare slots:%s", describe(pids), sparesSeen()))
 	}
 	if pids := ProcessesMatching(d.StateDir()); len(pids) > 0 {
-		found = append(found, fmt.Sprintf("processes still using Kiln state %s: %v", d.StateDir(), pids))
+		found = append(found, fmt.Sprintf("processes still using Kiln state %s:%s\nspare slots:%s", d.StateDir(), describe(pids), sparesSeen()))
 	}
 	if points, _ := MountsUnder(d.StateDir()); len(points) > 0 {
 		found = append(found, fmt.Sprintf("mounts left under %s: %v", d.StateDir(), points))

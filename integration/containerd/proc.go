@@ -116,3 +116,20 @@ func unmountUnder(dir string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// describe names each of pids for a leftover check's message: its state, its parent, how long it has run and its
+// command line, so that a failure says what was left and who started it without a rerun.
+func describe(pids []int) string {
+	var b strings.Builder
+	for _, pid := range pids {
+		f := statFields(pid)
+		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		line := strings.TrimSpace(string(bytes.ReplaceAll(cmd, []byte{0}, []byte{' '})))
+		if len(f) < 20 {
+			fmt.Fprintf(&b, "\n  %d (gone): %s", pid, line)
+			continue
+		}
+		fmt.Fprintf(&b, "\n  %d (state %s, parent %s, started %s ticks after boot): %s", pid, f[0], f[1], f[19], line)
+	}
+	return b.String()
+}

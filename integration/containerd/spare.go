@@ -5,7 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"syscall"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
@@ -64,29 +65,18 @@ func WaitSpares(address string, n int, timeout time.Duration) bool {
 	}
 }
 
-// StopSpare stops the spare shims of the containerd at address, if any run (SIGTERM: each stops its VM), and
-// checks that they went with their slots and the slots' files. Spares are on by default: every harness stops its
-// containerd's spares before it checks for leftovers, which then exclude nothing.
+// StopSpare stops the spare shims of the containerd at address, if any run (spare.Stop: SIGTERM, each stops its
+// VM; one being started meanwhile too), and checks that they went with their slots and the slots' files. Spares
+// are on by default: every harness stops its containerd's spares before it checks for leftovers, which then
+// exclude nothing.
 func StopSpare(address string, timeout time.Duration) error {
-	spares := sparesOf(address)
-	for _, sp := range spares {
-		_ = syscall.Kill(sp.Pid, syscall.SIGTERM)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	spares, err := spare.Stop(ctx, func(sp spare.Info) bool { return sp.Address == address })
+	if err != nil {
+		return err
 	}
 	var errs []error
-	deadline := time.Now().Add(timeout)
-	for _, sp := range spares {
-		for syscall.Kill(sp.Pid, 0) == nil {
-			if time.Now().After(deadline) {
-				_ = syscall.Kill(sp.Pid, syscall.SIGKILL)
-				errs = append(errs, fmt.Errorf("spare shim %d did not stop on SIGTERM within %s", sp.Pid, timeout))
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
-	if errs != nil {
-		return errors.Join(errs...)
-	}
 	for _, sp := range sparesOf(address) {
 		errs = append(errs, fmt.Errorf("spare shim %d holds its slot %s after the others were stopped", sp.Pid, sp.Slot))
 	}
@@ -171,4 +161,23 @@ func taskShims(address string, pids []int) []int {
 		}
 	}
 	return out
+}
+
+// sparesSeen is what a leftover check's message says of the host's spare slots: each file in spare.Dir, with a
+// lock file's contents (its holder's pid and containerd), as the check found them.
+func sparesSeen() string {
+	entries, err := os.ReadDir(spare.Dir)
+	if err != nil {
+		return "\n  " + err.Error()
+	}
+	var b strings.Builder
+	for _, e := range entries {
+		fmt.Fprintf(&b, "\n  %s", e.Name())
+		if strings.HasSuffix(e.Name(), ".lock") {
+			if data, err := os.ReadFile(filepath.Join(spare.Dir, e.Name())); err == nil {
+				fmt.Fprintf(&b, ": %q", data)
+			}
+		}
+	}
+	return b.String()
 }

@@ -186,11 +186,12 @@ func Failed() []Info {
 
 // readLock reads a lock file that names its holder (a slot's, a place in the turns' queue): the pid written first
 // in it, what follows the pid on its line, and whether no live spare holds the lock (the file outlives its last
-// spare). ok is false for a file that cannot be read or names no pid.
+// spare; a file that is gone is held by none). ok is false for a file that cannot be read or names no pid: one
+// that is held all the same (free false) is a slot whose spawner has not named its spare yet (Spawn).
 func readLock(path string) (pid int, rest string, free, ok bool) {
 	f, err := os.Open(path)
 	if err != nil {
-		return 0, "", false, false
+		return 0, "", errors.Is(err, os.ErrNotExist), false
 	}
 	defer f.Close()
 	// The shared lock taken when it can be goes with the close.
@@ -200,32 +201,40 @@ func readLock(path string) (pid int, rest string, free, ok bool) {
 	pidText, rest, _ := strings.Cut(strings.TrimSpace(string(b[:n])), " ")
 	pid, err = strconv.Atoi(pidText)
 	if err != nil || pid <= 0 {
-		return 0, "", false, false
+		return 0, "", free, false
 	}
 	return pid, rest, free, true
 }
 
 // scan reads the slots in dir: those a live spare holds, and those a spare left without giving them up.
 func scan(dir string) (held, failed []Info) {
+	held, failed, _ = scanSlots(dir)
+	return held, failed
+}
+
+// scanSlots is scan, and the slots held by a spawner that has not named its spare yet (naming): a spare is
+// starting in each.
+func scanSlots(dir string) (held, failed []Info, naming []string) {
 	locks, _ := filepath.Glob(filepath.Join(dir, "*.sock.lock"))
 	for _, path := range locks {
 		pid, address, free, ok := readLock(path)
-		if !ok {
-			continue
-		}
 		slot := strings.TrimSuffix(path, ".lock")
-		if free {
+		switch {
+		case !ok && !free:
+			naming = append(naming, slot)
+		case !ok:
+		case free:
 			failed = append(failed, Info{Pid: pid, Address: address, Slot: slot})
-			continue
+		default:
+			_, err := os.Stat(slot)
+			held = append(held, Info{Pid: pid, Address: address, Ready: err == nil, Slot: slot})
 		}
-		_, err := os.Stat(slot)
-		held = append(held, Info{Pid: pid, Address: address, Ready: err == nil, Slot: slot})
 	}
 	queue := queued(dir)
 	for i := range held {
 		held[i].Queued = queue[held[i].Pid]
 	}
-	return held, failed
+	return held, failed, naming
 }
 
 // Close gives the slot up, as Wait does when it returns, for a spare that leaves before it waits (told to stop

@@ -126,6 +126,19 @@ const handOverConfirm = "ok"
 // confirmTimeout bounds a spare's wait for handOverConfirm, which `start` sends as soon as it reads the pid.
 const confirmTimeout = 5 * time.Second
 
+// ErrSlotGone is returned by Wait when the slot's lock file is not the one the spare holds any more: removed
+// (Purge, `make uninstall`) or claimed again since. A spare that waited on would hold a slot nobody lists (All)
+// and nobody stops (Stop).
+var ErrSlotGone = errors.New("the spare shim's slot was removed")
+
+// owned says (nil) whether the slot's lock file is still the one this spare holds.
+func (s *Slot) owned() error {
+	if err := isFile(int(s.lock.Fd()), s.path+".lock"); err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrSlotGone, s.path+".lock", err)
+	}
+	return nil
+}
+
 // ErrLost is returned by Wait when what the spare holds ended while it waited (its VM).
 var ErrLost = errors.New("what the spare shim held ended while it waited")
 
@@ -143,11 +156,15 @@ const maxDeclines = 3
 // Wait listens in the slot until `start` hands over a task of the spare's version that fits (fits, when set),
 // and returns it with the server's socket. A task that does not fit is declined: its `start` starts the server
 // itself, and the spare waits on, up to maxDeclines in a row (ErrUnwanted). It gives up with ctx's error, after
-// idle, with ErrStale, or with ErrLost once lost is closed, leaving the slot empty. Either way the slot is
+// idle, with ErrStale, with ErrLost once lost is closed, or with ErrSlotGone when its lock file went (before it
+// listens, or as a hand-over comes), leaving the slot empty. Either way the slot is
 // released: another spare can claim it. A lost spare's log stays, as a failed one's does, until the next spare
 // claims the slot.
 func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version string, lost <-chan struct{}, fits Fits) (_ Request, _ *os.File, err error) {
 	defer func() { s.release(errors.Is(err, ErrLost)) }()
+	if err := s.owned(); err != nil {
+		return Request{}, nil, err
+	}
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
 	if err != nil {
 		return Request{}, nil, fmt.Errorf("spare shim socket: %w", err)
@@ -183,6 +200,12 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 			// Lost while this hand-over came in: its `start` starts the server itself.
 			_ = c.Close()
 			return Request{}, nil, ErrLost
+		}
+		if err := s.owned(); err != nil {
+			_ = c.Close()
+			// The path may name another spare's socket by now.
+			l.SetUnlinkOnClose(false)
+			return Request{}, nil, err
 		}
 		req, socket, err := receive(c, pid, version, fits)
 		_ = c.Close()

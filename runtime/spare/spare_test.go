@@ -386,3 +386,51 @@ func TestUnconfirmedHandOverIsNotTaken(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSpareWhoseSlotWentLeaves: a spare whose slot's lock file was removed (`make uninstall` removes the
+// directory) is listed nowhere and stopped by nothing, so it must not wait on: before it listens it leaves
+// without a socket, and while it listens the next hand-over finds no spare and the spare leaves.
+func TestSpareWhoseSlotWentLeaves(t *testing.T) {
+	for _, when := range []string{"before it listens", "while it listens"} {
+		t.Run(when, func(t *testing.T) {
+			dir, ctx := t.TempDir(), testCtx(t)
+			slot, err := claimHere(dir, "/c.sock", 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := socketPath(dir, "/c.sock", 0)
+			if when == "before it listens" {
+				if err := os.Remove(path + ".lock"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			done := waitIn(ctx, slot, time.Minute, "v1", nil, nil)
+			if when == "while it listens" {
+				for deadline := time.Now().Add(5 * time.Second); len(all(dir)) != 1 || !all(dir)[0].Ready; time.Sleep(10 * time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatal("the spare never became ready")
+					}
+				}
+				if err := os.Remove(path + ".lock"); err != nil {
+					t.Fatal(err)
+				}
+				if pid, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
+					t.Errorf("a hand-over to the spare whose slot went = %d, %v; want ErrNone", pid, err)
+				}
+			}
+			select {
+			case err := <-done:
+				if !errors.Is(err, ErrSlotGone) {
+					t.Fatalf("Wait = %v, want ErrSlotGone", err)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the spare whose slot went waits on")
+			}
+			if when == "before it listens" {
+				if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("the spare made its socket %s after its slot went (%v)", path, err)
+				}
+			}
+		})
+	}
+}
