@@ -257,11 +257,17 @@ func (s *Service) UpdateContainer(ctx context.Context, req *agentv1.UpdateContai
 	if err := json.Unmarshal(req.GetResources(), &r); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "update container %s: parse resources: %v", c.id, err)
 	}
+	// One update at a time: each merges into what the last one set.
+	c.updateMu.Lock()
+	defer c.updateMu.Unlock()
 	config := c.lc.Config()
 	if config.Cgroups == nil || config.Cgroups.Resources == nil {
 		return nil, status.Errorf(codes.FailedPrecondition, "update container %s: no cgroup", c.id)
 	}
-	mergeResources(config.Cgroups.Resources, &r)
+	// The configuration's cgroup is the live one's (a pointer): the update gets copies.
+	cg := *config.Cgroups
+	cg.Resources = mergeResources(config.Cgroups.Resources, &r)
+	config.Cgroups = &cg
 	if err := c.lc.Set(config); err != nil {
 		return nil, fmt.Errorf("update container %s: %w", c.id, err)
 	}

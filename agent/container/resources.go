@@ -1,14 +1,26 @@
 package container
 
 import (
+	"maps"
+
 	"github.com/opencontainers/cgroups"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
-// mergeResources applies the fields an OCI update sets onto libcontainer's
-// resources and leaves the others (devices above all) as they are, the way
-// `runc update` does.
-func mergeResources(dst *cgroups.Resources, r *specs.LinuxResources) {
+// mergeResources returns cur with the fields an OCI update sets applied and
+// the others (devices above all) as they are, the way `runc update` does. The
+// result shares nothing the merge changes with cur: cur is the live
+// configuration, which libcontainer applies again when applying the result
+// fails, so a refused update must leave it as it was.
+func mergeResources(cur *cgroups.Resources, r *specs.LinuxResources) *cgroups.Resources {
+	merged := *cur
+	dst := &merged
+	dst.HugetlbLimit = make([]*cgroups.HugepageLimit, 0, len(cur.HugetlbLimit))
+	for _, h := range cur.HugetlbLimit {
+		c := *h
+		dst.HugetlbLimit = append(dst.HugetlbLimit, &c)
+	}
+	dst.Unified = maps.Clone(cur.Unified)
 	if m := r.Memory; m != nil {
 		setIf(&dst.Memory, m.Limit)
 		setIf(&dst.MemoryReservation, m.Reservation)
@@ -62,6 +74,7 @@ func mergeResources(dst *cgroups.Resources, r *specs.LinuxResources) {
 			dst.Unified[k] = v
 		}
 	}
+	return dst
 }
 
 func setIf[T any, P interface{ ~*T }](dst *T, v P) {

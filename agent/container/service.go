@@ -152,6 +152,8 @@ type container struct {
 	rootfs    string
 	cgroupDir string
 	oom       *oomWatcher
+	// updateMu serialises UpdateContainer's read, merge and set of the resources.
+	updateMu sync.Mutex
 
 	mu           sync.Mutex
 	init         *process

@@ -249,19 +249,28 @@ func TestMergeResources(t *testing.T) {
 	limit, quota, pids := int64(64<<20), int64(50000), int64(10)
 	period := uint64(100000)
 	oldPids := int64(3)
-	dst := &cgroups.Resources{Memory: 1, CpuQuota: 2, PidsLimit: &oldPids, CpusetCpus: "0", Unified: map[string]string{"a": "1"}}
-	dst.Devices = make([]*config.Rule, 2)
-	mergeResources(dst, &specs.LinuxResources{
-		Memory:  &specs.LinuxMemory{Limit: &limit},
-		CPU:     &specs.LinuxCPU{Quota: &quota, Period: &period},
-		Pids:    &specs.LinuxPids{Limit: &pids},
-		Unified: map[string]string{"b": "2"},
+	cur := &cgroups.Resources{Memory: 1, CpuQuota: 2, PidsLimit: &oldPids, CpusetCpus: "0", Unified: map[string]string{"a": "1"},
+		HugetlbLimit: []*cgroups.HugepageLimit{{Pagesize: "2MB", Limit: 4 << 20}}}
+	cur.Devices = make([]*config.Rule, 2)
+	dst := mergeResources(cur, &specs.LinuxResources{
+		Memory:         &specs.LinuxMemory{Limit: &limit},
+		CPU:            &specs.LinuxCPU{Quota: &quota, Period: &period},
+		Pids:           &specs.LinuxPids{Limit: &pids},
+		Unified:        map[string]string{"b": "2"},
+		HugepageLimits: []specs.LinuxHugepageLimit{{Pagesize: "2MB", Limit: 8 << 20}},
 	})
+	// The live resources the merge started from are libcontainer's to restore when the update fails.
+	if cur.Memory != 1 || *cur.PidsLimit != oldPids || len(cur.Unified) != 1 || cur.HugetlbLimit[0].Limit != 4<<20 {
+		t.Errorf("the merge changed the resources it started from: %+v (hugetlb %+v)", cur, cur.HugetlbLimit[0])
+	}
+	if dst.HugetlbLimit[0].Limit != 8<<20 {
+		t.Errorf("merged hugetlb limit %+v, want 8 MiB", dst.HugetlbLimit[0])
+	}
 	if dst.Memory != limit || dst.CpuQuota != quota || dst.CpuPeriod != period || dst.PidsLimit == nil || *dst.PidsLimit != pids {
 		t.Errorf("merged: memory %d quota %d period %d pids %v", dst.Memory, dst.CpuQuota, dst.CpuPeriod, dst.PidsLimit)
 	}
 	// A pids section without a limit keeps the limit there is.
-	mergeResources(dst, &specs.LinuxResources{Pids: &specs.LinuxPids{}})
+	dst = mergeResources(dst, &specs.LinuxResources{Pids: &specs.LinuxPids{}})
 	if dst.PidsLimit == nil || *dst.PidsLimit != pids {
 		t.Errorf("pids limit after an update without one: %v, want %d", dst.PidsLimit, pids)
 	}

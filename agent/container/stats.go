@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -126,8 +127,9 @@ func parseKeyed(text string) (map[string]uint64, error) {
 	return out, sc.Err()
 }
 
-// readSingle parses a single-value file; "max" (no limit) reads as 0, as
-// the API documents.
+// readSingle parses a single-value file; "max" (no limit) reads as the
+// largest uint64, as the API documents and containerd's cgroup v2 metrics
+// report it (CRI computes a container's available memory from it).
 func readSingle(dir, name string) (uint64, error) {
 	text, err := readOptional(dir, name)
 	if err != nil {
@@ -142,8 +144,11 @@ func readSingle(dir, name string) (uint64, error) {
 
 func parseSingle(text string) (uint64, error) {
 	s := strings.TrimSpace(text)
-	if s == "" || s == "max" {
+	if s == "" {
 		return 0, nil
+	}
+	if s == "max" {
+		return math.MaxUint64, nil
 	}
 	return strconv.ParseUint(s, 10, 64)
 }

@@ -1,6 +1,7 @@
 package container
 
 import (
+	"math"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -16,12 +17,12 @@ func TestReadStatsFromCgroupFiles(t *testing.T) {
 	want := &agentv1.StatsContainerResponse{
 		Cpu: &agentv1.CPUStats{UsageUsec: 1000, UserUsec: 600, SystemUsec: 400, NrPeriods: 5, NrThrottled: 2, ThrottledUsec: 77},
 		Memory: &agentv1.MemoryStats{
-			Usage: 1234567, UsageLimit: 33554432, SwapUsage: 0, SwapLimit: 0,
+			Usage: 1234567, UsageLimit: 33554432, SwapUsage: 0, SwapLimit: math.MaxUint64,
 			Anon: 4096, File: 8192, KernelStack: 16384, Slab: 100, Shmem: 12, FileMapped: 13, FileDirty: 14,
 			FileWriteback: 15, Pgfault: 900, Pgmajfault: 3, InactiveAnon: 1, ActiveAnon: 2, InactiveFile: 3,
 			ActiveFile: 4, Unevictable: 5, Oom: 2, OomKill: 1, Max: 7, High: 6,
 		},
-		Pids: &agentv1.PidsStats{Current: 3, Limit: 0},
+		Pids: &agentv1.PidsStats{Current: 3, Limit: math.MaxUint64},
 		Io:   &agentv1.IOStats{Usage: []*agentv1.IOEntry{{Major: 254, Minor: 0, Rbytes: 4096, Wbytes: 8192, Rios: 1, Wios: 2}}},
 	}
 	if !proto.Equal(got, want) {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -31,6 +32,11 @@ func BadInput(kernel, initrd, qemu string) []BadCase {
 		{Name: "unknown namespace type", Spec: func(s *specs.Spec) {
 			linux(s).Namespaces = append(linux(s).Namespaces, specs.LinuxNamespace{Type: "bogus"})
 		}, Want: []string{"linux.namespaces[", `]: unknown namespace type "bogus"`}},
+		// The namespaces a VM cannot share with the host: what is left is the guest's, the agent's.
+		{Name: "host PID", Spec: func(s *specs.Spec) { dropNamespace(s, specs.PIDNamespace) },
+			Want: []string{"no pid namespace (host PID)", "remove hostPID"}},
+		{Name: "host IPC", Spec: func(s *specs.Spec) { dropNamespace(s, specs.IPCNamespace) },
+			Want: []string{"no ipc namespace (host IPC)", "remove hostIPC"}},
 		{Name: "negative memory limit", Spec: func(s *specs.Spec) {
 			resources(s).Memory = &specs.LinuxMemory{Limit: ptr(int64(-5))}
 		}, Want: []string{"linux.resources.memory.limit = -5", "-1 (no limit)"}},
@@ -51,6 +57,11 @@ func BadInput(kernel, initrd, qemu string) []BadCase {
 		{Name: "QEMU exits at once", Hypervisor: fmt.Sprintf("kernel = %q\ninitrd = %q\npath = %q", kernel, initrd, qemu),
 			Want: []string{"QEMU", FailingQEMUMessage}},
 	}
+}
+
+// dropNamespace takes the namespace of type t out of s, as a client asking for the host's does.
+func dropNamespace(s *specs.Spec, t specs.LinuxNamespaceType) {
+	linux(s).Namespaces = slices.DeleteFunc(linux(s).Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == t })
 }
 
 // testingT is what PublicDir and FailingQEMU need of a test.

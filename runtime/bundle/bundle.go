@@ -23,6 +23,9 @@ const ConfigFile = "config.json"
 // paths the host writes into the spec in place of host paths. A bigger spec is refused before a VM boots.
 const MaxConfigSize = 4<<20 - 64<<10
 
+// SandboxAnnotation is the annotation CRI puts on every container of a pod, naming the pod's sandbox.
+const SandboxAnnotation = "io.kubernetes.cri.sandbox-id"
+
 // Bundle is a loaded OCI bundle.
 type Bundle struct {
 	// Dir is the bundle directory, absolute.

@@ -36,9 +36,6 @@ import (
 // RuntimeName is the runtime type containerd knows Kiln by.
 const RuntimeName = "io.containerd.kiln.v2"
 
-// SandboxAnnotation is the annotation CRI puts on every container of a pod, naming the pod's sandbox.
-const SandboxAnnotation = "io.kubernetes.cri.sandbox-id"
-
 // spareHandOverTimeout bounds handing a task to a spare shim; a spare that does not answer in time is passed
 // over, and `start` starts the server itself.
 const spareHandOverTimeout = 5 * time.Second
@@ -61,7 +58,7 @@ func (m *Manager) Name() string { return RuntimeName }
 
 // Group is the shim group of a container: its pod's sandbox id when CRI set one, otherwise its own id.
 func Group(id string, annotations map[string]string) string {
-	if g := annotations[SandboxAnnotation]; g != "" {
+	if g := annotations[bundle.SandboxAnnotation]; g != "" {
 		return g
 	}
 	return id

@@ -29,8 +29,8 @@ func TestGroup(t *testing.T) {
 		want        string
 	}{
 		{"standalone container", nil, "ctr-1"},
-		{"pod container", map[string]string{SandboxAnnotation: "pod-9"}, "pod-9"},
-		{"empty sandbox id", map[string]string{SandboxAnnotation: ""}, "ctr-1"},
+		{"pod container", map[string]string{bundle.SandboxAnnotation: "pod-9"}, "pod-9"},
+		{"empty sandbox id", map[string]string{bundle.SandboxAnnotation: ""}, "ctr-1"},
 	} {
 		if got := Group("ctr-1", tc.annotations); got != tc.want {
 			t.Errorf("%s: group %q, want %q", tc.name, got, tc.want)

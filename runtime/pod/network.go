@@ -97,12 +97,9 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 	spec := first.Bundle.Spec
 	n := p.net
 	if n.hooksRun != first.ID {
-		if err := hooks.Check(spec); err != nil {
-			return nil, fmt.Errorf("container %s: %w", first.ID, err)
-		}
-		src, err := network.SourceOf(spec)
+		src, err := checkSpec(first.ID, spec)
 		if err != nil {
-			return nil, fmt.Errorf("container %s: %w", first.ID, err)
+			return nil, err
 		}
 		n.path = src.Path
 		// Only a namespace the spec names is one containerd's port forwarding enters.
@@ -220,12 +217,9 @@ func (p *Pod) startPortForward() {
 // than the pod's. CRI names the pod's as /proc/<sandbox pid>/ns/net with the guest pid Kiln reported; that path
 // means nothing on the host and is never opened there.
 func (p *Pod) checkJoin(id string, spec *specs.Spec) error {
-	if err := hooks.Check(spec); err != nil {
-		return fmt.Errorf("container %s: %w", id, err)
-	}
-	src, err := network.SourceOf(spec)
+	src, err := checkSpec(id, spec)
 	if err != nil {
-		return fmt.Errorf("container %s: %w", id, err)
+		return err
 	}
 	if src.New || src.Path == p.net.path {
 		return nil

@@ -11,9 +11,7 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -349,7 +347,7 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 		return nil, err
 	}
 	spec.Mounts = append([]specs.Mount(nil), spec.Mounts...)
-	shm := podShm(spec.Mounts)
+	shm := podShm(spec.Mounts, spec.Annotations[bundle.SandboxAnnotation])
 	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec); err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
 	}
@@ -370,22 +368,6 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	p.bundles[o.ID] = b
 	p.bundlesMu.Unlock()
 	return c, nil
-}
-
-// podShm points the bind mounts of /dev/shm among mounts (CRI's pod shm, a tmpfs on the host) at the guest's
-// pod shm instead: one tmpfs in guest memory that the pod's containers share, rather than a host tmpfs reached
-// through virtio-fs. It returns them by index and leaves placeholders that are not bind mounts in their place,
-// so that sharing the other bind mounts passes them by and the order of mounts stays.
-func podShm(mounts []specs.Mount) map[int]specs.Mount {
-	shm := map[int]specs.Mount{}
-	for i, m := range mounts {
-		if path.Clean(m.Destination) == "/dev/shm" && (m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")) {
-			m.Source = agentv1.GuestPodShm
-			shm[i] = m
-			mounts[i] = specs.Mount{Destination: m.Destination, Type: "tmpfs", Source: "tmpfs"}
-		}
-	}
-	return shm
 }
 
 // prepareContainer checks that a container can join the pod and runs its create hooks, unless they ran when the

@@ -1,26 +1,93 @@
 package pod
 
 import (
+	"reflect"
+	"strings"
 	"testing"
 
+	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
+// Only CRI's pod shm (the sandbox's shm tmpfs, bound at /dev/shm) becomes the guest's pod shm; another bind at
+// /dev/shm (an emptyDir volume, the host's own) keeps its source, contents and size, and a spec with no sandbox
+// has no pod shm.
 func TestPodShm(t *testing.T) {
-	mounts := []specs.Mount{
-		{Destination: "/proc", Type: "proc", Source: "proc"},
-		{Destination: "/dev/shm", Type: "bind", Source: "/run/containerd/cri/sandboxes/x/shm", Options: []string{"rbind", "ro"}},
-		{Destination: "/etc/hosts", Type: "bind", Source: "/var/lib/cri/x/hosts", Options: []string{"rbind"}},
-		{Destination: "/dev/shm/", Source: "/elsewhere", Options: []string{"bind"}},
+	cri := "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/sb1/shm"
+	for _, c := range []struct {
+		name    string
+		mount   specs.Mount
+		sandbox string
+		pod     bool
+	}{
+		{"CRI's pod shm", specs.Mount{Destination: "/dev/shm", Type: "bind", Source: cri, Options: []string{"rbind", "ro"}}, "sb1", true},
+		{"CRI's, bind in options", specs.Mount{Destination: "/dev/shm/", Source: cri + "/", Options: []string{"bind"}}, "sb1", true},
+		{"another sandbox's", specs.Mount{Destination: "/dev/shm", Type: "bind", Source: cri, Options: []string{"rbind"}}, "sb2", false},
+		{"no sandbox", specs.Mount{Destination: "/dev/shm", Type: "bind", Source: cri, Options: []string{"rbind"}}, "", false},
+		{"an emptyDir volume", specs.Mount{Destination: "/dev/shm", Type: "bind", Source: "/var/lib/kubelet/pods/p/volumes/kubernetes.io~empty-dir/dshm", Options: []string{"rbind"}}, "sb1", false},
+		{"the host's /dev/shm", specs.Mount{Destination: "/dev/shm", Type: "bind", Source: "/dev/shm", Options: []string{"rbind"}}, "sb1", false},
+		{"elsewhere", specs.Mount{Destination: "/dev/shm2", Type: "bind", Source: cri, Options: []string{"rbind"}}, "sb1", false},
+		{"a tmpfs", specs.Mount{Destination: "/dev/shm", Type: "tmpfs", Source: "shm"}, "sb1", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			mounts := []specs.Mount{{Destination: "/proc", Type: "proc", Source: "proc"}, c.mount}
+			shm := podShm(mounts, c.sandbox)
+			if !c.pod {
+				if len(shm) != 0 || !reflect.DeepEqual(mounts[1], c.mount) {
+					t.Errorf("pod shm %+v, mount left %+v; want none and the mount as it was", shm, mounts[1])
+				}
+				return
+			}
+			want := c.mount
+			want.Source = agentv1.GuestPodShm
+			if len(shm) != 1 || !reflect.DeepEqual(shm[1], want) {
+				t.Errorf("pod shm %+v, want %+v at 1", shm, want)
+			}
+			if mounts[1].Type != "tmpfs" || mounts[0].Type != "proc" {
+				t.Errorf("mounts left for sharing %+v", mounts)
+			}
+		})
 	}
-	shm := podShm(mounts)
-	if len(shm) != 2 || shm[1].Source != agentv1.GuestPodShm || shm[3].Source != agentv1.GuestPodShm || shm[1].Options[1] != "ro" {
-		t.Fatalf("pod shm mounts %+v", shm)
+}
+
+// A spec without a pid or an ipc namespace (host PID, host IPC) is refused before anything boots, naming what
+// to remove; a pod's containers joining another's namespaces by path pass.
+func TestCheckIsolation(t *testing.T) {
+	ns := func(types ...specs.LinuxNamespaceType) *specs.Spec {
+		s := &specs.Spec{Linux: &specs.Linux{}}
+		for _, t := range types {
+			s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: t})
+		}
+		return s
 	}
-	if mounts[1].Type != "tmpfs" || mounts[2].Source != "/var/lib/cri/x/hosts" || mounts[0].Type != "proc" {
-		t.Errorf("mounts left for sharing %+v", mounts)
+	joined := ns(specs.NetworkNamespace, specs.MountNamespace)
+	joined.Linux.Namespaces = append(joined.Linux.Namespaces,
+		specs.LinuxNamespace{Type: specs.PIDNamespace, Path: "/proc/42/ns/pid"}, specs.LinuxNamespace{Type: specs.IPCNamespace, Path: "/proc/42/ns/ipc"})
+	for _, c := range []struct {
+		name string
+		spec *specs.Spec
+		want string
+	}{
+		{"own namespaces", ns(specs.PIDNamespace, specs.IPCNamespace, specs.NetworkNamespace), ""},
+		{"another container's", joined, ""},
+		{"host PID", ns(specs.IPCNamespace, specs.NetworkNamespace), "hostPID"},
+		{"host IPC", ns(specs.PIDNamespace, specs.NetworkNamespace), "hostIPC"},
+		{"no linux section", &specs.Spec{}, "hostPID"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := checkIsolation(c.spec)
+			if c.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("checkIsolation = %v, want an invalid argument naming %s", err, c.want)
+			}
+		})
 	}
 }
 

@@ -1366,10 +1366,11 @@ type MemoryStats struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// memory.current
 	Usage uint64 `protobuf:"varint,1,opt,name=usage,proto3" json:"usage,omitempty"`
-	// memory.max; 0 when unlimited.
+	// memory.max; the largest uint64 when unlimited ("max"), as containerd's cgroup v2 metrics report it.
 	UsageLimit uint64 `protobuf:"varint,2,opt,name=usage_limit,json=usageLimit,proto3" json:"usage_limit,omitempty"`
 	SwapUsage  uint64 `protobuf:"varint,3,opt,name=swap_usage,json=swapUsage,proto3" json:"swap_usage,omitempty"`
-	SwapLimit  uint64 `protobuf:"varint,4,opt,name=swap_limit,json=swapLimit,proto3" json:"swap_limit,omitempty"`
+	// memory.swap.max; the largest uint64 when unlimited.
+	SwapLimit uint64 `protobuf:"varint,4,opt,name=swap_limit,json=swapLimit,proto3" json:"swap_limit,omitempty"`
 	// From memory.stat.
 	Anon          uint64 `protobuf:"varint,5,opt,name=anon,proto3" json:"anon,omitempty"`
 	File          uint64 `protobuf:"varint,6,opt,name=file,proto3" json:"file,omitempty"`
@@ -1597,7 +1598,7 @@ func (x *MemoryStats) GetHigh() uint64 {
 type PidsStats struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Current uint64                 `protobuf:"varint,1,opt,name=current,proto3" json:"current,omitempty"`
-	// 0 when unlimited.
+	// pids.max; the largest uint64 when unlimited.
 	Limit         uint64 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -1,0 +1,76 @@
+package pod
+
+import (
+	"fmt"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/runtime/hooks"
+	"github.com/kiln-runtime/kiln/runtime/network"
+)
+
+// checkSpec refuses, before anything of container id is prepared, what its spec asks of the host that a VM
+// cannot give (hooks that must run in its namespaces, the host's network, pid or ipc namespace), and returns
+// where its network comes from.
+func checkSpec(id string, spec *specs.Spec) (network.Source, error) {
+	if err := hooks.Check(spec); err != nil {
+		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+	}
+	if err := checkIsolation(spec); err != nil {
+		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+	}
+	src, err := network.SourceOf(spec)
+	if err != nil {
+		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+	}
+	return src, nil
+}
+
+// checkIsolation refuses a spec without a pid or an ipc namespace (CRI's hostPID and hostIPC, --pid=host,
+// --ipc=host). The namespace left to share in a Kiln VM is not the host's but the guest's own, where the agent
+// and every container of the pod run: such a container would see and signal them (or use their shared memory)
+// instead of the host's processes it asked for, which a VM cannot give it.
+func checkIsolation(spec *specs.Spec) error {
+	has := func(t specs.LinuxNamespaceType) bool {
+		return spec.Linux != nil && slices.ContainsFunc(spec.Linux.Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == t })
+	}
+	if !has(specs.PIDNamespace) {
+		return fmt.Errorf("%w: the spec has no pid namespace (host PID): a Kiln container runs in its own VM and cannot see the host's processes; remove hostPID / --pid=host, or use runc for it", errdefs.ErrInvalidArgument)
+	}
+	if !has(specs.IPCNamespace) {
+		return fmt.Errorf("%w: the spec has no ipc namespace (host IPC): a Kiln container runs in its own VM and cannot share the host's IPC objects or /dev/shm; remove hostIPC / --ipc=host, or use runc for it", errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// podShm points CRI's pod shm among mounts (the bind of /dev/shm from the tmpfs CRI makes for the pod's sandbox,
+// <CRI state>/sandboxes/<sandbox>/shm) at the guest's pod shm instead: one tmpfs in guest memory that the pod's
+// containers share, rather than a host tmpfs reached through virtio-fs. It returns them by index and leaves
+// placeholders that are not bind mounts in their place, so that sharing the other bind mounts passes them by and
+// the order of mounts stays. Any other bind at /dev/shm (a volume, another tool's shm) is shared as the bind it
+// is, with its own contents and size.
+func podShm(mounts []specs.Mount, sandbox string) map[int]specs.Mount {
+	shm := map[int]specs.Mount{}
+	if sandbox == "" || strings.Contains(sandbox, "/") {
+		return shm
+	}
+	for i, m := range mounts {
+		bind := m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
+		if !bind || path.Clean(m.Destination) != "/dev/shm" || !filepath.IsAbs(m.Source) {
+			continue
+		}
+		if !strings.HasSuffix(filepath.Clean(m.Source), "/sandboxes/"+sandbox+"/shm") {
+			continue
+		}
+		m.Source = agentv1.GuestPodShm
+		shm[i] = m
+		mounts[i] = specs.Mount{Destination: m.Destination, Type: "tmpfs", Source: "tmpfs"}
+	}
+	return shm
+}
