@@ -151,7 +151,21 @@ type Runtime struct {
 	LogLevel string `toml:"log_level"`
 	// EnableAnnotations lists the io.kiln.* pod annotations honoured (exact names or prefixes ending in "*").
 	EnableAnnotations []string `toml:"enable_annotations"`
+	// HostLSM is what becomes of a spec's AppArmor profile and SELinux labels, which name host policy a guest
+	// kernel does not have (runtime/hostlsm): HostLSMRefuse or HostLSMIgnore.
+	HostLSM string `toml:"host_lsm"`
 }
+
+// IgnoreHostLSM says whether specs' host LSM settings are taken out rather than refused (runtime.host_lsm).
+func (r Runtime) IgnoreHostLSM() bool { return r.HostLSM == HostLSMIgnore }
+
+// The values of runtime.host_lsm.
+const (
+	// HostLSMRefuse fails a container or exec whose spec sets an AppArmor profile or SELinux label.
+	HostLSMRefuse = "refuse"
+	// HostLSMIgnore takes them out of the spec the guest gets.
+	HostLSMIgnore = "ignore"
+)
 
 // Duration is a time.Duration written in TOML as a Go duration string ("5s", "250ms").
 type Duration time.Duration
@@ -205,6 +219,7 @@ func Default() Config {
 		Runtime: Runtime{
 			StateDir: "/run/kiln",
 			LogLevel: "info",
+			HostLSM:  HostLSMRefuse,
 		},
 	}
 }
@@ -357,6 +372,11 @@ func (c Config) Validate() error {
 	}
 	if _, err := logrus.ParseLevel(c.Runtime.LogLevel); err != nil {
 		errs = append(errs, fmt.Errorf("runtime.log_level = %q: want trace, debug, info, warn, error, fatal or panic", c.Runtime.LogLevel))
+	}
+	switch c.Runtime.HostLSM {
+	case HostLSMRefuse, HostLSMIgnore:
+	default:
+		errs = append(errs, fmt.Errorf("runtime.host_lsm = %q: want %q or %q", c.Runtime.HostLSM, HostLSMRefuse, HostLSMIgnore))
 	}
 	for _, a := range c.Runtime.EnableAnnotations {
 		if !strings.HasPrefix(a, AnnotationPrefix) {

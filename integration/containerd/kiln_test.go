@@ -132,3 +132,25 @@ func TestKilnRunRm(t *testing.T) {
 		t.Errorf("exit status through ctr run: got %d, want 7", code)
 	}
 }
+
+// TestKilnHostLSMIgnored: with runtime.host_lsm = "ignore", a container whose spec names an AppArmor profile (as
+// containerd's CRI gives every container where AppArmor is on) runs, and so does an exec in it, whose process
+// spec ctr copies from the container's, profile and all. The default configuration refuses both
+// (TestKilnBadInput).
+func TestKilnHostLSMIgnored(t *testing.T) {
+	k := startKiln(t)
+	cfg, err := k.d.KilnConfig(k.assets, "[runtime]\nhost_lsm = \"ignore\"\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.cfg = cfg
+	const id = "kiln-lsm"
+	k.runDetached(t, id, []string{"--apparmor-profile", "kiln-test-profile"}, "sleep", "3600")
+	k.waitStatus(t, id, "RUNNING")
+	if out, errOut, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "e1", id, "echo", "exec ran"); code != 0 || strings.TrimSpace(out) != "exec ran" {
+		t.Errorf("exec in a container with an ignored profile: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if log := k.logSince(t, 0); !strings.Contains(log, "host LSM settings taken out") || !strings.Contains(log, "kiln-test-profile") {
+		t.Errorf("the shim log does not say which host LSM settings it took out")
+	}
+}

@@ -37,6 +37,9 @@ func BadInput(kernel, initrd, qemu string) []BadCase {
 			Want: []string{"no pid namespace (host PID)", "remove hostPID"}},
 		{Name: "host IPC", Spec: func(s *specs.Spec) { dropNamespace(s, specs.IPCNamespace) },
 			Want: []string{"no ipc namespace (host IPC)", "remove hostIPC"}},
+		// Host LSM policy does not reach a guest; the default configuration refuses it (runtime.host_lsm).
+		{Name: "AppArmor profile", Spec: func(s *specs.Spec) { s.Process.ApparmorProfile = "kiln-test-profile" },
+			Want: []string{`process.apparmorProfile "kiln-test-profile"`, `runtime.host_lsm = "ignore"`}},
 		{Name: "negative memory limit", Spec: func(s *specs.Spec) {
 			resources(s).Memory = &specs.LinuxMemory{Limit: ptr(int64(-5))}
 		}, Want: []string{"linux.resources.memory.limit = -5", "-1 (no limit)"}},

@@ -26,6 +26,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
+	"github.com/kiln-runtime/kiln/runtime/hostlsm"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/share"
@@ -345,6 +346,11 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	spec, err := guestUserNamespace(o.ID, *b.Spec, p.ctrs.IsInitPid)
 	if err != nil {
 		return nil, err
+	}
+	if fields, err := hostlsm.Spec(p.cfg.Runtime.IgnoreHostLSM(), &spec); err != nil {
+		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
+	} else if len(fields) > 0 {
+		p.log.WithFields(logrus.Fields{"container": o.ID, "ignored": fields}).Info("host LSM settings taken out (runtime.host_lsm = \"ignore\")")
 	}
 	spec.Mounts = append([]specs.Mount(nil), spec.Mounts...)
 	shm := podShm(spec.Mounts, spec.Annotations[bundle.SandboxAnnotation])

@@ -12,17 +12,23 @@ import (
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
+	"github.com/kiln-runtime/kiln/runtime/hostlsm"
 	"github.com/kiln-runtime/kiln/runtime/network"
 )
 
 // checkSpec refuses, before anything of container id is prepared, what its spec asks of the host that a VM
-// cannot give (hooks that must run in its namespaces, the host's network, pid or ipc namespace), and returns
-// where its network comes from.
-func checkSpec(id string, spec *specs.Spec) (network.Source, error) {
+// cannot give (hooks that must run in its namespaces, the host's network, pid or ipc namespace, host LSM policy
+// unless the configuration ignores it), and returns where its network comes from.
+func (p *Pod) checkSpec(id string, spec *specs.Spec) (network.Source, error) {
 	if err := hooks.Check(spec); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}
 	if err := checkIsolation(spec); err != nil {
+		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+	}
+	// Checked on a copy: CreateContainer takes ignored settings out of what the guest gets.
+	check := *spec
+	if _, err := hostlsm.Spec(p.cfg.Runtime.IgnoreHostLSM(), &check); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}
 	src, err := network.SourceOf(spec)

@@ -29,6 +29,7 @@ import (
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
+	"github.com/kiln-runtime/kiln/runtime/hostlsm"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/spare"
 )
@@ -357,6 +358,15 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emp
 	var spec specs.Process
 	if err := json.Unmarshal(r.Spec.GetValue(), &spec); err != nil {
 		return nil, toGRPC(fmt.Errorf("%w: exec %s in task %s: decode process spec: %v", errdefs.ErrInvalidArgument, r.ExecID, r.ID, err))
+	}
+	if p := s.currentPod(); p != nil {
+		fields, err := hostlsm.Process(p.Config().Runtime.IgnoreHostLSM(), &spec)
+		if err != nil {
+			return nil, toGRPC(fmt.Errorf("exec %s in task %s: %w", r.ExecID, r.ID, err))
+		}
+		if len(fields) > 0 {
+			log.G(ctx).WithFields(logrus.Fields{"exec": r.ExecID, "ignored": fields}).Info("host LSM settings taken out (runtime.host_lsm = \"ignore\")")
+		}
 	}
 	pio, err := openIO(ctx, r.ID, s.namespace, ioSpec{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal})
 	if err != nil {
