@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/kiln-runtime/kiln/mounttree"
 )
 
@@ -130,6 +132,11 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
+	if kind := connectionKind(fi.Mode()); kind != "" {
+		return "", fmt.Errorf("%w: add bind %s of container %s to share: %s is a %s: virtio-fs carries files, not connections, "+
+			"so a process in the VM would see it but never reach what is at its other end on the host; "+
+			"reach that service over the pod's network instead", errdefs.ErrInvalidArgument, src.Path, containerID, resolved, kind)
+	}
 	if _, err := s.containerLocked(containerID); err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
@@ -160,6 +167,18 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 		s.addWritableTreeLocked(resolved, !opts.Readonly, opts.Recursive && !opts.RecursiveReadonly)
 	}
 	return GuestPath(containerID + "/binds/" + name), nil
+}
+
+// connectionKind names a source that is a rendezvous with a host process rather than a file (a socket, a named
+// pipe), or is "".
+func connectionKind(m os.FileMode) string {
+	switch {
+	case m&os.ModeSocket != 0:
+		return "Unix socket"
+	case m&os.ModeNamedPipe != 0:
+		return "named pipe"
+	}
+	return ""
 }
 
 // safeName keeps a bind's base name readable in the guest without letting it carry odd characters.

@@ -2,12 +2,14 @@ package share
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
@@ -252,5 +254,33 @@ func TestRecursiveBindGivesEachSubmountItsOwnMount(t *testing.T) {
 				t.Errorf("submount's source in the export: %q", got)
 			}
 		})
+	}
+}
+
+// A bind whose source is a Unix socket or a named pipe is refused naming it: through virtio-fs the guest would
+// see the file but never reach the host's end (a docker.sock bind, a hostPath of type Socket). Nothing of it is
+// left in the share.
+func TestBindOfAConnectionIsRefused(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "app.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := newTestShare(t)
+	for src, kind := range map[string]string{sock: "Unix socket", fifo: "named pipe"} {
+		_, err := s.AddBind(context.Background(), "c1", src, false)
+		if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), src+" is a "+kind) {
+			t.Errorf("bind of %s: %v, want an invalid argument naming it a %s", src, err, kind)
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(s.mounts, "c1", "binds")); len(entries) != 0 {
+		t.Errorf("refused binds left %v in the share", entries)
 	}
 }
