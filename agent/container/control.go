@@ -257,6 +257,7 @@ func (s *Service) UpdateContainer(ctx context.Context, req *agentv1.UpdateContai
 	if err := json.Unmarshal(req.GetResources(), &r); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "update container %s: parse resources: %v", c.id, err)
 	}
+	r.HugepageLimits = guestHugepages(r.HugepageLimits, cgroups.HugePageSizes())
 	// One update at a time: each merges into what the last one set.
 	c.updateMu.Lock()
 	defer c.updateMu.Unlock()

@@ -2,6 +2,7 @@ package container
 
 import (
 	"maps"
+	"slices"
 
 	"github.com/opencontainers/cgroups"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -81,4 +82,19 @@ func setIf[T any, P interface{ ~*T }](dst *T, v P) {
 	if v != nil {
 		*dst = *v
 	}
+}
+
+// guestHugepages keeps the huge page limits of the page sizes the guest has (have, cgroups.HugePageSizes) and
+// those that allow pages. A limit of 0 pages of a size the guest lacks holds without a cgroup file, which the
+// guest does not have for it: kubelet gives every container one such limit per size its host has, 1 GiB pages
+// among them, which TCG's CPU model has not. A limit that allows pages stays, for libcontainer to refuse (the host
+// refuses those first, as no VM reserves huge pages: runtime/pod).
+func guestHugepages(limits []specs.LinuxHugepageLimit, have []string) []specs.LinuxHugepageLimit {
+	var out []specs.LinuxHugepageLimit
+	for _, l := range limits {
+		if l.Limit > 0 || slices.Contains(have, l.Pagesize) {
+			out = append(out, l)
+		}
+	}
+	return out
 }

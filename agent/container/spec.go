@@ -11,6 +11,7 @@ import (
 
 	securejoin "github.com/cyphar/filepath-securejoin"
 	"github.com/moby/sys/user"
+	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/configs"
 	"github.com/opencontainers/runc/libcontainer/specconv"
@@ -76,6 +77,9 @@ func adaptSpec(raw []byte, id, root string, ns podNamespaces) (*specs.Spec, erro
 	}
 	spec.Linux.Namespaces = append(spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: ns.net})
 	spec.Linux.CgroupsPath = guestCgroupPath(spec.Linux.CgroupsPath, id)
+	if r := spec.Linux.Resources; r != nil {
+		r.HugepageLimits = guestHugepages(r.HugepageLimits, cgroups.HugePageSizes())
+	}
 	return &spec, nil
 }
 

@@ -332,3 +332,17 @@ func TestFitUserNamespace(t *testing.T) {
 		}
 	}
 }
+
+// Limits of 0 huge pages of a size the guest lacks go (kubelet's 1 GiB limit, under TCG's CPU model); every
+// limit of a size it has, and any limit that allows pages, stays.
+func TestGuestHugepages(t *testing.T) {
+	have := []string{"2MB"}
+	in := []specs.LinuxHugepageLimit{{Pagesize: "2MB", Limit: 0}, {Pagesize: "1GB", Limit: 0}, {Pagesize: "1GB", Limit: 1 << 30}, {Pagesize: "2MB", Limit: 4 << 20}}
+	want := []specs.LinuxHugepageLimit{{Pagesize: "2MB", Limit: 0}, {Pagesize: "1GB", Limit: 1 << 30}, {Pagesize: "2MB", Limit: 4 << 20}}
+	if got := guestHugepages(in, have); !slices.Equal(got, want) {
+		t.Errorf("guestHugepages = %+v, want %+v", got, want)
+	}
+	if got := guestHugepages(nil, have); got != nil {
+		t.Errorf("no limits became %+v", got)
+	}
+}

@@ -40,6 +40,12 @@ func BadInput(kernel, initrd, qemu string) []BadCase {
 		// Host LSM policy does not reach a guest; the default configuration refuses it (runtime.host_lsm).
 		{Name: "AppArmor profile", Spec: func(s *specs.Spec) { s.Process.ApparmorProfile = "kiln-test-profile" },
 			Want: []string{`process.apparmorProfile "kiln-test-profile"`, `runtime.host_lsm = "ignore"`}},
+		// What only the host has: CPUs to pin to, huge pages.
+		{Name: "cpuset", Spec: func(s *specs.Spec) { resources(s).CPU = &specs.LinuxCPU{Cpus: "0"} },
+			Want: []string{`linux.resources.cpu.cpus = "0" names host CPUs`}},
+		{Name: "huge pages", Spec: func(s *specs.Spec) {
+			resources(s).HugepageLimits = []specs.LinuxHugepageLimit{{Pagesize: "2MB", Limit: 4 << 20}}
+		}, Want: []string{"linux.resources.hugepageLimits[0] = 4194304 bytes of 2MB pages", "reserves no huge pages"}},
 		{Name: "negative memory limit", Spec: func(s *specs.Spec) {
 			resources(s).Memory = &specs.LinuxMemory{Limit: ptr(int64(-5))}
 		}, Want: []string{"linux.resources.memory.limit = -5", "-1 (no limit)"}},

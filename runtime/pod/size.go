@@ -1,6 +1,7 @@
 package pod
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"strconv"
@@ -39,11 +40,14 @@ func Size(cfg config.Config, first *First) (config.Config, error) {
 	return sized, nil
 }
 
-// Fits refuses resources that a container of the pod cannot have: more memory or CPU than the VM has. Within
-// the VM, the guest's cgroups enforce them.
+// Fits refuses resources that a container of the pod cannot have: more memory or CPU than the VM has, and what
+// no VM has (checkHostResources). Within the VM, the guest's cgroups enforce them.
 func (p *Pod) Fits(id string, r *specs.LinuxResources) error {
 	if r == nil {
 		return nil
+	}
+	if err := checkHostResources(r); err != nil {
+		return fmt.Errorf("container %s: %w", id, err)
 	}
 	h := p.cfg.Hypervisor
 	if r.Memory != nil && r.Memory.Limit != nil && *r.Memory.Limit > int64(h.MemoryMiB)<<20 {
@@ -55,4 +59,29 @@ func (p *Pod) Fits(id string, r *specs.LinuxResources) error {
 			errdefs.ErrInvalidArgument, id, *r.CPU.Quota, *r.CPU.Period, h.VCPUs)
 	}
 	return nil
+}
+
+// checkHostResources refuses resources that name what only the host has: CPUs and memory nodes to pin to (a
+// cpuset, kubelet's static CPU manager's among them), which in the VM would name its vCPUs instead (or none:
+// libcontainer's bare EINVAL), and huge pages, of which a VM's guest reserves none. A limit of 0 huge pages (what
+// kubelet gives every container) is what the guest has anyway.
+func checkHostResources(r *specs.LinuxResources) error {
+	var errs []error
+	if c := r.CPU; c != nil {
+		if c.Cpus != "" {
+			errs = append(errs, fmt.Errorf("linux.resources.cpu.cpus = %q names host CPUs, and the VM's vCPUs are not pinned to them: leave the cpuset out (kubelet's static CPU manager sets one for Guaranteed pods with whole CPUs; use runc for those)", c.Cpus))
+		}
+		if c.Mems != "" {
+			errs = append(errs, fmt.Errorf("linux.resources.cpu.mems = %q names host memory nodes, and the VM's memory is not bound to them: leave it out", c.Mems))
+		}
+	}
+	for i, h := range r.HugepageLimits {
+		if h.Limit > 0 {
+			errs = append(errs, fmt.Errorf("linux.resources.hugepageLimits[%d] = %d bytes of %s pages: a Kiln VM reserves no huge pages; request none, or use runc", i, h.Limit, h.Pagesize))
+		}
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", errdefs.ErrInvalidArgument, errors.Join(errs...))
 }

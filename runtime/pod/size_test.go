@@ -67,6 +67,10 @@ func TestFits(t *testing.T) {
 		{"within", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(512 << 20))}, CPU: &specs.LinuxCPU{Quota: ptr(int64(200000)), Period: ptr(uint64(100000))}}, true},
 		{"too much memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(513 << 20))}}, false},
 		{"too much CPU", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(200001)), Period: ptr(uint64(100000))}}, false},
+		{"host CPUs", &specs.LinuxResources{CPU: &specs.LinuxCPU{Cpus: "0-1"}}, false},
+		{"host memory nodes", &specs.LinuxResources{CPU: &specs.LinuxCPU{Mems: "0"}}, false},
+		{"huge pages", &specs.LinuxResources{HugepageLimits: []specs.LinuxHugepageLimit{{Pagesize: "2MB", Limit: 2 << 20}}}, false},
+		{"no huge pages (kubelet's)", &specs.LinuxResources{HugepageLimits: []specs.LinuxHugepageLimit{{Pagesize: "2MB"}, {Pagesize: "1GB"}}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := p.Fits("c", tc.r)

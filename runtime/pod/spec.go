@@ -17,14 +17,19 @@ import (
 )
 
 // checkSpec refuses, before anything of container id is prepared, what its spec asks of the host that a VM
-// cannot give (hooks that must run in its namespaces, the host's network, pid or ipc namespace, host LSM policy
-// unless the configuration ignores it), and returns where its network comes from.
+// cannot give (hooks that must run in its namespaces, the host's network, pid or ipc namespace, host CPUs or huge
+// pages, host LSM policy unless the configuration ignores it), and returns where its network comes from.
 func (p *Pod) checkSpec(id string, spec *specs.Spec) (network.Source, error) {
 	if err := hooks.Check(spec); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}
 	if err := checkIsolation(spec); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+	}
+	if spec.Linux != nil && spec.Linux.Resources != nil {
+		if err := checkHostResources(spec.Linux.Resources); err != nil {
+			return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+		}
 	}
 	// Checked on a copy: CreateContainer takes ignored settings out of what the guest gets.
 	check := *spec
