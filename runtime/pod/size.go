@@ -63,7 +63,8 @@ func (p *Pod) Fits(id string, r *specs.LinuxResources) error {
 
 // checkHostResources refuses resources that name what only the host has: CPUs and memory nodes to pin to (a
 // cpuset, kubelet's static CPU manager's among them), which in the VM would name its vCPUs instead (or none:
-// libcontainer's bare EINVAL), and huge pages, of which a VM's guest reserves none. A limit of 0 huge pages (what
+// libcontainer's bare EINVAL), block devices to weigh or throttle, and huge pages, of which a VM's guest reserves
+// none. A limit of 0 huge pages (what
 // kubelet gives every container) is what the guest has anyway.
 func checkHostResources(r *specs.LinuxResources) error {
 	var errs []error
@@ -74,6 +75,10 @@ func checkHostResources(r *specs.LinuxResources) error {
 		if c.Mems != "" {
 			errs = append(errs, fmt.Errorf("linux.resources.cpu.mems = %q names host memory nodes, and the VM's memory is not bound to them: leave it out", c.Mems))
 		}
+	}
+	if b := r.BlockIO; b != nil && (b.Weight != nil || b.LeafWeight != nil || len(b.WeightDevice) > 0 ||
+		len(b.ThrottleReadBpsDevice) > 0 || len(b.ThrottleWriteBpsDevice) > 0 || len(b.ThrottleReadIOPSDevice) > 0 || len(b.ThrottleWriteIOPSDevice) > 0) {
+		errs = append(errs, errors.New("linux.resources.blockIO: a Kiln container's files reach it over virtio-fs, with no block device of the host's to weigh or throttle (device numbers name the host's): leave it out"))
 	}
 	for i, h := range r.HugepageLimits {
 		if h.Limit > 0 {

@@ -70,6 +70,9 @@ func TestFits(t *testing.T) {
 		{"host CPUs", &specs.LinuxResources{CPU: &specs.LinuxCPU{Cpus: "0-1"}}, false},
 		{"host memory nodes", &specs.LinuxResources{CPU: &specs.LinuxCPU{Mems: "0"}}, false},
 		{"huge pages", &specs.LinuxResources{HugepageLimits: []specs.LinuxHugepageLimit{{Pagesize: "2MB", Limit: 2 << 20}}}, false},
+		{"block IO weight", &specs.LinuxResources{BlockIO: &specs.LinuxBlockIO{Weight: ptr(uint16(500))}}, false},
+		{"block IO throttle", &specs.LinuxResources{BlockIO: &specs.LinuxBlockIO{ThrottleReadBpsDevice: []specs.LinuxThrottleDevice{{Rate: 1 << 20}}}}, false},
+		{"empty block IO", &specs.LinuxResources{BlockIO: &specs.LinuxBlockIO{}}, true},
 		{"no huge pages (kubelet's)", &specs.LinuxResources{HugepageLimits: []specs.LinuxHugepageLimit{{Pagesize: "2MB"}, {Pagesize: "1GB"}}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
