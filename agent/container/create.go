@@ -46,6 +46,13 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
 	}
+	dropped, err := fitDevices(spec.Linux, guestHasDevice)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
+	}
+	if len(dropped) > 0 {
+		s.log.WithFields(logrus.Fields{"container": id, "devices": dropped}).Info("a privileged container's host devices the VM does not have are left out")
+	}
 	netSysctls := fitUserNamespace(spec)
 	config, err := libcontainerConfig(spec, id, s.noPivot)
 	if err != nil {

@@ -46,6 +46,10 @@ func BadInput(kernel, initrd, qemu string) []BadCase {
 		{Name: "huge pages", Spec: func(s *specs.Spec) {
 			resources(s).HugepageLimits = []specs.LinuxHugepageLimit{{Pagesize: "2MB", Limit: 4 << 20}}
 		}, Want: []string{"linux.resources.hugepageLimits[0] = 4194304 bytes of 2MB pages", "reserves no huge pages"}},
+		// Host devices are not passed through: a device the guest's kernel lacks is refused once the guest sees it.
+		{Name: "device the VM lacks", Spec: func(s *specs.Spec) {
+			linux(s).Devices = append(linux(s).Devices, specs.LinuxDevice{Path: "/dev/kiln-test", Type: "c", Major: 240, Minor: 240})
+		}, Want: []string{"/dev/kiln-test (c 240:240): the VM has no such device"}},
 		{Name: "negative memory limit", Spec: func(s *specs.Spec) {
 			resources(s).Memory = &specs.LinuxMemory{Limit: ptr(int64(-5))}
 		}, Want: []string{"linux.resources.memory.limit = -5", "-1 (no limit)"}},
