@@ -31,7 +31,7 @@ func readStats(dir string) (*agentv1.StatsContainerResponse, error) {
 		return nil, err
 	}
 	single := map[string]uint64{}
-	for _, name := range []string{"memory.current", "memory.max", "memory.swap.current", "memory.swap.max", "pids.current", "pids.max"} {
+	for _, name := range []string{"memory.current", "memory.max", "memory.swap.current", "memory.swap.max", "memory.peak", "memory.swap.peak", "pids.current", "pids.max"} {
 		v, err := readSingle(dir, name)
 		if err != nil {
 			return nil, err
@@ -42,6 +42,12 @@ func readStats(dir string) (*agentv1.StatsContainerResponse, error) {
 	if err != nil {
 		return nil, err
 	}
+	psi := map[string]*agentv1.PSIStats{}
+	for _, name := range []string{"cpu.pressure", "memory.pressure", "io.pressure"} {
+		if psi[name], err = readPSI(dir, name); err != nil {
+			return nil, err
+		}
+	}
 	return &agentv1.StatsContainerResponse{
 		Cpu: &agentv1.CPUStats{
 			UsageUsec:     cpu["usage_usec"],
@@ -50,6 +56,7 @@ func readStats(dir string) (*agentv1.StatsContainerResponse, error) {
 			NrPeriods:     cpu["nr_periods"],
 			NrThrottled:   cpu["nr_throttled"],
 			ThrottledUsec: cpu["throttled_usec"],
+			Psi:           psi["cpu.pressure"],
 		},
 		Memory: &agentv1.MemoryStats{
 			Usage:         single["memory.current"],
@@ -76,9 +83,12 @@ func readStats(dir string) (*agentv1.StatsContainerResponse, error) {
 			OomKill:       events["oom_kill"],
 			Max:           events["max"],
 			High:          events["high"],
+			MaxUsage:      single["memory.peak"],
+			SwapMaxUsage:  single["memory.swap.peak"],
+			Psi:           psi["memory.pressure"],
 		},
 		Pids: &agentv1.PidsStats{Current: single["pids.current"], Limit: single["pids.max"]},
-		Io:   &agentv1.IOStats{Usage: io},
+		Io:   &agentv1.IOStats{Usage: io, Psi: psi["io.pressure"]},
 	}, nil
 }
 
@@ -151,6 +161,61 @@ func parseSingle(text string) (uint64, error) {
 		return math.MaxUint64, nil
 	}
 	return strconv.ParseUint(s, 10, 64)
+}
+
+// readPSI reads a pressure file ("some avg10=0.00 avg60=0.00 avg300=0.00 total=0", and a "full" line but for
+// cpu.pressure on older kernels); nil when the kernel has none (no CONFIG_PSI, or psi=0).
+func readPSI(dir, name string) (*agentv1.PSIStats, error) {
+	text, err := readOptional(dir, name)
+	if err != nil || text == "" {
+		return nil, err
+	}
+	st, err := parsePSI(text)
+	if err != nil {
+		return nil, fmt.Errorf("parse %s: %w", filepath.Join(dir, name), err)
+	}
+	return st, nil
+}
+
+func parsePSI(text string) (*agentv1.PSIStats, error) {
+	st := &agentv1.PSIStats{}
+	sc := bufio.NewScanner(strings.NewReader(text))
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) == 0 {
+			continue
+		}
+		d := &agentv1.PSIData{}
+		switch fields[0] {
+		case "some":
+			st.Some = d
+		case "full":
+			st.Full = d
+		default:
+			return nil, fmt.Errorf("line %q: want \"some\" or \"full\" first", sc.Text())
+		}
+		for _, f := range fields[1:] {
+			k, v, ok := strings.Cut(f, "=")
+			if !ok {
+				return nil, fmt.Errorf("line %q: field %q is not key=value", sc.Text(), f)
+			}
+			var err error
+			switch k {
+			case "avg10":
+				d.Avg10, err = strconv.ParseFloat(v, 64)
+			case "avg60":
+				d.Avg60, err = strconv.ParseFloat(v, 64)
+			case "avg300":
+				d.Avg300, err = strconv.ParseFloat(v, 64)
+			case "total":
+				d.Total, err = strconv.ParseUint(v, 10, 64)
+			}
+			if err != nil {
+				return nil, fmt.Errorf("line %q: %w", sc.Text(), err)
+			}
+		}
+	}
+	return st, sc.Err()
 }
 
 func readIOStat(dir string) ([]*agentv1.IOEntry, error) {

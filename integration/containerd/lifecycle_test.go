@@ -2,7 +2,9 @@ package containerd
 
 import (
 	"context"
+	"encoding/json"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -107,6 +109,25 @@ func TestKilnDetachedLifecycle(t *testing.T) {
 		v, err := strconv.ParseUint(metricValue(out, "memory.usage"), 10, 64)
 		if err != nil || v == 0 {
 			t.Errorf("memory.usage %d (%v) in:\n%s", v, err, out)
+		}
+		// The guest's peaks and pressure figures reach containerd, and no limit reads as containerd's "max".
+		var m struct {
+			Memory struct {
+				UsageLimit uint64          `json:"usage_limit"`
+				MaxUsage   uint64          `json:"max_usage"`
+				PSI        json.RawMessage `json:"psi"`
+			} `json:"memory"`
+			CPU struct {
+				PSI json.RawMessage `json:"psi"`
+			} `json:"cpu"`
+		}
+		out = k.ctr(t, "tasks", "metrics", "--format", "json", id)
+		if err := json.Unmarshal([]byte(out), &m); err != nil {
+			t.Fatalf("ctr tasks metrics --format json: %v\n%s", err, out)
+		}
+		if m.Memory.UsageLimit != math.MaxUint64 || m.Memory.MaxUsage == 0 || len(m.Memory.PSI) == 0 || len(m.CPU.PSI) == 0 {
+			t.Errorf("metrics: memory limit %d (want %d, no limit), peak %d, memory pressure %s, CPU pressure %s; want a peak and pressure:\n%s",
+				m.Memory.UsageLimit, uint64(math.MaxUint64), m.Memory.MaxUsage, m.Memory.PSI, m.CPU.PSI, out)
 		}
 	})
 	t.Run("pause-resume", func(t *testing.T) {

@@ -1,6 +1,7 @@
 package task
 
 import (
+	"math"
 	"testing"
 
 	"github.com/containerd/containerd/api/types/runc/options"
@@ -65,5 +66,29 @@ func TestMetricsMapping(t *testing.T) {
 	}
 	if m.Pids.Current != 3 || m.Pids.Limit != 10 || m.CPU.UsageUsec != 7 || m.Io.Usage[0].Rbytes != 5 {
 		t.Errorf("metrics %+v", m)
+	}
+	if m.CPU.PSI != nil || m.Memory.PSI != nil || m.Io.PSI != nil {
+		t.Errorf("pressure reported without the guest's: %+v %+v %+v", m.CPU.PSI, m.Memory.PSI, m.Io.PSI)
+	}
+}
+
+// Peaks and pressure reach containerd's metrics; a pressure average that is no share of time (the guest writes
+// them) reads as 0.
+func TestMetricsPressureAndPeaks(t *testing.T) {
+	m := metrics(&agentv1.StatsContainerResponse{
+		Memory: &agentv1.MemoryStats{MaxUsage: 1 << 20, SwapMaxUsage: 2 << 20,
+			Psi: &agentv1.PSIStats{Some: &agentv1.PSIData{Avg10: 12.5, Avg60: math.NaN(), Avg300: math.Inf(1), Total: 42}, Full: &agentv1.PSIData{Avg10: -1, Avg60: 101}}},
+		Cpu: &agentv1.CPUStats{Psi: &agentv1.PSIStats{Some: &agentv1.PSIData{Avg300: 100}}},
+		Io:  &agentv1.IOStats{Psi: &agentv1.PSIStats{Full: &agentv1.PSIData{Total: 9}}},
+	})
+	if m.Memory.MaxUsage != 1<<20 || m.Memory.SwapMaxUsage != 2<<20 {
+		t.Errorf("peaks %d, %d", m.Memory.MaxUsage, m.Memory.SwapMaxUsage)
+	}
+	some, full := m.Memory.PSI.Some, m.Memory.PSI.Full
+	if some.Avg10 != 12.5 || some.Avg60 != 0 || some.Avg300 != 0 || some.Total != 42 || full.Avg10 != 0 || full.Avg60 != 0 {
+		t.Errorf("memory pressure %+v / %+v", some, full)
+	}
+	if m.CPU.PSI.Some.Avg300 != 100 || m.CPU.PSI.Full != nil || m.Io.PSI.Full.Total != 9 || m.Io.PSI.Some != nil {
+		t.Errorf("cpu pressure %+v, io pressure %+v", m.CPU.PSI, m.Io.PSI)
 	}
 }

@@ -1,6 +1,8 @@
 package task
 
 import (
+	"math"
+
 	v2 "github.com/containerd/cgroups/v3/cgroup2/stats"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
@@ -17,6 +19,7 @@ func metrics(st *agentv1.StatsContainerResponse) *v2.Metrics {
 		m.CPU = &v2.CPUStat{
 			UsageUsec: c.GetUsageUsec(), UserUsec: c.GetUserUsec(), SystemUsec: c.GetSystemUsec(),
 			NrPeriods: c.GetNrPeriods(), NrThrottled: c.GetNrThrottled(), ThrottledUsec: c.GetThrottledUsec(),
+			PSI: psi(c.GetPsi()),
 		}
 	}
 	if mem := st.GetMemory(); mem != nil {
@@ -27,11 +30,12 @@ func metrics(st *agentv1.StatsContainerResponse) *v2.Metrics {
 			FileWriteback: mem.GetFileWriteback(), Pgfault: mem.GetPgfault(), Pgmajfault: mem.GetPgmajfault(),
 			InactiveAnon: mem.GetInactiveAnon(), ActiveAnon: mem.GetActiveAnon(), InactiveFile: mem.GetInactiveFile(),
 			ActiveFile: mem.GetActiveFile(), Unevictable: mem.GetUnevictable(),
+			MaxUsage: mem.GetMaxUsage(), SwapMaxUsage: mem.GetSwapMaxUsage(), PSI: psi(mem.GetPsi()),
 		}
 		m.MemoryEvents = &v2.MemoryEvents{Oom: mem.GetOom(), OomKill: mem.GetOomKill(), Max: mem.GetMax(), High: mem.GetHigh()}
 	}
 	if io := st.GetIo(); io != nil {
-		m.Io = &v2.IOStat{}
+		m.Io = &v2.IOStat{PSI: psi(io.GetPsi())}
 		for _, e := range io.GetUsage() {
 			m.Io.Usage = append(m.Io.Usage, &v2.IOEntry{
 				Major: e.GetMajor(), Minor: e.GetMinor(), Rbytes: e.GetRbytes(), Wbytes: e.GetWbytes(), Rios: e.GetRios(), Wios: e.GetWios(),
@@ -39,4 +43,25 @@ func metrics(st *agentv1.StatsContainerResponse) *v2.Metrics {
 		}
 	}
 	return m
+}
+
+// psi maps the agent's pressure figures. The guest reports them: an average that is not a share of time (not a
+// number, infinite, outside 0 to 100 percent) reads as 0 rather than reaching containerd's consumers.
+func psi(p *agentv1.PSIStats) *v2.PSIStats {
+	if p == nil {
+		return nil
+	}
+	data := func(d *agentv1.PSIData) *v2.PSIData {
+		if d == nil {
+			return nil
+		}
+		share := func(v float64) float64 {
+			if math.IsNaN(v) || v < 0 || v > 100 {
+				return 0
+			}
+			return v
+		}
+		return &v2.PSIData{Avg10: share(d.GetAvg10()), Avg60: share(d.GetAvg60()), Avg300: share(d.GetAvg300()), Total: d.GetTotal()}
+	}
+	return &v2.PSIStats{Some: data(p.GetSome()), Full: data(p.GetFull())}
 }

@@ -1286,6 +1286,8 @@ type CPUStats struct {
 	NrPeriods     uint64                 `protobuf:"varint,4,opt,name=nr_periods,json=nrPeriods,proto3" json:"nr_periods,omitempty"`
 	NrThrottled   uint64                 `protobuf:"varint,5,opt,name=nr_throttled,json=nrThrottled,proto3" json:"nr_throttled,omitempty"`
 	ThrottledUsec uint64                 `protobuf:"varint,6,opt,name=throttled_usec,json=throttledUsec,proto3" json:"throttled_usec,omitempty"`
+	// cpu.pressure
+	Psi           *PSIStats `protobuf:"bytes,7,opt,name=psi,proto3" json:"psi,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1362,6 +1364,135 @@ func (x *CPUStats) GetThrottledUsec() uint64 {
 	return 0
 }
 
+func (x *CPUStats) GetPsi() *PSIStats {
+	if x != nil {
+		return x.Psi
+	}
+	return nil
+}
+
+// A cgroup's pressure stall information (<resource>.pressure): the share of time some (or all) of its tasks
+// stalled on the resource, averaged over 10, 60 and 300 seconds (percent), and the total stall time (us).
+type PSIStats struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Some          *PSIData               `protobuf:"bytes,1,opt,name=some,proto3" json:"some,omitempty"`
+	Full          *PSIData               `protobuf:"bytes,2,opt,name=full,proto3" json:"full,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PSIStats) Reset() {
+	*x = PSIStats{}
+	mi := &file_agent_v1_container_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PSIStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PSIStats) ProtoMessage() {}
+
+func (x *PSIStats) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_container_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PSIStats.ProtoReflect.Descriptor instead.
+func (*PSIStats) Descriptor() ([]byte, []int) {
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *PSIStats) GetSome() *PSIData {
+	if x != nil {
+		return x.Some
+	}
+	return nil
+}
+
+func (x *PSIStats) GetFull() *PSIData {
+	if x != nil {
+		return x.Full
+	}
+	return nil
+}
+
+type PSIData struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Avg10         float64                `protobuf:"fixed64,1,opt,name=avg10,proto3" json:"avg10,omitempty"`
+	Avg60         float64                `protobuf:"fixed64,2,opt,name=avg60,proto3" json:"avg60,omitempty"`
+	Avg300        float64                `protobuf:"fixed64,3,opt,name=avg300,proto3" json:"avg300,omitempty"`
+	Total         uint64                 `protobuf:"varint,4,opt,name=total,proto3" json:"total,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PSIData) Reset() {
+	*x = PSIData{}
+	mi := &file_agent_v1_container_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PSIData) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PSIData) ProtoMessage() {}
+
+func (x *PSIData) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_container_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PSIData.ProtoReflect.Descriptor instead.
+func (*PSIData) Descriptor() ([]byte, []int) {
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *PSIData) GetAvg10() float64 {
+	if x != nil {
+		return x.Avg10
+	}
+	return 0
+}
+
+func (x *PSIData) GetAvg60() float64 {
+	if x != nil {
+		return x.Avg60
+	}
+	return 0
+}
+
+func (x *PSIData) GetAvg300() float64 {
+	if x != nil {
+		return x.Avg300
+	}
+	return 0
+}
+
+func (x *PSIData) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
 type MemoryStats struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// memory.current
@@ -1389,17 +1520,22 @@ type MemoryStats struct {
 	ActiveFile    uint64 `protobuf:"varint,19,opt,name=active_file,json=activeFile,proto3" json:"active_file,omitempty"`
 	Unevictable   uint64 `protobuf:"varint,20,opt,name=unevictable,proto3" json:"unevictable,omitempty"`
 	// From memory.events.
-	Oom           uint64 `protobuf:"varint,21,opt,name=oom,proto3" json:"oom,omitempty"`
-	OomKill       uint64 `protobuf:"varint,22,opt,name=oom_kill,json=oomKill,proto3" json:"oom_kill,omitempty"`
-	Max           uint64 `protobuf:"varint,23,opt,name=max,proto3" json:"max,omitempty"`
-	High          uint64 `protobuf:"varint,24,opt,name=high,proto3" json:"high,omitempty"`
+	Oom     uint64 `protobuf:"varint,21,opt,name=oom,proto3" json:"oom,omitempty"`
+	OomKill uint64 `protobuf:"varint,22,opt,name=oom_kill,json=oomKill,proto3" json:"oom_kill,omitempty"`
+	Max     uint64 `protobuf:"varint,23,opt,name=max,proto3" json:"max,omitempty"`
+	High    uint64 `protobuf:"varint,24,opt,name=high,proto3" json:"high,omitempty"`
+	// memory.peak and memory.swap.peak: the most the cgroup has used.
+	MaxUsage     uint64 `protobuf:"varint,25,opt,name=max_usage,json=maxUsage,proto3" json:"max_usage,omitempty"`
+	SwapMaxUsage uint64 `protobuf:"varint,26,opt,name=swap_max_usage,json=swapMaxUsage,proto3" json:"swap_max_usage,omitempty"`
+	// memory.pressure
+	Psi           *PSIStats `protobuf:"bytes,27,opt,name=psi,proto3" json:"psi,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *MemoryStats) Reset() {
 	*x = MemoryStats{}
-	mi := &file_agent_v1_container_proto_msgTypes[26]
+	mi := &file_agent_v1_container_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1411,7 +1547,7 @@ func (x *MemoryStats) String() string {
 func (*MemoryStats) ProtoMessage() {}
 
 func (x *MemoryStats) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[26]
+	mi := &file_agent_v1_container_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1424,7 +1560,7 @@ func (x *MemoryStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemoryStats.ProtoReflect.Descriptor instead.
 func (*MemoryStats) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{26}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *MemoryStats) GetUsage() uint64 {
@@ -1595,6 +1731,27 @@ func (x *MemoryStats) GetHigh() uint64 {
 	return 0
 }
 
+func (x *MemoryStats) GetMaxUsage() uint64 {
+	if x != nil {
+		return x.MaxUsage
+	}
+	return 0
+}
+
+func (x *MemoryStats) GetSwapMaxUsage() uint64 {
+	if x != nil {
+		return x.SwapMaxUsage
+	}
+	return 0
+}
+
+func (x *MemoryStats) GetPsi() *PSIStats {
+	if x != nil {
+		return x.Psi
+	}
+	return nil
+}
+
 type PidsStats struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Current uint64                 `protobuf:"varint,1,opt,name=current,proto3" json:"current,omitempty"`
@@ -1606,7 +1763,7 @@ type PidsStats struct {
 
 func (x *PidsStats) Reset() {
 	*x = PidsStats{}
-	mi := &file_agent_v1_container_proto_msgTypes[27]
+	mi := &file_agent_v1_container_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1618,7 +1775,7 @@ func (x *PidsStats) String() string {
 func (*PidsStats) ProtoMessage() {}
 
 func (x *PidsStats) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[27]
+	mi := &file_agent_v1_container_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1631,7 +1788,7 @@ func (x *PidsStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsStats.ProtoReflect.Descriptor instead.
 func (*PidsStats) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{27}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PidsStats) GetCurrent() uint64 {
@@ -1662,7 +1819,7 @@ type IOEntry struct {
 
 func (x *IOEntry) Reset() {
 	*x = IOEntry{}
-	mi := &file_agent_v1_container_proto_msgTypes[28]
+	mi := &file_agent_v1_container_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1674,7 +1831,7 @@ func (x *IOEntry) String() string {
 func (*IOEntry) ProtoMessage() {}
 
 func (x *IOEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[28]
+	mi := &file_agent_v1_container_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1687,7 +1844,7 @@ func (x *IOEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IOEntry.ProtoReflect.Descriptor instead.
 func (*IOEntry) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{28}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *IOEntry) GetMajor() uint64 {
@@ -1733,15 +1890,17 @@ func (x *IOEntry) GetWios() uint64 {
 }
 
 type IOStats struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Usage         []*IOEntry             `protobuf:"bytes,1,rep,name=usage,proto3" json:"usage,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Usage []*IOEntry             `protobuf:"bytes,1,rep,name=usage,proto3" json:"usage,omitempty"`
+	// io.pressure
+	Psi           *PSIStats `protobuf:"bytes,2,opt,name=psi,proto3" json:"psi,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *IOStats) Reset() {
 	*x = IOStats{}
-	mi := &file_agent_v1_container_proto_msgTypes[29]
+	mi := &file_agent_v1_container_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1753,7 +1912,7 @@ func (x *IOStats) String() string {
 func (*IOStats) ProtoMessage() {}
 
 func (x *IOStats) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[29]
+	mi := &file_agent_v1_container_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1766,12 +1925,19 @@ func (x *IOStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IOStats.ProtoReflect.Descriptor instead.
 func (*IOStats) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{29}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *IOStats) GetUsage() []*IOEntry {
 	if x != nil {
 		return x.Usage
+	}
+	return nil
+}
+
+func (x *IOStats) GetPsi() *PSIStats {
+	if x != nil {
+		return x.Psi
 	}
 	return nil
 }
@@ -1785,7 +1951,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[30]
+	mi := &file_agent_v1_container_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1797,7 +1963,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[30]
+	mi := &file_agent_v1_container_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1810,7 +1976,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{30}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListProcessesRequest) GetContainerId() string {
@@ -1831,7 +1997,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_v1_container_proto_msgTypes[31]
+	mi := &file_agent_v1_container_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1843,7 +2009,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[31]
+	mi := &file_agent_v1_container_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1856,7 +2022,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{31}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1882,7 +2048,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[32]
+	mi := &file_agent_v1_container_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1894,7 +2060,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[32]
+	mi := &file_agent_v1_container_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1907,7 +2073,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{32}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -1925,7 +2091,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[33]
+	mi := &file_agent_v1_container_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1937,7 +2103,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[33]
+	mi := &file_agent_v1_container_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1950,7 +2116,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{33}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{35}
 }
 
 type Event struct {
@@ -1966,7 +2132,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_agent_v1_container_proto_msgTypes[34]
+	mi := &file_agent_v1_container_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1978,7 +2144,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[34]
+	mi := &file_agent_v1_container_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1991,7 +2157,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{34}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Event) GetEvent() isEvent_Event {
@@ -2049,7 +2215,7 @@ type ExitEvent struct {
 
 func (x *ExitEvent) Reset() {
 	*x = ExitEvent{}
-	mi := &file_agent_v1_container_proto_msgTypes[35]
+	mi := &file_agent_v1_container_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2061,7 +2227,7 @@ func (x *ExitEvent) String() string {
 func (*ExitEvent) ProtoMessage() {}
 
 func (x *ExitEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[35]
+	mi := &file_agent_v1_container_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2074,7 +2240,7 @@ func (x *ExitEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExitEvent.ProtoReflect.Descriptor instead.
 func (*ExitEvent) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{35}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ExitEvent) GetContainerId() string {
@@ -2121,7 +2287,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_agent_v1_container_proto_msgTypes[36]
+	mi := &file_agent_v1_container_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2133,7 +2299,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[36]
+	mi := &file_agent_v1_container_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2146,7 +2312,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{36}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *OOMEvent) GetContainerId() string {
@@ -2227,7 +2393,7 @@ const file_agent_v1_container_proto_rawDesc = "" +
 	"\x03cpu\x18\x01 \x01(\v2\x17.kiln.agent.v1.CPUStatsR\x03cpu\x122\n" +
 	"\x06memory\x18\x02 \x01(\v2\x1a.kiln.agent.v1.MemoryStatsR\x06memory\x12,\n" +
 	"\x04pids\x18\x03 \x01(\v2\x18.kiln.agent.v1.PidsStatsR\x04pids\x12&\n" +
-	"\x02io\x18\x04 \x01(\v2\x16.kiln.agent.v1.IOStatsR\x02io\"\xd0\x01\n" +
+	"\x02io\x18\x04 \x01(\v2\x16.kiln.agent.v1.IOStatsR\x02io\"\xfb\x01\n" +
 	"\bCPUStats\x12\x1d\n" +
 	"\n" +
 	"usage_usec\x18\x01 \x01(\x04R\tusageUsec\x12\x1b\n" +
@@ -2237,7 +2403,16 @@ const file_agent_v1_container_proto_rawDesc = "" +
 	"\n" +
 	"nr_periods\x18\x04 \x01(\x04R\tnrPeriods\x12!\n" +
 	"\fnr_throttled\x18\x05 \x01(\x04R\vnrThrottled\x12%\n" +
-	"\x0ethrottled_usec\x18\x06 \x01(\x04R\rthrottledUsec\"\xad\x05\n" +
+	"\x0ethrottled_usec\x18\x06 \x01(\x04R\rthrottledUsec\x12)\n" +
+	"\x03psi\x18\a \x01(\v2\x17.kiln.agent.v1.PSIStatsR\x03psi\"b\n" +
+	"\bPSIStats\x12*\n" +
+	"\x04some\x18\x01 \x01(\v2\x16.kiln.agent.v1.PSIDataR\x04some\x12*\n" +
+	"\x04full\x18\x02 \x01(\v2\x16.kiln.agent.v1.PSIDataR\x04full\"c\n" +
+	"\aPSIData\x12\x14\n" +
+	"\x05avg10\x18\x01 \x01(\x01R\x05avg10\x12\x14\n" +
+	"\x05avg60\x18\x02 \x01(\x01R\x05avg60\x12\x16\n" +
+	"\x06avg300\x18\x03 \x01(\x01R\x06avg300\x12\x14\n" +
+	"\x05total\x18\x04 \x01(\x04R\x05total\"\x9b\x06\n" +
 	"\vMemoryStats\x12\x14\n" +
 	"\x05usage\x18\x01 \x01(\x04R\x05usage\x12\x1f\n" +
 	"\vusage_limit\x18\x02 \x01(\x04R\n" +
@@ -2272,7 +2447,10 @@ const file_agent_v1_container_proto_rawDesc = "" +
 	"\x03oom\x18\x15 \x01(\x04R\x03oom\x12\x19\n" +
 	"\boom_kill\x18\x16 \x01(\x04R\aoomKill\x12\x10\n" +
 	"\x03max\x18\x17 \x01(\x04R\x03max\x12\x12\n" +
-	"\x04high\x18\x18 \x01(\x04R\x04high\";\n" +
+	"\x04high\x18\x18 \x01(\x04R\x04high\x12\x1b\n" +
+	"\tmax_usage\x18\x19 \x01(\x04R\bmaxUsage\x12$\n" +
+	"\x0eswap_max_usage\x18\x1a \x01(\x04R\fswapMaxUsage\x12)\n" +
+	"\x03psi\x18\x1b \x01(\v2\x17.kiln.agent.v1.PSIStatsR\x03psi\";\n" +
 	"\tPidsStats\x12\x18\n" +
 	"\acurrent\x18\x01 \x01(\x04R\acurrent\x12\x14\n" +
 	"\x05limit\x18\x02 \x01(\x04R\x05limit\"\x8d\x01\n" +
@@ -2282,9 +2460,10 @@ const file_agent_v1_container_proto_rawDesc = "" +
 	"\x06rbytes\x18\x03 \x01(\x04R\x06rbytes\x12\x16\n" +
 	"\x06wbytes\x18\x04 \x01(\x04R\x06wbytes\x12\x12\n" +
 	"\x04rios\x18\x05 \x01(\x04R\x04rios\x12\x12\n" +
-	"\x04wios\x18\x06 \x01(\x04R\x04wios\"7\n" +
+	"\x04wios\x18\x06 \x01(\x04R\x04wios\"b\n" +
 	"\aIOStats\x12,\n" +
-	"\x05usage\x18\x01 \x03(\v2\x16.kiln.agent.v1.IOEntryR\x05usage\"9\n" +
+	"\x05usage\x18\x01 \x03(\v2\x16.kiln.agent.v1.IOEntryR\x05usage\x12)\n" +
+	"\x03psi\x18\x02 \x01(\v2\x17.kiln.agent.v1.PSIStatsR\x03psi\"9\n" +
 	"\x14ListProcessesRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"8\n" +
 	"\vProcessInfo\x12\x10\n" +
@@ -2336,7 +2515,7 @@ func file_agent_v1_container_proto_rawDescGZIP() []byte {
 	return file_agent_v1_container_proto_rawDescData
 }
 
-var file_agent_v1_container_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_agent_v1_container_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_agent_v1_container_proto_goTypes = []any{
 	(*Stdio)(nil),                   // 0: kiln.agent.v1.Stdio
 	(*CreateContainerRequest)(nil),  // 1: kiln.agent.v1.CreateContainerRequest
@@ -2364,65 +2543,72 @@ var file_agent_v1_container_proto_goTypes = []any{
 	(*StatsContainerRequest)(nil),   // 23: kiln.agent.v1.StatsContainerRequest
 	(*StatsContainerResponse)(nil),  // 24: kiln.agent.v1.StatsContainerResponse
 	(*CPUStats)(nil),                // 25: kiln.agent.v1.CPUStats
-	(*MemoryStats)(nil),             // 26: kiln.agent.v1.MemoryStats
-	(*PidsStats)(nil),               // 27: kiln.agent.v1.PidsStats
-	(*IOEntry)(nil),                 // 28: kiln.agent.v1.IOEntry
-	(*IOStats)(nil),                 // 29: kiln.agent.v1.IOStats
-	(*ListProcessesRequest)(nil),    // 30: kiln.agent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),             // 31: kiln.agent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),   // 32: kiln.agent.v1.ListProcessesResponse
-	(*EventsRequest)(nil),           // 33: kiln.agent.v1.EventsRequest
-	(*Event)(nil),                   // 34: kiln.agent.v1.Event
-	(*ExitEvent)(nil),               // 35: kiln.agent.v1.ExitEvent
-	(*OOMEvent)(nil),                // 36: kiln.agent.v1.OOMEvent
-	(*timestamppb.Timestamp)(nil),   // 37: google.protobuf.Timestamp
+	(*PSIStats)(nil),                // 26: kiln.agent.v1.PSIStats
+	(*PSIData)(nil),                 // 27: kiln.agent.v1.PSIData
+	(*MemoryStats)(nil),             // 28: kiln.agent.v1.MemoryStats
+	(*PidsStats)(nil),               // 29: kiln.agent.v1.PidsStats
+	(*IOEntry)(nil),                 // 30: kiln.agent.v1.IOEntry
+	(*IOStats)(nil),                 // 31: kiln.agent.v1.IOStats
+	(*ListProcessesRequest)(nil),    // 32: kiln.agent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),             // 33: kiln.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),   // 34: kiln.agent.v1.ListProcessesResponse
+	(*EventsRequest)(nil),           // 35: kiln.agent.v1.EventsRequest
+	(*Event)(nil),                   // 36: kiln.agent.v1.Event
+	(*ExitEvent)(nil),               // 37: kiln.agent.v1.ExitEvent
+	(*OOMEvent)(nil),                // 38: kiln.agent.v1.OOMEvent
+	(*timestamppb.Timestamp)(nil),   // 39: google.protobuf.Timestamp
 }
 var file_agent_v1_container_proto_depIdxs = []int32{
 	0,  // 0: kiln.agent.v1.CreateContainerRequest.stdio:type_name -> kiln.agent.v1.Stdio
 	0,  // 1: kiln.agent.v1.ExecProcessRequest.stdio:type_name -> kiln.agent.v1.Stdio
-	37, // 2: kiln.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	39, // 2: kiln.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
 	25, // 3: kiln.agent.v1.StatsContainerResponse.cpu:type_name -> kiln.agent.v1.CPUStats
-	26, // 4: kiln.agent.v1.StatsContainerResponse.memory:type_name -> kiln.agent.v1.MemoryStats
-	27, // 5: kiln.agent.v1.StatsContainerResponse.pids:type_name -> kiln.agent.v1.PidsStats
-	29, // 6: kiln.agent.v1.StatsContainerResponse.io:type_name -> kiln.agent.v1.IOStats
-	28, // 7: kiln.agent.v1.IOStats.usage:type_name -> kiln.agent.v1.IOEntry
-	31, // 8: kiln.agent.v1.ListProcessesResponse.processes:type_name -> kiln.agent.v1.ProcessInfo
-	35, // 9: kiln.agent.v1.Event.exit:type_name -> kiln.agent.v1.ExitEvent
-	36, // 10: kiln.agent.v1.Event.oom:type_name -> kiln.agent.v1.OOMEvent
-	37, // 11: kiln.agent.v1.ExitEvent.exited_at:type_name -> google.protobuf.Timestamp
-	1,  // 12: kiln.agent.v1.Containers.CreateContainer:input_type -> kiln.agent.v1.CreateContainerRequest
-	3,  // 13: kiln.agent.v1.Containers.StartContainer:input_type -> kiln.agent.v1.StartContainerRequest
-	5,  // 14: kiln.agent.v1.Containers.ExecProcess:input_type -> kiln.agent.v1.ExecProcessRequest
-	7,  // 15: kiln.agent.v1.Containers.SignalProcess:input_type -> kiln.agent.v1.SignalProcessRequest
-	9,  // 16: kiln.agent.v1.Containers.WaitProcess:input_type -> kiln.agent.v1.WaitProcessRequest
-	11, // 17: kiln.agent.v1.Containers.RemoveContainer:input_type -> kiln.agent.v1.RemoveContainerRequest
-	13, // 18: kiln.agent.v1.Containers.CloseStdin:input_type -> kiln.agent.v1.CloseStdinRequest
-	15, // 19: kiln.agent.v1.Containers.ResizeTTY:input_type -> kiln.agent.v1.ResizeTTYRequest
-	17, // 20: kiln.agent.v1.Containers.PauseContainer:input_type -> kiln.agent.v1.PauseContainerRequest
-	19, // 21: kiln.agent.v1.Containers.ResumeContainer:input_type -> kiln.agent.v1.ResumeContainerRequest
-	21, // 22: kiln.agent.v1.Containers.UpdateContainer:input_type -> kiln.agent.v1.UpdateContainerRequest
-	23, // 23: kiln.agent.v1.Containers.StatsContainer:input_type -> kiln.agent.v1.StatsContainerRequest
-	30, // 24: kiln.agent.v1.Containers.ListProcesses:input_type -> kiln.agent.v1.ListProcessesRequest
-	33, // 25: kiln.agent.v1.Containers.Events:input_type -> kiln.agent.v1.EventsRequest
-	2,  // 26: kiln.agent.v1.Containers.CreateContainer:output_type -> kiln.agent.v1.CreateContainerResponse
-	4,  // 27: kiln.agent.v1.Containers.StartContainer:output_type -> kiln.agent.v1.StartContainerResponse
-	6,  // 28: kiln.agent.v1.Containers.ExecProcess:output_type -> kiln.agent.v1.ExecProcessResponse
-	8,  // 29: kiln.agent.v1.Containers.SignalProcess:output_type -> kiln.agent.v1.SignalProcessResponse
-	10, // 30: kiln.agent.v1.Containers.WaitProcess:output_type -> kiln.agent.v1.WaitProcessResponse
-	12, // 31: kiln.agent.v1.Containers.RemoveContainer:output_type -> kiln.agent.v1.RemoveContainerResponse
-	14, // 32: kiln.agent.v1.Containers.CloseStdin:output_type -> kiln.agent.v1.CloseStdinResponse
-	16, // 33: kiln.agent.v1.Containers.ResizeTTY:output_type -> kiln.agent.v1.ResizeTTYResponse
-	18, // 34: kiln.agent.v1.Containers.PauseContainer:output_type -> kiln.agent.v1.PauseContainerResponse
-	20, // 35: kiln.agent.v1.Containers.ResumeContainer:output_type -> kiln.agent.v1.ResumeContainerResponse
-	22, // 36: kiln.agent.v1.Containers.UpdateContainer:output_type -> kiln.agent.v1.UpdateContainerResponse
-	24, // 37: kiln.agent.v1.Containers.StatsContainer:output_type -> kiln.agent.v1.StatsContainerResponse
-	32, // 38: kiln.agent.v1.Containers.ListProcesses:output_type -> kiln.agent.v1.ListProcessesResponse
-	34, // 39: kiln.agent.v1.Containers.Events:output_type -> kiln.agent.v1.Event
-	26, // [26:40] is the sub-list for method output_type
-	12, // [12:26] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	28, // 4: kiln.agent.v1.StatsContainerResponse.memory:type_name -> kiln.agent.v1.MemoryStats
+	29, // 5: kiln.agent.v1.StatsContainerResponse.pids:type_name -> kiln.agent.v1.PidsStats
+	31, // 6: kiln.agent.v1.StatsContainerResponse.io:type_name -> kiln.agent.v1.IOStats
+	26, // 7: kiln.agent.v1.CPUStats.psi:type_name -> kiln.agent.v1.PSIStats
+	27, // 8: kiln.agent.v1.PSIStats.some:type_name -> kiln.agent.v1.PSIData
+	27, // 9: kiln.agent.v1.PSIStats.full:type_name -> kiln.agent.v1.PSIData
+	26, // 10: kiln.agent.v1.MemoryStats.psi:type_name -> kiln.agent.v1.PSIStats
+	30, // 11: kiln.agent.v1.IOStats.usage:type_name -> kiln.agent.v1.IOEntry
+	26, // 12: kiln.agent.v1.IOStats.psi:type_name -> kiln.agent.v1.PSIStats
+	33, // 13: kiln.agent.v1.ListProcessesResponse.processes:type_name -> kiln.agent.v1.ProcessInfo
+	37, // 14: kiln.agent.v1.Event.exit:type_name -> kiln.agent.v1.ExitEvent
+	38, // 15: kiln.agent.v1.Event.oom:type_name -> kiln.agent.v1.OOMEvent
+	39, // 16: kiln.agent.v1.ExitEvent.exited_at:type_name -> google.protobuf.Timestamp
+	1,  // 17: kiln.agent.v1.Containers.CreateContainer:input_type -> kiln.agent.v1.CreateContainerRequest
+	3,  // 18: kiln.agent.v1.Containers.StartContainer:input_type -> kiln.agent.v1.StartContainerRequest
+	5,  // 19: kiln.agent.v1.Containers.ExecProcess:input_type -> kiln.agent.v1.ExecProcessRequest
+	7,  // 20: kiln.agent.v1.Containers.SignalProcess:input_type -> kiln.agent.v1.SignalProcessRequest
+	9,  // 21: kiln.agent.v1.Containers.WaitProcess:input_type -> kiln.agent.v1.WaitProcessRequest
+	11, // 22: kiln.agent.v1.Containers.RemoveContainer:input_type -> kiln.agent.v1.RemoveContainerRequest
+	13, // 23: kiln.agent.v1.Containers.CloseStdin:input_type -> kiln.agent.v1.CloseStdinRequest
+	15, // 24: kiln.agent.v1.Containers.ResizeTTY:input_type -> kiln.agent.v1.ResizeTTYRequest
+	17, // 25: kiln.agent.v1.Containers.PauseContainer:input_type -> kiln.agent.v1.PauseContainerRequest
+	19, // 26: kiln.agent.v1.Containers.ResumeContainer:input_type -> kiln.agent.v1.ResumeContainerRequest
+	21, // 27: kiln.agent.v1.Containers.UpdateContainer:input_type -> kiln.agent.v1.UpdateContainerRequest
+	23, // 28: kiln.agent.v1.Containers.StatsContainer:input_type -> kiln.agent.v1.StatsContainerRequest
+	32, // 29: kiln.agent.v1.Containers.ListProcesses:input_type -> kiln.agent.v1.ListProcessesRequest
+	35, // 30: kiln.agent.v1.Containers.Events:input_type -> kiln.agent.v1.EventsRequest
+	2,  // 31: kiln.agent.v1.Containers.CreateContainer:output_type -> kiln.agent.v1.CreateContainerResponse
+	4,  // 32: kiln.agent.v1.Containers.StartContainer:output_type -> kiln.agent.v1.StartContainerResponse
+	6,  // 33: kiln.agent.v1.Containers.ExecProcess:output_type -> kiln.agent.v1.ExecProcessResponse
+	8,  // 34: kiln.agent.v1.Containers.SignalProcess:output_type -> kiln.agent.v1.SignalProcessResponse
+	10, // 35: kiln.agent.v1.Containers.WaitProcess:output_type -> kiln.agent.v1.WaitProcessResponse
+	12, // 36: kiln.agent.v1.Containers.RemoveContainer:output_type -> kiln.agent.v1.RemoveContainerResponse
+	14, // 37: kiln.agent.v1.Containers.CloseStdin:output_type -> kiln.agent.v1.CloseStdinResponse
+	16, // 38: kiln.agent.v1.Containers.ResizeTTY:output_type -> kiln.agent.v1.ResizeTTYResponse
+	18, // 39: kiln.agent.v1.Containers.PauseContainer:output_type -> kiln.agent.v1.PauseContainerResponse
+	20, // 40: kiln.agent.v1.Containers.ResumeContainer:output_type -> kiln.agent.v1.ResumeContainerResponse
+	22, // 41: kiln.agent.v1.Containers.UpdateContainer:output_type -> kiln.agent.v1.UpdateContainerResponse
+	24, // 42: kiln.agent.v1.Containers.StatsContainer:output_type -> kiln.agent.v1.StatsContainerResponse
+	34, // 43: kiln.agent.v1.Containers.ListProcesses:output_type -> kiln.agent.v1.ListProcessesResponse
+	36, // 44: kiln.agent.v1.Containers.Events:output_type -> kiln.agent.v1.Event
+	31, // [31:45] is the sub-list for method output_type
+	17, // [17:31] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_agent_v1_container_proto_init() }
@@ -2430,7 +2616,7 @@ func file_agent_v1_container_proto_init() {
 	if File_agent_v1_container_proto != nil {
 		return
 	}
-	file_agent_v1_container_proto_msgTypes[34].OneofWrappers = []any{
+	file_agent_v1_container_proto_msgTypes[36].OneofWrappers = []any{
 		(*Event_Exit)(nil),
 		(*Event_Oom)(nil),
 	}
@@ -2440,7 +2626,7 @@ func file_agent_v1_container_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_container_proto_rawDesc), len(file_agent_v1_container_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   37,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
