@@ -111,6 +111,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkCgroup(cfg))
 	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots))
 	out = append(out, checkPortForward(portforward.Probe))
+	out = append(out, checkHostLSM(cfg, hostAppArmor))
 
 	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
 		add("state dir", err, "")
@@ -204,6 +205,25 @@ func checkPortForward(probe func() error) checkResult {
 		return checkResult{"port forward", "warn", fmt.Sprintf("CRI port forwarding (kubectl port-forward) will not reach pods: %v (needs Linux 5.9 or later with BPF, and root)", err)}
 	}
 	return checkResult{"port forward", "ok", "an eBPF sk_lookup program attaches to a network namespace: CRI port forwarding reaches pods"}
+}
+
+// checkHostLSM says what becomes of host LSM settings in specs (runtime.host_lsm), and warns where they would
+// refuse every CRI container: containerd's CRI gives each one an AppArmor profile when the host has AppArmor on.
+func checkHostLSM(cfg config.Config, appArmor func() bool) checkResult {
+	if cfg.Runtime.IgnoreHostLSM() {
+		return checkResult{"host LSM", "ok", `runtime.host_lsm = "ignore": AppArmor profiles and SELinux labels in specs are taken out; containers run unconfined by them inside their VMs`}
+	}
+	if appArmor() {
+		return checkResult{"host LSM", "warn", `AppArmor is on here, so containerd's CRI gives every container a profile, which Kiln refuses (runtime.host_lsm = "refuse"): set runtime.host_lsm = "ignore", or give pods appArmorProfile Unconfined`}
+	}
+	return checkResult{"host LSM", "ok", `runtime.host_lsm = "refuse": a container whose spec sets an AppArmor profile or SELinux label is refused (AppArmor is off here)`}
+}
+
+// hostAppArmor says whether the host's kernel has AppArmor on, as containerd decides whether to give containers
+// a profile.
+func hostAppArmor() bool {
+	b, err := os.ReadFile("/sys/module/apparmor/parameters/enabled")
+	return err == nil && len(b) > 0 && b[0] == 'Y'
 }
 
 func checkVsock(mode string) checkResult {
