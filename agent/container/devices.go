@@ -28,7 +28,7 @@ func fitDevices(l *specs.Linux, has func(typ string, major, minor int64) bool) (
 		}
 		name := fmt.Sprintf("%s (%s %d:%d)", d.Path, d.Type, d.Major, d.Minor)
 		if !all {
-			return nil, fmt.Errorf("linux.devices[%d] %s: the VM has no such device; a Kiln container gets the devices of its VM's kernel, not the host's", i, name)
+			return nil, fmt.Errorf("linux.devices[%d] %s: the VM has no such device; a Kiln container gets the devices of its VM's kernel, not the host's: remove it from the spec, or use runc for it", i, name)
 		}
 		dropped = append(dropped, name)
 	}

@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
@@ -164,9 +166,13 @@ func parseSingle(text string) (uint64, error) {
 }
 
 // readPSI reads a pressure file ("some avg10=0.00 avg60=0.00 avg300=0.00 total=0", and a "full" line but for
-// cpu.pressure on older kernels); nil when the kernel has none (no CONFIG_PSI, or psi=0).
+// cpu.pressure on older kernels); nil when there is none to read: no CONFIG_PSI, or pressure turned off (psi=0,
+// cgroup.pressure 0), where the file answers EOPNOTSUPP.
 func readPSI(dir, name string) (*agentv1.PSIStats, error) {
 	text, err := readOptional(dir, name)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		return nil, nil
+	}
 	if err != nil || text == "" {
 		return nil, err
 	}

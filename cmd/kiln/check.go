@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/containerd/containerd/v2/pkg/apparmor"
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-runtime/kiln/config"
@@ -111,7 +112,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkCgroup(cfg))
 	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots))
 	out = append(out, checkPortForward(portforward.Probe))
-	out = append(out, checkHostLSM(cfg, hostAppArmor))
+	out = append(out, checkHostLSM(cfg, apparmor.HostSupports, hostSELinux))
 
 	if err := checkStateDir(cfg.Runtime.StateDir); err != nil {
 		add("state dir", err, "")
@@ -208,22 +209,26 @@ func checkPortForward(probe func() error) checkResult {
 }
 
 // checkHostLSM says what becomes of host LSM settings in specs (runtime.host_lsm), and warns where they would
-// refuse every CRI container: containerd's CRI gives each one an AppArmor profile when the host has AppArmor on.
-func checkHostLSM(cfg config.Config, appArmor func() bool) checkResult {
+// refuse CRI containers: containerd's CRI gives every container an AppArmor profile when the host supports
+// AppArmor (containerd's own test), and SELinux labels when the host has SELinux on and containerd's
+// enable_selinux is set.
+func checkHostLSM(cfg config.Config, appArmor, seLinux func() bool) checkResult {
 	if cfg.Runtime.IgnoreHostLSM() {
 		return checkResult{"host LSM", "ok", `runtime.host_lsm = "ignore": AppArmor profiles and SELinux labels in specs are taken out; containers run unconfined by them inside their VMs`}
 	}
 	if appArmor() {
 		return checkResult{"host LSM", "warn", `AppArmor is on here, so containerd's CRI gives every container a profile, which Kiln refuses (runtime.host_lsm = "refuse"): set runtime.host_lsm = "ignore", or give pods appArmorProfile Unconfined`}
 	}
-	return checkResult{"host LSM", "ok", `runtime.host_lsm = "refuse": a container whose spec sets an AppArmor profile or SELinux label is refused (AppArmor is off here)`}
+	if seLinux() {
+		return checkResult{"host LSM", "warn", `SELinux is on here: with containerd's enable_selinux, CRI gives every container labels, which Kiln refuses (runtime.host_lsm = "refuse"): set runtime.host_lsm = "ignore", or leave enable_selinux off`}
+	}
+	return checkResult{"host LSM", "ok", `runtime.host_lsm = "refuse": a container whose spec sets an AppArmor profile or SELinux label is refused (AppArmor and SELinux are off here)`}
 }
 
-// hostAppArmor says whether the host's kernel has AppArmor on, as containerd decides whether to give containers
-// a profile.
-func hostAppArmor() bool {
-	b, err := os.ReadFile("/sys/module/apparmor/parameters/enabled")
-	return err == nil && len(b) > 0 && b[0] == 'Y'
+// hostSELinux says whether the host's kernel has SELinux on (its file system is mounted).
+func hostSELinux() bool {
+	_, err := os.Stat("/sys/fs/selinux/enforce")
+	return err == nil
 }
 
 func checkVsock(mode string) checkResult {

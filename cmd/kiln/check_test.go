@@ -147,23 +147,24 @@ func TestCheckSpare(t *testing.T) {
 	}
 }
 
-// kiln check warns where the default host_lsm would refuse every CRI container: a host with AppArmor on.
+// kiln check warns where the default host_lsm would refuse CRI containers: a host with AppArmor on, or SELinux.
 func TestCheckHostLSM(t *testing.T) {
 	ignore := config.Default()
 	ignore.Runtime.HostLSM = config.HostLSMIgnore
 	for _, c := range []struct {
-		name     string
-		cfg      config.Config
-		appArmor bool
-		status   string
-		says     string
+		name              string
+		cfg               config.Config
+		appArmor, seLinux bool
+		status            string
+		says              string
 	}{
-		{"refuse, AppArmor on", config.Default(), true, "warn", `set runtime.host_lsm = "ignore"`},
-		{"refuse, AppArmor off", config.Default(), false, "ok", "is refused"},
-		{"ignore", ignore, true, "ok", "taken out"},
+		{"refuse, AppArmor on", config.Default(), true, false, "warn", `AppArmor is on here`},
+		{"refuse, SELinux on", config.Default(), false, true, "warn", `SELinux is on here`},
+		{"refuse, both off", config.Default(), false, false, "ok", "is refused"},
+		{"ignore", ignore, true, true, "ok", "taken out"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			r := checkHostLSM(c.cfg, func() bool { return c.appArmor })
+			r := checkHostLSM(c.cfg, func() bool { return c.appArmor }, func() bool { return c.seLinux })
 			if r.status != c.status || !strings.Contains(r.detail, c.says) {
 				t.Errorf("%s %q, want %s saying %q", r.status, r.detail, c.status, c.says)
 			}

@@ -80,6 +80,10 @@ func runBundle(ctx context.Context, configPath, id string, f *runFlags) (status 
 		return 0, err
 	}
 	b.Spec.Process.Terminal = f.tty
+	// What no VM can give is refused before one boots.
+	if _, err := pod.CheckSpec(cfg, id, b.Spec); err != nil {
+		return 0, err
+	}
 	p, err := pod.New(ctx, pod.Options{ID: "run-" + randomID(), Config: cfg, HostVersion: version, Log: log})
 	if err != nil {
 		return 0, err

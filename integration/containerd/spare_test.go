@@ -624,3 +624,24 @@ func checkTurns(t *testing.T, spares []spare.Info) {
 		t.Errorf("one spare boots at a time here, but neither of the pool's two waited for its turn (longest %s)", longest)
 	}
 }
+
+// A task whose spec Kiln refuses starts no spare for the tasks to come: its shim refuses the spec before that,
+// so a client that retries it (kubelet does) does not boot a VM a try. The spare it may have been handed at
+// `start` goes with it.
+func TestKilnRefusedSpecStartsNoSpare(t *testing.T) {
+	k := startKiln(t)
+	addr := k.readySpare(t, "kiln-refused-1")
+	ready, _ := spareOf(addr)
+	const id = "kiln-refused-2"
+	args := append(append([]string{"run", "--rm"}, KilnRunArgs(k.cfg)...), "--apparmor-profile", "kiln-test-profile", BusyboxRef, id, "true")
+	_, errOut, code := k.ctrCode(t, nil, args...)
+	if code == 0 || !strings.Contains(errOut, "runtime.host_lsm") {
+		t.Fatalf("ctr run with an AppArmor profile: exit %d, stderr %s; want it refused naming runtime.host_lsm", code, errOut)
+	}
+	for _, sp := range sparesOf(addr) {
+		if sp.Pid != ready.Pid {
+			t.Errorf("the refused task's shim started a spare: %+v (the one ready before: %d)", sp, ready.Pid)
+		}
+	}
+	k.remove(t, id)
+}

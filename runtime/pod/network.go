@@ -97,7 +97,7 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 	spec := first.Bundle.Spec
 	n := p.net
 	if n.hooksRun != first.ID {
-		src, err := p.checkSpec(first.ID, spec)
+		src, err := CheckSpec(p.cfg, first.ID, spec)
 		if err != nil {
 			return nil, err
 		}
@@ -217,7 +217,7 @@ func (p *Pod) startPortForward() {
 // than the pod's. CRI names the pod's as /proc/<sandbox pid>/ns/net with the guest pid Kiln reported; that path
 // means nothing on the host and is never opened there.
 func (p *Pod) checkJoin(id string, spec *specs.Spec) error {
-	src, err := p.checkSpec(id, spec)
+	src, err := CheckSpec(p.cfg, id, spec)
 	if err != nil {
 		return err
 	}

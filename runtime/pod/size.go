@@ -70,7 +70,7 @@ func checkHostResources(r *specs.LinuxResources) error {
 	var errs []error
 	if c := r.CPU; c != nil {
 		if c.Cpus != "" {
-			errs = append(errs, fmt.Errorf("linux.resources.cpu.cpus = %q names host CPUs, and the VM's vCPUs are not pinned to them: leave the cpuset out (kubelet's static CPU manager sets one for Guaranteed pods with whole CPUs; use runc for those)", c.Cpus))
+			errs = append(errs, fmt.Errorf("linux.resources.cpu.cpus = %q names host CPUs, and the VM's vCPUs are not pinned to them: leave the cpuset out (kubelet's static CPU manager policy gives every container one: run Kiln pods on nodes with the none policy, the default)", c.Cpus))
 		}
 		if c.Mems != "" {
 			errs = append(errs, fmt.Errorf("linux.resources.cpu.mems = %q names host memory nodes, and the VM's memory is not bound to them: leave it out", c.Mems))

@@ -10,16 +10,19 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/hostlsm"
 	"github.com/kiln-runtime/kiln/runtime/network"
 )
 
-// checkSpec refuses, before anything of container id is prepared, what its spec asks of the host that a VM
-// cannot give (hooks that must run in its namespaces, the host's network, pid or ipc namespace, host CPUs or huge
-// pages, host LSM policy unless the configuration ignores it), and returns where its network comes from.
-func (p *Pod) checkSpec(id string, spec *specs.Spec) (network.Source, error) {
+// CheckSpec refuses, before anything of container id is prepared, what its spec asks of the host that a VM
+// cannot give (hooks that must run in its namespaces, the host's network, pid or ipc namespace, host CPUs, block
+// devices or huge pages, host LSM policy unless cfg ignores it), and returns where its network comes from. A
+// task's first container is checked before a spare is taken or started for it: a spec refused anyway would
+// spend a warm VM.
+func CheckSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, error) {
 	if err := hooks.Check(spec); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}
@@ -33,7 +36,7 @@ func (p *Pod) checkSpec(id string, spec *specs.Spec) (network.Source, error) {
 	}
 	// Checked on a copy: CreateContainer takes ignored settings out of what the guest gets.
 	check := *spec
-	if _, err := hostlsm.Spec(p.cfg.Runtime.IgnoreHostLSM(), &check); err != nil {
+	if _, err := hostlsm.Spec(cfg.Runtime.IgnoreHostLSM(), &check); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}
 	src, err := network.SourceOf(spec)

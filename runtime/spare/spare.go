@@ -126,6 +126,9 @@ const handOverConfirm = "ok"
 // confirmTimeout bounds a spare's wait for handOverConfirm, which `start` sends as soon as it reads the pid.
 const confirmTimeout = 5 * time.Second
 
+// ownedPoll is how often a waiting spare checks that its slot's lock file is still the one it holds.
+const ownedPoll = time.Second
+
 // ErrSlotGone is returned by Wait when the slot's lock file is not the one the spare holds any more: removed
 // (Purge, `make uninstall`) or claimed again since. A spare that waited on would hold a slot nobody lists (All)
 // and nobody stops (Stop).
@@ -173,23 +176,48 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 	s.l = l
 	ctx, cancel := context.WithTimeout(ctx, idle)
 	defer cancel()
-	stop := context.AfterFunc(ctx, func() { _ = l.Close() })
-	defer stop()
+	// One goroutine closes the listener, to end the wait: when ctx ends, when what the spare holds is lost, or
+	// when the slot's lock file goes (Purge, `make uninstall`), which no connection may come to tell: the socket
+	// may have gone with it. It is done before the slot is released. A slot that is not this spare's any more
+	// keeps the socket path: it may name another spare's socket by now.
 	var gone atomic.Bool
+	var slotErr atomic.Pointer[error]
+	watched := make(chan struct{})
 	go func() {
-		select {
-		case <-lost:
-			gone.Store(true)
+		defer close(watched)
+		defer func() {
+			if s.owned() != nil {
+				l.SetUnlinkOnClose(false)
+			}
 			_ = l.Close()
-		case <-ctx.Done():
+		}()
+		tick := time.NewTicker(ownedPoll)
+		defer tick.Stop()
+		for {
+			select {
+			case <-lost:
+				gone.Store(true)
+				return
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if err := s.owned(); err != nil {
+					slotErr.Store(&err)
+					return
+				}
+			}
 		}
 	}()
+	defer func() { cancel(); <-watched }()
 	declined := 0
 	for {
 		c, err := l.AcceptUnix()
 		if err != nil {
 			if gone.Load() {
 				return Request{}, nil, ErrLost
+			}
+			if err := slotErr.Load(); err != nil {
+				return Request{}, nil, *err
 			}
 			if ctx.Err() != nil {
 				return Request{}, nil, fmt.Errorf("spare shim: no task came: %w", ctx.Err())
@@ -203,8 +231,6 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 		}
 		if err := s.owned(); err != nil {
 			_ = c.Close()
-			// The path may name another spare's socket by now.
-			l.SetUnlinkOnClose(false)
 			return Request{}, nil, err
 		}
 		req, socket, err := receive(c, pid, version, fits)

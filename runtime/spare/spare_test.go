@@ -389,9 +389,10 @@ func TestUnconfirmedHandOverIsNotTaken(t *testing.T) {
 
 // TestSpareWhoseSlotWentLeaves: a spare whose slot's lock file was removed (`make uninstall` removes the
 // directory) is listed nowhere and stopped by nothing, so it must not wait on: before it listens it leaves
-// without a socket, and while it listens the next hand-over finds no spare and the spare leaves.
+// without a socket; while it listens the next hand-over finds no spare and the spare leaves, and with its socket
+// gone too (no hand-over can come) it leaves within its next look at the slot.
 func TestSpareWhoseSlotWentLeaves(t *testing.T) {
-	for _, when := range []string{"before it listens", "while it listens"} {
+	for _, when := range []string{"before it listens", "while it listens", "with its socket"} {
 		t.Run(when, func(t *testing.T) {
 			dir, ctx := t.TempDir(), testCtx(t)
 			slot, err := claimHere(dir, "/c.sock", 0)
@@ -405,7 +406,7 @@ func TestSpareWhoseSlotWentLeaves(t *testing.T) {
 				}
 			}
 			done := waitIn(ctx, slot, time.Minute, "v1", nil, nil)
-			if when == "while it listens" {
+			if when != "before it listens" {
 				for deadline := time.Now().Add(5 * time.Second); len(all(dir)) != 1 || !all(dir)[0].Ready; time.Sleep(10 * time.Millisecond) {
 					if time.Now().After(deadline) {
 						t.Fatal("the spare never became ready")
@@ -414,7 +415,12 @@ func TestSpareWhoseSlotWentLeaves(t *testing.T) {
 				if err := os.Remove(path + ".lock"); err != nil {
 					t.Fatal(err)
 				}
-				if pid, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
+				if when == "with its socket" {
+					// No hand-over can come to tell it: it looks by itself.
+					if err := os.Remove(path); err != nil {
+						t.Fatal(err)
+					}
+				} else if pid, err := adopt(ctx, dir, "/c.sock", Request{Version: "v1", Args: []string{"x"}, Dir: "/"}, os.Stdin); !errors.Is(err, ErrNone) {
 					t.Errorf("a hand-over to the spare whose slot went = %d, %v; want ErrNone", pid, err)
 				}
 			}

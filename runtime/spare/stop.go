@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -18,25 +20,35 @@ const stopPoll = 50 * time.Millisecond
 // Stop stops the spare shims that hold a slot on this host and that which selects (nil: every one): SIGTERM, on
 // which each stops its VM, gives its slot up and exits. It waits until every one of them is gone, and until no
 // slot is held by a spare its spawner has not named yet (one starting now, which it then stops too, if selected),
-// so that a spare started while it looked is not missed. Spares still running when ctx ends are killed (SIGKILL)
-// and named in the error. It returns the spares it stopped.
+// so that a spare started while it looked is not missed. When ctx ends, spares that still hold their slots are
+// killed (SIGKILL) and named in the error; one that gave its slot up but runs on is named and left: it took a
+// task as it was told to stop (its SIGTERM came too late to count), or its VM is slow to stop. It returns the
+// spares it told to stop.
 //
 // Only spares in slots are stopped: a spare that has taken a task is that task's shim, though its command line
-// still reads "spare" (a pattern over command lines, as pkill's, would stop those tasks' shims too).
-func Stop(ctx context.Context, which func(Info) bool) ([]Info, error) { return stop(ctx, Dir, which) }
+// still reads "spare" (a pattern over command lines, as pkill's, would stop those tasks' shims too). A pid is
+// signalled only while its process is a spare shim, so that a pid a lock file still names after its spare died
+// (and the kernel gave it to another process) is left alone.
+func Stop(ctx context.Context, which func(Info) bool) ([]Info, error) {
+	return stop(ctx, Dir, which, isSpareShim)
+}
 
-func stop(ctx context.Context, dir string, which func(Info) bool) ([]Info, error) {
+func stop(ctx context.Context, dir string, which func(Info) bool, isSpare func(pid int) bool) ([]Info, error) {
 	var stopped []Info
 	told := map[int]bool{}
 	for {
 		held, _, naming := scanSlots(dir)
+		holding := map[int]bool{}
 		for _, sp := range held {
-			if told[sp.Pid] || which != nil && !which(sp) {
+			if which != nil && !which(sp) || !isSpare(sp.Pid) {
 				continue
 			}
-			told[sp.Pid] = true
-			stopped = append(stopped, sp)
-			_ = unix.Kill(sp.Pid, unix.SIGTERM)
+			holding[sp.Pid] = true
+			if !told[sp.Pid] {
+				told[sp.Pid] = true
+				stopped = append(stopped, sp)
+				_ = unix.Kill(sp.Pid, unix.SIGTERM)
+			}
 		}
 		var running []int
 		for _, sp := range stopped {
@@ -50,11 +62,20 @@ func stop(ctx context.Context, dir string, which func(Info) bool) ([]Info, error
 		select {
 		case <-ctx.Done():
 			var errs []error
-			if len(running) > 0 {
-				for _, pid := range running {
+			var killed, left []int
+			for _, pid := range running {
+				if holding[pid] {
 					_ = unix.Kill(pid, unix.SIGKILL)
+					killed = append(killed, pid)
+				} else {
+					left = append(left, pid)
 				}
-				errs = append(errs, fmt.Errorf("spare shims %v did not stop on SIGTERM (killed)", running))
+			}
+			if len(killed) > 0 {
+				errs = append(errs, fmt.Errorf("spare shims %v did not stop on SIGTERM (killed)", killed))
+			}
+			if len(left) > 0 {
+				errs = append(errs, fmt.Errorf("spare shims %v gave their slots up but still run (one that took a task as it was told to stop is that task's shim now; left running)", left))
 			}
 			if len(naming) > 0 {
 				errs = append(errs, fmt.Errorf("slots %v stayed held without naming their spare (its spawner died as it started it?)", naming))
@@ -63,6 +84,17 @@ func stop(ctx context.Context, dir string, which func(Info) bool) ([]Info, error
 		case <-time.After(stopPoll):
 		}
 	}
+}
+
+// isSpareShim says whether process pid runs as a spare shim: one of its arguments is SpareArg (Spawn's command
+// line, which a spare that took a task keeps too; Stop only signals those that hold a slot).
+func isSpareShim(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return false
+	}
+	args := strings.Split(string(b), "\x00")
+	return len(args) > 1 && slices.Contains(args[1:], SpareArg)
 }
 
 // Purge removes what spares no longer use from the spare shims' directory (the slots of failed spares with their
@@ -82,20 +114,26 @@ func purge(dir string) error {
 	}
 	for _, e := range entries {
 		path := filepath.Join(dir, e.Name())
+		// A slot's files go together, under its lock, whichever of them are left: a lost spare keeps its log
+		// without its lock, one whose slot went may leave its socket.
+		if i := strings.Index(e.Name(), ".sock"); i >= 0 {
+			slot := filepath.Join(dir, e.Name()[:i+len(".sock")])
+			if lock, err := lockFile(slot + ".lock"); err == nil {
+				for _, f := range []string{slot, slot + ".log", slot + holdSuffix} {
+					_ = os.Remove(f)
+				}
+				_ = os.Remove(slot + ".lock")
+				_ = lock.Close()
+			}
+			continue
+		}
 		if !strings.HasSuffix(path, ".lock") {
 			continue
 		}
-		lock, err := lockFile(path)
-		if err != nil {
-			continue // held
+		if lock, err := lockFile(path); err == nil { // free: a turn or a place no spare holds
+			_ = os.Remove(path)
+			_ = lock.Close()
 		}
-		if slot, ok := strings.CutSuffix(path, ".lock"); ok && strings.HasSuffix(slot, ".sock") {
-			for _, f := range []string{slot, slot + ".log", slot + holdSuffix} {
-				_ = os.Remove(f)
-			}
-		}
-		_ = os.Remove(path)
-		_ = lock.Close()
 	}
 	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		held, _, naming := scanSlots(dir)

@@ -3,6 +3,7 @@ package spare
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
@@ -12,16 +13,23 @@ import (
 	"time"
 )
 
-// spareScript writes a spare for spawn that waits, holding what it was handed; ignoreTerm makes it one that does
-// not stop on SIGTERM.
-func spareScript(t *testing.T, ignoreTerm bool) string {
+// The spares of these tests: scripts that wait, holding what they were handed. The shell waits (rather than exec
+// sleep) so that its command line keeps the spare's arguments, which Stop looks for; sleep gets neither the gate
+// nor the lock.
+const (
+	// stopsOnTerm ends on SIGTERM, giving its slot up.
+	stopsOnTerm = "sleep 30 3>&- 4>&- &\nwait\n"
+	// staysOn ignores SIGTERM.
+	staysOn = "trap '' TERM\nsleep 30 3>&- 4>&- &\nwait\n"
+	// takesTask gives its slot up on SIGTERM and runs on, as a spare handed a task as it is told to stop does.
+	takesTask = "trap 'exec 4>&-' TERM\nsleep 30 3>&- 4>&- &\nwait\nwait\n"
+)
+
+// spareScript writes a spare for spawn that runs body.
+func spareScript(t *testing.T, body string) string {
 	t.Helper()
-	body := "#!/bin/sh\nexec sleep 30\n"
-	if ignoreTerm {
-		body = "#!/bin/sh\ntrap '' TERM\nexec sleep 30\n"
-	}
 	self := t.TempDir() + "/spare.sh"
-	if err := os.WriteFile(self, []byte(body), 0o700); err != nil {
+	if err := os.WriteFile(self, []byte("#!/bin/sh\n"+body), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	return self
@@ -34,10 +42,17 @@ func spawnHere(t *testing.T, dir, self, address string, pool int) {
 	if err != nil || gate == nil {
 		t.Fatalf("spawn for %s = %v, %v", address, gate, err)
 	}
+	var groups []int
+	for _, sp := range all(dir) {
+		if sp.Address == address {
+			groups = append(groups, sp.Pid)
+		}
+	}
+	// Each spare leads a session of its own (Spawn): its group holds the script's sleep too.
 	t.Cleanup(func() {
 		_ = gate.Close()
-		for _, sp := range all(dir) {
-			_ = syscall.Kill(sp.Pid, syscall.SIGKILL)
+		for _, pid := range groups {
+			_ = syscall.Kill(-pid, syscall.SIGKILL)
 		}
 	})
 }
@@ -50,7 +65,7 @@ func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
 // the turns' queue but keeps a live spare's files, and the directory once no spare holds a slot.
 func TestStopStopsSparesInSlots(t *testing.T) {
 	dir := t.TempDir()
-	self := spareScript(t, false)
+	self := spareScript(t, stopsOnTerm)
 	spawnHere(t, dir, self, "/a.sock", 2)
 	spawnHere(t, dir, self, "/b.sock", 1)
 	taken := exec.Command(self, SpareArg, "-address", "/a.sock")
@@ -77,7 +92,7 @@ func TestStopStopsSparesInSlots(t *testing.T) {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		stopped, err := stop(ctx, dir, func(sp Info) bool { return sp.Address == "/a.sock" })
+		stopped, err := stop(ctx, dir, func(sp Info) bool { return sp.Address == "/a.sock" }, isSpareShim)
 		done <- result{stopped, err}
 	}()
 	select {
@@ -125,8 +140,12 @@ func TestStopStopsSparesInSlots(t *testing.T) {
 		}
 	}
 	place := dir + "/" + waitPrefix + "00000000000000000001-dead" + waitSuffix
-	if err := os.WriteFile(place, []byte("1\n"), 0o600); err != nil {
-		t.Fatal(err)
+	// A lost spare's log without its lock, and a socket a spare whose slot went left.
+	orphans := []string{dir + "/0123456789abcdef.sock.log", dir + "/0123456789abcdef-3.sock"}
+	for _, f := range append([]string{place}, orphans...) {
+		if err := os.WriteFile(f, []byte("1\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := purge(dir); err == nil || !strings.Contains(err.Error(), strconv.Itoa(b.Pid)) {
 		t.Errorf("Purge with /b.sock's spare in its slot = %v, want an error naming it", err)
@@ -136,14 +155,14 @@ func TestStopStopsSparesInSlots(t *testing.T) {
 			t.Errorf("Purge removed %s of a live spare: %v", f, err)
 		}
 	}
-	for _, f := range []string{failed + ".lock", failed + ".log", place} {
+	for _, f := range append([]string{failed + ".lock", failed + ".log", place}, orphans...) {
 		if _, err := os.Stat(f); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("Purge left %s (%v)", f, err)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if stopped, err := stop(ctx, dir, nil); err != nil || len(stopped) != 1 || stopped[0].Pid != b.Pid {
+	if stopped, err := stop(ctx, dir, nil, isSpareShim); err != nil || len(stopped) != 1 || stopped[0].Pid != b.Pid {
 		t.Fatalf("Stop of every spare = %+v, %v; want /b.sock's", stopped, err)
 	}
 	if err := purge(dir); err != nil {
@@ -154,29 +173,73 @@ func TestStopStopsSparesInSlots(t *testing.T) {
 	}
 }
 
-// A spare that does not stop on SIGTERM is killed once Stop's context ends, and named in its error.
+// A spare that does not stop on SIGTERM is killed once Stop's context ends, and named in its error; one that gave
+// its slot up but runs on (it took a task) is named and left running.
 func TestStopKillsASpareThatStaysOn(t *testing.T) {
+	for _, c := range []struct {
+		name, body string
+		killed     bool
+		says       string
+	}{
+		{"ignores SIGTERM", staysOn, true, "did not stop on SIGTERM (killed)"},
+		{"took a task", takesTask, false, "gave their slots up but still run"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			spawnHere(t, dir, spareScript(t, c.body), "/a.sock", 1)
+			pid := all(dir)[0].Pid
+			// The script has set its trap once it has started sleep.
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid)); strings.TrimSpace(string(b)) != "" {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the spare never ran sleep")
+				}
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+			defer cancel()
+			_, err := stop(ctx, dir, nil, isSpareShim)
+			if err == nil || !strings.Contains(err.Error(), c.says) || !strings.Contains(err.Error(), strconv.Itoa(pid)) || !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("Stop = %v, want an error naming %d: %s", err, pid, c.says)
+			}
+			for deadline := time.Now().Add(5 * time.Second); alive(pid) == c.killed; time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("the spare alive %v, want killed %v", alive(pid), c.killed)
+				}
+			}
+			if !c.killed {
+				time.Sleep(100 * time.Millisecond)
+				if !alive(pid) {
+					t.Error("Stop killed a spare that had given its slot up (a task's shim)")
+				}
+			}
+		})
+	}
+}
+
+// A slot whose lock names a process that is no spare shim (its spare died and the kernel gave the pid to another
+// process) does not get that process signalled.
+func TestStopSignalsOnlySpareShims(t *testing.T) {
 	dir := t.TempDir()
-	spawnHere(t, dir, spareScript(t, true), "/a.sock", 1)
-	pid := all(dir)[0].Pid
-	// The script has set its trap once it runs sleep.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm"); strings.TrimSpace(string(b)) == "sleep" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the spare never ran sleep")
-		}
+	other := exec.Command("sleep", "30")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	t.Cleanup(func() { _ = other.Process.Kill(); _ = other.Wait() })
+	slot, err := claim(dir, "/a.sock", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slot.Close()
+	slot.name(other.Process.Pid)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	_, err := stop(ctx, dir, nil)
-	if err == nil || !strings.Contains(err.Error(), strconv.Itoa(pid)) || !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Stop of a spare that ignores SIGTERM = %v, want an error naming %d", err, pid)
+	if stopped, err := stop(ctx, dir, nil, isSpareShim); err != nil || len(stopped) != 0 {
+		t.Errorf("Stop = %+v, %v; want nothing stopped", stopped, err)
 	}
-	for deadline := time.Now().Add(5 * time.Second); alive(pid); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the spare that stayed on was not killed")
-		}
+	time.Sleep(100 * time.Millisecond)
+	if !alive(other.Process.Pid) {
+		t.Error("Stop signalled a process that is no spare shim")
 	}
 }

@@ -172,6 +172,9 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	if cfg.Runtime.LogLevel == "debug" || cfg.Agent.Debug {
 		l.Logger.SetLevel(logrus.DebugLevel)
 	}
+	if _, err := pod.CheckSpec(cfg, id, b.Spec); err != nil {
+		return nil, err
+	}
 	first := &pod.First{ID: id, Bundle: b}
 	// Started now, before this shim enters the task's host cgroup, which the spare must not share. This task is
 	// taken for a sign of the tasks to come: the spare's VM is of its shape.

@@ -1425,6 +1425,7 @@ func (x *PSIStats) GetFull() *PSIData {
 	return nil
 }
 
+// One line of a pressure file: the stall averages (percent of time) and the total stall (microseconds).
 type PSIData struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Avg10         float64                `protobuf:"fixed64,1,opt,name=avg10,proto3" json:"avg10,omitempty"`
