@@ -19,6 +19,9 @@ PREFIX ?= /usr/local
 # hypervisor.template_dir's default. Templates are built on demand from the installed files; make uninstall removes
 # them too (they would only hold tmpfs).
 TEMPLATE_DIR ?= /dev/shm/kiln/templates
+# make uninstall then removes what spares no longer use from /run/kiln/spare (kiln spare stop --purge);
+# SPARE_PURGE= leaves it, for a host where other containerds' spares come and go meanwhile (a test's).
+SPARE_PURGE ?= --purge
 # What `make install` copies, in the same layout as _output/; `make uninstall` removes exactly these.
 INSTALL_BINS := kiln containerd-shim-kiln-v2
 INSTALL_SHARE := vmlinuz initrd.img agent.img kernel-release agent-version config.toml
@@ -165,7 +168,7 @@ install: build image
 # The installed shim's spares stop first (each stops its VM), and only they: a spare that took a task is that
 # task's shim, and spares of another installation (or a test's) keep /run/kiln/spare, which goes otherwise.
 uninstall:
-	-test ! -x $(DESTDIR)$(PREFIX)/bin/kiln || $(DESTDIR)$(PREFIX)/bin/kiln spare stop --purge --exe $(DESTDIR)$(PREFIX)/bin/containerd-shim-kiln-v2
+	-test ! -x $(DESTDIR)$(PREFIX)/bin/kiln || $(DESTDIR)$(PREFIX)/bin/kiln spare stop $(SPARE_PURGE) --exe $(DESTDIR)$(PREFIX)/bin/containerd-shim-kiln-v2
 	for f in $(INSTALL_BINS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$f; done
 	for f in $(INSTALL_SHARE); do rm -f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
 	-rmdir $(DESTDIR)$(PREFIX)/share/kiln 2>/dev/null
