@@ -15,6 +15,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/hostlsm"
 	"github.com/kiln-runtime/kiln/runtime/network"
+	"github.com/kiln-runtime/kiln/runtime/share"
 )
 
 // CheckSpec refuses, before anything of container id is prepared, what its spec asks of the host that a VM
@@ -75,8 +76,7 @@ func podShm(mounts []specs.Mount, sandbox string) map[int]specs.Mount {
 		return shm
 	}
 	for i, m := range mounts {
-		bind := m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
-		if !bind || path.Clean(m.Destination) != "/dev/shm" || !filepath.IsAbs(m.Source) {
+		if !share.IsBind(m.Type, m.Options) || path.Clean(m.Destination) != "/dev/shm" || !filepath.IsAbs(m.Source) {
 			continue
 		}
 		if !strings.HasSuffix(filepath.Clean(m.Source), "/sandboxes/"+sandbox+"/shm") {

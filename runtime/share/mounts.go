@@ -159,8 +159,8 @@ func parseOptions(opts []string) (flags uintptr, data string) {
 	return flags, strings.Join(rest, ",")
 }
 
-// isBind reports whether an OCI or containerd mount is a bind mount.
-func isBind(typ string, opts []string) bool {
+// IsBind reports whether an OCI or containerd mount is a bind mount.
+func IsBind(typ string, opts []string) bool {
 	return typ == "bind" || slices.Contains(opts, "bind") || slices.Contains(opts, "rbind")
 }
 

@@ -28,7 +28,7 @@ func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string,
 	bundle = filepath.Clean(bundle)
 	mounts := make([]specs.Mount, 0, len(spec.Mounts))
 	for i, m := range spec.Mounts {
-		if !isBind(m.Type, m.Options) {
+		if !IsBind(m.Type, m.Options) {
 			if len(m.UIDMappings) > 0 || len(m.GIDMappings) > 0 {
 				return fmt.Errorf("share mount %d (%s on %s) of container %s: uidMappings/gidMappings on a %s mount: only bind mounts can be idmapped",
 					i, m.Source, m.Destination, containerID, m.Type)

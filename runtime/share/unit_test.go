@@ -38,8 +38,8 @@ func TestBindAndReadonlyOptions(t *testing.T) {
 		{"proc", nil, false, false},
 	}
 	for _, tt := range tests {
-		if got := isBind(tt.typ, tt.opts); got != tt.bind {
-			t.Errorf("isBind(%q, %q) = %v", tt.typ, tt.opts, got)
+		if got := IsBind(tt.typ, tt.opts); got != tt.bind {
+			t.Errorf("IsBind(%q, %q) = %v", tt.typ, tt.opts, got)
 		}
 		if got := isReadonly(tt.opts); got != tt.ro {
 			t.Errorf("isReadonly(%q) = %v", tt.opts, got)

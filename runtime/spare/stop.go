@@ -112,28 +112,28 @@ func purge(dir string) error {
 	if err != nil {
 		return fmt.Errorf("purge the spare shims' directory: %w", err)
 	}
+	seen := map[string]bool{}
 	for _, e := range entries {
-		path := filepath.Join(dir, e.Name())
 		// A slot's files go together, under its lock, whichever of them are left: a lost spare keeps its log
-		// without its lock, one whose slot went may leave its socket.
+		// without its lock, one whose slot went may leave its socket. Any other lock file is a turn or a place.
+		lockPath, files := filepath.Join(dir, e.Name()), []string(nil)
 		if i := strings.Index(e.Name(), ".sock"); i >= 0 {
 			slot := filepath.Join(dir, e.Name()[:i+len(".sock")])
-			if lock, err := lockFile(slot + ".lock"); err == nil {
-				for _, f := range []string{slot, slot + ".log", slot + holdSuffix} {
-					_ = os.Remove(f)
-				}
-				_ = os.Remove(slot + ".lock")
-				_ = lock.Close()
-			}
+			lockPath, files = slot+".lock", []string{slot, slot + ".log", slot + holdSuffix}
+		}
+		if !strings.HasSuffix(lockPath, ".lock") || seen[lockPath] {
 			continue
 		}
-		if !strings.HasSuffix(path, ".lock") {
-			continue
+		seen[lockPath] = true
+		lock, err := lockFile(lockPath)
+		if err != nil {
+			continue // held
 		}
-		if lock, err := lockFile(path); err == nil { // free: a turn or a place no spare holds
-			_ = os.Remove(path)
-			_ = lock.Close()
+		for _, f := range files {
+			_ = os.Remove(f)
 		}
+		_ = os.Remove(lockPath)
+		_ = lock.Close()
 	}
 	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		held, _, naming := scanSlots(dir)
