@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -53,6 +54,9 @@ func newRoot() *cobra.Command {
 				// A start's steps are milliseconds apart: the default's whole seconds would hide where it goes.
 				logrus.SetFormatter(&logrus.TextFormatter{FullTimestamp: true, TimestampFormat: "15:04:05.000000"})
 			}
+			// `kiln run` and `kiln vm boot` talk ttrpc to a guest's agent, whose client logs through this logger
+			// at the guest's rate: bound those lines as the shim does.
+			sandbox.QuietGuestNoise(logrus.StandardLogger())
 		},
 	}
 	root.PersistentFlags().StringVar(&g.configPath, "config", "", "configuration file (default: the file $"+config.PathEnv+" names, else "+config.DefaultPath+" if it exists, else built-in defaults)")
