@@ -140,8 +140,10 @@ SOAK_CYCLES ?= 100
 soak: deps build image
 	KILN_SOAK_CYCLES=$(SOAK_CYCLES) $(GO) test -count=1 -v -timeout $(GO_TEST_TIMEOUT) -run '^TestKilnSoak$$' ./integration/containerd
 
+# BENCH_FLAGS passes the bench's own flags (`go run ./integration/bench -h`), e.g. BENCH_FLAGS='--runs 5 --pods=false'.
+BENCH_FLAGS ?=
 bench: deps build image
-	$(GO) run ./integration/bench --share $(SHARE) --tools $(TOOLS)
+	$(GO) run ./integration/bench --share $(SHARE) --tools $(TOOLS) $(BENCH_FLAGS)
 
 # A private containerd (its own root, state and socket in a temporary directory), a busybox image built from
 # Debian's busybox-static, and `ctr run --runtime io.containerd.kiln.v2 --rm ... uname -r`.

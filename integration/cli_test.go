@@ -3,6 +3,7 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -43,6 +44,8 @@ func TestCLIVMBootJSON(t *testing.T) {
 		AgentVersion  string  `json:"agent_version"`
 		Accelerator   string  `json:"accelerator"`
 		Translated    int     `json:"translated_blocks"`
+		RandomReady   bool    `json:"random_ready"`
+		ClockOffsetMS float64 `json:"guest_clock_offset_ms"`
 	}
 	if err := json.Unmarshal(out, &res); err != nil {
 		t.Fatalf("decode %s: %v", out, err)
@@ -53,6 +56,11 @@ func TestCLIVMBootJSON(t *testing.T) {
 	}
 	if res.ReadyMS <= 0 || res.AgentVersion == "" {
 		t.Errorf("implausible result %+v", res)
+	}
+	// The host seeds the guest's entropy and sets its clock as the VM starts. An unset clock reads 1970 (or the
+	// kernel's build time), years off; a second covers the answer's way back.
+	if !res.RandomReady || math.Abs(res.ClockOffsetMS) > 1000 {
+		t.Errorf("random_ready %v, guest clock off by %.1f ms: the guest was not seeded", res.RandomReady, res.ClockOffsetMS)
 	}
 	// Under TCG the boot's translated code is reported, under KVM nothing.
 	if (res.Accelerator == "tcg") != (res.Translated > 10000) {

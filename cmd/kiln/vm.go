@@ -49,8 +49,14 @@ type bootResult struct {
 	AgentVersion     string  `json:"agent_version"`
 	UptimeSeconds    float64 `json:"uptime_seconds"`
 	// PivotRoot: containers are entered with pivot_root (the agent left the initramfs), not MS_MOVE and chroot.
-	PivotRoot   bool   `json:"pivot_root"`
-	Accelerator string `json:"accelerator"`
+	PivotRoot bool `json:"pivot_root"`
+	// RandomReady: the guest kernel's random number generator was initialised when the agent answered (the host
+	// seeds it as the VM starts), so getrandom(2) does not block in a container.
+	RandomReady bool `json:"random_ready"`
+	// GuestClockOffsetMS is the guest's wall clock less the host's when the agent's answer arrived (the host sets
+	// the guest's clock as the VM starts): within the answer's round trip of 0.
+	GuestClockOffsetMS float64 `json:"guest_clock_offset_ms"`
+	Accelerator        string  `json:"accelerator"`
 	// BootToAgentReadyMS is from QEMU's start to the agent's first successful health check.
 	BootToAgentReadyMS float64 `json:"boot_to_agent_ready_ms"`
 	StopMS             float64 `json:"stop_ms"`
@@ -85,6 +91,7 @@ func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
 	}
 	ready := time.Since(start)
 	info, infoErr := sb.GuestInfo(ctx)
+	answered := time.Now()
 	tr, trErr := m.Translation(ctx)
 	stopStart := time.Now()
 	stopErr := sb.Stop(context.WithoutCancel(ctx))
@@ -94,7 +101,7 @@ func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
 	if stopErr != nil {
 		return bootResult{}, stopErr
 	}
-	res := resultFrom(info, string(qcfg.Accel), ready, time.Since(stopStart))
+	res := resultFrom(info, answered, string(qcfg.Accel), ready, time.Since(stopStart))
 	switch {
 	case trErr == nil:
 		res.TranslatedBlocks, res.TranslatedCodeBytes = tr.Blocks, tr.CodeBytes
@@ -104,7 +111,8 @@ func bootOnce(ctx context.Context, configPath string) (bootResult, error) {
 	return res, nil
 }
 
-func resultFrom(info *agentv1.GuestInfo, accelerator string, ready, stop time.Duration) bootResult {
+func resultFrom(info *agentv1.GuestInfo, answered time.Time, accelerator string, ready, stop time.Duration) bootResult {
+	offset := time.Duration(info.GetWallClockUnixNano() - answered.UnixNano())
 	return bootResult{
 		KernelRelease:      info.GetKernelRelease(),
 		KernelVersion:      info.GetKernelVersion(),
@@ -114,6 +122,8 @@ func resultFrom(info *agentv1.GuestInfo, accelerator string, ready, stop time.Du
 		AgentVersion:       info.GetAgentVersion(),
 		UptimeSeconds:      info.GetUptime().AsDuration().Seconds(),
 		PivotRoot:          info.GetPivotRoot(),
+		RandomReady:        info.GetRandomReady(),
+		GuestClockOffsetMS: float64(offset.Microseconds()) / 1000,
 		Accelerator:        accelerator,
 		BootToAgentReadyMS: float64(ready.Microseconds()) / 1000,
 		StopMS:             float64(stop.Microseconds()) / 1000,
@@ -138,6 +148,8 @@ func printBoot(w io.Writer, r bootResult, asJSON bool) error {
 		enter = "MS_MOVE and chroot (the guest's root is the initial ramfs)"
 	}
 	fmt.Fprintf(w, "containers entered:  %s\n", enter)
+	fmt.Fprintf(w, "random ready:        %t\n", r.RandomReady)
+	fmt.Fprintf(w, "guest clock offset:  %.1f ms\n", r.GuestClockOffsetMS)
 	fmt.Fprintf(w, "accelerator:         %s\n", r.Accelerator)
 	fmt.Fprintf(w, "boot to agent ready: %.1f ms\n", r.BootToAgentReadyMS)
 	fmt.Fprintf(w, "stop:                %.1f ms\n", r.StopMS)

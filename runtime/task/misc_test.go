@@ -8,7 +8,9 @@ import (
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
+	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
@@ -90,5 +92,33 @@ func TestMetricsPressureAndPeaks(t *testing.T) {
 	}
 	if m.CPU.PSI.Some.Avg300 != 100 || m.CPU.PSI.Full != nil || m.Io.PSI.Full.Total != 9 || m.Io.PSI.Some != nil {
 		t.Errorf("cpu pressure %+v, io pressure %+v", m.CPU.PSI, m.Io.PSI)
+	}
+}
+
+// runtime.log_level sets the shim's level, quieter or louder than containerd's info; containerd's debug and
+// agent.debug raise it to debug, never lower it.
+func TestShimLogLevel(t *testing.T) {
+	for _, c := range []struct {
+		level      string
+		agentDebug bool
+		containerd logrus.Level
+		want       logrus.Level
+	}{
+		{"info", false, logrus.InfoLevel, logrus.InfoLevel},
+		{"warn", false, logrus.InfoLevel, logrus.WarnLevel},
+		{"error", false, logrus.InfoLevel, logrus.ErrorLevel},
+		{"debug", false, logrus.InfoLevel, logrus.DebugLevel},
+		{"trace", false, logrus.InfoLevel, logrus.TraceLevel},
+		{"warn", true, logrus.InfoLevel, logrus.DebugLevel},
+		{"trace", true, logrus.InfoLevel, logrus.TraceLevel},
+		{"warn", false, logrus.DebugLevel, logrus.DebugLevel},
+		{"trace", false, logrus.DebugLevel, logrus.TraceLevel},
+		{"bogus", false, logrus.InfoLevel, logrus.InfoLevel},
+	} {
+		cfg := config.Default()
+		cfg.Runtime.LogLevel, cfg.Agent.Debug = c.level, c.agentDebug
+		if got := shimLogLevel(cfg, c.containerd); got != c.want {
+			t.Errorf("log_level %q, agent.debug %v, containerd at %s: %s, want %s", c.level, c.agentDebug, c.containerd, got, c.want)
+		}
 	}
 }

@@ -153,6 +153,22 @@ func VMID(namespace, group string) string {
 // vmID is the VM id of 8 bytes: "kiln-" and their 16 hex digits (vmIDPattern).
 func vmID(b []byte) string { return "kiln-" + hex.EncodeToString(b) }
 
+// shimLogLevel is the level the shim logs at once a task names its configuration: runtime.log_level, raised to
+// debug by agent.debug, or by containerd's own debug logging (current, as containerd's shim setup left it).
+func shimLogLevel(cfg config.Config, current logrus.Level) logrus.Level {
+	want, err := logrus.ParseLevel(cfg.Runtime.LogLevel)
+	if err != nil { // config.Validate refuses such a level: keep containerd's
+		return current
+	}
+	if cfg.Agent.Debug && want < logrus.DebugLevel {
+		want = logrus.DebugLevel
+	}
+	if current >= logrus.DebugLevel && want < current {
+		want = current
+	}
+	return want
+}
+
 // podFor returns the shim's pod, booting it with the configuration the request names when there is none.
 func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts *anypb.Any) (*pod.Pod, error) {
 	s.bootMu.Lock()
@@ -169,9 +185,7 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 		return nil, fmt.Errorf("%w: load kiln configuration: %v", errdefs.ErrInvalidArgument, err)
 	}
 	l := log.G(s.ctx).WithField("container", id)
-	if cfg.Runtime.LogLevel == "debug" || cfg.Agent.Debug {
-		l.Logger.SetLevel(logrus.DebugLevel)
-	}
+	l.Logger.SetLevel(shimLogLevel(cfg, l.Logger.GetLevel()))
 	if _, err := pod.CheckSpec(cfg, id, b.Spec); err != nil {
 		return nil, err
 	}
