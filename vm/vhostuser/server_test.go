@@ -3,6 +3,7 @@ package vhostuser
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -80,8 +81,7 @@ func TestFullSetupKickAndStop(t *testing.T) {
 	if got := string(f.mem[feData(1) : feData(1)+5]); got != "hello" {
 		t.Fatalf("guest buffer holds %q", got)
 	}
-	var b [8]byte
-	if _, err := unix.Read(calls[1], b[:]); err != nil {
+	if err := waitSignal(calls[1]); err != nil {
 		t.Fatalf("call eventfd of ring 1 not signalled: %v", err)
 	}
 
@@ -140,10 +140,25 @@ func TestSetCallWhileRunningIsFollowed(t *testing.T) {
 	f.offerChain(0, 0, 1)
 	unix.Write(kicks[0], u64(1))
 	dev.expect(t, "kick 0")
-	var b [8]byte
-	if _, err := unix.Read(call, b[:]); err != nil {
+	if err := waitSignal(call); err != nil {
 		t.Fatalf("new call fd not signalled: %v", err)
 	}
+}
+
+// waitSignal reads the eventfd fd once it is signalled (a queue writes its call eventfd from a goroutine of its
+// own), within 10 s.
+func waitSignal(fd int) error {
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	n, err := unix.Poll(pfd, 10_000)
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return errors.New("not within 10 s")
+	}
+	var b [8]byte
+	_, err = unix.Read(fd, b[:])
+	return err
 }
 
 func TestRequestsRefusedCleanly(t *testing.T) {

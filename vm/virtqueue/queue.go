@@ -8,7 +8,6 @@ package virtqueue
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -74,8 +73,7 @@ type Queue struct {
 	// accesses to guest memory against the driver's (full fence on amd64 and arm64).
 	barrier atomic.Uint32
 
-	callMu sync.Mutex
-	callFD int // owned duplicate, -1 when none
+	call caller
 
 	kicks    chan struct{}
 	kickFile *os.File // nil when no kick fd
@@ -95,7 +93,7 @@ func New(mem *guestmem.Memory, cfg Config) (*Queue, error) {
 			cfg.DescAddr, cfg.AvailAddr, cfg.UsedAddr)
 	}
 	n := uint64(cfg.Size)
-	q := &Queue{mem: mem, size: cfg.Size, eventIdx: cfg.EventIdx, lastAvail: cfg.LastAvail, callFD: -1,
+	q := &Queue{mem: mem, size: cfg.Size, eventIdx: cfg.EventIdx, lastAvail: cfg.LastAvail, call: caller{fd: -1},
 		kicks: make(chan struct{}, 1)}
 	var err error
 	if q.desc, err = mem.Slice(cfg.DescAddr, descSize*n); err != nil {
@@ -111,16 +109,14 @@ func New(mem *guestmem.Memory, cfg Config) (*Queue, error) {
 	q.nextUsed = binary.LittleEndian.Uint16(q.used[2:])
 	q.signalUsed = q.nextUsed
 
-	if cfg.CallFD >= 0 {
-		if q.callFD, err = dupCloexec(cfg.CallFD); err != nil {
-			return nil, fmt.Errorf("create virtqueue: duplicate call fd %d: %w", cfg.CallFD, err)
-		}
+	if err := q.call.set(cfg.CallFD); err != nil {
+		return nil, fmt.Errorf("create virtqueue: duplicate call fd %d: %w", cfg.CallFD, err)
 	}
 	// The first value lets the device look at buffers made available before the queue started.
 	q.kicks <- struct{}{}
 	if cfg.KickFD >= 0 {
 		if err := q.startKickReader(cfg.KickFD); err != nil {
-			q.closeCall()
+			q.call.close()
 			return nil, fmt.Errorf("create virtqueue: kick fd %d: %w", cfg.KickFD, err)
 		}
 	}
@@ -184,34 +180,15 @@ func (q *Queue) Stop() {
 // no longer uses the queue.
 func (q *Queue) Close() {
 	q.Stop()
-	q.closeCall()
-}
-
-func (q *Queue) closeCall() {
-	q.callMu.Lock()
-	defer q.callMu.Unlock()
-	if q.callFD >= 0 {
-		unix.Close(q.callFD)
-		q.callFD = -1
-	}
+	q.call.close()
 }
 
 // SetCallFD replaces the eventfd Notify signals (the frontend may send VHOST_USER_SET_VRING_CALL while the
 // queue runs). fd is duplicated; -1 removes it.
 func (q *Queue) SetCallFD(fd int) error {
-	nfd := -1
-	if fd >= 0 {
-		var err error
-		if nfd, err = dupCloexec(fd); err != nil {
-			return fmt.Errorf("set virtqueue call fd %d: %w", fd, err)
-		}
+	if err := q.call.set(fd); err != nil {
+		return fmt.Errorf("set virtqueue call fd %d: %w", fd, err)
 	}
-	q.callMu.Lock()
-	defer q.callMu.Unlock()
-	if q.callFD >= 0 {
-		unix.Close(q.callFD)
-	}
-	q.callFD = nfd
 	return nil
 }
 
@@ -241,7 +218,8 @@ func (q *Queue) Push(head uint16, written uint32) error {
 
 // Notify signals the driver (call eventfd) if it asked for it (honours VIRTQ_AVAIL_F_NO_INTERRUPT, and
 // used_event when VIRTIO_RING_F_EVENT_IDX was negotiated). It does nothing when nothing was pushed since the
-// last Notify.
+// last Notify. The write happens on a goroutine of the queue's own (caller), which a front end holding the
+// eventfd can hold; Notify never waits for it, and reports a failure of an earlier write.
 func (q *Queue) Notify() error {
 	// The used index written by Push must be visible before reading the driver's suppression fields, or both
 	// sides could decide the other will act and an interrupt would be lost.
@@ -254,17 +232,7 @@ func (q *Queue) Notify() error {
 	if !q.needNotify(old, now) {
 		return nil
 	}
-	q.callMu.Lock()
-	defer q.callMu.Unlock()
-	if q.callFD < 0 {
-		return nil
-	}
-	var one [8]byte
-	binary.LittleEndian.PutUint64(one[:], 1)
-	if _, err := unix.Write(q.callFD, one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
-		return fmt.Errorf("notify driver through call fd %d: %w", q.callFD, err)
-	}
-	return nil
+	return q.call.signal()
 }
 
 // needNotify applies the driver's interrupt suppression to the used entries [old, now).
