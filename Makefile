@@ -26,7 +26,7 @@ SPARE_PURGE ?= --purge
 INSTALL_BINS := kiln containerd-shim-kiln-v2
 INSTALL_SHARE := vmlinuz initrd.img agent.img kernel-release agent-version config.toml
 
-.PHONY: all build image proto proto-check deps vet vet-tools test unit integration soak bench demo critest fuzz install uninstall clean clean-cache FORCE
+.PHONY: all build image proto proto-check deps vet vet-tools test race unit soak bench demo critest fuzz install uninstall clean clean-cache FORCE
 
 all: build
 
@@ -113,9 +113,19 @@ vet-tools:
 	@$(GO) version -m $(TOOLS)/deadcode 2>/dev/null | grep -qP '^\tmod\tgolang.org/x/tools\t$(XTOOLS_VERSION)\t' || \
 		GOBIN=$(TOOLS) $(GO) install golang.org/x/tools/cmd/deadcode@$(XTOOLS_VERSION)
 
-# Every test: unit tests and the integration tests that boot real QEMU guests (needs root).
+# Every test: unit tests and the integration tests that boot real QEMU guests (needs root). The unit tests run
+# under Go's race detector (the vsock device, the shim's task service and spares, the agent are concurrent); the
+# integration packages, which wait on guests, run plain, with the shim built plain (`make race` builds it with
+# the detector).
+UNIT_PKGS = $$($(GO) list ./... | grep -v '/integration')
 test: deps build image proto-check vet
-	$(GO) test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...
+	$(GO) test -race -count=1 -timeout $(GO_TEST_TIMEOUT) $(UNIT_PKGS)
+	$(GO) test -count=1 -timeout $(GO_TEST_TIMEOUT) ./integration/...
+
+# The containerd and CRI suites with the shim (and the spares it starts) built with the race detector; a race
+# stops the shim (GORACE=halt_on_error=1), which fails its test. About twice the suites' time. Not in `make test`.
+race: deps build image
+	KILN_SHIM_RACE=1 GORACE=halt_on_error=1 $(GO) test -count=1 -timeout $(GO_TEST_TIMEOUT) ./integration/containerd ./integration/cri
 
 # Each fuzz target for FUZZTIME (their seed corpora also run, briefly, in every `go test`). Minimizing each new
 # interesting input gets FUZZMINIMIZETIME: the targets that set up sockets, memfds and services per input would

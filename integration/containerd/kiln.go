@@ -17,12 +17,19 @@ const RuntimeName = "io.containerd.kiln.v2"
 // ShimBinary is the shim's file name.
 const ShimBinary = "containerd-shim-kiln-v2"
 
+// ShimRaceEnv, set to 1, makes BuildShim build the shim with Go's race detector (`make race`).
+const ShimRaceEnv = "KILN_SHIM_RACE"
+
 // BuildShim builds the shim from repoRoot into dir and returns dir (to put first on containerd's PATH).
 func BuildShim(ctx context.Context, repoRoot, dir string) (string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("create shim dir: %w", err)
 	}
-	cmd := exec.CommandContext(ctx, goTool(), "build", "-trimpath", "-o", filepath.Join(dir, ShimBinary), "./cmd/"+ShimBinary)
+	args := []string{"build", "-trimpath", "-o", filepath.Join(dir, ShimBinary)}
+	if os.Getenv(ShimRaceEnv) == "1" {
+		args = append(args, "-race")
+	}
+	cmd := exec.CommandContext(ctx, goTool(), append(args, "./cmd/"+ShimBinary)...)
 	cmd.Dir = repoRoot
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("build %s: %w\n%s", ShimBinary, err, out)
