@@ -38,6 +38,9 @@ type fakeAgent struct {
 	breakEventsOnce, breakEvents bool
 	// hung makes signals and removals fail as a request that ran into its timeout does.
 	hung bool
+	// gone makes signals and removals fail on the host's side with this error, as the client's do once the agent
+	// connection is gone (closed, or a write ran past its deadline).
+	gone error
 	// longLists makes stats and process lists answer with more entries than the host takes.
 	longLists bool
 
@@ -84,7 +87,7 @@ func (a *fakeAgent) start(opts Options) *Manager {
 		t.Fatal(err)
 	}
 	client := ttrpc.NewClient(conn)
-	m := NewManager(agentv1.NewContainersClient(client), a, opts)
+	m := NewManager(goneClient{agentv1.NewContainersClient(client), a}, a, opts)
 	t.Cleanup(func() {
 		_ = m.Close()
 		_ = client.Close()
@@ -341,4 +344,30 @@ func waitCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// goneClient fails signals and removals with the fake agent's gone error, when set, without sending them.
+type goneClient struct {
+	agentv1.ContainersClient
+	a *fakeAgent
+}
+
+func (c goneClient) err() error {
+	c.a.mu.Lock()
+	defer c.a.mu.Unlock()
+	return c.a.gone
+}
+
+func (c goneClient) SignalProcess(ctx context.Context, r *agentv1.SignalProcessRequest) (*agentv1.SignalProcessResponse, error) {
+	if err := c.err(); err != nil {
+		return nil, err
+	}
+	return c.ContainersClient.SignalProcess(ctx, r)
+}
+
+func (c goneClient) RemoveContainer(ctx context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
+	if err := c.err(); err != nil {
+		return nil, err
+	}
+	return c.ContainersClient.RemoveContainer(ctx, r)
 }

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 	"time"
 
@@ -136,14 +137,15 @@ func (m *Manager) Lost(reason error) {
 }
 
 // abandon gives up on a guest whose agent let a request that must not fail for want of an answer (a SIGKILL, a
-// removal) run into the request timeout, while the caller still waited: a hung agent must not leave
-// containers that can be neither killed nor deleted. It reports whether the guest is now given up (Lost, its
-// VM stopped through Options.Abandon), in which case the caller goes on without the agent.
+// removal) run into the request timeout while the caller still waited, or whose agent connection is gone (no
+// request reaches it again): a hung agent must not leave containers that can be neither killed nor deleted. It
+// reports whether the guest is now given up (Lost, its VM stopped through Options.Abandon), in which case the
+// caller goes on without the agent.
 func (m *Manager) abandon(ctx context.Context, what string, err error) bool {
-	if m.opts.Abandon == nil || ctx.Err() != nil || !timedOut(err) {
+	if m.opts.Abandon == nil || ctx.Err() != nil || !(timedOut(err) || connectionGone(err)) {
 		return false
 	}
-	reason := fmt.Errorf("agent did not answer %s within its request timeout (%w); the VM is stopped", what, err)
+	reason := fmt.Errorf("agent did not answer %s (%w); the VM is stopped", what, err)
 	m.Lost(reason)
 	m.opts.Abandon(reason)
 	return true
@@ -164,6 +166,12 @@ func (m *Manager) why(err error) error {
 // timedOut says whether an agent request failed on a deadline; abandon has ruled out the caller's own.
 func timedOut(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded
+}
+
+// connectionGone says whether an agent request failed because the agent connection is gone: closed, or closed
+// because a write to it ran past its deadline (a guest that stopped reading; runtime/sandbox bounds writes).
+func connectionGone(err error) bool {
+	return errors.Is(err, ttrpc.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded)
 }
 
 // guestLost reports why the guest is gone, nil while it lives.

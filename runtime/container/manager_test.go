@@ -5,11 +5,14 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
+	"os"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -297,11 +300,22 @@ func TestLostGuestReportsEveryProcessKilled(t *testing.T) {
 	}
 }
 
-// A hung agent (its requests run into the request timeout while the VM lives) must not leave containers that
-// can be neither killed nor deleted: a SIGKILL or a removal that times out gives the guest up (Abandon stops
-// the VM), every process is reported killed, and the kill and the deletion succeed without the agent. Other
-// signals and other failures stay errors.
+// A hung agent (its requests run into the request timeout while the VM lives), or an agent connection that is
+// gone (the guest stopped reading it, and a write ran past its deadline, which closed it), must not leave
+// containers that can be neither killed nor deleted: a SIGKILL or a removal that fails so gives the guest up
+// (Abandon stops the VM), every process is reported killed, and the kill and the deletion succeed without the
+// agent. Other signals and other failures stay errors.
 func TestHungAgentIsAbandonedOnKillAndDelete(t *testing.T) {
+	for _, gone := range []error{nil, ttrpc.ErrClosed, fmt.Errorf("the guest took no request for 30s: %w", os.ErrDeadlineExceeded)} {
+		name := "request timeout"
+		if gone != nil {
+			name = gone.Error()
+		}
+		t.Run(name, func(t *testing.T) { testAbandon(t, gone) })
+	}
+}
+
+func testAbandon(t *testing.T, gone error) {
 	tests := []struct {
 		name string
 		// act is what the caller does to a running container whose agent hangs.
@@ -337,7 +351,7 @@ func TestHungAgentIsAbandonedOnKillAndDelete(t *testing.T) {
 				t.Fatal(err)
 			}
 			a.mu.Lock()
-			a.hung = true
+			a.hung, a.gone = gone == nil, gone
 			a.mu.Unlock()
 			if err := c.Kill(ctx, 15, false); err == nil {
 				t.Error("SIGTERM through a hung agent succeeded, want its error")

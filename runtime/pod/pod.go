@@ -205,7 +205,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		Abandon: p.stopUnresponsive,
 		Log:     log,
 	})
-	go p.watchVM(m)
+	go p.watchVM(m, sb.HungUp())
 	return p, nil
 }
 
@@ -230,17 +230,35 @@ func (p *Pod) enterCgroup(first *First, vm ...int) error {
 }
 
 // watchVM reports a VM that ends while the pod is open (QEMU killed, a guest panic) as the loss of every
-// process in it, so that no task waits for an exit that cannot come.
-func (p *Pod) watchVM(m vm.Machine) {
+// process in it, so that no task waits for an exit that cannot come. So it does an agent connection that ends
+// while the VM runs on (hungUp: the agent hung up, or the guest stopped taking requests): no request reaches
+// the guest any more, not even a SIGKILL, so the VM is stopped too.
+func (p *Pod) watchVM(m vm.Machine, hungUp <-chan struct{}) {
 	select {
 	case <-m.Exited():
+	case <-hungUp:
+		// A VM that ends closes the connection first; its exit, which says why, follows within moments.
+		t := time.NewTimer(vmExitAfterHangup)
+		defer t.Stop()
+		select {
+		case <-m.Exited():
+		case <-t.C:
+			if p.isClosing() {
+				return
+			}
+			err := fmt.Errorf("the agent connection of VM %s closed while the VM ran (the agent hung up, or the guest took no request within agent.request_timeout); the VM is stopped", p.id)
+			p.log.WithError(err).Error("the pod's guest stopped answering while the pod was open")
+			p.ctrs.Lost(err)
+			p.stopVM(m)
+			return
+		case <-p.closing:
+			return
+		}
 	case <-p.closing:
 		return
 	}
-	select {
-	case <-p.closing:
+	if p.isClosing() {
 		return
-	default:
 	}
 	err := m.ExitError()
 	if err == nil {
@@ -252,10 +270,26 @@ func (p *Pod) watchVM(m vm.Machine) {
 	p.ctrs.Lost(err)
 }
 
+// vmExitAfterHangup is how long watchVM waits, after the agent connection ended, for the VM's exit before it
+// takes the guest for one that stopped answering.
+const vmExitAfterHangup = 2 * time.Second
+
+// isClosing says whether Close has begun.
+func (p *Pod) isClosing() bool {
+	select {
+	case <-p.closing:
+		return true
+	default:
+		return false
+	}
+}
+
 // stopUnresponsive stops the VM of a guest whose agent no longer answers (container.Options.Abandon): QMP quit,
 // then SIGKILL after hypervisor.stop_timeout. Close releases the rest as usual.
-func (p *Pod) stopUnresponsive(error) {
-	if err := p.sb.Machine().Stop(context.Background()); err != nil {
+func (p *Pod) stopUnresponsive(error) { p.stopVM(p.sb.Machine()) }
+
+func (p *Pod) stopVM(m vm.Machine) {
+	if err := m.Stop(context.Background()); err != nil {
 		p.log.WithError(err).Warn("stop the VM of an unresponsive guest")
 	}
 }

@@ -96,7 +96,7 @@ func TestConnectWaitsForTheAgentsAnnouncement(t *testing.T) {
 			if tt.plain {
 				m = plainMachine{b: bm}
 			}
-			s := &Sandbox{m: m, opts: Options{
+			s := &Sandbox{m: m, hungUp: make(chan struct{}), opts: Options{
 				DialTimeout: time.Minute, RequestTimeout: time.Minute, RedialInterval: tt.retry,
 				Log: logrus.NewEntry(logrus.New()),
 			}}

@@ -40,6 +40,16 @@ func serving() []byte {
 	return b
 }
 
+// answerServing answers a request on stream with a proper health answer.
+func answerServing(w io.Writer, stream uint32) error {
+	b := serving()
+	if err := frame(w, uint32(len(b)), stream, 2); err != nil {
+		return err
+	}
+	_, err := w.Write(b)
+	return err
+}
+
 func (a rawAgent) serve(script []func(w io.Writer, stream uint32) error) {
 	var h [10]byte
 	for i := 0; ; i++ {
@@ -50,14 +60,7 @@ func (a rawAgent) serve(script []func(w io.Writer, stream uint32) error) {
 			return
 		}
 		stream := binary.BigEndian.Uint32(h[4:8])
-		reply := func(w io.Writer, stream uint32) error {
-			b := serving()
-			if err := frame(w, uint32(len(b)), stream, 2); err != nil {
-				return err
-			}
-			_, err := w.Write(b)
-			return err
-		}
+		reply := answerServing
 		if i < len(script) {
 			reply = script[i]
 		}

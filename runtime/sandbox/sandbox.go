@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/ttrpc"
@@ -51,7 +52,7 @@ type Options struct {
 	// HostVersion is the version of the Kiln binary starting the sandbox; a guest agent of another version is
 	// reported (logged as a warning), since the host and guest speak an API that may differ between versions.
 	HostVersion string
-	// ShutdownTimeout bounds the wait for the guest to power off after the agent's Shutdown.
+	// ShutdownTimeout bounds the agent's answer to Shutdown, and then the wait for the guest to power off.
 	ShutdownTimeout time.Duration
 	// RedialInterval is how long the host waits, after a refused dial, for a booting agent's announcement
 	// (agentv1.ReadyPort) before it dials again; zero means 100 ms. A machine whose guest cannot connect to the
@@ -76,6 +77,11 @@ type Sandbox struct {
 
 	streamsMu sync.Mutex
 	streams   []*ttrpc.Client // extra connections for long-lived streams; closed first on Stop
+
+	// hungUp is closed when the agent connection ends while the sandbox is not stopping (HungUp).
+	hungUp   chan struct{}
+	hangOnce sync.Once
+	stopping atomic.Bool
 	// Version is the agent's version as reported at the health check.
 	AgentVersion string
 }
@@ -100,7 +106,7 @@ func Start(ctx context.Context, m vm.Machine, opts Options) (*Sandbox, error) {
 	if err := m.Start(ctx); err != nil {
 		return nil, err
 	}
-	s := &Sandbox{m: m, opts: opts}
+	s := &Sandbox{m: m, opts: opts, hungUp: make(chan struct{})}
 	err := s.connect(ctx)
 	if r, ok := m.(bootInsteader); ok && err != nil && ctx.Err() == nil && r.Restored() {
 		// A fault of the fast path (a template whose guest dies or hangs once restored) costs a cold boot.
@@ -138,7 +144,12 @@ func (s *Sandbox) connect(ctx context.Context) error {
 		dials++
 		conn, err := s.m.DialVsock(ctx, AgentPort)
 		if err == nil {
-			client := newClient(conn, s.opts.RequestTimeout)
+			var kept atomic.Bool // this attempt's connection became the sandbox's
+			client := newClient(conn, s.opts.RequestTimeout, ttrpc.WithOnClose(func() {
+				if kept.Load() {
+					s.hangUp()
+				}
+			}))
 			health := agentv1.NewHealthClient(client)
 			hctx, hcancel := context.WithTimeout(ctx, attempt)
 			resp, herr := health.Check(hctx, &agentv1.CheckRequest{})
@@ -157,6 +168,7 @@ func (s *Sandbox) connect(ctx context.Context) error {
 					_ = client.Close()
 					return err
 				}
+				kept.Store(true)
 				s.announced = announcements > 0
 				s.opts.Log.WithFields(logrus.Fields{"dials": dials, "announced": announcements}).Debug("agent answered")
 				return nil
@@ -237,6 +249,18 @@ const seedEntropy = 64
 // Machine is the sandbox's VM.
 func (s *Sandbox) Machine() vm.Machine { return s.m }
 
+// HungUp is closed when the agent connection ended while the sandbox was not stopping: the VM exited, the agent
+// hung up, or the guest stopped taking requests (a write to it ran past the request timeout, which closes the
+// connection). No request can reach the agent any more.
+func (s *Sandbox) HungUp() <-chan struct{} { return s.hungUp }
+
+// hangUp closes hungUp unless Stop closes the connection.
+func (s *Sandbox) hangUp() {
+	if !s.stopping.Load() {
+		s.hangOnce.Do(func() { close(s.hungUp) })
+	}
+}
+
 // Containers is the agent's container API over the sandbox's agent connection. It stays usable until Stop.
 func (s *Sandbox) Containers() agentv1.ContainersClient { return s.ctrs }
 
@@ -290,6 +314,7 @@ func (s *Sandbox) Check(ctx context.Context, timeout time.Duration) error {
 // Stop shuts the guest down gracefully: the agent powers it off; if the VM has not exited within
 // ShutdownTimeout the VMM is stopped (QMP quit, then kill). All host resources are released on return.
 func (s *Sandbox) Stop(ctx context.Context) error {
+	s.stopping.Store(true)
 	s.streamsMu.Lock()
 	for _, c := range s.streams {
 		_ = c.Close()
@@ -299,7 +324,10 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	select {
 	case <-s.m.Exited():
 	default:
-		_, err := s.agent.Shutdown(ctx, &agentv1.ShutdownRequest{Reason: "sandbox stop"})
+		// A healthy agent answers at once; one that hung must not hold the stop for a whole request timeout.
+		sctx, cancel := context.WithTimeout(ctx, s.opts.ShutdownTimeout)
+		_, err := s.agent.Shutdown(sctx, &agentv1.ShutdownRequest{Reason: "sandbox stop"})
+		cancel()
 		if err != nil {
 			// The guest may power off before the answer arrives; only log.
 			s.opts.Log.WithError(err).Debug("agent shutdown request")

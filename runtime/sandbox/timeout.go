@@ -34,11 +34,11 @@ func timeoutInterceptor(d time.Duration) ttrpc.UnaryClientInterceptor {
 
 // newClient is a ttrpc client on conn whose requests are bounded by the request timeout, and so are its writes
 // (boundedWrites).
-func newClient(conn net.Conn, requestTimeout time.Duration) *ttrpc.Client {
+func newClient(conn net.Conn, requestTimeout time.Duration, opts ...ttrpc.ClientOpts) *ttrpc.Client {
 	if requestTimeout > 0 {
 		conn = boundedWrites{Conn: conn, d: requestTimeout}
 	}
-	return ttrpc.NewClient(conn, ttrpc.WithUnaryClientInterceptor(timeoutInterceptor(requestTimeout)))
+	return ttrpc.NewClient(conn, append(opts, ttrpc.WithUnaryClientInterceptor(timeoutInterceptor(requestTimeout)))...)
 }
 
 // boundedWrites is an agent connection each of whose writes must end within d. ttrpc's client holds its send lock
