@@ -145,6 +145,13 @@ func (m *Manager) abandon(ctx context.Context, what string, err error) bool {
 	if m.opts.Abandon == nil || ctx.Err() != nil || !(timedOut(err) || connectionGone(err)) {
 		return false
 	}
+	m.mu.Lock()
+	closed := m.closed
+	m.mu.Unlock()
+	if closed {
+		// The pod is closing: its stop closes the connection, and stops the VM its own way.
+		return false
+	}
 	reason := fmt.Errorf("agent did not answer %s (%w); the VM is stopped", what, err)
 	m.Lost(reason)
 	m.opts.Abandon(reason)

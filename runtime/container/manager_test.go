@@ -378,3 +378,26 @@ func testAbandon(t *testing.T, gone error) {
 		})
 	}
 }
+
+// A SIGKILL failing on a connection the pod's own stop closed gives nothing up: the stop ends the VM its way.
+func TestClosedManagerAbandonsNothing(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }})
+	abandoned := make(chan error, 1)
+	m := a.start(Options{Abandon: func(reason error) { abandoned <- reason }})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	a.mu.Lock()
+	a.gone = ttrpc.ErrClosed
+	a.mu.Unlock()
+	if err := c.Kill(ctx, 9, false); !errors.Is(err, ttrpc.ErrClosed) {
+		t.Errorf("SIGKILL after Close: %v, want the closed connection's error", err)
+	}
+	select {
+	case reason := <-abandoned:
+		t.Errorf("Abandon called on a closed manager: %v", reason)
+	default:
+	}
+}

@@ -145,7 +145,9 @@ func (s *Sandbox) connect(ctx context.Context) error {
 		conn, err := s.m.DialVsock(ctx, AgentPort)
 		if err == nil {
 			var kept atomic.Bool // this attempt's connection became the sandbox's
+			ended := make(chan struct{})
 			client := newClient(conn, s.opts.RequestTimeout, ttrpc.WithOnClose(func() {
+				close(ended)
 				if kept.Load() {
 					s.hangUp()
 				}
@@ -169,6 +171,11 @@ func (s *Sandbox) connect(ctx context.Context) error {
 					return err
 				}
 				kept.Store(true)
+				select {
+				case <-ended: // it ended before it was kept
+					s.hangUp()
+				default:
+				}
 				s.announced = announcements > 0
 				s.opts.Log.WithFields(logrus.Fields{"dials": dials, "announced": announcements}).Debug("agent answered")
 				return nil

@@ -3,7 +3,6 @@ package vhostuser
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -81,7 +80,8 @@ func TestFullSetupKickAndStop(t *testing.T) {
 	if got := string(f.mem[feData(1) : feData(1)+5]); got != "hello" {
 		t.Fatalf("guest buffer holds %q", got)
 	}
-	if err := waitSignal(calls[1]); err != nil {
+	var b [8]byte
+	if _, err := unix.Read(calls[1], b[:]); err != nil {
 		t.Fatalf("call eventfd of ring 1 not signalled: %v", err)
 	}
 
@@ -140,25 +140,10 @@ func TestSetCallWhileRunningIsFollowed(t *testing.T) {
 	f.offerChain(0, 0, 1)
 	unix.Write(kicks[0], u64(1))
 	dev.expect(t, "kick 0")
-	if err := waitSignal(call); err != nil {
+	var b [8]byte
+	if _, err := unix.Read(call, b[:]); err != nil {
 		t.Fatalf("new call fd not signalled: %v", err)
 	}
-}
-
-// waitSignal reads the eventfd fd once it is signalled (a queue writes its call eventfd from a goroutine of its
-// own), within 10 s.
-func waitSignal(fd int) error {
-	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-	n, err := unix.Poll(pfd, 10_000)
-	if err != nil {
-		return err
-	}
-	if n == 0 {
-		return errors.New("not within 10 s")
-	}
-	var b [8]byte
-	_, err = unix.Read(fd, b[:])
-	return err
 }
 
 func TestRequestsRefusedCleanly(t *testing.T) {
@@ -325,4 +310,52 @@ func TestMemoryTableMustNotShrink(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A front end that fills a call eventfd it made blocking holds the device's write to it: the device goes on, and
+// the next start is refused while that write is held (each start would leave another write held), then
+// allowed once the front end reads the eventfd.
+func TestHeldCallWriteRefusesRestart(t *testing.T) {
+	dev := newFakeDevice()
+	f, _ := startServe(t, context.Background(), dev)
+	handshake(t, f)
+	f.mustAck(reqSetFeatures, u64(FeatureVersion1))
+	held, err := unix.Eventfd(0, unix.EFD_CLOEXEC) // blocking
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(held) })
+	unix.Write(held, u64(0xfffffffffffffffe))
+	kicks := [2]int{newEventfd(t), newEventfd(t)}
+	setupRings(t, f, kicks, [2]int{newEventfd(t), held})
+	dev.expect(t, "start")
+	dev.expect(t, "kick 0", "kick 1")
+	f.offerChain(1, 3, 1)
+	unix.Write(kicks[1], u64(1))
+	dev.expect(t, "kick 1") // the device's Notify returned, its write held
+	for i := range 2 {
+		f.call(reqGetVringBase, stateMsg(uint32(i), 0))
+	}
+	dev.expect(t, "stop")
+	restart := func() uint64 {
+		f.mustAck(reqSetVringBase, stateMsg(0, 0))
+		f.mustAck(reqSetVringKick, u64(0), kicks[0])
+		f.mustAck(reqSetVringBase, stateMsg(1, 1))
+		return f.acked(reqSetVringKick, u64(1), kicks[1])
+	}
+	if st := restart(); st == 0 {
+		t.Fatal("the device restarted while a write to its call eventfd was held")
+	}
+	dev.expectNone(t)
+	var b [8]byte
+	unix.Read(held, b[:]) // the front end reads: the held write goes through
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if st := f.acked(reqSetVringKick, u64(1), kicks[1]); st == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the device does not start 10 s after the front end read its call eventfd")
+		}
+	}
+	dev.expect(t, "start")
 }

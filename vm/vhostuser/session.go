@@ -23,6 +23,10 @@ type session struct {
 	mem        *guestmem.Memory
 	rings      []*vring
 	queues     []*virtqueue.Queue // non-nil while the device runs
+	// stopped are the queues of the device's last run: one whose call eventfd write is still held (the front end
+	// filled a blocking eventfd's counter) refuses the next start, so that restarts cannot leave a goroutine held
+	// in a write each.
+	stopped []*virtqueue.Queue
 }
 
 func newSession(dev Device, w io.Writer, log *logrus.Entry) *session {

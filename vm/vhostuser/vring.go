@@ -72,6 +72,12 @@ func (s *session) maybeStart() error {
 			return nil
 		}
 	}
+	for i, q := range s.stopped {
+		if q.Held() {
+			return fmt.Errorf("start vring %d: the front end holds a write to its last call eventfd (a blocking eventfd with a full counter it does not read)", i)
+		}
+	}
+	s.stopped = nil
 	eventIdx := s.acked&FeatureRingEventIdx != 0
 	queues := make([]*virtqueue.Queue, 0, len(s.rings))
 	closeAll := func() {
@@ -115,6 +121,6 @@ func (s *session) stopDevice() {
 		s.rings[i].base = q.LastAvail()
 		q.Close()
 	}
-	s.queues = nil
+	s.stopped, s.queues = s.queues, nil
 	s.log.Debug("vhost-user device stopped")
 }

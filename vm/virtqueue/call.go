@@ -4,76 +4,80 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
 
-// caller signals the driver through the call eventfd, from a goroutine of its own. The eventfd's file
-// description is shared with the front end (QEMU), which can clear O_NONBLOCK on it and fill its counter: a write
-// then blocks until someone reads it, which a front end its guest took over need never do. Only the caller's
-// goroutine can be held so: signal, set and close never wait for a write, so neither do the device's loops, nor
-// its Stop, which waits for them. A held goroutine stays held (one per queue at most) until the process ends.
+// caller writes the call eventfd, which signals the driver. The eventfd's file description is shared with the
+// front end (QEMU), which can clear O_NONBLOCK on it and fill its counter: a write then blocks until someone
+// reads, which a front end its guest took over need never do. So each write runs on a goroutine of its own,
+// writing to a duplicate it owns, and the caller waits for it heldWrite at most. A healthy front end's eventfd
+// never blocks: its writes are done when signal returns, in order with set and close (QEMU checks a call fd it
+// replaces for a pending signal; a write landing on it later would be lost). A write still blocked after
+// heldWrite is left to its goroutine, and none is made while it is held: its counter is full, so the driver has
+// a signal to read. Neither the device's loops nor its Stop wait for a held write.
 type caller struct {
-	mu      sync.Mutex
-	fd      int   // owned, -1 when none
-	pending bool  // a signal asked for and not yet written
-	busy    bool  // the writing goroutine runs (or is held in a write)
-	err     error // the first failure since signal last reported one
+	mu   sync.Mutex
+	fd   int           // owned, -1 when none
+	held chan struct{} // closed when the held write ends; nil when none is held
 }
 
-// signal asks for one write to the eventfd. Signals asked for while one is written coalesce, as the counter's
-// increments do for the driver. It reports a failure of an earlier write.
+// heldWrite is how long signal waits for a write before leaving it to its goroutine.
+const heldWrite = 100 * time.Millisecond
+
+// signal writes 1 to the eventfd, if there is one.
 func (c *caller) signal() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	err := c.err
-	c.err = nil
-	if c.fd < 0 {
-		return err
+	if c.fd < 0 || c.heldLocked() {
+		return nil
 	}
-	c.pending = true
-	if !c.busy {
-		c.busy = true
-		go c.write()
+	name := c.fd
+	fd, err := dupCloexec(c.fd)
+	if err != nil {
+		return fmt.Errorf("notify driver: duplicate call fd %d: %w", name, err)
 	}
-	return err
-}
-
-// write writes the signals asked for until none is left. Each write goes to a duplicate of the eventfd, so
-// that set and close may replace or close it meanwhile.
-func (c *caller) write() {
-	var one [8]byte
-	binary.LittleEndian.PutUint64(one[:], 1)
-	for {
-		c.mu.Lock()
-		if !c.pending || c.fd < 0 {
-			c.busy, c.pending = false, false
-			c.mu.Unlock()
-			return
-		}
-		c.pending = false
-		fd, err := dupCloexec(c.fd)
-		if err != nil {
-			c.fail(fmt.Errorf("notify driver: duplicate call fd %d: %w", c.fd, err))
-			c.busy = false
-			c.mu.Unlock()
-			return
-		}
-		c.mu.Unlock()
+	done := make(chan struct{})
+	var werr error
+	go func() {
+		defer close(done)
+		defer unix.Close(fd)
+		var one [8]byte
+		binary.LittleEndian.PutUint64(one[:], 1)
 		// EAGAIN: the counter is full, so the driver has a signal to read already.
 		if _, err := unix.Write(fd, one[:]); err != nil && err != unix.EAGAIN {
-			c.mu.Lock()
-			c.fail(fmt.Errorf("notify driver through call fd: %w", err))
-			c.mu.Unlock()
+			werr = fmt.Errorf("notify driver through call fd %d: %w", name, err)
 		}
-		unix.Close(fd)
+	}()
+	t := time.NewTimer(heldWrite)
+	defer t.Stop()
+	select {
+	case <-done:
+		return werr
+	case <-t.C:
+		c.held = done
+		return nil
 	}
 }
 
-// fail keeps err for signal to report, unless an earlier failure waits; c.mu is held.
-func (c *caller) fail(err error) {
-	if c.err == nil {
-		c.err = err
+// isHeld says whether a write to the call eventfd is held (the front end filled a blocking eventfd's counter).
+func (c *caller) isHeld() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.heldLocked()
+}
+
+func (c *caller) heldLocked() bool {
+	if c.held == nil {
+		return false
+	}
+	select {
+	case <-c.held:
+		c.held = nil
+		return false
+	default:
+		return true
 	}
 }
 
@@ -95,5 +99,5 @@ func (c *caller) set(fd int) error {
 	return nil
 }
 
-// close releases the eventfd: nothing is written afterwards (but for a write under way).
+// close releases the eventfd: nothing is written afterwards.
 func (c *caller) close() { _ = c.set(-1) }

@@ -192,6 +192,10 @@ func (q *Queue) SetCallFD(fd int) error {
 	return nil
 }
 
+// Held says whether a write to the call eventfd is still held: the front end filled the counter of a call
+// eventfd it made blocking, and has not read it. A healthy front end never does.
+func (q *Queue) Held() bool { return q.call.isHeld() }
+
 // Size is the number of descriptors in the queue.
 func (q *Queue) Size() uint16 { return q.size }
 
@@ -218,8 +222,8 @@ func (q *Queue) Push(head uint16, written uint32) error {
 
 // Notify signals the driver (call eventfd) if it asked for it (honours VIRTQ_AVAIL_F_NO_INTERRUPT, and
 // used_event when VIRTIO_RING_F_EVENT_IDX was negotiated). It does nothing when nothing was pushed since the
-// last Notify. The write happens on a goroutine of the queue's own (caller), which a front end holding the
-// eventfd can hold; Notify never waits for it, and reports a failure of an earlier write.
+// last Notify. A front end that fills a blocking call eventfd holds the write (caller): Notify then waits for it
+// 100 ms at most, and signals nothing more until the driver reads it.
 func (q *Queue) Notify() error {
 	// The used index written by Push must be visible before reading the driver's suppression fields, or both
 	// sides could decide the other will act and an interrupt would be lost.

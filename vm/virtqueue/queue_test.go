@@ -3,6 +3,7 @@ package virtqueue
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -218,21 +219,21 @@ func TestNotifyWithoutEventIdx(t *testing.T) {
 	call := eventfd(t)
 	q := r.queue(false, -1, call)
 
-	if err := q.Notify(); err != nil || signalled(t, q, call) {
+	if err := q.Notify(); err != nil || signalled(t, call) {
 		t.Fatalf("Notify with nothing used signalled (err %v)", err)
 	}
 	q.Push(0, 1)
-	if err := q.Notify(); err != nil || !signalled(t, q, call) {
+	if err := q.Notify(); err != nil || !signalled(t, call) {
 		t.Fatalf("Notify after Push did not signal (err %v)", err)
 	}
 	r.setAvailFlags(availFNoInterrupt)
 	q.Push(1, 1)
-	if err := q.Notify(); err != nil || signalled(t, q, call) {
+	if err := q.Notify(); err != nil || signalled(t, call) {
 		t.Fatalf("Notify signalled despite VIRTQ_AVAIL_F_NO_INTERRUPT (err %v)", err)
 	}
 	r.setAvailFlags(0)
 	q.Push(2, 1)
-	if err := q.Notify(); err != nil || !signalled(t, q, call) {
+	if err := q.Notify(); err != nil || !signalled(t, call) {
 		t.Fatalf("Notify after clearing NO_INTERRUPT did not signal (err %v)", err)
 	}
 }
@@ -264,7 +265,7 @@ func TestNotifyWithEventIdx(t *testing.T) {
 			if err := q.Notify(); err != nil {
 				t.Fatal(err)
 			}
-			if got := signalled(t, q, call); got != tt.want {
+			if got := signalled(t, call); got != tt.want {
 				t.Fatalf("signalled %v, want %v", got, tt.want)
 			}
 		})
@@ -278,20 +279,20 @@ func TestEventIdxNotifyCountsFromLastNotify(t *testing.T) {
 	r.setUsedEvent(0)
 	q.Push(0, 0)
 	q.Notify()
-	if !signalled(t, q, call) {
+	if !signalled(t, call) {
 		t.Fatal("first notify missing")
 	}
 	// The driver has not moved used_event: entry 0 was already signalled, so entry 1 must not be.
 	q.Push(1, 0)
 	q.Notify()
-	if signalled(t, q, call) {
+	if signalled(t, call) {
 		t.Fatal("signalled again for an event the driver already got")
 	}
 	// The driver asks for the entry at used index 2.
 	r.setUsedEvent(2)
 	q.Push(2, 0)
 	q.Notify()
-	if !signalled(t, q, call) {
+	if !signalled(t, call) {
 		t.Fatal("used_event 2 crossed without a signal")
 	}
 }
@@ -393,18 +394,47 @@ func TestSetCallFDAndClose(t *testing.T) {
 	}
 	q.Push(0, 0)
 	q.Notify()
-	if signalled(t, q, first) || !signalled(t, q, second) {
+	if signalled(t, first) || !signalled(t, second) {
 		t.Fatal("Notify did not use the replaced call fd")
 	}
 	q.Close()
 	q.Push(1, 0)
-	if err := q.Notify(); err != nil || signalled(t, q, second) {
+	if err := q.Notify(); err != nil || signalled(t, second) {
 		t.Fatalf("Notify after Close signalled (err %v)", err)
 	}
 }
 
+// A signal is written when Notify returns: a call fd replaced or closed right after it (QEMU checks the one it
+// replaces for a pending signal) has it, and the new one does not.
+func TestNotifyIsWrittenWhenItReturns(t *testing.T) {
+	r := newTestRing(t)
+	first := eventfd(t)
+	q := r.queue(false, -1, first)
+	for i := range 50 {
+		second := eventfd(t)
+		q.Push(uint16(i%testSize), 0)
+		if err := q.Notify(); err != nil {
+			t.Fatal(err)
+		}
+		if err := q.SetCallFD(second); err != nil {
+			t.Fatal(err)
+		}
+		if !signalled(t, first) || signalled(t, second) {
+			t.Fatalf("round %d: the signal did not reach the call fd replaced after Notify", i)
+		}
+		first = second
+	}
+	q.Push(0, 0)
+	q.Notify()
+	q.Close()
+	if !signalled(t, first) {
+		t.Fatal("the signal of a Notify just before Close was lost")
+	}
+}
+
 // A front end can make the call eventfd blocking and fill its counter (its file description is shared): Notify
-// and Close still return, and the signal is written once the counter is read.
+// waits for the write a moment, then leaves it held and returns; nothing more is written while it is held, and
+// Close returns. The held write goes through once the counter is read.
 func TestNotifyDoesNotWaitForAFullCounter(t *testing.T) {
 	r := newTestRing(t)
 	call, err := unix.Eventfd(0, unix.EFD_CLOEXEC) // blocking, as a front end can make it
@@ -412,9 +442,9 @@ func TestNotifyDoesNotWaitForAFullCounter(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Close(call) })
-	var full [8]byte
-	binary.LittleEndian.PutUint64(full[:], 0xfffffffffffffffe)
-	if _, err := unix.Write(call, full[:]); err != nil {
+	full := make([]byte, 8)
+	binary.LittleEndian.PutUint64(full, 0xfffffffffffffffe)
+	if _, err := unix.Write(call, full); err != nil {
 		t.Fatal(err)
 	}
 	q := r.queue(false, -1, call)
@@ -428,32 +458,29 @@ func TestNotifyDoesNotWaitForAFullCounter(t *testing.T) {
 			t.Fatalf("%s waits for the driver to read a full call eventfd", what)
 		}
 	}
-	returns("Notify", func() {
-		q.Push(0, 0)
-		if err := q.Notify(); err != nil {
-			t.Error(err)
-		}
-	})
-	// Close while the write is held (taken up: no longer pending, still busy).
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
-		q.call.mu.Lock()
-		taken := q.call.busy && !q.call.pending
-		q.call.mu.Unlock()
-		if taken {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the signal was not taken up for writing")
+	for i := range 3 {
+		returns(fmt.Sprintf("Notify %d", i), func() {
+			q.Push(uint16(i), 0)
+			if err := q.Notify(); err != nil {
+				t.Error(err)
+			}
+		})
+		if !q.Held() {
+			t.Fatalf("after Notify %d: no write held", i)
 		}
 	}
 	returns("Close", q.Close)
-	var got [8]byte
-	if _, err := unix.Read(call, got[:]); err != nil || binary.LittleEndian.Uint64(got[:]) != 0xfffffffffffffffe {
+	got := make([]byte, 8)
+	if _, err := unix.Read(call, got); err != nil || binary.LittleEndian.Uint64(got) != 0xfffffffffffffffe {
 		t.Fatalf("read the full counter: %v, %#x", err, got)
 	}
-	// The write that was held goes through now: the driver gets its signal.
-	settle(t, q)
-	if _, err := unix.Read(call, got[:]); err != nil || binary.LittleEndian.Uint64(got[:]) != 1 {
+	// The one held write goes through now, and no other was made.
+	for deadline := time.Now().Add(10 * time.Second); q.Held(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the write is still held 10 s after the counter was read")
+		}
+	}
+	if _, err := unix.Read(call, got); err != nil || binary.LittleEndian.Uint64(got) != 1 {
 		t.Fatalf("the held signal: %v, %#x, want 1", err, got)
 	}
 }
