@@ -123,7 +123,7 @@ test: deps build image proto-check vet
 	$(GO) test -count=1 -timeout $(GO_TEST_TIMEOUT) ./integration/...
 
 # The containerd and CRI suites with the shim (and the spares it starts) built with the race detector; a race
-# stops the shim (GORACE=halt_on_error=1), which fails its test. About twice the suites' time. Not in `make test`.
+# stops the shim (GORACE=halt_on_error=1), which fails its test. About 1.5 times the suites' time. Not in `make test`.
 race: deps build image
 	KILN_SHIM_RACE=1 GORACE=halt_on_error=1 $(GO) test -count=1 -timeout $(GO_TEST_TIMEOUT) ./integration/containerd ./integration/cri
 
