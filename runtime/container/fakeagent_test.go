@@ -36,11 +36,9 @@ type fakeAgent struct {
 	noEvents bool
 	// breakEventsOnce ends the first events stream at once, before any event; breakEvents ends every one.
 	breakEventsOnce, breakEvents bool
-	// hung makes signals and removals fail as a request that ran into its timeout does.
-	hung bool
-	// gone makes signals and removals fail on the host's side with this error, as the client's do once the agent
-	// connection is gone (closed, or a write ran past its deadline).
-	gone error
+	// fail makes signals and removals fail on the host's side with this error, as the client's do when a request
+	// runs into its timeout or the agent connection is gone (closed, or a write ran past its deadline).
+	fail error
 	// longLists makes stats and process lists answer with more entries than the host takes.
 	longLists bool
 
@@ -87,7 +85,7 @@ func (a *fakeAgent) start(opts Options) *Manager {
 		t.Fatal(err)
 	}
 	client := ttrpc.NewClient(conn)
-	m := NewManager(goneClient{agentv1.NewContainersClient(client), a}, a, opts)
+	m := NewManager(failingClient{agentv1.NewContainersClient(client), a}, a, opts)
 	t.Cleanup(func() {
 		_ = m.Close()
 		_ = client.Close()
@@ -225,9 +223,6 @@ func (a *fakeAgent) ExecProcess(_ context.Context, r *agentv1.ExecProcessRequest
 
 func (a *fakeAgent) SignalProcess(_ context.Context, r *agentv1.SignalProcessRequest) (*agentv1.SignalProcessResponse, error) {
 	a.record("signal " + r.GetContainerId())
-	if a.hung {
-		return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
-	}
 	return &agentv1.SignalProcessResponse{}, nil
 }
 
@@ -250,9 +245,6 @@ func (a *fakeAgent) WaitProcess(ctx context.Context, r *agentv1.WaitProcessReque
 
 func (a *fakeAgent) RemoveContainer(_ context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
 	a.record("remove " + r.GetContainerId())
-	if a.hung {
-		return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
-	}
 	return &agentv1.RemoveContainerResponse{}, nil
 }
 
@@ -346,26 +338,26 @@ func waitCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// goneClient fails signals and removals with the fake agent's gone error, when set, without sending them.
-type goneClient struct {
+// failingClient fails signals and removals with the fake agent's fail error, when set, without sending them.
+type failingClient struct {
 	agentv1.ContainersClient
 	a *fakeAgent
 }
 
-func (c goneClient) err() error {
+func (c failingClient) err() error {
 	c.a.mu.Lock()
 	defer c.a.mu.Unlock()
-	return c.a.gone
+	return c.a.fail
 }
 
-func (c goneClient) SignalProcess(ctx context.Context, r *agentv1.SignalProcessRequest) (*agentv1.SignalProcessResponse, error) {
+func (c failingClient) SignalProcess(ctx context.Context, r *agentv1.SignalProcessRequest) (*agentv1.SignalProcessResponse, error) {
 	if err := c.err(); err != nil {
 		return nil, err
 	}
 	return c.ContainersClient.SignalProcess(ctx, r)
 }
 
-func (c goneClient) RemoveContainer(ctx context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
+func (c failingClient) RemoveContainer(ctx context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
 	if err := c.err(); err != nil {
 		return nil, err
 	}
