@@ -144,14 +144,8 @@ func (s *Sandbox) connect(ctx context.Context) error {
 		dials++
 		conn, err := s.m.DialVsock(ctx, AgentPort)
 		if err == nil {
-			var kept atomic.Bool // this attempt's connection became the sandbox's
-			ended := make(chan struct{})
-			client := newClient(conn, s.opts.RequestTimeout, ttrpc.WithOnClose(func() {
-				close(ended)
-				if kept.Load() {
-					s.hangUp()
-				}
-			}))
+			ended := make(chan struct{}) // closed once the connection ends, for whatever reason
+			client := newClient(conn, s.opts.RequestTimeout, ttrpc.WithOnClose(func() { close(ended) }))
 			health := agentv1.NewHealthClient(client)
 			hctx, hcancel := context.WithTimeout(ctx, attempt)
 			resp, herr := health.Check(hctx, &agentv1.CheckRequest{})
@@ -170,12 +164,10 @@ func (s *Sandbox) connect(ctx context.Context) error {
 					_ = client.Close()
 					return err
 				}
-				kept.Store(true)
-				select {
-				case <-ended: // it ended before it was kept
+				go func() {
+					<-ended
 					s.hangUp()
-				default:
-				}
+				}()
 				s.announced = announcements > 0
 				s.opts.Log.WithFields(logrus.Fields{"dials": dials, "announced": announcements}).Debug("agent answered")
 				return nil
