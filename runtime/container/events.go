@@ -90,11 +90,7 @@ func (m *Manager) followEvents() {
 			// Not closed by Close (checked above): the guest went away under its processes, or its agent hung
 			// up while the VM lives on. Either way the guest is given up, and its VM stopped, so that the
 			// processes reported killed are.
-			reason := fmt.Errorf("agent connection closed: %w", err)
-			m.Lost(reason)
-			if m.opts.Abandon != nil {
-				m.opts.Abandon(reason)
-			}
+			m.giveUp(fmt.Errorf("agent connection closed: %w", err))
 			return
 		}
 		m.log.WithError(err).Warn(EventsStreamBroke)

@@ -152,10 +152,16 @@ func (m *Manager) abandon(ctx context.Context, what string, err error) bool {
 		// The pod is closing: its stop closes the connection, and stops the VM its own way.
 		return false
 	}
-	reason := fmt.Errorf("agent did not answer %s (%w); the VM is stopped", what, err)
-	m.Lost(reason)
-	m.opts.Abandon(reason)
+	m.giveUp(fmt.Errorf("agent did not answer %s (%w); the VM is stopped", what, err))
 	return true
+}
+
+// giveUp ends the guest: every process is reported killed (Lost) and its VM stopped (Options.Abandon).
+func (m *Manager) giveUp(reason error) {
+	m.Lost(reason)
+	if m.opts.Abandon != nil {
+		m.opts.Abandon(reason)
+	}
 }
 
 // why adds to an agent request's error what became of the guest, when the request failed because it is gone:
