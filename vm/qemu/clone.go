@@ -226,38 +226,65 @@ func nicDevice(i int, n Net) map[string]any {
 
 // PlugNets hot-plugs network devices into a running VM restored from a template (a spare's, taken by a pod with
 // a network), after the NICs it has: each tap's descriptor goes to QEMU over QMP (getfd), then its back end and
-// its device on the next root port. Only a template's clones have hot-plug.
+// its device on the next root port. Only a template's clones have hot-plug. The Machine's lock is not held across
+// the QMP commands: a QEMU that stops answering them holds PlugNets up to the command's bound, but not Stop.
 func (m *Machine) PlugNets(ctx context.Context, nets []Net) error {
+	q, have, err := m.beginPlug(len(nets))
+	if err != nil {
+		return fmt.Errorf("hot-plug NICs into vm %s: %w", m.cfg.ID, err)
+	}
+	// A NIC index is used up once its descriptor went to QEMU, whatever fails after: QEMU keeps the name, and a
+	// back end added stays.
+	used := 0
+	defer func() { m.endPlug(used) }()
+	for i, n := range nets {
+		idx := have + i
+		name := fmt.Sprintf("net%d", idx)
+		used++
+		if err := q.executeWithFile(ctx, "getfd", map[string]any{"fdname": name}, n.Tap); err != nil {
+			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
+		}
+		if err := q.execute(ctx, "netdev_add", map[string]any{"type": "tap", "id": name, "fd": name, "vhost": false}, nil); err != nil {
+			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
+		}
+		if err := q.execute(ctx, "device_add", nicDevice(idx, n), nil); err != nil {
+			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
+		}
+	}
+	return nil
+}
+
+// beginPlug reserves n NIC root ports for PlugNets, and returns the QMP connection and the index of the first
+// NIC to plug. Another PlugNets or a rehearsal meanwhile is refused.
+func (m *Machine) beginPlug(n int) (*qmpConn, int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.hotplugLocked(); err != nil {
-		return fmt.Errorf("hot-plug NICs into vm %s: %w", m.cfg.ID, err)
+		return nil, 0, err
 	}
-	if m.rehearsal == rehearsing {
-		return fmt.Errorf("hot-plug NICs into vm %s: a NIC rehearsal holds its last root port", m.cfg.ID)
+	switch {
+	case m.rehearsal == rehearsing:
+		return nil, 0, errors.New("a NIC rehearsal holds its last root port")
+	case m.plugging:
+		return nil, 0, errors.New("NICs are being hot-plugged already")
 	}
 	have, ports := len(m.cfg.Nets)+m.plugged, maxCloneNets
 	if m.rehearsal == rehearsalStuck {
 		ports--
 	}
-	if have+len(nets) > ports {
-		return fmt.Errorf("hot-plug %d NICs into vm %s: it has %d, and %d root ports for NICs", len(nets), m.cfg.ID, have, ports)
+	if have+n > ports {
+		return nil, 0, fmt.Errorf("%d NICs asked for: it has %d, and %d root ports for NICs", n, have, ports)
 	}
-	for i, n := range nets {
-		idx := have + i
-		name := fmt.Sprintf("net%d", idx)
-		if err := m.qmp.executeWithFile(ctx, "getfd", map[string]any{"fdname": name}, n.Tap); err != nil {
-			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
-		}
-		if err := m.qmp.execute(ctx, "netdev_add", map[string]any{"type": "tap", "id": name, "fd": name, "vhost": false}, nil); err != nil {
-			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
-		}
-		if err := m.qmp.execute(ctx, "device_add", nicDevice(idx, n), nil); err != nil {
-			return fmt.Errorf("hot-plug NIC %s into vm %s: %w", n.MAC, m.cfg.ID, err)
-		}
-		m.plugged++
-	}
-	return nil
+	m.plugging = true
+	return m.qmp, have, nil
+}
+
+// endPlug ends PlugNets, which used up used NIC indexes.
+func (m *Machine) endPlug(used int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.plugged += used
+	m.plugging = false
 }
 
 // cloneBackends are a clone's device back ends, on its command line (they are no migrated state); the devices

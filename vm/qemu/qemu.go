@@ -70,12 +70,14 @@ type Machine struct {
 	cgroup  *child.Cgroup
 	cancel  context.CancelFunc
 	started bool
-	// restored says the VM came from a template (it has hot-plug); plugged counts the NICs PlugNets added.
+	// restored says the VM came from a template (it has hot-plug); plugged counts the NIC indexes PlugNets used,
+	// plugging says a PlugNets is under way.
 	restored bool
 	// template is the one a restored VM came from, and cold the configuration that boots it instead (BootInstead).
 	template template
 	cold     Config
 	plugged  int
+	plugging bool
 	// rehearsal is the state of the root port RehearseNIC borrows.
 	rehearsal rehearsalPort
 	// fsErr is why the VM was ended for its virtiofsd's death, nil otherwise.

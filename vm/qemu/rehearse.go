@@ -93,6 +93,8 @@ func (m *Machine) borrowRehearsalPort() (*qmpConn, int, error) {
 	switch {
 	case m.rehearsal != rehearsalFree:
 		return nil, 0, errors.New("the root port a rehearsal takes is in use or lost")
+	case m.plugging:
+		return nil, 0, errors.New("NICs are being hot-plugged")
 	case len(m.cfg.Nets)+m.plugged > idx:
 		return nil, 0, errors.New("the root port a rehearsal would take holds a NIC")
 	}

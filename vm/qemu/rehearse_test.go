@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -121,4 +122,61 @@ func TestRehearseNIC(t *testing.T) {
 	if err := full.RehearseNIC(context.Background(), net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error { return nil }); err == nil || !strings.Contains(err.Error(), "holds a NIC") {
 		t.Errorf("RehearseNIC with every root port taken = %v, want a refusal", err)
 	}
+}
+
+// A PlugNets that QEMU does not answer holds neither the Machine's lock, which Stop takes, nor another hot-plug's
+// port: a second PlugNets and a rehearsal are refused meanwhile, and the NIC index it used is not used again.
+func TestPlugNetsDoesNotHoldTheMachine(t *testing.T) {
+	path, got := fakeQMP(t, `{"return": {}}`) // qmp_capabilities; getfd is never answered
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	q, err := dialQMP(ctx, path, make(chan struct{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.close()
+	<-got
+	tap, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tap.Close()
+	m := &Machine{cfg: Config{ID: "t"}, qmp: q, restored: true}
+	pctx, pcancel := context.WithCancel(ctx)
+	defer pcancel() // first of the deferred calls: a failure below must not leave PlugNets waiting
+	plugged := make(chan error, 1)
+	go func() { plugged <- m.PlugNets(pctx, []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, Tap: tap}}) }()
+	locked := make(chan struct{})
+	go func() {
+		for !m.isPlugging() {
+			time.Sleep(time.Millisecond)
+		}
+		_ = m.Foreground() // Stop's first step under the lock
+		_ = m.PID()
+		close(locked)
+	}()
+	select {
+	case <-locked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the Machine's lock is held while QEMU does not answer a hot-plug")
+	}
+	if err := m.PlugNets(ctx, []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 3}, Tap: tap}}); err == nil || !strings.Contains(err.Error(), "being hot-plugged") {
+		t.Errorf("PlugNets beside another = %v, want a refusal", err)
+	}
+	if err := m.RehearseNIC(ctx, net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error { return nil }); err == nil || !strings.Contains(err.Error(), "being hot-plugged") {
+		t.Errorf("RehearseNIC beside a PlugNets = %v, want a refusal", err)
+	}
+	pcancel()
+	if err := <-plugged; !errors.Is(err, context.Canceled) {
+		t.Errorf("PlugNets QEMU did not answer = %v, want context.Canceled", err)
+	}
+	if m.isPlugging() || m.plugged != 1 {
+		t.Errorf("after PlugNets: plugging %v, %d NIC indexes used, want false and 1", m.isPlugging(), m.plugged)
+	}
+}
+
+func (m *Machine) isPlugging() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.plugging
 }
