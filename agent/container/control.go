@@ -172,7 +172,10 @@ func (c *container) waitAll(ctx context.Context, timeout time.Duration) error {
 		select {
 		case <-p.done:
 		case <-timer.C:
-			return status.Errorf(codes.DeadlineExceeded, "remove container %s: %s still running after %s", c.id, processName(p), timeout)
+			// Not DeadlineExceeded, which the host takes for its own request's deadline (a hung agent, whose VM
+			// it stops): this agent answered, and a process that outlives SIGKILL (one stuck in the kernel) is
+			// its container's trouble, not the pod's.
+			return status.Errorf(codes.FailedPrecondition, "remove container %s: %s still running %s after SIGKILL", c.id, processName(p), timeout)
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
 		}

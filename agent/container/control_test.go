@@ -6,10 +6,13 @@ import (
 	"errors"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/runc/libcontainer/configs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -67,5 +70,21 @@ func TestRefusedUpdateLeavesTheResources(t *testing.T) {
 	}
 	if got := lc.applied[1]; got.CpusetCpus != "0-1" || got.Memory != limit {
 		t.Errorf("applied cpuset %q, memory %d; want 0-1 and %d", got.CpusetCpus, got.Memory, limit)
+	}
+}
+
+// A process still running when a removal's wait for it ends is refused with a code the host does not take for its
+// own request's deadline, which would make it give up the pod's whole guest; the host's deadline still ends the
+// wait as a deadline.
+func TestWaitAllOutlived(t *testing.T) {
+	c := &container{id: "c", init: &process{done: make(chan struct{})}}
+	err := c.waitAll(context.Background(), time.Millisecond)
+	if code := status.Code(err); code != codes.FailedPrecondition {
+		t.Errorf("waitAll past its bound = %v (%v), want FailedPrecondition", err, code)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
+	defer cancel()
+	if code := status.Code(c.waitAll(ctx, time.Minute)); code != codes.DeadlineExceeded {
+		t.Errorf("waitAll past the request's deadline = %v, want DeadlineExceeded", code)
 	}
 }
