@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-qemu/qmp"
+	"golang.org/x/sys/unix"
 )
 
 // qmpConn is a connected QMP monitor.
@@ -109,12 +110,22 @@ func (q *qmpConn) run(ctx context.Context, name string, arguments any, f *os.Fil
 		raw []byte
 		err error
 	}
+	if f != nil {
+		// The command may outlive this call (ctx ends first), and the caller may then close f: the library gets
+		// a duplicate of its own.
+		fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("QMP %s: duplicate the descriptor it takes: %w", name, err)
+		}
+		f = os.NewFile(uintptr(fd), f.Name())
+	}
 	done := make(chan answer, 1)
 	go func() {
 		var raw []byte
 		var err error
 		if f != nil {
 			raw, err = q.mon.RunWithFile(b, f)
+			f.Close()
 		} else {
 			raw, err = q.mon.Run(b)
 		}
