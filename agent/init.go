@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -130,6 +131,15 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	return g, nil
 }
 
+// A container's processes get the shim's hard limit on open files (rlimit.Inherited), which its host allows up to
+// its own fs.nr_open: systemd raises that to about 2^30, far above the kernel's default of 1048576 that the guest
+// starts with, and a limit above the guest's would fail the container's start. The guest takes the kernel's
+// ceiling (sysctl_nr_open_max on 64-bit), which no host exceeds: it bounds only what a process may ask for.
+const (
+	nrOpenFile = "/proc/sys/fs/nr_open"
+	nrOpenMax  = 2147483584
+)
+
 // finishInit is the part of the guest's setup that the agent API does not
 // need: the other base file systems and the shared directory (when share is
 // true).
@@ -145,6 +155,9 @@ func finishInit(log *logrus.Entry, mounts []Mount, share bool) error {
 	}
 	if err := loopbackUp(); err != nil {
 		return err
+	}
+	if err := os.WriteFile(nrOpenFile, []byte(strconv.Itoa(nrOpenMax)), 0); err != nil {
+		log.WithError(err).Warn("raise the guest's ceiling on open files; a container's hard limit above 1048576 is refused")
 	}
 	log.WithFields(logrus.Fields{"mounts": len(mounts), "took": time.Since(start)}).Debug("guest setup complete")
 	return nil

@@ -16,7 +16,8 @@ import (
 	"github.com/opencontainers/runc/libcontainer/configs"
 	"github.com/opencontainers/runc/libcontainer/specconv"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/rlimit"
 )
 
 // cgroupParent is where containers whose spec names no usable cgroup path
@@ -210,7 +211,7 @@ func newProcess(p *specs.Process, rootfs string) (*libcontainer.Process, error) 
 		}
 	}
 	for _, r := range p.Rlimits {
-		kind, ok := rlimitNumber(r.Type)
+		kind, ok := rlimit.Number(r.Type)
 		if !ok {
 			return nil, fmt.Errorf("unknown rlimit %q", r.Type)
 		}
@@ -241,43 +242,4 @@ func lookupUser(rootfs, spec string) (*user.ExecUser, error) {
 		return nil, fmt.Errorf("look up user %q in the container's /etc/passwd: %w", spec, err)
 	}
 	return u, nil
-}
-
-// rlimitNumber maps an OCI rlimit name to the kernel's resource number.
-func rlimitNumber(name string) (int, bool) {
-	switch name {
-	case "RLIMIT_AS":
-		return unix.RLIMIT_AS, true
-	case "RLIMIT_CORE":
-		return unix.RLIMIT_CORE, true
-	case "RLIMIT_CPU":
-		return unix.RLIMIT_CPU, true
-	case "RLIMIT_DATA":
-		return unix.RLIMIT_DATA, true
-	case "RLIMIT_FSIZE":
-		return unix.RLIMIT_FSIZE, true
-	case "RLIMIT_LOCKS":
-		return unix.RLIMIT_LOCKS, true
-	case "RLIMIT_MEMLOCK":
-		return unix.RLIMIT_MEMLOCK, true
-	case "RLIMIT_MSGQUEUE":
-		return unix.RLIMIT_MSGQUEUE, true
-	case "RLIMIT_NICE":
-		return unix.RLIMIT_NICE, true
-	case "RLIMIT_NOFILE":
-		return unix.RLIMIT_NOFILE, true
-	case "RLIMIT_NPROC":
-		return unix.RLIMIT_NPROC, true
-	case "RLIMIT_RSS":
-		return unix.RLIMIT_RSS, true
-	case "RLIMIT_RTPRIO":
-		return unix.RLIMIT_RTPRIO, true
-	case "RLIMIT_RTTIME":
-		return unix.RLIMIT_RTTIME, true
-	case "RLIMIT_SIGPENDING":
-		return unix.RLIMIT_SIGPENDING, true
-	case "RLIMIT_STACK":
-		return unix.RLIMIT_STACK, true
-	}
-	return 0, false
 }

@@ -106,15 +106,23 @@ func execRetry(t *testing.T, e *Env, id string, cmd ...string) string {
 }
 
 // TestCRIPod drives a pod of two busybox containers through CRI with each handler: exec, logs, stats, the pod
-// IP answering from the host and from a second pod, and stopp/rmp leaving the host as it was.
+// IP answering from the host and from a second pod, and stopp/rmp leaving the host as it was. A container's
+// processes, its init and an exec, have the same resource limits with each: CRI names none, and runc's inherit
+// containerd's.
 func TestCRIPod(t *testing.T) {
 	e := startEnv(t, Options{Handlers: podHandlers})
+	limits := map[string]string{}
 	for _, h := range podHandlers {
-		t.Run(h, func(t *testing.T) { testPod(t, e, h) })
+		t.Run(h, func(t *testing.T) { limits[h] = testPod(t, e, h) })
+	}
+	if limits[HandlerKiln] != limits[HandlerRunc] {
+		t.Errorf("resource limits of an init and an exec with %s:\n%s\nwith %s:\n%s", HandlerKiln, limits[HandlerKiln], HandlerRunc, limits[HandlerRunc])
 	}
 }
 
-func testPod(t *testing.T, e *Env, handler string) {
+// testPod runs TestCRIPod's pod with handler, and returns the resource limits of the logger container's init and
+// of an exec in it.
+func testPod(t *testing.T, e *Env, handler string) (limits string) {
 	before, err := e.Snapshot()
 	if err != nil {
 		t.Fatal(err)
@@ -137,6 +145,7 @@ func testPod(t *testing.T, e *Env, handler string) {
 	if out, _, _, _ := e.Exec(context.Background(), webID, "hostname"); strings.TrimSpace(out) != name {
 		t.Errorf("hostname in the pod: %q, want %q", out, name)
 	}
+	limits = execRetry(t, e, loggerID, "sh", "-c", "cat /proc/1/limits; cat /proc/self/limits")
 
 	// logs: both streams, in CRI's log file.
 	deadline := time.Now().Add(10 * time.Second)
@@ -233,4 +242,5 @@ func testPod(t *testing.T, e *Env, handler string) {
 	if l := e.crictl(t, "ps", "-a", "-q"); strings.TrimSpace(l) != "" {
 		t.Errorf("containers listed after rmp: %q", l)
 	}
+	return limits
 }

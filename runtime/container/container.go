@@ -11,6 +11,7 @@ import (
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
+	"github.com/kiln-runtime/kiln/rlimit"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 )
 
@@ -56,7 +57,7 @@ func (c *Container) AddExec(execID string, proc *specs.Process, io stdio.IO, rel
 		return nil, fmt.Errorf("exec %s: %w", execID, err)
 	}
 	io.Terminal = proc.Terminal
-	raw, err := json.Marshal(proc)
+	raw, err := json.Marshal(rlimit.Fill(proc, c.m.opts.Rlimits))
 	if err != nil {
 		return nil, fmt.Errorf("exec %s in container %s: encode process: %w", execID, c.id, err)
 	}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/containerd/ttrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -59,6 +60,8 @@ type Options struct {
 	// the request timeout while the caller still waited: the caller stops the VM. The manager first reports
 	// every process killed (Lost), so the kill or removal that timed out succeeds without the agent.
 	Abandon func(reason error)
+	// Rlimits are the resource limits an exec process gets for those its spec does not name (rlimit.Fill).
+	Rlimits []specs.POSIXRlimit
 	Log     *logrus.Entry
 }
 

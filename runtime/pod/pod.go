@@ -22,6 +22,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/rlimit"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
@@ -80,6 +81,10 @@ type Pod struct {
 	bundlesMu sync.Mutex
 	bundles   map[string]*bundle.Bundle
 
+	// rlimits are the resource limits the pod's processes get for those their spec does not name (the shim's,
+	// as runc's inherit them; rlimit.Inherited).
+	rlimits []specs.POSIXRlimit
+
 	// closing is closed when Close begins: the VM's end is then expected.
 	closing   chan struct{}
 	closeOnce sync.Once
@@ -135,7 +140,12 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
-	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, net: &hostNetwork{}, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}}
+	// The shim's limits are containerd's, which runc's container processes inherit; so do the pod's.
+	rlimits, err := rlimit.Inherited(ctx)
+	if err != nil {
+		log.WithError(err).Warn("the resource limits the pod's processes inherit are partly the shim's own")
+	}
+	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, net: &hostNetwork{}, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}, rlimits: rlimits}
 	defer func() {
 		if retErr != nil {
 			if err := p.Close(context.WithoutCancel(ctx)); err != nil {
@@ -203,6 +213,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		OnEvent: o.OnEvent,
 		OnExit:  o.OnExit,
 		Abandon: p.stopUnresponsive,
+		Rlimits: p.rlimits,
 		Log:     log,
 	})
 	go p.watchVM(m, sb.HungUp())
@@ -386,6 +397,7 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	} else if len(fields) > 0 {
 		p.log.WithFields(logrus.Fields{"container": o.ID, "ignored": fields}).Info("host LSM settings taken out (runtime.host_lsm = \"ignore\")")
 	}
+	spec.Process = rlimit.Fill(spec.Process, p.rlimits)
 	spec.Mounts = append([]specs.Mount(nil), spec.Mounts...)
 	shm := podShm(spec.Mounts, spec.Annotations[bundle.SandboxAnnotation])
 	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec); err != nil {
