@@ -75,6 +75,7 @@ type LinuxContainerResources struct {
 	CPUQuota           int64 `json:"cpu_quota,omitempty"`
 	CPUShares          int64 `json:"cpu_shares,omitempty"`
 	MemoryLimitInBytes int64 `json:"memory_limit_in_bytes,omitempty"`
+	OOMScoreAdj        int64 `json:"oom_score_adj,omitempty"`
 }
 
 // LinuxPod is LinuxPodSandboxConfig.

@@ -19,7 +19,8 @@ import (
 )
 
 // TestKilnPodIsOneVM: the containers of a Kiln pod share one guest (its boot id, not the host's), reach each
-// other on localhost, see the VM their pod's resources sized, and get the pod's hostname, DNS and sysctls.
+// other on localhost, see the VM their pod's resources sized, and get the pod's hostname, DNS and sysctls; the
+// VM's host processes take the highest OOM score the pod's containers ask for.
 func TestKilnPodIsOneVM(t *testing.T) {
 	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
 	const name = "vm-kiln"
@@ -30,8 +31,14 @@ func TestKilnPodIsOneVM(t *testing.T) {
 	pod.Hostname = "kiln-pod-host"
 	pod.DNSConfig = &DNSConfig{Servers: []string{"10.9.9.9"}, Searches: []string{"kiln.test"}}
 	web := NewContainerConfig("web", containerd.BusyboxRef, httpServer("hello-localhost")...)
+	web.Linux.Resources = &LinuxContainerResources{OOMScoreAdj: oomScore}
 	client := NewContainerConfig("client", containerd.BusyboxRef, "sleep", "3600")
 	_, ids := podWithContainers(t, e, HandlerKiln, pod, web, client)
+	for _, prog := range []string{"qemu-system", "virtiofsd"} {
+		if n := processesWithOOMScore(prog, oomScore); n == 0 {
+			t.Errorf("no %s process with the oom_score_adj of the pod's web container, %d", prog, oomScore)
+		}
+	}
 
 	hostBoot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
 	if err != nil {
@@ -74,6 +81,21 @@ func TestKilnPodIsOneVM(t *testing.T) {
 			t.Errorf("%s in the pod: %q, want %q", sysctl, got, want)
 		}
 	}
+}
+
+// oomScore is an OOM score no VM's process has but by its pod's container asking for it.
+const oomScore = 777
+
+// processesWithOOMScore counts the processes whose command line names prog and whose oom_score_adj is adj.
+func processesWithOOMScore(prog string, adj int) int {
+	n := 0
+	for _, pid := range containerd.ProcessesMatching(prog) {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "oom_score_adj"))
+		if err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(adj) {
+			n++
+		}
+	}
+	return n
 }
 
 // TestKilnPodVolumes: hostPath and emptyDir-style directories, configmap-style directories (kubelet's ..data

@@ -418,6 +418,7 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	}
 	p.bundlesMu.Lock()
 	p.bundles[o.ID] = b
+	p.followOOMScoresLocked()
 	p.bundlesMu.Unlock()
 	return c, nil
 }
@@ -493,6 +494,7 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 	p.bundlesMu.Lock()
 	b := p.bundles[c.ID()]
 	delete(p.bundles, c.ID())
+	p.followOOMScoresLocked()
 	p.bundlesMu.Unlock()
 	if b != nil && hooks.Any(b.Spec) {
 		if err := hooks.Poststop(ctx, b.Spec, p.hookState(c.ID(), b)); err != nil {
