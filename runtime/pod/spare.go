@@ -190,6 +190,9 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 		p.stopUnresponsive(err)
 		return fmt.Errorf("%w: %v", ErrUnfit, err)
 	}
+	if err := p.sb.Reseed(ctx); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnfit, err)
+	}
 	if err := p.enterCgroup(first, p.VMProcesses()...); err != nil {
 		return err
 	}

@@ -242,6 +242,17 @@ func (s *Sandbox) seed(ctx context.Context) error {
 	return nil
 }
 
+// Reseed gives a running guest fresh entropy and the host's wall clock again, as seed did at its start: a spare's
+// guest may have waited hours for its pod, and the host's clock may have been stepped meanwhile (a host that boots
+// sets its clock from the network after containerd has started its spares), which the guest's clock does not
+// follow.
+func (s *Sandbox) Reseed(ctx context.Context) error {
+	if err := s.seed(ctx); err != nil {
+		return fmt.Errorf("vm %s: %w", s.m.ID(), err)
+	}
+	return nil
+}
+
 // seedEntropy is how many random bytes the guest gets at start: 512 bits, twice what its generator needs.
 const seedEntropy = 64
 
