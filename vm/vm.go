@@ -5,8 +5,12 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"net"
 )
+
+// ErrOOMKilled is in a Machine's ExitError when the host's OOM killer ended the VM (its VMM or a helper process).
+var ErrOOMKilled = errors.New("the host's OOM killer ended the VM")
 
 // Machine is one running microVM.
 type Machine interface {

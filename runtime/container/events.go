@@ -88,9 +88,17 @@ func (m *Manager) followEvents() {
 		}
 		if errors.Is(err, ttrpc.ErrClosed) {
 			// Not closed by Close (checked above): the guest went away under its processes, or its agent hung
-			// up while the VM lives on. Either way the guest is given up, and its VM stopped, so that the
-			// processes reported killed are.
-			m.giveUp(fmt.Errorf("agent connection closed: %w", err))
+			// up while the VM lives on. The pod's watch of its VM tells which, and why the VM ended (the host's
+			// OOM killer among others), moments later: it is given that long. Then the guest is given up, and
+			// its VM stopped, so that the processes reported killed are.
+			select {
+			case <-m.ctx.Done():
+				return
+			case <-time.After(m.opts.lostGrace):
+			}
+			if m.guestLost() == nil {
+				m.giveUp(fmt.Errorf("agent connection closed: %w", err))
+			}
 			return
 		}
 		m.log.WithError(err).Warn(EventsStreamBroke)

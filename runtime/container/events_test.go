@@ -2,6 +2,8 @@ package container
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -9,9 +11,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
+	"github.com/kiln-runtime/kiln/vm"
 )
 
 func TestOOMEventsAreForwarded(t *testing.T) {
@@ -208,5 +213,87 @@ func TestEventsForUnknownContainersAreDropped(t *testing.T) {
 		if e.ContainerID != "c1" {
 			t.Errorf("event about a container the host does not hold was forwarded: %+v", e)
 		}
+	}
+}
+
+// closingEvents is an events client whose stream ends as a closed agent connection's does once closed is closed.
+type closingEvents struct {
+	agentv1.ContainersClient
+	closed chan struct{}
+}
+
+func (c closingEvents) Events(ctx context.Context, _ *agentv1.EventsRequest) (agentv1.Containers_EventsClient, error) {
+	return closingStream{ctx: ctx, closed: c.closed}, nil
+}
+
+type closingStream struct {
+	ttrpc.ClientStream
+	ctx    context.Context
+	closed chan struct{}
+}
+
+func (s closingStream) Recv() (*agentv1.Event, error) {
+	select {
+	case <-s.closed:
+		return nil, ttrpc.ErrClosed
+	case <-s.ctx.Done():
+		return nil, s.ctx.Err()
+	}
+}
+
+// When the events stream's connection closes, the caller's report of why the guest went (its VM's end, here the
+// host's OOM killer) is waited for a moment and wins: the container's OOM kill is reported, nothing abandoned.
+// Without a report the guest is given up once the moment has passed.
+func TestEventsConnectionClosedWaitsForWhy(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		why       error // reported by the caller after the connection closed; nil: nothing
+		wantOOM   bool
+		abandoned bool
+	}{
+		{name: "VM OOM-killed", why: fmt.Errorf("VM p ended: %w", vm.ErrOOMKilled), wantOOM: true},
+		{name: "VM killed", why: errors.New("VM p ended: signal: killed")},
+		{name: "nothing said", abandoned: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }})
+			closed := make(chan struct{})
+			var mu sync.Mutex
+			var oom bool
+			var abandoned error
+			m := a.start(Options{
+				Events:    closingEvents{closed: closed},
+				lostGrace: 500 * time.Millisecond,
+				OnEvent: func(e Event) {
+					mu.Lock()
+					oom = oom || e.Kind == EventOOM && e.ContainerID == "c1"
+					mu.Unlock()
+				},
+				Abandon: func(reason error) {
+					mu.Lock()
+					abandoned = reason
+					mu.Unlock()
+				},
+			})
+			ctx := waitCtx(t)
+			c := started(t, ctx, m, CreateOptions{ID: "c1"})
+			close(closed)
+			if tc.why != nil {
+				time.Sleep(50 * time.Millisecond)
+				m.Lost(tc.why)
+			}
+			if e, err := c.Wait(ctx); err != nil || e.Status != 137 {
+				t.Errorf("wait: %+v, %v; want status 137", e, err)
+			}
+			time.Sleep(time.Second) // past the grace: an abandonment would have come
+			mu.Lock()
+			defer mu.Unlock()
+			if oom != tc.wantOOM {
+				t.Errorf("OOM kill of c1 reported: %v, want %v", oom, tc.wantOOM)
+			}
+			if (abandoned != nil) != tc.abandoned {
+				t.Errorf("abandoned: %v, want %v", abandoned, tc.abandoned)
+			}
+		})
 	}
 }

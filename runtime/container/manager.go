@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -25,6 +26,7 @@ import (
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
+	"github.com/kiln-runtime/kiln/vm"
 )
 
 // Errors callers can test for with errors.Is.
@@ -63,7 +65,15 @@ type Options struct {
 	// Rlimits are the resource limits an exec process gets for those its spec does not name (rlimit.Fill).
 	Rlimits []specs.POSIXRlimit
 	Log     *logrus.Entry
+
+	// lostGrace is how long, after the events stream's connection closed, the caller has to report why with Lost
+	// before the manager gives the guest up itself; lostGraceDefault but in tests.
+	lostGrace time.Duration
 }
+
+// lostGraceDefault outlasts the pod's wait for its VM's exit after the agent connection ends (runtime/pod's
+// vmExitAfterHangup, 2 s), after which the pod calls Lost itself.
+const lostGraceDefault = 3 * time.Second
 
 // Manager holds the containers of one pod and the exit reservation of each of their processes.
 type Manager struct {
@@ -102,6 +112,9 @@ func NewManager(api agentv1.ContainersClient, dialer stdio.Dialer, opts Options)
 	if opts.Log == nil {
 		opts.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
+	if opts.lostGrace <= 0 {
+		opts.lostGrace = lostGraceDefault
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
 		api: api, dialer: dialer, opts: opts, log: opts.Log,
@@ -136,7 +149,37 @@ func (m *Manager) Lost(reason error) {
 	m.lost = reason
 	m.mu.Unlock()
 	m.log.WithError(reason).Error("guest lost; every process of the pod is reported killed (exit status 137)")
+	if errors.Is(reason, vm.ErrOOMKilled) {
+		m.reportOOMKilled()
+	}
 	m.endAll(nil)
+}
+
+// reportOOMKilled passes on an OOM kill of each container whose init process still runs, before their exits: the
+// host's OOM killer ended the VM they ran in, as it would have ended runc's processes (kubelet then says
+// OOMKilled, not Error).
+func (m *Manager) reportOOMKilled() {
+	if m.opts.OnEvent == nil {
+		return
+	}
+	m.mu.Lock()
+	var inits []*Process
+	for k, p := range m.procs {
+		if k.exec == "" {
+			inits = append(inits, p)
+		}
+	}
+	m.mu.Unlock()
+	var ids []string
+	for _, p := range inits {
+		if st := p.State(); st == lifecycle.Created || st == lifecycle.Running {
+			ids = append(ids, p.Container().ID())
+		}
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		m.opts.OnEvent(Event{Kind: EventOOM, ContainerID: id})
+	}
 }
 
 // abandon gives up on a guest whose agent let a request that must not fail for want of an answer (a SIGKILL, a

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
+	"github.com/kiln-runtime/kiln/vm"
 )
 
 // outErr7 writes to stdout and stderr and exits 7.
@@ -401,5 +403,78 @@ func TestClosedManagerAbandonsNothing(t *testing.T) {
 	case reason := <-abandoned:
 		t.Errorf("Abandon called on a closed manager: %v", reason)
 	default:
+	}
+}
+
+// A guest the host's OOM killer ended reports an OOM kill of each container still running before their exits, as
+// runc's would be reported (kubelet says OOMKilled); a guest lost otherwise reports none, nor does a container
+// that had exited.
+func TestGuestLostToOOM(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		reason error
+		want   []string
+	}{
+		{name: "OOM", reason: fmt.Errorf("VM p ended: %w", vm.ErrOOMKilled), want: []string{"exit c2/", "oom c1", "oom c3", "exit c1/", "exit c1/e1", "exit c3/"}},
+		{name: "killed", reason: errors.New("VM p ended: signal: killed"), want: []string{"exit c2/", "exit c1/", "exit c1/e1", "exit c3/"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			forever := func(p *fakeProc) uint32 { select {} }
+			a := newFakeAgent(t, map[string]script{"c1/": forever, "c1/e1": forever, "c2/": func(*fakeProc) uint32 { return 0 }, "c3/": forever})
+			var mu sync.Mutex
+			var events []string
+			m := a.start(Options{
+				OnEvent: func(e Event) {
+					if e.Kind == EventOOM {
+						mu.Lock()
+						events = append(events, "oom "+e.ContainerID)
+						mu.Unlock()
+					}
+				},
+				OnExit: func(p *Process, e Exit) {
+					mu.Lock()
+					events = append(events, "exit "+p.Container().ID()+"/"+p.ID())
+					mu.Unlock()
+				},
+			})
+			ctx := waitCtx(t)
+			c2 := started(t, ctx, m, CreateOptions{ID: "c2"})
+			if _, err := c2.Wait(ctx); err != nil {
+				t.Fatal(err)
+			}
+			c1 := started(t, ctx, m, CreateOptions{ID: "c1"})
+			e1, err := c1.Exec(ctx, "e1", &specs.Process{Args: []string{"x"}}, stdio.IO{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			c3 := started(t, ctx, m, CreateOptions{ID: "c3"})
+			m.Lost(tc.reason)
+			for _, p := range []*Process{c1.Init(), e1, c3.Init()} {
+				if _, err := p.Wait(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			// Exits come in no particular order among themselves; each OOM comes before every exit after it.
+			got := slices.Clone(events)
+			slices.Sort(got[1:])
+			want := slices.Clone(tc.want)
+			slices.Sort(want[1:])
+			if !slices.Equal(got, want) {
+				t.Errorf("events %v, want %v", events, tc.want)
+			}
+			lastOOM, firstLostExit := -1, len(events)
+			for i, e := range events {
+				if strings.HasPrefix(e, "oom ") {
+					lastOOM = i
+				} else if i > 0 && i < firstLostExit {
+					firstLostExit = i
+				}
+			}
+			if lastOOM > firstLostExit {
+				t.Errorf("events %v: an OOM after an exit of the lost guest", events)
+			}
+		})
 	}
 }

@@ -177,6 +177,30 @@ func (c *Cgroup) Path() string {
 	return c.dirs[0]
 }
 
+// OOMKills is how many of the cgroup's processes the kernel's OOM killer has killed, for the cgroup's own limit or
+// any other (an ancestor's, the host's): oom_kill in memory.events on v2, in memory.oom_control on v1.
+func (c *Cgroup) OOMKills() (uint64, error) {
+	file := "memory.oom_control"
+	if c.v2 {
+		file = "memory.events"
+	}
+	path := filepath.Join(c.Path(), file)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", c.name, err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
+			n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("cgroup %s: %s: oom_kill %q: %w", c.name, path, v, err)
+			}
+			return n, nil
+		}
+	}
+	return 0, fmt.Errorf("cgroup %s: %s counts no oom_kill (Linux 4.13 or later does)", c.name, path)
+}
+
 // V2 reports whether the cgroup is a cgroup v2 one.
 func (c *Cgroup) V2() bool { return c.v2 }
 

@@ -302,3 +302,32 @@ func TestCgroupBackground(t *testing.T) {
 		t.Errorf("CPU weight back in the foreground = %s, want %s", got, usual)
 	}
 }
+
+// A program that outgrows its cgroup's limit is killed by the kernel, and the cgroup counts it.
+func TestCgroupOOMKills(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create cgroups")
+	}
+	cg, err := NewCgroup(fmt.Sprintf("kiln-child-oom-test-%d", os.Getpid()), 16<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cg.Remove() })
+	checkVersion(t, cg)
+	if n, err := cg.OOMKills(); err != nil || n != 0 {
+		t.Fatalf("OOMKills of a new cgroup = %d, %v; want 0", n, err)
+	}
+	// The shell keeps 64 MB of output in memory, four times the limit.
+	cfg := shell(`x=$(head -c 64000000 /dev/zero | tr '\0' a); echo survived`)
+	var out syncBuffer
+	cfg.Stdout = &out
+	cfg.Cgroup = cg
+	p := start(t, cfg)
+	waitExited(t, p)
+	if strings.Contains(out.String(), "survived") {
+		t.Fatal("the program outgrew its cgroup's limit and was not killed")
+	}
+	if n, err := cg.OOMKills(); err != nil || n == 0 {
+		t.Errorf("OOMKills after the program was killed = %d, %v; want 1 or more", n, err)
+	}
+}

@@ -82,6 +82,8 @@ type Machine struct {
 	rehearsal rehearsalPort
 	// fsErr is why the VM was ended for its virtiofsd's death, nil otherwise.
 	fsErr error
+	// oomKills counts the VM's processes the kernel's OOM killer killed: written by reap before exited closes.
+	oomKills uint64
 	// cloneRAM is a clone's copy of its template's RAM while it starts.
 	cloneRAM *cloneRAM
 	// incoming is a clone's template state while it starts.
@@ -470,8 +472,25 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 // reap waits for QEMU to exit, then releases everything.
 func (m *Machine) reap() {
 	<-m.proc.Exited()
+	m.countOOMKills()
 	close(m.exited)
 	m.cleanup()
+}
+
+// countOOMKills notes, before anyone learns that QEMU exited, whether the kernel's OOM killer ended the VM: QEMU or
+// virtiofsd killed in the VM's cgroup (for its limit, the pod's, or the host's want of memory). It takes no lock: a
+// failed Start holds m.mu while it waits for the exit. The cgroup was set before reap started, and oomKills is
+// read only once exited is closed.
+func (m *Machine) countOOMKills() {
+	if m.cgroup == nil {
+		return
+	}
+	n, err := m.cgroup.OOMKills()
+	if err != nil {
+		m.log.WithError(err).Warn("whether the host's OOM killer ended the VM is not known")
+		return
+	}
+	m.oomKills = n
 }
 
 func (m *Machine) cleanup() {

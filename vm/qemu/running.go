@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+
+	"github.com/kiln-runtime/kiln/vm"
 )
 
 // ExitError describes how QEMU ended, with its stderr and the console's last lines.
@@ -23,12 +25,21 @@ func (m *Machine) ExitError() error {
 		return fmt.Errorf("QEMU exited%s", m.Diagnostics())
 	}
 	m.mu.Lock()
-	fsErr := m.fsErr
-	m.mu.Unlock()
-	if fsErr != nil {
-		return fmt.Errorf("%w; then %w%s", fsErr, m.proc.ExitError(), m.Diagnostics())
+	fsErr, oomKills := m.fsErr, m.oomKills
+	limit := int64(0)
+	if m.cgroup != nil {
+		limit = m.cgroup.Limit()
 	}
-	return fmt.Errorf("%w%s", m.proc.ExitError(), m.Diagnostics())
+	m.mu.Unlock()
+	err := m.proc.ExitError()
+	if fsErr != nil {
+		err = fmt.Errorf("%w; then %w", fsErr, err)
+	}
+	if oomKills > 0 {
+		err = fmt.Errorf("%w (%d of its processes killed; the VM's cgroup's memory limit is %d MiB, a pod's or the host's may be lower): %w",
+			vm.ErrOOMKilled, oomKills, limit>>20, err)
+	}
+	return fmt.Errorf("%w%s", err, m.Diagnostics())
 }
 
 // Diagnostics implements vm.Machine.
