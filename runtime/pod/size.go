@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -85,8 +87,21 @@ func checkHostResources(r *specs.LinuxResources) error {
 			errs = append(errs, fmt.Errorf("linux.resources.hugepageLimits[%d] = %d bytes of %s pages: a Kiln VM reserves no huge pages; request none, or use runc", i, h.Limit, h.Pagesize))
 		}
 	}
+	// The same, written as cgroup v2 files (linux.resources.unified), which the guest's cgroups would take.
+	for _, k := range slices.Sorted(maps.Keys(r.Unified)) {
+		if strings.HasPrefix(k, "cpuset.") || strings.HasPrefix(k, "io.") || strings.HasPrefix(k, "hugetlb.") && isPositive(r.Unified[k]) {
+			errs = append(errs, fmt.Errorf("linux.resources.unified[%q] = %q names what only the host has (its CPUs and memory nodes, block devices, huge pages): leave it out", k, r.Unified[k]))
+		}
+	}
 	if len(errs) == 0 {
 		return nil
 	}
 	return fmt.Errorf("%w: %w", errdefs.ErrInvalidArgument, errors.Join(errs...))
+}
+
+// isPositive says whether a cgroup file's value is a number above 0 ("max" is none: no limit on what the guest has
+// none of).
+func isPositive(v string) bool {
+	n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+	return err == nil && n > 0
 }

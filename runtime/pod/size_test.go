@@ -74,6 +74,11 @@ func TestFits(t *testing.T) {
 		{"block IO throttle", &specs.LinuxResources{BlockIO: &specs.LinuxBlockIO{ThrottleReadBpsDevice: []specs.LinuxThrottleDevice{{Rate: 1 << 20}}}}, false},
 		{"empty block IO", &specs.LinuxResources{BlockIO: &specs.LinuxBlockIO{}}, true},
 		{"no huge pages (kubelet's)", &specs.LinuxResources{HugepageLimits: []specs.LinuxHugepageLimit{{Pagesize: "2MB"}, {Pagesize: "1GB"}}}, true},
+		{"host CPUs as a cgroup v2 file", &specs.LinuxResources{Unified: map[string]string{"cpuset.cpus": "0-1"}}, false},
+		{"host memory nodes as a cgroup v2 file", &specs.LinuxResources{Unified: map[string]string{"memory.high": "max", "cpuset.mems": "0"}}, false},
+		{"block IO as a cgroup v2 file", &specs.LinuxResources{Unified: map[string]string{"io.weight": "default 500"}}, false},
+		{"huge pages as a cgroup v2 file", &specs.LinuxResources{Unified: map[string]string{"hugetlb.2MB.max": "4194304"}}, false},
+		{"guest cgroup v2 files", &specs.LinuxResources{Unified: map[string]string{"memory.high": "1000000", "pids.max": "100", "hugetlb.2MB.max": "0", "hugetlb.1GB.max": "max"}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := p.Fits("c", tc.r)
