@@ -29,6 +29,10 @@ func mergeResources(cur *cgroups.Resources, r *specs.LinuxResources) *cgroups.Re
 		if m.Swappiness != nil {
 			dst.MemorySwappiness = m.Swappiness
 		}
+		// A limit below what the container uses is then refused instead of reclaiming, as runc's update does.
+		if m.CheckBeforeUpdate != nil {
+			dst.MemoryCheckBeforeUpdate = *m.CheckBeforeUpdate
+		}
 	}
 	if c := r.CPU; c != nil {
 		setIf(&dst.CpuShares, c.Shares)

@@ -252,8 +252,9 @@ func TestMergeResources(t *testing.T) {
 	cur := &cgroups.Resources{Memory: 1, CpuQuota: 2, PidsLimit: &oldPids, CpusetCpus: "0", Unified: map[string]string{"a": "1"},
 		HugetlbLimit: []*cgroups.HugepageLimit{{Pagesize: "2MB", Limit: 4 << 20}}}
 	cur.Devices = make([]*config.Rule, 2)
+	check := true
 	dst := mergeResources(cur, &specs.LinuxResources{
-		Memory:         &specs.LinuxMemory{Limit: &limit},
+		Memory:         &specs.LinuxMemory{Limit: &limit, CheckBeforeUpdate: &check},
 		CPU:            &specs.LinuxCPU{Quota: &quota, Period: &period},
 		Pids:           &specs.LinuxPids{Limit: &pids},
 		Unified:        map[string]string{"b": "2"},
@@ -266,8 +267,8 @@ func TestMergeResources(t *testing.T) {
 	if dst.HugetlbLimit[0].Limit != 8<<20 {
 		t.Errorf("merged hugetlb limit %+v, want 8 MiB", dst.HugetlbLimit[0])
 	}
-	if dst.Memory != limit || dst.CpuQuota != quota || dst.CpuPeriod != period || dst.PidsLimit == nil || *dst.PidsLimit != pids {
-		t.Errorf("merged: memory %d quota %d period %d pids %v", dst.Memory, dst.CpuQuota, dst.CpuPeriod, dst.PidsLimit)
+	if dst.Memory != limit || dst.CpuQuota != quota || dst.CpuPeriod != period || dst.PidsLimit == nil || *dst.PidsLimit != pids || !dst.MemoryCheckBeforeUpdate {
+		t.Errorf("merged: memory %d (check before update %v) quota %d period %d pids %v", dst.Memory, dst.MemoryCheckBeforeUpdate, dst.CpuQuota, dst.CpuPeriod, dst.PidsLimit)
 	}
 	// A pids section without a limit keeps the limit there is.
 	dst = mergeResources(dst, &specs.LinuxResources{Pids: &specs.LinuxPids{}})
