@@ -135,6 +135,9 @@ type SharedFS struct {
 	Virtiofsd string `toml:"virtiofsd"`
 	// Cache is virtiofsd's cache mode: auto, always or none.
 	Cache string `toml:"cache"`
+	// Xattr passes file capabilities (security.capability) and user.* extended attributes between the guest and
+	// the host's files; no other attribute.
+	Xattr bool `toml:"xattr"`
 }
 
 // Agent configures the host's use of the guest agent.
@@ -211,6 +214,7 @@ func Default() Config {
 		SharedFS: SharedFS{
 			Virtiofsd: "/usr/lib/qemu/virtiofsd",
 			Cache:     "auto",
+			Xattr:     true,
 		},
 		Agent: Agent{
 			DialTimeout:    Duration(60 * time.Second),

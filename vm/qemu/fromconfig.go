@@ -157,7 +157,7 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		TBSizeMiB:         cfg.Hypervisor.TCGTranslationCacheMiB,
 		FreePageReporting: cfg.Hypervisor.FreePageReporting,
 		Vsock:             mode,
-		Virtiofsd:         virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache)},
+		Virtiofsd:         virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache), Xattr: cfg.SharedFS.Xattr},
 		ConsoleToLog:      log.Logger.IsLevelEnabled(logrus.DebugLevel),
 		User:              user,
 		Cgroup:            cfg.Hypervisor.Cgroup,

@@ -9,6 +9,10 @@ import (
 // exec.Cmd.ExtraFiles.
 const listenFD = 3
 
+// xattrMap is the extended attributes a guest may read and write (virtiofsd's xattrmap rules, in order, the last
+// refusing everything else).
+const xattrMap = ":ok:all:security.capability::" + ":ok:all:user.::" + ":bad:all:::"
+
 // args builds virtiofsd's command line. It is a pure function of the configuration so it can be tested
 // without virtiofsd.
 func args(c Config) []string {
@@ -45,8 +49,15 @@ func args(c Config) []string {
 		"-o", "log_level="+c.LogLevel,
 	)
 	if c.Xattr {
-		// File capabilities (security.capability) and overlay in the guest need extended attributes.
-		a = append(a, "-o", "xattr")
+		// File capabilities (security.capability) and user.* attributes pass through, as runc's containers
+		// see them; every other name is refused. virtiofsd sets attributes as root, so trusted.* (which the
+		// host's overlayfs trusts), security.selinux and the like would give the guest what a runc container
+		// without CAP_SYS_ADMIN on the host cannot do.
+		a = append(a, "-o", "xattrmap="+xattrMap,
+			// The server clears set-id bits and file capabilities on a write, as the host's kernel does for
+			// virtiofsd's: without it the guest's kernel asks for security.capability before every write (FUSE
+			// keeps no memory of a file without one).
+			"-o", "killpriv_v2")
 	} else {
 		a = append(a, "-o", "no_xattr")
 	}

@@ -35,8 +35,8 @@ func TestArgs(t *testing.T) {
 		{
 			name:    "xattr and cache none",
 			mutate:  func(c *Config) { c.Xattr = true; c.Cache = CacheNone },
-			want:    []string{"xattr", "cache=none"},
-			notWant: []string{"no_xattr", "cache=always", "timeout=1"},
+			want:    []string{"xattrmap=:ok:all:security.capability::" + ":ok:all:user.::" + ":bad:all:::", "killpriv_v2", "cache=none"},
+			notWant: []string{"no_xattr", "xattr", "cache=always", "timeout=1"},
 		},
 		{
 			name:   "thread pool and extra args last",

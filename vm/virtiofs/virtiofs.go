@@ -52,7 +52,7 @@ type Config struct {
 	SocketPath string
 	// Cache is the cache mode; empty means CacheAuto.
 	Cache Cache
-	// Xattr passes extended attributes through (file capabilities, overlay in the guest).
+	// Xattr passes file capabilities and user.* extended attributes through (xattrMap); others are refused.
 	Xattr bool
 	// ThreadPoolSize bounds virtiofsd's worker threads; 0 keeps its default.
 	ThreadPoolSize int
