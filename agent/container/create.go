@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"slices"
+	"strings"
 
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/configs"
@@ -53,6 +56,7 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 	if len(dropped) > 0 {
 		s.log.WithFields(logrus.Fields{"container": id, "devices": dropped}).Info("a privileged container's host devices the VM does not have are left out")
 	}
+	mountSharedSources(spec, s.cfg.SharedDir)
 	netSysctls := fitUserNamespace(spec)
 	config, err := libcontainerConfig(spec, id, s.noPivot)
 	if err != nil {
@@ -264,4 +268,24 @@ func (c *container) reserveExec(p *process) error {
 	}
 	c.execs[p.execID] = p
 	return nil
+}
+
+// mountSharedSources mounts, in the agent's mount namespace, the virtio-fs submount of each bind source in the
+// shared directory (one the host exports once for the pod's containers that bind it, runtime/share's podBind).
+// The guest's kernel mounts a submount on first access, in the namespace of the process that reaches it, with a
+// superblock of its own: left to each container's runc, which reaches it in the container's new namespace, two
+// containers binding one volume would get two file systems, each with its own inodes, locks, inotify watches and
+// cache. Mounted here first, it is in every container's namespace from the start, copied from the agent's.
+func mountSharedSources(spec *specs.Spec, sharedDir string) {
+	for _, m := range spec.Mounts {
+		if m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind") {
+			if strings.HasPrefix(m.Source, sharedDir+"/") {
+				// Opening mounts it; stat does not (it acts as with AT_NO_AUTOMOUNT). An error is runc's to
+				// report, when it binds the source.
+				if f, err := os.Open(m.Source); err == nil {
+					_ = f.Close()
+				}
+			}
+		}
+	}
 }

@@ -137,16 +137,29 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 			"so a process in the VM would see it but never reach what is at its other end on the host; "+
 			"reach that service over the pod's network instead", errdefs.ErrInvalidArgument, src.Path, containerID, resolved, kind)
 	}
-	if _, err := s.containerLocked(containerID); err != nil {
+	c, err := s.containerLocked(containerID)
+	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
-	binds := filepath.Join(s.mounts, containerID, "binds")
-	if err := os.Mkdir(binds, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+	key, err := bindKeyOf(fi, opts)
+	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
+	if b := s.reusableBindLocked(key); b != nil {
+		b.users[containerID] = true
+		c.binds = append(c.binds, b)
+		return GuestPath(b.rel), nil
+	}
+	// Each export has a directory of its own, which its removal takes away whole.
 	s.nextBind++
-	name := strconv.Itoa(s.nextBind) + "-" + safeName(filepath.Base(resolved))
-	target := filepath.Join(binds, name)
+	rel := podBinds + "/" + strconv.Itoa(s.nextBind)
+	for _, d := range []string{filepath.Join(s.mounts, podBinds), filepath.Join(s.mounts, rel)} {
+		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
+		}
+	}
+	rel += "/" + safeName(filepath.Base(resolved))
+	target := filepath.Join(s.mounts, rel)
 	// A bind needs a mount point of the same kind as its source.
 	if fi.IsDir() {
 		err = os.Mkdir(target, 0o755)
@@ -166,7 +179,10 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if fi.IsDir() {
 		s.addWritableTreeLocked(resolved, !opts.Readonly, opts.Recursive && !opts.RecursiveReadonly)
 	}
-	return GuestPath(containerID + "/binds/" + name), nil
+	b := &podBind{key: key, rel: rel, users: map[string]bool{containerID: true}}
+	s.binds[key] = b
+	c.binds = append(c.binds, b)
+	return GuestPath(b.rel), nil
 }
 
 // connectionKind names a source that is a rendezvous with a host process rather than a file (a socket, a named

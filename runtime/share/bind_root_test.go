@@ -280,7 +280,7 @@ func TestBindOfAConnectionIsRefused(t *testing.T) {
 			t.Errorf("bind of %s: %v, want an invalid argument naming it a %s", src, err, kind)
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(s.mounts, "c1", "binds")); len(entries) != 0 {
+	if entries, _ := os.ReadDir(filepath.Join(s.mounts, podBinds)); len(entries) != 0 {
 		t.Errorf("refused binds left %v in the share", entries)
 	}
 }

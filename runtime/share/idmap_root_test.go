@@ -147,7 +147,7 @@ func TestShareSpecMountsIDMapped(t *testing.T) {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("error %v, want one saying %q", err, tc.wantErr)
 				}
-				if mps, _ := mounttree.Points(filepath.Join(s.mounts, id, "binds")); len(mps) > 0 {
+				if mps, _ := mounttree.Points(filepath.Join(s.mounts, podBinds)); len(mps) > 0 {
 					t.Errorf("refused mount left mounts %v", mps)
 				}
 				return

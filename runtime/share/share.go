@@ -6,7 +6,7 @@
 //
 //	dir/mounts/                    private to Kiln: everything is mounted here
 //	dir/mounts/<id>/rootfs         a container's root file system
-//	dir/mounts/<id>/binds/<n>-<b>  a container's bind-mount sources
+//	dir/mounts/_binds/<n>/<b>      bind-mount sources, each once per pod (podBind)
 //	dir/shared/                    what virtiofsd exports: a read-only slave bind of mounts/
 //
 // mounts/ is a bind mount of itself in its own shared peer group, and shared/ a slave of that group, so
@@ -51,6 +51,8 @@ type Share struct {
 	// create symlinks in them, and those outlive the container the directory was exported for (the guest does
 	// too), so they are kept until the share closes: later sources reaching them are resolved beneath them.
 	writable []string
+	// binds are the bind sources shared, by what they are and how (podBind).
+	binds    map[bindKey]*podBind
 	nextBind int
 	closed   bool
 }
@@ -58,6 +60,8 @@ type Share struct {
 // container is what a container added to the share.
 type container struct {
 	rootfs bool
+	// binds are the pod's bind sources the container uses.
+	binds []*podBind
 }
 
 // New creates the share at dir, which must not exist (its parent must). On error nothing is left behind.
@@ -75,6 +79,7 @@ func New(dir string) (_ *Share, retErr error) {
 		mounts:     filepath.Join(real, "mounts"),
 		shared:     filepath.Join(real, "shared"),
 		containers: map[string]*container{},
+		binds:      map[bindKey]*podBind{},
 	}
 	defer func() {
 		if retErr != nil {
@@ -169,7 +174,13 @@ func (s *Share) RemoveContainer(ctx context.Context, containerID string) error {
 	if s.closed {
 		return fmt.Errorf("remove container %s from share: share is closed", containerID)
 	}
+	c := s.containers[containerID]
 	delete(s.containers, containerID)
+	if c != nil {
+		if err := s.releaseBindsLocked(containerID, c.binds); err != nil {
+			return fmt.Errorf("remove container %s from share: %w", containerID, err)
+		}
+	}
 	dir := filepath.Join(s.mounts, containerID)
 	if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil

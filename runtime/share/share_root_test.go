@@ -180,8 +180,8 @@ func TestReadonlyRootfsAndBinds(t *testing.T) {
 		t.Fatal(err)
 	}
 	for guest, want := range map[string]string{guestVol + "/data": "volume data", guestFile: "127.0.0.1 localhost"} {
-		if !strings.HasPrefix(guest, GuestDir+"/c2/binds/") {
-			t.Errorf("guest path %s not under %s/c2/binds", guest, GuestDir)
+		if !strings.HasPrefix(guest, GuestDir+"/"+podBinds+"/") {
+			t.Errorf("guest path %s not under %s/%s", guest, GuestDir, podBinds)
 		}
 		host := filepath.Join(s.ExportDir(), strings.TrimPrefix(guest, GuestDir+"/"))
 		if got := read(t, host); got != want {

@@ -1,0 +1,90 @@
+package share
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"github.com/kiln-runtime/kiln/mounttree"
+)
+
+// podBinds is the directory, under mounts/, of the pod's bind sources. No container id starts with '_'.
+const podBinds = "_binds"
+
+// A pod's containers that bind the same host source get the same export of it, as runc's get the same inode: in
+// the guest each export is a file system of its own (a virtio-fs submount), so with one export per container two
+// containers sharing a volume (an emptyDir between an app and its sidecar) would not see each other's locks or
+// inotify events, and would read each other's writes only once the guest's cache revalidated, a second later.
+// An export serves every container that asks for the source with the same options, and a read-only request
+// takes a read-write export of it when there is one: the guest makes that container's mount read-only, and the
+// guest can write the source through the other container's mount anyway. A source only ever asked for read-only
+// stays read-only on the host.
+
+// podBind is one export of a bind source, and the containers that use it.
+type podBind struct {
+	key bindKey
+	// rel is its path relative to the share: podBinds/<n>/<base>.
+	rel   string
+	users map[string]bool
+}
+
+// bindKey is what a bind source is (its file) and how it is exported.
+type bindKey struct {
+	dev, ino uint64
+	opts     BindOptions
+}
+
+func bindKeyOf(fi os.FileInfo, opts BindOptions) (bindKey, error) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return bindKey{}, errors.New("no device and inode numbers for the source")
+	}
+	return bindKey{dev: st.Dev, ino: st.Ino, opts: opts}, nil
+}
+
+// reusableBindLocked is the export a container asking for key may use: the one made with the same options, or for
+// a read-only request a read-write one made with otherwise the same options; nil for none.
+func (s *Share) reusableBindLocked(key bindKey) *podBind {
+	if b, ok := s.binds[key]; ok {
+		return b
+	}
+	if key.opts.Readonly {
+		rw := key
+		rw.opts.Readonly = false
+		if b, ok := s.binds[rw]; ok {
+			return b
+		}
+	}
+	return nil
+}
+
+// releaseBindsLocked ends container id's use of binds, unmounting and removing each export no container uses any
+// more.
+func (s *Share) releaseBindsLocked(id string, binds []*podBind) error {
+	var errs []error
+	for _, b := range binds {
+		delete(b.users, id)
+		if len(b.users) > 0 || s.binds[b.key] != b {
+			continue
+		}
+		delete(s.binds, b.key)
+		// Unmounting under mounts/ propagates to shared/; under shared/ too catches a copy the propagation
+		// missed (none is expected).
+		dir := filepath.Dir(b.rel)
+		var err error
+		for _, d := range []string{filepath.Join(s.mounts, dir), filepath.Join(s.shared, dir)} {
+			if err = mounttree.UnmountUnder(d); err != nil {
+				break
+			}
+		}
+		if err == nil {
+			err = mounttree.RemoveTree(filepath.Join(s.mounts, dir))
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("remove bind source %s: %w", b.rel, err))
+		}
+	}
+	return errors.Join(errs...)
+}
