@@ -152,6 +152,7 @@ func (s *Service) RemoveContainer(ctx context.Context, req *agentv1.RemoveContai
 	s.mu.Lock()
 	delete(s.containers, c.id)
 	s.mu.Unlock()
+	s.shared.release(s.log.WithField("container", c.id), c.sources)
 	s.log.WithField("container", c.id).Info("container removed")
 	return &agentv1.RemoveContainerResponse{}, nil
 }

@@ -4,9 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
-	"slices"
-	"strings"
 
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/configs"
@@ -28,6 +25,8 @@ type creation struct {
 	lp     *libcontainer.Process
 	// netSysctls are net.* sysctls the agent writes in the pod namespace for the container (fitUserNamespace).
 	netSysctls map[string]string
+	// sources are the container's bind sources in the shared directory (sharedMounts).
+	sources []string
 }
 
 // prepareCreate checks a request and converts its spec and process for libcontainer; it creates nothing but the
@@ -56,7 +55,6 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 	if len(dropped) > 0 {
 		s.log.WithFields(logrus.Fields{"container": id, "devices": dropped}).Info("a privileged container's host devices the VM does not have are left out")
 	}
-	mountSharedSources(spec, s.cfg.SharedDir)
 	netSysctls := fitUserNamespace(spec)
 	config, err := libcontainerConfig(spec, id, s.noPivot)
 	if err != nil {
@@ -71,7 +69,7 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 		s.log.WithFields(logrus.Fields{"container": id, "spec_terminal": spec.Process.Terminal}).
 			Warn("request's stdio decides the terminal, not the spec")
 	}
-	return &creation{id: id, root: root, config: config, lp: lp, netSysctls: netSysctls}, nil
+	return &creation{id: id, root: root, config: config, lp: lp, netSysctls: netSysctls, sources: sharedSources(spec, s.cfg.SharedDir)}, nil
 }
 
 // CreateContainer builds the container and its init process, which waits
@@ -87,8 +85,10 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 	if err := s.reserve(id); err != nil {
 		return nil, err
 	}
+	s.shared.acquire(log, cr.sources)
 	defer func() {
 		if retErr != nil {
+			s.shared.release(log, cr.sources)
 			s.unreserve(id)
 		}
 	}()
@@ -117,7 +117,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 		}
 		return nil, fmt.Errorf("create container %s: start init: %w", id, err)
 	}
-	c := &container{id: id, lc: lc, rootfs: root, execs: map[string]*process{}}
+	c := &container{id: id, lc: lc, rootfs: root, sources: cr.sources, execs: map[string]*process{}}
 	p := &process{lp: lp, pid: pid, io: pio, sm: lifecycle.New(lifecycle.Init()), done: make(chan struct{})}
 	c.init = p
 	if err := pio.started(); err != nil {
@@ -268,24 +268,4 @@ func (c *container) reserveExec(p *process) error {
 	}
 	c.execs[p.execID] = p
 	return nil
-}
-
-// mountSharedSources mounts, in the agent's mount namespace, the virtio-fs submount of each bind source in the
-// shared directory (one the host exports once for the pod's containers that bind it, runtime/share's podBind).
-// The guest's kernel mounts a submount on first access, in the namespace of the process that reaches it, with a
-// superblock of its own: left to each container's runc, which reaches it in the container's new namespace, two
-// containers binding one volume would get two file systems, each with its own inodes, locks, inotify watches and
-// cache. Mounted here first, it is in every container's namespace from the start, copied from the agent's.
-func mountSharedSources(spec *specs.Spec, sharedDir string) {
-	for _, m := range spec.Mounts {
-		if m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind") {
-			if strings.HasPrefix(m.Source, sharedDir+"/") {
-				// Opening mounts it; stat does not (it acts as with AT_NO_AUTOMOUNT). An error is runc's to
-				// report, when it binds the source.
-				if f, err := os.Open(m.Source); err == nil {
-					_ = f.Close()
-				}
-			}
-		}
-	}
 }

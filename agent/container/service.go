@@ -91,6 +91,8 @@ type Service struct {
 	mu         sync.Mutex
 	containers map[string]*container
 	creating   map[string]bool
+
+	shared sharedMounts
 }
 
 var _ agentv1.ContainersService = (*Service)(nil)
@@ -152,6 +154,8 @@ type container struct {
 	rootfs    string
 	cgroupDir string
 	oom       *oomWatcher
+	// sources are its bind sources in the shared directory, whose mounts it holds (sharedMounts).
+	sources []string
 	// updateMu serialises UpdateContainer's read, merge and set of the resources.
 	updateMu sync.Mutex
 
