@@ -36,6 +36,8 @@ func sharedSources(spec *specs.Spec, sharedDir string) []string {
 type sharedMounts struct {
 	mu    sync.Mutex
 	users map[string]int
+	// unmount detaches a mount; nil is unix.Unmount with MNT_DETACH (tests record the order instead).
+	unmount func(path string) error
 }
 
 // acquire mounts each source not mounted yet (opening it mounts it; stat does not, acting as with
@@ -59,16 +61,23 @@ func (m *sharedMounts) acquire(log *logrus.Entry, srcs []string) {
 }
 
 // release counts one user less of each source, and unmounts those no container uses any more. A source that is no
-// mount point (a file, which the guest does not mount on its own) is not an error.
+// mount point (a file, which the guest does not mount on its own) is not an error. Sources below others go first: detaching a parent first would leave its mount point to be crossed on the way to
+// the child, which mounts the parent again (the host's export is still there).
 func (m *sharedMounts) release(log *logrus.Entry, srcs []string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	unmount := m.unmount
+	if unmount == nil {
+		unmount = func(path string) error { return unix.Unmount(path, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW) }
+	}
+	srcs = slices.Clone(srcs)
+	slices.SortFunc(srcs, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
 	for _, src := range srcs {
 		if m.users[src]--; m.users[src] > 0 {
 			continue
 		}
 		delete(m.users, src)
-		if err := unix.Unmount(src, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		if err := unmount(src); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 			log.WithError(err).WithField("source", src).Warn("unmount a shared bind source no container uses")
 		}
 	}

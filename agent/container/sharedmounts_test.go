@@ -57,3 +57,17 @@ func TestSharedMountsReleaseTheLast(t *testing.T) {
 		t.Errorf("users left: %v", m.users)
 	}
 }
+
+// A source below another (a volume's host mounts, each shared as a bind of its own) is unmounted before it.
+func TestSharedMountsReleaseChildrenFirst(t *testing.T) {
+	var order []string
+	m := sharedMounts{unmount: func(p string) error { order = append(order, p); return nil }}
+	srcs := []string{"/s/_binds/1/vol", "/s/_binds/1/vol/sub", "/s/_binds/2/other", "/s/_binds/1/vol/sub/deeper"}
+	log := logrus.NewEntry(logrus.New())
+	m.acquire(log, srcs)
+	m.release(log, srcs)
+	pos := func(p string) int { return slices.Index(order, p) }
+	if len(order) != len(srcs) || pos("/s/_binds/1/vol/sub/deeper") > pos("/s/_binds/1/vol/sub") || pos("/s/_binds/1/vol/sub") > pos("/s/_binds/1/vol") {
+		t.Errorf("unmounted in the order %q: want each source after those below it", order)
+	}
+}

@@ -30,6 +30,8 @@ type Group struct {
 	v1Was cgroup1.Cgroup
 	v2    *cgroup2.Manager
 	v2Was *cgroup2.Manager
+	// oomBase is the group's count of OOM kills when Enter found or made it.
+	oomBase uint64
 }
 
 // Enter creates the cgroup at p (absolute, cgroupfs form) and moves process pid into it, remembering where
@@ -64,6 +66,8 @@ func Enter(p string, pid int, trees ...int) (*Group, error) {
 			return nil, fmt.Errorf("create cgroup %s: %w", p, err)
 		}
 	}
+	// Kills before the pod's processes came (a cgroup kubelet made, and gave to another pod before) are not its.
+	g.oomBase, _ = g.oomKills()
 	if err := g.add(pid); err != nil {
 		_ = g.delete()
 		return nil, fmt.Errorf("move process %d to cgroup %s: %w", pid, p, err)
@@ -136,6 +140,31 @@ func processExists(pid int) bool {
 
 // Path is the cgroup's path.
 func (g *Group) Path() string { return g.path }
+
+// OOMKills is how many processes of the group the kernel's OOM killer has killed since Enter (the group's
+// memory.events' oom_kill on v2, memory.oom_control's on v1, which count a kill for any limit, hierarchically).
+func (g *Group) OOMKills() (uint64, error) {
+	n, err := g.oomKills()
+	if err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", g.path, err)
+	}
+	return n - min(n, g.oomBase), nil
+}
+
+func (g *Group) oomKills() (uint64, error) {
+	if g.v2 != nil {
+		m, err := g.v2.StatFiltered(cgroup2.StatMemoryEvents)
+		if err != nil {
+			return 0, err
+		}
+		return m.GetMemoryEvents().GetOomKill(), nil
+	}
+	m, err := g.v1.Stat(cgroup1.IgnoreNotExist)
+	if err != nil {
+		return 0, err
+	}
+	return m.GetMemoryOomControl().GetOomKill(), nil
+}
 
 // Leave moves the process back to where it was and removes the cgroup, which must hold nothing else by then
 // (QEMU and virtiofsd have exited).

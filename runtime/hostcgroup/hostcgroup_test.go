@@ -76,3 +76,50 @@ func readFile(t *testing.T, p string) string {
 	}
 	return string(b)
 }
+
+// The group counts the OOM kills of its processes from Enter on.
+func TestOOMKills(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create cgroups")
+	}
+	hog := exec.Command("/bin/sh", "-c", `read go; x=$(head -c 64000000 /dev/zero | tr '\0' a); echo survived`)
+	in, err := hog.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	hog.Stdout = &out
+	if err := hog.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = hog.Process.Kill(); _ = hog.Wait() }()
+	p := fmt.Sprintf("/kiln-hostcgroup-oom-test-%d", os.Getpid())
+	limit := "/sys/fs/cgroup" + p + "/memory.max"
+	if cgroups.Mode() != cgroups.Unified {
+		limit = "/sys/fs/cgroup/memory" + p + "/memory.limit_in_bytes"
+	}
+	g, err := Enter(p, hog.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = g.Leave()
+		_ = g.delete()
+	})
+	if err := os.WriteFile(limit, []byte(fmt.Sprint(16<<20)), 0); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := g.OOMKills(); err != nil || n != 0 {
+		t.Fatalf("OOMKills before any = %d, %v; want 0", n, err)
+	}
+	if _, err := in.Write([]byte("go\n")); err != nil {
+		t.Fatal(err)
+	}
+	_ = hog.Wait()
+	if strings.Contains(out.String(), "survived") {
+		t.Fatal("the program outgrew its cgroup's limit and was not killed")
+	}
+	if n, err := g.OOMKills(); err != nil || n == 0 {
+		t.Errorf("OOMKills after the program was killed = %d, %v; want 1 or more", n, err)
+	}
+}

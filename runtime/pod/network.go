@@ -166,8 +166,10 @@ func (p *Pod) TakeNetwork() *Network {
 	if n.hooksRun == "" {
 		return nil
 	}
+	p.cgroupMu.Lock()
 	taken := &Network{first: n.hooksRun, net: n, cgroup: p.cgroup}
 	p.net, p.cgroup = &hostNetwork{}, nil
+	p.cgroupMu.Unlock()
 	return taken
 }
 

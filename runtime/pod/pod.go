@@ -75,8 +75,10 @@ type Pod struct {
 	// net is the pod's host network: its namespace's mirror, the holder for hooks, where port forwarding dials.
 	net     *hostNetwork
 	forward *portforward.Forwarder
-	// cgroup is the host cgroup the pod's host processes are accounted to, when its first spec names one.
-	cgroup *hostcgroup.Group
+	// cgroup is the host cgroup the pod's host processes are accounted to, when its first spec names one. It is set
+	// under cgroupMu once the VM runs (a spare's adoption, TakeNetwork), which watchVM reads it under.
+	cgroupMu sync.Mutex
+	cgroup   *hostcgroup.Group
 	// bundles are the pod's containers' bundles, for their later hooks.
 	bundlesMu sync.Mutex
 	bundles   map[string]*bundle.Bundle
@@ -236,8 +238,28 @@ func (p *Pod) enterCgroup(first *First, vm ...int) error {
 	if err != nil {
 		return fmt.Errorf("container %s: %w", first.ID, err)
 	}
+	p.cgroupMu.Lock()
 	p.cgroup = g
+	p.cgroupMu.Unlock()
 	return nil
+}
+
+// hostOOMKills is how many of the pod's host processes the kernel's OOM killer took in the pod's host cgroup since
+// they entered it; false without one. A spare's QEMU and virtiofsd are moved there out of the VM's own cgroup
+// (qemu.Machine counts those), so their kills count here.
+func (p *Pod) hostOOMKills() (uint64, bool) {
+	p.cgroupMu.Lock()
+	g := p.cgroup
+	p.cgroupMu.Unlock()
+	if g == nil {
+		return 0, false
+	}
+	n, err := g.OOMKills()
+	if err != nil {
+		p.log.WithError(err).Warn("whether the host's OOM killer ended the VM is not known")
+		return 0, false
+	}
+	return n, true
 }
 
 // watchVM reports a VM that ends while the pod is open (QEMU killed, a guest panic) as the loss of every
@@ -274,6 +296,9 @@ func (p *Pod) watchVM(m vm.Machine, hungUp <-chan struct{}) {
 	err := m.ExitError()
 	if err == nil {
 		err = errors.New("the guest powered off")
+	}
+	if n, ok := p.hostOOMKills(); ok && n > 0 && !errors.Is(err, vm.ErrOOMKilled) {
+		err = fmt.Errorf("%w (%d processes killed in the pod's host cgroup): %w", vm.ErrOOMKilled, n, err)
 	}
 	err = fmt.Errorf("VM %s ended: %w", p.id, err)
 	// Logged here whether or not the end of the agent connection told the containers first: this is why.

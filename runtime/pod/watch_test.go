@@ -3,15 +3,21 @@ package pod
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/containerd/cgroups/v3"
+	"github.com/containerd/cgroups/v3/cgroup1"
 	"github.com/sirupsen/logrus"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/container"
+	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
 	"github.com/kiln-runtime/kiln/vm"
 )
 
@@ -94,5 +100,64 @@ func TestWatchVMGivesUpAGuestThatHungUp(t *testing.T) {
 				t.Errorf("the VM was stopped %d times, want %d", m.stopped, tt.wantStops)
 			}
 		})
+	}
+}
+
+// A VM whose processes the host's OOM killer took in the pod's host cgroup (a spare's, moved there when a pod
+// adopted it, out of the VM's own cgroup that qemu.Machine counts) ended for want of memory, and says so.
+func TestWatchVMCountsTheHostCgroupsOOMKills(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create cgroups")
+	}
+	hog := exec.Command("/bin/sh", "-c", `read go; x=$(head -c 64000000 /dev/zero | tr '\0' a)`)
+	in, err := hog.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hog.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = hog.Process.Kill(); _ = hog.Wait() }()
+	path := fmt.Sprintf("/kiln-pod-oom-test-%d", os.Getpid())
+	g, err := hostcgroup.Enter(path, hog.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// Leave cannot take back a process the kernel killed; the cgroup goes all the same.
+		if g.Leave() != nil {
+			if cgroups.Mode() == cgroups.Unified {
+				_ = os.Remove("/sys/fs/cgroup" + path)
+			} else if cg, err := cgroup1.Load(cgroup1.StaticPath(path)); err == nil {
+				_ = cg.Delete()
+			}
+		}
+	})
+	limit := "/sys/fs/cgroup" + path + "/memory.max"
+	if cgroups.Mode() != cgroups.Unified {
+		limit = "/sys/fs/cgroup/memory" + path + "/memory.limit_in_bytes"
+	}
+	if err := os.WriteFile(limit, []byte(fmt.Sprint(16<<20)), 0); err != nil {
+		t.Fatal(err)
+	}
+	lostWith := func() string {
+		m := &watchedMachine{exit: make(chan struct{})}
+		close(m.exit)
+		ctrs := container.NewManager(quietAgent{}, nil, container.Options{Log: logrus.NewEntry(logrus.New())})
+		t.Cleanup(func() { _ = ctrs.Close() })
+		p := &Pod{id: "pod1", log: logrus.NewEntry(logrus.New()), closing: make(chan struct{}), ctrs: ctrs, cgroup: g}
+		p.watchVM(m, nil)
+		_, err := ctrs.Create(context.Background(), container.CreateOptions{ID: "c1"})
+		return fmt.Sprint(err)
+	}
+	if got := lostWith(); strings.Contains(got, "OOM") {
+		t.Errorf("a VM ended before any OOM kill: %s", got)
+	}
+	if _, err := in.Write([]byte("go\n")); err != nil {
+		t.Fatal(err)
+	}
+	_ = hog.Wait()
+	if got := lostWith(); !strings.Contains(got, "the host's OOM killer ended the VM") {
+		t.Errorf("a VM ended after an OOM kill in the pod's host cgroup: %s", got)
 	}
 }

@@ -141,7 +141,7 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
-	key, err := bindKeyOf(fi, opts)
+	key, err := bindKeyOf(f, fi, opts)
 	if err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
@@ -170,10 +170,12 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 		}
 	}
 	if err != nil {
+		_ = os.Remove(filepath.Dir(target))
 		return "", fmt.Errorf("add bind %s of container %s to share: create mount point: %w", src.Path, containerID, err)
 	}
 	if err := bindFrom(f, target, opts); err != nil {
 		_ = os.Remove(target)
+		_ = os.Remove(filepath.Dir(target))
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
 	if fi.IsDir() {

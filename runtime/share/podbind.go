@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kiln-runtime/kiln/mounttree"
 )
 
@@ -30,26 +32,33 @@ type podBind struct {
 	users map[string]bool
 }
 
-// bindKey is what a bind source is (its file) and how it is exported.
+// bindKey is what a bind source is (its file, and the host mount it was reached through, whose flags and the
+// mounts below it the export takes) and how it is exported.
 type bindKey struct {
-	dev, ino uint64
-	opts     BindOptions
+	dev, ino, mnt uint64
+	opts          BindOptions
 }
 
-func bindKeyOf(fi os.FileInfo, opts BindOptions) (bindKey, error) {
+// bindKeyOf is the key of the opened source f, whose stat is fi.
+func bindKeyOf(f *os.File, fi os.FileInfo, opts BindOptions) (bindKey, error) {
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok {
 		return bindKey{}, errors.New("no device and inode numbers for the source")
 	}
-	return bindKey{dev: st.Dev, ino: st.Ino, opts: opts}, nil
+	var stx unix.Statx_t
+	if err := unix.Statx(int(f.Fd()), "", unix.AT_EMPTY_PATH, unix.STATX_MNT_ID, &stx); err != nil {
+		return bindKey{}, fmt.Errorf("mount of the source: %w", err)
+	}
+	if stx.Mask&unix.STATX_MNT_ID == 0 {
+		return bindKey{}, errors.New("mount of the source: the kernel does not tell it (Linux 5.8 or later does)")
+	}
+	return bindKey{dev: st.Dev, ino: st.Ino, mnt: stx.Mnt_id, opts: opts}, nil
 }
 
-// reusableBindLocked is the export a container asking for key may use: the one made with the same options, or for
-// a read-only request a read-write one made with otherwise the same options; nil for none.
+// reusableBindLocked is the export a container asking for key may use: for a read-only request a read-write one
+// made with otherwise the same options, first, since a container that writes shares it; else the one made with
+// the same options; nil for none.
 func (s *Share) reusableBindLocked(key bindKey) *podBind {
-	if b, ok := s.binds[key]; ok {
-		return b
-	}
 	if key.opts.Readonly {
 		rw := key
 		rw.opts.Readonly = false
@@ -57,7 +66,7 @@ func (s *Share) reusableBindLocked(key bindKey) *podBind {
 			return b
 		}
 	}
-	return nil
+	return s.binds[key]
 }
 
 // releaseBindsLocked ends container id's use of binds, unmounting and removing each export no container uses any

@@ -47,11 +47,32 @@ func TestPodBindsAreShared(t *testing.T) {
 		t.Error("a bind with other options shares the export")
 	}
 	ro := bind("c1", roVol, BindOptions{Readonly: true})
-	if g := bind("c2", roVol, BindOptions{}); g == ro {
+	rwLater := bind("c2", roVol, BindOptions{})
+	if rwLater == ro {
 		t.Error("a read-write bind took a read-only export")
 	}
 	if err := os.WriteFile(filepath.Join(host(ro), "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
 		t.Errorf("write through the read-only export: %v, want EROFS", err)
+	}
+	if g := bind("c3", roVol, BindOptions{Readonly: true}); g != rwLater {
+		t.Errorf("a read-only bind once a read-write export exists: %s, want it (%s), which a writer shares", g, rwLater)
+	}
+	// The same directory reached through a read-only host mount of it is another source: its export must not
+	// be one that writes.
+	roMount := t.TempDir()
+	if err := unix.Mount(vol, roMount, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(roMount, unix.MNT_DETACH) })
+	if err := unix.Mount("", roMount, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+		t.Fatal(err)
+	}
+	viaRO := bind("c3", roMount, BindOptions{Recursive: true})
+	if viaRO == rw {
+		t.Error("a source reached through a read-only host mount took the export of a writable path to it")
+	}
+	if err := os.WriteFile(filepath.Join(host(viaRO), "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
+		t.Errorf("write through the export of a read-only host mount: %v, want EROFS", err)
 	}
 
 	for _, id := range []string{"c1", "c3"} {

@@ -176,11 +176,19 @@ func (s *Share) RemoveContainer(ctx context.Context, containerID string) error {
 	}
 	c := s.containers[containerID]
 	delete(s.containers, containerID)
+	var released error
 	if c != nil {
-		if err := s.releaseBindsLocked(containerID, c.binds); err != nil {
-			return fmt.Errorf("remove container %s from share: %w", containerID, err)
-		}
+		// An export that cannot be removed now goes with the share; the container's own directory goes anyway.
+		released = s.releaseBindsLocked(containerID, c.binds)
 	}
+	if err := errors.Join(released, s.removeContainerDirLocked(containerID)); err != nil {
+		return fmt.Errorf("remove container %s from share: %w", containerID, err)
+	}
+	return nil
+}
+
+// removeContainerDirLocked unmounts what is under the container's directory and removes it.
+func (s *Share) removeContainerDirLocked(containerID string) error {
 	dir := filepath.Join(s.mounts, containerID)
 	if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -189,13 +197,10 @@ func (s *Share) RemoveContainer(ctx context.Context, containerID string) error {
 	// propagation missed (none is expected), so nothing pins the container's files.
 	for _, d := range []string{dir, filepath.Join(s.shared, containerID)} {
 		if err := mounttree.UnmountUnder(d); err != nil {
-			return fmt.Errorf("remove container %s from share: %w", containerID, err)
+			return err
 		}
 	}
-	if err := mounttree.RemoveTree(dir); err != nil {
-		return fmt.Errorf("remove container %s from share: %w", containerID, err)
-	}
-	return nil
+	return mounttree.RemoveTree(dir)
 }
 
 // CheckID refuses a container id that is not one path component of the characters containerd and runc allow:

@@ -251,7 +251,7 @@ func (m *Machine) Start(ctx context.Context) error {
 // reset makes a Machine whose start failed (and released everything) startable again.
 func (m *Machine) reset() {
 	m.proc, m.qmp, m.console, m.vsock, m.fs, m.cgroup, m.cancel = nil, nil, nil, nil, nil, nil, nil
-	m.fsErr = nil
+	m.fsErr, m.oomKills = nil, 0
 	m.exited = make(chan struct{})
 	m.cleaned = make(chan struct{})
 }
