@@ -138,8 +138,9 @@ func (p *procIO) startLogger(ctx context.Context, u *url.URL, id, namespace stri
 	sort.Strings(keys)
 	for _, k := range keys {
 		args = append(args, k)
-		if v := q.Get(k); v != "" {
-			args = append(args, v)
+		// A key with an empty value ("?-x=" or "?-x") passes an empty argument, as containerd's shim does.
+		if vs := q[k]; len(vs) > 0 {
+			args = append(args, vs[0])
 		}
 	}
 	outR, outW, err := os.Pipe()
@@ -161,7 +162,8 @@ func (p *procIO) startLogger(ctx context.Context, u *url.URL, id, namespace stri
 		return fmt.Errorf("logger ready pipe: %w", err)
 	}
 	cmd := exec.Command(u.Path, args...)
-	cmd.Env = append(os.Environ(), "CONTAINER_ID="+id, "CONTAINER_NAMESPACE="+namespace)
+	// Only these, as containerd's shim gives its logger: nothing of the shim's own environment.
+	cmd.Env = []string{"CONTAINER_ID=" + id, "CONTAINER_NAMESPACE=" + namespace}
 	cmd.ExtraFiles = []*os.File{outR, errR, readyW}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	err = cmd.Start()

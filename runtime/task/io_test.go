@@ -36,12 +36,15 @@ func TestBinaryLogURI(t *testing.T) {
 	out := filepath.Join(dir, "captured")
 	script := filepath.Join(dir, "logger")
 	// A logger as containerd defines it: stdout on fd 3, stderr on fd 4, ready when fd 5 closes; the URI's
-	// query parameters are its arguments.
-	body := "#!/bin/sh\n[ \"$1\" = dest ] || exit 9\nexec 5>&-\ncat <&3 > \"$2.out\" &\ncat <&4 > \"$2.err\" &\nwait\necho \"$CONTAINER_ID $CONTAINER_NAMESPACE\" > \"$2.env\"\n"
+	// query parameters are its arguments, an empty value an empty argument; its environment is the container's id
+	// and namespace, nothing of the shim's.
+	body := "#!/bin/sh\n[ \"$1\" = dest ] && [ \"$3\" = empty ] && [ \"$4\" = \"\" ] && [ $# = 4 ] || exit 9\nexec 5>&-\n" +
+		"cat <&3 > \"$2.out\" &\ncat <&4 > \"$2.err\" &\nwait\necho \"$CONTAINER_ID $CONTAINER_NAMESPACE${KILN_TEST_SHIM_ENV-}\" > \"$2.env\"\n"
 	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	uri := "binary://" + script + "?dest=" + out
+	t.Setenv("KILN_TEST_SHIM_ENV", " the shim's environment")
+	uri := "binary://" + script + "?dest=" + out + "&empty="
 	p, err := openIO(context.Background(), "c2", "ns2", ioSpec{Stdout: uri, Stderr: uri})
 	if err != nil {
 		t.Fatal(err)
