@@ -137,8 +137,7 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 			"so a process in the VM would see it but never reach what is at its other end on the host; "+
 			"reach that service over the pod's network instead", errdefs.ErrInvalidArgument, src.Path, containerID, resolved, kind)
 	}
-	c, err := s.containerLocked(containerID)
-	if err != nil {
+	if _, err := s.containerLocked(containerID); err != nil {
 		return "", fmt.Errorf("add bind %s of container %s to share: %w", src.Path, containerID, err)
 	}
 	key, err := bindKeyOf(f, fi, opts)
@@ -147,7 +146,6 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	}
 	if b := s.reusableBindLocked(key); b != nil {
 		b.users[containerID] = true
-		c.binds = append(c.binds, b)
 		return GuestPath(b.rel), nil
 	}
 	// Each export has a directory of its own, which its removal takes away whole.
@@ -181,9 +179,8 @@ func (s *Share) AddBindSource(ctx context.Context, containerID string, src Sourc
 	if fi.IsDir() {
 		s.addWritableTreeLocked(resolved, !opts.Readonly, opts.Recursive && !opts.RecursiveReadonly)
 	}
-	b := &podBind{key: key, rel: rel, users: map[string]bool{containerID: true}}
+	b := &podBind{rel: rel, users: map[string]bool{containerID: true}}
 	s.binds[key] = b
-	c.binds = append(c.binds, b)
 	return GuestPath(b.rel), nil
 }
 

@@ -26,7 +26,6 @@ const podBinds = "_binds"
 
 // podBind is one export of a bind source, and the containers that use it.
 type podBind struct {
-	key bindKey
 	// rel is its path relative to the share: podBinds/<n>/<base>.
 	rel   string
 	users map[string]bool
@@ -69,16 +68,19 @@ func (s *Share) reusableBindLocked(key bindKey) *podBind {
 	return s.binds[key]
 }
 
-// releaseBindsLocked ends container id's use of binds, unmounting and removing each export no container uses any
-// more.
-func (s *Share) releaseBindsLocked(id string, binds []*podBind) error {
+// releaseBindsLocked ends container id's use of the pod's exports, unmounting and removing each no container uses
+// any more.
+func (s *Share) releaseBindsLocked(id string) error {
 	var errs []error
-	for _, b := range binds {
-		delete(b.users, id)
-		if len(b.users) > 0 || s.binds[b.key] != b {
+	for key, b := range s.binds {
+		if !b.users[id] {
 			continue
 		}
-		delete(s.binds, b.key)
+		delete(b.users, id)
+		if len(b.users) > 0 {
+			continue
+		}
+		delete(s.binds, key)
 		// Unmounting under mounts/ propagates to shared/; under shared/ too catches a copy the propagation
 		// missed (none is expected).
 		dir := filepath.Dir(b.rel)

@@ -60,8 +60,6 @@ type Share struct {
 // container is what a container added to the share.
 type container struct {
 	rootfs bool
-	// binds are the pod's bind sources the container uses.
-	binds []*podBind
 }
 
 // New creates the share at dir, which must not exist (its parent must). On error nothing is left behind.
@@ -174,14 +172,9 @@ func (s *Share) RemoveContainer(ctx context.Context, containerID string) error {
 	if s.closed {
 		return fmt.Errorf("remove container %s from share: share is closed", containerID)
 	}
-	c := s.containers[containerID]
 	delete(s.containers, containerID)
-	var released error
-	if c != nil {
-		// An export that cannot be removed now goes with the share; the container's own directory goes anyway.
-		released = s.releaseBindsLocked(containerID, c.binds)
-	}
-	if err := errors.Join(released, s.removeContainerDirLocked(containerID)); err != nil {
+	// An export that cannot be removed now goes with the share; the container's own directory goes anyway.
+	if err := errors.Join(s.releaseBindsLocked(containerID), s.removeContainerDirLocked(containerID)); err != nil {
 		return fmt.Errorf("remove container %s from share: %w", containerID, err)
 	}
 	return nil
