@@ -20,12 +20,12 @@ import (
 // from, and holds it while a container that binds it exists: once the last is removed it unmounts it, so that the
 // host's removal of the export leaves nothing of it in the guest.
 
-// sharedSources are spec's bind sources in the shared directory, once each.
+// sharedSources are spec's bind sources in the shared directory, once each: the host points a bind mount's
+// source there (runtime/share), and no other mount's.
 func sharedSources(spec *specs.Spec, sharedDir string) []string {
 	var srcs []string
 	for _, m := range spec.Mounts {
-		bind := m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
-		if bind && strings.HasPrefix(m.Source, sharedDir+"/") && !slices.Contains(srcs, m.Source) {
+		if strings.HasPrefix(m.Source, sharedDir+"/") && !slices.Contains(srcs, m.Source) {
 			srcs = append(srcs, m.Source)
 		}
 	}
