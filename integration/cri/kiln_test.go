@@ -180,6 +180,22 @@ func TestKilnPodVolumes(t *testing.T) {
 	} else if got, err := os.ReadFile(filepath.Join(scratch, "f")); err != nil || string(got) != "below\n" {
 		t.Errorf("host sees %q, %v in the mount below the read-only volume", got, err)
 	}
+	// The read-only volume's submount adds a mount to the spec before CRI's last ones: /etc/hostname,
+	// /etc/resolv.conf and the pod's /dev/shm (the guest's 64 MiB tmpfs) each stay where CRI put them.
+	options := map[string]string{}
+	for _, l := range strings.Split(execRetry(t, e, id, "cat", "/proc/mounts"), "\n") {
+		if f := strings.Fields(l); len(f) >= 4 {
+			options[f[1]] = f[3]
+		}
+	}
+	for _, dest := range []string{"/ro/scratch", "/etc/hostname", "/etc/resolv.conf", "/etc/single.conf"} {
+		if _, ok := options[dest]; !ok {
+			t.Errorf("no mount at %s in the guest: %v", dest, options)
+		}
+	}
+	if o := options["/dev/shm"]; !strings.Contains(o, "size=65536k") {
+		t.Errorf("/dev/shm is not the pod's shm: options %q", o)
+	}
 	if got := execRetry(t, e, id, "cat", "/etc/single.conf"); got != "single-file\n" {
 		t.Errorf("single-file volume: %q", got)
 	}

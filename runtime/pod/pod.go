@@ -424,12 +424,9 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	}
 	spec.Process = rlimit.Fill(spec.Process, p.rlimits)
 	spec.Mounts = append([]specs.Mount(nil), spec.Mounts...)
-	shm := podShm(spec.Mounts, spec.Annotations[bundle.SandboxAnnotation])
-	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec); err != nil {
+	guestShm := podShm(spec.Mounts, spec.Annotations[bundle.SandboxAnnotation])
+	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec, guestShm); err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
-	}
-	for i, m := range shm {
-		spec.Mounts[i] = m
 	}
 	raw, err := json.Marshal(&spec)
 	if err != nil {

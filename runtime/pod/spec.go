@@ -66,25 +66,22 @@ func checkIsolation(spec *specs.Spec) error {
 
 // podShm points CRI's pod shm among mounts (the bind of /dev/shm from the tmpfs CRI makes for the pod's sandbox,
 // <CRI state>/sandboxes/<sandbox>/shm) at the guest's pod shm instead: one tmpfs in guest memory that the pod's
-// containers share, rather than a host tmpfs reached through virtio-fs. It returns them by index and leaves
-// placeholders that are not bind mounts in their place, so that sharing the other bind mounts passes them by and
-// the order of mounts stays. Any other bind at /dev/shm (a volume, another tool's shm) is shared as the bind it
-// is, with its own contents and size.
-func podShm(mounts []specs.Mount, sandbox string) map[int]specs.Mount {
-	shm := map[int]specs.Mount{}
-	if sandbox == "" || strings.Contains(sandbox, "/") {
-		return shm
-	}
-	for i, m := range mounts {
-		if !share.IsBind(m.Type, m.Options) || path.Clean(m.Destination) != "/dev/shm" || !filepath.IsAbs(m.Source) {
-			continue
+// containers share, rather than a host tmpfs reached through virtio-fs. It rewrites them in place and says
+// which it rewrote, for sharing the other bind mounts to pass them by. Any other bind at /dev/shm (a volume,
+// another tool's shm) is shared as the bind it is, with its own contents and size.
+func podShm(mounts []specs.Mount, sandbox string) func(i int) bool {
+	shm := map[int]bool{}
+	if sandbox != "" && !strings.Contains(sandbox, "/") {
+		for i, m := range mounts {
+			if !share.IsBind(m.Type, m.Options) || path.Clean(m.Destination) != "/dev/shm" || !filepath.IsAbs(m.Source) {
+				continue
+			}
+			if !strings.HasSuffix(filepath.Clean(m.Source), "/sandboxes/"+sandbox+"/shm") {
+				continue
+			}
+			mounts[i].Source = agentv1.GuestPodShm
+			shm[i] = true
 		}
-		if !strings.HasSuffix(filepath.Clean(m.Source), "/sandboxes/"+sandbox+"/shm") {
-			continue
-		}
-		m.Source = agentv1.GuestPodShm
-		shm[i] = m
-		mounts[i] = specs.Mount{Destination: m.Destination, Type: "tmpfs", Source: "tmpfs"}
 	}
-	return shm
+	return func(i int) bool { return shm[i] }
 }

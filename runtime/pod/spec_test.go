@@ -33,20 +33,17 @@ func TestPodShm(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			mounts := []specs.Mount{{Destination: "/proc", Type: "proc", Source: "proc"}, c.mount}
-			shm := podShm(mounts, c.sandbox)
+			guest := podShm(mounts, c.sandbox)
 			if !c.pod {
-				if len(shm) != 0 || !reflect.DeepEqual(mounts[1], c.mount) {
-					t.Errorf("pod shm %+v, mount left %+v; want none and the mount as it was", shm, mounts[1])
+				if guest(1) || !reflect.DeepEqual(mounts[1], c.mount) {
+					t.Errorf("pod shm %v, mount left %+v; want none and the mount as it was", guest(1), mounts[1])
 				}
 				return
 			}
 			want := c.mount
 			want.Source = agentv1.GuestPodShm
-			if len(shm) != 1 || !reflect.DeepEqual(shm[1], want) {
-				t.Errorf("pod shm %+v, want %+v at 1", shm, want)
-			}
-			if mounts[1].Type != "tmpfs" || mounts[0].Type != "proc" {
-				t.Errorf("mounts left for sharing %+v", mounts)
+			if !guest(1) || guest(0) || !reflect.DeepEqual(mounts[1], want) || mounts[0].Type != "proc" {
+				t.Errorf("pod shm at 1: %v, at 0: %v; mounts %+v, want %+v at 1", guest(1), guest(0), mounts, want)
 			}
 		})
 	}

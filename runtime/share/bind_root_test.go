@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -162,7 +163,7 @@ func TestPlainBindLeavesOutTheMountsBelowItsSource(t *testing.T) {
 		{Destination: "/typed", Type: "bind", Source: src},
 		{Destination: "/rbind", Type: "bind", Source: src, Options: []string{"rbind", "ro"}},
 	}}
-	if err := s.ShareSpecMounts(ctx, "c1", t.TempDir(), spec); err != nil {
+	if err := s.ShareSpecMounts(ctx, "c1", t.TempDir(), spec, nil); err != nil {
 		t.Fatal(err)
 	}
 	for i, recursive := range []bool{false, false, true} {
@@ -196,6 +197,38 @@ func TestPlainBindLeavesOutTheMountsBelowItsSource(t *testing.T) {
 	}
 }
 
+// Mounts the caller says are the guest's own (the pod's shm) pass as they are and keep their place after an
+// "rbind" whose submounts add mounts before them: a replacement by index put the pod's shm over the next
+// mount (a pod's resolv.conf) and left a private tmpfs at /dev/shm.
+func TestGuestOwnMountsKeepTheirPlace(t *testing.T) {
+	requireRoot(t)
+	src, _ := sharedHostTree(t)
+	_, _, hostFile := hostTree(t)
+	s := newTestShare(t)
+	shm := specs.Mount{Destination: "/dev/shm", Type: "bind", Source: "/run/kiln/shm", Options: []string{"rbind"}}
+	spec := &specs.Spec{Mounts: []specs.Mount{
+		{Destination: "/hp", Type: "bind", Source: src, Options: []string{"rbind"}},
+		shm,
+		{Destination: "/etc/resolv.conf", Type: "bind", Source: hostFile, Options: []string{"rbind", "ro"}},
+	}}
+	if err := s.ShareSpecMounts(context.Background(), "c1", t.TempDir(), spec, func(i int) bool { return i == 1 }); err != nil {
+		t.Fatal(err)
+	}
+	var dests []string
+	for _, m := range spec.Mounts {
+		dests = append(dests, m.Destination)
+	}
+	if want := []string{"/hp", "/hp/sub", "/dev/shm", "/etc/resolv.conf"}; !slices.Equal(dests, want) {
+		t.Fatalf("mounts %q, want %q", dests, want)
+	}
+	if !reflect.DeepEqual(spec.Mounts[2], shm) {
+		t.Errorf("the guest's own mount became %+v, want it as it was", spec.Mounts[2])
+	}
+	if got := read(t, exported(s, spec.Mounts[3].Source)); got != "127.0.0.1 localhost" {
+		t.Errorf("the mount after it: %+v reads %q", spec.Mounts[3], got)
+	}
+}
+
 // A mount below an "rbind" source becomes a bind mount of its own right after its parent, so that the guest mounts
 // it with its own flags rather than those of the container's bind it is reached through (a read-write tmpfs below
 // a non-recursive "ro" hostPath stayed read-only in the guest, where runc leaves it writable).
@@ -226,7 +259,7 @@ func TestRecursiveBindGivesEachSubmountItsOwnMount(t *testing.T) {
 				{Destination: "/data", Type: "bind", Source: src, Options: tc.opts},
 				{Destination: "/dev/shm", Type: "tmpfs", Source: "shm"},
 			}}
-			if err := s.ShareSpecMounts(context.Background(), "c-"+strings.ReplaceAll(tc.name, " ", "-"), t.TempDir(), spec); err != nil {
+			if err := s.ShareSpecMounts(context.Background(), "c-"+strings.ReplaceAll(tc.name, " ", "-"), t.TempDir(), spec, nil); err != nil {
 				t.Fatal(err)
 			}
 			var got []string

@@ -142,7 +142,7 @@ func TestShareSpecMountsIDMapped(t *testing.T) {
 				t.Fatal(err)
 			}
 			spec := &specs.Spec{Mounts: []specs.Mount{tc.mount}}
-			err := s.ShareSpecMounts(context.Background(), id, t.TempDir(), spec)
+			err := s.ShareSpecMounts(context.Background(), id, t.TempDir(), spec, nil)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("error %v, want one saying %q", err, tc.wantErr)

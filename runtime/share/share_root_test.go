@@ -223,7 +223,7 @@ func TestShareSpecMounts(t *testing.T) {
 		{Destination: "/etc/hosts", Type: "bind", Source: hostFile, Options: []string{"rbind", "ro"}},
 		{Destination: "/data", Type: "none", Source: "rootfs/data", Options: []string{"bind"}},
 	}}
-	if err := s.ShareSpecMounts(ctx, "c4", bundle, spec); err != nil {
+	if err := s.ShareSpecMounts(ctx, "c4", bundle, spec, nil); err != nil {
 		t.Fatal(err)
 	}
 	if spec.Mounts[0].Source != "proc" {
@@ -241,7 +241,7 @@ func TestShareSpecMounts(t *testing.T) {
 	}
 
 	escaping := &specs.Spec{Mounts: []specs.Mount{{Destination: "/x", Type: "bind", Source: "rootfs/evil/passwd"}}}
-	if err := s.ShareSpecMounts(ctx, "c5", bundle, escaping); !errors.Is(err, ErrEscape) {
+	if err := s.ShareSpecMounts(ctx, "c5", bundle, escaping, nil); !errors.Is(err, ErrEscape) {
 		t.Errorf("escaping bundle source: %v, want ErrEscape", err)
 	}
 	if escaping.Mounts[0].Source != "rootfs/evil/passwd" {

@@ -20,14 +20,20 @@ import (
 // right after its parent (see submountBinds). bundle is the bundle directory: a relative
 // source is relative to it (as OCI allows), and a source inside it, relative or absolute, is resolved beneath it
 // (see Source), since the bundle's rootfs is writable by the guest. Other absolute sources are resolved as
-// AddBindSource does. On error spec is unchanged; what was already shared stays until RemoveContainer.
-func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string, spec *specs.Spec) error {
+// AddBindSource does. Mounts that own says are the guest's own (by their index in spec.Mounts; nil for none)
+// stay as they are, in their place among the others. On error spec is unchanged; what was already shared stays
+// until RemoveContainer.
+func (s *Share) ShareSpecMounts(ctx context.Context, containerID, bundle string, spec *specs.Spec, own func(i int) bool) error {
 	if !filepath.IsAbs(bundle) {
 		return fmt.Errorf("share bind mounts of container %s: bundle %q is not absolute", containerID, bundle)
 	}
 	bundle = filepath.Clean(bundle)
 	mounts := make([]specs.Mount, 0, len(spec.Mounts))
 	for i, m := range spec.Mounts {
+		if own != nil && own(i) {
+			mounts = append(mounts, m)
+			continue
+		}
 		if !IsBind(m.Type, m.Options) {
 			if len(m.UIDMappings) > 0 || len(m.GIDMappings) > 0 {
 				return fmt.Errorf("share mount %d (%s on %s) of container %s: uidMappings/gidMappings on a %s mount: only bind mounts can be idmapped",
