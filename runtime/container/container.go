@@ -17,10 +17,11 @@ import (
 
 // Container is one container in the pod. Its state is its init process's.
 type Container struct {
-	id     string
-	bundle string
-	m      *Manager
-	init   *Process
+	id      string
+	bundle  string
+	hostPid uint32
+	m       *Manager
+	init    *Process
 
 	mu    sync.Mutex
 	execs map[string]*Process
@@ -31,6 +32,10 @@ func (c *Container) ID() string { return c.id }
 
 // Bundle is the bundle directory given at Create.
 func (c *Container) Bundle() string { return c.bundle }
+
+// HostPid is the container's pid on the host (CreateOptions.HostPid), which containerd gets for each of its
+// processes.
+func (c *Container) HostPid() uint32 { return c.hostPid }
 
 // State is the container's lifecycle state as the host knows it.
 func (c *Container) State() lifecycle.State { return c.init.State() }

@@ -255,6 +255,9 @@ type CreateOptions struct {
 	// Release, when set, is closed once the init process's output has been delivered or the container is
 	// deleted (containerd's fifos, a log file). On error the caller keeps it.
 	Release io.Closer
+	// HostPid is the container's pid on the host, what containerd gets as its task's and its processes' pid
+	// (the caller's stand-in for the container, runtime/standin); the processes' own pids are the guest's.
+	HostPid uint32
 }
 
 // Create builds the container in the guest (its init waits to be started) with its stdio attached.
@@ -262,7 +265,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 	if o.ID == "" {
 		return nil, fmt.Errorf("create container: %w: empty id", ErrInvalidArgument)
 	}
-	c := &Container{id: o.ID, bundle: o.Bundle, m: m, execs: map[string]*Process{}}
+	c := &Container{id: o.ID, bundle: o.Bundle, hostPid: o.HostPid, m: m, execs: map[string]*Process{}}
 	p := newProcess(c, "", lifecycle.Init(), o.IO, o.Release)
 	m.mu.Lock()
 	if m.closed || m.lost != nil {
@@ -308,23 +311,25 @@ func (m *Manager) Get(id string) (*Container, error) {
 	return c, nil
 }
 
-// IsInitPid says whether pid is the guest pid of the init process of a container this manager holds that has
-// not stopped.
-func (m *Manager) IsInitPid(pid uint32) bool {
+// GuestInitPid is the guest pid of the init process of the container this manager holds whose host pid is
+// hostPid (see CreateOptions.HostPid); false when there is none, or its init has stopped.
+func (m *Manager) GuestInitPid(hostPid uint32) (uint32, bool) {
+	if hostPid == 0 {
+		return 0, false
+	}
 	m.mu.Lock()
-	ctrs := make([]*Container, 0, len(m.containers))
-	for _, c := range m.containers {
-		if c.init != nil {
-			ctrs = append(ctrs, c)
+	var c *Container
+	for _, x := range m.containers {
+		if x.init != nil && x.hostPid == hostPid {
+			c = x
+			break
 		}
 	}
 	m.mu.Unlock()
-	for _, c := range ctrs {
-		if c.init.Pid() == pid && c.init.State() != lifecycle.Stopped {
-			return true
-		}
+	if c == nil || c.init.State() == lifecycle.Stopped || c.init.Pid() == 0 {
+		return 0, false
 	}
-	return false
+	return c.init.Pid(), true
 }
 
 // Len is how many containers the manager holds (created and not yet deleted).

@@ -478,3 +478,35 @@ func TestGuestLostToOOM(t *testing.T) {
 		})
 	}
 }
+
+// A container's host pid (its stand-in's) finds its init's guest pid while the init has not stopped: the
+// namespaces CRI names by the host pid are joined in the guest by the guest's.
+func TestGuestInitPid(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(*fakeProc) uint32 { return 0 }})
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c, err := m.Create(ctx, CreateOptions{ID: "c1", Spec: []byte(`{}`), Rootfs: "c1/rootfs", HostPid: 4242})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.HostPid() != 4242 {
+		t.Errorf("host pid %d, want 4242", c.HostPid())
+	}
+	for _, pid := range []uint32{0, 42, 4243} {
+		if g, ok := m.GuestInitPid(pid); ok {
+			t.Errorf("host pid %d found guest pid %d", pid, g)
+		}
+	}
+	if g, ok := m.GuestInitPid(4242); !ok || g != 42 {
+		t.Errorf("guest init pid of 4242: %d, %v; want 42", g, ok)
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if g, ok := m.GuestInitPid(4242); ok {
+		t.Errorf("a stopped init's guest pid %d found", g)
+	}
+}

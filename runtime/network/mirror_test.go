@@ -1,6 +1,7 @@
 package network
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -8,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/containerd/errdefs"
 	"github.com/sirupsen/logrus"
 )
 
@@ -250,5 +252,27 @@ func TestUnmirrorWithoutState(t *testing.T) {
 	}
 	if err := Unmirror(bad); err == nil {
 		t.Error("relative namespace accepted")
+	}
+}
+
+// The host's network namespace named by a path (`--with-ns network:/proc/1/ns/net`) is refused as host
+// networking; a namespace of its own passes; a missing one is named.
+func TestCheckNotHost(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	if err := CheckNotHost("/proc/self/ns/net"); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "host networking") {
+		t.Errorf("the host's namespace: %v, want InvalidArgument naming host networking", err)
+	}
+	h, err := StartHolder("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if err := CheckNotHost(h.NSPath()); err != nil {
+		t.Errorf("a namespace of its own: %v", err)
+	}
+	if err := CheckNotHost("/nonexistent/ns"); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "/nonexistent/ns") {
+		t.Errorf("a missing namespace: %v", err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 // Source is where a pod's network comes from.
@@ -35,4 +36,21 @@ func SourceOf(spec *specs.Spec) (Source, error) {
 		}
 	}
 	return Source{}, fmt.Errorf("%w: the spec has no network namespace (host networking): a Kiln container runs in its own VM and cannot share the host's network; remove hostNetwork / --net-host, or use runc for it", errdefs.ErrInvalidArgument)
+}
+
+// CheckNotHost refuses a namespace path that names the shim's own network namespace, the host's where
+// containerd runs (`ctr run --with-ns network:/proc/1/ns/net`): that is host networking by another name, and
+// mirroring it would send the host's traffic into the VM.
+func CheckNotHost(path string) error {
+	var ns, self unix.Stat_t
+	if err := unix.Stat(path, &ns); err != nil {
+		return fmt.Errorf("%w: network namespace %s: %v", errdefs.ErrInvalidArgument, path, err)
+	}
+	if err := unix.Stat("/proc/self/ns/net", &self); err != nil {
+		return fmt.Errorf("the shim's network namespace: %w", err)
+	}
+	if ns.Dev == self.Dev && ns.Ino == self.Ino {
+		return fmt.Errorf("%w: network namespace %s is the host's (host networking): a Kiln container runs in its own VM and cannot share the host's network; name a namespace of its own, or use runc for it", errdefs.ErrInvalidArgument, path)
+	}
+	return nil
 }

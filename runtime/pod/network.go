@@ -216,8 +216,8 @@ func (p *Pod) startPortForward() {
 }
 
 // checkJoin refuses a container whose spec cannot join the pod: host networking, or a network namespace other
-// than the pod's. CRI names the pod's as /proc/<sandbox pid>/ns/net with the guest pid Kiln reported; that path
-// means nothing on the host and is never opened there.
+// than the pod's. CRI names the pod's as /proc/<sandbox pid>/ns/net, the pid of the sandbox's stand-in (which is
+// in the pod's namespace).
 func (p *Pod) checkJoin(id string, spec *specs.Spec) error {
 	src, err := CheckSpec(p.cfg, id, spec)
 	if err != nil {
@@ -226,7 +226,7 @@ func (p *Pod) checkJoin(id string, spec *specs.Spec) error {
 	if src.New || src.Path == p.net.path {
 		return nil
 	}
-	if pid, ok := procNSPid(src.Path, "net"); ok && p.ctrs.IsInitPid(uint32(pid)) {
+	if pid, ok := procNSPid(src.Path, "net"); ok && p.isContainerPid(uint32(pid)) {
 		return nil
 	}
 	return fmt.Errorf("%w: container %s: network namespace %s is not its pod's: containers of a Kiln pod share the network of the pod's VM (name the pod's namespace, or /proc/<pid of a container of the pod>/ns/net)", errdefs.ErrInvalidArgument, id, src.Path)

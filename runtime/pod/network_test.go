@@ -37,7 +37,7 @@ func hookedPod(t *testing.T, id string, fail bool) (*Pod, *First, string) {
 	}
 	spec := &specs.Spec{
 		Hooks: &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", script}}}},
-		Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace}, {Type: specs.NetworkNamespace}}},
+		Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace}, {Type: specs.UTSNamespace}, {Type: specs.NetworkNamespace}}},
 	}
 	cfg := config.Default()
 	cfg.Runtime.StateDir = filepath.Join(dir, "state")

@@ -31,6 +31,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/share"
+	"github.com/kiln-runtime/kiln/runtime/standin"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 	"github.com/kiln-runtime/kiln/vm"
 	"github.com/kiln-runtime/kiln/vm/qemu"
@@ -79,9 +80,12 @@ type Pod struct {
 	// under cgroupMu once the VM runs (a spare's adoption, TakeNetwork), which watchVM reads it under.
 	cgroupMu sync.Mutex
 	cgroup   *hostcgroup.Group
-	// bundles are the pod's containers' bundles, for their later hooks.
+	// bundles are the pod's containers' bundles, for their later hooks, and standIns their stand-ins on the
+	// host, whose pids containerd gets for them, from the threads of threads.
 	bundlesMu sync.Mutex
 	bundles   map[string]*bundle.Bundle
+	standIns  map[string]*standin.Thread
+	threads   *standin.Pool
 
 	// rlimits are the resource limits the pod's processes get for those their spec does not name (the shim's,
 	// as runc's inherit them; rlimit.Inherited).
@@ -138,6 +142,10 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err := share.Remove(dir); err != nil {
 		return nil, fmt.Errorf("boot pod %s: remove stale share: %w", o.ID, err)
 	}
+	threads, err := standin.NewPool()
+	if err != nil {
+		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+	}
 	sh, err := share.New(dir)
 	if err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
@@ -147,7 +155,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err != nil {
 		log.WithError(err).Warn("the resource limits the pod's processes inherit are partly the shim's own")
 	}
-	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, net: &hostNetwork{}, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}, rlimits: rlimits}
+	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, net: &hostNetwork{}, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}, standIns: map[string]*standin.Thread{}, threads: threads, rlimits: rlimits}
 	defer func() {
 		if retErr != nil {
 			if err := p.Close(context.WithoutCancel(ctx)); err != nil {
@@ -413,8 +421,20 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 			}
 		}
 	}()
-	spec, err := guestUserNamespace(o.ID, *b.Spec, p.ctrs.IsInitPid)
+	standIn, err := p.threads.Start(filepath.Join(p.share.ExportDir(), rootfs), p.net.path)
 	if err != nil {
+		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
+	}
+	defer func() {
+		if retErr != nil {
+			standIn.Close()
+		}
+	}()
+	spec, err := guestUserNamespace(o.ID, *b.Spec, p.isContainerPid)
+	if err != nil {
+		return nil, err
+	}
+	if spec, err = guestNamespaces(o.ID, spec, p.ctrs.GuestInitPid); err != nil {
 		return nil, err
 	}
 	if fields, err := hostlsm.Spec(p.cfg.Runtime.IgnoreHostLSM(), &spec); err != nil {
@@ -433,13 +453,14 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 		return nil, fmt.Errorf("create container %s: encode spec: %w", o.ID, err)
 	}
 	c, err := p.ctrs.Create(ctx, container.CreateOptions{
-		ID: o.ID, Bundle: b.Dir, Spec: raw, Rootfs: rootfs, IO: o.IO, Release: o.Release,
+		ID: o.ID, Bundle: b.Dir, Spec: raw, Rootfs: rootfs, IO: o.IO, Release: o.Release, HostPid: standIn.Pid(),
 	})
 	if err != nil {
 		return nil, err
 	}
 	p.bundlesMu.Lock()
 	p.bundles[o.ID] = b
+	p.standIns[o.ID] = standIn
 	p.followOOMScoresLocked()
 	p.bundlesMu.Unlock()
 	return c, nil
@@ -510,14 +531,19 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 	if err != nil {
 		return e, err
 	}
+	p.bundlesMu.Lock()
+	b, standIn := p.bundles[c.ID()], p.standIns[c.ID()]
+	delete(p.bundles, c.ID())
+	delete(p.standIns, c.ID())
+	p.followOOMScoresLocked()
+	p.bundlesMu.Unlock()
+	if standIn != nil {
+		// First: its root directory is the container's root file system, which the share unmounts.
+		standIn.Close()
+	}
 	if err := p.share.RemoveContainer(ctx, c.ID()); err != nil {
 		return e, fmt.Errorf("delete container %s: %w", c.ID(), err)
 	}
-	p.bundlesMu.Lock()
-	b := p.bundles[c.ID()]
-	delete(p.bundles, c.ID())
-	p.followOOMScoresLocked()
-	p.bundlesMu.Unlock()
 	if b != nil && hooks.Any(b.Spec) {
 		if err := hooks.Poststop(ctx, b.Spec, p.hookState(c.ID(), b)); err != nil {
 			p.log.WithError(err).WithField("container", c.ID()).Warn("poststop hook failed")
@@ -552,6 +578,12 @@ func (p *Pod) Close(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	netClosed := time.Now()
+	p.bundlesMu.Lock()
+	for id, t := range p.standIns {
+		t.Close()
+		delete(p.standIns, id)
+	}
+	p.bundlesMu.Unlock()
 	if err := p.share.Close(); err != nil {
 		errs = append(errs, err)
 	}

@@ -44,11 +44,16 @@ func CheckSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, 
 	if err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}
+	if src.Path != "" {
+		if err := network.CheckNotHost(src.Path); err != nil {
+			return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+		}
+	}
 	return src, nil
 }
 
-// checkIsolation refuses a spec without a pid or an ipc namespace (CRI's hostPID and hostIPC, --pid=host,
-// --ipc=host). The namespace left to share in a Kiln VM is not the host's but the guest's own, where the agent
+// checkIsolation refuses a spec without a pid, an ipc or a uts namespace (CRI's hostPID and hostIPC,
+// --pid=host, --ipc=host, --uts=host). The namespace left to share in a Kiln VM is not the host's but the guest's own, where the agent
 // and every container of the pod run: such a container would see and signal them (or use their shared memory)
 // instead of the host's processes it asked for, which a VM cannot give it.
 func checkIsolation(spec *specs.Spec) error {
@@ -60,6 +65,9 @@ func checkIsolation(spec *specs.Spec) error {
 	}
 	if !has(specs.IPCNamespace) {
 		return fmt.Errorf("%w: the spec has no ipc namespace (host IPC): a Kiln container runs in its own VM and cannot share the host's IPC objects or /dev/shm; remove hostIPC / --ipc=host, or use runc for it", errdefs.ErrInvalidArgument)
+	}
+	if !has(specs.UTSNamespace) {
+		return fmt.Errorf("%w: the spec has no uts namespace (host UTS): a Kiln container runs in its own VM and cannot share the host's hostname; remove --uts=host, or use runc for it", errdefs.ErrInvalidArgument)
 	}
 	return nil
 }

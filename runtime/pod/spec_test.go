@@ -61,16 +61,18 @@ func TestCheckIsolation(t *testing.T) {
 	}
 	joined := ns(specs.NetworkNamespace, specs.MountNamespace)
 	joined.Linux.Namespaces = append(joined.Linux.Namespaces,
-		specs.LinuxNamespace{Type: specs.PIDNamespace, Path: "/proc/42/ns/pid"}, specs.LinuxNamespace{Type: specs.IPCNamespace, Path: "/proc/42/ns/ipc"})
+		specs.LinuxNamespace{Type: specs.PIDNamespace, Path: "/proc/42/ns/pid"}, specs.LinuxNamespace{Type: specs.IPCNamespace, Path: "/proc/42/ns/ipc"},
+		specs.LinuxNamespace{Type: specs.UTSNamespace, Path: "/proc/42/ns/uts"})
 	for _, c := range []struct {
 		name string
 		spec *specs.Spec
 		want string
 	}{
-		{"own namespaces", ns(specs.PIDNamespace, specs.IPCNamespace, specs.NetworkNamespace), ""},
+		{"own namespaces", ns(specs.PIDNamespace, specs.IPCNamespace, specs.UTSNamespace, specs.NetworkNamespace), ""},
 		{"another container's", joined, ""},
-		{"host PID", ns(specs.IPCNamespace, specs.NetworkNamespace), "hostPID"},
-		{"host IPC", ns(specs.PIDNamespace, specs.NetworkNamespace), "hostIPC"},
+		{"host PID", ns(specs.IPCNamespace, specs.UTSNamespace, specs.NetworkNamespace), "hostPID"},
+		{"host IPC", ns(specs.PIDNamespace, specs.UTSNamespace, specs.NetworkNamespace), "hostIPC"},
+		{"host UTS", ns(specs.PIDNamespace, specs.IPCNamespace, specs.NetworkNamespace), "--uts=host"},
 		{"no linux section", &specs.Spec{}, "hostPID"},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -35,7 +35,7 @@ func guestUserNamespace(id string, spec specs.Spec, isInit func(uint32) bool) (s
 	}
 	path := spec.Linux.Namespaces[i].Path
 	if pid, ok := procNSPid(path, "user"); ok {
-		// CRI's /proc paths name guest pids Kiln reported; they mean nothing on the host.
+		// CRI's /proc paths name the pids Kiln reported, a stand-in's for each container (runtime/standin).
 		if isInit(uint32(pid)) {
 			return spec, nil
 		}
@@ -96,14 +96,20 @@ func checkUserNamespace(path string) error {
 
 // procNSPid reads the pid of a /proc/<pid>/ns/<file> path.
 func procNSPid(path, file string) (int, bool) {
+	pid, f, ok := procNSPath(path)
+	return pid, ok && f == file
+}
+
+// procNSPath splits a /proc/<pid>/ns/<file> path.
+func procNSPath(path string) (pid int, file string, ok bool) {
 	rest, ok := strings.CutPrefix(path, "/proc/")
 	if !ok {
-		return 0, false
+		return 0, "", false
 	}
-	s, ok := strings.CutSuffix(rest, "/ns/"+file)
-	if !ok {
-		return 0, false
+	s, file, ok := strings.Cut(rest, "/ns/")
+	if !ok || file == "" || strings.Contains(file, "/") {
+		return 0, "", false
 	}
 	pid, err := strconv.Atoi(s)
-	return pid, err == nil && pid > 0
+	return pid, file, err == nil && pid > 0
 }

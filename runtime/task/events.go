@@ -112,6 +112,8 @@ func (s *Service) onEvent(e container.Event) {
 func (s *Service) onExit(p *container.Process, e container.Exit) {
 	c := p.Container()
 	s.log(c.ID(), p.ID()).WithField("status", e.Status).Debug("process exited")
+	// containerd gets the container's host pid for each of its processes, as everywhere else.
+	e.Pid = c.HostPid()
 	s.sendExit(c.ID(), processID(c, p), e)
 }
 

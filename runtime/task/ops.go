@@ -91,7 +91,7 @@ func (s *Service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.
 		ID:       processID(c, p),
 		ExecID:   r.ExecID,
 		Bundle:   c.Bundle(),
-		Pid:      p.Pid(),
+		Pid:      c.HostPid(),
 		Status:   status(p.State()),
 		Terminal: p.Terminal(),
 	}
@@ -122,7 +122,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		if err != nil {
 			return nil, toGRPC(err)
 		}
-		return &taskAPI.DeleteResponse{Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
+		return &taskAPI.DeleteResponse{Pid: c.HostPid(), ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
 	}
 	s.letGo(r.ID, "", s.createHolds(r.ID))
 	e, err := p.DeleteContainer(ctx, c, false)
@@ -133,9 +133,9 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		s.log(r.ID, "").WithError(err).Warn("remove task record")
 	}
 	s.send(&eventstypes.TaskDelete{
-		ContainerID: r.ID, ID: r.ID, Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt),
+		ContainerID: r.ID, ID: r.ID, Pid: c.HostPid(), ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt),
 	})
-	return &taskAPI.DeleteResponse{Pid: e.Pid, ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
+	return &taskAPI.DeleteResponse{Pid: c.HostPid(), ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
 }
 
 // stopIfIdle stops the pod when no task is left and no other Create is under way (after a failed first Create).
@@ -204,7 +204,10 @@ func (s *Service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptyResp,
 	return empty(), toGRPC(err)
 }
 
-// Pids lists the task's processes in the guest, with the exec id of those started through Exec.
+// Pids lists the task's processes as containerd's clients read them, by host pid: every one of them has the
+// container's (its stand-in's, runtime/standin), since the processes run in the guest, where their own pids
+// name nothing on the host (nerdctl top hands them to the host's ps). So the list is the container, once,
+// and each process started through Exec that still runs, with its exec id.
 func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
 	c, err := s.getContainer(r.ID)
 	if err != nil {
@@ -214,17 +217,16 @@ func (s *Service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	resp := &taskAPI.PidsResponse{}
+	resp := &taskAPI.PidsResponse{Processes: []*tasktypes.ProcessInfo{{Pid: c.HostPid()}}}
 	for _, p := range ps {
-		info := &tasktypes.ProcessInfo{Pid: p.GetPid()}
-		if p.GetExecId() != "" {
-			a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: p.GetExecId()})
-			if err != nil {
-				return nil, toGRPC(fmt.Errorf("pids of task %s: encode process details: %w", r.ID, err))
-			}
-			info.Info = a
+		if p.GetExecId() == "" {
+			continue
 		}
-		resp.Processes = append(resp.Processes, info)
+		a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: p.GetExecId()})
+		if err != nil {
+			return nil, toGRPC(fmt.Errorf("pids of task %s: encode process details: %w", r.ID, err))
+		}
+		resp.Processes = append(resp.Processes, &tasktypes.ProcessInfo{Pid: c.HostPid(), Info: a})
 	}
 	return resp, nil
 }
@@ -334,7 +336,7 @@ func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
 	resp := &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), Version: s.version}
 	if c, err := s.getContainer(r.ID); err == nil {
-		resp.TaskPid = c.Init().Pid()
+		resp.TaskPid = c.HostPid()
 	}
 	return resp, nil
 }

@@ -306,7 +306,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		_ = pio.Close()
 		return nil, toGRPC(err)
 	}
-	pid := c.Init().Pid()
+	pid := c.HostPid()
 	// The state dir clean, as Record.Validate wants it (the configuration only asks for an absolute path).
 	rec := Record{VMID: p.ID(), StateDir: filepath.Clean(p.StateDir()), ShareDir: p.ShareDir(), ShimPid: os.Getpid(), ShimSocket: s.socket, Pid: pid, Cgroup: p.CgroupPath()}
 	if err := WriteRecord(r.Bundle, rec); err != nil {
@@ -340,9 +340,9 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	}
 	err = p.Start(ctx, func() {
 		if r.ExecID == "" {
-			s.send(&eventstypes.TaskStart{ContainerID: c.ID(), Pid: p.Pid()})
+			s.send(&eventstypes.TaskStart{ContainerID: c.ID(), Pid: c.HostPid()})
 		} else {
-			s.send(&eventstypes.TaskExecStarted{ContainerID: c.ID(), ExecID: r.ExecID, Pid: p.Pid()})
+			s.send(&eventstypes.TaskExecStarted{ContainerID: c.ID(), ExecID: r.ExecID, Pid: c.HostPid()})
 		}
 	})
 	if err != nil {
@@ -360,7 +360,7 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		}
 		s.releaseSpare()
 	}
-	return &taskAPI.StartResponse{Pid: p.Pid()}, nil
+	return &taskAPI.StartResponse{Pid: c.HostPid()}, nil
 }
 
 // Exec adds an exec process to a running task; Start runs it.
