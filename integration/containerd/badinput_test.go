@@ -155,3 +155,68 @@ func createTask(ctx context.Context, c *client.Client, id string, img client.Ima
 	}
 	return nil
 }
+
+// TestKilnPoststopAfterFailedCreate: a create that fails once its spec was accepted runs the container's
+// poststop hooks, as runc's destroy does, so that a hook undoing a create hook's work (nerdctl's CNI DEL, which
+// releases the address its ADD leased) runs: for a process the image does not have (refused by the guest at
+// create) and for a VM that does not boot. A spec Kiln refuses runs none.
+func TestKilnPoststopAfterFailedCreate(t *testing.T) {
+	k := startKiln(t)
+	dir := testbundle.PublicDir(t)
+	hook := filepath.Join(dir, "hook")
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\necho $1 >> "+dir+"/runs-$2\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	failingQEMU := filepath.Join(t.TempDir(), "kiln.toml")
+	body := fmt.Sprintf("[hypervisor]\nkernel = %q\ninitrd = %q\npath = %q\n[runtime]\nstate_dir = %q\n",
+		filepath.Join(k.assets, "vmlinuz"), filepath.Join(k.assets, "initrd.img"), testbundle.FailingQEMU(t), k.d.StateDir())
+	if err := os.WriteFile(failingQEMU, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New(k.d.Address, client.WithDefaultNamespace(Namespace))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i, tc := range []struct {
+		name   string
+		config string
+		opts   []oci.SpecOpts
+		want   string
+	}{
+		{"a process the image lacks", k.cfg, []oci.SpecOpts{oci.WithProcessArgs("/kiln-no-such-program")}, "createRuntime\npoststop\n"},
+		{"a VM that does not boot", failingQEMU, nil, "createRuntime\npoststop\n"},
+		{"a refused spec", k.cfg, []oci.SpecOpts{oci.WithHostNamespace(specs.UTSNamespace)}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			img, err := c.GetImage(ctx, BusyboxRef)
+			if err != nil {
+				t.Fatal(err)
+			}
+			name := fmt.Sprint(i)
+			withHooks := func(_ context.Context, _ oci.Client, _ *containers.Container, s *oci.Spec) error {
+				s.Hooks = &specs.Hooks{
+					CreateRuntime: []specs.Hook{{Path: hook, Args: []string{hook, "createRuntime", name}}},
+					Poststop:      []specs.Hook{{Path: hook, Args: []string{hook, "poststop", name}}},
+				}
+				return nil
+			}
+			id := "kiln-poststop-" + name
+			opts := append([]oci.SpecOpts{oci.WithImageConfig(img), oci.WithProcessArgs("true"), withHooks}, tc.opts...)
+			err = createTask(ctx, c, id, img, tc.config, opts)
+			k.remove(t, id)
+			if err == nil {
+				t.Fatal("the task was created")
+			}
+			got, _ := os.ReadFile(filepath.Join(dir, "runs-"+name))
+			if string(got) != tc.want {
+				t.Errorf("hooks run %q, want %q (create: %v)", got, tc.want, err)
+			}
+			for _, l := range leftovers(k.d) {
+				t.Error(l)
+			}
+		})
+	}
+}

@@ -312,6 +312,27 @@ func TestKilnCreateRuntimeHookConfiguresNetwork(t *testing.T) {
 	}
 }
 
+// TestKilnShimKilledRunsPoststop: a shim killed outright never ran its container's poststop hooks; the
+// `delete` containerd then runs for the task does, as runc's delete does, so CNI's DEL releases the address
+// the createRuntime hook's ADD leased.
+func TestKilnShimKilledRunsPoststop(t *testing.T) {
+	k := startKiln(t)
+	const id = "hooked-killed"
+	h := k.startHooked(t, id, "kbr-k1ll", "10.231.15.0/24", "")
+	lease := filepath.Join(h.dir, "ipam", "kiln-kbr-k1ll", h.ip)
+	if _, err := os.Stat(lease); err != nil {
+		t.Fatalf("the ADD's lease: %v", err)
+	}
+	k.killShim(t, id)
+	if n := h.runs(t, "DEL"); n != 1 {
+		t.Errorf("poststop hook ran %d times after the shim was killed, want 1", n)
+	}
+	if _, err := os.Stat(lease); err == nil {
+		t.Errorf("the address %s is still leased", h.ip)
+	}
+	k.remove(t, id)
+}
+
 // hooked is a container whose createRuntime hook wires its network and whose poststop hook unwires it.
 type hooked struct {
 	ip  string

@@ -29,6 +29,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/proto/features"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
@@ -232,6 +233,16 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 			return status, nil
 		}
 		return status, err
+	}
+	// The shim died with the container, before its poststop hooks ran (nerdctl's CNI DEL, which releases the
+	// address its ADD leased): they run now, as runc's delete runs them. The pid is left out: the stand-in's
+	// went with the shim and may be another process's by now.
+	if b, err := bundle.Load(cwd); err != nil {
+		l.WithError(err).Warn("load the bundle for its poststop hooks")
+	} else if hooks.Any(b.Spec) {
+		if err := hooks.Poststop(ctx, b.Spec, hooks.State{ID: id, Bundle: cwd, Annotations: b.Spec.Annotations}); err != nil {
+			l.WithError(err).Warn("poststop hook failed")
+		}
 	}
 	if err := task.RemoveRecord(cwd); err != nil {
 		l.WithError(err).Warn("remove task record")

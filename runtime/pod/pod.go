@@ -552,6 +552,26 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 	return e, nil
 }
 
+// FailedCreate runs the poststop hooks of container id, whose create failed with err in p (nil when the pod's
+// boot for it failed), as runc's destroy runs them for a container whose create got past its spec's checks: a
+// hook that undoes what a create hook did (nerdctl's CNI DEL releasing the address its ADD leased) then runs
+// whether or not the create hooks ran (CNI's DEL accepts that). A spec Kiln refused (InvalidArgument,
+// NotImplemented) or an id in use never got that far. Run before the pod stops, so that a namespace holder
+// is still there for the hooks.
+func FailedCreate(ctx context.Context, p *Pod, id string, b *bundle.Bundle, err error) error {
+	if b == nil || !hooks.Any(b.Spec) || errdefs.IsInvalidArgument(err) || errdefs.IsNotImplemented(err) || errdefs.IsAlreadyExists(err) {
+		return nil
+	}
+	st := hooks.State{ID: id, Bundle: b.Dir, Annotations: b.Spec.Annotations}
+	if p != nil {
+		st = p.hookState(id, b)
+	}
+	if err := hooks.Poststop(ctx, b.Spec, st); err != nil {
+		return fmt.Errorf("container %s, after its create failed: %w", id, err)
+	}
+	return nil
+}
+
 // Close ends the pod: the containers' waits end, the guest is shut down (its containers die with it), the VM
 // stops and the share is unmounted and removed. It is safe to call more than once.
 func (p *Pod) Close(ctx context.Context) error {

@@ -18,6 +18,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
@@ -285,10 +286,13 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}()
 	p, err := s.podFor(ctx, r.ID, b, r.Options)
 	if err != nil {
-		return nil, toGRPC(fmt.Errorf("create task %s: %w", r.ID, err))
+		err = fmt.Errorf("create task %s: %w", r.ID, err)
+		s.failedCreate(ctx, nil, r.ID, b, err)
+		return nil, toGRPC(err)
 	}
 	defer func() {
 		if retErr != nil {
+			s.failedCreate(ctx, p, r.ID, b, errgrpc.ToNative(retErr))
 			s.stopIfIdle(ctx)
 		}
 	}()
@@ -321,6 +325,14 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		Pid:         pid,
 	})
 	return &taskAPI.CreateTaskResponse{Pid: pid}, nil
+}
+
+// failedCreate runs the poststop hooks of a task whose create failed (pod.FailedCreate); a failing hook is
+// logged, as the runtime spec asks.
+func (s *Service) failedCreate(ctx context.Context, p *pod.Pod, id string, b *bundle.Bundle, err error) {
+	if err := pod.FailedCreate(context.WithoutCancel(ctx), p, id, b, err); err != nil {
+		s.log(id, "").WithError(err).Warn("poststop hook failed")
+	}
 }
 
 // Start runs a created task's init process, or an exec process added with Exec. The start event is queued
