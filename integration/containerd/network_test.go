@@ -484,6 +484,49 @@ func TestKilnTaskPidIsTheHosts(t *testing.T) {
 	k.remove(t, "kiln-pid-host")
 }
 
+// TestKilnNetworkAfterCreateIsRefused: as `ctr run --cni` does, CNI configures /proc/<task pid>/ns/net between
+// the create and the start, once the VM has read its network: the start is refused, naming what happened,
+// instead of a container running without the network it was given.
+func TestKilnNetworkAfterCreateIsRefused(t *testing.T) {
+	k := startKiln(t)
+	const id = "kiln-late-net"
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	c, err := client.New(k.d.Address, client.WithDefaultNamespace(Namespace))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	img, err := c.GetImage(ctx, BusyboxRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctr, err := c.NewContainer(ctx, id,
+		client.WithImage(img), client.WithNewSnapshot(id+"-snap", img),
+		client.WithRuntime(RuntimeName, &runtimeoptions.Options{ConfigPath: k.cfg}),
+		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("sleep", "60")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.remove(t, id) })
+	task, err := ctr.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nsPath := fmt.Sprintf("/proc/%d/ns/net", task.Pid())
+	conf := cniConf("kiln-late", "kbr-late", "10.231.16.0/24", filepath.Join(t.TempDir(), "ipam"), 0)
+	if _, err := cniPlugin(ctx, "bridge", "ADD", id, nsPath, "eth0", conf); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = cniPlugin(context.Background(), "bridge", "DEL", id, nsPath, "eth0", conf)
+		_ = exec.Command("ip", "link", "del", "kbr-late").Run()
+	})
+	if err := task.Start(ctx); err == nil || !strings.Contains(err.Error(), "ctr run --cni") || !strings.Contains(err.Error(), "eth0") {
+		t.Errorf("start after CNI configured the task's namespace: %v, want a refusal naming eth0 and ctr run --cni", err)
+	}
+}
+
 // TestKilnRefusesHostNetwork: a VM cannot share the host's network stack; the error names the setting.
 func TestKilnRefusesHostNetwork(t *testing.T) {
 	k := startKiln(t)

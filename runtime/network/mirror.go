@@ -107,7 +107,7 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 	names := map[int]string{}
 	for _, l := range links {
 		a := l.Attrs()
-		if a.Flags&net.FlagLoopback != 0 || a.Flags&net.FlagUp == 0 {
+		if !takes(a) {
 			continue
 		}
 		if len(a.HardwareAddr) != 6 {

@@ -8,10 +8,16 @@ package network
 
 import (
 	"fmt"
+	"net"
+	"os"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/netdump"
 )
 
 // Source is where a pod's network comes from.
@@ -53,4 +59,30 @@ func CheckNotHost(path string) error {
 		return fmt.Errorf("%w: network namespace %s is the host's (host networking): a Kiln container runs in its own VM and cannot share the host's network; name a namespace of its own, or use runc for it", errdefs.ErrInvalidArgument, path)
 	}
 	return nil
+}
+
+// Interfaces names the interfaces of the network namespace ns that a mirror would take (see takes).
+func Interfaces(ns *os.File) ([]string, error) {
+	h, err := netlink.NewHandleAt(netns.NsHandle(int(ns.Fd())), unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("netlink in network namespace %s: %w", ns.Name(), err)
+	}
+	defer h.Close()
+	links, err := netdump.Consistent(h.LinkList)
+	if err != nil {
+		return nil, fmt.Errorf("list the interfaces of network namespace %s: %w", ns.Name(), err)
+	}
+	var names []string
+	for _, l := range links {
+		if takes(l.Attrs()) {
+			names = append(names, l.Attrs().Name)
+		}
+	}
+	return names, nil
+}
+
+// takes says whether a mirror takes the interface: one that is up, other than the loopback (a new namespace's
+// fallback tunnels, sit0 or tunl0 where their modules are loaded, are down).
+func takes(a *netlink.LinkAttrs) bool {
+	return a.Flags&net.FlagLoopback == 0 && a.Flags&net.FlagUp != 0
 }

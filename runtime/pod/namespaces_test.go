@@ -2,12 +2,16 @@ package pod
 
 import (
 	"errors"
+	"fmt"
+	"os"
 	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiln-runtime/kiln/runtime/standin"
 )
 
 // Namespace paths that name a container of the pod by the pid Kiln reported (its stand-in's) become its init's
@@ -61,5 +65,31 @@ func TestGuestNamespaces(t *testing.T) {
 				t.Errorf("the bundle's namespaces changed: %v", c.in)
 			}
 		})
+	}
+}
+
+// A first container's network namespace named by a thread's pid (another Kiln container's stand-in) is refused;
+// a process's, or a path that is not /proc/<pid>/ns/net, passes.
+func TestCheckNotStandIn(t *testing.T) {
+	pool, err := standin.NewPool()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (a stand-in's chroot)")
+	}
+	s, err := pool.Start(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	thread := fmt.Sprintf("/proc/%d/ns/net", s.Pid())
+	if err := checkNotStandIn(thread); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "another Kiln container's") {
+		t.Errorf("%s: %v, want InvalidArgument naming another Kiln container", thread, err)
+	}
+	for _, ok := range []string{fmt.Sprintf("/proc/%d/ns/net", os.Getpid()), "/var/run/netns/cni-1", "/proc/self/ns/net"} {
+		if err := checkNotStandIn(ok); err != nil {
+			t.Errorf("%s: %v", ok, err)
+		}
 	}
 }

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/containerd/errdefs"
@@ -100,6 +103,9 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 		src, err := CheckSpec(p.cfg, first.ID, spec)
 		if err != nil {
 			return nil, err
+		}
+		if err := checkNotStandIn(src.Path); err != nil {
+			return nil, fmt.Errorf("container %s: %w", first.ID, err)
 		}
 		n.path = src.Path
 		// Only a namespace the spec names is one containerd's port forwarding enters.
@@ -282,4 +288,25 @@ func (n *hostNetwork) close() error {
 	}
 	n.holderMu.Unlock()
 	return err
+}
+
+// checkNotStandIn refuses, for a pod's first container, a network namespace named by a thread's pid: another
+// Kiln container's, whose pid is its stand-in's (`nerdctl run --network container:<a Kiln container>`). Two VMs
+// cannot share one network stack, and a stand-in's namespace is the host's again once its container is gone.
+func checkNotStandIn(path string) error {
+	pid, ok := procNSPid(path, "net")
+	if !ok {
+		return nil
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil // gone: mirroring it fails, naming it
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if tgid, ok := strings.CutPrefix(line, "Tgid:"); ok && strings.TrimSpace(tgid) != strconv.Itoa(pid) {
+			return fmt.Errorf("%w: network namespace %s is a thread's, another Kiln container's (its pid is a thread of its shim): containers in different Kiln VMs cannot share a network namespace; run them in one pod, or give this one a namespace of its own",
+				errdefs.ErrInvalidArgument, path)
+		}
+	}
+	return nil
 }

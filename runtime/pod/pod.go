@@ -62,6 +62,9 @@ type Options struct {
 	// Hold, when set, is handed the VM's programs as they start (qemu.Config.Hold): a spare's pod, which a task's
 	// start holds while it runs beside it.
 	Hold func(qemu.Holdable)
+	// StandIns holds the threads the pod's containers' stand-ins run on: one pool per process (a shim's), whose
+	// threads never end. Nil gives the pod a pool of its own.
+	StandIns *standin.Pool
 }
 
 // Pod is a booted microVM with its share and its containers.
@@ -80,12 +83,10 @@ type Pod struct {
 	// under cgroupMu once the VM runs (a spare's adoption, TakeNetwork), which watchVM reads it under.
 	cgroupMu sync.Mutex
 	cgroup   *hostcgroup.Group
-	// bundles are the pod's containers' bundles, for their later hooks, and standIns their stand-ins on the
-	// host, whose pids containerd gets for them, from the threads of threads.
+	// bundles are the pod's containers' bundles, for their later hooks, and standIns their stand-ins.
 	bundlesMu sync.Mutex
 	bundles   map[string]*bundle.Bundle
-	standIns  map[string]*standin.Thread
-	threads   *standin.Pool
+	standIns  standIns
 
 	// rlimits are the resource limits the pod's processes get for those their spec does not name (the shim's,
 	// as runc's inherit them; rlimit.Inherited).
@@ -142,9 +143,12 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err := share.Remove(dir); err != nil {
 		return nil, fmt.Errorf("boot pod %s: remove stale share: %w", o.ID, err)
 	}
-	threads, err := standin.NewPool()
-	if err != nil {
-		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+	threads := o.StandIns
+	if threads == nil {
+		var err error
+		if threads, err = standin.NewPool(); err != nil {
+			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		}
 	}
 	sh, err := share.New(dir)
 	if err != nil {
@@ -155,7 +159,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if err != nil {
 		log.WithError(err).Warn("the resource limits the pod's processes inherit are partly the shim's own")
 	}
-	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, net: &hostNetwork{}, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}, standIns: map[string]*standin.Thread{}, threads: threads, rlimits: rlimits}
+	p := &Pod{id: o.ID, cfg: o.Config, log: log, share: sh, net: &hostNetwork{}, closing: make(chan struct{}), bundles: map[string]*bundle.Bundle{}, standIns: standIns{threads: threads, byID: map[string]*standin.Thread{}}, rlimits: rlimits}
 	defer func() {
 		if retErr != nil {
 			if err := p.Close(context.WithoutCancel(ctx)); err != nil {
@@ -421,13 +425,15 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 			}
 		}
 	}()
-	standIn, err := p.threads.Start(filepath.Join(p.share.ExportDir(), rootfs), p.net.path)
+	standIn, err := p.startStandIn(o.ID, filepath.Join(p.share.ExportDir(), rootfs))
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
 	}
 	defer func() {
 		if retErr != nil {
-			standIn.Close()
+			if err := p.endStandIn(o.ID); err != nil {
+				p.log.WithError(err).WithField("container", o.ID).Warn("end the stand-in after a failed create")
+			}
 		}
 	}()
 	spec, err := guestUserNamespace(o.ID, *b.Spec, p.isContainerPid)
@@ -460,7 +466,6 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	}
 	p.bundlesMu.Lock()
 	p.bundles[o.ID] = b
-	p.standIns[o.ID] = standIn
 	p.followOOMScoresLocked()
 	p.bundlesMu.Unlock()
 	return c, nil
@@ -532,14 +537,13 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 		return e, err
 	}
 	p.bundlesMu.Lock()
-	b, standIn := p.bundles[c.ID()], p.standIns[c.ID()]
+	b := p.bundles[c.ID()]
 	delete(p.bundles, c.ID())
-	delete(p.standIns, c.ID())
 	p.followOOMScoresLocked()
 	p.bundlesMu.Unlock()
-	if standIn != nil {
-		// First: its root directory is the container's root file system, which the share unmounts.
-		standIn.Close()
+	// First: the stand-in's root directory is the container's root file system, which the share unmounts.
+	if err := p.endStandIn(c.ID()); err != nil {
+		p.log.WithError(err).WithField("container", c.ID()).Warn("end the container's stand-in")
 	}
 	if err := p.share.RemoveContainer(ctx, c.ID()); err != nil {
 		return e, fmt.Errorf("delete container %s: %w", c.ID(), err)
@@ -598,12 +602,9 @@ func (p *Pod) Close(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	netClosed := time.Now()
-	p.bundlesMu.Lock()
-	for id, t := range p.standIns {
-		t.Close()
-		delete(p.standIns, id)
+	if err := p.endStandIns(); err != nil {
+		errs = append(errs, err)
 	}
-	p.bundlesMu.Unlock()
 	if err := p.share.Close(); err != nil {
 		errs = append(errs, err)
 	}

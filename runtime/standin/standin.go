@@ -54,19 +54,22 @@ type worker struct {
 
 // Thread is a container's stand-in (see the package comment).
 type Thread struct {
-	root, netns string
-	w           *worker
-	started     chan error
-	stop        chan struct{}
-	stopOnce    sync.Once
-	// done is closed once the thread is back in the shim's root directory, no longer holding the container's.
+	root     string
+	netns    *os.File
+	w        *worker
+	started  chan error
+	stop     chan struct{}
+	stopOnce sync.Once
+	// done is closed once the thread has left the container's root directory and namespace, or failed to
+	// (left).
 	done chan struct{}
+	left error
 }
 
-// Start starts a stand-in whose root directory is root and whose network namespace is the one at netns, or a new,
-// empty one when netns is empty: never the host's, where a client (`ctr run --cni`) would configure the host's
-// network for the container.
-func (p *Pool) Start(root, netns string) (*Thread, error) {
+// Start starts a stand-in whose root directory is root and whose network namespace is netns, or a new, empty
+// one when netns is nil: never the host's, where a client (`ctr run --cni`) would configure the host's network
+// for the container.
+func (p *Pool) Start(root string, netns *os.File) (*Thread, error) {
 	t := &Thread{root: root, netns: netns, started: make(chan error, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	p.mu.Lock()
 	var w *worker
@@ -86,7 +89,7 @@ func (p *Pool) Start(root, netns string) (*Thread, error) {
 	w.jobs <- t
 	if err := <-t.started; err != nil {
 		<-t.done
-		return nil, fmt.Errorf("start the container's stand-in (root %s, network namespace %q): %w", root, netns, err)
+		return nil, fmt.Errorf("start the container's stand-in (root %s): %w", root, err)
 	}
 	return t, nil
 }
@@ -126,34 +129,28 @@ func (p *Pool) serve(w *worker, ready chan<- error) {
 		if err == nil {
 			<-t.stop
 		}
-		back := p.leave()
-		close(t.done)
-		if back != nil {
+		t.left = p.leave()
+		if t.left != nil {
+			close(t.done)
 			// Neither reused nor ended (see the package comment): it waits for the shim's end.
 			select {}
 		}
+		// Idle before Close returns, so that the next Start takes this thread rather than a new one.
 		p.mu.Lock()
 		p.idle = append(p.idle, w)
 		p.mu.Unlock()
+		close(t.done)
 	}
 }
 
-// enter gives the calling thread the network namespace, then the root directory.
-func enter(root, netns string) error {
-	if netns == "" {
+// enter gives the calling thread the network namespace (a new one for nil), then the root directory.
+func enter(root string, netns *os.File) error {
+	if netns == nil {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			return fmt.Errorf("new network namespace: %w", err)
 		}
-	} else {
-		fd, err := unix.Open(netns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("open network namespace: %w", err)
-		}
-		err = unix.Setns(fd, unix.CLONE_NEWNET)
-		_ = unix.Close(fd)
-		if err != nil {
-			return fmt.Errorf("join network namespace: %w", err)
-		}
+	} else if err := unix.Setns(int(netns.Fd()), unix.CLONE_NEWNET); err != nil {
+		return fmt.Errorf("join network namespace %s: %w", netns.Name(), err)
 	}
 	if err := unix.Chroot(root); err != nil {
 		return fmt.Errorf("chroot: %w", err)
@@ -175,9 +172,18 @@ func (p *Pool) leave() error {
 // Pid is the stand-in's task id, the container's pid for containerd.
 func (t *Thread) Pid() uint32 { return uint32(t.w.tid) }
 
-// Close ends the stand-in; it returns once the thread no longer holds the container's root file system, which
-// can then be unmounted.
-func (t *Thread) Close() {
+// NetNS opens the stand-in's network namespace.
+func (t *Thread) NetNS() (*os.File, error) {
+	return os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", t.w.tid))
+}
+
+// Close ends the stand-in; once it returns without error the thread no longer holds the container's root file
+// system, which can then be unmounted.
+func (t *Thread) Close() error {
 	t.stopOnce.Do(func() { close(t.stop) })
 	<-t.done
+	if t.left != nil {
+		return fmt.Errorf("stand-in %d: back to the shim's root and network namespace: %w", t.w.tid, t.left)
+	}
+	return nil
 }

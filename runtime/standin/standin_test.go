@@ -45,7 +45,7 @@ func TestStandIn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	own, err := pool.Start(root, "")
+	own, err := pool.Start(root, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,16 +64,23 @@ func TestStandIn(t *testing.T) {
 		t.Error("a stand-in with no namespace to join is in the host's network namespace")
 	}
 
-	joined, err := pool.Start(root, podNS)
+	ns, err := own.NetNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	joined, err := pool.Start(root, ns)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got, want := nsIno(t, fmt.Sprintf("/proc/%d/ns/net", joined.Pid())), nsIno(t, podNS); got != want {
 		t.Errorf("joined network namespace %d, want the pod's %d", got, want)
 	}
-	joined.Close()
-	own.Close()
-	own.Close()
+	for _, s := range []*Thread{joined, own, own} {
+		if err := s.Close(); err != nil {
+			t.Error(err)
+		}
+	}
 	if _, err := os.Stat(filepath.Join(proc, "root", "marker")); err == nil {
 		t.Errorf("%s still leads into the root after Close", proc)
 	}
@@ -81,11 +88,16 @@ func TestStandIn(t *testing.T) {
 		t.Errorf("unmount the root after Close: %v", err)
 	}
 
-	if _, err := pool.Start(filepath.Join(root, "missing"), ""); err == nil {
+	if _, err := pool.Start(filepath.Join(root, "missing"), nil); err == nil {
 		t.Error("a stand-in started in a missing root")
 	}
-	if _, err := pool.Start(root, "/nonexistent/ns"); err == nil {
-		t.Error("a stand-in joined a missing network namespace")
+	notNS, err := os.Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notNS.Close()
+	if _, err := pool.Start(root, notNS); err == nil {
+		t.Error("a stand-in joined a directory as its network namespace")
 	}
 
 	// A closed stand-in's thread is back in the shim's root and network namespace, alive, and serves the next.
@@ -94,7 +106,7 @@ func TestStandIn(t *testing.T) {
 			t.Errorf("%s/%s after Close: %d, want the shim's %d", proc, f, got, want)
 		}
 	}
-	next, err := pool.Start(t.TempDir(), "")
+	next, err := pool.Start(t.TempDir(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

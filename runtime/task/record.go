@@ -27,7 +27,8 @@ type Record struct {
 	ShimPid  int    `json:"shim_pid"`
 	// ShimSocket is the shim's ttrpc socket address, removed by `delete` when the shim died without doing so.
 	ShimSocket string `json:"shim_socket,omitempty"`
-	// Pid is the task's init pid in the guest, reported back in the exit that `delete` makes up.
+	// Pid is the pid containerd got for the task (its stand-in's, runtime/standin), reported back in the exit that
+	// `delete` makes up.
 	Pid uint32 `json:"pid"`
 	// Cgroup is the host cgroup the shim moved the VM's processes to, removed by `delete` (see hostcgroup).
 	Cgroup string `json:"cgroup,omitempty"`

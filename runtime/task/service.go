@@ -33,6 +33,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/hostlsm"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/spare"
+	"github.com/kiln-runtime/kiln/runtime/standin"
 )
 
 // Service is the task service of one shim: every task of its group runs in the same pod, booted at the first
@@ -48,6 +49,8 @@ type Service struct {
 	ooms      oomQueue
 	// loadConfig reads Kiln's configuration from a path given in the runtime options ("" for the default).
 	loadConfig func(path string) (config.Config, error)
+	// standIns holds the threads of the stand-ins of the pods the service boots (pod.Options.StandIns).
+	standIns *standin.Pool
 
 	// socket is the shim's own ttrpc socket address, when known.
 	socket string
@@ -87,10 +90,15 @@ func NewService(ctx context.Context, publisher shim.Publisher, sd shutdown.Servi
 	if err != nil {
 		return nil, fmt.Errorf("kiln task service: %w", err)
 	}
+	threads, err := standin.NewPool()
+	if err != nil {
+		return nil, fmt.Errorf("kiln task service: %w", err)
+	}
 	s := &Service{
 		ctx: ctx, namespace: ns, publisher: publisher, sd: sd, version: version,
 		events:     make(chan any, eventQueue),
 		loadConfig: config.Load,
+		standIns:   threads,
 	}
 	go s.forward(ctx)
 	sd.RegisterCallback(s.stopPod)
@@ -210,7 +218,7 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	}
 	p, err = pod.New(ctx, pod.Options{
 		ID: VMID(s.namespace, groupOf(id)), Config: cfg, HostVersion: s.version, Log: l,
-		OnEvent: s.onEvent, OnExit: s.onExit, First: first, Network: net,
+		OnEvent: s.onEvent, OnExit: s.onExit, First: first, Network: net, StandIns: s.standIns,
 	})
 	if err != nil {
 		return nil, err
@@ -345,6 +353,11 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if r.ExecID == "" {
 		// What the container's create held waits until it has started, or failed to.
 		defer s.letGo(c.ID(), "", s.createHolds(c.ID()))
+		if pd := s.currentPod(); pd != nil {
+			if err := pd.CheckLateNetwork(c.ID()); err != nil {
+				return nil, toGRPC(err)
+			}
+		}
 	} else {
 		// An exec's start is where its cost is (the guest's runc exec), and a probe's round trip with it: the
 		// spares booting meanwhile wait, as for a container's create and start.

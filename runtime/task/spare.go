@@ -19,6 +19,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/container"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/spare"
+	"github.com/kiln-runtime/kiln/runtime/standin"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
@@ -107,6 +108,10 @@ func BootSpare(ctx context.Context, b SpareBoot) (*Spare, error) {
 	}
 	defer release()
 	sp := &Spare{cfg: cfg}
+	threads, err := standin.NewPool()
+	if err != nil {
+		return nil, fmt.Errorf("spare shim: %w", err)
+	}
 	err = retryBoot(ctx, log, spareBootAttempts, func() error {
 		id := make([]byte, 8)
 		if _, err := rand.Read(id); err != nil {
@@ -115,7 +120,7 @@ func BootSpare(ctx context.Context, b SpareBoot) (*Spare, error) {
 		// The task's group is not known yet: the id is random, of VMID's form.
 		p, err := pod.New(ctx, pod.Options{
 			ID: vmID(id), Config: sized, HostVersion: b.Version, Log: log,
-			OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true, Hold: b.Hold,
+			OnEvent: sp.onEvent, OnExit: sp.onExit, Background: true, Hold: b.Hold, StandIns: threads,
 		})
 		if err != nil {
 			return err
