@@ -85,24 +85,26 @@ func TestKilnDetachedLifecycle(t *testing.T) {
 		}
 	})
 	t.Run("ps", func(t *testing.T) {
-		// The shell is between two sleeps for a moment each second: ask again when it is.
-		var out string
-		for try := 0; try < 5; try++ {
-			out = k.ctr(t, "tasks", "ps", id)
-			var pids []int
-			for _, line := range strings.Split(out, "\n")[1:] {
-				if f := strings.Fields(line); len(f) > 0 {
-					if pid, err := strconv.Atoi(f[0]); err == nil {
-						pids = append(pids, pid)
-					}
-				}
+		// The processes run in the guest: containerd gets the task's pid on the host (its stand-in's) for the
+		// container, and again for each exec that runs, with its exec id.
+		var pid string
+		for _, line := range strings.Split(k.ctr(t, "tasks", "ls"), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
+				pid = f[1]
 			}
-			if len(pids) >= 2 {
-				return
-			}
-			time.Sleep(300 * time.Millisecond)
 		}
-		t.Errorf("ctr task ps: want the shell and its sleep, got:\n%s", out)
+		k.ctr(t, "tasks", "exec", "--detach", "--exec-id", "e2", id, "sleep", "30")
+		out := k.ctr(t, "tasks", "ps", id)
+		lines := strings.Split(strings.TrimSpace(out), "\n")[1:]
+		if len(lines) != 2 || !strings.Contains(lines[1], "e2") {
+			t.Errorf("ctr task ps: want the container and exec e2, got:\n%s", out)
+		}
+		for _, line := range lines {
+			if f := strings.Fields(line); len(f) == 0 || f[0] != pid {
+				t.Errorf("ctr task ps lists %q, want the task's pid %s", line, pid)
+			}
+		}
+		k.ctr(t, "tasks", "kill", "--exec-id", "e2", "--signal", "SIGKILL", id)
 	})
 	t.Run("metrics", func(t *testing.T) {
 		out := k.ctr(t, "tasks", "metrics", id)
