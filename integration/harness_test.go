@@ -54,13 +54,14 @@ func requireVM(t testing.TB) (share string) {
 	return share
 }
 
-// buildStatic builds a static guest binary from a package of this module.
-func buildStatic(t testing.TB, pkg string) string {
+// buildStatic builds a static guest binary from a package of this module, with env added to the build's
+// (GOARCH=386).
+func buildStatic(t testing.TB, pkg string, env ...string) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), filepath.Base(pkg))
 	cmd := exec.Command("go", "build", "-trimpath", "-o", out, pkg)
 	cmd.Dir = repoRoot(t)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	cmd.Env = append(append(os.Environ(), "CGO_ENABLED=0"), env...)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build %s: %v\n%s", pkg, err, b)
 	}

@@ -8,6 +8,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/oci"
 )
 
 // ctrCode runs ctr with stdin and returns stdout, stderr and the exit code; it fails the test only when ctr
@@ -146,4 +150,28 @@ func readUntil(r io.Reader, want string, timeout time.Duration) (string, bool) {
 			return seen.String(), false
 		}
 	}
+}
+
+// newContainer creates container id from the busybox image with Kiln as its runtime, its spec the image's
+// changed by opts, through a client of its own, and registers its removal.
+func (k *kilnEnv) newContainer(ctx context.Context, t *testing.T, id string, opts ...oci.SpecOpts) client.Container {
+	t.Helper()
+	c, err := client.New(k.d.Address, client.WithDefaultNamespace(Namespace))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	img, err := c.GetImage(ctx, BusyboxRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctr, err := c.NewContainer(ctx, id,
+		client.WithImage(img), client.WithNewSnapshot(id+"-snap", img),
+		client.WithRuntime(RuntimeName, &runtimeoptions.Options{ConfigPath: k.cfg}),
+		client.WithNewSpec(append([]oci.SpecOpts{oci.WithImageConfig(img)}, opts...)...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.remove(t, id) })
+	return ctr
 }

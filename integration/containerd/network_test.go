@@ -16,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
-	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/containers"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
@@ -382,23 +380,7 @@ CNI_COMMAND=$cmd CNI_CONTAINERID=` + id + ` CNI_NETNS=/proc/$pid/ns/net CNI_IFNA
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	c, err := client.New(k.d.Address, client.WithDefaultNamespace(Namespace))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	img, err := c.GetImage(ctx, BusyboxRef)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctr, err := c.NewContainer(ctx, id,
-		client.WithImage(img), client.WithNewSnapshot(id+"-snap", img),
-		client.WithRuntime(RuntimeName, &runtimeoptions.Options{ConfigPath: k.cfg}),
-		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs(httpServer(id)...), withHooks))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.remove(t, id) })
+	ctr := k.newContainer(ctx, t, id, oci.WithProcessArgs(httpServer(id)...), withHooks)
 	task, err := ctr.NewTask(ctx, cio.NullIO)
 	if err != nil {
 		t.Fatal(err)
@@ -492,24 +474,7 @@ func TestKilnNetworkAfterCreateIsRefused(t *testing.T) {
 	const id = "kiln-late-net"
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	c, err := client.New(k.d.Address, client.WithDefaultNamespace(Namespace))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	img, err := c.GetImage(ctx, BusyboxRef)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctr, err := c.NewContainer(ctx, id,
-		client.WithImage(img), client.WithNewSnapshot(id+"-snap", img),
-		client.WithRuntime(RuntimeName, &runtimeoptions.Options{ConfigPath: k.cfg}),
-		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("sleep", "60")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.remove(t, id) })
-	task, err := ctr.NewTask(ctx, cio.NullIO)
+	task, err := k.newContainer(ctx, t, id, oci.WithProcessArgs("sleep", "60")).NewTask(ctx, cio.NullIO)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,34 @@
+package integration
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// What containers run on runc hosts runs in the guest too: a 32-bit x86 program (an i386 image, a 32-bit tool in
+// an amd64 one), and a TUN interface made through /dev/net/tun (a VPN client: wireguard-go, openvpn, tailscale),
+// given the device as runc gives it, with CAP_NET_ADMIN.
+func TestGuestRuns32BitProgramsAndTUN(t *testing.T) {
+	v := newContainerVM(t, 256)
+	b, err := os.ReadFile(buildStatic(t, "./integration/tunguest", "GOARCH=386"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(v.bundle, "rootfs", "bin", "tunguest"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	spec := v.spec("tunguest")
+	caps := append(spec.Process.Capabilities.Bounding, "CAP_NET_ADMIN")
+	spec.Process.Capabilities = &specs.LinuxCapabilities{Bounding: caps, Effective: caps, Permitted: caps}
+	mode := os.FileMode(0o666)
+	spec.Linux.Devices = append(spec.Linux.Devices, specs.LinuxDevice{Path: "/dev/net/tun", Type: "c", Major: 10, Minor: 200, FileMode: &mode})
+	spec.Linux.Resources.Devices = append(spec.Linux.Resources.Devices,
+		specs.LinuxDeviceCgroup{Allow: true, Type: "c", Major: ptr(int64(10)), Minor: ptr(int64(200)), Access: "rwm"})
+	out, errOut, status := v.output(t, "tun", spec)
+	if status != 0 || out != "bits 32\ntun kilntun0\n" {
+		t.Errorf("stdout %q (stderr %q, status %d), want a 32-bit program that made kilntun0", out, errOut, status)
+	}
+}
