@@ -93,7 +93,7 @@ func TestKilnDetachedLifecycle(t *testing.T) {
 				pid = f[1]
 			}
 		}
-		k.ctr(t, "tasks", "exec", "--detach", "--exec-id", "e2", id, "sleep", "30")
+		k.ctr(t, "tasks", "exec", "--detach", "--exec-id", "e2", id, "sleep", "600")
 		out := k.ctr(t, "tasks", "ps", id)
 		lines := strings.Split(strings.TrimSpace(out), "\n")[1:]
 		if len(lines) != 2 || !strings.Contains(lines[1], "e2") {
@@ -104,7 +104,8 @@ func TestKilnDetachedLifecycle(t *testing.T) {
 				t.Errorf("ctr task ps lists %q, want the task's pid %s", line, pid)
 			}
 		}
-		k.ctr(t, "tasks", "kill", "--exec-id", "e2", "--signal", "SIGKILL", id)
+		// Ended for the subtests after it; the container's removal takes it with it in any case.
+		_, _, _ = k.ctrCode(t, nil, "tasks", "kill", "--exec-id", "e2", "--signal", "SIGKILL", id)
 	})
 	t.Run("metrics", func(t *testing.T) {
 		out := k.ctr(t, "tasks", "metrics", id)

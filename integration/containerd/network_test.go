@@ -403,60 +403,65 @@ CNI_COMMAND=$cmd CNI_CONTAINERID=` + id + ` CNI_NETNS=/proc/$pid/ns/net CNI_IFNA
 // stand-in) in the pod's network namespace whose root is the container's root file system, as clients read it:
 // nerdctl cp through /proc/<pid>/root, cAdvisor's /proc/<pid>/net/dev, nerdctl inspect's /proc/<pid>/ns/net.
 // The guest's pids named unrelated host processes (kernel threads, in the host's namespaces). `ctr task ps`
-// lists that pid only. A namespace path naming the host's own is refused as host networking.
+// lists that pid only. So for a VM booted for the task and for one a spare booted before it knew its network (and
+// whose warm-up container had a stand-in). A namespace path naming the host's own is refused as host networking.
 func TestKilnTaskPidIsTheHosts(t *testing.T) {
 	k := startKiln(t)
-	n := newCNINet(t, "kilnnet-5a1d", "10.231.14.0/24")
-	const id = "kiln-pid"
-	k.runDetached(t, id, []string{"--with-ns", "network:" + n.Path}, "sleep", "3600")
-	k.waitStatus(t, id, "RUNNING")
-	var pid string
-	for _, line := range strings.Split(k.ctr(t, "tasks", "ls"), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
-			pid = f[1]
+	check := func(id string, n *cniNet) {
+		t.Helper()
+		k.runDetached(t, id, []string{"--with-ns", "network:" + n.Path}, "sleep", "3600")
+		k.waitStatus(t, id, "RUNNING")
+		var pid string
+		for _, line := range strings.Split(k.ctr(t, "tasks", "ls"), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
+				pid = f[1]
+			}
+		}
+		proc := "/proc/" + pid
+		ino := func(path string) uint64 {
+			var st syscall.Stat_t
+			if err := syscall.Stat(path, &st); err != nil {
+				t.Fatalf("task pid %q: %v", pid, err)
+			}
+			return st.Ino
+		}
+		if ino(proc+"/ns/net") != ino(n.Path) {
+			t.Errorf("%s: %s/ns/net is not the pod's network namespace %s", id, proc, n.Path)
+		}
+		if dev, err := os.ReadFile(proc + "/net/dev"); err != nil || !strings.Contains(string(dev), "eth0") {
+			t.Errorf("%s: %s/net/dev: %v\n%s", id, proc, err, dev)
+		}
+		k.ctr(t, "tasks", "exec", "--exec-id", "mark", id, "sh", "-c", "echo from-guest > /kiln-pid-marker")
+		if got, err := os.ReadFile(proc + "/root/kiln-pid-marker"); err != nil || string(got) != "from-guest\n" {
+			t.Errorf("%s: %s/root/kiln-pid-marker: %q, %v; want the guest's file", id, proc, got, err)
+		}
+		if err := os.WriteFile(proc+"/root/kiln-from-host", []byte("from-host\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			out, _, _ := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "read", id, "cat", "/kiln-from-host")
+			if out == "from-host\n" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the guest does not see a file written through %s/root: %q", id, proc, out)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		for _, line := range strings.Split(strings.TrimSpace(k.ctr(t, "tasks", "ps", id)), "\n")[1:] {
+			if f := strings.Fields(line); len(f) == 0 || f[0] != pid {
+				t.Errorf("%s: ctr task ps lists %q, want only the task's pid %s", id, line, pid)
+			}
+		}
+		k.remove(t, id)
+		if _, err := os.Stat(proc + "/root/kiln-pid-marker"); err == nil {
+			t.Errorf("%s: %s still leads into the container after its removal", id, proc)
 		}
 	}
-	proc := "/proc/" + pid
-	ino := func(path string) uint64 {
-		var st syscall.Stat_t
-		if err := syscall.Stat(path, &st); err != nil {
-			t.Fatalf("task pid %q: %v", pid, err)
-		}
-		return st.Ino
-	}
-	if ino(proc+"/ns/net") != ino(n.Path) {
-		t.Errorf("%s/ns/net is not the pod's network namespace %s", proc, n.Path)
-	}
-	if dev, err := os.ReadFile(proc + "/net/dev"); err != nil || !strings.Contains(string(dev), "eth0") {
-		t.Errorf("%s/net/dev: %v\n%s", proc, err, dev)
-	}
-	k.ctr(t, "tasks", "exec", "--exec-id", "mark", id, "sh", "-c", "echo from-guest > /kiln-pid-marker")
-	if got, err := os.ReadFile(proc + "/root/kiln-pid-marker"); err != nil || string(got) != "from-guest\n" {
-		t.Errorf("%s/root/kiln-pid-marker: %q, %v; want the guest's file", proc, got, err)
-	}
-	if err := os.WriteFile(proc+"/root/kiln-from-host", []byte("from-host\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		out, _, _ := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "read", id, "cat", "/kiln-from-host")
-		if out == "from-host\n" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the guest does not see a file written through %s/root: %q", proc, out)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	for _, line := range strings.Split(strings.TrimSpace(k.ctr(t, "tasks", "ps", id)), "\n")[1:] {
-		if f := strings.Fields(line); len(f) == 0 || f[0] != pid {
-			t.Errorf("ctr task ps lists %q, want only the task's pid %s", line, pid)
-		}
-	}
-	k.remove(t, id)
-	if _, err := os.Stat(proc + "/root/kiln-pid-marker"); err == nil {
-		t.Errorf("%s still leads into the container after its removal", proc)
-	}
+	check("kiln-pid", newCNINet(t, "kilnnet-5a1d", "10.231.14.0/24"))
+	k.readySpare(t, "kiln-pid-first")
+	check("kiln-pid-spare", newCNINet(t, "kilnnet-5a1e", "10.231.17.0/24"))
 
 	args := append([]string{"run", "--rm", "--with-ns", fmt.Sprintf("network:/proc/%d/ns/net", k.d.Pid())}, KilnRunArgs(k.cfg)...)
 	_, errOut, code := k.ctrCode(t, nil, append(args, BusyboxRef, "kiln-pid-host", "true")...)

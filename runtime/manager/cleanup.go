@@ -35,7 +35,7 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 	if err := rec.Validate(); err != nil {
 		return fmt.Errorf("%w: task record: %v", errdefs.ErrInvalidArgument, err)
 	}
-	if rec.ShimPid > 0 && rec.ShimPid != os.Getpid() && isShim(rec.ShimPid) {
+	if shimAlive(rec) {
 		return fmt.Errorf("%w: shim %d of sandbox %s is running", errdefs.ErrFailedPrecondition, rec.ShimPid, rec.VMID)
 	}
 	stateDir := filepath.Join(rec.StateDir, rec.VMID)
@@ -75,6 +75,11 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 		return fmt.Errorf("clean up sandbox %s: %w", rec.VMID, err)
 	}
 	return nil
+}
+
+// shimAlive says whether the shim that wrote rec still runs (and is not this process).
+func shimAlive(rec task.Record) bool {
+	return rec.ShimPid > 0 && rec.ShimPid != os.Getpid() && isShim(rec.ShimPid)
 }
 
 // isShim reports whether pid is a running Kiln shim (and not a process that reused a dead shim's pid).

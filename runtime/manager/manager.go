@@ -227,22 +227,27 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	}
 	status.Pid = int(rec.Pid)
 	l := log.G(ctx).WithFields(log.Fields{"container": id, "sandbox": rec.VMID})
-	if err := Cleanup(ctx, rec); err != nil {
-		if errdefs.IsFailedPrecondition(err) {
-			l.WithError(err).Info("shim still running; leaving its VM to it")
-			return status, nil
-		}
-		return status, err
+	if shimAlive(rec) {
+		l.WithField("shim", rec.ShimPid).Info("shim still running; leaving its VM to it")
+		return status, nil
 	}
 	// The shim died with the container, before its poststop hooks ran (nerdctl's CNI DEL, which releases the
-	// address its ADD leased): they run now, as runc's delete runs them. The pid is left out: the stand-in's
-	// went with the shim and may be another process's by now.
+	// address its ADD leased): they run now, as runc's delete runs them, and first, whatever the cleanup below
+	// meets, since containerd gives this command 5 s. The pid is left out: the stand-in's went with the shim and
+	// may be another process's by now.
 	if b, err := bundle.Load(cwd); err != nil {
 		l.WithError(err).Warn("load the bundle for its poststop hooks")
 	} else if hooks.Any(b.Spec) {
 		if err := hooks.Poststop(ctx, b.Spec, hooks.State{ID: id, Bundle: cwd, Annotations: b.Spec.Annotations}); err != nil {
 			l.WithError(err).Warn("poststop hook failed")
 		}
+	}
+	if err := Cleanup(ctx, rec); err != nil {
+		if errdefs.IsFailedPrecondition(err) {
+			l.WithError(err).Info("shim still running; leaving its VM to it")
+			return status, nil
+		}
+		return status, err
 	}
 	if err := task.RemoveRecord(cwd); err != nil {
 		l.WithError(err).Warn("remove task record")

@@ -38,6 +38,9 @@ type hostNetwork struct {
 	path     string
 	mirror   *network.Mirror
 	hooksRun string
+	// ns is the namespace at path, opened as the mirror read it: the containers' stand-ins join it by descriptor,
+	// so that a path naming another namespace later (a holder's pid reused) or none changes nothing.
+	ns       *os.File
 	holderMu sync.Mutex
 	holder   *network.Holder
 	// forwardPath is the host network namespace the first spec named, where containerd's port forwarding dials.
@@ -105,7 +108,7 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 			return nil, err
 		}
 		if err := checkNotStandIn(src.Path); err != nil {
-			return nil, fmt.Errorf("container %s: %w", first.ID, err)
+			return nil, Refuse(fmt.Errorf("container %s: %w", first.ID, err))
 		}
 		n.path = src.Path
 		// Only a namespace the spec names is one containerd's port forwarding enters.
@@ -137,6 +140,13 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 	// is killed: its path names the holder's pid, which a later process may have by the time `delete` reads it.
 	record := filepath.Join(p.ShareDir(), MirrorFile)
 	keep := !n.holderMade()
+	if n.ns == nil {
+		f, err := os.Open(n.path)
+		if err != nil {
+			return nil, fmt.Errorf("container %s: open network namespace: %w", first.ID, err)
+		}
+		n.ns = f
+	}
 	if n.mirror == nil {
 		// Named before the first tap, so that a shim killed while it mirrors leaves what to undo.
 		if keep {
@@ -235,7 +245,7 @@ func (p *Pod) checkJoin(id string, spec *specs.Spec) error {
 	if pid, ok := procNSPid(src.Path, "net"); ok && p.isContainerPid(uint32(pid)) {
 		return nil
 	}
-	return fmt.Errorf("%w: container %s: network namespace %s is not its pod's: containers of a Kiln pod share the network of the pod's VM (name the pod's namespace, or /proc/<pid of a container of the pod>/ns/net)", errdefs.ErrInvalidArgument, id, src.Path)
+	return Refuse(fmt.Errorf("%w: container %s: network namespace %s is not its pod's: containers of a Kiln pod share the network of the pod's VM (name the pod's namespace, or /proc/<pid of a container of the pod>/ns/net)", errdefs.ErrInvalidArgument, id, src.Path))
 }
 
 // hookState is the state a container's hooks get: the pid is the namespace holder's, a host process in the
@@ -282,6 +292,9 @@ func (n *hostNetwork) close() error {
 	if n.mirror != nil {
 		err = n.mirror.Close()
 	}
+	if n.ns != nil {
+		_ = n.ns.Close()
+	}
 	n.holderMu.Lock()
 	if n.holder != nil {
 		n.holder.Close()
@@ -290,21 +303,32 @@ func (n *hostNetwork) close() error {
 	return err
 }
 
-// checkNotStandIn refuses, for a pod's first container, a network namespace named by a thread's pid: another
-// Kiln container's, whose pid is its stand-in's (`nerdctl run --network container:<a Kiln container>`). Two VMs
-// cannot share one network stack, and a stand-in's namespace is the host's again once its container is gone.
+// checkNotStandIn refuses, for a pod's first container, a network namespace named by a thread's task id:
+// another Kiln container's, whose pid is its stand-in's (`nerdctl run --network container:<a Kiln container>`).
+// Two VMs cannot share one network stack, and a stand-in's namespace is the host's again once its container is
+// gone. Any thread's is refused: a namespace of a process is named by its pid.
 func checkNotStandIn(path string) error {
-	pid, ok := procNSPid(path, "net")
+	tid, ok := procNSPid(path, "net")
 	if !ok {
-		return nil
+		// /proc/<pid>/task/<tid>/ns/net
+		rest, found := strings.CutPrefix(path, "/proc/")
+		parts := strings.Split(rest, "/")
+		if !found || len(parts) != 5 || parts[1] != "task" || parts[3] != "ns" || parts[4] != "net" {
+			return nil
+		}
+		n, err := strconv.Atoi(parts[2])
+		if err != nil {
+			return nil
+		}
+		tid = n
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", tid))
 	if err != nil {
 		return nil // gone: mirroring it fails, naming it
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if tgid, ok := strings.CutPrefix(line, "Tgid:"); ok && strings.TrimSpace(tgid) != strconv.Itoa(pid) {
-			return fmt.Errorf("%w: network namespace %s is a thread's, another Kiln container's (its pid is a thread of its shim): containers in different Kiln VMs cannot share a network namespace; run them in one pod, or give this one a namespace of its own",
+		if tgid, ok := strings.CutPrefix(line, "Tgid:"); ok && strings.TrimSpace(tgid) != strconv.Itoa(tid) {
+			return fmt.Errorf("%w: network namespace %s is a thread's, such as another Kiln container's (its pid is a thread of its shim): containers in different Kiln VMs cannot share a network namespace; run them in one pod, or give this one a namespace of its own",
 				errdefs.ErrInvalidArgument, path)
 		}
 	}

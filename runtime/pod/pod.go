@@ -122,11 +122,11 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	if o.First != nil {
 		// Checked before anything boots; CreateContainer would refuse it only once the VM is up.
 		if err := share.CheckID(o.First.ID); err != nil {
-			return nil, fmt.Errorf("boot pod %s: %w: %v", o.ID, errdefs.ErrInvalidArgument, err)
+			return nil, Refuse(fmt.Errorf("boot pod %s: %w: %v", o.ID, errdefs.ErrInvalidArgument, err))
 		}
 		sized, err := Size(o.Config, o.First)
 		if err != nil {
-			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+			return nil, Refuse(fmt.Errorf("boot pod %s: %w", o.ID, err))
 		}
 		o.Config = sized
 	}
@@ -395,7 +395,7 @@ type ContainerOptions struct {
 // guest, its init process waiting to be started. On error the share holds nothing of it.
 func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *container.Container, retErr error) {
 	if err := share.CheckID(o.ID); err != nil {
-		return nil, fmt.Errorf("create container: %w: %v", errdefs.ErrInvalidArgument, err)
+		return nil, Refuse(fmt.Errorf("create container: %w: %v", errdefs.ErrInvalidArgument, err))
 	}
 	b := o.Bundle
 	if err := p.prepareContainer(ctx, o.ID, b); err != nil {
@@ -559,11 +559,11 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 // FailedCreate runs the poststop hooks of container id, whose create failed with err in p (nil when the pod's
 // boot for it failed), as runc's destroy runs them for a container whose create got past its spec's checks: a
 // hook that undoes what a create hook did (nerdctl's CNI DEL releasing the address its ADD leased) then runs
-// whether or not the create hooks ran (CNI's DEL accepts that). A spec Kiln refused (InvalidArgument,
-// NotImplemented) or an id in use never got that far. Run before the pod stops, so that a namespace holder
-// is still there for the hooks.
+// whether or not the create hooks ran (CNI's DEL accepts that). A container refused before its create hooks
+// could run (Refused: its spec, id or configuration) gets none. Run before the pod stops, so that a namespace
+// holder is still there for the hooks.
 func FailedCreate(ctx context.Context, p *Pod, id string, b *bundle.Bundle, err error) error {
-	if b == nil || !hooks.Any(b.Spec) || errdefs.IsInvalidArgument(err) || errdefs.IsNotImplemented(err) || errdefs.IsAlreadyExists(err) {
+	if b == nil || !hooks.Any(b.Spec) || Refused(err) {
 		return nil
 	}
 	st := hooks.State{ID: id, Bundle: b.Dir, Annotations: b.Spec.Annotations}

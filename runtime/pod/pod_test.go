@@ -2,6 +2,7 @@ package pod
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -88,6 +89,35 @@ func TestIsSandbox(t *testing.T) {
 	for id, want := range map[string]bool{"pause": true, "web": false, "standalone": false, "unknown": false} {
 		if got := p.IsSandbox(id); got != want {
 			t.Errorf("IsSandbox(%q) = %v, want %v", id, got, want)
+		}
+	}
+}
+
+// A failed create runs the poststop hooks unless the container was refused before its create hooks could run,
+// whatever the error's class: an InvalidArgument from the guest comes after them.
+func TestFailedCreateRunsPoststop(t *testing.T) {
+	dir := t.TempDir()
+	hook := dir + "/hook"
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\necho ran >> "+dir+"/runs\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b := &bundle.Bundle{Dir: dir, Spec: &specs.Spec{Hooks: &specs.Hooks{Poststop: []specs.Hook{{Path: hook}}}}}
+	ctx := context.Background()
+	for _, c := range []struct {
+		err  error
+		runs string
+	}{
+		{Refuse(fmt.Errorf("wrapped: %w", errdefs.ErrInvalidArgument)), ""},
+		{fmt.Errorf("create task: %w", Refuse(errdefs.ErrNotImplemented)), ""},
+		{fmt.Errorf("the guest: %w", errdefs.ErrInvalidArgument), "ran\n"},
+		{errors.New("the VM did not boot"), "ran\nran\n"},
+	} {
+		if err := FailedCreate(ctx, nil, "c1", b, c.err); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := os.ReadFile(dir + "/runs")
+		if string(got) != c.runs {
+			t.Errorf("after %v: hooks ran %q, want %q", c.err, got, c.runs)
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package pod
 
 import (
+	"errors"
 	"fmt"
 	"path"
 	"path/filepath"
@@ -24,6 +25,31 @@ import (
 // task's first container is checked before a spare is taken or started for it: a spec refused anyway would
 // spend a warm VM.
 func CheckSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, error) {
+	src, err := checkSpec(cfg, id, spec)
+	return src, Refuse(err)
+}
+
+// refusal is an error that refused a container before any of its create hooks could run: its spec, its id,
+// its configuration. FailedCreate runs no poststop hook after one, as runc runs none for a spec it refuses.
+type refusal struct{ error }
+
+func (r refusal) Unwrap() error { return r.error }
+
+// Refuse marks err, when not nil, as refusing a container before its create hooks could run.
+func Refuse(err error) error {
+	if err == nil {
+		return nil
+	}
+	return refusal{err}
+}
+
+// Refused says whether err refused a container before its create hooks could run (Refuse).
+func Refused(err error) bool {
+	var r refusal
+	return errors.As(err, &r)
+}
+
+func checkSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, error) {
 	if err := hooks.Check(spec); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/containerd/errdefs"
 
@@ -15,15 +16,15 @@ import (
 // them.
 type standIns struct {
 	threads *standin.Pool
-	// netns is the pod's network namespace, opened once for every stand-in to join: the one the pod mirrors, or
-	// an empty one of the pod's own, which its first stand-in made. Held by descriptor, so that a path that
-	// later names another namespace (a holder's pid reused) or none (`ip netns del`) changes nothing.
-	netns *os.File
-	byID  map[string]*standin.Thread
+	// own is the pod's network namespace when it mirrors none (its spec asked for a new one that no hook
+	// configured): an empty one its first stand-in made, which the others join, let go once the last one ends
+	// (a spare's warm-up container has one before the pod it serves has a network).
+	own  *os.File
+	byID map[string]*standin.Thread
 }
 
-// startStandIn starts container id's stand-in with root as its root directory, and keeps it, so that Close ends
-// it even while the container's create goes on.
+// startStandIn starts container id's stand-in with root as its root directory, in the pod's network namespace,
+// and keeps it, so that Close ends it even while the container's create goes on.
 func (p *Pod) startStandIn(id, root string) (*standin.Thread, error) {
 	p.bundlesMu.Lock()
 	defer p.bundlesMu.Unlock()
@@ -31,24 +32,21 @@ func (p *Pod) startStandIn(id, root string) (*standin.Thread, error) {
 	if p.isClosing() {
 		return nil, fmt.Errorf("start the stand-in of container %s: the pod is stopping", id)
 	}
-	if s.netns == nil && p.net.path != "" {
-		f, err := os.Open(p.net.path)
-		if err != nil {
-			return nil, fmt.Errorf("start the stand-in of container %s: open the pod's network namespace: %w", id, err)
-		}
-		s.netns = f
+	ns := p.net.ns
+	if ns == nil {
+		ns = s.own
 	}
-	t, err := s.threads.Start(root, s.netns)
+	t, err := s.threads.Start(root, ns)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
-	if s.netns == nil {
+	if ns == nil {
 		f, err := t.NetNS()
 		if err != nil {
 			_ = t.Close()
 			return nil, fmt.Errorf("start the stand-in of container %s: open its network namespace: %w", id, err)
 		}
-		s.netns = f
+		s.own = f
 	}
 	s.byID[id] = t
 	return t, nil
@@ -60,6 +58,10 @@ func (p *Pod) endStandIn(id string) error {
 	p.bundlesMu.Lock()
 	t := p.standIns.byID[id]
 	delete(p.standIns.byID, id)
+	if len(p.standIns.byID) == 0 && p.standIns.own != nil {
+		_ = p.standIns.own.Close()
+		p.standIns.own = nil
+	}
 	p.bundlesMu.Unlock()
 	if t == nil {
 		return nil
@@ -76,33 +78,39 @@ func (p *Pod) endStandIns() error {
 		errs = append(errs, t.Close())
 		delete(p.standIns.byID, id)
 	}
-	if p.standIns.netns != nil {
-		_ = p.standIns.netns.Close()
-		p.standIns.netns = nil
+	if p.standIns.own != nil {
+		_ = p.standIns.own.Close()
+		p.standIns.own = nil
 	}
 	return errors.Join(errs...)
 }
 
-// CheckLateNetwork refuses to start container id when the pod's network namespace is its own (its spec asked
-// for a new one and no hook configured it) and has been given interfaces since the VM read it: `ctr run --cni`
-// runs CNI on /proc/<task pid>/ns/net between the create and the start, and the guest would run without that
-// network, saying nothing.
+// CheckLateNetwork refuses to start container id once the pod's network namespace has interfaces the VM did
+// not get: `ctr run --cni` runs CNI on /proc/<task pid>/ns/net between the create and the start, after the VM
+// read the namespace, and the guest would run without that network, saying nothing.
 func (p *Pod) CheckLateNetwork(id string) error {
-	if p.net.path != "" {
-		return nil
-	}
 	p.bundlesMu.Lock()
 	defer p.bundlesMu.Unlock()
-	if p.standIns.netns == nil {
+	ns := p.net.ns
+	if ns == nil {
+		ns = p.standIns.own
+	}
+	if ns == nil {
 		return nil
 	}
-	names, err := network.Interfaces(p.standIns.netns)
+	names, err := network.Interfaces(ns)
 	if err != nil {
 		return fmt.Errorf("container %s: %w", id, err)
 	}
-	if len(names) > 0 {
+	var late []string
+	for _, name := range names {
+		if p.net.mirror == nil || !slices.ContainsFunc(p.net.mirror.Interfaces, func(i network.Interface) bool { return i.Name == name }) {
+			late = append(late, name)
+		}
+	}
+	if len(late) > 0 {
 		return fmt.Errorf("%w: container %s: interfaces %v were added to its network namespace after its create (as `ctr run --cni` does): a Kiln VM gets the interfaces its namespace has when the pod's first container is created; configure them in a createRuntime hook (as nerdctl does), or name a namespace configured beforehand (ctr run --with-ns network:<path>)",
-			errdefs.ErrFailedPrecondition, id, names)
+			errdefs.ErrFailedPrecondition, id, late)
 	}
 	return nil
 }

@@ -18,7 +18,6 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
 	"github.com/containerd/errdefs"
-	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
@@ -187,11 +186,11 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	}
 	path, err := ConfigPath(opts)
 	if err != nil {
-		return nil, err
+		return nil, pod.Refuse(err)
 	}
 	cfg, err := s.loadConfig(path)
 	if err != nil {
-		return nil, fmt.Errorf("%w: load kiln configuration: %v", errdefs.ErrInvalidArgument, err)
+		return nil, pod.Refuse(fmt.Errorf("%w: load kiln configuration: %v", errdefs.ErrInvalidArgument, err))
 	}
 	l := log.G(s.ctx).WithField("container", id)
 	l.Logger.SetLevel(shimLogLevel(cfg, l.Logger.GetLevel()))
@@ -264,16 +263,21 @@ func ConfigPath(opts *anypb.Any) (string, error) {
 
 // Create boots the pod if this is the group's first task and adds the container to it, its init process
 // waiting to be started.
-func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
+func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*taskAPI.CreateTaskResponse, error) {
+	resp, err := s.create(ctx, r)
+	return resp, toGRPC(err)
+}
+
+func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
 	if r.Checkpoint != "" || r.ParentCheckpoint != "" {
-		return nil, toGRPC(fmt.Errorf("create task %s from a checkpoint: %w", r.ID, errdefs.ErrNotImplemented))
+		return nil, fmt.Errorf("create task %s from a checkpoint: %w", r.ID, errdefs.ErrNotImplemented)
 	}
 	if _, err := s.getContainer(r.ID); err == nil {
-		return nil, toGRPC(fmt.Errorf("create task %s: %w", r.ID, errdefs.ErrAlreadyExists))
+		return nil, fmt.Errorf("create task %s: %w", r.ID, errdefs.ErrAlreadyExists)
 	}
 	b, err := bundle.Load(r.Bundle)
 	if err != nil {
-		return nil, toGRPC(fmt.Errorf("create task %s: %w", r.ID, err))
+		return nil, fmt.Errorf("create task %s: %w", r.ID, err)
 	}
 	held := s.holdSpares(ctx)
 	s.mu.Lock()
@@ -296,18 +300,18 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		err = fmt.Errorf("create task %s: %w", r.ID, err)
 		s.failedCreate(ctx, nil, r.ID, b, err)
-		return nil, toGRPC(err)
+		return nil, err
 	}
 	defer func() {
 		if retErr != nil {
-			s.failedCreate(ctx, p, r.ID, b, errgrpc.ToNative(retErr))
+			s.failedCreate(ctx, p, r.ID, b, retErr)
 			s.stopIfIdle(ctx)
 		}
 	}()
 	spec := ioSpec{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
 	pio, err := openIO(ctx, r.ID, s.namespace, spec)
 	if err != nil {
-		return nil, toGRPC(fmt.Errorf("create task %s: %w", r.ID, err))
+		return nil, fmt.Errorf("create task %s: %w", r.ID, err)
 	}
 	rootfs := make([]pod.Mount, 0, len(r.Rootfs))
 	for _, m := range r.Rootfs {
@@ -316,7 +320,7 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: r.ID, Bundle: b, Rootfs: rootfs, IO: pio.streams, Release: pio})
 	if err != nil {
 		_ = pio.Close()
-		return nil, toGRPC(err)
+		return nil, err
 	}
 	pid := c.HostPid()
 	// The state dir clean, as Record.Validate wants it (the configuration only asks for an absolute path).
