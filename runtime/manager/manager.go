@@ -237,9 +237,13 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	// may be another process's by now.
 	if b, err := bundle.Load(cwd); err != nil {
 		l.WithError(err).Warn("load the bundle for its poststop hooks")
-	} else if hooks.Any(b.Spec) {
+	} else if hooks.Any(b.Spec) && !rec.PoststopRan {
 		if err := hooks.Poststop(ctx, b.Spec, hooks.State{ID: id, Bundle: cwd, Annotations: b.Spec.Annotations}); err != nil {
 			l.WithError(err).Warn("poststop hook failed")
+		}
+		rec.PoststopRan = true
+		if err := task.WriteRecord(cwd, rec); err != nil {
+			l.WithError(err).Warn("record that the poststop hooks ran")
 		}
 	}
 	if err := Cleanup(ctx, rec); err != nil {

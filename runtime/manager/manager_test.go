@@ -2,6 +2,7 @@ package manager
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	specfeatures "github.com/opencontainers/runtime-spec/specs-go/features"
 
 	"github.com/kiln-runtime/kiln/runtime/bundle"
@@ -237,6 +239,42 @@ func startStandIn(t *testing.T, args ...string) *exec.Cmd {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
 			t.Fatalf("the stand-in's command line is %q, want it to name %q", b, want)
+		}
+	}
+}
+
+// The `delete` after a shim died runs the container's poststop hooks before its cleanup, and once: a later
+// `delete`, after a cleanup that failed, does not run them again.
+func TestStopRunsPoststopOnce(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.Mkdir(filepath.Join(dir, "rootfs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hook := filepath.Join(dir, "hook")
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\necho ran >> "+dir+"/runs\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	spec := specs.Spec{Process: &specs.Process{Args: []string{"true"}}, Root: &specs.Root{Path: "rootfs"},
+		Hooks: &specs.Hooks{Poststop: []specs.Hook{{Path: hook}}}}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A record whose cleanup fails (it names no VM of Kiln's form), as one that outlived a failed `delete`.
+	if err := task.WriteRecord(dir, task.Record{VMID: "not-a-vm", StateDir: t.TempDir()}); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(dir)
+	ctx := namespaces.WithNamespace(context.Background(), "default")
+	for i := 0; i < 2; i++ {
+		if _, err := New("test").Stop(ctx, "c1"); err == nil {
+			t.Fatalf("delete %d: the cleanup of a record naming no VM succeeded", i)
+		}
+		if got, _ := os.ReadFile(filepath.Join(dir, "runs")); string(got) != "ran\n" {
+			t.Errorf("after delete %d the poststop hook ran %q, want once", i, got)
 		}
 	}
 }

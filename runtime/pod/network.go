@@ -283,6 +283,14 @@ func (p *Pod) closeNetwork() error {
 		// Closed already by Close, before the guest stopped; this covers a failed boot.
 		_ = p.forward.Close()
 	}
+	// Under bundlesMu, which startStandIn and CheckLateNetwork hold while they use the descriptor.
+	p.bundlesMu.Lock()
+	ns := p.net.ns
+	p.net.ns = nil
+	p.bundlesMu.Unlock()
+	if ns != nil {
+		_ = ns.Close()
+	}
 	return p.net.close()
 }
 
@@ -294,6 +302,7 @@ func (n *hostNetwork) close() error {
 	}
 	if n.ns != nil {
 		_ = n.ns.Close()
+		n.ns = nil
 	}
 	n.holderMu.Lock()
 	if n.holder != nil {
@@ -308,6 +317,7 @@ func (n *hostNetwork) close() error {
 // Two VMs cannot share one network stack, and a stand-in's namespace is the host's again once its container is
 // gone. Any thread's is refused: a namespace of a process is named by its pid.
 func checkNotStandIn(path string) error {
+	path = filepath.Clean(path)
 	tid, ok := procNSPid(path, "net")
 	if !ok {
 		// /proc/<pid>/task/<tid>/ns/net

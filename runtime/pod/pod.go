@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -91,6 +92,9 @@ type Pod struct {
 	// rlimits are the resource limits the pod's processes get for those their spec does not name (the shim's,
 	// as runc's inherit them; rlimit.Inherited).
 	rlimits []specs.POSIXRlimit
+
+	// started is set once a container of the pod has started (Started).
+	started atomic.Bool
 
 	// closing is closed when Close begins: the VM's end is then expected.
 	closing   chan struct{}
@@ -188,7 +192,7 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 	}
 	qcfg, err := qemu.ConfigFrom(o.Config, o.ID, log)
 	if err != nil {
-		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		return nil, Refuse(fmt.Errorf("boot pod %s: %w", o.ID, err))
 	}
 	qcfg.SharedDir = sh.ExportDir()
 	qcfg.Background, qcfg.Hold = o.Background, o.Hold
@@ -482,7 +486,7 @@ func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle)
 	}
 	if b.Spec.Linux != nil {
 		if err := p.Fits(id, b.Spec.Linux.Resources); err != nil {
-			return err
+			return Refuse(err)
 		}
 	}
 	if !hooks.Any(b.Spec) {
@@ -500,6 +504,7 @@ func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle)
 // Started runs a container's poststart hooks once its init process runs. A failing hook is logged, as the
 // runtime spec asks, and does not stop the container.
 func (p *Pod) Started(ctx context.Context, c *container.Container) {
+	p.started.Store(true)
 	b := p.bundleOf(c.ID())
 	if b == nil || !hooks.Any(b.Spec) {
 		return
@@ -598,13 +603,13 @@ func (p *Pod) Close(ctx context.Context) error {
 		}
 	}
 	vmStopped := time.Now()
+	if err := p.endStandIns(); err != nil {
+		errs = append(errs, err)
+	}
 	if err := p.closeNetwork(); err != nil {
 		errs = append(errs, err)
 	}
 	netClosed := time.Now()
-	if err := p.endStandIns(); err != nil {
-		errs = append(errs, err)
-	}
 	if err := p.share.Close(); err != nil {
 		errs = append(errs, err)
 	}

@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"github.com/containerd/errdefs"
+	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/runtime/network"
 	"github.com/kiln-runtime/kiln/runtime/standin"
@@ -85,9 +86,11 @@ func (p *Pod) endStandIns() error {
 	return errors.Join(errs...)
 }
 
-// CheckLateNetwork refuses to start container id once the pod's network namespace has interfaces the VM did
-// not get: `ctr run --cni` runs CNI on /proc/<task pid>/ns/net between the create and the start, after the VM
-// read the namespace, and the guest would run without that network, saying nothing.
+// CheckLateNetwork refuses to start container id when the pod's network namespace has interfaces the VM did
+// not get and no container of the pod has started yet: `ctr run --cni` runs CNI on /proc/<task pid>/ns/net
+// between the create and the start, after the VM read the namespace, and the guest would run without that
+// network, saying nothing. Once the pod runs, such an interface (a controller adding networks to a running pod)
+// is logged instead: refusing would keep every later start and restart of the pod's containers from running.
 func (p *Pod) CheckLateNetwork(id string) error {
 	p.bundlesMu.Lock()
 	defer p.bundlesMu.Unlock()
@@ -95,12 +98,13 @@ func (p *Pod) CheckLateNetwork(id string) error {
 	if ns == nil {
 		ns = p.standIns.own
 	}
-	if ns == nil {
+	if ns == nil || p.isClosing() {
 		return nil
 	}
 	names, err := network.Interfaces(ns)
 	if err != nil {
-		return fmt.Errorf("container %s: %w", id, err)
+		p.log.WithError(err).WithField("container", id).Warn("could not check the pod's network namespace for interfaces the VM lacks")
+		return nil
 	}
 	var late []string
 	for _, name := range names {
@@ -108,9 +112,13 @@ func (p *Pod) CheckLateNetwork(id string) error {
 			late = append(late, name)
 		}
 	}
-	if len(late) > 0 {
-		return fmt.Errorf("%w: container %s: interfaces %v were added to its network namespace after its create (as `ctr run --cni` does): a Kiln VM gets the interfaces its namespace has when the pod's first container is created; configure them in a createRuntime hook (as nerdctl does), or name a namespace configured beforehand (ctr run --with-ns network:<path>)",
-			errdefs.ErrFailedPrecondition, id, late)
+	if len(late) == 0 {
+		return nil
 	}
-	return nil
+	if p.started.Load() {
+		p.log.WithFields(logrus.Fields{"container": id, "interfaces": late}).Warn("the pod's network namespace has interfaces its VM did not get (added after its first container was created)")
+		return nil
+	}
+	return fmt.Errorf("%w: container %s: interfaces %v were added to its network namespace after its create (as `ctr run --cni` does): a Kiln VM gets the interfaces its namespace has when the pod's first container is created; configure them in a createRuntime hook (as nerdctl does), or name a namespace configured beforehand (ctr run --with-ns network:<path>)",
+		errdefs.ErrFailedPrecondition, id, late)
 }

@@ -32,6 +32,9 @@ type Record struct {
 	Pid uint32 `json:"pid"`
 	// Cgroup is the host cgroup the shim moved the VM's processes to, removed by `delete` (see hostcgroup).
 	Cgroup string `json:"cgroup,omitempty"`
+	// PoststopRan is set by a `delete` that ran the container's poststop hooks, so that a later one whose
+	// cleanup an earlier one could not finish does not run them again.
+	PoststopRan bool `json:"poststop_ran,omitempty"`
 }
 
 // vmIDPattern is the form VMID gives a VM id.
