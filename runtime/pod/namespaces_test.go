@@ -36,6 +36,7 @@ func TestGuestNamespaces(t *testing.T) {
 		{"CRI's app container",
 			[]specs.LinuxNamespace{ns(specs.PIDNamespace, "/proc/4242/ns/pid"), ns(specs.IPCNamespace, "/proc/4242/ns/ipc"), ns(specs.UTSNamespace, "/proc/4242/ns/uts"), ns(specs.NetworkNamespace, "/proc/4242/ns/net"), ns(specs.UserNamespace, "/proc/4242/ns/user"), ns(specs.MountNamespace, "")},
 			[]specs.LinuxNamespace{ns(specs.PIDNamespace, "/proc/7/ns/pid"), ns(specs.IPCNamespace, "/proc/7/ns/ipc"), ns(specs.UTSNamespace, "/proc/7/ns/uts"), ns(specs.NetworkNamespace, "/proc/4242/ns/net"), ns(specs.UserNamespace, "/proc/7/ns/user"), ns(specs.MountNamespace, "")}, ""},
+		{"a task path", []specs.LinuxNamespace{ns(specs.IPCNamespace, "/proc/4241/task/4242/ns/ipc")}, []specs.LinuxNamespace{ns(specs.IPCNamespace, "/proc/7/ns/ipc")}, ""},
 		{"a host process's", []specs.LinuxNamespace{ns(specs.IPCNamespace, "/proc/1/ns/ipc")}, nil, "ipc namespace /proc/1/ns/ipc"},
 		{"a guest pid", []specs.LinuxNamespace{ns(specs.PIDNamespace, "/proc/7/ns/pid")}, nil, "pid namespace /proc/7/ns/pid"},
 		{"the network's", []specs.LinuxNamespace{ns(specs.NetworkNamespace, "/proc/1/ns/net")}, nil, ""},
@@ -69,7 +70,7 @@ func TestGuestNamespaces(t *testing.T) {
 }
 
 // A first container's network namespace named by a thread's pid (another Kiln container's stand-in) is refused;
-// a process's, or a path that is not /proc/<pid>/ns/net, passes.
+// a process's, or a path that is not /proc/<pid>[/task/<tid>]/ns/net, passes.
 func TestCheckNotStandIn(t *testing.T) {
 	pool, err := standin.NewPool()
 	if err != nil {
@@ -83,9 +84,14 @@ func TestCheckNotStandIn(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	thread := fmt.Sprintf("/proc/%d/ns/net", s.Pid())
-	if err := checkNotStandIn(thread); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "another Kiln container's") {
-		t.Errorf("%s: %v, want InvalidArgument naming another Kiln container", thread, err)
+	for _, thread := range []string{
+		fmt.Sprintf("/proc/%d/ns/net", s.Pid()),
+		fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), s.Pid()),
+		fmt.Sprintf("/proc/%d/task/%d/./ns//net", os.Getpid(), s.Pid()),
+	} {
+		if err := checkNotStandIn(thread); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "another Kiln container's") {
+			t.Errorf("%s: %v, want InvalidArgument naming another Kiln container", thread, err)
+		}
 	}
 	for _, ok := range []string{fmt.Sprintf("/proc/%d/ns/net", os.Getpid()), "/var/run/netns/cni-1", "/proc/self/ns/net"} {
 		if err := checkNotStandIn(ok); err != nil {

@@ -317,20 +317,9 @@ func (n *hostNetwork) close() error {
 // Two VMs cannot share one network stack, and a stand-in's namespace is the host's again once its container is
 // gone. Any thread's is refused: a namespace of a process is named by its pid.
 func checkNotStandIn(path string) error {
-	path = filepath.Clean(path)
 	tid, ok := procNSPid(path, "net")
 	if !ok {
-		// /proc/<pid>/task/<tid>/ns/net
-		rest, found := strings.CutPrefix(path, "/proc/")
-		parts := strings.Split(rest, "/")
-		if !found || len(parts) != 5 || parts[1] != "task" || parts[3] != "ns" || parts[4] != "net" {
-			return nil
-		}
-		n, err := strconv.Atoi(parts[2])
-		if err != nil {
-			return nil
-		}
-		tid = n
+		return nil
 	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", tid))
 	if err != nil {

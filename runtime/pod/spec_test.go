@@ -93,6 +93,8 @@ func TestCheckIsolation(t *testing.T) {
 func TestProcNSPid(t *testing.T) {
 	for path, want := range map[string]int{
 		"/proc/42/ns/net": 42, "/proc/0/ns/net": 0, "/proc/x/ns/net": 0, "/var/run/netns/a": 0, "/proc/42/ns/ipc": 0,
+		"/proc/42/task/43/ns/net": 43, "/proc//42/./ns/net": 42, "/proc/x/task/43/ns/net": 0, "/proc/42/task/x/ns/net": 0,
+		"/proc/42/ns/net/x": 0, "/proc/42/task/43/ns/ipc": 0, "/proc/42/tasks/43/ns/net": 0,
 	} {
 		got, ok := procNSPid(path, "net")
 		if got != want && ok || ok != (want > 0) {

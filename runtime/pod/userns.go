@@ -3,6 +3,7 @@ package pod
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -94,22 +95,31 @@ func checkUserNamespace(path string) error {
 	return nil
 }
 
-// procNSPid reads the pid of a /proc/<pid>/ns/<file> path.
+// procNSPid reads the pid of a /proc/<pid>/ns/<file> or /proc/<pid>/task/<tid>/ns/<file> path: the task whose
+// namespace it names.
 func procNSPid(path, file string) (int, bool) {
 	pid, f, ok := procNSPath(path)
 	return pid, ok && f == file
 }
 
-// procNSPath splits a /proc/<pid>/ns/<file> path.
+// procNSPath splits a /proc/<pid>/ns/<file> or /proc/<pid>/task/<tid>/ns/<file> path, cleaned, into the task
+// whose namespace it names (the tid for the second form) and the namespace file.
 func procNSPath(path string) (pid int, file string, ok bool) {
-	rest, ok := strings.CutPrefix(path, "/proc/")
+	rest, ok := strings.CutPrefix(filepath.Clean(path), "/proc/")
 	if !ok {
 		return 0, "", false
 	}
-	s, file, ok := strings.Cut(rest, "/ns/")
-	if !ok || file == "" || strings.Contains(file, "/") {
+	parts := strings.Split(rest, "/")
+	switch {
+	case len(parts) == 3 && parts[1] == "ns":
+	case len(parts) == 5 && parts[1] == "task" && parts[3] == "ns":
+		if _, err := strconv.Atoi(parts[0]); err != nil {
+			return 0, "", false
+		}
+		parts = parts[2:]
+	default:
 		return 0, "", false
 	}
-	pid, err := strconv.Atoi(s)
-	return pid, file, err == nil && pid > 0
+	pid, err := strconv.Atoi(parts[0])
+	return pid, parts[2], err == nil && pid > 0 && parts[2] != ""
 }
