@@ -12,6 +12,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
 	"github.com/kiln-runtime/kiln/runtime/spare"
+	"github.com/kiln-runtime/kiln/runtime/standin"
 )
 
 // Register adds the task service to containerd's shim plugin registry, where shim.Run finds it. The shim's main
@@ -34,7 +35,11 @@ func Register(version string, sp *Spare, held *spare.Held) {
 			if err != nil {
 				return nil, err
 			}
-			s, err := NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), version)
+			var threads *standin.Pool
+			if sp != nil {
+				threads = sp.threads
+			}
+			s, err := NewService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), version, threads)
 			if err != nil {
 				return nil, err
 			}

@@ -83,15 +83,17 @@ var _ taskAPI.TTRPCTaskService = (*Service)(nil)
 
 // NewService makes the task service. ctx carries the shim's namespace and logger; the pod is stopped when sd
 // shuts the shim down. version is the shim's build version, reported by Connect and compared with the guest
-// agent's.
-func NewService(ctx context.Context, publisher shim.Publisher, sd shutdown.Service, version string) (*Service, error) {
+// agent's. threads holds the stand-ins of the pods it boots: a spare shim's, whose pod's are there already, or
+// nil for a pool of its own.
+func NewService(ctx context.Context, publisher shim.Publisher, sd shutdown.Service, version string, threads *standin.Pool) (*Service, error) {
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("kiln task service: %w", err)
 	}
-	threads, err := standin.NewPool()
-	if err != nil {
-		return nil, fmt.Errorf("kiln task service: %w", err)
+	if threads == nil {
+		if threads, err = standin.NewPool(); err != nil {
+			return nil, fmt.Errorf("kiln task service: %w", err)
+		}
 	}
 	s := &Service{
 		ctx: ctx, namespace: ns, publisher: publisher, sd: sd, version: version,

@@ -34,6 +34,8 @@ type Spare struct {
 	pod  *pod.Pod
 	cfg  config.Config
 	warm pod.WarmUp
+	// threads holds the pod's stand-ins, and those of any pod the task service boots instead (NewService).
+	threads *standin.Pool
 
 	mu  sync.Mutex
 	svc *Service
@@ -107,11 +109,11 @@ func BootSpare(ctx context.Context, b SpareBoot) (*Spare, error) {
 		return nil, err
 	}
 	defer release()
-	sp := &Spare{cfg: cfg}
 	threads, err := standin.NewPool()
 	if err != nil {
 		return nil, fmt.Errorf("spare shim: %w", err)
 	}
+	sp := &Spare{cfg: cfg, threads: threads}
 	err = retryBoot(ctx, log, spareBootAttempts, func() error {
 		id := make([]byte, 8)
 		if _, err := rand.Read(id); err != nil {
