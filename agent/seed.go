@@ -25,7 +25,14 @@ type Seeder interface {
 	AddEntropy(b []byte) error
 	// SetClock sets the wall clock.
 	SetClock(t time.Time) error
+	// AdjustClock moves the wall clock by d: at once when step is set, slewed in otherwise (see
+	// agentv1.ClockRequest).
+	AdjustClock(d time.Duration, step bool) error
 }
+
+// MaxClockSlew bounds a slew Clock takes: at the kernel's 0.5 ms per second, a second takes over half an hour.
+// A larger correction is a step.
+const MaxClockSlew = time.Second
 
 // KernelSeeder is the guest kernel's Seeder: /dev/random's RNDADDENTROPY and RNDRESEEDCRNG, and
 // clock_settime(CLOCK_REALTIME). Both need CAP_SYS_ADMIN (CAP_SYS_TIME for the clock), which the agent, PID 1,
@@ -82,6 +89,38 @@ func (KernelSeeder) SetClock(t time.Time) error {
 		return fmt.Errorf("set the wall clock to %s: %w", t.UTC().Format(time.RFC3339Nano), err)
 	}
 	return nil
+}
+
+// AdjustClock implements Seeder, with adjtimex(2) (clockAdjustment).
+func (KernelSeeder) AdjustClock(d time.Duration, step bool) error {
+	tx := clockAdjustment(d, step)
+	if _, err := unix.Adjtimex(&tx); err != nil {
+		how := "slew"
+		if step {
+			how = "step"
+		}
+		return fmt.Errorf("%s the wall clock by %s: %w", how, d, err)
+	}
+	return nil
+}
+
+// clockAdjustment is the adjtimex(2) request that moves the wall clock by d: ADJ_SETOFFSET for a step, whose
+// offset is a timeval holding nanoseconds (ADJ_NANO) that are never negative, or ADJ_OFFSET_SINGLESHOT
+// (adjtime(3)'s slew, in microseconds).
+func clockAdjustment(d time.Duration, step bool) unix.Timex {
+	var tx unix.Timex
+	if !step {
+		tx.Modes = unix.ADJ_OFFSET_SINGLESHOT
+		tx.Offset = int64(d / time.Microsecond)
+		return tx
+	}
+	sec, nsec := int64(d/time.Second), int64(d%time.Second)
+	if nsec < 0 {
+		sec, nsec = sec-1, nsec+int64(time.Second)
+	}
+	tx.Modes = unix.ADJ_SETOFFSET | unix.ADJ_NANO
+	tx.Time = unix.Timeval{Sec: sec, Usec: nsec}
+	return tx
 }
 
 // randomReady reports whether the kernel's random number generator is initialised (getrandom(2) would not

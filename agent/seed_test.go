@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -19,7 +20,18 @@ import (
 type fakeSeeder struct {
 	entropy [][]byte
 	clocks  []time.Time
+	adjusts []clockAdjust
 	err     error
+}
+
+type clockAdjust struct {
+	d    time.Duration
+	step bool
+}
+
+func (f *fakeSeeder) AdjustClock(d time.Duration, step bool) error {
+	f.adjusts = append(f.adjusts, clockAdjust{d, step})
+	return f.err
 }
 
 func (f *fakeSeeder) AddEntropy(b []byte) error {
@@ -69,6 +81,73 @@ func TestSeedGuest(t *testing.T) {
 				t.Errorf("clock set to %v, want set to %v: %v", f.clocks, clock, tc.wantClock)
 			}
 		})
+	}
+}
+
+// Clock passes a correction to the kernel within its bounds, refuses one outside them by name, and answers with
+// the clock.
+func TestClock(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		req       *agentv1.ClockRequest
+		seederErr error
+		noSeeder  bool
+		wantCode  codes.Code
+		want      []clockAdjust
+	}{
+		{"a reading", &agentv1.ClockRequest{}, nil, false, codes.OK, nil},
+		{"a slew", &agentv1.ClockRequest{AdjustNanos: int64(-3 * time.Millisecond)}, nil, false, codes.OK, []clockAdjust{{-3 * time.Millisecond, false}}},
+		{"the largest slew", &agentv1.ClockRequest{AdjustNanos: int64(MaxClockSlew)}, nil, false, codes.OK, []clockAdjust{{MaxClockSlew, false}}},
+		{"a slew too large", &agentv1.ClockRequest{AdjustNanos: int64(-MaxClockSlew - 1)}, nil, false, codes.InvalidArgument, nil},
+		{"a step", &agentv1.ClockRequest{AdjustNanos: int64(-time.Hour), Step: true}, nil, false, codes.OK, []clockAdjust{{-time.Hour, true}}},
+		{"a step before 1970", &agentv1.ClockRequest{AdjustNanos: -time.Now().UnixNano() - int64(time.Hour), Step: true}, nil, false, codes.InvalidArgument, nil},
+		{"the kernel refuses", &agentv1.ClockRequest{AdjustNanos: 1000, Step: true}, errors.New("EPERM"), false, codes.Internal, []clockAdjust{{time.Microsecond, true}}},
+		{"no seeder", &agentv1.ClockRequest{}, nil, true, codes.Unimplemented, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &fakeSeeder{err: tc.seederErr}
+			srv := &Server{}
+			if !tc.noSeeder {
+				srv.cfg.Seeder = f
+			}
+			before := time.Now()
+			resp, err := agentService{srv}.Clock(context.Background(), tc.req)
+			if got := status.Code(err); got != tc.wantCode {
+				t.Fatalf("Clock: %v (code %s), want code %s", err, got, tc.wantCode)
+			}
+			if !slices.Equal(f.adjusts, tc.want) {
+				t.Errorf("corrections given to the kernel %v, want %v", f.adjusts, tc.want)
+			}
+			if err == nil {
+				if c := time.Unix(0, resp.WallClockUnixNano); c.Before(before) || c.After(time.Now()) {
+					t.Errorf("wall clock %v, want between %v and now", c, before)
+				}
+			}
+		})
+	}
+}
+
+// A step is an offset of whole seconds and non-negative nanoseconds, as ADJ_SETOFFSET wants; a slew is in
+// microseconds.
+func TestClockAdjustment(t *testing.T) {
+	for _, tc := range []struct {
+		d         time.Duration
+		step      bool
+		modes     uint32
+		sec, usec int64
+		offset    int64
+	}{
+		{-1500 * time.Millisecond, true, unix.ADJ_SETOFFSET | unix.ADJ_NANO, -2, 500_000_000, 0},
+		{time.Hour + 5, true, unix.ADJ_SETOFFSET | unix.ADJ_NANO, 3600, 5, 0},
+		{-time.Second, true, unix.ADJ_SETOFFSET | unix.ADJ_NANO, -1, 0, 0},
+		{-2500 * time.Microsecond, false, unix.ADJ_OFFSET_SINGLESHOT, 0, 0, -2500},
+		{40 * time.Millisecond, false, unix.ADJ_OFFSET_SINGLESHOT, 0, 0, 40_000},
+	} {
+		tx := clockAdjustment(tc.d, tc.step)
+		if tx.Modes != tc.modes || tx.Time.Sec != tc.sec || tx.Time.Usec != tc.usec || tx.Offset != tc.offset {
+			t.Errorf("%s step %v: modes %#x time %d.%09d offset %d, want %#x %d.%09d %d", tc.d, tc.step,
+				tx.Modes, tx.Time.Sec, tx.Time.Usec, tx.Offset, tc.modes, tc.sec, tc.usec, tc.offset)
+		}
 	}
 }
 

@@ -45,7 +45,7 @@ type ServerConfig struct {
 	// Answered, when set, is called after each request has been handled
 	// (before its reply is written); it must not block.
 	Answered func()
-	// Seeder, when set, takes SeedGuest's entropy and time; nil refuses SeedGuest.
+	// Seeder, when set, takes SeedGuest's entropy and time and Clock's corrections; nil refuses both.
 	Seeder Seeder
 	// Restored, when set, runs after SeedGuest has seeded the guest, before it answers: a guest restored from a
 	// template finishes its setup there (Guest.Restored). Its error fails SeedGuest.
@@ -209,6 +209,25 @@ func (a agentService) SeedGuest(ctx context.Context, req *agentv1.SeedGuestReque
 		}
 	}
 	return &agentv1.SeedGuestResponse{}, nil
+}
+
+func (a agentService) Clock(_ context.Context, req *agentv1.ClockRequest) (*agentv1.ClockResponse, error) {
+	if a.s.cfg.Seeder == nil {
+		return nil, status.Error(codes.Unimplemented, "the clock cannot be set in this agent")
+	}
+	d := time.Duration(req.GetAdjustNanos())
+	switch {
+	case d == 0:
+	case !req.GetStep() && (d > MaxClockSlew || d < -MaxClockSlew):
+		return nil, status.Errorf(codes.InvalidArgument, "clock: a slew of %s, more than %s: step it", d, MaxClockSlew)
+	case req.GetStep() && time.Now().Add(d).Before(time.Unix(0, 0)):
+		return nil, status.Errorf(codes.InvalidArgument, "clock: a step of %s would set the clock before 1970", d)
+	default:
+		if err := a.s.cfg.Seeder.AdjustClock(d, req.GetStep()); err != nil {
+			return nil, status.Errorf(codes.Internal, "clock: %v", err)
+		}
+	}
+	return &agentv1.ClockResponse{WallClockUnixNano: time.Now().UnixNano()}, nil
 }
 
 func (a agentService) Shutdown(_ context.Context, req *agentv1.ShutdownRequest) (*agentv1.ShutdownResponse, error) {

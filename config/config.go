@@ -145,6 +145,8 @@ type Agent struct {
 	Debug          bool     `toml:"debug"`
 	DialTimeout    Duration `toml:"dial_timeout"`
 	RequestTimeout Duration `toml:"request_timeout"`
+	// ClockSync is how often the host corrects the guest's wall clock to its own (runtime/guestclock); 0 never.
+	ClockSync Duration `toml:"clock_sync"`
 }
 
 // Runtime configures host-side bookkeeping.
@@ -219,6 +221,7 @@ func Default() Config {
 		Agent: Agent{
 			DialTimeout:    Duration(60 * time.Second),
 			RequestTimeout: Duration(30 * time.Second),
+			ClockSync:      Duration(time.Minute),
 		},
 		Runtime: Runtime{
 			StateDir: "/run/kiln",
@@ -360,6 +363,9 @@ func (c Config) Validate() error {
 	}
 	if c.Agent.RequestTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("agent.request_timeout must be positive"))
+	}
+	if c.Agent.ClockSync != 0 && c.Agent.ClockSync < Duration(time.Second) {
+		errs = append(errs, fmt.Errorf("agent.clock_sync = %q: want \"0s\" (never) or at least \"1s\"", c.Agent.ClockSync.Std()))
 	}
 	for _, p := range []struct{ key, path string }{{"hypervisor.kernel", c.Hypervisor.Kernel}, {"hypervisor.initrd", c.Hypervisor.Initrd}} {
 		if p.path == "" {

@@ -113,6 +113,13 @@ enable_annotations = ["io.kiln.vcpus", "io.kiln.kernel_params*"]
 		{name: "spare pool bound", toml: "[hypervisor]\nspare_pool = 17\n", errPart: []string{"hypervisor.spare_pool = 17", "1 to 16"}},
 		{name: "relative template dir", toml: "[hypervisor]\nfast_start = \"template\"\ntemplate_dir = \"tpl\"\n", errPart: []string{"hypervisor.template_dir", "absolute"}},
 		{name: "negative timeout", toml: "[agent]\nrequest_timeout = \"-1s\"\n", errPart: []string{"agent.request_timeout"}},
+		{name: "clock sync off", toml: "[agent]\nclock_sync = \"0s\"\n", check: func(t *testing.T, c Config) {
+			if c.Agent.ClockSync != 0 || Default().Agent.ClockSync.Std() != time.Minute {
+				t.Errorf("agent %+v, default %+v", c.Agent, Default().Agent)
+			}
+		}},
+		{name: "clock sync too often", toml: "[agent]\nclock_sync = \"500ms\"\n", errPart: []string{"agent.clock_sync", "at least"}},
+		{name: "negative clock sync", toml: "[agent]\nclock_sync = \"-1m\"\n", errPart: []string{"agent.clock_sync"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

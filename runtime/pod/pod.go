@@ -24,6 +24,7 @@ import (
 	"github.com/kiln-runtime/kiln/rlimit"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/container"
+	"github.com/kiln-runtime/kiln/runtime/guestclock"
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/runtime/sandbox"
@@ -92,7 +93,9 @@ type Pod struct {
 	started atomic.Bool
 
 	// closing is closed when Close begins: the VM's end is then expected.
-	closing   chan struct{}
+	closing chan struct{}
+	// stopClock ends the sync of the guest's clock (agent.clock_sync), nil when there is none.
+	stopClock context.CancelFunc
 	closeOnce sync.Once
 }
 
@@ -230,6 +233,11 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		Log:     log,
 	})
 	go p.watchVM(m, sb.HungUp())
+	if every := o.Config.Agent.ClockSync.Std(); every > 0 {
+		ctx, cancel := context.WithCancel(context.Background())
+		p.stopClock = cancel
+		go guestclock.Follow(ctx, sb.Agent(), every, log)
+	}
 	return p, nil
 }
 
@@ -374,6 +382,9 @@ func (p *Pod) Containers() *container.Manager { return p.ctrs }
 // stops and the share is unmounted and removed. It is safe to call more than once.
 func (p *Pod) Close(ctx context.Context) error {
 	p.closeOnce.Do(func() { close(p.closing) })
+	if p.stopClock != nil {
+		p.stopClock()
+	}
 	var errs []error
 	if p.ctrs != nil {
 		_ = p.ctrs.Close()

@@ -289,6 +289,9 @@ func (s *Sandbox) StreamClient(ctx context.Context) (agentv1.ContainersClient, e
 	return agentv1.NewContainersClient(client), nil
 }
 
+// Agent is the agent's own service: the guest's description, its seeding, its clock (runtime/guestclock).
+func (s *Sandbox) Agent() agentv1.AgentService { return s.agent }
+
 // Network is the agent's network service.
 func (s *Sandbox) Network() agentv1.NetworkService { return s.net }
 

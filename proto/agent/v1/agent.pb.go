@@ -294,6 +294,107 @@ func (*SeedGuestResponse) Descriptor() ([]byte, []int) {
 	return file_agent_v1_agent_proto_rawDescGZIP(), []int{4}
 }
 
+type ClockRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How far to move the wall clock, in nanoseconds (negative: back); 0 only reads it. At most one second
+	// unless step is set.
+	AdjustNanos int64 `protobuf:"varint,1,opt,name=adjust_nanos,json=adjustNanos,proto3" json:"adjust_nanos,omitempty"`
+	// Step the clock by adjust_nanos at once (clock_adjtime's ADJ_SETOFFSET). Without it the kernel slews the
+	// clock by adjust_nanos at 0.5 ms per second (adjtime(3)), replacing any slew still under way.
+	Step          bool `protobuf:"varint,2,opt,name=step,proto3" json:"step,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClockRequest) Reset() {
+	*x = ClockRequest{}
+	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClockRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClockRequest) ProtoMessage() {}
+
+func (x *ClockRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClockRequest.ProtoReflect.Descriptor instead.
+func (*ClockRequest) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ClockRequest) GetAdjustNanos() int64 {
+	if x != nil {
+		return x.AdjustNanos
+	}
+	return 0
+}
+
+func (x *ClockRequest) GetStep() bool {
+	if x != nil {
+		return x.Step
+	}
+	return false
+}
+
+type ClockResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The guest's wall clock once the request was carried out, in nanoseconds since the Unix epoch.
+	WallClockUnixNano int64 `protobuf:"varint,1,opt,name=wall_clock_unix_nano,json=wallClockUnixNano,proto3" json:"wall_clock_unix_nano,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *ClockResponse) Reset() {
+	*x = ClockResponse{}
+	mi := &file_agent_v1_agent_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClockResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClockResponse) ProtoMessage() {}
+
+func (x *ClockResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClockResponse.ProtoReflect.Descriptor instead.
+func (*ClockResponse) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ClockResponse) GetWallClockUnixNano() int64 {
+	if x != nil {
+		return x.WallClockUnixNano
+	}
+	return 0
+}
+
 type GuestInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// uname -r, e.g. "6.1.192-kiln".
@@ -331,7 +432,7 @@ type GuestInfo struct {
 
 func (x *GuestInfo) Reset() {
 	*x = GuestInfo{}
-	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -343,7 +444,7 @@ func (x *GuestInfo) String() string {
 func (*GuestInfo) ProtoMessage() {}
 
 func (x *GuestInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -356,7 +457,7 @@ func (x *GuestInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestInfo.ProtoReflect.Descriptor instead.
 func (*GuestInfo) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GuestInfo) GetKernelRelease() string {
@@ -474,7 +575,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -486,7 +587,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -499,7 +600,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ShutdownRequest) GetReason() string {
@@ -517,7 +618,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +630,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +643,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 var File_agent_v1_agent_proto protoreflect.FileDescriptor
@@ -562,7 +663,12 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x10SeedGuestRequest\x12\x18\n" +
 	"\aentropy\x18\x01 \x01(\fR\aentropy\x12/\n" +
 	"\x14wall_clock_unix_nano\x18\x02 \x01(\x03R\x11wallClockUnixNano\"\x13\n" +
-	"\x11SeedGuestResponse\"\xf5\x04\n" +
+	"\x11SeedGuestResponse\"E\n" +
+	"\fClockRequest\x12!\n" +
+	"\fadjust_nanos\x18\x01 \x01(\x03R\vadjustNanos\x12\x12\n" +
+	"\x04step\x18\x02 \x01(\bR\x04step\"@\n" +
+	"\rClockResponse\x12/\n" +
+	"\x14wall_clock_unix_nano\x18\x01 \x01(\x03R\x11wallClockUnixNano\"\xf5\x04\n" +
 	"\tGuestInfo\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12%\n" +
 	"\x0ekernel_version\x18\x02 \x01(\tR\rkernelVersion\x12\x17\n" +
@@ -586,10 +692,11 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x12\n" +
 	"\x10ShutdownResponse2L\n" +
 	"\x06Health\x12B\n" +
-	"\x05Check\x12\x1b.kiln.agent.v1.CheckRequest\x1a\x1c.kiln.agent.v1.CheckResponse2\xec\x01\n" +
+	"\x05Check\x12\x1b.kiln.agent.v1.CheckRequest\x1a\x1c.kiln.agent.v1.CheckResponse2\xb0\x02\n" +
 	"\x05Agent\x12F\n" +
 	"\tGuestInfo\x12\x1f.kiln.agent.v1.GuestInfoRequest\x1a\x18.kiln.agent.v1.GuestInfo\x12N\n" +
-	"\tSeedGuest\x12\x1f.kiln.agent.v1.SeedGuestRequest\x1a .kiln.agent.v1.SeedGuestResponse\x12K\n" +
+	"\tSeedGuest\x12\x1f.kiln.agent.v1.SeedGuestRequest\x1a .kiln.agent.v1.SeedGuestResponse\x12B\n" +
+	"\x05Clock\x12\x1b.kiln.agent.v1.ClockRequest\x1a\x1c.kiln.agent.v1.ClockResponse\x12K\n" +
 	"\bShutdown\x12\x1e.kiln.agent.v1.ShutdownRequest\x1a\x1f.kiln.agent.v1.ShutdownResponseB5Z3github.com/kiln-runtime/kiln/proto/agent/v1;agentv1b\x06proto3"
 
 var (
@@ -605,7 +712,7 @@ func file_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_agent_v1_agent_proto_goTypes = []any{
 	(CheckResponse_ServingStatus)(0), // 0: kiln.agent.v1.CheckResponse.ServingStatus
 	(*CheckRequest)(nil),             // 1: kiln.agent.v1.CheckRequest
@@ -613,28 +720,32 @@ var file_agent_v1_agent_proto_goTypes = []any{
 	(*GuestInfoRequest)(nil),         // 3: kiln.agent.v1.GuestInfoRequest
 	(*SeedGuestRequest)(nil),         // 4: kiln.agent.v1.SeedGuestRequest
 	(*SeedGuestResponse)(nil),        // 5: kiln.agent.v1.SeedGuestResponse
-	(*GuestInfo)(nil),                // 6: kiln.agent.v1.GuestInfo
-	(*ShutdownRequest)(nil),          // 7: kiln.agent.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),         // 8: kiln.agent.v1.ShutdownResponse
-	(*durationpb.Duration)(nil),      // 9: google.protobuf.Duration
+	(*ClockRequest)(nil),             // 6: kiln.agent.v1.ClockRequest
+	(*ClockResponse)(nil),            // 7: kiln.agent.v1.ClockResponse
+	(*GuestInfo)(nil),                // 8: kiln.agent.v1.GuestInfo
+	(*ShutdownRequest)(nil),          // 9: kiln.agent.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),         // 10: kiln.agent.v1.ShutdownResponse
+	(*durationpb.Duration)(nil),      // 11: google.protobuf.Duration
 }
 var file_agent_v1_agent_proto_depIdxs = []int32{
-	0, // 0: kiln.agent.v1.CheckResponse.status:type_name -> kiln.agent.v1.CheckResponse.ServingStatus
-	9, // 1: kiln.agent.v1.GuestInfo.uptime:type_name -> google.protobuf.Duration
-	9, // 2: kiln.agent.v1.GuestInfo.agent_init:type_name -> google.protobuf.Duration
-	1, // 3: kiln.agent.v1.Health.Check:input_type -> kiln.agent.v1.CheckRequest
-	3, // 4: kiln.agent.v1.Agent.GuestInfo:input_type -> kiln.agent.v1.GuestInfoRequest
-	4, // 5: kiln.agent.v1.Agent.SeedGuest:input_type -> kiln.agent.v1.SeedGuestRequest
-	7, // 6: kiln.agent.v1.Agent.Shutdown:input_type -> kiln.agent.v1.ShutdownRequest
-	2, // 7: kiln.agent.v1.Health.Check:output_type -> kiln.agent.v1.CheckResponse
-	6, // 8: kiln.agent.v1.Agent.GuestInfo:output_type -> kiln.agent.v1.GuestInfo
-	5, // 9: kiln.agent.v1.Agent.SeedGuest:output_type -> kiln.agent.v1.SeedGuestResponse
-	8, // 10: kiln.agent.v1.Agent.Shutdown:output_type -> kiln.agent.v1.ShutdownResponse
-	7, // [7:11] is the sub-list for method output_type
-	3, // [3:7] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	0,  // 0: kiln.agent.v1.CheckResponse.status:type_name -> kiln.agent.v1.CheckResponse.ServingStatus
+	11, // 1: kiln.agent.v1.GuestInfo.uptime:type_name -> google.protobuf.Duration
+	11, // 2: kiln.agent.v1.GuestInfo.agent_init:type_name -> google.protobuf.Duration
+	1,  // 3: kiln.agent.v1.Health.Check:input_type -> kiln.agent.v1.CheckRequest
+	3,  // 4: kiln.agent.v1.Agent.GuestInfo:input_type -> kiln.agent.v1.GuestInfoRequest
+	4,  // 5: kiln.agent.v1.Agent.SeedGuest:input_type -> kiln.agent.v1.SeedGuestRequest
+	6,  // 6: kiln.agent.v1.Agent.Clock:input_type -> kiln.agent.v1.ClockRequest
+	9,  // 7: kiln.agent.v1.Agent.Shutdown:input_type -> kiln.agent.v1.ShutdownRequest
+	2,  // 8: kiln.agent.v1.Health.Check:output_type -> kiln.agent.v1.CheckResponse
+	8,  // 9: kiln.agent.v1.Agent.GuestInfo:output_type -> kiln.agent.v1.GuestInfo
+	5,  // 10: kiln.agent.v1.Agent.SeedGuest:output_type -> kiln.agent.v1.SeedGuestResponse
+	7,  // 11: kiln.agent.v1.Agent.Clock:output_type -> kiln.agent.v1.ClockResponse
+	10, // 12: kiln.agent.v1.Agent.Shutdown:output_type -> kiln.agent.v1.ShutdownResponse
+	8,  // [8:13] is the sub-list for method output_type
+	3,  // [3:8] is the sub-list for method input_type
+	3,  // [3:3] is the sub-list for extension type_name
+	3,  // [3:3] is the sub-list for extension extendee
+	0,  // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_agent_v1_agent_proto_init() }
@@ -648,7 +759,7 @@ func file_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_agent_proto_rawDesc), len(file_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   8,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

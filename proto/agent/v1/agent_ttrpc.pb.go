@@ -46,6 +46,7 @@ func (c *healthClient) Check(ctx context.Context, req *CheckRequest) (*CheckResp
 type AgentService interface {
 	GuestInfo(context.Context, *GuestInfoRequest) (*GuestInfo, error)
 	SeedGuest(context.Context, *SeedGuestRequest) (*SeedGuestResponse, error)
+	Clock(context.Context, *ClockRequest) (*ClockResponse, error)
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
 }
 
@@ -65,6 +66,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.SeedGuest(ctx, &req)
+			},
+			"Clock": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ClockRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Clock(ctx, &req)
 			},
 			"Shutdown": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ShutdownRequest
@@ -98,6 +106,14 @@ func (c *agentClient) GuestInfo(ctx context.Context, req *GuestInfoRequest) (*Gu
 func (c *agentClient) SeedGuest(ctx context.Context, req *SeedGuestRequest) (*SeedGuestResponse, error) {
 	var resp SeedGuestResponse
 	if err := c.client.Call(ctx, "kiln.agent.v1.Agent", "SeedGuest", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) Clock(ctx context.Context, req *ClockRequest) (*ClockResponse, error) {
+	var resp ClockResponse
+	if err := c.client.Call(ctx, "kiln.agent.v1.Agent", "Clock", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
