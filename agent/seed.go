@@ -91,22 +91,30 @@ func (KernelSeeder) SetClock(t time.Time) error {
 	return nil
 }
 
-// AdjustClock implements Seeder, with adjtimex(2) (clockAdjustment).
+// AdjustClock implements Seeder, with adjtimex(2) (clockAdjustment). A step also ends a slew still under way,
+// which the kernel would otherwise go on with, moving the clock off the host's again.
 func (KernelSeeder) AdjustClock(d time.Duration, step bool) error {
+	how := "slew"
+	if step {
+		how = "step"
+	}
 	tx := clockAdjustment(d, step)
 	if _, err := unix.Adjtimex(&tx); err != nil {
-		how := "slew"
-		if step {
-			how = "step"
-		}
 		return fmt.Errorf("%s the wall clock by %s: %w", how, d, err)
+	}
+	if step {
+		end := clockAdjustment(0, false)
+		if _, err := unix.Adjtimex(&end); err != nil {
+			return fmt.Errorf("end the slew under way after a step of the wall clock: %w", err)
+		}
 	}
 	return nil
 }
 
 // clockAdjustment is the adjtimex(2) request that moves the wall clock by d: ADJ_SETOFFSET for a step, whose
-// offset is a timeval holding nanoseconds (ADJ_NANO) that are never negative, or ADJ_OFFSET_SINGLESHOT
-// (adjtime(3)'s slew, in microseconds).
+// offset is a timeval of whole seconds and microseconds that are never negative (not ADJ_NANO's nanoseconds,
+// which would leave STA_NANO set for every later ntp_adjtime(3) reader), or ADJ_OFFSET_SINGLESHOT (adjtime(3)'s
+// slew, in microseconds).
 func clockAdjustment(d time.Duration, step bool) unix.Timex {
 	var tx unix.Timex
 	if !step {
@@ -114,12 +122,12 @@ func clockAdjustment(d time.Duration, step bool) unix.Timex {
 		tx.Offset = int64(d / time.Microsecond)
 		return tx
 	}
-	sec, nsec := int64(d/time.Second), int64(d%time.Second)
-	if nsec < 0 {
-		sec, nsec = sec-1, nsec+int64(time.Second)
+	sec, usec := int64(d/time.Second), int64(d%time.Second/time.Microsecond)
+	if usec < 0 {
+		sec, usec = sec-1, usec+int64(time.Second/time.Microsecond)
 	}
-	tx.Modes = unix.ADJ_SETOFFSET | unix.ADJ_NANO
-	tx.Time = unix.Timeval{Sec: sec, Usec: nsec}
+	tx.Modes = unix.ADJ_SETOFFSET
+	tx.Time = unix.Timeval{Sec: sec, Usec: usec}
 	return tx
 }
 

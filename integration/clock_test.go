@@ -11,8 +11,8 @@ import (
 )
 
 // The guest's wall clock falls behind the host's while its VM stands still (QMP stop, as while the host sleeps),
-// and guestclock.Sync steps it back; the guest kernel takes a step back by a fraction of a second, and a slew,
-// as the agent asks for them.
+// and guestclock.Sync steps it back; the guest kernel takes a step back by a second and a half (whole seconds
+// and microseconds to adjtimex) and a slew, as the agent asks for them.
 func TestGuestClock(t *testing.T) {
 	share := requireVM(t)
 	m := testMachine(t, filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img"), nil)

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -109,7 +111,7 @@ func Sync(ctx context.Context, a Agent) (Correction, error) {
 	return c, nil
 }
 
-// Follow syncs the guest's clock every interval until ctx ends. Steps are logged at info, slews at debug; a
+// Follow syncs the guest's clock every interval until ctx ends, or at once when the agent has no clock call. Steps are logged at info, slews at debug; a
 // failed sync is logged as a warning when the one before it succeeded, at debug otherwise, so that a guest
 // that stopped answering (which the pod reports) does not fill the log.
 func Follow(ctx context.Context, a Agent, interval time.Duration, log *logrus.Entry) {
@@ -125,6 +127,9 @@ func Follow(ctx context.Context, a Agent, interval time.Duration, log *logrus.En
 		c, err := Sync(ctx, a)
 		switch {
 		case err != nil && ctx.Err() != nil:
+			return
+		case status.Code(err) == codes.Unimplemented:
+			log.WithError(err).Warn("the guest's agent cannot set its clock (a guest image older than the shim): the guest's clock is set at boot only")
 			return
 		case err != nil:
 			l := log.WithError(err)

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -18,7 +20,8 @@ import (
 type fakeGuest struct {
 	mu      sync.Mutex
 	offset  time.Duration
-	answer  int64 // when set, the clock it answers with
+	answer  int64 // the clock it answers with, when fixed
+	fixed   bool
 	err     error // every call fails with it
 	adjusts []*agentv1.ClockRequest
 	calls   int
@@ -37,7 +40,7 @@ func (g *fakeGuest) Clock(_ context.Context, req *agentv1.ClockRequest) (*agentv
 			g.offset += time.Duration(req.AdjustNanos)
 		}
 	}
-	if g.answer != 0 {
+	if g.fixed {
 		return &agentv1.ClockResponse{WallClockUnixNano: g.answer}, nil
 	}
 	return &agentv1.ClockResponse{WallClockUnixNano: time.Now().Add(g.offset).UnixNano()}, nil
@@ -76,7 +79,7 @@ func TestReadKeepsTheShortestRoundTrip(t *testing.T) {
 	i := 0
 	now := func() time.Time { d := ticks[i]; i++; return base.Add(d) }
 	// The guest answers 5 s ahead of the midpoint of the second call.
-	g := &fakeGuest{answer: base.Add(21*time.Millisecond + 5*time.Second).UnixNano()}
+	g := &fakeGuest{answer: base.Add(21*time.Millisecond + 5*time.Second).UnixNano(), fixed: true}
 	r, err := Read(context.Background(), g, 3, now)
 	if err != nil {
 		t.Fatal(err)
@@ -93,7 +96,8 @@ func TestReadRefuses(t *testing.T) {
 		g    *fakeGuest
 		want string
 	}{
-		{"a time before 1970", &fakeGuest{answer: -5}, "not a time after 1970"},
+		{"a time before 1970", &fakeGuest{answer: -5, fixed: true}, "not a time after 1970"},
+		{"no time (an empty answer)", &fakeGuest{fixed: true}, "not a time after 1970"},
 		{"the agent fails", &fakeGuest{err: errors.New("connection closed")}, "connection closed"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -167,7 +171,7 @@ func TestFollow(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("after 10 s: %d calls, corrections %v", calls, g.adjusts)
+			t.Fatalf("after 10 s: %d calls, stepped %v", calls, stepped)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -177,7 +181,29 @@ func TestFollow(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Follow did not return once its context ended")
 	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	if g.offset.Abs() > 20*time.Millisecond {
 		t.Errorf("the guest's clock is %s off", g.offset)
+	}
+}
+
+// An agent without the clock call (an older guest image) ends Follow at once.
+func TestFollowEndsWithoutClockCall(t *testing.T) {
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	g := &fakeGuest{err: status.Error(codes.Unimplemented, "/kiln.agent.v1.Agent/Clock: not implemented")}
+	done := make(chan struct{})
+	go func() {
+		Follow(context.Background(), g, 10*time.Millisecond, logrus.NewEntry(log))
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Follow went on against an agent without the clock call")
+	}
+	if g.calls != 1 {
+		t.Errorf("%d calls, want 1", g.calls)
 	}
 }

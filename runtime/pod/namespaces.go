@@ -16,10 +16,10 @@ func (p *Pod) isContainerPid(pid uint32) bool {
 }
 
 // guestNamespaces points the namespace paths of spec that name a container of the pod, as CRI names its
-// sandbox's (/proc/<the pid Kiln reported>/ns/<type>), at that container's init in the guest (guestInit maps
-// one to the other, container.Manager.GuestInitPid), where the agent joins them, and returns the spec, sharing
-// nothing it changes with spec. Any other /proc/<pid>/ns path names a
-// host process, whose namespaces cannot reach the VM: it is refused. The network namespace is the pod's
+// sandbox's (/proc/<the pid Kiln reported>/ns/<type>, or its /proc/<pid>/task/<tid>/ns/<type> form), at that
+// container's init in the guest (guestInit maps one to the other, container.Manager.GuestInitPid), where the
+// agent joins them, and returns the spec, sharing nothing it changes with spec. Any other such path names a host
+// process, whose namespaces cannot reach the VM: it is refused. The network namespace is the pod's
 // whatever the path (checkJoin), and other paths are the agent's to refuse.
 func guestNamespaces(id string, spec specs.Spec, guestInit func(hostPid uint32) (uint32, bool)) (specs.Spec, error) {
 	if spec.Linux == nil {

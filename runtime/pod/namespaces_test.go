@@ -19,7 +19,7 @@ import (
 // (checkJoin and the agent judge them); the bundle's spec is not changed.
 func TestGuestNamespaces(t *testing.T) {
 	guestInit := func(host uint32) (uint32, bool) {
-		if host == 4242 {
+		if host == 4242 || host == uint32(os.Getpid()) {
 			return 7, true
 		}
 		return 0, false
@@ -36,7 +36,8 @@ func TestGuestNamespaces(t *testing.T) {
 		{"CRI's app container",
 			[]specs.LinuxNamespace{ns(specs.PIDNamespace, "/proc/4242/ns/pid"), ns(specs.IPCNamespace, "/proc/4242/ns/ipc"), ns(specs.UTSNamespace, "/proc/4242/ns/uts"), ns(specs.NetworkNamespace, "/proc/4242/ns/net"), ns(specs.UserNamespace, "/proc/4242/ns/user"), ns(specs.MountNamespace, "")},
 			[]specs.LinuxNamespace{ns(specs.PIDNamespace, "/proc/7/ns/pid"), ns(specs.IPCNamespace, "/proc/7/ns/ipc"), ns(specs.UTSNamespace, "/proc/7/ns/uts"), ns(specs.NetworkNamespace, "/proc/4242/ns/net"), ns(specs.UserNamespace, "/proc/7/ns/user"), ns(specs.MountNamespace, "")}, ""},
-		{"a task path", []specs.LinuxNamespace{ns(specs.IPCNamespace, "/proc/4241/task/4242/ns/ipc")}, []specs.LinuxNamespace{ns(specs.IPCNamespace, "/proc/7/ns/ipc")}, ""},
+		{"a task path", []specs.LinuxNamespace{ns(specs.IPCNamespace, fmt.Sprintf("/proc/%d/task/%[1]d/ns/ipc", os.Getpid()))}, []specs.LinuxNamespace{ns(specs.IPCNamespace, "/proc/7/ns/ipc")}, ""},
+		{"a task path of no process", []specs.LinuxNamespace{ns(specs.IPCNamespace, fmt.Sprintf("/proc/1/task/%d/ns/ipc", os.Getpid()))}, nil, ""},
 		{"a host process's", []specs.LinuxNamespace{ns(specs.IPCNamespace, "/proc/1/ns/ipc")}, nil, "ipc namespace /proc/1/ns/ipc"},
 		{"a guest pid", []specs.LinuxNamespace{ns(specs.PIDNamespace, "/proc/7/ns/pid")}, nil, "pid namespace /proc/7/ns/pid"},
 		{"the network's", []specs.LinuxNamespace{ns(specs.NetworkNamespace, "/proc/1/ns/net")}, nil, ""},

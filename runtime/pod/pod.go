@@ -94,7 +94,8 @@ type Pod struct {
 
 	// closing is closed when Close begins: the VM's end is then expected.
 	closing chan struct{}
-	// stopClock ends the sync of the guest's clock (agent.clock_sync), nil when there is none.
+	// stopClock ends the sync of the guest's clock (followClock), nil when there is none; under clockMu.
+	clockMu   sync.Mutex
 	stopClock context.CancelFunc
 	closeOnce sync.Once
 }
@@ -233,12 +234,37 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		Log:     log,
 	})
 	go p.watchVM(m, sb.HungUp())
-	if every := o.Config.Agent.ClockSync.Std(); every > 0 {
-		ctx, cancel := context.WithCancel(context.Background())
-		p.stopClock = cancel
-		go guestclock.Follow(ctx, sb.Agent(), every, log)
+	if !o.Background {
+		// A spare's starts once a pod adopts it (Adopt), after the reseed, which a sync begun before could undo.
+		p.followClock()
 	}
 	return p, nil
+}
+
+// followClock keeps the guest's wall clock on the host's every agent.clock_sync (runtime/guestclock) until Close
+// or the end of the agent connection, once. Not under the boot's context, which ends with the request that
+// booted the pod.
+func (p *Pod) followClock() {
+	every := p.cfg.Agent.ClockSync.Std()
+	if every <= 0 {
+		return
+	}
+	p.clockMu.Lock()
+	defer p.clockMu.Unlock()
+	if p.stopClock != nil || p.isClosing() {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p.stopClock = cancel
+	hungUp := p.sb.HungUp()
+	go func() {
+		select {
+		case <-hungUp:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	go guestclock.Follow(ctx, p.sb.Agent(), every, p.log)
 }
 
 // enterCgroup moves the shim, before it starts QEMU and virtiofsd, into the host cgroup the first container's
@@ -382,9 +408,11 @@ func (p *Pod) Containers() *container.Manager { return p.ctrs }
 // stops and the share is unmounted and removed. It is safe to call more than once.
 func (p *Pod) Close(ctx context.Context) error {
 	p.closeOnce.Do(func() { close(p.closing) })
+	p.clockMu.Lock()
 	if p.stopClock != nil {
 		p.stopClock()
 	}
+	p.clockMu.Unlock()
 	var errs []error
 	if p.ctrs != nil {
 		_ = p.ctrs.Close()

@@ -213,6 +213,7 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 		return fmt.Errorf("adopt pod %s: %w", p.id, err)
 	}
 	p.startPortForward()
+	p.followClock()
 	return nil
 }
 

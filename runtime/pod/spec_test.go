@@ -1,6 +1,8 @@
 package pod
 
 import (
+	"fmt"
+	"os"
 	"reflect"
 	"strings"
 	"testing"
@@ -93,8 +95,13 @@ func TestCheckIsolation(t *testing.T) {
 func TestProcNSPid(t *testing.T) {
 	for path, want := range map[string]int{
 		"/proc/42/ns/net": 42, "/proc/0/ns/net": 0, "/proc/x/ns/net": 0, "/var/run/netns/a": 0, "/proc/42/ns/ipc": 0,
-		"/proc/42/task/43/ns/net": 43, "/proc//42/./ns/net": 42, "/proc/x/task/43/ns/net": 0, "/proc/42/task/x/ns/net": 0,
-		"/proc/42/ns/net/x": 0, "/proc/42/task/43/ns/ipc": 0, "/proc/42/tasks/43/ns/net": 0,
+		"/proc//42/./ns/net": 42, "/proc/x/task/43/ns/net": 0, "/proc/42/task/x/ns/net": 0, "/proc/+42/ns/net": 0,
+		"/proc/42/ns/net/x": 0, "/proc/42/tasks/43/ns/net": 0,
+		// The task form names a thread of the process: this test's own, and not one of another process.
+		fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), os.Getpid()): os.Getpid(),
+		fmt.Sprintf("/proc/%d/task/%d/ns/ipc", os.Getpid(), os.Getpid()): 0,
+		fmt.Sprintf("/proc/1/task/%d/ns/net", os.Getpid()):               0,
+		fmt.Sprintf("/proc/0/task/%d/ns/net", os.Getpid()):               0,
 	} {
 		got, ok := procNSPid(path, "net")
 		if got != want && ok || ok != (want > 0) {

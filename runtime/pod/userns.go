@@ -103,7 +103,8 @@ func procNSPid(path, file string) (int, bool) {
 }
 
 // procNSPath splits a /proc/<pid>/ns/<file> or /proc/<pid>/task/<tid>/ns/<file> path, cleaned, into the task
-// whose namespace it names (the tid for the second form) and the namespace file.
+// whose namespace it names (the tid for the second form, which must be a thread of pid: the path exists only
+// then) and the namespace file.
 func procNSPath(path string) (pid int, file string, ok bool) {
 	rest, ok := strings.CutPrefix(filepath.Clean(path), "/proc/")
 	if !ok {
@@ -113,7 +114,10 @@ func procNSPath(path string) (pid int, file string, ok bool) {
 	switch {
 	case len(parts) == 3 && parts[1] == "ns":
 	case len(parts) == 5 && parts[1] == "task" && parts[3] == "ns":
-		if _, err := strconv.Atoi(parts[0]); err != nil {
+		if n, err := strconv.Atoi(parts[0]); err != nil || n <= 0 || strconv.Itoa(n) != parts[0] {
+			return 0, "", false
+		}
+		if _, err := os.Stat(filepath.Join("/proc", parts[0], "task", parts[2])); err != nil {
 			return 0, "", false
 		}
 		parts = parts[2:]
@@ -121,5 +125,5 @@ func procNSPath(path string) (pid int, file string, ok bool) {
 		return 0, "", false
 	}
 	pid, err := strconv.Atoi(parts[0])
-	return pid, parts[2], err == nil && pid > 0 && parts[2] != ""
+	return pid, parts[2], err == nil && pid > 0 && strconv.Itoa(pid) == parts[0] && parts[2] != ""
 }

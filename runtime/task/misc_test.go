@@ -1,10 +1,13 @@
 package task
 
 import (
+	"context"
 	"math"
 	"testing"
 
 	"github.com/containerd/containerd/api/types/runc/options"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shutdown"
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
@@ -12,6 +15,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/runtime/standin"
 )
 
 func TestConfigPathFromRuntimeOptions(t *testing.T) {
@@ -120,5 +124,32 @@ func TestShimLogLevel(t *testing.T) {
 		if got := shimLogLevel(cfg, c.containerd); got != c.want {
 			t.Errorf("log_level %q, agent.debug %v, containerd at %s: %s, want %s", c.level, c.agentDebug, c.containerd, got, c.want)
 		}
+	}
+}
+
+// A spare shim's task service keeps its stand-ins in the spare's pool, where its pod's are; a shim with no spare
+// opens one of its own.
+func TestNewServiceStandIns(t *testing.T) {
+	ctx, cancel := context.WithCancel(namespaces.WithNamespace(context.Background(), "test"))
+	defer cancel()
+	ctx, sd := shutdown.WithShutdown(ctx)
+	pub := &stalledPublisher{release: make(chan struct{}), closed: make(chan struct{})}
+	spares, err := standin.NewPool()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewService(ctx, pub, sd, "test", spares)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.standIns != spares {
+		t.Error("the task service opened a pool of its own beside the spare's")
+	}
+	s, err = NewService(ctx, pub, sd, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.standIns == nil || s.standIns == spares {
+		t.Errorf("a task service with no spare has pool %p", s.standIns)
 	}
 }
