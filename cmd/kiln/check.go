@@ -209,20 +209,20 @@ func checkPortForward(probe func() error) checkResult {
 }
 
 // checkHostLSM says what becomes of host LSM settings in specs (runtime.host_lsm), and warns where they would
-// refuse CRI containers: containerd's CRI gives every container an AppArmor profile when the host supports
-// AppArmor (containerd's own test), and SELinux labels when the host has SELinux on and containerd's
-// enable_selinux is set.
+// refuse CRI containers: containerd's CRI gives every container SELinux labels when the host has SELinux on and
+// containerd's enable_selinux is set. The AppArmor profile it gives every container when the host supports
+// AppArmor is its default one, which passes (hostlsm).
 func checkHostLSM(cfg config.Config, appArmor, seLinux func() bool) checkResult {
 	if cfg.Runtime.IgnoreHostLSM() {
 		return checkResult{"host LSM", "ok", `runtime.host_lsm = "ignore": AppArmor profiles and SELinux labels in specs are taken out; containers run unconfined by them inside their VMs`}
 	}
-	if appArmor() {
-		return checkResult{"host LSM", "warn", `AppArmor is on here, so containerd's CRI gives every container a profile, which Kiln refuses (runtime.host_lsm = "refuse"): set runtime.host_lsm = "ignore", or give pods appArmorProfile Unconfined`}
-	}
 	if seLinux() {
 		return checkResult{"host LSM", "warn", `SELinux is on here: with containerd's enable_selinux, CRI gives every container labels, which Kiln refuses (runtime.host_lsm = "refuse"): set runtime.host_lsm = "ignore", or leave enable_selinux off`}
 	}
-	return checkResult{"host LSM", "ok", `runtime.host_lsm = "refuse": a container whose spec sets an AppArmor profile or SELinux label is refused (AppArmor and SELinux are off here)`}
+	if appArmor() {
+		return checkResult{"host LSM", "ok", `AppArmor is on here: the default profile containerd's CRI gives every container (a pod's RuntimeDefault) is taken out, a Kiln container's default confinement being its VM; a profile a pod names (Localhost) is refused (runtime.host_lsm = "refuse")`}
+	}
+	return checkResult{"host LSM", "ok", `runtime.host_lsm = "refuse": a container whose spec names an AppArmor profile (other than an engine's default) or SELinux label is refused (AppArmor and SELinux are off here)`}
 }
 
 // hostSELinux says whether the host's kernel has SELinux on (its file system is mounted).

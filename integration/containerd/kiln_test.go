@@ -133,6 +133,21 @@ func TestKilnRunRm(t *testing.T) {
 	}
 }
 
+// TestKilnEngineDefaultAppArmorProfile: the default AppArmor profile containerd's CRI puts on every container
+// of a host where AppArmor is on (a pod's RuntimeDefault) is no choice of the user's, and the VM is a Kiln
+// container's default confinement: with the default configuration (runtime.host_lsm = "refuse") the container
+// and an exec in it, whose process ctr copies profile and all, run. A profile the user named is refused
+// (TestKilnBadInput).
+func TestKilnEngineDefaultAppArmorProfile(t *testing.T) {
+	k := startKiln(t)
+	const id = "kiln-lsm-default"
+	k.runDetached(t, id, []string{"--apparmor-profile", "cri-containerd.apparmor.d"}, "sleep", "3600")
+	k.waitStatus(t, id, "RUNNING")
+	if out, errOut, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "e1", id, "echo", "exec ran"); code != 0 || strings.TrimSpace(out) != "exec ran" {
+		t.Errorf("exec in a container with CRI's default profile: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+}
+
 // TestKilnHostLSMIgnored: with runtime.host_lsm = "ignore", a container whose spec names an AppArmor profile (as
 // containerd's CRI gives every container where AppArmor is on) runs, and so does an exec in it, whose process
 // spec ctr copies from the container's, profile and all. The default configuration refuses both

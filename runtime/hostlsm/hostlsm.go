@@ -2,8 +2,9 @@
 // name policy loaded in the host's kernel; a Kiln container runs on its guest's kernel, which has none, and
 // libcontainer in the guest would fail to apply a profile (or, for a mount label, pass it by). The operator
 // chooses (runtime.host_lsm): refuse such a container, naming the field, or take the settings out and run it
-// unconfined by them inside its VM, which is its boundary. containerd's CRI sets an AppArmor profile on every
-// container of a host where AppArmor is on (Ubuntu; Debian with AppArmor installed).
+// unconfined by them inside its VM, which is its boundary. The default profiles container engines put on every
+// container of a host where AppArmor is on (Ubuntu; Debian with AppArmor installed) are no choice of the user's:
+// they are taken out either way (noPolicy).
 package hostlsm
 
 import (
@@ -27,7 +28,8 @@ func Spec(ignore bool, spec *specs.Spec) ([]string, error) {
 	if len(fields) > 0 && !ignore {
 		return nil, refused(fields)
 	}
-	// An "unconfined" profile goes too, without a word: libcontainer would try to apply even that one.
+	// A profile that is no policy (noPolicy) goes too, without a word: libcontainer would try to apply even
+	// "unconfined".
 	if p := spec.Process; p != nil && (p.ApparmorProfile != "" || p.SelinuxLabel != "") {
 		c := *p
 		c.ApparmorProfile, c.SelinuxLabel = "", ""
@@ -51,13 +53,22 @@ func Process(ignore bool, p *specs.Process) ([]string, error) {
 	return fields, nil
 }
 
-// unconfined is the AppArmor profile that confines nothing (Docker's for a privileged container): what a Kiln
-// container gets anyway.
-const unconfined = "unconfined"
+// noPolicy says whether an AppArmor profile asks for nothing a Kiln container lacks: "unconfined", which confines
+// nothing (Docker's for a privileged container), or the default profile a container engine puts on a container
+// that asked for none (a Kubernetes pod's RuntimeDefault: containerd's CRI; nerdctl; Docker), the engine's
+// stand-in for the runtime's default confinement, which for a Kiln container is its VM. Such profiles are taken
+// out without a word; a profile the user named is policy they chose, refused unless runtime.host_lsm = "ignore".
+func noPolicy(profile string) bool {
+	switch profile {
+	case "unconfined", "cri-containerd.apparmor.d", "nerdctl-default", "docker-default":
+		return true
+	}
+	return false
+}
 
 func processFields(p *specs.Process, prefix string) []string {
 	var fields []string
-	if p.ApparmorProfile != "" && p.ApparmorProfile != unconfined {
+	if p.ApparmorProfile != "" && !noPolicy(p.ApparmorProfile) {
 		fields = append(fields, fmt.Sprintf("%sapparmorProfile %q", prefix, p.ApparmorProfile))
 	}
 	if p.SelinuxLabel != "" {

@@ -10,7 +10,8 @@ import (
 )
 
 // A spec that names host LSM policy is refused, naming each field, unless the settings are ignored: then they
-// are taken out of the spec the guest gets and the bundle's spec keeps them. "unconfined" is no policy.
+// are taken out of the spec the guest gets and the bundle's spec keeps them. "unconfined" and the engines' default
+// AppArmor profiles are no policy: taken out without a word.
 func TestSpec(t *testing.T) {
 	for _, c := range []struct {
 		name     string
@@ -21,8 +22,11 @@ func TestSpec(t *testing.T) {
 	}{
 		{name: "none"},
 		{name: "unconfined", process: specs.Process{ApparmorProfile: "unconfined"}},
-		{name: "AppArmor", process: specs.Process{ApparmorProfile: "cri-containerd.apparmor.d"},
-			fields: []string{`process.apparmorProfile "cri-containerd.apparmor.d"`}, refusing: true},
+		{name: "CRI's default profile", process: specs.Process{ApparmorProfile: "cri-containerd.apparmor.d"}},
+		{name: "nerdctl's default profile", process: specs.Process{ApparmorProfile: "nerdctl-default"}},
+		{name: "Docker's default profile", process: specs.Process{ApparmorProfile: "docker-default"}},
+		{name: "AppArmor", process: specs.Process{ApparmorProfile: "kiln-test-profile"},
+			fields: []string{`process.apparmorProfile "kiln-test-profile"`}, refusing: true},
 		{name: "SELinux", process: specs.Process{SelinuxLabel: "system_u:system_r:container_t:s0"}, linux: specs.Linux{MountLabel: "system_u:object_r:container_file_t:s0"},
 			fields: []string{`process.selinuxLabel "system_u:system_r:container_t:s0"`, "linux.mountLabel"}, refusing: true},
 	} {
@@ -57,11 +61,15 @@ func TestSpec(t *testing.T) {
 
 // An exec's process spec is refused or changed in place in the same way.
 func TestProcess(t *testing.T) {
-	p := specs.Process{ApparmorProfile: "docker-default"}
-	if _, err := Process(false, &p); err == nil || !strings.Contains(err.Error(), `apparmorProfile "docker-default"`) {
+	p := specs.Process{ApparmorProfile: "kiln-test-profile"}
+	if _, err := Process(false, &p); err == nil || !strings.Contains(err.Error(), `apparmorProfile "kiln-test-profile"`) {
 		t.Errorf("refusing an exec's profile: %v", err)
 	}
 	if fields, err := Process(true, &p); err != nil || len(fields) != 1 || p.ApparmorProfile != "" {
 		t.Errorf("ignoring an exec's profile: %v, %v, left %q", fields, err, p.ApparmorProfile)
+	}
+	p = specs.Process{ApparmorProfile: "cri-containerd.apparmor.d"}
+	if fields, err := Process(false, &p); err != nil || len(fields) != 0 || p.ApparmorProfile != "" {
+		t.Errorf("an exec with CRI's default profile: %v, %v, left %q", fields, err, p.ApparmorProfile)
 	}
 }
