@@ -103,6 +103,7 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec, guestShm); err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
 	}
+	p.allowVolumeMemory()
 	raw, err := json.Marshal(&spec)
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: encode spec: %w", o.ID, err)

@@ -361,3 +361,60 @@ func TestReadonlyBindSubmounts(t *testing.T) {
 		})
 	}
 }
+
+// TmpfsBytes counts each tmpfs the share exports writable once, whatever directory of it is bound and however
+// often, and no read-only export or other file system.
+func TestTmpfsBytes(t *testing.T) {
+	requireRoot(t)
+	s := newTestShare(t)
+	ctx := context.Background()
+	base := t.TempDir()
+	tmpfs := func(name, size string) string {
+		t.Helper()
+		dir := filepath.Join(base, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+		return dir
+	}
+	rw, ro := tmpfs("rw", "8m"), tmpfs("ro", "4m")
+	if err := os.Mkdir(filepath.Join(rw, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	disk := filepath.Join(base, "disk")
+	if err := os.Mkdir(disk, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	want := func(what string, n int64) {
+		t.Helper()
+		got, err := s.TmpfsBytes()
+		if err != nil || got != n {
+			t.Errorf("%s: TmpfsBytes = %d, %v; want %d", what, got, err, n)
+		}
+	}
+	want("nothing exported", 0)
+	for _, b := range []struct {
+		id, src  string
+		readonly bool
+	}{{"c1", disk, false}, {"c1", ro, true}} {
+		if _, err := s.AddBind(ctx, b.id, b.src, b.readonly); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want("a disk directory and a read-only tmpfs", 0)
+	for _, b := range []struct{ id, src string }{{"c1", rw}, {"c2", filepath.Join(rw, "sub")}, {"c2", rw}} {
+		if _, err := s.AddBind(ctx, b.id, b.src, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want("one tmpfs bound three times", 8<<20)
+	for _, id := range []string{"c1", "c2"} {
+		if err := s.RemoveContainer(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -35,8 +36,8 @@ type Cgroup struct {
 	dirs []string
 	// ctls (v1) names a controller of each of dirs' hierarchies, mounts (v1) their mount points.
 	ctls, mounts []string
-	// limit is the memory limit in bytes.
-	limit int64
+	// limit is the memory limit in bytes (SetLimit changes it while the cgroup's programs run).
+	limit atomic.Int64
 }
 
 // v1Controllers are the v1 hierarchies a Cgroup spans; memory is required, the others are used where mounted.
@@ -70,7 +71,8 @@ func NewCgroup(name string, limitBytes int64) (*Cgroup, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create cgroup %s: %w", name, err)
 	}
-	c := &Cgroup{v2: h.v2, name: name, limit: limitBytes}
+	c := &Cgroup{v2: h.v2, name: name}
+	c.limit.Store(limitBytes)
 	if h.v2 {
 		parent, err := h.v2Parent()
 		if err != nil {
@@ -125,10 +127,28 @@ func (c *Cgroup) create(h host) error {
 			return err
 		}
 	}
+	return c.writeLimit(c.limit.Load())
+}
+
+// writeLimit sets the cgroup's memory limit: memory.max on v2, memory.limit_in_bytes on v1.
+func (c *Cgroup) writeLimit(bytes int64) error {
+	file := "memory.limit_in_bytes"
 	if c.v2 {
-		return writeFile(filepath.Join(c.dirs[0], "memory.max"), strconv.FormatInt(c.limit, 10))
+		file = "memory.max"
 	}
-	return writeFile(filepath.Join(h.v1Dirs["memory"], c.name, "memory.limit_in_bytes"), strconv.FormatInt(c.limit, 10))
+	return writeFile(filepath.Join(c.Path(), file), strconv.FormatInt(bytes, 10))
+}
+
+// SetLimit changes the cgroup's memory limit to limitBytes while its programs run.
+func (c *Cgroup) SetLimit(limitBytes int64) error {
+	if limitBytes <= 0 {
+		return fmt.Errorf("cgroup %s: memory limit %d: want a positive number of bytes", c.name, limitBytes)
+	}
+	if err := c.writeLimit(limitBytes); err != nil {
+		return fmt.Errorf("cgroup %s: set its memory limit to %d bytes: %w", c.name, limitBytes, err)
+	}
+	c.limit.Store(limitBytes)
+	return nil
 }
 
 // Background puts the cgroup behind its siblings for CPU (on: the lowest weight), or back beside them (off: the
@@ -205,7 +225,7 @@ func (c *Cgroup) OOMKills() (uint64, error) {
 func (c *Cgroup) V2() bool { return c.v2 }
 
 // Limit is the memory limit in bytes.
-func (c *Cgroup) Limit() int64 { return c.limit }
+func (c *Cgroup) Limit() int64 { return c.limit.Load() }
 
 // Dirs are the cgroup's directories: the v2 one, or one per v1 hierarchy.
 func (c *Cgroup) Dirs() []string { return append([]string(nil), c.dirs...) }

@@ -331,3 +331,40 @@ func TestCgroupOOMKills(t *testing.T) {
 		t.Errorf("OOMKills after the program was killed = %d, %v; want 1 or more", n, err)
 	}
 }
+
+// SetLimit changes the limit the kernel enforces, and Limit reports it; a limit of nothing is refused.
+func TestCgroupSetLimit(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create cgroups")
+	}
+	cg, err := NewCgroup("kiln-setlimit-test-"+strconv.Itoa(os.Getpid()), 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cg.Remove() })
+	checkVersion(t, cg)
+	file := "memory.limit_in_bytes"
+	if cg.V2() {
+		file = "memory.max"
+	}
+	read := func() string {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(cg.Path(), file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(string(b))
+	}
+	if got := read(); got != strconv.Itoa(64<<20) {
+		t.Fatalf("%s = %s at creation, want %d", file, got, 64<<20)
+	}
+	if err := cg.SetLimit(320 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(); got != strconv.Itoa(320<<20) || cg.Limit() != 320<<20 {
+		t.Errorf("%s = %s, Limit %d after SetLimit(320 MiB)", file, got, cg.Limit())
+	}
+	if err := cg.SetLimit(0); err == nil || cg.Limit() != 320<<20 {
+		t.Errorf("SetLimit(0) = %v, Limit %d", err, cg.Limit())
+	}
+}

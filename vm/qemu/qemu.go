@@ -329,7 +329,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	defer vs.started()
 
 	if m.cfg.Cgroup {
-		cg, err := child.NewCgroup("kiln-vm-"+m.cfg.ID, int64(m.cfg.MemoryMiB+m.cfg.MemoryOverheadMiB)<<20)
+		cg, err := child.NewCgroup("kiln-vm-"+m.cfg.ID, m.ownMemory())
 		if err != nil {
 			return fmt.Errorf("start vm %s: %w", m.cfg.ID, err)
 		}

@@ -178,6 +178,29 @@ func (m *Machine) CgroupPath() string {
 	return m.cgroup.Path()
 }
 
+// AllowHostMemory sets the memory limit of the VM's cgroup to the VM's own (guest RAM and overhead) plus extra
+// bytes: host memory its programs hold for the guest beyond its RAM, such as the pages of a host tmpfs the guest
+// writes through virtio-fs, which the host charges to virtiofsd. Nothing to do without Config.Cgroup.
+func (m *Machine) AllowHostMemory(extra int64) error {
+	m.mu.Lock()
+	cg := m.cgroup
+	m.mu.Unlock()
+	if cg == nil {
+		return nil
+	}
+	if extra < 0 {
+		return fmt.Errorf("vm %s: allow %d bytes of host memory: want none or more", m.cfg.ID, extra)
+	}
+	if err := cg.SetLimit(m.ownMemory() + extra); err != nil {
+		return fmt.Errorf("vm %s: %w", m.cfg.ID, err)
+	}
+	return nil
+}
+
+// ownMemory is the memory limit of the VM's cgroup for the VM itself: guest RAM and what QEMU and virtiofsd use
+// beyond it.
+func (m *Machine) ownMemory() int64 { return int64(m.cfg.MemoryMiB+m.cfg.MemoryOverheadMiB) << 20 }
+
 // listenFile creates a listening Unix socket at path and returns its descriptor; the file stays when the
 // descriptor is closed (the state directory goes as a whole).
 func listenFile(path string) (*os.File, error) {
