@@ -48,7 +48,7 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
 	}
-	dropped, err := fitDevices(spec.Linux, guestHasDevice)
+	dropped, err := fitDevices(spec.Linux, guestDevice)
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
 	}

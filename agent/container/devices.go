@@ -3,6 +3,7 @@ package container
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -10,10 +11,14 @@ import (
 )
 
 // fitDevices fits the spec's devices to the guest. A device names its node by type and numbers, which the guest
-// reads as its own devices: host devices are not passed through. One the guest has (has) stays; one it lacks is
-// refused, naming it, unless the container may use every device (a privileged one's cgroup rule allows all: its
-// runtime listed every device of the host), where it is left out and returned, for the log.
-func fitDevices(l *specs.Linux, has func(typ string, major, minor int64) bool) (dropped []string, err error) {
+// reads as its own devices: host devices are not passed through. One the guest has under the same name (guest
+// says which device, if any, has those numbers) stays; one it lacks, or has under another name, is refused,
+// naming it, unless the container may use every device (a privileged one's cgroup rule allows all: its runtime
+// listed every device of the host), where it is left out and returned, for the log. The name matters where
+// numbers are handed out as devices appear: the host's first NVMe disk (block 259:0) is the guest's first
+// virtio-pmem device, the agent's image, which a container must not get in its place. A device named outside
+// /dev is taken by its numbers alone.
+func fitDevices(l *specs.Linux, guest func(typ string, major, minor int64) (name string, ok bool)) (dropped []string, err error) {
 	if l == nil || len(l.Devices) == 0 {
 		return nil, nil
 	}
@@ -22,13 +27,23 @@ func fitDevices(l *specs.Linux, has func(typ string, major, minor int64) bool) (
 	})
 	kept := l.Devices[:0:0]
 	for i, d := range l.Devices {
-		if d.Type == "p" || has(d.Type, d.Major, d.Minor) {
+		if d.Type == "p" {
 			kept = append(kept, d)
 			continue
 		}
 		name := fmt.Sprintf("%s (%s %d:%d)", d.Path, d.Type, d.Major, d.Minor)
+		var why string
+		switch got, ok := guest(d.Type, d.Major, d.Minor); {
+		case !ok:
+			why = "the VM has no such device"
+		case got != "" && !sameDevice(d.Path, got):
+			why = fmt.Sprintf("the VM's device with those numbers is /dev/%s, another device", got)
+		default:
+			kept = append(kept, d)
+			continue
+		}
 		if !all {
-			return nil, fmt.Errorf("linux.devices[%d] %s: the VM has no such device; a Kiln container gets the devices of its VM's kernel, not the host's: remove it from the spec, or use runc for it", i, name)
+			return nil, fmt.Errorf("linux.devices[%d] %s: %s; a Kiln container gets the devices of its VM's kernel, not the host's: remove it from the spec, or use runc for it", i, name, why)
 		}
 		dropped = append(dropped, name)
 	}
@@ -36,12 +51,32 @@ func fitDevices(l *specs.Linux, has func(typ string, major, minor int64) bool) (
 	return dropped, nil
 }
 
-// guestHasDevice says whether the guest's kernel has the device of type typ ("c", "u" or "b") and numbers.
-func guestHasDevice(typ string, major, minor int64) bool {
+// sameDevice says whether a spec's device path names the guest device devName (its name under /dev, as the
+// kernel gives it: "null", "net/tun"). A path outside /dev names no device by its name.
+func sameDevice(path, devName string) bool {
+	rel, ok := strings.CutPrefix(filepath.Clean(path), "/dev/")
+	return !ok || rel == devName
+}
+
+// guestDevice says whether the guest's kernel has a device of type typ ("c", "u" or "b") and numbers, and its name
+// under /dev (the DEVNAME of its uevent; empty when the kernel gives none).
+func guestDevice(typ string, major, minor int64) (string, bool) {
 	class := "char"
 	if typ == "b" {
 		class = "block"
 	}
-	_, err := os.Stat(fmt.Sprintf("/sys/dev/%s/%d:%d", class, major, minor))
-	return err == nil
+	dir := fmt.Sprintf("/sys/dev/%s/%d:%d", class, major, minor)
+	if _, err := os.Stat(dir); err != nil {
+		return "", false
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "uevent"))
+	if err != nil {
+		return "", true
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if name, ok := strings.CutPrefix(line, "DEVNAME="); ok {
+			return name, true
+		}
+	}
+	return "", true
 }
