@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -372,5 +373,56 @@ func removeCgroup(p string) {
 		for i := len(dirs) - 1; i >= 0; i-- {
 			_ = os.Remove(dirs[i])
 		}
+	}
+}
+
+// TestKilnPodSystemdCgroup: with kubelet's systemd cgroup driver (kubeadm's default) a pod's cgroup parent is a
+// systemd slice, and containerd names the sandbox's cgroup in systemd's form, slice:cri-containerd:<id>. The
+// pod's VM is accounted to that slice as runc's containers are: QEMU runs in the scope's cgroup, below the
+// slice, and statsp reads the VM's memory there. Kiln only warned before, and left the VM in containerd's cgroup.
+func TestKilnPodSystemdCgroup(t *testing.T) {
+	e := startEnv(t, Options{Handlers: []string{HandlerKiln}})
+	const name = "systemd-kiln"
+	pod := NewPodConfig(name, e.PodLogDir(name))
+	pod.Linux.CgroupParent = "kilncritest-sd.slice"
+	t.Cleanup(func() { removeCgroup("/kilncritest.slice") })
+	sleeper := NewContainerConfig("sleeper", containerd.BusyboxRef, "sleep", "3600")
+	podID, _ := podWithContainers(t, e, HandlerKiln, pod, sleeper)
+
+	scope := "/kilncritest.slice/kilncritest-sd.slice/cri-containerd-" + podID + ".scope"
+	roots, _ := filepath.Glob("/sys/fs/cgroup/memory")
+	if len(roots) == 0 {
+		roots = []string{"/sys/fs/cgroup"} // v2
+	}
+	var comms []string
+	_ = filepath.WalkDir(filepath.Join(roots[0], scope), func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		for _, pid := range strings.Fields(string(b)) {
+			comm, _ := os.ReadFile("/proc/" + pid + "/comm")
+			comms = append(comms, strings.TrimSpace(string(comm)))
+		}
+		return nil
+	})
+	if !slices.ContainsFunc(comms, func(c string) bool { return strings.HasPrefix(c, "qemu-system") }) {
+		t.Fatalf("the processes in %s (and below) are %v: want the pod's QEMU", scope, comms)
+	}
+	var stats struct {
+		Stats []struct {
+			Linux struct {
+				Memory struct {
+					WorkingSetBytes struct{ Value string } `json:"workingSetBytes"`
+				} `json:"memory"`
+			} `json:"linux"`
+		} `json:"stats"`
+	}
+	sout := e.crictl(t, "statsp", "-o", "json", "--id", podID)
+	if err := json.Unmarshal([]byte(sout), &stats); err != nil || len(stats.Stats) != 1 {
+		t.Fatalf("statsp output %s: %v", sout, err)
+	}
+	if ws, _ := strconv.ParseInt(stats.Stats[0].Linux.Memory.WorkingSetBytes.Value, 10, 64); ws < 16<<20 {
+		t.Errorf("statsp working set %d bytes: the VM is not accounted to the pod's slice", ws)
 	}
 }

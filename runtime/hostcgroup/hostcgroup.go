@@ -1,8 +1,9 @@
 // Package hostcgroup puts a pod's host processes in the host cgroup its spec names, so that the host accounts
 // them to the pod as it would a runc container: the shim moves itself there before it starts QEMU and virtiofsd,
 // which inherit it. containerd's pod stats (crictl statsp) and kubelet read the pod's cgroup, the parent of that
-// one. It works with cgroup v1 and v2 and cgroupfs paths; systemd's "slice:prefix:name" form needs systemd to
-// create the unit and is refused.
+// one. It works with cgroup v1 and v2, with cgroupfs paths and with systemd's "slice:prefix:name" form (kubelet's
+// systemd cgroup driver, kubeadm's default), which names the cgroup of a scope unit in the slice's cgroup; Kiln
+// makes that cgroup itself, as for a cgroupfs path, without asking systemd for the unit (SystemdPath).
 package hostcgroup
 
 import (
@@ -16,11 +17,37 @@ import (
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
 	"github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/opencontainers/cgroups/systemd"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
-// ErrSystemdPath is returned for a cgroup path in systemd's form.
-var ErrSystemdPath = errors.New("a systemd cgroup path (slice:prefix:name) needs the systemd cgroup driver, which Kiln does not drive; host processes stay in the shim's cgroup")
+// SystemdPath turns a cgroup path in systemd's form, "<slice>:<prefix>:<name>" (what containerd's CRI gives a
+// container when kubelet's cgroup parent is a systemd slice), into the cgroupfs path systemd gives the scope unit
+// <prefix>-<name>.scope in that slice: the slice expanded by systemd's naming ("kubepods-burstable-pod1.slice" is
+// /kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice), the scope below it. A name that is
+// itself a slice is the unit. An empty slice is system.slice, as for runc.
+func SystemdPath(p string) (string, error) {
+	parts := strings.Split(p, ":")
+	if len(parts) != 3 || parts[2] == "" || strings.ContainsAny(parts[1]+parts[2], "/") {
+		return "", fmt.Errorf("cgroup %q: want systemd's form <slice>:<prefix>:<name>", p)
+	}
+	slice, prefix, name := parts[0], parts[1], parts[2]
+	if slice == "" {
+		slice = "system.slice"
+	}
+	dir, err := systemd.ExpandSlice(slice)
+	if err != nil {
+		return "", fmt.Errorf("cgroup %q: %w", p, err)
+	}
+	unit := name
+	if !strings.HasSuffix(name, ".slice") {
+		unit = prefix + "-" + name + ".scope"
+		if prefix == "" {
+			unit = name + ".scope"
+		}
+	}
+	return path.Join(dir, unit), nil
+}
 
 // Group is the host cgroup a process entered, and the way back.
 type Group struct {
@@ -34,12 +61,16 @@ type Group struct {
 	oomBase uint64
 }
 
-// Enter creates the cgroup at p (absolute, cgroupfs form) and moves process pid into it, remembering where
-// it was. The processes in trees go too, each with every process below it: a spare shim's QEMU and virtiofsd,
-// started before it knew its pod. Leave takes back only pid.
+// Enter creates the cgroup at p (absolute, cgroupfs form, or systemd's: SystemdPath) and moves process pid into
+// it, remembering where it was. The processes in trees go too, each with every process below it: a spare shim's
+// QEMU and virtiofsd, started before it knew its pod. Leave takes back only pid.
 func Enter(p string, pid int, trees ...int) (*Group, error) {
 	if strings.Contains(p, ":") {
-		return nil, fmt.Errorf("cgroup %s: %w", p, ErrSystemdPath)
+		fs, err := SystemdPath(p)
+		if err != nil {
+			return nil, err
+		}
+		p = fs
 	}
 	if !path.IsAbs(p) || path.Clean(p) == "/" {
 		return nil, fmt.Errorf("cgroup %q: want an absolute path below the root", p)

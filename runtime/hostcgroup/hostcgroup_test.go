@@ -55,14 +55,28 @@ func TestEnterAndLeave(t *testing.T) {
 	}
 }
 
-func TestRefusesSystemdAndRelativePaths(t *testing.T) {
-	for _, p := range []string{"kubepods.slice:cri-containerd:abc", "relative/path", "/"} {
+func TestRefusesBadPaths(t *testing.T) {
+	for _, p := range []string{"relative/path", "/", "kubepods.slice:cri-containerd", "kubepods:cri-containerd:abc", "a--b.slice:x:y", "a.slice:x:", "a.slice:x:y/z"} {
 		if _, err := Enter(p, os.Getpid()); err == nil {
 			t.Errorf("%q accepted", p)
 		}
 	}
-	if _, err := Enter("a.slice:b:c", os.Getpid()); !errors.Is(err, ErrSystemdPath) {
-		t.Errorf("systemd path: %v", err)
+}
+
+// A systemd cgroup path names the scope's cgroup in the slice's, as systemd lays them out.
+func TestSystemdPath(t *testing.T) {
+	for in, want := range map[string]string{
+		"kubepods-burstable-pod1.slice:cri-containerd:abc": "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope",
+		"kubepods.slice:cri-containerd:abc":                "/kubepods.slice/cri-containerd-abc.scope",
+		":cri-containerd:abc":                              "/system.slice/cri-containerd-abc.scope",
+		"machine.slice::abc":                               "/machine.slice/abc.scope",
+		"kubepods.slice:x:kubepods-pod2.slice":             "/kubepods.slice/kubepods-pod2.slice",
+		"-.slice:cri-containerd:abc":                       "/cri-containerd-abc.scope",
+	} {
+		got, err := SystemdPath(in)
+		if err != nil || got != want {
+			t.Errorf("SystemdPath(%q) = %q, %v; want %q", in, got, err, want)
+		}
 	}
 }
 

@@ -280,10 +280,6 @@ func (p *Pod) enterCgroup(first *First, vm ...int) error {
 		return nil
 	}
 	g, err := hostcgroup.Enter(spec.Linux.CgroupsPath, os.Getpid(), vm...)
-	if errors.Is(err, hostcgroup.ErrSystemdPath) {
-		p.log.WithError(err).Warn("host cgroup accounting of the pod")
-		return nil
-	}
 	if err != nil {
 		return fmt.Errorf("container %s: %w", first.ID, err)
 	}
