@@ -11,13 +11,15 @@ import (
 )
 
 // fitDevices fits the spec's devices to the guest. A device names its node by type and numbers, which the guest
-// reads as its own devices: host devices are not passed through. One the guest has under the same name (guest
-// says which device, if any, has those numbers) stays; one it lacks, or has under another name, is refused,
-// naming it, unless the container may use every device (a privileged one's cgroup rule allows all: its runtime
-// listed every device of the host), where it is left out and returned, for the log. The name matters where
-// numbers are handed out as devices appear: the host's first NVMe disk (block 259:0) is the guest's first
-// virtio-pmem device, the agent's image, which a container must not get in its place. A device named outside
-// /dev is taken by its numbers alone.
+// reads as its own devices: host devices are not passed through. One the guest has (guest says which device, if
+// any, has those numbers) stays, a block device only under the same name; one it lacks, or a block device it has
+// under another name, is refused, naming it, unless the container may use every device (a privileged one's
+// cgroup rule allows all: its runtime listed every device of the host), where it is left out and returned, for
+// the log. Block devices get their numbers as they appear, so the same numbers name different disks: the host's
+// first NVMe disk (block 259:0) is a template clone's first virtio-pmem device, the agent's image, which a
+// container must not get in its place. Character devices mostly have numbers of their own (the memory devices,
+// /dev/fuse, /dev/net/tun) and may be given another name in the container (--device /dev/fuse:/dev/myfuse).
+// A block device named outside /dev is taken by its numbers alone.
 func fitDevices(l *specs.Linux, guest func(typ string, major, minor int64) (name string, ok bool)) (dropped []string, err error) {
 	if l == nil || len(l.Devices) == 0 {
 		return nil, nil
@@ -36,7 +38,7 @@ func fitDevices(l *specs.Linux, guest func(typ string, major, minor int64) (name
 		switch got, ok := guest(d.Type, d.Major, d.Minor); {
 		case !ok:
 			why = "the VM has no such device"
-		case got != "" && !sameDevice(d.Path, got):
+		case d.Type == "b" && got != "" && !sameDevice(d.Path, got):
 			why = fmt.Sprintf("the VM's device with those numbers is /dev/%s, another device", got)
 		default:
 			kept = append(kept, d)

@@ -8,8 +8,9 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
-// A device the guest has under its name stays; one it lacks, or has under another name, is refused naming it, or
-// left out for a container allowed every device (privileged: its runtime listed all of the host's).
+// A device the guest has stays, a block device only under its name; one it lacks, or a block device it has under
+// another name, is refused naming it, or left out for a container allowed every device (privileged: its runtime
+// listed all of the host's).
 func TestFitDevices(t *testing.T) {
 	guest := func(typ string, major, minor int64) (string, bool) {
 		switch {
@@ -25,7 +26,8 @@ func TestFitDevices(t *testing.T) {
 	fuse := specs.LinuxDevice{Path: "/dev/fuse", Type: "c", Major: 10, Minor: 229}
 	nvme := specs.LinuxDevice{Path: "/dev/nvme0n1", Type: "b", Major: 259, Minor: 0}
 	pmem := specs.LinuxDevice{Path: "/dev/./pmem0", Type: "b", Major: 259, Minor: 0}
-	outside := specs.LinuxDevice{Path: "/fuse", Type: "c", Major: 10, Minor: 229}
+	outside := specs.LinuxDevice{Path: "/pmem", Type: "b", Major: 259, Minor: 0}
+	renamed := specs.LinuxDevice{Path: "/dev/myfuse", Type: "c", Major: 10, Minor: 229}
 	unnamed := specs.LinuxDevice{Path: "/dev/ttyS0", Type: "c", Major: 4, Minor: 64}
 	tun := specs.LinuxDevice{Path: "/dev/net/tun", Type: "c", Major: 10, Minor: 200}
 	fifo := specs.LinuxDevice{Path: "/dev/p", Type: "p"}
@@ -46,6 +48,7 @@ func TestFitDevices(t *testing.T) {
 		{name: "the same name, path unclean", linux: &specs.Linux{Devices: []specs.LinuxDevice{pmem}}, want: []specs.LinuxDevice{pmem}},
 		{name: "outside /dev, by numbers", linux: &specs.Linux{Devices: []specs.LinuxDevice{outside}}, want: []specs.LinuxDevice{outside}},
 		{name: "a guest device without a name", linux: &specs.Linux{Devices: []specs.LinuxDevice{unnamed}}, want: []specs.LinuxDevice{unnamed}},
+		{name: "a character device named otherwise in the container", linux: &specs.Linux{Devices: []specs.LinuxDevice{renamed}}, want: []specs.LinuxDevice{renamed}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			dropped, err := fitDevices(c.linux, guest)

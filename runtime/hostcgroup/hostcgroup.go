@@ -41,10 +41,7 @@ func SystemdPath(p string) (string, error) {
 	}
 	unit := name
 	if !strings.HasSuffix(name, ".slice") {
-		unit = prefix + "-" + name + ".scope"
-		if prefix == "" {
-			unit = name + ".scope"
-		}
+		unit = prefix + "-" + name + ".scope" // as runc names it, even with no prefix
 	}
 	return path.Join(dir, unit), nil
 }

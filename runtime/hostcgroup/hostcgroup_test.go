@@ -69,7 +69,7 @@ func TestSystemdPath(t *testing.T) {
 		"kubepods-burstable-pod1.slice:cri-containerd:abc": "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope",
 		"kubepods.slice:cri-containerd:abc":                "/kubepods.slice/cri-containerd-abc.scope",
 		":cri-containerd:abc":                              "/system.slice/cri-containerd-abc.scope",
-		"machine.slice::abc":                               "/machine.slice/abc.scope",
+		"machine.slice::abc":                               "/machine.slice/-abc.scope",
 		"kubepods.slice:x:kubepods-pod2.slice":             "/kubepods.slice/kubepods-pod2.slice",
 		"-.slice:cri-containerd:abc":                       "/cri-containerd-abc.scope",
 	} {

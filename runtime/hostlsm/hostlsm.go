@@ -80,6 +80,6 @@ func processFields(p *specs.Process, prefix string) []string {
 func refused(fields []string) error {
 	return fmt.Errorf("%w: %v: host LSM policy (AppArmor, SELinux) does not reach a Kiln container, which runs on its VM's kernel: "+
 		"set runtime.host_lsm = \"ignore\" in Kiln's configuration to run it unconfined by them inside its VM, or leave them out "+
-		"(a Kubernetes pod's appArmorProfile Unconfined; containerd's CRI sets a profile on every container where AppArmor is on)",
+		"(a Kubernetes pod's appArmorProfile RuntimeDefault or Unconfined; containerd's enable_selinux off)",
 		errdefs.ErrInvalidArgument, fields)
 }

@@ -1,6 +1,10 @@
 package pod
 
-import "github.com/sirupsen/logrus"
+import (
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/runtime/share"
+)
 
 // memoryAllower is a VM whose cgroup's memory limit can grow beyond the VM's own (qemu.Machine).
 type memoryAllower interface {
@@ -8,31 +12,50 @@ type memoryAllower interface {
 }
 
 // allowVolumeMemory lets the VM's cgroup hold the host tmpfs volumes the pod's containers write through virtio-fs
-// (share.TmpfsBytes) beside the VM's own memory. virtiofsd writes their pages, so the host charges them to the
-// VM's cgroup, whose limit is the guest's RAM and QEMU's overhead: a container filling a tmpfs volume (a memory
+// (share.Tmpfs) beside the VM's own memory. virtiofsd writes their pages, so the host charges them to the VM's
+// cgroup, whose limit is the guest's RAM and QEMU's overhead: a container filling a tmpfs volume (a memory
 // emptyDir, a host tmpfs directory) would have its whole VM killed by the OOM killer after a couple of hundred
 // megabytes, where under runc the pages count against the container's and the pod's limits. With the allowance
-// the pod's host cgroup, above the VM's, bounds them as it does under runc. The limit only grows: the files stay
-// in the volume when their container goes.
+// the pod's host cgroup, above the VM's, bounds them as it does under runc. Each tmpfs counts once, for as long
+// as the pod runs: its pages stay charged when the container that wrote them goes.
 func (p *Pod) allowVolumeMemory() {
 	m, ok := p.sb.Machine().(memoryAllower)
 	if !ok {
 		return
 	}
-	n, err := p.share.TmpfsBytes()
+	sizes, err := p.share.Tmpfs()
 	if err != nil {
 		p.log.WithError(err).Warn("the VM's cgroup keeps its memory limit: its containers' tmpfs volumes count against it")
 		return
 	}
 	p.hostMemMu.Lock()
 	defer p.hostMemMu.Unlock()
-	if n <= p.volumeMemory {
+	total, grew := volumeAllowance(p.volumeMemory, p.volumes, sizes)
+	if !grew {
 		return
 	}
-	if err := m.AllowHostMemory(n); err != nil {
+	if err := m.AllowHostMemory(total); err != nil {
 		p.log.WithError(err).Warn("the VM's cgroup keeps its memory limit: its containers' tmpfs volumes count against it")
 		return
 	}
-	p.volumeMemory = n
-	p.log.WithFields(logrus.Fields{"tmpfs_bytes": n}).Info("the VM's cgroup now also holds the host tmpfs volumes its containers write")
+	if p.volumes == nil {
+		p.volumes = map[share.Device]bool{}
+	}
+	for dev := range sizes {
+		p.volumes[dev] = true
+	}
+	p.volumeMemory = total
+	p.log.WithFields(logrus.Fields{"tmpfs_bytes": total}).Info("the VM's cgroup now also holds the host tmpfs volumes its containers write")
+}
+
+// volumeAllowance adds to total, what the VM's cgroup holds for the tmpfs volumes counted so far, the size of
+// each of sizes not counted yet, and says whether there was one.
+func volumeAllowance(total int64, counted map[share.Device]bool, sizes map[share.Device]int64) (int64, bool) {
+	grew := false
+	for dev, n := range sizes {
+		if !counted[dev] {
+			total, grew = total+n, true
+		}
+	}
+	return total, grew
 }

@@ -227,31 +227,35 @@ func (s *Share) containerLocked(id string) (*container, error) {
 	return c, nil
 }
 
-// TmpfsBytes is the summed size of the distinct tmpfs file systems the share exports to the guest writable (bind
-// sources, and the mounts below an rbind's): host memory the guest can fill through virtio-fs, which the host
-// charges to virtiofsd, where under runc it would be charged to the container that wrote it. Read-only exports
-// (a Kubernetes pod's secret and token volumes) count as none, and so does a tmpfs without a size (size=0).
-func (s *Share) TmpfsBytes() (int64, error) {
+// Tmpfs lists the tmpfs file systems the share exports to the guest writable (bind sources, and the mounts below
+// an rbind's), each once, with its size in bytes: host memory the guest can fill through virtio-fs, which the
+// host charges to virtiofsd, where under runc it would be charged to the container that wrote it. Read-only
+// exports (a Kubernetes pod's secret and token volumes) are left out, and a tmpfs without a size (size=0) has
+// size 0.
+func (s *Share) Tmpfs() (map[Device]int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
 		writable := slices.Contains(strings.Split(m.Options, ","), "rw")
 		return m.FSType != "tmpfs" || !writable || !mounttree.Under(m.Mountpoint, s.mounts) || m.Mountpoint == s.mounts, false
 	})
 	if err != nil {
-		return 0, fmt.Errorf("share %s: list its tmpfs mounts: %w", s.dir, err)
+		return nil, fmt.Errorf("share %s: list its tmpfs mounts: %w", s.dir, err)
 	}
-	seen := map[[2]int]bool{}
-	var total int64
+	sizes := map[Device]int64{}
 	for _, m := range infos {
-		dev := [2]int{m.Major, m.Minor}
-		if seen[dev] {
+		dev := Device{Major: m.Major, Minor: m.Minor}
+		if _, seen := sizes[dev]; seen {
 			continue
 		}
-		seen[dev] = true
 		var st unix.Statfs_t
 		if err := unix.Statfs(m.Mountpoint, &st); err != nil {
-			return 0, fmt.Errorf("share %s: size of the tmpfs at %s: %w", s.dir, m.Mountpoint, err)
+			return nil, fmt.Errorf("share %s: size of the tmpfs at %s: %w", s.dir, m.Mountpoint, err)
 		}
-		total += int64(st.Blocks) * st.Bsize
+		sizes[dev] = int64(st.Blocks) * st.Bsize
 	}
-	return total, nil
+	return sizes, nil
 }
+
+// Device is a file system's device numbers.
+type Device struct{ Major, Minor int }

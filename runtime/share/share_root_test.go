@@ -362,17 +362,23 @@ func TestReadonlyBindSubmounts(t *testing.T) {
 	}
 }
 
-// TmpfsBytes counts each tmpfs the share exports writable once, whatever directory of it is bound and however
-// often, and no read-only export or other file system.
-func TestTmpfsBytes(t *testing.T) {
+// Tmpfs lists each tmpfs the share exports writable once, whatever directory of it is bound and however often,
+// the mounts below an rbind's source included, and no read-only export or other file system.
+func TestTmpfs(t *testing.T) {
 	requireRoot(t)
 	s := newTestShare(t)
 	ctx := context.Background()
 	base := t.TempDir()
-	tmpfs := func(name, size string) string {
+	var st unix.Statfs_t
+	if err := unix.Statfs(base, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type == unix.TMPFS_MAGIC {
+		t.Skipf("the test's directories are on a tmpfs here (%s): no directory to bind is on another file system", base)
+	}
+	tmpfs := func(dir, size string) string {
 		t.Helper()
-		dir := filepath.Join(base, name)
-		if err := os.Mkdir(dir, 0o755); err != nil {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
 		if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
@@ -381,40 +387,45 @@ func TestTmpfsBytes(t *testing.T) {
 		t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
 		return dir
 	}
-	rw, ro := tmpfs("rw", "8m"), tmpfs("ro", "4m")
-	if err := os.Mkdir(filepath.Join(rw, "sub"), 0o755); err != nil {
-		t.Fatal(err)
-	}
+	rw, ro := tmpfs(filepath.Join(base, "rw"), "8m"), tmpfs(filepath.Join(base, "ro"), "4m")
 	disk := filepath.Join(base, "disk")
-	if err := os.Mkdir(disk, 0o755); err != nil {
+	tmpfs(filepath.Join(disk, "below"), "2m")
+	if err := os.Mkdir(filepath.Join(rw, "sub"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	want := func(what string, n int64) {
 		t.Helper()
-		got, err := s.TmpfsBytes()
+		sizes, err := s.Tmpfs()
+		var got int64
+		for _, size := range sizes {
+			got += size
+		}
 		if err != nil || got != n {
-			t.Errorf("%s: TmpfsBytes = %d, %v; want %d", what, got, err, n)
+			t.Errorf("%s: Tmpfs = %v, %v; want %d bytes in all", what, sizes, err, n)
 		}
 	}
 	want("nothing exported", 0)
-	for _, b := range []struct {
-		id, src  string
-		readonly bool
-	}{{"c1", disk, false}, {"c1", ro, true}} {
-		if _, err := s.AddBind(ctx, b.id, b.src, b.readonly); err != nil {
-			t.Fatal(err)
-		}
+	if _, err := s.AddBindSource(ctx, "c1", Source{Path: disk}, BindOptions{}); err != nil {
+		t.Fatal(err)
 	}
-	want("a disk directory and a read-only tmpfs", 0)
+	if _, err := s.AddBind(ctx, "c1", ro, true); err != nil {
+		t.Fatal(err)
+	}
+	want("a disk directory (not recursive) and a read-only tmpfs", 0)
+	if _, err := s.AddBindSource(ctx, "c3", Source{Path: disk}, BindOptions{Recursive: true}); err != nil {
+		t.Fatal(err)
+	}
+	want("a tmpfs below an rbind's source", 2<<20)
 	for _, b := range []struct{ id, src string }{{"c1", rw}, {"c2", filepath.Join(rw, "sub")}, {"c2", rw}} {
 		if _, err := s.AddBind(ctx, b.id, b.src, false); err != nil {
 			t.Fatal(err)
 		}
 	}
-	want("one tmpfs bound three times", 8<<20)
-	for _, id := range []string{"c1", "c2"} {
+	want("one tmpfs bound three times, and the one below the rbind", 10<<20)
+	for _, id := range []string{"c1", "c2", "c3"} {
 		if err := s.RemoveContainer(ctx, id); err != nil {
 			t.Fatal(err)
 		}
 	}
+	want("everything removed", 0)
 }

@@ -123,12 +123,8 @@ type CreateContainerRequest struct {
 	OciSpec []byte `protobuf:"bytes,2,opt,name=oci_spec,json=ociSpec,proto3" json:"oci_spec,omitempty"`
 	// The container's root directory, relative to the guest's shared
 	// directory (virtio-fs): "<container-id>/rootfs".
-	Rootfs string `protobuf:"bytes,3,opt,name=rootfs,proto3" json:"rootfs,omitempty"`
-	Stdio  *Stdio `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
-	// The pod's memory volumes the spec binds from (GuestPodVolumes/<name>, or a directory below it): each a tmpfs
-	// in guest memory that the agent mounts the first time a container of the pod names it, shared by every
-	// container that binds it, as a Kubernetes emptyDir of medium Memory is shared by a pod's containers.
-	PodVolumes    []*PodVolume `protobuf:"bytes,5,rep,name=pod_volumes,json=podVolumes,proto3" json:"pod_volumes,omitempty"`
+	Rootfs        string `protobuf:"bytes,3,opt,name=rootfs,proto3" json:"rootfs,omitempty"`
+	Stdio         *Stdio `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -191,78 +187,6 @@ func (x *CreateContainerRequest) GetStdio() *Stdio {
 	return nil
 }
 
-func (x *CreateContainerRequest) GetPodVolumes() []*PodVolume {
-	if x != nil {
-		return x.PodVolumes
-	}
-	return nil
-}
-
-// PodVolume is a tmpfs of the pod's in guest memory (CreateContainerRequest.pod_volumes).
-type PodVolume struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// The host's key for the volume: 16 lower-case hex digits, its directory's name under GuestPodVolumes.
-	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// The tmpfs's size in bytes (the host volume's), 1 byte to 1 TiB.
-	SizeBytes uint64 `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
-	// Directories the spec binds from below the tmpfs's root (a subPath's), relative and clean: the agent makes
-	// them, as the host's kubelet made them in the host's volume. At most 64.
-	Dirs          []string `protobuf:"bytes,3,rep,name=dirs,proto3" json:"dirs,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *PodVolume) Reset() {
-	*x = PodVolume{}
-	mi := &file_agent_v1_container_proto_msgTypes[2]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *PodVolume) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*PodVolume) ProtoMessage() {}
-
-func (x *PodVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[2]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use PodVolume.ProtoReflect.Descriptor instead.
-func (*PodVolume) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{2}
-}
-
-func (x *PodVolume) GetName() string {
-	if x != nil {
-		return x.Name
-	}
-	return ""
-}
-
-func (x *PodVolume) GetSizeBytes() uint64 {
-	if x != nil {
-		return x.SizeBytes
-	}
-	return 0
-}
-
-func (x *PodVolume) GetDirs() []string {
-	if x != nil {
-		return x.Dirs
-	}
-	return nil
-}
-
 type CreateContainerResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Guest pid of the container's init process.
@@ -273,7 +197,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[3]
+	mi := &file_agent_v1_container_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -285,7 +209,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[3]
+	mi := &file_agent_v1_container_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -298,7 +222,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{3}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -317,7 +241,7 @@ type StartContainerRequest struct {
 
 func (x *StartContainerRequest) Reset() {
 	*x = StartContainerRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[4]
+	mi := &file_agent_v1_container_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -329,7 +253,7 @@ func (x *StartContainerRequest) String() string {
 func (*StartContainerRequest) ProtoMessage() {}
 
 func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[4]
+	mi := &file_agent_v1_container_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -342,7 +266,7 @@ func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerRequest.ProtoReflect.Descriptor instead.
 func (*StartContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{4}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StartContainerRequest) GetContainerId() string {
@@ -360,7 +284,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[5]
+	mi := &file_agent_v1_container_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -372,7 +296,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[5]
+	mi := &file_agent_v1_container_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -385,7 +309,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{5}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{4}
 }
 
 type ExecProcessRequest struct {
@@ -401,7 +325,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[6]
+	mi := &file_agent_v1_container_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -413,7 +337,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[6]
+	mi := &file_agent_v1_container_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -426,7 +350,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{6}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ExecProcessRequest) GetContainerId() string {
@@ -466,7 +390,7 @@ type ExecProcessResponse struct {
 
 func (x *ExecProcessResponse) Reset() {
 	*x = ExecProcessResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[7]
+	mi := &file_agent_v1_container_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -478,7 +402,7 @@ func (x *ExecProcessResponse) String() string {
 func (*ExecProcessResponse) ProtoMessage() {}
 
 func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[7]
+	mi := &file_agent_v1_container_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -491,7 +415,7 @@ func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessResponse.ProtoReflect.Descriptor instead.
 func (*ExecProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{7}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ExecProcessResponse) GetPid() uint32 {
@@ -514,7 +438,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[8]
+	mi := &file_agent_v1_container_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -526,7 +450,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[8]
+	mi := &file_agent_v1_container_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -539,7 +463,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{8}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SignalProcessRequest) GetContainerId() string {
@@ -578,7 +502,7 @@ type SignalProcessResponse struct {
 
 func (x *SignalProcessResponse) Reset() {
 	*x = SignalProcessResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[9]
+	mi := &file_agent_v1_container_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -590,7 +514,7 @@ func (x *SignalProcessResponse) String() string {
 func (*SignalProcessResponse) ProtoMessage() {}
 
 func (x *SignalProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[9]
+	mi := &file_agent_v1_container_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -603,7 +527,7 @@ func (x *SignalProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessResponse.ProtoReflect.Descriptor instead.
 func (*SignalProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{9}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{8}
 }
 
 type WaitProcessRequest struct {
@@ -616,7 +540,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[10]
+	mi := &file_agent_v1_container_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -628,7 +552,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[10]
+	mi := &file_agent_v1_container_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -641,7 +565,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{10}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WaitProcessRequest) GetContainerId() string {
@@ -669,7 +593,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[11]
+	mi := &file_agent_v1_container_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -681,7 +605,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[11]
+	mi := &file_agent_v1_container_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -694,7 +618,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{11}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *WaitProcessResponse) GetExitStatus() uint32 {
@@ -721,7 +645,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[12]
+	mi := &file_agent_v1_container_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -733,7 +657,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[12]
+	mi := &file_agent_v1_container_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -746,7 +670,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{12}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RemoveContainerRequest) GetContainerId() string {
@@ -771,7 +695,7 @@ type RemoveContainerResponse struct {
 
 func (x *RemoveContainerResponse) Reset() {
 	*x = RemoveContainerResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[13]
+	mi := &file_agent_v1_container_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -783,7 +707,7 @@ func (x *RemoveContainerResponse) String() string {
 func (*RemoveContainerResponse) ProtoMessage() {}
 
 func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[13]
+	mi := &file_agent_v1_container_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -796,7 +720,7 @@ func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{13}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{12}
 }
 
 type CloseStdinRequest struct {
@@ -809,7 +733,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[14]
+	mi := &file_agent_v1_container_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -821,7 +745,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[14]
+	mi := &file_agent_v1_container_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -834,7 +758,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{14}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CloseStdinRequest) GetContainerId() string {
@@ -859,7 +783,7 @@ type CloseStdinResponse struct {
 
 func (x *CloseStdinResponse) Reset() {
 	*x = CloseStdinResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[15]
+	mi := &file_agent_v1_container_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +795,7 @@ func (x *CloseStdinResponse) String() string {
 func (*CloseStdinResponse) ProtoMessage() {}
 
 func (x *CloseStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[15]
+	mi := &file_agent_v1_container_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +808,7 @@ func (x *CloseStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinResponse.ProtoReflect.Descriptor instead.
 func (*CloseStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{15}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{14}
 }
 
 type ResizeTTYRequest struct {
@@ -899,7 +823,7 @@ type ResizeTTYRequest struct {
 
 func (x *ResizeTTYRequest) Reset() {
 	*x = ResizeTTYRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[16]
+	mi := &file_agent_v1_container_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -911,7 +835,7 @@ func (x *ResizeTTYRequest) String() string {
 func (*ResizeTTYRequest) ProtoMessage() {}
 
 func (x *ResizeTTYRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[16]
+	mi := &file_agent_v1_container_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -924,7 +848,7 @@ func (x *ResizeTTYRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeTTYRequest.ProtoReflect.Descriptor instead.
 func (*ResizeTTYRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{16}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ResizeTTYRequest) GetContainerId() string {
@@ -963,7 +887,7 @@ type ResizeTTYResponse struct {
 
 func (x *ResizeTTYResponse) Reset() {
 	*x = ResizeTTYResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[17]
+	mi := &file_agent_v1_container_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -975,7 +899,7 @@ func (x *ResizeTTYResponse) String() string {
 func (*ResizeTTYResponse) ProtoMessage() {}
 
 func (x *ResizeTTYResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[17]
+	mi := &file_agent_v1_container_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -988,7 +912,7 @@ func (x *ResizeTTYResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeTTYResponse.ProtoReflect.Descriptor instead.
 func (*ResizeTTYResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{17}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{16}
 }
 
 type PauseContainerRequest struct {
@@ -1000,7 +924,7 @@ type PauseContainerRequest struct {
 
 func (x *PauseContainerRequest) Reset() {
 	*x = PauseContainerRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[18]
+	mi := &file_agent_v1_container_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1012,7 +936,7 @@ func (x *PauseContainerRequest) String() string {
 func (*PauseContainerRequest) ProtoMessage() {}
 
 func (x *PauseContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[18]
+	mi := &file_agent_v1_container_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1025,7 +949,7 @@ func (x *PauseContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseContainerRequest.ProtoReflect.Descriptor instead.
 func (*PauseContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{18}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PauseContainerRequest) GetContainerId() string {
@@ -1043,7 +967,7 @@ type PauseContainerResponse struct {
 
 func (x *PauseContainerResponse) Reset() {
 	*x = PauseContainerResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[19]
+	mi := &file_agent_v1_container_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +979,7 @@ func (x *PauseContainerResponse) String() string {
 func (*PauseContainerResponse) ProtoMessage() {}
 
 func (x *PauseContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[19]
+	mi := &file_agent_v1_container_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +992,7 @@ func (x *PauseContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseContainerResponse.ProtoReflect.Descriptor instead.
 func (*PauseContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{19}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{18}
 }
 
 type ResumeContainerRequest struct {
@@ -1080,7 +1004,7 @@ type ResumeContainerRequest struct {
 
 func (x *ResumeContainerRequest) Reset() {
 	*x = ResumeContainerRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[20]
+	mi := &file_agent_v1_container_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1092,7 +1016,7 @@ func (x *ResumeContainerRequest) String() string {
 func (*ResumeContainerRequest) ProtoMessage() {}
 
 func (x *ResumeContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[20]
+	mi := &file_agent_v1_container_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1105,7 +1029,7 @@ func (x *ResumeContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeContainerRequest.ProtoReflect.Descriptor instead.
 func (*ResumeContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{20}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ResumeContainerRequest) GetContainerId() string {
@@ -1123,7 +1047,7 @@ type ResumeContainerResponse struct {
 
 func (x *ResumeContainerResponse) Reset() {
 	*x = ResumeContainerResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[21]
+	mi := &file_agent_v1_container_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1059,7 @@ func (x *ResumeContainerResponse) String() string {
 func (*ResumeContainerResponse) ProtoMessage() {}
 
 func (x *ResumeContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[21]
+	mi := &file_agent_v1_container_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1072,7 @@ func (x *ResumeContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeContainerResponse.ProtoReflect.Descriptor instead.
 func (*ResumeContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{21}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{20}
 }
 
 type UpdateContainerRequest struct {
@@ -1162,7 +1086,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[22]
+	mi := &file_agent_v1_container_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1174,7 +1098,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[22]
+	mi := &file_agent_v1_container_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1187,7 +1111,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{22}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -1212,7 +1136,7 @@ type UpdateContainerResponse struct {
 
 func (x *UpdateContainerResponse) Reset() {
 	*x = UpdateContainerResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[23]
+	mi := &file_agent_v1_container_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1224,7 +1148,7 @@ func (x *UpdateContainerResponse) String() string {
 func (*UpdateContainerResponse) ProtoMessage() {}
 
 func (x *UpdateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[23]
+	mi := &file_agent_v1_container_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1237,7 +1161,7 @@ func (x *UpdateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerResponse.ProtoReflect.Descriptor instead.
 func (*UpdateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{23}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{22}
 }
 
 type StatsContainerRequest struct {
@@ -1249,7 +1173,7 @@ type StatsContainerRequest struct {
 
 func (x *StatsContainerRequest) Reset() {
 	*x = StatsContainerRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[24]
+	mi := &file_agent_v1_container_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1261,7 +1185,7 @@ func (x *StatsContainerRequest) String() string {
 func (*StatsContainerRequest) ProtoMessage() {}
 
 func (x *StatsContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[24]
+	mi := &file_agent_v1_container_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1274,7 +1198,7 @@ func (x *StatsContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsContainerRequest.ProtoReflect.Descriptor instead.
 func (*StatsContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{24}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StatsContainerRequest) GetContainerId() string {
@@ -1298,7 +1222,7 @@ type StatsContainerResponse struct {
 
 func (x *StatsContainerResponse) Reset() {
 	*x = StatsContainerResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[25]
+	mi := &file_agent_v1_container_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1310,7 +1234,7 @@ func (x *StatsContainerResponse) String() string {
 func (*StatsContainerResponse) ProtoMessage() {}
 
 func (x *StatsContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[25]
+	mi := &file_agent_v1_container_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1323,7 +1247,7 @@ func (x *StatsContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsContainerResponse.ProtoReflect.Descriptor instead.
 func (*StatsContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{25}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StatsContainerResponse) GetCpu() *CPUStats {
@@ -1370,7 +1294,7 @@ type CPUStats struct {
 
 func (x *CPUStats) Reset() {
 	*x = CPUStats{}
-	mi := &file_agent_v1_container_proto_msgTypes[26]
+	mi := &file_agent_v1_container_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1382,7 +1306,7 @@ func (x *CPUStats) String() string {
 func (*CPUStats) ProtoMessage() {}
 
 func (x *CPUStats) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[26]
+	mi := &file_agent_v1_container_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1395,7 +1319,7 @@ func (x *CPUStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CPUStats.ProtoReflect.Descriptor instead.
 func (*CPUStats) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{26}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CPUStats) GetUsageUsec() uint64 {
@@ -1459,7 +1383,7 @@ type PSIStats struct {
 
 func (x *PSIStats) Reset() {
 	*x = PSIStats{}
-	mi := &file_agent_v1_container_proto_msgTypes[27]
+	mi := &file_agent_v1_container_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1471,7 +1395,7 @@ func (x *PSIStats) String() string {
 func (*PSIStats) ProtoMessage() {}
 
 func (x *PSIStats) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[27]
+	mi := &file_agent_v1_container_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1484,7 +1408,7 @@ func (x *PSIStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PSIStats.ProtoReflect.Descriptor instead.
 func (*PSIStats) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{27}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PSIStats) GetSome() *PSIData {
@@ -1514,7 +1438,7 @@ type PSIData struct {
 
 func (x *PSIData) Reset() {
 	*x = PSIData{}
-	mi := &file_agent_v1_container_proto_msgTypes[28]
+	mi := &file_agent_v1_container_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1526,7 +1450,7 @@ func (x *PSIData) String() string {
 func (*PSIData) ProtoMessage() {}
 
 func (x *PSIData) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[28]
+	mi := &file_agent_v1_container_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1539,7 +1463,7 @@ func (x *PSIData) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PSIData.ProtoReflect.Descriptor instead.
 func (*PSIData) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{28}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *PSIData) GetAvg10() float64 {
@@ -1612,7 +1536,7 @@ type MemoryStats struct {
 
 func (x *MemoryStats) Reset() {
 	*x = MemoryStats{}
-	mi := &file_agent_v1_container_proto_msgTypes[29]
+	mi := &file_agent_v1_container_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1548,7 @@ func (x *MemoryStats) String() string {
 func (*MemoryStats) ProtoMessage() {}
 
 func (x *MemoryStats) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[29]
+	mi := &file_agent_v1_container_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1561,7 @@ func (x *MemoryStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemoryStats.ProtoReflect.Descriptor instead.
 func (*MemoryStats) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{29}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *MemoryStats) GetUsage() uint64 {
@@ -1840,7 +1764,7 @@ type PidsStats struct {
 
 func (x *PidsStats) Reset() {
 	*x = PidsStats{}
-	mi := &file_agent_v1_container_proto_msgTypes[30]
+	mi := &file_agent_v1_container_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1852,7 +1776,7 @@ func (x *PidsStats) String() string {
 func (*PidsStats) ProtoMessage() {}
 
 func (x *PidsStats) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[30]
+	mi := &file_agent_v1_container_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1865,7 +1789,7 @@ func (x *PidsStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PidsStats.ProtoReflect.Descriptor instead.
 func (*PidsStats) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{30}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PidsStats) GetCurrent() uint64 {
@@ -1896,7 +1820,7 @@ type IOEntry struct {
 
 func (x *IOEntry) Reset() {
 	*x = IOEntry{}
-	mi := &file_agent_v1_container_proto_msgTypes[31]
+	mi := &file_agent_v1_container_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1908,7 +1832,7 @@ func (x *IOEntry) String() string {
 func (*IOEntry) ProtoMessage() {}
 
 func (x *IOEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[31]
+	mi := &file_agent_v1_container_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1921,7 +1845,7 @@ func (x *IOEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IOEntry.ProtoReflect.Descriptor instead.
 func (*IOEntry) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{31}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *IOEntry) GetMajor() uint64 {
@@ -1977,7 +1901,7 @@ type IOStats struct {
 
 func (x *IOStats) Reset() {
 	*x = IOStats{}
-	mi := &file_agent_v1_container_proto_msgTypes[32]
+	mi := &file_agent_v1_container_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1989,7 +1913,7 @@ func (x *IOStats) String() string {
 func (*IOStats) ProtoMessage() {}
 
 func (x *IOStats) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[32]
+	mi := &file_agent_v1_container_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2002,7 +1926,7 @@ func (x *IOStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IOStats.ProtoReflect.Descriptor instead.
 func (*IOStats) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{32}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *IOStats) GetUsage() []*IOEntry {
@@ -2028,7 +1952,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[33]
+	mi := &file_agent_v1_container_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2040,7 +1964,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[33]
+	mi := &file_agent_v1_container_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2053,7 +1977,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{33}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListProcessesRequest) GetContainerId() string {
@@ -2074,7 +1998,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_v1_container_proto_msgTypes[34]
+	mi := &file_agent_v1_container_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2086,7 +2010,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[34]
+	mi := &file_agent_v1_container_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2099,7 +2023,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{34}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -2125,7 +2049,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_agent_v1_container_proto_msgTypes[35]
+	mi := &file_agent_v1_container_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2137,7 +2061,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[35]
+	mi := &file_agent_v1_container_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2150,7 +2074,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{35}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -2168,7 +2092,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_agent_v1_container_proto_msgTypes[36]
+	mi := &file_agent_v1_container_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2180,7 +2104,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[36]
+	mi := &file_agent_v1_container_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2193,7 +2117,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{36}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{35}
 }
 
 type Event struct {
@@ -2209,7 +2133,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_agent_v1_container_proto_msgTypes[37]
+	mi := &file_agent_v1_container_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2221,7 +2145,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[37]
+	mi := &file_agent_v1_container_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2234,7 +2158,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{37}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Event) GetEvent() isEvent_Event {
@@ -2292,7 +2216,7 @@ type ExitEvent struct {
 
 func (x *ExitEvent) Reset() {
 	*x = ExitEvent{}
-	mi := &file_agent_v1_container_proto_msgTypes[38]
+	mi := &file_agent_v1_container_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2304,7 +2228,7 @@ func (x *ExitEvent) String() string {
 func (*ExitEvent) ProtoMessage() {}
 
 func (x *ExitEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[38]
+	mi := &file_agent_v1_container_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2317,7 +2241,7 @@ func (x *ExitEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExitEvent.ProtoReflect.Descriptor instead.
 func (*ExitEvent) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{38}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ExitEvent) GetContainerId() string {
@@ -2364,7 +2288,7 @@ type OOMEvent struct {
 
 func (x *OOMEvent) Reset() {
 	*x = OOMEvent{}
-	mi := &file_agent_v1_container_proto_msgTypes[39]
+	mi := &file_agent_v1_container_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2376,7 +2300,7 @@ func (x *OOMEvent) String() string {
 func (*OOMEvent) ProtoMessage() {}
 
 func (x *OOMEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_container_proto_msgTypes[39]
+	mi := &file_agent_v1_container_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2389,7 +2313,7 @@ func (x *OOMEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OOMEvent.ProtoReflect.Descriptor instead.
 func (*OOMEvent) Descriptor() ([]byte, []int) {
-	return file_agent_v1_container_proto_rawDescGZIP(), []int{39}
+	return file_agent_v1_container_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *OOMEvent) GetContainerId() string {
@@ -2409,19 +2333,12 @@ const file_agent_v1_container_proto_rawDesc = "" +
 	"\bterminal\x18\x02 \x01(\bR\bterminal\x12\x14\n" +
 	"\x05stdin\x18\x03 \x01(\bR\x05stdin\x12\x16\n" +
 	"\x06stdout\x18\x04 \x01(\bR\x06stdout\x12\x16\n" +
-	"\x06stderr\x18\x05 \x01(\bR\x06stderr\"\xd5\x01\n" +
+	"\x06stderr\x18\x05 \x01(\bR\x06stderr\"\x9a\x01\n" +
 	"\x16CreateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x19\n" +
 	"\boci_spec\x18\x02 \x01(\fR\aociSpec\x12\x16\n" +
 	"\x06rootfs\x18\x03 \x01(\tR\x06rootfs\x12*\n" +
-	"\x05stdio\x18\x04 \x01(\v2\x14.kiln.agent.v1.StdioR\x05stdio\x129\n" +
-	"\vpod_volumes\x18\x05 \x03(\v2\x18.kiln.agent.v1.PodVolumeR\n" +
-	"podVolumes\"R\n" +
-	"\tPodVolume\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
-	"\n" +
-	"size_bytes\x18\x02 \x01(\x04R\tsizeBytes\x12\x12\n" +
-	"\x04dirs\x18\x03 \x03(\tR\x04dirs\"+\n" +
+	"\x05stdio\x18\x04 \x01(\v2\x14.kiln.agent.v1.StdioR\x05stdio\"+\n" +
 	"\x17CreateContainerResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\rR\x03pid\":\n" +
 	"\x15StartContainerRequest\x12!\n" +
@@ -2599,102 +2516,100 @@ func file_agent_v1_container_proto_rawDescGZIP() []byte {
 	return file_agent_v1_container_proto_rawDescData
 }
 
-var file_agent_v1_container_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_agent_v1_container_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_agent_v1_container_proto_goTypes = []any{
 	(*Stdio)(nil),                   // 0: kiln.agent.v1.Stdio
 	(*CreateContainerRequest)(nil),  // 1: kiln.agent.v1.CreateContainerRequest
-	(*PodVolume)(nil),               // 2: kiln.agent.v1.PodVolume
-	(*CreateContainerResponse)(nil), // 3: kiln.agent.v1.CreateContainerResponse
-	(*StartContainerRequest)(nil),   // 4: kiln.agent.v1.StartContainerRequest
-	(*StartContainerResponse)(nil),  // 5: kiln.agent.v1.StartContainerResponse
-	(*ExecProcessRequest)(nil),      // 6: kiln.agent.v1.ExecProcessRequest
-	(*ExecProcessResponse)(nil),     // 7: kiln.agent.v1.ExecProcessResponse
-	(*SignalProcessRequest)(nil),    // 8: kiln.agent.v1.SignalProcessRequest
-	(*SignalProcessResponse)(nil),   // 9: kiln.agent.v1.SignalProcessResponse
-	(*WaitProcessRequest)(nil),      // 10: kiln.agent.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 11: kiln.agent.v1.WaitProcessResponse
-	(*RemoveContainerRequest)(nil),  // 12: kiln.agent.v1.RemoveContainerRequest
-	(*RemoveContainerResponse)(nil), // 13: kiln.agent.v1.RemoveContainerResponse
-	(*CloseStdinRequest)(nil),       // 14: kiln.agent.v1.CloseStdinRequest
-	(*CloseStdinResponse)(nil),      // 15: kiln.agent.v1.CloseStdinResponse
-	(*ResizeTTYRequest)(nil),        // 16: kiln.agent.v1.ResizeTTYRequest
-	(*ResizeTTYResponse)(nil),       // 17: kiln.agent.v1.ResizeTTYResponse
-	(*PauseContainerRequest)(nil),   // 18: kiln.agent.v1.PauseContainerRequest
-	(*PauseContainerResponse)(nil),  // 19: kiln.agent.v1.PauseContainerResponse
-	(*ResumeContainerRequest)(nil),  // 20: kiln.agent.v1.ResumeContainerRequest
-	(*ResumeContainerResponse)(nil), // 21: kiln.agent.v1.ResumeContainerResponse
-	(*UpdateContainerRequest)(nil),  // 22: kiln.agent.v1.UpdateContainerRequest
-	(*UpdateContainerResponse)(nil), // 23: kiln.agent.v1.UpdateContainerResponse
-	(*StatsContainerRequest)(nil),   // 24: kiln.agent.v1.StatsContainerRequest
-	(*StatsContainerResponse)(nil),  // 25: kiln.agent.v1.StatsContainerResponse
-	(*CPUStats)(nil),                // 26: kiln.agent.v1.CPUStats
-	(*PSIStats)(nil),                // 27: kiln.agent.v1.PSIStats
-	(*PSIData)(nil),                 // 28: kiln.agent.v1.PSIData
-	(*MemoryStats)(nil),             // 29: kiln.agent.v1.MemoryStats
-	(*PidsStats)(nil),               // 30: kiln.agent.v1.PidsStats
-	(*IOEntry)(nil),                 // 31: kiln.agent.v1.IOEntry
-	(*IOStats)(nil),                 // 32: kiln.agent.v1.IOStats
-	(*ListProcessesRequest)(nil),    // 33: kiln.agent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),             // 34: kiln.agent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),   // 35: kiln.agent.v1.ListProcessesResponse
-	(*EventsRequest)(nil),           // 36: kiln.agent.v1.EventsRequest
-	(*Event)(nil),                   // 37: kiln.agent.v1.Event
-	(*ExitEvent)(nil),               // 38: kiln.agent.v1.ExitEvent
-	(*OOMEvent)(nil),                // 39: kiln.agent.v1.OOMEvent
-	(*timestamppb.Timestamp)(nil),   // 40: google.protobuf.Timestamp
+	(*CreateContainerResponse)(nil), // 2: kiln.agent.v1.CreateContainerResponse
+	(*StartContainerRequest)(nil),   // 3: kiln.agent.v1.StartContainerRequest
+	(*StartContainerResponse)(nil),  // 4: kiln.agent.v1.StartContainerResponse
+	(*ExecProcessRequest)(nil),      // 5: kiln.agent.v1.ExecProcessRequest
+	(*ExecProcessResponse)(nil),     // 6: kiln.agent.v1.ExecProcessResponse
+	(*SignalProcessRequest)(nil),    // 7: kiln.agent.v1.SignalProcessRequest
+	(*SignalProcessResponse)(nil),   // 8: kiln.agent.v1.SignalProcessResponse
+	(*WaitProcessRequest)(nil),      // 9: kiln.agent.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 10: kiln.agent.v1.WaitProcessResponse
+	(*RemoveContainerRequest)(nil),  // 11: kiln.agent.v1.RemoveContainerRequest
+	(*RemoveContainerResponse)(nil), // 12: kiln.agent.v1.RemoveContainerResponse
+	(*CloseStdinRequest)(nil),       // 13: kiln.agent.v1.CloseStdinRequest
+	(*CloseStdinResponse)(nil),      // 14: kiln.agent.v1.CloseStdinResponse
+	(*ResizeTTYRequest)(nil),        // 15: kiln.agent.v1.ResizeTTYRequest
+	(*ResizeTTYResponse)(nil),       // 16: kiln.agent.v1.ResizeTTYResponse
+	(*PauseContainerRequest)(nil),   // 17: kiln.agent.v1.PauseContainerRequest
+	(*PauseContainerResponse)(nil),  // 18: kiln.agent.v1.PauseContainerResponse
+	(*ResumeContainerRequest)(nil),  // 19: kiln.agent.v1.ResumeContainerRequest
+	(*ResumeContainerResponse)(nil), // 20: kiln.agent.v1.ResumeContainerResponse
+	(*UpdateContainerRequest)(nil),  // 21: kiln.agent.v1.UpdateContainerRequest
+	(*UpdateContainerResponse)(nil), // 22: kiln.agent.v1.UpdateContainerResponse
+	(*StatsContainerRequest)(nil),   // 23: kiln.agent.v1.StatsContainerRequest
+	(*StatsContainerResponse)(nil),  // 24: kiln.agent.v1.StatsContainerResponse
+	(*CPUStats)(nil),                // 25: kiln.agent.v1.CPUStats
+	(*PSIStats)(nil),                // 26: kiln.agent.v1.PSIStats
+	(*PSIData)(nil),                 // 27: kiln.agent.v1.PSIData
+	(*MemoryStats)(nil),             // 28: kiln.agent.v1.MemoryStats
+	(*PidsStats)(nil),               // 29: kiln.agent.v1.PidsStats
+	(*IOEntry)(nil),                 // 30: kiln.agent.v1.IOEntry
+	(*IOStats)(nil),                 // 31: kiln.agent.v1.IOStats
+	(*ListProcessesRequest)(nil),    // 32: kiln.agent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),             // 33: kiln.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),   // 34: kiln.agent.v1.ListProcessesResponse
+	(*EventsRequest)(nil),           // 35: kiln.agent.v1.EventsRequest
+	(*Event)(nil),                   // 36: kiln.agent.v1.Event
+	(*ExitEvent)(nil),               // 37: kiln.agent.v1.ExitEvent
+	(*OOMEvent)(nil),                // 38: kiln.agent.v1.OOMEvent
+	(*timestamppb.Timestamp)(nil),   // 39: google.protobuf.Timestamp
 }
 var file_agent_v1_container_proto_depIdxs = []int32{
 	0,  // 0: kiln.agent.v1.CreateContainerRequest.stdio:type_name -> kiln.agent.v1.Stdio
-	2,  // 1: kiln.agent.v1.CreateContainerRequest.pod_volumes:type_name -> kiln.agent.v1.PodVolume
-	0,  // 2: kiln.agent.v1.ExecProcessRequest.stdio:type_name -> kiln.agent.v1.Stdio
-	40, // 3: kiln.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	26, // 4: kiln.agent.v1.StatsContainerResponse.cpu:type_name -> kiln.agent.v1.CPUStats
-	29, // 5: kiln.agent.v1.StatsContainerResponse.memory:type_name -> kiln.agent.v1.MemoryStats
-	30, // 6: kiln.agent.v1.StatsContainerResponse.pids:type_name -> kiln.agent.v1.PidsStats
-	32, // 7: kiln.agent.v1.StatsContainerResponse.io:type_name -> kiln.agent.v1.IOStats
-	27, // 8: kiln.agent.v1.CPUStats.psi:type_name -> kiln.agent.v1.PSIStats
-	28, // 9: kiln.agent.v1.PSIStats.some:type_name -> kiln.agent.v1.PSIData
-	28, // 10: kiln.agent.v1.PSIStats.full:type_name -> kiln.agent.v1.PSIData
-	27, // 11: kiln.agent.v1.MemoryStats.psi:type_name -> kiln.agent.v1.PSIStats
-	31, // 12: kiln.agent.v1.IOStats.usage:type_name -> kiln.agent.v1.IOEntry
-	27, // 13: kiln.agent.v1.IOStats.psi:type_name -> kiln.agent.v1.PSIStats
-	34, // 14: kiln.agent.v1.ListProcessesResponse.processes:type_name -> kiln.agent.v1.ProcessInfo
-	38, // 15: kiln.agent.v1.Event.exit:type_name -> kiln.agent.v1.ExitEvent
-	39, // 16: kiln.agent.v1.Event.oom:type_name -> kiln.agent.v1.OOMEvent
-	40, // 17: kiln.agent.v1.ExitEvent.exited_at:type_name -> google.protobuf.Timestamp
-	1,  // 18: kiln.agent.v1.Containers.CreateContainer:input_type -> kiln.agent.v1.CreateContainerRequest
-	4,  // 19: kiln.agent.v1.Containers.StartContainer:input_type -> kiln.agent.v1.StartContainerRequest
-	6,  // 20: kiln.agent.v1.Containers.ExecProcess:input_type -> kiln.agent.v1.ExecProcessRequest
-	8,  // 21: kiln.agent.v1.Containers.SignalProcess:input_type -> kiln.agent.v1.SignalProcessRequest
-	10, // 22: kiln.agent.v1.Containers.WaitProcess:input_type -> kiln.agent.v1.WaitProcessRequest
-	12, // 23: kiln.agent.v1.Containers.RemoveContainer:input_type -> kiln.agent.v1.RemoveContainerRequest
-	14, // 24: kiln.agent.v1.Containers.CloseStdin:input_type -> kiln.agent.v1.CloseStdinRequest
-	16, // 25: kiln.agent.v1.Containers.ResizeTTY:input_type -> kiln.agent.v1.ResizeTTYRequest
-	18, // 26: kiln.agent.v1.Containers.PauseContainer:input_type -> kiln.agent.v1.PauseContainerRequest
-	20, // 27: kiln.agent.v1.Containers.ResumeContainer:input_type -> kiln.agent.v1.ResumeContainerRequest
-	22, // 28: kiln.agent.v1.Containers.UpdateContainer:input_type -> kiln.agent.v1.UpdateContainerRequest
-	24, // 29: kiln.agent.v1.Containers.StatsContainer:input_type -> kiln.agent.v1.StatsContainerRequest
-	33, // 30: kiln.agent.v1.Containers.ListProcesses:input_type -> kiln.agent.v1.ListProcessesRequest
-	36, // 31: kiln.agent.v1.Containers.Events:input_type -> kiln.agent.v1.EventsRequest
-	3,  // 32: kiln.agent.v1.Containers.CreateContainer:output_type -> kiln.agent.v1.CreateContainerResponse
-	5,  // 33: kiln.agent.v1.Containers.StartContainer:output_type -> kiln.agent.v1.StartContainerResponse
-	7,  // 34: kiln.agent.v1.Containers.ExecProcess:output_type -> kiln.agent.v1.ExecProcessResponse
-	9,  // 35: kiln.agent.v1.Containers.SignalProcess:output_type -> kiln.agent.v1.SignalProcessResponse
-	11, // 36: kiln.agent.v1.Containers.WaitProcess:output_type -> kiln.agent.v1.WaitProcessResponse
-	13, // 37: kiln.agent.v1.Containers.RemoveContainer:output_type -> kiln.agent.v1.RemoveContainerResponse
-	15, // 38: kiln.agent.v1.Containers.CloseStdin:output_type -> kiln.agent.v1.CloseStdinResponse
-	17, // 39: kiln.agent.v1.Containers.ResizeTTY:output_type -> kiln.agent.v1.ResizeTTYResponse
-	19, // 40: kiln.agent.v1.Containers.PauseContainer:output_type -> kiln.agent.v1.PauseContainerResponse
-	21, // 41: kiln.agent.v1.Containers.ResumeContainer:output_type -> kiln.agent.v1.ResumeContainerResponse
-	23, // 42: kiln.agent.v1.Containers.UpdateContainer:output_type -> kiln.agent.v1.UpdateContainerResponse
-	25, // 43: kiln.agent.v1.Containers.StatsContainer:output_type -> kiln.agent.v1.StatsContainerResponse
-	35, // 44: kiln.agent.v1.Containers.ListProcesses:output_type -> kiln.agent.v1.ListProcessesResponse
-	37, // 45: kiln.agent.v1.Containers.Events:output_type -> kiln.agent.v1.Event
-	32, // [32:46] is the sub-list for method output_type
-	18, // [18:32] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	0,  // 1: kiln.agent.v1.ExecProcessRequest.stdio:type_name -> kiln.agent.v1.Stdio
+	39, // 2: kiln.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	25, // 3: kiln.agent.v1.StatsContainerResponse.cpu:type_name -> kiln.agent.v1.CPUStats
+	28, // 4: kiln.agent.v1.StatsContainerResponse.memory:type_name -> kiln.agent.v1.MemoryStats
+	29, // 5: kiln.agent.v1.StatsContainerResponse.pids:type_name -> kiln.agent.v1.PidsStats
+	31, // 6: kiln.agent.v1.StatsContainerResponse.io:type_name -> kiln.agent.v1.IOStats
+	26, // 7: kiln.agent.v1.CPUStats.psi:type_name -> kiln.agent.v1.PSIStats
+	27, // 8: kiln.agent.v1.PSIStats.some:type_name -> kiln.agent.v1.PSIData
+	27, // 9: kiln.agent.v1.PSIStats.full:type_name -> kiln.agent.v1.PSIData
+	26, // 10: kiln.agent.v1.MemoryStats.psi:type_name -> kiln.agent.v1.PSIStats
+	30, // 11: kiln.agent.v1.IOStats.usage:type_name -> kiln.agent.v1.IOEntry
+	26, // 12: kiln.agent.v1.IOStats.psi:type_name -> kiln.agent.v1.PSIStats
+	33, // 13: kiln.agent.v1.ListProcessesResponse.processes:type_name -> kiln.agent.v1.ProcessInfo
+	37, // 14: kiln.agent.v1.Event.exit:type_name -> kiln.agent.v1.ExitEvent
+	38, // 15: kiln.agent.v1.Event.oom:type_name -> kiln.agent.v1.OOMEvent
+	39, // 16: kiln.agent.v1.ExitEvent.exited_at:type_name -> google.protobuf.Timestamp
+	1,  // 17: kiln.agent.v1.Containers.CreateContainer:input_type -> kiln.agent.v1.CreateContainerRequest
+	3,  // 18: kiln.agent.v1.Containers.StartContainer:input_type -> kiln.agent.v1.StartContainerRequest
+	5,  // 19: kiln.agent.v1.Containers.ExecProcess:input_type -> kiln.agent.v1.ExecProcessRequest
+	7,  // 20: kiln.agent.v1.Containers.SignalProcess:input_type -> kiln.agent.v1.SignalProcessRequest
+	9,  // 21: kiln.agent.v1.Containers.WaitProcess:input_type -> kiln.agent.v1.WaitProcessRequest
+	11, // 22: kiln.agent.v1.Containers.RemoveContainer:input_type -> kiln.agent.v1.RemoveContainerRequest
+	13, // 23: kiln.agent.v1.Containers.CloseStdin:input_type -> kiln.agent.v1.CloseStdinRequest
+	15, // 24: kiln.agent.v1.Containers.ResizeTTY:input_type -> kiln.agent.v1.ResizeTTYRequest
+	17, // 25: kiln.agent.v1.Containers.PauseContainer:input_type -> kiln.agent.v1.PauseContainerRequest
+	19, // 26: kiln.agent.v1.Containers.ResumeContainer:input_type -> kiln.agent.v1.ResumeContainerRequest
+	21, // 27: kiln.agent.v1.Containers.UpdateContainer:input_type -> kiln.agent.v1.UpdateContainerRequest
+	23, // 28: kiln.agent.v1.Containers.StatsContainer:input_type -> kiln.agent.v1.StatsContainerRequest
+	32, // 29: kiln.agent.v1.Containers.ListProcesses:input_type -> kiln.agent.v1.ListProcessesRequest
+	35, // 30: kiln.agent.v1.Containers.Events:input_type -> kiln.agent.v1.EventsRequest
+	2,  // 31: kiln.agent.v1.Containers.CreateContainer:output_type -> kiln.agent.v1.CreateContainerResponse
+	4,  // 32: kiln.agent.v1.Containers.StartContainer:output_type -> kiln.agent.v1.StartContainerResponse
+	6,  // 33: kiln.agent.v1.Containers.ExecProcess:output_type -> kiln.agent.v1.ExecProcessResponse
+	8,  // 34: kiln.agent.v1.Containers.SignalProcess:output_type -> kiln.agent.v1.SignalProcessResponse
+	10, // 35: kiln.agent.v1.Containers.WaitProcess:output_type -> kiln.agent.v1.WaitProcessResponse
+	12, // 36: kiln.agent.v1.Containers.RemoveContainer:output_type -> kiln.agent.v1.RemoveContainerResponse
+	14, // 37: kiln.agent.v1.Containers.CloseStdin:output_type -> kiln.agent.v1.CloseStdinResponse
+	16, // 38: kiln.agent.v1.Containers.ResizeTTY:output_type -> kiln.agent.v1.ResizeTTYResponse
+	18, // 39: kiln.agent.v1.Containers.PauseContainer:output_type -> kiln.agent.v1.PauseContainerResponse
+	20, // 40: kiln.agent.v1.Containers.ResumeContainer:output_type -> kiln.agent.v1.ResumeContainerResponse
+	22, // 41: kiln.agent.v1.Containers.UpdateContainer:output_type -> kiln.agent.v1.UpdateContainerResponse
+	24, // 42: kiln.agent.v1.Containers.StatsContainer:output_type -> kiln.agent.v1.StatsContainerResponse
+	34, // 43: kiln.agent.v1.Containers.ListProcesses:output_type -> kiln.agent.v1.ListProcessesResponse
+	36, // 44: kiln.agent.v1.Containers.Events:output_type -> kiln.agent.v1.Event
+	31, // [31:45] is the sub-list for method output_type
+	17, // [17:31] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_agent_v1_container_proto_init() }
@@ -2702,7 +2617,7 @@ func file_agent_v1_container_proto_init() {
 	if File_agent_v1_container_proto != nil {
 		return
 	}
-	file_agent_v1_container_proto_msgTypes[37].OneofWrappers = []any{
+	file_agent_v1_container_proto_msgTypes[36].OneofWrappers = []any{
 		(*Event_Exit)(nil),
 		(*Event_Oom)(nil),
 	}
@@ -2712,7 +2627,7 @@ func file_agent_v1_container_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_container_proto_rawDesc), len(file_agent_v1_container_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   40,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,11 +22,6 @@ const (
 	// GuestPodShm is a tmpfs the agent mounts for the pod's shared memory: the host points a container's /dev/shm
 	// bind mount (CRI's pod shm) at it, so the pod's containers share one /dev/shm in guest memory.
 	GuestPodShm = "/run/kiln/shm"
-	// GuestPodVolumes holds the pod's memory volumes, one tmpfs each (CreateContainerRequest.pod_volumes): the host
-	// points a container's bind of a Kubernetes emptyDir of medium Memory at one, so that its pages live in guest
-	// memory, within the pod's limit, as they do under runc, instead of in a host tmpfs written through virtio-fs,
-	// whose pages the host charges to the VM's own processes.
-	GuestPodVolumes = "/run/kiln/volumes"
 	// CmdlineTemplate, on the guest kernel's command line, says the guest boots to be saved as a template and
 	// restored many times: it has no vsock or virtio-fs device yet (both are hot-plugged into each restored copy),
 	// so the agent does not mount the shared directory at boot but once SeedGuest tells it it was restored.
