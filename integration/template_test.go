@@ -18,6 +18,8 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/pod"
 )
 
 // TestTemplateClones starts two pods with fast_start = "template": the first builds the template and both are
@@ -130,6 +132,18 @@ read; dd if=/dev/urandom of=/dev/agentimg bs=4096 seek=100 count=1 conv=notrunc 
 	}
 	if got := fileSum(t, image); got != imageSum {
 		t.Errorf("the guest changed the agent image %s", image)
+	}
+	// The host's first NVMe disk has the agent image's numbers in a clone (block 259:0): a container that lists it
+	// is refused, naming the guest's device, instead of getting the agent image as its disk.
+	nvme := pods["first"].spec("true")
+	nvme.Linux.Devices = append(nvme.Linux.Devices, specs.LinuxDevice{Path: "/dev/nvme0n1", Type: "b", Major: 259, Minor: 0})
+	first := pods["first"]
+	c, err := first.p.CreateContainer(testCtx(t, time.Minute), pod.ContainerOptions{ID: "nvme", Bundle: &bundle.Bundle{Dir: first.bundle, Spec: nvme, Rootfs: filepath.Join(first.bundle, "rootfs")}})
+	if err == nil {
+		_, _ = first.p.DeleteContainer(testCtx(t, time.Minute), c, true)
+		t.Error("a container listing block device 259:0 as /dev/nvme0n1 was created in a clone, whose 259:0 is the agent image")
+	} else if !strings.Contains(err.Error(), "/dev/nvme0n1 (b 259:0): the VM's device with those numbers is /dev/pmem0") {
+		t.Errorf("a container listing block device 259:0 as /dev/nvme0n1: %v, want a refusal naming /dev/pmem0", err)
 	}
 	if got := templateSums(t, templates); !equalSums(got, sums) {
 		t.Errorf("template files changed while clones ran: before %v, after %v", sums, got)
