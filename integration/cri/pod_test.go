@@ -131,9 +131,9 @@ func testPod(t *testing.T, e *Env, handler string) (limits string) {
 	pod := NewPodConfig(name, e.PodLogDir(name))
 	pod.Hostname = name
 	web := NewContainerConfig("web", containerd.BusyboxRef, httpServer("hello-from-"+name)...)
-	// The init writes down its own limits: read through /proc/1 in a fresh-check root, runc's showed those of the
-	// host's PID 1 (session 36), while its exec's and Kiln's matched.
-	logger := NewContainerConfig("logger", containerd.BusyboxRef, "sh", "-c", "cat /proc/self/limits > /tmp/init-limits; echo log-line-1; echo log-line-2 >&2; exec sleep 3600")
+	// The init logs its own limits: in a fresh-check root, an exec of runc's read the host PID 1's through /proc/1
+	// (session 36) and did not find a file the init had written in its /tmp (session 37), while Kiln's matched.
+	logger := NewContainerConfig("logger", containerd.BusyboxRef, "sh", "-c", "cat /proc/self/limits; echo log-line-1; echo log-line-2 >&2; exec sleep 3600")
 	podID, ids := podWithContainers(t, e, handler, pod, web, logger)
 	webID, loggerID := ids[0], ids[1]
 
@@ -147,13 +147,14 @@ func testPod(t *testing.T, e *Env, handler string) (limits string) {
 	if out, _, _, _ := e.Exec(context.Background(), webID, "hostname"); strings.TrimSpace(out) != name {
 		t.Errorf("hostname in the pod: %q, want %q", out, name)
 	}
-	limits = execRetry(t, e, loggerID, "sh", "-c", "cat /tmp/init-limits /proc/self/limits")
+	execLimits := execRetry(t, e, loggerID, "cat", "/proc/self/limits")
 
-	// logs: both streams, in CRI's log file.
+	// logs: both streams, in CRI's log file; the init's limits come first.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		out := e.crictl(t, "logs", loggerID)
-		if strings.Contains(out, "log-line-1") {
+		if initLimits, _, ok := strings.Cut(out, "log-line-1"); ok {
+			limits = initLimits + execLimits
 			break
 		}
 		if time.Now().After(deadline) {
