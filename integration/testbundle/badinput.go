@@ -50,7 +50,6 @@ func BadInput(kernel, initrd, qemu string) []BadCase {
 		{Name: "device the VM lacks", Spec: func(s *specs.Spec) {
 			linux(s).Devices = append(linux(s).Devices, specs.LinuxDevice{Path: "/dev/kiln-test", Type: "c", Major: 240, Minor: 240})
 		}, Want: []string{"/dev/kiln-test (c 240:240): the VM has no such device"}},
-
 		{Name: "negative memory limit", Spec: func(s *specs.Spec) {
 			resources(s).Memory = &specs.LinuxMemory{Limit: ptr(int64(-5))}
 		}, Want: []string{"linux.resources.memory.limit = -5", "-1 (no limit)"}},

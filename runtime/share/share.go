@@ -249,7 +249,11 @@ func (s *Share) Tmpfs() (map[Device]int64, error) {
 			continue
 		}
 		var st unix.Statfs_t
-		if err := unix.Statfs(m.Mountpoint, &st); err != nil {
+		err := unix.Statfs(m.Mountpoint, &st)
+		if errors.Is(err, unix.ENOENT) || err == nil && st.Type != unix.TMPFS_MAGIC {
+			continue // gone since the list was read (a host's unmount reaching the share's copy)
+		}
+		if err != nil {
 			return nil, fmt.Errorf("share %s: size of the tmpfs at %s: %w", s.dir, m.Mountpoint, err)
 		}
 		sizes[dev] = int64(st.Blocks) * st.Bsize
