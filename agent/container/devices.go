@@ -12,14 +12,14 @@ import (
 
 // fitDevices fits the spec's devices to the guest. A device names its node by type and numbers, which the guest
 // reads as its own devices: host devices are not passed through. One the guest has (guest says which device, if
-// any, has those numbers) stays, a block device only under the same name; one it lacks, or a block device it has
-// under another name, is refused, naming it, unless the container may use every device (a privileged one's
-// cgroup rule allows all: its runtime listed every device of the host), where it is left out and returned, for
-// the log. Block devices get their numbers as they appear, so the same numbers name different disks: the host's
-// first NVMe disk (block 259:0) is a template clone's first virtio-pmem device, the agent's image, which a
-// container must not get in its place. Character devices mostly have numbers of their own (the memory devices,
-// /dev/fuse, /dev/net/tun) and may be given another name in the container (--device /dev/fuse:/dev/myfuse).
-// A block device named outside /dev is taken by its numbers alone.
+// any, has those numbers) stays, one numbered on arrival (numberedOnArrival) only under the same name; one it
+// lacks, or one numbered on arrival it has under another name, is refused, naming it, unless the container may
+// use every device (a privileged one's cgroup rule allows all: its runtime listed every device of the host),
+// where it is left out and returned, for the log. Such numbers name different devices on the host and in the
+// guest: the host's first NVMe disk (block 259:0) is a template clone's first virtio-pmem device, the agent's
+// image, which a container must not get in its place. Character devices of fixed numbers (the memory devices,
+// /dev/fuse, /dev/net/tun) may be given another name in the container (--device /dev/fuse:/dev/myfuse). A
+// device named outside /dev is taken by its numbers alone.
 func fitDevices(l *specs.Linux, guest func(typ string, major, minor int64) (name string, ok bool)) (dropped []string, err error) {
 	if l == nil || len(l.Devices) == 0 {
 		return nil, nil
@@ -38,7 +38,7 @@ func fitDevices(l *specs.Linux, guest func(typ string, major, minor int64) (name
 		switch got, ok := guest(d.Type, d.Major, d.Minor); {
 		case !ok:
 			why = "the VM has no such device"
-		case d.Type == "b" && got != "" && !sameDevice(d.Path, got):
+		case numberedOnArrival(d.Type, d.Major) && got != "" && !sameDevice(d.Path, got):
 			why = fmt.Sprintf("the VM's device with those numbers is /dev/%s, another device", got)
 		default:
 			kept = append(kept, d)
@@ -51,6 +51,14 @@ func fitDevices(l *specs.Linux, guest func(typ string, major, minor int64) (name
 	}
 	l.Devices = kept
 	return dropped, nil
+}
+
+// numberedOnArrival says whether a device of type typ and major number gets its numbers as devices appear rather
+// than by Linux's list of fixed numbers: every block device (disks, partitions and device-mapper targets take
+// the next free numbers), and character devices of the dynamic majors, 234 to 254 and 384 to 511 (hidraw, rtc,
+// ptp, virtio consoles, GPU drivers' devices).
+func numberedOnArrival(typ string, major int64) bool {
+	return typ == "b" || major >= 234 && major <= 254 || major >= 384 && major <= 511
 }
 
 // sameDevice says whether a spec's device path names the guest device devName (its name under /dev, as the

@@ -8,9 +8,9 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
-// A device the guest has stays, a block device only under its name; one it lacks, or a block device it has under
-// another name, is refused naming it, or left out for a container allowed every device (privileged: its runtime
-// listed all of the host's).
+// A device the guest has stays, one numbered on arrival (a block device, a dynamic character major) only under
+// its name; one it lacks, or one numbered on arrival it has under another name, is refused naming it, or left
+// out for a container allowed every device (privileged: its runtime listed all of the host's).
 func TestFitDevices(t *testing.T) {
 	guest := func(typ string, major, minor int64) (string, bool) {
 		switch {
@@ -20,6 +20,8 @@ func TestFitDevices(t *testing.T) {
 			return "pmem0", true
 		case typ == "c" && major == 4 && minor == 64:
 			return "", true // a device whose uevent names none
+		case typ == "c" && major == 252 && minor == 0:
+			return "rtc0", true
 		}
 		return "", false
 	}
@@ -28,6 +30,8 @@ func TestFitDevices(t *testing.T) {
 	pmem := specs.LinuxDevice{Path: "/dev/./pmem0", Type: "b", Major: 259, Minor: 0}
 	outside := specs.LinuxDevice{Path: "/pmem", Type: "b", Major: 259, Minor: 0}
 	renamed := specs.LinuxDevice{Path: "/dev/myfuse", Type: "c", Major: 10, Minor: 229}
+	hidraw := specs.LinuxDevice{Path: "/dev/hidraw0", Type: "c", Major: 252, Minor: 0}
+	rtc := specs.LinuxDevice{Path: "/dev/rtc0", Type: "c", Major: 252, Minor: 0}
 	unnamed := specs.LinuxDevice{Path: "/dev/ttyS0", Type: "c", Major: 4, Minor: 64}
 	tun := specs.LinuxDevice{Path: "/dev/net/tun", Type: "c", Major: 10, Minor: 200}
 	fifo := specs.LinuxDevice{Path: "/dev/p", Type: "p"}
@@ -49,6 +53,8 @@ func TestFitDevices(t *testing.T) {
 		{name: "outside /dev, by numbers", linux: &specs.Linux{Devices: []specs.LinuxDevice{outside}}, want: []specs.LinuxDevice{outside}},
 		{name: "a guest device without a name", linux: &specs.Linux{Devices: []specs.LinuxDevice{unnamed}}, want: []specs.LinuxDevice{unnamed}},
 		{name: "a character device named otherwise in the container", linux: &specs.Linux{Devices: []specs.LinuxDevice{renamed}}, want: []specs.LinuxDevice{renamed}},
+		{name: "a dynamic character major under another name", linux: &specs.Linux{Devices: []specs.LinuxDevice{hidraw}}, err: "linux.devices[0] /dev/hidraw0 (c 252:0): the VM's device with those numbers is /dev/rtc0"},
+		{name: "a dynamic character major under its name", linux: &specs.Linux{Devices: []specs.LinuxDevice{rtc}}, want: []specs.LinuxDevice{rtc}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			dropped, err := fitDevices(c.linux, guest)
