@@ -41,7 +41,7 @@ type KernelSeeder struct{}
 
 // AddEntropy implements Seeder.
 func (KernelSeeder) AddEntropy(b []byte) error {
-	f, err := openRandom("/dev/random", os.TempDir())
+	f, err := openRandom("/dev/random", os.TempDir(), randomNode)
 	if err != nil {
 		return fmt.Errorf("add entropy: %w", err)
 	}
@@ -64,22 +64,41 @@ func (KernelSeeder) AddEntropy(b []byte) error {
 
 // openRandom opens the kernel's random device for writing. The host seeds the guest as soon as the agent answers,
 // which may be before the guest's late setup has mounted devtmpfs on /dev: then the agent makes a node of its own
-// (character device 1:8) in a directory under scratch, opens it and removes it again.
-func openRandom(dev, scratch string) (*os.File, error) {
+// (ownNode: randomNode, in a directory under scratch). The late setup goes on meanwhile, and mounts /tmp, the
+// scratch directory, nodev after /dev: a node made there may not open, and then /dev is there, so dev is tried
+// again.
+func openRandom(dev, scratch string, ownNode func(scratch string) (*os.File, error)) (*os.File, error) {
 	f, err := os.OpenFile(dev, os.O_WRONLY, 0)
 	if !errors.Is(err, os.ErrNotExist) {
 		return f, err
 	}
+	f, nodeErr := ownNode(scratch)
+	if nodeErr == nil {
+		return f, nil
+	}
+	if f, err := os.OpenFile(dev, os.O_WRONLY, 0); err == nil {
+		return f, nil
+	}
+	return nil, fmt.Errorf("%s is not there yet, and %w", dev, nodeErr)
+}
+
+// randomNode makes a node of the random device (character device 1:8) in a directory under scratch, opens it
+// and removes it again.
+func randomNode(scratch string) (*os.File, error) {
 	dir, err := os.MkdirTemp(scratch, "kiln-random-")
 	if err != nil {
-		return nil, fmt.Errorf("%s is not there yet, and no directory for a node of its own: %w", dev, err)
+		return nil, fmt.Errorf("no directory for a node of its own: %w", err)
 	}
 	defer os.RemoveAll(dir)
 	node := filepath.Join(dir, "random")
 	if err := unix.Mknod(node, unix.S_IFCHR|0o600, int(unix.Mkdev(1, 8))); err != nil {
-		return nil, fmt.Errorf("%s is not there yet, and making a node of its own failed: %w", dev, err)
+		return nil, fmt.Errorf("making a node of its own failed: %w", err)
 	}
-	return os.OpenFile(node, os.O_WRONLY, 0)
+	f, err := os.OpenFile(node, os.O_WRONLY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening a node of its own failed: %w", err)
+	}
+	return f, nil
 }
 
 // SetClock implements Seeder.

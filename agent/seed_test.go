@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -175,7 +176,7 @@ func TestOpenRandomWithoutDev(t *testing.T) {
 		t.Skip("needs root to make a device node")
 	}
 	scratch := t.TempDir()
-	f, err := openRandom(filepath.Join(t.TempDir(), "missing", "random"), scratch)
+	f, err := openRandom(filepath.Join(t.TempDir(), "missing", "random"), scratch, randomNode)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,7 +191,29 @@ func TestOpenRandomWithoutDev(t *testing.T) {
 	if left, _ := os.ReadDir(scratch); len(left) != 0 {
 		t.Errorf("left %d entries in the scratch directory", len(left))
 	}
-	if _, err := openRandom("/dev/random", scratch); err != nil {
+	if _, err := openRandom("/dev/random", scratch, randomNode); err != nil {
 		t.Errorf("open the real device: %v", err)
+	}
+}
+
+// A node of its own that does not open (the late setup mounted /tmp nodev meanwhile, after /dev) sends the agent
+// back to the device, which is there by then; with neither, the error names both.
+func TestOpenRandomAfterLateMounts(t *testing.T) {
+	dev := filepath.Join(t.TempDir(), "random")
+	f, err := openRandom(dev, t.TempDir(), func(string) (*os.File, error) {
+		if err := os.WriteFile(dev, nil, 0o600); err != nil { // /dev mounted meanwhile
+			t.Fatal(err)
+		}
+		return nil, errors.New("opening a node of its own failed: permission denied")
+	})
+	if err != nil {
+		t.Fatalf("openRandom: %v, want the device that appeared", err)
+	}
+	f.Close()
+	missing := filepath.Join(t.TempDir(), "random")
+	if _, err := openRandom(missing, t.TempDir(), func(string) (*os.File, error) {
+		return nil, errors.New("opening a node of its own failed: permission denied")
+	}); err == nil || !strings.Contains(err.Error(), missing) || !strings.Contains(err.Error(), "permission denied") {
+		t.Errorf("openRandom with neither: %v", err)
 	}
 }
