@@ -111,9 +111,10 @@ func Sync(ctx context.Context, a Agent) (Correction, error) {
 	return c, nil
 }
 
-// Follow syncs the guest's clock every interval until ctx ends, or at once when the agent has no clock call. Steps are logged at info, slews at debug; a
-// failed sync is logged as a warning when the one before it succeeded, at debug otherwise, so that a guest
-// that stopped answering (which the pod reports) does not fill the log.
+// Follow syncs the guest's clock every interval until ctx ends, or at once when the agent has no clock call.
+// Steps are logged at info, slews at debug; a failed sync is logged as a warning when the one before it
+// succeeded, at debug otherwise, so that a guest that stopped answering (which the pod reports) does not fill
+// the log.
 func Follow(ctx context.Context, a Agent, interval time.Duration, log *logrus.Entry) {
 	t := time.NewTicker(interval)
 	defer t.Stop()

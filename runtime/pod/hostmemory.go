@@ -30,7 +30,7 @@ func (p *Pod) allowVolumeMemory() {
 	}
 	p.hostMemMu.Lock()
 	defer p.hostMemMu.Unlock()
-	total, grew := volumeAllowance(p.volumeMemory, p.volumes, sizes)
+	total, grew := volumeAllowance(p.volumes, sizes)
 	if !grew {
 		return
 	}
@@ -39,21 +39,26 @@ func (p *Pod) allowVolumeMemory() {
 		return
 	}
 	if p.volumes == nil {
-		p.volumes = map[share.Device]bool{}
+		p.volumes = map[share.Device]int64{}
 	}
-	for dev := range sizes {
-		p.volumes[dev] = true
+	for dev, n := range sizes {
+		if _, counted := p.volumes[dev]; !counted {
+			p.volumes[dev] = n
+		}
 	}
-	p.volumeMemory = total
 	p.log.WithFields(logrus.Fields{"tmpfs_bytes": total}).Info("the VM's cgroup now also holds the host tmpfs volumes its containers write")
 }
 
-// volumeAllowance adds to total, what the VM's cgroup holds for the tmpfs volumes counted so far, the size of
-// each of sizes not counted yet, and says whether there was one.
-func volumeAllowance(total int64, counted map[share.Device]bool, sizes map[share.Device]int64) (int64, bool) {
+// volumeAllowance is what the VM's cgroup holds for the tmpfs volumes counted so far (by device, with the size
+// each had when counted) and those of sizes not counted yet, and says whether there was one.
+func volumeAllowance(counted, sizes map[share.Device]int64) (int64, bool) {
+	var total int64
+	for _, n := range counted {
+		total += n
+	}
 	grew := false
 	for dev, n := range sizes {
-		if !counted[dev] {
+		if _, ok := counted[dev]; !ok {
 			total, grew = total+n, true
 		}
 	}

@@ -94,11 +94,10 @@ type Pod struct {
 
 	// closing is closed when Close begins: the VM's end is then expected.
 	closing chan struct{}
-	// volumeMemory is what the VM's cgroup holds beyond the VM's own memory for the host tmpfs volumes it
-	// counted (allowVolumeMemory); under hostMemMu.
-	hostMemMu    sync.Mutex
-	volumeMemory int64
-	volumes      map[share.Device]bool
+	// volumes are the host tmpfs volumes whose size the VM's cgroup holds beyond the VM's own memory, by device
+	// (allowVolumeMemory); under hostMemMu.
+	hostMemMu sync.Mutex
+	volumes   map[share.Device]int64
 	// stopClock ends the sync of the guest's clock (followClock), nil when there is none; under clockMu.
 	clockMu   sync.Mutex
 	stopClock context.CancelFunc
