@@ -126,6 +126,7 @@ func Run(ctx context.Context, cfg Config) {
 			pod.Prepare()
 		},
 		Seeder:   KernelSeeder{},
+		Memory:   &GuestMemory{Sys: "/sys"},
 		Restored: guest.Restored,
 		OnShutdown: func(reason string) {
 			select {

@@ -47,6 +47,8 @@ type ServerConfig struct {
 	Answered func()
 	// Seeder, when set, takes SeedGuest's entropy and time and Clock's corrections; nil refuses both.
 	Seeder Seeder
+	// Memory, when set, grows the guest's memory for AddMemory; nil refuses it.
+	Memory MemoryAdder
 	// Restored, when set, runs after SeedGuest has seeded the guest, before it answers: a guest restored from a
 	// template finishes its setup there (Guest.Restored). Its error fails SeedGuest.
 	Restored func(ctx context.Context) error
@@ -228,6 +230,25 @@ func (a agentService) Clock(_ context.Context, req *agentv1.ClockRequest) (*agen
 		}
 	}
 	return &agentv1.ClockResponse{WallClockUnixNano: time.Now().UnixNano()}, nil
+}
+
+// MemoryAdder grows the guest's memory (GuestMemory).
+type MemoryAdder interface {
+	Add(mib uint64) (have, block uint64, err error)
+}
+
+func (a agentService) AddMemory(_ context.Context, req *agentv1.AddMemoryRequest) (*agentv1.AddMemoryResponse, error) {
+	if a.s.cfg.Memory == nil {
+		return nil, status.Error(codes.Unimplemented, "memory cannot be added in this agent")
+	}
+	have, block, err := a.s.cfg.Memory.Add(req.GetMemoryMib())
+	switch {
+	case errors.Is(err, ErrNoRAM):
+		return nil, status.Errorf(codes.ResourceExhausted, "%v", err)
+	case err != nil:
+		return nil, status.Errorf(codes.Internal, "%v", err)
+	}
+	return &agentv1.AddMemoryResponse{MemoryMib: have, MemoryBlockSizeMib: block}, nil
 }
 
 func (a agentService) Shutdown(_ context.Context, req *agentv1.ShutdownRequest) (*agentv1.ShutdownResponse, error) {

@@ -68,7 +68,16 @@ type Hypervisor struct {
 	// Accelerator is auto, kvm or tcg.
 	Accelerator string `toml:"accelerator"`
 	VCPUs       int    `toml:"vcpus"`
-	MemoryMiB   int    `toml:"memory_mib"`
+	// MemoryMiB is the guest's memory: a pod's VM has it plus the pod's memory limit (ForPod).
+	MemoryMiB int `toml:"memory_mib"`
+	// MemoryMaxMiB is the most memory a VM may grow to while it runs (MemoryLayout): a pod that needs more than
+	// its VM booted with (a spare adopted by a bigger pod, a container's limit raised in place) gets it added. 0
+	// keeps every VM at the size it booted with.
+	MemoryMaxMiB int `toml:"memory_max_mib"`
+	// BootMemoryMiB, set by ForPod, is the memory of a pod's VM before its pod's limit was added (MemoryMiB
+	// then): what its VM boots with when it can grow, so that pods of every size share templates and spares.
+	// 0 is MemoryMiB.
+	BootMemoryMiB int `toml:"-"`
 	// Kernel and Initrd are guest asset paths; empty means the installed share/kiln directory.
 	Kernel       string   `toml:"kernel"`
 	Initrd       string   `toml:"initrd"`
@@ -104,6 +113,41 @@ type Hypervisor struct {
 	// without a boot, each holding an idle pod's memory while it waits.
 	SparePool int `toml:"spare_pool"`
 }
+
+// MemoryBlockMiB is the guest kernel's memory block (x86-64's section), the step a VM's memory grows by: a VM
+// that can grow boots with its memory rounded up to it.
+const MemoryBlockMiB = 128
+
+// DefaultMemoryMaxMiB is hypervisor.memory_max_mib's default. The RAM a guest has not added costs the host
+// nothing but address space (QEMU's and the vhost-user back ends' mappings of it) and QEMU's dirty-page bitmaps.
+const DefaultMemoryMaxMiB = 8192
+
+// MaxBootMemoryMiB bounds the memory a VM that can grow boots with: the kernel's mem= is an address, which
+// counts the RAM below it only up to the start of the PCI hole below 4 GiB (2 GiB on q35 for a VM of 2.75 GiB or
+// more). A VM that would boot with more boots with all of its memory, and does not grow.
+const MaxBootMemoryMiB = 2048
+
+// MemoryLayout is how a VM of h holds its memory: its guest boots with boot MiB, and QEMU gives it ram MiB of
+// RAM, which it may grow to. Without growth (memory_max_mib = 0, or a boot memory past MaxBootMemoryMiB) both
+// are MemoryMiB. With it, boot is BootMemoryMiB rounded up to a memory block, and ram memory_max_mib, or the
+// pod's memory if it needs more.
+func (h Hypervisor) MemoryLayout() (boot, ram int) {
+	boot = roundUp(h.BootMemory(), MemoryBlockMiB)
+	if h.MemoryMaxMiB == 0 || boot > MaxBootMemoryMiB {
+		return h.MemoryMiB, h.MemoryMiB
+	}
+	return boot, max(h.MemoryMaxMiB, roundUp(h.MemoryMiB, MemoryBlockMiB))
+}
+
+// BootMemory is BootMemoryMiB, or MemoryMiB when it is unset or larger.
+func (h Hypervisor) BootMemory() int {
+	if h.BootMemoryMiB <= 0 || h.BootMemoryMiB > h.MemoryMiB {
+		return h.MemoryMiB
+	}
+	return h.BootMemoryMiB
+}
+
+func roundUp(n, to int) int { return (n + to - 1) / to * to }
 
 // MaxSparePool bounds hypervisor.spare_pool.
 const MaxSparePool = 16
@@ -199,6 +243,7 @@ func Default() Config {
 			Accelerator:            AccelAuto,
 			VCPUs:                  2,
 			MemoryMiB:              256,
+			MemoryMaxMiB:           DefaultMemoryMaxMiB,
 			KernelParams:           nil,
 			StopTimeout:            Duration(3 * time.Second),
 			User:                   DefaultQEMUUser,
@@ -326,6 +371,10 @@ func (c Config) Validate() error {
 	}
 	if c.Hypervisor.MemoryMiB < minMemoryMiB || c.Hypervisor.MemoryMiB > maxMemoryMiB {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_mib = %d: want %d to %d", c.Hypervisor.MemoryMiB, minMemoryMiB, maxMemoryMiB))
+	}
+	// Below memory_mib it only means a VM grows no further than the memory its pod needs (MemoryLayout).
+	if m := c.Hypervisor.MemoryMaxMiB; m != 0 && (m < minMemoryMiB || m > maxMemoryMiB) {
+		errs = append(errs, fmt.Errorf("hypervisor.memory_max_mib = %d: want 0 (VMs keep the memory they boot with) or %d to %d", m, minMemoryMiB, maxMemoryMiB))
 	}
 	if c.Hypervisor.TCGTranslationCacheMiB < 0 || c.Hypervisor.TCGTranslationCacheMiB > 4096 {
 		errs = append(errs, fmt.Errorf("hypervisor.tcg_translation_cache_mib = %d: want 0 (QEMU's default) to 4096", c.Hypervisor.TCGTranslationCacheMiB))

@@ -360,3 +360,26 @@ func TestResolveUser(t *testing.T) {
 		}
 	}
 }
+
+func TestMemoryLayout(t *testing.T) {
+	for _, tc := range []struct {
+		name              string
+		mem, boot, max    int
+		wantBoot, wantRAM int
+	}{
+		{"cannot grow", 384, 256, 0, 384, 384},
+		{"a pod's limit added", 768, 256, 8192, 256, 8192},
+		{"rounded up to blocks", 300, 200, 8192, 256, 8192},
+		{"a pod past the ceiling", 10000, 256, 8192, 256, 10112},
+		{"unsized", 256, 0, 8192, 256, 8192},
+		{"booting past the PCI hole", 4096, 3072, 8192, 4096, 4096},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := Hypervisor{MemoryMiB: tc.mem, BootMemoryMiB: tc.boot, MemoryMaxMiB: tc.max}
+			boot, ram := h.MemoryLayout()
+			if boot != tc.wantBoot || ram != tc.wantRAM {
+				t.Errorf("MemoryLayout = %d, %d; want %d, %d", boot, ram, tc.wantBoot, tc.wantRAM)
+			}
+		})
+	}
+}

@@ -83,6 +83,7 @@ func (c Config) ForPod(annotations map[string]string) (Config, error) {
 			mib, extraMiB, AnnotationMemoryMiB, mem, minMemoryMiB, maxMemoryMiB)
 	}
 	c.Hypervisor.VCPUs += int(extraVCPUs)
+	c.Hypervisor.BootMemoryMiB = c.Hypervisor.MemoryMiB
 	c.Hypervisor.MemoryMiB += int(extraMiB)
 	return c, nil
 }

@@ -41,8 +41,9 @@ func TestKilnSpareShim(t *testing.T) {
 	k := startKiln(t)
 	k.spareConfig(t)
 	addr := k.d.Address
-	// A memory limit grows each task's VM by 64 MiB: the spares are of that shape.
-	limit := []string{"--memory-limit", "67108864"}
+	// A CPU limit grows each task's VM by a vCPU: the spares are of that shape. (A memory limit does not shape a
+	// VM that can grow: TestKilnMemoryGrows.)
+	limit := []string{"--cpus", "1"}
 
 	out, errOut, code := k.run(t, append(limit, "--rm", BusyboxRef, "kiln-spare-1", "echo", "first")...)
 	if code != 0 || strings.TrimSpace(out) != "first" {
@@ -68,7 +69,7 @@ func TestKilnSpareShim(t *testing.T) {
 	k.runDetached(t, third, nil, sleeper...)
 	k.waitStatus(t, third, "RUNNING")
 	if b, err := os.ReadFile(waiting.Slot + ".log"); err != nil || !strings.Contains(string(b), "asks for another VM size") {
-		t.Errorf("%s (no memory limit) was not declined by the spare of the limited tasks' shape; the spare's log (%v):\n%s", third, err, b)
+		t.Errorf("%s (no CPU limit) was not declined by the spare of the limited tasks' shape; the spare's log (%v):\n%s", third, err, b)
 	}
 	if sp, ok := spareOf(addr); !ok || sp.Pid != waiting.Pid || !sp.Ready {
 		t.Fatalf("the spare that declined %s is gone (%+v, %v)", third, sp, ok)

@@ -47,6 +47,11 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 		return nil, Refuse(fmt.Errorf("create container: %w: %v", errdefs.ErrInvalidArgument, err))
 	}
 	b := o.Bundle
+	defer func() {
+		if retErr != nil {
+			p.forgetMemory(o.ID)
+		}
+	}()
 	if err := p.prepareContainer(ctx, o.ID, b); err != nil {
 		return nil, err
 	}
@@ -124,16 +129,21 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 // prepareContainer checks that a container can join the pod and runs its create hooks, unless they ran when the
 // pod booted for it.
 func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle) error {
+	var r *specs.LinuxResources
+	if b.Spec.Linux != nil {
+		r = b.Spec.Linux.Resources
+	}
+	if id != p.net.hooksRun {
+		if err := p.checkJoin(id, b.Spec); err != nil {
+			return err
+		}
+	}
+	// The pod's first container too: its memory limit is part of what the pod needs when another container's grows.
+	if err := p.Fit(ctx, id, r); err != nil {
+		return Refuse(err)
+	}
 	if id == p.net.hooksRun {
 		return nil
-	}
-	if err := p.checkJoin(id, b.Spec); err != nil {
-		return err
-	}
-	if b.Spec.Linux != nil {
-		if err := p.Fits(id, b.Spec.Linux.Resources); err != nil {
-			return Refuse(err)
-		}
 	}
 	if !hooks.Any(b.Spec) {
 		return nil
@@ -187,6 +197,7 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 	if err != nil {
 		return e, err
 	}
+	p.forgetMemory(c.ID())
 	p.bundlesMu.Lock()
 	b := p.bundles[c.ID()]
 	delete(p.bundles, c.ID())

@@ -98,6 +98,10 @@ type Pod struct {
 	// (allowVolumeMemory); under hostMemMu.
 	hostMemMu sync.Mutex
 	volumes   map[share.Device]int64
+	// limits are the memory limits of the pod's containers that have one, by id, which a VM that can grow holds
+	// beside its boot memory (fitMemory); under memMu.
+	memMu  sync.Mutex
+	limits map[string]int64
 	// stopClock ends the sync of the guest's clock (followClock), nil when there is none; under clockMu.
 	clockMu   sync.Mutex
 	stopClock context.CancelFunc
@@ -219,6 +223,13 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
 	p.sb = sb
+	// A VM that can grow boots with the configuration's memory, and its pod's limit is added once it runs
+	// (config.Hypervisor.MemoryLayout), so that pods of every memory size share one template.
+	if boot, ram := o.Config.Hypervisor.MemoryLayout(); boot < ram && o.Config.Hypervisor.MemoryMiB > boot {
+		if err := p.growMemory(ctx, o.Config.Hypervisor.MemoryMiB); err != nil {
+			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
+		}
+	}
 	if err := p.configureGuestNetwork(ctx); err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}

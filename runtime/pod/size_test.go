@@ -1,6 +1,7 @@
 package pod
 
 import (
+	"context"
 	"errors"
 	"testing"
 
@@ -57,6 +58,8 @@ func TestSizeFor(t *testing.T) {
 func TestFits(t *testing.T) {
 	cfg := config.Default()
 	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = 2, 512
+	// A VM that cannot grow: one that can asks its guest for more memory (memory_test.go).
+	cfg.Hypervisor.MemoryMaxMiB = 0
 	p := &Pod{cfg: cfg}
 	for _, tc := range []struct {
 		name string
@@ -81,7 +84,7 @@ func TestFits(t *testing.T) {
 		{"guest cgroup v2 files", &specs.LinuxResources{Unified: map[string]string{"memory.high": "1000000", "pids.max": "100", "hugetlb.2MB.max": "0", "hugetlb.1GB.max": "max"}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := p.Fits("c", tc.r)
+			err := p.Fit(context.Background(), "c", tc.r)
 			if (err == nil) != tc.ok || err != nil && !errors.Is(err, errdefs.ErrInvalidArgument) {
 				t.Errorf("err %v, want ok %v", err, tc.ok)
 			}

@@ -160,16 +160,36 @@ type hotplugger interface {
 }
 
 // Refuses says why first's pod, of base (the Kiln configuration, before sizing), cannot be this spare's pod: it
-// asks for another size. It touches nothing; nil means Adopt may take it.
+// asks for another size. A VM that can grow serves a pod that needs more memory than it booted with, up to its
+// RAM (sameMachine). It touches nothing; nil means Adopt may take it.
 func (p *Pod) Refuses(base config.Config, first *First) error {
+	_, err := p.refuses(base, first)
+	return err
+}
+
+func (p *Pod) refuses(base config.Config, first *First) (config.Config, error) {
 	sized, err := Size(base, first)
 	if err != nil {
-		return err
+		return config.Config{}, err
 	}
-	if !reflect.DeepEqual(sized, p.cfg) {
-		return fmt.Errorf("%w: container %s asks for another VM size", ErrUnfit, first.ID)
+	if !sameMachine(sized, p.cfg) {
+		return config.Config{}, fmt.Errorf("%w: container %s asks for another VM size", ErrUnfit, first.ID)
 	}
-	return nil
+	return sized, nil
+}
+
+// sameMachine says whether a pod of configuration want can run in a VM booted for have: the same configuration
+// but for the memory a VM that can grow adds once it runs, which must boot the same guest in the same RAM
+// (config.Hypervisor.MemoryLayout).
+func sameMachine(want, have config.Config) bool {
+	wb, wr := want.Hypervisor.MemoryLayout()
+	hb, hr := have.Hypervisor.MemoryLayout()
+	if wb != hb || wr != hr {
+		return false
+	}
+	// A VM that cannot grow has its memory from the start (both are MemoryMiB, equal now).
+	want.Hypervisor.MemoryMiB, want.Hypervisor.BootMemoryMiB = have.Hypervisor.MemoryMiB, have.Hypervisor.BootMemoryMiB
+	return reflect.DeepEqual(want, have)
 }
 
 // Adopt makes a pod booted without a first container (a spare's) the pod of first, as a pod of base (the Kiln
@@ -180,7 +200,8 @@ func (p *Pod) Refuses(base config.Config, first *First) error {
 // first instead, taking over with TakeNetwork what first's create hooks prepared: they run once. A failed hook is
 // ErrHook, first's own failure, which a pod booted for it would repeat.
 func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error {
-	if err := p.Refuses(base, first); err != nil {
+	sized, err := p.refuses(base, first)
+	if err != nil {
 		return err
 	}
 	// The VM may have ended while it waited (its QEMU killed, by the host's OOM killer among others), or its
@@ -193,6 +214,13 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 	if err := p.sb.Reseed(ctx); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnfit, err)
 	}
+	// The pod's memory beyond what the spare booted with (sameMachine).
+	if err := p.growMemory(ctx, sized.Hypervisor.MemoryMiB); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnfit, err)
+	}
+	p.memMu.Lock()
+	p.cfg.Hypervisor.MemoryMiB, p.cfg.Hypervisor.BootMemoryMiB = sized.Hypervisor.MemoryMiB, sized.Hypervisor.BootMemoryMiB
+	p.memMu.Unlock()
 	if err := p.enterCgroup(first, p.VMProcesses()...); err != nil {
 		return err
 	}

@@ -42,8 +42,9 @@ type Spare struct {
 }
 
 // SpareShape is the VM shape a spare shim boots: that of the task whose shim started it (pod.Size: the
-// configuration's VM grown by the task's resources), so that the next task like it fits the spare. It travels on
-// the spare's command line (SpareShapeFlag) as JSON.
+// configuration's VM grown by the task's resources), so that the next task like it fits the spare; but for a VM
+// that can grow, the memory it boots with, so that a task of any memory size fits it (config.Hypervisor.
+// MemoryLayout). It travels on the spare's command line (SpareShapeFlag) as JSON.
 type SpareShape struct {
 	VCPUs        int      `json:"vcpus"`
 	MemoryMiB    int      `json:"memory_mib"`
@@ -55,7 +56,11 @@ const SpareShapeFlag = "shape"
 
 func shapeOf(sized config.Config) SpareShape {
 	h := sized.Hypervisor
-	return SpareShape{VCPUs: h.VCPUs, MemoryMiB: h.MemoryMiB, KernelParams: h.KernelParams}
+	mem := h.MemoryMiB
+	if boot, ram := h.MemoryLayout(); boot < ram {
+		mem = h.BootMemory()
+	}
+	return SpareShape{VCPUs: h.VCPUs, MemoryMiB: mem, KernelParams: h.KernelParams}
 }
 
 // sized is cfg with the shape's VM, checked as a configuration is. A shape's kernel parameters are cfg's and the

@@ -48,7 +48,7 @@ type fdLayout struct {
 
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
 func args(c Config, fds fdLayout) []string {
-	mem := strconv.Itoa(c.MemoryMiB) + "M"
+	mem := strconv.Itoa(max(c.MaxMemoryMiB, c.MemoryMiB)) + "M"
 	var backend string
 	switch {
 	case c.role == roleClone:
@@ -64,6 +64,12 @@ func args(c Config, fds fdLayout) []string {
 		backend = fmt.Sprintf("memory-backend-memfd,id=mem,size=%s,share=on,seal=on", mem)
 	}
 	params := append(append([]string{}, baseKernelParams...), c.KernelParams...)
+	if c.MaxMemoryMiB > c.MemoryMiB {
+		// The kernel takes the RAM below mem= (an address: config.MaxBootMemoryMiB keeps it below the PCI hole)
+		// and leaves the rest to be added (GrowGuestMemory). The memory map of a block added later lies in
+		// that block, not in the small boot memory.
+		params = append(params, "mem="+strconv.Itoa(c.MemoryMiB)+"M", "memory_hotplug.memmap_on_memory=1")
+	}
 	if c.role == roleCold {
 		// A microvm started with acpi=off has no ACPI tables: the guest kernel need not look for them, and does
 		// not log an "ACPI BIOS Error" on every boot.
@@ -182,5 +188,5 @@ func memArg(c Config, mem string) string {
 	if c.role == roleCold || c.AgentImage == "" {
 		return mem
 	}
-	return mem + ",slots=1,maxmem=" + strconv.Itoa(c.MemoryMiB+1024) + "M"
+	return mem + ",slots=1,maxmem=" + strconv.Itoa(max(c.MaxMemoryMiB, c.MemoryMiB)+1024) + "M"
 }

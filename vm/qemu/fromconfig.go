@@ -24,10 +24,14 @@ type Config struct {
 	// StateRoot holds one directory per VM; the VM's is StateRoot/ID.
 	StateRoot string
 	// QEMU is the emulator binary (a name looked up in PATH, or a path).
-	QEMU      string
-	Accel     accel.Kind
-	VCPUs     int
+	QEMU  string
+	Accel accel.Kind
+	VCPUs int
+	// MemoryMiB is the memory the guest's kernel boots with (its mem= when MaxMemoryMiB is larger).
 	MemoryMiB int
+	// MaxMemoryMiB is the RAM QEMU gives the guest, which it may grow to from MemoryMiB (GrowGuestMemory, then
+	// the agent's AddMemory). 0, or MemoryMiB, boots the guest with all of it.
+	MaxMemoryMiB int
 	// MemoryFile, when set, backs guest RAM with this file instead of an anonymous memfd.
 	MemoryFile string
 	Kernel     string
@@ -63,7 +67,7 @@ type Config struct {
 	// share with the host's ownership, in its own namespace sandbox.
 	User *syscall.Credential
 	// Cgroup, when true, starts QEMU and virtiofsd in a cgroup of their own (vm/child.Cgroup), named
-	// kiln-vm-<ID>, with a memory limit of MemoryMiB plus MemoryOverheadMiB; it is removed when the VM ends.
+	// kiln-vm-<ID>, with a memory limit of the guest's memory (MemoryMiB, then what it grew to) plus MemoryOverheadMiB; it is removed when the VM ends.
 	Cgroup bool
 	// Background, with Cgroup, starts that cgroup behind every other for CPU (child.Cgroup.Background): a spare's
 	// VM, which boots on CPU nothing else wants. Machine.Foreground puts it back.
@@ -142,13 +146,15 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 	if cfg.Hypervisor.FastStart == config.FastStartTemplate {
 		templateDir = cfg.Hypervisor.TemplateDir
 	}
+	boot, ram := cfg.Hypervisor.MemoryLayout()
 	return Config{
 		ID:                id,
 		StateRoot:         cfg.Runtime.StateDir,
 		QEMU:              cfg.Hypervisor.Path,
 		Accel:             choice.Kind,
 		VCPUs:             cfg.Hypervisor.VCPUs,
-		MemoryMiB:         cfg.Hypervisor.MemoryMiB,
+		MemoryMiB:         boot,
+		MaxMemoryMiB:      ram,
 		Kernel:            assets.Kernel,
 		Initrd:            assets.Initrd,
 		AgentImage:        assets.AgentImage,

@@ -89,6 +89,12 @@ type Machine struct {
 	// incoming is a clone's template state while it starts.
 	incoming *os.File
 
+	// guestMiB is the guest's memory (Config.MemoryMiB until GrowGuestMemory), hostExtra the host memory its
+	// cgroup holds beyond the VM's own (AllowHostMemory); under memMu, which may be taken under mu, not around it.
+	memMu     sync.Mutex
+	guestMiB  int
+	hostExtra int64
+
 	exited  chan struct{} // closed when QEMU has exited (or Start failed before running it)
 	cleaned chan struct{} // closed when host resources are released
 }
@@ -109,6 +115,7 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.MemoryMiB == 0 {
 		cfg.MemoryMiB = 256
 	}
+	cfg.MaxMemoryMiB = max(cfg.MaxMemoryMiB, cfg.MemoryMiB)
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 3 * time.Second
 	}

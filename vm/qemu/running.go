@@ -12,6 +12,7 @@ import (
 	"os"
 
 	"github.com/kiln-runtime/kiln/vm"
+	"github.com/kiln-runtime/kiln/vm/child"
 )
 
 // ExitError describes how QEMU ended, with its stderr and the console's last lines.
@@ -178,28 +179,82 @@ func (m *Machine) CgroupPath() string {
 	return m.cgroup.Path()
 }
 
-// AllowHostMemory sets the memory limit of the VM's cgroup to the VM's own (guest RAM and overhead) plus extra
+// AllowHostMemory sets the memory limit of the VM's cgroup to the VM's own (guest memory and overhead) plus extra
 // bytes: host memory its programs hold for the guest beyond its RAM, such as the pages of a host tmpfs the guest
 // writes through virtio-fs, which the host charges to virtiofsd. Nothing to do without Config.Cgroup.
 func (m *Machine) AllowHostMemory(extra int64) error {
-	m.mu.Lock()
-	cg := m.cgroup
-	m.mu.Unlock()
-	if cg == nil {
-		return nil
-	}
 	if extra < 0 {
 		return fmt.Errorf("vm %s: allow %d bytes of host memory: want none or more", m.cfg.ID, extra)
 	}
-	if err := cg.SetLimit(m.ownMemory() + extra); err != nil {
+	cg := m.vmCgroup()
+	m.memMu.Lock()
+	defer m.memMu.Unlock()
+	if err := m.setCgroupLimit(cg, m.guestMemoryLocked(), extra); err != nil {
+		return err
+	}
+	m.hostExtra = extra
+	return nil
+}
+
+// GuestMemory is the guest's memory in MiB, and the most it may grow to (Config.MaxMemoryMiB).
+func (m *Machine) GuestMemory() (now, most int) {
+	m.memMu.Lock()
+	defer m.memMu.Unlock()
+	return m.guestMemoryLocked(), m.cfg.MaxMemoryMiB
+}
+
+// GrowGuestMemory makes room for the guest's memory to grow to mib MiB: the VM's cgroup holds it from now on.
+// The guest adds it itself (its agent's AddMemory), next. It refuses more than Config.MaxMemoryMiB, and keeps
+// the VM as it is for less than it has.
+func (m *Machine) GrowGuestMemory(mib int) error {
+	cg := m.vmCgroup()
+	m.memMu.Lock()
+	defer m.memMu.Unlock()
+	if mib <= m.guestMemoryLocked() {
+		return nil
+	}
+	if mib > m.cfg.MaxMemoryMiB {
+		return fmt.Errorf("vm %s: grow the guest's memory to %d MiB: it has RAM for %d MiB", m.cfg.ID, mib, m.cfg.MaxMemoryMiB)
+	}
+	if err := m.setCgroupLimit(cg, mib, m.hostExtra); err != nil {
+		return err
+	}
+	m.guestMiB = mib
+	return nil
+}
+
+func (m *Machine) guestMemoryLocked() int {
+	if m.guestMiB == 0 {
+		return m.cfg.MemoryMiB
+	}
+	return m.guestMiB
+}
+
+// vmCgroup is the VM's cgroup, nil without one; taken before memMu (Start holds mu while it takes memMu).
+func (m *Machine) vmCgroup() *child.Cgroup {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.cgroup
+}
+
+// setCgroupLimit sets cg's memory limit for guestMiB of guest memory and extra bytes; under memMu.
+func (m *Machine) setCgroupLimit(cg *child.Cgroup, guestMiB int, extra int64) error {
+	if cg == nil {
+		return nil
+	}
+	if err := cg.SetLimit(int64(guestMiB+m.cfg.MemoryOverheadMiB)<<20 + extra); err != nil {
 		return fmt.Errorf("vm %s: %w", m.cfg.ID, err)
 	}
 	return nil
 }
 
-// ownMemory is the memory limit of the VM's cgroup for the VM itself: guest RAM and what QEMU and virtiofsd use
-// beyond it.
-func (m *Machine) ownMemory() int64 { return int64(m.cfg.MemoryMiB+m.cfg.MemoryOverheadMiB) << 20 }
+// ownMemory is the memory limit of the VM's cgroup for the VM itself: guest memory and what QEMU and virtiofsd
+// use beyond it.
+func (m *Machine) ownMemory() int64 {
+	m.memMu.Lock()
+	defer m.memMu.Unlock()
+	return int64(m.guestMemoryLocked()+m.cfg.MemoryOverheadMiB) << 20
+}
 
 // listenFile creates a listening Unix socket at path and returns its descriptor; the file stays when the
 // descriptor is closed (the state directory goes as a whole).

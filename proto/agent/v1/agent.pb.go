@@ -395,6 +395,106 @@ func (x *ClockResponse) GetWallClockUnixNano() int64 {
 	return 0
 }
 
+type AddMemoryRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The memory the guest is to have, in MiB: its memory blocks (memory_block_size_mib each, 128 on x86-64)
+	// counted whole. The agent adds blocks until it has at least this much; it never removes any.
+	MemoryMib     uint64 `protobuf:"varint,1,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddMemoryRequest) Reset() {
+	*x = AddMemoryRequest{}
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddMemoryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddMemoryRequest) ProtoMessage() {}
+
+func (x *AddMemoryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddMemoryRequest.ProtoReflect.Descriptor instead.
+func (*AddMemoryRequest) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *AddMemoryRequest) GetMemoryMib() uint64 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+type AddMemoryResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The memory the guest has now, in MiB (its memory blocks), at least what was asked for.
+	MemoryMib uint64 `protobuf:"varint,1,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	// The size of one memory block, in MiB: what the guest's memory grows by.
+	MemoryBlockSizeMib uint64 `protobuf:"varint,2,opt,name=memory_block_size_mib,json=memoryBlockSizeMib,proto3" json:"memory_block_size_mib,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *AddMemoryResponse) Reset() {
+	*x = AddMemoryResponse{}
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddMemoryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddMemoryResponse) ProtoMessage() {}
+
+func (x *AddMemoryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddMemoryResponse.ProtoReflect.Descriptor instead.
+func (*AddMemoryResponse) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *AddMemoryResponse) GetMemoryMib() uint64 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *AddMemoryResponse) GetMemoryBlockSizeMib() uint64 {
+	if x != nil {
+		return x.MemoryBlockSizeMib
+	}
+	return 0
+}
+
 type GuestInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// uname -r, e.g. "6.1.192-kiln".
@@ -432,7 +532,7 @@ type GuestInfo struct {
 
 func (x *GuestInfo) Reset() {
 	*x = GuestInfo{}
-	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -444,7 +544,7 @@ func (x *GuestInfo) String() string {
 func (*GuestInfo) ProtoMessage() {}
 
 func (x *GuestInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -457,7 +557,7 @@ func (x *GuestInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestInfo.ProtoReflect.Descriptor instead.
 func (*GuestInfo) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GuestInfo) GetKernelRelease() string {
@@ -575,7 +675,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -587,7 +687,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -600,7 +700,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ShutdownRequest) GetReason() string {
@@ -618,7 +718,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -630,7 +730,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -643,7 +743,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 var File_agent_v1_agent_proto protoreflect.FileDescriptor
@@ -668,7 +768,14 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\fadjust_nanos\x18\x01 \x01(\x03R\vadjustNanos\x12\x12\n" +
 	"\x04step\x18\x02 \x01(\bR\x04step\"@\n" +
 	"\rClockResponse\x12/\n" +
-	"\x14wall_clock_unix_nano\x18\x01 \x01(\x03R\x11wallClockUnixNano\"\xf5\x04\n" +
+	"\x14wall_clock_unix_nano\x18\x01 \x01(\x03R\x11wallClockUnixNano\"1\n" +
+	"\x10AddMemoryRequest\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\x01 \x01(\x04R\tmemoryMib\"e\n" +
+	"\x11AddMemoryResponse\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\x01 \x01(\x04R\tmemoryMib\x121\n" +
+	"\x15memory_block_size_mib\x18\x02 \x01(\x04R\x12memoryBlockSizeMib\"\xf5\x04\n" +
 	"\tGuestInfo\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12%\n" +
 	"\x0ekernel_version\x18\x02 \x01(\tR\rkernelVersion\x12\x17\n" +
@@ -692,11 +799,12 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x12\n" +
 	"\x10ShutdownResponse2L\n" +
 	"\x06Health\x12B\n" +
-	"\x05Check\x12\x1b.kiln.agent.v1.CheckRequest\x1a\x1c.kiln.agent.v1.CheckResponse2\xb0\x02\n" +
+	"\x05Check\x12\x1b.kiln.agent.v1.CheckRequest\x1a\x1c.kiln.agent.v1.CheckResponse2\x80\x03\n" +
 	"\x05Agent\x12F\n" +
 	"\tGuestInfo\x12\x1f.kiln.agent.v1.GuestInfoRequest\x1a\x18.kiln.agent.v1.GuestInfo\x12N\n" +
 	"\tSeedGuest\x12\x1f.kiln.agent.v1.SeedGuestRequest\x1a .kiln.agent.v1.SeedGuestResponse\x12B\n" +
-	"\x05Clock\x12\x1b.kiln.agent.v1.ClockRequest\x1a\x1c.kiln.agent.v1.ClockResponse\x12K\n" +
+	"\x05Clock\x12\x1b.kiln.agent.v1.ClockRequest\x1a\x1c.kiln.agent.v1.ClockResponse\x12N\n" +
+	"\tAddMemory\x12\x1f.kiln.agent.v1.AddMemoryRequest\x1a .kiln.agent.v1.AddMemoryResponse\x12K\n" +
 	"\bShutdown\x12\x1e.kiln.agent.v1.ShutdownRequest\x1a\x1f.kiln.agent.v1.ShutdownResponseB5Z3github.com/kiln-runtime/kiln/proto/agent/v1;agentv1b\x06proto3"
 
 var (
@@ -712,7 +820,7 @@ func file_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_agent_v1_agent_proto_goTypes = []any{
 	(CheckResponse_ServingStatus)(0), // 0: kiln.agent.v1.CheckResponse.ServingStatus
 	(*CheckRequest)(nil),             // 1: kiln.agent.v1.CheckRequest
@@ -722,27 +830,31 @@ var file_agent_v1_agent_proto_goTypes = []any{
 	(*SeedGuestResponse)(nil),        // 5: kiln.agent.v1.SeedGuestResponse
 	(*ClockRequest)(nil),             // 6: kiln.agent.v1.ClockRequest
 	(*ClockResponse)(nil),            // 7: kiln.agent.v1.ClockResponse
-	(*GuestInfo)(nil),                // 8: kiln.agent.v1.GuestInfo
-	(*ShutdownRequest)(nil),          // 9: kiln.agent.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),         // 10: kiln.agent.v1.ShutdownResponse
-	(*durationpb.Duration)(nil),      // 11: google.protobuf.Duration
+	(*AddMemoryRequest)(nil),         // 8: kiln.agent.v1.AddMemoryRequest
+	(*AddMemoryResponse)(nil),        // 9: kiln.agent.v1.AddMemoryResponse
+	(*GuestInfo)(nil),                // 10: kiln.agent.v1.GuestInfo
+	(*ShutdownRequest)(nil),          // 11: kiln.agent.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),         // 12: kiln.agent.v1.ShutdownResponse
+	(*durationpb.Duration)(nil),      // 13: google.protobuf.Duration
 }
 var file_agent_v1_agent_proto_depIdxs = []int32{
 	0,  // 0: kiln.agent.v1.CheckResponse.status:type_name -> kiln.agent.v1.CheckResponse.ServingStatus
-	11, // 1: kiln.agent.v1.GuestInfo.uptime:type_name -> google.protobuf.Duration
-	11, // 2: kiln.agent.v1.GuestInfo.agent_init:type_name -> google.protobuf.Duration
+	13, // 1: kiln.agent.v1.GuestInfo.uptime:type_name -> google.protobuf.Duration
+	13, // 2: kiln.agent.v1.GuestInfo.agent_init:type_name -> google.protobuf.Duration
 	1,  // 3: kiln.agent.v1.Health.Check:input_type -> kiln.agent.v1.CheckRequest
 	3,  // 4: kiln.agent.v1.Agent.GuestInfo:input_type -> kiln.agent.v1.GuestInfoRequest
 	4,  // 5: kiln.agent.v1.Agent.SeedGuest:input_type -> kiln.agent.v1.SeedGuestRequest
 	6,  // 6: kiln.agent.v1.Agent.Clock:input_type -> kiln.agent.v1.ClockRequest
-	9,  // 7: kiln.agent.v1.Agent.Shutdown:input_type -> kiln.agent.v1.ShutdownRequest
-	2,  // 8: kiln.agent.v1.Health.Check:output_type -> kiln.agent.v1.CheckResponse
-	8,  // 9: kiln.agent.v1.Agent.GuestInfo:output_type -> kiln.agent.v1.GuestInfo
-	5,  // 10: kiln.agent.v1.Agent.SeedGuest:output_type -> kiln.agent.v1.SeedGuestResponse
-	7,  // 11: kiln.agent.v1.Agent.Clock:output_type -> kiln.agent.v1.ClockResponse
-	10, // 12: kiln.agent.v1.Agent.Shutdown:output_type -> kiln.agent.v1.ShutdownResponse
-	8,  // [8:13] is the sub-list for method output_type
-	3,  // [3:8] is the sub-list for method input_type
+	8,  // 7: kiln.agent.v1.Agent.AddMemory:input_type -> kiln.agent.v1.AddMemoryRequest
+	11, // 8: kiln.agent.v1.Agent.Shutdown:input_type -> kiln.agent.v1.ShutdownRequest
+	2,  // 9: kiln.agent.v1.Health.Check:output_type -> kiln.agent.v1.CheckResponse
+	10, // 10: kiln.agent.v1.Agent.GuestInfo:output_type -> kiln.agent.v1.GuestInfo
+	5,  // 11: kiln.agent.v1.Agent.SeedGuest:output_type -> kiln.agent.v1.SeedGuestResponse
+	7,  // 12: kiln.agent.v1.Agent.Clock:output_type -> kiln.agent.v1.ClockResponse
+	9,  // 13: kiln.agent.v1.Agent.AddMemory:output_type -> kiln.agent.v1.AddMemoryResponse
+	12, // 14: kiln.agent.v1.Agent.Shutdown:output_type -> kiln.agent.v1.ShutdownResponse
+	9,  // [9:15] is the sub-list for method output_type
+	3,  // [3:9] is the sub-list for method input_type
 	3,  // [3:3] is the sub-list for extension type_name
 	3,  // [3:3] is the sub-list for extension extendee
 	0,  // [0:3] is the sub-list for field type_name
@@ -759,7 +871,7 @@ func file_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_agent_proto_rawDesc), len(file_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   10,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -47,6 +47,7 @@ type AgentService interface {
 	GuestInfo(context.Context, *GuestInfoRequest) (*GuestInfo, error)
 	SeedGuest(context.Context, *SeedGuestRequest) (*SeedGuestResponse, error)
 	Clock(context.Context, *ClockRequest) (*ClockResponse, error)
+	AddMemory(context.Context, *AddMemoryRequest) (*AddMemoryResponse, error)
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
 }
 
@@ -73,6 +74,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.Clock(ctx, &req)
+			},
+			"AddMemory": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req AddMemoryRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.AddMemory(ctx, &req)
 			},
 			"Shutdown": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ShutdownRequest
@@ -114,6 +122,14 @@ func (c *agentClient) SeedGuest(ctx context.Context, req *SeedGuestRequest) (*Se
 func (c *agentClient) Clock(ctx context.Context, req *ClockRequest) (*ClockResponse, error) {
 	var resp ClockResponse
 	if err := c.client.Call(ctx, "kiln.agent.v1.Agent", "Clock", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) AddMemory(ctx context.Context, req *AddMemoryRequest) (*AddMemoryResponse, error) {
+	var resp AddMemoryResponse
+	if err := c.client.Call(ctx, "kiln.agent.v1.Agent", "AddMemory", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
