@@ -97,7 +97,7 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 	switch {
 	case reexecuted:
 		// Nothing maps the initramfs's copy of the binary any more: removed, its pages are not saved with the
-		// template (init_on_free zeroes them).
+		// template (zeroFreeMemory zeroes them).
 		if err := os.Remove(initramfsInit); err != nil {
 			entry.WithError(err).Warn("remove the initramfs's copy of the agent")
 		}

@@ -127,6 +127,7 @@ func Run(ctx context.Context, cfg Config) {
 		},
 		Seeder:   KernelSeeder{},
 		Memory:   &GuestMemory{Sys: "/sys"},
+		CPUs:     &GuestCPUs{Sys: "/sys"},
 		Restored: guest.Restored,
 		OnShutdown: func(reason string) {
 			select {

@@ -49,6 +49,8 @@ type ServerConfig struct {
 	Seeder Seeder
 	// Memory, when set, grows the guest's memory for AddMemory; nil refuses it.
 	Memory MemoryAdder
+	// CPUs, when set, brings vCPUs online for AddVCPUs; nil refuses it.
+	CPUs CPUAdder
 	// Restored, when set, runs after SeedGuest has seeded the guest, before it answers: a guest restored from a
 	// template finishes its setup there (Guest.Restored). Its error fails SeedGuest.
 	Restored func(ctx context.Context) error
@@ -249,6 +251,25 @@ func (a agentService) AddMemory(_ context.Context, req *agentv1.AddMemoryRequest
 		return nil, status.Errorf(codes.Internal, "%v", err)
 	}
 	return &agentv1.AddMemoryResponse{MemoryMib: have, MemoryBlockSizeMib: block}, nil
+}
+
+// CPUAdder brings the guest's vCPUs online (GuestCPUs).
+type CPUAdder interface {
+	Add(n int) (int, error)
+}
+
+func (a agentService) AddVCPUs(_ context.Context, req *agentv1.AddVCPUsRequest) (*agentv1.AddVCPUsResponse, error) {
+	if a.s.cfg.CPUs == nil {
+		return nil, status.Error(codes.Unimplemented, "vCPUs cannot be brought online in this agent")
+	}
+	have, err := a.s.cfg.CPUs.Add(int(min(req.GetVcpus(), maxCPU)))
+	switch {
+	case errors.Is(err, ErrNoCPU):
+		return nil, status.Errorf(codes.ResourceExhausted, "%v", err)
+	case err != nil:
+		return nil, status.Errorf(codes.Internal, "%v", err)
+	}
+	return &agentv1.AddVCPUsResponse{Vcpus: uint32(have)}, nil
 }
 
 func (a agentService) Shutdown(_ context.Context, req *agentv1.ShutdownRequest) (*agentv1.ShutdownResponse, error) {

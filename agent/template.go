@@ -43,6 +43,13 @@ func (g *Guest) AnnounceTemplate(ctx context.Context, console io.Writer) {
 		g.log.WithError(err).Error("template guest not ready; it must not be saved")
 		return
 	}
+	start := time.Now()
+	if n, err := zeroFreeMemory("/proc/meminfo"); err != nil {
+		// Saved all the same: its clones copy more of it.
+		g.log.WithError(err).Warn("the template guest's free memory is not all zeros")
+	} else {
+		g.log.WithFields(logrus.Fields{"bytes": n, "took": time.Since(start)}).Debug("the template guest's free memory zeroed")
+	}
 	if _, err := fmt.Fprintln(console, agentv1.TemplateReadyLine); err != nil {
 		g.log.WithError(err).Error("announce the template guest")
 	}

@@ -67,7 +67,14 @@ type Hypervisor struct {
 	Path string `toml:"path"`
 	// Accelerator is auto, kvm or tcg.
 	Accelerator string `toml:"accelerator"`
-	VCPUs       int    `toml:"vcpus"`
+	// VCPUs are the guest's vCPUs: a pod's VM has them plus its pod's CPU limit (ForPod).
+	VCPUs int `toml:"vcpus"`
+	// VCPUsMax is the most vCPUs a VM may bring online while it runs (CPULayout); QEMU gives every VM that many,
+	// the guest's kernel boots with VCPUs of them online. 0, or VCPUs, keeps every VM at the vCPUs it boots with.
+	VCPUsMax int `toml:"vcpus_max"`
+	// BootVCPUs, set by ForPod, is VCPUs before the pod's CPU limit was added: what its VM boots with when it can
+	// grow. 0 is VCPUs.
+	BootVCPUs int `toml:"-"`
 	// MemoryMiB is the guest's memory: a pod's VM has it plus the pod's memory limit (ForPod).
 	MemoryMiB int `toml:"memory_mib"`
 	// MemoryMaxMiB is the most memory a VM may grow to while it runs (MemoryLayout): a pod that needs more than
@@ -113,6 +120,24 @@ type Hypervisor struct {
 	// without a boot, each holding an idle pod's memory while it waits.
 	SparePool int `toml:"spare_pool"`
 }
+
+// CPULayout is how a VM of h holds its vCPUs: its guest boots with boot of them online, and QEMU gives it most,
+// which it may bring online. Without growth (vcpus_max = 0, or no more than the VM boots with) both are VCPUs.
+// With it, boot is BootVCPUs, and most vcpus_max, or the pod's vCPUs if it needs more.
+func (h Hypervisor) CPULayout() (boot, most int) {
+	boot = h.VCPUs
+	if h.BootVCPUs > 0 && h.BootVCPUs < h.VCPUs {
+		boot = h.BootVCPUs
+	}
+	if h.VCPUsMax <= boot {
+		return h.VCPUs, h.VCPUs
+	}
+	return boot, max(h.VCPUsMax, h.VCPUs)
+}
+
+// DefaultVCPUsMax is hypervisor.vcpus_max's default. Each vCPU a VM has offline costs the host about 0.4 MB
+// (the guest kernel's per-CPU areas and QEMU's vCPU state, measured under TCG) and no CPU time.
+const DefaultVCPUsMax = 8
 
 // MemoryBlockMiB is the guest kernel's memory block (x86-64's section), the step a VM's memory grows by: a VM
 // that can grow boots with its memory rounded up to it.
@@ -242,6 +267,7 @@ func Default() Config {
 			Path:                   "qemu-system-x86_64",
 			Accelerator:            AccelAuto,
 			VCPUs:                  2,
+			VCPUsMax:               DefaultVCPUsMax,
 			MemoryMiB:              256,
 			MemoryMaxMiB:           DefaultMemoryMaxMiB,
 			KernelParams:           nil,
@@ -371,6 +397,9 @@ func (c Config) Validate() error {
 	}
 	if c.Hypervisor.MemoryMiB < minMemoryMiB || c.Hypervisor.MemoryMiB > maxMemoryMiB {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_mib = %d: want %d to %d", c.Hypervisor.MemoryMiB, minMemoryMiB, maxMemoryMiB))
+	}
+	if m := c.Hypervisor.VCPUsMax; m < 0 || m > maxVCPUs {
+		errs = append(errs, fmt.Errorf("hypervisor.vcpus_max = %d: want 0 (VMs keep the vCPUs they boot with) to %d", m, maxVCPUs))
 	}
 	// Below memory_mib it only means a VM grows no further than the memory its pod needs (MemoryLayout).
 	if m := c.Hypervisor.MemoryMaxMiB; m != 0 && (m < minMemoryMiB || m > maxMemoryMiB) {

@@ -82,8 +82,8 @@ func (c Config) ForPod(annotations map[string]string) (Config, error) {
 		return Config{}, fmt.Errorf("pod needs %d + %d MiB of memory (hypervisor.memory_mib or %s, plus its memory limit of %d bytes): a VM has %d to %d MiB",
 			mib, extraMiB, AnnotationMemoryMiB, mem, minMemoryMiB, maxMemoryMiB)
 	}
+	c.Hypervisor.BootVCPUs, c.Hypervisor.BootMemoryMiB = c.Hypervisor.VCPUs, c.Hypervisor.MemoryMiB
 	c.Hypervisor.VCPUs += int(extraVCPUs)
-	c.Hypervisor.BootMemoryMiB = c.Hypervisor.MemoryMiB
 	c.Hypervisor.MemoryMiB += int(extraMiB)
 	return c, nil
 }

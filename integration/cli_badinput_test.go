@@ -53,7 +53,7 @@ func TestCLIRunBadInput(t *testing.T) {
 		// The VM is sized by the configuration, not by the container.
 		{BadCase: testbundle.BadCase{Name: "huge memory limit", Spec: func(s *specs.Spec) {
 			s.Linux.Resources.Memory = &specs.LinuxMemory{Limit: ptr(int64(math.MaxInt64))}
-		}, Want: []string{"memory limit", "more than its pod's VM has"}}},
+		}, Want: []string{"memory limit", "hypervisor.memory_max_mib"}}},
 		{BadCase: testbundle.BadCase{Name: "id with a slash", Want: []string{`container id "bad/id"`}}, id: "bad/id"},
 		{BadCase: testbundle.BadCase{Name: "id of dots", Want: []string{`container id ".."`}}, id: ".."},
 		{BadCase: testbundle.BadCase{Name: "id climbing out", Want: []string{`container id "../escape"`}}, id: "../escape"},

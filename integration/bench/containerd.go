@@ -124,5 +124,52 @@ func spareLatency(ctx context.Context, d *containerd.Daemon, share, templates st
 	km, rm := median(kiln), median(runc)
 	fmt.Printf("%-40s %10.1f %10.2f   (target <= 4; runc %.1f ms in the same loop; a ready spare before %d of %d runs)\n",
 		"kiln, default (a ready spare shim)", ms(km), float64(km)/float64(rm), ms(rm), found, runs)
+	if err := variedLatency(ctx, d, cfg, "kiln, default, tasks of varied limits", runs, once); err != nil {
+		return err
+	}
+	fixed := filepath.Join(d.Dir, "kiln-fixed.toml")
+	if err := containerd.WriteKilnConfig(fixed, share, d.StateDir(), fmt.Sprintf("[hypervisor]\ntemplate_dir = %q\nspare = true\nmemory_max_mib = 0\nvcpus_max = 0\n", templates)); err != nil {
+		return err
+	}
+	return variedLatency(ctx, d, fixed, "  the same, VMs that do not grow", runs, once)
+}
+
+// variedLatency measures `ctr run` of tasks whose memory and CPU limits change from one run to the next (64 to
+// 256 MiB, no CPU limit or one CPU), as a Kubernetes host's pods' do, with Kiln configuration cfg (spares on)
+// beside runc given the same limits: a VM that grows serves each from the spare the one before left, a VM that
+// does not declines it.
+func variedLatency(ctx context.Context, d *containerd.Daemon, cfg, name string, runs int,
+	once func(name string, runtime []string) (time.Duration, error)) error {
+	limits := func(i int) []string {
+		l := []string{"--memory-limit", fmt.Sprint((64 << 20) * (1 + i%4))}
+		if i%2 == 1 {
+			l = append(l, "--cpus", "1")
+		}
+		return l
+	}
+	base := filepath.Base(cfg)
+	if _, err := once("bench-warm-"+base, append(containerd.KilnRunArgs(cfg), limits(runs)...)); err != nil {
+		return err
+	}
+	var kiln, runc []time.Duration
+	var found int
+	for i := range runs {
+		ready := containerd.WaitSpare(d.Address, time.Minute)
+		dr, err := once(fmt.Sprintf("bench-varied-runc-%s-%d", base, i), limits(i))
+		if err != nil {
+			return err
+		}
+		if ready {
+			found++
+		}
+		dk, err := once(fmt.Sprintf("bench-varied-%s-%d", base, i), append(containerd.KilnRunArgs(cfg), limits(i)...))
+		if err != nil {
+			return err
+		}
+		kiln, runc = append(kiln, dk), append(runc, dr)
+	}
+	km, rm := median(kiln), median(runc)
+	fmt.Printf("%-40s %10.1f %10.2f   (runc %.1f ms in the same loop; a ready spare before %d of %d runs)\n",
+		name, ms(km), float64(km)/float64(rm), ms(rm), found, runs)
 	return nil
 }

@@ -39,10 +39,14 @@ func (k *kilnEnv) spareConfig(t *testing.T) {
 // of theirs. A spare told to stop (SIGTERM) stops its VM and leaves nothing behind.
 func TestKilnSpareShim(t *testing.T) {
 	k := startKiln(t)
-	k.spareConfig(t)
+	// VMs that keep the vCPUs they boot with: a CPU limit grows each task's VM by a vCPU, and the spares are of
+	// that shape. (A VM that can grow takes tasks of every size: TestKilnVMGrows.)
+	cfg, err := k.d.KilnConfig(k.assets, "[hypervisor]\nfast_start = \"template\"\nspare = true\nvcpus_max = 0\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.cfg = cfg
 	addr := k.d.Address
-	// A CPU limit grows each task's VM by a vCPU: the spares are of that shape. (A memory limit does not shape a
-	// VM that can grow: TestKilnMemoryGrows.)
 	limit := []string{"--cpus", "1"}
 
 	out, errOut, code := k.run(t, append(limit, "--rm", BusyboxRef, "kiln-spare-1", "echo", "first")...)

@@ -67,6 +67,18 @@ func TestKilnPodIsOneVM(t *testing.T) {
 		t.Errorf("MemTotal %d kB, want a 512 MiB guest", kb)
 	}
 
+	// Kubernetes' in-place resize: kubelet raises a container's limits through CRI's UpdateContainerResources, and
+	// the VM grows to the pod's boot size plus its containers' limits (2 + 3 vCPUs, 256 + 768 MiB).
+	e.crictl(t, "update", "--memory", strconv.Itoa(768<<20), "--cpu-quota", "300000", "--cpu-period", "100000", ids[1])
+	if n := strings.TrimSpace(execRetry(t, e, ids[1], "nproc")); n != strconv.Itoa(config.Default().Hypervisor.VCPUs+3) {
+		t.Errorf("nproc in the pod after its container's CPU limit was raised to 3: %s, want %d", n, config.Default().Hypervisor.VCPUs+3)
+	}
+	if f := strings.Fields(execRetry(t, e, ids[1], "head", "-1", "/proc/meminfo")); len(f) < 2 {
+		t.Errorf("meminfo %q", f)
+	} else if kb, _ := strconv.Atoi(f[1]); kb < 950<<10 || kb > 1024<<10 {
+		t.Errorf("MemTotal %d kB after the container's memory limit was raised to 768 MiB, want a 1 GiB guest", kb)
+	}
+
 	if h := strings.TrimSpace(execRetry(t, e, ids[1], "hostname")); h != pod.Hostname {
 		t.Errorf("hostname %q, want %q", h, pod.Hostname)
 	}

@@ -49,7 +49,7 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	b := o.Bundle
 	defer func() {
 		if retErr != nil {
-			p.forgetMemory(o.ID)
+			p.forget(o.ID)
 		}
 	}()
 	if err := p.prepareContainer(ctx, o.ID, b); err != nil {
@@ -197,7 +197,7 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 	if err != nil {
 		return e, err
 	}
-	p.forgetMemory(c.ID())
+	p.forget(c.ID())
 	p.bundlesMu.Lock()
 	b := p.bundles[c.ID()]
 	delete(p.bundles, c.ID())

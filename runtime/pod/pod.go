@@ -98,10 +98,11 @@ type Pod struct {
 	// (allowVolumeMemory); under hostMemMu.
 	hostMemMu sync.Mutex
 	volumes   map[share.Device]int64
-	// limits are the memory limits of the pod's containers that have one, by id, which a VM that can grow holds
-	// beside its boot memory (fitMemory); under memMu.
-	memMu  sync.Mutex
-	limits map[string]int64
+	// limits are the limits of the pod's containers that have any, by id, which a VM that can grow holds beside
+	// what it booted with (fit), and vcpus the vCPUs its guest has online (0 until it grows them); under growMu.
+	growMu sync.Mutex
+	limits map[string]containerLimits
+	vcpus  int
 	// stopClock ends the sync of the guest's clock (followClock), nil when there is none; under clockMu.
 	clockMu   sync.Mutex
 	stopClock context.CancelFunc
@@ -223,12 +224,10 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
 	p.sb = sb
-	// A VM that can grow boots with the configuration's memory, and its pod's limit is added once it runs
-	// (config.Hypervisor.MemoryLayout), so that pods of every memory size share one template.
-	if boot, ram := o.Config.Hypervisor.MemoryLayout(); boot < ram && o.Config.Hypervisor.MemoryMiB > boot {
-		if err := p.growMemory(ctx, o.Config.Hypervisor.MemoryMiB); err != nil {
-			return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
-		}
+	// A VM that can grow boots with the configuration's memory and vCPUs, and its pod's limits are added once it
+	// runs (config.Hypervisor.MemoryLayout and CPULayout), so that pods of every size share one template.
+	if err := p.grow(ctx); err != nil {
+		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
 	if err := p.configureGuestNetwork(ctx); err != nil {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)

@@ -43,8 +43,8 @@ func Size(cfg config.Config, first *First) (config.Config, error) {
 	return sized, nil
 }
 
-// Fit makes the pod's VM hold container id with resources r, or refuses them: more memory than the VM has or
-// can grow to (fitMemory), more CPU than it has, and what no VM has (checkHostResources). Within the VM, the
+// Fit makes the pod's VM hold container id with resources r, or refuses them: more memory or CPU than the VM has
+// or can grow to (fit), and what no VM has (checkHostResources). Within the VM, the
 // guest's cgroups enforce them. It is called for each container the pod creates, and for each update.
 func (p *Pod) Fit(ctx context.Context, id string, r *specs.LinuxResources) error {
 	if r == nil {
@@ -53,16 +53,7 @@ func (p *Pod) Fit(ctx context.Context, id string, r *specs.LinuxResources) error
 	if err := checkHostResources(r); err != nil {
 		return fmt.Errorf("container %s: %w", id, err)
 	}
-	vcpus := p.cfg.Hypervisor.VCPUs
-	if r.CPU != nil && r.CPU.Quota != nil && r.CPU.Period != nil && *r.CPU.Period > 0 && *r.CPU.Quota > int64(*r.CPU.Period)*int64(vcpus) {
-		return fmt.Errorf("%w: container %s: CPU quota %d/%d is more than its pod's VM has (%d vCPUs); size the pod with its resources or io.kiln.vcpus",
-			errdefs.ErrInvalidArgument, id, *r.CPU.Quota, *r.CPU.Period, vcpus)
-	}
-	var limit int64
-	if r.Memory != nil && r.Memory.Limit != nil {
-		limit = *r.Memory.Limit
-	}
-	return p.fitMemory(ctx, id, limit)
+	return p.fit(ctx, id, limitsOf(r))
 }
 
 // checkHostResources refuses resources that name what only the host has: CPUs and memory nodes to pin to (a

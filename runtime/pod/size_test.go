@@ -3,6 +3,7 @@ package pod
 import (
 	"context"
 	"errors"
+	"math"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -59,7 +60,7 @@ func TestFits(t *testing.T) {
 	cfg := config.Default()
 	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = 2, 512
 	// A VM that cannot grow: one that can asks its guest for more memory (memory_test.go).
-	cfg.Hypervisor.MemoryMaxMiB = 0
+	cfg.Hypervisor.MemoryMaxMiB, cfg.Hypervisor.VCPUsMax = 0, 0
 	p := &Pod{cfg: cfg}
 	for _, tc := range []struct {
 		name string
@@ -69,6 +70,8 @@ func TestFits(t *testing.T) {
 		{"none", nil, true},
 		{"within", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(512 << 20))}, CPU: &specs.LinuxCPU{Quota: ptr(int64(200000)), Period: ptr(uint64(100000))}}, true},
 		{"too much memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(513 << 20))}}, false},
+		{"more memory than any VM", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(math.MaxInt64))}}, false},
+		{"more CPU than any VM", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(math.MaxInt64)), Period: ptr(uint64(1))}}, false},
 		{"too much CPU", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(200001)), Period: ptr(uint64(100000))}}, false},
 		{"host CPUs", &specs.LinuxResources{CPU: &specs.LinuxCPU{Cpus: "0-1"}}, false},
 		{"host memory nodes", &specs.LinuxResources{CPU: &specs.LinuxCPU{Mems: "0"}}, false},

@@ -160,8 +160,8 @@ type hotplugger interface {
 }
 
 // Refuses says why first's pod, of base (the Kiln configuration, before sizing), cannot be this spare's pod: it
-// asks for another size. A VM that can grow serves a pod that needs more memory than it booted with, up to its
-// RAM (sameMachine). It touches nothing; nil means Adopt may take it.
+// asks for another size. A VM that can grow serves a pod that needs more memory or vCPUs than it booted with, up
+// to what QEMU gave it (sameMachine). It touches nothing; nil means Adopt may take it.
 func (p *Pod) Refuses(base config.Config, first *First) error {
 	_, err := p.refuses(base, first)
 	return err
@@ -179,16 +179,19 @@ func (p *Pod) refuses(base config.Config, first *First) (config.Config, error) {
 }
 
 // sameMachine says whether a pod of configuration want can run in a VM booted for have: the same configuration
-// but for the memory a VM that can grow adds once it runs, which must boot the same guest in the same RAM
-// (config.Hypervisor.MemoryLayout).
+// but for the memory and vCPUs a VM that can grow adds once it runs, which must boot the same guest on the same
+// machine (config.Hypervisor.MemoryLayout and CPULayout).
 func sameMachine(want, have config.Config) bool {
-	wb, wr := want.Hypervisor.MemoryLayout()
-	hb, hr := have.Hypervisor.MemoryLayout()
-	if wb != hb || wr != hr {
+	w, h := &want.Hypervisor, &have.Hypervisor
+	wb, wr := w.MemoryLayout()
+	hb, hr := h.MemoryLayout()
+	wc, wm := w.CPULayout()
+	hc, hm := h.CPULayout()
+	if wb != hb || wr != hr || wc != hc || wm != hm {
 		return false
 	}
-	// A VM that cannot grow has its memory from the start (both are MemoryMiB, equal now).
-	want.Hypervisor.MemoryMiB, want.Hypervisor.BootMemoryMiB = have.Hypervisor.MemoryMiB, have.Hypervisor.BootMemoryMiB
+	// A VM that cannot grow has its size from the start (the layouts are its size, equal now).
+	w.MemoryMiB, w.BootMemoryMiB, w.VCPUs, w.BootVCPUs = h.MemoryMiB, h.BootMemoryMiB, h.VCPUs, h.BootVCPUs
 	return reflect.DeepEqual(want, have)
 }
 
@@ -214,13 +217,14 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 	if err := p.sb.Reseed(ctx); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnfit, err)
 	}
-	// The pod's memory beyond what the spare booted with (sameMachine).
-	if err := p.growMemory(ctx, sized.Hypervisor.MemoryMiB); err != nil {
+	// The pod's memory and vCPUs beyond what the spare booted with (sameMachine).
+	p.growMu.Lock()
+	h := &p.cfg.Hypervisor
+	h.MemoryMiB, h.BootMemoryMiB, h.VCPUs, h.BootVCPUs = sized.Hypervisor.MemoryMiB, sized.Hypervisor.BootMemoryMiB, sized.Hypervisor.VCPUs, sized.Hypervisor.BootVCPUs
+	p.growMu.Unlock()
+	if err := p.grow(ctx); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnfit, err)
 	}
-	p.memMu.Lock()
-	p.cfg.Hypervisor.MemoryMiB, p.cfg.Hypervisor.BootMemoryMiB = sized.Hypervisor.MemoryMiB, sized.Hypervisor.BootMemoryMiB
-	p.memMu.Unlock()
 	if err := p.enterCgroup(first, p.VMProcesses()...); err != nil {
 		return err
 	}

@@ -43,8 +43,8 @@ type Spare struct {
 
 // SpareShape is the VM shape a spare shim boots: that of the task whose shim started it (pod.Size: the
 // configuration's VM grown by the task's resources), so that the next task like it fits the spare; but for a VM
-// that can grow, the memory it boots with, so that a task of any memory size fits it (config.Hypervisor.
-// MemoryLayout). It travels on the spare's command line (SpareShapeFlag) as JSON.
+// that can grow, the memory and vCPUs it boots with, so that a task of any size fits it (config.Hypervisor.
+// MemoryLayout and CPULayout). It travels on the spare's command line (SpareShapeFlag) as JSON.
 type SpareShape struct {
 	VCPUs        int      `json:"vcpus"`
 	MemoryMiB    int      `json:"memory_mib"`
@@ -56,11 +56,14 @@ const SpareShapeFlag = "shape"
 
 func shapeOf(sized config.Config) SpareShape {
 	h := sized.Hypervisor
-	mem := h.MemoryMiB
+	mem, vcpus := h.MemoryMiB, h.VCPUs
 	if boot, ram := h.MemoryLayout(); boot < ram {
 		mem = h.BootMemory()
 	}
-	return SpareShape{VCPUs: h.VCPUs, MemoryMiB: mem, KernelParams: h.KernelParams}
+	if boot, most := h.CPULayout(); boot < most {
+		vcpus = boot
+	}
+	return SpareShape{VCPUs: vcpus, MemoryMiB: mem, KernelParams: h.KernelParams}
 }
 
 // sized is cfg with the shape's VM, checked as a configuration is. A shape's kernel parameters are cfg's and the

@@ -41,6 +41,13 @@ func TestSpareShape(t *testing.T) {
 	if got, err := shapeOf(cfg).sized(cfg); err != nil || !reflect.DeepEqual(got, cfg) {
 		t.Errorf("shape of a configuration with kernel_params = []: %+v, %v", got.Hypervisor, err)
 	}
+	// A task's VM that grows to its limits boots as one without them: its spare is of the configuration's shape.
+	limited := cfg
+	limited.Hypervisor.BootVCPUs, limited.Hypervisor.BootMemoryMiB = cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB
+	limited.Hypervisor.VCPUs, limited.Hypervisor.MemoryMiB = cfg.Hypervisor.VCPUs+2, cfg.Hypervisor.MemoryMiB+512
+	if got, want := shapeOf(limited), shapeOf(cfg); !reflect.DeepEqual(got, want) {
+		t.Errorf("shape of a task with limits its VM grows to: %+v, want the configuration's %+v", got, want)
+	}
 	if _, err := (SpareShape{VCPUs: 0, MemoryMiB: 256}).sized(cfg); err == nil || !strings.Contains(err.Error(), "hypervisor.vcpus") {
 		t.Errorf("a shape of 0 vCPUs: %v, want hypervisor.vcpus refused", err)
 	}

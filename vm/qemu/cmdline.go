@@ -70,14 +70,18 @@ func args(c Config, fds fdLayout) []string {
 		// that block, not in the small boot memory.
 		params = append(params, "mem="+strconv.Itoa(c.MemoryMiB)+"M", "memory_hotplug.memmap_on_memory=1")
 	}
+	if c.MaxVCPUs > c.VCPUs {
+		// The rest are present and offline, for the agent to bring online (AddVCPUs).
+		params = append(params, "maxcpus="+strconv.Itoa(c.VCPUs))
+	}
 	if c.role == roleCold {
 		// A microvm started with acpi=off has no ACPI tables: the guest kernel need not look for them, and does
 		// not log an "ACPI BIOS Error" on every boot.
 		params = append(params, "acpi=off")
 	} else {
-		// init_on_free: pages the template guest freed are zeros, which the saved RAM leaves out (punchZeros),
-		// so that each clone copies, and holds, only what the guest uses.
-		params = append(params, agentv1.CmdlineTemplate+"=1", "init_on_free=1")
+		// The template guest's agent zeroes its free memory before the save, which leaves zero pages out
+		// (punchZeros), so that each clone copies, and holds, only what the guest uses.
+		params = append(params, agentv1.CmdlineTemplate+"=1")
 		if c.AgentImage != "" {
 			params = append(params, agentv1.CmdlineAgentImage+"=1")
 		}
@@ -108,7 +112,7 @@ func args(c Config, fds fdLayout) []string {
 	a = append(a,
 		"-accel", accelArg,
 		"-m", memArg(c, mem),
-		"-smp", strconv.Itoa(c.VCPUs),
+		"-smp", strconv.Itoa(max(c.MaxVCPUs, c.VCPUs)),
 		"-object", backend,
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-serial", "stdio",

@@ -37,7 +37,8 @@ func TestArgs(t *testing.T) {
 			c.Nets = []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, MTU: 1400}, {MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}}}
 		}, want: []string{"-netdev tap,id=net0,fd=6,vhost=off -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400",
 			"-netdev tap,id=net1,fd=7,vhost=off -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02"}, absent: []string{"mac=02:00:00:00:00:02,host_mtu"}},
-		{name: "a VM that cannot grow", absent: []string{"mem=", "memmap_on_memory"}},
+		{name: "a VM that cannot grow", absent: []string{"mem=", "memmap_on_memory", "maxcpus="}},
+		{name: "vCPUs to bring online", mutate: func(c *Config) { c.MaxVCPUs = 8 }, want: []string{"-smp 8 ", " maxcpus=2"}},
 		{name: "a VM that can grow", mutate: func(c *Config) { c.MaxMemoryMiB = 8192 },
 			want: []string{"-m 8192M", "memory-backend-memfd,id=mem,size=8192M,", " mem=512M memory_hotplug.memmap_on_memory=1"}},
 		{name: "a template that can grow", mutate: func(c *Config) {

@@ -26,7 +26,11 @@ type Config struct {
 	// QEMU is the emulator binary (a name looked up in PATH, or a path).
 	QEMU  string
 	Accel accel.Kind
+	// VCPUs are the vCPUs the guest's kernel boots with online (its maxcpus= when MaxVCPUs is larger).
 	VCPUs int
+	// MaxVCPUs are the vCPUs QEMU gives the guest, which it may bring online (the agent's AddVCPUs). 0, or VCPUs,
+	// boots the guest with all of them.
+	MaxVCPUs int
 	// MemoryMiB is the memory the guest's kernel boots with (its mem= when MaxMemoryMiB is larger).
 	MemoryMiB int
 	// MaxMemoryMiB is the RAM QEMU gives the guest, which it may grow to from MemoryMiB (GrowGuestMemory, then
@@ -147,12 +151,14 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		templateDir = cfg.Hypervisor.TemplateDir
 	}
 	boot, ram := cfg.Hypervisor.MemoryLayout()
+	vcpus, maxVCPUs := cfg.Hypervisor.CPULayout()
 	return Config{
 		ID:                id,
 		StateRoot:         cfg.Runtime.StateDir,
 		QEMU:              cfg.Hypervisor.Path,
 		Accel:             choice.Kind,
-		VCPUs:             cfg.Hypervisor.VCPUs,
+		VCPUs:             vcpus,
+		MaxVCPUs:          maxVCPUs,
 		MemoryMiB:         boot,
 		MaxMemoryMiB:      ram,
 		Kernel:            assets.Kernel,

@@ -116,6 +116,7 @@ func New(cfg Config) (*Machine, error) {
 		cfg.MemoryMiB = 256
 	}
 	cfg.MaxMemoryMiB = max(cfg.MaxMemoryMiB, cfg.MemoryMiB)
+	cfg.MaxVCPUs = max(cfg.MaxVCPUs, cfg.VCPUs)
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 3 * time.Second
 	}

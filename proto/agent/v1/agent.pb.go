@@ -495,6 +495,96 @@ func (x *AddMemoryResponse) GetMemoryBlockSizeMib() uint64 {
 	return 0
 }
 
+type AddVCPUsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The vCPUs the guest is to have online. The agent brings them online lowest first; it never takes any offline.
+	Vcpus         uint32 `protobuf:"varint,1,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddVCPUsRequest) Reset() {
+	*x = AddVCPUsRequest{}
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddVCPUsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddVCPUsRequest) ProtoMessage() {}
+
+func (x *AddVCPUsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddVCPUsRequest.ProtoReflect.Descriptor instead.
+func (*AddVCPUsRequest) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *AddVCPUsRequest) GetVcpus() uint32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+type AddVCPUsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The vCPUs online now, at least what was asked for.
+	Vcpus         uint32 `protobuf:"varint,1,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddVCPUsResponse) Reset() {
+	*x = AddVCPUsResponse{}
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddVCPUsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddVCPUsResponse) ProtoMessage() {}
+
+func (x *AddVCPUsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddVCPUsResponse.ProtoReflect.Descriptor instead.
+func (*AddVCPUsResponse) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *AddVCPUsResponse) GetVcpus() uint32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
 type GuestInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// uname -r, e.g. "6.1.192-kiln".
@@ -532,7 +622,7 @@ type GuestInfo struct {
 
 func (x *GuestInfo) Reset() {
 	*x = GuestInfo{}
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -544,7 +634,7 @@ func (x *GuestInfo) String() string {
 func (*GuestInfo) ProtoMessage() {}
 
 func (x *GuestInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -557,7 +647,7 @@ func (x *GuestInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestInfo.ProtoReflect.Descriptor instead.
 func (*GuestInfo) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GuestInfo) GetKernelRelease() string {
@@ -675,7 +765,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -687,7 +777,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -700,7 +790,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ShutdownRequest) GetReason() string {
@@ -718,7 +808,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -730,7 +820,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -743,7 +833,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 var File_agent_v1_agent_proto protoreflect.FileDescriptor
@@ -775,7 +865,11 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x11AddMemoryResponse\x12\x1d\n" +
 	"\n" +
 	"memory_mib\x18\x01 \x01(\x04R\tmemoryMib\x121\n" +
-	"\x15memory_block_size_mib\x18\x02 \x01(\x04R\x12memoryBlockSizeMib\"\xf5\x04\n" +
+	"\x15memory_block_size_mib\x18\x02 \x01(\x04R\x12memoryBlockSizeMib\"'\n" +
+	"\x0fAddVCPUsRequest\x12\x14\n" +
+	"\x05vcpus\x18\x01 \x01(\rR\x05vcpus\"(\n" +
+	"\x10AddVCPUsResponse\x12\x14\n" +
+	"\x05vcpus\x18\x01 \x01(\rR\x05vcpus\"\xf5\x04\n" +
 	"\tGuestInfo\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12%\n" +
 	"\x0ekernel_version\x18\x02 \x01(\tR\rkernelVersion\x12\x17\n" +
@@ -799,12 +893,13 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x12\n" +
 	"\x10ShutdownResponse2L\n" +
 	"\x06Health\x12B\n" +
-	"\x05Check\x12\x1b.kiln.agent.v1.CheckRequest\x1a\x1c.kiln.agent.v1.CheckResponse2\x80\x03\n" +
+	"\x05Check\x12\x1b.kiln.agent.v1.CheckRequest\x1a\x1c.kiln.agent.v1.CheckResponse2\xcd\x03\n" +
 	"\x05Agent\x12F\n" +
 	"\tGuestInfo\x12\x1f.kiln.agent.v1.GuestInfoRequest\x1a\x18.kiln.agent.v1.GuestInfo\x12N\n" +
 	"\tSeedGuest\x12\x1f.kiln.agent.v1.SeedGuestRequest\x1a .kiln.agent.v1.SeedGuestResponse\x12B\n" +
 	"\x05Clock\x12\x1b.kiln.agent.v1.ClockRequest\x1a\x1c.kiln.agent.v1.ClockResponse\x12N\n" +
 	"\tAddMemory\x12\x1f.kiln.agent.v1.AddMemoryRequest\x1a .kiln.agent.v1.AddMemoryResponse\x12K\n" +
+	"\bAddVCPUs\x12\x1e.kiln.agent.v1.AddVCPUsRequest\x1a\x1f.kiln.agent.v1.AddVCPUsResponse\x12K\n" +
 	"\bShutdown\x12\x1e.kiln.agent.v1.ShutdownRequest\x1a\x1f.kiln.agent.v1.ShutdownResponseB5Z3github.com/kiln-runtime/kiln/proto/agent/v1;agentv1b\x06proto3"
 
 var (
@@ -820,7 +915,7 @@ func file_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_agent_v1_agent_proto_goTypes = []any{
 	(CheckResponse_ServingStatus)(0), // 0: kiln.agent.v1.CheckResponse.ServingStatus
 	(*CheckRequest)(nil),             // 1: kiln.agent.v1.CheckRequest
@@ -832,29 +927,33 @@ var file_agent_v1_agent_proto_goTypes = []any{
 	(*ClockResponse)(nil),            // 7: kiln.agent.v1.ClockResponse
 	(*AddMemoryRequest)(nil),         // 8: kiln.agent.v1.AddMemoryRequest
 	(*AddMemoryResponse)(nil),        // 9: kiln.agent.v1.AddMemoryResponse
-	(*GuestInfo)(nil),                // 10: kiln.agent.v1.GuestInfo
-	(*ShutdownRequest)(nil),          // 11: kiln.agent.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),         // 12: kiln.agent.v1.ShutdownResponse
-	(*durationpb.Duration)(nil),      // 13: google.protobuf.Duration
+	(*AddVCPUsRequest)(nil),          // 10: kiln.agent.v1.AddVCPUsRequest
+	(*AddVCPUsResponse)(nil),         // 11: kiln.agent.v1.AddVCPUsResponse
+	(*GuestInfo)(nil),                // 12: kiln.agent.v1.GuestInfo
+	(*ShutdownRequest)(nil),          // 13: kiln.agent.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),         // 14: kiln.agent.v1.ShutdownResponse
+	(*durationpb.Duration)(nil),      // 15: google.protobuf.Duration
 }
 var file_agent_v1_agent_proto_depIdxs = []int32{
 	0,  // 0: kiln.agent.v1.CheckResponse.status:type_name -> kiln.agent.v1.CheckResponse.ServingStatus
-	13, // 1: kiln.agent.v1.GuestInfo.uptime:type_name -> google.protobuf.Duration
-	13, // 2: kiln.agent.v1.GuestInfo.agent_init:type_name -> google.protobuf.Duration
+	15, // 1: kiln.agent.v1.GuestInfo.uptime:type_name -> google.protobuf.Duration
+	15, // 2: kiln.agent.v1.GuestInfo.agent_init:type_name -> google.protobuf.Duration
 	1,  // 3: kiln.agent.v1.Health.Check:input_type -> kiln.agent.v1.CheckRequest
 	3,  // 4: kiln.agent.v1.Agent.GuestInfo:input_type -> kiln.agent.v1.GuestInfoRequest
 	4,  // 5: kiln.agent.v1.Agent.SeedGuest:input_type -> kiln.agent.v1.SeedGuestRequest
 	6,  // 6: kiln.agent.v1.Agent.Clock:input_type -> kiln.agent.v1.ClockRequest
 	8,  // 7: kiln.agent.v1.Agent.AddMemory:input_type -> kiln.agent.v1.AddMemoryRequest
-	11, // 8: kiln.agent.v1.Agent.Shutdown:input_type -> kiln.agent.v1.ShutdownRequest
-	2,  // 9: kiln.agent.v1.Health.Check:output_type -> kiln.agent.v1.CheckResponse
-	10, // 10: kiln.agent.v1.Agent.GuestInfo:output_type -> kiln.agent.v1.GuestInfo
-	5,  // 11: kiln.agent.v1.Agent.SeedGuest:output_type -> kiln.agent.v1.SeedGuestResponse
-	7,  // 12: kiln.agent.v1.Agent.Clock:output_type -> kiln.agent.v1.ClockResponse
-	9,  // 13: kiln.agent.v1.Agent.AddMemory:output_type -> kiln.agent.v1.AddMemoryResponse
-	12, // 14: kiln.agent.v1.Agent.Shutdown:output_type -> kiln.agent.v1.ShutdownResponse
-	9,  // [9:15] is the sub-list for method output_type
-	3,  // [3:9] is the sub-list for method input_type
+	10, // 8: kiln.agent.v1.Agent.AddVCPUs:input_type -> kiln.agent.v1.AddVCPUsRequest
+	13, // 9: kiln.agent.v1.Agent.Shutdown:input_type -> kiln.agent.v1.ShutdownRequest
+	2,  // 10: kiln.agent.v1.Health.Check:output_type -> kiln.agent.v1.CheckResponse
+	12, // 11: kiln.agent.v1.Agent.GuestInfo:output_type -> kiln.agent.v1.GuestInfo
+	5,  // 12: kiln.agent.v1.Agent.SeedGuest:output_type -> kiln.agent.v1.SeedGuestResponse
+	7,  // 13: kiln.agent.v1.Agent.Clock:output_type -> kiln.agent.v1.ClockResponse
+	9,  // 14: kiln.agent.v1.Agent.AddMemory:output_type -> kiln.agent.v1.AddMemoryResponse
+	11, // 15: kiln.agent.v1.Agent.AddVCPUs:output_type -> kiln.agent.v1.AddVCPUsResponse
+	14, // 16: kiln.agent.v1.Agent.Shutdown:output_type -> kiln.agent.v1.ShutdownResponse
+	10, // [10:17] is the sub-list for method output_type
+	3,  // [3:10] is the sub-list for method input_type
 	3,  // [3:3] is the sub-list for extension type_name
 	3,  // [3:3] is the sub-list for extension extendee
 	0,  // [0:3] is the sub-list for field type_name
@@ -871,7 +970,7 @@ func file_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_agent_proto_rawDesc), len(file_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -48,6 +48,7 @@ type AgentService interface {
 	SeedGuest(context.Context, *SeedGuestRequest) (*SeedGuestResponse, error)
 	Clock(context.Context, *ClockRequest) (*ClockResponse, error)
 	AddMemory(context.Context, *AddMemoryRequest) (*AddMemoryResponse, error)
+	AddVCPUs(context.Context, *AddVCPUsRequest) (*AddVCPUsResponse, error)
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
 }
 
@@ -81,6 +82,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.AddMemory(ctx, &req)
+			},
+			"AddVCPUs": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req AddVCPUsRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.AddVCPUs(ctx, &req)
 			},
 			"Shutdown": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ShutdownRequest
@@ -130,6 +138,14 @@ func (c *agentClient) Clock(ctx context.Context, req *ClockRequest) (*ClockRespo
 func (c *agentClient) AddMemory(ctx context.Context, req *AddMemoryRequest) (*AddMemoryResponse, error) {
 	var resp AddMemoryResponse
 	if err := c.client.Call(ctx, "kiln.agent.v1.Agent", "AddMemory", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) AddVCPUs(ctx context.Context, req *AddVCPUsRequest) (*AddVCPUsResponse, error) {
+	var resp AddVCPUsResponse
+	if err := c.client.Call(ctx, "kiln.agent.v1.Agent", "AddVCPUs", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

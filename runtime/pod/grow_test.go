@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
@@ -30,6 +31,18 @@ type fakeMemoryAgent struct {
 	have  uint64
 	err   error
 	asked uint64
+}
+
+func (f *fakeMemoryAgent) AddVCPUs(_ context.Context, req *agentv1.AddVCPUsRequest) (*agentv1.AddVCPUsResponse, error) {
+	f.asked = uint64(req.GetVcpus())
+	if f.err != nil {
+		return nil, f.err
+	}
+	have := uint32(f.have)
+	if have == 0 {
+		have = req.GetVcpus()
+	}
+	return &agentv1.AddVCPUsResponse{Vcpus: have}, nil
 }
 
 func (f *fakeMemoryAgent) AddMemory(_ context.Context, req *agentv1.AddMemoryRequest) (*agentv1.AddMemoryResponse, error) {
@@ -79,19 +92,54 @@ func TestGrowMemory(t *testing.T) {
 	}
 }
 
-func TestPodMemory(t *testing.T) {
+func TestGrowVCPUs(t *testing.T) {
 	for _, tc := range []struct {
-		boot   int
-		limits map[string]int64
-		want   int
+		name         string
+		agent        fakeMemoryAgent
+		now, most, n int
+		want         int
+		asked        uint64
+		errIs        error
+		wantErr      bool
 	}{
-		{256, nil, 256},
-		{256, map[string]int64{"a": 100 << 20, "b": 1}, 357},
-		{256, map[string]int64{"a": 1 << 62, "b": 1 << 62, "c": 1 << 62}, 1 << 40},
+		{name: "enough", now: 3, most: 8, n: 2, want: 3},
+		{name: "brought online", now: 2, most: 8, n: 5, want: 5, asked: 5},
+		{name: "past the VM's", now: 2, most: 8, n: 9, want: 2, errIs: errdefs.ErrInvalidArgument},
+		{name: "the guest fails", agent: fakeMemoryAgent{err: errors.New("no")}, now: 2, most: 8, n: 4, want: 2, asked: 4, wantErr: true},
+		{name: "the guest falls short", agent: fakeMemoryAgent{have: 3}, now: 2, most: 8, n: 4, want: 2, asked: 4, wantErr: true},
+		{name: "the guest claims more than the VM has", agent: fakeMemoryAgent{have: 9}, now: 2, most: 8, n: 4, want: 2, asked: 4, wantErr: true},
 	} {
-		if got := podMemory(tc.boot, tc.limits); got != tc.want {
-			t.Errorf("podMemory(%d, %v) = %d, want %d", tc.boot, tc.limits, got, tc.want)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := growVCPUs(context.Background(), &tc.agent, tc.now, tc.most, tc.n)
+			if got != tc.want || tc.agent.asked != tc.asked {
+				t.Errorf("got %d, agent asked for %d; want %d, %d", got, tc.agent.asked, tc.want, tc.asked)
+			}
+			switch {
+			case tc.errIs != nil && !errors.Is(err, tc.errIs), tc.errIs == nil && tc.wantErr != (err != nil):
+				t.Errorf("err %v", err)
+			}
+		})
+	}
+}
+
+func TestLimitsOf(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		r    *specs.LinuxResources
+		want containerLimits
+	}{
+		{"none", nil, containerLimits{}},
+		{"memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(100 << 20))}}, containerLimits{memory: 100 << 20}},
+		{"no memory limit (-1)", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(-1))}}, containerLimits{}},
+		{"CPU rounded up", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(150000)), Period: ptr(uint64(100000))}}, containerLimits{vcpus: 2}},
+		{"CPU without quota (-1)", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(-1)), Period: ptr(uint64(100000))}}, containerLimits{}},
+		{"a huge period", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(1)), Period: ptr(uint64(1 << 63))}}, containerLimits{vcpus: 1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := limitsOf(tc.r); got != tc.want {
+				t.Errorf("limitsOf = %+v, want %+v", got, tc.want)
+			}
+		})
 	}
 }
 
@@ -104,9 +152,14 @@ func TestSameMachine(t *testing.T) {
 		c.Hypervisor.MemoryMiB += limitMiB
 		return c
 	}
-	noGrowth := func(c config.Config) config.Config { c.Hypervisor.MemoryMaxMiB = 0; return c }
-	otherCPUs := sized(512)
-	otherCPUs.Hypervisor.VCPUs++
+	noGrowth := func(c config.Config) config.Config { c.Hypervisor.MemoryMaxMiB, c.Hypervisor.VCPUsMax = 0, 0; return c }
+	withCPUs := func(c config.Config, n int) config.Config {
+		c.Hypervisor.BootVCPUs = c.Hypervisor.VCPUs
+		c.Hypervisor.VCPUs += n
+		return c
+	}
+	otherBootCPUs := sized(512)
+	otherBootCPUs.Hypervisor.VCPUs++
 	for _, tc := range []struct {
 		name       string
 		want, have config.Config
@@ -115,7 +168,10 @@ func TestSameMachine(t *testing.T) {
 		{"no limit", sized(0), spare, true},
 		{"a limit the VM grows to", sized(1024), spare, true},
 		{"a limit past the ceiling", sized(base.Hypervisor.MemoryMaxMiB), spare, false},
-		{"another vCPU count", otherCPUs, spare, false},
+		{"a CPU limit the VM grows to", withCPUs(sized(512), 2), spare, true},
+		{"a CPU limit past the VM's vCPUs", withCPUs(sized(512), base.Hypervisor.VCPUsMax), spare, false},
+		{"another vCPU count to boot with", otherBootCPUs, spare, false},
+		{"a CPU limit on a VM that cannot grow", withCPUs(noGrowth(sized(0)), 1), noGrowth(spare), false},
 		{"a VM that cannot grow", noGrowth(sized(512)), noGrowth(spare), false},
 		{"a VM that cannot grow, same size", noGrowth(sized(0)), noGrowth(spare), true},
 	} {

@@ -14,11 +14,12 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
-// A VM that can grow (hypervisor.memory_max_mib, on by default) boots with memory_mib and has its pod's memory
-// limit added once it runs: a task with a memory limit takes the spare of tasks without one, and its VM grows to
-// hold the limit; raising the task's limit in place (`ctr task update`, as Kubernetes' pod resize does through CRI)
-// grows it again; a limit past the ceiling is refused with an error naming memory_max_mib, and the task runs on.
-func TestKilnMemoryGrows(t *testing.T) {
+// A VM that can grow (hypervisor.memory_max_mib and vcpus_max, on by default) boots with memory_mib and vcpus and
+// has its pod's limits added once it runs: a task with memory and CPU limits takes the spare of tasks without,
+// and its VM grows to hold them; raising the task's limits in place (a task update, as Kubernetes' pod resize
+// makes through CRI) grows it again; limits past the ceilings are refused with an error naming the key, and the
+// task runs on.
+func TestKilnVMGrows(t *testing.T) {
 	k := startKiln(t)
 	k.spareConfig(t)
 	addr := k.d.Address
@@ -30,18 +31,29 @@ func TestKilnMemoryGrows(t *testing.T) {
 	}
 	const id = "kiln-grow-1"
 	// Privileged, to mount a tmpfs below.
-	k.runDetached(t, id, []string{"--privileged", "--memory-limit", strconv.Itoa(512 << 20)}, sleeper...)
+	k.runDetached(t, id, []string{"--privileged", "--memory-limit", strconv.Itoa(512 << 20), "--cpus", "1"}, sleeper...)
 	k.waitStatus(t, id, "RUNNING")
 	if log := k.logSince(t, 0); !strings.Contains(log, "the spare shim's warm VM runs the task\" container="+id) {
-		t.Errorf("%s (a 512 MiB limit) did not run in the spare of tasks without one; containerd's log:\n%s", id, k.d.LogTail(40))
+		t.Errorf("%s (limits of 512 MiB and a CPU) did not run in the spare of tasks without; containerd's log:\n%s", id, k.d.LogTail(40))
+	}
+	// Two vCPUs booted and one added.
+	if online := strings.TrimSpace(k.ctr(t, "tasks", "exec", "--exec-id", "c1", id, "cat", "/sys/devices/system/cpu/online")); online != "0-2" {
+		t.Errorf("the guest's online CPUs with a CPU limit of 1 on 2 vCPUs: %q, want 0-2", online)
 	}
 	// 256 MiB booted and 512 added: the guest's kernel has about 768 MiB (less what it keeps for itself).
 	if total := k.guestMemTotal(t, id, "m1"); total < 700<<20 || total > 768<<20 {
 		t.Errorf("guest MemTotal %d MiB with a 512 MiB limit on 256 MiB, want 700 to 768", total>>20)
 	}
 
-	if err := k.updateMemory(t, id, 1536<<20); err != nil {
-		t.Fatalf("raise the limit to 1536 MiB: %v", err)
+	if err := k.update(t, id, 1536<<20, 4); err != nil {
+		t.Fatalf("raise the limits to 1536 MiB and 4 CPUs: %v", err)
+	}
+	if online := strings.TrimSpace(k.ctr(t, "tasks", "exec", "--exec-id", "c2", id, "cat", "/sys/devices/system/cpu/online")); online != "0-5" {
+		t.Errorf("the guest's online CPUs with the CPU limit raised to 4: %q, want 0-5", online)
+	}
+	// And the container's processes may run on them (its cgroup's cpuset takes in CPUs as they come online).
+	if n := strings.TrimSpace(k.ctr(t, "tasks", "exec", "--exec-id", "nproc", id, "nproc")); n != "6" {
+		t.Errorf("nproc in the container after the growth: %q, want 6", n)
 	}
 	if total := k.guestMemTotal(t, id, "m2"); total < 1700<<20 || total > 1792<<20 {
 		t.Errorf("guest MemTotal %d MiB with the limit raised to 1536 MiB, want 1700 to 1792", total>>20)
@@ -60,19 +72,23 @@ func TestKilnMemoryGrows(t *testing.T) {
 		t.Errorf("filling 1 GiB of the grown guest's memory: exit %d, stdout %q, stderr %s", code, out, errOut)
 	}
 
-	if err := k.updateMemory(t, id, 64<<30); err == nil || !strings.Contains(err.Error(), "memory_max_mib") {
+	if err := k.update(t, id, 64<<30, 0); err == nil || !strings.Contains(err.Error(), "memory_max_mib") {
 		t.Errorf("a 64 GiB limit past the default ceiling: %v; want an error naming hypervisor.memory_max_mib", err)
+	}
+	if err := k.update(t, id, 0, 16); err == nil || !strings.Contains(err.Error(), "vcpus_max") {
+		t.Errorf("a limit of 16 CPUs past the default ceiling: %v; want an error naming hypervisor.vcpus_max", err)
 	}
 	if got := k.taskStatus(t, id); got != "RUNNING" {
 		t.Errorf("after the refused update the task is %s, want RUNNING", got)
 	}
-	if log := k.logSince(t, 0); strings.Count(log, "the VM's memory grew") < 2 {
-		t.Errorf("the shim did not log two growths of the VM's memory; containerd's log:\n%s", k.d.LogTail(40))
+	if log := k.logSince(t, 0); strings.Count(log, "the VM's memory grew") < 2 || strings.Count(log, "the VM's vCPUs grew") < 2 {
+		t.Errorf("the shim did not log two growths of the VM's memory and vCPUs; containerd's log:\n%s", k.d.LogTail(40))
 	}
 }
 
-// updateMemory sets task id's memory limit (its containerd task's Update, which `ctr` has no command for).
-func (k *kilnEnv) updateMemory(t *testing.T, id string, limit int64) error {
+// update sets task id's memory limit (bytes) and CPU limit (CPUs), each when not 0, through its containerd task's
+// Update, which `ctr` has no command for.
+func (k *kilnEnv) update(t *testing.T, id string, memory int64, cpus int64) error {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), Namespace), time.Minute)
 	defer cancel()
@@ -89,7 +105,15 @@ func (k *kilnEnv) updateMemory(t *testing.T, id string, limit int64) error {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return task.Update(ctx, client.WithResources(&specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}}))
+	var r specs.LinuxResources
+	if memory != 0 {
+		r.Memory = &specs.LinuxMemory{Limit: &memory}
+	}
+	if cpus != 0 {
+		quota, period := cpus*100000, uint64(100000)
+		r.CPU = &specs.LinuxCPU{Quota: &quota, Period: &period}
+	}
+	return task.Update(ctx, client.WithResources(&r))
 }
 
 var memTotal = regexp.MustCompile(`(?m)^MemTotal:\s+(\d+) kB$`)

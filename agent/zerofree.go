@@ -1,0 +1,77 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+// Bounds of zeroFreeMemory: it leaves zeroFreeReserve of the guest's memory free for the kernel, and takes the
+// rest zeroFreeChunk at a time.
+const (
+	zeroFreeReserve = 16 << 20
+	zeroFreeChunk   = 4 << 20
+)
+
+// zeroFreeMemory leaves the guest's free memory holding zeros, for a template guest about to be saved: the host
+// leaves zero pages out of the saved RAM (punchZeros), so that each clone copies and holds only what the guest
+// uses. A freed page keeps what was written to it (the initramfs unpacked at boot, the agent's garbage): the
+// kernel gives the agent its free pages zeroed, as it gives every process new anonymous memory, and takes them
+// back as they are. Kiln's guests used init_on_free=1 for this, which kept zeroing every page they freed for
+// the clones' whole life, and zeroed all memory a clone added (AddMemory): onlined memory is freed into the
+// allocator. It returns the bytes zeroed.
+func zeroFreeMemory(meminfo string) (int64, error) {
+	var held [][]byte
+	defer func() {
+		for _, b := range held {
+			_ = unix.Munmap(b)
+		}
+	}()
+	var zeroed int64
+	first, err := memFree(meminfo)
+	if err != nil {
+		return 0, err
+	}
+	// No more than was free at first, however little the kernel's count falls meanwhile.
+	for zeroed+zeroFreeChunk <= first-zeroFreeReserve {
+		free, err := memFree(meminfo)
+		if err != nil {
+			return zeroed, err
+		}
+		if free < zeroFreeReserve+zeroFreeChunk {
+			break
+		}
+		// Writable and private: MAP_POPULATE faults real pages in, each cleared by the kernel.
+		b, err := unix.Mmap(-1, 0, zeroFreeChunk, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+		if err != nil {
+			return zeroed, fmt.Errorf("zero the free memory: %w", err)
+		}
+		held = append(held, b)
+		zeroed += zeroFreeChunk
+	}
+	return zeroed, nil
+}
+
+// memFree is MemFree of a /proc/meminfo, in bytes.
+func memFree(meminfo string) (int64, error) {
+	b, err := os.ReadFile(meminfo)
+	if err != nil {
+		return 0, fmt.Errorf("zero the free memory: %w", err)
+	}
+	s := bufio.NewScanner(bytes.NewReader(b))
+	for s.Scan() {
+		f := bytes.Fields(s.Bytes())
+		if len(f) >= 2 && string(f[0]) == "MemFree:" {
+			kb, err := strconv.ParseInt(string(f[1]), 10, 64)
+			if err != nil || kb < 0 {
+				return 0, fmt.Errorf("zero the free memory: MemFree %q in %s", f[1], meminfo)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, fmt.Errorf("zero the free memory: no MemFree in %s", meminfo)
+}

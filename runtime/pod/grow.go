@@ -1,0 +1,196 @@
+package pod
+
+import (
+	"context"
+	"fmt"
+	"maps"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/config"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+)
+
+// memoryVM is a VM whose guest memory can grow (qemu.Machine).
+type memoryVM interface {
+	GuestMemory() (now, most int)
+	GrowGuestMemory(mib int) error
+}
+
+// guestAgent is the guest's side of a growth: its agent adds the memory and brings the vCPUs online
+// (agentv1.AgentService).
+type guestAgent interface {
+	AddMemory(ctx context.Context, req *agentv1.AddMemoryRequest) (*agentv1.AddMemoryResponse, error)
+	AddVCPUs(ctx context.Context, req *agentv1.AddVCPUsRequest) (*agentv1.AddVCPUsResponse, error)
+}
+
+// containerLimits are what a container adds to what its pod's VM needs: its memory limit in bytes and its CPU
+// limit in whole vCPUs (quota over period, rounded up), 0 for none.
+type containerLimits struct{ memory, vcpus int64 }
+
+func limitsOf(r *specs.LinuxResources) containerLimits {
+	var l containerLimits
+	if r == nil {
+		return l
+	}
+	if r.Memory != nil && r.Memory.Limit != nil && *r.Memory.Limit > 0 {
+		l.memory = *r.Memory.Limit
+	}
+	if c := r.CPU; c != nil && c.Quota != nil && c.Period != nil && *c.Quota > 0 && *c.Period > 0 {
+		l.vcpus = ceilDiv(*c.Quota, int64(min(*c.Period, 1<<62)))
+	}
+	return l
+}
+
+func ceilDiv(a, b int64) int64 { return a/b + min(a%b, 1) }
+
+func ceilMiB(b int64) int64 { return b>>20 + min(b&(1<<20-1), 1) }
+
+// fit makes the VM hold container id with limits l beside the pod's other containers, and records them. A VM that
+// can grow (config.Hypervisor.MemoryLayout and CPULayout) needs what it booted with plus every container's
+// limits, as a pod booted for them all would have (config.ForPod), and grows to it when it has less: a spare's
+// pod's first container, a container's limit raised in place (Kubernetes' pod resize). A VM that cannot refuses a
+// container's limit beyond what it has. Nothing is ever given back: a lowered limit leaves the VM as it is.
+func (p *Pod) fit(ctx context.Context, id string, l containerLimits) error {
+	p.growMu.Lock()
+	defer p.growMu.Unlock()
+	limits := maps.Clone(p.limits)
+	if limits == nil {
+		limits = map[string]containerLimits{}
+	}
+	if l != (containerLimits{}) {
+		limits[id] = l
+	} else {
+		delete(limits, id)
+	}
+	var need containerLimits
+	for _, c := range limits {
+		need.memory += ceilMiB(c.memory)
+		need.vcpus += c.vcpus
+		// Beyond what any VM has (config's bounds), and far from overflowing.
+		if need.memory > 1<<20 {
+			return fmt.Errorf("%w: container %s: memory limit %d MiB: the pod's containers' limits add up to more than a VM can have (hypervisor.memory_max_mib is at most 1048576)", errdefs.ErrInvalidArgument, id, l.memory>>20)
+		}
+		if need.vcpus > 255 {
+			return fmt.Errorf("%w: container %s: a CPU limit of %d vCPUs: the pod's containers' limits add up to more than a VM can have (hypervisor.vcpus_max is at most 255)", errdefs.ErrInvalidArgument, id, l.vcpus)
+		}
+	}
+	h := p.cfg.Hypervisor
+	if boot, ram := h.MemoryLayout(); boot == ram {
+		if l.memory > int64(h.MemoryMiB)<<20 {
+			return fmt.Errorf("%w: container %s: memory limit %d MiB is more than its pod's VM has (%d MiB), which cannot grow (hypervisor.memory_max_mib); size the pod with its resources or io.kiln.memory_mib",
+				errdefs.ErrInvalidArgument, id, l.memory>>20, h.MemoryMiB)
+		}
+	} else if err := p.growMemory(ctx, h.BootMemory()+int(need.memory)); err != nil {
+		return fmt.Errorf("container %s: memory limit %d MiB: %w", id, l.memory>>20, err)
+	}
+	if boot, most := h.CPULayout(); boot == most {
+		if l.vcpus > int64(h.VCPUs) {
+			return fmt.Errorf("%w: container %s: a CPU limit of %d vCPUs is more than its pod's VM has (%d), which cannot grow (hypervisor.vcpus_max); size the pod with its resources or io.kiln.vcpus",
+				errdefs.ErrInvalidArgument, id, l.vcpus, h.VCPUs)
+		}
+	} else if err := p.growVCPUs(ctx, boot+int(need.vcpus)); err != nil {
+		return fmt.Errorf("container %s: a CPU limit of %d vCPUs: %w", id, l.vcpus, err)
+	}
+	p.limits = limits
+	return nil
+}
+
+// forget drops a deleted container's limits from what the pod needs (the VM keeps what it grew to).
+func (p *Pod) forget(id string) {
+	p.growMu.Lock()
+	defer p.growMu.Unlock()
+	delete(p.limits, id)
+}
+
+// grow brings the VM to the memory and vCPUs of its configuration, which it may have booted with less of
+// (config.Hypervisor.MemoryLayout and CPULayout): a pod booted for its first container, or adopting a spare.
+func (p *Pod) grow(ctx context.Context) error {
+	p.growMu.Lock()
+	defer p.growMu.Unlock()
+	h := p.cfg.Hypervisor
+	if boot, ram := h.MemoryLayout(); boot < ram {
+		if err := p.growMemory(ctx, h.MemoryMiB); err != nil {
+			return err
+		}
+	}
+	if boot, most := h.CPULayout(); boot < most {
+		return p.growVCPUs(ctx, h.VCPUs)
+	}
+	return nil
+}
+
+// growMemory brings the VM's guest memory to at least mib MiB (rounded up to a memory block), if it has less;
+// under growMu.
+func (p *Pod) growMemory(ctx context.Context, mib int) error {
+	m, ok := p.sb.Machine().(memoryVM)
+	if !ok {
+		return fmt.Errorf("%w: the pod's VM cannot grow", errdefs.ErrNotImplemented)
+	}
+	from, to, err := growMemory(ctx, m, p.sb.Agent(), mib)
+	if err != nil || from == to {
+		return err
+	}
+	p.log.WithFields(logrus.Fields{"from_mib": from, "to_mib": to}).Info("the VM's memory grew")
+	return nil
+}
+
+// growMemory has m make room for mib MiB (rounded up to config.MemoryBlockMiB) of guest memory and a add it,
+// and returns the guest memory before and after, equal when it had enough.
+func growMemory(ctx context.Context, m memoryVM, a guestAgent, mib int) (from, to int, _ error) {
+	now, most := m.GuestMemory()
+	if mib <= now {
+		return now, now, nil
+	}
+	to = (mib + config.MemoryBlockMiB - 1) / config.MemoryBlockMiB * config.MemoryBlockMiB
+	if to > most {
+		return now, now, fmt.Errorf("%w: the pod needs %d MiB of memory, and its VM can grow to %d MiB: raise hypervisor.memory_max_mib", errdefs.ErrInvalidArgument, mib, most)
+	}
+	if err := m.GrowGuestMemory(to); err != nil {
+		return now, now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
+	}
+	resp, err := a.AddMemory(ctx, &agentv1.AddMemoryRequest{MemoryMib: uint64(to)})
+	if err != nil {
+		return now, to, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
+	}
+	if got := resp.GetMemoryMib(); got < uint64(to) {
+		return now, to, fmt.Errorf("grow the VM's memory from %d to %d MiB: the guest has %d MiB", now, to, got)
+	}
+	return now, to, nil
+}
+
+// growVCPUs brings the VM's vCPUs online up to n, if it has fewer online; under growMu.
+func (p *Pod) growVCPUs(ctx context.Context, n int) error {
+	boot, most := p.cfg.Hypervisor.CPULayout()
+	if p.vcpus == 0 {
+		p.vcpus = boot
+	}
+	from := p.vcpus
+	to, err := growVCPUs(ctx, p.sb.Agent(), from, most, n)
+	p.vcpus = to
+	if err != nil || from == to {
+		return err
+	}
+	p.log.WithFields(logrus.Fields{"from": from, "to": to}).Info("the VM's vCPUs grew")
+	return nil
+}
+
+// growVCPUs has the guest bring vCPUs online up to n of most, from now, and returns how many are online then.
+func growVCPUs(ctx context.Context, a guestAgent, now, most, n int) (int, error) {
+	if n <= now {
+		return now, nil
+	}
+	if n > most {
+		return now, fmt.Errorf("%w: the pod needs %d vCPUs, and its VM has %d: raise hypervisor.vcpus_max", errdefs.ErrInvalidArgument, n, most)
+	}
+	resp, err := a.AddVCPUs(ctx, &agentv1.AddVCPUsRequest{Vcpus: uint32(n)})
+	if err != nil {
+		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: %w", now, n, err)
+	}
+	if got := int(resp.GetVcpus()); got < n || got > most {
+		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: the guest has %d online", now, n, got)
+	}
+	return n, nil
+}
