@@ -22,6 +22,9 @@ type GuestMemory struct {
 	Sys string
 
 	mu sync.Mutex
+	// ram is the firmware's RAM, read once before the first block is added: the kernel lists each block it adds
+	// in the firmware's map too.
+	ram []ramRange
 }
 
 // ErrNoRAM is Add's error when the VM has no more RAM to add.
@@ -70,16 +73,21 @@ func (g *GuestMemory) Add(mib uint64) (have, block uint64, err error) {
 		online++
 	}
 	if online < want {
-		ranges, err := g.firmwareRAM()
-		if err != nil {
-			return online * bs >> 20, bs >> 20, err
+		if g.ram == nil {
+			if g.ram, err = g.firmwareRAM(); err != nil {
+				return online * bs >> 20, bs >> 20, err
+			}
 		}
-		for _, b := range absentBlocks(ranges, bs, blocks) {
+		for _, b := range absentBlocks(g.ram, bs, blocks) {
 			if online >= want {
 				break
 			}
-			if err := g.probe(b * bs); err != nil {
+			added, err := g.probe(b, bs)
+			if err != nil {
 				return online * bs >> 20, bs >> 20, err
+			}
+			if !added {
+				continue
 			}
 			if err := g.online(b); err != nil {
 				return online * bs >> 20, bs >> 20, err
@@ -200,13 +208,18 @@ func absentBlocks(ranges []ramRange, bs uint64, blocks map[uint64]bool) []uint64
 	return slices.Compact(out)
 }
 
-// probe has the kernel add the memory block at physical address addr.
-func (g *GuestMemory) probe(addr uint64) error {
-	err := os.WriteFile(filepath.Join(g.dir(), "probe"), []byte(fmt.Sprintf("%#x", addr)), 0)
-	if err != nil && !errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("add memory: add the block at %#x: %w", addr, err)
+// probe has the kernel add memory block n, of bs bytes, and says whether it has the block then. The kernel
+// refuses a block whose range another resource holds (EEXIST, and no block of that number): it is skipped.
+func (g *GuestMemory) probe(n, bs uint64) (bool, error) {
+	err := os.WriteFile(filepath.Join(g.dir(), "probe"), []byte(fmt.Sprintf("%#x", n*bs)), 0)
+	if errors.Is(err, fs.ErrExist) {
+		_, serr := os.Stat(filepath.Join(g.dir(), fmt.Sprintf("memory%d", n)))
+		return serr == nil, nil
 	}
-	return nil
+	if err != nil {
+		return false, fmt.Errorf("add memory: add the block at %#x: %w", n*bs, err)
+	}
+	return true, nil
 }
 
 // online brings memory block n online, unless the kernel did so as it added it (auto_online_blocks).

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strconv"
 
 	"golang.org/x/sys/unix"
@@ -25,6 +26,8 @@ const (
 // the clones' whole life, and zeroed all memory a clone added (AddMemory): onlined memory is freed into the
 // allocator. It returns the bytes zeroed.
 func zeroFreeMemory(meminfo string) (int64, error) {
+	// The agent's own garbage too: Go keeps freed heap pages until it returns them.
+	debug.FreeOSMemory()
 	var held [][]byte
 	defer func() {
 		for _, b := range held {

@@ -98,8 +98,8 @@ type Hypervisor struct {
 	FreePageReporting bool `toml:"free_page_reporting"`
 	// User is who QEMU runs as (ResolveUser); empty means Kiln's own user.
 	User string `toml:"user"`
-	// Cgroup puts QEMU and virtiofsd of each VM in a cgroup of their own with a memory limit of memory_mib plus
-	// MemoryOverheadMiB.
+	// Cgroup puts QEMU and virtiofsd of each VM in a cgroup of their own with a memory limit of the guest's memory
+	// (MemoryMiB, and what the VM grew by) plus MemoryOverheadMiB.
 	Cgroup            bool `toml:"cgroup"`
 	MemoryOverheadMiB int  `toml:"memory_overhead_mib"`
 	// FastStart is how a VM starts: FastStartOff boots it, FastStartTemplate restores it from a saved template
@@ -109,8 +109,9 @@ type Hypervisor struct {
 	// its own); it should be on tmpfs.
 	TemplateDir string `toml:"template_dir"`
 	// TemplateMax bounds the templates kept in TemplateDir: when a new one is built, the least recently used
-	// beyond it are removed. Each VM shape (vCPUs, memory, kernel parameters: pod annotations can vary them) has a
-	// template of its own, tens of MiB of tmpfs each.
+	// beyond it are removed. Each VM shape (the vCPUs and memory it boots with, kernel parameters: pod annotations
+	// can vary them; a VM that cannot grow boots with its pod's limits too) has a template of its own, tens of MiB of
+	// tmpfs each.
 	TemplateMax int `toml:"template_max"`
 	// Spare keeps, for each containerd, shims started ahead of demand with their VMs booted and warmed by a
 	// throwaway container: the next task's shim is one of them (runtime/spare). On by default; SpareOn says
@@ -135,6 +136,9 @@ func (h Hypervisor) CPULayout() (boot, most int) {
 	return boot, max(h.VCPUsMax, h.VCPUs)
 }
 
+// MaxVCPUsMax bounds hypervisor.vcpus_max: the guest kernel's NR_CPUS (vm/image/kernel/guest.config).
+const MaxVCPUsMax = 64
+
 // DefaultVCPUsMax is hypervisor.vcpus_max's default. Each vCPU a VM has offline costs the host about 0.4 MB
 // (the guest kernel's per-CPU areas and QEMU's vCPU state, measured under TCG) and no CPU time.
 const DefaultVCPUsMax = 8
@@ -154,14 +158,14 @@ const MaxBootMemoryMiB = 2048
 
 // MemoryLayout is how a VM of h holds its memory: its guest boots with boot MiB, and QEMU gives it ram MiB of
 // RAM, which it may grow to. Without growth (memory_max_mib = 0, or a boot memory past MaxBootMemoryMiB) both
-// are MemoryMiB. With it, boot is BootMemoryMiB rounded up to a memory block, and ram memory_max_mib, or the
-// pod's memory if it needs more.
+// are MemoryMiB. With it, boot is BootMemoryMiB and ram memory_max_mib, or the pod's memory if it needs more, each
+// rounded up to a memory block. (QEMU gives the guest a block more, for the firmware: qemu.Config.MaxMemoryMiB.)
 func (h Hypervisor) MemoryLayout() (boot, ram int) {
 	boot = roundUp(h.BootMemory(), MemoryBlockMiB)
 	if h.MemoryMaxMiB == 0 || boot > MaxBootMemoryMiB {
 		return h.MemoryMiB, h.MemoryMiB
 	}
-	return boot, max(h.MemoryMaxMiB, roundUp(h.MemoryMiB, MemoryBlockMiB))
+	return boot, max(roundUp(h.MemoryMaxMiB, MemoryBlockMiB), roundUp(h.MemoryMiB, MemoryBlockMiB))
 }
 
 // BootMemory is BootMemoryMiB, or MemoryMiB when it is unset or larger.
@@ -398,8 +402,8 @@ func (c Config) Validate() error {
 	if c.Hypervisor.MemoryMiB < minMemoryMiB || c.Hypervisor.MemoryMiB > maxMemoryMiB {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_mib = %d: want %d to %d", c.Hypervisor.MemoryMiB, minMemoryMiB, maxMemoryMiB))
 	}
-	if m := c.Hypervisor.VCPUsMax; m < 0 || m > maxVCPUs {
-		errs = append(errs, fmt.Errorf("hypervisor.vcpus_max = %d: want 0 (VMs keep the vCPUs they boot with) to %d", m, maxVCPUs))
+	if m := c.Hypervisor.VCPUsMax; m < 0 || m > MaxVCPUsMax {
+		errs = append(errs, fmt.Errorf("hypervisor.vcpus_max = %d: want 0 (VMs keep the vCPUs they boot with) to %d, the guest kernel's most", m, MaxVCPUsMax))
 	}
 	// Below memory_mib it only means a VM grows no further than the memory its pod needs (MemoryLayout).
 	if m := c.Hypervisor.MemoryMaxMiB; m != 0 && (m < minMemoryMiB || m > maxMemoryMiB) {

@@ -50,7 +50,7 @@ func TestCLIRunBadInput(t *testing.T) {
 			}},
 		{BadCase: testbundle.BadCase{Name: "rootfs absent", Want: []string{"{bundle}/rootfs", "no such file"}},
 			bundle: func(t *testing.T, dir string) { remove(t, filepath.Join(dir, "rootfs")) }},
-		// The VM is sized by the configuration, not by the container.
+		// A limit past what any VM can grow to.
 		{BadCase: testbundle.BadCase{Name: "huge memory limit", Spec: func(s *specs.Spec) {
 			s.Linux.Resources.Memory = &specs.LinuxMemory{Limit: ptr(int64(math.MaxInt64))}
 		}, Want: []string{"memory limit", "hypervisor.memory_max_mib"}}},

@@ -257,9 +257,11 @@ func TestTemplateDamagedIsBuiltAgain(t *testing.T) {
 			if len(rams) != 1 || len(states) != 1 {
 				t.Fatalf("after the rebuild: RAM files %v, state files %v; want one of each", rams, states)
 			}
-			// The RAM a VM may grow to (hypervisor.memory_max_mib), its guest booted with 256 MiB of it.
-			if st, err := os.Stat(rams[0]); err != nil || st.Size() != config.DefaultMemoryMaxMiB<<20 {
-				t.Fatalf("rebuilt template RAM: %v, %v; want %d MiB", st, err, config.DefaultMemoryMaxMiB)
+			// The RAM a VM may grow to (hypervisor.memory_max_mib) and a block for the firmware's tables, its guest
+			// booted with 256 MiB of it.
+			st, err := os.Stat(rams[0])
+			if want := int64(config.DefaultMemoryMaxMiB+config.MemoryBlockMiB) << 20; err != nil || st.Size() != want {
+				t.Fatalf("rebuilt template RAM: %v, %v; want %d bytes", st, err, want)
 			}
 			if left := cloneFiles(t, templates); len(left) > 0 {
 				t.Errorf("left %v in the template directory", left)

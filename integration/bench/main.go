@@ -81,11 +81,14 @@ func run(ctx context.Context, share, tools string, runs int, pods, podsOnly bool
 	}
 	kernel := filepath.Join(share, "vmlinuz")
 	initrd := filepath.Join(share, "initrd.img")
-	// The size Kiln boots by default, for both: the floor is the same machine with nothing of Kiln's inside.
+	// The machine Kiln boots by default, for both (its vCPUs and RAM to grow into, the guest booting with the
+	// configuration's): the floor is the same machine with nothing of Kiln's inside.
 	size := config.Default().Hypervisor
+	bootMiB, ramMiB := size.MemoryLayout()
+	vcpus, maxVCPUs := size.CPULayout()
 	base := qemu.Config{
 		StateRoot: filepath.Join(work, "state"), QEMU: "qemu-system-x86_64", Accel: choice.Kind,
-		VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, Kernel: kernel, StopTimeout: 3 * time.Second,
+		VCPUs: vcpus, MaxVCPUs: maxVCPUs, MemoryMiB: bootMiB, MaxMemoryMiB: ramMiB, Kernel: kernel, StopTimeout: 3 * time.Second,
 		Log: logrus.NewEntry(logrus.StandardLogger()),
 	}
 

@@ -96,14 +96,34 @@ func TestInstalledKilnRunsContainers(t *testing.T) {
 	}
 }
 
-// qemuWithAssets reports whether a running QEMU boots exactly this kernel and initramfs.
+// qemuWithAssets reports whether a running QEMU boots exactly this kernel and initramfs. A VM that may grow boots a
+// copy of the kernel in a memfd, its header's initrd_addr_max lowered (qemu.bootKernel): that copy is read
+// through QEMU's descriptor and must be the kernel's but for those four bytes.
 func qemuWithAssets(kernel, initrd string) bool {
 	matches, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, f := range matches {
 		b, err := os.ReadFile(f)
-		if err == nil && bytes.Contains(b, []byte("-kernel\x00"+kernel+"\x00")) &&
-			bytes.Contains(b, []byte("-initrd\x00"+initrd+"\x00")) {
+		if err != nil || !bytes.Contains(b, []byte("-initrd\x00"+initrd+"\x00")) {
+			continue
+		}
+		if bytes.Contains(b, []byte("-kernel\x00"+kernel+"\x00")) {
 			return true
+		}
+		args := strings.Split(string(b), "\x00")
+		for i, a := range args[:len(args)-1] {
+			fd, ok := strings.CutPrefix(args[i+1], "/proc/self/fd/")
+			if a != "-kernel" || !ok {
+				continue
+			}
+			booted, err := os.ReadFile(filepath.Join(filepath.Dir(f), "fd", fd))
+			want, werr := os.ReadFile(kernel)
+			const initrdAddrMax = 0x22c
+			if err == nil && werr == nil && len(booted) == len(want) && len(want) > initrdAddrMax+4 {
+				copy(booted[initrdAddrMax:initrdAddrMax+4], want[initrdAddrMax:])
+				if bytes.Equal(booted, want) {
+					return true
+				}
+			}
 		}
 	}
 	return false

@@ -3,7 +3,11 @@ package containerd
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +16,8 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kiln-runtime/kiln/config"
 )
 
 // A VM that can grow (hypervisor.memory_max_mib and vcpus_max, on by default) boots with memory_mib and vcpus and
@@ -66,6 +72,12 @@ func TestKilnVMGrows(t *testing.T) {
 	if out := k.ctr(t, "tasks", "metrics", "--format", "json", id); json.Unmarshal([]byte(out), &m) != nil || m.Memory.UsageLimit != 1536<<20 {
 		t.Errorf("the container's memory limit in the guest: %d, want %d; metrics:\n%s", m.Memory.UsageLimit, 1536<<20, out)
 	}
+	// The spare's VM keeps a cgroup of its own below the task's (its limit what the guest was granted, not the
+	// RAM it could add itself), made anew there when the task took it.
+	if dir, limit := memoryCgroupOf(t, k.podQEMU(t, id)); !strings.HasPrefix(filepath.Base(dir), "kiln-vm-") || !strings.Contains(dir, "/kiln-test/") ||
+		limit < 1792<<20 || limit >= int64(config.DefaultMemoryMaxMiB)<<20 {
+		t.Errorf("the adopted VM's QEMU is in memory cgroup %s, limit %d MiB; want a kiln-vm-* cgroup below the task's, holding 1792 MiB and the overhead", dir, limit>>20)
+	}
 	// The new memory is usable: a tmpfs in the guest takes 1 GiB more than the VM booted with.
 	fill := "mkdir -p /tmp/fill && mount -t tmpfs -o size=1200m tmpfs /tmp/fill && dd if=/dev/zero of=/tmp/fill/f bs=1M count=1024 2>&1 && echo filled"
 	if out, errOut, code := k.ctrCode(t, nil, "tasks", "exec", "--exec-id", "fill", id, "sh", "-c", fill); code != 0 || !strings.Contains(out, "filled") {
@@ -114,6 +126,39 @@ func (k *kilnEnv) update(t *testing.T, id string, memory int64, cpus int64) erro
 		r.CPU = &specs.LinuxCPU{Quota: &quota, Period: &period}
 	}
 	return task.Update(ctx, client.WithResources(&r))
+}
+
+// memoryCgroupOf is the memory cgroup directory of process pid and its limit in bytes (v1 memory.limit_in_bytes,
+// v2 memory.max).
+func memoryCgroupOf(t *testing.T, pid int) (string, int64) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		dir, file := "", ""
+		switch {
+		case parts[0] == "0" && parts[1] == "":
+			dir, file = filepath.Join("/sys/fs/cgroup", parts[2]), "memory.max"
+		case slices.Contains(strings.Split(parts[1], ","), "memory"):
+			dir, file = filepath.Join("/sys/fs/cgroup", parts[1], parts[2]), "memory.limit_in_bytes"
+		default:
+			continue
+		}
+		v, err := os.ReadFile(filepath.Join(dir, file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _ := strconv.ParseInt(strings.TrimSpace(string(v)), 10, 64)
+		return dir, n
+	}
+	t.Fatalf("process %d has no memory cgroup: %s", pid, b)
+	return "", 0
 }
 
 var memTotal = regexp.MustCompile(`(?m)^MemTotal:\s+(\d+) kB$`)

@@ -139,7 +139,7 @@ func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle)
 		}
 	}
 	// The pod's first container too: its memory limit is part of what the pod needs when another container's grows.
-	if err := p.Fit(ctx, id, r); err != nil {
+	if err := p.Fit(ctx, id, r, false); err != nil {
 		return Refuse(err)
 	}
 	if id == p.net.hooksRun {

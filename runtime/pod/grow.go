@@ -13,9 +13,8 @@ import (
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
-// memoryVM is a VM whose guest memory can grow (qemu.Machine).
+// memoryVM is a VM whose cgroup holds the memory its guest grows to (qemu.Machine).
 type memoryVM interface {
-	GuestMemory() (now, most int)
 	GrowGuestMemory(mib int) error
 }
 
@@ -27,19 +26,25 @@ type guestAgent interface {
 }
 
 // containerLimits are what a container adds to what its pod's VM needs: its memory limit in bytes and its CPU
-// limit in whole vCPUs (quota over period, rounded up), 0 for none.
-type containerLimits struct{ memory, vcpus int64 }
+// limit in thousandths of a CPU (quota over period, rounded up), 0 for none.
+type containerLimits struct{ memory, milliCPUs int64 }
 
-func limitsOf(r *specs.LinuxResources) containerLimits {
-	var l containerLimits
+// limitsOf are the limits resources r set, over old for what r leaves out: an update changes what it names (the
+// agent merges it into the container's resources so).
+func limitsOf(r *specs.LinuxResources, old containerLimits) containerLimits {
+	l := old
 	if r == nil {
 		return l
 	}
-	if r.Memory != nil && r.Memory.Limit != nil && *r.Memory.Limit > 0 {
-		l.memory = *r.Memory.Limit
+	if m := r.Memory; m != nil && m.Limit != nil {
+		l.memory = max(*m.Limit, 0)
 	}
-	if c := r.CPU; c != nil && c.Quota != nil && c.Period != nil && *c.Quota > 0 && *c.Period > 0 {
-		l.vcpus = ceilDiv(*c.Quota, int64(min(*c.Period, 1<<62)))
+	if c := r.CPU; c != nil && c.Quota != nil {
+		l.milliCPUs = 0
+		if c.Period != nil && *c.Quota > 0 && *c.Period > 0 {
+			// Bounded far beyond any VM's CPUs (fit's bound), so that the product does not overflow.
+			l.milliCPUs = ceilDiv(min(*c.Quota, 1<<40)*1000, int64(min(*c.Period, 1<<40)))
+		}
 	}
 	return l
 }
@@ -48,14 +53,21 @@ func ceilDiv(a, b int64) int64 { return a/b + min(a%b, 1) }
 
 func ceilMiB(b int64) int64 { return b>>20 + min(b&(1<<20-1), 1) }
 
-// fit makes the VM hold container id with limits l beside the pod's other containers, and records them. A VM that
-// can grow (config.Hypervisor.MemoryLayout and CPULayout) needs what it booted with plus every container's
-// limits, as a pod booted for them all would have (config.ForPod), and grows to it when it has less: a spare's
-// pod's first container, a container's limit raised in place (Kubernetes' pod resize). A VM that cannot refuses a
-// container's limit beyond what it has. Nothing is ever given back: a lowered limit leaves the VM as it is.
-func (p *Pod) fit(ctx context.Context, id string, l containerLimits) error {
+// fit makes the VM hold container id with resources r beside the pod's other containers, and records its limits:
+// r replaces what the container had at its create, and changes what it names at an update. A VM that can grow
+// (config.Hypervisor.MemoryLayout and CPULayout) needs what it booted with plus its containers' limits (their
+// CPUs added up and rounded up once), as a pod booted for them all would have (config.ForPod), and grows to it
+// when it has less: a spare's pod's first container, a container's limit raised in place (Kubernetes' pod
+// resize). A VM that cannot grow refuses a container's limit beyond what it has. Nothing is ever given back: a
+// lowered limit leaves the VM as it is.
+func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, update bool) error {
 	p.growMu.Lock()
 	defer p.growMu.Unlock()
+	var l containerLimits
+	if update {
+		l = p.limits[id]
+	}
+	l = limitsOf(r, l)
 	limits := maps.Clone(p.limits)
 	if limits == nil {
 		limits = map[string]containerLimits{}
@@ -65,16 +77,16 @@ func (p *Pod) fit(ctx context.Context, id string, l containerLimits) error {
 	} else {
 		delete(limits, id)
 	}
-	var need containerLimits
+	var memMiB, milliCPUs int64
 	for _, c := range limits {
-		need.memory += ceilMiB(c.memory)
-		need.vcpus += c.vcpus
+		memMiB += ceilMiB(c.memory)
+		milliCPUs += c.milliCPUs
 		// Beyond what any VM has (config's bounds), and far from overflowing.
-		if need.memory > 1<<20 {
+		if memMiB > 1<<20 {
 			return fmt.Errorf("%w: container %s: memory limit %d MiB: the pod's containers' limits add up to more than a VM can have (hypervisor.memory_max_mib is at most 1048576)", errdefs.ErrInvalidArgument, id, l.memory>>20)
 		}
-		if need.vcpus > 255 {
-			return fmt.Errorf("%w: container %s: a CPU limit of %d vCPUs: the pod's containers' limits add up to more than a VM can have (hypervisor.vcpus_max is at most 255)", errdefs.ErrInvalidArgument, id, l.vcpus)
+		if milliCPUs > config.MaxVCPUsMax*1000 {
+			return fmt.Errorf("%w: container %s: a CPU limit of %.3f CPUs: the pod's containers' limits add up to more than a VM can have (hypervisor.vcpus_max is at most %d)", errdefs.ErrInvalidArgument, id, float64(l.milliCPUs)/1000, config.MaxVCPUsMax)
 		}
 	}
 	h := p.cfg.Hypervisor
@@ -83,16 +95,17 @@ func (p *Pod) fit(ctx context.Context, id string, l containerLimits) error {
 			return fmt.Errorf("%w: container %s: memory limit %d MiB is more than its pod's VM has (%d MiB), which cannot grow (hypervisor.memory_max_mib); size the pod with its resources or io.kiln.memory_mib",
 				errdefs.ErrInvalidArgument, id, l.memory>>20, h.MemoryMiB)
 		}
-	} else if err := p.growMemory(ctx, h.BootMemory()+int(need.memory)); err != nil {
+	} else if err := p.growMemory(ctx, h.BootMemory()+int(memMiB)); err != nil {
 		return fmt.Errorf("container %s: memory limit %d MiB: %w", id, l.memory>>20, err)
 	}
+	vcpus := int(ceilDiv(milliCPUs, 1000))
 	if boot, most := h.CPULayout(); boot == most {
-		if l.vcpus > int64(h.VCPUs) {
+		if own := int(ceilDiv(l.milliCPUs, 1000)); own > h.VCPUs {
 			return fmt.Errorf("%w: container %s: a CPU limit of %d vCPUs is more than its pod's VM has (%d), which cannot grow (hypervisor.vcpus_max); size the pod with its resources or io.kiln.vcpus",
-				errdefs.ErrInvalidArgument, id, l.vcpus, h.VCPUs)
+				errdefs.ErrInvalidArgument, id, own, h.VCPUs)
 		}
-	} else if err := p.growVCPUs(ctx, boot+int(need.vcpus)); err != nil {
-		return fmt.Errorf("container %s: a CPU limit of %d vCPUs: %w", id, l.vcpus, err)
+	} else if err := p.growVCPUs(ctx, boot+vcpus); err != nil {
+		return fmt.Errorf("container %s: a CPU limit of %.3f CPUs: %w", id, float64(l.milliCPUs)/1000, err)
 	}
 	p.limits = limits
 	return nil
@@ -122,14 +135,21 @@ func (p *Pod) grow(ctx context.Context) error {
 	return nil
 }
 
-// growMemory brings the VM's guest memory to at least mib MiB (rounded up to a memory block), if it has less;
-// under growMu.
+// growMemory brings the guest's memory to at least mib MiB (rounded up to a memory block), if it has less; under
+// growMu. What the guest has is the pod's record (memMiB, the boot memory until the guest confirms more): after a
+// failure the next growth asks the guest again, which adds only what it lacks.
 func (p *Pod) growMemory(ctx context.Context, mib int) error {
+	boot, most := p.cfg.Hypervisor.MemoryLayout()
+	from := max(p.memMiB, boot)
+	if mib <= from {
+		return nil
+	}
 	m, ok := p.sb.Machine().(memoryVM)
 	if !ok {
 		return fmt.Errorf("%w: the pod's VM cannot grow", errdefs.ErrNotImplemented)
 	}
-	from, to, err := growMemory(ctx, m, p.sb.Agent(), mib)
+	to, err := growMemory(ctx, m, p.sb.Agent(), from, most, mib)
+	p.memMiB = to
 	if err != nil || from == to {
 		return err
 	}
@@ -137,37 +157,36 @@ func (p *Pod) growMemory(ctx context.Context, mib int) error {
 	return nil
 }
 
-// growMemory has m make room for mib MiB (rounded up to config.MemoryBlockMiB) of guest memory and a add it,
-// and returns the guest memory before and after, equal when it had enough.
-func growMemory(ctx context.Context, m memoryVM, a guestAgent, mib int) (from, to int, _ error) {
-	now, most := m.GuestMemory()
+// growMemory has m hold mib MiB (rounded up to config.MemoryBlockMiB, at most most) of guest memory and the guest
+// add it, from now, and returns the guest memory then.
+func growMemory(ctx context.Context, m memoryVM, a guestAgent, now, most, mib int) (int, error) {
 	if mib <= now {
-		return now, now, nil
+		return now, nil
 	}
-	to = (mib + config.MemoryBlockMiB - 1) / config.MemoryBlockMiB * config.MemoryBlockMiB
+	to := (mib + config.MemoryBlockMiB - 1) / config.MemoryBlockMiB * config.MemoryBlockMiB
 	if to > most {
-		return now, now, fmt.Errorf("%w: the pod needs %d MiB of memory, and its VM can grow to %d MiB: raise hypervisor.memory_max_mib", errdefs.ErrInvalidArgument, mib, most)
+		return now, fmt.Errorf("%w: the pod needs %d MiB of memory, and its VM can grow to %d MiB: raise hypervisor.memory_max_mib", errdefs.ErrInvalidArgument, mib, most)
 	}
 	if err := m.GrowGuestMemory(to); err != nil {
-		return now, now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
+		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
 	}
 	resp, err := a.AddMemory(ctx, &agentv1.AddMemoryRequest{MemoryMib: uint64(to)})
 	if err != nil {
-		return now, to, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
+		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
 	}
 	if got := resp.GetMemoryMib(); got < uint64(to) {
-		return now, to, fmt.Errorf("grow the VM's memory from %d to %d MiB: the guest has %d MiB", now, to, got)
+		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: the guest has %d MiB", now, to, got)
 	}
-	return now, to, nil
+	return to, nil
 }
 
 // growVCPUs brings the VM's vCPUs online up to n, if it has fewer online; under growMu.
 func (p *Pod) growVCPUs(ctx context.Context, n int) error {
 	boot, most := p.cfg.Hypervisor.CPULayout()
-	if p.vcpus == 0 {
-		p.vcpus = boot
+	from := max(p.vcpus, boot)
+	if n <= from {
+		return nil
 	}
-	from := p.vcpus
 	to, err := growVCPUs(ctx, p.sb.Agent(), from, most, n)
 	p.vcpus = to
 	if err != nil || from == to {

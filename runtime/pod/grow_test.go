@@ -3,6 +3,7 @@ package pod
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -13,12 +14,10 @@ import (
 )
 
 type fakeMemoryVM struct {
-	now, most int
-	growErr   error
-	grownTo   int
+	growErr error
+	grownTo int
 }
 
-func (f *fakeMemoryVM) GuestMemory() (int, int) { return f.now, f.most }
 func (f *fakeMemoryVM) GrowGuestMemory(mib int) error {
 	if f.growErr != nil {
 		return f.growErr
@@ -59,34 +58,35 @@ func (f *fakeMemoryAgent) AddMemory(_ context.Context, req *agentv1.AddMemoryReq
 
 func TestGrowMemory(t *testing.T) {
 	for _, tc := range []struct {
-		name     string
-		vm       fakeMemoryVM
-		agent    fakeMemoryAgent
-		mib      int
-		from, to int
-		asked    uint64
-		errIs    error
-		wantErr  bool
+		name           string
+		vm             fakeMemoryVM
+		agent          fakeMemoryAgent
+		now, most, mib int
+		want           int
+		asked          uint64
+		errIs          error
+		wantErr        bool
 	}{
-		{name: "enough", vm: fakeMemoryVM{now: 512, most: 8192}, mib: 400, from: 512, to: 512},
-		{name: "rounded up to a block", vm: fakeMemoryVM{now: 256, most: 8192}, mib: 600, from: 256, to: 640, asked: 640},
-		{name: "to the ceiling", vm: fakeMemoryVM{now: 256, most: 1024}, mib: 1024, from: 256, to: 1024, asked: 1024},
-		{name: "past the ceiling", vm: fakeMemoryVM{now: 256, most: 1024}, mib: 1025, from: 256, to: 256, errIs: errdefs.ErrInvalidArgument},
-		{name: "the host refuses", vm: fakeMemoryVM{now: 256, most: 1024, growErr: errors.New("no cgroup")}, mib: 512, from: 256, to: 256, wantErr: true},
-		{name: "the guest fails", vm: fakeMemoryVM{now: 256, most: 1024}, agent: fakeMemoryAgent{err: errors.New("no RAM")}, mib: 512, from: 256, to: 512, asked: 512, wantErr: true},
-		{name: "the guest falls short", vm: fakeMemoryVM{now: 256, most: 1024}, agent: fakeMemoryAgent{have: 384}, mib: 512, from: 256, to: 512, asked: 512, wantErr: true},
+		{name: "enough", now: 512, most: 8192, mib: 400, want: 512},
+		{name: "rounded up to a block", now: 256, most: 8192, mib: 600, want: 640, asked: 640},
+		{name: "to the ceiling", now: 256, most: 1024, mib: 1024, want: 1024, asked: 1024},
+		{name: "past the ceiling", now: 256, most: 1024, mib: 1025, want: 256, errIs: errdefs.ErrInvalidArgument},
+		{name: "the host refuses", vm: fakeMemoryVM{growErr: errors.New("no cgroup")}, now: 256, most: 1024, mib: 512, want: 256, wantErr: true},
+		// What the guest has stays what it had: the next growth asks it again.
+		{name: "the guest fails", agent: fakeMemoryAgent{err: errors.New("no RAM")}, now: 256, most: 1024, mib: 512, want: 256, asked: 512, wantErr: true},
+		{name: "the guest falls short", agent: fakeMemoryAgent{have: 384}, now: 256, most: 1024, mib: 512, want: 256, asked: 512, wantErr: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			from, to, err := growMemory(context.Background(), &tc.vm, &tc.agent, tc.mib)
-			if from != tc.from || to != tc.to || tc.agent.asked != tc.asked {
-				t.Errorf("from %d to %d, agent asked for %d; want %d, %d, %d", from, to, tc.agent.asked, tc.from, tc.to, tc.asked)
+			got, err := growMemory(context.Background(), &tc.vm, &tc.agent, tc.now, tc.most, tc.mib)
+			if got != tc.want || tc.agent.asked != tc.asked {
+				t.Errorf("got %d, agent asked for %d; want %d, %d", got, tc.agent.asked, tc.want, tc.asked)
 			}
 			switch {
 			case tc.errIs != nil && !errors.Is(err, tc.errIs), tc.errIs == nil && tc.wantErr != (err != nil):
 				t.Errorf("err %v", err)
 			}
-			if err == nil && tc.to > tc.from && tc.vm.grownTo != tc.to {
-				t.Errorf("the VM's cgroup made room for %d MiB, want %d", tc.vm.grownTo, tc.to)
+			if tc.asked > 0 && tc.vm.grownTo != int(tc.asked) {
+				t.Errorf("the VM's cgroup made room for %d MiB before the guest was asked for %d", tc.vm.grownTo, tc.asked)
 			}
 		})
 	}
@@ -123,20 +123,23 @@ func TestGrowVCPUs(t *testing.T) {
 }
 
 func TestLimitsOf(t *testing.T) {
+	old := containerLimits{memory: 64 << 20, milliCPUs: 500}
 	for _, tc := range []struct {
 		name string
 		r    *specs.LinuxResources
 		want containerLimits
 	}{
-		{"none", nil, containerLimits{}},
-		{"memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(100 << 20))}}, containerLimits{memory: 100 << 20}},
-		{"no memory limit (-1)", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(-1))}}, containerLimits{}},
-		{"CPU rounded up", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(150000)), Period: ptr(uint64(100000))}}, containerLimits{vcpus: 2}},
-		{"CPU without quota (-1)", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(-1)), Period: ptr(uint64(100000))}}, containerLimits{}},
-		{"a huge period", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(1)), Period: ptr(uint64(1 << 63))}}, containerLimits{vcpus: 1}},
+		{"none", nil, old},
+		{"memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(100 << 20))}}, containerLimits{memory: 100 << 20, milliCPUs: 500}},
+		{"no memory limit (-1)", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(-1))}}, containerLimits{milliCPUs: 500}},
+		{"CPU rounded up to a thousandth", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(150001)), Period: ptr(uint64(100000))}}, containerLimits{memory: 64 << 20, milliCPUs: 1501}},
+		{"no CPU quota (-1)", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(-1)), Period: ptr(uint64(100000))}}, containerLimits{memory: 64 << 20}},
+		{"shares only: the quota stays", &specs.LinuxResources{CPU: &specs.LinuxCPU{Shares: ptr(uint64(512))}}, old},
+		{"a huge period", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(1)), Period: ptr(uint64(1 << 63))}}, containerLimits{memory: 64 << 20, milliCPUs: 1}},
+		{"a huge quota", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(1 << 62)), Period: ptr(uint64(1))}}, containerLimits{memory: 64 << 20, milliCPUs: 1000 << 40}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := limitsOf(tc.r); got != tc.want {
+			if got := limitsOf(tc.r, old); got != tc.want {
 				t.Errorf("limitsOf = %+v, want %+v", got, tc.want)
 			}
 		})
@@ -180,5 +183,37 @@ func TestSameMachine(t *testing.T) {
 				t.Errorf("sameMachine = %v, want %v", got, tc.same)
 			}
 		})
+	}
+}
+
+// fit adds up its containers' CPU limits before it rounds up (seven of 100m need one vCPU beyond the VM's own,
+// not seven), and an update changes only the limits it names. The VM here has what they need already: fit asks
+// nothing of it.
+func TestFitLimits(t *testing.T) {
+	cfg := config.Default()
+	cfg.Hypervisor.BootVCPUs, cfg.Hypervisor.BootMemoryMiB = cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB
+	p := &Pod{cfg: cfg, vcpus: cfg.Hypervisor.VCPUs + 1, memMiB: 4096}
+	ctx := context.Background()
+	cpu := func(milli int64) *specs.LinuxResources {
+		return &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(milli * 100), Period: ptr(uint64(100000))}}
+	}
+	for i := range 7 {
+		if err := p.Fit(ctx, fmt.Sprint("c", i), cpu(100), false); err != nil {
+			t.Fatalf("container %d of 100m: %v", i, err)
+		}
+	}
+	mem := &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(512 << 20))}, CPU: &specs.LinuxCPU{Quota: ptr(int64(20000)), Period: ptr(uint64(100000))}}
+	if err := p.Fit(ctx, "c0", mem, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Fit(ctx, "c0", cpu(300), true); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := p.limits["c0"], (containerLimits{memory: 512 << 20, milliCPUs: 300}); got != want {
+		t.Errorf("after a CPU-only update: %+v, want %+v", got, want)
+	}
+	p.forget("c0")
+	if _, ok := p.limits["c0"]; ok || len(p.limits) != 6 {
+		t.Errorf("after forget: %v", p.limits)
 	}
 }

@@ -99,9 +99,11 @@ type Pod struct {
 	hostMemMu sync.Mutex
 	volumes   map[share.Device]int64
 	// limits are the limits of the pod's containers that have any, by id, which a VM that can grow holds beside
-	// what it booted with (fit), and vcpus the vCPUs its guest has online (0 until it grows them); under growMu.
+	// what it booted with (fit); memMiB and vcpus are the memory and vCPUs its guest confirmed it has (0 until it
+	// grows: what it booted with); under growMu.
 	growMu sync.Mutex
 	limits map[string]containerLimits
+	memMiB int
 	vcpus  int
 	// stopClock ends the sync of the guest's clock (followClock), nil when there is none; under clockMu.
 	clockMu   sync.Mutex
@@ -300,8 +302,8 @@ func (p *Pod) enterCgroup(first *First, vm ...int) error {
 }
 
 // hostOOMKills is how many of the pod's host processes the kernel's OOM killer took in the pod's host cgroup since
-// they entered it; false without one. A spare's QEMU and virtiofsd are moved there out of the VM's own cgroup
-// (qemu.Machine counts those), so their kills count here.
+// they entered it; false without one. The VM's own cgroup (qemu.Machine counts its kills) is below it, or, for
+// a VM without one, its QEMU and virtiofsd are in it: a kill at the pod's limit counts here.
 func (p *Pod) hostOOMKills() (uint64, bool) {
 	p.cgroupMu.Lock()
 	g := p.cgroup

@@ -45,15 +45,16 @@ func Size(cfg config.Config, first *First) (config.Config, error) {
 
 // Fit makes the pod's VM hold container id with resources r, or refuses them: more memory or CPU than the VM has
 // or can grow to (fit), and what no VM has (checkHostResources). Within the VM, the
-// guest's cgroups enforce them. It is called for each container the pod creates, and for each update.
-func (p *Pod) Fit(ctx context.Context, id string, r *specs.LinuxResources) error {
+// guest's cgroups enforce them. It is called for each container the pod creates, and for each update (which
+// changes only the limits r names).
+func (p *Pod) Fit(ctx context.Context, id string, r *specs.LinuxResources, update bool) error {
 	if r == nil {
 		r = &specs.LinuxResources{}
 	}
 	if err := checkHostResources(r); err != nil {
 		return fmt.Errorf("container %s: %w", id, err)
 	}
-	return p.fit(ctx, id, limitsOf(r))
+	return p.fit(ctx, id, r, update)
 }
 
 // checkHostResources refuses resources that name what only the host has: CPUs and memory nodes to pin to (a

@@ -87,7 +87,7 @@ func TestFits(t *testing.T) {
 		{"guest cgroup v2 files", &specs.LinuxResources{Unified: map[string]string{"memory.high": "1000000", "pids.max": "100", "hugetlb.2MB.max": "0", "hugetlb.1GB.max": "max"}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := p.Fit(context.Background(), "c", tc.r)
+			err := p.Fit(context.Background(), "c", tc.r, false)
 			if (err == nil) != tc.ok || err != nil && !errors.Is(err, errdefs.ErrInvalidArgument) {
 				t.Errorf("err %v, want ok %v", err, tc.ok)
 			}

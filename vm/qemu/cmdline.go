@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
@@ -40,7 +41,8 @@ type fdLayout struct {
 	incomingState int
 	// memory is a clone's guest RAM, a sealed memfd.
 	memory int
-	// kernel is a clone's kernel stub (kernelStub), 0 for none: the clone is then given Config.Kernel.
+	// kernel is a clone's kernel stub (kernelStub), or the kernel a guest that may grow boots (bootKernel); 0 for
+	// none: QEMU is then given Config.Kernel.
 	kernel int
 	// agentImage is Config.AgentImage as Kiln opened it (openAgentImage), 0 for the path itself.
 	agentImage int
@@ -48,7 +50,7 @@ type fdLayout struct {
 
 // args builds QEMU's command line. It is a pure function of the configuration so it can be tested without QEMU.
 func args(c Config, fds fdLayout) []string {
-	mem := strconv.Itoa(max(c.MaxMemoryMiB, c.MemoryMiB)) + "M"
+	mem := strconv.Itoa(c.ramMiB()) + "M"
 	var backend string
 	switch {
 	case c.role == roleClone:
@@ -66,9 +68,8 @@ func args(c Config, fds fdLayout) []string {
 	params := append(append([]string{}, baseKernelParams...), c.KernelParams...)
 	if c.MaxMemoryMiB > c.MemoryMiB {
 		// The kernel takes the RAM below mem= (an address: config.MaxBootMemoryMiB keeps it below the PCI hole)
-		// and leaves the rest to be added (GrowGuestMemory). The memory map of a block added later lies in
-		// that block, not in the small boot memory.
-		params = append(params, "mem="+strconv.Itoa(c.MemoryMiB)+"M", "memory_hotplug.memmap_on_memory=1")
+		// and leaves the rest to be added (GrowGuestMemory, then the agent).
+		params = append(params, "mem="+strconv.Itoa(c.MemoryMiB)+"M")
 	}
 	if c.MaxVCPUs > c.VCPUs {
 		// The rest are present and offline, for the agent to bring online (AddVCPUs).
@@ -94,7 +95,7 @@ func args(c Config, fds fdLayout) []string {
 		accelArg += ",tb-size=" + strconv.Itoa(c.TBSizeMiB)
 	}
 	kernel := c.Kernel
-	if c.role == roleClone && fds.kernel > 0 {
+	if fds.kernel > 0 {
 		kernel = fmt.Sprintf("/proc/self/fd/%d", fds.kernel)
 	}
 	a := []string{
@@ -192,5 +193,25 @@ func memArg(c Config, mem string) string {
 	if c.role == roleCold || c.AgentImage == "" {
 		return mem
 	}
-	return mem + ",slots=1,maxmem=" + strconv.Itoa(max(c.MaxMemoryMiB, c.MemoryMiB)+1024) + "M"
+	return mem + ",slots=1,maxmem=" + strconv.Itoa(c.ramMiB()+1024) + "M"
+}
+
+// initrdMax is the highest address the initrd may occupy in a guest that may grow: the top of the memory its
+// kernel boots with (bootKernel); 0 for a guest that boots with all its RAM.
+func (c Config) initrdMax() uint32 {
+	if c.MaxMemoryMiB <= c.MemoryMiB {
+		return 0
+	}
+	return uint32(c.MemoryMiB)<<20 - 1
+}
+
+// ramMiB is the RAM QEMU gives the guest: MemoryMiB, or for a guest that may grow MaxMemoryMiB and one more memory
+// block. The firmware keeps its tables at the top of the RAM below 4 GiB (SeaBIOS on q35), so the guest never
+// adds that block whole (agent.GuestMemory adds whole blocks only): with the spare block it can grow to
+// MaxMemoryMiB on every machine.
+func (c Config) ramMiB() int {
+	if c.MaxMemoryMiB <= c.MemoryMiB {
+		return c.MemoryMiB
+	}
+	return c.MaxMemoryMiB + config.MemoryBlockMiB
 }

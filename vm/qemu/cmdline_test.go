@@ -37,14 +37,14 @@ func TestArgs(t *testing.T) {
 			c.Nets = []Net{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, MTU: 1400}, {MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}}}
 		}, want: []string{"-netdev tap,id=net0,fd=6,vhost=off -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400",
 			"-netdev tap,id=net1,fd=7,vhost=off -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02"}, absent: []string{"mac=02:00:00:00:00:02,host_mtu"}},
-		{name: "a VM that cannot grow", absent: []string{"mem=", "memmap_on_memory", "maxcpus="}},
+		{name: "a VM that cannot grow", absent: []string{"mem=", "maxcpus="}},
 		{name: "vCPUs to bring online", mutate: func(c *Config) { c.MaxVCPUs = 8 }, want: []string{"-smp 8 ", " maxcpus=2"}},
 		{name: "a VM that can grow", mutate: func(c *Config) { c.MaxMemoryMiB = 8192 },
-			want: []string{"-m 8192M", "memory-backend-memfd,id=mem,size=8192M,", " mem=512M memory_hotplug.memmap_on_memory=1"}},
+			want: []string{"-m 8320M", "memory-backend-memfd,id=mem,size=8320M,", " mem=512M "}},
 		{name: "a template that can grow", mutate: func(c *Config) {
 			c.MaxMemoryMiB, c.role, c.MemoryFile, c.AgentImage = 4096, roleTemplate, "/tpl/mem", "/a.img"
 		},
-			want: []string{"-m 4096M,slots=1,maxmem=5120M", "size=4096M,mem-path=/tpl/mem", " mem=512M "}},
+			want: []string{"-m 4224M,slots=1,maxmem=5248M", "size=4224M,mem-path=/tpl/mem", " mem=512M "}},
 		{name: "extra kernel params", mutate: func(c *Config) { c.KernelParams = []string{"kiln.debug=1"} }, want: []string{"kiln.debug=1"}},
 	}
 	for _, tt := range tests {

@@ -18,47 +18,82 @@ const (
 	bootHdrS       = 0x53726448
 	// stubBody is how much of the protected-mode kernel the stub keeps after the setup: QEMU wants some.
 	stubBody = 4096
+	// bootVersion is the boot protocol version; from 2.03 on, bootInitrdAddrMax is the highest address the
+	// initrd may occupy, which QEMU honours when it places it (at the top of the RAM below 4 GiB, under that).
+	bootVersion       = 0x206
+	bootInitrdAddrMax = 0x22c
 )
 
 // kernelStub makes the kernel a clone's QEMU is given: the template's bzImage cut after its real-mode setup and
 // the first stubBody bytes of the kernel proper, in a memfd. A q35 machine started with -kernel has the
 // linuxboot option ROM the template's state describes, and QEMU keeps a copy of the whole kernel in its heap for
 // the guest's firmware to load at boot: about 5 MB of every clone's memory, for a boot a restored guest never
-// makes. The stub's header is the kernel's own, so QEMU sets up the same machine. It returns nil (and the clone is
-// given the kernel itself) for a kernel that is not a bzImage or that the stub would not shorten.
-func kernelStub(kernel string) (*os.File, error) {
+// makes. The stub's header is the kernel's own (but for initrdMax, as bootKernel sets it), so QEMU sets up the
+// same machine. It returns nil (and the clone is given the kernel itself) for a kernel that is not a bzImage or
+// that the stub would not shorten.
+func kernelStub(kernel string, initrdMax uint32) (*os.File, error) {
+	return kernelCopy(kernel, true, initrdMax)
+}
+
+// bootKernel makes the kernel a guest that may grow boots (Config.MaxMemoryMiB), in a memfd: the bzImage with the
+// highest address its initrd may occupy lowered to initrdMax, the top of the memory the guest's kernel boots
+// with. QEMU puts the initrd at the top of the RAM below 4 GiB, past mem=, where the kernel copies it into its
+// own memory and leaves the original: about 9 MB that every clone of a template would copy, and a cold VM would
+// hold for its life, beyond what its cgroup grants. Below initrdMax the kernel frees the initrd where it lies,
+// and a template's agent zeroes it with the rest. nil for a kernel that is no bzImage of protocol 2.03 or later.
+func bootKernel(kernel string, initrdMax uint32) (*os.File, error) {
+	return kernelCopy(kernel, false, initrdMax)
+}
+
+// kernelCopy copies kernel into a memfd, cut to a stub or whole, with its initrd_addr_max lowered to initrdMax
+// when that is below it (0: left as it is). nil when kernel is not a bzImage, or the copy would change nothing.
+func kernelCopy(kernel string, stub bool, initrdMax uint32) (*os.File, error) {
 	f, err := os.Open(kernel)
 	if err != nil {
-		return nil, fmt.Errorf("kernel stub: %w", err)
+		return nil, fmt.Errorf("kernel copy: %w", err)
 	}
 	defer f.Close()
 	st, err := f.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("kernel stub: %w", err)
+		return nil, fmt.Errorf("kernel copy: %w", err)
 	}
-	hdr := make([]byte, bootHeaderMin)
-	if _, err := io.ReadFull(f, hdr); err != nil {
-		return nil, nil // too short for a bzImage
+	hdr := make([]byte, bootInitrdAddrMax+4)
+	n, _ := io.ReadFull(f, hdr)
+	if n < bootHeaderMin || binary.LittleEndian.Uint32(hdr[bootHeaderSig:]) != bootHdrS {
+		return nil, nil // no bzImage
 	}
-	if binary.LittleEndian.Uint32(hdr[bootHeaderSig:]) != bootHdrS {
+	patch := initrdMax > 0 && n == len(hdr) && binary.LittleEndian.Uint16(hdr[bootVersion:]) >= 0x203 &&
+		binary.LittleEndian.Uint32(hdr[bootInitrdAddrMax:]) > initrdMax
+	size := st.Size()
+	if stub {
+		sects := int64(hdr[bootSetupSects])
+		if sects == 0 {
+			sects = 4 // the boot protocol's meaning of 0
+		}
+		if cut := (sects+1)*512 + stubBody; cut < size {
+			size = cut
+		} else if !patch {
+			return nil, nil
+		}
+	} else if !patch {
 		return nil, nil
 	}
-	sects := int64(hdr[bootSetupSects])
-	if sects == 0 {
-		sects = 4 // the boot protocol's meaning of 0
-	}
-	size := (sects+1)*512 + stubBody
-	if size >= st.Size() {
-		return nil, nil
-	}
-	fd, err := unix.MemfdCreate("kiln-kernel-stub", unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate("kiln-kernel", unix.MFD_CLOEXEC)
 	if err != nil {
-		return nil, fmt.Errorf("kernel stub: memfd: %w", err)
+		return nil, fmt.Errorf("kernel copy: memfd: %w", err)
 	}
-	stub := os.NewFile(uintptr(fd), "kiln-kernel-stub")
-	if _, err := io.Copy(stub, io.NewSectionReader(f, 0, size)); err != nil {
-		stub.Close()
-		return nil, fmt.Errorf("kernel stub: copy %s: %w", kernel, err)
+	out := os.NewFile(uintptr(fd), "kiln-kernel")
+	if _, err := io.Copy(out, io.NewSectionReader(f, 0, size)); err != nil {
+		out.Close()
+		return nil, fmt.Errorf("kernel copy: copy %s: %w", kernel, err)
 	}
-	return stub, nil
+	if patch {
+		var v [4]byte
+		binary.LittleEndian.PutUint32(v[:], initrdMax)
+		if _, err := out.WriteAt(v[:], bootInitrdAddrMax); err != nil {
+			out.Close()
+			return nil, fmt.Errorf("kernel copy: %w", err)
+		}
+	}
+	return out, nil
 }

@@ -42,7 +42,7 @@ func TestKernelStub(t *testing.T) {
 			if err := os.WriteFile(path, tt.kernel, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			stub, err := kernelStub(path)
+			stub, err := kernelStub(path, 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -67,7 +67,69 @@ func TestKernelStub(t *testing.T) {
 			}
 		})
 	}
-	if _, err := kernelStub(filepath.Join(t.TempDir(), "missing")); err == nil {
+	if _, err := kernelStub(filepath.Join(t.TempDir(), "missing"), 0); err == nil {
 		t.Error("no error for a missing kernel")
+	}
+}
+
+// A guest that may grow boots a copy of its kernel whose initrd_addr_max is no higher than its boot memory, so
+// that QEMU puts the initrd where the kernel frees it; the clone's stub says the same.
+func TestBootKernelInitrdMax(t *testing.T) {
+	kernel := func(version uint16, initrdMax uint32) []byte {
+		b := bzImage(64<<10, 3)
+		binary.LittleEndian.PutUint16(b[bootVersion:], version)
+		binary.LittleEndian.PutUint32(b[bootInitrdAddrMax:], initrdMax)
+		return b
+	}
+	const boot = 256<<20 - 1
+	tests := []struct {
+		name   string
+		kernel []byte
+		stub   bool
+		want   uint32 // initrd_addr_max of the copy, 0 for no copy
+	}{
+		{"lowered", kernel(0x20f, 0x7fffffff), false, boot},
+		{"lowered in the stub", kernel(0x20f, 0x7fffffff), true, boot},
+		{"already below", kernel(0x20f, 1<<20), false, 0},
+		{"already below, stub still cut", kernel(0x20f, 1<<20), true, 1 << 20},
+		{"protocol before 2.03", kernel(0x202, 0x7fffffff), false, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "vmlinuz")
+			if err := os.WriteFile(path, tt.kernel, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			f, err := kernelCopy(path, tt.stub, boot)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.want == 0 {
+				if f != nil {
+					f.Close()
+					t.Fatal("a copy that changes nothing")
+				}
+				return
+			}
+			if f == nil {
+				t.Fatal("no copy")
+			}
+			defer f.Close()
+			got, err := os.ReadFile(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v := binary.LittleEndian.Uint32(got[bootInitrdAddrMax:]); v != tt.want {
+				t.Errorf("initrd_addr_max %#x, want %#x", v, tt.want)
+			}
+			want := append([]byte(nil), tt.kernel...)
+			binary.LittleEndian.PutUint32(want[bootInitrdAddrMax:], tt.want)
+			if tt.stub {
+				want = want[:4*512+stubBody]
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("copy of %d bytes differs from the kernel beyond initrd_addr_max", len(got))
+			}
+		})
 	}
 }

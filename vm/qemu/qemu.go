@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -89,7 +88,7 @@ type Machine struct {
 	// incoming is a clone's template state while it starts.
 	incoming *os.File
 
-	// guestMiB is the guest's memory (Config.MemoryMiB until GrowGuestMemory), hostExtra the host memory its
+	// guestMiB is the guest memory its cgroup holds (Config.MemoryMiB until GrowGuestMemory), hostExtra the host memory its
 	// cgroup holds beyond the VM's own (AllowHostMemory); under memMu, which may be taken under mu, not around it.
 	memMu     sync.Mutex
 	guestMiB  int
@@ -348,7 +347,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 			}
 		}
 		// Whoever cleans up after a dead owner (Sweep, a shim's delete) finds the cgroup here.
-		if err := os.WriteFile(m.paths.cgroups, []byte(strings.Join(cg.Dirs(), "\n")+"\n"), 0o600); err != nil {
+		if err := m.recordCgroups(cg.Dirs()); err != nil {
 			return fmt.Errorf("start vm %s: record its cgroup: %w", m.cfg.ID, err)
 		}
 	}
@@ -399,7 +398,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		files = append(files, m.incoming)
 		fds.memory = 3 + len(files)
 		files = append(files, m.cloneRAM.file)
-		stub, err := kernelStub(m.cfg.Kernel)
+		stub, err := kernelStub(m.cfg.Kernel, m.cfg.initrdMax())
 		if err != nil {
 			// Only memory is at stake: the clone gets the whole kernel.
 			m.log.WithError(err).Warn("the clone's QEMU is given the whole kernel")
@@ -408,6 +407,17 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 			defer stub.Close()
 			fds.kernel = 3 + len(files)
 			files = append(files, stub)
+		}
+	} else if max := m.cfg.initrdMax(); max > 0 {
+		k, err := bootKernel(m.cfg.Kernel, max)
+		if err != nil {
+			// Only memory is at stake: the initrd's first copy stays where QEMU put it.
+			m.log.WithError(err).Warn("the VM boots its kernel as it is")
+		}
+		if k != nil {
+			defer k.Close()
+			fds.kernel = 3 + len(files)
+			files = append(files, k)
 		}
 	}
 

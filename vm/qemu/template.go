@@ -225,7 +225,7 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 		return template{}, err
 	}
 	t := template{dir: filepath.Join(c.TemplateDir, key), inputs: inputs}
-	if t.fault(max(c.MaxMemoryMiB, c.MemoryMiB)) == nil {
+	if t.fault(c.ramMiB()) == nil {
 		t.used(c.Log)
 		return t, nil
 	}
@@ -237,7 +237,7 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 		return template{}, err
 	}
 	defer unlock()
-	switch err := t.fault(max(c.MaxMemoryMiB, c.MemoryMiB)); {
+	switch err := t.fault(c.ramMiB()); {
 	case err == nil:
 		return t, nil
 	case !errors.Is(err, errNoTemplate):

@@ -53,7 +53,11 @@ func TestTemplateAndCloneArgs(t *testing.T) {
 		{"clone with a kernel stub", roleClone, false, fdLayout{qmp: 3, vsockChardev: 4, virtiofs: 5, firstNet: 6, incomingState: 7, memory: 8, kernel: 9},
 			[]string{"-kernel /proc/self/fd/9 ", "-initrd /i ", "mem-path=/proc/self/fd/8,"},
 			[]string{"-kernel /k "}},
-		{"template given a stub", roleTemplate, false, fdLayout{qmp: 3, kernel: 9},
+		// A guest that may grow boots a copy of the kernel (bootKernel); the template's key is computed without it.
+		{"template given its boot kernel", roleTemplate, false, fdLayout{qmp: 3, kernel: 9},
+			[]string{"-kernel /proc/self/fd/9 "},
+			[]string{"-kernel /k "}},
+		{"template without one", roleTemplate, false, fdLayout{qmp: 3},
 			[]string{"-kernel /k "},
 			[]string{"/proc/self/fd/9"}},
 		{"cold boot", roleCold, true, fdLayout{qmp: 3, vsockArgs: (&vhostUserVsock{}).qemuArgs(4), virtiofs: 5, firstNet: 6},
