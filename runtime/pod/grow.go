@@ -25,25 +25,42 @@ type guestAgent interface {
 	AddVCPUs(ctx context.Context, req *agentv1.AddVCPUsRequest) (*agentv1.AddVCPUsResponse, error)
 }
 
-// containerLimits are what a container adds to what its pod's VM needs: its memory limit in bytes and its CPU
-// limit in thousandths of a CPU (quota over period, rounded up), 0 for none.
-type containerLimits struct{ memory, milliCPUs int64 }
+// containerLimits are what a container adds to what its pod's VM needs: its memory limit in bytes, and its CFS
+// quota and period in microseconds (CPUs: quota over period), 0 for none.
+type containerLimits struct{ memory, quota, period int64 }
 
-// limitsOf are the limits resources r set, over old for what r leaves out: an update changes what it names (the
-// agent merges it into the container's resources so).
+// defaultCFSPeriod is the period a quota without one has (the kernel's, as libcontainer leaves it).
+const defaultCFSPeriod = 100000
+
+// milliCPUs is the CPU limit in thousandths of a CPU, rounded up; 0 for none.
+func (l containerLimits) milliCPUs() int64 {
+	if l.quota <= 0 {
+		return 0
+	}
+	period := l.period
+	if period <= 0 {
+		period = defaultCFSPeriod
+	}
+	// Bounded far beyond any VM's CPUs (fit's bound), so that the product does not overflow.
+	return ceilDiv(min(l.quota, 1<<40)*1000, min(period, 1<<40))
+}
+
+// limitsOf are the limits resources r set over old, as the guest's libcontainer applies them: a field r leaves
+// out, and a memory limit of 0, leave what old has (an update changes what it names); a limit of -1 is none.
 func limitsOf(r *specs.LinuxResources, old containerLimits) containerLimits {
 	l := old
 	if r == nil {
 		return l
 	}
-	if m := r.Memory; m != nil && m.Limit != nil {
+	if m := r.Memory; m != nil && m.Limit != nil && *m.Limit != 0 {
 		l.memory = max(*m.Limit, 0)
 	}
-	if c := r.CPU; c != nil && c.Quota != nil {
-		l.milliCPUs = 0
-		if c.Period != nil && *c.Quota > 0 && *c.Period > 0 {
-			// Bounded far beyond any VM's CPUs (fit's bound), so that the product does not overflow.
-			l.milliCPUs = ceilDiv(min(*c.Quota, 1<<40)*1000, int64(min(*c.Period, 1<<40)))
+	if c := r.CPU; c != nil {
+		if c.Quota != nil && *c.Quota != 0 {
+			l.quota = max(*c.Quota, 0)
+		}
+		if c.Period != nil && *c.Period != 0 {
+			l.period = int64(min(*c.Period, 1<<40))
 		}
 	}
 	return l
@@ -80,13 +97,13 @@ func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, updat
 	var memMiB, milliCPUs int64
 	for _, c := range limits {
 		memMiB += ceilMiB(c.memory)
-		milliCPUs += c.milliCPUs
+		milliCPUs += c.milliCPUs()
 		// Beyond what any VM has (config's bounds), and far from overflowing.
 		if memMiB > 1<<20 {
 			return fmt.Errorf("%w: container %s: memory limit %d MiB: the pod's containers' limits add up to more than a VM can have (hypervisor.memory_max_mib is at most 1048576)", errdefs.ErrInvalidArgument, id, l.memory>>20)
 		}
 		if milliCPUs > config.MaxVCPUsMax*1000 {
-			return fmt.Errorf("%w: container %s: a CPU limit of %.3f CPUs: the pod's containers' limits add up to more than a VM can have (hypervisor.vcpus_max is at most %d)", errdefs.ErrInvalidArgument, id, float64(l.milliCPUs)/1000, config.MaxVCPUsMax)
+			return fmt.Errorf("%w: container %s: a CPU limit of %.3f CPUs: the pod's containers' limits add up to more than a VM can have (hypervisor.vcpus_max is at most %d)", errdefs.ErrInvalidArgument, id, float64(l.milliCPUs())/1000, config.MaxVCPUsMax)
 		}
 	}
 	h := p.cfg.Hypervisor
@@ -100,12 +117,12 @@ func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, updat
 	}
 	vcpus := int(ceilDiv(milliCPUs, 1000))
 	if boot, most := h.CPULayout(); boot == most {
-		if own := int(ceilDiv(l.milliCPUs, 1000)); own > h.VCPUs {
+		if own := int(ceilDiv(l.milliCPUs(), 1000)); own > h.VCPUs {
 			return fmt.Errorf("%w: container %s: a CPU limit of %d vCPUs is more than its pod's VM has (%d), which cannot grow (hypervisor.vcpus_max); size the pod with its resources or io.kiln.vcpus",
 				errdefs.ErrInvalidArgument, id, own, h.VCPUs)
 		}
 	} else if err := p.growVCPUs(ctx, boot+vcpus); err != nil {
-		return fmt.Errorf("container %s: a CPU limit of %.3f CPUs: %w", id, float64(l.milliCPUs)/1000, err)
+		return fmt.Errorf("container %s: a CPU limit of %.3f CPUs: %w", id, float64(l.milliCPUs())/1000, err)
 	}
 	p.limits = limits
 	return nil

@@ -123,26 +123,35 @@ func TestGrowVCPUs(t *testing.T) {
 }
 
 func TestLimitsOf(t *testing.T) {
-	old := containerLimits{memory: 64 << 20, milliCPUs: 500}
+	old := containerLimits{memory: 64 << 20, quota: 50000, period: 100000}
 	for _, tc := range []struct {
-		name string
-		r    *specs.LinuxResources
-		want containerLimits
+		name  string
+		r     *specs.LinuxResources
+		want  containerLimits
+		milli int64
 	}{
-		{"none", nil, old},
-		{"memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(100 << 20))}}, containerLimits{memory: 100 << 20, milliCPUs: 500}},
-		{"no memory limit (-1)", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(-1))}}, containerLimits{milliCPUs: 500}},
-		{"CPU rounded up to a thousandth", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(150001)), Period: ptr(uint64(100000))}}, containerLimits{memory: 64 << 20, milliCPUs: 1501}},
-		{"no CPU quota (-1)", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(-1)), Period: ptr(uint64(100000))}}, containerLimits{memory: 64 << 20}},
-		{"shares only: the quota stays", &specs.LinuxResources{CPU: &specs.LinuxCPU{Shares: ptr(uint64(512))}}, old},
-		{"a huge period", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(1)), Period: ptr(uint64(1 << 63))}}, containerLimits{memory: 64 << 20, milliCPUs: 1}},
-		{"a huge quota", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(1 << 62)), Period: ptr(uint64(1))}}, containerLimits{memory: 64 << 20, milliCPUs: 1000 << 40}},
+		{"none", nil, old, 500},
+		{"memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(100 << 20))}}, containerLimits{memory: 100 << 20, quota: 50000, period: 100000}, 500},
+		{"no memory limit (-1)", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(-1))}}, containerLimits{quota: 50000, period: 100000}, 500},
+		{"a memory limit of 0 leaves it", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(int64(0))}}, old, 500},
+		{"CPU rounded up to a thousandth", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(150001)), Period: ptr(uint64(100000))}}, containerLimits{memory: 64 << 20, quota: 150001, period: 100000}, 1501},
+		{"a quota alone keeps the period", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(200000))}}, containerLimits{memory: 64 << 20, quota: 200000, period: 100000}, 2000},
+		{"a period alone keeps the quota", &specs.LinuxResources{CPU: &specs.LinuxCPU{Period: ptr(uint64(50000))}}, containerLimits{memory: 64 << 20, quota: 50000, period: 50000}, 1000},
+		{"no CPU quota (-1)", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(-1))}}, containerLimits{memory: 64 << 20, period: 100000}, 0},
+		{"shares only", &specs.LinuxResources{CPU: &specs.LinuxCPU{Shares: ptr(uint64(512))}}, old, 500},
+		{"a huge period", &specs.LinuxResources{CPU: &specs.LinuxCPU{Period: ptr(uint64(1 << 63))}}, containerLimits{memory: 64 << 20, quota: 50000, period: 1 << 40}, 1},
+		{"a huge quota", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(1 << 62))}}, containerLimits{memory: 64 << 20, quota: 1 << 62, period: 100000}, (1<<40)/100 + 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := limitsOf(tc.r, old); got != tc.want {
-				t.Errorf("limitsOf = %+v, want %+v", got, tc.want)
+			got := limitsOf(tc.r, old)
+			if got != tc.want || got.milliCPUs() != tc.milli {
+				t.Errorf("limitsOf = %+v (%d milliCPUs), want %+v (%d)", got, got.milliCPUs(), tc.want, tc.milli)
 			}
 		})
+	}
+	// A quota without a period at a create has the kernel's.
+	if got := limitsOf(&specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(int64(150000))}}, containerLimits{}).milliCPUs(); got != 1500 {
+		t.Errorf("a quota of 150000 without a period: %d milliCPUs, want 1500", got)
 	}
 }
 
@@ -209,7 +218,7 @@ func TestFitLimits(t *testing.T) {
 	if err := p.Fit(ctx, "c0", cpu(300), true); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := p.limits["c0"], (containerLimits{memory: 512 << 20, milliCPUs: 300}); got != want {
+	if got, want := p.limits["c0"], (containerLimits{memory: 512 << 20, quota: 30000, period: 100000}); got != want {
 		t.Errorf("after a CPU-only update: %+v, want %+v", got, want)
 	}
 	p.forget("c0")

@@ -302,8 +302,8 @@ func (p *Pod) enterCgroup(first *First, vm ...int) error {
 }
 
 // hostOOMKills is how many of the pod's host processes the kernel's OOM killer took in the pod's host cgroup since
-// they entered it; false without one. The VM's own cgroup (qemu.Machine counts its kills) is below it, or, for
-// a VM without one, its QEMU and virtiofsd are in it: a kill at the pod's limit counts here.
+// they entered it; false without one. A spare's QEMU and virtiofsd are moved there out of the VM's own cgroup
+// (qemu.Machine counts those), so their kills count here.
 func (p *Pod) hostOOMKills() (uint64, bool) {
 	p.cgroupMu.Lock()
 	g := p.cgroup

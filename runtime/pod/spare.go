@@ -225,20 +225,8 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 	if err := p.grow(ctx); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnfit, err)
 	}
-	// The VM's own cgroup is made anew below the pod's, its limit kept: a guest may add memory up to its RAM,
-	// more than the host granted it. A VM without one has its programs moved into the pod's cgroup.
-	vmProcs := p.VMProcesses()
-	mover, ok := p.sb.Machine().(cgroupMover)
-	if ok && mover.CgroupPath() != "" {
-		vmProcs = nil
-	}
-	if err := p.enterCgroup(first, vmProcs...); err != nil {
+	if err := p.enterCgroup(first, p.VMProcesses()...); err != nil {
 		return err
-	}
-	if vmProcs == nil && p.CgroupPath() != "" {
-		if _, err := mover.MoveCgroup(); err != nil {
-			return fmt.Errorf("%w: %v", ErrUnfit, err)
-		}
 	}
 	nets, err := p.prepareNetwork(ctx, first)
 	if err != nil {
@@ -272,13 +260,6 @@ func (p *Pod) VMProcesses() []int {
 		return m.Processes()
 	}
 	return nil
-}
-
-// cgroupMover is a VM whose cgroup of its own (CgroupPath, empty without) can be made anew below the one its
-// owner moved to (qemu.Machine).
-type cgroupMover interface {
-	CgroupPath() string
-	MoveCgroup() (bool, error)
 }
 
 // processOwner is a VM that tells its host processes (qemu.Machine).

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -230,39 +229,6 @@ func (c *Cgroup) Limit() int64 { return c.limit.Load() }
 
 // Dirs are the cgroup's directories: the v2 one, or one per v1 hierarchy.
 func (c *Cgroup) Dirs() []string { return append([]string(nil), c.dirs...) }
-
-// MoveProcesses moves every process of from into c, hierarchy by hierarchy: a VM's programs, whose cgroup is made
-// anew below the one their owner moved to. Processes forked meanwhile are moved on a later pass; a process that
-// exits meanwhile is no error. c and from must be of the same hierarchies (both made by NewCgroup on one host).
-func (c *Cgroup) MoveProcesses(from *Cgroup) error {
-	if c.v2 != from.v2 || !slices.Equal(c.ctls, from.ctls) || len(c.dirs) != len(from.dirs) {
-		return fmt.Errorf("move the processes of cgroup %s to %s: not of the same hierarchies", from.Path(), c.Path())
-	}
-	for i, d := range from.dirs {
-		for pass := 0; ; pass++ {
-			b, err := os.ReadFile(filepath.Join(d, "cgroup.procs"))
-			if err != nil {
-				return fmt.Errorf("move the processes of cgroup %s: %w", d, err)
-			}
-			pids := strings.Fields(string(b))
-			if len(pids) == 0 {
-				break
-			}
-			if pass == maxMovePasses {
-				return fmt.Errorf("move the processes of cgroup %s: %d still there after %d passes", d, len(pids), pass)
-			}
-			for _, pid := range pids {
-				if err := writeFile(filepath.Join(c.dirs[i], "cgroup.procs"), pid); err != nil && !errors.Is(err, unix.ESRCH) {
-					return fmt.Errorf("move process %s to cgroup %s: %w", pid, c.dirs[i], err)
-				}
-			}
-		}
-	}
-	return nil
-}
-
-// maxMovePasses bounds MoveProcesses' passes over a cgroup whose processes keep forking.
-const maxMovePasses = 10
 
 // Remove removes the cgroup; the programs started in it must have exited. See RemoveDirs.
 func (c *Cgroup) Remove() error { return RemoveDirs(c.dirs) }

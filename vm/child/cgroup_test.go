@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -367,50 +366,5 @@ func TestCgroupSetLimit(t *testing.T) {
 	}
 	if err := cg.SetLimit(0); err == nil || cg.Limit() != 320<<20 {
 		t.Errorf("SetLimit(0) = %v, Limit %d", err, cg.Limit())
-	}
-}
-
-func TestCgroupMoveProcesses(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create cgroups")
-	}
-	from, err := NewCgroup("kiln-move-from-"+strconv.Itoa(os.Getpid()), 64<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = from.Remove() })
-	to, err := NewCgroup("kiln-move-to-"+strconv.Itoa(os.Getpid()), 64<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = to.Remove() })
-	cmd := exec.Command("sleep", "60")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	pid := strconv.Itoa(cmd.Process.Pid)
-	for _, d := range from.Dirs() {
-		if err := os.WriteFile(filepath.Join(d, "cgroup.procs"), []byte(pid), 0); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := to.MoveProcesses(from); err != nil {
-		t.Fatal(err)
-	}
-	for i, d := range to.Dirs() {
-		if b, _ := os.ReadFile(filepath.Join(d, "cgroup.procs")); strings.TrimSpace(string(b)) != pid {
-			t.Errorf("%s holds %q, want the moved process %s", d, b, pid)
-		}
-		if b, _ := os.ReadFile(filepath.Join(from.Dirs()[i], "cgroup.procs")); len(strings.TrimSpace(string(b))) != 0 {
-			t.Errorf("%s still holds %q", from.Dirs()[i], b)
-		}
-	}
-	if err := from.Remove(); err != nil {
-		t.Errorf("the emptied cgroup: %v", err)
-	}
-	other := &Cgroup{v2: !to.v2, dirs: to.dirs}
-	if err := to.MoveProcesses(other); err == nil {
-		t.Error("processes moved between cgroups of different hierarchies")
 	}
 }

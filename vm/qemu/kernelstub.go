@@ -22,6 +22,10 @@ const (
 	// initrd may occupy, which QEMU honours when it places it (at the top of the RAM below 4 GiB, under that).
 	bootVersion       = 0x206
 	bootInitrdAddrMax = 0x22c
+	// bootXLoadFlags (protocol 2.12 on): a kernel that says it can be loaded above 4 GiB
+	// (xlfAbove4G) has QEMU ignore initrd_addr_max; the copy takes the flag out.
+	bootXLoadFlags = 0x236
+	xlfAbove4G     = 1 << 1
 )
 
 // kernelStub makes the kernel a clone's QEMU is given: the template's bzImage cut after its real-mode setup and
@@ -57,13 +61,15 @@ func kernelCopy(kernel string, stub bool, initrdMax uint32) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kernel copy: %w", err)
 	}
-	hdr := make([]byte, bootInitrdAddrMax+4)
+	hdr := make([]byte, bootXLoadFlags+2)
 	n, _ := io.ReadFull(f, hdr)
 	if n < bootHeaderMin || binary.LittleEndian.Uint32(hdr[bootHeaderSig:]) != bootHdrS {
 		return nil, nil // no bzImage
 	}
-	patch := initrdMax > 0 && n == len(hdr) && binary.LittleEndian.Uint16(hdr[bootVersion:]) >= 0x203 &&
-		binary.LittleEndian.Uint32(hdr[bootInitrdAddrMax:]) > initrdMax
+	version := binary.LittleEndian.Uint16(hdr[bootVersion:])
+	above4G := version >= 0x20c && n == len(hdr) && binary.LittleEndian.Uint16(hdr[bootXLoadFlags:])&xlfAbove4G != 0
+	patch := initrdMax > 0 && n >= bootInitrdAddrMax+4 && version >= 0x203 &&
+		(binary.LittleEndian.Uint32(hdr[bootInitrdAddrMax:]) > initrdMax || above4G)
 	size := st.Size()
 	if stub {
 		sects := int64(hdr[bootSetupSects])
@@ -89,8 +95,14 @@ func kernelCopy(kernel string, stub bool, initrdMax uint32) (*os.File, error) {
 	}
 	if patch {
 		var v [4]byte
-		binary.LittleEndian.PutUint32(v[:], initrdMax)
-		if _, err := out.WriteAt(v[:], bootInitrdAddrMax); err != nil {
+		binary.LittleEndian.PutUint32(v[:], min(initrdMax, binary.LittleEndian.Uint32(hdr[bootInitrdAddrMax:])))
+		_, err := out.WriteAt(v[:], bootInitrdAddrMax)
+		if err == nil && above4G {
+			var flags [2]byte
+			binary.LittleEndian.PutUint16(flags[:], binary.LittleEndian.Uint16(hdr[bootXLoadFlags:])&^xlfAbove4G)
+			_, err = out.WriteAt(flags[:], bootXLoadFlags)
+		}
+		if err != nil {
 			out.Close()
 			return nil, fmt.Errorf("kernel copy: %w", err)
 		}

@@ -79,8 +79,10 @@ func TestBootKernelInitrdMax(t *testing.T) {
 		b := bzImage(64<<10, 3)
 		binary.LittleEndian.PutUint16(b[bootVersion:], version)
 		binary.LittleEndian.PutUint32(b[bootInitrdAddrMax:], initrdMax)
+		binary.LittleEndian.PutUint16(b[bootXLoadFlags:], 0)
 		return b
 	}
+	above4G := func(b []byte) []byte { b[bootXLoadFlags] |= xlfAbove4G; return b }
 	const boot = 256<<20 - 1
 	tests := []struct {
 		name   string
@@ -93,6 +95,7 @@ func TestBootKernelInitrdMax(t *testing.T) {
 		{"already below", kernel(0x20f, 1<<20), false, 0},
 		{"already below, stub still cut", kernel(0x20f, 1<<20), true, 1 << 20},
 		{"protocol before 2.03", kernel(0x202, 0x7fffffff), false, 0},
+		{"loadable above 4 GiB: the flag taken out", above4G(kernel(0x20f, 1<<20)), false, 1 << 20},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -124,6 +127,7 @@ func TestBootKernelInitrdMax(t *testing.T) {
 			}
 			want := append([]byte(nil), tt.kernel...)
 			binary.LittleEndian.PutUint32(want[bootInitrdAddrMax:], tt.want)
+			want[bootXLoadFlags] &^= xlfAbove4G
 			if tt.stub {
 				want = want[:4*512+stubBody]
 			}

@@ -393,6 +393,9 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		fds.agentImage = 3 + len(files)
 		files = append(files, img)
 	}
+	// kernelCopy is the kernel QEMU boots from a memfd (bootKernel): QEMU keeps the descriptor it inherits open,
+	// and with it the copy's pages, which it has read by the time it answers on QMP.
+	var kernelCopy *os.File
 	if m.cfg.role == roleClone {
 		fds.incomingState = 3 + len(files)
 		files = append(files, m.incoming)
@@ -418,6 +421,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 			defer k.Close()
 			fds.kernel = 3 + len(files)
 			files = append(files, k)
+			kernelCopy = k
 		}
 	}
 
@@ -477,6 +481,11 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	q, err := dialQMP(ctx, m.paths.qmp, m.exited)
 	if err != nil {
 		return fmt.Errorf("start vm %s: %w%s", m.cfg.ID, err, m.Diagnostics())
+	}
+	if kernelCopy != nil {
+		if err := kernelCopy.Truncate(0); err != nil {
+			m.log.WithError(err).Debug("free the kernel's copy")
+		}
 	}
 	m.qmp = q
 	if m.cfg.role == roleClone {

@@ -197,43 +197,6 @@ func (m *Machine) AllowHostMemory(extra int64) error {
 	return nil
 }
 
-// MoveCgroup makes the VM's cgroup anew where Kiln's process would make it now, with the same memory limit, and
-// moves the VM's programs into it: the VM of a spare, whose shim has just entered its pod's host cgroup, so that
-// the pod's cgroup holds the VM and the VM's own limit still bounds it (a guest may add memory itself up to
-// Config.MaxMemoryMiB, more than the host granted). It says whether there was a cgroup to move (Config.Cgroup);
-// on error the programs stay in the one they were in.
-func (m *Machine) MoveCgroup() (bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	old := m.cgroup
-	if old == nil {
-		return false, nil
-	}
-	cg, err := child.NewCgroup("kiln-vm-"+m.cfg.ID, old.Limit())
-	if err != nil {
-		return true, fmt.Errorf("vm %s: move its cgroup: %w", m.cfg.ID, err)
-	}
-	// Both recorded until the old one is gone: a shim killed meanwhile leaves neither behind (Sweep).
-	if err := m.recordCgroups(append(old.Dirs(), cg.Dirs()...)); err != nil {
-		_ = cg.Remove()
-		return true, fmt.Errorf("vm %s: move its cgroup: %w", m.cfg.ID, err)
-	}
-	if err := cg.MoveProcesses(old); err != nil {
-		_ = old.MoveProcesses(cg)
-		_ = cg.Remove()
-		_ = m.recordCgroups(old.Dirs())
-		return true, fmt.Errorf("vm %s: move its cgroup: %w", m.cfg.ID, err)
-	}
-	m.cgroup = cg
-	if err := old.Remove(); err != nil {
-		m.log.WithError(err).Warn("remove the VM's former cgroup")
-	}
-	if err := m.recordCgroups(cg.Dirs()); err != nil {
-		m.log.WithError(err).Warn("record the VM's cgroup")
-	}
-	return true, nil
-}
-
 // recordCgroups writes the VM's cgroup directories where whoever cleans up after a dead owner (Sweep, a shim's
 // delete) finds them.
 func (m *Machine) recordCgroups(dirs []string) error {
