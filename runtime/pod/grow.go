@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"time"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -165,12 +166,13 @@ func (p *Pod) growMemory(ctx context.Context, mib int) error {
 	if !ok {
 		return fmt.Errorf("%w: the pod's VM cannot grow", errdefs.ErrNotImplemented)
 	}
+	start := time.Now()
 	to, err := growMemory(ctx, m, p.sb.Agent(), from, most, mib)
 	p.memMiB = to
 	if err != nil || from == to {
 		return err
 	}
-	p.log.WithFields(logrus.Fields{"from_mib": from, "to_mib": to}).Info("the VM's memory grew")
+	p.log.WithFields(logrus.Fields{"from_mib": from, "to_mib": to, "took": time.Since(start).Round(time.Millisecond)}).Info("the VM's memory grew")
 	return nil
 }
 
@@ -204,12 +206,13 @@ func (p *Pod) growVCPUs(ctx context.Context, n int) error {
 	if n <= from {
 		return nil
 	}
+	start := time.Now()
 	to, err := growVCPUs(ctx, p.sb.Agent(), from, most, n)
 	p.vcpus = to
 	if err != nil || from == to {
 		return err
 	}
-	p.log.WithFields(logrus.Fields{"from": from, "to": to}).Info("the VM's vCPUs grew")
+	p.log.WithFields(logrus.Fields{"from": from, "to": to, "took": time.Since(start).Round(time.Millisecond)}).Info("the VM's vCPUs grew")
 	return nil
 }
 
