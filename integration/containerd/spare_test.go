@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -231,7 +232,11 @@ func TestKilnSparePool(t *testing.T) {
 }
 
 // cgroupOf is the CPU cgroup directory of process pid: the cpu hierarchy's on cgroup v1, the one on v2.
-func cgroupOf(t *testing.T, pid int) string {
+func cgroupOf(t *testing.T, pid int) string { return controllerCgroupOf(t, pid, "cpu") }
+
+// controllerCgroupOf is the cgroup directory of process pid in the hierarchy of controller ctl on cgroup v1, the
+// one on v2.
+func controllerCgroupOf(t *testing.T, pid int, ctl string) string {
 	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
 	if err != nil {
@@ -245,13 +250,11 @@ func cgroupOf(t *testing.T, pid int) string {
 		if parts[0] == "0" && parts[1] == "" {
 			return filepath.Join("/sys/fs/cgroup", parts[2])
 		}
-		for _, ctl := range strings.Split(parts[1], ",") {
-			if ctl == "cpu" {
-				return filepath.Join("/sys/fs/cgroup", parts[1], parts[2])
-			}
+		if slices.Contains(strings.Split(parts[1], ","), ctl) {
+			return filepath.Join("/sys/fs/cgroup", parts[1], parts[2])
 		}
 	}
-	t.Fatalf("process %d has no CPU cgroup: %s", pid, b)
+	t.Fatalf("process %d has no %s cgroup: %s", pid, ctl, b)
 	return ""
 }
 

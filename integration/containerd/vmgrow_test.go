@@ -3,11 +3,7 @@ package containerd
 import (
 	"context"
 	"encoding/json"
-	"fmt"
-	"os"
-	"path/filepath"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -71,7 +67,7 @@ func TestKilnVMGrows(t *testing.T) {
 		t.Errorf("the container's memory limit in the guest: %d, want %d; metrics:\n%s", m.Memory.UsageLimit, 1536<<20, out)
 	}
 	// The host accounts the adopted VM to the task: its QEMU is in the task's cgroup.
-	if dir, _ := memoryCgroupOf(t, k.podQEMU(t, id)); !strings.HasSuffix(dir, "/kiln-test/"+id) {
+	if dir := controllerCgroupOf(t, k.podQEMU(t, id), "memory"); !strings.HasSuffix(dir, "/kiln-test/"+id) {
 		t.Errorf("the adopted VM's QEMU is in memory cgroup %s, want the task's (/kiln-test/%s)", dir, id)
 	}
 	// The new memory is usable: a tmpfs in the guest takes 1 GiB more than the VM booted with.
@@ -122,39 +118,6 @@ func (k *kilnEnv) update(t *testing.T, id string, memory int64, cpus int64) erro
 		r.CPU = &specs.LinuxCPU{Quota: &quota, Period: &period}
 	}
 	return task.Update(ctx, client.WithResources(&r))
-}
-
-// memoryCgroupOf is the memory cgroup directory of process pid and its limit in bytes (v1 memory.limit_in_bytes,
-// v2 memory.max; 0 for "max").
-func memoryCgroupOf(t *testing.T, pid int) (string, int64) {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 {
-			continue
-		}
-		dir, file := "", ""
-		switch {
-		case parts[0] == "0" && parts[1] == "":
-			dir, file = filepath.Join("/sys/fs/cgroup", parts[2]), "memory.max"
-		case slices.Contains(strings.Split(parts[1], ","), "memory"):
-			dir, file = filepath.Join("/sys/fs/cgroup", parts[1], parts[2]), "memory.limit_in_bytes"
-		default:
-			continue
-		}
-		v, err := os.ReadFile(filepath.Join(dir, file))
-		if err != nil {
-			t.Fatal(err)
-		}
-		n, _ := strconv.ParseInt(strings.TrimSpace(string(v)), 10, 64)
-		return dir, n
-	}
-	t.Fatalf("process %d has no memory cgroup: %s", pid, b)
-	return "", 0
 }
 
 var memTotal = regexp.MustCompile(`(?m)^MemTotal:\s+(\d+) kB$`)
