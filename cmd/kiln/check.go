@@ -110,7 +110,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkSandbox(cfg, qemuPath))
 	out = append(out, checkQEMUUser(cfg))
 	out = append(out, checkCgroup(cfg))
-	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots))
+	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots), checkGrowth(cfg))
 	out = append(out, checkPortForward(portforward.Probe))
 	out = append(out, checkHostLSM(cfg, apparmor.HostSupports, hostSELinux))
 
@@ -281,6 +281,23 @@ func checkFastStart(cfg config.Config, fsType func(path string) (int64, error)) 
 		return checkResult{"fast start", "warn", "does not apply: " + why + "; VMs boot"}
 	}
 	return checkResult{"fast start", "ok", fmt.Sprintf("applies: pod VMs are restored from templates in %s (tmpfs)", cfg.Hypervisor.TemplateDir)}
+}
+
+// checkGrowth reports whether VMs grow to their pods' limits while they run (hypervisor.memory_max_mib,
+// vcpus_max), which lets pods of every size share templates and spares and resize in place.
+func checkGrowth(cfg config.Config) checkResult {
+	h := cfg.Hypervisor
+	var grows []string
+	if boot, ram := h.MemoryLayout(); boot < ram {
+		grows = append(grows, fmt.Sprintf("memory from %d to %d MiB", boot, ram))
+	}
+	if boot, most := h.CPULayout(); boot < most {
+		grows = append(grows, fmt.Sprintf("vCPUs from %d to %d", boot, most))
+	}
+	if len(grows) == 0 {
+		return checkResult{"VM growth", "ok", "off: each VM keeps the size it boots with, its pod's limits included (hypervisor.memory_max_mib, vcpus_max)"}
+	}
+	return checkResult{"VM growth", "ok", "on: VMs grow to their pods' limits while they run (in-place resize; one template and spare shape for every size): " + strings.Join(grows, ", ")}
 }
 
 // spareSlots reads the host's spare slots: those live spares hold, and those a spare left behind when it failed.

@@ -172,3 +172,23 @@ func TestCheckHostLSM(t *testing.T) {
 		})
 	}
 }
+
+func TestCheckGrowth(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		memMax, cpu int
+		want        string
+	}{
+		{"defaults", config.DefaultMemoryMaxMiB, config.DefaultVCPUsMax, "on: VMs grow to their pods' limits while they run (in-place resize; one template and spare shape for every size): memory from 256 to 8192 MiB, vCPUs from 2 to 8"},
+		{"memory only", 1024, 0, "memory from 256 to 1024 MiB"},
+		{"off", 0, 0, "off: each VM keeps the size it boots with"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := config.Default()
+			cfg.Hypervisor.MemoryMaxMiB, cfg.Hypervisor.VCPUsMax = tc.memMax, tc.cpu
+			if r := checkGrowth(cfg); !strings.Contains(r.detail, tc.want) || r.status != "ok" {
+				t.Errorf("checkGrowth = %+v, want %q", r, tc.want)
+			}
+		})
+	}
+}
