@@ -62,7 +62,7 @@ func (g *GuestCPUs) Add(n int) (int, error) {
 		if online[c] {
 			continue
 		}
-		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("cpu%d", c), "online"), []byte("1"), 0); err != nil {
+		if err := writeAttr(filepath.Join(dir, fmt.Sprintf("cpu%d", c), "online"), "1"); err != nil {
 			return have, fmt.Errorf("add vCPUs: bring CPU %d online: %w", c, err)
 		}
 		have++

@@ -42,6 +42,9 @@ func TestGuestCPUsAdd(t *testing.T) {
 			if err := os.MkdirAll(filepath.Join(dir, fmt.Sprintf("cpu%d", i)), 0o755); err != nil {
 				t.Fatal(err)
 			}
+			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("cpu%d", i), "online"), []byte("0"), 0o644); err != nil {
+				t.Fatal(err)
+			}
 		}
 		for name, v := range map[string]string{"present": present, "online": online} {
 			if err := os.WriteFile(filepath.Join(dir, name), []byte(v+"\n"), 0o644); err != nil {

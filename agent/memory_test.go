@@ -55,6 +55,7 @@ func fakeSys(t *testing.T, blockSize string, blocks map[int]string, ram [][2]uin
 	}
 	write(filepath.Join(mem, "block_size_bytes"), blockSize+"\n")
 	write(filepath.Join(mem, "auto_online_blocks"), "offline\n")
+	write(filepath.Join(mem, "probe"), "")
 	for n, state := range blocks {
 		write(filepath.Join(mem, fmt.Sprintf("memory%d", n), "state"), state+"\n")
 	}

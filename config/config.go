@@ -133,7 +133,8 @@ func (h Hypervisor) CPULayout() (boot, most int) {
 	if h.VCPUsMax <= boot {
 		return h.VCPUs, h.VCPUs
 	}
-	return boot, max(h.VCPUsMax, h.VCPUs)
+	// No more than the guest kernel brings up (a pod that asks for more has them all, as one that cannot grow).
+	return boot, max(min(max(h.VCPUsMax, h.VCPUs), MaxVCPUsMax), boot)
 }
 
 // MaxVCPUsMax bounds hypervisor.vcpus_max: the guest kernel's NR_CPUS (vm/image/kernel/guest.config).

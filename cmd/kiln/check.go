@@ -196,7 +196,7 @@ func checkCgroup(cfg config.Config) checkResult {
 	if err != nil {
 		return checkResult{"cgroup", "FAIL", err.Error() + " (set hypervisor.cgroup = false to run without VM cgroups)"}
 	}
-	return checkResult{"cgroup", "ok", fmt.Sprintf("%s; memory limit guest RAM + %d MiB", info, cfg.Hypervisor.MemoryOverheadMiB)}
+	return checkResult{"cgroup", "ok", fmt.Sprintf("%s; memory limit the guest's memory (booted and grown) + %d MiB", info, cfg.Hypervisor.MemoryOverheadMiB)}
 }
 
 // checkPortForward reports whether CRI port forwarding can reach pods: the shim attaches an eBPF sk_lookup program

@@ -14,7 +14,8 @@ import (
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
-// memoryVM is a VM whose cgroup holds the memory its guest grows to (qemu.Machine).
+// memoryVM is a VM whose cgroup holds the memory its guest grows to (qemu.Machine; an adopted spare's QEMU is in
+// its pod's cgroup instead, its own left empty).
 type memoryVM interface {
 	GrowGuestMemory(mib int) error
 }
@@ -103,7 +104,7 @@ func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, updat
 		if memMiB > 1<<20 {
 			return fmt.Errorf("%w: container %s: memory limit %d MiB: the pod's containers' limits add up to more than a VM can have (hypervisor.memory_max_mib is at most 1048576)", errdefs.ErrInvalidArgument, id, l.memory>>20)
 		}
-		if milliCPUs > config.MaxVCPUsMax*1000 {
+		if boot, most := p.cfg.Hypervisor.CPULayout(); boot < most && milliCPUs > config.MaxVCPUsMax*1000 {
 			return fmt.Errorf("%w: container %s: a CPU limit of %.3f CPUs: the pod's containers' limits add up to more than a VM can have (hypervisor.vcpus_max is at most %d)", errdefs.ErrInvalidArgument, id, float64(l.milliCPUs())/1000, config.MaxVCPUsMax)
 		}
 	}
@@ -148,7 +149,7 @@ func (p *Pod) grow(ctx context.Context) error {
 		}
 	}
 	if boot, most := h.CPULayout(); boot < most {
-		return p.growVCPUs(ctx, h.VCPUs)
+		return p.growVCPUs(ctx, min(h.VCPUs, most))
 	}
 	return nil
 }
@@ -191,7 +192,7 @@ func growMemory(ctx context.Context, m memoryVM, a guestAgent, now, most, mib in
 	}
 	resp, err := a.AddMemory(ctx, &agentv1.AddMemoryRequest{MemoryMib: uint64(to)})
 	if err != nil {
-		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
+		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w (a guest kernel without memory hot-plug needs hypervisor.memory_max_mib = 0)", now, to, err)
 	}
 	if got := resp.GetMemoryMib(); got < uint64(to) {
 		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: the guest has %d MiB", now, to, got)
@@ -226,7 +227,7 @@ func growVCPUs(ctx context.Context, a guestAgent, now, most, n int) (int, error)
 	}
 	resp, err := a.AddVCPUs(ctx, &agentv1.AddVCPUsRequest{Vcpus: uint32(n)})
 	if err != nil {
-		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: %w", now, n, err)
+		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: %w (a guest kernel without CPU hot-plug needs hypervisor.vcpus_max = 0)", now, n, err)
 	}
 	if got := int(resp.GetVcpus()); got < n || got > most {
 		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: the guest has %d online", now, n, got)

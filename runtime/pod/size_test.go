@@ -59,7 +59,7 @@ func TestSizeFor(t *testing.T) {
 func TestFits(t *testing.T) {
 	cfg := config.Default()
 	cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB = 2, 512
-	// A VM that cannot grow: one that can asks its guest for more memory (memory_test.go).
+	// A VM that cannot grow: one that can asks its guest for more memory (grow_test.go).
 	cfg.Hypervisor.MemoryMaxMiB, cfg.Hypervisor.VCPUsMax = 0, 0
 	p := &Pod{cfg: cfg}
 	for _, tc := range []struct {

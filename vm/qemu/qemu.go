@@ -394,7 +394,8 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		files = append(files, img)
 	}
 	// kernelCopy is the kernel QEMU boots from a memfd (bootKernel): QEMU keeps the descriptor it inherits open,
-	// and with it the copy's pages, which it has read by the time it answers on QMP.
+	// and with it the copy's pages. It has read them by the time it answers qmp_capabilities (dialQMP), which its
+	// main loop serves only once machine init, which loads the kernel, is done.
 	var kernelCopy *os.File
 	if m.cfg.role == roleClone {
 		fds.incomingState = 3 + len(files)
