@@ -383,3 +383,25 @@ func TestMemoryLayout(t *testing.T) {
 		})
 	}
 }
+
+func TestCPULayout(t *testing.T) {
+	for _, tc := range []struct {
+		name               string
+		vcpus, boot, most  int
+		wantBoot, wantMost int
+	}{
+		{"cannot grow", 3, 2, 0, 3, 3},
+		{"a pod's limit added", 3, 2, 8, 2, 8},
+		{"unsized", 2, 0, 8, 2, 8},
+		{"a pod past the ceiling", 12, 2, 8, 2, 12},
+		{"no more than the guest kernel's", 100, 2, 8, 2, MaxVCPUsMax},
+		{"a ceiling no higher than the boot", 2, 2, 2, 2, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := Hypervisor{VCPUs: tc.vcpus, BootVCPUs: tc.boot, VCPUsMax: tc.most}
+			if boot, most := h.CPULayout(); boot != tc.wantBoot || most != tc.wantMost {
+				t.Errorf("CPULayout = %d, %d; want %d, %d", boot, most, tc.wantBoot, tc.wantMost)
+			}
+		})
+	}
+}
