@@ -160,7 +160,7 @@ const MaxBootMemoryMiB = 2048
 // MemoryLayout is how a VM of h holds its memory: its guest boots with boot MiB, and QEMU gives it ram MiB of
 // RAM, which it may grow to. Without growth (memory_max_mib = 0, or a boot memory past MaxBootMemoryMiB) both
 // are MemoryMiB. With it, boot is BootMemoryMiB and ram memory_max_mib, or the pod's memory if it needs more, each
-// rounded up to a memory block. (QEMU gives the guest a block more, for the firmware: qemu.Config.MaxMemoryMiB.)
+// rounded up to a memory block. (QEMU gives the guest a block more, for the firmware's tables: vm/qemu's ramMiB.)
 func (h Hypervisor) MemoryLayout() (boot, ram int) {
 	boot = roundUp(h.BootMemory(), MemoryBlockMiB)
 	if h.MemoryMaxMiB == 0 || boot > MaxBootMemoryMiB {
