@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -88,8 +89,9 @@ type Machine struct {
 	// incoming is a clone's template state while it starts.
 	incoming *os.File
 
-	// guestMiB is the guest memory its cgroup holds (Config.MemoryMiB until GrowGuestMemory), hostExtra the host memory its
-	// cgroup holds beyond the VM's own (AllowHostMemory); under memMu, which may be taken under mu, not around it.
+	// guestMiB is the guest memory its cgroup holds (Config.MemoryMiB until GrowGuestMemory), hostExtra the host
+	// memory its cgroup holds beyond the VM's own (AllowHostMemory); under memMu, which may be taken under mu, not
+	// around it.
 	memMu     sync.Mutex
 	guestMiB  int
 	hostExtra int64
@@ -156,6 +158,7 @@ func New(cfg Config) (*Machine, error) {
 		paths:       pathsFor(cfg.StateRoot, cfg.ID),
 		log:         cfg.Log.WithField("vm", cfg.ID),
 		assetsFound: assetsFound,
+		guestMiB:    cfg.MemoryMiB,
 		exited:      make(chan struct{}),
 		cleaned:     make(chan struct{}),
 	}, nil
@@ -347,7 +350,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 			}
 		}
 		// Whoever cleans up after a dead owner (Sweep, a shim's delete) finds the cgroup here.
-		if err := m.recordCgroups(cg.Dirs()); err != nil {
+		if err := os.WriteFile(m.paths.cgroups, []byte(strings.Join(cg.Dirs(), "\n")+"\n"), 0o600); err != nil {
 			return fmt.Errorf("start vm %s: record its cgroup: %w", m.cfg.ID, err)
 		}
 	}

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"strings"
 
 	"github.com/kiln-runtime/kiln/vm"
 	"github.com/kiln-runtime/kiln/vm/child"
@@ -190,17 +189,11 @@ func (m *Machine) AllowHostMemory(extra int64) error {
 	cg := m.vmCgroup()
 	m.memMu.Lock()
 	defer m.memMu.Unlock()
-	if err := m.setCgroupLimit(cg, m.guestMemoryLocked(), extra); err != nil {
+	if err := m.setCgroupLimit(cg, m.guestMiB, extra); err != nil {
 		return err
 	}
 	m.hostExtra = extra
 	return nil
-}
-
-// recordCgroups writes the VM's cgroup directories where whoever cleans up after a dead owner (Sweep, a shim's
-// delete) finds them.
-func (m *Machine) recordCgroups(dirs []string) error {
-	return os.WriteFile(m.paths.cgroups, []byte(strings.Join(dirs, "\n")+"\n"), 0o600)
 }
 
 // GrowGuestMemory makes room for the guest's memory to grow to mib MiB: the VM's cgroup holds it from now on.
@@ -210,7 +203,7 @@ func (m *Machine) GrowGuestMemory(mib int) error {
 	cg := m.vmCgroup()
 	m.memMu.Lock()
 	defer m.memMu.Unlock()
-	if mib <= m.guestMemoryLocked() {
+	if mib <= m.guestMiB {
 		return nil
 	}
 	if mib > m.cfg.MaxMemoryMiB {
@@ -221,13 +214,6 @@ func (m *Machine) GrowGuestMemory(mib int) error {
 	}
 	m.guestMiB = mib
 	return nil
-}
-
-func (m *Machine) guestMemoryLocked() int {
-	if m.guestMiB == 0 {
-		return m.cfg.MemoryMiB
-	}
-	return m.guestMiB
 }
 
 // vmCgroup is the VM's cgroup, nil without one; taken before memMu (Start holds mu while it takes memMu).
@@ -242,18 +228,23 @@ func (m *Machine) setCgroupLimit(cg *child.Cgroup, guestMiB int, extra int64) er
 	if cg == nil {
 		return nil
 	}
-	if err := cg.SetLimit(int64(guestMiB+m.cfg.MemoryOverheadMiB)<<20 + extra); err != nil {
+	if err := cg.SetLimit(m.cgroupLimit(guestMiB) + extra); err != nil {
 		return fmt.Errorf("vm %s: %w", m.cfg.ID, err)
 	}
 	return nil
 }
 
-// ownMemory is the memory limit of the VM's cgroup for the VM itself: guest memory and what QEMU and virtiofsd
-// use beyond it.
+// cgroupLimit is the memory limit of the VM's cgroup for the VM itself with guestMiB of guest memory: that and
+// what QEMU and virtiofsd use beyond it.
+func (m *Machine) cgroupLimit(guestMiB int) int64 {
+	return int64(guestMiB+m.cfg.MemoryOverheadMiB) << 20
+}
+
+// ownMemory is the memory limit of the VM's cgroup for the VM itself, as its guest's memory is now.
 func (m *Machine) ownMemory() int64 {
 	m.memMu.Lock()
 	defer m.memMu.Unlock()
-	return int64(m.guestMemoryLocked()+m.cfg.MemoryOverheadMiB) << 20
+	return m.cgroupLimit(m.guestMiB)
 }
 
 // listenFile creates a listening Unix socket at path and returns its descriptor; the file stays when the
