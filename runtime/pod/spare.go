@@ -191,8 +191,14 @@ func sameMachine(want, have config.Config) bool {
 		return false
 	}
 	// A VM that cannot grow has its size from the start (the layouts are its size, equal now).
-	w.MemoryMiB, w.BootMemoryMiB, w.VCPUs, w.BootVCPUs = h.MemoryMiB, h.BootMemoryMiB, h.VCPUs, h.BootVCPUs
+	takeSize(w, *h)
 	return reflect.DeepEqual(want, have)
+}
+
+// takeSize gives h the pod's size of from: the memory and vCPUs it has, and those it booted with, which a VM
+// that can grow (sameMachine) adds the difference of once it runs.
+func takeSize(h *config.Hypervisor, from config.Hypervisor) {
+	h.MemoryMiB, h.BootMemoryMiB, h.VCPUs, h.BootVCPUs = from.MemoryMiB, from.BootMemoryMiB, from.VCPUs, from.BootVCPUs
 }
 
 // Adopt makes a pod booted without a first container (a spare's) the pod of first, as a pod of base (the Kiln
@@ -219,8 +225,7 @@ func (p *Pod) Adopt(ctx context.Context, base config.Config, first *First) error
 	}
 	// The pod's memory and vCPUs beyond what the spare booted with (sameMachine).
 	p.growMu.Lock()
-	h := &p.cfg.Hypervisor
-	h.MemoryMiB, h.BootMemoryMiB, h.VCPUs, h.BootVCPUs = sized.Hypervisor.MemoryMiB, sized.Hypervisor.BootMemoryMiB, sized.Hypervisor.VCPUs, sized.Hypervisor.BootVCPUs
+	takeSize(&p.cfg.Hypervisor, sized.Hypervisor)
 	p.growMu.Unlock()
 	if err := p.grow(ctx); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnfit, err)
