@@ -18,9 +18,10 @@ import (
 const stopPoll = 50 * time.Millisecond
 
 // Stop stops the spare shims that hold a slot on this host and that which selects (nil: every one): SIGTERM, on
-// which each stops its VM, gives its slot up and exits. It waits until every one of them is gone, and until no
+// which each stops its VM, gives its slot up and exits. It waits until every one of them is gone, until no
 // slot is held by a spare its spawner has not named yet (one starting now, which it then stops too, if selected),
-// so that a spare started while it looked is not missed. When ctx ends, spares that still hold their slots are
+// so that a spare started while it looked is not missed, and until no selected slot is held by a process that
+// does not read as a spare (one that failed and is exiting). When ctx ends, spares that still hold their slots are
 // killed (SIGKILL) and named in the error; one that gave its slot up but runs on is named and left: it took a
 // task as it was told to stop (its SIGTERM came too late to count), or its VM is slow to stop. It returns the
 // spares it told to stop.
@@ -39,8 +40,16 @@ func stop(ctx context.Context, dir string, which func(Info) bool, isSpare func(p
 	for {
 		held, _, naming := scanSlots(dir)
 		holding := map[int]bool{}
+		// exiting are slots still held by a process that no longer reads as a spare: one on its way out (the
+		// kernel drops a dead process's memory, and its command line with it, before its files and the lock).
+		// They are waited for, never signalled, so that a pid the kernel gave to another process is left alone.
+		var exiting []string
 		for _, sp := range held {
-			if which != nil && !which(sp) || !isSpare(sp.Pid) {
+			if which != nil && !which(sp) {
+				continue
+			}
+			if !isSpare(sp.Pid) {
+				exiting = append(exiting, sp.Slot)
 				continue
 			}
 			holding[sp.Pid] = true
@@ -56,7 +65,7 @@ func stop(ctx context.Context, dir string, which func(Info) bool, isSpare func(p
 				running = append(running, sp.Pid)
 			}
 		}
-		if len(running) == 0 && len(naming) == 0 {
+		if len(running) == 0 && len(naming) == 0 && len(exiting) == 0 {
 			return stopped, nil
 		}
 		select {
@@ -79,6 +88,9 @@ func stop(ctx context.Context, dir string, which func(Info) bool, isSpare func(p
 			}
 			if len(naming) > 0 {
 				errs = append(errs, fmt.Errorf("slots %v stayed held without naming their spare (its spawner died as it started it?)", naming))
+			}
+			if len(exiting) > 0 {
+				errs = append(errs, fmt.Errorf("slots %v stayed held by processes that are no spare shims (left alone)", exiting))
 			}
 			return stopped, fmt.Errorf("stop spare shims: %w: %w", ctx.Err(), errors.Join(errs...))
 		case <-time.After(stopPoll):

@@ -218,28 +218,54 @@ func TestStopKillsASpareThatStaysOn(t *testing.T) {
 	}
 }
 
-// A slot whose lock names a process that is no spare shim (its spare died and the kernel gave the pid to another
-// process) does not get that process signalled.
-func TestStopSignalsOnlySpareShims(t *testing.T) {
-	dir := t.TempDir()
-	other := exec.Command("sleep", "30")
-	if err := other.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = other.Process.Kill(); _ = other.Wait() })
-	slot, err := claim(dir, "/a.sock", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slot.Close()
-	slot.name(other.Process.Pid)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if stopped, err := stop(ctx, dir, nil, isSpareShim); err != nil || len(stopped) != 0 {
-		t.Errorf("Stop = %+v, %v; want nothing stopped", stopped, err)
-	}
-	time.Sleep(100 * time.Millisecond)
-	if !alive(other.Process.Pid) {
-		t.Error("Stop signalled a process that is no spare shim")
+// A slot held under a pid that is no spare shim (its spare is exiting: the kernel drops a process's command line
+// before its files) is waited for until it is free, and the process it names is never signalled, in case the
+// kernel gave that pid to another process; one that stays held is named in Stop's error when ctx ends.
+func TestStopWaitsForSlotsOfExitingSpares(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		release time.Duration // when the slot is given up; 0: never
+	}{
+		{"given up", 300 * time.Millisecond},
+		{"stays held", 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			other := exec.Command("sleep", "30")
+			if err := other.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = other.Process.Kill(); _ = other.Wait() })
+			slot, err := claim(dir, "/a.sock", 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			slot.name(other.Process.Pid)
+			released := make(chan struct{})
+			if c.release > 0 {
+				time.AfterFunc(c.release, func() { slot.Close(); close(released) })
+				defer func() { <-released }()
+			} else {
+				defer slot.Close()
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			start := time.Now()
+			stopped, err := stop(ctx, dir, nil, isSpareShim)
+			if len(stopped) != 0 {
+				t.Errorf("Stop stopped %+v", stopped)
+			}
+			if c.release > 0 {
+				if err != nil || time.Since(start) < c.release {
+					t.Errorf("Stop = %v after %s; want nil once the slot was given up after %s", err, time.Since(start), c.release)
+				}
+			} else if err == nil || !strings.Contains(err.Error(), slot.path) || !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("Stop = %v; want an error naming the slot held by a process that is no spare shim", err)
+			}
+			time.Sleep(100 * time.Millisecond)
+			if !alive(other.Process.Pid) {
+				t.Error("Stop signalled a process that is no spare shim")
+			}
+		})
 	}
 }
