@@ -7,6 +7,7 @@ package guestmem
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -25,6 +26,8 @@ type mapping struct {
 	gpa      uint64
 	size     uint64
 	userAddr uint64
+	// below is how much RAM the guest may hold at lower addresses, as a grant counts it (Grant.below).
+	below uint64
 	// whole is the full mmap'ed range (it may start before the region when MmapOffset is not page aligned);
 	// data is the region itself.
 	whole []byte
@@ -34,16 +37,72 @@ type mapping struct {
 // Memory is guest RAM mapped into this process. Safe for concurrent reads/writes of distinct bytes.
 // Slices handed out alias the mapping and must not be used after Close.
 type Memory struct {
-	maps []mapping
+	maps  []mapping
+	grant *Grant
 }
 
-// ErrOutOfRange is wrapped by errors for addresses that are not inside one mapped region.
+// ErrOutOfRange is wrapped by errors for addresses that are not inside one mapped region, or not inside the part
+// of guest RAM granted (Grant).
 var ErrOutOfRange = errors.New("address range outside guest memory")
+
+// Grant is how much of its RAM a guest was given, for a VM whose RAM is larger than what its kernel may use: one
+// booted with less (mem=) whose memory is added later, block by block, lowest address first. Memory hands out
+// only the lowest Bytes of RAM, counted over the mapped regions by guest address; where a gap between regions
+// spans a block boundary, a block more (firmware keeps the end of a region's RAM, and the guest skips that partial
+// block). Without it a guest could point buffers anywhere in RAM it was never given and have this process fault
+// in, and be charged for, every page of it. A grant only grows. Safe for concurrent use.
+type Grant struct {
+	bytes atomic.Uint64
+	block uint64
+}
+
+// NewGrant is a grant of bytes of RAM, in a guest that adds memory in blocks of block bytes (a power of two).
+func NewGrant(bytes, block uint64) *Grant {
+	g := &Grant{block: max(block, 1)}
+	g.bytes.Store(bytes)
+	return g
+}
+
+// Raise grants bytes of RAM, if that is more than before.
+func (g *Grant) Raise(bytes uint64) {
+	for {
+		old := g.bytes.Load()
+		if bytes <= old || g.bytes.CompareAndSwap(old, bytes) {
+			return
+		}
+	}
+}
+
+// Bytes is the RAM granted.
+func (g *Grant) Bytes() uint64 { return g.bytes.Load() }
+
+// below is how much RAM a guest may hold at addresses lower than region r of regions, as the grant counts it:
+// the lower regions' sizes, less a block for each gap between them (and r) that spans a block boundary.
+func (g *Grant) below(r mapping, regions []mapping) uint64 {
+	var ram, gaps uint64
+	for _, lower := range regions {
+		if lower.gpa >= r.gpa {
+			continue
+		}
+		ram += lower.size
+		// The next region above this one starts in another block: the guest skips the block this one ends in.
+		next := r.gpa
+		for _, o := range regions {
+			if o.gpa > lower.gpa && o.gpa < next {
+				next = o.gpa
+			}
+		}
+		if (lower.gpa+lower.size-1)/g.block != next/g.block {
+			gaps++
+		}
+	}
+	return ram - min(ram, gaps*g.block)
+}
 
 // Map maps every region (read-write, shared) and closes every region's FD, also on failure. Each region's file
 // must be sealed against shrinking (F_SEAL_SHRINK, set by QEMU's memory-backend-memfd unless seal=off) and hold
-// the whole region.
-func Map(regions []Region) (*Memory, error) {
+// the whole region. With a grant, only the part of RAM it grants is handed out (nil: all of it).
+func Map(regions []Region, grant *Grant) (*Memory, error) {
 	defer func() {
 		for _, r := range regions {
 			if r.FD >= 0 {
@@ -51,7 +110,7 @@ func Map(regions []Region) (*Memory, error) {
 			}
 		}
 	}()
-	m := &Memory{maps: make([]mapping, 0, len(regions))}
+	m := &Memory{maps: make([]mapping, 0, len(regions)), grant: grant}
 	for i, r := range regions {
 		if err := checkRegion(r, regions[:i]); err != nil {
 			m.Close()
@@ -64,6 +123,11 @@ func Map(regions []Region) (*Memory, error) {
 				i, r.GuestPhysAddr, r.Size, r.FD, err)
 		}
 		m.maps = append(m.maps, mp)
+	}
+	if grant != nil {
+		for i := range m.maps {
+			m.maps[i].below = grant.below(m.maps[i], m.maps)
+		}
 	}
 	return m, nil
 }
@@ -159,6 +223,10 @@ func (m *Memory) Slice(gpa uint64, n uint64) ([]byte, error) {
 		off := gpa - mp.gpa
 		if n > mp.size-off {
 			break
+		}
+		if m.grant != nil && mp.below+off+n > m.grant.Bytes() {
+			return nil, fmt.Errorf("guest range [%#x, +%#x) lies beyond the %d bytes of RAM granted: %w",
+				gpa, n, m.grant.Bytes(), ErrOutOfRange)
 		}
 		return mp.data[off : off+n : off+n], nil
 	}

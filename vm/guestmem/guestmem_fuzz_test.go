@@ -199,7 +199,7 @@ func FuzzMap(f *testing.F) {
 		for i, r := range rs {
 			regions[i] = r.Region
 		}
-		m, err := Map(regions)
+		m, err := Map(regions, nil)
 		for i, r := range rs {
 			if r.FD < 0 {
 				continue

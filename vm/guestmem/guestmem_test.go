@@ -38,13 +38,16 @@ const page = 4096
 
 // twoRegions maps 4 pages at gpa 0 (uva 0x7f0000000000) and 2 pages at gpa 0x100000 whose file data starts at
 // a non-page-aligned offset of 0x1010 (uva 0x7f1000000000).
-func twoRegions(t *testing.T) *Memory {
+func twoRegions(t *testing.T) *Memory { return twoRegionsGranted(t, nil) }
+
+// twoRegionsGranted is twoRegions with grant, the higher region given first as QEMU may.
+func twoRegionsGranted(t *testing.T, grant *Grant) *Memory {
 	t.Helper()
 	m, err := Map([]Region{
-		{GuestPhysAddr: 0, Size: 4 * page, UserAddr: 0x7f0000000000, FD: memfd(t, 4*page, 0)},
 		{GuestPhysAddr: 0x100000, Size: 2 * page, UserAddr: 0x7f1000000000, MmapOffset: 0x1010,
 			FD: memfd(t, 4*page, 100)},
-	})
+		{GuestPhysAddr: 0, Size: 4 * page, UserAddr: 0x7f0000000000, FD: memfd(t, 4*page, 0)},
+	}, grant)
 	if err != nil {
 		t.Fatalf("Map: %v", err)
 	}
@@ -101,6 +104,82 @@ func TestSliceTranslatesAndBoundsChecks(t *testing.T) {
 	}
 }
 
+// A grant hands out the lowest RAM it grants, counted over the regions by address, with a block more past a gap
+// that spans a block boundary; what lies beyond is refused until the grant is raised.
+func TestSliceHonoursGrant(t *testing.T) {
+	grant := NewGrant(page, page/2)
+	m := twoRegionsGranted(t, grant)
+	// The gap between the regions spans blocks of half a page: region 1 counts from 4 pages less half a page.
+	tests := []struct {
+		name  string
+		grant uint64
+		gpa   uint64
+		n     uint64
+		ok    bool
+	}{
+		{"inside the grant", page, 0, page, true},
+		{"past the grant", page, page, 1, false},
+		{"crosses the grant", page, page - 8, 16, false},
+		{"the next region, ungranted", page, 0x100000, 1, false},
+		{"the lower region, whole, once raised", 4 * page, 0, 4 * page, true},
+		{"the next region, a block less counted below it", 4 * page, 0x100000, page / 2, true},
+		{"the next region, past the grant", 4 * page, 0x100000, page/2 + 1, false},
+		{"the next region, once raised", 4*page + page + page/2, 0x100000, 2 * page, true},
+		{"a lower grant does not take it back", page, 0x100000, 2 * page, true},
+		{"past everything mapped", ^uint64(0), 0x100000 + 2*page, 1, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			grant.Raise(tt.grant)
+			_, err := m.Slice(tt.gpa, tt.n)
+			if tt.ok && err != nil {
+				t.Fatalf("Slice(%#x, %#x) with %d granted: %v", tt.gpa, tt.n, grant.Bytes(), err)
+			}
+			if !tt.ok && !errors.Is(err, ErrOutOfRange) {
+				t.Fatalf("Slice(%#x, %#x) with %d granted = %v; want ErrOutOfRange", tt.gpa, tt.n, grant.Bytes(), err)
+			}
+		})
+	}
+}
+
+// What a grant counts below each region of the layouts QEMU gives a vhost-user back end (128 MiB blocks).
+func TestGrantCountsRAMBelowEachRegion(t *testing.T) {
+	const mib, block = 1 << 20, 128 << 20
+	for _, tc := range []struct {
+		name    string
+		regions []mapping
+		want    []uint64
+	}{
+		{
+			// QEMU 7.2's microvm with 8320 MiB: the legacy hole inside block 0, then 3 GiB, then the rest above 4 GiB.
+			name: "microvm",
+			regions: []mapping{{gpa: 0, size: 0xf0000}, {gpa: 0x100000, size: 0xbff00000},
+				{gpa: 0x100000000, size: 0x148000000}},
+			want: []uint64{0, 0xf0000, 0xf0000 + 0xbff00000 - block},
+		},
+		{
+			// q35: 2 GiB low, whose last block SeaBIOS's tables spoil for the guest, the rest above 4 GiB.
+			name:    "q35, regions out of order",
+			regions: []mapping{{gpa: 0x100000000, size: 6272 * mib}, {gpa: 0, size: 0xa0000}, {gpa: 0xc0000, size: 2048*mib - 0xc0000}},
+			want:    []uint64{0xa0000 + 2048*mib - 0xc0000 - block, 0, 0xa0000},
+		},
+		{
+			name:    "one region",
+			regions: []mapping{{gpa: 0, size: 256 * mib}},
+			want:    []uint64{0},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := NewGrant(0, block)
+			for i, r := range tc.regions {
+				if got := g.below(r, tc.regions); got != tc.want[i] {
+					t.Errorf("region %d at %#x: %#x below, want %#x", i, r.gpa, got, tc.want[i])
+				}
+			}
+		})
+	}
+}
+
 func TestSliceAliasesSharedMemory(t *testing.T) {
 	fd := memfd(t, page, 0)
 	other, err := unix.Dup(fd)
@@ -108,7 +187,7 @@ func TestSliceAliasesSharedMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(other)
-	m, err := Map([]Region{{GuestPhysAddr: 0x1000, Size: page, FD: fd}})
+	m, err := Map([]Region{{GuestPhysAddr: 0x1000, Size: page, FD: fd}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +230,7 @@ func TestGuestAddrFromUser(t *testing.T) {
 
 func TestMapClosesFDs(t *testing.T) {
 	fd := memfd(t, page, 0)
-	m, err := Map([]Region{{Size: page, FD: fd}})
+	m, err := Map([]Region{{Size: page, FD: fd}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +278,7 @@ func TestMapRejectsBadTablesAndClosesFDs(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			a, b := memfd(t, page, 0), memfd(t, page, 0)
-			m, err := Map(tt.regions(a, b))
+			m, err := Map(tt.regions(a, b), nil)
 			if err == nil {
 				m.Close()
 				t.Fatal("Map succeeded")

@@ -81,7 +81,7 @@ func TestMapRequiresMemoryThatCannotShrink(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			fd := tt.fd(t)
-			m, err := Map([]Region{{Size: tt.size, MmapOffset: tt.off, FD: fd}})
+			m, err := Map([]Region{{Size: tt.size, MmapOffset: tt.off, FD: fd}}, nil)
 			if fdOpen(fd) {
 				t.Errorf("fd %d still open after Map", fd)
 			}
@@ -117,7 +117,7 @@ func TestSealedMemoryCannotBeShrunkUnderTheMapping(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(other)
-	m, err := Map([]Region{{Size: 4 * page, FD: fd}})
+	m, err := Map([]Region{{Size: 4 * page, FD: fd}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/kiln-runtime/kiln/vm"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/child"
+	"github.com/kiln-runtime/kiln/vm/guestmem"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
 
@@ -95,6 +96,9 @@ type Machine struct {
 	memMu     sync.Mutex
 	guestMiB  int
 	hostExtra int64
+	// grant bounds the guest RAM Kiln's vsock device reaches to what the guest was given (guestMiB), for a VM
+	// whose RAM is larger; nil otherwise.
+	grant *guestmem.Grant
 
 	exited  chan struct{} // closed when QEMU has exited (or Start failed before running it)
 	cleaned chan struct{} // closed when host resources are released
@@ -153,7 +157,7 @@ func New(cfg Config) (*Machine, error) {
 		}
 		cfg.TSCkHz = khz
 	}
-	return &Machine{
+	m := &Machine{
 		cfg:         cfg,
 		paths:       pathsFor(cfg.StateRoot, cfg.ID),
 		log:         cfg.Log.WithField("vm", cfg.ID),
@@ -161,7 +165,11 @@ func New(cfg Config) (*Machine, error) {
 		guestMiB:    cfg.MemoryMiB,
 		exited:      make(chan struct{}),
 		cleaned:     make(chan struct{}),
-	}, nil
+	}
+	if cfg.MaxMemoryMiB > cfg.MemoryMiB {
+		m.grant = guestmem.NewGrant(uint64(cfg.MemoryMiB)<<20, config.MemoryBlockMiB<<20)
+	}
+	return m, nil
 }
 
 // ID implements vm.Machine.
@@ -328,7 +336,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	case m.cfg.Vsock == VsockKernel:
 		vs, err = openKernelVsock(KernelVsockDevice)
 	case m.cfg.Vsock == VsockVhostUser || m.cfg.Vsock == "":
-		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.log)
+		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.grant, m.log)
 	default:
 		err = fmt.Errorf("unknown vsock mode %q", m.cfg.Vsock)
 	}

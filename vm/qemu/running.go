@@ -196,7 +196,8 @@ func (m *Machine) AllowHostMemory(extra int64) error {
 	return nil
 }
 
-// GrowGuestMemory makes room for the guest's memory to grow to mib MiB: the VM's cgroup holds it from now on.
+// GrowGuestMemory makes room for the guest's memory to grow to mib MiB: the VM's cgroup holds it, and Kiln's vsock
+// device reaches it, from now on.
 // The guest adds it itself (its agent's AddMemory), next. It refuses more than Config.MaxMemoryMiB, and keeps the
 // room as it is for no more than it has.
 func (m *Machine) GrowGuestMemory(mib int) error {
@@ -213,6 +214,9 @@ func (m *Machine) GrowGuestMemory(mib int) error {
 		return err
 	}
 	m.guestMiB = mib
+	if m.grant != nil {
+		m.grant.Raise(uint64(mib) << 20)
+	}
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/vm/guestmem"
 	"github.com/kiln-runtime/kiln/vm/vhostuser"
 	"github.com/kiln-runtime/kiln/vm/vsock"
 )
@@ -57,7 +58,8 @@ type vhostUserVsock struct {
 
 // startVhostUserVsock creates the device and serves QEMU's connection until ctx ends. The backend insists on guest
 // RAM that cannot shrink under its mapping: QEMU's sealed memfd, or a clone's sealed copy of its template's RAM.
-func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, log *logrus.Entry) (*vhostUserVsock, error) {
+// A grant bounds the RAM the device reaches (nil: all of it).
+func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, grant *guestmem.Grant, log *logrus.Entry) (*vhostUserVsock, error) {
 	dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: udsPath}, log)
 	if err != nil {
 		return nil, fmt.Errorf("vsock device: %w", err)
@@ -69,7 +71,7 @@ func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, log *l
 	}
 	go func() {
 		defer l.Close()
-		if err := vhostuser.Serve(ctx, l, dev, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
+		if err := vhostuser.Serve(ctx, l, dev, nil, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
 			log.WithError(err).Warn("vhost-user vsock backend stopped")
 		}
 	}()

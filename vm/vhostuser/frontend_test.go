@@ -44,7 +44,7 @@ func startServe(t *testing.T, ctx context.Context, dev Device) (*fakeFrontend, <
 	}
 	t.Cleanup(func() { l.Close() })
 	errc := make(chan error, 1)
-	go func() { errc <- Serve(ctx, l, dev, nil) }()
+	go func() { errc <- Serve(ctx, l, dev, nil, nil) }()
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)

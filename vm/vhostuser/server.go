@@ -15,6 +15,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/vm/guestmem"
 	"github.com/kiln-runtime/kiln/vm/virtqueue"
 )
 
@@ -47,8 +48,9 @@ const RingFeatures = FeatureRingIndirectDesc | FeatureRingEventIdx
 
 // Serve accepts exactly one frontend connection on l and serves dev until the frontend disconnects or ctx is
 // done. It returns nil on an orderly disconnect and ctx's error when ctx ends the session. The device is
-// stopped and guest memory unmapped before Serve returns. l stays open; it belongs to the caller.
-func Serve(ctx context.Context, l *net.UnixListener, dev Device, log *logrus.Entry) error {
+// stopped and guest memory unmapped before Serve returns. l stays open; it belongs to the caller. A grant bounds
+// the guest RAM the device's queues may reach (guestmem.Grant); nil, all of it.
+func Serve(ctx context.Context, l *net.UnixListener, dev Device, grant *guestmem.Grant, log *logrus.Entry) error {
 	if log == nil {
 		discard := logrus.New()
 		discard.SetOutput(io.Discard)
@@ -72,7 +74,7 @@ func Serve(ctx context.Context, l *net.UnixListener, dev Device, log *logrus.Ent
 	stopRead := context.AfterFunc(ctx, func() { conn.SetDeadline(past) })
 	defer stopRead()
 
-	s := newSession(dev, conn, log)
+	s := newSession(dev, grant, conn, log)
 	defer s.close()
 	log.Debug("vhost-user frontend connected")
 	for {

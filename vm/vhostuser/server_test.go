@@ -246,7 +246,7 @@ func TestServeStopsOnContext(t *testing.T) {
 			t.Fatal(err)
 		}
 		errc := make(chan error, 1)
-		go func() { errc <- Serve(ctx, l, newFakeDevice(), nil) }()
+		go func() { errc <- Serve(ctx, l, newFakeDevice(), nil, nil) }()
 		time.Sleep(20 * time.Millisecond)
 		cancel()
 		select {

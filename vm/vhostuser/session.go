@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/sirupsen/logrus"
 
@@ -21,6 +22,7 @@ type session struct {
 	acked      uint64 // SET_FEATURES
 	protoAcked uint64 // SET_PROTOCOL_FEATURES
 	mem        *guestmem.Memory
+	grant      *guestmem.Grant // bounds every mapping of mem; nil, none
 	rings      []*vring
 	queues     []*virtqueue.Queue // non-nil while the device runs
 	// stopped are the queues of the device's last run: one whose call eventfd write is still held (the front end
@@ -29,8 +31,8 @@ type session struct {
 	stopped []*virtqueue.Queue
 }
 
-func newSession(dev Device, w io.Writer, log *logrus.Entry) *session {
-	s := &session{dev: dev, w: w, log: log,
+func newSession(dev Device, grant *guestmem.Grant, w io.Writer, log *logrus.Entry) *session {
+	s := &session{dev: dev, grant: grant, w: w, log: log,
 		offered: dev.Features() | FeatureVersion1 | FeatureProtocolFeatures | RingFeatures}
 	for range dev.NumQueues() {
 		s.rings = append(s.rings, newVring())
@@ -184,12 +186,16 @@ func (s *session) setMemTable(m *message) error {
 	// The device must stop touching the old mapping before it goes away.
 	s.stopDevice()
 	s.unmap()
-	mem, err := guestmem.Map(grs)
+	mem, err := guestmem.Map(grs, s.grant)
 	if err != nil {
 		return fmt.Errorf("set memory table: %w", err)
 	}
 	s.mem = mem
-	s.log.WithField("regions", len(regions)).Debug("guest memory mapped")
+	layout := make([]string, len(regions))
+	for i, r := range regions {
+		layout[i] = fmt.Sprintf("%#x+%#x", r.guestAddr, r.size)
+	}
+	s.log.WithField("regions", strings.Join(layout, " ")).Debug("guest memory mapped")
 	return nil
 }
 

@@ -40,7 +40,7 @@ func newTestMemory(t *testing.T) *guestmem.Memory {
 	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_GROW|unix.F_SEAL_SHRINK|unix.F_SEAL_SEAL); err != nil {
 		t.Fatalf("seal memfd: %v", err)
 	}
-	mem, err := guestmem.Map([]guestmem.Region{{GuestPhysAddr: memBase, Size: memSize, UserAddr: 0x7f0000000000, FD: fd}})
+	mem, err := guestmem.Map([]guestmem.Region{{GuestPhysAddr: memBase, Size: memSize, UserAddr: 0x7f0000000000, FD: fd}}, nil)
 	if err != nil {
 		t.Fatalf("map: %v", err)
 	}

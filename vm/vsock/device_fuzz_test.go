@@ -185,7 +185,7 @@ func fuzzGuestMemory(t *testing.T) (*guestmem.Memory, []byte) {
 		t.Fatalf("seal memfd: %v", err)
 	}
 	mem, err := guestmem.Map([]guestmem.Region{{GuestPhysAddr: ringMemBase, Size: ringMemSize,
-		UserAddr: 0x7f0000000000, FD: fd}})
+		UserAddr: 0x7f0000000000, FD: fd}}, nil)
 	if err != nil {
 		t.Fatalf("map guest memory: %v", err)
 	}
