@@ -197,12 +197,14 @@ func (p *Pod) DeleteContainer(ctx context.Context, c *container.Container, force
 	if err != nil {
 		return e, err
 	}
-	p.forget(c.ID())
+	// The bundle goes first: an update's fit that finds it gone records nothing, and one that came before has
+	// its limits dropped by forget.
 	p.bundlesMu.Lock()
 	b := p.bundles[c.ID()]
 	delete(p.bundles, c.ID())
 	p.followOOMScoresLocked()
 	p.bundlesMu.Unlock()
+	p.forget(c.ID())
 	// First: the stand-in's root directory is the container's root file system, which the share unmounts.
 	if err := p.endStandIn(c.ID()); err != nil {
 		p.log.WithError(err).WithField("container", c.ID()).Warn("end the container's stand-in")

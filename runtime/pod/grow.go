@@ -84,6 +84,10 @@ func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, updat
 	defer p.growMu.Unlock()
 	var l containerLimits
 	if update {
+		// A container deleted meanwhile (DeleteContainer drops its bundle before its limits) must not be counted.
+		if p.bundleOf(id) == nil {
+			return fmt.Errorf("%w: container %s was deleted", errdefs.ErrNotFound, id)
+		}
 		l = p.limits[id]
 	}
 	l = limitsOf(r, l)

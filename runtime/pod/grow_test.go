@@ -11,6 +11,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/runtime/bundle"
 )
 
 type fakeMemoryVM struct {
@@ -201,8 +202,11 @@ func TestSameMachine(t *testing.T) {
 func TestFitLimits(t *testing.T) {
 	cfg := config.Default()
 	cfg.Hypervisor.BootVCPUs, cfg.Hypervisor.BootMemoryMiB = cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB
-	p := &Pod{cfg: cfg, vcpus: cfg.Hypervisor.VCPUs + 1, memMiB: 4096}
+	p := &Pod{cfg: cfg, vcpus: cfg.Hypervisor.VCPUs + 1, memMiB: 4096, bundles: map[string]*bundle.Bundle{}}
 	ctx := context.Background()
+	for i := range 7 {
+		p.bundles[fmt.Sprint("c", i)] = &bundle.Bundle{}
+	}
 	cpu := func(milli int64) *specs.LinuxResources {
 		return &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: ptr(milli * 100), Period: ptr(uint64(100000))}}
 	}
@@ -224,5 +228,14 @@ func TestFitLimits(t *testing.T) {
 	p.forget("c0")
 	if _, ok := p.limits["c0"]; ok || len(p.limits) != 6 {
 		t.Errorf("after forget: %v", p.limits)
+	}
+	// An update that comes after its container's delete took the bundle (DeleteContainer) records nothing.
+	delete(p.bundles, "c1")
+	p.forget("c1")
+	if err := p.Fit(ctx, "c1", mem, true); !errdefs.IsNotFound(err) {
+		t.Errorf("an update of a deleted container: %v, want NotFound", err)
+	}
+	if _, ok := p.limits["c1"]; ok {
+		t.Errorf("an update of a deleted container recorded %+v", p.limits["c1"])
 	}
 }
