@@ -56,8 +56,8 @@ $(TOOLS)/kiln-image: FORCE
 # fresh clone or `make clean` does not build the kernel again; `make clean-cache` removes it. KERNEL_NICE lowers the
 # build's priority. Then the initramfs (the agent as /init; the kernel has no modules to pack) and the agent image
 # (the same binary on an ext2 file system, which template guests map with DAX from virtio-pmem: see
-# docs/fast-start.md); kiln-image rewrites nothing whose content is unchanged, and all are reproducible byte for
-# byte.
+# docs/fast-start-log.md, session 19); kiln-image rewrites nothing whose content is unchanged, and all are
+# reproducible byte for byte.
 KERNEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache),$(OUT)/cache)/kiln
 KERNEL_NICE ?= 10
 image: $(BIN)/kiln-agent $(TOOLS)/kiln-image

@@ -13,7 +13,7 @@ import (
 // keep: protobuf's tables of every message (warmProtobuf), and those of the program's own libraries (extra,
 // Config.Warm). A clone inherits them with the template's memory. Built in each clone instead, on its first
 // pod's start path, that is reflection code translated and run anew in every clone under TCG: `kiln run` of
-// `busybox true` from a template took 60-90 ms longer (medians of interleaved runs, docs/fast-start.md, session
+// `busybox true` from a template took 60-90 ms longer (medians of interleaved runs, docs/fast-start-log.md, session
 // 13). Each template, and each clone's copy of it, holds about 0.9 MB more.
 func warmForClones(log *logrus.Entry, extra func() error) {
 	start := time.Now()

@@ -147,7 +147,7 @@ func newProcessIO(log *logrus.Entry, s *agentv1.Stdio, conns map[stdio.Stream]ne
 
 // outputPipeSize is the size of a process's stdout and stderr pipes. Under TCG every wake-up of the writer or of
 // the agent's copy is emulated work: with the kernel's 64 KiB a writer such as `dd bs=64k` blocks after each write
-// until the copy has read it, and stdout ran at 0.23 of runc's; at 1 MiB, 0.28 (docs/fast-start.md, session 27).
+// until the copy has read it, and stdout ran at 0.23 of runc's; at 1 MiB, 0.28 (docs/fast-start-log.md, session 27).
 // The kernel allocates a pipe's pages as they are written, so an idle process's pipes cost no more.
 const outputPipeSize = 1 << 20
 

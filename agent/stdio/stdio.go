@@ -28,7 +28,7 @@ const Port = agentv1.StdioPort
 
 // SocketBuffer is the vsock socket buffer of stdio connections, and so the window of output a process may
 // have in flight to the host (the host's vsock device offers as much). With Linux's default of 256 KiB a
-// container's stdout under TCG moved about 15% less (docs/fast-start.md, session 28). It bounds the input
+// container's stdout under TCG moved about 15% less (docs/fast-start-log.md, session 28). It bounds the input
 // waiting in the guest's kernel for a process that does not read its stdin, too.
 const SocketBuffer = 1 << 20
 

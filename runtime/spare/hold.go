@@ -16,7 +16,7 @@ import (
 
 // A task's `start` that finds no spare ready starts the task's shim server itself, whose VM then boots beside the
 // spares still booting. Under TCG a booting spare delays that start even at the lowest CPU weight, because it
-// takes every moment the start leaves a core idle (docs/fast-start.md, session 24). So `start` holds the booting
+// takes every moment the start leaves a core idle (docs/fast-start-log.md, session 24). So `start` holds the booting
 // spares (Hold): each stops its VM's programs until the task's start is over (the server lets go, Held.Release),
 // the server is gone (the kernel closes its end), or the spare has stood still for MaxHold in all.
 

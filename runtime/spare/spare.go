@@ -1,7 +1,7 @@
 // Package spare keeps, for each containerd, shim servers started ahead of demand (one by default, a pool of up to
 // config.MaxSparePool): each holds a pod booted (from its template when there is one) and warmed by a throwaway
 // container, and the next task's `start` hands one of them that task instead of starting a server
-// (docs/fast-start.md, sessions 14 and 23). This package is the slots such spares wait in, the hand-over between
+// (docs/fast-start-log.md, sessions 14 and 23). This package is the slots such spares wait in, the hand-over between
 // `start` and a spare, and the holds a `start` that finds none ready puts on the spares still booting (hold.go,
 // session 25); what a spare holds is runtime/task's and runtime/pod's.
 package spare

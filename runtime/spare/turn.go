@@ -15,7 +15,7 @@ import (
 // containerd's pool they fill. A burst of tasks that takes a pool's spares spawns a spare for every slot
 // it emptied, and all of them used to boot together once their spawners' starts were over: under TCG, ten VMs
 // warming on two cores took 22-31 s each, near the agent's 30 s request timeout, and no spare was ready until
-// nearly all were (7 s after make bench's burst of ten; docs/fast-start.md, sessions 28 and 29). In turns the
+// nearly all were (7 s after make bench's burst of ten; docs/fast-start-log.md, sessions 28 and 29). In turns the
 // first is ready after one boot, and the others follow on CPU their VMs do not fight over.
 
 // turnPoll is how often a spare waiting for its turn looks for a free one.

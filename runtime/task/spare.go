@@ -179,7 +179,7 @@ func spareTurn(ctx context.Context, log *logrus.Entry, turn func(context.Context
 // spareBootAttempts is how many VMs a spare shim boots and warms before it gives up. It boots at the lowest
 // priority while tasks start beside it, and under TCG a burst of tasks with a pool refilling beside it can hold
 // a warm-up's request past agent.request_timeout: make bench's pool of 10, its nine spares warming at once
-// behind ten pods, lost one that way (docs/fast-start.md, session 28), and its slot stayed empty until the next
+// behind ten pods, lost one that way (docs/fast-start-log.md, session 28), and its slot stayed empty until the next
 // task's start. Spares now boot in turns (spare.WaitTurn), but a host loaded otherwise can still hold one that
 // long. Another VM boots once the load is over; a fault that persists fails each attempt, and the spare leaves
 // as before.

@@ -39,7 +39,7 @@ type muxerConfig struct {
 // a guest may have in flight. Linux caps a socket's send window at its own buffer as well (256 KiB unless the
 // socket asks for more), so a guest stream fills this one only if its socket is as large, as the agent's stdio
 // sockets are (agent/stdio.SocketBuffer). With 1 MiB against 256 KiB, a container's stdout under TCG, its
-// 1 MiB pipe drained by the agent into the stream, moved about 15% more (docs/fast-start.md, session 28). The
+// 1 MiB pipe drained by the agent into the stream, moved about 15% more (docs/fast-start-log.md, session 28). The
 // host's buffer for a connection grows with its backlog (ring), so a larger window costs nothing while the host
 // side keeps up.
 const defaultBufAlloc = 1 << 20
