@@ -1,8 +1,10 @@
 package guestmem
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -142,9 +144,9 @@ func mappable(rs []fuzzRegion) bool {
 }
 
 // FuzzMap maps fuzzed region layouts from real memfds and checks Map against a model of what it must accept,
-// then fuzzed lookups against a model of address translation: an accepted range lies inside one region and shows
-// that region's file at the right offset (reads and writes), anything else is ErrOutOfRange, and Map closes
-// every region's file whatever happens.
+// then fuzzed lookups against a model of address translation: an accepted range lies inside one region and, with
+// a grant, inside the RAM granted, and shows that region's file at the right offset (reads and writes), anything
+// else is ErrOutOfRange, and Map closes every region's file whatever happens.
 func FuzzMap(f *testing.F) {
 	region := func(flags byte, gpa, size, uva, off uint16, slack byte) []byte {
 		b := []byte{flags, 0, 0, 0, 0, 0, 0, 0, 0, slack}
@@ -190,16 +192,23 @@ func FuzzMap(f *testing.F) {
 		cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzSealed, 0x100, 0, 0x100, 0, 0)),
 		cat(region(fuzzSealed, 0, 0x1000, 0, 0, 0), region(fuzzBadFD, 0x100, 0x1000, 0x100, 0, 0)),
 	}
-	for _, s := range seeds {
-		f.Add(s, everyQuery)
+	for i, s := range seeds {
+		f.Add(s, everyQuery, uint32(0))
+		// A grant of 0x40*16 bytes in blocks of 1<<(4+i%8).
+		f.Add(s, everyQuery, uint32(i%8)<<16|0x40)
 	}
-	f.Fuzz(func(t *testing.T, layout, queries []byte) {
+	f.Fuzz(func(t *testing.T, layout, queries []byte, grantBits uint32) {
 		rs := decodeFuzzRegions(t, layout)
 		regions := make([]Region, len(rs))
 		for i, r := range rs {
 			regions[i] = r.Region
 		}
-		m, err := Map(regions, nil)
+		// The low 16 bits grant that many 16-byte units (0: no grant), the next 4 a block of 1<<(4+n) bytes.
+		var grant *Grant
+		if units := uint64(grantBits & 0xffff); units > 0 {
+			grant = NewGrant(units*16, 1<<(4+grantBits>>16&0xf))
+		}
+		m, err := Map(regions, grant)
 		for i, r := range rs {
 			if r.FD < 0 {
 				continue
@@ -225,13 +234,31 @@ func FuzzMap(f *testing.F) {
 			t.Fatalf("Map accepted an invalid layout %+v", rs)
 		}
 		for q := 0; len(queries) >= fuzzQueryLen && q < fuzzMaxQuery; q, queries = q+1, queries[fuzzQueryLen:] {
-			checkFuzzQuery(t, m, rs, queries[:fuzzQueryLen])
+			checkFuzzQuery(t, m, rs, grant, queries[:fuzzQueryLen])
 		}
 	})
 }
 
-// checkFuzzQuery runs one lookup and checks it against the regions.
-func checkFuzzQuery(t *testing.T, m *Memory, rs []fuzzRegion, b []byte) {
+// grantedBelow models what a grant counts below region i of rs: the RAM of the regions under it in address order,
+// less a block for each step from one of them to the next region up that crosses into another block.
+func grantedBelow(rs []fuzzRegion, i int, block uint64) uint64 {
+	byAddr := slices.Clone(rs)
+	slices.SortFunc(byAddr, func(a, b fuzzRegion) int { return cmp.Compare(a.GuestPhysAddr, b.GuestPhysAddr) })
+	var ram, spoiled uint64
+	for k, r := range byAddr {
+		if r.GuestPhysAddr == rs[i].GuestPhysAddr {
+			break
+		}
+		ram += r.Size
+		if (r.GuestPhysAddr+r.Size-1)/block != byAddr[k+1].GuestPhysAddr/block {
+			spoiled += block
+		}
+	}
+	return ram - min(ram, spoiled)
+}
+
+// checkFuzzQuery runs one lookup and checks it against the regions and the grant (nil: none).
+func checkFuzzQuery(t *testing.T, m *Memory, rs []fuzzRegion, grant *Grant, b []byte) {
 	t.Helper()
 	var base fuzzRegion
 	if len(rs) > 0 {
@@ -247,6 +274,10 @@ func checkFuzzQuery(t *testing.T, m *Memory, rs []fuzzRegion, b []byte) {
 		gpa := base.GuestPhysAddr + uint64(off)
 		got, err := m.Slice(gpa, n)
 		i, inside := findRange(rs, gpa, n, func(r fuzzRegion) uint64 { return r.GuestPhysAddr })
+		if inside && grant != nil {
+			// Inside a region, so none of these sums can wrap.
+			inside = grantedBelow(rs, i, grant.block)+gpa-rs[i].GuestPhysAddr+n <= grant.Bytes()
+		}
 		if !inside {
 			if err == nil || !errors.Is(err, ErrOutOfRange) {
 				t.Fatalf("Slice(%#x, %#x) = %d bytes, %v; want ErrOutOfRange", gpa, n, len(got), err)
