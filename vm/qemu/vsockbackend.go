@@ -71,7 +71,7 @@ func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, grant 
 	}
 	go func() {
 		defer l.Close()
-		if err := vhostuser.Serve(ctx, l, dev, nil, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
+		if err := vhostuser.Serve(ctx, l, dev, grant, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
 			log.WithError(err).Warn("vhost-user vsock backend stopped")
 		}
 	}()

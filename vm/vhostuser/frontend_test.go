@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kiln-runtime/kiln/vm/guestmem"
 	"github.com/kiln-runtime/kiln/vm/virtqueue"
 )
 
@@ -37,6 +38,12 @@ func feData(i int) uint64  { return 0x40000 + uint64(0x1000*i) }
 // startServe runs Serve on a fresh socket and connects a fake frontend to it.
 func startServe(t *testing.T, ctx context.Context, dev Device) (*fakeFrontend, <-chan error) {
 	t.Helper()
+	return startServeGranted(t, ctx, dev, nil)
+}
+
+// startServeGranted is startServe with Serve bounded by grant.
+func startServeGranted(t *testing.T, ctx context.Context, dev Device, grant *guestmem.Grant) (*fakeFrontend, <-chan error) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "vu.sock")
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
@@ -44,7 +51,7 @@ func startServe(t *testing.T, ctx context.Context, dev Device) (*fakeFrontend, <
 	}
 	t.Cleanup(func() { l.Close() })
 	errc := make(chan error, 1)
-	go func() { errc <- Serve(ctx, l, dev, nil, nil) }()
+	go func() { errc <- Serve(ctx, l, dev, grant, nil) }()
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/vm/guestmem"
 )
 
 func u64(v uint64) []byte { return encodeU64(v) }
@@ -123,6 +125,38 @@ func TestRingsEnabledWithoutProtocolFeatures(t *testing.T) {
 	f.mustAck(reqSetFeatures, u64(FeatureVersion1))
 	setupRings(t, f, [2]int{newEventfd(t), newEventfd(t)}, [2]int{newEventfd(t), newEventfd(t)})
 	dev.expect(t, "start")
+}
+
+// Serve's grant bounds the guest memory the device reaches through its queues: a buffer beyond it is refused,
+// nothing is written there and no chain is used.
+func TestGrantBoundsTheDevicesBuffers(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		granted uint64
+		filled  bool
+	}{
+		{"buffer granted", feData(1) + 64, true},
+		{"buffer beyond the grant", feData(1) + 63, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev := newFakeDevice()
+			f, _ := startServeGranted(t, context.Background(), dev, guestmem.NewGrant(tc.granted, 1<<12))
+			handshake(t, f)
+			f.mustAck(reqSetFeatures, u64(FeatureVersion1))
+			kicks := [2]int{newEventfd(t), newEventfd(t)}
+			setupRings(t, f, kicks, [2]int{newEventfd(t), newEventfd(t)})
+			dev.expect(t, "start")
+			dev.expect(t, "kick 0", "kick 1")
+			f.offerChain(1, 3, 1)
+			unix.Write(kicks[1], u64(1))
+			dev.expect(t, "kick 1")
+			got := string(f.mem[feData(1) : feData(1)+5])
+			if filled := got == "hello" && f.usedIdx(1) == 1; filled != tc.filled {
+				t.Errorf("with %#x granted, the buffer at %#x holds %q, used idx %d; want filled %v",
+					tc.granted, feData(1), got, f.usedIdx(1), tc.filled)
+			}
+		})
+	}
 }
 
 func TestSetCallWhileRunningIsFollowed(t *testing.T) {
