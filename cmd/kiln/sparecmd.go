@@ -71,8 +71,15 @@ func stopSpares(ctx context.Context, w io.Writer, exe string, purge bool) error 
 }
 
 // runsFrom says whether process pid runs the binary at path, also when the file was replaced or removed since
-// it started (a reinstall).
+// it started (a reinstall). A process on its way out has lost its executable (the kernel drops it with the
+// memory, before the files) and may still hold a slot: it counts, so that spare.Stop waits for that slot, which
+// it never signals.
 func runsFrom(pid int, path string) bool {
-	exe, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe")
-	return err == nil && strings.TrimSuffix(exe, " (deleted)") == path
+	dir := "/proc/" + strconv.Itoa(pid)
+	exe, err := os.Readlink(dir + "/exe")
+	if err != nil {
+		_, err := os.Stat(dir)
+		return err == nil
+	}
+	return strings.TrimSuffix(exe, " (deleted)") == path
 }
