@@ -62,12 +62,7 @@ func TestStartLooksOnlyForAssetsNotResolved(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			// This test is about the asset lookup: QEMU as root, no cgroup (TestReachable covers the user).
 			cfg, _ := startableConfig(t)
-			log := logrus.New()
-			log.SetOutput(io.Discard)
-			mc, err := ConfigFrom(cfg, "vm1", logrus.NewEntry(log))
-			if err != nil {
-				t.Fatal(err)
-			}
+			mc := quietConfig(t, cfg)
 			// QEMU stand-in: exits at once, so a Start that got past the asset check fails waiting for QMP.
 			mc.QEMU = "/bin/false"
 			mc.TSCkHz = 1
@@ -186,6 +181,18 @@ func TestStartFromTemplateFallsBackAndLeavesNothing(t *testing.T) {
 // startableConfig is a configuration whose VM's Start gets as far as starting QEMU: empty kernel and initrd files,
 // TCG, Kiln's vsock device, QEMU as root and no cgroup, and a state root of its own (returned too) with a short
 // path, since the VM's Unix socket paths must fit in sun_path.
+// quietConfig is the machine configuration of cfg for a VM "vm1" that logs nothing.
+func quietConfig(t *testing.T, cfg config.Config) Config {
+	t.Helper()
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	mc, err := ConfigFrom(cfg, "vm1", logrus.NewEntry(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mc
+}
+
 func startableConfig(t *testing.T) (config.Config, string) {
 	t.Helper()
 	dir := t.TempDir()

@@ -1,11 +1,6 @@
 package qemu
 
-import (
-	"io"
-	"testing"
-
-	"github.com/sirupsen/logrus"
-)
+import "testing"
 
 // The guest RAM Kiln's vsock device reaches is what the guest was given: the boot memory of a VM that may grow,
 // and what GrowGuestMemory added; all of it for a VM that may not grow.
@@ -25,12 +20,7 @@ func TestGrowGuestMemoryRaisesTheGrant(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, _ := startableConfig(t)
-			log := logrus.New()
-			log.SetOutput(io.Discard)
-			mc, err := ConfigFrom(cfg, "vm1", logrus.NewEntry(log))
-			if err != nil {
-				t.Fatal(err)
-			}
+			mc := quietConfig(t, cfg)
 			mc.TSCkHz = 1
 			mc.MemoryMiB, mc.MaxMemoryMiB = tc.boot, tc.max
 			m, err := New(mc)

@@ -14,6 +14,19 @@ import (
 
 func u64(v uint64) []byte { return encodeU64(v) }
 
+// runRings negotiates without protocol features (so that the rings start enabled), sets both rings up and waits
+// for dev to start and take their first kicks; it returns the kick eventfds.
+func runRings(t *testing.T, f *fakeFrontend, dev *fakeDevice) [2]int {
+	t.Helper()
+	handshake(t, f)
+	f.mustAck(reqSetFeatures, u64(FeatureVersion1))
+	kicks := [2]int{newEventfd(t), newEventfd(t)}
+	setupRings(t, f, kicks, [2]int{newEventfd(t), newEventfd(t)})
+	dev.expect(t, "start")
+	dev.expect(t, "kick 0", "kick 1")
+	return kicks
+}
+
 // handshake performs QEMU's realize-time negotiation and returns the offered features.
 func handshake(t *testing.T, f *fakeFrontend) uint64 {
 	t.Helper()
@@ -141,12 +154,7 @@ func TestGrantBoundsTheDevicesBuffers(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dev := newFakeDevice()
 			f, _ := startServeGranted(t, context.Background(), dev, guestmem.NewGrant(tc.granted, 1<<12))
-			handshake(t, f)
-			f.mustAck(reqSetFeatures, u64(FeatureVersion1))
-			kicks := [2]int{newEventfd(t), newEventfd(t)}
-			setupRings(t, f, kicks, [2]int{newEventfd(t), newEventfd(t)})
-			dev.expect(t, "start")
-			dev.expect(t, "kick 0", "kick 1")
+			kicks := runRings(t, f, dev)
 			f.offerChain(1, 3, 1)
 			unix.Write(kicks[1], u64(1))
 			dev.expect(t, "kick 1")
@@ -162,12 +170,7 @@ func TestGrantBoundsTheDevicesBuffers(t *testing.T) {
 func TestSetCallWhileRunningIsFollowed(t *testing.T) {
 	dev := newFakeDevice()
 	f, _ := startServe(t, context.Background(), dev)
-	handshake(t, f)
-	f.mustAck(reqSetFeatures, u64(FeatureVersion1))
-	kicks := [2]int{newEventfd(t), newEventfd(t)}
-	setupRings(t, f, kicks, [2]int{newEventfd(t), newEventfd(t)})
-	dev.expect(t, "start")
-	dev.expect(t, "kick 0", "kick 1")
+	kicks := runRings(t, f, dev)
 	call := newEventfd(t)
 	f.mustAck(reqSetVringCall, u64(0), call)
 	dev.expectNone(t) // no restart
