@@ -178,9 +178,6 @@ func TestStartFromTemplateFallsBackAndLeavesNothing(t *testing.T) {
 	}
 }
 
-// startableConfig is a configuration whose VM's Start gets as far as starting QEMU: empty kernel and initrd files,
-// TCG, Kiln's vsock device, QEMU as root and no cgroup, and a state root of its own (returned too) with a short
-// path, since the VM's Unix socket paths must fit in sun_path.
 // quietConfig is the machine configuration of cfg for a VM "vm1" that logs nothing.
 func quietConfig(t *testing.T, cfg config.Config) Config {
 	t.Helper()
@@ -193,6 +190,9 @@ func quietConfig(t *testing.T, cfg config.Config) Config {
 	return mc
 }
 
+// startableConfig is a configuration whose VM's Start gets as far as starting QEMU: empty kernel and initrd files,
+// TCG, Kiln's vsock device, QEMU as root and no cgroup, and a state root of its own (returned too) with a short
+// path, since the VM's Unix socket paths must fit in sun_path.
 func startableConfig(t *testing.T) (config.Config, string) {
 	t.Helper()
 	dir := t.TempDir()
