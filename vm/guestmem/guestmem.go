@@ -7,6 +7,8 @@ package guestmem
 import (
 	"errors"
 	"fmt"
+	"math/bits"
+	"sync"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -26,8 +28,6 @@ type mapping struct {
 	gpa      uint64
 	size     uint64
 	userAddr uint64
-	// below is how much RAM the guest may hold at lower addresses, as a grant counts it (Grant.below).
-	below uint64
 	// whole is the full mmap'ed range (it may start before the region when MmapOffset is not page aligned);
 	// data is the region itself.
 	whole []byte
@@ -46,20 +46,36 @@ type Memory struct {
 var ErrOutOfRange = errors.New("address range outside guest memory")
 
 // Grant is how much of its RAM a guest was given, for a VM whose RAM is larger than what its kernel may use: one
-// booted with less (mem=) whose memory is added later, block by block, lowest address first. Memory hands out
-// only the lowest Bytes of RAM, counted over the mapped regions by guest address; where a gap between regions
-// spans a block boundary, a block more (firmware keeps the end of a region's RAM, and the guest skips that partial
-// block). Without it a guest could point buffers anywhere in RAM it was never given and have this process fault
-// in, and be charged for, every page of it. A grant only grows. Safe for concurrent use.
+// booted with less (mem=) whose memory is added later, block by block. Memory hands out the blocks the guest
+// booted with, and as many more as were granted besides, whichever the guest reaches first: it counts blocks, not
+// where they are, so that neither the firmware's layout nor the order in which the guest adds blocks matters.
+// Without it a guest could point buffers anywhere in RAM it was never given and have this process fault in, and
+// be charged for, every page of it. A grant only grows. Safe for concurrent use.
 type Grant struct {
+	shift uint // log2 of the block size
 	bytes atomic.Uint64
-	block uint64
+	// reached has a bit for each block, by guest address, that Memory has handed out (or that the guest booted
+	// with); mu orders additions, which count keeps.
+	reached []atomic.Uint64
+	nblocks uint64 // below the RAM's end
+	mu      sync.Mutex
+	count   uint64
 }
 
-// NewGrant is a grant of bytes of RAM, in a guest that adds memory in blocks of block bytes (a power of two).
-func NewGrant(bytes, block uint64) *Grant {
-	g := &Grant{block: max(block, 1)}
-	g.bytes.Store(bytes)
+// NewGrant is a grant of boot bytes of RAM, the guest's from address 0 (its kernel's mem=), in a guest that adds
+// memory in blocks of block bytes (a power of two) and whose RAM lies below guest address end.
+func NewGrant(boot, block, end uint64) *Grant {
+	g := &Grant{shift: uint(bits.TrailingZeros64(max(block, 1)))}
+	g.bytes.Store(boot)
+	var blocks uint64
+	if end > 0 {
+		blocks = (end-1)>>g.shift + 1
+	}
+	g.reached, g.nblocks = make([]atomic.Uint64, (blocks+63)/64), blocks
+	for b := uint64(0); b < g.blocks(boot) && b < blocks; b++ {
+		g.reached[b/64].Or(1 << (b % 64))
+		g.count++
+	}
 	return g
 }
 
@@ -76,27 +92,41 @@ func (g *Grant) Raise(bytes uint64) {
 // Bytes is the RAM granted.
 func (g *Grant) Bytes() uint64 { return g.bytes.Load() }
 
-// below is how much RAM a guest may hold at addresses lower than region r of regions, as the grant counts it:
-// the lower regions' sizes, less a block for each gap between them (and r) that spans a block boundary.
-func (g *Grant) below(r mapping, regions []mapping) uint64 {
-	var ram, gaps uint64
-	for _, lower := range regions {
-		if lower.gpa >= r.gpa {
-			continue
-		}
-		ram += lower.size
-		// The next region above this one starts in another block: the guest skips the block this one ends in.
-		next := r.gpa
-		for _, o := range regions {
-			if o.gpa > lower.gpa && o.gpa < next {
-				next = o.gpa
-			}
-		}
-		if (lower.gpa+lower.size-1)/g.block != next/g.block {
-			gaps++
+// blocks is how many blocks bytes take, rounded up.
+func (g *Grant) blocks(bytes uint64) uint64 { return (bytes + 1<<g.shift - 1) >> g.shift }
+
+func (g *Grant) has(b uint64) bool { return g.reached[b/64].Load()&(1<<(b%64)) != 0 }
+
+// allows says whether the guest may reach [gpa, gpa+n), n > 0 and gpa+n not past 2^64, counting the blocks of it
+// the guest had not reached before against the grant.
+func (g *Grant) allows(gpa, n uint64) bool {
+	first, last := gpa>>g.shift, (gpa+n-1)>>g.shift
+	if last >= g.nblocks {
+		return false
+	}
+	reached := true
+	for b := first; b <= last && reached; b++ {
+		reached = g.has(b)
+	}
+	if reached {
+		return true
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var need uint64
+	for b := first; b <= last; b++ {
+		if !g.has(b) {
+			need++
 		}
 	}
-	return ram - min(ram, gaps*g.block)
+	if g.count+need > g.blocks(g.bytes.Load()) {
+		return false
+	}
+	for b := first; b <= last; b++ {
+		g.reached[b/64].Or(1 << (b % 64))
+	}
+	g.count += need
+	return true
 }
 
 // Map maps every region (read-write, shared) and closes every region's FD, also on failure. Each region's file
@@ -123,11 +153,6 @@ func Map(regions []Region, grant *Grant) (*Memory, error) {
 				i, r.GuestPhysAddr, r.Size, r.FD, err)
 		}
 		m.maps = append(m.maps, mp)
-	}
-	if grant != nil {
-		for i := range m.maps {
-			m.maps[i].below = grant.below(m.maps[i], m.maps)
-		}
 	}
 	return m, nil
 }
@@ -224,8 +249,8 @@ func (m *Memory) Slice(gpa uint64, n uint64) ([]byte, error) {
 		if n > mp.size-off {
 			break
 		}
-		if m.grant != nil && mp.below+off+n > m.grant.Bytes() {
-			return nil, fmt.Errorf("guest range [%#x, +%#x) lies beyond the %d bytes of RAM granted: %w",
+		if m.grant != nil && n > 0 && !m.grant.allows(gpa, n) {
+			return nil, fmt.Errorf("guest range [%#x, +%#x) reaches more RAM than the %d bytes granted: %w",
 				gpa, n, m.grant.Bytes(), ErrOutOfRange)
 		}
 		return mp.data[off : off+n : off+n], nil

@@ -1,10 +1,8 @@
 package guestmem
 
 import (
-	"cmp"
 	"encoding/binary"
 	"errors"
-	"slices"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -194,8 +192,8 @@ func FuzzMap(f *testing.F) {
 	}
 	for i, s := range seeds {
 		f.Add(s, everyQuery, uint32(0))
-		// A grant of 0x40*16 bytes in blocks of 1<<(4+i%8).
-		f.Add(s, everyQuery, uint32(i%8)<<16|0x40)
+		// A boot memory of 0x40*16 bytes, 0x20*16 more granted, in blocks of 1<<(4+i%8).
+		f.Add(s, everyQuery, uint32(i%8)<<16|0x20<<8|0x40)
 	}
 	f.Fuzz(func(t *testing.T, layout, queries []byte, grantBits uint32) {
 		rs := decodeFuzzRegions(t, layout)
@@ -203,10 +201,15 @@ func FuzzMap(f *testing.F) {
 		for i, r := range rs {
 			regions[i] = r.Region
 		}
-		// The low 16 bits grant that many 16-byte units (0: no grant), the next 4 a block of 1<<(4+n) bytes.
+		// The low byte is the boot memory in 16-byte units (0, and no more granted: no grant), the next what is
+		// granted besides, the next 4 bits a block of 1<<(4+n) bytes.
 		var grant *Grant
-		if units := uint64(grantBits & 0xffff); units > 0 {
-			grant = NewGrant(units*16, 1<<(4+grantBits>>16&0xf))
+		var model *grantModel
+		if boot, more := uint64(grantBits&0xff)*16, uint64(grantBits>>8&0xff)*16; boot+more > 0 {
+			shift := uint(4 + grantBits>>16&0xf)
+			grant = NewGrant(boot, 1<<shift, fuzzGrantEnd)
+			grant.Raise(boot + more)
+			model = newGrantModel(boot, boot+more, shift)
 		}
 		m, err := Map(regions, grant)
 		for i, r := range rs {
@@ -234,31 +237,55 @@ func FuzzMap(f *testing.F) {
 			t.Fatalf("Map accepted an invalid layout %+v", rs)
 		}
 		for q := 0; len(queries) >= fuzzQueryLen && q < fuzzMaxQuery; q, queries = q+1, queries[fuzzQueryLen:] {
-			checkFuzzQuery(t, m, rs, grant, queries[:fuzzQueryLen])
+			checkFuzzQuery(t, m, rs, model, queries[:fuzzQueryLen])
 		}
 	})
 }
 
-// grantedBelow models what a grant counts below region i of rs: the RAM of the regions under it in address order,
-// less a block for each step from one of them to the next region up that crosses into another block.
-func grantedBelow(rs []fuzzRegion, i int, block uint64) uint64 {
-	byAddr := slices.Clone(rs)
-	slices.SortFunc(byAddr, func(a, b fuzzRegion) int { return cmp.Compare(a.GuestPhysAddr, b.GuestPhysAddr) })
-	var ram, spoiled uint64
-	for k, r := range byAddr {
-		if r.GuestPhysAddr == rs[i].GuestPhysAddr {
-			break
-		}
-		ram += r.Size
-		if (r.GuestPhysAddr+r.Size-1)/block != byAddr[k+1].GuestPhysAddr/block {
-			spoiled += block
-		}
-	}
-	return ram - min(ram, spoiled)
+// fuzzGrantEnd bounds the guest addresses of the fuzzed grants' RAM: past every region that does not count down
+// from 2^64.
+const fuzzGrantEnd = 1<<23 + 1<<17
+
+// grantModel is what a Grant must allow: the boot memory's blocks, and any others the guest reaches first, as
+// long as they number no more than granted, below fuzzGrantEnd.
+type grantModel struct {
+	shift   uint
+	granted uint64 // blocks
+	reached map[uint64]bool
 }
 
-// checkFuzzQuery runs one lookup and checks it against the regions and the grant (nil: none).
-func checkFuzzQuery(t *testing.T, m *Memory, rs []fuzzRegion, grant *Grant, b []byte) {
+func newGrantModel(boot, granted uint64, shift uint) *grantModel {
+	g := &grantModel{shift: shift, reached: map[uint64]bool{}}
+	ceil := func(b uint64) uint64 { return (b + 1<<shift - 1) >> shift }
+	for b := range ceil(boot) {
+		g.reached[b] = true
+	}
+	g.granted = ceil(granted)
+	return g
+}
+
+// reach says whether [a, a+n), n > 0, may be reached, and records its blocks when it may.
+func (g *grantModel) reach(a, n uint64) bool {
+	var blocks []uint64
+	for b := a >> g.shift; b <= (a+n-1)>>g.shift; b++ {
+		if b >= (fuzzGrantEnd-1)>>g.shift+1 {
+			return false
+		}
+		if !g.reached[b] {
+			blocks = append(blocks, b)
+		}
+	}
+	if uint64(len(g.reached)+len(blocks)) > g.granted {
+		return false
+	}
+	for _, b := range blocks {
+		g.reached[b] = true
+	}
+	return true
+}
+
+// checkFuzzQuery runs one lookup and checks it against the regions and the grant's model (nil: no grant).
+func checkFuzzQuery(t *testing.T, m *Memory, rs []fuzzRegion, grant *grantModel, b []byte) {
 	t.Helper()
 	var base fuzzRegion
 	if len(rs) > 0 {
@@ -274,9 +301,8 @@ func checkFuzzQuery(t *testing.T, m *Memory, rs []fuzzRegion, grant *Grant, b []
 		gpa := base.GuestPhysAddr + uint64(off)
 		got, err := m.Slice(gpa, n)
 		i, inside := findRange(rs, gpa, n, func(r fuzzRegion) uint64 { return r.GuestPhysAddr })
-		if inside && grant != nil {
-			// Inside a region, so none of these sums can wrap.
-			inside = grantedBelow(rs, i, grant.block)+gpa-rs[i].GuestPhysAddr+n <= grant.Bytes()
+		if inside && grant != nil && n > 0 {
+			inside = grant.reach(gpa, n)
 		}
 		if !inside {
 			if err == nil || !errors.Is(err, ErrOutOfRange) {

@@ -2,6 +2,8 @@ package guestmem
 
 import (
 	"errors"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -104,12 +106,13 @@ func TestSliceTranslatesAndBoundsChecks(t *testing.T) {
 	}
 }
 
-// A grant hands out the lowest RAM it grants, counted over the regions by address, with a block more past a gap
-// that spans a block boundary; what lies beyond is refused until the grant is raised.
+// A grant hands out the blocks the guest booted with and as many more as it grants, whichever the guest reaches
+// first, wherever they lie; past that count nothing new, until the grant is raised.
 func TestSliceHonoursGrant(t *testing.T) {
-	grant := NewGrant(page, page/2)
+	const block = page / 2
+	// The guest booted with the first page (two blocks); the regions end below 0x100000+2 pages.
+	grant := NewGrant(page, block, 0x100000+2*page)
 	m := twoRegionsGranted(t, grant)
-	// The gap between the regions spans blocks of half a page: region 1 counts from 4 pages less half a page.
 	tests := []struct {
 		name  string
 		grant uint64
@@ -117,16 +120,18 @@ func TestSliceHonoursGrant(t *testing.T) {
 		n     uint64
 		ok    bool
 	}{
-		{"inside the grant", page, 0, page, true},
-		{"past the grant", page, page, 1, false},
-		{"crosses the grant", page, page - 8, 16, false},
-		{"the next region, ungranted", page, 0x100000, 1, false},
-		{"the lower region, whole, once raised", 4 * page, 0, 4 * page, true},
-		{"the next region, a block less counted below it", 4 * page, 0x100000, page / 2, true},
-		{"the next region, past the grant", 4 * page, 0x100000, page/2 + 1, false},
-		{"the next region, once raised", 4*page + page + page/2, 0x100000, 2 * page, true},
-		{"a lower grant does not take it back", page, 0x100000, 2 * page, true},
-		{"past everything mapped", ^uint64(0), 0x100000 + 2*page, 1, false},
+		{"the boot memory", page, 0, page, true},
+		{"a block more, none granted", page, page, 1, false},
+		{"the boot memory again", page, 8, 16, true},
+		{"one more block granted, reached high", page + block, 0x100000 + page, block, true},
+		{"that block again", page + block, 0x100000 + page + 8, 8, true},
+		{"the block below it, not granted", page + block, 0x100000, 1, false},
+		{"a range over a reached block and a new one, one granted", page + 2*block, 0x100000 + page - 8, 16, true},
+		{"two new blocks, one granted", page + 3*block, 2 * page, block + 1, false},
+		{"the same, two granted", page + 4*block, 2 * page, block + 1, true},
+		{"a zero-length slice claims nothing", page + 4*block, 3 * page, 0, true},
+		{"a lower grant does not take reached blocks back", page, 0x100000 + page, block, true},
+		{"and does not grant more", page, 3 * page, 1, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -142,41 +147,28 @@ func TestSliceHonoursGrant(t *testing.T) {
 	}
 }
 
-// What a grant counts below each region of the layouts QEMU gives a vhost-user back end (128 MiB blocks).
-func TestGrantCountsRAMBelowEachRegion(t *testing.T) {
-	const mib, block = 1 << 20, 128 << 20
-	for _, tc := range []struct {
-		name    string
-		regions []mapping
-		want    []uint64
-	}{
-		{
-			// QEMU 7.2's microvm with 8320 MiB: the legacy hole inside block 0, then 3 GiB, then the rest above 4 GiB.
-			name: "microvm",
-			regions: []mapping{{gpa: 0, size: 0xf0000}, {gpa: 0x100000, size: 0xbff00000},
-				{gpa: 0x100000000, size: 0x148000000}},
-			want: []uint64{0, 0xf0000, 0xf0000 + 0xbff00000 - block},
-		},
-		{
-			// q35: 2 GiB low, whose last block SeaBIOS's tables spoil for the guest, the rest above 4 GiB.
-			name:    "q35, regions out of order",
-			regions: []mapping{{gpa: 0x100000000, size: 6272 * mib}, {gpa: 0, size: 0xa0000}, {gpa: 0xc0000, size: 2048*mib - 0xc0000}},
-			want:    []uint64{0xa0000 + 2048*mib - 0xc0000 - block, 0, 0xa0000},
-		},
-		{
-			name:    "one region",
-			regions: []mapping{{gpa: 0, size: 256 * mib}},
-			want:    []uint64{0},
-		},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			g := NewGrant(0, block)
-			for i, r := range tc.regions {
-				if got := g.below(r, tc.regions); got != tc.want[i] {
-					t.Errorf("region %d at %#x: %#x below, want %#x", i, r.gpa, got, tc.want[i])
-				}
+// Concurrent first touches of new blocks never reach more blocks than granted.
+func TestGrantCountsConcurrentTouches(t *testing.T) {
+	const block = 16
+	grant := NewGrant(0, block, 64*block)
+	grant.Raise(10 * block)
+	var wg sync.WaitGroup
+	var allowed atomic.Int64
+	for b := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if grant.allows(uint64(b)*block, 1) {
+				allowed.Add(1)
 			}
-		})
+		}()
+	}
+	wg.Wait()
+	if got := allowed.Load(); got != 10 {
+		t.Errorf("%d blocks reached with 10 granted", got)
+	}
+	if grant.allows(64*block, 1) {
+		t.Error("a block past the grant's end was allowed")
 	}
 }
 

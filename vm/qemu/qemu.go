@@ -167,7 +167,8 @@ func New(cfg Config) (*Machine, error) {
 		cleaned:     make(chan struct{}),
 	}
 	if cfg.MaxMemoryMiB > cfg.MemoryMiB {
-		m.grant = guestmem.NewGrant(uint64(cfg.MemoryMiB)<<20, config.MemoryBlockMiB<<20)
+		// Its RAM lies below 4 GiB and from 4 GiB up (q35's and microvm's layouts).
+		m.grant = guestmem.NewGrant(uint64(cfg.MemoryMiB)<<20, config.MemoryBlockMiB<<20, 4<<30+uint64(cfg.ramMiB())<<20)
 	}
 	return m, nil
 }

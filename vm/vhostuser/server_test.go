@@ -140,20 +140,24 @@ func TestRingsEnabledWithoutProtocolFeatures(t *testing.T) {
 	dev.expect(t, "start")
 }
 
-// Serve's grant bounds the guest memory the device reaches through its queues: a buffer beyond it is refused,
-// nothing is written there and no chain is used.
+// Serve's grant bounds the guest memory the device reaches through its queues: a buffer in a block more than it
+// grants is refused, nothing is written there and no chain is used.
 func TestGrantBoundsTheDevicesBuffers(t *testing.T) {
+	// The rings lie in the first 0x8000 bytes, ring 1's data buffer in the block at feData(1).
+	const block = 0x1000
 	for _, tc := range []struct {
 		name    string
 		granted uint64
 		filled  bool
 	}{
-		{"buffer granted", feData(1) + 64, true},
-		{"buffer beyond the grant", feData(1) + 63, false},
+		{"one block more granted", 0x8000 + block, true},
+		{"none", 0x8000, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dev := newFakeDevice()
-			f, _ := startServeGranted(t, context.Background(), dev, guestmem.NewGrant(tc.granted, 1<<12))
+			grant := guestmem.NewGrant(0x8000, block, feMemSize)
+			grant.Raise(tc.granted)
+			f, _ := startServeGranted(t, context.Background(), dev, grant)
 			kicks := runRings(t, f, dev)
 			f.offerChain(1, 3, 1)
 			unix.Write(kicks[1], u64(1))
