@@ -63,9 +63,13 @@ type Grant struct {
 }
 
 // NewGrant is a grant of boot bytes of RAM, the guest's from address 0 (its kernel's mem=), in a guest that adds
-// memory in blocks of block bytes (a power of two) and whose RAM lies below guest address end.
+// memory in blocks of block bytes (a power of two) and whose RAM lies below guest address end; it keeps a bit for
+// each block below end.
 func NewGrant(boot, block, end uint64) *Grant {
-	g := &Grant{shift: uint(bits.TrailingZeros64(max(block, 1)))}
+	if block == 0 || block&(block-1) != 0 {
+		panic(fmt.Sprintf("guestmem: a grant's block of %d bytes is not a power of two", block))
+	}
+	g := &Grant{shift: uint(bits.TrailingZeros64(block))}
 	g.bytes.Store(boot)
 	var blocks uint64
 	if end > 0 {

@@ -2,6 +2,7 @@ package guestmem
 
 import (
 	"errors"
+	"math/bits"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -130,8 +131,8 @@ func TestSliceHonoursGrant(t *testing.T) {
 		{"two new blocks, one granted", page + 3*block, 2 * page, block + 1, false},
 		{"the same, two granted", page + 4*block, 2 * page, block + 1, true},
 		{"a zero-length slice claims nothing", page + 4*block, 3 * page, 0, true},
-		{"a lower grant does not take reached blocks back", page, 0x100000 + page, block, true},
-		{"and does not grant more", page, 3 * page, 1, false},
+		{"a lower grant takes nothing back", page, 2 * page, block + 1, true},
+		{"and grants nothing more", page, 3 * page, 1, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -147,28 +148,57 @@ func TestSliceHonoursGrant(t *testing.T) {
 	}
 }
 
-// Concurrent first touches of new blocks never reach more blocks than granted.
+// Concurrent first touches of new blocks never reach more blocks than granted, and nothing at or past the end the
+// grant was made for is handed out, even with blocks to spare.
 func TestGrantCountsConcurrentTouches(t *testing.T) {
 	const block = 16
 	grant := NewGrant(0, block, 64*block)
 	grant.Raise(10 * block)
 	var wg sync.WaitGroup
 	var allowed atomic.Int64
-	for b := range 64 {
+	for b := range 20 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if grant.allows(uint64(b)*block, 1) {
+			// Two blocks each, overlapping their neighbours'.
+			if grant.allows(uint64(b)*block+block/2, block) {
 				allowed.Add(1)
 			}
 		}()
 	}
 	wg.Wait()
-	if got := allowed.Load(); got != 10 {
-		t.Errorf("%d blocks reached with 10 granted", got)
+	var set int
+	for i := range grant.reached {
+		set += bits.OnesCount64(grant.reached[i].Load())
 	}
-	if grant.allows(64*block, 1) {
+	// Each range allowed reached at most two new blocks: at least five were allowed before ten were reached.
+	if got := allowed.Load(); got < 5 || grant.count > 10 || uint64(set) != grant.count {
+		t.Errorf("%d ranges allowed, %d blocks counted, %d marked, with 10 granted", got, grant.count, set)
+	}
+
+	end := NewGrant(0, block, 100*block+1) // 101 blocks, the last one partly below end
+	end.Raise(1 << 20)
+	if !end.allows(100*block, 1) {
+		t.Error("the block end lies in was refused")
+	}
+	if end.allows(101*block, 1) || end.allows(100*block+8, block) {
 		t.Error("a block past the grant's end was allowed")
+	}
+}
+
+// A region that crosses the grant's end is handed out below it only.
+func TestSliceStopsAtTheGrantsEnd(t *testing.T) {
+	grant := NewGrant(0, page/2, 0x100000+page)
+	grant.Raise(1 << 20)
+	m := twoRegionsGranted(t, grant)
+	if _, err := m.Slice(0x100000+page-8, 8); err != nil {
+		t.Errorf("below the end: %v", err)
+	}
+	if _, err := m.Slice(0x100000+page, 1); !errors.Is(err, ErrOutOfRange) {
+		t.Errorf("at the end: %v, want ErrOutOfRange", err)
+	}
+	if _, err := m.Slice(0x100000+page-8, 16); !errors.Is(err, ErrOutOfRange) {
+		t.Errorf("across the end: %v, want ErrOutOfRange", err)
 	}
 }
 

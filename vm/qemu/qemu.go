@@ -167,8 +167,9 @@ func New(cfg Config) (*Machine, error) {
 		cleaned:     make(chan struct{}),
 	}
 	if cfg.MaxMemoryMiB > cfg.MemoryMiB {
-		// Its RAM lies below 4 GiB and from 4 GiB up (q35's and microvm's layouts).
-		m.grant = guestmem.NewGrant(uint64(cfg.MemoryMiB)<<20, config.MemoryBlockMiB<<20, 4<<30+uint64(cfg.ramMiB())<<20)
+		// Its RAM lies below 4 GiB and from 4 GiB up, or from 1 TiB up (QEMU moves it there on AMD hosts when it
+		// would reach the HyperTransport hole): a bit for each block below 1 TiB + its RAM, about 1 KiB.
+		m.grant = guestmem.NewGrant(uint64(cfg.MemoryMiB)<<20, config.MemoryBlockMiB<<20, 1<<40+uint64(cfg.ramMiB())<<20)
 	}
 	return m, nil
 }
