@@ -406,10 +406,10 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		fds.agentImage = 3 + len(files)
 		files = append(files, img)
 	}
-	// kernelCopy is the kernel QEMU boots from a memfd (bootKernel): QEMU keeps the descriptor it inherits open,
+	// bootCopy is the kernel QEMU boots from a memfd (bootKernel): QEMU keeps the descriptor it inherits open,
 	// and with it the copy's pages. It has read them by the time it answers qmp_capabilities (dialQMP), which its
 	// main loop serves only once machine init, which loads the kernel, is done.
-	var kernelCopy *os.File
+	var bootCopy *os.File
 	if m.cfg.role == roleClone {
 		fds.incomingState = 3 + len(files)
 		files = append(files, m.incoming)
@@ -435,7 +435,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 			defer k.Close()
 			fds.kernel = 3 + len(files)
 			files = append(files, k)
-			kernelCopy = k
+			bootCopy = k
 		}
 	}
 
@@ -496,8 +496,8 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	if err != nil {
 		return fmt.Errorf("start vm %s: %w%s", m.cfg.ID, err, m.Diagnostics())
 	}
-	if kernelCopy != nil {
-		if err := kernelCopy.Truncate(0); err != nil {
+	if bootCopy != nil {
+		if err := bootCopy.Truncate(0); err != nil {
 			m.log.WithError(err).Debug("free the kernel's copy")
 		}
 	}
