@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/kiln-runtime/kiln/kernfs"
 )
 
 // GuestCPUs brings the guest's vCPUs online through sysfs: the VM has more than its kernel was booted with online
@@ -62,7 +64,7 @@ func (g *GuestCPUs) Add(n int) (int, error) {
 		if online[c] {
 			continue
 		}
-		if err := writeAttr(filepath.Join(dir, fmt.Sprintf("cpu%d", c), "online"), "1"); err != nil {
+		if err := kernfs.Write(filepath.Join(dir, fmt.Sprintf("cpu%d", c), "online"), "1"); err != nil {
 			return have, fmt.Errorf("add vCPUs: bring CPU %d online: %w", c, err)
 		}
 		have++

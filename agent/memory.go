@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/kiln-runtime/kiln/kernfs"
 )
 
 // GuestMemory grows the guest's memory through the kernel's memory hot-plug interface in sysfs: the VM has RAM
@@ -211,7 +213,7 @@ func absentBlocks(ranges []ramRange, bs uint64, blocks map[uint64]bool) []uint64
 // probe has the kernel add memory block n, of bs bytes, and says whether it has the block then. The kernel
 // refuses a block whose range another resource holds (EEXIST, and no block of that number): it is skipped.
 func (g *GuestMemory) probe(n, bs uint64) (bool, error) {
-	err := writeAttr(filepath.Join(g.dir(), "probe"), fmt.Sprintf("%#x", n*bs))
+	err := kernfs.Write(filepath.Join(g.dir(), "probe"), fmt.Sprintf("%#x", n*bs))
 	if errors.Is(err, fs.ErrExist) {
 		_, serr := os.Stat(filepath.Join(g.dir(), fmt.Sprintf("memory%d", n)))
 		return serr == nil, nil
@@ -228,21 +230,8 @@ func (g *GuestMemory) online(n uint64) error {
 	if b, err := os.ReadFile(state); err == nil && strings.TrimSpace(string(b)) == "online" {
 		return nil
 	}
-	if err := writeAttr(state, "online"); err != nil {
+	if err := kernfs.Write(state, "online"); err != nil {
 		return fmt.Errorf("add memory: bring memory block %d online: %w", n, err)
 	}
 	return nil
-}
-
-// writeAttr writes a sysfs attribute, which must exist (sysfs makes no files).
-func writeAttr(path, v string) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
-	if err != nil {
-		return err
-	}
-	_, err = f.WriteString(v)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/kernfs"
 )
 
 // Cgroup is a cgroup of Kiln's making that programs are started in (Config.Cgroup): a VM's QEMU and virtiofsd
@@ -136,7 +138,7 @@ func (c *Cgroup) writeLimit(bytes int64) error {
 	if c.v2 {
 		file = "memory.max"
 	}
-	return writeFile(filepath.Join(c.Path(), file), strconv.FormatInt(bytes, 10))
+	return kernfs.Write(filepath.Join(c.Path(), file), strconv.FormatInt(bytes, 10))
 }
 
 // SetLimit changes the cgroup's memory limit to limitBytes while its programs run.
@@ -170,7 +172,7 @@ func (c *Cgroup) Background(on bool) error {
 		if on {
 			weight = "1"
 		}
-		return writeFile(filepath.Join(c.dirs[0], "cpu.weight"), weight)
+		return kernfs.Write(filepath.Join(c.dirs[0], "cpu.weight"), weight)
 	}
 	for i, ctl := range c.ctls {
 		if ctl == "cpu" {
@@ -178,7 +180,7 @@ func (c *Cgroup) Background(on bool) error {
 			if on {
 				shares = "2"
 			}
-			return writeFile(filepath.Join(c.dirs[i], "cpu.shares"), shares)
+			return kernfs.Write(filepath.Join(c.dirs[i], "cpu.shares"), shares)
 		}
 	}
 	return nil
@@ -285,13 +287,13 @@ func (c *Cgroup) start(attr *syscall.SysProcAttr, start func() error) error {
 		for i := 0; i < entered; i++ {
 			// Going back into the cgroup the thread came from cannot fail short of that cgroup being removed
 			// under a running Kiln; then the hierarchy's root takes the thread.
-			if err := writeFile(filepath.Join(was[i], "tasks"), tid); err != nil {
-				_ = writeFile(filepath.Join(c.mounts[i], "tasks"), tid)
+			if err := kernfs.Write(filepath.Join(was[i], "tasks"), tid); err != nil {
+				_ = kernfs.Write(filepath.Join(c.mounts[i], "tasks"), tid)
 			}
 		}
 	}()
 	for _, d := range c.dirs {
-		if err := writeFile(filepath.Join(d, "tasks"), tid); err != nil {
+		if err := kernfs.Write(filepath.Join(d, "tasks"), tid); err != nil {
 			return fmt.Errorf("enter cgroup %s: %w", d, err)
 		}
 		entered++
@@ -447,16 +449,4 @@ func hasWord(s, w string) bool {
 		}
 	}
 	return false
-}
-
-func writeFile(p, v string) error {
-	f, err := os.OpenFile(p, os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	_, err = f.WriteString(v)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
