@@ -201,3 +201,62 @@ func TestConfigureNetworkNames(t *testing.T) {
 		t.Errorf("pod namespace devices (name: MAC) %v, want %v", got, macs)
 	}
 }
+
+// Routes through a gateway that only a link route reaches (Calico's and the AWS VPC CNI's 169.254.1.1 beside a
+// /32 address) and routes marked onlink are set up in the pod namespace as the host's namespace had them.
+func TestConfigureNetworkGatewayOnTheLink(t *testing.T) {
+	h := inNewNamespace(t)
+	path := filepath.Join(t.TempDir(), "pod")
+	t.Cleanup(func() { _ = unix.Unmount(path, unix.MNT_DETACH) })
+	p := New(path, logrus.NewEntry(logrus.StandardLogger()))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	mac := net.HardwareAddr{0x02, 0x4b, 0x69, 0x6c, 0x6e, 0x31}
+	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0", HardwareAddr: mac}, PeerName: "peer0"}); err != nil {
+		t.Fatal(err)
+	}
+	req := &agentv1.ConfigureNetworkRequest{
+		Interfaces: []*agentv1.Interface{{Name: "eth0", Mac: mac.String(), Addresses: []string{"10.99.0.5/32"}}},
+		// In the order a host's namespace lists them: by destination, the default first.
+		Routes: []*agentv1.Route{
+			{Gateway: "169.254.1.1", Device: "eth0", Family: 4},
+			{Destination: "10.97.0.0/16", Gateway: "10.50.0.1", Device: "eth0", Family: 4, Onlink: true},
+			{Destination: "169.254.1.1/32", Device: "eth0", Family: 4, Scope: uint32(netlink.SCOPE_LINK)},
+		},
+	}
+	if _, err := p.ConfigureNetwork(ctx, req); err != nil {
+		t.Fatalf("ConfigureNetwork: %v", err)
+	}
+	ph, err := p.handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ph.Close()
+	routes, err := ph.RouteList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range routes {
+		got = append(got, r.String())
+	}
+	has := func(dst, gw string, onlink bool) bool {
+		return slices.ContainsFunc(routes, func(r netlink.Route) bool {
+			d := "default"
+			if r.Dst != nil && !r.Dst.IP.IsUnspecified() {
+				d = r.Dst.String()
+			}
+			return d == dst && r.Gw.String() == gw && (r.Flags&int(netlink.FLAG_ONLINK) != 0) == onlink
+		})
+	}
+	if !has("default", "169.254.1.1", false) || !has("10.97.0.0/16", "10.50.0.1", true) {
+		t.Errorf("pod namespace routes %q lack the default via 169.254.1.1 or 10.97.0.0/16 via 10.50.0.1 onlink", got)
+	}
+
+	// onlink without a gateway or a device is refused before anything changes.
+	for _, r := range []*agentv1.Route{{Destination: "10.1.0.0/16", Device: "eth0", Onlink: true}, {Destination: "10.1.0.0/16", Gateway: "10.2.0.1", Onlink: true}} {
+		if _, err := parseRequest(&agentv1.ConfigureNetworkRequest{Routes: []*agentv1.Route{r}}); err == nil || !strings.Contains(err.Error(), "onlink") {
+			t.Errorf("route %v: %v, want a refusal naming onlink", r, err)
+		}
+	}
+}

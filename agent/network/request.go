@@ -138,6 +138,12 @@ func parseRoute(r *agentv1.Route) (routeSetup, error) {
 			return rs, fmt.Errorf("route to %q: gateway %q is not an IP address", r.GetDestination(), g)
 		}
 	}
+	if r.GetOnlink() {
+		if rs.route.Gw == nil || r.GetDevice() == "" {
+			return rs, fmt.Errorf("route to %q: onlink needs a gateway and a device", r.GetDestination())
+		}
+		rs.route.Flags = int(netlink.FLAG_ONLINK)
+	}
 	if s := r.GetSource(); s != "" {
 		if rs.route.Src = net.ParseIP(s); rs.route.Src == nil {
 			return rs, fmt.Errorf("route to %q: source %q is not an IP address", r.GetDestination(), s)

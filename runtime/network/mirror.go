@@ -46,6 +46,8 @@ type Route struct {
 	Scope       int
 	Metric      int
 	MTU         int
+	// OnLink: the gateway is on the device's link though nothing the device holds covers it.
+	OnLink bool
 }
 
 // Neighbour is a permanent neighbour entry of the pod's namespace.
@@ -170,18 +172,25 @@ func (m *Mirror) readRoutes(h *netlink.Handle, names map[int]string) error {
 	}
 	for _, r := range routes {
 		dev, ok := names[r.LinkIndex]
+		if len(r.MultiPath) > 0 {
+			// Its next hops name no single device (LinkIndex is 0): dropping it could leave the guest without
+			// its default route and no word of why.
+			return fmt.Errorf("network namespace %s has a route of %d next hops (%s): Kiln mirrors routes of one next hop; give the pod single-path routes", m.nsPath, len(r.MultiPath), r.String())
+		}
 		// The kernel's own routes (prefix routes of addresses, IPv6 link-local and multicast) come back in the
-		// guest by themselves when it adds the same addresses.
-		if !ok || r.Protocol == unix.RTPROT_KERNEL || len(r.MultiPath) > 0 {
+		// guest by themselves when it adds the same addresses. IPv4's link-local 169.254/16 is no such route:
+		// Calico and the AWS VPC CNI route a pod's default through 169.254.1.1 on the link.
+		if !ok || r.Protocol == unix.RTPROT_KERNEL {
 			continue
 		}
-		if r.Dst != nil && (r.Dst.IP.IsLinkLocalUnicast() || r.Dst.IP.IsMulticast()) {
+		if r.Dst != nil && r.Dst.IP.To4() == nil && (r.Dst.IP.IsLinkLocalUnicast() || r.Dst.IP.IsMulticast()) {
 			continue
 		}
 		if len(m.Routes) == maxRoutes {
 			return fmt.Errorf("network namespace %s has more than %d routes", m.nsPath, maxRoutes)
 		}
-		route := Route{Device: dev, Family: 4, Scope: int(r.Scope), Metric: r.Priority, MTU: r.MTU}
+		route := Route{Device: dev, Family: 4, Scope: int(r.Scope), Metric: r.Priority, MTU: r.MTU,
+			OnLink: r.Flags&int(netlink.FLAG_ONLINK) != 0}
 		if r.Family == netlink.FAMILY_V6 {
 			route.Family = 6
 		}

@@ -2,6 +2,7 @@ package network
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -113,6 +114,51 @@ func TestMirrorNamespace(t *testing.T) {
 	}
 	if q := tc(t, ns); q != qdiscBefore {
 		t.Errorf("qdiscs changed:\nbefore %s\nafter %s", qdiscBefore, q)
+	}
+}
+
+// A pod addressed as Calico and the AWS VPC CNI address theirs (a /32, its default route through 169.254.1.1,
+// which a link route reaches) keeps both routes, and a route marked onlink keeps the mark; a route of several
+// next hops is refused, naming it, rather than dropped.
+func TestMirrorGatewayOnTheLink(t *testing.T) {
+	ns := netnsWithVeth(t,
+		"addr add 10.99.0.5/32 dev eth0",
+		"route add 169.254.1.1 dev eth0 scope link",
+		"route add default via 169.254.1.1 dev eth0",
+		"route add 10.97.0.0/16 via 10.50.0.1 dev eth0 onlink",
+	)
+	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var routes []string
+	for _, r := range m.Routes {
+		routes = append(routes, fmt.Sprintf("%s via %s dev %s scope %d onlink %v", r.Destination, r.Gateway, r.Device, r.Scope, r.OnLink))
+	}
+	want := []string{
+		" via 169.254.1.1 dev eth0 scope 0 onlink false",
+		"10.97.0.0/16 via 10.50.0.1 dev eth0 scope 0 onlink true",
+		"169.254.1.1/32 via  dev eth0 scope 253 onlink false",
+	}
+	slices.Sort(routes)
+	if !slices.Equal(routes, want) {
+		t.Errorf("routes\n%q\nwant\n%q", routes, want)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	ipIn(t, ns, "addr", "add", "10.96.0.5/24", "dev", "eth0")
+	ipIn(t, ns, "route", "add", "10.95.0.0/16", "nexthop", "via", "10.96.0.1", "dev", "eth0", "nexthop", "via", "10.96.0.2", "dev", "eth0")
+	if m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New())); err == nil || !strings.Contains(err.Error(), "2 next hops") {
+		if m != nil {
+			m.Close()
+		}
+		t.Fatalf("a multipath route mirrored: %v", err)
+	}
+	if links := ipIn(t, ns, "link"); strings.Contains(links, tapPrefix) {
+		t.Errorf("a refused mirror left its tap:\n%s", links)
 	}
 }
 

@@ -205,6 +205,7 @@ func (p *Pod) configureGuestNetwork(ctx context.Context) error {
 		req.Routes = append(req.Routes, &agentv1.Route{
 			Destination: r.Destination, Gateway: r.Gateway, Device: r.Device, Source: r.Source,
 			Family: uint32(r.Family), Scope: uint32(r.Scope), Metric: uint32(r.Metric), Mtu: uint32(r.MTU),
+			Onlink: r.OnLink,
 		})
 	}
 	for _, n := range m.Neighbours {

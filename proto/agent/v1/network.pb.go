@@ -209,9 +209,11 @@ type Route struct {
 	// 4 or 6.
 	Family uint32 `protobuf:"varint,5,opt,name=family,proto3" json:"family,omitempty"`
 	// Route scope as the kernel numbers it (0 universe, 253 link, 254 host).
-	Scope         uint32 `protobuf:"varint,6,opt,name=scope,proto3" json:"scope,omitempty"`
-	Metric        uint32 `protobuf:"varint,7,opt,name=metric,proto3" json:"metric,omitempty"`
-	Mtu           uint32 `protobuf:"varint,8,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	Scope  uint32 `protobuf:"varint,6,opt,name=scope,proto3" json:"scope,omitempty"`
+	Metric uint32 `protobuf:"varint,7,opt,name=metric,proto3" json:"metric,omitempty"`
+	Mtu    uint32 `protobuf:"varint,8,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	// The gateway is on the link even though no address or route of the device covers it (ip route's onlink).
+	Onlink        bool `protobuf:"varint,9,opt,name=onlink,proto3" json:"onlink,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -302,6 +304,13 @@ func (x *Route) GetMtu() uint32 {
 	return 0
 }
 
+func (x *Route) GetOnlink() bool {
+	if x != nil {
+		return x.Onlink
+	}
+	return false
+}
+
 type Neighbour struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Device        string                 `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
@@ -380,7 +389,7 @@ const file_agent_v1_network_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03mac\x18\x02 \x01(\tR\x03mac\x12\x10\n" +
 	"\x03mtu\x18\x03 \x01(\rR\x03mtu\x12\x1c\n" +
-	"\taddresses\x18\x04 \x03(\tR\taddresses\"\xcb\x01\n" +
+	"\taddresses\x18\x04 \x03(\tR\taddresses\"\xe3\x01\n" +
 	"\x05Route\x12 \n" +
 	"\vdestination\x18\x01 \x01(\tR\vdestination\x12\x18\n" +
 	"\agateway\x18\x02 \x01(\tR\agateway\x12\x16\n" +
@@ -389,7 +398,8 @@ const file_agent_v1_network_proto_rawDesc = "" +
 	"\x06family\x18\x05 \x01(\rR\x06family\x12\x14\n" +
 	"\x05scope\x18\x06 \x01(\rR\x05scope\x12\x16\n" +
 	"\x06metric\x18\a \x01(\rR\x06metric\x12\x10\n" +
-	"\x03mtu\x18\b \x01(\rR\x03mtu\"E\n" +
+	"\x03mtu\x18\b \x01(\rR\x03mtu\x12\x16\n" +
+	"\x06onlink\x18\t \x01(\bR\x06onlink\"E\n" +
 	"\tNeighbour\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x0e\n" +
 	"\x02ip\x18\x02 \x01(\tR\x02ip\x12\x10\n" +
