@@ -366,7 +366,20 @@ func (r *cloneRAM) close() {
 
 // fillSealed copies in's data extents into out, which has in's size, then seals out as QEMU seals its own
 // memfds (seal=on), which Kiln's vsock back end requires. It returns the bytes copied.
-func fillSealed(in, out *os.File, size int64) (copied int64, _ error) {
+func fillSealed(in, out *os.File, size int64) (int64, error) {
+	copied, err := copyExtents(in, out, size)
+	if err != nil {
+		return copied, err
+	}
+	if _, err := unix.FcntlInt(out.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
+		return copied, fmt.Errorf("seal guest RAM memfd: %w", err)
+	}
+	return copied, nil
+}
+
+// copyExtents copies in's data extents (SEEK_DATA/SEEK_HOLE) below size into out at the same offsets; out's
+// other bytes are left as they are. It returns the bytes copied.
+func copyExtents(in, out *os.File, size int64) (copied int64, _ error) {
 	for off := int64(0); off < size; {
 		data, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
 		if errors.Is(err, unix.ENXIO) {
@@ -385,9 +398,6 @@ func fillSealed(in, out *os.File, size int64) (copied int64, _ error) {
 			return copied, err
 		}
 		off = hole
-	}
-	if _, err := unix.FcntlInt(out.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
-		return copied, fmt.Errorf("seal guest RAM memfd: %w", err)
 	}
 	return copied, nil
 }
@@ -410,8 +420,8 @@ func copyRange(in, out *os.File, off, n int64) (int64, error) {
 
 // TemplateDirUnusable says why templates cannot be kept in dir, "" when they can: a template's guest RAM is a file
 // there, which its QEMU runs on while the template is built, and anywhere but tmpfs the kernel would write it out
-// to disk. A directory not made
-// yet is judged by its nearest existing parent. statfs returns a path's file system type (Statfs).
+// to disk; and no one but root may be able to change what it holds (trustedDir). A directory not made yet is
+// judged by its nearest existing parent. statfs returns a path's file system type (Statfs).
 func TemplateDirUnusable(dir string, statfs func(path string) (int64, error)) string {
 	p := dir
 	t, err := statfs(p)
@@ -424,6 +434,9 @@ func TemplateDirUnusable(dir string, statfs func(path string) (int64, error)) st
 	}
 	if t != unix.TMPFS_MAGIC {
 		return fmt.Sprintf("hypervisor.template_dir %s is not on tmpfs (a template's guest RAM is a file there)", dir)
+	}
+	if err := trustedDir(dir); err != nil {
+		return fmt.Sprintf("hypervisor.template_dir: %v", err)
 	}
 	return ""
 }

@@ -225,12 +225,16 @@ func ensureTemplate(ctx context.Context, c Config, qemuPath string) (template, e
 		return template{}, err
 	}
 	t := template{dir: filepath.Join(c.TemplateDir, key), inputs: inputs}
+	if err := os.MkdirAll(c.TemplateDir, 0o711); err != nil {
+		return template{}, fmt.Errorf("create template directory %s: %w", c.TemplateDir, err)
+	}
+	// Checked once made: someone else may have made a part of it first.
+	if err := trustedDir(c.TemplateDir); err != nil {
+		return template{}, fmt.Errorf("template directory: %w", err)
+	}
 	if t.fault(c.ramMiB()) == nil {
 		t.used(c.Log)
 		return t, nil
-	}
-	if err := os.MkdirAll(c.TemplateDir, 0o711); err != nil {
-		return template{}, fmt.Errorf("create template directory %s: %w", c.TemplateDir, err)
 	}
 	unlock, err := lockFile(ctx, t.dir+".lock")
 	if err != nil {

@@ -73,14 +73,44 @@ func buildTemplate(ctx context.Context, c Config, key, inputs, dir string) (retE
 	if _, err := punchZeros(ram); err != nil {
 		return fmt.Errorf("leave the zero pages out of the template's RAM: %w", err)
 	}
-	// The template's RAM is Kiln's from now on: QEMU's user, whoever it is, only ever gets copies.
-	if err := os.Chown(ram, 0, 0); err != nil && os.Geteuid() == 0 {
-		return err
-	}
-	if err := os.Chmod(ram, 0o400); err != nil {
-		return err
+	if err := rewriteRAM(ram); err != nil {
+		return fmt.Errorf("make the template's RAM Kiln's: %w", err)
 	}
 	return os.Rename(tmp, dir)
+}
+
+// rewriteRAM replaces the template's RAM file, which QEMU's user owned while the template was built, with a sparse
+// copy Kiln makes, read-only: QEMU's user, whoever it is, only ever gets copies of it from now on. A copy, not the
+// file given to Kiln: a descriptor opened for writing while QEMU's user owned it (by any process of that user,
+// such as another VM's QEMU a guest took over) would still write into the file, and so into every later clone.
+func rewriteRAM(ram string) error {
+	in, err := os.Open(ram)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	tmp := ram + ".kiln"
+	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o400)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp) // gone by the rename unless something failed
+	if err := out.Truncate(st.Size()); err != nil {
+		out.Close()
+		return err
+	}
+	if _, err := copyExtents(in, out, st.Size()); err != nil {
+		out.Close()
+		return err
+	}
+	if err := out.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, ram)
 }
 
 // punchZeros deallocates the pages of path that hold only zeros (the file keeps its size and reads the same), so
