@@ -87,7 +87,7 @@ XTOOLS_VERSION := v0.52.0
 MODULE := github.com/kiln-runtime/kiln
 # Folders whose functions must have a caller outside tests: staticcheck's unused check with tests excluded finds
 # unexported code, deadcode (from the commands and the bench's floor init) exported code too.
-UNUSED_DIRS := cmd runtime vm agent config netns netdump mounttree rlimit kernfs
+UNUSED_DIRS := cmd runtime vm agent config netns netdump mounttree rlimit kernfs lograte
 UNUSED_ROOTS := ./cmd/... ./vm/image/floorinit
 empty :=
 space := $(empty) $(empty)

@@ -49,12 +49,17 @@ func (m *Machine) watchVirtiofsd(d *virtiofs.Daemon, exited <-chan struct{}) {
 	case <-time.After(virtiofsdExitGrace):
 	}
 	err := fmt.Errorf("virtiofsd exited while the VM ran, taking the guest's shared file system with it: %w", d.ExitError())
-	m.log.WithError(err).Error("stopping the VM")
-	// Start holds mu until QEMU runs or has failed, so proc is settled here.
+	// Start holds mu until QEMU runs or has failed, so proc is settled here. A start from a template that failed
+	// meanwhile was followed, under mu, by a boot with a virtiofsd of its own: that VM is not this watcher's.
 	m.mu.Lock()
+	if m.fs != d {
+		m.mu.Unlock()
+		return
+	}
 	m.fsErr = err
 	proc := m.proc
 	m.mu.Unlock()
+	m.log.WithError(err).Error("stopping the VM")
 	if proc != nil {
 		proc.Kill()
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/lograte"
 	"github.com/kiln-runtime/kiln/vm/child"
 )
 
@@ -78,6 +79,8 @@ const BinaryHelp = "install it (apt-get install qemu-system-common) or set share
 type Daemon struct {
 	cfg  Config
 	proc *child.Process
+	// warn bounds virtiofsd's warnings in the log: a guest can make it complain at the rate of its requests.
+	warn *lograte.Limiter
 }
 
 // Start runs virtiofsd and returns once it accepts connections on cfg.SocketPath. On error nothing is left
@@ -138,7 +141,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	// Kiln keeps no copy once virtiofsd has it: if virtiofsd dies, QEMU's connection fails instead of hanging.
 	defer lf.Close()
 
-	d := &Daemon{cfg: cfg}
+	d := &Daemon{cfg: cfg, warn: lograte.New(warnBurst, warnInterval)}
 	// virtiofsd forks a sandboxed child into a new PID namespace; vm/child runs virtiofsd in a process group of
 	// its own, so Stop reaches that child too, and with a parent-death signal, so it does not outlive Kiln.
 	proc, err := child.Start(child.Config{
@@ -199,6 +202,9 @@ func (d *Daemon) Diagnostics() string { return d.proc.Diagnostics() }
 // (it does when QEMU disconnects).
 func (d *Daemon) Stop(ctx context.Context) error {
 	d.proc.Stop(ctx)
+	if n := d.warn.Flush(); n > 0 {
+		d.cfg.Log.WithField("suppressed", n).Warn("more of virtiofsd's warnings were not logged")
+	}
 	if err := os.Remove(d.cfg.SocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("stop virtiofsd: remove socket: %w", err)
 	}

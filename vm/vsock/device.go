@@ -9,6 +9,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/lograte"
 	"github.com/kiln-runtime/kiln/vm/virtqueue"
 )
 
@@ -56,7 +57,7 @@ type Device struct {
 	cid      uint64
 	log      *logrus.Entry
 	mux      *muxer
-	ringWarn *logLimiter
+	ringWarn *lograte.Limiter
 
 	mu  sync.Mutex // serialises Start, Stop and Close
 	run *run       // non-nil while started
@@ -93,7 +94,7 @@ func newDevice(mc muxerConfig, log *logrus.Entry) (*Device, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create vsock device for guest CID %d: %w", mc.guestCID, err)
 	}
-	return &Device{cid: mc.guestCID, log: log, mux: m, ringWarn: newLogLimiter(ringWarnBurst, ringWarnInterval)}, nil
+	return &Device{cid: mc.guestCID, log: log, mux: m, ringWarn: lograte.New(ringWarnBurst, ringWarnInterval)}, nil
 }
 
 // NumQueues is 2: rx and tx. The event queue is served by QEMU itself.
@@ -142,7 +143,7 @@ func (d *Device) Stop() {
 	close(d.run.stop)
 	d.run.wg.Wait()
 	d.run = nil
-	if n := d.ringWarn.flush(); n > 0 {
+	if n := d.ringWarn.Flush(); n > 0 {
 		d.log.WithField("suppressed", n).Warn("more warnings about the guest's vsock rings were not logged")
 	}
 }
@@ -155,7 +156,7 @@ func (d *Device) Traffic() Traffic { return d.mux.stats.traffic() }
 
 // warnRing logs a warning about the guest's rings, within the rate limit.
 func (d *Device) warnRing(err error, format string, args ...any) {
-	ok, summary := d.ringWarn.allow()
+	ok, summary := d.ringWarn.Allow()
 	if summary > 0 {
 		d.log.WithField("suppressed", summary).Warn("more warnings about the guest's vsock rings were not logged")
 	}

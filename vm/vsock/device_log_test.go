@@ -106,52 +106,6 @@ func TestMalformedChainWarningsAreThrottled(t *testing.T) {
 	}
 }
 
-// TestLogLimiterLetsABurstThroughPerInterval pins the throttle behind the ring warnings: the first burst events
-// of an interval are logged, the rest counted, and the count is handed back once, when the next interval opens.
-func TestLogLimiterLetsABurstThroughPerInterval(t *testing.T) {
-	type event struct {
-		at      time.Duration // since the first event
-		ok      bool
-		summary int
-	}
-	tests := []struct {
-		name   string
-		events []event
-		flush  int // what flush returns afterwards
-	}{
-		{"under the burst", []event{{0, true, 0}, {time.Second, true, 0}}, 0},
-		{"over the burst", []event{{0, true, 0}, {1, true, 0}, {2, true, 0}, {3, false, 0}, {4, false, 0}}, 2},
-		{"next interval reports what was left out", []event{
-			{0, true, 0}, {1, true, 0}, {2, true, 0}, {3, false, 0},
-			{time.Minute, true, 1}, {time.Minute + 1, true, 0},
-		}, 0},
-		{"quiet interval in between", []event{
-			{0, true, 0}, {1, true, 0}, {2, true, 0}, {3, false, 0}, {4, false, 0},
-			{10 * time.Minute, true, 2},
-		}, 0},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			base := time.Unix(1000, 0)
-			now := base
-			l := newLogLimiter(3, time.Minute)
-			l.now = func() time.Time { return now }
-			for i, e := range tt.events {
-				now = base.Add(e.at)
-				if ok, summary := l.allow(); ok != e.ok || summary != e.summary {
-					t.Fatalf("event %d at %v: allow = %v, %d; want %v, %d", i, e.at, ok, summary, e.ok, e.summary)
-				}
-			}
-			if n := l.flush(); n != tt.flush {
-				t.Fatalf("flush = %d, want %d", n, tt.flush)
-			}
-			if n := l.flush(); n != 0 {
-				t.Fatalf("second flush = %d, want 0", n)
-			}
-		})
-	}
-}
-
 // TestStopWhileTheGuestFloodsRx: a guest that keeps posting malformed rx chains while a packet waits for it (they
 // consume none) must not keep the device's Stop, and so QEMU's GET_VRING_BASE, waiting.
 func TestStopWhileTheGuestFloodsRx(t *testing.T) {
