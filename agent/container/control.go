@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/runc/libcontainer"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -61,6 +63,11 @@ func (s *Service) SignalProcess(ctx context.Context, req *agentv1.SignalProcessR
 		err = c.lc.Signal(sig)
 	} else {
 		err = p.lp.Signal(sig)
+	}
+	if errors.Is(err, libcontainer.ErrNotRunning) || errors.Is(err, os.ErrProcessDone) || errors.Is(err, unix.ESRCH) {
+		// It exited and was reaped, but its output is still being drained, so its state is not Stopped yet: the
+		// host's Kill raced its exit, which is not a failure of the kill (runc answers NotFound too).
+		return nil, status.Errorf(codes.NotFound, "signal %s of container %s: process already finished", processName(p), c.id)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("signal %s of container %s with %d: %w", processName(p), c.id, sig, err)

@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"os"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/configs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/grpc/codes"
@@ -86,5 +88,21 @@ func TestWaitAllOutlived(t *testing.T) {
 	defer cancel()
 	if code := status.Code(c.waitAll(ctx, time.Minute)); code != codes.DeadlineExceeded {
 		t.Errorf("waitAll past the request's deadline = %v, want DeadlineExceeded", code)
+	}
+}
+
+// exitedContainer is a container whose init has exited and been reaped, while its state is not Stopped yet.
+type exitedContainer struct{ inertContainer }
+
+func (*exitedContainer) Signal(os.Signal) error { return libcontainer.ErrNotRunning }
+
+// A signal that races the init's exit (reaped, its output still draining) is NotFound, as runc answers, not an
+// unknown failure that fails CRI's StopContainer.
+func TestSignalRacingExitIsNotFound(t *testing.T) {
+	s := fuzzService(t)
+	s.containers["running"].lc = &exitedContainer{}
+	_, err := s.SignalProcess(context.Background(), &agentv1.SignalProcessRequest{ContainerId: "running", Signal: 15})
+	if status.Code(err) != codes.NotFound {
+		t.Fatalf("SignalProcess of an exited init = %v (%v), want NotFound", err, status.Code(err))
 	}
 }

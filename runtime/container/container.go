@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -129,6 +130,33 @@ func (c *Container) DeleteProcess(ctx context.Context, execID string) (Exit, err
 	return p.remove()
 }
 
+// deleteDrainTimeout bounds how long Delete waits for the output of the container's processes that have exited:
+// what is left then is cut off, as runc's shim does after the same 10 s.
+const deleteDrainTimeout = 10 * time.Second
+
+// awaitDelivery waits, within deleteDrainTimeout, for every process of the container that has exited to deliver its
+// output and report its exit, so that a Delete right after an exit (a client that saw the task stopped) neither
+// cuts the output off nor has its TaskDelete published before the TaskExit.
+func (c *Container) awaitDelivery(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, deleteDrainTimeout)
+	defer cancel()
+	c.mu.Lock()
+	procs := []*Process{c.init}
+	for _, p := range c.execs {
+		procs = append(procs, p)
+	}
+	c.mu.Unlock()
+	for _, p := range procs {
+		if p.State() != lifecycle.Stopped {
+			continue
+		}
+		if _, err := p.Wait(ctx); err != nil && ctx.Err() != nil {
+			c.m.log.WithError(err).WithField("container", c.id).Warn("output still undelivered at the container's delete; cutting it off")
+			return
+		}
+	}
+}
+
 // Kill signals the init process, or with all every process of the container.
 func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
 	_, err := c.m.api.SignalProcess(ctx, &agentv1.SignalProcessRequest{ContainerId: c.id, Signal: signal, All: all})
@@ -231,6 +259,7 @@ func (c *Container) Delete(ctx context.Context, force bool) (Exit, error) {
 			return Exit{}, err
 		}
 	}
+	c.awaitDelivery(ctx)
 	// With the guest gone there is nothing to remove there; the host's handles still go.
 	if c.m.guestLost() == nil {
 		_, err := c.m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: c.id, Force: force})

@@ -124,6 +124,13 @@ func (p *Process) launch(ctx context.Context, request func(context.Context, *age
 	if err != nil {
 		m.unregister(p)
 		_ = streams.Close()
+		select {
+		case <-p.exited:
+			// The guest was lost (or an exit came) while the request was out: the process is finished, and no
+			// delivery will end it, so its waiters and its delete are let go here.
+			p.settle()
+		default:
+		}
 		return err
 	}
 	streams.Start()
@@ -252,6 +259,14 @@ func (p *Process) deliver() {
 	p.doneOnce.Do(func() { close(p.done) })
 }
 
+// settle ends a process that no delivery ends (none started): its IO released and its waiters let go, once.
+func (p *Process) settle() {
+	p.doneOnce.Do(func() {
+		p.releaseIO()
+		close(p.done)
+	})
+}
+
 func (p *Process) releaseIO() {
 	if p.release == nil {
 		return
@@ -281,8 +296,7 @@ func (p *Process) remove() (Exit, error) {
 	p.c.m.unregister(p)
 	p.closeStreams()
 	if !delivering {
-		p.releaseIO()
-		p.doneOnce.Do(func() { close(p.done) })
+		p.settle()
 	}
 	if err != nil {
 		return e, fmt.Errorf("delete %s: %w", p.describe(), err)

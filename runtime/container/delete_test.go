@@ -1,0 +1,104 @@
+package container
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
+	"github.com/kiln-runtime/kiln/proto/lifecycle"
+	"github.com/kiln-runtime/kiln/runtime/stdio"
+)
+
+// slowWriter is a stdout whose reader takes its time (a fifo a client drains slowly).
+type slowWriter struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (w *slowWriter) Write(b []byte) (int, error) {
+	time.Sleep(20 * time.Millisecond)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.n += len(b)
+	return len(b), nil
+}
+
+// A Delete right after the init's exit (a client that saw the task stopped) waits for the output the process
+// wrote and for its exit's report: nothing is cut off, and the exit is reported before Delete returns, so a
+// TaskExit precedes the TaskDelete.
+func TestDeleteAfterExitDeliversFirst(t *testing.T) {
+	const size = 100 << 10
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 {
+		_, _ = p.conns["stdout"].Write(make([]byte, size))
+		return 3
+	}})
+	var reported atomic.Bool
+	m := a.start(Options{OnExit: func(*Process, Exit) { reported.Store(true) }})
+	ctx := waitCtx(t)
+	w := &slowWriter{}
+	c := started(t, ctx, m, CreateOptions{ID: "c1", IO: stdio.IO{Stdout: w}})
+	for c.State() != lifecycle.Stopped {
+		time.Sleep(time.Millisecond)
+	}
+	e, err := c.Delete(ctx, false)
+	if err != nil || e.Status != 3 {
+		t.Fatalf("Delete = %+v, %v; want status 3", e, err)
+	}
+	if !reported.Load() {
+		t.Error("the exit was reported after Delete returned")
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n != size {
+		t.Errorf("%d of %d bytes of output delivered by Delete", w.n, size)
+	}
+}
+
+// execBlocked holds ExecProcess until released, then fails it as a lost connection does.
+type execBlocked struct {
+	agentv1.ContainersClient
+	entered, release chan struct{}
+}
+
+func (b execBlocked) ExecProcess(context.Context, *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
+	close(b.entered)
+	<-b.release
+	return nil, errors.New("ttrpc: closed")
+}
+
+// An exec whose guest is lost while its start is out ends: its Wait returns and its delete succeeds, rather than
+// both waiting for a delivery that never began.
+func TestExecLostWhileStartingEnds(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(*fakeProc) uint32 { select {} }})
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	b := execBlocked{ContainersClient: m.api, entered: make(chan struct{}), release: make(chan struct{})}
+	m.api = b
+	p, err := c.AddExec("e1", &specs.Process{Args: []string{"true"}}, stdio.IO{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan error, 1)
+	go func() { started <- p.Start(ctx, nil) }()
+	<-b.entered
+	m.Lost(errors.New("the VM is gone"))
+	close(b.release)
+	if err := <-started; err == nil {
+		t.Fatal("the exec started on a lost guest")
+	}
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := p.Wait(wctx); wctx.Err() != nil {
+		t.Fatalf("Wait of the exec: %v", err)
+	}
+	if _, err := c.DeleteProcess(wctx, "e1"); err != nil {
+		t.Fatalf("DeleteProcess of the exec: %v", err)
+	}
+}
