@@ -10,6 +10,7 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/rlimit"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
@@ -140,6 +141,11 @@ func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle)
 	}
 	// The pod's first container too: its memory limit is part of what the pod needs when another container's grows.
 	if err := p.Fit(ctx, id, r, false); err != nil {
+		if id == p.net.hooksRun {
+			// Its create hooks ran when the pod booted (or adopted a spare) for it: its poststop hooks must run
+			// too (FailedCreate), so this is no refusal before them.
+			return err
+		}
 		return Refuse(err)
 	}
 	if id == p.net.hooksRun {
@@ -157,17 +163,23 @@ func (p *Pod) prepareContainer(ctx context.Context, id string, b *bundle.Bundle)
 	return nil
 }
 
-// Started runs a container's poststart hooks once its init process runs. A failing hook is logged, as the
-// runtime spec asks, and does not stop the container.
-func (p *Pod) Started(ctx context.Context, c *container.Container) {
+// Started runs a container's poststart hooks once its init process runs. A failing hook fails the start and
+// stops the container, as the runtime spec asks (and runc does): its exit is reported as any other, and its
+// delete runs the poststop hooks.
+func (p *Pod) Started(ctx context.Context, c *container.Container) error {
 	p.started.Store(true)
 	b := p.bundleOf(c.ID())
 	if b == nil || !hooks.Any(b.Spec) {
-		return
+		return nil
 	}
-	if err := hooks.Poststart(ctx, b.Spec, p.hookState(c.ID(), b)); err != nil {
-		p.log.WithError(err).WithField("container", c.ID()).Warn("poststart hook failed")
+	err := hooks.Poststart(ctx, b.Spec, p.hookState(c.ID(), b))
+	if err == nil {
+		return nil
 	}
+	if kerr := c.Kill(context.WithoutCancel(ctx), uint32(unix.SIGKILL), false); kerr != nil {
+		p.log.WithError(kerr).WithField("container", c.ID()).Warn("stop the container whose poststart hook failed")
+	}
+	return fmt.Errorf("start container %s: %w", c.ID(), err)
 }
 
 // containerTypeAnnotation is the annotation CRI puts on each container of a pod: sandboxType on the pod's own

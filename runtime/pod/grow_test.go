@@ -12,6 +12,7 @@ import (
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/sandbox"
 )
 
 type fakeMemoryVM struct {
@@ -237,5 +238,29 @@ func TestFitLimits(t *testing.T) {
 	}
 	if _, ok := p.limits["c1"]; ok {
 		t.Errorf("an update of a deleted container recorded %+v", p.limits["c1"])
+	}
+}
+
+// A first container whose limits its pod cannot fit after all, when its create hooks already ran (the pod booted,
+// or adopted a spare, for it: nerdctl's CNI ADD leased an address), is no refusal before its hooks: FailedCreate
+// runs its poststop hooks (the DEL), which a refusal skips.
+func TestFirstContainerUnfitAfterItsHooks(t *testing.T) {
+	quota, period := int64(7000000), uint64(100000) // --cpus 70, past the 64 vCPUs a VM grows to
+	spec := &specs.Spec{Linux: &specs.Linux{Resources: &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: &quota, Period: &period}}},
+		Hooks: &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/true"}}}}
+	b := &bundle.Bundle{Spec: spec}
+	sized, err := Size(config.Default(), &First{ID: "c", Bundle: b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, most := sized.Hypervisor.CPULayout()
+	p := &Pod{cfg: sized, sb: &sandbox.Sandbox{}, vcpus: min(sized.Hypervisor.VCPUs, most), bundles: map[string]*bundle.Bundle{},
+		net: &hostNetwork{hooksRun: "c"}}
+	err = p.prepareContainer(context.Background(), "c", b)
+	if err == nil {
+		t.Fatal("a pod of 64 vCPUs took a container limited to 70")
+	}
+	if Refused(err) {
+		t.Errorf("prepareContainer = %v, a refusal: the poststop hooks of a container whose create hooks ran would be skipped", err)
 	}
 }

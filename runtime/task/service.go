@@ -380,8 +380,9 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		return nil, toGRPC(err)
 	}
 	if r.ExecID == "" {
+		var hookErr error
 		if pd := s.currentPod(); pd != nil {
-			pd.Started(ctx, c)
+			hookErr = pd.Started(ctx, c)
 			// A pod's start is over with its first container of its own, not with its sandbox (CRI's pause).
 			if !pd.IsSandbox(c.ID()) {
 				if n := s.held.Release(); n > 0 {
@@ -390,6 +391,9 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 			}
 		}
 		s.releaseSpare()
+		if hookErr != nil {
+			return nil, toGRPC(hookErr)
+		}
 	}
 	return &taskAPI.StartResponse{Pid: c.HostPid()}, nil
 }
