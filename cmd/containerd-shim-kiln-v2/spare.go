@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/runtime/task"
 	"github.com/kiln-runtime/kiln/vm/qemu"
@@ -61,6 +62,9 @@ func runSpare(args []string) (*task.Spare, error) {
 	// whatever it starts, gets the priority.
 	if err := unix.Setpriority(unix.PRIO_PGRP, 0, task.SpareNice); err != nil {
 		log.WithError(err).Warn("spare shim runs at the usual priority")
+	}
+	if err := pod.ForSpare(); err != nil {
+		log.WithError(err).Warn("spare shim keeps its standing with the host's OOM killer")
 	}
 	// A task's `start` that finds no spare ready holds this one while it boots (spare.Hold): its VM's programs
 	// stand still until that task has started. Without the holder the spare just boots.

@@ -160,6 +160,12 @@ func TestKilnSparePool(t *testing.T) {
 		if n := niceOf(t, qemu); n != 19 {
 			t.Errorf("spare %d's QEMU %d runs at nice %d, want 19", sp.Pid, qemu, n)
 		}
+		// And it is the first thing a host short of memory kills.
+		for _, pid := range []int{sp.Pid, qemu} {
+			if adj := oomScoreAdj(t, pid); adj != 1000 {
+				t.Errorf("spare %d's process %d has oom_score_adj %d, want 1000", sp.Pid, pid, adj)
+			}
+		}
 	}
 
 	logStart := k.logSize()
@@ -227,8 +233,42 @@ func TestKilnSparePool(t *testing.T) {
 		if n := niceOf(t, pid); n != 0 {
 			t.Errorf("%s's QEMU %d runs at nice %d, want 0", taker, pid, n)
 		}
+		// No spare's standing with the OOM killer either: the shim's (containerd's plus one), as a VM booted
+		// for the task has.
+		shim := ppidOf(t, pid)
+		if adj, shimAdj := oomScoreAdj(t, pid), oomScoreAdj(t, shim); adj != shimAdj || shimAdj == 1000 {
+			t.Errorf("%s's QEMU %d has oom_score_adj %d, its shim %d %d; want the shim's, not a spare's 1000", taker, pid, adj, shim, shimAdj)
+		}
 	}
 	k.remove(t, taker)
+}
+
+// oomScoreAdj is process pid's oom_score_adj.
+func oomScoreAdj(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	adj, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return adj
+}
+
+// ppidOf is process pid's parent (/proc/PID/stat's 4th field).
+func ppidOf(t *testing.T, pid int) int {
+	t.Helper()
+	f := statFields(pid)
+	if len(f) < 2 {
+		t.Fatalf("process %d: stat fields %q", pid, f)
+	}
+	ppid, err := strconv.Atoi(f[1])
+	if err != nil {
+		t.Fatalf("parent of %d: %v", pid, err)
+	}
+	return ppid
 }
 
 // cgroupOf is the CPU cgroup directory of process pid: the cpu hierarchy's on cgroup v1, the one on v2.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
@@ -16,6 +17,32 @@ import (
 // plus one (-998 under systemd): a BestEffort pod would be the last thing a host short of memory kills. The VM's
 // processes take the highest score among the pod's containers instead, since the VM goes with the most expendable
 // of them. The shim keeps its own, as runc's shim does.
+
+// SpareOOMScoreAdj is the oom_score_adj of a spare shim and of its VM while they wait for a task: holding an idle
+// pod's memory for no pod yet, they are the first thing a host short of memory should kill (a spare that dies is
+// replaced, or its task boots a VM). The shim that takes a task gets containerd's score plus one back from its
+// `start` (containerd's shim library), and its VM the shim's (TakeShimOOMScore).
+const SpareOOMScoreAdj = 1000
+
+// ForSpare gives this process, a spare shim about to boot its VM, SpareOOMScoreAdj: the VM's processes inherit it.
+// Going back needs no privilege: the kernel lets a process lower its score as far as the one it inherited.
+func ForSpare() error {
+	return setOOMScoreAdj([]int{os.Getpid()}, SpareOOMScoreAdj)
+}
+
+// TakeShimOOMScore gives the VM's processes the shim's own oom_score_adj, for a spare's VM that a task took: they
+// no longer wait for a task, and their containers' scores (followOOMScoresLocked) come on top as they are created.
+func (p *Pod) TakeShimOOMScore() error {
+	b, err := os.ReadFile("/proc/self/oom_score_adj")
+	if err != nil {
+		return err
+	}
+	adj, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return fmt.Errorf("the shim's oom_score_adj %q: %w", b, err)
+	}
+	return setOOMScoreAdj(p.VMProcesses(), adj)
+}
 
 // followOOMScoresLocked gives the VM's processes, and every process below them, the highest oomScoreAdj the pod's
 // containers' specs name; none named leaves them as they are. p.bundlesMu is held, so that two changes of the

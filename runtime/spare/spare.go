@@ -148,6 +148,11 @@ var ErrLost = errors.New("what the spare shim held ended while it waited")
 // errDeclined is a hand-over whose task the spare does not fit: `start` starts the server itself.
 var errDeclined = errors.New("the spare does not fit the task")
 
+// ErrRefused marks what Fits says of a task no shim would take (its spec or its configuration is refused): the
+// spare declines it, and its shim refuses it, but it says nothing of the shapes tasks ask for, so the decline is
+// not counted towards maxDeclines.
+var ErrRefused = errors.New("the task is refused")
+
 // ErrUnwanted is returned by Wait once maxDeclines tasks in a row were declined: the host's tasks are no longer
 // of the spare's shape, and the spare leaves so that the next task's shim can start one of theirs.
 var ErrUnwanted = errors.New("the spare fits none of the tasks that come")
@@ -238,7 +243,7 @@ func (s *Slot) Wait(ctx context.Context, idle time.Duration, pid int, version st
 		if err == nil || errors.Is(err, ErrStale) {
 			return req, socket, err
 		}
-		if errors.Is(err, errDeclined) {
+		if errors.Is(err, errDeclined) && !errors.Is(err, ErrRefused) {
 			if declined++; declined == maxDeclines {
 				return Request{}, nil, fmt.Errorf("%w (the last: %v)", ErrUnwanted, err)
 			}
@@ -285,7 +290,7 @@ func receive(c *net.UnixConn, pid int, version string, fits Fits) (Request, *os.
 	if fits != nil {
 		if err := fits(req); err != nil {
 			closeAll()
-			return Request{}, nil, fmt.Errorf("%w: %v", errDeclined, err)
+			return Request{}, nil, fmt.Errorf("%w: %w", errDeclined, err)
 		}
 	}
 	unix.CloseOnExec(fds[0])

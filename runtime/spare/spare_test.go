@@ -4,9 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -279,12 +281,19 @@ func TestSpareDeclinesATaskItDoesNotFit(t *testing.T) {
 }
 
 // A spare that declines maxDeclines tasks in a row leaves its slot (ErrUnwanted), so that the next task's shim can
-// start a spare of the shape that comes now.
+// start a spare of the shape that comes now; tasks no shim would take (ErrRefused: a kubelet retrying a pod Kiln
+// refuses) do not count.
 func TestSpareLeavesAfterDecliningARun(t *testing.T) {
 	dir, ctx := t.TempDir(), testCtx(t)
-	done := waitInSlot(ctx, t, dir, time.Minute, "v1", nil, func(Request) error { return errors.New("another shape") })
+	var offered atomic.Int32
+	done := waitInSlot(ctx, t, dir, time.Minute, "v1", nil, func(Request) error {
+		if offered.Add(1) <= 2*maxDeclines {
+			return fmt.Errorf("%w: hostPID", ErrRefused)
+		}
+		return errors.New("another shape")
+	})
 	declined := 0
-	for deadline := time.Now().Add(10 * time.Second); declined < maxDeclines; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); declined < 3*maxDeclines; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("only %d hand-overs declined", declined)
 		}
@@ -299,6 +308,13 @@ func TestSpareLeavesAfterDecliningARun(t *testing.T) {
 			t.Fatalf("a task the spare does not fit was taken: %v", err)
 		}
 		declined++
+		if declined == 2*maxDeclines {
+			select {
+			case err := <-done:
+				t.Fatalf("the spare left after %d refused tasks: %v", declined, err)
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
 	}
 	select {
 	case err := <-done:

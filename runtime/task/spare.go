@@ -211,8 +211,18 @@ func (sp *Spare) stop(ctx context.Context, log *logrus.Entry) {
 }
 
 // Fits says whether the spare's pod can serve the task `start` hands over (spare.Fits), as its Create would
-// decide: a spare declines a task it does not fit, which then boots its own VM, and waits for the next.
+// decide: a spare declines a task it does not fit, which then boots its own VM, and waits for the next. A task
+// its Create would refuse whatever the VM (its spec, its configuration) is declined as spare.ErrRefused, so that
+// a client retrying it neither uses up warm VMs nor makes the pool leave.
 func (sp *Spare) Fits(req spare.Request) error {
+	err := sp.fits(req)
+	if err != nil && !errors.Is(err, pod.ErrUnfit) {
+		return fmt.Errorf("%w: %w", spare.ErrRefused, err)
+	}
+	return err
+}
+
+func (sp *Spare) fits(req spare.Request) error {
 	if req.Task == nil {
 		return nil
 	}
@@ -222,6 +232,9 @@ func (sp *Spare) Fits(req spare.Request) error {
 	}
 	b, err := bundle.Load(req.Dir)
 	if err != nil {
+		return err
+	}
+	if _, err := pod.CheckSpec(cfg, req.Task.ID, b.Spec); err != nil {
 		return err
 	}
 	return sp.refuses(cfg, &pod.First{ID: req.Task.ID, Bundle: b})
@@ -290,6 +303,9 @@ func (s *Service) takeSpare(ctx context.Context, cfg config.Config, first *pod.F
 	// guest would otherwise compete at nice 19 with whatever loads the host.
 	if err := sp.pod.Foreground(); err != nil {
 		log.WithError(err).Warn("restore the priority of the spare's VM")
+	}
+	if err := sp.pod.TakeShimOOMScore(); err != nil {
+		log.WithError(err).Warn("the spare's VM keeps a spare's standing with the host's OOM killer")
 	}
 	start := time.Now()
 	err = sp.pod.Adopt(ctx, cfg, first)

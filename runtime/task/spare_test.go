@@ -4,13 +4,18 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/runtime/pod"
+	"github.com/kiln-runtime/kiln/runtime/spare"
 )
 
 // A spare's shape goes through its command line as JSON and gives back the sized configuration; a shape that no
@@ -143,6 +148,63 @@ func TestSpareTurn(t *testing.T) {
 			}
 			if (taken == 1) != tt.wantTaken || released != taken {
 				t.Fatalf("taken %d turns, released %d; want one taken: %v, and every one released", taken, released, tt.wantTaken)
+			}
+		})
+	}
+}
+
+// A spare declines a task its Create would refuse whatever the VM (its spec, its configuration file) as
+// spare.ErrRefused, which does not count against the spare's shape; a task of another configuration is unfit.
+func TestSpareFitsRefusedTasks(t *testing.T) {
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte("[hypervisor]\nvcpus = 1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := config.Load(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundleWith := func(t *testing.T, spec specs.Spec) string {
+		d := t.TempDir()
+		b, err := json.Marshal(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "config.json"), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(filepath.Join(d, "rootfs"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	hostPID := specs.Spec{Version: specs.Version, Root: &specs.Root{Path: "rootfs"}, Process: &specs.Process{Args: []string{"sh"}, Cwd: "/"},
+		Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.MountNamespace}, {Type: specs.NetworkNamespace}, {Type: specs.IPCNamespace}, {Type: specs.UTSNamespace}}}}
+	plain := hostPID
+	plain.Linux = &specs.Linux{Namespaces: append([]specs.LinuxNamespace{{Type: specs.PIDNamespace}}, hostPID.Linux.Namespaces...)}
+	other := config.Default()
+	for _, tc := range []struct {
+		name    string
+		spare   config.Config
+		cfgPath string
+		bundle  string
+		refused bool
+		says    string
+	}{
+		{"a spec with the host's PID namespace", loaded, cfgPath, bundleWith(t, hostPID), true, "pid namespace"},
+		{"a configuration file that does not load", loaded, filepath.Join(dir, "missing.toml"), bundleWith(t, plain), true, "missing.toml"},
+		{"a bundle without a spec", loaded, cfgPath, t.TempDir(), true, "config.json"},
+		{"another configuration", other, cfgPath, bundleWith(t, plain), false, "configuration differs"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sp := &Spare{cfg: tc.spare}
+			err := sp.Fits(spare.Request{Dir: tc.bundle, Task: &spare.Task{ID: "c1", ConfigPath: tc.cfgPath}})
+			if err == nil {
+				t.Fatal("the spare fits")
+			}
+			if errors.Is(err, spare.ErrRefused) != tc.refused || errors.Is(err, pod.ErrUnfit) == tc.refused || !strings.Contains(err.Error(), tc.says) {
+				t.Errorf("Fits = %v: refused %v, unfit %v; want refused %v, naming %q", err, errors.Is(err, spare.ErrRefused), errors.Is(err, pod.ErrUnfit), tc.refused, tc.says)
 			}
 		})
 	}
