@@ -63,7 +63,10 @@ type Mirror struct {
 	Routes     []Route
 	Neighbours []Neighbour
 	nsPath     string
-	log        *logrus.Entry
+	// ns is the namespace nsPath named when it was mirrored: Close undoes nothing in another one the path names
+	// by then (a /proc/<pid>/ns/net whose process is gone and whose pid is another's).
+	ns  nsID
+	log *logrus.Entry
 }
 
 // Limits on what a namespace may hold: a namespace is set up by CNI plugins and hooks, not by Kiln.
@@ -85,12 +88,16 @@ func MirrorNamespace(path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
 	}
 	defer ns.Close()
+	id, err := identify(int(ns))
+	if err != nil {
+		return nil, fmt.Errorf("network namespace %s: %w", path, err)
+	}
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("netlink in network namespace %s: %w", path, err)
 	}
 	defer h.Close()
-	m := &Mirror{nsPath: path, log: log}
+	m := &Mirror{nsPath: path, ns: id, log: log}
 	defer func() {
 		if retErr != nil {
 			m.undo(h)
@@ -300,7 +307,7 @@ func redirectLink(h *netlink.Handle, from, to int, added *bool) error {
 // interface already gone (CNI DEL ran first) is not an error. QEMU must have exited, or the taps outlive this
 // until it does.
 func (m *Mirror) Close() error {
-	h, err := undoHandle(m.nsPath)
+	h, err := undoHandle(m.nsPath, m.ns)
 	if h == nil {
 		m.closeTaps()
 		return err

@@ -322,3 +322,44 @@ func TestCheckNotHost(t *testing.T) {
 		t.Errorf("a missing namespace: %v", err)
 	}
 }
+
+// A namespace path that names another namespace by the time the mirror is undone (a /proc/<pid>/ns/net whose
+// process went and whose pid another took, another pod's holder among them) is left alone by Close and by
+// Unmirror: the taps there are another pod's.
+func TestUndoLeavesAnotherNamespaceAtThePath(t *testing.T) {
+	ns := netnsWithVeth(t, "addr add 10.99.0.5/24 dev eth0")
+	state := filepath.Join(t.TempDir(), "mirror.json")
+	if err := SaveNamespace(state, ns); err != nil {
+		t.Fatal(err)
+	}
+	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Save(state); err != nil {
+		t.Fatal(err)
+	}
+	// The path now names a new namespace (mounted over it), holding a tap of Kiln's name: another pod's.
+	other := filepath.Base(ns) + "b"
+	if out, err := exec.Command("ip", "netns", "add", other).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", other).Run() })
+	if out, err := exec.Command("ip", "-n", other, "tuntap", "add", "kilntap0", "mode", "tap").CombinedOutput(); err != nil {
+		t.Fatalf("ip tuntap add: %v: %s", err, out)
+	}
+	if out, err := exec.Command("mount", "--bind", "/var/run/netns/"+other, ns).CombinedOutput(); err != nil {
+		t.Fatalf("mount --bind: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", ns).Run() })
+
+	if err := m.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if err := Unmirror(state); err != nil {
+		t.Fatalf("Unmirror: %v", err)
+	}
+	if out := ipIn(t, "/var/run/netns/"+other, "link"); !strings.Contains(out, "kilntap0") {
+		t.Errorf("the other namespace's tap was deleted:\n%s", out)
+	}
+}

@@ -18,8 +18,25 @@ import (
 
 // saved is what Save writes: enough for Unmirror to undo a Mirror whose owner was killed.
 type saved struct {
-	Namespace  string           `json:"namespace"`
+	Namespace string `json:"namespace"`
+	// NS is the namespace Namespace named when it was saved; zero in a record of an older Kiln.
+	NS         nsID             `json:"ns"`
 	Interfaces []savedInterface `json:"interfaces"`
+}
+
+// nsID tells one namespace from another: the device and inode of its nsfs file, unique while it lives.
+type nsID struct {
+	Dev uint64 `json:"dev,omitempty"`
+	Ino uint64 `json:"ino,omitempty"`
+}
+
+// identify is the namespace of the open descriptor fd.
+func identify(fd int) (nsID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nsID{}, fmt.Errorf("stat the namespace: %w", err)
+	}
+	return nsID{Dev: st.Dev, Ino: st.Ino}, nil
 }
 
 // savedInterface is a mirrored interface as Unmirror finds it again.
@@ -31,7 +48,7 @@ type savedInterface struct {
 
 // Save writes what Unmirror needs to undo m into file.
 func (m *Mirror) Save(file string) error {
-	st := saved{Namespace: m.nsPath}
+	st := saved{Namespace: m.nsPath, NS: m.ns}
 	for _, ifc := range m.Interfaces {
 		st.Interfaces = append(st.Interfaces, savedInterface{Name: ifc.Name, Index: ifc.index, TxQLen: ifc.txQLen})
 	}
@@ -40,7 +57,13 @@ func (m *Mirror) Save(file string) error {
 
 // SaveNamespace writes, before MirrorNamespace changes the namespace at path, the record Unmirror needs to find
 // what a mirror killed half-way made there (its taps and redirects; the interfaces' queue lengths come with Save).
-func SaveNamespace(file, path string) error { return saved{Namespace: path}.write(file) }
+func SaveNamespace(file, path string) error {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return fmt.Errorf("save network mirror state: %w", &os.PathError{Op: "stat", Path: path, Err: err})
+	}
+	return saved{Namespace: path, NS: nsID{Dev: st.Dev, Ino: st.Ino}}.write(file)
+}
 
 func (st saved) write(file string) error {
 	raw, err := json.Marshal(st)
@@ -80,7 +103,7 @@ func Unmirror(file string) error {
 	if !filepath.IsAbs(st.Namespace) {
 		return fmt.Errorf("network mirror state %s: namespace %q is not an absolute path", file, st.Namespace)
 	}
-	h, err := undoHandle(st.Namespace)
+	h, err := undoHandle(st.Namespace, st.NS)
 	if h == nil {
 		return err
 	}
@@ -127,8 +150,9 @@ func Unmirror(file string) error {
 }
 
 // undoHandle is netlink in the namespace at path, for undoing a mirror there (Mirror.Close, Unmirror): nil and
-// no error when the namespace is gone, and what Kiln made in it with it.
-func undoHandle(path string) (*netlink.Handle, error) {
+// no error when the namespace is gone, and what Kiln made in it with it, or when path names another namespace
+// than want (unless want is zero): Kiln's taps there would be another pod's.
+func undoHandle(path string, want nsID) (*netlink.Handle, error) {
 	ns, err := netns.GetFromPath(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -137,6 +161,16 @@ func undoHandle(path string) (*netlink.Handle, error) {
 		return nil, fmt.Errorf("open network namespace %s to undo its mirror: %w", path, err)
 	}
 	defer ns.Close()
+	if want != (nsID{}) {
+		got, err := identify(int(ns))
+		if err != nil {
+			return nil, fmt.Errorf("network namespace %s: %w", path, err)
+		}
+		if got != want {
+			// The mirrored one is gone, and with it what Kiln made there; this one is someone else's.
+			return nil, nil
+		}
+	}
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("netlink in network namespace %s: %w", path, err)
