@@ -58,7 +58,7 @@ func (s *Share) mountOneLocked(m Mount, target string, readonly bool) error {
 	if (uidmap == "") != (gidmap == "") {
 		return fmt.Errorf("an idmapped mount needs both uidmap= and gidmap= options, got uidmap=%q gidmap=%q", uidmap, gidmap)
 	}
-	flags, data := parseOptions(opts)
+	flags := mountFlagsOf(opts)
 	if readonly {
 		flags |= unix.MS_RDONLY
 	}
@@ -92,19 +92,15 @@ func (s *Share) mountOneLocked(m Mount, target string, readonly bool) error {
 			}
 		}
 	}
-	if uidmap != "" {
-		// An overlay is idmapped through its lower directories (each gets an idmapped mount; the snapshotter gave
-		// the upper one to the mapped root), which containerd's mount package does, as for runc.
-		cm := mount.Mount{Type: m.Type, Source: m.Source, Options: slices.Clone(m.Options)}
-		if readonly {
-			cm.Options = append(cm.Options, "ro")
-		}
-		if err := cm.Mount(target); err != nil {
-			return fmt.Errorf("mount idmapped %s: %w", m.Type, err)
-		}
-		return nil
+	// containerd's mount package mounts as it does for runc: an overlay idmapped through its lower directories
+	// (each gets an idmapped mount; the snapshotter gave the upper one to the mapped root), and an overlay of
+	// more layers than mount(2)'s one page of options holds (the kernel cuts them there, which fails the mount or
+	// mounts another directory as the bottom layer) with its lower directories named from a common parent.
+	cm := mount.Mount{Type: m.Type, Source: m.Source, Options: slices.Clone(m.Options)}
+	if readonly {
+		cm.Options = append(cm.Options, "ro")
 	}
-	if err := unix.Mount(m.Source, target, m.Type, flags, data); err != nil {
+	if err := cm.Mount(target); err != nil {
 		return fmt.Errorf("mount %s: %w", m.Type, err)
 	}
 	return nil
@@ -141,10 +137,9 @@ var mountFlags = map[string]struct {
 	"bind":        {true, unix.MS_BIND}, "rbind": {true, unix.MS_BIND | unix.MS_REC},
 }
 
-// parseOptions splits mount options into flags and the comma-joined rest, which is the file system's data
-// (overlay's lowerdir=..., upperdir=..., workdir=...).
-func parseOptions(opts []string) (flags uintptr, data string) {
-	var rest []string
+// mountFlagsOf is the mount flags opts set, in order (a later "rw" clears an earlier "ro"); the file system's
+// own options (overlay's lowerdir=...) set none.
+func mountFlagsOf(opts []string) (flags uintptr) {
 	for _, o := range opts {
 		if f, ok := mountFlags[o]; ok {
 			if f.set {
@@ -152,11 +147,9 @@ func parseOptions(opts []string) (flags uintptr, data string) {
 			} else {
 				flags &^= f.flag
 			}
-			continue
 		}
-		rest = append(rest, o)
 	}
-	return flags, strings.Join(rest, ",")
+	return flags
 }
 
 // IsBind reports whether an OCI or containerd mount is a bind mount.

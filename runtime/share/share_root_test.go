@@ -3,8 +3,10 @@ package share
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -281,6 +283,44 @@ func TestAddRootfsMountsOverlay(t *testing.T) {
 	}
 	if mps, _ := mounttree.Points(filepath.Join(s.mounts, "c7")); len(mps) > 0 {
 		t.Errorf("failed rootfs left mounts %v", mps)
+	}
+}
+
+// An overlay of more layers than mount(2)'s page of options holds (an image of some 60 layers in containerd's
+// snapshot directories) mounts whole: every layer, the bottom one included, is there.
+func TestAddRootfsMountsManyLayers(t *testing.T) {
+	requireRoot(t)
+	s := newTestShare(t)
+	// As long as containerd's: /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/<n>/fs.
+	base := filepath.Join(t.TempDir(), "io.containerd.snapshotter.v1.overlayfs", "snapshots")
+	var lowers []string
+	for i := 1; i <= 80; i++ {
+		d := filepath.Join(base, strconv.Itoa(1000+i), "fs")
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		write(t, filepath.Join(d, fmt.Sprintf("layer%d", i)), strconv.Itoa(i))
+		lowers = append([]string{d}, lowers...) // the top layer first
+	}
+	upper, work := filepath.Join(base, "2000", "fs"), filepath.Join(base, "2000", "work")
+	for _, d := range []string{upper, work} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts := []string{"index=off", "lowerdir=" + strings.Join(lowers, ":"), "upperdir=" + upper, "workdir=" + work}
+	if n := len(strings.Join(opts, ",")); n < 4096 {
+		t.Fatalf("options of %d bytes: the test wants more than a page", n)
+	}
+	rel, err := s.AddRootfsMounts(context.Background(), "many", []Mount{{Type: "overlay", Source: "overlay", Options: opts}}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exported := filepath.Join(s.ExportDir(), rel)
+	for _, i := range []int{1, 40, 80} {
+		if got := read(t, filepath.Join(exported, fmt.Sprintf("layer%d", i))); got != strconv.Itoa(i) {
+			t.Errorf("layer %d reads %q", i, got)
+		}
 	}
 }
 
