@@ -101,7 +101,7 @@ func runSpare(args []string) (*task.Spare, error) {
 		}
 		return err
 	}
-	req, socket, err := slot.Wait(ctx, config.SpareIdle, os.Getpid(), version, sp.Lost(), fits)
+	req, socket, err := slot.Wait(ctx, config.SpareIdle, os.Getpid(), spare.Build(version), sp.Lost(), fits)
 	if err != nil {
 		lost := errors.Is(err, spare.ErrLost)
 		if lost {

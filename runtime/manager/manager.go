@@ -120,7 +120,7 @@ func (m *Manager) Start(ctx context.Context, p *bootapi.BootstrapParams) (_ *boo
 	// A spare shim of this containerd, when one waits, becomes the server (runtime/spare). Nothing may be logged
 	// on this path: `start`'s output is containerd's bootstrap channel.
 	actx, cancel := context.WithTimeout(ctx, spareHandOverTimeout)
-	req := spare.Request{Version: m.version, Args: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, Task: spareTask(id, p)}
+	req := spare.Request{Version: spare.Build(m.version), Args: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, Task: spareTask(id, p)}
 	pid, err := spare.Adopt(actx, p.GetContainerdGrpcAddress(), req, f)
 	cancel()
 	if err == nil {

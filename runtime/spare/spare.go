@@ -55,6 +55,19 @@ type Fits func(Request) error
 // ErrStale is returned by Wait when a task came from a shim binary of another version than the spare's.
 var ErrStale = errors.New("a task came from another version of the shim; the spare is stale")
 
+// Build is version made specific to the shim binary this process runs, as a spare and a task's `start` compare it
+// (Request.Version): the version is the same for every build of a tree with uncommitted changes ("…-dirty") or
+// without git ("dev"), so the binary's own file is added (its device, inode, size and time of change, read through
+// /proc/self/exe, which names the file the process runs even after another replaced it): the spares of a binary
+// `make install` replaced are stale, whatever the version says.
+func Build(version string) string {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/exe", &st); err != nil {
+		return version
+	}
+	return fmt.Sprintf("%s+%x.%x.%x.%x", version, st.Dev, st.Ino, st.Size, st.Mtim.Nano())
+}
+
 // Adopt hands the server start req, with its listening socket, to a spare waiting for the containerd at address,
 // and returns the spare's pid. ErrNone means none took it; the caller then starts the server itself.
 func Adopt(ctx context.Context, address string, req Request, socket *os.File) (int, error) {

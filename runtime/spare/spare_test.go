@@ -8,6 +8,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -454,5 +457,39 @@ func TestSpareWhoseSlotWentLeaves(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Build tells two binaries of one version apart (a tree's "-dirty" builds, `make install` replacing the shim), and
+// a process from itself: a spare of the replaced binary is stale to a task of the new one.
+func TestBuildNamesTheBinary(t *testing.T) {
+	if os.Getenv("KILN_TEST_PRINT_BUILD") == "1" {
+		fmt.Print(Build("v1-dirty"))
+		os.Exit(0)
+	}
+	self := Build("v1-dirty")
+	if self != Build("v1-dirty") || !strings.HasPrefix(self, "v1-dirty+") {
+		t.Fatalf("Build = %q, then %q", self, Build("v1-dirty"))
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(exe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copied := filepath.Join(t.TempDir(), "shim")
+	if err := os.WriteFile(copied, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(copied, "-test.run=^TestBuildNamesTheBinary$")
+	cmd.Env = append(os.Environ(), "KILN_TEST_PRINT_BUILD=1")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if other := string(out); other == self || !strings.HasPrefix(other, "v1-dirty+") {
+		t.Errorf("another binary of the same version builds %q, this one %q", other, self)
 	}
 }
