@@ -10,7 +10,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -51,11 +53,20 @@ func Any(spec *specs.Spec) bool {
 	return h != nil && len(h.Prestart)+len(h.CreateRuntime)+len(h.Poststart)+len(h.Poststop) > 0
 }
 
+// owedFile, in a bundle, says that its container's create hooks ran and its poststop hooks have not: a shim that
+// dies before it recorded the task leaves it for containerd's `delete` (Owed), which then runs them.
+const owedFile = "kiln-poststop-owed"
+
 // CreateRuntime runs the spec's prestart and createRuntime hooks, in that order (runc's), with status "creating".
-// The first failure is the error.
+// The first failure is the error. With poststop hooks to undo them, it first marks them owed in st.Bundle.
 func CreateRuntime(ctx context.Context, spec *specs.Spec, st State) error {
 	if spec.Hooks == nil {
 		return nil
+	}
+	if len(spec.Hooks.Poststop) > 0 && len(spec.Hooks.Prestart)+len(spec.Hooks.CreateRuntime) > 0 {
+		if err := os.WriteFile(filepath.Join(st.Bundle, owedFile), nil, 0o600); err != nil {
+			return fmt.Errorf("note in the bundle that its poststop hooks are owed: %w", err)
+		}
 	}
 	//nolint:staticcheck // prestart is deprecated, but clients (Docker's libnetwork) still use it.
 	if err := run(ctx, "prestart", spec.Hooks.Prestart, st, specs.StateCreating); err != nil {
@@ -72,7 +83,8 @@ func Poststart(ctx context.Context, spec *specs.Spec, st State) error {
 	return run(ctx, "poststart", spec.Hooks.Poststart, st, specs.StateRunning)
 }
 
-// Poststop runs the poststop hooks with status "stopped". Every hook runs; the errors are joined.
+// Poststop runs the poststop hooks with status "stopped". Every hook runs; the errors are joined. They are owed
+// no more.
 func Poststop(ctx context.Context, spec *specs.Spec, st State) error {
 	if spec.Hooks == nil {
 		return nil
@@ -81,7 +93,16 @@ func Poststop(ctx context.Context, spec *specs.Spec, st State) error {
 	for i := range spec.Hooks.Poststop {
 		errs = append(errs, run(ctx, "poststop", spec.Hooks.Poststop[i:i+1], st, specs.StateStopped))
 	}
+	if err := os.Remove(filepath.Join(st.Bundle, owedFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("note that the poststop hooks ran: %w", err))
+	}
 	return errors.Join(errs...)
+}
+
+// Owed says whether the container of bundle dir had its create hooks run and not yet its poststop hooks.
+func Owed(dir string) bool {
+	_, err := os.Stat(filepath.Join(dir, owedFile))
+	return err == nil
 }
 
 // outputLimit bounds how much of a failed hook's output an error quotes.

@@ -107,3 +107,37 @@ func TestPoststopRunsEveryHook(t *testing.T) {
 		t.Errorf("second poststop hook did not run: %v", err)
 	}
 }
+
+// Create hooks with poststop hooks to undo them leave those owed in the bundle until they run; without poststop
+// hooks (or without create hooks) nothing is owed.
+func TestPoststopOwed(t *testing.T) {
+	ok := script(t, "exit 0\n")
+	for _, tc := range []struct {
+		name  string
+		hooks specs.Hooks
+		owed  bool
+	}{
+		{"create and poststop hooks", specs.Hooks{CreateRuntime: []specs.Hook{{Path: ok}}, Poststop: []specs.Hook{{Path: ok}}}, true},
+		{"prestart and poststop hooks", specs.Hooks{Prestart: []specs.Hook{{Path: ok}}, Poststop: []specs.Hook{{Path: ok}}}, true},
+		{"no poststop hook", specs.Hooks{CreateRuntime: []specs.Hook{{Path: ok}}}, false},
+		{"no create hook", specs.Hooks{Poststop: []specs.Hook{{Path: ok}}}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			spec := &specs.Spec{Hooks: &tc.hooks}
+			st := State{ID: "c1", Bundle: dir}
+			if err := CreateRuntime(context.Background(), spec, st); err != nil {
+				t.Fatal(err)
+			}
+			if Owed(dir) != tc.owed {
+				t.Fatalf("owed after the create hooks: %v, want %v", Owed(dir), tc.owed)
+			}
+			if err := Poststop(context.Background(), spec, st); err != nil {
+				t.Fatal(err)
+			}
+			if Owed(dir) {
+				t.Error("still owed after the poststop hooks ran")
+			}
+		})
+	}
+}

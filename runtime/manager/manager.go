@@ -196,6 +196,20 @@ func serverCommand(ctx context.Context, id, group, address string, debug bool) (
 	return cmd, nil
 }
 
+// owedPoststop runs the poststop hooks of the bundle in dir, whose shim died after its create hooks ran and
+// before it recorded the task.
+func (m *Manager) owedPoststop(ctx context.Context, id, dir string) {
+	l := log.G(ctx).WithField("container", id)
+	b, err := bundle.Load(dir)
+	if err != nil {
+		l.WithError(err).Warn("load the bundle for the poststop hooks its create hooks owe")
+		return
+	}
+	if err := hooks.Poststop(ctx, b.Spec, hooks.State{ID: id, Bundle: dir, Annotations: b.Spec.Annotations}); err != nil {
+		l.WithError(err).Warn("poststop hook failed")
+	}
+}
+
 // Info describes the runtime to containerd.
 func (m *Manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
 	feat, err := typeurl.MarshalAnyToProto(features.OCI())
@@ -220,6 +234,11 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	}
 	rec, err := task.ReadRecord(cwd)
 	if errors.Is(err, os.ErrNotExist) {
+		// No task was recorded: the shim died before its create was done, or never came up. If its create hooks
+		// had run by then (nerdctl's CNI ADD), the poststop hooks that undo them run now.
+		if hooks.Owed(cwd) {
+			m.owedPoststop(ctx, id, cwd)
+		}
 		return status, nil
 	}
 	if err != nil {

@@ -20,6 +20,7 @@ import (
 	specfeatures "github.com/opencontainers/runtime-spec/specs-go/features"
 
 	"github.com/kiln-runtime/kiln/runtime/bundle"
+	"github.com/kiln-runtime/kiln/runtime/hooks"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
@@ -275,6 +276,49 @@ func TestStopRunsPoststopOnce(t *testing.T) {
 		}
 		if got, _ := os.ReadFile(filepath.Join(dir, "runs")); string(got) != "ran\n" {
 			t.Errorf("after delete %d the poststop hook ran %q, want once", i, got)
+		}
+	}
+}
+
+// A shim that died after its container's create hooks ran and before it recorded the task (its VM still
+// booting) leaves them owed: the `delete` containerd runs then runs the poststop hooks (nerdctl's CNI DEL, which
+// releases the address the ADD leased), and only once. Without create hooks run, it runs none.
+func TestStopRunsOwedPoststopWithoutARecord(t *testing.T) {
+	for _, owed := range []bool{true, false} {
+		dir := t.TempDir()
+		if err := os.Mkdir(filepath.Join(dir, "rootfs"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		hook := filepath.Join(dir, "hook")
+		if err := os.WriteFile(hook, []byte("#!/bin/sh\necho $1 >> "+dir+"/runs\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		spec := specs.Spec{Process: &specs.Process{Args: []string{"true"}}, Root: &specs.Root{Path: "rootfs"},
+			Hooks: &specs.Hooks{CreateRuntime: []specs.Hook{{Path: hook, Args: []string{"hook", "ADD"}}},
+				Poststop: []specs.Hook{{Path: hook, Args: []string{"hook", "DEL"}}}}}
+		b, err := json.Marshal(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		ctx := namespaces.WithNamespace(context.Background(), "default")
+		want := ""
+		if owed {
+			if err := hooks.CreateRuntime(ctx, &spec, hooks.State{ID: "c1", Bundle: dir}); err != nil {
+				t.Fatal(err)
+			}
+			want = "ADD\nDEL\n"
+		}
+		t.Chdir(dir)
+		for i := 0; i < 2; i++ {
+			if _, err := New("test").Stop(ctx, "c1"); err != nil {
+				t.Fatalf("delete %d without a record: %v", i, err)
+			}
+			if got, _ := os.ReadFile(filepath.Join(dir, "runs")); string(got) != want {
+				t.Errorf("create hooks run %v: after delete %d the hooks ran %q, want %q", owed, i, got, want)
+			}
 		}
 	}
 }
