@@ -24,6 +24,10 @@ type Container struct {
 	m       *Manager
 	init    *Process
 
+	// deleteMu makes Deletes of the container one at a time: a second (CRI's exit handler and its waiter both
+	// delete) finds it deleted.
+	deleteMu sync.Mutex
+
 	mu    sync.Mutex
 	execs map[string]*Process
 }
@@ -250,9 +254,11 @@ func (c *Container) Pids(ctx context.Context) ([]*agentv1.ProcessInfo, error) {
 // before its exit was seen counts as killed). Without force it must be created or stopped; with force a running
 // container is killed first. Pending waits of its processes end with ErrDeleted.
 func (c *Container) Delete(ctx context.Context, force bool) (Exit, error) {
+	c.deleteMu.Lock()
+	defer c.deleteMu.Unlock()
 	if c.init.State() == lifecycle.Deleted {
-		e, _ := c.init.ExitStatus()
-		return e, nil
+		// Deleted by another Delete meanwhile, which reported it: this one would report it twice.
+		return Exit{}, fmt.Errorf("delete container %s: %w: deleted already", c.id, ErrNotFound)
 	}
 	if !force {
 		if err := c.init.require("delete", lifecycle.Created, lifecycle.Stopped); err != nil {

@@ -102,3 +102,36 @@ func TestExecLostWhileStartingEnds(t *testing.T) {
 		t.Fatalf("DeleteProcess of the exec: %v", err)
 	}
 }
+
+// Two Deletes of one container at once (CRI's exit handler and its waiter) delete it once: the other finds it
+// deleted (NotFound), so the task's deletion is reported once.
+func TestConcurrentDeletesDeleteOnce(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(*fakeProc) uint32 { return 0 }})
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	if _, err := c.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() {
+			_, err := c.Delete(ctx, false)
+			errs <- err
+		}()
+	}
+	var ok, notFound int
+	for range 2 {
+		switch err := <-errs; {
+		case err == nil:
+			ok++
+		case errors.Is(err, ErrNotFound):
+			notFound++
+		default:
+			t.Errorf("Delete: %v", err)
+		}
+	}
+	if ok != 1 || notFound != 1 {
+		t.Errorf("%d Deletes succeeded and %d found the container deleted, want one each", ok, notFound)
+	}
+}
