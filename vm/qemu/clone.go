@@ -56,6 +56,10 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Which template this clone copies: another may take its place by the time this one is found wanting.
+	if tpl.id, err = dirID(tpl.dir); err != nil {
+		return fmt.Errorf("template %s: %w", tpl.dir, err)
+	}
 	state, err := os.Open(tpl.state())
 	if err != nil {
 		return fmt.Errorf("open template state: %w", err)
@@ -186,8 +190,15 @@ func (m *Machine) exitedAs(err, cause error) error {
 }
 
 // discardTemplate removes a template its clones cannot use, for the reason why, so that the next VM builds it
-// again. Clones started from it hold their own copies and descriptors.
+// again. Clones started from it hold their own copies and descriptors. A template t names by identity (t.id) that
+// another replaced meanwhile (discarded and built again, by a VM that found it wanting first) is left alone.
 func discardTemplate(t template, log *logrus.Entry, why string) {
+	if t.id != (fileID{}) {
+		if now, err := dirID(t.dir); err != nil || now != t.id {
+			log.WithFields(logrus.Fields{"template": t.dir, "reason": why}).Info("a template of no use was replaced already")
+			return
+		}
+	}
 	trash := fmt.Sprintf("%s.discarded-%d", t.dir, os.Getpid())
 	err := os.Rename(t.dir, trash)
 	if err == nil {

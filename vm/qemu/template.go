@@ -180,6 +180,20 @@ type template struct {
 	dir string
 	// inputs are what its key was computed from (templateKey).
 	inputs string
+	// id is dir's identity when a clone took it; zero where no clone did (a build's own checks).
+	id fileID
+}
+
+// fileID tells one file from another of the same name: its device and inode.
+type fileID struct{ dev, ino uint64 }
+
+// dirID is the identity of the file at path.
+func dirID(path string) (fileID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return fileID{}, &os.PathError{Op: "stat", Path: path, Err: err}
+	}
+	return fileID{dev: st.Dev, ino: st.Ino}, nil
 }
 
 func (t template) ram() string   { return filepath.Join(t.dir, templateRAM) }
