@@ -85,6 +85,9 @@ const (
 // a rebuilt or upgraded file changes. It also returns the inputs, which the template keeps (pruneTemplates).
 func templateKey(c Config, qemuPath string) (key, inputs string, err error) {
 	t := templateConfig(c, "template", templateRAM)
+	// tsc_early_khz spares a booting guest the calibration of its clock, which a clone, resumed booted, never
+	// makes; and the host's "cpu MHz" it comes from (hostTSCkHz) moves with frequency scaling, read by read.
+	t.TSCkHz = 0
 	files := []string{qemuPath, c.Kernel, c.Initrd}
 	if c.AgentImage != "" {
 		files = append(files, c.AgentImage)

@@ -195,6 +195,8 @@ func TestTemplateKey(t *testing.T) {
 	}{
 		{"another pod", func(c *Config) { c.ID, c.SharedDir, c.Nets = "pod-b", "/share/b", nil }},
 		{"another clone RAM file", func(c *Config) { c.MemoryFile = "/tpl/clones/0123456789abcdef/pod-a.ram" }},
+		// Read from the host's "cpu MHz", which frequency scaling moves; a clone never calibrates its clock.
+		{"another TSC reading", func(c *Config) { c.TSCkHz = 2194843 }},
 	}
 	for _, s := range same {
 		c := base
