@@ -9,6 +9,7 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/sirupsen/logrus"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -156,6 +157,46 @@ func (c *Container) awaitDelivery(ctx context.Context) {
 		}
 		if _, err := p.Wait(ctx); err != nil && ctx.Err() != nil {
 			c.m.log.WithError(err).WithField("container", c.id).Warn("output still undelivered at the container's delete; cutting it off")
+			return
+		}
+	}
+}
+
+// endExecs ends the container's execs that still run once its init has exited, and waits (within the manager's
+// DrainTimeout) for their exits to be reported, so that the init's exit is the container's last, as runc's shim
+// reports them: in a container that shares a PID namespace they would run on, and CRI takes the init's exit for
+// the container's end (and deletes it).
+func (c *Container) endExecs(log *logrus.Entry) {
+	c.mu.Lock()
+	var running []*Process
+	for _, e := range c.execs {
+		e.mu.Lock()
+		delivering := e.delivering
+		e.mu.Unlock()
+		if delivering {
+			running = append(running, e)
+		}
+	}
+	c.mu.Unlock()
+	live := false
+	for _, e := range running {
+		if _, exited := e.ExitStatus(); !exited {
+			live = true
+		}
+	}
+	if len(running) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(c.m.ctx, c.m.opts.DrainTimeout)
+	defer cancel()
+	if live {
+		if err := c.Kill(ctx, sigKill, true); err != nil {
+			log.WithError(err).Warn("end the execs that outlive the container's init")
+		}
+	}
+	for _, e := range running {
+		if _, err := e.Wait(ctx); err != nil && ctx.Err() != nil {
+			log.WithError(err).Warn("the init's exit is reported before its execs' exits")
 			return
 		}
 	}

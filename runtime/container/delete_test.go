@@ -3,6 +3,8 @@ package container
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -133,5 +135,46 @@ func TestConcurrentDeletesDeleteOnce(t *testing.T) {
 	}
 	if ok != 1 || notFound != 1 {
 		t.Errorf("%d Deletes succeeded and %d found the container deleted, want one each", ok, notFound)
+	}
+}
+
+// The init's exit is the container's last, as runc's shim reports them: execs that outlive it (a container that
+// shares a PID namespace) are killed and their exits reported first, and no exec starts after it.
+func TestInitExitIsTheLast(t *testing.T) {
+	initExits, killed := make(chan struct{}), make(chan struct{})
+	a := newFakeAgent(t, map[string]script{
+		"c1/":   func(*fakeProc) uint32 { <-initExits; return 0 },
+		"c1/e1": func(*fakeProc) uint32 { <-killed; return 137 },
+	})
+	var once sync.Once
+	a.onSignal = func(r *agentv1.SignalProcessRequest) {
+		if r.GetAll() && r.GetSignal() == 9 {
+			once.Do(func() { close(killed) })
+		}
+	}
+	var mu sync.Mutex
+	var order []string
+	m := a.start(Options{OnExit: func(p *Process, e Exit) {
+		mu.Lock()
+		defer mu.Unlock()
+		order = append(order, fmt.Sprintf("%q %d", p.ID(), e.Status))
+	}})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	if _, err := c.Exec(ctx, "e1", &specs.Process{Args: []string{"sleep"}}, stdio.IO{}); err != nil {
+		t.Fatal(err)
+	}
+	close(initExits)
+	if _, err := c.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	got := strings.Join(order, ", ")
+	mu.Unlock()
+	if want := `"e1" 137, "" 0`; got != want {
+		t.Errorf("exits reported %s, want %s", got, want)
+	}
+	if _, err := c.Exec(ctx, "e2", &specs.Process{Args: []string{"true"}}, stdio.IO{}); !errors.Is(err, ErrInvalidState) {
+		t.Errorf("an exec after the init exited: %v, want ErrInvalidState", err)
 	}
 }

@@ -41,6 +41,8 @@ type fakeAgent struct {
 	fail error
 	// longLists makes stats and process lists answer with more entries than the host takes.
 	longLists bool
+	// onSignal, when set, is told of each signal the host sends (a script can end on it).
+	onSignal func(*agentv1.SignalProcessRequest)
 
 	stdioPath string
 	mu        sync.Mutex
@@ -223,6 +225,9 @@ func (a *fakeAgent) ExecProcess(_ context.Context, r *agentv1.ExecProcessRequest
 
 func (a *fakeAgent) SignalProcess(_ context.Context, r *agentv1.SignalProcessRequest) (*agentv1.SignalProcessResponse, error) {
 	a.record("signal " + r.GetContainerId())
+	if a.onSignal != nil {
+		a.onSignal(r)
+	}
 	return &agentv1.SignalProcessResponse{}, nil
 }
 

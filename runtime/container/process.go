@@ -159,6 +159,13 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 		}
 		return fmt.Errorf("start %s: %w", p.describe(), err)
 	}
+	if p.execID != "" {
+		if _, exited := p.c.init.ExitStatus(); exited {
+			p.mu.Unlock()
+			// The init's exit is the container's last (endExecs): nothing starts after it, as with runc.
+			return fmt.Errorf("start %s: %w: the container's init process has exited", p.describe(), ErrInvalidState)
+		}
+	}
 	gate := make(chan struct{})
 	p.starting = gate
 	p.mu.Unlock()
@@ -252,6 +259,9 @@ func (p *Process) deliver() {
 	p.mu.Unlock()
 	if gate != nil {
 		<-gate
+	}
+	if p.execID == "" && exitErr == nil {
+		p.c.endExecs(l)
 	}
 	if exitErr == nil && m.opts.OnExit != nil {
 		m.opts.OnExit(p, e)
