@@ -111,15 +111,22 @@ func linkNames(links []netlink.Link) []string {
 	return names
 }
 
-// Each device ends with the name it wants, whether the guest already called it so (it moves as it is) or another
-// device held that name (two that swap names move under temporary ones first).
-func TestConfigureNetworkNames(t *testing.T) {
+// podNetwork is the Network service of a pod namespace under the test's temporary directory, with the test in a
+// namespace of its own as the guest's root (h), and a context that ends within 10 s.
+func podNetwork(t *testing.T) (*netlink.Handle, *Pod, context.Context) {
+	t.Helper()
 	h := inNewNamespace(t)
 	path := filepath.Join(t.TempDir(), "pod")
 	t.Cleanup(func() { _ = unix.Unmount(path, unix.MNT_DETACH) })
-	p := New(path, logrus.NewEntry(logrus.StandardLogger()))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	t.Cleanup(cancel)
+	return h, New(path, logrus.NewEntry(logrus.StandardLogger())), ctx
+}
+
+// Each device ends with the name it wants, whether the guest already called it so (it moves as it is) or another
+// device held that name (two that swap names move under temporary ones first).
+func TestConfigureNetworkNames(t *testing.T) {
+	h, p, ctx := podNetwork(t)
 	devices := []struct{ guest, want string }{{"eth0", "eth0"}, {"other", "net1"}, {"swp0", "swp1"}, {"swp1", "swp0"}}
 	req := &agentv1.ConfigureNetworkRequest{}
 	macs := map[string]string{}
@@ -205,12 +212,7 @@ func TestConfigureNetworkNames(t *testing.T) {
 // Routes through a gateway that only a link route reaches (Calico's and the AWS VPC CNI's 169.254.1.1 beside a
 // /32 address) and routes marked onlink are set up in the pod namespace as the host's namespace had them.
 func TestConfigureNetworkGatewayOnTheLink(t *testing.T) {
-	h := inNewNamespace(t)
-	path := filepath.Join(t.TempDir(), "pod")
-	t.Cleanup(func() { _ = unix.Unmount(path, unix.MNT_DETACH) })
-	p := New(path, logrus.NewEntry(logrus.StandardLogger()))
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	h, p, ctx := podNetwork(t)
 	mac := net.HardwareAddr{0x02, 0x4b, 0x69, 0x6c, 0x6e, 0x31}
 	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0", HardwareAddr: mac}, PeerName: "peer0"}); err != nil {
 		t.Fatal(err)

@@ -247,23 +247,9 @@ func startStandIn(t *testing.T, args ...string) *exec.Cmd {
 // The `delete` after a shim died runs the container's poststop hooks before its cleanup, and once: a later
 // `delete`, after a cleanup that failed, does not run them again.
 func TestStopRunsPoststopOnce(t *testing.T) {
-	dir := t.TempDir()
-	if err := os.Mkdir(filepath.Join(dir, "rootfs"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	hook := filepath.Join(dir, "hook")
-	if err := os.WriteFile(hook, []byte("#!/bin/sh\necho ran >> "+dir+"/runs\n"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	spec := specs.Spec{Process: &specs.Process{Args: []string{"true"}}, Root: &specs.Root{Path: "rootfs"},
-		Hooks: &specs.Hooks{Poststop: []specs.Hook{{Path: hook}}}}
-	b, err := json.Marshal(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	dir, _ := hookedBundle(t, func(hook string) specs.Hooks {
+		return specs.Hooks{Poststop: []specs.Hook{{Path: hook, Args: []string{"hook", "ran"}}}}
+	})
 	// A record whose cleanup fails (it names no VM of Kiln's form), as one that outlived a failed `delete`.
 	if err := task.WriteRecord(dir, task.Record{VMID: "not-a-vm", StateDir: t.TempDir()}); err != nil {
 		t.Fatal(err)
@@ -285,28 +271,14 @@ func TestStopRunsPoststopOnce(t *testing.T) {
 // releases the address the ADD leased), and only once. Without create hooks run, it runs none.
 func TestStopRunsOwedPoststopWithoutARecord(t *testing.T) {
 	for _, owed := range []bool{true, false} {
-		dir := t.TempDir()
-		if err := os.Mkdir(filepath.Join(dir, "rootfs"), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		hook := filepath.Join(dir, "hook")
-		if err := os.WriteFile(hook, []byte("#!/bin/sh\necho $1 >> "+dir+"/runs\n"), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		spec := specs.Spec{Process: &specs.Process{Args: []string{"true"}}, Root: &specs.Root{Path: "rootfs"},
-			Hooks: &specs.Hooks{CreateRuntime: []specs.Hook{{Path: hook, Args: []string{"hook", "ADD"}}},
-				Poststop: []specs.Hook{{Path: hook, Args: []string{"hook", "DEL"}}}}}
-		b, err := json.Marshal(spec)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
+		dir, spec := hookedBundle(t, func(hook string) specs.Hooks {
+			return specs.Hooks{CreateRuntime: []specs.Hook{{Path: hook, Args: []string{"hook", "ADD"}}},
+				Poststop: []specs.Hook{{Path: hook, Args: []string{"hook", "DEL"}}}}
+		})
 		ctx := namespaces.WithNamespace(context.Background(), "default")
 		want := ""
 		if owed {
-			if err := hooks.CreateRuntime(ctx, &spec, hooks.State{ID: "c1", Bundle: dir}); err != nil {
+			if err := hooks.CreateRuntime(ctx, spec, hooks.State{ID: "c1", Bundle: dir}); err != nil {
 				t.Fatal(err)
 			}
 			want = "ADD\nDEL\n"
@@ -321,4 +293,28 @@ func TestStopRunsOwedPoststopWithoutARecord(t *testing.T) {
 			}
 		}
 	}
+}
+
+// hookedBundle makes a bundle whose spec has the hooks hooksOf gives for a hook script that appends its first
+// argument to the bundle's file "runs".
+func hookedBundle(t *testing.T, hooksOf func(hook string) specs.Hooks) (string, *specs.Spec) {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.Mkdir(filepath.Join(dir, "rootfs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hook := filepath.Join(dir, "hook")
+	if err := os.WriteFile(hook, []byte("#!/bin/sh\necho $1 >> "+dir+"/runs\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	h := hooksOf(hook)
+	spec := &specs.Spec{Process: &specs.Process{Args: []string{"true"}}, Root: &specs.Root{Path: "rootfs"}, Hooks: &h}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir, spec
 }
