@@ -167,29 +167,54 @@ func (c *Container) awaitDelivery(ctx context.Context) {
 // reports them: in a container that shares a PID namespace they would run on, and CRI takes the init's exit for
 // the container's end (and deletes it).
 func (c *Container) endExecs(log *logrus.Entry) {
+	ctx, cancel := context.WithTimeout(c.m.ctx, c.m.opts.DrainTimeout)
+	defer cancel()
 	c.mu.Lock()
 	var running []*Process
+	var starting []chan struct{}
 	for _, e := range c.execs {
 		e.mu.Lock()
-		delivering := e.delivering
-		e.mu.Unlock()
-		if delivering {
+		if e.delivering {
 			running = append(running, e)
+		} else if e.starting != nil {
+			starting = append(starting, e.starting)
 		}
+		e.mu.Unlock()
 	}
 	c.mu.Unlock()
+	if len(starting) > 0 {
+		// Starts whose request was out as the init exited (Start refuses those that come after): once they are
+		// settled, the execs they started are among those that end.
+		for _, gate := range starting {
+			select {
+			case <-gate:
+			case <-ctx.Done():
+			}
+		}
+		c.mu.Lock()
+		running = running[:0]
+		for _, e := range c.execs {
+			e.mu.Lock()
+			if e.delivering {
+				running = append(running, e)
+			}
+			e.mu.Unlock()
+		}
+		c.mu.Unlock()
+	}
 	live := false
 	for _, e := range running {
-		if _, exited := e.ExitStatus(); !exited {
+		select {
+		case <-e.done:
+		default:
+			// Still running, or exited with a child that holds its output (in a PID namespace the init shares).
 			live = true
 		}
 	}
 	if len(running) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(c.m.ctx, c.m.opts.DrainTimeout)
-	defer cancel()
-	if live {
+	if live && c.m.guestLost() == nil {
 		if err := c.Kill(ctx, sigKill, true); err != nil {
 			log.WithError(err).Warn("end the execs that outlive the container's init")
 		}

@@ -178,3 +178,62 @@ func TestInitExitIsTheLast(t *testing.T) {
 		t.Errorf("an exec after the init exited: %v, want ErrInvalidState", err)
 	}
 }
+
+// execGate holds ExecProcess until released.
+type execGate struct {
+	agentv1.ContainersClient
+	entered, release chan struct{}
+}
+
+func (g execGate) ExecProcess(ctx context.Context, r *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
+	close(g.entered)
+	<-g.release
+	return g.ContainersClient.ExecProcess(ctx, r)
+}
+
+// An exec whose start is out as the init exits is waited for: its exit, too, is reported before the init's.
+func TestInitExitWaitsForAnExecStarting(t *testing.T) {
+	initExits := make(chan struct{})
+	a := newFakeAgent(t, map[string]script{
+		"c1/":   func(*fakeProc) uint32 { <-initExits; return 0 },
+		"c1/e1": func(*fakeProc) uint32 { time.Sleep(100 * time.Millisecond); return 7 },
+	})
+	var mu sync.Mutex
+	var order []string
+	m := a.start(Options{OnExit: func(p *Process, e Exit) {
+		mu.Lock()
+		defer mu.Unlock()
+		order = append(order, fmt.Sprintf("%q %d", p.ID(), e.Status))
+	}})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	g := execGate{ContainersClient: m.api, entered: make(chan struct{}), release: make(chan struct{})}
+	m.api = g
+	p, err := c.AddExec("e1", &specs.Process{Args: []string{"x"}}, stdio.IO{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan error, 1)
+	go func() { started <- p.Start(ctx, nil) }()
+	<-g.entered
+	close(initExits)
+	time.Sleep(200 * time.Millisecond)
+	mu.Lock()
+	early := len(order) > 0
+	mu.Unlock()
+	if early {
+		t.Error("the init's exit was reported while an exec's start was out")
+	}
+	close(g.release)
+	if err := <-started; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got, want := strings.Join(order, ", "), `"e1" 7, "" 0`; got != want {
+		t.Errorf("exits reported %s, want %s", got, want)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -53,20 +54,20 @@ func Any(spec *specs.Spec) bool {
 	return h != nil && len(h.Prestart)+len(h.CreateRuntime)+len(h.Poststart)+len(h.Poststop) > 0
 }
 
-// owedFile, in a bundle, says that its container's create hooks ran and its poststop hooks have not: a shim that
-// dies before it recorded the task leaves it for containerd's `delete` (Owed), which then runs them.
+// owedFile, in a bundle, says that its container's create hooks ran and its poststop hooks have not, and which
+// process ran them: a shim that dies before it recorded the task leaves it for containerd's `delete` (Owed),
+// which then runs them.
 const owedFile = "kiln-poststop-owed"
 
 // CreateRuntime runs the spec's prestart and createRuntime hooks, in that order (runc's), with status "creating".
-// The first failure is the error. With poststop hooks to undo them, it first marks them owed in st.Bundle.
+// The first failure is the error. With poststop hooks to undo them, it first marks them owed in st.Bundle, by
+// this process; a bundle it cannot write in (a read-only one `kiln run` is given) only goes without the mark.
 func CreateRuntime(ctx context.Context, spec *specs.Spec, st State) error {
 	if spec.Hooks == nil {
 		return nil
 	}
 	if len(spec.Hooks.Poststop) > 0 && len(spec.Hooks.Prestart)+len(spec.Hooks.CreateRuntime) > 0 {
-		if err := os.WriteFile(filepath.Join(st.Bundle, owedFile), nil, 0o600); err != nil {
-			return fmt.Errorf("note in the bundle that its poststop hooks are owed: %w", err)
-		}
+		_ = os.WriteFile(filepath.Join(st.Bundle, owedFile), []byte(strconv.Itoa(os.Getpid())), 0o600)
 	}
 	//nolint:staticcheck // prestart is deprecated, but clients (Docker's libnetwork) still use it.
 	if err := run(ctx, "prestart", spec.Hooks.Prestart, st, specs.StateCreating); err != nil {
@@ -99,10 +100,15 @@ func Poststop(ctx context.Context, spec *specs.Spec, st State) error {
 	return errors.Join(errs...)
 }
 
-// Owed says whether the container of bundle dir had its create hooks run and not yet its poststop hooks.
-func Owed(dir string) bool {
-	_, err := os.Stat(filepath.Join(dir, owedFile))
-	return err == nil
+// Owed says whether the container of bundle dir had its create hooks run and not yet its poststop hooks, and the
+// pid of the process that ran them (0 if it cannot be read).
+func Owed(dir string) (by int, owed bool) {
+	b, err := os.ReadFile(filepath.Join(dir, owedFile))
+	if err != nil {
+		return 0, false
+	}
+	by, _ = strconv.Atoi(string(b))
+	return by, true
 }
 
 // outputLimit bounds how much of a failed hook's output an error quotes.

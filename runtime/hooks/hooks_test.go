@@ -129,13 +129,13 @@ func TestPoststopOwed(t *testing.T) {
 			if err := CreateRuntime(context.Background(), spec, st); err != nil {
 				t.Fatal(err)
 			}
-			if Owed(dir) != tc.owed {
-				t.Fatalf("owed after the create hooks: %v, want %v", Owed(dir), tc.owed)
+			if by, owed := Owed(dir); owed != tc.owed || owed && by != os.Getpid() {
+				t.Fatalf("owed after the create hooks: %v, by %d; want %v, by this process (%d)", owed, by, tc.owed, os.Getpid())
 			}
 			if err := Poststop(context.Background(), spec, st); err != nil {
 				t.Fatal(err)
 			}
-			if Owed(dir) {
+			if _, owed := Owed(dir); owed {
 				t.Error("still owed after the poststop hooks ran")
 			}
 		})

@@ -236,7 +236,12 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	if errors.Is(err, os.ErrNotExist) {
 		// No task was recorded: the shim died before its create was done, or never came up. If its create hooks
 		// had run by then (nerdctl's CNI ADD), the poststop hooks that undo them run now.
-		if hooks.Owed(cwd) {
+		if by, owed := hooks.Owed(cwd); owed {
+			if by > 0 && by != os.Getpid() && isShim(by) {
+				// Its shim runs on, still creating (containerd gave up on the create): the hooks are its to run.
+				log.G(ctx).WithFields(log.Fields{"container": id, "shim": by}).Info("shim still running; leaving its poststop hooks to it")
+				return status, nil
+			}
 			m.owedPoststop(ctx, id, cwd)
 		}
 		return status, nil

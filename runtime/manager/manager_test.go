@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -292,6 +293,59 @@ func TestStopRunsOwedPoststopWithoutARecord(t *testing.T) {
 				t.Errorf("create hooks run %v: after delete %d the hooks ran %q, want %q", owed, i, got, want)
 			}
 		}
+	}
+}
+
+// A shim that runs on after containerd gave up on its create (a create cancelled while the VM booted) keeps its
+// owed poststop hooks: the `delete` containerd runs meanwhile leaves them to it, so the address a CNI ADD leased
+// is not released under a VM about to use it.
+func TestStopLeavesOwedPoststopToALiveShim(t *testing.T) {
+	dir, spec := hookedBundle(t, func(hook string) specs.Hooks {
+		return specs.Hooks{CreateRuntime: []specs.Hook{{Path: hook, Args: []string{"hook", "ADD"}}},
+			Poststop: []specs.Hook{{Path: hook, Args: []string{"hook", "DEL"}}}}
+	})
+	ctx := namespaces.WithNamespace(context.Background(), "default")
+	if err := hooks.CreateRuntime(ctx, spec, hooks.State{ID: "c1", Bundle: dir}); err != nil {
+		t.Fatal(err)
+	}
+	// A process that reads as a Kiln shim, as the one that ran the create hooks.
+	sleep, err := os.ReadFile("/bin/sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	shimPath := filepath.Join(t.TempDir(), "containerd-shim-kiln-v2")
+	if err := os.WriteFile(shimPath, sleep, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	shim := exec.Command(shimPath, "60")
+	if err := shim.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = shim.Process.Kill(); _ = shim.Wait() })
+	if err := os.WriteFile(filepath.Join(dir, "kiln-poststop-owed"), []byte(strconv.Itoa(shim.Process.Pid)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(dir)
+	// Its command line reads empty for a moment after its exec (the kernel sets it up after the exec returned to
+	// its parent): a shim that ran create hooks is long past that.
+	for deadline := time.Now().Add(5 * time.Second); !isShim(shim.Process.Pid); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the stand-in shim never read as one")
+		}
+	}
+	if _, err := New("test").Stop(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, "runs")); string(got) != "ADD\n" {
+		t.Errorf("with the shim alive the hooks ran %q, want the ADD alone", got)
+	}
+	_ = shim.Process.Kill()
+	_ = shim.Wait()
+	if _, err := New("test").Stop(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, "runs")); string(got) != "ADD\nDEL\n" {
+		t.Errorf("once the shim is gone the hooks ran %q, want the DEL too", got)
 	}
 }
 

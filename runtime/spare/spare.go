@@ -57,7 +57,7 @@ var ErrStale = errors.New("a task came from another version of the shim; the spa
 
 // Build is version made specific to the shim binary this process runs, as a spare and a task's `start` compare it
 // (Request.Version): the version is the same for every build of a tree with uncommitted changes ("…-dirty") or
-// without git ("dev"), so the binary's own file is added (its device, inode, size and time of change, read through
+// without git ("dev"), so the binary's own file is added (its device, inode, size and modification time, read through
 // /proc/self/exe, which names the file the process runs even after another replaced it): the spares of a binary
 // `make install` replaced are stale, whatever the version says.
 func Build(version string) string {

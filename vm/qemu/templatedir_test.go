@@ -33,6 +33,14 @@ func TestTrustedDir(t *testing.T) {
 			return mkdir(t, mkdir(t, root, "kiln", 0o711, 0), "templates", 0o700, nobody)
 		}, "belongs to uid 65534"},
 		{"writable by its group", func(t *testing.T, root string) string { return mkdir(t, root, "kiln", 0o775, 0) + "/templates" }, "writable by others"},
+		{"itself sticky and writable by all, as /dev/shm", func(t *testing.T, root string) string { return mkdir(t, root, "shm", 0o1777, 0) }, "writable by others"},
+		{"a link to a directory sticky and writable by all", func(t *testing.T, root string) string {
+			link := filepath.Join(root, "templates")
+			if err := os.Symlink(mkdir(t, root, "shm", 0o1777, 0), link); err != nil {
+				t.Fatal(err)
+			}
+			return link
+		}, "writable by others"},
 		{"a link another user made", func(t *testing.T, root string) string {
 			shm := mkdir(t, root, "shm", 0o1777, 0)
 			link := filepath.Join(shm, "kiln")
