@@ -12,6 +12,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/bundle"
@@ -262,20 +263,50 @@ func (p *Pod) hookState(id string, b *bundle.Bundle) hooks.State {
 	return st
 }
 
-// ensureHolder starts the pod's namespace holder for a container's hooks when the first container had none.
+// ensureHolder starts the pod's namespace holder for a container's hooks when the first container had none: in
+// the pod's namespace, or, for a pod whose first container named none and had no hooks, in the one its stand-ins
+// share (standIns.own), which is the namespace a client finds at /proc/<task pid>/ns/net; in a new one only when
+// there is neither.
 func (p *Pod) ensureHolder() error {
 	n := p.net
+	path := n.path
+	if path == "" {
+		// A copy of the descriptor, so that the stand-ins' last end cannot close it under the holder's start.
+		p.bundlesMu.Lock()
+		var own *os.File
+		var err error
+		if p.standIns.own != nil {
+			own, err = dupFile(p.standIns.own)
+		}
+		p.bundlesMu.Unlock()
+		if err != nil {
+			return fmt.Errorf("the pod's network namespace: %w", err)
+		}
+		if own != nil {
+			defer own.Close()
+			path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), own.Fd())
+		}
+	}
 	n.holderMu.Lock()
 	defer n.holderMu.Unlock()
 	if n.holder != nil {
 		return nil
 	}
-	h, err := network.StartHolder(n.path)
+	h, err := network.StartHolder(path)
 	if err != nil {
 		return err
 	}
 	n.holder = h
 	return nil
+}
+
+// dupFile is a new descriptor of f's open file, closed on exec.
+func dupFile(f *os.File) (*os.File, error) {
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), f.Name()), nil
 }
 
 // closeNetwork undoes prepareNetwork and startPortForward once QEMU is gone.

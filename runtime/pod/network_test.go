@@ -136,3 +136,41 @@ func TestFailedHookIsErrHook(t *testing.T) {
 		t.Errorf("Close of no network: %v", err)
 	}
 }
+
+// A later container's hooks, in a pod whose first container named no network namespace and had no hooks, get a
+// holder in the namespace the pod's stand-ins share (the one a client finds at /proc/<task pid>/ns/net), not in a
+// new one the VM never sees.
+func TestLaterHooksJoinTheStandInsNamespace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	standIns, err := network.StartHolder("") // a new namespace, as the first stand-in makes
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer standIns.Close()
+	own, err := os.Open(standIns.NSPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Pod{id: "p", cfg: config.Default(), log: logrus.NewEntry(logrus.New()), net: &hostNetwork{}}
+	p.standIns.own = own
+	t.Cleanup(func() {
+		_ = p.closeNetwork()
+		_ = own.Close()
+	})
+	if err := p.ensureHolder(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.Stat(p.net.holder.NSPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := own.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !os.SameFile(got, want) {
+		t.Error("the later container's hooks got a holder in a namespace of their own, not the stand-ins'")
+	}
+}
