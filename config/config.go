@@ -381,13 +381,30 @@ func joinKey(k toml.Key) string {
 	return s
 }
 
-// The sizes a VM may have: hypervisor.vcpus and hypervisor.memory_mib, and a pod's after its annotations.
+// The sizes a VM may have: hypervisor.vcpus and hypervisor.memory_mib, and a pod's after its annotations. No
+// more vCPUs than the guest kernel brings up (MaxVCPUsMax): QEMU would start more, and the guest ignore them.
 const (
 	minVCPUs     = 1
-	maxVCPUs     = 255
+	maxVCPUs     = MaxVCPUsMax
 	minMemoryMiB = 64
 	maxMemoryMiB = 1 << 20
 )
+
+// maxStateDirLen bounds runtime.state_dir: a VM's sockets are <state_dir>/kiln-<16 hex digits>/<socket>, 44 bytes
+// more at the longest (vhost-user-vsock.sock), and a Unix socket's path has 107 at most.
+const maxStateDirLen = 107 - 44
+
+// checkKernelParams refuses kernel parameters that would change how the rest of the command line reads: Kiln's
+// own parameters (mem=, maxcpus=, the virtio-mmio devices QEMU adds) come after them, and after "--" the kernel
+// hands everything to init, as it does the rest of a value whose quote is not closed.
+func checkKernelParams(key string, params []string) error {
+	for _, p := range params {
+		if p == "--" || strings.Count(p, `"`)%2 != 0 || strings.ContainsAny(p, "\x00\n") {
+			return fmt.Errorf("%s: %q would change how the parameters after it read (\"--\", an unclosed quote, a NUL or newline); remove it", key, p)
+		}
+	}
+	return nil
+}
 
 // Validate checks ranges and enumerations; each error names the key and what is accepted.
 func (c Config) Validate() error {
@@ -484,6 +501,12 @@ func (c Config) Validate() error {
 	}
 	if !filepath.IsAbs(c.Runtime.StateDir) {
 		errs = append(errs, fmt.Errorf("runtime.state_dir = %q: want an absolute path", c.Runtime.StateDir))
+	}
+	if n := len(filepath.Clean(c.Runtime.StateDir)); n > maxStateDirLen {
+		errs = append(errs, fmt.Errorf("runtime.state_dir = %q: %d bytes, want at most %d (a VM's sockets go below it, and a Unix socket's path has 107 bytes at most)", c.Runtime.StateDir, n, maxStateDirLen))
+	}
+	if err := checkKernelParams("hypervisor.kernel_params", c.Hypervisor.KernelParams); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -122,11 +122,18 @@ func FuzzForPod(f *testing.F) {
 		}
 		if v, present := ann[AnnotationMemoryMiB]; present {
 			n, perr := strconv.Atoi(v)
-			ok = ok && perr == nil && n >= minMemoryMiB && n <= maxMemoryMiB
+			most := maxMemoryMiB
+			if m := base.Hypervisor.MemoryMaxMiB; m > 0 {
+				most = max(m, base.Hypervisor.MemoryMiB)
+			}
+			ok = ok && perr == nil && n >= minMemoryMiB && n <= most
 			wantMiB.SetInt64(int64(n))
 		}
 		if v, present := ann[AnnotationKernelParams]; present {
 			wantParams = append(slices.Clone(wantParams), strings.Fields(v)...)
+			for _, p := range strings.Fields(v) {
+				ok = ok && p != "--" && strings.Count(p, `"`)%2 == 0 && !strings.ContainsAny(p, "\x00\n")
+			}
 		}
 		if strings.HasPrefix(extraKey, AnnotationPrefix) && extraKey != AnnotationVCPUs &&
 			extraKey != AnnotationMemoryMiB && extraKey != AnnotationKernelParams {

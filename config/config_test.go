@@ -83,7 +83,7 @@ enable_annotations = ["io.kiln.vcpus", "io.kiln.kernel_params*"]
 		{name: "unknown table is named", toml: "[hypervisr]\npath = \"x\"\n", errPart: []string{"hypervisr"}},
 		{name: "bad duration", toml: "[agent]\ndial_timeout = \"soon\"\n", errPart: []string{"dial_timeout", "duration"}},
 		{name: "accelerator enum", toml: "[hypervisor]\naccelerator = \"xen\"\n", errPart: []string{"hypervisor.accelerator", "\"tcg\""}},
-		{name: "vcpus range", toml: "[hypervisor]\nvcpus = 0\n", errPart: []string{"hypervisor.vcpus", "1 to 255"}},
+		{name: "vcpus range", toml: "[hypervisor]\nvcpus = 0\n", errPart: []string{"hypervisor.vcpus", "1 to 64"}},
 		{name: "memory range", toml: "[hypervisor]\nmemory_mib = 16\n", errPart: []string{"hypervisor.memory_mib", "64"}},
 		{name: "vsock enum", toml: "[vsock]\nmode = \"tcp\"\n", errPart: []string{"vsock.mode"}},
 		{name: "missing kernel reported at load", toml: "[hypervisor]\nkernel = \"/nonexistent/vmlinuz\"\n", errPart: []string{"hypervisor.kernel", "/nonexistent/vmlinuz", "make image"}},
@@ -97,6 +97,8 @@ enable_annotations = ["io.kiln.vcpus", "io.kiln.kernel_params*"]
 		{name: "log level", toml: "[runtime]\nlog_level = \"loud\"\n", errPart: []string{"runtime.log_level", "debug"}},
 		{name: "annotation outside io.kiln", toml: "[runtime]\nenable_annotations = [\"io.katacontainers.x\"]\n", errPart: []string{"runtime.enable_annotations", "io.kiln."}},
 		{name: "relative state dir", toml: "[runtime]\nstate_dir = \"run\"\n", errPart: []string{"runtime.state_dir", "absolute"}},
+		{name: "state dir too long for its sockets", toml: "[runtime]\nstate_dir = \"/" + strings.Repeat("d", 63) + "\"\n", errPart: []string{"runtime.state_dir", "at most 63"}},
+		{name: "kernel parameter that ends the kernel's", toml: "[hypervisor]\nkernel_params = [\"quiet\", \"--\"]\n", errPart: []string{"hypervisor.kernel_params", `"--"`}},
 		{name: "fast start from a template", toml: "[hypervisor]\nfast_start = \"template\"\ntemplate_dir = \"/dev/shm/t\"\n", check: func(t *testing.T, c Config) {
 			if c.Hypervisor.FastStart != FastStartTemplate || c.Hypervisor.TemplateDir != "/dev/shm/t" || c.Hypervisor.TemplateMax != DefaultTemplateMax {
 				t.Errorf("hypervisor %+v", c.Hypervisor)

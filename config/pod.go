@@ -48,12 +48,21 @@ func (c Config) ForPod(annotations map[string]string) (Config, error) {
 			c.Hypervisor.VCPUs = n
 		case AnnotationMemoryMiB:
 			n, err := strconv.Atoi(v)
-			if err != nil || n < minMemoryMiB || n > maxMemoryMiB {
-				errs = append(errs, fmt.Errorf("pod annotation %s = %q: want MiB from %d to %d", k, v, minMemoryMiB, maxMemoryMiB))
+			most := maxMemoryMiB
+			if m := c.Hypervisor.MemoryMaxMiB; m > 0 {
+				// The operator's ceiling on what a VM may grow to bounds what a pod may ask for at its boot too.
+				most = max(m, c.Hypervisor.MemoryMiB)
+			}
+			if err != nil || n < minMemoryMiB || n > most {
+				errs = append(errs, fmt.Errorf("pod annotation %s = %q: want MiB from %d to %d (hypervisor.memory_max_mib)", k, v, minMemoryMiB, most))
 			}
 			c.Hypervisor.MemoryMiB = n
 		case AnnotationKernelParams:
-			c.Hypervisor.KernelParams = append(append([]string(nil), c.Hypervisor.KernelParams...), strings.Fields(v)...)
+			params := strings.Fields(v)
+			if err := checkKernelParams("pod annotation "+k, params); err != nil {
+				errs = append(errs, err)
+			}
+			c.Hypervisor.KernelParams = append(append([]string(nil), c.Hypervisor.KernelParams...), params...)
 		default:
 			errs = append(errs, fmt.Errorf("pod annotation %s: Kiln knows %s, %s and %s", k, AnnotationVCPUs, AnnotationMemoryMiB, AnnotationKernelParams))
 		}

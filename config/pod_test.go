@@ -44,7 +44,13 @@ func TestForPod(t *testing.T) {
 			CRISandboxCPUQuota: "9223372036854775807", CRISandboxCPUPeriod: "9223372036854775807"}, vcpus: 2, mib: 256},
 		{name: "huge memory is refused", cfg: base, annotations: map[string]string{CRISandboxMemory: "9223372036854775807"},
 			err: "MiB of memory"},
-		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "255", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "255 + 1 vCPUs"},
+		{name: "too big", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "64", CRISandboxCPUQuota: "100000", CRISandboxCPUPeriod: "100000"}, err: "64 + 1 vCPUs"},
+		{name: "more vCPUs than the guest kernel brings up", cfg: allowAll, annotations: map[string]string{AnnotationVCPUs: "65"}, err: AnnotationVCPUs},
+		// The operator's ceiling on growth bounds what a pod asks for at its boot.
+		{name: "memory above memory_max_mib", cfg: allowAll, annotations: map[string]string{AnnotationMemoryMiB: "1048576"}, err: "memory_max_mib"},
+		{name: "memory up to memory_max_mib", cfg: allowAll, annotations: map[string]string{AnnotationMemoryMiB: "8192"}, vcpus: 1, mib: 8192},
+		{name: "kernel parameters that end the kernel's", cfg: allowAll, annotations: map[string]string{AnnotationKernelParams: "quiet -- init=/bin/sh"}, err: `"--"`},
+		{name: "kernel parameter with an open quote", cfg: allowAll, annotations: map[string]string{AnnotationKernelParams: `x="a`}, err: "quote"},
 		// Limits near the top of int64 must not wrap around into a small (or negative) VM.
 		{name: "huge memory limit", cfg: base, annotations: map[string]string{CRISandboxMemory: "9223372036854775807"},
 			err: "256 + 8796093022208 MiB of memory"},
