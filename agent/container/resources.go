@@ -36,6 +36,11 @@ func mergeResources(cur *cgroups.Resources, r *specs.LinuxResources) *cgroups.Re
 	}
 	if c := r.CPU; c != nil {
 		setIf(&dst.CpuShares, c.Shares)
+		if c.Shares != nil {
+			// cgroup v2 (the guest's) has cpu.weight, which libcontainer writes from CpuWeight alone: the shares
+			// are converted here, as runc's update and its create do.
+			dst.CpuWeight = cgroups.ConvertCPUSharesToCgroupV2Value(*c.Shares)
+		}
 		setIf(&dst.CpuQuota, c.Quota)
 		setIf(&dst.CpuPeriod, c.Period)
 		setIf(&dst.CpuRtRuntime, c.RealtimeRuntime)

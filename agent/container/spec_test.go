@@ -278,6 +278,13 @@ func TestMergeResources(t *testing.T) {
 	if dst.CpusetCpus != "0" || len(dst.Devices) != 2 || dst.Unified["a"] != "1" || dst.Unified["b"] != "2" {
 		t.Errorf("fields the update did not name changed: %+v", dst)
 	}
+	// A CPU request's update (an in-place resize) reaches cgroup v2's cpu.weight, which libcontainer writes from
+	// CpuWeight alone: 2048 shares are weight 174 there, as runc's update computes it.
+	shares := uint64(2048)
+	dst = mergeResources(dst, &specs.LinuxResources{CPU: &specs.LinuxCPU{Shares: &shares}})
+	if dst.CpuShares != shares || dst.CpuWeight != 174 {
+		t.Errorf("after an update of the shares to %d: shares %d, weight %d", shares, dst.CpuShares, dst.CpuWeight)
+	}
 }
 
 // Kiln reports libcontainer's mount options and namespaces as its own (proto/features): they must be the ones
