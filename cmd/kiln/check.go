@@ -108,7 +108,7 @@ func runChecks(configPath string) []checkResult {
 
 	out = append(out, checkGuest(cfg))
 	out = append(out, checkSandbox(cfg, qemuPath))
-	out = append(out, checkQEMUUser(cfg))
+	out = append(out, checkQEMUUser(cfg, choice.Kind))
 	out = append(out, checkCgroup(cfg))
 	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots), checkGrowth(cfg))
 	out = append(out, checkPortForward(portforward.Probe))
@@ -158,16 +158,18 @@ func checkSandbox(cfg config.Config, qemuPath string) checkResult {
 	}
 	b, _ := exec.Command(qemuPath, "-sandbox", "help").CombinedOutput()
 	out := strings.TrimSpace(string(b))
-	// A QEMU without seccomp support names the option as unknown or unsupported; one with it parses "help"
-	// as a bad value.
-	if strings.Contains(out, "invalid option") || strings.Contains(out, "no support") || strings.Contains(out, "not supported") {
+	// A QEMU without seccomp support names the option as unknown, unsupported or not enabled ("-sandbox support
+	// is not enabled in this QEMU binary"); one with it parses "help" as a bad value.
+	if strings.Contains(out, "invalid option") || strings.Contains(out, "no support") || strings.Contains(out, "not supported") ||
+		strings.Contains(out, "not enabled") {
 		return checkResult{"sandbox", "FAIL", fmt.Sprintf("%s has no -sandbox (seccomp) support: %s", qemuPath, out)}
 	}
 	return checkResult{"sandbox", "ok", "QEMU runs with -sandbox " + qemu.SandboxArg}
 }
 
-// checkQEMUUser reports who QEMU runs as and whether that user can read the guest kernel and initrd.
-func checkQEMUUser(cfg config.Config) checkResult {
+// checkQEMUUser reports who QEMU runs as and whether that user can read the guest kernel and initrd, and open
+// /dev/kvm when the accelerator is acc, KVM.
+func checkQEMUUser(cfg config.Config, acc accel.Kind) checkResult {
 	u, ok, err := cfg.Hypervisor.ResolveUser()
 	switch {
 	case err != nil:
@@ -179,10 +181,13 @@ func checkQEMUUser(cfg config.Config) checkResult {
 	}
 	detail := fmt.Sprintf("QEMU runs as uid %d gid %d (hypervisor.user = %q)", u.UID, u.GID, cfg.Hypervisor.User)
 	if assets, err := cfg.ResolveAssets(); err == nil {
-		if err := qemu.CheckReadable(assets, u.UID, u.GID); err != nil {
+		if err := qemu.CheckReadable(assets, acc, u.UID, u.GID); err != nil {
 			return checkResult{"qemu user", "FAIL", err.Error()}
 		}
 		detail += "; it can read the guest kernel and initrd"
+		if acc == accel.KVM {
+			detail += " and open /dev/kvm"
+		}
 	}
 	return checkResult{"qemu user", "ok", detail}
 }

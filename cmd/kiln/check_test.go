@@ -12,6 +12,7 @@ import (
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/runtime/portforward"
 	"github.com/kiln-runtime/kiln/runtime/spare"
+	"github.com/kiln-runtime/kiln/vm/accel"
 )
 
 // A configuration Load validated names an initrd that is gone by the time `kiln check` looks at it: the check
@@ -50,11 +51,20 @@ func TestCheckQEMUUserAndCgroup(t *testing.T) {
 		t.Skip("reports differ for a non-root Kiln")
 	}
 	cfg := config.Default()
-	if r := checkQEMUUser(cfg); r.status == "FAIL" || (r.status == "ok" && !strings.Contains(r.detail, "uid 65534 gid 65534")) {
+	if r := checkQEMUUser(cfg, accel.TCG); r.status == "FAIL" || (r.status == "ok" && !strings.Contains(r.detail, "uid 65534 gid 65534")) {
 		t.Errorf("default user: %+v", r)
 	}
+	// With KVM the user must open /dev/kvm too, as a VM's start checks: a node whose /dev/kvm only root opens
+	// fails here, not at every pod.
+	if fi, err := os.Stat("/dev/kvm"); err == nil {
+		r := checkQEMUUser(cfg, accel.KVM)
+		opens := fi.Mode().Perm()&0o006 == 0o006 || fi.Mode().Perm()&0o060 == 0o060
+		if opens && (r.status != "ok" || !strings.Contains(r.detail, "/dev/kvm")) || !opens && (r.status != "FAIL" || !strings.Contains(r.detail, "/dev/kvm")) {
+			t.Errorf("KVM with /dev/kvm %v: %+v", fi.Mode(), r)
+		}
+	}
 	cfg.Hypervisor.User = ""
-	if r := checkQEMUUser(cfg); r.status != "warn" || !strings.Contains(r.detail, "root") {
+	if r := checkQEMUUser(cfg, accel.TCG); r.status != "warn" || !strings.Contains(r.detail, "root") {
 		t.Errorf("empty user: %+v", r)
 	}
 	cfg.Hypervisor.Cgroup = false

@@ -27,6 +27,9 @@ func newSpare() *cobra.Command {
 		Short: "Stop the spare shims waiting in their slots (each stops its VM); a spare that took a task is that task's shim and is left",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if timeout <= 0 {
+				return fmt.Errorf("--timeout %s: want a positive duration, the time spares get to stop their VMs", timeout)
+			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			return stopSpares(ctx, cmd.OutOrStdout(), exe, purge)

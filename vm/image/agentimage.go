@@ -45,6 +45,12 @@ func BuildAgentImage(ctx context.Context, agent []byte, mtime int64) ([]byte, er
 	if err := os.WriteFile(bin, agent, 0o755); err != nil {
 		return nil, fmt.Errorf("build agent image: %w", err)
 	}
+	// The modes mke2fs copies into the image, whatever the builder's umask took from them.
+	for _, p := range []string{src, bin} {
+		if err := os.Chmod(p, 0o755); err != nil {
+			return nil, fmt.Errorf("build agent image: %w", err)
+		}
+	}
 	img := filepath.Join(work, "agent.img")
 	// A file system's own time stamps come from E2FSPROGS_FAKE_TIME, which 0 does not set.
 	fake := max(mtime, 1)

@@ -118,7 +118,9 @@ func modeWord(mode uint32) string {
 	}
 }
 
-// CheckReadable fails unless uid and gid may read the guest kernel and initrd (for `kiln check`).
-func CheckReadable(a config.Assets, uid, gid uint32) error {
-	return checkReachable(Config{Kernel: a.Kernel, Initrd: a.Initrd}, &syscall.Credential{Uid: uid, Gid: gid})
+// CheckReadable fails unless uid and gid may read the guest kernel and initrd, and with hardware KVM (acc) open
+// /dev/kvm, as a VM's start checks (for `kiln check`).
+func CheckReadable(a config.Assets, acc accel.Kind, uid, gid uint32) error {
+	c := Config{Kernel: a.Kernel, Initrd: a.Initrd, Accel: acc, User: &syscall.Credential{Uid: uid, Gid: gid}}
+	return checkReachable(c, qemuCredential(c))
 }
