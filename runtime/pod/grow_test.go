@@ -245,20 +245,18 @@ func TestFitLimits(t *testing.T) {
 // or adopted a spare, for it: nerdctl's CNI ADD leased an address), is no refusal before its hooks: FailedCreate
 // runs its poststop hooks (the DEL), which a refusal skips.
 func TestFirstContainerUnfitAfterItsHooks(t *testing.T) {
-	quota, period := int64(7000000), uint64(100000) // --cpus 70, past the 64 vCPUs a VM grows to
-	spec := &specs.Spec{Linux: &specs.Linux{Resources: &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: &quota, Period: &period}}},
+	limit := int64(1 << 30)
+	spec := &specs.Spec{Linux: &specs.Linux{Resources: &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}}},
 		Hooks: &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/true"}}}}
 	b := &bundle.Bundle{Spec: spec}
-	sized, err := Size(config.Default(), &First{ID: "c", Bundle: b})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, most := sized.Hypervisor.CPULayout()
-	p := &Pod{cfg: sized, sb: &sandbox.Sandbox{}, vcpus: min(sized.Hypervisor.VCPUs, most), bundles: map[string]*bundle.Bundle{},
+	// A VM of 256 MiB that cannot grow (as one booted before its pod knew the container's limit, a spare's).
+	cfg := config.Default()
+	cfg.Hypervisor.MemoryMaxMiB, cfg.Hypervisor.VCPUsMax = 0, 0
+	p := &Pod{cfg: cfg, sb: &sandbox.Sandbox{}, vcpus: cfg.Hypervisor.VCPUs, bundles: map[string]*bundle.Bundle{},
 		net: &hostNetwork{hooksRun: "c"}}
-	err = p.prepareContainer(context.Background(), "c", b)
+	err := p.prepareContainer(context.Background(), "c", b)
 	if err == nil {
-		t.Fatal("a pod of 64 vCPUs took a container limited to 70")
+		t.Fatal("a VM of 256 MiB that cannot grow took a container limited to 1 GiB")
 	}
 	if Refused(err) {
 		t.Errorf("prepareContainer = %v, a refusal: the poststop hooks of a container whose create hooks ran would be skipped", err)

@@ -56,6 +56,9 @@ func checkSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, 
 	if err := checkIsolation(spec); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}
+	if err := checkPropagation(spec); err != nil {
+		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+	}
 	if spec.Linux != nil && spec.Linux.Resources != nil {
 		if err := checkHostResources(spec.Linux.Resources); err != nil {
 			return network.Source{}, fmt.Errorf("container %s: %w", id, err)
@@ -76,6 +79,22 @@ func checkSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, 
 		}
 	}
 	return src, nil
+}
+
+// checkPropagation refuses mounts that propagate from the container back to the host (CRI's Bidirectional, a
+// shared or rshared mount or root): a mount made in the guest cannot reach the host, so a CSI plugin's mounts
+// would stay in its VM and the workloads that use them write into the bare host directory instead.
+func checkPropagation(spec *specs.Spec) error {
+	shared := func(opt string) bool { return opt == "shared" || opt == "rshared" }
+	if spec.Linux != nil && shared(spec.Linux.RootfsPropagation) {
+		return fmt.Errorf("%w: linux.rootfsPropagation %q: mounts made in a Kiln VM cannot propagate to the host (Bidirectional mount propagation); use HostToContainer or none, or runc for it", errdefs.ErrInvalidArgument, spec.Linux.RootfsPropagation)
+	}
+	for i, m := range spec.Mounts {
+		if slices.ContainsFunc(m.Options, shared) {
+			return fmt.Errorf("%w: mounts[%d] (%s): propagation shared: mounts made in a Kiln VM cannot propagate to the host (Bidirectional mount propagation); use HostToContainer or none, or runc for it", errdefs.ErrInvalidArgument, i, m.Destination)
+		}
+	}
+	return nil
 }
 
 // checkIsolation refuses a spec without a pid, an ipc or a uts namespace (CRI's hostPID and hostIPC,

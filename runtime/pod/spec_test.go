@@ -92,6 +92,36 @@ func TestCheckIsolation(t *testing.T) {
 	}
 }
 
+// Mounts that propagate from the container back to the host (CRI's Bidirectional) are refused, naming the field;
+// those that propagate from the host into the container (HostToContainer, rslave) or not at all pass.
+func TestCheckPropagation(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		spec *specs.Spec
+		want string
+	}{
+		{"none", &specs.Spec{Mounts: []specs.Mount{{Destination: "/v", Type: "bind", Options: []string{"rbind", "rprivate"}}}}, ""},
+		{"host to container", &specs.Spec{Linux: &specs.Linux{RootfsPropagation: "rslave"},
+			Mounts: []specs.Mount{{Destination: "/v", Type: "bind", Options: []string{"rbind", "rslave"}}}}, ""},
+		{"bidirectional mount", &specs.Spec{Mounts: []specs.Mount{{Destination: "/etc/hosts", Type: "bind"},
+			{Destination: "/var/lib/kubelet/pods", Type: "bind", Options: []string{"rbind", "rshared"}}}}, "mounts[1] (/var/lib/kubelet/pods)"},
+		{"shared root", &specs.Spec{Linux: &specs.Linux{RootfsPropagation: "rshared"}}, "linux.rootfsPropagation"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := checkPropagation(c.spec)
+			if c.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("checkPropagation = %v, want an invalid argument naming %s", err, c.want)
+			}
+		})
+	}
+}
+
 func TestProcNSPid(t *testing.T) {
 	for path, want := range map[string]int{
 		"/proc/42/ns/net": 42, "/proc/0/ns/net": 0, "/proc/x/ns/net": 0, "/var/run/netns/a": 0, "/proc/42/ns/ipc": 0,
