@@ -59,6 +59,9 @@ func checkSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, 
 	if err := checkPropagation(spec); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
 	}
+	if err := CheckProcess(spec.Process); err != nil {
+		return network.Source{}, fmt.Errorf("container %s: process: %w", id, err)
+	}
 	if spec.Linux != nil && spec.Linux.Resources != nil {
 		if err := checkHostResources(spec.Linux.Resources); err != nil {
 			return network.Source{}, fmt.Errorf("container %s: %w", id, err)
@@ -79,6 +82,15 @@ func checkSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, 
 		}
 	}
 	return src, nil
+}
+
+// CheckProcess refuses what a process spec (a container's or an exec's) names of the host that its VM does not
+// have: process.execCPUAffinity pins it to host CPUs, which the VM's vCPUs are not, as a cpuset does.
+func CheckProcess(p *specs.Process) error {
+	if p != nil && p.ExecCPUAffinity != nil {
+		return fmt.Errorf("%w: execCPUAffinity names host CPUs, which a Kiln VM's vCPUs are not pinned to; remove it (as a cpuset, refused too)", errdefs.ErrInvalidArgument)
+	}
+	return nil
 }
 
 // checkPropagation refuses mounts that propagate from the container back to the host (CRI's Bidirectional, a

@@ -92,6 +92,20 @@ func TestCheckIsolation(t *testing.T) {
 	}
 }
 
+// A process pinned to host CPUs (execCPUAffinity) is refused, as a cpuset is.
+func TestCheckProcess(t *testing.T) {
+	if err := CheckProcess(&specs.Process{Args: []string{"sh"}}); err != nil {
+		t.Fatal(err)
+	}
+	err := CheckProcess(&specs.Process{ExecCPUAffinity: &specs.CPUAffinity{Initial: "0", Final: "1"}})
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "execCPUAffinity") {
+		t.Errorf("CheckProcess = %v, want an invalid argument naming execCPUAffinity", err)
+	}
+	if err := CheckProcess(nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Mounts that propagate from the container back to the host (CRI's Bidirectional) are refused, naming the field;
 // those that propagate from the host into the container (HostToContainer, rslave) or not at all pass.
 func TestCheckPropagation(t *testing.T) {

@@ -411,6 +411,9 @@ func (s *Service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emp
 	if err := json.Unmarshal(r.Spec.GetValue(), &spec); err != nil {
 		return nil, toGRPC(fmt.Errorf("%w: exec %s in task %s: decode process spec: %v", errdefs.ErrInvalidArgument, r.ExecID, r.ID, err))
 	}
+	if err := pod.CheckProcess(&spec); err != nil {
+		return nil, toGRPC(fmt.Errorf("exec %s in task %s: %w", r.ExecID, r.ID, err))
+	}
 	if p := s.currentPod(); p != nil {
 		fields, err := hostlsm.Process(p.Config().Runtime.IgnoreHostLSM(), &spec)
 		if err != nil {
