@@ -62,16 +62,36 @@ func TestDeleteAfterExitDeliversFirst(t *testing.T) {
 	}
 }
 
-// execBlocked holds ExecProcess until released, then fails it as a lost connection does.
-type execBlocked struct {
+// execGate holds ExecProcess until released, then fails it with fail, or passes it on.
+type execGate struct {
 	agentv1.ContainersClient
 	entered, release chan struct{}
+	fail             error
 }
 
-func (b execBlocked) ExecProcess(context.Context, *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
-	close(b.entered)
-	<-b.release
-	return nil, errors.New("ttrpc: closed")
+func (g execGate) ExecProcess(ctx context.Context, r *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
+	close(g.entered)
+	<-g.release
+	if g.fail != nil {
+		return nil, g.fail
+	}
+	return g.ContainersClient.ExecProcess(ctx, r)
+}
+
+// startGated adds exec e1 to c and starts it in the background through an execGate failing with fail; it returns
+// once the start's request is held, with the gate and where the start's result comes.
+func startGated(t *testing.T, ctx context.Context, m *Manager, c *Container, fail error) (*Process, execGate, <-chan error) {
+	t.Helper()
+	g := execGate{ContainersClient: m.api, entered: make(chan struct{}), release: make(chan struct{}), fail: fail}
+	m.api = g
+	p, err := c.AddExec("e1", &specs.Process{Args: []string{"x"}}, stdio.IO{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan error, 1)
+	go func() { started <- p.Start(ctx, nil) }()
+	<-g.entered
+	return p, g, started
 }
 
 // An exec whose guest is lost while its start is out ends: its Wait returns and its delete succeeds, rather than
@@ -81,18 +101,10 @@ func TestExecLostWhileStartingEnds(t *testing.T) {
 	m := a.start(Options{})
 	ctx := waitCtx(t)
 	c := started(t, ctx, m, CreateOptions{ID: "c1"})
-	b := execBlocked{ContainersClient: m.api, entered: make(chan struct{}), release: make(chan struct{})}
-	m.api = b
-	p, err := c.AddExec("e1", &specs.Process{Args: []string{"true"}}, stdio.IO{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	started := make(chan error, 1)
-	go func() { started <- p.Start(ctx, nil) }()
-	<-b.entered
+	p, g, starting := startGated(t, ctx, m, c, errors.New("ttrpc: closed"))
 	m.Lost(errors.New("the VM is gone"))
-	close(b.release)
-	if err := <-started; err == nil {
+	close(g.release)
+	if err := <-starting; err == nil {
 		t.Fatal("the exec started on a lost guest")
 	}
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -179,18 +191,6 @@ func TestInitExitIsTheLast(t *testing.T) {
 	}
 }
 
-// execGate holds ExecProcess until released.
-type execGate struct {
-	agentv1.ContainersClient
-	entered, release chan struct{}
-}
-
-func (g execGate) ExecProcess(ctx context.Context, r *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
-	close(g.entered)
-	<-g.release
-	return g.ContainersClient.ExecProcess(ctx, r)
-}
-
 // An exec whose start is out as the init exits is waited for: its exit, too, is reported before the init's.
 func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 	initExits := make(chan struct{})
@@ -207,15 +207,7 @@ func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 	}})
 	ctx := waitCtx(t)
 	c := started(t, ctx, m, CreateOptions{ID: "c1"})
-	g := execGate{ContainersClient: m.api, entered: make(chan struct{}), release: make(chan struct{})}
-	m.api = g
-	p, err := c.AddExec("e1", &specs.Process{Args: []string{"x"}}, stdio.IO{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	started := make(chan error, 1)
-	go func() { started <- p.Start(ctx, nil) }()
-	<-g.entered
+	_, g, starting := startGated(t, ctx, m, c, nil)
 	close(initExits)
 	time.Sleep(200 * time.Millisecond)
 	mu.Lock()
@@ -225,7 +217,7 @@ func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 		t.Error("the init's exit was reported while an exec's start was out")
 	}
 	close(g.release)
-	if err := <-started; err != nil {
+	if err := <-starting; err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Wait(ctx); err != nil {
