@@ -68,7 +68,7 @@ func TestKilnBadInput(t *testing.T) {
 			r.Memory = &specs.LinuxMemory{Limit: ptr(int64(math.MaxInt64))}
 		})}, want: []string{"8796093022208 MiB of memory", "a VM has 64 to 1048576 MiB"}},
 		{name: "huge CPU quota", opts: []oci.SpecOpts{oci.WithCPUCFS(math.MaxInt64, 1)},
-			want: []string{"9223372036854775807 vCPUs", "a VM has 1 to 255"}},
+			want: []string{"9223372036854775807 vCPUs", "a VM has 1 to 64"}},
 		// containerd refuses these itself, before any shim runs.
 		{name: "id with a slash", id: "bad/id", want: []string{"bad/id"}},
 		{name: "id of dots", id: "..", want: []string{`".."`}},
