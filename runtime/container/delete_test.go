@@ -150,6 +150,25 @@ func TestConcurrentDeletesDeleteOnce(t *testing.T) {
 	}
 }
 
+// exitLog records the exits a manager reports (Options.OnExit), in order.
+type exitLog struct {
+	mu    sync.Mutex
+	order []string
+}
+
+func (l *exitLog) record(p *Process, e Exit) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.order = append(l.order, fmt.Sprintf("%q %d", p.ID(), e.Status))
+}
+
+// String is the exits reported so far, as `"<exec id>" <status>` joined by commas.
+func (l *exitLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.order, ", ")
+}
+
 // The init's exit is the container's last, as runc's shim reports them: execs that outlive it (a container that
 // shares a PID namespace) are killed and their exits reported first, and no exec starts after it.
 func TestInitExitIsTheLast(t *testing.T) {
@@ -164,13 +183,8 @@ func TestInitExitIsTheLast(t *testing.T) {
 			once.Do(func() { close(killed) })
 		}
 	}
-	var mu sync.Mutex
-	var order []string
-	m := a.start(Options{OnExit: func(p *Process, e Exit) {
-		mu.Lock()
-		defer mu.Unlock()
-		order = append(order, fmt.Sprintf("%q %d", p.ID(), e.Status))
-	}})
+	exits := &exitLog{}
+	m := a.start(Options{OnExit: exits.record})
 	ctx := waitCtx(t)
 	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	if _, err := c.Exec(ctx, "e1", &specs.Process{Args: []string{"sleep"}}, stdio.IO{}); err != nil {
@@ -180,10 +194,7 @@ func TestInitExitIsTheLast(t *testing.T) {
 	if _, err := c.Wait(ctx); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	got := strings.Join(order, ", ")
-	mu.Unlock()
-	if want := `"e1" 137, "" 0`; got != want {
+	if got, want := exits.String(), `"e1" 137, "" 0`; got != want {
 		t.Errorf("exits reported %s, want %s", got, want)
 	}
 	if _, err := c.Exec(ctx, "e2", &specs.Process{Args: []string{"true"}}, stdio.IO{}); !errors.Is(err, ErrInvalidState) {
@@ -198,22 +209,14 @@ func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 		"c1/":   func(*fakeProc) uint32 { <-initExits; return 0 },
 		"c1/e1": func(*fakeProc) uint32 { time.Sleep(100 * time.Millisecond); return 7 },
 	})
-	var mu sync.Mutex
-	var order []string
-	m := a.start(Options{OnExit: func(p *Process, e Exit) {
-		mu.Lock()
-		defer mu.Unlock()
-		order = append(order, fmt.Sprintf("%q %d", p.ID(), e.Status))
-	}})
+	exits := &exitLog{}
+	m := a.start(Options{OnExit: exits.record})
 	ctx := waitCtx(t)
 	c := started(t, ctx, m, CreateOptions{ID: "c1"})
 	_, g, starting := startGated(t, ctx, m, c, nil)
 	close(initExits)
 	time.Sleep(200 * time.Millisecond)
-	mu.Lock()
-	early := len(order) > 0
-	mu.Unlock()
-	if early {
+	if exits.String() != "" {
 		t.Error("the init's exit was reported while an exec's start was out")
 	}
 	close(g.release)
@@ -223,9 +226,7 @@ func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 	if _, err := c.Wait(ctx); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if got, want := strings.Join(order, ", "), `"e1" 7, "" 0`; got != want {
+	if got, want := exits.String(), `"e1" 7, "" 0`; got != want {
 		t.Errorf("exits reported %s, want %s", got, want)
 	}
 }
