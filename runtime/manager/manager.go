@@ -196,18 +196,22 @@ func serverCommand(ctx context.Context, id, group, address string, debug bool) (
 	return cmd, nil
 }
 
-// owedPoststop runs the poststop hooks of the bundle in dir, whose shim died after its create hooks ran and
-// before it recorded the task.
-func (m *Manager) owedPoststop(ctx context.Context, id, dir string) {
-	l := log.G(ctx).WithField("container", id)
+// deadShimPoststop runs the poststop hooks of the bundle in dir, whose shim is gone: without a pid (the stand-in's
+// went with the shim and may be another process's by now). False when the bundle does not load (logged) or has
+// no hooks.
+func deadShimPoststop(ctx context.Context, l *log.Entry, id, dir string) bool {
 	b, err := bundle.Load(dir)
 	if err != nil {
-		l.WithError(err).Warn("load the bundle for the poststop hooks its create hooks owe")
-		return
+		l.WithError(err).Warn("load the bundle for its poststop hooks")
+		return false
+	}
+	if !hooks.Any(b.Spec) {
+		return false
 	}
 	if err := hooks.Poststop(ctx, b.Spec, hooks.State{ID: id, Bundle: dir, Annotations: b.Spec.Annotations}); err != nil {
 		l.WithError(err).Warn("poststop hook failed")
 	}
+	return true
 }
 
 // Info describes the runtime to containerd.
@@ -242,7 +246,7 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 				log.G(ctx).WithFields(log.Fields{"container": id, "shim": by}).Info("shim still running; leaving its poststop hooks to it")
 				return status, nil
 			}
-			m.owedPoststop(ctx, id, cwd)
+			deadShimPoststop(ctx, log.G(ctx).WithField("container", id), id, cwd)
 		}
 		return status, nil
 	}
@@ -257,14 +261,8 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	}
 	// The shim died with the container, before its poststop hooks ran (nerdctl's CNI DEL, which releases the
 	// address its ADD leased): they run now, as runc's delete runs them, and first, whatever the cleanup below
-	// meets, since containerd gives this command 5 s. The pid is left out: the stand-in's went with the shim and
-	// may be another process's by now.
-	if b, err := bundle.Load(cwd); err != nil {
-		l.WithError(err).Warn("load the bundle for its poststop hooks")
-	} else if hooks.Any(b.Spec) && !rec.PoststopRan {
-		if err := hooks.Poststop(ctx, b.Spec, hooks.State{ID: id, Bundle: cwd, Annotations: b.Spec.Annotations}); err != nil {
-			l.WithError(err).Warn("poststop hook failed")
-		}
+	// meets, since containerd gives this command 5 s.
+	if !rec.PoststopRan && deadShimPoststop(ctx, l, id, cwd) {
 		rec.PoststopRan = true
 		if err := task.WriteRecord(cwd, rec); err != nil {
 			l.WithError(err).Warn("record that the poststop hooks ran")
