@@ -185,6 +185,7 @@ uninstall:
 	for f in $(INSTALL_SHARE); do rm -f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
 	-rmdir $(DESTDIR)$(PREFIX)/share/kiln 2>/dev/null
 	rm -rf $(DESTDIR)$(TEMPLATE_DIR)
+	-rmdir /run/kiln/qemu-ids 2>/dev/null
 
 clean:
 	rm -rf $(OUT)

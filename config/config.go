@@ -96,8 +96,10 @@ type Hypervisor struct {
 	// FreePageReporting gives the guest a virtio-balloon device that reports the pages it frees, so that QEMU
 	// returns them to the host.
 	FreePageReporting bool `toml:"free_page_reporting"`
-	// User is who QEMU runs as (ResolveUser); empty means Kiln's own user.
+	// User is who QEMU runs as (ResolveUser): QEMUUserPerVM, one user, or empty for Kiln's own user.
 	User string `toml:"user"`
+	// UserRange is where QEMUUserPerVM takes each VM's uid and gid from: "first:count".
+	UserRange string `toml:"user_range"`
 	// Cgroup puts QEMU and virtiofsd of each VM in a cgroup of their own with a memory limit of the guest's memory
 	// (MemoryMiB, and what the VM grew by) plus MemoryOverheadMiB.
 	Cgroup            bool `toml:"cgroup"`
@@ -277,7 +279,8 @@ func Default() Config {
 			MemoryMaxMiB:           DefaultMemoryMaxMiB,
 			KernelParams:           nil,
 			StopTimeout:            Duration(3 * time.Second),
-			User:                   DefaultQEMUUser,
+			User:                   QEMUUserPerVM,
+			UserRange:              DefaultQEMUUserRange,
 			Cgroup:                 true,
 			MemoryOverheadMiB:      DefaultMemoryOverheadMiB,
 			TCGTranslationCacheMiB: DefaultTCGTranslationCacheMiB,

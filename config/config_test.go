@@ -337,28 +337,46 @@ func TestShippedFileDocumentsEveryKey(t *testing.T) {
 
 func TestResolveUser(t *testing.T) {
 	for _, tc := range []struct {
-		in      string
-		want    QEMUUser
-		ok      bool
-		errPart string
+		in, userRange string
+		want          QEMUUser
+		ok            bool
+		errPart       string
 	}{
 		{in: "", ok: false},
-		{in: "65534:65534", want: QEMUUser{65534, 65534}, ok: true},
-		{in: "4242:4343", want: QEMUUser{4242, 4343}, ok: true},
-		{in: "4242", want: QEMUUser{4242, 4242}, ok: true},
+		{in: "65534:65534", want: QEMUUser{UID: 65534, GID: 65534}, ok: true},
+		{in: "4242:4343", want: QEMUUser{UID: 4242, GID: 4343}, ok: true},
+		{in: "4242", want: QEMUUser{UID: 4242, GID: 4242}, ok: true},
+		{in: "per-vm", want: QEMUUser{Range: IDRange{1879048192, 65536}}, ok: true},
+		{in: "per-vm", userRange: "200000:10", want: QEMUUser{Range: IDRange{200000, 10}}, ok: true},
+		{in: "per-vm", userRange: " 200000:10 ", want: QEMUUser{Range: IDRange{200000, 10}}, ok: true},
+		{in: "per-vm", userRange: "4294967294:1", want: QEMUUser{Range: IDRange{4294967294, 1}}, ok: true},
+		{in: "per-vm", userRange: "200000", errPart: "first:count"},
+		{in: "per-vm", userRange: "", errPart: "first:count"},
+		{in: "per-vm", userRange: "x:10", errPart: "first id"},
+		{in: "per-vm", userRange: "200000:0", errPart: "count"},
+		{in: "per-vm", userRange: "200000:-1", errPart: "count"},
+		{in: "per-vm", userRange: "0:10", errPart: "root"},
+		{in: "per-vm", userRange: "4294967294:2", errPart: "4294967295"},
+		{in: "per-vm", userRange: "60000:10000", errPart: "below 65536"},
+		{in: "per-vm", userRange: "65535:10", errPart: "below 65536"},
+		{in: "per-vm", userRange: "65536:10", want: QEMUUser{Range: IDRange{65536, 10}}, ok: true},
 		{in: "root", errPart: "must not run as root"},
 		{in: "0:0", errPart: "must not run as root"},
 		{in: "no-such-user-kiln", errPart: "no-such-user-kiln"},
 	} {
-		u, ok, err := Hypervisor{User: tc.in}.ResolveUser()
+		h := Hypervisor{User: tc.in, UserRange: tc.userRange}
+		if tc.in == QEMUUserPerVM && tc.userRange == "" && tc.errPart == "" {
+			h.UserRange = Default().Hypervisor.UserRange
+		}
+		u, ok, err := h.ResolveUser()
 		if tc.errPart != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.errPart) || !strings.Contains(err.Error(), "hypervisor.user") {
-				t.Errorf("%q: err %v, want one naming hypervisor.user and %q", tc.in, err, tc.errPart)
+				t.Errorf("%q %q: err %v, want one naming hypervisor.user and %q", tc.in, tc.userRange, err, tc.errPart)
 			}
 			continue
 		}
 		if err != nil || ok != tc.ok || u != tc.want {
-			t.Errorf("%q: %+v %v %v, want %+v %v", tc.in, u, ok, err, tc.want, tc.ok)
+			t.Errorf("%q %q: %+v %v %v, want %+v %v", tc.in, tc.userRange, u, ok, err, tc.want, tc.ok)
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/idlease"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
@@ -122,6 +124,71 @@ func TestQEMUIsSandboxedUnprivilegedAndInItsCgroup(t *testing.T) {
 	}
 	if pids := sharedFSProcesses("source=" + exported); len(pids) > 0 {
 		t.Errorf("leftover virtiofsd processes %v", pids)
+	}
+}
+
+// With hypervisor.user = "per-vm" two VMs' QEMUs run as two users of the range: a process running as one of them
+// (as a QEMU a guest took over would) cannot read the other's descriptors, among them its guest RAM's memfd,
+// though it reads its own. After Stop both ids are given back.
+func TestEachVMsQEMURunsAsAUserOfItsOwn(t *testing.T) {
+	share := requireVM(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to switch QEMU's user")
+	}
+	users := &idlease.Range{First: 1879048192 - 16, Count: 16, Dir: t.TempDir()}
+	var pids, uids []string
+	var stops []func()
+	for i := 0; i < 2; i++ {
+		m := testMachine(t, filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img"), func(c *qemu.Config) {
+			c.ID += strconv.Itoa(i)
+			c.Users = users
+		})
+		sb := startSandbox(t, m, 60*time.Second)
+		pid := strconv.Itoa(m.PID())
+		status := readProc(t, "/proc/"+pid+"/status")
+		var uid string
+		for _, line := range strings.Split(status, "\n") {
+			if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
+				uid = strings.Fields(rest)[0]
+			}
+		}
+		if !strings.Contains(status, fmt.Sprintf("Uid:\t%s\t%s\t%s\t%s\n", uid, uid, uid, uid)) || !strings.Contains(status, fmt.Sprintf("Gid:\t%s\t%s\t%s\t%s\n", uid, uid, uid, uid)) {
+			t.Fatalf("QEMU %s's ids:\n%s", pid, status)
+		}
+		pids, uids = append(pids, pid), append(uids, uid)
+		stops = append(stops, func() {
+			if err := sb.Stop(context.Background()); err != nil {
+				t.Errorf("stop: %v", err)
+			}
+			if err := m.Wait(context.Background()); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	if uids[0] == uids[1] || uids[0] != strconv.Itoa(int(users.First)) || uids[1] != strconv.Itoa(int(users.First)+1) {
+		t.Errorf("the QEMUs run as %v, want the range's first two ids", uids)
+	}
+	as := func(uid string, args ...string) error {
+		id, _ := strconv.Atoi(uid)
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(id), Gid: uint32(id)}}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	}
+	if err := as(uids[0], "ls", "/proc/"+pids[0]+"/fd"); err != nil {
+		t.Errorf("QEMU's own user cannot list its descriptors: %v", err)
+	}
+	if err := as(uids[0], "ls", "/proc/"+pids[1]+"/fd"); err == nil {
+		t.Errorf("the first QEMU's user lists the other QEMU's descriptors")
+	}
+	for _, stop := range stops {
+		stop()
+	}
+	if left, err := os.ReadDir(users.Dir); err != nil || len(left) != 0 {
+		t.Errorf("leases left after stop: %v %v", left, err)
 	}
 }
 

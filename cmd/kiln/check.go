@@ -17,6 +17,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/child"
+	"github.com/kiln-runtime/kiln/vm/idlease"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
 
@@ -108,7 +109,7 @@ func runChecks(configPath string) []checkResult {
 
 	out = append(out, checkGuest(cfg))
 	out = append(out, checkSandbox(cfg, qemuPath))
-	out = append(out, checkQEMUUser(cfg, choice.Kind))
+	out = append(out, checkQEMUUser(cfg, choice.Kind, etcDir))
 	out = append(out, checkCgroup(cfg))
 	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots), checkGrowth(cfg))
 	out = append(out, checkPortForward(portforward.Probe))
@@ -167,9 +168,12 @@ func checkSandbox(cfg config.Config, qemuPath string) checkResult {
 	return checkResult{"sandbox", "ok", "QEMU runs with -sandbox " + qemu.SandboxArg}
 }
 
-// checkQEMUUser reports who QEMU runs as and whether that user can read the guest kernel and initrd, and open
-// /dev/kvm when the accelerator is acc, KVM.
-func checkQEMUUser(cfg config.Config, acc accel.Kind) checkResult {
+// etcDir holds the host's account files (passwd, group, subuid, subgid).
+const etcDir = "/etc"
+
+// checkQEMUUser reports who QEMU runs as, whether the host's accounts (under etc) hold ids of a per-VM range, and
+// whether QEMU's user can read the guest kernel and initrd, and open /dev/kvm when the accelerator is acc, KVM.
+func checkQEMUUser(cfg config.Config, acc accel.Kind, etc string) checkResult {
 	u, ok, err := cfg.Hypervisor.ResolveUser()
 	switch {
 	case err != nil:
@@ -179,7 +183,23 @@ func checkQEMUUser(cfg config.Config, acc accel.Kind) checkResult {
 	case !ok || os.Geteuid() != 0:
 		return checkResult{"qemu user", "warn", fmt.Sprintf("Kiln is not root: QEMU runs as uid %d", os.Geteuid())}
 	}
-	detail := fmt.Sprintf("QEMU runs as uid %d gid %d (hypervisor.user = %q)", u.UID, u.GID, cfg.Hypervisor.User)
+	status, detail := "ok", ""
+	if r := u.Range; r.Count > 0 {
+		// The range's ids own no file Kiln needs: the first stands for all.
+		u.UID, u.GID = r.First, r.First
+		detail = fmt.Sprintf("each VM's QEMU runs as a uid and gid of its own from %d to %d (hypervisor.user = %q)", r.First, r.First+r.Count-1, cfg.Hypervisor.User)
+		claimed, err := (idlease.Range{First: r.First, Count: r.Count}).Claimed(etc)
+		if err != nil {
+			return checkResult{"qemu user", "FAIL", fmt.Sprintf("read the host's accounts: %v", err)}
+		}
+		if len(claimed) > 0 {
+			status = "warn"
+			detail += fmt.Sprintf("; hypervisor.user_range holds ids of the host's accounts, whose files such a QEMU would own: %s (choose another range)", strings.Join(claimed, ", "))
+		}
+	} else {
+		status = "warn"
+		detail = fmt.Sprintf("every VM's QEMU runs as uid %d gid %d (hypervisor.user = %q): one a guest took over reaches the others' memory and signals (\"per-vm\" gives each its own)", u.UID, u.GID, cfg.Hypervisor.User)
+	}
 	if assets, err := cfg.ResolveAssets(); err == nil {
 		if err := qemu.CheckReadable(assets, acc, u.UID, u.GID); err != nil {
 			return checkResult{"qemu user", "FAIL", err.Error()}
@@ -189,7 +209,7 @@ func checkQEMUUser(cfg config.Config, acc accel.Kind) checkResult {
 			detail += " and open /dev/kvm"
 		}
 	}
-	return checkResult{"qemu user", "ok", detail}
+	return checkResult{"qemu user", status, detail}
 }
 
 // checkCgroup reports the cgroup version and where VM cgroups go.

@@ -51,20 +51,37 @@ func TestCheckQEMUUserAndCgroup(t *testing.T) {
 		t.Skip("reports differ for a non-root Kiln")
 	}
 	cfg := config.Default()
-	if r := checkQEMUUser(cfg, accel.TCG); r.status == "FAIL" || (r.status == "ok" && !strings.Contains(r.detail, "uid 65534 gid 65534")) {
+	if r := checkQEMUUser(cfg, accel.TCG, etcDir); r.status != "ok" || !strings.Contains(r.detail, "of its own from 1879048192 to 1879113727") {
 		t.Errorf("default user: %+v", r)
+	}
+	shared := cfg
+	shared.Hypervisor.User = "65534:65534"
+	if r := checkQEMUUser(shared, accel.TCG, etcDir); r.status != "warn" || !strings.Contains(r.detail, "uid 65534 gid 65534") || !strings.Contains(r.detail, `"per-vm"`) {
+		t.Errorf("one user for all: %+v", r)
+	}
+	shared.Hypervisor.User, shared.Hypervisor.UserRange = "per-vm", "5:5"
+	if r := checkQEMUUser(shared, accel.TCG, etcDir); r.status != "FAIL" || !strings.Contains(r.detail, "hypervisor.user_range") {
+		t.Errorf("a bad range: %+v", r)
+	}
+	// A range the host's subordinate ids reach into (here a kubelet's user namespaces) is warned about.
+	etc := t.TempDir()
+	if err := os.WriteFile(filepath.Join(etc, "subuid"), []byte("kubelet:1879048000:1000\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := checkQEMUUser(cfg, accel.TCG, etc); r.status != "warn" || !strings.Contains(r.detail, "subuid kubelet (1879048000:1000)") {
+		t.Errorf("a range kubelet's ids reach: %+v", r)
 	}
 	// With KVM the user must open /dev/kvm too, as a VM's start checks: a node whose /dev/kvm only root opens
 	// fails here, not at every pod.
 	if fi, err := os.Stat("/dev/kvm"); err == nil {
-		r := checkQEMUUser(cfg, accel.KVM)
+		r := checkQEMUUser(cfg, accel.KVM, etcDir)
 		opens := fi.Mode().Perm()&0o006 == 0o006 || fi.Mode().Perm()&0o060 == 0o060
 		if opens && (r.status != "ok" || !strings.Contains(r.detail, "/dev/kvm")) || !opens && (r.status != "FAIL" || !strings.Contains(r.detail, "/dev/kvm")) {
 			t.Errorf("KVM with /dev/kvm %v: %+v", fi.Mode(), r)
 		}
 	}
 	cfg.Hypervisor.User = ""
-	if r := checkQEMUUser(cfg, accel.TCG); r.status != "warn" || !strings.Contains(r.detail, "root") {
+	if r := checkQEMUUser(cfg, accel.TCG, etcDir); r.status != "warn" || !strings.Contains(r.detail, "root") {
 		t.Errorf("empty user: %+v", r)
 	}
 	cfg.Hypervisor.Cgroup = false

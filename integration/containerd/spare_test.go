@@ -147,6 +147,9 @@ func TestKilnSparePool(t *testing.T) {
 	}
 	if a, b := childQEMU(t, first[0].Pid), childQEMU(t, first[1].Pid); a == b {
 		t.Fatalf("the two spares share QEMU %d", a)
+	} else if ua, ub := qemuUser(t, a), qemuUser(t, b); ua == ub {
+		// hypervisor.user = "per-vm", the default: no QEMU reaches another's memory or signals as its owner.
+		t.Errorf("the two spares' QEMUs %d and %d both run as %d", a, b, ua)
 	}
 	checkTurns(t, first)
 	// A waiting spare's VM takes only CPU nothing else wants: its cgroup at the lowest weight, beside nice 19.
@@ -241,6 +244,37 @@ func TestKilnSparePool(t *testing.T) {
 		}
 	}
 	k.remove(t, taker)
+}
+
+// qemuUser is the uid QEMU pid runs as, which must be its gid too, every one of them (real, effective, saved, for
+// the filesystem) one of the default hypervisor.user_range.
+func qemuUser(t *testing.T, pid int) uint32 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, _, err := config.Default().Hypervisor.ResolveUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, count := u.Range.First, u.Range.Count
+	var ids []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
+			ids = append(ids, strings.Fields(rest)...)
+		} else if rest, ok := strings.CutPrefix(line, "Gid:"); ok {
+			ids = append(ids, strings.Fields(rest)...)
+		}
+	}
+	if len(ids) != 8 {
+		t.Fatalf("QEMU %d's status has ids %v", pid, ids)
+	}
+	id, err := strconv.ParseUint(ids[0], 10, 32)
+	if err != nil || slices.ContainsFunc(ids, func(s string) bool { return s != ids[0] }) || uint32(id) < first || uint32(id)-first >= count {
+		t.Fatalf("QEMU %d runs as uids and gids %v, want one id of %d:%d", pid, ids, first, count)
+	}
+	return uint32(id)
 }
 
 // oomScoreAdj is process pid's oom_score_adj.

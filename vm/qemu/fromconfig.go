@@ -11,6 +11,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/idlease"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
 
@@ -70,6 +71,9 @@ type Config struct {
 	// every descriptor QEMU needs. nil runs QEMU as Kiln's own user. virtiofsd stays Kiln's user: it serves the
 	// share with the host's ownership, in its own namespace sandbox.
 	User *syscall.Credential
+	// Users, when set and User is not, gives each QEMU a uid and gid of its own leased from the range, held until
+	// that QEMU was reaped: no QEMU runs as the same user as another VM's.
+	Users *idlease.Range
 	// Cgroup, when true, starts QEMU and virtiofsd in a cgroup of their own (vm/child.Cgroup), named
 	// kiln-vm-<ID>, with a memory limit of the guest's memory (MemoryMiB, then what it grew to) plus MemoryOverheadMiB; it is removed when the VM ends.
 	Cgroup bool
@@ -132,15 +136,16 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		return Config{}, err
 	}
 	var user *syscall.Credential
+	var users *idlease.Range
 	if u, ok, err := cfg.Hypervisor.ResolveUser(); err != nil {
 		return Config{}, err
+	} else if ok && os.Geteuid() != 0 {
+		// Only root can switch; an unprivileged Kiln runs QEMU as itself.
+		log.Debugf("hypervisor.user %q ignored: Kiln is not root", cfg.Hypervisor.User)
+	} else if ok && u.Range.Count > 0 {
+		users = &idlease.Range{First: u.Range.First, Count: u.Range.Count, Dir: idlease.Dir}
 	} else if ok {
 		user = &syscall.Credential{Uid: u.UID, Gid: u.GID}
-		if os.Geteuid() != 0 {
-			// Only root can switch; an unprivileged Kiln runs QEMU as itself.
-			log.Debugf("hypervisor.user %q ignored: Kiln is not root", cfg.Hypervisor.User)
-			user = nil
-		}
 	}
 	params := append([]string{}, cfg.Hypervisor.KernelParams...)
 	if cfg.Agent.Debug {
@@ -172,6 +177,7 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		Virtiofsd:         virtiofs.Config{Binary: cfg.SharedFS.Virtiofsd, Cache: virtiofs.Cache(cfg.SharedFS.Cache), Xattr: cfg.SharedFS.Xattr},
 		ConsoleToLog:      log.Logger.IsLevelEnabled(logrus.DebugLevel),
 		User:              user,
+		Users:             users,
 		Cgroup:            cfg.Hypervisor.Cgroup,
 		MemoryOverheadMiB: cfg.Hypervisor.MemoryOverheadMiB,
 		TemplateDir:       templateDir,

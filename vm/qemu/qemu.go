@@ -20,6 +20,7 @@ import (
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/child"
 	"github.com/kiln-runtime/kiln/vm/guestmem"
+	"github.com/kiln-runtime/kiln/vm/idlease"
 	"github.com/kiln-runtime/kiln/vm/virtiofs"
 )
 
@@ -68,6 +69,8 @@ type Machine struct {
 	cgroup  *child.Cgroup
 	cancel  context.CancelFunc
 	started bool
+	// lease is the id QEMU runs as under Config.Users, released by cleanup.
+	lease *idlease.Lease
 	// restored says the VM came from a template (it has hot-plug); plugged counts the NIC indexes PlugNets used,
 	// plugging says a PlugNets is under way.
 	restored bool

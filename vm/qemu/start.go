@@ -12,6 +12,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/child"
+	"github.com/kiln-runtime/kiln/vm/idlease"
 )
 
 // Start implements vm.Machine.
@@ -264,17 +265,34 @@ func (m *Machine) preflight() (qemuPath string, cred *syscall.Credential, err er
 			}
 		}
 	}
-	cred = qemuCredential(m.cfg)
-	if err := checkReachable(m.cfg, cred); err != nil {
-		return "", nil, err
-	}
 	if err := os.MkdirAll(m.cfg.StateRoot, 0o711); err != nil {
 		return "", nil, fmt.Errorf("create state root %s: %w", m.cfg.StateRoot, err)
 	}
-	if err := os.Mkdir(m.paths.dir, 0o700); err != nil {
+	c, lease, err := leaseUser(m.cfg)
+	if err != nil {
+		return "", nil, err
+	}
+	defer func() {
+		if err != nil {
+			m.releaseUser(lease)
+		}
+	}()
+	cred = qemuCredential(c)
+	if err = checkReachable(c, cred); err != nil {
+		return "", nil, err
+	}
+	if err = os.Mkdir(m.paths.dir, 0o700); err != nil {
 		return "", nil, fmt.Errorf("create state dir: %w", err)
 	}
+	m.lease = lease
 	return qemuPath, cred, nil
+}
+
+// releaseUser gives back the id QEMU ran as, once no process runs with it.
+func (m *Machine) releaseUser(l *idlease.Lease) {
+	if err := l.Release(); err != nil {
+		m.log.WithError(err).Warn("release QEMU's user")
+	}
 }
 
 // kernelFile is the kernel QEMU is given by descriptor, nil for the kernel's own file: a clone's stub (kernelStub),
@@ -362,6 +380,9 @@ func (m *Machine) cleanup() {
 	if err := os.RemoveAll(m.paths.dir); err != nil {
 		m.log.WithError(err).Warn("remove vm state dir")
 	}
+	// QEMU was reaped: nothing runs as its user any more.
+	m.releaseUser(m.lease)
+	m.lease = nil
 
 	close(m.cleaned)
 }

@@ -37,6 +37,13 @@ func buildTemplate(ctx context.Context, c Config, key, inputs, dir string) (retE
 	ram := filepath.Join(tmp, templateRAM)
 	tc := templateConfig(c, "tpl-"+key[:12], ram)
 	tc.templateInputs = inputs
+	// The RAM file is given to the build's QEMU before it starts: its id is leased here, and held until the
+	// file is Kiln's again (rewriteRAM).
+	tc, lease, err := leaseUser(tc)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = lease.Release() }()
 	if err := createRAMFile(ram, qemuCredential(tc)); err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/idlease"
 )
 
 // kvmDevice is the node QEMU opens by path with hardware KVM (QEMU 7.2 takes no descriptor for it).
@@ -21,6 +22,20 @@ const (
 	mayWrite = 2
 	mayExec  = 1
 )
+
+// leaseUser returns c with User set to an id leased from c.Users, and the lease, which the caller releases once
+// the QEMU started with it was reaped; c as it is, and no lease, when User is set or Users is not.
+func leaseUser(c Config) (Config, *idlease.Lease, error) {
+	if c.User != nil || c.Users == nil {
+		return c, nil, nil
+	}
+	l, err := c.Users.Take()
+	if err != nil {
+		return c, nil, fmt.Errorf("QEMU's user: %w", err)
+	}
+	c.User = &syscall.Credential{Uid: l.ID, Gid: l.ID}
+	return c, l, nil
+}
 
 // qemuCredential is who QEMU runs as: Config.User, plus the group of /dev/kvm when the VM uses hardware KVM and
 // that group may open it. nil means Kiln's own user.

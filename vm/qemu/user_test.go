@@ -1,13 +1,16 @@
 package qemu
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 
+	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/idlease"
 )
 
 func TestReachable(t *testing.T) {
@@ -77,5 +80,70 @@ func TestQEMUCredentialIsACopy(t *testing.T) {
 	}
 	if qemuCredential(Config{}) != nil {
 		t.Error("no User, yet a credential")
+	}
+}
+
+// hypervisor.user = "per-vm": each start of QEMU runs it as an id of the range no other holds, given back once QEMU
+// was reaped, whether the start succeeded or not.
+func TestEachQEMUHasAUserOfItsOwn(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to start QEMU as another user")
+	}
+	// The kernel, initrd and stand-in QEMU must be reachable by the leased users; the stand-in notes who it ran
+	// as and exits, so each Start fails waiting for QMP.
+	dir, err := os.MkdirTemp("", "kiln-peruser-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	ran := filepath.Join(dir, "ran-as")
+	stand := filepath.Join(dir, "qemu")
+	if err := os.WriteFile(stand, []byte("#!/bin/sh\nid -u >> "+ran+"\nid -g >> "+ran+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := startableConfig(t)
+	for _, f := range []*string{&cfg.Hypervisor.Kernel, &cfg.Hypervisor.Initrd} {
+		moved := filepath.Join(dir, filepath.Base(*f))
+		if err := os.WriteFile(moved, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		*f = moved
+	}
+	cfg.Hypervisor.User, cfg.Hypervisor.UserRange = config.QEMUUserPerVM, "1879000000:3"
+	mc := quietConfig(t, cfg)
+	if mc.User != nil || mc.Users == nil || mc.Users.First != 1879000000 || mc.Users.Count != 3 || mc.Users.Dir != idlease.Dir {
+		t.Fatalf("ConfigFrom: User %v Users %+v", mc.User, mc.Users)
+	}
+	mc.Users.Dir = filepath.Join(dir, "leases")
+	mc.QEMU, mc.TSCkHz = stand, 1
+	// Another VM holds the range's first id.
+	held, err := mc.Users.Take()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Release()
+	for i := 0; i < 2; i++ {
+		m, err := New(mc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Start(context.Background()); err == nil {
+			_ = m.Stop(context.Background())
+			t.Fatal("Start succeeded")
+		}
+	}
+	b, err := os.ReadFile(ran)
+	if err != nil {
+		t.Fatalf("the stand-in never ran: %v", err)
+	}
+	// Both starts took the same id: the first gave it back.
+	if got, want := string(b), strings.Repeat("1879000001\n", 4); got != want {
+		t.Errorf("QEMU ran as %q, want %q", got, want)
+	}
+	if left, _ := os.ReadDir(mc.Users.Dir); len(left) != 1 || left[0].Name() != "1879000000" {
+		t.Errorf("leases left: %v", left)
 	}
 }
