@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
+	"sort"
 	"strings"
 	"time"
 
@@ -370,7 +372,54 @@ func Parse(data []byte) (Config, error) {
 		}
 		return Config{}, err
 	}
+	if err := exactKeys(data); err != nil {
+		return Config{}, err
+	}
 	return cfg, nil
+}
+
+// exactKeys fails for a table or key that names one of Config's only in another case: the decoder takes
+// "VCPUs" for "vcpus", and TOML's keys are case-sensitive, so another reader (and `kiln config show`, which
+// reports a key the file sets) would not.
+func exactKeys(data []byte) error {
+	var tables map[string]any
+	if err := toml.Unmarshal(data, &tables); err != nil {
+		return err
+	}
+	known := map[string]map[string]bool{}
+	ct := reflect.TypeOf(Config{})
+	for i := 0; i < ct.NumField(); i++ {
+		table, ok := ct.Field(i).Tag.Lookup("toml")
+		if !ok || table == "-" {
+			continue
+		}
+		keys := map[string]bool{}
+		for ft, j := ct.Field(i).Type, 0; j < ft.NumField(); j++ {
+			if k, ok := ft.Field(j).Tag.Lookup("toml"); ok && k != "-" {
+				keys[k] = true
+			}
+		}
+		known[table] = keys
+	}
+	var bad []string
+	for table, v := range tables {
+		keys, ok := known[table]
+		if !ok {
+			bad = append(bad, table)
+			continue
+		}
+		kv, _ := v.(map[string]any)
+		for k := range kv {
+			if !keys[k] {
+				bad = append(bad, table+"."+k)
+			}
+		}
+	}
+	if len(bad) > 0 {
+		sort.Strings(bad)
+		return fmt.Errorf("key(s) %v: Kiln's tables and keys are written in lower case, as config.toml shows them", bad)
+	}
+	return nil
 }
 
 func joinKey(k toml.Key) string {
