@@ -80,16 +80,23 @@ func ceilMiB(b int64) int64 { return b>>20 + min(b&(1<<20-1), 1) }
 // resize). A VM that cannot grow refuses a container's limit beyond what it has. Nothing is ever given back: a
 // lowered limit leaves the VM as it is.
 func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, update bool) error {
+	_, _, err := p.fitLimits(ctx, id, r, update)
+	return err
+}
+
+// fitLimits is fit, returning the container's limits before and after.
+func (p *Pod) fitLimits(ctx context.Context, id string, r *specs.LinuxResources, update bool) (before, after containerLimits, err error) {
 	p.growMu.Lock()
 	defer p.growMu.Unlock()
 	var l containerLimits
 	if update {
 		// A container deleted meanwhile (DeleteContainer drops its bundle before its limits) must not be counted.
 		if p.bundleOf(id) == nil {
-			return fmt.Errorf("%w: container %s was deleted", errdefs.ErrNotFound, id)
+			return before, after, fmt.Errorf("%w: container %s was deleted", errdefs.ErrNotFound, id)
 		}
 		l = p.limits[id]
 	}
+	before = l
 	l = limitsOf(r, l)
 	limits := maps.Clone(p.limits)
 	if limits == nil {
@@ -106,31 +113,66 @@ func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, updat
 		milliCPUs += c.milliCPUs()
 		// Beyond what any VM has (config's bounds), and far from overflowing.
 		if memMiB > 1<<20 {
-			return fmt.Errorf("%w: container %s: memory limit %d MiB: the pod's containers' limits add up to more than a VM can have (hypervisor.memory_max_mib is at most 1048576)", errdefs.ErrInvalidArgument, id, l.memory>>20)
+			return before, after, fmt.Errorf("%w: container %s: memory limit %d MiB: the pod's containers' limits add up to more than a VM can have (hypervisor.memory_max_mib is at most 1048576)", errdefs.ErrInvalidArgument, id, l.memory>>20)
 		}
 		if boot, most := p.cfg.Hypervisor.CPULayout(); boot < most && milliCPUs > config.MaxVCPUsMax*1000 {
-			return fmt.Errorf("%w: container %s: a CPU limit of %.3f CPUs: the pod's containers' limits add up to more than a VM can have (hypervisor.vcpus_max is at most %d)", errdefs.ErrInvalidArgument, id, float64(l.milliCPUs())/1000, config.MaxVCPUsMax)
+			return before, after, fmt.Errorf("%w: container %s: a CPU limit of %.3f CPUs: the pod's containers' limits add up to more than a VM can have (hypervisor.vcpus_max is at most %d)", errdefs.ErrInvalidArgument, id, float64(l.milliCPUs())/1000, config.MaxVCPUsMax)
 		}
 	}
 	h := p.cfg.Hypervisor
 	if boot, ram := h.MemoryLayout(); boot == ram {
 		if l.memory > int64(h.MemoryMiB)<<20 {
-			return fmt.Errorf("%w: container %s: memory limit %d MiB is more than its pod's VM has (%d MiB), which cannot grow (hypervisor.memory_max_mib); size the pod with its resources or io.kiln.memory_mib",
+			return before, after, fmt.Errorf("%w: container %s: memory limit %d MiB is more than its pod's VM has (%d MiB), which cannot grow (hypervisor.memory_max_mib); size the pod with its resources or io.kiln.memory_mib",
 				errdefs.ErrInvalidArgument, id, l.memory>>20, h.MemoryMiB)
 		}
 	} else if err := p.growMemory(ctx, h.BootMemory()+int(memMiB)); err != nil {
-		return fmt.Errorf("container %s: memory limit %d MiB: %w", id, l.memory>>20, err)
+		return before, after, fmt.Errorf("container %s: memory limit %d MiB: %w", id, l.memory>>20, err)
 	}
 	vcpus := int(ceilDiv(milliCPUs, 1000))
 	if boot, most := h.CPULayout(); boot == most {
 		if own := int(ceilDiv(l.milliCPUs(), 1000)); own > h.VCPUs {
-			return fmt.Errorf("%w: container %s: a CPU limit of %d vCPUs is more than its pod's VM has (%d), which cannot grow (hypervisor.vcpus_max); size the pod with its resources or io.kiln.vcpus",
+			return before, after, fmt.Errorf("%w: container %s: a CPU limit of %d vCPUs is more than its pod's VM has (%d), which cannot grow (hypervisor.vcpus_max); size the pod with its resources or io.kiln.vcpus",
 				errdefs.ErrInvalidArgument, id, own, h.VCPUs)
 		}
 	} else if err := p.growVCPUs(ctx, boot+vcpus); err != nil {
-		return fmt.Errorf("container %s: a CPU limit of %.3f CPUs: %w", id, float64(l.milliCPUs())/1000, err)
+		return before, after, fmt.Errorf("container %s: a CPU limit of %.3f CPUs: %w", id, float64(l.milliCPUs())/1000, err)
 	}
 	p.limits = limits
+	return before, l, nil
+}
+
+// updater is a container whose resources Update changes in the guest.
+type updater interface {
+	ID() string
+	Update(ctx context.Context, r *specs.LinuxResources) error
+}
+
+// Update sizes the VM for container c's new resources and has the guest apply them. Resources the guest does not
+// apply leave the pod counting the container's limits as they were, unless another update changed them since.
+func (p *Pod) Update(ctx context.Context, c updater, r *specs.LinuxResources) error {
+	id := c.ID()
+	if r == nil {
+		r = &specs.LinuxResources{}
+	}
+	if err := checkHostResources(r); err != nil {
+		return fmt.Errorf("update container %s: %w", id, err)
+	}
+	before, after, err := p.fitLimits(ctx, id, r, true)
+	if err != nil {
+		return fmt.Errorf("update %w", err) // "container <id>: ..."
+	}
+	if err := c.Update(ctx, r); err != nil {
+		p.growMu.Lock()
+		defer p.growMu.Unlock()
+		cur, counted := p.limits[id]
+		if cur == after && counted == (after != containerLimits{}) && p.bundleOf(id) != nil {
+			p.limits[id] = before
+			if before == (containerLimits{}) {
+				delete(p.limits, id)
+			}
+		}
+		return err
+	}
 	return nil
 }
 

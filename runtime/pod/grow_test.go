@@ -241,6 +241,76 @@ func TestFitLimits(t *testing.T) {
 	}
 }
 
+// fakeUpdater is a container whose guest applies resources, or fails to.
+type fakeUpdater struct {
+	id  string
+	err error
+	// during runs as the guest applies them (another update meanwhile).
+	during func()
+}
+
+func (f fakeUpdater) ID() string { return f.id }
+func (f fakeUpdater) Update(context.Context, *specs.LinuxResources) error {
+	if f.during != nil {
+		f.during()
+	}
+	return f.err
+}
+
+// Limits the guest did not apply are not counted: the pod keeps what the container had, unless an update that
+// came meanwhile changed it.
+func TestUpdateTheGuestRefusesIsNotCounted(t *testing.T) {
+	cfg := config.Default()
+	cfg.Hypervisor.BootVCPUs, cfg.Hypervisor.BootMemoryMiB = cfg.Hypervisor.VCPUs, cfg.Hypervisor.MemoryMiB
+	ctx := context.Background()
+	mem := func(mib int64) *specs.LinuxResources {
+		return &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: ptr(mib << 20)}}
+	}
+	refused := errors.New("update container c0: the guest refused")
+	for _, tc := range []struct {
+		name string
+		// first is c0's limit when it was created (0: none), update the limit the guest refuses.
+		first, update int64
+		// during, when set, is another update's limit applied while the refused one is out.
+		during int64
+		want   int64
+	}{
+		{"a lower limit", 512, 128, 0, 512},
+		{"a higher limit", 128, 512, 0, 128},
+		{"a first limit", 0, 256, 0, 0},
+		{"another update meanwhile", 512, 128, 256, 256},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := &Pod{cfg: cfg, vcpus: cfg.Hypervisor.VCPUs, memMiB: 4096, bundles: map[string]*bundle.Bundle{"c0": {}}}
+			if tc.first > 0 {
+				if err := p.Fit(ctx, "c0", mem(tc.first), false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			c := fakeUpdater{id: "c0", err: refused}
+			if tc.during > 0 {
+				c.during = func() {
+					if err := p.Update(ctx, fakeUpdater{id: "c0"}, mem(tc.during)); err != nil {
+						t.Error(err)
+					}
+				}
+			}
+			if err := p.Update(ctx, c, mem(tc.update)); !errors.Is(err, refused) {
+				t.Fatalf("Update: %v, want the guest's error", err)
+			}
+			got, counted := p.limits["c0"]
+			if counted != (tc.want > 0) || got.memory != tc.want<<20 {
+				t.Errorf("the pod counts %+v (%v), want a memory limit of %d MiB", got, counted, tc.want)
+			}
+		})
+	}
+	// An update the guest applies is counted.
+	p := &Pod{cfg: cfg, vcpus: cfg.Hypervisor.VCPUs, memMiB: 4096, bundles: map[string]*bundle.Bundle{"c0": {}}}
+	if err := p.Update(ctx, fakeUpdater{id: "c0"}, mem(300)); err != nil || p.limits["c0"].memory != 300<<20 {
+		t.Errorf("an applied update: %v, counted %+v", err, p.limits["c0"])
+	}
+}
+
 // A first container whose limits its pod cannot fit after all, when its create hooks already ran (the pod booted,
 // or adopted a spare, for it: nerdctl's CNI ADD leased an address), is no refusal before its hooks: FailedCreate
 // runs its poststop hooks (the DEL), which a refusal skips.

@@ -308,9 +308,7 @@ func (s *Service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*em
 		return nil, toGRPC(fmt.Errorf("%w: update task %s: resources of type %T, want LinuxResources", errdefs.ErrInvalidArgument, r.ID, v))
 	}
 	if p := s.currentPod(); p != nil {
-		if err := p.Fit(ctx, r.ID, res, true); err != nil {
-			return nil, toGRPC(fmt.Errorf("update task %s: %w", r.ID, err))
-		}
+		return empty(), toGRPC(p.Update(ctx, c, res))
 	}
 	return empty(), toGRPC(c.Update(ctx, res))
 }
