@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/containerd/console"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/integration/testbundle"
@@ -74,6 +75,34 @@ func TestCLIRun(t *testing.T) {
 	}
 	if got := withoutLogs(stderr.String()); got != "err\n" {
 		t.Errorf("stderr %q, want \"err\\n\" (full stderr %q)", got, stderr.String())
+	}
+	checkRunLeftovers(t, stateRoot)
+}
+
+// A create that fails after its create hooks ran (here a failing createRuntime hook) runs the poststop hooks, as
+// the shim's does, and leaves no mark in the bundle that they are owed.
+func TestCLIRunFailedCreateRunsPoststop(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	dir := t.TempDir()
+	ran := filepath.Join(dir, "poststop-ran")
+	spec := testbundle.Spec("true")
+	spec.Hooks = &specs.Hooks{
+		CreateRuntime: []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", "exit 3"}}},
+		Poststop:      []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", "echo ran > " + ran}}},
+	}
+	bundle := filepath.Join(dir, "bundle")
+	if err := testbundle.Write(bundle, spec); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(bin, "--config", cfg, "run", "--bundle", bundle, "hooked").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "createRuntime") {
+		t.Fatalf("kiln run with a failing createRuntime hook: %v\n%s", err, out)
+	}
+	if b, err := os.ReadFile(ran); err != nil || string(b) != "ran\n" {
+		t.Errorf("the poststop hook did not run: %q %v\n%s", b, err, out)
+	}
+	if left, _ := filepath.Glob(filepath.Join(bundle, "kiln-*")); len(left) > 0 {
+		t.Errorf("left in the bundle: %v", left)
 	}
 	checkRunLeftovers(t, stateRoot)
 }

@@ -120,7 +120,8 @@ func runContainer(ctx context.Context, p *pod.Pod, b *bundle.Bundle, id string, 
 
 	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: id, Bundle: b, IO: io})
 	if err != nil {
-		return 0, err
+		// As the shim's create does: poststop hooks undo what create hooks did (and are owed no more).
+		return 0, errors.Join(err, pod.FailedCreate(ctx, p, id, b, err))
 	}
 	defer func() {
 		if _, err := p.DeleteContainer(ctx, c, true); err != nil {
