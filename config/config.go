@@ -490,6 +490,11 @@ func (c Config) Validate() error {
 	}
 	if _, _, err := c.Hypervisor.ResolveUser(); err != nil {
 		errs = append(errs, err)
+	} else if strings.TrimSpace(c.Hypervisor.User) != QEMUUserPerVM && c.Hypervisor.UserRange != "" {
+		// Unused with one user for all, but checked all the same: it is what "per-vm" would take.
+		if _, err := parseIDRange(c.Hypervisor.UserRange); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if c.Hypervisor.MemoryOverheadMiB < 64 || c.Hypervisor.MemoryOverheadMiB > 1<<20 {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_overhead_mib = %d: want 64 to 1048576", c.Hypervisor.MemoryOverheadMiB))

@@ -81,6 +81,7 @@ enable_annotations = ["io.kiln.vcpus", "io.kiln.kernel_params*"]
 		{name: "wrong type names the key", toml: "[hypervisor]\nmemory_mib = \"lots\"\n", errPart: []string{"memory_mib"}},
 		{name: "unknown key is named", toml: "[hypervisor]\nmemory_mb = 512\n", errPart: []string{"hypervisor.memory_mb", "unknown"}},
 		{name: "unknown table is named", toml: "[hypervisr]\npath = \"x\"\n", errPart: []string{"hypervisr"}},
+		{name: "a bad user_range beside one user", toml: "[hypervisor]\nuser = \"65534:65534\"\nuser_range = \"5:5\"\n", errPart: []string{"hypervisor.user_range", "below 65536"}},
 		{name: "a key in another case is named", toml: "[hypervisor]\nVCPUs = 3\n", errPart: []string{"hypervisor.VCPUs", "lower case"}},
 		{name: "a table in another case is named", toml: "[Hypervisor]\nvcpus = 3\n", errPart: []string{"[Hypervisor]", "lower case"}},
 		{name: "a dotted key in another case is named", toml: "Agent.debug = true\n", errPart: []string{"Agent", "lower case"}},

@@ -171,6 +171,9 @@ func checkSandbox(cfg config.Config, qemuPath string) checkResult {
 // etcDir holds the host's account files (passwd, group, subuid, subgid).
 const etcDir = "/etc"
 
+// kubeletDir is kubelet's state directory: where it is, kubelet runs on this host.
+const kubeletDir = "/var/lib/kubelet"
+
 // checkQEMUUser reports who QEMU runs as, whether the host's accounts (under etc) hold ids of a per-VM range, and
 // whether QEMU's user can read the guest kernel and initrd, and open /dev/kvm when the accelerator is acc, KVM.
 func checkQEMUUser(cfg config.Config, acc accel.Kind, etc string) checkResult {
@@ -195,6 +198,12 @@ func checkQEMUUser(cfg config.Config, acc accel.Kind, etc string) checkResult {
 		if len(claimed) > 0 {
 			status = "warn"
 			detail += fmt.Sprintf("; hypervisor.user_range holds ids of the host's accounts, whose files such a QEMU would own: %s (choose another range)", strings.Join(claimed, ", "))
+		}
+		if unbounded, err := idlease.KubeletUnbounded(etc, kubeletDir); err != nil {
+			return checkResult{"qemu user", "FAIL", fmt.Sprintf("look for kubelet's user-namespace ids: %v", err)}
+		} else if unbounded {
+			status = "warn"
+			detail += fmt.Sprintf("; kubelet runs here with no \"kubelet\" entry in %s/subuid, so pods with user namespaces (hostUsers: false) may get ids of hypervisor.user_range, and a QEMU of such an id would own their files: give kubelet /etc/subuid and /etc/subgid ranges apart from it", etc)
 		}
 	} else {
 		status = "warn"

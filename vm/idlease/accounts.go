@@ -11,6 +11,30 @@ import (
 	"strings"
 )
 
+// KubeletUnbounded says whether kubelet runs on this host (its state directory, kubeletDir, exists) with no
+// "kubelet" entry in etc's subuid: kubelet then gives pods with user namespaces blocks of 65536 ids from anywhere
+// above 65535, any range of Kiln's among them, and their files on the host are owned by those ids.
+func KubeletUnbounded(etc, kubeletDir string) (bool, error) {
+	if _, err := os.Stat(kubeletDir); errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	b, err := os.ReadFile(filepath.Join(etc, "subuid"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if name, _, ok := strings.Cut(line, ":"); ok && name == "kubelet" {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
 // Claimed lists what the host's account files under etc (/etc) give ids of r to: users and groups of passwd and
 // group, and subordinate ranges of subuid and subgid (rootless containers', kubelet's user namespaces). A QEMU
 // running as such an id would own their files. Files that are missing are passed over; accounts kept elsewhere

@@ -124,8 +124,8 @@ func (l *Lease) Release() error {
 }
 
 // inUse returns the ids of r that some process runs with, as its effective uid or gid: the owner of its /proc
-// directory. A stat each, where reading every process's status (its other ids too) took ten times as long, on the
-// path of every VM's start. A process that made itself not dumpable shows as root's, and is not seen.
+// directory, which the kernel shows whether or not the process is dumpable. A stat each, where reading every
+// process's status (its real and saved ids too) took ten times as long, on the path of every VM's start.
 func inUse(r Range) (map[uint32]bool, error) {
 	proc := r.Proc
 	if proc == "" {

@@ -225,3 +225,35 @@ func TestClaimed(t *testing.T) {
 		t.Errorf("no account files: %v %v", got, err)
 	}
 }
+
+func TestKubeletUnbounded(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		kubelet bool
+		subuid  string
+		want    bool
+	}{
+		{"no kubelet", false, "", false},
+		{"kubelet without a subuid file", true, "-", true},
+		{"kubelet without its entry", true, "alice:100000:65536\n", true},
+		{"kubelet with its entry", true, "alice:100000:65536\nkubelet:65536000:65536000\n", false},
+		{"an entry named like it", true, "kubelet2:1:1\n", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			etc, kubelet := t.TempDir(), filepath.Join(t.TempDir(), "kubelet")
+			if tc.kubelet {
+				if err := os.Mkdir(kubelet, 0o700); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tc.subuid != "-" {
+				if err := os.WriteFile(filepath.Join(etc, "subuid"), []byte(tc.subuid), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got, err := KubeletUnbounded(etc, kubelet); err != nil || got != tc.want {
+				t.Errorf("KubeletUnbounded = %v, %v; want %v", got, err, tc.want)
+			}
+		})
+	}
+}

@@ -19,6 +19,13 @@ import (
 // RAM file and its device state (migrated with x-ignore-shared, so the RAM stays in the file). The directory
 // appears complete or not at all.
 func buildTemplate(ctx context.Context, c Config, key, inputs, dir string) (retErr error) {
+	// The RAM file is given to the build's QEMU before it starts: its id is leased first, and given back last, once
+	// the file is Kiln's again (rewriteRAM) or gone with the build.
+	c, lease, err := leaseUser(c)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = lease.Release() }()
 	tmp := dir + ".tmp"
 	if err := os.RemoveAll(tmp); err != nil {
 		return err
@@ -37,13 +44,6 @@ func buildTemplate(ctx context.Context, c Config, key, inputs, dir string) (retE
 	ram := filepath.Join(tmp, templateRAM)
 	tc := templateConfig(c, "tpl-"+key[:12], ram)
 	tc.templateInputs = inputs
-	// The RAM file is given to the build's QEMU before it starts: its id is leased here, and held until the
-	// file is Kiln's again (rewriteRAM).
-	tc, lease, err := leaseUser(tc)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = lease.Release() }()
 	if err := createRAMFile(ram, qemuCredential(tc)); err != nil {
 		return err
 	}
