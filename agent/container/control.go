@@ -269,9 +269,12 @@ func (s *Service) UpdateContainer(ctx context.Context, req *agentv1.UpdateContai
 		return nil, status.Errorf(codes.InvalidArgument, "update container %s: parse resources: %v", c.id, err)
 	}
 	r.HugepageLimits = guestHugepages(r.HugepageLimits, cgroups.HugePageSizes())
-	// One update at a time: each merges into what the last one set.
+	// One update at a time: each merges into what the last one set. Not beside a Pause or Resume either, which
+	// change the live configuration this reads.
 	c.updateMu.Lock()
 	defer c.updateMu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	config := c.lc.Config()
 	if config.Cgroups == nil || config.Cgroups.Resources == nil {
 		return nil, status.Errorf(codes.FailedPrecondition, "update container %s: no cgroup", c.id)

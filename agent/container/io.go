@@ -411,6 +411,11 @@ func (p *processIO) finish() {
 		// The tty connection carries input too: stop reading it, keep it
 		// for the half-close below.
 		_ = p.conns[stdio.TTY].SetReadDeadline(time.Now())
+		// Nor keep writing it: a process left holding the terminal (a background job in raw mode) that reads
+		// nothing would hold the copy, and the exit, for as long as it lives.
+		if p.master != nil {
+			_ = p.master.SetWriteDeadline(time.Now())
+		}
 		<-p.inputClosed
 	}
 	if p.master != nil {

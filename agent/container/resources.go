@@ -16,6 +16,9 @@ import (
 func mergeResources(cur *cgroups.Resources, r *specs.LinuxResources) *cgroups.Resources {
 	merged := *cur
 	dst := &merged
+	// Pause and Resume own the freezer: an update written back over one of them would freeze or thaw the
+	// container again. Undefined leaves cgroup.freeze as it is.
+	dst.Freezer = cgroups.Undefined
 	dst.HugetlbLimit = make([]*cgroups.HugepageLimit, 0, len(cur.HugetlbLimit))
 	for _, h := range cur.HugetlbLimit {
 		c := *h
@@ -24,6 +27,12 @@ func mergeResources(cur *cgroups.Resources, r *specs.LinuxResources) *cgroups.Re
 	dst.Unified = maps.Clone(cur.Unified)
 	if m := r.Memory; m != nil {
 		setIf(&dst.Memory, m.Limit)
+		if m.Limit != nil && *m.Limit == -1 && m.Swap == nil {
+			// No memory limit any more, and no swap limit given: none for swap either (0 is unset, which cgroup
+			// v2 takes as max beside an unlimited memory), as runc's update does; the old swap limit without a
+			// memory limit would be refused.
+			dst.MemorySwap = 0
+		}
 		setIf(&dst.MemoryReservation, m.Reservation)
 		setIf(&dst.MemorySwap, m.Swap)
 		if m.Swappiness != nil {
@@ -50,6 +59,11 @@ func mergeResources(cur *cgroups.Resources, r *specs.LinuxResources) *cgroups.Re
 		}
 		if c.Idle != nil {
 			dst.CPUIdle = c.Idle
+			if *c.Idle == 1 {
+				// An idle cgroup has no weight: the kernel refuses cpu.weight after cpu.idle=1, as runc's update
+				// knows.
+				dst.CpuShares, dst.CpuWeight = 0, 0
+			}
 		}
 		if c.Cpus != "" {
 			dst.CpusetCpus = c.Cpus

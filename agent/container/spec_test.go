@@ -285,6 +285,26 @@ func TestMergeResources(t *testing.T) {
 	if dst.CpuShares != shares || dst.CpuWeight != 174 {
 		t.Errorf("after an update of the shares to %d: shares %d, weight %d", shares, dst.CpuShares, dst.CpuWeight)
 	}
+	// The freezer is Pause's and Resume's: an update leaves a paused container paused, a running one running.
+	dst.Freezer = cgroups.Frozen
+	if got := mergeResources(dst, &specs.LinuxResources{}).Freezer; got != cgroups.Undefined {
+		t.Errorf("an update writes the freezer state %q", got)
+	}
+	// No memory limit any more: no swap limit either, as runc's update makes it.
+	dst.Memory, dst.MemorySwap = 1<<30, 1<<30
+	unlimited := int64(-1)
+	if got := mergeResources(dst, &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &unlimited}}); got.Memory != -1 || got.MemorySwap != 0 {
+		t.Errorf("memory limit lifted: memory %d swap %d, want -1 and 0", got.Memory, got.MemorySwap)
+	}
+	swap := int64(2 << 30)
+	if got := mergeResources(dst, &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &unlimited, Swap: &swap}}); got.MemorySwap != swap {
+		t.Errorf("memory limit lifted with a swap limit: swap %d", got.MemorySwap)
+	}
+	// An idle cgroup has no weight.
+	idle := int64(1)
+	if got := mergeResources(dst, &specs.LinuxResources{CPU: &specs.LinuxCPU{Idle: &idle}}); got.CpuWeight != 0 || got.CpuShares != 0 || got.CPUIdle == nil || *got.CPUIdle != 1 {
+		t.Errorf("cpu.idle=1: shares %d weight %d idle %v", got.CpuShares, got.CpuWeight, got.CPUIdle)
+	}
 }
 
 // Kiln reports libcontainer's mount options and namespaces as its own (proto/features): they must be the ones

@@ -62,6 +62,9 @@ func checkSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, 
 	if err := CheckProcess(spec.Process); err != nil {
 		return network.Source{}, fmt.Errorf("container %s: process: %w", id, err)
 	}
+	if err := checkHostDevices(spec); err != nil {
+		return network.Source{}, fmt.Errorf("container %s: %w", id, err)
+	}
 	if spec.Linux != nil && spec.Linux.Resources != nil {
 		if err := checkHostResources(spec.Linux.Resources); err != nil {
 			return network.Source{}, fmt.Errorf("container %s: %w", id, err)
@@ -87,8 +90,35 @@ func checkSpec(cfg config.Config, id string, spec *specs.Spec) (network.Source, 
 // CheckProcess refuses what a process spec (a container's or an exec's) names of the host that its VM does not
 // have: process.execCPUAffinity pins it to host CPUs, which the VM's vCPUs are not, as a cpuset does.
 func CheckProcess(p *specs.Process) error {
-	if p != nil && p.ExecCPUAffinity != nil {
+	if p == nil {
+		return nil
+	}
+	if p.ExecCPUAffinity != nil {
 		return fmt.Errorf("%w: execCPUAffinity names host CPUs, which a Kiln VM's vCPUs are not pinned to; remove it (as a cpuset, refused too)", errdefs.ErrInvalidArgument)
+	}
+	// What runc refuses of every process, before the guest's runc init would fail on it unclearly (no args
+	// panics it).
+	if len(p.Args) == 0 {
+		return fmt.Errorf("%w: args is empty: name the program to run", errdefs.ErrInvalidArgument)
+	}
+	if p.Cwd != "" && !path.IsAbs(p.Cwd) {
+		return fmt.Errorf("%w: cwd %q is not an absolute path", errdefs.ErrInvalidArgument, p.Cwd)
+	}
+	return nil
+}
+
+// checkHostDevices refuses what moves or binds host hardware a VM does not have: linux.netDevices (host network
+// interfaces moved into the container, which the guest would look for among its own) and linux.memoryPolicy
+// (host NUMA nodes, refused as a cpuset's memory nodes are).
+func checkHostDevices(spec *specs.Spec) error {
+	if spec.Linux == nil {
+		return nil
+	}
+	if len(spec.Linux.NetDevices) > 0 {
+		return fmt.Errorf("%w: linux.netDevices moves host network interfaces into the container, which a Kiln VM cannot: give the pod its interfaces through its network namespace (CNI), or use runc", errdefs.ErrInvalidArgument)
+	}
+	if spec.Linux.MemoryPolicy != nil {
+		return fmt.Errorf("%w: linux.memoryPolicy names host NUMA nodes, which the VM's memory is not bound to: leave it out", errdefs.ErrInvalidArgument)
 	}
 	return nil
 }

@@ -94,15 +94,57 @@ func TestCheckIsolation(t *testing.T) {
 
 // A process pinned to host CPUs (execCPUAffinity) is refused, as a cpuset is.
 func TestCheckProcess(t *testing.T) {
-	if err := CheckProcess(&specs.Process{Args: []string{"sh"}}); err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name string
+		p    *specs.Process
+		want string
+	}{
+		{"a program", &specs.Process{Args: []string{"sh"}, Cwd: "/"}, ""},
+		{"no cwd", &specs.Process{Args: []string{"sh"}}, ""},
+		{"none", nil, ""},
+		{"host CPUs", &specs.Process{Args: []string{"sh"}, ExecCPUAffinity: &specs.CPUAffinity{Initial: "0", Final: "1"}}, "execCPUAffinity"},
+		{"no args", &specs.Process{Cwd: "/"}, "args is empty"},
+		{"a relative cwd", &specs.Process{Args: []string{"sh"}, Cwd: "work"}, `cwd "work"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := CheckProcess(tc.p)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("CheckProcess = %v, want an invalid argument naming %q", err, tc.want)
+			}
+		})
 	}
-	err := CheckProcess(&specs.Process{ExecCPUAffinity: &specs.CPUAffinity{Initial: "0", Final: "1"}})
-	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "execCPUAffinity") {
-		t.Errorf("CheckProcess = %v, want an invalid argument naming execCPUAffinity", err)
-	}
-	if err := CheckProcess(nil); err != nil {
-		t.Fatal(err)
+}
+
+// Host network interfaces and NUMA memory policies name host hardware the VM has not: refused, naming the field.
+func TestCheckHostDevices(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		linux *specs.Linux
+		want  string
+	}{
+		{"none", &specs.Linux{}, ""},
+		{"no linux", nil, ""},
+		{"net devices", &specs.Linux{NetDevices: map[string]specs.LinuxNetDevice{"eth1": {Name: "net1"}}}, "linux.netDevices"},
+		{"memory policy", &specs.Linux{MemoryPolicy: &specs.LinuxMemoryPolicy{Mode: specs.MpolBind, Nodes: "0"}}, "linux.memoryPolicy"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := checkHostDevices(&specs.Spec{Linux: tc.linux})
+			if tc.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("checkHostDevices = %v, want an invalid argument naming %q", err, tc.want)
+			}
+		})
 	}
 }
 
