@@ -115,11 +115,3 @@ func TestOOMAfterPublishedOOMIsPublished(t *testing.T) {
 	}
 }
 
-func isClosed(c <-chan struct{}) bool {
-	select {
-	case <-c:
-		return true
-	default:
-		return false
-	}
-}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/containerd/fifo"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 )
@@ -42,6 +43,17 @@ type procIO struct {
 	logger   *exec.Cmd
 	cancel   context.CancelFunc
 	once     sync.Once
+}
+
+// drainStdin ends the process's input from containerd's stdin fifo once what it holds has been relayed (CloseIO),
+// and says whether there is such an input: a terminal's stays, for a client attaching later.
+func (p *procIO) drainStdin() bool {
+	r, ok := p.streams.Stdin.(*stdinReader)
+	if !ok || p.spec.Terminal {
+		return false
+	}
+	r.Drain()
+	return true
 }
 
 // openIO connects to containerd's side of a process's IO. id and namespace are handed to a binary:// logger.
@@ -233,7 +245,8 @@ func (p *procIO) Close() error {
 
 // stdinReader reads containerd's stdin fifo. For a terminal it opens the fifo again after each EOF, so that a
 // client attaching later (`ctr task attach`) can type into the same terminal; otherwise EOF ends the input, which
-// the process then reads as EOF.
+// the process then reads as EOF. Drain (CloseIO) ends it too, once what the fifo holds has been read, whether or
+// not its writer is still open.
 type stdinReader struct {
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -241,39 +254,109 @@ type stdinReader struct {
 	reopen  bool
 	eof     chan struct{}
 	eofOnce sync.Once
-	mu      sync.Mutex
-	cur     io.ReadCloser
-	closed  bool
+	// drained is closed by Drain.
+	drained   chan struct{}
+	drainOnce sync.Once
+
+	mu sync.Mutex
+	// fifo is the fifo being opened; file, once a writer opened it, its descriptor (pollable, so that Drain can
+	// wake a read waiting for input); ready is closed then (or when the open failed: file stays nil).
+	fifo   io.Closer
+	file   *os.File
+	ready  chan struct{}
+	closed bool
 }
 
 func newStdinReader(ctx context.Context, path string, reopen bool, eof chan struct{}) (*stdinReader, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	r := &stdinReader{ctx: ctx, cancel: cancel, path: path, reopen: reopen, eof: eof}
-	f, err := r.open()
-	if err != nil {
+	r := &stdinReader{ctx: ctx, cancel: cancel, path: path, reopen: reopen, eof: eof, drained: make(chan struct{})}
+	if err := r.open(); err != nil {
 		cancel()
 		return nil, err
 	}
-	r.cur = f
 	return r, nil
 }
 
-func (r *stdinReader) open() (io.ReadCloser, error) {
-	// O_NONBLOCK makes the open return at once; reads wait until a writer has opened the fifo.
+// open starts opening the fifo: it returns at once, and the file is ready once a writer opened the fifo.
+func (r *stdinReader) open() error {
 	f, err := fifo.OpenFifo(r.ctx, r.path, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
-		return nil, fmt.Errorf("open stdin fifo %s: %w", r.path, err)
+		return fmt.Errorf("open stdin fifo %s: %w", r.path, err)
 	}
-	return f, nil
+	ready := make(chan struct{})
+	r.mu.Lock()
+	r.fifo, r.file, r.ready = f, nil, ready
+	r.mu.Unlock()
+	go func() {
+		defer close(ready)
+		file, err := fileOf(f)
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if err != nil || r.closed || r.fifo != f {
+			if file != nil {
+				file.Close()
+			}
+			return
+		}
+		r.file = file
+	}()
+	return nil
 }
 
-// Read reads from the current fifo, opening it again after EOF when reopen is set.
+// fileOf waits until a writer has opened f (or f is closed) and returns its own descriptor of it, which outlives f.
+func fileOf(f io.ReadWriteCloser) (*os.File, error) {
+	sc, ok := f.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("the fifo has no descriptor")
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	dup, derr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, derr
+	}
+	// The descriptor is non-blocking (Go polls fifos), so the new file is polled too.
+	return os.NewFile(uintptr(dup), "stdin fifo"), nil
+}
+
+// Read reads from the fifo, opening it again after EOF when reopen is set.
 func (r *stdinReader) Read(b []byte) (int, error) {
 	for {
 		r.mu.Lock()
-		f, closed := r.cur, r.closed
+		ready, closed := r.ready, r.closed
 		r.mu.Unlock()
 		if closed {
+			r.markEOF()
+			return 0, io.EOF
+		}
+		select {
+		case <-ready:
+		case <-r.drained:
+			// No writer has opened the fifo: there is nothing to drain.
+			select {
+			case <-ready:
+			default:
+				r.markEOF()
+				return 0, io.EOF
+			}
+		}
+		r.mu.Lock()
+		f := r.file
+		r.mu.Unlock()
+		if f == nil {
+			// Closed, or the open failed.
+			r.markEOF()
+			return 0, io.EOF
+		}
+		if isClosed(r.drained) {
+			if n := readWhatIsThere(f, b); n > 0 {
+				return n, nil
+			}
 			r.markEOF()
 			return 0, io.EOF
 		}
@@ -281,28 +364,72 @@ func (r *stdinReader) Read(b []byte) (int, error) {
 		if n > 0 || err == nil {
 			return n, nil
 		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			continue // Drain woke it
+		}
 		if !r.reopen || r.ctx.Err() != nil {
 			r.markEOF()
-			if errors.Is(err, fifo.ErrReadClosed) {
+			if errors.Is(err, os.ErrClosed) {
 				err = io.EOF
 			}
 			return 0, err
 		}
-		_ = f.Close()
-		nf, oerr := r.open()
-		if oerr != nil {
-			r.markEOF()
-			return 0, io.EOF
-		}
 		r.mu.Lock()
 		if r.closed {
 			r.mu.Unlock()
-			_ = nf.Close()
 			continue
 		}
-		r.cur = nf
+		r.file = nil
 		r.mu.Unlock()
+		_ = f.Close()
+		if err := r.open(); err != nil {
+			r.markEOF()
+			return 0, io.EOF
+		}
 	}
+}
+
+// readWhatIsThere reads what f holds without waiting for more: 0 once it is empty, its writers gone, or failing.
+func readWhatIsThere(f *os.File, b []byte) int {
+	_ = f.SetReadDeadline(time.Time{})
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	_ = rc.Read(func(fd uintptr) bool {
+		var rerr error
+		n, rerr = unix.Read(int(fd), b)
+		if rerr != nil {
+			n = 0
+		}
+		return true // never wait for input
+	})
+	return n
+}
+
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+// Drain ends the input once what the fifo holds now has been read, even if its writer stays open: CloseIO, which
+// a client calls once it wrote everything (CRI keeps its writer; ctr calls it before closing its own).
+func (r *stdinReader) Drain() {
+	r.drainOnce.Do(func() {
+		r.mu.Lock()
+		close(r.drained)
+		f := r.file
+		r.mu.Unlock()
+		if f != nil {
+			// Wakes a read waiting for input, which then reads what is there.
+			_ = f.SetReadDeadline(time.Now())
+		}
+	})
 }
 
 func (r *stdinReader) markEOF() { r.eofOnce.Do(func() { close(r.eof) }) }
@@ -311,11 +438,16 @@ func (r *stdinReader) markEOF() { r.eofOnce.Do(func() { close(r.eof) }) }
 func (r *stdinReader) Close() error {
 	r.mu.Lock()
 	r.closed = true
-	f := r.cur
+	ff, f := r.fifo, r.file
+	r.file = nil
 	r.mu.Unlock()
 	r.cancel()
-	if f != nil {
-		return f.Close()
+	var err error
+	if ff != nil {
+		err = ff.Close()
 	}
-	return nil
+	if f != nil {
+		err = errors.Join(err, f.Close())
+	}
+	return err
 }

@@ -1,6 +1,7 @@
 package task
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"os"
@@ -150,5 +151,86 @@ func TestTerminalStdinReopens(t *testing.T) {
 func TestUnsupportedLogScheme(t *testing.T) {
 	if _, err := openIO(context.Background(), "c5", "ns", ioSpec{Stdout: "http://example.invalid/x"}); err == nil {
 		t.Fatal("openIO accepted an http:// stdout")
+	}
+}
+
+// CloseIO (Drain) ends stdin after every byte the client wrote, however slowly the process reads them, whether
+// the client's writer stays open (CRI's) or closes after (ctr's); and at once when nothing is left or no client
+// ever opened the fifo.
+func TestStdinDrain(t *testing.T) {
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB: 16 pipe buffers
+	for _, tc := range []struct {
+		name string
+		// write is how much the client writes before CloseIO (nil: it never opens the fifo); closeAfter says
+		// whether it closes its writer after CloseIO.
+		write      []byte
+		closeAfter bool
+	}{
+		{"writer kept open", payload, false},
+		{"writer closed after", payload, true},
+		{"nothing written", []byte{}, false},
+		{"no writer", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "in")
+			if err := syscall.Mkfifo(path, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			p, err := openIO(context.Background(), "c5", "ns", ioSpec{Stdin: path})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			var w *os.File
+			written := make(chan struct{})
+			if tc.write != nil {
+				go func() {
+					defer close(written)
+					var err error
+					if w, err = os.OpenFile(path, os.O_WRONLY, 0); err != nil {
+						t.Error(err)
+						return
+					}
+					if _, err := w.Write(tc.write); err != nil {
+						t.Error(err)
+					}
+				}()
+			} else {
+				close(written)
+			}
+			// A process that reads slowly: the client's writes finish only as it reads.
+			got := make(chan []byte)
+			go func() {
+				var b bytes.Buffer
+				buf := make([]byte, 4096)
+				for {
+					n, err := p.streams.Stdin.Read(buf)
+					b.Write(buf[:n])
+					if err != nil {
+						break
+					}
+					time.Sleep(100 * time.Microsecond)
+				}
+				got <- b.Bytes()
+			}()
+			<-written
+			if !p.drainStdin() {
+				t.Fatal("no stdin to drain")
+			}
+			if tc.closeAfter {
+				time.Sleep(10 * time.Millisecond)
+				w.Close()
+			} else if w != nil {
+				defer w.Close()
+			}
+			select {
+			case b := <-got:
+				if want := tc.write; !bytes.Equal(b, want) {
+					t.Errorf("the process read %d bytes, want %d", len(b), len(want))
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("stdin did not end after CloseIO")
+			}
+		})
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
@@ -22,10 +21,6 @@ import (
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
 	"github.com/kiln-runtime/kiln/runtime/container"
 )
-
-// stdinDrainTimeout bounds how long CloseIO waits for containerd's stdin to be relayed before closing the
-// process's input.
-const stdinDrainTimeout = 5 * time.Second
 
 type emptyResp = emptypb.Empty
 
@@ -271,7 +266,9 @@ func (s *Service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*
 	return empty(), toGRPC(p.Resize(ctx, r.Width, r.Height))
 }
 
-// CloseIO ends a process's input. Bytes containerd already wrote to the stdin fifo are relayed first.
+// CloseIO ends a process's input. Bytes containerd already wrote to the stdin fifo are relayed first, however
+// long the process takes to read them, and the process reads EOF after them, whether or not the client's writer
+// is still open; it returns at once, as runc's shim does.
 func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*emptyResp, error) {
 	_, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
@@ -280,15 +277,8 @@ func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*empt
 	if !r.Stdin {
 		return empty(), nil
 	}
-	if pio := ioOf(p); pio != nil && !p.Terminal() {
-		t := time.NewTimer(stdinDrainTimeout)
-		select {
-		case <-pio.stdinEOF:
-		case <-t.C:
-			s.log(r.ID, r.ExecID).Warn("stdin still open after CloseIO; closing it")
-		case <-ctx.Done():
-		}
-		t.Stop()
+	if pio := ioOf(p); pio != nil && !p.Terminal() && pio.drainStdin() {
+		return empty(), nil
 	}
 	return empty(), toGRPC(p.CloseStdin(ctx))
 }
