@@ -114,4 +114,3 @@ func TestOOMAfterPublishedOOMIsPublished(t *testing.T) {
 		t.Errorf("pending %v after done, want none", q.pending)
 	}
 }
-
