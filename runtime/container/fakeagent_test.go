@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -52,6 +53,8 @@ type fakeAgent struct {
 	exits     map[string]chan uint32
 	calls     []string
 	subs      int
+	// execSpecs are the encoded process specs of the execs started, by "container/exec".
+	execSpecs map[string][]byte
 }
 
 func newFakeAgent(t *testing.T, scripts map[string]script) *fakeAgent {
@@ -164,6 +167,13 @@ func (a *fakeAgent) record(call string) {
 	a.mu.Unlock()
 }
 
+// recorded returns the calls recorded so far.
+func (a *fakeAgent) recorded() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.calls)
+}
+
 // run plays the process's script, then half-closes its output and reports its exit.
 func (a *fakeAgent) run(cid, exec string, p *fakeProc) {
 	key := cid + "/" + exec
@@ -213,6 +223,10 @@ func (a *fakeAgent) ExecProcess(_ context.Context, r *agentv1.ExecProcessRequest
 	key := r.GetContainerId() + "/" + r.GetExecId()
 	a.mu.Lock()
 	a.exits[key] = make(chan uint32, 1)
+	if a.execSpecs == nil {
+		a.execSpecs = map[string][]byte{}
+	}
+	a.execSpecs[key] = r.GetProcess()
 	a.mu.Unlock()
 	if r.GetExecId() == "instant" {
 		// The exit is reported before the answer: the host must already be listening for it.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -226,6 +227,44 @@ func TestForceDeleteFailsPendingWaits(t *testing.T) {
 	}
 	if e, err := c.Wait(ctx); !errors.Is(err, ErrDeleted) || e.Status != 137 {
 		t.Errorf("wait after force delete: %+v, %v, want a SIGKILL exit and ErrDeleted", e, err)
+	}
+}
+
+// An exec's terminal sized before its start (nerdctl's `exec -t`) starts at that size; once it runs, a resize
+// goes to the guest.
+func TestResizeBeforeExecStart(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }, "c1/e1": func(p *fakeProc) uint32 { select {} }})
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	p, err := c.AddExec("e1", &specs.Process{Args: []string{"sh"}, Terminal: true}, stdio.IO{Terminal: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Resize(ctx, 120, 40); err != nil {
+		t.Fatalf("resize before start: %v", err)
+	}
+	if err := p.Start(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	a.mu.Lock()
+	raw := a.execSpecs["c1/e1"]
+	a.mu.Unlock()
+	var got specs.Process
+	if err := json.Unmarshal(raw, &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.ConsoleSize == nil || got.ConsoleSize.Width != 120 || got.ConsoleSize.Height != 40 || len(got.Args) != 1 {
+		t.Errorf("the exec started with %+v (size %+v), want the size it was given, 120x40", got, got.ConsoleSize)
+	}
+	if slices.Contains(a.recorded(), "resize") {
+		t.Error("a resize before the start went to the guest")
+	}
+	if err := p.Resize(ctx, 80, 24); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(a.recorded(), "resize") {
+		t.Error("a resize of the running exec did not reach the guest")
 	}
 }
 

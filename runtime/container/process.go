@@ -2,10 +2,13 @@ package container
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"sync"
 	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -168,6 +171,7 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 	}
 	gate := make(chan struct{})
 	p.starting = gate
+	spec := p.spec
 	p.mu.Unlock()
 	defer func() {
 		p.mu.Lock()
@@ -182,7 +186,7 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 	} else {
 		err = p.launch(ctx, func(rctx context.Context, sp *agentv1.Stdio) (uint32, error) {
 			resp, err := p.c.m.api.ExecProcess(rctx, &agentv1.ExecProcessRequest{
-				ContainerId: p.c.id, ExecId: p.execID, Process: p.spec, Stdio: sp,
+				ContainerId: p.c.id, ExecId: p.execID, Process: spec, Stdio: sp,
 			})
 			return resp.GetPid(), err
 		})
@@ -366,11 +370,37 @@ func (p *Process) Resize(ctx context.Context, width, height uint32) error {
 	if err := p.require("resize", lifecycle.Created, lifecycle.Running, lifecycle.Paused); err != nil {
 		return err
 	}
+	if p.execID != "" {
+		// An exec not started yet (nerdctl's `exec -t` sizes it first) starts at that size, as runc's does.
+		p.mu.Lock()
+		if p.sm.State() == lifecycle.Created && p.starting == nil {
+			spec, err := withConsoleSize(p.spec, width, height)
+			if err == nil {
+				p.spec = spec
+			}
+			p.mu.Unlock()
+			if err != nil {
+				return fmt.Errorf("resize terminal of %s: %w", p.describe(), err)
+			}
+			return nil
+		}
+		p.mu.Unlock()
+	}
 	_, err := p.c.m.api.ResizeTTY(ctx, &agentv1.ResizeTTYRequest{ContainerId: p.c.id, ExecId: p.execID, Width: width, Height: height})
 	if err != nil {
 		return fmt.Errorf("resize terminal of %s to %dx%d: %w", p.describe(), width, height, err)
 	}
 	return nil
+}
+
+// withConsoleSize returns the encoded process spec with its terminal's size set.
+func withConsoleSize(spec []byte, width, height uint32) ([]byte, error) {
+	var ps specs.Process
+	if err := json.Unmarshal(spec, &ps); err != nil {
+		return nil, err
+	}
+	ps.ConsoleSize = &specs.Box{Width: uint(width), Height: uint(height)}
+	return json.Marshal(&ps)
 }
 
 // StdinDone is closed once the caller's stdin has been relayed to its end (at once when there is none).
