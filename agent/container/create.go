@@ -55,7 +55,10 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 	if len(dropped) > 0 {
 		s.log.WithFields(logrus.Fields{"container": id, "devices": dropped}).Info("a privileged container's host devices the VM does not have are left out")
 	}
-	netSysctls := fitUserNamespace(spec)
+	netSysctls, err := fitUserNamespace(spec, s.cfg.PodNetNS.Sysfs)
+	if err != nil {
+		return nil, fmt.Errorf("create container %s: %w", id, err)
+	}
 	config, err := libcontainerConfig(spec, id, s.noPivot)
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)

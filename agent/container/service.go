@@ -79,6 +79,8 @@ type PodNetNS interface {
 	Path() (string, error)
 	// SetSysctls writes net.* sysctls in the namespace.
 	SetSysctls(values map[string]string) error
+	// Sysfs is a sysfs mounted from inside the namespace, for containers that cannot mount one there.
+	Sysfs() (string, error)
 }
 
 // Service implements the Containers API.

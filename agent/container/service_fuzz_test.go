@@ -72,6 +72,7 @@ func (inertReaper) Claim(int) func()       { return func() {} }
 func (n podNetPath) Path() (string, error) { return string(n), nil }
 
 func (podNetPath) SetSysctls(map[string]string) error { return nil }
+func (n podNetPath) Sysfs() (string, error)           { return string(n) + ".sys", nil }
 
 type podNetPath string
 

@@ -88,11 +88,12 @@ func adaptSpec(raw []byte, id, root string, ns podNamespaces) (*specs.Spec, erro
 // guest's initial user namespace (the agent makes it before any container), where the container's root is
 // nobody: it could neither mount a sysfs (which needs CAP_SYS_ADMIN over the network namespace's owner) nor
 // write net.* sysctls. On a runc host CRI makes the pod's network namespace inside the pod's user namespace. Here
-// the sysfs becomes a bind of the guest's /sys (as CRI does for a pod with a user namespace on the host's
-// network), and the net.* sysctls are taken out of the spec and returned for the agent to write.
-func fitUserNamespace(spec *specs.Spec) (netSysctls map[string]string) {
+// the sysfs becomes a bind of one the agent mounted from inside the pod namespace (podSysfs), which shows the
+// pod's interfaces as the container's own sysfs would, and the net.* sysctls are taken out of the spec and
+// returned for the agent to write.
+func fitUserNamespace(spec *specs.Spec, podSysfs func() (string, error)) (netSysctls map[string]string, err error) {
 	if !slices.ContainsFunc(spec.Linux.Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == specs.UserNamespace }) {
-		return nil
+		return nil, nil
 	}
 	for k, v := range spec.Linux.Sysctl {
 		if strings.HasPrefix(k, "net.") {
@@ -107,6 +108,10 @@ func fitUserNamespace(spec *specs.Spec) (netSysctls map[string]string) {
 		if m.Type != "sysfs" {
 			continue
 		}
+		src, err := podSysfs()
+		if err != nil {
+			return nil, err
+		}
 		opts := []string{"rbind"}
 		for _, o := range m.Options {
 			switch o {
@@ -114,9 +119,9 @@ func fitUserNamespace(spec *specs.Spec) (netSysctls map[string]string) {
 				opts = append(opts, o)
 			}
 		}
-		spec.Mounts[i] = specs.Mount{Destination: m.Destination, Type: "bind", Source: "/sys", Options: opts}
+		spec.Mounts[i] = specs.Mount{Destination: m.Destination, Type: "bind", Source: src, Options: opts}
 	}
-	return netSysctls
+	return netSysctls, nil
 }
 
 // nsFiles maps the spec's namespace types to their names under /proc/<pid>/ns.

@@ -2,6 +2,7 @@ package container
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -326,8 +327,9 @@ func TestFeaturesMatchLibcontainer(t *testing.T) {
 	}
 }
 
-// A container with a user namespace gets the guest's /sys bound instead of a sysfs it could not mount, and its
-// net.* sysctls go to the agent; one without keeps both.
+// A container with a user namespace gets the pod's sysfs (the agent's, mounted in the pod namespace) bound
+// instead of a sysfs it could not mount, and its net.* sysctls go to the agent; one without keeps both, and no pod
+// sysfs is made for it.
 func TestFitUserNamespace(t *testing.T) {
 	for _, userns := range []bool{false, true} {
 		spec := &specs.Spec{
@@ -340,10 +342,14 @@ func TestFitUserNamespace(t *testing.T) {
 		if userns {
 			spec.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.UserNamespace}}
 		}
-		net := fitUserNamespace(spec)
+		asked := 0
+		net, err := fitUserNamespace(spec, func() (string, error) { asked++; return "/run/kiln/netns/pod.sys", nil })
+		if err != nil {
+			t.Fatal(err)
+		}
 		sys := spec.Mounts[1]
 		if !userns {
-			if net != nil || sys.Type != "sysfs" || len(spec.Linux.Sysctl) != 2 {
+			if net != nil || sys.Type != "sysfs" || len(spec.Linux.Sysctl) != 2 || asked != 0 {
 				t.Errorf("without a user namespace: sysctls %v taken, %v left, sys mount %+v", net, spec.Linux.Sysctl, sys)
 			}
 			continue
@@ -351,13 +357,19 @@ func TestFitUserNamespace(t *testing.T) {
 		if len(net) != 1 || net["net.ipv4.ip_unprivileged_port_start"] != "0" || len(spec.Linux.Sysctl) != 1 || spec.Linux.Sysctl["kernel.msgmax"] != "8192" {
 			t.Errorf("with a user namespace: sysctls %v taken, %v left", net, spec.Linux.Sysctl)
 		}
-		want := specs.Mount{Destination: "/sys", Type: "bind", Source: "/sys", Options: []string{"rbind", "nosuid", "noexec", "nodev", "ro"}}
+		want := specs.Mount{Destination: "/sys", Type: "bind", Source: "/run/kiln/netns/pod.sys", Options: []string{"rbind", "nosuid", "noexec", "nodev", "ro"}}
 		if !slices.Equal(sys.Options, want.Options) || sys.Type != want.Type || sys.Source != want.Source || sys.Destination != want.Destination {
 			t.Errorf("sys mount %+v, want %+v", sys, want)
 		}
 		if spec.Mounts[0].Type != "proc" {
 			t.Errorf("proc mount changed: %+v", spec.Mounts[0])
 		}
+	}
+	// A pod sysfs that cannot be made fails the container.
+	spec := &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.UserNamespace}}},
+		Mounts: []specs.Mount{{Destination: "/sys", Type: "sysfs", Source: "sysfs"}}}
+	if _, err := fitUserNamespace(spec, func() (string, error) { return "", errors.New("no mount") }); err == nil {
+		t.Error("no error without a pod sysfs")
 	}
 }
 

@@ -35,6 +35,8 @@ type Pod struct {
 	mu         sync.Mutex
 	created    bool
 	configured bool
+	// sysfs says Sysfs mounted the pod's sysfs.
+	sysfs bool
 }
 
 // New describes the pod namespace the agent keeps at path (a file it bind-mounts the namespace on); nothing is

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -76,5 +77,17 @@ func TestCRIUserNamespace(t *testing.T) {
 	}
 	if got, want := strings.Fields(out), []string{"0", "200000", "65536", "0", "300000", "65536"}; strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("the container's uid_map and gid_map are %q, want the pod's mappings %q", got, want)
+	}
+	// Its /sys shows the pod's network interfaces, as /proc/net/dev does, not the guest's own.
+	out, stderr, code, err = e.Exec(ctx, id, "sh", "-c", "ls /sys/class/net; echo --; tail -n +3 /proc/net/dev | cut -d: -f1")
+	if err != nil || code != 0 {
+		t.Fatalf("list the container's interfaces: exit %d, %v: %s", code, err, stderr)
+	}
+	sysNet, procNet, _ := strings.Cut(out, "--")
+	sysNames, procNames := strings.Fields(sysNet), strings.Fields(procNet)
+	slices.Sort(sysNames)
+	slices.Sort(procNames)
+	if !slices.Equal(sysNames, procNames) {
+		t.Errorf("the container's /sys/class/net lists %q, its network namespace has %q", sysNames, procNames)
 	}
 }
