@@ -56,6 +56,14 @@ func (p *procIO) drainStdin() bool {
 	return true
 }
 
+// stopStdin stops reading containerd's stdin fifo for a terminal whose input was closed (CloseIO), as runc's shim
+// closes its end: a client attaching later types into nothing, instead of into a relay nobody reads.
+func (p *procIO) stopStdin() {
+	if r, ok := p.streams.Stdin.(*stdinReader); ok {
+		_ = r.Close()
+	}
+}
+
 // openIO connects to containerd's side of a process's IO. id and namespace are handed to a binary:// logger.
 func openIO(ctx context.Context, id, namespace string, spec ioSpec) (_ *procIO, retErr error) {
 	// The fifo opens wait for their peers in the background for as long as the process lives, not for as

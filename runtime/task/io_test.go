@@ -234,3 +234,35 @@ func TestStdinDrain(t *testing.T) {
 		})
 	}
 }
+
+// A terminal's input closed (CloseIO) is read no more, as runc's shim closes its end: the relay ends, and a later
+// client finds no reader.
+func TestTerminalStdinStops(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "in")
+	if err := syscall.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := openIO(context.Background(), "c6", "ns", ioSpec{Stdin: path, Terminal: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ended := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, p.streams.Stdin)
+		ended <- err
+	}()
+	p.stopStdin()
+	select {
+	case err := <-ended:
+		if err != nil {
+			t.Errorf("the relay ended with %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the terminal's relay still reads after its input was closed")
+	}
+	if f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+		f.Close()
+		t.Error("a later client still finds a reader")
+	}
+}

@@ -277,10 +277,15 @@ func (s *Service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*empt
 	if !r.Stdin {
 		return empty(), nil
 	}
-	if pio := ioOf(p); pio != nil && !p.Terminal() && pio.drainStdin() {
+	pio := ioOf(p)
+	if pio != nil && !p.Terminal() && pio.drainStdin() {
 		return empty(), nil
 	}
-	return empty(), toGRPC(p.CloseStdin(ctx))
+	err = p.CloseStdin(ctx)
+	if pio != nil && p.Terminal() {
+		pio.stopStdin()
+	}
+	return empty(), toGRPC(err)
 }
 
 // Update applies new cgroup resources to the task.
