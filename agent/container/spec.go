@@ -3,6 +3,7 @@ package container
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"path"
 	"path/filepath"
 	"slices"
@@ -241,6 +242,13 @@ func lookupUser(rootfs, spec string) (*user.ExecUser, error) {
 	group, err := securejoin.SecureJoin(rootfs, "/etc/group")
 	if err != nil {
 		return nil, fmt.Errorf("resolve /etc/group in %s: %w", rootfs, err)
+	}
+	// A running container can make them anything: only regular files are read (a FIFO would hold the agent's
+	// handler for as long as no one writes it).
+	for _, f := range []string{passwd, group} {
+		if fi, err := os.Stat(f); err == nil && !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("look up user %q: the container's %s is not a regular file", spec, strings.TrimPrefix(f, rootfs))
+		}
 	}
 	u, err := user.GetExecUserPath(spec, &user.ExecUser{}, passwd, group)
 	if err != nil {

@@ -6,7 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/cgroups/devices/config"
@@ -241,6 +243,23 @@ func TestLookupUserStaysInRootfs(t *testing.T) {
 	u, err := lookupUser(rootfs, "carol")
 	if err != nil || u.Uid != 42 {
 		t.Fatalf("lookup through an absolute symlink: %v %v", u, err)
+	}
+	// A FIFO in its place (a running container's doing) is refused, not opened and waited on.
+	if err := os.Remove(filepath.Join(rootfs, "etc", "real", "passwd")); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mkfifo(filepath.Join(rootfs, "etc", "real", "passwd"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := lookupUser(rootfs, "carol"); done <- err }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+			t.Errorf("lookup in a FIFO: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("lookup waits on a FIFO")
 	}
 }
 
