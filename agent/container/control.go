@@ -270,7 +270,8 @@ func (s *Service) UpdateContainer(ctx context.Context, req *agentv1.UpdateContai
 	}
 	r.HugepageLimits = guestHugepages(r.HugepageLimits, cgroups.HugePageSizes())
 	// One update at a time: each merges into what the last one set. Not beside a Pause or Resume either, which
-	// change the live configuration this reads.
+	// change the live configuration this reads; a slow cgroup write (memory.max reclaiming) then holds the
+	// container's lookups (signals, exits) as long, which a resize can afford.
 	c.updateMu.Lock()
 	defer c.updateMu.Unlock()
 	c.mu.Lock()

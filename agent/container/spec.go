@@ -2,7 +2,10 @@ package container
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -17,6 +20,7 @@ import (
 	"github.com/opencontainers/runc/libcontainer/configs"
 	"github.com/opencontainers/runc/libcontainer/specconv"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/rlimit"
 )
@@ -243,14 +247,24 @@ func lookupUser(rootfs, spec string) (*user.ExecUser, error) {
 	if err != nil {
 		return nil, fmt.Errorf("resolve /etc/group in %s: %w", rootfs, err)
 	}
-	// A running container can make them anything: only regular files are read (a FIFO would hold the agent's
-	// handler for as long as no one writes it).
-	for _, f := range []string{passwd, group} {
-		if fi, err := os.Stat(f); err == nil && !fi.Mode().IsRegular() {
-			return nil, fmt.Errorf("look up user %q: the container's %s is not a regular file", spec, strings.TrimPrefix(f, rootfs))
+	// A running container can make them anything: they are opened without waiting (a FIFO would hold the agent's
+	// handler for as long as no one writes it) and read only if what was opened is a regular file.
+	var readers [2]io.Reader
+	for i, p := range []string{passwd, group} {
+		f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW, 0)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
 		}
+		if err != nil {
+			return nil, fmt.Errorf("look up user %q: open the container's %s: %w", spec, strings.TrimPrefix(p, rootfs), err)
+		}
+		defer f.Close()
+		if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("look up user %q: the container's %s is not a regular file", spec, strings.TrimPrefix(p, rootfs))
+		}
+		readers[i] = f
 	}
-	u, err := user.GetExecUserPath(spec, &user.ExecUser{}, passwd, group)
+	u, err := user.GetExecUser(spec, &user.ExecUser{}, readers[0], readers[1])
 	if err != nil {
 		return nil, fmt.Errorf("look up user %q in the container's /etc/passwd: %w", spec, err)
 	}

@@ -293,22 +293,38 @@ func (r *stdinReader) open() error {
 	}
 	ready := make(chan struct{})
 	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		_ = f.Close()
+		return errors.New("stdin closed")
+	}
+	old := r.fifo
 	r.fifo, r.file, r.ready = f, nil, ready
 	r.mu.Unlock()
+	if old != nil {
+		// A terminal's last client's fifo: its read end must go, or a later client would find a reader.
+		_ = old.Close()
+	}
 	go func() {
 		defer close(ready)
 		file, err := fileOf(f)
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		if err != nil || r.closed || r.fifo != f {
-			if file != nil {
-				file.Close()
-			}
-			return
+		if err == nil {
+			r.adopt(f, file)
 		}
-		r.file = file
 	}()
 	return nil
+}
+
+// adopt makes file the descriptor reads use, unless the reader was closed, opened again since (fifo is no longer
+// the one being opened), or has one already (a drain read what an early writer left: Read).
+func (r *stdinReader) adopt(fifo io.Closer, file *os.File) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed || r.fifo != fifo || r.file != nil {
+		_ = file.Close()
+		return
+	}
+	r.file = file
 }
 
 // fileOf waits until a writer has opened f (or f is closed) and returns its own descriptor of it, which outlives f.
@@ -345,12 +361,18 @@ func (r *stdinReader) Read(b []byte) (int, error) {
 		select {
 		case <-ready:
 		case <-r.drained:
-			// No writer has opened the fifo: there is nothing to drain.
 			select {
 			case <-ready:
 			default:
-				r.markEOF()
-				return 0, io.EOF
+				// The open has not noticed a writer yet, though one may have opened the fifo, written, and even
+				// closed it already (CRI closes its writer, then calls CloseIO): what the pipe holds is read
+				// through a descriptor of the drain's own, which a non-blocking open gives at once.
+				r.mu.Lock()
+				ff := r.fifo
+				r.mu.Unlock()
+				if f, err := os.OpenFile(r.path, os.O_RDONLY|syscall.O_NONBLOCK, 0); err == nil {
+					r.adopt(ff, f)
+				}
 			}
 		}
 		r.mu.Lock()

@@ -248,10 +248,24 @@ func TestTerminalStdinStops(t *testing.T) {
 	}
 	defer p.Close()
 	ended := make(chan error, 1)
+	got := make(chan string, 1)
 	go func() {
-		_, err := io.Copy(io.Discard, p.streams.Stdin)
+		var b strings.Builder
+		_, err := io.Copy(&b, p.streams.Stdin)
+		got <- b.String()
 		ended <- err
 	}()
+	// A client that typed and detached: the relay opens the fifo again for the next one, and the last one's fifo
+	// goes (its read end would stay a reader).
+	w, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(w, "typed\n"); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	time.Sleep(100 * time.Millisecond)
 	p.stopStdin()
 	select {
 	case err := <-ended:
@@ -261,8 +275,40 @@ func TestTerminalStdinStops(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the terminal's relay still reads after its input was closed")
 	}
+	if s := <-got; s != "typed\n" {
+		t.Errorf("the relay read %q", s)
+	}
 	if f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
 		f.Close()
 		t.Error("a later client still finds a reader")
+	}
+}
+
+// A client that wrote and closed its writer just before CloseIO (CRI's order) loses nothing, however soon the
+// drain comes after the open.
+func TestStdinDrainRightAfterTheWrite(t *testing.T) {
+	for i := 0; i < 200; i++ {
+		path := filepath.Join(t.TempDir(), "in")
+		if err := syscall.Mkfifo(path, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		p, err := openIO(context.Background(), "c7", "ns", ioSpec{Stdin: path})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.WriteString(w, "hello"); err != nil {
+			t.Fatal(err)
+		}
+		w.Close()
+		p.drainStdin()
+		got, err := io.ReadAll(p.streams.Stdin)
+		p.Close()
+		if err != nil || string(got) != "hello" {
+			t.Fatalf("run %d: read %q (%v), want \"hello\"", i, got, err)
+		}
 	}
 }
