@@ -3,6 +3,7 @@ package task
 import (
 	"context"
 	"sync"
+	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	"github.com/containerd/containerd/v2/core/runtime"
@@ -47,11 +48,39 @@ func (s *Service) send(e any) {
 	s.events <- e
 }
 
-// forward publishes queued events one at a time, so containerd sees them in the order they happened.
+// eventsFlushed, queued, is closed once every event queued before it was published (flushEvents).
+type eventsFlushed chan struct{}
+
+// flushEventsTimeout bounds how long a shim's shutdown waits for the events still queued to reach containerd.
+const flushEventsTimeout = 5 * time.Second
+
+// flushEvents waits until the events queued so far were published, or ctx or flushEventsTimeout ends first.
+func (s *Service) flushEvents(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, flushEventsTimeout)
+	defer cancel()
+	done := make(eventsFlushed)
+	select {
+	case s.events <- done:
+	case <-ctx.Done():
+		return
+	}
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+// forward publishes queued events one at a time, so containerd sees them in the order they happened. Publishing
+// does not end with the shim's context: the last events (a task's exit and delete) go out as the shim shuts down.
 func (s *Service) forward(ctx context.Context) {
 	ns := s.namespace
+	pctx := context.WithoutCancel(ctx)
 	for e := range s.events {
-		err := s.publisher.Publish(ctx, topic(e), e)
+		if done, ok := e.(eventsFlushed); ok {
+			close(done)
+			continue
+		}
+		err := s.publisher.Publish(pctx, topic(e), e)
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("topic", topic(e)).WithField("namespace", ns).Error("publish event")
 		}

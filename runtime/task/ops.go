@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
@@ -120,6 +121,14 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		return &taskAPI.DeleteResponse{Pid: c.HostPid(), ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
 	}
 	s.letGo(r.ID, "", s.createHolds(r.ID))
+	s.mu.Lock()
+	s.deleting++
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.deleting--
+		s.mu.Unlock()
+	}()
 	e, err := p.DeleteContainer(ctx, c, false)
 	if err != nil {
 		return nil, toGRPC(err)
@@ -145,9 +154,19 @@ func (s *Service) stopIfIdle(ctx context.Context) {
 	}
 }
 
-// stopPod stops the pod, if there is one, and waits for a spare's VM stopping in the background (takeSpare). It
-// is the shim's shutdown callback too.
+// shutdown is the shim's shutdown callback: the pod stopped (or the stop under way finished), and the events it
+// left published.
+func (s *Service) shutdown(ctx context.Context) error {
+	err := s.stopPod(ctx)
+	s.flushEvents(ctx)
+	return err
+}
+
+// stopPod stops the pod, if there is one, and waits for a spare's VM stopping in the background (takeSpare). One
+// runs at a time: a second returns once the first stopped the pod.
 func (s *Service) stopPod(ctx context.Context) error {
+	s.stopMu.Lock()
+	defer s.stopMu.Unlock()
 	defer s.spareStops.Wait()
 	// A spare whose first Create failed before taking it (a checkpoint asked for, a bundle that no longer loads)
 	// still holds its VM: nothing else would stop it.
@@ -334,19 +353,44 @@ func (s *Service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*task
 	return resp, nil
 }
 
-// Shutdown ends the shim once it serves no task. The pod is stopped before the reply: the shim's shutdown
-// callbacks run after it, while containerd goes on, so a pod stopped there could leave its VM's state and share
-// on the host after containerd reported the task (or CRI the sandbox) removed. The callback stays for a shim
-// ended by a signal.
+// shutdownWait bounds how long Shutdown stops the pod before it answers: containerd 2.4 gives the call 3 s and fails
+// the task's delete past them. A pod still stopping then (a hung guest: the agent's shutdown, the power-off and
+// QEMU's stop take 3 s each at most) is left to the shutdown callback, which the shim waits for before it exits.
+const shutdownWait = 2500 * time.Millisecond
+
+// Shutdown ends the shim once it serves no task, and no Create or Delete is under way (containerd deletes a pod's
+// tasks at once when its VM ends, and each delete asks for a Shutdown). The pod is stopped before the reply, for
+// shutdownWait at most: the shim's shutdown callbacks run after it, while containerd goes on, so a pod stopped
+// there could leave its VM's state and share on the host after containerd reported the task (or CRI the sandbox)
+// removed. The callback stays for a shim ended by a signal, and for a stop that takes longer.
 func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptyResp, error) {
-	if p := s.currentPod(); p != nil && p.Containers().Len() > 0 && !r.Now {
+	if !r.Now && s.busy() {
 		return empty(), nil
 	}
-	if err := s.stopPod(context.WithoutCancel(ctx)); err != nil {
-		log.G(s.ctx).WithError(err).Warn("stop pod at shutdown")
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		if err := s.stopPod(context.WithoutCancel(ctx)); err != nil {
+			log.G(s.ctx).WithError(err).Warn("stop pod at shutdown")
+		}
+	}()
+	t := time.NewTimer(shutdownWait)
+	select {
+	case <-stopped:
+	case <-t.C:
+		log.G(s.ctx).Warn("the pod is still stopping; the shim exits once it has")
 	}
+	t.Stop()
 	s.sd.Shutdown()
 	return empty(), nil
+}
+
+// busy says whether the shim still serves a task, or a Create or a task's Delete is under way.
+func (s *Service) busy() bool {
+	s.mu.Lock()
+	p, busy := s.pod, s.creating > 0 || s.deleting > 0
+	s.mu.Unlock()
+	return busy || p != nil && p.Containers().Len() > 0
 }
 
 // describe names a process in errors.

@@ -75,8 +75,12 @@ type Service struct {
 	creates map[string]*spare.Held
 	// spareStops counts a spare's VM being stopped beside the task's start (takeSpare); stopPod waits for it.
 	spareStops sync.WaitGroup
-	// creating counts Creates in progress: a failed first Create stops the pod only when no other is.
-	creating int
+	// creating counts Creates in progress: a failed first Create stops the pod only when no other is. deleting
+	// counts a task's Deletes in progress: Shutdown leaves a pod alone while either is under way.
+	creating, deleting int
+	// stopMu makes one stopPod at a time: a second (a Shutdown beside another, the shutdown callback) waits for
+	// the pod the first is stopping instead of letting the shim exit under it.
+	stopMu sync.Mutex
 }
 
 var _ taskAPI.TTRPCTaskService = (*Service)(nil)
@@ -102,7 +106,7 @@ func NewService(ctx context.Context, publisher shim.Publisher, sd shutdown.Servi
 		standIns:   threads,
 	}
 	go s.forward(ctx)
-	sd.RegisterCallback(s.stopPod)
+	sd.RegisterCallback(s.shutdown)
 	return s, nil
 }
 

@@ -1,0 +1,140 @@
+package task
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/v2/core/events"
+)
+
+// fakeShutdown records whether the shim was asked to shut down.
+type fakeShutdown struct {
+	mu     sync.Mutex
+	called int
+}
+
+func (f *fakeShutdown) Shutdown() {
+	f.mu.Lock()
+	f.called++
+	f.mu.Unlock()
+}
+func (f *fakeShutdown) RegisterCallback(func(context.Context) error) {}
+func (f *fakeShutdown) Done() <-chan struct{}                        { return nil }
+func (f *fakeShutdown) Err() error                                   { return nil }
+func (f *fakeShutdown) calls() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.called
+}
+
+// ctxPublisher records each event with whether its context had ended.
+type ctxPublisher struct {
+	mu       sync.Mutex
+	got      []any
+	canceled []bool
+	delay    time.Duration
+}
+
+func (p *ctxPublisher) Publish(ctx context.Context, _ string, e events.Event) error {
+	time.Sleep(p.delay)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.got = append(p.got, e)
+	p.canceled = append(p.canceled, ctx.Err() != nil)
+	return nil
+}
+
+func (p *ctxPublisher) Close() error { return nil }
+
+// The events a shim queued before it shuts down reach containerd: the shutdown callback waits for them, and they
+// are published whether or not the shim's context has ended.
+func TestShutdownPublishesQueuedEvents(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	pub := &ctxPublisher{delay: 50 * time.Millisecond}
+	s := &Service{namespace: "test", publisher: pub, events: make(chan any, eventQueue)}
+	go s.forward(ctx)
+	cancel()
+	s.send(&eventstypes.TaskExit{ContainerID: "c1", ID: "c1"})
+	s.send(&eventstypes.TaskDelete{ContainerID: "c1", ID: "c1"})
+	if err := s.shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	pub.mu.Lock()
+	defer pub.mu.Unlock()
+	if len(pub.got) != 2 {
+		t.Fatalf("published %d events by the end of the shutdown, want 2", len(pub.got))
+	}
+	for i, c := range pub.canceled {
+		if c {
+			t.Errorf("event %d was published with the ended context", i)
+		}
+	}
+}
+
+// A Shutdown while a task's Create or Delete is under way leaves the shim running: the Delete's own Shutdown
+// comes after it.
+func TestShutdownWaitsForDeletesAndCreates(t *testing.T) {
+	for _, tc := range []struct {
+		name               string
+		creating, deleting int
+		now                bool
+		want               int
+	}{
+		{"idle", 0, 0, false, 1},
+		{"a delete under way", 0, 1, false, 0},
+		{"a create under way", 1, 0, false, 0},
+		{"now", 1, 1, true, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sd := &fakeShutdown{}
+			s := &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue),
+				creating: tc.creating, deleting: tc.deleting}
+			if _, err := s.Shutdown(context.Background(), &taskAPI.ShutdownRequest{Now: tc.now}); err != nil {
+				t.Fatal(err)
+			}
+			if got := sd.calls(); got != tc.want {
+				t.Errorf("the shim was shut down %d times, want %d", got, tc.want)
+			}
+		})
+	}
+}
+
+// A pod that takes longer to stop than containerd waits for a Shutdown is left to the shutdown callback: the
+// reply comes after shutdownWait, and the shim is told to shut down, whose callback waits for the stop.
+func TestShutdownAnswersWhileThePodStops(t *testing.T) {
+	sd := &fakeShutdown{}
+	s := &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue)}
+	go s.forward(context.Background())
+	// A spare's VM still stopping holds stopPod (takeSpare).
+	s.spareStops.Add(1)
+	start := time.Now()
+	if _, err := s.Shutdown(context.Background(), &taskAPI.ShutdownRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took < shutdownWait || took > shutdownWait+2*time.Second {
+		t.Errorf("Shutdown answered after %s, want about %s", took, shutdownWait)
+	}
+	if sd.calls() != 1 {
+		t.Errorf("the shim was shut down %d times, want once", sd.calls())
+	}
+	callback := make(chan error, 1)
+	go func() { callback <- s.shutdown(context.Background()) }()
+	select {
+	case <-callback:
+		t.Fatal("the shutdown callback returned while the pod was still stopping")
+	case <-time.After(100 * time.Millisecond):
+	}
+	s.spareStops.Done()
+	select {
+	case err := <-callback:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the shutdown callback did not return once the pod stopped")
+	}
+}
