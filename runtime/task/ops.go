@@ -128,6 +128,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		s.mu.Lock()
 		s.deleting--
 		s.mu.Unlock()
+		s.shutdownIfAsked(context.WithoutCancel(ctx))
 	}()
 	e, err := p.DeleteContainer(ctx, c, false)
 	if err != nil {
@@ -365,8 +366,33 @@ const shutdownWait = 2500 * time.Millisecond
 // removed. The callback stays for a shim ended by a signal, and for a stop that takes longer.
 func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptyResp, error) {
 	if !r.Now && s.busy() {
+		s.mu.Lock()
+		// Carried out once the Create or Delete under way leaves no task (shutdownIfAsked).
+		s.shutdownAsked = true
+		s.mu.Unlock()
 		return empty(), nil
 	}
+	s.shutdownNow(ctx)
+	return empty(), nil
+}
+
+// shutdownIfAsked carries out a Shutdown that came while a Create or a task's Delete was under way, once none is
+// and no task is left.
+func (s *Service) shutdownIfAsked(ctx context.Context) {
+	if s.busy() {
+		return
+	}
+	s.mu.Lock()
+	asked := s.shutdownAsked
+	s.shutdownAsked = false
+	s.mu.Unlock()
+	if asked {
+		s.shutdownNow(ctx)
+	}
+}
+
+// shutdownNow stops the pod, for shutdownWait at most, and ends the shim.
+func (s *Service) shutdownNow(ctx context.Context) {
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)
@@ -382,7 +408,6 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*em
 	}
 	t.Stop()
 	s.sd.Shutdown()
-	return empty(), nil
 }
 
 // busy says whether the shim still serves a task, or a Create or a task's Delete is under way.

@@ -78,6 +78,8 @@ type Service struct {
 	// creating counts Creates in progress: a failed first Create stops the pod only when no other is. deleting
 	// counts a task's Deletes in progress: Shutdown leaves a pod alone while either is under way.
 	creating, deleting int
+	// shutdownAsked says a Shutdown came while one was under way (under mu).
+	shutdownAsked bool
 	// stopMu makes one stopPod at a time: a second (a Shutdown beside another, the shutdown callback) waits for
 	// the pod the first is stopping instead of letting the shim exit under it.
 	stopMu sync.Mutex
@@ -292,6 +294,10 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	defer func() {
 		s.mu.Lock()
 		s.creating--
+		if retErr == nil {
+			// A task is there now: a Shutdown that came meanwhile is moot.
+			s.shutdownAsked = false
+		}
 		if retErr == nil && held != nil {
 			if s.creates == nil {
 				s.creates = map[string]*spare.Held{}
@@ -301,6 +307,9 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		}
 		s.mu.Unlock()
 		held.Release()
+		if retErr != nil {
+			s.shutdownIfAsked(context.WithoutCancel(ctx))
+		}
 	}()
 	p, err := s.podFor(ctx, r.ID, b, r.Options)
 	if err != nil {

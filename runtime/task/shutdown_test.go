@@ -99,6 +99,15 @@ func TestShutdownWaitsForDeletesAndCreates(t *testing.T) {
 			if got := sd.calls(); got != tc.want {
 				t.Errorf("the shim was shut down %d times, want %d", got, tc.want)
 			}
+			// The Create or Delete ends and leaves no task: the Shutdown it held back is carried out then, once.
+			s.mu.Lock()
+			s.creating, s.deleting = 0, 0
+			s.mu.Unlock()
+			s.shutdownIfAsked(context.Background())
+			s.shutdownIfAsked(context.Background())
+			if got := sd.calls(); got != 1 {
+				t.Errorf("after the Create or Delete: shut down %d times, want once", got)
+			}
 		})
 	}
 }
