@@ -256,7 +256,15 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	status.Pid = int(rec.Pid)
 	l := log.G(ctx).WithFields(log.Fields{"container": id, "sandbox": rec.VMID})
 	if shimAlive(rec) {
-		l.WithField("shim", rec.ShimPid).Info("shim still running; leaving its VM to it")
+		// containerd lost the shim (its connection broke, or it restarted and gave up reconnecting) and forgets
+		// the task after this: the shim, which serves its pod's other tasks on, is asked to end this one, as
+		// runc's `delete --force` kills the container.
+		l = l.WithField("shim", rec.ShimPid)
+		if err := stopLiveTask(ctx, rec, id); err != nil {
+			l.WithError(err).Warn("shim still running and not answering; the task may run on in its VM")
+		} else {
+			l.Info("shim still running; it killed and deleted the task")
+		}
 		return status, nil
 	}
 	// The shim died with the container, before its poststop hooks ran (nerdctl's CNI DEL, which releases the
