@@ -1,6 +1,7 @@
 package cri
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -249,6 +250,17 @@ func TestKilnPodStreamsAndStatus(t *testing.T) {
 	// attach -i: what goes to the container's stdin comes back from cat.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+
+	// exec -i with piped input: the process reads all of it (more than the pipes between hold), then EOF once CRI
+	// closes the input (CloseIO), and exits.
+	wc := e.CrictlCommand(ctx, "exec", "-i", ids[0], "wc", "-c")
+	wc.Stdin = bytes.NewReader(make([]byte, 1<<20))
+	var wcErr bytes.Buffer
+	wc.Stderr = &wcErr
+	if out, err := wc.Output(); err != nil || strings.TrimSpace(string(out)) != "1048576" {
+		t.Errorf("exec -i of 1 MiB: wc -c says %q (%v: %s), want 1048576", out, err, wcErr.String())
+	}
+
 	cmd := e.CrictlCommand(ctx, "attach", "-i", ids[0])
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
