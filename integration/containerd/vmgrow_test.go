@@ -58,6 +58,11 @@ func TestKilnVMGrows(t *testing.T) {
 	if total := k.guestMemTotal(t, id, "m2"); total < 1700<<20 || total > 1792<<20 {
 		t.Errorf("guest MemTotal %d MiB with the limit raised to 1536 MiB, want 1700 to 1792", total>>20)
 	}
+	// The guest's ceiling on threads grew with its memory (the kernel sets it at boot from an eighth of the RAM
+	// there is, 16 KiB a thread: 2048 in 256 MiB), so the pod may run as many threads as a runc pod of that size.
+	if n, err := strconv.Atoi(strings.TrimSpace(k.ctr(t, "tasks", "exec", "--exec-id", "threads", id, "cat", "/proc/sys/kernel/threads-max"))); err != nil || n < 12000 {
+		t.Errorf("the guest's threads-max with about 1.7 GiB: %d (%v), want at least 12000", n, err)
+	}
 	var m struct {
 		Memory struct {
 			UsageLimit int64 `json:"usage_limit"`
