@@ -314,7 +314,11 @@ func (s *Sandbox) Check(ctx context.Context, timeout time.Duration) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	resp, err := s.health.Check(ctx, &agentv1.CheckRequest{})
+	var resp *agentv1.CheckResponse
+	err := bounded(ctx, func() (err error) {
+		resp, err = s.health.Check(ctx, &agentv1.CheckRequest{})
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("health check of the agent of vm %s: %w", s.m.ID(), err)
 	}
@@ -339,7 +343,10 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 	default:
 		// A healthy agent answers at once; one that hung must not hold the stop for a whole request timeout.
 		sctx, cancel := context.WithTimeout(ctx, s.opts.ShutdownTimeout)
-		_, err := s.agent.Shutdown(sctx, &agentv1.ShutdownRequest{Reason: "sandbox stop"})
+		err := bounded(sctx, func() error {
+			_, err := s.agent.Shutdown(sctx, &agentv1.ShutdownRequest{Reason: "sandbox stop"})
+			return err
+		})
 		cancel()
 		if err != nil {
 			// The guest may power off before the answer arrives; only log.

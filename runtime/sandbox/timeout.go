@@ -61,3 +61,17 @@ func (c boundedWrites) Write(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// bounded runs call and returns its error, or ctx's once ctx ends first: ttrpc's client holds a call in its write
+// to a guest that takes nothing, whatever the call's context, until boundedWrites' deadline (the request timeout).
+// A call left behind ends by that deadline.
+func bounded(ctx context.Context, call func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- call() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
