@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -123,9 +124,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-func (s *Server) logCall(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
+func (s *Server) logCall(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (resp any, err error) {
 	start := time.Now()
-	resp, err := s.call(ctx, unmarshal, info, method)
+	defer func() {
+		// The agent is PID 1: a handler's panic (one reading what a container controls) must fail its request,
+		// not end the guest.
+		if r := recover(); r != nil {
+			s.log.WithFields(logrus.Fields{"method": info.FullMethod, "panic": r, "stack": string(debug.Stack())}).Error("request handler panicked")
+			resp, err = nil, status.Errorf(codes.Internal, "%s: the agent's handler failed: %v", info.FullMethod, r)
+		}
+	}()
+	resp, err = s.call(ctx, unmarshal, info, method)
 	entry := s.log.WithFields(logrus.Fields{"method": info.FullMethod, "took": time.Since(start)})
 	if err != nil {
 		entry.WithError(err).Warn("request failed")

@@ -5,11 +5,14 @@ import (
 	"io"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/containerd/ttrpc"
 	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -165,5 +168,22 @@ func TestWaitHungUpFollowsTheHostsConnection(t *testing.T) {
 	defer cancel2()
 	if err := ta.server.WaitHungUp(long); err != nil {
 		t.Fatalf("WaitHungUp after the host hung up: %v", err)
+	}
+}
+
+// A handler that panics fails its request with Internal; the agent, PID 1 of the guest, goes on.
+func TestHandlerPanicFailsTheRequest(t *testing.T) {
+	s, err := NewServer(logrus.NewEntry(logrus.New()), ServerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := &ttrpc.UnaryServerInfo{FullMethod: "/kiln.agent.v1.Containers/PidsContainer"}
+	_, err = s.logCall(context.Background(), func(any) error { return nil }, info, func(context.Context, func(any) error) (any, error) {
+		var m map[string]int
+		m["boom"]++ // a nil map: panics
+		return nil, nil
+	})
+	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "PidsContainer") {
+		t.Errorf("a panicking handler: %v, want Internal naming the method", err)
 	}
 }
