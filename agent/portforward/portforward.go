@@ -17,6 +17,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/agent/accept"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
@@ -86,7 +87,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
-		c, err := l.Accept()
+		c, err := accept.Next(ctx, l)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil

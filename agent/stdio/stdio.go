@@ -20,6 +20,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiln-runtime/kiln/agent/accept"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
@@ -115,7 +116,7 @@ func Serve(ctx context.Context, log *logrus.Entry, l net.Listener, h *Hub) error
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	for {
-		c, err := l.Accept()
+		c, err := accept.Next(ctx, l)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
