@@ -124,11 +124,12 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	s.mu.Lock()
 	s.deleting++
 	s.mu.Unlock()
+	// containerd follows each task's delete with a Shutdown: the one that comes after the last delete stops the
+	// pod (a Shutdown meanwhile waits for it).
 	defer func() {
 		s.mu.Lock()
 		s.deleting--
 		s.mu.Unlock()
-		s.shutdownIfAsked(context.WithoutCancel(ctx))
 	}()
 	e, err := p.DeleteContainer(ctx, c, false)
 	if err != nil {
@@ -376,8 +377,8 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*em
 	return empty(), nil
 }
 
-// shutdownIfAsked carries out a Shutdown that came while a Create or a task's Delete was under way, once none is
-// and no task is left.
+// shutdownIfAsked carries out a Shutdown that came while a Create was under way, once the Create failed and no task
+// is left (a Delete needs none of this: containerd asks for a Shutdown after each).
 func (s *Service) shutdownIfAsked(ctx context.Context) {
 	if s.busy() {
 		return

@@ -99,12 +99,19 @@ func TestShutdownWaitsForDeletesAndCreates(t *testing.T) {
 			if got := sd.calls(); got != tc.want {
 				t.Errorf("the shim was shut down %d times, want %d", got, tc.want)
 			}
-			// The Create or Delete ends and leaves no task: the Shutdown it held back is carried out then, once.
+			// The Create fails, or the Delete ends, and leaves no task: the Shutdown the Create held back is carried
+			// out then, once; after a Delete, containerd's next Shutdown is.
 			s.mu.Lock()
 			s.creating, s.deleting = 0, 0
 			s.mu.Unlock()
-			s.shutdownIfAsked(context.Background())
-			s.shutdownIfAsked(context.Background())
+			if tc.deleting > 0 && !tc.now {
+				if _, err := s.Shutdown(context.Background(), &taskAPI.ShutdownRequest{}); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				s.shutdownIfAsked(context.Background())
+				s.shutdownIfAsked(context.Background())
+			}
 			if got := sd.calls(); got != 1 {
 				t.Errorf("after the Create or Delete: shut down %d times, want once", got)
 			}
