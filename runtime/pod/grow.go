@@ -78,14 +78,8 @@ func ceilMiB(b int64) int64 { return b>>20 + min(b&(1<<20-1), 1) }
 // CPUs added up and rounded up once), as a pod booted for them all would have (config.ForPod), and grows to it
 // when it has less: a spare's pod's first container, a container's limit raised in place (Kubernetes' pod
 // resize). A VM that cannot grow refuses a container's limit beyond what it has. Nothing is ever given back: a
-// lowered limit leaves the VM as it is.
-func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, update bool) error {
-	_, _, err := p.fitLimits(ctx, id, r, update)
-	return err
-}
-
-// fitLimits is fit, returning the container's limits before and after.
-func (p *Pod) fitLimits(ctx context.Context, id string, r *specs.LinuxResources, update bool) (before, after containerLimits, err error) {
+// lowered limit leaves the VM as it is. It returns the container's limits before and after.
+func (p *Pod) fit(ctx context.Context, id string, r *specs.LinuxResources, update bool) (before, after containerLimits, err error) {
 	p.growMu.Lock()
 	defer p.growMu.Unlock()
 	var l containerLimits
@@ -154,10 +148,7 @@ func (p *Pod) Update(ctx context.Context, c updater, r *specs.LinuxResources) er
 	if r == nil {
 		r = &specs.LinuxResources{}
 	}
-	if err := checkHostResources(r); err != nil {
-		return fmt.Errorf("update container %s: %w", id, err)
-	}
-	before, after, err := p.fitLimits(ctx, id, r, true)
+	before, after, err := p.fitChecked(ctx, id, r, true)
 	if err != nil {
 		return fmt.Errorf("update %w", err) // "container <id>: ..."
 	}

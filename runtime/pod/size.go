@@ -51,8 +51,14 @@ func (p *Pod) Fit(ctx context.Context, id string, r *specs.LinuxResources, updat
 	if r == nil {
 		r = &specs.LinuxResources{}
 	}
+	_, _, err := p.fitChecked(ctx, id, r, update)
+	return err
+}
+
+// fitChecked is fit after checkHostResources: Fit, and Update, which needs the limits before and after.
+func (p *Pod) fitChecked(ctx context.Context, id string, r *specs.LinuxResources, update bool) (before, after containerLimits, err error) {
 	if err := checkHostResources(r); err != nil {
-		return fmt.Errorf("container %s: %w", id, err)
+		return before, after, fmt.Errorf("container %s: %w", id, err)
 	}
 	return p.fit(ctx, id, r, update)
 }
