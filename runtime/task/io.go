@@ -37,12 +37,10 @@ type ioSpec struct {
 type procIO struct {
 	spec    ioSpec
 	streams stdio.IO
-	// stdinEOF is closed once containerd's stdin has ended (or at once when there is none).
-	stdinEOF chan struct{}
-	closers  []io.Closer
-	logger   *exec.Cmd
-	cancel   context.CancelFunc
-	once     sync.Once
+	closers []io.Closer
+	logger  *exec.Cmd
+	cancel  context.CancelFunc
+	once    sync.Once
 }
 
 // drainStdin ends the process's input from containerd's stdin fifo once what it holds has been relayed (CloseIO),
@@ -69,17 +67,15 @@ func openIO(ctx context.Context, id, namespace string, spec ioSpec) (_ *procIO, 
 	// The fifo opens wait for their peers in the background for as long as the process lives, not for as
 	// long as the request that created it.
 	octx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	p := &procIO{spec: spec, stdinEOF: make(chan struct{}), cancel: cancel}
+	p := &procIO{spec: spec, cancel: cancel}
 	p.streams.Terminal = spec.Terminal
 	defer func() {
 		if retErr != nil {
 			_ = p.Close()
 		}
 	}()
-	if spec.Stdin == "" {
-		close(p.stdinEOF)
-	} else {
-		r, err := newStdinReader(octx, spec.Stdin, spec.Terminal, p.stdinEOF)
+	if spec.Stdin != "" {
+		r, err := newStdinReader(octx, spec.Stdin, spec.Terminal)
 		if err != nil {
 			return nil, err
 		}
@@ -256,12 +252,10 @@ func (p *procIO) Close() error {
 // the process then reads as EOF. Drain (CloseIO) ends it too, once what the fifo holds has been read, whether or
 // not its writer is still open.
 type stdinReader struct {
-	ctx     context.Context
-	cancel  context.CancelFunc
-	path    string
-	reopen  bool
-	eof     chan struct{}
-	eofOnce sync.Once
+	ctx    context.Context
+	cancel context.CancelFunc
+	path   string
+	reopen bool
 	// drained is closed by Drain.
 	drained   chan struct{}
 	drainOnce sync.Once
@@ -275,9 +269,9 @@ type stdinReader struct {
 	closed bool
 }
 
-func newStdinReader(ctx context.Context, path string, reopen bool, eof chan struct{}) (*stdinReader, error) {
+func newStdinReader(ctx context.Context, path string, reopen bool) (*stdinReader, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	r := &stdinReader{ctx: ctx, cancel: cancel, path: path, reopen: reopen, eof: eof, drained: make(chan struct{})}
+	r := &stdinReader{ctx: ctx, cancel: cancel, path: path, reopen: reopen, drained: make(chan struct{})}
 	if err := r.open(); err != nil {
 		cancel()
 		return nil, err
@@ -355,7 +349,6 @@ func (r *stdinReader) Read(b []byte) (int, error) {
 		ready, closed := r.ready, r.closed
 		r.mu.Unlock()
 		if closed {
-			r.markEOF()
 			return 0, io.EOF
 		}
 		select {
@@ -380,14 +373,12 @@ func (r *stdinReader) Read(b []byte) (int, error) {
 		r.mu.Unlock()
 		if f == nil {
 			// Closed, or the open failed.
-			r.markEOF()
 			return 0, io.EOF
 		}
 		if isClosed(r.drained) {
 			if n := readWhatIsThere(f, b); n > 0 {
 				return n, nil
 			}
-			r.markEOF()
 			return 0, io.EOF
 		}
 		n, err := f.Read(b)
@@ -398,7 +389,6 @@ func (r *stdinReader) Read(b []byte) (int, error) {
 			continue // Drain woke it
 		}
 		if !r.reopen || r.ctx.Err() != nil {
-			r.markEOF()
 			if errors.Is(err, os.ErrClosed) {
 				err = io.EOF
 			}
@@ -413,7 +403,6 @@ func (r *stdinReader) Read(b []byte) (int, error) {
 		r.mu.Unlock()
 		_ = f.Close()
 		if err := r.open(); err != nil {
-			r.markEOF()
 			return 0, io.EOF
 		}
 	}
@@ -461,8 +450,6 @@ func (r *stdinReader) Drain() {
 		}
 	})
 }
-
-func (r *stdinReader) markEOF() { r.eofOnce.Do(func() { close(r.eof) }) }
 
 // Close stops reading; a Read waiting for a writer returns.
 func (r *stdinReader) Close() error {
