@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"reflect"
 	"sort"
 	"strings"
 	"time"
@@ -337,14 +336,11 @@ func load(path, envPath, systemPath string) (Config, error) {
 	if err != nil {
 		return Config{}, fmt.Errorf("read config %s: %w", path, err)
 	}
-	cfg, err := Parse(data)
+	cfg, keys, err := parse(data)
 	if err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
-	cfg.Source = path
-	if cfg.fromFile, err = fileKeys(data); err != nil {
-		return Config{}, fmt.Errorf("config %s: %w", path, err)
-	}
+	cfg.Source, cfg.fromFile = path, keys
 	if err := cfg.Validate(); err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
@@ -354,6 +350,12 @@ func load(path, envPath, systemPath string) (Config, error) {
 
 // Parse decodes TOML over the defaults. Unknown keys and wrong types are errors naming the key.
 func Parse(data []byte) (Config, error) {
+	cfg, _, err := parse(data)
+	return cfg, err
+}
+
+// parse is Parse, returning also the "table.key" names the file sets (fileKeys).
+func parse(data []byte) (Config, map[string]bool, error) {
 	cfg := Default()
 	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
 	if err := dec.Decode(&cfg); err != nil {
@@ -363,56 +365,51 @@ func Parse(data []byte) (Config, error) {
 			for _, e := range strict.Errors {
 				keys = append(keys, joinKey(e.Key()))
 			}
-			return Config{}, fmt.Errorf("unknown key(s) %v: remove them or check their spelling", keys)
+			return Config{}, nil, fmt.Errorf("unknown key(s) %v: remove them or check their spelling", keys)
 		}
 		var de *toml.DecodeError
 		if errors.As(err, &de) {
 			row, col := de.Position()
-			return Config{}, fmt.Errorf("line %d column %d, key %s: %s", row, col, joinKey(de.Key()), de.Error())
+			return Config{}, nil, fmt.Errorf("line %d column %d, key %s: %s", row, col, joinKey(de.Key()), de.Error())
 		}
-		return Config{}, err
+		return Config{}, nil, err
 	}
-	if err := exactKeys(data); err != nil {
-		return Config{}, err
+	keys, err := fileKeys(data)
+	if err != nil {
+		return Config{}, nil, err
 	}
-	return cfg, nil
+	if err := exactKeys(keys); err != nil {
+		return Config{}, nil, err
+	}
+	return cfg, keys, nil
 }
 
 // exactKeys fails for a table or key that names one of Config's only in another case: the decoder takes
 // "VCPUs" for "vcpus", and TOML's keys are case-sensitive, so another reader (and `kiln config show`, which
-// reports a key the file sets) would not.
-func exactKeys(data []byte) error {
-	var tables map[string]any
-	if err := toml.Unmarshal(data, &tables); err != nil {
+// reports a key the file sets) would not. keys are the file's (fileKeys); Config's are those Settings lists.
+func exactKeys(keys map[string]bool) error {
+	settings, err := Default().Settings()
+	if err != nil {
 		return err
 	}
-	known := map[string]map[string]bool{}
-	ct := reflect.TypeOf(Config{})
-	for i := 0; i < ct.NumField(); i++ {
-		table, ok := ct.Field(i).Tag.Lookup("toml")
-		if !ok || table == "-" {
-			continue
-		}
-		keys := map[string]bool{}
-		for ft, j := ct.Field(i).Type, 0; j < ft.NumField(); j++ {
-			if k, ok := ft.Field(j).Tag.Lookup("toml"); ok && k != "-" {
-				keys[k] = true
-			}
-		}
-		known[table] = keys
+	known, tables := map[string]bool{}, map[string]bool{}
+	for _, st := range settings {
+		known[st.Key] = true
+		table, _, _ := strings.Cut(st.Key, ".")
+		tables[table] = true
 	}
+	seen := map[string]bool{}
 	var bad []string
-	for table, v := range tables {
-		keys, ok := known[table]
-		if !ok {
-			bad = append(bad, table)
+	for k := range keys {
+		if known[k] {
 			continue
 		}
-		kv, _ := v.(map[string]any)
-		for k := range kv {
-			if !keys[k] {
-				bad = append(bad, table+"."+k)
-			}
+		if table, _, _ := strings.Cut(k, "."); !tables[table] {
+			k = table
+		}
+		if !seen[k] {
+			seen[k] = true
+			bad = append(bad, k)
 		}
 	}
 	if len(bad) > 0 {
