@@ -348,13 +348,8 @@ func load(path, envPath, systemPath string) (Config, error) {
 	return cfg, nil
 }
 
-// Parse decodes TOML over the defaults. Unknown keys and wrong types are errors naming the key.
-func Parse(data []byte) (Config, error) {
-	cfg, _, err := parse(data)
-	return cfg, err
-}
-
-// parse is Parse, returning also the "table.key" names the file sets (fileKeys).
+// parse decodes TOML over the defaults, and returns the "table.key" names the file sets (fileKeys). Unknown keys,
+// keys in another case than Kiln's and wrong types are errors naming the key.
 func parse(data []byte) (Config, map[string]bool, error) {
 	cfg := Default()
 	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()

@@ -310,7 +310,7 @@ func TestShippedFileDocumentsEveryKey(t *testing.T) {
 		}
 		b.WriteString(line + "\n")
 	}
-	got, err := Parse([]byte(b.String()))
+	got, _, err := parse([]byte(b.String()))
 	if err != nil {
 		t.Fatalf("shipped file with every key uncommented: %v", err)
 	}
