@@ -74,15 +74,7 @@ func TestStartLooksOnlyForAssetsNotResolved(t *testing.T) {
 			if tt.mutate != nil {
 				tt.mutate(&mc)
 			}
-			m, err := New(mc)
-			if err != nil {
-				t.Fatal(err)
-			}
-			err = m.Start(context.Background())
-			if err == nil {
-				_ = m.Stop(context.Background())
-				t.Fatal("Start succeeded")
-			}
+			m, err := startFailing(t, mc)
 			if !strings.Contains(err.Error(), tt.wantErr) {
 				t.Errorf("Start: %v, want an error about %q", err, tt.wantErr)
 			}
@@ -151,14 +143,7 @@ func TestStartFromTemplateFallsBackAndLeavesNothing(t *testing.T) {
 	mc.TSCkHz = 1
 	mc.Virtiofsd.Binary = "/bin/true"
 	mc.SharedDir = t.TempDir()
-	m, err := New(mc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Start(context.Background()); err == nil {
-		_ = m.Stop(context.Background())
-		t.Fatal("Start succeeded")
-	}
+	startFailing(t, mc)
 	var warned bool
 	for _, e := range hook.AllEntries() {
 		warned = warned || e.Level == logrus.WarnLevel && strings.Contains(e.Message, "from its template failed") &&
@@ -176,6 +161,22 @@ func TestStartFromTemplateFallsBackAndLeavesNothing(t *testing.T) {
 			t.Errorf("left behind: %s", p)
 		}
 	}
+}
+
+// startFailing makes a machine of mc and starts it, which must fail (its QEMU a stand-in that exits), and returns
+// the machine and the start's error.
+func startFailing(t *testing.T, mc Config) (*Machine, error) {
+	t.Helper()
+	m, err := New(mc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = m.Start(context.Background())
+	if err == nil {
+		_ = m.Stop(context.Background())
+		t.Fatal("Start succeeded")
+	}
+	return m, err
 }
 
 // quietConfig is the machine configuration of cfg for a VM "vm1" that logs nothing.

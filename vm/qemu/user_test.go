@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -126,14 +125,7 @@ func TestEachQEMUHasAUserOfItsOwn(t *testing.T) {
 	}
 	defer held.Release()
 	for i := 0; i < 2; i++ {
-		m, err := New(mc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := m.Start(context.Background()); err == nil {
-			_ = m.Stop(context.Background())
-			t.Fatal("Start succeeded")
-		}
+		startFailing(t, mc)
 	}
 	b, err := os.ReadFile(ran)
 	if err != nil {
