@@ -22,6 +22,8 @@ type Guest struct {
 	// Reaper reaps orphans; whoever starts children and waits for them must
 	// coordinate with it.
 	Reaper *Reaper
+	// Threads keeps threads back from the containers for the guest itself; the guest's setup sets it up.
+	Threads *GuestThreads
 
 	proceed     chan struct{}
 	proceedOnce sync.Once
@@ -123,7 +125,7 @@ func Init(ctx context.Context, log *logrus.Logger) (*Guest, error) {
 			return
 		}
 		t.Stop()
-		g.err = finishInit(entry, lateMounts, !g.template)
+		g.err = finishInit(entry, lateMounts, !g.template, g.Threads)
 		if g.err != nil {
 			entry.WithError(g.err).Error("guest setup failed; containers are unavailable")
 		}
@@ -141,9 +143,9 @@ const (
 )
 
 // finishInit is the part of the guest's setup that the agent API does not
-// need: the other base file systems and the shared directory (when share is
-// true).
-func finishInit(log *logrus.Entry, mounts []Mount, share bool) error {
+// need: the other base file systems, the shared directory (when share is
+// true) and the threads kept back from containers.
+func finishInit(log *logrus.Entry, mounts []Mount, share bool, threads *GuestThreads) error {
 	start := time.Now()
 	if err := MountAll(log, mounts); err != nil {
 		return fmt.Errorf("mount base file systems: %w", err)
@@ -154,6 +156,11 @@ func finishInit(log *logrus.Entry, mounts []Mount, share bool) error {
 		}
 	}
 	if err := loopbackUp(); err != nil {
+		return err
+	}
+	// Without the reserve, a container forking until refused would end the agent and the pod: the guest
+	// cannot be run without it.
+	if err := threads.Reserve(); err != nil {
 		return err
 	}
 	if err := os.WriteFile(nrOpenFile, []byte(strconv.Itoa(nrOpenMax)), 0); err != nil {

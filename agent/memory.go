@@ -22,10 +22,9 @@ import (
 type GuestMemory struct {
 	// Sys is where sysfs is mounted ("/sys").
 	Sys string
-	// ThreadsMax is the kernel.threads-max file, rewritten once memory was added: the kernel sets the guest's
-	// ceiling on threads once, at boot, from the RAM it booted with (an eighth of it for thread stacks: about
-	// 2000 threads in 256 MiB), and a write derives it again from the RAM there is now. Empty leaves it.
-	ThreadsMax string
+	// Threads is raised once memory was added: the kernel sets the guest's ceiling on threads once, at boot, from
+	// the RAM it booted with (about 2000 threads in 256 MiB). Nil leaves it.
+	Threads interface{ Raise() error }
 
 	mu sync.Mutex
 	// ram is the firmware's RAM, read once before the first block is added: the kernel lists each block it adds
@@ -102,8 +101,8 @@ func (g *GuestMemory) Add(mib uint64) (have, block uint64, err error) {
 			online++
 		}
 	}
-	if online > before {
-		if err := g.raiseThreadsMax(); err != nil {
+	if online > before && g.Threads != nil {
+		if err := g.Threads.Raise(); err != nil {
 			return online * bs >> 20, bs >> 20, err
 		}
 	}
@@ -111,21 +110,6 @@ func (g *GuestMemory) Add(mib uint64) (have, block uint64, err error) {
 		return online * bs >> 20, bs >> 20, fmt.Errorf("add memory: %w: the VM has RAM for %d MiB, %d MiB asked for", ErrNoRAM, online*bs>>20, mib)
 	}
 	return online * bs >> 20, bs >> 20, nil
-}
-
-// maxThreadsAsked is what raiseThreadsMax writes: the most the kernel takes (FUTEX_TID_MASK), which it lowers to
-// what the guest's RAM allows.
-const maxThreadsAsked = "1073741823"
-
-// raiseThreadsMax has the kernel derive its ceiling on threads from the RAM the guest has now.
-func (g *GuestMemory) raiseThreadsMax() error {
-	if g.ThreadsMax == "" {
-		return nil
-	}
-	if err := os.WriteFile(g.ThreadsMax, []byte(maxThreadsAsked), 0); err != nil {
-		return fmt.Errorf("raise the guest's ceiling on threads to what its added memory allows: %w", err)
-	}
-	return nil
 }
 
 func (g *GuestMemory) dir() string { return filepath.Join(g.Sys, "devices/system/memory") }

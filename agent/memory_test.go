@@ -72,17 +72,14 @@ func TestGuestMemoryAdd(t *testing.T) {
 	const bs = 128 << 20
 	t.Run("offline blocks brought online", func(t *testing.T) {
 		sys := fakeSys(t, "8000000", map[int]string{0: "online", 1: "online", 2: "offline", 3: "offline"}, [][2]uint64{{0, 4*bs - 1}})
-		threads := filepath.Join(t.TempDir(), "threads-max")
-		if err := os.WriteFile(threads, []byte("2048\n"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		have, block, err := (&GuestMemory{Sys: sys, ThreadsMax: threads}).Add(300)
+		raised := &raiseCount{}
+		have, block, err := (&GuestMemory{Sys: sys, Threads: raised}).Add(300)
 		if err != nil || have != 384 || block != 128 {
 			t.Fatalf("Add(300) = %d, %d, %v; want 384, 128, nil", have, block, err)
 		}
 		// The kernel derives its ceiling on threads again from the RAM added.
-		if b, _ := os.ReadFile(threads); string(b) != maxThreadsAsked {
-			t.Errorf("threads-max after memory was added: %q, want %s", b, maxThreadsAsked)
+		if raised.n != 1 {
+			t.Errorf("threads raised %d times after memory was added, want once", raised.n)
 		}
 		for n, want := range map[int]string{2: "online", 3: "offline"} {
 			b, _ := os.ReadFile(filepath.Join(sys, "devices/system/memory", fmt.Sprintf("memory%d", n), "state"))
@@ -93,13 +90,13 @@ func TestGuestMemoryAdd(t *testing.T) {
 	})
 	t.Run("enough already", func(t *testing.T) {
 		sys := fakeSys(t, "8000000", map[int]string{0: "online", 1: "online"}, nil)
-		threads := filepath.Join(t.TempDir(), "threads-max")
-		have, _, err := (&GuestMemory{Sys: sys, ThreadsMax: threads}).Add(200)
+		raised := &raiseCount{}
+		have, _, err := (&GuestMemory{Sys: sys, Threads: raised}).Add(200)
 		if err != nil || have != 256 {
 			t.Fatalf("Add(200) = %d, %v; want 256, nil", have, err)
 		}
-		if _, err := os.Stat(threads); err == nil {
-			t.Error("threads-max written though no memory was added")
+		if raised.n != 0 {
+			t.Error("threads raised though no memory was added")
 		}
 	})
 	t.Run("probed at the block's address", func(t *testing.T) {
@@ -129,3 +126,8 @@ func TestGuestMemoryAdd(t *testing.T) {
 		})
 	}
 }
+
+// raiseCount counts GuestMemory's calls to raise the guest's threads.
+type raiseCount struct{ n int }
+
+func (r *raiseCount) Raise() error { r.n++; return nil }

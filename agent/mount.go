@@ -26,6 +26,13 @@ type Mount struct {
 	Late bool
 }
 
+// CgroupMount is where the guest's cgroup2 hierarchy is mounted.
+const CgroupMount = "/sys/fs/cgroup"
+
+// ContainersCgroup is the cgroup, in the guest's hierarchy, that every container's cgroup is below (see
+// GuestThreads).
+const ContainersCgroup = "/kiln"
+
 // BaseMounts are the file systems every guest gets, in mount order: /proc
 // first because a kernel without openat2 leaves isMountPoint to read
 // /proc/self/mountinfo, /dev before the file systems below it. Before the agent API the
@@ -48,7 +55,7 @@ func BaseMounts() []Mount {
 		{Source: "tmpfs", Target: "/tmp", FSType: "tmpfs", Flags: common, Data: "mode=1777", Late: true},
 		// The pod's /dev/shm, 64 MiB as CRI's default (a tmpfs takes memory only as it fills).
 		{Source: "shm", Target: agentv1.GuestPodShm, FSType: "tmpfs", Flags: common, Data: "mode=1777,size=65536k", Late: true},
-		{Source: "cgroup2", Target: "/sys/fs/cgroup", FSType: "cgroup2", Flags: common | unix.MS_NOEXEC,
+		{Source: "cgroup2", Target: CgroupMount, FSType: "cgroup2", Flags: common | unix.MS_NOEXEC,
 			Data: "nsdelegate", Late: true},
 	}
 }

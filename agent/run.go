@@ -126,7 +126,7 @@ func Run(ctx context.Context, cfg Config) {
 			pod.Prepare()
 		},
 		Seeder:   KernelSeeder{},
-		Memory:   &GuestMemory{Sys: "/sys", ThreadsMax: "/proc/sys/kernel/threads-max"},
+		Memory:   &GuestMemory{Sys: "/sys", Threads: guest.Threads},
 		CPUs:     &GuestCPUs{Sys: "/sys"},
 		Restored: guest.Restored,
 		OnShutdown: func(reason string) {

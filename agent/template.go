@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"path/filepath"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -27,6 +28,10 @@ func newGuest(log *logrus.Entry, template bool) *Guest {
 		template: template,
 		log:      log,
 		restored: make(chan struct{}),
+		Threads: &GuestThreads{
+			ThreadsMax: "/proc/sys/kernel/threads-max",
+			Containers: filepath.Join(CgroupMount, ContainersCgroup),
+		},
 	}
 	g.mountShared = func() (bool, error) { return MountShared(log, SharedTag, SharedDir) }
 	return g

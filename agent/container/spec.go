@@ -22,12 +22,9 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
+	"github.com/kiln-runtime/kiln/agent"
 	"github.com/kiln-runtime/kiln/rlimit"
 )
-
-// cgroupParent is where containers whose spec names no usable cgroup path
-// get their cgroup in the guest's hierarchy.
-const cgroupParent = "/kiln"
 
 // rootfsPath resolves the request's rootfs, relative to the shared
 // directory, refusing anything that would leave it.
@@ -149,15 +146,16 @@ func joinsPodContainer(n specs.LinuxNamespace, isInit func(int) bool) bool {
 	return err == nil && pid > 0 && isInit != nil && isInit(pid)
 }
 
-// guestCgroupPath keeps a plain absolute cgroup path from the spec and
-// replaces anything else (empty, relative, systemd's "slice:prefix:name")
-// with one under cgroupParent: the guest has no systemd and the host's
-// layout means nothing in it.
+// guestCgroupPath puts every container's cgroup below agent.ContainersCgroup, whose pids.max keeps threads back
+// for the guest: a plain absolute cgroup path from the spec is kept below it, and anything else (empty,
+// relative, systemd's "slice:prefix:name") is replaced with the container's id, as runc's default is: the guest
+// has no systemd and the host's layout means nothing in it.
 func guestCgroupPath(p, id string) string {
 	if strings.HasPrefix(p, "/") && !strings.Contains(p, ":") && path.Clean(p) != "/" {
-		return path.Clean(p)
+		// Cleaned first: rooted, ".." cannot climb out of the parent.
+		return path.Join(agent.ContainersCgroup, path.Clean(p))
 	}
-	return path.Join(cgroupParent, id)
+	return path.Join(agent.ContainersCgroup, id)
 }
 
 // libcontainerConfig turns an adapted spec into libcontainer's config.

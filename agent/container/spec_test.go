@@ -46,8 +46,9 @@ func TestRootfsPath(t *testing.T) {
 func TestGuestCgroupPath(t *testing.T) {
 	tests := []struct{ in, want string }{
 		{"", "/kiln/c1"},
-		{"/default/c1", "/default/c1"},
-		{"/a/../b", "/b"},
+		{"/default/c1", "/kiln/default/c1"},
+		{"/a/../b", "/kiln/b"},
+		{"/../../b", "/kiln/b"},
 		{"relative/path", "/kiln/c1"},
 		{"system.slice:cri-containerd:c1", "/kiln/c1"},
 		{"/", "/kiln/c1"},
