@@ -27,10 +27,15 @@ const cgroupEmptyTimeout = 3 * time.Second
 // vmExitTimeout bounds the wait for a dead shim's VM processes to go after SIGKILL.
 const vmExitTimeout = 5 * time.Second
 
+// removeReserve is what Cleanup keeps of its context's time, when the killed processes are slow to go, for what
+// it removes after them (state directory, share, socket: no waits).
+const removeReserve = 500 * time.Millisecond
+
 // Cleanup removes what a shim that is gone left of its VM: processes that still name the VM's state directory
 // (QEMU, virtiofsd; normally they died with the shim), the state directory, and the share with every mount in
 // it. It refuses with ErrFailedPrecondition while the shim is alive, and with ErrInvalidArgument, touching
-// nothing, a record that names anything but what a shim writes there (see task.Record.Validate).
+// nothing, a record that names anything but what a shim writes there (see task.Record.Validate). Its waits (for
+// the killed processes, for their cgroup to empty) end with ctx, keeping time back for the removals after them.
 func Cleanup(ctx context.Context, rec task.Record) error {
 	if err := rec.Validate(); err != nil {
 		return fmt.Errorf("%w: task record: %v", errdefs.ErrInvalidArgument, err)
@@ -40,7 +45,13 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 	}
 	stateDir := filepath.Join(rec.StateDir, rec.VMID)
 	var errs []error
-	if err := killReferencing(ctx, stateDir+"/"); err != nil {
+	killCtx := ctx
+	if deadline, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		killCtx, cancel = context.WithDeadline(ctx, deadline.Add(-removeReserve))
+		defer cancel()
+	}
+	if err := killReferencing(killCtx, stateDir+"/"); err != nil {
 		errs = append(errs, err)
 	}
 	if err := qemu.RemoveState(stateDir); err != nil {
@@ -50,7 +61,7 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 		// Best effort: the killed QEMU and virtiofsd stay in the cgroup until their new parent reaps them, and a
 		// leftover empty cgroup does not keep the task from being reported killed.
 		err := hostcgroup.Remove(rec.Cgroup)
-		for deadline := time.Now().Add(cgroupEmptyTimeout); err != nil && time.Now().Before(deadline); {
+		for deadline := time.Now().Add(cgroupEmptyTimeout); err != nil && time.Now().Before(deadline) && ctx.Err() == nil; {
 			time.Sleep(50 * time.Millisecond)
 			err = hostcgroup.Remove(rec.Cgroup)
 		}

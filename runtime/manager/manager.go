@@ -227,6 +227,9 @@ func (m *Manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeI
 	}, nil
 }
 
+// stopBudget is how long Stop may take, within containerd's 5 s for the `delete` command.
+const stopBudget = 4 * time.Second
+
 // Stop is the `delete` command: containerd runs it in the task's bundle when the shim serving the task is gone
 // (crashed, or killed) or never came up. It stops what is left of the VM, removes the share and the VM's state,
 // and reports the task as killed.
@@ -276,7 +279,11 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 			l.WithError(err).Warn("record that the poststop hooks ran")
 		}
 	}
-	if err := Cleanup(ctx, rec); err != nil {
+	// containerd kills this command after 5 s (io.containerd.timeout.shim.cleanup), which would leave the share
+	// mounted and the VM's state behind: the cleanup's waits end before that, whatever the hooks took.
+	cctx, cancel := context.WithDeadline(ctx, status.ExitedAt.Add(stopBudget))
+	defer cancel()
+	if err := Cleanup(cctx, rec); err != nil {
 		if errdefs.IsFailedPrecondition(err) {
 			l.WithError(err).Info("shim still running; leaving its VM to it")
 			return status, nil

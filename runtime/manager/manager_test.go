@@ -22,6 +22,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/runtime/bundle"
 	"github.com/kiln-runtime/kiln/runtime/hooks"
+	"github.com/kiln-runtime/kiln/runtime/hostcgroup"
 	"github.com/kiln-runtime/kiln/runtime/pod"
 	"github.com/kiln-runtime/kiln/runtime/task"
 )
@@ -83,6 +84,52 @@ func TestCleanupRemovesWhatADeadShimLeft(t *testing.T) {
 		t.Error("process naming the VM state survived cleanup")
 	}
 	for _, d := range []string{vmDir, rec.ShareDir} {
+		if _, err := os.Stat(d); !os.IsNotExist(err) {
+			t.Errorf("%s still exists (%v)", d, err)
+		}
+	}
+}
+
+// TestCleanupEndsWithItsContext: a VM's host cgroup that does not empty (here a process that is no VM's holds
+// it) held Cleanup 3 s past its kill wait, beyond what containerd gives the delete command; it gives up when its
+// context ends, and still removes the rest.
+func TestCleanupEndsWithItsContext(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create cgroups")
+	}
+	holder := exec.Command("sleep", "60")
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = holder.Process.Kill(); _ = holder.Wait() })
+	cg := fmt.Sprintf("/kiln-manager-test-%d", os.Getpid())
+	g, err := hostcgroup.Enter(cg, holder.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := g.Leave(); err != nil {
+			t.Error(err)
+		}
+	})
+	state := t.TempDir()
+	id := task.VMID("default", "slow")
+	rec := task.Record{VMID: id, StateDir: state, ShareDir: pod.ShareDir(state, id), Cgroup: cg}
+	for _, d := range []string{filepath.Join(state, id), rec.ShareDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if err := Cleanup(ctx, rec); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("Cleanup took %v with a context of 500ms, want it to end with the context", took)
+	}
+	for _, d := range []string{filepath.Join(state, id), rec.ShareDir} {
 		if _, err := os.Stat(d); !os.IsNotExist(err) {
 			t.Errorf("%s still exists (%v)", d, err)
 		}
