@@ -30,6 +30,8 @@ func newGuest(log *logrus.Entry, template bool) *Guest {
 		restored: make(chan struct{}),
 		Threads: &GuestThreads{
 			ThreadsMax: "/proc/sys/kernel/threads-max",
+			PidMax:     "/proc/sys/kernel/pid_max",
+			Meminfo:    "/proc/meminfo",
 			Containers: filepath.Join(CgroupMount, ContainersCgroup),
 		},
 	}

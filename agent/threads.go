@@ -18,6 +18,10 @@ import (
 type GuestThreads struct {
 	// ThreadsMax is the kernel.threads-max file.
 	ThreadsMax string
+	// PidMax is the kernel.pid_max file: a thread needs a pid too.
+	PidMax string
+	// Meminfo is /proc/meminfo, whose MemTotal Raise derives the ceiling on threads from.
+	Meminfo string
 	// Containers is the cgroup directory every container's cgroup is below, in a cgroup2 hierarchy whose
 	// parent directory has the pids controller.
 	Containers string
@@ -30,9 +34,9 @@ type GuestThreads struct {
 // 60 in a guest of two vCPUs, and the workers it starts as it needs them).
 const ThreadsReserved = 256
 
-// maxThreadsAsked is what Raise writes: the most the kernel takes (FUTEX_TID_MASK), which it lowers to what the
-// guest's RAM allows.
-const maxThreadsAsked = "1073741823"
+// threadStackShare is the kernel's share of RAM per thread, in KiB: it lets thread stacks (16 KiB each on
+// x86-64) take an eighth of the RAM (set_max_threads).
+const threadStackShare = 16 * 8
 
 // Reserve sets the containers' share of the guest's threads: kernel.threads-max less ThreadsReserved. It makes
 // the containers' cgroup if need be.
@@ -42,25 +46,43 @@ func (t *GuestThreads) Reserve() error {
 	return t.reserve()
 }
 
-// Raise has the kernel derive its ceiling on threads from the RAM the guest has now (it sets it once, at boot,
-// from the RAM it booted with: an eighth of it for thread stacks), and raises the containers' share with it.
+// Raise sets the guest's ceiling on threads from the RAM it has now, as the kernel sets it once at boot from the
+// RAM it booted with (an eighth of it for thread stacks; a write to threads-max is taken as it is, not derived),
+// and raises the containers' share with it. It never lowers the ceiling.
 func (t *GuestThreads) Raise() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if err := os.WriteFile(t.ThreadsMax, []byte(maxThreadsAsked), 0); err != nil {
-		return fmt.Errorf("raise the guest's ceiling on threads to what its added memory allows: %w", err)
+	total, err := memTotalKiB(t.Meminfo)
+	if err != nil {
+		return fmt.Errorf("raise the guest's ceiling on threads: %w", err)
+	}
+	now, err := readInt(t.ThreadsMax)
+	if err != nil {
+		return fmt.Errorf("raise the guest's ceiling on threads: %w", err)
+	}
+	if want := total / threadStackShare; want > uint64(now) && want <= maxThreads {
+		if err := os.WriteFile(t.ThreadsMax, []byte(strconv.FormatUint(want, 10)), 0); err != nil {
+			return fmt.Errorf("raise the guest's ceiling on threads to what its added memory allows: %w", err)
+		}
 	}
 	return t.reserve()
 }
 
+// maxThreads is the most kernel.threads-max takes (FUTEX_TID_MASK).
+const maxThreads = 1<<30 - 1
+
 func (t *GuestThreads) reserve() error {
-	b, err := os.ReadFile(t.ThreadsMax)
+	threads, err := readInt(t.ThreadsMax)
 	if err != nil {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	}
-	max, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || max <= 2*ThreadsReserved {
-		return fmt.Errorf("keep threads back for the guest: kernel.threads-max is %q, want a number above %d", strings.TrimSpace(string(b)), 2*ThreadsReserved)
+	pids, err := readInt(t.PidMax)
+	if err != nil {
+		return fmt.Errorf("keep threads back for the guest: %w", err)
+	}
+	max := min(threads, pids)
+	if max <= 2*ThreadsReserved {
+		return fmt.Errorf("keep threads back for the guest: kernel.threads-max %d and kernel.pid_max %d leave no more than %d threads, want above %d", threads, pids, max, 2*ThreadsReserved)
 	}
 	// pids.max exists in a cgroup only once its parent hands the controller down.
 	control := filepath.Join(filepath.Dir(t.Containers), "cgroup.subtree_control")
@@ -75,4 +97,35 @@ func (t *GuestThreads) reserve() error {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	}
 	return nil
+}
+
+// readInt reads a file holding one decimal number, as /proc/sys files do.
+func readInt(p string) (int, error) {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", p, err)
+	}
+	return n, nil
+}
+
+// memTotalKiB is MemTotal from a /proc/meminfo file.
+func memTotalKiB(meminfo string) (uint64, error) {
+	b, err := os.ReadFile(meminfo)
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+			f := strings.Fields(rest)
+			if len(f) != 2 || f[1] != "kB" {
+				break
+			}
+			return strconv.ParseUint(f[0], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s: no MemTotal line in kB", meminfo)
 }

@@ -8,19 +8,26 @@ import (
 )
 
 func TestGuestThreads(t *testing.T) {
-	// A fake hierarchy: files the kernel would have, plain files here.
-	setup := func(t *testing.T, threadsMax string) (*GuestThreads, string) {
+	// A fake /proc and cgroup hierarchy: files the kernel would have, plain files here.
+	setup := func(t *testing.T, threadsMax, pidMax, memTotal string) (*GuestThreads, string) {
 		t.Helper()
 		dir := t.TempDir()
 		root := filepath.Join(dir, "cgroup")
 		if err := os.Mkdir(root, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		max := filepath.Join(dir, "threads-max")
-		if err := os.WriteFile(max, []byte(threadsMax), 0o644); err != nil {
-			t.Fatal(err)
+		g := &GuestThreads{
+			ThreadsMax: filepath.Join(dir, "threads-max"),
+			PidMax:     filepath.Join(dir, "pid_max"),
+			Meminfo:    filepath.Join(dir, "meminfo"),
+			Containers: filepath.Join(root, "kiln"),
 		}
-		return &GuestThreads{ThreadsMax: max, Containers: filepath.Join(root, "kiln")}, root
+		for p, v := range map[string]string{g.ThreadsMax: threadsMax, g.PidMax: pidMax, g.Meminfo: "MemFree:  1000 kB\nMemTotal: " + memTotal + "\n"} {
+			if err := os.WriteFile(p, []byte(v), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return g, root
 	}
 	read := func(t *testing.T, p string) string {
 		t.Helper()
@@ -32,7 +39,7 @@ func TestGuestThreads(t *testing.T) {
 	}
 
 	t.Run("reserve", func(t *testing.T) {
-		g, root := setup(t, "2048\n")
+		g, root := setup(t, "2048\n", "32768\n", "262144 kB")
 		if err := g.Reserve(); err != nil {
 			t.Fatal(err)
 		}
@@ -47,29 +54,57 @@ func TestGuestThreads(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+	t.Run("pid_max is the lower", func(t *testing.T) {
+		g, _ := setup(t, "65536\n", "32768\n", "8388608 kB")
+		if err := g.Reserve(); err != nil {
+			t.Fatal(err)
+		}
+		if got := read(t, filepath.Join(g.Containers, "pids.max")); got != "32512" {
+			t.Errorf("the containers' pids.max is %q, want pid_max 32768 less %d", got, ThreadsReserved)
+		}
+	})
 	t.Run("raise", func(t *testing.T) {
-		g, _ := setup(t, "2048\n")
+		// 1 GiB now: an eighth of it for 16 KiB stacks.
+		g, _ := setup(t, "2048\n", "32768\n", "1048576 kB")
 		if err := g.Raise(); err != nil {
 			t.Fatal(err)
 		}
-		// A kernel lowers what is written to what its RAM allows; the fake keeps it.
-		if got := read(t, g.ThreadsMax); got != maxThreadsAsked {
-			t.Errorf("threads-max is %q, want %s written", got, maxThreadsAsked)
+		if got := read(t, g.ThreadsMax); got != "8192" {
+			t.Errorf("threads-max is %q, want 8192 for 1 GiB", got)
 		}
-		if got := read(t, filepath.Join(g.Containers, "pids.max")); got != "1073741567" {
-			t.Errorf("the containers' pids.max is %q after the raise, want threads-max less %d", got, ThreadsReserved)
+		if got := read(t, filepath.Join(g.Containers, "pids.max")); got != "7936" {
+			t.Errorf("the containers' pids.max is %q after the raise, want 8192 less %d", got, ThreadsReserved)
 		}
 	})
-	for _, bad := range []string{"", "many", "512"} {
-		t.Run("threads-max "+bad, func(t *testing.T) {
-			g, _ := setup(t, bad)
-			err := g.Reserve()
-			if err == nil || !strings.Contains(err.Error(), "kernel.threads-max") {
-				t.Fatalf("Reserve with threads-max %q = %v, want an error naming kernel.threads-max", bad, err)
+	t.Run("never lowers", func(t *testing.T) {
+		g, _ := setup(t, "9000\n", "32768\n", "262144 kB")
+		if err := g.Raise(); err != nil {
+			t.Fatal(err)
+		}
+		if got := read(t, g.ThreadsMax); got != "9000\n" {
+			t.Errorf("threads-max is %q, want it left at 9000", got)
+		}
+	})
+	for _, bad := range []struct{ name, threads, pids, mem string }{
+		{"empty threads-max", "", "32768", "262144 kB"},
+		{"threads-max not a number", "many", "32768", "262144 kB"},
+		{"too few threads", "512", "32768", "262144 kB"},
+		{"too few pids", "2048", "300", "262144 kB"},
+	} {
+		t.Run(bad.name, func(t *testing.T) {
+			g, _ := setup(t, bad.threads, bad.pids, bad.mem)
+			if err := g.Reserve(); err == nil {
+				t.Fatal("Reserve succeeded")
 			}
 			if _, err := os.Stat(g.Containers); err == nil {
 				t.Error("the containers' cgroup made though no limit could be set")
 			}
 		})
 	}
+	t.Run("meminfo without MemTotal", func(t *testing.T) {
+		g, _ := setup(t, "2048", "32768", "lots")
+		if err := g.Raise(); err == nil || !strings.Contains(err.Error(), "MemTotal") {
+			t.Fatalf("Raise = %v, want an error naming MemTotal", err)
+		}
+	})
 }
