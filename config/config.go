@@ -105,6 +105,9 @@ type Hypervisor struct {
 	// (MemoryMiB, and what the VM grew by) plus MemoryOverheadMiB.
 	Cgroup            bool `toml:"cgroup"`
 	MemoryOverheadMiB int  `toml:"memory_overhead_mib"`
+	// Landlock confines each QEMU with a Landlock domain (vm/confine): it writes none of the host's files but the
+	// few it is given, and binds and connects no sockets, as far as the host kernel's Landlock reaches.
+	Landlock bool `toml:"landlock"`
 	// FastStart is how a VM starts: FastStartOff boots it, FastStartTemplate restores it from a saved template
 	// of its shape (kept in TemplateDir), falling back to a boot when that fails.
 	FastStart string `toml:"fast_start"`
@@ -283,6 +286,7 @@ func Default() Config {
 			User:                   QEMUUserPerVM,
 			UserRange:              DefaultQEMUUserRange,
 			Cgroup:                 true,
+			Landlock:               true,
 			MemoryOverheadMiB:      DefaultMemoryOverheadMiB,
 			TCGTranslationCacheMiB: DefaultTCGTranslationCacheMiB,
 			FreePageReporting:      true,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +15,9 @@ import (
 	"time"
 
 	"github.com/kiln-runtime/kiln/config"
+	"github.com/kiln-runtime/kiln/integration/testbundle"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/confine"
 	"github.com/kiln-runtime/kiln/vm/idlease"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
@@ -199,4 +202,87 @@ func readProc(t *testing.T, p string) string {
 		t.Fatal(fmt.Errorf("read %s: %w", p, err))
 	}
 	return string(b)
+}
+
+// hypervisor.landlock: QEMU starts in a Landlock domain, so that a QEMU a guest took over (here a script in
+// QEMU's place, which runs as QEMU's user and in its domain before it executes the real one) writes no file in
+// the directories every user may write (where the next VM of its uid would find it), and connects to no TCP
+// listener of the host (Landlock ABI 4 on). Without it the same script writes and connects, and the VM boots
+// confined as it does unconfined.
+func TestQEMUIsConfinedByLandlock(t *testing.T) {
+	share := requireVM(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to switch QEMU's user and create cgroups")
+	}
+	abi := confine.ABI()
+	if abi == 0 {
+		t.Skip("the host kernel has no Landlock")
+	}
+	real, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	port := l.Addr().(*net.TCPAddr).Port
+	script := fmt.Sprintf(`#!/bin/bash
+for d in /tmp /var/tmp /dev/shm; do
+	if touch "$d/kiln-landlock-probe-$$" 2>/dev/null; then rm -f "$d/kiln-landlock-probe-$$"; echo "probe $d wrote"; else echo "probe $d denied"; fi
+done
+if (exec 3<>/dev/tcp/127.0.0.1/%d) 2>/dev/null; then echo "probe tcp connected"; else echo "probe tcp denied"; fi
+exec %s "$@"
+`, port, real)
+	wrapper := filepath.Join(testbundle.PublicDir(t), "qemu-system-x86_64")
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, confined := range []bool{true, false} {
+		name := "unconfined"
+		if confined {
+			name = "confined"
+		}
+		t.Run(name, func(t *testing.T) {
+			m := testMachine(t, filepath.Join(share, "vmlinuz"), filepath.Join(share, "initrd.img"), func(c *qemu.Config) {
+				c.QEMU = wrapper
+				c.User = &syscall.Credential{Uid: 65534, Gid: 65534}
+				c.Cgroup = true
+				c.Landlock = confined
+			})
+			sb := startSandbox(t, m, 60*time.Second)
+			if _, err := sb.GuestInfo(context.Background()); err != nil {
+				t.Fatalf("guest info: %v", err)
+			}
+			console := readProc(t, m.ConsolePath())
+			want := []string{"probe /tmp wrote", "probe /var/tmp wrote", "probe /dev/shm wrote", "probe tcp connected"}
+			if confined {
+				want = []string{"probe /tmp denied", "probe /var/tmp denied", "probe /dev/shm denied"}
+				if abi >= 4 {
+					want = append(want, "probe tcp denied")
+				}
+			}
+			for _, w := range want {
+				if !strings.Contains(console, w+"\n") {
+					t.Errorf("the console lacks %q (Landlock ABI %d):\n%s", w, abi, firstLines(console, 8))
+				}
+			}
+		})
+	}
+}
+
+// firstLines is the first n lines of s.
+func firstLines(s string, n int) string {
+	lines := strings.SplitAfterN(s, "\n", n+1)
+	return strings.Join(lines[:min(n, len(lines))], "")
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/spare"
 	"github.com/kiln-runtime/kiln/vm/accel"
 	"github.com/kiln-runtime/kiln/vm/child"
+	"github.com/kiln-runtime/kiln/vm/confine"
 	"github.com/kiln-runtime/kiln/vm/idlease"
 	"github.com/kiln-runtime/kiln/vm/qemu"
 )
@@ -111,6 +112,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkSandbox(cfg, qemuPath))
 	out = append(out, checkQEMUUser(cfg, choice.Kind, etcDir))
 	out = append(out, checkCgroup(cfg))
+	out = append(out, checkLandlock(cfg, confine.ABI()))
 	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots), checkGrowth(cfg))
 	out = append(out, checkPortForward(portforward.Probe))
 	out = append(out, checkHostLSM(cfg, apparmor.HostSupports, hostSELinux))
@@ -219,6 +221,29 @@ func checkQEMUUser(cfg config.Config, acc accel.Kind, etc string) checkResult {
 		}
 	}
 	return checkResult{"qemu user", status, detail}
+}
+
+// landlockReach is what a QEMU's Landlock domain restricts from each ABI version on (vm/confine).
+var landlockReach = []struct {
+	abi  int
+	what string
+}{{1, "file writes"}, {3, "truncation"}, {4, "TCP"}, {5, "device ioctls"}, {6, "abstract UNIX sockets and signals"}, {9, "UNIX socket paths"}, {10, "UDP"}}
+
+// checkLandlock reports how far the kernel's Landlock, at ABI version abi, confines QEMU.
+func checkLandlock(cfg config.Config, abi int) checkResult {
+	if !cfg.Hypervisor.Landlock {
+		return checkResult{"landlock", "warn", "hypervisor.landlock = false: a QEMU a guest took over may write the host's files its uid may"}
+	}
+	if abi == 0 {
+		return checkResult{"landlock", "warn", "the kernel has no Landlock (Linux 5.13 with landlock in lsm=): QEMU runs unconfined"}
+	}
+	var what []string
+	for _, r := range landlockReach {
+		if abi >= r.abi {
+			what = append(what, r.what)
+		}
+	}
+	return checkResult{"landlock", "ok", fmt.Sprintf("ABI %d: QEMU is confined in %s", abi, strings.Join(what, ", "))}
 }
 
 // checkCgroup reports the cgroup version and where VM cgroups go.

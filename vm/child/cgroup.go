@@ -256,6 +256,23 @@ func RemoveDirs(dirs []string) error {
 	return errors.Join(errs...)
 }
 
+// threadWrites lists the files start writes on the calling thread: on cgroup v1 the tasks files of the program's
+// cgroups, which the thread enters, and of the thread's own, which it goes back to; none on v2.
+func (c *Cgroup) threadWrites() ([]string, error) {
+	if c.v2 {
+		return nil, nil
+	}
+	h, err := readHostFor("/proc/thread-self/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	var files []string
+	for i, d := range c.dirs {
+		files = append(files, filepath.Join(d, "tasks"), filepath.Join(h.v1Dirs[c.ctls[i]], "tasks"))
+	}
+	return files, nil
+}
+
 // start runs start (which forks) so that the new process begins life in the cgroup. attr is the command's
 // SysProcAttr, which on v2 gets the cgroup's descriptor.
 func (c *Cgroup) start(attr *syscall.SysProcAttr, start func() error) error {

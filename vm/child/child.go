@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -71,6 +72,13 @@ type Config struct {
 	// Batch starts the program with the SCHED_BATCH policy, which its threads inherit (a CPU-bound program that
 	// need not preempt others when it wakes: QEMU under TCG; see startBatch).
 	Batch bool
+	// Confine, when set, restricts the thread that forks the program for good (vm/confine's Landlock domain),
+	// which the program inherits from its fork on. Start then forks from a thread of its own, which it keeps
+	// until the program has exited (the parent-death signal is tied to it) and lets end after: no other goroutine
+	// ever runs on it. Confine gets the files Start itself writes on that thread, which it must leave writable:
+	// /dev/null when Stdout is nil, and on cgroup v1 the tasks files the thread enters the program's cgroup and
+	// leaves it again by (root's files, which the program's own user cannot write). An error fails the start.
+	Confine func(writes []string) error
 	// NoHugePages starts the program without transparent huge pages (PR_SET_THP_DISABLE), which its own children
 	// inherit too. The kernel keeps the setting per process and copies it at the fork: Start sets it on Kiln's own
 	// process, where it stays, so every program Kiln starts afterwards goes without them as well.
@@ -146,14 +154,34 @@ func Start(cfg Config) (*Process, error) {
 	if cfg.Cgroup != nil {
 		fork = func() error { return cfg.Cgroup.start(cmd.SysProcAttr, cmd.Start) }
 	}
-	var err error
+	start := fork
 	if cfg.Batch {
-		var schedErr error
-		if schedErr, err = startBatch(fork, threadSched{}); schedErr != nil {
-			cfg.Log.WithError(schedErr).Warnf("%s runs with the normal scheduling policy", cfg.Name)
+		start = func() error {
+			schedErr, err := startBatch(fork, threadSched{})
+			if schedErr != nil {
+				cfg.Log.WithError(schedErr).Warnf("%s runs with the normal scheduling policy", cfg.Name)
+			}
+			return err
 		}
+	}
+	var err error
+	if cfg.Confine != nil {
+		err = startConfined(start, func() error {
+			var writes []string
+			if cfg.Stdout == nil {
+				writes = append(writes, os.DevNull)
+			}
+			if cfg.Cgroup != nil {
+				tasks, err := cfg.Cgroup.threadWrites()
+				if err != nil {
+					return err
+				}
+				writes = append(writes, tasks...)
+			}
+			return cfg.Confine(writes)
+		}, p.exited)
 	} else {
-		err = fork()
+		err = start()
 	}
 	if err != nil {
 		return nil, fmt.Errorf("run %s: %w", cfg.Path, err)
@@ -163,6 +191,26 @@ func Start(cfg Config) (*Process, error) {
 	close(started)
 	go p.reap()
 	return p, nil
+}
+
+// startConfined runs start from a thread of its own, which confine restricts first, and keeps that thread until
+// done is closed (the program's parent-death signal is tied to it). The thread then ends with its goroutine,
+// never unlocked, so that no other goroutine runs with its restrictions.
+func startConfined(start, confine func() error, done <-chan struct{}) error {
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := confine(); err != nil {
+			started <- fmt.Errorf("confine: %w", err)
+			return
+		}
+		err := start()
+		started <- err
+		if err == nil {
+			<-done
+		}
+	}()
+	return <-started
 }
 
 func (p *Process) reap() {

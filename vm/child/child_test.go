@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -18,6 +19,8 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-runtime/kiln/vm/confine"
 )
 
 func quietLog() *logrus.Entry {
@@ -547,4 +550,36 @@ func readPid(t *testing.T, path string) int {
 		t.Fatal(err)
 	}
 	return pid
+}
+
+// A confined program inherits the forking thread's Landlock domain: it cannot create a file that Kiln, after it,
+// can; and it lives on past the start (its parent-death signal is tied to the thread Start keeps for it).
+func TestConfine(t *testing.T) {
+	if confine.ABI() == 0 {
+		t.Skip("the kernel has no Landlock")
+	}
+	dir := t.TempDir()
+	cfg := shell(`touch "$1/by-program" && echo wrote >&2; echo ready >&2; exec sleep 60`)
+	cfg.Args = append(cfg.Args, "sh", dir)
+	cfg.Batch = true
+	// Without Stdout, exec opens /dev/null for writing on the confined thread: Start says so.
+	cfg.Confine = func(writes []string) error { _, err := confine.Policy{Writable: writes}.Thread(); return err }
+	p := startReady(t, cfg)
+	time.Sleep(200 * time.Millisecond)
+	if !alive(p.PID()) {
+		t.Fatalf("the confined program ended after its start: %v", p.ExitError())
+	}
+	if _, err := os.Stat(filepath.Join(dir, "by-program")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the confined program made a file (%v); stderr %q", err, p.Diagnostics())
+	}
+	if err := os.WriteFile(filepath.Join(dir, "by-kiln"), nil, 0o600); err != nil {
+		t.Errorf("Kiln cannot write after starting a confined program: %v", err)
+	}
+	p.Kill()
+	waitExited(t, p)
+
+	cfg.Confine = func([]string) error { return errors.New("no domain") }
+	if _, err := Start(cfg); err == nil || !strings.Contains(err.Error(), "confine: no domain") {
+		t.Errorf("Start with a failing Confine: %v, want its error", err)
+	}
 }

@@ -202,6 +202,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 		ExtraFiles: files,
 		Credential: cred,
 		Cgroup:     m.cgroup,
+		Confine:    m.confinement(),
 		// Under TCG QEMU's vCPUs are CPU-bound emulators, which need not preempt others when they wake: with more
 		// of them than host cores, batch scheduling saves the cost of the switches (vm/child's startBatch).
 		// Under KVM a vCPU mostly waits in the guest's idle loop, and its wakeups carry the guest's latency.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kiln-runtime/kiln/config"
 	"github.com/kiln-runtime/kiln/vm/accel"
+	"github.com/kiln-runtime/kiln/vm/confine"
 	"github.com/kiln-runtime/kiln/vm/idlease"
 )
 
@@ -56,28 +57,54 @@ func qemuCredential(c Config) *syscall.Credential {
 	return &cred
 }
 
-// checkReachable fails unless cred may open each file QEMU opens by path: the kernel and initrd (read), and
-// the memory file (read and write). It reads mode bits only (no ACLs), along the whole path.
+// openedPath is a file QEMU opens by path, and how.
+type openedPath struct {
+	what, path string
+	mode       uint32
+}
+
+// openedByPath lists the files QEMU opens by path: the kernel and initrd (read), and the memory file and the KVM
+// device (read and write). Everything else it is given as a descriptor.
+func openedByPath(c Config) []openedPath {
+	files := []openedPath{{"guest kernel", c.Kernel, mayRead}, {"guest initrd", c.Initrd, mayRead}}
+	if c.MemoryFile != "" {
+		files = append(files, openedPath{"guest memory file", c.MemoryFile, mayRead | mayWrite})
+	}
+	if c.Accel == accel.KVM {
+		files = append(files, openedPath{"KVM device", kvmDevice, mayRead | mayWrite})
+	}
+	return files
+}
+
+// confinement is QEMU's vm/child Confine with Config.Landlock: it may write only the files it opens by path for
+// writing. nil without.
+func (m *Machine) confinement() func(writes []string) error {
+	if !m.cfg.Landlock {
+		return nil
+	}
+	// /dev/null discards what it is given: nothing to keep from QEMU, which may use it, as its libraries may.
+	writable := []string{os.DevNull}
+	for _, f := range openedByPath(m.cfg) {
+		if f.mode&mayWrite != 0 {
+			writable = append(writable, f.path)
+		}
+	}
+	return func(writes []string) error {
+		abi, err := confine.Policy{Writable: append(writable, writes...)}.Thread()
+		if err == nil && abi == 0 {
+			m.log.Warn("QEMU runs unconfined: the host kernel has no Landlock (hypervisor.landlock)")
+		}
+		return err
+	}
+}
+
+// checkReachable fails unless cred may open each file QEMU opens by path (openedByPath). It reads mode bits only
+// (no ACLs), along the whole path.
 func checkReachable(c Config, cred *syscall.Credential) error {
 	if cred == nil {
 		return nil
 	}
-	files := []struct {
-		what, path string
-		mode       uint32
-	}{{"guest kernel", c.Kernel, mayRead}, {"guest initrd", c.Initrd, mayRead}}
-	if c.MemoryFile != "" {
-		files = append(files, struct {
-			what, path string
-			mode       uint32
-		}{"guest memory file", c.MemoryFile, mayRead | mayWrite})
-	}
-	if c.Accel == accel.KVM {
-		files = append(files, struct {
-			what, path string
-			mode       uint32
-		}{"KVM device", kvmDevice, mayRead | mayWrite})
-	}
+	files := openedByPath(c)
 	for _, f := range files {
 		if err := reachable(f.path, cred, f.mode); err != nil {
 			return fmt.Errorf("%s %s: QEMU runs as uid %d gid %d and %w (make it readable, or change hypervisor.user)", f.what, f.path, cred.Uid, cred.Gid, err)
