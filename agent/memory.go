@@ -68,7 +68,6 @@ func (g *GuestMemory) Add(mib uint64) (have, block uint64, err error) {
 			offline = append(offline, b)
 		}
 	}
-	before := online
 	for _, b := range offline {
 		if online >= want {
 			break
@@ -101,7 +100,8 @@ func (g *GuestMemory) Add(mib uint64) (have, block uint64, err error) {
 			online++
 		}
 	}
-	if online > before && g.Threads != nil {
+	// Raised whatever this call added: an earlier one may have added memory and failed after.
+	if g.Threads != nil {
 		if err := g.Threads.Raise(); err != nil {
 			return online * bs >> 20, bs >> 20, err
 		}

@@ -95,8 +95,10 @@ func TestGuestMemoryAdd(t *testing.T) {
 		if err != nil || have != 256 {
 			t.Fatalf("Add(200) = %d, %v; want 256, nil", have, err)
 		}
-		if raised.n != 0 {
-			t.Error("threads raised though no memory was added")
+		// Raised all the same (Raise changes nothing where the ceiling is there already): an earlier call may
+		// have added the memory and failed after.
+		if raised.n != 1 {
+			t.Errorf("threads raised %d times, want once", raised.n)
 		}
 	})
 	t.Run("probed at the block's address", func(t *testing.T) {

@@ -29,10 +29,11 @@ func newGuest(log *logrus.Entry, template bool) *Guest {
 		log:      log,
 		restored: make(chan struct{}),
 		Threads: &GuestThreads{
-			ThreadsMax: "/proc/sys/kernel/threads-max",
-			PidMax:     "/proc/sys/kernel/pid_max",
-			Meminfo:    "/proc/meminfo",
-			Containers: filepath.Join(CgroupMount, ContainersCgroup),
+			ThreadsMax:   "/proc/sys/kernel/threads-max",
+			PidMax:       "/proc/sys/kernel/pid_max",
+			Meminfo:      "/proc/meminfo",
+			PossibleCPUs: "/sys/devices/system/cpu/possible",
+			Containers:   filepath.Join(CgroupMount, ContainersCgroup),
 		},
 	}
 	g.mountShared = func() (bool, error) { return MountShared(log, SharedTag, SharedDir) }

@@ -14,7 +14,8 @@ import (
 // fork past kernel.threads-max whoever forks (kernel threads too, and root), and the agent, which is PID 1, ends
 // and the guest with it when the Go runtime cannot start a thread it needs: a container with no pids limit of
 // its own would take its whole pod down by forking until refused (about 2000 threads in 256 MiB). Every
-// container's cgroup is below one parent whose pids.max keeps ThreadsReserved back for the agent and the kernel.
+// container's cgroup is below one parent whose pids.max keeps threads back for the agent and the kernel
+// (reserved).
 type GuestThreads struct {
 	// ThreadsMax is the kernel.threads-max file.
 	ThreadsMax string
@@ -22,33 +23,65 @@ type GuestThreads struct {
 	PidMax string
 	// Meminfo is /proc/meminfo, whose MemTotal Raise derives the ceiling on threads from.
 	Meminfo string
+	// PossibleCPUs is the CPU list file of every CPU the guest may bring online
+	// (/sys/devices/system/cpu/possible): the kernel keeps threads of its own on each.
+	PossibleCPUs string
 	// Containers is the cgroup directory every container's cgroup is below, in a cgroup2 hierarchy whose
 	// parent directory has the pids controller.
 	Containers string
 
 	mu sync.Mutex
+	// limited: Reserve has set the containers' limit, which Raise then raises. Before, there is no cgroup
+	// hierarchy to write to (memory may be added before the guest's setup mounted it).
+	limited bool
 }
 
-// ThreadsReserved is how many of the guest's threads no container may take: the agent's (a few tens, more while
-// it serves many calls, and an exec's child until it joins its container's cgroup) and the kernel's own (about
-// 60 in a guest of two vCPUs, and the workers it starts as it needs them).
-const ThreadsReserved = 256
+// Threads no container may take: the agent's (a few tens, more while it serves many calls, and an exec's child
+// until it joins its container's cgroup), the kernel's that are not per CPU, and per CPU the kernel's own
+// (cpuhp, migration, ksoftirqd, two kworkers, and workers it starts as it needs them).
+const (
+	threadsReservedBase   = 256
+	threadsReservedPerCPU = 16
+)
+
+// pidMax is what the guest's kernel.pid_max is raised to, as systemd raises a host's: the most 64-bit Linux
+// takes. The kernel's default (32768 with few CPUs) would bind before threads-max in a guest of more than about
+// 4 GiB.
+const pidMax = 4194304
+
+// pidsReservedByKernel are the pids the kernel hands out no more once the counter wrapped (RESERVED_PIDS).
+const pidsReservedByKernel = 300
 
 // threadStackShare is the kernel's share of RAM per thread, in KiB: it lets thread stacks (16 KiB each on
 // x86-64) take an eighth of the RAM (set_max_threads).
 const threadStackShare = 16 * 8
 
-// Reserve sets the containers' share of the guest's threads: kernel.threads-max less ThreadsReserved. It makes
-// the containers' cgroup if need be.
+// maxThreads is the most kernel.threads-max takes (FUTEX_TID_MASK).
+const maxThreads = 1<<30 - 1
+
+// Reserve raises kernel.pid_max and sets the containers' share of the guest's threads: the ceiling on threads
+// (or on pids, the lower) less what is reserved. It makes the containers' cgroup if need be.
 func (t *GuestThreads) Reserve() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.reserve()
+	if pids, err := readInt(t.PidMax); err != nil {
+		return fmt.Errorf("keep threads back for the guest: %w", err)
+	} else if pids < pidMax {
+		if err := os.WriteFile(t.PidMax, []byte(strconv.Itoa(pidMax)), 0); err != nil {
+			return fmt.Errorf("keep threads back for the guest: raise kernel.pid_max: %w", err)
+		}
+	}
+	if err := t.limit(); err != nil {
+		return err
+	}
+	t.limited = true
+	return nil
 }
 
 // Raise sets the guest's ceiling on threads from the RAM it has now, as the kernel sets it once at boot from the
 // RAM it booted with (an eighth of it for thread stacks; a write to threads-max is taken as it is, not derived),
-// and raises the containers' share with it. It never lowers the ceiling.
+// and raises the containers' share with it once Reserve has set it. It never lowers the ceiling, and does
+// nothing where the ceiling is already that high.
 func (t *GuestThreads) Raise() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -60,18 +93,34 @@ func (t *GuestThreads) Raise() error {
 	if err != nil {
 		return fmt.Errorf("raise the guest's ceiling on threads: %w", err)
 	}
-	if want := total / threadStackShare; want > uint64(now) && want <= maxThreads {
-		if err := os.WriteFile(t.ThreadsMax, []byte(strconv.FormatUint(want, 10)), 0); err != nil {
-			return fmt.Errorf("raise the guest's ceiling on threads to what its added memory allows: %w", err)
-		}
+	want := min(total/threadStackShare, maxThreads)
+	if want <= uint64(now) {
+		return nil
 	}
-	return t.reserve()
+	if err := os.WriteFile(t.ThreadsMax, []byte(strconv.FormatUint(want, 10)), 0); err != nil {
+		return fmt.Errorf("raise the guest's ceiling on threads to what its added memory allows: %w", err)
+	}
+	if !t.limited {
+		return nil
+	}
+	return t.limit()
 }
 
-// maxThreads is the most kernel.threads-max takes (FUTEX_TID_MASK).
-const maxThreads = 1<<30 - 1
+// reserved is how many threads no container may take in this guest.
+func (t *GuestThreads) reserved() (int, error) {
+	b, err := os.ReadFile(t.PossibleCPUs)
+	if err != nil {
+		return 0, err
+	}
+	cpus, err := countCPUs(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", t.PossibleCPUs, err)
+	}
+	return threadsReservedBase + threadsReservedPerCPU*cpus, nil
+}
 
-func (t *GuestThreads) reserve() error {
+// limit sets the containers' cgroup's pids.max.
+func (t *GuestThreads) limit() error {
 	threads, err := readInt(t.ThreadsMax)
 	if err != nil {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
@@ -80,23 +129,49 @@ func (t *GuestThreads) reserve() error {
 	if err != nil {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	}
-	max := min(threads, pids)
-	if max <= 2*ThreadsReserved {
-		return fmt.Errorf("keep threads back for the guest: kernel.threads-max %d and kernel.pid_max %d leave no more than %d threads, want above %d", threads, pids, max, 2*ThreadsReserved)
+	reserved, err := t.reserved()
+	if err != nil {
+		return fmt.Errorf("keep threads back for the guest: %w", err)
+	}
+	most := min(threads, pids-pidsReservedByKernel)
+	if most <= 2*reserved {
+		return fmt.Errorf("keep threads back for the guest: kernel.threads-max %d and kernel.pid_max %d leave %d threads, want more than %d (twice the %d kept for the guest)", threads, pids, most, 2*reserved, reserved)
 	}
 	// pids.max exists in a cgroup only once its parent hands the controller down.
 	control := filepath.Join(filepath.Dir(t.Containers), "cgroup.subtree_control")
 	if err := os.WriteFile(control, []byte("+pids"), 0); err != nil {
-		return fmt.Errorf("keep threads back for the guest: enable the pids controller in %s: %w", control, err)
+		return fmt.Errorf("keep threads back for the guest: enable the pids controller in %s (a guest kernel needs CONFIG_CGROUP_PIDS): %w", control, err)
 	}
 	if err := os.Mkdir(t.Containers, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	}
-	limit := filepath.Join(t.Containers, "pids.max")
-	if err := os.WriteFile(limit, []byte(strconv.Itoa(max-ThreadsReserved)), 0); err != nil {
+	if err := os.WriteFile(filepath.Join(t.Containers, "pids.max"), []byte(strconv.Itoa(most-reserved)), 0); err != nil {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	}
 	return nil
+}
+
+// countCPUs counts the CPUs of a kernel CPU list ("0-7", "0,2-3").
+func countCPUs(list string) (int, error) {
+	n := 0
+	for part := range strings.SplitSeq(list, ",") {
+		lo, hi, isRange := strings.Cut(part, "-")
+		first, err := strconv.Atoi(lo)
+		if err != nil {
+			return 0, fmt.Errorf("CPU list %q: %w", list, err)
+		}
+		last := first
+		if isRange {
+			if last, err = strconv.Atoi(hi); err != nil {
+				return 0, fmt.Errorf("CPU list %q: %w", list, err)
+			}
+		}
+		if first < 0 || last < first || last >= 1<<16 {
+			return 0, fmt.Errorf("CPU list %q: range %s", list, part)
+		}
+		n += last - first + 1
+	}
+	return n, nil
 }
 
 // readInt reads a file holding one decimal number, as /proc/sys files do.
