@@ -105,9 +105,10 @@ type Hypervisor struct {
 	// (MemoryMiB, and what the VM grew by) plus MemoryOverheadMiB.
 	Cgroup            bool `toml:"cgroup"`
 	MemoryOverheadMiB int  `toml:"memory_overhead_mib"`
-	// Landlock confines each QEMU with a Landlock domain (vm/confine): it writes none of the host's files but the
-	// few it is given, and binds and connects no sockets, as far as the host kernel's Landlock reaches.
-	Landlock bool `toml:"landlock"`
+	// Confine confines each QEMU (vm/confine): a seccomp filter refuses it internet, vsock and packet sockets,
+	// and a Landlock domain lets it write none of the host's files but the few it is given, as far as the host
+	// kernel's Landlock reaches.
+	Confine bool `toml:"confine"`
 	// FastStart is how a VM starts: FastStartOff boots it, FastStartTemplate restores it from a saved template
 	// of its shape (kept in TemplateDir), falling back to a boot when that fails.
 	FastStart string `toml:"fast_start"`
@@ -286,7 +287,7 @@ func Default() Config {
 			User:                   QEMUUserPerVM,
 			UserRange:              DefaultQEMUUserRange,
 			Cgroup:                 true,
-			Landlock:               true,
+			Confine:                true,
 			MemoryOverheadMiB:      DefaultMemoryOverheadMiB,
 			TCGTranslationCacheMiB: DefaultTCGTranslationCacheMiB,
 			FreePageReporting:      true,

@@ -116,7 +116,9 @@ func testMachine(t testing.TB, kernel, initrd string, mutate func(*qemu.Config))
 		Kernel:      kernel,
 		Initrd:      initrd,
 		StopTimeout: 3 * time.Second,
-		Log:         logrus.NewEntry(log).WithField("test", t.Name()),
+		// As hypervisor.confine's default: the VMs of these tests run confined as users' do.
+		Confine: true,
+		Log:     logrus.NewEntry(log).WithField("test", t.Name()),
 	}
 	if mutate != nil {
 		mutate(&cfg)

@@ -112,7 +112,7 @@ func runChecks(configPath string) []checkResult {
 	out = append(out, checkSandbox(cfg, qemuPath))
 	out = append(out, checkQEMUUser(cfg, choice.Kind, etcDir))
 	out = append(out, checkCgroup(cfg))
-	out = append(out, checkLandlock(cfg, confine.ABI()))
+	out = append(out, checkConfine(cfg, confine.ABI()))
 	out = append(out, checkFastStart(cfg, qemu.Statfs), checkSpare(cfg, spareSlots), checkGrowth(cfg))
 	out = append(out, checkPortForward(portforward.Probe))
 	out = append(out, checkHostLSM(cfg, apparmor.HostSupports, hostSELinux))
@@ -229,13 +229,14 @@ var landlockReach = []struct {
 	what string
 }{{1, "file writes"}, {3, "truncation"}, {4, "TCP"}, {5, "device ioctls"}, {6, "abstract UNIX sockets and signals"}, {9, "UNIX socket paths"}, {10, "UDP"}}
 
-// checkLandlock reports how far the kernel's Landlock, at ABI version abi, confines QEMU.
-func checkLandlock(cfg config.Config, abi int) checkResult {
-	if !cfg.Hypervisor.Landlock {
-		return checkResult{"landlock", "warn", "hypervisor.landlock = false: a QEMU a guest took over may write the host's files its uid may"}
+// checkConfine reports how far QEMU is confined, with the kernel's Landlock at ABI version abi.
+func checkConfine(cfg config.Config, abi int) checkResult {
+	if !cfg.Hypervisor.Confine {
+		return checkResult{"confine", "warn", "hypervisor.confine = false: a QEMU a guest took over may write the host's files its uid may and reach the host's network"}
 	}
+	const filter = "no internet, vsock or packet socket, no io_uring (seccomp)"
 	if abi == 0 {
-		return checkResult{"landlock", "warn", "the kernel has no Landlock (Linux 5.13 with landlock in lsm=): QEMU runs unconfined"}
+		return checkResult{"confine", "warn", filter + "; the kernel has no Landlock (Linux 5.13 with landlock in lsm=): QEMU may write the host's files its uid may"}
 	}
 	var what []string
 	for _, r := range landlockReach {
@@ -243,7 +244,7 @@ func checkLandlock(cfg config.Config, abi int) checkResult {
 			what = append(what, r.what)
 		}
 	}
-	return checkResult{"landlock", "ok", fmt.Sprintf("ABI %d: QEMU is confined in %s", abi, strings.Join(what, ", "))}
+	return checkResult{"confine", "ok", fmt.Sprintf("QEMU: %s; Landlock ABI %d restricts %s", filter, abi, strings.Join(what, ", "))}
 }
 
 // checkCgroup reports the cgroup version and where VM cgroups go.

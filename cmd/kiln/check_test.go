@@ -87,15 +87,15 @@ func TestCheckQEMUUserAndCgroup(t *testing.T) {
 	for _, c := range []struct {
 		abi            int
 		status, detail string
-	}{{0, "warn", "no Landlock"}, {2, "ok", "ABI 2: QEMU is confined in file writes"}, {6, "ok", "file writes, truncation, TCP, device ioctls, abstract UNIX sockets and signals"}} {
-		if r := checkLandlock(config.Default(), c.abi); r.status != c.status || !strings.Contains(r.detail, c.detail) {
+	}{{0, "warn", "no Landlock"}, {2, "ok", "Landlock ABI 2 restricts file writes"}, {6, "ok", "file writes, truncation, TCP, device ioctls, abstract UNIX sockets and signals"}} {
+		if r := checkConfine(config.Default(), c.abi); r.status != c.status || !strings.Contains(r.detail, c.detail) || !strings.Contains(r.detail, "no internet") {
 			t.Errorf("Landlock ABI %d: %+v, want %s naming %q", c.abi, r, c.status, c.detail)
 		}
 	}
 	off := config.Default()
-	off.Hypervisor.Landlock = false
-	if r := checkLandlock(off, 7); r.status != "warn" || !strings.Contains(r.detail, "hypervisor.landlock = false") {
-		t.Errorf("Landlock off: %+v", r)
+	off.Hypervisor.Confine = false
+	if r := checkConfine(off, 7); r.status != "warn" || !strings.Contains(r.detail, "hypervisor.confine = false") {
+		t.Errorf("confinement off: %+v", r)
 	}
 	cfg.Hypervisor.Cgroup = false
 	if r := checkCgroup(cfg); r.status != "warn" {

@@ -256,23 +256,6 @@ func RemoveDirs(dirs []string) error {
 	return errors.Join(errs...)
 }
 
-// threadWrites lists the files start writes on the calling thread: on cgroup v1 the tasks files of the program's
-// cgroups, which the thread enters, and of the thread's own, which it goes back to; none on v2.
-func (c *Cgroup) threadWrites() ([]string, error) {
-	if c.v2 {
-		return nil, nil
-	}
-	h, err := readHostFor("/proc/thread-self/cgroup")
-	if err != nil {
-		return nil, err
-	}
-	var files []string
-	for i, d := range c.dirs {
-		files = append(files, filepath.Join(d, "tasks"), filepath.Join(h.v1Dirs[c.ctls[i]], "tasks"))
-	}
-	return files, nil
-}
-
 // start runs start (which forks) so that the new process begins life in the cgroup. attr is the command's
 // SysProcAttr, which on v2 gets the cgroup's descriptor.
 func (c *Cgroup) start(attr *syscall.SysProcAttr, start func() error) error {
@@ -290,17 +273,28 @@ func (c *Cgroup) start(attr *syscall.SysProcAttr, start func() error) error {
 	// goroutine forks from it and no other goroutine runs on it while it is inside.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	leave, err := c.enterThread()
+	if err != nil {
+		return err
+	}
+	defer leave()
+	return start()
+}
+
+// enterThread puts the calling thread, on cgroup v1, into the cgroup, and returns what puts it back where it
+// was: a call from any thread (v1 moves a thread by its id). On failure the thread is back already.
+func (c *Cgroup) enterThread() (leave func(), err error) {
 	tid := strconv.Itoa(unix.Gettid())
 	h, err := readHostFor("/proc/thread-self/cgroup")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	was := make([]string, len(c.dirs)) // the thread's own directories, in c.dirs order
 	for i, ctl := range c.ctls {
 		was[i] = h.v1Dirs[ctl]
 	}
 	entered := 0
-	defer func() {
+	leave = func() {
 		for i := 0; i < entered; i++ {
 			// Going back into the cgroup the thread came from cannot fail short of that cgroup being removed
 			// under a running Kiln; then the hierarchy's root takes the thread.
@@ -308,14 +302,15 @@ func (c *Cgroup) start(attr *syscall.SysProcAttr, start func() error) error {
 				_ = kernfs.Write(filepath.Join(c.mounts[i], "tasks"), tid)
 			}
 		}
-	}()
+	}
 	for _, d := range c.dirs {
 		if err := kernfs.Write(filepath.Join(d, "tasks"), tid); err != nil {
-			return fmt.Errorf("enter cgroup %s: %w", d, err)
+			leave()
+			return nil, fmt.Errorf("enter cgroup %s: %w", d, err)
 		}
 		entered++
 	}
-	return start()
+	return leave, nil
 }
 
 // host is the calling process's (or thread's) cgroup placement.

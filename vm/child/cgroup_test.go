@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiln-runtime/kiln/vm/confine"
 )
 
 func TestParseHost(t *testing.T) {
@@ -86,7 +88,14 @@ func TestStartInCgroupAsUser(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create cgroups and switch users")
 	}
-	name := fmt.Sprintf("kiln-child-test-%d", os.Getpid())
+	// Confined, the forking thread enters a v1 cgroup before its confinement and is put back by another.
+	for _, confined := range []bool{false, true} {
+		t.Run(fmt.Sprintf("confined=%t", confined), func(t *testing.T) { startInCgroupAsUser(t, confined) })
+	}
+}
+
+func startInCgroupAsUser(t *testing.T, confined bool) {
+	name := fmt.Sprintf("kiln-child-test-%d-%t", os.Getpid(), confined)
 	const limit = 64 << 20
 	cg, err := NewCgroup(name, limit)
 	if err != nil {
@@ -102,6 +111,9 @@ func TestStartInCgroupAsUser(t *testing.T) {
 	cfg.Stdout = &out
 	cfg.Cgroup = cg
 	cfg.Credential = &syscall.Credential{Uid: 65534, Gid: 65534}
+	if confined {
+		cfg.Confine = func(writes []string) error { _, err := confine.Policy{Writable: writes}.Thread(); return err }
+	}
 	p := start(t, cfg)
 
 	var text string

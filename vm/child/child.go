@@ -75,9 +75,9 @@ type Config struct {
 	// Confine, when set, restricts the thread that forks the program for good (vm/confine's Landlock domain),
 	// which the program inherits from its fork on. Start then forks from a thread of its own, which it keeps
 	// until the program has exited (the parent-death signal is tied to it) and lets end after: no other goroutine
-	// ever runs on it. Confine gets the files Start itself writes on that thread, which it must leave writable:
-	// /dev/null when Stdout is nil, and on cgroup v1 the tasks files the thread enters the program's cgroup and
-	// leaves it again by (root's files, which the program's own user cannot write). An error fails the start.
+	// ever runs on it. Confine gets the files Start itself writes on that thread after it, which it must leave
+	// writable: /dev/null when Stdout is nil. On cgroup v1 the thread enters the program's cgroup before Confine,
+	// and is put back by another thread after the fork. An error fails the start.
 	Confine func(writes []string) error
 	// NoHugePages starts the program without transparent huge pages (PR_SET_THP_DISABLE), which its own children
 	// inherit too. The kernel keeps the setting per process and copies it at the fork: Start sets it on Kiln's own
@@ -151,8 +151,14 @@ func Start(cfg Config) (*Process, error) {
 		}
 	}
 	fork := cmd.Start
+	// enter puts the confined thread into a v1 cgroup before its confinement, which forbids the writes.
+	var enter func() (leave func(), err error)
 	if cfg.Cgroup != nil {
-		fork = func() error { return cfg.Cgroup.start(cmd.SysProcAttr, cmd.Start) }
+		if cfg.Confine != nil && !cfg.Cgroup.v2 {
+			enter = cfg.Cgroup.enterThread
+		} else {
+			fork = func() error { return cfg.Cgroup.start(cmd.SysProcAttr, cmd.Start) }
+		}
 	}
 	start := fork
 	if cfg.Batch {
@@ -166,20 +172,11 @@ func Start(cfg Config) (*Process, error) {
 	}
 	var err error
 	if cfg.Confine != nil {
-		err = startConfined(start, func() error {
-			var writes []string
-			if cfg.Stdout == nil {
-				writes = append(writes, os.DevNull)
-			}
-			if cfg.Cgroup != nil {
-				tasks, err := cfg.Cgroup.threadWrites()
-				if err != nil {
-					return err
-				}
-				writes = append(writes, tasks...)
-			}
-			return cfg.Confine(writes)
-		}, p.exited)
+		var writes []string
+		if cfg.Stdout == nil {
+			writes = append(writes, os.DevNull)
+		}
+		err = startConfined(start, enter, func() error { return cfg.Confine(writes) }, p.exited)
 	} else {
 		err = start()
 	}
@@ -193,24 +190,41 @@ func Start(cfg Config) (*Process, error) {
 	return p, nil
 }
 
-// startConfined runs start from a thread of its own, which confine restricts first, and keeps that thread until
-// done is closed (the program's parent-death signal is tied to it). The thread then ends with its goroutine,
-// never unlocked, so that no other goroutine runs with its restrictions.
-func startConfined(start, confine func() error, done <-chan struct{}) error {
-	started := make(chan error, 1)
+// startConfined runs start from a thread of its own, which enter (when set) puts into the program's cgroup and
+// confine restricts first, and keeps that thread until done is closed (the program's parent-death signal is tied
+// to it). The thread then ends with its goroutine, never unlocked, so that no other goroutine runs with its
+// restrictions. It leaves the cgroup from here, unconfined: the confined thread may not write the cgroup's files.
+func startConfined(start func() error, enter func() (func(), error), confine func() error, done <-chan struct{}) error {
+	type result struct {
+		leave func()
+		err   error
+	}
+	started := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
+		var r result
+		if enter != nil {
+			if r.leave, r.err = enter(); r.err != nil {
+				started <- r
+				return
+			}
+		}
 		if err := confine(); err != nil {
-			started <- fmt.Errorf("confine: %w", err)
+			r.err = fmt.Errorf("confine: %w", err)
+			started <- r
 			return
 		}
-		err := start()
-		started <- err
-		if err == nil {
+		r.err = start()
+		started <- r
+		if r.err == nil {
 			<-done
 		}
 	}()
-	return <-started
+	r := <-started
+	if r.leave != nil {
+		r.leave()
+	}
+	return r.err
 }
 
 func (p *Process) reap() {

@@ -1,11 +1,14 @@
 // Package confine keeps a program Kiln starts for a VM (QEMU) from changing the host's file system and from
 // reaching the host's network beyond the few files it is given, should a guest take the program over: a Landlock
-// domain on the thread that forks it, which the program inherits from its fork on and can never leave. Reading
-// is left alone (the program's own uid and its seccomp sandbox bound it). What is restricted grows with the
-// kernel's Landlock ABI: writing, making, removing and renaming files (ABI 1, Linux 5.13; 2 adds renames across
-// directories), truncating them (3, 6.2), binding and connecting TCP sockets (4, 6.7), device ioctls (5, 6.10),
-// abstract UNIX sockets and signals that lead outside the domain (6, 6.12), and, where the kernel has them, UDP
-// and pathname UNIX sockets. Where the kernel has no Landlock nothing is restricted, and Thread says so.
+// domain and a seccomp filter on the thread that forks it, which the program inherits from its fork on and can
+// never leave. Reading is left alone (the program's own uid and its own seccomp sandbox bound it).
+//
+// The seccomp filter refuses sockets of the internet, vsock and packet families (so TCP, UDP and Multipath TCP
+// alike) and io_uring, on every kernel. What Landlock restricts grows with the kernel's ABI: writing, making,
+// removing and renaming files (ABI 1, Linux 5.13), truncating them (3, 6.2), binding and connecting TCP sockets
+// (4, 6.7), device ioctls (5, 6.10), abstract UNIX sockets and signals that lead outside the domain (6, 6.12),
+// pathname UNIX sockets (9) and UDP (10). Where the kernel has no Landlock, only the filter applies, and Thread
+// says so.
 package confine
 
 import (
@@ -48,12 +51,29 @@ func ABI() int {
 	return v
 }
 
-// Thread restricts the calling thread by p, for good, and returns the kernel's ABI version it enforced, 0 where
-// the kernel has no Landlock (then nothing is restricted and the error is nil). The caller holds
-// runtime.LockOSThread and never unlocks it, so that the thread ends with its goroutine instead of serving
-// another. It sets no_new_privs on the thread too, which Landlock needs of a thread without CAP_SYS_ADMIN (QEMU's
-// sandbox sets it anyway).
+// Thread restricts the calling thread by p, for good, and returns the kernel's Landlock ABI version, 0 where it
+// has none (then only the socket filter applies, and the error is nil). The caller holds runtime.LockOSThread and
+// never unlocks it, so that the thread ends with its goroutine instead of serving another (Go parks the process's
+// main thread instead: nothing else runs on it either). A thread without CAP_SYS_ADMIN also gets no_new_privs,
+// which both need of it; one with it does not, so that the program's exec keeps its LSM's transitions.
 func (p Policy) Thread() (int, error) {
+	if !sysAdmin() {
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return 0, fmt.Errorf("set no_new_privs: %w", err)
+		}
+	}
+	abi, err := p.landlock()
+	if err != nil {
+		return 0, err
+	}
+	if err := filterSockets(); err != nil {
+		return 0, err
+	}
+	return abi, nil
+}
+
+// landlock restricts the calling thread with a Landlock domain.
+func (p Policy) landlock() (int, error) {
 	var rules []landlock.Rule
 	if len(p.Writable) > 0 {
 		rules = append(rules, landlock.PathAccess(writableAccess, p.Writable...))
@@ -66,11 +86,18 @@ func (p Policy) Thread() (int, error) {
 		return 0, nil
 	}
 	defer unix.Close(fd)
-	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-		return 0, fmt.Errorf("set no_new_privs: %w", err)
-	}
 	if err := ll.LandlockRestrictSelf(fd, flags); err != nil {
 		return 0, fmt.Errorf("landlock_restrict_self: %w", err)
 	}
 	return ABI(), nil
+}
+
+// sysAdmin reports whether the calling thread has CAP_SYS_ADMIN in its effective set.
+func sysAdmin() bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false
+	}
+	return data[unix.CAP_SYS_ADMIN/32].Effective&(1<<(unix.CAP_SYS_ADMIN%32)) != 0
 }

@@ -77,10 +77,10 @@ type Config struct {
 	// Cgroup, when true, starts QEMU and virtiofsd in a cgroup of their own (vm/child.Cgroup), named
 	// kiln-vm-<ID>, with a memory limit of the guest's memory (MemoryMiB, then what it grew to) plus MemoryOverheadMiB; it is removed when the VM ends.
 	Cgroup bool
-	// Landlock, when true, starts QEMU confined (vm/confine): it may write none of the host's files but the few
-	// it opens by path for writing (openedByPath), nor bind or connect sockets, as far as the kernel's Landlock
-	// goes; a kernel without Landlock starts it unconfined, with a warning.
-	Landlock bool
+	// Confine, when true, starts QEMU confined (vm/confine): no internet, vsock or packet socket, and no write to
+	// the host's files but /dev/null and those it opens by path for writing (openedByPath), as far as the
+	// kernel's Landlock goes; a kernel without Landlock gets the socket filter alone, with a warning.
+	Confine bool
 	// Background, with Cgroup, starts that cgroup behind every other for CPU (child.Cgroup.Background): a spare's
 	// VM, which boots on CPU nothing else wants. Machine.Foreground puts it back.
 	Background bool
@@ -183,7 +183,7 @@ func ConfigFrom(cfg config.Config, id string, log *logrus.Entry) (Config, error)
 		User:              user,
 		Users:             users,
 		Cgroup:            cfg.Hypervisor.Cgroup,
-		Landlock:          cfg.Hypervisor.Landlock,
+		Confine:           cfg.Hypervisor.Confine,
 		MemoryOverheadMiB: cfg.Hypervisor.MemoryOverheadMiB,
 		TemplateDir:       templateDir,
 		TemplateMax:       cfg.Hypervisor.TemplateMax,

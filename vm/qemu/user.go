@@ -76,10 +76,10 @@ func openedByPath(c Config) []openedPath {
 	return files
 }
 
-// confinement is QEMU's vm/child Confine with Config.Landlock: it may write only the files it opens by path for
-// writing. nil without.
+// confinement is QEMU's vm/child Confine with Config.Confine: it may write only /dev/null and the files it opens
+// by path for writing. nil without.
 func (m *Machine) confinement() func(writes []string) error {
-	if !m.cfg.Landlock {
+	if !m.cfg.Confine {
 		return nil
 	}
 	// /dev/null discards what it is given: nothing to keep from QEMU, which may use it, as its libraries may.
@@ -92,7 +92,7 @@ func (m *Machine) confinement() func(writes []string) error {
 	return func(writes []string) error {
 		abi, err := confine.Policy{Writable: append(writable, writes...)}.Thread()
 		if err == nil && abi == 0 {
-			m.log.Warn("QEMU runs unconfined: the host kernel has no Landlock (hypervisor.landlock)")
+			m.log.Warn("QEMU may write the host's files its user may: the host kernel has no Landlock (hypervisor.confine; its sockets are filtered all the same)")
 		}
 		return err
 	}

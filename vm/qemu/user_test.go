@@ -119,7 +119,7 @@ func TestEachQEMUHasAUserOfItsOwn(t *testing.T) {
 	mc.Users.Dir = filepath.Join(dir, "leases")
 	mc.QEMU, mc.TSCkHz = stand, 1
 	// The stand-in writes where a confined QEMU may not.
-	mc.Landlock = false
+	mc.Confine = false
 	// Another VM holds the range's first id.
 	held, err := mc.Users.Take()
 	if err != nil {
