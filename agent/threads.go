@@ -52,6 +52,9 @@ const pidMax = 4194304
 // pidsReservedByKernel are the pids the kernel hands out no more once the counter wrapped (RESERVED_PIDS).
 const pidsReservedByKernel = 300
 
+// minThreads is the fewest threads a guest must have to share them: the kernel's own floor is 20.
+const minThreads = 64
+
 // threadStackShare is the kernel's share of RAM per thread, in KiB: it lets thread stacks (16 KiB each on
 // x86-64) take an eighth of the RAM (set_max_threads).
 const threadStackShare = 16 * 8
@@ -80,8 +83,7 @@ func (t *GuestThreads) Reserve() error {
 
 // Raise sets the guest's ceiling on threads from the RAM it has now, as the kernel sets it once at boot from the
 // RAM it booted with (an eighth of it for thread stacks; a write to threads-max is taken as it is, not derived),
-// and raises the containers' share with it once Reserve has set it. It never lowers the ceiling, and does
-// nothing where the ceiling is already that high.
+// and raises the containers' share with it once Reserve has set it. It never lowers the ceiling.
 func (t *GuestThreads) Raise() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -93,16 +95,15 @@ func (t *GuestThreads) Raise() error {
 	if err != nil {
 		return fmt.Errorf("raise the guest's ceiling on threads: %w", err)
 	}
-	want := min(total/threadStackShare, maxThreads)
-	if want <= uint64(now) {
-		return nil
-	}
-	if err := os.WriteFile(t.ThreadsMax, []byte(strconv.FormatUint(want, 10)), 0); err != nil {
-		return fmt.Errorf("raise the guest's ceiling on threads to what its added memory allows: %w", err)
+	if want := min(total/threadStackShare, maxThreads); want > uint64(now) {
+		if err := os.WriteFile(t.ThreadsMax, []byte(strconv.FormatUint(want, 10)), 0); err != nil {
+			return fmt.Errorf("raise the guest's ceiling on threads to what its added memory allows: %w", err)
+		}
 	}
 	if !t.limited {
 		return nil
 	}
+	// Set again even where the ceiling was there already: an earlier call may have raised it and failed after.
 	return t.limit()
 }
 
@@ -134,9 +135,12 @@ func (t *GuestThreads) limit() error {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	}
 	most := min(threads, pids-pidsReservedByKernel)
-	if most <= 2*reserved {
-		return fmt.Errorf("keep threads back for the guest: kernel.threads-max %d and kernel.pid_max %d leave %d threads, want more than %d (twice the %d kept for the guest)", threads, pids, most, 2*reserved, reserved)
+	if most < minThreads {
+		return fmt.Errorf("keep threads back for the guest: kernel.threads-max %d and kernel.pid_max %d leave %d threads, want at least %d", threads, pids, most, minThreads)
 	}
+	// A small guest of many vCPUs (64 MiB, or 256 MiB with vcpus_max = 64) has fewer threads than twice the
+	// reserve: the containers get half.
+	reserved = min(reserved, most/2)
 	// pids.max exists in a cgroup only once its parent hands the controller down.
 	control := filepath.Join(filepath.Dir(t.Containers), "cgroup.subtree_control")
 	if err := os.WriteFile(control, []byte("+pids"), 0); err != nil {

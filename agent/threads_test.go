@@ -109,6 +109,19 @@ func TestGuestThreads(t *testing.T) {
 			t.Errorf("the containers' pids.max is %q, want 8192 less %d", got, reserved)
 		}
 	})
+	t.Run("small guest of many vCPUs", func(t *testing.T) {
+		// 256 MiB with vcpus_max = 64: 256 + 64*16 = 1280 kept would leave the containers nothing; they get half.
+		g, _ := setup(t, "1880\n", "32768\n", "240640 kB")
+		if err := os.WriteFile(g.PossibleCPUs, []byte("0-63\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := g.Reserve(); err != nil {
+			t.Fatal(err)
+		}
+		if got := read(t, filepath.Join(g.Containers, "pids.max")); got != "940" {
+			t.Errorf("the containers' pids.max is %q, want half of 1880", got)
+		}
+	})
 	t.Run("never lowers", func(t *testing.T) {
 		g, _ := setup(t, "9000\n", "32768\n", "262144 kB")
 		if err := g.Raise(); err != nil {
@@ -121,7 +134,7 @@ func TestGuestThreads(t *testing.T) {
 	for _, bad := range []struct{ name, threads, pids string }{
 		{"empty threads-max", "", "32768"},
 		{"threads-max not a number", "many", "32768"},
-		{"too few threads", "512", "32768"},
+		{"too few threads", "40", "32768"},
 	} {
 		t.Run(bad.name, func(t *testing.T) {
 			g, _ := setup(t, bad.threads, bad.pids, "262144 kB")

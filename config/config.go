@@ -105,7 +105,7 @@ type Hypervisor struct {
 	// (MemoryMiB, and what the VM grew by) plus MemoryOverheadMiB.
 	Cgroup            bool `toml:"cgroup"`
 	MemoryOverheadMiB int  `toml:"memory_overhead_mib"`
-	// Confine confines each QEMU (vm/confine): a seccomp filter refuses it internet, vsock and packet sockets,
+	// Confine confines each QEMU (vm/confine): a seccomp filter refuses it every socket but UNIX and netlink ones,
 	// and a Landlock domain lets it write none of the host's files but the few it is given, as far as the host
 	// kernel's Landlock reaches.
 	Confine bool `toml:"confine"`

@@ -234,7 +234,7 @@ func checkConfine(cfg config.Config, abi int) checkResult {
 	if !cfg.Hypervisor.Confine {
 		return checkResult{"confine", "warn", "hypervisor.confine = false: a QEMU a guest took over may write the host's files its uid may and reach the host's network"}
 	}
-	const filter = "no internet, vsock or packet socket, no io_uring (seccomp)"
+	const filter = "no socket but UNIX and netlink ones, no io_uring (seccomp)"
 	if abi == 0 {
 		return checkResult{"confine", "warn", filter + "; the kernel has no Landlock (Linux 5.13 with landlock in lsm=): QEMU may write the host's files its uid may"}
 	}

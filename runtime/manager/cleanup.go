@@ -27,8 +27,8 @@ const cgroupEmptyTimeout = 3 * time.Second
 // vmExitTimeout bounds the wait for a dead shim's VM processes to go after SIGKILL.
 const vmExitTimeout = 5 * time.Second
 
-// removeReserve is what Cleanup keeps of its context's time, when the killed processes are slow to go, for what
-// it removes after them (state directory, share, socket: no waits).
+// removeReserve is what Cleanup keeps of its context's time, when the killed processes or their cgroup are slow
+// to go, for what it removes after them (state directory, share, socket).
 const removeReserve = 500 * time.Millisecond
 
 // Cleanup removes what a shim that is gone left of its VM: processes that still name the VM's state directory
@@ -61,7 +61,7 @@ func Cleanup(ctx context.Context, rec task.Record) error {
 		// Best effort: the killed QEMU and virtiofsd stay in the cgroup until their new parent reaps them, and a
 		// leftover empty cgroup does not keep the task from being reported killed.
 		err := hostcgroup.Remove(rec.Cgroup)
-		for deadline := time.Now().Add(cgroupEmptyTimeout); err != nil && time.Now().Before(deadline) && ctx.Err() == nil; {
+		for deadline := time.Now().Add(cgroupEmptyTimeout); err != nil && time.Now().Before(deadline) && killCtx.Err() == nil; {
 			time.Sleep(50 * time.Millisecond)
 			err = hostcgroup.Remove(rec.Cgroup)
 		}

@@ -200,22 +200,25 @@ func startConfined(start func() error, enter func() (func(), error), confine fun
 		err   error
 	}
 	started := make(chan result, 1)
+	// The thread stays until the caller has put it back into its cgroup: a thread that ended could have its id
+	// taken by another's meanwhile.
+	left := make(chan struct{})
 	go func() {
 		runtime.LockOSThread()
 		var r result
-		if enter != nil {
-			if r.leave, r.err = enter(); r.err != nil {
-				started <- r
-				return
+		r.err = func() (err error) {
+			if enter != nil {
+				if r.leave, err = enter(); err != nil {
+					return err
+				}
 			}
-		}
-		if err := confine(); err != nil {
-			r.err = fmt.Errorf("confine: %w", err)
-			started <- r
-			return
-		}
-		r.err = start()
+			if err := confine(); err != nil {
+				return fmt.Errorf("confine: %w", err)
+			}
+			return start()
+		}()
 		started <- r
+		<-left
 		if r.err == nil {
 			<-done
 		}
@@ -224,6 +227,7 @@ func startConfined(start func() error, enter func() (func(), error), confine fun
 	if r.leave != nil {
 		r.leave()
 	}
+	close(left)
 	return r.err
 }
 

@@ -78,8 +78,8 @@ func TestThreadConfinesOnlyItself(t *testing.T) {
 // ipprotoMPTCP is Multipath TCP's protocol number, which Landlock's TCP rights do not cover.
 const ipprotoMPTCP = 262
 
-// The socket filter: no internet socket of any protocol (Multipath TCP among them), nor vsock or packet socket,
-// and no io_uring (which makes sockets without socket(2)); UNIX sockets and socket pairs as before. Root keeps
+// The socket filter: UNIX and netlink sockets only: no internet socket of any protocol (Multipath TCP among
+// them), no vsock, packet, SMC or RDS socket, and no io_uring (which makes sockets without socket(2)). Root keeps
 // its exec transitions: no no_new_privs.
 func TestThreadFiltersSockets(t *testing.T) {
 	onConfinedThread(t, Policy{}, func(int) {
@@ -92,6 +92,8 @@ func TestThreadFiltersSockets(t *testing.T) {
 			{"udp6", unix.AF_INET6, unix.SOCK_DGRAM, 0},
 			{"vsock", unix.AF_VSOCK, unix.SOCK_STREAM, 0},
 			{"packet", unix.AF_PACKET, unix.SOCK_RAW, 0},
+			{"smc", unix.AF_SMC, unix.SOCK_STREAM, 0},
+			{"rds", unix.AF_RDS, unix.SOCK_SEQPACKET, 0},
 		} {
 			if s, err := unix.Socket(c.family, c.typ, c.protocol); !errors.Is(err, unix.EACCES) {
 				t.Errorf("%s socket on the confined thread: %v, want EACCES", c.name, err)
@@ -99,6 +101,11 @@ func TestThreadFiltersSockets(t *testing.T) {
 					unix.Close(s)
 				}
 			}
+		}
+		if s, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW, unix.NETLINK_ROUTE); err != nil {
+			t.Errorf("netlink socket on the confined thread: %v", err)
+		} else {
+			unix.Close(s)
 		}
 		if fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0); err != nil {
 			t.Errorf("socketpair on the confined thread: %v", err)

@@ -2,16 +2,19 @@ package confine
 
 import (
 	"fmt"
+	"runtime"
 	"unsafe"
 
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 )
 
-// deniedFamilies are the socket families a confined program may not make a socket of: the internet (TCP, UDP
-// and Multipath TCP, which Landlock's network rights do not cover), vsock (the host's AF_VSOCK listeners) and
-// packet sockets. QEMU, given every socket it uses as a descriptor, makes none of them.
-var deniedFamilies = []uint32{unix.AF_INET, unix.AF_INET6, unix.AF_VSOCK, unix.AF_PACKET}
+// allowedFamilies are the only socket families a confined program may make a socket of: UNIX sockets (QEMU's
+// socket pairs) and netlink. Every other is refused: the internet's (TCP, UDP, and Multipath TCP, which
+// Landlock's network rights do not cover), vsock (the host's AF_VSOCK listeners), packet sockets, and families
+// that reach the network through a kernel socket of their own (SMC, RDS), which no LSM hook sees. QEMU, given
+// every socket it uses as a descriptor, makes none of them.
+var allowedFamilies = []uint32{unix.AF_UNIX, unix.AF_NETLINK}
 
 // x32SyscallBit marks the x32 ABI's system call numbers, which the filter refuses with the rest of what is not
 // plain x86-64.
@@ -24,7 +27,7 @@ const (
 	seccompArg0 = 16 // the low 32 bits, little-endian
 )
 
-// socketFilter is a seccomp program that refuses socket(2) in deniedFamilies with EACCES, and io_uring_setup(2)
+// socketFilter is a seccomp program that refuses socket(2) outside allowedFamilies with EACCES, and io_uring_setup(2)
 // with ENOSYS (an io_uring makes sockets without socket(2); QEMU then watches its descriptors with ppoll), as
 // well as any system call of another ABI (i386 through int 0x80, x32) with ENOSYS. It allows everything else.
 func socketFilter() ([]unix.SockFilter, error) {
@@ -32,7 +35,7 @@ func socketFilter() ([]unix.SockFilter, error) {
 		return bpf.RetConstant{Val: unix.SECCOMP_RET_ERRNO | uint32(e)&unix.SECCOMP_RET_DATA}
 	}
 	allow := bpf.RetConstant{Val: unix.SECCOMP_RET_ALLOW}
-	n := uint8(len(deniedFamilies))
+	n := uint8(len(allowedFamilies))
 	prog := []bpf.Instruction{
 		bpf.LoadAbsolute{Off: seccompArch, Size: 4},
 		bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.AUDIT_ARCH_X86_64, SkipFalse: 5},
@@ -44,11 +47,11 @@ func socketFilter() ([]unix.SockFilter, error) {
 		errno(unix.ENOSYS),
 		bpf.LoadAbsolute{Off: seccompArg0, Size: 4},
 	}
-	for i, f := range deniedFamilies {
-		// Each test jumps to the EACCES return after the allow that ends the list.
+	for i, f := range allowedFamilies {
+		// Each test jumps to the allow after the EACCES return that ends the list.
 		prog = append(prog, bpf.JumpIf{Cond: bpf.JumpEqual, Val: f, SkipTrue: n - uint8(i)})
 	}
-	prog = append(prog, allow, errno(unix.EACCES))
+	prog = append(prog, errno(unix.EACCES), allow)
 	raw, err := bpf.Assemble(prog)
 	if err != nil {
 		return nil, fmt.Errorf("assemble the socket filter: %w", err)
@@ -68,9 +71,12 @@ func filterSockets() error {
 		return err
 	}
 	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
-	// prctl, not seccomp(2) with SECCOMP_FILTER_FLAG_TSYNC: this thread only.
-	if err := unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&prog)), 0, 0); err != nil {
-		return fmt.Errorf("install the socket filter: %w", err)
+	// prctl, not seccomp(2) with SECCOMP_FILTER_FLAG_TSYNC: this thread only. Called as a system call, whose
+	// pointer arguments the compiler keeps where they are for the call.
+	_, _, e := unix.Syscall6(unix.SYS_PRCTL, unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&prog)), 0, 0, 0)
+	runtime.KeepAlive(filter)
+	if e != 0 {
+		return fmt.Errorf("install the socket filter: %w", e)
 	}
 	return nil
 }

@@ -77,7 +77,7 @@ type Config struct {
 	// Cgroup, when true, starts QEMU and virtiofsd in a cgroup of their own (vm/child.Cgroup), named
 	// kiln-vm-<ID>, with a memory limit of the guest's memory (MemoryMiB, then what it grew to) plus MemoryOverheadMiB; it is removed when the VM ends.
 	Cgroup bool
-	// Confine, when true, starts QEMU confined (vm/confine): no internet, vsock or packet socket, and no write to
+	// Confine, when true, starts QEMU confined (vm/confine): no socket but UNIX and netlink ones, and no write to
 	// the host's files but /dev/null and those it opens by path for writing (openedByPath), as far as the
 	// kernel's Landlock goes; a kernel without Landlock gets the socket filter alone, with a warning.
 	Confine bool
