@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 // GuestThreads shares the guest's threads between its containers and the guest itself. The kernel refuses a
@@ -45,8 +46,8 @@ const (
 )
 
 // pidMax is what the guest's kernel.pid_max is raised to, as systemd raises a host's: the most 64-bit Linux
-// takes. The kernel's default (32768 with few CPUs) would bind before threads-max in a guest of more than about
-// 4 GiB.
+// takes, where it is not built small. The kernel's default (32768 with few CPUs) would bind before threads-max in
+// a guest of more than about 4 GiB.
 const pidMax = 4194304
 
 // pidsReservedByKernel are the pids the kernel hands out no more once the counter wrapped (RESERVED_PIDS).
@@ -70,7 +71,8 @@ func (t *GuestThreads) Reserve() error {
 	if pids, err := readInt(t.PidMax); err != nil {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	} else if pids < pidMax {
-		if err := os.WriteFile(t.PidMax, []byte(strconv.Itoa(pidMax)), 0); err != nil {
+		// A kernel built small (CONFIG_BASE_SMALL, as Kiln's guest kernel is) takes no more than 32768.
+		if err := os.WriteFile(t.PidMax, []byte(strconv.Itoa(pidMax)), 0); err != nil && !errors.Is(err, syscall.EINVAL) {
 			return fmt.Errorf("keep threads back for the guest: raise kernel.pid_max: %w", err)
 		}
 	}
