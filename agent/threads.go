@@ -115,11 +115,11 @@ func (t *GuestThreads) reserved() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	cpus, err := countCPUs(strings.TrimSpace(string(b)))
-	if err != nil {
-		return 0, fmt.Errorf("%s: %w", t.PossibleCPUs, err)
+	cpus, err := parseCPUList(strings.TrimSpace(string(b)))
+	if err != nil || len(cpus) == 0 {
+		return 0, fmt.Errorf("%s: CPU list %q: %v", t.PossibleCPUs, b, err)
 	}
-	return threadsReservedBase + threadsReservedPerCPU*cpus, nil
+	return threadsReservedBase + threadsReservedPerCPU*len(cpus), nil
 }
 
 // limit sets the containers' cgroup's pids.max.
@@ -155,29 +155,6 @@ func (t *GuestThreads) limit() error {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	}
 	return nil
-}
-
-// countCPUs counts the CPUs of a kernel CPU list ("0-7", "0,2-3").
-func countCPUs(list string) (int, error) {
-	n := 0
-	for part := range strings.SplitSeq(list, ",") {
-		lo, hi, isRange := strings.Cut(part, "-")
-		first, err := strconv.Atoi(lo)
-		if err != nil {
-			return 0, fmt.Errorf("CPU list %q: %w", list, err)
-		}
-		last := first
-		if isRange {
-			if last, err = strconv.Atoi(hi); err != nil {
-				return 0, fmt.Errorf("CPU list %q: %w", list, err)
-			}
-		}
-		if first < 0 || last < first || last >= 1<<16 {
-			return 0, fmt.Errorf("CPU list %q: range %s", list, part)
-		}
-		n += last - first + 1
-	}
-	return n, nil
 }
 
 // readInt reads a file holding one decimal number, as /proc/sys files do.

@@ -153,16 +153,3 @@ func TestGuestThreads(t *testing.T) {
 		}
 	})
 }
-
-func TestCountCPUs(t *testing.T) {
-	for _, c := range []struct {
-		list string
-		n    int
-		ok   bool
-	}{{"0", 1, true}, {"0-7", 8, true}, {"0,2-3", 3, true}, {"0-63", 64, true}, {"", 0, false}, {"3-1", 0, false}, {"0-x", 0, false}} {
-		n, err := countCPUs(c.list)
-		if (err == nil) != c.ok || n != c.n {
-			t.Errorf("countCPUs(%q) = %d, %v; want %d ok=%v", c.list, n, err, c.n, c.ok)
-		}
-	}
-}
