@@ -72,12 +72,12 @@ type Config struct {
 	// Batch starts the program with the SCHED_BATCH policy, which its threads inherit (a CPU-bound program that
 	// need not preempt others when it wakes: QEMU under TCG; see startBatch).
 	Batch bool
-	// Confine, when set, restricts the thread that forks the program for good (vm/confine's Landlock domain),
-	// which the program inherits from its fork on. Start then forks from a thread of its own, which it keeps
-	// until the program has exited (the parent-death signal is tied to it) and lets end after: no other goroutine
-	// ever runs on it. Confine gets the files Start itself writes on that thread after it, which it must leave
-	// writable: /dev/null when Stdout is nil. On cgroup v1 the thread enters the program's cgroup before Confine,
-	// and is put back by another thread after the fork. An error fails the start.
+	// Confine, when set, restricts the thread that forks the program for good (vm/confine: a Landlock domain and
+	// a seccomp filter), which the program inherits from its fork on. Start then forks from a thread of its own,
+	// which it keeps until the program has exited (the parent-death signal is tied to it) and lets end after: no
+	// other goroutine ever runs on it. Confine gets the files Start itself writes on that thread after it, which
+	// it must leave writable: /dev/null when Stdout is nil. On cgroup v1 the thread enters the program's cgroup
+	// before Confine, and is put back by another thread after the fork. An error fails the start.
 	Confine func(writes []string) error
 	// NoHugePages starts the program without transparent huge pages (PR_SET_THP_DISABLE), which its own children
 	// inherit too. The kernel keeps the setting per process and copies it at the fork: Start sets it on Kiln's own

@@ -4,11 +4,11 @@
 // never leave. Reading is left alone (the program's own uid and its own seccomp sandbox bound it).
 //
 // The seccomp filter refuses every socket but UNIX and netlink ones (so TCP, UDP and Multipath TCP alike, vsock,
-// packet sockets) and io_uring, on every kernel. What Landlock restricts grows with the kernel's ABI: writing, making,
-// removing and renaming files (ABI 1, Linux 5.13), truncating them (3, 6.2), binding and connecting TCP sockets
-// (4, 6.7), device ioctls (5, 6.10), abstract UNIX sockets and signals that lead outside the domain (6, 6.12),
-// pathname UNIX sockets (9) and UDP (10). Where the kernel has no Landlock, only the filter applies, and Thread
-// says so.
+// packet sockets) and io_uring, on every kernel. What Landlock restricts grows with the kernel's ABI: writing,
+// making, removing and renaming files (ABI 1, Linux 5.13), truncating them (3, 6.2), binding and connecting TCP
+// sockets (4, 6.7), device ioctls (5, 6.10), abstract UNIX sockets and signals that lead outside the domain (6,
+// 6.12), pathname UNIX sockets (9) and UDP (10). Where the kernel has no Landlock, only the filter applies, and
+// Thread says so.
 package confine
 
 import (
