@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+
+	"github.com/kiln-runtime/kiln/kernfs"
 )
 
 // GuestThreads shares the guest's threads between its containers and the guest itself. The kernel refuses a
@@ -72,7 +74,7 @@ func (t *GuestThreads) Reserve() error {
 		return fmt.Errorf("keep threads back for the guest: %w", err)
 	} else if pids < pidMax {
 		// A kernel built small (CONFIG_BASE_SMALL, as Kiln's guest kernel is) takes no more than 32768.
-		if err := os.WriteFile(t.PidMax, []byte(strconv.Itoa(pidMax)), 0); err != nil && !errors.Is(err, syscall.EINVAL) {
+		if err := kernfs.Write(t.PidMax, strconv.Itoa(pidMax)); err != nil && !errors.Is(err, syscall.EINVAL) {
 			return fmt.Errorf("keep threads back for the guest: raise kernel.pid_max: %w", err)
 		}
 	}
@@ -89,16 +91,21 @@ func (t *GuestThreads) Reserve() error {
 func (t *GuestThreads) Raise() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	total, err := memTotalKiB(t.Meminfo)
+	f, err := os.Open(t.Meminfo)
 	if err != nil {
 		return fmt.Errorf("raise the guest's ceiling on threads: %w", err)
+	}
+	total, _, err := parseMeminfo(f)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("raise the guest's ceiling on threads: %s: %w", t.Meminfo, err)
 	}
 	now, err := readInt(t.ThreadsMax)
 	if err != nil {
 		return fmt.Errorf("raise the guest's ceiling on threads: %w", err)
 	}
-	if want := min(total/threadStackShare, maxThreads); want > uint64(now) {
-		if err := os.WriteFile(t.ThreadsMax, []byte(strconv.FormatUint(want, 10)), 0); err != nil {
+	if want := min(total/1024/threadStackShare, maxThreads); want > uint64(now) {
+		if err := kernfs.Write(t.ThreadsMax, strconv.FormatUint(want, 10)); err != nil {
 			return fmt.Errorf("raise the guest's ceiling on threads to what its added memory allows: %w", err)
 		}
 	}
@@ -168,22 +175,4 @@ func readInt(p string) (int, error) {
 		return 0, fmt.Errorf("%s: %w", p, err)
 	}
 	return n, nil
-}
-
-// memTotalKiB is MemTotal from a /proc/meminfo file.
-func memTotalKiB(meminfo string) (uint64, error) {
-	b, err := os.ReadFile(meminfo)
-	if err != nil {
-		return 0, err
-	}
-	for line := range strings.Lines(string(b)) {
-		if rest, ok := strings.CutPrefix(line, "MemTotal:"); ok {
-			f := strings.Fields(rest)
-			if len(f) != 2 || f[1] != "kB" {
-				break
-			}
-			return strconv.ParseUint(f[0], 10, 64)
-		}
-	}
-	return 0, fmt.Errorf("%s: no MemTotal line in kB", meminfo)
 }
