@@ -62,28 +62,27 @@ func TestDeleteAfterExitDeliversFirst(t *testing.T) {
 	}
 }
 
-// execGate holds ExecProcess until released, then fails it with fail, or passes it on.
+// execGate holds the next ExecProcess until released, then fails it with fail, or lets it through.
 type execGate struct {
-	agentv1.ContainersClient
 	entered, release chan struct{}
 	fail             error
 }
 
-func (g execGate) ExecProcess(ctx context.Context, r *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
+// pass holds the request until the gate is released.
+func (g *execGate) pass() error {
 	close(g.entered)
 	<-g.release
-	if g.fail != nil {
-		return nil, g.fail
-	}
-	return g.ContainersClient.ExecProcess(ctx, r)
+	return g.fail
 }
 
 // startGated adds exec e1 to c and starts it in the background through an execGate failing with fail; it returns
 // once the start's request is held, with the gate and where the start's result comes.
-func startGated(t *testing.T, ctx context.Context, m *Manager, c *Container, fail error) (*Process, execGate, <-chan error) {
+func startGated(t *testing.T, ctx context.Context, a *fakeAgent, c *Container, fail error) (*Process, *execGate, <-chan error) {
 	t.Helper()
-	g := execGate{ContainersClient: m.api, entered: make(chan struct{}), release: make(chan struct{}), fail: fail}
-	m.api = g
+	g := &execGate{entered: make(chan struct{}), release: make(chan struct{}), fail: fail}
+	a.mu.Lock()
+	a.gate = g
+	a.mu.Unlock()
 	p, err := c.AddExec("e1", &specs.Process{Args: []string{"x"}}, stdio.IO{}, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -101,7 +100,7 @@ func TestExecLostWhileStartingEnds(t *testing.T) {
 	m := a.start(Options{})
 	ctx := waitCtx(t)
 	c := started(t, ctx, m, CreateOptions{ID: "c1"})
-	p, g, starting := startGated(t, ctx, m, c, errors.New("ttrpc: closed"))
+	p, g, starting := startGated(t, ctx, a, c, errors.New("ttrpc: closed"))
 	m.Lost(errors.New("the VM is gone"))
 	close(g.release)
 	if err := <-starting; err == nil {
@@ -213,7 +212,7 @@ func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 	m := a.start(Options{OnExit: exits.record})
 	ctx := waitCtx(t)
 	c := started(t, ctx, m, CreateOptions{ID: "c1"})
-	_, g, starting := startGated(t, ctx, m, c, nil)
+	_, g, starting := startGated(t, ctx, a, c, nil)
 	close(initExits)
 	time.Sleep(200 * time.Millisecond)
 	if exits.String() != "" {

@@ -44,6 +44,8 @@ type fakeAgent struct {
 	longLists bool
 	// onSignal, when set, is told of each signal the host sends (a script can end on it).
 	onSignal func(*agentv1.SignalProcessRequest)
+	// gate, when set, holds the next exec's start on the host's side (taken by it, under mu).
+	gate *execGate
 
 	stdioPath string
 	mu        sync.Mutex
@@ -357,7 +359,8 @@ func waitCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// failingClient fails signals and removals with the fake agent's fail error, when set, without sending them.
+// failingClient fails signals and removals with the fake agent's fail error, when set, without sending them, and
+// holds an exec's start at the fake agent's gate.
 type failingClient struct {
 	agentv1.ContainersClient
 	a *fakeAgent
@@ -374,6 +377,19 @@ func (c failingClient) SignalProcess(ctx context.Context, r *agentv1.SignalProce
 		return nil, err
 	}
 	return c.ContainersClient.SignalProcess(ctx, r)
+}
+
+func (c failingClient) ExecProcess(ctx context.Context, r *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
+	c.a.mu.Lock()
+	g := c.a.gate
+	c.a.gate = nil
+	c.a.mu.Unlock()
+	if g != nil {
+		if err := g.pass(); err != nil {
+			return nil, err
+		}
+	}
+	return c.ContainersClient.ExecProcess(ctx, r)
 }
 
 func (c failingClient) RemoveContainer(ctx context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
