@@ -56,8 +56,8 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 	return d, nil
 }
 
-// configTOML is containerd's configuration: nothing global (no NRI socket, no /opt, CRI only when Options.CRI
-// asks for it), every path in dir.
+// configTOML is containerd's configuration: nothing global (no NRI socket, no /opt, no shim sockets in
+// /run/containerd/s, CRI only when Options.CRI asks for it), every path in dir.
 func (d *Daemon) configTOML() string {
 	level := "info"
 	if d.opts.Debug {
@@ -95,9 +95,16 @@ disabled_plugins = [%[7]s
 
 [plugins."io.containerd.internal.v1.opt"]
   path = %[6]q
+
+[plugins."io.containerd.shim.v1.manager"]
+  socket_dir = %[9]q
 %[8]s`, filepath.Join(d.Dir, "root"), filepath.Join(d.Dir, "state"), d.Address, d.Address+".ttrpc", level,
-		filepath.Join(d.Dir, "opt"), criPlugins, d.criTOML())
+		filepath.Join(d.Dir, "opt"), criPlugins, d.criTOML(), d.SocketDir())
 }
+
+// SocketDir is the directory containerd tells its shims to put their sockets in (socket_dir, from containerd
+// 2.3; older ones ignore it and use their default, /run/containerd/s).
+func (d *Daemon) SocketDir() string { return filepath.Join(d.Dir, "s") }
 
 func (d *Daemon) start(ctx context.Context) error {
 	cfg := filepath.Join(d.Dir, "config.toml")
@@ -292,8 +299,8 @@ func (d *Daemon) stopDaemon(ctx context.Context) error {
 }
 
 // Stop kills every task left in the namespace, stops containerd, ends any shim it left behind, unmounts what
-// is mounted under its directory and removes it. It reports what it had to clean up by force, so a test can
-// treat leftovers as failures.
+// is mounted under its directory and removes it. It reports what it had to clean up by force, and shim sockets
+// left behind, so a test can treat leftovers as failures.
 func (d *Daemon) Stop(ctx context.Context) error {
 	var errs []error
 	if d.cmd != nil {
@@ -318,6 +325,14 @@ func (d *Daemon) Stop(ctx context.Context) error {
 		for _, pid := range pids {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
+	}
+	// A shim removes its socket as it ends; containerd's `delete` removes a dead one's.
+	if entries, err := os.ReadDir(d.SocketDir()); err == nil && len(entries) > 0 {
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		errs = append(errs, fmt.Errorf("shim sockets left in %s: %v", d.SocketDir(), names))
 	}
 	if err := unmountUnder(d.Dir); err != nil {
 		errs = append(errs, err)

@@ -19,9 +19,8 @@ func TestKilnShimKilled(t *testing.T) {
 	const id = "kiln-shimkill"
 	k.runDetached(t, id, nil, sleeper...)
 	k.waitStatus(t, id, "RUNNING")
-	// The shim's socket, by containerd's own naming. Other packages' tests start shims at the same time, with
-	// sockets in the same host-wide directory: only this one is the killed shim's.
-	addr, err := shim.SocketAddress(namespaces.WithNamespace(context.Background(), Namespace), k.d.Address, id, false)
+	// The shim's socket, by containerd's own naming, in the socket directory this containerd names (socket_dir).
+	addr, err := shim.CreateSocketAddress(namespaces.WithNamespace(context.Background(), Namespace), k.d.SocketDir(), k.d.Address, id, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -33,11 +33,12 @@ const removeReserve = 500 * time.Millisecond
 
 // Cleanup removes what a shim that is gone left of its VM: processes that still name the VM's state directory
 // (QEMU, virtiofsd; normally they died with the shim), the state directory, and the share with every mount in
-// it. It refuses with ErrFailedPrecondition while the shim is alive, and with ErrInvalidArgument, touching
-// nothing, a record that names anything but what a shim writes there (see task.Record.Validate). Its waits (for
-// the killed processes, for their cgroup to empty) end with ctx, keeping time back for the removals after them.
-func Cleanup(ctx context.Context, rec task.Record) error {
-	if err := rec.Validate(); err != nil {
+// it, and the shim's socket. It refuses with ErrFailedPrecondition while the shim is alive, and with
+// ErrInvalidArgument, touching nothing, a record that names anything but what a shim writes there (see
+// task.Record.Validate; socketDir is the task's socket directory, task.SocketDir). Its waits (for the killed
+// processes, for their cgroup to empty) end with ctx, keeping time back for the removals after them.
+func Cleanup(ctx context.Context, rec task.Record, socketDir string) error {
+	if err := rec.Validate(socketDir); err != nil {
 		return fmt.Errorf("%w: task record: %v", errdefs.ErrInvalidArgument, err)
 	}
 	if shimAlive(rec) {

@@ -78,7 +78,8 @@ func (m *Manager) Start(ctx context.Context, p *bootapi.BootstrapParams) (_ *boo
 		return nil, err
 	}
 	group := Group(id, annotations)
-	address, err := shim.SocketAddress(ctx, p.GetContainerdGrpcAddress(), group, false)
+	// containerd's shim package linked the socket directory containerd passed in the bundle before calling Start.
+	address, err := shim.CreateSocketAddress(ctx, task.SocketDir(cwd), p.GetContainerdGrpcAddress(), group, false)
 	if err != nil {
 		return nil, fmt.Errorf("shim socket address for group %s: %w", group, err)
 	}
@@ -283,7 +284,7 @@ func (m *Manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 	// mounted and the VM's state behind: the cleanup's waits end before that, whatever the hooks took.
 	cctx, cancel := context.WithDeadline(ctx, status.ExitedAt.Add(stopBudget))
 	defer cancel()
-	if err := Cleanup(cctx, rec); err != nil {
+	if err := Cleanup(cctx, rec, task.SocketDir(cwd)); err != nil {
 		if errdefs.IsFailedPrecondition(err) {
 			l.WithError(err).Info("shim still running; leaving its VM to it")
 			return status, nil

@@ -59,7 +59,9 @@ func TestCleanupRemovesWhatADeadShimLeft(t *testing.T) {
 	state := t.TempDir()
 	id := task.VMID("default", "dead")
 	ctx := namespaces.WithNamespace(context.Background(), "default")
-	sock, err := shim.SocketAddress(ctx, "/run/containerd/containerd.sock", "dead", false)
+	// The socket directory containerd named (its socket_dir); the socket is a file here, Cleanup removes either.
+	socketDir := t.TempDir()
+	sock, err := shim.CreateSocketAddress(ctx, socketDir, "/run/containerd/containerd.sock", "dead", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,11 +72,15 @@ func TestCleanupRemovesWhatADeadShimLeft(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	sockPath := strings.TrimPrefix(sock, "unix://")
+	if err := os.WriteFile(sockPath, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	// A process still naming the VM's state directory stands for a QEMU that outlived its shim.
 	orphan := startStandIn(t, "sh", vmDir+"/qmp.sock")
 	done := make(chan struct{})
 	go func() { _ = orphan.Wait(); close(done) }()
-	if err := Cleanup(context.Background(), rec); err != nil {
+	if err := Cleanup(context.Background(), rec, socketDir); err != nil {
 		t.Fatal(err)
 	}
 	// Cleanup returns once the process is dead (a zombie counts); reaping it here may take a moment more.
@@ -83,7 +89,7 @@ func TestCleanupRemovesWhatADeadShimLeft(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Error("process naming the VM state survived cleanup")
 	}
-	for _, d := range []string{vmDir, rec.ShareDir} {
+	for _, d := range []string{vmDir, rec.ShareDir, sockPath} {
 		if _, err := os.Stat(d); !os.IsNotExist(err) {
 			t.Errorf("%s still exists (%v)", d, err)
 		}
@@ -123,7 +129,7 @@ func TestCleanupEndsWithItsContext(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	start := time.Now()
-	if err := Cleanup(ctx, rec); err != nil {
+	if err := Cleanup(ctx, rec, "/run/containerd/s"); err != nil {
 		t.Fatal(err)
 	}
 	if took := time.Since(start); took > 2*time.Second {
@@ -146,7 +152,7 @@ func TestCleanupLeavesALiveShimAlone(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(state, rec.VMID), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := Cleanup(context.Background(), rec); !errdefs.IsFailedPrecondition(err) {
+	if err := Cleanup(context.Background(), rec, "/run/containerd/s"); !errdefs.IsFailedPrecondition(err) {
 		t.Fatalf("cleanup with a live shim: %v, want FailedPrecondition", err)
 	}
 	if _, err := os.Stat(filepath.Join(state, rec.VMID)); err != nil {
@@ -206,6 +212,10 @@ func TestCleanupRefusesARecordNamingOtherPaths(t *testing.T) {
 			r.ShimSocket = "/run/containerd/s/" + strings.Repeat("0", 64)
 			return ""
 		}},
+		{"shim_socket in the default socket dir when containerd named another", "shim_socket", func(r *task.Record, base string) string {
+			r.ShimSocket = "unix:///run/containerd/s/" + strings.Repeat("0", 64)
+			return ""
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			base := t.TempDir()
@@ -227,7 +237,8 @@ func TestCleanupRefusesARecordNamingOtherPaths(t *testing.T) {
 				defer func() { _ = bystander.Process.Kill(); <-exited }()
 			}
 
-			err := Cleanup(context.Background(), rec)
+			// containerd named a socket dir of its own (socket_dir), as the harness's containerd does.
+			err := Cleanup(context.Background(), rec, filepath.Join(base, "s"))
 			if !errdefs.IsInvalidArgument(err) || !strings.Contains(fmt.Sprint(err), tc.field) {
 				t.Errorf("cleanup of %+v: %v, want InvalidArgument naming %s", rec, err, tc.field)
 			}

@@ -48,12 +48,15 @@ func Register(version string, sp *Spare, held *spare.Held) {
 				s.spare = sp
 			}
 			s.held = held
-			// The same address runtime/manager's `start` created the socket at; recorded for crash cleanup.
+			// The same address runtime/manager's `start` created the socket at (the server runs in the bundle
+			// `start` ran in); recorded for crash cleanup.
 			addr, group := ic.Properties[plugins.PropertyGRPCAddress], os.Getenv(GroupEnv)
 			s.containerd = addr
 			if addr != "" && group != "" {
-				if sock, err := shim.SocketAddress(ic.Context, addr, group, false); err == nil {
-					s.socket = sock
+				if cwd, err := os.Getwd(); err == nil {
+					if sock, err := shim.CreateSocketAddress(ic.Context, SocketDir(cwd), addr, group, false); err == nil {
+						s.socket = sock
+					}
 				}
 			}
 			return s, nil

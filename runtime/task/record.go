@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 
 	"github.com/containerd/containerd/v2/defaults"
 
@@ -40,15 +41,30 @@ type Record struct {
 // vmIDPattern is the form VMID gives a VM id.
 var vmIDPattern = regexp.MustCompile(`^kiln-[0-9a-f]{16}$`)
 
-// shimSocketPattern is the form containerd's shim.SocketAddress gives a shim's socket address: a Unix socket
-// named by a sha256 under <containerd's default state dir>/s, whatever the daemon's own state dir.
-var shimSocketPattern = regexp.MustCompile(`^unix://` + regexp.QuoteMeta(filepath.Join(defaults.DefaultStateDir, "s")) + `/[0-9a-f]{64}$`)
+// shimSocketName is the form containerd's shim.CreateSocketAddress gives a shim socket's name: a sha256.
+var shimSocketName = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+// defaultSocketDir is where shims put their sockets for a containerd that names no directory (before 2.3).
+var defaultSocketDir = filepath.Join(defaults.DefaultStateDir, "s")
+
+// socketDirLink is the link containerd's shim package makes in a bundle, before the `start` command's work, to the
+// socket directory containerd passed (its shim manager's socket_dir), for the server and `delete` to find.
+const socketDirLink = "s"
+
+// SocketDir is the directory the shim socket of the task in bundle goes in: containerd's socket_dir, as its shim
+// package linked it in the bundle, or containerd's default state directory's for a containerd that passes none.
+func SocketDir(bundle string) string {
+	if dir, err := os.Readlink(filepath.Join(bundle, socketDirLink)); err == nil && filepath.IsAbs(dir) {
+		return filepath.Clean(dir)
+	}
+	return defaultSocketDir
+}
 
 // Validate checks that r names only what a shim writes in a record: the `delete` command kills the processes
 // whose command line names StateDir/VMID and removes that directory, the share and the socket, so a record
-// edited to name other paths must not be acted on. The error names the first field that is not as a shim
-// writes it.
-func (r Record) Validate() error {
+// edited to name other paths must not be acted on. socketDir is the task's socket directory (SocketDir). The
+// error names the first field that is not as a shim writes it.
+func (r Record) Validate(socketDir string) error {
 	if !vmIDPattern.MatchString(r.VMID) {
 		return fmt.Errorf("vm_id %q: want \"kiln-\" and 16 lowercase hex digits", r.VMID)
 	}
@@ -58,8 +74,10 @@ func (r Record) Validate() error {
 	if want := pod.ShareDir(r.StateDir, r.VMID); r.ShareDir != want {
 		return fmt.Errorf("share_dir %q: want %q, beside the VM's state directory", r.ShareDir, want)
 	}
-	if r.ShimSocket != "" && !shimSocketPattern.MatchString(r.ShimSocket) {
-		return fmt.Errorf("shim_socket %q: want a containerd shim socket, %s", r.ShimSocket, "unix://"+filepath.Join(defaults.DefaultStateDir, "s")+"/<sha256>")
+	if r.ShimSocket != "" {
+		if name, ok := strings.CutPrefix(r.ShimSocket, "unix://"+socketDir+"/"); !ok || !shimSocketName.MatchString(name) {
+			return fmt.Errorf("shim_socket %q: want a containerd shim socket, unix://%s/<sha256>", r.ShimSocket, socketDir)
+		}
 	}
 	if r.Cgroup != "" && (!filepath.IsAbs(r.Cgroup) || filepath.Clean(r.Cgroup) != r.Cgroup || r.Cgroup == "/") {
 		return fmt.Errorf("cgroup %q: want an absolute, clean cgroup path below the root", r.Cgroup)
