@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -24,6 +25,10 @@ type GuestCPUs struct {
 
 // ErrNoCPU is Add's error when the VM has no more vCPUs to bring online.
 var ErrNoCPU = errors.New("no more vCPUs")
+
+// ErrNoHotplug is an Add's error (GuestCPUs', GuestMemory's) when the guest kernel was built without the hot-plug
+// it needs: nothing can be added to this VM.
+var ErrNoHotplug = errors.New("no hot-plug in the guest kernel")
 
 // maxCPU bounds the CPU numbers sysfs lists (the guest kernel's NR_CPUS is 64; x86's most is 8192).
 const maxCPU = 8192
@@ -65,6 +70,9 @@ func (g *GuestCPUs) Add(n int) (int, error) {
 			continue
 		}
 		if err := kernfs.Write(filepath.Join(dir, fmt.Sprintf("cpu%d", c), "online"), "1"); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return have, fmt.Errorf("add vCPUs: bring CPU %d online: %w (CPU hot-plug): %w", c, ErrNoHotplug, err)
+			}
 			return have, fmt.Errorf("add vCPUs: bring CPU %d online: %w", c, err)
 		}
 		have++

@@ -82,6 +82,15 @@ func TestGuestCPUsAdd(t *testing.T) {
 			t.Fatalf("Add(6) = %d, %v; want 4 and ErrNoCPU", have, err)
 		}
 	})
+	t.Run("no CPU hot-plug", func(t *testing.T) {
+		sys := layout(t, "0-3", "0")
+		if err := os.Remove(filepath.Join(sys, "devices/system/cpu/cpu1/online")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := (&GuestCPUs{Sys: sys}).Add(2); !errors.Is(err, ErrNoHotplug) {
+			t.Fatalf("Add(2) without cpu1/online: %v, want ErrNoHotplug", err)
+		}
+	})
 	t.Run("a list the kernel would not write", func(t *testing.T) {
 		sys := layout(t, "0-3,2", "0")
 		if _, err := (&GuestCPUs{Sys: sys}).Add(2); err == nil || !strings.Contains(err.Error(), "present CPUs") {

@@ -118,7 +118,10 @@ func (g *GuestMemory) dir() string { return filepath.Join(g.Sys, "devices/system
 func (g *GuestMemory) blockSize() (uint64, error) {
 	b, err := os.ReadFile(filepath.Join(g.dir(), "block_size_bytes"))
 	if err != nil {
-		return 0, fmt.Errorf("add memory: the guest kernel has no memory hot-plug: %w", err)
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, fmt.Errorf("add memory: %w (memory hot-plug): %w", ErrNoHotplug, err)
+		}
+		return 0, fmt.Errorf("add memory: %w", err)
 	}
 	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 16, 64)
 	if err != nil || n < minMemoryBlock || n > maxMemoryBlock || n&(n-1) != 0 {
@@ -226,6 +229,9 @@ func (g *GuestMemory) probe(n, bs uint64) (bool, error) {
 	if errors.Is(err, fs.ErrExist) {
 		_, serr := os.Stat(filepath.Join(g.dir(), fmt.Sprintf("memory%d", n)))
 		return serr == nil, nil
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("add memory: add the block at %#x: %w (the memory probe interface): %w", n*bs, ErrNoHotplug, err)
 	}
 	if err != nil {
 		return false, fmt.Errorf("add memory: add the block at %#x: %w", n*bs, err)

@@ -119,6 +119,33 @@ func TestGuestMemoryAdd(t *testing.T) {
 			t.Fatalf("Add(512) = %d, %v; want 256 and ErrNoRAM", have, err)
 		}
 	})
+	// A kernel built without memory hot-plug, or without its probe interface, can add nothing: the host is told
+	// so (codes.Unimplemented), and only then that its configuration must not grow the VM.
+	t.Run("no memory hot-plug", func(t *testing.T) {
+		sys := fakeSys(t, "8000000", map[int]string{0: "online"}, [][2]uint64{{0, 2*bs - 1}})
+		if err := os.Remove(filepath.Join(sys, "devices/system/memory/block_size_bytes")); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := (&GuestMemory{Sys: sys}).Add(256); !errors.Is(err, ErrNoHotplug) {
+			t.Fatalf("Add(256) without block_size_bytes: %v, want ErrNoHotplug", err)
+		}
+	})
+	t.Run("no probe interface", func(t *testing.T) {
+		sys := fakeSys(t, "8000000", map[int]string{0: "online"}, [][2]uint64{{0, 2*bs - 1}})
+		if err := os.Remove(filepath.Join(sys, "devices/system/memory/probe")); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := (&GuestMemory{Sys: sys}).Add(256); !errors.Is(err, ErrNoHotplug) {
+			t.Fatalf("Add(256) without probe: %v, want ErrNoHotplug", err)
+		}
+	})
+	t.Run("threads not raised", func(t *testing.T) {
+		sys := fakeSys(t, "8000000", map[int]string{0: "online", 1: "offline"}, nil)
+		_, _, err := (&GuestMemory{Sys: sys, Threads: failingRaise{}}).Add(256)
+		if err == nil || errors.Is(err, ErrNoHotplug) {
+			t.Fatalf("Add(256) with threads-max refused: %v, want that error, not ErrNoHotplug", err)
+		}
+	})
 	for _, bad := range []string{"0", "zz", "8000001", "800000000000"} {
 		t.Run("block size "+bad, func(t *testing.T) {
 			sys := fakeSys(t, bad, map[int]string{0: "online"}, nil)
@@ -127,6 +154,13 @@ func TestGuestMemoryAdd(t *testing.T) {
 			}
 		})
 	}
+}
+
+// failingRaise is a guest whose threads' ceiling cannot be raised.
+type failingRaise struct{}
+
+func (failingRaise) Raise() error {
+	return errors.New("write /proc/sys/kernel/threads-max: invalid argument")
 }
 
 // raiseCount counts GuestMemory's calls to raise the guest's threads.

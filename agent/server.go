@@ -256,6 +256,8 @@ func (a agentService) AddMemory(_ context.Context, req *agentv1.AddMemoryRequest
 	switch {
 	case errors.Is(err, ErrNoRAM):
 		return nil, status.Errorf(codes.ResourceExhausted, "%v", err)
+	case errors.Is(err, ErrNoHotplug):
+		return nil, status.Errorf(codes.Unimplemented, "%v", err)
 	case err != nil:
 		return nil, status.Errorf(codes.Internal, "%v", err)
 	}
@@ -275,6 +277,8 @@ func (a agentService) AddVCPUs(_ context.Context, req *agentv1.AddVCPUsRequest) 
 	switch {
 	case errors.Is(err, ErrNoCPU):
 		return nil, status.Errorf(codes.ResourceExhausted, "%v", err)
+	case errors.Is(err, ErrNoHotplug):
+		return nil, status.Errorf(codes.Unimplemented, "%v", err)
 	case err != nil:
 		return nil, status.Errorf(codes.Internal, "%v", err)
 	}

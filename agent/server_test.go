@@ -2,7 +2,10 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"path/filepath"
 	"strings"
@@ -185,5 +188,46 @@ func TestHandlerPanicFailsTheRequest(t *testing.T) {
 	})
 	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "PidsContainer") {
 		t.Errorf("a panicking handler: %v, want Internal naming the method", err)
+	}
+}
+
+type fakeAdder struct{ err error }
+
+func (f fakeAdder) Add(mib uint64) (uint64, uint64, error) { return 0, 0, f.err }
+
+type fakeCPUAdder struct{ err error }
+
+func (f fakeCPUAdder) Add(n int) (int, error) { return 0, f.err }
+
+// AddMemory and AddVCPUs tell the host which of their failures are the VM's limits (ResourceExhausted) and which
+// are a guest kernel that cannot add anything (Unimplemented): only the latter is answered by configuring VMs that
+// do not grow.
+func TestAddCodes(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		want codes.Code
+	}{
+		{"added", nil, codes.OK},
+		{"no more", ErrNoRAM, codes.ResourceExhausted},
+		{"no hot-plug", fmt.Errorf("add: %w: %w", ErrNoHotplug, fs.ErrNotExist), codes.Unimplemented},
+		{"another failure", errors.New("write threads-max: invalid argument"), codes.Internal},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cpuErr := tc.err
+			if errors.Is(cpuErr, ErrNoRAM) {
+				cpuErr = ErrNoCPU
+			}
+			srv := &Server{}
+			srv.cfg.Memory, srv.cfg.CPUs = fakeAdder{tc.err}, fakeCPUAdder{cpuErr}
+			_, err := agentService{srv}.AddMemory(context.Background(), &agentv1.AddMemoryRequest{MemoryMib: 512})
+			if got := status.Code(err); got != tc.want {
+				t.Errorf("AddMemory: %v (code %s), want code %s", err, got, tc.want)
+			}
+			_, err = agentService{srv}.AddVCPUs(context.Background(), &agentv1.AddVCPUsRequest{Vcpus: 2})
+			if got := status.Code(err); got != tc.want {
+				t.Errorf("AddVCPUs: %v (code %s), want code %s", err, got, tc.want)
+			}
+		})
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
@@ -228,8 +230,11 @@ func growMemory(ctx context.Context, m memoryVM, a guestAgent, now, most, mib in
 		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
 	}
 	resp, err := a.AddMemory(ctx, &agentv1.AddMemoryRequest{MemoryMib: uint64(to)})
-	if err != nil {
+	if status.Code(err) == codes.Unimplemented {
 		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w (a guest kernel without memory hot-plug needs hypervisor.memory_max_mib = 0)", now, to, err)
+	}
+	if err != nil {
+		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
 	}
 	if got := resp.GetMemoryMib(); got < uint64(to) {
 		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: the guest has %d MiB", now, to, got)
@@ -263,8 +268,11 @@ func growVCPUs(ctx context.Context, a guestAgent, now, most, n int) (int, error)
 		return now, fmt.Errorf("%w: the pod needs %d vCPUs, and its VM has %d: raise hypervisor.vcpus_max", errdefs.ErrInvalidArgument, n, most)
 	}
 	resp, err := a.AddVCPUs(ctx, &agentv1.AddVCPUsRequest{Vcpus: uint32(n)})
-	if err != nil {
+	if status.Code(err) == codes.Unimplemented {
 		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: %w (a guest kernel without CPU hot-plug needs hypervisor.vcpus_max = 0)", now, n, err)
+	}
+	if err != nil {
+		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: %w", now, n, err)
 	}
 	if got := int(resp.GetVcpus()); got < n || got > most {
 		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: the guest has %d online", now, n, got)

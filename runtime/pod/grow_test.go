@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/kiln-runtime/kiln/config"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
@@ -68,6 +71,7 @@ func TestGrowMemory(t *testing.T) {
 		asked          uint64
 		errIs          error
 		wantErr        bool
+		hint           bool // the error names memory_max_mib = 0, as only a guest kernel without memory hot-plug's does
 	}{
 		{name: "enough", now: 512, most: 8192, mib: 400, want: 512},
 		{name: "rounded up to a block", now: 256, most: 8192, mib: 600, want: 640, asked: 640},
@@ -77,6 +81,7 @@ func TestGrowMemory(t *testing.T) {
 		// What the guest has stays what it had: the next growth asks it again.
 		{name: "the guest fails", agent: fakeMemoryAgent{err: errors.New("no RAM")}, now: 256, most: 1024, mib: 512, want: 256, asked: 512, wantErr: true},
 		{name: "the guest falls short", agent: fakeMemoryAgent{have: 384}, now: 256, most: 1024, mib: 512, want: 256, asked: 512, wantErr: true},
+		{name: "the guest kernel has no hot-plug", agent: fakeMemoryAgent{err: status.Error(codes.Unimplemented, "no hot-plug")}, now: 256, most: 1024, mib: 512, want: 256, asked: 512, wantErr: true, hint: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := growMemory(context.Background(), &tc.vm, &tc.agent, tc.now, tc.most, tc.mib)
@@ -86,6 +91,9 @@ func TestGrowMemory(t *testing.T) {
 			switch {
 			case tc.errIs != nil && !errors.Is(err, tc.errIs), tc.errIs == nil && tc.wantErr != (err != nil):
 				t.Errorf("err %v", err)
+			}
+			if hinted := strings.Contains(fmt.Sprint(err), "memory_max_mib = 0"); hinted != tc.hint {
+				t.Errorf("err %v: names memory_max_mib = 0: %v, want %v", err, hinted, tc.hint)
 			}
 			if tc.asked > 0 && tc.vm.grownTo != int(tc.asked) {
 				t.Errorf("the VM's cgroup made room for %d MiB before the guest was asked for %d", tc.vm.grownTo, tc.asked)
@@ -103,6 +111,7 @@ func TestGrowVCPUs(t *testing.T) {
 		asked        uint64
 		errIs        error
 		wantErr      bool
+		hint         bool // the error names vcpus_max = 0, as only a guest kernel without CPU hot-plug's does
 	}{
 		{name: "enough", now: 3, most: 8, n: 2, want: 3},
 		{name: "brought online", now: 2, most: 8, n: 5, want: 5, asked: 5},
@@ -110,6 +119,7 @@ func TestGrowVCPUs(t *testing.T) {
 		{name: "the guest fails", agent: fakeMemoryAgent{err: errors.New("no")}, now: 2, most: 8, n: 4, want: 2, asked: 4, wantErr: true},
 		{name: "the guest falls short", agent: fakeMemoryAgent{have: 3}, now: 2, most: 8, n: 4, want: 2, asked: 4, wantErr: true},
 		{name: "the guest claims more than the VM has", agent: fakeMemoryAgent{have: 9}, now: 2, most: 8, n: 4, want: 2, asked: 4, wantErr: true},
+		{name: "the guest kernel has no hot-plug", agent: fakeMemoryAgent{err: status.Error(codes.Unimplemented, "no hot-plug")}, now: 2, most: 8, n: 4, want: 2, asked: 4, wantErr: true, hint: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := growVCPUs(context.Background(), &tc.agent, tc.now, tc.most, tc.n)
@@ -119,6 +129,9 @@ func TestGrowVCPUs(t *testing.T) {
 			switch {
 			case tc.errIs != nil && !errors.Is(err, tc.errIs), tc.errIs == nil && tc.wantErr != (err != nil):
 				t.Errorf("err %v", err)
+			}
+			if hinted := strings.Contains(fmt.Sprint(err), "vcpus_max = 0"); hinted != tc.hint {
+				t.Errorf("err %v: names vcpus_max = 0: %v, want %v", err, hinted, tc.hint)
 			}
 		})
 	}
