@@ -22,6 +22,10 @@ TEMPLATE_DIR ?= /dev/shm/kiln/templates
 # make uninstall then removes what spares no longer use from /run/kiln/spare (kiln spare stop --purge);
 # SPARE_PURGE= leaves it, for a host where other containerds' spares come and go meanwhile (a test's).
 SPARE_PURGE ?= --purge
+# The leases of QEMU's host ids (vm/idlease.Dir): lock files a VM's shim removes as it ends, left unlocked by a
+# shim that was killed. make uninstall removes those no one holds, each under its lock as a holder does, and the
+# directory when that empties it.
+LEASE_DIR ?= /run/kiln/qemu-ids
 # What `make install` copies, in the same layout as _output/; `make uninstall` removes exactly these.
 INSTALL_BINS := kiln containerd-shim-kiln-v2
 INSTALL_SHARE := vmlinuz initrd.img agent.img kernel-release agent-version config.toml
@@ -185,7 +189,8 @@ uninstall:
 	for f in $(INSTALL_SHARE); do rm -f $(DESTDIR)$(PREFIX)/share/kiln/$$f; done
 	-rmdir $(DESTDIR)$(PREFIX)/share/kiln 2>/dev/null
 	rm -rf $(DESTDIR)$(TEMPLATE_DIR)
-	-rmdir /run/kiln/qemu-ids 2>/dev/null
+	for f in $(LEASE_DIR)/*; do if [ -f "$$f" ]; then flock -n "$$f" rm -f "$$f" || true; fi; done
+	rmdir $(LEASE_DIR) 2>/dev/null || true
 
 clean:
 	rm -rf $(OUT)
