@@ -212,8 +212,8 @@ func TestCleanupRefusesARecordNamingOtherPaths(t *testing.T) {
 			r.ShimSocket = "/run/containerd/s/" + strings.Repeat("0", 64)
 			return ""
 		}},
-		{"shim_socket in the default socket dir when containerd named another", "shim_socket", func(r *task.Record, base string) string {
-			r.ShimSocket = "unix:///run/containerd/s/" + strings.Repeat("0", 64)
+		{"shim_socket in another socket dir", "shim_socket", func(r *task.Record, base string) string {
+			r.ShimSocket = "unix://" + filepath.Join(base, "t") + "/" + strings.Repeat("0", 64)
 			return ""
 		}},
 	} {

@@ -231,7 +231,7 @@ func growMemory(ctx context.Context, m memoryVM, a guestAgent, now, most, mib in
 	}
 	resp, err := a.AddMemory(ctx, &agentv1.AddMemoryRequest{MemoryMib: uint64(to)})
 	if status.Code(err) == codes.Unimplemented {
-		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w (a guest kernel without memory hot-plug needs hypervisor.memory_max_mib = 0)", now, to, err)
+		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w (a guest that cannot add memory, its kernel built without memory hot-plug or its agent older than the shim, needs hypervisor.memory_max_mib = 0)", now, to, err)
 	}
 	if err != nil {
 		return now, fmt.Errorf("grow the VM's memory from %d to %d MiB: %w", now, to, err)
@@ -269,7 +269,7 @@ func growVCPUs(ctx context.Context, a guestAgent, now, most, n int) (int, error)
 	}
 	resp, err := a.AddVCPUs(ctx, &agentv1.AddVCPUsRequest{Vcpus: uint32(n)})
 	if status.Code(err) == codes.Unimplemented {
-		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: %w (a guest kernel without CPU hot-plug needs hypervisor.vcpus_max = 0)", now, n, err)
+		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: %w (a guest that cannot bring vCPUs online, its kernel built without CPU hot-plug or its agent older than the shim, needs hypervisor.vcpus_max = 0)", now, n, err)
 	}
 	if err != nil {
 		return now, fmt.Errorf("bring the VM's vCPUs online from %d to %d: %w", now, n, err)

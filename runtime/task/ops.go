@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/containerd/api/types/runc/options"
 	tasktypes "github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
@@ -159,6 +160,8 @@ func (s *Service) stopIfIdle(ctx context.Context) {
 // shutdown is the shim's shutdown callback: the pod stopped (or the stop under way finished), and the events it
 // left published.
 func (s *Service) shutdown(ctx context.Context) error {
+	// A shim ended by a signal gets here without shutdownNow.
+	s.removeSocket()
 	err := s.stopPod(ctx)
 	s.flushEvents(ctx)
 	return err
@@ -408,7 +411,24 @@ func (s *Service) shutdownNow(ctx context.Context) {
 		log.G(s.ctx).Warn("the pod is still stopping; the shim exits once it has")
 	}
 	t.Stop()
+	// Before the server stops listening, while the socket is certainly this shim's and not a successor's.
+	s.removeSocket()
 	s.sd.Shutdown()
+}
+
+// removeSocket removes the shim's socket, once. containerd's shim package removes, as the server ends, the socket
+// it derives from the server's -id and the socket directory linked in the server's bundle: a pod's server runs for
+// its first container, whose id need not be the group's (the socket's name), in a bundle containerd may have
+// removed with that container meanwhile.
+func (s *Service) removeSocket() {
+	s.socketOnce.Do(func() {
+		if s.socket == "" {
+			return
+		}
+		if err := shim.RemoveSocket(s.socket); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(s.ctx).WithError(err).Warn("remove the shim's socket")
+		}
+	})
 }
 
 // busy says whether the shim still serves a task, or a Create or a task's Delete is under way.

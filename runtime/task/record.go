@@ -60,10 +60,17 @@ func SocketDir(bundle string) string {
 	return defaultSocketDir
 }
 
+// inSocketDir says whether address names a shim socket in dir.
+func inSocketDir(address, dir string) bool {
+	name, ok := strings.CutPrefix(address, "unix://"+dir+"/")
+	return ok && shimSocketName.MatchString(name)
+}
+
 // Validate checks that r names only what a shim writes in a record: the `delete` command kills the processes
 // whose command line names StateDir/VMID and removes that directory, the share and the socket, so a record
-// edited to name other paths must not be acted on. socketDir is the task's socket directory (SocketDir). The
-// error names the first field that is not as a shim writes it.
+// edited to name other paths must not be acted on. The socket is in the task's socket directory (socketDir,
+// SocketDir) or containerd's default one (a shim that ran before containerd named one, or a Kiln that did not
+// read it). The error names the first field that is not as a shim writes it.
 func (r Record) Validate(socketDir string) error {
 	if !vmIDPattern.MatchString(r.VMID) {
 		return fmt.Errorf("vm_id %q: want \"kiln-\" and 16 lowercase hex digits", r.VMID)
@@ -74,10 +81,8 @@ func (r Record) Validate(socketDir string) error {
 	if want := pod.ShareDir(r.StateDir, r.VMID); r.ShareDir != want {
 		return fmt.Errorf("share_dir %q: want %q, beside the VM's state directory", r.ShareDir, want)
 	}
-	if r.ShimSocket != "" {
-		if name, ok := strings.CutPrefix(r.ShimSocket, "unix://"+socketDir+"/"); !ok || !shimSocketName.MatchString(name) {
-			return fmt.Errorf("shim_socket %q: want a containerd shim socket, unix://%s/<sha256>", r.ShimSocket, socketDir)
-		}
+	if r.ShimSocket != "" && !inSocketDir(r.ShimSocket, socketDir) && !inSocketDir(r.ShimSocket, defaultSocketDir) {
+		return fmt.Errorf("shim_socket %q: want a containerd shim socket, unix://%s/<sha256>", r.ShimSocket, socketDir)
 	}
 	if r.Cgroup != "" && (!filepath.IsAbs(r.Cgroup) || filepath.Clean(r.Cgroup) != r.Cgroup || r.Cgroup == "/") {
 		return fmt.Errorf("cgroup %q: want an absolute, clean cgroup path below the root", r.Cgroup)

@@ -58,6 +58,10 @@ func TestRecordValidate(t *testing.T) {
 	if err := inDefault.Validate(SocketDir(t.TempDir())); err != nil {
 		t.Errorf("record of a shim in containerd's default socket dir: %v", err)
 	}
+	// Nor from a shim that ran before containerd named one (or a Kiln that did not read it).
+	if err := inDefault.Validate(socketDir); err != nil {
+		t.Errorf("record of a shim in containerd's default socket dir, containerd naming another: %v", err)
+	}
 	// A spare shim's pod has a random id of VMID's form: `delete` must act on the record of the task it was handed.
 	spareID := vmID([]byte{0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3})
 	spare := valid
@@ -92,7 +96,6 @@ func TestRecordValidate(t *testing.T) {
 		{"shim_socket", func(r *Record) { r.ShimSocket = "unix://" + socketDir + "/../../../etc/passwd" }},
 		{"shim_socket", func(r *Record) { r.ShimSocket = sock + "/x" }},
 		{"shim_socket", func(r *Record) { r.ShimSocket = "unix://" + socketDir + "/abc" }},
-		{"shim_socket", func(r *Record) { r.ShimSocket = defaultSock }},
 		{"shim_socket", func(r *Record) { r.ShimSocket = "unix://" + socketDir + "/../s/" + strings.Repeat("0", 64) }},
 		{"shim_pid", func(r *Record) { r.ShimPid = -1 }},
 	} {

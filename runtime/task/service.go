@@ -52,7 +52,8 @@ type Service struct {
 	standIns *standin.Pool
 
 	// socket is the shim's own ttrpc socket address, when known.
-	socket string
+	socket     string
+	socketOnce sync.Once
 	// containerd is containerd's address, which keys its spare shims.
 	containerd string
 

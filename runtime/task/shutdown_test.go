@@ -2,6 +2,10 @@ package task
 
 import (
 	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -152,5 +156,35 @@ func TestShutdownAnswersWhileThePodStops(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the shutdown callback did not return once the pod stopped")
+	}
+}
+
+// The shim removes its own socket as it shuts down, before it stops listening: containerd's shim package removes
+// the one named by the server's -id, a pod's first container, which is not the group's socket when their ids
+// differ. A shim ended by a signal removes it in its shutdown callback.
+func TestShutdownRemovesTheSocket(t *testing.T) {
+	for _, viaSignal := range []bool{false, true} {
+		t.Run(fmt.Sprintf("signal=%v", viaSignal), func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), strings.Repeat("0", 64))
+			if err := os.WriteFile(sock, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			sd := &fakeShutdown{}
+			s := &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue),
+				socket: "unix://" + sock}
+			var err error
+			if viaSignal {
+				go s.forward(context.Background())
+				err = s.shutdown(context.Background())
+			} else {
+				_, err = s.Shutdown(context.Background(), &taskAPI.ShutdownRequest{})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(sock); !os.IsNotExist(err) {
+				t.Errorf("the shim's socket %s is still there (%v)", sock, err)
+			}
+		})
 	}
 }
