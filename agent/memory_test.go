@@ -121,24 +121,17 @@ func TestGuestMemoryAdd(t *testing.T) {
 	})
 	// A kernel built without memory hot-plug, or without its probe interface, can add nothing: the host is told
 	// so (codes.Unimplemented), and only then that its configuration must not grow the VM.
-	t.Run("no memory hot-plug", func(t *testing.T) {
-		sys := fakeSys(t, "8000000", map[int]string{0: "online"}, [][2]uint64{{0, 2*bs - 1}})
-		if err := os.Remove(filepath.Join(sys, "devices/system/memory/block_size_bytes")); err != nil {
-			t.Fatal(err)
-		}
-		if _, _, err := (&GuestMemory{Sys: sys}).Add(256); !errors.Is(err, ErrNoHotplug) {
-			t.Fatalf("Add(256) without block_size_bytes: %v, want ErrNoHotplug", err)
-		}
-	})
-	t.Run("no probe interface", func(t *testing.T) {
-		sys := fakeSys(t, "8000000", map[int]string{0: "online"}, [][2]uint64{{0, 2*bs - 1}})
-		if err := os.Remove(filepath.Join(sys, "devices/system/memory/probe")); err != nil {
-			t.Fatal(err)
-		}
-		if _, _, err := (&GuestMemory{Sys: sys}).Add(256); !errors.Is(err, ErrNoHotplug) {
-			t.Fatalf("Add(256) without probe: %v, want ErrNoHotplug", err)
-		}
-	})
+	for name, missing := range map[string]string{"no memory hot-plug": "block_size_bytes", "no probe interface": "probe"} {
+		t.Run(name, func(t *testing.T) {
+			sys := fakeSys(t, "8000000", map[int]string{0: "online"}, [][2]uint64{{0, 2*bs - 1}})
+			if err := os.Remove(filepath.Join(sys, "devices/system/memory", missing)); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := (&GuestMemory{Sys: sys}).Add(256); !errors.Is(err, ErrNoHotplug) {
+				t.Fatalf("Add(256) without %s: %v, want ErrNoHotplug", missing, err)
+			}
+		})
+	}
 	t.Run("threads not raised", func(t *testing.T) {
 		sys := fakeSys(t, "8000000", map[int]string{0: "online", 1: "offline"}, nil)
 		_, _, err := (&GuestMemory{Sys: sys, Threads: failingRaise{}}).Add(256)
