@@ -223,12 +223,6 @@ func checkQEMUUser(cfg config.Config, acc accel.Kind, etc string) checkResult {
 	return checkResult{"qemu user", status, detail}
 }
 
-// landlockReach is what a QEMU's Landlock domain restricts from each ABI version on (vm/confine).
-var landlockReach = []struct {
-	abi  int
-	what string
-}{{1, "file writes"}, {3, "truncation"}, {4, "TCP"}, {5, "device ioctls"}, {6, "abstract UNIX sockets and signals"}, {9, "UNIX socket paths"}, {10, "UDP"}}
-
 // checkConfine reports how far QEMU is confined, with the kernel's Landlock at ABI version abi.
 func checkConfine(cfg config.Config, abi int) checkResult {
 	if !cfg.Hypervisor.Confine {
@@ -238,13 +232,7 @@ func checkConfine(cfg config.Config, abi int) checkResult {
 	if abi == 0 {
 		return checkResult{"confine", "warn", filter + "; the kernel has no Landlock (Linux 5.13 with landlock in lsm=): QEMU may write the host's files its uid may"}
 	}
-	var what []string
-	for _, r := range landlockReach {
-		if abi >= r.abi {
-			what = append(what, r.what)
-		}
-	}
-	return checkResult{"confine", "ok", fmt.Sprintf("QEMU: %s; Landlock ABI %d restricts %s", filter, abi, strings.Join(what, ", "))}
+	return checkResult{"confine", "ok", fmt.Sprintf("QEMU: %s; Landlock ABI %d restricts %s", filter, abi, strings.Join(confine.Restricts(abi), ", "))}
 }
 
 // checkCgroup reports the cgroup version and where VM cgroups go.

@@ -42,6 +42,24 @@ func config() landlock.Config {
 	}.BestEffort().EnableLoggingForSubprocesses()
 }
 
+// reach is what the domain restricts from each Landlock ABI version on.
+var reach = []struct {
+	abi  int
+	what string
+}{{1, "file writes"}, {3, "truncation"}, {4, "TCP"}, {5, "device ioctls"}, {6, "abstract UNIX sockets and signals"}, {9, "UNIX socket paths"}, {10, "UDP"}}
+
+// Restricts names what a Landlock domain restricts on a kernel of Landlock ABI version abi, in the order the
+// versions added them; none for 0.
+func Restricts(abi int) []string {
+	var what []string
+	for _, r := range reach {
+		if abi >= r.abi {
+			what = append(what, r.what)
+		}
+	}
+	return what
+}
+
 // ABI is the kernel's Landlock ABI version, 0 where it has none (not built, or not enabled at boot: lsm=).
 func ABI() int {
 	v, err := ll.LandlockGetABIVersion()
