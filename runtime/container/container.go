@@ -10,6 +10,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -233,6 +234,10 @@ func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
 	if err != nil && signal == sigKill && c.m.abandon(ctx, fmt.Sprintf("SIGKILL to container %s", c.id), err) {
 		return nil
 	}
+	if notInGuest(err) {
+		// As runc's: the process finished, and the host has not heard of its exit yet.
+		return fmt.Errorf("signal %d to container %s: %w: %s", signal, c.id, ErrNotFound, status.Convert(err).Message())
+	}
 	if err != nil {
 		return fmt.Errorf("signal %d to container %s (all=%t): %w", signal, c.id, all, err)
 	}
@@ -335,6 +340,12 @@ func (c *Container) Delete(ctx context.Context, force bool) (Exit, error) {
 	// With the guest gone there is nothing to remove there; the host's handles still go.
 	if c.m.guestLost() == nil {
 		_, err := c.m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: c.id, Force: force})
+		if notInGuest(err) {
+			// Removed already: a removal the guest carried out after its caller stopped waiting. The host's side
+			// still has to go, or the task would outlive its Delete.
+			c.m.log.WithError(err).Warn("the guest had removed container " + c.id)
+			err = nil
+		}
 		if err != nil && !c.m.abandon(ctx, "the removal of container "+c.id, err) {
 			return Exit{}, fmt.Errorf("delete container %s: %w", c.id, err)
 		}

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -227,5 +229,53 @@ func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 	}
 	if got, want := exits.String(), `"e1" 7, "" 0`; got != want {
 		t.Errorf("exits reported %s, want %s", got, want)
+	}
+}
+
+// The agent's NotFound is the guest's word, not the task API's: for a signal it is a process that finished before
+// the host heard of its exit (ErrNotFound, as runc's), for a removal one an earlier removal carried out after its
+// caller stopped waiting. That Delete still removes the host's side: a Delete answered NotFound would have
+// containerd forget a task whose VM the shim still holds.
+func TestAgentNotFound(t *testing.T) {
+	forever := func(*fakeProc) uint32 { select {} }
+	a := newFakeAgent(t, map[string]script{"c1/": forever, "c1/e1": forever, "c2/": forever})
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	p, err := c.Exec(ctx, "e1", &specs.Process{Args: []string{"x"}}, stdio.IO{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.mu.Lock()
+	a.answer = status.Error(codes.NotFound, "process already finished")
+	a.mu.Unlock()
+	for name, kill := range map[string]func() error{
+		"container": func() error { return c.Kill(ctx, 15, false) },
+		"exec":      func() error { return p.Signal(ctx, 15) },
+	} {
+		err := kill()
+		if !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "process already finished") {
+			t.Errorf("signal to the %s, answered NotFound: %v, want ErrNotFound with the agent's words", name, err)
+		}
+		if _, ok := status.FromError(err); ok {
+			t.Errorf("signal to the %s: %v carries the agent's status", name, err)
+		}
+	}
+	a.mu.Lock()
+	a.answer = status.Error(codes.NotFound, `container "c1" not found`)
+	a.mu.Unlock()
+	e, err := c.Delete(ctx, true)
+	if err != nil || e.Status != 137 {
+		t.Fatalf("forced Delete answered NotFound by the agent = %+v, %v; want status 137", e, err)
+	}
+	if n := m.Len(); n != 0 {
+		t.Errorf("%d containers registered after the Delete, want 0", n)
+	}
+	a.mu.Lock()
+	a.answer = status.Error(codes.Internal, "remove failed")
+	a.mu.Unlock()
+	c2 := started(t, ctx, m, CreateOptions{ID: "c2"})
+	if _, err := c2.Delete(ctx, true); err == nil || status.Code(err) != codes.Internal {
+		t.Errorf("Delete answered Internal by the agent: %v, want that error", err)
 	}
 }

@@ -40,6 +40,8 @@ type fakeAgent struct {
 	// fail makes signals and removals fail on the host's side with this error, as the client's do when a request
 	// runs into its timeout or the agent connection is gone (closed, or a write ran past its deadline).
 	fail error
+	// answer, when set, is the agent's answer to signals and removals, sent back over ttrpc as the guest's is.
+	answer error
 	// longLists makes stats and process lists answer with more entries than the host takes.
 	longLists bool
 	// onSignal, when set, is told of each signal the host sends (a script can end on it).
@@ -244,6 +246,9 @@ func (a *fakeAgent) SignalProcess(_ context.Context, r *agentv1.SignalProcessReq
 	if a.onSignal != nil {
 		a.onSignal(r)
 	}
+	if err := a.answered(); err != nil {
+		return nil, err
+	}
 	return &agentv1.SignalProcessResponse{}, nil
 }
 
@@ -266,7 +271,16 @@ func (a *fakeAgent) WaitProcess(ctx context.Context, r *agentv1.WaitProcessReque
 
 func (a *fakeAgent) RemoveContainer(_ context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
 	a.record("remove " + r.GetContainerId())
+	if err := a.answered(); err != nil {
+		return nil, err
+	}
 	return &agentv1.RemoveContainerResponse{}, nil
+}
+
+func (a *fakeAgent) answered() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.answer
 }
 
 func (a *fakeAgent) CloseStdin(context.Context, *agentv1.CloseStdinRequest) (*agentv1.CloseStdinResponse, error) {

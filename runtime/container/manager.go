@@ -222,6 +222,11 @@ func (m *Manager) why(err error) error {
 	return err
 }
 
+// notInGuest says whether the agent answered that the container or process it was asked about is not there: it
+// finished, or an earlier request removed it. The agent's code stops here: runtime/task gives the task API's codes
+// from Kiln's kinds alone.
+func notInGuest(err error) bool { return status.Code(err) == codes.NotFound }
+
 // timedOut says whether an agent request failed on a deadline; abandon has ruled out the caller's own.
 func timedOut(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -355,6 +356,9 @@ func (p *Process) Signal(ctx context.Context, signal uint32) error {
 	_, err := p.c.m.api.SignalProcess(ctx, &agentv1.SignalProcessRequest{ContainerId: p.c.id, ExecId: p.execID, Signal: signal})
 	if err != nil && signal == sigKill && p.c.m.abandon(ctx, "SIGKILL to "+p.describe(), err) {
 		return nil
+	}
+	if notInGuest(err) {
+		return fmt.Errorf("signal %d to %s: %w: %s", signal, p.describe(), ErrNotFound, status.Convert(err).Message())
 	}
 	if err != nil {
 		return fmt.Errorf("signal %d to %s: %w", signal, p.describe(), err)

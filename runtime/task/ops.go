@@ -18,6 +18,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/codes"
+	grpcstatus "google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -46,7 +48,29 @@ func toGRPC(err error) error {
 	case errors.Is(err, container.ErrClosed), errors.Is(err, container.ErrDeleted):
 		err = fmt.Errorf("%w: %w", errdefs.ErrUnavailable, err)
 	}
+	var peer interface{ GRPCStatus() *grpcstatus.Status }
+	if errors.As(err, &peer) {
+		// An answer of the agent (or of a spare shim) in the chain: errgrpc would pass its status on as it is.
+		code := grpcstatus.Code(errgrpc.ToGRPC(errdefs.Resolve(err)))
+		if c := peer.GRPCStatus().Code(); code == codes.Unknown && onlyReported(c) {
+			code = c
+		}
+		return grpcstatus.Error(code, err.Error())
+	}
 	return errgrpc.ToGRPC(err)
+}
+
+// onlyReported says whether containerd only reports a task API error of code c, and takes it for nothing about the
+// task. A peer's answer keeps such a code; the others (NotFound: the task or process is gone; AlreadyExists;
+// Unimplemented: try again with an older task API; Unavailable: the shim is gone; Canceled; DeadlineExceeded) are
+// for Kiln's own kinds to give: an agent's NotFound for a removal would have containerd forget a task whose VM, share
+// and taps the shim still holds.
+func onlyReported(c codes.Code) bool {
+	switch c {
+	case codes.InvalidArgument, codes.FailedPrecondition, codes.ResourceExhausted, codes.PermissionDenied, codes.OutOfRange:
+		return true
+	}
+	return false
 }
 
 // status is a lifecycle state as containerd's API spells it.
@@ -145,10 +169,12 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	return &taskAPI.DeleteResponse{Pid: c.HostPid(), ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
 }
 
-// stopIfIdle stops the pod when no task is left and no other Create is under way (after a failed first Create).
+// stopIfIdle stops the pod when no task is left and no other Create, nor a Delete, is under way (after a failed
+// first Create). A Delete's container has left the pod's registry before its poststop hooks ran and its share
+// went; the Shutdown containerd asks for after it stops the pod.
 func (s *Service) stopIfIdle(ctx context.Context) {
 	s.mu.Lock()
-	p, others := s.pod, s.creating > 1
+	p, others := s.pod, s.creating > 1 || s.deleting > 0
 	s.mu.Unlock()
 	if p != nil && !others && p.Containers().Len() == 0 {
 		if err := s.stopPod(context.WithoutCancel(ctx)); err != nil {
@@ -161,6 +187,7 @@ func (s *Service) stopIfIdle(ctx context.Context) {
 // left published.
 func (s *Service) shutdown(ctx context.Context) error {
 	// A shim ended by a signal gets here without shutdownNow.
+	s.end()
 	s.removeSocket()
 	err := s.stopPod(ctx)
 	s.flushEvents(ctx)
@@ -397,6 +424,7 @@ func (s *Service) shutdownIfAsked(ctx context.Context) {
 
 // shutdownNow stops the pod, for shutdownWait at most, and ends the shim.
 func (s *Service) shutdownNow(ctx context.Context) {
+	s.end()
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)
@@ -414,6 +442,13 @@ func (s *Service) shutdownNow(ctx context.Context) {
 	// Before the server stops listening, while the socket is certainly this shim's and not a successor's.
 	s.removeSocket()
 	s.sd.Shutdown()
+}
+
+// end marks the shim's stop begun: a pod a Create boots from now is stopped instead of kept (podFor).
+func (s *Service) end() {
+	s.mu.Lock()
+	s.ending = true
+	s.mu.Unlock()
 }
 
 // removeSocket removes the shim's socket, once. containerd's shim package removes, as the server ends, the socket

@@ -76,11 +76,13 @@ type Service struct {
 	creates map[string]*spare.Held
 	// spareStops counts a spare's VM being stopped beside the task's start (takeSpare); stopPod waits for it.
 	spareStops sync.WaitGroup
-	// creating counts Creates in progress: a failed first Create stops the pod only when no other is. deleting
-	// counts a task's Deletes in progress: Shutdown leaves a pod alone while either is under way.
+	// creating counts Creates in progress: a failed first Create stops the pod only when no other is, nor a
+	// Delete. deleting counts a task's Deletes in progress: Shutdown leaves a pod alone while either is under way.
 	creating, deleting int
 	// shutdownAsked says a Shutdown came while one was under way (under mu).
 	shutdownAsked bool
+	// ending says the shim's stop began (under mu): a pod booted after it is stopped, not kept.
+	ending bool
 	// stopMu makes one stopPod at a time: a second (a Shutdown beside another, the shutdown callback) waits for
 	// the pod the first is stopping instead of letting the shim exit under it.
 	stopMu sync.Mutex
@@ -218,22 +220,28 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	if err != nil {
 		return nil, err
 	}
-	if p != nil {
-		s.mu.Lock()
-		s.pod = p
-		s.mu.Unlock()
-		return p, nil
-	}
-	p, err = pod.New(ctx, pod.Options{
-		ID: VMID(s.namespace, groupOf(id)), Config: cfg, HostVersion: s.version, Log: l,
-		OnEvent: s.onEvent, OnExit: s.onExit, First: first, Network: net, StandIns: s.standIns,
-	})
-	if err != nil {
-		return nil, err
+	if p == nil {
+		p, err = pod.New(ctx, pod.Options{
+			ID: VMID(s.namespace, groupOf(id)), Config: cfg, HostVersion: s.version, Log: l,
+			OnEvent: s.onEvent, OnExit: s.onExit, First: first, Network: net, StandIns: s.standIns,
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
 	s.mu.Lock()
-	s.pod = p
+	ending := s.ending
+	if !ending {
+		s.pod = p
+	}
 	s.mu.Unlock()
+	if ending {
+		// The shim's stop (Shutdown with now set, a signal) began while the pod booted, and found none to stop.
+		if err := p.Close(context.WithoutCancel(ctx)); err != nil {
+			l.WithError(err).Warn("stop the pod of a shim shutting down")
+		}
+		return nil, fmt.Errorf("%w: the shim is shutting down", errdefs.ErrUnavailable)
+	}
 	return p, nil
 }
 
@@ -284,14 +292,12 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if _, err := s.getContainer(r.ID); err == nil {
 		return nil, fmt.Errorf("create task %s: %w", r.ID, errdefs.ErrAlreadyExists)
 	}
-	b, err := bundle.Load(r.Bundle)
-	if err != nil {
-		return nil, fmt.Errorf("create task %s: %w", r.ID, err)
-	}
-	held := s.holdSpares(ctx)
+	// Counted before anything that takes time (the bundle's load, holding spares): a Shutdown meanwhile would find
+	// the shim idle and end it under the pod this Create boots.
 	s.mu.Lock()
 	s.creating++
 	s.mu.Unlock()
+	var held *spare.Held
 	defer func() {
 		s.mu.Lock()
 		s.creating--
@@ -312,6 +318,11 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			s.shutdownIfAsked(context.WithoutCancel(ctx))
 		}
 	}()
+	b, err := bundle.Load(r.Bundle)
+	if err != nil {
+		return nil, fmt.Errorf("create task %s: %w", r.ID, err)
+	}
+	held = s.holdSpares(ctx)
 	p, err := s.podFor(ctx, r.ID, b, r.Options)
 	if err != nil {
 		err = fmt.Errorf("create task %s: %w", r.ID, err)

@@ -13,6 +13,7 @@ import (
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/v2/core/events"
+	"golang.org/x/sys/unix"
 )
 
 // fakeShutdown records whether the shim was asked to shut down.
@@ -186,5 +187,41 @@ func TestShutdownRemovesTheSocket(t *testing.T) {
 				t.Errorf("the shim's socket %s is still there (%v)", sock, err)
 			}
 		})
+	}
+}
+
+// A Create counts itself before it loads its bundle (which can take as long as the file takes to read): a Shutdown
+// meanwhile is held back, and carried out once the Create failed.
+func TestShutdownDuringTheBundlesLoad(t *testing.T) {
+	dir := t.TempDir()
+	config := filepath.Join(dir, "config.json")
+	if err := unix.Mkfifo(config, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sd := &fakeShutdown{}
+	s := &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue)}
+	created := make(chan error, 1)
+	go func() {
+		_, err := s.Create(context.Background(), &taskAPI.CreateTaskRequest{ID: "c1", Bundle: dir})
+		created <- err
+	}()
+	// The open returns once the Create opened the file to read it.
+	w, err := os.OpenFile(config, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Shutdown(context.Background(), &taskAPI.ShutdownRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := sd.calls(); got != 0 {
+		t.Errorf("shut down %d times while a Create loaded its bundle, want none", got)
+	}
+	_, _ = w.WriteString("not json")
+	_ = w.Close()
+	if err := <-created; err == nil {
+		t.Fatal("Create of a bundle whose config.json is not JSON succeeded")
+	}
+	if got := sd.calls(); got != 1 {
+		t.Errorf("after the Create failed: shut down %d times, want once", got)
 	}
 }
