@@ -35,6 +35,8 @@ type Guest struct {
 	template    bool
 	log         *logrus.Entry
 	mountShared func() (bool, error)
+	// zeroFree zeroes the guest's free memory before a template's save (zeroFreeInChild), and returns the bytes.
+	zeroFree    func(ctx context.Context) (int64, error)
 	restoreOnce sync.Once
 	restored    chan struct{}
 	restoreErr  error // set before restored is closed

@@ -37,6 +37,7 @@ func newGuest(log *logrus.Entry, template bool) *Guest {
 		},
 	}
 	g.mountShared = func() (bool, error) { return MountShared(log, SharedTag, SharedDir) }
+	g.zeroFree = func(ctx context.Context) (int64, error) { return zeroFreeInChild(ctx, g.Reaper) }
 	return g
 }
 
@@ -52,7 +53,7 @@ func (g *Guest) AnnounceTemplate(ctx context.Context, console io.Writer) {
 		return
 	}
 	start := time.Now()
-	if n, err := zeroFreeMemory("/proc/meminfo"); err != nil {
+	if n, err := g.zeroFree(ctx); err != nil {
 		// Saved all the same: its clones copy more of it.
 		g.log.WithError(err).Warn("the template guest's free memory is not all zeros")
 	} else {

@@ -115,14 +115,19 @@ func TestAnnounceTemplate(t *testing.T) {
 	cases := []struct {
 		name     string
 		setupErr error
+		zeroErr  error
 		want     string
 	}{
-		{"setup done", nil, agentv1.TemplateReadyLine + "\n"},
-		{"setup failed", errors.New("mount /sys: EPERM"), ""},
+		{"setup done", nil, nil, agentv1.TemplateReadyLine + "\n"},
+		{"setup failed", errors.New("mount /sys: EPERM"), nil, ""},
+		// Its clones copy more of its memory: no reason not to save it.
+		{"free memory not zeroed", nil, errors.New("signal: killed"), agentv1.TemplateReadyLine + "\n"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			g := newGuest(quietLog(), true)
+			zeroed := 0
+			g.zeroFree = func(context.Context) (int64, error) { zeroed++; return 0, tc.zeroErr }
 			var out bytes.Buffer
 			done := make(chan struct{})
 			go func() {
@@ -138,6 +143,9 @@ func TestAnnounceTemplate(t *testing.T) {
 			<-done
 			if out.String() != tc.want {
 				t.Errorf("console got %q, want %q", out.String(), tc.want)
+			}
+			if want := map[bool]int{true: 1, false: 0}[tc.setupErr == nil]; zeroed != want {
+				t.Errorf("free memory zeroed %d times, want %d", zeroed, want)
 			}
 		})
 	}

@@ -1,8 +1,9 @@
 // Command kiln-agent is the Kiln guest agent, run by the guest kernel as
 // PID 1 (/init in the guest's initramfs). Everything it does lives in the
 // agent packages; this file carries the build version, plugs the container
-// service into the agent, and handles the binary's other life:
-// libcontainer re-executes it as each container's init.
+// service into the agent, and handles the binary's other lives:
+// libcontainer re-executes it as each container's init, and a template
+// guest's agent as the child that zeroes free memory before the save.
 //
 // Build it static with cgo (libcontainer's nsenter is C that must run before
 // the Go runtime starts threads) and seccomp (libseccomp-dev):
@@ -36,6 +37,9 @@ var version = "dev"
 func main() {
 	if container.IsInitReexec() {
 		container.RunInit()
+	}
+	if agent.IsZeroFreeChild() {
+		agent.RunZeroFreeChild()
 	}
 	if os.Getenv(agentv1.WarmExitEnv) == "1" {
 		// A spare's warm-up container (see agentv1.WarmExitEnv): its work is done.
