@@ -1,6 +1,7 @@
 package share
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -31,6 +32,10 @@ func bindFrom(src *os.File, target string, o BindOptions) error {
 		flags |= unix.AT_RECURSIVE
 	}
 	tree, err := unix.OpenTree(int(src.Fd()), "", uint(flags))
+	if errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("clone mount tree of %s: %w: it is in an unbindable mount (a Kiln VM's share is one: bind a directory "+
+			"outside it)", src.Name(), err)
+	}
 	if err != nil {
 		return fmt.Errorf("clone mount tree of %s: %w", src.Name(), err)
 	}

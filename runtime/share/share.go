@@ -4,12 +4,14 @@
 //
 // Layout of a share at dir:
 //
-//	dir/mounts/                    private to Kiln: everything is mounted here
+//	dir/                           a bind of itself, unbindable (and so private)
+//	dir/mounts/                    private to Kiln: everything is mounted here (a tmpfs of directories)
 //	dir/mounts/<id>/rootfs         a container's root file system
 //	dir/mounts/_binds/<n>/<b>      bind-mount sources, each once per pod (podBind)
 //	dir/shared/                    what virtiofsd exports: a read-only slave bind of mounts/
 //
-// mounts/ is a bind mount of itself in its own shared peer group, and shared/ a slave of that group, so
+// Nothing mounted in the share reaches the host's other mount namespaces, and a recursive bind of a directory
+// above it leaves it out. mounts/ is in its own shared peer group, and shared/ a slave of that group, so
 // every mount Kiln makes under mounts/ after the VM started propagates to shared/ (and from there into
 // virtiofsd's mount namespace, whose mounts are slaves of the host's) while nothing mounted under shared/, nor
 // anything else on the host, flows back. shared/ itself is read-only: the guest cannot add entries next to the
@@ -99,21 +101,28 @@ func New(dir string) (_ *Share, retErr error) {
 		}
 	}
 	steps := []struct {
-		what                string
-		source, target, typ string
-		flags               uintptr
+		what                      string
+		source, target, typ, data string
+		flags                     uintptr
 	}{
-		{"bind mounts/ onto itself", s.mounts, s.mounts, "", unix.MS_BIND},
-		// Private first, so mounts/ leaves whatever peer group its parent file system is in (on systemd hosts
-		// "/" is shared: Kiln's mounts must not spread to the whole host), then shared in a group of its own.
-		{"make mounts/ private", "", s.mounts, "", unix.MS_PRIVATE},
-		{"make mounts/ shared", "", s.mounts, "", unix.MS_SHARED},
-		{"bind mounts/ onto shared/", s.mounts, s.shared, "", unix.MS_BIND},
-		{"make shared/ a slave", "", s.shared, "", unix.MS_SLAVE},
-		{"make shared/ read-only", "", s.shared, "", unix.MS_REMOUNT | unix.MS_BIND | unix.MS_RDONLY},
+		// The share is a mount of its own, unbindable, which is private as well. Private: nothing mounted in it
+		// spreads to the peers of the file system it lies in (on systemd hosts "/" is shared, and the mount
+		// namespaces of services are its slaves), where each container's mounts would be copied and could
+		// outlive the share. Unbindable: a recursive bind of a directory above it (a hostPath of / or /run)
+		// leaves it out, where it copied every pod's share into the bind, and each such copy into the next.
+		{what: "bind the share onto itself", source: s.dir, target: s.dir, flags: unix.MS_BIND},
+		{what: "make the share unbindable", target: s.dir, flags: unix.MS_UNBINDABLE},
+		// A file system of its own, not a bind: nothing can be bound from within an unbindable mount. It holds
+		// the directories the containers' file systems are mounted on, and is shared in a group of its own.
+		{what: "mount mounts/", source: "kiln-share", target: s.mounts, typ: "tmpfs", data: "mode=0711,size=1m",
+			flags: unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC},
+		{what: "make mounts/ shared", target: s.mounts, flags: unix.MS_SHARED},
+		{what: "bind mounts/ onto shared/", source: s.mounts, target: s.shared, flags: unix.MS_BIND},
+		{what: "make shared/ a slave", target: s.shared, flags: unix.MS_SLAVE},
+		{what: "make shared/ read-only", target: s.shared, flags: unix.MS_REMOUNT | unix.MS_BIND | unix.MS_RDONLY},
 	}
 	for _, st := range steps {
-		if err := unix.Mount(st.source, st.target, st.typ, st.flags, ""); err != nil {
+		if err := unix.Mount(st.source, st.target, st.typ, st.flags, st.data); err != nil {
 			return nil, fmt.Errorf("create share %s: %s: %w", dir, st.what, err)
 		}
 	}
