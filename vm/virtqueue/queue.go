@@ -128,7 +128,8 @@ func dupCloexec(fd int) (int, error) {
 }
 
 // startKickReader reads the kick eventfd through the Go poller, so that closing the file in Stop unblocks
-// the reader instead of leaving a thread stuck in read(2).
+// the reader instead of leaving a thread stuck in read(2). Its reads never wait (readKick): the front end
+// shares the eventfd's file description, and can make it blocking again after the queue started.
 func (q *Queue) startKickReader(kickFD int) error {
 	fd, err := dupCloexec(kickFD)
 	if err != nil {
@@ -146,15 +147,39 @@ func (q *Queue) startKickReader(kickFD int) error {
 
 func (q *Queue) readKicks(f *os.File) {
 	defer q.readerWG.Done()
-	var buf [8]byte
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
 	for {
-		if _, err := f.Read(buf[:]); err != nil {
+		var readErr error
+		// The callback runs again each time the poller finds the eventfd readable, until it returns true.
+		err := rc.Read(func(fd uintptr) bool {
+			readErr = readKick(int(fd))
+			return readErr != unix.EAGAIN
+		})
+		if err != nil || readErr != nil {
 			// Closed by Stop, or the eventfd broke: either way no more kicks can arrive.
 			return
 		}
 		select {
 		case q.kicks <- struct{}{}:
 		default: // a kick is already pending; the device drains the whole ring per kick
+		}
+	}
+}
+
+// readKick reads the kick eventfd's counter without waiting, whether or not the file is non-blocking: EAGAIN when
+// no kick is pending. A file that takes no RWF_NOWAIT (kernels before 5.12's eventfd) is read as it is.
+func readKick(fd int) error {
+	var buf [8]byte
+	for {
+		_, err := unix.Preadv2(fd, [][]byte{buf[:]}, -1, unix.RWF_NOWAIT)
+		if err == unix.EOPNOTSUPP {
+			_, err = unix.Read(fd, buf[:])
+		}
+		if err != unix.EINTR {
+			return err
 		}
 	}
 }

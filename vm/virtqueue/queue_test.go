@@ -385,6 +385,37 @@ func TestKicksAndStop(t *testing.T) {
 	q.Stop() // idempotent
 }
 
+// The front end shares the kick eventfd's file description: made blocking again after the queue started, it still
+// delivers kicks, and Stop still ends the reader (a read(2) waiting on it would have held Stop for good).
+func TestStopAfterTheKickFDTurnsBlocking(t *testing.T) {
+	r := newTestRing(t)
+	kick := eventfd(t)
+	q := r.queue(false, kick, -1)
+	<-q.Kicks()
+	if err := unix.SetNonblock(kick, false); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if _, err := unix.Write(kick, []byte{1, 0, 0, 0, 0, 0, 0, 0}); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-q.Kicks():
+		case <-time.After(5 * time.Second):
+			t.Fatal("no kick through a blocking eventfd")
+		}
+	}
+	// Time for the reader to wait for the next kick.
+	time.Sleep(50 * time.Millisecond)
+	done := make(chan struct{})
+	go func() { q.Stop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Stop blocked on a reader of the blocking kick eventfd")
+	}
+}
+
 func TestSetCallFDAndClose(t *testing.T) {
 	r := newTestRing(t)
 	first, second := eventfd(t), eventfd(t)
