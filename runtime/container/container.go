@@ -121,17 +121,20 @@ func (c *Container) DeleteProcess(ctx context.Context, execID string) (Exit, err
 	if err != nil {
 		return Exit{}, err
 	}
-	if err := p.require("delete", lifecycle.Created, lifecycle.Stopped); err != nil {
+	exited, err := p.claimForDelete()
+	if err != nil {
 		return Exit{}, err
 	}
-	if p.State() == lifecycle.Stopped {
+	if exited {
 		// The exit is known; wait for its output before the streams go.
 		if _, err := p.Wait(ctx); err != nil && ctx.Err() != nil {
 			return Exit{}, err
 		}
 	}
 	c.mu.Lock()
-	delete(c.execs, execID)
+	if c.execs[execID] == p {
+		delete(c.execs, execID)
+	}
 	c.mu.Unlock()
 	return p.remove()
 }

@@ -118,6 +118,38 @@ func TestExecLostWhileStartingEnds(t *testing.T) {
 	}
 }
 
+// A Delete of an exec whose start is out (a client that gave up on the Start) is refused, as runc's shim refuses
+// it once the start is done: deleted, the exec would run on in the guest with no one on the host to wait for it
+// or kill it. Once started, it is a running process to kill and delete as any other; one never started is
+// deleted at once, and no Start begins after that.
+func TestDeleteOfAStartingExecIsRefused(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(*fakeProc) uint32 { select {} }, "c1/e1": func(*fakeProc) uint32 { select {} }})
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	p, g, starting := startGated(t, ctx, a, c, nil)
+	if _, err := c.DeleteProcess(ctx, "e1"); !errors.Is(err, ErrInvalidState) {
+		t.Errorf("DeleteProcess of an exec starting: %v, want ErrInvalidState", err)
+	}
+	close(g.release)
+	if err := <-starting; err != nil {
+		t.Fatalf("the exec's start: %v", err)
+	}
+	if got, err := c.Process("e1"); err != nil || got != p {
+		t.Fatalf("the exec after the refused Delete: %v, %v", got, err)
+	}
+	p2, err := c.AddExec("e2", &specs.Process{Args: []string{"x"}}, stdio.IO{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, err := c.DeleteProcess(ctx, "e2"); err != nil || e.Status != 137 {
+		t.Errorf("DeleteProcess of an exec never started = %+v, %v; want status 137", e, err)
+	}
+	if err := p2.Start(ctx, nil); err == nil {
+		t.Error("a deleted exec started")
+	}
+}
+
 // Two Deletes of one container at once (CRI's exit handler and its waiter) delete it once: the other finds it
 // deleted (NotFound), so the task's deletion is reported once.
 func TestConcurrentDeletesDeleteOnce(t *testing.T) {

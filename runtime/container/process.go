@@ -102,6 +102,26 @@ func (p *Process) require(op string, states ...lifecycle.State) error {
 	return nil
 }
 
+// claimForDelete readies an exec for its Delete, and says whether it had exited. One never started is stopped
+// (killed, for the record) in the same step, so that no Start begins after it; one whose Start is under way is
+// refused, as runc's shim makes a Delete wait for the Start and refuses the running process then: the guest's
+// process would run on with no one on the host to wait for it or kill it.
+func (p *Process) claimForDelete() (exited bool, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.sm.Require("delete", lifecycle.Created, lifecycle.Stopped); err != nil {
+		return false, fmt.Errorf("%s: %w", p.describe(), err)
+	}
+	if p.starting != nil {
+		return false, fmt.Errorf("delete %s: %w: its start is under way", p.describe(), ErrInvalidState)
+	}
+	if p.sm.State() == lifecycle.Stopped {
+		return true, nil
+	}
+	p.finishLocked(Exit{Status: 128 + 9}, ErrDeleted)
+	return false, nil
+}
+
 // transition moves the process through its table.
 func (p *Process) transition(next lifecycle.State) error {
 	p.mu.Lock()
@@ -216,6 +236,11 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 func (p *Process) finish(e Exit, err error) (Exit, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	return p.finishLocked(e, err)
+}
+
+// finishLocked is finish, under p.mu.
+func (p *Process) finishLocked(e Exit, err error) (Exit, bool) {
 	select {
 	case <-p.exited:
 		return Exit{}, false
