@@ -41,6 +41,18 @@ func Check(spec *specs.Spec) error {
 	if n := len(spec.Hooks.StartContainer); n > 0 {
 		return refused("startContainer", spec.Hooks.StartContainer)
 	}
+	for _, k := range []struct {
+		kind  string
+		hooks []specs.Hook
+	}{{"prestart", spec.Hooks.Prestart}, {"createRuntime", spec.Hooks.CreateRuntime}, {"poststart", spec.Hooks.Poststart}, {"poststop", spec.Hooks.Poststop}} {
+		for _, h := range k.hooks {
+			// As runc, which never looks a hook up in its PATH: a relative one would name a program in the shim's
+			// PATH or its working directory (the pod's first bundle).
+			if !filepath.IsAbs(h.Path) {
+				return fmt.Errorf("%w: %s hook %q: the runtime spec wants an absolute path", errdefs.ErrInvalidArgument, k.kind, h.Path)
+			}
+		}
+	}
 	return nil
 }
 

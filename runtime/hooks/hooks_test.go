@@ -17,20 +17,19 @@ func TestCheck(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		hooks *specs.Hooks
-		ok    bool
+		want  error // nil: accepted
 	}{
-		{"none", nil, true},
-		{"host hooks", &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/true"}}, Poststop: []specs.Hook{{Path: "/bin/true"}}}, true},
-		{"createContainer", &specs.Hooks{CreateContainer: []specs.Hook{{Path: "/bin/true"}}}, false},
-		{"startContainer", &specs.Hooks{StartContainer: []specs.Hook{{Path: "/bin/true"}}}, false},
+		{"none", nil, nil},
+		{"host hooks", &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/bin/true"}}, Poststop: []specs.Hook{{Path: "/bin/true"}}}, nil},
+		{"createContainer", &specs.Hooks{CreateContainer: []specs.Hook{{Path: "/bin/true"}}}, errdefs.ErrNotImplemented},
+		{"startContainer", &specs.Hooks{StartContainer: []specs.Hook{{Path: "/bin/true"}}}, errdefs.ErrNotImplemented},
+		{"a name", &specs.Hooks{Prestart: []specs.Hook{{Path: "true"}}}, errdefs.ErrInvalidArgument},
+		{"a relative path", &specs.Hooks{Poststop: []specs.Hook{{Path: "/bin/true"}, {Path: "./hook"}}}, errdefs.ErrInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := Check(&specs.Spec{Hooks: tc.hooks})
-			if (err == nil) != tc.ok {
-				t.Fatalf("err %v, want ok %v", err, tc.ok)
-			}
-			if err != nil && !errors.Is(err, errdefs.ErrNotImplemented) {
-				t.Errorf("err %v is not ErrNotImplemented", err)
+			if (err == nil) != (tc.want == nil) || tc.want != nil && !errors.Is(err, tc.want) {
+				t.Fatalf("err %v, want %v", err, tc.want)
 			}
 		})
 	}
