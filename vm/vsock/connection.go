@@ -402,6 +402,8 @@ func (c *conn) writeLoop() {
 		if _, err := c.host.Write(c.greeting); err != nil {
 			c.log.WithError(err).Debug("write greeting to host client")
 			c.owner.finish(c, true)
+			// A close that came first asked this writer to flush and close (a guest's RST): it is done.
+			_ = c.host.Close()
 			return
 		}
 	}
@@ -445,11 +447,12 @@ func (c *conn) writeLoop() {
 		c.mu.Unlock()
 		if err != nil {
 			c.log.WithError(err).Debug("write host socket")
-			if closed {
-				_ = c.host.Close()
-			} else {
+			if !closed {
 				c.owner.finish(c, true)
 			}
+			// Whoever closed the connection, a close that asked this writer to flush (a guest's RST, between
+			// the failed write and the finish) left the socket to it.
+			_ = c.host.Close()
 			return
 		}
 		if wake {

@@ -2,6 +2,7 @@ package vsock
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -17,6 +18,9 @@ import (
 type fakeOwner struct {
 	wakes    chan struct{}
 	finished chan bool // rst
+	// flushFirst makes finish close the connection as a guest's RST does, asking the writer to flush, as if the
+	// RST had come before the finish.
+	flushFirst bool
 }
 
 func newFakeOwner() *fakeOwner {
@@ -29,8 +33,12 @@ func (o *fakeOwner) wake(*conn) {
 	default:
 	}
 }
-func (o *fakeOwner) finish(c *conn, rst bool) { c.close(false); o.finished <- rst }
-func (o *fakeOwner) expire(c *conn)           { o.finish(c, true) }
+func (o *fakeOwner) finish(c *conn, rst bool) {
+	c.close(o.flushFirst)
+	c.close(false)
+	o.finished <- rst
+}
+func (o *fakeOwner) expire(c *conn) { o.finish(c, true) }
 
 func testLog() *logrus.Entry {
 	l := logrus.New()
@@ -408,6 +416,30 @@ func TestHalfCloseBothWays(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("connection did not finish after both directions shut down")
+	}
+}
+
+// A host socket whose write failed is closed, even when a guest's RST closed the connection between the failed
+// write and the writer's finish, asking the writer to flush what the guest sent: the writer is the one that
+// closes then, and a host peer would otherwise wait for EOF until the socket was collected.
+func TestFailedWriteClosesTheHostSocket(t *testing.T) {
+	c, host, o := establishedConn(t, 1<<16)
+	o.flushFirst = true
+	_ = host.Close()
+	h := testHeader(OpRW, 5)
+	c.handle(&h, iovec{[]byte("hello")})
+	select {
+	case <-o.finished:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the connection did not finish after its host write failed")
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if err := c.host.SetWriteDeadline(time.Time{}); errors.Is(err, net.ErrClosed) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the host socket is still open")
+		}
 	}
 }
 
