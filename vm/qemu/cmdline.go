@@ -187,13 +187,21 @@ func microvmDevices(c Config, fds fdLayout) []string {
 	return a
 }
 
-// memArg is -m's value: a q35 guest with an agent image gets a slot for its virtio-pmem device, and room for it
-// beyond its RAM (1 GiB, more than any agent image needs).
+// memArg is -m's value: with room beyond the RAM (maxMiB), a slot for the device that takes it.
 func memArg(c Config, mem string) string {
-	if c.role == roleCold || c.AgentImage == "" {
+	if c.maxMiB() == c.ramMiB() {
 		return mem
 	}
-	return mem + ",slots=1,maxmem=" + strconv.Itoa(c.ramMiB()+1024) + "M"
+	return mem + ",slots=1,maxmem=" + strconv.Itoa(c.maxMiB()) + "M"
+}
+
+// maxMiB is the most memory QEMU may give the guest (-m's maxmem, or its RAM): a q35 guest with an agent image
+// has room for its virtio-pmem device beyond its RAM (1 GiB, more than any agent image needs).
+func (c Config) maxMiB() int {
+	if c.role == roleCold || c.AgentImage == "" {
+		return c.ramMiB()
+	}
+	return c.ramMiB() + 1024
 }
 
 // initrdMax is the highest address the initrd may occupy in a guest that may grow: the top of the memory its

@@ -98,7 +98,7 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	case m.cfg.Vsock == VsockKernel:
 		vs, err = openKernelVsock(KernelVsockDevice)
 	case m.cfg.Vsock == VsockVhostUser || m.cfg.Vsock == "":
-		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.grant, m.log)
+		vs, err = startVhostUserVsock(runCtx, m.paths.vhostUserVsock, m.paths.vsock, m.guestRAM(), m.log)
 	default:
 		err = fmt.Errorf("unknown vsock mode %q", m.cfg.Vsock)
 	}

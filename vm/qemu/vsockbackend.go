@@ -9,7 +9,6 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/sirupsen/logrus"
 
-	"github.com/kiln-runtime/kiln/vm/guestmem"
 	"github.com/kiln-runtime/kiln/vm/vhostuser"
 	"github.com/kiln-runtime/kiln/vm/vsock"
 )
@@ -56,10 +55,15 @@ type vhostUserVsock struct {
 	qemuEnd *os.File
 }
 
+// guestRAM bounds the guest memory the vhost-user back end maps (QEMU's maxmem) and reaches (the VM's grant).
+func (m *Machine) guestRAM() vhostuser.GuestRAM {
+	return vhostuser.GuestRAM{Bytes: uint64(m.cfg.maxMiB()) << 20, Grant: m.grant}
+}
+
 // startVhostUserVsock creates the device and serves QEMU's connection until ctx ends. The backend insists on guest
 // RAM that cannot shrink under its mapping: QEMU's sealed memfd, or a clone's sealed copy of its template's RAM.
-// A grant bounds the RAM the device reaches (nil: all of it).
-func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, grant *guestmem.Grant, log *logrus.Entry) (*vhostUserVsock, error) {
+// ram bounds the memory the device maps and reaches.
+func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, ram vhostuser.GuestRAM, log *logrus.Entry) (*vhostUserVsock, error) {
 	dev, err := vsock.New(vsock.Config{GuestCID: guestCID, UDSPath: udsPath}, log)
 	if err != nil {
 		return nil, fmt.Errorf("vsock device: %w", err)
@@ -71,7 +75,7 @@ func startVhostUserVsock(ctx context.Context, socketPath, udsPath string, grant 
 	}
 	go func() {
 		defer l.Close()
-		if err := vhostuser.Serve(ctx, l, dev, grant, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
+		if err := vhostuser.Serve(ctx, l, dev, ram, log.WithField("device", "vsock")); err != nil && ctx.Err() == nil {
 			log.WithError(err).Warn("vhost-user vsock backend stopped")
 		}
 	}()

@@ -11,7 +11,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/kiln-runtime/kiln/vm/guestmem"
 	"github.com/kiln-runtime/kiln/vm/virtqueue"
 )
 
@@ -38,11 +37,11 @@ func feData(i int) uint64  { return 0x40000 + uint64(0x1000*i) }
 // startServe runs Serve on a fresh socket and connects a fake frontend to it.
 func startServe(t *testing.T, ctx context.Context, dev Device) (*fakeFrontend, <-chan error) {
 	t.Helper()
-	return startServeGranted(t, ctx, dev, nil)
+	return startServeBounded(t, ctx, dev, GuestRAM{})
 }
 
-// startServeGranted is startServe with Serve bounded by grant.
-func startServeGranted(t *testing.T, ctx context.Context, dev Device, grant *guestmem.Grant) (*fakeFrontend, <-chan error) {
+// startServeBounded is startServe with Serve bounded by ram.
+func startServeBounded(t *testing.T, ctx context.Context, dev Device, ram GuestRAM) (*fakeFrontend, <-chan error) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "vu.sock")
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
@@ -51,7 +50,7 @@ func startServeGranted(t *testing.T, ctx context.Context, dev Device, grant *gue
 	}
 	t.Cleanup(func() { l.Close() })
 	errc := make(chan error, 1)
-	go func() { errc <- Serve(ctx, l, dev, grant, nil) }()
+	go func() { errc <- Serve(ctx, l, dev, ram, nil) }()
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)

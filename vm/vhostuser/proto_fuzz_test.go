@@ -52,7 +52,7 @@ func FuzzMessages(f *testing.F) {
 		log := logrus.New()
 		log.SetOutput(io.Discard)
 		var out bytes.Buffer
-		s := newSession(nopDevice{}, nil, &out, logrus.NewEntry(log))
+		s := newSession(nopDevice{}, GuestRAM{}, &out, logrus.NewEntry(log))
 		defer s.close()
 		for len(data) >= headerSize {
 			h, err := decodeHeader(data)

@@ -115,7 +115,7 @@ func TestQEMUGuestDriverStartsRings(t *testing.T) {
 	logger := logrus.New()
 	logger.SetLevel(logrus.DebugLevel)
 	logger.SetOutput(testWriter{t})
-	go func() { served <- Serve(ctx, l, dev, nil, logrus.NewEntry(logger)) }()
+	go func() { served <- Serve(ctx, l, dev, GuestRAM{}, logrus.NewEntry(logger)) }()
 
 	cmd := exec.CommandContext(ctx, qemu,
 		"-M", "microvm,acpi=off,pit=on,pic=on,rtc=on,memory-backend=mem", "-accel", "tcg",

@@ -114,7 +114,7 @@ func TestQEMURealizesVhostUserVsock(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	served := make(chan error, 1)
-	go func() { served <- Serve(ctx, l, dev, nil, logrus.NewEntry(logger)) }()
+	go func() { served <- Serve(ctx, l, dev, GuestRAM{}, logrus.NewEntry(logger)) }()
 
 	cmd := exec.CommandContext(ctx, qemu,
 		"-M", "microvm,pit=on,pic=on,rtc=on,memory-backend=mem",

@@ -46,11 +46,20 @@ type ConfigWriter interface {
 // implements them.
 const RingFeatures = FeatureRingIndirectDesc | FeatureRingEventIdx
 
+// GuestRAM bounds the guest memory a device maps and reaches.
+type GuestRAM struct {
+	// Bytes is the most memory the VM has (QEMU's maxmem): a memory table whose regions hold more is refused, so
+	// that a front end cannot have this process map, and fault in, more than the VM's memory. 0: no bound.
+	Bytes uint64
+	// Grant bounds the part of the RAM the device's queues may reach (guestmem.Grant); nil, all of it.
+	Grant *guestmem.Grant
+}
+
 // Serve accepts exactly one frontend connection on l and serves dev until the frontend disconnects or ctx is
 // done. It returns nil on an orderly disconnect and ctx's error when ctx ends the session. The device is
-// stopped and guest memory unmapped before Serve returns. l stays open; it belongs to the caller. A grant bounds
-// the guest RAM the device's queues may reach (guestmem.Grant); nil, all of it.
-func Serve(ctx context.Context, l *net.UnixListener, dev Device, grant *guestmem.Grant, log *logrus.Entry) error {
+// stopped and guest memory unmapped before Serve returns. l stays open; it belongs to the caller. ram bounds the
+// guest memory the device maps and reaches.
+func Serve(ctx context.Context, l *net.UnixListener, dev Device, ram GuestRAM, log *logrus.Entry) error {
 	if log == nil {
 		discard := logrus.New()
 		discard.SetOutput(io.Discard)
@@ -74,7 +83,7 @@ func Serve(ctx context.Context, l *net.UnixListener, dev Device, grant *guestmem
 	stopRead := context.AfterFunc(ctx, func() { conn.SetDeadline(past) })
 	defer stopRead()
 
-	s := newSession(dev, grant, conn, log)
+	s := newSession(dev, ram, conn, log)
 	defer s.close()
 	log.Debug("vhost-user frontend connected")
 	for {

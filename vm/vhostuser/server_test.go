@@ -157,7 +157,7 @@ func TestGrantBoundsTheDevicesBuffers(t *testing.T) {
 			dev := newFakeDevice()
 			grant := guestmem.NewGrant(0x8000, block, feMemSize)
 			grant.Raise(tc.granted)
-			f, _ := startServeGranted(t, context.Background(), dev, grant)
+			f, _ := startServeBounded(t, context.Background(), dev, GuestRAM{Grant: grant})
 			kicks := runRings(t, f, dev)
 			f.offerChain(1, 3, 1)
 			unix.Write(kicks[1], u64(1))
@@ -287,7 +287,7 @@ func TestServeStopsOnContext(t *testing.T) {
 			t.Fatal(err)
 		}
 		errc := make(chan error, 1)
-		go func() { errc <- Serve(ctx, l, newFakeDevice(), nil, nil) }()
+		go func() { errc <- Serve(ctx, l, newFakeDevice(), GuestRAM{}, nil) }()
 		time.Sleep(20 * time.Millisecond)
 		cancel()
 		select {
@@ -348,6 +348,28 @@ func TestMemoryTableMustNotShrink(t *testing.T) {
 			handshake(t, f)
 			if st := f.acked(reqSetMemTable, f.memTable(), tt.fd(t, f)); (st == 0) != tt.wantOK {
 				t.Fatalf("SET_MEM_TABLE status %d, want success %v", st, tt.wantOK)
+			}
+		})
+	}
+}
+
+// A memory table holding more than the VM's memory is refused: a front end (a QEMU taken over) could otherwise
+// grow its memfd and have this process map and fault in any amount of memory, outside the VM's cgroup.
+func TestMemoryTableBoundedByTheVMsMemory(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		bytes  uint64
+		wantOK bool
+	}{
+		{"the VM's memory", feMemSize, true},
+		{"no bound", 0, true},
+		{"more than the VM's memory", feMemSize - 4096, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, _ := startServeBounded(t, context.Background(), newFakeDevice(), GuestRAM{Bytes: tc.bytes})
+			handshake(t, f)
+			if st := f.acked(reqSetMemTable, f.memTable(), f.fd); (st == 0) != tc.wantOK {
+				t.Fatalf("SET_MEM_TABLE of %#x bytes with %#x: status %d, want success %v", feMemSize, tc.bytes, st, tc.wantOK)
 			}
 		})
 	}

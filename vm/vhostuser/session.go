@@ -22,7 +22,7 @@ type session struct {
 	acked      uint64 // SET_FEATURES
 	protoAcked uint64 // SET_PROTOCOL_FEATURES
 	mem        *guestmem.Memory
-	grant      *guestmem.Grant // bounds every mapping of mem; nil, none
+	ram        GuestRAM // bounds mem and every mapping of it
 	rings      []*vring
 	queues     []*virtqueue.Queue // non-nil while the device runs
 	// stopped are the queues of the device's last run: one whose call eventfd write is still held (the front end
@@ -31,8 +31,8 @@ type session struct {
 	stopped []*virtqueue.Queue
 }
 
-func newSession(dev Device, grant *guestmem.Grant, w io.Writer, log *logrus.Entry) *session {
-	s := &session{dev: dev, grant: grant, w: w, log: log,
+func newSession(dev Device, ram GuestRAM, w io.Writer, log *logrus.Entry) *session {
+	s := &session{dev: dev, ram: ram, w: w, log: log,
 		offered: dev.Features() | FeatureVersion1 | FeatureProtocolFeatures | RingFeatures}
 	for range dev.NumQueues() {
 		s.rings = append(s.rings, newVring())
@@ -177,6 +177,16 @@ func (s *session) setMemTable(m *message) error {
 	if len(m.fds) != len(regions) {
 		return fmt.Errorf("memory table has %d regions but %d file descriptors", len(regions), len(m.fds))
 	}
+	if s.ram.Bytes > 0 {
+		var total uint64
+		for _, r := range regions {
+			// Regions are checked for overflow one by one (guestmem.Map); their sum is not.
+			if total+r.size < total || total+r.size > s.ram.Bytes {
+				return fmt.Errorf("memory table holds more than the VM's %d bytes of memory", s.ram.Bytes)
+			}
+			total += r.size
+		}
+	}
 	grs := make([]guestmem.Region, len(regions))
 	for i, r := range regions {
 		grs[i] = guestmem.Region{GuestPhysAddr: r.guestAddr, Size: r.size, UserAddr: r.userAddr,
@@ -186,7 +196,7 @@ func (s *session) setMemTable(m *message) error {
 	// The device must stop touching the old mapping before it goes away.
 	s.stopDevice()
 	s.unmap()
-	mem, err := guestmem.Map(grs, s.grant)
+	mem, err := guestmem.Map(grs, s.ram.Grant)
 	if err != nil {
 		return fmt.Errorf("set memory table: %w", err)
 	}
