@@ -48,6 +48,52 @@ func (s *Service) send(e any) {
 	s.events <- e
 }
 
+// sendOf queues an event of container id, or holds it while the container's TaskCreate is not out (announce).
+func (s *Service) sendOf(id string, e any) {
+	s.mu.Lock()
+	if held, ok := s.unannounced[id]; ok {
+		s.unannounced[id] = append(held, e)
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	s.send(e)
+}
+
+// unannounce holds the events of container id (sendOf) until announce, or dropUnannounced, ends the hold. It
+// reports false when another Create holds them already.
+func (s *Service) unannounce(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.unannounced[id]; ok {
+		return false
+	}
+	if s.unannounced == nil {
+		s.unannounced = map[string][]any{}
+	}
+	s.unannounced[id] = nil
+	return true
+}
+
+// announce queues the container's TaskCreate, then the events held back meanwhile.
+func (s *Service) announce(id string, create *eventstypes.TaskCreate) {
+	s.send(create)
+	s.mu.Lock()
+	held := s.unannounced[id]
+	delete(s.unannounced, id)
+	s.mu.Unlock()
+	for _, e := range held {
+		s.send(e)
+	}
+}
+
+// dropUnannounced ends the hold of a container whose Create failed: containerd knows no task of it.
+func (s *Service) dropUnannounced(id string) {
+	s.mu.Lock()
+	delete(s.unannounced, id)
+	s.mu.Unlock()
+}
+
 // eventsFlushed, queued, is closed once every event queued before it was published (flushEvents).
 type eventsFlushed chan struct{}
 
@@ -133,7 +179,7 @@ func (q *oomQueue) done(id string) uint64 {
 // onExit, once their output is delivered.
 func (s *Service) onEvent(e container.Event) {
 	if e.Kind == container.EventOOM && s.ooms.add(e.ContainerID) {
-		s.send(&eventstypes.TaskOOM{ContainerID: e.ContainerID})
+		s.sendOf(e.ContainerID, &eventstypes.TaskOOM{ContainerID: e.ContainerID})
 	}
 }
 
@@ -146,9 +192,9 @@ func (s *Service) onExit(p *container.Process, e container.Exit) {
 	s.sendExit(c.ID(), processID(c, p), e)
 }
 
-// sendExit queues the exit of process id of container containerID.
+// sendExit queues the exit of process id of container containerID (sendOf).
 func (s *Service) sendExit(containerID, id string, e container.Exit) {
-	s.send(&eventstypes.TaskExit{
+	s.sendOf(containerID, &eventstypes.TaskExit{
 		ContainerID: containerID,
 		ID:          id,
 		Pid:         e.Pid,

@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -112,5 +113,41 @@ func TestOOMAfterPublishedOOMIsPublished(t *testing.T) {
 	}
 	if len(q.pending) != 1 || q.done("c1") != 0 || len(q.pending) != 0 {
 		t.Errorf("pending %v after done, want none", q.pending)
+	}
+}
+
+// A container's events that come before its Create published TaskCreate (an init the guest lost, or the OOM killer
+// took, while the Create went on) wait for it: containerd gets no exit of a task it was not told of. A Create
+// that fails drops them; another container's events are not held.
+func TestEventsWaitForTheTaskCreate(t *testing.T) {
+	s := &Service{namespace: "test", events: make(chan any, eventQueue)}
+	if !s.unannounce("c1") || !s.unannounce("c2") {
+		t.Fatal("unannounce refused a first hold")
+	}
+	if s.unannounce("c1") {
+		t.Error("a second Create of c1 held its events too")
+	}
+	s.onEvent(container.Event{Kind: container.EventOOM, ContainerID: "c1"})
+	s.sendExit("c1", "c1", container.Exit{Status: 137})
+	s.sendExit("c2", "c2", container.Exit{Status: 137})
+	s.sendExit("c3", "c3", container.Exit{Status: 0})
+	s.announce("c1", &eventstypes.TaskCreate{ContainerID: "c1"})
+	s.dropUnannounced("c2")
+	s.sendExit("c1", "e1", container.Exit{Status: 1})
+	close(s.events)
+	var got []string
+	for e := range s.events {
+		switch e := e.(type) {
+		case *eventstypes.TaskCreate:
+			got = append(got, "create "+e.ContainerID)
+		case *eventstypes.TaskOOM:
+			got = append(got, "oom "+e.ContainerID)
+		case *eventstypes.TaskExit:
+			got = append(got, "exit "+e.ContainerID+"/"+e.ID)
+		}
+	}
+	want := []string{"exit c3/c3", "create c1", "oom c1", "exit c1/c1", "exit c1/e1"}
+	if !slices.Equal(got, want) {
+		t.Errorf("events %q, want %q", got, want)
 	}
 }

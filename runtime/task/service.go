@@ -83,6 +83,10 @@ type Service struct {
 	shutdownAsked bool
 	// ending says the shim's stop began (under mu): a pod booted after it is stopped, not kept.
 	ending bool
+	// unannounced holds the events of the containers a Create is making, by id, until the Create has published
+	// their TaskCreate (under mu): an init the guest lost, or the OOM killer took, meanwhile is not reported to
+	// containerd before the task it belongs to.
+	unannounced map[string][]any
 	// stopMu makes one stopPod at a time: a second (a Shutdown beside another, the shutdown callback) waits for
 	// the pod the first is stopping instead of letting the shim exit under it.
 	stopMu sync.Mutex
@@ -344,8 +348,13 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	for _, m := range r.Rootfs {
 		rootfs = append(rootfs, pod.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
 	}
+	if !s.unannounce(r.ID) {
+		_ = pio.Close()
+		return nil, fmt.Errorf("create task %s: %w: another create of it is under way", r.ID, errdefs.ErrAlreadyExists)
+	}
 	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: r.ID, Bundle: b, Rootfs: rootfs, IO: pio.streams, Release: pio})
 	if err != nil {
+		s.dropUnannounced(r.ID)
 		_ = pio.Close()
 		return nil, err
 	}
@@ -355,7 +364,7 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err := WriteRecord(r.Bundle, rec); err != nil {
 		s.log(r.ID, "").WithError(err).Warn("record task for cleanup after a shim crash")
 	}
-	s.send(&eventstypes.TaskCreate{
+	s.announce(r.ID, &eventstypes.TaskCreate{
 		ContainerID: r.ID,
 		Bundle:      r.Bundle,
 		Rootfs:      r.Rootfs,
