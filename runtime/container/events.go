@@ -151,9 +151,18 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 // host does not hold the process, or already knew how it ended (a guest may report an exit twice, or after a
 // direct wait or a deletion settled it), so that each process's exit is passed on once.
 func (m *Manager) exited(k exitKey, e Exit) (Exit, bool) {
-	p := m.process(k)
+	return m.settle(m.process(k), k, e)
+}
+
+// settle is exited for process p of key k, nil when the host holds none. An exit naming another pid than p's
+// in the guest is an earlier process's of the same id (deleted, its id used again), which the guest reported late.
+func (m *Manager) settle(p *Process, k exitKey, e Exit) (Exit, bool) {
 	if p == nil {
 		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("exit of a process this host does not hold")
+		return Exit{}, false
+	}
+	if pid := p.Pid(); pid != 0 && e.Pid != 0 && e.Pid != pid {
+		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec, "pid": e.Pid}).Debug("exit of an earlier process of the same id")
 		return Exit{}, false
 	}
 	settled, ok := p.finish(e, nil)
@@ -195,12 +204,14 @@ func (m *Manager) waitProcess(k exitKey) {
 		delete(m.waiting, k)
 		m.mu.Unlock()
 	}()
+	// The process asked about: a late answer must not end another the id names by then.
+	p := m.process(k)
 	resp, err := m.api.WaitProcess(m.ctx, &agentv1.WaitProcessRequest{ContainerId: k.container, ExecId: k.exec})
 	if err != nil {
 		m.log.WithError(err).WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("wait for process")
 		return
 	}
-	m.exited(k, Exit{Status: resp.GetExitStatus(), ExitedAt: exitTime(resp.GetExitedAt())})
+	m.settle(p, k, Exit{Status: resp.GetExitStatus(), ExitedAt: exitTime(resp.GetExitedAt())})
 }
 
 // exitTime is when the guest says a process exited; zero, for finish to take the host's time, when it does not

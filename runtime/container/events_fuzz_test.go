@@ -59,7 +59,8 @@ func eventManager(t *testing.T, onEvent func(Event)) (*Manager, map[exitKey]*Pro
 
 // FuzzEvents feeds the host arbitrary event messages from the guest, as the Events stream decodes them, and
 // checks that only events about processes the host holds get through: an OOM only for a container it holds, an
-// exit only for a process it holds and only the first one, which is the exit the process keeps. Events never
+// exit only for a process it holds, naming its pid or none, and only the first one, which is the exit the
+// process keeps. Events never
 // make the host hold more containers or processes.
 func FuzzEvents(f *testing.F) {
 	enc := func(events ...*agentv1.Event) []byte {
@@ -82,7 +83,7 @@ func FuzzEvents(f *testing.F) {
 		return &agentv1.Event{Event: &agentv1.Event_Oom{Oom: &agentv1.OOMEvent{ContainerId: c}}}
 	}
 	f.Add(enc(exit("c1", "", 100, 0), exit("c1", "", 100, 1), oom("c1")))
-	f.Add(enc(exit("c1", "e1", 7, 137), exit("c1", "e2", 8, 1), exit("c9", "", 9, 1), oom("c9"), oom("")))
+	f.Add(enc(exit("c1", "e1", 7, 137), exit("c1", "e1", 101, 137), exit("c1", "e2", 8, 1), exit("c9", "", 9, 1), oom("c9"), oom("")))
 	f.Add(enc(exit("c2", "", 102, 9), oom("c2"), oom("c3"), exit("c3", "", 103, 4), exit("c3", "", 103, 5)))
 	f.Add(enc(&agentv1.Event{}, &agentv1.Event{Event: &agentv1.Event_Exit{}},
 		&agentv1.Event{Event: &agentv1.Event_Exit{Exit: &agentv1.ExitEvent{ContainerId: "c1",
@@ -102,9 +103,9 @@ func FuzzEvents(f *testing.F) {
 			}
 			if x := ev.GetExit(); x != nil {
 				k := exitKey{x.GetContainerId(), x.GetExecId()}
-				if p := procs[k]; p != nil && first[k] == nil {
+				// An exit naming another pid than the process's is an earlier process's of the same id, and dropped.
+				if p := procs[k]; p != nil && first[k] == nil && (x.GetPid() == 0 || x.GetPid() == p.pid) {
 					if _, done := p.ExitStatus(); !done {
-						// The pid is the one recorded at the start, whatever the event names.
 						first[k] = &Exit{Pid: p.pid, Status: x.GetExitStatus()}
 					}
 				}

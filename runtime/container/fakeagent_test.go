@@ -195,8 +195,13 @@ func (a *fakeAgent) run(cid, exec string, p *fakeProc) {
 	ch := a.exits[key]
 	a.mu.Unlock()
 	ch <- status
+	// The pids CreateContainer and ExecProcess answered with, as the agent names the process it started.
+	pid := uint32(42)
+	if exec != "" {
+		pid = 43
+	}
 	a.events <- &agentv1.Event{Event: &agentv1.Event_Exit{Exit: &agentv1.ExitEvent{
-		ContainerId: cid, ExecId: exec, Pid: 42, ExitStatus: status, ExitedAt: timestamppb.Now()}}}
+		ContainerId: cid, ExecId: exec, Pid: pid, ExitStatus: status, ExitedAt: timestamppb.Now()}}}
 }
 
 func (a *fakeAgent) CreateContainer(_ context.Context, r *agentv1.CreateContainerRequest) (*agentv1.CreateContainerResponse, error) {
