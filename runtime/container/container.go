@@ -10,7 +10,6 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -237,12 +236,9 @@ func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
 	if err != nil && signal == sigKill && c.m.abandon(ctx, fmt.Sprintf("SIGKILL to container %s", c.id), err) {
 		return nil
 	}
-	if notInGuest(err) {
-		// As runc's: the process finished, and the host has not heard of its exit yet.
-		return fmt.Errorf("signal %d to container %s: %w: %s", signal, c.id, ErrNotFound, status.Convert(err).Message())
-	}
 	if err != nil {
-		return fmt.Errorf("signal %d to container %s (all=%t): %w", signal, c.id, all, err)
+		// NotFound, as runc's: the process finished, and the host has not heard of its exit yet.
+		return fmt.Errorf("signal %d to container %s (all=%t): %w", signal, c.id, all, fromGuest(err))
 	}
 	return nil
 }
@@ -253,7 +249,7 @@ func (c *Container) Pause(ctx context.Context) error {
 		return err
 	}
 	if _, err := c.m.api.PauseContainer(ctx, &agentv1.PauseContainerRequest{ContainerId: c.id}); err != nil {
-		return fmt.Errorf("pause container %s: %w", c.id, err)
+		return fmt.Errorf("pause container %s: %w", c.id, fromGuest(err))
 	}
 	return c.init.transition(lifecycle.Paused)
 }
@@ -264,7 +260,7 @@ func (c *Container) Resume(ctx context.Context) error {
 		return err
 	}
 	if _, err := c.m.api.ResumeContainer(ctx, &agentv1.ResumeContainerRequest{ContainerId: c.id}); err != nil {
-		return fmt.Errorf("resume container %s: %w", c.id, err)
+		return fmt.Errorf("resume container %s: %w", c.id, fromGuest(err))
 	}
 	return c.init.transition(lifecycle.Running)
 }
@@ -279,7 +275,8 @@ func (c *Container) Update(ctx context.Context, res *specs.LinuxResources) error
 		return fmt.Errorf("update container %s: encode resources: %w", c.id, err)
 	}
 	if _, err := c.m.api.UpdateContainer(ctx, &agentv1.UpdateContainerRequest{ContainerId: c.id, Resources: raw}); err != nil {
-		return fmt.Errorf("update container %s: %w", c.id, err)
+		// NotFound: CRI takes the update of a container that is gone for done, as with runc.
+		return fmt.Errorf("update container %s: %w", c.id, fromGuest(err))
 	}
 	return nil
 }
@@ -288,7 +285,7 @@ func (c *Container) Update(ctx context.Context, res *specs.LinuxResources) error
 func (c *Container) Stats(ctx context.Context) (*agentv1.StatsContainerResponse, error) {
 	resp, err := c.m.api.StatsContainer(ctx, &agentv1.StatsContainerRequest{ContainerId: c.id})
 	if err != nil {
-		return nil, fmt.Errorf("stats of container %s: %w", c.id, err)
+		return nil, fmt.Errorf("stats of container %s: %w", c.id, fromGuest(err))
 	}
 	if n := len(resp.GetIo().GetUsage()); n > maxIODevices {
 		return nil, fmt.Errorf("stats of container %s: the guest reports %d block devices, more than %d", c.id, n, maxIODevices)
@@ -308,7 +305,7 @@ const (
 func (c *Container) Pids(ctx context.Context) ([]*agentv1.ProcessInfo, error) {
 	resp, err := c.m.api.ListProcesses(ctx, &agentv1.ListProcessesRequest{ContainerId: c.id})
 	if err != nil {
-		return nil, fmt.Errorf("list processes of container %s: %w", c.id, err)
+		return nil, fmt.Errorf("list processes of container %s: %w", c.id, fromGuest(err))
 	}
 	procs := resp.GetProcesses()
 	if len(procs) > maxProcesses {

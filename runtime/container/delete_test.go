@@ -264,9 +264,9 @@ func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 	}
 }
 
-// The agent's NotFound is the guest's word, not the task API's: for a signal it is a process that finished before
-// the host heard of its exit (ErrNotFound, as runc's), for a removal one an earlier removal carried out after its
-// caller stopped waiting. That Delete still removes the host's side: a Delete answered NotFound would have
+// The agent's NotFound is the guest's word, not the task API's: for a signal (or an update) it is a process that
+// finished before the host heard of its exit (ErrNotFound, as runc's), for a removal one an earlier removal
+// carried out after its caller stopped waiting. That Delete still removes the host's side: a Delete answered NotFound would have
 // containerd forget a task whose VM the shim still holds.
 func TestAgentNotFound(t *testing.T) {
 	forever := func(*fakeProc) uint32 { select {} }
@@ -281,16 +281,18 @@ func TestAgentNotFound(t *testing.T) {
 	a.mu.Lock()
 	a.answer = status.Error(codes.NotFound, "process already finished")
 	a.mu.Unlock()
-	for name, kill := range map[string]func() error{
-		"container": func() error { return c.Kill(ctx, 15, false) },
-		"exec":      func() error { return p.Signal(ctx, 15) },
+	for name, call := range map[string]func() error{
+		"signal to the container": func() error { return c.Kill(ctx, 15, false) },
+		"signal to the exec":      func() error { return p.Signal(ctx, 15) },
+		// CRI takes the update of a container that is gone for done.
+		"update": func() error { return c.Update(ctx, &specs.LinuxResources{}) },
 	} {
-		err := kill()
+		err := call()
 		if !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "process already finished") {
-			t.Errorf("signal to the %s, answered NotFound: %v, want ErrNotFound with the agent's words", name, err)
+			t.Errorf("%s, answered NotFound: %v, want ErrNotFound with the agent's words", name, err)
 		}
 		if _, ok := status.FromError(err); ok {
-			t.Errorf("signal to the %s: %v carries the agent's status", name, err)
+			t.Errorf("%s: %v carries the agent's status", name, err)
 		}
 	}
 	a.mu.Lock()

@@ -40,7 +40,8 @@ type fakeAgent struct {
 	// fail makes signals and removals fail on the host's side with this error, as the client's do when a request
 	// runs into its timeout or the agent connection is gone (closed, or a write ran past its deadline).
 	fail error
-	// answer, when set, is the agent's answer to signals and removals, sent back over ttrpc as the guest's is.
+	// answer, when set, is the agent's answer to signals, removals and updates, sent back over ttrpc as the
+	// guest's is.
 	answer error
 	// longLists makes stats and process lists answer with more entries than the host takes.
 	longLists bool
@@ -310,6 +311,9 @@ func (a *fakeAgent) ResumeContainer(context.Context, *agentv1.ResumeContainerReq
 
 func (a *fakeAgent) UpdateContainer(context.Context, *agentv1.UpdateContainerRequest) (*agentv1.UpdateContainerResponse, error) {
 	a.record("update")
+	if err := a.answered(); err != nil {
+		return nil, err
+	}
 	return &agentv1.UpdateContainerResponse{}, nil
 }
 

@@ -227,6 +227,15 @@ func (m *Manager) why(err error) error {
 // from Kiln's kinds alone.
 func notInGuest(err error) bool { return status.Code(err) == codes.NotFound }
 
+// fromGuest is the agent's error err in Kiln's terms: its NotFound (notInGuest) is ErrNotFound, with the agent's
+// words, which containerd takes for a process that is gone, as it would runc's; other errors are as they are.
+func fromGuest(err error) error {
+	if notInGuest(err) {
+		return fmt.Errorf("%w: %s", ErrNotFound, status.Convert(err).Message())
+	}
+	return err
+}
+
 // timedOut says whether an agent request failed on a deadline; abandon has ruled out the caller's own.
 func timedOut(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded

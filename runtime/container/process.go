@@ -9,7 +9,6 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/proto/lifecycle"
@@ -382,11 +381,8 @@ func (p *Process) Signal(ctx context.Context, signal uint32) error {
 	if err != nil && signal == sigKill && p.c.m.abandon(ctx, "SIGKILL to "+p.describe(), err) {
 		return nil
 	}
-	if notInGuest(err) {
-		return fmt.Errorf("signal %d to %s: %w: %s", signal, p.describe(), ErrNotFound, status.Convert(err).Message())
-	}
 	if err != nil {
-		return fmt.Errorf("signal %d to %s: %w", signal, p.describe(), err)
+		return fmt.Errorf("signal %d to %s: %w", signal, p.describe(), fromGuest(err))
 	}
 	return nil
 }
@@ -417,7 +413,7 @@ func (p *Process) Resize(ctx context.Context, width, height uint32) error {
 	}
 	_, err := p.c.m.api.ResizeTTY(ctx, &agentv1.ResizeTTYRequest{ContainerId: p.c.id, ExecId: p.execID, Width: width, Height: height})
 	if err != nil {
-		return fmt.Errorf("resize terminal of %s to %dx%d: %w", p.describe(), width, height, err)
+		return fmt.Errorf("resize terminal of %s to %dx%d: %w", p.describe(), width, height, fromGuest(err))
 	}
 	return nil
 }
@@ -461,7 +457,7 @@ func (p *Process) CloseStdin(ctx context.Context) error {
 	}
 	_, err := p.c.m.api.CloseStdin(ctx, &agentv1.CloseStdinRequest{ContainerId: p.c.id, ExecId: p.execID})
 	if err != nil {
-		return fmt.Errorf("close stdin of %s: %w", p.describe(), err)
+		return fmt.Errorf("close stdin of %s: %w", p.describe(), fromGuest(err))
 	}
 	return nil
 }

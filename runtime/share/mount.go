@@ -33,8 +33,9 @@ func bindFrom(src *os.File, target string, o BindOptions) error {
 	}
 	tree, err := unix.OpenTree(int(src.Fd()), "", uint(flags))
 	if errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("clone mount tree of %s: %w: it is in an unbindable mount (a Kiln VM's share is one: bind a directory "+
-			"outside it)", src.Name(), err)
+		// EINVAL also comes from a source in another mount namespace, or below a locked mount: "may".
+		return fmt.Errorf("clone mount tree of %s: %w: it may be in an unbindable mount (a Kiln VM's share is one: bind a "+
+			"directory outside it)", src.Name(), err)
 	}
 	if err != nil {
 		return fmt.Errorf("clone mount tree of %s: %w", src.Name(), err)

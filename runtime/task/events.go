@@ -75,23 +75,38 @@ func (s *Service) unannounce(id string) bool {
 	return true
 }
 
-// announce queues the container's TaskCreate, then the events held back meanwhile.
+// announce queues the container's TaskCreate, then the events held back meanwhile. The hold lasts until it is
+// drained, so that an event coming meanwhile queues behind the held ones.
 func (s *Service) announce(id string, create *eventstypes.TaskCreate) {
 	s.send(create)
-	s.mu.Lock()
-	held := s.unannounced[id]
-	delete(s.unannounced, id)
-	s.mu.Unlock()
-	for _, e := range held {
-		s.send(e)
+	for {
+		s.mu.Lock()
+		held := s.unannounced[id]
+		if len(held) == 0 {
+			delete(s.unannounced, id)
+			s.mu.Unlock()
+			return
+		}
+		s.unannounced[id] = nil
+		s.mu.Unlock()
+		for _, e := range held {
+			s.send(e)
+		}
 	}
 }
 
 // dropUnannounced ends the hold of a container whose Create failed: containerd knows no task of it.
 func (s *Service) dropUnannounced(id string) {
 	s.mu.Lock()
+	held := s.unannounced[id]
 	delete(s.unannounced, id)
 	s.mu.Unlock()
+	for _, e := range held {
+		if _, ok := e.(*eventstypes.TaskOOM); ok {
+			// Never published: the next OOM of the id is news again.
+			s.ooms.done(id)
+		}
+	}
 }
 
 // eventsFlushed, queued, is closed once every event queued before it was published (flushEvents).

@@ -174,9 +174,11 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 // went; the Shutdown containerd asks for after it stops the pod.
 func (s *Service) stopIfIdle(ctx context.Context) {
 	s.mu.Lock()
-	p, others := s.pod, s.creating > 1 || s.deleting > 0
+	// The count with the others: a Delete counts itself before its container leaves the registry.
+	p := s.pod
+	idle := p != nil && s.creating <= 1 && s.deleting == 0 && p.Containers().Len() == 0
 	s.mu.Unlock()
-	if p != nil && !others && p.Containers().Len() == 0 {
+	if idle {
 		if err := s.stopPod(context.WithoutCancel(ctx)); err != nil {
 			log.G(s.ctx).WithError(err).Warn("stop idle pod")
 		}
@@ -469,9 +471,8 @@ func (s *Service) removeSocket() {
 // busy says whether the shim still serves a task, or a Create or a task's Delete is under way.
 func (s *Service) busy() bool {
 	s.mu.Lock()
-	p, busy := s.pod, s.creating > 0 || s.deleting > 0
-	s.mu.Unlock()
-	return busy || p != nil && p.Containers().Len() > 0
+	defer s.mu.Unlock()
+	return s.creating > 0 || s.deleting > 0 || s.pod != nil && s.pod.Containers().Len() > 0
 }
 
 // describe names a process in errors.

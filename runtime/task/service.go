@@ -199,6 +199,12 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	if p := s.currentPod(); p != nil {
 		return p, nil
 	}
+	s.mu.Lock()
+	ending := s.ending
+	s.mu.Unlock()
+	if ending {
+		return nil, fmt.Errorf("%w: the shim is shutting down", errdefs.ErrUnavailable)
+	}
 	path, err := ConfigPath(opts)
 	if err != nil {
 		return nil, pod.Refuse(err)
@@ -234,7 +240,7 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 		}
 	}
 	s.mu.Lock()
-	ending := s.ending
+	ending = s.ending
 	if !ending {
 		s.pod = p
 	}
@@ -350,7 +356,8 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	if !s.unannounce(r.ID) {
 		_ = pio.Close()
-		return nil, fmt.Errorf("create task %s: %w: another create of it is under way", r.ID, errdefs.ErrAlreadyExists)
+		// Refused: the poststop hooks are the other Create's to run.
+		return nil, pod.Refuse(fmt.Errorf("create task %s: %w: another create of it is under way", r.ID, errdefs.ErrAlreadyExists))
 	}
 	c, err := p.CreateContainer(ctx, pod.ContainerOptions{ID: r.ID, Bundle: b, Rootfs: rootfs, IO: pio.streams, Release: pio})
 	if err != nil {
