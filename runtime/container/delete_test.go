@@ -266,8 +266,8 @@ func TestInitExitWaitsForAnExecStarting(t *testing.T) {
 
 // The agent's NotFound is the guest's word, not the task API's: for a signal (or an update) it is a process that
 // finished before the host heard of its exit (ErrNotFound, as runc's), for a removal one an earlier removal
-// carried out after its caller stopped waiting. That Delete still removes the host's side: a Delete answered NotFound would have
-// containerd forget a task whose VM the shim still holds.
+// carried out after its caller stopped waiting. That Delete still removes the host's side: a Delete answered
+// NotFound would have containerd forget a task whose VM the shim still holds.
 func TestAgentNotFound(t *testing.T) {
 	forever := func(*fakeProc) uint32 { select {} }
 	a := newFakeAgent(t, map[string]script{"c1/": forever, "c1/e1": forever, "c2/": forever})
