@@ -203,7 +203,8 @@ func (s *Service) podFor(ctx context.Context, id string, b *bundle.Bundle, opts 
 	ending := s.ending
 	s.mu.Unlock()
 	if ending {
-		return nil, fmt.Errorf("%w: the shim is shutting down", errdefs.ErrUnavailable)
+		// Before any hook ran: no poststop hook is owed.
+		return nil, pod.Refuse(fmt.Errorf("%w: the shim is shutting down", errdefs.ErrUnavailable))
 	}
 	path, err := ConfigPath(opts)
 	if err != nil {
