@@ -151,9 +151,11 @@ func hostListen(t *testing.T, m *muxer, port uint32, handle func(net.Conn)) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	open := map[net.Conn]bool{}
+	closed := false
 	t.Cleanup(func() {
 		l.Close()
 		mu.Lock()
+		closed = true
 		for c := range open {
 			c.Close()
 		}
@@ -167,6 +169,12 @@ func hostListen(t *testing.T, m *muxer, port uint32, handle func(net.Conn)) {
 				return
 			}
 			mu.Lock()
+			if closed {
+				// Accepted as the cleanup closed the others: its handler would wait for it for good.
+				mu.Unlock()
+				c.Close()
+				return
+			}
 			open[c] = true
 			mu.Unlock()
 			wg.Go(func() {
