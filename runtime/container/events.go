@@ -125,7 +125,8 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 		x := ev.GetExit()
 		e = Event{Kind: EventExit, ContainerID: x.GetContainerId(), ExecID: x.GetExecId(), Pid: x.GetPid(),
 			ExitStatus: x.GetExitStatus(), ExitedAt: exitTime(x.GetExitedAt())}
-		settled, ok := m.exited(exitKey{e.ContainerID, e.ExecID}, Exit{Pid: e.Pid, Status: e.ExitStatus, ExitedAt: e.ExitedAt})
+		k := exitKey{e.ContainerID, e.ExecID}
+		settled, ok := m.settle(m.process(k), k, Exit{Pid: e.Pid, Status: e.ExitStatus, ExitedAt: e.ExitedAt})
 		if !ok {
 			return
 		}
@@ -146,16 +147,12 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 	}
 }
 
-// exited stops the process the exit is about and returns the exit as settled (the pid the host recorded at the
-// start, not the one the guest names now); it reports whether this was the process's exit: false when the
-// host does not hold the process, or already knew how it ended (a guest may report an exit twice, or after a
-// direct wait or a deletion settled it), so that each process's exit is passed on once.
-func (m *Manager) exited(k exitKey, e Exit) (Exit, bool) {
-	return m.settle(m.process(k), k, e)
-}
-
-// settle is exited for process p of key k, nil when the host holds none. An exit naming another pid than p's
-// in the guest is an earlier process's of the same id (deleted, its id used again), which the guest reported late.
+// settle stops p, the process of key k the exit is about (nil when the host holds none), and returns the exit as
+// settled (the pid the host recorded at the start, not the one the guest names now); it reports whether this was
+// the process's exit: false when the host does not hold the process, or already knew how it ended (a guest may
+// report an exit twice, or after a direct wait or a deletion settled it), so that each process's exit is passed
+// on once. An exit naming another pid than p's in the guest is an earlier process's of the same id (deleted, its
+// id used again), which the guest reported late.
 func (m *Manager) settle(p *Process, k exitKey, e Exit) (Exit, bool) {
 	if p == nil {
 		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("exit of a process this host does not hold")
