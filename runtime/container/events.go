@@ -152,10 +152,15 @@ func (m *Manager) dispatch(ev *agentv1.Event) {
 // the process's exit: false when the host does not hold the process, or already knew how it ended (a guest may
 // report an exit twice, or after a direct wait or a deletion settled it), so that each process's exit is passed
 // on once. An exit naming another pid than p's in the guest is an earlier process's of the same id (deleted, its
-// id used again), which the guest reported late.
+// id used again), which the guest reported late; one naming a pid before the guest said p's is held until it has
+// (holdEarly), and settled then if it is p's.
 func (m *Manager) settle(p *Process, k exitKey, e Exit) (Exit, bool) {
 	if p == nil {
 		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec}).Debug("exit of a process this host does not hold")
+		return Exit{}, false
+	}
+	if p.holdEarly(e) {
+		m.log.WithFields(map[string]any{"container": k.container, "exec": k.exec, "pid": e.Pid}).Debug("exit before the guest said the process's pid: held until it has")
 		return Exit{}, false
 	}
 	if pid := p.Pid(); pid != 0 && e.Pid != 0 && e.Pid != pid {

@@ -15,9 +15,13 @@ import (
 	"github.com/kiln-runtime/kiln/runtime/stdio"
 )
 
-// The pod the event fuzzer's guest reports on: c1 runs with exec e1, c2 ran and its exit is known, c3 is being
-// created (its init is registered, the container is not yet held).
-var fuzzHeld = []exitKey{{"c1", ""}, {"c1", "e1"}, {"c2", ""}, {"c3", ""}}
+// The pod the event fuzzer's guest reports on: c1 runs with exec e1, and exec e2 is being started (registered,
+// the guest's answer with its pid still out), c2 ran and its exit is known, c3 is being created (its init is
+// registered, the container is not yet held).
+var fuzzHeld = []exitKey{{"c1", ""}, {"c1", "e1"}, {"c1", "e2"}, {"c2", ""}, {"c3", ""}}
+
+// fuzzStarting is the process of fuzzHeld whose pid the guest has not said yet.
+var fuzzStarting = exitKey{"c1", "e2"}
 
 // eventManager is a manager holding the fuzzer's pod, with no agent: events are dispatched by the test.
 func eventManager(t *testing.T, onEvent func(Event)) (*Manager, map[exitKey]*Process) {
@@ -39,9 +43,11 @@ func eventManager(t *testing.T, onEvent func(Event)) (*Manager, map[exitKey]*Pro
 			table = lifecycle.Exec()
 		}
 		p := newProcess(c, k.exec, table, stdio.IO{}, nil)
-		p.pid = uint32(100 + len(procs))
-		if err := p.sm.Transition(lifecycle.Running); err != nil {
-			t.Fatal(err)
+		if k != fuzzStarting {
+			p.pid = uint32(100 + len(procs))
+			if err := p.sm.Transition(lifecycle.Running); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if k.exec == "" && k.container != "c3" {
 			c.init = p
@@ -84,7 +90,9 @@ func FuzzEvents(f *testing.F) {
 	}
 	f.Add(enc(exit("c1", "", 100, 0), exit("c1", "", 100, 1), oom("c1")))
 	f.Add(enc(exit("c1", "e1", 7, 137), exit("c1", "e1", 101, 137), exit("c1", "e2", 8, 1), exit("c9", "", 9, 1), oom("c9"), oom("")))
-	f.Add(enc(exit("c2", "", 102, 9), oom("c2"), oom("c3"), exit("c3", "", 103, 4), exit("c3", "", 103, 5)))
+	f.Add(enc(exit("c2", "", 103, 9), oom("c2"), oom("c3"), exit("c3", "", 104, 4), exit("c3", "", 104, 5)))
+	f.Add(enc(exit("c1", "e2", 7, 5), exit("c1", "e2", 8, 6), exit("c1", "e2", 9, 7), exit("c1", "e2", 10, 8),
+		exit("c1", "e2", 11, 9), exit("c1", "e2", 0, 1)))
 	f.Add(enc(&agentv1.Event{}, &agentv1.Event{Event: &agentv1.Event_Exit{}},
 		&agentv1.Event{Event: &agentv1.Event_Exit{Exit: &agentv1.ExitEvent{ContainerId: "c1",
 			ExitedAt: &timestamppb.Timestamp{Seconds: -1 << 62, Nanos: -5}}}}))
@@ -103,8 +111,9 @@ func FuzzEvents(f *testing.F) {
 			}
 			if x := ev.GetExit(); x != nil {
 				k := exitKey{x.GetContainerId(), x.GetExecId()}
-				// An exit naming another pid than the process's is an earlier process's of the same id, and dropped.
-				if p := procs[k]; p != nil && first[k] == nil && (x.GetPid() == 0 || x.GetPid() == p.pid) {
+				// An exit naming another pid than the process's is an earlier process's of the same id, and dropped;
+				// one naming a pid before the host knows the process's is held, not passed on.
+				if p := procs[k]; p != nil && first[k] == nil && (x.GetPid() == 0 || (p.pid != 0 && x.GetPid() == p.pid)) {
 					if _, done := p.ExitStatus(); !done {
 						first[k] = &Exit{Pid: p.pid, Status: x.GetExitStatus()}
 					}
@@ -145,6 +154,9 @@ func FuzzEvents(f *testing.F) {
 			if exits[k] != 1 {
 				t.Fatalf("first exit of %v passed on %d times", k, exits[k])
 			}
+		}
+		if n := len(procs[fuzzStarting].early); n > maxEarly {
+			t.Fatalf("%d exits held for %v, want at most %d", n, fuzzStarting, maxEarly)
 		}
 		if got, _ := procs[exitKey{"c2", ""}].ExitStatus(); got.Status != 3 {
 			t.Fatalf("c2's known exit changed to %+v", got)

@@ -8,11 +8,13 @@ import (
 	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
@@ -188,6 +190,57 @@ func TestExitIsNeverReportedBeforeStart(t *testing.T) {
 	}
 	if io.count() != 1 {
 		t.Errorf("init IO released %d times, want once", io.count())
+	}
+}
+
+// An earlier exec's exit that the guest reports late, after that exec was deleted and its id used again, while
+// the new exec's start waits for the guest's answer (which says the new process's pid), is not the new exec's:
+// the host knew no pid to tell them apart by, and ended the new exec with the old exit.
+func TestLateExitOfAnEarlierExecWhileTheNextStarts(t *testing.T) {
+	var runs atomic.Int32
+	a := newFakeAgent(t, map[string]script{
+		"c1/": func(p *fakeProc) uint32 { select {} },
+		"c1/e1": func(p *fakeProc) uint32 {
+			if runs.Add(1) == 1 {
+				return 5
+			}
+			return 3
+		},
+	})
+	oom := make(chan struct{}, 1)
+	m := a.start(Options{OnEvent: func(e Event) {
+		if e.Kind == EventOOM {
+			oom <- struct{}{}
+		}
+	}})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	p, err := c.Exec(ctx, "e1", &specs.Process{Args: []string{"x"}}, stdio.IO{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, err := p.Wait(ctx); err != nil || e.Status != 5 {
+		t.Fatalf("first e1: %+v, %v", e, err)
+	}
+	if _, err := c.DeleteProcess(ctx, "e1"); err != nil {
+		t.Fatal(err)
+	}
+	a.mu.Lock()
+	a.onExec = func(r *agentv1.ExecProcessRequest) {
+		// The first e1's exit again, under the pid it had (not the 43 the fake answers with), then an OOM event,
+		// which tells the test the events loop has dispatched the exit before the answer goes out.
+		a.events <- &agentv1.Event{Event: &agentv1.Event_Exit{Exit: &agentv1.ExitEvent{
+			ContainerId: "c1", ExecId: "e1", Pid: 7, ExitStatus: 5, ExitedAt: timestamppb.Now()}}}
+		a.sendOOM("c1")
+		<-oom
+	}
+	a.mu.Unlock()
+	p, err = c.Exec(ctx, "e1", &specs.Process{Args: []string{"x"}}, stdio.IO{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, err := p.Wait(ctx); err != nil || e.Status != 3 || e.Pid != 43 {
+		t.Errorf("second e1: %+v, %v; want its own exit (status 3, pid 43), not the first one's late report", e, err)
 	}
 }
 

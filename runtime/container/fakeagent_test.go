@@ -47,6 +47,8 @@ type fakeAgent struct {
 	longLists bool
 	// onSignal, when set, is told of each signal the host sends (a script can end on it).
 	onSignal func(*agentv1.SignalProcessRequest)
+	// onExec, when set, is called with each exec request before the fake starts the process or answers (set under mu).
+	onExec func(*agentv1.ExecProcessRequest)
 	// gate, when set, holds the next exec's start on the host's side (taken by it, under mu).
 	gate *execGate
 
@@ -229,6 +231,12 @@ func (a *fakeAgent) StartContainer(_ context.Context, r *agentv1.StartContainerR
 
 func (a *fakeAgent) ExecProcess(_ context.Context, r *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
 	a.record("exec " + r.GetContainerId() + "/" + r.GetExecId())
+	a.mu.Lock()
+	onExec := a.onExec
+	a.mu.Unlock()
+	if onExec != nil {
+		onExec(r)
+	}
 	p := a.takeStreams(r.GetStdio())
 	key := r.GetContainerId() + "/" + r.GetExecId()
 	a.mu.Lock()

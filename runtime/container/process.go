@@ -43,8 +43,12 @@ type Process struct {
 	starting chan struct{}
 	// delivering is set once a goroutine delivers the process's output and exit (deliver).
 	delivering bool
-	exit       Exit
-	exitErr    error
+	// early holds exits that named a pid while the guest's answer to the request creating the process, which
+	// says its pid, was still out (holdEarly): the process's own, if it exited at once, or an earlier one's of
+	// the same id, reported late. Settled once the answer came, dropped when the request failed.
+	early   []Exit
+	exit    Exit
+	exitErr error
 	// exited is closed once the exit is known; done once its output is delivered too (or given up on).
 	exited   chan struct{}
 	done     chan struct{}
@@ -147,6 +151,9 @@ func (p *Process) launch(ctx context.Context, request func(context.Context, *age
 	if err != nil {
 		m.unregister(p)
 		_ = streams.Close()
+		p.mu.Lock()
+		p.early = nil
+		p.mu.Unlock()
 		select {
 		case <-p.exited:
 			// The guest was lost (or an exit came) while the request was out: the process is finished, and no
@@ -159,8 +166,13 @@ func (p *Process) launch(ctx context.Context, request func(context.Context, *age
 	streams.Start()
 	p.mu.Lock()
 	p.pid, p.streams, p.delivering = pid, streams, true
+	early := p.early
+	p.early = nil
 	p.mu.Unlock()
 	go p.deliver()
+	for _, e := range early {
+		m.settle(p, p.key(), e)
+	}
 	m.mu.Lock()
 	direct := m.noEvents
 	m.mu.Unlock()
@@ -227,6 +239,25 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 		onStarted()
 	}
 	return nil
+}
+
+// maxEarly bounds the exits held for one process while its pid is not known: the process's own and an earlier
+// one's are two; a guest that reports more is lying, and the oldest are dropped.
+const maxEarly = 4
+
+// holdEarly keeps e, an exit naming a pid, when the process's pid is not known yet (launch has registered it
+// and waits for the guest's answer), and says whether it did: whose exit it is can be told only from the answer.
+func (p *Process) holdEarly(e Exit) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.pid != 0 || e.Pid == 0 {
+		return false
+	}
+	if len(p.early) == maxEarly {
+		p.early = p.early[1:]
+	}
+	p.early = append(p.early, e)
+	return true
 }
 
 // finish records how the process ended and stops it: the one path by which a process stops, whatever told the
