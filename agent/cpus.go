@@ -38,24 +38,13 @@ func (g *GuestCPUs) Add(n int) (int, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	dir := filepath.Join(g.Sys, "devices/system/cpu")
-	read := func(name string) ([]int, error) {
-		b, err := os.ReadFile(filepath.Join(dir, name))
-		if err != nil {
-			return nil, fmt.Errorf("add vCPUs: %w", err)
-		}
-		cpus, err := parseCPUList(strings.TrimSpace(string(b)))
-		if err != nil {
-			return nil, fmt.Errorf("add vCPUs: %s CPUs %q: %w", name, strings.TrimSpace(string(b)), err)
-		}
-		return cpus, nil
-	}
-	present, err := read("present")
+	present, err := readCPUList(filepath.Join(dir, "present"))
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("add vCPUs: %w", err)
 	}
-	onlineList, err := read("online")
+	onlineList, err := readCPUList(filepath.Join(dir, "online"))
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("add vCPUs: %w", err)
 	}
 	online := map[int]bool{}
 	for _, c := range onlineList {
@@ -81,6 +70,20 @@ func (g *GuestCPUs) Add(n int) (int, error) {
 		return have, fmt.Errorf("add vCPUs: %w: the VM has %d, %d asked for", ErrNoCPU, have, n)
 	}
 	return have, nil
+}
+
+// readCPUList reads a file in the kernel's CPU list format (sysfs's present, online, possible).
+func readCPUList(path string) ([]int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	list := strings.TrimSpace(string(b))
+	cpus, err := parseCPUList(list)
+	if err != nil {
+		return nil, fmt.Errorf("%s: CPU list %q: %w", path, list, err)
+	}
+	return cpus, nil
 }
 
 // parseCPUList reads the kernel's CPU list format ("0-3,5"), in ascending order, each number below maxCPU.

@@ -93,8 +93,8 @@ func TestGuestCPUsAdd(t *testing.T) {
 	})
 	t.Run("a list the kernel would not write", func(t *testing.T) {
 		sys := layout(t, "0-3,2", "0")
-		if _, err := (&GuestCPUs{Sys: sys}).Add(2); err == nil || !strings.Contains(err.Error(), "present CPUs") {
-			t.Fatalf("Add with present %q: %v, want an error naming the present CPUs", "0-3,2", err)
+		if _, err := (&GuestCPUs{Sys: sys}).Add(2); err == nil || !strings.Contains(err.Error(), "cpu/present: CPU list") {
+			t.Fatalf("Add with present %q: %v, want an error naming the present CPUs' file", "0-3,2", err)
 		}
 	})
 }

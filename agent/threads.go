@@ -118,13 +118,12 @@ func (t *GuestThreads) Raise() error {
 
 // reserved is how many threads no container may take in this guest.
 func (t *GuestThreads) reserved() (int, error) {
-	b, err := os.ReadFile(t.PossibleCPUs)
+	cpus, err := readCPUList(t.PossibleCPUs)
 	if err != nil {
 		return 0, err
 	}
-	cpus, err := parseCPUList(strings.TrimSpace(string(b)))
-	if err != nil || len(cpus) == 0 {
-		return 0, fmt.Errorf("%s: CPU list %q: %v", t.PossibleCPUs, b, err)
+	if len(cpus) == 0 {
+		return 0, fmt.Errorf("%s: no CPUs listed", t.PossibleCPUs)
 	}
 	return threadsReservedBase + threadsReservedPerCPU*len(cpus), nil
 }
