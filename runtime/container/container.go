@@ -232,10 +232,21 @@ func (c *Container) endExecs(log *logrus.Entry) {
 
 // Kill signals the init process, or with all every process of the container.
 func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
-	_, err := c.m.api.SignalProcess(ctx, &agentv1.SignalProcessRequest{ContainerId: c.id, Signal: signal, All: all})
-	if err != nil && signal == sigKill && c.m.abandon(ctx, fmt.Sprintf("SIGKILL to container %s", c.id), err) {
-		return nil
+	r := &agentv1.SignalProcessRequest{ContainerId: c.id, Signal: signal, All: all}
+	if signal == sigKill {
+		gaveUp, err := c.m.mustAnswer(ctx, "SIGKILL to container "+c.id, func(ctx context.Context) error {
+			_, err := c.m.api.SignalProcess(ctx, r)
+			return err
+		})
+		if err == nil {
+			c.m.watchKill(c.init)
+		}
+		if err == nil || gaveUp {
+			return nil
+		}
+		return fmt.Errorf("signal %d to container %s (all=%t): %w", signal, c.id, all, fromGuest(err))
 	}
+	_, err := c.m.api.SignalProcess(ctx, r)
 	if err != nil {
 		// NotFound, as runc's: the process finished, and the host has not heard of its exit yet.
 		return fmt.Errorf("signal %d to container %s (all=%t): %w", signal, c.id, all, fromGuest(err))
@@ -339,14 +350,17 @@ func (c *Container) Delete(ctx context.Context, force bool) (Exit, error) {
 	c.awaitDelivery(ctx)
 	// With the guest gone there is nothing to remove there; the host's handles still go.
 	if c.m.guestLost() == nil {
-		_, err := c.m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: c.id, Force: force})
+		gaveUp, err := c.m.mustAnswer(ctx, "the removal of container "+c.id, func(ctx context.Context) error {
+			_, err := c.m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: c.id, Force: force})
+			return err
+		})
 		if notInGuest(err) {
 			// Removed already: a removal the guest carried out after its caller stopped waiting. The host's side
 			// still has to go, or the task would outlive its Delete.
 			c.m.log.WithError(err).Warn("the guest had removed container " + c.id)
 			err = nil
 		}
-		if err != nil && !c.m.abandon(ctx, "the removal of container "+c.id, err) {
+		if err != nil && !gaveUp {
 			return Exit{}, fmt.Errorf("delete container %s: %w", c.id, err)
 		}
 	}

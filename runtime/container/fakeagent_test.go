@@ -40,6 +40,11 @@ type fakeAgent struct {
 	// fail makes signals and removals fail on the host's side with this error, as the client's do when a request
 	// runs into its timeout or the agent connection is gone (closed, or a write ran past its deadline).
 	fail error
+	// hang, when set, makes signals and removals wait that long on the host's side (or until their context ends)
+	// and fail on a deadline, as a request to a hung agent runs into the request timeout.
+	hang time.Duration
+	// dropExits makes the fake report no exit events, as a guest that lost them (direct waits still answer).
+	dropExits bool
 	// answer, when set, is the agent's answer to signals, removals and updates, sent back over ttrpc as the
 	// guest's is.
 	answer error
@@ -198,6 +203,12 @@ func (a *fakeAgent) run(cid, exec string, p *fakeProc) {
 	ch := a.exits[key]
 	a.mu.Unlock()
 	ch <- status
+	a.mu.Lock()
+	drop := a.dropExits
+	a.mu.Unlock()
+	if drop {
+		return
+	}
 	// The pids CreateContainer and ExecProcess answered with, as the agent names the process it started.
 	pid := uint32(42)
 	if exec != "" {
@@ -390,21 +401,30 @@ func waitCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// failingClient fails signals and removals with the fake agent's fail error, when set, without sending them, and
-// holds an exec's start at the fake agent's gate.
+// failingClient fails signals and removals with the fake agent's fail error, when set, without sending them, or
+// after its hang, and holds an exec's start at the fake agent's gate.
 type failingClient struct {
 	agentv1.ContainersClient
 	a *fakeAgent
 }
 
-func (c failingClient) err() error {
+func (c failingClient) err(ctx context.Context) error {
 	c.a.mu.Lock()
-	defer c.a.mu.Unlock()
-	return c.a.fail
+	fail, hang := c.a.fail, c.a.hang
+	c.a.mu.Unlock()
+	if hang > 0 {
+		select {
+		case <-time.After(hang):
+			return status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return fail
 }
 
 func (c failingClient) SignalProcess(ctx context.Context, r *agentv1.SignalProcessRequest) (*agentv1.SignalProcessResponse, error) {
-	if err := c.err(); err != nil {
+	if err := c.err(ctx); err != nil {
 		return nil, err
 	}
 	return c.ContainersClient.SignalProcess(ctx, r)
@@ -424,7 +444,7 @@ func (c failingClient) ExecProcess(ctx context.Context, r *agentv1.ExecProcessRe
 }
 
 func (c failingClient) RemoveContainer(ctx context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {
-	if err := c.err(); err != nil {
+	if err := c.err(ctx); err != nil {
 		return nil, err
 	}
 	return c.ContainersClient.RemoveContainer(ctx, r)

@@ -59,9 +59,13 @@ type Options struct {
 	// called for processes deleted or cut off before their exit was seen.
 	OnExit func(*Process, Exit)
 	// Abandon, when set, ends a guest whose agent did not answer a SIGKILL or a container's removal within
-	// the request timeout while the caller still waited: the caller stops the VM. The manager first reports
-	// every process killed (Lost), so the kill or removal that timed out succeeds without the agent.
+	// the request timeout, whether or not the caller still waited, or whose process outlived a SIGKILL: the
+	// caller stops the VM. The manager first reports every process killed (Lost), so the kill or removal that
+	// timed out succeeds without the agent.
 	Abandon func(reason error)
+	// KillGrace is how long a process the agent delivered SIGKILL to has to exit before the agent is asked for its
+	// exit directly, and then how long that has to answer, before the guest is given up (watchKill). Default 30 s.
+	KillGrace time.Duration
 	// Rlimits are the resource limits an exec process gets for those its spec does not name (rlimit.Fill).
 	Rlimits []specs.POSIXRlimit
 	Log     *logrus.Entry
@@ -114,6 +118,9 @@ func NewManager(api agentv1.ContainersClient, dialer stdio.Dialer, opts Options)
 	}
 	if opts.lostGrace <= 0 {
 		opts.lostGrace = lostGraceDefault
+	}
+	if opts.KillGrace <= 0 {
+		opts.KillGrace = killGraceDefault
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
@@ -180,26 +187,6 @@ func (m *Manager) reportOOMKilled() {
 	for _, id := range ids {
 		m.opts.OnEvent(Event{Kind: EventOOM, ContainerID: id})
 	}
-}
-
-// abandon gives up on a guest whose agent let a request that must not fail for want of an answer (a SIGKILL, a
-// removal) run into the request timeout while the caller still waited, or whose agent connection is gone (no
-// request reaches it again): a hung agent must not leave containers that can be neither killed nor deleted. It
-// reports whether the guest is now given up (Lost, its VM stopped through Options.Abandon), in which case the
-// caller goes on without the agent.
-func (m *Manager) abandon(ctx context.Context, what string, err error) bool {
-	if m.opts.Abandon == nil || ctx.Err() != nil || !(timedOut(err) || connectionGone(err)) {
-		return false
-	}
-	m.mu.Lock()
-	closed := m.closed
-	m.mu.Unlock()
-	if closed {
-		// The pod is closing: its stop closes the connection, and stops the VM its own way.
-		return false
-	}
-	m.giveUp(fmt.Errorf("agent did not answer %s (%w); the VM is stopped", what, err))
-	return true
 }
 
 // giveUp ends the guest: every process is reported killed (Lost) and its VM stopped (Options.Abandon).

@@ -43,6 +43,8 @@ type Process struct {
 	starting chan struct{}
 	// delivering is set once a goroutine delivers the process's output and exit (deliver).
 	delivering bool
+	// killWatched is set once a SIGKILL was delivered and the exit it owes is watched for (watchKill).
+	killWatched bool
 	// early holds exits that named a pid while the guest's answer to the request creating the process, which
 	// says its pid, was still out (holdEarly): the process's own, if it exited at once, or an earlier one's of
 	// the same id, reported late. Settled once the answer came, dropped when the request failed.
@@ -408,9 +410,22 @@ func (p *Process) Signal(ctx context.Context, signal uint32) error {
 	if err := p.require("signal", lifecycle.Running, lifecycle.Paused); err != nil {
 		return fmt.Errorf("signal %d: %w", signal, err)
 	}
-	_, err := p.c.m.api.SignalProcess(ctx, &agentv1.SignalProcessRequest{ContainerId: p.c.id, ExecId: p.execID, Signal: signal})
-	if err != nil && signal == sigKill && p.c.m.abandon(ctx, "SIGKILL to "+p.describe(), err) {
-		return nil
+	r := &agentv1.SignalProcessRequest{ContainerId: p.c.id, ExecId: p.execID, Signal: signal}
+	var err error
+	if signal == sigKill {
+		var gaveUp bool
+		gaveUp, err = p.c.m.mustAnswer(ctx, "SIGKILL to "+p.describe(), func(ctx context.Context) error {
+			_, err := p.c.m.api.SignalProcess(ctx, r)
+			return err
+		})
+		if err == nil {
+			p.c.m.watchKill(p)
+		}
+		if gaveUp {
+			return nil
+		}
+	} else {
+		_, err = p.c.m.api.SignalProcess(ctx, r)
 	}
 	if err != nil {
 		return fmt.Errorf("signal %d to %s: %w", signal, p.describe(), fromGuest(err))

@@ -242,12 +242,13 @@ func New(ctx context.Context, o Options) (_ *Pod, retErr error) {
 		return nil, fmt.Errorf("boot pod %s: %w", o.ID, err)
 	}
 	p.ctrs = container.NewManager(sb.Containers(), m, container.Options{
-		Events:  events,
-		OnEvent: o.OnEvent,
-		OnExit:  o.OnExit,
-		Abandon: p.stopUnresponsive,
-		Rlimits: p.rlimits,
-		Log:     log,
+		Events:    events,
+		OnEvent:   o.OnEvent,
+		OnExit:    o.OnExit,
+		Abandon:   p.stopUnresponsive,
+		KillGrace: p.cfg.Agent.RequestTimeout.Std(),
+		Rlimits:   p.rlimits,
+		Log:       log,
 	})
 	go p.watchVM(m, sb.HungUp())
 	if !o.Background {
