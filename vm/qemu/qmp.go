@@ -17,8 +17,21 @@ type qmpConn struct {
 	mon *qmp.SocketMonitor
 }
 
-// dialQMP connects to QEMU's QMP socket, retrying until QEMU has created it, QEMU exits, or ctx ends.
+// qmpDialTimeout bounds dialQMP as a whole, whatever ctx allows: a QEMU stuck before its main loop (one whose
+// vhost-user back end was stopped, or one that was stopped itself) takes connections into the listening socket's
+// backlog and never answers, and each handshake's own bound only made the dial try again, for good under a
+// context with no deadline (ctr's Create, a spare's boot), holding the VM's lock that its Stop needs.
+const qmpDialTimeout = 2 * qmpHandshakeTimeout
+
+// dialQMP connects to QEMU's QMP socket, retrying until QEMU has created it, QEMU exits, ctx ends, or
+// qmpDialTimeout passed.
 func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmpConn, error) {
+	return dialQMPWithin(ctx, path, exited, qmpDialTimeout)
+}
+
+func dialQMPWithin(ctx context.Context, path string, exited <-chan struct{}, within time.Duration) (*qmpConn, error) {
+	ctx, cancel := context.WithTimeout(ctx, within)
+	defer cancel()
 	var lastErr error
 	for {
 		mon, err := qmp.NewSocketMonitor("unix", path, 2*time.Second)

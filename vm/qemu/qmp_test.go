@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -172,4 +173,38 @@ func openFDs(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(entries)
+}
+
+// A dial under a context with no deadline (ctr's Create, a spare's boot) still ends when QEMU never completes a
+// handshake: one that takes connections and hangs up at once, for good, made it retry for ever, holding the VM's
+// lock that its Stop needs.
+func TestDialQMPEndsWithoutADeadline(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "qmp.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	done := make(chan error, 1)
+	go func() {
+		_, err := dialQMPWithin(context.Background(), path, make(chan struct{}), 300*time.Millisecond)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("dial of a monitor that always hangs up: %v, want the dial's own deadline", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("dial still retries 10 s after its 300 ms bound")
+	}
 }
