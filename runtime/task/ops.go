@@ -149,13 +149,7 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	s.mu.Lock()
 	s.deleting++
 	s.mu.Unlock()
-	// containerd follows each task's delete with a Shutdown: the one that comes after the last delete stops the
-	// pod (a Shutdown meanwhile waits for it).
-	defer func() {
-		s.mu.Lock()
-		s.deleting--
-		s.mu.Unlock()
-	}()
+	defer s.deleteEnded(ctx)
 	e, err := p.DeleteContainer(ctx, c, false)
 	if err != nil {
 		return nil, toGRPC(err)
@@ -167,6 +161,18 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		ContainerID: r.ID, ID: r.ID, Pid: c.HostPid(), ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt),
 	})
 	return &taskAPI.DeleteResponse{Pid: c.HostPid(), ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
+}
+
+// deleteEnded ends a task's Delete. containerd follows each task's delete with a Shutdown: the one after the last
+// delete stops the pod, and one that came meanwhile is carried out here. That one comes when containerd gave a
+// slow Delete up (CRI deletes under 10 s; the container had left the registry, so containerd's retry found no
+// task and went on to the Shutdown, then forgot the shim): held back until now, it was dropped, and the shim and
+// its VM ran on with no one to stop them.
+func (s *Service) deleteEnded(ctx context.Context) {
+	s.mu.Lock()
+	s.deleting--
+	s.mu.Unlock()
+	s.shutdownIfAsked(context.WithoutCancel(ctx))
 }
 
 // stopIfIdle stops the pod when no task is left and no other Create, nor a Delete, is under way (after a failed
@@ -409,8 +415,8 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*em
 	return empty(), nil
 }
 
-// shutdownIfAsked carries out a Shutdown that came while a Create was under way, once the Create failed and no task
-// is left (a Delete needs none of this: containerd asks for a Shutdown after each).
+// shutdownIfAsked carries out a Shutdown that came while a Create or a Delete was under way, once no task is left
+// and none is being created or deleted.
 func (s *Service) shutdownIfAsked(ctx context.Context) {
 	if s.busy() {
 		return
