@@ -154,7 +154,7 @@ func (s *Sandbox) connect(ctx context.Context) error {
 			if herr == nil && resp.GetStatus() == agentv1.CheckResponse_SERVING {
 				s.conn, s.client, s.health = conn, client, health
 				s.agent = agentv1.NewAgentClient(client)
-				s.ctrs = agentv1.NewContainersClient(client)
+				s.ctrs = guestStreams{agentv1.NewContainersClient(client)}
 				s.net = agentv1.NewNetworkClient(client)
 				s.AgentVersion = resp.GetAgentVersion()
 				if w := VersionMismatch(s.opts.HostVersion, s.AgentVersion); w != "" {
@@ -286,7 +286,7 @@ func (s *Sandbox) StreamClient(ctx context.Context) (agentv1.ContainersClient, e
 	s.streamsMu.Lock()
 	s.streams = append(s.streams, client)
 	s.streamsMu.Unlock()
-	return agentv1.NewContainersClient(client), nil
+	return guestStreams{agentv1.NewContainersClient(client)}, nil
 }
 
 // Agent is the agent's own service: the guest's description, its seeding, its clock (runtime/guestclock).

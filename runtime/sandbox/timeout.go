@@ -33,12 +33,12 @@ func timeoutInterceptor(d time.Duration) ttrpc.UnaryClientInterceptor {
 }
 
 // newClient is a ttrpc client on conn whose requests are bounded by the request timeout, and so are its writes
-// (boundedWrites).
+// (boundedWrites), and whose answers' errors are made safe (guestErrors).
 func newClient(conn net.Conn, requestTimeout time.Duration, opts ...ttrpc.ClientOpts) *ttrpc.Client {
 	if requestTimeout > 0 {
 		conn = boundedWrites{Conn: conn, d: requestTimeout}
 	}
-	return ttrpc.NewClient(conn, append(opts, ttrpc.WithUnaryClientInterceptor(timeoutInterceptor(requestTimeout)))...)
+	return ttrpc.NewClient(conn, append(opts, ttrpc.WithChainUnaryClientInterceptor(guestErrors, timeoutInterceptor(requestTimeout)))...)
 }
 
 // boundedWrites is an agent connection each of whose writes must end within d. ttrpc's client holds its send lock

@@ -11,6 +11,8 @@ import (
 	"sync"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/vm"
 )
 
 // consoleTailLines is how many guest console lines are kept for error messages.
@@ -98,7 +100,9 @@ func (c *console) line(b []byte) {
 		close(c.seen)
 		c.awaited = ""
 	}
-	c.lines = append(c.lines, line)
+	// Escaped as the guest's words: the tail goes into errors that reach containerd and kubelet (an escaped byte
+	// takes at most four, so nothing is cut).
+	c.lines = append(c.lines, vm.GuestText(line, 4*consoleMaxLine))
 	if len(c.lines) > consoleTailLines {
 		c.lines = c.lines[len(c.lines)-consoleTailLines:]
 	}

@@ -133,3 +133,16 @@ func TestConsoleAwait(t *testing.T) {
 	<-c.await("early line")
 	c.close()
 }
+
+// The console's tail goes into errors that reach containerd and kubelet: a guest's terminal escapes and bytes
+// that are not text are escaped there, one console line per tail line.
+func TestConsoleTailIsEscaped(t *testing.T) {
+	c, _ := testConsole(t, 1<<20)
+	if _, err := c.writer().Write([]byte("\x1b[2J\x1b]0;owned\a\xff\r\nplain line\n")); err != nil {
+		t.Fatal(err)
+	}
+	c.close()
+	if got, want := c.tail(), `\x1b[2J\x1b]0;owned\a\xff`+"\nplain line"; got != want {
+		t.Errorf("tail %q, want %q", got, want)
+	}
+}
