@@ -49,6 +49,7 @@ func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, r
 	}
 	if err := bindFrom(src, target, BindOptions{RecursiveReadonly: readonly, Recursive: true}); err != nil {
 		_ = os.Remove(target)
+		s.forgetEmptyLocked(containerID)
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
 	c.rootfs = true
@@ -58,7 +59,8 @@ func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, r
 	return containerID + "/rootfs", nil
 }
 
-// prepareRootfsLocked checks that the container has no root yet and creates its mount point.
+// prepareRootfsLocked checks that the container has no root yet and creates its mount point. On error, and when
+// the caller's mount fails after it, a record it created is forgotten again (forgetEmptyLocked).
 func (s *Share) prepareRootfsLocked(containerID, resolvedSource string) (*container, string, error) {
 	c, err := s.containerLocked(containerID)
 	if err != nil {
@@ -68,13 +70,32 @@ func (s *Share) prepareRootfsLocked(containerID, resolvedSource string) (*contai
 		return nil, "", errors.New("container already has a root file system in the share")
 	}
 	if resolvedSource != "" && mounttree.Under(resolvedSource, s.dir) {
+		s.forgetEmptyLocked(containerID)
 		return nil, "", fmt.Errorf("source %s lies inside the share", resolvedSource)
 	}
 	target := filepath.Join(s.mounts, containerID, "rootfs")
 	if err := os.Mkdir(target, 0o755); err != nil {
+		s.forgetEmptyLocked(containerID)
 		return nil, "", fmt.Errorf("create rootfs mount point: %w", err)
 	}
 	return c, target, nil
+}
+
+// forgetEmptyLocked undoes containerLocked for a container whose root did not go in and that uses no bind source:
+// its record, and its directory, which the guest sees under shared/, stayed until the share's end, one for each
+// failed create (kubelet retries with new ids), since the pod removes from the share only what went in.
+func (s *Share) forgetEmptyLocked(id string) {
+	c := s.containers[id]
+	if c == nil || c.rootfs {
+		return
+	}
+	for _, b := range s.binds {
+		if b.users[id] {
+			return
+		}
+	}
+	delete(s.containers, id)
+	_ = os.Remove(filepath.Join(s.mounts, id))
 }
 
 // BindOptions say how a bind source is shared.

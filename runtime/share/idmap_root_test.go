@@ -2,6 +2,7 @@ package share
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -82,6 +83,31 @@ func TestAddRootfsMountsRefusesHalfAnIDMap(t *testing.T) {
 	if mps, _ := mounttree.Points(filepath.Join(s.mounts, "h")); len(mps) > 0 {
 		t.Errorf("refused rootfs left mounts %v", mps)
 	}
+	assertForgotten(t, s, "h")
+}
+
+// assertForgotten fails the test when the share still holds a record or a directory of container id, whose
+// root did not go in: one was left for each failed create until the pod ended.
+func assertForgotten(t *testing.T, s *Share, id string) {
+	t.Helper()
+	s.mu.Lock()
+	_, held := s.containers[id]
+	s.mu.Unlock()
+	if _, err := os.Lstat(filepath.Join(s.mounts, id)); held || !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a failed root left the share holding container %s (record %t, directory: %v)", id, held, err)
+	}
+}
+
+// A root the share refuses after it made the container's record (a source inside the share) leaves nothing.
+func TestRefusedRootfsLeavesNoContainer(t *testing.T) {
+	requireRoot(t)
+	s := newTestShare(t)
+	inside := filepath.Join(s.mounts, "x")
+	mkdirs(t, inside)
+	if _, err := s.AddRootfs(context.Background(), "r", inside, false); err == nil {
+		t.Fatal("a root inside the share accepted")
+	}
+	assertForgotten(t, s, "r")
 }
 
 func mkdirs(t *testing.T, dirs ...string) {

@@ -38,6 +38,7 @@ func (s *Share) AddRootfsMounts(ctx context.Context, containerID string, mounts 
 		if err := s.mountOneLocked(m, target, readonly); err != nil {
 			_ = mounttree.UnmountUnder(target)
 			_ = os.Remove(target)
+			s.forgetEmptyLocked(containerID)
 			return "", fmt.Errorf("add rootfs of container %s to share: mount %d (%s %s): %w", containerID, i, m.Type, m.Source, err)
 		}
 	}
