@@ -3,6 +3,7 @@ package container
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"github.com/opencontainers/runc/libcontainer"
@@ -123,7 +124,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 	c := &container{id: id, lc: lc, rootfs: root, sources: cr.sources, execs: map[string]*process{}}
 	p := &process{lp: lp, pid: pid, io: pio, sm: lifecycle.New(lifecycle.Init()), done: make(chan struct{})}
 	c.init = p
-	if err := pio.started(); err != nil {
+	if err := errors.Join(pio.started(), unwaited(ctx)); err != nil {
 		killUnwanted(log, lp, unclaim)
 		pio.abort()
 		_ = lc.Destroy()
@@ -242,7 +243,7 @@ func (s *Service) ExecProcess(ctx context.Context, req *agentv1.ExecProcessReque
 		pio.abort()
 		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, err)
 	}
-	if err := pio.started(); err != nil {
+	if err := errors.Join(pio.started(), unwaited(ctx)); err != nil {
 		killUnwanted(log, lp, unclaim)
 		pio.abort()
 		return nil, fmt.Errorf("exec %s in container %s: %w", execID, c.id, err)
@@ -270,5 +271,16 @@ func (c *container) reserveExec(p *process) error {
 		return status.Errorf(codes.AlreadyExists, "exec %q already exists in container %s", p.execID, c.id)
 	}
 	c.execs[p.execID] = p
+	return nil
+}
+
+// unwaited is the error of a request whose caller stopped waiting (its deadline, which ttrpc carries over, passed)
+// before the process it asked for was started: the host forgets such a container or exec, so it is taken back
+// here rather than kept with no one to wait for it or kill it. (The host also takes back what it gave up on, but
+// a removal that comes while the create is still under way finds nothing.)
+func unwaited(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("the host stopped waiting: %w", err)
+	}
 	return nil
 }

@@ -43,6 +43,9 @@ type fakeAgent struct {
 	// hang, when set, makes signals and removals wait that long on the host's side (or until their context ends)
 	// and fail on a deadline, as a request to a hung agent runs into the request timeout.
 	hang time.Duration
+	// loseAnswers makes creates and execs reach the fake, which carries them out, and fail on the host's side on a
+	// deadline, as a request whose answer came too late.
+	loseAnswers bool
 	// dropExits makes the fake report no exit events, as a guest that lost them (direct waits still answer).
 	dropExits bool
 	// answer, when set, is the agent's answer to signals, removals and updates, sent back over ttrpc as the
@@ -440,7 +443,25 @@ func (c failingClient) ExecProcess(ctx context.Context, r *agentv1.ExecProcessRe
 			return nil, err
 		}
 	}
-	return c.ContainersClient.ExecProcess(ctx, r)
+	resp, err := c.ContainersClient.ExecProcess(ctx, r)
+	if err == nil && c.lost() {
+		return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+	}
+	return resp, err
+}
+
+func (c failingClient) lost() bool {
+	c.a.mu.Lock()
+	defer c.a.mu.Unlock()
+	return c.a.loseAnswers
+}
+
+func (c failingClient) CreateContainer(ctx context.Context, r *agentv1.CreateContainerRequest) (*agentv1.CreateContainerResponse, error) {
+	resp, err := c.ContainersClient.CreateContainer(ctx, r)
+	if err == nil && c.lost() {
+		return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+	}
+	return resp, err
 }
 
 func (c failingClient) RemoveContainer(ctx context.Context, r *agentv1.RemoveContainerRequest) (*agentv1.RemoveContainerResponse, error) {

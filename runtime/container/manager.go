@@ -292,6 +292,10 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (*Container, erro
 		return resp.GetPid(), err
 	})
 	if err != nil {
+		m.undo(err, "container "+o.ID, func(ctx context.Context) error {
+			_, err := m.api.RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: o.ID, Force: true})
+			return err
+		})
 		m.forget(o.ID)
 		return nil, fmt.Errorf("create container %s: %w", o.ID, m.why(err))
 	}

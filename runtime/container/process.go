@@ -224,6 +224,13 @@ func (p *Process) Start(ctx context.Context, onStarted func()) error {
 			})
 			return resp.GetPid(), err
 		})
+		if err != nil {
+			// Under the start's gate: a second Start is refused until the undo is done.
+			p.c.m.undo(err, p.describe(), func(ctx context.Context) error {
+				_, err := p.c.m.api.SignalProcess(ctx, &agentv1.SignalProcessRequest{ContainerId: p.c.id, ExecId: p.execID, Signal: sigKill})
+				return err
+			})
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("start %s: %w", p.describe(), p.c.m.why(err))

@@ -2,8 +2,12 @@ package container
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
@@ -106,4 +110,25 @@ func (m *Manager) watchKill(p *Process) {
 			m.log.WithError(err).WithFields(map[string]any{"container": k.container, "exec": k.exec}).Warn("wait for a process SIGKILL was delivered to")
 		}
 	}()
+}
+
+// undo takes back what a request whose answer the host stopped waiting for (its caller's deadline, or the request
+// timeout) may have done in the guest all the same: call removes it there. The host forgets such a container or
+// exec, and the guest kept it: a container with its waiting init, cgroup and state until the pod ended, an exec's
+// process (a `kubectl exec -it` shell) running on with no one on the host to wait for it or kill it. Best effort,
+// bounded by the request timeout; the agent's NotFound means there was nothing to take back. The caller holds
+// the id meanwhile, so that a retry cannot start something the undo then removes.
+func (m *Manager) undo(reqErr error, what string, call func(context.Context) error) {
+	if !unanswered(reqErr) || m.guestLost() != nil {
+		return
+	}
+	if err := call(m.ctx); err != nil && !notInGuest(err) {
+		m.log.WithError(err).Warn("take back " + what + ", whose request was given up")
+	}
+}
+
+// unanswered says whether a request failed for want of the agent's answer (a deadline, a cancellation), as opposed
+// to the agent's refusal or a connection that is gone (whose guest is being given up): the guest may have done it.
+func unanswered(err error) bool {
+	return timedOut(err) || errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled
 }

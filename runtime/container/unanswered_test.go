@@ -3,12 +3,15 @@ package container
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 	"github.com/kiln-runtime/kiln/runtime/stdio"
@@ -156,4 +159,49 @@ func TestSIGKILLWithoutAnExit(t *testing.T) {
 			t.Errorf("Abandon called %d times (%v), want once for two SIGKILLs", len(r), r)
 		}
 	})
+}
+
+// A create or an exec whose answer the host stopped waiting for is taken back in the guest, which carried it out
+// all the same: the host forgets it, and the guest held a container (its init, cgroup and state) until the pod
+// ended, or an exec's process ran on with no one to wait for it or kill it.
+func TestGivenUpRequestsAreTakenBack(t *testing.T) {
+	a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }, "c1/e1": func(p *fakeProc) uint32 { select {} }})
+	var mu sync.Mutex
+	var kills []string
+	a.onSignal = func(r *agentv1.SignalProcessRequest) {
+		mu.Lock()
+		kills = append(kills, fmt.Sprintf("%s/%s %d", r.GetContainerId(), r.GetExecId(), r.GetSignal()))
+		mu.Unlock()
+	}
+	m := a.start(Options{})
+	ctx := waitCtx(t)
+	c := started(t, ctx, m, CreateOptions{ID: "c1"})
+	p, err := c.AddExec("e1", &specs.Process{Args: []string{"x"}}, stdio.IO{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.mu.Lock()
+	a.loseAnswers = true
+	a.mu.Unlock()
+	if err := p.Start(ctx, nil); !errors.Is(err, context.DeadlineExceeded) && status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("exec whose answer was lost: %v, want a deadline", err)
+	}
+	mu.Lock()
+	got := strings.Join(kills, ",")
+	mu.Unlock()
+	if got != "c1/e1 9" {
+		t.Errorf("signals after the exec's answer was lost: %q, want SIGKILL to c1/e1", got)
+	}
+	if _, err := m.Create(ctx, CreateOptions{ID: "c2"}); err == nil {
+		t.Fatal("create whose answer was lost succeeded")
+	}
+	if calls := strings.Join(a.recorded(), ","); !strings.Contains(calls, "create c2,remove c2") {
+		t.Errorf("agent calls %s: want c2's removal after its create", calls)
+	}
+	a.mu.Lock()
+	a.loseAnswers = false
+	a.mu.Unlock()
+	if _, err := m.Create(ctx, CreateOptions{ID: "c2"}); err != nil {
+		t.Errorf("create of c2 again: %v", err)
+	}
 }
