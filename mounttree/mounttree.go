@@ -86,26 +86,39 @@ func unmountRound(dir string, infos []*mountinfo.Info) error {
 	return nil
 }
 
-// unmountBeneath lazily unmounts m, reached from root (dir) without symlinks; a mount that path no longer reaches
-// (moved, or gone meanwhile) is left for the next round's listing.
-func unmountBeneath(root *os.File, dir string, m *mountinfo.Info) error {
+// OpenBeneath opens the root of mount m (as mountinfo listed it below dir) as an O_PATH descriptor, reached from
+// root, an open directory at dir, without symlinks; false when that path no longer reaches m (moved, gone meanwhile,
+// or a directory on the way swapped for a symlink where a guest can write): the mount point's path is only a
+// name, which a guest that writes to a directory above it can redirect between the listing and its use.
+func OpenBeneath(root *os.File, dir string, m *mountinfo.Info) (fd int, ok bool) {
 	rel, err := filepath.Rel(dir, m.Mountpoint)
 	if err != nil {
-		return nil
+		return -1, false
 	}
-	fd, err := unix.Openat2(int(root.Fd()), rel, &unix.OpenHow{
+	fd, err = unix.Openat2(int(root.Fd()), rel, &unix.OpenHow{
 		Flags:   unix.O_PATH | unix.O_CLOEXEC,
 		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS,
 	})
 	if err != nil {
+		return -1, false
+	}
+	if id, err := mountIDAt(fd, "", unix.AT_EMPTY_PATH); err != nil || id != uint64(m.ID) {
+		unix.Close(fd)
+		return -1, false // the path reaches another mount now
+	}
+	return fd, true
+}
+
+// unmountBeneath lazily unmounts m, reached from root (dir) without symlinks; a mount that path no longer reaches
+// (moved, or gone meanwhile) is left for the next round's listing.
+func unmountBeneath(root *os.File, dir string, m *mountinfo.Info) error {
+	fd, ok := OpenBeneath(root, dir, m)
+	if !ok {
 		return nil
 	}
 	defer unix.Close(fd)
-	if id, err := mountIDAt(fd, "", unix.AT_EMPTY_PATH); err != nil || id != uint64(m.ID) {
-		return nil // the path reaches another mount now
-	}
 	// The descriptor's magic link names the mount's root itself, whatever has become of the path since.
-	err = unix.Unmount(fmt.Sprintf("/proc/self/fd/%d", fd), unix.MNT_DETACH)
+	err := unix.Unmount(fmt.Sprintf("/proc/self/fd/%d", fd), unix.MNT_DETACH)
 	if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("unmount %s: %w", m.Mountpoint, err)
 	}

@@ -251,19 +251,40 @@ func (s *Share) Tmpfs() (map[Device]int64, error) {
 	if err != nil {
 		return nil, fmt.Errorf("share %s: list its tmpfs mounts: %w", s.dir, err)
 	}
+	return s.tmpfsSizesLocked(infos)
+}
+
+// tmpfsSizesLocked sizes the tmpfs mounts infos lists under the share's mounts/, each device once.
+func (s *Share) tmpfsSizesLocked(infos []*mountinfo.Info) (map[Device]int64, error) {
 	sizes := map[Device]int64{}
+	if len(infos) == 0 {
+		return sizes, nil
+	}
+	root, err := os.Open(s.mounts)
+	if err != nil {
+		return nil, fmt.Errorf("share %s: list its tmpfs mounts: %w", s.dir, err)
+	}
+	defer root.Close()
 	for _, m := range infos {
 		dev := Device{Major: m.Major, Minor: m.Minor}
 		if _, seen := sizes[dev]; seen {
 			continue
 		}
-		var st unix.Statfs_t
-		err := unix.Statfs(m.Mountpoint, &st)
-		if errors.Is(err, unix.ENOENT) || err == nil && st.Type != unix.TMPFS_MAGIC {
-			continue // gone since the list was read (a host's unmount reaching the share's copy)
+		// Reached without symlinks, and checked to be the mount listed: a guest that writes to a directory above it
+		// could otherwise point the path at a host tmpfs of its choosing (/dev/shm), whose size would be added to
+		// its VM's memory limit.
+		fd, ok := mounttree.OpenBeneath(root, s.mounts, m)
+		if !ok {
+			continue // gone since the list was read (a host's unmount reaching the share's copy), or moved
 		}
+		var st unix.Statfs_t
+		err := unix.Fstatfs(fd, &st)
+		unix.Close(fd)
 		if err != nil {
 			return nil, fmt.Errorf("share %s: size of the tmpfs at %s: %w", s.dir, m.Mountpoint, err)
+		}
+		if st.Type != unix.TMPFS_MAGIC {
+			continue
 		}
 		sizes[dev] = int64(st.Blocks) * st.Bsize
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
@@ -399,6 +400,60 @@ func TestReadonlyBindSubmounts(t *testing.T) {
 				t.Errorf("write below it: %v, want %v", err, tc.subErr)
 			}
 		})
+	}
+}
+
+// A guest that writes to a directory above an exported tmpfs can swap that directory for a symlink between the
+// listing of the share's mounts and their sizing: the size is the listed mount's, never that of a host tmpfs the
+// symlink points at (its size would have been added to the VM's memory limit).
+func TestTmpfsSizesNeverFollowASwappedDirectory(t *testing.T) {
+	requireRoot(t)
+	s := newTestShare(t)
+	base := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(base, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type == unix.TMPFS_MAGIC {
+		t.Skipf("the test's directories are on a tmpfs here (%s)", base)
+	}
+	export, victim := filepath.Join(base, "export"), filepath.Join(base, "victim")
+	for _, m := range []struct{ dir, size string }{{filepath.Join(export, "mid", "below"), "2m"}, {filepath.Join(victim, "below"), "16m"}} {
+		if err := os.MkdirAll(m.dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", m.dir, "tmpfs", 0, "size="+m.size); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = unix.Unmount(m.dir, unix.MNT_DETACH) })
+	}
+	t.Cleanup(func() { _ = unix.Unmount(filepath.Join(export, "mid2", "below"), unix.MNT_DETACH) })
+	if _, err := s.AddBindSource(context.Background(), "c1", Source{Path: export}, BindOptions{Recursive: true}); err != nil {
+		t.Fatal(err)
+	}
+	infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (bool, bool) {
+		return m.FSType != "tmpfs" || !mounttree.Under(m.Mountpoint, s.mounts) || m.Mountpoint == s.mounts, false
+	})
+	if err != nil || len(infos) != 1 {
+		t.Fatalf("the share's tmpfs mounts: %v, %v; want the exported one", infos, err)
+	}
+	// The guest's swap, in the exported directory, between the listing and the sizing.
+	if err := os.Rename(filepath.Join(export, "mid"), filepath.Join(export, "mid2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(victim, filepath.Join(export, "mid")); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	sizes, err := s.tmpfsSizesLocked(infos)
+	s.mu.Unlock()
+	for _, size := range sizes {
+		if size == 16<<20 {
+			t.Errorf("sizes %v: the host tmpfs the swapped directory points at was counted", sizes)
+		}
+	}
+	if err != nil {
+		t.Error(err)
 	}
 }
 
