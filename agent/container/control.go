@@ -159,7 +159,8 @@ func (s *Service) RemoveContainer(ctx context.Context, req *agentv1.RemoveContai
 	s.mu.Lock()
 	delete(s.containers, c.id)
 	s.mu.Unlock()
-	s.shared.release(s.log.WithField("container", c.id), c.sources)
+	released := s.shared.release(s.log.WithField("container", c.id), c.sources)
+	go forgetRemoved(s.log.WithField("container", c.id), removedPaths(s.cfg.SharedDir, c.rootfs, released), forgetRetry, forgetFor)
 	s.log.WithField("container", c.id).Info("container removed")
 	return &agentv1.RemoveContainerResponse{}, nil
 }

@@ -63,7 +63,7 @@ func (m *sharedMounts) acquire(log *logrus.Entry, srcs []string) {
 // release counts one user less of each source, and unmounts those no container uses any more. A source that is no
 // mount point (a file, which the guest does not mount on its own) is not an error. Sources below others go first: detaching a parent first would leave its mount point to be crossed on the way to
 // the child, which mounts the parent again (the host's export is still there).
-func (m *sharedMounts) release(log *logrus.Entry, srcs []string) {
+func (m *sharedMounts) release(log *logrus.Entry, srcs []string) (released []string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	unmount := m.unmount
@@ -77,8 +77,10 @@ func (m *sharedMounts) release(log *logrus.Entry, srcs []string) {
 			continue
 		}
 		delete(m.users, src)
+		released = append(released, src)
 		if err := unmount(src); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 			log.WithError(err).WithField("source", src).Warn("unmount a shared bind source no container uses")
 		}
 	}
+	return released
 }

@@ -1,0 +1,63 @@
+package container
+
+import (
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+func TestRemovedPaths(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		root     string
+		released []string
+		want     []string
+	}{
+		{"a root alone", "/s/c1/rootfs", nil, []string{"/s/c1"}},
+		{"pod binds released", "/s/c1/rootfs", []string{"/s/_binds/3/data", "/s/_binds/4/x", "/s/_binds/3/other"}, []string{"/s/c1", "/s/_binds/3", "/s/_binds/4"}},
+		{"the container's own binds", "/s/c1/rootfs", []string{"/s/c1/binds/1/f"}, []string{"/s/c1"}},
+		{"nothing outside the shared directory, nor itself", "/s/c1/rootfs", []string{"/elsewhere/x", "/s/top"}, []string{"/s/c1"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := removedPaths("/s", tc.root, tc.released); !slices.Equal(got, tc.want) {
+				t.Errorf("removedPaths = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+// forgetRemoved looks the paths up until each is gone, and gives up after its bound.
+func TestForgetRemoved(t *testing.T) {
+	l := logrus.New()
+	l.SetOutput(io.Discard)
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	for _, p := range []string{a, b} {
+		if err := os.Mkdir(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		forgetRemoved(logrus.NewEntry(l), []string{a, b}, 10*time.Millisecond, time.Minute)
+		close(done)
+	}()
+	time.Sleep(50 * time.Millisecond)
+	_ = os.Remove(a)
+	_ = os.Remove(b)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("forgetRemoved still looks 10 s after the paths were removed")
+	}
+	start := time.Now()
+	forgetRemoved(logrus.NewEntry(l), []string{dir}, 10*time.Millisecond, 100*time.Millisecond)
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("forgetRemoved of a path that stays took %s, want its 100 ms bound", d)
+	}
+}
