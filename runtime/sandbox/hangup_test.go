@@ -131,3 +131,22 @@ func TestStopDoesNotWaitOutAHungAgent(t *testing.T) {
 		t.Fatal("Stop still waits for a hung agent's answer to Shutdown 5 s on, with a 100 ms shutdown timeout")
 	}
 }
+
+// An agent that did not answer Shutdown powers nothing off: Stop goes on to stop the VM, and does not wait a
+// second shutdown timeout for a power-off (it went past containerd's 3 s for a Shutdown).
+func TestStopWaitsNoPowerOffFromAnUnansweredShutdown(t *testing.T) {
+	silent := func(io.Writer, uint32) error { return nil }
+	m := &pipeMachine{script: []func(w io.Writer, stream uint32) error{answerServing, answerServing, silent}}
+	const shutdown = 2 * time.Second
+	s, err := Start(context.Background(), m, Options{RequestTimeout: time.Minute, ShutdownTimeout: shutdown, Log: logrus.NewEntry(logrus.New())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := s.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d >= 2*shutdown-200*time.Millisecond {
+		t.Errorf("Stop took %s with a %s shutdown timeout: it waited for a power-off after the agent did not answer", d, shutdown)
+	}
+}

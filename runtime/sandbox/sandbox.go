@@ -348,20 +348,22 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 			return err
 		})
 		cancel()
-		if err != nil {
-			// The guest may power off before the answer arrives; only log.
-			s.opts.Log.WithError(err).Debug("agent shutdown request")
-		}
 		// Hanging up tells the agent its reply has arrived: it powers off then instead of after a grace period.
 		_ = s.client.Close()
-		t := time.NewTimer(s.opts.ShutdownTimeout)
-		select {
-		case <-s.m.Exited():
-		case <-t.C:
-			s.opts.Log.Warn("guest did not power off in time; stopping the VM")
-		case <-ctx.Done():
+		if err != nil {
+			// No answer: a hung agent powers nothing off, and waiting for it only kept the stop past containerd's
+			// 3 s for a Shutdown. A guest that powered off before its answer came is stopped all the same.
+			s.opts.Log.WithError(err).Debug("agent shutdown request; stopping the VM")
+		} else {
+			t := time.NewTimer(s.opts.ShutdownTimeout)
+			select {
+			case <-s.m.Exited():
+			case <-t.C:
+				s.opts.Log.Warn("guest did not power off in time; stopping the VM")
+			case <-ctx.Done():
+			}
+			t.Stop()
 		}
-		t.Stop()
 	}
 	_ = s.client.Close()
 	if err := s.m.Stop(ctx); err != nil {
