@@ -8,13 +8,15 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // A port-forward connection (vsock PortForwardPort) carries one forwarded TCP stream. The host opens it and writes
 // a request line, "<port>\n" with the port in decimal (1 to 65535). The agent dials that port on the loopback of
 // the pod's network namespace (127.0.0.1, then ::1) and answers one line: "ok\n", after which the connection
 // carries the stream's bytes both ways, or "error <reason>\n", after which it closes. Either side that reads the
-// end of its own stream half-closes the other (CloseWrite), and closes once both directions have ended.
+// end of its own stream half-closes the other (CloseWrite), and closes once both directions have ended, or a grace
+// after the first did (HalfCloseGrace).
 //
 // Both lines are read one byte at a time: the stream's bytes follow them at once, so nothing may be read ahead.
 
@@ -130,12 +132,21 @@ type halfCloser interface {
 	CloseWrite() error
 }
 
+// HalfCloseGrace is how long RelayPortForward carries the other direction after one ended. containerd's CRI gives
+// it a second, then closes the client's stream: what comes later reaches no one, and a pod's server that neither
+// answers nor closes held the relay, its connections and a port-forward slot of the pod's for good.
+const HalfCloseGrace = 5 * time.Second
+
 // RelayPortForward carries a forwarded stream between a and b, as both ends of the protocol do once the reply is
-// "ok": it copies each way until both directions end. When one side's stream ends, the other side's write half is
-// shut, so that its peer reads the end and may still answer (an HTTP/1.0 client does exactly that). A connection
-// without half-close is closed instead, and a copy that fails closes both, so that neither direction is left
-// waiting. The caller closes both connections afterwards.
+// "ok": it copies each way until both directions end, or HalfCloseGrace after the first did. When one side's
+// stream ends, the other side's write half is shut, so that its peer reads the end and may still answer (an
+// HTTP/1.0 client does exactly that). A connection without half-close is closed instead, and a copy that fails
+// closes both, so that neither direction is left waiting. The caller closes both connections afterwards.
 func RelayPortForward(a, b net.Conn) error {
+	return relayPortForward(a, b, HalfCloseGrace)
+}
+
+func relayPortForward(a, b net.Conn, grace time.Duration) error {
 	errs := make(chan error, 2)
 	pipe := func(dst, src net.Conn) {
 		_, err := io.Copy(dst, src)
@@ -155,5 +166,16 @@ func RelayPortForward(a, b net.Conn) error {
 	}
 	go pipe(a, b)
 	go pipe(b, a)
-	return errors.Join(<-errs, <-errs)
+	first := <-errs
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case second := <-errs:
+		return errors.Join(first, second)
+	case <-t.C:
+		// Closing both ends the copy left; its error is the closed connection's, which is no failure.
+		_ = a.Close()
+		_ = b.Close()
+		return errors.Join(first, <-errs)
+	}
 }

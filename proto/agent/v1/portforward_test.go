@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"net"
 	"strings"
 	"testing"
 	"testing/iotest"
+	"time"
 )
 
 func TestPortForwardRequest(t *testing.T) {
@@ -122,4 +124,64 @@ func FuzzReadPortForwardReply(f *testing.F) {
 			t.Errorf("request of %d bytes accepted", len(in)-r.Len())
 		}
 	})
+}
+
+// tcpPair is two ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	dialed := make(chan net.Conn, 1)
+	go func() {
+		c, _ := net.Dial("tcp", l.Addr().String())
+		dialed <- c
+	}()
+	accepted, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := <-dialed
+	if d == nil {
+		t.Fatal("dial failed")
+	}
+	t.Cleanup(func() { accepted.Close(); d.Close() })
+	return accepted.(*net.TCPConn), d.(*net.TCPConn)
+}
+
+// One side's end is carried over as a half-close, and the other side still answers within the grace; a side that
+// then neither answers nor closes (a pod's server) no longer holds the relay for good.
+func TestRelayPortForwardAfterOneSideEnded(t *testing.T) {
+	a, client := tcpPair(t)
+	b, server := tcpPair(t)
+	done := make(chan error, 1)
+	go func() { done <- relayPortForward(a, b, 300*time.Millisecond) }()
+	if _, err := client.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(server)
+	if err != nil || string(got) != "request" {
+		t.Fatalf("the server read %q, %v; want the request, then the end", got, err)
+	}
+	if _, err := server.Write([]byte("answer")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 6)
+	if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "answer" {
+		t.Fatalf("the client read %q, %v; want the answer after its half-close", buf, err)
+	}
+	// The server goes quiet, its side open.
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("relay: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the relay still carries a stream 10 s after one side ended, its grace 300 ms")
+	}
 }
