@@ -145,6 +145,12 @@ func (s *Service) RemoveContainer(ctx context.Context, req *agentv1.RemoveContai
 		return nil, err
 	}
 	c.mu.Lock()
+	if c.init.sm.State() == lifecycle.Deleted {
+		c.mu.Unlock()
+		// Another removal of it finished meanwhile (the host's retry of one it stopped waiting for): gone, as for
+		// any removal that finds the container no more.
+		return nil, status.Errorf(codes.NotFound, "container %s: removed already", c.id)
+	}
 	if err := c.init.sm.Transition(lifecycle.Deleted); err != nil {
 		c.mu.Unlock()
 		return nil, transitionErr("remove container", c.id, err)

@@ -48,6 +48,11 @@ func TestForgetRemoved(t *testing.T) {
 		close(done)
 	}()
 	time.Sleep(50 * time.Millisecond)
+	select {
+	case <-done:
+		t.Fatal("forgetRemoved returned while the paths were still there")
+	default:
+	}
 	_ = os.Remove(a)
 	_ = os.Remove(b)
 	select {

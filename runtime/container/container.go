@@ -236,11 +236,12 @@ func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
 	if signal == sigKill {
 		gaveUp, err := c.m.mustAnswer(ctx, "SIGKILL to container "+c.id, func(ctx context.Context) error {
 			_, err := c.m.api.SignalProcess(ctx, r)
+			if err == nil {
+				// Here, so that a SIGKILL delivered after its caller stopped waiting is followed too.
+				c.m.watchKill(c.init)
+			}
 			return err
 		})
-		if err == nil {
-			c.m.watchKill(c.init)
-		}
 		if err == nil || gaveUp {
 			return nil
 		}

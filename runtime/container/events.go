@@ -175,20 +175,24 @@ func (m *Manager) settle(p *Process, k exitKey, e Exit) (Exit, bool) {
 	return settled, true
 }
 
-// resync asks the agent directly for the exit of every process still pending.
+// resync asks the agent directly for the exit of every process still pending. One whose start waits for the
+// guest's answer (no pid yet) is left to that start: the guest may still hold an earlier, stopped process of the
+// same id, whose exit a direct wait would answer with, and the answer names no pid to tell them apart by.
 func (m *Manager) resync() {
 	m.mu.Lock()
-	var pending []exitKey
+	pending := map[exitKey]*Process{}
 	for k, p := range m.procs {
 		select {
 		case <-p.exited:
 		default:
-			pending = append(pending, k)
+			pending[k] = p
 		}
 	}
 	m.mu.Unlock()
-	for _, k := range pending {
-		go m.waitProcess(k)
+	for k, p := range pending {
+		if p.Pid() != 0 {
+			go m.waitProcess(k)
+		}
 	}
 }
 

@@ -40,7 +40,7 @@ type fakeAgent struct {
 	// fail makes signals and removals fail on the host's side with this error, as the client's do when a request
 	// runs into its timeout or the agent connection is gone (closed, or a write ran past its deadline).
 	fail error
-	// hang, when set, makes signals and removals wait that long on the host's side (or until their context ends)
+	// hang, when set, makes signals, removals and process lists wait that long on the host's side (or until their context ends)
 	// and fail on a deadline, as a request to a hung agent runs into the request timeout.
 	hang time.Duration
 	// loseAnswers makes creates and execs reach the fake, which carries them out, and fail on the host's side on a
@@ -404,8 +404,8 @@ func waitCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// failingClient fails signals and removals with the fake agent's fail error, when set, without sending them, or
-// after its hang, and holds an exec's start at the fake agent's gate.
+// failingClient fails signals, removals and process lists with the fake agent's fail error, when set, without
+// sending them, or after its hang, and holds an exec's start at the fake agent's gate.
 type failingClient struct {
 	agentv1.ContainersClient
 	a *fakeAgent
@@ -448,6 +448,13 @@ func (c failingClient) ExecProcess(ctx context.Context, r *agentv1.ExecProcessRe
 		return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
 	}
 	return resp, err
+}
+
+func (c failingClient) ListProcesses(ctx context.Context, r *agentv1.ListProcessesRequest) (*agentv1.ListProcessesResponse, error) {
+	if err := c.err(ctx); err != nil {
+		return nil, err
+	}
+	return c.ContainersClient.ListProcesses(ctx, r)
 }
 
 func (c failingClient) lost() bool {

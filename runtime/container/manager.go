@@ -52,7 +52,8 @@ type Options struct {
 	// has a connection of its own; otherwise the stream shares the request client.
 	Events agentv1.ContainersClient
 	// OnEvent, when set, sees every OOM event of a container this manager holds and the first exit event of each
-	// process it holds, in order, from the event loop's goroutine: it must not block.
+	// process it holds, in order, from the event loop's goroutine: it must not block. (An exit that came before the
+	// guest said the process's pid is settled by the process's start instead, and not seen here.)
 	OnEvent func(Event)
 	// OnExit, when set, is called once for each process that exited, after its output was delivered and after
 	// the callback of a Start in progress returned: an exit is never reported before its start. It is not

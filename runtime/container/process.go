@@ -423,11 +423,12 @@ func (p *Process) Signal(ctx context.Context, signal uint32) error {
 		var gaveUp bool
 		gaveUp, err = p.c.m.mustAnswer(ctx, "SIGKILL to "+p.describe(), func(ctx context.Context) error {
 			_, err := p.c.m.api.SignalProcess(ctx, r)
+			if err == nil {
+				// Here, so that a SIGKILL delivered after its caller stopped waiting is followed too.
+				p.c.m.watchKill(p)
+			}
 			return err
 		})
-		if err == nil {
-			p.c.m.watchKill(p)
-		}
 		if gaveUp {
 			return nil
 		}

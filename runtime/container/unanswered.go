@@ -67,10 +67,11 @@ func (m *Manager) abandon(what string, err error) bool {
 }
 
 // watchKill follows p, to which the agent delivered SIGKILL: when it has not exited after Options.KillGrace, the
-// agent is asked for its exit directly (the exit event may be lost), and when that brings no exit within the
-// grace either, the guest is given up. A process that outlives SIGKILL (one blocked in the guest's kernel on a
-// request to the pod's hung virtiofsd) held its container, and kubelet's stop of the pod, for good. One watch per
-// process.
+// agent is asked for its exit directly (the guest may have lost its exit event), and when that brings no exit
+// within the grace either, the guest is given up if its agent no longer answers at all: a lost exit, or a hung
+// agent, held the container, and kubelet's stop of the pod, for good. A process that outlives SIGKILL under an
+// agent that answers (one blocked in the guest's kernel) is its container's trouble, as under runc, not a reason
+// to end its pod's other containers. One watch per process.
 func (m *Manager) watchKill(p *Process) {
 	p.mu.Lock()
 	if p.killWatched {
@@ -106,9 +107,15 @@ func (m *Manager) watchKill(p *Process) {
 			return
 		default:
 		}
-		if m.ctx.Err() == nil && !m.abandon(fmt.Sprintf("with the exit of %s, %s after SIGKILL", p.describe(), 2*m.opts.KillGrace), err) {
-			m.log.WithError(err).WithFields(map[string]any{"container": k.container, "exec": k.exec}).Warn("wait for a process SIGKILL was delivered to")
+		if m.ctx.Err() != nil {
+			return
 		}
+		// Is the agent there at all? Any answer says it is.
+		_, perr := m.api.ListProcesses(m.ctx, &agentv1.ListProcessesRequest{ContainerId: k.container})
+		if (timedOut(perr) || connectionGone(perr)) && m.abandon(fmt.Sprintf("with the exit of %s, %s after SIGKILL, nor a request after", p.describe(), 2*m.opts.KillGrace), perr) {
+			return
+		}
+		m.log.WithError(err).WithFields(map[string]any{"container": k.container, "exec": k.exec}).Warnf("no exit %s after SIGKILL, though the agent answers: the process outlives SIGKILL in the guest", 2*m.opts.KillGrace)
 	}()
 }
 

@@ -129,7 +129,24 @@ func TestSIGKILLWithoutAnExit(t *testing.T) {
 			t.Errorf("the guest was given up (%v), though it answered the direct wait", r)
 		}
 	})
-	t.Run("the process outlives SIGKILL", func(t *testing.T) {
+	t.Run("the process outlives SIGKILL under an agent that answers", func(t *testing.T) {
+		a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }})
+		var abandoned abandonLog
+		m := a.start(Options{Abandon: abandoned.add, KillGrace: 50 * time.Millisecond})
+		ctx := waitCtx(t)
+		c := started(t, ctx, m, CreateOptions{ID: "c1"})
+		if err := c.Kill(ctx, 9, false); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second)
+		if r := abandoned.get(); len(r) != 0 {
+			t.Errorf("the guest was given up (%v), though its agent answers: the process is its container's trouble", r)
+		}
+		if _, exited := c.Init().ExitStatus(); exited {
+			t.Error("the process was reported exited")
+		}
+	})
+	t.Run("the process outlives SIGKILL under an agent that stops answering", func(t *testing.T) {
 		a := newFakeAgent(t, map[string]script{"c1/": func(p *fakeProc) uint32 { select {} }, "c1/e1": func(p *fakeProc) uint32 { select {} }})
 		var abandoned abandonLog
 		m := a.start(Options{Abandon: abandoned.add, KillGrace: 100 * time.Millisecond})
@@ -145,6 +162,9 @@ func TestSIGKILLWithoutAnExit(t *testing.T) {
 		if err := p.Signal(ctx, 9); err != nil {
 			t.Fatal(err)
 		}
+		a.mu.Lock()
+		a.hang = 300 * time.Millisecond
+		a.mu.Unlock()
 		reasons := abandoned.waitAbandoned(t, 5*time.Second)
 		if !strings.Contains(reasons[0].Error(), "after SIGKILL") {
 			t.Errorf("Abandon called with %v, want a reason naming the SIGKILL", reasons)

@@ -26,6 +26,9 @@ func timeoutInterceptor(d time.Duration) ttrpc.UnaryClientInterceptor {
 				var cancel context.CancelFunc
 				ctx, cancel = context.WithTimeout(ctx, d)
 				defer cancel()
+				// ttrpc tells the agent the caller's deadline before the interceptors run: the agent is told this one,
+				// so that what it carries out past it is taken back there too (agent/container's unwaited).
+				req.TimeoutNano = d.Nanoseconds()
 			}
 		}
 		return invoke(ctx, req, resp)

@@ -37,9 +37,14 @@ func TestTimeoutInterceptor(t *testing.T) {
 				got = time.Until(dl)
 				return nil
 			}
-			err := timeoutInterceptor(bound)(ctx, &ttrpc.Request{}, &ttrpc.Response{}, &ttrpc.UnaryClientInfo{FullMethod: tt.method}, invoke)
+			req := &ttrpc.Request{}
+			err := timeoutInterceptor(bound)(ctx, req, &ttrpc.Response{}, &ttrpc.UnaryClientInfo{FullMethod: tt.method}, invoke)
 			if err != nil {
 				t.Fatal(err)
+			}
+			// The agent is told the bound the interceptor set (ttrpc tells it the caller's own before).
+			if applied := tt.want == bound; applied != (req.TimeoutNano == bound.Nanoseconds()) {
+				t.Errorf("the request tells the agent a timeout of %d ns, want %d when the bound applies", req.TimeoutNano, bound.Nanoseconds())
 			}
 			if tt.want == 0 {
 				if has {

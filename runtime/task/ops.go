@@ -148,8 +148,12 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	s.letGo(r.ID, "", s.createHolds(r.ID))
 	s.mu.Lock()
 	s.deleting++
+	if s.deletes == nil {
+		s.deletes = map[string]int{}
+	}
+	s.deletes[r.ID]++
 	s.mu.Unlock()
-	defer s.deleteEnded(ctx)
+	defer s.deleteEnded(ctx, r.ID)
 	e, err := p.DeleteContainer(ctx, c, false)
 	if err != nil {
 		return nil, toGRPC(err)
@@ -163,16 +167,25 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	return &taskAPI.DeleteResponse{Pid: c.HostPid(), ExitStatus: e.Status, ExitedAt: protobuf.ToTimestamp(e.ExitedAt)}, nil
 }
 
-// deleteEnded ends a task's Delete. containerd follows each task's delete with a Shutdown: the one after the last
-// delete stops the pod, and one that came meanwhile is carried out here. That one comes when containerd gave a
-// slow Delete up (CRI deletes under 10 s; the container had left the registry, so containerd's retry found no
-// task and went on to the Shutdown, then forgot the shim): held back until now, it was dropped, and the shim and
-// its VM ran on with no one to stop them.
-func (s *Service) deleteEnded(ctx context.Context) {
+// deleteEnded ends task id's Delete. containerd follows each task's delete with a Shutdown naming it: the one after
+// the last delete stops the pod, and one that named this task while its Delete was under way is carried out here,
+// if no task is left. That one comes when containerd gave a slow Delete up (CRI deletes under 10 s; the container
+// had left the registry, so containerd's retry found no task and went on to the Shutdown, then forgot the shim):
+// held back until now, it was dropped, and the shim and its VM ran on with no one to stop them.
+func (s *Service) deleteEnded(ctx context.Context, id string) {
 	s.mu.Lock()
 	s.deleting--
+	if s.deletes[id]--; s.deletes[id] <= 0 {
+		delete(s.deletes, id)
+	}
+	asked := s.shutdownOnDelete[id] && s.deletes[id] == 0
+	if asked {
+		delete(s.shutdownOnDelete, id)
+	}
 	s.mu.Unlock()
-	s.shutdownIfAsked(context.WithoutCancel(ctx))
+	if asked && !s.busy() {
+		s.shutdownNow(context.WithoutCancel(ctx))
+	}
 }
 
 // stopIfIdle stops the pod when no task is left and no other Create, nor a Delete, is under way (after a failed
@@ -406,8 +419,17 @@ const shutdownWait = 2500 * time.Millisecond
 func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptyResp, error) {
 	if !r.Now && s.busy() {
 		s.mu.Lock()
-		// Carried out once the Create or Delete under way leaves no task (shutdownIfAsked).
-		s.shutdownAsked = true
+		// Carried out once the Create under way failed and left no task (shutdownIfAsked), or the Delete of the task
+		// it names ended and left none (deleteEnded). Otherwise it is the Shutdown containerd sends after each
+		// task's delete, and the pod has other tasks.
+		if s.deletes[r.ID] > 0 {
+			if s.shutdownOnDelete == nil {
+				s.shutdownOnDelete = map[string]bool{}
+			}
+			s.shutdownOnDelete[r.ID] = true
+		} else if s.creating > 0 {
+			s.shutdownAsked = true
+		}
 		s.mu.Unlock()
 		return empty(), nil
 	}
@@ -415,8 +437,8 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*em
 	return empty(), nil
 }
 
-// shutdownIfAsked carries out a Shutdown that came while a Create or a Delete was under way, once no task is left
-// and none is being created or deleted.
+// shutdownIfAsked carries out a Shutdown that came while a Create was under way, once the Create failed and no task
+// is left (a Delete's is deleteEnded's).
 func (s *Service) shutdownIfAsked(ctx context.Context) {
 	if s.busy() {
 		return

@@ -79,8 +79,13 @@ type Service struct {
 	// creating counts Creates in progress: a failed first Create stops the pod only when no other is, nor a
 	// Delete. deleting counts a task's Deletes in progress: Shutdown leaves a pod alone while either is under way.
 	creating, deleting int
-	// shutdownAsked says a Shutdown came while one was under way (under mu).
+	// shutdownAsked says a Shutdown came while a Create was under way (under mu).
 	shutdownAsked bool
+	// deletes counts the Deletes under way by task id, and shutdownOnDelete holds the ids of those a Shutdown
+	// named meanwhile (under mu): containerd gives a slow Delete up, finds the task gone on its retry and sends
+	// the Shutdown, which the Delete carries out when it ends (deleteEnded).
+	deletes          map[string]int
+	shutdownOnDelete map[string]bool
 	// ending says the shim's stop began (under mu): a pod booted after it is stopped, not kept.
 	ending bool
 	// unannounced holds the events of the containers a Create is making, by id, until the Create has published

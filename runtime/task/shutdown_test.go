@@ -81,42 +81,51 @@ func TestShutdownPublishesQueuedEvents(t *testing.T) {
 }
 
 // A Shutdown while a task's Create or Delete is under way leaves the shim running, and is carried out once, when
-// the Create failed or the Delete ended and left no task (containerd sends it during a Delete it gave up on).
+// the Create failed or the Delete ended and left no task: containerd sends it during a Delete it gave up on, naming
+// that task. One that names another task (containerd's Shutdown after an earlier task's delete, the pod's other
+// tasks still there) is not carried out by a Delete's end.
 func TestShutdownWaitsForDeletesAndCreates(t *testing.T) {
 	for _, tc := range []struct {
-		name               string
-		creating, deleting int
-		now                bool
-		want               int
+		name string
+		// creating counts Creates under way; deleting names the task whose Delete is under way ("": none).
+		creating   int
+		deleting   string
+		shutdownID string
+		now        bool
+		want       int
+		wantAfter  int
 	}{
-		{"idle", 0, 0, false, 1},
-		{"a delete under way", 0, 1, false, 0},
-		{"a create under way", 1, 0, false, 0},
-		{"now", 1, 1, true, 1},
+		{"idle", 0, "", "t1", false, 1, 1},
+		{"a delete under way", 0, "t1", "t1", false, 0, 1},
+		{"a delete of another task under way", 0, "t2", "t1", false, 0, 0},
+		{"a create under way", 1, "", "t1", false, 0, 1},
+		{"now", 1, "t1", "t1", true, 1, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			sd := &fakeShutdown{}
 			s := &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue),
-				creating: tc.creating, deleting: tc.deleting}
-			if _, err := s.Shutdown(context.Background(), &taskAPI.ShutdownRequest{Now: tc.now}); err != nil {
+				creating: tc.creating}
+			if tc.deleting != "" {
+				s.deleting, s.deletes = 1, map[string]int{tc.deleting: 1}
+			}
+			if _, err := s.Shutdown(context.Background(), &taskAPI.ShutdownRequest{ID: tc.shutdownID, Now: tc.now}); err != nil {
 				t.Fatal(err)
 			}
 			if got := sd.calls(); got != tc.want {
 				t.Errorf("the shim was shut down %d times, want %d", got, tc.want)
 			}
-			// The Create fails, or the Delete ends, and leaves no task: the Shutdown held back is carried out then,
-			// once.
+			// The Create fails, or the Delete ends, and leaves no task.
 			s.mu.Lock()
 			s.creating = 0
 			s.mu.Unlock()
-			if tc.deleting > 0 {
-				s.deleteEnded(context.Background())
+			if tc.deleting != "" {
+				s.deleteEnded(context.Background(), tc.deleting)
 			} else {
 				s.shutdownIfAsked(context.Background())
 				s.shutdownIfAsked(context.Background())
 			}
-			if got := sd.calls(); got != 1 {
-				t.Errorf("after the Create or Delete: shut down %d times, want once", got)
+			if got := sd.calls(); got != tc.wantAfter {
+				t.Errorf("after the Create or Delete: shut down %d times, want %d", got, tc.wantAfter)
 			}
 		})
 	}
