@@ -142,20 +142,7 @@ func TestDialQMPBoundsTheHandshake(t *testing.T) {
 	before := openFDs(t)
 	// Now a QEMU that hangs up at once, many times over.
 	l.Close()
-	l2, err := net.ListenUnix("unix", &net.UnixAddr{Name: path + "2", Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l2.Close()
-	go func() {
-		for {
-			c, err := l2.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	hangingUp(t, path+"2")
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel2()
 	if _, err := dialQMP(ctx2, path+"2", make(chan struct{})); err == nil {
@@ -180,20 +167,7 @@ func openFDs(t *testing.T) int {
 // lock that its Stop needs.
 func TestDialQMPEndsWithoutADeadline(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "qmp.sock")
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	hangingUp(t, path)
 	done := make(chan error, 1)
 	go func() {
 		_, err := dialQMPWithin(context.Background(), path, make(chan struct{}), 300*time.Millisecond)
@@ -207,4 +181,23 @@ func TestDialQMPEndsWithoutADeadline(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("dial still retries 10 s after its 300 ms bound")
 	}
+}
+
+// hangingUp listens at path as a QEMU that takes each QMP connection and hangs up at once, until the test ends.
+func hangingUp(t *testing.T, path string) {
+	t.Helper()
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
 }
