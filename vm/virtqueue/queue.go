@@ -247,8 +247,9 @@ func (q *Queue) Push(head uint16, written uint32) error {
 
 // Notify signals the driver (call eventfd) if it asked for it (honours VIRTQ_AVAIL_F_NO_INTERRUPT, and
 // used_event when VIRTIO_RING_F_EVENT_IDX was negotiated). It does nothing when nothing was pushed since the
-// last Notify. A front end that fills a blocking call eventfd holds the write (caller): Notify then waits for it
-// 100 ms at most, and signals nothing more until the driver reads it.
+// last Notify. A write that is not done within 100 ms (a front end that filled a blocking call eventfd, or a
+// goroutine kept from its CPU) is left to finish on its own (caller): what is signalled meanwhile is written once
+// after it.
 func (q *Queue) Notify() error {
 	// The used index written by Push must be visible before reading the driver's suppression fields, or both
 	// sides could decide the other will act and an interrupt would be lost.

@@ -515,3 +515,40 @@ func TestNotifyDoesNotWaitForAFullCounter(t *testing.T) {
 		t.Fatalf("the held signal: %v, %#x, want 1", err, got)
 	}
 }
+
+// A write not done within the wait is held, but it need not be blocked: on a loaded host its goroutine can wait
+// that long for a CPU after its write went through, and the driver takes that signal and asks for the next one.
+// A signal asked for while the write is held is written once it ends: dropped, it was lost for good with event
+// indexes (the guest saw nothing more of the queue).
+func TestSignalAskedForWhileAWriteIsHeldIsWritten(t *testing.T) {
+	call := eventfd(t)
+	dup, err := dupCloexec(call)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slow := make(chan struct{})
+	c := &caller{fd: dup, afterWrite: func() { <-slow }}
+	t.Cleanup(func() { c.close() })
+	if err := c.signal(); err != nil {
+		t.Fatal(err)
+	}
+	if !c.isHeld() {
+		t.Fatal("a write whose goroutine did not end within the wait is not held")
+	}
+	if !signalled(t, call) {
+		t.Fatal("the held write did not go through")
+	}
+	c.mu.Lock()
+	c.afterWrite = nil
+	c.mu.Unlock()
+	// The driver took the first signal and asks for the next.
+	if err := c.signal(); err != nil {
+		t.Fatal(err)
+	}
+	close(slow)
+	for deadline := time.Now().Add(10 * time.Second); !signalled(t, call); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the signal asked for while a write was held was never written")
+		}
+	}
+}
