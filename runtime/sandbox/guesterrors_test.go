@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/containerd/ttrpc"
-	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	grpcstatus "google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -23,7 +22,7 @@ func TestAgentErrorsAreMadeSafe(t *testing.T) {
 	long := strings.Repeat("forged\ntime=0 level=error msg=\x1b[31mowned\x1b[0m ", 1<<15)
 	host, guest := net.Pipe()
 	go rawAgent{guest}.serve([]func(io.Writer, uint32) error{func(w io.Writer, stream uint32) error {
-		b, err := proto.Marshal(&ttrpc.Response{Status: &status.Status{Code: int32(codes.NotFound), Message: long}})
+		b, err := proto.Marshal(&ttrpc.Response{Status: grpcstatus.New(codes.NotFound, long).Proto()})
 		if err != nil {
 			return err
 		}
