@@ -12,7 +12,7 @@ import (
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
-// killGraceDefault is Options.KillGrace's default: the agent's request timeout by default.
+// killGraceDefault is Options.KillGrace's default, agent.request_timeout's default.
 const killGraceDefault = 30 * time.Second
 
 // mustAnswer makes call, an agent request that must not fail for want of an answer (a SIGKILL, a container's
