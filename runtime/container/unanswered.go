@@ -112,7 +112,7 @@ func (m *Manager) watchKill(p *Process) {
 		}
 		// Is the agent there at all? Any answer says it is.
 		_, perr := m.api.ListProcesses(m.ctx, &agentv1.ListProcessesRequest{ContainerId: k.container})
-		if (timedOut(perr) || connectionGone(perr)) && m.abandon(fmt.Sprintf("with the exit of %s, %s after SIGKILL, nor a request after", p.describe(), 2*m.opts.KillGrace), perr) {
+		if m.abandon(fmt.Sprintf("with the exit of %s, %s after SIGKILL, nor a request after", p.describe(), 2*m.opts.KillGrace), perr) {
 			return
 		}
 		m.log.WithError(err).WithFields(map[string]any{"container": k.container, "exec": k.exec}).Warnf("no exit %s after SIGKILL, though the agent answers: the process outlives SIGKILL in the guest", 2*m.opts.KillGrace)

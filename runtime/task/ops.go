@@ -147,7 +147,6 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	}
 	s.letGo(r.ID, "", s.createHolds(r.ID))
 	s.mu.Lock()
-	s.deleting++
 	if s.deletes == nil {
 		s.deletes = map[string]int{}
 	}
@@ -174,7 +173,6 @@ func (s *Service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 // held back until now, it was dropped, and the shim and its VM ran on with no one to stop them.
 func (s *Service) deleteEnded(ctx context.Context, id string) {
 	s.mu.Lock()
-	s.deleting--
 	if s.deletes[id]--; s.deletes[id] <= 0 {
 		delete(s.deletes, id)
 	}
@@ -195,7 +193,7 @@ func (s *Service) stopIfIdle(ctx context.Context) {
 	s.mu.Lock()
 	// The count with the others: a Delete counts itself before its container leaves the registry.
 	p := s.pod
-	idle := p != nil && s.creating <= 1 && s.deleting == 0 && p.Containers().Len() == 0
+	idle := p != nil && s.creating <= 1 && len(s.deletes) == 0 && p.Containers().Len() == 0
 	s.mu.Unlock()
 	if idle {
 		if err := s.stopPod(context.WithoutCancel(ctx)); err != nil {
@@ -500,7 +498,7 @@ func (s *Service) removeSocket() {
 func (s *Service) busy() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.creating > 0 || s.deleting > 0 || s.pod != nil && s.pod.Containers().Len() > 0
+	return s.creating > 0 || len(s.deletes) > 0 || s.pod != nil && s.pod.Containers().Len() > 0
 }
 
 // describe names a process in errors.

@@ -77,11 +77,11 @@ type Service struct {
 	// spareStops counts a spare's VM being stopped beside the task's start (takeSpare); stopPod waits for it.
 	spareStops sync.WaitGroup
 	// creating counts Creates in progress: a failed first Create stops the pod only when no other is, nor a
-	// Delete. deleting counts a task's Deletes in progress: Shutdown leaves a pod alone while either is under way.
-	creating, deleting int
+	// Delete (deletes). Shutdown leaves a pod alone while either is under way.
+	creating int
 	// shutdownAsked says a Shutdown came while a Create was under way (under mu).
 	shutdownAsked bool
-	// deletes counts the Deletes under way by task id, and shutdownOnDelete holds the ids of those a Shutdown
+	// deletes counts the Deletes under way by task id (none left: no entry), and shutdownOnDelete holds the ids of those a Shutdown
 	// named meanwhile (under mu): containerd gives a slow Delete up, finds the task gone on its retry and sends
 	// the Shutdown, which the Delete carries out when it ends (deleteEnded).
 	deletes          map[string]int

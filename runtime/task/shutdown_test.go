@@ -106,7 +106,7 @@ func TestShutdownWaitsForDeletesAndCreates(t *testing.T) {
 			s := &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue),
 				creating: tc.creating}
 			if tc.deleting != "" {
-				s.deleting, s.deletes = 1, map[string]int{tc.deleting: 1}
+				s.deletes = map[string]int{tc.deleting: 1}
 			}
 			if _, err := s.Shutdown(context.Background(), &taskAPI.ShutdownRequest{ID: tc.shutdownID, Now: tc.now}); err != nil {
 				t.Fatal(err)
