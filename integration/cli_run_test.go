@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/integration/testbundle"
+	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
 // runBundleDir writes a bundle whose config.json is what `runc spec` makes (terminal on, read-only root),
@@ -238,6 +239,40 @@ func TestCLIRunReadonlyRootWithoutMountPoints(t *testing.T) {
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil || stdout.String() != "ok\n" {
 		t.Errorf("kiln run: %v, stdout %q; stderr:\n%s", err, stdout.String(), stderr.String())
+	}
+	// The mount points went into the guest's layer above the read-only export, not into the host's directory.
+	for _, d := range []string{"proc", "sys", "dev"} {
+		if _, err := os.Lstat(filepath.Join(dir, "rootfs", d)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("rootfs/%s on the host after the run: %v (want it not to exist)", d, err)
+		}
+	}
+	checkRunLeftovers(t, stateRoot)
+}
+
+// A read-only root is read-only on the host, not only in the guest: a process with the guest's whole power over
+// the shared file system (here a container with CAP_SYS_ADMIN mounting the VM's virtio-fs tag itself, as a guest
+// kernel taken over could write through it) cannot write the host's directory.
+func TestCLIRunReadonlyRootIsReadOnlyOnTheHost(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	dir := t.TempDir()
+	// Linux 6.1 gives a second mount of the tag the newest of its submounts' file systems, here the root's; the
+	// share's own root would hold it at <id>/rootfs.
+	spec := testbundle.Spec("sh", "-c", "mkdir /dev/shm/s && mount -t virtiofs "+agentv1.SharedFSTag+" /dev/shm/s && "+
+		"cd /dev/shm/s && { [ -d bin ] || cd */rootfs; } && [ -d bin ] && "+
+		"if touch hostile 2>/dev/null; then echo wrote; else echo refused; fi")
+	caps := append(testbundle.DefaultCaps(), "CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH")
+	spec.Process.Capabilities = &specs.LinuxCapabilities{Bounding: caps, Effective: caps, Permitted: caps}
+	if err := testbundle.Write(dir, spec); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "--config", cfg, "run", "--bundle", dir, "rohost")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil || stdout.String() != "refused\n" {
+		t.Errorf("kiln run: %v, stdout %q (want \"refused\"); stderr:\n%s", err, stdout.String(), stderr.String())
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "rootfs", "hostile")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the guest wrote the read-only root's host directory: %v", err)
 	}
 	checkRunLeftovers(t, stateRoot)
 }

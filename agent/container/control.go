@@ -162,6 +162,11 @@ func (s *Service) RemoveContainer(ctx context.Context, req *agentv1.RemoveContai
 	if err := c.lc.Destroy(); err != nil {
 		s.log.WithError(err).WithField("container", c.id).Warn("destroy container")
 	}
+	if c.readOnly != nil {
+		if err := c.readOnly.remove(); err != nil {
+			s.log.WithError(err).WithField("container", c.id).Warn("remove read-only root")
+		}
+	}
 	s.mu.Lock()
 	delete(s.containers, c.id)
 	s.mu.Unlock()

@@ -28,6 +28,8 @@ type creation struct {
 	netSysctls map[string]string
 	// sources are the container's bind sources in the shared directory (sharedMounts).
 	sources []string
+	// readOnly layers the root when the spec asks for a read-only one; nil otherwise.
+	readOnly *readOnlyRoot
 }
 
 // prepareCreate checks a request and converts its spec and process for libcontainer; it creates nothing but the
@@ -48,6 +50,13 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 	spec, err := adaptSpec(req.GetOciSpec(), id, root, podNamespaces{net: podNet, isInit: s.isInitPid})
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
+	}
+	var readOnly *readOnlyRoot
+	if spec.Root.Readonly {
+		if readOnly, err = newReadOnlyRoot(s.cfg.RootsDir, id, root); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "create container %s: %v", id, err)
+		}
+		spec.Root.Path = readOnly.root()
 	}
 	dropped, err := fitDevices(spec.Linux, guestDevice)
 	if err != nil {
@@ -73,7 +82,10 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 		s.log.WithFields(logrus.Fields{"container": id, "spec_terminal": spec.Process.Terminal}).
 			Warn("request's stdio decides the terminal, not the spec")
 	}
-	return &creation{id: id, root: root, config: config, lp: lp, netSysctls: netSysctls, sources: sharedSources(spec, s.cfg.SharedDir)}, nil
+	return &creation{
+		id: id, root: root, config: config, lp: lp, netSysctls: netSysctls, sources: sharedSources(spec, s.cfg.SharedDir),
+		readOnly: readOnly,
+	}, nil
 }
 
 // CreateContainer builds the container and its init process, which waits
@@ -96,6 +108,18 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 			s.unreserve(id)
 		}
 	}()
+	if cr.readOnly != nil {
+		if err := cr.readOnly.mount(); err != nil {
+			return nil, fmt.Errorf("create container %s: %w", id, err)
+		}
+		defer func() {
+			if retErr != nil {
+				if err := cr.readOnly.remove(); err != nil {
+					log.WithError(err).Warn("remove the read-only root of a container not created")
+				}
+			}
+		}()
+	}
 	conns, err := s.claimStdio(ctx, req.GetStdio())
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: %w", id, err)
@@ -121,7 +145,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 		}
 		return nil, fmt.Errorf("create container %s: start init: %w", id, err)
 	}
-	c := &container{id: id, lc: lc, rootfs: root, sources: cr.sources, execs: map[string]*process{}}
+	c := &container{id: id, lc: lc, rootfs: root, readOnly: cr.readOnly, sources: cr.sources, execs: map[string]*process{}}
 	p := &process{lp: lp, pid: pid, io: pio, sm: lifecycle.New(lifecycle.Init()), done: make(chan struct{})}
 	c.init = p
 	if err := errors.Join(pio.started(), unwaited(ctx)); err != nil {

@@ -57,6 +57,8 @@ type Config struct {
 	// SharedDir is where the host's shared directory is mounted; requests'
 	// rootfs paths are relative to it.
 	SharedDir string
+	// RootsDir is where read-only roots are layered (readOnlyRoot).
+	RootsDir string
 	// Stdio holds the host's stdio connections until requests claim them.
 	Stdio *stdio.Hub
 	// Reaper coordinates exit statuses with the guest's orphan reaper.
@@ -107,6 +109,9 @@ func New(log *logrus.Entry, cfg Config) (*Service, error) {
 	if cfg.SharedDir == "" {
 		cfg.SharedDir = DefaultSharedDir
 	}
+	if cfg.RootsDir == "" {
+		cfg.RootsDir = DefaultRootsDir
+	}
 	if cfg.StdioTimeout <= 0 {
 		cfg.StdioTimeout = DefaultStdioTimeout
 	}
@@ -153,9 +158,11 @@ type runtimeContainer interface {
 type container struct {
 	id        string
 	lc        runtimeContainer
-	rootfs    string
+	rootfs    string // in the shared directory
 	cgroupDir string
 	oom       *oomWatcher
+	// readOnly layers rootfs when the spec asks for a read-only root; nil otherwise.
+	readOnly *readOnlyRoot
 	// sources are its bind sources in the shared directory, whose mounts it holds (sharedMounts).
 	sources []string
 	// updateMu serialises UpdateContainer's read, merge and set of the resources.

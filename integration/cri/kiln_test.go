@@ -176,8 +176,24 @@ func TestKilnPodVolumes(t *testing.T) {
 		{ContainerPath: "/etc/config", HostPath: cm, Readonly: true},
 		{ContainerPath: "/etc/single.conf", HostPath: file, Readonly: true},
 	}
-	_, ids := podWithContainers(t, e, HandlerKiln, pod, c)
+	// A second container has a read-only root (readOnlyRootFilesystem): the mount points its volumes need, which
+	// busybox lacks, go into the guest's layer above the root's read-only export.
+	roRoot := NewContainerConfig("ro-root", containerd.BusyboxRef, "sleep", "3600")
+	roRoot.Mounts = c.Mounts
+	roRoot.Linux = &LinuxContainer{SecurityContext: &ContainerSecurityContext{ReadonlyRootfs: true}}
+	_, ids := podWithContainers(t, e, HandlerKiln, pod, c, roRoot)
 	id := ids[0]
+
+	if _, _, code, _ := e.Exec(context.Background(), ids[1], "touch", "/newfile"); code == 0 {
+		t.Error("wrote into a read-only root")
+	}
+	execRetry(t, e, ids[1], "sh", "-c", "echo from-read-only-root > /rw/ro-root")
+	if got, err := os.ReadFile(filepath.Join(rw, "ro-root")); err != nil || string(got) != "from-read-only-root\n" {
+		t.Errorf("host sees %q, %v in the read-write volume of the container with a read-only root", got, err)
+	}
+	if got := execRetry(t, e, ids[1], "cat", "/etc/single.conf"); got != "single-file\n" {
+		t.Errorf("single-file volume under a read-only root: %q", got)
+	}
 
 	execRetry(t, e, id, "sh", "-c", "echo from-guest > /rw/out")
 	if got, err := os.ReadFile(filepath.Join(rw, "out")); err != nil || string(got) != "from-guest\n" {

@@ -56,9 +56,11 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	if err := p.prepareContainer(ctx, o.ID, b); err != nil {
 		return nil, err
 	}
-	// The root is shared writable even when the spec asks for a read-only one: libcontainer in the guest first
-	// creates the mount points the spec needs (a pause image has no /proc), then remounts the root read-only,
-	// as runc does on a host.
+	// A root the spec asks to be read-only is exported read-only: a guest kernel taken over must not write a
+	// host directory that may be every pod's root, or the container's writable layer. The mount points
+	// libcontainer makes before the root becomes read-only go into a layer in guest memory (the agent's
+	// readOnlyRoot).
+	readonly := b.Spec.Root != nil && b.Spec.Root.Readonly
 	var rootfs string
 	var err error
 	if len(o.Rootfs) > 0 {
@@ -66,9 +68,9 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 		for _, m := range o.Rootfs {
 			mounts = append(mounts, share.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
 		}
-		rootfs, err = p.share.AddRootfsMounts(ctx, o.ID, mounts, false)
+		rootfs, err = p.share.AddRootfsMounts(ctx, o.ID, mounts, readonly)
 	} else {
-		rootfs, err = p.share.AddRootfs(ctx, o.ID, b.Rootfs, false)
+		rootfs, err = p.share.AddRootfs(ctx, o.ID, b.Rootfs, readonly)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)
