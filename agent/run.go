@@ -110,6 +110,7 @@ func Run(ctx context.Context, cfg Config) {
 		Fatal(log, err)
 	}
 	shutdown := make(chan string, 1)
+	answered, restored := setupHooks(guest, pod)
 	srv, err := NewServer(log, ServerConfig{
 		Version:    cfg.Version,
 		Root:       "/",
@@ -117,18 +118,11 @@ func Run(ctx context.Context, cfg Config) {
 		Containers: containers,
 		Network:    pod,
 		Ready:      guest.Ready,
-		// The guest's setup, and the pod namespace's creation, wait for the
-		// host's first request so as not to slow its answer down. A
-		// template guest is saved before any request: each clone makes its
-		// own namespace (and with it its own random hash mix).
-		Answered: func() {
-			guest.Proceed()
-			pod.Prepare()
-		},
-		Seeder:   KernelSeeder{},
-		Memory:   &GuestMemory{Sys: "/sys", Threads: guest.Threads},
-		CPUs:     &GuestCPUs{Sys: "/sys"},
-		Restored: guest.Restored,
+		Answered:   answered,
+		Seeder:     KernelSeeder{},
+		Memory:     &GuestMemory{Sys: "/sys", Threads: guest.Threads},
+		CPUs:       &GuestCPUs{Sys: "/sys"},
+		Restored:   restored,
 		OnShutdown: func(reason string) {
 			select {
 			case shutdown <- "shutdown request: " + reason:
@@ -206,4 +200,33 @@ func sinceBoot() time.Duration {
 		return 0
 	}
 	return time.Duration(ts.Nano())
+}
+
+// setupGuest is what setupHooks needs of the guest (*Guest).
+type setupGuest interface {
+	Proceed()
+	Template() bool
+	Restored(ctx context.Context) error
+}
+
+// setupHooks returns the server's Answered and Restored hooks. The guest's setup, and the pod namespace's
+// creation, wait for the host's first request so as not to slow its answer down. A template guest is saved
+// before any request, and each clone makes its namespace only once SeedGuest gave it entropy of its own: the
+// namespace's random hash mix would otherwise come from the kernel's generator as the template saved it, the same
+// in every clone.
+func setupHooks(guest setupGuest, pod interface{ Prepare() }) (answered func(), restored func(context.Context) error) {
+	answered = func() {
+		guest.Proceed()
+		if !guest.Template() {
+			pod.Prepare()
+		}
+	}
+	restored = func(ctx context.Context) error {
+		if err := guest.Restored(ctx); err != nil {
+			return err
+		}
+		pod.Prepare()
+		return nil
+	}
+	return answered, restored
 }

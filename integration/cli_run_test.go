@@ -249,6 +249,39 @@ func TestCLIRunReadonlyRootWithoutMountPoints(t *testing.T) {
 	checkRunLeftovers(t, stateRoot)
 }
 
+// Host mounts below a read-only root given as a directory show in the container with their own flags, as under
+// runc (which makes only the root's own mount read-only): the guest layers the root's export, which holds none of
+// them, and they come as binds of their own.
+func TestCLIRunReadonlyRootShowsMountsBelowIt(t *testing.T) {
+	bin, cfg, stateRoot := kilnCLI(t)
+	dir := t.TempDir()
+	spec := testbundle.Spec("sh", "-c", "cat /data/marker && echo from-guest > /data/new && ! touch /x 2>/dev/null && echo ok")
+	if err := testbundle.Write(dir, spec); err != nil {
+		t.Fatal(err)
+	}
+	data := filepath.Join(dir, "rootfs", "data")
+	if err := os.Mkdir(data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", data, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(data, unix.MNT_DETACH) })
+	if err := os.WriteFile(filepath.Join(data, "marker"), []byte("host mount\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "--config", cfg, "run", "--bundle", dir, "rosub")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil || stdout.String() != "host mount\nok\n" {
+		t.Errorf("kiln run: %v, stdout %q; stderr:\n%s", err, stdout.String(), stderr.String())
+	}
+	if b, err := os.ReadFile(filepath.Join(data, "new")); err != nil || string(b) != "from-guest\n" {
+		t.Errorf("the writable mount below the read-only root holds %q, %v", b, err)
+	}
+	checkRunLeftovers(t, stateRoot)
+}
+
 // A read-only root is read-only on the host, not only in the guest: a process with the guest's whole power over
 // the shared file system (here a container with CAP_SYS_ADMIN mounting the VM's virtio-fs tag itself, as a guest
 // kernel taken over could write through it) cannot write the host's directory.

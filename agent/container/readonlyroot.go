@@ -15,7 +15,7 @@ const DefaultRootsDir = "/run/kiln/roots"
 
 // layerLimits bound a read-only root's upper layer: it takes only the mount points libcontainer makes before the
 // root becomes read-only, and the guest's memory backs it.
-const layerLimits = "mode=0755,size=1m,nr_inodes=4096"
+const layerLimits = "mode=0711,size=1m,nr_inodes=4096"
 
 // readOnlyRoot is the root the guest gives a container whose spec asks for a read-only one. The host exports such
 // a root read-only, so that a guest kernel taken over cannot write the host's directory (a plain directory may be
@@ -44,10 +44,15 @@ func (r *readOnlyRoot) root() string { return filepath.Join(r.dir, "root") }
 // mount mounts a tmpfs at dir and in it an overlay of the read-only export under an upper layer of the tmpfs. On
 // error nothing of it is left.
 func (r *readOnlyRoot) mount() (retErr error) {
-	if err := os.MkdirAll(filepath.Dir(r.dir), 0o700); err != nil {
+	// runc resolves the root as the container's root, which in a user namespace is not the guest's root: the
+	// way to it must let anyone pass through (as MountShared makes the share's).
+	if err := os.MkdirAll(filepath.Dir(r.dir), 0o711); err != nil {
 		return fmt.Errorf("layer read-only root: %w", err)
 	}
-	if err := os.Mkdir(r.dir, 0o700); err != nil {
+	if err := os.Chmod(filepath.Dir(r.dir), 0o711); err != nil {
+		return fmt.Errorf("layer read-only root: %w", err)
+	}
+	if err := os.Mkdir(r.dir, 0o711); err != nil {
 		return fmt.Errorf("layer read-only root: %w", err)
 	}
 	if err := unix.Mount("tmpfs", r.dir, "tmpfs", 0, layerLimits); err != nil {
@@ -80,6 +85,19 @@ func (r *readOnlyRoot) mount() (retErr error) {
 			return fmt.Errorf("layer read-only root: open %s: %w", p, err)
 		}
 		fds = append(fds, fd)
+	}
+	// The overlay's root takes its owner and mode from the upper directory: it gets the export's, so that the
+	// image's root (owned by a user namespace's mapped root, for one) stays as it is.
+	var st unix.Stat_t
+	if err := unix.Fstat(fds[0], &st); err != nil {
+		return fmt.Errorf("layer read-only root: stat %s: %w", r.lower, err)
+	}
+	upper := filepath.Join(r.dir, "upper")
+	if err := os.Chown(upper, int(st.Uid), int(st.Gid)); err != nil {
+		return fmt.Errorf("layer read-only root: %w", err)
+	}
+	if err := unix.Chmod(upper, st.Mode&0o7777); err != nil {
+		return fmt.Errorf("layer read-only root: chmod %s: %w", upper, err)
 	}
 	opts := fmt.Sprintf("lowerdir=/proc/self/fd/%d,upperdir=/proc/self/fd/%d,workdir=/proc/self/fd/%d", fds[0], fds[1], fds[2])
 	if err := unix.Mount("overlay", r.root(), "overlay", 0, opts); err != nil {

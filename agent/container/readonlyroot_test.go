@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
 )
 
 func TestNewReadOnlyRootRefusesIDsThatAreNoDirectoryName(t *testing.T) {
@@ -27,8 +28,9 @@ func TestNewReadOnlyRootRefusesIDsThatAreNoDirectoryName(t *testing.T) {
 }
 
 // The layer takes what is made in the root; the lower directory, which stands for the read-only export, is left
-// as it was, and removing the layer leaves no mount and no directory. The lower path holds the characters
-// overlayfs splits its options on.
+// as it was, and removing the layer leaves no mount and no directory. The root keeps the export's owner and mode
+// (a user namespace's mapped root owns it), and the way to it lets anyone pass. The lower path holds the
+// characters overlayfs splits its options on.
 func TestReadOnlyRootLayersAboveTheExport(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("mounting needs root")
@@ -40,7 +42,13 @@ func TestReadOnlyRootLayersAboveTheExport(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(lower, "etc", "passwd"), []byte("root:x:0:0::/:/bin/sh\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	roots := t.TempDir()
+	if err := os.Chown(lower, 200000, 300000); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(lower, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	roots := filepath.Join(t.TempDir(), "roots")
 	r, err := newReadOnlyRoot(roots, "c1", lower)
 	if err != nil {
 		t.Fatal(err)
@@ -54,6 +62,18 @@ func TestReadOnlyRootLayersAboveTheExport(t *testing.T) {
 			_ = r.remove()
 		}
 	})
+	var st unix.Stat_t
+	if err := unix.Stat(r.root(), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Uid != 200000 || st.Gid != 300000 || st.Mode&0o7777 != 0o750 {
+		t.Errorf("the layered root is %d:%d %o, want the export's 200000:300000 750", st.Uid, st.Gid, st.Mode&0o7777)
+	}
+	for _, d := range []string{roots, r.dir} {
+		if fi, err := os.Stat(d); err != nil || fi.Mode().Perm()&0o111 != 0o111 {
+			t.Errorf("%s: %v, %v: want anyone to pass through", d, fi.Mode(), err)
+		}
+	}
 	if b, err := os.ReadFile(filepath.Join(r.root(), "etc", "passwd")); err != nil || !strings.HasPrefix(string(b), "root:") {
 		t.Fatalf("the export's file through the layer: %q, %v", b, err)
 	}

@@ -727,3 +727,72 @@ func TestKilnRefusedSpecStartsNoSpare(t *testing.T) {
 	}
 	k.remove(t, id)
 }
+
+// A spare whose guest came from files replaced since it booted (QEMU upgraded, `make image` run again, with the
+// shim binary unchanged) is stale: the next task does not run the old guest in it. The spare leaves, the task
+// boots from the new files, and its shim starts a spare of them.
+func TestKilnSpareOfReplacedGuestLeaves(t *testing.T) {
+	k := startKiln(t)
+	// The guest's files are copies of the test's own, which the test can replace.
+	assets := t.TempDir()
+	for _, d := range []string{filepath.Dir(assets), assets} {
+		if err := os.Chmod(d, 0o755); err != nil { // QEMU runs as a user of its own, which reads them
+			t.Fatal(err)
+		}
+	}
+	for _, f := range []string{"vmlinuz", "initrd.img", "agent.img", "agent-version", "kernel-release"} {
+		b, err := os.ReadFile(filepath.Join(k.assets, f))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(assets, f), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg, err := k.d.KilnConfig(assets, "[hypervisor]\nfast_start = \"template\"\nspare = true\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.cfg = cfg
+	addr := k.d.Address
+	if out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-stale-1", "echo", "first"); code != 0 || strings.TrimSpace(out) != "first" {
+		t.Fatalf("first run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("no spare shim became ready for %s", addr)
+	}
+	stale, _ := spareOf(addr)
+	// As `make image` does it: a new file renamed into place.
+	initrd := filepath.Join(assets, "initrd.img")
+	b, err := os.ReadFile(initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(initrd+".new", b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(initrd+".new", initrd); err != nil {
+		t.Fatal(err)
+	}
+	if out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-stale-2", "echo", "second"); code != 0 || strings.TrimSpace(out) != "second" {
+		t.Fatalf("run after the initrd was replaced: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if log := k.logSince(t, 0); strings.Contains(log, "the spare shim's warm VM runs the task\" container=kiln-stale-2") {
+		t.Errorf("kiln-stale-2 ran in the spare booted from the replaced initrd")
+	}
+	if !WaitSpare(addr, 3*time.Minute) {
+		t.Fatalf("kiln-stale-2's shim started no spare for %s", addr)
+	}
+	if sp, _ := spareOf(addr); sp.Pid == stale.Pid {
+		t.Fatalf("the stale spare %d still waits", sp.Pid)
+	}
+	if out, errOut, code := k.run(t, "--rm", BusyboxRef, "kiln-stale-3", "echo", "third"); code != 0 || strings.TrimSpace(out) != "third" {
+		t.Fatalf("third run: exit %d, stdout %q, stderr %s", code, out, errOut)
+	}
+	if log := k.logSince(t, 0); !strings.Contains(log, "the spare shim's warm VM runs the task\" container=kiln-stale-3") {
+		t.Errorf("kiln-stale-3 did not run in the spare of the new files; containerd's log:\n%s", k.d.LogTail(40))
+	}
+}

@@ -41,6 +41,24 @@ type ContainerOptions struct {
 	Release io.Closer
 }
 
+// mountsBelowRoot are binds of the host mounts below a read-only root given as a directory, which the share
+// exports alone (share.AddRootfs): mounted in the guest before the spec's own mounts, they show the container
+// what runc's recursive bind of the root would, each with its own flags (runc makes only the root's own mount
+// read-only).
+func mountsBelowRoot(root string) ([]specs.Mount, error) {
+	rels, err := share.MountsBelow(root)
+	if err != nil {
+		return nil, err
+	}
+	mounts := make([]specs.Mount, 0, len(rels))
+	for _, rel := range rels {
+		mounts = append(mounts, specs.Mount{
+			Destination: "/" + rel, Type: "bind", Source: filepath.Join(root, rel), Options: []string{"rbind"},
+		})
+	}
+	return mounts, nil
+}
+
 // CreateContainer puts the container's root file system and bind sources in the share and creates it in the
 // guest, its init process waiting to be started. On error the share holds nothing of it.
 func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *container.Container, retErr error) {
@@ -62,6 +80,7 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 	// readOnlyRoot).
 	readonly := b.Spec.Root != nil && b.Spec.Root.Readonly
 	var rootfs string
+	var below []specs.Mount
 	var err error
 	if len(o.Rootfs) > 0 {
 		mounts := make([]share.Mount, 0, len(o.Rootfs))
@@ -70,6 +89,11 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 		}
 		rootfs, err = p.share.AddRootfsMounts(ctx, o.ID, mounts, readonly)
 	} else {
+		if readonly {
+			if below, err = mountsBelowRoot(b.Rootfs); err != nil {
+				return nil, fmt.Errorf("create container %s: %w", o.ID, err)
+			}
+		}
 		rootfs, err = p.share.AddRootfs(ctx, o.ID, b.Rootfs, readonly)
 	}
 	if err != nil {
@@ -106,7 +130,7 @@ func (p *Pod) CreateContainer(ctx context.Context, o ContainerOptions) (_ *conta
 		p.log.WithFields(logrus.Fields{"container": o.ID, "ignored": fields}).Info("host LSM settings taken out (runtime.host_lsm = \"ignore\")")
 	}
 	spec.Process = rlimit.Fill(spec.Process, p.rlimits)
-	spec.Mounts = append([]specs.Mount(nil), spec.Mounts...)
+	spec.Mounts = append(below, spec.Mounts...)
 	guestShm := podShm(spec.Mounts, spec.Annotations[bundle.SandboxAnnotation])
 	if err := p.share.ShareSpecMounts(ctx, o.ID, b.Dir, &spec, guestShm); err != nil {
 		return nil, fmt.Errorf("create container %s: %w", o.ID, err)

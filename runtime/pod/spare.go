@@ -39,8 +39,9 @@ const warmSuffix = ".warm-"
 // Warm runs one throwaway container in the guest and removes it, so that the guest (and, under TCG, its QEMU,
 // which translates guest code the first time it runs) has been through a container's whole path before a task's
 // first container comes: a spare's pod. The container is containerd's default one with the runtime's default
-// seccomp profile; its program is the agent's own binary, which exits at once (agentv1.WarmExitEnv). A VM with
-// hot-plug then rehearses a pod's network on a throwaway NIC.
+// seccomp profile and a read-only root, as CRI's pause container has (the guest layers such a root); its program
+// is the agent's own binary, which exits at once (agentv1.WarmExitEnv). A VM with hot-plug then rehearses a pod's
+// network on a throwaway NIC.
 func (p *Pod) Warm(ctx context.Context) (WarmUp, error) {
 	start := time.Now()
 	dir, err := os.MkdirTemp(p.cfg.Runtime.StateDir, p.id+warmSuffix)
@@ -52,7 +53,7 @@ func (p *Pod) Warm(ctx context.Context) (WarmUp, error) {
 		return WarmUp{}, fmt.Errorf("warm pod %s: %w", p.id, err)
 	}
 	spec, err := oci.GenerateSpec(namespaces.WithNamespace(ctx, "kiln"), nil, &containers.Container{ID: warmID},
-		oci.WithRootFSPath("rootfs"), oci.WithProcessArgs("/proc/self/exe"), oci.WithEnv([]string{agentv1.WarmExitEnv + "=1"}),
+		oci.WithRootFSPath("rootfs"), oci.WithRootFSReadonly(), oci.WithProcessArgs("/proc/self/exe"), oci.WithEnv([]string{agentv1.WarmExitEnv + "=1"}),
 		seccomp.WithDefaultProfile())
 	if err != nil {
 		return WarmUp{}, fmt.Errorf("warm pod %s: spec: %w", p.id, err)

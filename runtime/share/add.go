@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -14,10 +15,12 @@ import (
 	"github.com/kiln-runtime/kiln/mounttree"
 )
 
-// AddRootfs binds hostRootfs, a directory, at the container's root in the share (recursively, read-only if
-// asked) and returns its path relative to the share, "<id>/rootfs". hostRootfs comes from the caller (a bundle
-// or a snapshot) and is resolved without bound, except beneath a directory the share exported read-write (see
-// AddBindSource).
+// AddRootfs binds hostRootfs, a directory, at the container's root in the share and returns its path relative to
+// the share, "<id>/rootfs". A writable root is bound with the mounts below it. A read-only one is bound alone,
+// read-only: the guest layers it (an overlay, which cannot reach virtio-fs submounts below it), so the mounts
+// below it are the caller's to share as binds of their own (MountsBelow), as runc's recursive bind would show
+// them. hostRootfs comes from the caller (a bundle or a snapshot) and is resolved without bound, except beneath a
+// directory the share exported read-write (see AddBindSource).
 func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, readonly bool) (guestRel string, err error) {
 	if !filepath.IsAbs(hostRootfs) {
 		return "", fmt.Errorf("add rootfs of container %s to share: path %q is not absolute", containerID, hostRootfs)
@@ -47,7 +50,7 @@ func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, r
 	if err != nil {
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
 	}
-	if err := bindFrom(src, target, BindOptions{RecursiveReadonly: readonly, Recursive: true}); err != nil {
+	if err := bindFrom(src, target, BindOptions{Readonly: readonly, Recursive: !readonly}); err != nil {
 		_ = os.Remove(target)
 		s.forgetEmptyLocked(containerID)
 		return "", fmt.Errorf("add rootfs of container %s to share: %w", containerID, err)
@@ -57,6 +60,33 @@ func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, r
 		s.addWritableLocked(resolved)
 	}
 	return containerID + "/rootfs", nil
+}
+
+// MountsBelow lists the mount points strictly below dir, a host directory (resolved first), that are below no
+// other of them, as paths relative to dir, each once, in the order they were mounted: binding each recursively
+// shows what a recursive bind of dir would.
+func MountsBelow(dir string) ([]string, error) {
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return nil, fmt.Errorf("mounts below %s: %w", dir, err)
+	}
+	points, err := mounttree.Points(real)
+	if err != nil {
+		return nil, fmt.Errorf("mounts below %s: %w", dir, err)
+	}
+	var below []string
+	for _, p := range points {
+		if p == real || slices.ContainsFunc(below, func(b string) bool { return mounttree.Under(p, b) }) {
+			continue
+		}
+		// A mount made earlier below this one is covered by it: the bind of p shows what p shows.
+		below = slices.DeleteFunc(below, func(b string) bool { return mounttree.Under(b, p) })
+		below = append(below, p)
+	}
+	for i, b := range below {
+		below[i] = strings.TrimPrefix(b, real+"/")
+	}
+	return below, nil
 }
 
 // prepareRootfsLocked checks that the container has no root yet and creates its mount point. On error, and when

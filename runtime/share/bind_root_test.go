@@ -2,6 +2,7 @@ package share
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -315,5 +316,52 @@ func TestBindOfAConnectionIsRefused(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(filepath.Join(s.mounts, podBinds)); len(entries) != 0 {
 		t.Errorf("refused binds left %v in the share", entries)
+	}
+}
+
+// MountsBelow lists what a recursive bind of a directory shows mounted below it, the mounts to bind apart from a
+// read-only root exported alone: one each path, none below another, none covered by a later mount; and a
+// read-only root's export shows none of them.
+func TestMountsBelow(t *testing.T) {
+	requireRoot(t)
+	dir := filepath.Join(t.TempDir(), "root")
+	mountAt := func(rel string) {
+		t.Helper()
+		p := filepath.Join(dir, rel)
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", p, "tmpfs", 0, "size=1m"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := mounttree.UnmountUnder(dir); err != nil {
+			t.Errorf("unmount host tree: %v", err)
+		}
+	})
+	for _, rel := range []string{"a", "a/b", "c", "c", "d/e", "d"} {
+		mountAt(rel)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "a", "marker"), []byte("submount"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got, err := MountsBelow(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"a", "c", "d"}; !slices.Equal(got, want) {
+		t.Errorf("MountsBelow = %q, want %q", got, want)
+	}
+	s := newTestShare(t)
+	rel, err := s.AddRootfs(context.Background(), "c1", dir, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(s.ExportDir(), rel, "a", "marker")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a read-only root's export shows a mount below it: %v", err)
 	}
 }

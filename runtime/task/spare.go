@@ -240,10 +240,23 @@ func (sp *Spare) fits(req spare.Request) error {
 	return sp.refuses(cfg, &pod.First{ID: req.Task.ID, Bundle: b})
 }
 
+// guestOrigin is what a spare's VM tells of the files its guest came from (*qemu.Machine).
+type guestOrigin interface {
+	FilesChanged() error
+}
+
 // refuses says why the spare's pod cannot be the pod of first, booted with cfg, touching nothing (pod.Refuses).
+// A spare whose guest came from files replaced since (QEMU upgraded, the guest rebuilt, with the shim binary
+// unchanged) is stale, as one of another shim's version is: it leaves, and the spares after it boot the new
+// guest.
 func (sp *Spare) refuses(cfg config.Config, first *pod.First) error {
 	if !reflect.DeepEqual(cfg, sp.cfg) {
 		return fmt.Errorf("%w: the task's Kiln configuration differs from the one the spare booted with", pod.ErrUnfit)
+	}
+	if m, ok := sp.pod.Machine().(guestOrigin); ok {
+		if err := m.FilesChanged(); err != nil {
+			return fmt.Errorf("%w: the spare's guest came from other files: %w", spare.ErrStale, err)
+		}
 	}
 	return sp.pod.Refuses(cfg, first)
 }

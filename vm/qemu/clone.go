@@ -94,6 +94,20 @@ func (m *Machine) startFromTemplate(ctx context.Context) error {
 	return nil
 }
 
+// FilesChanged returns an error naming a file the guest came from (the QEMU binary, the kernel, the initrd, the
+// agent image, as its template had them for a clone) that was rebuilt, upgraded or removed since: a VM kept
+// running, a spare's, would serve a task the old guest. nil when none was, or when the VM could not read them as
+// it started.
+func (m *Machine) FilesChanged() error {
+	m.mu.Lock()
+	inputs := m.inputs
+	m.mu.Unlock()
+	if inputs == "" {
+		return nil
+	}
+	return changedInput(inputs)
+}
+
 // Restored says whether the VM was restored from its template rather than booted.
 func (m *Machine) Restored() bool {
 	m.mu.Lock()

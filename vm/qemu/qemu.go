@@ -79,6 +79,9 @@ type Machine struct {
 	cold     Config
 	plugged  int
 	plugging bool
+	// inputs are the files the guest came from as it started (templateInputs): a clone's template's, a booted
+	// guest's own; "" when they could not be read (FilesChanged).
+	inputs string
 	// rehearsal is the state of the root port RehearseNIC borrows.
 	rehearsal rehearsalPort
 	// fsErr is why the VM was ended for its virtiofsd's death, nil otherwise.

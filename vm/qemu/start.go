@@ -89,6 +89,12 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	if err := os.WriteFile(m.paths.owner, []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return fmt.Errorf("start vm %s: write owner file: %w", m.cfg.ID, err)
 	}
+	// Under mu, which Start holds.
+	m.inputs = m.cfg.templateInputs
+	if m.inputs == "" {
+		// Not worth failing a start for: FilesChanged then cannot tell.
+		m.inputs, _ = templateInputs(guestFiles(m.cfg, qemuPath)...)
+	}
 
 	var vs vsockBackend
 	switch {

@@ -88,11 +88,7 @@ func templateKey(c Config, qemuPath string) (key, inputs string, err error) {
 	// tsc_early_khz spares a booting guest the calibration of its clock, which a clone, resumed booted, never
 	// makes; and the host's "cpu MHz" it comes from (hostTSCkHz) moves with frequency scaling, read by read.
 	t.TSCkHz = 0
-	files := []string{qemuPath, c.Kernel, c.Initrd}
-	if c.AgentImage != "" {
-		files = append(files, c.AgentImage)
-	}
-	inputs, err = templateInputs(files...)
+	inputs, err = templateInputs(guestFiles(c, qemuPath)...)
 	if err != nil {
 		return "", "", err
 	}
@@ -100,6 +96,16 @@ func templateKey(c Config, qemuPath string) (key, inputs string, err error) {
 	fmt.Fprintf(h, "kiln template v1\x00%s\x00", strings.Join(args(t, fdLayout{qmp: 3}), "\x00"))
 	h.Write([]byte(inputs))
 	return hex.EncodeToString(h.Sum(nil))[:32], inputs, nil
+}
+
+// guestFiles are the files c's guest comes from: the QEMU binary at qemuPath, the kernel, the initrd and the agent
+// image.
+func guestFiles(c Config, qemuPath string) []string {
+	files := []string{qemuPath, c.Kernel, c.Initrd}
+	if c.AgentImage != "" {
+		files = append(files, c.AgentImage)
+	}
+	return files
 }
 
 // templateInputs describes files a template is built from, a line each: the path and the file's identity
@@ -146,21 +152,28 @@ func openAgentImage(c Config) (*os.File, error) {
 
 // stale reports whether a template's recorded inputs no longer describe the files at their paths: one of them
 // was rebuilt, upgraded or removed, and no VM will ask for this template again.
-func stale(inputs string) bool {
+func stale(inputs string) bool { return changedInput(inputs) != nil }
+
+// changedInput returns an error naming the first file of inputs (templateInputs) that is not the file they
+// describe any more, or nil. Inputs it cannot read count as changed.
+func changedInput(inputs string) error {
 	if inputs == "" || !strings.HasSuffix(inputs, "\n") {
-		return true
+		return errors.New("no record of the files the guest came from")
 	}
 	for _, line := range strings.Split(strings.TrimSuffix(inputs, "\n"), "\n") {
 		path, _, ok := strings.Cut(line, "\x00")
 		if !ok {
-			return true
+			return errors.New("no record of the files the guest came from")
 		}
 		now, err := templateInputs(path)
-		if err != nil || now != line+"\n" {
-			return true
+		if err != nil {
+			return err
+		}
+		if now != line+"\n" {
+			return fmt.Errorf("%s was replaced", path)
 		}
 	}
-	return false
+	return nil
 }
 
 // templateConfig is the configuration of the guest saved as c's template.

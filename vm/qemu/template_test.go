@@ -659,3 +659,42 @@ func TestStartGivenUpWaitingForTheTemplate(t *testing.T) {
 		t.Fatal("Stop after a start given up waiting for the template did not return")
 	}
 }
+
+// A VM tells which file its guest came from was replaced or removed since it started (a spare's is then stale),
+// and nothing when it could not read them.
+func TestFilesChanged(t *testing.T) {
+	dir := t.TempDir()
+	kernel, _ := kernelInput(t, dir)
+	initrd := filepath.Join(dir, "initrd.img")
+	if err := os.WriteFile(initrd, []byte("initrd one"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	inputs, err := templateInputs(kernel, initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &Machine{inputs: inputs}
+	if err := m.FilesChanged(); err != nil {
+		t.Fatalf("nothing replaced: %v", err)
+	}
+	// make image writes a new file and renames it into place.
+	tmp := initrd + ".new"
+	if err := os.WriteFile(tmp, []byte("initrd two"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, initrd); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.FilesChanged(); err == nil || !strings.Contains(err.Error(), initrd) {
+		t.Errorf("initrd replaced: %v, want an error naming it", err)
+	}
+	if err := os.Remove(kernel); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.FilesChanged(); err == nil || !strings.Contains(err.Error(), kernel) {
+		t.Errorf("kernel removed: %v, want an error naming it", err)
+	}
+	if err := (&Machine{}).FilesChanged(); err != nil {
+		t.Errorf("a VM that could not read its files: %v", err)
+	}
+}
