@@ -12,6 +12,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 )
 
 // netnsWithVeth makes a named namespace holding eth0 (one end of a veth pair whose peer stays on the host) with
@@ -320,6 +321,63 @@ func TestCheckNotHost(t *testing.T) {
 	}
 	if err := CheckNotHost("/nonexistent/ns"); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "/nonexistent/ns") {
 		t.Errorf("a missing namespace: %v", err)
+	}
+	// OpenNamespace checks the namespace it opened.
+	if f, err := OpenNamespace("/proc/self/ns/net"); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "host networking") {
+		t.Errorf("open the host's namespace: %v, want InvalidArgument naming host networking", err)
+		if f != nil {
+			f.Close()
+		}
+	}
+	f, err := OpenNamespace(h.NSPath())
+	if err != nil {
+		t.Fatalf("open a namespace of its own: %v", err)
+	}
+	f.Close()
+	if _, err := OpenNamespace("/nonexistent/ns"); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "/nonexistent/ns") {
+		t.Errorf("open a missing namespace: %v", err)
+	}
+}
+
+// A namespace opened once is the one mirrored and recorded, whatever its path names by then (here a new namespace
+// mounted over it): the pod reaches the namespace the spec named as it was checked.
+func TestMirrorNamespaceFileMirrorsTheNamespaceOpened(t *testing.T) {
+	ns := netnsWithVeth(t, "addr add 10.99.0.7/24 dev eth0")
+	f, err := OpenNamespace(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	other := filepath.Base(ns) + "b"
+	if out, err := exec.Command("ip", "netns", "add", other).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", other).Run() })
+	if out, err := exec.Command("mount", "--bind", "/var/run/netns/"+other, ns).CombinedOutput(); err != nil {
+		t.Fatalf("mount --bind: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", ns).Run() })
+	state := filepath.Join(t.TempDir(), "mirror.json")
+	if err := SaveNamespaceFile(state, f, ns); err != nil {
+		t.Fatal(err)
+	}
+	m, err := MirrorNamespaceFile(f, ns, logrus.NewEntry(logrus.New()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if len(m.Interfaces) != 1 || !slices.Contains(m.Interfaces[0].Addresses, "10.99.0.7/24") {
+		t.Fatalf("mirrored %+v, want the opened namespace's eth0 with 10.99.0.7/24", m.Interfaces)
+	}
+	if out := ipIn(t, "/var/run/netns/"+other, "link"); strings.Contains(out, "kilntap") {
+		t.Errorf("a tap went into the namespace now at the path:\n%s", out)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(state); err != nil || !strings.Contains(string(b), fmt.Sprint(st.Ino)) {
+		t.Errorf("the record does not name the opened namespace (inode %d): %s, %v", st.Ino, b, err)
 	}
 }
 

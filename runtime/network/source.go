@@ -49,10 +49,42 @@ func SourceOf(spec *specs.Spec) (Source, error) {
 // containerd runs (`ctr run --with-ns network:/proc/1/ns/net`): that is host networking by another name, and
 // mirroring it would send the host's traffic into the VM.
 func CheckNotHost(path string) error {
-	var ns, self unix.Stat_t
+	var ns unix.Stat_t
 	if err := unix.Stat(path, &ns); err != nil {
 		return fmt.Errorf("%w: network namespace %s: %v", errdefs.ErrInvalidArgument, path, err)
 	}
+	return notHost(path, &ns)
+}
+
+// OpenNamespace opens the network namespace at path, once, for everything done to it after: a path that names
+// another namespace by then (a /proc/<pid>/ns/net whose pid was reused, by a process of the host's network among
+// others) changes nothing. As CheckNotHost, it refuses the host's namespace, now that it is open.
+func OpenNamespace(path string) (*os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: network namespace %s: %v", errdefs.ErrInvalidArgument, path, err)
+	}
+	var ns unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &ns); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("network namespace %s: %w", path, err)
+	}
+	if err := notHost(path, &ns); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// FilePath names ns, an open namespace, by its descriptor in this process's /proc: for what takes a path but must
+// reach that very namespace (netns.DoPath, a child process that joins it).
+func FilePath(ns *os.File) string {
+	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), ns.Fd())
+}
+
+// notHost refuses the network namespace path whose status is ns when it is the shim's own (the host's).
+func notHost(path string, ns *unix.Stat_t) error {
+	var self unix.Stat_t
 	if err := unix.Stat("/proc/self/ns/net", &self); err != nil {
 		return fmt.Errorf("the shim's network namespace: %w", err)
 	}

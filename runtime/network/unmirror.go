@@ -58,9 +58,19 @@ func (m *Mirror) Save(file string) error {
 // SaveNamespace writes, before MirrorNamespace changes the namespace at path, the record Unmirror needs to find
 // what a mirror killed half-way made there (its taps and redirects; the interfaces' queue lengths come with Save).
 func SaveNamespace(file, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("save network mirror state: %w", err)
+	}
+	defer f.Close()
+	return SaveNamespaceFile(file, f, path)
+}
+
+// SaveNamespaceFile is SaveNamespace of the namespace open as ns, which path named when it was opened.
+func SaveNamespaceFile(file string, ns *os.File, path string) error {
 	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return fmt.Errorf("save network mirror state: %w", &os.PathError{Op: "stat", Path: path, Err: err})
+	if err := unix.Fstat(int(ns.Fd()), &st); err != nil {
+		return fmt.Errorf("save network mirror state: %w", &os.PathError{Op: "fstat", Path: path, Err: err})
 	}
 	return saved{Namespace: path, NS: nsID{Dev: st.Dev, Ino: st.Ino}}.write(file)
 }

@@ -114,8 +114,17 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 		n.path = src.Path
 		// Only a namespace the spec names is one containerd's port forwarding enters.
 		n.forwardPath = src.Path
+		if src.Path != "" && n.ns == nil {
+			if n.ns, err = network.OpenNamespace(src.Path); err != nil {
+				return nil, Refuse(fmt.Errorf("container %s: %w", first.ID, err))
+			}
+		}
 		if hooks.Any(spec) {
-			h, err := network.StartHolder(src.Path)
+			holderNS := src.Path
+			if n.ns != nil {
+				holderNS = network.FilePath(n.ns)
+			}
+			h, err := network.StartHolder(holderNS)
 			if err != nil {
 				return nil, err
 			}
@@ -151,11 +160,11 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 	if n.mirror == nil {
 		// Named before the first tap, so that a shim killed while it mirrors leaves what to undo.
 		if keep {
-			if err := network.SaveNamespace(record, n.path); err != nil {
+			if err := network.SaveNamespaceFile(record, n.ns, n.path); err != nil {
 				return nil, err
 			}
 		}
-		m, err := network.MirrorNamespace(n.path, p.log)
+		m, err := network.MirrorNamespaceFile(n.ns, n.path, p.log)
 		if err != nil {
 			return nil, fmt.Errorf("container %s: %w", first.ID, err)
 		}
@@ -225,7 +234,25 @@ func (p *Pod) startPortForward() {
 	if p.net.forwardPath == "" {
 		return
 	}
-	f, err := portforward.Start(p.net.forwardPath, p.sb.Machine(), p.log)
+	path := p.net.forwardPath
+	// The namespace the mirror took, not whatever the path names by now: a copy of its descriptor, which a
+	// closing pod cannot take away meanwhile.
+	p.bundlesMu.Lock()
+	var ns *os.File
+	var err error
+	if p.net.ns != nil && path == p.net.path {
+		ns, err = dupFile(p.net.ns)
+	}
+	p.bundlesMu.Unlock()
+	if err != nil {
+		p.log.WithError(err).Warn("the pod runs without port forwarding")
+		return
+	}
+	if ns != nil {
+		defer ns.Close()
+		path = network.FilePath(ns)
+	}
+	f, err := portforward.Start(path, p.sb.Machine(), p.log)
 	if err != nil {
 		p.log.WithError(err).Warn("the pod runs without port forwarding")
 		return
