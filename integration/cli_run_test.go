@@ -249,13 +249,13 @@ func TestCLIRunReadonlyRootWithoutMountPoints(t *testing.T) {
 	checkRunLeftovers(t, stateRoot)
 }
 
-// Host mounts below a read-only root given as a directory show in the container with their own flags, as under
-// runc (which makes only the root's own mount read-only): the guest layers the root's export, which holds none of
-// them, and they come as binds of their own.
+// Host mounts below a read-only root given as a directory show in the container, as under runc, but read-only
+// (runc leaves a writable one writable): the guest layers the root's export, which holds none of them, and they
+// come as read-only binds of their own.
 func TestCLIRunReadonlyRootShowsMountsBelowIt(t *testing.T) {
 	bin, cfg, stateRoot := kilnCLI(t)
 	dir := t.TempDir()
-	spec := testbundle.Spec("sh", "-c", "cat /data/marker && echo from-guest > /data/new && ! touch /x 2>/dev/null && echo ok")
+	spec := testbundle.Spec("sh", "-c", "cat /data/marker && ! touch /data/new 2>/dev/null && ! touch /x 2>/dev/null && echo ok")
 	if err := testbundle.Write(dir, spec); err != nil {
 		t.Fatal(err)
 	}
@@ -276,8 +276,8 @@ func TestCLIRunReadonlyRootShowsMountsBelowIt(t *testing.T) {
 	if err := cmd.Run(); err != nil || stdout.String() != "host mount\nok\n" {
 		t.Errorf("kiln run: %v, stdout %q; stderr:\n%s", err, stdout.String(), stderr.String())
 	}
-	if b, err := os.ReadFile(filepath.Join(data, "new")); err != nil || string(b) != "from-guest\n" {
-		t.Errorf("the writable mount below the read-only root holds %q, %v", b, err)
+	if _, err := os.Lstat(filepath.Join(data, "new")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the guest wrote the mount below the read-only root: %v", err)
 	}
 	checkRunLeftovers(t, stateRoot)
 }

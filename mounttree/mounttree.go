@@ -86,6 +86,32 @@ func unmountRound(dir string, infos []*mountinfo.Info) error {
 	return nil
 }
 
+// Visible lists the mount points strictly below dir that dir's tree shows, in the order they were mounted: each
+// one whose path, reached beneath dir without symlinks, is that very mount, not a mount made over it or over a
+// directory above it since (mountinfo lists those it hides too).
+func Visible(dir string) ([]string, error) {
+	infos, err := mountsUnder(dir)
+	if err != nil {
+		return nil, err
+	}
+	root, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer root.Close()
+	var points []string
+	for _, m := range infos {
+		if m.Mountpoint == dir {
+			continue
+		}
+		if fd, ok := OpenBeneath(root, dir, m); ok {
+			unix.Close(fd)
+			points = append(points, m.Mountpoint)
+		}
+	}
+	return points, nil
+}
+
 // OpenBeneath opens the root of mount m (as mountinfo listed it below dir) as an O_PATH descriptor, reached from
 // root, an open directory at dir, without symlinks; false when that path no longer reaches m (moved, gone meanwhile,
 // or a directory on the way swapped for a symlink where a guest can write): the mount point's path is only a

@@ -107,11 +107,15 @@ func (r *readOnlyRoot) mount() (retErr error) {
 }
 
 // remove unmounts the overlay and its tmpfs and removes dir. Copies a container's mount namespace still holds go
-// with them (detached).
+// with them (detached). The export's virtio-fs submount, which opening it mounted in the agent's namespace, goes
+// too: it would keep virtiofsd's hold on the host's root after a failed create, which nothing looks up again.
 func (r *readOnlyRoot) remove() error {
 	var errs []error
 	if err := unix.Unmount(r.root(), unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		errs = append(errs, fmt.Errorf("unmount read-only root %s: %w", r.root(), err))
+	}
+	if err := unix.Unmount(r.lower, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		errs = append(errs, fmt.Errorf("unmount read-only root's export %s: %w", r.lower, err))
 	}
 	if err := unix.Unmount(r.dir, unix.MNT_DETACH); err != nil {
 		errs = append(errs, fmt.Errorf("unmount read-only root's layer %s: %w", r.dir, err))

@@ -81,19 +81,10 @@ const tapPrefix = "kilntap"
 
 // MirrorNamespace reads the interfaces, routes and permanent neighbours of the namespace at path and redirects
 // each interface (every link that is up, except lo) to a new tap beside it. A namespace another pod mirrors (it
-// holds a Kiln tap) is refused. On error it leaves the namespace as it found it.
-func MirrorNamespace(path string, log *logrus.Entry) (*Mirror, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("open network namespace %s: %w", path, err)
-	}
-	defer f.Close()
-	return MirrorNamespaceFile(f, path, log)
-}
-
-// MirrorNamespaceFile is MirrorNamespace of the namespace open as f, which path named when it was opened: the
-// mirror (and its record, Save) names path, and is guarded by f's identity.
-func MirrorNamespaceFile(f *os.File, path string, log *logrus.Entry) (_ *Mirror, retErr error) {
+// holds a Kiln tap) is refused. On error it leaves the namespace as it found it. The namespace is the one open as
+// f, which path named when it was opened (OpenNamespace): the mirror (and its record, Save) names path, and is
+// guarded by f's identity.
+func MirrorNamespace(f *os.File, path string, log *logrus.Entry) (_ *Mirror, retErr error) {
 	ns := netns.NsHandle(int(f.Fd()))
 	id, err := identify(int(ns))
 	if err != nil {

@@ -68,7 +68,7 @@ func TestMirrorNamespace(t *testing.T) {
 	before := []string{ipIn(t, ns, "link"), ipIn(t, ns, "route"), ipIn(t, ns, "-6", "route"), ipIn(t, ns, "addr")}
 	qdiscBefore := tc(t, ns)
 
-	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	m, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func TestMirrorGatewayOnTheLink(t *testing.T) {
 		"route add default via 169.254.1.1 dev eth0",
 		"route add 10.97.0.0/16 via 10.50.0.1 dev eth0 onlink",
 	)
-	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	m, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +152,7 @@ func TestMirrorGatewayOnTheLink(t *testing.T) {
 
 	ipIn(t, ns, "addr", "add", "10.96.0.5/24", "dev", "eth0")
 	ipIn(t, ns, "route", "add", "10.95.0.0/16", "nexthop", "via", "10.96.0.1", "dev", "eth0", "nexthop", "via", "10.96.0.2", "dev", "eth0")
-	if m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New())); err == nil || !strings.Contains(err.Error(), "2 next hops") {
+	if m, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New())); err == nil || !strings.Contains(err.Error(), "2 next hops") {
 		if m != nil {
 			m.Close()
 		}
@@ -177,13 +177,13 @@ func tc(t *testing.T, ns string) string {
 // never deletes a tap of the name that Kiln did not make.
 func TestMirrorRefusesAMirroredNamespace(t *testing.T) {
 	ns := netnsWithVeth(t, "addr add 10.99.2.5/24 dev eth0")
-	first, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	first, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer first.Close()
 	before := ipIn(t, ns, "link") + tc(t, ns)
-	if _, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New())); err == nil || !strings.Contains(err.Error(), "already holds Kiln's tap kilntap0") {
+	if _, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New())); err == nil || !strings.Contains(err.Error(), "already holds Kiln's tap kilntap0") {
 		t.Fatalf("second mirror of %s = %v, want a refusal naming the tap", ns, err)
 	}
 	if after := ipIn(t, ns, "link") + tc(t, ns); after != before {
@@ -207,7 +207,7 @@ func TestMirrorRefusesATakenIngressQdisc(t *testing.T) {
 		t.Fatalf("tc: %v: %s", err, out)
 	}
 	before := ipIn(t, ns, "link") + tc(t, ns)
-	_, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	_, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New()))
 	if err == nil || !strings.Contains(err.Error(), "interface eth0: ") || !strings.Contains(err.Error(), "ingress qdisc already") {
 		t.Fatalf("mirror of an interface with an ingress qdisc = %v, want a refusal naming eth0 and the qdisc", err)
 	}
@@ -218,7 +218,7 @@ func TestMirrorRefusesATakenIngressQdisc(t *testing.T) {
 
 func TestMirrorAfterCNIDelete(t *testing.T) {
 	ns := netnsWithVeth(t, "addr add 10.99.1.5/24 dev eth0")
-	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	m, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -271,7 +271,7 @@ func TestMain(m *testing.M) {
 func TestUnmirrorAfterAKilledOwner(t *testing.T) {
 	ns := netnsWithVeth(t, "addr add 10.99.2.5/24 dev eth0")
 	before := ipIn(t, ns, "link") + tc(t, ns)
-	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	m, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,7 +341,7 @@ func TestCheckNotHost(t *testing.T) {
 
 // A namespace opened once is the one mirrored and recorded, whatever its path names by then (here a new namespace
 // mounted over it): the pod reaches the namespace the spec named as it was checked.
-func TestMirrorNamespaceFileMirrorsTheNamespaceOpened(t *testing.T) {
+func TestMirrorNamespaceMirrorsTheNamespaceOpened(t *testing.T) {
 	ns := netnsWithVeth(t, "addr add 10.99.0.7/24 dev eth0")
 	f, err := OpenNamespace(ns)
 	if err != nil {
@@ -358,10 +358,10 @@ func TestMirrorNamespaceFileMirrorsTheNamespaceOpened(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = exec.Command("umount", ns).Run() })
 	state := filepath.Join(t.TempDir(), "mirror.json")
-	if err := SaveNamespaceFile(state, f, ns); err != nil {
+	if err := SaveNamespace(state, f, ns); err != nil {
 		t.Fatal(err)
 	}
-	m, err := MirrorNamespaceFile(f, ns, logrus.NewEntry(logrus.New()))
+	m, err := MirrorNamespace(f, ns, logrus.NewEntry(logrus.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -387,10 +387,10 @@ func TestMirrorNamespaceFileMirrorsTheNamespaceOpened(t *testing.T) {
 func TestUndoLeavesAnotherNamespaceAtThePath(t *testing.T) {
 	ns := netnsWithVeth(t, "addr add 10.99.0.5/24 dev eth0")
 	state := filepath.Join(t.TempDir(), "mirror.json")
-	if err := SaveNamespace(state, ns); err != nil {
+	if err := SaveNamespace(state, openNS(t, ns), ns); err != nil {
 		t.Fatal(err)
 	}
-	m, err := MirrorNamespace(ns, logrus.NewEntry(logrus.New()))
+	m, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -420,4 +420,15 @@ func TestUndoLeavesAnotherNamespaceAtThePath(t *testing.T) {
 	if out := ipIn(t, "/var/run/netns/"+other, "link"); !strings.Contains(out, "kilntap0") {
 		t.Errorf("the other namespace's tap was deleted:\n%s", out)
 	}
+}
+
+// openNS opens the network namespace at path for the test.
+func openNS(t *testing.T, path string) *os.File {
+	t.Helper()
+	f, err := OpenNamespace(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
 }

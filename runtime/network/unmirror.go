@@ -55,19 +55,9 @@ func (m *Mirror) Save(file string) error {
 	return st.write(file)
 }
 
-// SaveNamespace writes, before MirrorNamespace changes the namespace at path, the record Unmirror needs to find
+// SaveNamespace writes, before MirrorNamespace changes the namespace open as ns (which path named), the record Unmirror needs to find
 // what a mirror killed half-way made there (its taps and redirects; the interfaces' queue lengths come with Save).
-func SaveNamespace(file, path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("save network mirror state: %w", err)
-	}
-	defer f.Close()
-	return SaveNamespaceFile(file, f, path)
-}
-
-// SaveNamespaceFile is SaveNamespace of the namespace open as ns, which path named when it was opened.
-func SaveNamespaceFile(file string, ns *os.File, path string) error {
+func SaveNamespace(file string, ns *os.File, path string) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(ns.Fd()), &st); err != nil {
 		return fmt.Errorf("save network mirror state: %w", &os.PathError{Op: "fstat", Path: path, Err: err})

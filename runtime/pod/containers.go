@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -43,17 +45,21 @@ type ContainerOptions struct {
 
 // mountsBelowRoot are binds of the host mounts below a read-only root given as a directory, which the share
 // exports alone (share.AddRootfs): mounted in the guest before the spec's own mounts, they show the container
-// what runc's recursive bind of the root would, each with its own flags (runc makes only the root's own mount
-// read-only).
+// what runc's recursive bind of the root would, read-only (runc leaves mounts below the root as they are; here the
+// guest kernel's word that they are read-only would not bind a guest taken over). A socket or a FIFO mounted
+// there, which virtio-fs cannot carry, is left out.
 func mountsBelowRoot(root string) ([]specs.Mount, error) {
-	rels, err := share.MountsBelow(root)
+	real, points, err := share.MountsBelow(root)
 	if err != nil {
 		return nil, err
 	}
-	mounts := make([]specs.Mount, 0, len(rels))
-	for _, rel := range rels {
+	mounts := make([]specs.Mount, 0, len(points))
+	for _, p := range points {
+		if fi, err := os.Stat(p); err != nil || !fi.IsDir() && !fi.Mode().IsRegular() {
+			continue
+		}
 		mounts = append(mounts, specs.Mount{
-			Destination: "/" + rel, Type: "bind", Source: filepath.Join(root, rel), Options: []string{"rbind"},
+			Destination: strings.TrimPrefix(p, real), Type: "bind", Source: p, Options: []string{"rbind", "rro"},
 		})
 	}
 	return mounts, nil

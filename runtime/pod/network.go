@@ -160,11 +160,11 @@ func (p *Pod) prepareNetwork(ctx context.Context, first *First) ([]qemu.Net, err
 	if n.mirror == nil {
 		// Named before the first tap, so that a shim killed while it mirrors leaves what to undo.
 		if keep {
-			if err := network.SaveNamespaceFile(record, n.ns, n.path); err != nil {
+			if err := network.SaveNamespace(record, n.ns, n.path); err != nil {
 				return nil, err
 			}
 		}
-		m, err := network.MirrorNamespaceFile(n.ns, n.path, p.log)
+		m, err := network.MirrorNamespace(n.ns, n.path, p.log)
 		if err != nil {
 			return nil, fmt.Errorf("container %s: %w", first.ID, err)
 		}
@@ -297,22 +297,24 @@ func (p *Pod) hookState(id string, b *bundle.Bundle) hooks.State {
 func (p *Pod) ensureHolder() error {
 	n := p.net
 	path := n.path
-	if path == "" {
-		// A copy of the descriptor, so that the stand-ins' last end cannot close it under the holder's start.
-		p.bundlesMu.Lock()
-		var own *os.File
-		var err error
-		if p.standIns.own != nil {
-			own, err = dupFile(p.standIns.own)
-		}
-		p.bundlesMu.Unlock()
-		if err != nil {
-			return fmt.Errorf("the pod's network namespace: %w", err)
-		}
-		if own != nil {
-			defer own.Close()
-			path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), own.Fd())
-		}
+	// Through a copy of a descriptor, so that the pod's close or the stand-ins' last end cannot close it under the
+	// holder's start: the namespace the pod opened (not whatever its path names by now), else the stand-ins'.
+	p.bundlesMu.Lock()
+	var ns *os.File
+	var err error
+	switch {
+	case path != "" && n.ns != nil:
+		ns, err = dupFile(n.ns)
+	case path == "" && p.standIns.own != nil:
+		ns, err = dupFile(p.standIns.own)
+	}
+	p.bundlesMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("the pod's network namespace: %w", err)
+	}
+	if ns != nil {
+		defer ns.Close()
+		path = network.FilePath(ns)
 	}
 	n.holderMu.Lock()
 	defer n.holderMu.Unlock()

@@ -62,31 +62,24 @@ func (s *Share) AddRootfs(ctx context.Context, containerID, hostRootfs string, r
 	return containerID + "/rootfs", nil
 }
 
-// MountsBelow lists the mount points strictly below dir, a host directory (resolved first), that are below no
-// other of them, as paths relative to dir, each once, in the order they were mounted: binding each recursively
-// shows what a recursive bind of dir would.
-func MountsBelow(dir string) ([]string, error) {
-	real, err := filepath.EvalSymlinks(dir)
+// MountsBelow resolves dir, a host directory, and lists the mount points its tree shows below it (mounttree.Visible)
+// that lie below no other of them, in the order they were mounted: binding each recursively shows what a recursive
+// bind of dir would.
+func MountsBelow(dir string) (real string, below []string, err error) {
+	real, err = filepath.EvalSymlinks(dir)
 	if err != nil {
-		return nil, fmt.Errorf("mounts below %s: %w", dir, err)
+		return "", nil, fmt.Errorf("mounts below %s: %w", dir, err)
 	}
-	points, err := mounttree.Points(real)
+	points, err := mounttree.Visible(real)
 	if err != nil {
-		return nil, fmt.Errorf("mounts below %s: %w", dir, err)
+		return "", nil, fmt.Errorf("mounts below %s: %w", dir, err)
 	}
-	var below []string
 	for _, p := range points {
-		if p == real || slices.ContainsFunc(below, func(b string) bool { return mounttree.Under(p, b) }) {
-			continue
+		if !slices.ContainsFunc(below, func(b string) bool { return mounttree.Under(p, b) }) {
+			below = append(below, p)
 		}
-		// A mount made earlier below this one is covered by it: the bind of p shows what p shows.
-		below = slices.DeleteFunc(below, func(b string) bool { return mounttree.Under(b, p) })
-		below = append(below, p)
 	}
-	for i, b := range below {
-		below[i] = strings.TrimPrefix(b, real+"/")
-	}
-	return below, nil
+	return real, below, nil
 }
 
 // prepareRootfsLocked checks that the container has no root yet and creates its mount point. On error, and when

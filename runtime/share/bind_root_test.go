@@ -349,12 +349,12 @@ func TestMountsBelow(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "a", "marker"), []byte("submount"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	got, err := MountsBelow(dir)
+	real, got, err := MountsBelow(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []string{"a", "c", "d"}; !slices.Equal(got, want) {
-		t.Errorf("MountsBelow = %q, want %q", got, want)
+	if want := []string{filepath.Join(dir, "a"), filepath.Join(dir, "c"), filepath.Join(dir, "d")}; real != dir || !slices.Equal(got, want) {
+		t.Errorf("MountsBelow = %s, %q, want %s, %q", real, got, dir, want)
 	}
 	s := newTestShare(t)
 	rel, err := s.AddRootfs(context.Background(), "c1", dir, true)
@@ -363,5 +363,25 @@ func TestMountsBelow(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(s.ExportDir(), rel, "a", "marker")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a read-only root's export shows a mount below it: %v", err)
+	}
+	// A mount over the root itself hides every one below it, which mountinfo still lists; so does one above it.
+	mountAt("")
+	if _, got, err := MountsBelow(dir); err != nil || len(got) != 0 {
+		t.Errorf("MountsBelow of a root mounted over = %q, %v; want none", got, err)
+	}
+	if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", filepath.Dir(dir), "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, got, err := MountsBelow(dir); err != nil || len(got) != 0 {
+		t.Errorf("MountsBelow of a root whose parent was mounted over = %q, %v; want none", got, err)
+	}
+	if err := unix.Unmount(filepath.Dir(dir), unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -226,6 +226,10 @@ func (sp *Spare) fits(req spare.Request) error {
 	if req.Task == nil {
 		return nil
 	}
+	// First: a stale spare leaves at once, whatever the task.
+	if err := sp.stale(); err != nil {
+		return err
+	}
 	cfg, err := config.Load(req.Task.ConfigPath)
 	if err != nil {
 		return fmt.Errorf("load the task's Kiln configuration: %w", err)
@@ -253,12 +257,24 @@ func (sp *Spare) refuses(cfg config.Config, first *pod.First) error {
 	if !reflect.DeepEqual(cfg, sp.cfg) {
 		return fmt.Errorf("%w: the task's Kiln configuration differs from the one the spare booted with", pod.ErrUnfit)
 	}
+	if err := sp.stale(); err != nil {
+		return err
+	}
+	return sp.pod.Refuses(cfg, first)
+}
+
+// stale says, as a spare.ErrStale, why the spare's guest is not the one a task would boot now: it came from files
+// replaced since (guestOrigin).
+func (sp *Spare) stale() error {
+	if sp.pod == nil {
+		return nil // no VM yet
+	}
 	if m, ok := sp.pod.Machine().(guestOrigin); ok {
 		if err := m.FilesChanged(); err != nil {
 			return fmt.Errorf("%w: the spare's guest came from other files: %w", spare.ErrStale, err)
 		}
 	}
-	return sp.pod.Refuses(cfg, first)
+	return nil
 }
 
 // The pod's events go to the task service that took it; there is none before (the warm-up's are dropped).

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -92,8 +93,16 @@ func (m *Machine) start(ctx context.Context) (retErr error) {
 	// Under mu, which Start holds.
 	m.inputs = m.cfg.templateInputs
 	if m.inputs == "" {
-		// Not worth failing a start for: FilesChanged then cannot tell.
-		m.inputs, _ = templateInputs(guestFiles(m.cfg, qemuPath)...)
+		// A booted guest uses no agent image, and a relative QEMU path would name another file once the process
+		// changed its directory (a spare becoming a task's shim). Not worth failing a start for: FilesChanged then
+		// cannot tell.
+		c := m.cfg
+		if c.role == roleCold {
+			c.AgentImage = ""
+		}
+		if abs, err := filepath.Abs(qemuPath); err == nil {
+			m.inputs, _ = templateInputs(guestFiles(c, abs)...)
+		}
 	}
 
 	var vs vsockBackend
