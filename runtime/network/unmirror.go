@@ -55,8 +55,9 @@ func (m *Mirror) Save(file string) error {
 	return st.write(file)
 }
 
-// SaveNamespace writes, before MirrorNamespace changes the namespace open as ns (which path named), the record Unmirror needs to find
-// what a mirror killed half-way made there (its taps and redirects; the interfaces' queue lengths come with Save).
+// SaveNamespace writes, before MirrorNamespace changes the namespace open as ns (which path named), the record
+// Unmirror needs to find what a mirror killed half-way made there (its taps and redirects; the interfaces' queue
+// lengths come with Save).
 func SaveNamespace(file string, ns *os.File, path string) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(ns.Fd()), &st); err != nil {
