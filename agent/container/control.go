@@ -171,7 +171,7 @@ func (s *Service) RemoveContainer(ctx context.Context, req *agentv1.RemoveContai
 	delete(s.containers, c.id)
 	s.mu.Unlock()
 	released := s.shared.release(s.log.WithField("container", c.id), c.sources)
-	go forgetRemoved(s.log.WithField("container", c.id), removedPaths(s.cfg.SharedDir, c.rootfs, released), forgetRetry, forgetFor)
+	s.forget(s.log.WithField("container", c.id), c.rootfs, released)
 	s.log.WithField("container", c.id).Info("container removed")
 	return &agentv1.RemoveContainerResponse{}, nil
 }

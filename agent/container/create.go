@@ -91,6 +91,13 @@ func (s *Service) prepareCreate(req *agentv1.CreateContainerRequest) (*creation,
 // CreateContainer builds the container and its init process, which waits
 // for StartContainer before it runs the user's program.
 func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContainerRequest) (_ *agentv1.CreateContainerResponse, retErr error) {
+	// The pod binds this create released on failing, for forgetFailedCreate.
+	var released []string
+	defer func() {
+		if retErr != nil && status.Code(retErr) != codes.AlreadyExists {
+			s.forgetFailedCreate(req, released)
+		}
+	}()
 	cr, err := s.prepareCreate(req)
 	if err != nil {
 		return nil, err
@@ -104,7 +111,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 	s.shared.acquire(log, cr.sources)
 	defer func() {
 		if retErr != nil {
-			s.shared.release(log, cr.sources)
+			released = s.shared.release(log, cr.sources)
 			s.unreserve(id)
 		}
 	}()
@@ -171,6 +178,19 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentv1.CreateContai
 	go s.watch(c, p, unclaim)
 	log.WithField("pid", pid).Info("container created")
 	return &agentv1.CreateContainerResponse{Pid: uint32(pid)}, nil
+}
+
+// forgetFailedCreate has the guest's kernel forget, once the host removed them, the container's directory and the
+// pod binds released (removedPaths) after a create that failed: it may have looked up files there (the user's
+// database, the executable's path, libcontainer's mount points), which virtiofsd holds with the container's root
+// until the guest forgets them, and kubelet creates a container that fails so again under a new id after each
+// back-off.
+func (s *Service) forgetFailedCreate(req *agentv1.CreateContainerRequest, released []string) {
+	root, err := rootfsPath(s.cfg.SharedDir, req.GetRootfs())
+	if err != nil {
+		return // nothing of it was looked up
+	}
+	s.forget(s.log.WithField("container", req.GetContainerId()), root, released)
 }
 
 func (s *Service) publishOOM(id string) {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -31,7 +32,8 @@ func TestRemovedPaths(t *testing.T) {
 	}
 }
 
-// forgetRemoved looks the paths up until each is gone, and gives up after its bound.
+// forgetRemoved looks the paths up until each is gone, then has the kernel drop unused entries once; it gives up
+// after its bound without dropping anything.
 func TestForgetRemoved(t *testing.T) {
 	l := logrus.New()
 	l.SetOutput(io.Discard)
@@ -42,9 +44,11 @@ func TestForgetRemoved(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	var drops atomic.Int32
+	drop := func() error { drops.Add(1); return nil }
 	done := make(chan struct{})
 	go func() {
-		forgetRemoved(logrus.NewEntry(l), []string{a, b}, 10*time.Millisecond, time.Minute)
+		forgetRemoved(logrus.NewEntry(l), []string{a, b}, 10*time.Millisecond, time.Minute, drop)
 		close(done)
 	}()
 	time.Sleep(50 * time.Millisecond)
@@ -53,6 +57,9 @@ func TestForgetRemoved(t *testing.T) {
 		t.Fatal("forgetRemoved returned while the paths were still there")
 	default:
 	}
+	if n := drops.Load(); n != 0 {
+		t.Fatalf("forgetRemoved dropped entries %d times while the paths were still there", n)
+	}
 	_ = os.Remove(a)
 	_ = os.Remove(b)
 	select {
@@ -60,9 +67,15 @@ func TestForgetRemoved(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("forgetRemoved still looks 10 s after the paths were removed")
 	}
+	if n := drops.Load(); n != 1 {
+		t.Errorf("forgetRemoved dropped entries %d times once the paths were gone, want once", n)
+	}
 	start := time.Now()
-	forgetRemoved(logrus.NewEntry(l), []string{dir}, 10*time.Millisecond, 100*time.Millisecond)
+	forgetRemoved(logrus.NewEntry(l), []string{dir}, 10*time.Millisecond, 100*time.Millisecond, drop)
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("forgetRemoved of a path that stays took %s, want its 100 ms bound", d)
+	}
+	if n := drops.Load(); n != 1 {
+		t.Errorf("forgetRemoved dropped entries after its bound for a path that stays (%d drops in all)", n)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -16,7 +17,8 @@ import (
 // a new id each time) leave nothing of theirs held on the host. virtiofsd holds a descriptor on each file the guest
 // looked up until the guest's kernel forgets it, and with them the removed container's detached root: the disk
 // space of its deleted writable layer and its image layers, one root for each container removed, until the pod
-// ended.
+// ended. So do containers whose task fails to be created (kubelet creates such a container again under a new id after
+// each back-off).
 func TestKilnPodForgetsRemovedContainers(t *testing.T) {
 	e := startEnv(t, Options{Handlers: []string{HandlerKiln}, KilnConfigExtra: "[hypervisor]\nspare = false\n"})
 	const name = "forget"
@@ -50,8 +52,9 @@ func TestKilnPodForgetsRemovedContainers(t *testing.T) {
 		e.crictl(t, "rm", id)
 	}
 	settled := func() int {
-		// The guest forgets a removed root once a lookup past virtio-fs's 1 s entry timeout finds it gone.
-		time.Sleep(5 * time.Second)
+		// The guest forgets a removed root once a lookup past virtio-fs's 1 s entry timeout finds it gone, and
+		// drops its unused entries 1.1 s later.
+		time.Sleep(7 * time.Second)
 		return descriptors()
 	}
 	churn(0)
@@ -67,5 +70,27 @@ func TestKilnPodForgetsRemovedContainers(t *testing.T) {
 	t.Logf("virtiofsd's descriptors: %d after one container came and went, %d after %d more", before, after, n)
 	if after > before+n {
 		t.Errorf("virtiofsd holds %d descriptors after %d more containers came and went, %d before: the removed containers' files are still held", after, n, before)
+	}
+	// CRI creates the task at start, which fails in the guest after libcontainer mounted the root and looked up
+	// the program's path.
+	for i := range n {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		c := NewContainerConfig(fmt.Sprintf("fail-%d", i), containerd.BusyboxRef, "no-such-program")
+		id, err := e.CreateContainer(ctx, podID, c, pod)
+		if err != nil {
+			cancel()
+			t.Fatal(err)
+		}
+		_, err = e.Crictl(ctx, "start", id)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "no-such-program") {
+			t.Fatalf("start of a program the image lacks: %v, want an error naming it", err)
+		}
+		e.crictl(t, "rm", id)
+	}
+	failed := settled()
+	t.Logf("virtiofsd's descriptors: %d after %d starts failed", failed, n)
+	if failed > after+n {
+		t.Errorf("virtiofsd holds %d descriptors after %d starts failed, %d before: the failed containers' files are still held", failed, n, after)
 	}
 }
