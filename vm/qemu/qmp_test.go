@@ -17,6 +17,9 @@ import (
 
 // fakeQMP serves QMP on a socket in a temporary directory: a greeting, then the answers given, one per command,
 // with an event before each; it reports each command and whether a descriptor came with it.
+// An answer to fakeQMP that begins with answerLate is given 300 ms after its command came.
+const answerLate = "late:"
+
 func fakeQMP(t *testing.T, answers ...string) (path string, got <-chan string) {
 	t.Helper()
 	path = filepath.Join(t.TempDir(), "qmp.sock")
@@ -54,6 +57,11 @@ func fakeQMP(t *testing.T, answers ...string) (path string, got <-chan string) {
 				}
 			}
 			commands <- req.Execute
+			if rest, ok := strings.CutPrefix(a, answerLate); ok {
+				// QEMU carries on with a command whose caller gave up on it.
+				time.Sleep(300 * time.Millisecond)
+				a = rest
+			}
 			_, _ = io.WriteString(uc, `{"event": "STOP", "data": {}}`+"\n"+a+"\n")
 		}
 	}()

@@ -65,8 +65,16 @@ func (m *Machine) RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int
 	defer cancel()
 	var unplugErr error
 	err = q.execute(ctx, "device_add", dev, nil)
-	if err == nil {
-		err = guest(ctx)
+	plugged := err == nil
+	if err != nil && ctx.Err() != nil {
+		// A device_add given up on when ctx ended goes on in QEMU, which answers a monitor's commands in order:
+		// a look after it sees whether it plugged the device.
+		plugged, unplugErr = hasDevice(cleanup, q, id)
+	}
+	if plugged {
+		if err == nil {
+			err = guest(ctx)
+		}
 		// The device goes whatever the guest made of it; an unplug the guest does not finish is an error.
 		unplugErr = unplug(cleanup, q, id)
 	}
@@ -120,11 +128,11 @@ func unplug(ctx context.Context, q *qmpConn, id string) error {
 	ctx, cancel := context.WithTimeout(ctx, rehearsalUnplugTimeout)
 	defer cancel()
 	for {
-		var props []qomProperty
-		if err := q.execute(ctx, "qom-list", map[string]any{"path": "/machine/peripheral"}, &props); err != nil {
-			return fmt.Errorf("wait for device %s's removal: %w", id, err)
+		present, err := hasDevice(ctx, q, id)
+		if err != nil {
+			return fmt.Errorf("wait for its removal: %w", err)
 		}
-		if !slices.ContainsFunc(props, func(p qomProperty) bool { return p.Name == id }) {
+		if !present {
 			return nil
 		}
 		select {
@@ -133,6 +141,15 @@ func unplug(ctx context.Context, q *qmpConn, id string) error {
 		case <-time.After(rehearsalUnplugPoll):
 		}
 	}
+}
+
+// hasDevice says whether QEMU has the device id (one given an id by device_add).
+func hasDevice(ctx context.Context, q *qmpConn, id string) (bool, error) {
+	var props []qomProperty
+	if err := q.execute(ctx, "qom-list", map[string]any{"path": "/machine/peripheral"}, &props); err != nil {
+		return false, fmt.Errorf("look for device %s: %w", id, err)
+	}
+	return slices.ContainsFunc(props, func(p qomProperty) bool { return p.Name == id }), nil
 }
 
 // qomProperty is one entry of QMP qom-list's answer: a child device is a property named by its id.

@@ -33,6 +33,8 @@ func TestRehearseNIC(t *testing.T) {
 		wantErr  string
 		guestRan bool
 		stuck    bool
+		// cancelAfter, when set, cancels the rehearsal's context that long after it began.
+		cancelAfter time.Duration
 	}{
 		{name: "rehearsed", answers: []string{ok, ok, ok, present, present, gone, ok}, guestRan: true,
 			want: []string{"netdev_add", "device_add", "device_del", "qom-list", "qom-list", "qom-list", "netdev_del"}},
@@ -47,6 +49,11 @@ func TestRehearseNIC(t *testing.T) {
 			want: []string{"netdev_add", "device_add", "device_del", "qom-list", "netdev_del"}},
 		{name: "unplug refused", answers: []string{ok, ok, delRefused, ok}, guestRan: true, wantErr: "being removed", stuck: true,
 			want: []string{"netdev_add", "device_add", "device_del", "netdev_del"}},
+		// The caller gives up while QEMU plugs the device: the rehearsal unplugs what QEMU then plugged.
+		{name: "cancelled during device_add", answers: []string{ok, answerLate + ok, present, ok, gone, ok}, cancelAfter: 50 * time.Millisecond,
+			wantErr: "context canceled", want: []string{"netdev_add", "device_add", "qom-list", "device_del", "qom-list", "netdev_del"}},
+		{name: "cancelled, device refused", answers: []string{ok, answerLate + refused, gone, ok}, cancelAfter: 50 * time.Millisecond,
+			wantErr: "context canceled", want: []string{"netdev_add", "device_add", "qom-list", "netdev_del"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -74,6 +81,9 @@ func TestRehearseNIC(t *testing.T) {
 			}
 			rctx, rcancel := context.WithCancel(ctx)
 			defer rcancel()
+			if tc.cancelAfter > 0 {
+				time.AfterFunc(tc.cancelAfter, rcancel)
+			}
 			ran := false
 			err = m.RehearseNIC(rctx, net.HardwareAddr{2, 0, 0, 0, 0, 1}, 1500, func(context.Context) error {
 				ran = true
