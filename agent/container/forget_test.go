@@ -1,6 +1,7 @@
 package container
 
 import (
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -32,8 +33,8 @@ func TestRemovedPaths(t *testing.T) {
 	}
 }
 
-// forgetRemoved looks the paths up until each is gone, then has the kernel drop unused entries once; it gives up
-// after its bound without dropping anything.
+// forgetRemoved looks the paths up until each is gone, or its bound has passed, then has the kernel drop unused
+// entries once.
 func TestForgetRemoved(t *testing.T) {
 	l := logrus.New()
 	l.SetOutput(io.Discard)
@@ -45,7 +46,7 @@ func TestForgetRemoved(t *testing.T) {
 		}
 	}
 	var drops atomic.Int32
-	drop := func() error { drops.Add(1); return nil }
+	drop := func(time.Time) error { drops.Add(1); return nil }
 	done := make(chan struct{})
 	go func() {
 		forgetRemoved(logrus.NewEntry(l), []string{a, b}, 10*time.Millisecond, time.Minute, drop)
@@ -75,7 +76,31 @@ func TestForgetRemoved(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("forgetRemoved of a path that stays took %s, want its 100 ms bound", d)
 	}
-	if n := drops.Load(); n != 1 {
-		t.Errorf("forgetRemoved dropped entries after its bound for a path that stays (%d drops in all)", n)
+	if n := drops.Load(); n != 2 {
+		t.Errorf("forgetRemoved of a path that stays dropped entries %d times, want once", n-1)
+	}
+}
+
+// entryDropper tells the kernel once to stop logging drops, then drops (2) for each request that no drop begun
+// after it covers.
+func TestEntryDropper(t *testing.T) {
+	var writes []string
+	d := &entryDropper{write: func(v string) error { writes = append(writes, v); return nil }}
+	asked := time.Now()
+	if err := d.drop(asked); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.drop(asked); err != nil { // covered by the drop it asked for
+		t.Fatal(err)
+	}
+	if err := d.drop(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"4", "2", "2"}; !slices.Equal(writes, want) {
+		t.Errorf("drop_caches got %q, want %q", writes, want)
+	}
+	failing := &entryDropper{write: func(string) error { return errors.New("refused") }}
+	if err := failing.drop(time.Now()); err == nil {
+		t.Error("a drop the kernel refused succeeded")
 	}
 }

@@ -97,6 +97,8 @@ type Service struct {
 	creating   map[string]bool
 
 	shared sharedMounts
+	// entries drops the guest's unused file system entries after removals (forgetRemoved).
+	entries entryDropper
 }
 
 var _ agentv1.ContainersService = (*Service)(nil)
@@ -127,6 +129,7 @@ func New(log *logrus.Entry, cfg Config) (*Service, error) {
 		events:     newEventQueue(cfg.EventBacklog),
 		containers: map[string]*container{},
 		creating:   map[string]bool{},
+		entries:    entryDropper{write: writeDropCaches},
 	}
 	if cfg.NoPivotRoot != nil {
 		s.noPivot = *cfg.NoPivotRoot

@@ -15,11 +15,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// fakeQMP serves QMP on a socket in a temporary directory: a greeting, then the answers given, one per command,
-// with an event before each; it reports each command and whether a descriptor came with it.
-// An answer to fakeQMP that begins with answerLate is given 300 ms after its command came.
+// An answer to fakeQMP that begins with answerLate is given 300 ms after its command came, as QEMU answers a
+// command that takes it a while.
 const answerLate = "late:"
 
+// fakeQMP serves QMP on a socket in a temporary directory: a greeting, then the answers given, one per command,
+// with an event before each; it reports each command and whether a descriptor came with it.
 func fakeQMP(t *testing.T, answers ...string) (path string, got <-chan string) {
 	t.Helper()
 	path = filepath.Join(t.TempDir(), "qmp.sock")

@@ -57,18 +57,23 @@ func (m *Machine) RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int
 	}
 	dev := nicDevice(idx, Net{MAC: mac, MTU: mtu})
 	id, netdev := dev["id"].(string), dev["netdev"].(string)
+	cleanup, cancel := context.WithTimeout(context.WithoutCancel(ctx), rehearsalCleanupTimeout)
+	defer cancel()
 	if err := q.execute(ctx, "netdev_add", map[string]any{"type": "hubport", "id": netdev, "hubid": 0}, nil); err != nil {
+		if unanswered(err) {
+			// QEMU may have added it after all: a back end left behind would refuse the next NIC of this port.
+			// The removal of one it did not add fails, which says nothing more.
+			_ = q.execute(cleanup, "netdev_del", map[string]any{"id": netdev}, nil)
+		}
 		m.returnRehearsalPort(true)
 		return fmt.Errorf("rehearse a NIC in vm %s: %w", m.cfg.ID, err)
 	}
-	cleanup, cancel := context.WithTimeout(context.WithoutCancel(ctx), rehearsalCleanupTimeout)
-	defer cancel()
 	var unplugErr error
 	err = q.execute(ctx, "device_add", dev, nil)
 	plugged := err == nil
-	if err != nil && ctx.Err() != nil {
-		// A device_add given up on when ctx ended goes on in QEMU, which answers a monitor's commands in order:
-		// a look after it sees whether it plugged the device.
+	if unanswered(err) {
+		// QEMU goes on with a command given up on, and answers a monitor's commands in order: a look after it
+		// sees whether it plugged the device.
 		plugged, unplugErr = hasDevice(cleanup, q, id)
 	}
 	if plugged {
@@ -141,6 +146,12 @@ func unplug(ctx context.Context, q *qmpConn, id string) error {
 		case <-time.After(rehearsalUnplugPoll):
 		}
 	}
+}
+
+// unanswered says whether err is a QMP command's caller giving up on QEMU's answer (its context ended, or run's
+// bound for a context without a deadline) rather than QEMU's answer: QEMU may still carry the command out.
+func unanswered(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
 // hasDevice says whether QEMU has the device id (one given an id by device_add).

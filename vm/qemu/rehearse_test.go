@@ -52,6 +52,8 @@ func TestRehearseNIC(t *testing.T) {
 		// The caller gives up while QEMU plugs the device: the rehearsal unplugs what QEMU then plugged.
 		{name: "cancelled during device_add", answers: []string{ok, answerLate + ok, present, ok, gone, ok}, cancelAfter: 50 * time.Millisecond,
 			wantErr: "context canceled", want: []string{"netdev_add", "device_add", "qom-list", "device_del", "qom-list", "netdev_del"}},
+		{name: "cancelled during netdev_add", answers: []string{answerLate + ok, ok}, cancelAfter: 50 * time.Millisecond,
+			wantErr: "context canceled", want: []string{"netdev_add", "netdev_del"}},
 		{name: "cancelled, device refused", answers: []string{ok, answerLate + refused, gone, ok}, cancelAfter: 50 * time.Millisecond,
 			wantErr: "context canceled", want: []string{"netdev_add", "device_add", "qom-list", "netdev_del"}},
 	}
