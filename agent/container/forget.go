@@ -15,8 +15,8 @@ import (
 )
 
 // forgetRetry and forgetFor pace and bound forgetRemoved: past virtio-fs's entry timeout (1 s with the default
-// cache mode; a day with "always", for which the guest keeps the entries until memory is short), a lookup asks
-// the host again.
+// cache mode; a day with "always", for which the lookups see the removed directories until the bound), a lookup
+// asks the host again.
 const (
 	forgetRetry = 1100 * time.Millisecond
 	forgetFor   = 30 * time.Second
@@ -84,8 +84,8 @@ func forgetRemoved(log *logrus.Entry, paths []string, retry, bound time.Duration
 // entryDropper has the guest's kernel free the directory entries and inodes no one uses, with the data cached
 // for them (vm.drop_caches): what a removed container looked up and the lookup of its directory left cached, and
 // what the pod's live containers do not hold open, which they read again through virtio-fs when they next use it.
-// Drops go one at a time, and a request that a drop begun after it covers is not carried out again: removals
-// that end together (a pod's teardown) cost one drop.
+// Drops go one at a time, and a request that a drop begun after it covers is not carried out again: the requests
+// made while one drop runs share the next.
 type entryDropper struct {
 	// write writes a value to the kernel's drop_caches (writeDropCaches).
 	write func(value string) error
@@ -112,15 +112,19 @@ func (d *entryDropper) drop(asked time.Time) error {
 		}
 		d.quiet = true
 	}
-	d.last = time.Now()
-	return d.write("2")
+	began := time.Now()
+	if err := d.write("2"); err != nil {
+		return err // covers no request
+	}
+	d.last = began
+	return nil
 }
 
 // writeDropCaches writes value to the kernel's vm.drop_caches.
 func writeDropCaches(value string) error {
 	const path = "/proc/sys/vm/drop_caches"
 	if err := os.WriteFile(path, []byte(value), 0); err != nil {
-		return fmt.Errorf("write %s to %s: %w", value, path, err)
+		return fmt.Errorf("vm.drop_caches = %s: %w", value, err)
 	}
 	return nil
 }

@@ -99,8 +99,25 @@ func TestEntryDropper(t *testing.T) {
 	if want := []string{"4", "2", "2"}; !slices.Equal(writes, want) {
 		t.Errorf("drop_caches got %q, want %q", writes, want)
 	}
-	failing := &entryDropper{write: func(string) error { return errors.New("refused") }}
-	if err := failing.drop(time.Now()); err == nil {
+	// A drop the kernel refused covers no request.
+	refuse := true
+	writes = nil
+	failing := &entryDropper{write: func(v string) error {
+		if v == "2" && refuse {
+			return errors.New("refused")
+		}
+		writes = append(writes, v)
+		return nil
+	}}
+	asked = time.Now()
+	if err := failing.drop(asked); err == nil {
 		t.Error("a drop the kernel refused succeeded")
+	}
+	refuse = false
+	if err := failing.drop(asked); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"4", "2"}; !slices.Equal(writes, want) {
+		t.Errorf("after a refused drop, drop_caches got %q, want %q", writes, want)
 	}
 }

@@ -57,15 +57,19 @@ func (m *Machine) RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int
 	}
 	dev := nicDevice(idx, Net{MAC: mac, MTU: mtu})
 	id, netdev := dev["id"].(string), dev["netdev"].(string)
-	cleanup, cancel := context.WithTimeout(context.WithoutCancel(ctx), rehearsalCleanupTimeout)
-	defer cancel()
+	// Each step of the cleanup has its own bound, whatever the caller's context and the steps before it took.
+	cleanup := func(step func(context.Context) error) error {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rehearsalCleanupTimeout)
+		defer cancel()
+		return step(cctx)
+	}
+	removeBackEnd := func(cctx context.Context) error {
+		return q.execute(cctx, "netdev_del", map[string]any{"id": netdev}, nil)
+	}
 	if err := q.execute(ctx, "netdev_add", map[string]any{"type": "hubport", "id": netdev, "hubid": 0}, nil); err != nil {
-		if unanswered(err) {
-			// QEMU may have added it after all: a back end left behind would refuse the next NIC of this port.
-			// The removal of one it did not add fails, which says nothing more.
-			_ = q.execute(cleanup, "netdev_del", map[string]any{"id": netdev}, nil)
-		}
-		m.returnRehearsalPort(true)
+		// QEMU may have added it after all, and a back end left behind would refuse the next NIC of this port.
+		// Its answer to the removal of one it did not add says no more; no answer leaves the port lost.
+		m.returnRehearsalPort(!unanswered(err) || !unanswered(cleanup(removeBackEnd)))
 		return fmt.Errorf("rehearse a NIC in vm %s: %w", m.cfg.ID, err)
 	}
 	var unplugErr error
@@ -74,21 +78,21 @@ func (m *Machine) RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int
 	if unanswered(err) {
 		// QEMU goes on with a command given up on, and answers a monitor's commands in order: a look after it
 		// sees whether it plugged the device.
-		plugged, unplugErr = hasDevice(cleanup, q, id)
+		unplugErr = cleanup(func(cctx context.Context) (lerr error) {
+			plugged, lerr = hasDevice(cctx, q, id)
+			return lerr
+		})
 	}
 	if plugged {
 		if err == nil {
 			err = guest(ctx)
 		}
 		// The device goes whatever the guest made of it; an unplug the guest does not finish is an error.
-		unplugErr = unplug(cleanup, q, id)
+		unplugErr = cleanup(func(cctx context.Context) error { return unplug(cctx, q, id) })
 	}
-	m.returnRehearsalPort(unplugErr == nil)
-	err = errors.Join(err, unplugErr)
-	if derr := q.execute(cleanup, "netdev_del", map[string]any{"id": netdev}, nil); derr != nil {
-		err = errors.Join(err, derr)
-	}
-	if err != nil {
+	derr := cleanup(removeBackEnd)
+	m.returnRehearsalPort(unplugErr == nil && derr == nil)
+	if err = errors.Join(err, unplugErr, derr); err != nil {
 		return fmt.Errorf("rehearse a NIC in vm %s: %w", m.cfg.ID, err)
 	}
 	return nil
