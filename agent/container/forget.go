@@ -51,7 +51,7 @@ func dirsOf(paths []string) []string {
 // looked up, and with them the host's detached root (an overlay): the disk space of its deleted writable layer and
 // its image layers, one root for each container removed (kubelet restarts a container under a new id each time).
 //
-// The lookup does not reach everything: in about half the runs of integration/cri
+// The lookup does not reach everything: in about a third of the runs of integration/cri
 // TestKilnPodForgetsRemovedContainers, one of its five removed containers kept its files cached, unused but out
 // of the invalidation's reach, until the pod ended. So once the paths are gone and one more retry has passed, or
 // once bound has (a cache mode that trusts entries for long keeps the paths in sight), drop has the kernel free

@@ -49,7 +49,8 @@ func (m *Machine) hotplugLocked() error {
 // guest has let it go, so that the port is free for PlugNets again. Its back end is a QEMU hub port with nothing
 // else on it: no host device, and what the guest sends goes nowhere. It is a spare's warm-up: under TCG the pod's
 // own NICs then find the guest's hot-plug, virtio-net and network configuration paths translated. PlugNets is
-// refused meanwhile, and, should the guest not let the NIC go, the port stays lost to it.
+// refused meanwhile, and, should the guest not let the NIC go or the back end's removal go unanswered, the port
+// stays lost to it.
 func (m *Machine) RehearseNIC(ctx context.Context, mac net.HardwareAddr, mtu int, guest func(context.Context) error) error {
 	q, idx, err := m.borrowRehearsalPort()
 	if err != nil {
