@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/kiln-runtime/kiln/kernfs"
 )
 
 // forgetRetry and forgetFor pace and bound forgetRemoved: past virtio-fs's entry timeout (1 s with the default
@@ -123,7 +125,7 @@ func (d *entryDropper) drop(asked time.Time) error {
 // writeDropCaches writes value to the kernel's vm.drop_caches.
 func writeDropCaches(value string) error {
 	const path = "/proc/sys/vm/drop_caches"
-	if err := os.WriteFile(path, []byte(value), 0); err != nil {
+	if err := kernfs.Write(path, value); err != nil {
 		return fmt.Errorf("vm.drop_caches = %s: %w", value, err)
 	}
 	return nil
