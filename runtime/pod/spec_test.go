@@ -121,7 +121,8 @@ func TestCheckProcess(t *testing.T) {
 	}
 }
 
-// Host network interfaces and NUMA memory policies name host hardware the VM has not: refused, naming the field.
+// Host network interfaces, NUMA memory policies and seccomp agents name host things the VM has not: refused,
+// naming the field.
 func TestCheckHostDevices(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
@@ -132,6 +133,10 @@ func TestCheckHostDevices(t *testing.T) {
 		{"no linux", nil, ""},
 		{"net devices", &specs.Linux{NetDevices: map[string]specs.LinuxNetDevice{"eth1": {Name: "net1"}}}, "linux.netDevices"},
 		{"memory policy", &specs.Linux{MemoryPolicy: &specs.LinuxMemoryPolicy{Mode: specs.MpolBind, Nodes: "0"}}, "linux.memoryPolicy"},
+		{"seccomp without notify", &specs.Linux{Seccomp: &specs.LinuxSeccomp{DefaultAction: specs.ActErrno, Syscalls: []specs.LinuxSyscall{{Names: []string{"read"}, Action: specs.ActAllow}}}}, ""},
+		{"seccomp notify", &specs.Linux{Seccomp: &specs.LinuxSeccomp{DefaultAction: specs.ActAllow, ListenerPath: "/run/seccomp-agent.sock", Syscalls: []specs.LinuxSyscall{{Names: []string{"mkdir"}, Action: specs.ActNotify}}}}, "listenerPath \"/run/seccomp-agent.sock\""},
+		{"seccomp notify by default", &specs.Linux{Seccomp: &specs.LinuxSeccomp{DefaultAction: specs.ActNotify}}, "SCMP_ACT_NOTIFY"},
+		{"seccomp listener alone", &specs.Linux{Seccomp: &specs.LinuxSeccomp{DefaultAction: specs.ActAllow, ListenerPath: "/run/a.sock"}}, "linux.seccomp"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := checkHostDevices(&specs.Spec{Linux: tc.linux})
