@@ -75,7 +75,7 @@ func openIO(ctx context.Context, id, namespace string, spec ioSpec) (_ *procIO, 
 		}
 	}()
 	if spec.Stdin != "" {
-		r, err := newStdinReader(octx, spec.Stdin, spec.Terminal)
+		r, err := newStdinReader(octx, spec.Stdin)
 		if err != nil {
 			return nil, err
 		}
@@ -247,15 +247,15 @@ func (p *procIO) Close() error {
 	return errors.Join(errs...)
 }
 
-// stdinReader reads containerd's stdin fifo. For a terminal it opens the fifo again after each EOF, so that a
-// client attaching later (`ctr task attach`) can type into the same terminal; otherwise EOF ends the input, which
-// the process then reads as EOF. Drain (CloseIO) ends it too, once what the fifo holds has been read, whether or
-// not its writer is still open.
+// stdinReader reads containerd's stdin fifo. It opens the fifo again after each EOF: a client attaching later
+// (`ctr task attach`) types into the same terminal, and a process's input outlives its writer, as runc's shim
+// keeps it by holding a writer of its own: containerd's CRI holds the only other one, and closes it when
+// containerd restarts (a container's `cat` would read EOF and end). Only CloseIO ends the input: Drain, once what
+// the fifo holds has been read, whether or not its writer is still open, or Close for a terminal.
 type stdinReader struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	path   string
-	reopen bool
 	// drained is closed by Drain.
 	drained   chan struct{}
 	drainOnce sync.Once
@@ -269,9 +269,9 @@ type stdinReader struct {
 	closed bool
 }
 
-func newStdinReader(ctx context.Context, path string, reopen bool) (*stdinReader, error) {
+func newStdinReader(ctx context.Context, path string) (*stdinReader, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	r := &stdinReader{ctx: ctx, cancel: cancel, path: path, reopen: reopen, drained: make(chan struct{})}
+	r := &stdinReader{ctx: ctx, cancel: cancel, path: path, drained: make(chan struct{})}
 	if err := r.open(); err != nil {
 		cancel()
 		return nil, err
@@ -296,7 +296,7 @@ func (r *stdinReader) open() error {
 	r.fifo, r.file, r.ready = f, nil, ready
 	r.mu.Unlock()
 	if old != nil {
-		// A terminal's last client's fifo: its read end must go, or a later client would find a reader.
+		// The last client's fifo: its read end must go, or a later client would find a reader.
 		_ = old.Close()
 	}
 	go func() {
@@ -342,7 +342,7 @@ func fileOf(f io.ReadWriteCloser) (*os.File, error) {
 	return os.NewFile(uintptr(dup), "stdin fifo"), nil
 }
 
-// Read reads from the fifo, opening it again after EOF when reopen is set.
+// Read reads from the fifo, opening it again after EOF.
 func (r *stdinReader) Read(b []byte) (int, error) {
 	for {
 		r.mu.Lock()
@@ -388,7 +388,7 @@ func (r *stdinReader) Read(b []byte) (int, error) {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			continue // Drain woke it
 		}
-		if !r.reopen || r.ctx.Err() != nil {
+		if r.ctx.Err() != nil {
 			if errors.Is(err, os.ErrClosed) {
 				err = io.EOF
 			}

@@ -90,18 +90,23 @@ func TestFifoIO(t *testing.T) {
 	if got := string(buf[:n]); got != "before attach\n" {
 		t.Errorf("attached reader got %q", got)
 	}
-	// stdin: what the client writes before closing reaches the process, then EOF.
+	// stdin: what a client writes reaches the process, and its input outlives the client's writer (containerd
+	// restarted: CRI held the only other one): what the next writes reaches it too, and only CloseIO ends it.
 	go func() {
-		w, err := os.OpenFile(stdin, os.O_WRONLY, 0)
-		if err != nil {
-			return
+		for _, s := range []string{"typed\n", "after a restart\n"} {
+			w, err := os.OpenFile(stdin, os.O_WRONLY, 0)
+			if err != nil {
+				return
+			}
+			io.WriteString(w, s)
+			w.Close()
+			time.Sleep(100 * time.Millisecond)
 		}
-		io.WriteString(w, "typed\n")
-		w.Close()
+		p.drainStdin()
 	}()
 	got, err := io.ReadAll(p.streams.Stdin)
-	if err != nil || string(got) != "typed\n" {
-		t.Errorf("stdin read %q (%v)", got, err)
+	if err != nil || string(got) != "typed\nafter a restart\n" {
+		t.Errorf("stdin read %q (%v), want both writers' input, then EOF at CloseIO", got, err)
 	}
 }
 
