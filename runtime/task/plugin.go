@@ -46,6 +46,7 @@ func Register(version string, sp *Spare, held *spare.Held) {
 			if sp != nil {
 				sp.bind(s)
 				s.spare = sp
+				go s.awaitTask(spareTaskBound)
 			}
 			s.held = held
 			// The same address runtime/manager's `start` created the socket at (the server runs in the bundle

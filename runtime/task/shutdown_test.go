@@ -232,3 +232,34 @@ func TestShutdownDuringTheBundlesLoad(t *testing.T) {
 		t.Errorf("after the Create failed: shut down %d times, want once", got)
 	}
 }
+
+// A shim a spare was handed to whose task never came (containerd gone between the hand-over and its record of the
+// shim) ends after the bound, stopping the spare's VM; one whose spare a Create took, or with a Create under way,
+// stays.
+func TestShimHandedASpareEndsWhenNoTaskComes(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		untaken  bool
+		creating int
+		want     int
+	}{
+		{"no task came", true, 0, 1},
+		{"a create took the spare", false, 0, 0},
+		{"a create under way", true, 1, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sd := &fakeShutdown{}
+			s := &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue), creating: tc.creating}
+			if tc.untaken {
+				s.spare = &Spare{}
+			}
+			s.awaitTask(10 * time.Millisecond)
+			if got := sd.calls(); got != tc.want {
+				t.Errorf("the shim was shut down %d times, want %d", got, tc.want)
+			}
+			if tc.want > 0 && s.spare != nil {
+				t.Error("the spare was not stopped")
+			}
+		})
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/log"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
@@ -200,8 +201,39 @@ func retryBoot(ctx context.Context, log *logrus.Entry, attempts int, boot func()
 // Lost is closed when the spare's VM ends (its QEMU killed while it waited).
 func (sp *Spare) Lost() <-chan struct{} { return sp.pod.Machine().Exited() }
 
-// Close stops the spare's pod, for which no task came.
-func (sp *Spare) Close(ctx context.Context) error { return sp.pod.Close(ctx) }
+// Close stops the spare's pod, for which no task came (none: nothing to stop).
+func (sp *Spare) Close(ctx context.Context) error {
+	if sp.pod == nil {
+		return nil
+	}
+	return sp.pod.Close(ctx)
+}
+
+// spareTaskBound bounds how long a shim a spare was handed to waits for its task's first Create, which containerd
+// sends right after `start`. One that never comes (containerd killed or restarted between the hand-over and its
+// record of the shim, or `start` killed by its caller, after which containerd removes the bundle and runs no
+// `shim delete`) would leave the warm VM running with no one to stop it: the spare left its slot, so neither the
+// pool nor `kiln spare stop` finds it.
+const spareTaskBound = 5 * time.Minute
+
+// awaitTask ends the shim when, after bound, its spare is still untaken and no task, Create or Delete is under way.
+func (s *Service) awaitTask(bound time.Duration) {
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-s.ctx.Done():
+		return
+	}
+	s.bootMu.Lock()
+	untaken := s.spare != nil
+	s.bootMu.Unlock()
+	if !untaken || s.busy() {
+		return
+	}
+	log.G(s.ctx).WithField("waited", bound).Warn("no task came to the spare shim it was handed to; stopping its VM and the shim")
+	s.shutdownNow(s.ctx)
+}
 
 // stop stops the spare's pod, which its task did not take, logging a failure.
 func (sp *Spare) stop(ctx context.Context, log *logrus.Entry) {
