@@ -76,8 +76,19 @@ const (
 	maxNeighbours = 512
 )
 
-// tapPrefix names the taps Kiln makes; a namespace holding one is mirrored already.
-const tapPrefix = "kilntap"
+// tapPrefix names the taps Kiln makes; a namespace holding one is mirrored already. It begins as cAdvisor's names
+// of interfaces to leave out of a container's network statistics do (kubelet's, and the container_network_*
+// metrics): a tap carries the pod interface's traffic again, the other way round, so a sum over the pod's
+// interfaces would count it twice. legacyTapPrefix named them before (a pod an earlier Kiln mirrored).
+const (
+	tapPrefix       = "vethkilntap"
+	legacyTapPrefix = "kilntap"
+)
+
+// isTap says whether the interface named name is a tap Kiln made.
+func isTap(name string) bool {
+	return strings.HasPrefix(name, tapPrefix) || strings.HasPrefix(name, legacyTapPrefix)
+}
 
 // MirrorNamespace reads the interfaces, routes and permanent neighbours of the namespace at path and redirects
 // each interface (every link that is up, except lo) to a new tap beside it. A namespace another pod mirrors (it
@@ -106,7 +117,7 @@ func MirrorNamespace(f *os.File, path string, log *logrus.Entry) (_ *Mirror, ret
 		return nil, fmt.Errorf("list links in %s: %w", path, err)
 	}
 	for _, l := range links {
-		if name := l.Attrs().Name; strings.HasPrefix(name, tapPrefix) {
+		if name := l.Attrs().Name; isTap(name) {
 			// Mirrored already: its taps and redirects are another pod's, which this one's would break.
 			return nil, fmt.Errorf("network namespace %s already holds Kiln's tap %s: another Kiln pod (or a VM not yet stopped) mirrors it; give each pod a network namespace of its own", path, name)
 		}

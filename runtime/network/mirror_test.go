@@ -183,7 +183,7 @@ func TestMirrorRefusesAMirroredNamespace(t *testing.T) {
 	}
 	defer first.Close()
 	before := ipIn(t, ns, "link") + tc(t, ns)
-	if _, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New())); err == nil || !strings.Contains(err.Error(), "already holds Kiln's tap kilntap0") {
+	if _, err := MirrorNamespace(openNS(t, ns), ns, logrus.NewEntry(logrus.New())); err == nil || !strings.Contains(err.Error(), "already holds Kiln's tap vethkilntap0") {
 		t.Fatalf("second mirror of %s = %v, want a refusal naming the tap", ns, err)
 	}
 	if after := ipIn(t, ns, "link") + tc(t, ns); after != before {
@@ -431,4 +431,17 @@ func openNS(t *testing.T, path string) *os.File {
 	}
 	t.Cleanup(func() { f.Close() })
 	return f
+}
+
+// Kiln's taps begin as cAdvisor's names of interfaces left out of a container's network statistics do ("veth"),
+// and those an earlier Kiln named (a pod it mirrored, unmirrored by this one's `delete`) are Kiln's too.
+func TestIsTap(t *testing.T) {
+	for name, want := range map[string]bool{"vethkilntap0": true, "kilntap1": true, "eth0": false, "veth1a2b3c": false, "net1": false} {
+		if got := isTap(name); got != want {
+			t.Errorf("isTap(%q) = %v, want %v", name, got, want)
+		}
+	}
+	if !strings.HasPrefix(tapPrefix, "veth") {
+		t.Errorf("tap prefix %q: cAdvisor would count the taps' traffic in the pod's", tapPrefix)
+	}
 }

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"strings"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -117,5 +116,5 @@ func Interfaces(ns *os.File) ([]string, error) {
 // takes says whether a mirror takes the interface: one that is up, other than the loopback (a new namespace's
 // fallback tunnels, sit0 or tunl0 where their modules are loaded, are down) and a mirror's own taps.
 func takes(a *netlink.LinkAttrs) bool {
-	return a.Flags&net.FlagLoopback == 0 && a.Flags&net.FlagUp != 0 && !strings.HasPrefix(a.Name, tapPrefix)
+	return a.Flags&net.FlagLoopback == 0 && a.Flags&net.FlagUp != 0 && !isTap(a.Name)
 }

@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -119,12 +118,12 @@ func Unmirror(file string) error {
 	}
 	isOurs := func(index int) bool {
 		name, ok := names[index]
-		return !ok || strings.HasPrefix(name, tapPrefix)
+		return !ok || isTap(name)
 	}
 	var errs []error
 	for _, l := range links {
 		a := l.Attrs()
-		if strings.HasPrefix(a.Name, tapPrefix) {
+		if isTap(a.Name) {
 			if err := h.LinkDel(l); err != nil && !notFound(err) {
 				errs = append(errs, fmt.Errorf("delete tap %s: %w", a.Name, err))
 			}
