@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-runtime/kiln/agent/network"
+	"github.com/kiln-runtime/kiln/kernfs"
 	agentv1 "github.com/kiln-runtime/kiln/proto/agent/v1"
 )
 
@@ -144,6 +145,15 @@ const (
 	nrOpenMax  = 2147483584
 )
 
+// The kernel sets the guest's limit on open files at boot, about a tenth of its RAM in KiB (some 25,000 files
+// in 256 MiB), and never raises it as memory is added; past it only CAP_SYS_ADMIN opens files or sockets. One
+// container could then take the pod's every file, and a server of many connections fails in a VM of gigabytes.
+// The guest takes what systemd gives a host, no limit: each container's files are charged to its memory cgroup.
+const (
+	fileMaxFile = "/proc/sys/fs/file-max"
+	fileMax     = "9223372036854775807"
+)
+
 // finishInit is the part of the guest's setup that the agent API does not
 // need: the other base file systems, the shared directory (when share is
 // true) and the threads kept back from containers.
@@ -165,8 +175,11 @@ func finishInit(log *logrus.Entry, mounts []Mount, share bool, threads *GuestThr
 	if err := threads.Reserve(); err != nil {
 		return err
 	}
-	if err := os.WriteFile(nrOpenFile, []byte(strconv.Itoa(nrOpenMax)), 0); err != nil {
+	if err := kernfs.Write(nrOpenFile, strconv.Itoa(nrOpenMax)); err != nil {
 		log.WithError(err).Warn("raise the guest's ceiling on open files; a container's hard limit above 1048576 is refused")
+	}
+	if err := kernfs.Write(fileMaxFile, fileMax); err != nil {
+		log.WithError(err).Warn("lift the guest's limit on open files; the pod's containers share about a tenth of its boot RAM in KiB")
 	}
 	log.WithFields(logrus.Fields{"mounts": len(mounts), "took": time.Since(start)}).Debug("guest setup complete")
 	return nil

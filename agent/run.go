@@ -105,7 +105,7 @@ func Run(ctx context.Context, cfg Config) {
 			Fatal(log, fmt.Errorf("start services: %w", err))
 		}
 	}
-	l, err := ListenVsock(APIPort, 0)
+	l, err := ListenVsock(log, APIPort, 0)
 	if err != nil {
 		Fatal(log, err)
 	}

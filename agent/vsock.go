@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync/atomic"
 
 	"github.com/mdlayher/vsock"
 	"github.com/sirupsen/logrus"
@@ -31,12 +32,12 @@ func AnnounceReady(log *logrus.Entry) {
 	_ = c.Close()
 }
 
-// ListenVsock listens for vsock connections on port, on whatever context id the guest was given. A buffer
-// other than 0 is the listener's socket buffer (SO_VM_SOCKETS_BUFFER_SIZE), which every connection it accepts
-// inherits. Linux's virtio transport advertises that buffer to the host as the connection's receive window
-// and also caps its own send window at it, so it bounds the bytes in flight both ways; 0 keeps the kernel's
-// 256 KiB.
-func ListenVsock(port uint32, buffer uint64) (net.Listener, error) {
+// ListenVsock listens for the host's vsock connections on port, on whatever context id the guest was given;
+// connections from anywhere else are closed unread (hostOnly). A buffer other than 0 is the listener's socket
+// buffer (SO_VM_SOCKETS_BUFFER_SIZE), which every connection it accepts inherits. Linux's virtio transport
+// advertises that buffer to the host as the connection's receive window and also caps its own send window at
+// it, so it bounds the bytes in flight both ways; 0 keeps the kernel's 256 KiB.
+func ListenVsock(log *logrus.Entry, port uint32, buffer uint64) (net.Listener, error) {
 	f, err := vsockSocket(port, buffer)
 	if err != nil {
 		return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
@@ -46,8 +47,39 @@ func ListenVsock(port uint32, buffer uint64) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
 	}
-	return l, nil
+	return &hostOnly{Listener: l, log: log.WithField("port", port)}, nil
 }
+
+// hostOnly hands on only connections from the host (CID 2). The agent's listeners take requests that run
+// anything in any container of the pod; a process of the guest itself (a container's, whatever its namespaces:
+// vsock has none) that reached them through a loopback transport, which the guest kernel is built without, or
+// any other, is refused.
+type hostOnly struct {
+	net.Listener
+	log *logrus.Entry
+	// refused counts the connections closed for not coming from the host.
+	refused atomic.Uint64
+}
+
+func (l *hostOnly) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if a, ok := c.RemoteAddr().(*vsock.Addr); ok && a.ContextID == HostCID {
+			return c, nil
+		}
+		_ = c.Close()
+		// Logged at 1, 2, 4, 8...: a guest process that keeps trying cannot fill the console log.
+		if n := l.refused.Add(1); n&(n-1) == 0 {
+			l.log.WithFields(logrus.Fields{"peer": c.RemoteAddr().String(), "refused": n}).Warn("refused a vsock connection that did not come from the host")
+		}
+	}
+}
+
+// Refused says how many connections the listener closed for not coming from the host.
+func (l *hostOnly) Refused() uint64 { return l.refused.Load() }
 
 // vsockSocket makes a listening vsock socket on port, with a socket buffer of buffer bytes unless buffer is 0.
 func vsockSocket(port uint32, buffer uint64) (*os.File, error) {

@@ -1,9 +1,12 @@
 package agent
 
 import (
+	"errors"
+	"net"
 	"testing"
 
 	"github.com/mdlayher/vsock"
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -31,7 +34,7 @@ func TestListenVsockBuffer(t *testing.T) {
 	}
 
 	for _, b := range []uint64{0, buffer} {
-		l, err := ListenVsock(unix.VMADDR_PORT_ANY, b)
+		l, err := ListenVsock(logrus.NewEntry(logrus.New()), unix.VMADDR_PORT_ANY, b)
 		if err != nil {
 			t.Fatalf("buffer %d: %v", b, err)
 		}
@@ -41,3 +44,58 @@ func TestListenVsockBuffer(t *testing.T) {
 		l.Close()
 	}
 }
+
+// A listener of the agent hands on the host's connections only: one from the guest itself (a container's process
+// through a loopback transport, CID 1, or the guest's own CID) is closed unread and counted, and the listener goes
+// on to the next.
+func TestListenerTakesTheHostsConnectionsOnly(t *testing.T) {
+	guest := &fakeConn{remote: &vsock.Addr{ContextID: 1, Port: 40000}}
+	own := &fakeConn{remote: &vsock.Addr{ContextID: 3, Port: 40001}}
+	other := &fakeConn{remote: &net.UnixAddr{Name: "@x", Net: "unix"}}
+	host := &fakeConn{remote: &vsock.Addr{ContextID: HostCID, Port: 40002}}
+	l := &hostOnly{Listener: &fakeListener{conns: []net.Conn{guest, own, other, host}}, log: logrus.NewEntry(logrus.New())}
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c != host {
+		t.Errorf("accepted %v, want the host's connection", c.RemoteAddr())
+	}
+	for _, f := range []*fakeConn{guest, own, other} {
+		if !f.closed {
+			t.Errorf("connection from %v left open", f.remote)
+		}
+	}
+	if host.closed {
+		t.Error("the host's connection was closed")
+	}
+	if n := l.Refused(); n != 3 {
+		t.Errorf("refused %d, want 3", n)
+	}
+	if _, err := l.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Accept after the last = %v, want the listener's error", err)
+	}
+}
+
+type fakeListener struct {
+	net.Listener
+	conns []net.Conn
+}
+
+func (l *fakeListener) Accept() (net.Conn, error) {
+	if len(l.conns) == 0 {
+		return nil, net.ErrClosed
+	}
+	c := l.conns[0]
+	l.conns = l.conns[1:]
+	return c, nil
+}
+
+type fakeConn struct {
+	net.Conn
+	remote net.Addr
+	closed bool
+}
+
+func (c *fakeConn) RemoteAddr() net.Addr { return c.remote }
+func (c *fakeConn) Close() error         { c.closed = true; return nil }

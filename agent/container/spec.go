@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -13,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 
-	securejoin "github.com/cyphar/filepath-securejoin"
 	"github.com/moby/sys/user"
 	"github.com/opencontainers/cgroups"
 	"github.com/opencontainers/runc/libcontainer"
@@ -79,12 +77,38 @@ func adaptSpec(raw []byte, id, root string, ns podNamespaces) (*specs.Spec, erro
 		}
 	}
 	spec.Linux.Namespaces = append(spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: ns.net})
+	fitCgroupNamespace(&spec)
 	spec.Linux.CgroupsPath = guestCgroupPath(spec.Linux.CgroupsPath, id)
 	if r := spec.Linux.Resources; r != nil {
 		r.HugepageLimits = guestHugepages(r.HugepageLimits, cgroups.HugePageSizes())
 	}
 	return &spec, nil
 }
+
+// fitCgroupNamespace gives the container what containerd gives it on a cgroup v2 host, which the guest always is
+// (a spec made on a v1 host has neither): a cgroup namespace of its own unless it is privileged (CAP_SYS_ADMIN in
+// its bounding set), so that it sees its own cgroup, not the pod's every container's; and, for one left in the
+// guest's initial cgroup namespace, the guest hierarchy's nsdelegate on its cgroup mounts. Mounting cgroup2 from
+// the initial namespace sets the hierarchy's flags to the mount's own, so a container's mount without it would
+// take nsdelegate off for the whole guest, and with it what stops a container's root (in a user namespace of its
+// own) from raising its own limits: writes to a cgroup namespace's root files.
+func fitCgroupNamespace(spec *specs.Spec) {
+	if slices.ContainsFunc(spec.Linux.Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == specs.CgroupNamespace }) {
+		return
+	}
+	if c := spec.Process.Capabilities; c == nil || !slices.Contains(c.Bounding, "CAP_SYS_ADMIN") {
+		spec.Linux.Namespaces = append(spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.CgroupNamespace})
+		return
+	}
+	for i, m := range spec.Mounts {
+		if (m.Type == "cgroup" || m.Type == "cgroup2") && !slices.Contains(m.Options, cgroupDelegate) {
+			spec.Mounts[i].Options = append(slices.Clip(m.Options), cgroupDelegate)
+		}
+	}
+}
+
+// cgroupDelegate is the option the agent mounts the guest's cgroup2 hierarchy with (agent.Mounts).
+const cgroupDelegate = "nsdelegate"
 
 // fitUserNamespace fits a container with a user namespace to the pod's network namespace, which belongs to the
 // guest's initial user namespace (the agent makes it before any container), where the container's root is
@@ -234,31 +258,34 @@ func newProcess(p *specs.Process, rootfs string) (*libcontainer.Process, error) 
 }
 
 // lookupUser resolves "name", "name:group", "uid:gid"... in the container's
-// own user database; the paths are resolved inside rootfs so that a symlink
-// in the image cannot point the agent at the guest's files.
+// own user database. The files are opened by the kernel's resolution inside
+// rootfs (openat2's RESOLVE_IN_ROOT), so that a symlink in the image, or one a
+// running container swaps in for a directory on the way, cannot point the agent
+// at the guest's files or another container's.
 func lookupUser(rootfs, spec string) (*user.ExecUser, error) {
-	passwd, err := securejoin.SecureJoin(rootfs, "/etc/passwd")
+	root, err := os.OpenFile(rootfs, unix.O_PATH|unix.O_DIRECTORY, 0)
 	if err != nil {
-		return nil, fmt.Errorf("resolve /etc/passwd in %s: %w", rootfs, err)
+		return nil, fmt.Errorf("look up user %q: open the container's root: %w", spec, err)
 	}
-	group, err := securejoin.SecureJoin(rootfs, "/etc/group")
-	if err != nil {
-		return nil, fmt.Errorf("resolve /etc/group in %s: %w", rootfs, err)
-	}
+	defer root.Close()
 	// A running container can make them anything: they are opened without waiting (a FIFO would hold the agent's
 	// handler for as long as no one writes it) and read only if what was opened is a regular file.
 	var readers [2]io.Reader
-	for i, p := range []string{passwd, group} {
-		f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW, 0)
-		if errors.Is(err, fs.ErrNotExist) {
+	for i, p := range []string{"etc/passwd", "etc/group"} {
+		fd, err := unix.Openat2(int(root.Fd()), p, &unix.OpenHow{
+			Flags:   unix.O_RDONLY | unix.O_NONBLOCK | unix.O_CLOEXEC,
+			Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS,
+		})
+		if errors.Is(err, unix.ENOENT) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("look up user %q: open the container's %s: %w", spec, strings.TrimPrefix(p, rootfs), err)
+			return nil, fmt.Errorf("look up user %q: open the container's /%s: %w", spec, p, err)
 		}
+		f := os.NewFile(uintptr(fd), "/"+p)
 		defer f.Close()
 		if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
-			return nil, fmt.Errorf("look up user %q: the container's %s is not a regular file", spec, strings.TrimPrefix(p, rootfs))
+			return nil, fmt.Errorf("look up user %q: the container's /%s is not a regular file", spec, p)
 		}
 		readers[i] = f
 	}

@@ -406,3 +406,68 @@ func TestGuestHugepages(t *testing.T) {
 		t.Errorf("no limits became %+v", got)
 	}
 }
+
+// A container of a spec without a cgroup namespace (made on a cgroup v1 host) gets one, as containerd gives it on
+// a v2 host, unless it is privileged; a privileged one keeps the guest's, and its cgroup mounts keep the
+// hierarchy's nsdelegate, which a mount without it from the initial namespace would take off for the whole guest.
+func TestFitCgroupNamespace(t *testing.T) {
+	cgroupMount := specs.Mount{Destination: "/sys/fs/cgroup", Type: "cgroup", Source: "cgroup", Options: []string{"nosuid", "noexec", "nodev", "relatime", "ro"}}
+	for _, tc := range []struct {
+		name       string
+		ns         []specs.LinuxNamespace
+		caps       []string
+		wantNS     bool
+		wantOption bool
+	}{
+		{"unprivileged", []specs.LinuxNamespace{{Type: specs.PIDNamespace}}, []string{"CAP_CHOWN", "CAP_KILL"}, true, false},
+		{"no capabilities", []specs.LinuxNamespace{{Type: specs.PIDNamespace}}, nil, true, false},
+		{"privileged", []specs.LinuxNamespace{{Type: specs.PIDNamespace}}, []string{"CAP_CHOWN", "CAP_SYS_ADMIN"}, false, true},
+		{"own namespace already", []specs.LinuxNamespace{{Type: specs.CgroupNamespace}}, []string{"CAP_SYS_ADMIN"}, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw := exampleSpec(t, func(s *specs.Spec) {
+				s.Linux.Namespaces = tc.ns
+				s.Process.Capabilities = nil
+				if tc.caps != nil {
+					s.Process.Capabilities = &specs.LinuxCapabilities{Bounding: tc.caps, Effective: tc.caps, Permitted: tc.caps}
+				}
+				s.Mounts = slices.DeleteFunc(s.Mounts, func(m specs.Mount) bool { return m.Destination == "/sys/fs/cgroup" })
+				s.Mounts = append(s.Mounts, cgroupMount)
+			})
+			spec, err := adaptSpec(raw, "c1", "/r", testPod)
+			if err != nil {
+				t.Fatal(err)
+			}
+			gotNS := slices.ContainsFunc(spec.Linux.Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == specs.CgroupNamespace })
+			if gotNS != tc.wantNS {
+				t.Errorf("cgroup namespace %v, want %v: %v", gotNS, tc.wantNS, spec.Linux.Namespaces)
+			}
+			i := slices.IndexFunc(spec.Mounts, func(m specs.Mount) bool { return m.Destination == "/sys/fs/cgroup" })
+			if got := slices.Contains(spec.Mounts[i].Options, "nsdelegate"); got != tc.wantOption {
+				t.Errorf("cgroup mount options %v: nsdelegate %v, want %v", spec.Mounts[i].Options, got, tc.wantOption)
+			}
+			if _, err := libcontainerConfig(spec, "c1", true); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// A directory on the way to the user database that is a symlink out of the root (a running container swapped
+// /etc for one) is resolved inside the root, never on the guest's own /etc.
+func TestLookupUserResolvesDirectoriesInRootfs(t *testing.T) {
+	outside := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(outside, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(outside, "etc", "passwd"), []byte("mallory:x:7:7::/:/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rootfs := t.TempDir()
+	if err := os.Symlink(filepath.Join(outside, "etc"), filepath.Join(rootfs, "etc")); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := lookupUser(rootfs, "mallory"); err == nil {
+		t.Fatalf("found %+v in a database outside the root", u)
+	}
+}

@@ -63,7 +63,7 @@ func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reape
 	if err != nil {
 		return nil, err
 	}
-	l, err := agent.ListenVsock(stdio.Port, stdio.SocketBuffer)
+	l, err := agent.ListenVsock(log, stdio.Port, stdio.SocketBuffer)
 	if err != nil {
 		return nil, fmt.Errorf("stdio listener: %w", err)
 	}
@@ -72,7 +72,7 @@ func startContainers(ctx context.Context, log *logrus.Entry, reaper *agent.Reape
 			log.WithError(err).Error("stdio listener stopped")
 		}
 	}()
-	fl, err := agent.ListenVsock(portforward.Port, portforward.SocketBuffer)
+	fl, err := agent.ListenVsock(log, portforward.Port, portforward.SocketBuffer)
 	if err != nil {
 		return nil, fmt.Errorf("port-forward listener: %w", err)
 	}

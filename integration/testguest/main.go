@@ -53,7 +53,7 @@ func startServices(ctx context.Context, log *logrus.Entry) error {
 		SmallBufferSourcePort: smallBufferSource,
 	}
 	for port, h := range handlers {
-		l, err := agent.ListenVsock(port, 0)
+		l, err := agent.ListenVsock(log, port, 0)
 		if err != nil {
 			return err
 		}
