@@ -120,6 +120,19 @@ func podID(t *testing.T) string {
 // spec returns the `runc spec` configuration running args.
 func (v *containerVM) spec(args ...string) *specs.Spec { return testbundle.Spec(args...) }
 
+// installStatic builds the static program pkg (a package of this module, with env added to the build's) into the
+// container root's /bin, under its package's name: Debian's busybox lacks what some tests run in the guest.
+func (v *containerVM) installStatic(t *testing.T, pkg string, env ...string) {
+	t.Helper()
+	b, err := os.ReadFile(buildStatic(t, pkg, env...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(v.bundle, "rootfs", "bin", filepath.Base(pkg)), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // create adds a container with the busybox root (or rootfs when not empty) and the spec's bind sources to the
 // pod. Its deletion and the leftover checks are registered with t.
 func (v *containerVM) create(t *testing.T, id string, spec *specs.Spec, rootfs string, io stdio.IO) *container.Container {

@@ -1,8 +1,6 @@
 package integration
 
 import (
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -18,13 +16,7 @@ import (
 // restricts dmesg as Debian does.
 func TestContainerReachesNothingOfItsGuest(t *testing.T) {
 	v := newContainerVM(t, 256)
-	b, err := os.ReadFile(buildStatic(t, "./integration/isolationguest"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(v.bundle, "rootfs", "bin", "isolationguest"), b, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	v.installStatic(t, "./integration/isolationguest")
 	noCgroupNS := func(s *specs.Spec) *specs.Spec {
 		s.Linux.Namespaces = slices.DeleteFunc(s.Linux.Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == specs.CgroupNamespace })
 		return s
@@ -35,6 +27,7 @@ func TestContainerReachesNothingOfItsGuest(t *testing.T) {
 	priv := noCgroupNS(v.spec("isolationguest"))
 	caps := append(slices.Clone(priv.Process.Capabilities.Bounding), "CAP_SYS_ADMIN")
 	priv.Process.Capabilities = &specs.LinuxCapabilities{Bounding: caps, Effective: caps, Permitted: caps}
+	priv.Linux.MaskedPaths, priv.Linux.ReadonlyPaths = nil, nil
 	out, errOut, status := v.output(t, "privileged", priv)
 	if status != 0 || !strings.Contains(out, "cgroup 0::/kiln/") || !strings.Contains(out, "nsdelegate true\n") {
 		t.Errorf("privileged container: stdout %q (stderr %q, status %d), want it in the guest's cgroup namespace, nsdelegate on", out, errOut, status)

@@ -2,7 +2,6 @@ package integration
 
 import (
 	"os"
-	"path/filepath"
 	"testing"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -14,13 +13,7 @@ import (
 // given the device as runc gives it, with CAP_NET_ADMIN.
 func TestGuestRuns32BitProgramsAndTUN(t *testing.T) {
 	v := newContainerVM(t, 256)
-	b, err := os.ReadFile(buildStatic(t, "./integration/tunguest", "GOARCH=386"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(v.bundle, "rootfs", "bin", "tunguest"), b, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	v.installStatic(t, "./integration/tunguest", "GOARCH=386")
 	spec := v.spec("tunguest")
 	caps := append(spec.Process.Capabilities.Bounding, "CAP_NET_ADMIN")
 	spec.Process.Capabilities = &specs.LinuxCapabilities{Bounding: caps, Effective: caps, Permitted: caps}

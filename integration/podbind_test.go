@@ -2,8 +2,6 @@ package integration
 
 import (
 	"bytes"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -18,13 +16,7 @@ import (
 // one sees a file the other creates, and what one writes the other reads.
 func TestPodContainersShareABoundDirectory(t *testing.T) {
 	v := newContainerVM(t, 256)
-	b, err := os.ReadFile(buildStatic(t, "./integration/lockguest"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(v.bundle, "rootfs", "bin", "lockguest"), b, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	v.installStatic(t, "./integration/lockguest")
 	vol := t.TempDir()
 	withVol := func(args ...string) *specs.Spec {
 		spec := v.spec(args...)

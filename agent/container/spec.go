@@ -85,30 +85,64 @@ func adaptSpec(raw []byte, id, root string, ns podNamespaces) (*specs.Spec, erro
 	return &spec, nil
 }
 
+// openInRoot opens p with flags, every component of it resolved inside root (openat2's RESOLVE_IN_ROOT). The
+// kernel answers EAGAIN to a resolution through ".." while any mount or rename happens anywhere in the guest
+// (another container's start makes many): it is tried again, a bounded number of times.
+func openInRoot(root *os.File, p string, flags int) (int, error) {
+	how := &unix.OpenHow{Flags: uint64(flags), Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS}
+	var err error
+	for range 128 {
+		var fd int
+		if fd, err = unix.Openat2(int(root.Fd()), p, how); !errors.Is(err, unix.EAGAIN) {
+			return fd, err
+		}
+	}
+	return -1, err
+}
+
 // fitCgroupNamespace gives the container what containerd gives it on a cgroup v2 host, which the guest always is
-// (a spec made on a v1 host has neither): a cgroup namespace of its own unless it is privileged (CAP_SYS_ADMIN in
-// its bounding set), so that it sees its own cgroup, not the pod's every container's; and, for one left in the
-// guest's initial cgroup namespace, the guest hierarchy's nsdelegate on its cgroup mounts. Mounting cgroup2 from
-// the initial namespace sets the hierarchy's flags to the mount's own, so a container's mount without it would
-// take nsdelegate off for the whole guest, and with it what stops a container's root (in a user namespace of its
-// own) from raising its own limits: writes to a cgroup namespace's root files.
+// (a spec made on a v1 host has neither): a cgroup namespace of its own unless it is privileged, so that it sees
+// its own cgroup, not every container's of the pod; and, for a privileged one, left in the guest's initial cgroup
+// namespace, the guest hierarchy's own options on its cgroup mounts. Mounting cgroup2 from the initial namespace
+// sets the hierarchy's flags to the mount's options: a container's mount without nsdelegate would take it off for
+// the whole guest, and with it what stops a container's root (in a user namespace of its own) from raising its
+// own limits, writes to a cgroup namespace's root files; one with memory_localevents would change what every
+// memory.events counts, which the agent's OOM watcher reads.
 func fitCgroupNamespace(spec *specs.Spec) {
 	if slices.ContainsFunc(spec.Linux.Namespaces, func(n specs.LinuxNamespace) bool { return n.Type == specs.CgroupNamespace }) {
 		return
 	}
-	if c := spec.Process.Capabilities; c == nil || !slices.Contains(c.Bounding, "CAP_SYS_ADMIN") {
+	if !privileged(spec) {
 		spec.Linux.Namespaces = append(spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.CgroupNamespace})
 		return
 	}
 	for i, m := range spec.Mounts {
-		if (m.Type == "cgroup" || m.Type == "cgroup2") && !slices.Contains(m.Options, cgroupDelegate) {
-			spec.Mounts[i].Options = append(slices.Clip(m.Options), cgroupDelegate)
+		if m.Type != "cgroup" && m.Type != "cgroup2" {
+			continue
 		}
+		opts := slices.DeleteFunc(slices.Clone(m.Options), isCgroupRootFlag)
+		spec.Mounts[i].Options = append(opts, cgroupDelegate)
 	}
+}
+
+// privileged says whether the spec is a privileged container's as containerd makes it (CRI's privileged,
+// `ctr run --privileged`): CAP_SYS_ADMIN, and no masked paths. One given CAP_SYS_ADMIN alone is not.
+func privileged(spec *specs.Spec) bool {
+	c := spec.Process.Capabilities
+	return c != nil && slices.Contains(c.Bounding, "CAP_SYS_ADMIN") && len(spec.Linux.MaskedPaths) == 0
 }
 
 // cgroupDelegate is the option the agent mounts the guest's cgroup2 hierarchy with (agent.Mounts).
 const cgroupDelegate = "nsdelegate"
+
+// isCgroupRootFlag says whether o is a cgroup2 mount option that sets the hierarchy's flags (Linux 6.1).
+func isCgroupRootFlag(o string) bool {
+	switch o {
+	case "nsdelegate", "favordynmods", "memory_localevents", "memory_recursiveprot":
+		return true
+	}
+	return false
+}
 
 // fitUserNamespace fits a container with a user namespace to the pod's network namespace, which belongs to the
 // guest's initial user namespace (the agent makes it before any container), where the container's root is
@@ -272,10 +306,7 @@ func lookupUser(rootfs, spec string) (*user.ExecUser, error) {
 	// handler for as long as no one writes it) and read only if what was opened is a regular file.
 	var readers [2]io.Reader
 	for i, p := range []string{"etc/passwd", "etc/group"} {
-		fd, err := unix.Openat2(int(root.Fd()), p, &unix.OpenHow{
-			Flags:   unix.O_RDONLY | unix.O_NONBLOCK | unix.O_CLOEXEC,
-			Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS,
-		})
+		fd, err := openInRoot(root, p, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC)
 		if errors.Is(err, unix.ENOENT) {
 			continue
 		}

@@ -422,11 +422,18 @@ func TestFitCgroupNamespace(t *testing.T) {
 		{"unprivileged", []specs.LinuxNamespace{{Type: specs.PIDNamespace}}, []string{"CAP_CHOWN", "CAP_KILL"}, true, false},
 		{"no capabilities", []specs.LinuxNamespace{{Type: specs.PIDNamespace}}, nil, true, false},
 		{"privileged", []specs.LinuxNamespace{{Type: specs.PIDNamespace}}, []string{"CAP_CHOWN", "CAP_SYS_ADMIN"}, false, true},
+		{"CAP_SYS_ADMIN alone", []specs.LinuxNamespace{{Type: specs.PIDNamespace}}, []string{"CAP_SYS_ADMIN"}, true, false},
 		{"own namespace already", []specs.LinuxNamespace{{Type: specs.CgroupNamespace}}, []string{"CAP_SYS_ADMIN"}, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			cgroupMount := cgroupMount
 			raw := exampleSpec(t, func(s *specs.Spec) {
 				s.Linux.Namespaces = tc.ns
+				if tc.wantOption {
+					// containerd's privileged: no masked or read-only paths, and the host's cgroup2 options.
+					s.Linux.MaskedPaths, s.Linux.ReadonlyPaths = nil, nil
+					cgroupMount.Options = append(slices.Clone(cgroupMount.Options), "memory_recursiveprot", "memory_localevents")
+				}
 				s.Process.Capabilities = nil
 				if tc.caps != nil {
 					s.Process.Capabilities = &specs.LinuxCapabilities{Bounding: tc.caps, Effective: tc.caps, Permitted: tc.caps}
@@ -446,10 +453,63 @@ func TestFitCgroupNamespace(t *testing.T) {
 			if got := slices.Contains(spec.Mounts[i].Options, "nsdelegate"); got != tc.wantOption {
 				t.Errorf("cgroup mount options %v: nsdelegate %v, want %v", spec.Mounts[i].Options, got, tc.wantOption)
 			}
+			if slices.Contains(spec.Mounts[i].Options, "memory_recursiveprot") || slices.Contains(spec.Mounts[i].Options, "memory_localevents") {
+				t.Errorf("cgroup mount options %v: a flag of the host's hierarchy would become the guest's", spec.Mounts[i].Options)
+			}
 			if _, err := libcontainerConfig(spec, "c1", true); err != nil {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// A directory on the way to the user database that a running container keeps swapping for a symlink out of its
+// root is resolved inside the root every time: the lookup never reads the guest's files (or another container's).
+func TestLookupUserRacesASwappedDirectory(t *testing.T) {
+	outside := t.TempDir()
+	if err := os.WriteFile(filepath.Join(outside, "passwd"), []byte("mallory:x:7:7::/:/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rootfs := t.TempDir()
+	etc, link := filepath.Join(rootfs, "etc"), filepath.Join(rootfs, "etc.link")
+	if err := os.MkdirAll(etc, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(etc, "passwd"), []byte("carol:x:42:42::/:/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, link); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	swapped := make(chan struct{})
+	go func() {
+		defer close(swapped)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			// etc is the directory and the symlink out in turns, each swap atomic.
+			if err := unix.Renameat2(unix.AT_FDCWD, etc, unix.AT_FDCWD, link, unix.RENAME_EXCHANGE); err != nil {
+				t.Errorf("swap: %v", err)
+				return
+			}
+		}
+	}()
+	defer func() { close(stop); <-swapped }()
+	found := 0
+	for range 3000 {
+		if u, err := lookupUser(rootfs, "carol"); err == nil && u.Uid == 42 {
+			found++
+		}
+		if u, err := lookupUser(rootfs, "mallory"); err == nil {
+			t.Fatalf("found %+v in a database outside the root", u)
+		}
+	}
+	if found == 0 {
+		t.Error("never found the container's own user while its /etc was in place")
 	}
 }
 

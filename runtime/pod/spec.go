@@ -110,8 +110,8 @@ func CheckProcess(p *specs.Process) error {
 // checkHostDevices refuses what moves or binds host hardware or host processes a VM does not have:
 // linux.netDevices (host network interfaces moved into the container, which the guest would look for among its
 // own), linux.memoryPolicy (host NUMA nodes, refused as a cpuset's memory nodes are) and a seccomp profile that
-// hands system calls to a seccomp agent (SCMP_ACT_NOTIFY, listenerPath: the notifications come from the VM's
-// kernel, which cannot pass them to a socket on the host; the guest's runc would fail on the path unclearly).
+// hands system calls to a seccomp agent (SCMP_ACT_NOTIFY, through listenerPath: the notifications come from the
+// VM's kernel, which cannot pass them to a socket on the host; the guest's runc would fail on the path unclearly).
 func checkHostDevices(spec *specs.Spec) error {
 	if spec.Linux == nil {
 		return nil
@@ -122,10 +122,10 @@ func checkHostDevices(spec *specs.Spec) error {
 	if spec.Linux.MemoryPolicy != nil {
 		return fmt.Errorf("%w: linux.memoryPolicy names host NUMA nodes, which the VM's memory is not bound to: leave it out", errdefs.ErrInvalidArgument)
 	}
+	// runc connects to listenerPath only for a profile with SCMP_ACT_NOTIFY: one without passes, as under runc.
 	if sc := spec.Linux.Seccomp; sc != nil {
-		notify := slices.ContainsFunc(sc.Syscalls, func(s specs.LinuxSyscall) bool { return s.Action == specs.ActNotify }) || sc.DefaultAction == specs.ActNotify
-		if notify || sc.ListenerPath != "" {
-			return fmt.Errorf("%w: linux.seccomp hands system calls to a seccomp agent on the host (SCMP_ACT_NOTIFY, listenerPath %q), which the container's seccomp in a Kiln VM cannot reach: leave SCMP_ACT_NOTIFY and listenerPath out of the profile, or use runc", errdefs.ErrInvalidArgument, sc.ListenerPath)
+		if sc.DefaultAction == specs.ActNotify || slices.ContainsFunc(sc.Syscalls, func(s specs.LinuxSyscall) bool { return s.Action == specs.ActNotify }) {
+			return fmt.Errorf("%w: linux.seccomp hands system calls to a seccomp agent on the host (SCMP_ACT_NOTIFY, listenerPath %q), which the container's seccomp in a Kiln VM cannot reach: leave SCMP_ACT_NOTIFY out of the profile, or use runc", errdefs.ErrInvalidArgument, sc.ListenerPath)
 		}
 	}
 	return nil

@@ -46,7 +46,6 @@ func Register(version string, sp *Spare, held *spare.Held) {
 			if sp != nil {
 				sp.bind(s)
 				s.spare = sp
-				go s.awaitTask(spareTaskBound)
 			}
 			s.held = held
 			// The same address runtime/manager's `start` created the socket at (the server runs in the bundle
@@ -59,6 +58,9 @@ func Register(version string, sp *Spare, held *spare.Held) {
 						s.socket = sock
 					}
 				}
+			}
+			if sp != nil {
+				go s.awaitTask(spareTaskBound)
 			}
 			return s, nil
 		},

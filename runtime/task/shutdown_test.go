@@ -234,32 +234,51 @@ func TestShutdownDuringTheBundlesLoad(t *testing.T) {
 }
 
 // A shim a spare was handed to whose task never came (containerd gone between the hand-over and its record of the
-// shim) ends after the bound, stopping the spare's VM; one whose spare a Create took, or with a Create under way,
-// stays.
+// shim) ends after the bound, stopping the spare's VM; one whose spare a Create took stays; with a Create under
+// way it looks again later, and ends once that Create failed without taking the spare.
 func TestShimHandedASpareEndsWhenNoTaskComes(t *testing.T) {
-	for _, tc := range []struct {
-		name     string
-		untaken  bool
-		creating int
-		want     int
-	}{
-		{"no task came", true, 0, 1},
-		{"a create took the spare", false, 0, 0},
-		{"a create under way", true, 1, 0},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			sd := &fakeShutdown{}
-			s := &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue), creating: tc.creating}
-			if tc.untaken {
-				s.spare = &Spare{}
-			}
-			s.awaitTask(10 * time.Millisecond)
-			if got := sd.calls(); got != tc.want {
-				t.Errorf("the shim was shut down %d times, want %d", got, tc.want)
-			}
-			if tc.want > 0 && s.spare != nil {
-				t.Error("the spare was not stopped")
-			}
-		})
+	const bound = 10 * time.Millisecond
+	newService := func(sd *fakeShutdown) *Service {
+		return &Service{ctx: context.Background(), namespace: "test", publisher: &ctxPublisher{}, sd: sd, events: make(chan any, eventQueue)}
 	}
+	t.Run("no task came", func(t *testing.T) {
+		sd := &fakeShutdown{}
+		s := newService(sd)
+		s.spare = &Spare{}
+		s.awaitTask(bound)
+		if sd.calls() != 1 || s.spare != nil {
+			t.Errorf("shut down %d times, spare left %v; want once, the spare stopped", sd.calls(), s.spare != nil)
+		}
+	})
+	t.Run("a create took the spare", func(t *testing.T) {
+		sd := &fakeShutdown{}
+		s := newService(sd)
+		s.awaitTask(bound)
+		if sd.calls() != 0 {
+			t.Errorf("shut down %d times, want none", sd.calls())
+		}
+	})
+	t.Run("a create under way, then failed", func(t *testing.T) {
+		sd := &fakeShutdown{}
+		s := newService(sd)
+		s.spare = &Spare{}
+		s.creating = 1
+		done := make(chan struct{})
+		go func() { defer close(done); s.awaitTask(bound) }()
+		time.Sleep(10 * bound)
+		if sd.calls() != 0 {
+			t.Fatalf("shut down %d times while a create was under way", sd.calls())
+		}
+		s.mu.Lock()
+		s.creating = 0
+		s.mu.Unlock()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the shim did not end once the create failed without taking the spare")
+		}
+		if sd.calls() != 1 {
+			t.Errorf("shut down %d times, want once", sd.calls())
+		}
+	})
 }

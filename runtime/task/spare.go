@@ -216,23 +216,31 @@ func (sp *Spare) Close(ctx context.Context) error {
 // pool nor `kiln spare stop` finds it.
 const spareTaskBound = 5 * time.Minute
 
-// awaitTask ends the shim when, after bound, its spare is still untaken and no task, Create or Delete is under way.
+// awaitTask ends the shim when its spare is still untaken after bound, and nothing (a task, a Create, a Delete)
+// is under way; with something under way it looks again a bound later (a Create may fail before it takes the
+// spare, and no Shutdown follow), until a Create took the spare.
 func (s *Service) awaitTask(bound time.Duration) {
-	t := time.NewTimer(bound)
+	t := time.NewTicker(bound)
 	defer t.Stop()
-	select {
-	case <-t.C:
-	case <-s.ctx.Done():
+	for {
+		select {
+		case <-t.C:
+		case <-s.ctx.Done():
+			return
+		}
+		s.bootMu.Lock()
+		untaken := s.spare != nil
+		s.bootMu.Unlock()
+		if !untaken {
+			return
+		}
+		if s.busy() {
+			continue
+		}
+		log.G(s.ctx).WithField("waited", bound).Warn("no task came to the spare shim it was handed to; stopping its VM and the shim")
+		s.shutdownNow(s.ctx)
 		return
 	}
-	s.bootMu.Lock()
-	untaken := s.spare != nil
-	s.bootMu.Unlock()
-	if !untaken || s.busy() {
-		return
-	}
-	log.G(s.ctx).WithField("waited", bound).Warn("no task came to the spare shim it was handed to; stopping its VM and the shim")
-	s.shutdownNow(s.ctx)
 }
 
 // stop stops the spare's pod, which its task did not take, logging a failure.

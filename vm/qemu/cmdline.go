@@ -66,6 +66,13 @@ func args(c Config, fds fdLayout) []string {
 		backend = fmt.Sprintf("memory-backend-memfd,id=mem,size=%s,share=on,seal=on", mem)
 	}
 	params := append(append([]string{}, baseKernelParams...), c.KernelParams...)
+	if c.Accel == accel.TCG {
+		// TCG emulates its CPU in software: nothing the guest runs executes speculatively on it, so the guest
+		// kernel's speculation mitigations protect nothing there and cost every system call (kvm64 looks to the
+		// kernel like a Meltdown-affected Intel CPU: page-table isolation, whose every switch flushes TCG's software
+		// TLB). Under KVM the guest sees the host's CPU and keeps them.
+		params = append(params, "mitigations=off")
+	}
 	if c.MaxMemoryMiB > c.MemoryMiB {
 		// The kernel takes the RAM below mem= (an address: config.MaxBootMemoryMiB keeps it below the PCI hole)
 		// and leaves the rest to be added (GrowGuestMemory, then the agent).

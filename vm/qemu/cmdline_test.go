@@ -19,10 +19,10 @@ func TestArgs(t *testing.T) {
 		{name: "tcg", want: []string{"-accel tcg", "-smp 2", "-m 512M", "tsc_early_khz=2445000", "memory-backend-memfd,id=mem,size=512M,share=on,seal=on",
 			"-chardev socket,id=vsock,fd=4 -device vhost-user-vsock-device,chardev=vsock", "-no-reboot", "pit=on,pic=on,rtc=on",
 			"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny", "-accel tcg ",
-			"-chardev socket,id=qmp,fd=3,server=on,wait=off -mon chardev=qmp,mode=control", "microvm,acpi=off,", " acpi=off", "-cpu kvm64,+lahf_lm"},
+			"-chardev socket,id=qmp,fd=3,server=on,wait=off -mon chardev=qmp,mode=control", "microvm,acpi=off,", " acpi=off", "-cpu kvm64,+lahf_lm", " mitigations=off"},
 			// QEMU opens no socket by path.
 			absent: []string{"-cpu host", "path=", "unix:", "-runas"}},
-		{name: "kvm", mutate: func(c *Config) { c.Accel = accel.KVM }, want: []string{"-accel kvm", "-cpu host", "-sandbox on,"}, absent: []string{"tsc_early_khz", "tb-size", "kvm64"}},
+		{name: "kvm", mutate: func(c *Config) { c.Accel = accel.KVM }, want: []string{"-accel kvm", "-cpu host", "-sandbox on,"}, absent: []string{"tsc_early_khz", "tb-size", "kvm64", "mitigations=off"}},
 		{name: "file-backed memory for templates", mutate: func(c *Config) { c.MemoryFile = "/tpl/mem" },
 			want: []string{"memory-backend-file,id=mem,size=512M,mem-path=/tpl/mem,share=on"}},
 		{name: "no shared fs by default", absent: []string{"vhost-user-fs-device"}},
