@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -54,6 +55,14 @@ func (p *procIO) drainStdin() bool {
 	return true
 }
 
+// holdStdin keeps the process's input open across its client's writer from now on (stdinReader): Create calls it
+// once the container exists, Start once an exec runs, where runc's shim opens its own writer.
+func (p *procIO) holdStdin() {
+	if r, ok := p.streams.Stdin.(*stdinReader); ok {
+		r.Hold()
+	}
+}
+
 // stopStdin stops reading containerd's stdin fifo for a terminal whose input was closed (CloseIO), as runc's shim
 // closes its end: a client attaching later types into nothing, instead of into a relay nobody reads.
 func (p *procIO) stopStdin() {
@@ -75,7 +84,7 @@ func openIO(ctx context.Context, id, namespace string, spec ioSpec) (_ *procIO, 
 		}
 	}()
 	if spec.Stdin != "" {
-		r, err := newStdinReader(octx, spec.Stdin)
+		r, err := newStdinReader(octx, spec.Stdin, spec.Terminal)
 		if err != nil {
 			return nil, err
 		}
@@ -247,15 +256,20 @@ func (p *procIO) Close() error {
 	return errors.Join(errs...)
 }
 
-// stdinReader reads containerd's stdin fifo. It opens the fifo again after each EOF: a client attaching later
-// (`ctr task attach`) types into the same terminal, and a process's input outlives its writer, as runc's shim
-// keeps it by holding a writer of its own: containerd's CRI holds the only other one, and closes it when
-// containerd restarts (a container's `cat` would read EOF and end). Only CloseIO ends the input: Drain, once what
-// the fifo holds has been read, whether or not its writer is still open, or Close for a terminal.
+// stdinReader reads containerd's stdin fifo. For a terminal it opens the fifo again after each EOF, so that a
+// client attaching later (`ctr task attach`) can type into the same terminal. Otherwise EOF ends the input, which
+// the process then reads as EOF, until Hold: from then on it opens the fifo again too, as runc's shim keeps the
+// input open with a writer of its own once the process is created (an exec's, started), so that it outlives its
+// client's writer: containerd's CRI holds the only other one, and closes it when containerd restarts (a
+// container's `cat` would read EOF and end). A client that closed its writer before (`ctr run` with a short
+// input, which calls CloseIO only once its task exists) still ends the input so. Drain (CloseIO) ends it too, once
+// what the fifo holds has been read, whether or not its writer is still open.
 type stdinReader struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	path   string
+	// reopen says EOF opens the fifo again rather than ending the input.
+	reopen atomic.Bool
 	// drained is closed by Drain.
 	drained   chan struct{}
 	drainOnce sync.Once
@@ -269,9 +283,10 @@ type stdinReader struct {
 	closed bool
 }
 
-func newStdinReader(ctx context.Context, path string) (*stdinReader, error) {
+func newStdinReader(ctx context.Context, path string, reopen bool) (*stdinReader, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	r := &stdinReader{ctx: ctx, cancel: cancel, path: path, drained: make(chan struct{})}
+	r.reopen.Store(reopen)
 	if err := r.open(); err != nil {
 		cancel()
 		return nil, err
@@ -342,7 +357,7 @@ func fileOf(f io.ReadWriteCloser) (*os.File, error) {
 	return os.NewFile(uintptr(dup), "stdin fifo"), nil
 }
 
-// Read reads from the fifo, opening it again after EOF.
+// Read reads from the fifo, opening it again after EOF when reopen is set.
 func (r *stdinReader) Read(b []byte) (int, error) {
 	for {
 		r.mu.Lock()
@@ -388,7 +403,7 @@ func (r *stdinReader) Read(b []byte) (int, error) {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			continue // Drain woke it
 		}
-		if r.ctx.Err() != nil {
+		if !r.reopen.Load() || r.ctx.Err() != nil {
 			if errors.Is(err, os.ErrClosed) {
 				err = io.EOF
 			}
@@ -434,6 +449,35 @@ func isClosed(c <-chan struct{}) bool {
 	default:
 		return false
 	}
+}
+
+// Hold makes EOF open the fifo again from now on: the input outlives its writers, and only Drain or Close end it.
+// A fifo whose writers have all gone already (the client wrote and closed before the process existed) keeps its
+// EOF: runc's shim reads its fifo from the start, and would have seen that EOF before it opened its own writer.
+func (r *stdinReader) Hold() {
+	r.mu.Lock()
+	f := r.file
+	r.mu.Unlock()
+	if f != nil && writersGone(f) {
+		return
+	}
+	r.reopen.Store(true)
+}
+
+// writersGone says whether the fifo f reads from had writers, and every one has closed it (poll's POLLHUP).
+func writersGone(f *os.File) bool {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return false
+	}
+	gone := false
+	_ = rc.Control(func(fd uintptr) {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		if n, err := unix.Poll(pfd, 0); err == nil && n > 0 {
+			gone = pfd[0].Revents&unix.POLLHUP != 0
+		}
+	})
+	return gone
 }
 
 // Drain ends the input once what the fifo holds now has been read, even if its writer stays open: CloseIO, which

@@ -90,8 +90,10 @@ func TestFifoIO(t *testing.T) {
 	if got := string(buf[:n]); got != "before attach\n" {
 		t.Errorf("attached reader got %q", got)
 	}
-	// stdin: what a client writes reaches the process, and its input outlives the client's writer (containerd
-	// restarted: CRI held the only other one): what the next writes reaches it too, and only CloseIO ends it.
+	// stdin, once the process exists (holdStdin: where runc's shim opens its own writer): what a client writes
+	// reaches the process, and its input outlives the client's writer (containerd restarted: CRI held the only
+	// other one): what the next writes reaches it too, and only CloseIO ends it.
+	p.holdStdin()
 	go func() {
 		for _, s := range []string{"typed\n", "after a restart\n"} {
 			w, err := os.OpenFile(stdin, os.O_WRONLY, 0)
@@ -107,6 +109,52 @@ func TestFifoIO(t *testing.T) {
 	got, err := io.ReadAll(p.streams.Stdin)
 	if err != nil || string(got) != "typed\nafter a restart\n" {
 		t.Errorf("stdin read %q (%v), want both writers' input, then EOF at CloseIO", got, err)
+	}
+}
+
+// A client that closes its writer before the process exists (`ctr run` with a short input: it calls CloseIO only
+// once its task was created) ends the input so, as it would under runc, whose shim reads the fifo from the start
+// and opens its own writer only later.
+func TestStdinEndsWithAWriterClosedBeforeTheHold(t *testing.T) {
+	stdin := filepath.Join(t.TempDir(), "in")
+	if err := syscall.Mkfifo(stdin, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := openIO(context.Background(), "c6", "ns", ioSpec{Stdin: stdin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	w, err := os.OpenFile(stdin, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, "short input\n")
+	w.Close()
+	// The hold comes once the process exists, before anything read the fifo (Kiln's relay starts with the
+	// process's stdio connection).
+	deadline := time.Now().Add(5 * time.Second)
+	for r := p.streams.Stdin.(*stdinReader); ; time.Sleep(time.Millisecond) {
+		r.mu.Lock()
+		adopted := r.file != nil
+		r.mu.Unlock()
+		if adopted || time.Now().After(deadline) {
+			break
+		}
+	}
+	p.holdStdin()
+	got := make(chan string, 1)
+	go func() {
+		b, _ := io.ReadAll(p.streams.Stdin)
+		got <- string(b)
+	}()
+	select {
+	case s := <-got:
+		if s != "short input\n" {
+			t.Errorf("stdin read %q", s)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the input did not end with its only writer, closed before the hold")
 	}
 }
 

@@ -371,6 +371,7 @@ func (s *Service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		_ = pio.Close()
 		return nil, err
 	}
+	pio.holdStdin()
 	pid := c.HostPid()
 	// The state dir clean, as Record.Validate wants it (the configuration only asks for an absolute path).
 	rec := Record{VMID: p.ID(), StateDir: filepath.Clean(p.StateDir()), ShareDir: p.ShareDir(), ShimPid: os.Getpid(), ShimSocket: s.socket, Pid: pid, Cgroup: p.CgroupPath()}
@@ -425,6 +426,9 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	})
 	if err != nil {
 		return nil, toGRPC(err)
+	}
+	if pio := ioOf(p); pio != nil && r.ExecID != "" {
+		pio.holdStdin()
 	}
 	if r.ExecID == "" {
 		var hookErr error
