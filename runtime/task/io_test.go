@@ -116,15 +116,7 @@ func TestFifoIO(t *testing.T) {
 // once its task was created) ends the input so, as it would under runc, whose shim reads the fifo from the start
 // and opens its own writer only later.
 func TestStdinEndsWithAWriterClosedBeforeTheHold(t *testing.T) {
-	stdin := filepath.Join(t.TempDir(), "in")
-	if err := syscall.Mkfifo(stdin, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	p, err := openIO(context.Background(), "c6", "ns", ioSpec{Stdin: stdin})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	stdin, p := openStdinIO(t, false)
 	w, err := os.OpenFile(stdin, os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -159,16 +151,7 @@ func TestStdinEndsWithAWriterClosedBeforeTheHold(t *testing.T) {
 }
 
 func TestTerminalStdinReopens(t *testing.T) {
-	dir := t.TempDir()
-	stdin := filepath.Join(dir, "in")
-	if err := syscall.Mkfifo(stdin, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	p, err := openIO(context.Background(), "c4", "ns", ioSpec{Stdin: stdin, Terminal: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	stdin, p := openStdinIO(t, true)
 	// Two clients in turn (run -t, then attach after a detach) type into the same terminal.
 	go func() {
 		for _, s := range []string{"first\n", "second\n"} {
@@ -220,15 +203,7 @@ func TestStdinDrain(t *testing.T) {
 		{"no writer", nil, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "in")
-			if err := syscall.Mkfifo(path, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			p, err := openIO(context.Background(), "c5", "ns", ioSpec{Stdin: path})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer p.Close()
+			path, p := openStdinIO(t, false)
 			var w *os.File
 			written := make(chan struct{})
 			if tc.write != nil {
@@ -286,15 +261,7 @@ func TestStdinDrain(t *testing.T) {
 // A terminal's input closed (CloseIO) is read no more, as runc's shim closes its end: the relay ends, and a later
 // client finds no reader.
 func TestTerminalStdinStops(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "in")
-	if err := syscall.Mkfifo(path, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	p, err := openIO(context.Background(), "c6", "ns", ioSpec{Stdin: path, Terminal: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	path, p := openStdinIO(t, true)
 	ended := make(chan error, 1)
 	got := make(chan string, 1)
 	go func() {
@@ -336,14 +303,7 @@ func TestTerminalStdinStops(t *testing.T) {
 // drain comes after the open.
 func TestStdinDrainRightAfterTheWrite(t *testing.T) {
 	for i := 0; i < 200; i++ {
-		path := filepath.Join(t.TempDir(), "in")
-		if err := syscall.Mkfifo(path, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		p, err := openIO(context.Background(), "c7", "ns", ioSpec{Stdin: path})
-		if err != nil {
-			t.Fatal(err)
-		}
+		path, p := openStdinIO(t, false)
 		w, err := os.OpenFile(path, os.O_WRONLY, 0)
 		if err != nil {
 			t.Fatal(err)
@@ -359,4 +319,19 @@ func TestStdinDrainRightAfterTheWrite(t *testing.T) {
 			t.Fatalf("run %d: read %q (%v), want \"hello\"", i, got, err)
 		}
 	}
+}
+
+// openStdinIO opens a process's IO whose stdin is a new fifo (a terminal's when terminal), closed when the test ends.
+func openStdinIO(t *testing.T, terminal bool) (string, *procIO) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "in")
+	if err := syscall.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := openIO(context.Background(), "c", "ns", ioSpec{Stdin: path, Terminal: terminal})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	return path, p
 }
