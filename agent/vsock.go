@@ -78,9 +78,6 @@ func (l *hostOnly) Accept() (net.Conn, error) {
 	}
 }
 
-// Refused says how many connections the listener closed for not coming from the host.
-func (l *hostOnly) Refused() uint64 { return l.refused.Load() }
-
 // vsockSocket makes a listening vsock socket on port, with a socket buffer of buffer bytes unless buffer is 0.
 func vsockSocket(port uint32, buffer uint64) (*os.File, error) {
 	fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)

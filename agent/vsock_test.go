@@ -69,7 +69,7 @@ func TestListenerTakesTheHostsConnectionsOnly(t *testing.T) {
 	if host.closed {
 		t.Error("the host's connection was closed")
 	}
-	if n := l.Refused(); n != 3 {
+	if n := l.refused.Load(); n != 3 {
 		t.Errorf("refused %d, want 3", n)
 	}
 	if _, err := l.Accept(); !errors.Is(err, net.ErrClosed) {
