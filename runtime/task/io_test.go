@@ -95,15 +95,7 @@ func TestFifoIO(t *testing.T) {
 	// other one): what the next writes reaches it too, and only CloseIO ends it.
 	p.holdStdin()
 	go func() {
-		for _, s := range []string{"typed\n", "after a restart\n"} {
-			w, err := os.OpenFile(stdin, os.O_WRONLY, 0)
-			if err != nil {
-				return
-			}
-			io.WriteString(w, s)
-			w.Close()
-			time.Sleep(100 * time.Millisecond)
-		}
+		clientsInTurn(stdin, 100*time.Millisecond, "typed\n", "after a restart\n")
 		p.drainStdin()
 	}()
 	got, err := io.ReadAll(p.streams.Stdin)
@@ -153,17 +145,7 @@ func TestStdinEndsWithAWriterClosedBeforeTheHold(t *testing.T) {
 func TestTerminalStdinReopens(t *testing.T) {
 	stdin, p := openStdinIO(t, true)
 	// Two clients in turn (run -t, then attach after a detach) type into the same terminal.
-	go func() {
-		for _, s := range []string{"first\n", "second\n"} {
-			w, err := os.OpenFile(stdin, os.O_WRONLY, 0)
-			if err != nil {
-				return
-			}
-			io.WriteString(w, s)
-			w.Close()
-			time.Sleep(50 * time.Millisecond)
-		}
-	}()
+	go clientsInTurn(stdin, 50*time.Millisecond, "first\n", "second\n")
 	var got strings.Builder
 	buf := make([]byte, 64)
 	deadline := time.Now().Add(5 * time.Second)
@@ -334,4 +316,17 @@ func openStdinIO(t *testing.T, terminal bool) (string, *procIO) {
 	}
 	t.Cleanup(func() { _ = p.Close() })
 	return path, p
+}
+
+// clientsInTurn has one client after another open the stdin fifo at path, write its input and close it, gap apart.
+func clientsInTurn(path string, gap time.Duration, inputs ...string) {
+	for _, in := range inputs {
+		w, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			return
+		}
+		io.WriteString(w, in)
+		w.Close()
+		time.Sleep(gap)
+	}
 }
